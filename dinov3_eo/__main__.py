@@ -1,0 +1,5 @@
+import sys
+
+from dinov3_eo.cli import main
+
+sys.exit(main())

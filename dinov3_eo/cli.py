@@ -1,0 +1,68 @@
+"""The ``dinov3-eo`` command.
+
+Each sub-command lives in the module that owns its job; this file only dispatches, importing the
+module lazily so that ``dinov3-eo --help`` stays fast and a sub-command's heavy imports are paid
+only when it runs. A command's entry point takes the remaining argv and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from dinov3_eo import __version__
+
+#: sub-command -> (module, function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "quickstart": ("dinov3_eo.quickstart", "main", "pretrain, segment and map the bundled real scene end to end"),
+    "stats": ("dinov3_eo.data.stats", "main", "per-band statistics of a GeoTIFF archive (ignores nodata)"),
+    "pretrain": ("dinov3_eo.ssl.cli", "pretrain_main", "DINOv3 pretraining (DINO + iBOT + KoLeo): fit --config ..."),
+    "gram": ("dinov3_eo.ssl.cli", "gram_main", "Gram anchoring stage: fit --config ..."),
+    "highres": ("dinov3_eo.ssl.cli", "highres_main", "high-resolution adaptation stage: fit --config ..."),
+    "distill": ("dinov3_eo.ssl.cli", "distill_main", "multi-student distillation: fit --config ..."),
+    "export": ("dinov3_eo.models.hub", "export_main", "export a checkpoint's teacher backbone (official .pth + safetensors)"),
+    "segment": ("dinov3_eo.tasks.segmentation", "main", "supervised segmentation: fit / predict GeoTIFFs"),
+    "embed": ("dinov3_eo.tasks.features", "embed_main", "patch features of a GeoTIFF as a georeferenced raster or zarr"),
+    "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
+    "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
+    "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
+    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict in metres"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinov3-eo",
+        description="DINOv3 for Earth observation: pretrain on GeoTIFF archives, segment, map canopy height, query with text.",
+    )
+    parser.add_argument("--version", action="version", version=f"dinov3-eo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, _, help_text) in COMMANDS.items():
+        # add_help=False: the sub-command's own parser answers --help
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``dinov3-eo`` with ``argv`` (defaults to ``sys.argv[1:]``); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv or ["--help"])
+        return 0
+    # Nothing is ever fetched from a hub at run time: weights come from local paths only.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    module_name, func_name, _ = COMMANDS[argv[0]]
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as e:
+        parser.exit(2, f"dinov3-eo: the '{argv[0]}' command is not available in this build ({e}).\n")
+    result = func(argv[1:])
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
