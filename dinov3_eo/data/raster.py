@@ -1,0 +1,153 @@
+"""Windowed raster reads that always say which pixels are real.
+
+Every read in dinov3_eo is a window: memory is flat in raster size. :func:`read_window` is the one
+place that turns "a window of an open rasterio dataset" into ``(values, valid)``, so nodata rules
+live here and nowhere else:
+
+* a pixel outside the raster is invalid (the read is boundless; outside pixels are filled with the
+  nodata value, or 0 when there is none);
+* a pixel is invalid when **any** selected band equals the nodata value (the user's override when
+  given, else the file's declared nodata) or is NaN — a partly-missing pixel would otherwise feed a
+  sentinel such as -99999 into normalisation;
+* with no nodata at all, a per-dataset mask or alpha band (e.g. a :class:`~rasterio.vrt.WarpedVRT`
+  with ``add_alpha=True``) decides.
+
+The archive index lives in :mod:`dinov3_eo.data.index`; it is re-exported here because the design
+names ``raster.py`` as the home of "archive index + windowed reads".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.windows import Window
+
+
+def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Window:
+    if isinstance(window, Window):
+        return window
+    try:
+        (row_start, row_stop), (col_start, col_stop) = window
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"read_window: window must be a rasterio Window or ((row_start, row_stop), (col_start, col_stop)), got {window!r}.") from e
+    return Window.from_slices((row_start, row_stop), (col_start, col_stop))
+
+
+def _data_band_count(src) -> int:
+    """Bands that hold data, i.e. excluding a trailing alpha band."""
+    count = src.count
+    if count > 1 and src.colorinterp[count - 1] == ColorInterp.alpha:
+        count -= 1
+    return count
+
+
+def _check_bands(src, bands: Sequence[int] | None) -> list[int]:
+    n = _data_band_count(src)
+    if bands is None:
+        return list(range(1, n + 1))
+    indexes = [int(b) for b in bands]
+    bad = [b for b in indexes if not 1 <= b <= n]
+    if not indexes or bad:
+        raise IndexError(f"read_window: band indexes are 1-based and must lie in [1, {n}] for {src.name}, got {list(bands)}.")
+    return indexes
+
+
+def _invalid_where(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """(C, h, w) values -> (h, w) bool, True where any band is nodata or NaN."""
+    invalid = np.zeros(values.shape[1:], dtype=bool)
+    if np.issubdtype(values.dtype, np.floating):
+        invalid |= np.isnan(values).any(axis=0)
+    if nodata is not None and not math.isnan(nodata) and _representable(nodata, values.dtype):
+        invalid |= (values == values.dtype.type(nodata)).any(axis=0)
+    return invalid
+
+
+def _representable(value: float, dtype: np.dtype) -> bool:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return float(value).is_integer() and info.min <= value <= info.max
+    return True
+
+
+def _uses_dataset_mask(src, indexes: list[int]) -> bool:
+    flags = src.mask_flag_enums[indexes[0] - 1]
+    return MaskFlags.per_dataset in flags or MaskFlags.alpha in flags
+
+
+def read_window(
+    src,
+    window: Window | tuple[tuple[int, int], tuple[int, int]],
+    *,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    out_shape: tuple[int, int] | None = None,
+    resampling: Resampling = Resampling.nearest,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``window`` of an open rasterio dataset with a validity mask.
+
+    Args:
+        src: an open ``rasterio`` dataset (a file or a ``WarpedVRT``).
+        window: the pixel window to read; it may extend past the raster (boundless read).
+        bands: 1-based band indexes to read, in output order (default: every data band).
+        nodata: nodata value overriding the file's declared one (e.g. ``0`` for a Landsat L1 collar).
+        out_shape: ``(h, w)`` of the output when it differs from the window size (resampled read).
+        resampling: resampling used when ``out_shape`` differs from the window size.
+
+    Returns:
+        ``values`` of shape (C, h, w) in the file's dtype, and ``valid`` of shape (h, w), bool.
+
+    Raises:
+        IndexError: if a band index is outside ``[1, count]``.
+        ValueError: if the window or ``out_shape`` is empty.
+    """
+    window = _as_window(window)
+    indexes = _check_bands(src, bands)
+    if window.width <= 0 or window.height <= 0:
+        raise ValueError(f"read_window: the window must be non-empty, got {window!r} for {src.name}.")
+    if out_shape is None:
+        out_h, out_w = int(round(window.height)), int(round(window.width))
+    else:
+        out_h, out_w = (int(v) for v in out_shape)
+    if out_h <= 0 or out_w <= 0:
+        raise ValueError(f"read_window: out_shape must be positive, got {out_shape!r}.")
+
+    declared = src.nodata if nodata is None else nodata
+    dtype = np.dtype(src.dtypes[indexes[0] - 1])
+    fill = declared if declared is not None and _representable(declared, dtype) else 0
+    values = np.full((len(indexes), out_h, out_w), fill, dtype=dtype)
+    inside = np.zeros((out_h, out_w), dtype=bool)
+
+    # Read only the part of the window that overlaps the raster and paste it in place: cheaper than
+    # rasterio's boundless read, which builds a VRT per call.
+    row0, col0 = max(window.row_off, 0), max(window.col_off, 0)
+    row1 = min(window.row_off + window.height, src.height)
+    col1 = min(window.col_off + window.width, src.width)
+    if row1 > row0 and col1 > col0:
+        scale_y, scale_x = out_h / window.height, out_w / window.width
+        dst_r0 = int(round((row0 - window.row_off) * scale_y))
+        dst_c0 = int(round((col0 - window.col_off) * scale_x))
+        dst_r1 = int(round((row1 - window.row_off) * scale_y))
+        dst_c1 = int(round((col1 - window.col_off) * scale_x))
+        if dst_r1 > dst_r0 and dst_c1 > dst_c0:
+            inner = Window(col0, row0, col1 - col0, row1 - row0)
+            shape = (dst_r1 - dst_r0, dst_c1 - dst_c0)
+            part = src.read(indexes, window=inner, out_shape=(len(indexes), *shape), resampling=resampling)
+            values[:, dst_r0:dst_r1, dst_c0:dst_c1] = part
+            part_valid = ~_invalid_where(part, declared)
+            if declared is None and _uses_dataset_mask(src, indexes):
+                mask = src.read_masks(indexes[0], window=inner, out_shape=shape, resampling=Resampling.nearest)
+                part_valid &= mask > 0
+            inside[dst_r0:dst_r1, dst_c0:dst_c1] = part_valid
+    return values, inside
+
+
+def __getattr__(name: str):
+    # Lazy re-export (see module docstring) without an import cycle at module load.
+    if name in {"RasterIndex", "RasterRecord"}:
+        from dinov3_eo.data import index
+
+        return getattr(index, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
