@@ -1,0 +1,539 @@
+"""Stream a dense predictor over a raster of any size into a Cloud-Optimised GeoTIFF.
+
+The raster is covered by overlapping windows (:class:`~dinov3_eo.inference.tiling.TileGrid`), visited
+row by row. A background thread reads, normalises and batches the windows while the model runs; the
+model's per-window outputs are multiplied by smooth blending weights and added into small cells
+bounded by the window edges. A cell is final as soon as every window covering it has been added, at
+which point it is normalised by its accumulated weight, encoded (class ids, scaled probabilities or
+floats) and handed to a background writer. Memory therefore holds only the cells of the overlap band
+below the current row of windows — it does not grow with the raster's height, and only by that thin
+band with its width — and reading, computing and writing overlap in time.
+
+Windows whose pixels are all invalid (nodata, NaN, or outside the raster) are never sent to the model.
+Output pixels whose input was invalid are written as the output's nodata.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.tiling import Tile, TileGrid
+from dinov3_eo.inference.writers import COGWriter, check_overwrite
+
+try:
+    from dinov3_eo.data.raster import read_window
+except ImportError:  # pragma: no cover - stand-in until dinov3_eo.data.raster lands; same signature
+
+    def read_window(  # type: ignore[misc]
+        src: Any, window: Window, *, bands: Sequence[int] | None = None, nodata: float | None = None, **_: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Boundless read: (C, h, w) pixels and (h, w) valid mask; outside, nodata or NaN is invalid."""
+        indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
+        fill = src.nodata if nodata is None else nodata
+        height, width = int(window.height), int(window.width)
+        pixels = np.zeros((len(indexes), height, width), dtype=src.dtypes[indexes[0] - 1])
+        valid = np.zeros((height, width), dtype=bool)
+        top, left = max(0, int(window.row_off)), max(0, int(window.col_off))
+        bottom = min(src.height, int(window.row_off) + height)
+        right = min(src.width, int(window.col_off) + width)
+        if bottom > top and right > left:
+            data = src.read(indexes, window=Window(left, top, right - left, bottom - top))
+            inside = np.ones(data.shape[1:], dtype=bool)
+            if fill is not None:
+                inside &= ~np.all(data == fill, axis=0)
+            if data.dtype.kind == "f":
+                inside &= ~np.isnan(data).any(axis=0)
+            rs = slice(top - int(window.row_off), bottom - int(window.row_off))
+            cs = slice(left - int(window.col_off), right - int(window.col_off))
+            pixels[:, rs, cs] = data
+            valid[rs, cs] = inside
+        return pixels, valid
+
+Output = Literal["argmax", "scores", "regression"]
+Activation = Literal["softmax", "sigmoid", "none"]
+_OUTPUTS = ("argmax", "scores", "regression")
+_ACTIVATIONS = ("softmax", "sigmoid", "none")
+#: Probabilities in [0, 1] are stored as round(p * 254) in uint8; 255 is nodata.
+PROBABILITY_SCALE = 254
+PROBABILITY_NODATA = 255
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What :func:`predict_raster` did: outputs written, windows seen and skipped, model calls, wall time."""
+
+    outputs: tuple[Path, ...]
+    windows: int
+    windows_skipped: int
+    model_calls: int
+    seconds: float
+
+
+@dataclass
+class _Batch:
+    tiles: list[Tile]
+    images: Tensor | None  # [B, C, h, w] normalised, invalid pixels 0
+    valid: np.ndarray | None  # [B, h, w] bool
+    skipped: list[Tile]  # windows with no valid pixel, in grid order before ``tiles``
+
+
+class _Cell:
+    """Running blend of the windows covering one cell: sum(w * y), sum(w), any-valid, windows still to come."""
+
+    __slots__ = ("acc", "weight", "valid", "remaining")
+
+    def __init__(self, remaining: int) -> None:
+        self.acc: np.ndarray | None = None  # [K, h, w] float32
+        self.weight: np.ndarray | None = None  # [h, w] float32
+        self.valid: np.ndarray | None = None  # [h, w] bool
+        self.remaining = remaining
+
+
+class _BlendAccumulator:
+    """Adds weighted window outputs into cells and emits each cell once no later window can touch it."""
+
+    def __init__(self, grid: TileGrid, channels: int, emit: Callable[[Window, _Cell], None]) -> None:
+        self.rows, self.cols = grid.row_cells(), grid.col_cells()
+        self.channels = channels
+        self.weights = grid.blend_weights().numpy()  # [th, tw]
+        self.emit = emit
+        self.cells: dict[tuple[int, int], _Cell] = {}
+
+    def add(self, tile: Tile, weighted: np.ndarray | None, valid: np.ndarray | None) -> None:
+        """Add one window: ``weighted`` (K, th, tw) = weights * output and ``valid`` (th, tw), or None if skipped."""
+        k_first, k_stop = self.rows.spans[tile.grid_row]
+        l_first, l_stop = self.cols.spans[tile.grid_col]
+        for k in range(k_first, k_stop):
+            top, bottom = self.rows.cuts[k], self.rows.cuts[k + 1]
+            rs = slice(top - tile.row_off, bottom - tile.row_off)
+            for l in range(l_first, l_stop):  # noqa: E741 - cell column index
+                left, right = self.cols.cuts[l], self.cols.cuts[l + 1]
+                cell = self.cells.get((k, l))
+                if cell is None:
+                    cell = self.cells[(k, l)] = _Cell(self.rows.coverage[k] * self.cols.coverage[l])
+                if weighted is not None and valid is not None:
+                    cs = slice(left - tile.col_off, right - tile.col_off)
+                    if cell.acc is None:
+                        cell.acc = weighted[:, rs, cs].copy()
+                        cell.weight = self.weights[rs, cs].copy()
+                        cell.valid = valid[rs, cs].copy()
+                    else:
+                        cell.acc += weighted[:, rs, cs]
+                        cell.weight += self.weights[rs, cs]
+                        cell.valid |= valid[rs, cs]
+                cell.remaining -= 1
+                if cell.remaining == 0:
+                    del self.cells[(k, l)]
+                    self.emit(Window(left, top, right - left, bottom - top), cell)
+
+    @property
+    def pending(self) -> int:
+        return len(self.cells)
+
+
+def _blended(cell: _Cell, channels: int, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (K, h, w), valid (h, w)) of a finished cell; a cell no window predicted is all invalid."""
+    if cell.acc is None or cell.weight is None or cell.valid is None:
+        return np.zeros((channels, *shape), np.float32), np.zeros(shape, bool)
+    return cell.acc / cell.weight, cell.valid
+
+
+def _encode_classes(mean: np.ndarray, valid: np.ndarray, dtype: np.dtype, nodata: int) -> np.ndarray:
+    labels = mean.argmax(axis=0).astype(dtype)  # [K, h, w] -> [h, w]
+    labels[~valid] = nodata
+    return labels
+
+
+def _encode_probabilities(mean: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    scaled = np.rint(np.clip(mean, 0.0, 1.0) * PROBABILITY_SCALE).astype(np.uint8)
+    scaled[:, ~valid] = PROBABILITY_NODATA
+    return scaled
+
+
+def _encode_float(mean: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    out = mean.astype(np.float32, copy=True)
+    out[:, ~valid] = np.nan
+    return out
+
+
+class _Prefetcher:
+    """Reads, normalises and batches windows in a background thread, ``prefetch`` batches ahead."""
+
+    def __init__(self, produce: Callable[[], Iterator[_Batch]], *, prefetch: int) -> None:
+        self._produce = produce
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dinov3_eo-reader", daemon=True)
+        self._done = object()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for batch in self._produce():
+                if not self._put(batch):
+                    return
+            self._put(self._done)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self._put(e)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        self._thread.start()
+        while True:
+            item = self._queue.get()
+            if item is self._done:
+                return
+            if isinstance(item, BaseException):
+                raise RuntimeError(f"Reading windows failed: {item}") from item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class _BackgroundWriter:
+    """Encodes finished cells and writes them to the outputs in a background thread."""
+
+    def __init__(self, write: Callable[[Window, _Cell], None], *, capacity: int = 64) -> None:
+        self._write = write
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=capacity)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="dinov3_eo-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is None:
+                try:
+                    self._write(*item)
+                except BaseException as e:  # re-raised in the main thread
+                    self._error = e
+
+    def put(self, window: Window, cell: _Cell) -> None:
+        self._raise_if_failed()
+        self._queue.put((window, cell))
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"Writing the prediction failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        """Wait for every queued block to be written; re-raise a write error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_if_failed()
+
+
+def _model_device(model: Callable[[Tensor], Tensor]) -> torch.device:
+    if isinstance(model, nn.Module):
+        for p in model.parameters():
+            return p.device
+    return torch.device("cpu")
+
+
+def _cache_bytes(width: int, window: int, in_bytes_per_px: int, out_bytes_per_px: int, floor_mb: int) -> int:
+    # room for a band of input windows (re-read by overlapping neighbours) and ~3 rows of 512-px output tiles
+    needed = 2 * window * width * in_bytes_per_px + 3 * 512 * width * out_bytes_per_px
+    return max(floor_mb * 2**20, needed)
+
+
+def predict_raster(
+    model: Callable[[Tensor], Tensor],
+    src: str | os.PathLike[str] | Any,
+    dst: str | os.PathLike[str],
+    *,
+    out_channels: int,
+    window: int = 512,
+    overlap: float | int = 0.25,
+    batch_size: int = 4,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    normalization: Normalization | dict[str, Any] | None = None,
+    output: Output = "argmax",
+    activation: Activation | None = None,
+    probabilities: str | os.PathLike[str] | None = None,
+    scores_dtype: Literal["uint8", "float32"] | None = None,
+    class_names: Sequence[str] | None = None,
+    colormap: dict[int, Sequence[int]] | None = None,
+    device: str | torch.device | None = None,
+    amp: bool = True,
+    multiple: int = 16,
+    prefetch: int = 2,
+    progress: bool = True,
+    overwrite: bool = False,
+    compress: str = "deflate",
+    overviews: bool = True,
+    gdal_cache_mb: int = 64,
+    tags: dict[str, Any] | None = None,
+) -> PredictionSummary:
+    """Run ``model`` over every window of ``src`` and write the blended prediction to ``dst`` as a COG.
+
+    Args:
+        model: any callable mapping a normalised float32 batch (B, C, h, w) to (B, out_channels, h, w)
+            — logits, scores or regressed values at the input's spatial size. An ``nn.Module`` is put in
+            eval mode for the run (and restored after).
+        src: a GeoTIFF path or an open rasterio dataset (used only by the reader thread during the run).
+        dst: destination ``.tif``; it gets the input's CRS, transform and size.
+        out_channels: K, the number of model output channels.
+        window: window size in pixels (a multiple of ``multiple``); smaller rasters get one padded window.
+        overlap: overlap between neighbouring windows: a fraction of ``window`` (float) or pixels (int).
+        batch_size: windows per model call.
+        bands: 1-based input band indexes fed to the model (default: all bands, in file order).
+        nodata: input nodata value overriding the file's (pixels equal to it in every band are invalid).
+        normalization: applied to raw pixel values before the model (a :class:`Normalization` or its
+            ``to_dict()``); ``None`` feeds raw values as float32. Invalid pixels are set to 0 after it.
+        output: ``"argmax"``: one band of class ids (uint8, nodata 255; uint16 / 65535 past 255 classes);
+            ``"scores"``: K bands of blended scores; ``"regression"``: K float32 bands, nodata NaN.
+        activation: applied to each window's output before blending: ``softmax`` (default for
+            argmax/scores), ``sigmoid`` or ``none`` (default for regression).
+        probabilities: with ``output="argmax"``, also write the K blended probabilities here as uint8
+            bands (``round(p * 254)``, nodata 255, the file's band scale set to 1/254).
+        scores_dtype: storage of ``"scores"``: ``uint8`` (scaled like ``probabilities``; default when the
+            activation is softmax/sigmoid) or ``float32`` (nodata NaN; default otherwise).
+        class_names: names of the K classes (tags, band descriptions, colour-table legend).
+        colormap: class id -> RGB(A) of the embedded colour table (default: a fixed palette).
+        device: where the model runs (default: the device of the model's parameters, else CPU).
+        amp: bf16 autocast on CUDA.
+        multiple: the model's patch size; window sizes are kept multiples of it.
+        prefetch: batches read ahead by the background reader.
+        progress: show a progress bar.
+        overwrite: replace existing outputs (otherwise they raise :class:`FileExistsError` up front).
+        compress, overviews: COG compression and internal overviews.
+        gdal_cache_mb: lower bound of GDAL's block cache during the run (raised as needed for wide rasters).
+        tags: extra dataset tags for the outputs.
+
+    Returns:
+        A :class:`PredictionSummary` (windows seen/skipped, model calls, wall time).
+
+    Raises:
+        FileExistsError: if an output exists and ``overwrite`` is false.
+        ValueError: for an unknown ``output``/``activation``, bad band indexes, a normalisation whose
+            band count differs from the input's, or a model output of the wrong shape.
+    """
+    started = time.perf_counter()
+    if output not in _OUTPUTS:
+        raise ValueError(f"output must be one of {_OUTPUTS}, got {output!r}.")
+    activation = activation or ("none" if output == "regression" else "softmax")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}.")
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if probabilities is not None and output != "argmax":
+        raise ValueError(f"probabilities= is an extra output of output='argmax', not of output={output!r}.")
+    if class_names is not None and len(class_names) != out_channels and output != "regression":
+        raise ValueError(f"class_names has {len(class_names)} names for out_channels={out_channels}.")
+    if scores_dtype is None:
+        scores_dtype = "float32" if activation == "none" else "uint8"
+    if scores_dtype not in ("uint8", "float32"):
+        raise ValueError(f"scores_dtype must be 'uint8' or 'float32', got {scores_dtype!r}.")
+    if isinstance(normalization, dict):
+        normalization = Normalization.from_dict(normalization)
+    outputs = [check_overwrite(dst, overwrite)]
+    if probabilities is not None:
+        outputs.append(check_overwrite(probabilities, overwrite))
+    if len({p.resolve() for p in outputs}) != len(outputs):
+        raise ValueError(f"dst and probabilities must be different files, got {str(outputs[0])!r} twice.")
+
+    own_src = not hasattr(src, "read")
+    dataset = rasterio.open(src) if own_src else src
+    try:
+        band_indexes = list(bands) if bands is not None else list(range(1, dataset.count + 1))
+        bad = [b for b in band_indexes if not 1 <= b <= dataset.count]
+        if bad or not band_indexes:
+            raise ValueError(f"bands must be 1-based indexes in 1..{dataset.count} of {dataset.name!r}, got {bands}.")
+        if normalization is not None and normalization.num_bands != len(band_indexes):
+            raise ValueError(
+                f"Normalization {normalization.name!r} has {normalization.num_bands} bands but "
+                f"{len(band_indexes)} bands are read from {dataset.name!r}."
+            )
+        grid = TileGrid.build(dataset.height, dataset.width, window=window, overlap=overlap, multiple=multiple)
+        in_bytes = len(band_indexes) * np.dtype(dataset.dtypes[band_indexes[0] - 1]).itemsize
+        run_device = torch.device(device) if device is not None else _model_device(model)
+
+        sinks, encoders = [], []
+        common: dict[str, Any] = {
+            "crs": dataset.crs, "transform": dataset.transform, "width": dataset.width, "height": dataset.height,
+            "overwrite": overwrite, "compress": compress, "overviews": overviews,
+            "tags": {"dinov3_eo_output": output, "window": window, "overlap": grid.overlap, **(tags or {})},
+        }  # fmt: skip
+        names = list(class_names) if class_names is not None else None
+        if output == "argmax":
+            dtype, fill = (np.dtype(np.uint8), 255) if out_channels <= 255 else (np.dtype(np.uint16), 65535)
+            sinks.append(COGWriter(dst, count=1, dtype=dtype, nodata=fill, class_names=names or
+                                   [f"class {i}" for i in range(out_channels)], colormap=colormap, **common))  # fmt: skip
+            encoders.append(lambda m, v, dtype=dtype, fill=fill: _encode_classes(m, v, dtype, fill))
+        if probabilities is not None or (output == "scores" and scores_dtype == "uint8"):
+            target = probabilities if probabilities is not None else dst
+            sinks.append(COGWriter(target, count=out_channels, dtype="uint8", nodata=PROBABILITY_NODATA,
+                                   band_descriptions=names, scales=[1 / PROBABILITY_SCALE] * out_channels, **common))  # fmt: skip
+            encoders.append(_encode_probabilities)
+        if output == "regression" or (output == "scores" and scores_dtype == "float32"):
+            sinks.append(COGWriter(dst, count=out_channels, dtype="float32", nodata=float("nan"),
+                                   band_descriptions=names, **common))  # fmt: skip
+            encoders.append(_encode_float)
+        out_bytes = sum(s.shape[0] * s.dtype.itemsize for s in sinks)
+
+        with rasterio.Env(GDAL_CACHEMAX=_cache_bytes(dataset.width, window, in_bytes, out_bytes, gdal_cache_mb)):
+            counts = _stream(
+                model, dataset, grid, sinks, encoders,
+                channels=out_channels, band_indexes=band_indexes, nodata=nodata, normalization=normalization,
+                activation=activation, batch_size=batch_size, device=run_device, amp=amp, prefetch=prefetch,
+                progress=progress,
+            )  # fmt: skip
+    finally:
+        if own_src:
+            dataset.close()
+    return PredictionSummary(
+        outputs=tuple(s.dst for s in sinks),
+        windows=len(grid),
+        windows_skipped=counts[0],
+        model_calls=counts[1],
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _stream(
+    model: Callable[[Tensor], Tensor],
+    dataset: Any,
+    grid: TileGrid,
+    sinks: list[COGWriter],
+    encoders: list[Callable[[np.ndarray, np.ndarray], np.ndarray]],
+    *,
+    channels: int,
+    band_indexes: list[int],
+    nodata: float | None,
+    normalization: Normalization | None,
+    activation: str,
+    batch_size: int,
+    device: torch.device,
+    amp: bool,
+    prefetch: int,
+    progress: bool,
+) -> tuple[int, int]:
+    """The read -> model -> blend -> write pipeline; returns (windows skipped, model calls)."""
+    from tqdm.auto import tqdm
+
+    pin = device.type == "cuda"
+
+    def read(tile: Tile) -> tuple[Tensor, np.ndarray]:
+        pixels, valid = read_window(
+            dataset, Window(tile.col_off, tile.row_off, tile.width, tile.height), bands=band_indexes, nodata=nodata
+        )
+        image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))  # [C, h, w]
+        if normalization is not None:
+            image = normalization(image)
+        image = torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
+        image.masked_fill_(~torch.from_numpy(valid), 0.0)  # [h, w] broadcasts over C
+        return image, valid
+
+    def batches() -> Iterator[_Batch]:
+        tiles, images, valids, skipped = [], [], [], []
+        for tile in grid:
+            image, valid = read(tile)
+            if not valid.any():
+                skipped.append(tile)
+                continue
+            tiles.append(tile)
+            images.append(image)
+            valids.append(valid)
+            if len(tiles) == batch_size:
+                stacked = torch.stack(images)  # B x [C, h, w] -> [B, C, h, w]
+                yield _Batch(tiles, stacked.pin_memory() if pin else stacked, np.stack(valids), skipped)
+                tiles, images, valids, skipped = [], [], [], []
+        if tiles or skipped:
+            stacked = torch.stack(images) if images else None
+            yield _Batch(tiles, stacked, np.stack(valids) if valids else None, skipped)
+
+    def write(window: Window, cell: _Cell) -> None:
+        mean, valid = _blended(cell, channels, (int(window.height), int(window.width)))
+        for sink, encode in zip(sinks, encoders):
+            sink.write(encode(mean, valid), window)
+
+    weights = grid.blend_weights().to(device)  # [th, tw]
+    was_training = model.training if isinstance(model, nn.Module) else None
+    if isinstance(model, nn.Module):
+        model.eval()
+    skipped_count = calls = 0
+    entered: list[COGWriter] = []
+    reader = _Prefetcher(batches, prefetch=prefetch)
+    writer: _BackgroundWriter | None = None
+    bar = tqdm(total=len(grid), unit="win", disable=not progress, desc=Path(str(dataset.name)).name)
+    try:
+        for sink in sinks:
+            entered.append(sink.__enter__())
+        writer = _BackgroundWriter(write)
+        accumulator = _BlendAccumulator(grid, channels, writer.put)
+        with torch.inference_mode():
+            for batch in reader:
+                for tile in batch.skipped:
+                    accumulator.add(tile, None, None)
+                skipped_count += len(batch.skipped)
+                if batch.images is not None and batch.valid is not None:
+                    x = batch.images.to(device, non_blocking=pin)
+                    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and pin):
+                        y = model(x)
+                    calls += 1
+                    expected = (x.shape[0], channels, x.shape[2], x.shape[3])
+                    if not isinstance(y, Tensor) or tuple(y.shape) != expected:
+                        got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                        raise ValueError(f"The model returned {got} for input {tuple(x.shape)}; expected {expected}.")
+                    y = y.float()
+                    if activation == "softmax":
+                        y = y.softmax(dim=1)
+                    elif activation == "sigmoid":
+                        y = y.sigmoid()
+                    weighted = (y * weights).cpu().numpy()  # [B, K, th, tw]
+                    for b, tile in enumerate(batch.tiles):
+                        accumulator.add(tile, weighted[b], batch.valid[b])
+                bar.update(len(batch.tiles) + len(batch.skipped))
+        if accumulator.pending:
+            raise RuntimeError(f"{accumulator.pending} output cells were never completed; the window grid is inconsistent.")
+        writer.close()
+        writer = None
+        for sink in reversed(entered):
+            sink.__exit__(None, None, None)
+        entered.clear()
+    except BaseException as e:
+        reader.close()
+        if writer is not None:
+            try:
+                writer.close()
+            except RuntimeError:
+                pass  # the original error is the one to report
+        for sink in reversed(entered):
+            sink.__exit__(type(e), e, e.__traceback__)
+        raise
+    finally:
+        reader.close()
+        bar.close()
+        if isinstance(model, nn.Module) and was_training is not None:
+            model.train(was_training)
+    return skipped_count, calls

@@ -1,0 +1,445 @@
+"""Georeferenced outputs of a dense prediction: Cloud-Optimised GeoTIFF, PNG quick-look, GeoPackage polygons.
+
+Every output is written atomically: into a hidden temporary file in the destination's folder that is
+renamed over the destination (``os.replace``) only once it is complete, so an interrupted run never
+leaves a half-written file where the user expects a result, and an existing output is kept unless
+``overwrite=True``.
+
+A :class:`COGWriter` accepts blocks in any order (a streaming predictor writes each finished block as
+soon as it is final), buffers them in a tiled, uncompressed, sparse GeoTIFF, and on a clean exit
+converts that into a COG (512-pixel tiles, DEFLATE/LZW/ZSTD, overviews) with GDAL's COG driver.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.windows import Window
+
+#: Distinct, colour-blind-friendly class colours (Okabe-Ito, then Tableau 20 for more classes).
+_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0),
+    (240, 228, 66), (0, 0, 0), (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120),
+    (44, 160, 44), (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
+    (140, 86, 75), (196, 156, 148), (227, 119, 194), (247, 182, 210), (127, 127, 127), (199, 199, 199),
+    (188, 189, 34), (219, 219, 141), (23, 190, 207), (158, 218, 229),
+)  # fmt: skip
+
+_COMPRESSIONS = ("deflate", "lzw", "zstd", "none")
+
+
+def default_colormap(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
+    """Class id -> opaque RGBA colour for ``num_classes`` classes (cycles past the palette length)."""
+    return {i: (*_PALETTE[i % len(_PALETTE)], 255) for i in range(num_classes)}
+
+
+def check_overwrite(dst: str | os.PathLike[str], overwrite: bool) -> Path:
+    """``dst`` as a Path, after checking it may be written.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+        FileNotFoundError: if the folder that should hold ``dst`` does not exist.
+    """
+    path = Path(dst)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"Output {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"Output folder {str(path.parent)!r} for {path.name!r} does not exist.")
+    return path
+
+
+def temporary_sibling(dst: Path) -> Path:
+    """A unique hidden path next to ``dst`` with the same suffix (same filesystem, so the rename is atomic)."""
+    return dst.with_name(f".{dst.stem}.{uuid.uuid4().hex[:10]}.part{dst.suffix}")
+
+
+@contextmanager
+def atomic_output(dst: str | os.PathLike[str], *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; it becomes ``dst`` on success and is removed on any error.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false (checked before and after writing).
+    """
+    path = check_overwrite(dst, overwrite)
+    tmp = temporary_sibling(path)
+    try:
+        yield tmp
+        # another process may have created dst while we wrote; never clobber it silently
+        check_overwrite(path, overwrite)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _cog_options(*, compress: str, float_data: bool, overviews: bool, resampling: str) -> dict[str, Any]:
+    if compress not in _COMPRESSIONS:
+        raise ValueError(f"compress must be one of {_COMPRESSIONS}, got {compress!r}.")
+    options: dict[str, Any] = {
+        "compress": compress.upper(),
+        "blocksize": 512,
+        "overviews": "AUTO" if overviews else "NONE",
+        "overview_resampling": resampling.upper(),
+        "bigtiff": "IF_SAFER",
+    }
+    if compress != "none":
+        # horizontal differencing: float predictor for float bands, integer predictor otherwise
+        options["predictor"] = 3 if float_data else 2
+    return options
+
+
+class COGWriter:
+    """Write a raster block by block; on a clean exit it becomes a Cloud-Optimised GeoTIFF at ``dst``.
+
+    Use as a context manager::
+
+        with COGWriter(dst, crs=src.crs, transform=src.transform, width=W, height=H, count=1,
+                       dtype="uint8", nodata=255, class_names=["water", "crop"]) as out:
+            out.write(block, Window(col_off, row_off, w, h))   # block: (count, h, w) or (h, w)
+
+    Args:
+        dst: destination ``.tif`` path.
+        crs, transform, width, height: the grid, normally copied from the input raster.
+        count, dtype: band count and numpy dtype of the output.
+        nodata: the nodata value stored in the file (``nan`` allowed for floats).
+        overwrite: replace an existing ``dst`` (otherwise :class:`FileExistsError` at construction).
+        compress: ``deflate`` (default), ``lzw``, ``zstd`` or ``none``.
+        overviews: build internal overviews (nearest for class maps, average otherwise).
+        class_names: names of class ids ``0..n-1`` for a class map: stored as the ``class_names`` tag
+            (JSON) and per-class band tags, and a colour table is embedded.
+        colormap: class id -> RGB(A) for the colour table; defaults to :func:`default_colormap`.
+        band_descriptions: one description per band (e.g. class names of probability bands).
+        scales: per-band scale factors stored in the file (``value * scale`` is the physical quantity).
+        tags: extra dataset tags (values are stored as strings).
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+        ValueError: for an unknown compression, or a colour table on a band type that cannot hold one.
+    """
+
+    def __init__(
+        self,
+        dst: str | os.PathLike[str],
+        *,
+        crs: Any,
+        transform: Any,
+        width: int,
+        height: int,
+        count: int,
+        dtype: str | np.dtype,
+        nodata: float | None,
+        overwrite: bool = False,
+        compress: str = "deflate",
+        overviews: bool = True,
+        class_names: Sequence[str] | None = None,
+        colormap: Mapping[int, Sequence[int]] | None = None,
+        band_descriptions: Sequence[str] | None = None,
+        scales: Sequence[float] | None = None,
+        tags: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.dst = check_overwrite(dst, overwrite)
+        self.overwrite = overwrite
+        self.dtype = np.dtype(dtype)
+        is_class_map = class_names is not None or colormap is not None
+        if is_class_map and (count != 1 or self.dtype not in (np.uint8, np.uint16)):
+            raise ValueError(f"A class map with a colour table needs one uint8/uint16 band, got {count} x {self.dtype}.")
+        if band_descriptions is not None and len(band_descriptions) != count:
+            raise ValueError(f"band_descriptions has {len(band_descriptions)} entries for {count} bands.")
+        if scales is not None and len(scales) != count:
+            raise ValueError(f"scales has {len(scales)} entries for {count} bands.")
+        self._cog_options = _cog_options(
+            compress=compress,
+            float_data=self.dtype.kind == "f",
+            overviews=overviews,
+            resampling="nearest" if is_class_map else "average",
+        )
+        self._profile = {
+            "driver": "GTiff",
+            "width": width,
+            "height": height,
+            "count": count,
+            "dtype": self.dtype.name,
+            "crs": crs,
+            "transform": transform,
+            "nodata": nodata,
+            "tiled": True,
+            "blockxsize": 512,
+            "blockysize": 512,
+            # blocks never written stay holes (read as nodata) instead of zero-filled disk
+            "sparse_ok": True,
+            "bigtiff": "IF_SAFER",
+        }
+        self._class_names = list(class_names) if class_names is not None else None
+        self._colormap = colormap
+        self._band_descriptions = band_descriptions
+        self._scales = scales
+        self._tags = {k: str(v) for k, v in (tags or {}).items()}
+        self._tmp_gtiff = temporary_sibling(self.dst.with_suffix(".tif"))
+        self._dataset: Any = None
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(count, height, width) of the output."""
+        return self._profile["count"], self._profile["height"], self._profile["width"]
+
+    def __enter__(self) -> COGWriter:
+        self._dataset = rasterio.open(self._tmp_gtiff, "w", **self._profile)
+        try:
+            self._write_metadata(self._dataset)
+        except Exception:
+            self._abort()
+            raise
+        return self
+
+    def _write_metadata(self, ds: Any) -> None:
+        tags = dict(self._tags)
+        if self._class_names is not None:
+            tags["class_names"] = json.dumps(self._class_names)
+            ds.update_tags(1, **{f"CLASS_{i}": name for i, name in enumerate(self._class_names)})
+        if self._class_names is not None or self._colormap is not None:
+            n = len(self._class_names) if self._class_names is not None else max(self._colormap or {0: 0}) + 1
+            colormap = default_colormap(n) if self._colormap is None else self._colormap
+            ds.write_colormap(1, {int(k): tuple(int(c) for c in v) for k, v in colormap.items()})
+            if self._class_names is not None:
+                ds.set_band_description(1, "class")
+        if tags:
+            ds.update_tags(**tags)
+        if self._band_descriptions is not None:
+            for i, text in enumerate(self._band_descriptions, start=1):
+                ds.set_band_description(i, text)
+        if self._scales is not None:
+            ds.scales = tuple(float(s) for s in self._scales)
+            ds.offsets = (0.0,) * len(self._scales)
+
+    def write(self, block: np.ndarray, window: Window) -> None:
+        """Write ``block`` (count, h, w) — or (h, w) for one band — at ``window`` (pixel offsets).
+
+        Raises:
+            RuntimeError: if the writer is not open (used outside its ``with`` block).
+            ValueError: if the block's shape does not match the window and band count.
+        """
+        if self._dataset is None:
+            raise RuntimeError(f"COGWriter for {str(self.dst)!r} is not open; use it inside a 'with' block.")
+        if block.ndim == 2:
+            block = block[None]  # [h, w] -> [1, h, w]
+        expected = (self._profile["count"], int(window.height), int(window.width))
+        if block.shape != expected:
+            raise ValueError(f"Block of shape {block.shape} does not fit window {window} of {expected[0]} bands.")
+        self._dataset.write(block.astype(self.dtype, copy=False), window=window)
+
+    def close(self) -> None:
+        """Finish: close the staging GeoTIFF, convert it to a COG and move that to ``dst``."""
+        if self._dataset is None:
+            return
+        try:
+            self._dataset.close()
+            self._dataset = None
+            with atomic_output(self.dst, overwrite=self.overwrite) as tmp_cog:
+                rasterio.shutil.copy(self._tmp_gtiff, tmp_cog, driver="COG", **self._cog_options)
+        finally:
+            self._abort()
+
+    def _abort(self) -> None:
+        if self._dataset is not None:
+            self._dataset.close()
+            self._dataset = None
+        self._tmp_gtiff.unlink(missing_ok=True)
+        # GDAL may leave an .aux.xml (statistics, band metadata) beside the staging file
+        Path(f"{self._tmp_gtiff}.aux.xml").unlink(missing_ok=True)
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+
+def write_cog(
+    dst: str | os.PathLike[str],
+    array: np.ndarray,
+    *,
+    crs: Any,
+    transform: Any,
+    nodata: float | None,
+    **options: Any,
+) -> Path:
+    """Write a whole in-memory array (count, H, W) or (H, W) as a COG; ``options`` as for :class:`COGWriter`."""
+    data = array[None] if array.ndim == 2 else array  # [H, W] -> [1, H, W]
+    count, height, width = data.shape
+    with COGWriter(
+        dst, crs=crs, transform=transform, width=width, height=height, count=count, dtype=data.dtype,
+        nodata=nodata, **options,
+    ) as out:  # fmt: skip
+        out.write(data, Window(0, 0, width, height))
+    return out.dst
+
+
+def _stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Per-band 2-98 % stretch of (C, h, w) to [0, 1] over the valid pixels, for display only."""
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c, band in enumerate(image.astype(np.float32)):
+        values = band[valid]
+        if values.size == 0:
+            continue
+        low, high = np.percentile(values, [2, 98])
+        out[c] = np.clip((band - low) / max(high - low, 1e-12), 0.0, 1.0)
+    return out
+
+
+def write_quicklook(
+    dst: str | os.PathLike[str],
+    *,
+    classes: str | os.PathLike[str],
+    image: str | os.PathLike[str] | None = None,
+    bands: Sequence[int] = (1, 2, 3),
+    class_names: Sequence[str] | None = None,
+    colormap: Mapping[int, Sequence[int]] | None = None,
+    max_size: int = 1024,
+    alpha: float = 0.5,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A downsampled PNG of a class map drawn semi-transparently over the imagery, with a legend.
+
+    Args:
+        dst: destination ``.png``.
+        classes: a one-band class-map GeoTIFF (e.g. from :class:`COGWriter`); its nodata stays transparent.
+        image: the imagery it was predicted from (same grid); ``bands`` (1-based) are shown as RGB
+            (one band as grey) with a 2-98 % stretch. Without it the classes are drawn on white.
+        class_names: legend labels; default: the ``class_names`` tag of ``classes``, else ``class i``.
+        colormap: class id -> RGB(A); default: the file's colour table, else :func:`default_colormap`.
+        max_size: the longer side of the picture in pixels (reads use the COG overviews).
+        alpha: opacity of the class colours.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+        ValueError: if ``image`` and ``classes`` are not on the same pixel grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    check_overwrite(dst, overwrite)
+    with rasterio.open(classes) as cls_src:
+        scale = min(1.0, max_size / max(cls_src.height, cls_src.width))
+        shape = (max(1, round(cls_src.height * scale)), max(1, round(cls_src.width * scale)))
+        labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+        cls_nodata = cls_src.nodata
+        if class_names is None and "class_names" in cls_src.tags():
+            class_names = json.loads(cls_src.tags()["class_names"])
+        if colormap is None:
+            try:
+                colormap = cls_src.colormap(1)
+            except ValueError:  # no colour table in the file
+                colormap = None
+        grid = (cls_src.height, cls_src.width, cls_src.transform)
+    labelled = np.ones(shape, dtype=bool) if cls_nodata is None else labels != cls_nodata
+    present = sorted(int(v) for v in np.unique(labels[labelled]))
+    num_classes = max([len(class_names or []), *(v + 1 for v in present)])
+    colours = dict(default_colormap(num_classes))
+    colours.update({int(k): tuple(v) for k, v in (colormap or {}).items()})
+
+    background = np.ones((*shape, 3), dtype=np.float32)
+    if image is not None:
+        with rasterio.open(image) as img_src:
+            if (img_src.height, img_src.width, img_src.transform) != grid:
+                raise ValueError(f"Quick-look image {str(image)!r} is not on the grid of class map {str(classes)!r}.")
+            indexes = [b for b in bands if b <= img_src.count] or [1]
+            pixels = img_src.read(indexes, out_shape=(len(indexes), *shape), resampling=rasterio.enums.Resampling.average)
+            valid = img_src.read_masks(1, out_shape=shape) > 0
+        rgb = _stretch_to_unit(pixels, valid)
+        background = np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3]
+        background = np.moveaxis(background, 0, -1)  # [3, h, w] -> [h, w, 3]
+
+    overlay = np.zeros((*shape, 4), dtype=np.float32)
+    for value in present:
+        rgba = colours.get(value, (127, 127, 127, 255))
+        overlay[labels == value] = (*(np.asarray(rgba[:3]) / 255.0), alpha)
+
+    height_in = max(2.0, shape[0] / 100)
+    fig, ax = plt.subplots(figsize=(shape[1] / 100 + 2.5, height_in), dpi=100)
+    ax.imshow(background, interpolation="nearest")
+    ax.imshow(overlay, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    handles = [
+        Patch(facecolor=np.asarray(colours.get(v, (127, 127, 127))[:3]) / 255.0,
+              label=class_names[v] if class_names is not None and v < len(class_names) else f"class {v}")
+        for v in present
+    ]  # fmt: skip
+    if handles:
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    try:
+        with atomic_output(dst, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, format="png", bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(dst)
+
+
+def vectorize_classes(
+    classes: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    class_names: Sequence[str] | None = None,
+    min_area: float = 0.0,
+    connectivity: int = 4,
+    layer: str = "classes",
+    overwrite: bool = False,
+) -> Any:
+    """Polygons of the connected regions of each class of a class map, written to a GeoPackage.
+
+    Each polygon carries ``class_id``, ``class_name`` and ``area`` (in squared CRS units); polygons with
+    ``area < min_area`` are dropped, nodata pixels give no polygon. The class map is read whole (one
+    band; 100 MB for a 10,000 x 10,000 uint8 map) because a region may span the whole raster.
+
+    Returns:
+        The written ``geopandas.GeoDataFrame`` (in the raster's CRS).
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+        ValueError: if ``connectivity`` is not 4 or 8, or ``min_area`` is negative.
+    """
+    import geopandas as gpd
+    from rasterio.features import shapes
+    from shapely.geometry import shape as to_geometry
+
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
+    if min_area < 0:
+        raise ValueError(f"min_area must be >= 0, got {min_area}.")
+    check_overwrite(dst, overwrite)
+    with rasterio.open(classes) as src:
+        labels = src.read(1)
+        mask = None if src.nodata is None else labels != src.nodata
+        if class_names is None and "class_names" in src.tags():
+            class_names = json.loads(src.tags()["class_names"])
+        transform, crs = src.transform, src.crs
+    geometries, ids = [], []
+    for geojson, value in shapes(labels, mask=mask, connectivity=connectivity, transform=transform):
+        geometries.append(to_geometry(geojson))
+        ids.append(int(value))
+    names = [class_names[i] if class_names is not None and 0 <= i < len(class_names) else str(i) for i in ids]
+    frame = gpd.GeoDataFrame(
+        {"class_id": np.asarray(ids, dtype=np.int64), "class_name": names},
+        geometry=gpd.GeoSeries(geometries, crs=crs),
+    )
+    frame["area"] = frame.geometry.area
+    frame = frame[frame["area"] >= min_area].reset_index(drop=True)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        frame.to_file(tmp, driver="GPKG", layer=layer, geometry_type="Polygon" if frame.empty else None)
+    return frame
