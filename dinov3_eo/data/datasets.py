@@ -1,0 +1,289 @@
+"""How to read: datasets that turn tiles (or chip indices) into sample dicts.
+
+A sample is a dict in torchgeo's spirit::
+
+    image   float32 (C, H, W)  normalised; invalid pixels set to 0 after normalisation
+    valid   bool (H, W)         False outside the raster, at nodata, NaN, or outside a warped footprint
+    bounds  BoundingBox         (left, bottom, right, top) in ``crs``; None for chips
+    crs     rasterio CRS        None for chips
+    transform  Affine           pixel -> ``crs`` coordinates of this tile; None for chips
+    path    str                 the source file
+    mask    int64 (H, W)        labelled tiles only: class ids, ``ignore_index`` where unlabelled/invalid
+    target  float32 (H, W)      regression labels only: NaN where invalid
+
+Datasets are pickle-safe: files are opened lazily in the process that reads them (each DataLoader
+worker has its own handles, closed and forgotten on pickling) and the number of open handles is
+bounded, so memory stays flat whatever the raster size. GDAL's block cache is capped per process
+(``gdal_cache_mb``) for the same reason.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.env import set_gdal_config
+from rasterio.vrt import WarpedVRT
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import read_window
+from dinov3_eo.data.sampling import Tile, TileGrid
+
+Sample = dict[str, Any]
+CHIP_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+
+def _per_band(value: float | Sequence[float] | None, num_bands: int, name: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=np.float32).reshape(-1)
+    if arr.size == 1:
+        arr = np.repeat(arr, num_bands)
+    if arr.size != num_bands:
+        raise ValueError(f"{name} must be one number or one per band ({num_bands}), got {list(arr)}.")
+    return arr.reshape(-1, 1, 1)
+
+
+class TileReader:
+    """Raw windowed reads of tiles: lazily opened, bounded handle cache, per-process GDAL cache cap.
+
+    Args:
+        grid: the tile grid (and through it the index and band selection).
+        nodata: nodata override for every file (default: each file's declared nodata).
+        max_open: most files kept open per process.
+        gdal_cache_mb: GDAL block-cache cap applied in each reading process.
+    """
+
+    def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = 64) -> None:
+        self.grid, self.nodata, self.max_open, self.gdal_cache_mb = grid, nodata, max_open, gdal_cache_mb
+        self._handles: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = OrderedDict(), None
+        return state
+
+    def close(self) -> None:
+        for src, vrt in self._handles.values():
+            if vrt is not None:
+                vrt.close()
+            src.close()
+        self._handles.clear()
+
+    def _nodata_for(self, file: int) -> float | None:
+        return self.nodata if self.nodata is not None else self.grid.index.records[file].nodata
+
+    def _dataset(self, file: int):
+        if self._pid != os.getpid():
+            # A forked worker must not share its parent's GDAL handles.
+            self._handles, self._pid = OrderedDict(), os.getpid()
+            set_gdal_config("GDAL_CACHEMAX", self.gdal_cache_mb * 1024 * 1024)
+        if file in self._handles:
+            self._handles.move_to_end(file)
+            src, vrt = self._handles[file]
+            return vrt if vrt is not None else src
+        src = rasterio.open(self.grid.index.records[file].path)
+        vrt = None
+        grid = self.grid.grids[file]
+        if grid.warped:
+            nodata = self._nodata_for(file)
+            vrt = WarpedVRT(
+                src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                resampling=self.grid.resampling, src_nodata=nodata, nodata=nodata, add_alpha=nodata is None,
+            )  # fmt: skip
+        self._handles[file] = (src, vrt)
+        while len(self._handles) > self.max_open:
+            _, (old_src, old_vrt) = self._handles.popitem(last=False)
+            if old_vrt is not None:
+                old_vrt.close()
+            old_src.close()
+        return vrt if vrt is not None else src
+
+    def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (C, size, size) values in the file dtype and (size, size) validity of ``tile``.
+
+        Raises:
+            RuntimeError: naming the tile and file when the read fails (the cause is chained).
+        """
+        rec = self.grid.index.records[tile.file]
+        try:
+            ds = self._dataset(tile.file)
+            return read_window(ds, tile.window, bands=self.grid.index.band_indexes[tile.file], nodata=self._nodata_for(tile.file))
+        except Exception as e:
+            raise RuntimeError(f"Reading {tile} of {rec.path} failed: {e}") from e
+
+
+class TileDataset(Dataset):
+    """Sample dicts for :class:`~dinov3_eo.data.sampling.Tile` keys (use with a tile sampler).
+
+    Args:
+        grid: the tile grid.
+        nodata: nodata override for every file.
+        scale, offset: optional DN -> physical conversion ``x * scale + offset`` (one value or one per band),
+            applied before ``normalization``.
+        normalization: per-band normalisation (``None`` leaves values as float32 physical units).
+        labels: optional :class:`~dinov3_eo.data.labels.RasterLabels` or ``VectorLabels`` adding ``mask``/``target``.
+        gdal_cache_mb, max_open: see :class:`TileReader`.
+
+    Raises:
+        ValueError: if ``normalization``/``scale``/``offset`` do not match the number of selected bands.
+    """
+
+    def __init__(
+        self,
+        *,
+        grid: TileGrid,
+        nodata: float | None = None,
+        scale: float | Sequence[float] | None = None,
+        offset: float | Sequence[float] | None = None,
+        normalization: Normalization | None = None,
+        labels: Any | None = None,
+        gdal_cache_mb: int = 64,
+        max_open: int = 32,
+    ) -> None:
+        num_bands = grid.index.num_bands
+        if normalization is not None and normalization.num_bands != num_bands:
+            raise ValueError(f"TileDataset: normalisation {normalization.name!r} has {normalization.num_bands} bands, the archive selection {num_bands}.")
+        self.grid = grid
+        self.reader = TileReader(grid=grid, nodata=nodata, max_open=max_open, gdal_cache_mb=gdal_cache_mb)
+        self.scale = _per_band(scale, num_bands, "scale")
+        self.offset = _per_band(offset, num_bands, "offset")
+        self.normalization = normalization
+        self.labels = labels
+
+    def physical(self, values: np.ndarray) -> np.ndarray:
+        """Raw (C, H, W) values -> float32 after scale/offset."""
+        x = values.astype(np.float32)
+        if self.scale is not None:
+            x *= self.scale
+        if self.offset is not None:
+            x += self.offset
+        return x
+
+    def __getitem__(self, tile: Tile) -> Sample:
+        if not isinstance(tile, Tile):
+            raise TypeError(f"TileDataset is indexed by Tile (use a tile sampler), got {type(tile).__name__}.")
+        values, valid = self.reader.read(tile)
+        image = torch.from_numpy(self.physical(values))
+        valid_t = torch.from_numpy(valid)
+        if self.normalization is not None:
+            image = self.normalization(image)
+        image = image.masked_fill(~valid_t, 0.0)  # NaN/nodata never reach the model
+        grid = self.grid.grids[tile.file]
+        sample: Sample = {
+            "image": image,
+            "valid": valid_t,
+            "bounds": self.grid.tile_bounds(tile),
+            "crs": grid.crs,
+            "transform": self.grid.tile_transform(tile),
+            "path": self.grid.index.records[tile.file].path,
+        }
+        if self.labels is not None:
+            shape = (tile.size, tile.size)
+            sample.update(self.labels.sample(crs=grid.crs, transform=sample["transform"], shape=shape, valid=valid))
+        return sample
+
+
+def expand_chips(chips: str | Sequence[str]) -> list[str]:
+    """Sorted image paths from a glob, a folder (recursive) or a list of them.
+
+    Raises:
+        FileNotFoundError: if nothing matches.
+    """
+    sources = [chips] if isinstance(chips, (str, os.PathLike)) else list(chips)
+    found: set[str] = set()
+    for source in sources:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            matches = [os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.lower().endswith(CHIP_SUFFIXES)]
+        else:
+            matches = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        if not matches:
+            raise FileNotFoundError(f"Chip source {source!r} matched no image files ({CHIP_SUFFIXES}).")
+        found.update(os.path.abspath(p) for p in matches)
+    return sorted(found)
+
+
+class ChipFolderDataset(Dataset):
+    """Plain image chips without georeferencing (EuroSAT-style JPEG/PNG folders), indexed by int.
+
+    Args:
+        chips: glob, folder or list of them.
+        normalization: per-band normalisation of the raw 0..255 values.
+        size: resize every chip to ``size`` × ``size`` (bilinear) so they batch with tiles; ``None`` keeps it.
+        num_bands: 3 (RGB) or 1 (greyscale); chips are converted to this.
+
+    Raises:
+        ValueError: if ``num_bands`` is not 1 or 3 or the normalisation has another band count.
+    """
+
+    def __init__(self, *, chips: str | Sequence[str], normalization: Normalization | None = None, size: int | None = None, num_bands: int = 3) -> None:
+        if num_bands not in (1, 3):
+            raise ValueError(f"ChipFolderDataset: num_bands must be 1 or 3, got {num_bands}.")
+        if normalization is not None and normalization.num_bands != num_bands:
+            raise ValueError(f"ChipFolderDataset: normalisation has {normalization.num_bands} bands, chips {num_bands}.")
+        self.paths = expand_chips(chips)
+        self.normalization, self.size, self.num_bands = normalization, size, num_bands
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Sample:
+        from PIL import Image
+
+        path = self.paths[int(i)]
+        try:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB" if self.num_bands == 3 else "L"))
+        except OSError as e:
+            raise RuntimeError(f"Reading chip {i} ({path}) failed: {e}") from e
+        image = torch.from_numpy(np.ascontiguousarray(array.reshape(*array.shape[:2], -1).transpose(2, 0, 1))).float()
+        if self.size is not None and tuple(image.shape[1:]) != (self.size, self.size):
+            image = F.interpolate(image[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)[0]
+        if self.normalization is not None:
+            image = self.normalization(image)
+        valid = torch.ones(image.shape[1:], dtype=torch.bool)
+        return {"image": image, "valid": valid, "bounds": None, "crs": None, "transform": None, "path": path}
+
+
+class MixedDataset(Dataset):
+    """Tiles and chips behind one key space: :class:`Tile` keys go to ``tiles``, ints to ``chips``."""
+
+    def __init__(self, *, tiles: TileDataset | None = None, chips: ChipFolderDataset | None = None) -> None:
+        if tiles is None and chips is None:
+            raise ValueError("MixedDataset: give tiles, chips or both.")
+        self.tiles, self.chips = tiles, chips
+
+    def __getitem__(self, key: Tile | int) -> Sample:
+        if isinstance(key, Tile):
+            if self.tiles is None:
+                raise TypeError("MixedDataset: got a Tile key but no tile dataset.")
+            return self.tiles[key]
+        if self.chips is None:
+            raise TypeError(f"MixedDataset: got chip index {key!r} but no chip dataset.")
+        return self.chips[key]
+
+
+def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
+    """Stack tensor fields into (B, ...) tensors and keep everything else as per-sample lists.
+
+    Tensors of different shapes stay a list (e.g. chips kept at their own size).
+    """
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [s[key] for s in batch]
+        if all(isinstance(v, Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
