@@ -31,37 +31,9 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.tiling import Tile, TileGrid
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
-
-try:
-    from dinov3_eo.data.raster import read_window
-except ImportError:  # pragma: no cover - stand-in until dinov3_eo.data.raster lands; same signature
-
-    def read_window(  # type: ignore[misc]
-        src: Any, window: Window, *, bands: Sequence[int] | None = None, nodata: float | None = None, **_: Any
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Boundless read: (C, h, w) pixels and (h, w) valid mask; outside, nodata or NaN is invalid."""
-        indexes = list(bands) if bands is not None else list(range(1, src.count + 1))
-        fill = src.nodata if nodata is None else nodata
-        height, width = int(window.height), int(window.width)
-        pixels = np.zeros((len(indexes), height, width), dtype=src.dtypes[indexes[0] - 1])
-        valid = np.zeros((height, width), dtype=bool)
-        top, left = max(0, int(window.row_off)), max(0, int(window.col_off))
-        bottom = min(src.height, int(window.row_off) + height)
-        right = min(src.width, int(window.col_off) + width)
-        if bottom > top and right > left:
-            data = src.read(indexes, window=Window(left, top, right - left, bottom - top))
-            inside = np.ones(data.shape[1:], dtype=bool)
-            if fill is not None:
-                inside &= ~np.all(data == fill, axis=0)
-            if data.dtype.kind == "f":
-                inside &= ~np.isnan(data).any(axis=0)
-            rs = slice(top - int(window.row_off), bottom - int(window.row_off))
-            cs = slice(left - int(window.col_off), right - int(window.col_off))
-            pixels[:, rs, cs] = data
-            valid[rs, cs] = inside
-        return pixels, valid
 
 Output = Literal["argmax", "scores", "regression"]
 Activation = Literal["softmax", "sigmoid", "none"]
@@ -305,7 +277,7 @@ def predict_raster(
         overlap: overlap between neighbouring windows: a fraction of ``window`` (float) or pixels (int).
         batch_size: windows per model call.
         bands: 1-based input band indexes fed to the model (default: all bands, in file order).
-        nodata: input nodata value overriding the file's (pixels equal to it in every band are invalid).
+        nodata: input nodata value overriding the file's (a pixel equal to it in any band is invalid).
         normalization: applied to raw pixel values before the model (a :class:`Normalization` or its
             ``to_dict()``); ``None`` feeds raw values as float32. Invalid pixels are set to 0 after it.
         output: ``"argmax"``: one band of class ids (uint8, nodata 255; uint16 / 65535 past 255 classes);
