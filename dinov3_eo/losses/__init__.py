@@ -1,1 +1,23 @@
+"""SSL losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering)."""
 
+from dinov3_eo.losses.dino import DinoLossTerms, dino_cross_entropy, dino_losses, dino_term_scales, dino_total
+from dinov3_eo.losses.gram import gram_loss, resize_patch_features
+from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss, masks_weight_from_masks
+from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
+from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
+
+__all__ = [
+    "DinoLossTerms",
+    "dino_cross_entropy",
+    "dino_losses",
+    "dino_term_scales",
+    "dino_total",
+    "gather_masked_tokens",
+    "gram_loss",
+    "ibot_loss",
+    "koleo_loss",
+    "koleo_loss_distributed",
+    "masks_weight_from_masks",
+    "resize_patch_features",
+    "sinkhorn_knopp",
+]

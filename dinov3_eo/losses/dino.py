@@ -1,0 +1,139 @@
+"""DINO loss on the class token: student crops predict the teacher's Sinkhorn-centred global-crop assignments.
+
+Crop layout used throughout dinov3_eo: crops are stacked *crop-major*, i.e. a tensor of ``n_crops · B`` rows
+holds crop 0 of every image, then crop 1 of every image, ... (the order of ``ssl.crops`` and of the official
+collate). ``logits.view(n_crops, B, K)`` therefore recovers [crop, image, prototype].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def dino_cross_entropy(
+    student_logits: Tensor, teacher_probs: Tensor, *, student_temp: float = 0.1, ignore_diagonal: bool = False
+) -> Tensor:
+    """Mean cross-entropy between every student crop and every teacher crop of the same image.
+
+    ``loss = -Σ_{s,t,b,k} p[t,b,k] · log_softmax(z[s,b] / τ_s)[k] / n_pairs`` with
+    ``n_pairs = B·S·T``, or, with ``ignore_diagonal``, the pairs ``s == t`` (same crop seen by both networks,
+    ``s, t < min(S, T)``) left out and ``n_pairs = B·(S·T − min(S, T))``.
+
+    Args:
+        student_logits: [S, B, K] student head outputs for S crops (unscaled logits).
+        teacher_probs: [T, B, K] teacher assignment probabilities (e.g. ``sinkhorn_knopp`` output viewed as
+            [T, B, K]); treated as constants.
+        student_temp: student temperature τ_s (0.1 officially).
+        ignore_diagonal: leave out same-crop pairs (used for global-vs-global: ``global_ignore_diagonal``).
+
+    Returns:
+        Scalar fp32 loss (mean over the counted pairs and images).
+
+    Raises:
+        ValueError: if the shapes are not [S, B, K] and [T, B, K] with matching B and K.
+    """
+    if student_logits.ndim != 3 or teacher_probs.ndim != 3 or student_logits.shape[1:] != teacher_probs.shape[1:]:
+        raise ValueError(
+            "dino_cross_entropy: expected student_logits [S, B, K] and teacher_probs [T, B, K] with equal B and K, "
+            f"got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}."
+        )
+    n_student, batch, _ = student_logits.shape
+    n_teacher = teacher_probs.shape[0]
+    log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
+    teacher = teacher_probs.detach().float()
+    # [S, T]: summed over images and prototypes
+    pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)
+    n_pairs = n_student * n_teacher
+    if ignore_diagonal:
+        n_diag = min(n_student, n_teacher)
+        keep = ~torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
+        pair_ce = pair_ce[keep]
+        n_pairs -= n_diag
+    if n_pairs == 0:
+        raise ValueError(f"dino_cross_entropy: no crop pairs left ({n_student} student, {n_teacher} teacher crops).")
+    return pair_ce.sum() / (batch * n_pairs)
+
+
+@dataclass(frozen=True)
+class DinoLossTerms:
+    """The two unweighted DINO terms and the crop counts needed to weight them (see :func:`dino_total`)."""
+
+    global_loss: Tensor
+    local_loss: Tensor | None
+    n_global_crops: int
+    n_local_crops: int
+
+
+def dino_losses(
+    student_global_logits: Tensor,
+    student_local_logits: Tensor | None,
+    teacher_probs: Tensor,
+    *,
+    batch_size: int,
+    student_temp: float = 0.1,
+) -> DinoLossTerms:
+    """DINO global and local terms, unweighted.
+
+    - global: student global crop s vs teacher global crop t for ``s ≠ t`` (mean over B·(G·G − G) pairs);
+    - local: every student local crop vs every teacher global crop (mean over B·L·G pairs).
+
+    Args:
+        student_global_logits: [G·B, K] student DINO-head logits of the G global crops (crop-major).
+        student_local_logits: [L·B, K] logits of the L local crops (crop-major), or ``None`` without local crops.
+        teacher_probs: [G·B, K] teacher probabilities of the global crops (``sinkhorn_knopp`` output).
+        batch_size: B, images per crop on this rank.
+        student_temp: student temperature (0.1).
+
+    Raises:
+        ValueError: if a row count is not a multiple of ``batch_size``.
+    """
+    for name, t in (("student_global_logits", student_global_logits), ("teacher_probs", teacher_probs)):
+        if t.ndim != 2 or t.shape[0] % batch_size:
+            raise ValueError(f"dino_losses: {name} must be [n_crops·{batch_size}, K], got {tuple(t.shape)}.")
+    n_global = teacher_probs.shape[0] // batch_size
+    teacher = teacher_probs.view(n_global, batch_size, -1)  # [G, B, K]
+    student_global = student_global_logits.view(-1, batch_size, student_global_logits.shape[-1])  # [G, B, K]
+    global_loss = dino_cross_entropy(student_global, teacher, student_temp=student_temp, ignore_diagonal=True)
+    local_loss = None
+    n_local = 0
+    if student_local_logits is not None and student_local_logits.shape[0] > 0:
+        if student_local_logits.ndim != 2 or student_local_logits.shape[0] % batch_size:
+            raise ValueError(
+                f"dino_losses: student_local_logits must be [n_crops·{batch_size}, K], "
+                f"got {tuple(student_local_logits.shape)}."
+            )
+        student_local = student_local_logits.view(-1, batch_size, student_local_logits.shape[-1])  # [L, B, K]
+        n_local = student_local.shape[0]
+        local_loss = dino_cross_entropy(student_local, teacher, student_temp=student_temp)
+    return DinoLossTerms(global_loss, local_loss, n_global, n_local)
+
+
+def dino_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
+    """Official weights of the global and local DINO terms: each term's share of the crop pairs.
+
+    ``global pairs = G·(G−1)`` (diagonal ignored), ``local pairs = G·L``; scale = pairs / all pairs.
+    For G=2, L=8: (2/18, 16/18) = (1/9, 8/9).
+    """
+    global_pairs = n_global_crops * (n_global_crops - 1)
+    local_pairs = n_global_crops * n_local_crops
+    total = global_pairs + local_pairs
+    return global_pairs / total, local_pairs / total
+
+
+def dino_total(terms: DinoLossTerms, *, loss_weight: float = 1.0, local_loss_weight: float = 1.0) -> Tensor:
+    """Weighted DINO loss as the official ``compute_losses`` adds it to the total::
+
+        loss_weight · (s_g · global + s_l · local_loss_weight · local),  (s_g, s_l) = dino_term_scales(G, L)
+
+    ``local_loss_weight`` is the ``reweight_dino_local_loss`` schedule value (1 → 0.5 in the Gram stage,
+    0.5 in high-resolution adaptation, 1 otherwise).
+    """
+    global_scale, local_scale = dino_term_scales(terms.n_global_crops, terms.n_local_crops)
+    total = global_scale * terms.global_loss
+    if terms.local_loss is not None:
+        total = total + local_scale * local_loss_weight * terms.local_loss
+    return loss_weight * total
