@@ -401,7 +401,7 @@ class TestDenseModel:
             model = DenseModel(backbone=backbone, head=_small_dpt(out_channels=5), layers=[0, 1, 2, 3])
         x = _landsat(*size)
         out = model.eval()(x)
-        assert out.shape == (2, 5, *size)
+        assert out.shape == (2, 5, *size) and model.out_channels == 5
         assert torch.isfinite(out).all()
         assert backbone.calls[-1] == {
             "n": model.layers, "reshape": True, "return_class_token": True, "norm": True,
@@ -461,7 +461,7 @@ class TestDenseModel:
         head = _small_dpt(out_channels=256)
         model = DenseModel(backbone=backbone, head=head, layers=[0, 1, 2, 3], output=LogitsToHeight()).eval()
         out = model(_landsat(40, 72))
-        assert out.shape == (2, 1, 40, 72)
+        assert out.shape == (2, 1, 40, 72) and model.out_channels == 1
         assert torch.all((out >= 0.008) & (out <= 96.0))
 
     def test_build_chmv2_model(self) -> None:

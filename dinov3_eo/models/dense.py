@@ -670,6 +670,13 @@ class DenseModel(nn.Module):
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
+    @property
+    def out_channels(self) -> int:
+        """K of ``forward``'s output: 1 after a height conversion, else the head's output channels."""
+        if isinstance(self.output, LogitsToHeight):
+            return 1
+        return int(getattr(self.head, "out_channels"))
+
     def train(self, mode: bool = True) -> DenseModel:
         super().train(mode)
         if self.freeze_backbone:
