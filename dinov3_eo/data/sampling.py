@@ -392,3 +392,55 @@ class InterleavedSampler(_TileSamplerBase):
         order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(len(items))
         return iter([items[i] for i in order])
 
+
+class TileListSampler(_TileSamplerBase):
+    """A fixed list of tiles, optionally shuffled per ``(seed, epoch)``, split round-robin across ranks."""
+
+    def __init__(self, *, tiles: Sequence[Tile], shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size)
+        self.tiles, self.shuffle = list(tiles), shuffle
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.tiles), self.num_replicas))
+
+    def global_tiles(self) -> list[Tile]:
+        if not self.shuffle:
+            return list(self.tiles)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tiles))
+        return [self.tiles[i] for i in order]
+
+
+def spatial_block_split(
+    grid: TileGrid, *, block_tiles: int, val_fraction: float, seed: int = 0, nodata: float | None = None, max_nodata_fraction: float = 0.9
+) -> tuple[list[Tile], list[Tile]]:
+    """Non-overlapping tiles split into train/val by spatial block, never by pixel or tile.
+
+    Tiles sit on a grid with stride = tile size (no overlap); blocks of ``block_tiles`` × ``block_tiles``
+    tiles go wholly to one split, chosen by a seeded shuffle so that about ``val_fraction`` of the
+    blocks are validation (at least one block each when there are two or more). Neighbouring pixels
+    therefore share a split except along block edges, which limits spatial leakage.
+
+    Raises:
+        ValueError: if ``val_fraction`` is not in (0, 1) or ``block_tiles`` < 1.
+    """
+    if not 0.0 < val_fraction < 1.0 or block_tiles < 1:
+        raise ValueError(f"spatial_block_split: need 0 < val_fraction < 1 and block_tiles >= 1, got {val_fraction}, {block_tiles}.")
+    size = grid.tile_px
+    blocks: dict[tuple[int, int, int], list[Tile]] = {}
+    for f in range(len(grid)):
+        g = grid.grids[f]
+        for r in range(0, max(1, math.ceil(g.height / size)) * size, size):
+            for c in range(0, max(1, math.ceil(g.width / size)) * size, size):
+                tile = Tile(f, r, c, size)
+                if 1.0 - grid.valid_fraction(tile, nodata) > max_nodata_fraction:
+                    continue
+                blocks.setdefault((f, r // size // block_tiles, c // size // block_tiles), []).append(tile)
+    keys = sorted(blocks)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_val = int(round(val_fraction * len(keys)))
+    if len(keys) >= 2:
+        n_val = min(max(n_val, 1), len(keys) - 1)
+    val_keys = {keys[i] for i in order[:n_val]}
+    train = [t for k in keys if k not in val_keys for t in blocks[k]]
+    val = [t for k in keys if k in val_keys for t in blocks[k]]
+    return train, val

@@ -1,0 +1,328 @@
+"""Lightning data modules: tiles (and chips) for pretraining, labelled tiles for dense tasks.
+
+Both take plain keyword arguments, so a YAML ``data: class_path: ... init_args: ...`` block maps
+one-to-one onto the constructor (LightningCLI / jsonargparse). Each wires one sampler per split; the
+samplers are distributed-aware themselves (see :mod:`dinov3_eo.data.sampling`), so Lightning keeps
+them as they are under DDP.
+
+Normalisation is decided once in ``setup`` and exposed as :attr:`normalization` (with
+:attr:`band_names` and :attr:`gsd`) for the training module to store in every checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
+from dinov3_eo.data.index import RasterIndex
+from dinov3_eo.data.labels import RasterLabels, VectorLabels
+from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
+from dinov3_eo.data.sampling import (
+    ChipSampler,
+    InterleavedSampler,
+    RandomTileSampler,
+    TileGrid,
+    TileListSampler,
+    _TileSamplerBase,
+    spatial_block_split,
+)
+from dinov3_eo.data.stats import BandStats, compute_band_stats
+
+NORMALIZATION_MODES = ("zscore", "percentile", "none", *RGB_PRESETS)
+
+
+def build_normalization(
+    mode: str,
+    *,
+    index: RasterIndex | None = None,
+    stats: str | BandStats | None = None,
+    nodata: float | None = None,
+    scale: float | Sequence[float] | None = None,
+    offset: float | Sequence[float] | None = None,
+    preset_range: tuple[float, float] = (0.0, 255.0),
+    stats_windows: int = 64,
+    seed: int = 0,
+) -> Normalization | None:
+    """The :class:`Normalization` for ``mode``: statistics-based modes use ``stats`` (a stats.json path
+    or :class:`BandStats`), computing them from ``index`` when absent; presets map ``preset_range`` to [0, 1].
+
+    Raises:
+        ValueError: for an unknown mode, or a statistics mode with neither ``stats`` nor ``index``.
+    """
+    if mode not in NORMALIZATION_MODES:
+        raise ValueError(f"normalization must be one of {NORMALIZATION_MODES}, got {mode!r}.")
+    if mode == "none":
+        return None
+    if mode in RGB_PRESETS:
+        return Normalization.preset(mode, low=preset_range[0], high=preset_range[1])
+    if stats is None:
+        if index is None:
+            raise ValueError(f"normalization={mode!r} needs stats= (a stats.json) or an archive to compute them from.")
+        stats = compute_band_stats(index, nodata=nodata, scale=scale, offset=offset, num_windows=stats_windows, seed=seed, progress=False)
+    elif not isinstance(stats, BandStats):
+        stats = BandStats.load(stats)
+    return stats.normalization(mode)
+
+
+class _TileDataModuleBase(pl.LightningDataModule):
+    def _dataloader(self, dataset, sampler) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=collate_samples,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def _build_grid(self) -> TileGrid:
+        self.index = RasterIndex.build(self.paths, bands=self.bands, strict=self.strict, cache_dir=self.cache_dir)
+        return TileGrid(index=self.index, tile_size=self.tile_size, units=self.units, gsd=self.gsd, crs=self.crs, resampling=self.resampling)
+
+    @property
+    def band_names(self) -> list[str] | None:
+        index = getattr(self, "index", None)
+        return None if index is None else index.band_names
+
+
+class PretrainDataModule(_TileDataModuleBase):
+    """Unlabelled tiles from a GeoTIFF archive, optionally mixed with plain image chips.
+
+    Args:
+        paths: GeoTIFF files, folders or globs (``None`` for chips only).
+        chips: glob/folder of non-georeferenced image chips (EuroSAT-style) to mix in; resized to the tile size.
+        bands: 1-based band indexes or band names to read (needed for archives with mixed band counts).
+        nodata: nodata override for every file (e.g. 0 for a Landsat L1 collar).
+        scale, offset: DN -> physical conversion before normalisation.
+        normalization: ``zscore``/``percentile`` (from ``stats`` or computed in ``setup``), a preset
+            (``sat493m``, ``imagenet``, ``chmv2``; raw values in ``preset_range`` map to [0, 1]) or ``none``.
+        stats: path to a ``dinov3-eo stats`` JSON.
+        preset_range: raw value range for presets, e.g. ``[0, 10000]`` for reflectance ×10⁴.
+        chips_normalization: normalisation of 8-bit chips (a preset name, on 0..255).
+        tile_size, units, gsd, crs, resampling: the tile grid (see :class:`~dinov3_eo.data.sampling.TileGrid`).
+        tiles_per_epoch: random tiles per epoch over all ranks.
+        max_nodata_fraction: reject tiles with more estimated nodata.
+        batch_size, num_workers, pin_memory: DataLoader settings.
+        seed: seeds the samplers (mixed with the epoch).
+        strict: fail on unusable archive files instead of skipping them.
+        cache_dir: index cache location (``"default"``, a path, or ``None`` for no cache).
+        stats_windows: windows used when statistics are computed in ``setup``.
+        rank, world_size: overrides of torch.distributed (normally left unset).
+    """
+
+    def __init__(
+        self,
+        *,
+        paths: str | list[str] | None = None,
+        chips: str | list[str] | None = None,
+        bands: list[int | str] | None = None,
+        nodata: float | None = None,
+        scale: float | list[float] | None = None,
+        offset: float | list[float] | None = None,
+        normalization: str = "zscore",
+        stats: str | None = None,
+        preset_range: tuple[float, float] = (0.0, 255.0),
+        chips_normalization: str = "sat493m",
+        tile_size: float = 256,
+        units: str = "pixels",
+        gsd: float | None = None,
+        crs: str | None = None,
+        resampling: str = "bilinear",
+        tiles_per_epoch: int = 1024,
+        max_nodata_fraction: float = 0.5,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+        cache_dir: str | None = "default",
+        stats_windows: int = 64,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if paths is None and chips is None:
+            raise ValueError("PretrainDataModule: give paths= (GeoTIFFs), chips= (image chips) or both.")
+        self.save_hyperparameters()
+        self.paths, self.chips, self.bands, self.nodata = paths, chips, bands, nodata
+        self.scale, self.offset, self.normalization_mode, self.stats = scale, offset, normalization, stats
+        self.preset_range, self.chips_normalization = tuple(preset_range), chips_normalization
+        self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
+        self.tiles_per_epoch, self.max_nodata_fraction = tiles_per_epoch, max_nodata_fraction
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.strict, self.cache_dir, self.stats_windows = strict, cache_dir, stats_windows
+        self.rank, self.world_size = rank, world_size
+        self.normalization: Normalization | None = None
+        self.dataset: MixedDataset | None = None
+        self.sampler: _TileSamplerBase | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        tiles = chips = None
+        samplers: list[_TileSamplerBase] = []
+        if self.paths is not None:
+            grid = self._build_grid()
+            self.normalization = build_normalization(
+                self.normalization_mode, index=self.index, stats=self.stats, nodata=self.nodata, scale=self.scale,
+                offset=self.offset, preset_range=self.preset_range, stats_windows=self.stats_windows, seed=self.seed,
+            )  # fmt: skip
+            tiles = TileDataset(grid=grid, nodata=self.nodata, scale=self.scale, offset=self.offset, normalization=self.normalization)
+            samplers.append(
+                RandomTileSampler(
+                    grid=grid, length=self.tiles_per_epoch, nodata=self.nodata, max_nodata_fraction=self.max_nodata_fraction,
+                    seed=self.seed, rank=self.rank, world_size=self.world_size,
+                )  # fmt: skip
+            )
+            chip_size = grid.tile_px
+        else:
+            chip_size = int(self.tile_size)
+        if self.chips is not None:
+            chip_norm = Normalization.preset(self.chips_normalization) if self.chips_normalization != "none" else None
+            chips = ChipFolderDataset(chips=self.chips, normalization=chip_norm, size=chip_size)
+            if tiles is not None and tiles.grid.index.num_bands != 3:
+                raise ValueError(f"PretrainDataModule: chips are RGB but the archive selection has {tiles.grid.index.num_bands} bands.")
+            if self.normalization is None and tiles is None:
+                self.normalization = chip_norm
+            samplers.append(ChipSampler(num_chips=len(chips), seed=self.seed, rank=self.rank, world_size=self.world_size))
+        self.dataset = MixedDataset(tiles=tiles, chips=chips)
+        self.sampler = samplers[0] if len(samplers) == 1 else InterleavedSampler(samplers=samplers, seed=self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._dataloader(self.dataset, self.sampler)
+
+    def metadata(self) -> dict[str, Any]:
+        """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
+        return {
+            "bands": self.band_names,
+            "normalization": None if self.normalization is None else self.normalization.to_dict(),
+            "gsd": self.gsd,
+        }
+
+
+class DenseDataModule(_TileDataModuleBase):
+    """Labelled tiles for segmentation or regression, split into train/val by spatial blocks.
+
+    Args:
+        paths: GeoTIFF files, folders or globs (the imagery).
+        labels: a label raster (any CRS/resolution) or a vector file (``.gpkg``, ``.geojson``, ``.shp``...).
+        task: ``"classification"`` (``mask`` key) or ``"regression"`` (``target`` key; raster labels only).
+        label_attribute: vector column with the class; ``classes`` maps its values to ids.
+        classes: class name/value -> id for vector labels (default: sorted unique values).
+        background: id for image pixels no polygon covers (``None`` = ignore them).
+        label_nodata: nodata override of a label raster.
+        ignore_index: id written where there is no label.
+        bands, nodata, scale, offset, normalization, stats, preset_range: as for :class:`PretrainDataModule`.
+        tile_size, units, gsd, crs, resampling: the tile grid.
+        block_tiles: side of a spatial block in tiles; val_fraction: share of blocks used for validation.
+        max_nodata_fraction: drop tiles with more estimated image nodata.
+        batch_size, num_workers, pin_memory, seed, strict, cache_dir, stats_windows, rank, world_size: as above.
+    """
+
+    def __init__(
+        self,
+        *,
+        paths: str | list[str],
+        labels: str,
+        task: str = "classification",
+        label_attribute: str = "name",
+        classes: dict[str, int] | None = None,
+        background: int | None = None,
+        label_nodata: float | None = None,
+        ignore_index: int = 255,
+        bands: list[int | str] | None = None,
+        nodata: float | None = None,
+        scale: float | list[float] | None = None,
+        offset: float | list[float] | None = None,
+        normalization: str = "zscore",
+        stats: str | None = None,
+        preset_range: tuple[float, float] = (0.0, 255.0),
+        tile_size: float = 256,
+        units: str = "pixels",
+        gsd: float | None = None,
+        crs: str | None = None,
+        resampling: str = "bilinear",
+        block_tiles: int = 4,
+        val_fraction: float = 0.2,
+        max_nodata_fraction: float = 0.9,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+        cache_dir: str | None = "default",
+        stats_windows: int = 64,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.paths, self.labels_path, self.task, self.label_attribute = paths, labels, task, label_attribute
+        self.classes, self.background, self.label_nodata, self.ignore_index = classes, background, label_nodata, ignore_index
+        self.bands, self.nodata, self.scale, self.offset = bands, nodata, scale, offset
+        self.normalization_mode, self.stats, self.preset_range = normalization, stats, tuple(preset_range)
+        self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
+        self.block_tiles, self.val_fraction, self.max_nodata_fraction = block_tiles, val_fraction, max_nodata_fraction
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.strict, self.cache_dir, self.stats_windows = strict, cache_dir, stats_windows
+        self.rank, self.world_size = rank, world_size
+        self.normalization: Normalization | None = None
+        self.dataset: TileDataset | None = None
+
+    def _labels(self) -> RasterLabels | VectorLabels:
+        if self.labels_path.lower().endswith((".tif", ".tiff", ".vrt", ".img", ".jp2")):
+            return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata, ignore_index=self.ignore_index)
+        if self.task != "classification":
+            raise ValueError(f"DenseDataModule: vector labels ({self.labels_path}) support task='classification' only.")
+        return VectorLabels(
+            path=self.labels_path, attribute=self.label_attribute, classes=self.classes,
+            ignore_index=self.ignore_index, background=self.background,
+        )  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        grid = self._build_grid()
+        self.label_source = self._labels()
+        self.normalization = build_normalization(
+            self.normalization_mode, index=self.index, stats=self.stats, nodata=self.nodata, scale=self.scale,
+            offset=self.offset, preset_range=self.preset_range, stats_windows=self.stats_windows, seed=self.seed,
+        )  # fmt: skip
+        self.dataset = TileDataset(
+            grid=grid, nodata=self.nodata, scale=self.scale, offset=self.offset, normalization=self.normalization, labels=self.label_source
+        )
+        self.train_tiles, self.val_tiles = spatial_block_split(
+            grid, block_tiles=self.block_tiles, val_fraction=self.val_fraction, seed=self.seed,
+            nodata=self.nodata, max_nodata_fraction=self.max_nodata_fraction,
+        )  # fmt: skip
+
+    @property
+    def num_classes(self) -> int | None:
+        source = getattr(self, "label_source", None)
+        if isinstance(source, VectorLabels):
+            return max(source.classes.values()) + 1
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        sampler = TileListSampler(tiles=self.train_tiles, shuffle=True, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        return self._dataloader(self.dataset, sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        sampler = TileListSampler(tiles=self.val_tiles, shuffle=False, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        return self._dataloader(self.dataset, sampler)
+
+    def metadata(self) -> dict[str, Any]:
+        """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
+        return {
+            "bands": self.band_names,
+            "normalization": None if self.normalization is None else self.normalization.to_dict(),
+            "gsd": self.gsd,
+        }
