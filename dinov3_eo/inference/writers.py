@@ -362,7 +362,8 @@ def write_quicklook(
             valid = img_src.read_masks(1, out_shape=shape) > 0
         rgb = _stretch_to_unit(pixels, valid)
         background = np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3]
-        background = np.moveaxis(background, 0, -1)  # [3, h, w] -> [h, w, 3]
+        background = np.moveaxis(background, 0, -1).copy()  # [3, h, w] -> [h, w, 3]
+        background[~valid] = 1.0  # the imagery's nodata shows as white, not as black "data"
 
     overlay = np.zeros((*shape, 4), dtype=np.float32)
     for value in present:

@@ -1,0 +1,226 @@
+"""COG, quick-look and polygon writers (dinov3_eo.inference.writers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from PIL import Image
+from rasterio.features import rasterize
+from rasterio.transform import from_origin
+from rasterio.windows import Window
+
+from dinov3_eo.inference.writers import (
+    COGWriter,
+    atomic_output,
+    default_colormap,
+    vectorize_classes,
+    write_cog,
+    write_quicklook,
+)
+
+CROP = Path(__file__).parent / "data" / "rgb_byte_crop.tif"
+CRS = "EPSG:32618"
+TRANSFORM = from_origin(101985.0, 2826915.0, 300.0, 300.0)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith("."))
+
+
+def class_map(height: int = 60, width: int = 70) -> np.ndarray:
+    """Blocky classes 0..3 with a nodata (255) corner and a few single-pixel specks."""
+    labels = np.zeros((height, width), dtype=np.uint8)
+    labels[: height // 2, width // 2 :] = 1
+    labels[height // 2 :, : width // 3] = 2
+    labels[height // 2 :, width // 3 :] = 3
+    labels[5, 5] = labels[40, 60] = 1  # specks of one pixel
+    labels[:4, -4:] = 255
+    return labels
+
+
+class TestCOGWriter:
+    def test_blocks_in_any_order_round_trip(self, tmp_path: Path) -> None:
+        rng = np.random.default_rng(0)
+        data = rng.integers(0, 200, size=(2, 1100, 1030), dtype=np.uint8)
+        dst = tmp_path / "out.tif"
+        blocks = [(r, c) for r in range(0, 1100, 300) for c in range(0, 1030, 250)]
+        rng.shuffle(blocks)
+        with COGWriter(dst, crs=CRS, transform=TRANSFORM, width=1030, height=1100, count=2, dtype="uint8",
+                       nodata=255, compress="lzw", band_descriptions=["a", "b"]) as out:  # fmt: skip
+            for r, c in blocks:
+                h, w = min(300, 1100 - r), min(250, 1030 - c)
+                out.write(data[:, r : r + h, c : c + w], Window(c, r, w, h))
+        with rasterio.open(dst) as cog:
+            np.testing.assert_array_equal(cog.read(), data)
+            assert cog.crs.to_epsg() == 32618 and cog.transform == TRANSFORM
+            assert cog.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert cog.compression.name == "lzw"
+            assert cog.block_shapes[0] == (512, 512)
+            assert cog.overviews(1) == [2, 4]  # down to one 512-px tile
+            assert cog.descriptions == ("a", "b") and cog.nodata == 255
+        assert temporaries(tmp_path) == []
+
+    def test_class_map_metadata(self, tmp_path: Path) -> None:
+        names = ["water", "crop", "tree", "developed"]
+        dst = write_cog(tmp_path / "c.tif", class_map(), crs=CRS, transform=TRANSFORM, nodata=255, class_names=names)
+        with rasterio.open(dst) as cog:
+            assert json.loads(cog.tags()["class_names"]) == names
+            assert cog.tags(1)["CLASS_2"] == "tree"
+            colours = cog.colormap(1)
+            assert all(colours[i] == default_colormap(4)[i] for i in range(4))
+            assert cog.dtypes == ("uint8",)
+
+    def test_float_with_nan_nodata_and_scales(self, tmp_path: Path) -> None:
+        data = np.linspace(0, 50, 40 * 30, dtype=np.float32).reshape(1, 40, 30)
+        data[0, :3] = np.nan
+        dst = write_cog(tmp_path / "h.tif", data, crs=CRS, transform=TRANSFORM, nodata=float("nan"), scales=[0.5])
+        with rasterio.open(dst) as cog:
+            got = cog.read(1)
+            assert np.isnan(cog.nodata) and cog.scales == (0.5,)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(data[0]))
+        np.testing.assert_array_equal(got[3:], data[0, 3:])
+
+    def test_existing_output(self, tmp_path: Path) -> None:
+        dst = tmp_path / "c.tif"
+        dst.write_bytes(b"keep me")
+        with pytest.raises(FileExistsError, match="already exists; pass overwrite=True"):
+            write_cog(dst, class_map(), crs=CRS, transform=TRANSFORM, nodata=255)
+        assert dst.read_bytes() == b"keep me"
+        write_cog(dst, class_map(), crs=CRS, transform=TRANSFORM, nodata=255, overwrite=True)
+        with rasterio.open(dst) as cog:
+            np.testing.assert_array_equal(cog.read(1), class_map())
+
+    def test_error_inside_block_leaves_nothing(self, tmp_path: Path) -> None:
+        dst = tmp_path / "c.tif"
+        with pytest.raises(KeyboardInterrupt):
+            with COGWriter(dst, crs=CRS, transform=TRANSFORM, width=70, height=60, count=1, dtype="uint8", nodata=255) as out:
+                out.write(class_map()[:30], Window(0, 0, 70, 30))
+                raise KeyboardInterrupt  # the user pressed Ctrl-C half-way
+        assert list(tmp_path.iterdir()) == []
+
+    def test_crash_during_conversion(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        dst = tmp_path / "c.tif"
+        write_cog(dst, class_map(), crs=CRS, transform=TRANSFORM, nodata=255)
+        before = dst.read_bytes()
+
+        def broken_copy(src: object, target: object, **kwargs: object) -> None:
+            Path(str(target)).write_bytes(b"partial")
+            raise OSError("simulated crash")
+
+        monkeypatch.setattr(rasterio.shutil, "copy", broken_copy)
+        with pytest.raises(OSError, match="simulated crash"):
+            write_cog(dst, np.zeros((60, 70), np.uint8), crs=CRS, transform=TRANSFORM, nodata=255, overwrite=True)
+        assert dst.read_bytes() == before
+        assert temporaries(tmp_path) == []
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"compress": "jpeg2000"}, "compress must be one of"),
+            ({"count": 2, "class_names": ["a"]}, "needs one uint8/uint16 band"),
+            ({"dtype": "float32", "class_names": ["a"]}, "needs one uint8/uint16 band"),
+            ({"band_descriptions": ["a", "b"]}, "band_descriptions has 2 entries"),
+        ],
+    )
+    def test_bad_options(self, tmp_path: Path, kwargs: dict, match: str) -> None:
+        args = {"crs": CRS, "transform": TRANSFORM, "width": 8, "height": 8, "count": 1, "dtype": "uint8", "nodata": 0}
+        with pytest.raises(ValueError, match=match):
+            COGWriter(tmp_path / "x.tif", **(args | kwargs))
+
+    def test_block_checks(self, tmp_path: Path) -> None:
+        writer = COGWriter(tmp_path / "x.tif", crs=CRS, transform=TRANSFORM, width=8, height=8, count=1, dtype="uint8", nodata=0)
+        with pytest.raises(RuntimeError, match="not open"):
+            writer.write(np.zeros((8, 8), np.uint8), Window(0, 0, 8, 8))
+        with writer as out:
+            with pytest.raises(ValueError, match="does not fit window"):
+                out.write(np.zeros((4, 8), np.uint8), Window(0, 0, 8, 8))
+            out.write(np.ones((8, 8), np.uint8), Window(0, 0, 8, 8))
+
+
+class TestAtomicOutput:
+    def test_success_and_failure(self, tmp_path: Path) -> None:
+        dst = tmp_path / "a.txt"
+        with atomic_output(dst) as tmp:
+            assert tmp.parent == tmp_path and tmp.suffix == ".txt" and tmp.name.startswith(".")
+            tmp.write_text("done")
+            assert not dst.exists()
+        assert dst.read_text() == "done"
+        with pytest.raises(ZeroDivisionError):
+            with atomic_output(dst, overwrite=True) as tmp:
+                tmp.write_text("half")
+                _ = 1 / 0
+        assert dst.read_text() == "done" and temporaries(tmp_path) == []
+
+    def test_missing_folder(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            with atomic_output(tmp_path / "nope" / "a.txt"):
+                pass
+
+
+class TestVectorize:
+    @pytest.fixture
+    def classes(self, tmp_path: Path) -> Path:
+        names = ["water", "crop", "tree", "developed"]
+        return write_cog(tmp_path / "c.tif", class_map(), crs=CRS, transform=TRANSFORM, nodata=255, class_names=names)
+
+    def test_rasterised_polygons_equal_the_raster(self, classes: Path, tmp_path: Path) -> None:
+        frame = vectorize_classes(classes, tmp_path / "p.gpkg")
+        back = gpd.read_file(tmp_path / "p.gpkg", layer="classes")
+        assert back.crs.to_epsg() == 32618 and len(back) == len(frame)
+        assert set(back.columns) >= {"class_id", "class_name", "area", "geometry"}
+        assert dict(zip(back.class_id, back.class_name)) == {0: "water", 1: "crop", 2: "tree", 3: "developed"}
+        burned = rasterize(zip(back.geometry, back.class_id), out_shape=(60, 70), transform=TRANSFORM, fill=255, dtype="uint8")
+        np.testing.assert_array_equal(burned, class_map())
+        np.testing.assert_allclose(back.area, back.geometry.area)
+
+    def test_min_area_drops_small_regions(self, classes: Path, tmp_path: Path) -> None:
+        pixel_area = 300.0 * 300.0
+        everything = vectorize_classes(classes, tmp_path / "all.gpkg")
+        frame = vectorize_classes(classes, tmp_path / "big.gpkg", min_area=2 * pixel_area)
+        assert (frame.area >= 2 * pixel_area).all()
+        assert len(everything) - len(frame) == 2  # exactly the two one-pixel specks
+        assert (everything.area < 2 * pixel_area).sum() == 2
+
+    def test_connectivity_and_errors(self, classes: Path, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+            vectorize_classes(classes, tmp_path / "p.gpkg", connectivity=6)
+        with pytest.raises(ValueError, match="min_area must be >= 0"):
+            vectorize_classes(classes, tmp_path / "p.gpkg", min_area=-1)
+        (tmp_path / "p.gpkg").write_bytes(b"")
+        with pytest.raises(FileExistsError, match="already exists"):
+            vectorize_classes(classes, tmp_path / "p.gpkg")
+
+    def test_nothing_left(self, classes: Path, tmp_path: Path) -> None:
+        frame = vectorize_classes(classes, tmp_path / "p.gpkg", min_area=1e12)
+        assert frame.empty
+        assert gpd.read_file(tmp_path / "p.gpkg").empty
+
+
+class TestQuicklook:
+    def test_over_real_imagery(self, tmp_path: Path) -> None:
+        with rasterio.open(CROP) as src:
+            labels = (src.read(1) // 64).astype(np.uint8)  # 4 brightness classes
+            labels[src.read(1) == 0] = 255
+            crs, transform = src.crs, src.transform
+        classes = write_cog(tmp_path / "c.tif", labels, crs=crs, transform=transform, nodata=255,
+                            class_names=["dark", "dim", "bright", "white"])  # fmt: skip
+        png = write_quicklook(tmp_path / "q.png", classes=classes, image=CROP, max_size=128, title="test")
+        with Image.open(png) as picture:
+            assert picture.format == "PNG" and picture.width > 128 // 2  # picture plus a legend
+            pixels = np.asarray(picture.convert("RGB"))
+        assert pixels.std() > 10  # not a blank canvas
+        assert temporaries(tmp_path) == []
+        with pytest.raises(FileExistsError, match="already exists"):
+            write_quicklook(png, classes=classes)
+
+    def test_grid_mismatch(self, tmp_path: Path) -> None:
+        classes = write_cog(tmp_path / "c.tif", class_map(), crs=CRS, transform=TRANSFORM, nodata=255)
+        with pytest.raises(ValueError, match="is not on the grid"):
+            write_quicklook(tmp_path / "q.png", classes=classes, image=CROP)
+        assert not (tmp_path / "q.png").exists()
