@@ -1,23 +1,38 @@
-
 """GeoTIFF-aware data: archive index, windowed reads, tile samplers, statistics, datasets, datamodules."""
 
-from dinov3_eo.data.datamodule import DenseDataModule, PretrainDataModule, build_normalization
-from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, TileReader, collate_samples
-from dinov3_eo.data.index import BandMismatchError, IndexProblem, RasterArchiveError, RasterIndex, RasterRecord
-from dinov3_eo.data.labels import RasterLabels, VectorLabels
-from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import read_window
-from dinov3_eo.data.sampling import (
-    ChipSampler,
-    GridTileSampler,
-    InterleavedSampler,
-    RandomTileSampler,
-    Tile,
-    TileGrid,
-    TileListSampler,
-    spatial_block_split,
-)
-from dinov3_eo.data.stats import BandStats, compute_band_stats
+import importlib
+from typing import Any
+
+# Lazy exports: importing one submodule (e.g. normalization) must not pull in Lightning.
+_EXPORTS: dict[str, str] = {
+    "BandMismatchError": "dinov3_eo.data.index",
+    "BandStats": "dinov3_eo.data.stats",
+    "ChipFolderDataset": "dinov3_eo.data.datasets",
+    "ChipSampler": "dinov3_eo.data.sampling",
+    "DenseDataModule": "dinov3_eo.data.datamodule",
+    "GridTileSampler": "dinov3_eo.data.sampling",
+    "IndexProblem": "dinov3_eo.data.index",
+    "InterleavedSampler": "dinov3_eo.data.sampling",
+    "MixedDataset": "dinov3_eo.data.datasets",
+    "Normalization": "dinov3_eo.data.normalization",
+    "PretrainDataModule": "dinov3_eo.data.datamodule",
+    "RandomTileSampler": "dinov3_eo.data.sampling",
+    "RasterArchiveError": "dinov3_eo.data.index",
+    "RasterIndex": "dinov3_eo.data.index",
+    "RasterLabels": "dinov3_eo.data.labels",
+    "RasterRecord": "dinov3_eo.data.index",
+    "Tile": "dinov3_eo.data.sampling",
+    "TileDataset": "dinov3_eo.data.datasets",
+    "TileGrid": "dinov3_eo.data.sampling",
+    "TileListSampler": "dinov3_eo.data.sampling",
+    "TileReader": "dinov3_eo.data.datasets",
+    "VectorLabels": "dinov3_eo.data.labels",
+    "build_normalization": "dinov3_eo.data.datamodule",
+    "collate_samples": "dinov3_eo.data.datasets",
+    "compute_band_stats": "dinov3_eo.data.stats",
+    "read_window": "dinov3_eo.data.raster",
+    "spatial_block_split": "dinov3_eo.data.sampling",
+}
 
 __all__ = [
     "BandMismatchError",
@@ -48,3 +63,9 @@ __all__ = [
     "read_window",
     "spatial_block_split",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
