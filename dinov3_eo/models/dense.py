@@ -7,7 +7,8 @@ the head does not read the class token), and returns logits ``[B, K, h', w']``.
 * :class:`LinearHead` is the official linear protocol (segmentation and linear depth probes): Dropout2d(0.1),
   BatchNorm, a 1x1 convolution initialised N(0, 0.01), bilinear upsampling. Given several layers it resizes them
   to the first layer's grid and concatenates them (the "multi-layer linear" head), optionally with the class token
-  broadcast over the grid. Its state-dict keys are the official ones (``batchnorm_layer.*``, ``conv.*``).
+  broadcast over the grid. Its state-dict keys are those of the official depth-eval ``LinearHead``
+  (``batchnorm_layer.*``, ``conv.*``).
 * :class:`DPTHead` is the DPT decoder of the official depth evaluation; :func:`chmv2_head` builds it in the
   configuration of Meta's CHMv2 canopy-height head, whose released checkpoint (68 keys, 33.7 M parameters on a
   ViT-L) loads into it strictly.
@@ -330,7 +331,8 @@ class DPTHead(nn.Module):
         readout: ``"project"`` concatenates the class token and projects (needs (patch, cls) inputs);
             ``"ignore"`` uses patch tokens only.
         reassemble_factors: resampling factor per layer (>1: transposed conv, 1: identity, 1/n: strided conv).
-        use_batchnorm: BatchNorm in the reassemble and residual units (``False`` for CHMv2).
+        use_batchnorm: BatchNorm in the reassemble and residual units (``False`` for CHMv2; only the layout without
+            BatchNorm is checked against a released checkpoint).
         device: where to create the parameters (``"meta"`` for shape-only builds).
     """
 
@@ -393,7 +395,7 @@ class DPTHead(nn.Module):
         return len(self.post_process_channels)
 
     def reset_parameters(self) -> None:
-        """PyTorch default initialisation of every layer (the official head uses the defaults too)."""
+        """PyTorch default initialisation of every layer (the head is trained from scratch or loaded)."""
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
