@@ -31,13 +31,13 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     prototype's row from underflowing to all zeros (which would make the reference divide 0 by 0).
 
     Args:
-        teacher_logits: [B_local, K] teacher head outputs (any float dtype; computed in fp32).
+        teacher_logits: [B_local, K] teacher head outputs (half precision is computed in fp32).
         teacher_temp: teacher temperature (0.04 → 0.07 warm-up in the official recipe).
         n_iterations: Sinkhorn iterations (3 officially).
         group: process group over which the batch is shared (``None``: default group, or none at all).
 
     Returns:
-        [B_local, K] fp32 probabilities, rows summing to 1. No gradient flows through.
+        [B_local, K] probabilities (fp32, or fp64 for fp64 input), rows summing to 1. No gradient flows through.
 
     Raises:
         ValueError: if ``teacher_logits`` is not 2-D or ``teacher_temp`` is not positive.
@@ -46,7 +46,8 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         raise ValueError(f"sinkhorn_knopp: teacher_logits must be [B, K], got shape {tuple(teacher_logits.shape)}.")
     if teacher_temp <= 0:
         raise ValueError(f"sinkhorn_knopp: teacher_temp must be > 0, got {teacher_temp}.")
-    logits = teacher_logits.float()
+    # fp32 at least (bf16/fp16 logits are upcast); fp64 input stays fp64
+    logits = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
     n_local, n_prototypes = logits.shape
     n_total = all_reduce_sum(torch.tensor(float(n_local), device=logits.device), group)
     if n_total.item() == 0:

@@ -1,36 +1,36 @@
-"""SSL training pieces: multi-crop, iBOT masking, schedules and distributed helpers."""
+"""SSL training pieces: multi-crop, iBOT masking, schedules and distributed helpers.
 
-from dinov3_eo.ssl.crops import MultiCrop
-from dinov3_eo.ssl.masking import block_mask, ibot_masks
-from dinov3_eo.ssl.schedules import (
-    apply_optimizer_schedules,
-    backbone_layer_id,
-    build_param_groups,
-    clip_grad_norm_per_module,
-    cosine_schedule,
-    last_layer_lr,
-    linear_warmup_cosine_decay,
-    no_weight_decay,
-    scale_lr_sqrt_wrt_1024,
-    teacher_momentum,
-    teacher_temperature,
-    warmup_constant,
-)
+Names are imported lazily (PEP 562) so that ``dinov3_eo.losses``, which needs only ``ssl.distributed``, does not
+pay for kornia/torchvision on import (it matters in every spawned distributed worker).
+"""
 
-__all__ = [
-    "MultiCrop",
-    "apply_optimizer_schedules",
-    "backbone_layer_id",
-    "block_mask",
-    "build_param_groups",
-    "clip_grad_norm_per_module",
-    "cosine_schedule",
-    "ibot_masks",
-    "last_layer_lr",
-    "linear_warmup_cosine_decay",
-    "no_weight_decay",
-    "scale_lr_sqrt_wrt_1024",
-    "teacher_momentum",
-    "teacher_temperature",
-    "warmup_constant",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "MultiCrop": "dinov3_eo.ssl.crops",
+    "block_mask": "dinov3_eo.ssl.masking",
+    "ibot_masks": "dinov3_eo.ssl.masking",
+    "apply_optimizer_schedules": "dinov3_eo.ssl.schedules",
+    "backbone_layer_id": "dinov3_eo.ssl.schedules",
+    "build_param_groups": "dinov3_eo.ssl.schedules",
+    "clip_grad_norm_per_module": "dinov3_eo.ssl.schedules",
+    "cosine_schedule": "dinov3_eo.ssl.schedules",
+    "last_layer_lr": "dinov3_eo.ssl.schedules",
+    "linear_warmup_cosine_decay": "dinov3_eo.ssl.schedules",
+    "no_weight_decay": "dinov3_eo.ssl.schedules",
+    "scale_lr_sqrt_wrt_1024": "dinov3_eo.ssl.schedules",
+    "teacher_momentum": "dinov3_eo.ssl.schedules",
+    "teacher_temperature": "dinov3_eo.ssl.schedules",
+    "warmup_constant": "dinov3_eo.ssl.schedules",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dinov3_eo.ssl' has no attribute {name!r}")
