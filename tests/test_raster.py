@@ -93,3 +93,138 @@ class TestReadWindow:
     def test_empty_window(self) -> None:
         with rasterio.open(SAMPLE) as src, pytest.raises(ValueError, match="non-empty"):
             read_window(src, Window(0, 0, 0, 8))
+
+
+# --------------------------------------------------------------------------------------------------
+# RasterIndex
+# --------------------------------------------------------------------------------------------------
+import os  # noqa: E402
+
+from dinov3_eo.data.index import BandMismatchError, RasterArchiveError, RasterIndex, expand_sources, resolve_bands  # noqa: E402
+
+EDGE = Path(__file__).resolve().parent / "data" / "rgb_byte_edge.tif"
+
+
+def _write(path: Path, *, count: int = 3, dtype: str = "uint16", crs: str | None = "EPSG:32633", size: int = 64,
+           descriptions: tuple[str, ...] | None = None, nodata: float | None = None) -> Path:
+    rng = np.random.default_rng(abs(hash(path.name)) % 2**32)
+    data = rng.integers(1, 1000, size=(count, size, size)).astype(dtype)
+    transform = from_origin(400000, 5000000, 10, 10) if crs is not None else rasterio.Affine.identity()
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=count, dtype=dtype, crs=crs,
+                       transform=transform, nodata=nodata) as dst:
+        dst.write(data)
+        if descriptions:
+            for i, d in enumerate(descriptions, start=1):
+                dst.set_band_description(i, d)
+    return path
+
+
+class TestRasterIndex:
+    def test_records_match_rasterio(self, tmp_path: Path) -> None:
+        index = RasterIndex.build([SAMPLE, EDGE], cache_dir=tmp_path / "cache")
+        assert len(index) == 2 and not index.problems
+        for rec in index:
+            with rasterio.open(rec.path) as src:
+                assert rec.crs == src.crs and rec.affine == src.transform
+                assert rec.bounds == src.bounds and rec.res == src.res
+                assert (rec.width, rec.height, rec.count) == (src.width, src.height, src.count)
+                assert rec.dtypes == src.dtypes and rec.descriptions == src.descriptions and rec.nodata == src.nodata
+        edge = next(r for r in index if r.path.endswith("rgb_byte_edge.tif"))
+        # the thumbnail sees the declared-nodata collar (~45 % of this window)
+        assert 0.4 < 1 - edge.valid_thumbnail(edge.nodata).mean() < 0.5
+
+    def test_sources_folder_glob_list(self, tmp_path: Path) -> None:
+        for name in ("a.tif", "b.TIFF", "sub/c.tif"):
+            (tmp_path / name).parent.mkdir(exist_ok=True)
+            _write(tmp_path / name)
+        (tmp_path / "notes.txt").write_text("not a raster")
+        assert len(expand_sources(tmp_path)) == 3
+        assert [Path(p).name for p in expand_sources(str(tmp_path / "*.tif"))] == ["a.tif"]
+        assert len(expand_sources([tmp_path / "a.tif", str(tmp_path / "sub" / "*.tif")])) == 2
+        with pytest.raises(FileNotFoundError, match="matched no raster"):
+            expand_sources(str(tmp_path / "*.jp2"))
+        with pytest.raises(FileNotFoundError, match="neither a file"):
+            expand_sources(tmp_path / "missing.tif")
+
+    def test_cache_reused_and_invalidated(self, tmp_path: Path) -> None:
+        a, b = _write(tmp_path / "a.tif"), _write(tmp_path / "b.tif")
+        cache = tmp_path / "cache"
+        first = RasterIndex.build([a, b], cache_dir=cache, workers=2)
+        assert first.cache_hits == 0 and len(list(cache.glob("*.json"))) == 2
+        second = RasterIndex.build([a, b], cache_dir=cache, workers=1)
+        assert second.cache_hits == 2
+        assert [r.to_json() for r in second] == [r.to_json() for r in first]
+        np.testing.assert_array_equal(second[0].thumbnail, first[0].thumbnail)
+        _write(a, count=3, size=32)  # rewritten: new size and mtime
+        os.utime(a, ns=(1, 1))
+        third = RasterIndex.build([a, b], cache_dir=cache)
+        assert third.cache_hits == 1 and third[0].width == 32
+
+    def test_bad_files_summarised_and_excluded(self, tmp_path: Path) -> None:
+        good = _write(tmp_path / "good.tif")
+        plain = _write(tmp_path / "plain.tif", crs=None)
+        garbage = tmp_path / "garbage.tif"
+        garbage.write_bytes(b"II*\x00 this is not a tiff at all" * 10)
+        truncated = tmp_path / "truncated.tif"
+        data = _write(tmp_path / "full.tif", size=256).read_bytes()
+        truncated.write_bytes(data[: len(data) // 3])
+        os.remove(tmp_path / "full.tif")
+        with pytest.warns(UserWarning, match=r"Excluded 3 raster\(s\)") as record:
+            index = RasterIndex.build(tmp_path, cache_dir=None)
+        assert len(record) == 1  # one summary, not one warning per file
+        assert [r.path for r in index] == [str(good)]
+        reasons = {Path(p.path).name: p.reason for p in index.problems}
+        assert set(reasons) == {"plain.tif", "garbage.tif", "truncated.tif"}
+        assert "not georeferenced" in reasons["plain.tif"]
+        assert "unreadable or corrupt" in reasons["garbage.tif"] and "unreadable or corrupt" in reasons["truncated.tif"]
+        with pytest.raises(RasterArchiveError, match=r"3 raster\(s\) cannot be used:\n.*garbage.tif"):
+            RasterIndex.build(tmp_path, cache_dir=None, strict=True)
+        with pytest.raises(RasterArchiveError, match="no usable raster"):
+            RasterIndex.build([plain], cache_dir=None)
+
+    def test_band_mismatch_needs_selection(self, tmp_path: Path) -> None:
+        three = _write(tmp_path / "three.tif", count=3, descriptions=("blue", "green", "red"))
+        one = _write(tmp_path / "one.tif", count=1, descriptions=("red",))
+        with pytest.raises(BandMismatchError, match=r"different band counts \[1, 3\].*pass bands="):
+            RasterIndex.build([three, one], cache_dir=None)
+        by_index = RasterIndex.build([three, one], bands=[1], cache_dir=None)
+        assert by_index.band_indexes == [[1], [1]]
+        by_name = RasterIndex.build([three, one], bands=["Red"], cache_dir=None)
+        assert by_name.band_indexes == [[1], [3]] and by_name.band_names == ["red"]
+        with pytest.warns(UserWarning, match=r"one.tif: band selection \[3\]"):
+            only_three = RasterIndex.build([three, one], bands=[3], cache_dir=None)
+        assert len(only_three) == 1
+
+    def test_resolve_bands_errors(self, tmp_path: Path) -> None:
+        rec = RasterIndex.build(_write(tmp_path / "x.tif", descriptions=("b", "g", "r")), cache_dir=None)[0]
+        assert resolve_bands(rec, ["r", 1]) == [3, 1]
+        with pytest.raises(KeyError, match="'nir' is not among"):
+            resolve_bands(rec, ["nir"])
+        with pytest.raises(IndexError, match=r"outside \[1, 3\]"):
+            resolve_bands(rec, [0])
+        with pytest.raises(TypeError, match="1-based ints or band names"):
+            resolve_bands(rec, [1.5])
+
+    def test_parallel_equals_serial(self, tmp_path: Path) -> None:
+        paths = [_write(tmp_path / f"t{i}.tif") for i in range(6)]
+        serial = RasterIndex.build(paths, workers=1, cache_dir=None)
+        parallel = RasterIndex.build(paths, workers=4, cache_dir=None)
+        assert [r.to_json() for r in serial] == [r.to_json() for r in parallel]
+
+    def test_from_torchgeo(self, tmp_path: Path) -> None:
+        from torchgeo.datasets import RasterDataset
+
+        class Sample(RasterDataset):
+            filename_glob = "landsat8_*.tif"
+            all_bands = ("B2", "B3", "B4")
+
+        ds = Sample(paths=str(SAMPLE.parent), bands=["B4", "B2"])
+        index = RasterIndex.from_torchgeo(ds, cache_dir=None)
+        assert [r.path for r in index] == [str(SAMPLE)] and index.band_indexes == [[3, 1]]
+        with pytest.raises(TypeError, match="expects a torchgeo RasterDataset"):
+            RasterIndex.from_torchgeo(object(), cache_dir=None)
+
+    def test_reexported_from_raster_module(self) -> None:
+        from dinov3_eo.data import raster
+
+        assert raster.RasterIndex is RasterIndex
