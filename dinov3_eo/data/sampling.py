@@ -139,13 +139,13 @@ class TileGrid:
 
     def tile_transform(self, tile: Tile) -> Affine:
         """Affine transform of the tile's pixels (the grid's transform shifted to the tile)."""
-        return self.grids[tile.file].transform * Affine.translation(tile.col, tile.row)
+        return self.grids[tile.file].transform @ Affine.translation(tile.col, tile.row)
 
     def tile_bounds(self, tile: Tile) -> BoundingBox:
         """(left, bottom, right, top) of the tile in the grid's CRS."""
         t = self.tile_transform(tile)
-        left, top = t * (0, 0)
-        right, bottom = t * (tile.size, tile.size)
+        left, top = t @ (0, 0)
+        right, bottom = t @ (tile.size, tile.size)
         return BoundingBox(min(left, right), min(bottom, top), max(left, right), max(bottom, top))
 
     def native_window(self, tile: Tile) -> Window:
