@@ -226,18 +226,19 @@ def apply_optimizer_schedules(
         group["weight_decay"] = weight_decay * group.get("wd_multiplier", 1.0)
 
 
-def clip_grad_norm_per_module(modules: Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]],
-                              max_norm: float) -> dict[str, Tensor]:
+def clip_grad_norm_per_module(
+    modules: nn.ModuleDict | Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]], max_norm: float
+) -> dict[str, Tensor]:
     """Clip each sub-module's gradients separately (official: backbone, dino_head, ibot_head at 3.0; 7B 30.0).
 
     Args:
-        modules: name → module (e.g. ``student.items()`` of the ``ModuleDict``).
+        modules: the student ``ModuleDict``, a name → module mapping, or (name, module) pairs.
         max_norm: maximum total L2 norm per module.
 
     Returns:
         name → total gradient norm before clipping (for logging).
     """
-    items = modules.items() if isinstance(modules, Mapping) else modules
+    items = modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules
     norms = {}
     for name, module in items:
         params = [p for p in module.parameters() if p.grad is not None]
