@@ -134,7 +134,8 @@ class TestDenseTextAlignmentLoss:
         assert patch.grad is not None
 
     def test_bad_shapes(self) -> None:
+        labels = torch.zeros(1, 2, 2, dtype=torch.long)
         with pytest.raises(ValueError, match="class_text_emb"):
-            dense_text_alignment_loss(torch.randn(1, 4, 2, 2), torch.randn(3, 5), torch.zeros(1, 2, 2, dtype=torch.long), 1.0)
+            dense_text_alignment_loss(torch.randn(1, 4, 2, 2), torch.randn(3, 5), labels, 1.0)
         with pytest.raises(ValueError, match="labels must be"):
-            dense_text_alignment_loss(torch.randn(1, 4, 2, 2), torch.randn(3, 4), torch.zeros(2, 2, 2, dtype=torch.long), 1.0)
+            dense_text_alignment_loss(torch.randn(1, 4, 2, 2), torch.randn(3, 4), labels.repeat(2, 1, 1), 1.0)

@@ -62,7 +62,9 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) 
     return -(2 * sim.diagonal() - lse_rows - lse_cols).mean() / 2
 
 
-def labels_to_patch_grid(labels: Tensor, grid: tuple[int, int], *, num_classes: int, ignore_index: int = 255) -> Tensor:
+def labels_to_patch_grid(
+    labels: Tensor, grid: tuple[int, int], *, num_classes: int, ignore_index: int = 255
+) -> Tensor:
     """Bring per-pixel labels down to the patch grid.
 
     When the label size is an integer multiple of the grid (the usual case: patch size 16) each patch gets the
@@ -96,7 +98,7 @@ def labels_to_patch_grid(labels: Tensor, grid: tuple[int, int], *, num_classes: 
         idx = F.interpolate(labels[:, None].float(), size=(h, w), mode="nearest")  # [B, 1, h, w]
         return idx[:, 0].long()
     ph, pw = height // h, width // w
-    # Votes are scattered into [B, h·w·K] bins rather than one-hot encoded, so memory stays O(B·H·W), not O(B·H·W·K).
+    # Votes are scattered into [B, h·w·K] bins, not one-hot encoded: memory O(B·H·W) rather than O(B·H·W·K).
     rows = torch.arange(height, device=labels.device) // ph  # [H]
     cols = torch.arange(width, device=labels.device) // pw  # [W]
     cell = (rows[:, None] * w + cols[None, :]).expand(b, height, width)  # [B, H, W]
@@ -143,7 +145,8 @@ def dense_text_alignment_loss(
         )
     if labels.ndim != 3 or labels.shape[0] != patch_emb.shape[0]:
         raise ValueError(
-            f"dense_text_alignment_loss: labels must be [B, H, W] with B={patch_emb.shape[0]}, got {tuple(labels.shape)}."
+            f"dense_text_alignment_loss: labels must be [B, H, W] with B={patch_emb.shape[0]}, "
+            f"got {tuple(labels.shape)}."
         )
     num_classes = class_text_emb.shape[0]
     target = labels_to_patch_grid(
