@@ -1,0 +1,224 @@
+"""Tile and chip datasets, labels on the tile grid, pickling and DataLoader workers."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+from rasterio.enums import Resampling
+from rasterio.features import rasterize
+from rasterio.transform import from_origin
+from rasterio.vrt import WarpedVRT
+from torch.utils.data import DataLoader
+
+from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
+from dinov3_eo.data.index import RasterIndex
+from dinov3_eo.data.labels import RasterLabels, VectorLabels
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.sampling import GridTileSampler, RandomTileSampler, Tile, TileGrid
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+POLYGONS = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_polygons.gpkg"
+NC = ROOT.parent / "shared" / "data" / "nc_landsat7"
+NORM = Normalization.zscore([7800, 7300, 6600], [200, 330, 620])
+
+
+@pytest.fixture(scope="module")
+def grid() -> TileGrid:
+    return TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=128)
+
+
+class TestTileDataset:
+    def test_sample_contract(self, grid: TileGrid) -> None:
+        ds = TileDataset(grid=grid, nodata=0, normalization=NORM)
+        tile = Tile(0, 0, 320, 128)  # top-right: part of the 0-valued collar
+        s = ds[tile]
+        assert s["image"].dtype == torch.float32 and s["image"].shape == (3, 128, 128)
+        assert s["valid"].dtype == torch.bool and s["valid"].shape == (128, 128)
+        with rasterio.open(SAMPLE) as src:
+            raw = src.read(window=tile.window)
+            assert s["crs"] == src.crs and s["transform"] == src.window_transform(tile.window)
+            assert tuple(s["bounds"]) == pytest.approx(tuple(rasterio.windows.bounds(tile.window, src.transform)))
+        valid = (raw != 0).all(axis=0)
+        assert 0 < valid.mean() < 1
+        np.testing.assert_array_equal(s["valid"].numpy(), valid)
+        expected = NORM(torch.from_numpy(raw.astype(np.float32)))
+        torch.testing.assert_close(s["image"][:, s["valid"]], expected[:, s["valid"]])
+        assert (s["image"][:, ~s["valid"]] == 0).all()
+        assert s["path"] == str(SAMPLE)
+
+    def test_nodata_override_flows_into_valid(self, grid: TileGrid) -> None:
+        tile = Tile(0, 0, 320, 128)
+        assert TileDataset(grid=grid)[tile]["valid"].all()  # nothing declared: the collar looks like data
+        assert not TileDataset(grid=grid, nodata=0)[tile]["valid"].all()
+
+    def test_scale_offset_before_normalisation(self, grid: TileGrid) -> None:
+        tile = Tile(0, 500, 100, 128)
+        raw = TileDataset(grid=grid)[tile]["image"]
+        scaled = TileDataset(grid=grid, scale=2.0e-5, offset=[-0.1, -0.1, -0.2])[tile]["image"]
+        torch.testing.assert_close(scaled, raw * 2.0e-5 + torch.tensor([-0.1, -0.1, -0.2]).view(3, 1, 1))
+        with pytest.raises(ValueError, match=r"offset must be one number or one per band \(3\)"):
+            TileDataset(grid=grid, offset=[1.0, 2.0])
+        with pytest.raises(ValueError, match="has 1 bands, the archive selection 3"):
+            TileDataset(grid=grid, normalization=Normalization.zscore([0.0], [1.0]))
+
+    def test_warped_tile_equals_warpedvrt_read(self) -> None:
+        grid = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=3840, units="metres", gsd=60, crs="EPSG:3857")
+        ds = TileDataset(grid=grid, nodata=0)
+        tile = Tile(0, 100, 40, grid.tile_px)
+        s = ds[tile]
+        g = grid.grids[0]
+        with rasterio.open(SAMPLE) as src, WarpedVRT(src, crs=g.crs, transform=g.transform, width=g.width, height=g.height,
+                                                     resampling=Resampling.bilinear, src_nodata=0, nodata=0) as vrt:
+            ref = vrt.read(window=tile.window)
+            assert s["transform"] == vrt.window_transform(tile.window)
+        np.testing.assert_array_equal(s["image"].numpy(), ref.astype(np.float32) * s["valid"].numpy())
+        assert s["crs"] == g.crs and s["image"].shape == (3, 64, 64)
+
+    def test_read_errors_name_the_tile(self, tmp_path: Path) -> None:
+        path = tmp_path / "gone.tif"
+        path.write_bytes(SAMPLE.read_bytes())
+        grid = TileGrid(index=RasterIndex.build(path, cache_dir=None), tile_size=32)
+        ds = TileDataset(grid=grid)
+        path.unlink()
+        with pytest.raises(RuntimeError, match=r"Reading Tile\(file=0, row=0, col=0, size=32\) of .*gone.tif failed"):
+            ds[Tile(0, 0, 0, 32)]
+        with pytest.raises(TypeError, match="indexed by Tile"):
+            ds[0]
+
+    def test_pickle_and_workers_match_serial(self, grid: TileGrid) -> None:
+        ds = TileDataset(grid=grid, nodata=0, normalization=NORM)
+        ds[Tile(0, 0, 0, 128)]  # opens a handle that must not travel
+        clone = pickle.loads(pickle.dumps(ds))
+        assert not clone.reader._handles
+        sampler = RandomTileSampler(grid=grid, length=8, seed=1, rank=0, world_size=1)
+        serial = collate_samples([ds[t] for t in sampler])
+        loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate_samples)
+        batches = list(loader)
+        torch.testing.assert_close(torch.cat([b["image"] for b in batches]), serial["image"])
+        assert [p for b in batches for p in b["bounds"]] == serial["bounds"]
+
+
+class TestLabels:
+    def test_vector_labels_match_independent_rasterisation(self, grid: TileGrid) -> None:
+        labels = VectorLabels(path=POLYGONS, attribute="name")
+        assert labels.classes == {"crop": 0, "developed": 1, "tree": 2, "water": 3}
+        gdf = gpd.read_file(POLYGONS)
+        with rasterio.open(SAMPLE) as src:
+            full = rasterize(((g, labels.classes[n]) for g, n in zip(gdf.geometry, gdf["name"])), out_shape=src.shape,
+                             transform=src.transform, fill=255, dtype="int64")
+        ds = TileDataset(grid=grid, nodata=0, labels=labels)
+        seen = set()
+        for tile in GridTileSampler(grid=grid, stride=128):
+            mask = ds[tile]["mask"].numpy()
+            ref = np.full((128, 128), 255)
+            part = full[tile.row : tile.row + 128, tile.col : tile.col + 128]
+            ref[: part.shape[0], : part.shape[1]] = part
+            np.testing.assert_array_equal(mask, ref)
+            seen |= set(np.unique(mask).tolist())
+        assert seen == {0, 1, 2, 3, 255}
+        assert pickle.loads(pickle.dumps(labels)).classes == labels.classes
+
+    def test_vector_background_and_unknown_classes(self) -> None:
+        with pytest.raises(ValueError, match=r"values \['water'\] of 'name' are missing"):
+            VectorLabels(path=POLYGONS, classes={"crop": 0, "tree": 1, "developed": 2})
+        with pytest.raises(KeyError, match="no attribute 'kind'"):
+            VectorLabels(path=POLYGONS, attribute="kind")
+        labels = VectorLabels(path=POLYGONS, background=4)
+        with rasterio.open(SAMPLE) as src:
+            out = labels.sample(crs=src.crs, transform=src.transform, shape=(64, 64))["mask"]
+        assert (out == 4).all()  # no polygon in the top-left corner
+
+    def test_raster_labels_in_another_crs_and_resolution(self, tmp_path: Path) -> None:
+        # Labels: 4 quadrant classes on a 60 m grid in EPSG:32621, written in EPSG:4326 after warping.
+        with rasterio.open(SAMPLE) as src:
+            left, bottom, right, top = src.bounds
+            crs = src.crs
+        coarse = np.zeros((464, 224), dtype="uint8")
+        coarse[:232, 112:] = 1
+        coarse[232:, :112] = 2
+        coarse[232:, 112:] = 3
+        coarse[:10] = 99  # label nodata
+        utm = tmp_path / "labels_utm.tif"
+        with rasterio.open(utm, "w", driver="GTiff", width=224, height=464, count=1, dtype="uint8", crs=crs,
+                           transform=from_origin(left, top, 60, 60), nodata=99) as dst:
+            dst.write(coarse[None])
+        ds = TileDataset(grid=TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=128), nodata=0,
+                         labels=RasterLabels(path=utm))
+        for tile, expected in [(Tile(0, 600, 0, 128), 2), (Tile(0, 100, 300, 128), 1), (Tile(0, 700, 300, 128), 3)]:
+            assert (ds[tile]["mask"] == expected).all()
+        top_tile = ds[Tile(0, 0, 0, 128)]["mask"]
+        assert (top_tile[:20] == 255).all() and (top_tile[20:] == 0).all()  # 10 label px at 60 m = 20 image px
+        with pytest.raises(ValueError, match="must be resampled with 'nearest'"):
+            RasterLabels(path=utm, resampling="bilinear")
+
+    def test_regression_target_nan_where_invalid(self, tmp_path: Path) -> None:
+        path = tmp_path / "height.tif"
+        with rasterio.open(SAMPLE) as src:
+            profile = src.profile | {"count": 1, "dtype": "float32", "nodata": -9999.0}
+            heights = np.full((1, src.height, src.width), 12.5, dtype="float32")
+        heights[0, 500:510, 100:110] = -9999.0
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(heights)
+        grid = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=64)
+        ds = TileDataset(grid=grid, nodata=0, labels=RasterLabels(path=path, task="regression"))
+        target = ds[Tile(0, 480, 96, 64)]["target"]
+        assert target.dtype == torch.float32
+        assert torch.isnan(target[20:30, 4:14]).all() and (target[:20] == 12.5).all()
+        collar = ds[Tile(0, 0, 384, 64)]
+        assert torch.isnan(collar["target"][~collar["valid"]]).all()
+
+    @pytest.mark.skipif(not (NC / "strata.tif").exists(), reason="GPL NC Landsat pair lives only in ../shared/data")
+    def test_nc_landsat_pair_lines_up_pixel_for_pixel(self) -> None:
+        # imagery EPSG:32119, labels EPSG:3358: same grid, different CRS definitions
+        grid = TileGrid(index=RasterIndex.build(NC / "landsat_multiband.tif", cache_dir=None), tile_size=128)
+        ds = TileDataset(grid=grid, labels=RasterLabels(path=NC / "strata.tif"))
+        with rasterio.open(NC / "strata.tif") as lab, rasterio.open(NC / "landsat_multiband.tif") as img:
+            assert lab.crs.to_wkt() != img.crs.to_wkt()  # different definitions (EPSG:3358 vs a custom NAD83 LCC)
+            strata = lab.read(1)
+        mismatches = 0
+        for tile in GridTileSampler(grid=grid, stride=100):
+            s = ds[tile]
+            ref = np.full((128, 128), 255)
+            part = strata[tile.row : tile.row + 128, tile.col : tile.col + 128]
+            ref[: part.shape[0], : part.shape[1]] = np.where(part == -99999, 255, part)
+            ref[~s["valid"].numpy()] = 255
+            mismatches += int((s["mask"].numpy() != ref).sum())
+        assert mismatches == 0
+
+
+class TestChips:
+    @pytest.fixture()
+    def chips(self, tmp_path: Path) -> Path:
+        rng = np.random.default_rng(0)
+        for cls in ("Forest", "River"):
+            (tmp_path / cls).mkdir()
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / cls / f"{cls}_{i}.jpg")
+        return tmp_path
+
+    def test_chip_samples(self, chips: Path) -> None:
+        ds = ChipFolderDataset(chips=str(chips / "*" / "*.jpg"))
+        assert len(ds) == 6
+        s = ds[0]
+        ref = np.asarray(Image.open(ds.paths[0]).convert("RGB")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(s["image"].numpy(), ref.astype(np.float32))
+        assert s["valid"].all() and s["bounds"] is None and s["crs"] is None
+        resized = ChipFolderDataset(chips=chips, size=128, normalization=Normalization.preset("sat493m"))[0]
+        assert resized["image"].shape == (3, 128, 128)
+        with pytest.raises(FileNotFoundError, match="matched no image files"):
+            ChipFolderDataset(chips=str(chips / "*.png"))
+
+    def test_mixed_dataset_dispatch(self, chips: Path, grid: TileGrid) -> None:
+        mixed = MixedDataset(tiles=TileDataset(grid=grid), chips=ChipFolderDataset(chips=chips, size=128))
+        batch = collate_samples([mixed[Tile(0, 0, 0, 128)], mixed[2]])
+        assert batch["image"].shape == (2, 3, 128, 128) and batch["crs"][1] is None
+        with pytest.raises(TypeError, match="no chip dataset"):
+            MixedDataset(tiles=TileDataset(grid=grid))[0]
