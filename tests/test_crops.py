@@ -1,0 +1,180 @@
+"""Multi-crop: shapes and layout, exact geometry (coordinate ramps), Gram crops on the same ground, nodata
+avoidance, photometric rules per band count, determinism."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinov3_eo.ssl.crops import MultiCrop
+
+NO_PHOTOMETRY = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, blur_probs=(0.0, 0.0, 0.0))
+
+
+def coordinate_ramp(batch: int, height: int, width: int) -> torch.Tensor:
+    """Channel 0 = x of the pixel centre, channel 1 = y, channel 2 = image index: [B, 3, H, W]."""
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    ramp = torch.stack([xs, ys, torch.zeros_like(xs)])[None].repeat(batch, 1, 1, 1)
+    ramp[:, 2] = torch.arange(batch, dtype=torch.float32)[:, None, None]
+    return ramp
+
+
+def expected_centres(boxes: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and y of the output pixel centres for [n, 4] boxes: [n, size, size] each."""
+    t = (torch.arange(size) + 0.5) / size
+    x = boxes[:, 0, None] + t[None] * (boxes[:, 2] - boxes[:, 0])[:, None]  # [n, size]
+    y = boxes[:, 1, None] + t[None] * (boxes[:, 3] - boxes[:, 1])[:, None]
+    return x[:, None, :].expand(-1, size, -1), y[:, :, None].expand(-1, -1, size)
+
+
+def interior(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Boxes at least one pixel away from the image border, where bilinear sampling of a ramp is exact."""
+    return (boxes[:, 0] >= 1) & (boxes[:, 1] >= 1) & (boxes[:, 2] <= width - 1) & (boxes[:, 3] <= height - 1)
+
+
+def test_shapes_layout_and_boxes() -> None:
+    crop = MultiCrop(global_size=32, local_size=16, n_local_crops=3, gram_teacher_size=64)
+    out = crop(torch.randn(4, 5, 70, 90), generator=torch.Generator().manual_seed(0))
+    assert out["global_crops"].shape == (8, 5, 32, 32) and out["local_crops"].shape == (12, 5, 16, 16)
+    assert out["gram_crops"].shape == (8, 5, 64, 64) and out["gram_valid"].shape == (8, 64, 64)
+    assert out["global_boxes"].shape == (8, 4) and out["local_flips"].shape == (12, 2)
+    for key, scale in (("global_boxes", (0.32, 1.0)), ("local_boxes", (0.05, 0.32))):
+        b = out[key]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= 90).all() and (b[:, 3] <= 70).all()
+        area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) / (70 * 90)
+        assert (area > scale[0] * 0.9).all() and (area < scale[1] * 1.1).all()  # rounding to whole pixels
+        aspect = (b[:, 2] - b[:, 0]) / (b[:, 3] - b[:, 1])
+        assert (aspect > 0.7).all() and (aspect < 1.45).all()
+
+
+def test_crops_are_crop_major_and_cover_their_boxes() -> None:
+    crop = MultiCrop(global_size=24, local_size=12, n_local_crops=2, horizontal_flip_prob=0.0, **NO_PHOTOMETRY)
+    image = coordinate_ramp(3, 64, 80)
+    out = crop(image, generator=torch.Generator().manual_seed(1))
+    for kind, size in (("global", 24), ("local", 12)):
+        crops, boxes = out[f"{kind}_crops"], out[f"{kind}_boxes"]
+        n_crops = crops.shape[0] // 3
+        torch.testing.assert_close(crops[:, 2, 0, 0], torch.arange(3.0).repeat(n_crops))  # image b at row k·B + b
+        x, y = expected_centres(boxes, size)
+        ok = interior(boxes, 64, 80)
+        torch.testing.assert_close(crops[ok, 0], x[ok], atol=1e-3, rtol=0)
+        torch.testing.assert_close(crops[ok, 1], y[ok], atol=1e-3, rtol=0)
+        # at the border, bilinear clamping moves samples by at most half a pixel
+        assert (crops[:, 0] - x).abs().max() <= 0.5 + 1e-4 and (crops[:, 1] - y).abs().max() <= 0.5 + 1e-4
+
+
+def test_gram_crop_covers_the_same_ground_as_the_global_crop() -> None:
+    crop = MultiCrop(global_size=16, local_size=8, n_local_crops=1, gram_teacher_size=32, horizontal_flip_prob=0.5,
+                     vertical_flip_prob=0.5, **NO_PHOTOMETRY)
+    out = crop(coordinate_ramp(4, 96, 96), generator=torch.Generator().manual_seed(2))
+    globals_, gram = out["global_crops"], out["gram_crops"]
+    ok = interior(out["global_boxes"], 96, 96)
+    assert ok.sum() >= 2 and out["global_flips"].any()
+    # a 2x finer rendering of the same box, area-averaged back, is the global crop (flips included)
+    torch.testing.assert_close(F.avg_pool2d(gram[ok], 2), globals_[ok], atol=1e-3, rtol=0)
+    # and the corner pixel centres sit where the box says
+    x, y = expected_centres(out["global_boxes"], 32)
+    unflipped = ok & ~out["global_flips"].any(1)
+    torch.testing.assert_close(gram[unflipped, 0], x[unflipped], atol=1e-3, rtol=0)
+
+
+def test_render_against_slicing_and_area_pooling() -> None:
+    image = torch.randn(2, 3, 40, 40)
+    boxes = torch.tensor([[4.0, 6.0, 20.0, 22.0], [8.0, 0.0, 40.0, 32.0]])  # image 0: 16 px box; image 1: 32 px
+    rendered = MultiCrop.render(image, boxes, 1, 16)
+    torch.testing.assert_close(rendered[0], image[0, :, 6:22, 4:20])  # 16 px -> 16 px: an exact copy
+    expected = F.avg_pool2d(image[1:2, :, 0:32, 8:40], 2)[0]  # 32 px -> 16 px: 2x2 area averages
+    torch.testing.assert_close(rendered[1], expected, atol=1e-5, rtol=0)
+
+
+def test_nodata_is_avoided() -> None:
+    valid = torch.ones(8, 64, 64, dtype=torch.bool)
+    valid[:, :, :40] = False  # left 62 % is nodata
+    image = torch.randn(8, 4, 64, 64) * valid[:, None]
+
+    def valid_fraction(boxes: torch.Tensor) -> torch.Tensor:
+        return torch.stack([valid[i % 8, int(b[1]) : int(b[3]), int(b[0]) : int(b[2])].float().mean()
+                            for i, b in enumerate(boxes)])
+
+    careful = MultiCrop(global_size=16, local_size=8, n_local_crops=4, min_valid_fraction=0.5, max_tries=30)
+    out = careful(image, valid, generator=torch.Generator().manual_seed(3))
+    assert (valid_fraction(out["local_boxes"]) >= 0.5).all()
+    # global crops (≥ 32 % of the image) cannot always reach 50 %: they take the most valid candidate
+    careless = MultiCrop(global_size=16, local_size=8, n_local_crops=4, min_valid_fraction=0.0)
+    base = careless(image, valid, generator=torch.Generator().manual_seed(3))
+    assert valid_fraction(out["global_boxes"]).mean() > valid_fraction(base["global_boxes"]).mean()
+    assert (valid_fraction(base["local_boxes"]) < 0.5).any()
+    # invalid pixels stay exactly 0 through the photometric changes, and are reported
+    for kind in ("global", "local"):
+        assert (out[f"{kind}_crops"].abs().sum(1)[~out[f"{kind}_valid"]] == 0).all()
+
+
+def test_photometric_rules_by_band_count() -> None:
+    gen_seed = 4
+    rgb = MultiCrop(global_size=16, local_size=8, n_local_crops=2, jitter_prob=0.0, grayscale_prob=1.0,
+                    solarize_prob=1.0, blur_probs=(0.0, 0.0, 0.0))
+    out = rgb(torch.randn(3, 3, 48, 48), generator=torch.Generator().manual_seed(gen_seed))
+    crops = out["global_crops"]
+    torch.testing.assert_close(crops[:, 0], crops[:, 1])  # grayscale for RGB
+    assert (crops[3:] <= 0).all() and (crops[:3] > 0).any()  # solarisation only on global crop 2
+    multispectral = MultiCrop(global_size=16, local_size=8, n_local_crops=2, jitter_prob=0.0, grayscale_prob=1.0,
+                              solarize_prob=1.0, blur_probs=(0.0, 0.0, 0.0))
+    ms = multispectral(torch.randn(3, 6, 48, 48), generator=torch.Generator().manual_seed(gen_seed))
+    assert not torch.allclose(ms["global_crops"][:, 0], ms["global_crops"][:, 1]) and (ms["global_crops"] > 0).any()
+
+
+def test_blur_probabilities_follow_the_trained_behaviour() -> None:
+    image = torch.randn(6, 4, 48, 48)
+    kwargs = dict(global_size=24, local_size=12, n_local_crops=1, jitter_prob=0.0, horizontal_flip_prob=0.0,
+                  blur_sigma=(1.5, 2.0))
+    sharp = MultiCrop(**kwargs, blur_probs=(0.0, 0.0, 0.0))(image, generator=torch.Generator().manual_seed(5))
+    blurred = MultiCrop(**kwargs, blur_probs=(0.0, 1.0, 1.0))(image, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(blurred["global_crops"][:6], sharp["global_crops"][:6])  # global 1 never blurred
+
+    def roughness(x: torch.Tensor) -> torch.Tensor:
+        return (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    assert (roughness(blurred["global_crops"][6:]) < roughness(sharp["global_crops"][6:])).all()
+    assert (roughness(blurred["local_crops"]) < roughness(sharp["local_crops"])).all()
+    assert MultiCrop().blur_probs == (0.0, 0.9, 0.5)
+
+
+def test_jitter_changes_bands_independently() -> None:
+    image = torch.randn(4, 5, 32, 32)
+    crop = MultiCrop(global_size=32, local_size=8, n_local_crops=0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                     horizontal_flip_prob=0.0, jitter_prob=1.0, brightness=0.4, contrast=0.4, grayscale_prob=0.0,
+                     solarize_prob=0.0, blur_probs=(0.0, 0.0, 0.0))
+    out = crop(image, generator=torch.Generator().manual_seed(6))
+    assert out["local_crops"].shape == (0, 5, 8, 8)
+    source = image.repeat(2, 1, 1, 1)
+    # each band is an affine map of the source band: z' = a·z + c with a in [0.6, 1.4]
+    z, zj = source.flatten(2), out["global_crops"].flatten(2)
+    zc, zjc = z - z.mean(-1, keepdim=True), zj - zj.mean(-1, keepdim=True)
+    slope = (zc * zjc).sum(-1) / (zc * zc).sum(-1)  # [8, 5]
+    torch.testing.assert_close(zjc, slope[..., None] * zc, atol=1e-4, rtol=0)
+    assert ((slope >= 0.6 - 1e-5) & (slope <= 1.4 + 1e-5)).all() and slope.std(dim=1).min() > 0.01
+
+
+def test_deterministic_with_generator_and_picklable() -> None:
+    crop = MultiCrop(global_size=16, local_size=8, n_local_crops=2)
+    image = torch.randn(2, 3, 40, 40)
+    a = crop(image, generator=torch.Generator().manual_seed(7))
+    b = pickle.loads(pickle.dumps(crop))(image, generator=torch.Generator().manual_seed(7))
+    c = crop(image, generator=torch.Generator().manual_seed(8))
+    for key in a:
+        assert torch.equal(a[key], b[key])
+    assert not torch.equal(a["global_boxes"], c["global_boxes"])
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="global_scale must be a range"):
+        MultiCrop(global_scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match=r"blur_probs\[1\] must be in \[0, 1\]"):
+        MultiCrop(blur_probs=(0.0, 1.5, 0.5))
+    with pytest.raises(ValueError, match="images must be a float"):
+        MultiCrop()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="valid must be"):
+        MultiCrop()(torch.zeros(2, 3, 8, 8), torch.ones(2, 8, 9, dtype=torch.bool))
