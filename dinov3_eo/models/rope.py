@@ -1,0 +1,150 @@
+"""Axial 2-D rotary position embedding (RoPE) of the DINOv3 ViT.
+
+The embedding has no learnable weights. For a grid of ``H x W`` patches each patch gets the
+coordinates of its centre, ``(i + 0.5) / H`` and ``(j + 0.5) / W``, mapped to ``[-1, 1]`` per axis.
+With ``D`` the attention head dimension and ``periods[k] = base ** (4k / D)`` (``k < D/4``), the
+rotation angles are ``2 pi * coord / period`` for the row coordinate (first ``D/4`` values) then the
+column coordinate (next ``D/4``); that ``D/2`` vector is tiled twice to ``D`` and used in the
+half-split convention ``x * cos + rotate_half(x) * sin`` with ``rotate_half([a, b]) = [-b, a]``.
+
+``periods`` is a *persistent* buffer, as in the official checkpoints (so they load strictly and a
+checkpoint's stored periods win over recomputed ones); timm keeps it non-persistent instead.
+
+During training only, coordinates may be augmented: ``shift`` adds ``U(-s, s)`` per axis, ``jitter``
+multiplies each axis by its own log-uniform factor in ``[1/j, j]``, ``rescale`` multiplies both axes by
+one log-uniform factor in ``[1/r, r]`` (``r = 2`` for every released model). In eval mode the embedding
+is deterministic. Everything is computed in float32; :func:`rope_apply` casts back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """Half-split rotation ``[a, b] -> [-b, a]`` on the last dimension (..., D) -> (..., D)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+def rope_apply(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Rotate ``x`` (..., N, D) by angles given as ``sin``/``cos`` broadcastable to it (e.g. (N, D)).
+
+    The rotation runs in the dtype of ``sin`` (float32) and the result is cast back to ``x.dtype``.
+    """
+    dtype = x.dtype
+    x = x.to(sin.dtype)
+    return (x * cos + rotate_half(x) * sin).to(dtype)
+
+
+def rope_tables_for_fast_apply(sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
+    """(sin, cos) (..., D) -> (signed_sin, cos) for :func:`rope_apply_fast`: sin with its first half negated."""
+    s1, s2 = sin.chunk(2, dim=-1)
+    return torch.cat((-s1, s2), dim=-1), cos
+
+
+def rope_apply_fast(x: Tensor, signed_sin: Tensor, cos: Tensor) -> Tensor:
+    """Same rotation as :func:`rope_apply` with the sign folded into the table, saving a pass over ``x``.
+
+    ``rotate_half(x) * sin == swap_halves(x) * signed_sin`` where ``swap_halves([a, b]) = [b, a]``.
+    """
+    dtype = x.dtype
+    x = x.to(cos.dtype)
+    a, b = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((b, a), dim=-1), signed_sin).to(dtype)
+
+
+def patch_centre_coords(H: int, W: int, *, device: torch.device | None = None) -> Tensor:
+    """Patch-centre coordinates of an ``H x W`` grid in [-1, 1], row-major: (H*W, 2) as (row, col)."""
+    rows = (torch.arange(H, device=device, dtype=torch.float32) + 0.5) / H  # [H]
+    cols = (torch.arange(W, device=device, dtype=torch.float32) + 0.5) / W  # [W]
+    grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), dim=-1)  # [H, W, 2]
+    return 2.0 * grid.flatten(0, 1) - 1.0  # [HW, 2]
+
+
+class RopePositionEmbedding(nn.Module):
+    """Axial 2-D RoPE for heads of dimension ``head_dim`` (see the module docstring for the maths).
+
+    Args:
+        head_dim: attention head dimension ``D``; must be divisible by 4.
+        base: period base (100 for DINOv3).
+        shift_coords: training-only additive coordinate shift ``s`` (``None`` = off).
+        jitter_coords: training-only per-axis log-uniform factor bound ``j >= 1`` (``None`` = off).
+        rescale_coords: training-only shared log-uniform factor bound ``r >= 1`` (``None`` = off).
+        device: where to allocate the ``periods`` buffer.
+
+    Raises:
+        ValueError: if ``head_dim`` is not a positive multiple of 4 or an augmentation bound is invalid.
+    """
+
+    def __init__(
+        self,
+        *,
+        head_dim: int,
+        base: float = 100.0,
+        shift_coords: float | None = None,
+        jitter_coords: float | None = None,
+        rescale_coords: float | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if head_dim <= 0 or head_dim % 4 != 0:
+            raise ValueError(f"RopePositionEmbedding: head_dim must be a positive multiple of 4, got {head_dim}.")
+        for arg, value in (("jitter_coords", jitter_coords), ("rescale_coords", rescale_coords)):
+            if value is not None and value < 1.0:
+                raise ValueError(f"RopePositionEmbedding: {arg} is a factor bound and must be >= 1, got {value}.")
+        if shift_coords is not None and shift_coords < 0:
+            raise ValueError(f"RopePositionEmbedding: shift_coords must be >= 0, got {shift_coords}.")
+        self.head_dim = head_dim
+        self.base = float(base)
+        self.shift_coords = shift_coords
+        self.jitter_coords = jitter_coords
+        self.rescale_coords = rescale_coords
+        # NaN until reset_parameters() so that a forgotten init fails loudly
+        self.register_buffer(
+            "periods", torch.full((head_dim // 4,), float("nan"), device=device, dtype=torch.float32), persistent=True
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Compute ``periods[k] = base ** (2k / (D/2))`` for ``k < D/4``."""
+        if self.periods.is_meta:
+            return
+        k = torch.arange(self.head_dim // 4, device=self.periods.device, dtype=torch.float32)  # [D/4]
+        with torch.no_grad():
+            self.periods.copy_(self.base ** (2.0 * k / (self.head_dim // 2)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, base={self.base}, shift={self.shift_coords}, "
+            f"jitter={self.jitter_coords}, rescale={self.rescale_coords}"
+        )
+
+    def _augment(self, coords: Tensor) -> Tensor:
+        """Training-time coordinate augmentation of (HW, 2) coordinates (same draw for the whole batch)."""
+        device = coords.device
+        if self.shift_coords is not None:
+            shift = torch.empty(2, device=device, dtype=coords.dtype).uniform_(-self.shift_coords, self.shift_coords)
+            coords = coords + shift  # [HW, 2]
+        if self.jitter_coords is not None:
+            log_j = math.log(self.jitter_coords)
+            jitter = torch.empty(2, device=device, dtype=coords.dtype).uniform_(-log_j, log_j).exp()
+            coords = coords * jitter  # [HW, 2]
+        if self.rescale_coords is not None:
+            log_r = math.log(self.rescale_coords)
+            rescale = torch.empty(1, device=device, dtype=coords.dtype).uniform_(-log_r, log_r).exp()
+            coords = coords * rescale  # [HW, 2]
+        return coords
+
+    def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
+        """Sine and cosine tables for an ``H x W`` patch grid: two float32 tensors of shape (H*W, head_dim)."""
+        coords = patch_centre_coords(H, W, device=self.periods.device)  # [HW, 2]
+        if self.training:
+            coords = self._augment(coords)
+        periods = self.periods.to(torch.float32)
+        angles = 2.0 * math.pi * coords[:, :, None] / periods[None, None, :]  # [HW, 2, D/4]
+        angles = angles.flatten(1, 2).tile(2)  # [HW, D]: h-frequencies, w-frequencies, repeated
+        return angles.sin(), angles.cos()

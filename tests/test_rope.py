@@ -1,0 +1,157 @@
+"""Axial 2-D RoPE: periods, coordinates, layout, augmentations, and agreement with timm's DINOv3 RoPE."""
+
+import math
+
+import pytest
+import torch
+
+from dinov3_eo.models.rope import (
+    RopePositionEmbedding,
+    patch_centre_coords,
+    rope_apply,
+    rope_apply_fast,
+    rope_tables_for_fast_apply,
+    rotate_half,
+)
+
+
+class TestPeriods:
+    def test_vitl_periods(self) -> None:
+        rope = RopePositionEmbedding(head_dim=64)
+        assert rope.periods.shape == (16,)
+        assert rope.periods[0].item() == pytest.approx(1.0)
+        assert rope.periods[1].item() == pytest.approx(100 ** (2 / 32), rel=1e-6)  # 1.334
+        assert rope.periods[-1].item() == pytest.approx(74.99, abs=5e-3)
+
+    def test_vit7b_periods(self) -> None:
+        rope = RopePositionEmbedding(head_dim=128)
+        assert rope.periods.shape == (32,)
+        assert rope.periods[-1].item() == pytest.approx(86.6, abs=5e-2)
+
+    def test_periods_are_persistent(self) -> None:
+        assert list(RopePositionEmbedding(head_dim=64).state_dict()) == ["periods"]
+
+    def test_meta_device_leaves_periods_unset(self) -> None:
+        assert RopePositionEmbedding(head_dim=64, device="meta").periods.is_meta
+
+
+class TestCoordinates:
+    def test_patch_centres(self) -> None:
+        coords = patch_centre_coords(2, 4)
+        rows = torch.tensor([-0.5, 0.5]).repeat_interleave(4)
+        cols = torch.tensor([-0.75, -0.25, 0.25, 0.75]).repeat(2)
+        torch.testing.assert_close(coords, torch.stack((rows, cols), dim=1))
+
+    def test_row_then_column_frequencies_tiled_twice(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = rope(H=3, W=5)
+        assert sin.shape == cos.shape == (15, 16)
+        torch.testing.assert_close(sin[:, :8], sin[:, 8:], rtol=0, atol=0)
+        grid = sin[:, :8].reshape(3, 5, 8)
+        # first D/4 entries depend only on the row, the next D/4 only on the column
+        torch.testing.assert_close(grid[:, :, :4], grid[:, :1, :4].expand(3, 5, 4))
+        torch.testing.assert_close(grid[:, :, 4:], grid[:1, :, 4:].expand(3, 5, 4))
+        # explicit value: row coordinate -2/3 at the lowest period (1)
+        assert sin[0, 0].item() == pytest.approx(math.sin(2 * math.pi * (-2 / 3)), abs=1e-6)
+        assert cos[0, 4].item() == pytest.approx(math.cos(2 * math.pi * (-0.8)), abs=1e-6)
+
+
+class TestAgainstTimm:
+    @pytest.mark.parametrize(("H", "W"), [(14, 14), (4, 6)])
+    def test_matches_timm_dinov3_rope(self, H: int, W: int) -> None:
+        from timm.layers.pos_embed_sincos import RotaryEmbeddingDinoV3
+
+        ours = RopePositionEmbedding(head_dim=64).eval()
+        theirs = RotaryEmbeddingDinoV3(64, temperature=100, rotate_half=True).eval()
+        sin, cos = ours(H=H, W=W)
+        their_sin, their_cos = theirs.get_embed(shape=[H, W]).chunk(2, dim=-1)
+        torch.testing.assert_close(sin, their_sin, rtol=0, atol=1e-6)
+        torch.testing.assert_close(cos, their_cos, rtol=0, atol=1e-6)
+
+
+class TestAugmentation:
+    def test_eval_is_deterministic(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32, rescale_coords=2.0, jitter_coords=1.5, shift_coords=0.1).eval()
+        a, b = rope(H=4, W=4), rope(H=4, W=4)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def test_train_is_random(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32, rescale_coords=2.0).train()
+        assert not torch.equal(rope(H=4, W=4)[0], rope(H=4, W=4)[0])
+
+    def test_train_without_augmentation_is_deterministic(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32).train()
+        torch.testing.assert_close(rope(H=4, W=4), rope.eval()(H=4, W=4), rtol=0, atol=0)
+
+    def test_rescale_is_one_shared_log_uniform_factor(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32, rescale_coords=2.0).train()
+        coords = patch_centre_coords(4, 6)
+        factors = []
+        for _ in range(200):
+            ratio = rope._augment(coords) / coords
+            torch.testing.assert_close(ratio, ratio[:1, :1].expand_as(ratio))
+            factors.append(ratio[0, 0].item())
+        assert 0.5 <= min(factors) < 0.6 and 1.8 < max(factors) <= 2.0
+        # log-uniform: the log factors average to ~0
+        assert abs(sum(math.log(f) for f in factors) / len(factors)) < 0.12
+
+    def test_jitter_is_per_axis(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32, jitter_coords=3.0).train()
+        coords = patch_centre_coords(4, 6)
+        ratio = rope._augment(coords) / coords
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
+        assert ratio[0, 0] != ratio[0, 1]
+        assert ((ratio >= 1 / 3) & (ratio <= 3)).all()
+
+    def test_shift_is_additive_per_axis(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32, shift_coords=0.25).train()
+        coords = patch_centre_coords(4, 6)
+        delta = rope._augment(coords) - coords
+        torch.testing.assert_close(delta, delta[:1].expand_as(delta))
+        assert (delta.abs() <= 0.25).all()
+
+
+class TestApply:
+    def test_rotate_half(self) -> None:
+        torch.testing.assert_close(rotate_half(torch.tensor([1.0, 2.0, 3.0, 4.0])), torch.tensor([-3.0, -4.0, 1.0, 2.0]))
+
+    def test_rotation_preserves_pair_norms(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = rope(H=3, W=3)
+        x = torch.randn(2, 9, 16)
+        y = rope_apply(x, sin, cos)
+        pair_norm = lambda t: t[..., :8] ** 2 + t[..., 8:] ** 2  # noqa: E731
+        torch.testing.assert_close(pair_norm(y), pair_norm(x))
+
+    def test_relative_positions(self) -> None:
+        """q.k after RoPE depends only on the offset between two patches."""
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = rope(H=1, W=8)  # one row: offsets along the columns
+        q, k = torch.randn(16), torch.randn(16)
+        score = lambda i, j: (rope_apply(q, sin[i], cos[i]) * rope_apply(k, sin[j], cos[j])).sum()  # noqa: E731
+        torch.testing.assert_close(score(0, 2), score(3, 5), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(score(1, 6), score(2, 7), rtol=1e-5, atol=1e-5)
+
+    def test_fast_apply_matches_reference(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32).eval()
+        sin, cos = rope(H=4, W=5)
+        x = torch.randn(3, 20, 32)
+        torch.testing.assert_close(rope_apply_fast(x, *rope_tables_for_fast_apply(sin, cos)), rope_apply(x, sin, cos))
+
+    def test_low_precision_input_is_rotated_in_float32(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = rope(H=2, W=2)
+        x = torch.randn(4, 16)
+        y = rope_apply(x.to(torch.bfloat16), sin, cos)
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), rope_apply(x.to(torch.bfloat16).float(), sin, cos), atol=1e-2, rtol=1e-2)
+
+
+class TestErrors:
+    def test_head_dim_multiple_of_4(self) -> None:
+        with pytest.raises(ValueError, match="head_dim must be a positive multiple of 4, got 30"):
+            RopePositionEmbedding(head_dim=30)
+
+    def test_rescale_bound(self) -> None:
+        with pytest.raises(ValueError, match="rescale_coords is a factor bound and must be >= 1"):
+            RopePositionEmbedding(head_dim=32, rescale_coords=0.5)
