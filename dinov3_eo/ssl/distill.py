@@ -1,0 +1,338 @@
+"""Multi-student distillation: one frozen teacher, several students of different sizes in one job.
+
+Per step the frozen teacher runs **once** on the global crops: backbone → DINO head on CLS, iBOT head on the
+patch tokens at the iBOT mask positions, Sinkhorn–Knopp centring. Those targets then serve every student in turn.
+Each student has its own new DINO/iBOT heads (same prototype count as the teacher's heads), the DINO + iBOT +
+KoLeo losses (no Gram term), an **unmasked** input (official: ``masks=None`` for students when distilling; the
+iBOT loss is still taken at the mask positions), and its own EMA copy, which is what gets exported.
+
+Multi-GPU: with Lightning's DDP/FSDP strategies every rank runs the teacher on its shard and all students on that
+shard (pure data parallelism). The official code instead splits ranks into one sub-group per student and
+all-gathers teacher outputs; that saves student memory on very large jobs but needs custom process groups. We
+chose the strategy Lightning already provides; students still see the whole global batch through gradient
+averaging, and the teacher still runs once per step per rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from dinov3_eo.losses.dino import dino_losses, dino_total
+from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss
+from dinov3_eo.losses.koleo import koleo_loss
+from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
+from dinov3_eo.models.heads import DINOHead
+from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
+from dinov3_eo.ssl.distributed import world_size
+from dinov3_eo.ssl.module import NonFiniteLossError, _step_seed, make_views, step_schedule
+from dinov3_eo.ssl.schedules import apply_optimizer_schedules, build_param_groups, clip_grad_norm_per_module, scale_lr_sqrt_wrt_1024
+
+log = logging.getLogger(__name__)
+
+
+def _head_from_state(state: dict[str, Tensor], prefix: str) -> DINOHead:
+    """A :class:`DINOHead` whose sizes are read from the weights under ``prefix`` (``dino_head.``)."""
+    linear = sorted(
+        (int(k[len(prefix) :].split(".")[1]), v)
+        for k, v in state.items()
+        if k.startswith(prefix + "mlp.") and k.endswith(".weight")
+    )
+    last = state.get(prefix + "last_layer.weight")
+    if not linear or last is None:
+        raise KeyError(f"Teacher checkpoint has no '{prefix}mlp.*' / '{prefix}last_layer.weight' weights.")
+    in_dim = linear[0][1].shape[1]
+    head = DINOHead(
+        in_dim,
+        out_dim=last.shape[0],
+        hidden_dim=linear[0][1].shape[0],
+        bottleneck_dim=last.shape[1],
+        nlayers=len(linear),
+    )
+    head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+    return head
+
+
+def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: int | None = None) -> nn.ModuleDict:
+    """A frozen ``ModuleDict(backbone, dino_head, ibot_head)`` from a checkpoint that holds the teacher's heads.
+
+    Accepts this project's pretraining checkpoints (``teacher.backbone.*``, ``teacher.dino_head.*``, ...) and official
+    training checkpoints (``{"teacher": {"backbone.*", "dino_head.*", "ibot_head.*"}}``).
+
+    Raises:
+        KeyError: if the heads are missing (a plain backbone cannot teach the DINO/iBOT prototypes).
+    """
+    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    if "state_dict" in checkpoint:
+        state = {k[len("teacher.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("teacher.")}
+    elif "teacher" in checkpoint:
+        state = {k.removeprefix("module."): v for k, v in checkpoint["teacher"].items()}
+    else:
+        raise KeyError(
+            f"Distillation teacher {source}: expected a training checkpoint with teacher heads "
+            "('state_dict' with 'teacher.*' keys, or {'teacher': {...}}), found keys " + str(sorted(checkpoint)[:8])
+        )
+    heads = {key: _head_from_state(state, f"{key}.") for key in ("dino_head", "ibot_head")}
+    backbone = load_backbone(source, name=name, in_chans=in_chans)
+    teacher = nn.ModuleDict({"backbone": backbone, **heads})
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+class DINOv3Distill(LightningModule):
+    """Distil a frozen teacher into several students at once.
+
+    Args (keyword-only, mirrored by ``configs/distill/*.yaml``):
+        teacher: checkpoint with the teacher backbone and its DINO/iBOT heads.
+        teacher_name: teacher architecture (inferred from the weights when ``None``).
+        students: student architectures, e.g. ``["vits16", "vitb16"]``.
+        in_chans: input bands.
+        student_kwargs: architecture overrides applied to every student (``drop_path_rate``, ...).
+        head_hidden_dim, head_bottleneck_dim, head_nlayers: sizes of the students' new heads; their prototype
+            counts always equal the teacher heads' (required to compare assignments).
+        global_crop_size, local_crop_size, n_local_crops, global_crops_scale, local_crops_scale,
+        horizontal_flips, vertical_flips, mask_probability, mask_ratio_range: views, as in pretraining.
+        base_lr, scale_lr_with_batch, min_lr, lr_warmup_steps, lr_schedule, weight_decay, weight_decay_end,
+        adamw_betas, layerwise_decay, patch_embed_lr_mult, clip_grad, freeze_last_layer_steps: optimisation
+            (official distillation: lr ramp then constant, layer decay 0.99, clip 3.0).
+        momentum_teacher, final_momentum_teacher: EMA of each student (0.994 → 1.0).
+        teacher_temp, warmup_teacher_temp, teacher_temp_warmup_steps, student_temp: temperatures (0.07 constant).
+        dino_loss_weight, ibot_loss_weight, koleo_loss_weight, local_loss_weight: loss weights.
+        seed: seed of the per-step random streams.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: str,
+        teacher_name: str | None = None,
+        students: Sequence[str] = ("vitmicro16",),
+        in_chans: int = 3,
+        student_kwargs: dict[str, Any] | None = None,
+        head_hidden_dim: int = 2048,
+        head_bottleneck_dim: int = 256,
+        head_nlayers: int = 3,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+        n_local_crops: int = 8,
+        global_crops_scale: tuple[float, float] = (0.32, 1.0),
+        local_crops_scale: tuple[float, float] = (0.05, 0.32),
+        horizontal_flips: bool = True,
+        vertical_flips: bool = True,
+        mask_probability: float = 0.5,
+        mask_ratio_range: tuple[float, float] = (0.1, 0.5),
+        base_lr: float = 5e-5,
+        scale_lr_with_batch: bool = True,
+        min_lr: float = 1e-6,
+        lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        weight_decay: float = 0.04,
+        weight_decay_end: float = 0.04,
+        adamw_betas: tuple[float, float] = (0.9, 0.999),
+        layerwise_decay: float = 0.99,
+        patch_embed_lr_mult: float = 0.2,
+        clip_grad: float = 3.0,
+        freeze_last_layer_steps: int = 0,
+        momentum_teacher: float = 0.994,
+        final_momentum_teacher: float = 1.0,
+        teacher_temp: float = 0.07,
+        warmup_teacher_temp: float = 0.07,
+        teacher_temp_warmup_steps: int = 0,
+        student_temp: float = 0.1,
+        dino_loss_weight: float = 1.0,
+        ibot_loss_weight: float = 1.0,
+        koleo_loss_weight: float = 0.1,
+        local_loss_weight: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if not students:
+            raise ValueError("DINOv3Distill needs at least one student architecture.")
+        self.teacher = load_teacher_with_heads(teacher, name=teacher_name, in_chans=in_chans)
+        dino_k = self.teacher["dino_head"].last_layer.out_features
+        ibot_k = self.teacher["ibot_head"].last_layer.out_features
+        self.students = nn.ModuleList()
+        for arch in students:
+            backbone = build_backbone(arch, in_chans=in_chans, **(student_kwargs or {}))
+            dim = backbone.embed_dim
+            self.students.append(
+                nn.ModuleDict(
+                    {
+                        "backbone": backbone,
+                        "dino_head": DINOHead(dim, out_dim=dino_k, hidden_dim=head_hidden_dim,
+                                              bottleneck_dim=head_bottleneck_dim, nlayers=head_nlayers),
+                        "ibot_head": DINOHead(dim, out_dim=ibot_k, hidden_dim=head_hidden_dim,
+                                              bottleneck_dim=head_bottleneck_dim, nlayers=head_nlayers),
+                    }
+                )
+            )
+        self.students_ema = copy.deepcopy(self.students).requires_grad_(False)
+        self._crop_kwargs = dict(
+            n_local_crops=n_local_crops,
+            global_scale=tuple(global_crops_scale),
+            local_scale=tuple(local_crops_scale),
+            horizontal_flip_prob=0.5 if horizontal_flips else 0.0,
+            vertical_flip_prob=0.5 if vertical_flips else 0.0,
+        )
+        self.data_meta: dict[str, Any] = dict(getattr(self.teacher["backbone"], "meta", None).to_dict()
+                                              if getattr(self.teacher["backbone"], "meta", None) else {})
+
+    # ------------------------------------------------------------------ Lightning plumbing
+
+    def train(self, mode: bool = True) -> DINOv3Distill:
+        super().train(mode)
+        self.teacher.eval()
+        self.students_ema.eval()
+        return self
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        # the frozen teacher is rebuilt from its own file: keep it out of every checkpoint (as the official code)
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return {k: v for k, v in state.items() if not k.startswith(prefix + "teacher.")}
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        own_teacher = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
+        return super().load_state_dict({**own_teacher, **state_dict}, strict=strict, assign=assign)
+
+    def student_meta(self, index: int) -> BackboneMeta:
+        backbone = self.students_ema[index]["backbone"]
+        return BackboneMeta(
+            name=self.hparams.students[index],
+            in_chans=self.hparams.in_chans,
+            patch_size=backbone.patch_size,
+            embed_dim=backbone.embed_dim,
+            bands=self.data_meta.get("bands"),
+            normalization=self.data_meta.get("normalization"),
+            gsd=self.data_meta.get("gsd"),
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dinov3_eo_students"] = [self.student_meta(i).to_dict() for i in range(len(self.students))]
+
+    def _total_steps(self) -> int:
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        return max(int(total), 1)
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        hp = self.hparams
+        batch = getattr(self, "_global_batch_size", None) or 1024
+        peak = scale_lr_sqrt_wrt_1024(hp.base_lr, batch) if hp.scale_lr_with_batch else hp.base_lr
+        return step_schedule(hp, step, total_steps=self._total_steps(), peak_lr=peak)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups: list[dict] = []
+        for student in self.students:
+            for group in build_param_groups(
+                student, n_blocks=student["backbone"].n_blocks, layerwise_decay=hp.layerwise_decay,
+                patch_embed_lr_mult=hp.patch_embed_lr_mult,
+            ):
+                group.pop("names", None)
+                groups.append(group)
+        return torch.optim.AdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas))
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if self.hparams.clip_grad and self.hparams.clip_grad > 0:
+            for i, student in enumerate(self.students):
+                clip_grad_norm_per_module({f"{i}.{k}": v for k, v in student.items()}, self.hparams.clip_grad)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._global_batch_size = int(batch["image"].shape[0]) * world_size()
+        values = self.schedule_values(self.global_step)
+        optimizer = self.optimizers()
+        apply_optimizer_schedules(
+            getattr(optimizer, "optimizer", optimizer),
+            lr=values["lr"], weight_decay=values["weight_decay"], last_layer_lr=values["last_layer_lr"],
+        )
+
+    @torch.no_grad()
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        momentum = self.schedule_values(max(self.global_step - 1, 0))["momentum"]
+        ema = list(self.students_ema.parameters())
+        live = [p.detach() for p in self.students.parameters()]
+        torch._foreach_mul_(ema, momentum)
+        torch._foreach_add_(ema, live, alpha=1.0 - momentum)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> dict[str, Tensor]:
+        """The teacher's centred targets, computed once per step for every student.
+
+        Returns:
+            ``dino`` [2B, K_dino] and ``ibot`` [M, K_ibot] Sinkhorn–Knopp probabilities.
+        """
+        out = self.teacher["backbone"].forward_features(global_crops)
+        dino = sinkhorn_knopp(self.teacher["dino_head"](out["x_norm_clstoken"]), teacher_temp)
+        masked = gather_masked_tokens(out["x_norm_patchtokens"], mask_indices)  # [M, D_teacher]
+        ibot = sinkhorn_knopp(self.teacher["ibot_head"](masked), teacher_temp)
+        return {"dino": dino, "ibot": ibot}
+
+    def compute_losses(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        hp = self.hparams
+        values = self.schedule_values(step)
+        images: Tensor = batch["image"]
+        batch_size = images.shape[0]
+        crops, masking = make_views(
+            images, batch.get("valid"), seed=hp.seed, step=step, global_size=hp.global_crop_size,
+            local_size=hp.local_crop_size, gram_size=None, patch_size=self.teacher["backbone"].patch_size,
+            crop_kwargs=self._crop_kwargs, mask_probability=hp.mask_probability, mask_ratio_range=hp.mask_ratio_range,
+        )
+        global_crops, local_crops = crops["global_crops"], crops["local_crops"]
+        n_global = global_crops.shape[0] // batch_size
+        n_local = local_crops.shape[0] // batch_size
+        targets = self.teacher_targets(global_crops, masking["mask_indices"], values["teacher_temp"])
+
+        losses: dict[str, Tensor] = {}
+        total = images.new_zeros(())
+        for i, student in enumerate(self.students):
+            inputs = [global_crops] + ([local_crops] if n_local else [])
+            outs = student["backbone"].forward_features(inputs)  # students see unmasked crops
+            cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # [(2+nL)·B, D]
+            logits = student["dino_head"](cls)
+            terms = dino_losses(
+                logits[: n_global * batch_size], logits[n_global * batch_size :] if n_local else None,
+                targets["dino"], batch_size=batch_size, student_temp=hp.student_temp,
+            )
+            dino = dino_total(terms, loss_weight=hp.dino_loss_weight, local_loss_weight=values["local_loss_weight"])
+            masked = gather_masked_tokens(outs[0]["x_norm_patchtokens"], masking["mask_indices"])  # [M, D]
+            ibot = ibot_loss(
+                student["ibot_head"](masked), targets["ibot"], masking["masks_weight"], global_crops.shape[0],
+                student_temp=hp.student_temp,
+            )
+            koleo = sum(koleo_loss(c) for c in outs[0]["x_norm_clstoken"].chunk(n_global))
+            student_total = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo
+            name = hp.students[i]
+            losses.update({f"{i}_{name}/dino": dino.detach(), f"{i}_{name}/ibot": ibot.detach(),
+                           f"{i}_{name}/koleo": koleo.detach()})
+            total = total + student_total
+        losses["total"] = total
+        return losses
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        step = self.global_step
+        torch.manual_seed(_step_seed(self.hparams.seed, step, 0))
+        losses = self.compute_losses(batch, step)
+        if not torch.isfinite(losses["total"].detach()):
+            raise NonFiniteLossError(
+                f"Non-finite distillation loss at step {step} "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped before the optimiser step."
+            )
+        batch_size = batch["image"].shape[0]
+        self.log("loss", losses["total"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"loss/{k}": v for k, v in losses.items() if k != "total"}, batch_size=batch_size)
+        return losses["total"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        return None
