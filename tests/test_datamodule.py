@@ -1,0 +1,161 @@
+"""Lightning data modules: batches, chips mixed in, spatial-block splits, YAML configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import rasterio
+import torch
+import yaml
+from PIL import Image
+
+from dinov3_eo.data.datamodule import DenseDataModule, PretrainDataModule, build_normalization
+from dinov3_eo.data.index import RasterIndex
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.sampling import TileGrid, spatial_block_split
+from dinov3_eo.data.stats import compute_band_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+POLYGONS = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_polygons.gpkg"
+
+
+def grid_tiles_minus(full: tuple[list, list], kept: tuple[list, list]) -> list:
+    """Tiles of ``full`` (train, val) that are in neither list of ``kept``."""
+    kept_set = set(kept[0]) | set(kept[1])
+    return [t for t in full[0] + full[1] if t not in kept_set]
+
+
+@pytest.fixture()
+def chips(tmp_path: Path) -> str:
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"chip_{i}.jpg")
+    return str(tmp_path / "*.jpg")
+
+
+class TestPretrainDataModule:
+    def test_tiles_and_chips(self, chips: str) -> None:
+        dm = PretrainDataModule(paths=str(SAMPLE), chips=chips, nodata=0, tile_size=64, tiles_per_epoch=11, batch_size=4, cache_dir=None)
+        loader = dm.train_dataloader()
+        batches = list(loader)
+        assert sum(len(b["path"]) for b in batches) == 16 and len(loader) == 4
+        images = torch.cat([b["image"] for b in batches])
+        assert images.shape == (16, 3, 64, 64) and torch.isfinite(images).all()
+        crs = [c for b in batches for c in b["crs"]]
+        assert sum(c is None for c in crs) == 5  # the chips
+        meta = dm.metadata()
+        assert meta["bands"] == ["B1", "B2", "B3"] and meta["normalization"]["name"] == "zscore"
+        assert Normalization.from_dict(meta["normalization"]) == dm.normalization
+
+    def test_stats_file_and_presets(self, tmp_path: Path) -> None:
+        index = RasterIndex.build(SAMPLE, cache_dir=None)
+        stats_path = tmp_path / "stats.json"
+        compute_band_stats(index, nodata=0, num_windows=4, window_size=128, progress=False).save(stats_path)
+        dm = PretrainDataModule(paths=str(SAMPLE), nodata=0, normalization="percentile", stats=str(stats_path), cache_dir=None,
+                                tile_size=64, tiles_per_epoch=2, batch_size=2)
+        dm.setup()
+        assert dm.normalization.name == "percentile" and dm.normalization.low is not None
+        preset = build_normalization("sat493m", preset_range=(0, 10000))
+        assert preset.name == "sat493m" and preset.high == (10000.0,) * 3
+        with pytest.raises(ValueError, match="normalization must be one of"):
+            build_normalization("minmax")
+        with pytest.raises(ValueError, match="needs stats="):
+            build_normalization("zscore")
+
+    def test_ranks_get_disjoint_tiles(self) -> None:
+        tiles = []
+        for rank in range(2):
+            dm = PretrainDataModule(paths=str(SAMPLE), nodata=0, tile_size=64, tiles_per_epoch=20, normalization="none",
+                                    cache_dir=None, rank=rank, world_size=2)
+            dm.setup()
+            tiles.append(set(dm.sampler))
+        assert len(tiles[0]) == len(tiles[1]) == 10 and not tiles[0] & tiles[1]
+
+    def test_yaml_config_maps_onto_constructor(self, tmp_path: Path) -> None:
+        from jsonargparse import ArgumentParser
+
+        config = {"data": {"paths": str(SAMPLE), "nodata": 0, "tile_size": 64, "tiles_per_epoch": 4, "batch_size": 2,
+                           "normalization": "sat493m", "preset_range": [0, 20000], "cache_dir": None}}
+        path = tmp_path / "data.yaml"
+        path.write_text(yaml.safe_dump(config))
+        parser = ArgumentParser()
+        parser.add_class_arguments(PretrainDataModule, "data")
+        cfg = parser.parse_path(str(path))
+        dm = PretrainDataModule(**cfg.data.as_dict())
+        batch = next(iter(dm.train_dataloader()))
+        assert batch["image"].shape == (2, 3, 64, 64)
+
+    def test_needs_a_source(self) -> None:
+        with pytest.raises(ValueError, match="give paths="):
+            PretrainDataModule()
+
+    @pytest.mark.slow
+    def test_trainer_fast_dev_run(self, chips: str) -> None:
+        class Tiny(pl.LightningModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 1, 1)
+
+            def training_step(self, batch, batch_idx):
+                return self.conv(batch["image"]).mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        dm = PretrainDataModule(paths=str(SAMPLE), chips=chips, nodata=0, tile_size=32, tiles_per_epoch=4, batch_size=2, cache_dir=None)
+        trainer = pl.Trainer(fast_dev_run=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(Tiny(), datamodule=dm)
+        assert trainer.state.finished
+
+
+class TestDenseDataModule:
+    def test_vector_labels_and_block_split(self) -> None:
+        dm = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), nodata=0, tile_size=64, block_tiles=2, val_fraction=0.25,
+                             batch_size=4, cache_dir=None)
+        dm.setup()
+        assert dm.num_classes == 4
+        train_blocks = {(t.file, t.row // 128, t.col // 128) for t in dm.train_tiles}
+        val_blocks = {(t.file, t.row // 128, t.col // 128) for t in dm.val_tiles}
+        assert train_blocks and val_blocks and not train_blocks & val_blocks
+        assert not {(t.row, t.col) for t in dm.train_tiles} & {(t.row, t.col) for t in dm.val_tiles}
+        batch = next(iter(dm.val_dataloader()))
+        assert batch["mask"].dtype == torch.int64 and batch["mask"].shape == (4, 64, 64)
+        labels = torch.cat([b["mask"].flatten() for b in dm.train_dataloader()] + [b["mask"].flatten() for b in dm.val_dataloader()])
+        assert set(labels.unique().tolist()) == {0, 1, 2, 3, 255}
+
+    def test_split_is_deterministic_and_covers_valid_area(self) -> None:
+        grid = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=64)
+        a = spatial_block_split(grid, block_tiles=3, val_fraction=0.3, seed=1, nodata=0)
+        b = spatial_block_split(grid, block_tiles=3, val_fraction=0.3, seed=1, nodata=0)
+        assert a == b
+        assert len(a[0]) + len(a[1]) == 7 * 15  # ceil(448/64) x ceil(928/64): the collar is < 90 % of any tile
+        train, val = spatial_block_split(grid, block_tiles=3, val_fraction=0.3, seed=1, nodata=0, max_nodata_fraction=0.0)
+        with rasterio.open(SAMPLE) as src:
+            invalid = np.ones((15 * 64, 7 * 64), dtype=bool)  # pixels past the raster edge are invalid too
+            invalid[: src.height, : src.width] = (src.read() == 0).all(axis=0)
+        dropped = grid_tiles_minus(a, (train, val))
+        assert len(dropped) == 12
+        for tile in dropped:
+            assert invalid[tile.row : tile.row + 64, tile.col : tile.col + 64].mean() > 0
+        with pytest.raises(ValueError, match="0 < val_fraction < 1"):
+            spatial_block_split(grid, block_tiles=3, val_fraction=1.0)
+
+    def test_regression_from_raster(self, tmp_path: Path) -> None:
+        with rasterio.open(SAMPLE) as src:
+            profile = src.profile | {"count": 1, "dtype": "float32", "nodata": -1.0}
+            data = src.read(1).astype("float32") / 1000
+        path = tmp_path / "target.tif"
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data[None])
+        dm = DenseDataModule(paths=str(SAMPLE), labels=str(path), task="regression", nodata=0, tile_size=128, block_tiles=1,
+                             normalization="none", batch_size=2, cache_dir=None)
+        batch = next(iter(dm.train_dataloader()))
+        target, image = batch["target"], batch["image"]
+        valid = batch["valid"]
+        torch.testing.assert_close(target[valid], image[:, 0][valid] / 1000)
+        with pytest.raises(ValueError, match="vector labels .* support task='classification' only"):
+            DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), task="regression", cache_dir=None).setup()
