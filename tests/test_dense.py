@@ -28,47 +28,9 @@ from dinov3_eo.models.dense import (
     load_head_weights,
     metres_to_bin,
 )
+from dinov3_eo.models.vit import build_backbone
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-
-
-class StandInViT(nn.Module):
-    """Tiny stand-in with the agreed ``get_intermediate_layers`` semantics (patch 16, CLS + 4 registers).
-
-    Tokens are mixed by a global mean in every block so the class token depends on the image.
-    """
-
-    def __init__(self, *, embed_dim: int = 24, depth: int = 4, in_chans: int = 3) -> None:
-        super().__init__()
-        self.embed_dim, self.patch_size, self.n_storage_tokens, self.n_blocks = embed_dim, 16, 4, depth
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=16, stride=16)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, embed_dim) * 0.1)
-        self.storage_tokens = nn.Parameter(torch.randn(1, 4, embed_dim) * 0.1)
-        self.blocks = nn.ModuleList(nn.Linear(embed_dim, embed_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(embed_dim)
-        self.calls: list[dict] = []
-
-    def get_intermediate_layers(self, x, n=1, reshape=False, return_class_token=False, return_extra_tokens=False, norm=True):
-        self.calls.append({"n": n, "reshape": reshape, "return_class_token": return_class_token, "norm": norm})
-        b, _, height, width = x.shape
-        h, w = height // 16, width // 16
-        t = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, hw, D]
-        t = torch.cat([self.cls_token.expand(b, -1, -1), self.storage_tokens.expand(b, -1, -1), t], dim=1)
-        idx = list(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else list(n)
-        outs = []
-        for i, blk in enumerate(self.blocks):
-            t = t + torch.tanh(blk(t)) + t.mean(dim=1, keepdim=True)
-            if i in idx:
-                outs.append(self.norm(t) if norm else t)
-        patches = [o[:, 5:] for o in outs]
-        if reshape:
-            patches = [p.transpose(1, 2).reshape(b, self.embed_dim, h, w) for p in patches]  # [B, D, h, w]
-        parts = [patches]
-        if return_class_token:
-            parts.append([o[:, 0] for o in outs])
-        if return_extra_tokens:
-            parts.append([o[:, 1:5] for o in outs])
-        return tuple(zip(*parts)) if len(parts) > 1 else tuple(patches)
 
 
 def _landsat(height: int, width: int, *, batch: int = 2) -> Tensor:
@@ -80,8 +42,19 @@ def _landsat(height: int, width: int, *, batch: int = 2) -> Tensor:
 
 
 @pytest.fixture
-def backbone() -> StandInViT:
-    return StandInViT()
+def backbone() -> nn.Module:
+    """The project's smallest real DINOv3 ViT (embed 96, 4 blocks), recording how it is called."""
+    vit = build_backbone("vitmicro16")
+    calls: list[dict] = []
+    original = vit.get_intermediate_layers
+
+    def spy(x: Tensor, **kwargs) -> tuple:
+        calls.append(kwargs)
+        return original(x, **kwargs)
+
+    vit.get_intermediate_layers = spy
+    vit.calls = calls
+    return vit
 
 
 def _feats(dims, grids, *, batch=2, cls=True):
@@ -393,12 +366,12 @@ class TestDenseModel:
     @pytest.mark.parametrize("kind", ["linear", "multilinear", "dpt"])
     def test_output_at_input_resolution(self, backbone, size, kind) -> None:
         if kind == "linear":
-            model = DenseModel(backbone=backbone, head=LinearHead(in_channels=24, out_channels=5))
+            model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=5))
         elif kind == "multilinear":
-            head = LinearHead(in_channels=[24] * 3, out_channels=5, use_cls_token=True)
+            head = LinearHead(in_channels=[96] * 3, out_channels=5, use_cls_token=True)
             model = DenseModel(backbone=backbone, head=head, layers=[0, 2, 3])
         else:
-            model = DenseModel(backbone=backbone, head=_small_dpt(out_channels=5), layers=[0, 1, 2, 3])
+            model = DenseModel(backbone=backbone, head=_small_dpt(embed_dim=96, out_channels=5), layers=[0, 1, 2, 3])
         x = _landsat(*size)
         out = model.eval()(x)
         assert out.shape == (2, 5, *size) and model.out_channels == 5
@@ -408,8 +381,8 @@ class TestDenseModel:
         }  # fmt: skip
 
     def test_centre_padding(self, backbone) -> None:
-        lin = DenseModel(backbone=backbone, head=LinearHead(in_channels=24, out_channels=2))
-        dpt = DenseModel(backbone=backbone, head=_small_dpt(), layers=4)
+        lin = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=2))
+        dpt = DenseModel(backbone=backbone, head=_small_dpt(embed_dim=96), layers=4)
         assert lin.pad_multiple == 16 and dpt.pad_multiple == 32
         assert lin.padding(17, 33) == (7, 8, 7, 8)  # 17 -> 32 rows, 33 -> 48 columns
         assert dpt.padding(48, 64) == (0, 0, 8, 8)
@@ -417,7 +390,7 @@ class TestDenseModel:
 
     def test_padding_is_centred_on_the_input(self, backbone) -> None:
         """The cropped output equals the head run by hand on the centre-padded image."""
-        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=24, out_channels=3), layers=1).eval()
+        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=3), layers=1).eval()
         x = _landsat(20, 40)
         padded = F.pad(x, (4, 4, 6, 6))  # -> 32 x 48
         feats = backbone.get_intermediate_layers(padded, n=1, reshape=True, return_class_token=True)
@@ -425,7 +398,7 @@ class TestDenseModel:
         torch.testing.assert_close(model(x), full[..., 6:26, 4:44])
 
     def test_frozen_backbone_gets_no_gradient(self, backbone) -> None:
-        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=24, out_channels=3))
+        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=3))
         model.train()
         assert model.head.training and not model.backbone.training
         model(_landsat(32, 32)).square().mean().backward()
@@ -435,16 +408,16 @@ class TestDenseModel:
         assert [g["name"] for g in groups] == ["head"]
 
     def test_trainable_backbone(self, backbone) -> None:
-        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=24, out_channels=3), freeze_backbone=False)
+        model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=3), freeze_backbone=False)
         model.train()
         assert model.backbone.training
         model(_landsat(32, 32)).square().mean().backward()
-        assert backbone.patch_embed.weight.grad is not None
+        assert backbone.patch_embed.proj.weight.grad is not None
         groups = model.parameter_groups(lr=1e-3, backbone_lr_scale=0.1)
         assert [(g["name"], g["lr"]) for g in groups] == [("head", 1e-3), ("backbone", pytest.approx(1e-4))]
 
     def test_bad_configuration(self, backbone) -> None:
-        head = LinearHead(in_channels=[24, 24], out_channels=2)
+        head = LinearHead(in_channels=[96, 96], out_channels=2)
         with pytest.raises(ValueError, match="expects 2 layers"):
             DenseModel(backbone=backbone, head=head, layers=[1, 2, 3])
         with pytest.raises(ValueError, match="not in \\[0, 4\\)"):
@@ -458,14 +431,14 @@ class TestDenseModel:
             model(torch.zeros(3, 32, 32))
 
     def test_height_model_outputs_metres(self, backbone) -> None:
-        head = _small_dpt(out_channels=256)
+        head = _small_dpt(embed_dim=96, out_channels=256)
         model = DenseModel(backbone=backbone, head=head, layers=[0, 1, 2, 3], output=LogitsToHeight()).eval()
         out = model(_landsat(40, 72))
         assert out.shape == (2, 1, 40, 72) and model.out_channels == 1
         assert torch.all((out >= 0.008) & (out <= 96.0))
 
     def test_build_chmv2_model(self) -> None:
-        vit = StandInViT(embed_dim=32, depth=24)
+        vit = build_backbone("vitmicro16", depth=24)
         model = build_chmv2_model(vit).eval()
         assert model.layers == list(CHMV2_LAYERS) and len(model.head.state_dict()) == 68
         assert len(model.state_dict()) == 68 + len(vit.state_dict())
