@@ -174,8 +174,10 @@ class TestDPTHead:
     def test_structure(self) -> None:
         head = _small_dpt()
         rb = head.reassemble_blocks
-        assert [type(m).__name__ for m in rb.resize_layers] == ["ConvTranspose2d", "ConvTranspose2d", "Identity", "Conv2d"]
-        assert [m.stride for m in (rb.resize_layers[0], rb.resize_layers[1], rb.resize_layers[3])] == [(4, 4), (2, 2), (2, 2)]
+        kinds = [type(m).__name__ for m in rb.resize_layers]
+        assert kinds == ["ConvTranspose2d", "ConvTranspose2d", "Identity", "Conv2d"]
+        strides = [m.stride for m in (rb.resize_layers[0], rb.resize_layers[1], rb.resize_layers[3])]
+        assert strides == [(4, 4), (2, 2), (2, 2)]
         assert rb.resize_layers[3].kernel_size == (3, 3)
         assert isinstance(rb.readout_projects[0][0], nn.Linear) and rb.readout_projects[0][0].in_features == 48
         assert isinstance(rb.readout_projects[0][1], nn.GELU)
@@ -229,7 +231,10 @@ class TestDPTHead:
             (r"^reassemble_stage\.layers\.(\d+)\.resize\.", r"reassemble_blocks.resize_layers.\1."),
             (r"^reassemble_stage\.readout_projects\.", r"reassemble_blocks.readout_projects."),
             (r"^convs\.(\d+)\.weight$", r"convs.\1.conv.weight"),
-            (r"^fusion_layers\.(\d+)\.residual_layer(\d)\.convolution(\d)\.", r"fusion_blocks.\1.res_conv_unit\2.conv\3.conv."),
+            (
+                r"^fusion_layers\.(\d+)\.residual_layer(\d)\.convolution(\d)\.",
+                r"fusion_blocks.\1.res_conv_unit\2.conv\3.conv.",
+            ),
             (r"^fusion_layers\.(\d+)\.projection\.", r"fusion_blocks.\1.project.conv."),
         ]
         renamed = {}

@@ -63,11 +63,15 @@ def _split_layer(features: LayerFeatures, *, need_cls: bool, where: str) -> tupl
         patch = features[0]
         cls = features[1] if len(features) >= 2 else None
     else:
-        raise TypeError(f"{where}: expected a [B, D, h, w] tensor or a (patch, cls) pair, got {type(features).__name__}.")
+        raise TypeError(
+            f"{where}: expected a [B, D, h, w] tensor or a (patch, cls) pair, got {type(features).__name__}."
+        )
     if patch.ndim != 4:
         raise ValueError(f"{where}: patch features must be [B, D, h, w], got shape {tuple(patch.shape)}.")
     if need_cls and cls is None:
-        raise ValueError(f"{where}: this head reads the class token; pass (patch, cls) pairs (return_class_token=True).")
+        raise ValueError(
+            f"{where}: this head reads the class token; pass (patch, cls) pairs (return_class_token=True)."
+        )
     return patch, cls
 
 
@@ -155,7 +159,10 @@ class LinearHead(nn.Module):
                 patch = torch.cat([patch, cls[:, :, None, None].expand_as(patch)], dim=1)  # [B, 2D, h, w]
             maps.append(patch)
         size = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
+        maps = [
+            m if m.shape[-2:] == size else F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+            for m in maps
+        ]
         return torch.cat(maps, dim=1)  # [B, channels, h, w]
 
     def forward(self, features: Sequence[LayerFeatures], output_size: tuple[int, int] | None = None) -> Tensor:
@@ -179,8 +186,9 @@ class ConvNorm(nn.Module):
         self, in_channels: int, out_channels: int, *, kernel_size: int, bias: bool = True, use_batchnorm: bool = False
     ) -> None:
         super().__init__()
+        pad = kernel_size // 2
         self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2, bias=bias and not use_batchnorm
+            in_channels, out_channels, kernel_size=kernel_size, padding=pad, bias=bias and not use_batchnorm
         )
         self.bn = nn.BatchNorm2d(out_channels) if use_batchnorm else None
 
@@ -505,7 +513,9 @@ def height_bins(
     if strategy == "chmv2_mixlog":
         top = max_height / _MIXLOG_SCALE
         if not min_height < top:
-            raise ValueError(f"height_bins: chmv2_mixlog needs min_height < max_height / 8, got {min_height}, {max_height}.")
+            raise ValueError(
+                f"height_bins: chmv2_mixlog needs min_height < max_height / 8, got {min_height}, {max_height}."
+            )
         linear = torch.linspace(min_height, top, n_bins, **kw)
         log = torch.exp(torch.linspace(math.log(min_height), math.log(top), n_bins, **kw))
         t = torch.linspace(1.0, 0.0, n_bins, **kw)
@@ -528,7 +538,9 @@ def bin_weights(logits: Tensor, *, norm: NormStrategy = "chmv2_mixlog") -> Tenso
     elif norm == "sigmoid":
         w = torch.sigmoid(logits)
     else:
-        raise ValueError(f"bin_weights: unknown norm {norm!r}; choose 'chmv2_mixlog', 'linear', 'softmax' or 'sigmoid'.")
+        raise ValueError(
+            f"bin_weights: unknown norm {norm!r}; choose 'chmv2_mixlog', 'linear', 'softmax' or 'sigmoid'."
+        )
     return w / w.sum(dim=1, keepdim=True)
 
 
@@ -578,7 +590,10 @@ class LogitsToHeight(nn.Module):
         self.max_height = max_height
         self.strategy = strategy
         self.norm = norm
-        bins = height_bins(n_bins, min_height=min_height, max_height=max_height, strategy=strategy) if n_bins > 1 else torch.zeros(1)
+        if n_bins > 1:
+            bins = height_bins(n_bins, min_height=min_height, max_height=max_height, strategy=strategy)
+        else:
+            bins = torch.zeros(1)  # regression: unused, kept so ``.bins`` always exists
         bin_weights(torch.zeros(1, 1, 1, 1), norm=norm)  # validates ``norm`` at construction
         self.register_buffer("bins", bins, persistent=False)
 
@@ -620,8 +635,10 @@ class DenseModel(nn.Module):
         layers: an int ``n`` (the last n blocks) or 0-based block indices; one per head input.
         freeze_backbone: no gradients into the backbone and keep it in eval mode (default, the official protocol).
         output: optional module applied to the head's output (``[B, K, h', w'] -> [B, K', h', w']``).
-        pad_multiple: pad sides to this many pixels (must be a multiple of the patch size). Use 16 to reproduce the
-            official CHMv2 centre padding exactly (then odd patch grids are resized back, as the official code does).
+        pad_multiple: pad sides to this many pixels (must be a multiple of the patch size). 16 is the official
+            CHMv2 centre padding; with a DPT head, odd patch grids then come out one patch larger and are resized
+            to the padded size before cropping (the official notebook resizes the whole padded map to the image
+            size instead), so only even grids reproduce the official maps exactly.
         norm: apply the backbone's final norm to every selected layer (official dense protocols: True).
 
     Raises:
@@ -659,11 +676,14 @@ class DenseModel(nn.Module):
             n_layers = len(self.layers)
         n_inputs = getattr(head, "n_inputs", None)
         if n_inputs is not None and n_inputs != n_layers:
-            raise ValueError(f"DenseModel: the head expects {n_inputs} layers but layers={layers!r} selects {n_layers}.")
-        multiple = pad_multiple if pad_multiple is not None else self.patch_size * int(getattr(head, "grid_multiple", 1))
+            raise ValueError(
+                f"DenseModel: the head expects {n_inputs} layers but layers={layers!r} selects {n_layers}."
+            )
+        multiple = self.patch_size * int(getattr(head, "grid_multiple", 1)) if pad_multiple is None else pad_multiple
         if multiple <= 0 or multiple % self.patch_size:
             raise ValueError(
-                f"DenseModel: pad_multiple={pad_multiple} must be a positive multiple of the patch size {self.patch_size}."
+                f"DenseModel: pad_multiple={pad_multiple} must be a positive multiple of the patch size "
+                f"{self.patch_size}."
             )
         self.pad_multiple = multiple
         self.norm = norm
@@ -720,9 +740,8 @@ class DenseModel(nn.Module):
         head_params = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups: list[dict] = [{"params": head_params, "lr": lr, "name": "head"}]
         if not self.freeze_backbone:
-            groups.append(
-                {"params": [p for p in self.backbone.parameters() if p.requires_grad], "lr": lr * backbone_lr_scale, "name": "backbone"}
-            )
+            backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
+            groups.append({"params": backbone_params, "lr": lr * backbone_lr_scale, "name": "backbone"})
         return groups
 
 
