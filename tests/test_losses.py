@@ -286,17 +286,26 @@ class TestGram:
         torch.testing.assert_close(gram_loss(student, teacher) * 3 * 6 * 6, frobenius_sq)
 
     @pytest.mark.parametrize("img_level", [True, False])
-    def test_chunked_checkpointed_gradient_equals_dense(self, img_level: bool) -> None:
-        student = torch.randn(2, 7, 4, requires_grad=True)
-        teacher = torch.randn(2, 7, 4)
-        gram_loss(student, teacher, img_level=img_level, chunk_rows=3).backward()
+    @pytest.mark.parametrize("remove_neg", [False, True])
+    def test_chunked_closed_form_gradient_equals_autograd(self, img_level: bool, remove_neg: bool) -> None:
+        student = torch.randn(2, 7, 4, dtype=torch.float64, requires_grad=True)
+        teacher = torch.randn(2, 7, 4, dtype=torch.float64)
+        gram_loss(student, teacher, img_level=img_level, remove_neg=remove_neg, chunk_rows=3).backward()
         chunked = student.grad.clone()
         student.grad = None
         s, t = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
         if not img_level:
             s, t = s.reshape(1, -1, 4), t.reshape(1, -1, 4)
-        F.mse_loss(s @ s.transpose(1, 2), t @ t.transpose(1, 2)).backward()
+        gram_s, gram_t = s @ s.transpose(1, 2), t @ t.transpose(1, 2)
+        if remove_neg:
+            gram_s, gram_t = gram_s.clamp_min(0), gram_t.clamp_min(0)
+        F.mse_loss(gram_s, gram_t).backward()
         torch.testing.assert_close(chunked, student.grad)
+
+    def test_gradcheck(self) -> None:
+        student = torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True)
+        teacher = torch.randn(2, 5, 3, dtype=torch.float64)
+        assert torch.autograd.gradcheck(lambda s: gram_loss(s, teacher, chunk_rows=2), (student,))
 
     def test_identical_features_give_zero_and_teacher_gets_no_grad(self) -> None:
         x = torch.randn(2, 4, 3, requires_grad=True)

@@ -5,37 +5,51 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_squared_error(
-    student_rows: Tensor, student_all: Tensor, teacher_rows: Tensor, teacher_all: Tensor, remove_neg: bool
-) -> Tensor:
-    """Σ over a block of Gram rows of (G_student − G_teacher)²; inputs [r, D] and [n, D]."""
-    gram_student = student_rows @ student_all.t()  # [r, n]
-    gram_teacher = teacher_rows @ teacher_all.t()  # [r, n]
-    if remove_neg:
-        gram_student = gram_student.clamp_min(0.0)
-        gram_teacher = gram_teacher.clamp_min(0.0)
-    return (gram_student - gram_teacher).square().sum()
+class _GramSquaredError(torch.autograd.Function):
+    """``Σ_b Σ_ij (G_b^S − G_b^T)²_ij`` with ``G_b = X_b X_bᵀ`` (optionally clamped at 0), in row blocks.
 
-
-def _sum_squared_gram_error(student: Tensor, teacher: Tensor, remove_neg: bool, chunk_rows: int) -> Tensor:
-    """Σ_ij (S Sᵀ − T Tᵀ)²_ij for one set of tokens [n, D], never holding more than chunk_rows × n entries.
-
-    Each row block is checkpointed, so autograd keeps only the inputs and recomputes the block's Gram rows in
-    the backward pass: peak memory is O(chunk_rows · n) instead of O(n²) per image.
+    Neither pass ever holds more than ``chunk_rows × P`` Gram entries. The backward pass recomputes each block
+    and uses the closed form ``∂L/∂S_b = 4 · (E_b ⊙ M_b) S_b`` with ``E_b = G_b^S − G_b^T`` (both clamped when
+    ``remove_neg``) and ``M_b = 1[S_b S_bᵀ > 0]`` (all ones without ``remove_neg``); E and M are symmetric, hence
+    the factor 4. Plain autograd would instead keep every P×P block of the batch alive until the backward.
+    Inputs: student [B, P, D], teacher [B, P, D] (constant).
     """
-    total = student.new_zeros(())
-    needs_grad = torch.is_grad_enabled() and student.requires_grad
-    for start in range(0, student.shape[0], chunk_rows):
-        rows = slice(start, start + chunk_rows)
-        args = (student[rows], student, teacher[rows], teacher, remove_neg)
-        if needs_grad:
-            total = total + checkpoint(_chunk_squared_error, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_squared_error(*args)
-    return total
+
+    @staticmethod
+    def _block(student: Tensor, teacher: Tensor, rows: slice, remove_neg: bool) -> tuple[Tensor, Tensor]:
+        """Error block E[rows] [r, P] and its gradient mask M[rows] (or None-equivalent ones)."""
+        gram_student = student[rows] @ student.t()  # [r, P]
+        gram_teacher = teacher[rows] @ teacher.t()  # [r, P]
+        if remove_neg:
+            positive = gram_student > 0
+            return gram_student.clamp_min(0.0) - gram_teacher.clamp_min(0.0), positive
+        return gram_student - gram_teacher, None
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, remove_neg: bool, chunk_rows: int) -> Tensor:  # noqa: ANN001
+        ctx.save_for_backward(student, teacher)
+        ctx.remove_neg, ctx.chunk_rows = remove_neg, chunk_rows
+        total = student.new_zeros((), dtype=torch.float64)  # 10^7+ terms: accumulate blocks in fp64
+        for s_b, t_b in zip(student, teacher):
+            for start in range(0, s_b.shape[0], chunk_rows):
+                error, _ = _GramSquaredError._block(s_b, t_b, slice(start, start + chunk_rows), remove_neg)
+                total += error.square().sum().double()
+        return total.to(student.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor, None, None, None]:  # noqa: ANN001
+        student, teacher = ctx.saved_tensors
+        grad = torch.empty_like(student)
+        for s_b, t_b, g_b in zip(student, teacher, grad):
+            for start in range(0, s_b.shape[0], ctx.chunk_rows):
+                rows = slice(start, start + ctx.chunk_rows)
+                error, positive = _GramSquaredError._block(s_b, t_b, rows, ctx.remove_neg)
+                if positive is not None:
+                    error = error * positive
+                g_b[rows] = 4.0 * (error @ s_b)  # [r, D]
+        return grad * grad_output, None, None, None
 
 
 def gram_loss(
@@ -56,8 +70,9 @@ def gram_loss(
     i.e. ``nn.MSELoss()`` over all B·P² entries as the official code does — *not* the paper's Frobenius sum;
     ``‖·‖²_F summed over images = loss · B · P²``. With ``img_level=False`` the batch is flattened into one
     (B·P)×(B·P) Gram and the mean is over (B·P)² entries. ``remove_neg`` zeroes negative similarities in both
-    Grams before the difference. The teacher is treated as a constant. Computed in fp32, in checkpointed
-    row blocks so that ViT-L at 768 px (P = 2304, D = 1024) never materialises a full batch of P×P matrices.
+    Grams before the difference. The teacher is treated as a constant. Computed in fp32 (fp64 accumulation
+    of the blocks), in row blocks with a closed-form backward, so that ViT-L at 768 px (P = 2304, D = 1024) never
+    materialises more than ``chunk_rows × P`` Gram entries at once (see ``_GramSquaredError``).
 
     Args:
         student_patches: [B, P, D] student patch tokens (final-norm ``x_norm_patchtokens`` of the global crops).
@@ -80,20 +95,17 @@ def gram_loss(
         )
     if chunk_rows < 1:
         raise ValueError(f"gram_loss: chunk_rows must be >= 1, got {chunk_rows}.")
-    student = student_patches.float()
-    teacher = teacher_patches.detach().float()
+    dtype = torch.promote_types(student_patches.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays
+    student = student_patches.to(dtype)
+    teacher = teacher_patches.detach().to(dtype)
     if normalize:
         student = F.normalize(student, p=2, dim=-1)
         teacher = F.normalize(teacher, p=2, dim=-1)
     batch, n_patches, _ = student.shape
     if not img_level:
-        flat_student = student.flatten(0, 1)  # [B·P, D]
-        flat_teacher = teacher.flatten(0, 1)
-        return _sum_squared_gram_error(flat_student, flat_teacher, remove_neg, chunk_rows) / (batch * n_patches) ** 2
-    total = student.new_zeros(())
-    for b in range(batch):
-        total = total + _sum_squared_gram_error(student[b], teacher[b], remove_neg, chunk_rows)
-    return total / (batch * n_patches * n_patches)
+        student, teacher = student.reshape(1, batch * n_patches, -1), teacher.reshape(1, batch * n_patches, -1)
+    n_entries = student.shape[0] * student.shape[1] ** 2  # B·P² per image, or (B·P)² for one batch Gram
+    return _GramSquaredError.apply(student, teacher, remove_neg, chunk_rows) / n_entries
 
 
 def resize_patch_features(tokens: Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> Tensor:
