@@ -1,0 +1,492 @@
+"""Patch features of a GeoTIFF as a georeferenced raster, and the familiar 3-component PCA picture of them.
+
+A ViT with 16-pixel patches turns every 16 x 16 block of input pixels into one D-dimensional token, so
+its features form a raster of their own: ``ceil(H / 16) x ceil(W / 16)`` cells whose transform is the
+input's scaled by the patch size (same origin and CRS). :func:`stream_patch_features` computes that
+raster window by window: the raster is cut into core tiles aligned to the patch grid, each read with a
+margin of context on every side (a boundless read: outside pixels are invalid and fed as 0, the
+normalised mean) and only the core's tokens are kept, so neighbouring windows meet without seams from
+missing context and memory stays flat in raster size. A patch with no valid input pixel gets NaN.
+
+``dinov3-eo embed`` writes the features (a float32 COG with one band per channel, or a zarr store via
+xarray), ``dinov3-eo pca`` their first three principal components, percentile-stretched to RGB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.transform import Affine
+from rasterio.windows import Window
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import read_window
+from dinov3_eo.inference.writers import COGWriter, atomic_output, check_overwrite
+
+log = logging.getLogger(__name__)
+
+#: Samples of patch vectors used to fit the PCA (reservoir over the whole raster).
+PCA_SAMPLES = 20_000
+
+
+# ------------------------------------------------------------------------------------------ backbones
+def resolve_backbone(source: str | os.PathLike[str], *, in_chans: int | None = None) -> nn.Module:
+    """A backbone from a registry name (random weights), any :func:`load_backbone` source, or a segmentation ``.ckpt``.
+
+    The returned model has a ``meta`` attribute (:class:`~dinov3_eo.models.hub.BackboneMeta`); for a
+    segmentation checkpoint its normalisation is the one the head was trained with.
+
+    Raises:
+        FileNotFoundError: if ``source`` is neither a registered name nor an existing path.
+    """
+    from dinov3_eo.models.hub import BackboneMeta, load_backbone
+    from dinov3_eo.models.vit import BACKBONES, build_backbone
+
+    text = os.fspath(source)
+    if text in BACKBONES:
+        model = build_backbone(text, in_chans=in_chans or 3)
+        model.meta = BackboneMeta(name=text, in_chans=model.in_chans, patch_size=model.patch_size, embed_dim=model.embed_dim)
+        log.warning("Backbone %r has random weights (a registry name, not a checkpoint).", text)
+        return model.eval()
+    path = Path(text)
+    if not path.exists():
+        raise FileNotFoundError(f"Backbone {text!r} is neither a registered name ({sorted(BACKBONES)}) nor an existing path.")
+    if path.suffix == ".ckpt":
+        from dinov3_eo.tasks.segmentation import SegmentationTask, is_segmentation_checkpoint
+
+        if is_segmentation_checkpoint(path):
+            task = SegmentationTask.from_checkpoint(path)
+            backbone = task.model.backbone
+            backbone.meta = task.backbone_meta()
+            return backbone.eval()
+    return load_backbone(path, in_chans=in_chans).eval()
+
+
+def input_normalization(meta: Any, override: str | None) -> Normalization | None:
+    """The normalisation to feed a backbone: ``override`` (``"none"`` or a preset name) or the metadata's.
+
+    Raises:
+        ValueError: if neither exists (a silent guess is the most common failure in this field).
+    """
+    if override is not None:
+        return None if override == "none" else Normalization.preset(override)
+    norm = getattr(meta, "normalization", None)
+    if norm is None:
+        raise ValueError(
+            "The backbone carries no input normalisation; pass --normalization (none, imagenet, sat493m, chmv2) "
+            "to say how its inputs must be scaled."
+        )
+    return Normalization.from_dict(norm)
+
+
+# ------------------------------------------------------------------------------------- streaming
+@dataclass(frozen=True)
+class FeatureGrid:
+    """The patch-resolution raster of a backbone's features over an input raster.
+
+    ``height``/``width`` in patches (``ceil`` of the input size / patch), ``transform`` = input transform
+    scaled by the patch size, same CRS.
+    """
+
+    height: int
+    width: int
+    transform: Affine
+    crs: Any
+    patch_size: int
+
+    @classmethod
+    def of(cls, src: Any, patch_size: int) -> FeatureGrid:
+        return cls(
+            height=math.ceil(src.height / patch_size),
+            width=math.ceil(src.width / patch_size),
+            transform=src.transform * Affine.scale(patch_size),
+            crs=src.crs,
+            patch_size=patch_size,
+        )
+
+
+def _core_tiles(grid: FeatureGrid, tile_patches: int) -> Iterator[Window]:
+    """Non-overlapping windows of the patch grid (in patches), row by row."""
+    for row in range(0, grid.height, tile_patches):
+        for col in range(0, grid.width, tile_patches):
+            yield Window(col, row, min(tile_patches, grid.width - col), min(tile_patches, grid.height - row))
+
+
+def stream_patch_features(
+    backbone: nn.Module,
+    src: Any,
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    window: int = 512,
+    margin: int = 64,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Iterator[tuple[Window, np.ndarray]]:
+    """Yield ``(patch window, features (D, h, w) float32)`` covering the feature grid of ``src`` once.
+
+    Args:
+        backbone: a ViT with ``patch_size``, ``embed_dim`` and ``get_intermediate_layers``.
+        src: an open rasterio dataset.
+        normalization: applied to raw values (``None``: raw float32); invalid pixels are then set to 0.
+        bands: 1-based bands fed to the model (default all); nodata: input nodata override.
+        window: core tile side in pixels (rounded down to the patch size).
+        margin: context read around each core tile, in pixels (rounded up to the patch size).
+        batch_size: tiles per forward pass.
+
+    Features are the normed last-layer patch tokens; patches without a valid pixel are NaN.
+
+    Raises:
+        ValueError: if ``window`` is smaller than a patch or the normalisation's band count differs.
+    """
+    from tqdm.auto import tqdm
+
+    patch = int(backbone.patch_size)
+    core = window // patch
+    pad = -(-max(margin, 0) // patch)
+    if core < 1:
+        raise ValueError(f"window={window} must be at least the patch size {patch}.")
+    n_bands = len(bands) if bands is not None else src.count
+    if normalization is not None and normalization.num_bands != n_bands:
+        raise ValueError(f"Normalisation {normalization.name!r} has {normalization.num_bands} bands, {src.name!r} gives {n_bands}.")
+    grid = FeatureGrid.of(src, patch)
+    tiles = list(_core_tiles(grid, core))
+    side = (core + 2 * pad) * patch  # every read has the same size, so batches stack
+
+    def read(tile: Window) -> tuple[Tensor, np.ndarray]:
+        read_win = Window((tile.col_off - pad) * patch, (tile.row_off - pad) * patch, side, side)
+        values, valid = read_window(src, read_win, bands=bands, nodata=nodata)
+        image = torch.from_numpy(values.astype(np.float32))  # [C, S, S]
+        if normalization is not None:
+            image = normalization(image)
+        image = torch.nan_to_num(image).masked_fill_(~torch.from_numpy(valid), 0.0)
+        n = core + 2 * pad
+        patch_valid = valid.reshape(n, patch, n, patch).any(axis=(1, 3))  # [S, S] -> [n, n]
+        return image, patch_valid
+
+    was_training = backbone.training
+    backbone.eval()
+    bar = tqdm(total=len(tiles), unit="win", desc=f"features {Path(str(src.name)).name}", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(tiles), batch_size):
+                chunk = tiles[start : start + batch_size]
+                reads = [read(t) for t in chunk]
+                x = torch.stack([r[0] for r in reads]).to(device)  # [B, C, S, S]
+                (tokens,) = backbone.get_intermediate_layers(x, n=1, reshape=True, norm=True)  # [B, D, n, n]
+                tokens = tokens.float().cpu().numpy()
+                for tile, (_, patch_valid), feats in zip(chunk, reads, tokens):
+                    h, w = int(tile.height), int(tile.width)
+                    out = feats[:, pad : pad + h, pad : pad + w].copy()  # [D, h, w] core only
+                    out[:, ~patch_valid[pad : pad + h, pad : pad + w]] = np.nan
+                    yield tile, out
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        backbone.train(was_training)
+
+
+def write_features(
+    backbone: nn.Module,
+    src_path: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    window: int = 512,
+    margin: int = 64,
+    batch_size: int = 4,
+    device: str | torch.device = "cpu",
+    overwrite: bool = False,
+    progress: bool = True,
+    compress: str = "deflate",
+) -> Path:
+    """Patch features of ``src_path`` as a D-band float32 COG at patch resolution (nodata NaN).
+
+    ``dst`` ending in ``.zarr`` writes a zarr store through xarray instead (needs the ``zarr`` package).
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+        ImportError: for ``.zarr`` output without zarr installed.
+    """
+    dst = Path(dst)
+    if dst.suffix == ".zarr":
+        return _write_zarr(backbone, src_path, dst, normalization=normalization, bands=bands, nodata=nodata,
+                           window=window, margin=margin, batch_size=batch_size, device=device, overwrite=overwrite,
+                           progress=progress)  # fmt: skip
+    dim = int(backbone.embed_dim)
+    with rasterio.open(src_path) as src:
+        grid = FeatureGrid.of(src, int(backbone.patch_size))
+        meta = getattr(backbone, "meta", None)
+        tags = {"dinov3_eo_output": "patch_features", "patch_size": grid.patch_size,
+                "backbone": getattr(meta, "name", getattr(backbone, "name", "custom")), "source": os.fspath(src_path)}  # fmt: skip
+        with COGWriter(
+            dst, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height, count=dim,
+            dtype="float32", nodata=float("nan"), overwrite=overwrite, compress=compress, overviews=False,
+            band_descriptions=[f"feature_{i}" for i in range(dim)], tags=tags,
+        ) as out:  # fmt: skip
+            for tile, feats in stream_patch_features(
+                backbone, src, normalization=normalization, bands=bands, nodata=nodata, window=window,
+                margin=margin, batch_size=batch_size, device=device, progress=progress,
+            ):  # fmt: skip
+                out.write(feats, tile)
+    return dst
+
+
+def _write_zarr(backbone: nn.Module, src_path: Any, dst: Path, *, overwrite: bool, **kwargs: Any) -> Path:
+    try:
+        import zarr  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"Writing {str(dst)!r} needs the 'zarr' package (pip install zarr); or write a .tif instead.") from e
+    import shutil
+
+    import rioxarray
+
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"Output {str(dst)!r} already exists; pass --overwrite to replace it.")
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}.") as tmp:
+        tif = write_features(backbone, src_path, Path(tmp) / "features.tif", progress=kwargs.pop("progress"), **kwargs)
+        array = rioxarray.open_rasterio(tif, masked=True).rename({"band": "feature"})
+        staged = Path(tmp) / dst.name
+        array.to_dataset(name="features").to_zarr(staged, mode="w")
+        array.close()
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.replace(staged, dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------- PCA
+def _reservoir_sample(blocks: Iterator[np.ndarray], size: int, seed: int) -> np.ndarray:
+    """Uniform sample of at most ``size`` rows from (n_i, D) blocks, streaming (Algorithm R, vectorised per block)."""
+    rng = np.random.default_rng(seed)
+    sample: np.ndarray | None = None
+    seen = 0
+    for rows in blocks:
+        if rows.size == 0:
+            continue
+        if sample is None:
+            sample = np.empty((size, rows.shape[1]), dtype=np.float32)
+        take = min(size - min(seen, size), len(rows))
+        if take > 0:
+            sample[seen : seen + take] = rows[:take]
+        later = np.arange(take, len(rows))
+        slots = rng.integers(0, seen + later + 1)  # row i replaces a random slot with probability size / (seen + i + 1)
+        keep = slots < size
+        sample[slots[keep]] = rows[later[keep]]
+        seen += len(rows)
+    if sample is None:
+        raise ValueError("No valid patch: the raster is all nodata.")
+    return sample[: min(seen, size)]
+
+
+def fit_pca(samples: np.ndarray, n_components: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """``(mean [D], components [k, D])`` of ``samples [N, D]``, each component's sign fixed (largest |loading| > 0)."""
+    mean = samples.mean(axis=0)
+    _, _, vt = np.linalg.svd(samples - mean, full_matrices=False)
+    components = vt[:n_components]
+    signs = np.sign(components[np.arange(len(components)), np.abs(components).argmax(axis=1)])
+    return mean.astype(np.float32), (components * signs[:, None]).astype(np.float32)
+
+
+def write_pca(
+    features: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    low: float = 2.0,
+    high: float = 98.0,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """First 3 principal components of a patch-feature raster as RGB: ``.png`` picture or georeferenced ``.tif``.
+
+    The PCA is fit on a reservoir sample of valid patches; each component is stretched from its ``low``
+    to its ``high`` percentile to 1..255 (0 = nodata in the ``.tif``; white in the ``.png``).
+
+    Raises:
+        ValueError: for another suffix, or a raster without a valid patch.
+    """
+    dst = Path(dst)
+    if dst.suffix.lower() not in (".png", ".tif", ".tiff"):
+        raise ValueError(f"PCA output must end in .png or .tif, got {str(dst)!r}.")
+    check_overwrite(dst, overwrite)
+    with rasterio.open(features) as src:
+        blocks = [w for _, w in src.block_windows(1)]
+
+        def valid_rows(window: Window) -> np.ndarray:
+            f = src.read(window=window)  # [D, h, w]
+            rows = f.reshape(f.shape[0], -1).T  # [h*w, D]
+            return rows[np.isfinite(rows).all(axis=1)]
+
+        sample = _reservoir_sample((valid_rows(w) for w in blocks), PCA_SAMPLES, seed)
+        mean, components = fit_pca(sample)
+        projected = (sample - mean) @ components.T  # [N, 3]
+        lo, hi = np.percentile(projected, low, axis=0), np.percentile(projected, high, axis=0)
+        span = np.maximum(hi - lo, 1e-12)
+
+        def to_rgb(window: Window) -> np.ndarray:
+            f = src.read(window=window)  # [D, h, w]
+            d, h, w = f.shape
+            valid = np.isfinite(f).all(axis=0)
+            proj = (np.nan_to_num(f).reshape(d, -1).T - mean) @ components.T  # [h*w, 3]
+            rgb = 1 + np.rint(np.clip((proj - lo) / span, 0, 1) * 254)  # 1..255, 0 kept for nodata
+            rgb = rgb.T.reshape(3, h, w).astype(np.uint8)
+            rgb[:, ~valid] = 0
+            return rgb
+
+        if dst.suffix.lower() == ".png":
+            from PIL import Image
+
+            rgb = np.zeros((3, src.height, src.width), dtype=np.uint8)
+            for w in blocks:
+                r0, c0 = int(w.row_off), int(w.col_off)
+                rgb[:, r0 : r0 + int(w.height), c0 : c0 + int(w.width)] = to_rgb(w)
+            picture = np.moveaxis(rgb, 0, -1).copy()  # [3, h, w] -> [h, w, 3]
+            picture[(rgb == 0).all(axis=0)] = 255
+            with atomic_output(dst, overwrite=overwrite) as tmp:
+                Image.fromarray(picture).save(tmp, format="PNG")
+            return dst
+        with COGWriter(
+            dst, crs=src.crs, transform=src.transform, width=src.width, height=src.height, count=3, dtype="uint8",
+            nodata=0, overwrite=overwrite, band_descriptions=["pc1", "pc2", "pc3"],
+            tags={"dinov3_eo_output": "feature_pca", "stretch_percentiles": f"{low},{high}"},
+        ) as out:  # fmt: skip
+            for w in blocks:
+                out.write(to_rgb(w), w)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _common_parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("input", help="input GeoTIFF")
+    parser.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
+                        "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
+    parser.add_argument("-o", "--output", required=True, help=output_help)
+    parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based input bands (default: all)")
+    parser.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat collar)")
+    parser.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
+                        help="override the backbone's stored input normalisation (presets expect 0..255 values)")  # fmt: skip
+    parser.add_argument("--window", type=int, default=512, help="core window side in pixels (default 512)")
+    parser.add_argument("--margin", type=int, default=64, help="context around each window in pixels (default 64)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
+    with rasterio.open(args.input) as src:
+        count = len(args.bands) if args.bands else src.count
+    backbone = resolve_backbone(args.model, in_chans=None)
+    in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
+    if count != in_chans:
+        raise ValueError(f"{args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return backbone.to(device), input_normalization(getattr(backbone, "meta", None), args.normalization), device
+
+
+def _run_cli(prog: str, body: Callable[[], Path]) -> int:
+    try:
+        path = body()
+    except (FileExistsError, FileNotFoundError, ValueError, ImportError, IndexError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def embed_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``."""
+    parser = _common_parser(
+        "dinov3-eo embed",
+        "Patch features of a GeoTIFF as a georeferenced multi-band float raster at patch resolution "
+        "(transform = input transform scaled by the patch size).",
+        "output .tif (float32 COG, one band per channel) or .zarr (needs zarr)",
+    )
+    args = parser.parse_args(list(argv))
+
+    def body() -> Path:
+        check_overwrite(args.output, args.overwrite)
+        backbone, norm, device = _prepare(args)
+        return write_features(
+            backbone, args.input, args.output, normalization=norm, bands=args.bands, nodata=args.nodata,
+            window=args.window, margin=args.margin, batch_size=args.batch_size, device=device,
+            overwrite=args.overwrite, progress=not args.quiet,
+        )  # fmt: skip
+
+    return _run_cli("dinov3-eo embed", body)
+
+
+def pca_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo pca IN.tif --model BACKBONE -o pca.png|pca.tif``."""
+    parser = _common_parser(
+        "dinov3-eo pca",
+        "3-component PCA of the patch features of a GeoTIFF, percentile-stretched to RGB (.tif is georeferenced).",
+        "output .png or .tif",
+    )
+    parser.add_argument("--stretch", type=float, nargs=2, default=(2.0, 98.0), metavar=("LOW", "HIGH"),
+                        help="percentiles mapped to the colour range (default 2 98)")  # fmt: skip
+    args = parser.parse_args(list(argv))
+
+    def body() -> Path:
+        return pca_picture(args.input, args.output, args=args)
+
+    return _run_cli("dinov3-eo pca", body)
+
+
+def pca_picture(
+    src_path: str | os.PathLike[str], dst: str | os.PathLike[str], *, args: argparse.Namespace | None = None,
+    backbone: nn.Module | None = None, normalization: Normalization | None = None, nodata: float | None = None,
+    bands: Sequence[int] | None = None, window: int = 512, margin: int = 64, batch_size: int = 4,
+    device: str = "cpu", stretch: tuple[float, float] = (2.0, 98.0), overwrite: bool = False, progress: bool = True,
+) -> Path:
+    """Features of ``src_path`` (into a temporary patch-resolution raster), then :func:`write_pca` to ``dst``.
+
+    Give either ``backbone`` (+ ``normalization``) or the parsed CLI ``args``.
+    """
+    if args is not None:
+        check_overwrite(args.output, args.overwrite)
+        backbone, normalization, device = _prepare(args)
+        nodata, bands, window, margin = args.nodata, args.bands, args.window, args.margin
+        batch_size, stretch, overwrite, progress = args.batch_size, tuple(args.stretch), args.overwrite, not args.quiet
+    if backbone is None:
+        raise ValueError("pca_picture: give backbone= or args=.")
+    dst = check_overwrite(dst, overwrite)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}.") as tmp:
+        feats = write_features(
+            backbone, src_path, Path(tmp) / "features.tif", normalization=normalization, bands=bands, nodata=nodata,
+            window=window, margin=margin, batch_size=batch_size, device=device, progress=progress, compress="none",
+        )  # fmt: skip
+        return write_pca(feats, dst, low=stretch[0], high=stretch[1], overwrite=overwrite)
+
+
+__all__ = [
+    "FeatureGrid",
+    "embed_main",
+    "fit_pca",
+    "input_normalization",
+    "pca_main",
+    "pca_picture",
+    "resolve_backbone",
+    "stream_patch_features",
+    "write_features",
+    "write_pca",
+]

@@ -1,0 +1,731 @@
+"""Supervised semantic segmentation on DINOv3 features: training, checkpoints that carry their metadata, GeoTIFF prediction.
+
+:class:`SegmentationTask` is a LightningModule around :class:`~dinov3_eo.models.dense.DenseModel`: a backbone
+(from any :func:`~dinov3_eo.models.hub.load_backbone` source, or a registry name for random weights), frozen by
+default or fine-tuned at a lower learning rate, and one of three heads — ``linear`` (official linear protocol on
+the last layer), ``multilayer`` (linear on the last four layers and their class tokens) or ``dpt``. Pixels
+labelled ``ignore_index`` (255: unlabelled or nodata) never count. Validation logs the per-class IoU and F1 and
+their means over the classes present.
+
+Every checkpoint carries, under ``"dinov3_eo"``, the backbone's metadata (architecture, bands, patch size, and
+the input normalisation the head was trained with), the head configuration, class names and colours, and the
+data settings (band selection, nodata, DN scale/offset folded into the normalisation), so ``predict`` needs the
+``.ckpt`` only: ``dinov3-eo segment predict IN.tif --model seg.ckpt -o OUT`` streams the model over each scene
+with :func:`~dinov3_eo.inference.predict.predict_raster` and writes a class COG (colour table, class names,
+nodata 255), a PNG quick-look, and optionally per-class probabilities and GeoPackage polygons.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
+from dinov3_eo.models.hub import BackboneMeta
+
+log = logging.getLogger(__name__)
+
+HEADS = ("linear", "multilayer", "dpt")
+LR_SCHEDULES = ("cosine", "constant")
+#: key of the task's own entry inside the checkpoint's ``"dinov3_eo"`` metadata
+CHECKPOINT_KEY = "segmentation"
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def default_layers(head: str, n_blocks: int) -> list[int]:
+    """Blocks (0-based) a head reads: the last for ``linear``, the last four for ``multilayer``, four evenly
+    spaced ending at the last for ``dpt`` (``[5, 11, 17, 23]`` on 24 blocks, the official choice)."""
+    if head == "linear":
+        return [n_blocks - 1]
+    if head == "multilayer":
+        return list(range(max(0, n_blocks - 4), n_blocks))
+    if head == "dpt":
+        return sorted({max(0, (i + 1) * n_blocks // 4 - 1) for i in range(4)})
+    raise ValueError(f"head must be one of {HEADS}, got {head!r}.")
+
+
+def build_head(kind: str, *, embed_dim: int, n_layers: int, num_classes: int, dropout: float = 0.1) -> nn.Module:
+    """The head module for ``kind``.
+
+    ``dpt`` reassembles to ``(D/8, D/4, D/2, D)`` channels (the official (128, 256, 512, 1024) on a ViT-L) with
+    a fusion width of ``min(256, D)``; with fewer than four layers the finest resolutions are dropped.
+    """
+    if kind == "linear":
+        return LinearHead(in_channels=[embed_dim] * n_layers, out_channels=num_classes, dropout=dropout)
+    if kind == "multilayer":
+        return LinearHead(in_channels=[embed_dim] * n_layers, out_channels=num_classes, use_cls_token=True, dropout=dropout)
+    if kind == "dpt":
+        channels = [max(8, embed_dim // 8), max(8, embed_dim // 4), max(8, embed_dim // 2), embed_dim][-n_layers:]
+        factors = [4.0, 2.0, 1.0, 0.5][-n_layers:]
+        return DPTHead(
+            embed_dim=embed_dim, out_channels=num_classes, post_process_channels=channels,
+            channels=min(256, embed_dim), n_hidden_channels=min(128, embed_dim), reassemble_factors=factors,
+            use_batchnorm=True,
+        )  # fmt: skip
+    raise ValueError(f"head must be one of {HEADS}, got {kind!r}.")
+
+
+def fold_scale_offset(
+    normalization: Normalization, scale: float | Sequence[float] | None, offset: float | Sequence[float] | None
+) -> Normalization:
+    """One normalisation on raw DN equal to ``normalization`` applied to ``DN * scale + offset``.
+
+    With ``p = x*s + o`` (``s > 0``): clip bounds become ``(low - o)/s``, ``(high - o)/s``; without clipping
+    ``(p - m)/sd = (x - (m - o)/s) / (sd/s)``.
+
+    Raises:
+        ValueError: if a scale is not positive or the lengths differ from the band count.
+    """
+    if scale is None and offset is None:
+        return normalization
+    n = normalization.num_bands
+    s = np.broadcast_to(np.asarray(1.0 if scale is None else scale, dtype=np.float64), (n,))
+    o = np.broadcast_to(np.asarray(0.0 if offset is None else offset, dtype=np.float64), (n,))
+    if (s <= 0).any():
+        raise ValueError(f"fold_scale_offset: scales must be > 0 to fold into a normalisation, got {list(s)}.")
+    if normalization.low is not None and normalization.high is not None:
+        low = (np.asarray(normalization.low) - o) / s
+        high = (np.asarray(normalization.high) - o) / s
+        return Normalization(mean=normalization.mean, std=normalization.std, low=tuple(low), high=tuple(high), name=normalization.name)
+    mean = (np.asarray(normalization.mean) - o) / s
+    std = np.asarray(normalization.std) / s
+    return Normalization(mean=tuple(mean), std=tuple(std), name=normalization.name)
+
+
+def iou_f1_from_confusion(confusion: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class IoU and F1 from a confusion matrix ``[K, K]`` (rows = truth, columns = prediction).
+
+    ``IoU_k = TP / (TP + FP + FN)``, ``F1_k = 2 TP / (2 TP + FP + FN)``; a class absent from both truth and
+    prediction gets NaN (left out of the means).
+    """
+    confusion = confusion.double()
+    tp = confusion.diag()
+    fp = confusion.sum(dim=0) - tp
+    fn = confusion.sum(dim=1) - tp
+    denom = tp + fp + fn
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(denom > 0, tp / denom.clamp(min=1), nan)
+    f1 = torch.where(denom > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
+    return iou, f1
+
+
+def _palette(num_classes: int) -> list[list[int]]:
+    from dinov3_eo.inference.writers import default_colormap
+
+    return [list(rgba[:3]) for _, rgba in sorted(default_colormap(num_classes).items())]
+
+
+# ------------------------------------------------------------------------------------------ the task
+class SegmentationTask(LightningModule):
+    """A dense segmentation head on a (frozen by default) DINOv3 backbone.
+
+    Args (keyword-only; they mirror the YAML ``model.init_args``):
+        backbone: a registry name (``vitmicro16``, ``vits16``, ... random weights) or a path any
+            :func:`load_backbone` reads (our exports, Lightning pretraining checkpoints, official/timm/HF weights).
+        in_chans: input bands (RGB weights are inflated to it; default: the checkpoint's).
+        backbone_kwargs: architecture overrides for a registry name (``depth``, ``drop_path_rate``...).
+        head: ``linear``, ``multilayer`` or ``dpt``.
+        layers: 0-based blocks the head reads (default: :func:`default_layers`).
+        num_classes: number of classes K (default: ``len(class_names)``).
+        class_names: names of class ids ``0..K-1`` (default ``class 0``...).
+        class_colors: RGB per class for the colour table (default: a fixed colour-blind-friendly palette).
+        ignore_index: label value that never counts (255: unlabelled / nodata).
+        class_weights: cross-entropy weight per class (e.g. inverse frequency).
+        freeze_backbone: keep the backbone fixed (default, the official protocol) or fine-tune it.
+        lr: head learning rate (AdamW).
+        backbone_lr_mult: backbone lr = ``lr * backbone_lr_mult`` when fine-tuning.
+        weight_decay: AdamW weight decay.
+        lr_schedule: ``cosine`` (to 0 over the run, after ``warmup_steps``) or ``constant``.
+        warmup_steps: linear warm-up steps.
+        dropout: channel dropout of the linear heads (official 0.1).
+        normalization: input normalisation (``Normalization.to_dict()``) when no datamodule provides one; the
+            datamodule's wins, then this, then the backbone's stored one.
+
+    Raises:
+        ValueError: for an unknown head or schedule, neither ``num_classes`` nor ``class_names``, or lists whose
+            length differs from the number of classes.
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "vitmicro16",
+        in_chans: int | None = None,
+        backbone_kwargs: dict[str, Any] | None = None,
+        head: str = "linear",
+        layers: list[int] | None = None,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        class_colors: list[list[int]] | None = None,
+        ignore_index: int = 255,
+        class_weights: list[float] | None = None,
+        freeze_backbone: bool = True,
+        lr: float = 1e-3,
+        backbone_lr_mult: float = 0.1,
+        weight_decay: float = 1e-4,
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 0,
+        dropout: float = 0.1,
+        normalization: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"SegmentationTask: head must be one of {HEADS}, got {head!r}.")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"SegmentationTask: lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+        if num_classes is None and class_names is None:
+            raise ValueError("SegmentationTask: give num_classes or class_names.")
+        k = int(num_classes if num_classes is not None else len(class_names or []))
+        if k < 1:
+            raise ValueError(f"SegmentationTask: num_classes must be >= 1, got {k}.")
+        for name, values in (("class_names", class_names), ("class_colors", class_colors), ("class_weights", class_weights)):
+            if values is not None and len(values) != k:
+                raise ValueError(f"SegmentationTask: {name} has {len(values)} entries for {k} classes.")
+        if class_colors is not None and any(len(c) not in (3, 4) for c in class_colors):
+            raise ValueError(f"SegmentationTask: class_colors must be [r, g, b] per class, got {class_colors}.")
+        self.save_hyperparameters()
+        self.num_classes = k
+        self.class_names = list(class_names) if class_names is not None else [f"class {i}" for i in range(k)]
+        self.class_colors = [list(c)[:3] for c in class_colors] if class_colors is not None else _palette(k)
+
+        net = self._build_backbone(backbone, in_chans=in_chans, backbone_kwargs=backbone_kwargs)
+        self.layers = list(layers) if layers is not None else default_layers(head, int(net.n_blocks))
+        self.model = DenseModel(
+            backbone=net,
+            head=build_head(head, embed_dim=int(net.embed_dim), n_layers=len(self.layers), num_classes=k, dropout=dropout),
+            layers=self.layers,
+            freeze_backbone=freeze_backbone,
+        )
+        self.register_buffer(
+            "class_weight", torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
+        )
+        #: data settings recorded in checkpoints: band selection, nodata, normalisation (DN scale/offset folded in)
+        self.data_meta: dict[str, Any] = {}
+        self._confusion: Tensor | None = None
+
+    # ------------------------------------------------------------------ construction and metadata
+    @staticmethod
+    def _build_backbone(source: str, *, in_chans: int | None, backbone_kwargs: dict[str, Any] | None) -> nn.Module:
+        from dinov3_eo.models.hub import load_backbone
+        from dinov3_eo.models.vit import BACKBONES, build_backbone
+
+        if source in BACKBONES:
+            net = build_backbone(source, in_chans=in_chans or 3, **(backbone_kwargs or {}))
+            net.meta = BackboneMeta(name=source, in_chans=net.in_chans, patch_size=net.patch_size, embed_dim=net.embed_dim)
+            return net
+        if backbone_kwargs:
+            raise ValueError("SegmentationTask: backbone_kwargs apply to registry names only, not to a checkpoint path.")
+        if not Path(source).exists():
+            raise FileNotFoundError(
+                f"SegmentationTask: backbone {source!r} is neither a registered name ({sorted(BACKBONES)}) nor an existing file."
+            )
+        return load_backbone(source, in_chans=in_chans)
+
+    def input_normalization(self) -> Normalization | None:
+        """The normalisation inputs must get: recorded data settings, else the ctor's, else the backbone's."""
+        if self.data_meta.get("normalization") is not None:
+            return Normalization.from_dict(self.data_meta["normalization"])
+        if self.hparams.normalization is not None:
+            return Normalization.from_dict(self.hparams.normalization)
+        meta = getattr(self.model.backbone, "meta", None)
+        return meta.get_normalization() if isinstance(meta, BackboneMeta) else None
+
+    def backbone_meta(self) -> BackboneMeta:
+        """The backbone's metadata with the bands and normalisation this head was trained on."""
+        net = self.model.backbone
+        stored = getattr(net, "meta", None)
+        norm = self.input_normalization()
+        return BackboneMeta(
+            name=getattr(stored, "name", getattr(net, "name", "custom")),
+            in_chans=int(net.in_chans),
+            patch_size=int(net.patch_size),
+            embed_dim=int(net.embed_dim),
+            bands=self.data_meta.get("band_names") or getattr(stored, "bands", None),
+            normalization=None if norm is None else norm.to_dict(),
+            gsd=self.data_meta.get("gsd") or getattr(stored, "gsd", None),
+        )
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """The ``"dinov3_eo"`` checkpoint entry: BackboneMeta fields plus the architecture and task settings."""
+        entry = self.backbone_meta().to_dict()
+        entry["arch"] = dict(getattr(self.model.backbone, "arch", {}))
+        entry[CHECKPOINT_KEY] = {
+            "backbone_source": self.hparams.backbone,
+            "head": self.hparams.head,
+            "layers": list(self.layers),
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "class_colors": [list(c) for c in self.class_colors],
+            "ignore_index": int(self.hparams.ignore_index),
+            "band_selection": self.data_meta.get("band_selection"),
+            "nodata": self.data_meta.get("nodata"),
+        }
+        return entry
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        norm = getattr(datamodule, "normalization", None)
+        if norm is not None:
+            norm = fold_scale_offset(norm, getattr(datamodule, "scale", None), getattr(datamodule, "offset", None))
+        names = getattr(datamodule, "band_names", None)
+        self.data_meta = {
+            "normalization": None if norm is None else norm.to_dict(),
+            "band_names": names,
+            "band_selection": getattr(datamodule, "bands", None),
+            "nodata": getattr(datamodule, "nodata", None),
+            "gsd": getattr(datamodule, "gsd", None),
+        }
+        n_bands = len(names) if names else None
+        if n_bands is not None and n_bands != int(self.model.backbone.in_chans):
+            raise ValueError(
+                f"SegmentationTask: the data has {n_bands} bands {names} but the backbone takes "
+                f"{int(self.model.backbone.in_chans)}; set model.in_chans or data.bands."
+            )
+        num_classes = getattr(datamodule, "num_classes", None)
+        if num_classes is not None and num_classes > self.num_classes:
+            raise ValueError(
+                f"SegmentationTask: the labels hold {num_classes} classes but the model predicts {self.num_classes}."
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dinov3_eo"] = self.checkpoint_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        entry = checkpoint.get("dinov3_eo", {})
+        task = entry.get(CHECKPOINT_KEY, {})
+        self.data_meta = {
+            "normalization": entry.get("normalization"),
+            "band_names": entry.get("bands"),
+            "band_selection": task.get("band_selection"),
+            "nodata": task.get("nodata"),
+            "gsd": entry.get("gsd"),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> SegmentationTask:
+        """Rebuild a trained task from its ``.ckpt`` alone (the backbone source file is not needed).
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            ValueError: if it is not a segmentation checkpoint of this project.
+        """
+        from dinov3_eo.models.vit import BACKBONES
+
+        checkpoint = _load_checkpoint(path, map_location)
+        entry = checkpoint.get("dinov3_eo") or {}
+        if CHECKPOINT_KEY not in entry or "state_dict" not in checkpoint:
+            raise ValueError(f"{str(path)!r} is not a dinov3-eo segmentation checkpoint (no 'dinov3_eo.{CHECKPOINT_KEY}' entry).")
+        import inspect
+
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        # LightningCLI adds bookkeeping entries (``_instantiator``, ``_class_path``) that are not arguments
+        hparams = {k: v for k, v in dict(checkpoint.get("hyper_parameters", {})).items() if k in accepted}
+        arch = {k: v for k, v in (entry.get("arch") or {}).items() if k != "in_chans"}
+        name = entry.get("model") or entry.get("name")
+        # every architecture argument is overridden, so any registered factory rebuilds the exact network
+        hparams["backbone"] = name if name in BACKBONES else "vitmicro16"
+        hparams["backbone_kwargs"] = arch or hparams.get("backbone_kwargs")
+        hparams["in_chans"] = int(entry["in_chans"])
+        task = cls(**hparams)
+        task.load_state_dict(checkpoint["state_dict"], strict=True)
+        task.on_load_checkpoint(checkpoint)
+        task.model.backbone.meta = task.backbone_meta()
+        return task.eval()
+
+    # ------------------------------------------------------------------ training
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised imagery ``[B, C, H, W]`` -> class logits ``[B, K, H, W]``."""
+        return self.model(x)
+
+    def _loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Mean cross-entropy over labelled pixels (0 with a gradient path when a batch has none)."""
+        labelled = mask != self.hparams.ignore_index
+        if not bool(labelled.any()):
+            return logits.sum() * 0.0
+        bad = mask[labelled]
+        if int(bad.max()) >= self.num_classes or int(bad.min()) < 0:
+            raise ValueError(
+                f"SegmentationTask: labels {sorted(set(bad.unique().tolist()))} fall outside 0..{self.num_classes - 1} "
+                f"(ignore_index={self.hparams.ignore_index})."
+            )
+        return F.cross_entropy(logits, mask, weight=self.class_weight, ignore_index=self.hparams.ignore_index)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])  # [B, K, H, W]
+        loss = self._loss(logits, batch["mask"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        logits = self(batch["image"])
+        mask = batch["mask"]
+        self.log("val/loss", self._loss(logits, mask), batch_size=mask.shape[0], sync_dist=True)
+        labelled = mask != self.hparams.ignore_index
+        truth, pred = mask[labelled], logits.argmax(dim=1)[labelled]
+        if self._confusion is None:
+            self.on_validation_epoch_start()
+        assert self._confusion is not None
+        self._confusion += torch.bincount(truth * self.num_classes + pred, minlength=self.num_classes**2).view(
+            self.num_classes, self.num_classes
+        )  # [K*K] -> [K (truth), K (pred)]
+
+    def on_validation_epoch_end(self) -> None:
+        if self._confusion is None:
+            return
+        confusion = self.all_gather(self._confusion)
+        if confusion.ndim == 3:
+            confusion = confusion.sum(dim=0)  # [world, K, K] -> [K, K]
+        if int(confusion.sum()) == 0:
+            log.warning("Validation saw no labelled pixel: the metrics are 0 (check the split and the labels' extent).")
+        iou, f1 = iou_f1_from_confusion(confusion)
+        metrics = {
+            "val/mIoU": float(np.nanmean(iou.cpu().numpy())) if not torch.isnan(iou).all() else 0.0,
+            "val/mF1": float(np.nanmean(f1.cpu().numpy())) if not torch.isnan(f1).all() else 0.0,
+            "val/accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
+        }
+        for name, i, f in zip(self.class_names, iou.tolist(), f1.tolist()):
+            if not math.isnan(i):
+                metrics[f"val/IoU/{name}"] = i
+                metrics[f"val/F1/{name}"] = f
+        self.log("val/mIoU", metrics.pop("val/mIoU"), prog_bar=True)
+        # the confusion matrix is already summed over ranks, so the metrics need no further reduction
+        self.log_dict(metrics, prog_bar=False)
+        self.last_confusion = confusion.cpu()
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_mult)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = 1
+        if self._trainer is not None:
+            total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else int(self.trainer.estimated_stepping_batches)
+        total, warmup = max(int(total), 1), int(hp.warmup_steps)
+
+        def factor(step: int) -> float:
+            if warmup > 0 and step < warmup:
+                return (step + 1) / warmup
+            if hp.lr_schedule == "constant":
+                return 1.0
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, Any]:
+    import pathlib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {str(path)!r}.")
+    # Path objects appear in Lightning hyper-parameters (LightningCLI); they are plain values.
+    safe = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    with torch.serialization.safe_globals(safe):
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    return checkpoint
+
+
+def is_segmentation_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a checkpoint written by :class:`SegmentationTask`."""
+    try:
+        checkpoint = _load_checkpoint(path)
+    except Exception:  # unreadable files are simply "not ours"; the caller reports its own error
+        return False
+    return CHECKPOINT_KEY in (checkpoint.get("dinov3_eo") or {})
+
+
+# ---------------------------------------------------------------------------------------- prediction
+@dataclass(frozen=True)
+class SceneOutputs:
+    """Paths written for one scene (``None`` where an output was not requested)."""
+
+    classes: Path
+    quicklook: Path
+    probabilities: Path | None
+    polygons: Path | None
+
+
+def scene_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool, polygons: bool) -> SceneOutputs:
+    """Output paths of one scene: ``OUT/<stem>_classes.tif``, ``_quicklook.png``, ``_probabilities.tif``, ``_polygons.gpkg``."""
+    stem, out = Path(src).stem, Path(out_dir)
+    return SceneOutputs(
+        classes=out / f"{stem}_classes.tif",
+        quicklook=out / f"{stem}_quicklook.png",
+        probabilities=out / f"{stem}_probabilities.tif" if probabilities else None,
+        polygons=out / f"{stem}_polygons.gpkg" if polygons else None,
+    )
+
+
+def resolve_band_selection(src: Any, selection: Sequence[int | str] | None) -> list[int] | None:
+    """1-based band indexes of ``src`` for a selection of indexes or band descriptions (``None``: all bands).
+
+    Raises:
+        ValueError: if a named band is not among ``src``'s band descriptions.
+    """
+    if selection is None:
+        return None
+    out = []
+    descriptions = [d or "" for d in src.descriptions]
+    for item in selection:
+        if isinstance(item, str) and not item.isdigit():
+            if item not in descriptions:
+                raise ValueError(f"Band {item!r} (from the checkpoint) is not among the bands {descriptions} of {src.name!r}.")
+            out.append(descriptions.index(item) + 1)
+        else:
+            out.append(int(item))
+    return out
+
+
+def check_input(task: SegmentationTask, src: Any, bands: Sequence[int] | None) -> None:
+    """Refuse an input whose band count or normalisation does not fit the checkpoint.
+
+    Raises:
+        ValueError: with the file, the counts and the bands the model was trained on.
+    """
+    in_chans = int(task.model.backbone.in_chans)
+    n = len(bands) if bands is not None else src.count
+    trained_on = task.backbone_meta().bands
+    if n != in_chans:
+        raise ValueError(
+            f"{src.name!r} gives {n} bands but the model was trained on {in_chans}"
+            f"{f' ({trained_on})' if trained_on else ''}; select the bands with --bands."
+        )
+    norm = task.input_normalization()
+    if norm is None:
+        raise ValueError(
+            "The checkpoint carries no input normalisation, so the imagery cannot be scaled as in training; "
+            "retrain with a datamodule (or normalization=) so the checkpoint records it."
+        )
+    if norm.num_bands != n:
+        raise ValueError(f"The checkpoint's normalisation has {norm.num_bands} bands but {src.name!r} gives {n}.")
+
+
+def segment_scene(
+    task: SegmentationTask,
+    src_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    probabilities: bool = False,
+    polygons: bool = False,
+    min_area: float = 0.0,
+    window: int = 512,
+    overlap: float | int = 0.25,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    preview_bands: Sequence[int] | None = None,
+) -> SceneOutputs:
+    """Segment one GeoTIFF into ``out_dir``: class COG, PNG quick-look, optional probabilities and polygons.
+
+    ``bands``/``nodata`` default to what the checkpoint recorded; ``preview_bands`` (1-based, red, green,
+    blue) picks the quick-look's background bands (default: the first three model bands). Every output is checked up front, so an
+    existing one stops the run before any work (unless ``overwrite``).
+
+    Raises:
+        FileExistsError: if an output exists and ``overwrite`` is false.
+        ValueError: if the input does not fit the checkpoint (see :func:`check_input`).
+    """
+    import rasterio
+
+    from dinov3_eo.inference.predict import predict_raster
+    from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_quicklook
+
+    outputs = scene_outputs(src_path, out_dir, probabilities=probabilities, polygons=polygons)
+    for path in (outputs.classes, outputs.quicklook, outputs.probabilities, outputs.polygons):
+        if path is not None:
+            check_overwrite(path, overwrite)
+    meta = task.checkpoint_metadata()[CHECKPOINT_KEY]
+    with rasterio.open(src_path) as src:
+        band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
+        check_input(task, src, band_indexes)
+        nodata = nodata if nodata is not None else meta.get("nodata")
+        colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
+        predict_raster(
+            task.model, src, outputs.classes, out_channels=task.num_classes, window=window, overlap=overlap,
+            batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
+            output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
+            device=device, multiple=int(task.model.pad_multiple), progress=progress, overwrite=overwrite,
+            tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
+        )  # fmt: skip
+    rgb = band_indexes[:3] if band_indexes is not None else [1, 2, 3]
+    # an RGB preview reads red, green, blue: flip a blue-green-red selection named so in the metadata
+    names = task.backbone_meta().bands or []
+    if len(names) >= 3 and [str(n).lower() for n in names[:3]] in (["blue", "green", "red"], ["b2", "b3", "b4"]):
+        rgb = rgb[:3][::-1]
+    if preview_bands is not None:
+        rgb = list(preview_bands)
+    write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
+                    title=Path(src_path).name)  # fmt: skip
+    if outputs.polygons is not None:
+        vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, overwrite=overwrite)
+    return outputs
+
+
+def expand_inputs(items: Sequence[str]) -> list[Path]:
+    """Files and glob patterns -> sorted unique paths.
+
+    Raises:
+        FileNotFoundError: if an item matches nothing.
+    """
+    found: set[Path] = set()
+    for item in items:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else ([item] if Path(item).is_file() else [])
+        if not matches:
+            raise FileNotFoundError(f"Input {item!r} matches no file.")
+        found.update(Path(m).resolve() for m in matches)
+    return sorted(found)
+
+
+def shard_for_rank(items: Sequence[Any], *, rank: int | None = None, world_size: int | None = None) -> list[Any]:
+    """This rank's share of ``items`` (round robin): from ``RANK``/``WORLD_SIZE`` (torchrun) unless given.
+
+    Every item goes to exactly one rank, so no two ranks ever write the same output.
+    """
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"Need 0 <= RANK < WORLD_SIZE, got RANK={rank}, WORLD_SIZE={world_size}.")
+    return list(items[rank::world_size])
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinov3-eo segment predict",
+        description="Segment GeoTIFFs with a trained checkpoint: class COG + PNG quick-look (+ probabilities, GeoPackage). "
+        "Under torchrun (RANK/WORLD_SIZE set) the scenes are shared out across ranks.",
+    )
+    parser.add_argument("inputs", nargs="+", help="GeoTIFFs or glob patterns (quote globs)")
+    parser.add_argument("--model", required=True, help="segmentation checkpoint (.ckpt from 'segment fit')")
+    parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    parser.add_argument("--polygons", action="store_true", help="also vectorise the classes into <stem>_polygons.gpkg")
+    parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units^2)")
+    parser.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (uint8, /254)")
+    parser.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap: fraction (<1) or pixels (default 0.25)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based input bands (default: as in training)")
+    parser.add_argument("--nodata", type=float, default=None, help="input nodata override (default: as in training)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def predict_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment predict IN.tif [...] --model seg.ckpt -o OUT``; returns the exit code."""
+    args = _predict_parser().parse_args(list(argv))
+    prog = "dinov3-eo segment predict"
+    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
+    try:
+        scenes = shard_for_rank(expand_inputs(args.inputs))
+        task = SegmentationTask.from_checkpoint(args.model)
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stems = [p.stem for p in scenes]
+        if len(set(stems)) != len(stems):
+            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their outputs would collide.")
+        for scene in scenes:  # refuse before any work, not after hours of it
+            for path in vars(scene_outputs(scene, out_dir, probabilities=args.probabilities, polygons=args.polygons)).values():
+                if path is not None and path.exists() and not args.overwrite:
+                    raise FileExistsError(f"Output {str(path)!r} already exists; pass --overwrite to replace it.")
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        task.to(device)
+        for i, scene in enumerate(scenes, 1):
+            if not args.quiet:
+                print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
+            written = segment_scene(
+                task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
+                polygons=args.polygons, min_area=args.min_area, window=args.window, overlap=overlap,
+                batch_size=args.batch_size, device=device, overwrite=args.overwrite, progress=not args.quiet,
+            )  # fmt: skip
+            for path in vars(written).values():
+                if path is not None:
+                    print(path)
+    except (FileExistsError, FileNotFoundError, ValueError, IndexError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fit_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment fit|validate --config x.yaml`` through LightningCLI with the labelled datamodule."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from dinov3_eo.data.datamodule import DenseDataModule
+
+    old_argv0 = sys.argv[0]
+    sys.argv[0] = "dinov3-eo segment"  # so that --help shows the real command
+    try:
+        LightningCLI(
+            SegmentationTask,
+            DenseDataModule,
+            args=list(argv) or ["--help"],
+            save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )
+    finally:
+        sys.argv[0] = old_argv0
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment fit --config ...`` (training) or ``dinov3-eo segment predict ...`` (GeoTIFF inference)."""
+    argv = list(argv)
+    if argv and argv[0] == "predict":
+        return predict_main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: dinov3-eo segment {fit,validate,predict} ...\n\n"
+            "  fit --config x.yaml       train a head (LightningCLI: model=SegmentationTask, data=DenseDataModule)\n"
+            "  validate --config x.yaml  evaluate a checkpoint (--ckpt_path)\n"
+            "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs (see 'predict --help')"
+        )
+        return 0
+    return fit_main(argv)
+
+
+__all__ = [
+    "HEADS",
+    "SceneOutputs",
+    "SegmentationTask",
+    "build_head",
+    "check_input",
+    "default_layers",
+    "expand_inputs",
+    "fit_main",
+    "fold_scale_offset",
+    "iou_f1_from_confusion",
+    "is_segmentation_checkpoint",
+    "main",
+    "predict_main",
+    "resolve_band_selection",
+    "scene_outputs",
+    "segment_scene",
+    "shard_for_rank",
+]
