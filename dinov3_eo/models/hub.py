@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.models.rope import RopePositionEmbedding
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
 
 log = logging.getLogger(__name__)
@@ -456,16 +457,20 @@ def _fill_format_gaps(sd: StateDict, model: DinoVisionTransformer, layout: str) 
     if layout == "official":
         return sd
     sd = dict(sd)
-    own = model.state_dict()
-    for key, value in own.items():
+    # `model` may live on the meta device: the values are computed here from shapes
+    for key, value in model.state_dict().items():
         if key in sd:
             continue
-        if key == "rope_embed.periods" or key.endswith(".bias_mask"):
-            sd[key] = value
+        if key == "rope_embed.periods":
+            sd[key] = RopePositionEmbedding(head_dim=4 * value.numel(), base=model.rope_embed.base).periods
+        elif key.endswith(".bias_mask"):
+            n = value.numel()
+            sd[key] = torch.ones(n)
+            sd[key][n // 3 : 2 * n // 3] = 0.0
         elif key == "mask_token" and layout == "timm":
-            sd[key] = torch.zeros_like(value)  # timm drops the pretraining-only mask token
+            sd[key] = torch.zeros(value.shape)  # timm drops the pretraining-only mask token
         elif key.endswith("attn.qkv.bias"):
-            sd[key] = torch.zeros_like(value)  # bias-free q/k/v in the source is an all-zero bias here
+            sd[key] = torch.zeros(value.shape)  # bias-free q/k/v in the source is an all-zero bias here
     return sd
 
 
@@ -515,7 +520,8 @@ def load_backbone(
     else:
         overrides = {"untie_global_and_local_cls_norm": "local_cls_norm.weight" in sd}
     try:
-        model = build_backbone(name, in_chans=target_chans, **overrides, **extra)
+        # on the meta device: no time spent on a random init that the checkpoint overwrites
+        model = build_backbone(name, in_chans=target_chans, device="meta", **overrides, **extra)
     except ValueError as e:
         raise CheckpointError(f"{path}: cannot build backbone {name!r} for these weights: {e}") from e
 
@@ -533,7 +539,9 @@ def load_backbone(
             path, target_chans, target_chans,
         )
     check_state_dict(model, sd, what=f"{path} ({layout} layout) for backbone {name!r}")
-    model.load_state_dict(sd, strict=True)
+    # float32 and contiguous, as a freshly built model would be (checkpoints may hold bf16 or views)
+    sd = {k: (v.to(torch.float32) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
     model.meta = _meta_for(model, name, path, sd, stored_meta, inflated=inflated)
     log.info("Loaded %s backbone %r from %s (%d bands).", layout, name, path, target_chans)
@@ -665,10 +673,14 @@ def to_timm(model: DinoVisionTransformer) -> nn.Module:
     }
     if swiglu:
         kwargs.update(swiglu_mlp=True, swiglu_align_to=1)
-    timm_model = timm.create_model(variant, **kwargs)
+    # built on the meta device: timm's random init of a large model would be thrown away anyway
+    timm_model = timm.create_model(variant, device="meta", **kwargs).to_empty(device="cpu")
     with contextlib.redirect_stdout(io.StringIO()):  # the filter prints when it skips an absent q/v bias
         sd = checkpoint_filter_fn({k: v.detach().cpu() for k, v in model.state_dict().items()}, timm_model)
     timm_model.load_state_dict(sd, strict=True)
+    for module in timm_model.modules():  # RoPE periods and the zero key bias are non-persistent in timm
+        if hasattr(module, "init_non_persistent_buffers"):
+            module.init_non_persistent_buffers()
     meta = getattr(model, "meta", None)
     norm = meta.get_normalization() if isinstance(meta, BackboneMeta) else None
     if norm is not None and norm.low is not None and norm.high is not None and set(norm.low) == {0.0}:
