@@ -15,6 +15,7 @@ from dinov3_eo.ssl.schedules import (
     build_param_groups,
     clip_grad_norm_per_module,
     cosine_schedule,
+    gram_teacher_refresh_due,
     last_layer_lr,
     linear_warmup_cosine_decay,
     scale_lr_sqrt_wrt_1024,
@@ -83,6 +84,18 @@ def test_key_values() -> None:
     assert last_layer_lr(4, 1e-3, freeze_steps=5) == 0.0 and last_layer_lr(5, 1e-3, freeze_steps=5) == 1e-3
     assert scale_lr_sqrt_wrt_1024(1e-3, 2048) == pytest.approx(4e-3 * math.sqrt(2))  # 5.66e-3, IN-1k recipe
     assert scale_lr_sqrt_wrt_1024(5e-5, 4096) == pytest.approx(4e-4)  # 7B recipe
+
+
+def test_gram_teacher_refresh_fires_at_the_configured_steps() -> None:
+    fired = [s for s in range(200) if gram_teacher_refresh_due(s, first_update=101, frequency=10, max_updates=3)]
+    assert fired == [109, 119, 129]  # multiples of 10 from 101 on, three times
+    official = [s for s in range(1_000_000, 1_100_000)
+                if gram_teacher_refresh_due(s, first_update=1_010_000, frequency=10_000, max_updates=3)]
+    assert official == [1_009_999, 1_019_999, 1_029_999]
+    assert not any(gram_teacher_refresh_due(s, first_update=0, frequency=5, max_updates=0) for s in range(50))
+    assert [s for s in range(50) if gram_teacher_refresh_due(s, first_update=0, frequency=5, max_updates=2)] == [4, 9]
+    with pytest.raises(ValueError, match="frequency must be >= 1"):
+        gram_teacher_refresh_due(0, first_update=0, frequency=0, max_updates=1)
 
 
 def test_schedule_errors() -> None:

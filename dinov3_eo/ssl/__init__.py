@@ -18,6 +18,7 @@ _EXPORTS = {
     "build_param_groups": "dinov3_eo.ssl.schedules",
     "clip_grad_norm_per_module": "dinov3_eo.ssl.schedules",
     "cosine_schedule": "dinov3_eo.ssl.schedules",
+    "gram_teacher_refresh_due": "dinov3_eo.ssl.schedules",
     "last_layer_lr": "dinov3_eo.ssl.schedules",
     "linear_warmup_cosine_decay": "dinov3_eo.ssl.schedules",
     "no_weight_decay": "dinov3_eo.ssl.schedules",

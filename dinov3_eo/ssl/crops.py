@@ -121,13 +121,21 @@ class MultiCrop:
 
     # ------------------------------------------------------------------------------------------------ geometry
 
+    @staticmethod
+    def valid_table(valid: Tensor) -> Tensor:
+        """Summed-area table of ``valid`` [B, H, W] bool: [B, H+1, W+1] int32 counts (exact; integer arithmetic)."""
+        batch, height, width = valid.shape
+        table = torch.zeros(batch, height + 1, width + 1, dtype=torch.int32, device=valid.device)
+        table[:, 1:, 1:] = valid.to(torch.int32).cumsum(1).cumsum(2)
+        return table
+
     def sample_boxes(
-        self, valid: Tensor, n_crops: int, scale: tuple[float, float], generator: torch.Generator | None
+        self, table: Tensor, n_crops: int, scale: tuple[float, float], generator: torch.Generator | None
     ) -> Tensor:
         """Random-resized-crop boxes that avoid nodata.
 
         Args:
-            valid: [B, H, W] bool validity of the source images.
+            table: :meth:`valid_table` of the [B, H, W] validity of the source images.
             n_crops: crops per image.
             scale: area fraction range.
             generator: CPU generator.
@@ -136,7 +144,7 @@ class MultiCrop:
             [n_crops·B, 4] float boxes (x0, y0, x1, y1) in pixel-edge coordinates of the source, integer-valued,
             crop-major.
         """
-        batch, height, width = valid.shape
+        batch, height, width = table.shape[0], table.shape[1] - 1, table.shape[2] - 1
         n, tries = n_crops * batch, self.max_tries
         image_index = torch.arange(batch).repeat(n_crops)  # [n] crop-major
         area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator))
@@ -150,10 +158,8 @@ class MultiCrop:
         w, h = torch.where(legal, w, 1.0), torch.where(legal, h, 1.0)
         x0, y0 = torch.where(legal, x0, 0.0), torch.where(legal, y0, 0.0)
 
-        # valid fraction of every candidate from a summed-area table: O(1) per box, exact integer counts
-        device = valid.device
-        table = torch.zeros(batch, height + 1, width + 1, dtype=torch.int32, device=device)
-        table[:, 1:, 1:] = valid.to(torch.int32).cumsum(1).cumsum(2)
+        # valid fraction of every candidate from the summed-area table: O(1) per box
+        device = table.device
         flat = table.flatten()  # [B·(H+1)·(W+1)]
         base = (image_index * (height + 1) * (width + 1))[:, None]  # [n, 1] start of each crop's image
 
@@ -287,14 +293,22 @@ class MultiCrop:
             valid = torch.ones(batch, height, width, dtype=torch.bool, device=images.device)
         if valid.shape != (batch, height, width):
             raise ValueError(f"MultiCrop: valid must be [B, H, W] = {(batch, height, width)}, got {tuple(valid.shape)}.")
+        table = self.valid_table(valid)
+        all_valid = bool(table[:, -1, -1].eq(height * width).all())  # one sync; skips rendering the masks
         valid_float = valid[:, None].to(images.dtype)  # [B, 1, H, W]
+
+        def render_valid(boxes: Tensor, n_crops: int, size: int) -> Tensor:
+            if all_valid:
+                return torch.ones(n_crops * batch, size, size, dtype=torch.bool, device=images.device)
+            return self.render(valid_float, boxes, n_crops, size)[:, 0] >= 0.5
+
         out: dict[str, Tensor] = {}
 
         n_global = 2
-        global_boxes = self.sample_boxes(valid, n_global, self.global_scale, generator)
+        global_boxes = self.sample_boxes(table, n_global, self.global_scale, generator)
         global_flips = torch.stack([self._bernoulli(n_global * batch, self.horizontal_flip_prob, generator),
                                     self._bernoulli(n_global * batch, self.vertical_flip_prob, generator)], dim=1)
-        global_valid = self.render(valid_float, global_boxes, n_global, self.global_size)[:, 0] >= 0.5
+        global_valid = render_valid(global_boxes, n_global, self.global_size)
         global_crops = self.render(images, global_boxes, n_global, self.global_size)
         blur_prob = torch.tensor(self.blur_probs[:2]).repeat_interleave(batch)  # [2B]: crop 1 rows, then crop 2
         crops_1 = self._photometric(global_crops[:batch], global_valid[:batch], blur_prob[:batch], False, generator)
@@ -304,17 +318,17 @@ class MultiCrop:
         out["global_boxes"], out["global_flips"] = global_boxes, global_flips
 
         if self.gram_teacher_size is not None:
-            gram_valid = self.render(valid_float, global_boxes, n_global, self.gram_teacher_size)[:, 0] >= 0.5
+            gram_valid = render_valid(global_boxes, n_global, self.gram_teacher_size)
             gram = self.render(images, global_boxes, n_global, self.gram_teacher_size) * gram_valid[:, None]
             out["gram_crops"] = self._flip(gram, global_flips)
             out["gram_valid"] = self._flip(gram_valid, global_flips)
 
         n_local = self.n_local_crops
-        local_boxes = self.sample_boxes(valid, n_local, self.local_scale, generator)
+        local_boxes = self.sample_boxes(table, n_local, self.local_scale, generator)
         local_flips = torch.stack([self._bernoulli(n_local * batch, self.horizontal_flip_prob, generator),
                                    self._bernoulli(n_local * batch, self.vertical_flip_prob, generator)], dim=1)
         if n_local:
-            local_valid = self.render(valid_float, local_boxes, n_local, self.local_size)[:, 0] >= 0.5
+            local_valid = render_valid(local_boxes, n_local, self.local_size)
             local = self.render(images, local_boxes, n_local, self.local_size)
             local = self._photometric(local, local_valid, torch.full((n_local * batch,), self.blur_probs[2]), False,
                                       generator)

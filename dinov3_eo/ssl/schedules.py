@@ -140,6 +140,26 @@ def scale_lr_sqrt_wrt_1024(base_lr: float, global_batch_size: int) -> float:
     return float(base_lr * 4.0 * math.sqrt(global_batch_size / 1024.0))
 
 
+def gram_teacher_refresh_due(step: int, *, first_update: int, frequency: int, max_updates: int) -> bool:
+    """Whether the Gram teacher is replaced by the EMA teacher after optimiser step ``step`` (official ``rep_update``).
+
+    Due when ``step + 1 ≥ first_update``, ``(step + 1) % frequency == 0`` and fewer than ``max_updates`` refreshes
+    happened before (counted from the schedule itself, so it is resume-safe). 7B Gram recipe: first 1,010,000,
+    frequency 10,000, max 3 → after steps 1,009,999, 1,019,999 and 1,029,999.
+
+    Raises:
+        ValueError: if ``frequency < 1``.
+    """
+    if frequency < 1:
+        raise ValueError(f"gram_teacher_refresh_due: frequency must be >= 1, got {frequency}.")
+    done = step + 1
+    if done < first_update or done % frequency:
+        return False
+    lower = max(first_update, 1)
+    earlier = (done - 1) // frequency - (lower - 1) // frequency  # multiples of frequency in [lower, done)
+    return earlier < max_updates
+
+
 # --------------------------------------------------------------------------------------------- parameter groups
 
 _LAYER0_PREFIXES = ("patch_embed", "cls_token", "storage_tokens", "register_tokens", "mask_token", "pos_embed")
