@@ -14,6 +14,9 @@ import torch.multiprocessing as mp
 from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_knopp
 from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
 
+# spawning two interpreters takes 3-15 s on the shared 2-core CI machine
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 LOCAL_B = 4  # images per rank
 K = 11
