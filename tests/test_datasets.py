@@ -63,11 +63,24 @@ class TestTileDataset:
         tile = Tile(0, 500, 100, 128)
         raw = TileDataset(grid=grid)[tile]["image"]
         scaled = TileDataset(grid=grid, scale=2.0e-5, offset=[-0.1, -0.1, -0.2])[tile]["image"]
-        torch.testing.assert_close(scaled, raw * 2.0e-5 + torch.tensor([-0.1, -0.1, -0.2]).view(3, 1, 1))
+        torch.testing.assert_close(scaled, raw * 2.0e-5 + torch.tensor([-0.1, -0.1, -0.2]).view(3, 1, 1), rtol=1e-6, atol=1e-6)
         with pytest.raises(ValueError, match=r"offset must be one number or one per band \(3\)"):
             TileDataset(grid=grid, offset=[1.0, 2.0])
         with pytest.raises(ValueError, match="has 1 bands, the archive selection 3"):
             TileDataset(grid=grid, normalization=Normalization.zscore([0.0], [1.0]))
+
+    @pytest.mark.parametrize(
+        "norm", [NORM, Normalization.percentile([7000, 6500, 5900], [9000, 8800, 9500]), Normalization.preset("sat493m", high=20000)]
+    )
+    def test_fused_normalisation_equals_normalization_call(self, grid: TileGrid, norm: Normalization) -> None:
+        tile = Tile(0, 0, 300, 128)  # includes collar pixels
+        ds = TileDataset(grid=grid, nodata=0, scale=[1.0, 0.5, 2.0], offset=100.0, normalization=norm)
+        s = ds[tile]
+        with rasterio.open(SAMPLE) as src:
+            raw = torch.from_numpy(src.read(window=tile.window).astype(np.float32))
+        expected = norm(raw * torch.tensor([1.0, 0.5, 2.0]).view(3, 1, 1) + 100.0)
+        expected[:, ~s["valid"]] = 0
+        torch.testing.assert_close(s["image"], expected, rtol=1e-5, atol=1e-4)
 
     def test_warped_tile_equals_warpedvrt_read(self) -> None:
         grid = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=3840, units="metres", gsd=60, crs="EPSG:3857")

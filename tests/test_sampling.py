@@ -96,6 +96,14 @@ class TestRandomTileSampler:
         for tile in RandomTileSampler(grid=grid, length=100, rank=0, world_size=1):
             assert isinstance(tile.row, int) and 0 <= tile.row <= 928 - 200 and 0 <= tile.col <= 448 - 200
 
+    def test_snap_aligns_offsets(self, index: RasterIndex) -> None:
+        grid = TileGrid(index=index, tile_size=128)
+        tiles = list(RandomTileSampler(grid=grid, length=12, snap=128, rank=0, world_size=1))
+        assert all(t.row % 128 == 0 and t.col % 128 == 0 and t.row <= 928 - 128 and t.col <= 448 - 128 for t in tiles)
+        assert len(set(tiles)) == 12
+        with pytest.raises(ValueError, match="snap must be >= 1"):
+            RandomTileSampler(grid=grid, length=1, snap=0)
+
     def test_rejects_nodata_tiles(self, half_empty: Path) -> None:
         index = RasterIndex.build(half_empty, cache_dir=None)
         grid = TileGrid(index=index, tile_size=40)

@@ -33,6 +33,7 @@ import rasterio
 from rasterio.coords import BoundingBox
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
+from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 
@@ -40,6 +41,8 @@ from rasterio.transform import Affine
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 #: Longest side of the per-file thumbnail used for nodata-aware sampling.
 THUMBNAIL_SIZE = 64
+#: GDAL block-cache cap while indexing (bytes).
+INDEX_GDAL_CACHE_BYTES = 64 * 1024 * 1024
 #: Bump when the cached record layout changes.
 _CACHE_VERSION = 1
 
@@ -323,8 +326,15 @@ class RasterIndex:
         """
         paths = expand_sources(sources)
         cache = default_cache_dir() if cache_dir == "default" else (None if cache_dir is None else Path(cache_dir))
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
-            results = list(pool.map(lambda p: _describe(p, cache), paths))
+        # Thumbnails of files without overviews stream every block through GDAL's cache; cap it while
+        # indexing so memory stays flat in raster size, then restore the caller's setting.
+        previous_cache = get_gdal_config("GDAL_CACHEMAX")
+        set_gdal_config("GDAL_CACHEMAX", min(int(previous_cache), INDEX_GDAL_CACHE_BYTES))
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(paths)))) as pool:
+                results = list(pool.map(lambda p: _describe(p, cache), paths))
+        finally:
+            set_gdal_config("GDAL_CACHEMAX", int(previous_cache))
         problems = [IndexProblem(p, why) for p, (_, why, _) in zip(paths, results) if why is not None]
         records = [rec for rec, _, _ in results if rec is not None]
         index = cls._assemble(records, problems, bands=bands, strict=strict)

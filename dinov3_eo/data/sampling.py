@@ -222,6 +222,10 @@ class RandomTileSampler(_TileSamplerBase):
         length: tiles per epoch over all ranks.
         nodata: nodata override used to judge validity (default: each file's declared nodata).
         max_nodata_fraction: reject tiles with a larger estimated nodata fraction.
+        snap: top-left offsets are multiples of ``snap`` grid pixels. Setting it to the files' block size
+            (256 for most COGs) when the tile size is a multiple of it makes every tile decode exactly its
+            own blocks instead of up to four partial neighbours — the positional variety lost is what
+            pre-chipped datasets lose too, and random crops downstream restore it.
         seed: base seed; the epoch is mixed in (see :meth:`set_epoch`).
         rank, world_size: overrides of the torch.distributed values.
 
@@ -237,11 +241,15 @@ class RandomTileSampler(_TileSamplerBase):
         length: int,
         nodata: float | None = None,
         max_nodata_fraction: float = 0.5,
+        snap: int = 1,
         seed: int = 0,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
+        if snap < 1:
+            raise ValueError(f"RandomTileSampler: snap must be >= 1, got {snap}.")
+        self.snap = int(snap)
         if length < 1:
             raise ValueError(f"RandomTileSampler: length must be >= 1, got {length}.")
         if not 0.0 <= max_nodata_fraction <= 1.0:
@@ -270,7 +278,8 @@ class RandomTileSampler(_TileSamplerBase):
             for f, (ur, uc) in zip(files.tolist(), u.tolist()):
                 attempts += 1
                 max_r, max_c = self.grid.max_offsets(f)
-                tile = Tile(f, int(ur * (max_r + 1)), int(uc * (max_c + 1)), self.grid.tile_px)
+                k = self.snap
+                tile = Tile(f, k * int(ur * (max_r // k + 1)), k * int(uc * (max_c // k + 1)), self.grid.tile_px)
                 if tile in chosen:
                     continue
                 if 1.0 - self.grid.valid_fraction(tile, self.nodata) > self.max_nodata_fraction:
