@@ -1,0 +1,627 @@
+"""Canopy height in metres from imagery: a dense head on frozen DINOv3 features, trained on CHM rasters.
+
+* :class:`HeightTask` (LightningModule): a DPT or linear head (:mod:`dinov3_eo.models.dense`) on a frozen
+  (optionally trainable) backbone; output as height bins (CHMv2 "mixlog" bins by default) or direct regression;
+  SigLoss, L1 or Huber loss, all ignoring pixels without a reference height; validation MAE/RMSE/R²/bias overall
+  and per height bin, with a scatter plot and an error map written to the run folder.
+* :func:`load_chmv2_head` / :func:`build_chmv2`: Meta's released CHMv2 head (68 keys) loaded strictly, and the full
+  CHMv2 model from (backbone weights, head weights) with the ``chmv2`` input normalisation.
+* :func:`load_height_model` / :func:`predict_height`: a trained checkpoint back to a model, and a GeoTIFF of any
+  size to a float32 metres COG (input CRS/transform, NaN nodata) plus a PNG quick-look, through the streaming
+  predictor (memory flat in raster size).
+* ``main``: ``dinov3-eo height fit --config configs/height/<name>.yaml`` (LightningCLI),
+  ``dinov3-eo height predict IN.tif --model h.ckpt -o CHM.tif`` and
+  ``dinov3-eo height evaluate PRED.tif REF.tif --out-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import rasterio
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
+from dinov3_eo.models.dense import (
+    CHMV2_LAYERS,
+    CHMV2_MAX_HEIGHT,
+    CHMV2_MIN_HEIGHT,
+    CHMV2_N_BINS,
+    DenseModel,
+    DPTHead,
+    LinearHead,
+    LogitsToHeight,
+    chmv2_head,
+    chmv2_height,
+    load_head_weights,
+)
+from dinov3_eo.models.hub import BackboneMeta, infer_architecture, load_backbone
+from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.tasks.height_metrics import HeightMetrics, flat_metrics
+from dinov3_eo.tasks.height_plots import error_map, height_quicklook, scatter_plot
+
+log = logging.getLogger(__name__)
+
+HEADS = ("dpt", "linear", "chmv2")
+OUTPUTS = ("bins", "regression")
+LOSSES = ("sig", "l1", "huber")
+#: Validation pixels kept (seeded reservoir) for the scatter plot, and tiles kept for the error map.
+_SCATTER_PIXELS = 50_000
+_ERROR_MAP_TILES = 8
+
+
+def even_layers(n_blocks: int, n: int = 4) -> list[int]:
+    """``n`` evenly spaced 0-based block indices ending with the last block (ViT-L, n=4: ``[5, 11, 17, 23]``)."""
+    if not 1 <= n <= n_blocks:
+        raise ValueError(f"even_layers: need 1 <= n <= n_blocks, got n={n}, n_blocks={n_blocks}.")
+    return [(i + 1) * n_blocks // n - 1 for i in range(n)]
+
+
+def _dihedral(x: Tensor, k: int) -> Tensor:
+    """One of the 8 flips/rotations of the last two dims: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if k >= 4 else x
+
+
+class HeightTask(pl.LightningModule):
+    """Canopy-height regression: ``forward(image [B, C, H, W]) -> metres [B, 1, H, W]``.
+
+    Args:
+        backbone: registry name of the ViT (``vits16``, ``vitl16`` ...), built with random weights unless
+            ``weights`` is given.
+        in_chans: input bands.
+        backbone_kwargs: extra constructor arguments of the backbone (random-weight builds only).
+        weights: backbone weights (any layout :func:`~dinov3_eo.models.hub.load_backbone` reads: official, SAT-493M,
+            our exports and checkpoints); the architecture is then taken from the weights.
+        head: ``"dpt"`` (DPT decoder, sizes below), ``"linear"`` (BatchNorm + 1x1 conv on the concatenated layers)
+            or ``"chmv2"`` (the DPT of Meta's CHMv2 release: 256 bins, CLS read-out, 33.7 M parameters on a ViT-L).
+        layers: 0-based blocks fed to the head; default: four evenly spaced blocks (DPT/CHMv2; ``[5, 11, 17, 23]``
+            on a ViT-L) or the last block (linear).
+        output: ``"bins"`` (per-pixel weights over ``n_bins`` height bins, expected value in metres) or
+            ``"regression"`` (one channel, ``relu(x) + min_height``).
+        n_bins, min_height, max_height, bin_strategy, bin_norm: the height bins (see
+            :class:`~dinov3_eo.models.dense.LogitsToHeight`); the CHMv2 values by default.
+        dpt_channels, dpt_post_process_channels, dpt_hidden_channels, readout: DPT sizes (official defaults).
+        use_cls_token: the linear head concatenates the class token (ignored by DPT, which uses ``readout``).
+        head_weights: a head checkpoint loaded strictly after construction (e.g. the released CHMv2 head).
+        loss: ``"sig"`` (scale-invariant log, λ ``sig_lambda``), ``"l1"`` or ``"huber"`` (``huber_delta`` metres).
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0 over the run.
+        freeze_backbone: keep the backbone frozen (official protocol); otherwise it trains at
+            ``lr * backbone_lr_scale``.
+        augment: random flips / quarter turns of each training batch (image, heights and validity together).
+        augment_seed: seed of the augmentation stream.
+
+    Raises:
+        ValueError: an unknown ``head``/``output``/``loss``, or a head/output combination that cannot work
+            (``chmv2`` needs 256 bins).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "vitmicro16",
+        in_chans: int = 3,
+        backbone_kwargs: dict[str, Any] | None = None,
+        weights: str | None = None,
+        head: str = "dpt",
+        layers: list[int] | None = None,
+        output: str = "bins",
+        n_bins: int = CHMV2_N_BINS,
+        min_height: float = CHMV2_MIN_HEIGHT,
+        max_height: float = CHMV2_MAX_HEIGHT,
+        bin_strategy: str = "chmv2_mixlog",
+        bin_norm: str = "chmv2_mixlog",
+        dpt_channels: int = 256,
+        dpt_post_process_channels: list[int] | None = None,
+        dpt_hidden_channels: int = 128,
+        readout: str = "project",
+        use_cls_token: bool = False,
+        head_weights: str | None = None,
+        loss: str = "sig",
+        sig_lambda: float = 0.15,
+        huber_delta: float = 1.0,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 0,
+        freeze_backbone: bool = True,
+        backbone_lr_scale: float = 0.1,
+        augment: bool = True,
+        augment_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if head not in HEADS:
+            raise ValueError(f"HeightTask: head must be one of {HEADS}, got {head!r}.")
+        if output not in OUTPUTS:
+            raise ValueError(f"HeightTask: output must be one of {OUTPUTS}, got {output!r}.")
+        if loss not in LOSSES:
+            raise ValueError(f"HeightTask: loss must be one of {LOSSES}, got {loss!r}.")
+        if head == "chmv2" and (output != "bins" or n_bins != CHMV2_N_BINS):
+            raise ValueError(f"HeightTask: head='chmv2' predicts {CHMV2_N_BINS} bins; use output='bins', n_bins={CHMV2_N_BINS}.")
+
+        if weights is not None:
+            vit = load_backbone(weights, in_chans=in_chans)
+            self.backbone_name = vit.meta.name
+        else:
+            vit = build_backbone(backbone, in_chans=in_chans, **(backbone_kwargs or {}))
+            self.backbone_name = backbone
+        dim, n_blocks = int(vit.embed_dim), int(vit.n_blocks)
+        if layers is None:
+            layers = even_layers(n_blocks) if head != "linear" else [n_blocks - 1]
+            if head == "chmv2" and n_blocks == 24:
+                layers = list(CHMV2_LAYERS)
+        k = 1 if output == "regression" else n_bins
+        if head == "chmv2":
+            head_module: nn.Module = chmv2_head(embed_dim=dim)
+        elif head == "dpt":
+            if len(layers) != 4 and dpt_post_process_channels is None:
+                raise ValueError(f"HeightTask: the default DPT reads 4 layers, got layers={layers}; set dpt_post_process_channels.")
+            head_module = DPTHead(
+                embed_dim=dim, out_channels=k, channels=dpt_channels,
+                post_process_channels=dpt_post_process_channels or (128, 256, 512, 1024),
+                n_hidden_channels=dpt_hidden_channels, readout=readout,
+                reassemble_factors=_dpt_factors(len(dpt_post_process_channels or layers)),
+            )  # fmt: skip
+        else:
+            head_module = LinearHead(in_channels=[dim] * len(layers), out_channels=k, use_cls_token=use_cls_token)
+        if head_weights is not None:
+            load_head_weights(head_module, head_weights)
+        to_metres = LogitsToHeight(
+            n_bins=k, min_height=min_height, max_height=max_height, strategy=bin_strategy, norm=bin_norm
+        )
+        self.model = DenseModel(
+            backbone=vit, head=head_module, layers=list(layers), freeze_backbone=freeze_backbone, output=to_metres
+        )
+        if loss == "sig":
+            self.loss_fn: nn.Module = SigLoss(lam=sig_lambda)
+        elif loss == "l1":
+            self.loss_fn = MaskedL1Loss()
+        else:
+            self.loss_fn = MaskedHuberLoss(delta=huber_delta)
+        self.val_metrics = HeightMetrics()
+        backbone_meta = getattr(vit, "meta", None)
+        #: bands, normalisation and GSD of the training data; from the datamodule in ``setup`` (else the weights')
+        self.data_meta: dict[str, Any] = {
+            "bands": getattr(backbone_meta, "bands", None),
+            "normalization": getattr(backbone_meta, "normalization", None),
+            "gsd": getattr(backbone_meta, "gsd", None),
+        }
+        self._val_store: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ model
+
+    def forward(self, image: Tensor) -> Tensor:
+        """Normalised imagery ``[B, C, H, W]`` -> heights in metres ``[B, 1, H, W]``."""
+        return self.model(image)
+
+    def backbone_meta(self) -> BackboneMeta:
+        """Architecture and data metadata stored in every checkpoint (``"dinov3_eo"`` entry)."""
+        vit = self.model.backbone
+        return BackboneMeta(
+            name=self.backbone_name, in_chans=int(vit.in_chans), patch_size=int(vit.patch_size),
+            embed_dim=int(vit.embed_dim), bands=self.data_meta.get("bands"),
+            normalization=self.data_meta.get("normalization"), gsd=self.data_meta.get("gsd"),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ Lightning hooks
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is None:
+            return
+        normalization = getattr(datamodule, "normalization", None)
+        expected = self.data_meta.get("normalization")
+        if normalization is not None and expected is not None and normalization.to_dict() != expected:
+            # a mismatch is legitimate (e.g. new sensor) but is the most common silent failure, so say it
+            log.warning(
+                "HeightTask: the data are normalised with %r but the backbone weights expect %r.",
+                normalization.name, expected.get("name"),
+            )
+        self.data_meta = {
+            "bands": getattr(datamodule, "band_names", None) or self.data_meta.get("bands"),
+            "normalization": normalization.to_dict() if normalization is not None else expected,
+            "gsd": getattr(datamodule, "gsd", None) or self.data_meta.get("gsd"),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dinov3_eo"] = self.backbone_meta().to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("dinov3_eo") or {}
+        self.data_meta = {k: stored.get(k) for k in ("bands", "normalization", "gsd")}
+
+    def _augment(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The same random flip/rotation of every tensor's last two dims (one per batch, seeded by the step)."""
+        if not self.hparams.augment:
+            return tensors
+        gen = torch.Generator().manual_seed(int(self.hparams.augment_seed) * 1_000_003 + int(self.global_step))
+        k = int(torch.randint(8, (1,), generator=gen))
+        return tuple(_dihedral(t, k) for t in tensors)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        image, target, valid = self._augment(batch["image"], batch["target"], batch["valid"])
+        pred = self(image)  # [B, 1, H, W]
+        loss = self.loss_fn(pred, target, valid)
+        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_metrics.reset()
+        self._val_store = {"pred": [], "target": [], "tiles_pred": [], "tiles_target": []}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        image, target, valid = batch["image"], batch["target"], batch["valid"]
+        pred = self(image)
+        self.log("val/loss", self.loss_fn(pred, target, valid), batch_size=image.shape[0], sync_dist=True)
+        self.val_metrics.update(pred, target, valid)
+        self._keep_for_plots(pred[:, 0], target, valid, batch_idx)
+
+    def _keep_for_plots(self, pred: Tensor, target: Tensor, valid: Tensor, batch_idx: int) -> None:
+        p = pred.detach().float().cpu().numpy()
+        t = torch.where(valid, target, torch.full_like(target, float("nan"))).cpu().numpy()
+        counted = np.isfinite(t)
+        # a seeded per-batch subsample keeps the scatter plot's cost fixed whatever the validation size
+        rng = np.random.default_rng([int(self.hparams.augment_seed), batch_idx])
+        idx = np.flatnonzero(counted)
+        take = rng.choice(idx, size=min(idx.size, _SCATTER_PIXELS // 8), replace=False) if idx.size else idx
+        self._val_store["pred"].append(p.ravel()[take])
+        self._val_store["target"].append(t.ravel()[take])
+        for b in range(p.shape[0]):
+            if len(self._val_store["tiles_pred"]) < _ERROR_MAP_TILES:
+                self._val_store["tiles_pred"].append(p[b])
+                self._val_store["tiles_target"].append(t[b])
+
+    def on_validation_epoch_end(self) -> None:
+        state = self.val_metrics.state_tensor().to(self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(state)
+            self.val_metrics.load_state_tensor(state)
+        metrics = self.val_metrics.compute()
+        for key, value in flat_metrics(metrics, prefix="val/").items():
+            self.log(key, value if math.isfinite(value) else float("nan"), prog_bar=key in ("val/mae", "val/rmse"))
+        if self.trainer.sanity_checking or not self.trainer.is_global_zero:
+            return
+        self.write_validation_report(metrics)
+
+    def write_validation_report(self, metrics: dict[str, dict[str, float]]) -> Path | None:
+        """``val_metrics.json``, ``val_scatter.png`` and ``val_error_map.png`` in the run folder (overwritten)."""
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "val_metrics.json", {"epoch": int(self.current_epoch), "step": int(self.global_step), "metrics": metrics})
+        store = self._val_store
+        if store.get("pred"):
+            scatter_plot(folder / "val_scatter.png", np.concatenate(store["pred"]), np.concatenate(store["target"]),
+                         title=f"validation, epoch {self.current_epoch}")  # fmt: skip
+        if store.get("tiles_pred"):
+            error_map(folder / "val_error_map.png", np.stack(store["tiles_pred"]), np.stack(store["tiles_target"]),
+                      titles=[f"tile {i}" for i in range(len(store["tiles_pred"]))])  # fmt: skip
+        return folder
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_scale)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warmup = int(hp.warmup_steps)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def _dpt_factors(n: int) -> tuple[float, ...]:
+    """Reassemble factors for ``n`` DPT inputs: the official ``(4, 2, 1, 0.5)`` for four, else x4 ... down."""
+    if n == 4:
+        return (4, 2, 1, 0.5)
+    return tuple(2.0 ** (2 - i) for i in range(n))
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, allow_nan=True))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: our checkpoints and the released CHMv2 head
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_height_model(path: str | os.PathLike[str]) -> DenseModel:
+    """A trained :class:`HeightTask` checkpoint (``.ckpt``) as an eval-mode :class:`DenseModel` giving metres.
+
+    The returned model has a ``meta`` attribute (:class:`~dinov3_eo.models.hub.BackboneMeta`) with the bands,
+    normalisation and GSD of the training data. Nothing but the checkpoint is read: a backbone that was loaded
+    from a weights file is rebuilt from the architecture of the stored weights.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a HeightTask checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_height_model: no checkpoint at {str(path)!r}.")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise ValueError(f"load_height_model: {str(path)!r} is not a Lightning checkpoint of a HeightTask.")
+    accepted = set(inspect.signature(HeightTask.__init__).parameters) - {"self"}
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in accepted}
+    state = checkpoint["state_dict"]
+    if not any(k.startswith("model.head.") for k in state):
+        raise ValueError(f"load_height_model: {str(path)!r} holds no 'model.head.*' weights; is it a HeightTask checkpoint?")
+    if hparams.get("weights"):
+        prefix = "model.backbone."
+        name, overrides = infer_architecture({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        hparams.update(backbone=name, backbone_kwargs=overrides, weights=None)
+    hparams["head_weights"] = None
+    task = HeightTask(**hparams)
+    task.load_state_dict(state, strict=True)
+    model = task.model.eval()
+    model.meta = BackboneMeta.from_dict(checkpoint.get("dinov3_eo") or task.backbone_meta().to_dict())
+    return model
+
+
+def load_chmv2_head(path: str | os.PathLike[str]) -> DPTHead:
+    """The released CHMv2 DPT head (``dinov3_vitl16_chmv2_dpt_head-*.pth``, 68 keys), loaded strictly.
+
+    The width is read from the checkpoint (1024 for the SAT-493M ViT-L release).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the keys or shapes are not the CHMv2 layout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_chmv2_head: no checkpoint at {str(path)!r}.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    key = "reassemble_blocks.projects.0.conv.weight"
+    if not isinstance(state, dict) or key not in state:
+        raise ValueError(f"load_chmv2_head: {str(path)!r} is not a CHMv2 DPT head (no {key!r}).")
+    head = chmv2_head(embed_dim=int(state[key].shape[1]))
+    return load_head_weights(head, path)
+
+
+def build_chmv2(
+    backbone: str | os.PathLike[str] | nn.Module,
+    head: str | os.PathLike[str] | DPTHead,
+    *,
+    pad_multiple: int | None = None,
+) -> DenseModel:
+    """Meta's CHMv2 canopy-height model from its two released parts: ``[B, 3, H, W] -> metres [B, 1, H, W]``.
+
+    Args:
+        backbone: SAT-493M ViT-L weights (path, any layout ``load_backbone`` reads) or a built backbone.
+        head: the CHMv2 head checkpoint (path) or a head from :func:`load_chmv2_head`.
+        pad_multiple: centre padding multiple (default 32 keeps the output exactly on the input grid; 16 is
+            the official notebook's padding).
+
+    The model reads blocks ``[5, 11, 17, 23]`` with the final norm and the class token, and its ``meta``
+    carries the ``chmv2`` normalisation (mean 0.420, 0.411, 0.296 on [0, 1] RGB) that inference must apply.
+
+    Raises:
+        ValueError: the backbone's width differs from the head's, or it has fewer than 24 blocks.
+    """
+    vit = load_backbone(backbone) if isinstance(backbone, (str, os.PathLike)) else backbone
+    dpt = load_chmv2_head(head) if isinstance(head, (str, os.PathLike)) else head
+    if int(vit.embed_dim) != dpt.embed_dim:
+        raise ValueError(f"build_chmv2: the backbone is {vit.embed_dim} wide but the head expects {dpt.embed_dim}.")
+    if int(vit.n_blocks) <= max(CHMV2_LAYERS):
+        raise ValueError(f"build_chmv2: CHMv2 reads blocks {list(CHMV2_LAYERS)}; the backbone has {vit.n_blocks}.")
+    if int(vit.embed_dim) != 1024 or int(vit.n_blocks) != 24:
+        log.warning("build_chmv2: the released head was trained on the SAT-493M ViT-L; this backbone is not one.")
+    model = DenseModel(backbone=vit, head=dpt, layers=list(CHMV2_LAYERS), output=chmv2_height(), pad_multiple=pad_multiple)
+    model.meta = BackboneMeta(
+        name=getattr(getattr(vit, "meta", None), "name", getattr(vit, "name", "vitl16")),
+        in_chans=int(vit.in_chans), patch_size=int(vit.patch_size), embed_dim=int(vit.embed_dim),
+        bands=["red", "green", "blue"], normalization=Normalization.preset("chmv2").to_dict(), gsd=None,
+    )  # fmt: skip
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prediction and evaluation on rasters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def predict_height(
+    model: DenseModel,
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    normalization: Normalization | dict[str, Any] | None = None,
+    quicklook: str | os.PathLike[str] | None = None,
+    window: int = 512,
+    overlap: float | int = 0.25,
+    batch_size: int = 4,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a float32 canopy-height COG in metres for the GeoTIFF ``src`` (same CRS, transform and size).
+
+    Args:
+        model: a height model (``[B, C, h, w] -> [B, 1, h, w]`` metres), e.g. from :func:`load_height_model`.
+        normalization: input normalisation; default: the model's ``meta.normalization`` (raises when neither).
+        quicklook: also write a PNG quick-look with a colour bar here.
+        window, overlap, batch_size, bands, nodata, device: see :func:`~dinov3_eo.inference.predict.predict_raster`.
+
+    Raises:
+        ValueError: no normalisation is known for the model.
+        FileExistsError: an output exists and ``overwrite`` is false.
+    """
+    from dinov3_eo.inference.predict import predict_raster
+    from dinov3_eo.inference.writers import check_overwrite
+
+    meta = getattr(model, "meta", None)
+    if normalization is None:
+        normalization = getattr(meta, "normalization", None)
+    if normalization is None:
+        raise ValueError("predict_height: the model carries no input normalisation; pass normalization= explicitly.")
+    if quicklook is not None:
+        check_overwrite(quicklook, overwrite)  # fail before the (long) prediction, not after
+    summary = predict_raster(
+        model, src, dst, out_channels=1, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
+        nodata=nodata, normalization=normalization, output="regression", activation="none",
+        class_names=["canopy height (m)"], device=device, multiple=int(model.patch_size), progress=progress,
+        overwrite=overwrite, tags={"units": "metre", "quantity": "canopy height"},
+    )  # fmt: skip
+    if quicklook is not None:
+        height_quicklook(quicklook, dst, title=Path(src).name, overwrite=overwrite)
+    return summary.outputs[0]
+
+
+def evaluate_height_raster(
+    pred: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    resampling: str = "average",
+    reference_nodata: float | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of a predicted height raster against a reference CHM, on the *reference* grid.
+
+    The prediction is resampled onto the reference grid (``average`` by default: a finer prediction is
+    aggregated into each reference cell, nodata-aware). With ``out_dir``, ``metrics.json``, ``scatter.png`` and
+    ``error_map.png`` are written there.
+    """
+    from dinov3_eo.tasks.height_data import HeightLabels
+
+    with rasterio.open(reference) as ref:
+        target = ref.read(1).astype(np.float32)
+        nodata = ref.nodata if reference_nodata is None else reference_nodata
+        if nodata is not None:
+            target[target == nodata] = np.nan
+        crs, transform, shape = ref.crs, ref.transform, (ref.height, ref.width)
+    predicted = HeightLabels(paths=pred, resampling=resampling, clip_negative=False).read(crs=crs, transform=transform, shape=shape)
+    metrics = HeightMetrics()
+    metrics.update(predicted, target)
+    result = metrics.compute()
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "metrics.json", {"prediction": str(pred), "reference": str(reference), "metrics": result})
+        scatter_plot(folder / "scatter.png", predicted, target, title=Path(pred).name)
+        error_map(folder / "error_map.png", predicted, target, titles=[Path(pred).name])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _predict_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dinov3-eo height predict",
+        description="Canopy height in metres for a GeoTIFF: float32 COG (input CRS/transform, NaN nodata) + PNG quick-look.",
+    )
+    p.add_argument("input", help="input GeoTIFF (any size; read window by window)")
+    p.add_argument("-o", "--output", required=True, help="output COG (.tif)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="HeightTask checkpoint (.ckpt) from 'dinov3-eo height fit'")
+    src.add_argument("--chmv2-head", help="released CHMv2 head (.pth); needs --backbone (SAT-493M ViT-L weights)")
+    p.add_argument("--backbone", help="backbone weights for --chmv2-head")
+    p.add_argument("--quicklook", help="PNG quick-look path (default: the output with .png)")
+    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG quick-look")
+    p.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap, fraction of the window (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--bands", type=int, nargs="+", help="1-based input bands (default: all)")
+    p.add_argument("--nodata", type=float, help="input nodata overriding the file's")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _predict_main(argv: Sequence[str]) -> int:
+    args = _predict_parser().parse_args(list(argv))
+    if args.chmv2_head is not None:
+        if args.backbone is None:
+            raise SystemExit("dinov3-eo height predict: --chmv2-head needs --backbone (the SAT-493M ViT-L weights).")
+        model = build_chmv2(args.backbone, args.chmv2_head)
+    else:
+        model = load_height_model(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
+    out = predict_height(
+        model, args.input, args.output, quicklook=quicklook, window=args.window, overlap=args.overlap,
+        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, overwrite=args.overwrite,
+        progress=not args.quiet,
+    )  # fmt: skip
+    print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
+    return 0
+
+
+def _evaluate_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="dinov3-eo height evaluate",
+        description="MAE, RMSE, R² and bias (overall and per height bin) of a height raster against a reference CHM.",
+    )
+    p.add_argument("prediction", help="predicted height GeoTIFF (metres)")
+    p.add_argument("reference", help="reference CHM GeoTIFF (metres), any CRS/resolution")
+    p.add_argument("--out-dir", help="write metrics.json, scatter.png and error_map.png here")
+    p.add_argument("--resampling", default="average", choices=["average", "bilinear", "nearest"])
+    p.add_argument("--reference-nodata", type=float, help="nodata of the reference overriding the file's")
+    args = p.parse_args(list(argv))
+    result = evaluate_height_raster(
+        args.prediction, args.reference, out_dir=args.out_dir, resampling=args.resampling,
+        reference_nodata=args.reference_nodata,
+    )  # fmt: skip
+    from dinov3_eo.tasks.height_metrics import metrics_table
+
+    print(metrics_table({Path(args.prediction).name: result}))
+    return 0
+
+
+def _fit_main(argv: Sequence[str]) -> int:
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from dinov3_eo.tasks.height_data import HeightDataModule
+
+    old_argv0 = sys.argv[0]
+    sys.argv[0] = "dinov3-eo height"  # so that --help names the command
+    try:
+        LightningCLI(
+            HeightTask, HeightDataModule, args=list(argv) or ["--help"], save_config_kwargs={"overwrite": True},
+            seed_everything_default=0,
+        )  # fmt: skip
+    finally:
+        sys.argv[0] = old_argv0
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    """``dinov3-eo height fit|validate --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``."""
+    argv = list(argv)
+    if argv and argv[0] == "predict":
+        return _predict_main(argv[1:])
+    if argv and argv[0] == "evaluate":
+        return _evaluate_main(argv[1:])
+    return _fit_main(argv)

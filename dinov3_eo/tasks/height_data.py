@@ -1,0 +1,264 @@
+"""Training pairs for canopy height: imagery tiles plus reference heights from one or more CHM rasters.
+
+A canopy-height model (CHM) from LiDAR rarely shares the imagery's grid: it is often in another CRS, at
+another resolution (1 m CHM under 0.1-0.6 m imagery), and split into many files. :class:`HeightLabels`
+answers "which heights lie on this tile's pixel grid?" by warping every CHM file that overlaps the tile onto
+exactly that grid through a ``WarpedVRT`` (only the needed source blocks are read), with bilinear (default)
+or average resampling. Resampling is nodata-aware: GDAL's warper gives nodata source pixels zero weight
+and renormalises over the valid ones, so a nodata value (e.g. -9999) never bleeds into a height, and
+output pixels with no valid source are NaN.
+
+:class:`HeightDataModule` is the dense data module (:class:`~dinov3_eo.data.datamodule.DenseDataModule`)
+with these labels: it drops tiles with too little reference height and splits train/validation by
+region — whole files (e.g. field plots) named in ``val_files``, or spatial blocks of tiles.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.coords import BoundingBox, disjoint_bounds
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import Affine, array_bounds
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+from dinov3_eo.data.datamodule import DenseDataModule
+from dinov3_eo.data.index import expand_sources
+from dinov3_eo.data.sampling import Tile
+
+#: Resampling choices for heights: continuous values only (``nearest`` keeps the CHM's blockiness).
+HEIGHT_RESAMPLING = ("bilinear", "average", "cubic", "nearest")
+
+
+@dataclass(frozen=True)
+class _ChmFile:
+    path: str
+    crs: CRS
+    bounds: BoundingBox
+    nodata: float | None
+
+
+class HeightLabels:
+    """Reference heights (metres) from CHM rasters in any CRS/resolution, warped onto each tile's grid.
+
+    Args:
+        paths: CHM files, folders or globs (several files are mosaicked; where they overlap the first wins).
+        nodata: nodata override for every CHM (default: each file's declared nodata; NaN is always invalid).
+        resampling: ``"bilinear"`` (default; for a CHM coarser than the imagery), ``"average"`` (for a CHM
+            finer than the imagery), ``"cubic"`` or ``"nearest"``.
+        band: 1-based band holding the heights.
+        clip_negative: set heights below 0 (LiDAR ground noise) to 0.
+        max_height: heights above this (birds, power lines) are treated as nodata; ``None`` keeps all.
+
+    Raises:
+        FileNotFoundError: a source matches no raster.
+        ValueError: unknown ``resampling``, a CHM without CRS, or ``band`` outside a file's bands.
+    """
+
+    def __init__(
+        self,
+        *,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        nodata: float | None = None,
+        resampling: str = "bilinear",
+        band: int = 1,
+        clip_negative: bool = True,
+        max_height: float | None = None,
+    ) -> None:
+        if resampling not in HEIGHT_RESAMPLING:
+            raise ValueError(f"HeightLabels: resampling must be one of {HEIGHT_RESAMPLING}, got {resampling!r}.")
+        self.resampling = Resampling[resampling]
+        self.band, self.clip_negative, self.max_height = int(band), clip_negative, max_height
+        files = []
+        for path in expand_sources(paths):
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    raise ValueError(f"HeightLabels: CHM {path} is not georeferenced (no CRS).")
+                if not 1 <= self.band <= src.count:
+                    raise ValueError(f"HeightLabels: band {band} is outside [1, {src.count}] for CHM {path}.")
+                files.append(_ChmFile(str(path), src.crs, src.bounds, src.nodata if nodata is None else nodata))
+        self.files = files
+        self._handles: dict[int, Any] = {}
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"] = {}, None  # reopened lazily in each worker
+        return state
+
+    def _open(self, i: int):
+        if self._pid != os.getpid():
+            self._handles, self._pid = {}, os.getpid()
+        if i not in self._handles:
+            self._handles[i] = rasterio.open(self.files[i].path)
+        return self._handles[i]
+
+    def overlapping(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> list[int]:
+        """Indexes of the CHM files whose footprint meets the grid ``(crs, transform, shape)``."""
+        west, south, east, north = array_bounds(shape[0], shape[1], transform)
+        hits = []
+        for i, f in enumerate(self.files):
+            box = (west, south, east, north) if f.crs == crs else transform_bounds(crs, f.crs, west, south, east, north)
+            if not disjoint_bounds(BoundingBox(*box), f.bounds):
+                hits.append(i)
+        return hits
+
+    def read(
+        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], resampling: Resampling | None = None
+    ) -> np.ndarray:
+        """Heights float32 ``(H, W)`` on the grid, NaN where no CHM has a valid value."""
+        height, width = shape
+        out = np.full(shape, np.nan, dtype=np.float32)
+        for i in self.overlapping(crs=crs, transform=transform, shape=shape):
+            f = self.files[i]
+            with WarpedVRT(
+                self._open(i), crs=crs, transform=transform, width=width, height=height,
+                resampling=resampling or self.resampling, src_nodata=f.nodata, nodata=f.nodata,
+                add_alpha=f.nodata is None,
+            ) as vrt:  # fmt: skip
+                values = vrt.read(self.band).astype(np.float32)
+                labelled = vrt.read_masks(self.band) > 0
+            labelled &= np.isfinite(values)
+            fill = labelled & np.isnan(out)
+            out[fill] = values[fill]
+        if self.clip_negative:
+            np.maximum(out, 0.0, out=out, where=np.isfinite(out))
+        if self.max_height is not None:
+            out[out > self.max_height] = np.nan
+        return out
+
+    def sample(
+        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"target": float32 (H, W)}`` on a tile grid, NaN where there is no height or the image is invalid."""
+        target = self.read(crs=crs, transform=transform, shape=shape)
+        if valid is not None:
+            target[~valid] = np.nan
+        return {"target": torch.from_numpy(target)}
+
+    def coverage(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], max_side: int = 32) -> float:
+        """Fraction of the grid with a reference height, estimated on a grid at most ``max_side`` pixels a side."""
+        factor = max(1, math.ceil(max(shape) / max_side))
+        coarse = (math.ceil(shape[0] / factor), math.ceil(shape[1] / factor))
+        heights = self.read(crs=crs, transform=transform * Affine.scale(factor), shape=coarse, resampling=Resampling.nearest)
+        return float(np.isfinite(heights).mean())
+
+
+def _matches(path: str, patterns: Sequence[str]) -> bool:
+    name = os.path.basename(path)
+    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
+
+
+class HeightDataModule(DenseDataModule):
+    """Imagery tiles with ``target`` heights (metres, NaN = none) for :class:`~dinov3_eo.tasks.height.HeightTask`.
+
+    Args:
+        paths: the imagery (GeoTIFF files, folders or globs).
+        labels: CHM raster(s): files, folders or globs, in any CRS and resolution.
+        label_nodata: nodata override of the CHMs.
+        label_resampling: ``"bilinear"`` or ``"average"`` (see :class:`HeightLabels`).
+        label_max_height: CHM heights above this are ignored (outliers such as birds or power lines).
+        min_label_fraction: tiles where less than this fraction has a reference height are skipped.
+        val_files: basename globs of imagery files held out for validation (a region split by file, e.g. by
+            plot); when ``None``, spatial blocks of ``block_tiles`` tiles are split with ``val_fraction``.
+        bands, nodata, scale, offset, normalization, stats, preset_range, tile_size, units, gsd, crs, resampling,
+        block_tiles, val_fraction, max_nodata_fraction, batch_size, num_workers, pin_memory, seed, strict,
+        cache_dir, stats_windows, rank, world_size: as for :class:`~dinov3_eo.data.datamodule.DenseDataModule`.
+
+    Raises:
+        ValueError: ``min_label_fraction`` outside [0, 1]; after ``setup``, no training or validation tile left.
+    """
+
+    def __init__(
+        self,
+        *,
+        paths: str | list[str],
+        labels: str | list[str],
+        label_nodata: float | None = None,
+        label_resampling: str = "bilinear",
+        label_max_height: float | None = None,
+        min_label_fraction: float = 0.5,
+        val_files: list[str] | None = None,
+        bands: list[int | str] | None = None,
+        nodata: float | None = None,
+        scale: float | list[float] | None = None,
+        offset: float | list[float] | None = None,
+        normalization: str = "sat493m",
+        stats: str | None = None,
+        preset_range: tuple[float, float] = (0.0, 255.0),
+        tile_size: float = 256,
+        units: str = "pixels",
+        gsd: float | None = None,
+        crs: str | None = None,
+        resampling: str = "bilinear",
+        block_tiles: int = 4,
+        val_fraction: float = 0.2,
+        max_nodata_fraction: float = 0.5,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        strict: bool = False,
+        cache_dir: str | None = "default",
+        stats_windows: int = 64,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if not 0.0 <= min_label_fraction <= 1.0:
+            raise ValueError(f"HeightDataModule: min_label_fraction must lie in [0, 1], got {min_label_fraction}.")
+        if label_resampling not in HEIGHT_RESAMPLING:
+            raise ValueError(f"HeightDataModule: label_resampling must be one of {HEIGHT_RESAMPLING}, got {label_resampling!r}.")
+        super().__init__(
+            paths=paths, labels=labels, task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
+            scale=scale, offset=offset, normalization=normalization, stats=stats, preset_range=preset_range,
+            tile_size=tile_size, units=units, gsd=gsd, crs=crs, resampling=resampling, block_tiles=block_tiles,
+            val_fraction=val_fraction, max_nodata_fraction=max_nodata_fraction, batch_size=batch_size,
+            num_workers=num_workers, pin_memory=pin_memory, seed=seed, strict=strict, cache_dir=cache_dir,
+            stats_windows=stats_windows, rank=rank, world_size=world_size,
+        )  # fmt: skip
+        self.save_hyperparameters()
+        self.label_resampling, self.label_max_height = label_resampling, label_max_height
+        self.min_label_fraction, self.val_files = float(min_label_fraction), val_files
+
+    def _labels(self) -> HeightLabels:
+        return HeightLabels(
+            paths=self.labels_path, nodata=self.label_nodata, resampling=self.label_resampling, max_height=self.label_max_height
+        )
+
+    def label_fraction(self, tile: Tile) -> float:
+        """Estimated fraction of ``tile`` with a reference height (coarse read, see :meth:`HeightLabels.coverage`)."""
+        grid = self.dataset.grid
+        return self.label_source.coverage(
+            crs=grid.grids[tile.file].crs, transform=grid.tile_transform(tile), shape=(tile.size, tile.size)
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        super().setup(stage)
+        if self.val_files:
+            paths = [r.path for r in self.index.records]
+            tiles = sorted(self.train_tiles + self.val_tiles)
+            held_out = {i for i, p in enumerate(paths) if _matches(p, self.val_files)}
+            if not held_out:
+                raise ValueError(f"HeightDataModule: val_files {self.val_files} match none of the images {paths}.")
+            self.train_tiles = [t for t in tiles if t.file not in held_out]
+            self.val_tiles = [t for t in tiles if t.file in held_out]
+        self.train_tiles = [t for t in self.train_tiles if self.label_fraction(t) >= self.min_label_fraction]
+        self.val_tiles = [t for t in self.val_tiles if self.label_fraction(t) >= self.min_label_fraction]
+        for name, tiles in (("training", self.train_tiles), ("validation", self.val_tiles)):
+            if not tiles:
+                raise ValueError(
+                    f"HeightDataModule: no {name} tile has >= {self.min_label_fraction:.0%} reference height; "
+                    "check that the CHMs overlap the imagery, or lower min_label_fraction / tile_size."
+                )

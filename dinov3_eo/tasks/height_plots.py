@@ -1,0 +1,140 @@
+"""PNG pictures for canopy height: a map quick-look with a colour bar, a predicted-vs-reference scatter plot and
+an error map. All are drawn on a bare matplotlib ``Figure`` (Agg; pyplot's global state is never touched) and
+written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+
+from dinov3_eo.inference.writers import atomic_output
+
+#: Perceptually uniform, colour-blind-safe map of heights; diverging map of errors (blue = under, red = over).
+HEIGHT_CMAP = "viridis"
+ERROR_CMAP = "RdBu_r"
+
+
+def _save(fig, dst: str | os.PathLike[str], overwrite: bool) -> Path:
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
+    return Path(dst)
+
+
+def height_quicklook(
+    dst: str | os.PathLike[str],
+    chm: str | os.PathLike[str],
+    *,
+    max_size: int = 1024,
+    vmax: float | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A downsampled picture of a one-band height raster (metres) with a labelled colour bar.
+
+    Args:
+        dst: destination ``.png``.
+        chm: the height GeoTIFF; its nodata (or NaN) is drawn transparent.
+        max_size: longer side of the picture in pixels (reads use the COG overviews, averaged).
+        vmax: top of the colour scale (default: the 99th percentile of valid heights).
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    from matplotlib.figure import Figure
+
+    with rasterio.open(chm) as src:
+        scale = min(1.0, max_size / max(src.height, src.width))
+        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+        heights = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
+    values = np.ma.masked_invalid(heights)
+    finite = values.compressed()
+    top = vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0)
+    fig = Figure(figsize=(max(3.0, shape[1] / 100 + 1.5), max(2.5, shape[0] / 100)), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap=HEIGHT_CMAP, vmin=0.0, vmax=max(top, 1e-3), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="height (m)")
+    return _save(fig, dst, overwrite)
+
+
+def scatter_plot(
+    dst: str | os.PathLike[str],
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    title: str | None = None,
+    max_points: int = 50_000,
+    seed: int = 0,
+    overwrite: bool = True,
+) -> Path:
+    """Predicted vs reference height (metres) as a 2-D histogram with the 1:1 line; NaN pairs are dropped.
+
+    Up to ``max_points`` pairs are drawn (a seeded subsample), so the picture costs the same for any data size.
+    """
+    from matplotlib.colors import LogNorm
+    from matplotlib.figure import Figure
+
+    p, t = np.asarray(pred, np.float64).ravel(), np.asarray(target, np.float64).ravel()
+    keep = np.isfinite(p) & np.isfinite(t)
+    p, t = p[keep], t[keep]
+    if p.size > max_points:
+        idx = np.random.default_rng(seed).choice(p.size, size=max_points, replace=False)
+        p, t = p[idx], t[idx]
+    top = max(1.0, float(np.percentile(np.concatenate([p, t]), 99.5))) if p.size else 1.0
+    fig = Figure(figsize=(4.6, 4.0), dpi=100)
+    ax = fig.subplots()
+    if p.size:
+        _, _, _, mesh = ax.hist2d(t, p, bins=60, range=[[0, top], [0, top]], cmap="magma_r", norm=LogNorm(), cmin=1)
+        fig.colorbar(mesh, ax=ax, label="pixels")
+    ax.plot([0, top], [0, top], color="0.3", lw=1, ls="--")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("reference height (m)")
+    ax.set_ylabel("predicted height (m)")
+    ax.set_aspect("equal")
+    if title:
+        ax.set_title(title)
+    return _save(fig, dst, overwrite)
+
+
+def error_map(
+    dst: str | os.PathLike[str],
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    titles: list[str] | None = None,
+    limit: float | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Panels of ``pred - target`` (metres) for one or more maps, ``[H, W]`` or ``[N, H, W]``, on a shared
+    diverging colour scale (``±limit``, default the 98th percentile of |error|); NaN is drawn transparent."""
+    from matplotlib.figure import Figure
+
+    p, t = np.asarray(pred, np.float32), np.asarray(target, np.float32)
+    if p.shape != t.shape:
+        raise ValueError(f"error_map: pred {p.shape} and target {t.shape} differ in shape.")
+    err = (p - t)[None] if p.ndim == 2 else p - t  # [N, H, W]
+    finite = np.abs(err[np.isfinite(err)])
+    lim = limit if limit is not None else (max(float(np.percentile(finite, 98)), 0.5) if finite.size else 1.0)
+    n = err.shape[0]
+    cols = min(n, 4)
+    rows = -(-n // cols)
+    fig = Figure(figsize=(2.6 * cols + 1.0, 2.6 * rows), dpi=100)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    image = None
+    for i, ax in enumerate(axes):
+        ax.set_axis_off()
+        if i < n:
+            image = ax.imshow(np.ma.masked_invalid(err[i]), cmap=ERROR_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
+            if titles is not None and i < len(titles):
+                ax.set_title(titles[i], fontsize=8)
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), fraction=0.046, pad=0.04, label="predicted − reference (m)")
+    return _save(fig, dst, overwrite)
