@@ -563,11 +563,14 @@ def _meta_for(
         meta.bands = None if stored.get("bands") is None else list(stored["bands"])
         meta.normalization = stored.get("normalization")
         meta.gsd = None if stored.get("gsd") is None else float(stored["gsd"])
-    elif model.in_chans == 3 or inflated:
+    elif model.in_chans == 3:
         preset, meta.gsd = _default_normalization(path, name, sd)
         meta.normalization = Normalization.preset(preset).to_dict()
         meta.bands = list(RGB_BANDS)
         log.info("No metadata in %s: assuming RGB input with the %r normalisation.", path, preset)
+    else:
+        log.warning("%s has no metadata for its %d bands%s: set meta.bands and meta.normalization.",
+                    path, model.in_chans, " (inflated from RGB)" if inflated else "")
     # band-dependent metadata cannot survive a change of band count
     if meta.bands is not None and len(meta.bands) != model.in_chans:
         meta.bands = None
