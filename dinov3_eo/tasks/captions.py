@@ -165,7 +165,10 @@ def read_caption_table(path: str | os.PathLike[str]) -> list[CaptionRecord]:
     if suffix == ".csv":
         frame = pd.read_csv(source)
     elif suffix == ".parquet":
-        frame = pd.read_parquet(source)
+        try:
+            frame = pd.read_parquet(source)
+        except ImportError as e:
+            raise ImportError(f"Reading the Parquet caption table {str(source)!r} needs pyarrow (pip install pyarrow).") from e
     elif suffix == ".jsonl":
         frame = pd.read_json(source, lines=True)
     elif suffix == ".json":
@@ -637,6 +640,10 @@ class TextDataModule(pl.LightningDataModule):
         min_fraction, max_classes: which classes a label caption names (see :func:`caption_from_mask`).
         test_fraction: class folders: held-out share per class.
         bands, nodata: GeoTIFF bands (1-based) and nodata override.
+        normalization: the data's own normalisation, used by the task only when neither the task nor the backbone
+            gives one: ``zscore``/``percentile`` (from ``stats``, or computed from the GeoTIFFs), a preset name on
+            ``preset_range`` raw values, or ``None``.
+        stats, preset_range: see ``PretrainDataModule``.
         size: image side fed to the model (chips resized; tiles cut at this size).
         batch_size, num_workers, seed: loader settings.
         cache_dir: raster index cache (labels source).
@@ -663,6 +670,9 @@ class TextDataModule(pl.LightningDataModule):
         test_fraction: float = 0.25,
         bands: list[int] | None = None,
         nodata: float | None = None,
+        normalization: str | None = None,
+        stats: str | None = None,
+        preset_range: tuple[float, float] = (0.0, 255.0),
         size: int = 64,
         batch_size: int = 32,
         num_workers: int = 0,
@@ -675,13 +685,15 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"TextDataModule: give exactly one of captions=, class_folders= or paths= + labels=; got {given or 'none'}.")
         if labels is not None and paths is None:
             raise ValueError("TextDataModule: labels= needs paths= (the imagery it labels).")
-        self.save_hyperparameters()
+        # not logged: names such as `normalization`/`templates` also exist on the task, with their own meaning
+        self.save_hyperparameters(logger=False)
         self.captions, self.class_folders, self.paths, self.labels_path = captions, class_folders, paths, labels
         self.templates = load_templates(templates)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_attribute, self.classes, self.background = label_attribute, classes, background
         self.ignore_index, self.min_fraction, self.max_classes = ignore_index, min_fraction, max_classes
         self.test_fraction, self.bands, self.nodata, self.size = test_fraction, bands, nodata, size
+        self.normalization_mode, self.stats, self.preset_range = normalization, stats, tuple(preset_range)
         self.batch_size, self.num_workers, self.seed, self.cache_dir = batch_size, num_workers, seed, cache_dir
         #: the data's own normalisation, if it has one (raw units otherwise; the task decides)
         self.normalization: Normalization | None = None
@@ -704,6 +716,11 @@ class TextDataModule(pl.LightningDataModule):
             self.band_names = ["red", "green", "blue"]
         else:
             self._setup_labels()
+            return
+        if self.normalization_mode is not None:
+            from dinov3_eo.data.datamodule import build_normalization
+
+            self.normalization = build_normalization(self.normalization_mode, stats=self.stats, preset_range=self.preset_range)
 
     def _setup_labels(self) -> None:
         from dinov3_eo.data.datamodule import DenseDataModule
@@ -716,6 +733,13 @@ class TextDataModule(pl.LightningDataModule):
             max_nodata_fraction=0.5,
         )  # fmt: skip
         dense.setup("fit")
+        if self.normalization_mode is not None:
+            from dinov3_eo.data.datamodule import build_normalization
+
+            self.normalization = build_normalization(
+                self.normalization_mode, index=dense.index, stats=self.stats, nodata=self.nodata,
+                preset_range=self.preset_range, seed=self.seed,
+            )  # fmt: skip
         source = dense.label_source
         if self.class_names is None:
             if not isinstance(source, VectorLabels):
