@@ -76,6 +76,14 @@ class TestCOGWriter:
             assert all(colours[i] == default_colormap(4)[i] for i in range(4))
             assert cog.dtypes == ("uint8",)
 
+    def test_class_map_overviews_hold_class_ids(self, tmp_path: Path) -> None:
+        labels = np.kron(class_map(), np.ones((20, 20), np.uint8))  # 1200 x 1400: two overview levels
+        dst = write_cog(tmp_path / "c.tif", labels, crs=CRS, transform=TRANSFORM, nodata=255, class_names=list("abcd"))
+        with rasterio.open(dst) as cog:
+            assert cog.overviews(1) == [2, 4]
+            coarse = cog.read(1, out_shape=(300, 350))  # served from the 4x overview
+        assert set(np.unique(coarse)) <= {0, 1, 2, 3, 255}  # nearest, never an average of class ids
+
     def test_float_with_nan_nodata_and_scales(self, tmp_path: Path) -> None:
         data = np.linspace(0, 50, 40 * 30, dtype=np.float32).reshape(1, 40, 30)
         data[0, :3] = np.nan

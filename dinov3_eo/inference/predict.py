@@ -186,14 +186,14 @@ class _Prefetcher:
             self._thread.join()
 
 
-class _BackgroundWriter:
-    """Encodes finished cells and writes them to the outputs in a background thread."""
+class _BackgroundWorker:
+    """Runs ``handle(item)`` on queued items in a background thread; the first error is re-raised to the producer."""
 
-    def __init__(self, write: Callable[[Window, _Cell], None], *, capacity: int = 64) -> None:
-        self._write = write
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=capacity)
+    def __init__(self, handle: Callable[[Any], None], *, capacity: int, name: str) -> None:
+        self._handle = handle
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, capacity))
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="dinov3_eo-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -201,25 +201,42 @@ class _BackgroundWriter:
             item = self._queue.get()
             if item is None:
                 return
-            if self._error is None:
+            if self._error is None:  # after a failure, only drain the queue so the producer never blocks
                 try:
-                    self._write(*item)
-                except BaseException as e:  # re-raised in the main thread
+                    self._handle(item)
+                except BaseException as e:
                     self._error = e
 
-    def put(self, window: Window, cell: _Cell) -> None:
+    def put(self, item: Any) -> None:
         self._raise_if_failed()
-        self._queue.put((window, cell))
+        self._queue.put(item)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise RuntimeError(f"Writing the prediction failed: {self._error}") from self._error
+            raise RuntimeError(f"Blending or writing the prediction failed: {self._error}") from self._error
 
     def close(self) -> None:
-        """Wait for every queued block to be written; re-raise a write error."""
+        """Wait until every queued item is handled; re-raise the first error."""
         self._queue.put(None)
         self._thread.join()
         self._raise_if_failed()
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """A function returning freed heap pages to the OS (glibc ``malloc_trim``), or a no-op elsewhere.
+
+    Three threads allocating and freeing window-sized arrays make glibc keep freed memory in per-thread
+    arenas, so RSS creeps up by hundreds of MB on long runs although the live data stays small;
+    trimming once per row of windows keeps RSS near the live set.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
 
 
 def _model_device(model: Callable[[Tensor], Tensor]) -> torch.device:
@@ -410,10 +427,16 @@ def _stream(
     prefetch: int,
     progress: bool,
 ) -> tuple[int, int]:
-    """The read -> model -> blend -> write pipeline; returns (windows skipped, model calls)."""
+    """The pipeline; returns (windows skipped, model calls).
+
+    Three threads: the reader (read, normalise, batch), the caller's (the model), and a blender
+    (blend, encode, write). On an accelerator the activation and the weighting run there; on a CPU they
+    run in the blender so that the model's thread only runs the model.
+    """
     from tqdm.auto import tqdm
 
     pin = device.type == "cuda"
+    post_on_device = device.type != "cpu"
 
     def read(tile: Tile) -> tuple[Tensor, np.ndarray]:
         pixels, valid = read_window(
@@ -444,31 +467,68 @@ def _stream(
             stacked = torch.stack(images) if images else None
             yield _Batch(tiles, stacked, np.stack(valids) if valids else None, skipped)
 
+    buffers: dict[torch.device, Tensor] = {}
+
+    def activate_and_weight(y: Tensor, weights: Tensor) -> Tensor:
+        """(B, K, h, w) model output -> weights * activation(output), in a buffer reused across batches.
+
+        Reusing one buffer (and working in place in it) instead of allocating three window-sized
+        temporaries per batch keeps the allocator from fragmenting memory over a long run.
+        """
+        buffer = buffers.get(y.device)
+        if buffer is None or buffer.shape[0] < y.shape[0] or buffer.shape[1:] != y.shape[1:]:
+            buffer = buffers[y.device] = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+        out = buffer[: y.shape[0]]
+        if activation == "softmax":
+            torch.sub(y, y.amax(dim=1, keepdim=True), out=out)  # stable softmax over K
+            out.exp_()
+            out.div_(out.sum(dim=1, keepdim=True))
+        elif activation == "sigmoid":
+            torch.sigmoid(y, out=out)
+        else:
+            out.copy_(y)
+        return out.mul_(weights)
+
     def write(window: Window, cell: _Cell) -> None:
         mean, valid = _blended(cell, channels, (int(window.height), int(window.width)))
         for sink, encode in zip(sinks, encoders):
             sink.write(encode(mean, valid), window)
 
-    weights = grid.blend_weights().to(device)  # [th, tw]
+    accumulator = _BlendAccumulator(grid, channels, write)
+    cpu_weights = grid.blend_weights()  # [th, tw]
+    device_weights = cpu_weights.to(device)
+
+    trim = _malloc_trim()
+
+    def blend(item: tuple[_Batch, Tensor | None]) -> None:
+        batch, y = item
+        trim()
+        for tile in batch.skipped:
+            accumulator.add(tile, None, None)
+        if y is not None and batch.valid is not None:
+            if not post_on_device:
+                with torch.inference_mode():
+                    y = activate_and_weight(y, cpu_weights)
+            weighted = y.numpy()  # [B, K, th, tw]
+            for b, tile in enumerate(batch.tiles):
+                accumulator.add(tile, weighted[b], batch.valid[b])
+
     was_training = model.training if isinstance(model, nn.Module) else None
     if isinstance(model, nn.Module):
         model.eval()
     skipped_count = calls = 0
     entered: list[COGWriter] = []
     reader = _Prefetcher(batches, prefetch=prefetch)
-    writer: _BackgroundWriter | None = None
+    blender: _BackgroundWorker | None = None
     bar = tqdm(total=len(grid), unit="win", disable=not progress, desc=Path(str(dataset.name)).name)
     try:
         for sink in sinks:
             entered.append(sink.__enter__())
-        writer = _BackgroundWriter(write)
-        accumulator = _BlendAccumulator(grid, channels, writer.put)
+        blender = _BackgroundWorker(blend, capacity=prefetch, name="dinov3_eo-blender")
         with torch.inference_mode():
             for batch in reader:
-                for tile in batch.skipped:
-                    accumulator.add(tile, None, None)
-                skipped_count += len(batch.skipped)
-                if batch.images is not None and batch.valid is not None:
+                y = None
+                if batch.images is not None:
                     x = batch.images.to(device, non_blocking=pin)
                     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp and pin):
                         y = model(x)
@@ -477,27 +537,23 @@ def _stream(
                     if not isinstance(y, Tensor) or tuple(y.shape) != expected:
                         got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
                         raise ValueError(f"The model returned {got} for input {tuple(x.shape)}; expected {expected}.")
-                    y = y.float()
-                    if activation == "softmax":
-                        y = y.softmax(dim=1)
-                    elif activation == "sigmoid":
-                        y = y.sigmoid()
-                    weighted = (y * weights).cpu().numpy()  # [B, K, th, tw]
-                    for b, tile in enumerate(batch.tiles):
-                        accumulator.add(tile, weighted[b], batch.valid[b])
+                    # to the blender: finished weighted scores from an accelerator, raw outputs on a CPU
+                    y = activate_and_weight(y, device_weights).cpu() if post_on_device else y
+                blender.put((batch, y))
+                skipped_count += len(batch.skipped)
                 bar.update(len(batch.tiles) + len(batch.skipped))
+        blender.close()
+        blender = None
         if accumulator.pending:
             raise RuntimeError(f"{accumulator.pending} output cells were never completed; the window grid is inconsistent.")
-        writer.close()
-        writer = None
         for sink in reversed(entered):
             sink.__exit__(None, None, None)
         entered.clear()
     except BaseException as e:
         reader.close()
-        if writer is not None:
+        if blender is not None:
             try:
-                writer.close()
+                blender.close()
             except RuntimeError:
                 pass  # the original error is the one to report
         for sink in reversed(entered):

@@ -326,10 +326,8 @@ def write_quicklook(
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
         ValueError: if ``image`` and ``classes`` are not on the same pixel grid.
     """
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # a bare Figure renders with Agg without touching pyplot's global backend or figure registry
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     check_overwrite(dst, overwrite)
@@ -371,7 +369,8 @@ def write_quicklook(
         overlay[labels == value] = (*(np.asarray(rgba[:3]) / 255.0), alpha)
 
     height_in = max(2.0, shape[0] / 100)
-    fig, ax = plt.subplots(figsize=(shape[1] / 100 + 2.5, height_in), dpi=100)
+    fig = Figure(figsize=(shape[1] / 100 + 2.5, height_in), dpi=100)
+    ax = fig.subplots()
     ax.imshow(background, interpolation="nearest")
     ax.imshow(overlay, interpolation="nearest")
     ax.set_axis_off()
@@ -384,11 +383,8 @@ def write_quicklook(
     ]  # fmt: skip
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
-    try:
-        with atomic_output(dst, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
     return Path(dst)
 
 
