@@ -689,12 +689,7 @@ class MapQuery:
         Raises:
             TypeError: if ``queries`` is a bare string; ValueError: if it is empty or holds an empty query.
         """
-        if isinstance(queries, str):
-            raise TypeError(f"queries must be a list of strings, not the single string {queries!r}.")
-        names = list(queries)
-        if not names or any(not isinstance(q, str) or not q.strip() for q in names):
-            raise ValueError(f"queries must be a non-empty list of non-empty strings, got {names!r}.")
-        return self.model.text_embeddings_for_classes(names, self.templates, part="patch")
+        return self.model.text_embeddings_for_classes(_check_queries(queries), self.templates, part="patch")
 
     def _resolve_scores(self, scores: ScoreMode, n_classes: int) -> str:
         if scores not in ("auto", "probability", "cosine"):
@@ -728,7 +723,7 @@ class MapQuery:
         Returns:
             ``(dst, class names in band order, score mode used)``.
         """
-        names = list(queries) + ([background] if background else [])
+        names = _check_queries(queries) + ([background] if background else [])
         mode = self._resolve_scores(scores, len(names))
         emb = self.text_embeddings(names)
         scale = float(self.model.logit_scale.detach().exp()) if mode == "probability" else 1.0
@@ -898,6 +893,20 @@ class MapQuery:
         if not bool(total.abs().sum() > 0):
             raise ValueError(f"The example covers no valid pixel of {src.name!r}.")
         return F.normalize(total.float(), dim=0)
+
+
+def _check_queries(queries: Sequence[str]) -> list[str]:
+    """``queries`` as a list after checking it is a non-empty list of non-empty strings.
+
+    Raises:
+        TypeError: for a bare string; ValueError: for an empty list or an empty query.
+    """
+    if isinstance(queries, str):
+        raise TypeError(f"queries must be a list of strings, not the single string {queries!r}.")
+    names = list(queries)
+    if not names or any(not isinstance(q, str) or not q.strip() for q in names):
+        raise ValueError(f"queries must be a non-empty list of non-empty strings, got {names!r}.")
+    return names
 
 
 def _example_in_crs(example: Any, crs: Any, raster_crs: Any) -> Any:

@@ -1,0 +1,232 @@
+"""Open-vocabulary maps and map queries: georeferencing, path = DataArray, query by example, the CLIs end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import xarray as xr
+from shapely.geometry import Point, box
+
+from dinov3_eo.losses.contrastive import clip_loss
+from dinov3_eo.tasks.openvocab import (
+    CLASS_NODATA,
+    MapQuery,
+    TextAlignmentTask,
+    export_text_model,
+    grouped_clip_loss,
+    load_text_model,
+    query_main,
+    scores_to_classes,
+    text_main,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
+#: Landsat-8 L1 DN range of the sample, as a Normalization dict
+NORM = {"mean": [0.0] * 3, "std": [1.0] * 3, "low": [6000.0] * 3, "high": [14000.0] * 3, "name": "percentile"}
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM)
+    with torch.no_grad():  # a non-trivial adapter, so different places get different features
+        for block in task.model.vision.blocks:
+            block.ls1.gamma.fill_(0.5)
+            block.ls2.gamma.fill_(0.5)
+    return export_text_model(task, tmp_path_factory.mktemp("model") / "tiny_text.pt")
+
+
+@pytest.fixture(scope="module")
+def engine(model_path: Path) -> MapQuery:
+    return MapQuery.from_checkpoint(model_path, window=128, overlap=0.25, nodata=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def crop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The top-right 200 x 160 px of the bundled sample (it holds part of the 0-valued collar)."""
+    dst = tmp_path_factory.mktemp("raster") / "crop.tif"
+    with rasterio.open(SAMPLE) as src:
+        window = rasterio.windows.Window(src.width - 160, 0, 160, 200)
+        profile = src.profile | {"width": 160, "height": 200, "transform": src.window_transform(window), "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        with rasterio.open(dst, "w", **profile) as out:
+            out.write(src.read(window=window))
+    return dst
+
+
+# -------------------------------------------------------------------------------------------------- loss
+class TestGroupedClipLoss:
+    def test_equals_clip_loss_with_unique_captions(self) -> None:
+        img = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=1)
+        ours = grouped_clip_loss(img, txt, torch.arange(6), torch.tensor([2.3]))
+        torch.testing.assert_close(ours, clip_loss(img, txt, torch.tensor([2.3])))
+
+    def test_matches_a_loop_with_repeated_captions(self) -> None:
+        img = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
+        txt = torch.nn.functional.normalize(torch.randn(2, 8), dim=1)
+        groups = torch.tensor([0, 1, 0, 0, 1])
+        s = math.exp(1.5) * img @ txt.T
+        i2t = np.mean([-(s[b, groups[b]] - torch.logsumexp(s[b], 0)).item() for b in range(5)])
+        t2i = np.mean([
+            -(torch.logsumexp(s[groups == u, u], 0) - torch.logsumexp(s[:, u], 0)).item() for u in range(2)
+        ])  # fmt: skip
+        torch.testing.assert_close(grouped_clip_loss(img, txt, groups, 1.5).item(), (i2t + t2i) / 2, rtol=1e-5, atol=1e-6)
+
+    def test_rejects_a_text_without_image(self) -> None:
+        with pytest.raises(ValueError, match="at least one image"):
+            grouped_clip_loss(torch.randn(2, 4), torch.randn(3, 4), torch.tensor([0, 1]), 1.0)
+
+
+# -------------------------------------------------------------------------------------------------- model file
+def test_export_round_trip(model_path: Path, tmp_path: Path) -> None:
+    model, meta, text_meta = load_text_model(model_path)
+    assert meta.normalization == NORM and meta.in_chans == 3 and meta.name == "vitmicro16"
+    assert text_meta["tokenizer"]["name"] == "openai-clip-bpe" and len(text_meta["templates"]) > 1
+    again, _, _ = load_text_model(model_path)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_dense(x), again.encode_dense(x))
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a dinov3_eo text model"):
+        load_text_model(tmp_path / "other.pt")
+
+
+def test_logit_scale_clamped_after_each_step() -> None:
+    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM)
+    with torch.no_grad():
+        task.model.logit_scale.fill_(9.0)
+    task.on_train_batch_end(None, None, 0)
+    assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+# -------------------------------------------------------------------------------------------------- queries
+class TestQuery:
+    def test_georeferencing_and_nodata(self, engine: MapQuery, crop: Path) -> None:
+        da = engine.query(crop, ["water", "forest"])
+        with rasterio.open(crop) as src:
+            collar = (src.read() == 0).all(axis=0)
+            assert da.dims == ("query", "y", "x") and da.shape == (2, src.height, src.width)
+            assert da.rio.crs == src.crs and da.rio.transform() == src.transform
+            x0, y0 = src.xy(0, 0)
+        assert list(da["query"].values) == ["water", "forest"] and da.attrs["scores"] == "probability"
+        assert da.x.values[0] == pytest.approx(x0) and da.y.values[0] == pytest.approx(y0)  # pixel centres
+        assert collar.any() and np.array_equal(np.isnan(da.values[0]), collar)
+        np.testing.assert_allclose(da.sum("query").values[~collar], 1.0, atol=1e-5)  # softmax over the queries
+
+    def test_path_equals_in_memory_dataarray(self, engine: MapQuery, crop: Path) -> None:
+        import rioxarray
+
+        from_path = engine.query(crop, ["water", "crop land"], scores="cosine")
+        opened = rioxarray.open_rasterio(crop)
+        from_file_array = engine.query(opened, ["water", "crop land"], scores="cosine")
+        plain = xr.DataArray(opened.values.copy(), dims=("band", "y", "x"), coords={"y": opened.y, "x": opened.x})
+        plain = plain.rio.write_crs(opened.rio.crs).rio.write_transform(opened.rio.transform())
+        from_numpy = engine.query(plain, ["water", "crop land"], scores="cosine")
+        for other in (from_file_array, from_numpy):
+            np.testing.assert_allclose(other.values, from_path.values, rtol=0, atol=1e-6)
+            assert other.rio.crs == from_path.rio.crs and other.rio.transform() == from_path.rio.transform()
+        masked = engine.query(rioxarray.open_rasterio(crop, masked=True).fillna(np.nan), ["water", "crop land"], scores="cosine")
+        assert np.array_equal(np.isnan(masked.values), np.isnan(from_path.values))
+
+    def test_segment_and_polygons(self, engine: MapQuery, crop: Path) -> None:
+        scores = engine.query(crop, ["water", "forest"], background="other")
+        assert list(scores["query"].values) == ["water", "forest", "other"]
+        classes = engine.segment(crop, ["water", "forest"], background="other")
+        assert classes.dims == ("y", "x") and classes.dtype == np.uint8
+        assert classes.rio.crs == scores.rio.crs and classes.rio.transform() == scores.rio.transform()
+        assert classes.attrs["class_names"] == ["water", "forest", "other"] and classes.rio.nodata == CLASS_NODATA
+        valid = ~np.isnan(scores.values[0])
+        np.testing.assert_array_equal(classes.values[valid], scores.values.argmax(axis=0)[valid])
+        assert (classes.values[~valid] == CLASS_NODATA).all()
+        everything_low = engine.segment(crop, ["water", "forest"], background="other", threshold=1.01)
+        assert set(np.unique(everything_low.values)) == {2, CLASS_NODATA}
+        frame = engine.polygons(crop, ["water", "forest"], background="other")
+        assert frame.crs == classes.rio.crs and set(frame["class_name"]) <= {"water", "forest", "other"}
+        pixel_area = abs(classes.rio.transform().a * classes.rio.transform().e)
+        assert frame["area"].sum() == pytest.approx(valid.sum() * pixel_area)
+
+    def test_bad_queries_and_bands(self, engine: MapQuery, crop: Path, model_path: Path) -> None:
+        with pytest.raises(TypeError, match="single string"):
+            engine.query(crop, "water")
+        with pytest.raises(ValueError, match="non-empty strings"):
+            engine.query(crop, ["water", " "])
+        with pytest.raises(ValueError, match="takes 3 bands"):
+            MapQuery.from_checkpoint(model_path, bands=[1, 2]).query(crop, ["water"])
+
+    def test_scores_to_classes(self) -> None:
+        scores = np.array([[[0.2, 0.9, np.nan]], [[0.8, 0.1, np.nan]]], dtype=np.float32)  # [K=2, 1, 3]
+        assert scores_to_classes(scores).tolist() == [[1, 0, CLASS_NODATA]]
+        assert scores_to_classes(scores, threshold=0.85, background=2).tolist() == [[2, 0, CLASS_NODATA]]
+        assert scores_to_classes(scores, threshold=0.85).tolist() == [[CLASS_NODATA, 0, CLASS_NODATA]]
+
+
+class TestSimilar:
+    def test_one_at_a_point_example_in_any_crs(self, engine: MapQuery, crop: Path) -> None:
+        with rasterio.open(crop) as src:
+            x, y = src.xy(150, 40)  # rows 128+ are covered by one window only (stride 96, window 128)
+            crs = src.crs
+        sim = engine.similar(crop, Point(x, y))
+        assert sim.dims == ("y", "x") and sim.rio.crs == crs
+        assert float(sim[150, 40]) == pytest.approx(1.0, abs=1e-5)
+        assert float(sim.max()) == pytest.approx(1.0, abs=1e-5) and float(sim.min()) < 0.99
+        from pyproj import Transformer
+
+        lon, lat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform(x, y)
+        in_lonlat = engine.similar(crop, Point(lon, lat), crs="EPSG:4326")
+        assert float(in_lonlat[150, 40]) == pytest.approx(1.0, abs=1e-5)
+        in_overlap = engine.similar(crop, Point(*rasterio.open(crop).xy(100, 40)))  # two windows blend here
+        assert float(in_overlap[100, 40]) > 0.9
+
+    def test_polygon_and_errors(self, engine: MapQuery, crop: Path) -> None:
+        with rasterio.open(crop) as src:
+            (left, top), (right, bottom) = src.xy(140, 20), src.xy(160, 40)
+            bounds = src.bounds
+        sim = engine.similar(crop, box(left, bottom, right, top))
+        inside = sim.values[140:161, 20:41]
+        assert np.nanmean(inside) > np.nanmean(sim.values)
+        with pytest.raises(ValueError, match="outside the raster"):
+            engine.similar(crop, Point(bounds.left - 100, bounds.top))
+        with pytest.raises(TypeError, match="shapely geometry"):
+            engine.similar(crop, (left, top))
+
+
+# -------------------------------------------------------------------------------------------------- CLIs
+@pytest.mark.slow
+def test_text_fit_then_query_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(ROOT)
+    code = text_main([
+        "fit", "--config", "configs/text/tiny_cpu.yaml", "--trainer.max_steps", "2",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=[]", "--trainer.enable_checkpointing=true",
+    ])  # fmt: skip
+    assert code == 0
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert stored["dinov3_eo"]["normalization"]["name"] == "percentile"  # the data module's, the backbone had none
+    assert stored["dinov3_eo_text"]["class_names"] and stored["dinov3_eo"]["bands"] is not None
+
+    out = tmp_path / "out.tif"
+    args = [str(SAMPLE), "water", "crop land", "-o", str(out), "--model", str(checkpoint), "--nodata", "0",
+            "--polygons", str(tmp_path / "out.gpkg"), "--background", "other", "--threshold", "0.2", "--window", "256"]  # fmt: skip
+    assert query_main(args) == 0
+    with rasterio.open(SAMPLE) as src, rasterio.open(out) as scores, rasterio.open(tmp_path / "out_classes.tif") as cls:
+        for result in (scores, cls):
+            assert result.crs == src.crs and result.transform == src.transform and result.shape == src.shape
+        assert scores.count == 3 and scores.descriptions == ("water", "crop land", "other")
+        assert json.loads(cls.tags()["class_names"]) == ["water", "crop land", "other"] and cls.nodata == CLASS_NODATA
+        assert cls.colormap(1)[0][:3] != (0, 0, 0) or cls.colormap(1)[1][:3] != (0, 0, 0)
+    import geopandas as gpd
+
+    frame = gpd.read_file(tmp_path / "out.gpkg")
+    assert frame.crs == rasterio.open(SAMPLE).crs and len(frame) > 0
+    assert (tmp_path / "out.png").stat().st_size > 1000
+    assert query_main(args) == 1  # outputs exist and --overwrite was not given
