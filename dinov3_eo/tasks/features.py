@@ -112,7 +112,7 @@ class FeatureGrid:
         return cls(
             height=math.ceil(src.height / patch_size),
             width=math.ceil(src.width / patch_size),
-            transform=src.transform * Affine.scale(patch_size),
+            transform=src.transform @ Affine.scale(patch_size),
             crs=src.crs,
             patch_size=patch_size,
         )

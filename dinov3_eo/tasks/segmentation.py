@@ -153,8 +153,9 @@ class SegmentationTask(LightningModule):
         lr_schedule: ``cosine`` (to 0 over the run, after ``warmup_steps``) or ``constant``.
         warmup_steps: linear warm-up steps.
         dropout: channel dropout of the linear heads (official 0.1).
-        normalization: input normalisation (``Normalization.to_dict()``) when no datamodule provides one; the
-            datamodule's wins, then this, then the backbone's stored one.
+        image_normalization: input normalisation (``Normalization.to_dict()``) when no datamodule provides one;
+            the datamodule's wins, then this, then the backbone's stored one. (Named so as not to clash with the
+            datamodule's ``normalization`` mode in LightningCLI's merged hyper-parameters.)
 
     Raises:
         ValueError: for an unknown head or schedule, neither ``num_classes`` nor ``class_names``, or lists whose
@@ -181,7 +182,7 @@ class SegmentationTask(LightningModule):
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
         dropout: float = 0.1,
-        normalization: dict[str, Any] | None = None,
+        image_normalization: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -240,8 +241,8 @@ class SegmentationTask(LightningModule):
         """The normalisation inputs must get: recorded data settings, else the ctor's, else the backbone's."""
         if self.data_meta.get("normalization") is not None:
             return Normalization.from_dict(self.data_meta["normalization"])
-        if self.hparams.normalization is not None:
-            return Normalization.from_dict(self.hparams.normalization)
+        if self.hparams.image_normalization is not None:
+            return Normalization.from_dict(self.hparams.image_normalization)
         meta = getattr(self.model.backbone, "meta", None)
         return meta.get_normalization() if isinstance(meta, BackboneMeta) else None
 
@@ -517,7 +518,7 @@ def check_input(task: SegmentationTask, src: Any, bands: Sequence[int] | None) -
     if norm is None:
         raise ValueError(
             "The checkpoint carries no input normalisation, so the imagery cannot be scaled as in training; "
-            "retrain with a datamodule (or normalization=) so the checkpoint records it."
+            "retrain with a datamodule (or image_normalization=) so the checkpoint records it."
         )
     if norm.num_bands != n:
         raise ValueError(f"The checkpoint's normalisation has {norm.num_bands} bands but {src.name!r} gives {n}.")
@@ -573,13 +574,7 @@ def segment_scene(
             device=device, multiple=int(task.model.pad_multiple), progress=progress, overwrite=overwrite,
             tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
         )  # fmt: skip
-    rgb = band_indexes[:3] if band_indexes is not None else [1, 2, 3]
-    # an RGB preview reads red, green, blue: flip a blue-green-red selection named so in the metadata
-    names = task.backbone_meta().bands or []
-    if len(names) >= 3 and [str(n).lower() for n in names[:3]] in (["blue", "green", "red"], ["b2", "b3", "b4"]):
-        rgb = rgb[:3][::-1]
-    if preview_bands is not None:
-        rgb = list(preview_bands)
+    rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
     write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
                     title=Path(src_path).name)  # fmt: skip
     if outputs.polygons is not None:

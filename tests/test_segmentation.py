@@ -1,0 +1,246 @@
+"""SegmentationTask, its metrics and checkpoints, and ``dinov3-eo segment fit/predict`` end to end on the bundled scene."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.tasks.segmentation import (
+    SegmentationTask,
+    default_layers,
+    expand_inputs,
+    fold_scale_offset,
+    iou_f1_from_confusion,
+    scene_outputs,
+    shard_for_rank,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SCENE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+POLYGONS = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_polygons.gpkg"
+CONFIG = ROOT / "configs" / "segment" / "sample_linear_cpu.yaml"
+NAMES = ["water", "crop", "tree", "developed"]
+COLORS = [[31, 120, 180], [240, 200, 60], [30, 140, 50], [200, 60, 60]]
+
+
+# ------------------------------------------------------------------------------------------- pure maths
+def test_iou_f1_match_sklearn() -> None:
+    from sklearn.metrics import confusion_matrix, f1_score, jaccard_score
+
+    rng = np.random.default_rng(0)
+    truth = rng.integers(0, 4, 500)
+    pred = np.where(rng.random(500) < 0.6, truth, rng.integers(0, 4, 500))
+    pred[pred == 3] = 2  # class 3 is never predicted: IoU/F1 0, not NaN
+    confusion = torch.from_numpy(confusion_matrix(truth, pred, labels=[0, 1, 2, 3, 4]))
+    iou, f1 = iou_f1_from_confusion(confusion)
+    np.testing.assert_allclose(iou[:4].numpy(), jaccard_score(truth, pred, labels=[0, 1, 2, 3], average=None, zero_division=0))
+    np.testing.assert_allclose(f1[:4].numpy(), f1_score(truth, pred, labels=[0, 1, 2, 3], average=None, zero_division=0))
+    assert torch.isnan(iou[4]) and torch.isnan(f1[4])  # class 4 absent from truth and prediction
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [Normalization.zscore([10.0, 20.0], [2.0, 4.0]), Normalization.percentile([5.0, 0.0], [50.0, 80.0])],
+    ids=["zscore", "percentile"],
+)
+def test_fold_scale_offset_equals_scaling_first(norm: Normalization) -> None:
+    raw = torch.rand(2, 8, 8) * 1000
+    scale, offset = [0.1, 0.05], [-3.0, 2.0]
+    physical = raw * torch.tensor(scale).view(2, 1, 1) + torch.tensor(offset).view(2, 1, 1)
+    folded = fold_scale_offset(norm, scale, offset)
+    torch.testing.assert_close(folded(raw), norm(physical), rtol=1e-4, atol=1e-4)
+
+
+def test_fold_scale_offset_rejects_negative_scale() -> None:
+    with pytest.raises(ValueError, match="scales must be > 0"):
+        fold_scale_offset(Normalization.zscore([0.0], [1.0]), -1.0, None)
+
+
+@pytest.mark.parametrize(("head", "n_blocks", "expected"), [("linear", 12, [11]), ("multilayer", 12, [8, 9, 10, 11]),
+                                                            ("dpt", 24, [5, 11, 17, 23]), ("dpt", 4, [0, 1, 2, 3])])  # fmt: skip
+def test_default_layers(head: str, n_blocks: int, expected: list[int]) -> None:
+    assert default_layers(head, n_blocks) == expected
+
+
+# ------------------------------------------------------------------------------------------ the module
+class TestSegmentationTask:
+    @pytest.mark.parametrize("head", ["linear", "multilayer", "dpt"])
+    def test_forward_shape_any_size(self, head: str) -> None:
+        task = SegmentationTask(backbone="vitmicro16", head=head, num_classes=5).eval()
+        with torch.no_grad():
+            out = task(torch.randn(2, 3, 40, 56))  # not multiples of 16 or 32
+        assert out.shape == (2, 5, 40, 56)
+
+    def test_frozen_backbone_gets_no_update_and_finetune_lr(self) -> None:
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3, lr=0.1)
+        before = {k: v.clone() for k, v in task.model.backbone.state_dict().items()}
+        optimizer = task.configure_optimizers()["optimizer"]
+        task.train()
+        loss = task.training_step({"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}, 0)
+        loss.backward()
+        optimizer.step()
+        assert all(torch.equal(before[k], v) for k, v in task.model.backbone.state_dict().items())
+        assert task.model.head.conv.weight.grad is not None
+
+        tuned = SegmentationTask(backbone="vitmicro16", num_classes=3, lr=0.1, freeze_backbone=False, backbone_lr_mult=0.05)
+        groups = {g["name"]: g for g in tuned.configure_optimizers()["optimizer"].param_groups}
+        assert groups["head"]["lr"] == pytest.approx(0.1) and groups["backbone"]["lr"] == pytest.approx(0.005)
+
+    def test_loss_ignores_255_and_empty_batches(self) -> None:
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3)
+        logits = torch.randn(1, 3, 4, 4, requires_grad=True)
+        mask = torch.full((1, 4, 4), 255)
+        mask[0, :2] = torch.tensor([0, 1, 2, 1])
+        changed = logits.detach().clone()
+        changed[..., 2:, :] += 100.0  # only ignored pixels change
+        assert torch.isclose(task._loss(logits, mask), task._loss(changed, mask))
+        empty = task._loss(logits, torch.full((1, 4, 4), 255))
+        empty.backward()
+        assert empty.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+    def test_class_weights_change_the_loss(self) -> None:
+        logits, mask = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+        plain = SegmentationTask(backbone="vitmicro16", num_classes=3)._loss(logits, mask)
+        weighted = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=[1.0, 5.0, 0.1])._loss(logits, mask)
+        manual = torch.nn.functional.cross_entropy(logits, mask, weight=torch.tensor([1.0, 5.0, 0.1]))
+        assert torch.isclose(weighted, manual) and not torch.isclose(plain, weighted)
+
+    def test_labels_outside_the_classes_are_an_error(self) -> None:
+        task = SegmentationTask(backbone="vitmicro16", num_classes=2)
+        with pytest.raises(ValueError, match=r"fall outside 0\.\.1"):
+            task._loss(torch.randn(1, 2, 2, 2), torch.tensor([[[0, 1], [7, 255]]]))
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"head": "unet", "num_classes": 2}, "head must be one of"),
+            ({}, "give num_classes or class_names"),
+            ({"num_classes": 3, "class_names": ["a", "b"]}, "class_names has 2 entries for 3 classes"),
+            ({"num_classes": 2, "class_weights": [1.0]}, "class_weights has 1 entries"),
+            ({"num_classes": 2, "lr_schedule": "step"}, "lr_schedule must be one of"),
+        ],
+    )
+    def test_bad_arguments(self, kwargs: dict, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            SegmentationTask(backbone="vitmicro16", **kwargs)
+
+    def test_missing_backbone_file(self, tmp_path: Path) -> None:
+        with pytest.raises(FileNotFoundError, match="neither a registered name"):
+            SegmentationTask(backbone=str(tmp_path / "nope.pth"), num_classes=2)
+
+
+def test_shard_for_rank_is_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    items = [f"scene_{i}.tif" for i in range(10)]
+    shards = [shard_for_rank(items, rank=r, world_size=3) for r in range(3)]
+    assert sorted(sum(shards, [])) == sorted(items)
+    assert all(not set(a) & set(b) for i, a in enumerate(shards) for b in shards[i + 1 :])
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert shard_for_rank(items) == items[1::4]
+    with pytest.raises(ValueError, match="RANK < WORLD_SIZE"):
+        shard_for_rank(items, rank=4, world_size=4)
+
+
+def test_expand_inputs_globs(tmp_path: Path) -> None:
+    for name in ("a.tif", "b.tif", "c.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in expand_inputs([str(tmp_path / "*.tif"), str(tmp_path / "a.tif")])] == ["a.tif", "b.tif"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        expand_inputs([str(tmp_path / "*.jp2")])
+
+
+# ------------------------------------------------------------------------------- CLI end to end (real scene)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``dinov3-eo segment fit`` on the bundled scene and polygons for a few steps; returns the last checkpoint."""
+    root = tmp_path_factory.mktemp("segfit")
+    code = cli_main([
+        "segment", "fit", "--config", str(CONFIG),
+        "--data.paths", str(SCENE), "--data.labels", str(POLYGONS),
+        "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1", "--trainer.max_steps", "6",
+        "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+    ])  # fmt: skip
+    assert code == 0
+    ckpt = root / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt
+
+
+@pytest.mark.slow
+class TestSegmentCLI:
+    def test_checkpoint_carries_metadata(self, trained: Path) -> None:
+        checkpoint = torch.load(trained, map_location="cpu", weights_only=False)
+        entry = checkpoint["dinov3_eo"]
+        assert entry["in_chans"] == 3 and entry["patch_size"] == 16 and entry["model"] == "vitmicro16"
+        assert entry["normalization"]["name"] == "zscore" and len(entry["normalization"]["mean"]) == 3
+        seg = entry["segmentation"]
+        assert seg["class_names"] == NAMES and seg["class_colors"] == COLORS
+        assert seg["nodata"] == 0 and seg["ignore_index"] == 255 and seg["head"] == "linear"
+
+    def test_from_checkpoint_reproduces_the_model(self, trained: Path) -> None:
+        task = SegmentationTask.from_checkpoint(trained)
+        checkpoint = torch.load(trained, map_location="cpu", weights_only=False)
+        for key, value in checkpoint["state_dict"].items():
+            torch.testing.assert_close(task.state_dict()[key], value)
+        assert task.input_normalization() == Normalization.from_dict(checkpoint["dinov3_eo"]["normalization"])
+
+    def test_predict_outputs(self, trained: Path, tmp_path: Path) -> None:
+        out = tmp_path / "out"
+        args = ["segment", "predict", str(SCENE), "--model", str(trained), "-o", str(out), "--polygons",
+                "--probabilities", "--window", "256", "--overlap", "0.25", "--batch-size", "2", "--quiet"]  # fmt: skip
+        assert cli_main(args) == 0
+        paths = scene_outputs(SCENE, out, probabilities=True, polygons=True)
+        with rasterio.open(SCENE) as src, rasterio.open(paths.classes) as cls:
+            assert (cls.crs, cls.transform, cls.width, cls.height) == (src.crs, src.transform, src.width, src.height)
+            assert cls.nodata == 255 and cls.dtypes[0] == "uint8"
+            assert json.loads(cls.tags()["class_names"]) == NAMES
+            table = cls.colormap(1)
+            assert [list(table[i][:3]) for i in range(4)] == COLORS
+            labels = cls.read(1)
+            collar = (src.read() == 0).all(axis=0)  # the scene's 0-valued collar is nodata (recorded in training)
+            assert collar.any() and (labels[collar] == 255).all()
+            assert set(np.unique(labels[~collar]).tolist()) <= {0, 1, 2, 3}
+            assert cls.overviews(1)  # a COG with internal overviews
+        with rasterio.open(paths.probabilities) as prob:
+            assert prob.count == 4 and prob.transform == cls.transform
+            p = prob.read().astype(np.int64)
+            # uint8 probabilities (x254) sum to ~254 where valid and are 255 at nodata
+            sums = p[:, ~collar].sum(axis=0)
+            assert np.abs(sums - 254).max() <= 4 and (p[:, collar] == 255).all()
+        import geopandas as gpd
+
+        frame = gpd.read_file(paths.polygons)
+        assert frame.crs == cls.crs and set(frame["class_name"]) <= set(NAMES)
+        # polygons cover exactly the labelled (non-nodata) pixels: area = pixel count x pixel area
+        pixel_area = abs(src.transform.a * src.transform.e)
+        assert frame.area.sum() == pytest.approx((~collar).sum() * pixel_area, rel=1e-6)
+        assert paths.quicklook.stat().st_size > 1000
+
+        # existing outputs are not overwritten; --overwrite replaces them
+        assert cli_main(args) == 1
+        assert cli_main([*args, "--overwrite"]) == 0
+
+    def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        two_bands = tmp_path / "two.tif"
+        with rasterio.open(SCENE) as src:
+            profile = src.profile | {"count": 2}
+            with rasterio.open(two_bands, "w", **profile) as dst:
+                dst.write(src.read([1, 2]))
+        assert cli_main(["segment", "predict", str(two_bands), "--model", str(trained), "-o", str(tmp_path), "--quiet"]) == 1
+        assert "gives 2 bands but the model was trained on 3" in capsys.readouterr().err
+
+    def test_predict_glob_and_name_collisions(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        for sub in ("a", "b"):
+            (tmp_path / sub).mkdir()
+            shutil.copy(SCENE, tmp_path / sub / "scene.tif")
+        code = cli_main(["segment", "predict", str(tmp_path / "*" / "scene.tif"), "--model", str(trained), "-o",
+                         str(tmp_path / "out"), "--quiet"])  # fmt: skip
+        assert code == 1 and "would collide" in capsys.readouterr().err
