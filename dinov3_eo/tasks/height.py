@@ -457,6 +457,7 @@ def predict_height(
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
     device: str | None = None,
+    gsd: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
@@ -467,12 +468,14 @@ def predict_height(
         normalization: input normalisation; default: the model's ``meta.normalization`` (raises when neither).
         quicklook: also write a PNG quick-look with a colour bar here.
         window, overlap, batch_size, bands, nodata, device: see :func:`~dinov3_eo.inference.predict.predict_raster`.
+        gsd: resample the input on the fly (average, nodata-aware, same CRS) to this pixel size before the model,
+            e.g. the model's training GSD; the output is then on that grid. ``None`` keeps the input grid (a
+            warning is logged when it differs from the model's training GSD by more than 25 %).
 
     Raises:
         ValueError: no normalisation is known for the model.
         FileExistsError: an output exists and ``overwrite`` is false.
     """
-    from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite
 
     meta = getattr(model, "meta", None)
@@ -482,14 +485,53 @@ def predict_height(
         raise ValueError("predict_height: the model carries no input normalisation; pass normalization= explicitly.")
     if quicklook is not None:
         check_overwrite(quicklook, overwrite)  # fail before the (long) prediction, not after
+    with rasterio.open(src) as dataset:
+        native = abs(float(dataset.transform.a))
+        trained = getattr(meta, "gsd", None)
+        if gsd is None and trained and not 0.8 <= native / float(trained) <= 1.25:
+            log.warning(
+                "predict_height: %s has %.3g m pixels but the model was trained at %.3g m; pass gsd=%.3g to resample.",
+                src, native, trained, trained,
+            )
+        if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):
+            return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
+                               title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
+                               device=device, overwrite=overwrite, progress=progress)  # fmt: skip
+        from rasterio.vrt import WarpedVRT
+
+        scale = gsd / native
+        width, height = max(1, round(dataset.width / scale)), max(1, round(dataset.height / scale))
+        transform = dataset.transform @ rasterio.Affine.scale(dataset.width / width, dataset.height / height)
+        src_nodata = nodata if nodata is not None else dataset.nodata
+        with WarpedVRT(
+            dataset, crs=dataset.crs, transform=transform, width=width, height=height,
+            resampling=rasterio.enums.Resampling.average, src_nodata=src_nodata, nodata=src_nodata,
+        ) as vrt:  # fmt: skip
+            return _predict_on(model, vrt, dst, normalization=normalization, quicklook=quicklook,
+                               title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
+                               device=device, overwrite=overwrite, progress=progress)  # fmt: skip
+
+
+def _predict_on(
+    model: DenseModel,
+    dataset: Any,
+    dst: str | os.PathLike[str],
+    *,
+    normalization: Normalization | dict[str, Any],
+    quicklook: str | os.PathLike[str] | None,
+    title: str,
+    **kw: Any,
+) -> Path:
+    """:func:`predict_raster` in regression mode on an open dataset (file or warped view), then the quick-look."""
+    from dinov3_eo.inference.predict import predict_raster
+
     summary = predict_raster(
-        model, src, dst, out_channels=1, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
-        nodata=nodata, normalization=normalization, output="regression", activation="none",
-        class_names=["canopy height (m)"], device=device, multiple=int(model.patch_size), progress=progress,
-        overwrite=overwrite, tags={"units": "metre", "quantity": "canopy height"},
+        model, dataset, dst, out_channels=1,
+        normalization=normalization, output="regression", activation="none", class_names=["canopy height (m)"],
+        multiple=int(model.patch_size), tags={"units": "metre", "quantity": "canopy height"}, **kw,
     )  # fmt: skip
     if quicklook is not None:
-        height_quicklook(quicklook, dst, title=Path(src).name, overwrite=overwrite)
+        height_quicklook(quicklook, dst, title=title, overwrite=kw["overwrite"])
     return summary.outputs[0]
 
 
@@ -552,6 +594,8 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=int, nargs="+", help="1-based input bands (default: all)")
     p.add_argument("--nodata", type=float, help="input nodata overriding the file's")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--gsd", help="'model' (resample the input to the training GSD) or a pixel size in CRS units; "
+                   "default: keep the input grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -567,10 +611,17 @@ def _predict_main(argv: Sequence[str]) -> int:
         model = load_height_model(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    gsd = None
+    if args.gsd == "model":
+        gsd = getattr(model.meta, "gsd", None)
+        if gsd is None:
+            raise SystemExit("dinov3-eo height predict: --gsd model, but the model does not record a training GSD.")
+    elif args.gsd is not None:
+        gsd = float(args.gsd)
     quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
     out = predict_height(
         model, args.input, args.output, quicklook=quicklook, window=args.window, overlap=args.overlap,
-        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, overwrite=args.overwrite,
+        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, gsd=gsd, overwrite=args.overwrite,
         progress=not args.quiet,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))

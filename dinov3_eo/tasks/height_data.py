@@ -150,7 +150,7 @@ class HeightLabels:
         """Fraction of the grid with a reference height, estimated on a grid at most ``max_side`` pixels a side."""
         factor = max(1, math.ceil(max(shape) / max_side))
         coarse = (math.ceil(shape[0] / factor), math.ceil(shape[1] / factor))
-        heights = self.read(crs=crs, transform=transform * Affine.scale(factor), shape=coarse, resampling=Resampling.nearest)
+        heights = self.read(crs=crs, transform=transform @ Affine.scale(factor), shape=coarse, resampling=Resampling.nearest)
         return float(np.isfinite(heights).mean())
 
 

@@ -1,0 +1,433 @@
+"""Canopy height: metrics, CHM labels warped onto tiles, the height data module, HeightTask, CHMv2 loading,
+raster prediction/evaluation and an end-to-end CLI run on real NEON plots (tests/data/neon, CC0)."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+from rasterio.warp import reproject, transform_bounds
+from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
+
+from dinov3_eo.models.dense import chmv2_head
+from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.tasks.height import (
+    HeightTask,
+    _dihedral,
+    build_chmv2,
+    even_layers,
+    evaluate_height_raster,
+    load_chmv2_head,
+    load_height_model,
+    main,
+    predict_height,
+)
+from dinov3_eo.tasks.height_data import HeightDataModule, HeightLabels
+from dinov3_eo.tasks.height_metrics import HEIGHT_BINS, HeightMetrics, flat_metrics, height_metrics, metrics_table
+
+NEON = Path(__file__).resolve().parent / "data" / "neon"
+PLOTS = ("TEAK_044", "TEAK_050", "TEAK_052")
+NODATA = -9999.0
+
+
+def _chm(plot: str) -> np.ndarray:
+    with rasterio.open(NEON / f"{plot}_CHM.tif") as src:
+        return src.read(1)
+
+
+def _tiny_task(**kw) -> HeightTask:
+    """A real DINOv3 ViT (vitmicro16, random weights) with a small DPT head."""
+    args = dict(
+        backbone="vitmicro16", dpt_channels=16, dpt_post_process_channels=[8, 16, 32, 32], dpt_hidden_channels=8,
+        n_bins=32, max_height=64.0, loss="l1",
+    )  # fmt: skip
+    args.update(kw)
+    return HeightTask(**args)
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+class TestHeightMetrics:
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        target = np.concatenate([_chm(p).ravel() for p in PLOTS]).astype(np.float64)
+        pred = target + np.random.default_rng(0).normal(0.5, 3.0, target.shape)
+        return pred, target
+
+    def test_matches_sklearn_overall_and_per_bin(self) -> None:
+        pred, target = self._pairs()
+        metrics = height_metrics(pred, target)
+        for (lo, hi), (name, m) in zip(((0, math.inf), *HEIGHT_BINS), metrics.items()):
+            sel = (target >= lo) & (target < hi)
+            assert m["n"] == sel.sum() > 0, name
+            assert m["mae"] == pytest.approx(mean_absolute_error(target[sel], pred[sel]), rel=1e-9)
+            assert m["rmse"] == pytest.approx(math.sqrt(mean_squared_error(target[sel], pred[sel])), rel=1e-9)
+            assert m["r2"] == pytest.approx(r2_score(target[sel], pred[sel]), rel=1e-7, abs=1e-9)
+            assert m["bias"] == pytest.approx(np.mean(pred[sel] - target[sel]), rel=1e-9, abs=1e-12)
+        assert list(metrics) == ["all", "0-5", "5-10", "10-20", "20+"]
+
+    def test_streaming_equals_one_shot_and_ignores_invalid(self) -> None:
+        pred, target = self._pairs()
+        one_shot = height_metrics(pred, target)
+        acc = HeightMetrics()
+        junk = target.copy()
+        valid = np.ones_like(target, dtype=bool)
+        for chunk in np.array_split(np.arange(target.size), 7):
+            acc.update(torch.from_numpy(pred[chunk]).float(), torch.from_numpy(target[chunk]).float())
+        # extra pixels that must not count: NaN reference, NaN prediction, or invalid
+        junk[:10] = np.nan
+        valid[10:20] = False
+        pred_nan = pred.copy()
+        pred_nan[20:30] = np.nan
+        masked = height_metrics(pred_nan, junk, valid)
+        keep = np.ones(target.size, bool)
+        keep[:30] = False
+        assert masked["all"]["n"] == keep.sum()
+        assert masked["all"]["mae"] == pytest.approx(np.abs(pred[keep] - target[keep]).mean())
+        streamed = acc.compute()
+        for group in one_shot:
+            for name in ("n", "mae", "rmse", "bias"):
+                assert streamed[group][name] == pytest.approx(one_shot[group][name], rel=1e-5)
+
+    def test_merge_state_round_trip_and_empty_bins(self) -> None:
+        pred, target = self._pairs()
+        a, b, whole = HeightMetrics(), HeightMetrics(), HeightMetrics()
+        a.update(pred[:1000], target[:1000])
+        b.update(pred[1000:], target[1000:])
+        whole.update(pred, target)
+        restored = HeightMetrics()
+        restored.load_state_tensor(a.state_tensor() + b.state_tensor())
+        a.merge(b)
+        for m in (a.compute(), restored.compute()):
+            for group, values in whole.compute().items():
+                assert m[group] == pytest.approx(values, rel=1e-9)
+        empty = height_metrics(np.array([1.0, 2.0]), np.array([1.5, 2.5]))
+        assert empty["0-5"]["n"] == 2 and math.isnan(empty["20+"]["mae"]) and empty["20+"]["n"] == 0
+        assert math.isnan(height_metrics(np.array([1.0, 2.0]), np.array([3.0, 3.0]))["all"]["r2"])  # constant reference
+
+    def test_flat_keys_and_table(self) -> None:
+        pred, target = self._pairs()
+        m = height_metrics(pred, target)
+        flat = flat_metrics(m, prefix="val/")
+        assert flat["val/mae"] == m["all"]["mae"] and "val/rmse_20+" in flat and len(flat) == 4 * 5
+        table = metrics_table({"noisy": m})
+        assert table.count("\n") == 1 + 5 and "| noisy | 20+ |" in table
+
+    def test_bad_input(self) -> None:
+        with pytest.raises(ValueError, match="high > low"):
+            HeightMetrics(bins=[(5.0, 5.0)])
+        with pytest.raises(ValueError, match="pred has 3 pixels but target has 2"):
+            HeightMetrics().update(np.zeros(3), np.zeros(2))
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+class TestHeightLabels:
+    @pytest.mark.parametrize("dst_epsg, res, resampling", [(32610, 0.3, "bilinear"), (3857, 2.5, "average"), (32611, 0.1, "bilinear")])
+    def test_other_crs_grid_matches_rasterio_reproject(self, dst_epsg: int, res: float, resampling: str) -> None:
+        path = NEON / "TEAK_050_CHM.tif"
+        with rasterio.open(path) as src:
+            dst_crs = CRS.from_epsg(dst_epsg)
+            left, bottom, right, top = transform_bounds(src.crs, dst_crs, *src.bounds)
+            # a grid that overhangs the CHM on the west and north, so the border must come back as NaN
+            transform = from_origin(left - 5 * res, top + 5 * res, res, res)
+            shape = (int((top - bottom) / res) + 5, int((right - left) / res) + 5)
+            expected = np.full(shape, NODATA, np.float32)
+            reproject(
+                rasterio.band(src, 1), expected, src_nodata=NODATA, dst_nodata=NODATA, dst_transform=transform,
+                dst_crs=dst_crs, resampling=Resampling[resampling],
+            )  # fmt: skip
+        expected = np.where(expected == NODATA, np.nan, expected)
+        got = HeightLabels(paths=path, resampling=resampling, clip_negative=False).read(crs=dst_crs, transform=transform, shape=shape)
+        assert got.dtype == np.float32 and got.shape == shape
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))
+        np.testing.assert_allclose(got, expected, atol=1e-4, equal_nan=True)
+        assert np.isnan(got[:3]).all() and np.isfinite(got).mean() > 0.5
+
+    def test_resampling_is_nodata_aware(self, tmp_path: Path) -> None:
+        chm = _chm("TEAK_044").copy()
+        chm[10:20, 10:20] = NODATA  # a 10 m hole of nodata inside the plot
+        with rasterio.open(NEON / "TEAK_044_CHM.tif") as src:
+            profile = src.profile
+        path = tmp_path / "holed.tif"
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(chm, 1)
+        with rasterio.open(NEON / "TEAK_044.tif") as img:
+            crs, transform, shape = img.crs, img.transform, img.shape
+        for resampling in ("bilinear", "average", "cubic"):
+            heights = HeightLabels(paths=path, resampling=resampling, clip_negative=False).read(crs=crs, transform=transform, shape=shape)
+            valid = chm[chm != NODATA]
+            finite = heights[np.isfinite(heights)]
+            # nodata (-9999) never leaks into a height; cubic may overshoot a little, never by thousands of metres
+            assert finite.min() >= valid.min() - 5 and finite.max() <= valid.max() + 5, resampling
+            assert np.isnan(heights[120:180, 120:180]).all()  # the hole's interior (0.1 m pixels) stays nodata
+            assert np.isfinite(heights[:90, :90]).all()
+        # on its own grid, bilinear reproduces the CHM exactly at the 1 m cell centres
+        own = HeightLabels(paths=NEON / "TEAK_044_CHM.tif").read(crs=crs, transform=transform @ rasterio.Affine.scale(10), shape=(40, 40))
+        np.testing.assert_allclose(own, np.maximum(_chm("TEAK_044"), 0), atol=1e-5)
+
+    def test_several_files_clip_and_max_height(self) -> None:
+        labels = HeightLabels(paths=str(NEON / "*_CHM.tif"), max_height=30.0)
+        assert len(labels.files) == 3
+        with rasterio.open(NEON / "TEAK_052.tif") as img:
+            crs, transform, shape = img.crs, img.transform, img.shape
+        assert [Path(labels.files[i].path).name for i in labels.overlapping(crs=crs, transform=transform, shape=shape)] == ["TEAK_052_CHM.tif"]
+        heights = labels.read(crs=crs, transform=transform @ rasterio.Affine.scale(10), shape=(40, 40))
+        ref = _chm("TEAK_052")
+        np.testing.assert_array_equal(np.isnan(heights), ref > 30.0)
+        assert np.nanmin(heights) >= 0.0
+        clone = pickle.loads(pickle.dumps(labels))
+        np.testing.assert_array_equal(clone.read(crs=crs, transform=transform @ rasterio.Affine.scale(10), shape=(40, 40)), heights)
+        assert labels.coverage(crs=crs, transform=transform, shape=shape) == pytest.approx(1 - (ref > 30).mean(), abs=0.01)
+        full = HeightLabels(paths=str(NEON / "*_CHM.tif"))
+        assert full.coverage(crs=crs, transform=transform, shape=shape) == 1.0
+        assert full.coverage(crs=crs, transform=transform @ rasterio.Affine.translation(300, 300), shape=shape) == pytest.approx(0.0625, abs=0.02)
+
+    def test_errors(self, tmp_path: Path) -> None:
+        with pytest.raises(ValueError, match="resampling must be one of"):
+            HeightLabels(paths=NEON / "TEAK_044_CHM.tif", resampling="mode")
+        with pytest.raises(ValueError, match="band 2 is outside"):
+            HeightLabels(paths=NEON / "TEAK_044_CHM.tif", band=2)
+        bare = tmp_path / "bare.tif"
+        with rasterio.open(bare, "w", driver="GTiff", width=4, height=4, count=1, dtype="float32") as dst:
+            dst.write(np.ones((1, 4, 4), np.float32))
+        with pytest.raises(ValueError, match="not georeferenced"):
+            HeightLabels(paths=bare)
+        with pytest.raises(FileNotFoundError):
+            HeightLabels(paths=tmp_path / "nothing*.tif")
+
+
+# ---------------------------------------------------------------------------------------------------- data module
+class TestHeightDataModule:
+    def _dm(self, **kw) -> HeightDataModule:
+        args = dict(paths=str(NEON / "TEAK_0??.tif"), labels=str(NEON / "*_CHM.tif"), tile_size=128, gsd=0.2,
+                    val_files=["TEAK_052.tif"], cache_dir=None, batch_size=2)  # fmt: skip
+        args.update(kw)
+        return HeightDataModule(**args)
+
+    def test_split_by_file_and_targets_on_the_tile_grid(self) -> None:
+        dm = self._dm()
+        dm.setup("fit")
+        names = [Path(r.path).name for r in dm.index.records]
+        assert {names[t.file] for t in dm.train_tiles} == {"TEAK_044.tif", "TEAK_050.tif"}
+        assert {names[t.file] for t in dm.val_tiles} == {"TEAK_052.tif"}
+        batch = next(iter(dm.val_dataloader()))
+        assert batch["image"].shape == (2, 3, 128, 128) and batch["target"].shape == (2, 128, 128)
+        assert batch["target"].dtype == torch.float32
+        sample = dm.dataset[dm.val_tiles[0]]
+        direct = dm.label_source.read(crs=sample["crs"], transform=sample["transform"], shape=(128, 128))
+        direct[~sample["valid"].numpy()] = np.nan
+        np.testing.assert_array_equal(sample["target"].numpy(), direct)
+        assert torch.isnan(sample["target"][~sample["valid"]]).all()
+
+    def test_tiles_without_heights_are_skipped(self) -> None:
+        dm = self._dm(labels=[str(NEON / "TEAK_044_CHM.tif"), str(NEON / "TEAK_052_CHM.tif")])
+        dm.setup("fit")
+        names = [Path(r.path).name for r in dm.index.records]
+        assert {names[t.file] for t in dm.train_tiles} == {"TEAK_044.tif"}  # TEAK_050 has no CHM here
+        assert all(dm.label_fraction(t) >= 0.5 for t in dm.train_tiles + dm.val_tiles)
+
+    def test_errors(self) -> None:
+        with pytest.raises(ValueError, match="min_label_fraction must lie in"):
+            self._dm(min_label_fraction=1.5)
+        with pytest.raises(ValueError, match="match none of the images"):
+            self._dm(val_files=["TEAK_999.tif"]).setup()
+        with pytest.raises(ValueError, match="no validation tile"):
+            self._dm(labels=str(NEON / "TEAK_044_CHM.tif")).setup()
+
+
+# ---------------------------------------------------------------------------------------------------- task
+class TestHeightTask:
+    def test_even_layers(self) -> None:
+        assert even_layers(24) == [5, 11, 17, 23] and even_layers(12) == [2, 5, 8, 11] and even_layers(4) == [0, 1, 2, 3]
+        with pytest.raises(ValueError, match="1 <= n <= n_blocks"):
+            even_layers(3)
+
+    @pytest.mark.parametrize("head, output", [("dpt", "bins"), ("dpt", "regression"), ("linear", "bins")])
+    def test_forward_in_metres_at_input_size(self, head: str, output: str) -> None:
+        task = _tiny_task(head=head, output=output).eval()
+        x = torch.randn(2, 3, 80, 48)
+        with torch.no_grad():
+            y = task(x)
+        assert y.shape == (2, 1, 80, 48) and (y >= 0.001 - 1e-6).all() and (y <= 64.0 + 1e-4).all()
+        assert task.model.layers == ([0, 1, 2, 3] if head == "dpt" else [3])
+
+    @pytest.mark.parametrize("loss", ["sig", "l1", "huber"])
+    def test_loss_ignores_nodata_and_invalid_pixels(self, loss: str) -> None:
+        task = _tiny_task(loss=loss)
+        target = torch.from_numpy(np.stack([_chm("TEAK_044")[:32, :32], _chm("TEAK_050")[:32, :32]]))
+        pred = (target + torch.randn_like(target)).clamp_min(0)[:, None].requires_grad_(True)
+        valid = torch.ones_like(target, dtype=torch.bool)
+        valid[:, :8] = False
+        dirty = target.clone()
+        dirty[:, :8] = NODATA  # garbage under invalid pixels
+        dirty[:, 30:] = float("nan")  # reference nodata
+        keep = valid & ~torch.isnan(dirty)
+        loss_value = task.loss_fn(pred, dirty, valid)
+        reference = task.loss_fn(pred[:, 0][keep][None, None, None, :], target[keep][None, None, :])
+        assert torch.isfinite(loss_value) and loss_value.item() == pytest.approx(reference.item(), rel=1e-5)
+        loss_value.backward()
+        assert (pred.grad[:, 0][~keep] == 0).all() and pred.grad[:, 0][keep].abs().sum() > 0
+
+    def test_augmentation_keeps_image_and_heights_aligned(self) -> None:
+        image = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
+        heights = image[:, 0] * 10
+        for k in range(8):
+            a, h = _dihedral(image, k), _dihedral(heights, k)
+            torch.testing.assert_close(a[:, 0] * 10, h)
+        assert len({tuple(_dihedral(image, k).flatten().tolist()) for k in range(8)}) == 8
+
+    def test_frozen_backbone_only_head_trains(self) -> None:
+        task = _tiny_task()
+        groups = task.configure_optimizers()["optimizer"].param_groups
+        assert [g["name"] for g in groups] == ["head"]
+        assert not any(p.requires_grad for p in task.model.backbone.parameters())
+
+    def test_bad_arguments(self) -> None:
+        with pytest.raises(ValueError, match="head must be one of"):
+            _tiny_task(head="unet")
+        with pytest.raises(ValueError, match="output must be one of"):
+            _tiny_task(output="classes")
+        with pytest.raises(ValueError, match="loss must be one of"):
+            _tiny_task(loss="mse")
+        with pytest.raises(ValueError, match="head='chmv2' predicts 256 bins"):
+            _tiny_task(head="chmv2", output="regression")
+
+
+# ---------------------------------------------------------------------------------------------------- CHMv2
+class TestCHMv2:
+    def test_official_head_layout_round_trip(self, tmp_path: Path) -> None:
+        head = chmv2_head(embed_dim=1024)
+        state = head.state_dict()
+        assert len(state) == 68 and sum(v.numel() for v in state.values()) == pytest.approx(33.7e6, rel=0.01)
+        path = tmp_path / "dinov3_vitl16_chmv2_dpt_head.pth"
+        torch.save(state, path)
+        loaded = load_chmv2_head(path)
+        assert loaded.embed_dim == 1024
+        for key, value in loaded.state_dict().items():
+            torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+        broken = dict(state)
+        broken["conv_depth.head.9.weight"] = broken.pop("conv_depth.head.4.weight")
+        torch.save(broken, tmp_path / "broken.pth")
+        with pytest.raises(ValueError, match="does not match DPTHead"):
+            load_chmv2_head(tmp_path / "broken.pth")
+        torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+        with pytest.raises(ValueError, match="not a CHMv2 DPT head"):
+            load_chmv2_head(tmp_path / "other.pth")
+        with pytest.raises(FileNotFoundError):
+            load_chmv2_head(tmp_path / "missing.pth")
+
+    def test_build_from_backbone_and_head_files(self, tmp_path: Path) -> None:
+        # a 24-block micro ViT stands in for the SAT-493M ViT-L (same blocks read, same head layout)
+        vit = build_backbone("vitmicro16", depth=24)
+        torch.save(vit.state_dict(), tmp_path / "backbone.pth")
+        head = chmv2_head(embed_dim=96)
+        torch.save(head.state_dict(), tmp_path / "head.pth")
+        model = build_chmv2(tmp_path / "backbone.pth", tmp_path / "head.pth")
+        assert model.layers == [5, 11, 17, 23] and model.meta.normalization["name"] == "chmv2"
+        assert model.meta.normalization["mean"] == [0.42, 0.411, 0.296]
+        with torch.no_grad():
+            y = model(torch.randn(1, 3, 32, 64))
+        assert y.shape == (1, 1, 32, 64) and (y > 0).all() and (y <= 96.0).all()
+        task = HeightTask(backbone="vitmicro16", backbone_kwargs={"depth": 24}, head="chmv2", head_weights=str(tmp_path / "head.pth"))
+        torch.testing.assert_close(task.model.head.state_dict(), head.state_dict())
+        with pytest.raises(ValueError, match="the head expects 96"):
+            build_chmv2(build_backbone("vitt16", depth=24), tmp_path / "head.pth")
+        with pytest.raises(ValueError, match="reads blocks"):
+            build_chmv2(build_backbone("vitmicro16"), tmp_path / "head.pth")
+
+
+# ---------------------------------------------------------------------------------------------------- rasters
+class TestRasterPrediction:
+    def test_output_georeferencing_nodata_and_gsd(self, tmp_path: Path) -> None:
+        task = _tiny_task()
+        model = task.model.eval()
+        model.meta = task.backbone_meta()
+        src = NEON / "TEAK_052.tif"
+        out = predict_height(model, src, tmp_path / "chm.tif", normalization=_sat(), quicklook=tmp_path / "chm.png",
+                             window=256, progress=False)  # fmt: skip
+        with rasterio.open(src) as s, rasterio.open(out) as o:
+            assert (o.crs, o.transform, o.shape, o.count) == (s.crs, s.transform, s.shape, 1)
+            assert o.dtypes[0] == "float32" and math.isnan(o.nodata) and o.tags()["units"] == "metre"
+            heights = o.read(1)
+            invalid = (s.read() == 255).any(axis=0)
+        np.testing.assert_array_equal(np.isnan(heights), invalid)
+        assert (heights[~invalid] >= 0.001 - 1e-6).all()
+        assert (tmp_path / "chm.png").stat().st_size > 1000
+        with pytest.raises(FileExistsError, match="already exists"):
+            predict_height(model, src, out, normalization=_sat(), progress=False)
+        coarse = predict_height(model, src, tmp_path / "coarse.tif", normalization=_sat(), gsd=0.4, progress=False)
+        with rasterio.open(coarse) as c:
+            assert c.shape == (100, 100) and c.transform.a == pytest.approx(0.4) and c.transform.c == pytest.approx(321192.7)
+        model.meta.normalization = None
+        with pytest.raises(ValueError, match="no input normalisation"):
+            predict_height(model, src, tmp_path / "x.tif", progress=False)
+
+    def test_evaluate_against_reference_on_its_grid(self, tmp_path: Path) -> None:
+        # the reference CHM itself, upsampled to 0.1 m, must score perfectly after averaging back to 1 m
+        with rasterio.open(NEON / "TEAK_052.tif") as img:
+            profile = dict(driver="GTiff", width=img.width, height=img.height, count=1, dtype="float32", crs=img.crs,
+                           transform=img.transform, nodata=float("nan"))  # fmt: skip
+        chm = np.maximum(_chm("TEAK_052"), 0)
+        with rasterio.open(tmp_path / "pred.tif", "w", **profile) as dst:
+            dst.write(np.kron(chm, np.ones((10, 10), np.float32))[None])
+        result = evaluate_height_raster(tmp_path / "pred.tif", NEON / "TEAK_052_CHM.tif", out_dir=tmp_path / "eval")
+        assert result["all"]["n"] == 1600 and result["all"]["mae"] == pytest.approx(0.0, abs=1e-5)
+        assert result["all"]["r2"] == pytest.approx(1.0)
+        assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.json", "scatter.png", "error_map.png"}
+
+
+def _sat():
+    from dinov3_eo.data.normalization import Normalization
+
+    return Normalization.preset("sat493m")
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
+    """``dinov3-eo height fit`` (a few steps on the NEON plots), then ``predict`` and ``evaluate`` from the checkpoint."""
+    data = tmp_path / "neon"
+    shutil.copytree(NEON, data)
+    root = tmp_path / "run"
+    assert main([
+        "fit", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "height" / "neon_tiny_cpu.yaml"),
+        "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
+        f"--data.paths={data}/TEAK_0??.tif", f"--data.labels={data}/TEAK_0??_CHM.tif", "--data.tile_size=64",
+        "--data.gsd=0.4", "--data.batch_size=2",
+    ]) == 0  # fmt: skip
+    logs = next(root.glob("lightning_logs/version_*"))
+    assert {"val_metrics.json", "val_scatter.png", "val_error_map.png"} <= {p.name for p in logs.iterdir()}
+    report = json.loads((logs / "val_metrics.json").read_text())
+    assert report["step"] == 3 and report["metrics"]["all"]["n"] > 0 and set(report["metrics"]) == {"all", "0-5", "5-10", "10-20", "20+"}
+    ckpt = logs / "checkpoints" / "last.ckpt"
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert stored["dinov3_eo"]["normalization"]["name"] == "sat493m" and stored["dinov3_eo"]["gsd"] == 0.4
+
+    model = load_height_model(ckpt)
+    assert model.meta.gsd == 0.4 and not model.training
+    out = tmp_path / "chm.tif"
+    assert main(["predict", str(data / "TEAK_052.tif"), "--model", str(ckpt), "-o", str(out), "--gsd", "model", "--quiet"]) == 0
+    with rasterio.open(out) as o:
+        assert o.shape == (100, 100) and o.crs.to_epsg() == 32611 and o.dtypes[0] == "float32"
+        heights = o.read(1)
+    assert np.isfinite(heights).mean() > 0.9 and out.with_suffix(".png").exists()
+    # the streamed COG equals the checkpoint's model applied to the whole (resampled, normalised) plot
+    with rasterio.open(data / "TEAK_052.tif") as s:
+        raw = s.read(out_shape=(3, 100, 100), resampling=Resampling.average).astype(np.float32)
+    with torch.no_grad():
+        direct = model(_sat()(torch.from_numpy(raw))[None])[0, 0].numpy()
+    inside = np.isfinite(heights)
+    assert np.median(np.abs(direct[inside] - heights[inside])) < 0.5
+    assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]["n"] == 1600
+    with pytest.raises(SystemExit):
+        main(["predict", str(data / "TEAK_052.tif"), "--chmv2-head", str(ckpt), "-o", str(tmp_path / "y.tif")])
