@@ -204,8 +204,20 @@ class _TileSamplerBase(DistributedSampler):
         """Every rank's tiles for the current epoch, in the order ranks take them round-robin."""
         raise NotImplementedError
 
+    def skip_next(self, n: int) -> None:
+        """Leave out this rank's first ``n`` items in the next :meth:`__iter__` only.
+
+        Lightning restarts a dataloader from the beginning when a run resumes mid-epoch; skipping the items the
+        interrupted run already consumed makes the resumed run see exactly the tiles the uninterrupted one saw.
+        """
+        self._skip = int(n)
+
+    def _after_skip(self, items: list) -> Iterator:
+        skip, self._skip = getattr(self, "_skip", 0), 0
+        return iter(items[skip:])
+
     def __iter__(self) -> Iterator:
-        return iter(self.global_tiles()[self.rank :: self.num_replicas])
+        return self._after_skip(self.global_tiles()[self.rank :: self.num_replicas])
 
 
 class RandomTileSampler(_TileSamplerBase):
@@ -399,7 +411,7 @@ class InterleavedSampler(_TileSamplerBase):
     def __iter__(self) -> Iterator:
         items = [item for s in self.samplers for item in s]
         order = np.random.default_rng([self.seed, self.epoch, 2]).permutation(len(items))
-        return iter([items[i] for i in order])
+        return self._after_skip([items[i] for i in order])
 
 
 class TileListSampler(_TileSamplerBase):

@@ -381,8 +381,24 @@ class DINOv3Pretrain(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.backbone_meta().to_dict()
 
+    def on_train_start(self) -> None:
+        # Lightning re-enters an interrupted epoch without on_train_epoch_start; the skip applies to its next __iter__
+        done, self._resume_batches = getattr(self, "_resume_batches", 0), 0
+        loader = self.trainer.train_dataloader
+        if not done or loader is None or done >= len(loader):
+            return
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "skip_next"):
+            sampler.skip_next(done * loader.batch_size)
+            log.info("Resumed mid-epoch: skipping the %d batches the interrupted run already trained on.", done)
+        else:
+            log.warning("Resumed mid-epoch with a sampler that cannot skip: this epoch's first %d batches repeat.", done)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.data_meta = dict(checkpoint.get("dinov3_eo", {}))
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        # batches of the interrupted epoch already trained on (skipped on resume, see on_train_epoch_start)
+        self._resume_batches = int(progress.get("current", {}).get("processed", 0))
         if self.gram_teacher is None and any(k.startswith("gram_teacher.") for k in checkpoint["state_dict"]):
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"]).requires_grad_(False).eval()
 

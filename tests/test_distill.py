@@ -1,0 +1,81 @@
+"""Multi-student distillation: one teacher forward per step serves every student."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dinov3_eo.models.hub import export_backbone, load_backbone
+from dinov3_eo.ssl.distill import DINOv3Distill, load_teacher_with_heads
+from dinov3_eo.ssl.module import DINOv3Pretrain
+
+HEADS = dict(dino_out_dim=128, dino_hidden_dim=64, dino_bottleneck_dim=32,
+             ibot_out_dim=96, ibot_hidden_dim=64, ibot_bottleneck_dim=32)
+
+
+class _Tiles(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.randn(3, 64, 64, generator=g), "valid": torch.ones(64, 64, dtype=torch.bool)}
+
+
+@pytest.fixture()
+def teacher_ckpt(tmp_path: Path) -> Path:
+    pretrain = DINOv3Pretrain(backbone="vitmicro16", **HEADS)
+    path = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": pretrain.state_dict(), "dinov3_eo": pretrain.backbone_meta().to_dict()}, path)
+    return path
+
+
+def test_teacher_heads_are_read_from_the_checkpoint(teacher_ckpt: Path) -> None:
+    teacher = load_teacher_with_heads(str(teacher_ckpt))
+    assert teacher["dino_head"].last_layer.out_features == 128
+    assert teacher["ibot_head"].last_layer.out_features == 96
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_backbone_only_teacher_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "bare.pth"
+    torch.save(DINOv3Pretrain(backbone="vitmicro16", **HEADS).teacher["backbone"].state_dict(), path)
+    with pytest.raises(KeyError, match="teacher heads"):
+        load_teacher_with_heads(str(path))
+
+
+@pytest.mark.slow
+def test_one_teacher_forward_per_step_serves_two_students(teacher_ckpt: Path, tmp_path: Path) -> None:
+    module = DINOv3Distill(
+        teacher=str(teacher_ckpt), students=["vitmicro16", "vitmicro16"], student_kwargs={},
+        head_hidden_dim=64, head_bottleneck_dim=32, global_crop_size=32, local_crop_size=16, n_local_crops=2,
+        base_lr=1e-3, scale_lr_with_batch=False,
+    )
+    calls = {"teacher": 0}
+    original = module.teacher["backbone"].forward_features
+
+    def counted(*args, **kwargs):
+        calls["teacher"] += 1
+        return original(*args, **kwargs)
+
+    module.teacher["backbone"].forward_features = counted  # type: ignore[method-assign]
+    before = [s["backbone"].norm.weight.clone() for s in module.students_ema]
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, DataLoader(_Tiles(), batch_size=4))
+    assert calls["teacher"] == 3
+    metrics = trainer.callback_metrics
+    assert "loss/0_vitmicro16/dino" in metrics and "loss/1_vitmicro16/ibot" in metrics
+    for ema, b in zip(module.students_ema, before):
+        assert not torch.equal(ema["backbone"].norm.weight, b)  # each student has its own EMA, updated
+    assert not any(k.startswith("teacher.") for k in module.state_dict())  # teacher stays out of checkpoints
+
+    # students export in the official layout and load back
+    out = tmp_path / "student0"
+    export_backbone(module.students_ema[0]["backbone"], out, meta=module.student_meta(0))
+    reloaded = load_backbone(str(out) + ".pth")
+    torch.testing.assert_close(reloaded.state_dict()["norm.weight"], module.students_ema[0]["backbone"].norm.weight)

@@ -1,0 +1,170 @@
+"""End-to-end DINOv3 pretraining on real Landsat-8 tiles (the bundled sample), on CPU."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from dinov3_eo.data.datamodule import PretrainDataModule
+from dinov3_eo.models.hub import load_backbone
+from dinov3_eo.ssl.module import DINOv3Pretrain, NonFiniteLossError
+
+SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+
+MODEL_KW = dict(
+    backbone="vitmicro16",
+    dino_out_dim=256,
+    dino_hidden_dim=128,
+    dino_bottleneck_dim=64,
+    ibot_out_dim=256,
+    ibot_hidden_dim=128,
+    ibot_bottleneck_dim=64,
+    global_crop_size=64,
+    local_crop_size=32,
+    n_local_crops=2,
+    base_lr=2e-3,
+    scale_lr_with_batch=False,
+    lr_warmup_steps=5,
+    teacher_temp_warmup_steps=10,
+    momentum_teacher=0.99,
+    layerwise_decay=1.0,
+)
+
+
+def _datamodule(tmp_path: Path, steps_per_epoch: int = 8, batch_size: int = 8) -> PretrainDataModule:
+    return PretrainDataModule(
+        paths=str(SAMPLE), nodata=0, normalization="percentile", tile_size=96,
+        tiles_per_epoch=steps_per_epoch * batch_size, batch_size=batch_size, cache_dir=str(tmp_path / "cache"),
+    )
+
+
+class _RecordLosses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("loss")}
+        self.losses.append(metrics)
+
+
+def _trainer(tmp_path: Path, max_steps: int, callbacks: list) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=callbacks,
+    )
+
+
+@pytest.mark.slow
+def test_pretrain_losses_finite_and_decreasing(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    record = _RecordLosses()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=12)
+    module = DINOv3Pretrain(**MODEL_KW)
+    _trainer(tmp_path, 36, [record, ckpt]).fit(module, datamodule=_datamodule(tmp_path))
+    assert len(record.losses) == 36
+    for step in record.losses:
+        for name in ("loss", "loss/dino_global", "loss/dino_local", "loss/ibot", "loss/koleo"):
+            assert math.isfinite(step[name]), (name, step)
+    first = sum(s["loss"] for s in record.losses[:6]) / 6
+    last = sum(s["loss"] for s in record.losses[-6:]) / 6
+    assert last < first, (first, last)
+
+    # the checkpoint carries the data metadata and exports a loadable backbone
+    last_ckpt = tmp_path / "ckpt" / "last.ckpt"
+    payload = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+    meta = payload["dinov3_eo"]
+    assert meta["bands"] is not None and len(meta["bands"]) == 3
+    assert meta["normalization"]["name"] == "percentile"
+    backbone = load_backbone(str(last_ckpt))
+    assert backbone.meta.normalization == meta["normalization"]
+    teacher_state = {k[len("teacher.backbone."):]: v for k, v in payload["state_dict"].items()
+                     if k.startswith("teacher.backbone.")}
+    for key, value in backbone.state_dict().items():
+        torch.testing.assert_close(value, teacher_state[key])
+
+
+class _Kill(Callback):
+    """Simulates a kill: the process dies before training step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_kill_and_resume_reproduces_losses(tmp_path: Path) -> None:
+    steps_per_epoch, total, kill_at = 4, 10, 6  # killed mid-epoch, last checkpoint after step 6
+    L.seed_everything(0)
+    full = _RecordLosses()
+    _trainer(tmp_path / "a", total, [full]).fit(
+        DINOv3Pretrain(**MODEL_KW), datamodule=_datamodule(tmp_path, steps_per_epoch)
+    )
+
+    L.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "b" / "ckpt", save_last=True, every_n_train_steps=2)
+    with pytest.raises(BaseException):
+        _trainer(tmp_path / "b", total, [ckpt, _Kill(kill_at)]).fit(
+            DINOv3Pretrain(**MODEL_KW), datamodule=_datamodule(tmp_path, steps_per_epoch)
+        )
+    L.seed_everything(123)  # a different global seed: the resumed run must not depend on it
+    resumed = _RecordLosses()
+    _trainer(tmp_path / "b", total, [resumed]).fit(
+        DINOv3Pretrain(**MODEL_KW), datamodule=_datamodule(tmp_path, steps_per_epoch),
+        ckpt_path=str(tmp_path / "b" / "ckpt" / "last.ckpt"),
+    )
+    assert len(resumed.losses) == total - kill_at
+    for a, b in zip(full.losses[kill_at:], resumed.losses):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_non_finite_loss_stops_with_clear_error(tmp_path: Path) -> None:
+    module = DINOv3Pretrain(**MODEL_KW)
+    batch = {"image": torch.full((2, 3, 96, 96), float("nan")), "valid": torch.ones(2, 96, 96, dtype=torch.bool)}
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at step 0"):
+        module.training_step(batch, 0)
+
+
+def test_schedules_follow_the_recipe() -> None:
+    module = DINOv3Pretrain(**{**MODEL_KW, "lr_warmup_steps": 10, "teacher_temp_warmup_steps": 10})
+    module._total_steps = lambda: 100  # type: ignore[method-assign]
+    start, warm, end = module.schedule_values(0), module.schedule_values(9), module.schedule_values(100)
+    assert start["lr"] == 0.0 and warm["lr"] == pytest.approx(2e-3)
+    assert end["lr"] == pytest.approx(1e-6)
+    assert start["teacher_temp"] == pytest.approx(0.04) and warm["teacher_temp"] == pytest.approx(0.07)
+    assert start["momentum"] == pytest.approx(0.99) and end["momentum"] == pytest.approx(1.0)
+
+
+def test_gram_stage_refresh_schedule_and_high_res_sizes() -> None:
+    module = DINOv3Pretrain(
+        **{**MODEL_KW, "gram_loss_weight": 2.0, "gram_teacher": "ema", "gram_first_update": 4,
+           "gram_update_every": 2, "gram_max_updates": 2}
+    )
+    module.on_fit_start()
+    assert module.gram_teacher is not None
+    fired = []
+    for step in range(12):
+        before = int(module.gram_updates)
+        with torch.no_grad():
+            module.teacher["backbone"].norm.weight.add_(1.0)  # make refreshes observable
+        module._maybe_refresh_gram_teacher(step)
+        if int(module.gram_updates) > before:
+            fired.append(step)
+            torch.testing.assert_close(module.gram_teacher.norm.weight, module.teacher["backbone"].norm.weight)
+    assert fired == [3, 5]  # (step+1) >= 4, (step+1) % 2 == 0, at most 2 refreshes
+    assert module.crop_sizes(0) == (64, 32, 128)  # Gram teacher at 2x
+
+    highres = DINOv3Pretrain(
+        **{**MODEL_KW, "gram_loss_weight": 1.5, "gram_teacher": "ema",
+           "resolutions": [[64, 32, 96, 0.5], [96, 48, 144, 0.5]]}
+    )
+    drawn = {highres.crop_sizes(s) for s in range(40)}
+    assert drawn == {(64, 32, 96), (96, 48, 144)}
+    assert highres.crop_sizes(7) == highres.crop_sizes(7)  # same on every rank: a function of the step
