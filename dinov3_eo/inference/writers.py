@@ -90,6 +90,8 @@ def _cog_options(*, compress: str, float_data: bool, overviews: bool, resampling
         "overviews": "AUTO" if overviews else "NONE",
         "overview_resampling": resampling.upper(),
         "bigtiff": "IF_SAFER",
+        # the conversion is the one step no compute hides: compress and build overviews on every core
+        "num_threads": "ALL_CPUS",
     }
     if compress != "none":
         # horizontal differencing: float predictor for float bands, integer predictor otherwise
