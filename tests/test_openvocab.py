@@ -100,6 +100,18 @@ def test_export_round_trip(model_path: Path, tmp_path: Path) -> None:
         load_text_model(tmp_path / "other.pt")
 
 
+def test_adapt_tokens_equals_the_adapter(model_path: Path) -> None:
+    from dinov3_eo.tasks.openvocab import adapt_tokens
+
+    model, _, _ = load_text_model(model_path)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        cls, patches = model.vision(x)
+        cls2, patches2 = adapt_tokens(model.vision, model.vision.backbone_tokens(x), (2, 3))
+    torch.testing.assert_close(cls, cls2)
+    torch.testing.assert_close(patches, patches2)
+
+
 def test_logit_scale_clamped_after_each_step() -> None:
     task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM)
     with torch.no_grad():

@@ -57,6 +57,7 @@ __all__ = [
     "OpenVocabScorer",
     "TEXT_META_KEY",
     "TextAlignmentTask",
+    "adapt_tokens",
     "export_text_model",
     "grouped_clip_loss",
     "load_text_model",
@@ -401,6 +402,25 @@ class TextAlignmentTask(pl.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def adapt_tokens(vision: Any, tokens: Tensor, grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The adapter half of ``VisionAdapter.forward`` on cached backbone tokens (frozen backbone: cache once, train
+    the adapter for many epochs).
+
+    Args:
+        vision: the :class:`~dinov3_eo.models.text.VisionAdapter`.
+        tokens: ``[B, 1 + R + h·w, D]`` from ``vision.backbone_tokens(x)``.
+        grid: ``(h, w)``.
+
+    Returns:
+        ``(cls [B, D], patches [B, D, h, w])``, as ``vision(x)`` returns them.
+    """
+    for block in vision.blocks:
+        (tokens,) = block([tokens], [None])  # no RoPE in the adapter
+    tokens = vision.ln_final(tokens)
+    patches = tokens[:, 1 + vision.n_storage_tokens :]  # [B, hw, D]
+    return tokens[:, 0], patches.transpose(1, 2).reshape(tokens.shape[0], -1, *grid)  # [B, D, h, w]
 
 
 def text_main(argv: Sequence[str]) -> int:
