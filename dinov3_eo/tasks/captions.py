@@ -500,7 +500,8 @@ class ChipMaskDataset(Dataset):
 
     Args:
         images: glob, folder or list of image paths.
-        masks: the mask folder (or a list of folders) holding ``<stem>.png`` per image.
+        masks: the mask folder (or folders) holding ``<stem>.png`` per image, or a list of mask files paired with
+            a list of ``images`` in order.
         crop: random crop side in pixels (padded with invalid pixels where the chip is smaller).
         size: resize the image (bilinear) and mask (nearest) to ``size`` x ``size`` after the crop.
         remap: mask value -> class id (e.g. ``{5: 255}`` to ignore an "unlabelled" value).
@@ -526,13 +527,25 @@ class ChipMaskDataset(Dataset):
     ) -> None:
         from dinov3_eo.data.datasets import expand_chips
 
-        self.images = expand_chips(images)
-        folders = [masks] if isinstance(masks, (str, os.PathLike)) else list(masks)
-        by_stem = {p.stem: str(p) for folder in folders for p in Path(folder).iterdir() if p.suffix.lower() in CHIP_SUFFIXES}
-        missing = [p for p in self.images if Path(p).stem not in by_stem]
-        if missing:
-            raise FileNotFoundError(f"ChipMaskDataset: no mask for {missing[:3]} in {folders}.")
-        self.masks = [by_stem[Path(p).stem] for p in self.images]
+        mask_sources = [masks] if isinstance(masks, (str, os.PathLike)) else [str(m) for m in masks]
+        if all(Path(m).is_file() for m in mask_sources) and not isinstance(images, (str, os.PathLike)):
+            # explicit pairs: masks[i] labels images[i]
+            if len(mask_sources) != len(images):
+                raise ValueError(f"ChipMaskDataset: {len(images)} images but {len(mask_sources)} mask files.")
+            self.images, self.masks = [str(Path(p).resolve()) for p in images], [str(Path(m).resolve()) for m in mask_sources]
+        else:
+            self.images = expand_chips(images)
+            by_stem: dict[str, str] = {}
+            for folder in mask_sources:
+                for p in Path(folder).iterdir():
+                    if p.suffix.lower() in CHIP_SUFFIXES:
+                        if p.stem in by_stem:
+                            raise ValueError(f"ChipMaskDataset: mask name {p.stem!r} occurs twice ({by_stem[p.stem]}, {p}); pass mask files in image order.")
+                        by_stem[p.stem] = str(p)
+            missing = [p for p in self.images if Path(p).stem not in by_stem]
+            if missing:
+                raise FileNotFoundError(f"ChipMaskDataset: no mask for {missing[:3]} in {mask_sources}.")
+            self.masks = [by_stem[Path(p).stem] for p in self.images]
         self.crop, self.size, self.remap, self.ignore_index = crop, size, dict(remap or {}), ignore_index
         self.normalization, self.seed, self.epoch = normalization, seed, 0
 
