@@ -431,3 +431,13 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]["n"] == 1600
     with pytest.raises(SystemExit):
         main(["predict", str(data / "TEAK_052.tif"), "--chmv2-head", str(ckpt), "-o", str(tmp_path / "y.tif")])
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "height").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every height config maps one-to-one onto HeightTask / HeightDataModule arguments."""
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "\nmodel:\n  backbone:" in printed and "\ndata:\n  paths:" in printed and "label_resampling: bilinear" in printed

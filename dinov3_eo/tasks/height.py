@@ -656,15 +656,15 @@ def _fit_main(argv: Sequence[str]) -> int:
 
     from dinov3_eo.tasks.height_data import HeightDataModule
 
-    old_argv0 = sys.argv[0]
-    sys.argv[0] = "dinov3-eo height"  # so that --help names the command
+    old_argv = sys.argv
+    sys.argv = ["dinov3-eo height"]  # --help names the command; LightningCLI reads args= only
     try:
         LightningCLI(
             HeightTask, HeightDataModule, args=list(argv) or ["--help"], save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )  # fmt: skip
     finally:
-        sys.argv[0] = old_argv0
+        sys.argv = old_argv
     return 0
 
 
