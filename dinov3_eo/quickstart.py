@@ -11,7 +11,7 @@ Steps (each with a progress bar), all written into one output folder:
    onto each tile on the fly), saved as ``segmentation.ckpt``;
 6. the segmented scene: class COG with colour table, GeoPackage polygons and a PNG quick-look.
 
-With 300 pretraining steps the run takes a few minutes on two cores. The polygons are few (~15 ha each), so
+With the default 200 pretraining steps the run takes a few minutes on two cores. The polygons are few (~15 ha each), so
 the head's reported accuracy is measured on the labelled pixels it was trained on: a demonstration of the
 pipeline, not a benchmark (see ``scripts/exp_segment_nc.py`` for a held-out evaluation).
 """
@@ -69,7 +69,7 @@ def _labelled_tiles(scene: Path, polygons: Path, *, tile: int, stride: int) -> t
 def run(
     out_dir: str | Path,
     *,
-    steps: int = 300,
+    steps: int = 200,
     head_epochs: int = 15,
     backbone: str = "vitmicro16",
     tile_size: int = 128,
@@ -120,7 +120,7 @@ def run(
     )  # fmt: skip
     ssl = DINOv3Pretrain(
         backbone=backbone, in_chans=3, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64,
-        ibot_out_dim=1024, ibot_hidden_dim=256, ibot_bottleneck_dim=64, global_crop_size=96, local_crop_size=48,
+        ibot_out_dim=1024, ibot_hidden_dim=256, ibot_bottleneck_dim=64, global_crop_size=64, local_crop_size=32,
         n_local_crops=2, base_lr=2e-3, lr_warmup_steps=min(30, steps // 10), teacher_temp_warmup_steps=min(30, steps // 10),
         momentum_teacher=0.99, seed=seed,
     )  # fmt: skip
@@ -198,7 +198,7 @@ def main(argv: Sequence[str]) -> int:
         "linear head on the shipped land-cover polygons and segment the scene (COG + GeoPackage + PNG). CPU, minutes.",
     )
     parser.add_argument("-o", "--output", default="dinov3_eo_quickstart", help="output folder (default ./dinov3_eo_quickstart)")
-    parser.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300)")
+    parser.add_argument("--steps", type=int, default=200, help="pretraining steps (default 200)")
     parser.add_argument("--head-epochs", type=int, default=15, help="epochs of the linear head (default 15)")
     parser.add_argument("--overwrite", action="store_true", help="reuse a non-empty output folder, replacing its files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
