@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dinov3_eo.losses.dino import dino_losses, dino_total
@@ -30,9 +29,7 @@ from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
-from dinov3_eo.ssl.distributed import world_size
-from dinov3_eo.ssl.module import NonFiniteLossError, _step_seed, make_views, step_schedule
-from dinov3_eo.ssl.schedules import apply_optimizer_schedules, build_param_groups, clip_grad_norm_per_module, scale_lr_sqrt_wrt_1024
+from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +82,7 @@ def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: i
     return teacher.eval()
 
 
-class DINOv3Distill(LightningModule):
+class DINOv3Distill(SSLStage):
     """Distil a frozen teacher into several students at once.
 
     Args (keyword-only, mirrored by ``configs/distill/*.yaml``):
@@ -174,12 +171,9 @@ class DINOv3Distill(LightningModule):
                 )
             )
         self.students_ema = copy.deepcopy(self.students).requires_grad_(False)
-        self._crop_kwargs = dict(
-            n_local_crops=n_local_crops,
-            global_scale=tuple(global_crops_scale),
-            local_scale=tuple(local_crops_scale),
-            horizontal_flip_prob=0.5 if horizontal_flips else 0.0,
-            vertical_flip_prob=0.5 if vertical_flips else 0.0,
+        self._crop_kwargs = crop_options(
+            n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
+            horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,
         )
         self.data_meta: dict[str, Any] = dict(getattr(self.teacher["backbone"], "meta", None).to_dict()
                                               if getattr(self.teacher["backbone"], "meta", None) else {})
@@ -217,52 +211,12 @@ class DINOv3Distill(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo_students"] = [self.student_meta(i).to_dict() for i in range(len(self.students))]
 
-    def _total_steps(self) -> int:
-        total = self.trainer.max_steps
-        if total is None or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        return max(int(total), 1)
+    def trained_parts(self) -> dict[str, nn.ModuleDict]:
+        return {f"{i}.": student for i, student in enumerate(self.students)}
 
-    def schedule_values(self, step: int) -> dict[str, float]:
-        hp = self.hparams
-        batch = getattr(self, "_global_batch_size", None) or 1024
-        peak = scale_lr_sqrt_wrt_1024(hp.base_lr, batch) if hp.scale_lr_with_batch else hp.base_lr
-        return step_schedule(hp, step, total_steps=self._total_steps(), peak_lr=peak)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        groups: list[dict] = []
-        for student in self.students:
-            for group in build_param_groups(
-                student, n_blocks=student["backbone"].n_blocks, layerwise_decay=hp.layerwise_decay,
-                patch_embed_lr_mult=hp.patch_embed_lr_mult,
-            ):
-                group.pop("names", None)
-                groups.append(group)
-        return torch.optim.AdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas))
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
-                                    gradient_clip_algorithm: Any = None) -> None:
-        if self.hparams.clip_grad and self.hparams.clip_grad > 0:
-            for i, student in enumerate(self.students):
-                clip_grad_norm_per_module({f"{i}.{k}": v for k, v in student.items()}, self.hparams.clip_grad)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._global_batch_size = int(batch["image"].shape[0]) * world_size()
-        values = self.schedule_values(self.global_step)
-        optimizer = self.optimizers()
-        apply_optimizer_schedules(
-            getattr(optimizer, "optimizer", optimizer),
-            lr=values["lr"], weight_decay=values["weight_decay"], last_layer_lr=values["last_layer_lr"],
-        )
-
-    @torch.no_grad()
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         momentum = self.schedule_values(max(self.global_step - 1, 0))["momentum"]
-        ema = list(self.students_ema.parameters())
-        live = [p.detach() for p in self.students.parameters()]
-        torch._foreach_mul_(ema, momentum)
-        torch._foreach_add_(ema, live, alpha=1.0 - momentum)
+        ema_update_(self.students_ema.parameters(), self.students.parameters(), momentum)
 
     # ------------------------------------------------------------------ the step
 
@@ -314,25 +268,7 @@ class DINOv3Distill(LightningModule):
             koleo = sum(koleo_loss(c) for c in outs[0]["x_norm_clstoken"].chunk(n_global))
             student_total = dino + hp.ibot_loss_weight * ibot + hp.koleo_loss_weight * koleo
             name = hp.students[i]
-            losses.update({f"{i}_{name}/dino": dino.detach(), f"{i}_{name}/ibot": ibot.detach(),
-                           f"{i}_{name}/koleo": koleo.detach()})
+            losses.update({f"{i}_{name}/dino": dino, f"{i}_{name}/ibot": ibot, f"{i}_{name}/koleo": koleo})
             total = total + student_total
         losses["total"] = total
         return losses
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        step = self.global_step
-        torch.manual_seed(_step_seed(self.hparams.seed, step, 0))
-        losses = self.compute_losses(batch, step)
-        if not torch.isfinite(losses["total"].detach()):
-            raise NonFiniteLossError(
-                f"Non-finite distillation loss at step {step} "
-                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); stopped before the optimiser step."
-            )
-        batch_size = batch["image"].shape[0]
-        self.log("loss", losses["total"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"loss/{k}": v for k, v in losses.items() if k != "total"}, batch_size=batch_size)
-        return losses["total"]
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        return None

@@ -15,11 +15,8 @@ Stages are configs of the same class (``configs/pretrain``, ``configs/gram``, ``
 starts from the previous stage's checkpoint with ``init_from`` (weights only, fresh step counter), so no stage
 re-runs the iterations of the one before — the pain point of the official configs (issues #102, #293).
 
-Deviations from the official code, and why:
-- masks are generated in the step (not the collate function) from a generator seeded by (seed, step), because
-  crops are made on the device after collation; this also makes a resumed run draw the same masks.
-- the global torch RNG is re-seeded from (seed, step) at each step so that RoPE rescaling and drop-path draw the
-  same numbers after a resume: a killed run continues exactly as the uninterrupted one.
+Schedules, optimiser groups, clipping, the non-finite-loss guard and exact resumption live in
+:class:`~dinov3_eo.ssl.stage.SSLStage`.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dinov3_eo.losses.dino import dino_losses, dino_total
@@ -42,116 +38,15 @@ from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
-from dinov3_eo.ssl.crops import MultiCrop
-from dinov3_eo.ssl.distributed import world_size
-from dinov3_eo.ssl.masking import ibot_masks
-from dinov3_eo.ssl.schedules import (
-    apply_optimizer_schedules,
-    build_param_groups,
-    clip_grad_norm_per_module,
-    cosine_schedule,
-    last_layer_lr,
-    linear_warmup_cosine_decay,
-    scale_lr_sqrt_wrt_1024,
-    teacher_temperature,
-)
+from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
+from dinov3_eo.ssl.stage import NonFiniteLossError, SSLStage, crop_options, ema_update_, make_views, step_seed
+
+__all__ = ["DINOv3Pretrain", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(FloatingPointError):
-    """A loss term became NaN or inf; training stops before the optimiser step so checkpoints stay good."""
-
-
-def _step_seed(seed: int, step: int, stream: int) -> int:
-    # distinct, reproducible streams per (seed, step, purpose); fits in 63 bits
-    return (seed * 1_000_003 + step * 97 + stream) % (2**63 - 1)
-
-
-def step_schedule(hp: Any, step: int, *, total_steps: int, peak_lr: float) -> dict[str, float]:
-    """Every scheduled value of a training stage at optimiser step ``step``.
-
-    ``hp`` holds the stage's hyper-parameters (``lr_schedule``, ``min_lr``, ``lr_warmup_steps``, ``weight_decay``,
-    ``weight_decay_end``, ``momentum_teacher``, ``final_momentum_teacher``, ``teacher_temp``, ``warmup_teacher_temp``,
-    ``teacher_temp_warmup_steps``, ``freeze_last_layer_steps`` and optionally the Gram/local-weight ones). A pure
-    function of the step, so a resumed run needs no scheduler state.
-
-    Returns:
-        ``lr``, ``last_layer_lr``, ``weight_decay``, ``momentum``, ``teacher_temp``, ``gram_weight``,
-        ``local_loss_weight``.
-    """
-    total = max(int(total_steps), 1)
-    warmup = min(hp.lr_warmup_steps, total)
-    if hp.lr_schedule == "cosine":
-        lr = cosine_schedule(step, base=peak_lr, final=hp.min_lr, total_steps=total, warmup_steps=warmup)
-    elif hp.lr_schedule == "constant":
-        lr = linear_warmup_cosine_decay(
-            step, start=0.0, peak=peak_lr, end=peak_lr, warmup_iterations=warmup, total_iterations=total,
-            cosine_iterations=0,
-        )
-    else:  # "ramp": cosine ramp 0 -> lr, then constant (official high-res adaptation)
-        lr = linear_warmup_cosine_decay(
-            step, start=0.0, peak=0.0, end=peak_lr, warmup_iterations=0, total_iterations=total,
-            cosine_iterations=max(warmup, 1),
-        )
-    values = {
-        "lr": lr,
-        "last_layer_lr": last_layer_lr(step, lr, freeze_steps=hp.freeze_last_layer_steps),
-        "weight_decay": cosine_schedule(step, base=hp.weight_decay, final=hp.weight_decay_end, total_steps=total),
-        "momentum": cosine_schedule(step, base=hp.momentum_teacher, final=hp.final_momentum_teacher, total_steps=total),
-        "teacher_temp": teacher_temperature(
-            step, warmup_steps=hp.teacher_temp_warmup_steps, start=hp.warmup_teacher_temp, final=hp.teacher_temp
-        ),
-    }
-    gram_warmup = min(getattr(hp, "gram_weight_warmup_steps", 0), total)
-    ramp = (
-        1.0
-        if gram_warmup <= 0
-        else linear_warmup_cosine_decay(
-            step, start=0.0, peak=0.0, end=1.0, warmup_iterations=0, total_iterations=total, cosine_iterations=gram_warmup
-        )
-    )
-    values["gram_weight"] = getattr(hp, "gram_loss_weight", 0.0) * ramp
-    local_end = getattr(hp, "local_loss_weight", 1.0)
-    local_start = getattr(hp, "local_loss_weight_start", None)
-    values["local_loss_weight"] = local_end if local_start is None else local_start + (local_end - local_start) * ramp
-    return values
-
-
-def make_views(
-    images: Tensor,
-    valid: Tensor | None,
-    *,
-    seed: int,
-    step: int,
-    global_size: int,
-    local_size: int,
-    gram_size: int | None,
-    patch_size: int,
-    crop_kwargs: dict[str, Any],
-    mask_probability: float,
-    mask_ratio_range: tuple[float, float],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """The crops and iBOT masks of one step, drawn from generators seeded by (seed, step).
-
-    Returns:
-        (crops, masking): ``crops`` as :class:`MultiCrop` returns them (``global_crops`` [2B,C,G,G], ``local_crops``
-        [nL·B,C,L,L], optional ``gram_crops``); ``masking`` as :func:`ibot_masks` (``masks`` [2B,N] bool,
-        ``mask_indices`` [M], ``masks_weight`` [M]) moved to the images' device.
-    """
-    generator = torch.Generator().manual_seed(_step_seed(seed, step, 1))
-    multicrop = MultiCrop(global_size=global_size, local_size=local_size, gram_teacher_size=gram_size, **crop_kwargs)
-    crops = multicrop(images, valid, generator=generator)
-    grid = (global_size // patch_size, global_size // patch_size)
-    masking = ibot_masks(
-        crops["global_crops"].shape[0], grid, rng=np.random.default_rng(_step_seed(seed, step, 2)),
-        mask_probability=mask_probability, ratio_range=tuple(mask_ratio_range),
-    )
-    masking = {k: v.to(images.device) for k, v in masking.items()}
-    return crops, masking
-
-
-class DINOv3Pretrain(LightningModule):
+class DINOv3Pretrain(SSLStage):
     """DINOv3 self-supervised training on image tiles of any band count.
 
     Args (all keyword-only; they mirror the YAML ``model.init_args``):
@@ -295,12 +190,9 @@ class DINOv3Pretrain(LightningModule):
         self.gram_teacher: nn.Module | None = None
         # refreshes done so far; a buffer so that it is saved and restored with the checkpoint
         self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
-        self._crop_kwargs = dict(
-            n_local_crops=n_local_crops,
-            global_scale=tuple(global_crops_scale),
-            local_scale=tuple(local_crops_scale),
-            horizontal_flip_prob=0.5 if horizontal_flips else 0.0,
-            vertical_flip_prob=0.5 if vertical_flips else 0.0,
+        self._crop_kwargs = crop_options(
+            n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
+            horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,
         )
         #: metadata of the data the model is trained on (bands, normalisation, gsd); filled from the datamodule
         self.data_meta: dict[str, Any] = {}
@@ -365,13 +257,10 @@ class DINOv3Pretrain(LightningModule):
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            normalization = getattr(datamodule, "normalization", None)
-            self.data_meta = {
-                "bands": getattr(datamodule, "band_names", None) or self.data_meta.get("bands"),
-                "normalization": normalization.to_dict() if normalization is not None else self.data_meta.get("normalization"),
-                "gsd": getattr(datamodule, "gsd", None) or self.data_meta.get("gsd"),
-            }
+        if datamodule is not None and hasattr(datamodule, "metadata"):
+            # the data statistics travel with every checkpoint trained on them
+            fresh = {k: v for k, v in datamodule.metadata().items() if v is not None}
+            self.data_meta = {**self.data_meta, **fresh}
 
     def on_fit_start(self) -> None:
         if self.hparams.gram_loss_weight > 0 and self.gram_teacher is None:
@@ -381,24 +270,9 @@ class DINOv3Pretrain(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.backbone_meta().to_dict()
 
-    def on_train_start(self) -> None:
-        # Lightning re-enters an interrupted epoch without on_train_epoch_start; the skip applies to its next __iter__
-        done, self._resume_batches = getattr(self, "_resume_batches", 0), 0
-        loader = self.trainer.train_dataloader
-        if not done or loader is None or done >= len(loader):
-            return
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "skip_next"):
-            sampler.skip_next(done * loader.batch_size)
-            log.info("Resumed mid-epoch: skipping the %d batches the interrupted run already trained on.", done)
-        else:
-            log.warning("Resumed mid-epoch with a sampler that cannot skip: this epoch's first %d batches repeat.", done)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.data_meta = dict(checkpoint.get("dinov3_eo", {}))
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
-        # batches of the interrupted epoch already trained on (skipped on resume, see on_train_epoch_start)
-        self._resume_batches = int(progress.get("current", {}).get("processed", 0))
         if self.gram_teacher is None and any(k.startswith("gram_teacher.") for k in checkpoint["state_dict"]):
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"]).requires_grad_(False).eval()
 
@@ -412,30 +286,11 @@ class DINOv3Pretrain(LightningModule):
 
     # ------------------------------------------------------------------ schedules
 
-    def _total_steps(self) -> int:
-        if self._trainer is None:
-            return 1
-        total = self.trainer.max_steps
-        if total is None or total < 0:
-            total = int(self.trainer.estimated_stepping_batches)
-        return max(int(total), 1)
-
-    def _peak_lr(self) -> float:
-        hp = self.hparams
-        if not hp.scale_lr_with_batch:
-            return hp.base_lr
-        batch = getattr(self, "_global_batch_size", None) or 1024
-        return scale_lr_sqrt_wrt_1024(hp.base_lr, batch)
-
-    def schedule_values(self, step: int) -> dict[str, float]:
-        """All scheduled quantities at optimiser step ``step`` (pure function of the step and hyper-parameters)."""
-        return step_schedule(self.hparams, step, total_steps=self._total_steps(), peak_lr=self._peak_lr())
-
     def crop_sizes(self, step: int) -> tuple[int, int, int | None]:
         """(global, local, gram-teacher) crop sizes of this step; the gram size is None without a Gram term."""
         hp = self.hparams
         if hp.resolutions is not None:
-            rng = np.random.default_rng(_step_seed(hp.seed, step, 3))
+            rng = np.random.default_rng(step_seed(hp.seed, step, 3))
             probs = np.array([float(r[3]) for r in hp.resolutions])
             row = hp.resolutions[int(rng.choice(len(probs), p=probs / probs.sum()))]
             global_size, local_size, gram_size = int(row[0]), int(row[1]), int(row[2])
@@ -449,34 +304,8 @@ class DINOv3Pretrain(LightningModule):
 
     # ------------------------------------------------------------------ optimisation
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        hp = self.hparams
-        groups = build_param_groups(
-            self.student,
-            n_blocks=self.student["backbone"].n_blocks,
-            layerwise_decay=hp.layerwise_decay,
-            patch_embed_lr_mult=hp.patch_embed_lr_mult,
-        )
-        for group in groups:
-            group.pop("names", None)
-        return torch.optim.AdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas))
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
-                                    gradient_clip_algorithm: Any = None) -> None:
-        if self.hparams.clip_grad and self.hparams.clip_grad > 0:
-            norms = clip_grad_norm_per_module(dict(self.student.items()), self.hparams.clip_grad)
-            for name, norm in norms.items():
-                self.log(f"grad_norm/{name}", norm, on_step=True, on_epoch=False)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._global_batch_size = int(batch["image"].shape[0]) * world_size()
-        values = self.schedule_values(self.global_step)
-        optimizer = self.optimizers()
-        apply_optimizer_schedules(
-            getattr(optimizer, "optimizer", optimizer),  # unwrap Lightning's optimizer wrapper
-            lr=values["lr"], weight_decay=values["weight_decay"], last_layer_lr=values["last_layer_lr"],
-        )
-        self._step_values = values
+    def trained_parts(self) -> dict[str, nn.ModuleDict]:
+        return {"": self.student}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # global_step has already advanced; the step just taken is global_step - 1
@@ -484,23 +313,21 @@ class DINOv3Pretrain(LightningModule):
         self._ema_update(self.schedule_values(max(step, 0))["momentum"])
         self._maybe_refresh_gram_teacher(step)
 
-    @torch.no_grad()
     def _ema_update(self, momentum: float) -> None:
-        teacher = [p for p in self.teacher.parameters()]
-        student = [p.detach() for p in self.student.parameters()]
-        torch._foreach_mul_(teacher, momentum)
-        torch._foreach_add_(teacher, student, alpha=1.0 - momentum)
+        ema_update_(self.teacher.parameters(), self.student.parameters(), momentum)
 
     @torch.no_grad()
     def _maybe_refresh_gram_teacher(self, step: int) -> None:
         hp = self.hparams
         if self.gram_teacher is None or not hp.gram_update_every or hp.gram_first_update is None:
             return
-        done = int(self.gram_updates)
-        if (step + 1) >= hp.gram_first_update and (step + 1) % hp.gram_update_every == 0 and done < hp.gram_max_updates:
+        if gram_teacher_refresh_due(
+            step, first_update=hp.gram_first_update, frequency=hp.gram_update_every, max_updates=hp.gram_max_updates
+        ):
             self.gram_teacher.load_state_dict(self.teacher["backbone"].state_dict())
             self.gram_updates += 1
-            log.info("Gram teacher refreshed from the EMA teacher after step %d (%d/%d).", step, done + 1, hp.gram_max_updates)
+            log.info("Gram teacher refreshed from the EMA teacher after step %d (%d/%d).", step,
+                     int(self.gram_updates), hp.gram_max_updates)
 
     # ------------------------------------------------------------------ the step
 
@@ -573,39 +400,6 @@ class DINOv3Pretrain(LightningModule):
             total = total + values["gram_weight"] * losses["gram"]
         losses["total"] = total
         return losses
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        step = self.global_step
-        # model-internal randomness (RoPE rescale, drop-path) reproducible across a kill/resume
-        torch.manual_seed(_step_seed(self.hparams.seed, step, 0))
-        losses = self.compute_losses(batch, step)
-        bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
-        if bad:
-            raise NonFiniteLossError(
-                f"Non-finite loss at step {step} in {', '.join(bad)} "
-                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); training stopped before the "
-                "optimiser step, so the last saved checkpoint is intact. Lower the lr or check the input normalisation."
-            )
-        values = getattr(self, "_step_values", None) or self.schedule_values(step)
-        batch_size = batch["image"].shape[0]
-        self.log("loss", losses["total"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items() if k != "total"}, batch_size=batch_size)
-        self.log_dict(
-            {
-                "sched/lr": values["lr"],
-                "sched/momentum": values["momentum"],
-                "sched/teacher_temp": values["teacher_temp"],
-                "sched/weight_decay": values["weight_decay"],
-            },
-            batch_size=batch_size,
-        )
-        if self.hparams.gram_loss_weight > 0:
-            self.log("sched/gram_weight", values["gram_weight"], batch_size=batch_size)
-        return losses["total"]
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        # self-supervised: no labelled validation; features are evaluated by k-NN / linear probes afterwards
-        return None
 
     # ------------------------------------------------------------------ features
 

@@ -1,0 +1,281 @@
+"""What every self-supervised training stage shares: schedules, optimiser, clipping, EMA, views and exact resumption.
+
+:class:`SSLStage` is the base of :class:`~dinov3_eo.ssl.module.DINOv3Pretrain` (pretraining, Gram anchoring,
+high-resolution adaptation) and :class:`~dinov3_eo.ssl.distill.DINOv3Distill`. A subclass provides
+``compute_losses(batch, step)`` and ``trained_parts()``; the base turns that into a Lightning training step with
+per-step schedules, per-module gradient clipping, a non-finite-loss guard and logging.
+
+Randomness is a function of (seed, step): crops and masks come from generators seeded with it, and the global torch
+RNG (RoPE rescaling, drop-path) is re-seeded with it at each step. Together with samplers that skip what an
+interrupted epoch already consumed, a run killed at any point resumes exactly as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from dinov3_eo.ssl.crops import MultiCrop
+from dinov3_eo.ssl.distributed import world_size
+from dinov3_eo.ssl.masking import ibot_masks
+from dinov3_eo.ssl.schedules import (
+    apply_optimizer_schedules,
+    build_param_groups,
+    clip_grad_norm_per_module,
+    cosine_schedule,
+    last_layer_lr,
+    linear_warmup_cosine_decay,
+    scale_lr_sqrt_wrt_1024,
+    teacher_temperature,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN or inf; training stops before the optimiser step so checkpoints stay good."""
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A reproducible seed for one random stream (crops, masks, resolution, model) of one step."""
+    return (seed * 1_000_003 + step * 97 + stream) % (2**63 - 1)
+
+
+def step_schedule(hp: Any, step: int, *, total_steps: int, peak_lr: float) -> dict[str, float]:
+    """Every scheduled value of a training stage at optimiser step ``step``.
+
+    ``hp`` holds the stage's hyper-parameters (``lr_schedule``, ``min_lr``, ``lr_warmup_steps``, ``weight_decay``,
+    ``weight_decay_end``, ``momentum_teacher``, ``final_momentum_teacher``, ``teacher_temp``, ``warmup_teacher_temp``,
+    ``teacher_temp_warmup_steps``, ``freeze_last_layer_steps`` and optionally the Gram/local-weight ones). A pure
+    function of the step, so a resumed run needs no scheduler state.
+
+    Returns:
+        ``lr``, ``last_layer_lr``, ``weight_decay``, ``momentum``, ``teacher_temp``, ``gram_weight``,
+        ``local_loss_weight``.
+    """
+    total = max(int(total_steps), 1)
+    warmup = min(hp.lr_warmup_steps, total)
+    if hp.lr_schedule == "cosine":
+        lr = cosine_schedule(step, base=peak_lr, final=hp.min_lr, total_steps=total, warmup_steps=warmup)
+    elif hp.lr_schedule == "constant":
+        lr = linear_warmup_cosine_decay(
+            step, start=0.0, peak=peak_lr, end=peak_lr, warmup_iterations=warmup, total_iterations=total,
+            cosine_iterations=0,
+        )
+    else:  # "ramp": cosine ramp 0 -> lr, then constant (official high-res adaptation)
+        lr = linear_warmup_cosine_decay(
+            step, start=0.0, peak=0.0, end=peak_lr, warmup_iterations=0, total_iterations=total,
+            cosine_iterations=max(warmup, 1),
+        )
+    values = {
+        "lr": lr,
+        "last_layer_lr": last_layer_lr(step, lr, freeze_steps=hp.freeze_last_layer_steps),
+        "weight_decay": cosine_schedule(step, base=hp.weight_decay, final=hp.weight_decay_end, total_steps=total),
+        "momentum": cosine_schedule(step, base=hp.momentum_teacher, final=hp.final_momentum_teacher, total_steps=total),
+        "teacher_temp": teacher_temperature(
+            step, warmup_steps=hp.teacher_temp_warmup_steps, start=hp.warmup_teacher_temp, final=hp.teacher_temp
+        ),
+    }
+    gram_warmup = min(getattr(hp, "gram_weight_warmup_steps", 0), total)
+    ramp = (
+        1.0
+        if gram_warmup <= 0
+        else linear_warmup_cosine_decay(
+            step, start=0.0, peak=0.0, end=1.0, warmup_iterations=0, total_iterations=total, cosine_iterations=gram_warmup
+        )
+    )
+    values["gram_weight"] = getattr(hp, "gram_loss_weight", 0.0) * ramp
+    local_end = getattr(hp, "local_loss_weight", 1.0)
+    local_start = getattr(hp, "local_loss_weight_start", None)
+    values["local_loss_weight"] = local_end if local_start is None else local_start + (local_end - local_start) * ramp
+    return values
+
+
+def make_views(
+    images: Tensor,
+    valid: Tensor | None,
+    *,
+    seed: int,
+    step: int,
+    global_size: int,
+    local_size: int,
+    gram_size: int | None,
+    patch_size: int,
+    crop_kwargs: dict[str, Any],
+    mask_probability: float,
+    mask_ratio_range: tuple[float, float],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The crops and iBOT masks of one step, drawn from generators seeded by (seed, step).
+
+    Masks are made here rather than in the collate function (the official place) because the crops are made on
+    the device after collation; seeding by step also makes a resumed run draw the same masks.
+
+    Returns:
+        (crops, masking): ``crops`` as :class:`MultiCrop` returns them (``global_crops`` [2B,C,G,G], ``local_crops``
+        [nL·B,C,L,L], optional ``gram_crops``); ``masking`` as :func:`ibot_masks` (``masks`` [2B,N] bool,
+        ``mask_indices`` [M], ``masks_weight`` [M]) moved to the images' device.
+    """
+    generator = torch.Generator().manual_seed(step_seed(seed, step, 1))
+    multicrop = MultiCrop(global_size=global_size, local_size=local_size, gram_teacher_size=gram_size, **crop_kwargs)
+    crops = multicrop(images, valid, generator=generator)
+    grid = (global_size // patch_size, global_size // patch_size)
+    masking = ibot_masks(
+        crops["global_crops"].shape[0], grid, rng=np.random.default_rng(step_seed(seed, step, 2)),
+        mask_probability=mask_probability, ratio_range=tuple(mask_ratio_range),
+    )
+    masking = {k: v.to(images.device) for k, v in masking.items()}
+    return crops, masking
+
+
+def crop_options(
+    *,
+    n_local_crops: int,
+    global_crops_scale: tuple[float, float],
+    local_crops_scale: tuple[float, float],
+    horizontal_flips: bool,
+    vertical_flips: bool,
+) -> dict[str, Any]:
+    """:class:`MultiCrop` keyword arguments from a stage's constructor arguments (sizes are chosen per step)."""
+    return dict(
+        n_local_crops=n_local_crops,
+        global_scale=tuple(global_crops_scale),
+        local_scale=tuple(local_crops_scale),
+        horizontal_flip_prob=0.5 if horizontal_flips else 0.0,
+        vertical_flip_prob=0.5 if vertical_flips else 0.0,
+    )
+
+
+@torch.no_grad()
+def ema_update_(ema: Iterable[Tensor], live: Iterable[Tensor], momentum: float) -> None:
+    """In place: ``ema ← momentum·ema + (1 − momentum)·live`` over matching parameter lists."""
+    ema, live = list(ema), [p.detach() for p in live]
+    torch._foreach_mul_(ema, momentum)
+    torch._foreach_add_(ema, live, alpha=1.0 - momentum)
+
+
+class SSLStage(LightningModule):
+    """Shared Lightning plumbing of the SSL stages; subclasses implement :meth:`compute_losses`.
+
+    Subclasses must call ``save_hyperparameters()`` with the schedule/optimiser arguments used by
+    :func:`step_schedule` plus ``base_lr``, ``scale_lr_with_batch``, ``adamw_betas``, ``layerwise_decay``,
+    ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``.
+    """
+
+    #: batches of the interrupted epoch already trained on when resuming (skipped, see on_train_start)
+    _resume_batches: int = 0
+
+    # ------------------------------------------------------------------ what subclasses provide
+
+    def trained_parts(self) -> dict[str, nn.ModuleDict]:
+        """name → trained ``ModuleDict(backbone, dino_head, ibot_head)``; each gets its own param groups and clipping."""
+        raise NotImplementedError
+
+    def compute_losses(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
+        """The step's named loss terms and their weighted ``total`` (no backward)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ schedules
+
+    def _total_steps(self) -> int:
+        if self._trainer is None:
+            return 1
+        total = self.trainer.max_steps
+        if total is None or total < 0:
+            total = int(self.trainer.estimated_stepping_batches)
+        return max(int(total), 1)
+
+    def _peak_lr(self) -> float:
+        hp = self.hparams
+        if not hp.scale_lr_with_batch:
+            return hp.base_lr
+        return scale_lr_sqrt_wrt_1024(hp.base_lr, getattr(self, "_global_batch_size", None) or 1024)
+
+    def schedule_values(self, step: int) -> dict[str, float]:
+        """All scheduled quantities at optimiser step ``step`` (pure function of the step and hyper-parameters)."""
+        return step_schedule(self.hparams, step, total_steps=self._total_steps(), peak_lr=self._peak_lr())
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        hp = self.hparams
+        groups: list[dict] = []
+        for part in self.trained_parts().values():
+            for group in build_param_groups(
+                part, n_blocks=part["backbone"].n_blocks, layerwise_decay=hp.layerwise_decay,
+                patch_embed_lr_mult=hp.patch_embed_lr_mult,
+            ):
+                group.pop("names", None)
+                groups.append(group)
+        return torch.optim.AdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas))
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
+                                    gradient_clip_algorithm: Any = None) -> None:
+        if not self.hparams.clip_grad or self.hparams.clip_grad <= 0:
+            return
+        for prefix, part in self.trained_parts().items():
+            norms = clip_grad_norm_per_module(dict(part.items()), self.hparams.clip_grad)
+            for name, norm in norms.items():
+                self.log(f"grad_norm/{prefix}{name}", norm, on_step=True, on_epoch=False)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._global_batch_size = int(batch["image"].shape[0]) * world_size()
+        values = self.schedule_values(self.global_step)
+        optimizer = self.optimizers()
+        apply_optimizer_schedules(
+            getattr(optimizer, "optimizer", optimizer),  # unwrap Lightning's optimizer wrapper
+            lr=values["lr"], weight_decay=values["weight_decay"], last_layer_lr=values["last_layer_lr"],
+        )
+
+    # ------------------------------------------------------------------ exact resumption
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        self._resume_batches = int(progress.get("current", {}).get("processed", 0))
+
+    def on_train_start(self) -> None:
+        # Lightning re-enters an interrupted epoch without on_train_epoch_start and restarts its dataloader from
+        # the beginning; the sampler skips what was consumed at its next __iter__
+        done, self._resume_batches = self._resume_batches, 0
+        loader = self.trainer.train_dataloader
+        if not done or loader is None or done >= len(loader):
+            return
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "skip_next"):
+            sampler.skip_next(done * loader.batch_size)
+            log.info("Resumed mid-epoch: skipping the %d batches the interrupted run already trained on.", done)
+        else:
+            log.warning("Resumed mid-epoch with a sampler that cannot skip: this epoch's first %d batches repeat.", done)
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        step = self.global_step
+        # model-internal randomness (RoPE rescale, drop-path) reproducible across a kill/resume
+        torch.manual_seed(step_seed(self.hparams.seed, step, 0))
+        losses = self.compute_losses(batch, step)
+        bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
+        if bad:
+            raise NonFiniteLossError(
+                f"Non-finite loss at step {step} in {', '.join(bad)} "
+                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); training stopped before the "
+                "optimiser step, so the last saved checkpoint is intact. Lower the lr or check the input normalisation."
+            )
+        values = self.schedule_values(step)
+        batch_size = batch["image"].shape[0]
+        self.log("loss", losses["total"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items() if k != "total"}, batch_size=batch_size)
+        logged = {f"sched/{k}": values[k] for k in ("lr", "momentum", "teacher_temp", "weight_decay")}
+        if getattr(self.hparams, "gram_loss_weight", 0) > 0:
+            logged["sched/gram_weight"] = values["gram_weight"]
+        self.log_dict(logged, batch_size=batch_size)
+        return losses["total"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        # self-supervised: no labelled validation; features are evaluated by k-NN / linear probes afterwards
+        return None
