@@ -20,21 +20,9 @@ import numpy as np
 import rasterio
 from shapely.geometry import Point
 
-from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.tasks.openvocab import MapQuery, TextAlignmentTask, export_text_model
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-
-
-def stretched(engine: MapQuery, scene: str, bands: list[int], nodata: float | None) -> Normalization:
-    """The model's normalisation with its raw range replaced by this scene's per-band 2-98 % percentiles."""
-    with rasterio.open(scene) as src:
-        step = max(1, max(src.height, src.width) // 1024)
-        data = src.read(bands, out_shape=(len(bands), src.height // step, src.width // step)).astype(np.float64)
-    valid = np.all(data != nodata, axis=0) if nodata is not None else np.ones(data.shape[1:], bool)
-    low, high = np.percentile(data[:, valid], [2, 98], axis=1)
-    norm = engine.normalization
-    return Normalization(mean=norm.mean, std=norm.std, low=tuple(low), high=tuple(high), name=f"{norm.name}+stretch")
 
 
 def main() -> None:
@@ -58,7 +46,7 @@ def main() -> None:
         print(f"no --model: using an untrained tiny model ({model_path})")
     engine = MapQuery.from_checkpoint(model_path, bands=args.bands, nodata=args.nodata, window=256, progress=True)
     if args.stretch:
-        engine.normalization = stretched(engine, args.scene, args.bands, args.nodata)
+        print(f"input normalisation: {engine.stretch_to(args.scene)}")
 
     # 1. free text: scores per query (query x y x), then the best query per pixel, then polygons
     scores = engine.query(args.scene, args.queries, out=out / "scores.tif")

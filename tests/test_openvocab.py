@@ -174,6 +174,16 @@ class TestQuery:
         with pytest.raises(ValueError, match="takes 3 bands"):
             MapQuery.from_checkpoint(model_path, bands=[1, 2]).query(crop, ["water"])
 
+    def test_stretch_to_the_scene(self, model_path: Path, crop: Path) -> None:
+        engine = MapQuery.from_checkpoint(model_path, nodata=0)
+        norm = engine.stretch_to(crop, percentiles=(0.0, 100.0))
+        with rasterio.open(crop) as src:
+            data = src.read().reshape(3, -1)
+        valid = (data != 0).all(axis=0)
+        assert norm.low == tuple(float(v) for v in data[:, valid].min(axis=1))
+        assert norm.high == tuple(float(v) for v in data[:, valid].max(axis=1))
+        assert norm.mean == tuple(NORM["mean"]) and engine.normalization is norm
+
     def test_scores_to_classes(self) -> None:
         scores = np.array([[[0.2, 0.9, np.nan]], [[0.8, 0.1, np.nan]]], dtype=np.float32)  # [K=2, 1, 3]
         assert scores_to_classes(scores).tolist() == [[1, 0, CLASS_NODATA]]

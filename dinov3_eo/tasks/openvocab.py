@@ -692,6 +692,38 @@ class MapQuery:
         kwargs.setdefault("templates", tuple(text_meta.get("templates") or REMOTE_SENSING_TEMPLATES))
         return cls(model=model, meta=meta, **kwargs)
 
+    def stretch_to(self, raster: Any, *, percentiles: tuple[float, float] = (2.0, 98.0), max_size: int = 1024) -> Normalization:
+        """Re-map this scene's per-band percentile range onto the range the model was trained on, and use it.
+
+        For a model trained with a clip-and-scale normalisation (presets on 0..255, ``percentile``) applied to
+        imagery of another sensor or bit depth — e.g. EuroSAT 8-bit chips vs Landsat DN: the model's ``low``/
+        ``high`` are replaced by the scene's percentiles (valid pixels of a decimated read), ``mean``/``std`` kept.
+
+        Returns:
+            The normalisation now used.
+
+        Raises:
+            ValueError: if the model's normalisation has no clip-and-scale step, or the scene has no valid pixel.
+        """
+        if self.normalization.low is None:
+            raise ValueError(
+                f"stretch_to: the model's normalisation {self.normalization.name!r} has no low/high range to re-map."
+            )
+        with _open_raster(raster) as src:
+            bands = self._band_indexes(src)
+            step = max(1, math.ceil(max(src.height, src.width) / max_size))
+            shape = (max(1, src.height // step), max(1, src.width // step))
+            pixels, valid = read_window(src, Window(0, 0, src.width, src.height), bands=bands, nodata=self.nodata,
+                                        out_shape=shape)  # fmt: skip
+        if not valid.any():
+            raise ValueError(f"stretch_to: {getattr(src, 'name', raster)!r} has no valid pixel.")
+        low, high = np.percentile(pixels[:, valid].astype(np.float64), list(percentiles), axis=1)  # [2, C]
+        high = np.maximum(high, low + 1e-6)
+        norm = self.normalization
+        self.normalization = Normalization(mean=norm.mean, std=norm.std, low=tuple(low), high=tuple(high),
+                                           name=f"{norm.name}+stretch")  # fmt: skip
+        return self.normalization
+
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _band_indexes(self, src: Any) -> list[int]:
         indexes = self.bands if self.bands is not None else list(range(1, src.count + 1))
@@ -1026,6 +1058,8 @@ def _query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rgb-bands", type=int, nargs=3, default=None, help="1-based bands shown in the PNG")
     parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the model (default: all)")
     parser.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    parser.add_argument("--stretch", action="store_true",
+                        help="re-map this scene's 2-98 %% range onto the model's input range (another sensor / bit depth)")
     parser.add_argument("--templates", default=None, help="prompt templates file (default: the model's)")
     parser.add_argument("--window", type=int, default=512, help="sliding-window size in pixels")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap as a fraction")
@@ -1062,6 +1096,8 @@ def query_main(argv: Sequence[str]) -> int:
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
+        if args.stretch:
+            engine.stretch_to(args.scene)
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)
         background = len(names) - 1 if args.background else None
         write_class_map(out, classes_path, class_names=names, threshold=args.threshold, background=background,
