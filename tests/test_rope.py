@@ -10,7 +10,6 @@ from dinov3_eo.models.rope import (
     patch_centre_coords,
     rope_apply,
     rope_apply_fast,
-    rope_tables_for_fast_apply,
     rotate_half,
 )
 
@@ -136,7 +135,17 @@ class TestApply:
         rope = RopePositionEmbedding(head_dim=32).eval()
         sin, cos = rope(H=4, W=5)
         x = torch.randn(3, 20, 32)
-        torch.testing.assert_close(rope_apply_fast(x, *rope_tables_for_fast_apply(sin, cos)), rope_apply(x, sin, cos))
+        torch.testing.assert_close(rope_apply_fast(x, sin, cos), rope_apply(x, sin, cos))
+        # strided input (a view of fused q/k/v), as in attention
+        qkv = torch.randn(3, 20, 2, 32).permute(0, 2, 1, 3)
+        torch.testing.assert_close(rope_apply_fast(qkv[:2], sin, cos), rope_apply(qkv[:2], sin, cos))
+        # and the same gradient (the fast path writes in place)
+        grads = []
+        for fn in (rope_apply, rope_apply_fast):
+            leaf = x.clone().requires_grad_()
+            fn(leaf, sin, cos).pow(2).sum().backward()
+            grads.append(leaf.grad)
+        torch.testing.assert_close(grads[0], grads[1])
 
     def test_low_precision_input_is_rotated_in_float32(self) -> None:
         rope = RopePositionEmbedding(head_dim=16).eval()

@@ -40,21 +40,19 @@ def rope_apply(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     return (x * cos + rotate_half(x) * sin).to(dtype)
 
 
-def rope_tables_for_fast_apply(sin: Tensor, cos: Tensor) -> tuple[Tensor, Tensor]:
-    """(sin, cos) (..., D) -> (signed_sin, cos) for :func:`rope_apply_fast`: sin with its first half negated."""
-    s1, s2 = sin.chunk(2, dim=-1)
-    return torch.cat((-s1, s2), dim=-1), cos
+def rope_apply_fast(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
+    """Same result as :func:`rope_apply` without materialising ``rotate_half(x)``.
 
-
-def rope_apply_fast(x: Tensor, signed_sin: Tensor, cos: Tensor) -> Tensor:
-    """Same rotation as :func:`rope_apply` with the sign folded into the table, saving a pass over ``x``.
-
-    ``rotate_half(x) * sin == swap_halves(x) * signed_sin`` where ``swap_halves([a, b]) = [b, a]``.
+    With halves ``x = [a, b]``: ``out = x * cos``, then ``out[:half] -= b * sin[:half]`` and
+    ``out[half:] += a * sin[half:]`` in place; on CPU this is several times faster than the concatenation.
     """
     dtype = x.dtype
     x = x.to(cos.dtype)
-    a, b = x.chunk(2, dim=-1)
-    return torch.addcmul(x * cos, torch.cat((b, a), dim=-1), signed_sin).to(dtype)
+    half = x.shape[-1] // 2
+    out = x * cos
+    out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+    return out.to(dtype)
 
 
 def patch_centre_coords(H: int, W: int, *, device: torch.device | None = None) -> Tensor:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dinov3_eo.models.rope import RopePositionEmbedding, rope_apply_fast, rope_tables_for_fast_apply
+from dinov3_eo.models.rope import RopePositionEmbedding, rope_apply_fast
 
 FfnLayer = Literal["mlp", "swiglu", "swiglu32", "swiglu64", "swiglu128"]
 
@@ -140,19 +140,18 @@ class SelfAttention(nn.Module):
     def forward(self, x: Tensor, rope: RopeTable | None = None) -> Tensor:
         """(B, N, D) tokens, optional RoPE table -> (B, N, D).
 
-        ``rope`` is ``(signed_sin, cos)`` of shape (N, head_dim) (see :func:`rope_tables_for_fast_apply`)
-        covering the whole sequence: the prefix rows are the identity rotation (sin 0, cos 1), which keeps
-        the hot path free of slicing and concatenation.
+        ``rope`` is ``(sin, cos)`` of shape (N, head_dim) covering the whole sequence: the prefix rows are
+        the identity rotation (sin 0, cos 1), which keeps the hot path free of slicing and concatenation.
         """
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, heads, hd]
-        qk, v = qkv[:, :, :2], qkv[:, :, 2]  # [B, N, 2, heads, hd], [B, N, heads, hd]
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, h, N, hd]
+        qk, v = qkv[:2], qkv[2]  # [2, B, h, N, hd], [B, h, N, hd]
         if rope is not None:
-            signed_sin, cos = rope
-            qk = rope_apply_fast(qk, signed_sin[:, None, None, :], cos[:, None, None, :])  # q and k together
-        q, k = qk.unbind(2)  # 2 x [B, N, heads, hd]
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B, h, N, hd]
-        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+            sin, cos = rope
+            qk = rope_apply_fast(qk, sin, cos)  # q and k together; the result is contiguous
+        q, k = qk.unbind(0)  # 2 x [B, h, N, hd]
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, hd]
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
 class Mlp(nn.Module):
@@ -201,8 +200,7 @@ def _add_residual(
     other images keep their input unchanged (cheaper than computing and zeroing whole residuals).
     """
     if not training or drop_rate <= 0.0:
-        # one fused pass for LayerScale and the residual sum
-        return [torch.addcmul(x, r, gamma.to(r.dtype)) for x, r in zip(xs, branch(xs))]
+        return [x + r * gamma.to(r.dtype) for x, r in zip(xs, branch(xs))]
     keep = [torch.randperm(x.shape[0], device=x.device)[: max(int(x.shape[0] * (1 - drop_rate)), 1)] for x in xs]
     residuals = branch([x[idx] for x, idx in zip(xs, keep)])
     out = []
@@ -248,7 +246,7 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values=layerscale_init, device=device)
         self.drop_path = drop_path
 
-    # the branches stop before LayerScale, which _add_residual fuses with the residual sum
+    # the branches stop before LayerScale, which _add_residual applies (only to the kept subset)
     def _attn_branch(self, xs: list[Tensor], ropes: Sequence[RopeTable | None]) -> list[Tensor]:
         return [self.attn(self.norm1(x), rope) for x, rope in zip(xs, ropes)]
 
@@ -435,8 +433,8 @@ class DinoVisionTransformer(nn.Module):
         return torch.cat((prefix.expand(B, -1, -1), patches), dim=1), (h, w)  # [B, 1+S+hw, D]
 
     def _rope_table(self, h: int, w: int) -> RopeTable:
-        """RoPE (signed_sin, cos) over the whole sequence, identity on the prefix tokens: 2 x (1+S+hw, hd)."""
-        sin, cos = rope_tables_for_fast_apply(*self.rope_embed(H=h, W=w))  # [hw, hd]
+        """RoPE (sin, cos) over the whole sequence, identity on the prefix tokens: 2 x (1+S+hw, hd)."""
+        sin, cos = self.rope_embed(H=h, W=w)  # [hw, hd]
         n_prefix = 1 + self.n_storage_tokens
         sin = F.pad(sin, (0, 0, n_prefix, 0), value=0.0)  # [1+S+hw, hd]
         cos = F.pad(cos, (0, 0, n_prefix, 0), value=1.0)
