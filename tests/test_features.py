@@ -103,16 +103,20 @@ def test_pca_cli_tif_and_png(backbone_file: Path, tmp_path: Path) -> None:
         assert picture.size == (16, 15) and picture.mode == "RGB"
 
 
-def test_zarr_without_zarr_is_a_clear_error(backbone_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("xarray")
-    try:
-        import zarr  # noqa: F401
+def test_embed_to_zarr_is_georeferenced_like_the_tif(backbone_file: Path, tmp_path: Path) -> None:
+    import rioxarray  # noqa: F401
+    import xarray as xr
 
-        pytest.skip("zarr is installed")
-    except ImportError:
-        pass
-    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(tmp_path / "f.zarr"), "--quiet"]) == 1
-    assert "needs the 'zarr' package" in capsys.readouterr().err
+    tif, store = tmp_path / "f.tif", tmp_path / "f.zarr"
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(tif), "--quiet"]) == 0
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 0
+    features = xr.open_zarr(store, decode_coords="all")["features"]  # "all": the spatial_ref grid mapping
+    with rasterio.open(tif) as ref:
+        assert features.shape == (ref.count, ref.height, ref.width)
+        np.testing.assert_allclose(features.values, ref.read(masked=True).filled(np.nan), equal_nan=True)
+        assert features.rio.crs == ref.crs
+        assert features.rio.transform().almost_equals(ref.transform)
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 1  # no overwrite
 
 
 def test_fit_pca_matches_sklearn() -> None:
