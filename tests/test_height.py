@@ -324,6 +324,7 @@ class TestCHMv2:
         with pytest.raises(FileNotFoundError):
             load_chmv2_head(tmp_path / "missing.pth")
 
+    @pytest.mark.slow
     def test_build_from_backbone_and_head_files(self, tmp_path: Path) -> None:
         # a 24-block micro ViT stands in for the SAT-493M ViT-L (same blocks read, same head layout)
         vit = build_backbone("vitmicro16", depth=24)
