@@ -32,7 +32,8 @@ from dinov3_eo.inference.predict import predict_raster
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss
 from dinov3_eo.models.dense import DenseModel, LinearHead
 from dinov3_eo.tasks.captions import ChipMaskDataset, LabelCaptionDataset
-from dinov3_eo.tasks.openvocab import MapQuery, TextAlignmentTask, adapt_tokens, grouped_clip_loss
+from dinov3_eo.losses.contrastive import grouped_clip_loss
+from dinov3_eo.tasks.openvocab import MapQuery, TextAlignmentTask, adapt_tokens
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES
 
 CLASSES = ["building", "land", "road", "vegetation", "water"]

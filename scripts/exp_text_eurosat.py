@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from dinov3_eo.tasks.captions import ClassFolderCaptionDataset
-from dinov3_eo.tasks.openvocab import TextAlignmentTask, adapt_tokens, export_text_model, grouped_clip_loss
+from dinov3_eo.losses.contrastive import grouped_clip_loss
+from dinov3_eo.tasks.openvocab import TextAlignmentTask, adapt_tokens, export_text_model
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES
 
 TEXT = {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2}

@@ -13,13 +13,12 @@ import torch
 import xarray as xr
 from shapely.geometry import Point, box
 
-from dinov3_eo.losses.contrastive import clip_loss
+from dinov3_eo.losses.contrastive import clip_loss, grouped_clip_loss
 from dinov3_eo.tasks.openvocab import (
     CLASS_NODATA,
     MapQuery,
     TextAlignmentTask,
     export_text_model,
-    grouped_clip_loss,
     load_text_model,
     query_main,
     scores_to_classes,

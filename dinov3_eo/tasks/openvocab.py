@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
-from dinov3_eo.losses.contrastive import dense_text_alignment_loss
+from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
@@ -59,7 +59,6 @@ __all__ = [
     "TextAlignmentTask",
     "adapt_tokens",
     "export_text_model",
-    "grouped_clip_loss",
     "load_text_model",
     "query_main",
     "text_main",
@@ -80,50 +79,6 @@ CLASS_NODATA = 255
 # --------------------------------------------------------------------------------------------------------------
 # Loss with repeated captions
 # --------------------------------------------------------------------------------------------------------------
-
-
-def grouped_clip_loss(image_emb: Tensor, text_emb: Tensor, groups: Tensor, logit_scale: Tensor | float) -> Tensor:
-    """Symmetric InfoNCE when several images share one text (labels as captions: many chips of "forest").
-
-    ``text_emb`` holds one row per *group*; image ``b`` belongs to group ``groups[b]``. With
-    ``s = exp(logit_scale) · image_emb @ text_embᵀ`` (``[B, U]``)::
-
-        image→text = mean_b  −( s[b, g_b] − logsumexp_u s[b, u] )
-        text→image = mean_u  −( logsumexp_{b: g_b = u} s[b, u] − logsumexp_b s[b, u] )
-        loss       = (image→text + text→image) / 2
-
-    so images of the same group are positives of their text rather than false negatives. With one image per
-    group (``U = B``, ``groups = arange(B)``) this is exactly :func:`~dinov3_eo.losses.contrastive.clip_loss`.
-
-    Args:
-        image_emb: ``[B, E]`` L2-normalised image embeddings.
-        text_emb: ``[U, E]`` L2-normalised text embeddings, one per group.
-        groups: ``[B]`` int64 group index of every image, each of ``0..U-1`` used at least once.
-        logit_scale: log inverse temperature.
-
-    Returns:
-        0-d tensor.
-
-    Raises:
-        ValueError: on mismatched shapes or a group without image.
-    """
-    if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
-        raise ValueError(
-            f"grouped_clip_loss: expected image_emb [B, E] and text_emb [U, E], got {tuple(image_emb.shape)} and "
-            f"{tuple(text_emb.shape)}."
-        )
-    if groups.shape != (image_emb.shape[0],):
-        raise ValueError(f"grouped_clip_loss: groups must be [{image_emb.shape[0]}], got {tuple(groups.shape)}.")
-    n_groups = text_emb.shape[0]
-    if torch.bincount(groups, minlength=n_groups).min() == 0 or int(groups.max()) >= n_groups:
-        raise ValueError(f"grouped_clip_loss: every one of the {n_groups} texts needs at least one image.")
-    scale = torch.as_tensor(logit_scale, dtype=image_emb.dtype, device=image_emb.device).reshape(()).exp()
-    sim = scale * image_emb @ text_emb.T  # [B, U]
-    image_to_text = F.cross_entropy(sim, groups)
-    member = F.one_hot(groups, n_groups).bool()  # [B, U]
-    positives = torch.logsumexp(sim.masked_fill(~member, float("-inf")), dim=0)  # [U]
-    text_to_image = (torch.logsumexp(sim, dim=0) - positives).mean()
-    return (image_to_text + text_to_image) / 2
 
 
 def _groups_of(keys: Sequence[str]) -> tuple[list[int], list[int]]:
