@@ -1,0 +1,200 @@
+"""Pretraining benchmark: (1) SSL step overhead over the irreducible backbone work, (2) a learning check on real data.
+
+(1) One full SSL step (crops, masking, teacher, student, heads, losses, backward, EMA) against the backbone work
+    it cannot avoid on the same crops: student forward+backward on all crops and teacher forward on the global crops.
+(2) Pretrain a small ViT for a fixed wall-clock budget on Landsat-8 tiles and EuroSAT train chips from ../shared/data,
+    then k-NN (k=20) accuracy of frozen teacher CLS features on a EuroSAT train/test split, against the same
+    architecture with random weights and a k-NN on colour features (per-band mean, std and an 8-bin histogram).
+    The teacher backbone is exported (``--export``) for the dense-task experiments.
+
+    .venv/bin/python scripts/bench_pretrain.py --minutes 8 --export /work/pretrained/vitt16_eurosat_landsat
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def step_overhead(arch: str, batch: int, repeats: int) -> None:
+    from dinov3_eo.ssl.module import DINOv3Pretrain, make_views
+
+    torch.manual_seed(0)
+    module = DINOv3Pretrain(backbone=arch, global_crop_size=224, local_crop_size=96, n_local_crops=8)
+    module._total_steps = lambda: 1000  # type: ignore[method-assign]
+    optimizer = module.configure_optimizers()
+    images = torch.randn(batch, 3, 256, 256)
+    data = {"image": images, "valid": torch.ones(batch, 256, 256, dtype=torch.bool)}
+
+    def full_step() -> None:
+        losses = module.compute_losses(data, step=10)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        module._ema_update(0.996)
+
+    crops, _ = make_views(
+        images, None, seed=0, step=10, global_size=224, local_size=96, gram_size=None, patch_size=16,
+        crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5),
+    )
+    student, teacher = module.student["backbone"], module.teacher["backbone"]
+
+    def backbone_only() -> None:
+        with torch.no_grad():
+            teacher.forward_features(crops["global_crops"])
+        outs = student.forward_features([crops["global_crops"], crops["local_crops"]])
+        (outs[0]["x_norm_clstoken"].sum() + outs[1]["x_norm_clstoken"].sum()).backward()
+        student.zero_grad(set_to_none=True)
+
+    module.train()
+    t_full = _time(full_step, repeats)
+    t_backbone = _time(backbone_only, repeats)
+    print(f"[step] {arch}, batch {batch}, 2x224 + 8x96 crops, 65,536-prototype heads:")
+    print(f"[step]   full SSL step {t_full:.2f} s | backbone-only work {t_backbone:.2f} s | ratio {t_full / t_backbone:.3f}x")
+
+
+def _eurosat_split(per_class_train: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
+    root = SHARED / "eurosat_rgb_dev"
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    train, train_y, test, test_y = [], [], [], []
+    for label, name in enumerate(classes):
+        files = sorted(root.glob(f"{name}/*.jpg"), key=lambda p: int(p.stem.split("_")[-1]))
+        for i, f in enumerate(files):
+            (train if i < per_class_train else test).append(str(f))
+            (train_y if i < per_class_train else test_y).append(label)
+    return train, train_y, test, test_y, classes
+
+
+def _load_chips(paths: list[str]) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])  # [N, 64, 64, 3] uint8
+
+
+def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, k: int = 20,
+                 cosine: bool = True) -> float:
+    """k-NN accuracy; cosine similarity with DINO's exp(s/0.07) vote weights, or Euclidean majority vote."""
+    a, b = torch.from_numpy(train_x).float(), torch.from_numpy(test_x).float()
+    if cosine:
+        a, b = torch.nn.functional.normalize(a, dim=1), torch.nn.functional.normalize(b, dim=1)
+        sim = b @ a.T
+        vals, idx = sim.topk(k, dim=1)
+        weights = (vals / 0.07).exp()
+    else:
+        dist = torch.cdist(b, a)
+        vals, idx = dist.topk(k, dim=1, largest=False)
+        weights = torch.ones_like(vals)
+    labels = torch.from_numpy(train_y)[idx]
+    n_classes = int(train_y.max()) + 1
+    votes = torch.zeros(len(b), n_classes).scatter_add_(1, labels, weights)
+    return float((votes.argmax(1).numpy() == test_y).mean())
+
+
+def colour_features(chips: np.ndarray) -> np.ndarray:
+    feats = [chips.mean(axis=(1, 2)), chips.std(axis=(1, 2))]
+    for c in range(3):
+        hist = np.stack([np.histogram(x[..., c], bins=8, range=(0, 256))[0] for x in chips]) / (64 * 64)
+        feats.append(hist)
+    x = np.concatenate(feats, axis=1)
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+@torch.no_grad()
+def backbone_features(backbone: torch.nn.Module, chips: np.ndarray) -> np.ndarray:
+    from dinov3_eo.data.normalization import Normalization
+
+    norm = Normalization.preset("sat493m")
+    backbone.eval()
+    out = []
+    for i in range(0, len(chips), 64):
+        x = norm(torch.from_numpy(chips[i : i + 64]).permute(0, 3, 1, 2).float())
+        out.append(backbone(x).numpy())
+    return np.concatenate(out)
+
+
+def learning_check(arch: str, minutes: float, export: str | None, batch: int) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from dinov3_eo.data.datamodule import PretrainDataModule
+    from dinov3_eo.models.hub import build_backbone, export_backbone
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+
+    train, train_y, test, test_y, classes = _eurosat_split(per_class_train=140)
+    landsat = sorted(glob.glob(str(SHARED / "landsat8_l1" / "*_RT.TIF")))
+    datamodule = PretrainDataModule(
+        paths=landsat or None, chips=train, nodata=0, normalization="percentile", tile_size=64,
+        tiles_per_epoch=batch * 50, batch_size=batch, num_workers=2, cache_dir=None,
+    )
+    module = DINOv3Pretrain(
+        backbone=arch, dino_out_dim=4096, dino_hidden_dim=512, dino_bottleneck_dim=128, ibot_out_dim=4096,
+        ibot_hidden_dim=512, ibot_bottleneck_dim=128, global_crop_size=64, local_crop_size=32, n_local_crops=4,
+        base_lr=1e-3, scale_lr_with_batch=False, lr_schedule="constant", lr_warmup_steps=30, weight_decay_end=0.04,
+        teacher_temp_warmup_steps=100, momentum_teacher=0.994, final_momentum_teacher=0.994, layerwise_decay=1.0,
+    )
+
+    class _Budget(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN002
+            if time.perf_counter() - start > minutes * 60:
+                trainer.should_stop = True
+
+    start = time.perf_counter()
+    trainer = L.Trainer(max_steps=100_000, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        callbacks=[_Budget()], enable_model_summary=False, log_every_n_steps=10)
+    trainer.fit(module, datamodule=datamodule)
+    steps, elapsed = trainer.global_step, time.perf_counter() - start
+
+    train_chips, test_chips = _load_chips(train), _load_chips(test)
+    ytr, yte = np.array(train_y), np.array(test_y)
+    learned = module.teacher["backbone"]
+    acc_learned = knn_accuracy(backbone_features(learned, train_chips), ytr, backbone_features(learned, test_chips), yte)
+    torch.manual_seed(0)
+    random_backbone = build_backbone(arch)
+    acc_random = knn_accuracy(backbone_features(random_backbone, train_chips), ytr,
+                              backbone_features(random_backbone, test_chips), yte)
+    acc_colour = knn_accuracy(colour_features(train_chips), ytr, colour_features(test_chips), yte, cosine=False)
+    print(f"[learn] {arch}: {steps} steps in {elapsed / 60:.1f} min (batch {batch}, 64-px tiles/chips, CPU)")
+    print(f"[learn] EuroSAT k-NN (k=20), {len(train)} train / {len(test)} test chips, {len(classes)} classes, chance "
+          f"{1 / len(classes):.3f}:")
+    print(f"[learn]   pretrained {acc_learned:.3f} | random weights {acc_random:.3f} | colour histograms {acc_colour:.3f}")
+    if export:
+        meta = module.backbone_meta()
+        export_backbone(learned, export, meta=meta)
+        print(f"[learn] teacher backbone exported to {export}.pth/.safetensors/.json")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="vitt16")
+    parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the learning check")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--skip-learning", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not args.skip_step:
+        step_overhead("vits16", batch=4, repeats=2)
+    if not args.skip_learning:
+        if not (SHARED / "eurosat_rgb_dev").exists():
+            raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
+        learning_check(args.arch, args.minutes, args.export, args.batch)
+
+
+if __name__ == "__main__":
+    main()
