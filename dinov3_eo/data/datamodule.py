@@ -89,6 +89,14 @@ class _TileDataModuleBase(pl.LightningDataModule):
         index = getattr(self, "index", None)
         return None if index is None else index.band_names
 
+    def metadata(self) -> dict[str, Any]:
+        """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
+        return {
+            "bands": self.band_names,
+            "normalization": None if self.normalization is None else self.normalization.to_dict(),
+            "gsd": self.gsd,
+        }
+
 
 class PretrainDataModule(_TileDataModuleBase):
     """Unlabelled tiles from a GeoTIFF archive, optionally mixed with plain image chips.
@@ -199,14 +207,6 @@ class PretrainDataModule(_TileDataModuleBase):
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
         return self._dataloader(self.dataset, self.sampler)
-
-    def metadata(self) -> dict[str, Any]:
-        """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
-        return {
-            "bands": self.band_names,
-            "normalization": None if self.normalization is None else self.normalization.to_dict(),
-            "gsd": self.gsd,
-        }
 
 
 class DenseDataModule(_TileDataModuleBase):
@@ -321,11 +321,3 @@ class DenseDataModule(_TileDataModuleBase):
         self.setup("fit")
         sampler = TileListSampler(tiles=self.val_tiles, shuffle=False, seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self._dataloader(self.dataset, sampler)
-
-    def metadata(self) -> dict[str, Any]:
-        """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
-        return {
-            "bands": self.band_names,
-            "normalization": None if self.normalization is None else self.normalization.to_dict(),
-            "gsd": self.gsd,
-        }
