@@ -34,7 +34,9 @@ def _time(fn, repeats: int) -> float:
 
 
 def step_overhead(arch: str, batch: int, repeats: int) -> None:
-    from dinov3_eo.ssl.module import DINOv3Pretrain, make_views
+    """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine)."""
+    from dinov3_eo.ssl.stage import make_views
+    from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
     module = DINOv3Pretrain(backbone=arch, global_crop_size=224, local_crop_size=96, n_local_crops=8)
@@ -42,32 +44,52 @@ def step_overhead(arch: str, batch: int, repeats: int) -> None:
     optimizer = module.configure_optimizers()
     images = torch.randn(batch, 3, 256, 256)
     data = {"image": images, "valid": torch.ones(batch, 256, 256, dtype=torch.bool)}
-
-    def full_step() -> None:
-        losses = module.compute_losses(data, step=10)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        module._ema_update(0.996)
-
-    crops, _ = make_views(
+    crops, masking = make_views(
         images, None, seed=0, step=10, global_size=224, local_size=96, gram_size=None, patch_size=16,
         crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5),
     )
     student, teacher = module.student["backbone"], module.teacher["backbone"]
+    module.train()
+    parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "optimizer": 0.0, "ema": 0.0}
+
+    def full_step() -> None:
+        t0 = time.perf_counter()
+        make_views(images, None, seed=0, step=10, global_size=224, local_size=96, gram_size=None, patch_size=16,
+                   crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+        t1 = time.perf_counter()
+        losses = module.compute_losses(data, step=10)  # makes its own views again: subtracted below
+        t2 = time.perf_counter()
+        losses["total"].backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t4 = time.perf_counter()
+        module._ema_update(0.996)
+        t5 = time.perf_counter()
+        for key, dt in zip(parts, (t1 - t0, t2 - t1 - (t1 - t0), t3 - t2, t4 - t3, t5 - t4)):
+            parts[key] += dt
 
     def backbone_only() -> None:
         with torch.no_grad():
             teacher.forward_features(crops["global_crops"])
-        outs = student.forward_features([crops["global_crops"], crops["local_crops"]])
-        (outs[0]["x_norm_clstoken"].sum() + outs[1]["x_norm_clstoken"].sum()).backward()
+        outs = student.forward_features([crops["global_crops"], crops["local_crops"]], masks=[masking["masks"], None])
+        sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()
         student.zero_grad(set_to_none=True)
 
-    module.train()
-    t_full = _time(full_step, repeats)
-    t_backbone = _time(backbone_only, repeats)
-    print(f"[step] {arch}, batch {batch}, 2x224 + 8x96 crops, 65,536-prototype heads:")
+    full_step(), backbone_only()  # warm-up
+    parts.update({k: 0.0 for k in parts})
+    t_full = t_backbone = 0.0
+    for _ in range(repeats):  # alternate, so load from other jobs hits both alike
+        start = time.perf_counter()
+        full_step()
+        t_full += time.perf_counter() - start
+        start = time.perf_counter()
+        backbone_only()
+        t_backbone += time.perf_counter() - start
+    t_full, t_backbone = t_full / repeats, t_backbone / repeats
+    print(f"[step] {arch}, batch {batch}, 2x224 + 8x96 crops, 65,536-prototype heads, {repeats} alternating repeats:")
     print(f"[step]   full SSL step {t_full:.2f} s | backbone-only work {t_backbone:.2f} s | ratio {t_full / t_backbone:.3f}x")
+    print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.2f} s" for k, v in parts.items()))
 
 
 def _eurosat_split(per_class_train: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
@@ -189,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.skip_step:
-        step_overhead("vits16", batch=4, repeats=2)
+        step_overhead("vits16", batch=4, repeats=3)
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
