@@ -1,4 +1,4 @@
-"""Stage chaining pretrain → gram → highres → export through the real ``dinov3-eo`` CLI, on the bundled Landsat-8 sample.
+"""Stage chaining pretrain → gram → highres → export through the real ``dinov3-eo`` CLI on the bundled Landsat-8 sample.
 
 What the chain must guarantee (issue 5): every stage starts from the previous stage's weights with a fresh step
 counter, the Gram stage's Gram teacher is the EMA teacher it was handed (or the previous stage's checkpoint in
