@@ -481,7 +481,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained", default=None,
-                        help="backbone export (default: first /work/pretrained/*.pth; 'none': pretrain --backbone here)")
+                        help="export to start from (default: first /work/pretrained/*.pth; 'none': pretrain here)")
     parser.add_argument("--backbone", default="vitmicro16", help="architecture pretrained here when none is given")
     parser.add_argument("--pretrain-steps", type=int, default=300)
     parser.add_argument("--gram-steps", type=int, default=100)
