@@ -168,3 +168,13 @@ def test_gram_stage_refresh_schedule_and_high_res_sizes() -> None:
     drawn = {highres.crop_sizes(s) for s in range(40)}
     assert drawn == {(64, 32, 96), (96, 48, 144)}
     assert highres.crop_sizes(7) == highres.crop_sizes(7)  # same on every rank: a function of the step
+
+
+def test_init_from_a_mismatched_stage_names_the_keys(tmp_path: Path) -> None:
+    previous = DINOv3Pretrain(**MODEL_KW)
+    path = tmp_path / "previous.ckpt"
+    torch.save({"state_dict": previous.state_dict()}, path)
+    with pytest.raises(KeyError, match=r"shape checkpoint vs model \['student.dino_head.last_layer.weight \(256, 64\)"):
+        DINOv3Pretrain(**{**MODEL_KW, "dino_out_dim": 512, "init_from": str(path)})
+    resumed = DINOv3Pretrain(**{**MODEL_KW, "init_from": str(path)})
+    torch.testing.assert_close(resumed.teacher["dino_head"].last_layer.weight, previous.teacher["dino_head"].last_layer.weight)

@@ -211,13 +211,18 @@ class DINOv3Pretrain(SSLStage):
                 k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("student.", "teacher.", "gram_teacher."))
             }
             own = {k: v for k, v in state.items() if not k.startswith("gram_teacher.")}
-            missing, unexpected = self.load_state_dict(own, strict=False)
-            missing = [k for k in missing if k.startswith(("student.", "teacher."))]
-            if missing or unexpected:
+            expected = {k: v for k, v in self.state_dict().items() if k.startswith(("student.", "teacher."))}
+            missing = sorted(set(expected) - set(own))
+            unexpected = sorted(set(own) - set(expected))
+            wrong = [f"{k} {tuple(own[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                     if k in own and own[k].shape != v.shape]
+            if missing or unexpected or wrong:
                 raise KeyError(
                     f"init_from {source}: checkpoint does not match this model (missing {missing[:5]}, unexpected "
-                    f"{unexpected[:5]}); check backbone/head sizes against the previous stage's config."
+                    f"{unexpected[:5]}, shape checkpoint vs model {wrong[:5]}); set the backbone and head sizes of "
+                    "the previous stage's config."
                 )
+            self.load_state_dict(own, strict=False)
             self.data_meta = dict(checkpoint.get("dinov3_eo", {}))
             log.info("Initialised student, teacher and heads from %s (step counter starts at 0).", source)
             return
