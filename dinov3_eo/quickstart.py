@@ -159,7 +159,7 @@ def run(
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode).*")
         head_trainer.fit(task, head_data)
     files["checkpoint"] = out / "segmentation.ckpt"
-    head_trainer.save_checkpoint(files["checkpoint"])
+    head_trainer.save_checkpoint(files["checkpoint"], weights_only=False)  # full checkpoint: optimiser state included
     fit_miou = float(head_trainer.callback_metrics.get("val/mIoU", torch.tensor(float("nan"))))
 
     # 6. segment the scene from the checkpoint alone

@@ -100,7 +100,7 @@ def test_pca_cli_tif_and_png(backbone_file: Path, tmp_path: Path) -> None:
     from PIL import Image
 
     with Image.open(png) as picture:
-        assert picture.size == (16, 15) and picture.mode == "RGB"
+        assert picture.size == (16 * 16, 15 * 16) and picture.mode == "RGB"  # enlarged x16, one block per patch
 
 
 def test_embed_to_zarr_is_georeferenced_like_the_tif(backbone_file: Path, tmp_path: Path) -> None:

@@ -305,6 +305,11 @@ def fit_pca(samples: np.ndarray, n_components: int = 3) -> tuple[np.ndarray, np.
     return mean.astype(np.float32), (components * signs[:, None]).astype(np.float32)
 
 
+#: the PCA picture is enlarged by an integer factor until its longer side reaches PNG_MIN_SIDE (at most the patch size)
+PNG_MIN_SIDE = 512
+PNG_MAX_UPSCALE = 16
+
+
 def write_pca(
     features: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -359,6 +364,9 @@ def write_pca(
                 rgb[:, r0 : r0 + int(w.height), c0 : c0 + int(w.width)] = to_rgb(w)
             picture = np.moveaxis(rgb, 0, -1).copy()  # [3, h, w] -> [h, w, 3]
             picture[(rgb == 0).all(axis=0)] = 255
+            # one pixel per patch is too small to look at: enlarge (nearest, patches stay crisp) to >= 512 px
+            factor = max(1, min(PNG_MAX_UPSCALE, -(-PNG_MIN_SIDE // max(picture.shape[:2]))))
+            picture = picture.repeat(factor, axis=0).repeat(factor, axis=1)
             with atomic_output(dst, overwrite=overwrite) as tmp:
                 Image.fromarray(picture).save(tmp, format="PNG")
             return dst
