@@ -149,7 +149,7 @@ def backbone_features(backbone: torch.nn.Module, chips: np.ndarray) -> np.ndarra
     return np.concatenate(out)
 
 
-def learning_check(arch: str, minutes: float, export: str | None, batch: int) -> None:
+def learning_check(arch: str, minutes: float, export: str | None, batch: int, steps: int | None = None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -166,8 +166,14 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int) ->
     module = DINOv3Pretrain(
         backbone=arch, dino_out_dim=4096, dino_hidden_dim=512, dino_bottleneck_dim=128, ibot_out_dim=4096,
         ibot_hidden_dim=512, ibot_bottleneck_dim=128, global_crop_size=64, local_crop_size=32, n_local_crops=4,
-        base_lr=1e-3, scale_lr_with_batch=False, lr_schedule="constant", lr_warmup_steps=30, weight_decay_end=0.04,
-        teacher_temp_warmup_steps=100, momentum_teacher=0.994, final_momentum_teacher=0.994, layerwise_decay=1.0,
+        base_lr=1e-3, scale_lr_with_batch=False, layerwise_decay=1.0,
+        # a fixed step count gets the v1 recipe's cosine schedules (lr, wd 0.04 -> 0.4, momentum 0.994 -> 1);
+        # a wall-clock budget alone gets constant ones
+        **(dict(lr_schedule="cosine", lr_warmup_steps=max(steps // 10, 1), teacher_temp_warmup_steps=max(steps // 4, 1),
+                momentum_teacher=0.994, final_momentum_teacher=1.0)
+           if steps else
+           dict(lr_schedule="constant", lr_warmup_steps=30, weight_decay_end=0.04, teacher_temp_warmup_steps=100,
+                momentum_teacher=0.994, final_momentum_teacher=0.994)),
     )
 
     class _Budget(Callback):
@@ -176,7 +182,7 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int) ->
                 trainer.should_stop = True
 
     start = time.perf_counter()
-    trainer = L.Trainer(max_steps=100_000, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=steps or 100_000, accelerator="cpu", logger=False, enable_checkpointing=False,
                         callbacks=[_Budget()], enable_model_summary=False, log_every_n_steps=10)
     trainer.fit(module, datamodule=datamodule)
     steps, elapsed = trainer.global_step, time.perf_counter() - start
@@ -205,6 +211,7 @@ def main() -> None:
     parser.add_argument("--arch", default="vitt16")
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the learning check")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=None, help="fixed step count with cosine schedules (budget still caps)")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
@@ -215,7 +222,7 @@ def main() -> None:
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
-        learning_check(args.arch, args.minutes, args.export, args.batch)
+        learning_check(args.arch, args.minutes, args.export, args.batch, args.steps)
 
 
 if __name__ == "__main__":
