@@ -307,7 +307,22 @@ class RandomTileSampler(_TileSamplerBase):
         return list(chosen)
 
 
-class GridTileSampler(_TileSamplerBase):
+class _FixedTilesSampler(_TileSamplerBase):
+    """A sampler over a fixed list ``self.tiles``, optionally shuffled per (seed, epoch)."""
+
+    tiles: list[Tile]
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.tiles), self.num_replicas))
+
+    def global_tiles(self) -> list[Tile]:
+        if not self.shuffle:
+            return list(self.tiles)
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tiles))
+        return [self.tiles[i] for i in order]
+
+
+class GridTileSampler(_FixedTilesSampler):
     """Every tile of a regular grid with ``stride``, in file/row/column order (for evaluation and inference).
 
     Rows start at ``0, stride, 2·stride, ...``; a last row/column flush with the far edge is added so the
@@ -348,15 +363,6 @@ class GridTileSampler(_TileSamplerBase):
                     if max_nodata_fraction >= 1.0 or 1.0 - grid.valid_fraction(tile, nodata) <= max_nodata_fraction:
                         tiles.append(tile)
         self.tiles = tiles
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.tiles), self.num_replicas))
-
-    def global_tiles(self) -> list[Tile]:
-        if not self.shuffle:
-            return list(self.tiles)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tiles))
-        return [self.tiles[i] for i in order]
 
 
 def _starts(max_offset: int, stride: int) -> list[int]:
@@ -414,21 +420,12 @@ class InterleavedSampler(_TileSamplerBase):
         return self._after_skip([items[i] for i in order])
 
 
-class TileListSampler(_TileSamplerBase):
+class TileListSampler(_FixedTilesSampler):
     """A fixed list of tiles, optionally shuffled per ``(seed, epoch)``, split round-robin across ranks."""
 
     def __init__(self, *, tiles: Sequence[Tile], shuffle: bool = False, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
         super().__init__(seed=seed, rank=rank, world_size=world_size)
         self.tiles, self.shuffle = list(tiles), shuffle
-
-    def __len__(self) -> int:
-        return len(range(self.rank, len(self.tiles), self.num_replicas))
-
-    def global_tiles(self) -> list[Tile]:
-        if not self.shuffle:
-            return list(self.tiles)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tiles))
-        return [self.tiles[i] for i in order]
 
 
 def spatial_block_split(
