@@ -443,6 +443,25 @@ def chmv2_head(*, embed_dim: int = 1024, device: torch.device | str | None = Non
     )
 
 
+def read_head_state(path: str | Path) -> dict[str, Tensor]:
+    """The state dict of a head checkpoint: a plain one, or one under ``"model"``/``"state_dict"``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"read_head_state: no checkpoint at {str(path)!r}.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise ValueError(f"read_head_state: {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+    return state
+
+
 def load_head_weights(head: nn.Module, path: str | Path) -> nn.Module:
     """Load a head checkpoint (a plain state dict, or one under ``"model"``/``"state_dict"``) strictly into ``head``.
 
@@ -450,28 +469,24 @@ def load_head_weights(head: nn.Module, path: str | Path) -> nn.Module:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the checkpoint's keys or shapes do not match ``head`` (missing/unexpected keys are listed).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_head_weights: no checkpoint at {str(path)!r}.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise ValueError(f"load_head_weights: {str(path)!r} holds a {type(state).__name__}, not a state dict.")
+    return load_head_state(head, read_head_state(path), source=str(path))
+
+
+def load_head_state(head: nn.Module, state: dict[str, Tensor], *, source: str = "state dict") -> nn.Module:
+    """Load ``state`` strictly into ``head``; missing/unexpected keys and shape mismatches are one clear error."""
     expected = head.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"load_head_weights: {str(path)!r} does not match {type(head).__name__}: "
+            f"load_head_weights: {source!r} does not match {type(head).__name__}: "
             f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}."
         )
     bad = [k for k, v in state.items() if tuple(v.shape) != tuple(expected[k].shape)]
     if bad:
         raise ValueError(
-            f"load_head_weights: shape mismatch in {str(path)!r} for {bad[:8]} "
+            f"load_head_weights: shape mismatch in {source!r} for {bad[:8]} "
             f"(e.g. {bad[0]}: checkpoint {tuple(state[bad[0]].shape)} vs model {tuple(expected[bad[0]].shape)})."
         )
     head.load_state_dict(state, strict=True)

@@ -46,7 +46,9 @@ from dinov3_eo.models.dense import (
     LogitsToHeight,
     chmv2_head,
     chmv2_height,
+    load_head_state,
     load_head_weights,
+    read_head_state,
 )
 from dinov3_eo.models.hub import BackboneMeta, infer_architecture, load_backbone
 from dinov3_eo.models.vit import build_backbone
@@ -388,18 +390,12 @@ def load_chmv2_head(path: str | os.PathLike[str]) -> DPTHead:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the keys or shapes are not the CHMv2 layout.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_chmv2_head: no checkpoint at {str(path)!r}.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
+    state = read_head_state(path)  # read once: the width comes from the weights, then they load strictly
     key = "reassemble_blocks.projects.0.conv.weight"
-    if not isinstance(state, dict) or key not in state:
+    if key not in state:
         raise ValueError(f"load_chmv2_head: {str(path)!r} is not a CHMv2 DPT head (no {key!r}).")
     head = chmv2_head(embed_dim=int(state[key].shape[1]))
-    return load_head_weights(head, path)
+    return load_head_state(head, state, source=str(path))
 
 
 def build_chmv2(
