@@ -33,63 +33,84 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def step_overhead(arch: str, batch: int, repeats: int) -> None:
-    """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine)."""
+def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
+                  n_local: int = 8, device: str = "cpu", bf16: bool = False, **module_kwargs) -> dict[str, float]:
+    """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
+
+    On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
+    ``bf16-mixed``). Returns the mean seconds of both and the full step's breakdown.
+    """
     from dinov3_eo.ssl.stage import make_views
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
-    module = DINOv3Pretrain(backbone=arch, global_crop_size=224, local_crop_size=96, n_local_crops=8)
+    module = DINOv3Pretrain(backbone=arch, global_crop_size=global_size, local_crop_size=local_size,
+                            n_local_crops=n_local, **module_kwargs).to(device)
     module._total_steps = lambda: 1000  # type: ignore[method-assign]
     optimizer = module.configure_optimizers()
-    images = torch.randn(batch, 3, 256, 256)
-    data = {"image": images, "valid": torch.ones(batch, 256, 256, dtype=torch.bool)}
-    crops, masking = make_views(
-        images, None, seed=0, step=10, global_size=224, local_size=96, gram_size=None, patch_size=16,
-        crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5),
-    )
+    side = max(256, global_size)
+    images = torch.randn(batch, 3, side, side, device=device)
+    data = {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
+    view_kwargs = dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
+                       crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+    crops, masking = make_views(images, None, **view_kwargs)
     student, teacher = module.student["backbone"], module.teacher["backbone"]
     module.train()
+    autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "optimizer": 0.0, "ema": 0.0}
 
+    def now() -> float:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def full_step() -> None:
-        t0 = time.perf_counter()
-        make_views(images, None, seed=0, step=10, global_size=224, local_size=96, gram_size=None, patch_size=16,
-                   crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
-        t1 = time.perf_counter()
-        losses = module.compute_losses(data, step=10)  # makes its own views again: subtracted below
-        t2 = time.perf_counter()
+        t0 = now()
+        make_views(images, None, **view_kwargs)
+        t1 = now()
+        with autocast:
+            losses = module.compute_losses(data, step=10)  # makes its own views again: subtracted below
+        t2 = now()
         losses["total"].backward()
-        t3 = time.perf_counter()
+        t3 = now()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = now()
         module._ema_update(0.996)
-        t5 = time.perf_counter()
+        t5 = now()
         for key, dt in zip(parts, (t1 - t0, t2 - t1 - (t1 - t0), t3 - t2, t4 - t3, t5 - t4)):
             parts[key] += dt
 
     def backbone_only() -> None:
-        with torch.no_grad():
-            teacher.forward_features(crops["global_crops"])
-        outs = student.forward_features([crops["global_crops"], crops["local_crops"]], masks=[masking["masks"], None])
-        sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()
+        with autocast:
+            with torch.no_grad():
+                teacher.forward_features(crops["global_crops"])
+            outs = student.forward_features([crops["global_crops"], crops["local_crops"]],
+                                            masks=[masking["masks"], None])
+            total = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
+        total.backward()
         student.zero_grad(set_to_none=True)
 
-    full_step(), backbone_only()  # warm-up
+    for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU)
+        full_step(), backbone_only()
     parts.update({k: 0.0 for k in parts})
     t_full = t_backbone = 0.0
     for _ in range(repeats):  # alternate, so load from other jobs hits both alike
-        start = time.perf_counter()
+        start = now()
         full_step()
-        t_full += time.perf_counter() - start
-        start = time.perf_counter()
+        t_full += now() - start
+        start = now()
         backbone_only()
-        t_backbone += time.perf_counter() - start
+        t_backbone += now() - start
     t_full, t_backbone = t_full / repeats, t_backbone / repeats
-    print(f"[step] {arch}, batch {batch}, 2x224 + 8x96 crops, 65,536-prototype heads, {repeats} alternating repeats:")
-    print(f"[step]   full SSL step {t_full:.2f} s | backbone-only work {t_backbone:.2f} s | ratio {t_full / t_backbone:.3f}x")
-    print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.2f} s" for k, v in parts.items()))
+    heads = module.hparams.dino_out_dim
+    print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
+          f"{device}{' bf16' if bf16 else ''}, {repeats} alternating repeats:")
+    print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
+          f"ratio {t_full / t_backbone:.3f}x")
+    print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.3f} s" for k, v in parts.items()))
+    return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone,
+            **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
 
 
 def _eurosat_split(per_class_train: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
@@ -137,15 +158,19 @@ def colour_features(chips: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def backbone_features(backbone: torch.nn.Module, chips: np.ndarray) -> np.ndarray:
+def backbone_features(backbone: torch.nn.Module, chips: np.ndarray, *, size: int | None = None) -> np.ndarray:
+    """Normed CLS features [N, D] of ``chips`` [N, H, W, 3] uint8 (SAT-493M preset), resized to ``size`` if given."""
     from dinov3_eo.data.normalization import Normalization
 
     norm = Normalization.preset("sat493m")
     backbone.eval()
+    device = next(backbone.parameters()).device
     out = []
     for i in range(0, len(chips), 64):
-        x = norm(torch.from_numpy(chips[i : i + 64]).permute(0, 3, 1, 2).float())
-        out.append(backbone(x).numpy())
+        x = norm(torch.from_numpy(chips[i : i + 64]).to(device).permute(0, 3, 1, 2).float())
+        if size is not None and size != x.shape[-1]:
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(backbone(x).float().cpu().numpy())
     return np.concatenate(out)
 
 

@@ -178,3 +178,17 @@ def test_init_from_a_mismatched_stage_names_the_keys(tmp_path: Path) -> None:
         DINOv3Pretrain(**{**MODEL_KW, "dino_out_dim": 512, "init_from": str(path)})
     resumed = DINOv3Pretrain(**{**MODEL_KW, "init_from": str(path)})
     torch.testing.assert_close(resumed.teacher["dino_head"].last_layer.weight, previous.teacher["dino_head"].last_layer.weight)
+
+
+def test_bf16_mixed_precision_steps_run(tmp_path: Path) -> None:
+    """Lightning's bf16-mixed autocast (the GPU configs' precision) around a full step: crops stay float32."""
+    module = DINOv3Pretrain(**MODEL_KW)
+    recorder = _RecordLosses()
+    trainer = L.Trainer(
+        max_steps=2, accelerator="cpu", precision="bf16-mixed", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[recorder],
+    )
+    trainer.fit(module, datamodule=_datamodule(tmp_path, steps_per_epoch=2, batch_size=4))
+    assert trainer.global_step == 2
+    assert all(math.isfinite(v) for step in recorder.losses for v in step.values())
+    assert next(module.student.parameters()).dtype == torch.float32  # master weights stay float32

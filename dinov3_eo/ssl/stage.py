@@ -123,7 +123,10 @@ def make_views(
     """
     generator = torch.Generator().manual_seed(step_seed(seed, step, 1))
     multicrop = MultiCrop(global_size=global_size, local_size=local_size, gram_teacher_size=gram_size, **crop_kwargs)
-    crops = multicrop(images, valid, generator=generator)
+    # crops are data, not model compute: float32 even inside Lightning's bf16-mixed autocast (the blur's conv would
+    # otherwise come back in bf16 and no longer fit its float32 batch)
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        crops = multicrop(images.float(), valid, generator=generator)
     grid = (global_size // patch_size, global_size // patch_size)
     masking = ibot_masks(
         crops["global_crops"].shape[0], grid, rng=np.random.default_rng(step_seed(seed, step, 2)),

@@ -1,0 +1,278 @@
+"""The pretraining checks that need a GPU, as one prepared script for a lent GPU machine (issue #4, proof 3).
+
+Two steps, because the GPU machine reaches nothing and its copy of the tree is limited to 64 MiB (rasterio's wheel
+alone is 39 MB): ``pack`` runs here and writes the learning check's real data into a small folder; ``run`` runs
+on the GPU machine, needs only torch, lightning, numpy and kornia, and prints and writes every number.
+
+    .venv/bin/python scripts/gpu_pretrain_check.py pack .gpu/pack
+    # on the GPU machine, from the repository root:
+    PYTHONPATH=. python3 scripts/gpu_pretrain_check.py run .gpu/pack --minutes 6 --out $OUT/gpu_check.json
+
+``run`` does, in order (cheapest and most likely to fail first):
+
+1. correctness: ViT-S/16 on the GPU against the CPU in float32, and bf16 autocast against float32;
+2. backbone throughput (images/s, bf16, forward) of ViT-S/B/L at 224 px;
+3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
+   ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16;
+4. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
+   the CPU check (Landsat-8 tiles of the ``_RT`` scene with nodata 0 and percentile normalisation, plus the 1,400
+   EuroSAT train chips), then EuroSAT k-NN (k=20) of the teacher's CLS against random weights and colour histograms.
+   The tiles are cut on the GPU from the normalised scene held in GPU memory, so the data never limits the step rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_pretrain import SHARED, _eurosat_split, _load_chips, backbone_features, colour_features, knn_accuracy  # noqa: E402
+
+TILE = 64  # tile/chip side in pixels, as the CPU learning check
+
+
+def pack(folder: str) -> None:
+    """Write the scene (raw uint16 + the archive's percentile normalisation) and the EuroSAT split as .npz."""
+    import glob
+
+    import rasterio
+
+    from dinov3_eo.data.datamodule import build_normalization
+    from dinov3_eo.data.index import RasterIndex
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    landsat = sorted(glob.glob(str(SHARED / "landsat8_l1" / "*_RT.TIF")))
+    index = RasterIndex.build(landsat, cache_dir=None)
+    norm = build_normalization("percentile", index=index, nodata=0)
+    with rasterio.open(landsat[0]) as src:
+        scene = src.read()  # [3, H, W] uint16 DN
+    np.savez_compressed(out / "landsat.npz", scene=scene, normalization=json.dumps(norm.to_dict()), path=landsat[0])
+    train, train_y, test, test_y, classes = _eurosat_split(per_class_train=140)
+    np.savez_compressed(out / "eurosat.npz", train=_load_chips(train), train_y=np.array(train_y), test=_load_chips(test),
+                        test_y=np.array(test_y), classes=np.array(classes))
+    sizes = {p.name: f"{p.stat().st_size / 2**20:.1f} MiB" for p in out.iterdir()}
+    print(f"packed {out}: {sizes}; scene {scene.shape}, {len(train)} train / {len(test)} test chips")
+
+
+class GPUTiles(torch.utils.data.IterableDataset):
+    """Endless batches ``{"image", "valid"}`` made on the device: half EuroSAT chips, half random scene tiles.
+
+    Scene tiles are drawn uniformly among the positions whose nodata fraction is at most 0.5 (the CPU sampler's
+    rejection rule); invalid pixels are 0 after normalisation, as :class:`TileDataset` returns them.
+    """
+
+    def __init__(self, pack_dir: str, batch_size: int, device: str, seed: int = 0) -> None:
+        from dinov3_eo.data.normalization import Normalization
+
+        super().__init__()
+        landsat = np.load(Path(pack_dir) / "landsat.npz")
+        euro = np.load(Path(pack_dir) / "eurosat.npz")
+        norm = Normalization.from_dict(json.loads(str(landsat["normalization"])))
+        scene = torch.from_numpy(landsat["scene"].astype(np.float32)).to(device)
+        valid = (scene != 0).all(0)  # nodata 0 in any band: invalid (the L1 collar)
+        self.scene = norm(scene) * valid
+        self.valid = valid
+        nodata_fraction = 1 - torch.nn.functional.avg_pool2d(valid[None, None].float(), TILE, stride=1)[0, 0]
+        self.corners = torch.nonzero(nodata_fraction <= 0.5)  # [P, 2] (row, col) of allowed tiles
+        self.chips = Normalization.preset("sat493m")(torch.from_numpy(euro["train"]).to(device).permute(0, 3, 1, 2))
+        self.batch_size, self.device = batch_size, device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def batch(self) -> dict[str, torch.Tensor]:
+        n_chips = self.batch_size // 2
+        n_tiles = self.batch_size - n_chips
+        g = self.generator
+        chips = self.chips[torch.randint(len(self.chips), (n_chips,), generator=g, device=self.device)]
+        corner = self.corners[torch.randint(len(self.corners), (n_tiles,), generator=g, device=self.device)]
+        offsets = torch.arange(TILE, device=self.device)
+        rows = (corner[:, 0:1] + offsets)[:, :, None]  # [n, T, 1]
+        cols = (corner[:, 1:2] + offsets)[:, None, :]  # [n, 1, T]
+        tiles = self.scene[:, rows, cols].permute(1, 0, 2, 3)  # [n, 3, T, T]
+        tile_valid = self.valid[rows, cols]
+        image = torch.cat([chips, tiles])
+        valid = torch.cat([torch.ones(n_chips, TILE, TILE, dtype=torch.bool, device=self.device), tile_valid])
+        return {"image": image.contiguous(), "valid": valid}
+
+    def __iter__(self):  # noqa: ANN204
+        while True:
+            yield self.batch()
+
+
+def correctness(device: str) -> dict[str, float]:
+    from dinov3_eo.models.hub import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("vits16").eval()
+    x = torch.randn(4, 3, 224, 224)
+    with torch.no_grad():
+        cpu = model.forward_features(x)["x_norm_patchtokens"]
+        model.to(device)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        gpu = model.forward_features(x.to(device))["x_norm_patchtokens"].cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            bf16 = model.forward_features(x.to(device))["x_norm_patchtokens"].float().cpu()
+    cos = torch.nn.functional.cosine_similarity(bf16.flatten(1), gpu.flatten(1)).min().item()
+    result = {"gpu_vs_cpu_fp32_max_abs": (gpu - cpu).abs().max().item(), "bf16_vs_fp32_min_cosine": cos}
+    print(f"[correct] ViT-S/16 GPU vs CPU float32: max |diff| {result['gpu_vs_cpu_fp32_max_abs']:.2e}; "
+          f"bf16 autocast vs float32: min cosine {cos:.5f}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return result
+
+
+def throughput(device: str) -> dict[str, float]:
+    from dinov3_eo.models.hub import build_backbone
+
+    result = {}
+    for arch, batch in (("vits16", 256), ("vitb16", 256), ("vitl16", 128)):
+        model = build_backbone(arch).to(device).eval()
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            for _ in range(3):
+                model(x)
+            torch.cuda.synchronize()
+            start, n = time.perf_counter(), 10
+            for _ in range(n):
+                model(x)
+            torch.cuda.synchronize()
+        result[f"{arch}_fwd_img_s"] = batch * n / (time.perf_counter() - start)
+        print(f"[speed] {arch} forward, 224 px, bf16, batch {batch}: {result[f'{arch}_fwd_img_s']:,.0f} images/s")
+        del model
+    torch.cuda.empty_cache()
+    return result
+
+
+def learning_check(pack_dir: str, minutes: float, batch: int, device: str, global_size: int, local_size: int,
+                   arch: str = "vits16") -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from bench_pretrain import step_overhead
+    from dinov3_eo.models.hub import build_backbone
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+
+    recipe = dict(scale_lr_with_batch=True, base_lr=1e-3, layerwise_decay=0.9, clip_grad=3.0, n_local_crops=8)
+    # the step time of this exact configuration sets the step count, so the cosine schedules end with the budget
+    probe = step_overhead(arch, batch, 4, global_size=global_size, local_size=local_size, device=device,
+                          bf16=True, **{k: v for k, v in recipe.items() if k != "n_local_crops"})
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    steps = max(int(minutes * 60 * 0.9 / probe["full_s"]), 20)
+    data = GPUTiles(pack_dir, batch, device)
+    module = DINOv3Pretrain(
+        backbone=arch, global_crop_size=global_size,
+        local_crop_size=local_size, lr_schedule="cosine", lr_warmup_steps=max(steps // 10, 1),
+        teacher_temp_warmup_steps=max(steps // 4, 1), momentum_teacher=0.994, final_momentum_teacher=1.0,
+        freeze_last_layer_steps=max(steps // 100, 1), **recipe,
+    )
+
+    class Budget(Callback):
+        def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
+            elapsed = time.perf_counter() - start
+            if trainer.global_step % 250 == 0:  # a line now and then instead of a progress bar in a log
+                print(f"[learn]   step {trainer.global_step}/{steps}, {elapsed:.0f} s, "
+                      f"loss {float(trainer.callback_metrics.get('loss', float('nan'))):.3f}", flush=True)
+            if elapsed > minutes * 60:
+                trainer.should_stop = True
+
+    loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=0)
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, callbacks=[Budget()], enable_model_summary=False,
+                        enable_progress_bar=False, log_every_n_steps=50, limit_val_batches=0)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    elapsed = time.perf_counter() - start
+    done = trainer.global_step
+    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+
+    euro = np.load(Path(pack_dir) / "eurosat.npz")
+    tr, te, ytr, yte = euro["train"], euro["test"], euro["train_y"], euro["test_y"]
+    teacher = module.teacher["backbone"].to(device)
+    acc = {}
+    for size in (TILE, global_size):
+        acc[f"pretrained_{size}px"] = knn_accuracy(backbone_features(teacher, tr, size=size), ytr,
+                                                  backbone_features(teacher, te, size=size), yte)
+    torch.manual_seed(0)
+    random_backbone = build_backbone(arch).to(device)
+    acc["random_weights"] = knn_accuracy(backbone_features(random_backbone, tr, size=global_size), ytr,
+                                         backbone_features(random_backbone, te, size=global_size), yte)
+    acc["colour_histograms"] = knn_accuracy(colour_features(tr), ytr, colour_features(te), yte, cosine=False)
+    result = {"steps": done, "planned_steps": steps, "minutes": elapsed / 60, "batch": batch,
+              "images_per_s": done * batch / elapsed, "peak_gpu_gib": peak_gib, "probe": probe,
+              "global_size": global_size, "local_size": local_size, "knn": acc}
+    print(f"[learn] {arch} on {device}, bf16-mixed: {done} steps (planned {steps}) of batch {batch} in {elapsed / 60:.1f} min "
+          f"= {result['images_per_s']:,.0f} images/s (2x{global_size} + 8x{local_size} crops each), "
+          f"peak GPU memory {peak_gib:.1f} GiB")
+    print("[learn] EuroSAT k-NN (k=20), 1400 train / 600 test, chance 0.100: "
+          + " | ".join(f"{k} {v:.3f}" for k, v in acc.items()))
+    return result
+
+
+def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size: int, local_size: int,
+        arch: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}", flush=True)
+    results: dict = {"torch": torch.__version__}
+
+    def save() -> None:
+        if out:
+            Path(out).write_text(json.dumps(results, indent=1))
+
+    stages = [("learning", lambda: learning_check(pack_dir, minutes, batch, device, global_size, local_size, arch))]
+    if device == "cuda":
+        torch.set_float32_matmul_precision("high")
+        stages = [("correctness", lambda: correctness(device)), ("throughput", lambda: throughput(device)),
+                  ("step_overhead_224", lambda: step_overhead_224(device))] + stages
+    for name, stage in stages:  # one failing stage must not cost the others (the GPU time is scarce)
+        try:
+            results[name] = stage()
+        except Exception as error:  # noqa: BLE001
+            import traceback
+
+            traceback.print_exc()
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
+        save()
+
+
+def step_overhead_224(device: str) -> dict[str, float]:
+    from bench_pretrain import step_overhead
+
+    result = step_overhead("vits16", 64, 5, device=device, bf16=True)
+    torch.cuda.empty_cache()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="write the learning check's data (run here, needs ../shared/data)")
+    p.add_argument("folder")
+    r = sub.add_parser("run", help="the GPU checks (run on the GPU machine)")
+    r.add_argument("folder")
+    r.add_argument("--minutes", type=float, default=6.0, help="training budget of the learning check (<= 8)")
+    r.add_argument("--batch", type=int, default=256)
+    r.add_argument("--global-size", type=int, default=112)
+    r.add_argument("--local-size", type=int, default=48)
+    r.add_argument("--arch", default="vits16")
+    r.add_argument("--out", default=None, help="write every number to this JSON file")
+    args = parser.parse_args()
+    if args.command == "pack":
+        pack(args.folder)
+    else:
+        run(args.folder, args.minutes, args.batch, args.out, args.global_size, args.local_size, args.arch)
+
+
+if __name__ == "__main__":
+    main()
