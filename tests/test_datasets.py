@@ -118,6 +118,44 @@ class TestTileDataset:
         torch.testing.assert_close(torch.cat([b["image"] for b in batches]), serial["image"])
         assert [p for b in batches for p in b["bounds"]] == serial["bounds"]
 
+        np.testing.assert_array_equal(torch.cat([b["valid"] for b in batches]).numpy(), serial["valid"].numpy())
+
+    def test_batched_read_equals_per_tile_reads(self, grid: TileGrid) -> None:
+        labels = VectorLabels(path=POLYGONS, attribute="name")
+        ds = TileDataset(grid=grid, nodata=0, normalization=NORM, labels=labels)
+        # collar (partly valid), interior, off the bottom-right edge (boundless), a repeat
+        tiles = [Tile(0, 0, 320, 128), Tile(0, 500, 100, 128), Tile(0, 850, 400, 128), Tile(0, 0, 320, 128)]
+        batched = ds.__getitems__(tiles)
+        for tile, got in zip(tiles, batched):
+            want = ds[tile]
+            assert got.keys() == want.keys()
+            for key in want:
+                if isinstance(want[key], torch.Tensor):
+                    assert got[key].dtype == want[key].dtype
+                    torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+                else:
+                    assert got[key] == want[key]
+        assert not batched[2]["valid"].all() and batched[1]["valid"].all()
+        # tiles of different sizes cannot share a buffer: read one by one
+        mixed_sizes = ds.__getitems__([Tile(0, 0, 0, 128), Tile(0, 0, 0, 64)])
+        assert [s["image"].shape[-1] for s in mixed_sizes] == [128, 64]
+        with pytest.raises(TypeError, match="indexed by Tile"):
+            ds.__getitems__([Tile(0, 0, 0, 128), 3])
+
+    def test_collate_hands_over_a_batch_buffer_without_copy(self, grid: TileGrid) -> None:
+        ds = TileDataset(grid=grid, nodata=0, normalization=NORM)
+        tiles = [Tile(0, 0, 0, 128), Tile(0, 0, 320, 128), Tile(0, 640, 200, 128)]
+        samples = ds.__getitems__(tiles)
+        batch = collate_samples(samples)
+        assert batch["image"].data_ptr() == samples[0]["image"].data_ptr()
+        assert batch["valid"].data_ptr() == samples[0]["valid"].data_ptr()
+        torch.testing.assert_close(batch["image"], torch.stack([ds[t]["image"] for t in tiles]))
+        # rows out of order, or only some rows of a buffer, must be stacked (copied) in the order given
+        for subset in ([samples[2], samples[0], samples[1]], samples[:2]):
+            stacked = collate_samples(subset)
+            assert stacked["image"].data_ptr() != samples[0]["image"].data_ptr()
+            torch.testing.assert_close(stacked["image"], torch.stack([s["image"] for s in subset]))
+
 
 class TestLabels:
     def test_vector_labels_match_independent_rasterisation(self, grid: TileGrid) -> None:
@@ -235,3 +273,12 @@ class TestChips:
         assert batch["image"].shape == (2, 3, 128, 128) and batch["crs"][1] is None
         with pytest.raises(TypeError, match="no chip dataset"):
             MixedDataset(tiles=TileDataset(grid=grid))[0]
+
+    def test_mixed_dataset_batches(self, chips: Path, grid: TileGrid) -> None:
+        tiles = TileDataset(grid=grid)
+        mixed = MixedDataset(tiles=tiles, chips=ChipFolderDataset(chips=chips, size=128))
+        only_tiles = mixed.__getitems__([Tile(0, 0, 0, 128), Tile(0, 128, 0, 128)])
+        assert collate_samples(only_tiles)["image"].data_ptr() == only_tiles[0]["image"].data_ptr()
+        both = collate_samples(mixed.__getitems__([Tile(0, 0, 0, 128), 2]))
+        torch.testing.assert_close(both["image"][0], tiles[Tile(0, 0, 0, 128)]["image"])
+        assert both["crs"][1] is None

@@ -86,6 +86,24 @@ class TestReadWindow:
         np.testing.assert_array_equal(valid, alpha > 0)
         assert 0 < valid.mean() < 1
 
+    @pytest.mark.parametrize("window", [Window(100, 300, 64, 64), Window(-20, 900, 64, 64)])  # inside, and boundless
+    def test_reads_into_given_buffers(self, window: Window) -> None:
+        out = np.full((2, 64, 64), 7, dtype=np.uint16)
+        valid_out = np.zeros((64, 64), dtype=bool)
+        with rasterio.open(SAMPLE) as src:
+            values, valid = read_window(src, window, bands=[3, 1], nodata=0, out=out, valid_out=valid_out)
+            want_values, want_valid = read_window(src, window, bands=[3, 1], nodata=0)
+        assert values is out and valid is valid_out
+        np.testing.assert_array_equal(values, want_values)
+        np.testing.assert_array_equal(valid, want_valid)
+
+    def test_rejects_mismatched_buffers(self) -> None:
+        with rasterio.open(SAMPLE) as src:
+            with pytest.raises(ValueError, match=r"out must be a C-contiguous uint16 array of shape \(3, 8, 8\)"):
+                read_window(src, Window(0, 0, 8, 8), out=np.empty((3, 8, 8), dtype=np.float32))
+            with pytest.raises(ValueError, match="valid_out must be"):
+                read_window(src, Window(0, 0, 8, 8), valid_out=np.empty((8, 16), dtype=bool)[:, ::2])
+
     def test_bad_band_index(self) -> None:
         with rasterio.open(SAMPLE) as src, pytest.raises(IndexError, match=r"must lie in \[1, 3\]"):
             read_window(src, Window(0, 0, 8, 8), bands=[4])

@@ -20,6 +20,7 @@ bounded, so memory stays flat whatever the raster size. GDAL's block cache is ca
 from __future__ import annotations
 
 import glob
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from rasterio.env import set_gdal_config
 from rasterio.vrt import WarpedVRT
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window
@@ -140,8 +141,15 @@ class TileReader:
             old_src.close()
         return vrt if vrt is not None else src
 
-    def read(self, tile: Tile) -> tuple[np.ndarray, np.ndarray]:
+    def dtype(self, file: int) -> np.dtype:
+        """The dtype :meth:`read` returns for ``file`` (that of its first selected band)."""
+        rec = self.grid.index.records[file]
+        return np.dtype(rec.dtypes[self.grid.index.band_indexes[file][0] - 1])
+
+    def read(self, tile: Tile, *, out: np.ndarray | None = None, valid_out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Raw (C, size, size) values in the file dtype and (size, size) validity of ``tile``.
+
+        ``out``/``valid_out`` are optional buffers to read into (see :func:`~dinov3_eo.data.raster.read_window`).
 
         Raises:
             RuntimeError: naming the tile and file when the read fails (the cause is chained).
@@ -149,7 +157,10 @@ class TileReader:
         rec = self.grid.index.records[tile.file]
         try:
             ds = self._dataset(tile.file)
-            return read_window(ds, tile.window, bands=self.grid.index.band_indexes[tile.file], nodata=self._nodata_for(tile.file))
+            return read_window(
+                ds, tile.window, bands=self.grid.index.band_indexes[tile.file], nodata=self._nodata_for(tile.file),
+                out=out, valid_out=valid_out,
+            )  # fmt: skip
         except Exception as e:
             raise RuntimeError(f"Reading {tile} of {rec.path} failed: {e}") from e
 
@@ -193,27 +204,67 @@ class TileDataset(Dataset):
         self.labels = labels
         self._pre, self._post, self._low, self._high = fused_affine(normalization, self.scale, self.offset, num_bands)
 
-    def normalise(self, values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Raw (C, H, W) values -> float32 (C, H, W): scale/offset, normalisation, 0 where invalid."""
-        x = values.astype(np.float32)
-        if self.scale is not None or self.offset is not None:
-            x *= self._pre[0]
-            x += self._pre[1]
-        if self._low is not None:
-            np.clip(x, self._low, self._high, out=x)
-        x *= self._post[0]
+    def normalise(self, values: np.ndarray, valid: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Raw (C, H, W) values -> float32 (C, H, W): scale/offset, normalisation, 0 where invalid.
+
+        ``out`` is an optional float32 (C, H, W) array to write into (and return).
+        """
+        x = np.empty(values.shape, dtype=np.float32) if out is None else out
+        if self.scale is None and self.offset is None and self._low is None:
+            # The common case (z-score or none) in one pass that converts while it multiplies.
+            np.multiply(values, self._post[0], out=x, dtype=np.float32)
+        else:
+            np.copyto(x, values, casting="unsafe")  # float32 first, as astype would
+            if self.scale is not None or self.offset is not None:
+                x *= self._pre[0]
+                x += self._pre[1]
+            if self._low is not None:
+                np.clip(x, self._low, self._high, out=x)
+            x *= self._post[0]
         x += self._post[1]
-        np.copyto(x, np.float32(0.0), where=~valid[None])  # NaN/nodata never reach the model
+        if not valid.all():  # most tiles are fully valid: skip the masked write
+            np.copyto(x, np.float32(0.0), where=~valid)  # NaN/nodata never reach the model
         return x
 
     def __getitem__(self, tile: Tile) -> Sample:
         if not isinstance(tile, Tile):
             raise TypeError(f"TileDataset is indexed by Tile (use a tile sampler), got {type(tile).__name__}.")
         values, valid = self.reader.read(tile)
+        return self._sample(tile, torch.from_numpy(self.normalise(values, valid)), torch.from_numpy(valid), valid)
+
+    def __getitems__(self, tiles: Sequence[Tile]) -> list[Sample]:
+        """``[self[t] for t in tiles]``, read into one (B, C, H, W) image and one (B, H, W) valid buffer.
+
+        Each sample's ``image``/``valid`` is a view of row ``i`` of those buffers. A ``DataLoader`` with
+        automatic batching calls this instead of ``__getitem__``; inside a worker the buffers are allocated
+        in shared memory, so :func:`collate_samples` hands them to the main process as they are. Per-tile
+        allocations, the collate copy and a second shared-memory batch were most of the cost of a
+        DataLoader over cached tiles (``scripts/bench_data.py``). Tiles of different sizes fall back to
+        one read each.
+        """
+        tiles = list(tiles)
+        if not tiles or not all(isinstance(t, Tile) for t in tiles) or len({t.size for t in tiles}) != 1:
+            return [self[t] for t in tiles]  # __getitem__ raises the TypeError for a wrong key
+        size, num_bands = tiles[0].size, self.grid.index.num_bands
+        image = _batch_tensor((len(tiles), num_bands, size, size), torch.float32)
+        valid = _batch_tensor((len(tiles), size, size), torch.bool)
+        image_np, valid_np = image.numpy(), valid.numpy()
+        raw: dict[np.dtype, np.ndarray] = {}  # one scratch read buffer per file dtype, reused across the batch
+        samples = []
+        for i, tile in enumerate(tiles):
+            dtype = self.reader.dtype(tile.file)
+            if dtype not in raw:
+                raw[dtype] = np.empty((num_bands, size, size), dtype=dtype)
+            values, _ = self.reader.read(tile, out=raw[dtype], valid_out=valid_np[i])
+            self.normalise(values, valid_np[i], out=image_np[i])
+            samples.append(self._sample(tile, image[i], valid[i], valid_np[i]))
+        return samples
+
+    def _sample(self, tile: Tile, image: Tensor, valid: Tensor, valid_np: np.ndarray) -> Sample:
         grid = self.grid.grids[tile.file]
         sample: Sample = {
-            "image": torch.from_numpy(self.normalise(values, valid)),
-            "valid": torch.from_numpy(valid),
+            "image": image,
+            "valid": valid,
             "bounds": self.grid.tile_bounds(tile),
             "crs": grid.crs,
             "transform": self.grid.tile_transform(tile),
@@ -221,8 +272,24 @@ class TileDataset(Dataset):
         }
         if self.labels is not None:
             shape = (tile.size, tile.size)
-            sample.update(self.labels.sample(crs=grid.crs, transform=sample["transform"], shape=shape, valid=valid))
+            sample.update(self.labels.sample(crs=grid.crs, transform=sample["transform"], shape=shape, valid=valid_np))
         return sample
+
+
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """An uninitialised tensor, in shared memory when called inside a DataLoader worker.
+
+    A worker must move every tensor it returns into shared memory; allocating it there directly (as
+    ``default_collate`` does) saves the copy. ``UntypedStorage._new_shared`` is the allocator
+    ``default_collate`` itself uses; without it the tensor is moved once with the public ``share_memory_``.
+    """
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+    if new_shared is None:
+        return torch.empty(shape, dtype=dtype).share_memory_()
+    storage = new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def expand_chips(chips: str | Sequence[str]) -> list[str]:
@@ -295,6 +362,13 @@ class MixedDataset(Dataset):
             raise ValueError("MixedDataset: give tiles, chips or both.")
         self.tiles, self.chips = tiles, chips
 
+    def __getitems__(self, keys: Sequence[Tile | int]) -> list[Sample]:
+        """A batch: all-tile batches go through :meth:`TileDataset.__getitems__`, others key by key."""
+        keys = list(keys)
+        if self.tiles is not None and keys and all(isinstance(k, Tile) for k in keys):
+            return self.tiles.__getitems__(keys)
+        return [self[k] for k in keys]
+
     def __getitem__(self, key: Tile | int) -> Sample:
         if isinstance(key, Tile):
             if self.tiles is None:
@@ -308,13 +382,34 @@ class MixedDataset(Dataset):
 def collate_samples(batch: Sequence[Sample]) -> dict[str, Any]:
     """Stack tensor fields into (B, ...) tensors and keep everything else as per-sample lists.
 
-    Tensors of different shapes stay a list (e.g. chips kept at their own size).
+    Tensors of different shapes stay a list (e.g. chips kept at their own size). When a field's tensors
+    are already the consecutive rows of one (B, ...) buffer (as :meth:`TileDataset.__getitems__` returns
+    them) that buffer is returned without a copy; it then shares memory with the samples.
     """
     out: dict[str, Any] = {}
     for key in batch[0]:
         values = [s[key] for s in batch]
         if all(isinstance(v, Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
-            out[key] = default_collate(values)  # stacks straight into shared memory inside workers
+            base = _rows_of_one_buffer(values)
+            out[key] = base if base is not None else default_collate(values)  # stacks into shared memory in workers
         else:
             out[key] = values
     return out
+
+
+def _rows_of_one_buffer(values: Sequence[Tensor]) -> Tensor | None:
+    """The (B, ...) tensor whose rows 0..B-1 are exactly ``values`` (same storage, in order, nothing else), or None."""
+    first = values[0]
+    storage = first.untyped_storage()
+    numel = first.numel()
+    if numel == 0 or storage.nbytes() != len(values) * numel * first.element_size():
+        return None
+    for i, v in enumerate(values):
+        if (
+            v.dtype != first.dtype
+            or not v.is_contiguous()
+            or v.storage_offset() != i * numel
+            or v.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
+            return None
+    return first.new_empty(0).set_(storage, 0, (len(values), *first.shape))
