@@ -158,17 +158,20 @@ class MultiCrop:
         w, h = torch.where(legal, w, 1.0), torch.where(legal, h, 1.0)
         x0, y0 = torch.where(legal, x0, 0.0), torch.where(legal, y0, 0.0)
 
-        # valid fraction of every candidate from the summed-area table: O(1) per box
+        # valid fraction of every candidate from the summed-area table: O(1) per box. Candidates are drawn on the
+        # CPU (one generator) and judged where the table lives, without copying anything back: a device-to-host
+        # copy would stall the GPU queue once per crop group.
         device = table.device
+        no_fit = ~legal.any(dim=1)  # [n] CPU: decided without looking at the data
+        legal, w, h, x0, y0 = (t.to(device, non_blocking=True) for t in (legal, w, h, x0, y0))
         flat = table.flatten()  # [B·(H+1)·(W+1)]
-        base = (image_index * (height + 1) * (width + 1))[:, None]  # [n, 1] start of each crop's image
+        base = (image_index.to(device, non_blocking=True) * (height + 1) * (width + 1))[:, None]  # [n, 1]
 
         def corner(y: Tensor, x: Tensor) -> Tensor:
-            index = base + (y * (width + 1) + x).long()  # [n, tries]
-            return flat[index.to(device)].cpu().double()
+            return flat[base + (y * (width + 1) + x).long()].double()  # [n, tries]
 
         inside = corner(y0 + h, x0 + w) - corner(y0, x0 + w) - corner(y0 + h, x0) + corner(y0, x0)
-        fraction = torch.where(legal, inside / (w * h), -1.0)  # [n, tries]
+        fraction = torch.where(legal, inside / (w * h).double(), -1.0)  # [n, tries]
         accepted = legal & (fraction >= self.min_valid_fraction)
         first_accepted = torch.argmax(accepted.to(torch.int8), dim=1)  # first True, or 0 if none
         most_valid = torch.argmax(fraction, dim=1)
@@ -177,7 +180,7 @@ class MultiCrop:
                            (y0 + h).gather(1, choice)], dim=1)  # [n, 4]
 
         # torchvision's fallback when no candidate fits the image: the largest centred box within the ratio range
-        if not bool(legal.any(dim=1).all()):
+        if bool(no_fit.any()):
             in_ratio = width / height
             if in_ratio < self.ratio[0]:
                 fw, fh = width, round(width / self.ratio[0])
@@ -187,7 +190,8 @@ class MultiCrop:
                 fw, fh = width, height
             fx0, fy0 = (width - fw) // 2, (height - fh) // 2
             fallback = torch.tensor([fx0, fy0, fx0 + fw, fy0 + fh], dtype=boxes.dtype)
-            boxes[~legal.any(dim=1)] = fallback
+            boxes = torch.where(no_fit.to(device, non_blocking=True)[:, None], fallback.to(device, non_blocking=True),
+                                boxes)
         return boxes
 
     @staticmethod
@@ -204,7 +208,7 @@ class MultiCrop:
             [n_crops·B, C, size, size].
         """
         batch = images.shape[0]
-        image_index = torch.arange(batch, dtype=boxes.dtype).repeat(n_crops)[:, None]  # [n, 1]
+        image_index = torch.arange(batch, dtype=boxes.dtype, device=boxes.device).repeat(n_crops)[:, None]  # [n, 1]
         rois = torch.cat([image_index, boxes], dim=1).to(images.device, images.dtype)  # [n, 5]
         # aligned=True: pixel i spans [i, i+1], so box edges are exact pixel edges;
         # sampling_ratio=-1: ceil(box/size) samples per output pixel = area averaging when shrinking
@@ -230,35 +234,37 @@ class MultiCrop:
         jitter = self._bernoulli(n, self.jitter_prob, generator)[:, None]  # [n, 1]
         contrast = 1.0 + self.contrast * (2 * torch.rand(n, channels, generator=generator) - 1)
         offset = self.brightness * (2 * torch.rand(n, channels, generator=generator) - 1)
-        contrast = torch.where(jitter, contrast, 1.0).to(device, crops.dtype)[..., None, None]  # [n, C, 1, 1]
-        offset = torch.where(jitter, offset, 0.0).to(device, crops.dtype)[..., None, None]
+        # every random decision stays on the CPU and travels host-to-device without a sync (non_blocking)
+        contrast = torch.where(jitter, contrast, 1.0).to(device, crops.dtype, non_blocking=True)[..., None, None]
+        offset = torch.where(jitter, offset, 0.0).to(device, crops.dtype, non_blocking=True)[..., None, None]
         mean = band_mean[..., None, None]
         crops = (crops - mean) * contrast + mean + offset
 
         is_rgb = channels == 3
-        gray = self._bernoulli(n, self.grayscale_prob, generator).to(device)
+        gray = self._bernoulli(n, self.grayscale_prob, generator)  # [n] CPU
         if is_rgb and bool(gray.any()):
-            luma = torch.tensor(_LUMA_WEIGHTS, device=device, dtype=crops.dtype)
+            luma = torch.tensor(_LUMA_WEIGHTS, dtype=crops.dtype).to(device, non_blocking=True)
             grey = (crops * luma[:, None, None]).sum(1, keepdim=True).expand_as(crops)  # [n, 3, s, s]
-            crops = torch.where(gray[:, None, None, None], grey, crops)
+            crops = torch.where(gray.to(device, non_blocking=True)[:, None, None, None], grey, crops)
 
-        blur = (torch.rand(n, generator=generator) < blur_prob).to(device)
+        blur = torch.rand(n, generator=generator) < blur_prob  # [n] CPU
         sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * torch.rand(n, generator=generator)
         if bool(blur.any()):
-            selected = blur.nonzero().flatten()
-            sig = sigma.to(device, crops.dtype)[selected][:, None].expand(-1, 2)  # [m, 2] same sigma in y and x
+            selected = blur.nonzero().flatten()  # CPU indices
+            sig = sigma[selected][:, None].expand(-1, 2).to(device, crops.dtype, non_blocking=True)  # [m, 2] y = x
+            index = selected.to(device, non_blocking=True)
             k = self.blur_kernel_size
-            crops = crops.clone()
-            crops[selected] = gaussian_blur2d(crops[selected], (k, k), sig)
+            crops = crops.index_copy(0, index, gaussian_blur2d(crops.index_select(0, index), (k, k), sig))
 
-        solar = self._bernoulli(n, self.solarize_prob if solarize else 0.0, generator).to(device)
+        solar = self._bernoulli(n, self.solarize_prob if solarize else 0.0, generator)  # [n] CPU
         if is_rgb and bool(solar.any()):
+            solar = solar.to(device, non_blocking=True)
             crops = torch.where(solar[:, None, None, None] & (crops >= 0), -crops, crops)
         return crops * valid[:, None].to(crops.dtype)
 
     def _flip(self, crops: Tensor, flips: Tensor) -> Tensor:
         """Apply per-crop flips; flips [n, 2] bool (horizontal, vertical) on the CPU."""
-        flips = flips.to(crops.device)
+        flips = flips.to(crops.device, non_blocking=True)
         out = torch.where(flips[:, 0].view(-1, *[1] * (crops.ndim - 1)), crops.flip(-1), crops)
         return torch.where(flips[:, 1].view(-1, *[1] * (crops.ndim - 1)), out.flip(-2), out)
 
@@ -294,7 +300,9 @@ class MultiCrop:
         if valid.shape != (batch, height, width):
             raise ValueError(f"MultiCrop: valid must be [B, H, W] = {(batch, height, width)}, got {tuple(valid.shape)}.")
         table = self.valid_table(valid)
-        all_valid = bool(table[:, -1, -1].eq(height * width).all())  # one sync; skips rendering the masks
+        # on the CPU a fully valid batch skips rendering the masks; on a GPU the check would cost a sync that the
+        # (cheap) mask rendering does not
+        all_valid = images.device.type == "cpu" and bool(table[:, -1, -1].eq(height * width).all())
         valid_float = valid[:, None].to(images.dtype)  # [B, 1, H, W]
 
         def render_valid(boxes: Tensor, n_crops: int, size: int) -> Tensor:

@@ -132,7 +132,7 @@ def make_views(
         crops["global_crops"].shape[0], grid, rng=np.random.default_rng(step_seed(seed, step, 2)),
         mask_probability=mask_probability, ratio_range=tuple(mask_ratio_range),
     )
-    masking = {k: v.to(images.device) for k, v in masking.items()}
+    masking = {k: v.to(images.device, non_blocking=True) for k, v in masking.items()}
     return crops, masking
 
 
@@ -263,8 +263,9 @@ class SSLStage(LightningModule):
         # model-internal randomness (RoPE rescale, drop-path) reproducible across a kill/resume
         torch.manual_seed(step_seed(self.hparams.seed, step, 0))
         losses = self.compute_losses(batch, step)
-        bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
-        if bad:
+        # one device-to-host sync per step for the guard (not one per term); names only on failure
+        if not bool(torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()):
+            bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
             raise NonFiniteLossError(
                 f"Non-finite loss at step {step} in {', '.join(bad)} "
                 f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); training stopped before the "
