@@ -22,6 +22,7 @@ from dinov3_eo.losses import (
     masks_weight_from_masks,
     resize_patch_features,
     sinkhorn_knopp,
+    soft_cross_entropy,
 )
 
 # ------------------------------------------------------------------------------------------------ references
@@ -179,6 +180,63 @@ class TestDino:
             dino_losses(torch.randn(5, 4), None, torch.randn(6, 4), batch_size=3)
         with pytest.raises(ValueError, match="equal B and K"):
             dino_cross_entropy(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+
+
+# ------------------------------------------------------------------------------------------------ soft CE
+
+
+class TestSoftCrossEntropy:
+    @pytest.mark.parametrize("temperature", [0.1, 1.0])
+    def test_value_and_gradient_match_autograd(self, temperature: float) -> None:
+        torch.manual_seed(0)
+        logits = (torch.randn(7, 13, dtype=torch.float64) * 3).requires_grad_()
+        targets = torch.rand(7, 13, dtype=torch.float64)  # general weights, rows not summing to 1
+        weights = torch.randn(7, dtype=torch.float64)
+        ours = soft_cross_entropy(logits, targets, temperature)
+        (ours * weights).sum().backward()
+        grad = logits.grad.clone()
+        logits.grad = None
+        reference = -(targets * F.log_softmax(logits / temperature, dim=-1)).sum(-1)
+        (reference * weights).sum().backward()
+        torch.testing.assert_close(ours, reference)
+        torch.testing.assert_close(grad, logits.grad)
+
+    def test_matches_loop_reference(self) -> None:
+        logits, targets = torch.randn(3, 5, dtype=torch.float64), torch.softmax(torch.randn(3, 5), -1).double()
+        ours = soft_cross_entropy(logits, targets, 0.1)
+        for n in range(3):
+            expected = cross_entropy(list(targets[n].numpy()), list(logits[n].numpy()), 0.1)
+            assert ours[n].item() == pytest.approx(expected, rel=1e-10)
+
+    def test_gradcheck(self) -> None:
+        logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+        targets = torch.softmax(torch.randn(4, 6, dtype=torch.float64), -1)
+        assert torch.autograd.gradcheck(lambda x: soft_cross_entropy(x, targets, 0.5), (logits,))
+
+    def test_bf16_logits_under_autocast_give_float32_loss_and_bf16_grad(self) -> None:
+        logits = torch.randn(5, 64).bfloat16().requires_grad_()
+        targets = torch.softmax(torch.randn(5, 64), -1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = soft_cross_entropy(logits, targets, 0.1)
+        assert loss.dtype == torch.float32
+        loss.sum().backward()
+        assert logits.grad.dtype == torch.bfloat16
+        reference = -(targets * F.log_softmax(logits.float() / 0.1, -1)).sum(-1)
+        torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+    def test_large_logits_stay_finite_and_targets_get_no_gradient(self) -> None:
+        logits = torch.tensor([[1e4, -1e4, 0.0]], requires_grad=True)
+        targets = torch.tensor([[0.2, 0.3, 0.5]], requires_grad=True)
+        loss = soft_cross_entropy(logits, targets, 0.04)
+        loss.sum().backward()
+        assert torch.isfinite(loss).all() and torch.isfinite(logits.grad).all()
+        assert targets.grad is None
+
+    def test_bad_input(self) -> None:
+        with pytest.raises(ValueError, match=r"both be \[N, K\]"):
+            soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 5))
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 4), 0.0)
 
 
 # ------------------------------------------------------------------------------------------------ iBOT

@@ -1,5 +1,6 @@
 """SSL losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering)."""
 
+from dinov3_eo.losses.cross_entropy import soft_cross_entropy
 from dinov3_eo.losses.dino import DinoLossTerms, dino_cross_entropy, dino_losses, dino_term_scales, dino_total
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss, masks_weight_from_masks
@@ -20,4 +21,5 @@ __all__ = [
     "masks_weight_from_masks",
     "resize_patch_features",
     "sinkhorn_knopp",
+    "soft_cross_entropy",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
+
+from dinov3_eo.losses.cross_entropy import soft_cross_entropy
 
 
 def masks_weight_from_masks(masks: Tensor) -> Tensor:
@@ -57,8 +58,7 @@ def ibot_loss(
         )
     if n_images < 1:
         raise ValueError(f"ibot_loss: n_images must be >= 1, got {n_images}.")
-    log_p_student = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)  # [M, K]
-    token_ce = -(teacher_masked_probs.detach().float() * log_p_student).sum(dim=-1)  # [M]
+    token_ce = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)  # [M]
     return (token_ce * masks_weight.float()).sum() / n_images
 
 
