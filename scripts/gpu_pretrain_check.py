@@ -153,7 +153,7 @@ def throughput(device: str) -> dict[str, float]:
 
 
 def learning_check(pack_dir: str, minutes: float, batch: int, device: str, global_size: int, local_size: int,
-                   arch: str = "vits16") -> dict:
+                   arch: str = "vits16", knn_every: int = 0) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -161,10 +161,12 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
     from dinov3_eo.models.hub import build_backbone
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
-    recipe = dict(scale_lr_with_batch=True, base_lr=1e-3, layerwise_decay=0.9, clip_grad=3.0, n_local_crops=8)
+    recipe = {**dict(scale_lr_with_batch=True, base_lr=1e-3, layerwise_decay=0.9, clip_grad=3.0, n_local_crops=8),
+              **json.loads(os.environ.get("GPU_CHECK_RECIPE", "{}"))}  # e.g. '{"dino_out_dim": 16384}'
+    print(f"[learn] recipe: {recipe}", flush=True)
     # the step time of this exact configuration sets the step count, so the cosine schedules end with the budget
     probe = step_overhead(arch, batch, 4, global_size=global_size, local_size=local_size, device=device,
-                          bf16=True, **{k: v for k, v in recipe.items() if k != "n_local_crops"})
+                          bf16=device == "cuda", **{k: v for k, v in recipe.items() if k != "n_local_crops"})
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -173,8 +175,11 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
     module = DINOv3Pretrain(
         backbone=arch, global_crop_size=global_size,
         local_crop_size=local_size, lr_schedule="cosine", lr_warmup_steps=max(steps // 10, 1),
-        teacher_temp_warmup_steps=max(steps // 4, 1), momentum_teacher=0.994, final_momentum_teacher=1.0,
-        freeze_last_layer_steps=max(steps // 100, 1), **recipe,
+        teacher_temp_warmup_steps=max(steps // 4, 1), momentum_teacher=0.99, final_momentum_teacher=1.0,
+        # the official run freezes the prototypes for 1 % of its 125k steps = 10 teacher-momentum horizons; a short
+        # run needs the same horizons: unfrozen early, the student's prototypes shrink to uniform outputs before the
+        # EMA teacher's features have spread, and DINO/iBOT stay at log K (measured on CPU: scripts/ note in README)
+        freeze_last_layer_steps=max(steps // 10, 1), **recipe,
     )
 
     class Budget(Callback):
@@ -186,9 +191,27 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
             if elapsed > minutes * 60:
                 trainer.should_stop = True
 
+    euro = np.load(Path(pack_dir) / "eurosat.npz")
+    tr, te, ytr, yte = euro["train"], euro["test"], euro["train_y"], euro["test_y"]
+    curve: list[dict] = []
+
+    class Curve(Callback):
+        """k-NN of the EMA teacher and the loss terms every ``knn_every`` steps: does it learn, then drift?"""
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:  # noqa: ANN001, ANN002
+            if knn_every and trainer.global_step % knn_every == 0:
+                teacher = pl_module.teacher["backbone"]
+                acc = knn_accuracy(backbone_features(teacher, tr), ytr, backbone_features(teacher, te), yte)
+                terms = {k.split("/")[-1]: round(float(v), 4) for k, v in trainer.callback_metrics.items()
+                         if k.startswith("loss/")}
+                curve.append({"step": trainer.global_step, "seconds": round(time.perf_counter() - start, 1),
+                              "knn_64px": acc, **terms})
+                print(f"[curve] {curve[-1]}", flush=True)
+
     loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=0)
-    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, callbacks=[Budget()], enable_model_summary=False,
+    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                        precision="bf16-mixed" if device == "cuda" else "32",  # CPU bf16 is ~5x slower here
+                        logger=False, enable_checkpointing=False, callbacks=[Budget(), Curve()], enable_model_summary=False,
                         enable_progress_bar=False, log_every_n_steps=50, limit_val_batches=0)
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader)
@@ -196,8 +219,6 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
     done = trainer.global_step
     peak_gib = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
 
-    euro = np.load(Path(pack_dir) / "eurosat.npz")
-    tr, te, ytr, yte = euro["train"], euro["test"], euro["train_y"], euro["test_y"]
     teacher = module.teacher["backbone"].to(device)
     acc = {}
     for size in (TILE, global_size):
@@ -210,8 +231,8 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
     acc["colour_histograms"] = knn_accuracy(colour_features(tr), ytr, colour_features(te), yte, cosine=False)
     result = {"steps": done, "planned_steps": steps, "minutes": elapsed / 60, "batch": batch,
               "images_per_s": done * batch / elapsed, "peak_gpu_gib": peak_gib, "probe": probe,
-              "global_size": global_size, "local_size": local_size, "knn": acc}
-    print(f"[learn] {arch} on {device}, bf16-mixed: {done} steps (planned {steps}) of batch {batch} in {elapsed / 60:.1f} min "
+              "global_size": global_size, "local_size": local_size, "knn": acc, "curve": curve}
+    print(f"[learn] {arch} on {device}: {done} steps (planned {steps}) of batch {batch} in {elapsed / 60:.1f} min "
           f"= {result['images_per_s']:,.0f} images/s (2x{global_size} + 8x{local_size} crops each), "
           f"peak GPU memory {peak_gib:.1f} GiB")
     print("[learn] EuroSAT k-NN (k=20), 1400 train / 600 test, chance 0.100: "
@@ -220,7 +241,7 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
 
 
 def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size: int, local_size: int,
-        arch: str) -> None:
+        arch: str, only: list[str] | None = None, knn_every: int = 0) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}", flush=True)
@@ -230,11 +251,26 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         if out:
             Path(out).write_text(json.dumps(results, indent=1))
 
-    stages = [("learning", lambda: learning_check(pack_dir, minutes, batch, device, global_size, local_size, arch))]
+    out_dir = str(Path(out).parent) if out else None
+    stages = [("learning", lambda: learning_check(pack_dir, minutes, batch, device, global_size, local_size, arch,
+                                                  knn_every))]
     if device == "cuda":
+        import tempfile
+
         torch.set_float32_matmul_precision("high")
+        tmp = tempfile.mkdtemp()
         stages = [("correctness", lambda: correctness(device)), ("throughput", lambda: throughput(device)),
-                  ("step_overhead_224", lambda: step_overhead_224(device))] + stages
+                  ("step_overhead_224", lambda: step_overhead_224(device)),
+                  ("step_overhead_224_b256", lambda: step_overhead_224(device, batch=256)),
+                  ("profile", lambda: step_profile(device, out_dir)),
+                  ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
+    else:
+        import tempfile
+
+        stages = [("profile", lambda: step_profile(device, out_dir, arch, batch=2)),
+                  ("stages", lambda: later_stages(pack_dir, device, tempfile.mkdtemp(), arch))] + stages
+    if only:
+        stages = [(name, stage) for name, stage in stages if name in only]
     for name, stage in stages:  # one failing stage must not cost the others (the GPU time is scarce)
         try:
             results[name] = stage()
@@ -246,10 +282,91 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         save()
 
 
-def step_overhead_224(device: str) -> dict[str, float]:
+def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> dict[str, float]:
+    """Gram, high-resolution and distillation stages for a few bf16 steps on the GPU: they run and stay finite."""
+    import lightning as L
+
+    from dinov3_eo.ssl.distill import DINOv3Distill
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+
+    small = dict(dino_out_dim=4096, ibot_out_dim=4096, global_crop_size=112, local_crop_size=48, n_local_crops=4,
+                 scale_lr_with_batch=False, lr_warmup_steps=1)
+    data = torch.utils.data.DataLoader(GPUTiles(pack_dir, 32, device), batch_size=None, num_workers=0)
+    result = {}
+    stages = {
+        "gram": lambda: DINOv3Pretrain(backbone=arch, gram_loss_weight=1.0, gram_teacher="ema",
+                                       gram_first_update=2, gram_update_every=2, gram_max_updates=1, **small),
+        "highres": lambda: DINOv3Pretrain(backbone=arch, gram_loss_weight=1.0, gram_teacher="ema",
+                                          resolutions=[[112, 48, 224, 0.5], [160, 64, 320, 0.5]], **small),
+    }
+    on_gpu = dict(accelerator="gpu", precision="bf16-mixed") if device == "cuda" else dict(accelerator="cpu")
+    for name, make in stages.items():
+        module = make()
+        trainer = L.Trainer(max_steps=4, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, **on_gpu)
+        start = time.perf_counter()
+        trainer.fit(module, train_dataloaders=data)
+        loss = float(trainer.callback_metrics["loss"])
+        result[f"{name}_loss"], result[f"{name}_s_per_step"] = loss, (time.perf_counter() - start) / 4
+        print(f"[stages] {name}: 4 bf16 steps, last loss {loss:.3f} (finite: {math.isfinite(loss)})", flush=True)
+    teacher = Path(tmp) / "teacher.ckpt"
+    torch.save({"state_dict": module.state_dict(), "dinov3_eo": module.backbone_meta().to_dict()}, teacher)
+    distill = DINOv3Distill(teacher=str(teacher), students=["vitt16", "vitt16"], global_crop_size=112,
+                            local_crop_size=48, n_local_crops=4, scale_lr_with_batch=False)
+    trainer = L.Trainer(max_steps=4, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, **on_gpu)
+    trainer.fit(distill, train_dataloaders=data)
+    result["distill_loss"] = float(trainer.callback_metrics["loss"])
+    print(f"[stages] distill {arch} -> 2 x ViT-T: 4 steps, last loss {result['distill_loss']:.3f}", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64) -> dict[str, float]:
+    """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+
+    cuda = device == "cuda"
+    torch.manual_seed(0)
+    module = DINOv3Pretrain(backbone=arch).to(device)
+    module._total_steps = lambda: 1000  # type: ignore[method-assign]
+    optimizer = module.configure_optimizers()
+    images = torch.randn(batch, 3, 256, 256, device=device)
+    data = {"image": images, "valid": torch.ones(batch, 256, 256, dtype=torch.bool, device=device)}
+
+    def step() -> None:
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
+            losses = module.compute_losses(data, step=10)
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module._ema_update(0.996)
+        if cuda:
+            torch.cuda.synchronize()
+
+    step(), step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+    print(table)
+    if out_dir:
+        (Path(out_dir) / "step_profile.txt").write_text(table)
+    events = prof.key_averages()
+    total = sum(getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total", 0) for e in events) / 1e3
+    del module, optimizer
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"device_ms" if cuda else "cpu_ms": total}
+
+
+def step_overhead_224(device: str, batch: int = 64) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
-    result = step_overhead("vits16", 64, 5, device=device, bf16=True)
+    result = step_overhead("vits16", batch, 5, device=device, bf16=True)
     torch.cuda.empty_cache()
     return result
 
@@ -266,12 +383,16 @@ def main() -> None:
     r.add_argument("--global-size", type=int, default=112)
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
+    r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
+                   "step_overhead_224_b256, profile, stages, learning")
+    r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")
     args = parser.parse_args()
     if args.command == "pack":
         pack(args.folder)
     else:
-        run(args.folder, args.minutes, args.batch, args.out, args.global_size, args.local_size, args.arch)
+        run(args.folder, args.minutes, args.batch, args.out, args.global_size, args.local_size, args.arch,
+            args.only.split(",") if args.only else None, args.knn_every)
 
 
 if __name__ == "__main__":
