@@ -8,16 +8,18 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
     # on the GPU machine, from the repository root:
     PYTHONPATH=. python3 scripts/gpu_pretrain_check.py run .gpu/pack --minutes 6 --out $OUT/gpu_check.json
 
-``run`` does, in order (cheapest and most likely to fail first):
+``run`` does, in order (cheapest and most likely to fail first; ``--only`` picks stages):
 
 1. correctness: ViT-S/16 on the GPU against the CPU in float32, and bf16 autocast against float32;
 2. backbone throughput (images/s, bf16, forward) of ViT-S/B/L at 224 px;
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
    ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16;
-4. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
+4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, and a kernel profile of one SSL step;
+5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
    the CPU check (Landsat-8 tiles of the ``_RT`` scene with nodata 0 and percentile normalisation, plus the 1,400
    EuroSAT train chips), then EuroSAT k-NN (k=20) of the teacher's CLS against random weights and colour histograms.
    The tiles are cut on the GPU from the normalised scene held in GPU memory, so the data never limits the step rate.
+   ``--knn-every N`` adds the k-NN and the loss terms every N steps (does it learn, and which term?).
 """
 
 from __future__ import annotations
@@ -178,7 +180,7 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
         teacher_temp_warmup_steps=max(steps // 4, 1), momentum_teacher=0.99, final_momentum_teacher=1.0,
         # the official run freezes the prototypes for 1 % of its 125k steps = 10 teacher-momentum horizons; a short
         # run needs the same horizons: unfrozen early, the student's prototypes shrink to uniform outputs before the
-        # EMA teacher's features have spread, and DINO/iBOT stay at log K (measured on CPU: scripts/ note in README)
+        # EMA teacher's features have spread, and DINO/iBOT stay at log K (README, "Pretraining learning check")
         freeze_last_layer_steps=max(steps // 10, 1), **recipe,
     )
 
