@@ -66,6 +66,19 @@ class TestCOGWriter:
             assert cog.descriptions == ("a", "b") and cog.nodata == 255
         assert temporaries(tmp_path) == []
 
+    def test_predictor_only_for_continuous_bands(self, tmp_path: Path) -> None:
+        """Class ids are categories: no horizontal differencing; continuous uint8 bands keep predictor 2."""
+        labels = class_map()
+        kinds = {"classes": dict(class_names=["a", "b", "c", "d"]), "scores": dict(band_descriptions=["p"])}
+        for name, extra in kinds.items():
+            with COGWriter(tmp_path / f"{name}.tif", crs=CRS, transform=TRANSFORM, width=70, height=60, count=1,
+                           dtype="uint8", nodata=255, **extra) as out:  # fmt: skip
+                out.write(labels, Window(0, 0, 70, 60))
+            with rasterio.open(tmp_path / f"{name}.tif") as cog:
+                np.testing.assert_array_equal(cog.read(1), labels)
+                predictor = cog.tags(ns="IMAGE_STRUCTURE").get("PREDICTOR", "1")
+                assert predictor == ("1" if name == "classes" else "2"), name
+
     def test_class_map_metadata(self, tmp_path: Path) -> None:
         names = ["water", "crop", "tree", "developed"]
         dst = write_cog(tmp_path / "c.tif", class_map(), crs=CRS, transform=TRANSFORM, nodata=255, class_names=names)
