@@ -11,9 +11,10 @@ A sample is a dict in torchgeo's spirit::
     mask    int64 (H, W)        labelled tiles only: class ids, ``ignore_index`` where unlabelled/invalid
     target  float32 (H, W)      regression labels only: NaN where invalid
 
-Datasets are pickle-safe: files are opened lazily in the process that reads them (each DataLoader
-worker has its own handles, closed and forgotten on pickling) and the number of open handles is
-bounded, so memory stays flat whatever the raster size. GDAL's block cache is capped per process
+Datasets are pickle-safe: files are opened lazily in the process and thread that reads them (each
+DataLoader worker process and each :class:`~dinov3_eo.data.loader.ThreadedTileLoader` thread has its own
+handles, since GDAL handles must not be shared between threads; they are forgotten on pickling and closed
+when their thread ends) and the number of open handles is bounded, so memory stays flat whatever the raster size. GDAL's block cache is capped per process
 (``gdal_cache_mb``) for the same reason.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -86,43 +88,56 @@ def fused_affine(
 
 
 class TileReader:
-    """Raw windowed reads of tiles: lazily opened, bounded handle cache, per-process GDAL cache cap.
+    """Raw windowed reads of tiles: lazily opened, bounded per-thread handle cache, per-process GDAL cache cap.
 
     Args:
         grid: the tile grid (and through it the index and band selection).
         nodata: nodata override for every file (default: each file's declared nodata).
-        max_open: most files kept open per process.
-        gdal_cache_mb: GDAL block-cache cap applied in each reading process.
+        max_open: most files kept open per process and thread.
+        gdal_cache_mb: GDAL block-cache cap applied in each reading process (the cache is shared by its threads).
     """
 
     def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = 64) -> None:
         self.grid, self.nodata, self.max_open, self.gdal_cache_mb = grid, nodata, max_open, gdal_cache_mb
-        self._handles: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
-        self._pid: int | None = None
+        self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = OrderedDict(), None
+        del state["_local"]  # open handles never travel (and a threading.local does not pickle)
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def _handles(self) -> OrderedDict[int, tuple[Any, Any]]:
+        """The calling thread's open ``file -> (src, vrt)`` handles, most recently used last."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            # A forked worker must not share its parent's GDAL handles (the forking thread's local comes along),
+            # and a new thread starts with none: a GDAL handle is not safe to use from two threads.
+            local.handles, local.pid = OrderedDict(), os.getpid()
+            set_gdal_config("GDAL_CACHEMAX", self.gdal_cache_mb * 1024 * 1024)
+        return local.handles
+
     def close(self) -> None:
-        for src, vrt in self._handles.values():
+        """Close the handles the calling thread opened (other threads' handles close when those threads end)."""
+        handles = self._handles
+        for src, vrt in handles.values():
             if vrt is not None:
                 vrt.close()
             src.close()
-        self._handles.clear()
+        handles.clear()
 
     def _nodata_for(self, file: int) -> float | None:
         return self.nodata if self.nodata is not None else self.grid.index.records[file].nodata
 
     def _dataset(self, file: int):
-        if self._pid != os.getpid():
-            # A forked worker must not share its parent's GDAL handles.
-            self._handles, self._pid = OrderedDict(), os.getpid()
-            set_gdal_config("GDAL_CACHEMAX", self.gdal_cache_mb * 1024 * 1024)
-        if file in self._handles:
-            self._handles.move_to_end(file)
-            src, vrt = self._handles[file]
+        handles = self._handles
+        if file in handles:
+            handles.move_to_end(file)
+            src, vrt = handles[file]
             return vrt if vrt is not None else src
         src = rasterio.open(self.grid.index.records[file].path)
         vrt = None
@@ -133,9 +148,9 @@ class TileReader:
                 src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
                 resampling=self.grid.resampling, src_nodata=nodata, nodata=nodata, add_alpha=nodata is None,
             )  # fmt: skip
-        self._handles[file] = (src, vrt)
-        while len(self._handles) > self.max_open:
-            _, (old_src, old_vrt) = self._handles.popitem(last=False)
+        handles[file] = (src, vrt)
+        while len(handles) > self.max_open:
+            _, (old_src, old_vrt) = handles.popitem(last=False)
             if old_vrt is not None:
                 old_vrt.close()
             old_src.close()

@@ -11,6 +11,7 @@ unlabelled, label-nodata, or invalid in the image get ``ignore_index`` (classes)
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,18 +66,24 @@ class RasterLabels:
             if not 1 <= self.band <= src.count:
                 raise IndexError(f"RasterLabels: band {band} is outside [1, {src.count}] for {self.path}.")
             self.nodata = src.nodata if nodata is None else nodata
-        self._src = None
-        self._pid: int | None = None
+        self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_src"], state["_pid"] = None, None
+        del state["_local"]  # the open handle never travels
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _open(self):
-        if self._src is None or self._pid != os.getpid():
-            self._src, self._pid = rasterio.open(self.path), os.getpid()
-        return self._src
+        # One handle per process and thread: GDAL handles must not be shared between threads, and a forked
+        # worker must not use its parent's.
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.src, local.pid = rasterio.open(self.path), os.getpid()
+        return local.src
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Label values (H, W) on the given grid and where they exist (bool (H, W))."""
