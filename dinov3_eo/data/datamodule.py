@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
 from dinov3_eo.data.index import RasterIndex
 from dinov3_eo.data.labels import RasterLabels, VectorLabels
+from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.sampling import (
     ChipSampler,
@@ -33,6 +34,7 @@ from dinov3_eo.data.sampling import (
 from dinov3_eo.data.stats import BandStats, compute_band_stats
 
 NORMALIZATION_MODES = ("zscore", "percentile", "none", *RGB_PRESETS)
+WORKER_TYPES = ("process", "thread")
 
 
 def build_normalization(
@@ -69,7 +71,16 @@ def build_normalization(
 
 
 class _TileDataModuleBase(pl.LightningDataModule):
-    def _dataloader(self, dataset, sampler) -> DataLoader:
+    def _check_worker_type(self) -> None:
+        if self.worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type must be one of {WORKER_TYPES}, got {self.worker_type!r}.")
+
+    def _dataloader(self, dataset, sampler) -> DataLoader | ThreadedTileLoader:
+        if self.worker_type == "thread" and self.num_workers > 0:
+            return ThreadedTileLoader(
+                dataset, sampler=sampler, batch_size=self.batch_size, num_threads=self.num_workers,
+                collate_fn=collate_samples, pin_memory=self.pin_memory,
+            )  # fmt: skip
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -118,6 +129,10 @@ class PretrainDataModule(_TileDataModuleBase):
         snap: snap random tile offsets to multiples of this many pixels (e.g. the GeoTIFF block size,
             256, for ~2-4x less decoding per tile; see :class:`~dinov3_eo.data.sampling.RandomTileSampler`).
         batch_size, num_workers, pin_memory: DataLoader settings.
+        worker_type: ``"process"`` (a ``DataLoader`` with ``num_workers`` worker processes) or ``"thread"``
+            (a :class:`~dinov3_eo.data.loader.ThreadedTileLoader` with ``num_workers`` reading threads in the
+            training process: no shared-memory hand-over per batch; ``num_workers=0`` reads in the main thread
+            either way).
         seed: seeds the samplers (mixed with the epoch).
         strict: fail on unusable archive files instead of skipping them.
         cache_dir: index cache location (``"default"``, a path, or ``None`` for no cache).
@@ -149,6 +164,7 @@ class PretrainDataModule(_TileDataModuleBase):
         batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
+        worker_type: str = "process",
         seed: int = 0,
         strict: bool = False,
         cache_dir: str | None = "default",
@@ -166,6 +182,8 @@ class PretrainDataModule(_TileDataModuleBase):
         self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
         self.tiles_per_epoch, self.max_nodata_fraction, self.snap = tiles_per_epoch, max_nodata_fraction, snap
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.worker_type = worker_type
+        self._check_worker_type()
         self.strict, self.cache_dir, self.stats_windows = strict, cache_dir, stats_windows
         self.rank, self.world_size = rank, world_size
         self.normalization: Normalization | None = None
@@ -204,7 +222,7 @@ class PretrainDataModule(_TileDataModuleBase):
         self.dataset = MixedDataset(tiles=tiles, chips=chips)
         self.sampler = samplers[0] if len(samplers) == 1 else InterleavedSampler(samplers=samplers, seed=self.seed)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")
         return self._dataloader(self.dataset, self.sampler)
 
@@ -225,7 +243,7 @@ class DenseDataModule(_TileDataModuleBase):
         tile_size, units, gsd, crs, resampling: the tile grid.
         block_tiles: side of a spatial block in tiles; val_fraction: share of blocks used for validation.
         max_nodata_fraction: drop tiles with more estimated image nodata.
-        batch_size, num_workers, pin_memory, seed, strict, cache_dir, stats_windows, rank, world_size: as above.
+        batch_size, num_workers, pin_memory, worker_type, seed, strict, cache_dir, stats_windows, rank, world_size: as above.
     """
 
     def __init__(
@@ -257,6 +275,7 @@ class DenseDataModule(_TileDataModuleBase):
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
+        worker_type: str = "process",
         seed: int = 0,
         strict: bool = False,
         cache_dir: str | None = "default",
@@ -273,6 +292,8 @@ class DenseDataModule(_TileDataModuleBase):
         self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
         self.block_tiles, self.val_fraction, self.max_nodata_fraction = block_tiles, val_fraction, max_nodata_fraction
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.worker_type = worker_type
+        self._check_worker_type()
         self.strict, self.cache_dir, self.stats_windows = strict, cache_dir, stats_windows
         self.rank, self.world_size = rank, world_size
         self.normalization: Normalization | None = None
@@ -312,12 +333,12 @@ class DenseDataModule(_TileDataModuleBase):
             return max(source.classes.values()) + 1
         return None
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")
         sampler = TileListSampler(tiles=self.train_tiles, shuffle=True, seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self._dataloader(self.dataset, sampler)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")
         sampler = TileListSampler(tiles=self.val_tiles, shuffle=False, seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self._dataloader(self.dataset, sampler)
