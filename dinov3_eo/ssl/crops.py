@@ -286,7 +286,7 @@ class MultiCrop:
             ``global_flips`` [2B, 2] / ``local_flips`` [N·B, 2] bool (horizontal, vertical);
             ``global_valid`` [2B, G, G] / ``local_valid`` [N·B, L, L] bool; with ``gram_teacher_size`` also
             ``gram_crops`` [2B, C, T, T] (same boxes and flips as the global crops, no photometric change) and
-            ``gram_valid`` [2B, T, T]. Boxes and flips are on the CPU, images on the input's device.
+            ``gram_valid`` [2B, T, T]. Boxes and crops are on the input's device, flips on the CPU.
 
         Raises:
             ValueError: on badly shaped ``images``/``valid``.
