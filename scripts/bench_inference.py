@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 2_000])
     parser.add_argument("--modes", nargs="+", default=["compute", "predict", "naive"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every mode per size, interleaved; the median time is reported (a 2k run is ~1.5 s, "
+                        "so one run alone swings by several percent)")
     parser.add_argument("--workdir", type=Path, default=None, help="where rasters go (default: a temp folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -164,18 +167,25 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             make_raster(src, size)
             print(f"generated {size} x {size} in {time.perf_counter() - started:.1f} s", flush=True)
-            for mode in args.modes:
-                result = run_child(mode, src, Path(tmp) / f"out_{size}_{mode}.tif", args.threads)
-                results.append(result)
-                print(json.dumps(result), flush=True)
+            runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
+            for _ in range(args.repeats):  # interleaved, so load from other jobs hits every mode alike
+                for mode in args.modes:
+                    result = run_child(mode, src, Path(tmp) / f"out_{size}_{mode}.tif", args.threads)
+                    runs[mode].append(result)
+                    print(json.dumps(result), flush=True)
+            for mode, done in runs.items():
+                median = sorted(done, key=lambda r: r["seconds"])[len(done) // 2]
+                results.append({**median, "runs_seconds": [r["seconds"] for r in done],
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in done)})
             src.unlink()
             for p in Path(tmp).glob(f"out_{size}_*"):
                 p.unlink()
 
     by = {(r["mode"], r["size"]): r for r in results}
-    print(f"\n{'size':>6} {'mode':>8} {'s':>8} {'Mpx/s':>8} {'peak RSS MB':>12}")
+    print(f"\n{'size':>6} {'mode':>8} {'median s':>9} {'Mpx/s':>8} {'peak RSS MB':>12}  runs (s)")
     for r in results:
-        print(f"{r['size']:>6} {r['mode']:>8} {r['seconds']:>8.2f} {r['pixels_per_s'] / 1e6:>8.2f} {r['peak_rss_mb']:>12.0f}")
+        print(f"{r['size']:>6} {r['mode']:>8} {r['seconds']:>9.2f} {r['pixels_per_s'] / 1e6:>8.2f} {r['peak_rss_mb']:>12.0f}  "
+              f"{r['runs_seconds']}")
     for size in args.sizes:
         if ("predict", size) in by and ("compute", size) in by:
             ratio = by[("predict", size)]["pixels_per_s"] / by[("compute", size)]["pixels_per_s"]
