@@ -95,12 +95,8 @@ class TestTileDataset:
         np.testing.assert_array_equal(s["image"].numpy(), ref.astype(np.float32) * s["valid"].numpy())
         assert s["crs"] == g.crs and s["image"].shape == (3, 64, 64)
 
-    def test_read_errors_name_the_tile(self, tmp_path: Path) -> None:
-        path = tmp_path / "gone.tif"
-        path.write_bytes(SAMPLE.read_bytes())
-        grid = TileGrid(index=RasterIndex.build(path, cache_dir=None), tile_size=32)
-        ds = TileDataset(grid=grid)
-        path.unlink()
+    def test_read_errors_name_the_tile(self, dataset_of_a_deleted_file: TileDataset) -> None:
+        ds = dataset_of_a_deleted_file
         with pytest.raises(RuntimeError, match=r"Reading Tile\(file=0, row=0, col=0, size=32\) of .*gone.tif failed"):
             ds[Tile(0, 0, 0, 32)]
         with pytest.raises(TypeError, match="indexed by Tile"):

@@ -100,13 +100,8 @@ class TestThreadedTileLoader:
         with pytest.raises(ValueError, match="num_threads must be >= 1"):
             ThreadedTileLoader(ds, sampler=_sampler(grid), batch_size=4, num_threads=0)
 
-    def test_reader_error_reaches_the_consumer_with_its_message(self, tmp_path: Path) -> None:
-        path = tmp_path / "gone.tif"
-        path.write_bytes(SAMPLE.read_bytes())
-        grid = TileGrid(index=RasterIndex.build(path, cache_dir=None), tile_size=32)
-        ds = TileDataset(grid=grid)
-        path.unlink()
-        loader = ThreadedTileLoader(ds, sampler=[Tile(0, 0, 0, 32)] * 4, batch_size=2)
+    def test_reader_error_reaches_the_consumer_with_its_message(self, dataset_of_a_deleted_file: TileDataset) -> None:
+        loader = ThreadedTileLoader(dataset_of_a_deleted_file, sampler=[Tile(0, 0, 0, 32)] * 4, batch_size=2)
         with pytest.raises(RuntimeError, match=r"Reading Tile\(file=0, row=0, col=0, size=32\) of .*gone.tif failed"):
             list(loader)
         loader.close()

@@ -87,6 +87,38 @@ def fused_affine(
     return pre, post, as_bound(low), as_bound(high)
 
 
+def apply_fused_affine(
+    values: np.ndarray,
+    valid: np.ndarray,
+    affine: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    *,
+    scaled: bool,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Raw (C, H, W) values -> float32 (C, H, W) through a :func:`fused_affine`, 0 where ``valid`` (H, W) is False.
+
+    ``scaled`` says whether the affine's scale/offset part is used; ``out`` is an optional float32 (C, H, W)
+    array to write into (and return).
+    """
+    pre, post, low, high = affine
+    x = np.empty(values.shape, dtype=np.float32) if out is None else out
+    if not scaled and low is None:
+        # The common case (z-score or none) in one pass that converts while it multiplies.
+        np.multiply(values, post[0], out=x, dtype=np.float32)
+    else:
+        np.copyto(x, values, casting="unsafe")  # float32 first, as astype would
+        if scaled:
+            x *= pre[0]
+            x += pre[1]
+        if low is not None:
+            np.clip(x, low, high, out=x)
+        x *= post[0]
+    x += post[1]
+    if not valid.all():  # most tiles are fully valid: skip the masked write
+        np.copyto(x, np.float32(0.0), where=~valid)  # NaN/nodata never reach the model
+    return x
+
+
 class TileReader:
     """Raw windowed reads of tiles: lazily opened, bounded per-thread handle cache, per-process GDAL cache cap.
 
@@ -224,22 +256,8 @@ class TileDataset(Dataset):
 
         ``out`` is an optional float32 (C, H, W) array to write into (and return).
         """
-        x = np.empty(values.shape, dtype=np.float32) if out is None else out
-        if self.scale is None and self.offset is None and self._low is None:
-            # The common case (z-score or none) in one pass that converts while it multiplies.
-            np.multiply(values, self._post[0], out=x, dtype=np.float32)
-        else:
-            np.copyto(x, values, casting="unsafe")  # float32 first, as astype would
-            if self.scale is not None or self.offset is not None:
-                x *= self._pre[0]
-                x += self._pre[1]
-            if self._low is not None:
-                np.clip(x, self._low, self._high, out=x)
-            x *= self._post[0]
-        x += self._post[1]
-        if not valid.all():  # most tiles are fully valid: skip the masked write
-            np.copyto(x, np.float32(0.0), where=~valid)  # NaN/nodata never reach the model
-        return x
+        scaled = self.scale is not None or self.offset is not None
+        return apply_fused_affine(values, valid, (self._pre, self._post, self._low, self._high), scaled=scaled, out=out)
 
     def __getitem__(self, tile: Tile) -> Sample:
         if not isinstance(tile, Tile):

@@ -30,6 +30,7 @@ import torch
 from rasterio.windows import Window
 from torch import Tensor, nn
 
+from dinov3_eo.data.datasets import apply_fused_affine, fused_affine
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.tiling import Tile, TileGrid
@@ -438,16 +439,17 @@ def _stream(
     pin = device.type == "cuda"
     post_on_device = device.type != "cpu"
 
+    # normalisation folded into one multiply-add (and a clip) per pixel: the reader shares a core with the blender
+    affine = fused_affine(normalization, None, None, len(band_indexes))
+
     def read(tile: Tile) -> tuple[Tensor, np.ndarray]:
         pixels, valid = read_window(
             dataset, Window(tile.col_off, tile.row_off, tile.width, tile.height), bands=band_indexes, nodata=nodata
         )
-        image = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))  # [C, h, w]
-        if normalization is not None:
-            image = normalization(image)
-        image = torch.nan_to_num(image, nan=0.0, posinf=0.0, neginf=0.0)
-        image.masked_fill_(~torch.from_numpy(valid), 0.0)  # [h, w] broadcasts over C
-        return image, valid
+        image = apply_fused_affine(pixels, valid, affine, scaled=False)  # [C, h, w] float32, 0 where invalid
+        if np.issubdtype(pixels.dtype, np.floating):  # ±inf is "valid" to the mask but must not reach the model
+            np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.from_numpy(image), valid
 
     def batches() -> Iterator[_Batch]:
         tiles, images, valids, skipped = [], [], [], []
