@@ -106,7 +106,7 @@ class TestTileDataset:
         ds = TileDataset(grid=grid, nodata=0, normalization=NORM)
         ds[Tile(0, 0, 0, 128)]  # opens a handle that must not travel
         clone = pickle.loads(pickle.dumps(ds))
-        assert not clone.reader._handles
+        assert not clone.reader._handles.get()  # the clone starts with no open handle
         sampler = RandomTileSampler(grid=grid, length=8, seed=1, rank=0, world_size=1)
         serial = collate_samples([ds[t] for t in sampler])
         loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=2, collate_fn=collate_samples)

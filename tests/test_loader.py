@@ -82,7 +82,7 @@ class TestThreadedTileLoader:
 
         def read(name: str) -> None:
             ds[tile]
-            seen[name] = id(ds.reader._handles[0][0])
+            seen[name] = id(ds.reader._handles.get()[0][0])
             barrier.wait()
 
         threads = [threading.Thread(target=read, args=(n,)) for n in ("a", "b")]
@@ -91,7 +91,7 @@ class TestThreadedTileLoader:
         for t in threads:
             t.join()
         assert seen["a"] != seen["b"]
-        assert not ds.reader._handles  # the main thread opened nothing
+        assert not ds.reader._handles.get()  # the main thread opened nothing
 
     def test_drop_last_and_length(self, grid: TileGrid) -> None:
         ds = TileDataset(grid=grid, nodata=0)

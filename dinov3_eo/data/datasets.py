@@ -20,10 +20,10 @@ when their thread ends) and the number of open handles is bounded, so memory sta
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
-import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import read_window
+from dinov3_eo.data.raster import PerThread, read_window
 from dinov3_eo.data.sampling import Tile, TileGrid
 
 Sample = dict[str, Any]
@@ -61,8 +61,9 @@ def fused_affine(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Scale/offset and a :class:`Normalization` folded into ``clip(x * s + o, lo, hi) * a + b``.
 
-    Returns ``(pre, post, clip_low, clip_high)`` where ``pre`` = (s, o) stacked as (2, C, 1, 1) and
-    ``post`` = (a, b) likewise, all float32; the clip bounds are ``None`` without a clip-and-scale.
+    Returns ``(pre, post, clip_low, clip_high)`` where ``pre`` = (s, o) stacked as (2, C, 1, 1), or ``None``
+    without a scale/offset, and ``post`` = (a, b) likewise, all float32; the clip bounds are ``None`` without a
+    clip-and-scale.
     One fused pass per tile in numpy is several times cheaper than the generic torch path, and
     ``tests/test_datasets.py`` checks it against ``Normalization.__call__``.
     """
@@ -81,7 +82,7 @@ def fused_affine(
         else:
             a, b = 1.0 / std, -mean / std
     shape = (-1, 1, 1)
-    pre = np.stack([s, o]).astype(np.float32).reshape(2, *shape)
+    pre = None if scale is None and offset is None else np.stack([s, o]).astype(np.float32).reshape(2, *shape)
     post = np.stack([a, b]).astype(np.float32).reshape(2, *shape)
     as_bound = (lambda v: None if v is None else v.astype(np.float32).reshape(shape))
     return pre, post, as_bound(low), as_bound(high)
@@ -90,24 +91,22 @@ def fused_affine(
 def apply_fused_affine(
     values: np.ndarray,
     valid: np.ndarray,
-    affine: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    affine: tuple[np.ndarray | None, np.ndarray, np.ndarray | None, np.ndarray | None],
     *,
-    scaled: bool,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Raw (C, H, W) values -> float32 (C, H, W) through a :func:`fused_affine`, 0 where ``valid`` (H, W) is False.
 
-    ``scaled`` says whether the affine's scale/offset part is used; ``out`` is an optional float32 (C, H, W)
-    array to write into (and return).
+    ``out`` is an optional float32 (C, H, W) array to write into (and return).
     """
     pre, post, low, high = affine
     x = np.empty(values.shape, dtype=np.float32) if out is None else out
-    if not scaled and low is None:
+    if pre is None and low is None:
         # The common case (z-score or none) in one pass that converts while it multiplies.
         np.multiply(values, post[0], out=x, dtype=np.float32)
     else:
         np.copyto(x, values, casting="unsafe")  # float32 first, as astype would
-        if scaled:
+        if pre is not None:
             x *= pre[0]
             x += pre[1]
         if low is not None:
@@ -117,6 +116,12 @@ def apply_fused_affine(
     if not valid.all():  # most tiles are fully valid: skip the masked write
         np.copyto(x, np.float32(0.0), where=~valid)  # NaN/nodata never reach the model
     return x
+
+
+def _new_handle_cache(gdal_cache_mb: int) -> OrderedDict[int, tuple[Any, Any]]:
+    """An empty handle cache for a new reading thread or process, with the process's GDAL cache capped."""
+    set_gdal_config("GDAL_CACHEMAX", gdal_cache_mb * 1024 * 1024)
+    return OrderedDict()
 
 
 class TileReader:
@@ -131,31 +136,12 @@ class TileReader:
 
     def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = 64) -> None:
         self.grid, self.nodata, self.max_open, self.gdal_cache_mb = grid, nodata, max_open, gdal_cache_mb
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_local"]  # open handles never travel (and a threading.local does not pickle)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    @property
-    def _handles(self) -> OrderedDict[int, tuple[Any, Any]]:
-        """The calling thread's open ``file -> (src, vrt)`` handles, most recently used last."""
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            # A forked worker must not share its parent's GDAL handles (the forking thread's local comes along),
-            # and a new thread starts with none: a GDAL handle is not safe to use from two threads.
-            local.handles, local.pid = OrderedDict(), os.getpid()
-            set_gdal_config("GDAL_CACHEMAX", self.gdal_cache_mb * 1024 * 1024)
-        return local.handles
+        # each thread's open ``file -> (src, vrt)`` handles, most recently used last
+        self._handles = PerThread(functools.partial(_new_handle_cache, gdal_cache_mb))
 
     def close(self) -> None:
         """Close the handles the calling thread opened (other threads' handles close when those threads end)."""
-        handles = self._handles
+        handles = self._handles.get()
         for src, vrt in handles.values():
             if vrt is not None:
                 vrt.close()
@@ -166,7 +152,7 @@ class TileReader:
         return self.nodata if self.nodata is not None else self.grid.index.records[file].nodata
 
     def _dataset(self, file: int):
-        handles = self._handles
+        handles = self._handles.get()
         if file in handles:
             handles.move_to_end(file)
             src, vrt = handles[file]
@@ -249,15 +235,14 @@ class TileDataset(Dataset):
         self.offset = _per_band(offset, num_bands, "offset")
         self.normalization = normalization
         self.labels = labels
-        self._pre, self._post, self._low, self._high = fused_affine(normalization, self.scale, self.offset, num_bands)
+        self._affine = fused_affine(normalization, self.scale, self.offset, num_bands)
 
     def normalise(self, values: np.ndarray, valid: np.ndarray, *, out: np.ndarray | None = None) -> np.ndarray:
         """Raw (C, H, W) values -> float32 (C, H, W): scale/offset, normalisation, 0 where invalid.
 
         ``out`` is an optional float32 (C, H, W) array to write into (and return).
         """
-        scaled = self.scale is not None or self.offset is not None
-        return apply_fused_affine(values, valid, (self._pre, self._post, self._low, self._high), scaled=scaled, out=out)
+        return apply_fused_affine(values, valid, self._affine, out=out)
 
     def __getitem__(self, tile: Tile) -> Sample:
         if not isinstance(tile, Tile):

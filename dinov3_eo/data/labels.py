@@ -10,8 +10,8 @@ unlabelled, label-nodata, or invalid in the image get ``ignore_index`` (classes)
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +22,8 @@ from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.transform import Affine, array_bounds
 from rasterio.vrt import WarpedVRT
+
+from dinov3_eo.data.raster import PerThread
 
 TASKS = ("classification", "regression")
 
@@ -66,28 +68,11 @@ class RasterLabels:
             if not 1 <= self.band <= src.count:
                 raise IndexError(f"RasterLabels: band {band} is outside [1, {src.count}] for {self.path}.")
             self.nodata = src.nodata if nodata is None else nodata
-        self._local = threading.local()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        del state["_local"]  # the open handle never travels
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._local = threading.local()
-
-    def _open(self):
-        # One handle per process and thread: GDAL handles must not be shared between threads, and a forked
-        # worker must not use its parent's.
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.src, local.pid = rasterio.open(self.path), os.getpid()
-        return local.src
+        self._src = PerThread(functools.partial(rasterio.open, self.path))  # one handle per process and thread
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Label values (H, W) on the given grid and where they exist (bool (H, W))."""
-        src = self._open()
+        src = self._src.get()
         height, width = shape
         # A nodata value is needed so pixels outside the label raster are recognisable after warping.
         nodata = self.nodata

@@ -19,11 +19,41 @@ names ``raster.py`` as the home of "archive index + windowed reads".
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.windows import Window
+
+
+class PerThread:
+    """State made by ``factory()`` once per process and thread, e.g. open rasterio/GDAL handles.
+
+    GDAL handles must not be shared between threads, and a forked DataLoader worker must not use its
+    parent's (the forking thread's local comes along): :meth:`get` makes fresh state in each new thread
+    and after a fork. Pickling keeps only the factory, so datasets holding one stay pickle-safe.
+    """
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._local = threading.local()
+
+    def get(self) -> Any:
+        """The calling thread's state, made on first use in this process and thread."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.value, local.pid = self._factory(), os.getpid()
+        return local.value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_factory": self._factory}  # open handles never travel (and a threading.local does not pickle)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._factory = state["_factory"]
+        self._local = threading.local()
 
 
 def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Window:

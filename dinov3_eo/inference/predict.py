@@ -446,7 +446,7 @@ def _stream(
         pixels, valid = read_window(
             dataset, Window(tile.col_off, tile.row_off, tile.width, tile.height), bands=band_indexes, nodata=nodata
         )
-        image = apply_fused_affine(pixels, valid, affine, scaled=False)  # [C, h, w] float32, 0 where invalid
+        image = apply_fused_affine(pixels, valid, affine)  # [C, h, w] float32, 0 where invalid
         if np.issubdtype(pixels.dtype, np.floating):  # ±inf is "valid" to the mask but must not reach the model
             np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         return torch.from_numpy(image), valid
