@@ -302,23 +302,25 @@ def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> 
                                           resolutions=[[112, 48, 224, 0.5], [160, 64, 320, 0.5]], **small),
     }
     on_gpu = dict(accelerator="gpu", precision="bf16-mixed") if device == "cuda" else dict(accelerator="cpu")
-    for name, make in stages.items():
-        module = make()
+
+    def fit_four_steps(module: L.LightningModule) -> float:
+        """The last logged loss of 4 steps."""
         trainer = L.Trainer(max_steps=4, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                             enable_model_summary=False, **on_gpu)
-        start = time.perf_counter()
         trainer.fit(module, train_dataloaders=data)
-        loss = float(trainer.callback_metrics["loss"])
+        return float(trainer.callback_metrics["loss"])
+
+    for name, make in stages.items():
+        module = make()
+        start = time.perf_counter()
+        loss = fit_four_steps(module)
         result[f"{name}_loss"], result[f"{name}_s_per_step"] = loss, (time.perf_counter() - start) / 4
         print(f"[stages] {name}: 4 bf16 steps, last loss {loss:.3f} (finite: {math.isfinite(loss)})", flush=True)
     teacher = Path(tmp) / "teacher.ckpt"
     torch.save({"state_dict": module.state_dict(), "dinov3_eo": module.backbone_meta().to_dict()}, teacher)
     distill = DINOv3Distill(teacher=str(teacher), students=["vitt16", "vitt16"], global_crop_size=112,
                             local_crop_size=48, n_local_crops=4, scale_lr_with_batch=False)
-    trainer = L.Trainer(max_steps=4, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, **on_gpu)
-    trainer.fit(distill, train_dataloaders=data)
-    result["distill_loss"] = float(trainer.callback_metrics["loss"])
+    result["distill_loss"] = fit_four_steps(distill)
     print(f"[stages] distill {arch} -> 2 x ViT-T: 4 steps, last loss {result['distill_loss']:.3f}", flush=True)
     if device == "cuda":
         torch.cuda.empty_cache()
