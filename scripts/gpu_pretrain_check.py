@@ -53,6 +53,8 @@ def pack(folder: str) -> None:
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     landsat = sorted(glob.glob(str(SHARED / "landsat8_l1" / "*_RT.TIF")))
+    if not landsat or not (SHARED / "eurosat_rgb_dev").is_dir():
+        raise SystemExit(f"pack needs the Landsat-8 scene and EuroSAT chips of ../shared/data, not found under {SHARED}.")
     index = RasterIndex.build(landsat, cache_dir=None)
     norm = build_normalization("percentile", index=index, nodata=0)
     with rasterio.open(landsat[0]) as src:
