@@ -63,3 +63,25 @@ def test_init_and_variants() -> None:
 def test_bad_sizes() -> None:
     with pytest.raises(ValueError, match="nlayers must be >= 1, got 0"):
         DINOHead(8, nlayers=0)
+
+
+def test_norm_last_layer_gives_cosine_logits_and_keeps_the_key_layout() -> None:
+    torch.manual_seed(0)
+    head = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
+    plain = DINOHead(16, out_dim=50, hidden_dim=32, bottleneck_dim=8)
+    assert list(head.state_dict()) == list(plain.state_dict())  # same checkpoints, same export
+    x = torch.randn(3, 16)
+    z = head(x, no_last_layer=True)
+    prototypes = head.last_layer.weight
+    expected = torch.stack([torch.stack([F.cosine_similarity(zi, p, dim=0) for p in prototypes]) for zi in z])
+    logits = head(x)
+    torch.testing.assert_close(logits, expected)
+    assert logits.abs().max() <= 1 + 1e-6
+    # a prototype's length no longer matters: scaling the weights leaves the logits as they are
+    with torch.no_grad():
+        head.last_layer.weight.mul_(torch.rand(50, 1) * 10 + 0.1)
+    torch.testing.assert_close(head(x), logits)
+    # and the gradient reaches the prototypes' directions only (orthogonal to each prototype)
+    head(x).sum().backward()
+    radial = (head.last_layer.weight.grad * head.last_layer.weight).sum(1)
+    torch.testing.assert_close(radial, torch.zeros(50), atol=1e-5, rtol=0)

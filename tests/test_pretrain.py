@@ -192,3 +192,27 @@ def test_bf16_mixed_precision_steps_run(tmp_path: Path) -> None:
     assert trainer.global_step == 2
     assert all(math.isfinite(v) for step in recorder.losses for v in step.values())
     assert next(module.student.parameters()).dtype == torch.float32  # master weights stay float32
+
+
+def test_short_run_options_reach_both_heads_and_the_backbone() -> None:
+    module = DINOv3Pretrain(**{**MODEL_KW, "norm_last_layer": True, "backbone_kwargs": {"layerscale_init": 0.1}})
+    for part in (module.student, module.teacher):
+        assert part["dino_head"].norm_last_layer and part["ibot_head"].norm_last_layer
+        gamma = part["backbone"].blocks[0].ls1.gamma
+        torch.testing.assert_close(gamma, torch.full_like(gamma, 0.1))
+    assert not DINOv3Pretrain(**MODEL_KW).student["dino_head"].norm_last_layer  # the official default stays
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "pretrain").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_pretrain_config_names_real_options(config: Path) -> None:
+    import inspect
+
+    import yaml
+
+    from dinov3_eo.data.datamodule import PretrainDataModule
+
+    parsed = yaml.safe_load(config.read_text())
+    for section, cls in (("model", DINOv3Pretrain), ("data", PretrainDataModule)):
+        unknown = set(parsed.get(section) or {}) - set(inspect.signature(cls.__init__).parameters)
+        assert not unknown, f"{config.name}: {section} keys {sorted(unknown)} are not {cls.__name__} options"

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 
 class DINOHead(nn.Module):
-    """MLP → bottleneck → L2-normalise → bias-free prototype layer (no weight norm, unlike DINOv2).
+    """MLP → bottleneck → L2-normalise → bias-free prototype layer (no weight norm by default, unlike DINOv2).
 
     Layout for ``nlayers=3`` (state-dict keys ``mlp.0``, ``mlp.2``, ``mlp.4``, ``last_layer.weight``)::
 
@@ -23,6 +23,9 @@ class DINOHead(nn.Module):
         hidden_dim: width of the hidden layers.
         bottleneck_dim: size of the normalised bottleneck.
         nlayers: number of Linear layers in the MLP (≥ 1; 1 means a single in→bottleneck projection).
+        norm_last_layer: L2-normalise every prototype at use, so logits are cosines (DINOv1/v2's weight norm with
+            the gain fixed at 1). DINOv3 drops it; short runs need it: free prototypes shrink towards uniform
+            outputs before the teacher's features have spread (README, "Pretraining learning check").
         device: where to allocate the parameters.
 
     Raises:
@@ -37,6 +40,7 @@ class DINOHead(nn.Module):
         hidden_dim: int = 2048,
         bottleneck_dim: int = 256,
         nlayers: int = 3,
+        norm_last_layer: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -45,6 +49,7 @@ class DINOHead(nn.Module):
             if value < 1:
                 raise ValueError(f"DINOHead: {name} must be >= 1, got {value}.")
         self.in_dim, self.out_dim, self.bottleneck_dim = in_dim, out_dim, bottleneck_dim
+        self.norm_last_layer = norm_last_layer
         if nlayers == 1:
             layers: list[nn.Module] = [nn.Linear(in_dim, bottleneck_dim, device=device)]
         else:
@@ -81,5 +86,8 @@ class DINOHead(nn.Module):
             eps = 1e-6 if x.dtype == torch.float16 else 1e-12  # 1e-12 underflows in fp16
             x = F.normalize(x, p=2, dim=-1, eps=eps)
         if not no_last_layer:
-            x = self.last_layer(x)
+            if self.norm_last_layer:
+                x = F.linear(x, F.normalize(self.last_layer.weight, dim=1))
+            else:
+                x = self.last_layer(x)
         return x

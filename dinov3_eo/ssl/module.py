@@ -60,6 +60,7 @@ class DINOv3Pretrain(SSLStage):
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).
+        norm_last_layer: unit-norm prototypes in both heads (DINOv1/v2 weight norm; off as in DINOv3, on for short runs).
         global_crop_size, local_crop_size, n_local_crops: multi-crop sizes (224 / 96 / 8 officially).
         global_crops_scale, local_crops_scale: area ranges of the random-resized crops.
         horizontal_flips: random flips (also vertical flips when ``vertical_flips``: north-up is not special in
@@ -112,6 +113,7 @@ class DINOv3Pretrain(SSLStage):
         ibot_hidden_dim: int = 2048,
         ibot_bottleneck_dim: int = 256,
         head_nlayers: int = 3,
+        norm_last_layer: bool = False,
         global_crop_size: int = 224,
         local_crop_size: int = 96,
         n_local_crops: int = 8,
@@ -177,11 +179,11 @@ class DINOv3Pretrain(SSLStage):
                 "backbone": student_backbone,
                 "dino_head": DINOHead(
                     dim, out_dim=dino_out_dim, hidden_dim=dino_hidden_dim, bottleneck_dim=dino_bottleneck_dim,
-                    nlayers=head_nlayers,
+                    nlayers=head_nlayers, norm_last_layer=norm_last_layer,
                 ),
                 "ibot_head": DINOHead(
                     dim, out_dim=ibot_out_dim, hidden_dim=ibot_hidden_dim, bottleneck_dim=ibot_bottleneck_dim,
-                    nlayers=head_nlayers,
+                    nlayers=head_nlayers, norm_last_layer=norm_last_layer,
                 ),
             }
         )
