@@ -99,6 +99,11 @@ def _cog_options(*, compress: str, float_data: bool, overviews: bool, resampling
         # maps: differences of class ids are noise to the compressor (measured on a 2k class map: 10 % larger
         # and 6 % slower to write with the predictor)
         options["predictor"] = 3 if float_data else 2
+    if compress == "deflate" and categorical:
+        # the conversion runs after the last window, where no compute hides it. Level 5 instead of GDAL's 6, on 2k
+        # class maps: a speckled one 56 -> 31 ms (+4 % size), a smooth one 18 -> 13 ms (+19 %); level 4 and below
+        # double the smooth map's size, 7 doubles the time
+        options["level"] = 5
     return options
 
 
