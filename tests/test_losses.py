@@ -128,6 +128,12 @@ class TestSinkhorn:
         probs = sinkhorn_knopp(logits, 0.05)
         assert probs.dtype == torch.float32 and not probs.requires_grad
 
+    def test_caller_autocast_does_not_round_the_products(self) -> None:
+        logits = torch.randn(64, 4096) * 0.02  # the near-uniform start of a run
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under_autocast = sinkhorn_knopp(logits, 0.04)
+        torch.testing.assert_close(under_autocast, sinkhorn_knopp(logits, 0.04), rtol=1e-6, atol=0)
+
     def test_bad_input(self) -> None:
         with pytest.raises(ValueError, match=r"teacher_logits must be \[B, K\]"):
             sinkhorn_knopp(torch.randn(2, 3, 4), 0.04)
@@ -166,6 +172,17 @@ class TestDino:
     def test_official_scales(self) -> None:
         assert dino_term_scales(2, 8) == pytest.approx((1 / 9, 8 / 9))
         assert dino_term_scales(2, 0) == pytest.approx((1.0, 0.0))
+
+    def test_float32_under_a_callers_bf16_autocast(self) -> None:
+        student = torch.randn(2, 8, 4096) * 0.5
+        teacher = torch.softmax(torch.randn(2, 8, 4096) * 0.3, -1)
+        expected = dino_cross_entropy(student, teacher, student_temp=0.1, ignore_diagonal=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = dino_cross_entropy(student.bfloat16(), teacher, student_temp=0.1, ignore_diagonal=True)
+        assert got.dtype == torch.float32
+        # only the bf16 logits differ (relative 2^-8 of ~0.5); before, the product's inputs were rounded near -log K
+        # to steps of 1/32 and the loss landed on multiples of them
+        assert abs(got.item() - expected.item()) < 2e-3
 
     def test_gradient_only_to_student(self) -> None:
         student = torch.randn(4, 5, requires_grad=True)

@@ -43,10 +43,12 @@ def dino_cross_entropy(
         )
     n_student, batch, _ = student_logits.shape
     n_teacher = teacher_probs.shape[0]
-    log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
-    teacher = teacher_probs.detach().float()
-    # [S, T]: summed over images and prototypes
-    pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)
+    # float32 whatever the caller's autocast: under bf16 the product would round log-probabilities near -log K to
+    # steps of 1/16 (a GPU run logged DINO terms such as 11.0625)
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
+        teacher = teacher_probs.detach().float()
+        pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)  # [S, T]: summed over images and prototypes
     n_pairs = n_student * n_teacher
     if ignore_diagonal:
         n_diag = min(n_student, n_teacher)

@@ -67,7 +67,9 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     # scalar that the first prototype normalisation cancels exactly, so it is left out.
     tiny = torch.finfo(e.dtype).tiny  # only guards a sample whose every logit underflowed
     c = torch.ones(n_local, dtype=e.dtype, device=e.device)  # [B_local] per-sample scale
-    for _ in range(n_iterations):
-        r = 1.0 / (n_prototypes * all_reduce_sum(e.t() @ c, group))  # [K]: every prototype's mass -> 1/K
-        c = 1.0 / (n_total * (e @ r).clamp_min(tiny))  # [B_local]: every sample's mass -> 1/B
+    # autocast off: under the caller's bf16 autocast the products below would round e to bf16 each time
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        for _ in range(n_iterations):
+            r = 1.0 / (n_prototypes * all_reduce_sum(e.t() @ c, group))  # [K]: every prototype's mass -> 1/K
+            c = 1.0 / (n_total * (e @ r).clamp_min(tiny))  # [B_local]: every sample's mass -> 1/B
     return e.mul_(c[:, None]).mul_((r * n_total)[None, :])  # [B_local, K], rows sum to 1
