@@ -25,7 +25,8 @@ def _koleo_from_candidates(queries: Tensor, candidates: Tensor, allowed: Tensor)
         candidates: [n, D] L2-normalised rows.
         allowed: [b, n] bool, False for a query itself and for rows outside its neighbour group.
     """
-    dots = queries @ candidates.t()  # [b, n]
+    with torch.autocast(device_type=queries.device.type, enabled=False):  # bf16 would blur near-ties of neighbours
+        dots = queries @ candidates.t()  # [b, n]
     dots = dots.masked_fill(~allowed, float("-inf"))
     nearest = dots.argmax(dim=1)  # [b]; neighbour search is not differentiated, like the reference
     # pairwise_distance adds eps to the difference, as nn.PairwiseDistance(eps=1e-8) does in the reference
