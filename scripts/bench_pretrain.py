@@ -19,7 +19,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# as the dinov3-eo command does: huge pages for large CPU tensors, set before torch's first large allocation
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch  # noqa: E402
 from PIL import Image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -46,6 +49,8 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
     ``bf16-mixed``). Returns the mean seconds of both and the full step's breakdown.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     from dinov3_eo.ssl.stage import make_views
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
@@ -63,6 +68,9 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     student, teacher = module.student["backbone"], module.teacher["backbone"]
     module.train()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    with FlopCounterMode(display=False) as counter:
+        make_views(images, None, **view_kwargs)
+    flops_of_views = counter.get_total_flops()
     parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "optimizer": 0.0, "ema": 0.0}
 
     def now() -> float:
@@ -70,7 +78,8 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def full_step() -> None:
+    def full_step() -> float:
+        """One full step; returns the seconds of its extra, breakdown-only views call (not part of a step)."""
         t0 = now()
         make_views(images, None, **view_kwargs)
         t1 = now()
@@ -86,6 +95,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         t5 = now()
         for key, dt in zip(parts, (t1 - t0, t2 - t1 - (t1 - t0), t3 - t2, t4 - t3, t5 - t4)):
             parts[key] += dt
+        return t1 - t0
 
     def backbone_only() -> None:
         with autocast:
@@ -99,12 +109,20 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
 
     for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU)
         full_step(), backbone_only()
+    # the floor: how much more arithmetic the full step does (the heads' products, mostly); a time ratio close to
+    # this FLOP ratio means the heads, losses, crops and EMA cost what their arithmetic costs and no more
+    flops = {}
+    for name, fn in (("full", full_step), ("backbone", backbone_only)):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    flops["full"] -= flops_of_views  # full_step makes the views twice (see compute_losses above)
     parts.update({k: 0.0 for k in parts})
     t_full = t_backbone = 0.0
     for _ in range(repeats):  # alternate, so load from other jobs hits both alike
         start = now()
-        full_step()
-        t_full += now() - start
+        extra_views = full_step()
+        t_full += now() - start - extra_views
         start = now()
         backbone_only()
         t_backbone += now() - start
@@ -112,10 +130,12 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     heads = module.hparams.dino_out_dim
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
           f"{device}{' bf16' if bf16 else ''}, {repeats} alternating repeats:")
+    flop_ratio = flops["full"] / flops["backbone"]
     print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
-          f"ratio {t_full / t_backbone:.3f}x")
+          f"ratio {t_full / t_backbone:.3f}x | FLOP ratio {flop_ratio:.3f}x ({flops['full'] / 1e9:,.0f} vs "
+          f"{flops['backbone'] / 1e9:,.0f} GFLOP) | time beyond the arithmetic {t_full / t_backbone / flop_ratio:.3f}x")
     print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.3f} s" for k, v in parts.items()))
-    return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone,
+    return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
             **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
 
 
@@ -244,12 +264,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed step count with cosine schedules (budget still caps)")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
+    parser.add_argument("--step-batch", type=int, nargs="+", default=[16, 4],
+                        help="batch sizes of the step-overhead check (16: the official 7B recipe's images per GPU, the "
+                        "smallest per-device batch of any official recipe; 4: a CPU-sized batch where the per-step "
+                        "optimiser and EMA work over the 65,536-prototype heads weigh more)")
+    parser.add_argument("--step-arch", nargs="+", default=["vits16"],
+                        help="backbones of the step-overhead check (the heads are the same size for all, so their "
+                        "share falls as the backbone grows)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if not args.skip_step:
-        step_overhead("vits16", batch=4, repeats=3)
+        for arch in args.step_arch:
+            for batch in args.step_batch:
+                step_overhead(arch, batch=batch, repeats=3)
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")

@@ -33,7 +33,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+# as the dinov3-eo command does: huge pages for large CPU tensors, set before torch's first large allocation
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrain import SHARED, SHORT_RUN, _eurosat_split, _load_chips, backbone_features, colour_features, knn_accuracy  # noqa: E402
