@@ -1,10 +1,13 @@
 """Pretraining benchmark: (1) SSL step overhead over the irreducible backbone work, (2) a learning check on real data.
 
 (1) One full SSL step (crops, masking, teacher, student, heads, losses, backward, EMA) against the backbone work
-    it cannot avoid on the same crops: student forward+backward on all crops and teacher forward on the global crops.
+    it cannot avoid on the same crops: student forward+backward on all crops and teacher forward on the global crops;
+    next to the time ratio, the FLOP ratio of the two (``torch.utils.flop_counter``): the floor the heads' own
+    products set, which no implementation of the official heads goes below.
 (2) Pretrain a small ViT for a fixed wall-clock budget on Landsat-8 tiles and EuroSAT train chips from ../shared/data,
     then k-NN (k=20) accuracy of frozen teacher CLS features on a EuroSAT train/test split, against the same
     architecture with random weights and a k-NN on colour features (per-band mean, std and an 8-bin histogram).
+    It trains with ``SHORT_RUN``, the three changes a run of minutes needs (README, "Pretraining learning check").
     The teacher backbone is exported (``--export``) for the dense-task experiments.
 
     .venv/bin/python scripts/bench_pretrain.py --minutes 8 --export /work/pretrained/vitt16_eurosat_landsat
