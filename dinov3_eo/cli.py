@@ -56,9 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Nothing is ever fetched from a hub at run time: weights come from local paths only.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # PyTorch's CPU allocator backs tensors >= 2 MB with transparent huge pages: every fresh [tokens, 65,536] head
-    # tensor otherwise page-faults 4 KB at a time (measured: a [974, 65,536] subtraction 70 -> 16 ms, the SSL step
-    # of ViT-S at batch 16 on a CPU 1.31x -> see README). Read once, at torch's first large allocation: set here,
-    # before any command builds a model. THP_MEM_ALLOC_ENABLE=0 turns it off.
+    # tensor otherwise page-faults 4 KB at a time (measured: a [974, 65,536] subtraction 70 -> 16 ms, a ViT-S SSL
+    # step at batch 16 on a CPU 15.4 -> 14.0 s). Read once, at torch's first large allocation: set here, before any
+    # command builds a model. THP_MEM_ALLOC_ENABLE=0 turns it off.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     module_name, func_name, _ = COMMANDS[argv[0]]
     try:

@@ -41,6 +41,16 @@ def test_teacher_heads_are_read_from_the_checkpoint(teacher_ckpt: Path) -> None:
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
+def test_a_teacher_with_unit_norm_prototypes_scores_with_them(tmp_path: Path) -> None:
+    pretrain = DINOv3Pretrain(backbone="vitmicro16", norm_last_layer=True, **HEADS)
+    path = tmp_path / "normed.ckpt"
+    torch.save({"state_dict": pretrain.state_dict(), "hyper_parameters": dict(pretrain.hparams)}, path)
+    teacher = load_teacher_with_heads(str(path))
+    assert teacher["dino_head"].norm_last_layer and teacher["ibot_head"].norm_last_layer
+    x = torch.randn(3, pretrain.teacher["backbone"].embed_dim)
+    torch.testing.assert_close(teacher["dino_head"](x), pretrain.teacher["dino_head"](x))
+
+
 def test_backbone_only_teacher_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "bare.pth"
     torch.save(DINOv3Pretrain(backbone="vitmicro16", **HEADS).teacher["backbone"].state_dict(), path)

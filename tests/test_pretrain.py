@@ -178,6 +178,12 @@ def test_init_from_a_mismatched_stage_names_the_keys(tmp_path: Path) -> None:
         DINOv3Pretrain(**{**MODEL_KW, "dino_out_dim": 512, "init_from": str(path)})
     resumed = DINOv3Pretrain(**{**MODEL_KW, "init_from": str(path)})
     torch.testing.assert_close(resumed.teacher["dino_head"].last_layer.weight, previous.teacher["dino_head"].last_layer.weight)
+    # same shapes, other meaning: unit-norm prototypes must not be read as raw ones (or the other way round)
+    normed = tmp_path / "normed.ckpt"
+    torch.save({"state_dict": previous.state_dict(), "hyper_parameters": {**MODEL_KW, "norm_last_layer": True}}, normed)
+    with pytest.raises(ValueError, match="trained with norm_last_layer=True, this model has norm_last_layer=False"):
+        DINOv3Pretrain(**{**MODEL_KW, "init_from": str(normed)})
+    assert DINOv3Pretrain(**{**MODEL_KW, "norm_last_layer": True, "init_from": str(normed)}).hparams.norm_last_layer
 
 
 def test_bf16_mixed_precision_steps_run(tmp_path: Path) -> None:

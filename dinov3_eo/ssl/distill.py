@@ -34,7 +34,7 @@ from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 log = logging.getLogger(__name__)
 
 
-def _head_from_state(state: dict[str, Tensor], prefix: str) -> DINOHead:
+def _head_from_state(state: dict[str, Tensor], prefix: str, *, norm_last_layer: bool = False) -> DINOHead:
     """A :class:`DINOHead` whose sizes are read from the weights under ``prefix`` (``dino_head.``)."""
     linear = sorted(
         (int(k[len(prefix) :].split(".")[1]), v)
@@ -51,6 +51,7 @@ def _head_from_state(state: dict[str, Tensor], prefix: str) -> DINOHead:
         hidden_dim=linear[0][1].shape[0],
         bottleneck_dim=last.shape[1],
         nlayers=len(linear),
+        norm_last_layer=norm_last_layer,
     )
     head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     return head
@@ -75,7 +76,9 @@ def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: i
             f"Distillation teacher {source}: expected a training checkpoint with teacher heads "
             "('state_dict' with 'teacher.*' keys, or {'teacher': {...}}), found keys " + str(sorted(checkpoint)[:8])
         )
-    heads = {key: _head_from_state(state, f"{key}.") for key in ("dino_head", "ibot_head")}
+    # a teacher pretrained with unit-norm prototypes (this project's short-run option) must score with them
+    normed = bool(checkpoint.get("hyper_parameters", {}).get("norm_last_layer", False))
+    heads = {key: _head_from_state(state, f"{key}.", norm_last_layer=normed) for key in ("dino_head", "ibot_head")}
     backbone = load_backbone(source, name=name, in_chans=in_chans)
     teacher = nn.ModuleDict({"backbone": backbone, **heads})
     teacher.requires_grad_(False)

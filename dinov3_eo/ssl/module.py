@@ -224,6 +224,13 @@ class DINOv3Pretrain(SSLStage):
                     f"{unexpected[:5]}, shape checkpoint vs model {wrong[:5]}); set the backbone and head sizes of "
                     "the previous stage's config."
                 )
+            # same weights, other meaning: unit-norm prototypes read as raw ones would change every logit
+            was_normed = bool(checkpoint.get("hyper_parameters", {}).get("norm_last_layer", False))
+            if was_normed != self.hparams.norm_last_layer:
+                raise ValueError(
+                    f"init_from {source}: the checkpoint was trained with norm_last_layer={was_normed}, this model has "
+                    f"norm_last_layer={self.hparams.norm_last_layer}; set model.norm_last_layer as the previous stage did."
+                )
             self.load_state_dict(own, strict=False)
             self.data_meta = dict(checkpoint.get("dinov3_eo", {}))
             log.info("Initialised student, teacher and heads from %s (step counter starts at 0).", source)
