@@ -81,15 +81,15 @@ def atomic_output(dst: str | os.PathLike[str], *, overwrite: bool = False) -> It
         tmp.unlink(missing_ok=True)
 
 
-def _cog_options(*, compress: str, float_data: bool, overviews: bool, resampling: str,
-                 categorical: bool = False) -> dict[str, Any]:
+def _cog_options(*, compress: str, float_data: bool, overviews: bool, categorical: bool = False) -> dict[str, Any]:
+    """GDAL COG creation options; ``categorical`` (class maps) picks nearest overviews, no predictor, DEFLATE 5."""
     if compress not in _COMPRESSIONS:
         raise ValueError(f"compress must be one of {_COMPRESSIONS}, got {compress!r}.")
     options: dict[str, Any] = {
         "compress": compress.upper(),
         "blocksize": 512,
         "overviews": "AUTO" if overviews else "NONE",
-        "overview_resampling": resampling.upper(),
+        "overview_resampling": "NEAREST" if categorical else "AVERAGE",
         "bigtiff": "IF_SAFER",
         # the conversion is the one step no compute hides: compress and build overviews on every core
         "num_threads": "ALL_CPUS",
@@ -170,7 +170,6 @@ class COGWriter:
             compress=compress,
             float_data=self.dtype.kind == "f",
             overviews=overviews,
-            resampling="nearest" if is_class_map else "average",
             categorical=is_class_map,
         )
         self._profile = {
