@@ -45,6 +45,25 @@ def _time(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: int = 224, local_size: int = 96,
+                   n_local: int = 8, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
+    """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
+
+    The images are ``max(256, global_size)`` px square so that every crop size fits.
+    """
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+
+    torch.manual_seed(0)
+    module = DINOv3Pretrain(backbone=arch, global_crop_size=global_size, local_crop_size=local_size,
+                            n_local_crops=n_local, **module_kwargs).to(device)
+    module._total_steps = lambda: 1000  # type: ignore[method-assign]  # schedules need a length outside a Trainer
+    optimizer = module.configure_optimizers()
+    module.train()
+    side = max(256, global_size)
+    images = torch.randn(batch, 3, side, side, device=device)
+    return module, optimizer, {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
+
+
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
@@ -55,21 +74,14 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     from torch.utils.flop_counter import FlopCounterMode
 
     from dinov3_eo.ssl.stage import make_views
-    from dinov3_eo.ssl.module import DINOv3Pretrain
 
-    torch.manual_seed(0)
-    module = DINOv3Pretrain(backbone=arch, global_crop_size=global_size, local_crop_size=local_size,
-                            n_local_crops=n_local, **module_kwargs).to(device)
-    module._total_steps = lambda: 1000  # type: ignore[method-assign]
-    optimizer = module.configure_optimizers()
-    side = max(256, global_size)
-    images = torch.randn(batch, 3, side, side, device=device)
-    data = {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
+    module, optimizer, data = ssl_step_setup(arch, batch, device=device, global_size=global_size,
+                                             local_size=local_size, n_local=n_local, **module_kwargs)
+    images = data["image"]
     view_kwargs = dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
                        crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
     crops, masking = make_views(images, None, **view_kwargs)
     student, teacher = module.student["backbone"], module.teacher["backbone"]
-    module.train()
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     with FlopCounterMode(display=False) as counter:
         make_views(images, None, **view_kwargs)

@@ -340,15 +340,10 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from dinov3_eo.ssl.module import DINOv3Pretrain
+    from bench_pretrain import ssl_step_setup
 
     cuda = device == "cuda"
-    torch.manual_seed(0)
-    module = DINOv3Pretrain(backbone=arch).to(device)
-    module._total_steps = lambda: 1000  # type: ignore[method-assign]
-    optimizer = module.configure_optimizers()
-    images = torch.randn(batch, 3, 256, 256, device=device)
-    data = {"image": images, "valid": torch.ones(batch, 256, 256, dtype=torch.bool, device=device)}
+    module, optimizer, data = ssl_step_setup(arch, batch, device=device)
 
     def step() -> None:
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
