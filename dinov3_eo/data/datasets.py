@@ -14,8 +14,8 @@ A sample is a dict in torchgeo's spirit::
 Datasets are pickle-safe: files are opened lazily in the process and thread that reads them (each
 DataLoader worker process and each :class:`~dinov3_eo.data.loader.ThreadedTileLoader` thread has its own
 handles, since GDAL handles must not be shared between threads; they are forgotten on pickling and closed
-when their thread ends) and the number of open handles is bounded, so memory stays flat whatever the raster size. GDAL's block cache is capped per process
-(``gdal_cache_mb``) for the same reason.
+when their thread ends) and the number of open handles is bounded, so memory stays flat whatever the raster
+size. GDAL's block cache is capped per process (``gdal_cache_mb``) for the same reason.
 """
 
 from __future__ import annotations
