@@ -1,66 +1,39 @@
-"""Benchmark the GeoTIFF data layer: tiles/s against torchgeo, and peak memory vs raster size.
+"""Benchmark the GeoTIFF data layer: tiles/s against torchgeo, interference with a training thread, peak memory.
 
 What it measures, in one run:
 
 1. **Throughput** — 256-px random tiles per second (and per CPU-second of the main process and its
-   workers, which other jobs' load on a shared machine barely moves) through a ``DataLoader`` with the same number of
-   workers and batch size, for dinov3_eo (``RandomTileSampler`` + ``TileDataset``: nodata mask and
-   z-score included) and for torchgeo 0.10 (``RasterDataset`` + ``RandomPatchSampler``), on the real
-   Landsat-8 scene from ``../shared/data`` and on a large synthetic tiled GeoTIFF (20,000 × 20,000 ×
-   4 bands uint16, ZSTD, written once into ``--workdir``). The page cache is warmed for each file
-   before either library reads it, and the first batch (worker start-up) is not timed. Our optional
-   block-snapped sampling (``snap=256``) is timed too and reported separately, and so is our
-   :class:`~dinov3_eo.data.loader.ThreadedTileLoader` with as many reading threads as the others have
-   worker processes (``--workers``). The like-for-like comparison is ours vs torchgeo with the same
-   ``DataLoader`` and the same number of worker processes; the thread row compares our thread loader
-   with torchgeo's worker processes: the same degree of parallelism, a different worker type (batches
-   are built in the main process, so no shared-memory hand-over per batch). The decode floor — plain
-   ``rasterio`` reads of the same windows in one process — bounds what any loader could reach: its tiles
-   per CPU-second over torchgeo's is the largest possible speed-up on that file.
-2. **Peak memory** — each of the small and the large raster is read (index + N random tiles, no
+   workers, which other jobs' load on a shared machine barely moves) with the same number of workers
+   (``--workers``) and batch size, for dinov3_eo (``RandomTileSampler`` + ``TileDataset``: nodata mask and
+   z-score included) and for torchgeo 0.10 (``RasterDataset`` + ``RandomPatchSampler`` in a ``DataLoader``),
+   on the real Landsat-8 scene from ``../shared/data`` and on a large synthetic tiled GeoTIFF (20,000 ×
+   20,000 × 4 bands uint16, ZSTD, written once into ``--workdir``). Ours is timed with its default
+   :class:`~dinov3_eo.data.loader.ThreadedTileLoader` (as many reading threads as torchgeo has worker
+   processes) and with a ``DataLoader`` of worker processes like torchgeo's; our optional block-snapped
+   sampling (``snap=256``) is reported apart (other sampling). Every timing runs in a fresh child process
+   (no GDAL cache setting or content carried from one library to the other); the page cache is warmed for
+   each file first, and the first batch (worker start-up) is not timed. The decode floor — plain ``rasterio``
+   reads of the same windows in one process, with our reader's GDAL cache — bounds what a loader could
+   reach: its tiles per CPU-second over torchgeo's is the largest possible speed-up on that file.
+2. **A training thread beside the loader** — a Python thread that issues ``--launch-ops`` tiny torch ops per
+   batch (each holds the GIL, as eager GPU kernel launches do), fed by worker processes or by reading
+   threads: the seconds per step against the same loop fed a ready batch. Where the loop is short, the
+   loader limits it; where it is long, the difference is what the loader's threads (GIL) or processes
+   (hand-over, CPU) take from it.
+3. **Peak memory** — each of the small and the large raster is read (index + N random tiles, no
    workers) in its own child process, which reports its peak RSS (``VmHWM``).
 
-Each throughput is timed ``--repeats`` times, the libraries interleaved so that drifting load from
+Each throughput is timed ``--repeats`` times, the variants interleaved so that drifting load from
 other jobs hits all alike; the medians and their ratio are reported (and every run in ``--json``).
+The numbers measured are in README.md ("Measured").
 
 Usage: ``python scripts/bench_data.py [--workers 2] [--tiles 2048] [--repeats 3] [--json out.json]``
-
-Measured (2026-11-26, 2 shared CPU cores with another engineer's jobs running, load average 1-2.4;
-2 workers, batch 16, 2,048 tiles, medians of 3 interleaved repeats; "before" is commit 0dd6f6d, the
-per-tile ``__getitem__`` path, timed in the same session with 2 repeats):
-
-=================================================  ===========  ===========
-                                                    Landsat-8    20k x 20k
-=================================================  ===========  ===========
-dinov3_eo tiles/s (before: per-tile reads)          1655         633
-dinov3_eo tiles/s (batched ``__getitems__``)        1792         669
-torchgeo RasterDataset + RandomPatchSampler         695          372
-speed-up, tiles/s (like for like)                   2.6x         1.8x
-speed-up, tiles per CPU-second (986/352, 352/196)   2.8x         1.8x
-dinov3_eo, snap=256 (block-aligned), tiles/s        1894 (2.7x)  1217 (3.3x)
-peak RSS (index + 300 tiles, MiB)                   605          662 (ratio 1.09)
-=================================================  ===========  ===========
-
-Thread loader (same session later, load average 1.8-3.4 from the other engineer's jobs; same settings,
-medians of 3 interleaved repeats, every variant in the same run; tiles/s with tiles per CPU-second in brackets):
-
-===============================================================  ==============  ==============
-                                                                  Landsat-8       20k x 20k
-===============================================================  ==============  ==============
-torchgeo, 2 worker processes                                      537 (351)       231 (201)
-ours, 2 worker processes (like for like)                          1025 (1016)     428 (371)
-ours, ``ThreadedTileLoader`` with 2 threads (same parallelism)    4553 (3277)     561 (558)
-speed-up of 2 processes / 2 threads over torchgeo, tiles/s        1.9x / 8.5x     1.8x / 2.4x
-===============================================================  ==============  ==============
-
-Single runs swing by up to 2x with the other jobs' load; read the CPU-second ratio as the steadier one.
-On the 20k raster an unaligned tile decodes ~4 ZSTD blocks (~1.5 ms of the ~2.8 ms CPU a tile costs us),
-and that decode is shared by both libraries, which is why the ratio is lower there.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -132,33 +105,90 @@ def bench_ours(
     path: Path, *, tiles: int, workers: int, batch_size: int, seed: int, snap: int = 1, threads: bool = False
 ) -> tuple[float, float]:
     """Our loader: ``workers`` DataLoader worker processes, or with ``threads`` a ThreadedTileLoader of as many threads."""
+    loader = _make_loader(path, tiles=tiles + batch_size, workers=workers, batch_size=batch_size, seed=seed, snap=snap,
+                          threads=threads)
+    try:
+        return _time_loader(loader)
+    finally:
+        if threads:
+            loader.close()
+
+
+def _make_loader(path: Path, *, tiles: int, workers: int, batch_size: int, seed: int, threads: bool,
+                 snap: int = 1):  # noqa: ANN202
+    """``tiles`` random tiles of ``path`` (nodata 0, a z-score) through ``workers`` worker processes or threads."""
     from torch.utils.data import DataLoader
 
     from dinov3_eo.data import Normalization, TileDataset, collate_samples
     from dinov3_eo.data.loader import ThreadedTileLoader
 
-    grid, sampler = random_tiles(path, length=tiles + batch_size, seed=seed, snap=snap)
+    grid, sampler = random_tiles(path, length=tiles, seed=seed, snap=snap)
     bands = grid.index.num_bands
     dataset = TileDataset(grid=grid, nodata=0, normalization=Normalization.zscore([5000.0] * bands, [1000.0] * bands))
     if threads:
-        loader = ThreadedTileLoader(dataset, sampler=sampler, batch_size=batch_size, num_threads=workers, collate_fn=collate_samples)
-        try:
-            return _time_loader(loader)
-        finally:
+        return ThreadedTileLoader(dataset, sampler=sampler, batch_size=batch_size, num_threads=workers)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples)
+
+
+def bench_launch_bound(path: Path, *, batches: int, workers: int, batch_size: int, seed: int,
+                       ops_per_batch: int) -> dict[str, float]:
+    """Seconds per step of a Python thread that issues ``ops_per_batch`` tiny torch ops per batch, fed three ways.
+
+    What a GPU training loop's main thread does: eager kernel launches hold the GIL, so reading threads in the same
+    process could slow it where worker processes would not. The tiny CPU ops stand in for the launches (each holds
+    the GIL for its whole dispatch, the worst case for threads). Fed by: one batch reused (no loader: the loop
+    alone), ``workers`` DataLoader worker processes, ``workers`` threads of a ThreadedTileLoader. Both loaders read
+    ahead, so a slower step with a loader is interference (CPU and, for threads, the GIL), or the loader falling
+    behind when the step is short.
+    """
+    import torch
+
+    def run(loader) -> float:  # noqa: ANN001
+        it = iter(loader)
+        next(it)
+        acc = torch.zeros(1)
+        start = time.perf_counter()
+        for _ in range(batches):
+            batch = next(it)
+            acc += batch["image"][0, 0, 0, 0]
+            for _ in range(ops_per_batch):
+                acc.add_(1.0)
+        seconds = (time.perf_counter() - start) / batches
+        if hasattr(loader, "close"):
             loader.close()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_samples)
-    return _time_loader(loader)
+        return seconds
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # one launching thread, as a GPU loop's
+    try:
+        kw = dict(tiles=(batches + 3) * batch_size, workers=workers, batch_size=batch_size, seed=seed)
+        loader = _make_loader(path, threads=True, **kw)
+        one = next(iter(loader))
+        loader.close()
+        alone = run(itertools.repeat(one, batches + 1))
+        processes = run(_make_loader(path, threads=False, **kw))
+        threads = run(_make_loader(path, threads=True, **kw))
+    finally:
+        torch.set_num_threads(previous)
+    return {"ops_per_batch": ops_per_batch, "alone_s": alone, "processes_s": processes, "threads_s": threads,
+            "processes_over_alone": processes / alone, "threads_over_alone": threads / alone}
 
 
 def bench_bare_reads(path: Path, *, tiles: int, seed: int) -> float:
     """The decode floor: tiles per CPU-second of plain ``rasterio`` reads of the same random windows, one process.
 
-    No nodata mask, normalisation, batching or hand-over: what reading alone costs. Neither library can beat it, so
-    ``floor / torchgeo`` (per CPU-second) bounds the speed-up any loader could reach on that file.
+    No nodata mask, normalisation, batching or hand-over: what reading alone costs, with the GDAL block cache our
+    reader uses (``gdal_cache_mb``, 64 MiB; a larger cache turns re-visited blocks of a big raster into hits, and
+    costs memory in proportion to the raster). ``floor / torchgeo`` (per CPU-second) bounds the speed-up a loader
+    with that cache could reach on that file.
     """
     import rasterio
+    from rasterio.env import set_gdal_config
+
+    from dinov3_eo.data.datasets import GDAL_CACHE_MB
 
     windows = [tile.window for tile in random_tiles(path, length=tiles, seed=seed)[1]]
+    set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_MB * 1024 * 1024)
     with rasterio.open(path) as src:
         src.read(window=windows[0])
         cpu0 = _cpu_seconds([os.getpid()])
@@ -202,20 +232,15 @@ def _time_loader(loader) -> tuple[float, float]:
 
 def _summary(label: str, row: dict[str, object], workers: int) -> str:
     """The throughput medians as a small table that names which comparison is like for like."""
-    tg = row["torchgeo_tiles_per_s"]
-    lines = [
-        f"{label}: median tiles/s (tiles per CPU-second), speed-up over torchgeo in tiles/s",
-        f"  torchgeo, {workers} worker processes                 {tg:7.0f} ({row['torchgeo_tiles_per_cpu_s']:.0f})",
-        f"  ours, {workers} worker processes (like for like)     {row['ours_tiles_per_s']:7.0f} "
-        f"({row['ours_tiles_per_cpu_s']:.0f})  {row['speedup_tiles_per_s']:.2f}x",
-        f"  ours, {workers} threads in the main process          {row['ours_threads_tiles_per_s']:7.0f} "
-        f"({row['ours_threads_tiles_per_cpu_s']:.0f})  {row['speedup_threads_tiles_per_s']:.2f}x"
-        "  (same parallelism, other worker type)",
-        f"  ours, {workers} worker processes, snap=256           {row['ours_snapped_tiles_per_s']:7.0f} "
-        f"({row['ours_snapped_tiles_per_cpu_s']:.0f})  {row['speedup_snapped_tiles_per_s']:.2f}x  (other sampling)",
-        f"  plain rasterio reads of the same windows, 1 process      ({row['bare_reads_tiles_per_cpu_s']:.0f})  "
-        f"{row['speedup_bound_per_cpu_s']:.2f}x per CPU-second: the most any loader could reach",
-    ]
+    lines = [f"{label}: median tiles/s (tiles per CPU-second), speed-up over torchgeo in tiles/s"]
+    for variant, (name, remark) in VARIANT_LABELS.items():
+        if f"{variant}_tiles_per_s" in row:
+            speedup = "" if variant == "torchgeo" else f"  {row[f'speedup_{variant}_tiles_per_s']:.2f}x"
+            lines.append(f"  {name.format(workers=workers):48s} {row[f'{variant}_tiles_per_s']:7.0f} "
+                         f"({row[f'{variant}_tiles_per_cpu_s']:.0f}){speedup}{remark}")
+    lines.append(f"  {'plain rasterio reads of the same windows, 1 process':48s}         "
+                 f"({row['bare_reads_tiles_per_cpu_s']:.0f})  {row['speedup_bound_per_cpu_s']:.2f}x per CPU-second: "
+                 "the most any loader with our GDAL cache could reach")
     return "\n".join(lines)
 
 
@@ -227,6 +252,39 @@ def _cpu_seconds(pids: list[int]) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+#: what each throughput variant runs, in a child process of its own
+VARIANTS = {
+    "torchgeo": lambda path, kw: bench_torchgeo(path, **kw),
+    "ours": lambda path, kw: bench_ours(path, threads=True, **kw),
+    "ours_processes": lambda path, kw: bench_ours(path, **kw),
+    "ours_snapped": lambda path, kw: bench_ours(path, threads=True, snap=256, **kw),
+}
+#: the summary's name of each variant, and what sets it apart
+VARIANT_LABELS = {
+    "torchgeo": ("torchgeo, {workers} worker processes", ""),
+    "ours": ("ours, {workers} reading threads (default)", "  (like for like)"),
+    "ours_processes": ("ours, {workers} worker processes", "  (like for like, processes)"),
+    "ours_snapped": ("ours, {workers} reading threads, snap=256", "  (block-aligned sampling)"),
+}
+
+
+def measure(variant: str, path: Path, *, tiles: int, workers: int, batch_size: int, seed: int) -> tuple[float, float]:
+    """(tiles/s, tiles per CPU-second) of ``variant`` on ``path``, timed in a fresh Python process.
+
+    A fresh process per timing, so that no library inherits another's state: GDAL's block cache is process-wide
+    (our reader caps it at 64 MiB, GDAL's default is 5 % of RAM), and worker processes forked from a parent
+    holding a large filled cache were measurably slower (torchgeo on the 20k raster: ~310 instead of ~385
+    tiles/s, 2026-11-26).
+    """
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, str(path), "--tiles", str(tiles), "--workers", str(workers),
+         "--batch-size", str(batch_size), "--seed", str(seed)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    tiles_per_s, tiles_per_cpu_s = json.loads(out.stdout.strip().splitlines()[-1])
+    return tiles_per_s, tiles_per_cpu_s
 
 
 def rss_child(path: str, tiles: int, seed: int) -> None:
@@ -270,11 +328,21 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-torchgeo", action="store_true")
+    parser.add_argument("--launch-ops", type=int, nargs="*", default=[2000, 20000],
+                        help="tiny torch ops per batch of the launch-bound loop (threads vs processes beside a "
+                        "GIL-holding training thread); none to skip")
+    parser.add_argument("--launch-batches", type=int, default=60, help="timed batches of each launch-bound loop")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss_child:
         rss_child(args.rss_child, args.tiles, args.seed)
+        return 0
+    if args.child:
+        variant, path = args.child
+        kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed)
+        print(json.dumps(VARIANTS[variant](Path(path), kw)))
         return 0
 
     workdir = Path(args.workdir)
@@ -290,16 +358,14 @@ def main() -> int:
     for label, path in (("small", small), ("large", large)):
         warm_page_cache(path)
         kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed)
-        runs: dict[str, list[tuple[float, float]]] = {"ours": [], "torchgeo": [], "ours_snapped": [], "ours_threads": []}
-        # Interleaved, so that load from other jobs drifting during the run hits every variant alike.
+        runs: dict[str, list[tuple[float, float]]] = {variant: [] for variant in VARIANTS}
+        # Interleaved, so that load from other jobs drifting during the run hits every variant alike. Besides the
+        # like-for-like pairs (our default thread loader, and worker processes like torchgeo's): our optional
+        # block-snapped sampling (both files use 256-px blocks; other sampling, reported apart).
         for _ in range(args.repeats):
-            runs["ours"].append(bench_ours(path, **kw))
-            if not args.skip_torchgeo:
-                runs["torchgeo"].append(bench_torchgeo(path, **kw))
-            # our optional block-snapped sampling (both files use 256-px blocks): not like-for-like, reported apart
-            runs["ours_snapped"].append(bench_ours(path, snap=256, **kw))
-            # our thread loader: as many reading threads as the others have worker processes
-            runs["ours_threads"].append(bench_ours(path, threads=True, **kw))
+            for variant in runs:
+                if variant != "torchgeo" or not args.skip_torchgeo:
+                    runs[variant].append(measure(variant, path, **kw))
         row: dict[str, object] = {"bare_reads_tiles_per_cpu_s": bench_bare_reads(path, tiles=args.tiles, seed=args.seed)}
         for k, v in runs.items():
             if v:
@@ -307,17 +373,22 @@ def main() -> int:
                 row[f"{k}_tiles_per_cpu_s"] = float(np.median([c for _, c in v]))
         row["runs"] = {k: [{"tiles_per_s": r, "tiles_per_cpu_s": c} for r, c in v] for k, v in runs.items()}
         if runs["torchgeo"]:
-            for unit in ("tiles_per_s", "tiles_per_cpu_s"):
-                row[f"speedup_{unit}"] = row[f"ours_{unit}"] / row[f"torchgeo_{unit}"]
-                row[f"speedup_snapped_{unit}"] = row[f"ours_snapped_{unit}"] / row[f"torchgeo_{unit}"]
-                row[f"speedup_threads_{unit}"] = row[f"ours_threads_{unit}"] / row[f"torchgeo_{unit}"]
-            row["speedup_per_run"] = [o[0] / t[0] for o, t in zip(runs["ours"], runs["torchgeo"])]
-            row["speedup_threads_per_run"] = [o[0] / t[0] for o, t in zip(runs["ours_threads"], runs["torchgeo"])]
+            for variant in VARIANTS:
+                for unit in ("tiles_per_s", "tiles_per_cpu_s"):
+                    row[f"speedup_{variant}_{unit}"] = row[f"{variant}_{unit}"] / row[f"torchgeo_{unit}"]
+                row[f"speedup_{variant}_per_run"] = [o[0] / t[0] for o, t in zip(runs[variant], runs["torchgeo"])]
             row["speedup_bound_per_cpu_s"] = row["bare_reads_tiles_per_cpu_s"] / row["torchgeo_tiles_per_cpu_s"]
         results[f"throughput_{label}"] = row
         print(label, json.dumps(row), flush=True)
         if runs["torchgeo"]:
             print(_summary(label, row, args.workers), flush=True)
+        launch = [bench_launch_bound(path, batches=args.launch_batches, workers=args.workers, batch_size=args.batch_size,
+                                     seed=args.seed, ops_per_batch=ops) for ops in args.launch_ops]
+        for r in launch:
+            print(f"{label}: launch-bound step of {r['ops_per_batch']:,} GIL-holding ops: alone {r['alone_s'] * 1e3:.1f} ms, "
+                  f"fed by {args.workers} processes {r['processes_s'] * 1e3:.1f} ms ({r['processes_over_alone']:.2f}x), "
+                  f"by {args.workers} threads {r['threads_s'] * 1e3:.1f} ms ({r['threads_over_alone']:.2f}x)", flush=True)
+        results[f"launch_bound_{label}"] = launch
     rss_small = measure_rss(small, args.rss_tiles, args.seed)
     rss_large = measure_rss(large, args.rss_tiles, args.seed)
     results["peak_rss_mib"] = {"small": rss_small, "large": rss_large, "ratio": rss_large / rss_small}

@@ -44,6 +44,10 @@ from dinov3_eo.data.sampling import Tile, TileGrid
 Sample = dict[str, Any]
 CHIP_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 
+#: GDAL block-cache cap (MiB) of every reading process: random tiles of a big raster rarely revisit a block, and a
+#: larger cache grows the memory with the raster (GDAL's default is 5 % of RAM per process, i.e. per worker).
+GDAL_CACHE_MB = 64
+
 
 def _per_band(value: float | Sequence[float] | None, num_bands: int, name: str) -> np.ndarray | None:
     if value is None:
@@ -134,7 +138,7 @@ class TileReader:
         gdal_cache_mb: GDAL block-cache cap applied in each reading process (the cache is shared by its threads).
     """
 
-    def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = 64) -> None:
+    def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = GDAL_CACHE_MB) -> None:
         self.grid, self.nodata, self.max_open, self.gdal_cache_mb = grid, nodata, max_open, gdal_cache_mb
         # each thread's open ``file -> (src, vrt)`` handles, most recently used last
         self._handles = PerThread(functools.partial(_new_handle_cache, gdal_cache_mb))
@@ -223,7 +227,7 @@ class TileDataset(Dataset):
         offset: float | Sequence[float] | None = None,
         normalization: Normalization | None = None,
         labels: Any | None = None,
-        gdal_cache_mb: int = 64,
+        gdal_cache_mb: int = GDAL_CACHE_MB,
         max_open: int = 32,
     ) -> None:
         num_bands = grid.index.num_bands
