@@ -147,16 +147,19 @@ class TestThreadedTileLoader:
 class TestDatamodules:
     def test_worker_type_picks_the_loader(self, tmp_path: Path) -> None:
         kw = dict(paths=str(SAMPLE), nodata=0, tile_size=32, tiles_per_epoch=8, batch_size=4, cache_dir=None)
-        thread = PretrainDataModule(**kw, num_workers=2, worker_type="thread").train_dataloader()
-        process = PretrainDataModule(**kw, num_workers=2).train_dataloader()
+        thread = PretrainDataModule(**kw, num_workers=2).train_dataloader()  # threads are the default
+        process = PretrainDataModule(**kw, num_workers=2, worker_type="process").train_dataloader()
         assert isinstance(thread, ThreadedTileLoader) and thread.num_threads == 2
         assert isinstance(process, DataLoader)
         _assert_same_batches(list(thread), list(process))
         thread.close()
         # no workers means reading in the main thread, whatever the worker type
         assert isinstance(PretrainDataModule(**kw, worker_type="thread").train_dataloader(), DataLoader)
-        dense = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), tile_size=64, num_workers=2, worker_type="thread", cache_dir=None)
+        dense = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), tile_size=64, num_workers=2, cache_dir=None)
         assert isinstance(dense.train_dataloader(), ThreadedTileLoader) and isinstance(dense.val_dataloader(), ThreadedTileLoader)
+        dense_process = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), tile_size=64, num_workers=2,
+                                        worker_type="process", cache_dir=None)
+        assert isinstance(dense_process.train_dataloader(), DataLoader)
         with pytest.raises(ValueError, match="worker_type must be one of"):
             PretrainDataModule(**kw, worker_type="fiber")
 

@@ -129,10 +129,12 @@ class PretrainDataModule(_TileDataModuleBase):
         snap: snap random tile offsets to multiples of this many pixels (e.g. the GeoTIFF block size,
             256, for ~2-4x less decoding per tile; see :class:`~dinov3_eo.data.sampling.RandomTileSampler`).
         batch_size, num_workers, pin_memory: DataLoader settings.
-        worker_type: ``"process"`` (a ``DataLoader`` with ``num_workers`` worker processes) or ``"thread"``
-            (a :class:`~dinov3_eo.data.loader.ThreadedTileLoader` with ``num_workers`` reading threads in the
-            training process: no shared-memory hand-over per batch; ``num_workers=0`` reads in the main thread
-            either way).
+        worker_type: ``"thread"`` (default: a :class:`~dinov3_eo.data.loader.ThreadedTileLoader` with
+            ``num_workers`` reading threads in the training process, no shared-memory hand-over per batch) or
+            ``"process"`` (a ``DataLoader`` with ``num_workers`` worker processes); ``num_workers=0`` reads in the
+            main thread either way. Threads are the default because they read 1.4-2.5x more tiles/s and, beside a
+            training thread that holds the GIL (as eager GPU kernel launches do), slowed it no more than worker
+            processes did (``scripts/bench_data.py``, README "Measured").
         seed: seeds the samplers (mixed with the epoch).
         strict: fail on unusable archive files instead of skipping them.
         cache_dir: index cache location (``"default"``, a path, or ``None`` for no cache).
@@ -164,7 +166,7 @@ class PretrainDataModule(_TileDataModuleBase):
         batch_size: int = 16,
         num_workers: int = 0,
         pin_memory: bool = False,
-        worker_type: str = "process",
+        worker_type: str = "thread",
         seed: int = 0,
         strict: bool = False,
         cache_dir: str | None = "default",
@@ -275,7 +277,7 @@ class DenseDataModule(_TileDataModuleBase):
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
-        worker_type: str = "process",
+        worker_type: str = "thread",
         seed: int = 0,
         strict: bool = False,
         cache_dir: str | None = "default",
