@@ -232,6 +232,33 @@ def test_gram_teacher_from_a_checkpoint_is_its_ema_teacher(tmp_path: Path) -> No
     assert not highres.gram_teacher.training and not any(p.requires_grad for p in highres.gram_teacher.parameters())
 
 
+#: every photometric change off: crops are resampled pixels only
+NO_PHOTOMETRIC = {"jitter_prob": 0.0, "grayscale_prob": 0.0, "solarize_prob": 0.0, "blur_probs": [0.0, 0.0, 0.0]}
+
+
+def test_augmentation_options_reach_the_crops_and_bad_keys_fail_early() -> None:
+    # a band-constant image: resampling keeps every pixel at its band value, photometric changes do not
+    values = torch.tensor([0.5, -1.0, 2.0])[None, :, None, None]
+    batch = {"image": values.expand(2, 3, 80, 80).contiguous(), "valid": torch.ones(2, 80, 80, dtype=torch.bool)}
+    views = {}
+    for name, augmentation in (("none", NO_PHOTOMETRIC), ("default", None)):
+        module = DINOv3Pretrain(**SMALL_MODEL, augmentation=augmentation)
+        views[name] = module_file.make_views(
+            batch["image"], batch["valid"], seed=0, step=0, global_size=32, local_size=16, gram_size=None, patch_size=16,
+            crop_kwargs=module._crop_kwargs, mask_probability=0.0, mask_ratio_range=(0.1, 0.5),
+        )[0]  # fmt: skip
+    for key in ("global_crops", "local_crops"):
+        torch.testing.assert_close(views["none"][key], values.expand_as(views["none"][key]))
+        assert not torch.allclose(views["default"][key], values.expand_as(views["default"][key]))
+    # YAML lists become the tuples MultiCrop checks; the official values stay where nothing is overridden
+    kwargs = DINOv3Pretrain(**SMALL_MODEL, augmentation={"blur_probs": [0.0, 0.5, 0.5], "brightness": 0.1})._crop_kwargs
+    assert kwargs["blur_probs"] == (0.0, 0.5, 0.5) and kwargs["brightness"] == 0.1 and "contrast" not in kwargs
+    with pytest.raises(ValueError, match=r"augmentation: unknown option\(s\) \['brightnes'\]"):
+        DINOv3Pretrain(**SMALL_MODEL, augmentation={"brightnes": 0.1})
+    with pytest.raises(ValueError, match="have their own arguments"):
+        DINOv3Pretrain(**SMALL_MODEL, augmentation={"n_local_crops": 2})
+
+
 def test_gram_teacher_sees_the_student_crop_and_the_term_is_weighted_in() -> None:
     # a Gram teacher with the student's weights, at 1x and without photometric changes on the student side: both
     # networks see the very same pixels, so the Gram term is 0; at 2x it sees the same ground more sharply
@@ -239,8 +266,7 @@ def test_gram_teacher_sees_the_student_crop_and_the_term_is_weighted_in() -> Non
     batch = {"image": torch.randn(2, 3, 80, 80), "valid": torch.ones(2, 80, 80, dtype=torch.bool)}
     for scale, expect_zero in ((1.0, True), (2.0, False)):
         module = DINOv3Pretrain(**SMALL_MODEL, gram_loss_weight=2.0, gram_teacher="ema", gram_teacher_scale=scale,
-                                mask_probability=0.0)
-        module._crop_kwargs.update(jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, blur_probs=(0.0, 0.0, 0.0))
+                                mask_probability=0.0, augmentation=NO_PHOTOMETRIC)
         module.on_fit_start()
         module.gram_teacher.load_state_dict(module.student["backbone"].state_dict())
         module.eval()  # no drop-path / RoPE jitter in the student

@@ -97,7 +97,7 @@ class DINOv3Distill(SSLStage):
         head_hidden_dim, head_bottleneck_dim, head_nlayers: sizes of the students' new heads; their prototype
             counts always equal the teacher heads' (required to compare assignments).
         global_crop_size, local_crop_size, n_local_crops, global_crops_scale, local_crops_scale,
-        horizontal_flips, vertical_flips, mask_probability, mask_ratio_range: views, as in pretraining.
+        horizontal_flips, vertical_flips, augmentation, mask_probability, mask_ratio_range: views, as in pretraining.
         base_lr, scale_lr_with_batch, min_lr, lr_warmup_steps, lr_schedule, weight_decay, weight_decay_end,
         adamw_betas, layerwise_decay, patch_embed_lr_mult, clip_grad, freeze_last_layer_steps: optimisation
             (official distillation: lr ramp then constant, layer decay 0.99, clip 3.0).
@@ -125,6 +125,7 @@ class DINOv3Distill(SSLStage):
         local_crops_scale: tuple[float, float] = (0.05, 0.32),
         horizontal_flips: bool = True,
         vertical_flips: bool = True,
+        augmentation: dict[str, Any] | None = None,
         mask_probability: float = 0.5,
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         base_lr: float = 5e-5,
@@ -177,6 +178,7 @@ class DINOv3Distill(SSLStage):
         self._crop_kwargs = crop_options(
             n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
             horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,
+            augmentation=augmentation,
         )
         self.data_meta: dict[str, Any] = dict(getattr(self.teacher["backbone"], "meta", None).to_dict()
                                               if getattr(self.teacher["backbone"], "meta", None) else {})

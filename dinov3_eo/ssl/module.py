@@ -66,6 +66,9 @@ class DINOv3Pretrain(SSLStage):
         horizontal_flips: random flips (also vertical flips when ``vertical_flips``: north-up is not special in
             satellite imagery).
         vertical_flips: random vertical flips.
+        augmentation: further :class:`~dinov3_eo.ssl.crops.MultiCrop` options, e.g. ``{"brightness": 0.1,
+            "contrast": 0.1, "grayscale_prob": 0.0}`` for weaker photometric changes where band values are
+            physical (reflectance) and the spectrum is part of what the features should keep.
         mask_probability, mask_ratio_range: iBOT masking (half of global crops, ratios over (0.1, 0.5]).
         base_lr: lr before the sqrt batch-size scaling (``lr = base·4·sqrt(global_batch/1024)`` when
             ``scale_lr_with_batch``), else the peak lr itself.
@@ -121,6 +124,7 @@ class DINOv3Pretrain(SSLStage):
         local_crops_scale: tuple[float, float] = (0.05, 0.32),
         horizontal_flips: bool = True,
         vertical_flips: bool = True,
+        augmentation: dict[str, Any] | None = None,
         mask_probability: float = 0.5,
         mask_ratio_range: tuple[float, float] = (0.1, 0.5),
         base_lr: float = 1e-3,
@@ -195,6 +199,7 @@ class DINOv3Pretrain(SSLStage):
         self._crop_kwargs = crop_options(
             n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
             horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,
+            augmentation=augmentation,
         )
         #: metadata of the data the model is trained on (bands, normalisation, gsd); filled from the datamodule
         self.data_meta: dict[str, Any] = {}

@@ -12,8 +12,9 @@ interrupted epoch already consumed, a run killed at any point resumes exactly as
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -143,15 +144,34 @@ def crop_options(
     local_crops_scale: tuple[float, float],
     horizontal_flips: bool,
     vertical_flips: bool,
+    augmentation: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """:class:`MultiCrop` keyword arguments from a stage's constructor arguments (sizes are chosen per step)."""
-    return dict(
+    """:class:`MultiCrop` keyword arguments from a stage's constructor arguments (sizes are chosen per step).
+
+    ``augmentation`` holds further :class:`MultiCrop` options (``brightness``, ``contrast``, ``jitter_prob``,
+    ``grayscale_prob``, ``solarize_prob``, ``blur_probs``, ``blur_sigma``, ``min_valid_fraction``, ...), checked
+    here so that a misspelt key fails when the module is built, not at the first step.
+
+    Raises:
+        ValueError: for a key that is not a :class:`MultiCrop` option or is set by the other arguments.
+    """
+    options = dict(
         n_local_crops=n_local_crops,
         global_scale=tuple(global_crops_scale),
         local_scale=tuple(local_crops_scale),
         horizontal_flip_prob=0.5 if horizontal_flips else 0.0,
         vertical_flip_prob=0.5 if vertical_flips else 0.0,
     )
+    extra = dict(augmentation or {})
+    allowed = set(inspect.signature(MultiCrop).parameters) - set(options) - {"global_size", "local_size", "gram_teacher_size"}
+    unknown = sorted(set(extra) - allowed)
+    if unknown:
+        raise ValueError(f"augmentation: unknown option(s) {unknown}; choose from {sorted(allowed)} (crop sizes, "
+                         "scales, local-crop count and flips have their own arguments).")
+    for key in ("blur_probs", "blur_sigma"):  # YAML gives lists
+        if key in extra:
+            extra[key] = tuple(extra[key])
+    return options | extra
 
 
 @torch.no_grad()
