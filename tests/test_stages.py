@@ -283,3 +283,21 @@ def test_gram_teacher_sees_the_student_crop_and_the_term_is_weighted_in() -> Non
         torch.testing.assert_close(losses["total"] - without["total"], 2.0 * losses["gram"], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="gram_loss_weight > 0 needs gram_teacher"):
         DINOv3Pretrain(**SMALL_MODEL, gram_loss_weight=1.0)
+
+
+def test_ema_update_matches_the_formula_per_tensor() -> None:
+    from dinov3_eo.ssl.stage import ema_update_
+
+    torch.manual_seed(0)
+    live = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 2)]
+    for momentum in (0.996, 0.5, 1.0, 0.0):
+        ema = [torch.randn_like(t) for t in live]
+        expected = [momentum * e + (1.0 - momentum) * t for e, t in zip(ema, live)]  # the formula, tensor by tensor
+        before = [e.clone() for e in ema]
+        ema_update_(ema, (torch.nn.Parameter(t) for t in live), momentum)
+        for got, want in zip(ema, expected):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+        if momentum == 1.0:  # a frozen teacher stays bit-identical; momentum 0 copies the student exactly
+            assert all(torch.equal(e, b) for e, b in zip(ema, before))
+        if momentum == 0.0:
+            assert all(torch.equal(e, t) for e, t in zip(ema, live))

@@ -178,8 +178,8 @@ def crop_options(
 def ema_update_(ema: Iterable[Tensor], live: Iterable[Tensor], momentum: float) -> None:
     """In place: ``ema ← momentum·ema + (1 − momentum)·live`` over matching parameter lists."""
     ema, live = list(ema), [p.detach() for p in live]
-    torch._foreach_mul_(ema, momentum)
-    torch._foreach_add_(ema, live, alpha=1.0 - momentum)
+    # as ema + (1 - momentum)·(live - ema): one pass over both lists instead of a multiply pass and an add pass
+    torch._foreach_lerp_(ema, live, 1.0 - momentum)
 
 
 class SSLStage(LightningModule):
