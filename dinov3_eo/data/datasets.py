@@ -122,6 +122,14 @@ def apply_fused_affine(
     return x
 
 
+def _close_handles(handles: OrderedDict[int, tuple[Any, Any]]) -> None:
+    for src, vrt in handles.values():
+        if vrt is not None:
+            vrt.close()
+        src.close()
+    handles.clear()
+
+
 def _new_handle_cache(gdal_cache_mb: int) -> OrderedDict[int, tuple[Any, Any]]:
     """An empty handle cache for a new reading thread or process, with the process's GDAL cache capped."""
     set_gdal_config("GDAL_CACHEMAX", gdal_cache_mb * 1024 * 1024)
@@ -141,16 +149,11 @@ class TileReader:
     def __init__(self, *, grid: TileGrid, nodata: float | None = None, max_open: int = 32, gdal_cache_mb: int = GDAL_CACHE_MB) -> None:
         self.grid, self.nodata, self.max_open, self.gdal_cache_mb = grid, nodata, max_open, gdal_cache_mb
         # each thread's open ``file -> (src, vrt)`` handles, most recently used last
-        self._handles = PerThread(functools.partial(_new_handle_cache, gdal_cache_mb))
+        self._handles = PerThread(functools.partial(_new_handle_cache, gdal_cache_mb), close=_close_handles)
 
     def close(self) -> None:
         """Close the handles the calling thread opened (other threads' handles close when those threads end)."""
-        handles = self._handles.get()
-        for src, vrt in handles.values():
-            if vrt is not None:
-                vrt.close()
-            src.close()
-        handles.clear()
+        self._handles.release()
 
     def _nodata_for(self, file: int) -> float | None:
         return self.nodata if self.nodata is not None else self.grid.index.records[file].nodata

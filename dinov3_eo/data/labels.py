@@ -28,6 +28,10 @@ from dinov3_eo.data.raster import PerThread
 TASKS = ("classification", "regression")
 
 
+def _close_dataset(src: Any) -> None:
+    src.close()
+
+
 class RasterLabels:
     """Labels from a raster in any CRS/resolution, warped to each tile's grid.
 
@@ -68,7 +72,7 @@ class RasterLabels:
             if not 1 <= self.band <= src.count:
                 raise IndexError(f"RasterLabels: band {band} is outside [1, {src.count}] for {self.path}.")
             self.nodata = src.nodata if nodata is None else nodata
-        self._src = PerThread(functools.partial(rasterio.open, self.path))  # one handle per process and thread
+        self._src = PerThread(functools.partial(rasterio.open, self.path), close=_close_dataset)  # one per process and thread
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Label values (H, W) on the given grid and where they exist (bool (H, W))."""

@@ -18,9 +18,11 @@ names ``raster.py`` as the home of "archive index + windowed reads".
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,11 +37,17 @@ class PerThread:
     GDAL handles must not be shared between threads, and a forked DataLoader worker must not use its
     parent's (the forking thread's local comes along): :meth:`get` makes fresh state in each new thread
     and after a fork. Pickling keeps only the factory, so datasets holding one stay pickle-safe.
+
+    ``close(value)``, when given, closes a state that is let go: by :meth:`release`, and at interpreter exit for
+    the exiting thread's state. Without that, a dataset kept open by a long-lived object (a Lightning CLI's
+    datamodule) was closed only in the interpreter's final teardown, where rasterio's ``__del__`` fails and
+    Python prints a bare "Error in sys.excepthook".
     """
 
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self._factory = factory
+    def __init__(self, factory: Callable[[], Any], close: Callable[[Any], None] | None = None) -> None:
+        self._factory, self._close = factory, close
         self._local = threading.local()
+        _LIVE.add(self)
 
     def get(self) -> Any:
         """The calling thread's state, made on first use in this process and thread."""
@@ -48,12 +56,35 @@ class PerThread:
             local.value, local.pid = self._factory(), os.getpid()
         return local.value
 
+    def release(self) -> None:
+        """Let go of (and ``close``) the calling thread's state; the next :meth:`get` makes a fresh one."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            return  # none made in this thread (or only the parent's, before a fork: not ours to close)
+        value = local.value
+        del local.value, local.pid
+        if self._close is not None:
+            self._close(value)
+
     def __getstate__(self) -> dict[str, Any]:
-        return {"_factory": self._factory}  # open handles never travel (and a threading.local does not pickle)
+        # open handles never travel (and a threading.local does not pickle)
+        return {"_factory": self._factory, "_close": self._close}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._factory = state["_factory"]
+        self._factory, self._close = state["_factory"], state["_close"]
         self._local = threading.local()
+        _LIVE.add(self)
+
+
+#: every PerThread of this process, to release the exiting thread's states while the interpreter still works
+_LIVE: weakref.WeakSet[PerThread] = weakref.WeakSet()
+
+
+@atexit.register
+def _release_at_exit() -> None:
+    # Reading threads have ended by now (their states went with them); what is left is the main thread's.
+    for per_thread in list(_LIVE):
+        per_thread.release()
 
 
 def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Window:
