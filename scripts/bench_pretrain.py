@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import time
 from pathlib import Path
@@ -215,7 +216,8 @@ def backbone_features(backbone: torch.nn.Module, chips: np.ndarray, *, size: int
     return np.concatenate(out)
 
 
-def learning_check(arch: str, minutes: float, export: str | None, batch: int, steps: int | None = None) -> None:
+def learning_check(arch: str, minutes: float, export: str | None, batch: int, steps: int | None = None, *,
+                   global_size: int = 64, local_size: int = 32, recipe: dict | None = None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -229,18 +231,21 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int, st
         paths=landsat or None, chips=train, nodata=0, normalization="percentile", tile_size=64,
         tiles_per_epoch=batch * 50, batch_size=batch, num_workers=2, cache_dir=None,
     )
-    module = DINOv3Pretrain(
+    # a fixed step count gets the v1 recipe's cosine schedules (lr, wd 0.04 -> 0.4, momentum 0.994 -> 1);
+    # a wall-clock budget alone gets constant ones
+    schedules = (
+        dict(lr_schedule="cosine", lr_warmup_steps=max(steps // 10, 1), teacher_temp_warmup_steps=max(steps // 4, 1),
+             momentum_teacher=0.994, final_momentum_teacher=1.0)
+        if steps else
+        dict(lr_schedule="constant", lr_warmup_steps=30, weight_decay_end=0.04, teacher_temp_warmup_steps=100,
+             momentum_teacher=0.994, final_momentum_teacher=0.994)
+    )  # fmt: skip
+    model_kwargs = dict(
         backbone=arch, dino_out_dim=4096, dino_hidden_dim=512, dino_bottleneck_dim=128, ibot_out_dim=4096,
-        ibot_hidden_dim=512, ibot_bottleneck_dim=128, global_crop_size=64, local_crop_size=32, n_local_crops=4,
-        base_lr=5e-4, scale_lr_with_batch=False, layerwise_decay=1.0, **SHORT_RUN,
-        # a fixed step count gets the v1 recipe's cosine schedules (lr, wd 0.04 -> 0.4, momentum 0.994 -> 1);
-        # a wall-clock budget alone gets constant ones
-        **(dict(lr_schedule="cosine", lr_warmup_steps=max(steps // 10, 1), teacher_temp_warmup_steps=max(steps // 4, 1),
-                momentum_teacher=0.994, final_momentum_teacher=1.0)
-           if steps else
-           dict(lr_schedule="constant", lr_warmup_steps=30, weight_decay_end=0.04, teacher_temp_warmup_steps=100,
-                momentum_teacher=0.994, final_momentum_teacher=0.994)),
-    )
+        ibot_hidden_dim=512, ibot_bottleneck_dim=128, global_crop_size=global_size, local_crop_size=local_size,
+        n_local_crops=4, base_lr=5e-4, scale_lr_with_batch=False, layerwise_decay=1.0,
+    ) | SHORT_RUN | schedules | (recipe or {})
+    module = DINOv3Pretrain(**model_kwargs)
 
     class _Budget(Callback):
         def on_train_batch_end(self, trainer, *args) -> None:  # noqa: ANN002
@@ -256,13 +261,17 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int, st
     train_chips, test_chips = _load_chips(train), _load_chips(test)
     ytr, yte = np.array(train_y), np.array(test_y)
     learned = module.teacher["backbone"]
-    acc_learned = knn_accuracy(backbone_features(learned, train_chips), ytr, backbone_features(learned, test_chips), yte)
+    # chips are resized to the global-crop size the backbone was trained at
+    acc_learned = knn_accuracy(backbone_features(learned, train_chips, size=global_size), ytr,
+                               backbone_features(learned, test_chips, size=global_size), yte)
     torch.manual_seed(0)
-    random_backbone = build_backbone(arch, **SHORT_RUN["backbone_kwargs"])  # the trained architecture and init
-    acc_random = knn_accuracy(backbone_features(random_backbone, train_chips), ytr,
-                              backbone_features(random_backbone, test_chips), yte)
+    # the trained architecture and initialisation
+    random_backbone = build_backbone(arch, **model_kwargs["backbone_kwargs"])
+    acc_random = knn_accuracy(backbone_features(random_backbone, train_chips, size=global_size), ytr,
+                              backbone_features(random_backbone, test_chips, size=global_size), yte)
     acc_colour = knn_accuracy(colour_features(train_chips), ytr, colour_features(test_chips), yte, cosine=False)
-    print(f"[learn] {arch}: {steps} steps in {elapsed / 60:.1f} min (batch {batch}, 64-px tiles/chips, CPU)")
+    print(f"[learn] {arch}: {steps} steps in {elapsed / 60:.1f} min (batch {batch}, 64-px tiles/chips, "
+          f"{global_size}/{local_size}-px global/local crops, CPU)")
     print(f"[learn] EuroSAT k-NN (k=20), {len(train)} train / {len(test)} test chips, {len(classes)} classes, chance "
           f"{1 / len(classes):.3f}:")
     print(f"[learn]   pretrained {acc_learned:.3f} | random weights {acc_random:.3f} | colour histograms {acc_colour:.3f}")
@@ -278,6 +287,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the learning check")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=None, help="fixed step count with cosine schedules (budget still caps)")
+    parser.add_argument("--global-size", type=int, default=64, help="global crop side (k-NN features at this size)")
+    parser.add_argument("--local-size", type=int, default=32, help="local crop side")
+    parser.add_argument("--recipe", type=json.loads, default=None,
+                        help="DINOv3Pretrain arguments over the check's own and SHORT_RUN, as JSON, e.g. "
+                        "'{\"dino_out_dim\": 1024, \"augmentation\": {\"brightness\": 0.1}}'")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
     parser.add_argument("--step-batch", type=int, nargs="+", default=[16, 4],
                         help="batch sizes of the step-overhead check (16: the official 7B recipe's images per GPU, the "
@@ -297,7 +311,8 @@ def main() -> None:
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
-        learning_check(args.arch, args.minutes, args.export, args.batch, args.steps)
+        learning_check(args.arch, args.minutes, args.export, args.batch, args.steps, global_size=args.global_size,
+                       local_size=args.local_size, recipe=args.recipe)
 
 
 if __name__ == "__main__":
