@@ -15,6 +15,11 @@ from collections.abc import Sequence
 
 from dinov3_eo import __version__
 
+#: errors that stop a command with their message alone (bad input, a missing or unreadable file, a failed read, a
+#: NaN loss): each of ours already says what and where in one sentence, and a traceback through Lightning and torch
+#: would bury it. ``DINOV3_EO_TRACEBACK=1`` shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+
 #: sub-command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("dinov3_eo.quickstart", "main", "pretrain, segment and map the bundled real scene end to end"),
@@ -65,7 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         func = getattr(importlib.import_module(module_name), func_name)
     except (ImportError, AttributeError) as e:
         parser.exit(2, f"dinov3-eo: the '{argv[0]}' command is not available in this build ({e}).\n")
-    result = func(argv[1:])
+    try:
+        result = func(argv[1:])
+    except USER_ERRORS as e:
+        if os.environ.get("DINOV3_EO_TRACEBACK", "") not in ("", "0"):
+            raise
+        print(f"dinov3-eo {argv[0]}: error: {e}\n(DINOV3_EO_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 
