@@ -132,7 +132,7 @@ class PretrainDataModule(_TileDataModuleBase):
         worker_type: ``"thread"`` (default: a :class:`~dinov3_eo.data.loader.ThreadedTileLoader` with
             ``num_workers`` reading threads in the training process, no shared-memory hand-over per batch) or
             ``"process"`` (a ``DataLoader`` with ``num_workers`` worker processes); ``num_workers=0`` reads in the
-            main thread either way. Threads are the default because they read 1.4-2.5x more tiles/s and, beside a
+            main thread either way. Threads are the default because they read 1.5-2.3x more tiles/s and, beside a
             training thread that holds the GIL (as eager GPU kernel launches do), slowed it no more than worker
             processes did (``scripts/bench_data.py``, README "Measured").
         seed: seeds the samplers (mixed with the epoch).

@@ -71,7 +71,7 @@ class PerThread:
         return {"_factory": self._factory, "_close": self._close}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._factory, self._close = state["_factory"], state["_close"]
+        self._factory, self._close = state["_factory"], state.get("_close")
         self._local = threading.local()
         _LIVE.add(self)
 
