@@ -278,13 +278,15 @@ def measure(variant: str, path: Path, *, tiles: int, workers: int, batch_size: i
     holding a large filled cache were measurably slower (torchgeo on the 20k raster: ~310 instead of ~385
     tiles/s, 2026-11-26).
     """
-    out = subprocess.run(
-        [sys.executable, __file__, "--child", variant, str(path), "--tiles", str(tiles), "--workers", str(workers),
-         "--batch-size", str(batch_size), "--seed", str(seed)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    tiles_per_s, tiles_per_cpu_s = json.loads(out.stdout.strip().splitlines()[-1])
+    tiles_per_s, tiles_per_cpu_s = _run_child("--child", variant, str(path), "--tiles", str(tiles), "--workers",
+                                               str(workers), "--batch-size", str(batch_size), "--seed", str(seed))
     return tiles_per_s, tiles_per_cpu_s
+
+
+def _run_child(*argv: str):  # noqa: ANN202 - the child's JSON answer
+    """Run this script with ``argv`` in a fresh Python process; the JSON its last output line holds."""
+    out = subprocess.run([sys.executable, __file__, *argv], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def rss_child(path: str, tiles: int, seed: int) -> None:
@@ -309,11 +311,7 @@ def _peak_rss_mib() -> float:
 
 
 def measure_rss(path: Path, tiles: int, seed: int) -> float:
-    out = subprocess.run(
-        [sys.executable, __file__, "--rss-child", str(path), "--tiles", str(tiles), "--seed", str(seed)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+    return _run_child("--rss-child", str(path), "--tiles", str(tiles), "--seed", str(seed))["peak_rss_mib"]
 
 
 def main() -> int:
