@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -91,3 +94,12 @@ class DINOHead(nn.Module):
             else:
                 x = self.last_layer(x)
         return x
+
+
+def checkpoint_norm_last_layer(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether a training checkpoint's heads were trained with unit-norm prototypes (``norm_last_layer``).
+
+    Same weights, other meaning: read as raw prototypes they would change every logit. Checkpoints from before the
+    option, and official ones, have raw prototypes.
+    """
+    return bool(checkpoint.get("hyper_parameters", {}).get("norm_last_layer", False))

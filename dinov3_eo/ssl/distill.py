@@ -27,7 +27,7 @@ from dinov3_eo.losses.dino import dino_losses, dino_total
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss
 from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
-from dinov3_eo.models.heads import DINOHead
+from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
 from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 
@@ -77,7 +77,7 @@ def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: i
             "('state_dict' with 'teacher.*' keys, or {'teacher': {...}}), found keys " + str(sorted(checkpoint)[:8])
         )
     # a teacher pretrained with unit-norm prototypes (this project's short-run option) must score with them
-    normed = bool(checkpoint.get("hyper_parameters", {}).get("norm_last_layer", False))
+    normed = checkpoint_norm_last_layer(checkpoint)
     heads = {key: _head_from_state(state, f"{key}.", norm_last_layer=normed) for key in ("dino_head", "ibot_head")}
     backbone = load_backbone(source, name=name, in_chans=in_chans)
     teacher = nn.ModuleDict({"backbone": backbone, **heads})

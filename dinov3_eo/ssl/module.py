@@ -36,7 +36,7 @@ from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
-from dinov3_eo.models.heads import DINOHead
+from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
 from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
 from dinov3_eo.ssl.stage import NonFiniteLossError, SSLStage, crop_options, ema_update_, make_views, step_seed
@@ -229,8 +229,7 @@ class DINOv3Pretrain(SSLStage):
                     f"{unexpected[:5]}, shape checkpoint vs model {wrong[:5]}); set the backbone and head sizes of "
                     "the previous stage's config."
                 )
-            # same weights, other meaning: unit-norm prototypes read as raw ones would change every logit
-            was_normed = bool(checkpoint.get("hyper_parameters", {}).get("norm_last_layer", False))
+            was_normed = checkpoint_norm_last_layer(checkpoint)
             if was_normed != self.hparams.norm_last_layer:
                 raise ValueError(
                     f"init_from {source}: the checkpoint was trained with norm_last_layer={was_normed}, this model has "
