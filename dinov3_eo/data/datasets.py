@@ -122,11 +122,15 @@ def apply_fused_affine(
     return x
 
 
+def _close_handle(src: Any, vrt: Any) -> None:
+    if vrt is not None:
+        vrt.close()
+    src.close()
+
+
 def _close_handles(handles: OrderedDict[int, tuple[Any, Any]]) -> None:
     for src, vrt in handles.values():
-        if vrt is not None:
-            vrt.close()
-        src.close()
+        _close_handle(src, vrt)
     handles.clear()
 
 
@@ -175,10 +179,7 @@ class TileReader:
             )  # fmt: skip
         handles[file] = (src, vrt)
         while len(handles) > self.max_open:
-            _, (old_src, old_vrt) = handles.popitem(last=False)
-            if old_vrt is not None:
-                old_vrt.close()
-            old_src.close()
+            _close_handle(*handles.popitem(last=False)[1])
         return vrt if vrt is not None else src
 
     def dtype(self, file: int) -> np.dtype:
