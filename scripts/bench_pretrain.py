@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-# as the dinov3-eo command does: huge pages for large CPU tensors, set before torch's first large allocation
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-import torch  # noqa: E402
+import torch
 from PIL import Image
+
+from dinov3_eo.allocator import retain_freed_memory
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -282,6 +282,7 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int, st
 
 
 def main() -> None:
+    retain_freed_memory()  # as the dinov3-eo command does, before any large tensor
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="vitt16")
     parser.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget of the learning check")

@@ -33,10 +33,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-# as the dinov3-eo command does: huge pages for large CPU tensors, set before torch's first large allocation
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-import torch  # noqa: E402
+from dinov3_eo.allocator import retain_freed_memory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pretrain import SHARED, SHORT_RUN, _eurosat_split, _load_chips, backbone_features, colour_features, knn_accuracy  # noqa: E402
@@ -380,6 +379,7 @@ def step_overhead_224(device: str, batch: int = 64) -> dict[str, float]:
 
 
 def main() -> None:
+    retain_freed_memory()  # as the dinov3-eo command does, before any large tensor
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pack", help="write the learning check's data (run here, needs ../shared/data)")
