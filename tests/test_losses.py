@@ -153,6 +153,28 @@ class TestDino:
         expected = reference_dino(student.numpy(), teacher.numpy(), 0.1, ignore_diagonal)
         assert ours.item() == pytest.approx(expected, rel=1e-5)
 
+    @pytest.mark.parametrize(("n_student", "n_teacher", "ignore_diagonal"),
+                             [(2, 2, True), (3, 2, True), (2, 3, True), (8, 2, False), (1, 1, False)])
+    def test_value_and_gradient_match_every_pair_through_autograd(self, n_student: int, n_teacher: int,
+                                                                  ignore_diagonal: bool) -> None:
+        # the per-pair formula, differentiated by autograd: what the summed-target form must equal
+        batch, k, temp = 3, 11, 0.1
+        student = torch.randn(n_student, batch, k, dtype=torch.float64, requires_grad=True)
+        teacher = torch.softmax(torch.randn(n_teacher, batch, k, dtype=torch.float64), -1)
+        log_p = torch.log_softmax(student / temp, dim=-1)
+        pairs = [-(teacher[t] * log_p[s]).sum() for s in range(n_student) for t in range(n_teacher)
+                 if not (ignore_diagonal and s == t)]
+        expected = torch.stack(pairs).sum() / (batch * len(pairs))
+        (expected_grad,) = torch.autograd.grad(expected, student)
+        ours = dino_cross_entropy(student, teacher, student_temp=temp, ignore_diagonal=ignore_diagonal)
+        (grad,) = torch.autograd.grad(ours, student)
+        torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
+
+    def test_one_teacher_crop_on_the_diagonal_leaves_no_pairs(self) -> None:
+        with pytest.raises(ValueError, match="no crop pairs left"):
+            dino_cross_entropy(torch.randn(1, 2, 4), torch.softmax(torch.randn(1, 2, 4), -1), ignore_diagonal=True)
+
     def test_global_and_local_terms_on_crop_major_layout(self) -> None:
         batch, n_local, k = 3, 4, 9
         student_global = torch.randn(2 * batch, k)

@@ -31,7 +31,7 @@ def dino_cross_entropy(
         ignore_diagonal: leave out same-crop pairs (used for global-vs-global: ``global_ignore_diagonal``).
 
     Returns:
-        Scalar fp32 loss (mean over the counted pairs and images).
+        Scalar loss (mean over the counted pairs and images), float32, or float64 for float64 logits.
 
     Raises:
         ValueError: if the shapes are not [S, B, K] and [T, B, K] with matching B and K.
@@ -46,8 +46,9 @@ def dino_cross_entropy(
     # float32 whatever the caller's autocast: under bf16 the product would round log-probabilities near -log K to
     # steps of 1/16 (a GPU run logged DINO terms such as 11.0625)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_p_student = F.log_softmax(student_logits.float() / student_temp, dim=-1)  # [S, B, K]
-        teacher = teacher_probs.detach().float()
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
+        log_p_student = F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)  # [S, B, K]
+        teacher = teacher_probs.detach().to(dtype)
         pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)  # [S, T]: summed over images and prototypes
     n_pairs = n_student * n_teacher
     if ignore_diagonal:
