@@ -19,6 +19,7 @@ stands in for a model on an accelerator with the CPU doing the I/O.
 
     python scripts/bench_inference.py                      # both sizes, all modes
     python scripts/bench_inference.py --sizes 2000 --json out.json
+    python scripts/bench_inference.py --retain-freed-memory    # as the dinov3-eo command runs
 """
 
 from __future__ import annotations
@@ -79,7 +80,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def child(mode: str, src: Path, out: Path, threads: int) -> dict:
+def child(mode: str, src: Path, out: Path, threads: int, retain: bool = False) -> dict:
+    if retain:
+        from dinov3_eo.allocator import retain_freed_memory
+
+        retain_freed_memory()
     import rasterio
     import torch
 
@@ -128,12 +133,13 @@ def child(mode: str, src: Path, out: Path, threads: int) -> dict:
     return {
         "mode": mode, "size": height, "windows": len(grid), "seconds": round(seconds, 2),
         "pixels_per_s": round(height * width / seconds), "peak_rss_mb": round(peak_rss_mb(), 1),
-        "rss_before_mb": round(rss_before, 1), "threads": threads,
+        "rss_before_mb": round(rss_before, 1), "threads": threads, "retain_freed_memory": retain,
     }  # fmt: skip
 
 
-def run_child(mode: str, src: Path, out: Path, threads: int) -> dict:
+def run_child(mode: str, src: Path, out: Path, threads: int, retain: bool = False) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--src", str(src), "--out", str(out), "--threads", str(threads)]
+    command += ["--retain-freed-memory"] if retain else []
     # OpenMP threads are per OS thread: cap them for the reader/blender threads' torch ops too
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -147,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 2_000])
     parser.add_argument("--modes", nargs="+", default=["compute", "predict", "naive"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the model")
+    parser.add_argument("--retain-freed-memory", action="store_true",
+                        help="every child keeps freed memory mapped, as the dinov3-eo command does "
+                             "(dinov3_eo.allocator); without it, plain Python defaults")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of every mode per size, interleaved; the median time is reported (a 2k run is ~1.5 s, "
                         "so one run alone swings by several percent)")
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.src, args.out, args.threads)))
+        print(json.dumps(child(args.child, args.src, args.out, args.threads, args.retain_freed_memory)))
         return 0
 
     results = []
@@ -170,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             runs: dict[str, list[dict]] = {mode: [] for mode in args.modes}
             for _ in range(args.repeats):  # interleaved, so load from other jobs hits every mode alike
                 for mode in args.modes:
-                    result = run_child(mode, src, Path(tmp) / f"out_{size}_{mode}.tif", args.threads)
+                    result = run_child(mode, src, Path(tmp) / f"out_{size}_{mode}.tif", args.threads,
+                                       args.retain_freed_memory)
                     runs[mode].append(result)
                     print(json.dumps(result), flush=True)
             for mode, done in runs.items():

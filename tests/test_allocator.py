@@ -1,4 +1,4 @@
-"""retain_freed_memory: freed large tensors stay mapped (checked on the process's resident memory)."""
+"""retain_freed_memory / trim_heap: freed large tensors stay mapped, until trimmed (checked on resident memory)."""
 from __future__ import annotations
 
 import ctypes.util
@@ -28,25 +28,29 @@ _CHILD = textwrap.dedent("""
     x = torch.ones(64 * 2**20)
     during = rss()
     del x
-    print(before, during, rss())
+    after = rss()
+    from dinov3_eo.allocator import trim_heap
+    trim_heap()
+    print(before, during, after, rss())
 """)
 
 
-def _rss_around_a_freed_tensor(retain: bool) -> tuple[float, float, float]:
+def _rss_around_a_freed_tensor(retain: bool) -> tuple[float, float, float, float]:
     out = subprocess.run([sys.executable, "-c", _CHILD, "1" if retain else "0"], capture_output=True, text=True,
                          check=True)
-    before, during, after = map(float, out.stdout.split())
-    return before, during, after
+    before, during, after, trimmed = map(float, out.stdout.split())
+    return before, during, after, trimmed
 
 
 @pytest.mark.skipif(not GLIBC or not sys.platform.startswith("linux"), reason="glibc malloc on Linux only")
 def test_freed_tensor_stays_resident_only_when_retained() -> None:
-    before, during, after = _rss_around_a_freed_tensor(retain=False)
+    before, during, after, _ = _rss_around_a_freed_tensor(retain=False)
     assert during - before > 200  # the tensor's 256 MB were resident
     assert after - before < 50  # the default: its mapping went back to the kernel
-    before, during, after = _rss_around_a_freed_tensor(retain=True)
+    before, during, after, trimmed = _rss_around_a_freed_tensor(retain=True)
     assert during - before > 200
     assert after - before > 200  # kept mapped for the next tensor of that size
+    assert trimmed - before < 50  # until trim_heap hands it back
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc malloc only")
@@ -57,8 +61,9 @@ def test_returns_true_on_glibc() -> None:
 
 
 def test_other_c_libraries_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(allocator, "_glibc_mallopt", lambda: None)
+    monkeypatch.setattr(allocator, "_glibc", lambda: None)
     assert allocator.retain_freed_memory() is False
+    assert allocator.trim_heap() is False
 
 
 def test_environment_switch_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -168,6 +168,17 @@ class TestStreaming:
         assert model.windows == summary.windows - summary.windows_skipped
         assert model.calls == summary.model_calls == -(-model.windows // 5)  # full batches, one partial
 
+    def test_heap_is_trimmed_about_once_per_row_of_windows(self, model: CountingModel, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+        # every batch would hand back pages each later buffer faults in again; never would let RSS creep
+        trims = []
+        monkeypatch.setattr("dinov3_eo.inference.predict.trim_heap", lambda: trims.append(1))
+        with rasterio.open(CROP) as src:
+            grid = TileGrid.build(src.height, src.width, window=32, overlap=8)
+        summary = run(model, CROP, tmp_path / "out.tif", window=32, overlap=8, batch_size=2)
+        assert summary.model_calls > len(grid.row_starts)  # so once per batch would be more
+        assert len(trims) == len(grid.row_starts)
+
     @pytest.mark.parametrize("height", [2_000, 8_000])
     def test_live_cells_do_not_grow_with_height(self, height: int) -> None:
         # only the bookkeeping (skipped windows allocate nothing): how many cells are alive at once
