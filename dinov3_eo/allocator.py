@@ -54,10 +54,11 @@ def retain_freed_memory(mmap_threshold: int = DEFAULT_MMAP_THRESHOLD,
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if not 0 <= value <= _MAX_INT:
             raise ValueError(f"retain_freed_memory: {name} must be in [0, 2**31 - 1] bytes, got {value}.")
-    mallopt = _glibc_mallopt()
-    if mallopt is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold))
+    ok = ok and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     if not ok:
         log.warning("retain_freed_memory: glibc refused the malloc thresholds; the allocator is unchanged.")
     return ok
@@ -101,8 +102,3 @@ def _glibc():  # noqa: ANN202 - a ctypes library or None
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     libc.malloc_trim.restype = ctypes.c_int
     return libc
-
-
-def _glibc_mallopt():  # noqa: ANN202 - a ctypes function or None
-    libc = _glibc()
-    return libc.mallopt if libc is not None else None
