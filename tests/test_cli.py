@@ -43,3 +43,21 @@ def test_a_bad_option_stops_with_one_sentence(capsys, monkeypatch) -> None:
     monkeypatch.setenv("DINOV3_EO_TRACEBACK", "1")
     with pytest.raises(ValueError, match="unknown option"):
         main(argv)
+
+
+def test_every_command_retains_freed_memory_unless_switched_off(monkeypatch) -> None:
+    import dinov3_eo.allocator as allocator
+    import dinov3_eo.cli as cli
+
+    calls = []
+    monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append(1) or True)
+    # a stand-in command module, so that only the dispatch runs
+    stand_in = type("Module", (), {"main": staticmethod(lambda argv: 0)})
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: stand_in)
+    monkeypatch.setitem(COMMANDS, "noop", ("anything", "main", "test only"))
+    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    assert main(["noop"]) == 0
+    assert calls == [1]
+    monkeypatch.setenv(allocator.ENV_SWITCH, "0")
+    assert main(["noop"]) == 0
+    assert calls == [1]
