@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # Freed memory stays mapped for the next step instead of being page-faulted in again (dinov3_eo.allocator: on a
     # CPU a ViT-S SSL step 1.13-1.18x faster, predict_raster 3x); a process-wide choice: the command makes it, not
-    # the package.
-    # DINOV3_EO_RETAIN_FREED_MEMORY=0 turns it off.
+    # the package. DINOV3_EO_RETAIN_FREED_MEMORY=0 turns it off.
     retain_freed_memory_unless_disabled()
     module_name, func_name, _ = COMMANDS[argv[0]]
     try:

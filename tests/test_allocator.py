@@ -12,7 +12,7 @@ from dinov3_eo import allocator
 GLIBC = allocator._glibc() is not None
 
 # A 256 MB float32 tensor is written (so its pages are resident) and freed; the child prints its resident memory
-# in MiB before, with and after the tensor.
+# in MiB before, with and after the tensor, and after trim_heap.
 _CHILD = textwrap.dedent("""
     import os, sys
     import torch

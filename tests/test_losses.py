@@ -157,7 +157,7 @@ class TestDino:
                              [(2, 2, True), (3, 2, True), (2, 3, True), (8, 2, False), (1, 1, False)])
     def test_value_and_gradient_match_every_pair_through_autograd(self, n_student: int, n_teacher: int,
                                                                   ignore_diagonal: bool) -> None:
-        # the per-pair formula, differentiated by autograd: what the summed-target form must equal
+        # the per-pair formula, differentiated by autograd: what dino_cross_entropy's einsum form must equal
         batch, k, temp = 3, 11, 0.1
         student = torch.randn(n_student, batch, k, dtype=torch.float64, requires_grad=True)
         teacher = torch.softmax(torch.randn(n_teacher, batch, k, dtype=torch.float64), -1)

@@ -168,8 +168,8 @@ class TestStreaming:
         assert model.windows == summary.windows - summary.windows_skipped
         assert model.calls == summary.model_calls == -(-model.windows // 5)  # full batches, one partial
 
-    def test_heap_is_trimmed_about_once_per_row_of_windows(self, model: CountingModel, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_heap_is_trimmed_once_per_row_of_windows(self, model: CountingModel, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
         # every batch would hand back pages each later buffer faults in again; never would let RSS creep
         trims = []
         monkeypatch.setattr("dinov3_eo.inference.predict.trim_heap", lambda: trims.append(1))
