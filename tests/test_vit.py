@@ -355,3 +355,40 @@ class TestTraining:
         clone = pickle.loads(pickle.dumps(micro))
         x = torch.randn(1, 3, 32, 32)
         torch.testing.assert_close(clone(x), micro(x))
+
+
+class TestCpuAutocast:
+    """Under CPU bf16 autocast (Lightning's ``bf16-mixed`` on a CPU) attention runs in float32, the rest in bf16."""
+
+    def test_attention_sees_float32_without_autocast(self, micro: DinoVisionTransformer, monkeypatch) -> None:
+        seen = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(q: Tensor, k: Tensor, v: Tensor, *args, **kwargs) -> Tensor:
+            seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
+            return sdpa(q, k, v, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = micro.forward_features(real_image(32, 48))
+        assert len(seen) == len(micro.blocks)
+        assert set(seen) == {(torch.float32, torch.float32, torch.float32, False)}
+        assert micro.blocks[0].mlp.fc1(torch.randn(1, micro.embed_dim)).dtype == torch.float32  # autocast is off again
+        assert out["x_norm_patchtokens"].shape == (2, 6, micro.embed_dim)
+
+    def test_outputs_and_gradients_follow_float32(self, micro: DinoVisionTransformer) -> None:
+        x = real_image(32, 48)
+        results = []
+        for enabled in (False, True):
+            micro.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+                f = micro.forward_features(x)
+                loss = f["x_norm_clstoken"].float().square().sum() + f["x_norm_patchtokens"].float().square().mean()
+            loss.backward()
+            grad = torch.cat([p.grad.flatten() for p in micro.parameters() if p.grad is not None])
+            results.append((f["x_norm_clstoken"].float(), grad))
+        micro.zero_grad()
+        (cls32, grad32), (cls16, grad16) = results
+        assert torch.isfinite(grad16).all()
+        assert torch.nn.functional.cosine_similarity(cls16, cls32, dim=1).min() > 0.999
+        assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.99

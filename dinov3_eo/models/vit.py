@@ -105,6 +105,9 @@ class LinearKMaskedBias(nn.Linear):
         return F.linear(x, self.weight, self.bias * self.bias_mask.to(self.bias.dtype))
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with RoPE on the patch tokens (the last ``h*w`` tokens).
 
@@ -150,7 +153,15 @@ class SelfAttention(nn.Module):
             sin, cos = rope
             qk = rope_apply_fast(qk, sin, cos)  # q and k together; the result is contiguous
         q, k = qk.unbind(0)  # 2 x [B, h, N, hd]
-        out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, hd]
+        if x.device.type == "cpu" and q.dtype in _HALF_DTYPES:
+            # PyTorch's CPU attention kernels are no faster in bf16 than in float32, and their bf16 backward is
+            # 3-5x slower for the short sequences of small crops (ViT-T on 64-px crops: 8.3 vs 1.5 ms; only near
+            # 1,000 tokens is it 1.3x faster; scripts/bench_cpu_bf16.py), so under CPU autocast attention runs in
+            # float32 while the projections around it keep bf16's faster matrix products.
+            with torch.autocast("cpu", enabled=False):
+                out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)  # [B, h, N, hd]
         return self.proj(out.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 
