@@ -428,6 +428,14 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
         direct = model(_sat()(torch.from_numpy(raw))[None])[0, 0].numpy()
     inside = np.isfinite(heights)
     assert np.median(np.abs(direct[inside] - heights[inside])) < 0.5
+    # --bf16: the same raster within bf16 rounding (heights of ~0-60 m, 8 significant bits)
+    out16 = tmp_path / "chm_bf16.tif"
+    assert main(["predict", str(data / "TEAK_052.tif"), "--model", str(ckpt), "-o", str(out16), "--gsd", "model",
+                 "--bf16", "--quiet"]) == 0  # fmt: skip
+    with rasterio.open(out16) as o:
+        heights16 = o.read(1)
+    assert (np.isfinite(heights16) == inside).all()
+    assert np.abs(heights16[inside] - heights[inside]).max() < 0.02 * max(1.0, np.abs(heights[inside]).max())
     assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]["n"] == 1600
     with pytest.raises(SystemExit):

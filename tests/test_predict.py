@@ -195,6 +195,39 @@ class TestStreaming:
         assert peak <= 4 * len(grid.col_starts) + 4
 
 
+class TestPrecision:
+    """``amp``: bf16 autocast on CUDA by default, on a CPU only when asked, and float32 blending either way."""
+
+    class AutocastSpy(CountingModel):
+        def forward(self, x: Tensor) -> Tensor:
+            self.autocast = torch.is_autocast_enabled("cpu")
+            y = super().forward(x)
+            self.out_dtype = y.dtype
+            return y
+
+    @pytest.mark.parametrize(("amp", "autocast"), [(None, False), (False, False), (True, True)])
+    def test_cpu_autocast_only_when_asked(self, tmp_path: Path, amp: bool | None, autocast: bool) -> None:
+        spy = self.AutocastSpy()
+        run(spy, CROP, tmp_path / "out.tif", output="regression", window=64, overlap=16, amp=amp)
+        assert spy.autocast is autocast
+        assert spy.out_dtype == (torch.bfloat16 if autocast else torch.float32)
+
+    def test_bf16_outputs_follow_float32(self, model: CountingModel, tmp_path: Path) -> None:
+        """bf16 model outputs are blended in float32: the mosaic stays within bf16 rounding of the float32 one."""
+        outs = {}
+        for amp in (False, True):
+            dst = tmp_path / f"{amp}.tif"
+            run(model, CROP, dst, output="regression", window=64, overlap=16, amp=amp)
+            with rasterio.open(dst) as out:
+                outs[amp] = out.read()
+        valid = ~np.isnan(outs[False][0])
+        assert (np.isnan(outs[True][0]) == ~valid).all()
+        assert outs[True].dtype == np.float32
+        scale = np.abs(outs[False][:, valid]).max()
+        np.testing.assert_allclose(outs[True][:, valid], outs[False][:, valid], rtol=0, atol=2e-2 * scale)
+        assert not np.array_equal(outs[True][:, valid], outs[False][:, valid])  # bf16 did run
+
+
 class TestAtomicity:
     def test_crash_in_model_leaves_nothing(self, tmp_path: Path) -> None:
         class Exploding(CountingModel):

@@ -228,6 +228,18 @@ class TestSegmentCLI:
         assert cli_main(args) == 1
         assert cli_main([*args, "--overwrite"]) == 0
 
+    def test_predict_bf16_matches_float32(self, trained: Path, tmp_path: Path) -> None:
+        labels = {}
+        for flag in ([], ["--bf16"]):
+            out = tmp_path / ("bf16" if flag else "fp32")
+            args = ["segment", "predict", str(SCENE), "--model", str(trained), "-o", str(out), "--window", "256", "--quiet"]
+            assert cli_main([*args, *flag]) == 0
+            with rasterio.open(scene_outputs(SCENE, out, probabilities=False, polygons=False).classes) as cls:
+                labels[bool(flag)] = cls.read(1)
+        valid = labels[False] != 255
+        assert ((labels[True] != 255) == valid).all()
+        assert (labels[True][valid] == labels[False][valid]).mean() > 0.99  # bf16 moves only near-ties
+
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"
         with rasterio.open(SCENE) as src:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
     CHMV2_LAYERS,
@@ -453,6 +454,7 @@ def predict_height(
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
     device: str | None = None,
+    amp: bool | None = None,
     gsd: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -463,7 +465,7 @@ def predict_height(
         model: a height model (``[B, C, h, w] -> [B, 1, h, w]`` metres), e.g. from :func:`load_height_model`.
         normalization: input normalisation; default: the model's ``meta.normalization`` (raises when neither).
         quicklook: also write a PNG quick-look with a colour bar here.
-        window, overlap, batch_size, bands, nodata, device: see :func:`~dinov3_eo.inference.predict.predict_raster`.
+        window, overlap, batch_size, bands, nodata, device, amp: see :func:`~dinov3_eo.inference.predict.predict_raster`.
         gsd: resample the input on the fly (average, nodata-aware, same CRS) to this pixel size before the model,
             e.g. the model's training GSD; the output is then on that grid. ``None`` keeps the input grid (a
             warning is logged when it differs from the model's training GSD by more than 25 %).
@@ -492,7 +494,7 @@ def predict_height(
         if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):
             return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
                                title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
-                               device=device, overwrite=overwrite, progress=progress)  # fmt: skip
+                               device=device, amp=amp, overwrite=overwrite, progress=progress)  # fmt: skip
         from rasterio.vrt import WarpedVRT
 
         scale = gsd / native
@@ -505,7 +507,7 @@ def predict_height(
         ) as vrt:  # fmt: skip
             return _predict_on(model, vrt, dst, normalization=normalization, quicklook=quicklook,
                                title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
-                               device=device, overwrite=overwrite, progress=progress)  # fmt: skip
+                               device=device, amp=amp, overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def _predict_on(
@@ -590,6 +592,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", type=int, nargs="+", help="1-based input bands (default: all)")
     p.add_argument("--nodata", type=float, help="input nodata overriding the file's")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
     p.add_argument("--gsd", help="'model' (resample the input to the training GSD) or a pixel size in CRS units; "
                    "default: keep the input grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -617,8 +620,8 @@ def _predict_main(argv: Sequence[str]) -> int:
     quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
     out = predict_height(
         model, args.input, args.output, quicklook=quicklook, window=args.window, overlap=args.overlap,
-        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, gsd=gsd, overwrite=args.overwrite,
-        progress=not args.quiet,
+        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, amp=True if args.bf16 else None,
+        gsd=gsd, overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
     return 0
