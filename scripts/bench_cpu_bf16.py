@@ -11,7 +11,9 @@ script measures, in one process, alternating the variants:
    (what ``SelfAttention`` does under CPU autocast);
 3. one SSL step of the learning check (ViT-T/16, batch 32, 2x64 + 4x32-px crops, 4,096-prototype heads):
    float32 vs bf16 autocast;
-4. backbone inference (ViT-S/16, 4 windows of 512 px): float32 vs bf16 autocast, and how close the features stay.
+4. backbone inference (ViT-S/16, 4 windows of 512 px): float32 vs bf16 autocast, and how close the features stay;
+5. ``predict_raster`` end to end (a ViT-S/16 + linear head class map of a 1,536 x 1,536 RGB GeoTIFF, 512-px windows,
+   overlap 0.25): ``amp=False`` vs ``amp=True``, and how many pixels change class.
 
     .venv/bin/python scripts/bench_cpu_bf16.py
 """
@@ -111,10 +113,46 @@ def inference(repeats: int = 3) -> None:
           f"mean {cosine.mean():.5f}")
 
 
+def predict(repeats: int = 2) -> None:
+    import tempfile
+
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from dinov3_eo.data.normalization import Normalization
+    from dinov3_eo.inference.predict import predict_raster
+    from dinov3_eo.models.dense import DenseModel, LinearHead
+    from dinov3_eo.models.vit import build_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("vits16")
+    model = DenseModel(backbone=backbone, head=LinearHead(in_channels=backbone.embed_dim, out_channels=6), layers=1).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "scene.tif"
+        side = 1536
+        yy, xx = np.mgrid[0:side, 0:side]
+        pixels = np.stack([(127 + 100 * np.sin(xx / (40 + 30 * b)) * np.cos(yy / 55)) for b in range(3)]).astype(np.uint8)
+        with rasterio.open(src, "w", driver="GTiff", width=side, height=side, count=3, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(300000, 6000000, 10, 10), tiled=True) as dst:
+            dst.write(pixels)
+        times: dict[bool, float] = {False: 0.0, True: 0.0}
+        for r in range(repeats):
+            for amp in (False, True):
+                start = time.perf_counter()
+                predict_raster(model, src, Path(tmp) / f"{amp}.tif", out_channels=6, window=512, overlap=0.25,
+                               normalization=Normalization.preset("sat493m"), amp=amp, progress=False, overwrite=True)
+                times[amp] += (time.perf_counter() - start) / repeats
+        with rasterio.open(Path(tmp) / "False.tif") as a, rasterio.open(Path(tmp) / "True.tif") as b:
+            changed = float((a.read(1) != b.read(1)).mean())
+    print(f"[predict_raster] ViT-S/16 + linear head, {side}^2 px, 512-px windows: amp=False {times[False]:.1f} s | "
+          f"amp=True {times[True]:.1f} s | {times[False] / times[True]:.2f}x faster | {changed:.2%} of pixels change class")
+
+
 def main() -> None:
     retain_freed_memory()  # as the dinov3-eo command runs
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["matmul", "attention", "ssl", "inference"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["matmul", "attention", "ssl", "inference", "predict"])
     args = parser.parse_args()
     if not torch.cpu._is_avx512_bf16_supported() and not torch.cpu._is_amx_tile_supported():
         print("[note] this CPU has no bf16 instructions (AVX512-BF16/AMX): bf16 is emulated and slower here.")
@@ -126,6 +164,8 @@ def main() -> None:
         ssl_step()
     if "inference" not in args.skip:
         inference()
+    if "predict" not in args.skip:
+        predict()
 
 
 if __name__ == "__main__":
