@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -189,6 +190,32 @@ class TestHeightLabels:
         full = HeightLabels(paths=str(NEON / "*_CHM.tif"))
         assert full.coverage(crs=crs, transform=transform, shape=shape) == 1.0
         assert full.coverage(crs=crs, transform=transform @ rasterio.Affine.translation(300, 300), shape=shape) == pytest.approx(0.0625, abs=0.02)
+
+    def test_each_thread_opens_its_own_files_and_close_releases_them(self) -> None:
+        """GDAL handles are not thread-safe: reading threads must not share one (and close() lets them go)."""
+        import threading
+
+        labels = HeightLabels(paths=NEON / "TEAK_044_CHM.tif")
+        with rasterio.open(NEON / "TEAK_044_CHM.tif") as chm:
+            grid = dict(crs=chm.crs, transform=chm.transform, shape=chm.shape)
+        expected = labels.read(**grid)
+        mine = labels._open(0)
+        theirs, read_there = [], []
+
+        def reader() -> None:
+            theirs.append(labels._open(0))
+            read_there.append(labels.read(**grid))
+            labels.close()
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        thread.join()
+        assert theirs[0] is not mine and theirs[0].closed and not mine.closed
+        np.testing.assert_array_equal(read_there[0], expected)
+        labels.close()
+        assert mine.closed
+        np.testing.assert_array_equal(labels.read(**grid), expected)  # reopened on the next read
+        labels.close()
 
     def test_errors(self, tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="resampling must be one of"):
@@ -392,6 +419,24 @@ def _sat():
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_cli_fit_exits_without_teardown_errors(tmp_path: Path) -> None:
+    """A CHM file left open until the interpreter's final teardown made every ``height fit`` end with a bare
+    "Error in sys.excepthook" (rasterio's ``__del__`` failing there): the command's own process must exit cleanly."""
+    import subprocess
+    import sys
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "height" / "neon_tiny_cpu.yaml"
+    out = subprocess.run([
+        sys.executable, "-m", "dinov3_eo", "height", "fit", "--config", str(config), "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}", f"--data.paths={NEON}/TEAK_0??.tif",
+        f"--data.labels={NEON}/TEAK_0??_CHM.tif", "--data.tile_size=64", "--data.gsd=0.4", "--data.batch_size=2",
+    ], capture_output=True, text=True, timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Error in sys.excepthook" not in out.stderr and "Exception ignored" not in out.stderr
+
+
 @pytest.mark.slow
 def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
     """``dinov3-eo height fit`` (a few steps on the NEON plots), then ``predict`` and ``evaluate`` from the checkpoint."""

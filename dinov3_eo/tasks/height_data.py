@@ -34,6 +34,7 @@ from rasterio.warp import transform_bounds
 
 from dinov3_eo.data.datamodule import DenseDataModule
 from dinov3_eo.data.index import expand_sources
+from dinov3_eo.data.raster import PerThread
 from dinov3_eo.data.sampling import Tile
 
 #: Resampling choices for heights: continuous values only (``nearest`` keeps the CHM's blockiness).
@@ -46,6 +47,12 @@ class _ChmFile:
     crs: CRS
     bounds: BoundingBox
     nodata: float | None
+
+
+def _close_datasets(handles: dict[int, Any]) -> None:
+    for src in handles.values():
+        src.close()
+    handles.clear()
 
 
 class HeightLabels:
@@ -88,20 +95,19 @@ class HeightLabels:
                     raise ValueError(f"HeightLabels: band {band} is outside [1, {src.count}] for CHM {path}.")
                 files.append(_ChmFile(str(path), src.crs, src.bounds, src.nodata if nodata is None else nodata))
         self.files = files
-        self._handles: dict[int, Any] = {}
-        self._pid: int | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_handles"], state["_pid"] = {}, None  # reopened lazily in each worker
-        return state
+        # file index -> open dataset, one dict per process and thread (GDAL handles must not be shared between
+        # reading threads), closed when let go or at exit: never in the interpreter's final teardown
+        self._handles = PerThread(dict, close=_close_datasets)
 
     def _open(self, i: int):
-        if self._pid != os.getpid():
-            self._handles, self._pid = {}, os.getpid()
-        if i not in self._handles:
-            self._handles[i] = rasterio.open(self.files[i].path)
-        return self._handles[i]
+        handles = self._handles.get()
+        if i not in handles:
+            handles[i] = rasterio.open(self.files[i].path)
+        return handles[i]
+
+    def close(self) -> None:
+        """Close the CHM files the calling thread opened (they reopen on the next read)."""
+        self._handles.release()
 
     def overlapping(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> list[int]:
         """Indexes of the CHM files whose footprint meets the grid ``(crs, transform, shape)``."""
