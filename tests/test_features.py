@@ -85,6 +85,39 @@ def test_embed_cli_writes_georeferenced_features(backbone_file: Path, tmp_path: 
     assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 1  # no overwrite
 
 
+def test_embed_bf16_follows_float32(backbone_file: Path, tmp_path: Path) -> None:
+    """``--bf16``: the backbone runs under bf16 autocast; features stay float32 and within bf16 rounding."""
+    feats = {}
+    for flag in ([], ["--bf16"]):
+        out = tmp_path / f"feats{len(flag)}.tif"
+        assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet", *flag]) == 0
+        with rasterio.open(out) as f:
+            assert f.dtypes[0] == "float32"
+            feats[bool(flag)] = f.read()
+    valid = np.isfinite(feats[False]).all(axis=0)
+    assert (np.isfinite(feats[True]).all(axis=0) == valid).all()
+    a, b = feats[False][:, valid], feats[True][:, valid]
+    cosine = (a * b).sum(0) / np.linalg.norm(a, axis=0) / np.linalg.norm(b, axis=0)
+    assert cosine.min() > 0.999 and not np.array_equal(a, b)
+
+
+def test_stream_patch_features_autocast_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_backbone("vitmicro16").eval()
+    seen = []
+    layers = model.get_intermediate_layers
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return layers(*args, **kwargs)
+
+    monkeypatch.setattr(model, "get_intermediate_layers", spy)
+    with rasterio.open(CROP) as src:
+        for amp in (False, True):
+            for _, f in stream_patch_features(model, src, normalization=None, window=128, amp=amp, progress=False):
+                assert f.dtype == np.float32
+    assert seen and seen == sorted(seen) and seen[0] is False and seen[-1] is True
+
+
 def test_pca_cli_tif_and_png(backbone_file: Path, tmp_path: Path) -> None:
     tif, png = tmp_path / "pca.tif", tmp_path / "pca.png"
     for out in (tif, png):

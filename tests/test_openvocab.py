@@ -121,6 +121,13 @@ def test_logit_scale_clamped_after_each_step() -> None:
 
 # -------------------------------------------------------------------------------------------------- queries
 class TestQuery:
+    def test_bf16_scores_follow_float32(self, model_path: Path, crop: Path) -> None:
+        fp32, bf16 = (MapQuery.from_checkpoint(model_path, window=128, overlap=0.25, nodata=0, device="cpu", amp=amp)
+                      .query(crop, ["water", "forest"]) for amp in (None, True))  # fmt: skip
+        assert np.array_equal(np.isnan(fp32.values), np.isnan(bf16.values))
+        np.testing.assert_allclose(bf16.values, fp32.values, atol=0.02)
+        assert not np.array_equal(bf16.values, fp32.values)  # bf16 ran
+
     def test_georeferencing_and_nodata(self, engine: MapQuery, crop: Path) -> None:
         da = engine.query(crop, ["water", "forest"])
         with rasterio.open(crop) as src:

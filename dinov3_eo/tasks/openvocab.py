@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
+from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
@@ -607,6 +608,8 @@ class MapQuery:
         templates: prompt templates ensembled for every text query.
         window, overlap, batch_size: sliding-window settings of the streaming predictor.
         device: where the model runs (default: CUDA when available).
+        amp: bf16 autocast, as :func:`~dinov3_eo.inference.predict.predict_raster`'s (``None``: on CUDA only;
+            ``True``: on a CPU too).
         bands: 1-based bands fed to the model (default: all bands of the raster).
         nodata: nodata override for inputs (e.g. 0 for a Landsat L1 collar).
         progress: show progress bars.
@@ -625,6 +628,7 @@ class MapQuery:
         overlap: float | int = 0.25,
         batch_size: int = 4,
         device: str | torch.device | None = None,
+        amp: bool | None = None,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
         progress: bool = False,
@@ -638,7 +642,7 @@ class MapQuery:
         self.templates = tuple(templates)
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.bands = list(bands) if bands is not None else None
-        self.nodata, self.progress = nodata, progress
+        self.nodata, self.progress, self.amp = nodata, progress, amp
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> MapQuery:
@@ -712,7 +716,7 @@ class MapQuery:
             scorer, src, dst, out_channels=scorer.out_channels, window=self.window, overlap=self.overlap,
             batch_size=self.batch_size, bands=self._band_indexes(src), nodata=self.nodata,
             normalization=self.normalization, output="scores", activation=activation, scores_dtype="float32",
-            class_names=list(names), device=self.device, multiple=self.meta.patch_size, progress=self.progress,
+            class_names=list(names), device=self.device, amp=self.amp, multiple=self.meta.patch_size, progress=self.progress,
             overwrite=True, tags={"queries": json.dumps(list(names))},
         )  # fmt: skip
 
@@ -1020,6 +1024,7 @@ def _query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap as a fraction")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
@@ -1047,7 +1052,8 @@ def query_main(argv: Sequence[str]) -> int:
             if path is not None:
                 check_overwrite(path, args.overwrite)
         kwargs: dict[str, Any] = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
-                                  "device": args.device, "bands": args.bands, "nodata": args.nodata, "progress": True}  # fmt: skip
+                                  "device": args.device, "amp": True if args.bf16 else None, "bands": args.bands,
+                                  "nodata": args.nodata, "progress": True}  # fmt: skip
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
