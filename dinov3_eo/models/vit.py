@@ -155,7 +155,7 @@ class SelfAttention(nn.Module):
         q, k = qk.unbind(0)  # 2 x [B, h, N, hd]
         if x.device.type == "cpu" and q.dtype in _HALF_DTYPES:
             # PyTorch's CPU attention kernels are no faster in bf16 than in float32, and their bf16 backward is
-            # 3-5x slower for the short sequences of small crops (ViT-T on 64-px crops: 8.3 vs 1.5 ms; only near
+            # 2-6x slower for the short sequences of small crops (ViT-T on 64-px crops: 5.6 vs 1.0 ms; only near
             # 1,000 tokens is it 1.3x faster; scripts/bench_cpu_bf16.py), so under CPU autocast attention runs in
             # float32 while the projections around it keep bf16's faster matrix products.
             with torch.autocast("cpu", enabled=False):
