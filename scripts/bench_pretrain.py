@@ -218,7 +218,7 @@ def backbone_features(backbone: torch.nn.Module, chips: np.ndarray, *, size: int
 
 def learning_check(arch: str, minutes: float, export: str | None, batch: int, steps: int | None = None, *,
                    global_size: int = 64, local_size: int = 32, recipe: dict | None = None,
-                   precision: str = "32-true") -> None:
+                   precision: str = "32-true", knn_sizes: list[int] | None = None) -> None:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -277,6 +277,11 @@ def learning_check(arch: str, minutes: float, export: str | None, batch: int, st
     print(f"[learn] EuroSAT k-NN (k=20), {len(train)} train / {len(test)} test chips, {len(classes)} classes, chance "
           f"{1 / len(classes):.3f}:")
     print(f"[learn]   pretrained {acc_learned:.3f} | random weights {acc_random:.3f} | colour histograms {acc_colour:.3f}")
+    for size in [s for s in knn_sizes or [] if s != global_size]:  # the same chips upsampled: more patch tokens
+        accs = [knn_accuracy(backbone_features(m, train_chips, size=size), ytr, backbone_features(m, test_chips, size=size),
+                             yte) for m in (learned, random_backbone)]  # fmt: skip
+        print(f"[learn]   at {size} px: pretrained {accs[0]:.3f} | random weights {accs[1]:.3f} | colour histograms "
+              f"{acc_colour:.3f}")
     if export:
         meta = module.backbone_meta()
         export_backbone(learned, export, meta=meta)
@@ -298,6 +303,8 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision of the learning check: 32-true, or bf16-mixed on a CPU with bf16 "
                         "instructions (AVX512-BF16/AMX: ~2x the steps in the same minutes)")
+    parser.add_argument("--knn-sizes", type=int, nargs="*", default=None,
+                        help="also run the k-NN with the chips resized to these sides (e.g. 96 128)")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
     parser.add_argument("--step-batch", type=int, nargs="+", default=[16, 4],
                         help="batch sizes of the step-overhead check (16: the official 7B recipe's images per GPU, the "
@@ -318,7 +325,8 @@ def main() -> None:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
         learning_check(args.arch, args.minutes, args.export, args.batch, args.steps, global_size=args.global_size,
-                       local_size=args.local_size, recipe=args.recipe, precision=args.precision)
+                       local_size=args.local_size, recipe=args.recipe, precision=args.precision,
+                       knn_sizes=args.knn_sizes)
 
 
 if __name__ == "__main__":
