@@ -6,7 +6,8 @@
     products set, which no implementation of the official heads goes below.
 (2) Pretrain a small ViT for a fixed wall-clock budget on Landsat-8 tiles and EuroSAT train chips from ../shared/data,
     then k-NN (k=20) accuracy of frozen teacher CLS features on a EuroSAT train/test split, against the same
-    architecture with random weights and a k-NN on colour features (per-band mean, std and an 8-bin histogram).
+    architecture with random weights and a k-NN on colour features (per-band mean, std and an 8-bin histogram);
+    the two ViTs are evaluated at the training crop size and on the chips upsampled (``--knn-sizes``).
     It trains with ``SHORT_RUN``, the three changes a run of minutes needs (README, "Pretraining learning check").
     The teacher backbone is exported (``--export``) for the dense-task experiments.
 
@@ -303,8 +304,9 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true",
                         help="Lightning precision of the learning check: 32-true, or bf16-mixed on a CPU with bf16 "
                         "instructions (AVX512-BF16/AMX: ~2x the steps in the same minutes)")
-    parser.add_argument("--knn-sizes", type=int, nargs="*", default=None,
-                        help="also run the k-NN with the chips resized to these sides (e.g. 96 128)")
+    parser.add_argument("--knn-sizes", type=int, nargs="*", default=[128, 224],
+                        help="also run the k-NN with the chips upsampled to these sides (a 64-px chip is 4x4 tokens at "
+                        "patch 16; ViT evaluations of EuroSAT resize to 224); give none to skip")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
     parser.add_argument("--step-batch", type=int, nargs="+", default=[16, 4],
                         help="batch sizes of the step-overhead check (16: the official 7B recipe's images per GPU, the "
