@@ -156,6 +156,68 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
             **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
 
 
+# aten ops that only re-describe a tensor (no kernel on a GPU); everything else counts as one launch
+_METADATA_OPS = {"view", "_unsafe_view", "as_strided", "expand", "permute", "transpose", "t", "unsqueeze", "squeeze",
+                 "select", "slice", "split", "split_with_sizes", "unbind", "alias", "detach", "_reshape_alias",
+                 "lift_fresh"}
+
+
+def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                   **module_kwargs) -> dict[str, int]:
+    """Aten ops dispatched by each part of one SSL step and by the backbone-only work, metadata ops left out.
+
+    A proxy for GPU kernel launches where a step is launch-bound (ViT-S on an H100), measurable on a CPU. Note that
+    the crops' random draws are CPU ops on a GPU too (cheap host work, no launch).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinov3_eo.ssl.stage import make_views
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            self.n += func.overloadpacket.__name__ not in _METADATA_OPS
+            return func(*args, **(kwargs or {}))
+
+    module, optimizer, data = ssl_step_setup(arch, batch, global_size=global_size, local_size=local_size,
+                                             n_local=n_local, **module_kwargs)
+    view_kwargs = dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
+                       crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+    crops, masking = make_views(data["image"], None, **view_kwargs)
+    student, teacher = module.student["backbone"], module.teacher["backbone"]
+
+    def forward_backward() -> None:
+        module.compute_losses(data, step=10)["total"].backward()
+
+    def optimizer_step() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def backbone_only() -> None:
+        with torch.no_grad():
+            teacher.forward_features(crops["global_crops"])
+        outs = student.forward_features([crops["global_crops"], crops["local_crops"]], masks=[masking["masks"], None])
+        sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()
+        student.zero_grad(set_to_none=True)
+
+    parts = {"views": lambda: make_views(data["image"], None, **view_kwargs), "forward+losses+backward": forward_backward,
+             "optimizer": optimizer_step, "ema": lambda: module._ema_update(0.996), "backbone_only": backbone_only}
+    for fn in parts.values():  # warm-up: lazy state (optimiser moments) is created outside the count
+        fn()
+    counts = {}
+    for name, fn in parts.items():
+        with _Count() as counter:
+            fn()
+        counts[name] = counter.n
+    full = counts["forward+losses+backward"] + counts["optimizer"] + counts["ema"]  # compute_losses makes the views
+    print(f"[ops] {arch}, batch {batch}: full step {full:,} ops vs backbone-only {counts['backbone_only']:,} = "
+          f"{full / counts['backbone_only']:.2f}x; " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    return counts | {"full": full}
+
+
 def _eurosat_split(per_class_train: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:
     root = SHARED / "eurosat_rgb_dev"
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -315,6 +377,8 @@ def main() -> None:
     parser.add_argument("--step-arch", nargs="+", default=["vits16"],
                         help="backbones of the step-overhead check (the heads are the same size for all, so their "
                         "share falls as the backbone grows)")
+    parser.add_argument("--op-counts", action="store_true",
+                        help="also count the aten ops of each part of the step (a proxy for GPU kernel launches)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
     args = parser.parse_args()
@@ -323,6 +387,8 @@ def main() -> None:
         for arch in args.step_arch:
             for batch in args.step_batch:
                 step_overhead(arch, batch=batch, repeats=3)
+                if args.op_counts:
+                    step_op_counts(arch, batch)
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
