@@ -66,6 +66,12 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     return module, optimizer, {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
 
 
+def _step_view_kwargs(module, global_size: int, local_size: int) -> dict:  # noqa: ANN001
+    """``make_views`` arguments of the fixed step (step 10, seed 0) both step checks time or count."""
+    return dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
+                crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+
+
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
@@ -80,8 +86,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, global_size=global_size,
                                              local_size=local_size, n_local=n_local, **module_kwargs)
     images = data["image"]
-    view_kwargs = dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
-                       crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+    view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(images, None, **view_kwargs)
     student, teacher = module.student["backbone"], module.teacher["backbone"]
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
@@ -184,8 +189,7 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
 
     module, optimizer, data = ssl_step_setup(arch, batch, global_size=global_size, local_size=local_size,
                                              n_local=n_local, **module_kwargs)
-    view_kwargs = dict(seed=0, step=10, global_size=global_size, local_size=local_size, gram_size=None, patch_size=16,
-                       crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
+    view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(data["image"], None, **view_kwargs)
     student, teacher = module.student["backbone"], module.teacher["backbone"]
 
