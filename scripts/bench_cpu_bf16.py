@@ -31,15 +31,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_pretrain as bp  # noqa: E402
+
 from dinov3_eo.allocator import retain_freed_memory  # noqa: E402
 
 
 def _ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return bp._time(fn, repeats) * 1e3
 
 
 def matmul_rates(n: int = 2048, repeats: int = 10) -> None:
@@ -70,8 +68,6 @@ def attention(shapes: list[tuple[int, int, int, int]], repeats: int = 5) -> None
 
 
 def ssl_step(repeats: int = 5) -> None:
-    import bench_pretrain as bp
-
     kwargs = dict(dino_out_dim=4096, dino_hidden_dim=512, dino_bottleneck_dim=128, ibot_out_dim=4096,
                   ibot_hidden_dim=512, ibot_bottleneck_dim=128) | bp.SHORT_RUN
     module, optimizer, data = bp.ssl_step_setup("vitt16", 32, global_size=64, local_size=32, n_local=4, **kwargs)

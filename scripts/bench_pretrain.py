@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -72,6 +73,19 @@ def _step_view_kwargs(module, global_size: int, local_size: int) -> dict:  # noq
                 crop_kwargs=module._crop_kwargs, mask_probability=0.5, mask_ratio_range=(0.1, 0.5))
 
 
+def backbone_only_work(module, crops: dict, masking: dict, *, autocast=None) -> None:  # noqa: ANN001
+    """The backbone work an SSL step cannot avoid on ``crops``: teacher forward on the global crops, student
+    forward + backward on all crops (a sum of its outputs stands in for the heads and losses)."""
+    student, teacher = module.student["backbone"], module.teacher["backbone"]
+    with autocast or contextlib.nullcontext():
+        with torch.no_grad():
+            teacher.forward_features(crops["global_crops"])
+        outs = student.forward_features([crops["global_crops"], crops["local_crops"]], masks=[masking["masks"], None])
+        total = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
+    total.backward()
+    student.zero_grad(set_to_none=True)
+
+
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
@@ -88,7 +102,6 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     images = data["image"]
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(images, None, **view_kwargs)
-    student, teacher = module.student["backbone"], module.teacher["backbone"]
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     with FlopCounterMode(display=False) as counter:
         make_views(images, None, **view_kwargs)
@@ -120,14 +133,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         return t1 - t0
 
     def backbone_only() -> None:
-        with autocast:
-            with torch.no_grad():
-                teacher.forward_features(crops["global_crops"])
-            outs = student.forward_features([crops["global_crops"], crops["local_crops"]],
-                                            masks=[masking["masks"], None])
-            total = sum(o["x_norm_clstoken"].float().sum() + o["x_norm_patchtokens"].float().sum() for o in outs)
-        total.backward()
-        student.zero_grad(set_to_none=True)
+        backbone_only_work(module, crops, masking, autocast=autocast)
 
     for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU)
         full_step(), backbone_only()
@@ -191,7 +197,6 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
                                              n_local=n_local, **module_kwargs)
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(data["image"], None, **view_kwargs)
-    student, teacher = module.student["backbone"], module.teacher["backbone"]
 
     def forward_backward() -> None:
         module.compute_losses(data, step=10)["total"].backward()
@@ -200,15 +205,9 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def backbone_only() -> None:
-        with torch.no_grad():
-            teacher.forward_features(crops["global_crops"])
-        outs = student.forward_features([crops["global_crops"], crops["local_crops"]], masks=[masking["masks"], None])
-        sum(o["x_norm_clstoken"].sum() + o["x_norm_patchtokens"].sum() for o in outs).backward()
-        student.zero_grad(set_to_none=True)
-
     parts = {"views": lambda: make_views(data["image"], None, **view_kwargs), "forward+losses+backward": forward_backward,
-             "optimizer": optimizer_step, "ema": lambda: module._ema_update(0.996), "backbone_only": backbone_only}
+             "optimizer": optimizer_step, "ema": lambda: module._ema_update(0.996),
+             "backbone_only": lambda: backbone_only_work(module, crops, masking)}
     for fn in parts.values():  # warm-up: lazy state (optimiser moments) is created outside the count
         fn()
     counts = {}
