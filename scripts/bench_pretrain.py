@@ -49,11 +49,13 @@ def _time(fn, repeats: int) -> float:
 
 
 def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: int = 224, local_size: int = 96,
-                   n_local: int = 8, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
+                   n_local: int = 8, compile: bool = False, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
     """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
 
-    The images are ``max(256, global_size)`` px square so that every crop size fits.
+    The images are ``max(256, global_size)`` px square so that every crop size fits. ``compile`` compiles every
+    block and head as ``model.compile: true`` does when a fit starts.
     """
+    from dinov3_eo.ssl.compilation import compile_regions
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
@@ -62,6 +64,8 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     module._total_steps = lambda: 1000  # type: ignore[method-assign]  # schedules need a length outside a Trainer
     optimizer = module.configure_optimizers()
     module.train()
+    if compile:
+        compile_regions(module)
     side = max(256, global_size)
     images = torch.randn(batch, 3, side, side, device=device)
     return module, optimizer, {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
@@ -87,18 +91,20 @@ def backbone_only_work(module, crops: dict, masking: dict, *, autocast=None) -> 
 
 
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
-                  n_local: int = 8, device: str = "cpu", bf16: bool = False, **module_kwargs) -> dict[str, float]:
+                  n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool = False,
+                  **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
     On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
-    ``bf16-mixed``). Returns the mean seconds of both and the full step's breakdown.
+    ``bf16-mixed``); ``compile`` compiles the blocks and heads, which the backbone-only work then uses too. Returns
+    the mean seconds of both, the full step's breakdown and (compiled) the seconds of the first, compiling steps.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     from dinov3_eo.ssl.stage import make_views
 
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, global_size=global_size,
-                                             local_size=local_size, n_local=n_local, **module_kwargs)
+                                             local_size=local_size, n_local=n_local, compile=compile, **module_kwargs)
     images = data["image"]
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(images, None, **view_kwargs)
@@ -135,8 +141,10 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     def backbone_only() -> None:
         backbone_only_work(module, crops, masking, autocast=autocast)
 
-    for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU)
+    warm_start = now()
+    for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU; compilation)
         full_step(), backbone_only()
+    warm_up_s = now() - warm_start
     # the floor: how much more arithmetic the full step does (the heads' products, mostly); a time ratio close to
     # this FLOP ratio means the heads, losses, crops and EMA cost what their arithmetic costs and no more
     flops = {}
@@ -157,14 +165,15 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     t_full, t_backbone = t_full / repeats, t_backbone / repeats
     heads = module.hparams.dino_out_dim
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
-          f"{device}{' bf16' if bf16 else ''}, {repeats} alternating repeats:")
+          f"{device}{' bf16' if bf16 else ''}{' compiled' if compile else ''}, {repeats} alternating repeats "
+          f"(warm-up {warm_up_s:.1f} s):")
     flop_ratio = flops["full"] / flops["backbone"]
     print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
           f"ratio {t_full / t_backbone:.3f}x | FLOP ratio {flop_ratio:.3f}x ({flops['full'] / 1e9:,.0f} vs "
           f"{flops['backbone'] / 1e9:,.0f} GFLOP) | time beyond the arithmetic {t_full / t_backbone / flop_ratio:.3f}x")
     print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.3f} s" for k, v in parts.items()))
     return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
-            **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
+            "warm_up_s": warm_up_s, **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
 
 
 # aten ops that only re-describe a tensor (no kernel on a GPU); everything else counts as one launch
@@ -178,7 +187,8 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
     """Aten ops dispatched by each part of one SSL step and by the backbone-only work, metadata ops left out.
 
     A proxy for GPU kernel launches where a step is launch-bound (ViT-S on an H100), measurable on a CPU. Note that
-    the crops' random draws are CPU ops on a GPU too (cheap host work, no launch).
+    the crops' random draws are CPU ops on a GPU too (cheap host work, no launch). Eager only: under the counting
+    dispatch mode compiled regions run eagerly, so a compiled module would report the eager count.
     """
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -382,6 +392,8 @@ def main() -> None:
                         "share falls as the backbone grows)")
     parser.add_argument("--op-counts", action="store_true",
                         help="also count the aten ops of each part of the step (a proxy for GPU kernel launches)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the step with every block and head compiled (model.compile: true)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
     args = parser.parse_args()
@@ -389,7 +401,11 @@ def main() -> None:
     if not args.skip_step:
         for arch in args.step_arch:
             for batch in args.step_batch:
-                step_overhead(arch, batch=batch, repeats=3)
+                eager = step_overhead(arch, batch=batch, repeats=3)
+                if args.compile:
+                    compiled = step_overhead(arch, batch=batch, repeats=3, compile=True)
+                    print(f"[step]   compiled vs eager: full step {compiled['full_s'] / eager['full_s']:.3f}x, "
+                          f"backbone-only work {compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
                 if args.op_counts:
                     step_op_counts(arch, batch)
     if not args.skip_learning:

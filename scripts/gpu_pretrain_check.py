@@ -13,7 +13,8 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
 1. correctness: ViT-S/16 on the GPU against the CPU in float32, and bf16 autocast against float32;
 2. backbone throughput (images/s, bf16, forward) of ViT-S/B/L at 224 px;
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
-   ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16;
+   ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16; at batch 256; and at batch 64 with every
+   block and head compiled (``model.compile: true``, the backbone-only work compiled alike);
 4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, and a kernel profile of one SSL step;
 5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
    the CPU check (Landsat-8 tiles of the ``_RT`` scene with nodata 0 and percentile normalisation, plus the 1,400
@@ -272,6 +273,7 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         stages = [("correctness", lambda: correctness(device)), ("throughput", lambda: throughput(device)),
                   ("step_overhead_224", lambda: step_overhead_224(device)),
                   ("step_overhead_224_b256", lambda: step_overhead_224(device, batch=256)),
+                  ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
     else:
@@ -370,10 +372,10 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     return {"device_ms" if cuda else "cpu_ms": total}
 
 
-def step_overhead_224(device: str, batch: int = 64) -> dict[str, float]:
+def step_overhead_224(device: str, batch: int = 64, compile: bool = False) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
-    result = step_overhead("vits16", batch, 5, device=device, bf16=True)
+    result = step_overhead("vits16", batch, 5, device=device, bf16=True, compile=compile)
     torch.cuda.empty_cache()
     return result
 
@@ -392,7 +394,7 @@ def main() -> None:
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
-                   "step_overhead_224_b256, profile, stages, learning")
+                   "step_overhead_224_b256, step_overhead_224_compiled, profile, stages, learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")

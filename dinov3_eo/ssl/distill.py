@@ -104,6 +104,8 @@ class DINOv3Distill(SSLStage):
         momentum_teacher, final_momentum_teacher: EMA of each student (0.994 → 1.0).
         teacher_temp, warmup_teacher_temp, teacher_temp_warmup_steps, student_temp: temperatures (0.07 constant).
         dino_loss_weight, ibot_loss_weight, koleo_loss_weight, local_loss_weight: loss weights.
+        compile: ``torch.compile`` every block and head (teacher, students, their EMAs) when training starts, as in
+            :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
     """
 
@@ -150,6 +152,7 @@ class DINOv3Distill(SSLStage):
         ibot_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
         local_loss_weight: float = 1.0,
+        compile: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()

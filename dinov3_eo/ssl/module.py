@@ -57,6 +57,9 @@ class DINOv3Pretrain(SSLStage):
             restored, step counter fresh) or any backbone source :func:`load_backbone` reads (official ``.pth``,
             timm/HF weights, our exports; heads start fresh).
         grad_checkpointing: activation checkpointing in the student's blocks (memory for compute).
+        compile: ``torch.compile`` every transformer block and head of the student, teacher and Gram teacher when
+            training starts (regional compilation, as the official ``train.compile``; see
+            :mod:`dinov3_eo.ssl.compilation`). The first steps take longer while each input shape compiles.
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).
@@ -109,6 +112,7 @@ class DINOv3Pretrain(SSLStage):
         backbone_kwargs: dict[str, Any] | None = None,
         init_from: str | None = None,
         grad_checkpointing: bool = False,
+        compile: bool = False,
         dino_out_dim: int = 65536,
         dino_hidden_dim: int = 2048,
         dino_bottleneck_dim: int = 256,
@@ -284,6 +288,7 @@ class DINOv3Pretrain(SSLStage):
         if self.hparams.gram_loss_weight > 0 and self.gram_teacher is None:
             # "ema": the Gram teacher starts as a frozen copy of the EMA teacher
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"]).requires_grad_(False).eval()
+        super().on_fit_start()  # compiles, after the copy above
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.backbone_meta().to_dict()

@@ -22,6 +22,7 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from dinov3_eo.ssl.compilation import check_compile_toolchain, compile_regions
 from dinov3_eo.ssl.crops import MultiCrop
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
@@ -187,7 +188,8 @@ class SSLStage(LightningModule):
 
     Subclasses must call ``save_hyperparameters()`` with the schedule/optimiser arguments used by
     :func:`step_schedule` plus ``base_lr``, ``scale_lr_with_batch``, ``adamw_betas``, ``layerwise_decay``,
-    ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``.
+    ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``; an optional ``compile`` hyper-parameter compiles every block
+    and head when a fit starts (:mod:`dinov3_eo.ssl.compilation`).
     """
 
     #: batches of the interrupted epoch already trained on when resuming (skipped, see on_train_start)
@@ -255,6 +257,15 @@ class SSLStage(LightningModule):
             getattr(optimizer, "optimizer", optimizer),  # unwrap Lightning's optimizer wrapper
             lr=values["lr"], weight_decay=values["weight_decay"], last_layer_lr=values["last_layer_lr"],
         )
+
+    # ------------------------------------------------------------------ compilation
+
+    def on_fit_start(self) -> None:
+        # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
+        if getattr(self.hparams, "compile", False):
+            check_compile_toolchain(self.device)
+            count = compile_regions(self)
+            log.info("torch.compile: %d blocks and heads compiled (each input shape compiles on its first step).", count)
 
     # ------------------------------------------------------------------ exact resumption
 

@@ -1,0 +1,74 @@
+"""Regional ``torch.compile`` for the SSL stages: every transformer block and every projection head, one at a time.
+
+The official recipe compiles the model block by block (``train.compile``) rather than as one graph. We do the same:
+the blocks of a ViT share one compiled graph (PyTorch ≥ 2.5 inlines ``nn.Module`` instances, so the 12-40 blocks of a
+backbone compile once per input shape, not once each), compilation stays short, and nothing around the blocks
+(multi-crop, masking, losses with data-dependent shapes) has to be traceable. ``nn.Module.compile`` compiles in place:
+state-dict keys, checkpoints and exports are unchanged.
+
+Compilation must come after every ``copy.deepcopy`` of a module (the EMA teacher, the Gram teacher snapshot): a copy
+of a compiled module would keep calling the original's forward.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from typing import Any
+
+import torch
+from torch import nn
+
+from dinov3_eo.models.heads import DINOHead
+from dinov3_eo.models.vit import Block
+
+__all__ = ["check_compile_toolchain", "compile_regions", "is_compiled"]
+
+#: module types compiled by :func:`compile_regions`
+COMPILED_TYPES: tuple[type[nn.Module], ...] = (Block, DINOHead)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module.compile()`` has been called on this module."""
+    return getattr(module, "_compiled_call_impl", None) is not None
+
+
+def check_compile_toolchain(device: torch.device | str) -> None:
+    """Raise a clear error where ``torch.compile``'s default backend cannot build kernels for ``device``.
+
+    Inductor writes C++ kernels on a CPU (needs a C++ compiler) and Triton kernels on a GPU (needs ``triton``);
+    without them the failure would come at the first step, from deep inside torch.
+
+    Raises:
+        RuntimeError: naming what is missing and how to turn compilation off.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu" and not any(shutil.which(cxx) for cxx in ("c++", "g++", "clang++")):
+        raise RuntimeError(
+            "model.compile=true on a CPU needs a C++ compiler (c++, g++ or clang++ on PATH) for torch.compile's "
+            "kernels; install one or set model.compile false."
+        )
+    if kind == "cuda" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError(
+            "model.compile=true on a GPU needs the 'triton' package for torch.compile's kernels; install it "
+            "(pip install triton) or set model.compile false."
+        )
+
+
+def compile_regions(model: nn.Module, **compile_kwargs: Any) -> int:
+    """Compile, in place, every transformer :class:`~dinov3_eo.models.vit.Block` and :class:`DINOHead` in ``model``.
+
+    Args:
+        model: any module tree (a Lightning module, a backbone, a ``ModuleDict`` of backbone and heads).
+        compile_kwargs: passed to ``torch.compile`` (``mode``, ``dynamic``, ``backend``, ...).
+
+    Returns:
+        The number of modules newly compiled (already compiled ones are left as they are, so calling this twice,
+        e.g. when ``fit`` runs again, compiles nothing new).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, COMPILED_TYPES) and not is_compiled(module):
+            module.compile(**compile_kwargs)
+            count += 1
+    return count
