@@ -12,7 +12,10 @@ What it measures, in one run:
    processes) and with a ``DataLoader`` of worker processes like torchgeo's; our optional block-snapped
    sampling (``snap=256``) is reported apart (other sampling). Every timing runs in a fresh child process
    (no GDAL cache setting or content carried from one library to the other); the page cache is warmed for
-   each file first, and the first batch (worker start-up) is not timed. The decode floor — plain ``rasterio``
+   each file first, and the first batch (worker start-up) and ``--warmup-tiles`` more are not timed: GDAL's default
+   block cache, which torchgeo's workers use (5 % of RAM each), reads 3-4x slower while it fills (its fresh memory
+   is page-faulted in) and faster once full (re-visited blocks hit), so a short timing would catch torchgeo in its
+   slowest phase. The steady state is reported, with each variant's peak RSS. The decode floor — plain ``rasterio``
    reads of the same windows in one process, with our reader's GDAL cache — bounds what a loader could
    reach: its tiles per CPU-second over torchgeo's is the largest possible speed-up on that file.
 2. **A training thread beside the loader** — a Python thread that issues ``--launch-ops`` tiny torch ops per
@@ -102,13 +105,14 @@ def random_tiles(path: Path | str, *, length: int, seed: int, snap: int = 1):  #
 
 
 def bench_ours(
-    path: Path, *, tiles: int, workers: int, batch_size: int, seed: int, snap: int = 1, threads: bool = False
-) -> tuple[float, float]:
+    path: Path, *, tiles: int, workers: int, batch_size: int, seed: int, warmup: int = 0, snap: int = 1,
+    threads: bool = False,
+) -> tuple[float, float, float]:
     """Our loader: ``workers`` DataLoader worker processes, or with ``threads`` a ThreadedTileLoader of as many threads."""
-    loader = _make_loader(path, tiles=tiles + batch_size, workers=workers, batch_size=batch_size, seed=seed, snap=snap,
-                          threads=threads)
+    loader = _make_loader(path, tiles=warmup + tiles + batch_size, workers=workers, batch_size=batch_size, seed=seed,
+                          snap=snap, threads=threads)
     try:
-        return _time_loader(loader)
+        return _time_loader(loader, warmup // batch_size)
     finally:
         if threads:
             loader.close()
@@ -197,7 +201,8 @@ def bench_bare_reads(path: Path, *, tiles: int, seed: int) -> float:
         return len(windows) / (_cpu_seconds([os.getpid()]) - cpu0)
 
 
-def bench_torchgeo(path: Path, *, tiles: int, workers: int, batch_size: int, seed: int) -> tuple[float, float]:
+def bench_torchgeo(path: Path, *, tiles: int, workers: int, batch_size: int, seed: int,
+                   warmup: int = 0) -> tuple[float, float, float]:
     from torch.utils.data import DataLoader
     from torchgeo.datasets import RasterDataset, stack_samples
     from torchgeo.samplers import RandomPatchSampler
@@ -206,38 +211,43 @@ def bench_torchgeo(path: Path, *, tiles: int, workers: int, batch_size: int, see
         filename_glob = path.name
 
     dataset = Archive(paths=str(path.parent))
-    sampler = RandomPatchSampler(dataset, size=256, length=tiles + batch_size, generator=seed)
+    sampler = RandomPatchSampler(dataset, size=256, length=warmup + tiles + batch_size, generator=seed)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=stack_samples)
-    return _time_loader(loader)
+    return _time_loader(loader, warmup // batch_size)
 
 
-def _time_loader(loader) -> tuple[float, float]:
-    """(tiles/s, tiles per CPU-second of the main process and its workers), both after the first batch.
+def _time_loader(loader, warmup_batches: int = 0) -> tuple[float, float, float]:
+    """(tiles/s, tiles per CPU-second of the main process and its workers, their summed peak RSS in MiB), timed
+    after the first ``1 + warmup_batches`` batches.
 
     A thread loader's threads are part of the main process, so its CPU seconds count in full.
     """
     it = iter(loader)
-    next(it)  # worker start-up and first reads are not timed
+    for _ in range(1 + warmup_batches):  # worker start-up, first reads and the warm-up are not timed
+        next(it)
     # Worker pids from the iterator (a private attribute, fine in a benchmark): their CPU must be read before
     # the last batch, after which the DataLoader shuts them down.
     pids = [os.getpid()] + [w.pid for w in getattr(it, "_workers", [])]
     count, start, cpu0 = 0, time.perf_counter(), _cpu_seconds(pids)
-    for _ in range(len(loader) - 2):
+    for _ in range(len(loader) - 2 - warmup_batches):
         count += next(it)["image"].shape[0]
     cpu, wall = _cpu_seconds(pids) - cpu0, time.perf_counter() - start
+    rss = sum(_peak_rss_mib(pid) for pid in pids)
     for batch in it:  # the last batch: drained, not counted
         pass
-    return count / wall, count / cpu
+    return count / wall, count / cpu, rss
 
 
 def _summary(label: str, row: dict[str, object], workers: int) -> str:
     """The throughput medians as a small table that names which comparison is like for like."""
-    lines = [f"{label}: median tiles/s (tiles per CPU-second), speed-up over torchgeo in tiles/s"]
+    lines = [f"{label}: median tiles/s (tiles per CPU-second) [peak RSS of the process and its workers, summed], "
+             "speed-up over torchgeo in tiles/s"]
     for variant, (name, remark) in VARIANT_LABELS.items():
         if f"{variant}_tiles_per_s" in row:
             speedup = "" if variant == "torchgeo" else f"  {row[f'speedup_{variant}_tiles_per_s']:.2f}x"
             lines.append(f"  {name.format(workers=workers):48s} {row[f'{variant}_tiles_per_s']:7.0f} "
-                         f"({row[f'{variant}_tiles_per_cpu_s']:.0f}){speedup}{remark}")
+                         f"({row[f'{variant}_tiles_per_cpu_s']:.0f}) [{row[f'{variant}_peak_rss_mib']:,.0f} MiB]"
+                         f"{speedup}{remark}")
     lines.append(f"  {'plain rasterio reads of the same windows, 1 process':48s}         "
                  f"({row['bare_reads_tiles_per_cpu_s']:.0f})  {row['speedup_bound_per_cpu_s']:.2f}x per CPU-second: "
                  "the most any loader with our GDAL cache could reach")
@@ -270,17 +280,18 @@ VARIANT_LABELS = {
 }
 
 
-def measure(variant: str, path: Path, *, tiles: int, workers: int, batch_size: int, seed: int) -> tuple[float, float]:
-    """(tiles/s, tiles per CPU-second) of ``variant`` on ``path``, timed in a fresh Python process.
+def measure(variant: str, path: Path, *, tiles: int, workers: int, batch_size: int, seed: int,
+            warmup: int = 0) -> tuple[float, float, float]:
+    """(tiles/s, tiles per CPU-second, peak RSS in MiB of the process and its workers) of ``variant`` on ``path``,
+    timed in a fresh Python process after ``warmup`` untimed tiles.
 
     A fresh process per timing, so that no library inherits another's state: GDAL's block cache is process-wide
     (our reader caps it at 64 MiB, GDAL's default is 5 % of RAM), and worker processes forked from a parent
     holding a large filled cache were measurably slower (torchgeo on the 20k raster: ~310 instead of ~385
     tiles/s, 2026-11-26).
     """
-    tiles_per_s, tiles_per_cpu_s = _run_child("--child", variant, str(path), "--tiles", str(tiles), "--workers",
-                                               str(workers), "--batch-size", str(batch_size), "--seed", str(seed))
-    return tiles_per_s, tiles_per_cpu_s
+    return tuple(_run_child("--child", variant, str(path), "--tiles", str(tiles), "--workers", str(workers),
+                            "--batch-size", str(batch_size), "--seed", str(seed), "--warmup-tiles", str(warmup)))
 
 
 def _run_child(*argv: str):  # noqa: ANN202 - the child's JSON answer
@@ -300,10 +311,10 @@ def rss_child(path: str, tiles: int, seed: int) -> None:
     print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak resident set (VmHWM). ``ru_maxrss`` is not used: Linux carries it over from
+def _peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak resident set (VmHWM). ``ru_maxrss`` is not used: Linux carries it over from
     the parent across fork/exec, so a child would report the parent's peak."""
-    with open("/proc/self/status") as f:
+    with open(f"/proc/{pid}/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
@@ -320,6 +331,9 @@ def main() -> int:
     parser.add_argument("--landsat", default=str(LANDSAT if LANDSAT.exists() else SAMPLE), help="the real small raster")
     parser.add_argument("--large-size", type=int, default=20000, help="side of the synthetic raster in pixels")
     parser.add_argument("--tiles", type=int, default=2048, help="timed tiles per library, file and repeat")
+    parser.add_argument("--warmup-tiles", type=int, default=3072,
+                        help="untimed tiles before each timing: GDAL's default block cache (torchgeo's; 5 %% of RAM "
+                             "per worker) reads slower while it fills, ~1,000 tiles per worker on the 20k raster")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per library and file, interleaved; medians are reported")
     parser.add_argument("--rss-tiles", type=int, default=300, help="tiles read in each memory child")
     parser.add_argument("--workers", type=int, default=2)
@@ -339,7 +353,8 @@ def main() -> int:
         return 0
     if args.child:
         variant, path = args.child
-        kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed)
+        kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed,
+                  warmup=args.warmup_tiles)
         print(json.dumps(VARIANTS[variant](Path(path), kw)))
         return 0
 
@@ -352,11 +367,13 @@ def main() -> int:
         print(f"wrote {large} ({large.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - t0:.0f} s", flush=True)
     small = Path(args.landsat)
     results: dict[str, object] = {"workers": args.workers, "batch_size": args.batch_size, "tile": 256, "tiles": args.tiles,
+                                  "warmup_tiles": args.warmup_tiles,
                                   "cpu_count": os.cpu_count(), "files": {"small": str(small), "large": str(large)}}
     for label, path in (("small", small), ("large", large)):
         warm_page_cache(path)
-        kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed)
-        runs: dict[str, list[tuple[float, float]]] = {variant: [] for variant in VARIANTS}
+        kw = dict(tiles=args.tiles, workers=args.workers, batch_size=args.batch_size, seed=args.seed,
+                  warmup=args.warmup_tiles)
+        runs: dict[str, list[tuple[float, float, float]]] = {variant: [] for variant in VARIANTS}
         # Interleaved, so that load from other jobs drifting during the run hits every variant alike. Besides the
         # like-for-like pairs (our default thread loader, and worker processes like torchgeo's): our optional
         # block-snapped sampling (both files use 256-px blocks; other sampling, reported apart).
@@ -367,9 +384,11 @@ def main() -> int:
         row: dict[str, object] = {"bare_reads_tiles_per_cpu_s": bench_bare_reads(path, tiles=args.tiles, seed=args.seed)}
         for k, v in runs.items():
             if v:
-                row[f"{k}_tiles_per_s"] = float(np.median([r for r, _ in v]))
-                row[f"{k}_tiles_per_cpu_s"] = float(np.median([c for _, c in v]))
-        row["runs"] = {k: [{"tiles_per_s": r, "tiles_per_cpu_s": c} for r, c in v] for k, v in runs.items()}
+                row[f"{k}_tiles_per_s"] = float(np.median([r for r, _, _ in v]))
+                row[f"{k}_tiles_per_cpu_s"] = float(np.median([c for _, c, _ in v]))
+                row[f"{k}_peak_rss_mib"] = float(np.median([m for _, _, m in v]))
+        row["runs"] = {k: [{"tiles_per_s": r, "tiles_per_cpu_s": c, "peak_rss_mib": m} for r, c, m in v]
+                       for k, v in runs.items()}
         if runs["torchgeo"]:
             for variant in VARIANTS:
                 for unit in ("tiles_per_s", "tiles_per_cpu_s"):
