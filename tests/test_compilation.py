@@ -130,9 +130,11 @@ class _Tiles(torch.utils.data.Dataset):
 
 
 @pytest.mark.slow
-def test_fit_with_compile_trains_the_gram_stage_and_checkpoints_load_without_it(tmp_path: Path) -> None:
-    """``compile: true`` in a Lightning fit with an EMA Gram teacher (made by a deepcopy at fit start, compiled after)."""
-    kwargs = {**MODEL_KW, "gram_loss_weight": 1.0, "gram_teacher": "ema", "gram_teacher_scale": 1.5}
+def test_fit_with_compile_trains_the_gram_stage_with_checkpointing_and_its_checkpoint_loads_eagerly(tmp_path: Path) -> None:
+    """``compile: true`` in a Lightning fit with an EMA Gram teacher (made by a deepcopy at fit start, compiled after)
+    and activation checkpointing (compiled blocks re-run in the backward pass)."""
+    kwargs = {**MODEL_KW, "gram_loss_weight": 1.0, "gram_teacher": "ema", "gram_teacher_scale": 1.5,
+              "grad_checkpointing": True}
     module = DINOv3Pretrain(**kwargs, compile=True)
     losses = _Losses()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
