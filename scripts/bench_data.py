@@ -30,7 +30,7 @@ Each throughput is timed ``--repeats`` times, the variants interleaved so that d
 other jobs hits all alike; the medians and their ratio are reported (and every run in ``--json``).
 The numbers measured are in README.md ("Measured").
 
-Usage: ``python scripts/bench_data.py [--workers 2] [--tiles 2048] [--repeats 3] [--json out.json]``
+Usage: ``python scripts/bench_data.py [--workers 2] [--tiles 2048] [--warmup-tiles 3072] [--repeats 3] [--json out.json]``
 """
 
 from __future__ import annotations
