@@ -13,9 +13,10 @@ What it measures, in one run:
    sampling (``snap=256``) is reported apart (other sampling). Every timing runs in a fresh child process
    (no GDAL cache setting or content carried from one library to the other); the page cache is warmed for
    each file first, and the first batch (worker start-up) and ``--warmup-tiles`` more are not timed: GDAL's default
-   block cache, which torchgeo's workers use (5 % of RAM each), reads 3-4x slower while it fills (its fresh memory
-   is page-faulted in) and faster once full (re-visited blocks hit), so a short timing would catch torchgeo in its
-   slowest phase. The steady state is reported, with each variant's peak RSS. The decode floor — plain ``rasterio``
+   block cache, which torchgeo's workers use (5 % of RAM each), reads 2-4x slower while it fills (183-435 page
+   faults per tile as its fresh memory is touched) and faster once full (re-visited blocks hit), so a short timing
+   would catch torchgeo in its slowest phase. The steady state is reported, with each variant's peak RSS. The
+   decode floor — plain ``rasterio``
    reads of the same windows in one process, with our reader's GDAL cache — bounds what a loader could
    reach: its tiles per CPU-second over torchgeo's is the largest possible speed-up on that file.
 2. **A training thread beside the loader** — a Python thread that issues ``--launch-ops`` tiny torch ops per
