@@ -58,6 +58,16 @@ def test_backbone_only_teacher_is_rejected(tmp_path: Path) -> None:
         load_teacher_with_heads(str(path))
 
 
+def test_the_teacher_and_the_students_emas_stay_in_eval_mode(teacher_ckpt: Path) -> None:
+    module = DINOv3Distill(teacher=str(teacher_ckpt), students=["vitmicro16"], head_hidden_dim=64,
+                           head_bottleneck_dim=32)
+    assert not module.students_ema.training and not module.teacher.training  # from construction
+    module.eval()
+    module.on_fit_start()  # as a fit starts: students train, teacher and EMAs do not
+    assert all(m.training for m in module.students.modules())
+    assert not any(m.training for m in (*module.students_ema.modules(), *module.teacher.modules()))
+
+
 @pytest.mark.slow
 def test_one_teacher_forward_per_step_serves_two_students(teacher_ckpt: Path, tmp_path: Path) -> None:
     module = DINOv3Distill(

@@ -200,6 +200,37 @@ def test_bf16_mixed_precision_steps_run(tmp_path: Path) -> None:
     assert next(module.student.parameters()).dtype == torch.float32  # master weights stay float32
 
 
+class _Modes(Callback):
+    """Records every submodule's training flag at the first training step."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.modes = {name: m.training for name, m in pl_module.named_modules() if name}
+
+
+def test_fit_trains_the_student_with_the_teachers_in_eval_mode(tmp_path: Path) -> None:
+    """The EMA and Gram teachers make targets in eval mode (no drop-path, no RoPE rescaling), the student trains,
+    whatever mode the module was left in; Lightning's generic eval-mode warning does not reach users."""
+    import warnings
+
+    assert not DINOv3Pretrain(**MODEL_KW).teacher.training  # from construction, not only after train()
+    module = DINOv3Pretrain(**MODEL_KW, gram_loss_weight=1.0, gram_teacher="ema",
+                            backbone_kwargs={"drop_path_rate": 0.2})
+    module.eval()  # e.g. after evaluating it: fit must still train the student
+    modes = _Modes()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                            callbacks=[modes])
+        trainer.fit(module, datamodule=_datamodule(tmp_path, steps_per_epoch=1, batch_size=4))
+    teachers = {n: t for n, t in modes.modes.items() if n.startswith(("teacher", "gram_teacher"))}
+    students = {n: t for n, t in modes.modes.items() if n.startswith("student")}
+    assert any(n.startswith("gram_teacher") for n in teachers) and not any(teachers.values())
+    assert students and all(students.values())
+    assert not [w for w in caught if "eval mode" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_short_run_options_reach_both_heads_and_the_backbone() -> None:
     module = DINOv3Pretrain(**{**MODEL_KW, "norm_last_layer": True, "backbone_kwargs": {"layerscale_init": 0.1}})
     for part in (module.student, module.teacher):

@@ -254,6 +254,12 @@ class TestTextTower:
         with pytest.raises(ValueError, match="vocab_size"):
             TextTower(text_cfg={**TINY_TEXT, "vocab_size": 1000}, output_dim=8)
 
+    def test_a_frozen_encoder_is_in_eval_mode_from_construction(self) -> None:
+        # Lightning does not call train() when a fit starts: the constructor must set the frozen part's mode
+        frozen = TextTower(text_cfg=TINY_TEXT, output_dim=8, freeze=True)
+        assert not any(m.training for m in frozen.encoder.modules()) and frozen.projection.training
+        assert TextTower(text_cfg=TINY_TEXT, output_dim=8, freeze=False).encoder.training
+
 
 # ---------------------------------------------------------------------------------------------------- official layout
 def _official_spec(

@@ -347,7 +347,8 @@ class TextTower(nn.Module):
             self.load_openclip_checkpoint(checkpoint)
         self.frozen = freeze
         if freeze:
-            self.encoder.requires_grad_(False)
+            # eval mode from the start: Lightning (2.x) does not call train() when a fit starts
+            self.encoder.requires_grad_(False).eval()
 
     def load_openclip_checkpoint(self, path: str | PathLike[str]) -> None:
         """Initialise the encoder from a local OpenCLIP checkpoint (strict on the text-tower keys).

@@ -177,7 +177,7 @@ class DINOv3Distill(SSLStage):
                     }
                 )
             )
-        self.students_ema = copy.deepcopy(self.students).requires_grad_(False)
+        self.students_ema = copy.deepcopy(self.students).requires_grad_(False).eval()  # see DINOv3Pretrain
         self._crop_kwargs = crop_options(
             n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
             horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,

@@ -195,8 +195,9 @@ class DINOv3Pretrain(SSLStage):
                 ),
             }
         )
-        self.teacher = copy.deepcopy(self.student)
-        self.teacher.requires_grad_(False)
+        # eval mode from the start: Lightning (2.x) does not call train() when a fit starts, so the train() override
+        # below alone would leave the copy in training mode (RoPE rescaling and drop-path in the targets)
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
         self.gram_teacher: nn.Module | None = None
         # refreshes done so far; a buffer so that it is saved and restored with the checkpoint
         self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))

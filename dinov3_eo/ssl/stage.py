@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -261,6 +262,11 @@ class SSLStage(LightningModule):
     # ------------------------------------------------------------------ compilation
 
     def on_fit_start(self) -> None:
+        # Lightning (2.x) keeps whatever mode each module is in when a fit starts; put the students in training mode
+        # and the teachers in eval mode (the subclasses' train()), whatever a caller did before (e.g. model.eval())
+        self.train()
+        # the teachers' eval mode is by design: Lightning's generic warning about it would only alarm users
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         if getattr(self.hparams, "compile", False):
             check_compile_toolchain(self.device)
