@@ -403,7 +403,9 @@ class TestDenseModel:
         torch.testing.assert_close(model(x), full[..., 6:26, 4:44])
 
     def test_frozen_backbone_gets_no_gradient(self, backbone) -> None:
+        backbone.train()
         model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=3))
+        assert model.head.training and not model.backbone.training  # from construction
         model.train()
         assert model.head.training and not model.backbone.training
         model(_landsat(32, 32)).square().mean().backward()
@@ -413,7 +415,9 @@ class TestDenseModel:
         assert [g["name"] for g in groups] == ["head"]
 
     def test_trainable_backbone(self, backbone) -> None:
+        backbone.eval()  # as load_backbone returns it
         model = DenseModel(backbone=backbone, head=LinearHead(in_channels=96, out_channels=3), freeze_backbone=False)
+        assert model.backbone.training  # from construction: Lightning does not call train() when a fit starts
         model.train()
         assert model.backbone.training
         model(_landsat(32, 32)).square().mean().backward()
