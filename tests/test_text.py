@@ -148,6 +148,13 @@ class TestVisionSide:
         assert model.vision.blocks[0].attn.qkv.weight.grad is not None
         assert model.text.projection.weight.grad is not None
 
+    def test_backbone_modes_are_set_at_construction(self) -> None:
+        # Lightning does not call train() when a fit starts; a loaded backbone arrives in eval mode
+        for freeze, expected in ((True, False), (False, True)):
+            loaded = build_backbone("vitmicro16").eval() if not freeze else build_backbone("vitmicro16").train()
+            adapter = VisionAdapter(backbone=loaded, freeze_backbone=freeze)
+            assert adapter.backbone.training is expected and adapter.blocks.training
+
     def test_bad_backbone(self) -> None:
         with pytest.raises(TypeError, match="has no 'embed_dim'"):
             VisionAdapter(backbone=torch.nn.Linear(2, 2))

@@ -156,9 +156,12 @@ class VisionAdapter(nn.Module):
         )
         self.ln_final = nn.LayerNorm(self.embed_dim, eps=norm_eps, device=device)
         self.reset_parameters()
+        # modes set here too: Lightning (2.x) does not call train() when a fit starts, and load_backbone returns eval
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
+        else:
+            self.backbone.train(self.training)
 
     def reset_parameters(self) -> None:
         """Official ViT init of the head (the backbone is left alone): Linear weights trunc-normal(0.02) with zero
