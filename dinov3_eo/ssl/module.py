@@ -289,7 +289,7 @@ class DINOv3Pretrain(SSLStage):
         if self.hparams.gram_loss_weight > 0 and self.gram_teacher is None:
             # "ema": the Gram teacher starts as a frozen copy of the EMA teacher
             self.gram_teacher = copy.deepcopy(self.teacher["backbone"]).requires_grad_(False).eval()
-        super().on_fit_start()  # compiles, after the copy above
+        super().on_fit_start()  # training/eval modes and compilation, after the copy above
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.backbone_meta().to_dict()
