@@ -703,13 +703,11 @@ class DenseModel(nn.Module):
         self.pad_multiple = multiple
         self.norm = norm
         self.freeze_backbone = freeze_backbone
-        # Modes are set here, not only in train(): Lightning (2.x) does not call train() when a fit starts, and a
-        # backbone from load_backbone arrives in eval mode
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
-        else:
-            self.backbone.train(self.training)  # fine-tuned: trains like the head
+        # the modes train() sets, set now: Lightning (2.x) does not call train() when a fit starts, and a backbone
+        # from load_backbone arrives in eval mode (a fine-tuned one must train like the head)
+        self.train(self.training)
 
     @property
     def out_channels(self) -> int:

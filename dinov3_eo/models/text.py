@@ -156,12 +156,11 @@ class VisionAdapter(nn.Module):
         )
         self.ln_final = nn.LayerNorm(self.embed_dim, eps=norm_eps, device=device)
         self.reset_parameters()
-        # modes set here too: Lightning (2.x) does not call train() when a fit starts, and load_backbone returns eval
         if freeze_backbone:
             self.backbone.requires_grad_(False)
-            self.backbone.eval()
-        else:
-            self.backbone.train(self.training)
+        # the modes train() sets, set now: Lightning (2.x) does not call train() when a fit starts, and load_backbone
+        # returns eval mode (a fine-tuned backbone must train)
+        self.train(self.training)
 
     def reset_parameters(self) -> None:
         """Official ViT init of the head (the backbone is left alone): Linear weights trunc-normal(0.02) with zero
@@ -350,8 +349,9 @@ class TextTower(nn.Module):
             self.load_openclip_checkpoint(checkpoint)
         self.frozen = freeze
         if freeze:
-            # eval mode from the start: Lightning (2.x) does not call train() when a fit starts
-            self.encoder.requires_grad_(False).eval()
+            self.encoder.requires_grad_(False)
+        # the frozen encoder in eval mode now (train() below): Lightning (2.x) does not call train() when a fit starts
+        self.train(self.training)
 
     def load_openclip_checkpoint(self, path: str | PathLike[str]) -> None:
         """Initialise the encoder from a local OpenCLIP checkpoint (strict on the text-tower keys).

@@ -177,7 +177,7 @@ class DINOv3Distill(SSLStage):
                     }
                 )
             )
-        self.students_ema = copy.deepcopy(self.students).requires_grad_(False).eval()  # see DINOv3Pretrain
+        self.students_ema = copy.deepcopy(self.students).requires_grad_(False)
         self._crop_kwargs = crop_options(
             n_local_crops=n_local_crops, global_crops_scale=global_crops_scale, local_crops_scale=local_crops_scale,
             horizontal_flips=horizontal_flips, vertical_flips=vertical_flips,
@@ -185,6 +185,7 @@ class DINOv3Distill(SSLStage):
         )
         self.data_meta: dict[str, Any] = dict(getattr(self.teacher["backbone"], "meta", None).to_dict()
                                               if getattr(self.teacher["backbone"], "meta", None) else {})
+        self.train(self.training)  # teacher and EMAs in eval mode from the start, as in DINOv3Pretrain
 
     # ------------------------------------------------------------------ Lightning plumbing
 

@@ -195,9 +195,7 @@ class DINOv3Pretrain(SSLStage):
                 ),
             }
         )
-        # eval mode from the start: Lightning (2.x) does not call train() when a fit starts, so the train() override
-        # below alone would leave the copy in training mode (RoPE rescaling and drop-path in the targets)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.gram_teacher: nn.Module | None = None
         # refreshes done so far; a buffer so that it is saved and restored with the checkpoint
         self.register_buffer("gram_updates", torch.zeros((), dtype=torch.long))
@@ -212,6 +210,9 @@ class DINOv3Pretrain(SSLStage):
             self._init_from(init_from)
         if gram_loss_weight > 0 and gram_teacher not in (None, "ema"):
             self.gram_teacher = self._frozen_backbone_from(gram_teacher)
+        # the teachers in eval mode from the start (train() below): Lightning (2.x) does not call train() when a fit
+        # starts, and a teacher left in training mode puts RoPE rescaling and drop-path into the targets
+        self.train(self.training)
 
     # ------------------------------------------------------------------ weights
 
