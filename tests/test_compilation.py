@@ -184,7 +184,7 @@ def test_missing_toolchain_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -
     assert not any(is_compiled(m) for m in _regions(module))  # nothing half-compiled
 
 
-def test_every_config_can_switch_compilation() -> None:
+def test_compile_is_an_option_of_both_stages_and_off_by_default() -> None:
     import inspect
 
     for cls in (DINOv3Pretrain, DINOv3Distill):
