@@ -16,9 +16,9 @@ What it measures, in one run:
    block cache, which torchgeo's workers use (5 % of RAM each), reads 2-4x slower while it fills (183-435 page
    faults per tile as its fresh memory is touched) and faster once full (re-visited blocks hit), so a short timing
    would catch torchgeo in its slowest phase. The steady state is reported, with each variant's peak RSS. The
-   decode floor — plain ``rasterio``
-   reads of the same windows in one process, with our reader's GDAL cache — bounds what a loader could
-   reach: its tiles per CPU-second over torchgeo's is the largest possible speed-up on that file.
+   decode floor — plain ``rasterio`` reads of the same windows in one process, with our reader's GDAL cache —
+   bounds what a loader could reach: its tiles per CPU-second over torchgeo's is the largest possible speed-up
+   on that file.
 2. **A training thread beside the loader** — a Python thread that issues ``--launch-ops`` tiny torch ops per
    batch (each holds the GIL, as eager GPU kernel launches do), fed by worker processes or by reading
    threads: the seconds per step against the same loop fed a ready batch. Where the loop is short, the

@@ -97,7 +97,8 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
 
     On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
     ``bf16-mixed``); ``compile`` compiles the blocks and heads, which the backbone-only work then uses too. Returns
-    the mean seconds of both, the full step's breakdown and (compiled) the seconds of the first, compiling steps.
+    the mean seconds of both, the full step's breakdown and the seconds of the untimed warm-up steps (which include
+    the compilation).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
