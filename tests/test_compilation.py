@@ -46,7 +46,7 @@ def test_compile_regions_compiles_every_block_and_head_once_and_keeps_the_state_
 
 
 def test_blocks_compile_with_static_shapes_and_heads_with_torch_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Static block shapes ran at eager speed on an H100 where torch's shape-generic graphs were 1.37x slower."""
+    """On an H100 static block shapes ran at 0.83-1.07x the eager time, torch's shape-generic graphs at 1.37x."""
     seen: list[tuple[type, dict]] = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self), kw)))
     with torch._dynamo.config.patch(recompile_limit=8):
