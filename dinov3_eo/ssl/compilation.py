@@ -12,8 +12,8 @@ of a compiled module would keep calling the original's forward.
 Blocks compile with static shapes (``dynamic=False``): a step feeds them a few fixed token counts (global crops,
 local crops, the teacher's eval-mode pass), each of which gets its own graph. With torch's default (a shape-generic
 graph from the second token count on) the ViT-S backbone work ran 1.37x slower than eager on an H100 (bf16, batch
-64); with static shapes at 0.83-1.07x the eager time (README, "Measured"). The heads keep torch's default: their input is the
-masked patch tokens, whose number changes with every step's masks.
+64); with static shapes at 0.83-1.07x the eager time (README, "Measured"). The heads keep torch's default: their
+input is the masked patch tokens, whose number changes with every step's masks.
 """
 
 from __future__ import annotations
