@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dinov3_eo.ssl.compilation import check_compile_toolchain, compile_regions
@@ -37,6 +35,7 @@ from dinov3_eo.ssl.schedules import (
     scale_lr_sqrt_wrt_1024,
     teacher_temperature,
 )
+from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ def ema_update_(ema: Iterable[Tensor], live: Iterable[Tensor], momentum: float) 
     torch._foreach_lerp_(ema, live, 1.0 - momentum)
 
 
-class SSLStage(LightningModule):
+class SSLStage(TrainModesAtFitStart):
     """Shared Lightning plumbing of the SSL stages; subclasses implement :meth:`compute_losses`.
 
     Subclasses must call ``save_hyperparameters()`` with the schedule/optimiser arguments used by
@@ -262,11 +261,8 @@ class SSLStage(LightningModule):
     # ------------------------------------------------------------------ compilation
 
     def on_fit_start(self) -> None:
-        # Lightning (2.x) keeps whatever mode each module is in when a fit starts; put the students in training mode
-        # and the teachers in eval mode (the subclasses' train()), whatever a caller did before (e.g. model.eval())
-        self.train()
-        # the teachers' eval mode is by design: Lightning's generic warning about it would only alarm users
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        # students in training mode and teachers in eval mode (the subclasses' train()), whatever a caller did before
+        super().on_fit_start()
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         if getattr(self.hparams, "compile", False):
             check_compile_toolchain(self.device)

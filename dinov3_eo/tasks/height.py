@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import rasterio
 import torch
@@ -55,6 +54,7 @@ from dinov3_eo.models.hub import BackboneMeta, infer_architecture, load_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.height_metrics import HeightMetrics, flat_metrics
 from dinov3_eo.tasks.height_plots import error_map, height_quicklook, scatter_plot
+from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _dihedral(x: Tensor, k: int) -> Tensor:
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
-class HeightTask(pl.LightningModule):
+class HeightTask(TrainModesAtFitStart):
     """Canopy-height regression: ``forward(image [B, C, H, W]) -> metres [B, 1, H, W]``.
 
     Args:

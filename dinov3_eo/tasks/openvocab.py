@@ -34,7 +34,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import rasterio
 import torch
@@ -50,6 +49,7 @@ from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES, load_templates
+from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def _text_model_from_meta(text_meta: Mapping[str, Any]) -> TextAlignedModel:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TextAlignmentTask(pl.LightningModule):
+class TextAlignmentTask(TrainModesAtFitStart):
     """dino.txt-style alignment of a frozen DINOv3 backbone with a text tower (``dinov3-eo text fit``).
 
     Each step embeds the batch's images (``concat[CLS, mean patch]`` after the trainable adapter blocks) and its

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
+from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _palette(num_classes: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ the task
-class SegmentationTask(LightningModule):
+class SegmentationTask(TrainModesAtFitStart):
     """A dense segmentation head on a (frozen by default) DINOv3 backbone.
 
     Args (keyword-only; they mirror the YAML ``model.init_args``):
