@@ -15,7 +15,8 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
    ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16; at batch 256; and at batch 64 with every
    block and head compiled (``model.compile: true``, the backbone-only work compiled alike);
-4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, and a kernel profile of one SSL step;
+4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, a kernel profile of one SSL step, and
+   the crops' time on the host vs on the device (``views_profile``);
 5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
    the CPU check (Landsat-8 tiles of the ``_RT`` scene with nodata 0 and percentile normalisation, plus the 1,400
    EuroSAT train chips), then EuroSAT k-NN (k=20) of the teacher's CLS against random weights and colour histograms.
@@ -275,6 +276,7 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_b256", lambda: step_overhead_224(device, batch=256)),
                   ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
                   ("profile", lambda: step_profile(device, out_dir)),
+                  ("views_profile", lambda: views_profile(device, out_dir)),
                   ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
     else:
         import tempfile
@@ -372,6 +374,55 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     return {"device_ms" if cuda else "cpu_ms": total}
 
 
+def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
+    """Where the crops' time goes: host (until ``make_views`` returns) vs device (until it finishes), and its ops.
+
+    The views took 18-35 ms of a 141-186 ms ViT-S step at batch 64 (224/96 px) and 71 ms of 214 ms at the learning
+    check's batch 256 (112/48 px) on an H100; ~500 small ops suggest the host, which this separates.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_pretrain import _step_view_kwargs, ssl_step_setup
+    from dinov3_eo.ssl.stage import make_views
+
+    cuda = device == "cuda"
+    result = {}
+    for batch, global_size, local_size in ((64, 224, 96), (256, 112, 48)):
+        module, _, data = ssl_step_setup("vitt16", batch, device=device, global_size=global_size,
+                                         local_size=local_size, dino_out_dim=1024, ibot_out_dim=1024)
+        kwargs = _step_view_kwargs(module, global_size, local_size)
+        for _ in range(3):
+            make_views(data["image"], None, **kwargs)
+        host = total = 0.0
+        for _ in range(5):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            make_views(data["image"], None, **kwargs)
+            host += time.perf_counter() - start
+            if cuda:
+                torch.cuda.synchronize()
+            total += time.perf_counter() - start
+        key = f"b{batch}_{global_size}"
+        result[f"{key}_host_ms"], result[f"{key}_total_ms"] = host / 5 * 1e3, total / 5 * 1e3
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            make_views(data["image"], None, **kwargs)
+            if cuda:
+                torch.cuda.synchronize()
+        tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
+        if cuda:
+            tables.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+        print(f"[views] batch {batch}, {global_size}/{local_size} px: returns after {result[f'{key}_host_ms']:.1f} ms, "
+              f"done after {result[f'{key}_total_ms']:.1f} ms", flush=True)
+        if out_dir:
+            (Path(out_dir) / f"views_profile_{key}.txt").write_text("\n\n".join(tables))
+        else:
+            print(tables[0])
+        del module, data
+    return result
+
+
 def step_overhead_224(device: str, batch: int = 64, compile: bool = False) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
@@ -394,7 +445,7 @@ def main() -> None:
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
-                   "step_overhead_224_b256, step_overhead_224_compiled, profile, stages, learning")
+                   "step_overhead_224_b256, step_overhead_224_compiled, profile, views_profile, stages, learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")
