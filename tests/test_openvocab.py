@@ -12,6 +12,7 @@ import rasterio
 import torch
 import xarray as xr
 from shapely.geometry import Point, box
+from tiny_text import TINY_TEXT
 
 from dinov3_eo.losses.contrastive import clip_loss, grouped_clip_loss
 from dinov3_eo.tasks.openvocab import (
@@ -27,7 +28,6 @@ from dinov3_eo.tasks.openvocab import (
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
 #: Landsat-8 L1 DN range of the sample, as a Normalization dict
 NORM = {"mean": [0.0] * 3, "std": [1.0] * 3, "low": [6000.0] * 3, "high": [14000.0] * 3, "name": "percentile"}
 

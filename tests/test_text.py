@@ -13,6 +13,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_text import TINY_TEXT
 from torch import Tensor
 
 from dinov3_eo.models.text import (
@@ -28,8 +29,6 @@ from dinov3_eo.models.text import (
     load_dinotxt_state_dict,
 )
 from dinov3_eo.models.vit import build_backbone
-
-TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch import LightningModule
+from tiny_text import TINY_TEXT
 
 from dinov3_eo.tasks.height import HeightTask
 from dinov3_eo.tasks.openvocab import TextAlignmentTask
 from dinov3_eo.tasks.segmentation import SegmentationTask
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
-TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2}
 TINY_DPT = dict(dpt_channels=16, dpt_post_process_channels=[8, 16, 32, 32], dpt_hidden_channels=8, n_bins=32,
                 max_height=64.0, loss="l1")
 
