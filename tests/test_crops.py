@@ -1,5 +1,6 @@
 """Multi-crop: shapes and layout, exact geometry (coordinate ramps), Gram crops on the same ground, nodata
-avoidance, photometric rules per band count, determinism."""
+avoidance, photometric rules per band count, the fused photometry and flips against per-crop references, no device
+reads and one host-to-device copy (on meta tensors), determinism."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from kornia.filters import gaussian_blur2d
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from dinov3_eo.ssl.crops import MultiCrop
+from dinov3_eo.ssl.crops import (
+    MultiCrop,
+    apply_flips,
+    apply_photometry,
+    flip_indices,
+    host_to_device,
+    pack_host_tensors,
+    unpack_host_tensors,
+)
 
 NO_PHOTOMETRY = dict(jitter_prob=0.0, grayscale_prob=0.0, solarize_prob=0.0, blur_probs=(0.0, 0.0, 0.0))
 
@@ -178,3 +189,142 @@ def test_bad_arguments() -> None:
         MultiCrop()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
     with pytest.raises(ValueError, match="valid must be"):
         MultiCrop()(torch.zeros(2, 3, 8, 8), torch.ones(2, 8, 9, dtype=torch.bool))
+
+
+def reference_photometry(crop: MultiCrop, crops: torch.Tensor, valid: torch.Tensor | None, blur_prob: torch.Tensor,
+                         solarize_prob: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The photometric recipe crop by crop and band by band, drawing in MultiCrop's documented order."""
+    n, channels = crops.shape[:2]
+    jitter = torch.rand(n, generator=generator) < crop.jitter_prob
+    contrast = 1.0 + crop.contrast * (2 * torch.rand(n, channels, generator=generator) - 1)
+    offset = crop.brightness * (2 * torch.rand(n, channels, generator=generator) - 1)
+    gray = torch.rand(n, generator=generator) < crop.grayscale_prob
+    blur = torch.rand(n, generator=generator) < blur_prob
+    low, high = crop.blur_sigma
+    sigma = low + (high - low) * torch.rand(n, generator=generator)
+    solar = torch.rand(n, generator=generator) < solarize_prob
+    out = []
+    for i in range(n):
+        x = crops[i].clone()
+        v = torch.ones(x.shape[1:], dtype=torch.bool) if valid is None else valid[i]
+        if jitter[i]:
+            for band in range(channels):
+                mean = x[band][v].mean() if v.any() else torch.tensor(0.0)
+                x[band] = (x[band] - mean) * contrast[i, band] + mean + offset[i, band]
+        if channels == 3 and gray[i]:
+            x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]).expand(3, -1, -1)
+        if blur[i]:
+            k = crop.blur_kernel_size
+            x = gaussian_blur2d(x[None], (k, k), (float(sigma[i]), float(sigma[i])))[0]
+        if channels == 3 and solar[i]:
+            x = torch.where(x >= 0, -x, x)
+        out.append(x * v)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("channels", [3, 5])
+@pytest.mark.parametrize("with_nodata", [False, True])
+def test_fused_photometry_matches_the_per_crop_recipe(channels: int, with_nodata: bool) -> None:
+    crop = MultiCrop(jitter_prob=0.7, grayscale_prob=0.5, blur_sigma=(0.5, 2.0))
+    crops = torch.randn(12, channels, 20, 20) + torch.arange(channels)[:, None, None]
+    valid = None
+    if with_nodata:
+        valid = torch.rand(12, 20, 20) > 0.3
+        valid[0] = False  # a crop with no valid pixel: its band mean counts as 0
+        crops = crops * valid[:, None]
+    blur_prob, solarize_prob = torch.full((12,), 0.5), torch.tensor([0.0, 1.0]).repeat_interleave(6)
+    params = crop.draw_photometry(12, channels, blur_prob, solarize_prob, torch.Generator().manual_seed(9))
+    assert ("matrix" in params) == (channels == 3) and "blur_index" in params  # both affine forms are exercised
+    assert ("solarize_gain" in params) == (channels == 3)
+    got = apply_photometry(crops, valid, params)
+    expected = reference_photometry(crop, crops, valid, blur_prob, solarize_prob, torch.Generator().manual_seed(9))
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
+    if valid is not None:  # an all-True mask and no mask are the same crops
+        torch.testing.assert_close(apply_photometry(crops, torch.ones_like(valid), params),
+                                   apply_photometry(crops, None, params), atol=1e-6, rtol=0)
+
+
+def test_flips_are_per_crop_torch_flips() -> None:
+    flips = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [1, 1]], dtype=torch.bool)
+    images, masks = torch.randn(5, 2, 6, 6), torch.rand(5, 6, 6) > 0.5
+    index = flip_indices(flips, 6)
+    for view in (images, masks):
+        got = apply_flips(view, index["x"], index["y"])
+        expected = [v.flip([d for d, f in zip((-1, -2), flag) if f]) if flag.any() else v
+                    for v, flag in zip(view, flips)]
+        assert torch.equal(got, torch.stack(expected))
+    only_left_right = flip_indices(flips[:, :1].repeat(1, 2) & torch.tensor([True, False]), 6)
+    assert set(only_left_right) == {"x"} and flip_indices(torch.zeros(5, 2, dtype=torch.bool), 6) == {}
+    assert apply_flips(images, None, None) is images  # no flips, no work
+
+
+def test_choose_boxes_first_sufficiently_valid_candidate_else_the_most_valid() -> None:
+    crop = MultiCrop(min_valid_fraction=0.5, max_tries=10)
+    candidates, legal = crop.draw_boxes(24, 40, 50, (0.3, 1.0), torch.Generator().manual_seed(10))
+    assert legal.any(1).all() and not legal.all()  # some candidates overflow the image
+    all_valid = torch.ones(8, 40, 50, dtype=torch.bool)
+    first_legal = candidates[torch.arange(24), legal.int().argmax(1)]
+    assert torch.equal(crop.choose_boxes(candidates, legal, None), first_legal)
+    assert torch.equal(crop.choose_boxes(candidates, legal, crop.valid_table(all_valid)), first_legal)
+
+    valid = all_valid.clone()
+    valid[:, :, :30] = False  # 60 % nodata on the left
+    chosen = crop.choose_boxes(candidates, legal, crop.valid_table(valid))
+    for row in range(24):
+        image = valid[row % 8]  # crop-major rows
+        fractions = [float(image[int(y0) : int(y1), int(x0) : int(x1)].float().mean()) if ok else -1.0
+                     for (x0, y0, x1, y1), ok in zip(candidates[row], legal[row])]
+        good = [i for i, f in enumerate(fractions) if f >= 0.5]
+        expected = good[0] if good else max(range(10), key=lambda i: fractions[i])
+        assert torch.equal(chosen[row], candidates[row, expected])
+
+
+def test_no_candidate_fits_gives_the_largest_centred_box_in_the_ratio_range() -> None:
+    crop = MultiCrop(global_scale=(1.0, 1.0), ratio=(2.0, 3.0))  # too wide for a full square image
+    candidates, legal = crop.draw_boxes(3, 40, 40, (1.0, 1.0), torch.Generator().manual_seed(11))
+    assert legal[:, 0].all() and not legal[:, 1:].any()
+    boxes = crop.choose_boxes(candidates, legal, crop.valid_table(torch.ones(3, 40, 40, dtype=torch.bool)))
+    assert torch.equal(boxes, torch.tensor([[0.0, 10.0, 40.0, 30.0]]).expand(3, 4))
+
+
+def test_host_tensors_travel_exactly_in_one_vector() -> None:
+    tensors = {"flags": torch.rand(3, 4) > 0.5, "index": torch.tensor([0, 7, 2**24 - 1]),
+               "weights": torch.rand(5, dtype=torch.float32)}
+    flat = pack_host_tensors(tensors)
+    assert flat.shape == (12 + 3 + 5,) and flat.dtype == torch.float32
+    back = unpack_host_tensors(flat, tensors)
+    for key, value in tensors.items():
+        assert back[key].dtype == value.dtype and torch.equal(back[key], value)
+    assert host_to_device(tensors, torch.device("cpu"))["index"] is tensors["index"]  # nothing to move
+
+
+class _HostToDeviceCopies(TorchDispatchMode):
+    """Counts copies from a CPU tensor into a meta tensor (meta stands in for a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_") and isinstance(out, torch.Tensor) and out.device.type == "meta":
+            self.copies += any(isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args)
+        return out
+
+
+@pytest.mark.parametrize("channels", [3, 5])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_crops_queue_device_work_without_reading_it_back(channels: int, with_mask: bool) -> None:
+    """On meta tensors every device-to-host read (a GPU sync) raises: the crops make none, blur and masks included,
+    and all host decisions (boxes, flips, photometry) reach the device in one copy."""
+    images = torch.empty(4, channels, 64, 64, device="meta")
+    valid = torch.empty(4, 64, 64, dtype=torch.bool, device="meta") if with_mask else None
+    crop = MultiCrop(global_size=32, local_size=16, n_local_crops=3, gram_teacher_size=48, grayscale_prob=0.5,
+                     solarize_prob=1.0, blur_probs=(0.0, 1.0, 0.5), vertical_flip_prob=0.5)
+    with _HostToDeviceCopies() as counter:
+        out = crop(images, valid, generator=torch.Generator().manual_seed(12))
+    assert counter.copies == 1
+    assert out["global_crops"].shape == (8, channels, 32, 32) and out["global_crops"].device.type == "meta"
+    assert out["local_valid"].shape == (12, 16, 16) and out["gram_crops"].shape == (8, channels, 48, 48)
+    assert out["global_flips"].device.type == "cpu"

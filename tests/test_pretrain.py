@@ -253,3 +253,25 @@ def test_every_pretrain_config_names_real_options(config: Path) -> None:
     for section, cls in (("model", DINOv3Pretrain), ("data", PretrainDataModule)):
         unknown = set(parsed.get(section) or {}) - set(inspect.signature(cls.__init__).parameters)
         assert not unknown, f"{config.name}: {section} keys {sorted(unknown)} are not {cls.__name__} options"
+
+
+def test_fully_valid_batches_leave_their_mask_on_the_host() -> None:
+    """A batch without nodata is told before the transfer, where it is free; its crops skip the mask work and the
+    losses are those of the same batch with its (all-True) mask."""
+    module = DINOv3Pretrain(**MODEL_KW)
+    image = torch.randn(2, 3, 64, 64)
+    full = {"image": image, "valid": torch.ones(2, 64, 64, dtype=torch.bool)}
+    partial = {"image": image, "valid": full["valid"].clone()}
+    partial["valid"][0, :10] = False
+    sent = module.on_before_batch_transfer(full, 0)
+    assert sent["valid"] is None and full["valid"] is not None  # the caller's batch is not changed
+    assert module.on_before_batch_transfer(partial, 0)["valid"] is partial["valid"]
+    assert module.on_before_batch_transfer({"image": image}, 0).keys() == {"image"}
+    module.train()
+    losses = []
+    for batch in (full, sent):
+        torch.manual_seed(0)  # model-internal randomness, as training_step seeds it
+        losses.append(module.compute_losses(batch, step=3))
+    with_mask, without = losses
+    for key in with_mask:
+        torch.testing.assert_close(with_mask[key], without[key])

@@ -5,6 +5,11 @@ crop set, area-averaging when shrinking so small crops are not aliased), so the 
 resolutions: the student's global crop and the Gram teacher's higher-resolution crop cover exactly the same
 ground. All random numbers come from one explicit CPU ``torch.Generator`` (device-independent reproducibility).
 
+On a GPU the crops are a few dozen kernel launches and never wait for the device: every random decision (boxes,
+flips, the photometric parameters, the blur kernels) is drawn on the host first and travels in one pinned copy
+(:func:`host_to_device`); brightness, contrast and grayscale are one affine map per crop (:func:`apply_photometry`);
+flips are one gather per axis (:func:`apply_flips`); and a batch without nodata (``valid=None``) renders no masks.
+
 Crop layout is crop-major, as in the official collate: ``global_crops[k·B + b]`` is global crop ``k`` of image ``b``.
 
 Differences from the official torchvision pipeline, and why:
@@ -29,9 +34,10 @@ Differences from the official torchvision pipeline, and why:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
-from kornia.filters import gaussian_blur2d
+from kornia.filters import filter2d_separable, get_gaussian_kernel1d
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -129,24 +135,18 @@ class MultiCrop:
         table[:, 1:, 1:] = valid.to(torch.int32).cumsum(1).cumsum(2)
         return table
 
-    def sample_boxes(
-        self, table: Tensor, n_crops: int, scale: tuple[float, float], generator: torch.Generator | None
-    ) -> Tensor:
-        """Random-resized-crop boxes that avoid nodata.
-
-        Args:
-            table: :meth:`valid_table` of the [B, H, W] validity of the source images.
-            n_crops: crops per image.
-            scale: area fraction range.
-            generator: CPU generator.
+    def draw_boxes(
+        self, n: int, height: int, width: int, scale: tuple[float, float], generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor]:
+        """``max_tries`` random-resized-crop candidates for each of ``n`` crops, drawn on the CPU.
 
         Returns:
-            [n_crops·B, 4] float boxes (x0, y0, x1, y1) in pixel-edge coordinates of the source, integer-valued,
-            crop-major.
+            (candidates, legal): [n, tries, 4] float boxes (x0, y0, x1, y1) in pixel-edge coordinates, integer-valued,
+            and [n, tries] bool. Illegal candidates are 1-pixel boxes at the origin (safe to look up). A crop with no
+            legal candidate gets torchvision's fallback as its first candidate, marked legal: the largest centred box
+            within the ratio range.
         """
-        batch, height, width = table.shape[0], table.shape[1] - 1, table.shape[2] - 1
-        n, tries = n_crops * batch, self.max_tries
-        image_index = torch.arange(batch).repeat(n_crops)  # [n] crop-major
+        tries = self.max_tries
         area = height * width * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, tries, generator=generator))
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])
         aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(n, tries, generator=generator))
@@ -157,29 +157,8 @@ class MultiCrop:
         y0 = torch.floor(torch.rand(n, tries, generator=generator) * (height - h + 1)).clamp_min(0)
         w, h = torch.where(legal, w, 1.0), torch.where(legal, h, 1.0)
         x0, y0 = torch.where(legal, x0, 0.0), torch.where(legal, y0, 0.0)
-
-        # valid fraction of every candidate from the summed-area table: O(1) per box. Candidates are drawn on the
-        # CPU (one generator) and judged where the table lives, without copying anything back: a device-to-host
-        # copy would stall the GPU queue once per crop group.
-        device = table.device
-        no_fit = ~legal.any(dim=1)  # [n] CPU: decided without looking at the data
-        legal, w, h, x0, y0 = (t.to(device, non_blocking=True) for t in (legal, w, h, x0, y0))
-        flat = table.flatten()  # [B·(H+1)·(W+1)]
-        base = (image_index.to(device, non_blocking=True) * (height + 1) * (width + 1))[:, None]  # [n, 1]
-
-        def corner(y: Tensor, x: Tensor) -> Tensor:
-            return flat[base + (y * (width + 1) + x).long()].double()  # [n, tries]
-
-        inside = corner(y0 + h, x0 + w) - corner(y0, x0 + w) - corner(y0 + h, x0) + corner(y0, x0)
-        fraction = torch.where(legal, inside / (w * h).double(), -1.0)  # [n, tries]
-        accepted = legal & (fraction >= self.min_valid_fraction)
-        first_accepted = torch.argmax(accepted.to(torch.int8), dim=1)  # first True, or 0 if none
-        most_valid = torch.argmax(fraction, dim=1)
-        choice = torch.where(accepted.any(dim=1), first_accepted, most_valid)[:, None]  # [n, 1]
-        boxes = torch.cat([x0.gather(1, choice), y0.gather(1, choice), (x0 + w).gather(1, choice),
-                           (y0 + h).gather(1, choice)], dim=1)  # [n, 4]
-
-        # torchvision's fallback when no candidate fits the image: the largest centred box within the ratio range
+        candidates = torch.stack([x0, y0, x0 + w, y0 + h], dim=-1)  # [n, tries, 4]
+        no_fit = ~legal.any(dim=1)
         if bool(no_fit.any()):
             in_ratio = width / height
             if in_ratio < self.ratio[0]:
@@ -189,10 +168,47 @@ class MultiCrop:
             else:
                 fw, fh = width, height
             fx0, fy0 = (width - fw) // 2, (height - fh) // 2
-            fallback = torch.tensor([fx0, fy0, fx0 + fw, fy0 + fh], dtype=boxes.dtype)
-            boxes = torch.where(no_fit.to(device, non_blocking=True)[:, None], fallback.to(device, non_blocking=True),
-                                boxes)
-        return boxes
+            candidates[no_fit, 0] = torch.tensor([fx0, fy0, fx0 + fw, fy0 + fh], dtype=candidates.dtype)
+            legal[no_fit, 0] = True
+        return candidates, legal
+
+    def choose_boxes(self, candidates: Tensor, legal: Tensor, table: Tensor | None) -> Tensor:
+        """The first legal candidate with at least ``min_valid_fraction`` valid pixels, else the most valid one.
+
+        Args:
+            candidates: [n_crops·B, tries, 4] boxes and legal [n_crops·B, tries] from :meth:`draw_boxes`, crop-major.
+            table: :meth:`valid_table` of the source images (on their device), or ``None`` when every pixel is
+                valid: then the first legal candidate, chosen where ``candidates`` are.
+
+        Returns:
+            [n_crops·B, 4] boxes, on ``candidates``' device.
+        """
+        if table is None:
+            first = torch.argmax(legal.to(torch.int8), dim=1)  # first True (every row has one, see draw_boxes)
+            return candidates[torch.arange(len(candidates), device=candidates.device), first]
+        # valid fraction of every candidate from the summed-area table: O(1) per box, decided where the table lives
+        # without a device-to-host copy (that would stall the GPU queue once per crop set)
+        batch, height, width = table.shape[0], table.shape[1] - 1, table.shape[2] - 1
+        n = candidates.shape[0]
+        image_index = torch.arange(n, device=table.device) % batch  # crop-major: row k·B + b is image b
+        base = (image_index * (height + 1) * (width + 1))[:, None]  # [n, 1]
+        flat = table.flatten()
+        x0, y0, x1, y1 = candidates.long().unbind(-1)  # [n, tries] each
+        row0, row1 = base + y0 * (width + 1), base + y1 * (width + 1)  # flat offsets of the top and bottom edges
+        inside = (flat[row1 + x1] - flat[row0 + x1] - flat[row1 + x0] + flat[row0 + x0]).double()  # valid pixels
+        fraction = torch.where(legal, inside / ((x1 - x0) * (y1 - y0)).double(), -1.0)  # [n, tries]
+        accepted = legal & (fraction >= self.min_valid_fraction)
+        first_accepted = torch.argmax(accepted.to(torch.int8), dim=1)  # first True, or 0 if none
+        most_valid = torch.argmax(fraction, dim=1)
+        choice = torch.where(accepted.any(dim=1), first_accepted, most_valid)
+        return candidates[torch.arange(n, device=candidates.device), choice]
+
+    @staticmethod
+    def rois(boxes: Tensor, n_crops: int) -> Tensor:
+        """``roi_align`` boxes [n_crops·B, 5] (image index, x0, y0, x1, y1) from crop-major boxes [n_crops·B, 4]."""
+        batch = boxes.shape[0] // max(n_crops, 1)
+        image_index = torch.arange(batch, dtype=boxes.dtype, device=boxes.device).repeat(n_crops)[:, None]  # [n, 1]
+        return torch.cat([image_index, boxes], dim=1)
 
     @staticmethod
     def render(images: Tensor, boxes: Tensor, n_crops: int, size: int) -> Tensor:
@@ -200,73 +216,55 @@ class MultiCrop:
 
         Args:
             images: [B, C, H, W] float images.
-            boxes: [n_crops·B, 4] (x0, y0, x1, y1) pixel-edge boxes, crop-major.
+            boxes: [n_crops·B, 4] (x0, y0, x1, y1) pixel-edge boxes, crop-major, or [n_crops·B, 5] :meth:`rois`.
             n_crops: crops per image.
             size: output side.
 
         Returns:
             [n_crops·B, C, size, size].
         """
-        batch = images.shape[0]
-        image_index = torch.arange(batch, dtype=boxes.dtype, device=boxes.device).repeat(n_crops)[:, None]  # [n, 1]
-        rois = torch.cat([image_index, boxes], dim=1).to(images.device, images.dtype)  # [n, 5]
+        rois = boxes if boxes.shape[-1] == 5 else MultiCrop.rois(boxes, n_crops)
         # aligned=True: pixel i spans [i, i+1], so box edges are exact pixel edges;
         # sampling_ratio=-1: ceil(box/size) samples per output pixel = area averaging when shrinking
-        return roi_align(images, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        return roi_align(images, rois.to(images.device, images.dtype), output_size=(size, size), spatial_scale=1.0,
+                         sampling_ratio=-1, aligned=True)
 
     # ------------------------------------------------------------------------------------------------ photometry
 
-    def _bernoulli(self, n: int, p: float, generator: torch.Generator | None) -> Tensor:
-        return torch.rand(n, generator=generator) < p
-
-    def _photometric(
-        self, crops: Tensor, valid: Tensor, blur_prob: Tensor, solarize: bool, generator: torch.Generator | None
-    ) -> Tensor:
-        """Per-band brightness/contrast, RGB grayscale, blur and (for ``solarize``) RGB solarisation.
+    def draw_photometry(
+        self, n: int, channels: int, blur_prob: Tensor, solarize_prob: Tensor, generator: torch.Generator | None
+    ) -> dict[str, Tensor]:
+        """Every photometric decision for ``n`` crops, drawn on the CPU and folded into the parameters of
+        :func:`apply_photometry` (see there for the meaning of each key).
 
         Args:
-            crops: [n, C, s, s]; valid: [n, s, s] bool; blur_prob: [n] apply-probabilities.
+            n: crops; channels: bands; blur_prob, solarize_prob: [n] per-crop apply-probabilities.
         """
-        n, channels = crops.shape[:2]
-        device = crops.device
-        weight = valid[:, None].to(crops.dtype)  # [n, 1, s, s]
-        band_mean = (crops * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1.0)  # [n, C]
-        jitter = self._bernoulli(n, self.jitter_prob, generator)[:, None]  # [n, 1]
+        jitter = (torch.rand(n, generator=generator) < self.jitter_prob)[:, None]  # [n, 1]
         contrast = 1.0 + self.contrast * (2 * torch.rand(n, channels, generator=generator) - 1)
         offset = self.brightness * (2 * torch.rand(n, channels, generator=generator) - 1)
-        # every random decision stays on the CPU and travels host-to-device without a sync (non_blocking)
-        contrast = torch.where(jitter, contrast, 1.0).to(device, crops.dtype, non_blocking=True)[..., None, None]
-        offset = torch.where(jitter, offset, 0.0).to(device, crops.dtype, non_blocking=True)[..., None, None]
-        mean = band_mean[..., None, None]
-        crops = (crops - mean) * contrast + mean + offset
-
-        is_rgb = channels == 3
-        gray = self._bernoulli(n, self.grayscale_prob, generator)  # [n] CPU
-        if is_rgb and bool(gray.any()):
-            luma = torch.tensor(_LUMA_WEIGHTS, dtype=crops.dtype).to(device, non_blocking=True)
-            grey = (crops * luma[:, None, None]).sum(1, keepdim=True).expand_as(crops)  # [n, 3, s, s]
-            crops = torch.where(gray.to(device, non_blocking=True)[:, None, None, None], grey, crops)
-
-        blur = torch.rand(n, generator=generator) < blur_prob  # [n] CPU
+        gain = torch.where(jitter, contrast, 1.0)  # [n, C]
+        shift = torch.where(jitter, offset, 0.0)
+        gray = torch.rand(n, generator=generator) < self.grayscale_prob  # [n]
+        blur = torch.rand(n, generator=generator) < blur_prob
         sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * torch.rand(n, generator=generator)
+        solar = torch.rand(n, generator=generator) < solarize_prob
+        params = {}
+        if channels == 3 and bool(gray.any()):
+            # y = W·(diag(gain)·(x − mean) + mean + shift) = M·x + (W − M)·mean + W·shift
+            # with M = W·diag(gain), W the luma rows for a grey crop and the identity otherwise
+            mixing = torch.eye(3).repeat(n, 1, 1)
+            mixing[gray] = torch.tensor(_LUMA_WEIGHTS).expand(3, 3)
+            matrix = mixing * gain[:, None, :]  # [n, 3, 3]
+            params |= {"matrix": matrix, "mean_matrix": mixing - matrix, "shift": (mixing @ shift[..., None])[..., 0]}
+        else:  # per band: y = gain·x + (1 − gain)·mean + shift
+            params |= {"gain": gain, "mean_gain": 1.0 - gain, "shift": shift}
         if bool(blur.any()):
-            selected = blur.nonzero().flatten()  # CPU indices
-            sig = sigma[selected][:, None].expand(-1, 2).to(device, crops.dtype, non_blocking=True)  # [m, 2] y = x
-            index = selected.to(device, non_blocking=True)
-            k = self.blur_kernel_size
-            crops = crops.index_copy(0, index, gaussian_blur2d(crops.index_select(0, index), (k, k), sig))
-
-        solar = self._bernoulli(n, self.solarize_prob if solarize else 0.0, generator)  # [n] CPU
-        if is_rgb and bool(solar.any()):
-            solar = solar.to(device, non_blocking=True)
-            crops = torch.where(solar[:, None, None, None] & (crops >= 0), -crops, crops)
-        return crops * valid[:, None].to(crops.dtype)
-
-    def _flip(self, crops: Tensor, flips: Tensor) -> Tensor:
-        """Apply per-crop flips; flips [n, 2] bool (horizontal, vertical) on the CPU."""
-        flips = flips.to(crops.device, non_blocking=True)
-        out = torch.where(flips[:, 0].view(-1, *[1] * (crops.ndim - 1)), crops.flip(-1), crops)
-        return torch.where(flips[:, 1].view(-1, *[1] * (crops.ndim - 1)), out.flip(-2), out)
+            params["blur_index"] = blur.nonzero().flatten()
+            params["blur_kernel"] = get_gaussian_kernel1d(self.blur_kernel_size, sigma[blur][:, None])  # [m, k]
+        if channels == 3 and bool(solar.any()):
+            params["solarize_gain"] = -2.0 * solar.to(torch.float32)  # x − 2·max(x, 0) = −x above 0, x below
+        return params
 
     # ------------------------------------------------------------------------------------------------ entry point
 
@@ -277,16 +275,19 @@ class MultiCrop:
 
         Args:
             images: [B, C, H, W] normalised float images (invalid pixels 0), on any device.
-            valid: [B, H, W] bool validity, or ``None`` for all valid.
+            valid: [B, H, W] bool validity, or ``None`` for all valid (the fast path: no validity masks are
+                rendered; a caller that can tell on the host, as :class:`~dinov3_eo.ssl.stage.SSLStage` does
+                before a batch goes to the GPU, should pass ``None``).
             generator: CPU ``torch.Generator`` for every random draw (``None``: torch's global generator).
 
         Returns:
             ``global_crops`` [2B, C, G, G]; ``local_crops`` [N·B, C, L, L]; ``global_boxes`` [2B, 4] and
             ``local_boxes`` [N·B, 4] (x0, y0, x1, y1 pixel edges of the source, before flipping);
             ``global_flips`` [2B, 2] / ``local_flips`` [N·B, 2] bool (horizontal, vertical);
-            ``global_valid`` [2B, G, G] / ``local_valid`` [N·B, L, L] bool; with ``gram_teacher_size`` also
-            ``gram_crops`` [2B, C, T, T] (same boxes and flips as the global crops, no photometric change) and
-            ``gram_valid`` [2B, T, T]. Boxes and crops are on the input's device, flips on the CPU.
+            ``global_valid`` [2B, G, G] / ``local_valid`` [N·B, L, L] bool (an expanded view of one ``True`` when
+            ``valid`` is ``None``); with ``gram_teacher_size`` also ``gram_crops`` [2B, C, T, T] (same boxes and
+            flips as the global crops, no photometric change) and ``gram_valid`` [2B, T, T]. Boxes and crops are on
+            the input's device, flips on the CPU.
 
         Raises:
             ValueError: on badly shaped ``images``/``valid``.
@@ -294,56 +295,172 @@ class MultiCrop:
         if images.ndim != 4 or not images.is_floating_point():
             raise ValueError(f"MultiCrop: images must be a float [B, C, H, W] tensor, got {images.dtype} "
                              f"{tuple(images.shape)}.")
-        batch, _, height, width = images.shape
-        if valid is None:
-            valid = torch.ones(batch, height, width, dtype=torch.bool, device=images.device)
-        if valid.shape != (batch, height, width):
+        batch, channels, height, width = images.shape
+        device = images.device
+        if valid is not None and valid.shape != (batch, height, width):
             raise ValueError(f"MultiCrop: valid must be [B, H, W] = {(batch, height, width)}, got {tuple(valid.shape)}.")
-        table = self.valid_table(valid)
-        # on the CPU a fully valid batch skips rendering the masks; on a GPU the check would cost a sync that the
-        # (cheap) mask rendering does not
-        all_valid = images.device.type == "cpu" and bool(table[:, -1, -1].eq(height * width).all())
-        valid_float = valid[:, None].to(images.dtype)  # [B, 1, H, W]
+        if valid is not None and device.type == "cpu" and bool(valid.all()):
+            valid = None  # free to check on the CPU; on a GPU it would cost a sync that the masks do not
+        sizes = {"global": self.global_size, "local": self.local_size}
+        counts = {"global": 2, "local": self.n_local_crops}
 
-        def render_valid(boxes: Tensor, n_crops: int, size: int) -> Tensor:
-            if all_valid:
-                return torch.ones(n_crops * batch, size, size, dtype=torch.bool, device=images.device)
-            return self.render(valid_float, boxes, n_crops, size)[:, 0] >= 0.5
+        # 1. every random decision, on the CPU, in a fixed order
+        host: dict[str, Tensor] = {}
+        flips: dict[str, Tensor] = {}
+        for kind in ("global", "local"):
+            n = counts[kind] * batch
+            scale = self.global_scale if kind == "global" else self.local_scale
+            candidates, legal = self.draw_boxes(n, height, width, scale, generator)
+            if valid is None:
+                host[f"{kind}/rois"] = self.rois(self.choose_boxes(candidates, legal, None), counts[kind])
+            else:
+                host[f"{kind}/candidates"], host[f"{kind}/legal"] = candidates, legal
+            flips[kind] = torch.stack([torch.rand(n, generator=generator) < self.horizontal_flip_prob,
+                                       torch.rand(n, generator=generator) < self.vertical_flip_prob], dim=1)
+            gram_size = [self.gram_teacher_size] if kind == "global" and self.gram_teacher_size else []
+            for size in [sizes[kind], *gram_size]:
+                host |= {f"{kind}/flip{size}/{axis}": index for axis, index in flip_indices(flips[kind], size).items()}
+            if kind == "global":  # crop 1 rows, then crop 2 rows; only crop 2 is ever solarised
+                blur_prob = torch.tensor(self.blur_probs[:2]).repeat_interleave(batch)
+                solarize_prob = torch.tensor([0.0, self.solarize_prob]).repeat_interleave(batch)
+            else:
+                blur_prob, solarize_prob = torch.full((n,), self.blur_probs[2]), torch.zeros(n)
+            if n:
+                photometry = self.draw_photometry(n, channels, blur_prob, solarize_prob, generator)
+                host |= {f"{kind}/photometry/{key}": value for key, value in photometry.items()}
+
+        # 2. one host-to-device copy for all of them
+        params = host_to_device(host, device)
+
+        # 3. the pixels, on the images' device
+        table = None if valid is None else self.valid_table(valid)
+        valid_float = None if valid is None else valid[:, None].to(images.dtype)  # [B, 1, H, W]
+        true = torch.ones((), dtype=torch.bool, device=device) if valid is None else None
+
+        def flip(view: Tensor, kind: str, size: int) -> Tensor:
+            return apply_flips(view, params.get(f"{kind}/flip{size}/x"), params.get(f"{kind}/flip{size}/y"))
 
         out: dict[str, Tensor] = {}
-
-        n_global = 2
-        global_boxes = self.sample_boxes(table, n_global, self.global_scale, generator)
-        global_flips = torch.stack([self._bernoulli(n_global * batch, self.horizontal_flip_prob, generator),
-                                    self._bernoulli(n_global * batch, self.vertical_flip_prob, generator)], dim=1)
-        global_valid = render_valid(global_boxes, n_global, self.global_size)
-        global_crops = self.render(images, global_boxes, n_global, self.global_size)
-        blur_prob = torch.tensor(self.blur_probs[:2]).repeat_interleave(batch)  # [2B]: crop 1 rows, then crop 2
-        crops_1 = self._photometric(global_crops[:batch], global_valid[:batch], blur_prob[:batch], False, generator)
-        crops_2 = self._photometric(global_crops[batch:], global_valid[batch:], blur_prob[batch:], True, generator)
-        out["global_crops"] = self._flip(torch.cat([crops_1, crops_2]), global_flips)
-        out["global_valid"] = self._flip(global_valid, global_flips)
-        out["global_boxes"], out["global_flips"] = global_boxes, global_flips
-
-        if self.gram_teacher_size is not None:
-            gram_valid = render_valid(global_boxes, n_global, self.gram_teacher_size)
-            gram = self.render(images, global_boxes, n_global, self.gram_teacher_size) * gram_valid[:, None]
-            out["gram_crops"] = self._flip(gram, global_flips)
-            out["gram_valid"] = self._flip(gram_valid, global_flips)
-
-        n_local = self.n_local_crops
-        local_boxes = self.sample_boxes(table, n_local, self.local_scale, generator)
-        local_flips = torch.stack([self._bernoulli(n_local * batch, self.horizontal_flip_prob, generator),
-                                   self._bernoulli(n_local * batch, self.vertical_flip_prob, generator)], dim=1)
-        if n_local:
-            local_valid = render_valid(local_boxes, n_local, self.local_size)
-            local = self.render(images, local_boxes, n_local, self.local_size)
-            local = self._photometric(local, local_valid, torch.full((n_local * batch,), self.blur_probs[2]), False,
-                                      generator)
-        else:
-            local_valid = torch.zeros(0, self.local_size, self.local_size, dtype=torch.bool, device=images.device)
-            local = images.new_zeros(0, images.shape[1], self.local_size, self.local_size)
-        out["local_crops"] = self._flip(local, local_flips)
-        out["local_valid"] = self._flip(local_valid, local_flips)
-        out["local_boxes"], out["local_flips"] = local_boxes, local_flips
+        for kind in ("global", "local"):
+            n_crops, size = counts[kind], sizes[kind]
+            n = n_crops * batch
+            if valid is None:
+                rois = params[f"{kind}/rois"]
+            else:
+                boxes = self.choose_boxes(params[f"{kind}/candidates"], params[f"{kind}/legal"], table)
+                rois = self.rois(boxes, n_crops)
+            out[f"{kind}_boxes"], out[f"{kind}_flips"] = rois[:, 1:], flips[kind]
+            if not n:
+                out[f"{kind}_crops"] = images.new_zeros(0, channels, size, size)
+                out[f"{kind}_valid"] = torch.zeros(0, size, size, dtype=torch.bool, device=device)
+                continue
+            views = {"crops": self.render(images, rois, n_crops, size)}
+            if valid_float is not None:
+                views["valid"] = self.render(valid_float, rois, n_crops, size)[:, 0] >= 0.5
+            prefix = f"{kind}/photometry/"
+            photometry = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
+            views["crops"] = apply_photometry(views["crops"], views.get("valid"), photometry)
+            for name, view in views.items():
+                out[f"{kind}_{name}"] = flip(view, kind, size)
+            if valid is None:
+                out[f"{kind}_valid"] = true.expand(n, size, size)
+            if kind == "global" and self.gram_teacher_size is not None:
+                t = self.gram_teacher_size
+                gram = {"crops": self.render(images, rois, n_crops, t)}
+                if valid_float is not None:
+                    gram["valid"] = self.render(valid_float, rois, n_crops, t)[:, 0] >= 0.5
+                    gram["crops"] = gram["crops"] * gram["valid"][:, None]
+                for name, view in gram.items():
+                    out[f"gram_{name}"] = flip(view, "global", t)
+                if valid is None:
+                    out["gram_valid"] = true.expand(n, t, t)
         return out
+
+
+def flip_indices(flips: Tensor, size: int) -> dict[str, Tensor]:
+    """Gather indices that flip each crop: ``x`` [n, size] (columns) when any crop flips left-right, ``y`` [n, size]
+    (rows) when any flips up-down; an axis no crop flips is absent (no work for it). ``flips`` [n, 2] bool."""
+    forward = torch.arange(size)
+    indices = {}
+    for column, axis in ((0, "x"), (1, "y")):
+        if bool(flips[:, column].any()):
+            indices[axis] = torch.where(flips[:, column, None], size - 1 - forward, forward)
+    return indices
+
+
+def apply_flips(view: Tensor, columns: Tensor | None, rows: Tensor | None) -> Tensor:
+    """Flip each crop of ``view`` [n, ..., s, s] along the axes :func:`flip_indices` gave: one gather per axis."""
+    n, size = view.shape[0], view.shape[-1]
+    ones = [1] * (view.ndim - 2)
+    if columns is not None:
+        view = view.gather(-1, columns.long().view(n, *ones, size).expand_as(view))
+    if rows is not None:
+        view = view.gather(-2, rows.long().view(n, *ones[:-1], size, 1).expand_as(view))
+    return view
+
+
+def apply_photometry(crops: Tensor, valid: Tensor | None, params: dict[str, Tensor]) -> Tensor:
+    """Brightness/contrast per band, RGB grayscale, blur and RGB solarisation, as :meth:`MultiCrop.draw_photometry`
+    decided them.
+
+    Brightness, contrast and grayscale are one affine map per crop: ``gain``/``mean_gain``/``shift`` [n, C] act per
+    band (``y = gain·x + mean_gain·mean + shift``, ``mean`` the crop's valid-pixel band mean), or, when a crop of an
+    RGB set turns grey, ``matrix``/``mean_matrix`` [n, 3, 3] and ``shift`` [n, 3] mix the bands
+    (``y = matrix·x + mean_matrix·mean + shift``). Then the crops at ``blur_index`` [m] are blurred with their
+    ``blur_kernel`` [m, k] (separable, reflect border), ``solarize_gain`` [n] (−2 or 0) solarises, and invalid
+    pixels are set to 0.
+
+    Args:
+        crops: [n, C, s, s]; valid: [n, s, s] bool or ``None`` (all valid).
+
+    Returns:
+        [n, C, s, s], a new tensor.
+    """
+    if valid is None:
+        mean = crops.mean(dim=(2, 3))  # [n, C]
+    else:
+        weight = valid[:, None].to(crops.dtype)  # [n, 1, s, s]
+        mean = (crops * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1.0)
+    if "matrix" in params:
+        bias = torch.baddbmm(params["shift"][..., None], params["mean_matrix"], mean[..., None])  # [n, 3, 1]
+        crops = torch.baddbmm(bias, params["matrix"], crops.flatten(2)).view_as(crops)
+    else:
+        bias = torch.addcmul(params["shift"], params["mean_gain"], mean)  # [n, C]
+        crops = torch.addcmul(bias[..., None, None], crops, params["gain"][..., None, None])
+    if "blur_index" in params:
+        index, kernel = params["blur_index"].long(), params["blur_kernel"]
+        crops.index_copy_(0, index, filter2d_separable(crops.index_select(0, index), kernel, kernel, "reflect"))
+    if "solarize_gain" in params:
+        crops = torch.addcmul(crops, crops.clamp_min(0.0), params["solarize_gain"][:, None, None, None])
+    if valid is not None:
+        crops = crops * valid[:, None].to(crops.dtype)
+    return crops
+
+
+def pack_host_tensors(tensors: Mapping[str, Tensor]) -> Tensor:
+    """Flatten small CPU tensors into one float32 vector (exact for flags, indices and coordinates below 2**24)."""
+    return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors.values()])
+
+
+def unpack_host_tensors(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Undo :func:`pack_host_tensors` where ``flat`` now is: each tensor back in its shape and dtype."""
+    out, start = {}, 0
+    for key, t in like.items():
+        part = flat[start : start + t.numel()].view(t.shape)
+        start += t.numel()
+        out[key] = part > 0.5 if t.dtype == torch.bool else part.to(t.dtype)
+    return out
+
+
+def host_to_device(tensors: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Move small CPU tensors to ``device`` in one copy (pinned and non-blocking on CUDA) instead of one copy each.
+
+    A copy from pageable memory may wait for the device's queue, and each one costs a launch; on the CPU the
+    tensors are returned as they are.
+    """
+    if device.type == "cpu" or not tensors:
+        return dict(tensors)
+    flat = pack_host_tensors(tensors)
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    return unpack_host_tensors(flat.to(device, non_blocking=True), tensors)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from dinov3_eo.ssl.compilation import check_compile_toolchain, compile_regions
-from dinov3_eo.ssl.crops import MultiCrop
+from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
 from dinov3_eo.ssl.schedules import (
@@ -134,7 +134,7 @@ def make_views(
         crops["global_crops"].shape[0], grid, rng=np.random.default_rng(step_seed(seed, step, 2)),
         mask_probability=mask_probability, ratio_range=tuple(mask_ratio_range),
     )
-    masking = {k: v.to(images.device, non_blocking=True) for k, v in masking.items()}
+    masking = host_to_device(masking, images.device)
     return crops, masking
 
 
@@ -248,6 +248,15 @@ class SSLStage(TrainModesAtFitStart):
             norms = clip_grad_norm_per_module(dict(part.items()), self.hparams.clip_grad)
             for name, norm in norms.items():
                 self.log(f"grad_norm/{prefix}{name}", norm, on_step=True, on_epoch=False)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """A batch without nodata (most batches) is told here, on the host, where the check is free: its validity mask
+        is dropped, so that it does not travel and the crops skip their mask work (on a GPU the same check after the
+        transfer would cost a sync, so the crops would render masks of all-valid pixels)."""
+        valid = batch.get("valid") if isinstance(batch, Mapping) else None
+        if isinstance(valid, Tensor) and valid.device.type == "cpu" and bool(valid.all()):
+            batch = {**batch, "valid": None}
+        return batch
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._global_batch_size = int(batch["image"].shape[0]) * world_size()
