@@ -7,11 +7,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from meta_device import allow_meta_autocast
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_eo.models.hub import export_backbone, load_backbone
 from dinov3_eo.ssl.distill import DINOv3Distill, load_teacher_with_heads
 from dinov3_eo.ssl.module import DINOv3Pretrain
+from dinov3_eo.ssl.stage import ema_update_
 
 HEADS = dict(dino_out_dim=128, dino_hidden_dim=64, dino_bottleneck_dim=32,
              ibot_out_dim=96, ibot_hidden_dim=64, ibot_bottleneck_dim=32)
@@ -99,3 +101,19 @@ def test_one_teacher_forward_per_step_serves_two_students(teacher_ckpt: Path, tm
     export_backbone(module.students_ema[0]["backbone"], out, meta=module.student_meta(0))
     reloaded = load_backbone(str(out) + ".pth")
     torch.testing.assert_close(reloaded.state_dict()["norm.weight"], module.students_ema[0]["backbone"].norm.weight)
+
+
+def test_a_distillation_step_never_reads_back_from_the_device(teacher_ckpt: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """As for pretraining (test_pretrain): on meta tensors any device-to-host read would raise."""
+    allow_meta_autocast(monkeypatch)
+    module = DINOv3Distill(
+        teacher=str(teacher_ckpt), students=["vitmicro16", "vitmicro16"], student_kwargs={}, head_hidden_dim=64,
+        head_bottleneck_dim=32, global_crop_size=32, local_crop_size=16, n_local_crops=2,
+    )
+    module._total_steps = lambda: 100  # type: ignore[method-assign]
+    module.on_fit_start()
+    module.to_empty(device="meta")
+    losses = module.compute_losses({"image": torch.empty(4, 3, 64, 64, device="meta"), "valid": None}, step=5)
+    losses["total"].backward()
+    ema_update_(module.students_ema.parameters(), module.students.parameters(), 0.99)

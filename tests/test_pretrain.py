@@ -9,10 +9,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from meta_device import allow_meta_autocast
 
 from dinov3_eo.data.datamodule import PretrainDataModule
 from dinov3_eo.models.hub import load_backbone
 from dinov3_eo.ssl.module import DINOv3Pretrain, NonFiniteLossError
+from dinov3_eo.ssl.schedules import clip_grad_norm_per_module
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
 
@@ -275,3 +277,26 @@ def test_fully_valid_batches_leave_their_mask_on_the_host() -> None:
     with_mask, without = losses
     for key in with_mask:
         torch.testing.assert_close(with_mask[key], without[key])
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "gram"])
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch, stage: str,
+                                                      with_mask: bool) -> None:
+    """On meta tensors (a stand-in for a GPU) every device-to-host read raises. Views, losses, backward, clipping and
+    EMA queue their work without one: a read would stall the GPU queue every step (the loss guard's one check per
+    step in ``training_step`` is the only, deliberate, sync)."""
+    allow_meta_autocast(monkeypatch)
+    extra = {"gram_loss_weight": 1.0, "gram_teacher": "ema"} if stage == "gram" else {}
+    module = DINOv3Pretrain(**MODEL_KW, **extra)
+    module._total_steps = lambda: 100  # type: ignore[method-assign]
+    module.on_fit_start()
+    module.to_empty(device="meta")
+    batch = {"image": torch.empty(4, 3, 96, 96, device="meta"),
+             "valid": torch.empty(4, 96, 96, dtype=torch.bool, device="meta") if with_mask else None}
+    losses = module.compute_losses(batch, step=5)
+    assert ("gram" in losses) == (stage == "gram")
+    losses["total"].backward()
+    for part in module.trained_parts().values():
+        clip_grad_norm_per_module(dict(part.items()), 3.0)
+    module._ema_update(0.99)

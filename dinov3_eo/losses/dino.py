@@ -53,8 +53,9 @@ def dino_cross_entropy(
     n_pairs = n_student * n_teacher
     if ignore_diagonal:
         n_diag = min(n_student, n_teacher)
-        keep = ~torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
-        pair_ce = pair_ce[keep]
+        # zeroed, not indexed out: a boolean index would read the mask back from the device (a GPU sync per step)
+        same_crop = torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
+        pair_ce = pair_ce.masked_fill(same_crop, 0.0)
         n_pairs -= n_diag
     if n_pairs == 0:
         raise ValueError(f"dino_cross_entropy: no crop pairs left ({n_student} student, {n_teacher} teacher crops).")
