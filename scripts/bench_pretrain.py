@@ -229,7 +229,40 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
     full = counts["forward+losses+backward"] + counts["optimizer"] + counts["ema"]  # compute_losses makes the views
     print(f"[ops] {arch}, batch {batch}: full step {full:,} ops vs backbone-only {counts['backbone_only']:,} = "
           f"{full / counts['backbone_only']:.2f}x; " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
-    return counts | {"full": full}
+    launches, copies = crops_device_ops(module, batch, global_size=global_size, local_size=local_size)
+    print(f"[ops]   of the views' ops, {launches} run on the device (the rest are host-side random draws) and "
+          f"{copies} copies go host-to-device, counted on meta tensors")
+    return counts | {"full": full, "crops_device_ops": launches, "crops_host_to_device_copies": copies}
+
+
+def crops_device_ops(module, batch: int, *, global_size: int, local_size: int) -> tuple[int, int]:  # noqa: ANN001
+    """Kernels the crops of one batch launch on a device, and their host-to-device copies, without a device: the
+    crops run on meta tensors (shapes, no data), and every op that touches one counts as a launch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinov3_eo.ssl.crops import MultiCrop
+
+    class _Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.launches = self.copies = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            tensors = [t for t in [*args, *(kwargs or {}).values(), *outs] if isinstance(t, torch.Tensor)]
+            if func.overloadpacket.__name__ not in _METADATA_OPS and any(t.device.type == "meta" for t in tensors):
+                self.launches += 1
+                self.copies += any(t.device.type == "cpu" for t in args if isinstance(t, torch.Tensor))
+            return out
+
+    side = max(256, global_size)
+    crop = MultiCrop(global_size=global_size, local_size=local_size, **module._crop_kwargs)
+    images = torch.empty(batch, 3, side, side, device="meta")
+    crop(images, generator=torch.Generator().manual_seed(0))  # warm-up
+    with _Count() as counter:
+        crop(images, generator=torch.Generator().manual_seed(1))
+    return counter.launches, counter.copies
 
 
 def _eurosat_split(per_class_train: int) -> tuple[list[str], list[int], list[str], list[int], list[str]]:

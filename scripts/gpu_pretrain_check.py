@@ -375,10 +375,12 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
 
 
 def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
-    """Where the crops' time goes: host (until ``make_views`` returns) vs device (until it finishes), and its ops.
+    """Where the crops' time goes: host (until ``make_views`` returns) vs device (until it finishes), and its ops,
+    for a batch without nodata (``valid=None``, as the stages pass it) and one with a nodata strip (mask path).
 
-    The views took 18-35 ms of a 141-186 ms ViT-S step at batch 64 (224/96 px) and 71 ms of 214 ms at the learning
-    check's batch 256 (112/48 px) on an H100; ~500 small ops suggest the host, which this separates.
+    Before the sync-free crops (2026-11-27 evening) the views took 18-35 ms of a 141-186 ms ViT-S step at batch 64
+    (224/96 px) and 71 ms of 214 ms at the learning check's batch 256 (112/48 px) on an H100; counted on meta
+    tensors they then launched 319 device ops with 35 host-to-device copies and 2 syncs, now 38 ops and 1 copy.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -391,34 +393,37 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
         module, _, data = ssl_step_setup("vitt16", batch, device=device, global_size=global_size,
                                          local_size=local_size, dino_out_dim=1024, ibot_out_dim=1024)
         kwargs = _step_view_kwargs(module, global_size, local_size)
-        for _ in range(3):
-            make_views(data["image"], None, **kwargs)
-        host = total = 0.0
-        for _ in range(5):
+        nodata = torch.ones_like(data["valid"])
+        nodata[:, :, :20] = False  # a 20-px collar: the mask path
+        for name, valid in (("valid", None), ("nodata", nodata)):
+            for _ in range(3):
+                make_views(data["image"], valid, **kwargs)
+            host = total = 0.0
+            for _ in range(5):
+                if cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                make_views(data["image"], valid, **kwargs)
+                host += time.perf_counter() - start
+                if cuda:
+                    torch.cuda.synchronize()
+                total += time.perf_counter() - start
+            key = f"b{batch}_{global_size}_{name}"
+            result[f"{key}_host_ms"], result[f"{key}_total_ms"] = host / 5 * 1e3, total / 5 * 1e3
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities) as prof:
+                make_views(data["image"], valid, **kwargs)
+                if cuda:
+                    torch.cuda.synchronize()
+            tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
             if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            make_views(data["image"], None, **kwargs)
-            host += time.perf_counter() - start
-            if cuda:
-                torch.cuda.synchronize()
-            total += time.perf_counter() - start
-        key = f"b{batch}_{global_size}"
-        result[f"{key}_host_ms"], result[f"{key}_total_ms"] = host / 5 * 1e3, total / 5 * 1e3
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-        with profile(activities=activities) as prof:
-            make_views(data["image"], None, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-        tables = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
-        if cuda:
-            tables.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
-        print(f"[views] batch {batch}, {global_size}/{local_size} px: returns after {result[f'{key}_host_ms']:.1f} ms, "
-              f"done after {result[f'{key}_total_ms']:.1f} ms", flush=True)
-        if out_dir:
-            (Path(out_dir) / f"views_profile_{key}.txt").write_text("\n\n".join(tables))
-        else:
-            print(tables[0])
+                tables.append(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+            print(f"[views] batch {batch}, {global_size}/{local_size} px, {name}: returns after "
+                  f"{result[f'{key}_host_ms']:.1f} ms, done after {result[f'{key}_total_ms']:.1f} ms", flush=True)
+            if out_dir:
+                (Path(out_dir) / f"views_profile_{key}.txt").write_text("\n\n".join(tables))
+            else:
+                print(tables[0])
         del module, data
     return result
 
