@@ -128,6 +128,11 @@ class TestSinkhorn:
         probs = sinkhorn_knopp(logits, 0.05)
         assert probs.dtype == torch.float32 and not probs.requires_grad
 
+    def test_bf16_logits_give_the_float32_result_of_their_values(self) -> None:
+        # promoted inside the first subtraction instead of copied to fp32 first: the same numbers, bit for bit
+        logits = (torch.randn(16, 256) * 3).bfloat16()
+        assert torch.equal(sinkhorn_knopp(logits, 0.04), sinkhorn_knopp(logits.float(), 0.04))
+
     def test_caller_autocast_does_not_round_the_products(self) -> None:
         logits = torch.randn(64, 4096) * 0.02  # the near-uniform start of a run
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -262,6 +267,17 @@ class TestSoftCrossEntropy:
         assert logits.grad.dtype == torch.bfloat16
         reference = -(targets * F.log_softmax(logits.float() / 0.1, -1)).sum(-1)
         torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+
+    def test_bf16_logits_give_the_float32_result_of_their_values(self) -> None:
+        half = (torch.randn(6, 300) * 4).bfloat16().requires_grad_()
+        full = half.detach().float().requires_grad_()
+        targets = torch.softmax(torch.randn(6, 300), -1)
+        weights = torch.randn(6)
+        losses = [soft_cross_entropy(x, targets, 0.1) for x in (half, full)]
+        assert torch.equal(losses[0], losses[1])
+        for loss in losses:
+            (loss * weights).sum().backward()
+        assert torch.equal(half.grad, full.grad.bfloat16())
 
     def test_large_logits_stay_finite_and_targets_get_no_gradient(self) -> None:
         logits = torch.tensor([[1e4, -1e4, 0.0]], requires_grad=True)

@@ -7,7 +7,8 @@ from torch import Tensor
 
 
 class _SoftCrossEntropy(torch.autograd.Function):
-    """Per-row ``−Σ_k t_k · log_softmax(x / τ)_k`` computed as ``Σ_k t_k · lse(x / τ) − Σ_k t_k x_k / τ``.
+    """Per-row ``−Σ_k t_k · log_softmax(x / τ)_k`` computed as ``Σ_k t_k · lse(x / τ) − Σ_k t_k x_k / τ``
+    (both with the row maximum subtracted from ``x``, which cancels).
 
     Autograd through ``log_softmax(x / τ) * t`` keeps or rebuilds four [N, K] float32 tensors (the scaled logits,
     the log-probabilities, their product with the targets and its gradient); here the forward keeps one (the
@@ -19,15 +20,17 @@ class _SoftCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: Tensor, targets: Tensor, temperature: float) -> Tensor:  # noqa: ANN001
         with torch.autocast(device_type=logits.device.type, enabled=False):  # float32 whatever the caller's autocast
             dtype = torch.promote_types(logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
-            x = logits.to(dtype)
             t = targets.to(dtype)
-            shift = x.amax(dim=-1, keepdim=True)  # [N, 1]
-            numerator = (x - shift).div_(temperature).exp_()  # [N, K], the only new [N, K] tensor
-            partition = numerator.sum(dim=-1, keepdim=True)  # [N, 1]
-            log_partition = shift / temperature + partition.log()  # [N, 1]: logsumexp(x / τ)
+            # no fp32 copy of bf16 logits: the maximum is exact in bf16 and the subtraction promotes in its own pass
+            shift = logits.amax(dim=-1, keepdim=True).to(dtype)  # [N, 1]
+            numerator = logits - shift  # [N, K] in `dtype`, the only new [N, K] tensor: x − shift, then exp in place
             target_mass = t.sum(dim=-1, keepdim=True)  # [N, 1]: 1 for probabilities
-            dot = torch.bmm(t.unsqueeze(1), x.unsqueeze(2)).view(-1, 1)  # [N, 1]: Σ_k t_k x_k, no [N, K] product
-            loss = log_partition * target_mass - dot / temperature  # [N, 1]
+            # Σ_k t_k (x_k − shift), read before the exp overwrites it; a product, not an [N, K] tensor
+            dot = torch.bmm(t.unsqueeze(1), numerator.unsqueeze(2)).view(-1, 1)  # [N, 1]
+            numerator.div_(temperature).exp_()
+            partition = numerator.sum(dim=-1, keepdim=True)  # [N, 1]
+            # lse(x / τ)·Σt − Σ t·x / τ with the shift cancelled exactly: log(partition)·Σt − Σ t·(x − shift) / τ
+            loss = partition.log() * target_mass - dot / temperature  # [N, 1]
         ctx.save_for_backward(numerator, partition, t, target_mass)
         ctx.temperature, ctx.logits_dtype = temperature, logits.dtype
         return loss.view(-1)

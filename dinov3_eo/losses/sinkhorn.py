@@ -46,21 +46,23 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
         raise ValueError(f"sinkhorn_knopp: teacher_logits must be [B, K], got shape {tuple(teacher_logits.shape)}.")
     if teacher_temp <= 0:
         raise ValueError(f"sinkhorn_knopp: teacher_temp must be > 0, got {teacher_temp}.")
-    # fp32 at least (bf16/fp16 logits are upcast); fp64 input stays fp64
-    logits = teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32))
+    # fp32 at least (bf16/fp16 logits are upcast); fp64 input stays fp64. Half-precision logits are not copied to
+    # fp32 first: the maximum is exact in their own dtype, and the subtraction below promotes them in the same pass
+    dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    logits = teacher_logits
     n_local, n_prototypes = logits.shape
     if is_dist() and world_size(group) > 1:
         n_total = float(all_reduce_sum(torch.tensor(float(n_local), device=logits.device), group).item())
     else:
         n_total = float(n_local)  # no process group: no device-to-host sync for a count the host already knows
     if n_total == 0:
-        return logits.clone()  # [0, K]: nothing to centre anywhere
+        return logits.to(dtype, copy=True)  # [0, K]: nothing to centre anywhere
     if n_local > 0:
-        local_max = logits.amax(dim=0)  # [K] (amax: no argmax, ~7x faster than max(dim=0) on a CPU)
+        local_max = logits.amax(dim=0).to(dtype)  # [K] (amax: no argmax, ~7x faster than max(dim=0) on a CPU)
     else:
-        local_max = torch.full((n_prototypes,), float("-inf"), device=logits.device)
+        local_max = torch.full((n_prototypes,), float("-inf"), dtype=dtype, device=logits.device)
     shift = all_reduce_max(local_max, group)  # [K]
-    e = (logits - shift).div_(teacher_temp).exp_()  # [B_local, K], entries in [0, 1]; one new tensor
+    e = (logits - shift).div_(teacher_temp).exp_()  # [B_local, K] in `dtype`, entries in [0, 1]; one new tensor
     # Q = diag(c) · e · diag(r) is kept as two scale vectors, so each half-iteration is one matrix-vector product
     # over e instead of a sum plus two divisions of the whole [B, K] matrix (3x less memory traffic; the teacher's
     # iBOT assignments are [masked tokens, 65,536]). The reference's initial division by the global sum is a
