@@ -19,6 +19,7 @@ from dinov3_eo.ssl.crops import (
     flip_indices,
     host_to_device,
     pack_host_tensors,
+    travels_exactly_as_float32,
     unpack_host_tensors,
 )
 
@@ -296,6 +297,15 @@ def test_host_tensors_travel_exactly_in_one_vector() -> None:
     for key, value in tensors.items():
         assert back[key].dtype == value.dtype and torch.equal(back[key], value)
     assert host_to_device(tensors, torch.device("cpu"))["index"] is tensors["index"]  # nothing to move
+    # what float32 cannot carry exactly travels on its own, in its own dtype
+    assert all(travels_exactly_as_float32(t) for t in tensors.values())
+    assert not travels_exactly_as_float32(torch.tensor([2**24]))
+    assert not travels_exactly_as_float32(torch.ones(2, dtype=torch.float64))
+    mixed = {**tensors, "big": torch.tensor([2**40]), "precise": torch.tensor([0.1], dtype=torch.float64)}
+    with _HostToDeviceCopies() as counter:
+        moved = host_to_device(mixed, torch.device("meta"))
+    assert counter.copies == 3 and list(moved) == list(mixed)
+    assert all(moved[k].dtype == v.dtype and moved[k].shape == v.shape for k, v in mixed.items())
 
 
 class _HostToDeviceCopies(TorchDispatchMode):

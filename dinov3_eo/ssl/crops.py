@@ -437,8 +437,17 @@ def apply_photometry(crops: Tensor, valid: Tensor | None, params: dict[str, Tens
     return crops
 
 
+def travels_exactly_as_float32(t: Tensor) -> bool:
+    """Whether ``t`` survives a float32 round trip exactly: bool, float32, and integers within ±2**24."""
+    if t.dtype in (torch.bool, torch.float32) or t.numel() == 0:
+        return True
+    if t.dtype.is_floating_point or t.is_complex():
+        return False
+    return bool(t.abs().max() < 2**24)
+
+
 def pack_host_tensors(tensors: Mapping[str, Tensor]) -> Tensor:
-    """Flatten small CPU tensors into one float32 vector (exact for flags, indices and coordinates below 2**24)."""
+    """Flatten small CPU tensors into one float32 vector (exact for what :func:`travels_exactly_as_float32`)."""
     return torch.cat([t.reshape(-1).to(torch.float32) for t in tensors.values()])
 
 
@@ -455,12 +464,17 @@ def unpack_host_tensors(flat: Tensor, like: Mapping[str, Tensor]) -> dict[str, T
 def host_to_device(tensors: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
     """Move small CPU tensors to ``device`` in one copy (pinned and non-blocking on CUDA) instead of one copy each.
 
-    A copy from pageable memory may wait for the device's queue, and each one costs a launch; on the CPU the
-    tensors are returned as they are.
+    A copy from pageable memory may wait for the device's queue, and each one costs a launch. A tensor that float32
+    cannot carry exactly (float64, integers beyond 2**24) travels on its own. On the CPU the tensors are returned as
+    they are.
     """
     if device.type == "cpu" or not tensors:
         return dict(tensors)
-    flat = pack_host_tensors(tensors)
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    return unpack_host_tensors(flat.to(device, non_blocking=True), tensors)
+    packed = {key: t for key, t in tensors.items() if travels_exactly_as_float32(t)}
+    out = {key: t.to(device, non_blocking=True) for key, t in tensors.items() if key not in packed}
+    if packed:
+        flat = pack_host_tensors(packed)
+        if device.type == "cuda":
+            flat = flat.pin_memory()
+        out |= unpack_host_tensors(flat.to(device, non_blocking=True), packed)
+    return {key: out[key] for key in tensors}
