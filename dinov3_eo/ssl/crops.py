@@ -406,9 +406,10 @@ def apply_photometry(crops: Tensor, valid: Tensor | None, params: dict[str, Tens
     Brightness, contrast and grayscale are one affine map per crop: ``gain``/``mean_gain``/``shift`` [n, C] act per
     band (``y = gain·x + mean_gain·mean + shift``, ``mean`` the crop's valid-pixel band mean), or, when a crop of an
     RGB set turns grey, ``matrix``/``mean_matrix`` [n, 3, 3] and ``shift`` [n, 3] mix the bands
-    (``y = matrix·x + mean_matrix·mean + shift``). Then the crops at ``blur_index`` [m] are blurred with their
-    ``blur_kernel`` [m, k] (separable, reflect border), ``solarize_gain`` [n] (−2 or 0) solarises, and invalid
-    pixels are set to 0.
+    (``y = matrix·x + mean_matrix·mean + shift``; a batched matrix product, so with TF32 matmuls allowed on a GPU it
+    rounds to ~1e-3 relative, finer than the bf16 the model reads it in). Then the crops at ``blur_index`` [m] are
+    blurred with their ``blur_kernel`` [m, k] (separable, reflect border), ``solarize_gain`` [n] (−2 or 0)
+    solarises, and invalid pixels are set to 0.
 
     Args:
         crops: [n, C, s, s]; valid: [n, s, s] bool or ``None`` (all valid).
