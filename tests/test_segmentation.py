@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+import torch.nn.functional as F
+from meta_device import allow_meta_autocast
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.data.normalization import Normalization
@@ -113,10 +115,40 @@ class TestSegmentationTask:
         manual = torch.nn.functional.cross_entropy(logits, mask, weight=torch.tensor([1.0, 5.0, 0.1]))
         assert torch.isclose(weighted, manual) and not torch.isclose(plain, weighted)
 
+    @pytest.mark.parametrize("weights", [None, [1.0, 5.0, 0.1]])
+    def test_loss_is_the_mean_over_labelled_pixels(self, weights: list[float] | None) -> None:
+        logits = torch.randn(2, 3, 8, 8, requires_grad=True)
+        mask = torch.randint(0, 3, (2, 8, 8))
+        mask[0, :3] = 255
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=weights)
+        got = task._loss(logits, mask)
+        reference = F.cross_entropy(logits, mask, weight=None if weights is None else torch.tensor(weights),
+                                    ignore_index=255)
+        torch.testing.assert_close(got, reference)
+        (grad,) = torch.autograd.grad(got, logits)
+        torch.testing.assert_close(grad, torch.autograd.grad(reference, logits)[0])
+
     def test_labels_outside_the_classes_are_an_error(self) -> None:
         task = SegmentationTask(backbone="vitmicro16", num_classes=2)
+        mask = torch.tensor([[[0, 1], [7, 255]]])
         with pytest.raises(ValueError, match=r"fall outside 0\.\.1"):
-            task._loss(torch.randn(1, 2, 2, 2), torch.tensor([[[0, 1], [7, 255]]]))
+            task._loss(torch.randn(1, 2, 2, 2), mask)
+        with pytest.raises(ValueError, match=r"labels \[7\] fall outside 0\.\.1"):  # on the host, before a GPU
+            task.on_before_batch_transfer({"image": torch.zeros(1, 3, 2, 2), "mask": mask}, 0)
+        good = {"image": torch.zeros(1, 3, 2, 2), "mask": torch.tensor([[[0, 1], [1, 255]]])}
+        assert task.on_before_batch_transfer(good, 0) is good
+
+    @pytest.mark.parametrize("weights", [None, [1.0, 5.0, 0.1]])
+    def test_a_training_step_never_reads_back_from_the_device(self, monkeypatch: pytest.MonkeyPatch,
+                                                               weights: list[float] | None) -> None:
+        """On meta tensors (a stand-in for a GPU) any device-to-host read raises; see tests/meta_device.py."""
+        allow_meta_autocast(monkeypatch)
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=weights, freeze_backbone=False)
+        task.to_empty(device="meta")
+        monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
+        batch = {"image": torch.empty(2, 3, 32, 32, device="meta"),
+                 "mask": torch.empty(2, 32, 32, dtype=torch.long, device="meta")}
+        task.training_step(batch, 0).backward()
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),

@@ -356,18 +356,41 @@ class SegmentationTask(TrainModesAtFitStart):
         """Normalised imagery ``[B, C, H, W]`` -> class logits ``[B, K, H, W]``."""
         return self.model(x)
 
-    def _loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """Mean cross-entropy over labelled pixels (0 with a gradient path when a batch has none)."""
+    def check_labels(self, mask: Tensor) -> None:
+        """Raise one clear error when a labelled pixel of ``mask`` is not a class (rather than a device-side assert
+        inside the loss). Called on the host: in :meth:`on_before_batch_transfer`, and by the loss on CPU tensors."""
         labelled = mask != self.hparams.ignore_index
         if not bool(labelled.any()):
-            return logits.sum() * 0.0
-        bad = mask[labelled]
-        if int(bad.max()) >= self.num_classes or int(bad.min()) < 0:
+            return
+        labels = mask[labelled]
+        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
+            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique().tolist()
             raise ValueError(
-                f"SegmentationTask: labels {sorted(set(bad.unique().tolist()))} fall outside 0..{self.num_classes - 1} "
+                f"SegmentationTask: labels {sorted(bad)} fall outside 0..{self.num_classes - 1} "
                 f"(ignore_index={self.hparams.ignore_index})."
             )
-        return F.cross_entropy(logits, mask, weight=self.class_weight, ignore_index=self.hparams.ignore_index)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        mask = batch.get("mask") if isinstance(batch, dict) else None
+        if isinstance(mask, Tensor) and mask.device.type == "cpu":
+            self.check_labels(mask)  # here, before the transfer, the check reads nothing back from a GPU
+        return batch
+
+    def _loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """Mean cross-entropy over labelled pixels, class-weighted as ``F.cross_entropy``'s mean (0 with a gradient
+        path when a batch has none), without reading anything back from the device: the sum over labelled pixels
+        divided by their (weighted) count."""
+        if mask.device.type == "cpu":
+            self.check_labels(mask)
+        ignore = self.hparams.ignore_index
+        total = F.cross_entropy(logits, mask, weight=self.class_weight, ignore_index=ignore, reduction="sum")
+        labelled = mask != ignore
+        if self.class_weight is None:
+            count = labelled.sum().to(total.dtype)
+        else:  # the ignored pixels' index is replaced by 0 (any class) and their weight zeroed
+            count = (self.class_weight[mask.masked_fill(~labelled, 0)] * labelled).sum()
+        # no labelled pixel: total is an exact 0 (with a gradient path) and so is the loss
+        return total / count.clamp_min(torch.finfo(total.dtype).tiny)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])  # [B, K, H, W]
