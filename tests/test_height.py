@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from meta_device import allow_meta_autocast
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
@@ -495,3 +496,15 @@ def test_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "\nmodel:\n  backbone:" in printed and "\ndata:\n  paths:" in printed and "label_resampling: bilinear" in printed
+
+
+@pytest.mark.parametrize("loss", ["l1", "huber", "sig"])
+def test_a_training_step_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch, loss: str) -> None:
+    """On meta tensors (a stand-in for a GPU) any device-to-host read raises; see tests/meta_device.py."""
+    allow_meta_autocast(monkeypatch)
+    task = _tiny_task(loss=loss, freeze_backbone=False)
+    task.to_empty(device="meta")
+    monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
+    batch = {"image": torch.empty(2, 3, 32, 32, device="meta"), "target": torch.empty(2, 32, 32, device="meta"),
+             "valid": torch.empty(2, 32, 32, dtype=torch.bool, device="meta")}
+    task.training_step(batch, 0).backward()

@@ -117,6 +117,14 @@ class TestValues:
 LOSSES = [sig_loss, masked_l1_loss, masked_huber_loss]
 
 
+@pytest.mark.parametrize("fn", LOSSES)
+def test_bf16_predictions_are_reduced_in_float32(heights, fn) -> None:
+    pred, target = heights
+    half = pred.bfloat16()  # a DPT head's output under bf16 autocast
+    loss = fn(half, target)
+    assert loss.dtype == torch.float32 and torch.equal(loss, fn(half.float(), target))
+
+
 class TestNodata:
     @pytest.mark.parametrize("fn", LOSSES)
     def test_nan_targets_do_not_change_loss_or_gradient(self, heights, fn) -> None:

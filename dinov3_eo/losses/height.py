@@ -4,10 +4,12 @@ All three losses take a prediction ``pred`` ``[B, 1, H, W]`` or ``[B, H, W]`` in
 spatial shape with NaN where there is no reference height, and an optional boolean ``valid`` mask ``[B, H, W]``
 (or ``[B, 1, H, W]``). A pixel counts only if it is valid, its target is finite and (for :func:`sig_loss`) the
 target is non-negative. The losses reduce over *all* counted pixels of the batch at once (one mean, not a mean of
-per-image means) and return an unweighted scalar. Invalid pixels are removed by boolean indexing before any
-arithmetic, so neither their values nor NaNs in them reach the loss or its gradient. With no counted pixel the
-result is an exact ``0.0`` that still belongs to the autograd graph (``backward()`` works and gives zero gradients),
-without a warning.
+per-image means) and return an unweighted scalar. Pixels that do not count are replaced by 0 in both prediction and
+target before any arithmetic (``torch.where``, whose gradient there is exactly 0) and weigh 0 in every sum, so
+neither their values nor NaNs in them reach the loss or its gradient. Nothing depends on how many pixels count but
+the values, so a step reads nothing back from a GPU (boolean indexing would: its output size lives on the device).
+With no counted pixel the result is an exact ``0.0`` that still belongs to the autograd graph (``backward()`` works
+and gives zero gradients), without a warning.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _counted(pred: Tensor, target: Tensor, valid: Tensor | None, *, where: str) -> tuple[Tensor, Tensor]:
-    """Flat ``(pred [N], target [N])`` over the counted pixels; checks shapes."""
+def _counted(
+    pred: Tensor, target: Tensor, valid: Tensor | None, *, where: str, non_negative: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(pred, target, keep, count)``: ``[B, H, W]`` prediction and target with 0 wherever a pixel does not count,
+    the ``[B, H, W]`` bool mask of the counted pixels (valid, finite target, and ``>= 0`` with ``non_negative``) and
+    their number as a 0-d float tensor; checks shapes."""
     if pred.ndim == 4:
         if pred.shape[1] != 1:
             raise ValueError(f"{where}: pred must have one channel, got shape {tuple(pred.shape)}.")
@@ -36,7 +42,17 @@ def _counted(pred: Tensor, target: Tensor, valid: Tensor | None, *, where: str) 
         if valid.dtype != torch.bool:
             raise TypeError(f"{where}: valid must be a bool mask, got {valid.dtype}.")
         keep = keep & valid
-    return pred[keep], target[keep]
+    if non_negative:
+        keep = keep & (target >= 0)
+    dtype = torch.promote_types(pred.dtype, torch.float32)  # bf16 predictions (autocast) are summed in fp32
+    pred = torch.where(keep, pred.to(dtype), 0.0)
+    target = torch.where(keep, target.to(dtype), 0.0)
+    return pred, target, keep, keep.sum().to(dtype)
+
+
+def _masked_mean(values: Tensor, keep: Tensor, count: Tensor) -> Tensor:
+    """Mean of ``values`` over ``keep`` (0 when nothing counts; ``values`` must be finite everywhere)."""
+    return (values * keep).sum() / count.clamp_min(1.0)
 
 
 def sig_loss(
@@ -64,23 +80,18 @@ def sig_loss(
     Returns:
         A scalar tensor.
     """
-    p, t = _counted(pred, target, valid, where="sig_loss")
-    keep = t >= 0
-    p, t = p[keep], t[keep]
-    n = p.numel()
-    if n == 0:
-        return p.sum() * 0.0
-    g = torch.log(p.clamp_min(0) + eps) - torch.log(t + eps)  # [N]
-    var = g.var(correction=1 if n > 1 else 0)
-    return torch.sqrt((var + lam * g.mean() ** 2).clamp_min(1e-12))
+    p, t, keep, n = _counted(pred, target, valid, where="sig_loss", non_negative=True)
+    g = torch.log(p.clamp_min(0) + eps) - torch.log(t + eps)  # [B, H, W], 0 where nothing counts
+    mean = _masked_mean(g, keep, n)
+    var = ((g - mean) ** 2 * keep).sum() / torch.where(n > 1, n - 1, n).clamp_min(1.0)  # unbiased when N > 1
+    loss = torch.sqrt((var + lam * mean**2).clamp_min(1e-12))
+    return torch.where(n > 0, loss, 0.0)
 
 
 def masked_l1_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
     """Mean absolute error over the counted pixels: ``mean(|pred - target|)``; shapes as in :func:`sig_loss`."""
-    p, t = _counted(pred, target, valid, where="masked_l1_loss")
-    if p.numel() == 0:
-        return p.sum() * 0.0
-    return (p - t).abs().mean()
+    p, t, keep, n = _counted(pred, target, valid, where="masked_l1_loss")
+    return _masked_mean((p - t).abs(), keep, n)
 
 
 def masked_huber_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None, *, delta: float = 1.0) -> Tensor:
@@ -94,10 +105,8 @@ def masked_huber_loss(pred: Tensor, target: Tensor, valid: Tensor | None = None,
     """
     if delta <= 0:
         raise ValueError(f"masked_huber_loss: delta must be > 0, got {delta}.")
-    p, t = _counted(pred, target, valid, where="masked_huber_loss")
-    if p.numel() == 0:
-        return p.sum() * 0.0
-    return F.huber_loss(p, t, delta=delta, reduction="mean")
+    p, t, keep, n = _counted(pred, target, valid, where="masked_huber_loss")
+    return _masked_mean(F.huber_loss(p, t, delta=delta, reduction="none"), keep, n)
 
 
 class SigLoss(nn.Module):
