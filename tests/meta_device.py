@@ -7,6 +7,7 @@ import contextlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 _AUTOCAST = torch.autocast
 
@@ -27,3 +28,28 @@ class _MetaSafeAutocast:
 def allow_meta_autocast(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the code under test enter ``torch.autocast(device_type="meta", ...)`` for the rest of the test."""
     monkeypatch.setattr(torch, "autocast", _MetaSafeAutocast)
+
+
+class HostToDeviceCopies(TorchDispatchMode):
+    """Records every copy from a CPU tensor into a meta tensor as ``(non_blocking, shape)``: on a GPU a blocking
+    one waits for every queued kernel first, so a step should make only non-blocking ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[tuple[bool, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in ("_to_copy", "copy_"):
+            source, target = (args[1], args[0]) if name == "copy_" else (args[0], out)
+            if source.device.type == "cpu" and target.device.type == "meta":
+                non_blocking = args[2] if name == "copy_" and len(args) > 2 else kwargs.get("non_blocking", False)
+                self.copies.append((bool(non_blocking), tuple(source.shape)))
+        return out
+
+    @property
+    def blocking(self) -> list[tuple[int, ...]]:
+        """Shapes of the blocking copies."""
+        return [shape for non_blocking, shape in self.copies if not non_blocking]

@@ -11,6 +11,7 @@ import pytest
 import rasterio
 import torch
 import xarray as xr
+from meta_device import HostToDeviceCopies, allow_meta_autocast
 from shapely.geometry import Point, box
 from tiny_text import TINY_TEXT
 
@@ -117,6 +118,33 @@ def test_logit_scale_clamped_after_each_step() -> None:
         task.model.logit_scale.fill_(9.0)
     task.on_train_batch_end(None, None, 0)
     assert task.model.logit_scale.item() == pytest.approx(math.log(100.0))
+
+
+def test_labels_that_are_not_classes_are_caught_on_the_host() -> None:
+    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM,
+                             class_names=["water", "forest"], dense_loss_weight=0.5)
+    good = {"image": torch.zeros(1, 3, 4, 4), "mask": torch.tensor([[[0, 1, CLASS_NODATA, 1]] * 4])}
+    assert task.on_before_batch_transfer(good, 0) is good
+    with pytest.raises(ValueError, match=r"labels hold 5, outside \[0, 2\)"):
+        task.on_before_batch_transfer({**good, "mask": torch.tensor([[[0, 5, 1, 1]] * 4])}, 0)
+
+
+def test_a_training_step_never_reads_back_from_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On meta tensors (a stand-in for a GPU) any device-to-host read raises, and the host-to-device copies (caption
+    tokens, caption groups, unnamed class ids) do not wait for the device; see tests/meta_device.py."""
+    allow_meta_autocast(monkeypatch)
+    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM,
+                             class_names=["water", "", "forest"], dense_loss_weight=0.5)
+    task.on_fit_start()
+    task.to_empty(device="meta")
+    monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
+    monkeypatch.setattr(task, "log_dict", lambda *args, **kwargs: None)
+    batch = {"image": torch.empty(3, 3, 32, 32, device="meta"), "valid": torch.empty(3, 32, 32, dtype=torch.bool,
+             device="meta"), "mask": torch.empty(3, 32, 32, dtype=torch.long, device="meta"),
+             "caption": ["a lake", "a forest", "a lake"]}  # fmt: skip
+    with HostToDeviceCopies() as copies:
+        task.training_step(batch, 0).backward()
+    assert copies.copies and not copies.blocking
 
 
 # -------------------------------------------------------------------------------------------------- queries

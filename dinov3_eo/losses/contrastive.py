@@ -62,6 +62,17 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) 
     return -(2 * sim.diagonal() - lse_rows - lse_cols).mean() / 2
 
 
+def check_class_labels(labels: Tensor, num_classes: int, *, ignore_index: int = 255) -> None:
+    """Raise one clear error if ``labels`` hold a value outside ``[0, num_classes)`` other than ``ignore_index``.
+
+    Reads the labels (call it on the host: on a GPU it is a sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bad.any():
+        raise ValueError(
+            f"labels hold {labels[bad][0].item()}, outside [0, {num_classes}) and not ignore_index={ignore_index}."
+        )
+
+
 def labels_to_patch_grid(
     labels: Tensor, grid: tuple[int, int], *, num_classes: int, ignore_index: int = 255
 ) -> Tensor:
@@ -81,17 +92,15 @@ def labels_to_patch_grid(
         ``[B, h, w]`` int64 labels.
 
     Raises:
-        ValueError: if ``labels`` is not 3-D or holds a value outside ``[0, num_classes)`` other than ``ignore_index``.
+        ValueError: if ``labels`` is not 3-D or, for CPU labels, holds a value outside ``[0, num_classes)`` other than
+            ``ignore_index`` (:func:`check_class_labels`; device labels are not read back).
     """
     if labels.ndim != 3:
         raise ValueError(f"labels must be [B, H, W], got shape {tuple(labels.shape)}.")
     labels = labels.long()
     valid = labels != ignore_index
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"labels hold {labels[bad][0].item()}, outside [0, {num_classes}) and not ignore_index={ignore_index}."
-        )
+    if labels.device.type == "cpu":  # on a GPU the check would read back from the device: callers check on the host
+        check_class_labels(labels, num_classes, ignore_index=ignore_index)
     b, height, width = labels.shape
     h, w = grid
     if height % h or width % w:
@@ -136,7 +145,7 @@ def dense_text_alignment_loss(
         0-d tensor.
 
     Raises:
-        ValueError: on mismatched shapes or out-of-range labels.
+        ValueError: on mismatched shapes, or out-of-range labels on the CPU.
     """
     if patch_emb.ndim != 4 or class_text_emb.ndim != 2 or patch_emb.shape[1] != class_text_emb.shape[1]:
         raise ValueError(
@@ -155,9 +164,9 @@ def dense_text_alignment_loss(
     patches = F.normalize(patch_emb, dim=1)  # [B, D, h, w]
     texts = F.normalize(class_text_emb.to(patches.dtype), dim=1)  # [K, D]
     logits = _scale(logit_scale, patches) * torch.einsum("bdyx,kd->bkyx", patches, texts)  # [B, K, h, w]
-    if not (target != ignore_index).any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+    # the mean as a sum over a count: no labelled patch gives an exact 0 (live graph) without reading the device
+    total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().to(total.dtype).clamp_min(1.0)
 
 
 def grouped_clip_loss(image_emb: Tensor, text_emb: Tensor, groups: Tensor, logit_scale: Tensor | float) -> Tensor:
@@ -183,7 +192,7 @@ def grouped_clip_loss(image_emb: Tensor, text_emb: Tensor, groups: Tensor, logit
         0-d tensor.
 
     Raises:
-        ValueError: on mismatched shapes or a group without image.
+        ValueError: on mismatched shapes, or (CPU ``groups``) a group without image.
     """
     if image_emb.ndim != 2 or text_emb.ndim != 2 or image_emb.shape[1] != text_emb.shape[1]:
         raise ValueError(
@@ -193,7 +202,10 @@ def grouped_clip_loss(image_emb: Tensor, text_emb: Tensor, groups: Tensor, logit
     if groups.shape != (image_emb.shape[0],):
         raise ValueError(f"grouped_clip_loss: groups must be [{image_emb.shape[0]}], got {tuple(groups.shape)}.")
     n_groups = text_emb.shape[0]
-    if torch.bincount(groups, minlength=n_groups).min() == 0 or int(groups.max()) >= n_groups:
+    # checked where it is free: device groups (built on the host by the caller) are not read back
+    if groups.device.type == "cpu" and (
+        torch.bincount(groups, minlength=n_groups).min() == 0 or int(groups.max()) >= n_groups
+    ):
         raise ValueError(f"grouped_clip_loss: every one of the {n_groups} texts needs at least one image.")
     scale = torch.as_tensor(logit_scale, dtype=image_emb.dtype, device=image_emb.device).reshape(()).exp()
     sim = scale * image_emb @ text_emb.T  # [B, U]

@@ -394,7 +394,8 @@ class TextTower(nn.Module):
         if not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must hold only strings.")
         tokens = clip_tokenizer(self.context_length)(texts)  # [T, ctx]
-        return tokens.to(self.projection.weight.device)
+        # non_blocking: a blocking copy to a GPU would first wait for every queued kernel (a sync per step)
+        return tokens.to(self.projection.weight.device, non_blocking=True)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Projected text features (not normalised).

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
-from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
+from dinov3_eo.losses.contrastive import check_class_labels, dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
@@ -276,6 +276,13 @@ class TextAlignmentTask(TrainModesAtFitStart):
             checkpoint["state_dict"].update({f"model.vision.backbone.{k}": v for k, v in own.items()})
 
     # ---- steps ------------------------------------------------------------------------------------------------
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        mask = batch.get("mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, Tensor) and mask.device.type == "cpu" and self.class_names:
+            # here, on the host, the check is free; the loss does not read labels back from a GPU
+            check_class_labels(mask, len(self.class_names), ignore_index=CLASS_NODATA)
+        return batch
+
     def _images(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:
         """Normalised, optionally flipped images ``[B, C, H, W]`` and masks ``[B, H, W]`` (flipped alike)."""
         x = self._check_normalization()(batch["image"].float())
@@ -296,7 +303,7 @@ class TextAlignmentTask(TrainModesAtFitStart):
         groups, leaders = _groups_of(keys)
         image_emb, dense = self.model.encode_image_and_dense(x)  # [B, 2D], [B, D, h, w]
         text_emb = self.model.encode_text([captions[i] for i in leaders])  # [U, 2D]
-        group_index = torch.tensor(groups, device=image_emb.device)
+        group_index = torch.tensor(groups).to(image_emb.device, non_blocking=True)  # a blocking copy would sync
         losses = {"clip": grouped_clip_loss(image_emb, text_emb, group_index, self.model.logit_scale)}
         if self.hparams.dense_loss_weight > 0 and mask is not None and self.class_names:
             named = [n or "unlabelled" for n in self.class_names]
@@ -304,7 +311,8 @@ class TextAlignmentTask(TrainModesAtFitStart):
             class_text = self.model.text_embeddings_for_classes(named, [template], part="patch")  # [K, D]
             unnamed = [i for i, n in enumerate(self.class_names) if not n]
             if unnamed:  # never teach the model a word for "no label"
-                mask = mask.masked_fill(torch.isin(mask, torch.tensor(unnamed, device=mask.device)), 255)
+                unnamed_ids = torch.tensor(unnamed).to(mask.device, non_blocking=True)
+                mask = mask.masked_fill(torch.isin(mask, unnamed_ids), 255)
             losses["dense"] = dense_text_alignment_loss(dense, class_text, mask, self.model.logit_scale)
         losses["loss"] = losses["clip"] + self.hparams.dense_loss_weight * losses.get("dense", 0.0)
         return losses
