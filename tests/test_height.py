@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from meta_device import allow_meta_autocast
+from meta_device import HostToDeviceCopies, allow_meta_autocast
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import from_origin
@@ -507,4 +507,6 @@ def test_a_training_step_never_reads_back_from_the_device(monkeypatch: pytest.Mo
     monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
     batch = {"image": torch.empty(2, 3, 32, 32, device="meta"), "target": torch.empty(2, 32, 32, device="meta"),
              "valid": torch.empty(2, 32, 32, dtype=torch.bool, device="meta")}
-    task.training_step(batch, 0).backward()
+    with HostToDeviceCopies() as copies:
+        task.training_step(batch, 0).backward()
+    assert not copies.copies

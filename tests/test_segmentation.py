@@ -11,7 +11,7 @@ import pytest
 import rasterio
 import torch
 import torch.nn.functional as F
-from meta_device import allow_meta_autocast
+from meta_device import HostToDeviceCopies, allow_meta_autocast
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.data.normalization import Normalization
@@ -148,7 +148,9 @@ class TestSegmentationTask:
         monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
         batch = {"image": torch.empty(2, 3, 32, 32, device="meta"),
                  "mask": torch.empty(2, 32, 32, dtype=torch.long, device="meta")}
-        task.training_step(batch, 0).backward()
+        with HostToDeviceCopies() as copies:
+            task.training_step(batch, 0).backward()
+        assert not copies.copies
 
     @pytest.mark.parametrize(
         ("kwargs", "match"),
