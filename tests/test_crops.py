@@ -111,7 +111,8 @@ def test_nodata_is_avoided() -> None:
         return torch.stack([valid[i % 8, int(b[1]) : int(b[3]), int(b[0]) : int(b[2])].float().mean()
                             for i, b in enumerate(boxes)])
 
-    careful = MultiCrop(global_size=16, local_size=8, n_local_crops=4, min_valid_fraction=0.5, max_tries=30)
+    careful = MultiCrop(global_size=16, local_size=8, n_local_crops=4, min_valid_fraction=0.5, max_tries=30,
+                        gram_teacher_size=32, vertical_flip_prob=0.5)
     out = careful(image, valid, generator=torch.Generator().manual_seed(3))
     assert (valid_fraction(out["local_boxes"]) >= 0.5).all()
     # global crops (≥ 32 % of the image) cannot always reach 50 %: they take the most valid candidate
@@ -120,8 +121,12 @@ def test_nodata_is_avoided() -> None:
     assert valid_fraction(out["global_boxes"]).mean() > valid_fraction(base["global_boxes"]).mean()
     assert (valid_fraction(base["local_boxes"]) < 0.5).any()
     # invalid pixels stay exactly 0 through the photometric changes, and are reported
-    for kind in ("global", "local"):
+    for kind in ("global", "local", "gram"):
         assert (out[f"{kind}_crops"].abs().sum(1)[~out[f"{kind}_valid"]] == 0).all()
+        assert (out[f"{kind}_crops"].abs().sum(1)[out[f"{kind}_valid"]] > 0).float().mean() > 0.99
+    # the Gram teacher's validity is the global crops' at twice the resolution, flips included
+    coarse = F.avg_pool2d(out["gram_valid"][:, None].float(), 2)[:, 0]
+    assert ((coarse == 1) <= out["global_valid"]).all() and ((coarse == 0) <= ~out["global_valid"]).all()
 
 
 def test_photometric_rules_by_band_count() -> None:
