@@ -303,3 +303,21 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
         module._ema_update(0.99)
     # the crops' decisions and the iBOT masks, each in one copy that does not wait for the device
     assert len(copies.copies) == 2 and not copies.blocking
+
+
+def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything a step logs is a CPU tensor read in the guard's one device-to-host copy: Lightning reads logged
+    device tensors back at every batch end and copies logged Python numbers to the device, both GPU syncs."""
+    module = DINOv3Pretrain(**MODEL_KW, gram_loss_weight=1.0, gram_teacher="ema")
+    module._total_steps = lambda: 100  # type: ignore[method-assign]
+    module.on_fit_start()
+    logged: dict = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
+    monkeypatch.setattr(module, "log_dict", lambda values, **kwargs: logged.update(values))
+    loss = module.training_step({"image": torch.randn(2, 3, 64, 64), "valid": None}, 0)
+    assert loss.requires_grad
+    expected = {"loss", "loss/dino_global", "loss/ibot", "loss/koleo", "loss/gram", "sched/lr", "sched/gram_weight"}
+    assert expected <= set(logged)
+    for name, value in logged.items():
+        assert isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad, name
+    assert float(logged["loss"]) == pytest.approx(float(loss))

@@ -305,22 +305,25 @@ class SSLStage(TrainModesAtFitStart):
         # model-internal randomness (RoPE rescale, drop-path) reproducible across a kill/resume
         torch.manual_seed(step_seed(self.hparams.seed, step, 0))
         losses = self.compute_losses(batch, step)
-        # one device-to-host sync per step for the guard (not one per term); names only on failure
-        if not bool(torch.isfinite(torch.stack([v.detach().float() for v in losses.values()])).all()):
-            bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
+        # One device-to-host copy per step, the step's only sync: the guard reads it, and so do the progress bar and
+        # the loggers, which are given these CPU values. Lightning reads logged device tensors back at every batch
+        # end (another sync) and copies logged Python floats to the device, blocking (one sync each).
+        host = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).cpu()))
+        if not bool(torch.isfinite(torch.stack(list(host.values()))).all()):
+            bad = [name for name, value in host.items() if not torch.isfinite(value)]
             raise NonFiniteLossError(
                 f"Non-finite loss at step {step} in {', '.join(bad)} "
-                f"({', '.join(f'{k}={v.item():.4g}' for k, v in losses.items())}); training stopped before the "
+                f"({', '.join(f'{k}={float(v):.4g}' for k, v in host.items())}); training stopped before the "
                 "optimiser step, so the last saved checkpoint is intact. Lower the lr or check the input normalisation."
             )
         values = self.schedule_values(step)
         batch_size = batch["image"].shape[0]
-        self.log("loss", losses["total"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"loss/{k}": v.detach() for k, v in losses.items() if k != "total"}, batch_size=batch_size)
+        self.log("loss", host["total"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"loss/{k}": v for k, v in host.items() if k != "total"}, batch_size=batch_size)
         logged = {f"sched/{k}": values[k] for k in ("lr", "momentum", "teacher_temp", "weight_decay")}
         if getattr(self.hparams, "gram_loss_weight", 0) > 0:
             logged["sched/gram_weight"] = values["gram_weight"]
-        self.log_dict(logged, batch_size=batch_size)
+        self.log_dict({k: torch.tensor(v) for k, v in logged.items()}, batch_size=batch_size)  # CPU, see above
         return losses["total"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
