@@ -320,4 +320,4 @@ def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) 
     assert expected <= set(logged)
     for name, value in logged.items():
         assert isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad, name
-    assert float(logged["loss"]) == pytest.approx(float(loss))
+    assert float(logged["loss"]) == pytest.approx(float(loss.detach()))
