@@ -235,6 +235,68 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
     return counts | {"full": full, "crops_device_ops": launches, "crops_host_to_device_copies": copies}
 
 
+def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: int = 96, n_local: int = 8,
+                 top: int = 12, **module_kwargs) -> dict[str, float]:
+    """Bytes every aten op of one bf16 step reads and writes (its tensors' sizes), full step vs backbone-only work.
+
+    Where a GPU step is memory-bound (the elementwise passes over the [masked tokens, 65,536] logits, copies), its
+    time follows these bytes more than its FLOPs; counted on the CPU under bf16 autocast, with no device. Prints the
+    totals and the ``top`` ops the full step adds, by bytes.
+    """
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinov3_eo.ssl.stage import make_views
+
+    class _Bytes(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bytes: Counter = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name not in _METADATA_OPS:
+                tensors = {id(t): t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
+                           if isinstance(t, torch.Tensor)}
+                largest = max(tensors.values(), key=torch.Tensor.numel, default=None)
+                shape = tuple(largest.shape) if largest is not None and largest.numel() >= 2**20 else "small"
+                self.bytes[(name, shape)] += sum(t.numel() * t.element_size() for t in tensors.values())
+            return out
+
+    module, optimizer, data = ssl_step_setup(arch, batch, global_size=global_size, local_size=local_size,
+                                             n_local=n_local, **module_kwargs)
+    crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, global_size, local_size))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def full_step() -> None:
+        with autocast:
+            losses = module.compute_losses(data, step=10)
+        losses["total"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module._ema_update(0.996)
+
+    def backbone_only() -> None:
+        backbone_only_work(module, crops, masking, autocast=autocast)
+
+    full_step(), backbone_only()  # warm-up: optimiser state
+    counted = {}
+    for name, fn in (("full", full_step), ("backbone", backbone_only)):
+        with _Bytes() as counter:
+            fn()
+        counted[name] = counter.bytes
+    totals = {name: sum(c.values()) / 2**30 for name, c in counted.items()}
+    print(f"[bytes] {arch}, batch {batch}, bf16: full step {totals['full']:.2f} GiB vs backbone-only "
+          f"{totals['backbone']:.2f} GiB read + written = {totals['full'] / totals['backbone']:.2f}x; largest additions:")
+    extra = counted["full"].copy()
+    extra.subtract(counted["backbone"])
+    for (name, shape), value in extra.most_common(top):
+        print(f"[bytes]   {value / 2**20:8.1f} MiB  {name} {shape}")
+    return {f"{name}_gib": value for name, value in totals.items()}
+
+
 def crops_device_ops(module, batch: int, *, global_size: int, local_size: int) -> tuple[int, int]:  # noqa: ANN001
     """Kernels the crops of one batch launch on a device, and their host-to-device copies, without a device: the
     crops run on meta tensors (shapes, no data), and every op that touches one counts as a launch."""
@@ -426,6 +488,8 @@ def main() -> None:
                         "share falls as the backbone grows)")
     parser.add_argument("--op-counts", action="store_true",
                         help="also count the aten ops of each part of the step (a proxy for GPU kernel launches)")
+    parser.add_argument("--traffic", action="store_true",
+                        help="also count the bytes every op of a bf16 step reads and writes (memory traffic, GPU-style)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the step with every block and head compiled (model.compile: true)")
     parser.add_argument("--skip-step", action="store_true")
@@ -442,6 +506,8 @@ def main() -> None:
                           f"backbone-only work {compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
                 if args.op_counts:
                     step_op_counts(arch, batch)
+                if args.traffic:
+                    step_traffic(arch, batch)
     if not args.skip_learning:
         if not (SHARED / "eurosat_rgb_dev").exists():
             raise SystemExit(f"The learning check needs {SHARED}/eurosat_rgb_dev (../shared/data).")
