@@ -53,9 +53,9 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
 
     The images are ``max(256, global_size)`` px square so that every crop size fits. ``compile`` compiles every
-    block and head as ``model.compile: true`` does when a fit starts.
+    block and head and the two logit losses, as ``model.compile: true`` does when a fit starts.
     """
-    from dinov3_eo.ssl.compilation import compile_regions
+    from dinov3_eo.ssl.compilation import compile_logit_losses, compile_regions
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
@@ -66,6 +66,7 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     module.train()
     if compile:
         compile_regions(module)
+        module.logit_losses = compile_logit_losses()
     side = max(256, global_size)
     images = torch.randn(batch, 3, side, side, device=device)
     return module, optimizer, {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}

@@ -1,4 +1,5 @@
-"""Regional torch.compile of the SSL stages: same losses and gradients as eager, same checkpoints, clear errors."""
+"""Regional torch.compile of the SSL stages and their logit losses: same losses and gradients as eager, same checkpoints,
+clear errors."""
 
 from __future__ import annotations
 
@@ -10,10 +11,18 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from dinov3_eo.losses.ibot import ibot_loss
+from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead
 from dinov3_eo.models.vit import Block
 from dinov3_eo.ssl import compilation
-from dinov3_eo.ssl.compilation import check_compile_toolchain, compile_regions, is_compiled
+from dinov3_eo.ssl.compilation import (
+    LogitLosses,
+    check_compile_toolchain,
+    compile_logit_losses,
+    compile_regions,
+    is_compiled,
+)
 from dinov3_eo.ssl.distill import DINOv3Distill
 from dinov3_eo.ssl.module import DINOv3Pretrain
 
@@ -204,3 +213,33 @@ def test_compile_is_an_option_of_both_stages_and_off_by_default() -> None:
 
     for cls in (DINOv3Pretrain, DINOv3Distill):
         assert inspect.signature(cls.__init__).parameters["compile"].default is False
+
+
+def test_compiled_logit_losses_match_eager_without_recompiling() -> None:
+    """Sinkhorn and the iBOT loss compiled with dynamic shapes: the eager values and gradients for every masked-token
+    count and teacher temperature a run feeds them, from one graph each (no recompilation per step)."""
+    torch._dynamo.reset()
+    compiled = compile_logit_losses()
+    assert LogitLosses() == LogitLosses(sinkhorn_knopp, ibot_loss)  # eager unless a stage compiles
+    gen = torch.Generator().manual_seed(0)
+    for step, (tokens, temp) in enumerate([(37, 0.04), (52, 0.045), (29, 0.05)]):
+        teacher = (torch.randn(tokens, 512, generator=gen) * 3).bfloat16()
+        student = (torch.randn(tokens, 512, generator=gen) * 3).bfloat16().requires_grad_()
+        weights = torch.rand(tokens, generator=gen)
+        targets = sinkhorn_knopp(teacher, temp)
+        torch.testing.assert_close(compiled.sinkhorn_knopp(teacher, temp), targets, rtol=1e-5, atol=1e-7)
+        losses = [fn(student, targets, weights, 8, student_temp=0.1) for fn in (ibot_loss, compiled.ibot_loss)]
+        grads = [torch.autograd.grad(loss, student)[0].float() for loss in losses]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-5)  # bf16 gradients
+        if step == 0:
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # the later shapes reuse the graphs
+
+
+def test_a_compiled_stage_compiles_its_logit_losses() -> None:
+    module = DINOv3Pretrain(**MODEL_KW, compile=True)
+    assert module.logit_losses == LogitLosses()
+    module.on_fit_start()
+    assert module.logit_losses.sinkhorn_knopp is not sinkhorn_knopp and module.logit_losses.ibot_loss is not ibot_loss
+    assert DINOv3Pretrain(**MODEL_KW).logit_losses.ibot_loss is ibot_loss

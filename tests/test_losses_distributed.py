@@ -51,6 +51,9 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
         result["dino_local"] = terms.local_loss
         start = sum(IBOT_ROWS[:process_rank])
         result["sk_ibot"] = sinkhorn_knopp(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
+        # as model.compile runs it (ssl.compilation.compile_logit_losses): the collectives inside still line up
+        compiled = torch.compile(sinkhorn_knopp, dynamic=True)
+        result["sk_ibot_compiled"] = compiled(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
         for group_size in KOLEO_GROUPS:
             x = data["koleo"][process_rank * LOCAL_B : (process_rank + 1) * LOCAL_B].clone().requires_grad_(True)
             loss = koleo_loss_distributed(x, group_size=group_size)
@@ -106,6 +109,8 @@ def test_sinkhorn_equals_single_process(rank_results: list[dict]) -> None:
     # iBOT: ranks hold different numbers of masked patches; B is their all-reduced total
     single_ibot = sinkhorn_knopp(data["ibot"], 0.05)
     torch.testing.assert_close(torch.cat([res["sk_ibot"] for res in rank_results]), single_ibot, rtol=1e-5, atol=1e-6)
+    compiled = torch.cat([res["sk_ibot_compiled"] for res in rank_results])
+    torch.testing.assert_close(compiled, single_ibot, rtol=1e-5, atol=1e-6)
 
 
 def test_dino_mean_over_ranks_equals_single_process(rank_results: list[dict]) -> None:

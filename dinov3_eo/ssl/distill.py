@@ -24,9 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from dinov3_eo.losses.dino import dino_losses, dino_total
-from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss
+from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss
-from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
 from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
@@ -236,6 +235,7 @@ class DINOv3Distill(SSLStage):
         Returns:
             ``dino`` [2B, K_dino] and ``ibot`` [M, K_ibot] Sinkhorn–Knopp probabilities.
         """
+        sinkhorn_knopp = self.logit_losses.sinkhorn_knopp  # compiled with model.compile
         out = self.teacher["backbone"].forward_features(global_crops)
         dino = sinkhorn_knopp(self.teacher["dino_head"](out["x_norm_clstoken"]), teacher_temp)
         masked = gather_masked_tokens(out["x_norm_patchtokens"], mask_indices)  # [M, D_teacher]
@@ -244,6 +244,7 @@ class DINOv3Distill(SSLStage):
 
     def compute_losses(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         hp = self.hparams
+        ibot_loss = self.logit_losses.ibot_loss  # compiled with model.compile
         values = self.schedule_values(step)
         images: Tensor = batch["image"]
         batch_size = images.shape[0]

@@ -33,9 +33,8 @@ from torch import Tensor, nn
 
 from dinov3_eo.losses.dino import dino_losses, dino_total
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
-from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss
+from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
-from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
 from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
@@ -359,6 +358,7 @@ class DINOv3Pretrain(SSLStage):
     def compute_losses(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:
         """One SSL step's loss terms and the weighted ``total`` (no backward)."""
         hp = self.hparams
+        sinkhorn_knopp, ibot_loss = self.logit_losses.sinkhorn_knopp, self.logit_losses.ibot_loss  # see model.compile
         values = self.schedule_values(step)
         images: Tensor = batch["image"]
         valid: Tensor | None = batch.get("valid")

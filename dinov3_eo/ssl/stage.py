@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dinov3_eo.ssl.compilation import check_compile_toolchain, compile_regions
+from dinov3_eo.ssl.compilation import LogitLosses, check_compile_toolchain, compile_logit_losses, compile_regions
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
@@ -276,7 +276,12 @@ class SSLStage(TrainModesAtFitStart):
         if getattr(self.hparams, "compile", False):
             check_compile_toolchain(self.device)
             count = compile_regions(self)
-            log.info("torch.compile: %d blocks and heads compiled (each input shape compiles on its first step).", count)
+            self.logit_losses = compile_logit_losses()
+            log.info("torch.compile: %d blocks and heads and the two logit losses compiled (each input shape compiles "
+                     "on its first step).", count)
+
+    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` compiles them with ``compile``
+    logit_losses: LogitLosses = LogitLosses()
 
     # ------------------------------------------------------------------ exact resumption
 
