@@ -189,11 +189,13 @@ class SSLStage(TrainModesAtFitStart):
     Subclasses must call ``save_hyperparameters()`` with the schedule/optimiser arguments used by
     :func:`step_schedule` plus ``base_lr``, ``scale_lr_with_batch``, ``adamw_betas``, ``layerwise_decay``,
     ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``; an optional ``compile`` hyper-parameter compiles every block
-    and head when a fit starts (:mod:`dinov3_eo.ssl.compilation`).
+    and head, and the logit losses, when a fit starts (:mod:`dinov3_eo.ssl.compilation`).
     """
 
     #: batches of the interrupted epoch already trained on when resuming (skipped, see on_train_start)
     _resume_batches: int = 0
+    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` compiles them with ``compile``
+    logit_losses: LogitLosses = LogitLosses()
 
     # ------------------------------------------------------------------ what subclasses provide
 
@@ -276,12 +278,10 @@ class SSLStage(TrainModesAtFitStart):
         if getattr(self.hparams, "compile", False):
             check_compile_toolchain(self.device)
             count = compile_regions(self)
-            self.logit_losses = compile_logit_losses()
+            if self.logit_losses == LogitLosses():  # not yet compiled (a second fit keeps its graphs)
+                self.logit_losses = compile_logit_losses()
             log.info("torch.compile: %d blocks and heads and the two logit losses compiled (each input shape compiles "
                      "on its first step).", count)
-
-    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` compiles them with ``compile``
-    logit_losses: LogitLosses = LogitLosses()
 
     # ------------------------------------------------------------------ exact resumption
 
