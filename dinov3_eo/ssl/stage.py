@@ -313,8 +313,9 @@ class SSLStage(TrainModesAtFitStart):
         # One device-to-host copy per step, the step's only sync: the guard reads it, and so do the progress bar and
         # the loggers, which are given these CPU values. Lightning reads logged device tensors back at every batch
         # end (another sync) and copies logged Python floats to the device, blocking (one sync each).
-        host = dict(zip(losses, torch.stack([v.detach().float() for v in losses.values()]).cpu()))
-        if not bool(torch.isfinite(torch.stack(list(host.values()))).all()):
+        stacked = torch.stack([v.detach().float() for v in losses.values()]).cpu()
+        host = dict(zip(losses, stacked))
+        if not bool(torch.isfinite(stacked).all()):
             bad = [name for name, value in host.items() if not torch.isfinite(value)]
             raise NonFiniteLossError(
                 f"Non-finite loss at step {step} in {', '.join(bad)} "

@@ -23,7 +23,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -371,7 +371,7 @@ class SegmentationTask(TrainModesAtFitStart):
             )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        mask = batch.get("mask") if isinstance(batch, dict) else None
+        mask = batch.get("mask") if isinstance(batch, Mapping) else None
         if isinstance(mask, Tensor) and mask.device.type == "cpu":
             self.check_labels(mask)  # here, before the transfer, the check reads nothing back from a GPU
         return batch
