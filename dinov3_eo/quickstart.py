@@ -44,7 +44,6 @@ def sample_paths() -> tuple[Path, Path]:
 def _labelled_tiles(scene: Path, polygons: Path, *, tile: int, stride: int) -> tuple[list, list]:
     """Tiles (on a ``stride`` grid, for training; on a ``tile`` grid, for the fit report) holding a labelled pixel."""
     import geopandas as gpd
-    import numpy as np
     import rasterio
     from rasterio.features import rasterize
 

@@ -52,8 +52,11 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
                    n_local: int = 8, compile: bool = False, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
     """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
 
-    The images are ``max(256, global_size)`` px square so that every crop size fits. ``compile`` compiles every
-    block and head and the two logit losses, as ``model.compile: true`` does when a fit starts.
+    The images are ``max(256, global_size)`` px square so that every crop size fits. The batch goes through the
+    module's ``on_before_batch_transfer`` on the host before it moves to ``device``, as in a fit: being fully valid,
+    it arrives with ``valid=None``, so the crops render no masks (a device-side all-True mask would make them).
+    ``compile`` compiles every block and head and the two logit losses, as ``model.compile: true`` does when a fit
+    starts.
     """
     from dinov3_eo.ssl.compilation import compile_logit_losses, compile_regions
     from dinov3_eo.ssl.module import DINOv3Pretrain
@@ -68,8 +71,10 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
         compile_regions(module)
         module.logit_losses = compile_logit_losses()
     side = max(256, global_size)
-    images = torch.randn(batch, 3, side, side, device=device)
-    return module, optimizer, {"image": images, "valid": torch.ones(batch, side, side, dtype=torch.bool, device=device)}
+    host = {"image": torch.randn(batch, 3, side, side), "valid": torch.ones(batch, side, side, dtype=torch.bool)}
+    host = module.on_before_batch_transfer(host, 0)
+    data = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in host.items()}
+    return module, optimizer, data
 
 
 def _step_view_kwargs(module, global_size: int, local_size: int) -> dict:  # noqa: ANN001

@@ -368,7 +368,6 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
         (Path(out_dir) / "step_profile.txt").write_text(table)
     events = prof.key_averages()
     total = sum(getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total", 0) for e in events) / 1e3
-    del module, optimizer
     if cuda:
         torch.cuda.empty_cache()
     return {"device_ms" if cuda else "cpu_ms": total}
@@ -393,7 +392,8 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
         module, _, data = ssl_step_setup("vitt16", batch, device=device, global_size=global_size,
                                          local_size=local_size, dino_out_dim=1024, ibot_out_dim=1024)
         kwargs = _step_view_kwargs(module, global_size, local_size)
-        nodata = torch.ones_like(data["valid"])
+        images = data["image"]
+        nodata = torch.ones(images.shape[0], *images.shape[2:], dtype=torch.bool, device=images.device)
         nodata[:, :, :20] = False  # a 20-px collar: the mask path
         for name, valid in (("valid", None), ("nodata", nodata)):
             for _ in range(3):
