@@ -184,7 +184,7 @@ class TestLabelsAsCaptions:
         assert caption_from_mask(mask, names, ["{}"], rng, max_classes=1)[0] == "tree"
         only_unnamed = np.full((4, 4), 3)
         assert caption_from_mask(only_unnamed, names, ["{}"], rng) is None
-        with pytest.raises(ValueError, match="class id 7 is outside"):
+        with pytest.raises(ValueError, match=r"caption_from_mask: labels \[7\] fall outside 0\.\.3"):
             caption_from_mask(np.full((2, 2), 7), names, ["{}"], rng)
 
     def test_datamodule_on_the_bundled_polygons(self) -> None:

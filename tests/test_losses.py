@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dinov3_eo.losses import (
+    check_class_labels,
     dino_cross_entropy,
     dino_losses,
     dino_term_scales,
@@ -292,6 +293,25 @@ class TestSoftCrossEntropy:
             soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 5))
         with pytest.raises(ValueError, match="temperature must be > 0"):
             soft_cross_entropy(torch.randn(3, 4), torch.randn(3, 4), 0.0)
+
+
+class TestCheckClassLabels:
+    def test_class_ids_and_ignored_pixels_pass(self) -> None:
+        check_class_labels(torch.tensor([[0, 1, 2], [255, 2, 0]]), 3)
+        check_class_labels(torch.full((2, 2), 255), 3)  # nothing labelled
+        check_class_labels(torch.empty(0, dtype=torch.long), 3)
+        check_class_labels(torch.tensor([0, -1]), 1, ignore_index=-1)
+
+    def test_every_offending_value_is_named_once_and_sorted(self) -> None:
+        labels = torch.tensor([[0, 9, 3, 9], [-2, 255, 1, 3]])
+        with pytest.raises(ValueError, match=r"^Seg: labels \[-2, 3, 9\] fall outside 0\.\.2 \(ignore_index=255\)\.$"):
+            check_class_labels(labels, 3, owner="Seg")
+        with pytest.raises(ValueError, match=r"^labels \[255\] fall outside 0\.\.1 \(ignore_index=0\)"):
+            check_class_labels(torch.tensor([0, 1, 255]), 2, ignore_index=0)
+
+    def test_many_offending_values_are_counted_not_listed(self) -> None:
+        with pytest.raises(ValueError, match=r"labels \[2, 3, 4, 5, 6, 7, 8, 9, 10, 11\] and 5 more fall outside 0\.\.1"):
+            check_class_labels(torch.arange(17), 2)
 
 
 # ------------------------------------------------------------------------------------------------ iBOT

@@ -133,7 +133,7 @@ class TestSegmentationTask:
         mask = torch.tensor([[[0, 1], [7, 255]]])
         with pytest.raises(ValueError, match=r"fall outside 0\.\.1"):
             task._loss(torch.randn(1, 2, 2, 2), mask)
-        with pytest.raises(ValueError, match=r"labels \[7\] fall outside 0\.\.1"):  # on the host, before a GPU
+        with pytest.raises(ValueError, match=r"SegmentationTask: labels \[7\] fall outside 0\.\.1"):  # on the host, before a GPU
             task.on_before_batch_transfer({"image": torch.zeros(1, 3, 2, 2), "mask": mask}, 0)
         good = {"image": torch.zeros(1, 3, 2, 2), "mask": torch.tensor([[[0, 1], [1, 255]]])}
         assert task.on_before_batch_transfer(good, 0) is good

@@ -1,6 +1,6 @@
 """SSL losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering)."""
 
-from dinov3_eo.losses.cross_entropy import soft_cross_entropy
+from dinov3_eo.losses.cross_entropy import check_class_labels, soft_cross_entropy
 from dinov3_eo.losses.dino import DinoLossTerms, dino_cross_entropy, dino_losses, dino_term_scales, dino_total
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss, masks_weight_from_masks
@@ -8,6 +8,7 @@ from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = [
+    "check_class_labels",
     "DinoLossTerms",
     "dino_cross_entropy",
     "dino_losses",

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinov3_eo.losses.cross_entropy import check_class_labels
+
 __all__ = ["clip_loss", "dense_text_alignment_loss", "labels_to_patch_grid"]
 
 
@@ -60,17 +62,6 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor | float) 
     lse_rows = torch.logsumexp(sim, dim=1)  # [B] image -> all texts
     lse_cols = torch.logsumexp(sim, dim=0)  # [B] text -> all images
     return -(2 * sim.diagonal() - lse_rows - lse_cols).mean() / 2
-
-
-def check_class_labels(labels: Tensor, num_classes: int, *, ignore_index: int = 255) -> None:
-    """Raise one clear error if ``labels`` hold a value outside ``[0, num_classes)`` other than ``ignore_index``.
-
-    Reads the labels (call it on the host: on a GPU it is a sync)."""
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"labels hold {labels[bad][0].item()}, outside [0, {num_classes}) and not ignore_index={ignore_index}."
-        )
 
 
 def labels_to_patch_grid(

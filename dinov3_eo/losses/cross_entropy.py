@@ -1,4 +1,5 @@
-"""Soft-target cross-entropy with a hand-written backward, for the [tokens, 65,536] iBOT logits."""
+"""Cross-entropies: the soft-target one with a hand-written backward (for the [tokens, 65,536] iBOT logits), and
+the check every hard-label one (segmentation, dense text alignment) makes of its class labels."""
 
 from __future__ import annotations
 
@@ -68,3 +69,29 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, temperature: float = 1.0
     if temperature <= 0:
         raise ValueError(f"soft_cross_entropy: temperature must be > 0, got {temperature}.")
     return _SoftCrossEntropy.apply(logits, targets.detach(), float(temperature))
+
+
+def check_class_labels(labels: Tensor, num_classes: int, *, ignore_index: int = 255, owner: str = "") -> None:
+    """Raise one clear error when a labelled value of ``labels`` is not a class id in ``[0, num_classes)``.
+
+    The error names every distinct offending value (the first ten), so a user sees at once whether a label raster
+    is off by one, holds an undeclared nodata value or was written with the wrong class table; without it, the
+    loss would fail with an index error (CPU) or a device-side assert (GPU). It reads the labels: call it on the
+    host, where it is free (the tasks do, in ``on_before_batch_transfer``); on a GPU it would be a sync.
+
+    Args:
+        labels: integer labels of any shape.
+        num_classes: the number of classes ``K``.
+        ignore_index: the value of unlabelled pixels, always allowed.
+        owner: who checks, to start the message (e.g. ``"SegmentationTask"``).
+
+    Raises:
+        ValueError: if a value other than ``ignore_index`` lies outside ``[0, num_classes)``.
+    """
+    labelled = labels[labels != ignore_index]
+    if labelled.numel() == 0 or (int(labelled.min()) >= 0 and int(labelled.max()) < num_classes):
+        return
+    bad = labelled[(labelled < 0) | (labelled >= num_classes)].unique().tolist()  # sorted
+    shown = f"{bad[:10]}" if len(bad) <= 10 else f"{bad[:10]} and {len(bad) - 10} more"
+    raise ValueError(f"{owner + ': ' if owner else ''}labels {shown} fall outside 0..{num_classes - 1} "
+                     f"(ignore_index={ignore_index}).")

@@ -47,6 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from dinov3_eo.data.datasets import CHIP_SUFFIXES, collate_samples
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window
+from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.tasks.prompts import humanize_class_name, load_templates
 
 __all__ = [
@@ -418,9 +419,8 @@ def caption_from_mask(
     """
     values = np.asarray(mask).reshape(-1)
     values = values[values != ignore_index]
-    if values.size and (values.min() < 0 or values.max() >= len(class_names)):
-        bad = values[(values < 0) | (values >= len(class_names))][0]
-        raise ValueError(f"caption_from_mask: class id {bad} is outside [0, {len(class_names)}) and not {ignore_index}.")
+    check_class_labels(torch.from_numpy(values.astype(np.int64)), len(class_names), ignore_index=ignore_index,
+                       owner="caption_from_mask")
     named = np.array([bool(n) for n in class_names])
     values = values[named[values]] if values.size else values
     if values.size == 0:

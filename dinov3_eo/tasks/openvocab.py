@@ -44,7 +44,8 @@ from torch import Tensor, nn
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
-from dinov3_eo.losses.contrastive import check_class_labels, dense_text_alignment_loss, grouped_clip_loss
+from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
+from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
@@ -280,7 +281,7 @@ class TextAlignmentTask(TrainModesAtFitStart):
         mask = batch.get("mask") if isinstance(batch, Mapping) else None
         if isinstance(mask, Tensor) and mask.device.type == "cpu" and self.class_names:
             # here, on the host, the check is free; the loss does not read labels back from a GPU
-            check_class_labels(mask, len(self.class_names), ignore_index=CLASS_NODATA)
+            check_class_labels(mask, len(self.class_names), ignore_index=CLASS_NODATA, owner="TextAlignmentTask")
         return batch
 
     def _images(self, batch: Mapping[str, Any]) -> tuple[Tensor, Tensor | None]:

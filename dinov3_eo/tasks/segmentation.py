@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.predict import BF16_HELP
+from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
 from dinov3_eo.training_modes import TrainModesAtFitStart
@@ -359,16 +360,7 @@ class SegmentationTask(TrainModesAtFitStart):
     def check_labels(self, mask: Tensor) -> None:
         """Raise one clear error when a labelled pixel of ``mask`` is not a class (rather than a device-side assert
         inside the loss). Called on the host: in :meth:`on_before_batch_transfer`, and by the loss on CPU tensors."""
-        labelled = mask != self.hparams.ignore_index
-        if not bool(labelled.any()):
-            return
-        labels = mask[labelled]
-        if int(labels.max()) >= self.num_classes or int(labels.min()) < 0:
-            bad = labels[(labels < 0) | (labels >= self.num_classes)].unique().tolist()
-            raise ValueError(
-                f"SegmentationTask: labels {sorted(bad)} fall outside 0..{self.num_classes - 1} "
-                f"(ignore_index={self.hparams.ignore_index})."
-            )
+        check_class_labels(mask, self.num_classes, ignore_index=self.hparams.ignore_index, owner="SegmentationTask")
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         mask = batch.get("mask") if isinstance(batch, Mapping) else None
