@@ -264,11 +264,17 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             if name not in _METADATA_OPS:
-                tensors = {id(t): t for t in torch.utils._pytree.tree_leaves((args, kwargs, out))
-                           if isinstance(t, torch.Tensor)}
-                largest = max(tensors.values(), key=torch.Tensor.numel, default=None)
+                def unique(tree) -> list:  # noqa: ANN001
+                    return list({id(t): t for t in torch.utils._pytree.tree_leaves(tree)
+                                 if isinstance(t, torch.Tensor)}.values())
+
+                # every input is read once and every output written once: an in-place op reads and writes its
+                # tensor (counted twice); an out= tensor is only written
+                kwargs_in = {k: v for k, v in (kwargs or {}).items() if k != "out"}
+                inputs, outputs = unique((args, kwargs_in)), unique(out)
+                largest = max(inputs + outputs, key=torch.Tensor.numel, default=None)
                 shape = tuple(largest.shape) if largest is not None and largest.numel() >= 2**20 else "small"
-                self.bytes[(name, shape)] += sum(t.numel() * t.element_size() for t in tensors.values())
+                self.bytes[(name, shape)] += sum(t.numel() * t.element_size() for t in inputs + outputs)
             return out
 
     module, optimizer, data = ssl_step_setup(arch, batch, global_size=global_size, local_size=local_size,
