@@ -25,6 +25,7 @@ from dinov3_eo.losses import (
     sinkhorn_knopp,
     soft_cross_entropy,
 )
+from dinov3_eo.losses.cross_entropy import scaled_difference, subtract_target_term
 
 # ------------------------------------------------------------------------------------------------ references
 
@@ -279,6 +280,28 @@ class TestSoftCrossEntropy:
         for loss in losses:
             (loss * weights).sum().backward()
         assert torch.equal(half.grad, full.grad.bfloat16())
+
+    @pytest.mark.parametrize("temperature", [0.04, 0.07, 1.0])
+    def test_scaled_difference_is_the_two_pass_form_in_one(self, temperature: float) -> None:
+        logits = (torch.randn(5, 300) * 4).bfloat16()
+        shift = logits.amax(dim=0).float()  # [K], as Sinkhorn
+        got = scaled_difference(logits, shift, temperature)
+        assert got.dtype == torch.float32 and got.shape == (5, 300)
+        torch.testing.assert_close(got, (logits.float() - shift) / temperature, rtol=0, atol=2e-5)
+        row_shift = logits.double().amax(dim=1, keepdim=True)  # [N, 1] float64, as the soft cross-entropy's
+        exact = scaled_difference(logits, row_shift, temperature)
+        assert exact.dtype == torch.float64
+        torch.testing.assert_close(exact, (logits.double() - row_shift) / temperature, rtol=1e-14, atol=1e-12)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+    def test_the_one_pass_gradient_write_equals_the_cast(self, dtype: torch.dtype) -> None:
+        # the GPU form (written once in the logits' dtype) against the CPU form (overwritten, then cast)
+        torch.manual_seed(0)
+        softmax_term, targets, scale = torch.rand(9, 300), torch.rand(9, 300), torch.randn(9, 1)
+        one_pass = subtract_target_term(softmax_term.clone(), targets, scale, dtype, one_pass=True)
+        cast = subtract_target_term(softmax_term.clone(), targets, scale, dtype, one_pass=False)
+        assert one_pass.dtype == cast.dtype == dtype and torch.equal(one_pass, cast)
+        torch.testing.assert_close(cast.float(), softmax_term - targets * scale, rtol=1e-2, atol=1e-3)
 
     def test_large_logits_stay_finite_and_targets_get_no_gradient(self) -> None:
         logits = torch.tensor([[1e4, -1e4, 0.0]], requires_grad=True)

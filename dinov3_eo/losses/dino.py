@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dinov3_eo.losses.cross_entropy import scaled_difference
+
 
 def dino_cross_entropy(
     student_logits: Tensor, teacher_probs: Tensor, *, student_temp: float = 0.1, ignore_diagonal: bool = False
@@ -47,7 +49,9 @@ def dino_cross_entropy(
     # steps of 1/16 (a GPU run logged DINO terms such as 11.0625)
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
-        log_p_student = F.log_softmax(student_logits.to(dtype) / student_temp, dim=-1)  # [S, B, K]
+        # z / τ promoted in one pass (no separate float32 copy of bf16 logits first)
+        scaled = scaled_difference(student_logits, student_logits.new_zeros(1, dtype=dtype), student_temp)
+        log_p_student = F.log_softmax(scaled, dim=-1)  # [S, B, K]
         teacher = teacher_probs.detach().to(dtype)
         pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)  # [S, T]: summed over images and prototypes
     n_pairs = n_student * n_teacher

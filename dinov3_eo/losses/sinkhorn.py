@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dinov3_eo.losses.cross_entropy import scaled_difference
 from dinov3_eo.ssl.distributed import all_reduce_max, all_reduce_sum, is_dist, world_size
 
 
@@ -62,7 +63,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     else:
         local_max = torch.full((n_prototypes,), float("-inf"), dtype=dtype, device=logits.device)
     shift = all_reduce_max(local_max, group)  # [K]
-    e = (logits - shift).div_(teacher_temp).exp_()  # [B_local, K] in `dtype`, entries in [0, 1]; one new tensor
+    e = scaled_difference(logits, shift, teacher_temp).exp_()  # [B_local, K] in `dtype`, entries in [0, 1]
     # Q = diag(c) · e · diag(r) is kept as two scale vectors, so each half-iteration is one matrix-vector product
     # over e instead of a sum plus two divisions of the whole [B, K] matrix (3x less memory traffic; the teacher's
     # iBOT assignments are [masked tokens, 65,536]). The reference's initial division by the global sum is a
