@@ -1,7 +1,8 @@
 """Pretraining benchmark: (1) SSL step overhead over the irreducible backbone work, (2) a learning check on real data.
 
-(1) One full SSL step (crops, masking, teacher, student, heads, losses, backward, EMA) against the backbone work
-    it cannot avoid on the same crops: student forward+backward on all crops and teacher forward on the global crops;
+(1) One full SSL step (crops, masking, teacher, student, heads, losses, backward, per-module gradient clipping,
+    optimiser, EMA) against the backbone work it cannot avoid on the same crops: student forward+backward on all
+    crops and teacher forward on the global crops;
     next to the time ratio, the FLOP ratio of the two (``torch.utils.flop_counter``): the floor the heads' own
     products set, which no implementation of the official heads goes below.
 (2) Pretrain a small ViT for a fixed wall-clock budget on Landsat-8 tiles and EuroSAT train chips from ../shared/data,
@@ -96,6 +97,17 @@ def backbone_only_work(module, crops: dict, masking: dict, *, autocast=None) -> 
     student.zero_grad(set_to_none=True)
 
 
+def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
+    """What a fit does after the backward: the per-module gradient clipping (``configure_gradient_clipping``,
+    without its logging), the optimiser step and ``zero_grad``."""
+    from dinov3_eo.ssl.schedules import clip_grad_norm_per_module
+
+    for part in module.trained_parts().values():
+        clip_grad_norm_per_module(dict(part.items()), module.hparams.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool = False,
                   **module_kwargs) -> dict[str, float]:
@@ -119,7 +131,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     with FlopCounterMode(display=False) as counter:
         make_views(images, None, **view_kwargs)
     flops_of_views = counter.get_total_flops()
-    parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "optimizer": 0.0, "ema": 0.0}
+    parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "clip+optimizer": 0.0, "ema": 0.0}
 
     def now() -> float:
         if device != "cpu":
@@ -136,8 +148,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         t2 = now()
         losses["total"].backward()
         t3 = now()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(module, optimizer)
         t4 = now()
         module._ema_update(0.996)
         t5 = now()
@@ -219,11 +230,10 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
         module.compute_losses(data, step=10)["total"].backward()
 
     def optimizer_step() -> None:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(module, optimizer)
 
     parts = {"views": lambda: make_views(data["image"], None, **view_kwargs), "forward+losses+backward": forward_backward,
-             "optimizer": optimizer_step, "ema": lambda: module._ema_update(0.996),
+             "clip+optimizer": optimizer_step, "ema": lambda: module._ema_update(0.996),
              "backbone_only": lambda: backbone_only_work(module, crops, masking)}
     for fn in parts.values():  # warm-up: lazy state (optimiser moments) is created outside the count
         fn()
@@ -232,7 +242,7 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
         with _Count() as counter:
             fn()
         counts[name] = counter.n
-    full = counts["forward+losses+backward"] + counts["optimizer"] + counts["ema"]  # compute_losses makes the views
+    full = counts["forward+losses+backward"] + counts["clip+optimizer"] + counts["ema"]  # compute_losses makes the views
     print(f"[ops] {arch}, batch {batch}: full step {full:,} ops vs backbone-only {counts['backbone_only']:,} = "
           f"{full / counts['backbone_only']:.2f}x; " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
     launches, copies = crops_device_ops(module, batch, global_size=global_size, local_size=local_size)
@@ -286,8 +296,7 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
         with autocast:
             losses = module.compute_losses(data, step=10)
         losses["total"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(module, optimizer)
         module._ema_update(0.996)
 
     def backbone_only() -> None:

@@ -343,7 +343,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pretrain import ssl_step_setup
+    from bench_pretrain import clip_and_step, ssl_step_setup
 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device)
@@ -352,8 +352,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
         with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
             losses = module.compute_losses(data, step=10)
         losses["total"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        clip_and_step(module, optimizer)
         module._ema_update(0.996)
         if cuda:
             torch.cuda.synchronize()
