@@ -11,8 +11,8 @@ def scaled_difference(logits: Tensor, shift: Tensor, temperature: float) -> Tens
     """``(logits − shift) / temperature`` in one pass over ``logits``, in ``shift``'s dtype.
 
     Computed as ``logits · (1/T) + shift · (−1/T)``: one new tensor instead of a difference and a division in place
-    (two passes over [N, K]), promoting half-precision logits as it goes. The rounding differs from the two-pass
-    form by ~1e-7 of ``logits / T`` (none when ``1/T`` is a short binary number, as 1/0.04 = 25).
+    (two passes over [N, K]), promoting half-precision logits as it goes. Its two rounded products and their sum
+    differ from the two-pass form by a few float32 ulps of ``logits / T`` (1e-7 relative).
 
     ``1/T`` enters as a one-element tensor, not as a Python float parameter of the op (``alpha=``/``value=``):
     a compiled graph with dynamic floats keeps such a parameter from its first call (measured with torch 2.14: a
