@@ -50,14 +50,14 @@ def _time(fn, repeats: int) -> float:
 
 
 def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: int = 224, local_size: int = 96,
-                   n_local: int = 8, compile: bool = False, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
+                   n_local: int = 8, compile: bool | str = False, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
     """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
 
     The images are ``max(256, global_size)`` px square so that every crop size fits. The batch goes through the
     module's ``on_before_batch_transfer`` on the host before it moves to ``device``, as in a fit: being fully valid,
     it arrives with ``valid=None``, so the crops render no masks (a device-side all-True mask would make them).
-    ``compile`` compiles every block and head and the two logit losses, as ``model.compile: true`` does when a fit
-    starts.
+    ``compile`` compiles every block and head and the two logit losses (``True``) or the losses alone
+    (``"losses"``), as ``model.compile`` does when a fit starts.
     """
     from dinov3_eo.ssl.compilation import compile_logit_losses, compile_regions
     from dinov3_eo.ssl.module import DINOv3Pretrain
@@ -69,7 +69,8 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     optimizer = module.configure_optimizers()
     module.train()
     if compile:
-        compile_regions(module)
+        if compile is True:
+            compile_regions(module)
         module.logit_losses = compile_logit_losses()
     side = max(256, global_size)
     host = {"image": torch.randn(batch, 3, side, side), "valid": torch.ones(batch, side, side, dtype=torch.bool)}
@@ -108,13 +109,17 @@ def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
     optimizer.zero_grad(set_to_none=True)
 
 
+_COMPILED = {True: " compiled", "losses": " logit losses compiled"}
+
+
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
-                  n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool = False,
+                  n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool | str = False,
                   **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
     On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
-    ``bf16-mixed``); ``compile`` compiles the blocks and heads, which the backbone-only work then uses too. Returns
+    ``bf16-mixed``); ``compile`` as ``model.compile`` (``True``: the blocks and heads too, which the
+    backbone-only work then uses; ``"losses"``: the logit losses alone). Returns
     the mean seconds of both, the full step's breakdown and the seconds of the untimed warm-up steps (which include
     the compilation).
     """
@@ -183,7 +188,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     t_full, t_backbone = t_full / repeats, t_backbone / repeats
     heads = module.hparams.dino_out_dim
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
-          f"{device}{' bf16' if bf16 else ''}{' compiled' if compile else ''}, {repeats} alternating repeats "
+          f"{device}{' bf16' if bf16 else ''}{_COMPILED.get(compile, '')}, {repeats} alternating repeats "
           f"(warm-up {warm_up_s:.1f} s):")
     flop_ratio = flops["full"] / flops["backbone"]
     print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
@@ -513,6 +518,8 @@ def main() -> None:
                         help="also count the bytes every op of a bf16 step reads and writes (memory traffic, GPU-style)")
     parser.add_argument("--compile", action="store_true",
                         help="also time the step with every block and head compiled (model.compile: true)")
+    parser.add_argument("--compile-losses", action="store_true",
+                        help="also time the step with the two logit losses compiled alone (model.compile: losses)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--skip-learning", action="store_true")
     args = parser.parse_args()
@@ -521,10 +528,11 @@ def main() -> None:
         for arch in args.step_arch:
             for batch in args.step_batch:
                 eager = step_overhead(arch, batch=batch, repeats=3)
-                if args.compile:
-                    compiled = step_overhead(arch, batch=batch, repeats=3, compile=True)
-                    print(f"[step]   compiled vs eager: full step {compiled['full_s'] / eager['full_s']:.3f}x, "
-                          f"backbone-only work {compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
+                for mode in [True] * args.compile + ["losses"] * args.compile_losses:
+                    compiled = step_overhead(arch, batch=batch, repeats=3, compile=mode)
+                    print(f"[step]   {_COMPILED[mode].strip()} vs eager: full step "
+                          f"{compiled['full_s'] / eager['full_s']:.3f}x, backbone-only work "
+                          f"{compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
                 if args.op_counts:
                     step_op_counts(arch, batch)
                 if args.traffic:

@@ -14,7 +14,8 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
 2. backbone throughput (images/s, bf16, forward) of ViT-S/B/L at 224 px;
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
    ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16; at batch 256; and at batch 64 with every
-   block and head compiled (``model.compile: true``, the backbone-only work compiled alike);
+   block and head compiled (``model.compile: true``, the backbone-only work compiled alike) and with the logit
+   losses compiled alone (``model.compile: losses``, the backbone-only work eager);
 4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, a kernel profile of one SSL step, and
    the crops' time on the host vs on the device (``views_profile``);
 5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
@@ -274,6 +275,7 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         stages = [("correctness", lambda: correctness(device)), ("throughput", lambda: throughput(device)),
                   ("step_overhead_224", lambda: step_overhead_224(device)),
                   ("step_overhead_224_b256", lambda: step_overhead_224(device, batch=256)),
+                  ("step_overhead_224_compiled_losses", lambda: step_overhead_224(device, compile="losses")),
                   ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("views_profile", lambda: views_profile(device, out_dir)),
@@ -427,7 +429,7 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
     return result
 
 
-def step_overhead_224(device: str, batch: int = 64, compile: bool = False) -> dict[str, float]:
+def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
     result = step_overhead("vits16", batch, 5, device=device, bf16=True, compile=compile)
@@ -449,7 +451,8 @@ def main() -> None:
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
-                   "step_overhead_224_b256, step_overhead_224_compiled, profile, views_profile, stages, learning")
+                   "step_overhead_224_b256, step_overhead_224_compiled, step_overhead_224_compiled_losses, profile, "
+                   "views_profile, stages, learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")

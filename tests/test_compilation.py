@@ -215,6 +215,39 @@ def test_compile_is_an_option_of_both_stages_and_off_by_default() -> None:
         assert inspect.signature(cls.__init__).parameters["compile"].default is False
 
 
+def test_compile_losses_compiles_the_logit_losses_alone(tmp_path: Path) -> None:
+    module = DINOv3Pretrain(**MODEL_KW, compile="losses")
+    module.on_fit_start()
+    assert not any(is_compiled(m) for m in _regions(module))
+    assert module.logit_losses.sinkhorn_knopp is not sinkhorn_knopp and module.logit_losses.ibot_loss is not ibot_loss
+    heads = {k: v for k, v in MODEL_KW.items() if k.startswith(("dino_", "ibot_"))}
+    teacher = tmp_path / "teacher.ckpt"
+    torch.save({"state_dict": DINOv3Pretrain(backbone="vitmicro16", **heads).state_dict()}, teacher)
+    distill = DINOv3Distill(teacher=str(teacher), students=["vitmicro16"], head_hidden_dim=64, head_bottleneck_dim=32,
+                            compile="losses")
+    distill.on_fit_start()
+    assert not any(is_compiled(m) for m in _regions(distill)) and distill.logit_losses != LogitLosses()
+
+
+@pytest.mark.parametrize("mode", ["blocks", 1, None, "true"])
+def test_an_unknown_compile_mode_is_one_clear_error(mode: object) -> None:
+    with pytest.raises(ValueError, match=r"compile must be false, true .* or 'losses'"):
+        DINOv3Pretrain(**MODEL_KW, compile=mode)
+
+
+def test_the_command_line_takes_every_compile_mode(capsys: pytest.CaptureFixture) -> None:
+    from dinov3_eo.ssl.cli import pretrain_main
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny_cpu.yaml"
+    for value, printed in (("losses", "compile: losses"), ("true", "compile: true"), ("false", "compile: false")):
+        with pytest.raises(SystemExit) as done:
+            pretrain_main(["fit", "--config", str(config), "--model.compile", value, "--print_config"])
+        assert done.value.code == 0 and f"\n  {printed}\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        pretrain_main(["fit", "--config", str(config), "--model.compile", "blocks", "--print_config"])
+    assert done.value.code != 0
+
+
 def test_compiled_logit_losses_match_eager_without_recompiling() -> None:
     """Sinkhorn and the iBOT loss compiled with dynamic shapes: the eager values and gradients for every masked-token
     count and teacher temperature a run feeds them, from one graph each (no recompilation per step)."""

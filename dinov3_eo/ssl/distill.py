@@ -28,6 +28,7 @@ from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
+from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode
 from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ class DINOv3Distill(SSLStage):
         momentum_teacher, final_momentum_teacher: EMA of each student (0.994 → 1.0).
         teacher_temp, warmup_teacher_temp, teacher_temp_warmup_steps, student_temp: temperatures (0.07 constant).
         dino_loss_weight, ibot_loss_weight, koleo_loss_weight, local_loss_weight: loss weights.
-        compile: ``torch.compile`` every block and head (teacher, students, their EMAs) when training starts, as in
+        compile: ``True``: ``torch.compile`` every block and head (teacher, students, their EMAs) and the logit
+            losses when training starts; ``"losses"``: the logit losses alone, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
     """
@@ -151,10 +153,11 @@ class DINOv3Distill(SSLStage):
         ibot_loss_weight: float = 1.0,
         koleo_loss_weight: float = 0.1,
         local_loss_weight: float = 1.0,
-        compile: bool = False,
+        compile: CompileMode = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_compile_mode(compile)
         self.save_hyperparameters()
         if not students:
             raise ValueError("DINOv3Distill needs at least one student architecture.")

@@ -37,6 +37,7 @@ from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
+from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode
 from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
 from dinov3_eo.ssl.stage import NonFiniteLossError, SSLStage, crop_options, ema_update_, make_views, step_seed
 
@@ -56,9 +57,10 @@ class DINOv3Pretrain(SSLStage):
             restored, step counter fresh) or any backbone source :func:`load_backbone` reads (official ``.pth``,
             timm/HF weights, our exports; heads start fresh).
         grad_checkpointing: activation checkpointing in the student's blocks (memory for compute).
-        compile: ``torch.compile`` every transformer block and head of the student, teacher and Gram teacher when
-            training starts (regional compilation, as the official ``train.compile``; see
-            :mod:`dinov3_eo.ssl.compilation`). The first steps take longer while each input shape compiles.
+        compile: ``True``: ``torch.compile`` every transformer block and head of the student, teacher and Gram
+            teacher when training starts (regional compilation, as the official ``train.compile``), and the two
+            losses over the iBOT logits; ``"losses"``: those two losses alone (see :mod:`dinov3_eo.ssl.compilation`).
+            The first steps take longer while each input shape compiles.
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).
@@ -111,7 +113,7 @@ class DINOv3Pretrain(SSLStage):
         backbone_kwargs: dict[str, Any] | None = None,
         init_from: str | None = None,
         grad_checkpointing: bool = False,
-        compile: bool = False,
+        compile: CompileMode = False,
         dino_out_dim: int = 65536,
         dino_hidden_dim: int = 2048,
         dino_bottleneck_dim: int = 256,
@@ -165,6 +167,7 @@ class DINOv3Pretrain(SSLStage):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_compile_mode(compile)
         self.save_hyperparameters()
         if lr_schedule not in ("cosine", "constant", "ramp"):
             raise ValueError(f"lr_schedule must be 'cosine', 'constant' or 'ramp', got {lr_schedule!r}.")

@@ -275,9 +275,10 @@ class SSLStage(TrainModesAtFitStart):
         # students in training mode and teachers in eval mode (the subclasses' train()), whatever a caller did before
         super().on_fit_start()
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
-        if getattr(self.hparams, "compile", False):
+        mode = getattr(self.hparams, "compile", False)
+        if mode:
             check_compile_toolchain(self.device)
-            count = compile_regions(self)
+            count = compile_regions(self) if mode is True else 0  # "losses": the logit losses alone
             if self.logit_losses == LogitLosses():  # not yet compiled (a second fit keeps its graphs)
                 self.logit_losses = compile_logit_losses()
             log.info("torch.compile: %d blocks and heads and the two logit losses compiled (each input shape compiles "
