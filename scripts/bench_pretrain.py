@@ -22,6 +22,7 @@ import contextlib
 import glob
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -177,15 +178,19 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         flops[name] = counter.get_total_flops()
     flops["full"] -= flops_of_views  # full_step makes the views twice (see compute_losses above)
     parts.update({k: 0.0 for k in parts})
-    t_full = t_backbone = 0.0
+    fulls, backbones = [], []
     for _ in range(repeats):  # alternate, so load from other jobs hits both alike
         start = now()
         extra_views = full_step()
-        t_full += now() - start - extra_views
+        fulls.append(now() - start - extra_views)
         start = now()
         backbone_only()
-        t_backbone += now() - start
-    t_full, t_backbone = t_full / repeats, t_backbone / repeats
+        backbones.append(now() - start)
+    t_full, t_backbone = sum(fulls) / repeats, sum(backbones) / repeats
+    # each full step over the backbone work timed next to it: the median of these ratios is less moved by one slow
+    # repeat than the ratio of the means
+    paired = sorted(f / b for f, b in zip(fulls, backbones))
+    paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
           f"{device}{' bf16' if bf16 else ''}{_COMPILED.get(compile, '')}, {repeats} alternating repeats "
@@ -195,7 +200,10 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
           f"ratio {t_full / t_backbone:.3f}x | FLOP ratio {flop_ratio:.3f}x ({flops['full'] / 1e9:,.0f} vs "
           f"{flops['backbone'] / 1e9:,.0f} GFLOP) | time beyond the arithmetic {t_full / t_backbone / flop_ratio:.3f}x")
     print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.3f} s" for k, v in parts.items()))
+    print(f"[step]   paired ratios (each full step over the backbone work next to it): "
+          f"{', '.join(f'{r:.3f}' for r in paired)}; median {paired_median:.3f}x")
     return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
+            "paired_median_ratio": paired_median,
             "warm_up_s": warm_up_s, **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
 
 
@@ -505,6 +513,7 @@ def main() -> None:
                         help="also run the k-NN with the chips upsampled to these sides (a 64-px chip is 4x4 tokens at "
                         "patch 16; ViT evaluations of EuroSAT resize to 224); give none to skip")
     parser.add_argument("--export", default=None, help="export prefix for the pretrained teacher backbone")
+    parser.add_argument("--step-repeats", type=int, default=3, help="alternating repeats of the step-overhead check")
     parser.add_argument("--step-batch", type=int, nargs="+", default=[16, 4],
                         help="batch sizes of the step-overhead check (16: the official 7B recipe's images per GPU, the "
                         "smallest per-device batch of any official recipe; 4: a CPU-sized batch where the per-step "
@@ -527,9 +536,9 @@ def main() -> None:
     if not args.skip_step:
         for arch in args.step_arch:
             for batch in args.step_batch:
-                eager = step_overhead(arch, batch=batch, repeats=3)
+                eager = step_overhead(arch, batch=batch, repeats=args.step_repeats)
                 for mode in [True] * args.compile + ["losses"] * args.compile_losses:
-                    compiled = step_overhead(arch, batch=batch, repeats=3, compile=mode)
+                    compiled = step_overhead(arch, batch=batch, repeats=args.step_repeats, compile=mode)
                     print(f"[step]   {_COMPILED[mode].strip()} vs eager: full step "
                           f"{compiled['full_s'] / eager['full_s']:.3f}x, backbone-only work "
                           f"{compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
