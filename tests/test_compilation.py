@@ -182,6 +182,26 @@ def test_fit_with_compile_trains_the_gram_stage_with_checkpointing_and_its_check
         torch.testing.assert_close(eager.state_dict()[name], value)
 
 
+@pytest.mark.slow
+def test_fit_with_compiled_losses_alone_trains_and_its_checkpoint_keeps_the_mode(tmp_path: Path) -> None:
+    torch._dynamo.reset()  # graphs of the same loss functions cached by an earlier test would hide this fit's
+    module = DINOv3Pretrain(**MODEL_KW, compile="losses")
+    losses = _Losses()
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path), callbacks=[losses],
+                        enable_checkpointing=False)
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
+    trainer.fit(module, torch.utils.data.DataLoader(_Tiles(), batch_size=4))
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled losses ran as graphs
+    assert len(losses.values) == 2 and all(math.isfinite(v) for v in losses.values)
+    assert not any(is_compiled(m) for m in _regions(module))
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    restored = DINOv3Pretrain.load_from_checkpoint(tmp_path / "last.ckpt", map_location="cpu")
+    assert restored.hparams.compile == "losses"
+
+
 def test_distillation_compiles_teacher_students_and_their_emas(tmp_path: Path) -> None:
     heads = {k: v for k, v in MODEL_KW.items() if k.startswith(("dino_", "ibot_"))}
     pretrain = DINOv3Pretrain(backbone="vitmicro16", **heads)
