@@ -336,44 +336,45 @@ class MultiCrop:
         table = None if valid is None else self.valid_table(valid)
         valid_float = None if valid is None else valid[:, None].to(images.dtype)  # [B, 1, H, W]
         true = torch.ones((), dtype=torch.bool, device=device) if valid is None else None
-
-        def flip(view: Tensor, kind: str, size: int) -> Tensor:
-            return apply_flips(view, params.get(f"{kind}/flip{size}/x"), params.get(f"{kind}/flip{size}/y"))
-
         out: dict[str, Tensor] = {}
+
+        def rendered(rois: Tensor, n_crops: int, size: int) -> dict[str, Tensor]:
+            """The crops at ``size`` and, where the batch has nodata, their validity."""
+            views = {"crops": self.render(images, rois, n_crops, size)}
+            if valid_float is not None:
+                views["valid"] = self.render(valid_float, rois, n_crops, size)[:, 0] >= 0.5
+            return views
+
+        def emit(name: str, views: dict[str, Tensor], kind: str, size: int) -> None:
+            """Flip ``views`` as ``kind``'s crops flip and store them as ``{name}_crops``/``{name}_valid``."""
+            for key, view in views.items():
+                out[f"{name}_{key}"] = apply_flips(view, params.get(f"{kind}/flip{size}/x"),
+                                                   params.get(f"{kind}/flip{size}/y"))
+            if valid is None:
+                out[f"{name}_valid"] = true.expand(views["crops"].shape[0], size, size)
+
         for kind in ("global", "local"):
             n_crops, size = counts[kind], sizes[kind]
-            n = n_crops * batch
             if valid is None:
                 rois = params[f"{kind}/rois"]
             else:
                 boxes = self.choose_boxes(params[f"{kind}/candidates"], params[f"{kind}/legal"], table)
                 rois = self.rois(boxes, n_crops)
             out[f"{kind}_boxes"], out[f"{kind}_flips"] = rois[:, 1:], flips[kind]
-            if not n:
+            if not n_crops * batch:
                 out[f"{kind}_crops"] = images.new_zeros(0, channels, size, size)
                 out[f"{kind}_valid"] = torch.zeros(0, size, size, dtype=torch.bool, device=device)
                 continue
-            views = {"crops": self.render(images, rois, n_crops, size)}
-            if valid_float is not None:
-                views["valid"] = self.render(valid_float, rois, n_crops, size)[:, 0] >= 0.5
+            views = rendered(rois, n_crops, size)
             prefix = f"{kind}/photometry/"
             photometry = {key[len(prefix):]: value for key, value in params.items() if key.startswith(prefix)}
             views["crops"] = apply_photometry(views["crops"], views.get("valid"), photometry)
-            for name, view in views.items():
-                out[f"{kind}_{name}"] = flip(view, kind, size)
-            if valid is None:
-                out[f"{kind}_valid"] = true.expand(n, size, size)
+            emit(kind, views, kind, size)
             if kind == "global" and self.gram_teacher_size is not None:
-                t = self.gram_teacher_size
-                gram = {"crops": self.render(images, rois, n_crops, t)}
-                if valid_float is not None:
-                    gram["valid"] = self.render(valid_float, rois, n_crops, t)[:, 0] >= 0.5
+                gram = rendered(rois, n_crops, self.gram_teacher_size)  # no photometric change
+                if "valid" in gram:
                     gram["crops"] = gram["crops"] * gram["valid"][:, None]
-                for name, view in gram.items():
-                    out[f"gram_{name}"] = flip(view, "global", t)
-                if valid is None:
-                    out["gram_valid"] = true.expand(n, t, t)
+                emit("gram", gram, kind, self.gram_teacher_size)
         return out
 
 
