@@ -110,6 +110,16 @@ def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
     optimizer.zero_grad(set_to_none=True)
 
 
+def full_ssl_step(module, optimizer, data: dict, *, autocast=None) -> None:  # noqa: ANN001
+    """One full SSL step as a fit runs it: the losses (which make their own views) under ``autocast``, backward,
+    :func:`clip_and_step` and the EMA update."""
+    with autocast or contextlib.nullcontext():
+        losses = module.compute_losses(data, step=10)
+    losses["total"].backward()
+    clip_and_step(module, optimizer)
+    module._ema_update(0.996)
+
+
 _COMPILED = {True: " compiled", "losses": " logit losses compiled"}
 
 
@@ -264,6 +274,11 @@ def step_op_counts(arch: str, batch: int, *, global_size: int = 224, local_size:
     return counts | {"full": full, "crops_device_ops": launches, "crops_host_to_device_copies": copies}
 
 
+def _unique_tensors(tree) -> list[torch.Tensor]:  # noqa: ANN001
+    """The distinct tensors among the leaves of ``tree`` (an op's arguments or outputs)."""
+    return list({id(t): t for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)}.values())
+
+
 def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: int = 96, n_local: int = 8,
                  top: int = 12, **module_kwargs) -> dict[str, float]:
     """Bytes every aten op of one bf16 step reads and writes (its tensors' sizes), full step vs backbone-only work.
@@ -287,14 +302,10 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             if name not in _METADATA_OPS:
-                def unique(tree) -> list:  # noqa: ANN001
-                    return list({id(t): t for t in torch.utils._pytree.tree_leaves(tree)
-                                 if isinstance(t, torch.Tensor)}.values())
-
                 # every input is read once and every output written once: an in-place op reads and writes its
                 # tensor (counted twice); an out= tensor is only written
                 kwargs_in = {k: v for k, v in (kwargs or {}).items() if k != "out"}
-                inputs, outputs = unique((args, kwargs_in)), unique(out)
+                inputs, outputs = _unique_tensors((args, kwargs_in)), _unique_tensors(out)
                 largest = max(inputs + outputs, key=torch.Tensor.numel, default=None)
                 shape = tuple(largest.shape) if largest is not None and largest.numel() >= 2**20 else "small"
                 self.bytes[(name, shape)] += sum(t.numel() * t.element_size() for t in inputs + outputs)
@@ -306,11 +317,7 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
 
     def full_step() -> None:
-        with autocast:
-            losses = module.compute_losses(data, step=10)
-        losses["total"].backward()
-        clip_and_step(module, optimizer)
-        module._ema_update(0.996)
+        full_ssl_step(module, optimizer, data, autocast=autocast)
 
     def backbone_only() -> None:
         backbone_only_work(module, crops, masking, autocast=autocast)

@@ -345,17 +345,13 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pretrain import clip_and_step, ssl_step_setup
+    from bench_pretrain import full_ssl_step, ssl_step_setup
 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device)
 
     def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=cuda):
-            losses = module.compute_losses(data, step=10)
-        losses["total"].backward()
-        clip_and_step(module, optimizer)
-        module._ema_update(0.996)
+        full_ssl_step(module, optimizer, data, autocast=torch.autocast(device, dtype=torch.bfloat16, enabled=cuda))
         if cuda:
             torch.cuda.synchronize()
 
