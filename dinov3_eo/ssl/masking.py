@@ -7,38 +7,63 @@ Meant to run in the collate function on CPU data-loader workers (seed each worke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
 
+def uniform_stream(rng: np.random.Generator, block: int = 256) -> Iterator[float]:
+    """Uniform [0, 1) numbers from ``rng``, drawn ``block`` at a time.
+
+    One Generator call per block instead of one per number: a numpy Generator call costs about a microsecond, and
+    the masks of one step draw about two thousand numbers (this made them the bulk of a GPU step's host time).
+    """
+    while True:
+        yield from rng.random(block).tolist()
+
+
 def _add_rectangle(
-    mask: np.ndarray,
+    rows: list[int],
+    width: int,
     max_new: int,
     *,
-    rng: np.random.Generator,
+    uniforms: Iterator[float],
     min_block: int,
     log_aspect: tuple[float, float],
     tries: int = 10,
 ) -> int:
-    """Try (≤ ``tries`` times) to mask one random rectangle adding 1..max_new new patches; returns how many it added."""
-    height, width = mask.shape
+    """Try (≤ ``tries`` times) to mask one random rectangle adding 1..max_new new patches; returns how many it added.
+
+    ``rows`` holds the mask as one integer per grid row (bit ``j`` = column ``j``), updated in place: a rectangle's
+    already-masked patches are then a popcount per row instead of a numpy reduction.
+    """
+    height = len(rows)
+    low = min(min_block, max_new)
     for _ in range(tries):
-        area = rng.uniform(min(min_block, max_new), max_new)
-        aspect = math.exp(rng.uniform(*log_aspect))
-        h = int(round(math.sqrt(area * aspect)))
-        w = int(round(math.sqrt(area / aspect)))
+        area = low + (max_new - low) * next(uniforms)
+        aspect = math.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * next(uniforms))
+        h = round(math.sqrt(area * aspect))
+        w = round(math.sqrt(area / aspect))
         if not (0 < h < height and 0 < w < width):
             continue
-        top = int(rng.integers(0, height - h + 1))
-        left = int(rng.integers(0, width - w + 1))
-        window = mask[top : top + h, left : left + w]
-        new = h * w - int(window.sum())
+        top = int(next(uniforms) * (height - h + 1))  # uniform over 0..height-h
+        left = int(next(uniforms) * (width - w + 1))
+        columns = ((1 << w) - 1) << left
+        new = h * w - sum((rows[r] & columns).bit_count() for r in range(top, top + h))
         if 0 < new <= max_new:
-            window[...] = True
+            for r in range(top, top + h):
+                rows[r] |= columns
             return new
     return 0
+
+
+def _rows_to_array(rows: list[int], width: int) -> np.ndarray:
+    """Row bitsets → [len(rows), width] bool array."""
+    n_bytes = (width + 7) // 8
+    packed = np.frombuffer(b"".join(row.to_bytes(n_bytes, "little") for row in rows), dtype=np.uint8)
+    return np.unpackbits(packed.reshape(len(rows), n_bytes), axis=1, bitorder="little")[:, :width].astype(bool)
 
 
 def block_mask(
@@ -50,6 +75,7 @@ def block_mask(
     max_block: int | None = None,
     min_aspect: float = 0.3,
     max_aspect: float | None = None,
+    uniforms: Iterator[float] | None = None,
 ) -> np.ndarray:
     """BEiT-style block mask with exactly ``n_masked`` patches set.
 
@@ -65,6 +91,8 @@ def block_mask(
         max_block: largest rectangle area (official: half the grid, ``0.5·h·w``); ``None`` = ``n_masked``.
         min_aspect: smallest rectangle aspect ratio.
         max_aspect: largest aspect ratio (default ``1 / min_aspect``).
+        uniforms: the rectangles' uniform draws, when several masks share one :func:`uniform_stream` of ``rng``
+            (default: a stream of ``rng`` for this mask alone).
 
     Returns:
         [h, w] bool array with ``n_masked`` True entries.
@@ -76,15 +104,18 @@ def block_mask(
     n_total = height * width
     if not 0 <= n_masked <= n_total:
         raise ValueError(f"block_mask: n_masked must be in [0, {n_total}] for a {height}x{width} grid, got {n_masked}.")
-    mask = np.zeros((height, width), dtype=bool)
+    rows = [0] * height
     cap = n_masked if max_block is None else max(1, int(max_block))
     log_aspect = (math.log(min_aspect), math.log(max_aspect if max_aspect is not None else 1.0 / min_aspect))
+    uniforms = uniforms if uniforms is not None else uniform_stream(rng)
     count = 0
     while count < n_masked:
-        added = _add_rectangle(mask, min(n_masked - count, cap), rng=rng, min_block=min_block, log_aspect=log_aspect)
+        added = _add_rectangle(rows, width, min(n_masked - count, cap), uniforms=uniforms, min_block=min_block,
+                               log_aspect=log_aspect)
         if added == 0:
             break
         count += added
+    mask = _rows_to_array(rows, width)
     if count < n_masked:
         free = np.flatnonzero(~mask.ravel())
         mask.ravel()[rng.choice(free, size=n_masked - count, replace=False)] = True
@@ -132,8 +163,10 @@ def ibot_masks(
     n_masked_images = int(n_images * mask_probability)
     ratios = np.linspace(low, high, n_masked_images + 1)[1:]
     max_block = max_block_fraction * n_patches
+    uniforms = uniform_stream(rng)
     per_image = [
-        block_mask(grid_hw, int(n_patches * ratio), rng=rng, max_block=max_block).ravel() for ratio in ratios
+        block_mask(grid_hw, int(n_patches * ratio), rng=rng, max_block=max_block, uniforms=uniforms).ravel()
+        for ratio in ratios
     ]
     per_image += [np.zeros(n_patches, dtype=bool)] * (n_images - n_masked_images)
     order = rng.permutation(n_images)
