@@ -111,10 +111,12 @@ def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
 
 
 def full_ssl_step(module, optimizer, data: dict, *, autocast=None) -> None:  # noqa: ANN001
-    """One full SSL step as a fit runs it: the losses (which make their own views) under ``autocast``, backward,
-    :func:`clip_and_step` and the EMA update."""
+    """One full SSL step as a fit runs it: the losses (which make their own views) under ``autocast``, their values
+    read back to the host (the training step's one synchronisation: its non-finite guard and the loggers read
+    them), backward, :func:`clip_and_step` and the EMA update."""
     with autocast or contextlib.nullcontext():
         losses = module.compute_losses(data, step=10)
+    torch.stack([value.detach().float() for value in losses.values()]).cpu()
     losses["total"].backward()
     clip_and_step(module, optimizer)
     module._ema_update(0.996)
@@ -128,7 +130,9 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
                   **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
-    On a GPU every timing is bracketed by a synchronize; ``bf16`` runs both under bf16 autocast (as Lightning's
+    On a GPU every timing is bracketed by a synchronize, and nothing synchronizes inside a timed step (a fit's step
+    has one device-to-host copy, after its losses); the breakdown comes from separate steps synchronized between
+    their parts. ``bf16`` runs both under bf16 autocast (as Lightning's
     ``bf16-mixed``); ``compile`` as ``model.compile`` (``True``: the blocks and heads too, which the
     backbone-only work then uses; ``"losses"``: the logit losses alone). Returns
     the mean seconds of both, the full step's breakdown and the seconds of the untimed warm-up steps (which include
@@ -144,9 +148,6 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
     crops, masking = make_views(images, None, **view_kwargs)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-    with FlopCounterMode(display=False) as counter:
-        make_views(images, None, **view_kwargs)
-    flops_of_views = counter.get_total_flops()
     parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "clip+optimizer": 0.0, "ema": 0.0}
 
     def now() -> float:
@@ -154,8 +155,12 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def full_step() -> float:
-        """One full step; returns the seconds of its extra, breakdown-only views call (not part of a step)."""
+    def full_step() -> None:  # no synchronize inside: the host's launches overlap the device's work, as in a fit
+        full_ssl_step(module, optimizer, data, autocast=autocast)
+
+    def full_step_parts() -> None:
+        """One full step with a synchronize between its parts, for the breakdown only: the syncs cost a launch-bound
+        GPU step the overlap of host and device, so these steps are not the ones timed against the backbone work."""
         t0 = now()
         make_views(images, None, **view_kwargs)
         t1 = now()
@@ -170,7 +175,6 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         t5 = now()
         for key, dt in zip(parts, (t1 - t0, t2 - t1 - (t1 - t0), t3 - t2, t4 - t3, t5 - t4)):
             parts[key] += dt
-        return t1 - t0
 
     def backbone_only() -> None:
         backbone_only_work(module, crops, masking, autocast=autocast)
@@ -186,19 +190,33 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         with FlopCounterMode(display=False) as counter:
             fn()
         flops[name] = counter.get_total_flops()
-    flops["full"] -= flops_of_views  # full_step makes the views twice (see compute_losses above)
-    parts.update({k: 0.0 for k in parts})
     fulls, backbones = [], []
     for _ in range(repeats):  # alternate, so load from other jobs hits both alike
         start = now()
-        extra_views = full_step()
-        fulls.append(now() - start - extra_views)
+        full_step()
+        fulls.append(now() - start)
         start = now()
         backbone_only()
         backbones.append(now() - start)
     t_full, t_backbone = sum(fulls) / repeats, sum(backbones) / repeats
-    # each full step over the backbone work timed next to it: the median of these ratios is less moved by one slow
-    # repeat than the ratio of the means
+    steady = {}
+    if device != "cpu":  # (on a CPU nothing runs ahead: these would equal the steps above)
+        # steady state: steps back to back, synchronized only at both ends, as a fit runs them: the host's work on
+        # one step (the crops' draws, the launches) overlaps the device's work on the step before
+        totals = {"full": 0.0, "backbone": 0.0}
+        for _ in range(2):
+            for name, fn in (("full", full_step), ("backbone", backbone_only)):
+                start = now()
+                for _ in range(repeats):
+                    fn()
+                totals[name] += now() - start
+        steady = {"steady_full_s": totals["full"] / (2 * repeats),
+                  "steady_backbone_s": totals["backbone"] / (2 * repeats),
+                  "steady_ratio": totals["full"] / totals["backbone"]}
+    # the breakdown only splits the step's time into parts (it is not the compared number): two steps show it
+    breakdown_repeats = min(repeats, 2)
+    for _ in range(breakdown_repeats):
+        full_step_parts()
     paired = sorted(f / b for f, b in zip(fulls, backbones))
     paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
@@ -209,12 +227,16 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
           f"ratio {t_full / t_backbone:.3f}x | FLOP ratio {flop_ratio:.3f}x ({flops['full'] / 1e9:,.0f} vs "
           f"{flops['backbone'] / 1e9:,.0f} GFLOP) | time beyond the arithmetic {t_full / t_backbone / flop_ratio:.3f}x")
-    print("[step]   full step breakdown: " + ", ".join(f"{k} {v / repeats:.3f} s" for k, v in parts.items()))
+    print(f"[step]   full step breakdown ({breakdown_repeats} more steps, synchronized between parts): "
+          + ", ".join(f"{k} {v / breakdown_repeats:.3f} s" for k, v in parts.items()))
     print(f"[step]   paired ratios (each full step over the backbone work next to it): "
           f"{', '.join(f'{r:.3f}' for r in paired)}; median {paired_median:.3f}x")
+    if steady:
+        print(f"[step]   back to back (2 x {repeats} in a row each): full SSL step {steady['steady_full_s']:.3f} s | "
+              f"backbone-only work {steady['steady_backbone_s']:.3f} s | ratio {steady['steady_ratio']:.3f}x")
     return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
-            "paired_median_ratio": paired_median,
-            "warm_up_s": warm_up_s, **{f"part_{k}_s": v / repeats for k, v in parts.items()}}
+            "paired_median_ratio": paired_median, **steady,
+            "warm_up_s": warm_up_s, **{f"part_{k}_s": v / breakdown_repeats for k, v in parts.items()}}
 
 
 # aten ops that only re-describe a tensor (no kernel on a GPU); everything else counts as one launch

@@ -342,32 +342,65 @@ def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> 
 
 
 def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64) -> dict[str, float]:
-    """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first."""
+    """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first; the same for
+    the backbone-only work on the same crops, and the ops whose device time the full step adds to it."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pretrain import full_ssl_step, ssl_step_setup
+    from bench_pretrain import _step_view_kwargs, backbone_only_work, full_ssl_step, ssl_step_setup
+    from dinov3_eo.ssl.stage import make_views
 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device)
-
-    def step() -> None:
-        full_ssl_step(module, optimizer, data, autocast=torch.autocast(device, dtype=torch.bfloat16, enabled=cuda))
+    crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, 224, 96))
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    work = {"full": lambda: full_ssl_step(module, optimizer, data, autocast=autocast),
+            "backbone": lambda: backbone_only_work(module, crops, masking, autocast=autocast)}
+    per_op: dict[str, dict[str, float]] = {}
+    totals = {}
+    for name, fn in work.items():
+        fn(), fn()
         if cuda:
             torch.cuda.synchronize()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+        events = prof.key_averages()
+        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+        if out_dir:
+            (Path(out_dir) / f"step_profile_{name}.txt").write_text(table)
+        # a kernel's time shows twice: on its own row and as the self time of the op that launched it; the totals
+        # take the kernel rows, the per-op additions the op rows
+        kernels = [e for e in events if e.device_type != DeviceType.CPU] if cuda else list(events)
+        totals[name] = sum(getattr(e, key, 0) for e in kernels) / 1e3
+        per_op[name] = {e.key: getattr(e, key, 0) / 1e3 for e in events if e.device_type == DeviceType.CPU}
+    added = {op: ms - per_op["backbone"].get(op, 0.0) for op, ms in per_op["full"].items()}
+    top = sorted(added.items(), key=lambda item: -abs(item[1]))[:16]
+    print(f"[profile] {'device' if cuda else 'CPU'} time: full step {totals['full']:.1f} ms, backbone-only work "
+          f"{totals['backbone']:.1f} ms; the full step adds: " + ", ".join(f"{op[:50]} {ms:+.2f}" for op, ms in top),
+          flush=True)
+    total = totals["full"]
+    result = {"device_ms" if cuda else "cpu_ms": total, "backbone_device_ms" if cuda else "backbone_cpu_ms": totals["backbone"],
+              "added_ms": dict(top)}
+    if cuda:  # every host-device synchronisation inside the step (a launch-bound step stalls at each), and where
+        import warnings
 
-    step(), step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        step()
-    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
-    print(table)
-    if out_dir:
-        (Path(out_dir) / "step_profile.txt").write_text(table)
-    events = prof.key_averages()
-    total = sum(getattr(e, "self_device_time_total" if cuda else "self_cpu_time_total", 0) for e in events) / 1e3
-    if cuda:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                full_ssl_step(module, optimizer, data, autocast=torch.autocast(device, dtype=torch.bfloat16))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        places = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+        print(f"[profile] {len(places)} synchronisations inside the step: {', '.join(places) or 'none'}", flush=True)
+        result |= {"syncs": len(places), "sync_places": places}
         torch.cuda.empty_cache()
-    return {"device_ms" if cuda else "cpu_ms": total}
+    return result
 
 
 def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
