@@ -278,6 +278,7 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_compiled_losses", lambda: step_overhead_224(device, compile="losses")),
                   ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
                   ("profile", lambda: step_profile(device, out_dir)),
+                  ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
                   ("views_profile", lambda: views_profile(device, out_dir)),
                   ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
     else:
@@ -341,9 +342,14 @@ def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> 
     return result
 
 
-def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64) -> dict[str, float]:
+_COMPILED_SUFFIX = {True: "_compiled", "losses": "_compiled_losses"}
+
+
+def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64,
+                 compile: bool | str = False) -> dict[str, float]:
     """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first; the same for
-    the backbone-only work on the same crops, and the ops whose device time the full step adds to it."""
+    the backbone-only work on the same crops, and the ops whose device time the full step adds to it (``compile``
+    as ``model.compile``)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -351,7 +357,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     from dinov3_eo.ssl.stage import make_views
 
     cuda = device == "cuda"
-    module, optimizer, data = ssl_step_setup(arch, batch, device=device)
+    module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile)
     crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, 224, 96))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
@@ -371,7 +377,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
         events = prof.key_averages()
         table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
         if out_dir:
-            (Path(out_dir) / f"step_profile_{name}.txt").write_text(table)
+            (Path(out_dir) / f"step_profile_{name}{_COMPILED_SUFFIX.get(compile, '')}.txt").write_text(table)
         # a kernel's time shows twice: on its own row and as the self time of the op that launched it; the totals
         # take the kernel rows, the per-op additions the op rows
         kernels = [e for e in events if e.device_type != DeviceType.CPU] if cuda else list(events)
@@ -481,7 +487,7 @@ def main() -> None:
     r.add_argument("--arch", default="vits16")
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
                    "step_overhead_224_b256, step_overhead_224_compiled, step_overhead_224_compiled_losses, profile, "
-                   "views_profile, stages, learning")
+                   "profile_compiled_losses, views_profile, stages, learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")
