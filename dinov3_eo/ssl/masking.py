@@ -1,7 +1,9 @@
 """iBOT block masks for the student's global crops, generated with an explicit numpy Generator.
 
-Meant to run in the collate function on CPU data-loader workers (seed each worker's Generator, e.g.
-``np.random.default_rng([seed, worker_id, epoch])``); nothing here touches the global ``random``/``np.random``.
+The SSL stages make them on the host inside each step (``ssl.stage.make_views``, seeded by the step), where the
+crops are made too; they would run as well in a collate function on data-loader workers (seed each worker's
+Generator, e.g. ``np.random.default_rng([seed, worker_id, epoch])``). Nothing here touches the global
+``random``/``np.random``. One step's masks take ~2 ms of host time (128 global crops at 224 px).
 """
 
 from __future__ import annotations
