@@ -10,6 +10,7 @@ from dinov3_eo.models.rope import (
     patch_centre_coords,
     rope_apply,
     rope_apply_fast,
+    rotate_by,
     rotate_half,
 )
 
@@ -146,6 +147,55 @@ class TestApply:
             fn(leaf, sin, cos).pow(2).sum().backward()
             grads.append(leaf.grad)
         torch.testing.assert_close(grads[0], grads[1])
+
+    def test_written_out_backward_is_the_transposed_rotation(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16).train()  # augmented angles: no symmetry to hide a sign
+        sin, cos = (t.double() for t in rope(H=3, W=4))
+        x = torch.randn(2, 12, 16, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: rope_apply_fast(t, sin, cos), (x,))
+        # <R x, y> = <x, Rᵀ y>
+        y = torch.randn(2, 12, 16, dtype=torch.float64)
+        lhs = (rotate_by(x.detach(), sin, cos) * y).sum()
+        torch.testing.assert_close(lhs, (x.detach() * rotate_by(y, sin, cos, transpose=True)).sum())
+
+    def test_bf16_attention_view_matches_autograd_through_the_reference(self) -> None:
+        rope = RopePositionEmbedding(head_dim=32).eval()
+        sin, cos = rope(H=4, W=5)
+        qkv = torch.randn(3, 20, 3, 2, 32).to(torch.bfloat16).permute(2, 0, 3, 1, 4)  # [3, B, h, N, hd] view
+        upstream = torch.randn(2, 3, 2, 20, 32).to(torch.bfloat16)
+        outs, grads = [], []
+        for fn in (rope_apply, rope_apply_fast):
+            leaf = qkv.detach().requires_grad_()
+            out = fn(leaf[:2], sin, cos)
+            out.backward(upstream)
+            outs.append(out)
+            grads.append(leaf.grad)
+        assert outs[1].dtype == torch.bfloat16
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)  # the same float32 arithmetic, one rounding
+        torch.testing.assert_close(grads[1], grads[0])  # float32 sums in another order, then one rounding
+        assert grads[1][2].abs().sum() == 0  # v gets no gradient from the rotation
+
+    @pytest.mark.parametrize("transpose", [False, True])
+    def test_promoting_products_equal_the_float32_copy(self, transpose: bool) -> None:
+        # the GPU form (half precision promoted inside the first product) and the CPU form (converted first) agree
+        # exactly: bf16 -> float32 is exact, and the products and sums are the same float32 operations
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = rope(H=3, W=3)
+        x = torch.randn(4, 2, 9, 16).to(torch.bfloat16).transpose(1, 2).transpose(1, 2)
+        one_pass = rotate_by(x, sin, cos, transpose=transpose, convert_first=False)
+        assert one_pass.dtype == torch.float32
+        torch.testing.assert_close(one_pass, rotate_by(x, sin, cos, transpose=transpose, convert_first=True),
+                                   rtol=0, atol=0)
+
+    def test_angles_that_need_a_gradient_go_through_autograd(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16).eval()
+        sin, cos = (t.clone().requires_grad_() for t in rope(H=2, W=2))
+        x = torch.randn(3, 4, 16)
+        rope_apply_fast(x, sin, cos).sum().backward()
+        reference = [t.detach().clone().requires_grad_() for t in (sin, cos)]
+        rope_apply(x, *reference).sum().backward()
+        torch.testing.assert_close(sin.grad, reference[0].grad)
+        torch.testing.assert_close(cos.grad, reference[1].grad)
 
     def test_low_precision_input_is_rotated_in_float32(self) -> None:
         rope = RopePositionEmbedding(head_dim=16).eval()

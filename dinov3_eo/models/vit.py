@@ -151,7 +151,7 @@ class SelfAttention(nn.Module):
         qk, v = qkv[:2], qkv[2]  # [2, B, h, N, hd], [B, h, N, hd]
         if rope is not None:
             sin, cos = rope
-            qk = rope_apply_fast(qk, sin, cos)  # q and k together; the result is contiguous
+            qk = rope_apply_fast(qk, sin, cos)  # q and k together, into one new dense tensor
         q, k = qk.unbind(0)  # 2 x [B, h, N, hd]
         if x.device.type == "cpu" and q.dtype in _HALF_DTYPES:
             # PyTorch's CPU attention kernels are no faster in bf16 than in float32, and their bf16 backward is
