@@ -148,7 +148,10 @@ class SelfAttention(nn.Module):
         """
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, h, N, hd]
-        qk, v = qkv[:2], qkv[2]  # [2, B, h, N, hd], [B, h, N, hd]
+        # split, not slice and index: its gradient is one concatenation, where a slice's and an index's would each
+        # be a zero-filled [3, B, h, N, hd] tensor, then summed
+        qk, v = qkv.split([2, 1])  # [2, B, h, N, hd], [1, B, h, N, hd]
+        v = v.squeeze(0)
         if rope is not None:
             sin, cos = rope
             qk = rope_apply_fast(qk, sin, cos)  # q and k together, into one new dense tensor
