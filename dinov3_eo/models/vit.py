@@ -147,15 +147,16 @@ class SelfAttention(nn.Module):
         the identity rotation (sin 0, cos 1), which keeps the hot path free of slicing and concatenation.
         """
         B, N, D = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # [3, B, h, N, hd]
-        # split, not slice and index: its gradient is one concatenation, where a slice's and an index's would each
-        # be a zero-filled [3, B, h, N, hd] tensor, then summed
-        qk, v = qkv.split([2, 1])  # [2, B, h, N, hd], [1, B, h, N, hd]
-        v = v.squeeze(0)
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # token-major, as the projection writes it
+        # split in this layout, not slice and index after a permute: the gradient is one concatenation straight into
+        # the projection's layout, where a slice's and an index's were each a zero-filled copy of the whole
+        # projection, summed, then copied again to undo the permute
+        qk, v = qkv.split([2, 1], dim=2)  # [B, N, 2, h, hd], [B, N, 1, h, hd]
         if rope is not None:
-            sin, cos = rope
-            qk = rope_apply_fast(qk, sin, cos)  # q and k together, into one new dense tensor
-        q, k = qk.unbind(0)  # 2 x [B, h, N, hd]
+            sin, cos = rope  # [N, hd], broadcast over (q/k, heads)
+            qk = rope_apply_fast(qk, sin[:, None, None], cos[:, None, None])  # q and k together, one new tensor
+        q, k = (t.transpose(1, 2) for t in qk.unbind(2))  # 2 x [B, h, N, hd]
+        v = v.squeeze(2).transpose(1, 2)  # [B, h, N, hd]
         if x.device.type == "cpu" and q.dtype in _HALF_DTYPES:
             # PyTorch's CPU attention kernels are no faster in bf16 than in float32, and their bf16 backward is
             # 2-6x slower for the short sequences of small crops (ViT-T on 64-px crops: 5.6 vs 1.0 ms; only near
