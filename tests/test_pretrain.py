@@ -306,8 +306,9 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
 
 
 def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Everything a step logs is a CPU tensor read in the guard's one device-to-host copy: Lightning reads logged
-    device tensors back at every batch end and copies logged Python numbers to the device, both GPU syncs."""
+    """Everything a step logs is a CPU tensor read in the guard's one device-to-host copy: Lightning reads a logged
+    progress-bar tensor back at every batch end (every logged tensor at a logger flush) and copies logged Python
+    numbers to the device, each a GPU sync."""
     module = DINOv3Pretrain(**MODEL_KW, gram_loss_weight=1.0, gram_teacher="ema")
     module._total_steps = lambda: 100  # type: ignore[method-assign]
     module.on_fit_start()

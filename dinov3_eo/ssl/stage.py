@@ -312,8 +312,9 @@ class SSLStage(TrainModesAtFitStart):
         torch.manual_seed(step_seed(self.hparams.seed, step, 0))
         losses = self.compute_losses(batch, step)
         # One device-to-host copy per step, the step's only sync: the guard reads it, and so do the progress bar and
-        # the loggers, which are given these CPU values. Lightning reads logged device tensors back at every batch
-        # end (another sync) and copies logged Python floats to the device, blocking (one sync each).
+        # the loggers, which are given these CPU values. Lightning reads a logged progress-bar tensor back at every
+        # batch end and every logged tensor at each logger flush (another sync each) and copies logged Python floats
+        # to the device, blocking (one sync each).
         stacked = torch.stack([v.detach().float() for v in losses.values()]).cpu()
         host = dict(zip(losses, stacked))
         if not bool(torch.isfinite(stacked).all()):
