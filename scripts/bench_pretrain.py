@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,18 @@ def full_ssl_step(module, optimizer, data: dict, *, autocast=None) -> None:  # n
     module._ema_update(0.996)
 
 
+def step_and_backbone_work(module, optimizer, data: dict, *, global_size: int, local_size: int,  # noqa: ANN001
+                           autocast=None) -> tuple[Callable[[], None], Callable[[], None]]:  # noqa: ANN001
+    """What every step check compares: one full SSL step (:func:`full_ssl_step`, no synchronize inside, so the host's
+    launches overlap the device's work as in a fit) and the backbone work (:func:`backbone_only_work`) on crops
+    made once from the same batch."""
+    from dinov3_eo.ssl.stage import make_views
+
+    crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, global_size, local_size))
+    return (lambda: full_ssl_step(module, optimizer, data, autocast=autocast),
+            lambda: backbone_only_work(module, crops, masking, autocast=autocast))
+
+
 _COMPILED = {True: " compiled", "losses": " logit losses compiled"}
 
 
@@ -146,17 +159,15 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
                                              local_size=local_size, n_local=n_local, compile=compile, **module_kwargs)
     images = data["image"]
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
-    crops, masking = make_views(images, None, **view_kwargs)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    full_step, backbone_only = step_and_backbone_work(module, optimizer, data, global_size=global_size,
+                                                      local_size=local_size, autocast=autocast)
     parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "clip+optimizer": 0.0, "ema": 0.0}
 
     def now() -> float:
         if device != "cpu":
             torch.cuda.synchronize()
         return time.perf_counter()
-
-    def full_step() -> None:  # no synchronize inside: the host's launches overlap the device's work, as in a fit
-        full_ssl_step(module, optimizer, data, autocast=autocast)
 
     def full_step_parts() -> None:
         """One full step with a synchronize between its parts, for the breakdown only: the syncs cost a launch-bound
@@ -175,9 +186,6 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         t5 = now()
         for key, dt in zip(parts, (t1 - t0, t2 - t1 - (t1 - t0), t3 - t2, t4 - t3, t5 - t4)):
             parts[key] += dt
-
-    def backbone_only() -> None:
-        backbone_only_work(module, crops, masking, autocast=autocast)
 
     warm_start = now()
     for _ in range(2 if device != "cpu" else 1):  # warm-up (cuDNN/cuBLAS autotuning on a GPU; compilation)
@@ -313,8 +321,6 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dinov3_eo.ssl.stage import make_views
-
     class _Bytes(TorchDispatchMode):
         def __init__(self) -> None:
             super().__init__()
@@ -335,15 +341,9 @@ def step_traffic(arch: str, batch: int, *, global_size: int = 224, local_size: i
 
     module, optimizer, data = ssl_step_setup(arch, batch, global_size=global_size, local_size=local_size,
                                              n_local=n_local, **module_kwargs)
-    crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, global_size, local_size))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-
-    def full_step() -> None:
-        full_ssl_step(module, optimizer, data, autocast=autocast)
-
-    def backbone_only() -> None:
-        backbone_only_work(module, crops, masking, autocast=autocast)
-
+    full_step, backbone_only = step_and_backbone_work(module, optimizer, data, global_size=global_size,
+                                                      local_size=local_size, autocast=autocast)
     full_step(), backbone_only()  # warm-up: optimiser state
     counted = {}
     for name, fn in (("full", full_step), ("backbone", backbone_only)):

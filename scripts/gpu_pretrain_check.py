@@ -353,16 +353,14 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pretrain import _step_view_kwargs, backbone_only_work, full_ssl_step, ssl_step_setup
-    from dinov3_eo.ssl.stage import make_views
+    from bench_pretrain import ssl_step_setup, step_and_backbone_work
 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile)
-    crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, 224, 96))
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    work = {"full": lambda: full_ssl_step(module, optimizer, data, autocast=autocast),
-            "backbone": lambda: backbone_only_work(module, crops, masking, autocast=autocast)}
+    work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,
+                                                                 local_size=96, autocast=autocast)))
     per_op: dict[str, dict[str, float]] = {}
     totals = {}
     for name, fn in work.items():
@@ -388,9 +386,8 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     print(f"[profile] {'device' if cuda else 'CPU'} time: full step {totals['full']:.1f} ms, backbone-only work "
           f"{totals['backbone']:.1f} ms; the full step adds: " + ", ".join(f"{op[:50]} {ms:+.2f}" for op, ms in top),
           flush=True)
-    total = totals["full"]
-    result = {"device_ms" if cuda else "cpu_ms": total, "backbone_device_ms" if cuda else "backbone_cpu_ms": totals["backbone"],
-              "added_ms": dict(top)}
+    unit = "device_ms" if cuda else "cpu_ms"
+    result = {unit: totals["full"], f"backbone_{unit}": totals["backbone"], "added_ms": dict(top)}
     if cuda:  # every host-device synchronisation inside the step (a launch-bound step stalls at each), and where
         import warnings
 
@@ -398,7 +395,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                full_ssl_step(module, optimizer, data, autocast=torch.autocast(device, dtype=torch.bfloat16))
+                work["full"]()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
