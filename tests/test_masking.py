@@ -11,7 +11,9 @@ import torch
 from dinov3_eo.ssl.masking import block_mask, ibot_masks
 
 
-def reference_block_mask(grid_hw: tuple[int, int], n_masked: int, rng: np.random.Generator, max_block: float) -> np.ndarray:
+def reference_block_mask(
+    grid_hw: tuple[int, int], n_masked: int, rng: np.random.Generator, max_block: float
+) -> np.ndarray:
     """The BEiT block-mask algorithm straight from its description (dinov3_facts.md §3): numpy draws one at a time,
     a numpy mask; rectangles of area U(4, max_block), aspect log-uniform in [0.3, 1/0.3], ≤ 10 tries each,
     then random completion."""

@@ -40,7 +40,9 @@ def rope_apply(x: Tensor, sin: Tensor, cos: Tensor) -> Tensor:
     return (x * cos + rotate_half(x) * sin).to(dtype)
 
 
-def rotate_by(x: Tensor, sin: Tensor, cos: Tensor, *, transpose: bool = False, convert_first: bool | None = None) -> Tensor:
+def rotate_by(
+    x: Tensor, sin: Tensor, cos: Tensor, *, transpose: bool = False, convert_first: bool | None = None
+) -> Tensor:
     """The RoPE rotation ``R x`` of :func:`rope_apply` (``Rᵀ x`` with ``transpose``), in ``cos``'s dtype.
 
     With halves ``x = [a, b]``: ``R x = x·cos + [−b·sin₁, a·sin₂]`` and ``Rᵀ x = x·cos + [b·sin₂, −a·sin₁]``
