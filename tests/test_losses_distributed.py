@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_knopp
+from dinov3_eo.ssl.compilation import compile_logit_losses
 from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
 
 # spawning two interpreters takes 3-15 s on the shared 2-core CI machine
@@ -52,7 +53,7 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
         start = sum(IBOT_ROWS[:process_rank])
         result["sk_ibot"] = sinkhorn_knopp(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
         # as model.compile runs it (ssl.compilation.compile_logit_losses): the collectives inside still line up
-        compiled = torch.compile(sinkhorn_knopp, dynamic=True)
+        compiled = compile_logit_losses().sinkhorn_knopp
         result["sk_ibot_compiled"] = compiled(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
         for group_size in KOLEO_GROUPS:
             x = data["koleo"][process_rank * LOCAL_B : (process_rank + 1) * LOCAL_B].clone().requires_grad_(True)
