@@ -61,19 +61,14 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     ``compile`` compiles every block and head and the two logit losses (``True``) or the losses alone
     (``"losses"``), as ``model.compile`` does when a fit starts.
     """
-    from dinov3_eo.ssl.compilation import compile_logit_losses, compile_regions
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
     module = DINOv3Pretrain(backbone=arch, global_crop_size=global_size, local_crop_size=local_size,
-                            n_local_crops=n_local, **module_kwargs).to(device)
+                            n_local_crops=n_local, compile=compile, **module_kwargs).to(device)
     module._total_steps = lambda: 1000  # type: ignore[method-assign]  # schedules need a length outside a Trainer
     optimizer = module.configure_optimizers()
-    module.train()
-    if compile:
-        if compile is True:
-            compile_regions(module)
-        module.logit_losses = compile_logit_losses()
+    module.on_fit_start()  # train/eval modes and compilation, as when a fit starts
     side = max(256, global_size)
     host = {"image": torch.randn(batch, 3, side, side), "valid": torch.ones(batch, side, side, dtype=torch.bool)}
     host = module.on_before_batch_transfer(host, 0)
