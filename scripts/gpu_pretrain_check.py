@@ -10,12 +10,15 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
 
 ``run`` does, in order (cheapest and most likely to fail first; ``--only`` picks stages):
 
-1. correctness: ViT-S/16 on the GPU against the CPU in float32, and bf16 autocast against float32;
+1. correctness: ViT-S/16 on the GPU against the CPU in float32, and bf16 autocast against float32; the iBOT term's
+   Triton kernels (``logit_kernels``) against the torch path at a ViT-S batch-64 step's size, and the time of both
+   (eager and compiled), with a few tile sizes of each kernel;
 2. backbone throughput (images/s, bf16, forward) of ViT-S/B/L at 224 px;
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
    ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16; at batch 256; and at batch 64 with every
    block and head compiled (``model.compile: true``, the backbone-only work compiled alike) and with the logit
-   losses compiled alone (``model.compile: losses``, the backbone-only work eager);
+   losses compiled alone (``model.compile: losses``, the backbone-only work eager), and with the iBOT term as Triton
+   kernels (``model.logit_kernels: triton``, the DINO Sinkhorn compiled);
 4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, a kernel profile of one SSL step, and
    the crops' time on the host vs on the device (``views_profile``);
 5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
@@ -136,6 +139,95 @@ def correctness(device: str) -> dict[str, float]:
           f"bf16 autocast vs float32: min cosine {cos:.5f}")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    return result
+
+
+def _cuda_ms(fn, repeats: int = 10) -> float:  # noqa: ANN001
+    """Median milliseconds of ``fn()`` between CUDA events (after one untimed call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536) -> dict:
+    """The iBOT term at a ViT-S batch-64 step's size (3,800 masked tokens, 65,536 prototypes, bf16 logits):
+    Sinkhorn–Knopp, cross-entropy forward and backward as torch ops (eager, compiled) and as the Triton kernels of
+    ``dinov3_eo.losses.logit_kernels``. Agreement with eager, median time and peak memory of each; then each
+    kernel's time at a few tile sizes (the first of each list is the module's default)."""
+    from dinov3_eo.losses import SinkhornAssignments, ibot_loss, sinkhorn_assignments, sinkhorn_knopp
+    from dinov3_eo.losses import logit_kernels as lk
+    from dinov3_eo.ssl.compilation import compile_logit_losses
+
+    gen = torch.Generator(device).manual_seed(0)
+    teacher = (torch.randn(tokens, prototypes, device=device, generator=gen) * 3).bfloat16()
+    student = (torch.randn(tokens, prototypes, device=device, generator=gen) * 3).bfloat16().requires_grad_()
+    weights = torch.rand(tokens, device=device, generator=gen)
+    compiled = compile_logit_losses()
+    variants = {"eager": (sinkhorn_knopp, ibot_loss), "compiled": (compiled.sinkhorn_knopp, compiled.ibot_loss),
+                "triton": (sinkhorn_assignments, ibot_loss)}
+
+    def term(targets_fn, loss_fn):  # noqa: ANN001, ANN202
+        targets = targets_fn(teacher, 0.05)
+        loss = loss_fn(student, targets, weights, 128, student_temp=0.1)
+        return targets, loss, torch.autograd.grad(loss, student)[0]
+
+    result: dict = {}
+    reference = None
+    for name, fns in variants.items():
+        targets, loss, grad = term(*fns)  # compiles, for "compiled"
+        probs = targets.probabilities() if isinstance(targets, SinkhornAssignments) else targets
+        if reference is None:
+            reference = (probs, loss, grad)
+        torch.cuda.synchronize()
+        del targets, probs
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ms = _cuda_ms(lambda fns=fns: term(*fns))
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        sinkhorn_ms = _cuda_ms(lambda fns=fns: fns[0](teacher, 0.05))
+        result[name] = {"ms": ms, "sinkhorn_ms": sinkhorn_ms, "peak_gib": peak, "loss": loss.item(),
+                        "grad_max_abs_diff": (grad.float() - reference[2].float()).abs().max().item()}
+        print(f"[logit_kernels] {name}: Sinkhorn + iBOT loss + backward {ms:.2f} ms (Sinkhorn {sinkhorn_ms:.2f}), "
+              f"peak {peak:.2f} GiB beyond the inputs, loss {loss.item():.6f}", flush=True)
+        del loss, grad
+    fused = sinkhorn_assignments(teacher, 0.05).probabilities()
+    result["triton"]["probs_max_abs_diff"] = (fused - reference[0]).abs().max().item()
+    result["triton"]["probs_max"] = reference[0].max().item()
+    result["grad_max_abs"] = reference[2].float().abs().max().item()
+    print(f"[logit_kernels] triton vs eager: probabilities max |diff| {result['triton']['probs_max_abs_diff']:.2e} "
+          f"(max {result['triton']['probs_max']:.3f}), loss {result['triton']['loss'] - result['eager']['loss']:+.2e}, "
+          f"gradient max |diff| {result['triton']['grad_max_abs_diff']:.2e} of {result['grad_max_abs']:.2e}",
+          flush=True)
+    del fused, reference
+    # tile sizes: (rows, columns, warps) of each kernel family
+    targets = sinkhorn_assignments(teacher, 0.05)
+    student_loss = ibot_loss(student, targets, weights, 128, student_temp=0.1)
+    tiles = {"_MATVEC_BLOCK": [(64, 256, 8), (32, 512, 8), (128, 128, 8), (16, 1024, 4)],
+             "_FORWARD_BLOCK": [(4, 1024, 4), (8, 512, 4), (2, 2048, 8), (16, 256, 4)],
+             "_BACKWARD_BLOCK": [(16, 512, 8), (32, 256, 8), (8, 1024, 8), (64, 128, 4)]}
+    timed = {"_MATVEC_BLOCK": lambda: sinkhorn_assignments(teacher, 0.05),
+             "_FORWARD_BLOCK": lambda: ibot_loss(student, targets, weights, 128, student_temp=0.1),
+             "_BACKWARD_BLOCK": lambda: torch.autograd.grad(student_loss, student, retain_graph=True)}
+    for attr, configs in tiles.items():
+        default = getattr(lk, attr)
+        try:
+            times = {}
+            for config in configs:
+                setattr(lk, attr, config)
+                times["x".join(map(str, config))] = _cuda_ms(timed[attr])
+        finally:
+            setattr(lk, attr, default)
+        result[f"tiles{attr.lower()}"] = times
+        print(f"[logit_kernels] {attr.strip('_').lower()} (rows x columns x warps): "
+              + ", ".join(f"{k} {ms:.2f} ms" for k, ms in times.items()), flush=True)
+    torch.cuda.empty_cache()
     return result
 
 
@@ -272,13 +364,17 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
 
         torch.set_float32_matmul_precision("high")
         tmp = tempfile.mkdtemp()
-        stages = [("correctness", lambda: correctness(device)), ("throughput", lambda: throughput(device)),
+        triton = {"logit_kernels": "triton"}
+        stages = [("correctness", lambda: correctness(device)), ("logit_kernels", lambda: logit_kernels_check(device)),
+                  ("throughput", lambda: throughput(device)),
                   ("step_overhead_224", lambda: step_overhead_224(device)),
                   ("step_overhead_224_b256", lambda: step_overhead_224(device, batch=256)),
                   ("step_overhead_224_compiled_losses", lambda: step_overhead_224(device, compile="losses")),
                   ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
+                  ("step_overhead_224_triton", lambda: step_overhead_224(device, compile="losses", **triton)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
+                  ("profile_triton", lambda: step_profile(device, out_dir, compile="losses", **triton)),
                   ("views_profile", lambda: views_profile(device, out_dir)),
                   ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
     else:
@@ -346,7 +442,7 @@ _COMPILED_SUFFIX = {True: "_compiled", "losses": "_compiled_losses"}
 
 
 def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64,
-                 compile: bool | str = False) -> dict[str, float]:
+                 compile: bool | str = False, **module_kwargs) -> dict[str, float]:
     """The kernels of one full SSL step (ViT-S, batch 64, 224/96, bf16 on a GPU), grouped, biggest first; the same for
     the backbone-only work on the same crops, and the ops whose device time the full step adds to it (``compile``
     as ``model.compile``)."""
@@ -356,8 +452,9 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     from bench_pretrain import ssl_step_setup, step_and_backbone_work
 
     cuda = device == "cuda"
-    module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile)
+    module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile, **module_kwargs)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
+    suffix = _COMPILED_SUFFIX.get(compile, "") + ("_triton" if module_kwargs.get("logit_kernels") == "triton" else "")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,
                                                                  local_size=96, autocast=autocast)))
@@ -375,7 +472,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
         events = prof.key_averages()
         table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
         if out_dir:
-            (Path(out_dir) / f"step_profile_{name}{_COMPILED_SUFFIX.get(compile, '')}.txt").write_text(table)
+            (Path(out_dir) / f"step_profile_{name}{suffix}.txt").write_text(table)
         # a kernel's time shows twice: on its own row and as the self time of the op that launched it; the totals
         # take the kernel rows, the per-op additions the op rows
         kernels = [e for e in events if e.device_type != DeviceType.CPU] if cuda else list(events)
@@ -461,10 +558,10 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
     return result
 
 
-def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False) -> dict[str, float]:
+def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False, **module_kwargs) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
-    result = step_overhead("vits16", batch, 5, device=device, bf16=True, compile=compile)
+    result = step_overhead("vits16", batch, 5, device=device, bf16=True, compile=compile, **module_kwargs)
     torch.cuda.empty_cache()
     return result
 
@@ -482,9 +579,10 @@ def main() -> None:
     r.add_argument("--global-size", type=int, default=112)
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
-    r.add_argument("--only", default=None, help="comma-separated stages: correctness, throughput, step_overhead_224, "
-                   "step_overhead_224_b256, step_overhead_224_compiled, step_overhead_224_compiled_losses, profile, "
-                   "profile_compiled_losses, views_profile, stages, learning")
+    r.add_argument("--only", default=None, help="comma-separated stages: correctness, logit_kernels, throughput, "
+                   "step_overhead_224, step_overhead_224_b256, step_overhead_224_compiled, "
+                   "step_overhead_224_compiled_losses, step_overhead_224_triton, profile, profile_compiled_losses, "
+                   "profile_triton, views_profile, stages, learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")

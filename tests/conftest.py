@@ -5,6 +5,9 @@ import os
 # open_clip/timm otherwise wait ~45 s on a hub that cannot answer; nothing is downloaded in tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the Triton kernels of dinov3_eo.losses.logit_kernels run on CPU tensors in Triton's interpreter, which triton
+# chooses when its functions are decorated: before anything imports triton
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

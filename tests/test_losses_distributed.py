@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_knopp
+from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_assignments, sinkhorn_knopp
+from dinov3_eo.losses.logit_kernels import triton_available
 from dinov3_eo.ssl.compilation import compile_logit_losses
 from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
 
@@ -55,6 +56,9 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
         # as model.compile runs it (ssl.compilation.compile_logit_losses): the collectives inside still line up
         compiled = compile_logit_losses().sinkhorn_knopp
         result["sk_ibot_compiled"] = compiled(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
+        if triton_available():  # logit_kernels="triton", in Triton's interpreter (tests/conftest.py)
+            fused = sinkhorn_assignments(data["ibot"][start : start + IBOT_ROWS[process_rank]], 0.05)
+            result["sk_ibot_triton"] = fused.probabilities()
         for group_size in KOLEO_GROUPS:
             x = data["koleo"][process_rank * LOCAL_B : (process_rank + 1) * LOCAL_B].clone().requires_grad_(True)
             loss = koleo_loss_distributed(x, group_size=group_size)
@@ -112,6 +116,9 @@ def test_sinkhorn_equals_single_process(rank_results: list[dict]) -> None:
     torch.testing.assert_close(torch.cat([res["sk_ibot"] for res in rank_results]), single_ibot, rtol=1e-5, atol=1e-6)
     compiled = torch.cat([res["sk_ibot_compiled"] for res in rank_results])
     torch.testing.assert_close(compiled, single_ibot, rtol=1e-5, atol=1e-6)
+    if "sk_ibot_triton" in rank_results[0]:
+        fused = torch.cat([res["sk_ibot_triton"] for res in rank_results])
+        torch.testing.assert_close(fused, single_ibot, rtol=1e-5, atol=1e-6)
 
 
 def test_dino_mean_over_ranks_equals_single_process(rank_results: list[dict]) -> None:

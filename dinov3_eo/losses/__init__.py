@@ -5,7 +5,7 @@ from dinov3_eo.losses.dino import DinoLossTerms, dino_cross_entropy, dino_losses
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss, masks_weight_from_masks
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
-from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
+from dinov3_eo.losses.sinkhorn import SinkhornAssignments, sinkhorn_assignments, sinkhorn_knopp
 
 __all__ = [
     "check_class_labels",
@@ -21,6 +21,8 @@ __all__ = [
     "koleo_loss_distributed",
     "masks_weight_from_masks",
     "resize_patch_features",
+    "SinkhornAssignments",
+    "sinkhorn_assignments",
     "sinkhorn_knopp",
     "soft_cross_entropy",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from dinov3_eo.losses.cross_entropy import soft_cross_entropy
+from dinov3_eo.losses.sinkhorn import SinkhornAssignments
 
 
 def masks_weight_from_masks(masks: Tensor) -> Tensor:
@@ -22,7 +23,7 @@ def masks_weight_from_masks(masks: Tensor) -> Tensor:
 
 def ibot_loss(
     student_masked_logits: Tensor,
-    teacher_masked_probs: Tensor,
+    teacher_masked_probs: Tensor | SinkhornAssignments,
     masks_weight: Tensor,
     n_images: int,
     *,
@@ -36,7 +37,9 @@ def ibot_loss(
 
     Args:
         student_masked_logits: [M, K] student iBOT-head logits at the masked positions.
-        teacher_masked_probs: [M, K] teacher probabilities at the same positions (``sinkhorn_knopp`` output).
+        teacher_masked_probs: [M, K] teacher probabilities at the same positions (``sinkhorn_knopp`` output), or
+            the same kept factorised (``sinkhorn_assignments`` output): then the cross-entropy runs as Triton
+            kernels that never write the [M, K] assignments (:mod:`~dinov3_eo.losses.logit_kernels`).
         masks_weight: [M] weights (``masks_weight_from_masks`` / the ``masks_weight`` of ``ssl.masking``).
         n_images: number of global-crop images on this rank, 2·B.
         student_temp: student temperature (0.1).
@@ -58,7 +61,14 @@ def ibot_loss(
         )
     if n_images < 1:
         raise ValueError(f"ibot_loss: n_images must be >= 1, got {n_images}.")
-    token_ce = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)  # [M]
+    if isinstance(teacher_masked_probs, SinkhornAssignments):
+        from dinov3_eo.losses.logit_kernels import assignment_cross_entropy
+
+        t = teacher_masked_probs
+        token_ce = assignment_cross_entropy(student_masked_logits.contiguous(), t.logits, t.shift, t.row_scale,
+                                            t.col_scale, student_temp=student_temp, teacher_temp=t.temperature)
+    else:
+        token_ce = soft_cross_entropy(student_masked_logits, teacher_masked_probs, student_temp)  # [M]
     return (token_ce * masks_weight.float()).sum() / n_images
 
 

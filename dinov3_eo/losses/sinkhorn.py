@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,36 +45,114 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iterations: in
     Raises:
         ValueError: if ``teacher_logits`` is not 2-D or ``teacher_temp`` is not positive.
     """
+    dtype, n_total, shift = _check_and_shift(teacher_logits, teacher_temp, group)
+    if n_total == 0:
+        return teacher_logits.to(dtype, copy=True)  # [0, K]: nothing to centre anywhere
+    e = scaled_difference(teacher_logits, shift, teacher_temp).exp_()  # [B_local, K] in `dtype`, entries in [0, 1]
+    # autocast off: under the caller's bf16 autocast the products would round e to bf16 each time
+    with torch.autocast(device_type=e.device.type, enabled=False):
+        row_scale, col_scale = _balance(lambda c: e.t() @ c, lambda r: e @ r, teacher_logits.shape, n_total,
+                                        n_iterations, group, e.dtype, e.device)
+    return e.mul_(row_scale[:, None]).mul_(col_scale[None, :])  # [B_local, K], rows sum to 1
+
+
+@dataclass(frozen=True)
+class SinkhornAssignments:
+    """Sinkhorn–Knopp assignments kept factorised: the teacher's logits and three vectors, not an [M, K] matrix.
+
+    ``probs[i, k] = exp((logits[i, k] − shift[k]) / temperature) · row_scale[i] · col_scale[k]``, what
+    :func:`sinkhorn_knopp` returns for the same logits; :func:`~dinov3_eo.losses.ibot.ibot_loss` reads it with the
+    Triton kernels of :mod:`~dinov3_eo.losses.logit_kernels`, which recompute the exponential as they go.
+    """
+
+    logits: Tensor  # [M, K], the teacher head's output in its own dtype
+    shift: Tensor  # [K] float32: each prototype's maximum logit over the (global) batch
+    temperature: float
+    row_scale: Tensor  # [M] float32
+    col_scale: Tensor  # [K] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+    def probabilities(self) -> Tensor:
+        """The [M, K] float32 assignment matrix (rows summing to 1), as :func:`sinkhorn_knopp` returns it."""
+        e = scaled_difference(self.logits, self.shift, self.temperature).exp_()
+        return e.mul_(self.row_scale[:, None]).mul_(self.col_scale[None, :])
+
+
+@torch.no_grad()
+def sinkhorn_assignments(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3, *,
+                         group: Any = None) -> SinkhornAssignments:
+    """:func:`sinkhorn_knopp` without its [B, K] result: the balancing scales, computed by Triton kernels that
+    read the logits once per half-iteration and never write ``exp(logits / T)`` (see
+    :mod:`~dinov3_eo.losses.logit_kernels`).
+
+    Same arguments, errors and distributed behaviour as :func:`sinkhorn_knopp`; computed in float32 (float64 logits
+    too). Needs CUDA tensors (or Triton's interpreter on a CPU).
+
+    Returns:
+        :class:`SinkhornAssignments` whose :meth:`~SinkhornAssignments.probabilities` equal
+        :func:`sinkhorn_knopp`'s result to float32 rounding.
+    """
+    from dinov3_eo.losses.logit_kernels import exp_matvec
+
+    _, n_total, shift = _check_and_shift(teacher_logits, teacher_temp, group)
+    logits = teacher_logits.contiguous()
+    shift = shift.float()
+    if n_total == 0:
+        ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
+        return SinkhornAssignments(logits, shift, float(teacher_temp), ones.new_empty(0), ones)
+    row_scale, col_scale = _balance(
+        lambda c: exp_matvec(logits, shift, teacher_temp, c, transpose=True),
+        lambda r: exp_matvec(logits, shift, teacher_temp, r, transpose=False),
+        logits.shape, n_total, n_iterations, group, torch.float32, logits.device,
+    )
+    return SinkhornAssignments(logits, shift, float(teacher_temp), row_scale, col_scale)
+
+
+def _check_and_shift(teacher_logits: Tensor, teacher_temp: float, group: Any) -> tuple[torch.dtype, float, Tensor]:
+    """The computation's dtype, the number of rows over ``group`` and each prototype's maximum logit [K]."""
     if teacher_logits.ndim != 2:
         raise ValueError(f"sinkhorn_knopp: teacher_logits must be [B, K], got shape {tuple(teacher_logits.shape)}.")
     if teacher_temp <= 0:
         raise ValueError(f"sinkhorn_knopp: teacher_temp must be > 0, got {teacher_temp}.")
     # fp32 at least (bf16/fp16 logits are upcast); fp64 input stays fp64. Half-precision logits are not copied to
-    # fp32 first: the maximum is exact in their own dtype, and the subtraction below promotes them in the same pass
+    # fp32 first: the maximum is exact in their own dtype, and the subtraction promotes them in the same pass
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
-    logits = teacher_logits
-    n_local, n_prototypes = logits.shape
+    n_local, n_prototypes = teacher_logits.shape
     if is_dist() and world_size(group) > 1:
-        n_total = float(all_reduce_sum(torch.tensor(float(n_local), device=logits.device), group).item())
+        n_total = float(all_reduce_sum(torch.tensor(float(n_local), device=teacher_logits.device), group).item())
     else:
         n_total = float(n_local)  # no process group: no device-to-host sync for a count the host already knows
     if n_total == 0:
-        return logits.to(dtype, copy=True)  # [0, K]: nothing to centre anywhere
+        return dtype, n_total, teacher_logits.new_zeros(n_prototypes, dtype=dtype)
     if n_local > 0:
-        local_max = logits.amax(dim=0).to(dtype)  # [K] (amax: no argmax, ~7x faster than max(dim=0) on a CPU)
+        local_max = teacher_logits.amax(dim=0).to(dtype)  # [K] (amax: no argmax, ~7x faster than max(dim=0) on a CPU)
     else:
-        local_max = torch.full((n_prototypes,), float("-inf"), dtype=dtype, device=logits.device)
-    shift = all_reduce_max(local_max, group)  # [K]
-    e = scaled_difference(logits, shift, teacher_temp).exp_()  # [B_local, K] in `dtype`, entries in [0, 1]
-    # Q = diag(c) · e · diag(r) is kept as two scale vectors, so each half-iteration is one matrix-vector product
-    # over e instead of a sum plus two divisions of the whole [B, K] matrix (3x less memory traffic; the teacher's
-    # iBOT assignments are [masked tokens, 65,536]). The reference's initial division by the global sum is a
-    # scalar that the first prototype normalisation cancels exactly, so it is left out.
-    tiny = torch.finfo(e.dtype).tiny  # only guards a sample whose every logit underflowed
-    c = torch.ones(n_local, dtype=e.dtype, device=e.device)  # [B_local] per-sample scale
-    # autocast off: under the caller's bf16 autocast the products below would round e to bf16 each time
-    with torch.autocast(device_type=e.device.type, enabled=False):
-        for _ in range(n_iterations):
-            r = 1.0 / (n_prototypes * all_reduce_sum(e.t() @ c, group))  # [K]: every prototype's mass -> 1/K
-            c = 1.0 / (n_total * (e @ r).clamp_min(tiny))  # [B_local]: every sample's mass -> 1/B
-    return e.mul_(c[:, None]).mul_((r * n_total)[None, :])  # [B_local, K], rows sum to 1
+        local_max = torch.full((n_prototypes,), float("-inf"), dtype=dtype, device=teacher_logits.device)
+    return dtype, n_total, all_reduce_max(local_max, group)  # [K]
+
+
+def _balance(cols_times: Callable[[Tensor], Tensor], rows_times: Callable[[Tensor], Tensor], shape: torch.Size,
+             n_total: float, n_iterations: int, group: Any, dtype: torch.dtype,
+             device: torch.device) -> tuple[Tensor, Tensor]:
+    """Sinkhorn's alternating normalisations of ``Q = diag(c) · E · diag(r)`` kept as the two scale vectors.
+
+    Each half-iteration is one matrix-vector product over E ([B_local, K], read through ``cols_times(c) = Eᵀc``
+    and ``rows_times(r) = E r``) instead of a sum plus two divisions of the whole matrix (3x less memory traffic).
+    The reference's initial division by the global sum is a scalar that the first prototype normalisation cancels
+    exactly, so it is left out.
+
+    Returns:
+        ``row_scale`` [B_local] and ``col_scale`` [K] (``r · n_total``) with ``diag(row_scale) · E ·
+        diag(col_scale)`` the assignments, rows summing to 1.
+    """
+    n_local, n_prototypes = shape
+    tiny = torch.finfo(dtype).tiny  # only guards a sample whose every logit underflowed
+    c = torch.ones(n_local, dtype=dtype, device=device)  # [B_local] per-sample scale
+    r = torch.ones(n_prototypes, dtype=dtype, device=device)
+    for _ in range(n_iterations):
+        r = 1.0 / (n_prototypes * all_reduce_sum(cols_times(c), group))  # [K]: every prototype's mass -> 1/K
+        c = 1.0 / (n_total * rows_times(r).clamp_min(tiny))  # [B_local]: every sample's mass -> 1/B
+    return c, r * n_total

@@ -38,19 +38,22 @@ import torch
 from torch import nn
 
 from dinov3_eo.losses.ibot import ibot_loss
-from dinov3_eo.losses.sinkhorn import sinkhorn_knopp
+from dinov3_eo.losses.sinkhorn import sinkhorn_assignments, sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead
 from dinov3_eo.models.vit import Block
 
 __all__ = [
     "COMPILE_MODES",
     "CompileMode",
+    "LOGIT_KERNELS",
     "LogitLosses",
     "check_compile_mode",
     "check_compile_toolchain",
+    "check_logit_kernels",
     "compile_logit_losses",
     "compile_regions",
     "is_compiled",
+    "logit_losses_for",
 ]
 
 #: the values of the stages' ``compile`` argument: off, every block and head and the logit losses, the losses alone
@@ -131,14 +134,55 @@ def compile_regions(model: nn.Module, **compile_kwargs: Any) -> int:
 @dataclass(frozen=True)
 class LogitLosses:
     """The functions an SSL step runs over the heads' [tokens, K] logits: eager by default, see
-    :func:`compile_logit_losses`."""
+    :func:`compile_logit_losses` and :func:`logit_losses_for`."""
 
-    sinkhorn_knopp: Callable[..., torch.Tensor] = sinkhorn_knopp
+    #: the teacher's DINO targets (and the iBOT ones unless ``ibot_targets`` differs)
+    sinkhorn_knopp: Callable[..., Any] = sinkhorn_knopp
     ibot_loss: Callable[..., torch.Tensor] = ibot_loss
+    #: the teacher's iBOT targets: ``sinkhorn_knopp``'s probabilities, or the factorised
+    #: :class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments` that ``ibot_loss`` reads with Triton kernels
+    ibot_targets: Callable[..., Any] = sinkhorn_knopp
 
 
 def compile_logit_losses(**compile_kwargs: Any) -> LogitLosses:
     """:func:`~dinov3_eo.losses.sinkhorn.sinkhorn_knopp` and :func:`~dinov3_eo.losses.ibot.ibot_loss` compiled with
     dynamic shapes (``compile_kwargs`` go to ``torch.compile`` and win), see the module docstring."""
     kwargs = {"dynamic": True, **compile_kwargs}
-    return LogitLosses(torch.compile(sinkhorn_knopp, **kwargs), torch.compile(ibot_loss, **kwargs))
+    compiled_sinkhorn = torch.compile(sinkhorn_knopp, **kwargs)
+    return LogitLosses(compiled_sinkhorn, torch.compile(ibot_loss, **kwargs), compiled_sinkhorn)
+
+
+#: the values of the stages' ``logit_kernels`` argument: how the iBOT term's Sinkhorn and cross-entropy run
+LOGIT_KERNELS: tuple[str, ...] = ("torch", "triton")
+
+
+def check_logit_kernels(kernels: Any) -> str:
+    """``kernels`` if it is one of :data:`LOGIT_KERNELS`.
+
+    Raises:
+        ValueError: naming the accepted values.
+    """
+    if kernels not in LOGIT_KERNELS:
+        raise ValueError(f"logit_kernels must be 'torch' (eager or compiled torch ops) or 'triton' (fused kernels "
+                         f"that never write the iBOT assignments; CUDA only), got {kernels!r}.")
+    return kernels
+
+
+def logit_losses_for(*, compile: bool, kernels: str, device: torch.device | str) -> LogitLosses:
+    """The logit losses a stage runs with its ``compile`` and ``logit_kernels`` settings on ``device``.
+
+    ``kernels="triton"``: the iBOT targets stay factorised (:func:`~dinov3_eo.losses.sinkhorn.sinkhorn_assignments`)
+    and :func:`~dinov3_eo.losses.ibot.ibot_loss` reads them with the kernels of
+    :mod:`~dinov3_eo.losses.logit_kernels`, eager (they are fused already); the DINO targets ([2B, K], small) keep
+    ``sinkhorn_knopp``, compiled with ``compile``.
+
+    Raises:
+        RuntimeError: ``triton`` without the triton package. ValueError: ``triton`` on a device it cannot run on.
+    """
+    from dinov3_eo.losses.logit_kernels import check_kernels_can_run
+
+    base = compile_logit_losses() if compile else LogitLosses()
+    if check_logit_kernels(kernels) == "torch":
+        return base
+    check_kernels_can_run(torch.device(device))
+    return LogitLosses(base.sinkhorn_knopp, ibot_loss, sinkhorn_assignments)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
-from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode
+from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode, check_logit_kernels
 from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,8 @@ class DINOv3Distill(SSLStage):
         compile: ``True``: ``torch.compile`` every block and head (teacher, students, their EMAs) and the logit
             losses when training starts; ``"losses"``: the logit losses alone, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
+        logit_kernels: ``"triton"``: the iBOT term as fused Triton kernels (CUDA only), as in
+            :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
     """
 
@@ -154,10 +156,12 @@ class DINOv3Distill(SSLStage):
         koleo_loss_weight: float = 0.1,
         local_loss_weight: float = 1.0,
         compile: CompileMode = False,
+        logit_kernels: Literal["torch", "triton"] = "torch",
         seed: int = 0,
     ) -> None:
         super().__init__()
         check_compile_mode(compile)
+        check_logit_kernels(logit_kernels)
         self.save_hyperparameters()
         if not students:
             raise ValueError("DINOv3Distill needs at least one student architecture.")
@@ -232,17 +236,18 @@ class DINOv3Distill(SSLStage):
     # ------------------------------------------------------------------ the step
 
     @torch.no_grad()
-    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> dict[str, Tensor]:
+    def teacher_targets(self, global_crops: Tensor, mask_indices: Tensor, teacher_temp: float) -> dict[str, Any]:
         """The teacher's centred targets, computed once per step for every student.
 
         Returns:
-            ``dino`` [2B, K_dino] and ``ibot`` [M, K_ibot] Sinkhorn–Knopp probabilities.
+            ``dino`` [2B, K_dino] and ``ibot`` [M, K_ibot] Sinkhorn–Knopp probabilities (``ibot`` kept factorised,
+            a :class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments`, with ``logit_kernels="triton"``).
         """
         sinkhorn_knopp = self.logit_losses.sinkhorn_knopp  # compiled with model.compile
         out = self.teacher["backbone"].forward_features(global_crops)
         dino = sinkhorn_knopp(self.teacher["dino_head"](out["x_norm_clstoken"]), teacher_temp)
         masked = gather_masked_tokens(out["x_norm_patchtokens"], mask_indices)  # [M, D_teacher]
-        ibot = sinkhorn_knopp(self.teacher["ibot_head"](masked), teacher_temp)
+        ibot = self.logit_losses.ibot_targets(self.teacher["ibot_head"](masked), teacher_temp)
         return {"dino": dino, "ibot": ibot}
 
     def compute_losses(self, batch: dict[str, Any], step: int) -> dict[str, Tensor]:

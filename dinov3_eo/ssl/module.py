@@ -25,7 +25,7 @@ import copy
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
 from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
-from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode
+from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode, check_logit_kernels
 from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
 from dinov3_eo.ssl.stage import NonFiniteLossError, SSLStage, crop_options, ema_update_, make_views, step_seed
 
@@ -61,6 +61,9 @@ class DINOv3Pretrain(SSLStage):
             teacher when training starts (regional compilation, as the official ``train.compile``), and the two
             losses over the iBOT logits; ``"losses"``: those two losses alone (see :mod:`dinov3_eo.ssl.compilation`).
             The first steps take longer while each input shape compiles.
+        logit_kernels: ``"triton"``: the iBOT term's Sinkhorn–Knopp and cross-entropy run as fused Triton kernels
+            that never write the [masked tokens, K] assignments (CUDA only, :mod:`dinov3_eo.losses.logit_kernels`);
+            ``"torch"`` (default): torch ops, eager or compiled with ``compile``.
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).
@@ -114,6 +117,7 @@ class DINOv3Pretrain(SSLStage):
         init_from: str | None = None,
         grad_checkpointing: bool = False,
         compile: CompileMode = False,
+        logit_kernels: Literal["torch", "triton"] = "torch",
         dino_out_dim: int = 65536,
         dino_hidden_dim: int = 2048,
         dino_bottleneck_dim: int = 256,
@@ -168,6 +172,7 @@ class DINOv3Pretrain(SSLStage):
     ) -> None:
         super().__init__()
         check_compile_mode(compile)
+        check_logit_kernels(logit_kernels)
         self.save_hyperparameters()
         if lr_schedule not in ("cosine", "constant", "ramp"):
             raise ValueError(f"lr_schedule must be 'cosine', 'constant' or 'ramp', got {lr_schedule!r}.")
@@ -387,7 +392,8 @@ class DINOv3Pretrain(SSLStage):
             teacher_cls = teacher_out["x_norm_clstoken"]  # [2B, D]
             teacher_dino = sinkhorn_knopp(self.teacher["dino_head"](teacher_cls), values["teacher_temp"])  # [2B, K]
             teacher_masked = gather_masked_tokens(teacher_out["x_norm_patchtokens"], mask_indices)  # [M, D]
-            teacher_ibot = sinkhorn_knopp(self.teacher["ibot_head"](teacher_masked), values["teacher_temp"])  # [M, K]
+            teacher_ibot = self.logit_losses.ibot_targets(  # [M, K], or kept factorised for the Triton kernels
+                self.teacher["ibot_head"](teacher_masked), values["teacher_temp"])
 
         # student: global (masked) and local crops in one call
         inputs = [global_crops] + ([local_crops] if n_local else [])

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dinov3_eo.ssl.compilation import LogitLosses, check_compile_toolchain, compile_logit_losses, compile_regions
+from dinov3_eo.ssl.compilation import LogitLosses, check_compile_toolchain, compile_regions, logit_losses_for
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
@@ -189,12 +189,14 @@ class SSLStage(TrainModesAtFitStart):
     Subclasses must call ``save_hyperparameters()`` with the schedule/optimiser arguments used by
     :func:`step_schedule` plus ``base_lr``, ``scale_lr_with_batch``, ``adamw_betas``, ``layerwise_decay``,
     ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``; an optional ``compile`` hyper-parameter compiles every block
-    and head, and the logit losses, when a fit starts (:mod:`dinov3_eo.ssl.compilation`).
+    and head, and the logit losses, when a fit starts (:mod:`dinov3_eo.ssl.compilation`), and an optional
+    ``logit_kernels`` one runs the iBOT term as Triton kernels (:func:`~dinov3_eo.ssl.compilation.logit_losses_for`).
     """
 
     #: batches of the interrupted epoch already trained on when resuming (skipped, see on_train_start)
     _resume_batches: int = 0
-    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` compiles them with ``compile``
+    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` sets them up from ``compile`` and
+    #: ``logit_kernels``
     logit_losses: LogitLosses = LogitLosses()
 
     # ------------------------------------------------------------------ what subclasses provide
@@ -276,13 +278,16 @@ class SSLStage(TrainModesAtFitStart):
         super().on_fit_start()
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         mode = getattr(self.hparams, "compile", False)
+        kernels = getattr(self.hparams, "logit_kernels", "torch")
         if mode:
             check_compile_toolchain(self.device)
             count = compile_regions(self) if mode is True else 0  # "losses": the logit losses alone
-            if self.logit_losses == LogitLosses():  # not yet compiled (a second fit keeps its graphs)
-                self.logit_losses = compile_logit_losses()
-            log.info("torch.compile: %d blocks and heads and the two logit losses compiled (each input shape compiles "
+            log.info("torch.compile: %d blocks and heads and the logit losses compiled (each input shape compiles "
                      "on its first step).", count)
+        if self.logit_losses == LogitLosses():  # not yet set up (a second fit keeps its compiled graphs)
+            self.logit_losses = logit_losses_for(compile=bool(mode), kernels=kernels, device=self.device)
+            if kernels == "triton":
+                log.info("logit_kernels: the iBOT targets and cross-entropy run as Triton kernels.")
 
     # ------------------------------------------------------------------ exact resumption
 

@@ -1,0 +1,254 @@
+"""Triton kernels for the iBOT term's [masked tokens, K] logits: Sinkhorn–Knopp's matrix-vector products and the
+soft cross-entropy, computed from the teacher's logits in their own dtype, without ever writing the assignment matrix.
+
+Why: with K = 65,536 prototypes and thousands of masked tokens a step, the iBOT term costs memory traffic, not
+arithmetic. The torch path (eager or compiled) writes the float32 matrix ``exp((logits − shift) / T)`` (1 GB at
+3,800 tokens), reads it for every half-iteration of Sinkhorn, scales it into float32 assignments, and reads those and
+a float32 copy of the student's logits again in the cross-entropy: about 25 GB a step on an H100 profile. Here the
+assignments stay factorised, ``p[i, k] = exp((t[i, k] − shift[k]) / T) · row_scale[i] · col_scale[k]``
+(:class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments`), and every kernel recomputes the exponential from the
+teacher's bf16 logits as it reads them: Sinkhorn reads them once per half-iteration, the cross-entropy's forward reads
+both networks' logits once and its backward once more while writing the gradient: about 5 GB at the same size.
+
+The kernels run on CUDA tensors; on CPU tensors they run in Triton's interpreter (numpy, for tests: slow).
+Every function here takes contiguous [M, K] logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # Linux's CUDA wheels of torch ship triton; elsewhere the torch path is used
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the platform
+    triton = tl = None
+
+__all__ = ["assignment_cross_entropy", "check_kernels_can_run", "exp_matvec", "triton_available"]
+
+_LOG2E = 1.0 / math.log(2.0)
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package imports (it ships with torch's CUDA wheels on Linux)."""
+    return triton is not None
+
+
+#: ``triton.jit``, which compiles for the GPU, or, with ``TRITON_INTERPRET=1`` set before triton is imported, wraps a
+#: kernel for Triton's interpreter (CPU tensors: how the tests run these kernels)
+_jit = triton.jit if triton is not None else (lambda fn: fn)
+
+
+@_jit
+def _exp_matvec_kernel(logits_ptr, shift_ptr, vec_ptr, partial_ptr, n_rows, n_cols, exp2_scale,  # noqa: ANN001
+                       OVER_COLS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one [BLOCK_M, BLOCK_K] tile of E = exp2((logits − shift) · exp2_scale); its partial product goes to row
+    # pid_k of partial [n_col_blocks, n_rows] (E @ vec) or row pid_m of partial [n_row_blocks, n_cols] (Eᵀ @ vec)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    logits = tl.load(logits_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    e = tl.where(ok, tl.exp2((logits - shift[None, :]) * exp2_scale), 0.0)
+    if OVER_COLS:
+        vec = tl.load(vec_ptr + cols, mask=col_ok, other=0.0)
+        tl.store(partial_ptr + pid_k.to(tl.int64) * n_rows + rows, tl.sum(e * vec[None, :], axis=1), mask=row_ok)
+    else:
+        vec = tl.load(vec_ptr + rows, mask=row_ok, other=0.0)
+        tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, tl.sum(e * vec[:, None], axis=0), mask=col_ok)
+
+
+@_jit
+def _cross_entropy_forward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale_ptr, col_scale_ptr,  # noqa: ANN001
+                                  loss_ptr, lse_ptr, mass_ptr, n_rows, n_cols, student_scale, teacher_exp2_scale,
+                                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # BLOCK_M rows per program, their K columns in BLOCK_K chunks: an online log-sum-exp of x = z · student_scale
+    # and the sums Σ p'·x and Σ p' of the unscaled teacher assignments p' = exp2(...) · col_scale
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    row_start = rows.to(tl.int64)[:, None] * n_cols
+    running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    running_sum = tl.zeros([BLOCK_M], tl.float32)
+    dot = tl.zeros([BLOCK_M], tl.float32)
+    mass = tl.zeros([BLOCK_M], tl.float32)
+    for start in range(0, n_cols, BLOCK_K):
+        cols = start + tl.arange(0, BLOCK_K)
+        col_ok = cols < n_cols
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(student_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32) * student_scale
+        t = tl.load(teacher_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+        p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * col_scale[None, :]  # 0 past the last column
+        dot += tl.sum(p * x, axis=1)  # nothing past the last column (p = x = 0 there)
+        x = tl.where(col_ok[None, :], x, float("-inf"))  # rows past the end stay finite (0)
+        new_max = tl.maximum(running_max, tl.max(x, axis=1))
+        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
+        running_max = new_max
+        mass += tl.sum(p, axis=1)
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    lse = running_max + tl.log(running_sum)
+    mass = mass * row_scale
+    tl.store(loss_ptr + rows, mass * lse - row_scale * dot, mask=row_ok)
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(mass_ptr + rows, mass, mask=row_ok)
+
+
+@_jit
+def _cross_entropy_backward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale_ptr, col_scale_ptr,  # noqa: ANN001
+                                  lse_ptr, mass_ptr, grad_ptr, grad_in_ptr, n_rows, n_cols, student_scale,
+                                  teacher_exp2_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # d loss_i / d z_ik = student_scale · (mass_i · softmax(x_i)_k − p_ik), times the incoming gradient of loss_i
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
+    z = tl.load(student_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    t = tl.load(teacher_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    mass = tl.load(mass_ptr + rows, mask=row_ok, other=0.0)
+    grad_in = tl.load(grad_in_ptr + rows, mask=row_ok, other=0.0) * student_scale
+    softmax = tl.exp(z * student_scale - lse[:, None])
+    p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * (col_scale[None, :] * row_scale[:, None])
+    grad = grad_in[:, None] * (mass[:, None] * softmax - p)
+    tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+def _interpreting() -> bool:
+    """Whether triton decorates kernels for its interpreter (``TRITON_INTERPRET=1`` when it was imported)."""
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    return bool(knobs.runtime.interpret) if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_kernels_can_run(device: torch.device) -> None:
+    """Raise a clear error where these kernels cannot run: without triton, or off CUDA (the CPU only in Triton's
+    interpreter)."""
+    if triton is None:
+        raise RuntimeError("logit_kernels='triton' needs the 'triton' package (it ships with torch's CUDA wheels on "
+                           "Linux); set logit_kernels: torch.")
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"logit_kernels='triton' runs on CUDA devices, not {device} (a CPU only in Triton's "
+                         "interpreter, TRITON_INTERPRET=1 set before triton is imported); set logit_kernels: torch.")
+
+
+def _check_logits(name: str, t: Tensor) -> None:
+    if t.ndim != 2 or not t.is_contiguous():
+        raise ValueError(f"logit_kernels: {name} must be a contiguous [M, K] tensor, got shape {tuple(t.shape)} "
+                         f"and strides {t.stride()}.")
+
+
+# Tiles as (rows, columns, warps), untuned (scripts/gpu_pretrain_check.py times a few on a GPU). The matrix-vector
+# kernel reads one [64, 256] tile per program; the forward runs 4 rows per program through K in 1,024-column chunks
+# (an online log-sum-exp); the backward writes one [16, 512] tile of the gradient per program.
+_MATVEC_BLOCK = (64, 256, 8)
+_FORWARD_BLOCK = (4, 1024, 4)
+_BACKWARD_BLOCK = (16, 512, 8)
+
+
+def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *, transpose: bool) -> Tensor:
+    """``E @ vec`` or ``Eᵀ @ vec`` for ``E = exp((logits − shift) / temperature)``, without writing E.
+
+    Args:
+        logits: [M, K] contiguous, any float dtype (read as float32).
+        shift: [K] float32, subtracted from every row (the prototypes' maxima keep E in [0, 1]).
+        temperature: T > 0.
+        vec: [K] (``transpose=False``) or [M] (``transpose=True``) float32.
+        transpose: compute ``Eᵀ @ vec`` (a [K] column sum) instead of ``E @ vec`` (an [M] row sum).
+
+    Returns:
+        [M] or [K] float32.
+    """
+    _check_logits("logits", logits)
+    n_rows, n_cols = logits.shape
+    block_m, block_k, warps = _MATVEC_BLOCK
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_k))
+    if n_rows == 0:
+        return vec.new_zeros(n_cols if transpose else 0)
+    partial = torch.empty((grid[0], n_cols) if transpose else (grid[1], n_rows), dtype=torch.float32,
+                          device=logits.device)
+    check_kernels_can_run(logits.device)
+    _exp_matvec_kernel[grid](
+        logits, shift.float().contiguous(), vec.float().contiguous(), partial, n_rows, n_cols,
+        _LOG2E / temperature, OVER_COLS=not transpose, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+    )
+    return partial.sum(dim=0)
+
+
+class _AssignmentCrossEntropy(torch.autograd.Function):
+    """Per-row ``−Σ_k p_ik · log_softmax(z_i / τ)_k`` with ``p`` factorised (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, shift: Tensor, row_scale: Tensor,  # noqa: ANN001
+                col_scale: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
+        n_rows, n_cols = student_logits.shape
+        device = student_logits.device
+        loss, lse, mass = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
+        if n_rows:
+            block_m, block_k, warps = _FORWARD_BLOCK
+            _cross_entropy_forward_kernel[(triton.cdiv(n_rows, block_m),)](
+                student_logits, teacher_logits, shift, row_scale, col_scale, loss, lse, mass, n_rows, n_cols,
+                1.0 / student_temp, _LOG2E / teacher_temp, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+            )
+        ctx.save_for_backward(student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass)
+        ctx.temperatures = (student_temp, teacher_temp)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass = ctx.saved_tensors
+        student_temp, teacher_temp = ctx.temperatures
+        n_rows, n_cols = student_logits.shape
+        grad_logits = torch.empty_like(student_logits)
+        if n_rows:
+            block_m, block_k, warps = _BACKWARD_BLOCK
+            grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_k))
+            _cross_entropy_backward_kernel[grid](
+                student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass, grad_logits,
+                grad.float().contiguous(), n_rows, n_cols, 1.0 / student_temp, _LOG2E / teacher_temp,
+                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+            )
+        return grad_logits, None, None, None, None, None, None
+
+
+def assignment_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, shift: Tensor, row_scale: Tensor,
+                             col_scale: Tensor, *, student_temp: float, teacher_temp: float) -> Tensor:
+    """Cross-entropy of each row of ``student_logits / student_temp`` against the factorised assignments
+    ``p[i, k] = exp((teacher_logits[i, k] − shift[k]) / teacher_temp) · row_scale[i] · col_scale[k]``.
+
+    ``ce[i] = Σ_k p_ik · lse(z_i / τ) − Σ_k p_ik z_ik / τ`` (= ``−Σ_k p_ik log_softmax(z_i / τ)_k``); the gradient
+    reaches ``student_logits`` only, in their dtype.
+
+    Args:
+        student_logits: [M, K] contiguous, any float dtype.
+        teacher_logits: [M, K] contiguous, any float dtype.
+        shift: [K] float32. row_scale: [M] float32. col_scale: [K] float32.
+        student_temp, teacher_temp: temperatures > 0.
+
+    Returns:
+        [M] float32 cross-entropies.
+    """
+    check_kernels_can_run(student_logits.device)
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"assignment_cross_entropy: student {tuple(student_logits.shape)} and teacher "
+                         f"{tuple(teacher_logits.shape)} logits differ in shape.")
+    vectors = [v.detach().float().contiguous() for v in (shift, row_scale, col_scale)]
+    return _AssignmentCrossEntropy.apply(student_logits, teacher_logits.detach(), *vectors, float(student_temp),
+                                         float(teacher_temp))

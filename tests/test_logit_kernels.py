@@ -1,0 +1,164 @@
+"""The Triton kernels of the iBOT term (``logit_kernels="triton"``) against float64 references and the torch path.
+
+They run here in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set in conftest.py before triton is
+imported): the same kernel code a GPU compiles, executed with numpy. Timing them needs a GPU
+(``scripts/gpu_pretrain_check.py``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinov3_eo.losses import SinkhornAssignments, ibot_loss, sinkhorn_assignments, sinkhorn_knopp
+from dinov3_eo.losses import logit_kernels
+from dinov3_eo.losses.logit_kernels import assignment_cross_entropy, check_kernels_can_run, exp_matvec
+from dinov3_eo.ssl.compilation import LogitLosses, logit_losses_for
+from dinov3_eo.ssl.module import DINOv3Pretrain
+
+pytestmark = pytest.mark.skipif(
+    not logit_kernels.triton_available() or not logit_kernels._interpreting(),
+    reason="needs triton, in its interpreter (TRITON_INTERPRET=1 before triton is imported)",
+)
+
+# sizes that are not multiples of any tile, so every kernel runs its masked edges
+M, K = 37, 1000
+
+
+def _logits(scale: float, dtype: torch.dtype, seed: int, rows: int = M) -> torch.Tensor:
+    return (torch.randn(rows, K, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exp_matvec_equals_the_float64_products(dtype: torch.dtype) -> None:
+    logits = _logits(2.0, dtype, 0)
+    shift = logits.amax(dim=0).float()
+    e = torch.exp((logits.double() - shift.double()) / 0.05)  # [M, K], what the kernel never writes
+    gen = torch.Generator().manual_seed(1)
+    v_cols, v_rows = torch.rand(K, generator=gen), torch.rand(M, generator=gen)
+    rows = exp_matvec(logits, shift, 0.05, v_cols, transpose=False)
+    cols = exp_matvec(logits, shift, 0.05, v_rows, transpose=True)
+    assert rows.shape == (M,) and cols.shape == (K,) and rows.dtype == cols.dtype == torch.float32
+    torch.testing.assert_close(rows.double(), e @ v_cols.double(), rtol=2e-6, atol=0)
+    torch.testing.assert_close(cols.double(), e.t() @ v_rows.double(), rtol=2e-6, atol=0)
+    empty = logits[:0]
+    assert exp_matvec(empty, shift, 0.05, v_cols, transpose=False).shape == (0,)
+    torch.testing.assert_close(exp_matvec(empty, shift, 0.05, v_rows[:0], transpose=True), torch.zeros(K))
+
+
+def _reference_cross_entropy(student: torch.Tensor, probs: torch.Tensor, temp: float) -> torch.Tensor:
+    """-Σ_k p_k log_softmax(z / τ)_k per row, straight from the formula in float64."""
+    return -(probs.double() * torch.log_softmax(student.double() / temp, dim=-1)).sum(dim=-1)
+
+
+def test_assignment_cross_entropy_value_and_gradient_equal_the_formula() -> None:
+    teacher = _logits(2.0, torch.float32, 2)
+    shift = teacher.amax(dim=0)
+    gen = torch.Generator().manual_seed(3)
+    # unnormalised scales: the target mass Σ_k p_ik is not 1, and enters the loss and its gradient
+    row_scale, col_scale = torch.rand(M, generator=gen) + 0.5, torch.rand(K, generator=gen) + 0.5
+    probs = torch.exp((teacher.double() - shift.double()) / 0.06) * row_scale.double()[:, None] * col_scale.double()
+    student = _logits(3.0, torch.float32, 4).requires_grad_()
+    ce = assignment_cross_entropy(student, teacher, shift, row_scale, col_scale, student_temp=0.1, teacher_temp=0.06)
+    weights = torch.randn(M, generator=gen)
+    (ce * weights).sum().backward()
+    reference = student.detach().double().requires_grad_()
+    expected = _reference_cross_entropy(reference, probs, 0.1)
+    (expected * weights.double()).sum().backward()
+    assert ce.shape == (M,) and ce.dtype == torch.float32
+    torch.testing.assert_close(ce.double(), expected, rtol=1e-5, atol=1e-5)
+    assert student.grad.dtype == torch.float32
+    torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_student_logits_get_a_bf16_gradient_rounded_from_the_exact_one() -> None:
+    teacher = _logits(2.0, torch.bfloat16, 5)
+    targets = sinkhorn_assignments(teacher, 0.04)
+    student = _logits(3.0, torch.bfloat16, 6).requires_grad_()
+    ce = assignment_cross_entropy(student, targets.logits, targets.shift, targets.row_scale, targets.col_scale,
+                                  student_temp=0.1, teacher_temp=0.04)
+    ce.sum().backward()
+    reference = student.detach().double().requires_grad_()
+    _reference_cross_entropy(reference, targets.probabilities(), 0.1).sum().backward()
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(student.grad, reference.grad.bfloat16(), rtol=1e-2, atol=1e-3)  # one bf16 rounding
+
+
+@pytest.mark.parametrize(("scale", "temp"), [(3.0, 0.04), (0.5, 0.07), (8.0, 0.04)])
+def test_sinkhorn_assignments_equal_sinkhorn_knopp(scale: float, temp: float) -> None:
+    """bf16 teacher logits as a GPU run has them; at 8x scale most of exp(logits / 0.04) underflows."""
+    logits = _logits(scale, torch.bfloat16, 7)
+    fused = sinkhorn_assignments(logits, temp)
+    assert isinstance(fused, SinkhornAssignments) and fused.shape == (M, K) and fused.logits.data_ptr() == \
+        logits.data_ptr()  # the teacher's logits themselves, no copy
+    probs = fused.probabilities()
+    torch.testing.assert_close(probs, sinkhorn_knopp(logits, temp), rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(M), rtol=1e-5, atol=0)
+    # balanced: every prototype receives about M / K of the total mass (exact after the last column step)
+    assert fused.row_scale.shape == (M,) and fused.col_scale.shape == (K,)
+
+
+def test_sinkhorn_assignments_of_no_rows() -> None:
+    fused = sinkhorn_assignments(torch.empty(0, K), 0.04)
+    assert fused.probabilities().shape == (0, K)
+    with pytest.raises(ValueError, match="must be \\[B, K\\]"):
+        sinkhorn_assignments(torch.zeros(K), 0.04)
+
+
+def test_ibot_loss_on_factorised_targets_equals_the_torch_path() -> None:
+    teacher = _logits(3.0, torch.bfloat16, 8)
+    student = _logits(3.0, torch.bfloat16, 9).requires_grad_()
+    weights = torch.rand(M, generator=torch.Generator().manual_seed(10))
+    fused = ibot_loss(student, sinkhorn_assignments(teacher, 0.05), weights, 8, student_temp=0.1)
+    (grad_fused,) = torch.autograd.grad(fused, student)
+    torch_path = ibot_loss(student, sinkhorn_knopp(teacher, 0.05), weights, 8, student_temp=0.1)
+    (grad_torch,) = torch.autograd.grad(torch_path, student)
+    torch.testing.assert_close(fused, torch_path, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_fused.float(), grad_torch.float(), rtol=1e-2, atol=1e-5)  # bf16 gradients
+
+
+def test_a_stage_with_triton_logit_kernels_computes_the_same_step() -> None:
+    """``logit_kernels: triton`` changes how the iBOT term is computed, not what: same losses, same gradients."""
+    kw = dict(backbone="vitmicro16", dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32, ibot_out_dim=320,
+              ibot_hidden_dim=64, ibot_bottleneck_dim=32, global_crop_size=64, local_crop_size=32, n_local_crops=2,
+              scale_lr_with_batch=False)
+    batch = {"image": torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(11)), "valid": None}
+    results = []
+    for kernels in ("torch", "triton"):
+        torch.manual_seed(0)
+        module = DINOv3Pretrain(**kw, logit_kernels=kernels)
+        module._total_steps = lambda: 100  # type: ignore[method-assign]  # schedules need a length outside a Trainer
+        module.on_fit_start()
+        losses = module.compute_losses(batch, step=3)
+        losses["ibot"].backward()  # the term that changed (the total's gradients cancel to 1e-6 of their scale)
+        grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+        results.append(({k: v.detach() for k, v in losses.items()}, grads, module.logit_losses))
+    (torch_losses, torch_grads, torch_fns), (triton_losses, triton_grads, triton_fns) = results
+    assert torch_fns == LogitLosses() and triton_fns.ibot_targets is sinkhorn_assignments
+    assert torch_losses.keys() == triton_losses.keys() and torch_losses["ibot"] > 0
+    for key in torch_losses:
+        torch.testing.assert_close(triton_losses[key], torch_losses[key], rtol=1e-5, atol=1e-6)
+    assert torch_grads.keys() == triton_grads.keys()
+    for name, expected in torch_grads.items():  # float32 sums in another order: 1e-6 of each gradient's scale
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(triton_grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_unusable_kernels_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="logit_kernels must be 'torch'"):
+        DINOv3Pretrain(backbone="vitmicro16", logit_kernels="cuda")
+    with pytest.raises(ValueError, match="contiguous \\[M, K\\]"):
+        exp_matvec(torch.zeros(4, 3).t(), torch.zeros(4), 0.1, torch.ones(4), transpose=False)
+    with pytest.raises(ValueError, match="differ in shape"):
+        assignment_cross_entropy(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(4), torch.ones(2), torch.ones(4),
+                                 student_temp=0.1, teacher_temp=0.04)
+    with pytest.raises(ValueError, match="runs on CUDA devices, not meta"):
+        check_kernels_can_run(torch.device("meta"))
+    monkeypatch.setattr(logit_kernels, "_interpreting", lambda: False)  # a CPU outside the interpreter
+    with pytest.raises(ValueError, match="runs on CUDA devices, not cpu.*set logit_kernels: torch"):
+        logit_losses_for(compile=False, kernels="triton", device="cpu")
+    with pytest.raises(ValueError, match="runs on CUDA devices"):
+        exp_matvec(torch.zeros(2, 3), torch.zeros(3), 0.1, torch.ones(3), transpose=False)
+    monkeypatch.setattr(logit_kernels, "triton", None)
+    with pytest.raises(RuntimeError, match="needs the 'triton' package"):
+        check_kernels_can_run(torch.device("cuda"))
