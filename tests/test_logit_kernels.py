@@ -117,6 +117,13 @@ def test_ibot_loss_on_factorised_targets_equals_the_torch_path() -> None:
     torch.testing.assert_close(grad_fused.float(), grad_torch.float(), rtol=1e-2, atol=1e-5)  # bf16 gradients
 
 
+def test_a_step_without_masked_tokens_has_a_zero_ibot_term_still_in_the_graph() -> None:
+    student = torch.zeros(0, K, dtype=torch.bfloat16, requires_grad=True)
+    loss = ibot_loss(student, sinkhorn_assignments(torch.zeros(0, K, dtype=torch.bfloat16), 0.05), torch.zeros(0), 8)
+    loss.backward()
+    assert loss.item() == 0.0 and student.grad.shape == (0, K)
+
+
 def test_a_stage_with_triton_logit_kernels_computes_the_same_step() -> None:
     """``logit_kernels: triton`` changes how the iBOT term is computed, not what: same losses, same gradients."""
     kw = dict(backbone="vitmicro16", dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32, ibot_out_dim=320,

@@ -4,11 +4,12 @@ soft cross-entropy, computed from the teacher's logits in their own dtype, witho
 Why: with K = 65,536 prototypes and thousands of masked tokens a step, the iBOT term costs memory traffic, not
 arithmetic. The torch path (eager or compiled) writes the float32 matrix ``exp((logits − shift) / T)`` (1 GB at
 3,800 tokens), reads it for every half-iteration of Sinkhorn, scales it into float32 assignments, and reads those and
-a float32 copy of the student's logits again in the cross-entropy: about 25 GB a step on an H100 profile. Here the
-assignments stay factorised, ``p[i, k] = exp((t[i, k] − shift[k]) / T) · row_scale[i] · col_scale[k]``
+a float32 copy of the student's logits again in the cross-entropy: 26.5 GiB read and written at that size (each aten
+op's tensors counted). Here the assignments stay factorised,
+``p[i, k] = exp((t[i, k] − shift[k]) / T) · row_scale[i] · col_scale[k]``
 (:class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments`), and every kernel recomputes the exponential from the
 teacher's bf16 logits as it reads them: Sinkhorn reads them once per half-iteration, the cross-entropy's forward reads
-both networks' logits once and its backward once more while writing the gradient: about 5 GB at the same size.
+both networks' logits once and its backward once more while writing the gradient: 5.6 GiB at the same size.
 
 The kernels run on CUDA tensors; on CPU tensors they run in Triton's interpreter (numpy, for tests: slow).
 Every function here takes contiguous [M, K] logits.
