@@ -163,6 +163,7 @@ def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536
     kernel's time at a few tile sizes (the first of each list is the module's default)."""
     from dinov3_eo.losses import SinkhornAssignments, ibot_loss, sinkhorn_assignments, sinkhorn_knopp
     from dinov3_eo.losses import logit_kernels as lk
+    from compile_logit_kernels import TILES
     from dinov3_eo.ssl.compilation import compile_logit_losses
 
     gen = torch.Generator(device).manual_seed(0)
@@ -209,9 +210,7 @@ def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536
     # tile sizes: (rows, columns, warps) of each kernel family
     targets = sinkhorn_assignments(teacher, 0.05)
     student_loss = ibot_loss(student, targets, weights, 128, student_temp=0.1)
-    tiles = {"_MATVEC_BLOCK": [(64, 256, 8), (32, 512, 8), (128, 128, 8), (16, 1024, 4)],
-             "_FORWARD_BLOCK": [(4, 1024, 4), (8, 512, 4), (2, 2048, 8), (16, 256, 4)],
-             "_BACKWARD_BLOCK": [(16, 512, 8), (32, 256, 8), (8, 1024, 8), (64, 128, 4)]}
+    tiles = {f"_{kernel.split('_')[-1].upper()}_BLOCK": configs for kernel, configs in TILES.items()}
     timed = {"_MATVEC_BLOCK": lambda: sinkhorn_assignments(teacher, 0.05),
              "_FORWARD_BLOCK": lambda: ibot_loss(student, targets, weights, 128, student_temp=0.1),
              "_BACKWARD_BLOCK": lambda: torch.autograd.grad(student_loss, student, retain_graph=True)}

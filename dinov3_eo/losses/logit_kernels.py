@@ -154,12 +154,13 @@ def _check_logits(name: str, t: Tensor) -> None:
                          f"and strides {t.stride()}.")
 
 
-# Tiles as (rows, columns, warps), untuned (scripts/gpu_pretrain_check.py times a few on a GPU). The matrix-vector
-# kernel reads one [64, 256] tile per program; the forward runs 4 rows per program through K in 1,024-column chunks
-# (an online log-sum-exp); the backward writes one [16, 512] tile of the gradient per program.
-_MATVEC_BLOCK = (64, 256, 8)
-_FORWARD_BLOCK = (4, 1024, 4)
-_BACKWARD_BLOCK = (16, 512, 8)
+# Tiles as (rows, columns, warps). These kernels stream memory, so what limits them is how many loads are in flight:
+# tiles of 8-16 elements per thread, which compile to 48-64 registers on an H100 (scripts/compile_logit_kernels.py)
+# and leave room for five or more blocks per SM; the first tiles tried, 32-64 elements per thread, took 128-200
+# registers (one block per SM). Not yet timed on a GPU (scripts/gpu_pretrain_check.py sweeps a few).
+_MATVEC_BLOCK = (64, 128, 8)
+_FORWARD_BLOCK = (2, 1024, 8)
+_BACKWARD_BLOCK = (4, 512, 8)
 
 
 def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *, transpose: bool) -> Tensor:

@@ -1,0 +1,116 @@
+"""Compile the iBOT Triton kernels (``dinov3_eo.losses.logit_kernels``) for real GPUs, without one.
+
+The tests run the kernels in Triton's interpreter, which executes them with numpy and checks neither the types a GPU
+compilation needs nor what a tile costs in registers. This script compiles each kernel ahead of time for an A100
+(sm_80) and an H100 (sm_90) at the module's tile sizes and at those ``gpu_pretrain_check.py`` sweeps, down to the
+cubin, with triton's bundled ``ptxas``, and prints each one's registers per thread, spills and shared memory. A
+kernel that does not compile, or spills, shows here before a GPU is lent.
+
+    .venv/bin/python scripts/compile_logit_kernels.py             # every tile; exits 1 if any kernel fails to compile
+    .venv/bin/python scripts/compile_logit_kernels.py --defaults  # the tiles the module uses (what the tests compile)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+#: (rows, columns, warps) compiled for each kernel (and timed by gpu_pretrain_check.py): the module's default first,
+#: then tiles with fewer and more elements per thread
+TILES = {
+    "exp_matvec": [(64, 128, 8), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 256, 8)],
+    "cross_entropy_forward": [(2, 1024, 8), (1, 2048, 8), (4, 512, 8), (1, 1024, 4), (4, 1024, 4)],
+    "cross_entropy_backward": [(4, 512, 8), (4, 256, 4), (8, 256, 8), (8, 512, 8), (16, 512, 8)],
+}
+ARCHS = {"A100": 80, "H100": 90}
+
+
+def _signature(kernel: str, logits: str) -> tuple[dict[str, str], dict[str, object]]:
+    """Argument types as a launch on [M, K] ``logits``-typed tensors passes them, and the constexprs besides tiles."""
+    f32 = "*fp32"
+    if kernel == "exp_matvec":
+        names = ["logits_ptr", "shift_ptr", "vec_ptr", "partial_ptr", "n_rows", "n_cols", "exp2_scale"]
+        types = [logits, f32, f32, f32, "i32", "i32", "fp32"]
+        return dict(zip(names, types)), {"OVER_COLS": True}
+    if kernel == "cross_entropy_forward":
+        names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "loss_ptr", "lse_ptr",
+                 "mass_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
+        types = [logits, logits, f32, f32, f32, f32, f32, f32, "i32", "i32", "fp32", "fp32"]
+        return dict(zip(names, types)), {}
+    names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "lse_ptr", "mass_ptr",
+             "grad_ptr", "grad_in_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
+    types = [logits, logits, f32, f32, f32, f32, f32, logits, f32, "i32", "i32", "fp32", "fp32"]
+    return dict(zip(names, types)), {}
+
+
+def _ptxas_report(ptx: str, ptxas: Path) -> dict[str, int]:
+    """Registers, spill bytes and shared memory of one PTX module, as ``ptxas -v`` reports them."""
+    arch = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        done = subprocess.run([str(ptxas), f"-arch={arch}", "-v", f.name, "-o", os.devnull], capture_output=True,
+                              text=True, check=True)
+    finally:
+        os.unlink(f.name)
+    text = done.stdout + done.stderr
+    registers = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return {"registers": registers, "spill_bytes": spills}
+
+
+def compile_all(dtypes: list[str], *, defaults_only: bool = False) -> list[dict]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("compile_logit_kernels: unset TRITON_INTERPRET (the interpreter compiles nothing).")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dinov3_eo.losses import logit_kernels
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    rows = []
+    for kernel, tiles in TILES.items():
+        fn = getattr(logit_kernels, f"_{kernel}_kernel")
+        tiles = tiles[:1] if defaults_only else tiles
+        for dtype in dtypes:
+            signature, constexprs = _signature(kernel, f"*{dtype}")
+            for block_m, block_k, warps in tiles:
+                consts = {**constexprs, "BLOCK_M": block_m, "BLOCK_K": block_k}
+                for name, capability in ARCHS.items():
+                    row = {"kernel": kernel, "dtype": dtype, "tile": f"{block_m}x{block_k}x{warps}", "gpu": name}
+                    source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(consts, "constexpr")},
+                                       constexprs=consts)
+                    try:
+                        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                                  options={"num_warps": warps})
+                        row |= _ptxas_report(compiled.asm["ptx"], ptxas) | {"shared_bytes": compiled.metadata.shared}
+                    except Exception as error:  # noqa: BLE001 - reported, and the exit status says it
+                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                    rows.append(row)
+                    status = row.get("error") or (f"{row['registers']} registers, {row['spill_bytes']} B spilled, "
+                                                  f"{row['shared_bytes']} B shared")
+                    print(f"[kernels] {kernel:23s} {dtype:5s} {row['tile']:11s} {name}: {status}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtypes", default="bf16,fp32", help="logits dtypes to compile for (bf16, fp16, fp32)")
+    parser.add_argument("--defaults", action="store_true", help="only the module's default tiles")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    rows = compile_all(args.dtypes.split(","), defaults_only=args.defaults)
+    failed = [row for row in rows if "error" in row]
+    spilled = [row for row in rows if row.get("spill_bytes")]
+    print(f"[kernels] {len(rows) - len(failed)} of {len(rows)} compiled; {len(spilled)} spill registers", flush=True)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
