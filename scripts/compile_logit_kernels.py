@@ -13,6 +13,7 @@ kernel that does not compile, or spills, shows here before a GPU is lent.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -30,22 +31,24 @@ TILES = {
 ARCHS = {"A100": 80, "H100": 90}
 
 
-def _signature(kernel: str, logits: str) -> tuple[dict[str, str], dict[str, object]]:
-    """Argument types as a launch on [M, K] ``logits``-typed tensors passes them, and the constexprs besides tiles."""
+def _signature(kernel: str, logits: str, factorised: bool) -> tuple[dict[str, str], dict[str, object]]:
+    """Argument types as a launch on [M, K] ``logits``-typed tensors passes them, and the constexprs besides tiles
+    (the cross-entropy's teacher is the teacher's logits when ``factorised``, else a float32 target table)."""
     f32 = "*fp32"
     if kernel == "exp_matvec":
         names = ["logits_ptr", "shift_ptr", "vec_ptr", "partial_ptr", "n_rows", "n_cols", "exp2_scale"]
         types = [logits, f32, f32, f32, "i32", "i32", "fp32"]
         return dict(zip(names, types)), {"OVER_COLS": True}
+    teacher = logits if factorised else f32
     if kernel == "cross_entropy_forward":
-        names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "loss_ptr", "lse_ptr",
-                 "mass_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
-        types = [logits, logits, f32, f32, f32, f32, f32, f32, "i32", "i32", "fp32", "fp32"]
-        return dict(zip(names, types)), {}
-    names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "lse_ptr", "mass_ptr",
-             "grad_ptr", "grad_in_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
-    types = [logits, logits, f32, f32, f32, f32, f32, logits, f32, "i32", "i32", "fp32", "fp32"]
-    return dict(zip(names, types)), {}
+        names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "index_ptr", "loss_ptr",
+                 "lse_ptr", "mass_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
+        types = [logits, teacher, f32, f32, f32, "*i32", f32, f32, f32, "i32", "i32", "fp32", "fp32"]
+    else:
+        names = ["student_ptr", "teacher_ptr", "shift_ptr", "row_scale_ptr", "col_scale_ptr", "index_ptr", "lse_ptr",
+                 "mass_ptr", "grad_ptr", "grad_in_ptr", "n_rows", "n_cols", "student_scale", "teacher_exp2_scale"]
+        types = [logits, teacher, f32, f32, f32, "*i32", f32, f32, logits, f32, "i32", "i32", "fp32", "fp32"]
+    return dict(zip(names, types)), {"FACTORISED": factorised}
 
 
 def _ptxas_report(ptx: str, ptxas: Path) -> dict[str, int]:
@@ -78,24 +81,25 @@ def compile_all(dtypes: list[str], *, defaults_only: bool = False) -> list[dict]
     for kernel, tiles in TILES.items():
         fn = getattr(logit_kernels, f"_{kernel}_kernel")
         tiles = tiles[:1] if defaults_only else tiles
-        for dtype in dtypes:
-            signature, constexprs = _signature(kernel, f"*{dtype}")
-            for block_m, block_k, warps in tiles:
-                consts = {**constexprs, "BLOCK_M": block_m, "BLOCK_K": block_k}
-                for name, capability in ARCHS.items():
-                    row = {"kernel": kernel, "dtype": dtype, "tile": f"{block_m}x{block_k}x{warps}", "gpu": name}
-                    source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(consts, "constexpr")},
-                                       constexprs=consts)
-                    try:
-                        compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                                                  options={"num_warps": warps})
-                        row |= _ptxas_report(compiled.asm["ptx"], ptxas) | {"shared_bytes": compiled.metadata.shared}
-                    except Exception as error:  # noqa: BLE001 - reported, and the exit status says it
-                        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-                    rows.append(row)
-                    status = row.get("error") or (f"{row['registers']} registers, {row['spill_bytes']} B spilled, "
-                                                  f"{row['shared_bytes']} B shared")
-                    print(f"[kernels] {kernel:23s} {dtype:5s} {row['tile']:11s} {name}: {status}", flush=True)
+        modes = [True] if kernel == "exp_matvec" else [True, False]  # factorised targets, or a target table
+        for dtype, factorised, (block_m, block_k, warps) in itertools.product(dtypes, modes, tiles):
+            signature, constexprs = _signature(kernel, f"*{dtype}", factorised)
+            consts = {**constexprs, "BLOCK_M": block_m, "BLOCK_K": block_k}
+            label = kernel if kernel == "exp_matvec" else f"{kernel} ({'factorised' if factorised else 'table'})"
+            for name, capability in ARCHS.items():
+                row = {"kernel": label, "dtype": dtype, "tile": f"{block_m}x{block_k}x{warps}", "gpu": name}
+                source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(consts, "constexpr")},
+                                   constexprs=consts)
+                try:
+                    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                                              options={"num_warps": warps})
+                    row |= _ptxas_report(compiled.asm["ptx"], ptxas) | {"shared_bytes": compiled.metadata.shared}
+                except Exception as error:  # noqa: BLE001 - reported, and the exit status says it
+                    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                rows.append(row)
+                status = row.get("error") or (f"{row['registers']} registers, {row['spill_bytes']} B spilled, "
+                                              f"{row['shared_bytes']} B shared")
+                print(f"[kernels] {label:36s} {dtype:5s} {row['tile']:11s} {name}: {status}", flush=True)
     return rows
 
 

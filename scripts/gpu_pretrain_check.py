@@ -159,8 +159,9 @@ def _cuda_ms(fn, repeats: int = 10) -> float:  # noqa: ANN001
 def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536) -> dict:
     """The iBOT term at a ViT-S batch-64 step's size (3,800 masked tokens, 65,536 prototypes, bf16 logits):
     Sinkhorn–Knopp, cross-entropy forward and backward as torch ops (eager, compiled) and as the Triton kernels of
-    ``dinov3_eo.losses.logit_kernels``. Agreement with eager, median time and peak memory of each; then each
-    kernel's time at a few tile sizes (the first of each list is the module's default)."""
+    ``dinov3_eo.losses.logit_kernels``. Agreement with eager, median time and peak memory of each; the DINO terms
+    of the same step (640 student crops) eager and fused; then each kernel's time at a few tile sizes (the first of
+    each list is the module's default)."""
     from dinov3_eo.losses import SinkhornAssignments, ibot_loss, sinkhorn_assignments, sinkhorn_knopp
     from dinov3_eo.losses import logit_kernels as lk
     from compile_logit_kernels import TILES
@@ -207,6 +208,27 @@ def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536
           f"gradient max |diff| {result['triton']['grad_max_abs_diff']:.2e} of {result['grad_max_abs']:.2e}",
           flush=True)
     del fused, reference
+    # the DINO terms of the same step: 2 global + 8 local crops of 64 images against the 2 teacher crops
+    from dinov3_eo.losses import dino_losses_fused, dino_losses_stacked
+
+    dino_student = (torch.randn(640, prototypes, device=device, generator=gen) * 3).bfloat16().requires_grad_()
+    dino_teacher = sinkhorn_knopp((torch.randn(128, prototypes, device=device, generator=gen) * 3).bfloat16(), 0.05)
+
+    def dino(fn):  # noqa: ANN001, ANN202
+        terms = fn(dino_student, dino_teacher, batch_size=64, student_temp=0.1)
+        total = terms.global_loss / 9 + terms.local_loss * 8 / 9
+        return total, torch.autograd.grad(total, dino_student)[0]
+
+    (eager_total, eager_grad), (fused_total, fused_grad) = dino(dino_losses_stacked), dino(dino_losses_fused)
+    result["dino"] = {"eager_ms": _cuda_ms(lambda: dino(dino_losses_stacked)),
+                      "triton_ms": _cuda_ms(lambda: dino(dino_losses_fused)),
+                      "loss_diff": (fused_total - eager_total).item(),
+                      "grad_max_abs_diff": (fused_grad.float() - eager_grad.float()).abs().max().item(),
+                      "grad_max_abs": eager_grad.float().abs().max().item()}
+    print(f"[logit_kernels] DINO terms + backward: eager {result['dino']['eager_ms']:.2f} ms, triton "
+          f"{result['dino']['triton_ms']:.2f} ms; loss {result['dino']['loss_diff']:+.2e}, gradient max |diff| "
+          f"{result['dino']['grad_max_abs_diff']:.2e} of {result['dino']['grad_max_abs']:.2e}", flush=True)
+    del eager_grad, fused_grad
     # tile sizes: (rows, columns, warps) of each kernel family
     targets = sinkhorn_assignments(teacher, 0.05)
     student_loss = ibot_loss(student, targets, weights, 128, student_temp=0.1)

@@ -15,9 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from dinov3_eo.losses import SinkhornAssignments, ibot_loss, sinkhorn_assignments, sinkhorn_knopp
-from dinov3_eo.losses import logit_kernels
-from dinov3_eo.losses.logit_kernels import assignment_cross_entropy, check_kernels_can_run, exp_matvec
+from dinov3_eo.losses import (
+    SinkhornAssignments,
+    dino_crop_targets,
+    dino_losses_fused,
+    dino_losses_stacked,
+    dino_target_index,
+    ibot_loss,
+    logit_kernels,
+    sinkhorn_assignments,
+    sinkhorn_knopp,
+)
+from dinov3_eo.losses.logit_kernels import (
+    assignment_cross_entropy,
+    check_kernels_can_run,
+    exp_matvec,
+    indexed_cross_entropy,
+)
 from dinov3_eo.ssl.compilation import LogitLosses, logit_losses_for
 from dinov3_eo.ssl.module import DINOv3Pretrain
 
@@ -129,6 +143,57 @@ def test_a_step_without_masked_tokens_has_a_zero_ibot_term_still_in_the_graph() 
     assert loss.item() == 0.0 and student.grad.shape == (0, K)
 
 
+def test_indexed_cross_entropy_equals_the_formula() -> None:
+    gen = torch.Generator().manual_seed(12)
+    table = torch.rand(3, K, generator=gen) * 2  # rows summing to ~K, not 1: the mass enters the loss
+    index = torch.tensor([2, 0, 0, 1, 2, 1, 0], dtype=torch.int32)
+    student = _logits(3.0, torch.float32, 13, rows=7).requires_grad_()
+    ce = indexed_cross_entropy(student, table, index, student_temp=0.1)
+    weights = torch.randn(7, generator=gen)
+    (ce * weights).sum().backward()
+    reference = student.detach().double().requires_grad_()
+    expected = _reference_cross_entropy(reference, table.double()[index.long()], 0.1)
+    (expected * weights.double()).sum().backward()
+    torch.testing.assert_close(ce.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(student.grad.double(), reference.grad, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="expected targets"):
+        indexed_cross_entropy(student, table, index[:3], student_temp=0.1)
+
+
+def test_dino_crop_targets_sum_the_other_teacher_crops() -> None:
+    probs = torch.softmax(torch.randn(3 * 4, 50, generator=torch.Generator().manual_seed(14)), dim=-1)  # G=3, B=4
+    table = dino_crop_targets(probs, 4)
+    p = probs.view(3, 4, 50)
+    torch.testing.assert_close(table[:4], p.sum(0))  # local crops: every teacher crop
+    for s in range(3):
+        torch.testing.assert_close(table[(1 + s) * 4 : (2 + s) * 4], p.sum(0) - p[s])
+    two = dino_crop_targets(probs[:8], 4)  # G=2: the other crop's row itself, bit for bit
+    assert torch.equal(two[4:8], probs[4:8]) and torch.equal(two[8:], probs[:4])
+    assert dino_target_index(2, 3, 2).tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2, 0, 1, 2]
+
+
+@pytest.mark.parametrize(("n_global", "n_local", "dtype"), [(2, 3, torch.bfloat16), (2, 0, torch.float32),
+                                                            (3, 2, torch.float32)])
+def test_fused_dino_terms_equal_the_torch_terms(n_global: int, n_local: int, dtype: torch.dtype) -> None:
+    batch = 5
+    teacher = sinkhorn_knopp(_logits(3.0, dtype, 15, rows=n_global * batch), 0.05)
+    student = _logits(3.0, dtype, 16, rows=(n_global + n_local) * batch).requires_grad_()
+    fused = dino_losses_fused(student, teacher, batch_size=batch, student_temp=0.1)
+    reference = dino_losses_stacked(student, teacher, batch_size=batch, student_temp=0.1)
+    assert (fused.n_global_crops, fused.n_local_crops) == (reference.n_global_crops, reference.n_local_crops)
+    torch.testing.assert_close(fused.global_loss, reference.global_loss, rtol=1e-5, atol=1e-5)
+    if n_local:
+        torch.testing.assert_close(fused.local_loss, reference.local_loss, rtol=1e-5, atol=1e-5)
+    else:
+        assert fused.local_loss is None and reference.local_loss is None
+    grads = []
+    for terms in (fused, reference):
+        total = terms.global_loss + (terms.local_loss if terms.local_loss is not None else 0)
+        grads.append(torch.autograd.grad(total, student)[0].float())
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(grads[0], grads[1], rtol=tolerance, atol=tolerance * float(grads[1].abs().max()))
+
+
 def test_a_stage_with_triton_logit_kernels_computes_the_same_step() -> None:
     """``logit_kernels: triton`` changes how the iBOT term is computed, not what: same losses, same gradients."""
     kw = dict(backbone="vitmicro16", dino_out_dim=256, dino_hidden_dim=64, dino_bottleneck_dim=32, ibot_out_dim=320,
@@ -142,11 +207,16 @@ def test_a_stage_with_triton_logit_kernels_computes_the_same_step() -> None:
         module._total_steps = lambda: 100  # type: ignore[method-assign]  # schedules need a length outside a Trainer
         module.on_fit_start()
         losses = module.compute_losses(batch, step=3)
-        losses["ibot"].backward()  # the term that changed (the total's gradients cancel to 1e-6 of their scale)
-        grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+        grads = {}
+        # the terms that changed, each alone (in the total, their gradients cancel to 1e-6 of their scale)
+        for term in ("ibot", "dino_global", "dino_local"):
+            module.zero_grad()
+            losses[term].backward(retain_graph=True)
+            grads |= {f"{term}:{n}": p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
         results.append(({k: v.detach() for k, v in losses.items()}, grads, module.logit_losses))
     (torch_losses, torch_grads, torch_fns), (triton_losses, triton_grads, triton_fns) = results
-    assert torch_fns == LogitLosses() and triton_fns.ibot_targets is sinkhorn_assignments
+    assert torch_fns == LogitLosses()
+    assert triton_fns.ibot_targets is sinkhorn_assignments and triton_fns.dino_losses is dino_losses_fused
     assert torch_losses.keys() == triton_losses.keys() and torch_losses["ibot"] > 0
     for key in torch_losses:
         torch.testing.assert_close(triton_losses[key], torch_losses[key], rtol=1e-5, atol=1e-6)
@@ -194,6 +264,6 @@ def test_the_kernels_compile_for_a100_and_h100_without_spilling() -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if "B spilled" in line]
-    assert len(rows) == 3 * 2 * 2  # kernels x dtypes x GPUs
+    assert len(rows) == (1 + 2 + 2) * 2 * 2  # (Sinkhorn, forward and backward in two modes) x dtypes x GPUs
     assert all(" 0 B spilled" in line for line in rows), "\n".join(rows)
-    assert "12 of 12 compiled; 0 spill registers" in done.stdout
+    assert "20 of 20 compiled; 0 spill registers" in done.stdout

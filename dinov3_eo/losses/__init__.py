@@ -1,7 +1,17 @@
 """SSL losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering)."""
 
 from dinov3_eo.losses.cross_entropy import check_class_labels, soft_cross_entropy
-from dinov3_eo.losses.dino import DinoLossTerms, dino_cross_entropy, dino_losses, dino_term_scales, dino_total
+from dinov3_eo.losses.dino import (
+    DinoLossTerms,
+    dino_crop_targets,
+    dino_cross_entropy,
+    dino_losses,
+    dino_losses_fused,
+    dino_losses_stacked,
+    dino_target_index,
+    dino_term_scales,
+    dino_total,
+)
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens, ibot_loss, masks_weight_from_masks
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
@@ -10,8 +20,12 @@ from dinov3_eo.losses.sinkhorn import SinkhornAssignments, sinkhorn_assignments,
 __all__ = [
     "check_class_labels",
     "DinoLossTerms",
+    "dino_crop_targets",
     "dino_cross_entropy",
     "dino_losses",
+    "dino_losses_fused",
+    "dino_losses_stacked",
+    "dino_target_index",
     "dino_term_scales",
     "dino_total",
     "gather_masked_tokens",

@@ -120,6 +120,84 @@ def dino_losses(
     return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
 
+def dino_losses_stacked(
+    student_logits: Tensor, teacher_probs: Tensor, *, batch_size: int, student_temp: float = 0.1
+) -> DinoLossTerms:
+    """:func:`dino_losses` on the student's logits of every crop in one tensor, global crops first.
+
+    Args:
+        student_logits: [(G + L)·B, K] DINO-head logits of the G global then L local crops (crop-major), G from
+            ``teacher_probs``.
+        teacher_probs: [G·B, K] teacher probabilities of the global crops.
+        batch_size: B. student_temp: τ_s.
+    """
+    n_global_rows = teacher_probs.shape[0]
+    local = student_logits[n_global_rows:] if student_logits.shape[0] > n_global_rows else None
+    return dino_losses(student_logits[:n_global_rows], local, teacher_probs, batch_size=batch_size,
+                       student_temp=student_temp)
+
+
+def dino_crop_targets(teacher_probs: Tensor, batch_size: int) -> Tensor:
+    """Each student crop's summed DINO target, as a table and a row index, for a cross-entropy per student row.
+
+    Student crop ``s`` of image ``b`` is compared with every teacher global crop ``t ≠ s`` of the image, so its
+    summed cross-entropy is one cross-entropy against ``Σ_{t≠s} p[t, b]`` (target mass G − 1 for a global crop,
+    G for a local one). The table holds those sums: row ``b`` ``Σ_t p[t, b]`` (local crops), row ``(1 + s)·B + b``
+    ``Σ_{t≠s} p[t, b]`` (global crop s; for G = 2 exactly the other crop's row).
+
+    Args:
+        teacher_probs: [G·B, K] teacher probabilities of the global crops (crop-major).
+        batch_size: B.
+
+    Returns:
+        [(1 + G)·B, K] in ``teacher_probs``' dtype, float32 at least; :func:`dino_target_index` gives each student
+        row's row.
+    """
+    n_global = teacher_probs.shape[0] // batch_size
+    p = teacher_probs.view(n_global, batch_size, -1).to(torch.promote_types(teacher_probs.dtype, torch.float32))
+    others = [p[[t for t in range(n_global) if t != s]].sum(dim=0) for s in range(n_global)]  # [B, K] each
+    return torch.cat([p.sum(dim=0)] + others)  # [(1 + G)·B, K]
+
+
+def dino_target_index(n_global: int, batch_size: int, n_local: int = 0, *,
+                      device: torch.device | str = "cpu") -> Tensor:
+    """Row of :func:`dino_crop_targets`' table for each student row (G global crops, then ``n_local`` local ones,
+    crop-major): ``(1 + s)·B + b`` for global crop s, ``b`` for every local crop. [(G + L)·B] int32."""
+    image = torch.arange(batch_size, dtype=torch.int32, device=device)
+    rows = [(1 + s) * batch_size + image for s in range(n_global)] + [image] * n_local
+    return torch.cat(rows)
+
+
+def dino_losses_fused(
+    student_logits: Tensor, teacher_probs: Tensor, *, batch_size: int, student_temp: float = 0.1
+) -> DinoLossTerms:
+    """:func:`dino_losses_stacked` as one Triton cross-entropy over all the student's crops (CUDA only).
+
+    Every student row is read once against its summed target (:func:`dino_crop_targets`) and its gradient written
+    once, into the stacked tensor itself (no zero-filled gradient per slice): about 0.7 instead of 2.5 GiB read and
+    written at ViT-S batch 64 (10 crops, 65,536 prototypes), forward and backward (each row's float32 target row is
+    read with it, from a table of 3·B rows). Same terms, up to float32 summation order.
+    """
+    from dinov3_eo.losses.logit_kernels import indexed_cross_entropy
+
+    n_global_rows = teacher_probs.shape[0]
+    if teacher_probs.ndim != 2 or n_global_rows % batch_size or student_logits.shape[0] % batch_size \
+            or student_logits.shape[0] < n_global_rows:
+        raise ValueError(f"dino_losses_fused: expected student_logits [(G + L)·{batch_size}, K] and teacher_probs "
+                         f"[G·{batch_size}, K], got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}.")
+    n_global = n_global_rows // batch_size
+    n_local = student_logits.shape[0] // batch_size - n_global
+    table = dino_crop_targets(teacher_probs, batch_size)
+    index = dino_target_index(n_global, batch_size, n_local, device=student_logits.device)
+    ce = indexed_cross_entropy(student_logits.contiguous(), table, index, student_temp=student_temp)  # [(G+L)·B]
+    global_pairs = n_global * (n_global - 1)
+    if global_pairs == 0:
+        raise ValueError(f"dino_losses_fused: no crop pairs left ({n_global} global crop).")
+    global_loss = ce[:n_global_rows].sum() / (batch_size * global_pairs)
+    local_loss = ce[n_global_rows:].sum() / (batch_size * n_local * n_global) if n_local else None
+    return DinoLossTerms(global_loss, local_loss, n_global, n_local)
+
+
 def dino_term_scales(n_global_crops: int, n_local_crops: int) -> tuple[float, float]:
     """Official weights of the global and local DINO terms: each term's share of the crop pairs.
 

@@ -29,7 +29,13 @@ try:  # Linux's CUDA wheels of torch ship triton; elsewhere the torch path is us
 except ImportError:  # pragma: no cover - depends on the platform
     triton = tl = None
 
-__all__ = ["assignment_cross_entropy", "check_kernels_can_run", "exp_matvec", "triton_available"]
+__all__ = [
+    "assignment_cross_entropy",
+    "check_kernels_can_run",
+    "exp_matvec",
+    "indexed_cross_entropy",
+    "triton_available",
+]
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -70,13 +76,20 @@ def _exp_matvec_kernel(logits_ptr, shift_ptr, vec_ptr, partial_ptr, n_rows, n_co
 
 @_jit
 def _cross_entropy_forward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale_ptr, col_scale_ptr,  # noqa: ANN001
-                                  loss_ptr, lse_ptr, mass_ptr, n_rows, n_cols, student_scale, teacher_exp2_scale,
-                                  BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                                  index_ptr, loss_ptr, lse_ptr, mass_ptr, n_rows, n_cols, student_scale,
+                                  teacher_exp2_scale, FACTORISED: tl.constexpr, BLOCK_M: tl.constexpr,
+                                  BLOCK_K: tl.constexpr):
     # BLOCK_M rows per program, their K columns in BLOCK_K chunks: an online log-sum-exp of x = z · student_scale
-    # and the sums Σ p'·x and Σ p' of the unscaled teacher assignments p' = exp2(...) · col_scale
+    # and the sums Σ p'·x and Σ p' of the targets p'. FACTORISED: p' = exp2((t − shift) · scale) · col_scale from
+    # the teacher's logits in the student's row; otherwise p' is row index[i] of the float32 target table at
+    # teacher_ptr. Both are multiplied by row_scale at the end
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     row_start = rows.to(tl.int64)[:, None] * n_cols
+    if FACTORISED:
+        target_start = row_start
+    else:
+        target_start = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None] * n_cols
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     dot = tl.zeros([BLOCK_M], tl.float32)
@@ -86,16 +99,21 @@ def _cross_entropy_forward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale
         col_ok = cols < n_cols
         ok = row_ok[:, None] & col_ok[None, :]
         x = tl.load(student_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32) * student_scale
-        t = tl.load(teacher_ptr + row_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
-        p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * col_scale[None, :]  # 0 past the last column
+        t = tl.load(teacher_ptr + target_start + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+        if FACTORISED:
+            shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+            col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+            p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * col_scale[None, :]  # 0 past the last column
+        else:
+            p = t
         dot += tl.sum(p * x, axis=1)  # nothing past the last column (p = x = 0 there)
         x = tl.where(col_ok[None, :], x, float("-inf"))  # rows past the end stay finite (0)
         new_max = tl.maximum(running_max, tl.max(x, axis=1))
         running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max[:, None]), axis=1)
         running_max = new_max
         mass += tl.sum(p, axis=1)
+    # loaded in both modes (ones for a table): with a constant 1 folded away, triton 3.8's thread-locality pass
+    # fails on the accumulator's two uses below (an assertion, found by scripts/compile_logit_kernels.py)
     row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
     lse = running_max + tl.log(running_sum)
     mass = mass * row_scale
@@ -106,8 +124,9 @@ def _cross_entropy_forward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale
 
 @_jit
 def _cross_entropy_backward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scale_ptr, col_scale_ptr,  # noqa: ANN001
-                                  lse_ptr, mass_ptr, grad_ptr, grad_in_ptr, n_rows, n_cols, student_scale,
-                                  teacher_exp2_scale, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                                   index_ptr, lse_ptr, mass_ptr, grad_ptr, grad_in_ptr, n_rows, n_cols, student_scale,
+                                   teacher_exp2_scale, FACTORISED: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_K: tl.constexpr):
     # d loss_i / d z_ik = student_scale · (mass_i · softmax(x_i)_k − p_ik), times the incoming gradient of loss_i
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -116,15 +135,19 @@ def _cross_entropy_backward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scal
     ok = row_ok[:, None] & col_ok[None, :]
     offsets = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
     z = tl.load(student_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    t = tl.load(teacher_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
-    col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
-    row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+    if FACTORISED:
+        t = tl.load(teacher_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
+        col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
+        row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
+        p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * (col_scale[None, :] * row_scale[:, None])
+    else:
+        target_start = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None] * n_cols
+        p = tl.load(teacher_ptr + target_start + cols[None, :], mask=ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     mass = tl.load(mass_ptr + rows, mask=row_ok, other=0.0)
     grad_in = tl.load(grad_in_ptr + rows, mask=row_ok, other=0.0) * student_scale
     softmax = tl.exp(z * student_scale - lse[:, None])
-    p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * (col_scale[None, :] * row_scale[:, None])
     grad = grad_in[:, None] * (mass[:, None] * softmax - p)
     tl.store(grad_ptr + offsets, grad.to(grad_ptr.dtype.element_ty), mask=ok)
 
@@ -192,40 +215,43 @@ def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *
     return partial.sum(dim=0)
 
 
-class _AssignmentCrossEntropy(torch.autograd.Function):
-    """Per-row ``−Σ_k p_ik · log_softmax(z_i / τ)_k`` with ``p`` factorised (see the module docstring)."""
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Per-row ``−Σ_k p_ik · log_softmax(z_i / τ)_k`` with ``p`` factorised (``factorised``: ``teacher`` holds the
+    teacher's logits, see the module docstring) or gathered (``teacher`` a float32 table, ``index`` its row for each
+    student row)."""
 
     @staticmethod
-    def forward(ctx, student_logits: Tensor, teacher_logits: Tensor, shift: Tensor, row_scale: Tensor,  # noqa: ANN001
-                col_scale: Tensor, student_temp: float, teacher_temp: float) -> Tensor:
+    def forward(ctx, student_logits: Tensor, teacher: Tensor, shift: Tensor, row_scale: Tensor,  # noqa: ANN001
+                col_scale: Tensor, index: Tensor, student_temp: float, teacher_temp: float, factorised: bool) -> Tensor:
         n_rows, n_cols = student_logits.shape
         device = student_logits.device
         loss, lse, mass = (torch.empty(n_rows, dtype=torch.float32, device=device) for _ in range(3))
         if n_rows:
             block_m, block_k, warps = _FORWARD_BLOCK
             _cross_entropy_forward_kernel[(triton.cdiv(n_rows, block_m),)](
-                student_logits, teacher_logits, shift, row_scale, col_scale, loss, lse, mass, n_rows, n_cols,
-                1.0 / student_temp, _LOG2E / teacher_temp, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+                student_logits, teacher, shift, row_scale, col_scale, index, loss, lse, mass, n_rows, n_cols,
+                1.0 / student_temp, _LOG2E / teacher_temp, FACTORISED=factorised, BLOCK_M=block_m, BLOCK_K=block_k,
+                num_warps=warps,
             )
-        ctx.save_for_backward(student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass)
-        ctx.temperatures = (student_temp, teacher_temp)
+        ctx.save_for_backward(student_logits, teacher, shift, row_scale, col_scale, index, lse, mass)
+        ctx.settings = (student_temp, teacher_temp, factorised)
         return loss
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass = ctx.saved_tensors
-        student_temp, teacher_temp = ctx.temperatures
+        student_logits, teacher, shift, row_scale, col_scale, index, lse, mass = ctx.saved_tensors
+        student_temp, teacher_temp, factorised = ctx.settings
         n_rows, n_cols = student_logits.shape
         grad_logits = torch.empty_like(student_logits)
         if n_rows:
             block_m, block_k, warps = _BACKWARD_BLOCK
             grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_k))
             _cross_entropy_backward_kernel[grid](
-                student_logits, teacher_logits, shift, row_scale, col_scale, lse, mass, grad_logits,
+                student_logits, teacher, shift, row_scale, col_scale, index, lse, mass, grad_logits,
                 grad.float().contiguous(), n_rows, n_cols, 1.0 / student_temp, _LOG2E / teacher_temp,
-                BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
+                FACTORISED=factorised, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
             )
-        return grad_logits, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def assignment_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, shift: Tensor, row_scale: Tensor,
@@ -252,5 +278,33 @@ def assignment_cross_entropy(student_logits: Tensor, teacher_logits: Tensor, shi
         raise ValueError(f"assignment_cross_entropy: student {tuple(student_logits.shape)} and teacher "
                          f"{tuple(teacher_logits.shape)} logits differ in shape.")
     vectors = [v.detach().float().contiguous() for v in (shift, row_scale, col_scale)]
-    return _AssignmentCrossEntropy.apply(student_logits, teacher_logits.detach(), *vectors, float(student_temp),
-                                         float(teacher_temp))
+    unused_index = vectors[1]  # a pointer the factorised kernels never read
+    return _FusedCrossEntropy.apply(student_logits, teacher_logits.detach(), *vectors, unused_index,
+                                    float(student_temp), float(teacher_temp), True)
+
+
+def indexed_cross_entropy(student_logits: Tensor, targets: Tensor, target_index: Tensor, *,
+                          student_temp: float) -> Tensor:
+    """Cross-entropy of each row of ``student_logits / student_temp`` against the target row ``target_index[i]``.
+
+    ``ce[i] = −Σ_k targets[target_index[i], k] · log_softmax(z_i / τ)_k``: each student row is read once and its
+    gradient written once, in its dtype, whatever the number of rows sharing a target (the DINO term's crops).
+
+    Args:
+        student_logits: [N, K] contiguous, any float dtype.
+        targets: [R, K] target weights (float32; rows need not sum to 1).
+        target_index: [N] integer rows of ``targets`` in ``[0, R)``.
+        student_temp: τ > 0.
+
+    Returns:
+        [N] float32 cross-entropies.
+    """
+    check_kernels_can_run(student_logits.device)
+    _check_logits("student_logits", student_logits)
+    if targets.ndim != 2 or targets.shape[1] != student_logits.shape[1] or target_index.shape != student_logits.shape[:1]:
+        raise ValueError(f"indexed_cross_entropy: expected targets [R, {student_logits.shape[1]}] and target_index "
+                         f"[{student_logits.shape[0]}], got {tuple(targets.shape)} and {tuple(target_index.shape)}.")
+    table = targets.detach().float().contiguous()
+    ones = torch.ones(student_logits.shape[0], dtype=torch.float32, device=student_logits.device)  # row scales
+    return _FusedCrossEntropy.apply(student_logits, table, table, ones, table, target_index.to(torch.int32),
+                                    float(student_temp), 1.0, False)

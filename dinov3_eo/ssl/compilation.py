@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from dinov3_eo.losses.dino import DinoLossTerms, dino_losses_fused, dino_losses_stacked
 from dinov3_eo.losses.ibot import ibot_loss
 from dinov3_eo.losses.sinkhorn import sinkhorn_assignments, sinkhorn_knopp
 from dinov3_eo.models.heads import DINOHead
@@ -142,6 +143,8 @@ class LogitLosses:
     #: the teacher's iBOT targets: ``sinkhorn_knopp``'s probabilities, or the factorised
     #: :class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments` that ``ibot_loss`` reads with Triton kernels
     ibot_targets: Callable[..., Any] = sinkhorn_knopp
+    #: the DINO terms from the student's stacked crop logits (torch ops, or one Triton cross-entropy)
+    dino_losses: Callable[..., DinoLossTerms] = dino_losses_stacked
 
 
 def compile_logit_losses(**compile_kwargs: Any) -> LogitLosses:
@@ -149,7 +152,7 @@ def compile_logit_losses(**compile_kwargs: Any) -> LogitLosses:
     dynamic shapes (``compile_kwargs`` go to ``torch.compile`` and win), see the module docstring."""
     kwargs = {"dynamic": True, **compile_kwargs}
     compiled_sinkhorn = torch.compile(sinkhorn_knopp, **kwargs)
-    return LogitLosses(compiled_sinkhorn, torch.compile(ibot_loss, **kwargs), compiled_sinkhorn)
+    return LogitLosses(compiled_sinkhorn, torch.compile(ibot_loss, **kwargs), compiled_sinkhorn, dino_losses_stacked)
 
 
 #: the values of the stages' ``logit_kernels`` argument: how the iBOT term's Sinkhorn and cross-entropy run
@@ -173,8 +176,9 @@ def logit_losses_for(*, compile: bool, kernels: str, device: torch.device | str)
 
     ``kernels="triton"``: the iBOT targets stay factorised (:func:`~dinov3_eo.losses.sinkhorn.sinkhorn_assignments`)
     and :func:`~dinov3_eo.losses.ibot.ibot_loss` reads them with the kernels of
-    :mod:`~dinov3_eo.losses.logit_kernels`, eager (they are fused already); the DINO targets ([2B, K], small) keep
-    ``sinkhorn_knopp``, compiled with ``compile``.
+    :mod:`~dinov3_eo.losses.logit_kernels`, and the DINO terms are one of those cross-entropies over every crop
+    (:func:`~dinov3_eo.losses.dino.dino_losses_fused`), eager (they are fused already); the DINO targets ([2B, K],
+    small) keep ``sinkhorn_knopp``, compiled with ``compile``.
 
     Raises:
         RuntimeError: ``triton`` without the triton package. ValueError: ``triton`` on a device it cannot run on.
@@ -185,4 +189,4 @@ def logit_losses_for(*, compile: bool, kernels: str, device: torch.device | str)
     if check_logit_kernels(kernels) == "torch":
         return base
     check_kernels_can_run(torch.device(device))
-    return LogitLosses(base.sinkhorn_knopp, ibot_loss, sinkhorn_assignments)
+    return LogitLosses(base.sinkhorn_knopp, ibot_loss, sinkhorn_assignments, dino_losses_fused)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dinov3_eo.losses.dino import dino_losses, dino_total
+from dinov3_eo.losses.dino import dino_total
 from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
@@ -273,10 +273,8 @@ class DINOv3Distill(SSLStage):
             outs = student["backbone"].forward_features(inputs)  # students see unmasked crops
             cls = torch.cat([o["x_norm_clstoken"] for o in outs])  # [(2+nL)·B, D]
             logits = student["dino_head"](cls)
-            terms = dino_losses(
-                logits[: n_global * batch_size], logits[n_global * batch_size :] if n_local else None,
-                targets["dino"], batch_size=batch_size, student_temp=hp.student_temp,
-            )
+            terms = self.logit_losses.dino_losses(logits, targets["dino"], batch_size=batch_size,
+                                                  student_temp=hp.student_temp)
             dino = dino_total(terms, loss_weight=hp.dino_loss_weight, local_loss_weight=values["local_loss_weight"])
             masked = gather_masked_tokens(outs[0]["x_norm_patchtokens"], masking["mask_indices"])  # [M, D]
             ibot = ibot_loss(

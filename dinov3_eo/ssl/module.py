@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dinov3_eo.losses.dino import dino_losses, dino_total
+from dinov3_eo.losses.dino import dino_total
 from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
@@ -401,13 +401,11 @@ class DINOv3Pretrain(SSLStage):
         student_global = student_out[0]
         student_cls = torch.cat([o["x_norm_clstoken"] for o in student_out])  # [(2+nL)·B, D]
         student_dino = self.student["dino_head"](student_cls)  # [(2+nL)·B, K]
-        student_global_dino = student_dino[: n_global * batch_size]
-        student_local_dino = student_dino[n_global * batch_size :] if n_local else None
         student_masked = gather_masked_tokens(student_global["x_norm_patchtokens"], mask_indices)  # [M, D]
         student_ibot = self.student["ibot_head"](student_masked)  # [M, K]
 
-        terms = dino_losses(
-            student_global_dino, student_local_dino, teacher_dino, batch_size=batch_size, student_temp=hp.student_temp
+        terms = self.logit_losses.dino_losses(  # global crops vs the other teacher crop, local crops vs both
+            student_dino, teacher_dino, batch_size=batch_size, student_temp=hp.student_temp
         )
         losses: dict[str, Tensor] = {"dino_global": terms.global_loss}
         if terms.local_loss is not None:
