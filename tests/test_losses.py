@@ -13,6 +13,7 @@ from dinov3_eo.losses import (
     check_class_labels,
     dino_cross_entropy,
     dino_losses,
+    dino_losses_stacked,
     dino_term_scales,
     dino_total,
     gather_masked_tokens,
@@ -221,7 +222,34 @@ class TestDino:
         assert student.grad is not None and torch.isfinite(student.grad).all()
         assert terms.local_loss is None
 
+    @pytest.mark.parametrize("n_local", [4, 0])
+    def test_stacked_crops_give_the_terms_of_the_split_crops(self, n_local: int) -> None:
+        """What a step calls: one pass over every crop's logits, the same terms and gradient as the global and
+        local crops passed apart (and the reference loops)."""
+        batch, k = 3, 9
+        stacked = torch.randn((2 + n_local) * batch, k, dtype=torch.float64, requires_grad=True)
+        teacher = sinkhorn_knopp(torch.randn(2 * batch, k, dtype=torch.float64), 0.05)
+        ours = dino_losses_stacked(stacked, teacher, batch_size=batch)
+        split = dino_losses(stacked[: 2 * batch], stacked[2 * batch :] if n_local else None, teacher, batch_size=batch)
+        assert (ours.n_global_crops, ours.n_local_crops) == (2, n_local)
+        totals = [dino_total(terms) for terms in (ours, split)]
+        grads = [torch.autograd.grad(total, stacked)[0] for total in totals]
+        torch.testing.assert_close(ours.global_loss, split.global_loss, rtol=1e-12, atol=1e-12)
+        if n_local:
+            torch.testing.assert_close(ours.local_loss, split.local_loss, rtol=1e-12, atol=1e-12)
+            s_l = stacked[2 * batch :].detach().view(n_local, batch, k).numpy()
+            t = teacher.view(2, batch, k).numpy()
+            assert ours.local_loss.item() == pytest.approx(reference_dino(s_l, t, 0.1, False), rel=1e-10)
+        else:
+            assert ours.local_loss is None
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
     def test_bad_shapes(self) -> None:
+        for student, teacher in [(torch.randn(7, 4), torch.randn(6, 4)), (torch.randn(3, 4), torch.randn(6, 4))]:
+            with pytest.raises(ValueError, match="expected student_logits \\[\\(G \\+ L\\)·3, K\\]"):
+                dino_losses_stacked(student, teacher, batch_size=3)
+        with pytest.raises(ValueError, match="no crop pairs left"):
+            dino_losses_stacked(torch.randn(9, 4), torch.randn(3, 4), batch_size=3)
         with pytest.raises(ValueError, match="must be \\[n_crops·3, K\\]"):
             dino_losses(torch.randn(5, 4), None, torch.randn(6, 4), batch_size=3)
         with pytest.raises(ValueError, match="equal B and K"):

@@ -16,6 +16,27 @@ from torch import Tensor
 from dinov3_eo.losses.cross_entropy import scaled_difference
 
 
+def pair_cross_entropies(student_logits: Tensor, teacher_probs: Tensor, student_temp: float) -> Tensor:
+    """``pair[s, t] = −Σ_{b,k} p[t,b,k] · log_softmax(z[s,b] / τ_s)[k]``: every student crop against every teacher
+    crop, summed over the images.
+
+    Args:
+        student_logits: [S, B, K] (any float dtype). teacher_probs: [T, B, K], constants. student_temp: τ_s.
+
+    Returns:
+        [S, T] float32 (float64 for float64 logits), whatever the caller's autocast.
+    """
+    # float32 whatever the caller's autocast: under bf16 the product would round log-probabilities near -log K to
+    # steps of 1/16 (a GPU run logged DINO terms such as 11.0625)
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
+        # z / τ promoted in one pass (no separate float32 copy of bf16 logits first)
+        scaled = scaled_difference(student_logits, student_logits.new_zeros(1, dtype=dtype), student_temp)
+        log_p_student = F.log_softmax(scaled, dim=-1)  # [S, B, K]
+        teacher = teacher_probs.detach().to(dtype)
+        return -torch.einsum("sbk,tbk->st", log_p_student, teacher)  # [S, T]: summed over images and prototypes
+
+
 def dino_cross_entropy(
     student_logits: Tensor, teacher_probs: Tensor, *, student_temp: float = 0.1, ignore_diagonal: bool = False
 ) -> Tensor:
@@ -45,15 +66,7 @@ def dino_cross_entropy(
         )
     n_student, batch, _ = student_logits.shape
     n_teacher = teacher_probs.shape[0]
-    # float32 whatever the caller's autocast: under bf16 the product would round log-probabilities near -log K to
-    # steps of 1/16 (a GPU run logged DINO terms such as 11.0625)
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)  # bf16 -> fp32; fp64 stays fp64
-        # z / τ promoted in one pass (no separate float32 copy of bf16 logits first)
-        scaled = scaled_difference(student_logits, student_logits.new_zeros(1, dtype=dtype), student_temp)
-        log_p_student = F.log_softmax(scaled, dim=-1)  # [S, B, K]
-        teacher = teacher_probs.detach().to(dtype)
-        pair_ce = -torch.einsum("sbk,tbk->st", log_p_student, teacher)  # [S, T]: summed over images and prototypes
+    pair_ce = pair_cross_entropies(student_logits, teacher_probs, student_temp)  # [S, T]
     n_pairs = n_student * n_teacher
     if ignore_diagonal:
         n_diag = min(n_student, n_teacher)
@@ -120,21 +133,52 @@ def dino_losses(
     return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
 
+def stacked_crop_counts(student_logits: Tensor, teacher_probs: Tensor, batch_size: int) -> tuple[int, int]:
+    """(G, L): the global and local crops of stacked [(G + L)·B, K] student logits against [G·B, K] teacher targets.
+
+    Raises:
+        ValueError: if a row count is not a multiple of ``batch_size``, there are fewer student than teacher rows, or
+            a single global crop (no pair left).
+    """
+    n_rows, n_global_rows = student_logits.shape[0], teacher_probs.shape[0]
+    if (student_logits.ndim != 2 or teacher_probs.ndim != 2 or n_rows % batch_size or n_global_rows % batch_size
+            or n_rows < n_global_rows):
+        raise ValueError(f"dino losses: expected student_logits [(G + L)·{batch_size}, K] and teacher_probs "
+                         f"[G·{batch_size}, K], got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}.")
+    n_global = n_global_rows // batch_size
+    if n_global < 2:
+        raise ValueError(f"dino losses: no crop pairs left ({n_global} global crop).")
+    return n_global, n_rows // batch_size - n_global
+
+
 def dino_losses_stacked(
     student_logits: Tensor, teacher_probs: Tensor, *, batch_size: int, student_temp: float = 0.1
 ) -> DinoLossTerms:
     """:func:`dino_losses` on the student's logits of every crop in one tensor, global crops first.
+
+    One pass over all the crops (:func:`pair_cross_entropies`), whose [G + L, G] pair matrix is then split: slicing
+    the [(G + L)·B, K] logits into global and local crops first would give each slice a zero-filled gradient of the
+    whole tensor and a sum of the two in the backward (2.5 instead of 2.0 GiB read and written at ViT-S batch 64,
+    65,536 prototypes, forward and backward, counted per aten op).
 
     Args:
         student_logits: [(G + L)·B, K] DINO-head logits of the G global then L local crops (crop-major), G from
             ``teacher_probs``.
         teacher_probs: [G·B, K] teacher probabilities of the global crops.
         batch_size: B. student_temp: τ_s.
+
+    Raises:
+        ValueError: see :func:`stacked_crop_counts`.
     """
-    n_global_rows = teacher_probs.shape[0]
-    local = student_logits[n_global_rows:] if student_logits.shape[0] > n_global_rows else None
-    return dino_losses(student_logits[:n_global_rows], local, teacher_probs, batch_size=batch_size,
-                       student_temp=student_temp)
+    n_global, n_local = stacked_crop_counts(student_logits, teacher_probs, batch_size)
+    n_crops = n_global + n_local
+    pair = pair_cross_entropies(student_logits.view(n_crops, batch_size, -1),
+                                teacher_probs.view(n_global, batch_size, -1), student_temp)  # [G + L, G]
+    # same crop zeroed, not indexed out: a boolean index would read the mask back from the device (a sync)
+    same_crop = torch.eye(n_global, dtype=torch.bool, device=pair.device)
+    global_loss = pair[:n_global].masked_fill(same_crop, 0.0).sum() / (batch_size * n_global * (n_global - 1))
+    local_loss = pair[n_global:].sum() / (batch_size * n_local * n_global) if n_local else None
+    return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
 
 def dino_crop_targets(teacher_probs: Tensor, batch_size: int) -> Tensor:
@@ -174,26 +218,18 @@ def dino_losses_fused(
     """:func:`dino_losses_stacked` as one Triton cross-entropy over all the student's crops (CUDA only).
 
     Every student row is read once against its summed target (:func:`dino_crop_targets`) and its gradient written
-    once, into the stacked tensor itself (no zero-filled gradient per slice): about 0.7 instead of 2.5 GiB read and
-    written at ViT-S batch 64 (10 crops, 65,536 prototypes), forward and backward (each row's float32 target row is
-    read with it, from a table of 3·B rows). Same terms, up to float32 summation order.
+    once, into the stacked tensor itself: about 0.7 GiB read and written at ViT-S batch 64 (10 crops, 65,536
+    prototypes), forward and backward, against 2.0 GiB for :func:`dino_losses_stacked` (each row's float32 target row
+    is read with it, from a table of 3·B rows). Same terms, up to float32 summation order.
     """
     from dinov3_eo.losses.logit_kernels import indexed_cross_entropy
 
-    n_global_rows = teacher_probs.shape[0]
-    if teacher_probs.ndim != 2 or n_global_rows % batch_size or student_logits.shape[0] % batch_size \
-            or student_logits.shape[0] < n_global_rows:
-        raise ValueError(f"dino_losses_fused: expected student_logits [(G + L)·{batch_size}, K] and teacher_probs "
-                         f"[G·{batch_size}, K], got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}.")
-    n_global = n_global_rows // batch_size
-    n_local = student_logits.shape[0] // batch_size - n_global
+    n_global, n_local = stacked_crop_counts(student_logits, teacher_probs, batch_size)
+    n_global_rows = n_global * batch_size
     table = dino_crop_targets(teacher_probs, batch_size)
     index = dino_target_index(n_global, batch_size, n_local, device=student_logits.device)
     ce = indexed_cross_entropy(student_logits.contiguous(), table, index, student_temp=student_temp)  # [(G+L)·B]
-    global_pairs = n_global * (n_global - 1)
-    if global_pairs == 0:
-        raise ValueError(f"dino_losses_fused: no crop pairs left ({n_global} global crop).")
-    global_loss = ce[:n_global_rows].sum() / (batch_size * global_pairs)
+    global_loss = ce[:n_global_rows].sum() / (batch_size * n_global * (n_global - 1))
     local_loss = ce[n_global_rows:].sum() / (batch_size * n_local * n_global) if n_local else None
     return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
