@@ -117,6 +117,27 @@ def test_sinkhorn_assignments_equal_sinkhorn_knopp(scale: float, temp: float) ->
     assert fused.row_scale.shape == (M,) and fused.col_scale.shape == (K,)
 
 
+def test_a_row_whose_exponentials_all_underflow_gets_no_target_and_no_nan() -> None:
+    """Its row scale is 1 / tiny (Sinkhorn's guard); with many more tokens than prototypes the column scales exceed
+    100, and their product with it would overflow: the kernels must scale as Sinkhorn does, row scale first."""
+    gen = torch.Generator().manual_seed(17)
+    teacher = torch.randn(2000, 16, generator=gen) * 3
+    teacher[5] = -1000.0  # exp((-1000 - max) / 0.04) = 0 for every prototype
+    teacher = teacher.bfloat16()
+    student = (torch.randn(2000, 16, generator=gen) * 3).bfloat16().requires_grad_()
+    weights = torch.rand(2000, generator=gen)
+    fused = sinkhorn_assignments(teacher, 0.04)
+    assert torch.isinf(fused.col_scale.max() * fused.row_scale[5])  # in float32, as a kernel would multiply them
+    losses, grads = [], []
+    for targets in (sinkhorn_knopp(teacher, 0.04), fused):
+        loss = ibot_loss(student, targets, weights, 8)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, student)[0].float())
+    assert torch.isfinite(grads[1]).all() and grads[1][5].abs().max() == 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-2, atol=1e-5)
+
+
 def test_sinkhorn_assignments_of_no_rows() -> None:
     fused = sinkhorn_assignments(torch.empty(0, K), 0.04)
     assert fused.probabilities().shape == (0, K)

@@ -140,7 +140,9 @@ def _cross_entropy_backward_kernel(student_ptr, teacher_ptr, shift_ptr, row_scal
         shift = tl.load(shift_ptr + cols, mask=col_ok, other=0.0)
         col_scale = tl.load(col_scale_ptr + cols, mask=col_ok, other=0.0)
         row_scale = tl.load(row_scale_ptr + rows, mask=row_ok, other=0.0)
-        p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * (col_scale[None, :] * row_scale[:, None])
+        # row scale first, as Sinkhorn applies it: a row whose every exponential underflowed has a huge row scale
+        # (1 / tiny), whose product with a column scale alone could overflow to inf, and 0 · inf is NaN
+        p = tl.exp2((t - shift[None, :]) * teacher_exp2_scale) * row_scale[:, None] * col_scale[None, :]
     else:
         target_start = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)[:, None] * n_cols
         p = tl.load(teacher_ptr + target_start + cols[None, :], mask=ok, other=0.0)
