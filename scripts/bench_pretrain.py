@@ -130,7 +130,12 @@ def step_and_backbone_work(module, optimizer, data: dict, *, global_size: int, l
             lambda: backbone_only_work(module, crops, masking, autocast=autocast))
 
 
-_COMPILED = {True: " compiled", "losses": " logit losses compiled"}
+def step_variant(compile: bool | str = False, logit_kernels: str = "torch") -> str:
+    """How a timed step runs besides eager torch ops, for its labels ("" when it does not): e.g. ``"logit losses
+    compiled, triton logit kernels"``."""
+    parts = [{True: "compiled", "losses": "logit losses compiled"}.get(compile, "")]
+    parts.append("triton logit kernels" if logit_kernels == "triton" else "")
+    return ", ".join(part for part in parts if part)
 
 
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
@@ -223,8 +228,9 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     paired = sorted(f / b for f, b in zip(fulls, backbones))
     paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
+    variant = step_variant(compile, module_kwargs.get("logit_kernels", "torch")) or "eager"
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
-          f"{device}{' bf16' if bf16 else ''}{_COMPILED.get(compile, '')}, {repeats} alternating repeats "
+          f"{device}{' bf16' if bf16 else ''}, {variant}, {repeats} alternating repeats "
           f"(warm-up {warm_up_s:.1f} s):")
     flop_ratio = flops["full"] / flops["backbone"]
     print(f"[step]   full SSL step {t_full:.3f} s | backbone-only work {t_backbone:.3f} s | "
@@ -563,7 +569,7 @@ def main() -> None:
                 eager = step_overhead(arch, batch=batch, repeats=args.step_repeats)
                 for mode in [True] * args.compile + ["losses"] * args.compile_losses:
                     compiled = step_overhead(arch, batch=batch, repeats=args.step_repeats, compile=mode)
-                    print(f"[step]   {_COMPILED[mode].strip()} vs eager: full step "
+                    print(f"[step]   {step_variant(mode)} vs eager: full step "
                           f"{compiled['full_s'] / eager['full_s']:.3f}x, backbone-only work "
                           f"{compiled['backbone_s'] / eager['backbone_s']:.3f}x the time")
                 if args.op_counts:

@@ -459,7 +459,6 @@ def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> 
     return result
 
 
-_COMPILED_SUFFIX = {True: "_compiled", "losses": "_compiled_losses"}
 
 
 def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: int = 64,
@@ -470,12 +469,13 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_pretrain import ssl_step_setup, step_and_backbone_work
+    from bench_pretrain import ssl_step_setup, step_and_backbone_work, step_variant
 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile, **module_kwargs)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-    suffix = _COMPILED_SUFFIX.get(compile, "") + ("_triton" if module_kwargs.get("logit_kernels") == "triton" else "")
+    variant = step_variant(compile, module_kwargs.get("logit_kernels", "torch"))
+    suffix = "_" + variant.replace(", ", "_").replace(" ", "_") if variant else ""
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,
                                                                  local_size=96, autocast=autocast)))
