@@ -1,5 +1,6 @@
-"""Triton kernels for the iBOT term's [masked tokens, K] logits: Sinkhorn–Knopp's matrix-vector products and the
-soft cross-entropy, computed from the teacher's logits in their own dtype, without ever writing the assignment matrix.
+"""Triton kernels for the logit losses (``logit_kernels: triton``): for the iBOT term's [masked tokens, K] logits,
+Sinkhorn–Knopp's matrix-vector products and the soft cross-entropy, computed from the teacher's logits in their own
+dtype, without ever writing the assignment matrix; for the DINO terms, the same cross-entropy over every crop.
 
 Why: with K = 65,536 prototypes and thousands of masked tokens a step, the iBOT term costs memory traffic, not
 arithmetic. The torch path (eager or compiled) writes the float32 matrix ``exp((logits − shift) / T)`` (1 GB at
@@ -10,6 +11,9 @@ op's tensors counted). Here the assignments stay factorised,
 (:class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments`), and every kernel recomputes the exponential from the
 teacher's bf16 logits as it reads them: Sinkhorn reads them once per half-iteration, the cross-entropy's forward reads
 both networks' logits once and its backward once more while writing the gradient: 5.6 GiB at the same size.
+
+The same cross-entropy kernels serve the DINO terms with explicit targets (:func:`indexed_cross_entropy`): every
+student crop's row against the summed teacher rows it is compared with, gathered from a small float32 table.
 
 The kernels run on CUDA tensors; on CPU tensors they run in Triton's interpreter (numpy, for tests: slow).
 Every function here takes contiguous [M, K] logits.
@@ -201,6 +205,7 @@ def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *
     Returns:
         [M] or [K] float32.
     """
+    check_kernels_can_run(logits.device)
     _check_logits("logits", logits)
     n_rows, n_cols = logits.shape
     block_m, block_k, warps = _MATVEC_BLOCK
@@ -209,7 +214,6 @@ def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *
         return vec.new_zeros(n_cols if transpose else 0)
     partial = torch.empty((grid[0], n_cols) if transpose else (grid[1], n_rows), dtype=torch.float32,
                           device=logits.device)
-    check_kernels_can_run(logits.device)
     _exp_matvec_kernel[grid](
         logits, shift.float().contiguous(), vec.float().contiguous(), partial, n_rows, n_cols,
         _LOG2E / temperature, OVER_COLS=not transpose, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
