@@ -21,12 +21,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-#: (rows, columns, warps) compiled for each kernel (and timed by gpu_pretrain_check.py): the module's default first,
-#: then tiles with fewer and more elements per thread
+#: (rows, columns, warps) of each tile setting of dinov3_eo.losses.logit_kernels, compiled here and timed by
+#: gpu_pretrain_check.py: the module's default first, then tiles with fewer and more elements per thread
 TILES = {
-    "exp_matvec": [(64, 128, 8), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 256, 8)],
-    "cross_entropy_forward": [(2, 1024, 8), (1, 2048, 8), (4, 512, 8), (1, 1024, 4), (4, 1024, 4)],
-    "cross_entropy_backward": [(4, 512, 8), (4, 256, 4), (8, 256, 8), (8, 512, 8), (16, 512, 8)],
+    "_MATVEC_BLOCK": [(64, 128, 8), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 256, 8)],
+    "_FORWARD_BLOCK": [(2, 1024, 8), (1, 2048, 8), (4, 512, 8), (1, 1024, 4), (4, 1024, 4)],
+    "_BACKWARD_BLOCK": [(4, 512, 8), (4, 256, 4), (8, 256, 8), (8, 512, 8), (16, 512, 8)],
+}
+#: each kernel and the tile setting it launches with
+KERNELS = {
+    "column_max_and_sum": "_MATVEC_BLOCK",
+    "exp_matvec": "_MATVEC_BLOCK",
+    "cross_entropy_forward": "_FORWARD_BLOCK",
+    "cross_entropy_backward": "_BACKWARD_BLOCK",
 }
 ARCHS = {"A100": 80, "H100": 90}
 
@@ -35,6 +42,9 @@ def _signature(kernel: str, logits: str, factorised: bool) -> tuple[dict[str, st
     """Argument types as a launch on [M, K] ``logits``-typed tensors passes them, and the constexprs besides tiles
     (the cross-entropy's teacher is the teacher's logits when ``factorised``, else a float32 target table)."""
     f32 = "*fp32"
+    if kernel == "column_max_and_sum":
+        names = ["logits_ptr", "max_ptr", "sum_ptr", "n_rows", "n_cols", "exp2_scale"]
+        return dict(zip(names, [logits, f32, f32, "i32", "i32", "fp32"])), {}
     if kernel == "exp_matvec":
         names = ["logits_ptr", "shift_ptr", "vec_ptr", "partial_ptr", "n_rows", "n_cols", "exp2_scale"]
         types = [logits, f32, f32, f32, "i32", "i32", "fp32"]
@@ -78,14 +88,15 @@ def compile_all(dtypes: list[str], *, defaults_only: bool = False) -> list[dict]
 
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     rows = []
-    for kernel, tiles in TILES.items():
+    for kernel, setting in KERNELS.items():
         fn = getattr(logit_kernels, f"_{kernel}_kernel")
-        tiles = tiles[:1] if defaults_only else tiles
-        modes = [True] if kernel == "exp_matvec" else [True, False]  # factorised targets, or a target table
+        tiles = TILES[setting][:1] if defaults_only else TILES[setting]
+        single = not kernel.startswith("cross_entropy")
+        modes = [True] if single else [True, False]  # the cross-entropy's targets: factorised, or a table
         for dtype, factorised, (block_m, block_k, warps) in itertools.product(dtypes, modes, tiles):
             signature, constexprs = _signature(kernel, f"*{dtype}", factorised)
             consts = {**constexprs, "BLOCK_M": block_m, "BLOCK_K": block_k}
-            label = kernel if kernel == "exp_matvec" else f"{kernel} ({'factorised' if factorised else 'table'})"
+            label = kernel if single else f"{kernel} ({'factorised' if factorised else 'table'})"
             for name, capability in ARCHS.items():
                 row = {"kernel": label, "dtype": dtype, "tile": f"{block_m}x{block_k}x{warps}", "gpu": name}
                 source = ASTSource(fn=fn, signature={**signature, **dict.fromkeys(consts, "constexpr")},

@@ -232,11 +232,10 @@ def logit_kernels_check(device: str, tokens: int = 3800, prototypes: int = 65536
     # tile sizes: (rows, columns, warps) of each kernel family
     targets = sinkhorn_assignments(teacher, 0.05)
     student_loss = ibot_loss(student, targets, weights, 128, student_temp=0.1)
-    tiles = {f"_{kernel.split('_')[-1].upper()}_BLOCK": configs for kernel, configs in TILES.items()}
     timed = {"_MATVEC_BLOCK": lambda: sinkhorn_assignments(teacher, 0.05),
              "_FORWARD_BLOCK": lambda: ibot_loss(student, targets, weights, 128, student_temp=0.1),
              "_BACKWARD_BLOCK": lambda: torch.autograd.grad(student_loss, student, retain_graph=True)}
-    for attr, configs in tiles.items():
+    for attr, configs in TILES.items():
         default = getattr(lk, attr)
         try:
             times = {}

@@ -29,6 +29,7 @@ from dinov3_eo.losses import (
 from dinov3_eo.losses.logit_kernels import (
     assignment_cross_entropy,
     check_kernels_can_run,
+    exp_column_sums,
     exp_matvec,
     indexed_cross_entropy,
 )
@@ -63,6 +64,17 @@ def test_exp_matvec_equals_the_float64_products(dtype: torch.dtype) -> None:
     empty = logits[:0]
     assert exp_matvec(empty, shift, 0.05, v_cols, transpose=False).shape == (0,)
     torch.testing.assert_close(exp_matvec(empty, shift, 0.05, v_rows[:0], transpose=True), torch.zeros(K))
+
+
+def test_exp_column_sums_equal_the_maxima_and_the_float64_sums() -> None:
+    logits = _logits(4.0, torch.bfloat16, 18, rows=130)  # three row tiles, the last one partial
+    column_max, column_sum = exp_column_sums(logits, 0.04)
+    expected_max = logits.float().amax(dim=0)
+    assert torch.equal(column_max, expected_max)  # a maximum is exact
+    expected = torch.exp((logits.double() - expected_max.double()) / 0.04).sum(dim=0)
+    torch.testing.assert_close(column_sum.double(), expected, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="no rows"):
+        exp_column_sums(logits[:0], 0.04)
 
 
 def _reference_cross_entropy(student: torch.Tensor, probs: torch.Tensor, temp: float) -> torch.Tensor:
@@ -285,6 +297,6 @@ def test_the_kernels_compile_for_a100_and_h100_without_spilling() -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if "B spilled" in line]
-    assert len(rows) == (1 + 2 + 2) * 2 * 2  # (Sinkhorn, forward and backward in two modes) x dtypes x GPUs
+    assert len(rows) == (2 + 2 + 2) * 2 * 2  # (Sinkhorn's 2, forward and backward in 2 modes) x dtypes x GPUs
     assert all(" 0 B spilled" in line for line in rows), "\n".join(rows)
-    assert "20 of 20 compiled; 0 spill registers" in done.stdout
+    assert "24 of 24 compiled; 0 spill registers" in done.stdout

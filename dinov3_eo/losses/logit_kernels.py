@@ -9,8 +9,9 @@ a float32 copy of the student's logits again in the cross-entropy: 26.5 GiB read
 op's tensors counted). Here the assignments stay factorised,
 ``p[i, k] = exp((t[i, k] − shift[k]) / T) · row_scale[i] · col_scale[k]``
 (:class:`~dinov3_eo.losses.sinkhorn.SinkhornAssignments`), and every kernel recomputes the exponential from the
-teacher's bf16 logits as it reads them: Sinkhorn reads them once per half-iteration, the cross-entropy's forward reads
-both networks' logits once and its backward once more while writing the gradient: 5.6 GiB at the same size.
+teacher's bf16 logits as it reads them: Sinkhorn reads them once per half-iteration (the prototypes' maxima and their
+first sums in one read), the cross-entropy's forward reads both networks' logits once and its backward once more
+while writing the gradient: 5.1 GiB at the same size.
 
 The same cross-entropy kernels serve the DINO terms with explicit targets (:func:`indexed_cross_entropy`): every
 student crop's row against the summed teacher rows it is compared with, gathered from a small float32 table.
@@ -36,6 +37,7 @@ except ImportError:  # pragma: no cover - depends on the platform
 __all__ = [
     "assignment_cross_entropy",
     "check_kernels_can_run",
+    "exp_column_sums",
     "exp_matvec",
     "indexed_cross_entropy",
     "triton_available",
@@ -76,6 +78,26 @@ def _exp_matvec_kernel(logits_ptr, shift_ptr, vec_ptr, partial_ptr, n_rows, n_co
     else:
         vec = tl.load(vec_ptr + rows, mask=row_ok, other=0.0)
         tl.store(partial_ptr + pid_m.to(tl.int64) * n_cols + cols, tl.sum(e * vec[:, None], axis=0), mask=col_ok)
+
+
+@_jit
+def _column_max_and_sum_kernel(logits_ptr, max_ptr, sum_ptr, n_rows, n_cols, exp2_scale,  # noqa: ANN001
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # one [BLOCK_M, BLOCK_K] tile: each column's maximum over the tile's rows, and the sum of exp2((x − that max) ·
+    # exp2_scale) over them, into row pid_m of the partial [n_row_blocks, n_cols] maxima and sums
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    ok = row_ok[:, None] & col_ok[None, :]
+    x = tl.load(logits_ptr + rows.to(tl.int64)[:, None] * n_cols + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    x = tl.where(row_ok[:, None], x, float("-inf"))  # every tile has a valid row; columns past the end stay 0
+    column_max = tl.max(x, axis=0)
+    column_sum = tl.sum(tl.exp2((x - column_max[None, :]) * exp2_scale), axis=0)  # exp2(-inf) = 0 for padded rows
+    offsets = pid_m.to(tl.int64) * n_cols + cols
+    tl.store(max_ptr + offsets, column_max, mask=col_ok)
+    tl.store(sum_ptr + offsets, column_sum, mask=col_ok)
 
 
 @_jit
@@ -219,6 +241,33 @@ def exp_matvec(logits: Tensor, shift: Tensor, temperature: float, vec: Tensor, *
         _LOG2E / temperature, OVER_COLS=not transpose, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=warps,
     )
     return partial.sum(dim=0)
+
+
+def exp_column_sums(logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Each column's maximum and ``Σ_i exp((logits[i, k] − max_k) / temperature)``, in one read of ``logits``.
+
+    Sinkhorn's shift and its first prototype sums (``Eᵀ·1``) together: each tile keeps its own column maxima and
+    sums relative to them, combined here (the sums rescaled to the overall maxima).
+
+    Args:
+        logits: [M, K] contiguous, any float dtype, M ≥ 1.
+        temperature: T > 0.
+
+    Returns:
+        ``column_max`` [K] and ``column_sum`` [K], float32.
+    """
+    check_kernels_can_run(logits.device)
+    _check_logits("logits", logits)
+    n_rows, n_cols = logits.shape
+    if n_rows == 0:
+        raise ValueError("exp_column_sums: logits have no rows, so no column has a maximum.")
+    block_m, block_k, warps = _MATVEC_BLOCK
+    grid = (triton.cdiv(n_rows, block_m), triton.cdiv(n_cols, block_k))
+    maxima, sums = (torch.empty((grid[0], n_cols), dtype=torch.float32, device=logits.device) for _ in range(2))
+    _column_max_and_sum_kernel[grid](logits, maxima, sums, n_rows, n_cols, _LOG2E / temperature, BLOCK_M=block_m,
+                                     BLOCK_K=block_k, num_warps=warps)
+    column_max = maxima.amax(dim=0)  # [K]
+    return column_max, (sums * torch.exp2((maxima - column_max) * (_LOG2E / temperature))).sum(dim=0)
 
 
 class _FusedCrossEntropy(torch.autograd.Function):

@@ -85,8 +85,8 @@ class SinkhornAssignments:
 def sinkhorn_assignments(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3, *,
                          group: Any = None) -> SinkhornAssignments:
     """:func:`sinkhorn_knopp` without its [B, K] result: the balancing scales, computed by Triton kernels that
-    read the logits once per half-iteration and never write ``exp(logits / T)`` (see
-    :mod:`~dinov3_eo.losses.logit_kernels`).
+    read the logits once per half-iteration (the prototypes' maxima in the first read) and never write
+    ``exp(logits / T)`` (see :mod:`~dinov3_eo.losses.logit_kernels`).
 
     Same arguments, errors and distributed behaviour as :func:`sinkhorn_knopp`; computed in float32 (float64 logits
     too). Needs CUDA tensors (or Triton's interpreter on a CPU).
@@ -95,36 +95,55 @@ def sinkhorn_assignments(teacher_logits: Tensor, teacher_temp: float, n_iteratio
         :class:`SinkhornAssignments` whose :meth:`~SinkhornAssignments.probabilities` equal
         :func:`sinkhorn_knopp`'s result to float32 rounding.
     """
-    from dinov3_eo.losses.logit_kernels import exp_matvec
+    from dinov3_eo.losses.logit_kernels import exp_column_sums, exp_matvec
 
-    _, n_total, shift = _check_and_shift(teacher_logits, teacher_temp, group)
+    _check_logits_and_temperature(teacher_logits, teacher_temp)
+    n_total = _total_rows(teacher_logits, group)
     logits = teacher_logits.contiguous()
-    shift = shift.float()
+    n_local, n_prototypes = logits.shape
     if n_total == 0:
-        ones = torch.ones(logits.shape[1], dtype=torch.float32, device=logits.device)
-        return SinkhornAssignments(logits, shift, float(teacher_temp), ones.new_empty(0), ones)
+        ones = torch.ones(n_prototypes, dtype=torch.float32, device=logits.device)
+        return SinkhornAssignments(logits, torch.zeros_like(ones), float(teacher_temp), ones.new_empty(0), ones)
+    # the prototypes' maxima and the first prototype sums (Eᵀ·1) in one read of the logits, the sums relative to
+    # this rank's maxima, then rescaled to the maxima over every rank
+    if n_local > 0:
+        local_max, local_sums = exp_column_sums(logits, teacher_temp)  # [K], [K]
+    else:
+        local_max = torch.full((n_prototypes,), float("-inf"), device=logits.device)
+        local_sums = torch.zeros(n_prototypes, device=logits.device)
+    shift = all_reduce_max(local_max, group)  # [K]
+    first_sums = local_sums * torch.exp((local_max - shift) / teacher_temp) if n_local > 0 else local_sums
     row_scale, col_scale = _balance(
         lambda c: exp_matvec(logits, shift, teacher_temp, c, transpose=True),
         lambda r: exp_matvec(logits, shift, teacher_temp, r, transpose=False),
-        logits.shape, n_total, n_iterations, group, torch.float32, logits.device,
+        logits.shape, n_total, n_iterations, group, torch.float32, logits.device, first_cols=first_sums,
     )
     return SinkhornAssignments(logits, shift, float(teacher_temp), row_scale, col_scale)
 
 
-def _check_and_shift(teacher_logits: Tensor, teacher_temp: float, group: Any) -> tuple[torch.dtype, float, Tensor]:
-    """The computation's dtype, the number of rows over ``group`` and each prototype's maximum logit [K]."""
+def _check_logits_and_temperature(teacher_logits: Tensor, teacher_temp: float) -> None:
     if teacher_logits.ndim != 2:
         raise ValueError(f"sinkhorn_knopp: teacher_logits must be [B, K], got shape {tuple(teacher_logits.shape)}.")
     if teacher_temp <= 0:
         raise ValueError(f"sinkhorn_knopp: teacher_temp must be > 0, got {teacher_temp}.")
+
+
+def _total_rows(teacher_logits: Tensor, group: Any) -> float:
+    """The number of rows over every rank of ``group``."""
+    n_local = teacher_logits.shape[0]
+    if is_dist() and world_size(group) > 1:
+        return float(all_reduce_sum(torch.tensor(float(n_local), device=teacher_logits.device), group).item())
+    return float(n_local)  # no process group: no device-to-host sync for a count the host already knows
+
+
+def _check_and_shift(teacher_logits: Tensor, teacher_temp: float, group: Any) -> tuple[torch.dtype, float, Tensor]:
+    """The computation's dtype, the number of rows over ``group`` and each prototype's maximum logit [K]."""
+    _check_logits_and_temperature(teacher_logits, teacher_temp)
     # fp32 at least (bf16/fp16 logits are upcast); fp64 input stays fp64. Half-precision logits are not copied to
     # fp32 first: the maximum is exact in their own dtype, and the subtraction promotes them in the same pass
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
     n_local, n_prototypes = teacher_logits.shape
-    if is_dist() and world_size(group) > 1:
-        n_total = float(all_reduce_sum(torch.tensor(float(n_local), device=teacher_logits.device), group).item())
-    else:
-        n_total = float(n_local)  # no process group: no device-to-host sync for a count the host already knows
+    n_total = _total_rows(teacher_logits, group)
     if n_total == 0:
         return dtype, n_total, teacher_logits.new_zeros(n_prototypes, dtype=dtype)
     if n_local > 0:
@@ -135,14 +154,14 @@ def _check_and_shift(teacher_logits: Tensor, teacher_temp: float, group: Any) ->
 
 
 def _balance(cols_times: Callable[[Tensor], Tensor], rows_times: Callable[[Tensor], Tensor], shape: torch.Size,
-             n_total: float, n_iterations: int, group: Any, dtype: torch.dtype,
-             device: torch.device) -> tuple[Tensor, Tensor]:
+             n_total: float, n_iterations: int, group: Any, dtype: torch.dtype, device: torch.device, *,
+             first_cols: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sinkhorn's alternating normalisations of ``Q = diag(c) · E · diag(r)`` kept as the two scale vectors.
 
     Each half-iteration is one matrix-vector product over E ([B_local, K], read through ``cols_times(c) = Eᵀc``
     and ``rows_times(r) = E r``) instead of a sum plus two divisions of the whole matrix (3x less memory traffic).
     The reference's initial division by the global sum is a scalar that the first prototype normalisation cancels
-    exactly, so it is left out.
+    exactly, so it is left out. ``first_cols``: ``Eᵀ·1`` on this rank when the caller has it already.
 
     Returns:
         ``row_scale`` [B_local] and ``col_scale`` [K] (``r · n_total``) with ``diag(row_scale) · E ·
@@ -152,7 +171,8 @@ def _balance(cols_times: Callable[[Tensor], Tensor], rows_times: Callable[[Tenso
     tiny = torch.finfo(dtype).tiny  # only guards a sample whose every logit underflowed
     c = torch.ones(n_local, dtype=dtype, device=device)  # [B_local] per-sample scale
     r = torch.ones(n_prototypes, dtype=dtype, device=device)
-    for _ in range(n_iterations):
-        r = 1.0 / (n_prototypes * all_reduce_sum(cols_times(c), group))  # [K]: every prototype's mass -> 1/K
+    for iteration in range(n_iterations):
+        cols = first_cols if iteration == 0 and first_cols is not None else cols_times(c)  # c = 1 at first
+        r = 1.0 / (n_prototypes * all_reduce_sum(cols, group))  # [K]: every prototype's mass -> 1/K
         c = 1.0 / (n_total * rows_times(r).clamp_min(tiny))  # [B_local]: every sample's mass -> 1/B
     return c, r * n_total
