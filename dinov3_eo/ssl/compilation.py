@@ -167,7 +167,7 @@ def check_logit_kernels(kernels: Any) -> str:
     """
     if kernels not in LOGIT_KERNELS:
         raise ValueError(f"logit_kernels must be 'torch' (eager or compiled torch ops) or 'triton' (fused kernels "
-                         f"that never write the iBOT assignments; CUDA only), got {kernels!r}.")
+                         f"of the iBOT and DINO terms; CUDA only), got {kernels!r}.")
     return kernels
 
 

@@ -107,7 +107,7 @@ class DINOv3Distill(SSLStage):
         compile: ``True``: ``torch.compile`` every block and head (teacher, students, their EMAs) and the logit
             losses when training starts; ``"losses"``: the logit losses alone, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
-        logit_kernels: ``"triton"``: the iBOT term as fused Triton kernels (CUDA only), as in
+        logit_kernels: ``"triton"``: the iBOT and DINO terms as fused Triton kernels (CUDA only), as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
     """

@@ -62,8 +62,9 @@ class DINOv3Pretrain(SSLStage):
             losses over the iBOT logits; ``"losses"``: those two losses alone (see :mod:`dinov3_eo.ssl.compilation`).
             The first steps take longer while each input shape compiles.
         logit_kernels: ``"triton"``: the iBOT term's Sinkhorn–Knopp and cross-entropy run as fused Triton kernels
-            that never write the [masked tokens, K] assignments (CUDA only, :mod:`dinov3_eo.losses.logit_kernels`);
-            ``"torch"`` (default): torch ops, eager or compiled with ``compile``.
+            that never write the [masked tokens, K] assignments, and the DINO terms as one of those cross-entropies
+            over every crop (CUDA only, :mod:`dinov3_eo.losses.logit_kernels`); ``"torch"`` (default): torch ops,
+            eager or compiled with ``compile``.
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).

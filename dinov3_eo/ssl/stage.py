@@ -190,13 +190,14 @@ class SSLStage(TrainModesAtFitStart):
     :func:`step_schedule` plus ``base_lr``, ``scale_lr_with_batch``, ``adamw_betas``, ``layerwise_decay``,
     ``patch_embed_lr_mult``, ``clip_grad`` and ``seed``; an optional ``compile`` hyper-parameter compiles every block
     and head, and the logit losses, when a fit starts (:mod:`dinov3_eo.ssl.compilation`), and an optional
-    ``logit_kernels`` one runs the iBOT term as Triton kernels (:func:`~dinov3_eo.ssl.compilation.logit_losses_for`).
+    ``logit_kernels`` one runs the iBOT and DINO terms as Triton kernels
+    (:func:`~dinov3_eo.ssl.compilation.logit_losses_for`).
     """
 
     #: batches of the interrupted epoch already trained on when resuming (skipped, see on_train_start)
     _resume_batches: int = 0
-    #: Sinkhorn–Knopp and the iBOT loss as a step calls them; :meth:`on_fit_start` sets them up from ``compile`` and
-    #: ``logit_kernels``
+    #: Sinkhorn–Knopp, the iBOT loss and the DINO terms as a step calls them; :meth:`on_fit_start` sets them up from
+    #: ``compile`` and ``logit_kernels``
     logit_losses: LogitLosses = LogitLosses()
 
     # ------------------------------------------------------------------ what subclasses provide
@@ -287,7 +288,7 @@ class SSLStage(TrainModesAtFitStart):
         if self.logit_losses == LogitLosses():  # not yet set up (a second fit keeps its compiled graphs)
             self.logit_losses = logit_losses_for(compile=bool(mode), kernels=kernels, device=self.device)
             if kernels == "triton":
-                log.info("logit_kernels: the iBOT targets and cross-entropy run as Triton kernels.")
+                log.info("logit_kernels: the iBOT and DINO terms run as Triton kernels.")
 
     # ------------------------------------------------------------------ exact resumption
 
