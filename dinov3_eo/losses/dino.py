@@ -64,18 +64,30 @@ def dino_cross_entropy(
             "dino_cross_entropy: expected student_logits [S, B, K] and teacher_probs [T, B, K] with equal B and K, "
             f"got {tuple(student_logits.shape)} and {tuple(teacher_probs.shape)}."
         )
-    n_student, batch, _ = student_logits.shape
-    n_teacher = teacher_probs.shape[0]
     pair_ce = pair_cross_entropies(student_logits, teacher_probs, student_temp)  # [S, T]
-    n_pairs = n_student * n_teacher
+    return mean_over_pairs(pair_ce, student_logits.shape[1], ignore_diagonal=ignore_diagonal)
+
+
+def crop_pairs(n_student: int, n_teacher: int, *, ignore_diagonal: bool) -> int:
+    """Student/teacher crop pairs of one image: ``S·T``, less the ``min(S, T)`` same-crop pairs with
+    ``ignore_diagonal``."""
+    return n_student * n_teacher - (min(n_student, n_teacher) if ignore_diagonal else 0)
+
+
+def mean_over_pairs(pair_ce: Tensor, batch: int, *, ignore_diagonal: bool) -> Tensor:
+    """Mean of [S, T] pair cross-entropies (each summed over ``batch`` images) over the counted pairs and images.
+
+    Raises:
+        ValueError: if no pair is left.
+    """
+    n_student, n_teacher = pair_ce.shape
+    n_pairs = crop_pairs(n_student, n_teacher, ignore_diagonal=ignore_diagonal)
+    if n_pairs == 0:
+        raise ValueError(f"dino_cross_entropy: no crop pairs left ({n_student} student, {n_teacher} teacher crops).")
     if ignore_diagonal:
-        n_diag = min(n_student, n_teacher)
         # zeroed, not indexed out: a boolean index would read the mask back from the device (a GPU sync per step)
         same_crop = torch.eye(n_student, n_teacher, dtype=torch.bool, device=pair_ce.device)
         pair_ce = pair_ce.masked_fill(same_crop, 0.0)
-        n_pairs -= n_diag
-    if n_pairs == 0:
-        raise ValueError(f"dino_cross_entropy: no crop pairs left ({n_student} student, {n_teacher} teacher crops).")
     return pair_ce.sum() / (batch * n_pairs)
 
 
@@ -174,15 +186,13 @@ def dino_losses_stacked(
     n_crops = n_global + n_local
     pair = pair_cross_entropies(student_logits.view(n_crops, batch_size, -1),
                                 teacher_probs.view(n_global, batch_size, -1), student_temp)  # [G + L, G]
-    # same crop zeroed, not indexed out: a boolean index would read the mask back from the device (a sync)
-    same_crop = torch.eye(n_global, dtype=torch.bool, device=pair.device)
-    global_loss = pair[:n_global].masked_fill(same_crop, 0.0).sum() / (batch_size * n_global * (n_global - 1))
-    local_loss = pair[n_global:].sum() / (batch_size * n_local * n_global) if n_local else None
+    global_loss = mean_over_pairs(pair[:n_global], batch_size, ignore_diagonal=True)
+    local_loss = mean_over_pairs(pair[n_global:], batch_size, ignore_diagonal=False) if n_local else None
     return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
 
 def dino_crop_targets(teacher_probs: Tensor, batch_size: int) -> Tensor:
-    """Each student crop's summed DINO target, as a table and a row index, for a cross-entropy per student row.
+    """Each student crop's summed DINO target, as rows of a table, for one cross-entropy per student row.
 
     Student crop ``s`` of image ``b`` is compared with every teacher global crop ``t ≠ s`` of the image, so its
     summed cross-entropy is one cross-entropy against ``Σ_{t≠s} p[t, b]`` (target mass G − 1 for a global crop,
@@ -229,8 +239,9 @@ def dino_losses_fused(
     table = dino_crop_targets(teacher_probs, batch_size)
     index = dino_target_index(n_global, batch_size, n_local, device=student_logits.device)
     ce = indexed_cross_entropy(student_logits.contiguous(), table, index, student_temp=student_temp)  # [(G+L)·B]
-    global_loss = ce[:n_global_rows].sum() / (batch_size * n_global * (n_global - 1))
-    local_loss = ce[n_global_rows:].sum() / (batch_size * n_local * n_global) if n_local else None
+    global_loss = ce[:n_global_rows].sum() / (batch_size * crop_pairs(n_global, n_global, ignore_diagonal=True))
+    local_loss = (ce[n_global_rows:].sum() / (batch_size * crop_pairs(n_local, n_global, ignore_diagonal=False))
+                  if n_local else None)
     return DinoLossTerms(global_loss, local_loss, n_global, n_local)
 
 

@@ -155,7 +155,7 @@ def compile_logit_losses(**compile_kwargs: Any) -> LogitLosses:
     return LogitLosses(compiled_sinkhorn, torch.compile(ibot_loss, **kwargs), compiled_sinkhorn, dino_losses_stacked)
 
 
-#: the values of the stages' ``logit_kernels`` argument: how the iBOT term's Sinkhorn and cross-entropy run
+#: the values of the stages' ``logit_kernels`` argument: how the iBOT and DINO terms over the heads' logits run
 LOGIT_KERNELS: tuple[str, ...] = ("torch", "triton")
 
 
