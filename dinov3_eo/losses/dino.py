@@ -7,7 +7,9 @@ collate). ``logits.view(n_crops, B, K)`` therefore recovers [crop, image, protot
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
+from functools import reduce
 
 import torch
 import torch.nn.functional as F
@@ -209,7 +211,9 @@ def dino_crop_targets(teacher_probs: Tensor, batch_size: int) -> Tensor:
     """
     n_global = teacher_probs.shape[0] // batch_size
     p = teacher_probs.view(n_global, batch_size, -1).to(torch.promote_types(teacher_probs.dtype, torch.float32))
-    others = [p[[t for t in range(n_global) if t != s]].sum(dim=0) for s in range(n_global)]  # [B, K] each
+    # summed crop by crop over views of p: an index list would be copied to the GPU (a sync mid-step)
+    rest = [[p[t] for t in range(n_global) if t != s] for s in range(n_global)]
+    others = [reduce(operator.add, rows) if rows else torch.zeros_like(p[0]) for rows in rest]  # [B, K] each
     return torch.cat([p.sum(dim=0)] + others)  # [(1 + G)·B, K]
 
 
