@@ -26,7 +26,7 @@ from pathlib import Path
 #: gpu_pretrain_check.py: the module's default first, then tiles with fewer and more elements per thread
 TILES = {
     "_MATVEC_BLOCK": [(64, 128, 8), (32, 256, 8), (8, 512, 4), (16, 512, 8), (64, 256, 8)],
-    "_FORWARD_BLOCK": [(2, 1024, 8), (1, 2048, 8), (4, 512, 8), (1, 1024, 4), (4, 1024, 4)],
+    "_FORWARD_BLOCK": [(4, 1024, 4), (2, 1024, 8), (1, 2048, 8), (4, 512, 8), (1, 1024, 4)],
     "_BACKWARD_BLOCK": [(4, 512, 8), (4, 256, 4), (8, 256, 8), (8, 512, 8), (16, 512, 8)],
 }
 #: each kernel and the tile setting it launches with
