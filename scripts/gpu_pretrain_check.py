@@ -392,11 +392,15 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_compiled_losses", lambda: step_overhead_224(device, compile="losses")),
                   ("step_overhead_224_compiled", lambda: step_overhead_224(device, compile=True)),
                   ("step_overhead_224_triton", lambda: step_overhead_224(device, compile="losses", **triton)),
+                  ("step_overhead_224_triton_eager", lambda: step_overhead_224(device, **triton)),
+                  ("step_overhead_224_vitb16_triton", lambda: step_overhead_224(device, arch="vitb16", **triton)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
                   ("profile_triton", lambda: step_profile(device, out_dir, compile="losses", **triton)),
+                  ("profile_triton_eager", lambda: step_profile(device, out_dir, **triton)),
                   ("views_profile", lambda: views_profile(device, out_dir)),
-                  ("stages", lambda: later_stages(pack_dir, device, tmp))] + stages
+                  ("stages", lambda: later_stages(pack_dir, device, tmp)),
+                  ("stages_triton", lambda: later_stages(pack_dir, device, tmp, **triton))] + stages
     else:
         import tempfile
 
@@ -415,15 +419,17 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         save()
 
 
-def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> dict[str, float]:
-    """Gram, high-resolution and distillation stages for a few bf16 steps on the GPU: they run and stay finite."""
+def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16",
+                 logit_kernels: str = "torch") -> dict[str, float]:
+    """Gram, high-resolution and distillation stages for a few bf16 steps on the GPU: they run and stay finite (with
+    ``logit_kernels`` as the stages' option of that name)."""
     import lightning as L
 
     from dinov3_eo.ssl.distill import DINOv3Distill
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     small = dict(dino_out_dim=4096, ibot_out_dim=4096, global_crop_size=112, local_crop_size=48, n_local_crops=4,
-                 scale_lr_with_batch=False, lr_warmup_steps=1)
+                 scale_lr_with_batch=False, lr_warmup_steps=1, logit_kernels=logit_kernels)
     data = torch.utils.data.DataLoader(GPUTiles(pack_dir, 32, device), batch_size=None, num_workers=0)
     result = {}
     stages = {
@@ -446,13 +452,14 @@ def later_stages(pack_dir: str, device: str, tmp: str, arch: str = "vits16") -> 
         start = time.perf_counter()
         loss = fit_four_steps(module)
         result[f"{name}_loss"], result[f"{name}_s_per_step"] = loss, (time.perf_counter() - start) / 4
-        print(f"[stages] {name}: 4 bf16 steps, last loss {loss:.3f} (finite: {math.isfinite(loss)})", flush=True)
+        print(f"[stages] {name} ({logit_kernels} logit losses): 4 bf16 steps, last loss {loss:.3f} (finite: {math.isfinite(loss)})", flush=True)
     teacher = Path(tmp) / "teacher.ckpt"
     torch.save({"state_dict": module.state_dict(), "dinov3_eo": module.backbone_meta().to_dict()}, teacher)
     distill = DINOv3Distill(teacher=str(teacher), students=["vitt16", "vitt16"], global_crop_size=112,
-                            local_crop_size=48, n_local_crops=4, scale_lr_with_batch=False)
+                            local_crop_size=48, n_local_crops=4, scale_lr_with_batch=False,
+                            logit_kernels=logit_kernels)
     result["distill_loss"] = fit_four_steps(distill)
-    print(f"[stages] distill {arch} -> 2 x ViT-T: 4 steps, last loss {result['distill_loss']:.3f}", flush=True)
+    print(f"[stages] distill {arch} -> 2 x ViT-T ({logit_kernels} logit losses): 4 steps, last loss {result['distill_loss']:.3f}", flush=True)
     if device == "cuda":
         torch.cuda.empty_cache()
     return result
@@ -479,6 +486,9 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,
                                                                  local_size=96, autocast=autocast)))
     per_op: dict[str, dict[str, float]] = {}
+    host_per_op: dict[str, dict[str, float]] = {}
+    calls: dict[str, dict[str, int]] = {}
+    tables = []
     totals = {}
     for name, fn in work.items():
         fn(), fn()
@@ -490,21 +500,40 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
             if cuda:
                 torch.cuda.synchronize()
         events = prof.key_averages()
-        table = events.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
-        if out_dir:
-            (Path(out_dir) / f"step_profile_{name}{suffix}.txt").write_text(table)
+        tables.append(f"{name}:\n" + events.table(sort_by=f"self_{'cuda' if cuda else 'cpu'}_time_total", row_limit=40))
         # a kernel's time shows twice: on its own row and as the self time of the op that launched it; the totals
         # take the kernel rows, the per-op additions the op rows
         kernels = [e for e in events if e.device_type != DeviceType.CPU] if cuda else list(events)
         totals[name] = sum(getattr(e, key, 0) for e in kernels) / 1e3
-        per_op[name] = {e.key: getattr(e, key, 0) / 1e3 for e in events if e.device_type == DeviceType.CPU}
+        ops = [e for e in events if e.device_type == DeviceType.CPU]
+        per_op[name] = {e.key: getattr(e, key, 0) / 1e3 for e in ops}
+        host_per_op[name] = {e.key: e.self_cpu_time_total / 1e3 for e in ops}
+        calls[name] = {e.key: e.count for e in ops}
     added = {op: ms - per_op["backbone"].get(op, 0.0) for op, ms in per_op["full"].items()}
     top = sorted(added.items(), key=lambda item: -abs(item[1]))[:16]
+    # every op the full step adds: device time (what the kernel-time ratio counts) and host time (what a launch-bound
+    # step's wall time follows), with the extra calls
+    rows = []
+    for op in set(per_op["full"]) | set(per_op["backbone"]):
+        rows.append((per_op["full"].get(op, 0.0) - per_op["backbone"].get(op, 0.0),
+                     host_per_op["full"].get(op, 0.0) - host_per_op["backbone"].get(op, 0.0),
+                     calls["full"].get(op, 0) - calls["backbone"].get(op, 0), op))
+    lines = [f"{'device ms':>10} {'host ms':>9} {'calls':>6}  op (full step minus backbone-only work)"]
+    lines += [f"{device_ms:10.3f} {host_ms:9.3f} {extra:6d}  {op}"
+              for device_ms, host_ms, extra, op in sorted(rows, key=lambda row: (-abs(row[0]), -abs(row[1])))
+              if abs(device_ms) >= 0.005 or abs(host_ms) >= 0.05 or extra]
+    host = {name: sum(ms.values()) for name, ms in host_per_op.items()}
+    lines.insert(0, f"host time of the ops: full step {host['full']:.1f} ms, backbone-only work {host['backbone']:.1f} ms")
+    if out_dir:
+        (Path(out_dir) / f"step_profile{suffix}.txt").write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables))
     print(f"[profile] {'device' if cuda else 'CPU'} time: full step {totals['full']:.1f} ms, backbone-only work "
           f"{totals['backbone']:.1f} ms; the full step adds: " + ", ".join(f"{op[:50]} {ms:+.2f}" for op, ms in top),
           flush=True)
     unit = "device_ms" if cuda else "cpu_ms"
-    result = {unit: totals["full"], f"backbone_{unit}": totals["backbone"], "added_ms": dict(top)}
+    print(f"[profile] host time of the ops: full step {host['full']:.1f} ms, backbone-only work {host['backbone']:.1f} ms",
+          flush=True)
+    result = {unit: totals["full"], f"backbone_{unit}": totals["backbone"], "added_ms": dict(top),
+              "host_ms": host["full"], "backbone_host_ms": host["backbone"]}
     if cuda:  # every host-device synchronisation inside the step (a launch-bound step stalls at each), and where
         import warnings
 
@@ -578,10 +607,11 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
     return result
 
 
-def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False, **module_kwargs) -> dict[str, float]:
+def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False, arch: str = "vits16",
+                      **module_kwargs) -> dict[str, float]:
     from bench_pretrain import step_overhead
 
-    result = step_overhead("vits16", batch, 5, device=device, bf16=True, compile=compile, **module_kwargs)
+    result = step_overhead(arch, batch, 5, device=device, bf16=True, compile=compile, **module_kwargs)
     torch.cuda.empty_cache()
     return result
 
