@@ -59,11 +59,13 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     module's ``on_before_batch_transfer`` on the host before it moves to ``device``, as in a fit: being fully valid,
     it arrives with ``valid=None``, so the crops render no masks (a device-side all-True mask would make them).
     ``compile`` compiles every block and head and the two logit losses (``True``) or the losses alone
-    (``"losses"``), as ``model.compile`` does when a fit starts.
+    (``"losses"``), as ``model.compile`` does when a fit starts. ``logit_kernels`` is ``"torch"`` unless given (the
+    module's ``"auto"`` would pick the Triton kernels on a GPU): each check names the variant it times.
     """
     from dinov3_eo.ssl.module import DINOv3Pretrain
 
     torch.manual_seed(0)
+    module_kwargs.setdefault("logit_kernels", "torch")
     module = DINOv3Pretrain(backbone=arch, global_crop_size=global_size, local_crop_size=local_size,
                             n_local_crops=n_local, compile=compile, **module_kwargs).to(device)
     module._total_steps = lambda: 1000  # type: ignore[method-assign]  # schedules need a length outside a Trainer
@@ -132,7 +134,7 @@ def step_and_backbone_work(module, optimizer, data: dict, *, global_size: int, l
 
 def step_variant(compile: bool | str = False, logit_kernels: str = "torch") -> str:
     """How a timed step runs besides eager torch ops, for its labels ("" when it does not): e.g. ``"logit losses
-    compiled, triton logit kernels"``."""
+    compiled, triton logit kernels"`` (``logit_kernels`` as a stage resolved it, ``logit_kernels_in_use``)."""
     parts = [{True: "compiled", "losses": "logit losses compiled"}.get(compile, "")]
     parts.append("triton logit kernels" if logit_kernels == "triton" else "")
     return ", ".join(part for part in parts if part)
@@ -228,7 +230,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     paired = sorted(f / b for f, b in zip(fulls, backbones))
     paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
-    variant = step_variant(compile, module_kwargs.get("logit_kernels", "torch")) or "eager"
+    variant = step_variant(compile, module.logit_kernels_in_use) or "eager"
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
           f"{device}{' bf16' if bf16 else ''}, {variant}, {repeats} alternating repeats "
           f"(warm-up {warm_up_s:.1f} s):")

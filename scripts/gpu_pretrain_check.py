@@ -284,7 +284,8 @@ def learning_check(pack_dir: str, minutes: float, batch: int, device: str, globa
 
     # the short-run recipe (SHORT_RUN) with the lr that learnt best in three runs side by side on an H100
     # (sqrt-scaled 5e-4 at batch 256; 1e-3 and 2e-3 learnt less, README)
-    recipe = {**dict(scale_lr_with_batch=True, base_lr=2.5e-4, layerwise_decay=0.9, clip_grad=3.0, n_local_crops=8),
+    recipe = {**dict(scale_lr_with_batch=True, base_lr=2.5e-4, layerwise_decay=0.9, clip_grad=3.0, n_local_crops=8,
+                     logit_kernels="auto"),  # as a fit: the Triton kernels on a GPU
               **SHORT_RUN, **json.loads(os.environ.get("GPU_CHECK_RECIPE", "{}"))}  # e.g. '{"dino_out_dim": 16384}'
     print(f"[learn] recipe: {recipe}", flush=True)
     # the step time of this exact configuration sets the step count, so the cosine schedules end with the budget
@@ -480,7 +481,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     cuda = device == "cuda"
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile, **module_kwargs)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
-    variant = step_variant(compile, module_kwargs.get("logit_kernels", "torch"))
+    variant = step_variant(compile, module.logit_kernels_in_use)
     suffix = "_" + variant.replace(", ", "_").replace(" ", "_") if variant else ""
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,

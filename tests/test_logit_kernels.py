@@ -33,7 +33,7 @@ from dinov3_eo.losses.logit_kernels import (
     exp_matvec,
     indexed_cross_entropy,
 )
-from dinov3_eo.ssl.compilation import LogitLosses, logit_losses_for
+from dinov3_eo.ssl.compilation import LogitLosses, logit_losses_for, resolve_logit_kernels
 from dinov3_eo.ssl.module import DINOv3Pretrain
 
 pytestmark = pytest.mark.skipif(
@@ -260,7 +260,7 @@ def test_a_stage_with_triton_logit_kernels_computes_the_same_step() -> None:
 
 
 def test_unusable_kernels_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(ValueError, match="logit_kernels must be 'torch'"):
+    with pytest.raises(ValueError, match="logit_kernels must be 'auto'.*'torch'.*'triton'"):
         DINOv3Pretrain(backbone="vitmicro16", logit_kernels="cuda")
     with pytest.raises(ValueError, match="contiguous \\[M, K\\]"):
         exp_matvec(torch.zeros(4, 3).t(), torch.zeros(4), 0.1, torch.ones(4), transpose=False)
@@ -277,6 +277,23 @@ def test_unusable_kernels_are_refused_clearly(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(logit_kernels, "triton", None)
     with pytest.raises(RuntimeError, match="needs the 'triton' package"):
         check_kernels_can_run(torch.device("cuda"))
+
+
+def test_auto_takes_the_kernels_on_a_cuda_device_with_triton_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stages' default: the kernels where they run compiled (CUDA with triton), torch ops anywhere else, the CPU
+    included even with Triton's interpreter on (a test aid, 100x slower than torch)."""
+    assert resolve_logit_kernels("auto", "cuda") == "triton"
+    assert resolve_logit_kernels("auto", torch.device("cuda", 1)) == "triton"
+    assert resolve_logit_kernels("auto", "cpu") == "torch"
+    assert resolve_logit_kernels("torch", "cuda") == "torch" and resolve_logit_kernels("triton", "cpu") == "triton"
+    module = DINOv3Pretrain(backbone="vitmicro16", dino_out_dim=64, dino_hidden_dim=32, dino_bottleneck_dim=16,
+                            ibot_out_dim=64, ibot_hidden_dim=32, ibot_bottleneck_dim=16)
+    assert module.hparams.logit_kernels == "auto"
+    module._total_steps = lambda: 10  # type: ignore[method-assign]  # schedules need a length outside a Trainer
+    module.on_fit_start()
+    assert module.logit_kernels_in_use == "torch" and module.logit_losses.dino_losses is dino_losses_stacked
+    monkeypatch.setattr(logit_kernels, "triton", None)  # a CUDA machine without triton (e.g. Windows wheels)
+    assert resolve_logit_kernels("auto", "cuda") == "torch"
 
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -55,6 +55,7 @@ __all__ = [
     "compile_regions",
     "is_compiled",
     "logit_losses_for",
+    "resolve_logit_kernels",
 ]
 
 #: the values of the stages' ``compile`` argument: off, every block and head and the logit losses, the losses alone
@@ -156,7 +157,7 @@ def compile_logit_losses(**compile_kwargs: Any) -> LogitLosses:
 
 
 #: the values of the stages' ``logit_kernels`` argument: how the iBOT and DINO terms over the heads' logits run
-LOGIT_KERNELS: tuple[str, ...] = ("torch", "triton")
+LOGIT_KERNELS: tuple[str, ...] = ("auto", "torch", "triton")
 
 
 def check_logit_kernels(kernels: Any) -> str:
@@ -166,9 +167,21 @@ def check_logit_kernels(kernels: Any) -> str:
         ValueError: naming the accepted values.
     """
     if kernels not in LOGIT_KERNELS:
-        raise ValueError(f"logit_kernels must be 'torch' (eager or compiled torch ops) or 'triton' (fused kernels "
-                         f"of the iBOT and DINO terms; CUDA only), got {kernels!r}.")
+        raise ValueError(f"logit_kernels must be 'auto' (triton on a CUDA device where triton imports, else torch), "
+                         f"'torch' (eager or compiled torch ops) or 'triton' (fused kernels of the iBOT and DINO "
+                         f"terms; CUDA only), got {kernels!r}.")
     return kernels
+
+
+def resolve_logit_kernels(kernels: str, device: torch.device | str) -> str:
+    """``"torch"`` or ``"triton"``: what ``kernels`` (:data:`LOGIT_KERNELS`) runs on ``device``. ``"auto"`` takes the
+    Triton kernels on a CUDA device where triton imports (2.4x faster than the compiled torch path and 8x less memory
+    on an H100, README), torch ops anywhere else, the CPU included (where triton only runs in its interpreter)."""
+    from dinov3_eo.losses.logit_kernels import triton_available
+
+    if check_logit_kernels(kernels) != "auto":
+        return kernels
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
 
 
 def logit_losses_for(*, compile: bool, kernels: str, device: torch.device | str) -> LogitLosses:
@@ -186,7 +199,7 @@ def logit_losses_for(*, compile: bool, kernels: str, device: torch.device | str)
     from dinov3_eo.losses.logit_kernels import check_kernels_can_run
 
     base = compile_logit_losses() if compile else LogitLosses()
-    if check_logit_kernels(kernels) == "torch":
+    if resolve_logit_kernels(kernels, device) == "torch":
         return base
     check_kernels_can_run(torch.device(device))
     return LogitLosses(base.sinkhorn_knopp, ibot_loss, sinkhorn_assignments, dino_losses_fused)

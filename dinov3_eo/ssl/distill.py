@@ -107,7 +107,8 @@ class DINOv3Distill(SSLStage):
         compile: ``True``: ``torch.compile`` every block and head (teacher, students, their EMAs) and the logit
             losses when training starts; ``"losses"``: the logit losses alone, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
-        logit_kernels: ``"triton"``: the iBOT and DINO terms as fused Triton kernels (CUDA only), as in
+        logit_kernels: ``"triton"``: the iBOT and DINO terms as fused Triton kernels (CUDA only), ``"torch"``:
+            torch ops, ``"auto"`` (default): triton on a CUDA device where triton imports, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
     """
@@ -156,7 +157,7 @@ class DINOv3Distill(SSLStage):
         koleo_loss_weight: float = 0.1,
         local_loss_weight: float = 1.0,
         compile: CompileMode = False,
-        logit_kernels: Literal["torch", "triton"] = "torch",
+        logit_kernels: Literal["auto", "torch", "triton"] = "auto",
         seed: int = 0,
     ) -> None:
         super().__init__()

@@ -63,8 +63,9 @@ class DINOv3Pretrain(SSLStage):
             The first steps take longer while each input shape compiles.
         logit_kernels: ``"triton"``: the iBOT term's Sinkhorn–Knopp and cross-entropy run as fused Triton kernels
             that never write the [masked tokens, K] assignments, and the DINO terms as one of those cross-entropies
-            over every crop (CUDA only, :mod:`dinov3_eo.losses.logit_kernels`); ``"torch"`` (default): torch ops,
-            eager or compiled with ``compile``.
+            over every crop (CUDA only, :mod:`dinov3_eo.losses.logit_kernels`); ``"torch"``: torch ops, eager or
+            compiled with ``compile``; ``"auto"`` (default): triton on a CUDA device where triton imports, else torch
+            (:func:`~dinov3_eo.ssl.compilation.resolve_logit_kernels`).
         dino_out_dim, dino_hidden_dim, dino_bottleneck_dim: DINO head (official 65,536 / 2048 / 256).
         ibot_out_dim, ibot_hidden_dim, ibot_bottleneck_dim: iBOT head (separate head, same defaults).
         head_nlayers: MLP layers of both heads (3).
@@ -118,7 +119,7 @@ class DINOv3Pretrain(SSLStage):
         init_from: str | None = None,
         grad_checkpointing: bool = False,
         compile: CompileMode = False,
-        logit_kernels: Literal["torch", "triton"] = "torch",
+        logit_kernels: Literal["auto", "torch", "triton"] = "auto",
         dino_out_dim: int = 65536,
         dino_hidden_dim: int = 2048,
         dino_bottleneck_dim: int = 256,

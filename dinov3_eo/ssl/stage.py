@@ -21,7 +21,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dinov3_eo.ssl.compilation import LogitLosses, check_compile_toolchain, compile_regions, logit_losses_for
+from dinov3_eo.ssl.compilation import (
+    LogitLosses,
+    check_compile_toolchain,
+    compile_regions,
+    logit_losses_for,
+    resolve_logit_kernels,
+)
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
@@ -199,6 +205,9 @@ class SSLStage(TrainModesAtFitStart):
     #: Sinkhorn–Knopp, the iBOT loss and the DINO terms as a step calls them; :meth:`on_fit_start` sets them up from
     #: ``compile`` and ``logit_kernels``
     logit_losses: LogitLosses = LogitLosses()
+    #: ``"torch"`` or ``"triton"``: what the ``logit_kernels`` option (``"auto"`` included) runs on the stage's device,
+    #: set when a fit starts
+    logit_kernels_in_use: str = "torch"
 
     # ------------------------------------------------------------------ what subclasses provide
 
@@ -279,15 +288,16 @@ class SSLStage(TrainModesAtFitStart):
         super().on_fit_start()
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         mode = getattr(self.hparams, "compile", False)
-        kernels = getattr(self.hparams, "logit_kernels", "torch")
+        self.logit_kernels_in_use = resolve_logit_kernels(getattr(self.hparams, "logit_kernels", "torch"), self.device)
         if mode:
             check_compile_toolchain(self.device)
             count = compile_regions(self) if mode is True else 0  # "losses": the logit losses alone
             log.info("torch.compile: %d blocks and heads and the logit losses compiled (each input shape compiles "
                      "on its first step).", count)
         if self.logit_losses == LogitLosses():  # not yet set up (a second fit keeps its compiled graphs)
-            self.logit_losses = logit_losses_for(compile=bool(mode), kernels=kernels, device=self.device)
-            if kernels == "triton":
+            self.logit_losses = logit_losses_for(compile=bool(mode), kernels=self.logit_kernels_in_use,
+                                                 device=self.device)
+            if self.logit_kernels_in_use == "triton":
                 log.info("logit_kernels: the iBOT and DINO terms run as Triton kernels.")
 
     # ------------------------------------------------------------------ exact resumption
