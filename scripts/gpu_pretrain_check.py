@@ -17,10 +17,12 @@ on the GPU machine, needs only torch, lightning, numpy and kornia, and prints an
 3. step overhead (as ``bench_pretrain.py`` on the CPU): one full SSL step vs the backbone work it cannot avoid,
    ViT-S, batch 64, 2x224 + 8x96 crops, 65,536-prototype heads, bf16; at batch 256; and at batch 64 with every
    block and head compiled (``model.compile: true``, the backbone-only work compiled alike) and with the logit
-   losses compiled alone (``model.compile: losses``, the backbone-only work eager), and with the iBOT term as Triton
-   kernels (``model.logit_kernels: triton``, the DINO Sinkhorn compiled);
-4. the Gram, high-resolution and distillation stages for 4 bf16 steps each, a kernel profile of one SSL step, and
-   the crops' time on the host vs on the device (``views_profile``);
+   losses compiled alone (``model.compile: losses``, the backbone-only work eager), and with the iBOT and DINO terms
+   as Triton kernels (``model.logit_kernels: triton``; with the rest of the losses compiled, eager, for ViT-B, and
+   at batch 128);
+4. the Gram, high-resolution and distillation stages for 4 bf16 steps each (torch and Triton logit losses), kernel
+   profiles of one SSL step (every op's extra device and host time in one file per variant), and the crops' time on
+   the host vs on the device (``views_profile``);
 5. the learning check: ``vits16`` pretrained with Lightning (``bf16-mixed``) for ``--minutes`` on the same data as
    the CPU check (Landsat-8 tiles of the ``_RT`` scene with nodata 0 and percentile normalisation, plus the 1,400
    EuroSAT train chips), then EuroSAT k-NN (k=20) of the teacher's CLS against random weights and colour histograms.
@@ -395,10 +397,12 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_triton", lambda: step_overhead_224(device, compile="losses", **triton)),
                   ("step_overhead_224_triton_eager", lambda: step_overhead_224(device, **triton)),
                   ("step_overhead_224_vitb16_triton", lambda: step_overhead_224(device, arch="vitb16", **triton)),
+                  ("step_overhead_224_b128_triton", lambda: step_overhead_224(device, batch=128, **triton)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
                   ("profile_triton", lambda: step_profile(device, out_dir, compile="losses", **triton)),
                   ("profile_triton_eager", lambda: step_profile(device, out_dir, **triton)),
+                  ("profile_b128_triton", lambda: step_profile(device, out_dir, batch=128, **triton)),
                   ("views_profile", lambda: views_profile(device, out_dir)),
                   ("stages", lambda: later_stages(pack_dir, device, tmp)),
                   ("stages_triton", lambda: later_stages(pack_dir, device, tmp, **triton))] + stages
@@ -482,7 +486,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     module, optimizer, data = ssl_step_setup(arch, batch, device=device, compile=compile, **module_kwargs)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)
     variant = step_variant(compile, module.logit_kernels_in_use)
-    suffix = "_" + variant.replace(", ", "_").replace(" ", "_") if variant else ""
+    suffix = ("_" + variant.replace(", ", "_").replace(" ", "_") if variant else "") + (f"_b{batch}" if batch != 64 else "")
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     work = dict(zip(("full", "backbone"), step_and_backbone_work(module, optimizer, data, global_size=224,
                                                                  local_size=96, autocast=autocast)))
@@ -527,7 +531,7 @@ def step_profile(device: str, out_dir: str | None, arch: str = "vits16", batch: 
     lines.insert(0, f"host time of the ops: full step {host['full']:.1f} ms, backbone-only work {host['backbone']:.1f} ms")
     if out_dir:
         (Path(out_dir) / f"step_profile{suffix}.txt").write_text("\n".join(lines) + "\n\n" + "\n\n".join(tables))
-    print(f"[profile] {'device' if cuda else 'CPU'} time: full step {totals['full']:.1f} ms, backbone-only work "
+    print(f"[profile] {arch}, batch {batch}{', ' + variant if variant else ''}: {'device' if cuda else 'CPU'} time: full step {totals['full']:.1f} ms, backbone-only work "
           f"{totals['backbone']:.1f} ms; the full step adds: " + ", ".join(f"{op[:50]} {ms:+.2f}" for op, ms in top),
           flush=True)
     unit = "device_ms" if cuda else "cpu_ms"
@@ -632,8 +636,10 @@ def main() -> None:
     r.add_argument("--arch", default="vits16")
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, logit_kernels, throughput, "
                    "step_overhead_224, step_overhead_224_b256, step_overhead_224_compiled, "
-                   "step_overhead_224_compiled_losses, step_overhead_224_triton, profile, profile_compiled_losses, "
-                   "profile_triton, views_profile, stages, learning")
+                   "step_overhead_224_compiled_losses, step_overhead_224_triton, step_overhead_224_triton_eager, "
+                   "step_overhead_224_vitb16_triton, step_overhead_224_b128_triton, profile, profile_compiled_losses, "
+                   "profile_triton, profile_triton_eager, profile_b128_triton, views_profile, stages, stages_triton, "
+                   "learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")
