@@ -240,7 +240,7 @@ def test_fused_photometry_matches_the_per_crop_recipe(channels: int, with_nodata
         crops = crops * valid[:, None]
     blur_prob, solarize_prob = torch.full((12,), 0.5), torch.tensor([0.0, 1.0]).repeat_interleave(6)
     params = crop.draw_photometry(12, channels, blur_prob, solarize_prob, torch.Generator().manual_seed(9))
-    assert ("matrix" in params) == (channels == 3) and "blur_index" in params  # both affine forms are exercised
+    assert ("grey_index" in params) == (channels == 3) and "blur_index" in params  # grey crops and blur exercised
     assert ("solarize_gain" in params) == (channels == 3)
     got = apply_photometry(crops, valid, params)
     expected = reference_photometry(crop, crops, valid, blur_prob, solarize_prob, torch.Generator().manual_seed(9))
