@@ -1,11 +1,12 @@
-"""Compile the iBOT Triton kernels (``dinov3_eo.losses.logit_kernels``) for real GPUs, without one.
+"""Compile the Triton kernels of the iBOT and DINO terms (``dinov3_eo.losses.logit_kernels``) for real GPUs, without
+one.
 
 The tests run the kernels in Triton's interpreter, which executes them with numpy and checks neither the types a GPU
-compilation needs nor what a tile costs in registers. This script compiles each kernel ahead of time for an A100
-(sm_80) and an H100 (sm_90) at the module's tile sizes and at those ``gpu_pretrain_check.py`` sweeps, down to the
-cubin, with triton's bundled ``ptxas``, and prints each one's registers per thread, spills, shared memory and how
-many of its global loads are 128-bit vector loads. A kernel that does not compile, spills or reads its logits 16 bits
-at a time shows here before a GPU is lent.
+compilation needs nor what a tile costs in registers. This script compiles each kernel ahead of time for a T4 (sm_75,
+the common free cloud GPU), an A100 (sm_80) and an H100 (sm_90) at the module's tile sizes and at those
+``gpu_pretrain_check.py`` sweeps, down to the cubin, with triton's bundled ``ptxas``, and prints each one's registers
+per thread, spills, shared memory and how many of its global loads are 128-bit vector loads. A kernel that does not
+compile, spills or reads its logits 16 bits at a time shows here before a GPU is lent.
 
     .venv/bin/python scripts/compile_logit_kernels.py             # every tile; exits 1 if any kernel fails to compile
     .venv/bin/python scripts/compile_logit_kernels.py --defaults  # the tiles the module uses (what the tests compile)
@@ -36,7 +37,7 @@ KERNELS = {
     "cross_entropy_forward": "_FORWARD_BLOCK",
     "cross_entropy_backward": "_BACKWARD_BLOCK",
 }
-ARCHS = {"A100": 80, "H100": 90}
+ARCHS = {"T4": 75, "A100": 80, "H100": 90}
 
 
 def _signature(kernel: str, logits: str, factorised: bool) -> tuple[dict[str, str], dict[str, object]]:

@@ -299,9 +299,9 @@ def test_auto_takes_the_kernels_on_a_cuda_device_with_triton_only(monkeypatch: p
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
-def test_the_kernels_compile_for_a100_and_h100_without_spilling() -> None:
-    """What the interpreter cannot check: each kernel at the module's tiles compiles to a cubin for sm_80 and sm_90
-    (triton's own ptxas, no GPU needed), and keeps its tile in registers."""
+def test_the_kernels_compile_for_t4_a100_and_h100_without_spilling() -> None:
+    """What the interpreter cannot check: each kernel at the module's tiles compiles to a cubin for sm_75, sm_80 and
+    sm_90 (triton's own ptxas, no GPU needed), and keeps its tile in registers."""
     sys.path.insert(0, str(SCRIPTS))
     try:
         from compile_logit_kernels import TILES
@@ -314,8 +314,8 @@ def test_the_kernels_compile_for_a100_and_h100_without_spilling() -> None:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = [line for line in done.stdout.splitlines() if "B spilled" in line]
-    assert len(rows) == (2 + 2 + 2) * 2 * 2  # (Sinkhorn's 2, forward and backward in 2 modes) x dtypes x GPUs
+    assert len(rows) == (2 + 2 + 2) * 2 * 3  # (Sinkhorn's 2, forward and backward in 2 modes) x dtypes x GPUs
     assert all(" 0 B spilled" in line for line in rows), "\n".join(rows)
     # with the alignment a launch on torch tensors gives, the [M, K] reads are vectorised (8 bf16 per load)
     assert all(" 0 of " not in line for line in rows), "\n".join(rows)
-    assert "24 of 24 compiled; 0 spill registers" in done.stdout
+    assert "36 of 36 compiled; 0 spill registers" in done.stdout
