@@ -108,27 +108,47 @@ def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
     optimizer.zero_grad(set_to_none=True)
 
 
-def full_ssl_step(module, optimizer, data: dict, *, autocast=None) -> None:  # noqa: ANN001
+#: where :func:`full_ssl_step` reads its losses back: ``after_forward`` (as a fit's training step does: the host
+#: waits for the forward before it launches the backward), ``after_backward`` (the copy starts after the forward,
+#: the host waits for it once the backward is launched, so the device never runs dry; what a guard in
+#: ``on_before_optimizer_step`` would do) or ``none`` (no read-back: the bound of what moving it can gain)
+READBACKS = ("after_forward", "after_backward", "none")
+
+
+def full_ssl_step(module, optimizer, data: dict, *, autocast=None, readback: str = "after_forward") -> None:  # noqa: ANN001
     """One full SSL step as a fit runs it: the losses (which make their own views) under ``autocast``, their values
     read back to the host (the training step's one synchronisation: its non-finite guard and the loggers read
-    them), backward, :func:`clip_and_step` and the EMA update."""
+    them; ``readback``, :data:`READBACKS`, says where), backward, :func:`clip_and_step` and the EMA update."""
     with autocast or contextlib.nullcontext():
         losses = module.compute_losses(data, step=10)
-    torch.stack([value.detach().float() for value in losses.values()]).cpu()
+    stacked = torch.stack([value.detach().float() for value in losses.values()])
+    event = None
+    if readback == "after_forward":
+        stacked.cpu()
+    elif readback == "after_backward" and stacked.device.type == "cuda":
+        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        host.copy_(stacked, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
     losses["total"].backward()
+    if event is not None:
+        event.synchronize()
     clip_and_step(module, optimizer)
     module._ema_update(0.996)
 
 
 def step_and_backbone_work(module, optimizer, data: dict, *, global_size: int, local_size: int,  # noqa: ANN001
-                           autocast=None) -> tuple[Callable[[], None], Callable[[], None]]:  # noqa: ANN001
-    """What every step check compares: one full SSL step (:func:`full_ssl_step`, no synchronize inside, so the host's
-    launches overlap the device's work as in a fit) and the backbone work (:func:`backbone_only_work`) on crops
-    made once from the same batch."""
+                           autocast=None, readback: str = "after_forward",  # noqa: ANN001
+                           ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """What every step check compares: one full SSL step (:func:`full_ssl_step`, no synchronize inside but its loss
+    read-back, so the host's launches overlap the device's work as in a fit) and the backbone work
+    (:func:`backbone_only_work`) on crops made once from the same batch."""
     from dinov3_eo.ssl.stage import make_views
 
+    if readback not in READBACKS:
+        raise ValueError(f"readback must be one of {READBACKS}, got {readback!r}.")
     crops, masking = make_views(data["image"], None, **_step_view_kwargs(module, global_size, local_size))
-    return (lambda: full_ssl_step(module, optimizer, data, autocast=autocast),
+    return (lambda: full_ssl_step(module, optimizer, data, autocast=autocast, readback=readback),
             lambda: backbone_only_work(module, crops, masking, autocast=autocast))
 
 
@@ -142,7 +162,7 @@ def step_variant(compile: bool | str = False, logit_kernels: str = "torch") -> s
 
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool | str = False,
-                  **module_kwargs) -> dict[str, float]:
+                  readback: str = "after_forward", **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
     On a GPU every timing is bracketed by a synchronize, and nothing synchronizes inside a timed step (a fit's step
@@ -151,7 +171,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     ``bf16-mixed``); ``compile`` as ``model.compile`` (``True``: the blocks and heads too, which the
     backbone-only work then uses; ``"losses"``: the logit losses alone). Returns
     the mean seconds of both, the full step's breakdown and the seconds of the untimed warm-up steps (which include
-    the compilation).
+    the compilation). ``readback``: where the full step reads its losses back (:data:`READBACKS`).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -163,7 +183,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     view_kwargs = _step_view_kwargs(module, global_size, local_size)
     autocast = torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     full_step, backbone_only = step_and_backbone_work(module, optimizer, data, global_size=global_size,
-                                                      local_size=local_size, autocast=autocast)
+                                                      local_size=local_size, autocast=autocast, readback=readback)
     parts = {"views": 0.0, "forward+heads+losses": 0.0, "backward": 0.0, "clip+optimizer": 0.0, "ema": 0.0}
 
     def now() -> float:
@@ -231,6 +251,8 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
     variant = step_variant(compile, module.logit_kernels_in_use) or "eager"
+    if readback != "after_forward":
+        variant += ", no loss read-back" if readback == "none" else f", losses read back {readback.replace('_', ' ')}"
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
           f"{device}{' bf16' if bf16 else ''}, {variant}, {repeats} alternating repeats "
           f"(warm-up {warm_up_s:.1f} s):")

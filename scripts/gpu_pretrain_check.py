@@ -398,6 +398,12 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_triton_eager", lambda: step_overhead_224(device, **triton)),
                   ("step_overhead_224_vitb16_triton", lambda: step_overhead_224(device, arch="vitb16", **triton)),
                   ("step_overhead_224_b128_triton", lambda: step_overhead_224(device, batch=128, **triton)),
+                  # does the loss read-back after the forward leave the GPU idle? (read after the backward's launch,
+                  # and not at all: the bound)
+                  ("step_overhead_224_b128_readback_after_backward",
+                   lambda: step_overhead_224(device, batch=128, readback="after_backward", **triton)),
+                  ("step_overhead_224_b128_readback_none",
+                   lambda: step_overhead_224(device, batch=128, readback="none", **triton)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
                   ("profile_triton", lambda: step_profile(device, out_dir, compile="losses", **triton)),
@@ -637,7 +643,9 @@ def main() -> None:
     r.add_argument("--only", default=None, help="comma-separated stages: correctness, logit_kernels, throughput, "
                    "step_overhead_224, step_overhead_224_b256, step_overhead_224_compiled, "
                    "step_overhead_224_compiled_losses, step_overhead_224_triton, step_overhead_224_triton_eager, "
-                   "step_overhead_224_vitb16_triton, step_overhead_224_b128_triton, profile, profile_compiled_losses, "
+                   "step_overhead_224_vitb16_triton, step_overhead_224_b128_triton, "
+                   "step_overhead_224_b128_readback_after_backward, step_overhead_224_b128_readback_none, "
+                   "profile, profile_compiled_losses, "
                    "profile_triton, profile_triton_eager, profile_b128_triton, views_profile, stages, stages_triton, "
                    "learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
