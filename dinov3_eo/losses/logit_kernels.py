@@ -210,7 +210,7 @@ def _check_logits(name: str, t: Tensor) -> None:
 # and leave room for five or more blocks per SM; the first tiles tried, 32-64 elements per thread, took 128-200
 # registers (one block per SM). Timed on an H100 (scripts/gpu_pretrain_check.py sweeps five of each, ViT-S batch 64):
 # the cross-entropy's forward is the one that gained from more columns in flight (4x1024x4 0.50 ms, 2x1024x8 0.58),
-# at 126 registers; the others' best were within 3 % of these.
+# at 126 registers; the others' defaults were within 3-7 % of the best tile in two runs.
 _MATVEC_BLOCK = (64, 128, 8)
 _FORWARD_BLOCK = (4, 1024, 4)
 _BACKWARD_BLOCK = (4, 512, 8)
