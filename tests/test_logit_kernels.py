@@ -292,6 +292,11 @@ def test_auto_takes_the_kernels_on_a_cuda_device_with_triton_only(monkeypatch: p
     module._total_steps = lambda: 10  # type: ignore[method-assign]  # schedules need a length outside a Trainer
     module.on_fit_start()
     assert module.logit_kernels_in_use == "torch" and module.logit_losses.dino_losses is dino_losses_stacked
+    # as after a fit on a GPU: the next fit, on the CPU, sets the torch losses up again instead of keeping the kernels
+    module.logit_losses = logit_losses_for(compile=False, kernels="triton", device="cpu")
+    module.logit_kernels_in_use = "triton"
+    module.on_fit_start()
+    assert module.logit_kernels_in_use == "torch" and module.logit_losses == LogitLosses()
     monkeypatch.setattr(logit_kernels, "triton", None)  # a CUDA machine without triton (e.g. Windows wheels)
     assert resolve_logit_kernels("auto", "cuda") == "torch"
 

@@ -288,17 +288,19 @@ class SSLStage(TrainModesAtFitStart):
         super().on_fit_start()
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         mode = getattr(self.hparams, "compile", False)
-        self.logit_kernels_in_use = resolve_logit_kernels(getattr(self.hparams, "logit_kernels", "torch"), self.device)
+        kernels = resolve_logit_kernels(getattr(self.hparams, "logit_kernels", "torch"), self.device)
         if mode:
             check_compile_toolchain(self.device)
             count = compile_regions(self) if mode is True else 0  # "losses": the logit losses alone
             log.info("torch.compile: %d blocks and heads and the logit losses compiled (each input shape compiles "
                      "on its first step).", count)
-        if self.logit_losses == LogitLosses():  # not yet set up (a second fit keeps its compiled graphs)
-            self.logit_losses = logit_losses_for(compile=bool(mode), kernels=self.logit_kernels_in_use,
-                                                 device=self.device)
-            if self.logit_kernels_in_use == "triton":
+        # set up once (a second fit keeps its compiled graphs), and again where "auto" picks other kernels than last
+        # time (a fit on another device: a CPU cannot run the kernels a GPU fit set up)
+        if self.logit_losses == LogitLosses() or kernels != self.logit_kernels_in_use:
+            self.logit_losses = logit_losses_for(compile=bool(mode), kernels=kernels, device=self.device)
+            if kernels == "triton":
                 log.info("logit_kernels: the iBOT and DINO terms run as Triton kernels.")
+        self.logit_kernels_in_use = kernels
 
     # ------------------------------------------------------------------ exact resumption
 
