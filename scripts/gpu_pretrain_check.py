@@ -418,6 +418,10 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
         stages = [("profile", lambda: step_profile(device, out_dir, arch, batch=2)),
                   ("stages", lambda: later_stages(pack_dir, device, tempfile.mkdtemp(), arch))] + stages
     if only:
+        unknown = sorted(set(only) - {name for name, _ in stages})
+        if unknown:  # before any stage runs: a misspelt name would otherwise spend the device's time on nothing
+            raise SystemExit(f"--only: no stage {', '.join(unknown)} on {device}; the stages here: "
+                             f"{', '.join(name for name, _ in stages)}.")
         stages = [(name, stage) for name, stage in stages if name in only]
     for name, stage in stages:  # one failing stage must not cost the others (the GPU time is scarce)
         try:
@@ -640,14 +644,8 @@ def main() -> None:
     r.add_argument("--global-size", type=int, default=112)
     r.add_argument("--local-size", type=int, default=48)
     r.add_argument("--arch", default="vits16")
-    r.add_argument("--only", default=None, help="comma-separated stages: correctness, logit_kernels, throughput, "
-                   "step_overhead_224, step_overhead_224_b256, step_overhead_224_compiled, "
-                   "step_overhead_224_compiled_losses, step_overhead_224_triton, step_overhead_224_triton_eager, "
-                   "step_overhead_224_vitb16_triton, step_overhead_224_b128_triton, "
-                   "step_overhead_224_b128_readback_after_backward, step_overhead_224_b128_readback_none, "
-                   "profile, profile_compiled_losses, "
-                   "profile_triton, profile_triton_eager, profile_b128_triton, views_profile, stages, stages_triton, "
-                   "learning")
+    r.add_argument("--only", default=None, help="comma-separated stages, in the order of run() (an unknown name "
+                   "lists them): e.g. correctness,logit_kernels,step_overhead_224_triton_eager,learning")
     r.add_argument("--knn-every", type=int, default=0, help="k-NN of the teacher every N training steps (0: only at the end)")
     r.add_argument("--steps", type=int, default=None, help="training steps (default: as many as --minutes allow, probed)")
     r.add_argument("--out", default=None, help="write every number to this JSON file")
