@@ -8,6 +8,7 @@ import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 _AUTOCAST = torch.autocast
 
@@ -53,3 +54,25 @@ class HostToDeviceCopies(TorchDispatchMode):
     def blocking(self) -> list[tuple[int, ...]]:
         """Shapes of the blocking copies."""
         return [shape for non_blocking, shape in self.copies if not non_blocking]
+
+
+class UntracedTensors(TorchDispatchMode):
+    """Records every op that reads a meta tensor which neither the caller passed in (``inputs``) nor an earlier op
+    made: one torch made from host data below the dispatcher, as for a Python list used as an index, which on a GPU
+    is a blocking host-to-device copy that the recorded copies (:class:`HostToDeviceCopies`) never see."""
+
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        super().__init__()
+        self.known = {id(t) for t in inputs}
+        self.ops: list[str] = []
+        self._made: list[list[torch.Tensor]] = []  # keeps each output alive, so that its id is not reused
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
+        read = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" and id(t) not in self.known for t in read):
+            self.ops.append(str(func))
+        out = func(*args, **(kwargs or {}))
+        made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        self.known |= {id(t) for t in made}
+        self._made.append(made)
+        return out

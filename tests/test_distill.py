@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from meta_device import HostToDeviceCopies, allow_meta_autocast
+from meta_device import HostToDeviceCopies, UntracedTensors, allow_meta_autocast
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_eo.models.hub import export_backbone, load_backbone
@@ -114,11 +114,13 @@ def test_a_distillation_step_never_reads_back_from_the_device(teacher_ckpt: Path
     module._total_steps = lambda: 100  # type: ignore[method-assign]
     module.on_fit_start()
     module.to_empty(device="meta")
-    with HostToDeviceCopies() as copies:
-        losses = module.compute_losses({"image": torch.empty(4, 3, 64, 64, device="meta"), "valid": None}, step=5)
+    image = torch.empty(4, 3, 64, 64, device="meta")
+    with HostToDeviceCopies() as copies, UntracedTensors([*module.parameters(), *module.buffers(), image]) as untraced:
+        losses = module.compute_losses({"image": image, "valid": None}, step=5)
         losses["total"].backward()
         ema_update_(module.students_ema.parameters(), module.students.parameters(), 0.99)
     assert copies.copies and not copies.blocking
+    assert untraced.ops == []
 
 
 def test_triton_logit_kernels_give_the_same_distillation_losses(teacher_ckpt: Path) -> None:

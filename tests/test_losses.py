@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from meta_device import UntracedTensors
 
 from dinov3_eo.losses import (
     check_class_labels,
@@ -535,32 +536,12 @@ def test_the_fused_dino_targets_send_nothing_from_the_host() -> None:
     """On a GPU a tensor made from host data mid-step is a copy the host waits for (a ``[[t, ...]]`` index list was
     one, twice a step, found by the H100 profile's sync count). Run on meta tensors, every tensor an op of the DINO
     targets and their row index reads is an input or the output of an earlier op, none made behind the scenes."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
     from dinov3_eo.losses.dino import dino_crop_targets, dino_target_index
-
-    class FreshTensors(TorchDispatchMode):
-        def __init__(self, inputs: list[torch.Tensor]) -> None:
-            super().__init__()
-            self.known = {id(t) for t in inputs}
-            self.fresh: list[str] = []
-            self.keep: list = []  # keeps each output alive, so its id is not reused
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN202
-            read = [t for t in tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
-            if any(id(t) not in self.known for t in read):
-                self.fresh.append(str(func))
-            out = func(*args, **(kwargs or {}))
-            made = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-            self.known |= {id(t) for t in made}
-            self.keep.append(made)
-            return out
 
     for n_global in (1, 2, 3):
         teacher = torch.empty(n_global * 4, 16, device="meta")
-        with FreshTensors([teacher]) as mode:
+        with UntracedTensors([teacher]) as untraced:
             table = dino_crop_targets(teacher, 4)
             index = dino_target_index(n_global, 4, 3, device="meta")
-        assert mode.fresh == [], f"G={n_global}: {mode.fresh}"
+        assert untraced.ops == [], f"G={n_global}: {untraced.ops}"
         assert table.shape == ((1 + n_global) * 4, 16) and index.shape == ((n_global + 3) * 4,)

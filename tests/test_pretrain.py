@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from meta_device import HostToDeviceCopies, allow_meta_autocast
+from meta_device import HostToDeviceCopies, UntracedTensors, allow_meta_autocast
 
 from dinov3_eo.data.datamodule import PretrainDataModule
 from dinov3_eo.models.hub import load_backbone
@@ -294,7 +294,8 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
     module.to_empty(device="meta")
     batch = {"image": torch.empty(4, 3, 96, 96, device="meta"),
              "valid": torch.empty(4, 96, 96, dtype=torch.bool, device="meta") if with_mask else None}
-    with HostToDeviceCopies() as copies:
+    inputs = [*module.parameters(), *module.buffers(), *(t for t in batch.values() if t is not None)]
+    with HostToDeviceCopies() as copies, UntracedTensors(inputs) as untraced:
         losses = module.compute_losses(batch, step=5)
         assert ("gram" in losses) == (stage == "gram")
         losses["total"].backward()
@@ -303,6 +304,7 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
         module._ema_update(0.99)
     # the crops' decisions and the iBOT masks, each in one copy that does not wait for the device
     assert len(copies.copies) == 2 and not copies.blocking
+    assert untraced.ops == []  # and no tensor made from host data behind the dispatcher (a list index, say)
 
 
 def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
