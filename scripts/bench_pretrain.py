@@ -108,37 +108,33 @@ def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
     optimizer.zero_grad(set_to_none=True)
 
 
-#: where :func:`full_ssl_step` reads its losses back: ``after_forward`` (as a fit's training step does: the host
-#: waits for the forward before it launches the backward), ``after_backward`` (the copy starts after the forward,
-#: the host waits for it once the backward is launched, so the device never runs dry; what a guard in
-#: ``on_before_optimizer_step`` would do) or ``none`` (no read-back: the bound of what moving it can gain)
-READBACKS = ("after_forward", "after_backward", "none")
+#: where :func:`full_ssl_step` reads its losses back: ``after_backward`` (as a fit does: the copy is queued after the
+#: forward and waited for once the backward is launched, in ``on_before_optimizer_step``, so the device never runs
+#: dry), ``after_forward`` (a blocking read between forward and backward, as fits did up to session 14: the host waits
+#: for the forward before it launches the backward) or ``none`` (no read-back: the bound of what moving it can gain)
+READBACKS = ("after_backward", "after_forward", "none")
 
 
-def full_ssl_step(module, optimizer, data: dict, *, autocast=None, readback: str = "after_forward") -> None:  # noqa: ANN001
+def full_ssl_step(module, optimizer, data: dict, *, autocast=None, readback: str = "after_backward") -> None:  # noqa: ANN001
     """One full SSL step as a fit runs it: the losses (which make their own views) under ``autocast``, their values
-    read back to the host (the training step's one synchronisation: its non-finite guard and the loggers read
-    them; ``readback``, :data:`READBACKS`, says where), backward, :func:`clip_and_step` and the EMA update."""
+    read back to the host (the step's one synchronisation: the non-finite guard and the loggers read them;
+    ``readback``, :data:`READBACKS`, says where), backward, :func:`clip_and_step` and the EMA update."""
+    from dinov3_eo.ssl.stage import LossReadback
+
     with autocast or contextlib.nullcontext():
         losses = module.compute_losses(data, step=10)
-    stacked = torch.stack([value.detach().float() for value in losses.values()])
-    event = None
     if readback == "after_forward":
-        stacked.cpu()
-    elif readback == "after_backward" and stacked.device.type == "cuda":
-        host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-        host.copy_(stacked, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        LossReadback(losses).values()
+    pending = LossReadback(losses) if readback == "after_backward" else None
     losses["total"].backward()
-    if event is not None:
-        event.synchronize()
+    if pending is not None:
+        pending.values()
     clip_and_step(module, optimizer)
     module._ema_update(0.996)
 
 
 def step_and_backbone_work(module, optimizer, data: dict, *, global_size: int, local_size: int,  # noqa: ANN001
-                           autocast=None, readback: str = "after_forward",  # noqa: ANN001
+                           autocast=None, readback: str = "after_backward",  # noqa: ANN001
                            ) -> tuple[Callable[[], None], Callable[[], None]]:
     """What every step check compares: one full SSL step (:func:`full_ssl_step`, no synchronize inside but its loss
     read-back, so the host's launches overlap the device's work as in a fit) and the backbone work
@@ -162,7 +158,7 @@ def step_variant(compile: bool | str = False, logit_kernels: str = "torch") -> s
 
 def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224, local_size: int = 96,
                   n_local: int = 8, device: str = "cpu", bf16: bool = False, compile: bool | str = False,
-                  readback: str = "after_forward", **module_kwargs) -> dict[str, float]:
+                  readback: str = "after_backward", **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
     On a GPU every timing is bracketed by a synchronize, and nothing synchronizes inside a timed step (a fit's step
@@ -251,7 +247,7 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     paired_median = statistics.median(paired)
     heads = module.hparams.dino_out_dim
     variant = step_variant(compile, module.logit_kernels_in_use) or "eager"
-    if readback != "after_forward":
+    if readback != "after_backward":
         variant += ", no loss read-back" if readback == "none" else f", losses read back {readback.replace('_', ' ')}"
     print(f"[step] {arch}, batch {batch}, 2x{global_size} + {n_local}x{local_size} crops, {heads:,}-prototype heads, "
           f"{device}{' bf16' if bf16 else ''}, {variant}, {repeats} alternating repeats "

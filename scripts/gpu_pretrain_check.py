@@ -398,10 +398,10 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_triton_eager", lambda: step_overhead_224(device, **triton)),
                   ("step_overhead_224_vitb16_triton", lambda: step_overhead_224(device, arch="vitb16", **triton)),
                   ("step_overhead_224_b128_triton", lambda: step_overhead_224(device, batch=128, **triton)),
-                  # does the loss read-back after the forward leave the GPU idle? (read after the backward's launch,
-                  # and not at all: the bound)
-                  ("step_overhead_224_b128_readback_after_backward",
-                   lambda: step_overhead_224(device, batch=128, readback="after_backward", **triton)),
+                  # what reading the losses after the backward's launch (as fits do since session 15) gains over a
+                  # blocking read after the forward (before), and what no read at all would (the bound)
+                  ("step_overhead_224_b128_readback_after_forward",
+                   lambda: step_overhead_224(device, batch=128, readback="after_forward", **triton)),
                   ("step_overhead_224_b128_readback_none",
                    lambda: step_overhead_224(device, batch=128, readback="none", **triton)),
                   ("profile", lambda: step_profile(device, out_dir)),

@@ -15,6 +15,7 @@ from dinov3_eo.data.datamodule import PretrainDataModule
 from dinov3_eo.models.hub import load_backbone
 from dinov3_eo.ssl.module import DINOv3Pretrain, NonFiniteLossError
 from dinov3_eo.ssl.schedules import clip_grad_norm_per_module
+from dinov3_eo.ssl.stage import LossReadback
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
 
@@ -129,9 +130,54 @@ def test_kill_and_resume_reproduces_losses(tmp_path: Path) -> None:
 
 def test_non_finite_loss_stops_with_clear_error(tmp_path: Path) -> None:
     module = DINOv3Pretrain(**MODEL_KW)
+    optimizer = module.configure_optimizers()
     batch = {"image": torch.full((2, 3, 96, 96), float("nan")), "valid": torch.ones(2, 96, 96, dtype=torch.bool)}
-    with pytest.raises(NonFiniteLossError, match="Non-finite loss at step 0"):
-        module.training_step(batch, 0)
+    loss = module.training_step(batch, 0)  # returned for the backward: the guard reads the values afterwards
+    assert not torch.isfinite(loss)
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at step 0 in .*ibot"):
+        module.on_before_optimizer_step(optimizer)
+    module.on_before_optimizer_step(optimizer)  # nothing pending any more: a step outside training_step passes
+
+
+def test_loss_readback_gives_the_values_as_float32_cpu_tensors() -> None:
+    losses = {"total": torch.tensor(3.5, dtype=torch.bfloat16, requires_grad=True) * 1, "ibot": torch.tensor(1.25)}
+    values = LossReadback(losses).values()
+    assert list(values) == ["total", "ibot"]
+    for value in values.values():
+        assert value.dtype == torch.float32 and value.device.type == "cpu" and not value.requires_grad
+    assert [float(v) for v in values.values()] == [3.5, 1.25]
+
+
+class _PoisonBatch(Callback):
+    """Fills training step ``at``'s images with NaN and keeps the weights it starts from."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+        self.before: dict[str, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.at:
+            batch["image"].fill_(float("nan"))
+            self.before = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
+def test_a_non_finite_loss_in_a_fit_stops_before_the_weights_change(tmp_path: Path) -> None:
+    """The guard runs after the backward (so the device is never left waiting on the host), and still stops the fit
+    before clipping, the optimiser step and the EMA: the weights stay those the bad step started from, and the last
+    checkpoint (two steps earlier) is whole and finite."""
+    L.seed_everything(0)
+    poison = _PoisonBatch(at=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=2)
+    module = DINOv3Pretrain(**MODEL_KW)
+    with pytest.raises(NonFiniteLossError, match="Non-finite loss at step 3 "):
+        _trainer(tmp_path, 6, [poison, ckpt]).fit(module, datamodule=_datamodule(tmp_path, batch_size=2))
+    after = module.state_dict()
+    assert poison.before and after.keys() == poison.before.keys()
+    for key, value in poison.before.items():
+        torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+    payload = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert payload["global_step"] == 2
+    assert all(bool(torch.isfinite(v).all()) for v in payload["state_dict"].values() if v.is_floating_point())
 
 
 def test_schedules_follow_the_recipe() -> None:
@@ -285,7 +331,8 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
                                                       with_mask: bool) -> None:
     """On meta tensors (a stand-in for a GPU) every device-to-host read raises. Views, losses, backward, clipping and
     EMA queue their work without one, and without a blocking host-to-device copy: either would stall the GPU queue
-    every step (the loss guard's one check per step in ``training_step`` is the only, deliberate, sync)."""
+    every step (the loss guard's one read per step, waited for in ``on_before_optimizer_step`` once the backward is
+    queued, is the only, deliberate, sync)."""
     allow_meta_autocast(monkeypatch)
     extra = {"gram_loss_weight": 1.0, "gram_teacher": "ema"} if stage == "gram" else {}
     module = DINOv3Pretrain(**MODEL_KW, **extra)
@@ -310,17 +357,20 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
 def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Everything a step logs is a CPU tensor read in the guard's one device-to-host copy: Lightning reads a logged
     progress-bar tensor back at every batch end (every logged tensor at a logger flush) and copies logged Python
-    numbers to the device, each a GPU sync."""
+    numbers to the device, each a GPU sync. The values are logged once the backward is queued, before the optimiser
+    step; accumulated micro-batches log their mean."""
     module = DINOv3Pretrain(**MODEL_KW, gram_loss_weight=1.0, gram_teacher="ema")
     module._total_steps = lambda: 100  # type: ignore[method-assign]
     module.on_fit_start()
+    optimizer = module.configure_optimizers()
     logged: dict = {}
     monkeypatch.setattr(module, "log", lambda name, value, **kwargs: logged.__setitem__(name, value))
     monkeypatch.setattr(module, "log_dict", lambda values, **kwargs: logged.update(values))
-    loss = module.training_step({"image": torch.randn(2, 3, 64, 64), "valid": None}, 0)
-    assert loss.requires_grad
+    losses = [module.training_step({"image": torch.randn(2, 3, 64, 64), "valid": None}, i) for i in range(2)]
+    assert all(loss.requires_grad for loss in losses) and logged == {}
+    module.on_before_optimizer_step(optimizer)
     expected = {"loss", "loss/dino_global", "loss/ibot", "loss/koleo", "loss/gram", "sched/lr", "sched/gram_weight"}
     assert expected <= set(logged)
     for name, value in logged.items():
         assert isinstance(value, torch.Tensor) and value.device.type == "cpu" and not value.requires_grad, name
-    assert float(logged["loss"]) == pytest.approx(float(loss.detach()))
+    assert float(logged["loss"]) == pytest.approx(sum(float(loss.detach()) for loss in losses) / 2)

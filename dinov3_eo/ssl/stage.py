@@ -50,6 +50,37 @@ class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; training stops before the optimiser step so checkpoints stay good."""
 
 
+class LossReadback:
+    """A step's named loss values on their way to the host, for the non-finite guard and the loggers.
+
+    On CUDA the copy is queued behind the losses (into pinned memory, non-blocking) and :meth:`values` waits for that
+    copy alone: a caller that queues the backward first never leaves the device idle while the host reads, as a
+    blocking ``.cpu()`` after the forward did. On other devices the values are copied at once.
+
+    Args:
+        losses: name → 0-d loss tensor, on any one device.
+    """
+
+    def __init__(self, losses: Mapping[str, Tensor]) -> None:
+        self.names = list(losses)
+        stacked = torch.stack([value.detach().float() for value in losses.values()])  # [n_terms]
+        self._event: torch.cuda.Event | None = None
+        if stacked.device.type == "cuda":
+            self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            self._host.copy_(stacked, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = stacked.cpu()
+
+    def values(self) -> dict[str, Tensor]:
+        """name → 0-d float32 CPU tensor, once the copy has landed (the only wait)."""
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return dict(zip(self.names, self._host))
+
+
 def step_seed(seed: int, step: int, stream: int) -> int:
     """A reproducible seed for one random stream (crops, masks, resolution, model) of one step."""
     return (seed * 1_000_003 + step * 97 + stream) % (2**63 - 1)
@@ -208,6 +239,9 @@ class SSLStage(TrainModesAtFitStart):
     #: ``"torch"`` or ``"triton"``: what the ``logit_kernels`` option (``"auto"`` included) runs on the stage's device,
     #: set when a fit starts
     logit_kernels_in_use: str = "torch"
+    #: (step, batch size, :class:`LossReadback`) of each training step since the last optimiser step (more than one
+    #: when gradients accumulate); :meth:`on_before_optimizer_step` checks and logs them
+    _pending_losses: tuple[tuple[int, int, LossReadback], ...] = ()
 
     # ------------------------------------------------------------------ what subclasses provide
 
@@ -286,6 +320,7 @@ class SSLStage(TrainModesAtFitStart):
     def on_fit_start(self) -> None:
         # students in training mode and teachers in eval mode (the subclasses' train()), whatever a caller did before
         super().on_fit_start()
+        self._pending_losses = ()  # a fit interrupted between a training step and its optimiser step left these
         # after every deepcopy of a module (subclasses make theirs first, then call this), see ssl.compilation
         mode = getattr(self.hparams, "compile", False)
         kernels = resolve_logit_kernels(getattr(self.hparams, "logit_kernels", "torch"), self.device)
@@ -329,28 +364,46 @@ class SSLStage(TrainModesAtFitStart):
         # model-internal randomness (RoPE rescale, drop-path) reproducible across a kill/resume
         torch.manual_seed(step_seed(self.hparams.seed, step, 0))
         losses = self.compute_losses(batch, step)
-        # One device-to-host copy per step, the step's only sync: the guard reads it, and so do the progress bar and
-        # the loggers, which are given these CPU values. Lightning reads a logged progress-bar tensor back at every
-        # batch end and every logged tensor at each logger flush (another sync each) and copies logged Python floats
-        # to the device, blocking (one sync each).
-        stacked = torch.stack([v.detach().float() for v in losses.values()]).cpu()
-        host = dict(zip(losses, stacked))
-        if not bool(torch.isfinite(stacked).all()):
-            bad = [name for name, value in host.items() if not torch.isfinite(value)]
-            raise NonFiniteLossError(
-                f"Non-finite loss at step {step} in {', '.join(bad)} "
-                f"({', '.join(f'{k}={float(v):.4g}' for k, v in host.items())}); training stopped before the "
-                "optimiser step, so the last saved checkpoint is intact. Lower the lr or check the input normalisation."
-            )
-        values = self.schedule_values(step)
-        batch_size = batch["image"].shape[0]
-        self.log("loss", host["total"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"loss/{k}": v for k, v in host.items() if k != "total"}, batch_size=batch_size)
+        # the values travel to the host while the backward is queued; on_before_optimizer_step reads them
+        readback = LossReadback(losses)
+        self._pending_losses = (*self._pending_losses, (step, int(batch["image"].shape[0]), readback))
+        return losses["total"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The non-finite guard and the loss logging, after the backward and before clipping and the optimiser step.
+
+        Reading the losses here, not in :meth:`training_step`, is what keeps a GPU busy: the step's one
+        device-to-host copy is waited for once the backward is queued, where a read after the forward stalled the
+        device until the host had launched the backward's first kernels. A non-finite loss still stops the fit
+        before the weights change, so the last saved checkpoint is intact. The loggers get these CPU values: Lightning
+        reads a logged progress-bar tensor back at every batch end and every logged tensor at each logger flush (a
+        sync each) and copies logged Python floats to the device, blocking (one sync each).
+        """
+        pending, self._pending_losses = self._pending_losses, ()
+        if not pending:  # a step that did not come through training_step (manual loops)
+            return
+        steps = []
+        for step, batch_size, readback in pending:
+            host = readback.values()
+            if not all(bool(torch.isfinite(value)) for value in host.values()):
+                bad = [name for name, value in host.items() if not torch.isfinite(value)]
+                raise NonFiniteLossError(
+                    f"Non-finite loss at step {step} in {', '.join(bad)} "
+                    f"({', '.join(f'{k}={float(v):.4g}' for k, v in host.items())}); training stopped before the "
+                    "optimiser step, so the last saved checkpoint is intact. Lower the lr or check the input "
+                    "normalisation."
+                )
+            steps.append((batch_size, host))
+        # accumulated gradients: the mean over the micro-batches this optimiser step is made of
+        batch_size = sum(size for size, _ in steps)
+        mean = {name: sum(host[name] for _, host in steps) / len(steps) for name in steps[0][1]}
+        self.log("loss", mean["total"], prog_bar=True, batch_size=batch_size)
+        self.log_dict({f"loss/{k}": v for k, v in mean.items() if k != "total"}, batch_size=batch_size)
+        values = self.schedule_values(pending[0][0])
         logged = {f"sched/{k}": values[k] for k in ("lr", "momentum", "teacher_temp", "weight_decay")}
         if getattr(self.hparams, "gram_loss_weight", 0) > 0:
             logged["sched/gram_weight"] = values["gram_weight"]
         self.log_dict({k: torch.tensor(v) for k, v in logged.items()}, batch_size=batch_size)  # CPU, see above
-        return losses["total"]
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         # self-supervised: no labelled validation; features are evaluated by k-NN / linear probes afterwards
