@@ -161,8 +161,9 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
                   readback: str = "after_backward", **module_kwargs) -> dict[str, float]:
     """Full SSL step vs the backbone work it cannot avoid, timed alternately (robust to a shared machine).
 
-    On a GPU every timing is bracketed by a synchronize, and nothing synchronizes inside a timed step (a fit's step
-    has one device-to-host copy, after its losses); the breakdown comes from separate steps synchronized between
+    On a GPU every timing is bracketed by a synchronize, and nothing synchronizes inside a timed step but its loss
+    read-back, where ``readback`` says (a fit's step copies its losses to the host once, waited for after the backward
+    is launched); the breakdown comes from separate steps synchronized between
     their parts. ``bf16`` runs both under bf16 autocast (as Lightning's
     ``bf16-mixed``); ``compile`` as ``model.compile`` (``True``: the blocks and heads too, which the
     backbone-only work then uses; ``"losses"``: the logit losses alone). Returns
