@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_assignments, sinkhorn_knopp
 from dinov3_eo.losses.logit_kernels import triton_available
 from dinov3_eo.ssl.compilation import compile_logit_losses
-from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_sum, rank, world_size
+from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank, world_size
 
 # spawning two interpreters takes 3-15 s on the shared 2-core CI machine
 pytestmark = pytest.mark.slow
@@ -70,7 +70,9 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
         (gathered * torch.arange(gathered.shape[0], dtype=torch.float32)[:, None]).sum().backward()
         result["gathered"] = gathered.detach()
         result["gather_grad"] = y.grad
-        result["reduced"] = all_reduce_sum(torch.tensor([process_rank + 1.0]))
+        local = torch.tensor([process_rank + 1.0])
+        result["reduced"], result["reduce_input"] = all_reduce_sum(local), local
+        result["reduced_max"] = all_reduce_max(local)
         torch.save(result, Path(out_dir) / f"rank{process_rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -92,7 +94,8 @@ def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
 def test_helpers_fall_back_without_process_group() -> None:
     t = torch.tensor([1.0, 2.0])
     assert world_size() == 1 and rank() == 0
-    torch.testing.assert_close(all_reduce_sum(t), t)
+    # one process: the input itself, no copy (one device launch less per call)
+    assert all_reduce_sum(t) is t and all_reduce_max(t) is t
     assert all_gather_with_grad(t) is t
 
 
@@ -100,6 +103,8 @@ def test_collectives(rank_results: list[dict]) -> None:
     for r, res in enumerate(rank_results):
         assert res["rank"] == r and res["world"] == WORLD
         torch.testing.assert_close(res["reduced"], torch.tensor([3.0]))
+        torch.testing.assert_close(res["reduced_max"], torch.tensor([2.0]))
+        torch.testing.assert_close(res["reduce_input"], torch.tensor([r + 1.0]))  # the input is left as it was
         torch.testing.assert_close(res["gathered"], torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]))
         # gradient of Σ_ranks Σ_i i·gathered_i w.r.t. this rank's slice: (rows of the slice) × WORLD ranks
         rows = torch.arange(2 * r, 2 * r + 2, dtype=torch.float32)[:, None].expand(2, 3)

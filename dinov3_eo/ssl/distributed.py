@@ -30,21 +30,26 @@ def rank(group: Any = None) -> int:
 
 
 def all_reduce_sum(tensor: Tensor, group: Any = None) -> Tensor:
-    """Element-wise sum of ``tensor`` over all processes; returns a new tensor, the input is untouched.
+    """Element-wise sum of ``tensor`` over all processes, in a new tensor (the input is untouched); with one process,
+    ``tensor`` itself (a copy would be one more device launch per call, several per Sinkhorn–Knopp; callers must
+    not write into the result).
 
     Not autograd-aware: use it on statistics computed under ``no_grad`` (e.g. Sinkhorn–Knopp sums).
     """
+    if not is_dist() or world_size(group) == 1:
+        return tensor
     out = tensor.clone()
-    if is_dist() and world_size(group) > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 
 def all_reduce_max(tensor: Tensor, group: Any = None) -> Tensor:
-    """Element-wise maximum of ``tensor`` over all processes; returns a new tensor (not autograd-aware)."""
+    """Element-wise maximum of ``tensor`` over all processes, as :func:`all_reduce_sum` (``tensor`` itself with one
+    process; not autograd-aware)."""
+    if not is_dist() or world_size(group) == 1:
+        return tensor
     out = tensor.clone()
-    if is_dist() and world_size(group) > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=group)
     return out
 
 
