@@ -240,6 +240,18 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
         steady = {"steady_full_s": totals["full"] / (2 * repeats),
                   "steady_backbone_s": totals["backbone"] / (2 * repeats),
                   "steady_ratio": totals["full"] / totals["backbone"]}
+        # how long the host takes to queue one step, from an idle device to the call's return: where that is close
+        # to the step's synchronized time while the profile's kernel time is lower, the host bounds the step and
+        # only fewer launches (not faster kernels) make it faster
+        for name, fn in (("full", full_step), ("backbone", backbone_only)):
+            queued = []
+            for _ in range(repeats):
+                now()
+                start = time.perf_counter()
+                fn()
+                queued.append(time.perf_counter() - start)
+            now()
+            steady[f"host_queue_{name}_s"] = statistics.median(queued)
     # the breakdown only splits the step's time into parts (it is not the compared number): two steps show it
     breakdown_repeats = min(repeats, 2)
     for _ in range(breakdown_repeats):
@@ -264,6 +276,9 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
     if steady:
         print(f"[step]   back to back (2 x {repeats} in a row each): full SSL step {steady['steady_full_s']:.3f} s | "
               f"backbone-only work {steady['steady_backbone_s']:.3f} s | ratio {steady['steady_ratio']:.3f}x")
+        print(f"[step]   host time to queue one step (median, from an idle device): full SSL step "
+              f"{steady['host_queue_full_s']:.3f} s | backbone-only work {steady['host_queue_backbone_s']:.3f} s "
+              f"(ratio {steady['host_queue_full_s'] / steady['host_queue_backbone_s']:.3f}x)")
     return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
             "paired_median_ratio": paired_median, **steady,
             "warm_up_s": warm_up_s, **{f"part_{k}_s": v / breakdown_repeats for k, v in parts.items()}}
