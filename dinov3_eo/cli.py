@@ -21,6 +21,10 @@ from dinov3_eo.allocator import retain_freed_memory_unless_disabled
 #: would bury it. ``DINOV3_EO_TRACEBACK=1`` shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
 
+#: the exit code of a command stopped by bad input (argparse's code for a usage error, too); every sub-command that
+#: reports its own errors returns it, so that scripts can tell bad input (2) from a crash (1)
+EXIT_BAD_INPUT = 2
+
 #: sub-command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("dinov3_eo.quickstart", "main", "pretrain, segment and map the bundled real scene end to end"),
@@ -76,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("DINOV3_EO_TRACEBACK", "") not in ("", "0"):
             raise
         print(f"dinov3-eo {argv[0]}: error: {e}\n(DINOV3_EO_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     return int(result or 0)
 
 

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+
+from dinov3_eo.cli import EXIT_BAD_INPUT
 
 #: class ids of the shipped polygons' ``name`` attribute
 SAMPLE_CLASSES: dict[str, int] = {"water": 0, "crop": 1, "tree": 2, "developed": 3}
@@ -210,8 +213,8 @@ def main(argv: Sequence[str]) -> int:
         run(args.output, steps=args.steps, head_epochs=args.head_epochs, overwrite=args.overwrite,
             progress=not args.quiet, seed=args.seed)  # fmt: skip
     except FileExistsError as e:
-        print(f"dinov3-eo quickstart: error: {e}", file=__import__("sys").stderr)
-        return 1
+        print(f"dinov3-eo quickstart: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

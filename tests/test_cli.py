@@ -61,3 +61,27 @@ def test_every_command_retains_freed_memory_unless_switched_off(monkeypatch) -> 
     monkeypatch.setenv(allocator.ENV_SWITCH, "0")
     assert main(["noop"]) == 0
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stats", "{tmp}/missing", "-o", "{tmp}/stats.json"],
+        ["export", "{tmp}/missing.ckpt", "-o", "{tmp}/backbone"],
+        ["embed", "{tmp}/missing.tif", "--model", "vitmicro16", "-o", "{tmp}/features.tif"],
+        ["pca", "{tmp}/missing.tif", "--model", "{tmp}/missing.pth", "-o", "{tmp}/pca.png"],
+        ["segment", "predict", "{tmp}/missing.tif", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/out"],
+        ["query", "{tmp}/missing.tif", "water", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/query.tif"],
+        ["height", "predict", "{tmp}/missing.tif", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/chm.tif"],
+        ["height", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.tif", "--out-dir", "{tmp}/evaluation"],
+    ],
+    ids=lambda argv: " ".join(argv[:2]),
+)
+def test_bad_input_exits_2_with_one_sentence_in_every_command(argv, tmp_path, capsys, monkeypatch) -> None:
+    """Scripts can tell bad input from a crash: every command stopped by a missing file exits with 2 (argparse's
+    code for a usage error), whether the command reports the error itself or leaves it to the dispatcher."""
+    monkeypatch.delenv("DINOV3_EO_TRACEBACK", raising=False)
+    assert main([arg.format(tmp=tmp_path) for arg in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"dinov3-eo {argv[0]}" in err and "error:" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written

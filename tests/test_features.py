@@ -82,7 +82,7 @@ def test_embed_cli_writes_georeferenced_features(backbone_file: Path, tmp_path: 
     assert np.array_equal(np.isfinite(f).all(axis=0), valid) and 0 < valid.mean() < 1
     # normed tokens: LayerNorm output has ~zero mean over channels
     assert np.abs(np.nanmean(f[:, valid], axis=0)).max() < 0.5
-    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 1  # no overwrite
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 2  # no overwrite
 
 
 def test_embed_bf16_follows_float32(backbone_file: Path, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_embed_to_zarr_is_georeferenced_like_the_tif(backbone_file: Path, tmp_pa
         np.testing.assert_allclose(features.values, ref.read(masked=True).filled(np.nan), equal_nan=True)
         assert features.rio.crs == ref.crs
         assert features.rio.transform().almost_equals(ref.transform)
-    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 1  # no overwrite
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 2  # no overwrite
 
 
 def test_fit_pca_matches_sklearn() -> None:

@@ -228,7 +228,7 @@ class TestExport:
         assert export_main([str(ckpt), "-o", str(tmp_path / "exp" / "backbone")]) == 0
         assert (tmp_path / "exp" / "backbone.safetensors").exists()
         assert "backbone.pth" in capsys.readouterr().out
-        assert export_main([str(tmp_path / "missing.pth"), "-o", str(tmp_path / "x")]) == 1
+        assert export_main([str(tmp_path / "missing.pth"), "-o", str(tmp_path / "x")]) == 2
         assert "does not exist" in capsys.readouterr().err
 
     def test_meta_dict_round_trip(self) -> None:

@@ -285,4 +285,4 @@ def test_text_fit_then_query_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     frame = gpd.read_file(tmp_path / "out.gpkg")
     assert frame.crs == rasterio.open(SAMPLE).crs and len(frame) > 0
     assert (tmp_path / "out.png").stat().st_size > 1000
-    assert query_main(args) == 1  # outputs exist and --overwrite was not given
+    assert query_main(args) == 2  # outputs exist and --overwrite was not given

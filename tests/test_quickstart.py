@@ -46,4 +46,4 @@ def test_quickstart_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert (frame.area >= 2 * 900.0).all()  # the quickstart's minimum area: two Landsat pixels
 
     # a second run refuses the non-empty folder
-    assert cli_main(["quickstart", "-o", str(out), "--steps", "1", "--head-epochs", "1", "--quiet"]) == 1
+    assert cli_main(["quickstart", "-o", str(out), "--steps", "1", "--head-epochs", "1", "--quiet"]) == 2

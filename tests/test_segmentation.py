@@ -259,7 +259,7 @@ class TestSegmentCLI:
         assert paths.quicklook.stat().st_size > 1000
 
         # existing outputs are not overwritten; --overwrite replaces them
-        assert cli_main(args) == 1
+        assert cli_main(args) == 2
         assert cli_main([*args, "--overwrite"]) == 0
 
     def test_predict_bf16_matches_float32(self, trained: Path, tmp_path: Path) -> None:
@@ -280,7 +280,7 @@ class TestSegmentCLI:
             profile = src.profile | {"count": 2}
             with rasterio.open(two_bands, "w", **profile) as dst:
                 dst.write(src.read([1, 2]))
-        assert cli_main(["segment", "predict", str(two_bands), "--model", str(trained), "-o", str(tmp_path), "--quiet"]) == 1
+        assert cli_main(["segment", "predict", str(two_bands), "--model", str(trained), "-o", str(tmp_path), "--quiet"]) == 2
         assert "gives 2 bands but the model was trained on 3" in capsys.readouterr().err
 
     def test_predict_glob_and_name_collisions(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -289,4 +289,4 @@ class TestSegmentCLI:
             shutil.copy(SCENE, tmp_path / sub / "scene.tif")
         code = cli_main(["segment", "predict", str(tmp_path / "*" / "scene.tif"), "--model", str(trained), "-o",
                          str(tmp_path / "out"), "--quiet"])  # fmt: skip
-        assert code == 1 and "would collide" in capsys.readouterr().err
+        assert code == 2 and "would collide" in capsys.readouterr().err

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.rope import RopePositionEmbedding
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
@@ -709,7 +710,7 @@ def export_main(argv: Iterable[str]) -> int:
         written = export_backbone(model, args.output, meta=model.meta)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"dinov3-eo export: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     for kind, p in written.items():
         print(f"{kind:>12}: {p}")
     return 0

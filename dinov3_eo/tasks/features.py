@@ -32,6 +32,7 @@ from rasterio.transform import Affine
 from rasterio.windows import Window
 from torch import Tensor, nn
 
+from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.writers import COGWriter, atomic_output, check_overwrite
@@ -424,7 +425,7 @@ def _run_cli(prog: str, body: Callable[[], Path]) -> int:
         path = body()
     except (FileExistsError, FileNotFoundError, ValueError, ImportError, IndexError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     print(path)
     return 0
 

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 from torch import Tensor, nn
 
+from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
@@ -1085,7 +1086,7 @@ def query_main(argv: Sequence[str]) -> int:
             written.append(f"quick-look: {png}")
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"dinov3-eo query: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     for line in written:
         print(line)
     return 0

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
@@ -684,7 +685,7 @@ def predict_main(argv: Sequence[str]) -> int:
                     print(path)
     except (FileExistsError, FileNotFoundError, ValueError, IndexError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
     return 0
 
 
