@@ -85,6 +85,17 @@ def test_embed_cli_writes_georeferenced_features(backbone_file: Path, tmp_path: 
     assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 2  # no overwrite
 
 
+def test_embed_refuses_a_raster_that_is_not_georeferenced(backbone_file: Path, tmp_path: Path, capsys) -> None:
+    with rasterio.open(CROP) as src:
+        profile, pixels = src.profile | {"crs": None}, src.read()
+    plain = tmp_path / "plain.tif"
+    with rasterio.open(plain, "w", **profile) as dst:
+        dst.write(pixels)
+    out = tmp_path / "feats.tif"
+    assert cli_main(["embed", str(plain), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 2
+    assert "plain.tif is not georeferenced" in capsys.readouterr().err and not out.exists()
+
+
 def test_embed_bf16_follows_float32(backbone_file: Path, tmp_path: Path) -> None:
     """``--bf16``: the backbone runs under bf16 autocast; features stay float32 and within bf16 rounding."""
     feats = {}

@@ -411,6 +411,14 @@ class TestRasterPrediction:
         assert result["all"]["n"] == 1600 and result["all"]["mae"] == pytest.approx(0.0, abs=1e-5)
         assert result["all"]["r2"] == pytest.approx(1.0)
         assert {p.name for p in (tmp_path / "eval").iterdir()} == {"metrics.json", "scatter.png", "error_map.png"}
+        # a reference without a georeference has no grid to resample the prediction onto
+        with rasterio.open(NEON / "TEAK_052_CHM.tif") as ref:
+            profile, values = ref.profile | {"crs": None}, ref.read()
+        with rasterio.open(tmp_path / "bare.tif", "w", **profile) as dst:
+            dst.write(values)
+        with pytest.raises(ValueError, match=r"bare\.tif is not georeferenced"):
+            evaluate_height_raster(tmp_path / "pred.tif", tmp_path / "bare.tif", out_dir=tmp_path / "eval2")
+        assert not (tmp_path / "eval2").exists()
 
 
 def _sat():

@@ -168,6 +168,14 @@ class TestQuery:
         assert collar.any() and np.array_equal(np.isnan(da.values[0]), collar)
         np.testing.assert_allclose(da.sum("query").values[~collar], 1.0, atol=1e-5)  # softmax over the queries
 
+    def test_a_dataarray_without_crs_is_refused(self, engine: MapQuery, crop: Path) -> None:
+        import rioxarray
+
+        opened = rioxarray.open_rasterio(crop)
+        plain = xr.DataArray(opened.values.copy(), dims=("band", "y", "x"), coords={"y": opened.y, "x": opened.x})
+        with pytest.raises(ValueError, match=r"DataArray has no CRS.*rio\.write_crs"):
+            engine.query(plain, ["water"])
+
     def test_path_equals_in_memory_dataarray(self, engine: MapQuery, crop: Path) -> None:
         import rioxarray
 

@@ -134,6 +134,23 @@ class TestGeoreferencing:
             assert out.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
             assert out.colormap(1)[0][:3] != (0, 0, 0) or out.colormap(1)[1][:3] != (0, 0, 0)
 
+    @pytest.mark.parametrize("drop", ["crs", "transform"])
+    def test_an_input_that_is_not_georeferenced_is_refused(self, model: CountingModel, tmp_path: Path,
+                                                            drop: str) -> None:
+        """A raster without a CRS or geotransform would give an output nobody can place on a map: refused before
+        any window is read, with the file named; nothing is written."""
+        with rasterio.open(CROP) as src:
+            profile, pixels = src.profile, src.read()
+        profile |= {"crs": None} if drop == "crs" else {"transform": rasterio.Affine.identity()}
+        plain = tmp_path / "plain.tif"
+        with rasterio.Env(CPL_LOG="/dev/null"), rasterio.open(plain, "w", **profile) as dst:
+            dst.write(pixels)
+        out = tmp_path / "out"
+        out.mkdir()
+        with pytest.raises(ValueError, match=r"plain\.tif is not georeferenced \(no CRS or no geotransform\)"):
+            run(model, plain, out / "o.tif", window=64)
+        assert model.calls == 0 and list(out.iterdir()) == []
+
     def test_nodata_propagates(self, model: CountingModel, tmp_path: Path) -> None:
         dst = tmp_path / "out.tif"
         run(model, CROP, dst, window=64)

@@ -37,6 +37,8 @@ from rasterio.env import get_gdal_config, set_gdal_config
 from rasterio.errors import RasterioError
 from rasterio.transform import Affine
 
+from dinov3_eo.data.raster import is_georeferenced
+
 #: File suffixes picked up when a folder is given.
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
 #: Longest side of the per-file thumbnail used for nodata-aware sampling.
@@ -184,7 +186,7 @@ def inspect_raster(path: str) -> RasterRecord:
     """
     stat = os.stat(path)
     with rasterio.open(path) as src:
-        if src.crs is None or src.transform.is_identity:
+        if not is_georeferenced(src):
             raise ValueError("not georeferenced (no CRS or no geotransform)")
         # Decoding a thumbnail also catches truncated or corrupt pixel data at index time.
         thumbnail = _read_thumbnail(src)

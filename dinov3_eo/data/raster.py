@@ -97,6 +97,25 @@ def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Wind
     return Window.from_slices((row_start, row_stop), (col_start, col_stop))
 
 
+def is_georeferenced(src) -> bool:
+    """Whether an open dataset can be placed on a map: it has a CRS and a geotransform (not the identity that
+    rasterio reports for a file without one)."""
+    return src.crs is not None and not src.transform.is_identity
+
+
+def require_georeferenced(src) -> None:
+    """Refuse a dataset that :func:`is_georeferenced` says cannot be placed on a map, before anything is computed.
+
+    Raises:
+        ValueError: naming the file and how to georeference it.
+    """
+    if not is_georeferenced(src):
+        raise ValueError(
+            f"{src.name} is not georeferenced (no CRS or no geotransform), so its outputs could not be placed on a "
+            "map; give it both first (e.g. gdal_edit.py -a_srs EPSG:32633 -a_ullr ulx uly lrx lry)."
+        )
+
+
 def _data_band_count(src) -> int:
     """Bands that hold data, i.e. excluding a trailing alpha band."""
     count = src.count

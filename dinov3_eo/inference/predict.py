@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from dinov3_eo.allocator import trim_heap
 from dinov3_eo.data.datasets import apply_fused_affine, fused_affine
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import read_window
+from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.tiling import Tile, TileGrid
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
 
@@ -313,8 +313,8 @@ def predict_raster(
 
     Raises:
         FileExistsError: if an output exists and ``overwrite`` is false.
-        ValueError: for an unknown ``output``/``activation``, bad band indexes, a normalisation whose
-            band count differs from the input's, or a model output of the wrong shape.
+        ValueError: for an unknown ``output``/``activation``, an input without a CRS or geotransform, bad band
+            indexes, a normalisation whose band count differs from the input's, or a model output of the wrong shape.
     """
     started = time.perf_counter()
     if output not in _OUTPUTS:
@@ -345,6 +345,7 @@ def predict_raster(
     own_src = not hasattr(src, "read")
     dataset = rasterio.open(src) if own_src else src
     try:
+        require_georeferenced(dataset)
         band_indexes = list(bands) if bands is not None else list(range(1, dataset.count + 1))
         bad = [b for b in band_indexes if not 1 <= b <= dataset.count]
         if bad or not band_indexes:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import read_window
+from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.writers import COGWriter, atomic_output, check_overwrite
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,7 @@ def write_features(
                            overwrite=overwrite, progress=progress)  # fmt: skip
     dim = int(backbone.embed_dim)
     with rasterio.open(src_path) as src:
+        require_georeferenced(src)
         grid = FeatureGrid.of(src, int(backbone.patch_size))
         meta = getattr(backbone, "meta", None)
         tags = {"dinov3_eo_output": "patch_features", "patch_size": grid.patch_size,

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import require_georeferenced
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
@@ -550,6 +551,7 @@ def evaluate_height_raster(
     from dinov3_eo.tasks.height_data import HeightLabels
 
     with rasterio.open(reference) as ref:
+        require_georeferenced(ref)  # the prediction is resampled onto its grid
         target = ref.read(1).astype(np.float32)
         nodata = ref.nodata if reference_nodata is None else reference_nodata
         if nodata is not None:

@@ -545,7 +545,7 @@ def _open_raster(raster: Any) -> Iterator[Any]:
 
     Raises:
         TypeError: for any other kind of input.
-        ValueError: for a DataArray that is not 2-D or 3-D.
+        ValueError: for a DataArray that is not 2-D or 3-D or has no CRS.
     """
     if isinstance(raster, (str, os.PathLike)):
         with rasterio.open(raster) as src:
@@ -570,6 +570,9 @@ def _open_raster(raster: Any) -> Iterator[Any]:
         da = da.expand_dims("band")
     if da.ndim != 3:
         raise ValueError(f"A DataArray raster must be (band, y, x) or (y, x), got dims {raster.dims}.")
+    if da.rio.crs is None:
+        raise ValueError("The DataArray has no CRS, so its answers could not be placed on a map; set one first, e.g. "
+                         "da.rio.write_crs('EPSG:32633').")
     band_dim = next(d for d in da.dims if d not in (da.rio.y_dim, da.rio.x_dim))
     da = da.transpose(band_dim, da.rio.y_dim, da.rio.x_dim)
     values = np.asarray(da.values)
