@@ -112,6 +112,19 @@ class TestReadWindow:
         with rasterio.open(SAMPLE) as src, pytest.raises(ValueError, match="non-empty"):
             read_window(src, Window(0, 0, 0, 8))
 
+    def test_a_truncated_file_names_itself_and_the_window(self, tmp_path: Path) -> None:
+        """GDAL says only "Read failed"; a user needs the file and where in it (a download cut short, say)."""
+        truncated = tmp_path / "cut.tif"
+        truncated.write_bytes(SAMPLE.read_bytes()[:60_000])  # the header survives, the pixels do not
+        with rasterio.open(truncated) as src:
+            with pytest.raises(rasterio.errors.RasterioIOError,
+                               match=r"Could not decode rows 600-900, columns 0-448 of .*cut\.tif: the file is corrupt "
+                                     r"or truncated \(.*TIFFReadEncodedTile"):
+                read_window(src, Window(0, 600, 448, 300))
+        with rasterio.open(truncated) as src:  # (GDAL re-raises a failed read's error at the dataset's next call)
+            with pytest.raises(rasterio.errors.RasterioIOError, match=r"rows 900-928, columns 400-448 of .*cut\.tif"):
+                read_window(src, Window(400, 900, 60, 40))  # partly outside: the part inside is named
+
 
 # --------------------------------------------------------------------------------------------------
 # RasterIndex

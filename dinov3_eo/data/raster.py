@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 
@@ -199,6 +200,7 @@ def read_window(
     Raises:
         IndexError: if a band index is outside ``[1, count]``.
         ValueError: if the window or ``out_shape`` is empty, or ``out``/``valid_out`` have the wrong shape or dtype.
+        RasterioIOError: if GDAL cannot decode the window (a corrupt or truncated file), naming file and window.
     """
     window = _as_window(window)
     indexes = _check_bands(src, bands)
@@ -222,10 +224,11 @@ def read_window(
     col1 = min(window.col_off + window.width, src.width)
     if (row0, col0, row1, col1) == (window.row_off, window.col_off, window.row_off + window.height, window.col_off + window.width):
         # The usual case, a window inside the raster: one read straight into the output, no fill or paste.
-        src.read(indexes, window=window, out=values, resampling=resampling)
+        _decode(src.read, src, window, indexes, out=values, resampling=resampling)
         _valid_into(values, declared, inside)
         if use_mask:
-            inside &= src.read_masks(indexes[0], window=window, out_shape=(out_h, out_w), resampling=Resampling.nearest) > 0
+            mask = _decode(src.read_masks, src, window, indexes[0], out_shape=(out_h, out_w), resampling=Resampling.nearest)
+            inside &= mask > 0
         return values, inside
 
     fill = declared if declared is not None and _representable(declared, dtype) else 0
@@ -242,14 +245,28 @@ def read_window(
         if dst_r1 > dst_r0 and dst_c1 > dst_c0:
             inner = Window(col0, row0, col1 - col0, row1 - row0)
             shape = (dst_r1 - dst_r0, dst_c1 - dst_c0)
-            part = src.read(indexes, window=inner, out_shape=(len(indexes), *shape), resampling=resampling)
+            part = _decode(src.read, src, inner, indexes, out_shape=(len(indexes), *shape), resampling=resampling)
             values[:, dst_r0:dst_r1, dst_c0:dst_c1] = part
             part_valid = _valid_into(part, declared, np.empty(shape, dtype=bool))
             if use_mask:
-                mask = src.read_masks(indexes[0], window=inner, out_shape=shape, resampling=Resampling.nearest)
+                mask = _decode(src.read_masks, src, inner, indexes[0], out_shape=shape, resampling=Resampling.nearest)
                 part_valid &= mask > 0
             inside[dst_r0:dst_r1, dst_c0:dst_c1] = part_valid
     return values, inside
+
+
+def _decode(read: Callable[..., np.ndarray], src, window: Window, *args: Any, **kwargs: Any) -> np.ndarray:
+    """``read(*args, window=window, **kwargs)`` (``src.read`` or ``src.read_masks``), naming the file and the
+    window when GDAL cannot decode them, where GDAL says only "Read failed"."""
+    try:
+        return read(*args, window=window, **kwargs)
+    except RasterioIOError as e:
+        cause = e.__cause__ or e.__context__ or e
+        raise RasterioIOError(
+            f"Could not decode rows {int(window.row_off)}-{int(window.row_off + window.height)}, columns "
+            f"{int(window.col_off)}-{int(window.col_off + window.width)} of {src.name}: the file is corrupt or "
+            f"truncated ({cause})."
+        ) from e
 
 
 def _output(buffer: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, name: str) -> np.ndarray:
