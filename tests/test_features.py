@@ -96,6 +96,20 @@ def test_embed_refuses_a_raster_that_is_not_georeferenced(backbone_file: Path, t
     assert "plain.tif is not georeferenced" in capsys.readouterr().err and not out.exists()
 
 
+def test_embed_says_when_a_raster_has_no_valid_pixel(backbone_file: Path, tmp_path: Path, caplog) -> None:
+    with rasterio.open(CROP) as src:
+        profile = src.profile | {"nodata": 0}
+    blank = tmp_path / "blank.tif"
+    with rasterio.open(blank, "w", **profile) as dst:
+        dst.write(np.zeros((profile["count"], profile["height"], profile["width"]), dtype=profile["dtype"]))
+    with caplog.at_level("WARNING", logger="dinov3_eo.tasks.features"):
+        assert cli_main(["embed", str(blank), "--model", str(backbone_file), "-o", str(tmp_path / "f.tif"), "--quiet"]) == 0
+    ours = [r.getMessage() for r in caplog.records if r.name == "dinov3_eo.tasks.features"]
+    assert any("blank.tif has no valid pixel" in message for message in ours), ours
+    with rasterio.open(tmp_path / "f.tif") as feats:
+        assert np.isnan(feats.read(1)).all()
+
+
 def test_embed_bf16_follows_float32(backbone_file: Path, tmp_path: Path) -> None:
     """``--bf16``: the backbone runs under bf16 autocast; features stay float32 and within bf16 rounding."""
     feats = {}

@@ -180,6 +180,25 @@ class TestStreaming:
         assert model.calls == model.windows == with_data
         assert summary.model_calls == with_data and summary.windows_skipped == len(grid) - with_data
 
+    def test_a_raster_with_no_valid_pixel_is_said_so(self, model: CountingModel, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+        """A wrong --nodata or band choice that leaves nothing to predict is named, not a silent all-nodata map."""
+        with caplog.at_level("WARNING", logger="dinov3_eo.inference.predict"):
+            run(model, CROP, tmp_path / "some.tif", window=64)
+            assert not [r for r in caplog.records if r.name == "dinov3_eo.inference.predict"]  # data: nothing to say
+            with rasterio.open(CROP) as src:
+                profile = src.profile
+            blank = tmp_path / "blank.tif"
+            with rasterio.open(blank, "w", **(profile | {"nodata": 0})) as dst:
+                dst.write(np.zeros((profile["count"], profile["height"], profile["width"]), dtype=profile["dtype"]))
+            calls = model.calls
+            summary = run(model, blank, tmp_path / "none.tif", window=64)
+        assert model.calls == calls and summary.windows_skipped == summary.windows
+        ours = [r.getMessage() for r in caplog.records if r.name == "dinov3_eo.inference.predict"]
+        assert len(ours) == 1 and "blank.tif has no valid pixel in bands [1, 2, 3] (nodata 0.0 everywhere)" in ours[0]
+        with rasterio.open(tmp_path / "none.tif") as out:
+            assert (out.read(1) == out.nodata).all()
+
     def test_batches_windows(self, model: CountingModel, tmp_path: Path) -> None:
         summary = run(model, CROP, tmp_path / "out.tif", window=32, overlap=8, batch_size=5)
         assert model.windows == summary.windows - summary.windows_skipped

@@ -15,6 +15,7 @@ Output pixels whose input was invalid are written as the output's nodata.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import threading
@@ -36,6 +37,8 @@ from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.tiling import Tile, TileGrid
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
+
+log = logging.getLogger(__name__)
 
 #: Help of the prediction commands' ``--bf16`` option (``amp=True``).
 BF16_HELP = ("bf16 autocast on a CPU too (default: on CUDA only): ViT features ~1.85x faster on CPUs with bf16 instructions "
@@ -389,6 +392,10 @@ def predict_raster(
                 activation=activation, batch_size=batch_size, device=run_device, amp=amp, prefetch=prefetch,
                 progress=progress,
             )  # fmt: skip
+        if counts[0] == len(grid):
+            declared = nodata if nodata is not None else dataset.nodata
+            log.warning("%s has no valid pixel in bands %s (nodata %s everywhere): every output pixel is nodata; check "
+                        "the nodata value and the bands.", dataset.name, band_indexes, declared)
     finally:
         if own_src:
             dataset.close()

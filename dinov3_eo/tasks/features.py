@@ -249,11 +249,16 @@ def write_features(
             dtype="float32", nodata=float("nan"), overwrite=overwrite, compress=compress, overviews=False,
             band_descriptions=[f"feature_{i}" for i in range(dim)], tags=tags,
         ) as out:  # fmt: skip
+            any_valid = False
             for tile, feats in stream_patch_features(
                 backbone, src, normalization=normalization, bands=bands, nodata=nodata, window=window,
                 margin=margin, batch_size=batch_size, device=device, amp=amp, progress=progress,
             ):  # fmt: skip
                 out.write(feats, tile)
+                any_valid = any_valid or bool(np.isfinite(feats[0]).any())  # a patch is NaN where it saw no data
+        if not any_valid:
+            log.warning("%s has no valid pixel in the bands read (nodata everywhere): every feature is NaN; check the "
+                        "nodata value and the bands.", src.name)
     return dst
 
 
