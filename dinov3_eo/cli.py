@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 
 from dinov3_eo import __version__
@@ -69,6 +70,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # CPU a ViT-S SSL step 1.13-1.18x faster, predict_raster 3x); a process-wide choice: the command makes it, not
     # the package. DINOV3_EO_RETAIN_FREED_MEMORY=0 turns it off.
     retain_freed_memory_unless_disabled()
+    # Lightning 2.6 under torch 2.14 warns at every fit that its own pytree helper uses a deprecated torch class: a
+    # note for Lightning's developers that a user can do nothing about
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
     module_name, func_name, _ = COMMANDS[argv[0]]
     try:
         func = getattr(importlib.import_module(module_name), func_name)

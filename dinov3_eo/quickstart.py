@@ -92,6 +92,7 @@ def run(
     from dinov3_eo.data.index import RasterIndex
     from dinov3_eo.data.stats import compute_band_stats
     from dinov3_eo.models.hub import export_backbone, load_backbone
+    from dinov3_eo.ssl.cli import EXPECTED_LIGHTNING_WARNING
     from dinov3_eo.ssl.module import DINOv3Pretrain
     from dinov3_eo.tasks.features import pca_picture
     from dinov3_eo.tasks.segmentation import SegmentationTask, segment_scene
@@ -128,6 +129,7 @@ def run(
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode).*")
+        warnings.filterwarnings("ignore", message=EXPECTED_LIGHTNING_WARNING)
         pl.Trainer(max_steps=max(steps, 1), limit_val_batches=0, **trainer_kw).fit(ssl, pretrain_data)
 
     # 3. export the EMA teacher with its metadata (bands, normalisation)
@@ -208,6 +210,9 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.steps < 1 or args.head_epochs < 1:
         parser.error("--steps and --head-epochs must be >= 1")
+    import lightning.pytorch  # noqa: F401 - importing it sets its logger to INFO: quiet it after, not before
+
+    # Lightning's accelerator lines and its advertising tip, twice: the quickstart says what it does itself
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     try:
         run(args.output, steps=args.steps, head_epochs=args.head_epochs, overwrite=args.overwrite,

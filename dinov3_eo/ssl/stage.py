@@ -404,7 +404,3 @@ class SSLStage(TrainModesAtFitStart):
         if getattr(self.hparams, "gram_loss_weight", 0) > 0:
             logged["sched/gram_weight"] = values["gram_weight"]
         self.log_dict({k: torch.tensor(v) for k, v in logged.items()}, batch_size=batch_size)  # CPU, see above
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        # self-supervised: no labelled validation; features are evaluated by k-NN / linear probes afterwards
-        return None
