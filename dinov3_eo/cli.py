@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 from dinov3_eo import __version__
 from dinov3_eo.allocator import retain_freed_memory_unless_disabled
@@ -25,6 +26,14 @@ USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
 #: the exit code of a command stopped by bad input (argparse's code for a usage error, too); every sub-command that
 #: reports its own errors returns it, so that scripts can tell bad input (2) from a crash (1)
 EXIT_BAD_INPUT = 2
+
+#: what Lightning says at every fit about choices made on purpose, which a user would read as mistakes: a task's
+#: ``on_before_batch_transfer`` (host-side checks before a batch travels) takes precedence over the datamodule's
+#: default hook; without TensorBoard installed, metrics go to the CSV logger
+EXPECTED_LIGHTNING_WARNINGS = (
+    r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a",
+    r"Starting from v1.9.0, `tensorboardX` has been removed as a dependency",
+)
 
 #: sub-command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -42,6 +51,28 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
     "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict in metres"),
 }
+
+
+def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, **cli_kwargs: Any) -> int:
+    """``dinov3-eo <command> fit|validate --config X.yaml [--key value ...]`` through LightningCLI; returns 0.
+
+    ``argv`` is handed over as ``args=`` alone: ``sys.argv`` is set to ``[prog]`` meanwhile, so that ``--help``
+    names the real command and LightningCLI neither reads the arguments twice nor warns that it was given both.
+    ``cli_kwargs`` go to ``LightningCLI`` (e.g. ``auto_configure_optimizers=False``).
+    """
+    from lightning.pytorch.cli import LightningCLI
+
+    old_argv = sys.argv
+    sys.argv = [prog]
+    try:
+        with warnings.catch_warnings():
+            for message in EXPECTED_LIGHTNING_WARNINGS:
+                warnings.filterwarnings("ignore", message=message)
+            LightningCLI(model_class, datamodule_class, args=list(argv) or ["--help"],
+                         save_config_kwargs={"overwrite": True}, seed_everything_default=0, **cli_kwargs)  # fmt: skip
+    finally:
+        sys.argv = old_argv
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from dinov3_eo.cli import EXIT_BAD_INPUT
+from dinov3_eo.cli import EXIT_BAD_INPUT, EXPECTED_LIGHTNING_WARNINGS
 
 #: class ids of the shipped polygons' ``name`` attribute
 SAMPLE_CLASSES: dict[str, int] = {"water": 0, "crop": 1, "tree": 2, "developed": 3}
@@ -92,7 +92,6 @@ def run(
     from dinov3_eo.data.index import RasterIndex
     from dinov3_eo.data.stats import compute_band_stats
     from dinov3_eo.models.hub import export_backbone, load_backbone
-    from dinov3_eo.ssl.cli import EXPECTED_LIGHTNING_WARNING
     from dinov3_eo.ssl.module import DINOv3Pretrain
     from dinov3_eo.tasks.features import pca_picture
     from dinov3_eo.tasks.segmentation import SegmentationTask, segment_scene
@@ -129,7 +128,8 @@ def run(
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode).*")
-        warnings.filterwarnings("ignore", message=EXPECTED_LIGHTNING_WARNING)
+        for message in EXPECTED_LIGHTNING_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
         pl.Trainer(max_steps=max(steps, 1), limit_val_batches=0, **trainer_kw).fit(ssl, pretrain_data)
 
     # 3. export the EMA teacher with its metadata (bands, normalisation)

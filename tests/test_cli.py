@@ -85,3 +85,20 @@ def test_bad_input_exits_2_with_one_sentence_in_every_command(argv, tmp_path, ca
     err = capsys.readouterr().err
     assert f"dinov3-eo {argv[0]}" in err and "error:" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("command", ["pretrain", "distill", "segment", "height", "text"])
+def test_lightning_cli_commands_read_their_arguments_once(command, capsys, monkeypatch) -> None:
+    """The console script's own argv is not read a second time by LightningCLI (which warned at every fit that it
+    was given both), ``--help`` names the real command, and ``sys.argv`` is given back."""
+    import warnings
+
+    argv = [command, "fit", "--help"]
+    monkeypatch.setattr(sys, "argv", ["dinov3-eo", *argv])
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(SystemExit) as stop:
+        warnings.simplefilter("always")
+        main(argv)
+    assert stop.value.code == 0
+    assert f"usage: dinov3-eo {command} [options] fit" in capsys.readouterr().out
+    assert not [str(w.message) for w in caught if "args parameter is intended" in str(w.message)]
+    assert sys.argv == ["dinov3-eo", *argv]

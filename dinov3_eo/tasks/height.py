@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import require_georeferenced
 from dinov3_eo.inference.predict import BF16_HELP
@@ -651,22 +652,9 @@ def _evaluate_main(argv: Sequence[str]) -> int:
 
 
 def _fit_main(argv: Sequence[str]) -> int:
-    import sys
-
-    from lightning.pytorch.cli import LightningCLI
-
     from dinov3_eo.tasks.height_data import HeightDataModule
 
-    old_argv = sys.argv
-    sys.argv = ["dinov3-eo height"]  # --help names the command; LightningCLI reads args= only
-    try:
-        LightningCLI(
-            HeightTask, HeightDataModule, args=list(argv) or ["--help"], save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )  # fmt: skip
-    finally:
-        sys.argv = old_argv
-    return 0
+    return run_lightning_cli(HeightTask, HeightDataModule, argv, "dinov3-eo height")
 
 
 def main(argv: Sequence[str]) -> int:

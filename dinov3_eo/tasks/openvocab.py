@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 from torch import Tensor, nn
 
-from dinov3_eo.cli import EXIT_BAD_INPUT
+from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
@@ -391,10 +391,9 @@ def adapt_tokens(vision: Any, tokens: Tensor, grid: tuple[int, int]) -> tuple[Te
 
 def text_main(argv: Sequence[str]) -> int:
     """``dinov3-eo text fit --config configs/text/<name>.yaml`` (LightningCLI; CLI overrides allowed)."""
-    from dinov3_eo.ssl.cli import _run
     from dinov3_eo.tasks.captions import TextDataModule
 
-    return _run(TextAlignmentTask, TextDataModule, argv, "dinov3-eo text")
+    return run_lightning_cli(TextAlignmentTask, TextDataModule, argv, "dinov3-eo text", auto_configure_optimizers=False)
 
 
 # --------------------------------------------------------------------------------------------------------------

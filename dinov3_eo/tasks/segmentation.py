@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinov3_eo.cli import EXIT_BAD_INPUT
+from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
@@ -691,23 +691,9 @@ def predict_main(argv: Sequence[str]) -> int:
 
 def fit_main(argv: Sequence[str]) -> int:
     """``dinov3-eo segment fit|validate --config x.yaml`` through LightningCLI with the labelled datamodule."""
-    from lightning.pytorch.cli import LightningCLI
-
     from dinov3_eo.data.datamodule import DenseDataModule
 
-    old_argv0 = sys.argv[0]
-    sys.argv[0] = "dinov3-eo segment"  # so that --help shows the real command
-    try:
-        LightningCLI(
-            SegmentationTask,
-            DenseDataModule,
-            args=list(argv) or ["--help"],
-            save_config_kwargs={"overwrite": True},
-            seed_everything_default=0,
-        )
-    finally:
-        sys.argv[0] = old_argv0
-    return 0
+    return run_lightning_cli(SegmentationTask, DenseDataModule, argv, "dinov3-eo segment")
 
 
 def main(argv: Sequence[str]) -> int:
