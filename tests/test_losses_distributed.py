@@ -15,6 +15,7 @@ from dinov3_eo.losses import dino_losses, koleo_loss_distributed, sinkhorn_assig
 from dinov3_eo.losses.logit_kernels import triton_available
 from dinov3_eo.ssl.compilation import compile_logit_losses
 from dinov3_eo.ssl.distributed import all_gather_with_grad, all_reduce_max, all_reduce_sum, rank, world_size
+from dinov3_eo.ssl.stage import LossReadback
 
 # spawning two interpreters takes 3-15 s on the shared 2-core CI machine
 pytestmark = pytest.mark.slow
@@ -70,6 +71,10 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
         (gathered * torch.arange(gathered.shape[0], dtype=torch.float32)[:, None]).sum().backward()
         result["gathered"] = gathered.detach()
         result["gather_grad"] = y.grad
+        # the non-finite guard's read-back: a NaN on rank 1 alone reaches both ranks, and the logged values are means
+        readback = LossReadback({"total": torch.tensor(float("nan") if process_rank == 1 else 2.0),
+                                 "ibot": torch.tensor(1.0 + process_rank)}).values()
+        result["readback_total"], result["readback_ibot"] = readback["total"], readback["ibot"]
         local = torch.tensor([process_rank + 1.0])
         result["reduced"], result["reduce_input"] = all_reduce_sum(local), local
         result["reduced_max"] = all_reduce_max(local)
@@ -104,6 +109,8 @@ def test_collectives(rank_results: list[dict]) -> None:
         assert res["rank"] == r and res["world"] == WORLD
         torch.testing.assert_close(res["reduced"], torch.tensor([3.0]))
         torch.testing.assert_close(res["reduced_max"], torch.tensor([2.0]))
+        assert torch.isnan(res["readback_total"])  # every rank stops, not rank 1 alone
+        assert float(res["readback_ibot"]) == 1.5  # the mean over the ranks
         torch.testing.assert_close(res["reduce_input"], torch.tensor([r + 1.0]))  # the input is left as it was
         torch.testing.assert_close(res["gathered"], torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)]))
         # gradient of Σ_ranks Σ_i i·gathered_i w.r.t. this rank's slice: (rows of the slice) × WORLD ranks

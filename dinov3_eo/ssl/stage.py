@@ -29,7 +29,7 @@ from dinov3_eo.ssl.compilation import (
     resolve_logit_kernels,
 )
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
-from dinov3_eo.ssl.distributed import world_size
+from dinov3_eo.ssl.distributed import all_reduce_sum, world_size
 from dinov3_eo.ssl.masking import ibot_masks
 from dinov3_eo.ssl.schedules import (
     apply_optimizer_schedules,
@@ -57,6 +57,11 @@ class LossReadback:
     copy alone: a caller that queues the backward first never leaves the device idle while the host reads, as a
     blocking ``.cpu()`` after the forward did. On other devices the values are copied at once.
 
+    In a distributed run the values are first averaged over the processes (one small all-reduce, queued like the
+    copy): every rank then reads the same numbers, so a non-finite term on any rank stops every rank at once (a rank
+    stopping alone would leave the others to step on its NaN gradients, then hang in their next collective), and the
+    loggers get the global batch's loss rather than rank 0's share.
+
     Args:
         losses: name → 0-d loss tensor, on any one device.
     """
@@ -64,6 +69,8 @@ class LossReadback:
     def __init__(self, losses: Mapping[str, Tensor]) -> None:
         self.names = list(losses)
         stacked = torch.stack([value.detach().float() for value in losses.values()])  # [n_terms]
+        if world_size() > 1:
+            stacked = all_reduce_sum(stacked) / world_size()
         self._event: torch.cuda.Event | None = None
         if stacked.device.type == "cuda":
             self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
