@@ -83,6 +83,13 @@ def test_embed_cli_writes_georeferenced_features(backbone_file: Path, tmp_path: 
     # normed tokens: LayerNorm output has ~zero mean over channels
     assert np.abs(np.nanmean(f[:, valid], axis=0)).max() < 0.5
     assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(out), "--quiet"]) == 2  # no overwrite
+    # and a picture of them: the first three principal components, one enlarged block per patch
+    from PIL import Image
+
+    with Image.open(tmp_path / "feats_pca.png") as picture:
+        assert picture.size == (16 * 16, 15 * 16) and picture.mode == "RGB"
+        rgb = np.asarray(picture)
+    assert (rgb == 255).all(axis=-1).any() and rgb.std() > 20  # white nodata collar, coloured features
 
 
 def test_embed_refuses_a_raster_that_is_not_georeferenced(backbone_file: Path, tmp_path: Path, capsys) -> None:
@@ -108,6 +115,7 @@ def test_embed_says_when_a_raster_has_no_valid_pixel(backbone_file: Path, tmp_pa
     assert any("blank.tif has no valid pixel" in message for message in ours), ours
     with rasterio.open(tmp_path / "f.tif") as feats:
         assert np.isnan(feats.read(1)).all()
+    assert not (tmp_path / "f_pca.png").exists()  # nothing to picture
 
 
 def test_embed_bf16_follows_float32(backbone_file: Path, tmp_path: Path) -> None:
@@ -167,7 +175,12 @@ def test_embed_to_zarr_is_georeferenced_like_the_tif(backbone_file: Path, tmp_pa
 
     tif, store = tmp_path / "f.tif", tmp_path / "f.zarr"
     assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(tif), "--quiet"]) == 0
-    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 0
+    # the tif's quick-look is f_pca.png already: without --no-quicklook the zarr would stop on it (no overwrite)
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet"]) == 2
+    assert not store.exists()
+    assert cli_main(["embed", str(CROP), "--model", str(backbone_file), "-o", str(store), "--quiet",
+                     "--no-quicklook"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.tif", "f.zarr", "f_pca.png"]
     features = xr.open_zarr(store, decode_coords="all")["features"]  # "all": the spatial_ref grid mapping
     with rasterio.open(tif) as ref:
         assert features.shape == (ref.count, ref.height, ref.width)

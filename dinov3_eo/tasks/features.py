@@ -222,11 +222,14 @@ def write_features(
     overwrite: bool = False,
     progress: bool = True,
     compress: str = "deflate",
+    quicklook: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Patch features of ``src_path`` as a D-band float32 COG at patch resolution (nodata NaN).
 
-    ``dst`` ending in ``.zarr`` writes a zarr store through xarray instead (needs the ``zarr`` package). The other
-    arguments are :func:`stream_patch_features`'s.
+    ``dst`` ending in ``.zarr`` writes a zarr store through xarray instead (needs the ``zarr`` package).
+    ``quicklook``: a ``.png`` to draw the features' first three principal components into (:func:`write_pca`), for
+    a look at what the backbone separates; left out, with the no-valid-pixel warning, when no patch saw data. The
+    other arguments are :func:`stream_patch_features`'s.
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
@@ -236,7 +239,7 @@ def write_features(
     if dst.suffix == ".zarr":
         return _write_zarr(backbone, src_path, dst, normalization=normalization, bands=bands, nodata=nodata,
                            window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
-                           overwrite=overwrite, progress=progress)  # fmt: skip
+                           overwrite=overwrite, progress=progress, quicklook=quicklook)  # fmt: skip
     dim = int(backbone.embed_dim)
     with rasterio.open(src_path) as src:
         require_georeferenced(src)
@@ -259,6 +262,8 @@ def write_features(
         if not any_valid:
             log.warning("%s has no valid pixel in the bands read (nodata everywhere): every feature is NaN; check the "
                         "nodata value and the bands.", src.name)
+    if quicklook is not None and any_valid:
+        write_pca(dst, quicklook, overwrite=overwrite)
     return dst
 
 
@@ -274,7 +279,9 @@ def _write_zarr(backbone: nn.Module, src_path: Any, dst: Path, *, overwrite: boo
     if dst.exists() and not overwrite:
         raise FileExistsError(f"Output {str(dst)!r} already exists; pass --overwrite to replace it.")
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}.") as tmp:
-        tif = write_features(backbone, src_path, Path(tmp) / "features.tif", progress=kwargs.pop("progress"), **kwargs)
+        # overwrite reaches the quick-look only: the staged features are new
+        tif = write_features(backbone, src_path, Path(tmp) / "features.tif", progress=kwargs.pop("progress"),
+                             overwrite=overwrite, **kwargs)  # fmt: skip
         array = rioxarray.open_rasterio(tif, masked=True).rename({"band": "feature"})
         staged = Path(tmp) / dst.name
         array.to_dataset(name="features").to_zarr(staged, mode="w")
@@ -444,16 +451,25 @@ def embed_main(argv: Sequence[str]) -> int:
         "(transform = input transform scaled by the patch size).",
         "output .tif (float32 COG, one band per channel) or .zarr (needs zarr)",
     )
+    parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
+                        help="also draw the features' first 3 principal components into OUTPUT_pca.png (default: on)")
     args = parser.parse_args(list(argv))
 
     def body() -> Path:
         check_overwrite(args.output, args.overwrite)
+        output = Path(args.output)
+        quicklook = output.with_name(f"{output.stem}_pca.png") if args.quicklook else None
+        if quicklook is not None:
+            check_overwrite(quicklook, args.overwrite)  # before the features are computed, not after
         backbone, norm, device = _prepare(args)
-        return write_features(
+        written = write_features(
             backbone, args.input, args.output, normalization=norm, bands=args.bands, nodata=args.nodata,
             window=args.window, margin=args.margin, batch_size=args.batch_size, device=device, amp=args.bf16,
-            overwrite=args.overwrite, progress=not args.quiet,
+            overwrite=args.overwrite, progress=not args.quiet, quicklook=quicklook,
         )  # fmt: skip
+        if quicklook is not None and quicklook.exists():
+            print(quicklook)
+        return written
 
     return _run_cli("dinov3-eo embed", body)
 
