@@ -113,7 +113,8 @@ def require_georeferenced(src) -> None:
     if not is_georeferenced(src):
         raise ValueError(
             f"{src.name} is not georeferenced (no CRS or no geotransform), so its outputs could not be placed on a "
-            "map; give it both first (e.g. gdal_edit.py -a_srs EPSG:32633 -a_ullr ulx uly lrx lry)."
+            "map; give it both first (gdal_edit.py -a_srs EPSG:32633 -a_ullr ulx uly lrx lry), or warp a file located "
+            "by ground control points or RPCs onto a grid (gdalwarp)."
         )
 
 
