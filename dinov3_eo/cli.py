@@ -29,10 +29,12 @@ EXIT_BAD_INPUT = 2
 
 #: what Lightning says at every fit about choices made on purpose, which a user would read as mistakes: a task's
 #: ``on_before_batch_transfer`` (host-side checks before a batch travels) takes precedence over the datamodule's
-#: default hook; without TensorBoard installed, metrics go to the CSV logger
+#: default hook; without TensorBoard installed, metrics go to the CSV logger; a datamodule whose split left no
+#: validation tile returns an empty list (the one way a datamodule tells Lightning so; it logs that itself)
 EXPECTED_LIGHTNING_WARNINGS = (
     r"You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a",
     r"Starting from v1.9.0, `tensorboardX` has been removed as a dependency",
+    r"Total length of `list` across ranks is zero",
 )
 
 #: sub-command -> (module, function, one-line help)

@@ -187,10 +187,13 @@ class TestLabelsAsCaptions:
         with pytest.raises(ValueError, match=r"caption_from_mask: labels \[7\] fall outside 0\.\.3"):
             caption_from_mask(np.full((2, 2), 7), names, ["{}"], rng)
 
-    def test_datamodule_on_the_bundled_polygons(self) -> None:
+    def test_datamodule_on_the_bundled_polygons(self, caplog: pytest.LogCaptureFixture) -> None:
         dm = TextDataModule(paths=str(SAMPLE), labels=str(POLYGONS), nodata=0, size=32, batch_size=4,
                             min_fraction=0.05, normalization="percentile")  # fmt: skip
-        dm.setup("fit")
+        with caplog.at_level("WARNING", logger="dinov3_eo.tasks.captions"):
+            dm.setup("fit")
+        # the four small polygons all fall in training blocks: no validation, and the user is told so
+        assert dm.val_dataloader() == [] and "no validation tile" in caplog.text
         assert sorted(dm.class_names) == ["crop", "developed", "tree", "water"]
         assert dm.normalization is not None and dm.normalization.num_bands == 3
         batch = next(iter(dm.train_dataloader()))

@@ -27,6 +27,7 @@ Captions drawn from templates are reproducible: the template is drawn with a gen
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zlib
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ __all__ = [
 Sample = dict[str, Any]
 _PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json")
+
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -769,6 +772,9 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"TextDataModule: no tile of {self.paths} holds a named label from {self.labels_path}.")
         self.train_set = _EpochKeyed(captioned, train)
         self.val_set = _EpochKeyed(captioned, val) if val else None
+        if not val:
+            log.warning("TextDataModule: no validation tile of %s holds a named label (the spatial split put every "
+                        "labelled tile in training); the fit runs without validation.", self.paths)
         self.band_names = dense.band_names
         self.num_classes = len(self.class_names)
 
