@@ -490,8 +490,8 @@ def predict_height(
         trained = getattr(meta, "gsd", None)
         if gsd is None and trained and not 0.8 <= native / float(trained) <= 1.25:
             log.warning(
-                "predict_height: %s has %.3g m pixels but the model was trained at %.3g m; pass gsd=%.3g to resample.",
-                src, native, trained, trained,
+                "predict_height: %s has %.3g m pixels but the model was trained at %.3g m; resample with gsd=%.3g "
+                "(--gsd model on the command line).", src, native, trained, trained,
             )
         if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):
             return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
