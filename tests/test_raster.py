@@ -216,7 +216,7 @@ class TestRasterIndex:
     def test_band_mismatch_needs_selection(self, tmp_path: Path) -> None:
         three = _write(tmp_path / "three.tif", count=3, descriptions=("blue", "green", "red"))
         one = _write(tmp_path / "one.tif", count=1, descriptions=("red",))
-        with pytest.raises(BandMismatchError, match=r"different band counts \[1, 3\].*pass bands="):
+        with pytest.raises(BandMismatchError, match=r"different band counts \[1, 3\].*with bands=\[...\] \(--bands for dinov3-eo stats, --data.bands in a fit\)"):
             RasterIndex.build([three, one], cache_dir=None)
         by_index = RasterIndex.build([three, one], bands=[1], cache_dir=None)
         assert by_index.band_indexes == [[1], [1]]

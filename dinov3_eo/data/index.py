@@ -376,7 +376,8 @@ class RasterIndex:
             if len(counts) > 1:
                 examples = {c: next(r.path for r in usable if r.count == c) for c in counts}
                 raise BandMismatchError(
-                    f"Files have different band counts {counts} (e.g. {examples}); pass bands=[...] to select the same bands from each."
+                    f"Files have different band counts {counts} (e.g. {examples}); select the same bands from each with bands=[...] "
+                    "(--bands for dinov3-eo stats, --data.bands in a fit)."
                 )
         problems.sort(key=lambda p: p.path)
         if problems and strict:
