@@ -701,7 +701,7 @@ class MapQuery:
         if len(indexes) != self.meta.in_chans:
             raise ValueError(
                 f"The model takes {self.meta.in_chans} bands ({self.meta.bands}) but {len(indexes)} would be read from "
-                f"{src.name!r}; pass bands= (1-based) to choose them."
+                f"{src.name!r}; choose them with bands= (1-based; --bands on the command line)."
             )
         return indexes
 
