@@ -19,6 +19,7 @@ from dinov3_eo.inference.writers import (
     _cog_options,
     COGWriter,
     atomic_output,
+    check_overwrite,
     default_colormap,
     vectorize_classes,
     write_cog,
@@ -187,6 +188,32 @@ class TestAtomicOutput:
         with pytest.raises(FileNotFoundError, match="does not exist"):
             with atomic_output(tmp_path / "nope" / "a.txt"):
                 pass
+
+
+class TestInputsAreNeverOverwritten:
+    def test_the_same_file_under_any_name_is_refused_even_with_overwrite(self, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+        scene = tmp_path / "scene.tif"
+        scene.write_bytes(b"pixels")
+        (tmp_path / "link.tif").symlink_to(scene)
+        monkeypatch.chdir(tmp_path)
+        for name in (scene, "scene.tif", "./sub/../scene.tif", tmp_path / "link.tif"):
+            with pytest.raises(ValueError, match=r"is the input .*scene\.tif.*inputs are never overwritten"):
+                check_overwrite(name, True, inputs=[None, scene])
+        assert scene.read_bytes() == b"pixels"
+        assert check_overwrite(tmp_path / "out.tif", True, inputs=[scene, None]) == tmp_path / "out.tif"
+
+    def test_predict_and_the_cli_refuse_to_write_over_their_input(self, tmp_path: Path) -> None:
+        from dinov3_eo.cli import main as cli_main
+        from dinov3_eo.inference.predict import predict_raster
+
+        scene = tmp_path / "scene.tif"
+        scene.write_bytes(CROP.read_bytes())
+        with pytest.raises(ValueError, match="inputs are never overwritten"):
+            predict_raster(lambda x: x, scene, scene, out_channels=3, overwrite=True, progress=False)
+        assert cli_main(["embed", str(scene), "--model", "vitmicro16", "--normalization", "none", "-o", str(scene),
+                         "--overwrite", "--quiet"]) == 2
+        assert scene.read_bytes() == CROP.read_bytes()
 
 
 class TestVectorize:

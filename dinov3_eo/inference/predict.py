@@ -339,9 +339,10 @@ def predict_raster(
         raise ValueError(f"scores_dtype must be 'uint8' or 'float32', got {scores_dtype!r}.")
     if isinstance(normalization, dict):
         normalization = Normalization.from_dict(normalization)
-    outputs = [check_overwrite(dst, overwrite)]
+    source = [src if not hasattr(src, "read") else getattr(src, "name", None)]
+    outputs = [check_overwrite(dst, overwrite, inputs=source)]
     if probabilities is not None:
-        outputs.append(check_overwrite(probabilities, overwrite))
+        outputs.append(check_overwrite(probabilities, overwrite, inputs=source))
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ValueError(f"dst and probabilities must be different files, got {str(outputs[0])!r} twice.")
 

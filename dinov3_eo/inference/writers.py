@@ -43,14 +43,31 @@ def default_colormap(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
     return {i: (*_PALETTE[i % len(_PALETTE)], 255) for i in range(num_classes)}
 
 
-def check_overwrite(dst: str | os.PathLike[str], overwrite: bool) -> Path:
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through links and relative paths too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_overwrite(dst: str | os.PathLike[str], overwrite: bool, *,
+                    inputs: Sequence[str | os.PathLike[str] | None] = ()) -> Path:
     """``dst`` as a Path, after checking it may be written.
 
+    ``inputs``: the files the output is made from; none of them may be ``dst``, ``overwrite`` or not (``None``
+    entries, e.g. an in-memory source, are skipped).
+
     Raises:
+        ValueError: if ``dst`` is one of ``inputs``.
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
         FileNotFoundError: if the folder that should hold ``dst`` does not exist.
     """
     path = Path(dst)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise ValueError(f"Output {str(path)!r} is the input {str(source)!r}: inputs are never overwritten; "
+                             "choose another output path.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"Output {str(path)!r} already exists; pass overwrite=True (--overwrite) to replace it.")
     if not path.parent.is_dir():

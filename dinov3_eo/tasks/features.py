@@ -234,8 +234,9 @@ def write_features(
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
         ImportError: for ``.zarr`` output without zarr installed.
+        ValueError: if ``dst`` is ``src_path``.
     """
-    dst = Path(dst)
+    dst = check_overwrite(dst, overwrite, inputs=[src_path])
     if dst.suffix == ".zarr":
         return _write_zarr(backbone, src_path, dst, normalization=normalization, bands=bands, nodata=nodata,
                            window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
@@ -350,7 +351,7 @@ def write_pca(
     dst = Path(dst)
     if dst.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise ValueError(f"PCA output must end in .png or .tif, got {str(dst)!r}.")
-    check_overwrite(dst, overwrite)
+    check_overwrite(dst, overwrite, inputs=[features])
     with rasterio.open(features) as src:
         blocks = [w for _, w in src.block_windows(1)]
 
@@ -456,11 +457,11 @@ def embed_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     def body() -> Path:
-        check_overwrite(args.output, args.overwrite)
+        check_overwrite(args.output, args.overwrite, inputs=[args.input])
         output = Path(args.output)
         quicklook = output.with_name(f"{output.stem}_pca.png") if args.quicklook else None
         if quicklook is not None:
-            check_overwrite(quicklook, args.overwrite)  # before the features are computed, not after
+            check_overwrite(quicklook, args.overwrite, inputs=[args.input])  # before the features, not after
         backbone, norm, device = _prepare(args)
         written = write_features(
             backbone, args.input, args.output, normalization=norm, bands=args.bands, nodata=args.nodata,
@@ -503,14 +504,14 @@ def pca_picture(
     Give either ``backbone`` (+ ``normalization``) or the parsed CLI ``args``.
     """
     if args is not None:
-        check_overwrite(args.output, args.overwrite)
+        check_overwrite(args.output, args.overwrite, inputs=[args.input])
         backbone, normalization, device = _prepare(args)
         nodata, bands, window, margin = args.nodata, args.bands, args.window, args.margin
         batch_size, stretch, overwrite, progress = args.batch_size, tuple(args.stretch), args.overwrite, not args.quiet
         amp = args.bf16
     if backbone is None:
         raise ValueError("pca_picture: give backbone= or args=.")
-    dst = check_overwrite(dst, overwrite)
+    dst = check_overwrite(dst, overwrite, inputs=[src_path])
     with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}.") as tmp:
         feats = write_features(
             backbone, src_path, Path(tmp) / "features.tif", normalization=normalization, bands=bands, nodata=nodata,

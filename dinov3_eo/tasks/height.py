@@ -483,8 +483,9 @@ def predict_height(
         normalization = getattr(meta, "normalization", None)
     if normalization is None:
         raise ValueError("predict_height: the model carries no input normalisation; pass normalization= explicitly.")
+    check_overwrite(dst, overwrite, inputs=[src])  # (a warped view would hide which file it reads)
     if quicklook is not None:
-        check_overwrite(quicklook, overwrite)  # fail before the (long) prediction, not after
+        check_overwrite(quicklook, overwrite, inputs=[src])  # fail before the (long) prediction, not after
     with rasterio.open(src) as dataset:
         native = abs(float(dataset.transform.a))
         trained = getattr(meta, "gsd", None)

@@ -1062,7 +1062,7 @@ def query_main(argv: Sequence[str]) -> int:
     try:
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
             if path is not None:
-                check_overwrite(path, args.overwrite)
+                check_overwrite(path, args.overwrite, inputs=[args.scene])
         kwargs: dict[str, Any] = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
                                   "device": args.device, "amp": True if args.bf16 else None, "bands": args.bands,
                                   "nodata": args.nodata, "progress": True}  # fmt: skip

@@ -579,7 +579,7 @@ def segment_scene(
     outputs = scene_outputs(src_path, out_dir, probabilities=probabilities, polygons=polygons)
     for path in (outputs.classes, outputs.quicklook, outputs.probabilities, outputs.polygons):
         if path is not None:
-            check_overwrite(path, overwrite)
+            check_overwrite(path, overwrite, inputs=[src_path])
     meta = task.checkpoint_metadata()[CHECKPOINT_KEY]
     with rasterio.open(src_path) as src:
         band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
