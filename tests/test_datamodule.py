@@ -49,7 +49,19 @@ class TestPretrainDataModule:
         assert sum(c is None for c in crs) == 5  # the chips
         meta = dm.metadata()
         assert meta["bands"] == ["B1", "B2", "B3"] and meta["normalization"]["name"] == "zscore"
+        assert meta["gsd"] == 30.0  # the scene's own 30 m pixels, tiles not resampled: checkpoints record the scale
         assert Normalization.from_dict(meta["normalization"]) == dm.normalization
+
+    def test_training_gsd_is_the_resampling_target_or_the_archive_pixel_size(self, tmp_path: Path) -> None:
+        from dinov3_eo.data.raster import pixel_size_m
+
+        assert PretrainDataModule(paths=str(SAMPLE), nodata=0, cache_dir=None).training_gsd is None  # before setup
+        dm = PretrainDataModule(paths=str(SAMPLE), nodata=0, cache_dir=None, units="m", tile_size=1920, gsd=60.0)
+        assert dm.training_gsd == 60.0
+        with rasterio.open(SAMPLE) as src:
+            assert pixel_size_m(src.crs, src.transform) == 30.0
+            assert pixel_size_m(rasterio.crs.CRS.from_epsg(4326), src.transform) is None  # degrees: no metres
+            assert pixel_size_m(rasterio.crs.CRS.from_epsg(2264), src.transform) == pytest.approx(30 * 0.3048006)  # US ft
 
     def test_stats_file_and_presets(self, tmp_path: Path) -> None:
         index = RasterIndex.build(SAMPLE, cache_dir=None)

@@ -215,6 +215,7 @@ class TestSegmentCLI:
         entry = checkpoint["dinov3_eo"]
         assert entry["in_chans"] == 3 and entry["patch_size"] == 16 and entry["model"] == "vitmicro16"
         assert entry["normalization"]["name"] == "zscore" and len(entry["normalization"]["mean"]) == 3
+        assert entry["gsd"] == 30.0  # the Landsat scene's pixels: predict warns on a scene at another scale
         seg = entry["segmentation"]
         assert seg["class_names"] == NAMES and seg["class_colors"] == COLORS
         assert seg["nodata"] == 0 and seg["ignore_index"] == 255 and seg["head"] == "linear"
@@ -290,3 +291,15 @@ class TestSegmentCLI:
         code = cli_main(["segment", "predict", str(tmp_path / "*" / "scene.tif"), "--model", str(trained), "-o",
                          str(tmp_path / "out"), "--quiet"])  # fmt: skip
         assert code == 2 and "would collide" in capsys.readouterr().err
+
+
+def test_a_scene_at_another_scale_than_training_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from dinov3_eo.tasks.segmentation import warn_on_another_scale
+
+    with rasterio.open(SCENE) as src, caplog.at_level("WARNING", logger="dinov3_eo.tasks.segmentation"):
+        for trained in (None, 30.0, 27.0, 36.0):  # unknown, or within a quarter of the scene's 30 m: nothing to say
+            warn_on_another_scale(src, trained)
+        assert caplog.records == []
+        warn_on_another_scale(src, 0.5)
+    assert len(caplog.records) == 1
+    assert "has 30 m pixels but the model was trained on 0.5 m pixels" in caplog.text and "gdalwarp -tr 0.5 0.5" in caplog.text

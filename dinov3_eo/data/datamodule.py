@@ -22,6 +22,7 @@ from dinov3_eo.data.index import RasterIndex
 from dinov3_eo.data.labels import RasterLabels, VectorLabels
 from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
+from dinov3_eo.data.raster import pixel_size_m
 from dinov3_eo.data.sampling import (
     ChipSampler,
     InterleavedSampler,
@@ -100,12 +101,28 @@ class _TileDataModuleBase(pl.LightningDataModule):
         index = getattr(self, "index", None)
         return None if index is None else index.band_names
 
+    @property
+    def training_gsd(self) -> float | None:
+        """Metres per pixel of what the model sees: ``gsd`` where tiles are resampled to it, else the archive's own
+        pixel size when every file shares one in a projected CRS (``None`` otherwise, or before :meth:`setup`).
+        Checkpoints record it, so that inference can tell a scene at another scale."""
+        if self.gsd is not None:
+            return float(self.gsd)
+        index = getattr(self, "index", None)
+        if index is None:
+            return None
+        sizes = {pixel_size_m(record.crs, record.affine) for record in index.records}
+        if len(sizes) != 1 or None in sizes:
+            return None
+        (size,) = sizes
+        return round(size, 6)
+
     def metadata(self) -> dict[str, Any]:
         """Bands, normalisation and GSD for checkpoint metadata (``BackboneMeta`` fields)."""
         return {
             "bands": self.band_names,
             "normalization": None if self.normalization is None else self.normalization.to_dict(),
-            "gsd": self.gsd,
+            "gsd": self.training_gsd,
         }
 
 

@@ -104,6 +104,18 @@ def is_georeferenced(src) -> bool:
     return src.crs is not None and not src.transform.is_identity
 
 
+def pixel_size_m(crs, transform) -> float | None:
+    """The pixel width in metres of a grid in a projected CRS (feet and other linear units converted), or ``None``
+    where a CRS in degrees (or none) gives no such size."""
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        _, metres_per_unit = crs.linear_units_factor
+    except Exception:  # a CRS whose units GDAL cannot name: no size rather than a wrong one
+        return None
+    return abs(float(transform.a)) * float(metres_per_unit)
+
+
 def require_georeferenced(src) -> None:
     """Refuse a dataset that :func:`is_georeferenced` says cannot be placed on a map, before anything is computed.
 

@@ -238,7 +238,7 @@ class HeightTask(TrainModesAtFitStart):
         self.data_meta = {
             "bands": getattr(datamodule, "band_names", None) or self.data_meta.get("bands"),
             "normalization": normalization.to_dict() if normalization is not None else expected,
-            "gsd": getattr(datamodule, "gsd", None) or self.data_meta.get("gsd"),
+            "gsd": getattr(datamodule, "training_gsd", getattr(datamodule, "gsd", None)) or self.data_meta.get("gsd"),
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

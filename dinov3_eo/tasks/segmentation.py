@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import pixel_size_m
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
@@ -294,7 +295,7 @@ class SegmentationTask(TrainModesAtFitStart):
             "band_names": names,
             "band_selection": getattr(datamodule, "bands", None),
             "nodata": getattr(datamodule, "nodata", None),
-            "gsd": getattr(datamodule, "gsd", None),
+            "gsd": getattr(datamodule, "training_gsd", getattr(datamodule, "gsd", None)),
         }
         n_bands = len(names) if names else None
         if n_bands is not None and n_bands != int(self.model.backbone.in_chans):
@@ -541,6 +542,16 @@ def check_input(task: SegmentationTask, src: Any, bands: Sequence[int] | None) -
         raise ValueError(f"The checkpoint's normalisation has {norm.num_bands} bands but {src.name!r} gives {n}.")
 
 
+def warn_on_another_scale(src: Any, trained_gsd: float | None) -> None:
+    """Warn when ``src``'s pixels differ from the training pixels by more than a quarter: a model that learnt
+    fields at 10 m sees other things at 0.5 m or 30 m, and its map would look confident all the same."""
+    native = pixel_size_m(src.crs, src.transform)
+    if trained_gsd and native and not 0.8 <= native / float(trained_gsd) <= 1.25:
+        log.warning("%s has %.3g m pixels but the model was trained on %.3g m pixels; its predictions at another "
+                    "scale are unreliable: resample the scene first (e.g. gdalwarp -tr %.3g %.3g -r average).",
+                    src.name, native, trained_gsd, trained_gsd, trained_gsd)
+
+
 def segment_scene(
     task: SegmentationTask,
     src_path: str | os.PathLike[str],
@@ -584,6 +595,7 @@ def segment_scene(
     with rasterio.open(src_path) as src:
         band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
         check_input(task, src, band_indexes)
+        warn_on_another_scale(src, meta.get("gsd"))
         nodata = nodata if nodata is not None else meta.get("nodata")
         colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
         predict_raster(
