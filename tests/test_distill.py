@@ -143,3 +143,9 @@ def test_triton_logit_kernels_give_the_same_distillation_losses(teacher_ckpt: Pa
     assert results[0].keys() == results[1].keys() and len(results[0]) == 7  # 2 students x 3 terms, and the total
     for key, value in results[0].items():
         torch.testing.assert_close(results[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_missing_teacher_says_which_file_and_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"teacher '.*missing\.ckpt' does not exist: give a pretraining "
+                                               r"checkpoint with --model\.teacher"):
+        load_teacher_with_heads(str(tmp_path / "missing.ckpt"))
