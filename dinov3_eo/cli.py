@@ -19,9 +19,10 @@ from dinov3_eo import __version__
 from dinov3_eo.allocator import retain_freed_memory_unless_disabled
 
 #: errors that stop a command with their message alone (bad input, a missing or unreadable file, a failed read, a
-#: NaN loss): each of ours already says what and where in one sentence, and a traceback through Lightning and torch
-#: would bury it. ``DINOV3_EO_TRACEBACK=1`` shows the traceback instead.
-USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError)
+#: NaN loss, a checkpoint or label file without the keys or attributes asked for, a band index out of range): each of
+#: ours already says what and where in one sentence, and a traceback through Lightning and torch would bury it.
+#: ``DINOV3_EO_TRACEBACK=1`` shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, RuntimeError, FloatingPointError, KeyError, IndexError)
 
 #: the exit code of a command stopped by bad input (argparse's code for a usage error, too); every sub-command that
 #: reports its own errors returns it, so that scripts can tell bad input (2) from a crash (1)
@@ -116,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as e:
         if os.environ.get("DINOV3_EO_TRACEBACK", "") not in ("", "0"):
             raise
-        print(f"dinov3-eo {argv[0]}: error: {e}\n(DINOV3_EO_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) wraps it in quotes
+        print(f"dinov3-eo {argv[0]}: error: {message}\n(DINOV3_EO_TRACEBACK=1 shows where it was raised)", file=sys.stderr)
         return EXIT_BAD_INPUT
     return int(result or 0)
 

@@ -102,3 +102,19 @@ def test_lightning_cli_commands_read_their_arguments_once(command, capsys, monke
     assert f"usage: dinov3-eo {command} [options] fit" in capsys.readouterr().out
     assert not [str(w.message) for w in caught if "args parameter is intended" in str(w.message)]
     assert sys.argv == ["dinov3-eo", *argv]
+
+
+def test_a_key_error_with_our_message_is_one_clean_sentence(capsys, monkeypatch) -> None:
+    """Checkpoints without the weights asked for and label files without the attribute asked for raise KeyError:
+    exit 2 with the message as written (str(KeyError) would wrap it in quotes), not a traceback."""
+    import dinov3_eo.cli as cli
+
+    def fails(argv):  # noqa: ANN001, ANN202
+        raise KeyError("VectorLabels: labels.gpkg has no attribute 'kind'; columns are ['name', 'geometry'].")
+
+    monkeypatch.setattr(cli.importlib, "import_module", lambda name: type("Module", (), {"main": staticmethod(fails)}))
+    monkeypatch.setitem(COMMANDS, "noop", ("anything", "main", "test only"))
+    monkeypatch.delenv("DINOV3_EO_TRACEBACK", raising=False)
+    assert main(["noop"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dinov3-eo noop: error: VectorLabels: labels.gpkg has no attribute 'kind';") and "Traceback" not in err

@@ -334,3 +334,16 @@ class TestErrors:
     def test_missing_file(self, tmp_path: Path) -> None:
         with pytest.raises(FileNotFoundError, match="Checkpoint .*nothing.pth does not exist"):
             load_backbone(tmp_path / "nothing.pth")
+
+
+def test_read_checkpoint_names_what_the_file_was_for(tmp_path: Path) -> None:
+    from dinov3_eo.models.hub import CheckpointError, read_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=r"^init_from '.*missing\.ckpt' does not exist\.$"):
+        read_checkpoint(tmp_path / "missing.ckpt", "init_from")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"Cannot read .*junk\.ckpt with torch\.load"):
+        read_checkpoint(junk)
+    torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.ckpt")
+    assert torch.equal(read_checkpoint(tmp_path / "ok.ckpt")["state_dict"]["w"], torch.ones(2))

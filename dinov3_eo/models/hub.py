@@ -123,6 +123,19 @@ class BackboneMeta:
 
 
 # ---------------------------------------------------------------------------------------- reading files
+def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint") -> Any:
+    """A ``torch.load(weights_only=True)`` checkpoint, with errors that name ``what`` it was meant to be.
+
+    Raises:
+        FileNotFoundError: if ``source`` does not exist.
+        CheckpointError: if it cannot be read as a checkpoint.
+    """
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+    return _torch_load(path)
+
+
 def _torch_load(path: Path) -> Any:
     # Path objects appear in Lightning hyper-parameters; they are plain values and safe to allow.
     safe = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
@@ -728,6 +741,7 @@ __all__ = [
     "load_backbone",
     "official_from_hf",
     "official_from_timm",
+    "read_checkpoint",
     "to_official_layout",
     "to_timm",
 ]

@@ -28,7 +28,7 @@ from dinov3_eo.losses.dino import dino_total
 from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
-from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
+from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone, read_checkpoint
 from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode, check_logit_kernels
 from dinov3_eo.ssl.stage import SSLStage, crop_options, ema_update_, make_views
 
@@ -74,7 +74,7 @@ def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: i
             "(e.g. runs/pretrain_tiny/checkpoints/last.ckpt after dinov3-eo pretrain fit --config "
             "configs/pretrain/tiny_cpu.yaml)."
         )
-    checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(source, "Distillation teacher")
     if "state_dict" in checkpoint:
         state = {k[len("teacher.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("teacher.")}
     elif "teacher" in checkpoint:

@@ -36,7 +36,7 @@ from dinov3_eo.losses.gram import gram_loss, resize_patch_features
 from dinov3_eo.losses.ibot import gather_masked_tokens
 from dinov3_eo.losses.koleo import koleo_loss, koleo_loss_distributed
 from dinov3_eo.models.heads import DINOHead, checkpoint_norm_last_layer
-from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone
+from dinov3_eo.models.hub import BackboneMeta, build_backbone, load_backbone, read_checkpoint
 from dinov3_eo.ssl.compilation import CompileMode, check_compile_mode, check_logit_kernels
 from dinov3_eo.ssl.schedules import gram_teacher_refresh_due
 from dinov3_eo.ssl.stage import NonFiniteLossError, SSLStage, crop_options, ema_update_, make_views, step_seed
@@ -227,7 +227,7 @@ class DINOv3Pretrain(SSLStage):
 
     def _init_from(self, source: str) -> None:
         """Start from a previous stage's checkpoint (all weights) or from any backbone source (backbone only)."""
-        checkpoint = torch.load(source, map_location="cpu", weights_only=True) if str(source).endswith(".ckpt") else None
+        checkpoint = read_checkpoint(source, "init_from") if str(source).endswith(".ckpt") else None
         if checkpoint is not None and "state_dict" in checkpoint:
             state = {
                 k: v for k, v in checkpoint["state_dict"].items() if k.startswith(("student.", "teacher.", "gram_teacher."))
@@ -261,7 +261,7 @@ class DINOv3Pretrain(SSLStage):
 
     def _frozen_backbone_from(self, source: str) -> nn.Module:
         if str(source).endswith(".ckpt"):
-            checkpoint = torch.load(source, map_location="cpu", weights_only=True)
+            checkpoint = read_checkpoint(source, "gram_teacher")
             prefix = "teacher.backbone."
             state = {k[len(prefix):]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith(prefix)}
             if not state:
