@@ -111,7 +111,9 @@ class _TileDataModuleBase(pl.LightningDataModule):
         index = getattr(self, "index", None)
         if index is None:
             return None
-        sizes = {pixel_size_m(record.crs, record.affine) for record in index.records}
+        # one CRS parse per distinct (CRS, pixel width), not per file: archives hold tens of thousands of files
+        grids = {(record.crs_wkt, record.transform[0]): record for record in index.records}
+        sizes = {pixel_size_m(record.crs, record.affine) for record in grids.values()}
         if len(sizes) != 1 or None in sizes:
             return None
         (size,) = sizes
