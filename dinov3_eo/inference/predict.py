@@ -339,14 +339,14 @@ def predict_raster(
         raise ValueError(f"scores_dtype must be 'uint8' or 'float32', got {scores_dtype!r}.")
     if isinstance(normalization, dict):
         normalization = Normalization.from_dict(normalization)
-    source = [src if not hasattr(src, "read") else getattr(src, "name", None)]
+    own_src = not hasattr(src, "read")
+    source = [src if own_src else getattr(src, "name", None)]
     outputs = [check_overwrite(dst, overwrite, inputs=source)]
     if probabilities is not None:
         outputs.append(check_overwrite(probabilities, overwrite, inputs=source))
     if len({p.resolve() for p in outputs}) != len(outputs):
         raise ValueError(f"dst and probabilities must be different files, got {str(outputs[0])!r} twice.")
 
-    own_src = not hasattr(src, "read")
     dataset = rasterio.open(src) if own_src else src
     try:
         require_georeferenced(dataset)

@@ -123,8 +123,9 @@ class BackboneMeta:
 
 
 # ---------------------------------------------------------------------------------------- reading files
-def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint") -> Any:
-    """A ``torch.load(weights_only=True)`` checkpoint, with errors that name ``what`` it was meant to be.
+def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint", *, hint: str = "") -> Any:
+    """A ``torch.load(weights_only=True)`` checkpoint, with errors that name ``what`` it was meant to be (and, for a
+    missing file, ``hint``: how to make or give one).
 
     Raises:
         FileNotFoundError: if ``source`` does not exist.
@@ -132,7 +133,7 @@ def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint") ->
     """
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist.")
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist{': ' + hint if hint else ''}.")
     return _torch_load(path)
 
 

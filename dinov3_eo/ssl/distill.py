@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -68,13 +67,10 @@ def load_teacher_with_heads(source: str, *, name: str | None = None, in_chans: i
         FileNotFoundError: if ``source`` does not exist.
         KeyError: if the heads are missing (a plain backbone cannot teach the DINO/iBOT prototypes).
     """
-    if not Path(source).is_file():
-        raise FileNotFoundError(
-            f"Distillation teacher {str(source)!r} does not exist: give a pretraining checkpoint with --model.teacher "
-            "(e.g. runs/pretrain_tiny/checkpoints/last.ckpt after dinov3-eo pretrain fit --config "
-            "configs/pretrain/tiny_cpu.yaml)."
-        )
-    checkpoint = read_checkpoint(source, "Distillation teacher")
+    checkpoint = read_checkpoint(
+        source, "Distillation teacher", hint="give a pretraining checkpoint with --model.teacher (e.g. "
+        "runs/pretrain_tiny/checkpoints/last.ckpt after dinov3-eo pretrain fit --config configs/pretrain/tiny_cpu.yaml)",
+    )
     if "state_dict" in checkpoint:
         state = {k[len("teacher.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("teacher.")}
     elif "teacher" in checkpoint:
