@@ -56,6 +56,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def ignore_expected_lightning_warnings() -> None:
+    """Filter :data:`EXPECTED_LIGHTNING_WARNINGS` out (inside the caller's ``warnings.catch_warnings()``)."""
+    for message in EXPECTED_LIGHTNING_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
 def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, **cli_kwargs: Any) -> int:
     """``dinov3-eo <command> fit|validate --config X.yaml [--key value ...]`` through LightningCLI; returns 0.
 
@@ -69,8 +75,7 @@ def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[
     sys.argv = [prog]
     try:
         with warnings.catch_warnings():
-            for message in EXPECTED_LIGHTNING_WARNINGS:
-                warnings.filterwarnings("ignore", message=message)
+            ignore_expected_lightning_warnings()
             LightningCLI(model_class, datamodule_class, args=list(argv) or ["--help"],
                          save_config_kwargs={"overwrite": True}, seed_everything_default=0, **cli_kwargs)  # fmt: skip
     finally:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
-from dinov3_eo.cli import EXIT_BAD_INPUT, EXPECTED_LIGHTNING_WARNINGS
+from dinov3_eo.cli import EXIT_BAD_INPUT, ignore_expected_lightning_warnings
 
 #: class ids of the shipped polygons' ``name`` attribute
 SAMPLE_CLASSES: dict[str, int] = {"water": 0, "crop": 1, "tree": 2, "developed": 3}
@@ -128,8 +128,7 @@ def run(
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode).*")
-        for message in EXPECTED_LIGHTNING_WARNINGS:
-            warnings.filterwarnings("ignore", message=message)
+        ignore_expected_lightning_warnings()
         pl.Trainer(max_steps=max(steps, 1), limit_val_batches=0, **trainer_kw).fit(ssl, pretrain_data)
 
     # 3. export the EMA teacher with its metadata (bands, normalisation)

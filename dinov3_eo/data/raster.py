@@ -116,6 +116,16 @@ def pixel_size_m(crs, transform) -> float | None:
     return abs(float(transform.a)) * float(metres_per_unit)
 
 
+def pixel_size_off_scale(src, trained_gsd: float | None) -> float | None:
+    """``src``'s pixel size in metres where it differs from ``trained_gsd`` (the model's, metres) by more than a
+    quarter, else ``None`` (also where either is unknown): a model that learnt fields at 10 m sees other things at
+    0.5 m or 30 m, and its output would look confident all the same."""
+    native = pixel_size_m(src.crs, src.transform)
+    if trained_gsd and native and not 0.8 <= native / float(trained_gsd) <= 1.25:
+        return native
+    return None
+
+
 def require_georeferenced(src) -> None:
     """Refuse a dataset that :func:`is_georeferenced` says cannot be placed on a map, before anything is computed.
 

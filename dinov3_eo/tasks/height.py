@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import pixel_size_m, require_georeferenced
+from dinov3_eo.data.raster import pixel_size_off_scale, require_georeferenced
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
@@ -489,8 +489,8 @@ def predict_height(
     with rasterio.open(src) as dataset:
         native = abs(float(dataset.transform.a))  # CRS units: what gsd= resamples in
         trained = getattr(meta, "gsd", None)
-        metres = pixel_size_m(dataset.crs, dataset.transform)
-        if gsd is None and trained and metres and not 0.8 <= metres / float(trained) <= 1.25:
+        metres = pixel_size_off_scale(dataset, trained) if gsd is None else None
+        if metres:
             log.warning(
                 "predict_height: %s has %.3g m pixels but the model was trained at %.3g m; resample with gsd=%.3g "
                 "(--gsd model on the command line).", src, metres, trained, trained,

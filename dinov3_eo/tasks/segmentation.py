@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import pixel_size_m
+from dinov3_eo.data.raster import pixel_size_off_scale
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
@@ -543,10 +543,10 @@ def check_input(task: SegmentationTask, src: Any, bands: Sequence[int] | None) -
 
 
 def warn_on_another_scale(src: Any, trained_gsd: float | None) -> None:
-    """Warn when ``src``'s pixels differ from the training pixels by more than a quarter: a model that learnt
-    fields at 10 m sees other things at 0.5 m or 30 m, and its map would look confident all the same."""
-    native = pixel_size_m(src.crs, src.transform)
-    if trained_gsd and native and not 0.8 <= native / float(trained_gsd) <= 1.25:
+    """Warn when ``src``'s pixels differ from the training pixels by more than a quarter
+    (:func:`~dinov3_eo.data.raster.pixel_size_off_scale`); segmentation cannot resample, so the warning says how."""
+    native = pixel_size_off_scale(src, trained_gsd)
+    if native:
         log.warning("%s has %.3g m pixels but the model was trained on %.3g m pixels; its predictions at another "
                     "scale are unreliable: resample the scene first (e.g. gdalwarp -tr %.3g %.3g -r average).",
                     src.name, native, trained_gsd, trained_gsd, trained_gsd)
