@@ -40,7 +40,8 @@ from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead, LogitsToHeight
 from dinov3_eo.models.hub import infer_architecture, load_backbone
 from dinov3_eo.models.vit import build_backbone
-from dinov3_eo.tasks.height import _dihedral, even_layers
+from dinov3_eo.inference.tta import dihedral
+from dinov3_eo.tasks.height import even_layers
 from dinov3_eo.tasks.height_data import HeightLabels
 from dinov3_eo.tasks.height_metrics import HeightMetrics, metrics_table
 from dinov3_eo.tasks.height_plots import scatter_plot
@@ -128,7 +129,7 @@ def cache_features(model: DenseModel, plots: list[dict], norm: Normalization) ->
         x = norm(torch.from_numpy(p["image"]))
         x = x.masked_fill(~torch.from_numpy(p["valid"]), 0.0)[None]  # [1, 3, H, W]
         for k in range(8):
-            xk = _dihedral(x, k)
+            xk = dihedral(x, k)
             left, right, top, bottom = model.padding(*xk.shape[-2:])
             out[(i, k)] = [(f.squeeze(0), c.squeeze(0)) for f, c in model.features(F.pad(xk, (left, right, top, bottom)))]
     return out
@@ -159,7 +160,7 @@ def train_head(model: DenseModel, cache: dict, plots: list[dict], train_ids: lis
         for _ in range(batch):
             i, k = int(rng.choice(train_ids)), int(rng.integers(8))
             layers = cache[(i, k)]
-            t = _dihedral(targets[i], k)
+            t = dihedral(targets[i], k)
             left, _, top, _ = model.padding(*t.shape)
             tp = F.pad(t, (left, left + 64, top, top + 64), value=float("nan"))  # padded grid (extra NaN margin)
             gh, gw = layers[0][0].shape[-2:]

@@ -38,6 +38,12 @@ def test_the_readme_datamodule_example_gives_what_its_comment_says(monkeypatch: 
     assert {"bounds", "crs", "path"} <= set(batch)
 
 
+def test_the_readme_tta_example_gives_what_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    probs = run_readme_block("smooth = TestTimeAugmented(", monkeypatch)["probs"]
+    assert tuple(probs.shape) == (2, 5, 64, 64)
+    assert (probs.sum(dim=1) - 1).abs().max() < 1e-5
+
+
 def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "query_map.py"), "--out", str(tmp_path)],

@@ -21,11 +21,11 @@ from rasterio.transform import from_origin
 from rasterio.warp import reproject, transform_bounds
 from sklearn.metrics import mean_absolute_error, mean_squared_error, r2_score
 
+from dinov3_eo.inference.tta import dihedral
 from dinov3_eo.models.dense import chmv2_head
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.height import (
     HeightTask,
-    _dihedral,
     build_chmv2,
     even_layers,
     evaluate_height_raster,
@@ -308,9 +308,9 @@ class TestHeightTask:
         image = torch.arange(2 * 3 * 4 * 6, dtype=torch.float32).reshape(2, 3, 4, 6)
         heights = image[:, 0] * 10
         for k in range(8):
-            a, h = _dihedral(image, k), _dihedral(heights, k)
+            a, h = dihedral(image, k), dihedral(heights, k)
             torch.testing.assert_close(a[:, 0] * 10, h)
-        assert len({tuple(_dihedral(image, k).flatten().tolist()) for k in range(8)}) == 8
+        assert len({tuple(dihedral(image, k).flatten().tolist()) for k in range(8)}) == 8
 
     def test_frozen_backbone_only_head_trains(self) -> None:
         task = _tiny_task()
@@ -490,6 +490,15 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
         heights16 = o.read(1)
     assert (np.isfinite(heights16) == inside).all()
     assert np.abs(heights16[inside] - heights[inside]).max() < 0.02 * max(1.0, np.abs(heights[inside]).max())
+    # --tta d4: the mean of 8 views' metres, the same nodata, close to the single view's
+    out_tta = tmp_path / "chm_tta.tif"
+    assert main(["predict", str(data / "TEAK_052.tif"), "--model", str(ckpt), "-o", str(out_tta), "--gsd", "model",
+                 "--tta", "d4", "--no-quicklook", "--quiet"]) == 0  # fmt: skip
+    with rasterio.open(out_tta) as o:
+        heights_tta = o.read(1)
+        assert o.tags()["tta"] == "d4"
+    assert (np.isfinite(heights_tta) == inside).all()
+    assert 0 < np.median(np.abs(heights_tta[inside] - heights[inside])) < 0.5 * max(1.0, np.median(np.abs(heights[inside])))
     assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]["n"] == 1600
     with pytest.raises(SystemExit):

@@ -156,6 +156,16 @@ class TestQuery:
         np.testing.assert_allclose(bf16.values, fp32.values, atol=0.02)
         assert not np.array_equal(bf16.values, fp32.values)  # bf16 ran
 
+    def test_tta_averages_probabilities(self, model_path: Path, crop: Path) -> None:
+        plain, tta = (MapQuery.from_checkpoint(model_path, window=128, overlap=0.25, nodata=0, device="cpu", tta=mode)
+                      .query(crop, ["water", "forest"]) for mode in (None, "d4"))  # fmt: skip
+        assert np.array_equal(np.isnan(plain.values), np.isnan(tta.values))
+        ok = ~np.isnan(tta.values[0])
+        np.testing.assert_allclose(tta.values[:, ok].sum(axis=0), 1.0, atol=1e-5)
+        assert np.abs(tta.values[:, ok] - plain.values[:, ok]).max() > 1e-4
+        with pytest.raises(ValueError, match="tta must be one of"):
+            MapQuery.from_checkpoint(model_path, tta="rotate")
+
     def test_georeferencing_and_nodata(self, engine: MapQuery, crop: Path) -> None:
         da = engine.query(crop, ["water", "forest"])
         with rasterio.open(crop) as src:

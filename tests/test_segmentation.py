@@ -275,6 +275,25 @@ class TestSegmentCLI:
         assert ((labels[True] != 255) == valid).all()
         assert (labels[True][valid] == labels[False][valid]).mean() > 0.99  # bf16 moves only near-ties
 
+    def test_predict_tta(self, trained: Path, tmp_path: Path) -> None:
+        """``--tta flips``: probabilities averaged over 4 views (still summing to 1), recorded in the tags, the same
+        nodata, and classes that mostly agree with the single view's."""
+        probs, labels = {}, {}
+        for flag in ([], ["--tta", "flips"]):
+            out = tmp_path / ("tta" if flag else "plain")
+            args = ["segment", "predict", str(SCENE), "--model", str(trained), "-o", str(out), "--window", "256",
+                    "--probabilities", "--quiet"]  # fmt: skip
+            assert cli_main([*args, *flag]) == 0
+            paths = scene_outputs(SCENE, out, probabilities=True, polygons=False)
+            with rasterio.open(paths.classes) as cls, rasterio.open(paths.probabilities) as prob:
+                assert cls.tags()["tta"] == ("flips" if flag else "none")
+                labels[bool(flag)], probs[bool(flag)] = cls.read(1), prob.read().astype(np.int64)
+        valid = labels[False] != 255
+        assert ((labels[True] != 255) == valid).all()
+        assert np.abs(probs[True][:, valid].sum(axis=0) - 254).max() <= 4
+        assert (labels[True][valid] == labels[False][valid]).mean() > 0.8
+        assert np.abs(probs[True][:, valid] - probs[False][:, valid]).max() > 2  # the views did change the scores
+
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"
         with rasterio.open(SCENE) as src:

@@ -2,6 +2,7 @@
 
 from dinov3_eo.inference.predict import PredictionSummary, predict_raster
 from dinov3_eo.inference.tiling import TileGrid, blend_weights, cosine_ramp, window_starts
+from dinov3_eo.inference.tta import TestTimeAugmented, dihedral, tta_views, undo_dihedral
 from dinov3_eo.inference.writers import (
     COGWriter,
     atomic_output,
@@ -14,12 +15,16 @@ from dinov3_eo.inference.writers import (
 __all__ = [
     "COGWriter",
     "PredictionSummary",
+    "TestTimeAugmented",
     "TileGrid",
     "atomic_output",
     "blend_weights",
     "cosine_ramp",
     "default_colormap",
+    "dihedral",
     "predict_raster",
+    "tta_views",
+    "undo_dihedral",
     "vectorize_classes",
     "window_starts",
     "write_cog",

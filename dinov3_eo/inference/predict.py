@@ -36,6 +36,7 @@ from dinov3_eo.data.datasets import apply_fused_affine, fused_affine
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.tiling import Tile, TileGrid
+from dinov3_eo.inference.tta import TTA, TestTimeAugmented, tta_views
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
 
 log = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ def predict_raster(
     colormap: dict[int, Sequence[int]] | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = None,
+    tta: TTA | None = None,
     multiple: int = 16,
     prefetch: int = 2,
     progress: bool = True,
@@ -303,6 +305,9 @@ def predict_raster(
         amp: bf16 autocast for the model: ``None`` (default) on CUDA only; ``True`` on a CPU too (worth it where the
             CPU has bf16 instructions, AVX512-BF16/AMX: ViT-S features 1.85x faster, ``scripts/bench_cpu_bf16.py``);
             ``False`` never. Outputs are blended in float32 either way.
+        tta: test-time augmentation (:mod:`~dinov3_eo.inference.tta`): ``"flips"`` averages each window's
+            prediction over 4 flipped views, ``"d4"`` over 8 flipped and quarter-turned views (each turned back, and
+            activated before the average, so probabilities are averaged); one model call per view. ``None``: off.
         multiple: the model's patch size; window sizes are kept multiples of it.
         prefetch: batches read ahead by the background reader.
         progress: show a progress bar.
@@ -337,6 +342,8 @@ def predict_raster(
         scores_dtype = "float32" if activation == "none" else "uint8"
     if scores_dtype not in ("uint8", "float32"):
         raise ValueError(f"scores_dtype must be 'uint8' or 'float32', got {scores_dtype!r}.")
+    if tta is not None:
+        tta_views(tta)  # an unknown mode stops before any output is checked or opened
     if isinstance(normalization, dict):
         normalization = Normalization.from_dict(normalization)
     own_src = not hasattr(src, "read")
@@ -367,7 +374,8 @@ def predict_raster(
         common: dict[str, Any] = {
             "crs": dataset.crs, "transform": dataset.transform, "width": dataset.width, "height": dataset.height,
             "overwrite": overwrite, "compress": compress, "overviews": overviews,
-            "tags": {"dinov3_eo_output": output, "window": window, "overlap": grid.overlap, **(tags or {})},
+            "tags": {"dinov3_eo_output": output, "window": window, "overlap": grid.overlap, "tta": tta or "none",
+                     **(tags or {})},
         }  # fmt: skip
         names = list(class_names) if class_names is not None else None
         if output == "argmax":
@@ -386,6 +394,8 @@ def predict_raster(
             encoders.append(_encode_float)
         out_bytes = sum(s.shape[0] * s.dtype.itemsize for s in sinks)
 
+        if tta is not None:  # the views' outputs come back activated and averaged
+            model, activation = TestTimeAugmented(model, tta, activation), "none"
         with rasterio.Env(GDAL_CACHEMAX=_cache_bytes(dataset.width, window, in_bytes, out_bytes, gdal_cache_mb)):
             counts = _stream(
                 model, dataset, grid, sinks, encoders,

@@ -36,6 +36,7 @@ from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale, require_georeferenced
 from dinov3_eo.inference.predict import BF16_HELP
+from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, dihedral
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
     CHMV2_LAYERS,
@@ -73,12 +74,6 @@ def even_layers(n_blocks: int, n: int = 4) -> list[int]:
     if not 1 <= n <= n_blocks:
         raise ValueError(f"even_layers: need 1 <= n <= n_blocks, got n={n}, n_blocks={n_blocks}.")
     return [(i + 1) * n_blocks // n - 1 for i in range(n)]
-
-
-def _dihedral(x: Tensor, k: int) -> Tensor:
-    """One of the 8 flips/rotations of the last two dims: ``k % 4`` quarter turns, then a flip if ``k >= 4``."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 class HeightTask(TrainModesAtFitStart):
@@ -254,7 +249,7 @@ class HeightTask(TrainModesAtFitStart):
             return tensors
         gen = torch.Generator().manual_seed(int(self.hparams.augment_seed) * 1_000_003 + int(self.global_step))
         k = int(torch.randint(8, (1,), generator=gen))
-        return tuple(_dihedral(t, k) for t in tensors)
+        return tuple(dihedral(t, k) for t in tensors)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, target, valid = self._augment(batch["image"], batch["target"], batch["valid"])
@@ -457,6 +452,7 @@ def predict_height(
     nodata: float | None = None,
     device: str | None = None,
     amp: bool | None = None,
+    tta: TTA | None = None,
     gsd: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -467,7 +463,8 @@ def predict_height(
         model: a height model (``[B, C, h, w] -> [B, 1, h, w]`` metres), e.g. from :func:`load_height_model`.
         normalization: input normalisation; default: the model's ``meta.normalization`` (raises when neither).
         quicklook: also write a PNG quick-look with a colour bar here.
-        window, overlap, batch_size, bands, nodata, device, amp: see :func:`~dinov3_eo.inference.predict.predict_raster`.
+        window, overlap, batch_size, bands, nodata, device, amp, tta: see
+            :func:`~dinov3_eo.inference.predict.predict_raster` (``tta`` averages the metres of the flipped/turned views).
         gsd: resample the input on the fly (average, nodata-aware, same CRS) to this pixel size before the model,
             e.g. the model's training GSD; the output is then on that grid. ``None`` keeps the input grid (a
             warning is logged when it differs from the model's training GSD by more than 25 %).
@@ -498,7 +495,7 @@ def predict_height(
         if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):
             return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
                                title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
-                               device=device, amp=amp, overwrite=overwrite, progress=progress)  # fmt: skip
+                               device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress)  # fmt: skip
         from rasterio.vrt import WarpedVRT
 
         scale = gsd / native
@@ -511,7 +508,7 @@ def predict_height(
         ) as vrt:  # fmt: skip
             return _predict_on(model, vrt, dst, normalization=normalization, quicklook=quicklook,
                                title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
-                               device=device, amp=amp, overwrite=overwrite, progress=progress)  # fmt: skip
+                               device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress)  # fmt: skip
 
 
 def _predict_on(
@@ -598,6 +595,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodata", type=float, help="input nodata overriding the file's")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    p.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
     p.add_argument("--gsd", help="'model' (resample the input to the training GSD) or a pixel size in CRS units; "
                    "default: keep the input grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -626,7 +624,7 @@ def _predict_main(argv: Sequence[str]) -> int:
     out = predict_height(
         model, args.input, args.output, quicklook=quicklook, window=args.window, overlap=args.overlap,
         batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, amp=True if args.bf16 else None,
-        gsd=gsd, overwrite=args.overwrite, progress=not args.quiet,
+        tta=args.tta, gsd=gsd, overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
     return 0

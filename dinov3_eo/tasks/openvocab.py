@@ -45,6 +45,7 @@ from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
+from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, tta_views
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
@@ -622,6 +623,8 @@ class MapQuery:
         device: where the model runs (default: CUDA when available).
         amp: bf16 autocast, as :func:`~dinov3_eo.inference.predict.predict_raster`'s (``None``: on CUDA only;
             ``True``: on a CPU too).
+        tta: test-time augmentation of every map, as :func:`~dinov3_eo.inference.predict.predict_raster`'s
+            (``"flips"``: 4 views, ``"d4"``: 8; scores are averaged after the softmax).
         bands: 1-based bands fed to the model (default: all bands of the raster).
         nodata: nodata override for inputs (e.g. 0 for a Landsat L1 collar).
         progress: show progress bars.
@@ -641,6 +644,7 @@ class MapQuery:
         batch_size: int = 4,
         device: str | torch.device | None = None,
         amp: bool | None = None,
+        tta: TTA | None = None,
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
         progress: bool = False,
@@ -654,7 +658,9 @@ class MapQuery:
         self.templates = tuple(templates)
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.bands = list(bands) if bands is not None else None
-        self.nodata, self.progress, self.amp = nodata, progress, amp
+        if tta is not None:
+            tta_views(tta)  # an unknown mode fails here, not at the first query
+        self.nodata, self.progress, self.amp, self.tta = nodata, progress, amp, tta
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> MapQuery:
@@ -728,7 +734,8 @@ class MapQuery:
             scorer, src, dst, out_channels=scorer.out_channels, window=self.window, overlap=self.overlap,
             batch_size=self.batch_size, bands=self._band_indexes(src), nodata=self.nodata,
             normalization=self.normalization, output="scores", activation=activation, scores_dtype="float32",
-            class_names=list(names), device=self.device, amp=self.amp, multiple=self.meta.patch_size, progress=self.progress,
+            class_names=list(names), device=self.device, amp=self.amp, tta=self.tta, multiple=self.meta.patch_size,
+            progress=self.progress,
             overwrite=True, tags={"queries": json.dumps(list(names))},
         )  # fmt: skip
 
@@ -1037,6 +1044,7 @@ def _query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
@@ -1064,7 +1072,7 @@ def query_main(argv: Sequence[str]) -> int:
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=[args.scene])
         kwargs: dict[str, Any] = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
-                                  "device": args.device, "amp": True if args.bf16 else None, "bands": args.bands,
+                                  "device": args.device, "amp": True if args.bf16 else None, "tta": args.tta, "bands": args.bands,
                                   "nodata": args.nodata, "progress": True}  # fmt: skip
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)

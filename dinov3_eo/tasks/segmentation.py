@@ -37,6 +37,7 @@ from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale
 from dinov3_eo.inference.predict import BF16_HELP
+from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
@@ -567,6 +568,7 @@ def segment_scene(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     amp: bool | None = None,
+    tta: TTA | None = None,
     overwrite: bool = False,
     progress: bool = True,
     preview_bands: Sequence[int] | None = None,
@@ -574,8 +576,8 @@ def segment_scene(
     """Segment one GeoTIFF into ``out_dir``: class COG, PNG quick-look, optional probabilities and polygons.
 
     ``bands``/``nodata`` default to what the checkpoint recorded; ``preview_bands`` (1-based, red, green,
-    blue) picks the quick-look's background bands (default: the first three model bands); ``amp`` is
-    :func:`~dinov3_eo.inference.predict.predict_raster`'s bf16 switch. Every output is checked up front, so an
+    blue) picks the quick-look's background bands (default: the first three model bands); ``amp`` and ``tta`` are
+    :func:`~dinov3_eo.inference.predict.predict_raster`'s bf16 switch and test-time augmentation. Every output is checked up front, so an
     existing one stops the run before any work (unless ``overwrite``).
 
     Raises:
@@ -602,8 +604,8 @@ def segment_scene(
             task.model, src, outputs.classes, out_channels=task.num_classes, window=window, overlap=overlap,
             batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
             output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
-            device=device, amp=amp, multiple=int(task.model.pad_multiple), progress=progress, overwrite=overwrite,
-            tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
+            device=device, amp=amp, tta=tta, multiple=int(task.model.pad_multiple), progress=progress,
+            overwrite=overwrite, tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
         )  # fmt: skip
     rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
     write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
@@ -659,6 +661,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nodata", type=float, default=None, help="input nodata override (default: as in training)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -689,8 +692,8 @@ def predict_main(argv: Sequence[str]) -> int:
             written = segment_scene(
                 task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
                 polygons=args.polygons, min_area=args.min_area, window=args.window, overlap=overlap,
-                batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, overwrite=args.overwrite,
-                progress=not args.quiet,
+                batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, tta=args.tta,
+                overwrite=args.overwrite, progress=not args.quiet,
             )  # fmt: skip
             for path in vars(written).values():
                 if path is not None:
