@@ -318,6 +318,28 @@ class TestHeightTask:
         assert [g["name"] for g in groups] == ["head"]
         assert not any(p.requires_grad for p in task.model.backbone.parameters())
 
+    def test_lora_trains_the_updates_and_reloads(self, tmp_path: Path) -> None:
+        """With ``lora``, the optimiser gets the head and the updates (at ``lr * lora_lr_scale``); a checkpoint of
+        weights-file backbone plus updates rebuilds through :func:`load_height_model` with the same metres."""
+        from dinov3_eo.models.lora import lora_parameters
+        from dinov3_eo.models.vit import build_backbone
+
+        weights = tmp_path / "backbone.pth"
+        torch.save(build_backbone("vitmicro16", layerscale_init=1.0).state_dict(), weights)
+        task = _tiny_task(backbone=None, weights=str(weights), lora={"rank": 4}, lora_lr_scale=2.0, lr=1e-3)
+        groups = {g["name"]: g for g in task.configure_optimizers()["optimizer"].param_groups}
+        assert set(groups) == {"head", "lora"} and groups["lora"]["lr"] == 2e-3
+        with torch.no_grad():
+            for p in lora_parameters(task.model.backbone):
+                p.normal_(0, 0.05)
+        ckpt = tmp_path / "h.ckpt"
+        torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                    "dinov3_eo": task.backbone_meta().to_dict()}, ckpt)  # fmt: skip
+        model = load_height_model(ckpt)
+        x = torch.randn(1, 3, 64, 64)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), task.model.eval()(x))
+
     def test_bad_arguments(self) -> None:
         with pytest.raises(ValueError, match="head must be one of"):
             _tiny_task(head="unet")

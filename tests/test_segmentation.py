@@ -294,6 +294,25 @@ class TestSegmentCLI:
         assert (labels[True][valid] == labels[False][valid]).mean() > 0.8
         assert np.abs(probs[True][:, valid] - probs[False][:, valid]).max() > 2  # the views did change the scores
 
+    def test_lora_fit_and_predict_from_the_command_line(self, tmp_path: Path) -> None:
+        """``--model.lora '{rank: 4}'``: the fit trains low-rank updates (their keys in the checkpoint, the backbone's
+        own weights as built), and ``segment predict`` runs the adapted model."""
+        root = tmp_path / "fit"
+        assert cli_main([
+            "segment", "fit", "--config", str(CONFIG), "--data.paths", str(SCENE), "--data.labels", str(POLYGONS),
+            "--model.lora", "{rank: 4, targets: [qkv, proj]}", "--trainer.default_root_dir", str(root),
+            "--trainer.max_epochs", "1", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        ]) == 0  # fmt: skip
+        ckpt = root / "checkpoints" / "last.ckpt"
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        updates = [k for k in state if ".lora." in k]
+        assert len(updates) == 4 * 2 * 2  # vitmicro16's 4 blocks x (qkv, proj) x (A, B)
+        assert any(state[k].abs().sum() > 0 for k in updates if k.endswith(".lora.B"))
+        out = tmp_path / "out"
+        assert cli_main(["segment", "predict", str(SCENE), "--model", str(ckpt), "-o", str(out), "--quiet"]) == 0
+        assert scene_outputs(SCENE, out, probabilities=False, polygons=False).classes.is_file()
+
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"
         with rasterio.open(SCENE) as src:

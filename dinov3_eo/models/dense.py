@@ -24,14 +24,16 @@ Legend for shapes: B batch, C input bands, D embedding width, h x w patch grid, 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dinov3_eo.models.lora import LoRAConfig, add_lora, lora_parameters
 
 #: What a head consumes per backbone layer: ``(patch [B, D, h, w], cls [B, D])`` or just the patch map.
 LayerFeatures = tuple[Tensor, Tensor] | Tensor
@@ -648,7 +650,12 @@ class DenseModel(nn.Module):
         head: a :class:`LinearHead`, :class:`DPTHead` or any module with ``n_inputs`` and
             ``forward(features) -> [B, K, h', w']``.
         layers: an int ``n`` (the last n blocks) or 0-based block indices; one per head input.
-        freeze_backbone: no gradients into the backbone and keep it in eval mode (default, the official protocol).
+        freeze_backbone: no gradients into the backbone and keep it in eval mode (default, the official protocol);
+            ``False`` trains every backbone weight (all set to require gradients).
+        lora: fine-tune the backbone through low-rank updates instead (:class:`~dinov3_eo.models.lora.LoRAConfig` or
+            a mapping of its fields): its own weights stay fixed, the updates train, and the backbone runs in
+            training mode like a fine-tuned one. Excludes ``freeze_backbone``'s fixed features: with ``lora`` the
+            backbone is adapted whatever ``freeze_backbone`` says.
         output: optional module applied to the head's output (``[B, K, h', w'] -> [B, K', h', w']``).
         pad_multiple: pad sides to this many pixels (must be a multiple of the patch size). 16 is the official
             CHMv2 centre padding; with a DPT head, odd patch grids then come out one patch larger and are resized
@@ -668,6 +675,7 @@ class DenseModel(nn.Module):
         head: nn.Module,
         layers: int | Sequence[int] = 1,
         freeze_backbone: bool = True,
+        lora: LoRAConfig | Mapping[str, Any] | None = None,
         output: nn.Module | None = None,
         pad_multiple: int | None = None,
         norm: bool = True,
@@ -702,9 +710,14 @@ class DenseModel(nn.Module):
             )
         self.pad_multiple = multiple
         self.norm = norm
-        self.freeze_backbone = freeze_backbone
-        if freeze_backbone:
-            self.backbone.requires_grad_(False)
+        self.lora = LoRAConfig.from_any(lora)
+        self.freeze_backbone = freeze_backbone and self.lora is None
+        if self.lora is not None:
+            self.lora_layers = add_lora(self.backbone, self.lora)  # freezes the backbone's own weights
+        else:
+            # both ways, whatever the backbone arrived with: one taken from a frozen model (a text model's vision
+            # tower, a teacher) must train when fine-tuning is asked for
+            self.backbone.requires_grad_(not freeze_backbone)
         # the modes train() sets, set now: Lightning (2.x) does not call train() when a fit starts, and a backbone
         # from load_backbone arrives in eval mode (a fine-tuned one must train like the head)
         self.train(self.training)
@@ -752,11 +765,14 @@ class DenseModel(nn.Module):
             out = F.interpolate(out, size=padded, mode="bilinear", align_corners=False)
         return out[..., top : top + height, left : left + width]
 
-    def parameter_groups(self, *, lr: float, backbone_lr_scale: float = 0.1) -> list[dict]:
-        """Optimiser groups: the head (and output) at ``lr``; a trainable backbone at ``lr * backbone_lr_scale``."""
+    def parameter_groups(self, *, lr: float, backbone_lr_scale: float = 0.1, lora_lr_scale: float = 1.0) -> list[dict]:
+        """Optimiser groups: the head (and output) at ``lr``; a trainable backbone at ``lr * backbone_lr_scale``, or
+        its LoRA updates at ``lr * lora_lr_scale`` (low-rank updates start at zero and train at head-like rates)."""
         head_params = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
         groups: list[dict] = [{"params": head_params, "lr": lr, "name": "head"}]
-        if not self.freeze_backbone:
+        if self.lora is not None:
+            groups.append({"params": lora_parameters(self.backbone), "lr": lr * lora_lr_scale, "name": "lora"})
+        elif not self.freeze_backbone:
             backbone_params = [p for p in self.backbone.parameters() if p.requires_grad]
             groups.append({"params": backbone_params, "lr": lr * backbone_lr_scale, "name": "backbone"})
         return groups

@@ -101,6 +101,9 @@ class HeightTask(TrainModesAtFitStart):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to 0 over the run.
         freeze_backbone: keep the backbone frozen (official protocol); otherwise it trains at
             ``lr * backbone_lr_scale``.
+        lora: fine-tune the backbone through low-rank updates instead (a mapping of
+            :class:`~dinov3_eo.models.lora.LoRAConfig` fields, e.g. ``{rank: 8}``): its own weights stay fixed, the
+            updates train at ``lr * lora_lr_scale``.
         augment: random flips / quarter turns of each training batch (image, heights and validity together).
         augment_seed: seed of the augmentation stream.
 
@@ -138,6 +141,8 @@ class HeightTask(TrainModesAtFitStart):
         warmup_steps: int = 0,
         freeze_backbone: bool = True,
         backbone_lr_scale: float = 0.1,
+        lora: dict[str, Any] | None = None,
+        lora_lr_scale: float = 1.0,
         augment: bool = True,
         augment_seed: int = 0,
     ) -> None:
@@ -183,7 +188,8 @@ class HeightTask(TrainModesAtFitStart):
             n_bins=k, min_height=min_height, max_height=max_height, strategy=bin_strategy, norm=bin_norm
         )
         self.model = DenseModel(
-            backbone=vit, head=head_module, layers=list(layers), freeze_backbone=freeze_backbone, output=to_metres
+            backbone=vit, head=head_module, layers=list(layers), freeze_backbone=freeze_backbone, lora=lora,
+            output=to_metres,
         )
         if loss == "sig":
             self.loss_fn: nn.Module = SigLoss(lam=sig_lambda)
@@ -312,7 +318,8 @@ class HeightTask(TrainModesAtFitStart):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_scale)
+        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_scale,
+                                             lora_lr_scale=hp.get("lora_lr_scale", 1.0))
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warmup = int(hp.warmup_steps)

@@ -152,8 +152,12 @@ class SegmentationTask(TrainModesAtFitStart):
         ignore_index: label value that never counts (255: unlabelled / nodata).
         class_weights: cross-entropy weight per class (e.g. inverse frequency).
         freeze_backbone: keep the backbone fixed (default, the official protocol) or fine-tune it.
+        lora: fine-tune the backbone through low-rank updates instead (a mapping of
+            :class:`~dinov3_eo.models.lora.LoRAConfig` fields, e.g. ``{rank: 8, alpha: 16, targets: [qkv, proj]}``):
+            the backbone's own weights stay fixed, its updates train at ``lr * lora_lr_mult``.
         lr: head learning rate (AdamW).
         backbone_lr_mult: backbone lr = ``lr * backbone_lr_mult`` when fine-tuning.
+        lora_lr_mult: LoRA lr = ``lr * lora_lr_mult``.
         weight_decay: AdamW weight decay.
         lr_schedule: ``cosine`` (to 0 over the run, after ``warmup_steps``) or ``constant``.
         warmup_steps: linear warm-up steps.
@@ -181,8 +185,10 @@ class SegmentationTask(TrainModesAtFitStart):
         ignore_index: int = 255,
         class_weights: list[float] | None = None,
         freeze_backbone: bool = True,
+        lora: dict[str, Any] | None = None,
         lr: float = 1e-3,
         backbone_lr_mult: float = 0.1,
+        lora_lr_mult: float = 1.0,
         weight_decay: float = 1e-4,
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
@@ -216,6 +222,7 @@ class SegmentationTask(TrainModesAtFitStart):
             head=build_head(head, embed_dim=int(net.embed_dim), n_layers=len(self.layers), num_classes=k, dropout=dropout),
             layers=self.layers,
             freeze_backbone=freeze_backbone,
+            lora=lora,
         )
         self.register_buffer(
             "class_weight", torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
@@ -434,7 +441,8 @@ class SegmentationTask(TrainModesAtFitStart):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_mult)
+        groups = self.model.parameter_groups(lr=hp.lr, backbone_lr_scale=hp.backbone_lr_mult,
+                                             lora_lr_scale=hp.get("lora_lr_mult", 1.0))
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
         total = 1
         if self._trainer is not None:
