@@ -74,6 +74,7 @@ def test_every_command_retains_freed_memory_unless_switched_off(monkeypatch) -> 
         ["query", "{tmp}/missing.tif", "water", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/query.tif"],
         ["height", "predict", "{tmp}/missing.tif", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/chm.tif"],
         ["height", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.tif", "--out-dir", "{tmp}/evaluation"],
+        ["segment", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.gpkg", "--out-dir", "{tmp}/evaluation"],
     ],
     ids=lambda argv: " ".join(argv[:2]),
 )

@@ -294,6 +294,26 @@ class TestSegmentCLI:
         assert (labels[True][valid] == labels[False][valid]).mean() > 0.8
         assert np.abs(probs[True][:, valid] - probs[False][:, valid]).max() > 2  # the views did change the scores
 
+    def test_evaluate_against_the_training_polygons(self, trained: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+        """``segment evaluate`` of the predicted map against the scene's polygons: every labelled pixel the map
+        classes is counted once (the polygons' area in pixels, less the nodata collar), names matched to classes."""
+        import geopandas as gpd
+
+        out = tmp_path / "out"
+        assert cli_main(["segment", "predict", str(SCENE), "--model", str(trained), "-o", str(out), "--quiet"]) == 0
+        classes = scene_outputs(SCENE, out, probabilities=False, polygons=False).classes
+        capsys.readouterr()
+        assert cli_main(["segment", "evaluate", str(classes), str(POLYGONS), "--out-dir", str(tmp_path / "eval")]) == 0
+        assert "overall accuracy" in capsys.readouterr().out
+        report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+        assert list(report["classes"]) == NAMES
+        with rasterio.open(classes) as cls:
+            pixel_area = abs(cls.transform.a * cls.transform.e)
+            frame = gpd.read_file(POLYGONS).to_crs(cls.crs)
+        assert 0 < report["pixels"] <= frame.area.sum() / pixel_area * 1.05
+        assert all(report["classes"][n]["reference_pixels"] > 0 for n in NAMES)
+
     def test_lora_fit_and_predict_from_the_command_line(self, tmp_path: Path) -> None:
         """``--model.lora '{rank: 4}'``: the fit trains low-rank updates (their keys in the checkpoint, the backbone's
         own weights as built), and ``segment predict`` runs the adapted model."""

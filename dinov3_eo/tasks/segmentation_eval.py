@@ -1,0 +1,294 @@
+"""Accuracy assessment of a class map against reference labels: a raster or polygons, in any CRS.
+
+The reference is brought onto the *prediction's* grid block by block (a label raster warped with nearest
+resampling, polygons burnt into each block), so memory stays flat whatever the map's size, and every pixel where the
+map has a class and the reference a label counts once in a confusion matrix ``[K, K]`` (rows: reference, columns:
+map). From it: overall accuracy, Cohen's kappa, and per class IoU, F1, precision (the map maker's "user's
+accuracy") and recall ("producer's accuracy"), with mIoU / mean F1 over the classes present in either.
+
+``dinov3-eo segment evaluate CLASSES.tif REFERENCE.(tif|gpkg) --out-dir eval/`` writes ``metrics.json``,
+``confusion.csv``, ``confusion.png`` (row-normalised, with counts) and ``agreement.png`` (where map and reference
+agree, disagree, or cannot be compared).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.enums import Resampling
+from rasterio.windows import Window
+
+from dinov3_eo.data.raster import require_georeferenced
+from dinov3_eo.inference.writers import atomic_output
+from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
+
+VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
+
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
+    """``[K, K]`` int64 counts of (reference ``truth``, map ``pred``) pairs over pixels where both are in ``0..K-1``.
+
+    Args:
+        pred, truth: integer arrays of the same shape.
+    """
+    keep = (pred >= 0) & (pred < num_classes) & (truth >= 0) & (truth < num_classes)
+    pairs = truth[keep].astype(np.int64) * num_classes + pred[keep].astype(np.int64)
+    return np.bincount(pairs, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    out = np.full(num.shape, np.nan)
+    np.divide(num, den, out=out, where=den > 0)
+    return out
+
+
+def accuracy_report(confusion: np.ndarray, class_names: Sequence[str] | None = None) -> dict[str, Any]:
+    """Metrics of a confusion matrix ``[K, K]`` (rows: reference, columns: map).
+
+    Returns:
+        ``{"pixels", "overall_accuracy", "kappa", "miou", "mean_f1", "classes": {name: {"iou", "f1", "precision",
+        "recall", "reference_pixels", "map_pixels"}}}``; a class with neither reference nor map pixels has NaN
+        scores and is left out of the means (as is every score when nothing could be compared).
+    """
+    c = np.asarray(confusion, dtype=np.float64)
+    k = c.shape[0]
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(k)]
+    tp = np.diag(c)
+    reference, mapped = c.sum(axis=1), c.sum(axis=0)
+    total = c.sum()
+    iou, f1 = (t.numpy() for t in iou_f1_from_confusion(torch.from_numpy(c)))  # as validation computes them
+    precision, recall = _ratio(tp, mapped), _ratio(tp, reference)
+    observed = tp.sum() / total if total else float("nan")
+    expected = (reference * mapped).sum() / total**2 if total else float("nan")
+    kappa = (observed - expected) / (1 - expected) if total and expected < 1 else float("nan")
+    present = (reference + mapped) > 0
+    return {
+        "pixels": int(total),
+        "overall_accuracy": float(observed),
+        "kappa": float(kappa),
+        "miou": float(iou[present].mean()) if present.any() else float("nan"),
+        "mean_f1": float(f1[present].mean()) if present.any() else float("nan"),
+        "classes": {
+            name: {"iou": float(iou[i]), "f1": float(f1[i]), "precision": float(precision[i]),
+                   "recall": float(recall[i]), "reference_pixels": int(reference[i]), "map_pixels": int(mapped[i])}
+            for i, name in enumerate(names)
+        },  # fmt: skip
+    }
+
+
+def report_table(report: Mapping[str, Any]) -> str:
+    """The report as a fixed-width text table (one row per class, then the overall scores)."""
+    width = max([len("class")] + [len(n) for n in report["classes"]])
+    lines = [f"{'class':<{width}}  {'IoU':>6} {'F1':>6} {'precision':>9} {'recall':>6} {'reference px':>12}"]
+    fmt = lambda v: "   n/a" if np.isnan(v) else f"{v:6.3f}"  # noqa: E731
+    for name, m in report["classes"].items():
+        lines.append(f"{name:<{width}}  {fmt(m['iou'])} {fmt(m['f1'])} {fmt(m['precision']):>9} {fmt(m['recall'])} "
+                     f"{m['reference_pixels']:>12,}")  # fmt: skip
+    lines.append(f"overall accuracy {fmt(report['overall_accuracy']).strip()}, kappa {fmt(report['kappa']).strip()}, "
+                 f"mIoU {fmt(report['miou']).strip()}, mean F1 {fmt(report['mean_f1']).strip()} over "
+                 f"{report['pixels']:,} pixels")  # fmt: skip
+    return "\n".join(lines)
+
+
+class _Reference:
+    """Reference labels on any grid: ``labels(crs, transform, shape) -> int64 (H, W)``, -1 where there is none."""
+
+    def __init__(self, path: str | os.PathLike[str], *, class_names: Sequence[str] | None, attribute: str,
+                 classes: Mapping[str, int] | None, nodata: float | None, background: int | None) -> None:  # fmt: skip
+        from dinov3_eo.data.labels import RasterLabels, VectorLabels
+
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"Reference {str(path)!r} does not exist.")
+        if self.path.suffix.lower() in VECTOR_SUFFIXES:
+            if classes is None and class_names is not None:
+                classes = _classes_by_name(self.path, attribute, class_names)
+            self._labels: Any = VectorLabels(path=self.path, attribute=attribute, classes=classes, ignore_index=-1,
+                                             background=background)  # fmt: skip
+        else:
+            if classes is not None:
+                raise ValueError("classes= maps the names of a vector reference; a raster reference holds class ids.")
+            self._labels = RasterLabels(path=self.path, nodata=nodata, ignore_index=-1)
+
+    def labels(self, *, crs: Any, transform: Any, shape: tuple[int, int]) -> np.ndarray:
+        return self._labels.sample(crs=crs, transform=transform, shape=shape)["mask"].numpy()
+
+
+def _classes_by_name(path: Path, attribute: str, class_names: Sequence[str]) -> dict[str, int] | None:
+    """Map a vector reference's text labels onto the map's class names (``None`` for integer labels: ids)."""
+    import geopandas as gpd
+
+    frame = gpd.read_file(path, ignore_geometry=True)
+    if attribute not in frame.columns:
+        raise KeyError(f"Reference {str(path)!r} has no attribute {attribute!r}; its columns are {list(frame.columns)}.")
+    values = frame[attribute].dropna().unique().tolist()
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        return None
+    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    unknown = sorted({str(v) for v in values if str(v).lower() not in lookup})
+    if unknown:
+        raise ValueError(f"Reference labels {unknown} of {attribute!r} in {str(path)!r} are not classes of the map "
+                         f"{list(class_names)}; map them with classes= (--classes on the command line).")  # fmt: skip
+    return {str(v): lookup[str(v).lower()] for v in values}
+
+
+def evaluate_class_raster(
+    pred: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    attribute: str = "name",
+    classes: Mapping[str, int] | None = None,
+    reference_nodata: float | None = None,
+    background: int | None = None,
+    block: int = 1024,
+    picture_size: int = 1024,
+) -> dict[str, Any]:
+    """Confusion matrix and accuracy of the class map ``pred`` against ``reference``, on the map's grid.
+
+    Args:
+        pred: a one-band class GeoTIFF (e.g. ``segment predict``'s): its nodata is left out; its ``class_names``
+            tag names the classes unless ``class_names`` is given.
+        reference: a label raster (class ids, any CRS/resolution; its nodata left out) or polygons (GeoPackage,
+            GeoJSON, shapefile...) whose ``attribute`` holds class names (matched to the map's names, case-blind)
+            or ids.
+        out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and ``agreement.png`` here.
+        classes: name -> class id for a vector reference whose names differ from the map's.
+        reference_nodata: nodata of a raster reference overriding the file's.
+        background: class id of pixels no polygon covers (default: unlabelled, left out).
+        block: side of the blocks the map is read in (memory is flat in the map's size).
+        picture_size: longer side of ``agreement.png`` in pixels.
+
+    Returns:
+        :func:`accuracy_report` plus ``"confusion"`` (a list of rows), ``"prediction"`` and ``"reference"``.
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: the map is not a georeferenced one-band class raster,
+        the classes cannot be named, the reference holds a class id the map does not have, or nothing overlaps.
+    """
+    with rasterio.open(pred) as src:
+        require_georeferenced(src)
+        if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+            raise ValueError(f"{str(pred)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
+                             f"{src.dtypes[0]}.")  # fmt: skip
+        if class_names is None and "class_names" in src.tags():
+            class_names = json.loads(src.tags()["class_names"])
+        if class_names is None:
+            raise ValueError(f"{str(pred)!r} does not name its classes (no 'class_names' tag); pass class_names= "
+                             f"(--class-names on the command line).")  # fmt: skip
+        k = len(class_names)
+        ref = _Reference(reference, class_names=class_names, attribute=attribute, classes=classes,
+                         nodata=reference_nodata, background=background)  # fmt: skip
+        confusion = np.zeros((k, k), dtype=np.int64)
+        nodata = src.nodata
+        for row in range(0, src.height, block):
+            for col in range(0, src.width, block):
+                window = Window(col, row, min(block, src.width - col), min(block, src.height - row))
+                mapped = src.read(1, window=window).astype(np.int64)
+                if nodata is not None:
+                    mapped[mapped == int(nodata)] = -1
+                truth = ref.labels(crs=src.crs, transform=src.window_transform(window), shape=mapped.shape)
+                _check_reference_ids(truth, k, reference)
+                confusion += confusion_matrix(mapped, truth, k)
+        if confusion.sum() == 0:
+            raise ValueError(f"No pixel of {str(pred)!r} has both a class and a reference label in "
+                             f"{str(reference)!r}: do they overlap, and is the reference's nodata right?")  # fmt: skip
+        report = accuracy_report(confusion, class_names)
+        report.update(confusion=confusion.tolist(), prediction=str(pred), reference=str(reference))
+        if out_dir is not None:
+            folder = Path(out_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            _write_report(folder, report, confusion, list(class_names))
+            scale = min(1.0, picture_size / max(src.height, src.width))
+            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+            mapped = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
+            if nodata is not None:
+                mapped[mapped == int(nodata)] = -1
+            transform = src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0])
+            truth = ref.labels(crs=src.crs, transform=transform, shape=shape)
+            agreement_plot(folder / "agreement.png", mapped, truth, title=Path(pred).name)
+    return report
+
+
+def _check_reference_ids(truth: np.ndarray, k: int, reference: Any) -> None:
+    bad = np.unique(truth[truth >= k])
+    if bad.size:
+        raise ValueError(f"Reference {str(reference)!r} holds class ids {bad[:10].tolist()} that the map does not have "
+                         f"(its classes are 0..{k - 1}); is its nodata declared (--reference-nodata)?")  # fmt: skip
+
+
+def _write_report(folder: Path, report: Mapping[str, Any], confusion: np.ndarray, names: list[str]) -> None:
+    with atomic_output(folder / "metrics.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
+    rows = ["reference \\ map," + ",".join(names)]
+    rows += [f"{name}," + ",".join(str(int(v)) for v in confusion[i]) for i, name in enumerate(names)]
+    with atomic_output(folder / "confusion.csv", overwrite=True) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+    confusion_plot(folder / "confusion.png", confusion, names)
+
+
+def _save(fig: Any, dst: Path) -> Path:
+    with atomic_output(dst, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
+    return dst
+
+
+def confusion_plot(dst: str | os.PathLike[str], confusion: np.ndarray, class_names: Sequence[str]) -> Path:
+    """A heat map of the row-normalised confusion matrix (each reference class's share per map class), counts
+    printed in the cells."""
+    from matplotlib.figure import Figure
+
+    c = np.asarray(confusion, dtype=np.float64)
+    shares = c / np.maximum(c.sum(axis=1, keepdims=True), 1)
+    k = c.shape[0]
+    side = max(3.0, 0.6 * k + 1.5)
+    fig = Figure(figsize=(side + 1.0, side), dpi=100)
+    ax = fig.subplots()
+    image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(k), list(class_names), rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(k), list(class_names), fontsize=8)
+    ax.set_xlabel("map")
+    ax.set_ylabel("reference")
+    for i in range(k):
+        for j in range(k):
+            if c[i, j]:
+                ax.text(j, i, f"{int(c[i, j]):,}", ha="center", va="center", fontsize=7,
+                        color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the reference class")
+    return _save(fig, Path(dst))
+
+
+#: agreement picture colours: agree, disagree, map only (no reference label), nothing to compare
+_AGREEMENT_COLOURS = ((0.10, 0.60, 0.25), (0.85, 0.15, 0.15), (0.80, 0.80, 0.80), (1.0, 1.0, 1.0))
+
+
+def agreement_plot(dst: str | os.PathLike[str], mapped: np.ndarray, truth: np.ndarray, *, title: str | None = None) -> Path:
+    """Where the map (``mapped`` [H, W], -1 = no class) agrees with the reference (``truth``, -1 = no label)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    state = np.full(mapped.shape, 3, dtype=np.int8)
+    state[mapped >= 0] = 2
+    both = (mapped >= 0) & (truth >= 0)
+    state[both & (mapped == truth)] = 0
+    state[both & (mapped != truth)] = 1
+    h, w = state.shape
+    fig = Figure(figsize=(max(3.0, w / 100 + 1.5), max(2.5, h / 100)), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(state, cmap=ListedColormap(_AGREEMENT_COLOURS), vmin=0, vmax=3, interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    labels = ("agree", "disagree", "no reference label", "no class")
+    ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(_AGREEMENT_COLOURS[:3], labels[:3])],
+              loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # fmt: skip
+    return _save(fig, Path(dst))

@@ -1,0 +1,157 @@
+"""Accuracy assessment of class maps (dinov3_eo.tasks.segmentation_eval) against sklearn and hand-built references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+from sklearn import metrics as skm
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.tasks.segmentation_eval import accuracy_report, confusion_matrix, evaluate_class_raster
+
+NAMES = ["water", "crop", "tree"]
+ORIGIN = (500_000.0, 4_200_000.0)  # UTM 33N, metres
+
+
+def write_map(path: Path, classes: np.ndarray, *, res: float = 10.0, names: list[str] | None = NAMES,
+              nodata: int | None = 255, crs: str = "EPSG:32633") -> Path:  # fmt: skip
+    with rasterio.open(path, "w", driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=1,
+                       dtype="uint8", crs=crs, transform=from_origin(*ORIGIN, res, res), nodata=nodata) as dst:  # fmt: skip
+        dst.write(classes.astype(np.uint8), 1)
+        if names is not None:
+            dst.update_tags(class_names=json.dumps(names))
+    return path
+
+
+@pytest.fixture
+def scene() -> tuple[np.ndarray, np.ndarray]:
+    """A 60 x 80 class map (with a nodata corner) and its reference at the same 10 m grid (some pixels differ,
+    a strip unlabelled)."""
+    rng = np.random.default_rng(0)
+    truth = np.repeat(np.repeat(rng.integers(0, 3, (15, 20)), 4, axis=0), 4, axis=1)
+    pred = truth.copy()
+    flip = rng.random(truth.shape) < 0.2
+    pred[flip] = (pred[flip] + 1) % 3
+    pred[:8, :8] = 255  # map nodata
+    truth = truth.copy()
+    truth[:, 70:] = 255  # reference nodata
+    return pred, truth
+
+
+class TestMetrics:
+    def test_against_sklearn(self) -> None:
+        rng = np.random.default_rng(1)
+        truth, pred = rng.integers(0, 4, 5000), rng.integers(0, 4, 5000)
+        pred[truth == 2] = 2  # one easy class
+        confusion = confusion_matrix(pred, truth, 4)
+        np.testing.assert_array_equal(confusion, skm.confusion_matrix(truth, pred, labels=range(4)))
+        report = accuracy_report(confusion)
+        precision, recall, f1, support = skm.precision_recall_fscore_support(truth, pred, labels=range(4))
+        iou = skm.jaccard_score(truth, pred, labels=range(4), average=None)
+        for i, m in enumerate(report["classes"].values()):
+            assert m["precision"] == pytest.approx(precision[i]) and m["recall"] == pytest.approx(recall[i])
+            assert m["f1"] == pytest.approx(f1[i]) and m["iou"] == pytest.approx(iou[i])
+            assert m["reference_pixels"] == support[i]
+        assert report["overall_accuracy"] == pytest.approx(skm.accuracy_score(truth, pred))
+        assert report["kappa"] == pytest.approx(skm.cohen_kappa_score(truth, pred))
+        assert report["miou"] == pytest.approx(iou.mean()) and report["pixels"] == 5000
+
+    def test_out_of_range_values_and_absent_classes(self) -> None:
+        pred = np.array([0, 1, 1, -1, 7, 0])
+        truth = np.array([0, 1, 0, 1, 1, 255])
+        confusion = confusion_matrix(pred, truth, 3)
+        np.testing.assert_array_equal(confusion, [[1, 1, 0], [0, 1, 0], [0, 0, 0]])
+        report = accuracy_report(confusion, ["a", "b", "c"])
+        assert np.isnan(report["classes"]["c"]["iou"])  # in neither: left out of the mean
+        assert report["miou"] == pytest.approx((0.5 + 0.5) / 2)
+
+
+class TestRasterReference:
+    def test_same_grid_blocks_and_outputs(self, scene, tmp_path: Path) -> None:
+        pred, truth = scene
+        map_path = write_map(tmp_path / "map.tif", pred)
+        ref_path = write_map(tmp_path / "ref.tif", truth, names=None)
+        out = tmp_path / "eval"
+        report = evaluate_class_raster(map_path, ref_path, out_dir=out, block=32)  # 32-px blocks: 2 x 3 partial ones
+        keep = (pred != 255) & (truth != 255)
+        expected = skm.confusion_matrix(truth[keep], pred[keep], labels=range(3))
+        np.testing.assert_array_equal(report["confusion"], expected)
+        assert list(report["classes"]) == NAMES and report["pixels"] == keep.sum()
+        assert report == evaluate_class_raster(map_path, ref_path, block=1024) | {"confusion": report["confusion"]}
+        assert json.loads((out / "metrics.json").read_text())["pixels"] == keep.sum()
+        lines = (out / "confusion.csv").read_text().splitlines()
+        assert lines[0] == "reference \\ map,water,crop,tree" and lines[1] == "water," + ",".join(map(str, expected[0]))
+        assert (out / "confusion.png").stat().st_size > 1000 and (out / "agreement.png").stat().st_size > 1000
+
+    def test_finer_reference_is_resampled_onto_the_map(self, scene, tmp_path: Path) -> None:
+        """A 5 m reference (each class cell 2 x 2 pixels) gives the same counts as the 10 m one."""
+        pred, truth = scene
+        fine = np.repeat(np.repeat(truth, 2, axis=0), 2, axis=1)
+        report = evaluate_class_raster(write_map(tmp_path / "map.tif", pred),
+                                       write_map(tmp_path / "fine.tif", fine, res=5.0, names=None))  # fmt: skip
+        keep = (pred != 255) & (truth != 255)
+        np.testing.assert_array_equal(report["confusion"], skm.confusion_matrix(truth[keep], pred[keep], labels=range(3)))
+
+    def test_errors(self, scene, tmp_path: Path) -> None:
+        pred, truth = scene
+        map_path = write_map(tmp_path / "map.tif", pred)
+        bad = truth.copy()
+        bad[0, 0] = 7
+        with pytest.raises(ValueError, match=r"class ids \[7\]"):
+            evaluate_class_raster(map_path, write_map(tmp_path / "bad.tif", bad, names=None))
+        with pytest.raises(ValueError, match="does not name its classes"):
+            evaluate_class_raster(write_map(tmp_path / "anon.tif", pred, names=None), map_path)
+        far = tmp_path / "far.tif"
+        with rasterio.open(far, "w", driver="GTiff", width=10, height=10, count=1, dtype="uint8", crs="EPSG:32633",
+                           transform=from_origin(0, 0, 10, 10), nodata=255) as dst:  # fmt: skip
+            dst.write(np.zeros((1, 10, 10), np.uint8))
+        with pytest.raises(ValueError, match="do they overlap"):
+            evaluate_class_raster(map_path, far)
+        with pytest.raises(FileNotFoundError):
+            evaluate_class_raster(map_path, tmp_path / "missing.tif")
+
+
+class TestVectorReference:
+    def polygons(self, path: Path, names: list[str]) -> Path:
+        import geopandas as gpd
+        from shapely.geometry import box
+
+        x0, y0 = ORIGIN
+        shapes = [box(x0 + 100, y0 - 300, x0 + 400, y0 - 100), box(x0 + 500, y0 - 500, x0 + 700, y0 - 300)]
+        gpd.GeoDataFrame({"name": names}, geometry=shapes, crs="EPSG:32633").to_crs("EPSG:4326").to_file(path)
+        return path
+
+    def test_names_are_matched_to_the_maps_classes(self, scene, tmp_path: Path) -> None:
+        pred, _ = scene
+        report = evaluate_class_raster(write_map(tmp_path / "map.tif", pred),
+                                       self.polygons(tmp_path / "ref.gpkg", ["Water", "tree"]))  # fmt: skip
+        # pixel centres inside the boxes (reprojected through EPSG:4326, so allow a pixel's worth at the edges)
+        first, second = pred[10:30, 10:40], pred[30:50, 50:70]
+        assert report["classes"]["water"]["reference_pixels"] == pytest.approx(first.size, abs=60)
+        assert report["classes"]["tree"]["reference_pixels"] == pytest.approx(second.size, abs=60)
+        assert report["classes"]["crop"]["reference_pixels"] == 0
+        assert report["classes"]["water"]["recall"] == pytest.approx((first == 0).mean(), abs=0.05)
+
+    def test_unknown_names_need_classes(self, scene, tmp_path: Path) -> None:
+        pred, _ = scene
+        map_path = write_map(tmp_path / "map.tif", pred)
+        ref = self.polygons(tmp_path / "ref.gpkg", ["lake", "forest"])
+        with pytest.raises(ValueError, match=r"\['forest', 'lake'\].*classes="):
+            evaluate_class_raster(map_path, ref)
+        report = evaluate_class_raster(map_path, ref, classes={"lake": 0, "forest": 2})
+        assert report["classes"]["water"]["reference_pixels"] > 0 and report["classes"]["tree"]["reference_pixels"] > 0
+
+
+def test_command_line(scene, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pred, truth = scene
+    map_path, ref_path = write_map(tmp_path / "map.tif", pred), write_map(tmp_path / "ref.tif", truth, names=None)
+    assert cli_main(["segment", "evaluate", str(map_path), str(ref_path), "--out-dir", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "overall accuracy" in printed and "water" in printed and (tmp_path / "e" / "metrics.json").exists()
+    assert cli_main(["segment", "evaluate", str(map_path), str(tmp_path / "nope.gpkg")]) == 2
+    assert "does not exist" in capsys.readouterr().err
