@@ -3,7 +3,7 @@
 A LoRA layer adds a trainable low-rank update to a frozen linear map: ``y = W x + b + (alpha / r) · B A x`` with
 ``A`` [r, in] and ``B`` [out, r]. ``B`` starts at zero, so an adapted backbone computes exactly what the frozen one
 did until training moves it; ``A`` starts Kaiming-uniform, as in the paper's code and PEFT. Only ``A`` and ``B``
-train: a ViT-S/16 with rank 8 on every block's q/k/v and output projections trains 0.29 M weights instead of 21.6 M,
+train: a ViT-S/16 with rank 8 on every block's q/k/v and output projections trains 0.22 M weights instead of 21.6 M,
 and its optimiser state is as small, while the features still adapt to the imagery (where a frozen backbone's
 cannot).
 
