@@ -316,7 +316,7 @@ class TestSegmentCLI:
 
     def test_lora_fit_and_predict_from_the_command_line(self, tmp_path: Path) -> None:
         """``--model.lora '{rank: 4}'``: the fit trains low-rank updates (their keys in the checkpoint, the backbone's
-        own weights as built), and ``segment predict`` runs the adapted model."""
+        own weights as built), and ``segment predict`` runs the adapted model (here with ``--simplify``d polygons)."""
         root = tmp_path / "fit"
         assert cli_main([
             "segment", "fit", "--config", str(CONFIG), "--data.paths", str(SCENE), "--data.labels", str(POLYGONS),
@@ -330,8 +330,13 @@ class TestSegmentCLI:
         assert len(updates) == 4 * 2 * 2  # vitmicro16's 4 blocks x (qkv, proj) x (A, B)
         assert any(state[k].abs().sum() > 0 for k in updates if k.endswith(".lora.B"))
         out = tmp_path / "out"
-        assert cli_main(["segment", "predict", str(SCENE), "--model", str(ckpt), "-o", str(out), "--quiet"]) == 0
-        assert scene_outputs(SCENE, out, probabilities=False, polygons=False).classes.is_file()
+        assert cli_main(["segment", "predict", str(SCENE), "--model", str(ckpt), "-o", str(out), "--polygons",
+                         "--simplify", "30", "--quiet"]) == 0  # fmt: skip
+        paths = scene_outputs(SCENE, out, probabilities=False, polygons=True)
+        import geopandas as gpd
+
+        frame = gpd.read_file(paths.polygons)  # smoothed by one 30 m pixel, still one valid coverage
+        assert len(frame) and frame.geometry.is_valid.all()
 
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"

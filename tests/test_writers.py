@@ -249,6 +249,35 @@ class TestVectorize:
         with pytest.raises(FileExistsError, match="already exists"):
             vectorize_classes(classes, tmp_path / "p.gpkg")
 
+    def test_simplify_keeps_one_coverage(self, tmp_path: Path) -> None:
+        """A disk and a diagonal band (staircase edges): simplified together, the polygons lose most vertices, stay
+        valid, never overlap or leave gaps (areas sum to the raster's), and still burn back to ~the same map; each
+        polygon simplified alone (shapely.simplify) would overlap its neighbours."""
+        import shapely
+
+        yy, xx = np.mgrid[:80, :80]
+        labels = np.zeros((80, 80), np.uint8)
+        labels[(yy - 40) ** 2 + (xx - 35) ** 2 < 20**2] = 1
+        labels[(yy + xx > 100) & (yy + xx < 120)] = 2
+        path = write_cog(tmp_path / "round.tif", labels, crs=CRS, transform=TRANSFORM, nodata=255, class_names=["a", "b", "c"])
+        pixel = 300.0
+        plain = vectorize_classes(path, tmp_path / "plain.gpkg")
+        smooth = vectorize_classes(path, tmp_path / "smooth.gpkg", simplify=pixel)
+        count = lambda frame: int(shapely.get_num_coordinates(frame.geometry.values).sum())  # noqa: E731
+        assert count(smooth) * 3 < count(plain)
+        assert smooth.geometry.is_valid.all() and list(smooth.class_id) == list(plain.class_id)
+        total = 80 * 80 * pixel**2
+        assert smooth.area.sum() == pytest.approx(total, rel=1e-9)  # no overlap ...
+        assert shapely.union_all(smooth.geometry.values).area == pytest.approx(total, rel=1e-9)  # ... and no gap
+        np.testing.assert_allclose(smooth["area"], smooth.geometry.area)
+        burned = rasterize(zip(smooth.geometry, smooth.class_id), out_shape=labels.shape, transform=TRANSFORM, fill=255,
+                           dtype="uint8")  # fmt: skip
+        assert (burned == labels).mean() > 0.97
+        alone = shapely.simplify(plain.geometry.values, pixel)
+        assert abs(shapely.area(alone).sum() - shapely.union_all(alone).area) > pixel**2  # what the coverage avoids
+        with pytest.raises(ValueError, match="simplify must be >= 0"):
+            vectorize_classes(path, tmp_path / "x.gpkg", simplify=-1.0)
+
     def test_nothing_left(self, classes: Path, tmp_path: Path) -> None:
         frame = vectorize_classes(classes, tmp_path / "p.gpkg", min_area=1e12)
         assert frame.empty

@@ -415,12 +415,18 @@ def write_quicklook(
     return Path(dst)
 
 
+#: Help of the commands' ``--simplify`` option (:func:`vectorize_classes`' ``simplify``).
+SIMPLIFY_HELP = ("smooth the polygons' pixel staircases with this tolerance in CRS units (e.g. one pixel), all "
+                 "polygons together so that neighbours keep one shared edge (default 0: pixel edges)")
+
+
 def vectorize_classes(
     classes: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
     class_names: Sequence[str] | None = None,
     min_area: float = 0.0,
+    simplify: float = 0.0,
     connectivity: int = 4,
     layer: str = "classes",
     overwrite: bool = False,
@@ -431,14 +437,20 @@ def vectorize_classes(
     ``area < min_area`` are dropped, nodata pixels give no polygon. The class map is read whole (one
     band; 100 MB for a 10,000 x 10,000 uint8 map) because a region may span the whole raster.
 
+    ``simplify`` > 0 smooths the pixel staircases away: the polygons are simplified together as one coverage
+    (``shapely.coverage_simplify``, tolerance in CRS units, e.g. one pixel), so neighbours keep sharing exactly the
+    same edge (no gaps or overlaps appear between classes, as simplifying each polygon alone would make), and
+    the areas (and ``min_area``) are those of the simplified polygons.
+
     Returns:
         The written ``geopandas.GeoDataFrame`` (in the raster's CRS).
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
-        ValueError: if ``connectivity`` is not 4 or 8, or ``min_area`` is negative.
+        ValueError: if ``connectivity`` is not 4 or 8, or ``min_area`` or ``simplify`` is negative.
     """
     import geopandas as gpd
+    import shapely
     from rasterio.features import shapes
     from shapely.geometry import shape as to_geometry
 
@@ -446,6 +458,8 @@ def vectorize_classes(
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
     if min_area < 0:
         raise ValueError(f"min_area must be >= 0, got {min_area}.")
+    if simplify < 0:
+        raise ValueError(f"simplify must be >= 0 (a tolerance in CRS units), got {simplify}.")
     check_overwrite(dst, overwrite)
     with rasterio.open(classes) as src:
         labels = src.read(1)
@@ -457,6 +471,8 @@ def vectorize_classes(
     for geojson, value in shapes(labels, mask=mask, connectivity=connectivity, transform=transform):
         geometries.append(to_geometry(geojson))
         ids.append(int(value))
+    if simplify > 0 and geometries:
+        geometries = list(shapely.coverage_simplify(np.asarray(geometries, dtype=object), simplify))
     names = [class_names[i] if class_names is not None and 0 <= i < len(class_names) else str(i) for i in ids]
     frame = gpd.GeoDataFrame(
         {"class_id": np.asarray(ids, dtype=np.int64), "class_name": names},

@@ -46,6 +46,7 @@ from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, tta_views
+from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.hub import BackboneMeta, load_backbone
@@ -829,9 +830,12 @@ class MapQuery:
         background: str | None = None,
         scores: ScoreMode = "auto",
         min_area: float = 0.0,
+        simplify: float = 0.0,
     ) -> Any:
         """The class map of :meth:`segment` as polygons: a ``GeoDataFrame`` with ``class_id``, ``class_name``,
-        ``area`` (squared CRS units) and the raster's CRS; regions smaller than ``min_area`` are dropped."""
+        ``area`` (squared CRS units) and the raster's CRS; regions smaller than ``min_area`` are dropped, and
+        ``simplify`` > 0 smooths the pixel edges as one coverage (see
+        :func:`~dinov3_eo.inference.writers.vectorize_classes`)."""
         from dinov3_eo.inference.writers import vectorize_classes, write_cog
 
         classes = self.segment(raster, queries, threshold=threshold, background=background, scores=scores)
@@ -841,7 +845,7 @@ class MapQuery:
                 transform=classes.rio.transform(), nodata=CLASS_NODATA, class_names=classes.attrs["class_names"],
                 overviews=False,
             )  # fmt: skip
-            return vectorize_classes(tif, Path(tmp) / "classes.gpkg", min_area=min_area)
+            return vectorize_classes(tif, Path(tmp) / "classes.gpkg", min_area=min_area, simplify=simplify)
 
     def similar(self, raster: Any, example: Any, *, crs: Any = None, out: str | os.PathLike[str] | None = None) -> Any:
         """Similarity of every pixel to an example place (query by example, no text).
@@ -1046,6 +1050,7 @@ def _query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
+    parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
 
@@ -1086,7 +1091,7 @@ def query_main(argv: Sequence[str]) -> int:
         written = [f"scores ({mode}): {out}", f"classes: {classes_path}"]
         if args.polygons:
             frame = vectorize_classes(classes_path, args.polygons, class_names=names, min_area=args.min_area,
-                                      overwrite=args.overwrite)  # fmt: skip
+                                      simplify=args.simplify, overwrite=args.overwrite)  # fmt: skip
             written.append(f"polygons ({len(frame)}): {args.polygons}")
         if png is not None:
             with rasterio.open(args.scene) as src:

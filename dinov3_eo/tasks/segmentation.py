@@ -39,6 +39,7 @@ from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES
+from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
@@ -572,6 +573,7 @@ def segment_scene(
     probabilities: bool = False,
     polygons: bool = False,
     min_area: float = 0.0,
+    simplify: float = 0.0,
     window: int = 512,
     overlap: float | int = 0.25,
     batch_size: int = 4,
@@ -586,8 +588,9 @@ def segment_scene(
 
     ``bands``/``nodata`` default to what the checkpoint recorded; ``preview_bands`` (1-based, red, green,
     blue) picks the quick-look's background bands (default: the first three model bands); ``amp`` and ``tta`` are
-    :func:`~dinov3_eo.inference.predict.predict_raster`'s bf16 switch and test-time augmentation. Every output is checked up front, so an
-    existing one stops the run before any work (unless ``overwrite``).
+    :func:`~dinov3_eo.inference.predict.predict_raster`'s bf16 switch and test-time augmentation; ``min_area`` and
+    ``simplify`` are :func:`~dinov3_eo.inference.writers.vectorize_classes`'. Every output is checked up front, so
+    an existing one stops the run before any work (unless ``overwrite``).
 
     Raises:
         FileExistsError: if an output exists and ``overwrite`` is false.
@@ -620,7 +623,7 @@ def segment_scene(
     write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
                     title=Path(src_path).name)  # fmt: skip
     if outputs.polygons is not None:
-        vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, overwrite=overwrite)
+        vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, simplify=simplify, overwrite=overwrite)
     return outputs
 
 
@@ -662,6 +665,7 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     parser.add_argument("--polygons", action="store_true", help="also vectorise the classes into <stem>_polygons.gpkg")
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units^2)")
+    parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
     parser.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (uint8, /254)")
     parser.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
     parser.add_argument("--overlap", type=float, default=0.25, help="window overlap: fraction (<1) or pixels (default 0.25)")
@@ -700,7 +704,7 @@ def predict_main(argv: Sequence[str]) -> int:
                 print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
             written = segment_scene(
                 task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
-                polygons=args.polygons, min_area=args.min_area, window=args.window, overlap=overlap,
+                polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, window=args.window, overlap=overlap,
                 batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, tta=args.tta,
                 overwrite=args.overwrite, progress=not args.quiet,
             )  # fmt: skip
