@@ -523,6 +523,10 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
     assert 0 < np.median(np.abs(heights_tta[inside] - heights[inside])) < 0.5 * max(1.0, np.median(np.abs(heights[inside])))
     assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]["n"] == 1600
+    with pytest.raises(FileExistsError, match="already exists"):  # an earlier report is kept unless --overwrite
+        main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")])
+    assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval"),
+                 "--overwrite"]) == 0  # fmt: skip
     with pytest.raises(SystemExit):
         main(["predict", str(data / "TEAK_052.tif"), "--chmv2-head", str(ckpt), "-o", str(tmp_path / "y.tif")])
 

@@ -155,3 +155,8 @@ def test_command_line(scene, tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert "overall accuracy" in printed and "water" in printed and (tmp_path / "e" / "metrics.json").exists()
     assert cli_main(["segment", "evaluate", str(map_path), str(tmp_path / "nope.gpkg")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # an earlier report is kept unless --overwrite
+    again = ["segment", "evaluate", str(map_path), str(ref_path), "--out-dir", str(tmp_path / "e")]
+    assert cli_main(again) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main([*again, "--overwrite"]) == 0

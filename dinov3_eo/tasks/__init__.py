@@ -10,6 +10,7 @@ _EXPORTS: dict[str, str] = {
     # supervised segmentation
     "SegmentationTask": "dinov3_eo.tasks.segmentation",
     "segment_scene": "dinov3_eo.tasks.segmentation",
+    "evaluate_class_raster": "dinov3_eo.tasks.segmentation_eval",
     # patch features and their PCA picture
     "resolve_backbone": "dinov3_eo.tasks.features",
     "stream_patch_features": "dinov3_eo.tasks.features",

@@ -548,14 +548,23 @@ def evaluate_height_raster(
     out_dir: str | os.PathLike[str] | None = None,
     resampling: str = "average",
     reference_nodata: float | None = None,
+    overwrite: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Metrics of a predicted height raster against a reference CHM, on the *reference* grid.
 
     The prediction is resampled onto the reference grid (``average`` by default: a finer prediction is
     aggregated into each reference cell, nodata-aware). With ``out_dir``, ``metrics.json``, ``scatter.png`` and
-    ``error_map.png`` are written there.
+    ``error_map.png`` are written there; existing ones only with ``overwrite`` (checked before any work).
+
+    Raises:
+        FileExistsError: a report file exists in ``out_dir`` and ``overwrite`` is false.
     """
+    from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.height_data import HeightLabels
+
+    if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
+        for name in ("metrics.json", "scatter.png", "error_map.png"):
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=[pred, reference])
 
     with rasterio.open(reference) as ref:
         require_georeferenced(ref)  # the prediction is resampled onto its grid
@@ -647,10 +656,11 @@ def _evaluate_main(argv: Sequence[str]) -> int:
     p.add_argument("--out-dir", help="write metrics.json, scatter.png and error_map.png here")
     p.add_argument("--resampling", default="average", choices=["average", "bilinear", "nearest"])
     p.add_argument("--reference-nodata", type=float, help="nodata of the reference overriding the file's")
+    p.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = p.parse_args(list(argv))
     result = evaluate_height_raster(
         args.prediction, args.reference, out_dir=args.out_dir, resampling=args.resampling,
-        reference_nodata=args.reference_nodata,
+        reference_nodata=args.reference_nodata, overwrite=args.overwrite,
     )  # fmt: skip
     from dinov3_eo.tasks.height_metrics import metrics_table
 

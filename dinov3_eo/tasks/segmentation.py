@@ -747,14 +747,15 @@ def evaluate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--reference-nodata", type=float, default=None, help="nodata of a raster reference")
     parser.add_argument("--background", type=int, default=None,
                         help="class id of pixels no polygon covers (default: unlabelled, left out)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = parser.parse_args(list(argv))
     try:
         report = evaluate_class_raster(
             args.prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
             attribute=args.attribute, classes=args.classes, reference_nodata=args.reference_nodata,
-            background=args.background,
+            background=args.background, overwrite=args.overwrite,
         )  # fmt: skip
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(report_table(report))

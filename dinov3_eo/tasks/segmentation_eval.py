@@ -26,10 +26,12 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from dinov3_eo.data.raster import require_georeferenced
-from dinov3_eo.inference.writers import atomic_output
+from dinov3_eo.inference.writers import atomic_output, check_overwrite
 from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
+#: what ``out_dir`` receives
+REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png")
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
@@ -151,6 +153,7 @@ def evaluate_class_raster(
     background: int | None = None,
     block: int = 1024,
     picture_size: int = 1024,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Confusion matrix and accuracy of the class map ``pred`` against ``reference``, on the map's grid.
 
@@ -160,7 +163,8 @@ def evaluate_class_raster(
         reference: a label raster (class ids, any CRS/resolution; its nodata left out) or polygons (GeoPackage,
             GeoJSON, shapefile...) whose ``attribute`` holds class names (matched to the map's names, case-blind)
             or ids.
-        out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and ``agreement.png`` here.
+        out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and ``agreement.png`` here;
+            existing ones only with ``overwrite`` (checked before any work).
         classes: name -> class id for a vector reference whose names differ from the map's.
         reference_nodata: nodata of a raster reference overriding the file's.
         background: class id of pixels no polygon covers (default: unlabelled, left out).
@@ -171,9 +175,13 @@ def evaluate_class_raster(
         :func:`accuracy_report` plus ``"confusion"`` (a list of rows), ``"prediction"`` and ``"reference"``.
 
     Raises:
-        FileNotFoundError: a file is missing. ValueError: the map is not a georeferenced one-band class raster,
+        FileNotFoundError: a file is missing. FileExistsError: a report file exists and ``overwrite`` is false.
+        ValueError: the map is not a georeferenced one-band class raster,
         the classes cannot be named, the reference holds a class id the map does not have, or nothing overlaps.
     """
+    if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
+        for name in REPORT_FILES:
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=[pred, reference])
     with rasterio.open(pred) as src:
         require_georeferenced(src)
         if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
