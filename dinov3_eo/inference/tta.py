@@ -4,7 +4,7 @@ Overhead imagery has no "up": a field, a roof or a tree crown seen from above lo
 90°. A ViT with RoPE and a dense head is not equivariant to those changes, so its predictions on a flipped window
 differ a little from the flipped prediction; averaging the predictions of the transformed windows (each turned back)
 removes that part of the error. ``flips`` averages 4 views (identity, horizontal, vertical, both = a half turn),
-``d4`` all 8 elements of the dihedral group of the square (the 4 rotations, each with and without a transpose).
+``d4`` all 8 elements of the dihedral group of the square (the 4 rotations, each with and without a mirror).
 Cost: one model call per view.
 """
 
@@ -98,9 +98,9 @@ class TestTimeAugmented(nn.Module):
             if not isinstance(y, Tensor) or y.ndim != 4:
                 return y  # let the caller's shape check name the problem
             y = undo_dihedral(_activate(y.float(), self.activation), k)
-            total = y if total is None else total.add_(y)
+            total = y if total is None else total + y  # out of place: y may be the model's own (cached) tensor
         assert total is not None
-        return total.div_(len(self.views))
+        return total / len(self.views)
 
 
 class _CallableModule(nn.Module):
