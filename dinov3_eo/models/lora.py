@@ -17,7 +17,7 @@ their official key names (``blocks.0.attn.qkv.weight``), so released checkpoints
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -172,10 +172,3 @@ def merge_lora(module: nn.Module) -> int:
         merged += 1
     return merged
 
-
-def lora_summary(module: nn.Module, names: Sequence[str] | None = None) -> str:
-    """One line: how many weights the updates train against the module's total."""
-    trained = sum(p.numel() for p in lora_parameters(module))
-    total = sum(p.numel() for p in module.parameters())
-    where = f" in {len(names)} layers" if names is not None else ""
-    return f"LoRA: {trained:,} trainable weights{where} ({100 * trained / max(total, 1):.2f} % of {total:,})"
