@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -75,12 +75,6 @@ class LoRAConfig:
         if unknown:
             raise ValueError(f"Unknown LoRA option(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}.")
         return cls(**dict(value))
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["targets"] = list(self.targets)
-        out["blocks"] = list(self.blocks) if self.blocks is not None else None
-        return out
 
 
 class LoRA(nn.Module):
