@@ -46,7 +46,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gram": ("dinov3_eo.ssl.cli", "gram_main", "Gram anchoring stage: fit --config ..."),
     "highres": ("dinov3_eo.ssl.cli", "highres_main", "high-resolution adaptation stage: fit --config ..."),
     "distill": ("dinov3_eo.ssl.cli", "distill_main", "multi-student distillation: fit --config ..."),
-    "export": ("dinov3_eo.models.hub", "export_main", "export a checkpoint's teacher backbone (official .pth + safetensors)"),
+    "export": ("dinov3_eo.models.hub", "export_main", "export a checkpoint's backbone: teacher, fine-tuned or LoRA-merged (official .pth + safetensors)"),
     "segment": ("dinov3_eo.tasks.segmentation", "main", "supervised segmentation: fit / predict / evaluate GeoTIFFs"),
     "embed": ("dinov3_eo.tasks.features", "embed_main", "patch features of a GeoTIFF as a georeferenced raster or zarr"),
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),

@@ -328,7 +328,8 @@ class TestErrors:
             load_backbone(path)
 
     def test_lightning_without_teacher(self, tmp_path: Path) -> None:
-        with pytest.raises(CheckpointError, match=r"no 'teacher\.backbone\.\*' weights \(top-level prefixes: \['head'\]\)"):
+        with pytest.raises(CheckpointError, match=r"no 'teacher\.backbone\.\*' \(pretraining\) or 'model\.backbone\.\*' "
+                           r"\(segmentation, height\) weights \(top-level prefixes: \['head'\]\)"):  # fmt: skip
             load_backbone(self._save({"state_dict": {"head.weight": torch.zeros(1)}}, tmp_path))
 
     def test_missing_file(self, tmp_path: Path) -> None:

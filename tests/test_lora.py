@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from dinov3_eo.models.dense import DenseModel, LinearHead
-from dinov3_eo.models.lora import LoRA, LoRAConfig, add_lora, has_lora, lora_parameters, merge_lora
+from dinov3_eo.models.lora import (
+    LoRA,
+    LoRAConfig,
+    add_lora,
+    has_lora,
+    lora_parameters,
+    merge_lora,
+    merge_lora_state_dict,
+)
 from dinov3_eo.models.vit import LinearKMaskedBias, build_backbone
 
 
@@ -121,6 +129,19 @@ class TestBackbone:
         missing, unexpected = vit.load_state_dict(plain.state_dict(), strict=False)
         assert not unexpected and missing and all(".lora." in k for k in missing)
 
+    def test_merging_the_tensors_equals_merging_the_module(self) -> None:
+        vit = tiny_vit()
+        add_lora(vit, {"rank": 3, "alpha": 6.0, "targets": ["qkv", "fc1"]})
+        randomise_updates(vit)
+        folded = merge_lora_state_dict(vit.state_dict(), {"rank": 3, "alpha": 6.0})
+        merge_lora(vit)
+        assert set(folded) == set(vit.state_dict())
+        for key, value in vit.state_dict().items():
+            torch.testing.assert_close(folded[key], value, rtol=1e-5, atol=1e-6)
+        broken = {k: v for k, v in tiny_vit().state_dict().items()} | {"blocks.0.attn.qkv.lora.A": torch.zeros(2, 4)}
+        with pytest.raises(ValueError, match="incomplete"):
+            merge_lora_state_dict(broken)
+
     def test_deepcopy_keeps_the_update(self) -> None:
         vit = tiny_vit()
         add_lora(vit, {"rank": 4})
@@ -167,13 +188,15 @@ class TestDenseModel:
 
 def test_segmentation_task_trains_lora_and_reloads(tmp_path: Path) -> None:
     """A Lightning fit of a LoRA segmentation task: only the updates and the head train; the checkpoint rebuilds the
-    adapted model through ``from_checkpoint`` with the same predictions."""
+    adapted model through ``from_checkpoint`` with the same predictions, and ``load_backbone`` reads the adapted
+    backbone (updates merged) from it."""
     import lightning as L
 
     from dinov3_eo.tasks.segmentation import SegmentationTask
 
     torch.manual_seed(0)
-    task = SegmentationTask(backbone="vitmicro16", num_classes=3, lora={"rank": 4, "targets": ["qkv"]}, lr=1e-2)
+    task = SegmentationTask(backbone="vitmicro16", num_classes=3, lora={"rank": 4, "targets": ["qkv"]}, lr=1e-2,
+                            backbone_kwargs={"layerscale_init": 1.0})  # blocks that matter: the updates show
     x = torch.randn(8, 3, 32, 32)
     data = [{"image": x[i : i + 2], "mask": torch.randint(0, 3, (2, 32, 32))} for i in range(0, 8, 2)]
     base = {k: v.clone() for k, v in task.model.backbone.state_dict().items() if ".lora." not in k}
@@ -190,3 +213,14 @@ def test_segmentation_task_trains_lora_and_reloads(tmp_path: Path) -> None:
     task.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x[:2]), task(x[:2]))
+    # the adapted backbone alone: load_backbone (and so export, embed, pca) folds the updates into its weights
+    from dinov3_eo.models.hub import load_backbone
+
+    backbone = load_backbone(ckpt)
+    assert not has_lora(backbone) and backbone.meta.in_chans == 3
+    with torch.no_grad():
+        adapted = task.model.backbone.forward_features(x[:2])["x_norm_patchtokens"]
+        torch.testing.assert_close(backbone.forward_features(x[:2])["x_norm_patchtokens"], adapted, rtol=1e-4, atol=1e-5)
+        frozen = SegmentationTask(backbone="vitmicro16", num_classes=3, backbone_kwargs={"layerscale_init": 1.0})
+        frozen.model.backbone.load_state_dict(base, strict=False)
+        assert (frozen.model.backbone.forward_features(x[:2])["x_norm_patchtokens"] - adapted).abs().max() > 1e-4

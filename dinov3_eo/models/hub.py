@@ -9,7 +9,8 @@
   ``save_pretrained`` directory (``config.json`` is read for the head count, LayerNorm eps and RoPE base);
 * a timm ``vit_*_patch16_dinov3`` state dict;
 * this project's exports (``.pth`` + ``.json`` sidecar, ``.safetensors`` with metadata) and its Lightning
-  training checkpoints (``state_dict`` with ``teacher.backbone.`` keys and a top-level ``"dinov3_eo"`` entry).
+  training checkpoints (``state_dict`` with ``teacher.backbone.`` keys and a top-level ``"dinov3_eo"`` entry), and
+  our segmentation / height checkpoints (``model.backbone.`` keys; LoRA updates folded into the weights).
 
 Every layout is first converted to the official key layout and then loaded *strictly*: a missing,
 unexpected or mis-shaped tensor raises one :class:`CheckpointError` listing them all. The only tensors
@@ -194,10 +195,17 @@ def _unwrap(obj: Any, source: Path) -> tuple[StateDict, dict[str, Any] | None]:
     if isinstance(obj.get("state_dict"), dict):  # Lightning
         sd = _strip(_strip(obj["state_dict"], "_orig_mod."), "module.")
         teacher = {k[len("teacher.backbone.") :]: v for k, v in sd.items() if k.startswith("teacher.backbone.")}
-        if not teacher:
+        if not teacher:  # a dense task's (segmentation, height): its backbone, fine-tuned or adapted by LoRA
+            dense = {k[len("model.backbone.") :]: v for k, v in sd.items() if k.startswith("model.backbone.")}
+            if dense:
+                from dinov3_eo.models.lora import merge_lora_state_dict
+
+                lora = (obj.get("hyper_parameters") or {}).get("lora")
+                return _tensors_only(merge_lora_state_dict(dense, lora), source), meta
             roots = sorted({k.split(".")[0] for k in sd})
             raise CheckpointError(
-                f"{source}: Lightning checkpoint has no 'teacher.backbone.*' weights (top-level prefixes: {roots})."
+                f"{source}: Lightning checkpoint has no 'teacher.backbone.*' (pretraining) or 'model.backbone.*' "
+                f"(segmentation, height) weights (top-level prefixes: {roots})."
             )
         return _tensors_only(teacher, source), meta
     if isinstance(obj.get("teacher"), dict):  # official trainer output
@@ -712,7 +720,8 @@ def export_main(argv: Iterable[str]) -> int:
     """``dinov3-eo export CKPT -o OUT_PREFIX``: write any supported checkpoint's backbone as an export."""
     parser = argparse.ArgumentParser(
         prog="dinov3-eo export",
-        description="Export a checkpoint's (teacher) backbone as official-layout .pth + .safetensors + .json metadata.",
+        description="Export a checkpoint's backbone (a pretraining teacher, or a segmentation / height model's with its "
+        "LoRA updates folded in) as official-layout .pth + .safetensors + .json metadata.",
     )
     parser.add_argument("checkpoint", help="official/timm/HF/Lightning/dinov3_eo checkpoint file or HF directory")
     parser.add_argument("-o", "--output", required=True, help="output prefix (writes PREFIX.pth, .safetensors, .json)")

@@ -166,3 +166,24 @@ def merge_lora(module: nn.Module) -> int:
         merged += 1
     return merged
 
+
+
+def merge_lora_state_dict(state: Mapping[str, Tensor], config: LoRAConfig | Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """A state dict with its LoRA updates folded into the base weights (``X.weight += (alpha / r) · X.lora.B @
+    X.lora.A``) and their keys dropped: the plain layout :func:`merge_lora` gives a module, from the tensors alone
+    (e.g. a checkpoint's backbone, to export it). ``config`` gives ``alpha`` (default: :class:`LoRAConfig`'s); the
+    rank is read from the tensors.
+
+    Raises:
+        ValueError: an update without its base weight or without both of its matrices.
+    """
+    alpha = (LoRAConfig.from_any(config) or LoRAConfig()).alpha
+    out = {k: v for k, v in state.items() if ".lora." not in k}
+    prefixes = sorted({k.rsplit(".lora.", 1)[0] for k in state if ".lora." in k})
+    for prefix in prefixes:
+        a, b, weight = state.get(f"{prefix}.lora.A"), state.get(f"{prefix}.lora.B"), state.get(f"{prefix}.weight")
+        if a is None or b is None or weight is None:
+            raise ValueError(f"LoRA update {prefix!r} is incomplete (needs {prefix}.lora.A, .lora.B and .weight).")
+        delta = (b.double() @ a.double()) * (alpha / a.shape[0])
+        out[f"{prefix}.weight"] = (weight.double() + delta).to(weight.dtype)
+    return out
