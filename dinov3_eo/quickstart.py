@@ -9,7 +9,8 @@ Steps (each with a progress bar), all written into one output folder:
 4. the 3-component PCA picture of its patch features (``pca.png``);
 5. a linear segmentation head trained on the four land-cover polygons shipped with the scene (labels burnt
    onto each tile on the fly), saved as ``segmentation.ckpt``;
-6. the segmented scene: class COG with colour table, GeoPackage polygons and a PNG quick-look.
+6. the segmented scene: class COG with colour table, GeoPackage polygons (smoothed by one 30 m pixel, as one
+   coverage) and a PNG quick-look.
 
 With the default 200 pretraining steps the run takes a few minutes on two cores. The polygons are few (~15 ha each), so
 the head's reported accuracy is measured on the labelled pixels it was trained on: a demonstration of the
@@ -169,7 +170,7 @@ def run(
     _say(progress, "6/6 segmenting the scene")
     task = SegmentationTask.from_checkpoint(files["checkpoint"])
     written = segment_scene(
-        task, scene, out, polygons=True, min_area=2 * 900.0, window=256, overlap=0.25, batch_size=4,
+        task, scene, out, polygons=True, min_area=2 * 900.0, simplify=30.0, window=256, overlap=0.25, batch_size=4,
         overwrite=overwrite, progress=progress, preview_bands=SAMPLE_RGB,
     )  # fmt: skip
     files.update({"classes": written.classes, "quicklook": written.quicklook, "polygons": written.polygons})
