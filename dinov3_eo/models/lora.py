@@ -158,7 +158,8 @@ def merge_lora(module: nn.Module) -> int:
     place; returns how many were merged. Outputs are unchanged (to float rounding) and the state dict is back to the
     plain layout (no ``lora`` keys), e.g. to export or to run inference without the extra matrix products."""
     merged = 0
-    for layer in [m for m in module.modules() if isinstance(m, nn.Linear) and isinstance(getattr(m, "lora", None), LoRA)]:
+    adapted = [m for m in module.modules() if isinstance(m, nn.Linear) and isinstance(getattr(m, "lora", None), LoRA)]
+    for layer in adapted:
         layer.weight.add_(layer.lora.delta_weight().to(layer.weight.dtype))
         for key in [k for k, hook in layer._forward_hooks.items() if hook is _add_update]:
             del layer._forward_hooks[key]
@@ -168,7 +169,9 @@ def merge_lora(module: nn.Module) -> int:
 
 
 
-def merge_lora_state_dict(state: Mapping[str, Tensor], config: LoRAConfig | Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+def merge_lora_state_dict(
+    state: Mapping[str, Tensor], config: LoRAConfig | Mapping[str, Any] | None = None
+) -> dict[str, Tensor]:
     """A state dict with its LoRA updates folded into the base weights (``X.weight += (alpha / r) · X.lora.B @
     X.lora.A``) and their keys dropped: the plain layout :func:`merge_lora` gives a module, from the tensors alone
     (e.g. a checkpoint's backbone, to export it). ``config`` gives ``alpha`` (default: :class:`LoRAConfig`'s); the

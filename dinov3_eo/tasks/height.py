@@ -471,7 +471,8 @@ def predict_height(
         normalization: input normalisation; default: the model's ``meta.normalization`` (raises when neither).
         quicklook: also write a PNG quick-look with a colour bar here.
         window, overlap, batch_size, bands, nodata, device, amp, tta: see
-            :func:`~dinov3_eo.inference.predict.predict_raster` (``tta`` averages the metres of the flipped/turned views).
+            :func:`~dinov3_eo.inference.predict.predict_raster` (``tta`` averages the metres of the flipped and
+            turned views).
         gsd: resample the input on the fly (average, nodata-aware, same CRS) to this pixel size before the model,
             e.g. the model's training GSD; the output is then on that grid. ``None`` keeps the input grid (a
             warning is logged when it differs from the model's training GSD by more than 25 %).

@@ -1077,8 +1077,8 @@ def query_main(argv: Sequence[str]) -> int:
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=[args.scene])
         kwargs: dict[str, Any] = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
-                                  "device": args.device, "amp": True if args.bf16 else None, "tta": args.tta, "bands": args.bands,
-                                  "nodata": args.nodata, "progress": True}  # fmt: skip
+                                  "device": args.device, "amp": True if args.bf16 else None, "tta": args.tta,
+                                  "bands": args.bands, "nodata": args.nodata, "progress": True}  # fmt: skip
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)

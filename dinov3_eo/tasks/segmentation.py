@@ -704,9 +704,9 @@ def predict_main(argv: Sequence[str]) -> int:
                 print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
             written = segment_scene(
                 task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
-                polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, window=args.window, overlap=overlap,
-                batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, tta=args.tta,
-                overwrite=args.overwrite, progress=not args.quiet,
+                polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, window=args.window,
+                overlap=overlap, batch_size=args.batch_size, device=device, amp=True if args.bf16 else None,
+                tta=args.tta, overwrite=args.overwrite, progress=not args.quiet,
             )  # fmt: skip
             for path in vars(written).values():
                 if path is not None:

@@ -278,7 +278,9 @@ def confusion_plot(dst: str | os.PathLike[str], confusion: np.ndarray, class_nam
 _AGREEMENT_COLOURS = ((0.10, 0.60, 0.25), (0.85, 0.15, 0.15), (0.80, 0.80, 0.80), (1.0, 1.0, 1.0))
 
 
-def agreement_plot(dst: str | os.PathLike[str], mapped: np.ndarray, truth: np.ndarray, *, title: str | None = None) -> Path:
+def agreement_plot(
+    dst: str | os.PathLike[str], mapped: np.ndarray, truth: np.ndarray, *, title: str | None = None
+) -> Path:
     """Where the map (``mapped`` [H, W], -1 = no class) agrees with the reference (``truth``, -1 = no label)."""
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
