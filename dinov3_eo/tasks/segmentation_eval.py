@@ -4,7 +4,9 @@ The reference is brought onto the *prediction's* grid block by block (a label ra
 resampling, polygons burnt into each block), so memory stays flat whatever the map's size, and every pixel where the
 map has a class and the reference a label counts once in a confusion matrix ``[K, K]`` (rows: reference, columns:
 map). From it: overall accuracy, Cohen's kappa, and per class IoU, F1, precision (the map maker's "user's
-accuracy") and recall ("producer's accuracy"), with mIoU / mean F1 over the classes present in either.
+accuracy") and recall ("producer's accuracy"), with mIoU / mean F1 over the classes present in either; and, with the
+map's own class areas as strata weights, the error-adjusted class areas with confidence intervals of Olofsson et al.
+(2014), the area estimates remote-sensing practice asks for instead of counting the map's pixels.
 
 ``dinov3-eo segment evaluate CLASSES.tif REFERENCE.(tif|gpkg) --out-dir eval/`` writes ``metrics.json``,
 ``confusion.csv``, ``confusion.png`` (row-normalised, with counts) and ``agreement.png`` (where map and reference
@@ -85,6 +87,86 @@ def accuracy_report(confusion: np.ndarray, class_names: Sequence[str] | None = N
     }
 
 
+def area_estimates(confusion: np.ndarray, map_pixels: np.ndarray, *, pixel_area: float = 1.0,
+                   class_names: Sequence[str] | None = None, z: float = 1.96) -> dict[str, Any]:  # fmt: skip
+    """Error-adjusted class areas and accuracies by the stratified estimator of Olofsson et al. (2014, "Good
+    practices for estimating area and assessing accuracy of land change"), the map classes being the strata.
+
+    A map's own class areas are biased by its errors (omissions and commissions do not cancel); the reference
+    labels, taken as a random sample within each map class, correct them. With ``n_ij`` the labelled pixels mapped
+    ``i`` and labelled ``j``, ``n_i.`` those mapped ``i``, and ``W_i`` class ``i``'s share of the *whole* map:
+    ``p_ij = W_i n_ij / n_i.``; the estimated area of class ``j`` is ``A · Σ_i p_ij`` with the standard error
+    ``A · sqrt(Σ_i W_i² (n_ij/n_i.)(1 − n_ij/n_i.) / (n_i. − 1))``; user's accuracy ``n_ii / n_i.``, producer's
+    ``p_jj / p_.j``, overall ``Σ_j p_jj``, each with its standard error, as in the paper (``z`` = 1.96: 95 %
+    intervals). The sample must be a probability sample within each map class (simple or stratified random, or a
+    wall-to-wall reference); a map class without any labelled pixel makes every estimate biased, and is listed.
+
+    Args:
+        confusion: ``[K, K]`` labelled-pixel counts, rows reference, columns map (:func:`confusion_matrix`).
+        map_pixels: ``[K]`` pixels of each class in the whole map.
+        pixel_area: area of one pixel (e.g. hectares); areas come in its unit.
+
+    Returns:
+        ``{"overall_accuracy", "overall_accuracy_ci", "unsampled_map_classes", "classes": {name: {"map_area",
+        "estimated_area", "estimated_area_ci", "users_accuracy", "users_accuracy_ci", "producers_accuracy",
+        "producers_accuracy_ci"}}}``; ``*_ci`` is the half-width ``z · SE``, NaN where a map class has fewer than two
+        labelled pixels.
+    """
+    n = np.asarray(confusion, dtype=np.float64).T  # rows: map class (stratum), columns: reference class
+    k = n.shape[0]
+    names = list(class_names) if class_names is not None else [f"class {i}" for i in range(k)]
+    mapped = np.asarray(map_pixels, dtype=np.float64)
+    total = mapped.sum()
+    weight = mapped / total if total else np.zeros(k)
+    n_i = n.sum(axis=1)
+    sampled = n_i > 0
+    share = np.divide(n, n_i[:, None], out=np.zeros_like(n), where=sampled[:, None])  # n_ij / n_i.
+    denom = np.where(n_i > 1, n_i - 1, np.nan)[:, None]  # n_i. - 1 (no variance from fewer than two)
+    p = weight[:, None] * share  # [K (map), K (reference)]
+    p_j = p.sum(axis=0)
+    area_var = np.nansum(np.where(sampled[:, None], weight[:, None] ** 2 * share * (1 - share) / denom, 0.0), axis=0)
+    users = np.diag(share).copy()
+    users[~sampled] = np.nan
+    users_var = users * (1 - users) / denom[:, 0]
+    producers = _ratio(np.diag(p), p_j)
+    overall = float(np.trace(p))
+    overall_var = float(np.nansum(np.where(sampled, weight**2 * users * (1 - users) / denom[:, 0], 0.0)))
+    # producer's accuracy variance (the paper's eq. 7), in pixel totals N_i. (mapped) and N^_.j (estimated)
+    n_hat_j = (mapped[:, None] * share).sum(axis=0)
+    producers_var = np.full(k, np.nan)
+    for j in range(k):
+        if not n_hat_j[j] or not sampled[j] or np.isnan(denom[j, 0]):
+            continue
+        others = [i for i in range(k) if i != j and sampled[i]]
+        off = sum(mapped[i] ** 2 * share[i, j] * (1 - share[i, j]) / denom[i, 0] for i in others)
+        own = mapped[j] ** 2 * (1 - producers[j]) ** 2 * users[j] * (1 - users[j]) / denom[j, 0]
+        producers_var[j] = (own + producers[j] ** 2 * off) / n_hat_j[j] ** 2
+    return {
+        "overall_accuracy": overall,
+        "overall_accuracy_ci": z * float(np.sqrt(overall_var)),
+        "unsampled_map_classes": [names[i] for i in range(k) if mapped[i] > 0 and not sampled[i]],
+        "classes": {
+            name: {"map_area": float(mapped[i] * pixel_area), "estimated_area": float(p_j[i] * total * pixel_area),
+                   "estimated_area_ci": float(z * np.sqrt(area_var[i]) * total * pixel_area),
+                   "users_accuracy": float(users[i]), "users_accuracy_ci": float(z * np.sqrt(users_var[i])),
+                   "producers_accuracy": float(producers[i]),
+                   "producers_accuracy_ci": float(z * np.sqrt(producers_var[i]))}
+            for i, name in enumerate(names)
+        },  # fmt: skip
+    }
+
+
+def pixel_area_ha(crs: Any, transform: Any) -> float | None:
+    """One pixel's area in hectares on a projected grid (linear units converted), ``None`` for degrees or no CRS."""
+    if crs is None or not crs.is_projected:
+        return None
+    try:
+        _, metres_per_unit = crs.linear_units_factor
+    except Exception:  # units GDAL cannot name: no area rather than a wrong one
+        return None
+    return abs(transform.a * transform.e - transform.b * transform.d) * float(metres_per_unit) ** 2 / 10_000
+
+
 def report_table(report: Mapping[str, Any]) -> str:
     """The report as a fixed-width text table (one row per class, then the overall scores)."""
     width = max([len("class")] + [len(n) for n in report["classes"]])
@@ -96,6 +178,20 @@ def report_table(report: Mapping[str, Any]) -> str:
     lines.append(f"overall accuracy {fmt(report['overall_accuracy']).strip()}, kappa {fmt(report['kappa']).strip()}, "
                  f"mIoU {fmt(report['miou']).strip()}, mean F1 {fmt(report['mean_f1']).strip()} over "
                  f"{report['pixels']:,} pixels")  # fmt: skip
+    area = report.get("area")
+    if area:
+        unit = area.get("unit", "pixels")
+        lines += ["", f"error-adjusted areas (Olofsson et al. 2014; 95 % intervals), {unit}:",
+                  f"{'class':<{width}}  {'mapped':>12} {'estimated':>12} {'± 95 %':>10} {'user':>6} {'producer':>8}"]
+        for name, m in area["classes"].items():
+            ci = "n/a" if np.isnan(m["estimated_area_ci"]) else f"{m['estimated_area_ci']:,.1f}"
+            lines.append(f"{name:<{width}}  {m['map_area']:>12,.1f} {m['estimated_area']:>12,.1f} {ci:>10} "
+                         f"{fmt(m['users_accuracy'])} {fmt(m['producers_accuracy']):>8}")  # fmt: skip
+        lines.append(f"area-weighted overall accuracy {fmt(area['overall_accuracy']).strip()} "
+                     f"± {fmt(area['overall_accuracy_ci']).strip()}")  # fmt: skip
+        if area["unsampled_map_classes"]:
+            lines.append(f"warning: map classes {area['unsampled_map_classes']} have no reference label: every area "
+                         f"estimate is biased until they are sampled")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -172,7 +268,10 @@ def evaluate_class_raster(
         picture_size: longer side of ``agreement.png`` in pixels.
 
     Returns:
-        :func:`accuracy_report` plus ``"confusion"`` (a list of rows), ``"prediction"`` and ``"reference"``.
+        :func:`accuracy_report` (the labelled pixels counted as they are) plus ``"area"`` (:func:`area_estimates`:
+        error-adjusted class areas in hectares, or pixels on a grid in degrees, and area-weighted accuracies with 95 %
+        intervals, the labelled pixels taken as a random sample within each map class), ``"confusion"`` (a list of
+        rows), ``"prediction"`` and ``"reference"``.
 
     Raises:
         FileNotFoundError: a file is missing. FileExistsError: a report file exists and ``overwrite`` is false.
@@ -196,6 +295,7 @@ def evaluate_class_raster(
         ref = _Reference(reference, class_names=class_names, attribute=attribute, classes=classes,
                          nodata=reference_nodata, background=background)  # fmt: skip
         confusion = np.zeros((k, k), dtype=np.int64)
+        map_pixels = np.zeros(k, dtype=np.int64)  # of the whole map: the strata weights of the area estimates
         nodata = src.nodata
         for row in range(0, src.height, block):
             for col in range(0, src.width, block):
@@ -206,10 +306,15 @@ def evaluate_class_raster(
                 truth = ref.labels(crs=src.crs, transform=src.window_transform(window), shape=mapped.shape)
                 _check_reference_ids(truth, k, reference)
                 confusion += confusion_matrix(mapped, truth, k)
+                classed = mapped[(mapped >= 0) & (mapped < k)]
+                map_pixels += np.bincount(classed, minlength=k)[:k]
         if confusion.sum() == 0:
             raise ValueError(f"No pixel of {str(pred)!r} has both a class and a reference label in "
                              f"{str(reference)!r}: do they overlap, and is the reference's nodata right?")  # fmt: skip
         report = accuracy_report(confusion, class_names)
+        hectares = pixel_area_ha(src.crs, src.transform)
+        report["area"] = area_estimates(confusion, map_pixels, pixel_area=hectares or 1.0, class_names=class_names)
+        report["area"]["unit"] = "ha" if hectares is not None else "pixels"
         report.update(confusion=confusion.tolist(), prediction=str(pred), reference=str(reference))
         if out_dir is not None:
             folder = Path(out_dir)
