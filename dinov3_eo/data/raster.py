@@ -104,16 +104,22 @@ def is_georeferenced(src) -> bool:
     return src.crs is not None and not src.transform.is_identity
 
 
-def pixel_size_m(crs, transform) -> float | None:
-    """The pixel width in metres of a grid in a projected CRS (feet and other linear units converted), or ``None``
-    where a CRS in degrees (or none) gives no such size."""
+def metres_per_unit(crs) -> float | None:
+    """Metres in one linear unit of a projected CRS (1 for metres, 0.3048 for feet), or ``None`` for a CRS in
+    degrees, no CRS, or units GDAL cannot name (no size rather than a wrong one)."""
     if crs is None or not crs.is_projected:
         return None
     try:
-        _, metres_per_unit = crs.linear_units_factor
-    except Exception:  # a CRS whose units GDAL cannot name: no size rather than a wrong one
+        return float(crs.linear_units_factor[1])
+    except Exception:
         return None
-    return abs(float(transform.a)) * float(metres_per_unit)
+
+
+def pixel_size_m(crs, transform) -> float | None:
+    """The pixel width in metres of a grid in a projected CRS (feet and other linear units converted), or ``None``
+    where a CRS in degrees (or none) gives no such size."""
+    factor = metres_per_unit(crs)
+    return abs(float(transform.a)) * factor if factor is not None else None
 
 
 def pixel_size_off_scale(src, trained_gsd: float | None) -> float | None:

@@ -27,7 +27,7 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from dinov3_eo.data.raster import require_georeferenced
+from dinov3_eo.data.raster import metres_per_unit, require_georeferenced
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
@@ -158,13 +158,10 @@ def area_estimates(confusion: np.ndarray, map_pixels: np.ndarray, *, pixel_area:
 
 def pixel_area_ha(crs: Any, transform: Any) -> float | None:
     """One pixel's area in hectares on a projected grid (linear units converted), ``None`` for degrees or no CRS."""
-    if crs is None or not crs.is_projected:
+    factor = metres_per_unit(crs)
+    if factor is None:
         return None
-    try:
-        _, metres_per_unit = crs.linear_units_factor
-    except Exception:  # units GDAL cannot name: no area rather than a wrong one
-        return None
-    return abs(transform.a * transform.e - transform.b * transform.d) * float(metres_per_unit) ** 2 / 10_000
+    return abs(transform.a * transform.e - transform.b * transform.d) * factor**2 / 10_000
 
 
 def report_table(report: Mapping[str, Any]) -> str:
