@@ -32,6 +32,7 @@ from dinov3_eo.inference.writers import atomic_output, check_overwrite
 from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
+GDAL_CACHE_BYTES = 64 * 2**20
 #: what ``out_dir`` receives
 REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png")
 
@@ -278,7 +279,8 @@ def evaluate_class_raster(
     if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
         for name in REPORT_FILES:
             check_overwrite(Path(out_dir) / name, overwrite, inputs=[pred, reference])
-    with rasterio.open(pred) as src:
+    # every block is read once: GDAL's default block cache (5 % of RAM) would only fill up with blocks never reused
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(pred) as src:
         require_georeferenced(src)
         if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise ValueError(f"{str(pred)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
