@@ -713,7 +713,7 @@ class DenseModel(nn.Module):
         self.lora = LoRAConfig.from_any(lora)
         self.freeze_backbone = freeze_backbone and self.lora is None
         if self.lora is not None:
-            self.lora_layers = add_lora(self.backbone, self.lora)  # freezes the backbone's own weights
+            add_lora(self.backbone, self.lora)  # freezes the backbone's own weights
         else:
             # both ways, whatever the backbone arrived with: one taken from a frozen model (a text model's vision
             # tower, a teacher) must train when fine-tuning is asked for

@@ -36,6 +36,7 @@ from open_clip.transformer import LayerNorm as OpenClipLayerNorm
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import Tensor, nn
 
+from dinov3_eo.models.hub import read_checkpoint
 from dinov3_eo.models.vit import Block, LayerScale, swiglu_hidden_features
 from dinov3_eo.tasks.prompts import validate_templates
 
@@ -269,7 +270,7 @@ def load_openclip_text_state_dict(path: str | PathLike[str]) -> dict[str, Tensor
 
     Raises:
         FileNotFoundError: if ``path`` does not exist.
-        ValueError: if the file holds no OpenCLIP text tower.
+        ValueError: if the file holds no OpenCLIP text tower or cannot be read (a ``CheckpointError``).
     """
     path = Path(path)
     if not path.is_file():
@@ -279,7 +280,7 @@ def load_openclip_text_state_dict(path: str | PathLike[str]) -> dict[str, Tensor
 
         state: Mapping[str, Any] = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path, "OpenCLIP checkpoint")  # weights_only, and one sentence for a corrupt file
         if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
             state = state["state_dict"]
     keys = {k.removeprefix("module."): v for k, v in state.items()}
