@@ -44,6 +44,13 @@ def test_the_readme_tta_example_gives_what_its_comment_says(monkeypatch: pytest.
     assert (probs.sum(dim=1) - 1).abs().max() < 1e-5
 
 
+def test_the_readme_lora_example_gives_what_its_comments_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("names = add_lora(vit,", monkeypatch)
+    assert len(scope["names"]) == 8 and scope["merged"] == 8
+    assert 0 < scope["trainable"] < sum(p.numel() for p in scope["vit"].parameters()) / 10
+    assert not any(".lora." in k for k in scope["vit"].state_dict())
+
+
 def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "query_map.py"), "--out", str(tmp_path)],
