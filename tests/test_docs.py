@@ -59,3 +59,11 @@ def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     assert {"scores.tif", "classes.tif", "classes.gpkg", "similar.tif", "query_map.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
+
+
+def test_the_readme_change_example_flags_the_pasted_river(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("summary = detect_change(", monkeypatch)
+    summary = scope["summary"]
+    assert summary.threshold_method == "otsu" and {p.name for p in scope["out"].iterdir()} == {
+        "after.tif", "change.tif", "change_mask.tif", "change.gpkg", "change.png"}
+    assert 0.5 * 80 * 80 * 0.09 < summary.changed_area_ha < 1.5 * 80 * 80 * 0.09  # the 80 x 80 block of 30 m pixels

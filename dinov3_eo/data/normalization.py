@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -112,6 +113,29 @@ class Normalization:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
         return (x - mean) / std
+
+    def after_affine(self, scale: Sequence[float], offset: Sequence[float]) -> Normalization:
+        """This normalisation of ``scale * x + offset`` (per band, every scale > 0) as one normalisation of ``x``.
+
+        Exact, clip included: ``clip(g x + o, L, H) = g clip(x, (L - o) / g, (H - o) / g) + o``, so the clip bounds
+        move and the rest is unchanged; without a clip the mean becomes ``(m - o) / g`` and the std ``s / g``. Used
+        to carry a radiometric correction of one image (e.g. the later of two dates) into its normalisation.
+
+        Raises:
+            ValueError: for another band count or a scale that is not positive.
+        """
+        g, o = np.asarray(scale, dtype=np.float64), np.asarray(offset, dtype=np.float64)
+        if g.shape != (self.num_bands,) or o.shape != (self.num_bands,):
+            raise ValueError(f"after_affine: {self.num_bands} scales and offsets expected, got {g.shape} and {o.shape}.")
+        if not (g > 0).all():
+            raise ValueError(f"after_affine: every scale must be > 0, got {g.tolist()}.")
+        if self.low is not None and self.high is not None:
+            low = (np.asarray(self.low) - o) / g
+            high = (np.asarray(self.high) - o) / g
+            return Normalization(mean=self.mean, std=self.std, low=tuple(low), high=tuple(high), name=self.name)
+        mean = (np.asarray(self.mean) - o) / g
+        std = np.asarray(self.std) / g
+        return Normalization(mean=tuple(mean), std=tuple(std), name=self.name)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable description (stored in checkpoints and metadata sidecars)."""

@@ -312,7 +312,7 @@ def write_cog(
     return out.dst
 
 
-def _stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per-band 2-98 % stretch of (C, h, w) to [0, 1] over the valid pixels, for display only."""
     out = np.zeros(image.shape, dtype=np.float32)
     for c, band in enumerate(image.astype(np.float32)):
@@ -385,7 +385,7 @@ def write_quicklook(
             indexes = [b for b in bands if b <= img_src.count] or [1]
             pixels = img_src.read(indexes, out_shape=(len(indexes), *shape), resampling=rasterio.enums.Resampling.average)
             valid = img_src.read_masks(1, out_shape=shape) > 0
-        rgb = _stretch_to_unit(pixels, valid)
+        rgb = stretch_to_unit(pixels, valid)
         background = np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3]
         background = np.moveaxis(background, 0, -1).copy()  # [3, h, w] -> [h, w, 3]
         background[~valid] = 1.0  # the imagery's nodata shows as white, not as black "data"
@@ -428,6 +428,7 @@ def vectorize_classes(
     min_area: float = 0.0,
     simplify: float = 0.0,
     connectivity: int = 4,
+    keep: Sequence[int] | None = None,
     layer: str = "classes",
     overwrite: bool = False,
 ) -> Any:
@@ -479,7 +480,10 @@ def vectorize_classes(
         geometry=gpd.GeoSeries(geometries, crs=crs),
     )
     frame["area"] = frame.geometry.area
-    frame = frame[frame["area"] >= min_area].reset_index(drop=True)
+    kept = frame["area"] >= min_area
+    if keep is not None:
+        kept &= frame["class_id"].isin([int(k) for k in keep])
+    frame = frame[kept].reset_index(drop=True)
     with atomic_output(dst, overwrite=overwrite) as tmp:
         frame.to_file(tmp, driver="GPKG", layer=layer, geometry_type="Polygon" if frame.empty else None)
     return frame

@@ -32,7 +32,7 @@ import os
 import pathlib
 import sys
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from functools import cache, partial
 from pathlib import Path
@@ -121,6 +121,16 @@ class BackboneMeta:
     def get_normalization(self) -> Normalization | None:
         """The stored normalisation as a :class:`Normalization`, or ``None``."""
         return None if self.normalization is None else Normalization.from_dict(self.normalization)
+
+    def rgb_bands(self, selected: Sequence[int]) -> list[int]:
+        """Which of the file bands ``selected`` (1-based, in model input order) to show as red, green, blue: found
+        by the band names where they are known (a Landsat stack is often blue, green, red), else the first three
+        (one, shown as grey, for fewer than three)."""
+        chosen = list(selected)
+        names = [n.lower() for n in (self.bands or [])]
+        if all(c in names for c in ("red", "green", "blue")) and len(names) == len(chosen):
+            return [chosen[names.index(c)] for c in ("red", "green", "blue")]
+        return chosen[:3] if len(chosen) >= 3 else chosen[:1]
 
 
 # ---------------------------------------------------------------------------------------- reading files

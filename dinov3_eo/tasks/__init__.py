@@ -11,6 +11,9 @@ _EXPORTS: dict[str, str] = {
     "SegmentationTask": "dinov3_eo.tasks.segmentation",
     "segment_scene": "dinov3_eo.tasks.segmentation",
     "evaluate_class_raster": "dinov3_eo.tasks.segmentation_eval",
+    # change between two dates
+    "detect_change": "dinov3_eo.tasks.change",
+    "FeatureChange": "dinov3_eo.tasks.change",
     # patch features and their PCA picture
     "resolve_backbone": "dinov3_eo.tasks.features",
     "stream_patch_features": "dinov3_eo.tasks.features",

@@ -1055,15 +1055,6 @@ def _query_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _rgb_bands(meta: BackboneMeta, count: int, bands: Sequence[int] | None) -> list[int]:
-    """Red, green, blue file bands from the band names when known, else the first three."""
-    names = [n.lower() for n in (meta.bands or [])]
-    chosen = list(bands) if bands is not None else list(range(1, count + 1))
-    if all(c in names for c in ("red", "green", "blue")) and len(names) == len(chosen):
-        return [chosen[names.index(c)] for c in ("red", "green", "blue")]
-    return chosen[:3] if len(chosen) >= 3 else chosen[:1]
-
-
 def query_main(argv: Sequence[str]) -> int:
     """``dinov3-eo query SCENE.tif "solar panels" "water" -o OUT.tif --model text.ckpt [...]``."""
     from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_quicklook
@@ -1095,7 +1086,7 @@ def query_main(argv: Sequence[str]) -> int:
             written.append(f"polygons ({len(frame)}): {args.polygons}")
         if png is not None:
             with rasterio.open(args.scene) as src:
-                rgb = _rgb_bands(engine.meta, src.count, args.bands)
+                rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
             write_quicklook(png, classes=classes_path, image=args.scene, bands=rgb, class_names=names,
                             title=", ".join(names), overwrite=args.overwrite)  # fmt: skip
             written.append(f"quick-look: {png}")
