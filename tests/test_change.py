@@ -391,3 +391,13 @@ def test_change_command(dates: dict, backbone: torch.nn.Module, tmp_path: Path, 
     assert cli_main(["change", str(dates["before"]), str(tmp_path / "missing.tif"), "--model", str(model), "-o",
                      str(tmp_path / "m.tif"), "--quiet"]) == 2  # fmt: skip
     assert "missing.tif" in capsys.readouterr().err
+
+
+def test_a_backbone_that_learnt_at_another_scale_is_named(dates: dict, backbone: torch.nn.Module, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96, gsd=10.0)
+    monkeypatch.setattr(backbone, "meta", meta, raising=False)
+    with caplog.at_level("WARNING", logger="dinov3_eo.tasks.change"):
+        detect_change(backbone, dates["before"], dates["after"], tmp_path / "c.tif", normalization=dates["normalization"],
+                      threshold=None, window=128, progress=False)  # fmt: skip
+    assert "has 30 m pixels but the backbone learnt at 10 m" in caplog.text

@@ -259,3 +259,14 @@ class TestRasterIndex:
         from dinov3_eo.data import raster
 
         assert raster.RasterIndex is RasterIndex
+
+
+def test_pixel_area_in_hectares_converts_linear_units() -> None:
+    from rasterio.crs import CRS
+
+    from dinov3_eo.data.raster import pixel_area_ha
+
+    transform = from_origin(0, 0, 30, 30)
+    assert pixel_area_ha(CRS.from_epsg(32621), transform) == pytest.approx(0.09)
+    assert pixel_area_ha(CRS.from_epsg(2264), transform) == pytest.approx(900 * 0.3048006**2 / 10_000)  # US survey feet
+    assert pixel_area_ha(CRS.from_epsg(4326), transform) is None and pixel_area_ha(None, transform) is None

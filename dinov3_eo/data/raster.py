@@ -115,6 +115,14 @@ def metres_per_unit(crs) -> float | None:
         return None
 
 
+def pixel_area_ha(crs: Any, transform: Any) -> float | None:
+    """One pixel's area in hectares on a projected grid (linear units converted), ``None`` for degrees or no CRS."""
+    factor = metres_per_unit(crs)
+    if factor is None:
+        return None
+    return abs(transform.a * transform.e - transform.b * transform.d) * factor**2 / 10_000
+
+
 def pixel_size_m(crs, transform) -> float | None:
     """The pixel width in metres of a grid in a projected CRS (feet and other linear units converted), or ``None``
     where a CRS in degrees (or none) gives no such size."""

@@ -313,6 +313,13 @@ def detect_change(
         if in_chans is not None and len(selected) != in_chans:
             raise ValueError(f"{before} gives {len(selected)} bands but the backbone takes {in_chans}; select bands with "
                              "--bands.")  # fmt: skip
+        from dinov3_eo.data.raster import pixel_area_ha, pixel_size_off_scale
+
+        trained_gsd = getattr(getattr(backbone, "meta", None), "gsd", None)
+        metres = pixel_size_off_scale(stack, trained_gsd)
+        if metres:
+            log.warning("%s has %.3g m pixels but the backbone learnt at %.3g m: its features see other things at "
+                        "another scale; resample the dates to its scale for a trustworthy map.", before, metres, trained_gsd)  # fmt: skip
         model = FeatureChange(backbone, in_chans=len(selected), layers=layers)
         after_bands = [n_before + b for b in selected]
         after_normalization, radiometry_tags = normalization, {"radiometry": radiometry}
@@ -350,8 +357,6 @@ def detect_change(
                 else:
                     value, method = float(threshold), "given"
                 changed, valid = write_change_mask(dst, mask, value, overwrite=overwrite)
-                from dinov3_eo.tasks.segmentation_eval import pixel_area_ha
-
                 hectares = pixel_area_ha(stack.crs, stack.transform)
                 area = changed * hectares if hectares is not None else None
                 if polygons is not None:

@@ -27,7 +27,7 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from dinov3_eo.data.raster import metres_per_unit, require_georeferenced
+from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
@@ -155,14 +155,6 @@ def area_estimates(confusion: np.ndarray, map_pixels: np.ndarray, *, pixel_area:
             for i, name in enumerate(names)
         },  # fmt: skip
     }
-
-
-def pixel_area_ha(crs: Any, transform: Any) -> float | None:
-    """One pixel's area in hectares on a projected grid (linear units converted), ``None`` for degrees or no CRS."""
-    factor = metres_per_unit(crs)
-    if factor is None:
-        return None
-    return abs(transform.a * transform.e - transform.b * transform.d) * factor**2 / 10_000
 
 
 def report_table(report: Mapping[str, Any]) -> str:
