@@ -306,3 +306,46 @@ class TestQuicklook:
         with pytest.raises(ValueError, match="is not on the grid"):
             write_quicklook(tmp_path / "q.png", classes=classes, image=CROP)
         assert not (tmp_path / "q.png").exists()
+
+
+class TestStripwiseVectorize:
+    """Polygonising strip by strip and joining the pieces gives the regions of a whole-raster polygonisation."""
+
+    @staticmethod
+    def regions(frame: gpd.GeoDataFrame) -> list[tuple[int, float, tuple[float, float]]]:
+        return sorted((int(c), round(a, 3), (round(g.centroid.x, 3), round(g.centroid.y, 3)))
+                      for c, a, g in zip(frame.class_id, frame.area, frame.geometry))  # fmt: skip
+
+    def test_strips_join_into_the_whole_rasters_regions(self, tmp_path: Path) -> None:
+        import shapely
+
+        rng = np.random.default_rng(3)
+        yy, xx = np.mgrid[:90, :75]
+        labels = (rng.random((9, 8)) * 4).astype(np.uint8).repeat(10, axis=0).repeat(10, axis=1)[:90, :75]
+        labels[(np.hypot(yy - 45, xx - 37) > 20) & (np.hypot(yy - 45, xx - 37) < 27)] = 5  # a ring across many strips
+        labels[rng.random(labels.shape) < 0.05] = 6  # specks, some on the strip boundaries
+        labels[80:84, 5:25] = 255  # nodata
+        rotated = TRANSFORM @ rasterio.Affine.rotation(7)  # a rotated grid: the transform is applied at the end
+        for transform in (TRANSFORM, rotated):
+            path = write_cog(tmp_path / "m.tif", labels, crs=CRS, transform=transform, nodata=255, overwrite=True)
+            whole = vectorize_classes(path, tmp_path / "whole.gpkg", strip_rows=1000, overwrite=True)
+            for rows in (1, 7, 32):
+                strips = vectorize_classes(path, tmp_path / "strips.gpkg", strip_rows=rows, overwrite=True)
+                assert len(strips) == len(whole) and self.regions(strips) == self.regions(whole)
+                assert strips.geometry.is_valid.all() and (strips.geometry.geom_type == "Polygon").all()
+                for cls in np.unique(whole.class_id):
+                    a = shapely.union_all(whole.geometry[whole.class_id == cls].values)
+                    b = shapely.union_all(strips.geometry[strips.class_id == cls].values)
+                    assert a.symmetric_difference(b).area < 1e-6 * a.area
+        (ring,) = strips[strips.class_id == 5].geometry
+        (ring_whole,) = whole[whole.class_id == 5].geometry
+        assert len(ring.interiors) == len(ring_whole.interiors) > 1  # the inner disk's hole (and specks') survived
+        largest = max(shapely.Polygon(h).area for h in ring.interiors)
+        assert largest > 0.9 * np.pi * 20**2 * 300.0**2
+
+    def test_eight_connectivity_reads_whole(self, tmp_path: Path) -> None:
+        labels = np.zeros((6, 6), np.uint8)
+        labels[np.arange(6), np.arange(6)] = 1  # one diagonal region for 8-connectivity
+        path = write_cog(tmp_path / "d.tif", labels, crs=CRS, transform=TRANSFORM, nodata=255)
+        frame = vectorize_classes(path, tmp_path / "d.gpkg", connectivity=8, strip_rows=2, keep=[1])
+        assert len(frame) == 1 and frame.area.iloc[0] == pytest.approx(6 * 300.0**2)

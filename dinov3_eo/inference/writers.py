@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 #: Distinct, colour-blind-friendly class colours (Okabe-Ito, then Tableau 20 for more classes).
@@ -415,6 +416,89 @@ def write_quicklook(
     return Path(dst)
 
 
+def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None = None) -> tuple[list[Any], list[int]]:
+    """Polygons (in the raster's CRS) of the connected regions of each value of band 1, and their values.
+
+    The raster is polygonised strip by strip of ``strip_rows`` rows (default: ~64 MiB of pixels, at least 256 rows)
+    and the pieces of one region cut by a strip boundary are joined again: two pieces join when a pixel of the last
+    row of one strip and the pixel below it, first row of the next, have the same value (which piece holds a pixel
+    is found by its centre, through an R-tree of the strip's pieces). Regions that span many strips, or ring
+    around a hole across strips, come out as the one polygon a whole-raster polygonisation gives. The pieces live
+    in pixel coordinates (exact integers) until the end, then take the raster's transform. With ``connectivity=8``
+    the raster is read whole: GDAL's 8-connected polygons touch themselves at corners, which overlay operations
+    cannot join reliably.
+
+    Returns:
+        ``(polygons, values)``, nodata pixels (the file's nodata) left out.
+    """
+    import shapely
+    from rasterio.features import shapes
+    from shapely.geometry import shape as to_geometry
+
+    height, width = src.height, src.width
+    if strip_rows is None:
+        strip_rows = max(256, (64 << 20) // max(1, width * np.dtype(src.dtypes[0]).itemsize))
+    if connectivity == 8 or height <= strip_rows:
+        strip_rows = height
+    pieces: list[Any] = []
+    values: list[int] = []
+    parent: list[int] = []
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    above: tuple[np.ndarray, np.ndarray] | None = None  # the last row of the previous strip and its pixels' pieces
+    for row0 in range(0, height, strip_rows):
+        rows = min(strip_rows, height - row0)
+        labels = src.read(1, window=Window(0, row0, width, rows))
+        valid = np.ones(labels.shape, dtype=bool) if src.nodata is None else labels != src.nodata
+        first = len(pieces)
+        for geojson, value in shapes(labels, mask=valid, connectivity=connectivity, transform=Affine.translation(0, row0)):
+            pieces.append(to_geometry(geojson))
+            values.append(int(value))
+            parent.append(len(parent))
+        if first == len(pieces):
+            above = None
+            continue
+        tree = shapely.STRtree(pieces[first:])
+
+        def owners(row: int) -> np.ndarray:
+            """The piece (index into ``pieces``) holding each pixel of strip row ``row``; -1 at nodata."""
+            cols = np.flatnonzero(valid[row])
+            owner = np.full(width, -1, dtype=np.int64)
+            points = shapely.points(cols + 0.5, np.full(len(cols), row0 + row + 0.5))
+            hit, piece = tree.query(points, predicate="within")
+            owner[cols[hit]] = first + piece
+            return owner
+
+        if above is not None:
+            last_labels, last_owner = above
+            top_owner = owners(0)
+            touching = (last_owner >= 0) & (top_owner >= 0) & (last_labels == labels[0])
+            for a, b in set(zip(last_owner[touching].tolist(), top_owner[touching].tolist())):
+                parent[root(a)] = root(b)
+        above = (labels[-1].copy(), owners(rows - 1)) if row0 + rows < height else None
+
+    groups: dict[int, list[int]] = {}
+    for i in range(len(pieces)):
+        groups.setdefault(root(i), []).append(i)
+    polygons, ids = [], []
+    for members in sorted(groups.values(), key=lambda m: m[0]):  # scan order of each region's first piece
+        if len(members) == 1:
+            polygons.append(pieces[members[0]])
+        else:  # joined along the strip boundaries; tolerance 0 drops only the vertices the cuts left on straight edges
+            polygons.append(shapely.simplify(shapely.union_all([pieces[m] for m in members]), 0.0))
+        ids.append(values[members[0]])
+    if not polygons:
+        return [], []
+    t = src.transform
+    to_crs = lambda xy: np.column_stack([t.a * xy[:, 0] + t.b * xy[:, 1] + t.c, t.d * xy[:, 0] + t.e * xy[:, 1] + t.f])  # noqa: E731
+    return list(shapely.transform(np.asarray(polygons, dtype=object), to_crs)), ids
+
+
 #: Help of the commands' ``--simplify`` option (:func:`vectorize_classes`' ``simplify``).
 SIMPLIFY_HELP = ("smooth the polygons' pixel staircases with this tolerance in CRS units (e.g. one pixel), all "
                  "polygons together so that neighbours keep one shared edge (default 0: pixel edges)")
@@ -429,14 +513,15 @@ def vectorize_classes(
     simplify: float = 0.0,
     connectivity: int = 4,
     keep: Sequence[int] | None = None,
+    strip_rows: int | None = None,
     layer: str = "classes",
     overwrite: bool = False,
 ) -> Any:
     """Polygons of the connected regions of each class of a class map, written to a GeoPackage.
 
     Each polygon carries ``class_id``, ``class_name`` and ``area`` (in squared CRS units); polygons with
-    ``area < min_area`` are dropped, nodata pixels give no polygon. The class map is read whole (one
-    band; 100 MB for a 10,000 x 10,000 uint8 map) because a region may span the whole raster.
+    ``area < min_area`` are dropped, nodata pixels give no polygon. The class map is read in strips of rows
+    (:func:`region_polygons`), so memory holds one strip and the polygons, not the raster.
 
     ``simplify`` > 0 smooths the pixel staircases away: the polygons are simplified together as one coverage
     (``shapely.coverage_simplify``, tolerance in CRS units, e.g. one pixel), so neighbours keep sharing exactly the
@@ -452,8 +537,6 @@ def vectorize_classes(
     """
     import geopandas as gpd
     import shapely
-    from rasterio.features import shapes
-    from shapely.geometry import shape as to_geometry
 
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}.")
@@ -463,15 +546,10 @@ def vectorize_classes(
         raise ValueError(f"simplify must be >= 0 (a tolerance in CRS units), got {simplify}.")
     check_overwrite(dst, overwrite)
     with rasterio.open(classes) as src:
-        labels = src.read(1)
-        mask = None if src.nodata is None else labels != src.nodata
         if class_names is None and "class_names" in src.tags():
             class_names = json.loads(src.tags()["class_names"])
-        transform, crs = src.transform, src.crs
-    geometries, ids = [], []
-    for geojson, value in shapes(labels, mask=mask, connectivity=connectivity, transform=transform):
-        geometries.append(to_geometry(geojson))
-        ids.append(int(value))
+        crs = src.crs
+        geometries, ids = region_polygons(src, connectivity=connectivity, strip_rows=strip_rows)
     if simplify > 0 and geometries:
         geometries = list(shapely.coverage_simplify(np.asarray(geometries, dtype=object), simplify))
     names = [class_names[i] if class_names is not None and 0 <= i < len(class_names) else str(i) for i in ids]
