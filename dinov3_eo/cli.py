@@ -53,7 +53,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
     "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
-    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict in metres"),
+    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, change between two dates"),
     "change": ("dinov3_eo.tasks.change", "change_main", "what changed between two dates: feature distance map, mask, polygons"),
 }
 

@@ -676,10 +676,15 @@ def _fit_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``dinov3-eo height fit|validate --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``."""
+    """``dinov3-eo height fit|validate --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``,
+    ``height change BEFORE AFTER -o dh.tif``."""
     argv = list(argv)
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])
     if argv and argv[0] == "evaluate":
         return _evaluate_main(argv[1:])
+    if argv and argv[0] == "change":
+        from dinov3_eo.tasks.height_change import change_main
+
+        return change_main(argv[1:])
     return _fit_main(argv)

@@ -138,3 +138,33 @@ def error_map(
     if image is not None:
         fig.colorbar(image, ax=list(axes), fraction=0.046, pad=0.04, label="predicted − reference (m)")
     return _save(fig, dst, overwrite)
+
+
+def change_quicklook(
+    dst: str | os.PathLike[str],
+    change: str | os.PathLike[str],
+    *,
+    max_size: int = 1024,
+    vmax: float | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """A downsampled picture of a height-change raster (metres) on a diverging scale centred on 0, blue for loss and
+    red for gain, symmetric to ``vmax`` (default: the 99th percentile of the absolute change); nodata transparent."""
+    from matplotlib.figure import Figure
+
+    with rasterio.open(change) as src:
+        scale = min(1.0, max_size / max(src.height, src.width))
+        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+        values = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average).astype(np.float32))
+    finite = np.abs(values.compressed())
+    top = vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0)
+    fig = Figure(figsize=(max(3.0, shape[1] / 100 + 1.5), max(2.5, shape[0] / 100)), dpi=100)
+    ax = fig.subplots()
+    # RdBu: red for negative; the reversed map puts loss (negative) in blue, gain in red
+    image = ax.imshow(values, cmap=ERROR_CMAP, vmin=-max(top, 1e-3), vmax=max(top, 1e-3), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="height change (m)")
+    return _save(fig, dst, overwrite)
