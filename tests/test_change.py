@@ -320,6 +320,11 @@ def test_detect_change_finds_the_pasted_land_cover(dates: dict, backbone: torch.
     assert set(frame["class_name"]) == {"change"} and frame.crs == dates["profile"]["crs"]
     assert frame.geometry.area.sum() == pytest.approx(changed.sum() * 900.0)
     assert summary.quicklook.stat().st_size > 10_000
+    ds = summary.to_xarray()
+    assert ds.rio.crs == dates["profile"]["crs"] and ds["change"].shape == score.shape
+    np.testing.assert_array_equal(ds["change"].values, score)
+    np.testing.assert_array_equal(ds["mask"].values, mask)
+    assert ds.attrs["threshold_method"] == "otsu" and ds.rio.transform() == dates["profile"]["transform"]
 
 
 def test_detect_change_across_crss_and_for_identical_dates(dates: dict, backbone: torch.nn.Module, tmp_path: Path) -> None:

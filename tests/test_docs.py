@@ -67,3 +67,5 @@ def test_the_readme_change_example_flags_the_pasted_river(monkeypatch: pytest.Mo
     assert summary.threshold_method == "otsu" and {p.name for p in scope["out"].iterdir()} == {
         "after.tif", "change.tif", "change_mask.tif", "change.gpkg", "change.png"}
     assert 0.5 * 80 * 80 * 0.09 < summary.changed_area_ha < 1.5 * 80 * 80 * 0.09  # the 80 x 80 block of 30 m pixels
+    maps = scope["maps"]
+    assert set(maps.data_vars) == {"change", "mask"} and int((maps["mask"] == 1).sum()) == summary.changed_pixels

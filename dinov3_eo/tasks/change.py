@@ -160,6 +160,22 @@ class ChangeSummary:
     def changed_fraction(self) -> float:
         return self.changed_pixels / self.valid_pixels if self.valid_pixels else 0.0
 
+    def to_xarray(self) -> Any:
+        """The score (and the mask, when one was written) as an ``xarray.Dataset`` over ``y × x`` with the CRS and
+        transform set (rioxarray), read into memory: ``change`` float32 (NaN nodata) and ``mask`` uint8 (0 no change,
+        1 change, 255 nodata)."""
+        import rioxarray
+        import xarray as xr
+
+        score = rioxarray.open_rasterio(self.score, masked=True).squeeze("band", drop=True).load()
+        layers = {"change": score.astype(np.float32)}
+        if self.mask is not None:
+            layers["mask"] = rioxarray.open_rasterio(self.mask).squeeze("band", drop=True).load()
+        dataset = xr.Dataset(layers)
+        dataset.attrs.update(threshold=self.threshold if self.threshold is not None else float("nan"),
+                             threshold_method=self.threshold_method or "none")  # fmt: skip
+        return dataset.rio.write_crs(score.rio.crs)
+
 
 def change_outputs(score: str | os.PathLike[str]) -> tuple[Path, Path]:
     """The default mask and picture paths of a score raster ``X.tif``: ``X_mask.tif`` and ``X.png``."""
