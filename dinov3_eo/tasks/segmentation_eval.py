@@ -345,9 +345,18 @@ def _save(fig: Any, dst: Path) -> Path:
     return dst
 
 
-def confusion_plot(dst: str | os.PathLike[str], confusion: np.ndarray, class_names: Sequence[str]) -> Path:
-    """A heat map of the row-normalised confusion matrix (each reference class's share per map class), counts
-    printed in the cells."""
+def confusion_plot(
+    dst: str | os.PathLike[str],
+    confusion: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    row_label: str = "reference",
+    column_label: str = "map",
+    cell_text: Sequence[Sequence[str]] | None = None,
+    title: str | None = None,
+) -> Path:
+    """A heat map of the row-normalised confusion matrix (each row class's share per column class), counts (or
+    ``cell_text``) printed in the non-empty cells. Also draws class transitions (rows: before, columns: after)."""
     from matplotlib.figure import Figure
 
     c = np.asarray(confusion, dtype=np.float64)
@@ -359,14 +368,16 @@ def confusion_plot(dst: str | os.PathLike[str], confusion: np.ndarray, class_nam
     image = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(k), list(class_names), rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(k), list(class_names), fontsize=8)
-    ax.set_xlabel("map")
-    ax.set_ylabel("reference")
+    ax.set_xlabel(column_label)
+    ax.set_ylabel(row_label)
+    if title:
+        ax.set_title(title, fontsize=9)
     for i in range(k):
         for j in range(k):
             if c[i, j]:
-                ax.text(j, i, f"{int(c[i, j]):,}", ha="center", va="center", fontsize=7,
-                        color="white" if shares[i, j] > 0.5 else "black")  # fmt: skip
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the reference class")
+                text = cell_text[i][j] if cell_text is not None else f"{int(c[i, j]):,}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"share of the {row_label} class")
     return _save(fig, Path(dst))
 
 
