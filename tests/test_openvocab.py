@@ -304,3 +304,37 @@ def test_text_fit_then_query_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert frame.crs == rasterio.open(SAMPLE).crs and len(frame) > 0
     assert (tmp_path / "out.png").stat().st_size > 1000
     assert query_main(args) == 2  # outputs exist and --overwrite was not given
+
+
+# -------------------------------------------------------------------------------------------------- two dates
+def test_compare_maps_where_a_querys_score_changed(engine: MapQuery, crop: Path, tmp_path: Path) -> None:
+    """The after date: the crop with a 48-px block of other land cover pasted in; same grid, then in degrees."""
+    from rasterio.warp import calculate_default_transform, reproject
+
+    with rasterio.open(crop) as src:
+        pixels, profile = src.read(), src.profile
+    pixels[:, 120:168, 40:88] = pixels[:, 20:68, 100:148]
+    after = tmp_path / "after.tif"
+    with rasterio.open(after, "w", **profile) as dst:
+        dst.write(pixels)
+    ds = engine.compare(crop, after, ["water", "forest"])
+    assert set(ds.data_vars) == {"before", "after", "change"} and ds["change"].dims == ("query", "y", "x")
+    assert ds.rio.crs == profile["crs"] and ds.attrs["scores"] == "cosine"
+    np.testing.assert_allclose(ds["change"].values, ds["after"].values - ds["before"].values)
+    block = np.zeros(ds["change"].shape[1:], dtype=bool)
+    block[120:168, 40:88] = True
+    moved = np.abs(ds["change"].values)
+    assert np.nanmean(moved[:, block]) > 5 * np.nanmean(moved[:, ~block])
+
+    with rasterio.open(after) as src:
+        transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height, *src.bounds)
+        lonlat = tmp_path / "after_lonlat.tif"
+        with rasterio.open(lonlat, "w", **(profile | {"crs": "EPSG:4326", "transform": transform, "width": width,
+                                                      "height": height, "nodata": 0})) as dst:  # fmt: skip
+            for band in range(1, 4):
+                reproject(rasterio.band(src, band), rasterio.band(dst, band), src_nodata=0, dst_nodata=0)
+    warped = engine.compare(crop, lonlat, ["water", "forest"])
+    assert warped["change"].shape == ds["change"].shape
+    np.testing.assert_array_equal(warped["x"].values, ds["x"].values)
+    moved = np.abs(warped["change"].values)
+    assert np.nanmean(moved[:, block]) > 3 * np.nanmean(moved[:, ~block])

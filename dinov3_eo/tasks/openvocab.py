@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
-from dinov3_eo.data.raster import read_window
+from dinov3_eo.data.raster import _data_band_count, read_window
 from dinov3_eo.inference.predict import BF16_HELP
 from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, tta_views
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
@@ -704,7 +704,8 @@ class MapQuery:
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _band_indexes(self, src: Any) -> list[int]:
-        indexes = self.bands if self.bands is not None else list(range(1, src.count + 1))
+        # (a trailing alpha band, e.g. of a warped view, holds no data)
+        indexes = self.bands if self.bands is not None else list(range(1, _data_band_count(src) + 1))
         if len(indexes) != self.meta.in_chans:
             raise ValueError(
                 f"The model takes {self.meta.in_chans} bands ({self.meta.bands}) but {len(indexes)} would be read from "
@@ -846,6 +847,51 @@ class MapQuery:
                 overviews=False,
             )  # fmt: skip
             return vectorize_classes(tif, Path(tmp) / "classes.gpkg", min_area=min_area, simplify=simplify)
+
+    def compare(
+        self,
+        before: Any,
+        after: Any,
+        queries: Sequence[str],
+        *,
+        scores: ScoreMode = "cosine",
+        background: str | None = None,
+    ) -> Any:
+        """How each query's score changed between two dates of a place ("where did *flooded fields* appear?").
+
+        The after date is brought onto the before date's grid window by window (a ``WarpedVRT``, bilinear: any CRS
+        and resolution) and both are scored as :meth:`query` scores one raster.
+
+        Args:
+            before, after: GeoTIFF paths, open datasets or DataArrays of the same bands.
+            queries, background: as for :meth:`query`.
+            scores: ``"cosine"`` (default: raw similarity, comparable between the dates) or ``"probability"``.
+
+        Returns:
+            ``xarray.Dataset`` over ``query × y × x`` on the before grid (CRS set): ``before``, ``after`` and
+            ``change = after - before``; NaN where a date has no data.
+        """
+        import xarray as xr
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+
+        with contextlib.ExitStack() as stack:
+            src = stack.enter_context(_open_raster(before))
+            later = stack.enter_context(_open_raster(after))
+            same = (later.crs, later.transform, later.width, later.height) == (src.crs, src.transform, src.width, src.height)
+            if not same:
+                nodata = self.nodata if self.nodata is not None else later.nodata
+                later = stack.enter_context(WarpedVRT(
+                    later, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
+                    resampling=Resampling.bilinear, src_nodata=nodata, nodata=nodata, add_alpha=nodata is None,
+                ))  # fmt: skip
+            first = self.query(src, queries, scores=scores, background=background)
+            second = self.query(later, queries, scores=scores, background=background)
+        second = second.assign_coords(x=first.x, y=first.y)  # the same grid: the coordinates agree to rounding
+        out = xr.Dataset({"before": first, "after": second, "change": second - first})
+        out["change"].attrs.update(long_name="score change, after - before")
+        out.attrs.update(scores=first.attrs.get("scores"))
+        return out.rio.write_crs(first.rio.crs)
 
     def similar(self, raster: Any, example: Any, *, crs: Any = None, out: str | os.PathLike[str] | None = None) -> Any:
         """Similarity of every pixel to an example place (query by example, no text).
