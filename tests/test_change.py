@@ -25,8 +25,9 @@ from dinov3_eo.models.hub import BackboneMeta, export_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.change import (
     FeatureChange,
-    _paired,
+    _joined,
     detect_change,
+    detect_change_series,
     otsu_threshold,
     radiometric_match,
     score_histogram,
@@ -163,10 +164,10 @@ def test_feature_change_is_one_minus_cosine_of_each_dates_patch_tokens(backbone:
     before, after = torch.randn(2, 3, 48, 64), torch.randn(2, 3, 48, 64)
     model = FeatureChange(backbone, in_chans=3, layers=[1, 3])
     with torch.no_grad():
-        got = model.patch_distance(torch.cat([before, after], dim=1))  # [2, 3, 4]
+        got = model.patch_distance(torch.cat([before, after], dim=1))[:, 0]  # [2, 1, 3, 4] -> [2, 3, 4]
         fa = [t.numpy() for t in backbone.get_intermediate_layers(before, n=[1, 3], reshape=True)]
         fb = [t.numpy() for t in backbone.get_intermediate_layers(after, n=[1, 3], reshape=True)]
-        swapped = model.patch_distance(torch.cat([after, before], dim=1))
+        swapped = model.patch_distance(torch.cat([after, before], dim=1))[:, 0]
         same = model.patch_distance(torch.cat([before, before], dim=1))
         dense = model(torch.cat([before, after], dim=1))
     expected = np.zeros((2, 3, 4))
@@ -244,8 +245,8 @@ def test_after_affine_normalises_the_corrected_values(clip: bool) -> None:
     torch.testing.assert_close(norm.after_affine(gain, offset)(x), norm(corrected), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="every scale must be > 0"):
         norm.after_affine([1.0, -1.0], [0.0, 0.0])
-    paired = _paired(norm, norm.after_affine(gain, offset))
-    assert paired.num_bands == 4 and paired.mean[:2] == norm.mean
+    joined = _joined([norm, norm.after_affine(gain, offset)])
+    assert joined.num_bands == 4 and joined.mean[:2] == norm.mean and (joined.low is None) == (not clip)
 
 
 def test_radiometric_match_recovers_a_scene_wide_gain_and_offset(dates: dict, tmp_path: Path) -> None:
@@ -352,7 +353,7 @@ def test_detect_change_across_crss_and_for_identical_dates(dates: dict, backbone
 def test_detect_change_refuses_bad_requests_before_any_work(dates: dict, backbone: torch.nn.Module, tmp_path: Path) -> None:
     norm = dates["normalization"]
     two = _write(tmp_path / "two.tif", dates["array"][:2], {**dates["profile"], "count": 2})
-    with pytest.raises(ValueError, match="has 3 bands but .* has 2"):
+    with pytest.raises(ValueError, match=r"different band counts \(.*before.tif has 3, .*two.tif has 2\)"):
         detect_change(backbone, dates["before"], two, tmp_path / "a.tif", normalization=norm, progress=False)
     with pytest.raises(ValueError, match="backbone takes 3"):
         detect_change(backbone, dates["before"], two, tmp_path / "a.tif", normalization=norm, bands=[1, 2], progress=False)
@@ -406,3 +407,59 @@ def test_a_backbone_that_learnt_at_another_scale_is_named(dates: dict, backbone:
         detect_change(backbone, dates["before"], dates["after"], tmp_path / "c.tif", normalization=dates["normalization"],
                       threshold=None, window=128, progress=False)  # fmt: skip
     assert "has 30 m pixels but the backbone learnt at 10 m" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ a series of dates
+SECOND = (slice(224, 272), slice(176, 240))  # changed between the second and the third date
+
+
+def test_feature_change_of_a_series_is_the_pairs_of_consecutive_dates(backbone: torch.nn.Module) -> None:
+    torch.manual_seed(2)
+    a, b, c = (torch.randn(2, 3, 32, 48) for _ in range(3))
+    with torch.no_grad():
+        series = FeatureChange(backbone, in_chans=3, dates=3).patch_distance(torch.cat([a, b, c], dim=1))
+        pair = FeatureChange(backbone, in_chans=3)
+        first, second = (pair.patch_distance(torch.cat(x, dim=1))[:, 0] for x in ((a, b), (b, c)))
+    assert series.shape == (2, 2, 2, 3)
+    torch.testing.assert_close(series[:, 0], first, atol=1e-5, rtol=0)
+    torch.testing.assert_close(series[:, 1], second, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="at least 2 dates"):
+        FeatureChange(backbone, in_chans=3, dates=1)
+
+
+def test_a_series_says_when_each_place_changed(dates: dict, backbone: torch.nn.Module, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    with rasterio.open(dates["after"]) as src:
+        third = src.read()
+    third[:, SECOND[0], SECOND[1]] = dates["array"][:, 20:68, 120:184]
+    third_path = _write(tmp_path / "third.tif", third, dates["profile"])
+    series = [dates["before"], dates["after"], third_path]
+    summary = detect_change_series(backbone, series, tmp_path / "s.tif", normalization=dates["normalization"],
+                                   polygons=tmp_path / "s.gpkg", window=128, progress=False)  # fmt: skip
+    assert summary.intervals == ("before.tif -> after.tif", "after.tif -> third.tif")
+    with rasterio.open(summary.score) as src:
+        assert src.count == 2 and list(src.descriptions) == list(summary.intervals)
+    with rasterio.open(summary.mask) as src:
+        when = src.read(1)
+        assert json.loads(src.tags()["class_names"]) == ["no change", *summary.intervals]
+    first, second = np.zeros(when.shape, bool), np.zeros(when.shape, bool)
+    first[BLOCK], second[SECOND] = True, True
+    for block, value in ((first, 1), (second, 2)):
+        hit = when == value
+        assert (hit & block).sum() / (hit | block).sum() > 0.6  # each block flagged with the interval it changed in
+    assert summary.changed_per_interval == ((when == 1).sum(), (when == 2).sum())
+    assert summary.changed_pixels == sum(summary.changed_per_interval)
+    assert set(gpd.read_file(summary.polygons)["class_name"]) == set(summary.intervals)
+    ds = summary.to_xarray()
+    assert ds["change"].dims == ("interval", "y", "x") and list(ds["interval"].values) == list(summary.intervals)
+
+    out = tmp_path / "cli" / "s.tif"
+    out.parent.mkdir()
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
+                        normalization=dates["normalization"].to_dict())  # fmt: skip
+    model = export_backbone(backbone, tmp_path / "micro", meta=meta)["pth"]
+    assert cli_main(["change", *map(str, series), "--model", str(model), "-o", str(out), "--window", "128", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "changed most after.tif -> third.tif:" in printed
+    assert cli_main(["change", str(dates["before"]), "--model", str(model), "-o", str(tmp_path / "one.tif")]) == 2
+    assert "at least two dates" in capsys.readouterr().err

@@ -48,7 +48,8 @@ NO_CHANGE, CHANGE, MASK_NODATA = 0, 1, 255
 
 # ---------------------------------------------------------------------------------------------- the model
 class FeatureChange(nn.Module):
-    """``[B, 2C, H, W]`` (before bands, then after bands, normalised) -> ``[B, 1, H, W]`` change score ``1 - cos``.
+    """``[B, N·C, H, W]`` (N dates' bands one after the other, normalised) -> ``[B, N - 1, H, W]`` change scores
+    ``1 - cos`` between each date and the next (``N = 2``: before, after -> one score).
 
     Args:
         backbone: a ViT with ``patch_size`` and ``get_intermediate_layers`` (any :func:`load_backbone` result).
@@ -57,39 +58,44 @@ class FeatureChange(nn.Module):
             ``get_intermediate_layers`` semantics); the score is the mean over them of ``1 - cos`` between the two
             dates' normed patch tokens. The last block (the default) compares what is there; earlier blocks add
             texture and are more sensitive to photometric differences.
+        dates: N, the dates in a window (default 2).
 
-    Both dates run through the backbone in one batch of 2B. The score is computed at patch resolution and upsampled
+    All dates run through the backbone in one batch of N·B. The score is computed at patch resolution and upsampled
     bilinearly (windows whose side is not a multiple of the patch are zero-padded, centred, and cropped back).
     """
 
-    def __init__(self, backbone: nn.Module, *, in_chans: int, layers: int | Sequence[int] = 1) -> None:
+    def __init__(self, backbone: nn.Module, *, in_chans: int, layers: int | Sequence[int] = 1, dates: int = 2) -> None:
         super().__init__()
+        if dates < 2:
+            raise ValueError(f"FeatureChange compares at least 2 dates, got {dates}.")
         self.backbone = backbone
-        self.in_chans = int(in_chans)
+        self.in_chans, self.dates = int(in_chans), int(dates)
         self.layers = layers if isinstance(layers, int) else [int(i) for i in layers]
         self.patch_size = int(backbone.patch_size)
 
     def patch_distance(self, x: Tensor) -> Tensor:
-        """``[B, 2C, H, W]`` with ``H, W`` multiples of the patch -> ``[B, H/p, W/p]`` float32 ``1 - cos``, mean over
-        the layers."""
-        if x.shape[1] != 2 * self.in_chans:
-            raise ValueError(f"FeatureChange: expected 2 x {self.in_chans} bands (before, after), got {x.shape[1]}.")
+        """``[B, N·C, H, W]`` with ``H, W`` multiples of the patch -> ``[B, N - 1, H/p, W/p]`` float32 ``1 - cos`` of
+        consecutive dates, mean over the layers."""
+        if x.shape[1] != self.dates * self.in_chans:
+            raise ValueError(f"FeatureChange: expected {self.dates} x {self.in_chans} bands (one set per date), got "
+                             f"{x.shape[1]}.")  # fmt: skip
         batch = x.shape[0]
-        both = torch.cat([x[:, : self.in_chans], x[:, self.in_chans :]])  # [2B, C, H, W]: one forward for both dates
-        layers = self.backbone.get_intermediate_layers(both, n=self.layers, reshape=True, norm=True)
+        # [N·B, C, H, W], date-major: one forward for every date
+        dates = torch.cat([x[:, d * self.in_chans : (d + 1) * self.in_chans] for d in range(self.dates)])
+        layers = self.backbone.get_intermediate_layers(dates, n=self.layers, reshape=True, norm=True)
         total = None
-        for tokens in layers:  # [2B, D, h, w]
-            tokens = F.normalize(tokens.float(), dim=1)
-            distance = 1.0 - (tokens[:batch] * tokens[batch:]).sum(dim=1)  # [B, h, w]
+        for tokens in layers:  # [N·B, D, h, w]
+            tokens = F.normalize(tokens.float(), dim=1).unflatten(0, (self.dates, batch))  # [N, B, D, h, w]
+            distance = 1.0 - (tokens[:-1] * tokens[1:]).sum(dim=2)  # [N - 1, B, h, w]
             total = distance if total is None else total + distance
-        return total / len(layers)
+        return (total / len(layers)).transpose(0, 1)  # [B, N - 1, h, w]
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
         ph, pw = -height % self.patch_size, -width % self.patch_size
         top, left = ph // 2, pw // 2
         padded = F.pad(x, (left, pw - left, top, ph - top)) if ph or pw else x
-        score = self.patch_distance(padded)[:, None]  # [B, 1, h, w]
+        score = self.patch_distance(padded)  # [B, N - 1, h, w]
         score = F.interpolate(score, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return score[..., top : top + height, left : left + width]
 
@@ -127,23 +133,32 @@ def otsu_threshold(counts: np.ndarray, edges: np.ndarray) -> float:
 
 def score_histogram(path: str | os.PathLike[str], *, bins: int = HISTOGRAM_BINS,
                     value_range: tuple[float, float] = SCORE_RANGE) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """``(counts [bins], edges [bins + 1])`` of the finite values of a one-band raster, read block by block."""
+    """``(counts [bins], edges [bins + 1])`` of each pixel's largest score over the bands of a score raster (its one
+    score for two dates), over the pixels with finite scores, read block by block."""
     counts = np.zeros(bins, dtype=np.int64)
     edges = np.linspace(*value_range, bins + 1)
     with rasterio.open(path) as src:
         for _, window in src.block_windows(1):
-            values = src.read(1, window=window)
-            counts += np.histogram(values[np.isfinite(values)], bins=edges)[0]
+            largest, seen = _largest(src.read(window=window))
+            counts += np.histogram(largest[seen], bins=edges)[0]
     return counts, edges
+
+
+def _largest(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, h, w]`` scores -> (the largest score [h, w], where every score is finite [h, w])."""
+    seen = np.isfinite(scores).all(axis=0)
+    return np.where(seen, scores, -np.inf).max(axis=0), seen
 
 
 # ------------------------------------------------------------------------------------------- the job
 @dataclass(frozen=True)
 class ChangeSummary:
-    """What :func:`detect_change` wrote and found.
+    """What :func:`detect_change` (or :func:`detect_change_series`) wrote and found.
 
-    ``changed_pixels`` / ``valid_pixels`` count the mask's change pixels and the pixels seen on both dates (0 without
-    a threshold); ``changed_area_ha`` is ``None`` without a threshold or on a grid in degrees.
+    ``changed_pixels`` / ``valid_pixels`` count the mask's change pixels and the pixels seen on every date (0 without
+    a threshold); ``changed_area_ha`` is ``None`` without a threshold or on a grid in degrees. ``intervals`` names
+    the consecutive pairs of dates (``"a.tif -> b.tif"``), ``changed_per_interval`` counts the pixels whose largest
+    change falls in each.
     """
 
     score: Path
@@ -155,20 +170,26 @@ class ChangeSummary:
     changed_pixels: int
     valid_pixels: int
     changed_area_ha: float | None
+    intervals: tuple[str, ...] = ()
+    changed_per_interval: tuple[int, ...] = ()
 
     @property
     def changed_fraction(self) -> float:
         return self.changed_pixels / self.valid_pixels if self.valid_pixels else 0.0
 
     def to_xarray(self) -> Any:
-        """The score (and the mask, when one was written) as an ``xarray.Dataset`` over ``y × x`` with the CRS and
-        transform set (rioxarray), read into memory: ``change`` float32 (NaN nodata) and ``mask`` uint8 (0 no change,
-        1 change, 255 nodata)."""
+        """The score (and the mask, when one was written) as an ``xarray.Dataset`` with the CRS and transform set
+        (rioxarray), read into memory: ``change`` float32 (NaN nodata; ``y × x`` for two dates, ``interval × y × x``
+        for more) and ``mask`` uint8 (0 no change, k: changed most between date k and k + 1, 255 nodata)."""
         import rioxarray
         import xarray as xr
 
-        score = rioxarray.open_rasterio(self.score, masked=True).squeeze("band", drop=True).load()
-        layers = {"change": score.astype(np.float32)}
+        score = rioxarray.open_rasterio(self.score, masked=True).astype(np.float32).load()
+        if score.sizes["band"] == 1:
+            score = score.squeeze("band", drop=True)
+        else:
+            score = score.rename(band="interval").assign_coords(interval=list(self.intervals))
+        layers = {"change": score}
         if self.mask is not None:
             layers["mask"] = rioxarray.open_rasterio(self.mask).squeeze("band", drop=True).load()
         dataset = xr.Dataset(layers)
@@ -183,17 +204,15 @@ def change_outputs(score: str | os.PathLike[str]) -> tuple[Path, Path]:
     return score.with_name(f"{score.stem}_mask.tif"), score.with_suffix(".png")
 
 
-def _paired(before: Normalization | None, after: Normalization | None) -> Normalization | None:
-    """The two dates' normalisations as one for the stacked before + after bands (both clip or neither: the after
-    one is the before one, or its :meth:`~Normalization.after_affine`)."""
-    if before is None and after is None:
+def _joined(norms: Sequence[Normalization | None]) -> Normalization | None:
+    """The dates' normalisations as one for their stacked bands (all clip or none: each is the first one or its
+    :meth:`~Normalization.after_affine`)."""
+    if all(n is None for n in norms):
         return None
-    n = (before or after).num_bands
-    before = before or Normalization(mean=(0.0,) * n, std=(1.0,) * n, name="none")
-    after = after or Normalization(mean=(0.0,) * n, std=(1.0,) * n, name="none")
-    join = (lambda a, b: None if a is None else tuple(a) + tuple(b))
-    return Normalization(mean=join(before.mean, after.mean), std=join(before.std, after.std),
-                         low=join(before.low, after.low), high=join(before.high, after.high), name=before.name)  # fmt: skip
+    bands = next(n for n in norms if n is not None).num_bands
+    norms = [n or Normalization(mean=(0.0,) * bands, std=(1.0,) * bands, name="none") for n in norms]
+    join = (lambda name: None if getattr(norms[0], name) is None else sum((tuple(getattr(n, name)) for n in norms), ()))
+    return Normalization(mean=join("mean"), std=join("std"), low=join("low"), high=join("high"), name=norms[0].name)
 
 
 def radiometric_match(stack: Any, before_bands: Sequence[int], after_bands: Sequence[int], *,
@@ -207,7 +226,7 @@ def radiometric_match(stack: Any, before_bands: Sequence[int], after_bands: Sequ
     a change covering much of the scene shifts the statistics too, so it is an option, not a rule.
 
     Args:
-        stack: a :class:`~dinov3_eo.data.stack.RasterStack` of the two dates (``common_mask=True``).
+        stack: a :class:`~dinov3_eo.data.stack.RasterStack` of the dates (``common_mask=True``).
         before_bands, after_bands: 1-based stack bands of the two dates, in the same band order.
 
     Returns:
@@ -222,7 +241,7 @@ def radiometric_match(stack: Any, before_bands: Sequence[int], after_bands: Sequ
     values = stack.read(indexes, out_shape=(len(indexes), *shape), resampling=Resampling.nearest)
     seen = np.isfinite(values).all(axis=0)
     if not seen.any():
-        raise ValueError(f"{stack.name}: the two dates share no valid pixel, so their radiometry cannot be matched.")
+        raise ValueError(f"{stack.name}: the dates share no valid pixel, so their radiometry cannot be matched.")
     pixels = values[:, seen].astype(np.float64)  # [2C, N]
     n = len(before_bands)
     mean, std = pixels.mean(axis=1), pixels.std(axis=1)
@@ -292,128 +311,200 @@ def detect_change(
         ValueError: rasters without georeference, that do not overlap, with different band counts, or with another
             band count than the backbone takes; an unknown threshold; polygons without a threshold.
     """
+    return detect_change_series(
+        backbone, [before, after], dst, normalization=normalization, bands=bands,
+        nodata=[nodata, after_nodata if after_nodata is not None else nodata], layers=layers, radiometry=radiometry,
+        threshold=threshold, mask=mask, polygons=polygons, min_area=min_area, simplify=simplify, quicklook=quicklook,
+        resampling=resampling, window=window, overlap=overlap, batch_size=batch_size, device=device, amp=amp, tta=tta,
+        overwrite=overwrite, progress=progress,
+    )  # fmt: skip
+
+
+def detect_change_series(
+    backbone: nn.Module,
+    rasters: Sequence[str | os.PathLike[str]],
+    dst: str | os.PathLike[str],
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None | Sequence[float | None] = None,
+    layers: int | Sequence[int] = 1,
+    radiometry: str = "match",
+    threshold: str | float | None = "otsu",
+    mask: str | os.PathLike[str] | None = None,
+    polygons: str | os.PathLike[str] | None = None,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    quicklook: str | os.PathLike[str] | None = None,
+    resampling: Resampling = Resampling.bilinear,
+    window: int = 512,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    tta: TTA | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ChangeSummary:
+    """Change along a series of dates of a place ("when did it change?"), on the first date's grid.
+
+    Each date is compared with the next (:class:`FeatureChange`; all dates of a window in one forward pass): ``dst``
+    gets one band per interval (``"a.tif -> b.tif"``; for two dates the one band ``change``). With a threshold, the
+    mask holds, where a pixel's largest score exceeds it, the interval of that largest change (1: between the first
+    and second date, ...; 0 no change, 255 nodata), i.e. when it changed most; the threshold (``"otsu"``: Otsu's
+    threshold) is taken on the histogram of each pixel's largest score. ``radiometry="match"`` matches every date to
+    the first. ``nodata``: one value for every date, or one per date. The other arguments are :func:`detect_change`'s.
+
+    Raises:
+        FileExistsError, ValueError: as :func:`detect_change`, and for fewer than two rasters.
+    """
+    from dinov3_eo.data.raster import pixel_area_ha, pixel_size_off_scale
     from dinov3_eo.data.stack import RasterStack
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite
 
+    rasters = list(rasters)
+    if len(rasters) < 2:
+        raise ValueError(f"Change needs at least two dates, got {len(rasters)} raster(s).")
     if radiometry not in ("match", "none"):
         raise ValueError(f"radiometry must be 'match' or 'none', got {radiometry!r}.")
     if isinstance(threshold, str) and threshold != "otsu":
         raise ValueError(f"threshold must be 'otsu', a number or None, got {threshold!r}.")
     if threshold is None and (mask is not None or polygons is not None):
         raise ValueError("A change mask or polygons need a threshold ('otsu' or a score).")
-    inputs = [before, after]
-    dst = check_overwrite(dst, overwrite, inputs=inputs)
+    dst = check_overwrite(dst, overwrite, inputs=rasters)
     if threshold is not None:
-        mask = check_overwrite(mask if mask is not None else change_outputs(dst)[0], overwrite, inputs=inputs)
+        mask = check_overwrite(mask if mask is not None else change_outputs(dst)[0], overwrite, inputs=rasters)
     for extra in (polygons, quicklook):
         if extra is not None:
-            check_overwrite(extra, overwrite, inputs=inputs)
-    if len({Path(p).resolve() for p in (dst, mask, polygons, quicklook) if p is not None}) != sum(
-        p is not None for p in (dst, mask, polygons, quicklook)
-    ):
-        raise ValueError("detect_change: the score, mask, polygons and picture outputs must be different files.")
+            check_overwrite(extra, overwrite, inputs=rasters)
+    outputs = [p for p in (dst, mask, polygons, quicklook) if p is not None]
+    if len({Path(p).resolve() for p in outputs}) != len(outputs):
+        raise ValueError("The score, mask, polygons and picture outputs must be different files.")
 
+    names = [Path(r).name for r in rasters]
+    intervals = ["change"] if len(rasters) == 2 else [f"{a} -> {b}" for a, b in zip(names, names[1:])]
     in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else None
-    after_nodata = after_nodata if after_nodata is not None else nodata
-    with RasterStack([before, after], nodata=[nodata, after_nodata], resampling=resampling, common_mask=True) as stack:
-        n_before, n_after = stack.counts
-        if n_before != n_after and bands is None:
-            raise ValueError(f"{before} has {n_before} bands but {after} has {n_after}: compare the same bands of "
-                             "both (select them with --bands).")  # fmt: skip
-        selected = list(bands) if bands is not None else list(range(1, n_before + 1))
-        bad = [b for b in selected if not (1 <= b <= n_before and 1 <= b <= n_after)]
+    with RasterStack(rasters, nodata=nodata, resampling=resampling, common_mask=True) as stack:
+        counts = stack.counts
+        if len(set(counts)) > 1 and bands is None:
+            listed = ", ".join(f"{r} has {c}" for r, c in zip(rasters, counts))
+            raise ValueError(f"The dates have different band counts ({listed}): compare the same bands of each "
+                             "(select them with --bands).")  # fmt: skip
+        selected = list(bands) if bands is not None else list(range(1, counts[0] + 1))
+        bad = [b for b in selected if not all(1 <= b <= c for c in counts)]
         if bad or not selected:
-            raise ValueError(f"bands must be 1-based indexes of both rasters ({before}: 1..{n_before}, {after}: "
-                             f"1..{n_after}), got {bands}.")  # fmt: skip
+            raise ValueError(f"bands must be 1-based indexes of every raster (1..{min(counts)}), got {bands}.")
         if in_chans is not None and len(selected) != in_chans:
-            raise ValueError(f"{before} gives {len(selected)} bands but the backbone takes {in_chans}; select bands with "
-                             "--bands.")  # fmt: skip
-        from dinov3_eo.data.raster import pixel_area_ha, pixel_size_off_scale
-
+            raise ValueError(f"{rasters[0]} gives {len(selected)} bands but the backbone takes {in_chans}; select bands "
+                             "with --bands.")  # fmt: skip
         trained_gsd = getattr(getattr(backbone, "meta", None), "gsd", None)
         metres = pixel_size_off_scale(stack, trained_gsd)
         if metres:
             log.warning("%s has %.3g m pixels but the backbone learnt at %.3g m: its features see other things at "
-                        "another scale; resample the dates to its scale for a trustworthy map.", before, metres, trained_gsd)  # fmt: skip
-        model = FeatureChange(backbone, in_chans=len(selected), layers=layers)
-        after_bands = [n_before + b for b in selected]
-        after_normalization, radiometry_tags = normalization, {"radiometry": radiometry}
-        if radiometry == "match":
-            gain, offset = radiometric_match(stack, selected, after_bands)
-            base = normalization or Normalization(mean=(0.0,) * len(selected), std=(1.0,) * len(selected), name="none")
-            after_normalization = base.after_affine(gain, offset)
-            radiometry_tags.update(gain=json.dumps([round(float(g), 6) for g in gain]),
-                                   offset=json.dumps([round(float(o), 6) for o in offset]))  # fmt: skip
-            log.info("radiometry of %s matched to %s: gain %s, offset %s", after, before, np.round(gain, 4), np.round(offset, 2))
+                        "another scale; resample the dates to its scale for a trustworthy map.", rasters[0], metres,
+                        trained_gsd)  # fmt: skip
+        offsets = np.cumsum([0, *counts[:-1]])
+        date_bands = [[int(o) + b for b in selected] for o in offsets]  # each date's selected bands in the stack
+        norms: list[Normalization | None] = [normalization]
+        tags = {"radiometry": radiometry}
+        base = normalization or Normalization(mean=(0.0,) * len(selected), std=(1.0,) * len(selected), name="none")
+        for d in range(1, len(rasters)):
+            if radiometry == "match":
+                gain, offset = radiometric_match(stack, date_bands[0], date_bands[d])
+                norms.append(base.after_affine(gain, offset))
+                suffix = "" if len(rasters) == 2 else f"_{d}"
+                tags[f"gain{suffix}"] = json.dumps([round(float(g), 6) for g in gain])
+                tags[f"offset{suffix}"] = json.dumps([round(float(o), 6) for o in offset])
+                log.info("radiometry of %s matched to %s: gain %s, offset %s", rasters[d], rasters[0],
+                         np.round(gain, 4), np.round(offset, 2))  # fmt: skip
+            else:
+                norms.append(normalization)
+        model = FeatureChange(backbone, in_chans=len(selected), layers=layers, dates=len(rasters))
         predict_raster(
-            model, stack, dst, out_channels=1, output="regression", activation="none", class_names=["change"],
-            window=window, overlap=overlap, batch_size=batch_size, bands=selected + after_bands,
-            normalization=_paired(normalization, after_normalization), device=device, amp=amp, tta=tta,
-            multiple=model.patch_size, progress=progress, overwrite=overwrite,
-            tags={"quantity": "feature change, 1 - cosine similarity of the two dates' patch features",
-                  "before": os.fspath(before), "after": os.fspath(after), "layers": str(layers), **radiometry_tags},
+            model, stack, dst, out_channels=len(rasters) - 1, output="regression", activation="none",
+            class_names=intervals, window=window, overlap=overlap, batch_size=batch_size,
+            bands=[b for group in date_bands for b in group], normalization=_joined(norms), device=device, amp=amp,
+            tta=tta, multiple=model.patch_size, progress=progress, overwrite=overwrite,
+            tags={"quantity": "feature change, 1 - cosine similarity of consecutive dates' patch features",
+                  "dates": json.dumps([os.fspath(r) for r in rasters]), "before": os.fspath(rasters[0]),
+                  "after": os.fspath(rasters[-1]), "layers": str(layers), **tags},
         )  # fmt: skip
         rgb = getattr(getattr(backbone, "meta", None), "rgb_bands", None)
         rgb = rgb(selected) if rgb is not None else (selected[:3] if len(selected) >= 3 else selected[:1])
 
-        value, method, changed, valid, area = None, None, 0, 0, None
+        value, method, changed, valid, area, per_interval = None, None, 0, 0, None, ()
         if threshold is not None:
-            counts, edges = score_histogram(dst)
-            if not counts.any():
-                log.warning("%s and %s share no valid pixel: the change map is all nodata, so no mask is written.",
-                            before, after)  # fmt: skip
+            hist, edges = score_histogram(dst)
+            if not hist.any():
+                log.warning("%s share no valid pixel: the change map is all nodata, so no mask is written.",
+                            " and ".join(map(str, rasters)))  # fmt: skip
                 mask = polygons = None
             else:
                 if threshold == "otsu":
                     try:
-                        value, method = otsu_threshold(counts, edges), "otsu"
+                        value, method = otsu_threshold(hist, edges), "otsu"
                     except ValueError:  # one score everywhere (e.g. identical dates): nothing stands out
-                        value, method = float(edges[np.flatnonzero(counts)[-1] + 1]), "otsu (one score only)"
+                        value, method = float(edges[np.flatnonzero(hist)[-1] + 1]), "otsu (one score only)"
                 else:
                     value, method = float(threshold), "given"
-                changed, valid = write_change_mask(dst, mask, value, overwrite=overwrite)
+                mask_names = ["no change", "change"] if len(rasters) == 2 else ["no change", *intervals]
+                per_interval = tuple(write_change_mask(dst, mask, value, class_names=mask_names, overwrite=overwrite))
+                changed, valid = sum(per_interval[1:]), sum(per_interval)
+                per_interval = per_interval[1:]
                 hectares = pixel_area_ha(stack.crs, stack.transform)
                 area = changed * hectares if hectares is not None else None
                 if polygons is not None:
                     from dinov3_eo.inference.writers import vectorize_classes
 
-                    vectorize_classes(mask, polygons, min_area=min_area, simplify=simplify, keep=[CHANGE],
-                                      layer="change", overwrite=overwrite)  # fmt: skip
+                    vectorize_classes(mask, polygons, min_area=min_area, simplify=simplify,
+                                      keep=list(range(1, len(rasters))), layer="change", overwrite=overwrite)  # fmt: skip
         else:
             mask = None
         if quicklook is not None:
-            change_quicklook(quicklook, stack, dst, mask=mask, bands=(rgb, [n_before + b for b in rgb]),
-                             names=(Path(before).name, Path(after).name), overwrite=overwrite)  # fmt: skip
+            change_quicklook(quicklook, stack, dst, mask=mask, bands=(rgb, [int(offsets[-1]) + b for b in rgb]),
+                             names=(names[0], names[-1]), overwrite=overwrite)  # fmt: skip
     return ChangeSummary(score=dst, mask=mask, polygons=Path(polygons) if polygons is not None else None,
                          quicklook=Path(quicklook) if quicklook is not None else None, threshold=value,
-                         threshold_method=method, changed_pixels=changed, valid_pixels=valid, changed_area_ha=area)  # fmt: skip
+                         threshold_method=method, changed_pixels=changed, valid_pixels=valid, changed_area_ha=area,
+                         intervals=tuple(intervals), changed_per_interval=tuple(per_interval))  # fmt: skip
+
+
+#: mask colours: no change, then one per interval (the first red: the two-date change)
+_INTERVAL_COLOURS = [(215, 25, 28, 255), (253, 174, 97, 255), (171, 221, 164, 255), (43, 131, 186, 255),
+                     (94, 60, 153, 255), (230, 97, 1, 255)]  # fmt: skip
 
 
 def write_change_mask(score: str | os.PathLike[str], dst: str | os.PathLike[str], threshold: float, *,
-                      overwrite: bool = False) -> tuple[int, int]:  # fmt: skip
-    """Threshold a score raster block by block into a uint8 COG (0 no change, 1 change: score > threshold; 255
-    nodata); returns ``(changed pixels, valid pixels)``."""
+                      class_names: Sequence[str] = ("no change", "change"), overwrite: bool = False) -> list[int]:  # fmt: skip
+    """Threshold a score raster block by block into a uint8 COG: where a pixel's largest score (over the bands)
+    exceeds ``threshold``, the 1-based band of that score (1 = change, for one band), else 0; 255 nodata.
+
+    Returns:
+        the pixels of each value ``[no change, band 1, band 2, ...]``.
+    """
     from dinov3_eo.inference.writers import COGWriter
 
-    changed = valid = 0
-    with rasterio.open(score) as src, COGWriter(
-        dst, crs=src.crs, transform=src.transform, width=src.width, height=src.height, count=1, dtype="uint8",
-        nodata=MASK_NODATA, class_names=["no change", "change"], colormap={NO_CHANGE: (235, 235, 235, 255),
-        CHANGE: (215, 25, 28, 255)}, overwrite=overwrite,
-        tags={"dinov3_eo_output": "change_mask", "threshold": f"{threshold:.6g}", "score": os.fspath(score)},
-    ) as out:  # fmt: skip
-        for _, window in src.block_windows(1):
-            values = src.read(1, window=window)
-            seen = np.isfinite(values)
-            above = seen & (values > threshold)
-            block = np.full(values.shape, MASK_NODATA, dtype=np.uint8)
-            block[seen] = NO_CHANGE
-            block[above] = CHANGE
-            out.write(block[None], window)
-            changed += int(above.sum())
-            valid += int(seen.sum())
-    return changed, valid
+    with rasterio.open(score) as src:
+        k = src.count
+        counts = np.zeros(k + 1, dtype=np.int64)
+        colours = {NO_CHANGE: (235, 235, 235, 255)}
+        colours.update({i + 1: _INTERVAL_COLOURS[i % len(_INTERVAL_COLOURS)] for i in range(k)})
+        with COGWriter(
+            dst, crs=src.crs, transform=src.transform, width=src.width, height=src.height, count=1, dtype="uint8",
+            nodata=MASK_NODATA, class_names=list(class_names), colormap=colours, overwrite=overwrite,
+            tags={"dinov3_eo_output": "change_mask", "threshold": f"{threshold:.6g}", "score": os.fspath(score)},
+        ) as out:  # fmt: skip
+            for _, window in src.block_windows(1):
+                values = src.read(window=window)  # [k, h, w]
+                largest, seen = _largest(values)
+                block = np.full(largest.shape, MASK_NODATA, dtype=np.uint8)
+                block[seen] = NO_CHANGE
+                above = seen & (largest > threshold)
+                block[above] = (np.where(seen, values, -np.inf).argmax(axis=0) + 1)[above].astype(np.uint8)
+                out.write(block[None], window)
+                counts += np.bincount(block[seen], minlength=k + 1)[: k + 1]
+    return counts.tolist()
 
 
 def change_quicklook(
@@ -427,7 +518,8 @@ def change_quicklook(
     max_size: int = 768,
     overwrite: bool = False,
 ) -> Path:
-    """Before, after (on the before grid) and the change score side by side, the mask's outline drawn on the score."""
+    """The first and the last date (on the first date's grid) and the change score (each pixel's largest, for a
+    series) side by side, the mask's outline drawn on the score."""
     from matplotlib.figure import Figure
 
     from dinov3_eo.inference.writers import atomic_output, stretch_to_unit
@@ -443,11 +535,13 @@ def change_quicklook(
         rgb[~valid] = 1.0
         panels.append(rgb)
     with rasterio.open(score) as src:
-        values = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average))
+        largest, seen = _largest(src.read(out_shape=(src.count, *shape), resampling=Resampling.average))
+        values = np.ma.masked_array(largest, mask=~seen)
     outline = None
     if mask is not None:
         with rasterio.open(mask) as src:
-            outline = src.read(1, out_shape=shape, resampling=Resampling.nearest) == CHANGE
+            labels = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+            outline = (labels != NO_CHANGE) & (labels != MASK_NODATA)
     finite = values.compressed()
     top = max(float(np.percentile(finite, 99)), 1e-3) if finite.size else 1.0
     fig = Figure(figsize=(3 * max(2.5, shape[1] / 100) + 1.5, max(2.5, shape[0] / 100) + 0.6), dpi=100)
@@ -475,11 +569,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="dinov3-eo change",
-        description="Change between two images of a place from the distance of their DINOv3 patch features: a float32 "
-        "score COG (1 - cosine, on BEFORE's grid), a change mask by Otsu's threshold, polygons and a picture.",
+        description="Change between two (or more) images of a place from the distance of their DINOv3 patch features: "
+        "a float32 score COG (1 - cosine, on the first date's grid; one band per pair of consecutive dates), a change "
+        "mask by Otsu's threshold (for a series: when the largest change happened), polygons and a picture.",
     )
-    p.add_argument("before", help="the earlier GeoTIFF (its grid is the output's)")
-    p.add_argument("after", help="the later GeoTIFF, same bands; any CRS and pixel size (warped onto BEFORE's grid)")
+    p.add_argument("dates", nargs="+", metavar="DATE",
+                   help="two or more GeoTIFFs of the place with the same bands, oldest first; the first one's grid is "
+                   "the output's, the others may have any CRS and pixel size (warped onto it)")  # fmt: skip
     p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
                    "a segmentation or height .ckpt, or a registry name (random weights)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="score COG (.tif); the mask goes to OUTPUT_mask.tif, the "
@@ -491,15 +587,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", default=None,
                    help="0-based blocks whose features are compared, score averaged (default: the last block)")
     p.add_argument("--radiometry", default="match", choices=["match", "none"],
-                   help="match (default): give AFTER the per-band mean and std of BEFORE over the pixels both see, so "
-                   "that a change of sun, haze or calibration is not mapped as change; none: feed both as they are")
+                   help="match (default): give each later date the first date's per-band mean and std over the pixels "
+                   "both see, so that a change of sun, haze or calibration is not mapped as change; none: feed them as "
+                   "they are")  # fmt: skip
     p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands of both rasters (default: all)")
-    p.add_argument("--nodata", type=float, default=None, help="nodata of BEFORE (and of AFTER unless --after-nodata)")
-    p.add_argument("--after-nodata", type=float, default=None, help="nodata of AFTER overriding the file's")
+    p.add_argument("--nodata", type=float, default=None, help="nodata of every date overriding the files' (unless "
+                   "--after-nodata)")  # fmt: skip
+    p.add_argument("--after-nodata", type=float, default=None, help="nodata of the dates after the first")
     p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
                    help="override the backbone's stored input normalisation (presets expect 0..255 values)")
     p.add_argument("--resampling", default="bilinear", choices=["bilinear", "cubic", "nearest", "average"],
-                   help="how AFTER is warped onto BEFORE's grid when the grids differ (default bilinear)")
+                   help="how a date is warped onto the first date's grid when the grids differ (default bilinear)")
     p.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap, fraction of the window (default 0.25)")
     p.add_argument("--batch-size", type=int, default=4)
@@ -513,7 +611,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def change_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo change BEFORE.tif AFTER.tif --model BACKBONE -o change.tif``."""
+    """``dinov3-eo change BEFORE.tif AFTER.tif [MORE.tif ...] --model BACKBONE -o change.tif``."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
@@ -530,20 +628,22 @@ def change_main(argv: Sequence[str]) -> int:
             return EXIT_BAD_INPUT
     quicklook = None if args.no_quicklook else change_outputs(args.output)[1]
     try:
-        for path in (args.before, args.after):
+        if len(args.dates) < 2:
+            raise ValueError(f"Change needs at least two dates, got {len(args.dates)}.")
+        for path in args.dates:
             if not Path(path).exists():
                 raise FileNotFoundError(f"Input {path!r} does not exist.")
         backbone = resolve_backbone(args.model)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        summary = detect_change(
-            backbone.to(device), args.before, args.after, args.output,
+        later = args.after_nodata if args.after_nodata is not None else args.nodata
+        summary = detect_change_series(
+            backbone.to(device), args.dates, args.output,
             normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
-            nodata=args.nodata, after_nodata=args.after_nodata, layers=args.layers if args.layers else 1,
-            radiometry=args.radiometry,
-            threshold=threshold, polygons=args.polygons, min_area=args.min_area, simplify=args.simplify,
-            quicklook=quicklook, resampling=Resampling[args.resampling], window=args.window, overlap=args.overlap,
-            batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, tta=args.tta,
-            overwrite=args.overwrite, progress=not args.quiet,
+            nodata=[args.nodata] + [later] * (len(args.dates) - 1), layers=args.layers if args.layers else 1,
+            radiometry=args.radiometry, threshold=threshold, polygons=args.polygons, min_area=args.min_area,
+            simplify=args.simplify, quicklook=quicklook, resampling=Resampling[args.resampling], window=args.window,
+            overlap=args.overlap, batch_size=args.batch_size, device=device, amp=True if args.bf16 else None,
+            tta=args.tta, overwrite=args.overwrite, progress=not args.quiet,
         )  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError, IndexError) as e:
         print(f"dinov3-eo change: error: {e}", file=sys.stderr)
@@ -552,7 +652,10 @@ def change_main(argv: Sequence[str]) -> int:
     if summary.mask is not None:
         area = f", {summary.changed_area_ha:,.1f} ha" if summary.changed_area_ha is not None else ""
         print(f"change mask:  {summary.mask} (threshold {summary.threshold:.3f}, {summary.threshold_method}: "
-              f"{summary.changed_fraction:.1%} of {summary.valid_pixels:,} pixels seen on both dates{area})")  # fmt: skip
+              f"{summary.changed_fraction:.1%} of {summary.valid_pixels:,} pixels seen on every date{area})")  # fmt: skip
+        if len(summary.intervals) > 1:
+            for name, pixels in zip(summary.intervals, summary.changed_per_interval):
+                print(f"  changed most {name}: {pixels:,} pixels")
     if summary.polygons is not None:
         print(f"polygons:     {summary.polygons}")
     if summary.quicklook is not None:
@@ -567,6 +670,7 @@ __all__ = [
     "change_outputs",
     "change_quicklook",
     "detect_change",
+    "detect_change_series",
     "otsu_threshold",
     "radiometric_match",
     "score_histogram",
