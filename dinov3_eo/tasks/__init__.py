@@ -13,7 +13,10 @@ _EXPORTS: dict[str, str] = {
     "evaluate_class_raster": "dinov3_eo.tasks.segmentation_eval",
     # change between two dates
     "detect_change": "dinov3_eo.tasks.change",
+    "detect_change_series": "dinov3_eo.tasks.change",
     "FeatureChange": "dinov3_eo.tasks.change",
+    "class_transitions": "dinov3_eo.tasks.class_change",
+    "height_change": "dinov3_eo.tasks.height_change",
     # patch features and their PCA picture
     "resolve_backbone": "dinov3_eo.tasks.features",
     "stream_patch_features": "dinov3_eo.tasks.features",
