@@ -43,6 +43,7 @@ from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
+from dinov3_eo.tasks.segmentation_eval import iou_f1_from_confusion
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
@@ -112,23 +113,6 @@ def fold_scale_offset(
     mean = (np.asarray(normalization.mean) - o) / s
     std = np.asarray(normalization.std) / s
     return Normalization(mean=tuple(mean), std=tuple(std), name=normalization.name)
-
-
-def iou_f1_from_confusion(confusion: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-class IoU and F1 from a confusion matrix ``[K, K]`` (rows = truth, columns = prediction).
-
-    ``IoU_k = TP / (TP + FP + FN)``, ``F1_k = 2 TP / (2 TP + FP + FN)``; a class absent from both truth and
-    prediction gets NaN (left out of the means).
-    """
-    confusion = confusion.double()
-    tp = confusion.diag()
-    fp = confusion.sum(dim=0) - tp
-    fn = confusion.sum(dim=1) - tp
-    denom = tp + fp + fn
-    nan = torch.full_like(tp, float("nan"))
-    iou = torch.where(denom > 0, tp / denom.clamp(min=1), nan)
-    f1 = torch.where(denom > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
-    return iou, f1
 
 
 def _palette(num_classes: int) -> list[list[int]]:

@@ -29,12 +29,28 @@ from rasterio.windows import Window
 
 from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
-from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
 VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
 GDAL_CACHE_BYTES = 64 * 2**20
 #: what ``out_dir`` receives
 REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png")
+
+
+def iou_f1_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class IoU and F1 from a confusion matrix ``[K, K]`` (rows = truth, columns = prediction).
+
+    ``IoU_k = TP / (TP + FP + FN)``, ``F1_k = 2 TP / (2 TP + FP + FN)``; a class absent from both truth and
+    prediction gets NaN (left out of the means).
+    """
+    confusion = confusion.double()
+    tp = confusion.diag()
+    fp = confusion.sum(dim=0) - tp
+    fn = confusion.sum(dim=1) - tp
+    denom = tp + fp + fn
+    nan = torch.full_like(tp, float("nan"))
+    iou = torch.where(denom > 0, tp / denom.clamp(min=1), nan)
+    f1 = torch.where(denom > 0, 2 * tp / (2 * tp + fp + fn).clamp(min=1), nan)
+    return iou, f1
 
 
 def confusion_matrix(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> np.ndarray:
