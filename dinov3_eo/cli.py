@@ -63,6 +63,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("height", "change"): ("dinov3_eo.tasks.height_change", "change_main"),
     ("segment", "change"): ("dinov3_eo.tasks.class_change", "change_main"),
+    ("segment", "evaluate"): ("dinov3_eo.tasks.segmentation_eval", "evaluate_main"),
 }
 
 

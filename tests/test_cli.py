@@ -122,12 +122,13 @@ def test_a_key_error_with_our_message_is_one_clean_sentence(capsys, monkeypatch)
 
 
 def test_light_subcommands_start_without_lightning() -> None:
-    """``height change`` and ``segment change`` are routed to their own modules, which (with everything they import
+    """``height change``, ``segment change`` and ``segment evaluate`` are routed to their own modules, which (with everything they import
     when they run) never import Lightning: seconds saved at every start."""
     from dinov3_eo.cli import SUBCOMMANDS
 
     modules = {module for module, _ in SUBCOMMANDS.values()} | {
-        "dinov3_eo.tasks.segmentation_eval", "dinov3_eo.tasks.height_plots", "dinov3_eo.data.stack"}  # fmt: skip
+        "dinov3_eo.tasks.segmentation_eval", "dinov3_eo.tasks.height_plots", "dinov3_eo.data.stack",
+        "dinov3_eo.data.labels"}  # fmt: skip
     code = f"import sys\nfor m in {sorted(modules)!r}:\n    __import__(m)\nprint('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -15,8 +15,10 @@ agree, disagree, or cannot be compared).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -425,3 +427,43 @@ def agreement_plot(
     ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(_AGREEMENT_COLOURS[:3], labels[:3])],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # fmt: skip
     return _save(fig, Path(dst))
+
+
+def evaluate_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment evaluate CLASSES.tif REFERENCE [--out-dir eval/]``; returns the exit code."""
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+
+    prog = "dinov3-eo segment evaluate"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Accuracy of a class map against reference labels (a raster of class ids, or polygons), on the "
+        "map's grid: overall accuracy, kappa, per-class IoU/F1/precision/recall, confusion matrix.",
+    )
+    parser.add_argument("prediction", help="class map GeoTIFF (e.g. OUT_DIR/<scene>_classes.tif from 'segment predict')")
+    parser.add_argument("reference", help="reference labels: a GeoTIFF of class ids or a vector file (.gpkg, .geojson, "
+                        ".shp ...), any CRS")  # fmt: skip
+    parser.add_argument("--out-dir", help="write metrics.json, confusion.csv, confusion.png and agreement.png here")
+    parser.add_argument("--attribute", default="name", help="polygon column holding the class (default: name)")
+    parser.add_argument("--classes", type=json.loads, default=None,
+                        help='JSON map of reference names to class ids, e.g. \'{"lake": 0, "forest": 2}\' '
+                        "(default: names matched to the map's class names)")  # fmt: skip
+    parser.add_argument("--class-names", nargs="+", default=None, help="names of the map's classes 0..K-1 (default: "
+                        "the map's class_names tag)")  # fmt: skip
+    parser.add_argument("--reference-nodata", type=float, default=None, help="nodata of a raster reference")
+    parser.add_argument("--background", type=int, default=None,
+                        help="class id of pixels no polygon covers (default: unlabelled, left out)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
+    args = parser.parse_args(list(argv))
+    try:
+        report = evaluate_class_raster(
+            args.prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
+            attribute=args.attribute, classes=args.classes, reference_nodata=args.reference_nodata,
+            background=args.background, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+        print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report_table(report))
+    if args.out_dir:
+        print(f"wrote {Path(args.out_dir) / 'metrics.json'}, confusion.csv, confusion.png, agreement.png")
+    return 0
