@@ -92,8 +92,7 @@ def fold_scale_offset(
 ) -> Normalization:
     """One normalisation on raw DN equal to ``normalization`` applied to ``DN * scale + offset``.
 
-    With ``p = x*s + o`` (``s > 0``): clip bounds become ``(low - o)/s``, ``(high - o)/s``; without clipping
-    ``(p - m)/sd = (x - (m - o)/s) / (sd/s)``.
+    ``scale``/``offset`` may be one value for every band; the folding is :meth:`Normalization.after_affine`.
 
     Raises:
         ValueError: if a scale is not positive or the lengths differ from the band count.
@@ -105,13 +104,7 @@ def fold_scale_offset(
     o = np.broadcast_to(np.asarray(0.0 if offset is None else offset, dtype=np.float64), (n,))
     if (s <= 0).any():
         raise ValueError(f"fold_scale_offset: scales must be > 0 to fold into a normalisation, got {list(s)}.")
-    if normalization.low is not None and normalization.high is not None:
-        low = (np.asarray(normalization.low) - o) / s
-        high = (np.asarray(normalization.high) - o) / s
-        return Normalization(mean=normalization.mean, std=normalization.std, low=tuple(low), high=tuple(high), name=normalization.name)
-    mean = (np.asarray(normalization.mean) - o) / s
-    std = np.asarray(normalization.std) / s
-    return Normalization(mean=tuple(mean), std=tuple(std), name=normalization.name)
+    return normalization.after_affine(s, o)
 
 
 def _palette(num_classes: int) -> list[list[int]]:
