@@ -155,6 +155,11 @@ def test_stack_refuses_what_cannot_be_stacked(dates: dict, tmp_path: Path) -> No
         RasterStack([dates["before"], bare_path])
     with pytest.raises(ValueError, match="2 nodata values for 1 rasters"):
         RasterStack([dates["before"]], nodata=[0, 0])
+    with pytest.raises(FileNotFoundError, match=r"Input '.*gone.tif' does not exist"):
+        RasterStack([dates["before"], tmp_path / "gone.tif"])
+    (tmp_path / "notes.tif").write_text("not a raster")
+    with pytest.raises(rasterio.errors.RasterioIOError, match=r"Input '.*notes.tif' cannot be read as a raster"):
+        RasterStack([dates["before"], tmp_path / "notes.tif"])
 
 
 # ------------------------------------------------------------------------------------------ FeatureChange

@@ -13,16 +13,28 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
 import rasterio
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import RasterioIOError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from dinov3_eo.data.raster import _data_band_count, read_window, require_georeferenced
+
+
+def _open(path: str | os.PathLike[str], name: str) -> Any:
+    """``rasterio.open(path)``, a missing local file or an unreadable one named in one sentence."""
+    try:
+        return rasterio.open(path)
+    except RasterioIOError as e:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"Input {name!r} does not exist.") from e
+        raise RasterioIOError(f"Input {name!r} cannot be read as a raster: {e}") from e
 
 
 def _same_grid(a: Any, b: Any) -> bool:
@@ -51,6 +63,7 @@ class RasterStack:
     Use it as a context manager, or :meth:`close` it.
 
     Raises:
+        FileNotFoundError: if a raster does not exist; RasterioIOError: if one cannot be read as a raster.
         ValueError: if a raster is not georeferenced or does not overlap the first one.
     """
 
@@ -71,13 +84,16 @@ class RasterStack:
         self.names = [str(n) for n in names] if names is not None else [os.fspath(r) for r in rasters]
         self.common_mask = bool(common_mask)
         self._stack = contextlib.ExitStack()
+        #: the opened files, in order (not the warped views): their tags, dtypes and band counts as written
+        self.sources: list[Any] = []
         self._members: list[Any] = []
         self._nodata: list[float | None] = []
         self._bands: list[tuple[int, int]] = []  # stack band (0-based) -> (member, member band 1-based)
         try:
             first = None
             for i, (path, override) in enumerate(zip(rasters, overrides)):
-                src = self._stack.enter_context(rasterio.open(path))
+                src = self._stack.enter_context(_open(path, self.names[i]))
+                self.sources.append(src)
                 require_georeferenced(src)
                 member_nodata = override if override is not None else src.nodata
                 if first is None:

@@ -630,9 +630,6 @@ def change_main(argv: Sequence[str]) -> int:
     try:
         if len(args.dates) < 2:
             raise ValueError(f"Change needs at least two dates, got {len(args.dates)}.")
-        for path in args.dates:
-            if not Path(path).exists():
-                raise FileNotFoundError(f"Input {path!r} does not exist.")
         backbone = resolve_backbone(args.model)
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         later = args.after_nodata if args.after_nodata is not None else args.nodata

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
@@ -65,9 +64,29 @@ def transition_report(matrix: np.ndarray, class_names: Sequence[str], *, pixel_a
     }
 
 
-def _class_names(src: Any) -> list[str] | None:
-    tags = src.tags()
-    return json.loads(tags["class_names"]) if "class_names" in tags else None
+def _common_class_names(stack: Any, class_names: Sequence[str] | None) -> list[str]:
+    """The K class names of the stacked class maps: ``class_names``, else their ``class_names`` tags, which must agree.
+
+    Raises:
+        ValueError: a map that is not a one-band integer raster, tags that differ, or no names at all.
+    """
+    tagged = []
+    for src, name in zip(stack.sources, stack.names):
+        if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+            raise ValueError(f"{name!r} is not a class map: expected one integer band, got {src.count} band(s) of "
+                             f"{src.dtypes[0]}.")  # fmt: skip
+        tags = src.tags()
+        tagged.append(json.loads(tags["class_names"]) if "class_names" in tags else None)
+    (first, second), (before, after) = tagged, stack.names
+    if class_names is None:
+        if first is not None and second is not None and first != second:
+            raise ValueError(f"The class maps name different classes ({first} in {before}, {second} in {after}); "
+                             "compare maps of the same classes, or pass class_names= (--class-names).")  # fmt: skip
+        class_names = first or second
+    if class_names is None:
+        raise ValueError(f"Neither {before} nor {after} names its classes (no 'class_names' tag); pass class_names= "
+                         "(--class-names on the command line).")  # fmt: skip
+    return [str(n) for n in class_names]
 
 
 def class_transitions(
@@ -107,33 +126,17 @@ def class_transitions(
     if out_dir is not None and Path(out_dir).is_dir():
         for name in TRANSITION_FILES:
             check_overwrite(Path(out_dir) / name, overwrite, inputs=[before, after])
-    names: list[list[str] | None] = []
-    for path in (before, after):
-        with rasterio.open(path) as src:
-            if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-                raise ValueError(f"{str(path)!r} is not a class map: expected one integer band, got {src.count} band(s) "
-                                 f"of {src.dtypes[0]}.")  # fmt: skip
-            names.append(_class_names(src))
-    if class_names is None:
-        if names[0] is not None and names[1] is not None and names[0] != names[1]:
-            raise ValueError(f"The class maps name different classes ({names[0]} in {before}, {names[1]} in {after}); "
-                             "compare maps of the same classes, or pass class_names= (--class-names).")  # fmt: skip
-        class_names = names[0] or names[1]
-    if class_names is None:
-        raise ValueError(f"Neither {before} nor {after} names its classes (no 'class_names' tag); pass class_names= "
-                         "(--class-names on the command line).")  # fmt: skip
-    class_names = [str(n) for n in class_names]
-    k = len(class_names)
-    matrix = np.zeros((k, k), dtype=np.int64)
-    code_dtype, code_nodata = (np.uint8, 255) if k * k < 255 else (np.uint16, 65535)
     folder = Path(out_dir) if out_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
     with RasterStack([before, after], nodata=[before_nodata, after_nodata], resampling=Resampling.nearest) as stack, \
             contextlib.ExitStack() as outputs:  # the from-to raster is removed if anything fails
+        class_names = _common_class_names(stack, class_names)
+        k = len(class_names)
+        matrix = np.zeros((k, k), dtype=np.int64)
+        code_dtype, code_nodata = (np.uint8, 255) if k * k < 255 else (np.uint16, 65535)
         hectares = pixel_area_ha(stack.crs, stack.transform)
         writer = None
         if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
             palette = default_colormap(k)
             colours = {i * k + j: (palette[j] if i != j else (225, 225, 225, 255)) for i in range(k) for j in range(k)}
             writer = outputs.enter_context(COGWriter(
@@ -211,9 +214,6 @@ def change_main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the files of an earlier comparison")
     args = parser.parse_args(list(argv))
     try:
-        for path in (args.before, args.after):
-            if not Path(path).exists():
-                raise FileNotFoundError(f"Input {path!r} does not exist.")
         report = class_transitions(args.before, args.after, out_dir=args.out_dir, class_names=args.class_names,
                                    before_nodata=args.before_nodata, after_nodata=args.after_nodata,
                                    overwrite=args.overwrite)  # fmt: skip

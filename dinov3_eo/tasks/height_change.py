@@ -175,9 +175,6 @@ def change_main(argv: Sequence[str]) -> int:
     p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG picture")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(list(argv))
-    for path in (args.before, args.after):
-        if not Path(path).exists():
-            raise FileNotFoundError(f"Input {path!r} does not exist.")
     summary = height_change(
         args.before, args.after, args.output, threshold=args.threshold, min_height=args.min_height,
         before_nodata=args.before_nodata, after_nodata=args.after_nodata, resampling=Resampling[args.resampling],
