@@ -468,3 +468,17 @@ def test_a_series_says_when_each_place_changed(dates: dict, backbone: torch.nn.M
     assert "changed most after.tif -> third.tif:" in printed
     assert cli_main(["change", str(dates["before"]), "--model", str(model), "-o", str(tmp_path / "one.tif")]) == 2
     assert "at least two dates" in capsys.readouterr().err
+
+
+def test_dates_that_share_no_valid_pixel_give_no_mask(dates: dict, backbone: torch.nn.Module, tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    top, bottom = dates["array"].copy(), dates["array"].copy()
+    top[:, 160:], bottom[:, :160] = 0, 0  # each date has data where the other has none
+    paths = [_write(tmp_path / f"{n}.tif", a, dates["profile"]) for n, a in (("top", top), ("bottom", bottom))]
+    with caplog.at_level("WARNING", logger="dinov3_eo.tasks.change"):
+        summary = detect_change(backbone, *paths, tmp_path / "c.tif", normalization=dates["normalization"],
+                                radiometry="none", threshold=0.5, window=128, progress=False)  # fmt: skip
+    assert summary.mask is None and summary.valid_pixels == 0 and not (tmp_path / "c_mask.tif").exists()
+    assert "share no valid pixel" in caplog.text
+    with rasterio.open(summary.score) as src:
+        assert np.isnan(src.read(1)).all()

@@ -421,7 +421,7 @@ def detect_change_series(
             else:
                 norms.append(normalization)
         model = FeatureChange(backbone, in_chans=len(selected), layers=layers, dates=len(rasters))
-        predict_raster(
+        run = predict_raster(
             model, stack, dst, out_channels=len(rasters) - 1, output="regression", activation="none",
             class_names=intervals, window=window, overlap=overlap, batch_size=batch_size,
             bands=[b for group in date_bands for b in group], normalization=_joined(norms), device=device, amp=amp,
@@ -434,31 +434,29 @@ def detect_change_series(
         rgb = rgb(selected) if rgb is not None else (selected[:3] if len(selected) >= 3 else selected[:1])
 
         value, method, changed, valid, area, per_interval = None, None, 0, 0, None, ()
+        if threshold is not None and run.windows_skipped == run.windows:  # (predict_raster has said so)
+            log.warning("%s share no valid pixel: the change map is all nodata, so no mask is written.",
+                        " and ".join(map(str, rasters)))  # fmt: skip
+            threshold = mask = polygons = None
         if threshold is not None:
-            hist, edges = score_histogram(dst)
-            if not hist.any():
-                log.warning("%s share no valid pixel: the change map is all nodata, so no mask is written.",
-                            " and ".join(map(str, rasters)))  # fmt: skip
-                mask = polygons = None
+            if threshold == "otsu":  # the one threshold that needs a pass over the scores first
+                hist, edges = score_histogram(dst)
+                try:
+                    value, method = otsu_threshold(hist, edges), "otsu"
+                except ValueError:  # one score everywhere (e.g. identical dates): nothing stands out
+                    value, method = float(edges[np.flatnonzero(hist)[-1] + 1]), "otsu (one score only)"
             else:
-                if threshold == "otsu":
-                    try:
-                        value, method = otsu_threshold(hist, edges), "otsu"
-                    except ValueError:  # one score everywhere (e.g. identical dates): nothing stands out
-                        value, method = float(edges[np.flatnonzero(hist)[-1] + 1]), "otsu (one score only)"
-                else:
-                    value, method = float(threshold), "given"
-                mask_names = ["no change", "change"] if len(rasters) == 2 else ["no change", *intervals]
-                per_interval = tuple(write_change_mask(dst, mask, value, class_names=mask_names, overwrite=overwrite))
-                changed, valid = sum(per_interval[1:]), sum(per_interval)
-                per_interval = per_interval[1:]
-                hectares = pixel_area_ha(stack.crs, stack.transform)
-                area = changed * hectares if hectares is not None else None
-                if polygons is not None:
-                    from dinov3_eo.inference.writers import vectorize_classes
+                value, method = float(threshold), "given"
+            mask_names = ["no change", "change"] if len(rasters) == 2 else ["no change", *intervals]
+            pixels = write_change_mask(dst, mask, value, class_names=mask_names, overwrite=overwrite)  # [no change, ...]
+            per_interval, changed, valid = tuple(pixels[1:]), sum(pixels[1:]), sum(pixels)
+            hectares = pixel_area_ha(stack.crs, stack.transform)
+            area = changed * hectares if hectares is not None else None
+            if polygons is not None:
+                from dinov3_eo.inference.writers import vectorize_classes
 
-                    vectorize_classes(mask, polygons, min_area=min_area, simplify=simplify,
-                                      keep=list(range(1, len(rasters))), layer="change", overwrite=overwrite)  # fmt: skip
+                vectorize_classes(mask, polygons, min_area=min_area, simplify=simplify,
+                                  keep=list(range(1, len(rasters))), layer="change", overwrite=overwrite)  # fmt: skip
         else:
             mask = None
         if quicklook is not None:
@@ -497,11 +495,13 @@ def write_change_mask(score: str | os.PathLike[str], dst: str | os.PathLike[str]
         ) as out:  # fmt: skip
             for _, window in src.block_windows(1):
                 values = src.read(window=window)  # [k, h, w]
-                largest, seen = _largest(values)
-                block = np.full(largest.shape, MASK_NODATA, dtype=np.uint8)
+                seen = np.isfinite(values).all(axis=0)
+                band = np.where(seen, values, -np.inf).argmax(axis=0)  # [h, w]: each pixel's largest score's band
+                largest = np.take_along_axis(values, band[None], axis=0)[0]
+                block = np.full(seen.shape, MASK_NODATA, dtype=np.uint8)
                 block[seen] = NO_CHANGE
                 above = seen & (largest > threshold)
-                block[above] = (np.where(seen, values, -np.inf).argmax(axis=0) + 1)[above].astype(np.uint8)
+                block[above] = (band[above] + 1).astype(np.uint8)
                 out.write(block[None], window)
                 counts += np.bincount(block[seen], minlength=k + 1)[: k + 1]
     return counts.tolist()
