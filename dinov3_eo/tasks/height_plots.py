@@ -45,23 +45,8 @@ def height_quicklook(
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is false.
     """
-    from matplotlib.figure import Figure
-
-    with rasterio.open(chm) as src:
-        scale = min(1.0, max_size / max(src.height, src.width))
-        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-        heights = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
-    values = np.ma.masked_invalid(heights)
-    finite = values.compressed()
-    top = vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0)
-    fig = Figure(figsize=(max(3.0, shape[1] / 100 + 1.5), max(2.5, shape[0] / 100)), dpi=100)
-    ax = fig.subplots()
-    image = ax.imshow(values, cmap=HEIGHT_CMAP, vmin=0.0, vmax=max(top, 1e-3), interpolation="nearest")
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="height (m)")
-    return _save(fig, dst, overwrite)
+    return _one_band_picture(dst, chm, cmap=HEIGHT_CMAP, label="height (m)", centred=False, max_size=max_size,
+                             vmax=vmax, title=title, overwrite=overwrite)  # fmt: skip
 
 
 def scatter_plot(
@@ -151,20 +136,40 @@ def change_quicklook(
 ) -> Path:
     """A downsampled picture of a height-change raster (metres) on a diverging scale centred on 0, blue for loss and
     red for gain, symmetric to ``vmax`` (default: the 99th percentile of the absolute change); nodata transparent."""
+    # RdBu: red for negative; the reversed map puts loss (negative) in blue, gain in red
+    return _one_band_picture(dst, change, cmap=ERROR_CMAP, label="height change (m)", centred=True, max_size=max_size,
+                             vmax=vmax, title=title, overwrite=overwrite)  # fmt: skip
+
+
+def _one_band_picture(
+    dst: str | os.PathLike[str],
+    raster: str | os.PathLike[str],
+    *,
+    cmap: str,
+    label: str,
+    centred: bool,
+    max_size: int,
+    vmax: float | None,
+    title: str | None,
+    overwrite: bool,
+) -> Path:
+    """Band 1 of ``raster`` read down to ``max_size`` (averaged, nodata and NaN transparent) with a labelled colour
+    bar: from 0 to ``vmax`` (default: the 99th percentile of the values), or ``centred`` from ``-vmax`` to ``vmax``
+    (default: the 99th percentile of the absolute values)."""
     from matplotlib.figure import Figure
 
-    with rasterio.open(change) as src:
+    with rasterio.open(raster) as src:
         scale = min(1.0, max_size / max(src.height, src.width))
         shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-        values = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average).astype(np.float32))
-    finite = np.abs(values.compressed())
-    top = vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0)
+        read = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
+    values = np.ma.masked_invalid(read)
+    finite = np.abs(values.compressed()) if centred else values.compressed()
+    top = max(vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0), 1e-3)
     fig = Figure(figsize=(max(3.0, shape[1] / 100 + 1.5), max(2.5, shape[0] / 100)), dpi=100)
     ax = fig.subplots()
-    # RdBu: red for negative; the reversed map puts loss (negative) in blue, gain in red
-    image = ax.imshow(values, cmap=ERROR_CMAP, vmin=-max(top, 1e-3), vmax=max(top, 1e-3), interpolation="nearest")
+    image = ax.imshow(values, cmap=cmap, vmin=-top if centred else 0.0, vmax=top, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="height change (m)")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
     return _save(fig, dst, overwrite)
