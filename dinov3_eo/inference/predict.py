@@ -36,7 +36,7 @@ from dinov3_eo.data.datasets import apply_fused_affine, fused_affine
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.tiling import Tile, TileGrid
-from dinov3_eo.inference.tta import TTA, TestTimeAugmented, tta_views
+from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, TestTimeAugmented, tta_views
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,18 @@ log = logging.getLogger(__name__)
 #: Help of the prediction commands' ``--bf16`` option (``amp=True``).
 BF16_HELP = ("bf16 autocast on a CPU too (default: on CUDA only): ViT features ~1.85x faster on CPUs with bf16 instructions "
              "(AVX512-BF16/AMX), slower without them; outputs within bf16 rounding of float32")
+
+
+def add_window_options(parser: Any) -> None:
+    """Add the streaming options every prediction command shares to an ``argparse`` parser: ``--window``,
+    ``--overlap``, ``--batch-size``, ``--device``, ``--bf16`` and ``--tta`` (those of :func:`predict_raster`)."""
+    parser.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
+    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap, a fraction of the window in [0, 1) "
+                        "(default 0.25)")  # fmt: skip
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
+    parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
 
 Output = Literal["argmax", "scores", "regression"]
 Activation = Literal["softmax", "sigmoid", "none"]

@@ -563,8 +563,7 @@ def change_quicklook(
 
 # ---------------------------------------------------------------------------------------------- command
 def _parser() -> argparse.ArgumentParser:
-    from dinov3_eo.inference.predict import BF16_HELP
-    from dinov3_eo.inference.tta import TTA_HELP, TTA_MODES
+    from dinov3_eo.inference.predict import add_window_options
     from dinov3_eo.inference.writers import SIMPLIFY_HELP
 
     p = argparse.ArgumentParser(
@@ -598,12 +597,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="override the backbone's stored input normalisation (presets expect 0..255 values)")
     p.add_argument("--resampling", default="bilinear", choices=["bilinear", "cubic", "nearest", "average"],
                    help="how a date is warped onto the first date's grid when the grids differ (default bilinear)")
-    p.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
-    p.add_argument("--overlap", type=float, default=0.25, help="window overlap, fraction of the window (default 0.25)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    p.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
+    add_window_options(p)
     p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG picture")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

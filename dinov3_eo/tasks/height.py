@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale, require_georeferenced
-from dinov3_eo.inference.predict import BF16_HELP
-from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, dihedral
+from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.tta import TTA, dihedral
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
     CHMV2_LAYERS,
@@ -605,14 +605,9 @@ def _predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", help="backbone weights for --chmv2-head")
     p.add_argument("--quicklook", help="PNG quick-look path (default: the output with .png)")
     p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG quick-look")
-    p.add_argument("--window", type=int, default=512, help="window size in pixels (default 512)")
-    p.add_argument("--overlap", type=float, default=0.25, help="window overlap, fraction of the window (default 0.25)")
-    p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--bands", type=int, nargs="+", help="1-based input bands (default: all)")
     p.add_argument("--nodata", type=float, help="input nodata overriding the file's")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    p.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
+    add_window_options(p)
     p.add_argument("--gsd", help="'model' (resample the input to the training GSD) or a pixel size in CRS units; "
                    "default: keep the input grid")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")

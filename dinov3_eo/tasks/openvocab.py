@@ -44,8 +44,8 @@ from torch import Tensor, nn
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import _data_band_count, read_window
-from dinov3_eo.inference.predict import BF16_HELP
-from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, tta_views
+from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.tta import TTA, tta_views
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.losses.cross_entropy import check_class_labels
@@ -1089,12 +1089,7 @@ def _query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stretch", action="store_true",
                         help="re-map this scene's 2-98 %% range onto the model's input range (another sensor / bit depth)")
     parser.add_argument("--templates", default=None, help="prompt templates file (default: the model's)")
-    parser.add_argument("--window", type=int, default=512, help="sliding-window size in pixels")
-    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap as a fraction")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
+    add_window_options(parser)
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
     parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")

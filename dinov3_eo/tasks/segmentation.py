@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale
-from dinov3_eo.inference.predict import BF16_HELP
-from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES
+from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.tta import TTA
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
@@ -643,14 +643,9 @@ def _predict_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units^2)")
     parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
     parser.add_argument("--probabilities", action="store_true", help="also write per-class probabilities (uint8, /254)")
-    parser.add_argument("--window", type=int, default=512, help="window side in pixels (default 512)")
-    parser.add_argument("--overlap", type=float, default=0.25, help="window overlap: fraction (<1) or pixels (default 0.25)")
-    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
     parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based input bands (default: as in training)")
     parser.add_argument("--nodata", type=float, default=None, help="input nodata override (default: as in training)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
-    parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
+    add_window_options(parser)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
