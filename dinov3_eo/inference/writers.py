@@ -460,7 +460,7 @@ def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None =
             pieces.append(to_geometry(geojson))
             values.append(int(value))
             parent.append(len(parent))
-        if first == len(pieces):
+        if first == len(pieces) or rows == height:  # no piece, or one strip: nothing to join
             above = None
             continue
         tree = shapely.STRtree(pieces[first:])
