@@ -235,21 +235,26 @@ def radiometric_match(stack: Any, before_bands: Sequence[int], after_bands: Sequ
     Raises:
         ValueError: if the dates share no valid pixel or a band is constant on one of them.
     """
+    [(gain, offset)] = _moment_matches(stack, [before_bands, after_bands], max_size=max_size)
+    return gain, offset
+
+
+def _moment_matches(stack: Any, date_bands: Sequence[Sequence[int]], *, max_size: int = 1024) -> list[tuple[np.ndarray, np.ndarray]]:
+    """:func:`radiometric_match` of every later date to the first, from one decimated read of all of them."""
     scale = min(1.0, max_size / max(stack.height, stack.width))
     shape = (max(1, round(stack.height * scale)), max(1, round(stack.width * scale)))
-    indexes = [*before_bands, *after_bands]
+    indexes = [b for bands in date_bands for b in bands]
     values = stack.read(indexes, out_shape=(len(indexes), *shape), resampling=Resampling.nearest)
     seen = np.isfinite(values).all(axis=0)
     if not seen.any():
         raise ValueError(f"{stack.name}: the dates share no valid pixel, so their radiometry cannot be matched.")
-    pixels = values[:, seen].astype(np.float64)  # [2C, N]
-    n = len(before_bands)
-    mean, std = pixels.mean(axis=1), pixels.std(axis=1)
+    pixels = values[:, seen].astype(np.float64).reshape(len(date_bands), len(date_bands[0]), -1)  # [dates, C, N]
+    mean, std = pixels.mean(axis=2), pixels.std(axis=2)
     if not (std > 0).all():
         raise ValueError(f"{stack.name}: a band is constant over the pixels both dates see, so its radiometry cannot be "
                          "matched; pass radiometry='none' (--radiometry none).")  # fmt: skip
-    gain = std[:n] / std[n:]
-    return gain, mean[:n] - gain * mean[n:]
+    gains = std[0] / std[1:]  # [dates - 1, C]
+    return [(g, mean[0] - g * m) for g, m in zip(gains, mean[1:])]
 
 
 def detect_change(
@@ -409,9 +414,10 @@ def detect_change_series(
         norms: list[Normalization | None] = [normalization]
         tags = {"radiometry": radiometry}
         base = normalization or Normalization(mean=(0.0,) * len(selected), std=(1.0,) * len(selected), name="none")
+        matches = _moment_matches(stack, date_bands) if radiometry == "match" else []
         for d in range(1, len(rasters)):
             if radiometry == "match":
-                gain, offset = radiometric_match(stack, date_bands[0], date_bands[d])
+                gain, offset = matches[d - 1]
                 norms.append(base.after_affine(gain, offset))
                 suffix = "" if len(rasters) == 2 else f"_{d}"
                 tags[f"gain{suffix}"] = json.dumps([round(float(g), 6) for g in gain])
