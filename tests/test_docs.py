@@ -69,3 +69,14 @@ def test_the_readme_change_example_flags_the_pasted_river(monkeypatch: pytest.Mo
     assert 0.5 * 80 * 80 * 0.09 < summary.changed_area_ha < 1.5 * 80 * 80 * 0.09  # the 80 x 80 block of 30 m pixels
     maps = scope["maps"]
     assert set(maps.data_vars) == {"change", "mask"} and int((maps["mask"] == 1).sum()) == summary.changed_pixels
+
+
+def test_the_readme_height_and_class_change_example_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("loss = height_change(", monkeypatch)
+    loss, report = scope["loss"], scope["report"]
+    assert loss.loss_pixels > 50 and loss.gain_pixels == 0
+    top = report["transitions"][0]
+    assert (top["from"], top["to"]) == ("tree", "open")
+    # every tree pixel lost is a >= 5 m canopy cut to 0.5 m: a height loss too
+    assert top["area"] == pytest.approx(report["classes"]["tree"]["gross_loss"])
+    assert top["area"] >= loss.loss_ha
