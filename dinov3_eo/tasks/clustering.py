@@ -1,0 +1,645 @@
+"""Unsupervised maps from DINOv3 features: k-means clusters of a scene's patch features, as a georeferenced class map.
+
+No labels and no text: the features of a self-supervised backbone already group what looks alike, so k-means on
+them splits a scene into regions a person can name afterwards (water, a field pattern, a town), the usual first
+look at a new archive and a starting point for labelling. :func:`fit_clusters` samples patch features from a set of
+windows spread over one or more rasters (every read a window: memory flat in raster size) and fits spherical k-means
+on them (:mod:`~dinov3_eo.tasks.kmeans`; several ``k`` are compared by their cosine silhouette and the best kept);
+:func:`cluster_raster` then streams every window through :class:`ClusterScorer` (cosine of each pixel's upsampled
+patch features to each centroid) in :func:`~dinov3_eo.inference.predict.predict_raster` and writes the nearest
+centroid per pixel as a class COG (colour table, nodata), a picture over the imagery and, optionally, polygons.
+
+The centroids are saved (:meth:`Clusters.save`, safetensors + metadata) with a fingerprint of the backbone's
+weights, the layers and the input normalisation, so that later scenes are mapped into the *same* clusters
+(``--centroids``) and centroids are never applied to features of another model. ``dinov3-eo cluster`` is the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from rasterio.windows import Window
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.tta import TTA
+from dinov3_eo.tasks.kmeans import cosine_silhouette, spherical_kmeans
+
+log = logging.getLogger(__name__)
+
+#: feature vectors kept for fitting, and windows read to find them (spread over every raster)
+MAX_SAMPLES = 50_000
+MAX_WINDOWS = 64
+#: the silhouette that compares several k is computed on at most this many of the samples
+SILHOUETTE_SAMPLES = 20_000
+FORMAT = "dinov3_eo.clusters/1"
+
+
+# ------------------------------------------------------------------------------------------- features
+def normed_patch_tokens(backbone: nn.Module, x: Tensor, layers: int | Sequence[int] = 1) -> Tensor:
+    """``[B, C, H, W]`` (``H, W`` multiples of the patch) -> ``[B, L·D, H/p, W/p]`` float32 unit vectors.
+
+    Each of the ``L`` layers' normed patch tokens is L2-normalised and divided by ``sqrt(L)`` before they are
+    concatenated, so the vector has unit length and its cosine with another one is the mean of the layers' cosines.
+    ``layers``: official ``get_intermediate_layers`` semantics (an int takes the last blocks, a sequence those
+    0-based blocks).
+    """
+    outs = backbone.get_intermediate_layers(x, n=layers, reshape=True, norm=True)
+    scale = 1.0 / math.sqrt(len(outs))
+    return torch.cat([F.normalize(t.float(), dim=1) * scale for t in outs], dim=1)
+
+
+def _centre_pad(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
+    """Zero-pad ``[B, C, H, W]`` centred to multiples of ``multiple``: (padded, top, left)."""
+    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    top, left = ph // 2, pw // 2
+    return (F.pad(x, (left, pw - left, top, ph - top)) if ph or pw else x), top, left
+
+
+class ClusterScorer(nn.Module):
+    """``[B, C, H, W]`` normalised images -> ``[B, k, H, W]`` cosine of each pixel's features to each centroid.
+
+    The cosines are computed at patch resolution (:func:`normed_patch_tokens` against the unit centroids) and
+    upsampled bilinearly to pixels, so the argmax is the nearest centroid with smooth borders between clusters
+    (windows whose side is not a multiple of the patch are zero-padded, centred, and cropped back).
+
+    Args:
+        backbone: a ViT with ``patch_size`` and ``get_intermediate_layers``.
+        centroids: ``[k, L·D]`` unit vectors (:attr:`Clusters.centroids`).
+        layers: the layers the centroids were fit on.
+    """
+
+    def __init__(self, backbone: nn.Module, centroids: Tensor, *, layers: int | Sequence[int] = 1) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.register_buffer("centroids", F.normalize(centroids.detach().float(), dim=1), persistent=False)
+        self.layers = layers if isinstance(layers, int) else [int(i) for i in layers]
+        self.patch_size = int(backbone.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        padded, top, left = _centre_pad(x, self.patch_size)
+        tokens = normed_patch_tokens(self.backbone, padded, self.layers)  # [B, F, h, w]
+        if tokens.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"The centroids have {self.centroids.shape[1]} dimensions but the backbone's features "
+                             f"over layers {self.layers} have {tokens.shape[1]}.")  # fmt: skip
+        cosine = torch.einsum("bfyx,kf->bkyx", tokens, self.centroids)  # [B, k, h, w]
+        cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
+        return cosine[..., top : top + height, left : left + width]
+
+
+def backbone_fingerprint(backbone: nn.Module) -> str:
+    """A short hash of the backbone's patch embedding and final norm weights: equal for the same weights, and
+    different for another model of the same shape (whose features the centroids would not describe)."""
+    digest = hashlib.sha256()
+    state = backbone.state_dict()
+    for name in sorted(k for k in state if k.startswith(("patch_embed.", "norm.")) or k == "cls_token"):
+        digest.update(name.encode())
+        digest.update(state[name].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- the fit
+@dataclass
+class Clusters:
+    """Spherical k-means centroids of a backbone's patch features, and how they were made.
+
+    Attributes:
+        centroids: ``[k, L·D]`` unit vectors, numbered by their share of the samples, largest first.
+        layers: the backbone layers (:func:`normed_patch_tokens`).
+        normalization: :meth:`Normalization.to_dict` of the input normalisation the features were computed with.
+        bands: 1-based input bands fed to the backbone (``None``: all).
+        fingerprint: :func:`backbone_fingerprint` of the backbone.
+        backbone: the backbone's name (for messages).
+        shares: each cluster's share of the samples.
+        cohesion: mean cosine of a sample to its centroid.
+        silhouette: cosine silhouette of the samples' partition (``None`` for k = 1).
+        candidates: for each ``k`` tried, ``{"silhouette", "cohesion"}``.
+        samples: number of feature vectors the fit used.
+        sources: the rasters sampled.
+    """
+
+    centroids: Tensor
+    layers: int | list[int]
+    normalization: dict[str, Any] | None
+    bands: list[int] | None
+    fingerprint: str
+    backbone: str = "custom"
+    shares: list[float] = field(default_factory=list)
+    cohesion: float = float("nan")
+    silhouette: float | None = None
+    candidates: dict[int, dict[str, float | None]] = field(default_factory=dict)
+    samples: int = 0
+    sources: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def class_names(self) -> list[str]:
+        return [f"cluster {i}" for i in range(self.k)]
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the centroids, JSON-ready."""
+        return {
+            "format": FORMAT, "k": self.k, "layers": self.layers, "normalization": self.normalization,
+            "bands": self.bands, "fingerprint": self.fingerprint, "backbone": self.backbone, "shares": self.shares,
+            "cohesion": self.cohesion, "silhouette": self.silhouette,
+            "candidates": {str(k): v for k, v in self.candidates.items()}, "samples": self.samples,
+            "sources": self.sources,
+        }  # fmt: skip
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the centroids and :meth:`metadata` to a ``.safetensors`` file (atomically)."""
+        from safetensors.torch import save_file
+
+        from dinov3_eo.inference.writers import atomic_output
+
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            save_file({"centroids": self.centroids.detach().float().contiguous().cpu()}, str(tmp),
+                      metadata={"dinov3_eo": json.dumps(self.metadata())})  # fmt: skip
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Clusters:
+        """Read centroids written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist.
+            ValueError: if it is not a centroids file of this project.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Centroids file {str(path)!r} does not exist (write one with 'dinov3-eo cluster').")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("dinov3_eo", "{}"))
+                centroids = f.get_tensor("centroids") if "centroids" in f.keys() else None
+        except Exception as e:  # safetensors raises its own error types for a file of another format
+            raise ValueError(f"Cannot read {str(path)!r} as a centroids file: {e}") from e
+        if centroids is None or meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not a centroids file written by 'dinov3-eo cluster' (no 'centroids' "
+                             f"tensor with {FORMAT!r} metadata).")  # fmt: skip
+        return cls(
+            centroids=centroids, layers=meta["layers"], normalization=meta.get("normalization"), bands=meta.get("bands"),
+            fingerprint=meta["fingerprint"], backbone=meta.get("backbone", "custom"), shares=list(meta.get("shares", [])),
+            cohesion=float(meta.get("cohesion", float("nan"))), silhouette=meta.get("silhouette"),
+            candidates={int(k): v for k, v in meta.get("candidates", {}).items()}, samples=int(meta.get("samples", 0)),
+            sources=list(meta.get("sources", [])),
+        )  # fmt: skip
+
+    def check_backbone(self, backbone: nn.Module) -> None:
+        """Refuse a backbone other than the one the centroids were fit on.
+
+        Raises:
+            ValueError: if its :func:`backbone_fingerprint` differs.
+        """
+        mine = backbone_fingerprint(backbone)
+        if mine != self.fingerprint:
+            raise ValueError(f"The centroids were fit on the features of another backbone ({self.backbone}, weights "
+                             f"{self.fingerprint}) than the one given (weights {mine}): its features live elsewhere, "
+                             "so fit new centroids for it.")  # fmt: skip
+
+
+def _backbone_in_chans(backbone: nn.Module) -> int | None:
+    proj = getattr(getattr(backbone, "patch_embed", None), "proj", None)
+    return int(proj.weight.shape[1]) if proj is not None else None
+
+
+def _windows(height: int, width: int, side: int) -> list[Window]:
+    return [Window(c, r, min(side, width - c), min(side, height - r)) for r in range(0, height, side) for c in range(0, width, side)]
+
+
+def sample_features(
+    backbone: nn.Module,
+    rasters: Sequence[str | os.PathLike[str]],
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    layers: int | Sequence[int] = 1,
+    window: int = 512,
+    max_windows: int = MAX_WINDOWS,
+    max_samples: int = MAX_SAMPLES,
+    batch_size: int = 4,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    progress: bool = True,
+) -> Tensor:
+    """Feature vectors of patches whose every pixel is valid, from at most ``max_windows`` windows drawn at random
+    among all the rasters' non-overlapping windows (each raster's own grid), at most ``max_samples`` in all.
+
+    Returns:
+        ``[N, L·D]`` float32 unit vectors (:func:`normed_patch_tokens`).
+
+    Raises:
+        ValueError: a raster without georeference, with another band count than the backbone takes, or no valid
+            patch anywhere.
+    """
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.raster import read_window, require_georeferenced
+
+    patch = int(backbone.patch_size)
+    side = max(patch, window // patch * patch)
+    in_chans = _backbone_in_chans(backbone)
+    run_device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    use_amp = run_device.type == "cuda" if amp is None else bool(amp)
+    candidates: list[tuple[int, Window]] = []
+    for i, raster in enumerate(rasters):
+        with rasterio.open(raster) as src:
+            require_georeferenced(src)
+            count = len(bands) if bands is not None else src.count
+            if in_chans is not None and count != in_chans:
+                raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands with --bands.")
+            if normalization is not None and normalization.num_bands != count:
+                raise ValueError(f"The normalisation {normalization.name!r} has {normalization.num_bands} bands, "
+                                 f"{raster} gives {count}.")  # fmt: skip
+            candidates += [(i, w) for w in _windows(src.height, src.width, side)]
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.permutation(len(candidates))[:max_windows].tolist())  # raster by raster, row by row
+    quota = max(1, -(-max_samples // len(chosen)))
+    picked: list[Tensor] = []
+    was_training = backbone.training
+    backbone.eval()
+    sources = [rasterio.open(r) for r in rasters]
+    bar = tqdm(total=len(chosen), unit="win", desc="cluster samples", disable=not progress)
+    try:
+        for start in range(0, len(chosen), batch_size):
+            images, masks = [], []
+            for j in chosen[start : start + batch_size]:
+                raster_id, win = candidates[j]
+                values, valid = read_window(sources[raster_id], win, bands=bands, nodata=nodata)
+                image = torch.from_numpy(values.astype(np.float32))[None]  # [1, C, h, w]
+                if normalization is not None:
+                    image = normalization(image)
+                valid_t = torch.from_numpy(valid)[None, None]  # [1, 1, h, w]
+                image = torch.nan_to_num(image).masked_fill_(~valid_t, 0.0)
+                image, _, _ = _centre_pad(image, patch)
+                valid_t, _, _ = _centre_pad(valid_t.float(), patch)  # padding counts as invalid
+                images.append(image)
+                masks.append(valid_t)
+            # equal shapes batch together; a raster's edge windows run alone
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for n, image in enumerate(images):
+                groups.setdefault(tuple(image.shape), []).append(n)
+            for members in groups.values():
+                x = torch.cat([images[n] for n in members]).to(run_device)
+                with torch.inference_mode(), torch.autocast(run_device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    tokens = normed_patch_tokens(backbone, x, layers).float().cpu()  # [b, F, h, w]
+                full = F.avg_pool2d(torch.cat([masks[n] for n in members]), patch) >= 1.0  # [b, 1, h, w]: all valid
+                for feats, ok in zip(tokens, full):
+                    rows = feats.flatten(1).T[ok.flatten()]  # [n_valid, F]
+                    if len(rows) > quota:
+                        rows = rows[torch.from_numpy(rng.choice(len(rows), quota, replace=False))]
+                    picked.append(rows)
+            bar.update(len(images))
+    finally:
+        bar.close()
+        for src in sources:
+            src.close()
+        backbone.train(was_training)
+    samples = torch.cat(picked) if picked else torch.empty(0)
+    if samples.shape[0] == 0:
+        raise ValueError(f"No patch of {patch} x {patch} valid pixels in the {len(chosen)} windows read from "
+                         f"{', '.join(map(str, rasters))}: check the nodata value and the bands.")  # fmt: skip
+    if samples.shape[0] > max_samples:
+        samples = samples[torch.from_numpy(rng.choice(samples.shape[0], max_samples, replace=False))]
+    return samples
+
+
+def fit_clusters(
+    backbone: nn.Module,
+    rasters: Sequence[str | os.PathLike[str]],
+    k: int | Sequence[int] = 8,
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    layers: int | Sequence[int] = 1,
+    window: int = 512,
+    max_windows: int = MAX_WINDOWS,
+    max_samples: int = MAX_SAMPLES,
+    n_init: int = 4,
+    seed: int = 0,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    progress: bool = True,
+) -> Clusters:
+    """Fit spherical k-means centroids to the patch features of ``rasters`` (:func:`sample_features`).
+
+    Args:
+        backbone: the ViT whose features are clustered (e.g. :func:`~dinov3_eo.tasks.features.resolve_backbone`).
+        rasters: GeoTIFFs with the same bands; every one is sampled, so the clusters are shared by all of them.
+        k: the number of clusters, or several to compare: each is fit and the one with the highest cosine
+            silhouette (:func:`~dinov3_eo.tasks.kmeans.cosine_silhouette`, on at most 20,000 samples) is kept;
+            every candidate's silhouette and cohesion are in :attr:`Clusters.candidates`.
+        normalization: the backbone's input normalisation (stored with the centroids).
+        layers: the blocks whose features are clustered (:func:`normed_patch_tokens`; default the last).
+        n_init: k-means++ restarts per ``k``; seed: makes sampling and seeding repeatable.
+        window, max_windows, max_samples, batch_size, device, amp: :func:`sample_features`'.
+
+    Raises:
+        ValueError: as :func:`sample_features`; a ``k`` below 1 or above the samples found.
+    """
+    ks = [int(k)] if isinstance(k, int) else sorted({int(v) for v in k})
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be at least 1, got {k}.")
+    samples = sample_features(
+        backbone, rasters, normalization=normalization, bands=bands, nodata=nodata, layers=layers, window=window,
+        max_windows=max_windows, max_samples=max_samples, batch_size=batch_size, seed=seed, device=device, amp=amp,
+        progress=progress,
+    )  # fmt: skip
+    if max(ks) > samples.shape[0]:
+        raise ValueError(f"Only {samples.shape[0]} valid patches were found for k={max(ks)} clusters: use a smaller k "
+                         "or a larger raster.")  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    subset = torch.randperm(samples.shape[0], generator=generator)[:SILHOUETTE_SAMPLES]
+    fits, candidates = {}, {}
+    for value in ks:
+        fit = spherical_kmeans(samples, value, n_init=n_init, generator=generator)
+        silhouette = cosine_silhouette(samples[subset], fit.labels[subset], value) if value > 1 else None
+        fits[value] = fit
+        candidates[value] = {"silhouette": silhouette, "cohesion": fit.cohesion}
+        log.info("k=%d: silhouette %s, cohesion %.4f", value, "-" if silhouette is None else f"{silhouette:.4f}", fit.cohesion)
+    best = max(ks, key=lambda v: -math.inf if candidates[v]["silhouette"] is None else candidates[v]["silhouette"]) \
+        if len(ks) > 1 else ks[0]  # fmt: skip
+    fit = fits[best]
+    counts = torch.bincount(fit.labels, minlength=best).double()
+    meta = getattr(backbone, "meta", None)
+    return Clusters(
+        centroids=fit.centroids, layers=layers if isinstance(layers, int) else [int(i) for i in layers],
+        normalization=normalization.to_dict() if normalization is not None else None,
+        bands=list(bands) if bands is not None else None, fingerprint=backbone_fingerprint(backbone),
+        backbone=getattr(meta, "name", "custom"), shares=(counts / counts.sum()).tolist(), cohesion=fit.cohesion,
+        silhouette=candidates[best]["silhouette"], candidates=candidates, samples=int(samples.shape[0]),
+        sources=[os.fspath(r) for r in rasters],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the maps
+@dataclass(frozen=True)
+class ClusterMap:
+    """What :func:`cluster_raster` wrote for one scene, and each cluster's pixels and hectares there."""
+
+    classes: Path
+    quicklook: Path | None
+    polygons: Path | None
+    pixels: tuple[int, ...]
+    hectares: tuple[float, ...] | None
+
+    @property
+    def shares(self) -> tuple[float, ...]:
+        total = sum(self.pixels)
+        return tuple(p / total if total else 0.0 for p in self.pixels)
+
+
+def cluster_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
+    """``OUT/<stem>_clusters.tif``, ``_clusters.png`` and ``_clusters.gpkg`` of one scene."""
+    stem, out = Path(src).stem, Path(out_dir)
+    return out / f"{stem}_clusters.tif", out / f"{stem}_clusters.png", out / f"{stem}_clusters.gpkg"
+
+
+def _class_counts(path: Path, k: int) -> np.ndarray:
+    counts = np.zeros(k, dtype=np.int64)
+    with rasterio.open(path) as src:
+        for _, win in src.block_windows(1):
+            block = src.read(1, window=win)
+            counts += np.bincount(block[block != src.nodata].ravel(), minlength=k)[:k]
+    return counts
+
+
+def cluster_raster(
+    backbone: nn.Module,
+    clusters: Clusters,
+    raster: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    polygons: bool = False,
+    min_area: float = 0.0,
+    simplify: float = 0.0,
+    quicklook: bool = True,
+    preview_bands: Sequence[int] | None = None,
+    window: int = 512,
+    overlap: float | int = 0.25,
+    batch_size: int = 4,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    tta: TTA | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ClusterMap:
+    """Map every pixel of ``raster`` to its nearest centroid: ``OUT/<stem>_clusters.tif`` (uint8, colour table,
+    names ``cluster i``, nodata 255), a picture over the imagery (``_clusters.png``) and optional polygons
+    (``_clusters.gpkg``; ``min_area``, ``simplify`` as for :func:`~dinov3_eo.inference.writers.vectorize_classes`).
+
+    The scene is normalised with the centroids' normalisation and read in ``bands`` (default: the centroids'
+    bands, else all); ``window``, ``overlap``, ``batch_size``, ``device``, ``amp``, ``tta`` are
+    :func:`~dinov3_eo.inference.predict.predict_raster`'s. Every output is checked before any work.
+
+    Raises:
+        FileExistsError: if an output exists and ``overwrite`` is false.
+        ValueError: centroids of another backbone (:meth:`Clusters.check_backbone`), a raster without georeference
+            or with another band count.
+    """
+    from dinov3_eo.data.raster import pixel_area_ha, pixel_size_off_scale, require_georeferenced
+    from dinov3_eo.inference.predict import predict_raster
+    from dinov3_eo.inference.writers import check_overwrite, default_colormap, vectorize_classes, write_quicklook
+
+    classes_path, png, gpkg = cluster_outputs(raster, out_dir)
+    for path in (classes_path, png if quicklook else None, gpkg if polygons else None):
+        if path is not None:
+            check_overwrite(path, overwrite, inputs=[raster])
+    clusters.check_backbone(backbone)
+    bands = list(bands) if bands is not None else clusters.bands
+    normalization = Normalization.from_dict(clusters.normalization) if clusters.normalization else None
+    with rasterio.open(raster) as src:
+        require_georeferenced(src)
+        count = len(bands) if bands is not None else src.count
+        in_chans = _backbone_in_chans(backbone)
+        if in_chans is not None and count != in_chans:
+            raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands with --bands.")
+        meta = getattr(backbone, "meta", None)
+        trained_gsd = getattr(meta, "gsd", None)
+        metres = pixel_size_off_scale(src, trained_gsd)
+        if metres:
+            log.warning("%s has %.3g m pixels but the backbone learnt at %.3g m: its features see other things at "
+                        "another scale.", raster, metres, trained_gsd)  # fmt: skip
+        hectares_per_pixel = pixel_area_ha(src.crs, src.transform)
+        selected = bands if bands is not None else list(range(1, src.count + 1))
+        rgb = list(preview_bands) if preview_bands is not None else (
+            meta.rgb_bands(selected) if hasattr(meta, "rgb_bands") else selected[:3] if len(selected) >= 3 else selected[:1])  # fmt: skip
+        scorer = ClusterScorer(backbone, clusters.centroids, layers=clusters.layers)
+        predict_raster(
+            scorer, src, classes_path, out_channels=clusters.k, output="argmax", activation="none",
+            class_names=clusters.class_names, colormap=default_colormap(clusters.k), window=window, overlap=overlap,
+            batch_size=batch_size, bands=bands, nodata=nodata, normalization=normalization, device=device, amp=amp,
+            tta=tta, multiple=scorer.patch_size, progress=progress, overwrite=overwrite,
+            tags={"quantity": "k-means cluster of DINOv3 patch features (nearest centroid by cosine)",
+                  "k": clusters.k, "layers": json.dumps(clusters.layers), "backbone": clusters.backbone,
+                  "centroids_fingerprint": clusters.fingerprint},
+        )  # fmt: skip
+    pixels = _class_counts(classes_path, clusters.k)
+    if quicklook:
+        write_quicklook(png, classes=classes_path, image=raster, bands=rgb, class_names=clusters.class_names,
+                        title=f"{Path(raster).name}: {clusters.k} clusters", overwrite=overwrite)  # fmt: skip
+    if polygons:
+        vectorize_classes(classes_path, gpkg, class_names=clusters.class_names, min_area=min_area, simplify=simplify,
+                          layer="clusters", overwrite=overwrite)  # fmt: skip
+    return ClusterMap(
+        classes=classes_path, quicklook=png if quicklook else None, polygons=gpkg if polygons else None,
+        pixels=tuple(int(p) for p in pixels),
+        hectares=tuple(float(p) * hectares_per_pixel for p in pixels) if hectares_per_pixel is not None else None,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- command
+def _parser() -> argparse.ArgumentParser:
+    from dinov3_eo.inference.predict import add_window_options
+    from dinov3_eo.inference.writers import SIMPLIFY_HELP
+
+    p = argparse.ArgumentParser(
+        prog="dinov3-eo cluster",
+        description="Unsupervised map of GeoTIFFs: k-means clusters of a backbone's patch features (no labels, no "
+        "text). Writes OUT/<stem>_clusters.tif (class COG), _clusters.png (over the imagery), optional "
+        "_clusters.gpkg, and the centroids OUT/centroids.safetensors with a summary OUT/clusters.json; "
+        "--centroids maps more scenes into the same clusters.",
+    )
+    p.add_argument("inputs", nargs="+", help="GeoTIFFs, folders or glob patterns (quote globs); all are sampled for "
+                   "the fit, so the clusters are shared")  # fmt: skip
+    p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
+                   "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("-k", "--clusters", type=int, nargs="+", default=[8],
+                   help="number of clusters (default 8); several (e.g. -k 4 6 8 12) are compared by their cosine "
+                   "silhouette and the best is kept")  # fmt: skip
+    p.add_argument("--centroids", default=None, help="map into these saved centroids instead of fitting new ones")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="0-based blocks whose features are clustered (default: the last block)")
+    p.add_argument("--polygons", action="store_true", help="also vectorise the clusters into <stem>_clusters.gpkg")
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
+    p.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
+    p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
+    p.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
+                   help="override the backbone's stored input normalisation (presets expect 0..255 values)")
+    p.add_argument("--samples", type=int, default=MAX_SAMPLES, help=f"feature vectors fit on (default {MAX_SAMPLES:,})")
+    p.add_argument("--sample-windows", type=int, default=MAX_WINDOWS,
+                   help=f"windows read for the fit, drawn over all inputs (default {MAX_WINDOWS})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling and k-means++ (default 0)")
+    add_window_options(p)
+    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG pictures")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def cluster_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo cluster SCENE.tif [MORE.tif ...] --model BACKBONE -o OUT_DIR [-k 8]``."""
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.data.index import expand_sources
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.features import input_normalization, resolve_backbone
+
+    args = _parser().parse_args(list(argv))
+    prog = "dinov3-eo cluster"
+    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
+    progress = not args.quiet
+    try:
+        scenes = [Path(s) for s in expand_sources(args.inputs)]
+        stems = [s.stem for s in scenes]
+        if len(set(stems)) != len(stems):
+            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their "
+                             "outputs would collide.")  # fmt: skip
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        centroids_path, summary_path = out_dir / "centroids.safetensors", out_dir / "clusters.json"
+        planned = [summary_path] + ([] if args.centroids else [centroids_path])
+        for scene in scenes:
+            classes, png, gpkg = cluster_outputs(scene, out_dir)
+            planned += [classes] + ([] if args.no_quicklook else [png]) + ([gpkg] if args.polygons else [])
+        for path in planned:  # refuse before any work, not after it
+            check_overwrite(path, args.overwrite, inputs=scenes)
+        backbone = resolve_backbone(args.model)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone.to(device)
+        amp = True if args.bf16 else None
+        if args.centroids:
+            clusters = Clusters.load(args.centroids)
+            clusters.check_backbone(backbone)
+        else:
+            clusters = fit_clusters(
+                backbone, scenes, args.clusters,
+                normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
+                nodata=args.nodata, layers=args.layers if args.layers else 1, window=args.window,
+                max_windows=args.sample_windows, max_samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                device=device, amp=amp, progress=progress,
+            )  # fmt: skip
+            clusters.save(centroids_path, overwrite=args.overwrite)
+            if len(clusters.candidates) > 1:
+                print("k   silhouette  cohesion")
+                for value, score in sorted(clusters.candidates.items()):
+                    mark = "  <- kept" if value == clusters.k else ""
+                    print(f"{value:<3d} {score['silhouette'] or float('nan'):10.4f}  {score['cohesion']:8.4f}{mark}")
+            print(f"centroids: {centroids_path} (k={clusters.k}, {clusters.samples:,} patches, silhouette "
+                  f"{clusters.silhouette if clusters.silhouette is not None else float('nan'):.3f})")  # fmt: skip
+        maps = {}
+        for i, scene in enumerate(scenes, 1):
+            if progress:
+                print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
+            result = cluster_raster(
+                backbone, clusters, scene, out_dir, bands=args.bands, nodata=args.nodata, polygons=args.polygons,
+                min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook, window=args.window,
+                overlap=overlap, batch_size=args.batch_size, device=device, amp=amp, tta=args.tta,
+                overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+            maps[os.fspath(scene)] = {"pixels": list(result.pixels), "hectares": list(result.hectares) if result.hectares
+                                      else None, "shares": [round(s, 6) for s in result.shares]}  # fmt: skip
+            for path in (result.classes, result.quicklook, result.polygons):
+                if path is not None:
+                    print(path)
+            shares = ", ".join(f"{name} {share:.1%}" for name, share in zip(clusters.class_names, result.shares))
+            print(f"  {shares}")
+        with atomic_output(summary_path, overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps({**clusters.metadata(), "centroids_file": os.fspath(args.centroids or centroids_path),
+                                       "scenes": maps}, indent=2))  # fmt: skip
+        print(summary_path)
+    except (FileExistsError, FileNotFoundError, ValueError, IndexError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+__all__ = [
+    "ClusterMap",
+    "ClusterScorer",
+    "Clusters",
+    "backbone_fingerprint",
+    "cluster_main",
+    "cluster_outputs",
+    "cluster_raster",
+    "fit_clusters",
+    "normed_patch_tokens",
+    "sample_features",
+]
