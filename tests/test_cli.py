@@ -123,12 +123,14 @@ def test_a_key_error_with_our_message_is_one_clean_sentence(capsys, monkeypatch)
 
 def test_light_subcommands_start_without_lightning() -> None:
     """``height change``, ``segment change`` and ``segment evaluate`` are routed to their own modules, which (with everything they import
-    when they run) never import Lightning: seconds saved at every start."""
+    when they run) never import Lightning: seconds saved at every start; ``cluster`` (and the backbone loading and
+    streaming it uses) neither."""
     from dinov3_eo.cli import SUBCOMMANDS
 
     modules = {module for module, _ in SUBCOMMANDS.values()} | {
         "dinov3_eo.tasks.segmentation_eval", "dinov3_eo.tasks.height_plots", "dinov3_eo.data.stack",
-        "dinov3_eo.data.labels"}  # fmt: skip
+        "dinov3_eo.data.labels", "dinov3_eo.tasks.clustering", "dinov3_eo.tasks.features", "dinov3_eo.models.hub",
+        "dinov3_eo.data.index", "dinov3_eo.inference.predict"}  # fmt: skip
     code = f"import sys\nfor m in {sorted(modules)!r}:\n    __import__(m)\nprint('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -80,3 +80,13 @@ def test_the_readme_height_and_class_change_example_agree(monkeypatch: pytest.Mo
     # every tree pixel lost is a >= 5 m canopy cut to 0.5 m: a height loss too
     assert top["area"] == pytest.approx(report["classes"]["tree"]["gross_loss"])
     assert top["area"] >= loss.loss_ha
+
+
+def test_the_readme_cluster_example_maps_the_scene(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("clusters = fit_clusters(", monkeypatch)
+    clusters, result = scope["clusters"], scope["result"]
+    assert clusters.k in (3, 4, 6) and set(clusters.candidates) == {3, 4, 6}
+    assert {p.name for p in scope["out"].iterdir()} == {
+        "centroids.safetensors", "landsat8_224078_subset_clusters.tif", "landsat8_224078_subset_clusters.png",
+        "landsat8_224078_subset_clusters.gpkg"}  # fmt: skip
+    assert len(result.hectares) == clusters.k and sum(result.hectares) == pytest.approx(sum(result.pixels) * 0.09)
