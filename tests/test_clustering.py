@@ -313,3 +313,5 @@ def test_cli_refuses_bad_input(exported: Path, tmp_path: Path, capsys: pytest.Ca
     assert "at least 1" in capsys.readouterr().err
     assert cli_main(["cluster", str(SAMPLE), *base, "--centroids", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["cluster", str(SAMPLE), *base, "--centroids", str(tmp_path / "c.safetensors"), "-k", "4"]) == 2
+    assert "leave out -k" in capsys.readouterr().err

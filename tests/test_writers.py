@@ -301,6 +301,22 @@ class TestQuicklook:
         with pytest.raises(FileExistsError, match="already exists"):
             write_quicklook(png, classes=classes)
 
+    def test_undeclared_nodata_shows_white_not_black(self, tmp_path: Path) -> None:
+        with rasterio.open(CROP) as src:
+            image, profile = src.read(), {**src.profile, "nodata": None}
+        image[:, :, : image.shape[2] // 2] = 0  # a collar of 0 the file does not declare (as Landsat L1 products)
+        scene = tmp_path / "scene.tif"
+        with rasterio.open(scene, "w", **profile) as dst:
+            dst.write(image)
+        labels = np.where((image == 0).all(axis=0), 255, 1).astype(np.uint8)
+        classes = write_cog(tmp_path / "c.tif", labels, crs=profile["crs"], transform=profile["transform"], nodata=255)
+        black = {}
+        for nodata in (None, 0):
+            png = write_quicklook(tmp_path / f"q{nodata}.png", classes=classes, image=scene, nodata=nodata)
+            with Image.open(png) as picture:
+                black[nodata] = int((np.asarray(picture.convert("RGB")).max(axis=2) < 30).sum())
+        assert black[None] > 50 * black[0] and black[None] > 0.3 * labels.size * 0.5
+
     def test_grid_mismatch(self, tmp_path: Path) -> None:
         classes = write_cog(tmp_path / "c.tif", class_map(), crs=CRS, transform=TRANSFORM, nodata=255)
         with pytest.raises(ValueError, match="is not on the grid"):

@@ -336,6 +336,7 @@ def write_quicklook(
     max_size: int = 1024,
     alpha: float = 0.5,
     title: str | None = None,
+    nodata: float | None = None,
     overwrite: bool = False,
 ) -> Path:
     """A downsampled PNG of a class map drawn semi-transparently over the imagery, with a legend.
@@ -349,6 +350,8 @@ def write_quicklook(
         colormap: class id -> RGB(A); default: the file's colour table, else :func:`default_colormap`.
         max_size: the longer side of the picture in pixels (reads use the COG overviews).
         alpha: opacity of the class colours.
+        nodata: the imagery's nodata where the file declares none (e.g. a Landsat collar of 0 given as
+            ``--nodata 0``): such pixels are shown white, not as black data.
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
@@ -386,6 +389,8 @@ def write_quicklook(
             indexes = [b for b in bands if b <= img_src.count] or [1]
             pixels = img_src.read(indexes, out_shape=(len(indexes), *shape), resampling=rasterio.enums.Resampling.average)
             valid = img_src.read_masks(1, out_shape=shape) > 0
+            if nodata is not None:  # an average over a pixel block that is all nodata is nodata too
+                valid &= ~(pixels == nodata).all(axis=0)
         rgb = stretch_to_unit(pixels, valid)
         background = np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3]
         background = np.moveaxis(background, 0, -1).copy()  # [3, h, w] -> [h, w, 3]

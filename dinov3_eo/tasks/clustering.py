@@ -503,7 +503,7 @@ def cluster_raster(
     pixels = _class_counts(classes_path, clusters.k)
     if quicklook:
         write_quicklook(png, classes=classes_path, image=raster, bands=rgb, class_names=clusters.class_names,
-                        title=f"{Path(raster).name}: {clusters.k} clusters", overwrite=overwrite)  # fmt: skip
+                        title=f"{Path(raster).name}: {clusters.k} clusters", nodata=nodata, overwrite=overwrite)  # fmt: skip
     if polygons:
         vectorize_classes(classes_path, gpkg, class_names=clusters.class_names, min_area=min_area, simplify=simplify,
                           layer="clusters", overwrite=overwrite)  # fmt: skip
@@ -531,7 +531,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
                    "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
-    p.add_argument("-k", "--clusters", type=int, nargs="+", default=[8],
+    p.add_argument("-k", "--clusters", type=int, nargs="+", default=None,
                    help="number of clusters (default 8); several (e.g. -k 4 6 8 12) are compared by their cosine "
                    "silhouette and the best is kept")  # fmt: skip
     p.add_argument("--centroids", default=None, help="map into these saved centroids instead of fitting new ones")
@@ -586,11 +586,16 @@ def cluster_main(argv: Sequence[str]) -> int:
         backbone.to(device)
         amp = True if args.bf16 else None
         if args.centroids:
+            given = [name for name, value in (("-k", args.clusters), ("--layers", args.layers),
+                                              ("--normalization", args.normalization)) if value is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"--centroids maps into saved clusters, which carry their own k, layers and "
+                                 f"normalisation: leave out {', '.join(given)}.")  # fmt: skip
             clusters = Clusters.load(args.centroids)
             clusters.check_backbone(backbone)
         else:
             clusters = fit_clusters(
-                backbone, scenes, args.clusters,
+                backbone, scenes, args.clusters or [8],
                 normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
                 nodata=args.nodata, layers=args.layers if args.layers else 1, window=args.window,
                 max_windows=args.sample_windows, max_samples=args.samples, seed=args.seed, batch_size=args.batch_size,

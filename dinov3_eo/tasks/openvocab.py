@@ -1129,7 +1129,7 @@ def query_main(argv: Sequence[str]) -> int:
             with rasterio.open(args.scene) as src:
                 rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
             write_quicklook(png, classes=classes_path, image=args.scene, bands=rgb, class_names=names,
-                            title=", ".join(names), overwrite=args.overwrite)  # fmt: skip
+                            title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
             written.append(f"quick-look: {png}")
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"dinov3-eo query: error: {e}", file=sys.stderr)

@@ -597,7 +597,7 @@ def segment_scene(
         )  # fmt: skip
     rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
     write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
-                    title=Path(src_path).name)  # fmt: skip
+                    title=Path(src_path).name, nodata=nodata)  # fmt: skip
     if outputs.polygons is not None:
         vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, simplify=simplify, overwrite=overwrite)
     return outputs
