@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "distill": ("dinov3_eo.ssl.cli", "distill_main", "multi-student distillation: fit --config ..."),
     "export": ("dinov3_eo.models.hub", "export_main",
                "export a checkpoint's backbone: teacher, fine-tuned or LoRA-merged (official .pth + safetensors)"),
-    "segment": ("dinov3_eo.tasks.segmentation", "main", "supervised segmentation: fit / predict / evaluate GeoTIFFs, class transitions of two dates"),
+    "segment": ("dinov3_eo.tasks.segmentation", "main", "supervised segmentation: fit / predict / evaluate GeoTIFFs, prototypes (no training), class transitions"),
     "embed": ("dinov3_eo.tasks.features", "embed_main", "patch features of a GeoTIFF as a georeferenced raster or zarr"),
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
     "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
@@ -65,6 +65,7 @@ SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("height", "change"): ("dinov3_eo.tasks.height_change", "change_main"),
     ("segment", "change"): ("dinov3_eo.tasks.class_change", "change_main"),
     ("segment", "evaluate"): ("dinov3_eo.tasks.segmentation_eval", "evaluate_main"),
+    ("segment", "prototypes"): ("dinov3_eo.tasks.prototypes", "prototypes_main"),
 }
 
 

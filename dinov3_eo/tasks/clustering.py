@@ -70,8 +70,14 @@ def _centre_pad(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
     return (F.pad(x, (left, pw - left, top, ph - top)) if ph or pw else x), top, left
 
 
+#: the score of a class that has no centroid (ids a label file skips): below any cosine, and finite, so that blending
+#: never turns it into NaN
+NO_CLASS_SCORE = -10.0
+
+
 class ClusterScorer(nn.Module):
-    """``[B, C, H, W]`` normalised images -> ``[B, k, H, W]`` cosine of each pixel's features to each centroid.
+    """``[B, C, H, W]`` normalised images -> ``[B, G, H, W]`` cosine of each pixel's features to each centroid, or
+    to the nearest centroid of each class.
 
     The cosines are computed at patch resolution (:func:`normed_patch_tokens` against the unit centroids) and
     upsampled bilinearly to pixels, so the argmax is the nearest centroid with smooth borders between clusters
@@ -81,14 +87,49 @@ class ClusterScorer(nn.Module):
         backbone: a ViT with ``patch_size`` and ``get_intermediate_layers``.
         centroids: ``[k, L·D]`` unit vectors (:attr:`Clusters.centroids`).
         layers: the layers the centroids were fit on.
+        groups: the class id of each centroid (several centroids may share one; a class scores its best centroid);
+            ``None``: each centroid is its own class (``G = k``).
+        num_classes: ``G`` with ``groups`` (default ``max(groups) + 1``); a class without a centroid scores
+            :data:`NO_CLASS_SCORE`.
+        floor: adds class ``G`` ("unknown") with this constant score, so that a pixel whose best cosine is below it
+            goes there.
     """
 
-    def __init__(self, backbone: nn.Module, centroids: Tensor, *, layers: int | Sequence[int] = 1) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        centroids: Tensor,
+        *,
+        layers: int | Sequence[int] = 1,
+        groups: Sequence[int] | None = None,
+        num_classes: int | None = None,
+        floor: float | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.register_buffer("centroids", F.normalize(centroids.detach().float(), dim=1), persistent=False)
         self.layers = layers if isinstance(layers, int) else [int(i) for i in layers]
         self.patch_size = int(backbone.patch_size)
+        if groups is not None and len(groups) != centroids.shape[0]:
+            raise ValueError(f"groups has {len(groups)} class ids for {centroids.shape[0]} centroids.")
+        self.groups = None if groups is None else torch.as_tensor(list(groups), dtype=torch.int64)
+        self.num_classes = int(centroids.shape[0]) if groups is None else int(num_classes or max(groups) + 1)
+        self.floor = floor
+
+    @property
+    def out_channels(self) -> int:
+        return self.num_classes + (self.floor is not None)
+
+    def patch_scores(self, tokens: Tensor) -> Tensor:
+        """``[B, F, h, w]`` unit tokens -> ``[B, G (+1), h, w]`` class scores at patch resolution."""
+        cosine = torch.einsum("bfyx,kf->bkyx", tokens, self.centroids)  # [B, k, h, w]
+        if self.groups is not None:
+            index = self.groups.to(cosine.device)[None, :, None, None].expand_as(cosine)
+            best = cosine.new_full((cosine.shape[0], self.num_classes, *cosine.shape[2:]), NO_CLASS_SCORE)
+            cosine = best.scatter_reduce(1, index, cosine, reduce="amax", include_self=True)  # [B, G, h, w]
+        if self.floor is not None:
+            cosine = torch.cat([cosine, cosine.new_full((cosine.shape[0], 1, *cosine.shape[2:]), self.floor)], dim=1)
+        return cosine
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
@@ -97,7 +138,7 @@ class ClusterScorer(nn.Module):
         if tokens.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"The centroids have {self.centroids.shape[1]} dimensions but the backbone's features "
                              f"over layers {self.layers} have {tokens.shape[1]}.")  # fmt: skip
-        cosine = torch.einsum("bfyx,kf->bkyx", tokens, self.centroids)  # [B, k, h, w]
+        cosine = self.patch_scores(tokens)  # [B, G, h, w]
         cosine = F.interpolate(cosine, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return cosine[..., top : top + height, left : left + width]
 
@@ -131,6 +172,11 @@ class Clusters:
         candidates: for each ``k`` tried, ``{"silhouette", "cohesion"}``.
         samples: number of feature vectors the fit used.
         sources: the rasters sampled.
+        names: class names of prototypes fit from labels (:mod:`~dinov3_eo.tasks.prototypes`): the map's class ``i``
+            is ``names[i]``; ``None`` for k-means clusters (``cluster i``).
+        groups: the class id of each centroid when they are class prototypes (several may share a class).
+        min_similarity: a pixel whose best cosine is below it is mapped to an extra class ``unknown``.
+        kind: ``"kmeans"`` or ``"prototypes"``.
     """
 
     centroids: Tensor
@@ -145,14 +191,27 @@ class Clusters:
     candidates: dict[int, dict[str, float | None]] = field(default_factory=dict)
     samples: int = 0
     sources: list[str] = field(default_factory=list)
+    names: list[str] | None = None
+    groups: list[int] | None = None
+    min_similarity: float | None = None
+    kind: str = "kmeans"
 
     @property
     def k(self) -> int:
+        """Number of centroids."""
         return int(self.centroids.shape[0])
 
     @property
     def class_names(self) -> list[str]:
-        return [f"cluster {i}" for i in range(self.k)]
+        """Names of the map's classes, in id order (``unknown`` last when :attr:`min_similarity` is set)."""
+        names = list(self.names) if self.names is not None else [f"cluster {i}" for i in range(self.k)]
+        return names + (["unknown"] if self.min_similarity is not None else [])
+
+    def scorer(self, backbone: nn.Module) -> ClusterScorer:
+        """The :class:`ClusterScorer` that maps ``backbone``'s features into these classes."""
+        return ClusterScorer(backbone, self.centroids, layers=self.layers, groups=self.groups,
+                             num_classes=len(self.names) if self.names is not None else None,
+                             floor=self.min_similarity)  # fmt: skip
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the centroids, JSON-ready."""
@@ -161,7 +220,8 @@ class Clusters:
             "bands": self.bands, "fingerprint": self.fingerprint, "backbone": self.backbone, "shares": self.shares,
             "cohesion": self.cohesion, "silhouette": self.silhouette,
             "candidates": {str(k): v for k, v in self.candidates.items()}, "samples": self.samples,
-            "sources": self.sources,
+            "sources": self.sources, "names": self.names, "groups": self.groups, "min_similarity": self.min_similarity,
+            "kind": self.kind,
         }  # fmt: skip
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -202,7 +262,8 @@ class Clusters:
             fingerprint=meta["fingerprint"], backbone=meta.get("backbone", "custom"), shares=list(meta.get("shares", [])),
             cohesion=float(meta.get("cohesion", float("nan"))), silhouette=meta.get("silhouette"),
             candidates={int(k): v for k, v in meta.get("candidates", {}).items()}, samples=int(meta.get("samples", 0)),
-            sources=list(meta.get("sources", [])),
+            sources=list(meta.get("sources", [])), names=meta.get("names"), groups=meta.get("groups"),
+            min_similarity=meta.get("min_similarity"), kind=meta.get("kind", "kmeans"),
         )  # fmt: skip
 
     def check_backbone(self, backbone: nn.Module) -> None:
@@ -413,10 +474,11 @@ class ClusterMap:
         return tuple(p / total if total else 0.0 for p in self.pixels)
 
 
-def cluster_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> tuple[Path, Path, Path]:
-    """``OUT/<stem>_clusters.tif``, ``_clusters.png`` and ``_clusters.gpkg`` of one scene."""
+def cluster_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "clusters") -> tuple[Path, Path, Path]:
+    """``OUT/<stem>_<suffix>.tif``, ``.png`` and ``.gpkg`` of one scene (suffix ``clusters``, or ``classes`` for
+    prototypes)."""
     stem, out = Path(src).stem, Path(out_dir)
-    return out / f"{stem}_clusters.tif", out / f"{stem}_clusters.png", out / f"{stem}_clusters.gpkg"
+    return out / f"{stem}_{suffix}.tif", out / f"{stem}_{suffix}.png", out / f"{stem}_{suffix}.gpkg"
 
 
 def _class_counts(path: Path, k: int) -> np.ndarray:
@@ -453,6 +515,7 @@ def cluster_raster(
     """Map every pixel of ``raster`` to its nearest centroid: ``OUT/<stem>_clusters.tif`` (uint8, colour table,
     names ``cluster i``, nodata 255), a picture over the imagery (``_clusters.png``) and optional polygons
     (``_clusters.gpkg``; ``min_area``, ``simplify`` as for :func:`~dinov3_eo.inference.writers.vectorize_classes`).
+    Class prototypes (:attr:`Clusters.names`) map to their classes instead, into ``<stem>_classes.*``.
 
     The scene is normalised with the centroids' normalisation and read in ``bands`` (default: the centroids'
     bands, else all); ``window``, ``overlap``, ``batch_size``, ``device``, ``amp``, ``tta`` are
@@ -467,7 +530,7 @@ def cluster_raster(
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, vectorize_classes, write_quicklook
 
-    classes_path, png, gpkg = cluster_outputs(raster, out_dir)
+    classes_path, png, gpkg = cluster_outputs(raster, out_dir, "clusters" if clusters.names is None else "classes")
     for path in (classes_path, png if quicklook else None, gpkg if polygons else None):
         if path is not None:
             check_overwrite(path, overwrite, inputs=[raster])
@@ -490,23 +553,29 @@ def cluster_raster(
         selected = bands if bands is not None else list(range(1, src.count + 1))
         rgb = list(preview_bands) if preview_bands is not None else (
             meta.rgb_bands(selected) if hasattr(meta, "rgb_bands") else selected[:3] if len(selected) >= 3 else selected[:1])  # fmt: skip
-        scorer = ClusterScorer(backbone, clusters.centroids, layers=clusters.layers)
+        scorer = clusters.scorer(backbone)
+        names = clusters.class_names
+        colours = default_colormap(len(names))
+        if clusters.min_similarity is not None:
+            colours[len(names) - 1] = (128, 128, 128, 255)  # unknown: grey
         predict_raster(
-            scorer, src, classes_path, out_channels=clusters.k, output="argmax", activation="none",
-            class_names=clusters.class_names, colormap=default_colormap(clusters.k), window=window, overlap=overlap,
+            scorer, src, classes_path, out_channels=scorer.out_channels, output="argmax", activation="none",
+            class_names=names, colormap=colours, window=window, overlap=overlap,
             batch_size=batch_size, bands=bands, nodata=nodata, normalization=normalization, device=device, amp=amp,
             tta=tta, multiple=scorer.patch_size, progress=progress, overwrite=overwrite,
-            tags={"quantity": "k-means cluster of DINOv3 patch features (nearest centroid by cosine)",
+            tags={"quantity": "k-means cluster of DINOv3 patch features (nearest centroid by cosine)"
+                  if clusters.names is None else "class of the nearest prototype of DINOv3 features (cosine)",
                   "k": clusters.k, "layers": json.dumps(clusters.layers), "backbone": clusters.backbone,
                   "centroids_fingerprint": clusters.fingerprint},
         )  # fmt: skip
-    pixels = _class_counts(classes_path, clusters.k)
+    pixels = _class_counts(classes_path, len(names))
     if quicklook:
-        write_quicklook(png, classes=classes_path, image=raster, bands=rgb, class_names=clusters.class_names,
-                        title=f"{Path(raster).name}: {clusters.k} clusters", nodata=nodata, overwrite=overwrite)  # fmt: skip
+        title = f"{clusters.k} clusters" if clusters.names is None else f"{clusters.k} prototypes"
+        write_quicklook(png, classes=classes_path, image=raster, bands=rgb, class_names=names,
+                        title=f"{Path(raster).name}: {title}", nodata=nodata, overwrite=overwrite)  # fmt: skip
     if polygons:
-        vectorize_classes(classes_path, gpkg, class_names=clusters.class_names, min_area=min_area, simplify=simplify,
-                          layer="clusters", overwrite=overwrite)  # fmt: skip
+        vectorize_classes(classes_path, gpkg, class_names=names, min_area=min_area, simplify=simplify,
+                          layer="clusters" if clusters.names is None else "classes", overwrite=overwrite)  # fmt: skip
     return ClusterMap(
         classes=classes_path, quicklook=png if quicklook else None, polygons=gpkg if polygons else None,
         pixels=tuple(int(p) for p in pixels),

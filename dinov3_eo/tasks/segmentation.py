@@ -697,7 +697,8 @@ def fit_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``dinov3-eo segment fit --config ...`` (training), ``segment predict ...`` (GeoTIFF inference),
-    ``segment evaluate ...`` (accuracy of a class map) or ``segment change ...`` (transitions between two maps)."""
+    ``segment prototypes ...`` (no training), ``segment evaluate ...`` (accuracy of a class map) or
+    ``segment change ...`` (transitions between two maps)."""
     argv = list(argv)
     if argv and argv[0] == "predict":
         return predict_main(argv[1:])
@@ -707,12 +708,17 @@ def main(argv: Sequence[str]) -> int:
         from dinov3_eo.tasks.class_change import change_main
 
         return change_main(argv[1:])
+    if argv and argv[0] == "prototypes":
+        from dinov3_eo.tasks.prototypes import prototypes_main
+
+        return prototypes_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            "usage: dinov3-eo segment {fit,validate,predict,evaluate,change} ...\n\n"
+            "usage: dinov3-eo segment {fit,validate,predict,prototypes,evaluate,change} ...\n\n"
             "  fit --config x.yaml       train a head (LightningCLI: model=SegmentationTask, data=DenseDataModule)\n"
             "  validate --config x.yaml  evaluate a checkpoint (--ckpt_path)\n"
             "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs (see 'predict --help')\n"
+            "  prototypes IN.tif ... --labels L.gpkg --model BACKBONE -o OUT_DIR   segment without training\n"
             "  evaluate CLASSES.tif REFERENCE [--out-dir DIR]   accuracy of a class map (see 'evaluate --help')\n"
             "  change BEFORE.tif AFTER.tif [--out-dir DIR]      from -> to transitions of two class maps, in hectares"
         )

@@ -1,0 +1,382 @@
+"""Segmentation without training: class prototypes of DINOv3 features from a few labelled polygons or a label raster.
+
+A user who has drawn a handful of polygons ("water", "crop", "forest") wants a map now, not after a training run.
+:func:`fit_prototypes` reads only the windows that hold labels, takes the backbone's features at every labelled pixel
+(the patch tokens bilinearly interpolated to the pixel, exactly as the map upsamples them) and averages them per class
+into a prototype: the unit vector that maximises the mean cosine to the class's pixels (the spherical mean). Classes
+that look different in different places (a crop at two growth stages) can get several prototypes each, fit by
+spherical k-means within the class. :func:`~dinov3_eo.tasks.clustering.cluster_raster` then gives every pixel the
+class of its most similar prototype, optionally "unknown" when even that one is less similar than
+``min_similarity`` (the open-set case: a class nobody labelled). The prototypes are saved like k-means centroids
+(:class:`~dinov3_eo.tasks.clustering.Clusters`: safetensors, the backbone's fingerprint, layers, normalisation,
+class names), so more scenes can be mapped with them later. ``dinov3-eo segment prototypes`` is the command.
+
+This is the nearest-class-mean classifier on frozen features; unlike a trained linear head it needs no epochs and no
+validation split, and it is the natural baseline a trained head must beat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.tasks.clustering import Clusters, _backbone_in_chans, _centre_pad, _windows, backbone_fingerprint, normed_patch_tokens
+from dinov3_eo.tasks.kmeans import spherical_kmeans
+
+log = logging.getLogger(__name__)
+
+#: labelled pixels kept per class for the per-class k-means (the mean itself uses every labelled pixel)
+MAX_PIXELS_PER_CLASS = 20_000
+IGNORE = -1
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
+
+
+def pixel_tokens(tokens: Tensor, rows: Tensor, cols: Tensor, *, top: int = 0, left: int = 0, patch_size: int = 16) -> Tensor:
+    """Patch tokens bilinearly interpolated at pixels, as ``F.interpolate(tokens, scale_factor=patch_size,
+    mode="bilinear", align_corners=False)`` would give there, without upsampling the whole window.
+
+    Args:
+        tokens: ``[F, h, w]`` patch tokens of a (centre-padded) window.
+        rows, cols: ``[N]`` pixel indexes in the unpadded window; ``top``/``left``: its padding.
+
+    Returns:
+        ``[N, F]``.
+    """
+    height, width = tokens.shape[-2] * patch_size, tokens.shape[-1] * patch_size
+    # pixel centres in grid_sample's [-1, 1] coordinates; "border" clamps as interpolate clamps at the edges
+    y = (rows.float() + top + 0.5) / height * 2 - 1
+    x = (cols.float() + left + 0.5) / width * 2 - 1
+    grid = torch.stack([x, y], dim=-1)[None, None]  # [1, 1, N, 2]
+    sampled = F.grid_sample(tokens[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled[0, :, 0].T  # [1, F, 1, N] -> [N, F]
+
+
+def open_labels(
+    labels: Any, *, attribute: str = "name", class_names: Sequence[str] | None = None
+) -> tuple[Any, list[str]]:
+    """A label source (``sample(crs=, transform=, shape=)``, unlabelled pixels :data:`IGNORE`) and the class names by id.
+
+    ``labels``: a vector file (GeoPackage, shapefile, GeoJSON ...; classes from ``attribute``, names sorted to ids
+    0, 1, ... or integer values kept), a label raster (class ids; names from its ``class_names`` tag, else
+    ``class_names``, else ``class i``), or an object with ``sample`` (then ``class_names`` is required).
+
+    Raises:
+        FileNotFoundError: a missing file; KeyError: a vector file without ``attribute``; ValueError: an object
+            without class names.
+    """
+    from dinov3_eo.data.labels import RasterLabels, VectorLabels
+
+    if hasattr(labels, "sample"):
+        if class_names is None:
+            raise ValueError("Give class_names with a label object.")
+        return labels, list(class_names)
+    path = Path(labels)
+    if not path.exists():
+        raise FileNotFoundError(f"Labels {str(path)!r} do not exist.")
+    if path.suffix.lower() in VECTOR_SUFFIXES:
+        source = VectorLabels(path=path, attribute=attribute, ignore_index=IGNORE)
+        by_id = {v: k for k, v in source.classes.items()}
+        if min(by_id) < 0 or max(by_id) > 254:
+            raise ValueError(f"Class ids of {path} must lie in 0..254, got {sorted(by_id)}.")
+        return source, [by_id.get(i, f"class {i}") for i in range(max(by_id) + 1)]
+    source = RasterLabels(path=path, ignore_index=IGNORE)
+    with rasterio.open(path) as src:
+        tagged = src.tags().get("class_names")
+    names = json.loads(tagged) if tagged else list(class_names) if class_names is not None else None
+    return source, names  # None: named by the ids found (see fit_prototypes)
+
+
+def fit_prototypes(
+    backbone: nn.Module,
+    rasters: Sequence[str | os.PathLike[str]],
+    labels: Any,
+    *,
+    normalization: Normalization | None,
+    attribute: str = "name",
+    class_names: Sequence[str] | None = None,
+    per_class: int = 1,
+    min_similarity: float | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    layers: int | Sequence[int] = 1,
+    window: int = 512,
+    max_pixels: int = MAX_PIXELS_PER_CLASS,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    amp: bool | None = None,
+    progress: bool = True,
+) -> Clusters:
+    """Class prototypes of ``backbone``'s features at the labelled pixels of ``rasters``.
+
+    Args:
+        backbone: the ViT (e.g. :func:`~dinov3_eo.tasks.features.resolve_backbone`).
+        rasters: GeoTIFFs with the same bands; only their windows that hold a label are read.
+        labels: polygons or a label raster in any CRS (:func:`open_labels`; ``attribute``, ``class_names``).
+        normalization: the backbone's input normalisation (stored with the prototypes).
+        per_class: prototypes per class: 1 is the spherical mean of the class's pixel features; more are fit by
+            spherical k-means on at most ``max_pixels`` of them (a class with fewer labelled pixels gets fewer).
+        min_similarity: stored with the prototypes: pixels less similar than this to every prototype are mapped
+            to ``unknown``.
+        bands, nodata, layers, window, seed, device, amp, progress: as for
+            :func:`~dinov3_eo.tasks.clustering.fit_clusters`.
+
+    Returns:
+        :class:`~dinov3_eo.tasks.clustering.Clusters` with ``names`` (by class id), ``groups`` (the class of each
+        prototype), ``shares`` (each prototype's share of the labelled pixels) and ``cohesion`` (the mean cosine of
+        a labelled pixel's features to its class's nearest prototype).
+
+    Raises:
+        ValueError: no labelled valid pixel in any raster; a band count the backbone does not take; per_class < 1.
+    """
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.raster import read_window, require_georeferenced
+
+    if per_class < 1:
+        raise ValueError(f"per_class must be at least 1, got {per_class}.")
+    source, names = open_labels(labels, attribute=attribute, class_names=class_names)
+    patch = int(backbone.patch_size)
+    side = max(patch, window // patch * patch)
+    in_chans = _backbone_in_chans(backbone)
+    run_device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    use_amp = run_device.type == "cuda" if amp is None else bool(amp)
+    generator = torch.Generator().manual_seed(seed)
+    # the score of a pixel is a prototype's cosine with its interpolated (unnormalised) tokens, so the sum of those
+    # gives the prototype with the best mean score; the sum of their unit vectors gives the mean cosine (cohesion)
+    sums: dict[int, Tensor] = {}
+    unit_sums: dict[int, Tensor] = {}
+    counts: dict[int, int] = {}
+    kept: dict[int, tuple[Tensor, Tensor]] = {}  # class -> (random keys, features): the max_pixels smallest keys
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        for raster in rasters:
+            with rasterio.open(raster) as src:
+                require_georeferenced(src)
+                count = len(bands) if bands is not None else src.count
+                if in_chans is not None and count != in_chans:
+                    raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands "
+                                     "with --bands.")  # fmt: skip
+                windows = _windows(src.height, src.width, side)
+                for win in tqdm(windows, unit="win", desc=f"prototypes {Path(raster).name}", disable=not progress):
+                    shape = (int(win.height), int(win.width))
+                    mask = source.sample(crs=src.crs, transform=src.window_transform(win), shape=shape)["mask"]
+                    mask = mask.numpy() if hasattr(mask, "numpy") else np.asarray(mask)
+                    labelled = mask >= 0
+                    if not labelled.any():
+                        continue  # most windows of a large scene: no model work for them
+                    values, valid = read_window(src, win, bands=bands, nodata=nodata)
+                    labelled &= valid
+                    if not labelled.any():
+                        continue
+                    image = torch.from_numpy(values.astype(np.float32))[None]
+                    if normalization is not None:
+                        image = normalization(image)
+                    image = torch.nan_to_num(image).masked_fill_(~torch.from_numpy(valid)[None, None], 0.0)
+                    padded, top, left = _centre_pad(image, patch)
+                    with torch.inference_mode(), torch.autocast(run_device.type, dtype=torch.bfloat16, enabled=use_amp):
+                        tokens = normed_patch_tokens(backbone, padded.to(run_device), layers)[0].float().cpu()
+                    rows, cols = (torch.from_numpy(a) for a in np.nonzero(labelled))
+                    feats = pixel_tokens(tokens, rows, cols, top=top, left=left, patch_size=patch)  # [N, F]
+                    ids = torch.from_numpy(mask[labelled].astype(np.int64))
+                    if int(ids.max()) > 254:
+                        raise ValueError(f"Label id {int(ids.max())} in {labels}: class ids must lie in 0..254 (255 is the "
+                                         "map's nodata); if it marks unlabelled pixels, declare it as the label raster's "
+                                         "nodata (gdal_edit.py -a_nodata 255).")  # fmt: skip
+                    for c in ids.unique().tolist():
+                        members = feats[ids == c]
+                        sums[c] = sums.get(c, 0) + members.double().sum(dim=0)
+                        unit_sums[c] = unit_sums.get(c, 0) + F.normalize(members.double(), dim=1).sum(dim=0)
+                        counts[c] = counts.get(c, 0) + len(members)
+                        if per_class > 1:
+                            keys = torch.rand(len(members), generator=generator)
+                            old_keys, old = kept.get(c, (keys[:0], members[:0]))
+                            keys, members = torch.cat([old_keys, keys]), torch.cat([old, members])
+                            if len(keys) > max_pixels:
+                                keep = torch.topk(keys, max_pixels, largest=False).indices
+                                keys, members = keys[keep], members[keep]
+                            kept[c] = (keys, members)
+    finally:
+        backbone.train(was_training)
+    if not counts:
+        raise ValueError(f"No labelled pixel with valid data in {', '.join(map(str, rasters))}: check that the labels "
+                         "overlap the rasters (any CRS is fine), the attribute and the nodata value.")  # fmt: skip
+    present = sorted(counts)
+    if names is None:
+        names = [f"class {i}" for i in range(max(present) + 1)]
+    elif max(present) >= len(names):
+        raise ValueError(f"Label id {max(present)} has no name among the {len(names)} class names {names}.")
+    missing = [names[i] for i in range(len(names)) if i not in counts and not names[i].startswith("class ")]
+    if missing:
+        log.warning("Classes %s have no labelled pixel with data in the rasters: they are not mapped.", missing)
+    centroids, groups, shares, cohesion_sum = [], [], [], 0.0
+    total = sum(counts.values())
+    for c in present:
+        if per_class == 1 or counts[c] <= per_class:
+            mean = F.normalize(sums[c].float()[None], dim=1)
+            centroids.append(mean)
+            groups.append(c)
+            shares.append(counts[c] / total)
+            cohesion_sum += float(unit_sums[c].float() @ mean[0])
+        else:
+            sample = kept[c][1]
+            fit = spherical_kmeans(sample, min(per_class, len(sample)), generator=generator)
+            sizes = torch.bincount(fit.labels, minlength=fit.centroids.shape[0]).double()
+            centroids.append(fit.centroids)
+            groups += [c] * fit.centroids.shape[0]
+            shares += (sizes / sizes.sum() * counts[c] / total).tolist()
+            # the pixel features are unnormalised interpolations: their cosine is taken after normalising
+            cohesion_sum += float((F.normalize(sample, dim=1) @ fit.centroids.T).max(dim=1).values.double().mean()) * counts[c]
+    meta = getattr(backbone, "meta", None)
+    log.info("prototypes of %s from %d labelled pixels: %s", [names[c] for c in present], total,
+             {names[c]: counts[c] for c in present})  # fmt: skip
+    return Clusters(
+        centroids=torch.cat(centroids), layers=layers if isinstance(layers, int) else [int(i) for i in layers],
+        normalization=normalization.to_dict() if normalization is not None else None,
+        bands=list(bands) if bands is not None else None, fingerprint=backbone_fingerprint(backbone),
+        backbone=getattr(meta, "name", "custom"), shares=shares, cohesion=cohesion_sum / total, samples=total,
+        sources=[os.fspath(r) for r in rasters], names=list(names), groups=groups, min_similarity=min_similarity,
+        kind="prototypes", candidates={}, silhouette=None,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- command
+def _parser() -> argparse.ArgumentParser:
+    from dinov3_eo.inference.predict import add_window_options
+    from dinov3_eo.inference.writers import SIMPLIFY_HELP
+
+    p = argparse.ArgumentParser(
+        prog="dinov3-eo segment prototypes",
+        description="Segment GeoTIFFs without training: each class's prototype is the mean of a backbone's features "
+        "over its labelled pixels (polygons or a label raster), and every pixel gets the class of its most similar "
+        "prototype. Writes OUT/<stem>_classes.tif (class COG), _classes.png, optional _classes.gpkg, and "
+        "OUT/prototypes.safetensors with a summary OUT/prototypes.json; --prototypes maps more scenes with them.",
+    )
+    p.add_argument("inputs", nargs="+", help="GeoTIFFs, folders or glob patterns (quote globs)")
+    p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
+                   "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
+    p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
+    p.add_argument("--labels", default=None, help="labelled polygons (GeoPackage, shapefile, GeoJSON ...) or a label "
+                   "raster of class ids, in any CRS")  # fmt: skip
+    p.add_argument("--attribute", default="name", help="the polygons' class column (default 'name')")
+    p.add_argument("--class-names", nargs="+", default=None, help="names of a label raster's ids 0, 1, ... (default: "
+                   "its class_names tag)")  # fmt: skip
+    p.add_argument("--prototypes", default=None, help="map with these saved prototypes instead of fitting new ones")
+    p.add_argument("--per-class", type=int, default=1, help="prototypes per class (k-means within the class; default 1)")
+    p.add_argument("--min-similarity", type=float, default=None,
+                   help="pixels less similar (cosine) than this to every prototype become 'unknown'")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="0-based blocks whose features are used "
+                   "(default: the last block)")  # fmt: skip
+    p.add_argument("--polygons", action="store_true", help="also vectorise the classes into <stem>_classes.gpkg")
+    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
+    p.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
+    p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
+    p.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
+                   help="override the backbone's stored input normalisation (presets expect 0..255 values)")
+    p.add_argument("--seed", type=int, default=0)
+    add_window_options(p)
+    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG pictures")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def prototypes_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment prototypes SCENE.tif [...] --labels polygons.gpkg --model BACKBONE -o OUT_DIR``."""
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.data.index import expand_sources
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.clustering import cluster_outputs, cluster_raster
+    from dinov3_eo.tasks.features import input_normalization, resolve_backbone
+
+    args = _parser().parse_args(list(argv))
+    prog = "dinov3-eo segment prototypes"
+    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
+    progress = not args.quiet
+    try:
+        if (args.labels is None) == (args.prototypes is None):
+            raise ValueError("Give either --labels (to fit prototypes) or --prototypes (saved ones), not both or neither.")
+        if args.prototypes is not None:
+            given = [n for n, v in (("--layers", args.layers), ("--normalization", args.normalization),
+                                    ("--min-similarity", args.min_similarity)) if v is not None]  # fmt: skip
+            if given:
+                raise ValueError(f"--prototypes carry their own layers, normalisation and threshold: leave out "
+                                 f"{', '.join(given)}.")  # fmt: skip
+        scenes = [Path(s) for s in expand_sources(args.inputs)]
+        stems = [s.stem for s in scenes]
+        if len(set(stems)) != len(stems):
+            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their "
+                             "outputs would collide.")  # fmt: skip
+        out_dir = Path(args.output)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        saved, summary_path = out_dir / "prototypes.safetensors", out_dir / "prototypes.json"
+        planned = [summary_path] + ([] if args.prototypes else [saved])
+        for scene in scenes:
+            classes, png, gpkg = cluster_outputs(scene, out_dir, "classes")
+            planned += [classes] + ([] if args.no_quicklook else [png]) + ([gpkg] if args.polygons else [])
+        for path in planned:  # refuse before any work
+            check_overwrite(path, args.overwrite, inputs=scenes + ([Path(args.labels)] if args.labels else []))
+        backbone = resolve_backbone(args.model)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone.to(device)
+        amp = True if args.bf16 else None
+        if args.prototypes:
+            prototypes = Clusters.load(args.prototypes)
+            if prototypes.names is None:
+                raise ValueError(f"{args.prototypes} holds k-means clusters, not class prototypes: map with "
+                                 "'dinov3-eo cluster --centroids'.")  # fmt: skip
+            prototypes.check_backbone(backbone)
+        else:
+            prototypes = fit_prototypes(
+                backbone, scenes, args.labels, attribute=args.attribute, class_names=args.class_names,
+                per_class=args.per_class, min_similarity=args.min_similarity,
+                normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
+                nodata=args.nodata, layers=args.layers if args.layers else 1, window=args.window, seed=args.seed,
+                device=device, amp=amp, progress=progress,
+            )  # fmt: skip
+            prototypes.save(saved, overwrite=args.overwrite)
+            print(f"prototypes: {saved} ({prototypes.k} for {len(set(prototypes.groups or []))} classes from "
+                  f"{prototypes.samples:,} labelled pixels; mean cosine to their class {prototypes.cohesion:.3f})")  # fmt: skip
+        maps = {}
+        for i, scene in enumerate(scenes, 1):
+            if progress:
+                print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
+            result = cluster_raster(
+                backbone, prototypes, scene, out_dir, bands=args.bands, nodata=args.nodata, polygons=args.polygons,
+                min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook, window=args.window,
+                overlap=overlap, batch_size=args.batch_size, device=device, amp=amp, tta=args.tta,
+                overwrite=args.overwrite, progress=progress,
+            )  # fmt: skip
+            names = prototypes.class_names
+            maps[os.fspath(scene)] = {"pixels": dict(zip(names, result.pixels)), "hectares": dict(zip(
+                names, result.hectares)) if result.hectares else None}  # fmt: skip
+            for path in (result.classes, result.quicklook, result.polygons):
+                if path is not None:
+                    print(path)
+            print("  " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, result.shares) if s > 0))
+        with atomic_output(summary_path, overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps({**prototypes.metadata(), "prototypes_file": os.fspath(args.prototypes or saved),
+                                       "labels": args.labels, "scenes": maps}, indent=2))  # fmt: skip
+        print(summary_path)
+    except (FileExistsError, FileNotFoundError, ValueError, KeyError, IndexError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+__all__ = ["fit_prototypes", "open_labels", "pixel_tokens", "prototypes_main"]
