@@ -88,5 +88,8 @@ def test_the_readme_cluster_example_maps_the_scene(monkeypatch: pytest.MonkeyPat
     assert clusters.k in (3, 4, 6) and set(clusters.candidates) == {3, 4, 6}
     assert {p.name for p in scope["out"].iterdir()} == {
         "centroids.safetensors", "landsat8_224078_subset_clusters.tif", "landsat8_224078_subset_clusters.png",
-        "landsat8_224078_subset_clusters.gpkg"}  # fmt: skip
+        "landsat8_224078_subset_clusters.gpkg", "landsat8_224078_subset_classes.tif",
+        "landsat8_224078_subset_classes.png"}  # fmt: skip
     assert len(result.hectares) == clusters.k and sum(result.hectares) == pytest.approx(sum(result.pixels) * 0.09)
+    assert scope["protos"].class_names == ["crop", "developed", "tree", "water", "unknown"]
+    assert sum(scope["classes"].pixels) == sum(result.pixels)  # the same valid pixels, now named

@@ -137,6 +137,14 @@ def test_a_label_raster_gives_the_same_prototypes_as_its_polygons(backbone: torc
     from_vector = fit_prototypes(backbone, [SAMPLE], POLYGONS, **kwargs)
     assert from_raster.names == NAMES and from_raster.samples == from_vector.samples
     torch.testing.assert_close(from_raster.centroids, from_vector.centroids)
+    # one label source per raster: the scene twice, labelled once by the raster, once by the polygons
+    copy = tmp_path / "copy.tif"
+    copy.write_bytes(SAMPLE.read_bytes())
+    paired = fit_prototypes(backbone, [SAMPLE, copy], [tmp_path / "labels.tif", POLYGONS], **kwargs)
+    assert paired.samples == 2 * from_vector.samples
+    torch.testing.assert_close(paired.centroids, from_vector.centroids)
+    with pytest.raises(ValueError, match="one label source per raster"):
+        fit_prototypes(backbone, [SAMPLE, copy], [POLYGONS], **kwargs)
     # 255 written as a class where the file declares no nodata: named, with the fix
     with rasterio.open(tmp_path / "undeclared.tif", "w", **{**profile, "nodata": None}) as dst:
         dst.write(scene["ids"], 1)

@@ -124,7 +124,9 @@ def fit_prototypes(
     Args:
         backbone: the ViT (e.g. :func:`~dinov3_eo.tasks.features.resolve_backbone`).
         rasters: GeoTIFFs with the same bands; only their windows that hold a label are read.
-        labels: polygons or a label raster in any CRS (:func:`open_labels`; ``attribute``, ``class_names``).
+        labels: polygons or a label raster in any CRS (:func:`open_labels`; ``attribute``, ``class_names``), or a
+            list of them, one per raster (e.g. scenes that each come with their own label file); they must name the
+            same classes.
         normalization: the backbone's input normalisation (stored with the prototypes).
         per_class: prototypes per class: 1 is the spherical mean of the class's pixel features; more are fit by
             spherical k-means on at most ``max_pixels`` of them (a class with fewer labelled pixels gets fewer).
@@ -147,7 +149,17 @@ def fit_prototypes(
 
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}.")
-    source, names = open_labels(labels, attribute=attribute, class_names=class_names)
+    rasters = list(rasters)
+    if isinstance(labels, (list, tuple)):
+        if len(labels) != len(rasters):
+            raise ValueError(f"Give one label source per raster: {len(labels)} for {len(rasters)} rasters.")
+        opened = [open_labels(item, attribute=attribute, class_names=class_names) for item in labels]
+        if any(n != opened[0][1] for _, n in opened):
+            raise ValueError(f"The label sources name different classes: {[n for _, n in opened]}.")
+        sources, names = [s for s, _ in opened], opened[0][1]
+    else:
+        source, names = open_labels(labels, attribute=attribute, class_names=class_names)
+        sources = [source] * len(rasters)
     patch = int(backbone.patch_size)
     side = max(patch, window // patch * patch)
     in_chans = _backbone_in_chans(backbone)
@@ -163,7 +175,7 @@ def fit_prototypes(
     was_training = backbone.training
     backbone.eval()
     try:
-        for raster in rasters:
+        for raster, source in zip(rasters, sources):
             with rasterio.open(raster) as src:
                 require_georeferenced(src)
                 count = len(bands) if bands is not None else src.count
@@ -193,7 +205,7 @@ def fit_prototypes(
                     feats = pixel_tokens(tokens, rows, cols, top=top, left=left, patch_size=patch)  # [N, F]
                     ids = torch.from_numpy(mask[labelled].astype(np.int64))
                     if int(ids.max()) > 254:
-                        raise ValueError(f"Label id {int(ids.max())} in {labels}: class ids must lie in 0..254 (255 is the "
+                        raise ValueError(f"Label id {int(ids.max())} for {raster}: class ids must lie in 0..254 (255 is the "
                                          "map's nodata); if it marks unlabelled pixels, declare it as the label raster's "
                                          "nodata (gdal_edit.py -a_nodata 255).")  # fmt: skip
                     for c in ids.unique().tolist():
