@@ -189,3 +189,13 @@ def test_cli_fits_maps_and_reuses_prototypes(exported: Path, tmp_path: Path, cap
     kmeans.save(tmp_path / "km.safetensors")
     assert cli_main([*base, str(SAMPLE), "--prototypes", str(tmp_path / "km.safetensors"), "-o", str(tmp_path / "z")]) == 2
     assert "k-means clusters" in capsys.readouterr().err
+
+
+def test_labelled_pixels_in_chunks_give_the_same_prototypes(backbone: torch.nn.Module, scene: dict,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    kwargs = {"normalization": scene["normalization"], "nodata": 0, "per_class": 2, "progress": False}
+    whole = fit_prototypes(backbone, [SAMPLE], POLYGONS, **kwargs)
+    monkeypatch.setattr(prototypes_module, "PIXEL_CHUNK", 37)
+    chunked = fit_prototypes(backbone, [SAMPLE], POLYGONS, **kwargs)
+    torch.testing.assert_close(chunked.centroids, whole.centroids, atol=1e-5, rtol=0)
+    assert chunked.samples == whole.samples and chunked.cohesion == pytest.approx(whole.cohesion)

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: labelled pixels kept per class for the per-class k-means (the mean itself uses every labelled pixel)
 MAX_PIXELS_PER_CLASS = 20_000
 IGNORE = -1
+#: labelled pixels interpolated at once (memory ~ PIXEL_CHUNK x feature width floats)
+PIXEL_CHUNK = 65_536
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
 
 
@@ -201,26 +203,29 @@ def fit_prototypes(
                     padded, top, left = _centre_pad(image, patch)
                     with torch.inference_mode(), torch.autocast(run_device.type, dtype=torch.bfloat16, enabled=use_amp):
                         tokens = normed_patch_tokens(backbone, padded.to(run_device), layers)[0].float().cpu()
-                    rows, cols = (torch.from_numpy(a) for a in np.nonzero(labelled))
-                    feats = pixel_tokens(tokens, rows, cols, top=top, left=left, patch_size=patch)  # [N, F]
-                    ids = torch.from_numpy(mask[labelled].astype(np.int64))
-                    if int(ids.max()) > 254:
-                        raise ValueError(f"Label id {int(ids.max())} for {raster}: class ids must lie in 0..254 (255 is the "
-                                         "map's nodata); if it marks unlabelled pixels, declare it as the label raster's "
-                                         "nodata (gdal_edit.py -a_nodata 255).")  # fmt: skip
-                    for c in ids.unique().tolist():
-                        members = feats[ids == c]
-                        sums[c] = sums.get(c, 0) + members.double().sum(dim=0)
-                        unit_sums[c] = unit_sums.get(c, 0) + F.normalize(members.double(), dim=1).sum(dim=0)
-                        counts[c] = counts.get(c, 0) + len(members)
-                        if per_class > 1:
-                            keys = torch.rand(len(members), generator=generator)
-                            old_keys, old = kept.get(c, (keys[:0], members[:0]))
-                            keys, members = torch.cat([old_keys, keys]), torch.cat([old, members])
-                            if len(keys) > max_pixels:
-                                keep = torch.topk(keys, max_pixels, largest=False).indices
-                                keys, members = keys[keep], members[keep]
-                            kept[c] = (keys, members)
+                    all_rows, all_cols = (torch.from_numpy(a) for a in np.nonzero(labelled))
+                    all_ids = torch.from_numpy(mask[labelled].astype(np.int64))
+                    if int(all_ids.max()) > 254:
+                        raise ValueError(f"Label id {int(all_ids.max())} for {raster}: class ids must lie in 0..254 (255 is "
+                                         "the map's nodata); if it marks unlabelled pixels, declare it as the label "
+                                         "raster's nodata (gdal_edit.py -a_nodata 255).")  # fmt: skip
+                    for start in range(0, len(all_ids), PIXEL_CHUNK):  # a window of labels at ViT-L width: GBs at once
+                        part = slice(start, start + PIXEL_CHUNK)
+                        feats = pixel_tokens(tokens, all_rows[part], all_cols[part], top=top, left=left, patch_size=patch)
+                        ids = all_ids[part]
+                        for c in ids.unique().tolist():
+                            members = feats[ids == c]  # [n, F]
+                            sums[c] = sums.get(c, 0) + members.double().sum(dim=0)
+                            unit_sums[c] = unit_sums.get(c, 0) + F.normalize(members.double(), dim=1).sum(dim=0)
+                            counts[c] = counts.get(c, 0) + len(members)
+                            if per_class > 1:
+                                keys = torch.rand(len(members), generator=generator)
+                                old_keys, old = kept.get(c, (keys[:0], members[:0]))
+                                keys, members = torch.cat([old_keys, keys]), torch.cat([old, members])
+                                if len(keys) > max_pixels:
+                                    keep = torch.topk(keys, max_pixels, largest=False).indices
+                                    keys, members = keys[keep], members[keep]
+                                kept[c] = (keys, members)
     finally:
         backbone.train(was_training)
     if not counts:
