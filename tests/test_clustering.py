@@ -228,8 +228,12 @@ def test_clusters_separate_the_land_cover_of_the_real_scene(backbone: torch.nn.M
         majority[row["name"]] = int(counts.argmax())
         assert counts.max() / counts.sum() >= 0.8, (row["name"], counts)
     assert len(set(majority.values())) == 4, majority
-    polygons = gpd.read_file(result.polygons)
+    polygons = result.to_geodataframe()
     assert polygons.area.sum() == pytest.approx(sum(result.pixels) * 900.0)
+    array = result.to_xarray()
+    assert array.name == "clusters" and array.attrs["class_names"] == clusters.class_names
+    assert np.array_equal(array.values, labels) and array.rio.crs == rasterio.open(SAMPLE).crs
+    assert array.rio.transform() == scene["transform"]
     assert result.quicklook is not None and result.quicklook.stat().st_size > 0
 
 

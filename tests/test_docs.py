@@ -91,5 +91,6 @@ def test_the_readme_cluster_example_maps_the_scene(monkeypatch: pytest.MonkeyPat
         "landsat8_224078_subset_clusters.gpkg", "landsat8_224078_subset_classes.tif",
         "landsat8_224078_subset_classes.png"}  # fmt: skip
     assert len(result.hectares) == clusters.k and sum(result.hectares) == pytest.approx(sum(result.pixels) * 0.09)
+    assert scope["array"].shape == (928, 448) and scope["array"].rio.crs is not None
     assert scope["protos"].class_names == ["crop", "developed", "tree", "water", "unknown"]
     assert sum(scope["classes"].pixels) == sum(result.pixels)  # the same valid pixels, now named

@@ -473,6 +473,29 @@ class ClusterMap:
         total = sum(self.pixels)
         return tuple(p / total if total else 0.0 for p in self.pixels)
 
+    def to_xarray(self) -> Any:
+        """The class map as an ``xarray.DataArray`` (``y × x``, uint8, CRS and transform set through rioxarray, read
+        into memory) whose ``class_names`` attribute names its ids; 255 is nodata."""
+        import rioxarray
+
+        with rasterio.open(self.classes) as src:
+            names = json.loads(src.tags().get("class_names", "[]"))
+        array = rioxarray.open_rasterio(self.classes).squeeze("band", drop=True).load()
+        array.attrs["class_names"] = names
+        return array.rename("clusters" if self.classes.stem.endswith("_clusters") else "classes")
+
+    def to_geodataframe(self) -> Any:
+        """The polygons as a ``geopandas.GeoDataFrame`` (``class_id``, ``class_name``, ``area``).
+
+        Raises:
+            ValueError: if no polygons were written (``polygons=True``).
+        """
+        import geopandas as gpd
+
+        if self.polygons is None:
+            raise ValueError("No polygons were written for this map: run it with polygons=True (--polygons).")
+        return gpd.read_file(self.polygons)
+
 
 def cluster_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], suffix: str = "clusters") -> tuple[Path, Path, Path]:
     """``OUT/<stem>_<suffix>.tif``, ``.png`` and ``.gpkg`` of one scene (suffix ``clusters``, or ``classes`` for
