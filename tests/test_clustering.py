@@ -305,6 +305,12 @@ def test_cli_fits_maps_and_maps_a_second_scene_into_the_same_clusters(exported: 
     with rasterio.open(first) as a, rasterio.open(out2 / "again_clusters.tif") as b:
         assert np.array_equal(a.read(1), b.read(1))
     assert not (out2 / "centroids.safetensors").exists() and not (out2 / "again_clusters.png").exists()
+    # maps into the same clusters go straight into the from -> to transitions (here: nothing changed)
+    from dinov3_eo.tasks.class_change import class_transitions
+
+    report = class_transitions(first, out2 / "again_clusters.tif")
+    assert report["transitions"] == []
+    assert set(report["classes"]) == {f"cluster {i}" for i in range(k)}
 
 
 def test_cli_refuses_bad_input(exported: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -319,3 +325,17 @@ def test_cli_refuses_bad_input(exported: Path, tmp_path: Path, capsys: pytest.Ca
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["cluster", str(SAMPLE), *base, "--centroids", str(tmp_path / "c.safetensors"), "-k", "4"]) == 2
     assert "leave out -k" in capsys.readouterr().err
+
+
+def test_features_all_alike_are_named_not_a_crash(backbone: torch.nn.Module, scene: dict, tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    with rasterio.open(SAMPLE) as src:
+        profile = src.profile
+    flat = tmp_path / "flat.tif"
+    with rasterio.open(flat, "w", **profile) as dst:
+        dst.write(np.full((3, profile["height"], profile["width"]), 7000, dtype=np.uint16))
+    with caplog.at_level("WARNING"):
+        clusters = fit_clusters(backbone, [flat], [3, 4], normalization=scene["normalization"], max_windows=2,
+                                progress=False)  # fmt: skip
+    assert "only 1 distinct cluster" in caplog.text and "normalisation" in caplog.text
+    assert clusters.silhouette is None and all(c["silhouette"] is None for c in clusters.candidates.values())

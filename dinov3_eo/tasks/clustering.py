@@ -438,7 +438,13 @@ def fit_clusters(
     fits, candidates = {}, {}
     for value in ks:
         fit = spherical_kmeans(samples, value, n_init=n_init, generator=generator)
-        silhouette = cosine_silhouette(samples[subset], fit.labels[subset], value) if value > 1 else None
+        occupied = int((torch.bincount(fit.labels, minlength=value) > 0).sum())
+        if occupied < value:
+            log.warning("k-means found only %d distinct cluster(s) for k=%d: the %d sampled features are (nearly) all "
+                        "alike; check the input normalisation (--normalization) and the nodata value.", occupied, value,
+                        samples.shape[0])  # fmt: skip
+        sub_occupied = int((torch.bincount(fit.labels[subset], minlength=value) > 0).sum())
+        silhouette = cosine_silhouette(samples[subset], fit.labels[subset], value) if sub_occupied > 1 else None
         fits[value] = fit
         candidates[value] = {"silhouette": silhouette, "cohesion": fit.cohesion}
         log.info("k=%d: silhouette %s, cohesion %.4f", value, "-" if silhouette is None else f"{silhouette:.4f}", fit.cohesion)
