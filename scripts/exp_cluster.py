@@ -77,8 +77,9 @@ def pixel_kmeans(images: list[np.ndarray], valids: list[np.ndarray], k: int, see
 
 
 def feature_clusters(backbone: torch.nn.Module, paths: list[Path], norm: Normalization | None, k: int, *, nodata: float | None,
-                     work: Path, seed: int) -> list[np.ndarray]:  # fmt: skip
-    clusters = fit_clusters(backbone, paths, k, normalization=norm, nodata=nodata, seed=seed, progress=False)
+                     work: Path, seed: int, layers: int = 1) -> list[np.ndarray]:  # fmt: skip
+    clusters = fit_clusters(backbone, paths, k, normalization=norm, nodata=nodata, seed=seed, layers=layers,
+                            progress=False)  # fmt: skip
     out = []
     for path in paths:
         result = cluster_raster(backbone, clusters, path, work, nodata=nodata, quicklook=False, overwrite=True,
@@ -118,7 +119,7 @@ def run_nc(args: argparse.Namespace, work: Path) -> None:
         started = time.perf_counter()
         evaluate("(a) pixel k-means (5 bands, z-scored)", [truth], pixel_kmeans([image], [valid], k, args.seed), 7, k)
         for label, net in (("(b) features, random micro ViT", random_net), (f"(c) features, {what[:40]}", pretrained)):
-            preds = feature_clusters(net, [path], norm, k, nodata=None, work=work, seed=args.seed)
+            preds = feature_clusters(net, [path], norm, k, nodata=None, work=work, seed=args.seed, layers=args.layers)
             evaluate(label, [truth], preds, 7, k)
         print(f"  ({time.perf_counter() - started:.1f} s)")
 
@@ -150,7 +151,8 @@ def run_dubai(args: argparse.Namespace, work: Path) -> None:
         started = time.perf_counter()
         evaluate("(a) pixel k-means (RGB, z-scored)", truths, pixel_kmeans(arrays, valids, k, args.seed), 5, k)
         for label, net in nets:
-            evaluate(label, truths, feature_clusters(net, paths, norm, k, nodata=None, work=work, seed=args.seed), 5, k)
+            preds = feature_clusters(net, paths, norm, k, nodata=None, work=work, seed=args.seed, layers=args.layers)
+            evaluate(label, truths, preds, 5, k)
         print(f"  ({time.perf_counter() - started:.1f} s)")
 
 
@@ -159,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrained", default=None, help="a backbone export to evaluate besides random weights")
     parser.add_argument("--ssl-steps", type=int, default=150, help="steps of the NC pretraining when no --pretrained")
     parser.add_argument("--datasets", nargs="+", default=["nc", "dubai"], choices=["nc", "dubai"])
+    parser.add_argument("--layers", type=int, default=1, help="the last LAYERS blocks' features, cosine averaged")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="exp_cluster_") as tmp:
