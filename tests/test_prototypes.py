@@ -199,3 +199,22 @@ def test_labelled_pixels_in_chunks_give_the_same_prototypes(backbone: torch.nn.M
     chunked = fit_prototypes(backbone, [SAMPLE], POLYGONS, **kwargs)
     torch.testing.assert_close(chunked.centroids, whole.centroids, atol=1e-5, rtol=0)
     assert chunked.samples == whole.samples and chunked.cohesion == pytest.approx(whole.cohesion)
+
+
+def test_clicked_points_are_enough(backbone: torch.nn.Module, scene: dict, tmp_path: Path) -> None:
+    """A point per class (a user's clicks) gives prototypes equal to the features of the clicked pixels."""
+    points = gpd.read_file(POLYGONS)
+    points["geometry"] = points.geometry.representative_point()
+    points.to_crs("EPSG:4326").to_file(tmp_path / "clicks.gpkg")  # in degrees: reprojected onto the scene's grid
+    protos = fit_prototypes(backbone, [SAMPLE], tmp_path / "clicks.gpkg", normalization=scene["normalization"],
+                            nodata=0, window=1024, progress=False)  # fmt: skip
+    assert protos.names == NAMES and protos.samples == 4
+    image = scene["normalization"](torch.from_numpy(scene["array"].astype(np.float32))[None])
+    image = image.masked_fill(~torch.from_numpy(scene["valid"])[None, None], 0.0)
+    with torch.no_grad():
+        dense = F.interpolate(normed_patch_tokens(backbone, image), scale_factor=16, mode="bilinear", align_corners=False)[0]
+    with rasterio.open(SAMPLE) as src:
+        for c, name in enumerate(NAMES):
+            point = points[points["name"] == name].geometry.iloc[0]
+            row, col = src.index(point.x, point.y)
+            torch.testing.assert_close(protos.centroids[c], F.normalize(dense[:, row, col], dim=0), atol=1e-4, rtol=0)
