@@ -144,3 +144,17 @@ class TestBlendWeights:
         assert (total > 0).all()  # every pixel, the raster border included, has weight
         normalised = sum(p / total for p in parts)
         assert torch.allclose(normalised, torch.ones_like(total), atol=1e-12)
+
+
+def test_centre_pad_centres_and_crops_back() -> None:
+    from dinov3_eo.inference.tiling import centre_pad
+
+    x = torch.arange(2 * 3 * 37 * 50, dtype=torch.float32).reshape(2, 3, 37, 50)
+    padded, (left, right, top, bottom) = centre_pad(x, 16)
+    assert padded.shape == (2, 3, 48, 64) and (left, right, top, bottom) == (7, 7, 5, 6)
+    assert torch.equal(padded[..., top : top + 37, left : left + 50], x)
+    inside = torch.zeros(padded.shape, dtype=torch.bool)
+    inside[..., top : top + 37, left : left + 50] = True
+    assert (padded[~inside] == 0).all()  # zeros around
+    same, pad = centre_pad(x[..., :32, :48], 16)
+    assert pad == (0, 0, 0, 0) and same.data_ptr() == x.data_ptr()

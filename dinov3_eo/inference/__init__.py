@@ -1,7 +1,7 @@
 """Tiled, streaming inference over rasters of any size and its georeferenced outputs (COG, PNG, GeoPackage)."""
 
 from dinov3_eo.inference.predict import PredictionSummary, predict_raster
-from dinov3_eo.inference.tiling import TileGrid, blend_weights, cosine_ramp, window_starts
+from dinov3_eo.inference.tiling import TileGrid, blend_weights, centre_pad, cosine_ramp, window_starts
 from dinov3_eo.inference.tta import TestTimeAugmented, dihedral, tta_views, undo_dihedral
 from dinov3_eo.inference.writers import (
     COGWriter,
@@ -19,6 +19,7 @@ __all__ = [
     "TileGrid",
     "atomic_output",
     "blend_weights",
+    "centre_pad",
     "cosine_ramp",
     "default_colormap",
     "dihedral",

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -198,6 +199,19 @@ class AxisCells:
 
     def __len__(self) -> int:
         return len(self.coverage)
+
+
+def centre_pad(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Zero-pad ``[..., H, W]`` to multiples of ``multiple`` (a ViT's patch), centred so that the model sees the
+    window's content in the middle, an odd extra pixel going right / bottom.
+
+    Returns:
+        The padded tensor (``x`` itself when nothing is needed) and ``(left, right, top, bottom)``; crop back with
+        ``y[..., top : top + H, left : left + W]``.
+    """
+    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
+    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return (F.pad(x, pad) if any(pad) else x), pad
 
 
 def cosine_ramp(size: int, overlap: int, *, floor: float = 1e-3) -> Tensor:

@@ -35,6 +35,7 @@ from rasterio.enums import Resampling
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,7 @@ class FeatureChange(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        ph, pw = -height % self.patch_size, -width % self.patch_size
-        top, left = ph // 2, pw // 2
-        padded = F.pad(x, (left, pw - left, top, ph - top)) if ph or pw else x
+        padded, (left, _, top, _) = centre_pad(x, self.patch_size)
         score = self.patch_distance(padded)  # [B, N - 1, h, w]
         score = F.interpolate(score, size=padded.shape[-2:], mode="bilinear", align_corners=False)
         return score[..., top : top + height, left : left + width]

@@ -36,6 +36,7 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA
 from dinov3_eo.tasks.kmeans import cosine_silhouette, spherical_kmeans
 
@@ -61,13 +62,6 @@ def normed_patch_tokens(backbone: nn.Module, x: Tensor, layers: int | Sequence[i
     outs = backbone.get_intermediate_layers(x, n=layers, reshape=True, norm=True)
     scale = 1.0 / math.sqrt(len(outs))
     return torch.cat([F.normalize(t.float(), dim=1) * scale for t in outs], dim=1)
-
-
-def _centre_pad(x: Tensor, multiple: int) -> tuple[Tensor, int, int]:
-    """Zero-pad ``[B, C, H, W]`` centred to multiples of ``multiple``: (padded, top, left)."""
-    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    top, left = ph // 2, pw // 2
-    return (F.pad(x, (left, pw - left, top, ph - top)) if ph or pw else x), top, left
 
 
 #: the score of a class that has no centroid (ids a label file skips): below any cosine, and finite, so that blending
@@ -133,7 +127,7 @@ class ClusterScorer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = x.shape[-2:]
-        padded, top, left = _centre_pad(x, self.patch_size)
+        padded, (left, _, top, _) = centre_pad(x, self.patch_size)
         tokens = normed_patch_tokens(self.backbone, padded, self.layers)  # [B, F, h, w]
         if tokens.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"The centroids have {self.centroids.shape[1]} dimensions but the backbone's features "
@@ -354,8 +348,8 @@ def sample_features(
                     image = normalization(image)
                 valid_t = torch.from_numpy(valid)[None, None]  # [1, 1, h, w]
                 image = torch.nan_to_num(image).masked_fill_(~valid_t, 0.0)
-                image, _, _ = _centre_pad(image, patch)
-                valid_t, _, _ = _centre_pad(valid_t.float(), patch)  # padding counts as invalid
+                image, _ = centre_pad(image, patch)
+                valid_t, _ = centre_pad(valid_t.float(), patch)  # padding counts as invalid
                 images.append(image)
                 masks.append(valid_t)
             # equal shapes batch together; a raster's edge windows run alone

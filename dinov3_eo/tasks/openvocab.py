@@ -45,6 +45,7 @@ from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import _data_band_count, read_window
 from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA, tta_views
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
@@ -465,13 +466,6 @@ def load_text_model(path: str | os.PathLike[str]) -> tuple[TextAlignedModel, Bac
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _centre_pad(x: Tensor, multiple: int) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """Zero-pad ``x`` [B, C, H, W] centred to multiples of ``multiple``; returns it and (left, right, top, bottom)."""
-    ph, pw = -x.shape[-2] % multiple, -x.shape[-1] % multiple
-    pad = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-    return (F.pad(x, pad) if any(pad) else x), pad
-
-
 class OpenVocabScorer(nn.Module):
     """``[B, C, H, W]`` normalised images -> ``[B, T, H, W]`` scores against ``T`` embeddings (for predict_raster).
 
@@ -509,7 +503,7 @@ class OpenVocabScorer(nn.Module):
         """Adapted features bilinearly upsampled to pixels, by channel chunk: ``(channels, chunk [B, c, H, W],
         padding-cropped)`` — unnormalised; callers accumulate dot products and squared norms."""
         height, width = x.shape[-2:]
-        xp, (left, _, top, _) = _centre_pad(x, self.patch_size)
+        xp, (left, _, top, _) = centre_pad(x, self.patch_size)
         _, patches = self.model.vision(xp)  # [B, D, h, w]
         for start in range(0, patches.shape[1], self.chunk):
             part = F.interpolate(patches[:, start : start + self.chunk], size=xp.shape[-2:], mode="bilinear", align_corners=False)
@@ -519,7 +513,7 @@ class OpenVocabScorer(nn.Module):
         height, width = x.shape[-2:]
         emb = self.embeddings.to(x.dtype)
         if self.upsample == "scores":
-            xp, (left, _, top, _) = _centre_pad(x, self.patch_size)
+            xp, (left, _, top, _) = centre_pad(x, self.patch_size)
             dense = self.model.encode_dense(xp)  # [B, D, h, w], normalised
             cos = torch.einsum("bdyx,td->btyx", dense, emb.to(dense.dtype))  # [B, T, h, w]
             cos = F.interpolate(cos, size=xp.shape[-2:], mode="bilinear", align_corners=False)

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.tasks.clustering import Clusters, _backbone_in_chans, _centre_pad, _windows, backbone_fingerprint, normed_patch_tokens
+from dinov3_eo.inference.tiling import centre_pad
+from dinov3_eo.tasks.clustering import Clusters, _backbone_in_chans, _windows, backbone_fingerprint, normed_patch_tokens
 from dinov3_eo.tasks.kmeans import spherical_kmeans
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def fit_prototypes(
                     if normalization is not None:
                         image = normalization(image)
                     image = torch.nan_to_num(image).masked_fill_(~torch.from_numpy(valid)[None, None], 0.0)
-                    padded, top, left = _centre_pad(image, patch)
+                    padded, (left, _, top, _) = centre_pad(image, patch)
                     with torch.inference_mode(), torch.autocast(run_device.type, dtype=torch.bfloat16, enabled=use_amp):
                         tokens = normed_patch_tokens(backbone, padded.to(run_device), layers)[0].float().cpu()
                     all_rows, all_cols = (torch.from_numpy(a) for a in np.nonzero(labelled))
