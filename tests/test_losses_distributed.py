@@ -44,6 +44,11 @@ def _worker(process_rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=process_rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
+        # compile in this process, not in a pool of compile workers: a pool inside a gloo process once aborted
+        # ("terminate called without an active exception") under the load of the whole suite
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
         data = global_inputs()
         result: dict[str, object] = {"rank": rank(), "world": world_size()}
         probs = sinkhorn_knopp(data["teacher"][process_rank], 0.05)
