@@ -56,6 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, change between two dates"),
     "change": ("dinov3_eo.tasks.change", "change_main", "what changed between two dates: feature distance map, mask, polygons"),
     "cluster": ("dinov3_eo.tasks.clustering", "cluster_main", "unsupervised map: k-means clusters of the features of GeoTIFFs"),
+    "similar": ("dinov3_eo.tasks.similarity", "similar_main", "find the places that look like an example point or polygon"),
 }
 
 

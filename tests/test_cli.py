@@ -130,7 +130,7 @@ def test_light_subcommands_start_without_lightning() -> None:
     modules = {module for module, _ in SUBCOMMANDS.values()} | {
         "dinov3_eo.tasks.segmentation_eval", "dinov3_eo.tasks.height_plots", "dinov3_eo.data.stack",
         "dinov3_eo.data.labels", "dinov3_eo.tasks.clustering", "dinov3_eo.tasks.features", "dinov3_eo.models.hub",
-        "dinov3_eo.data.index", "dinov3_eo.inference.predict"}  # fmt: skip
+        "dinov3_eo.data.index", "dinov3_eo.inference.predict", "dinov3_eo.tasks.similarity"}  # fmt: skip
     code = f"import sys\nfor m in {sorted(modules)!r}:\n    __import__(m)\nprint('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

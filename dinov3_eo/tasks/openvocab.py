@@ -54,6 +54,7 @@ from dinov3_eo.models.hub import BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES, load_templates
+from dinov3_eo.tasks.similarity import example_in_crs
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
@@ -906,7 +907,7 @@ class MapQuery:
         """
         with contextlib.ExitStack() as stack:
             src = stack.enter_context(_open_raster(raster))
-            geometry = _example_in_crs(example, crs, src.crs)
+            geometry = example_in_crs(example, crs, src.crs)
             embedding = self._example_embedding(src, geometry)  # [D]
             scorer = OpenVocabScorer(model=self.model, embeddings=embedding[None], upsample="features").to(self.device)
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="dinov3_eo_similar_"))
@@ -981,35 +982,6 @@ def _check_queries(queries: Sequence[str]) -> list[str]:
     if not names or any(not isinstance(q, str) or not q.strip() for q in names):
         raise ValueError(f"queries must be a non-empty list of non-empty strings, got {names!r}.")
     return names
-
-
-def _example_in_crs(example: Any, crs: Any, raster_crs: Any) -> Any:
-    """One shapely geometry in the raster's CRS from a shapely geometry (+ ``crs``) or a GeoSeries/GeoDataFrame.
-
-    Raises:
-        TypeError: for anything else; ValueError: for an empty example or a CRS without a raster CRS.
-    """
-    import geopandas as gpd
-    from shapely.geometry.base import BaseGeometry
-
-    if isinstance(example, (gpd.GeoDataFrame, gpd.GeoSeries)):
-        series = example.geometry if isinstance(example, gpd.GeoDataFrame) else example
-        if crs is not None and series.crs is None:
-            series = series.set_crs(crs)
-    elif isinstance(example, BaseGeometry):
-        series = gpd.GeoSeries([example], crs=crs)
-    else:
-        raise TypeError(f"example must be a shapely geometry or a GeoSeries/GeoDataFrame, got {type(example).__name__}.")
-    if series.empty or series.is_empty.all():
-        raise ValueError("The example geometry is empty.")
-    if series.crs is not None:
-        if raster_crs is None:
-            raise ValueError(f"The example is in {series.crs} but the raster has no CRS to reproject it to.")
-        series = series.to_crs(raster_crs)
-    geometry = series.union_all() if len(series) > 1 else series.iloc[0]
-    if geometry.geom_type not in ("Point", "Polygon", "MultiPolygon"):
-        raise ValueError(f"The example must be a Point, Polygon or MultiPolygon, got {geometry.geom_type}.")
-    return geometry
 
 
 def scores_to_classes(scores: np.ndarray, *, threshold: float | None = None, background: int | None = None) -> np.ndarray:
