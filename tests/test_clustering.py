@@ -339,3 +339,23 @@ def test_features_all_alike_are_named_not_a_crash(backbone: torch.nn.Module, sce
                                 progress=False)  # fmt: skip
     assert "only 1 distinct cluster" in caplog.text and "normalisation" in caplog.text
     assert clusters.silhouette is None and all(c["silhouette"] is None for c in clusters.candidates.values())
+
+
+def test_an_alpha_band_is_the_mask_not_an_input(backbone: torch.nn.Module, scene: dict, tmp_path: Path) -> None:
+    """An RGBA GeoTIFF (the collar transparent, no nodata value) maps as the RGB scene with --nodata 0 does."""
+    with rasterio.open(SAMPLE) as src:
+        profile = {**src.profile, "count": 4, "photometric": "RGB", "alpha": "YES"}
+    alpha = np.where(scene["valid"], 65535, 0).astype(np.uint16)
+    rgba = tmp_path / "rgba.tif"
+    with rasterio.open(rgba, "w", **profile) as dst:
+        dst.write(np.concatenate([scene["array"], alpha[None]]))
+    kwargs = {"normalization": scene["normalization"], "max_windows": 2, "progress": False}
+    from_alpha = fit_clusters(backbone, [rgba], 4, **kwargs)
+    from_nodata = fit_clusters(backbone, [SAMPLE], 4, nodata=0, **kwargs)
+    torch.testing.assert_close(from_alpha.centroids, from_nodata.centroids)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = cluster_raster(backbone, from_alpha, rgba, tmp_path / "a", progress=False)
+    b = cluster_raster(backbone, from_nodata, SAMPLE, tmp_path / "b", nodata=0, quicklook=False, progress=False)
+    with rasterio.open(a.classes) as x, rasterio.open(b.classes) as y:
+        assert np.array_equal(x.read(1), y.read(1))

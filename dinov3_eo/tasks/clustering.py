@@ -311,7 +311,7 @@ def sample_features(
     """
     from tqdm.auto import tqdm
 
-    from dinov3_eo.data.raster import read_window, require_georeferenced
+    from dinov3_eo.data.raster import _data_band_count, read_window, require_georeferenced
 
     patch = int(backbone.patch_size)
     side = max(patch, window // patch * patch)
@@ -322,7 +322,7 @@ def sample_features(
     for i, raster in enumerate(rasters):
         with rasterio.open(raster) as src:
             require_georeferenced(src)
-            count = len(bands) if bands is not None else src.count
+            count = len(bands) if bands is not None else _data_band_count(src)  # a trailing alpha band is no data
             if in_chans is not None and count != in_chans:
                 raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands with --bands.")
             if normalization is not None and normalization.num_bands != count:
@@ -549,7 +549,7 @@ def cluster_raster(
         ValueError: centroids of another backbone (:meth:`Clusters.check_backbone`), a raster without georeference
             or with another band count.
     """
-    from dinov3_eo.data.raster import pixel_area_ha, pixel_size_off_scale, require_georeferenced
+    from dinov3_eo.data.raster import _data_band_count, pixel_area_ha, pixel_size_off_scale, require_georeferenced
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, vectorize_classes, write_quicklook
 
@@ -562,7 +562,9 @@ def cluster_raster(
     normalization = Normalization.from_dict(clusters.normalization) if clusters.normalization else None
     with rasterio.open(raster) as src:
         require_georeferenced(src)
-        count = len(bands) if bands is not None else src.count
+        if bands is None:  # every data band: a trailing alpha band is the mask, not an input
+            bands = list(range(1, _data_band_count(src) + 1))
+        count = len(bands)
         in_chans = _backbone_in_chans(backbone)
         if in_chans is not None and count != in_chans:
             raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands with --bands.")
@@ -573,7 +575,7 @@ def cluster_raster(
             log.warning("%s has %.3g m pixels but the backbone learnt at %.3g m: its features see other things at "
                         "another scale.", raster, metres, trained_gsd)  # fmt: skip
         hectares_per_pixel = pixel_area_ha(src.crs, src.transform)
-        selected = bands if bands is not None else list(range(1, src.count + 1))
+        selected = bands
         rgb = list(preview_bands) if preview_bands is not None else (
             meta.rgb_bands(selected) if hasattr(meta, "rgb_bands") else selected[:3] if len(selected) >= 3 else selected[:1])  # fmt: skip
         scorer = clusters.scorer(backbone)

@@ -148,7 +148,7 @@ def fit_prototypes(
     """
     from tqdm.auto import tqdm
 
-    from dinov3_eo.data.raster import read_window, require_georeferenced
+    from dinov3_eo.data.raster import _data_band_count, read_window, require_georeferenced
 
     if per_class < 1:
         raise ValueError(f"per_class must be at least 1, got {per_class}.")
@@ -181,7 +181,7 @@ def fit_prototypes(
         for raster, source in zip(rasters, sources):
             with rasterio.open(raster) as src:
                 require_georeferenced(src)
-                count = len(bands) if bands is not None else src.count
+                count = len(bands) if bands is not None else _data_band_count(src)  # alpha is no data
                 if in_chans is not None and count != in_chans:
                     raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands "
                                      "with --bands.")  # fmt: skip

@@ -159,7 +159,7 @@ def similarity_map(
         FileExistsError: an output exists and ``overwrite`` is false (checked before any work).
         ValueError: an example outside the raster or on nodata only, polygons without a threshold.
     """
-    from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced
+    from dinov3_eo.data.raster import _data_band_count, pixel_area_ha, require_georeferenced
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import COGWriter, check_overwrite, vectorize_classes
     from dinov3_eo.tasks.clustering import ClusterScorer
@@ -182,7 +182,8 @@ def similarity_map(
                              f"(bounds {tuple(round(b, 3) for b in src.bounds)} in {src.crs}).")  # fmt: skip
         hectares = pixel_area_ha(src.crs, src.transform)
         rgb = getattr(getattr(backbone, "meta", None), "rgb_bands", None)
-        selected = list(bands) if bands is not None else list(range(1, src.count + 1))
+        bands = list(bands) if bands is not None else list(range(1, _data_band_count(src) + 1))  # alpha is no data
+        selected = bands
         rgb = rgb(selected) if rgb is not None else (selected[:3] if len(selected) >= 3 else selected[:1])
     try:
         proto = fit_prototypes(backbone, [raster], GeometryLabels(geometry), class_names=["example"],
