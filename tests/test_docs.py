@@ -61,6 +61,17 @@ def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     }
 
 
+def test_the_no_labels_example_runs_without_a_model(tmp_path: Path) -> None:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "no_labels_map.py"), "--out", str(tmp_path), "--k", "3",
+                           "4"], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    stem = "landsat8_224078_subset"
+    assert {f"{stem}_clusters.tif", f"{stem}_clusters.png", f"{stem}_classes.tif", f"{stem}_classes.png", "similar.tif",
+            "similar_mask.tif", "similar.png", "centroids.safetensors", "clicks.gpkg"} <= {p.name for p in tmp_path.iterdir()}
+    assert "from 4 clicked pixels" in done.stdout and "like the water click" in done.stdout
+
+
 def test_the_readme_change_example_flags_the_pasted_river(monkeypatch: pytest.MonkeyPatch) -> None:
     scope = run_readme_block("summary = detect_change(", monkeypatch)
     summary = scope["summary"]
