@@ -57,6 +57,20 @@ def add_window_options(parser: Any) -> None:
     parser.add_argument("--bf16", action="store_true", help=BF16_HELP)
     parser.add_argument("--tta", choices=TTA_MODES, default=None, help=TTA_HELP)
 
+
+def window_settings(args: Any) -> dict[str, Any]:
+    """The options :func:`add_window_options` parsed, as :func:`predict_raster`'s keyword arguments: ``window``,
+    ``overlap`` (pixels from 1 on, else a fraction of the window), ``batch_size``, ``device`` (``cuda`` when
+    available unless one was given), ``amp`` (``True`` with ``--bf16``, else ``None``: bf16 on CUDA only) and ``tta``."""
+    return {
+        "window": args.window,
+        "overlap": int(args.overlap) if args.overlap >= 1 else float(args.overlap),
+        "batch_size": args.batch_size,
+        "device": args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        "amp": True if args.bf16 else None,
+        "tta": args.tta,
+    }
+
 Output = Literal["argmax", "scores", "regression"]
 Activation = Literal["softmax", "sigmoid", "none"]
 _OUTPUTS = ("argmax", "scores", "regression")

@@ -76,6 +76,18 @@ def check_overwrite(dst: str | os.PathLike[str], overwrite: bool, *,
     return path
 
 
+def check_distinct_stems(inputs: Sequence[str | os.PathLike[str]]) -> None:
+    """Refuse inputs that share a file name stem: their outputs, named after it in one folder, would collide.
+
+    Raises:
+        ValueError: naming the shared stems.
+    """
+    stems = [Path(p).stem for p in inputs]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their outputs "
+                         "would collide.")  # fmt: skip
+
+
 def temporary_sibling(dst: Path) -> Path:
     """A unique hidden path next to ``dst`` with the same suffix (same filesystem, so the rename is atomic)."""
     return dst.with_name(f".{dst.stem}.{uuid.uuid4().hex[:10]}.part{dst.suffix}")

@@ -612,6 +612,7 @@ def _parser() -> argparse.ArgumentParser:
 def change_main(argv: Sequence[str]) -> int:
     """``dinov3-eo change BEFORE.tif AFTER.tif [MORE.tif ...] --model BACKBONE -o change.tif``."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.inference.predict import window_settings
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
     args = _parser().parse_args(list(argv))
@@ -630,16 +631,15 @@ def change_main(argv: Sequence[str]) -> int:
         if len(args.dates) < 2:
             raise ValueError(f"Change needs at least two dates, got {len(args.dates)}.")
         backbone = resolve_backbone(args.model)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        settings = window_settings(args)
         later = args.after_nodata if args.after_nodata is not None else args.nodata
         summary = detect_change_series(
-            backbone.to(device), args.dates, args.output,
+            backbone.to(settings["device"]), args.dates, args.output,
             normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
             nodata=[args.nodata] + [later] * (len(args.dates) - 1), layers=args.layers if args.layers else 1,
             radiometry=args.radiometry, threshold=threshold, polygons=args.polygons, min_area=args.min_area,
-            simplify=args.simplify, quicklook=quicklook, resampling=Resampling[args.resampling], window=args.window,
-            overlap=args.overlap, batch_size=args.batch_size, device=device, amp=True if args.bf16 else None,
-            tta=args.tta, overwrite=args.overwrite, progress=not args.quiet,
+            simplify=args.simplify, quicklook=quicklook, resampling=Resampling[args.resampling], **settings,
+            overwrite=args.overwrite, progress=not args.quiet,
         )  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError, IndexError) as e:
         print(f"dinov3-eo change: error: {e}", file=sys.stderr)

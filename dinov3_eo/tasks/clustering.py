@@ -609,10 +609,76 @@ def cluster_raster(
 
 
 # ------------------------------------------------------------------------------------------- command
-def _parser() -> argparse.ArgumentParser:
+def add_map_options(parser: argparse.ArgumentParser, *, polygons_help: str) -> None:
+    """The options of the commands that map scenes through a bare backbone's features (``cluster``, ``segment
+    prototypes``, ``similar``): ``--model``, the input bands, nodata and scaling, ``--layers``, polygons
+    (``--polygons``, ``--min-area``, ``--simplify``), the windows (``add_window_options``), ``--no-quicklook``,
+    ``--overwrite`` and ``--quiet``."""
     from dinov3_eo.inference.predict import add_window_options
     from dinov3_eo.inference.writers import SIMPLIFY_HELP
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
 
+    parser.add_argument("--model", required=True, help=BACKBONE_HELP)
+    add_backbone_input_options(parser)
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="0-based blocks whose features are used, cosine averaged (default: the last block)")
+    parser.add_argument("--polygons", action="store_true", help=polygons_help)
+    parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
+    parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
+    add_window_options(parser)
+    parser.add_argument("--no-quicklook", action="store_true", help="do not write the PNG pictures")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def plan_scene_outputs(args: argparse.Namespace, *, suffix: str, shared: Sequence[str],
+                       sources: Sequence[str | os.PathLike[str]] = ()) -> tuple[list[Path], Path]:  # fmt: skip
+    """The scenes of ``args.inputs`` (files, folders, globs) and the output folder ``args.output`` (created), after
+    checking, before any work, that no output exists without ``--overwrite``: each scene's ``<stem>_<suffix>`` map,
+    picture and polygons as asked, and the ``shared`` files of the folder. ``sources``: other inputs (labels).
+
+    Raises:
+        FileNotFoundError, FileExistsError, ValueError: a missing input, an existing output, scenes with one stem.
+    """
+    from dinov3_eo.data.index import expand_sources
+    from dinov3_eo.inference.writers import check_distinct_stems, check_overwrite
+
+    scenes = [Path(s) for s in expand_sources(args.inputs)]
+    check_distinct_stems(scenes)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    planned = [out_dir / name for name in shared]
+    for scene in scenes:
+        classes, png, gpkg = cluster_outputs(scene, out_dir, suffix)
+        planned += [classes] + ([] if args.no_quicklook else [png]) + ([gpkg] if args.polygons else [])
+    for path in planned:
+        check_overwrite(path, args.overwrite, inputs=[*scenes, *sources])
+    return scenes, out_dir
+
+
+def map_scenes(backbone: nn.Module, clusters: Clusters, scenes: Sequence[Path], out_dir: Path, args: argparse.Namespace,
+               settings: dict[str, Any], *, hide_empty: bool = False) -> dict[str, ClusterMap]:  # fmt: skip
+    """:func:`cluster_raster` of each scene with the command's options (``settings``: ``window_settings(args)``),
+    printing what it wrote and each class's share (``hide_empty``: only classes present); by scene path."""
+    results = {}
+    for i, scene in enumerate(scenes, 1):
+        if not args.quiet:
+            print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
+        result = cluster_raster(
+            backbone, clusters, scene, out_dir, bands=args.bands, nodata=args.nodata, polygons=args.polygons,
+            min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook, **settings,
+            overwrite=args.overwrite, progress=not args.quiet,
+        )  # fmt: skip
+        for path in (result.classes, result.quicklook, result.polygons):
+            if path is not None:
+                print(path)
+        shares = zip(clusters.class_names, result.shares)
+        print("  " + ", ".join(f"{name} {share:.1%}" for name, share in shares if share > 0 or not hide_empty))
+        results[os.fspath(scene)] = result
+    return results
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dinov3-eo cluster",
         description="Unsupervised map of GeoTIFFs: k-means clusters of a backbone's patch features (no labels, no "
@@ -622,63 +688,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", help="GeoTIFFs, folders or glob patterns (quote globs); all are sampled for "
                    "the fit, so the clusters are shared")  # fmt: skip
-    p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
-                   "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.add_argument("-k", "--clusters", type=int, nargs="+", default=None,
                    help="number of clusters (default 8); several (e.g. -k 4 6 8 12) are compared by their cosine "
                    "silhouette and the best is kept")  # fmt: skip
     p.add_argument("--centroids", default=None, help="map into these saved centroids instead of fitting new ones")
-    p.add_argument("--layers", type=int, nargs="+", default=None,
-                   help="0-based blocks whose features are clustered (default: the last block)")
-    p.add_argument("--polygons", action="store_true", help="also vectorise the clusters into <stem>_clusters.gpkg")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
-    p.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
-    p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
-    p.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
-    p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
-                   help="override the backbone's stored input normalisation (presets expect 0..255 values)")
     p.add_argument("--samples", type=int, default=MAX_SAMPLES, help=f"feature vectors fit on (default {MAX_SAMPLES:,})")
     p.add_argument("--sample-windows", type=int, default=MAX_WINDOWS,
                    help=f"windows read for the fit, drawn over all inputs (default {MAX_WINDOWS})")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling and k-means++ (default 0)")
-    add_window_options(p)
-    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG pictures")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_map_options(p, polygons_help="also vectorise the clusters into <stem>_clusters.gpkg")
     return p
 
 
 def cluster_main(argv: Sequence[str]) -> int:
     """``dinov3-eo cluster SCENE.tif [MORE.tif ...] --model BACKBONE -o OUT_DIR [-k 8]``."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
-    from dinov3_eo.data.index import expand_sources
-    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.inference.predict import window_settings
+    from dinov3_eo.inference.writers import atomic_output
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
     args = _parser().parse_args(list(argv))
     prog = "dinov3-eo cluster"
-    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
-    progress = not args.quiet
     try:
-        scenes = [Path(s) for s in expand_sources(args.inputs)]
-        stems = [s.stem for s in scenes]
-        if len(set(stems)) != len(stems):
-            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their "
-                             "outputs would collide.")  # fmt: skip
-        out_dir = Path(args.output)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        shared = ["clusters.json"] + ([] if args.centroids else ["centroids.safetensors"])
+        scenes, out_dir = plan_scene_outputs(args, suffix="clusters", shared=shared)
         centroids_path, summary_path = out_dir / "centroids.safetensors", out_dir / "clusters.json"
-        planned = [summary_path] + ([] if args.centroids else [centroids_path])
-        for scene in scenes:
-            classes, png, gpkg = cluster_outputs(scene, out_dir)
-            planned += [classes] + ([] if args.no_quicklook else [png]) + ([gpkg] if args.polygons else [])
-        for path in planned:  # refuse before any work, not after it
-            check_overwrite(path, args.overwrite, inputs=scenes)
         backbone = resolve_backbone(args.model)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone.to(device)
-        amp = True if args.bf16 else None
+        settings = window_settings(args)
+        backbone.to(settings["device"])
         if args.centroids:
             given = [name for name, value in (("-k", args.clusters), ("--layers", args.layers),
                                               ("--normalization", args.normalization)) if value is not None]  # fmt: skip
@@ -693,7 +731,7 @@ def cluster_main(argv: Sequence[str]) -> int:
                 normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
                 nodata=args.nodata, layers=args.layers if args.layers else 1, window=args.window,
                 max_windows=args.sample_windows, max_samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                device=device, amp=amp, progress=progress,
+                device=settings["device"], amp=settings["amp"], progress=not args.quiet,
             )  # fmt: skip
             clusters.save(centroids_path, overwrite=args.overwrite)
             if len(clusters.candidates) > 1:
@@ -703,23 +741,11 @@ def cluster_main(argv: Sequence[str]) -> int:
                     print(f"{value:<3d} {score['silhouette'] or float('nan'):10.4f}  {score['cohesion']:8.4f}{mark}")
             print(f"centroids: {centroids_path} (k={clusters.k}, {clusters.samples:,} patches, silhouette "
                   f"{clusters.silhouette if clusters.silhouette is not None else float('nan'):.3f})")  # fmt: skip
-        maps = {}
-        for i, scene in enumerate(scenes, 1):
-            if progress:
-                print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
-            result = cluster_raster(
-                backbone, clusters, scene, out_dir, bands=args.bands, nodata=args.nodata, polygons=args.polygons,
-                min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook, window=args.window,
-                overlap=overlap, batch_size=args.batch_size, device=device, amp=amp, tta=args.tta,
-                overwrite=args.overwrite, progress=progress,
-            )  # fmt: skip
-            maps[os.fspath(scene)] = {"pixels": list(result.pixels), "hectares": list(result.hectares) if result.hectares
-                                      else None, "shares": [round(s, 6) for s in result.shares]}  # fmt: skip
-            for path in (result.classes, result.quicklook, result.polygons):
-                if path is not None:
-                    print(path)
-            shares = ", ".join(f"{name} {share:.1%}" for name, share in zip(clusters.class_names, result.shares))
-            print(f"  {shares}")
+        maps = {
+            scene: {"pixels": list(r.pixels), "hectares": list(r.hectares) if r.hectares else None,
+                    "shares": [round(s, 6) for s in r.shares]}
+            for scene, r in map_scenes(backbone, clusters, scenes, out_dir, args, settings).items()
+        }  # fmt: skip
         with atomic_output(summary_path, overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps({**clusters.metadata(), "centroids_file": os.fspath(args.centroids or centroids_path),
                                        "scenes": maps}, indent=2))  # fmt: skip
@@ -738,7 +764,10 @@ __all__ = [
     "cluster_main",
     "cluster_outputs",
     "cluster_raster",
+    "add_map_options",
     "fit_clusters",
+    "map_scenes",
     "normed_patch_tokens",
+    "plan_scene_outputs",
     "sample_features",
 ]

@@ -402,16 +402,26 @@ def write_pca(
 
 
 # ------------------------------------------------------------------------------------------- CLI
+#: Help of ``--model`` in the commands that run a bare backbone (:func:`resolve_backbone`).
+BACKBONE_HELP = ("backbone: an export (.pth/.safetensors), any load_backbone source, a segmentation .ckpt, or a registry "
+                 "name (random weights)")
+
+
+def add_backbone_input_options(parser: argparse.ArgumentParser) -> None:
+    """``--bands``, ``--nodata`` and ``--normalization``: which bands of a raster feed a bare backbone, which value is
+    nodata, and how the values are scaled (:func:`input_normalization`)."""
+    parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
+    parser.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    parser.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
+                        help="override the backbone's stored input normalisation (presets expect 0..255 values)")  # fmt: skip
+
+
 def _common_parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("input", help="input GeoTIFF")
-    parser.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
-                        "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
+    parser.add_argument("--model", required=True, help=BACKBONE_HELP)
     parser.add_argument("-o", "--output", required=True, help=output_help)
-    parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based input bands (default: all)")
-    parser.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat collar)")
-    parser.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
-                        help="override the backbone's stored input normalisation (presets expect 0..255 values)")  # fmt: skip
+    add_backbone_input_options(parser)
     parser.add_argument("--window", type=int, default=512, help="core window side in pixels (default 512)")
     parser.add_argument("--margin", type=int, default=64, help="context around each window in pixels (default 64)")
     parser.add_argument("--batch-size", type=int, default=4)

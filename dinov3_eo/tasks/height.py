@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale, require_georeferenced
-from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tta import TTA, dihedral
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
@@ -623,8 +623,8 @@ def _predict_main(argv: Sequence[str]) -> int:
         model = build_chmv2(args.backbone, args.chmv2_head)
     else:
         model = load_height_model(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    settings = window_settings(args)
+    model.to(settings["device"])
     gsd = None
     if args.gsd == "model":
         gsd = getattr(model.meta, "gsd", None)
@@ -634,9 +634,8 @@ def _predict_main(argv: Sequence[str]) -> int:
         gsd = float(args.gsd)
     quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
     out = predict_height(
-        model, args.input, args.output, quicklook=quicklook, window=args.window, overlap=args.overlap,
-        batch_size=args.batch_size, bands=args.bands, nodata=args.nodata, device=device, amp=True if args.bf16 else None,
-        tta=args.tta, gsd=gsd, overwrite=args.overwrite, progress=not args.quiet,
+        model, args.input, args.output, quicklook=quicklook, bands=args.bands, nodata=args.nodata, gsd=gsd, **settings,
+        overwrite=args.overwrite, progress=not args.quiet,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
     return 0

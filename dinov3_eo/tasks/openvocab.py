@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import _data_band_count, read_window
-from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA, tta_views
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
@@ -1074,9 +1074,7 @@ def query_main(argv: Sequence[str]) -> int:
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=[args.scene])
-        kwargs: dict[str, Any] = {"window": args.window, "overlap": args.overlap, "batch_size": args.batch_size,
-                                  "device": args.device, "amp": True if args.bf16 else None, "tta": args.tta,
-                                  "bands": args.bands, "nodata": args.nodata, "progress": True}  # fmt: skip
+        kwargs: dict[str, Any] = {**window_settings(args), "bands": args.bands, "nodata": args.nodata, "progress": True}
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)

@@ -273,8 +273,7 @@ def fit_prototypes(
 
 # ------------------------------------------------------------------------------------------- command
 def _parser() -> argparse.ArgumentParser:
-    from dinov3_eo.inference.predict import add_window_options
-    from dinov3_eo.inference.writers import SIMPLIFY_HELP
+    from dinov3_eo.tasks.clustering import add_map_options
 
     p = argparse.ArgumentParser(
         prog="dinov3-eo segment prototypes",
@@ -284,8 +283,6 @@ def _parser() -> argparse.ArgumentParser:
         "OUT/prototypes.safetensors with a summary OUT/prototypes.json; --prototypes maps more scenes with them.",
     )
     p.add_argument("inputs", nargs="+", help="GeoTIFFs, folders or glob patterns (quote globs)")
-    p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
-                   "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     p.add_argument("--labels", default=None, help="labelled polygons (GeoPackage, shapefile, GeoJSON ...) or a label "
                    "raster of class ids, in any CRS")  # fmt: skip
@@ -296,35 +293,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=1, help="prototypes per class (k-means within the class; default 1)")
     p.add_argument("--min-similarity", type=float, default=None,
                    help="pixels less similar (cosine) than this to every prototype become 'unknown'")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="0-based blocks whose features are used "
-                   "(default: the last block)")  # fmt: skip
-    p.add_argument("--polygons", action="store_true", help="also vectorise the classes into <stem>_classes.gpkg")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
-    p.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
-    p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
-    p.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
-    p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
-                   help="override the backbone's stored input normalisation (presets expect 0..255 values)")
     p.add_argument("--seed", type=int, default=0)
-    add_window_options(p)
-    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG pictures")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_map_options(p, polygons_help="also vectorise the classes into <stem>_classes.gpkg")
     return p
 
 
 def prototypes_main(argv: Sequence[str]) -> int:
     """``dinov3-eo segment prototypes SCENE.tif [...] --labels polygons.gpkg --model BACKBONE -o OUT_DIR``."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
-    from dinov3_eo.data.index import expand_sources
-    from dinov3_eo.inference.writers import atomic_output, check_overwrite
-    from dinov3_eo.tasks.clustering import cluster_outputs, cluster_raster
+    from dinov3_eo.inference.predict import window_settings
+    from dinov3_eo.inference.writers import atomic_output
+    from dinov3_eo.tasks.clustering import map_scenes, plan_scene_outputs
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
     args = _parser().parse_args(list(argv))
     prog = "dinov3-eo segment prototypes"
-    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
-    progress = not args.quiet
     try:
         if (args.labels is None) == (args.prototypes is None):
             raise ValueError("Give either --labels (to fit prototypes) or --prototypes (saved ones), not both or neither.")
@@ -334,24 +317,13 @@ def prototypes_main(argv: Sequence[str]) -> int:
             if given:
                 raise ValueError(f"--prototypes carry their own layers, normalisation and threshold: leave out "
                                  f"{', '.join(given)}.")  # fmt: skip
-        scenes = [Path(s) for s in expand_sources(args.inputs)]
-        stems = [s.stem for s in scenes]
-        if len(set(stems)) != len(stems):
-            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their "
-                             "outputs would collide.")  # fmt: skip
-        out_dir = Path(args.output)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        shared = ["prototypes.json"] + ([] if args.prototypes else ["prototypes.safetensors"])
+        scenes, out_dir = plan_scene_outputs(args, suffix="classes", shared=shared,
+                                             sources=[args.labels] if args.labels else [])  # fmt: skip
         saved, summary_path = out_dir / "prototypes.safetensors", out_dir / "prototypes.json"
-        planned = [summary_path] + ([] if args.prototypes else [saved])
-        for scene in scenes:
-            classes, png, gpkg = cluster_outputs(scene, out_dir, "classes")
-            planned += [classes] + ([] if args.no_quicklook else [png]) + ([gpkg] if args.polygons else [])
-        for path in planned:  # refuse before any work
-            check_overwrite(path, args.overwrite, inputs=scenes + ([Path(args.labels)] if args.labels else []))
         backbone = resolve_backbone(args.model)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone.to(device)
-        amp = True if args.bf16 else None
+        settings = window_settings(args)
+        backbone.to(settings["device"])
         if args.prototypes:
             prototypes = Clusters.load(args.prototypes)
             if prototypes.names is None:
@@ -364,28 +336,16 @@ def prototypes_main(argv: Sequence[str]) -> int:
                 per_class=args.per_class, min_similarity=args.min_similarity,
                 normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
                 nodata=args.nodata, layers=args.layers if args.layers else 1, window=args.window, seed=args.seed,
-                device=device, amp=amp, progress=progress,
+                device=settings["device"], amp=settings["amp"], progress=not args.quiet,
             )  # fmt: skip
             prototypes.save(saved, overwrite=args.overwrite)
             print(f"prototypes: {saved} ({prototypes.k} for {len(set(prototypes.groups or []))} classes from "
                   f"{prototypes.samples:,} labelled pixels; mean cosine to their class {prototypes.cohesion:.3f})")  # fmt: skip
-        maps = {}
-        for i, scene in enumerate(scenes, 1):
-            if progress:
-                print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
-            result = cluster_raster(
-                backbone, prototypes, scene, out_dir, bands=args.bands, nodata=args.nodata, polygons=args.polygons,
-                min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook, window=args.window,
-                overlap=overlap, batch_size=args.batch_size, device=device, amp=amp, tta=args.tta,
-                overwrite=args.overwrite, progress=progress,
-            )  # fmt: skip
-            names = prototypes.class_names
-            maps[os.fspath(scene)] = {"pixels": dict(zip(names, result.pixels)), "hectares": dict(zip(
-                names, result.hectares)) if result.hectares else None}  # fmt: skip
-            for path in (result.classes, result.quicklook, result.polygons):
-                if path is not None:
-                    print(path)
-            print("  " + ", ".join(f"{n} {s:.1%}" for n, s in zip(names, result.shares) if s > 0))
+        names = prototypes.class_names
+        maps = {
+            scene: {"pixels": dict(zip(names, r.pixels)), "hectares": dict(zip(names, r.hectares)) if r.hectares else None}
+            for scene, r in map_scenes(backbone, prototypes, scenes, out_dir, args, settings, hide_empty=True).items()
+        }  # fmt: skip
         with atomic_output(summary_path, overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps({**prototypes.metadata(), "prototypes_file": os.fspath(args.prototypes or saved),
                                        "labels": args.labels, "scenes": maps}, indent=2))  # fmt: skip

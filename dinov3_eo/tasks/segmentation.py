@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale
-from dinov3_eo.inference.predict import add_window_options
+from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tta import TTA
-from dinov3_eo.inference.writers import SIMPLIFY_HELP
+from dinov3_eo.inference.writers import SIMPLIFY_HELP, check_distinct_stems
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
@@ -655,29 +655,25 @@ def predict_main(argv: Sequence[str]) -> int:
     """``dinov3-eo segment predict IN.tif [...] --model seg.ckpt -o OUT``; returns the exit code."""
     args = _predict_parser().parse_args(list(argv))
     prog = "dinov3-eo segment predict"
-    overlap: float | int = int(args.overlap) if args.overlap >= 1 else float(args.overlap)
     try:
         scenes = shard_for_rank(expand_inputs(args.inputs))
         task = SegmentationTask.from_checkpoint(args.model)
         out_dir = Path(args.output)
         out_dir.mkdir(parents=True, exist_ok=True)
-        stems = [p.stem for p in scenes]
-        if len(set(stems)) != len(stems):
-            raise ValueError(f"Inputs share file names {sorted({s for s in stems if stems.count(s) > 1})}; their outputs would collide.")
+        check_distinct_stems(scenes)
         for scene in scenes:  # refuse before any work, not after hours of it
             for path in vars(scene_outputs(scene, out_dir, probabilities=args.probabilities, polygons=args.polygons)).values():
                 if path is not None and path.exists() and not args.overwrite:
                     raise FileExistsError(f"Output {str(path)!r} already exists; pass --overwrite to replace it.")
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        task.to(device)
+        settings = window_settings(args)
+        task.to(settings["device"])
         for i, scene in enumerate(scenes, 1):
             if not args.quiet:
                 print(f"[{i}/{len(scenes)}] {scene}", file=sys.stderr)
             written = segment_scene(
                 task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
-                polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, window=args.window,
-                overlap=overlap, batch_size=args.batch_size, device=device, amp=True if args.bf16 else None,
-                tta=args.tta, overwrite=args.overwrite, progress=not args.quiet,
+                polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, **settings,
+                overwrite=args.overwrite, progress=not args.quiet,
             )  # fmt: skip
             for path in vars(written).values():
                 if path is not None:

@@ -311,8 +311,7 @@ def _parse_example(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dinov3_eo.inference.predict import add_window_options
-    from dinov3_eo.inference.writers import SIMPLIFY_HELP
+    from dinov3_eo.tasks.clustering import add_map_options
 
     p = argparse.ArgumentParser(
         prog="dinov3-eo similar",
@@ -321,8 +320,6 @@ def _parser() -> argparse.ArgumentParser:
         "OUTPUT_mask.tif and --polygons OUTPUT.gpkg.",
     )
     p.add_argument("scene", help="input GeoTIFF")
-    p.add_argument("--model", required=True, help="backbone: an export (.pth/.safetensors), any load_backbone source, "
-                   "a segmentation .ckpt, or a registry name (random weights)")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="similarity COG to write (.tif)")
     p.add_argument("--point", type=float, nargs=2, metavar=("X", "Y"), default=None,
                    help="the example as a point (in --crs, default the raster's CRS)")
@@ -330,25 +327,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--crs", default=None, help="CRS of --point, e.g. EPSG:4326 for longitude latitude")
     p.add_argument("--threshold", type=float, default=None, help="also write the mask of the places at least this "
                    "similar (cosine, e.g. 0.8)")  # fmt: skip
-    p.add_argument("--polygons", action="store_true", help="also write the mask's places as polygons (OUTPUT.gpkg)")
-    p.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
-    p.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="0-based blocks whose features are compared "
-                   "(default: the last block)")  # fmt: skip
-    p.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands fed to the backbone (default: all)")
-    p.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
-    p.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
-                   help="override the backbone's stored input normalisation (presets expect 0..255 values)")
-    add_window_options(p)
-    p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG picture")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_map_options(p, polygons_help="also write the mask's places as polygons (OUTPUT.gpkg)")
     return p
 
 
 def similar_main(argv: Sequence[str]) -> int:
     """``dinov3-eo similar SCENE.tif --point X Y [--crs EPSG:4326] --model BACKBONE -o similar.tif``."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.inference.predict import window_settings
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
     args = _parser().parse_args(list(argv))
@@ -356,15 +342,13 @@ def similar_main(argv: Sequence[str]) -> int:
     try:
         example, crs = _parse_example(args)
         backbone = resolve_backbone(args.model)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        settings = window_settings(args)
         result = similarity_map(
-            backbone.to(device), args.scene, example, args.output, crs=crs,
+            backbone.to(settings["device"]), args.scene, example, args.output, crs=crs,
             normalization=input_normalization(getattr(backbone, "meta", None), args.normalization), bands=args.bands,
             nodata=args.nodata, layers=args.layers if args.layers else 1, threshold=args.threshold,
             polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, quicklook=not args.no_quicklook,
-            window=args.window, overlap=int(args.overlap) if args.overlap >= 1 else float(args.overlap),
-            batch_size=args.batch_size, device=device, amp=True if args.bf16 else None, tta=args.tta,
-            overwrite=args.overwrite, progress=not args.quiet,
+            **settings, overwrite=args.overwrite, progress=not args.quiet,
         )  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError, TypeError, IndexError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
