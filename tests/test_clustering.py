@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from rasterio.features import rasterize
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
+from landsat_sample import POLYGONS, SAMPLE, load_sample, micro_vit, whole_scene_tokens
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.hub import BackboneMeta, export_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.clustering import (
@@ -31,8 +31,6 @@ from dinov3_eo.tasks.clustering import (
 )
 from dinov3_eo.tasks.kmeans import _lloyd, assign_clusters, cosine_silhouette, kmeans_plus_plus, spherical_kmeans
 
-SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-POLYGONS = SAMPLE.with_name("landsat8_224078_polygons.gpkg")
 
 
 def _blobs(n: int = 1200, k: int = 4, dim: int = 16, noise: float = 0.15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,20 +122,8 @@ def test_cosine_silhouette_matches_scikit_learn(with_singleton: bool) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- features
-@pytest.fixture(scope="module")
-def backbone() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_backbone("vitmicro16", in_chans=3).eval()
-
-
-@pytest.fixture(scope="module")
-def scene() -> dict:
-    with rasterio.open(SAMPLE) as src:
-        array = src.read()
-        shape, transform = (src.height, src.width), src.transform
-    valid = (array > 0).all(axis=0)  # the Landsat collar is 0 (undeclared)
-    norm = Normalization.zscore([float(b[valid].mean()) for b in array], [float(b[valid].std()) for b in array])
-    return {"array": array, "valid": valid, "shape": shape, "transform": transform, "normalization": norm}
+backbone = pytest.fixture(scope="module", name="backbone")(micro_vit)
+scene = pytest.fixture(scope="module", name="scene")(load_sample)
 
 
 def test_normed_patch_tokens_average_the_layers_cosines(backbone: torch.nn.Module) -> None:
@@ -193,12 +179,9 @@ def test_samples_come_from_fully_valid_patches_only(backbone: torch.nn.Module, s
         dst.write(array)
     samples = sample_features(backbone, [half], normalization=scene["normalization"], window=1024, progress=False)
     # one window holds the whole raster, so each token has the same context as in one forward pass over it
-    image = scene["normalization"](torch.from_numpy(array.astype(np.float32))[None])
-    valid = torch.from_numpy((array > 0).all(axis=0))[None, None]
-    image = image.masked_fill(~valid, 0.0)
-    with torch.no_grad():  # 928 x 448: multiples of 16 already
-        tokens = normed_patch_tokens(backbone, image)[0].flatten(1).T  # [58 * 28, D]
-    full = (F.avg_pool2d(valid.float(), 16) >= 1.0).flatten()
+    valid = (array > 0).all(axis=0)
+    tokens = whole_scene_tokens(backbone, {**scene, "array": array, "valid": valid}).flatten(1).T  # [58 * 28, D]
+    full = (F.avg_pool2d(torch.from_numpy(valid).float()[None, None], 16) >= 1.0).flatten()
     expected = tokens[full]
     assert samples.shape == expected.shape
     # the same set of vectors (order aside)

@@ -15,34 +15,25 @@ import torch.nn.functional as F
 from rasterio.features import rasterize
 
 import dinov3_eo.tasks.prototypes as prototypes_module
+from landsat_sample import POLYGONS, SAMPLE, load_sample, micro_vit, whole_scene_pixel_features
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
-from dinov3_eo.tasks.clustering import NO_CLASS_SCORE, ClusterScorer, Clusters, cluster_raster, normed_patch_tokens
+from dinov3_eo.tasks.clustering import NO_CLASS_SCORE, ClusterScorer, Clusters, cluster_raster
 from dinov3_eo.tasks.prototypes import fit_prototypes, pixel_tokens
 
-SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-POLYGONS = SAMPLE.with_name("landsat8_224078_polygons.gpkg")
 NAMES = ["crop", "developed", "tree", "water"]  # the polygons' names, sorted: their class ids
 
-
-@pytest.fixture(scope="module")
-def backbone() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_backbone("vitmicro16", in_chans=3).eval()
+backbone = pytest.fixture(scope="module", name="backbone")(micro_vit)
 
 
 @pytest.fixture(scope="module")
 def scene() -> dict:
-    with rasterio.open(SAMPLE) as src:
-        array, profile = src.read(), src.profile
-    valid = (array > 0).all(axis=0)
-    norm = Normalization.zscore([float(b[valid].mean()) for b in array], [float(b[valid].std()) for b in array])
+    """The sample with the polygons burnt in as class ids (255 elsewhere)."""
+    sample = load_sample()
     frame = gpd.read_file(POLYGONS)
-    ids = rasterize([(g, NAMES.index(n)) for g, n in zip(frame.geometry, frame["name"])], out_shape=array.shape[1:],
-                    transform=profile["transform"], fill=255, dtype="uint8")  # fmt: skip
-    return {"array": array, "profile": profile, "valid": valid, "normalization": norm, "ids": ids}
+    ids = rasterize([(g, NAMES.index(n)) for g, n in zip(frame.geometry, frame["name"])], out_shape=sample["shape"],
+                    transform=sample["transform"], fill=255, dtype="uint8")  # fmt: skip
+    return {**sample, "ids": ids}
 
 
 def test_pixel_tokens_equal_bilinear_upsampling_everywhere() -> None:
@@ -71,12 +62,8 @@ def test_prototypes_are_the_mean_features_of_the_labelled_pixels(backbone: torch
     protos = fit_prototypes(backbone, [SAMPLE], POLYGONS, normalization=scene["normalization"], nodata=0,
                             window=1024, progress=False)  # fmt: skip
     assert protos.names == NAMES and protos.groups == [0, 1, 2, 3] and protos.kind == "prototypes"
-    # independently: one forward pass over the whole scene (928 x 448, multiples of 16), upsampled to every pixel
-    image = scene["normalization"](torch.from_numpy(scene["array"].astype(np.float32))[None])
-    image = image.masked_fill(~torch.from_numpy(scene["valid"])[None, None], 0.0)
-    with torch.no_grad():
-        tokens = normed_patch_tokens(backbone, image)
-        dense = F.interpolate(tokens, scale_factor=16, mode="bilinear", align_corners=False)[0]  # [D, H, W]
+    # independently: one forward pass over the whole scene, upsampled to every pixel
+    dense = whole_scene_pixel_features(backbone, scene)  # [D, H, W]
     labelled = (scene["ids"] != 255) & scene["valid"]
     assert protos.samples == int(labelled.sum())
     for c in range(4):
@@ -209,10 +196,7 @@ def test_clicked_points_are_enough(backbone: torch.nn.Module, scene: dict, tmp_p
     protos = fit_prototypes(backbone, [SAMPLE], tmp_path / "clicks.gpkg", normalization=scene["normalization"],
                             nodata=0, window=1024, progress=False)  # fmt: skip
     assert protos.names == NAMES and protos.samples == 4
-    image = scene["normalization"](torch.from_numpy(scene["array"].astype(np.float32))[None])
-    image = image.masked_fill(~torch.from_numpy(scene["valid"])[None, None], 0.0)
-    with torch.no_grad():
-        dense = F.interpolate(normed_patch_tokens(backbone, image), scale_factor=16, mode="bilinear", align_corners=False)[0]
+    dense = whole_scene_pixel_features(backbone, scene)
     with rasterio.open(SAMPLE) as src:
         for c, name in enumerate(NAMES):
             point = points[points["name"] == name].geometry.iloc[0]

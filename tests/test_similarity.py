@@ -15,30 +15,13 @@ from rasterio.features import rasterize
 from rasterio.transform import from_origin
 from shapely.geometry import LineString, Point, box
 
+from landsat_sample import POLYGONS, SAMPLE, load_sample, micro_vit, whole_scene_pixel_features
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
-from dinov3_eo.tasks.clustering import normed_patch_tokens
 from dinov3_eo.tasks.similarity import GeometryLabels, example_in_crs, similarity_map
 
-SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
-POLYGONS = SAMPLE.with_name("landsat8_224078_polygons.gpkg")
-
-
-@pytest.fixture(scope="module")
-def backbone() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return build_backbone("vitmicro16", in_chans=3).eval()
-
-
-@pytest.fixture(scope="module")
-def scene() -> dict:
-    with rasterio.open(SAMPLE) as src:
-        array, transform, crs = src.read(), src.transform, src.crs
-    valid = (array > 0).all(axis=0)
-    norm = Normalization.zscore([float(b[valid].mean()) for b in array], [float(b[valid].std()) for b in array])
-    return {"array": array, "valid": valid, "transform": transform, "crs": crs, "normalization": norm}
+backbone = pytest.fixture(scope="module", name="backbone")(micro_vit)
+scene = pytest.fixture(scope="module", name="scene")(load_sample)
 
 
 def test_example_in_crs_and_its_refusals(scene: dict) -> None:
@@ -70,10 +53,7 @@ def test_similarity_is_the_cosine_to_the_example_s_mean_features(backbone: torch
     result = similarity_map(backbone, SAMPLE, water, tmp_path / "sim.tif", normalization=scene["normalization"],
                             nodata=0, threshold=0.8, polygons=True, window=1024, progress=False)  # fmt: skip
     # independently: one forward pass over the whole scene (one window holds it), features upsampled to every pixel
-    image = scene["normalization"](torch.from_numpy(scene["array"].astype(np.float32))[None])
-    image = image.masked_fill(~torch.from_numpy(scene["valid"])[None, None], 0.0)
-    with torch.no_grad():
-        dense = F.interpolate(normed_patch_tokens(backbone, image), scale_factor=16, mode="bilinear", align_corners=False)[0]
+    dense = whole_scene_pixel_features(backbone, scene)
     inside = rasterize(water.geometry, out_shape=scene["valid"].shape, transform=scene["transform"]).astype(bool)
     inside &= scene["valid"]
     assert result.example_pixels == int(inside.sum())
