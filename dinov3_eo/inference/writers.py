@@ -337,6 +337,15 @@ def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def display_rgb(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``[C, h, w]`` imagery (the red, green, blue bands, or one band) as an ``[h, w, 3]`` float picture in [0, 1]:
+    :func:`stretch_to_unit`, one band repeated as grey, invalid pixels white (not black "data")."""
+    rgb = stretch_to_unit(pixels, valid)
+    picture = np.moveaxis(np.repeat(rgb[:1], 3, axis=0) if len(rgb) < 3 else rgb[:3], 0, -1).copy()
+    picture[~valid] = 1.0
+    return picture
+
+
 def write_quicklook(
     dst: str | os.PathLike[str],
     *,
@@ -403,10 +412,7 @@ def write_quicklook(
             valid = img_src.read_masks(1, out_shape=shape) > 0
             if nodata is not None:  # an average over a pixel block that is all nodata is nodata too
                 valid &= ~(pixels == nodata).all(axis=0)
-        rgb = stretch_to_unit(pixels, valid)
-        background = np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3]
-        background = np.moveaxis(background, 0, -1).copy()  # [3, h, w] -> [h, w, 3]
-        background[~valid] = 1.0  # the imagery's nodata shows as white, not as black "data"
+        background = display_rgb(pixels, valid)
 
     overlay = np.zeros((*shape, 4), dtype=np.float32)
     for value in present:

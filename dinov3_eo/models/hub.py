@@ -130,7 +130,18 @@ class BackboneMeta:
         names = [n.lower() for n in (self.bands or [])]
         if all(c in names for c in ("red", "green", "blue")) and len(names) == len(chosen):
             return [chosen[names.index(c)] for c in ("red", "green", "blue")]
-        return chosen[:3] if len(chosen) >= 3 else chosen[:1]
+        return _first_three(chosen)
+
+
+def _first_three(chosen: list[int]) -> list[int]:
+    return chosen[:3] if len(chosen) >= 3 else chosen[:1]
+
+
+def preview_bands(backbone: Any, selected: Sequence[int]) -> list[int]:
+    """The file bands ``selected`` feeds ``backbone`` to show as red, green, blue in a picture: its metadata's choice
+    (:meth:`BackboneMeta.rgb_bands`), or for a backbone without metadata the first three (one, as grey)."""
+    meta = getattr(backbone, "meta", None)
+    return meta.rgb_bands(selected) if isinstance(meta, BackboneMeta) else _first_three(list(selected))
 
 
 # ---------------------------------------------------------------------------------------- reading files

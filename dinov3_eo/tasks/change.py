@@ -366,6 +366,7 @@ def detect_change_series(
     from dinov3_eo.data.stack import RasterStack
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite
+    from dinov3_eo.models.hub import preview_bands
 
     rasters = list(rasters)
     if len(rasters) < 2:
@@ -435,8 +436,7 @@ def detect_change_series(
                   "dates": json.dumps([os.fspath(r) for r in rasters]), "before": os.fspath(rasters[0]),
                   "after": os.fspath(rasters[-1]), "layers": str(layers), **tags},
         )  # fmt: skip
-        rgb = getattr(getattr(backbone, "meta", None), "rgb_bands", None)
-        rgb = rgb(selected) if rgb is not None else (selected[:3] if len(selected) >= 3 else selected[:1])
+        rgb = preview_bands(backbone, selected)
 
         value, method, changed, valid, area, per_interval = None, None, 0, 0, None, ()
         if threshold is not None and run.windows_skipped == run.windows:  # (predict_raster has said so)
@@ -527,7 +527,7 @@ def change_quicklook(
     series) side by side, the mask's outline drawn on the score."""
     from matplotlib.figure import Figure
 
-    from dinov3_eo.inference.writers import atomic_output, stretch_to_unit
+    from dinov3_eo.inference.writers import atomic_output, display_rgb
 
     scale = min(1.0, max_size / max(stack.height, stack.width))
     shape = (max(1, round(stack.height * scale)), max(1, round(stack.width * scale)))
@@ -535,10 +535,7 @@ def change_quicklook(
     for indexes in bands:
         pixels = stack.read(list(indexes), out_shape=(len(indexes), *shape), resampling=Resampling.average)
         valid = np.isfinite(pixels).all(axis=0)
-        rgb = stretch_to_unit(np.nan_to_num(pixels), valid)
-        rgb = np.moveaxis(np.repeat(rgb[:1], 3, axis=0) if len(indexes) < 3 else rgb[:3], 0, -1).copy()
-        rgb[~valid] = 1.0
-        panels.append(rgb)
+        panels.append(display_rgb(np.nan_to_num(pixels), valid))
     with rasterio.open(score) as src:
         largest, seen = _largest(src.read(out_shape=(src.count, *shape), resampling=Resampling.average))
         values = np.ma.masked_array(largest, mask=~seen)

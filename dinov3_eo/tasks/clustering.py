@@ -442,8 +442,7 @@ def fit_clusters(
         fits[value] = fit
         candidates[value] = {"silhouette": silhouette, "cohesion": fit.cohesion}
         log.info("k=%d: silhouette %s, cohesion %.4f", value, "-" if silhouette is None else f"{silhouette:.4f}", fit.cohesion)
-    best = max(ks, key=lambda v: -math.inf if candidates[v]["silhouette"] is None else candidates[v]["silhouette"]) \
-        if len(ks) > 1 else ks[0]  # fmt: skip
+    best = max(ks, key=lambda v: -math.inf if candidates[v]["silhouette"] is None else candidates[v]["silhouette"])
     fit = fits[best]
     counts = torch.bincount(fit.labels, minlength=best).double()
     meta = getattr(backbone, "meta", None)
@@ -552,6 +551,7 @@ def cluster_raster(
     from dinov3_eo.data.raster import _data_band_count, pixel_area_ha, pixel_size_off_scale, require_georeferenced
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, vectorize_classes, write_quicklook
+    from dinov3_eo.models.hub import preview_bands as backbone_preview_bands
 
     classes_path, png, gpkg = cluster_outputs(raster, out_dir, "clusters" if clusters.names is None else "classes")
     for path in (classes_path, png if quicklook else None, gpkg if polygons else None):
@@ -575,9 +575,7 @@ def cluster_raster(
             log.warning("%s has %.3g m pixels but the backbone learnt at %.3g m: its features see other things at "
                         "another scale.", raster, metres, trained_gsd)  # fmt: skip
         hectares_per_pixel = pixel_area_ha(src.crs, src.transform)
-        selected = bands
-        rgb = list(preview_bands) if preview_bands is not None else (
-            meta.rgb_bands(selected) if hasattr(meta, "rgb_bands") else selected[:3] if len(selected) >= 3 else selected[:1])  # fmt: skip
+        rgb = list(preview_bands) if preview_bands is not None else backbone_preview_bands(backbone, bands)
         scorer = clusters.scorer(backbone)
         names = clusters.class_names
         colours = default_colormap(len(names))

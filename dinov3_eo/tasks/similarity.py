@@ -162,6 +162,7 @@ def similarity_map(
     from dinov3_eo.data.raster import _data_band_count, pixel_area_ha, require_georeferenced
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import COGWriter, check_overwrite, vectorize_classes
+    from dinov3_eo.models.hub import preview_bands
     from dinov3_eo.tasks.clustering import ClusterScorer
     from dinov3_eo.tasks.prototypes import fit_prototypes
 
@@ -181,10 +182,8 @@ def similarity_map(
             raise ValueError(f"The example {geometry.geom_type} lies outside the raster {str(raster)!r} "
                              f"(bounds {tuple(round(b, 3) for b in src.bounds)} in {src.crs}).")  # fmt: skip
         hectares = pixel_area_ha(src.crs, src.transform)
-        rgb = getattr(getattr(backbone, "meta", None), "rgb_bands", None)
         bands = list(bands) if bands is not None else list(range(1, _data_band_count(src) + 1))  # alpha is no data
-        selected = bands
-        rgb = rgb(selected) if rgb is not None else (selected[:3] if len(selected) >= 3 else selected[:1])
+        rgb = preview_bands(backbone, bands)
     try:
         proto = fit_prototypes(backbone, [raster], GeometryLabels(geometry), class_names=["example"],
                                normalization=normalization, bands=bands, nodata=nodata, layers=layers, window=window,
@@ -245,7 +244,7 @@ def similarity_quicklook(
     imagery's where the file declares none (white, and left out of the colour stretch)."""
     from matplotlib.figure import Figure
 
-    from dinov3_eo.inference.writers import atomic_output, stretch_to_unit
+    from dinov3_eo.inference.writers import atomic_output, display_rgb
 
     with rasterio.open(raster) as src:
         scale = min(1.0, max_size / max(src.height, src.width))
@@ -256,9 +255,7 @@ def similarity_quicklook(
             valid &= ~(pixels == nodata).all(axis=0)
         # pixel coordinates of the picture: the raster's, scaled
         to_picture = ~(src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0]))
-    rgb = stretch_to_unit(pixels, valid)
-    rgb = np.moveaxis(np.repeat(rgb[:1], 3, axis=0) if len(bands) < 3 else rgb[:3], 0, -1).copy()
-    rgb[~valid] = 1.0
+    rgb = display_rgb(pixels, valid)
     with rasterio.open(similarity) as src:
         values = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average))
     fig = Figure(figsize=(2 * max(2.5, shape[1] / 100) + 1.5, max(2.5, shape[0] / 100) + 0.6), dpi=100)
