@@ -122,6 +122,17 @@ def apply_fused_affine(
     return x
 
 
+def model_input(
+    values: np.ndarray, valid: np.ndarray, affine: tuple[np.ndarray | None, np.ndarray, np.ndarray | None, np.ndarray | None]
+) -> np.ndarray:
+    """What a model is fed for a window's raw (C, H, W) values at inference: :func:`apply_fused_affine` (0 where
+    ``valid`` is False), and ±inf of float data, which the validity mask lets through, set to 0 too."""
+    image = apply_fused_affine(values, valid, affine)
+    if np.issubdtype(values.dtype, np.floating):
+        np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return image
+
+
 def _close_handle(src: Any, vrt: Any) -> None:
     if vrt is not None:
         vrt.close()

@@ -32,7 +32,7 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 
 from dinov3_eo.allocator import trim_heap
-from dinov3_eo.data.datasets import apply_fused_affine, fused_affine
+from dinov3_eo.data.datasets import fused_affine, model_input
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window, require_georeferenced
 from dinov3_eo.inference.tiling import Tile, TileGrid
@@ -482,10 +482,7 @@ def _stream(
         pixels, valid = read_window(
             dataset, Window(tile.col_off, tile.row_off, tile.width, tile.height), bands=band_indexes, nodata=nodata
         )
-        image = apply_fused_affine(pixels, valid, affine)  # [C, h, w] float32, 0 where invalid
-        if np.issubdtype(pixels.dtype, np.floating):  # ±inf is "valid" to the mask but must not reach the model
-            np.nan_to_num(image, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        return torch.from_numpy(image), valid
+        return torch.from_numpy(model_input(pixels, valid, affine)), valid  # [C, h, w] float32, 0 where invalid
 
     def batches() -> Iterator[_Batch]:
         tiles, images, valids, skipped = [], [], [], []

@@ -278,6 +278,13 @@ def _backbone_in_chans(backbone: nn.Module) -> int | None:
     return int(proj.weight.shape[1]) if proj is not None else None
 
 
+def _device_and_amp(backbone: nn.Module, device: str | torch.device | None, amp: bool | None) -> tuple[torch.device, bool]:
+    """Where the backbone runs (``device``, else where its weights are) and whether under bf16 autocast (``amp``,
+    else on CUDA only), as :func:`~dinov3_eo.inference.predict.predict_raster` decides."""
+    run_device = torch.device(device) if device is not None else next(backbone.parameters()).device
+    return run_device, run_device.type == "cuda" if amp is None else bool(amp)
+
+
 def _windows(height: int, width: int, side: int) -> list[Window]:
     return [Window(c, r, min(side, width - c), min(side, height - r)) for r in range(0, height, side) for c in range(0, width, side)]
 
@@ -311,13 +318,13 @@ def sample_features(
     """
     from tqdm.auto import tqdm
 
+    from dinov3_eo.data.datasets import fused_affine, model_input
     from dinov3_eo.data.raster import _data_band_count, read_window, require_georeferenced
 
     patch = int(backbone.patch_size)
     side = max(patch, window // patch * patch)
     in_chans = _backbone_in_chans(backbone)
-    run_device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    use_amp = run_device.type == "cuda" if amp is None else bool(amp)
+    run_device, use_amp = _device_and_amp(backbone, device, amp)
     candidates: list[tuple[int, Window]] = []
     for i, raster in enumerate(rasters):
         with rasterio.open(raster) as src:
@@ -329,6 +336,7 @@ def sample_features(
                 raise ValueError(f"The normalisation {normalization.name!r} has {normalization.num_bands} bands, "
                                  f"{raster} gives {count}.")  # fmt: skip
             candidates += [(i, w) for w in _windows(src.height, src.width, side)]
+    affine = fused_affine(normalization, None, None, count)  # the windows are normalised as the map's are
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.permutation(len(candidates))[:max_windows].tolist())  # raster by raster, row by row
     quota = max(1, -(-max_samples // len(chosen)))
@@ -343,13 +351,8 @@ def sample_features(
             for j in chosen[start : start + batch_size]:
                 raster_id, win = candidates[j]
                 values, valid = read_window(sources[raster_id], win, bands=bands, nodata=nodata)
-                image = torch.from_numpy(values.astype(np.float32))[None]  # [1, C, h, w]
-                if normalization is not None:
-                    image = normalization(image)
-                valid_t = torch.from_numpy(valid)[None, None]  # [1, 1, h, w]
-                image = torch.nan_to_num(image).masked_fill_(~valid_t, 0.0)
-                image, _ = centre_pad(image, patch)
-                valid_t, _ = centre_pad(valid_t.float(), patch)  # padding counts as invalid
+                image, _ = centre_pad(torch.from_numpy(model_input(values, valid, affine))[None], patch)  # [1, C, h, w]
+                valid_t, _ = centre_pad(torch.from_numpy(valid)[None, None].float(), patch)  # padding counts as invalid
                 images.append(image)
                 masks.append(valid_t)
             # equal shapes batch together; a raster's edge windows run alone

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.tiling import centre_pad
-from dinov3_eo.tasks.clustering import Clusters, _backbone_in_chans, _windows, backbone_fingerprint, normed_patch_tokens
+from dinov3_eo.tasks.clustering import (
+    Clusters,
+    _backbone_in_chans,
+    _device_and_amp,
+    _windows,
+    backbone_fingerprint,
+    normed_patch_tokens,
+)
 from dinov3_eo.tasks.kmeans import spherical_kmeans
 
 log = logging.getLogger(__name__)
@@ -148,6 +155,7 @@ def fit_prototypes(
     """
     from tqdm.auto import tqdm
 
+    from dinov3_eo.data.datasets import fused_affine, model_input
     from dinov3_eo.data.raster import _data_band_count, read_window, require_georeferenced
 
     if per_class < 1:
@@ -166,8 +174,7 @@ def fit_prototypes(
     patch = int(backbone.patch_size)
     side = max(patch, window // patch * patch)
     in_chans = _backbone_in_chans(backbone)
-    run_device = torch.device(device) if device is not None else next(backbone.parameters()).device
-    use_amp = run_device.type == "cuda" if amp is None else bool(amp)
+    run_device, use_amp = _device_and_amp(backbone, device, amp)
     generator = torch.Generator().manual_seed(seed)
     # the score of a pixel is a prototype's cosine with its interpolated (unnormalised) tokens, so the sum of those
     # gives the prototype with the best mean score; the sum of their unit vectors gives the mean cosine (cohesion)
@@ -185,6 +192,7 @@ def fit_prototypes(
                 if in_chans is not None and count != in_chans:
                     raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands "
                                      "with --bands.")  # fmt: skip
+                affine = fused_affine(normalization, None, None, count)  # normalised as the map's windows are
                 windows = _windows(src.height, src.width, side)
                 for win in tqdm(windows, unit="win", desc=f"prototypes {Path(raster).name}", disable=not progress):
                     shape = (int(win.height), int(win.width))
@@ -197,11 +205,8 @@ def fit_prototypes(
                     labelled &= valid
                     if not labelled.any():
                         continue
-                    image = torch.from_numpy(values.astype(np.float32))[None]
-                    if normalization is not None:
-                        image = normalization(image)
-                    image = torch.nan_to_num(image).masked_fill_(~torch.from_numpy(valid)[None, None], 0.0)
-                    padded, (left, _, top, _) = centre_pad(image, patch)
+                    image = torch.from_numpy(model_input(values, valid, affine))
+                    padded, (left, _, top, _) = centre_pad(image[None], patch)
                     with torch.inference_mode(), torch.autocast(run_device.type, dtype=torch.bfloat16, enabled=use_amp):
                         tokens = normed_patch_tokens(backbone, padded.to(run_device), layers)[0].float().cpu()
                     all_rows, all_cols = (torch.from_numpy(a) for a in np.nonzero(labelled))
