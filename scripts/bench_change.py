@@ -21,14 +21,12 @@ The model is the micro ViT (random weights) so that the pipeline, not the backbo
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from child_process import child_entry, peak_rss_mib, run_child
 
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
 MEAN, STD = [7839.0, 7320.0, 6682.0], [242.0, 365.0, 706.0]
@@ -68,14 +66,6 @@ def make_dates(folder: Path, size: int) -> dict[str, Path]:
     return paths
 
 
-def _peak_mib() -> float:
-    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited from the parent that
-    spawned it, whose RSS at the fork would otherwise count)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def run(mode: str, before: str, after: str, out: str) -> dict:
     import rasterio
     import torch
@@ -89,7 +79,7 @@ def run(mode: str, before: str, after: str, out: str) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone("vitmicro16").eval()
     norm = Normalization.zscore(MEAN, STD)
-    imported = _peak_mib()
+    imported = peak_rss_mib()
     started = time.perf_counter()
     if mode in ("streamed", "streamed_no_overlap", "warped"):
         overlap = 0 if mode == "streamed_no_overlap" else 0.25
@@ -110,13 +100,12 @@ def run(mode: str, before: str, after: str, out: str) -> dict:
                     score[row : row + 512, col : col + 512] = model(tile)[0, 0].numpy()
         write_cog(out, score, crs=crs, transform=transform, nodata=float("nan"), overviews=True)
         changed = int((score > 0.5).sum())
-    return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib(), "imports_mib": imported,
+    return {"seconds": time.perf_counter() - started, "peak_mib": peak_rss_mib(), "imports_mib": imported,
             "changed": changed}  # fmt: skip
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(run(*sys.argv[2:6])))
+    if child_entry(run):
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -137,9 +126,7 @@ def main() -> None:
         results = {}
         for label, mode, before, after in cases:
             out = tmp / f"{label.replace(' ', '_').replace('²', '')}.tif"
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(before), str(after), str(out)],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
-            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[label] = run_child(__file__, mode, before, after, out)
     base = results[f"whole {args.size}²"]
     print(f"\n{'case':<20} {'time':>8} {'peak RSS':>10} {'beyond imports':>15} {'vs whole':>16}")
     for label, r in results.items():

@@ -19,8 +19,6 @@ The model is the micro ViT (random weights) so that the pipeline, not the backbo
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_change import MEAN, STD, _peak_mib, make_dates  # noqa: E402
+from bench_change import MEAN, STD, make_dates  # noqa: E402
+from child_process import child_entry, peak_rss_mib, run_child  # noqa: E402
+
 
 K = 8
 
@@ -49,7 +49,7 @@ def run(mode: str, raster: str, out: str) -> dict:
     torch.manual_seed(0)
     backbone = build_backbone("vitmicro16").eval()
     norm = Normalization.zscore(MEAN, STD)
-    imported = _peak_mib()
+    imported = peak_rss_mib()
     started = time.perf_counter()
     extra: dict = {}
     if mode == "fit":
@@ -81,12 +81,11 @@ def run(mode: str, raster: str, out: str) -> dict:
         write_cog(out, labels, crs=crs, transform=transform, nodata=255)
         extra["samples"] = int(points.shape[0])
         extra["map"] = out
-    return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib(), "imports_mib": imported, **extra}
+    return {"seconds": time.perf_counter() - started, "peak_mib": peak_rss_mib(), "imports_mib": imported, **extra}
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(run(*sys.argv[2:5])))
+    if child_entry(run):
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096)
@@ -109,9 +108,7 @@ def main() -> None:
             ("whole, seed 1", "whole_seed1", big, tmp / "whole_seed1.tif"),
         ]:
             out.parent.mkdir(exist_ok=True)
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(raster), str(out)],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
-            results[label] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[label] = run_child(__file__, mode, raster, out)
         maps = {}
         for name in (f"map {args.size}²", f"whole {args.size}²", "whole, seed 1"):
             with rasterio.open(results[name]["map"]) as src:

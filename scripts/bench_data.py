@@ -40,13 +40,13 @@ import argparse
 import itertools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from child_process import peak_rss_mib
 
 REPO = Path(__file__).resolve().parents[1]
 LANDSAT = REPO.parent / "shared" / "data" / "landsat8_l1" / "LC08_L1TP_224078_20200518_20200518_01_RT.TIF"
@@ -233,7 +233,7 @@ def _time_loader(loader, warmup_batches: int = 0) -> tuple[float, float, float]:
     for _ in range(len(loader) - 2 - warmup_batches):
         count += next(it)["image"].shape[0]
     cpu, wall = _cpu_seconds(pids) - cpu0, time.perf_counter() - start
-    rss = sum(_peak_rss_mib(pid) for pid in pids)
+    rss = sum(peak_rss_mib(pid) for pid in pids)
     for batch in it:  # the last batch: drained, not counted
         pass
     return count / wall, count / cpu, rss
@@ -309,17 +309,7 @@ def rss_child(path: str, tiles: int, seed: int) -> None:
     dataset = TileDataset(grid=grid, nodata=0)
     for tile in sample:
         dataset[tile]
-    print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
-
-
-def _peak_rss_mib(pid: int | str = "self") -> float:
-    """A process's peak resident set (VmHWM). ``ru_maxrss`` is not used: Linux carries it over from
-    the parent across fork/exec, so a child would report the parent's peak."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
 def measure_rss(path: Path, tiles: int, seed: int) -> float:

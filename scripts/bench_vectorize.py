@@ -18,14 +18,12 @@ Both write the same GeoPackage; the script checks that they found the same regio
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from child_process import child_entry, peak_rss_mib, run_child
 
 
 def make_map(path: Path, size: int) -> None:
@@ -52,14 +50,6 @@ def make_map(path: Path, size: int) -> None:
             dst.write(block, 1, window=Window(0, row, size, h))
 
 
-def _peak_mib() -> float:
-    """This process's peak resident memory (VmHWM: unlike ``ru_maxrss``, not inherited from the parent that
-    spawned it, whose RSS at the fork would otherwise count)."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
-
-
 def run(mode: str, path: str, out: str) -> dict:
     import rasterio
 
@@ -67,17 +57,16 @@ def run(mode: str, path: str, out: str) -> dict:
 
     with rasterio.open(path) as src:
         height = src.height
-    imported = _peak_mib()
+    imported = peak_rss_mib()
     started = time.perf_counter()
     frame = vectorize_classes(path, out, strip_rows=height if mode == "whole" else None)
     per_class = frame.groupby("class_id")["area"].agg(["count", "sum"])
-    return {"seconds": time.perf_counter() - started, "peak_mib": _peak_mib(), "imports_mib": imported,
+    return {"seconds": time.perf_counter() - started, "peak_mib": peak_rss_mib(), "imports_mib": imported,
             "regions": {int(k): [int(v["count"]), round(float(v["sum"]), 1)] for k, v in per_class.iterrows()}}  # fmt: skip
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(run(*sys.argv[2:5])))
+    if child_entry(run):
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=16000)
@@ -88,9 +77,7 @@ def main() -> None:
         make_map(path, args.size)
         results = {}
         for mode in ("strips", "whole"):
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(path), str(tmp / f"{mode}.gpkg")],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
-            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[mode] = run_child(__file__, mode, path, tmp / f"{mode}.gpkg")
     base = results["whole"]
     count = sum(c for c, _ in base["regions"].values())
     print(f"{args.size}² map, {count:,} regions; same regions (count and area per class) both ways: "

@@ -84,7 +84,7 @@ def run_nc(args: argparse.Namespace, work: Path) -> None:
     torch.manual_seed(args.seed)
     nets = {"random micro ViT": build_backbone("vitmicro16", in_chans=5).eval()}
     nets["pretrained here 150 steps"] = pretrain_here(norm, steps=150, seed=args.seed, work=work)[0]
-    print(f"\nNC Landsat-7, mIoU on the east part (trained linear heads: 0.219 pretrained, 0.218 random; random forest 0.202)")
+    print("\nNC Landsat-7, mIoU on the east part (trained linear heads: 0.219 pretrained, 0.218 random; random forest 0.202)")
     for net_name, net in nets.items():
         for label_name, label_path in labels.items():
             for per_class in (1, args.per_class):
@@ -121,7 +121,7 @@ def run_dubai(args: argparse.Namespace, work: Path) -> None:
     norm = Normalization.preset("imagenet")
     torch.manual_seed(args.seed)
     net = build_backbone("vitmicro16", in_chans=3).eval()
-    print(f"\nDubai tiles 4-5, mIoU over 5 classes (trained linear head 0.311, text queries 0.342, chance 0.099)")
+    print("\nDubai tiles 4-5, mIoU over 5 classes (trained linear head 0.311, text queries 0.342, chance 0.099)")
     for label_name, labels in label_sets.items():
         for per_class in (1, args.per_class):
             started = time.perf_counter()

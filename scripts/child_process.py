@@ -1,0 +1,40 @@
+"""What the benchmarks share to measure a case in a fresh process of its own: its peak memory, and the run itself.
+
+A benchmark script calls :func:`child_entry` first thing in ``main``: run as ``script.py --child ARGS...`` it prints
+the JSON of ``run(*ARGS)`` and says so; the parent starts such a child per case with :func:`run_child`.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def peak_rss_mib(pid: int | str = "self") -> float:
+    """A process's peak resident set in MiB (``VmHWM``). ``ru_maxrss`` is not used: Linux carries it over from the
+    parent across fork/exec, so a child would report the parent's peak at the fork."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child_entry(run: Callable[..., dict[str, Any]]) -> bool:
+    """In a ``--child`` process: print ``run(*args)`` as JSON and return ``True``; else ``False``."""
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        print(json.dumps(run(*sys.argv[2:])))
+        return True
+    return False
+
+
+def run_child(script: str | Path, *args: Any) -> dict[str, Any]:
+    """Run ``script --child args...`` in a fresh interpreter and return what its ``run`` returned."""
+    done = subprocess.run([sys.executable, str(script), "--child", *map(str, args)], capture_output=True, text=True,
+                          check=True)  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
