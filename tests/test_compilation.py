@@ -128,10 +128,11 @@ def test_compiled_step_matches_eager_losses_and_gradients() -> None:
     assert list(eager_grads) == list(compiled_grads)
     # Blocks and heads agree to 1e-5 on their own (test above); through the whole step the low-temperature softmaxes
     # and the tiny LayerScale (1e-5) turn float32 rounding into ~1 % differences in a few small feed-forward gradients
-    # (eager on 1 vs 2 threads: 0.3 %). The gradient as a whole must agree far more closely.
+    # (eager on 1 vs 2 threads: 0.3 %). The gradient as a whole must agree far more closely: 6e-7 to 3e-5 over four
+    # seeds of the RoPE draws (the rounding a draw meets varies), so 1e-4, a hundred times below a real difference
     eager_flat = torch.cat([g.flatten() for g in eager_grads.values()])
     compiled_flat = torch.cat([g.flatten() for g in compiled_grads.values()])
-    assert ((compiled_flat - eager_flat).norm() / eager_flat.norm()).item() < 1e-5
+    assert ((compiled_flat - eager_flat).norm() / eager_flat.norm()).item() < 1e-4
     for name, grad in eager_grads.items():
         assert ((compiled_grads[name] - grad).norm() / grad.norm().clamp_min(1e-30)).item() < 5e-2, name
 

@@ -88,7 +88,7 @@ class TestAugmentation:
         coords = patch_centre_coords(4, 6)
         factors = []
         for _ in range(200):
-            ratio = rope._augment(coords) / coords
+            ratio = rope._augment(coords, 1)[0] / coords
             torch.testing.assert_close(ratio, ratio[:1, :1].expand_as(ratio))
             factors.append(ratio[0, 0].item())
         assert 0.5 <= min(factors) < 0.6 and 1.8 < max(factors) <= 2.0
@@ -98,7 +98,7 @@ class TestAugmentation:
     def test_jitter_is_per_axis(self) -> None:
         rope = RopePositionEmbedding(head_dim=32, jitter_coords=3.0).train()
         coords = patch_centre_coords(4, 6)
-        ratio = rope._augment(coords) / coords
+        ratio = rope._augment(coords, 1)[0] / coords
         torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio))
         assert ratio[0, 0] != ratio[0, 1]
         assert ((ratio >= 1 / 3) & (ratio <= 3)).all()
@@ -106,9 +106,40 @@ class TestAugmentation:
     def test_shift_is_additive_per_axis(self) -> None:
         rope = RopePositionEmbedding(head_dim=32, shift_coords=0.25).train()
         coords = patch_centre_coords(4, 6)
-        delta = rope._augment(coords) - coords
+        delta = rope._augment(coords, 1)[0] - coords
         torch.testing.assert_close(delta, delta[:1].expand_as(delta))
         assert (delta.abs() <= 0.25).all()
+
+
+class TestTables:
+    def test_each_training_table_is_its_own_draw_of_the_single_table_formula(self) -> None:
+        """``tables(count=n)``: n tables at once (one per block in a forward pass), each equal to the one-table
+        formula at its own rescaled coordinates; the draws differ from table to table."""
+        rope = RopePositionEmbedding(head_dim=16, rescale_coords=2.0).train()
+        sin, cos = rope.tables(H=3, W=5, count=12)
+        assert sin.shape == cos.shape == (12, 15, 16)
+        reference = RopePositionEmbedding(head_dim=16).eval()
+        factors = []
+        for i in range(12):
+            # the first patch's row angle at the longest period (no wrap-around) is 2·pi·factor·coordinate / period
+            angle = math.atan2(sin[i, 0, 3], cos[i, 0, 3])
+            factor = angle * float(reference.periods[3]) / (2 * math.pi * float(patch_centre_coords(3, 5)[0, 0]))
+            assert 0.5 <= factor <= 2.0
+            factors.append(factor)
+            coords = patch_centre_coords(3, 5) * factor
+            angles = 2 * math.pi * coords[:, :, None] / reference.periods
+            expected = angles.flatten(1).tile(2)
+            torch.testing.assert_close(sin[i], expected.sin(), atol=1e-5, rtol=0)
+            torch.testing.assert_close(cos[i], expected.cos(), atol=1e-5, rtol=0)
+        assert len({round(f, 6) for f in factors}) == 12
+
+    def test_eval_tables_are_the_one_table(self) -> None:
+        rope = RopePositionEmbedding(head_dim=16, rescale_coords=2.0, jitter_coords=1.5, shift_coords=0.1).eval()
+        sin, cos = rope.tables(H=4, W=2, count=3)
+        one_sin, one_cos = rope(H=4, W=2)
+        for i in range(3):
+            torch.testing.assert_close(sin[i], one_sin, rtol=0, atol=0)
+            torch.testing.assert_close(cos[i], one_cos, rtol=0, atol=0)
 
 
 class TestApply:

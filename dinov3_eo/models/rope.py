@@ -166,28 +166,39 @@ class RopePositionEmbedding(nn.Module):
             f"jitter={self.jitter_coords}, rescale={self.rescale_coords}"
         )
 
-    def _augment(self, coords: Tensor) -> Tensor:
-        """Training-time coordinate augmentation of (HW, 2) coordinates (same draw for the whole batch)."""
-        device = coords.device
+    def _augment(self, coords: Tensor, count: int) -> Tensor:
+        """Training-time augmentation of (HW, 2) coordinates, one draw per table: [count, HW, 2] (each table's draw
+        is shared by the whole batch)."""
+        device, dtype = coords.device, coords.dtype
+        coords = coords.expand(count, -1, -1)  # [count, HW, 2]
         if self.shift_coords is not None:
-            shift = torch.empty(2, device=device, dtype=coords.dtype).uniform_(-self.shift_coords, self.shift_coords)
-            coords = coords + shift  # [HW, 2]
+            shift = torch.empty(count, 1, 2, device=device, dtype=dtype).uniform_(-self.shift_coords, self.shift_coords)
+            coords = coords + shift
         if self.jitter_coords is not None:
             log_j = math.log(self.jitter_coords)
-            jitter = torch.empty(2, device=device, dtype=coords.dtype).uniform_(-log_j, log_j).exp()
-            coords = coords * jitter  # [HW, 2]
+            jitter = torch.empty(count, 1, 2, device=device, dtype=dtype).uniform_(-log_j, log_j).exp()
+            coords = coords * jitter
         if self.rescale_coords is not None:
             log_r = math.log(self.rescale_coords)
-            rescale = torch.empty(1, device=device, dtype=coords.dtype).uniform_(-log_r, log_r).exp()
-            coords = coords * rescale  # [HW, 2]
+            rescale = torch.empty(count, 1, 1, device=device, dtype=dtype).uniform_(-log_r, log_r).exp()
+            coords = coords * rescale
         return coords
+
+    def tables(self, *, H: int, W: int, count: int) -> tuple[Tensor, Tensor]:
+        """``count`` sine and cosine tables for an ``H x W`` patch grid, each with its own augmentation draw in
+        training (all equal in eval mode): two float32 tensors [count, H*W, head_dim].
+
+        A training forward pass wants a fresh table per block (as upstream draws them); made together they cost one
+        set of launches instead of one per block, which a GPU step, bound by the host's launches, feels.
+        """
+        coords = patch_centre_coords(H, W, device=self.periods.device)  # [HW, 2]
+        coords = self._augment(coords, count) if self.training else coords.expand(count, -1, -1)  # [count, HW, 2]
+        periods = self.periods.to(torch.float32)
+        angles = (2.0 * math.pi) * coords[..., None] / periods  # [count, HW, 2, D/4]
+        angles = angles.flatten(-2).repeat(1, 1, 2)  # [count, HW, D]: h-frequencies, w-frequencies, repeated
+        return angles.sin(), angles.cos()
 
     def forward(self, *, H: int, W: int) -> tuple[Tensor, Tensor]:
         """Sine and cosine tables for an ``H x W`` patch grid: two float32 tensors of shape (H*W, head_dim)."""
-        coords = patch_centre_coords(H, W, device=self.periods.device)  # [HW, 2]
-        if self.training:
-            coords = self._augment(coords)
-        periods = self.periods.to(torch.float32)
-        angles = 2.0 * math.pi * coords[:, :, None] / periods[None, None, :]  # [HW, 2, D/4]
-        angles = angles.flatten(1, 2).tile(2)  # [HW, D]: h-frequencies, w-frequencies, repeated
-        return angles.sin(), angles.cos()
+        sin, cos = self.tables(H=H, W=W, count=1)
+        return sin[0], cos[0]

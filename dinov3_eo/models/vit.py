@@ -449,11 +449,15 @@ class DinoVisionTransformer(nn.Module):
 
     def _rope_table(self, h: int, w: int) -> RopeTable:
         """RoPE (sin, cos) over the whole sequence, identity on the prefix tokens: 2 x (1+S+hw, hd)."""
-        sin, cos = self.rope_embed(H=h, W=w)  # [hw, hd]
+        return self._rope_tables(h, w, 1)[0]
+
+    def _rope_tables(self, h: int, w: int, count: int) -> list[RopeTable]:
+        """``count`` RoPE tables as :meth:`_rope_table` gives them, each its own draw in training, made at once."""
+        sin, cos = self.rope_embed.tables(H=h, W=w, count=count)  # [count, hw, hd]
         n_prefix = 1 + self.n_storage_tokens
-        sin = F.pad(sin, (0, 0, n_prefix, 0), value=0.0)  # [1+S+hw, hd]
+        sin = F.pad(sin, (0, 0, n_prefix, 0), value=0.0)  # [count, 1+S+hw, hd]
         cos = F.pad(cos, (0, 0, n_prefix, 0), value=1.0)
-        return sin, cos
+        return list(zip(sin.unbind(0), cos.unbind(0)))
 
     def _run_blocks(
         self, xs: list[Tensor], grids: list[tuple[int, int]], *, keep: Sequence[int] = ()
@@ -461,9 +465,10 @@ class DinoVisionTransformer(nn.Module):
         """Run every block on the crop sets; also return the outputs of blocks whose index is in ``keep``."""
         kept: list[list[Tensor]] = []
         # Eval RoPE is deterministic: compute it once. In training a fresh draw per block, as upstream.
-        ropes = [self._rope_table(h, w) for h, w in grids] if not self.training else None
+        count = len(self.blocks) if self.training else 1
+        tables = [self._rope_tables(h, w, count) for h, w in grids]  # [grid][block]
         for i, block in enumerate(self.blocks):
-            block_ropes = ropes if ropes is not None else [self._rope_table(h, w) for h, w in grids]
+            block_ropes = [per_block[i if self.training else 0] for per_block in tables]
             if self.grad_checkpointing and torch.is_grad_enabled():
                 xs = checkpoint(block, xs, block_ropes, use_reentrant=False)
             else:
