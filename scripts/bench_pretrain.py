@@ -24,7 +24,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,13 +218,14 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
             fn()
         flops[name] = counter.get_total_flops()
     fulls, backbones = [], []
-    for _ in range(repeats):  # alternate, so load from other jobs hits both alike
-        start = now()
-        full_step()
-        fulls.append(now() - start)
-        start = now()
-        backbone_only()
-        backbones.append(now() - start)
+    with python_gc_pauses() as gc_pauses:  # a collection inside a timed step stalls its launches
+        for _ in range(repeats):  # alternate, so load from other jobs hits both alike
+            start = now()
+            full_step()
+            fulls.append(now() - start)
+            start = now()
+            backbone_only()
+            backbones.append(now() - start)
     t_full, t_backbone = sum(fulls) / repeats, sum(backbones) / repeats
     steady = {}
     if device != "cpu":  # (on a CPU nothing runs ahead: these would equal the steps above)
@@ -273,6 +274,8 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
           + ", ".join(f"{k} {v / breakdown_repeats:.3f} s" for k, v in parts.items()))
     print(f"[step]   paired ratios (each full step over the backbone work next to it): "
           f"{', '.join(f'{r:.3f}' for r in paired)}; median {paired_median:.3f}x")
+    print(f"[step]   Python garbage collections during the paired steps: {gc_pauses['count']} "
+          f"({gc_pauses['oldest']} of the oldest generation), {gc_pauses['seconds'] * 1e3:.1f} ms in all")
     if steady:
         print(f"[step]   back to back (2 x {repeats} in a row each): full SSL step {steady['steady_full_s']:.3f} s | "
               f"backbone-only work {steady['steady_backbone_s']:.3f} s | ratio {steady['steady_ratio']:.3f}x")
@@ -280,8 +283,33 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
               f"{steady['host_queue_full_s']:.3f} s | backbone-only work {steady['host_queue_backbone_s']:.3f} s "
               f"(ratio {steady['host_queue_full_s'] / steady['host_queue_backbone_s']:.3f}x)")
     return {"full_s": t_full, "backbone_s": t_backbone, "ratio": t_full / t_backbone, "flop_ratio": flop_ratio,
-            "paired_median_ratio": paired_median, **steady,
+            "paired_median_ratio": paired_median, "paired_ratios": paired, **steady,
+            "gc_collections": gc_pauses["count"], "gc_seconds": gc_pauses["seconds"],
             "warm_up_s": warm_up_s, **{f"part_{k}_s": v / breakdown_repeats for k, v in parts.items()}}
+
+
+@contextlib.contextmanager
+def python_gc_pauses() -> Iterator[dict[str, float]]:
+    """Count Python's garbage collections inside the block and the seconds they take (``count``, ``oldest``: those of
+    generation 2, ``seconds``), through ``gc.callbacks``: a pause of the host is time the device may sit idle."""
+    import gc
+
+    record = {"count": 0, "oldest": 0, "seconds": 0.0}
+    started = [0.0]
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            record["count"] += 1
+            record["oldest"] += info.get("generation") == 2
+            record["seconds"] += time.perf_counter() - started[0]
+
+    gc.callbacks.append(callback)
+    try:
+        yield record
+    finally:
+        gc.callbacks.remove(callback)
 
 
 # aten ops that only re-describe a tensor (no kernel on a GPU); everything else counts as one launch

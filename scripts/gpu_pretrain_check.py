@@ -398,12 +398,19 @@ def run(pack_dir: str, minutes: float, batch: int, out: str | None, global_size:
                   ("step_overhead_224_triton_eager", lambda: step_overhead_224(device, **triton)),
                   ("step_overhead_224_vitb16_triton", lambda: step_overhead_224(device, arch="vitb16", **triton)),
                   ("step_overhead_224_b128_triton", lambda: step_overhead_224(device, batch=128, **triton)),
+                  # the RoPE tables as made up to session 18 (one set of launches per block), in the same process
+                  ("step_overhead_224_b128_rope_per_block",
+                   lambda: step_overhead_224(device, batch=128, rope_per_block=True, **triton)),
+                  # the host's launches are a fixed cost per step: how much of the wall-time gap a larger batch hides
+                  ("step_overhead_224_b256_triton", lambda: step_overhead_224(device, batch=256, **triton)),
                   # what reading the losses after the backward's launch (as fits do since session 15) gains over a
                   # blocking read after the forward (before), and what no read at all would (the bound)
                   ("step_overhead_224_b128_readback_after_forward",
                    lambda: step_overhead_224(device, batch=128, readback="after_forward", **triton)),
                   ("step_overhead_224_b128_readback_none",
                    lambda: step_overhead_224(device, batch=128, readback="none", **triton)),
+                  ("views_spread", lambda: views_spread(device)),
+                  ("rope_ab_b128", lambda: rope_ab(device)),
                   ("profile", lambda: step_profile(device, out_dir)),
                   ("profile_compiled_losses", lambda: step_profile(device, out_dir, compile="losses")),
                   ("profile_triton", lambda: step_profile(device, out_dir, compile="losses", **triton)),
@@ -623,10 +630,76 @@ def views_profile(device: str, out_dir: str | None) -> dict[str, float]:
 
 
 def step_overhead_224(device: str, batch: int = 64, compile: bool | str = False, arch: str = "vits16",
-                      **module_kwargs) -> dict[str, float]:
+                      rope_per_block: bool = False, repeats: int = 5, **module_kwargs) -> dict[str, float]:
+    """The step overhead at 2x224 + 8x96 crops, bf16; ``rope_per_block``: each block's RoPE tables made on their own
+    (the launches before session 19 batched them), for a comparison in one process."""
     from bench_pretrain import step_overhead
 
-    result = step_overhead(arch, batch, 5, device=device, bf16=True, compile=compile, **module_kwargs)
+    from dinov3_eo.models.vit import DinoVisionTransformer
+
+    batched = DinoVisionTransformer._rope_tables
+
+    def per_block(self, h: int, w: int, count: int) -> list:  # noqa: ANN001
+        return [table for _ in range(count) for table in batched(self, h, w, 1)]
+
+    if rope_per_block:
+        DinoVisionTransformer._rope_tables = per_block
+    try:
+        result = step_overhead(arch, batch, repeats, device=device, bf16=True, compile=compile, **module_kwargs)
+    finally:
+        DinoVisionTransformer._rope_tables = batched
+    torch.cuda.empty_cache()
+    return result
+
+
+def rope_ab(device: str, batch: int = 128, rounds: int = 2, repeats: int = 10) -> dict:
+    """The step overhead with the RoPE tables made per block (before session 19) and all at once, alternated
+    ``rounds`` times in one process: the machines' wall times drift too much for a comparison across calls."""
+    runs: dict[str, list] = {"per_block": [], "batched": []}
+    for _ in range(rounds):
+        for name in runs:
+            runs[name].append(step_overhead_224(device, batch=batch, rope_per_block=name == "per_block",
+                                                repeats=repeats, logit_kernels="triton"))
+    summary = {}
+    for name, results in runs.items():
+        paired = sorted(r for result in results for r in result["paired_ratios"])
+        summary[name] = {"paired_median_ratio": paired[len(paired) // 2],
+                         "steady_ratio": [result.get("steady_ratio", math.nan) for result in results],
+                         "backbone_s": [result["backbone_s"] for result in results],
+                         "host_queue_full_s": [result.get("host_queue_full_s", math.nan) for result in results],
+                         "host_queue_backbone_s": [result.get("host_queue_backbone_s", math.nan) for result in results]}
+        print(f"[rope] {name}: median paired ratio {summary[name]['paired_median_ratio']:.3f}x over {len(paired)} "
+              f"pairs; back to back {', '.join(f'{r:.3f}' for r in summary[name]['steady_ratio'])}; host queue "
+              f"full {', '.join(f'{t * 1e3:.0f}' for t in summary[name]['host_queue_full_s'])} ms, backbone "
+              f"{', '.join(f'{t * 1e3:.0f}' for t in summary[name]['host_queue_backbone_s'])} ms", flush=True)
+    return {"runs": runs, "summary": summary}
+
+
+def views_spread(device: str, batch: int = 128, repeats: int = 30) -> dict:
+    """The spread of one step's crops and masks (synchronized before and after), with the garbage collector's
+    pauses: the breakdown of the step checks saw them take 13 to 80 ms at batch 128 from one step to the next."""
+    from bench_pretrain import _step_view_kwargs, python_gc_pauses, ssl_step_setup
+
+    from dinov3_eo.ssl.stage import make_views
+
+    module, _, data = ssl_step_setup("vits16", batch, device=device, logit_kernels="triton")
+    kwargs = _step_view_kwargs(module, 224, 96)
+    times = []
+    make_views(data["image"], None, **kwargs)
+    with python_gc_pauses() as pauses:
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            make_views(data["image"], None, **kwargs)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    times.sort()
+    result = {"min_s": times[0], "median_s": times[len(times) // 2], "max_s": times[-1], "all_s": times,
+              "gc_collections": pauses["count"], "gc_seconds": pauses["seconds"]}
+    print(f"[views] batch {batch}, {repeats} synchronized calls: min {times[0] * 1e3:.1f} ms, median "
+          f"{result['median_s'] * 1e3:.1f} ms, max {times[-1] * 1e3:.1f} ms; {pauses['count']} garbage "
+          f"collections, {pauses['seconds'] * 1e3:.1f} ms", flush=True)
+    del module, data
     torch.cuda.empty_cache()
     return result
 
