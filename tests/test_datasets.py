@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
 from dinov3_eo.data.index import RasterIndex
-from dinov3_eo.data.labels import RasterLabels, VectorLabels
+from dinov3_eo.data.labels import RasterLabels, VectorLabels, parse_color
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.sampling import GridTileSampler, RandomTileSampler, Tile, TileGrid
 
@@ -239,6 +239,63 @@ class TestLabels:
             ref[~s["valid"].numpy()] = 255
             mismatches += int((s["mask"].numpy() != ref).sum())
         assert mismatches == 0
+
+
+class TestLegend:
+    """The class names and colours label files carry (a vector ``color`` column, a raster's tag and colour table)."""
+
+    @pytest.mark.parametrize("value, rgb", [("#1f78b4", (31, 120, 180)), ("#ABC", (170, 187, 204)),
+                                            ("31,120,180", (31, 120, 180)), (" 31 120 180 ", (31, 120, 180)),
+                                            ([31, 120, 180], (31, 120, 180)), ((1, 2, 3, 255), (1, 2, 3))])
+    def test_parse_color(self, value: object, rgb: tuple) -> None:
+        assert parse_color(value, where="x") == rgb
+
+    @pytest.mark.parametrize("value", ["blue", "#12345", "#gggggg", "300,0,0", "1,2", None, 7])
+    def test_parse_color_refuses_naming_where(self, value: object) -> None:
+        with pytest.raises(ValueError, match="legend.gpkg, row 3"):
+            parse_color(value, where="legend.gpkg, row 3")
+
+    def test_vector_colour_column_and_names(self, tmp_path: Path) -> None:
+        import pandas as pd
+
+        frame = gpd.read_file(POLYGONS)  # one polygon per class: crop gets two more copies
+        frame = gpd.GeoDataFrame(pd.concat([frame] + [frame[frame["name"] == "crop"]] * 2, ignore_index=True),
+                                 crs=frame.crs)  # fmt: skip
+        colours = {"water": "#1f78b4", "crop": "240,200,60", "tree": "#1e8c32", "developed": None}
+        frame["colour"] = [colours[n] for n in frame["name"]]
+        first_crop = int(frame.index[frame["name"] == "crop"][0])
+        frame.loc[first_crop, "colour"] = "#ff0000"  # one of three disagrees: the class keeps its most frequent
+        frame.to_file(tmp_path / "legend.gpkg")
+        labels = VectorLabels(path=tmp_path / "legend.gpkg", attribute="name")
+        assert labels.class_names == {0: "crop", 1: "developed", 2: "tree", 3: "water"}
+        assert labels.class_colors == {0: (240, 200, 60), 2: (30, 140, 50), 3: (31, 120, 180)}  # developed: none
+        assert pickle.loads(pickle.dumps(labels)).class_colors == labels.class_colors
+        # integer classes have no names; a named colour column must exist; a bad colour names its row
+        frame["code"] = [{"crop": 1, "developed": 2, "tree": 3, "water": 4}[n] for n in frame["name"]]
+        frame.to_file(tmp_path / "codes.gpkg")
+        assert VectorLabels(path=tmp_path / "codes.gpkg", attribute="code").class_names == {}
+        with pytest.raises(KeyError, match="no colour column 'rgb'"):
+            VectorLabels(path=tmp_path / "codes.gpkg", attribute="code", color_attribute="rgb")
+        frame.loc[first_crop, "colour"] = "reddish"
+        frame.to_file(tmp_path / "bad.gpkg")
+        with pytest.raises(ValueError, match=rf"bad.gpkg, row {first_crop} \(name='crop'\), column 'colour'"):
+            VectorLabels(path=tmp_path / "bad.gpkg", attribute="name")
+        assert VectorLabels(path=POLYGONS).class_colors == {}  # no colour column
+
+    def test_raster_tag_and_colour_table(self, tmp_path: Path) -> None:
+        profile = {"driver": "GTiff", "width": 4, "height": 4, "count": 1, "dtype": "uint8", "crs": "EPSG:32618",
+                   "transform": from_origin(0, 40, 10, 10), "nodata": 255}
+        with rasterio.open(tmp_path / "legend.tif", "w", **profile) as dst:
+            dst.write(np.arange(16, dtype=np.uint8).reshape(4, 4) % 3, 1)
+            dst.update_tags(class_names='["water", "crop", "tree"]')
+            dst.write_colormap(1, {0: (31, 120, 180, 255), 1: (240, 200, 60, 255), 2: (30, 140, 50, 255)})
+        labels = RasterLabels(path=tmp_path / "legend.tif")
+        assert labels.class_names == {0: "water", 1: "crop", 2: "tree"}
+        assert {i: labels.class_colors[i] for i in range(3)} == {0: (31, 120, 180), 1: (240, 200, 60), 2: (30, 140, 50)}
+        with rasterio.open(tmp_path / "plain.tif", "w", **profile) as dst:
+            dst.write(np.zeros((4, 4), dtype=np.uint8), 1)
+        plain = RasterLabels(path=tmp_path / "plain.tif")
+        assert plain.class_names == {} and plain.class_colors == {}
 
 
 class TestChips:

@@ -17,6 +17,7 @@ from rasterio.features import rasterize
 import dinov3_eo.tasks.prototypes as prototypes_module
 from landsat_sample import POLYGONS, SAMPLE, load_sample, micro_vit, whole_scene_pixel_features
 from dinov3_eo.cli import main as cli_main
+from dinov3_eo.inference.writers import default_colormap
 from dinov3_eo.models.hub import BackboneMeta, export_backbone
 from dinov3_eo.tasks.clustering import NO_CLASS_SCORE, ClusterScorer, Clusters, cluster_raster
 from dinov3_eo.tasks.prototypes import fit_prototypes, pixel_tokens
@@ -112,6 +113,24 @@ def test_prototype_map_follows_the_polygons_and_the_unknown_floor(backbone: torc
         assert mapped.pixels[-1] / sum(mapped.pixels) == unknown_share
         with rasterio.open(mapped.classes) as src:
             assert json.loads(src.tags()["class_names"]) == [*NAMES, "unknown"]
+
+
+def test_the_labels_colours_colour_the_map(backbone: torch.nn.Module, scene: dict, tmp_path: Path) -> None:
+    """Polygons with a ``colour`` column (one class left without): the prototypes keep the colours through their
+    file, and the map's colour table shows them (the default palette for the rest, grey for unknown)."""
+    frame = gpd.read_file(POLYGONS)
+    frame["colour"] = [{"crop": "#f0c83c", "tree": "30,140,50", "water": "#1f78b4"}.get(n) for n in frame["name"]]
+    frame.to_file(tmp_path / "legend.gpkg")
+    protos = fit_prototypes(backbone, [SAMPLE], tmp_path / "legend.gpkg", normalization=scene["normalization"],
+                            nodata=0, min_similarity=-1.01, progress=False)  # fmt: skip
+    assert protos.colors == [[240, 200, 60], None, [30, 140, 50], [31, 120, 180]]
+    protos.save(tmp_path / "p.safetensors")
+    assert Clusters.load(tmp_path / "p.safetensors").colors == protos.colors
+    result = cluster_raster(backbone, protos, SAMPLE, tmp_path, nodata=0, quicklook=False, progress=False)
+    with rasterio.open(result.classes) as src:
+        table = src.colormap(1)
+    assert [table[i][:3] for i in (0, 2, 3)] == [(240, 200, 60), (30, 140, 50), (31, 120, 180)]
+    assert table[1] == default_colormap(5)[1] and table[4][:3] == (128, 128, 128)
 
 
 def test_a_label_raster_gives_the_same_prototypes_as_its_polygons(backbone: torch.nn.Module, scene: dict, tmp_path: Path) -> None:

@@ -171,6 +171,25 @@ class TestSegmentationTask:
             SegmentationTask(backbone=str(tmp_path / "nope.pth"), num_classes=2)
 
 
+def test_the_labels_legend_fills_what_the_config_leaves_out(caplog: pytest.LogCaptureFixture) -> None:
+    names, colours = {0: "water", 1: "crop", 2: "tree", 7: "beyond the model"}, {1: (240, 200, 60)}
+    task = SegmentationTask(backbone="vitmicro16", num_classes=3)
+    default_colours = [list(c) for c in task.class_colors]
+    task._adopt_legend(names, colours)
+    assert task.class_names == ["water", "crop", "tree"] and task.hparams["class_names"] == task.class_names
+    assert task.class_colors == [default_colours[0], [240, 200, 60], default_colours[2]]
+    entry = task.checkpoint_metadata()["segmentation"]
+    assert entry["class_names"] == ["water", "crop", "tree"] and entry["class_colors"][1] == [240, 200, 60]
+    rebuilt = SegmentationTask(**task.hparams)  # what load_from_checkpoint does with the saved hyper-parameters
+    assert rebuilt.class_names == task.class_names and rebuilt.class_colors == task.class_colors
+    # names and colours the config gives win; names that differ are warned about
+    given = SegmentationTask(backbone="vitmicro16", class_names=["a", "crop", "c"], class_colors=[[1, 1, 1]] * 3)
+    with caplog.at_level("WARNING"):
+        given._adopt_legend(names, colours)
+    assert given.class_names == ["a", "crop", "c"] and given.class_colors == [[1, 1, 1]] * 3
+    assert "differ from the labels' for ids {0: ('a', 'water'), 2: ('c', 'tree')}" in caplog.text
+
+
 def test_shard_for_rank_is_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     items = [f"scene_{i}.tif" for i in range(10)]
     shards = [shard_for_rank(items, rank=r, world_size=3) for r in range(3)]
@@ -337,6 +356,32 @@ class TestSegmentCLI:
 
         frame = gpd.read_file(paths.polygons)  # smoothed by one 30 m pixel, still one valid coverage
         assert len(frame) and frame.geometry.is_valid.all()
+
+    def test_fit_takes_names_and_colours_from_the_polygons(self, tmp_path: Path) -> None:
+        """A config without ``model.class_names``/``class_colors`` and polygons with a ``color`` column: the checkpoint
+        and the predicted map carry the polygons' names and colours."""
+        import geopandas as gpd
+
+        frame = gpd.read_file(POLYGONS)
+        frame["color"] = [dict(zip(NAMES, ("#0000ff", "#ffff00", "#008000", "#ff0000")))[n] for n in frame["name"]]
+        frame.to_file(tmp_path / "legend.gpkg")
+        root = tmp_path / "fit"
+        assert cli_main([
+            "segment", "fit", "--config", str(CONFIG), "--data.paths", str(SCENE), "--data.labels",
+            str(tmp_path / "legend.gpkg"), "--model.class_names", "null", "--model.class_colors", "null",
+            "--model.num_classes", "4", "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
+            "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+            "--trainer.logger", "false",
+        ]) == 0  # fmt: skip
+        ckpt = root / "checkpoints" / "last.ckpt"
+        seg = torch.load(ckpt, map_location="cpu", weights_only=False)["dinov3_eo"]["segmentation"]
+        assert seg["class_names"] == NAMES  # the config's data.classes ids, named by the polygons
+        assert seg["class_colors"] == [[0, 0, 255], [255, 255, 0], [0, 128, 0], [255, 0, 0]]
+        out = tmp_path / "out"
+        assert cli_main(["segment", "predict", str(SCENE), "--model", str(ckpt), "-o", str(out), "--quiet"]) == 0
+        with rasterio.open(scene_outputs(SCENE, out, probabilities=False, polygons=False).classes) as src:
+            assert json.loads(src.tags()["class_names"]) == NAMES
+            assert src.colormap(1)[3][:3] == (255, 0, 0)
 
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"

@@ -354,6 +354,16 @@ class DenseDataModule(_TileDataModuleBase):
             return max(source.classes.values()) + 1
         return None
 
+    @property
+    def class_names(self) -> dict[int, str]:
+        """Class id -> name as the labels give them (vector class names, a label raster's ``class_names`` tag)."""
+        return dict(getattr(getattr(self, "label_source", None), "class_names", {}) or {})
+
+    @property
+    def class_colors(self) -> dict[int, tuple[int, int, int]]:
+        """Class id -> RGB as the labels give them (a ``color`` column, a label raster's colour table)."""
+        return dict(getattr(getattr(self, "label_source", None), "class_colors", {}) or {})
+
     def train_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")
         sampler = TileListSampler(tiles=self.train_tiles, shuffle=True, seed=self.seed, rank=self.rank, world_size=self.world_size)

@@ -27,6 +27,42 @@ from dinov3_eo.data.raster import PerThread
 
 TASKS = ("classification", "regression")
 
+#: vector columns read as the class colours when no ``color_attribute`` is named (QGIS and GIS exports name them so)
+COLOR_COLUMNS = ("color", "colour")
+
+RGB = tuple[int, int, int]
+
+
+def parse_color(value: Any, *, where: str) -> RGB:
+    """An RGB colour from ``"#rrggbb"``, ``"#rgb"``, ``"r,g,b"``, ``"r g b"`` or three numbers in 0..255.
+
+    Raises:
+        ValueError: naming ``where`` (the file and row or class) for anything else.
+    """
+    channels: list[Any]
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("#") and len(text) in (4, 7):
+            digits = text[1:] if len(text) == 7 else "".join(c * 2 for c in text[1:])
+            try:
+                return int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)
+            except ValueError:
+                pass
+            channels = []
+        else:
+            channels = text.replace(",", " ").split()
+    elif isinstance(value, (list, tuple, np.ndarray)):
+        channels = list(value)[:3] if len(value) in (3, 4) else []
+    else:
+        channels = []
+    try:
+        rgb = tuple(int(float(c)) for c in channels)
+    except ValueError:
+        rgb = ()
+    if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+        raise ValueError(f"{where}: colour {value!r} is not '#rrggbb', '#rgb' or 'r,g,b' with values in 0..255.")
+    return rgb  # type: ignore[return-value]
+
 
 def _close_dataset(src: Any) -> None:
     src.close()
@@ -42,6 +78,10 @@ class RasterLabels:
         ignore_index: class id written where there is no label.
         resampling: ``"nearest"`` for classes (enforced); any rasterio name for regression.
         band: 1-based band of the label raster.
+
+    Attributes:
+        class_names: class id -> name from the raster's ``class_names`` tag (a JSON list, as this package's class maps
+            carry it), empty without one; class_colors: class id -> RGB from its colour table, empty without one.
 
     Raises:
         ValueError: for an unknown task, a non-nearest resampling for classes, or a raster without CRS.
@@ -72,6 +112,7 @@ class RasterLabels:
             if not 1 <= self.band <= src.count:
                 raise IndexError(f"RasterLabels: band {band} is outside [1, {src.count}] for {self.path}.")
             self.nodata = src.nodata if nodata is None else nodata
+            self.class_names, self.class_colors = _raster_legend(src, self.band) if task == "classification" else ({}, {})
         self._src = PerThread(functools.partial(rasterio.open, self.path), close=_close_dataset)  # one per process and thread
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
@@ -104,6 +145,26 @@ class RasterLabels:
         return {"mask": torch.from_numpy(mask)}
 
 
+def _raster_legend(src: Any, band: int) -> tuple[dict[int, str], dict[int, RGB]]:
+    """Class names (``class_names`` tag, dataset or band) and colours (colour table) of a class raster."""
+    import json
+
+    names: dict[int, str] = {}
+    tagged = src.tags(band).get("class_names") or src.tags().get("class_names")
+    if tagged:
+        try:
+            listed = json.loads(tagged)
+        except ValueError:
+            listed = None
+        if isinstance(listed, list):
+            names = {i: str(name) for i, name in enumerate(listed)}
+    try:
+        table = src.colormap(band)
+    except ValueError:  # no colour table
+        table = {}
+    return names, {int(i): tuple(int(c) for c in rgba[:3]) for i, rgba in table.items()}
+
+
 class VectorLabels:
     """Labels from polygons (GeoPackage, GeoJSON, shapefile...) burnt onto each tile's grid.
 
@@ -117,10 +178,16 @@ class VectorLabels:
         background: id for pixels inside the image that no polygon covers; ``None`` means ignore them
             (labels are sparse, as for the bundled land-cover polygons).
         all_touched: burn every pixel a polygon touches, not only those whose centre it covers.
+        color_attribute: column with each polygon's colour (``"#rrggbb"`` or ``"r,g,b"``); default: a ``color`` or
+            ``colour`` column when there is one. A class whose polygons disagree takes its most frequent colour.
+
+    Attributes:
+        classes: class value (as text) -> id; class_names: id -> name where the classes are names (not integer
+            ids); class_colors: id -> RGB from the colour column (empty without one).
 
     Raises:
-        KeyError: if ``attribute`` is not a column.
-        ValueError: if an attribute value is missing from ``classes``.
+        KeyError: if ``attribute`` (or a named ``color_attribute``) is not a column.
+        ValueError: if an attribute value is missing from ``classes``, or a colour cannot be read.
     """
 
     def __init__(
@@ -133,6 +200,7 @@ class VectorLabels:
         ignore_index: int = 255,
         background: int | None = None,
         all_touched: bool = False,
+        color_attribute: str | None = None,
     ) -> None:
         self.path, self.attribute, self.layer = os.fspath(path), attribute, layer
         self.ignore_index, self.background, self.all_touched = int(ignore_index), background, all_touched
@@ -151,7 +219,30 @@ class VectorLabels:
         if unknown:
             raise ValueError(f"VectorLabels: values {unknown} of {attribute!r} are missing from classes {dict(classes)}.")
         self.classes = {str(k): int(v) for k, v in classes.items()}
+        named = not all(isinstance(k, (int, np.integer)) or str(k).lstrip("-").isdigit() for k in classes)
+        self.class_names = {i: k for k, i in self.classes.items()} if named else {}
+        self.class_colors = self._colors(gdf, color_attribute)
         self._by_crs: dict[str, Any] = {}
+
+    def _colors(self, gdf: Any, color_attribute: str | None) -> dict[int, RGB]:
+        """Class id -> its polygons' most frequent colour, from ``color_attribute`` or a :data:`COLOR_COLUMNS` column."""
+        from collections import Counter
+
+        if color_attribute is not None and color_attribute not in gdf.columns:
+            raise KeyError(f"VectorLabels: {self.path} has no colour column {color_attribute!r}; columns are "
+                           f"{list(gdf.columns)}.")
+        column = color_attribute or next((c for c in gdf.columns if str(c).lower() in COLOR_COLUMNS), None)
+        if column is None:
+            return {}
+        votes: dict[int, Counter] = {}
+        for row, (value, color) in enumerate(zip(gdf[self.attribute], gdf[column])):
+            if value is None or color is None or (isinstance(value, float) and np.isnan(value)):
+                continue
+            if isinstance(color, float) and np.isnan(color):
+                continue
+            rgb = parse_color(color, where=f"{self.path}, row {row} ({self.attribute}={value!r}), column {column!r}")
+            votes.setdefault(self.classes[str(value)], Counter())[rgb] += 1
+        return {i: counter.most_common(1)[0][0] for i, counter in sorted(votes.items())}
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

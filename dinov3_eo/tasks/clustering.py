@@ -171,6 +171,8 @@ class Clusters:
         groups: the class id of each centroid when they are class prototypes (several may share a class).
         min_similarity: a pixel whose best cosine is below it is mapped to an extra class ``unknown``.
         kind: ``"kmeans"`` or ``"prototypes"``.
+        colors: ``[r, g, b]`` (or ``None``) per class of ``names``, from the labels' legend (a ``color`` column, a label
+            raster's colour table); the map's colour table uses them, the default palette the rest.
     """
 
     centroids: Tensor
@@ -189,6 +191,7 @@ class Clusters:
     groups: list[int] | None = None
     min_similarity: float | None = None
     kind: str = "kmeans"
+    colors: list[list[int] | None] | None = None
 
     @property
     def k(self) -> int:
@@ -215,7 +218,7 @@ class Clusters:
             "cohesion": self.cohesion, "silhouette": self.silhouette,
             "candidates": {str(k): v for k, v in self.candidates.items()}, "samples": self.samples,
             "sources": self.sources, "names": self.names, "groups": self.groups, "min_similarity": self.min_similarity,
-            "kind": self.kind,
+            "kind": self.kind, "colors": self.colors,
         }  # fmt: skip
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
@@ -257,7 +260,7 @@ class Clusters:
             cohesion=float(meta.get("cohesion", float("nan"))), silhouette=meta.get("silhouette"),
             candidates={int(k): v for k, v in meta.get("candidates", {}).items()}, samples=int(meta.get("samples", 0)),
             sources=list(meta.get("sources", [])), names=meta.get("names"), groups=meta.get("groups"),
-            min_similarity=meta.get("min_similarity"), kind=meta.get("kind", "kmeans"),
+            min_similarity=meta.get("min_similarity"), kind=meta.get("kind", "kmeans"), colors=meta.get("colors"),
         )  # fmt: skip
 
     def check_backbone(self, backbone: nn.Module) -> None:
@@ -582,6 +585,9 @@ def cluster_raster(
         scorer = clusters.scorer(backbone)
         names = clusters.class_names
         colours = default_colormap(len(names))
+        for i, rgb in enumerate(clusters.colors or []):
+            if rgb is not None:
+                colours[i] = (*rgb[:3], 255)
         if clusters.min_similarity is not None:
             colours[len(names) - 1] = (128, 128, 128, 255)  # unknown: grey
         predict_raster(

@@ -103,9 +103,11 @@ def open_labels(
             raise ValueError(f"Class ids of {path} must lie in 0..254, got {sorted(by_id)}.")
         return source, [by_id.get(i, f"class {i}") for i in range(max(by_id) + 1)]
     source = RasterLabels(path=path, ignore_index=IGNORE)
-    with rasterio.open(path) as src:
-        tagged = src.tags().get("class_names")
-    names = json.loads(tagged) if tagged else list(class_names) if class_names is not None else None
+    tagged = source.class_names  # id -> name from the raster's class_names tag
+    if tagged:
+        names = [tagged.get(i, f"class {i}") for i in range(max(tagged) + 1)]
+    else:
+        names = list(class_names) if class_names is not None else None
     return source, names  # None: named by the ids found (see fit_prototypes)
 
 
@@ -263,6 +265,11 @@ def fit_prototypes(
             shares += (sizes / sizes.sum() * counts[c] / total).tolist()
             # the pixel features are unnormalised interpolations: their cosine is taken after normalising
             cohesion_sum += float((F.normalize(sample, dim=1) @ fit.centroids.T).max(dim=1).values.double().mean()) * counts[c]
+    label_colors: dict[int, tuple[int, int, int]] = {}  # the labels' own legend (colour column, colour table)
+    for source in sources:
+        for i, rgb in (getattr(source, "class_colors", None) or {}).items():
+            label_colors.setdefault(int(i), rgb)
+    colors = [list(label_colors[i]) if i in label_colors else None for i in range(len(names))]
     meta = getattr(backbone, "meta", None)
     log.info("prototypes of %s from %d labelled pixels: %s", [names[c] for c in present], total,
              {names[c]: counts[c] for c in present})  # fmt: skip
@@ -272,7 +279,7 @@ def fit_prototypes(
         bands=list(bands) if bands is not None else None, fingerprint=backbone_fingerprint(backbone),
         backbone=getattr(meta, "name", "custom"), shares=shares, cohesion=cohesion_sum / total, samples=total,
         sources=[os.fspath(r) for r in rasters], names=list(names), groups=groups, min_similarity=min_similarity,
-        kind="prototypes", candidates={}, silhouette=None,
+        kind="prototypes", candidates={}, silhouette=None, colors=colors if any(colors) else None,
     )  # fmt: skip
 
 

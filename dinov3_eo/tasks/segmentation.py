@@ -294,6 +294,28 @@ class SegmentationTask(TrainModesAtFitStart):
             raise ValueError(
                 f"SegmentationTask: the labels hold {num_classes} classes but the model predicts {self.num_classes}."
             )
+        self._adopt_legend(getattr(datamodule, "class_names", None) or {}, getattr(datamodule, "class_colors", None) or {})
+
+    def _adopt_legend(self, names: Mapping[int, str], colors: Mapping[int, Sequence[int]]) -> None:
+        """Take the class names and colours the labels carry (a vector file's class names and ``color`` column, a
+        label raster's ``class_names`` tag and colour table) where the model's config leaves them out; they are saved
+        as hyper-parameters, so the checkpoint and every map predicted with it keep them. Names the config gives
+        that differ from the labels' are kept, with a warning."""
+        names = {i: n for i, n in names.items() if 0 <= i < self.num_classes}
+        colors = {i: c for i, c in colors.items() if 0 <= i < self.num_classes}
+        if names and self.hparams.get("class_names") is None:
+            self.class_names = [names.get(i, f"class {i}") for i in range(self.num_classes)]
+            self.hparams["class_names"] = list(self.class_names)
+            log.info("Class names from the labels: %s.", ", ".join(f"{i}={n}" for i, n in enumerate(self.class_names)))
+        elif names:
+            differ = {i: (self.class_names[i], n) for i, n in names.items() if self.class_names[i] != n}
+            if differ:
+                log.warning("model.class_names differ from the labels' for ids %s (model vs labels); the model's are "
+                            "kept, check the ids of data.classes.", {i: pair for i, pair in differ.items()})
+        if colors and self.hparams.get("class_colors") is None:
+            self.class_colors = [list(colors[i]) if i in colors else c for i, c in enumerate(self.class_colors)]
+            self.hparams["class_colors"] = [list(c) for c in self.class_colors]
+            log.info("Class colours from the labels for %d of %d classes.", len(colors), self.num_classes)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.checkpoint_metadata()
