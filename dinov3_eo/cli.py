@@ -76,21 +76,24 @@ def ignore_expected_lightning_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, **cli_kwargs: Any) -> int:
+def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, *,
+                      cli_class: type | None = None, **cli_kwargs: Any) -> int:
     """``dinov3-eo <command> fit|validate --config X.yaml [--key value ...]`` through LightningCLI; returns 0.
 
     ``argv`` is handed over as ``args=`` alone: ``sys.argv`` is set to ``[prog]`` meanwhile, so that ``--help``
     names the real command and LightningCLI neither reads the arguments twice nor warns that it was given both.
-    ``cli_kwargs`` go to ``LightningCLI`` (e.g. ``auto_configure_optimizers=False``).
+    ``cli_class``: a ``LightningCLI`` subclass (hooks such as ``before_instantiate_classes``); ``cli_kwargs`` go to it
+    (e.g. ``auto_configure_optimizers=False``).
     """
     from lightning.pytorch.cli import LightningCLI
 
+    cli_class = cli_class or LightningCLI
     old_argv = sys.argv
     sys.argv = [prog]
     try:
         with warnings.catch_warnings():
             ignore_expected_lightning_warnings()
-            LightningCLI(model_class, datamodule_class, args=list(argv) or ["--help"],
+            cli_class(model_class, datamodule_class, args=list(argv) or ["--help"],
                          save_config_kwargs={"overwrite": True}, seed_everything_default=0, **cli_kwargs)  # fmt: skip
     finally:
         sys.argv = old_argv

@@ -17,6 +17,7 @@ from dinov3_eo.cli import main as cli_main
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.tasks.segmentation import (
     SegmentationTask,
+    classes_of_labels,
     default_layers,
     expand_inputs,
     fold_scale_offset,
@@ -190,6 +191,22 @@ def test_the_labels_legend_fills_what_the_config_leaves_out(caplog: pytest.LogCa
     assert "differ from the labels' for ids {0: ('a', 'water'), 2: ('c', 'tree')}" in caplog.text
 
 
+def test_classes_of_labels(tmp_path: Path) -> None:
+    assert classes_of_labels(POLYGONS) == (4, ["crop", "developed", "tree", "water"])
+    assert classes_of_labels(POLYGONS, classes={"water": 0, "crop": 1, "tree": 2, "developed": 5}) == (
+        6, ["water", "crop", "tree", "class 3", "class 4", "developed"])
+    profile = {"driver": "GTiff", "width": 2, "height": 2, "count": 1, "dtype": "uint8", "crs": "EPSG:32618",
+               "transform": rasterio.transform.from_origin(0, 20, 10, 10)}
+    with rasterio.open(tmp_path / "tagged.tif", "w", **profile) as dst:
+        dst.write(np.zeros((2, 2), dtype=np.uint8), 1)
+        dst.update_tags(class_names='["open", "tree"]')
+    assert classes_of_labels(tmp_path / "tagged.tif") == (2, ["open", "tree"])
+    with rasterio.open(tmp_path / "plain.tif", "w", **profile) as dst:
+        dst.write(np.zeros((2, 2), dtype=np.uint8), 1)
+    with pytest.raises(ValueError, match="no class_names tag.*--model.num_classes"):
+        classes_of_labels(tmp_path / "plain.tif")
+
+
 def test_shard_for_rank_is_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:
     items = [f"scene_{i}.tif" for i in range(10)]
     shards = [shard_for_rank(items, rank=r, world_size=3) for r in range(3)]
@@ -358,8 +375,9 @@ class TestSegmentCLI:
         assert len(frame) and frame.geometry.is_valid.all()
 
     def test_fit_takes_names_and_colours_from_the_polygons(self, tmp_path: Path) -> None:
-        """A config without ``model.class_names``/``class_colors`` and polygons with a ``color`` column: the checkpoint
-        and the predicted map carry the polygons' names and colours."""
+        """A config without ``model.class_names``/``class_colors``/``num_classes`` and polygons with a ``color``
+        column: the class count comes from the labels, and the checkpoint and the predicted map carry the polygons'
+        names and colours."""
         import geopandas as gpd
 
         frame = gpd.read_file(POLYGONS)
@@ -369,7 +387,7 @@ class TestSegmentCLI:
         assert cli_main([
             "segment", "fit", "--config", str(CONFIG), "--data.paths", str(SCENE), "--data.labels",
             str(tmp_path / "legend.gpkg"), "--model.class_names", "null", "--model.class_colors", "null",
-            "--model.num_classes", "4", "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
+            "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
             "--trainer.logger", "false",
         ]) == 0  # fmt: skip

@@ -706,11 +706,58 @@ def predict_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name",
+                      classes: Mapping[str, int] | None = None) -> tuple[int, list[str] | None]:
+    """The number of classes a label file defines and their names where it gives them, without reading its pixels.
+
+    A vector file: its classes (``classes``, else the sorted values of ``attribute``); a label raster: its
+    ``class_names`` tag.
+
+    Raises:
+        ValueError: for a label raster without a ``class_names`` tag (its class count would need a full read).
+    """
+    from dinov3_eo.data.labels import RasterLabels, VectorLabels
+
+    path = os.fspath(labels)
+    if path.lower().endswith((".tif", ".tiff", ".vrt", ".img", ".jp2")):
+        names = RasterLabels(path=path).class_names
+        if not names:
+            raise ValueError(f"The label raster {path} has no class_names tag to count its classes: give "
+                             "--model.num_classes or --model.class_names.")  # fmt: skip
+        return max(names) + 1, [names.get(i, f"class {i}") for i in range(max(names) + 1)]
+    source = VectorLabels(path=path, attribute=attribute, classes=classes)
+    k = max(source.classes.values()) + 1
+    return k, [source.class_names.get(i, f"class {i}") for i in range(k)] if source.class_names else None
+
+
+def _segment_cli_class() -> type:
+    from lightning.pytorch.cli import LightningCLI
+
+    class SegmentCLI(LightningCLI):
+        """LightningCLI whose model learns the classes from ``data.labels`` when the config names none."""
+
+        def before_instantiate_classes(self) -> None:
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            model, data = config.get("model"), config.get("data")
+            if model is None or data is None or model.get("num_classes") is not None:
+                return
+            if model.get("class_names") is not None or not data.get("labels"):
+                return
+            k, names = classes_of_labels(data["labels"], attribute=data.get("label_attribute") or "name",
+                                         classes=data.get("classes"))  # fmt: skip
+            model["num_classes"] = k
+            log.info("model.num_classes = %d from %s%s.", k, data["labels"],
+                     f" ({', '.join(names)})" if names else "")  # fmt: skip
+
+    return SegmentCLI
+
+
 def fit_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo segment fit|validate --config x.yaml`` through LightningCLI with the labelled datamodule."""
+    """``dinov3-eo segment fit|validate --config x.yaml`` through LightningCLI with the labelled datamodule; a config
+    without ``model.num_classes`` and ``model.class_names`` takes the classes of ``data.labels``."""
     from dinov3_eo.data.datamodule import DenseDataModule
 
-    return run_lightning_cli(SegmentationTask, DenseDataModule, argv, "dinov3-eo segment")
+    return run_lightning_cli(SegmentationTask, DenseDataModule, argv, "dinov3-eo segment", cli_class=_segment_cli_class())
 
 
 def main(argv: Sequence[str]) -> int:
