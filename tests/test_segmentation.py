@@ -201,10 +201,19 @@ def test_classes_of_labels(tmp_path: Path) -> None:
         dst.write(np.zeros((2, 2), dtype=np.uint8), 1)
         dst.update_tags(class_names='["open", "tree"]')
     assert classes_of_labels(tmp_path / "tagged.tif") == (2, ["open", "tree"])
-    with rasterio.open(tmp_path / "plain.tif", "w", **profile) as dst:
-        dst.write(np.zeros((2, 2), dtype=np.uint8), 1)
-    with pytest.raises(ValueError, match="no class_names tag.*--model.num_classes"):
-        classes_of_labels(tmp_path / "plain.tif")
+    # without a tag: the largest id found, block by block, nodata left out (the file's or the one given)
+    with rasterio.open(tmp_path / "plain.tif", "w", **{**profile, "nodata": 255}) as dst:
+        dst.write(np.array([[0, 5], [255, 2]], dtype=np.uint8), 1)
+    assert classes_of_labels(tmp_path / "plain.tif") == (6, None)
+    assert classes_of_labels(tmp_path / "plain.tif", nodata=5) == (256, None)  # 255 is a class then
+    with rasterio.open(tmp_path / "signed.tif", "w", **{**profile, "dtype": "int16", "nodata": None}) as dst:
+        dst.write(np.array([[0, -1], [3, 2]], dtype=np.int16), 1)
+    with pytest.raises(ValueError, match=r"values \[-1\] that are not class ids"):
+        classes_of_labels(tmp_path / "signed.tif")
+    with rasterio.open(tmp_path / "empty.tif", "w", **{**profile, "nodata": 7}) as dst:
+        dst.write(np.full((2, 2), 7, dtype=np.uint8), 1)
+    with pytest.raises(ValueError, match="holds no label"):
+        classes_of_labels(tmp_path / "empty.tif")
 
 
 def test_shard_for_rank_is_a_partition(monkeypatch: pytest.MonkeyPatch) -> None:

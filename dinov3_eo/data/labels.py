@@ -115,6 +115,20 @@ class RasterLabels:
             self.class_names, self.class_colors = _raster_legend(src, self.band) if task == "classification" else ({}, {})
         self._src = PerThread(functools.partial(rasterio.open, self.path), close=_close_dataset)  # one per process and thread
 
+    def present_values(self) -> list[int | float]:
+        """The distinct label values of the whole raster (its nodata, the override or the file's, and NaN left out),
+        read block by block: memory holds one block, whatever the raster's size."""
+        seen: set = set()
+        with rasterio.open(self.path) as src:
+            for _, window in src.block_windows(self.band):
+                values = src.read(self.band, window=window).ravel()
+                if self.nodata is not None:
+                    values = values[values != self.nodata]
+                if np.issubdtype(values.dtype, np.floating):
+                    values = values[~np.isnan(values)]
+                seen.update(np.unique(values).tolist())
+        return sorted(seen)
+
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Label values (H, W) on the given grid and where they exist (bool (H, W))."""
         src = self._src.get()

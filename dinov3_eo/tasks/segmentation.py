@@ -707,24 +707,33 @@ def predict_main(argv: Sequence[str]) -> int:
 
 
 def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name",
-                      classes: Mapping[str, int] | None = None) -> tuple[int, list[str] | None]:
-    """The number of classes a label file defines and their names where it gives them, without reading its pixels.
+                      classes: Mapping[str, int] | None = None,
+                      nodata: float | None = None) -> tuple[int, list[str] | None]:
+    """The number of classes a label file defines and their names where it gives them.
 
     A vector file: its classes (``classes``, else the sorted values of ``attribute``); a label raster: its
-    ``class_names`` tag.
+    ``class_names`` tag, else the largest class id found in one pass over its blocks (``nodata`` and the file's own
+    nodata left out) plus one.
 
     Raises:
-        ValueError: for a label raster without a ``class_names`` tag (its class count would need a full read).
+        ValueError: for a label raster whose values are not class ids (negative or fractional) or that holds none.
     """
     from dinov3_eo.data.labels import RasterLabels, VectorLabels
 
     path = os.fspath(labels)
     if path.lower().endswith((".tif", ".tiff", ".vrt", ".img", ".jp2")):
-        names = RasterLabels(path=path).class_names
-        if not names:
-            raise ValueError(f"The label raster {path} has no class_names tag to count its classes: give "
-                             "--model.num_classes or --model.class_names.")  # fmt: skip
-        return max(names) + 1, [names.get(i, f"class {i}") for i in range(max(names) + 1)]
+        source = RasterLabels(path=path, nodata=nodata)
+        names = source.class_names
+        if names:
+            return max(names) + 1, [names.get(i, f"class {i}") for i in range(max(names) + 1)]
+        values = source.present_values()
+        if not values:
+            raise ValueError(f"The label raster {path} holds no label (every pixel is its nodata).")
+        if any(v < 0 or v != int(v) for v in values):
+            bad = [v for v in values if v < 0 or v != int(v)][:5]
+            raise ValueError(f"The label raster {path} holds values {bad} that are not class ids (0, 1, 2 ...); give "
+                             "--model.num_classes, or declare the value that marks unlabelled pixels as its nodata.")
+        return int(max(values)) + 1, None
     source = VectorLabels(path=path, attribute=attribute, classes=classes)
     k = max(source.classes.values()) + 1
     return k, [source.class_names.get(i, f"class {i}") for i in range(k)] if source.class_names else None
@@ -744,7 +753,7 @@ def _segment_cli_class() -> type:
             if model.get("class_names") is not None or not data.get("labels"):
                 return
             k, names = classes_of_labels(data["labels"], attribute=data.get("label_attribute") or "name",
-                                         classes=data.get("classes"))  # fmt: skip
+                                         classes=data.get("classes"), nodata=data.get("label_nodata"))  # fmt: skip
             model["num_classes"] = k
             log.info("model.num_classes = %d from %s%s.", k, data["labels"],
                      f" ({', '.join(names)})" if names else "")  # fmt: skip
