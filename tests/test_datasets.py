@@ -281,6 +281,12 @@ class TestLegend:
         with pytest.raises(ValueError, match=rf"bad.gpkg, row {first_crop} \(name='crop'\), column 'colour'"):
             VectorLabels(path=tmp_path / "bad.gpkg", attribute="name")
         assert VectorLabels(path=POLYGONS).class_colors == {}  # no colour column
+        in_memory = VectorLabels(path=frame.drop(index=first_crop), attribute="name")  # a GeoDataFrame, no file
+        assert in_memory.class_colors[0] == (240, 200, 60) and in_memory.path == "the GeoDataFrame"
+        with rasterio.open(SAMPLE) as src:
+            window = {"crs": src.crs, "transform": src.transform, "shape": (src.height, src.width)}
+            from_file = VectorLabels(path=POLYGONS).sample(**window)["mask"]
+            assert torch.equal(pickle.loads(pickle.dumps(in_memory)).sample(**window)["mask"], from_file)
 
     def test_raster_tag_and_colour_table(self, tmp_path: Path) -> None:
         profile = {"driver": "GTiff", "width": 4, "height": 4, "count": 1, "dtype": "uint8", "crs": "EPSG:32618",

@@ -115,6 +115,17 @@ def test_prototype_map_follows_the_polygons_and_the_unknown_floor(backbone: torc
             assert json.loads(src.tags()["class_names"]) == [*NAMES, "unknown"]
 
 
+def test_a_geodataframe_in_memory_gives_the_file_s_prototypes(backbone: torch.nn.Module, scene: dict) -> None:
+    """Polygons drawn in a notebook need no file: a GeoDataFrame (here in degrees) gives what its file gives."""
+    frame = gpd.read_file(POLYGONS).to_crs("EPSG:4326")
+    kwargs = {"normalization": scene["normalization"], "nodata": 0, "progress": False}
+    in_memory = fit_prototypes(backbone, [SAMPLE], frame, **kwargs)
+    from_file = fit_prototypes(backbone, [SAMPLE], POLYGONS, **kwargs)
+    assert in_memory.names == NAMES and in_memory.samples == from_file.samples
+    torch.testing.assert_close(in_memory.centroids, from_file.centroids, rtol=0, atol=1e-6)
+    assert frame.crs.to_epsg() == 4326  # the caller's frame is left as it was
+
+
 def test_the_labels_colours_colour_the_map(backbone: torch.nn.Module, scene: dict, tmp_path: Path) -> None:
     """Polygons with a ``colour`` column (one class left without): the prototypes keep the colours through their
     file, and the map's colour table shows them (the default palette for the rest, grey for unknown)."""

@@ -183,7 +183,7 @@ class VectorLabels:
     """Labels from polygons (GeoPackage, GeoJSON, shapefile...) burnt onto each tile's grid.
 
     Args:
-        path: the vector file.
+        path: the vector file, or a ``geopandas.GeoDataFrame`` already in memory (with a CRS).
         attribute: column holding the class (names or integer ids).
         classes: mapping class name/value -> id; default: sorted unique values of ``attribute``
             numbered from 0 (integer columns keep their values).
@@ -207,7 +207,7 @@ class VectorLabels:
     def __init__(
         self,
         *,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Any,
         attribute: str = "name",
         classes: Mapping[Any, int] | None = None,
         layer: str | None = None,
@@ -216,7 +216,10 @@ class VectorLabels:
         all_touched: bool = False,
         color_attribute: str | None = None,
     ) -> None:
-        self.path, self.attribute, self.layer = os.fspath(path), attribute, layer
+        in_memory = hasattr(path, "geometry") and hasattr(path, "to_crs")  # a GeoDataFrame
+        self._frame = path.copy() if in_memory else None
+        self.path = "the GeoDataFrame" if in_memory else os.fspath(path)
+        self.attribute, self.layer = attribute, layer
         self.ignore_index, self.background, self.all_touched = int(ignore_index), background, all_touched
         gdf = self._load()
         if attribute not in gdf.columns:
@@ -266,6 +269,8 @@ class VectorLabels:
     def _load(self):
         import geopandas as gpd
 
+        if self._frame is not None:
+            return self._frame
         return gpd.read_file(self.path, layer=self.layer)
 
     def _in_crs(self, crs: CRS):

@@ -80,7 +80,7 @@ def open_labels(
     """A label source (``sample(crs=, transform=, shape=)``, unlabelled pixels :data:`IGNORE`) and the class names by id.
 
     ``labels``: a vector file (GeoPackage, shapefile, GeoJSON ...; classes from ``attribute``, names sorted to ids
-    0, 1, ... or integer values kept), a label raster (class ids; names from its ``class_names`` tag, else
+    0, 1, ... or integer values kept) or a ``GeoDataFrame`` in memory (the same), a label raster (class ids; names from its ``class_names`` tag, else
     ``class_names``, else ``class i``), or an object with ``sample`` (then ``class_names`` is required).
 
     Raises:
@@ -89,6 +89,9 @@ def open_labels(
     """
     from dinov3_eo.data.labels import RasterLabels, VectorLabels
 
+    if hasattr(labels, "geometry") and hasattr(labels, "to_crs"):  # a GeoDataFrame (its .sample is pandas')
+        source = VectorLabels(path=labels, attribute=attribute, ignore_index=IGNORE)
+        return source, _vector_class_names(source)
     if hasattr(labels, "sample"):
         if class_names is None:
             raise ValueError("Give class_names with a label object.")
@@ -98,10 +101,7 @@ def open_labels(
         raise FileNotFoundError(f"Labels {str(path)!r} do not exist.")
     if path.suffix.lower() in VECTOR_SUFFIXES:
         source = VectorLabels(path=path, attribute=attribute, ignore_index=IGNORE)
-        by_id = {v: k for k, v in source.classes.items()}
-        if min(by_id) < 0 or max(by_id) > 254:
-            raise ValueError(f"Class ids of {path} must lie in 0..254, got {sorted(by_id)}.")
-        return source, [by_id.get(i, f"class {i}") for i in range(max(by_id) + 1)]
+        return source, _vector_class_names(source)
     source = RasterLabels(path=path, ignore_index=IGNORE)
     tagged = source.class_names  # id -> name from the raster's class_names tag
     if tagged:
@@ -109,6 +109,14 @@ def open_labels(
     else:
         names = list(class_names) if class_names is not None else None
     return source, names  # None: named by the ids found (see fit_prototypes)
+
+
+def _vector_class_names(source: Any) -> list[str]:
+    """Names by class id of vector labels (their values; ``class i`` for an id no value has)."""
+    by_id = {v: k for k, v in source.classes.items()}
+    if min(by_id) < 0 or max(by_id) > 254:
+        raise ValueError(f"Class ids of {source.path} must lie in 0..254, got {sorted(by_id)}.")
+    return [by_id.get(i, f"class {i}") for i in range(max(by_id) + 1)]
 
 
 def fit_prototypes(
@@ -136,7 +144,8 @@ def fit_prototypes(
     Args:
         backbone: the ViT (e.g. :func:`~dinov3_eo.tasks.features.resolve_backbone`).
         rasters: GeoTIFFs with the same bands; only their windows that hold a label are read.
-        labels: polygons or a label raster in any CRS (:func:`open_labels`; ``attribute``, ``class_names``), or a
+        labels: polygons (a file or a ``GeoDataFrame``) or a label raster in any CRS (:func:`open_labels`;
+            ``attribute``, ``class_names``), or a
             list of them, one per raster (e.g. scenes that each come with their own label file); they must name the
             same classes.
         normalization: the backbone's input normalisation (stored with the prototypes).
