@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
-from dinov3_eo.data.index import RasterIndex
+from dinov3_eo.data.index import RASTER_SUFFIXES, RasterIndex
 from dinov3_eo.data.labels import RasterLabels, VectorLabels
 from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
@@ -321,7 +321,7 @@ class DenseDataModule(_TileDataModuleBase):
         self.dataset: TileDataset | None = None
 
     def _labels(self) -> RasterLabels | VectorLabels:
-        if self.labels_path.lower().endswith((".tif", ".tiff", ".vrt", ".img", ".jp2")):
+        if self.labels_path.lower().endswith(RASTER_SUFFIXES):
             return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata, ignore_index=self.ignore_index)
         if self.task != "classification":
             raise ValueError(f"DenseDataModule: vector labels ({self.labels_path}) support task='classification' only.")

@@ -27,6 +27,9 @@ from dinov3_eo.data.raster import PerThread
 
 TASKS = ("classification", "regression")
 
+#: file suffixes read as vector labels (anything else with a raster suffix is a label raster)
+VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".parquet", ".gml", ".kml", ".sqlite")
+
 #: vector columns read as the class colours when no ``color_attribute`` is named (QGIS and GIS exports name them so)
 COLOR_COLUMNS = ("color", "colour")
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.tasks.clustering import (
@@ -51,7 +52,6 @@ MAX_PIXELS_PER_CLASS = 20_000
 IGNORE = -1
 #: labelled pixels interpolated at once (memory ~ PIXEL_CHUNK x feature width floats)
 PIXEL_CHUNK = 65_536
-VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".gml", ".kml", ".sqlite")
 
 
 def pixel_tokens(tokens: Tensor, rows: Tensor, cols: Tensor, *, top: int = 0, left: int = 0, patch_size: int = 16) -> Tensor:

@@ -311,7 +311,7 @@ class SegmentationTask(TrainModesAtFitStart):
             differ = {i: (self.class_names[i], n) for i, n in names.items() if self.class_names[i] != n}
             if differ:
                 log.warning("model.class_names differ from the labels' for ids %s (model vs labels); the model's are "
-                            "kept, check the ids of data.classes.", {i: pair for i, pair in differ.items()})
+                            "kept, check the ids of data.classes.", differ)
         if colors and self.hparams.get("class_colors") is None:
             self.class_colors = [list(colors[i]) if i in colors else c for i, c in enumerate(self.class_colors)]
             self.hparams["class_colors"] = [list(c) for c in self.class_colors]
@@ -718,10 +718,11 @@ def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name"
     Raises:
         ValueError: for a label raster whose values are not class ids (negative or fractional) or that holds none.
     """
+    from dinov3_eo.data.index import RASTER_SUFFIXES
     from dinov3_eo.data.labels import RasterLabels, VectorLabels
 
     path = os.fspath(labels)
-    if path.lower().endswith((".tif", ".tiff", ".vrt", ".img", ".jp2")):
+    if path.lower().endswith(RASTER_SUFFIXES):
         source = RasterLabels(path=path, nodata=nodata)
         names = source.class_names
         if names:

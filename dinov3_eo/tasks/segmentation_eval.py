@@ -29,10 +29,10 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 
-VECTOR_SUFFIXES = (".gpkg", ".geojson", ".json", ".shp", ".fgb", ".parquet")
 GDAL_CACHE_BYTES = 64 * 2**20
 #: what ``out_dir`` receives
 REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png")
