@@ -298,6 +298,31 @@ class TestForward:
         still = perturbed(build_backbone("vitmicro16", depth=1, pos_embed_rope_rescale_coords=None)).train()
         torch.testing.assert_close(still(x), still(x), rtol=0, atol=0)
 
+    def test_training_blocks_each_get_their_own_rope_draw(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """In training every block rotates with its own table (upstream draws one per block), made for all blocks at
+        once per crop set; in eval one table serves every block."""
+        m = build_backbone("vitmicro16", depth=3).train()
+        seen: dict[int, list] = {}
+        for i, block in enumerate(m.blocks):
+            original = block.forward
+
+            def record(xs: list, ropes: list, i: int = i, original=original) -> list:  # noqa: ANN001
+                seen.setdefault(i, []).append([sin.clone() for sin, _ in ropes])
+                return original(xs, ropes)
+
+            monkeypatch.setattr(block, "forward", record)
+        calls = []
+        tables = m.rope_embed.tables
+        monkeypatch.setattr(m.rope_embed, "tables", lambda **kw: calls.append(kw) or tables(**kw))
+        m.forward_features([torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)])
+        assert calls == [{"H": 2, "W": 2, "count": 3}, {"H": 1, "W": 1, "count": 3}]
+        sins = [seen[i][0][0] for i in range(3)]  # the 2x2 grid (a 1x1 grid's one centre is at 0: no rotation)
+        assert not torch.equal(sins[0], sins[1]) and not torch.equal(sins[1], sins[2])
+        seen.clear(), calls.clear()
+        m.eval().forward_features(torch.randn(1, 3, 32, 32))
+        assert calls == [{"H": 2, "W": 2, "count": 1}]
+        assert all(torch.equal(seen[i][0][0], seen[0][0][0]) for i in range(3))
+
     def test_local_cls_norm_only_for_second_crop_set_in_training(self) -> None:
         m = perturbed(build_backbone("vitmicro16", depth=1, untie_global_and_local_cls_norm=True,
                                      pos_embed_rope_rescale_coords=None))
