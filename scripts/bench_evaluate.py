@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_process import child_entry, peak_rss_mib, run_child  # noqa: E402
 
 CLASSES = 6
 
@@ -57,17 +58,13 @@ def make_rasters(folder: Path, size: int) -> tuple[Path, Path]:
     return paths
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run(mode: str, map_path: str, reference: str) -> dict:
     import rasterio
     from rasterio.enums import Resampling
 
     if mode == "streamed":  # the imports (torch comes with the package's inference modules) are not the evaluation
         from dinov3_eo.tasks.segmentation_eval import evaluate_class_raster
-    imported = _peak_mib()
+    imported = peak_rss_mib()
     started = time.perf_counter()
     if mode == "streamed":
         confusion = np.asarray(evaluate_class_raster(map_path, reference)["confusion"])
@@ -79,24 +76,20 @@ def run(mode: str, map_path: str, reference: str) -> dict:
         confusion = np.bincount(truth[keep] * CLASSES + mapped[keep], minlength=CLASSES**2).reshape(CLASSES, CLASSES)
     return {"seconds": time.perf_counter() - started, "pixels": int(confusion.sum()),
             "accuracy": float(np.trace(confusion) / confusion.sum()), "imports_mib": imported,
-            "peak_rss_mib": _peak_mib(), "evaluation_mib": _peak_mib() - imported}  # fmt: skip
+            "peak_rss_mib": peak_rss_mib(), "evaluation_mib": peak_rss_mib() - imported}  # fmt: skip
 
 
 def main() -> None:
+    if child_entry(run):
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=10_000)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print(json.dumps(run(*args.child)))
-        return
     with tempfile.TemporaryDirectory() as tmp:
         map_path, reference = make_rasters(Path(tmp), args.size)
         results = {}
         for mode in ("naive", "streamed"):
-            done = subprocess.run([sys.executable, __file__, "--child", mode, str(map_path), str(reference)],
-                                  capture_output=True, text=True, check=True)  # fmt: skip
-            results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+            results[mode] = run_child(__file__, mode, map_path, reference)
     base = results["naive"]
     print(f"{args.size:,}² map, reference at twice its resolution:")
     for mode, r in results.items():

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_process import peak_rss_mib  # noqa: E402  (VmHWM: ru_maxrss would carry the parent's peak over)
 
 WINDOW, OVERLAP, BATCH, CLASSES = 512, 0.25, 4, 4
 
@@ -76,10 +78,6 @@ def make_raster(path: Path, size: int) -> None:
                 dst.write(np.clip(np.stack(bands) + noise, 0, 255).astype(np.uint8), window=Window(col, row, w, h))
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def child(mode: str, src: Path, out: Path, threads: int, retain: bool = False) -> dict:
     if retain:
         from dinov3_eo.allocator import retain_freed_memory
@@ -96,7 +94,7 @@ def child(mode: str, src: Path, out: Path, threads: int, retain: bool = False) -
     with rasterio.open(src) as ds:
         height, width = ds.height, ds.width
     grid = TileGrid.build(height, width, window=WINDOW, overlap=OVERLAP)
-    rss_before = peak_rss_mb()
+    rss_before = peak_rss_mib()
     start = time.perf_counter()
     if mode == "compute":
         x = torch.randn(BATCH, 3, grid.tile_height, grid.tile_width)
@@ -132,7 +130,7 @@ def child(mode: str, src: Path, out: Path, threads: int, retain: bool = False) -
     seconds = time.perf_counter() - start
     return {
         "mode": mode, "size": height, "windows": len(grid), "seconds": round(seconds, 2),
-        "pixels_per_s": round(height * width / seconds), "peak_rss_mb": round(peak_rss_mb(), 1),
+        "pixels_per_s": round(height * width / seconds), "peak_rss_mb": round(peak_rss_mib(), 1),
         "rss_before_mb": round(rss_before, 1), "threads": threads, "retain_freed_memory": retain,
     }  # fmt: skip
 
