@@ -17,11 +17,13 @@ from rasterio.transform import from_origin
 from rasterio.vrt import WarpedVRT
 from torch.utils.data import DataLoader
 
+from dinov3_eo.data.datamodule import DenseDataModule
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
 from dinov3_eo.data.index import RasterIndex
 from dinov3_eo.data.labels import RasterLabels, VectorLabels, parse_color
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.sampling import GridTileSampler, RandomTileSampler, Tile, TileGrid
+from dinov3_eo.tasks.segmentation import classes_of_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
@@ -241,6 +243,87 @@ class TestLabels:
         assert mismatches == 0
 
 
+class TestLabelMosaic:
+    """One mask per image (a folder or glob of label rasters) reads as the one label raster they were cut from."""
+
+    @pytest.fixture(scope="class")
+    def cut(self, tmp_path_factory: pytest.TempPathFactory) -> dict:
+        folder = tmp_path_factory.mktemp("masks")
+        with rasterio.open(SAMPLE) as src:
+            profile = {"driver": "GTiff", "count": 1, "dtype": "uint8", "nodata": 255, "crs": src.crs}
+            shape, transform = (src.height, src.width), src.transform
+        frame = gpd.read_file(POLYGONS).to_crs(profile["crs"])
+        names = sorted(frame["name"])
+        ids = rasterize([(g, names.index(n)) for g, n in zip(frame.geometry, frame["name"])], out_shape=shape,
+                        transform=transform, fill=255, dtype="uint8")  # fmt: skip
+        with rasterio.open(folder / "whole.tif", "w", width=shape[1], height=shape[0], transform=transform, **profile) as dst:
+            dst.write(ids, 1)
+        rows, cols = shape[0] // 2 + 7, shape[1] // 2 - 5  # the cut crosses the polygons
+        (folder / "tiles").mkdir()
+        for name, (r0, r1, c0, c1) in {"a": (0, rows, 0, cols), "b": (0, rows, cols, shape[1]),
+                                        "c": (rows, shape[0], 0, cols), "d": (rows, shape[0], cols, shape[1])}.items():
+            window = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
+            with rasterio.open(folder / "tiles" / f"mask_{name}.tif", "w", width=c1 - c0, height=r1 - r0,
+                               transform=rasterio.windows.transform(window, transform), **profile) as dst:
+                dst.write(ids[r0:r1, c0:c1], 1)
+        return {"folder": folder, "shape": shape, "transform": transform, "crs": profile["crs"], "cut": (rows, cols)}
+
+    def test_tiles_read_as_the_whole_raster(self, cut: dict) -> None:
+        whole = RasterLabels(path=cut["folder"] / "whole.tif")
+        for source in (cut["folder"] / "tiles", str(cut["folder"] / "tiles" / "mask_*.tif")):
+            tiles = RasterLabels(path=source)
+            assert len(tiles.paths) == 4
+            rows, cols = cut["cut"]
+            for r0, c0, size in ((rows - 40, cols - 50, 96), (0, 0, 64), (rows + 3, cols + 3, 40), (-20, -30, 80)):
+                transform = cut["transform"] * rasterio.Affine.translation(c0, r0)
+                grid = {"crs": cut["crs"], "transform": transform, "shape": (size, size + 8)}
+                assert torch.equal(tiles.sample(**grid)["mask"], whole.sample(**grid)["mask"]), (r0, c0)
+            across = {"crs": cut["crs"], "transform": cut["transform"] * rasterio.Affine.translation(cols - 4, rows - 4),
+                      "shape": (8, 8)}  # fmt: skip
+            assert len(tiles.mosaic.overlapping(**across)) == 4
+        assert classes_of_labels(cut["folder"] / "tiles") == (4, None)  # a folder counts as label rasters
+
+    def test_other_crs_and_first_file_wins(self, cut: dict, tmp_path: Path) -> None:
+        """A mask in another CRS is found through its footprint; where two masks overlap the first path wins."""
+        from rasterio.warp import Resampling as WarpResampling, calculate_default_transform, reproject
+
+        src_path = cut["folder"] / "tiles" / "mask_a.tif"
+        with rasterio.open(src_path) as src:
+            transform, width, height = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height, *src.bounds)
+            data = np.full((height, width), 255, dtype=np.uint8)
+            reproject(src.read(1), data, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                      dst_crs="EPSG:3857", resampling=WarpResampling.nearest, src_nodata=255, dst_nodata=255)  # fmt: skip
+            profile = {**src.profile, "crs": "EPSG:3857", "transform": transform, "width": width, "height": height}
+        with rasterio.open(tmp_path / "1_mercator.tif", "w", **profile) as dst:
+            dst.write(data, 1)
+        with rasterio.open(tmp_path / "2_fives.tif", "w", **{**profile, "transform": transform}) as dst:
+            dst.write(np.where(data == 255, 255, 5).astype(np.uint8), 1)  # the same place, every label 5
+        grid = {"crs": cut["crs"], "transform": cut["transform"], "shape": cut["cut"]}  # mask a's own grid
+        whole = RasterLabels(path=cut["folder"] / "whole.tif").sample(**grid)["mask"]
+        merc = RasterLabels(path=tmp_path).sample(**grid)["mask"]
+        labelled = merc != 255
+        assert labelled.sum() >= 0.8 * (whole != 255).sum() > 0  # the polygons of mask a, found in EPSG:3857
+        assert 5 not in merc.unique().tolist()  # 1_... wins over 2_... where both have labels
+        assert (merc[labelled] == whole[labelled]).float().mean() > 0.95  # nearest twice: edges may move a pixel
+        (tmp_path / "0_fives.tif").write_bytes((tmp_path / "2_fives.tif").read_bytes())  # now first in path order
+        fives = RasterLabels(path=[tmp_path / "1_mercator.tif", tmp_path / "0_fives.tif"]).sample(**grid)["mask"]
+        assert set(fives.unique().tolist()) == {5, 255}
+
+    def test_datamodule_takes_a_folder_of_masks(self, cut: dict) -> None:
+        kwargs = {"paths": str(SAMPLE), "nodata": 0, "tile_size": 128, "cache_dir": None, "normalization": "none",
+                  "val_fraction": 0.25, "block_tiles": 1}  # fmt: skip
+        folder = DenseDataModule(labels=str(cut["folder"] / "tiles"), **kwargs)
+        single = DenseDataModule(labels=str(cut["folder"] / "whole.tif"), **kwargs)
+        folder.setup("fit"), single.setup("fit")
+        assert folder.train_tiles == single.train_tiles
+        labelled = 0
+        for tile in folder.train_tiles + folder.val_tiles:
+            mask = folder.dataset[tile]["mask"]
+            assert torch.equal(mask, single.dataset[tile]["mask"])
+            labelled += int((mask != 255).sum())
+        assert labelled > 500  # the four polygons, every labelled pixel compared
+
+
 class TestLegend:
     """The class names and colours label files carry (a vector ``color`` column, a raster's tag and colour table)."""
 
@@ -358,7 +441,7 @@ class TestHandlesAtExit:
         dataset[tile]  # reopens in a fresh handle cache
         (src, _), = dataset.reader._handles.get().values()
         labels = RasterLabels(path=sample, band=1)
-        label_src = labels._src.get()
+        label_src = labels.mosaic.open(0)
         _release_at_exit()  # what atexit runs: every PerThread lets go of this thread's state
         assert src.closed and label_src.closed
         np.testing.assert_array_equal(dataset[tile]["image"].numpy(), dataset[tile]["image"].numpy())  # still usable

@@ -200,11 +200,11 @@ class TestHeightLabels:
         with rasterio.open(NEON / "TEAK_044_CHM.tif") as chm:
             grid = dict(crs=chm.crs, transform=chm.transform, shape=chm.shape)
         expected = labels.read(**grid)
-        mine = labels._open(0)
+        mine = labels.mosaic.open(0)
         theirs, read_there = [], []
 
         def reader() -> None:
-            theirs.append(labels._open(0))
+            theirs.append(labels.mosaic.open(0))
             read_there.append(labels.read(**grid))
             labels.close()
 

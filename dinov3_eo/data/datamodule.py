@@ -18,8 +18,8 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
-from dinov3_eo.data.index import RASTER_SUFFIXES, RasterIndex
-from dinov3_eo.data.labels import RasterLabels, VectorLabels
+from dinov3_eo.data.index import RasterIndex
+from dinov3_eo.data.labels import RasterLabels, VectorLabels, is_raster_labels
 from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import pixel_size_m
@@ -253,7 +253,9 @@ class DenseDataModule(_TileDataModuleBase):
 
     Args:
         paths: GeoTIFF files, folders or globs (the imagery).
-        labels: a label raster (any CRS/resolution) or a vector file (``.gpkg``, ``.geojson``, ``.shp``...).
+        labels: a label raster (any CRS/resolution), a folder or glob of label rasters (one mask per image, matched
+            to the imagery by georeference: :class:`~dinov3_eo.data.labels.RasterLabels`) or a vector file
+            (``.gpkg``, ``.geojson``, ``.shp``...).
         task: ``"classification"`` (``mask`` key) or ``"regression"`` (``target`` key; raster labels only).
         label_attribute: vector column with the class; ``classes`` maps its values to ids.
         classes: class name/value -> id for vector labels (default: sorted unique values).
@@ -321,7 +323,7 @@ class DenseDataModule(_TileDataModuleBase):
         self.dataset: TileDataset | None = None
 
     def _labels(self) -> RasterLabels | VectorLabels:
-        if self.labels_path.lower().endswith(RASTER_SUFFIXES):
+        if is_raster_labels(self.labels_path):
             return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata, ignore_index=self.ignore_index)
         if self.task != "classification":
             raise ValueError(f"DenseDataModule: vector labels ({self.labels_path}) support task='classification' only.")

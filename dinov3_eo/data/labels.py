@@ -10,17 +10,19 @@ unlabelled, label-nodata, or invalid in the image get ``ignore_index`` (classes)
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.coords import BoundingBox
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.transform import Affine, array_bounds
+from rasterio.warp import transform_bounds
 from rasterio.vrt import WarpedVRT
 
 from dinov3_eo.data.raster import PerThread
@@ -29,6 +31,18 @@ TASKS = ("classification", "regression")
 
 #: file suffixes read as vector labels (anything else with a raster suffix is a label raster)
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".parquet", ".gml", ".kml", ".sqlite")
+
+def is_raster_labels(labels: str | os.PathLike) -> bool:
+    """Whether ``labels`` names label rasters (a raster file, a folder of them or a glob) rather than a vector file."""
+    import glob
+
+    from dinov3_eo.data.index import RASTER_SUFFIXES
+
+    text = os.fspath(labels)
+    if text.lower().endswith(VECTOR_SUFFIXES):
+        return False
+    return text.lower().endswith(RASTER_SUFFIXES) or os.path.isdir(text) or glob.has_magic(text)
+
 
 #: vector columns read as the class colours when no ``color_attribute`` is named (QGIS and GIS exports name them so)
 COLOR_COLUMNS = ("color", "colour")
@@ -67,34 +81,141 @@ def parse_color(value: Any, *, where: str) -> RGB:
     return rgb  # type: ignore[return-value]
 
 
-def _close_dataset(src: Any) -> None:
-    src.close()
+@dataclass(frozen=True)
+class MosaicFile:
+    """One raster of a :class:`RasterMosaic`: where it is and what marks its missing values."""
+
+    path: str
+    crs: CRS
+    bounds: BoundingBox
+    nodata: float | None
+    dtype: str
+
+
+def _close_datasets(handles: dict[int, Any]) -> None:
+    for src in handles.values():
+        src.close()
+    handles.clear()
+
+
+class RasterMosaic:
+    """Rasters in any CRS read as one layer onto any grid (a label raster split into tiles, one mask per image, CHM
+    tiles): a grid reads the files whose footprint meets it, warped onto it, the first in path order winning where
+    two overlap with values. Files are opened when a grid first needs them, once per process and thread.
+
+    Args:
+        paths: files, folders (recursive) or glob patterns.
+        nodata: nodata override for every file (default: each file's declared nodata; NaN is always missing).
+        band: 1-based band to read.
+        what: what the files are, for messages (``"label raster"``, ``"CHM"``).
+
+    Raises:
+        FileNotFoundError: a source matches no raster.
+        ValueError: a file without CRS, or ``band`` outside a file's bands (both name the file).
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, nodata: float | None = None,
+                 band: int = 1, what: str = "raster") -> None:
+        from dinov3_eo.data.index import expand_sources
+
+        self.band, self.what = int(band), what
+        files = []
+        for path in expand_sources(paths):
+            with rasterio.open(path) as src:
+                if src.crs is None:
+                    raise ValueError(f"{what} {path} is not georeferenced (no CRS).")
+                if not 1 <= self.band <= src.count:
+                    raise ValueError(f"{what}: band {band} is outside [1, {src.count}] for {path}.")
+                files.append(MosaicFile(str(path), src.crs, src.bounds, src.nodata if nodata is None else nodata,
+                                        src.dtypes[self.band - 1]))  # fmt: skip
+        self.files = files
+        # per CRS, the files' bounds as one array: a grid is taken into each CRS once, not once per file
+        groups: dict[Any, list[int]] = {}
+        for i, f in enumerate(files):
+            groups.setdefault(f.crs, []).append(i)
+        self._groups = [(crs, np.asarray(idx), np.asarray([tuple(files[i].bounds) for i in idx], dtype=np.float64))
+                        for crs, idx in groups.items()]  # fmt: skip
+        # file index -> open dataset, one dict per process and thread (GDAL handles must not be shared between
+        # reading threads), closed when let go or at exit: never in the interpreter's final teardown
+        self._handles = PerThread(dict, close=_close_datasets)
+
+    def open(self, i: int) -> Any:
+        """The calling thread's open dataset of file ``i``."""
+        handles = self._handles.get()
+        if i not in handles:
+            handles[i] = rasterio.open(self.files[i].path)
+        return handles[i]
+
+    def close(self) -> None:
+        """Close the files the calling thread opened (they reopen on the next read)."""
+        self._handles.release()
+
+    def overlapping(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> list[int]:
+        """Indexes (in path order) of the files whose footprint meets the grid ``(crs, transform, shape)``."""
+        west, south, east, north = array_bounds(shape[0], shape[1], transform)
+        hits = []
+        for file_crs, idx, b in self._groups:
+            w, s_, e, n = (west, south, east, north) if file_crs == crs else transform_bounds(crs, file_crs, west, south, east, north)
+            meets = (b[:, 0] < e) & (b[:, 2] > w) & (b[:, 1] < n) & (b[:, 3] > s_)
+            hits.extend(idx[meets].tolist())
+        return sorted(hits)
+
+    def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int],
+             resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+        """Values (H, W) in the first file's dtype on the grid, and where they exist (bool (H, W))."""
+        height, width = shape
+        values = np.zeros(shape, dtype=self.files[0].dtype)
+        found = np.zeros(shape, dtype=bool)
+        for i in self.overlapping(crs=crs, transform=transform, shape=shape):
+            f = self.files[i]
+            # a nodata value (or an alpha band) tells pixels outside the file after warping
+            with WarpedVRT(
+                self.open(i), crs=crs, transform=transform, width=width, height=height, resampling=resampling,
+                src_nodata=f.nodata, nodata=f.nodata, add_alpha=f.nodata is None,
+            ) as vrt:  # fmt: skip
+                part = vrt.read(self.band)
+                has = vrt.read_masks(self.band) > 0
+            if np.issubdtype(part.dtype, np.floating):
+                has &= ~np.isnan(part)
+            take = has & ~found  # the first file (in path order) wins where two overlap
+            values[take] = part[take]
+            found |= take
+            if found.all():
+                break
+        return values, found
 
 
 class RasterLabels:
-    """Labels from a raster in any CRS/resolution, warped to each tile's grid.
+    """Labels from a raster in any CRS/resolution, or from many label rasters read as one :class:`RasterMosaic`,
+    warped to each tile's grid.
+
+    A folder, glob or list of label rasters (one mask per image, as segmentation datasets ship them, each in its own
+    CRS if need be) is matched to the imagery by georeference, not by name: a tile reads the label rasters whose
+    footprint meets it, the first in path order winning where two overlap with labels.
 
     Args:
-        path: the label raster (band ``band``).
+        path: the label raster, or a folder (searched recursively), glob pattern or list of them.
         task: ``"classification"`` (values are class ids) or ``"regression"`` (values are targets).
-        nodata: label nodata override (default: the file's declared nodata).
+        nodata: label nodata override (default: each file's declared nodata).
         ignore_index: class id written where there is no label.
         resampling: ``"nearest"`` for classes (enforced); any rasterio name for regression.
-        band: 1-based band of the label raster.
+        band: 1-based band of the label raster(s).
 
     Attributes:
-        class_names: class id -> name from the raster's ``class_names`` tag (a JSON list, as this package's class maps
-            carry it), empty without one; class_colors: class id -> RGB from its colour table, empty without one.
+        class_names: class id -> name from the first raster's ``class_names`` tag (a JSON list, as this package's
+            class maps carry it), empty without one; class_colors: class id -> RGB from its colour table, empty
+            without one.
 
     Raises:
-        ValueError: for an unknown task, a non-nearest resampling for classes, or a raster without CRS.
-        IndexError: if ``band`` is not a band of the raster.
+        FileNotFoundError: if ``path`` matches no raster.
+        ValueError: for an unknown task, a non-nearest resampling for classes, a raster without CRS or without
+            ``band`` (named).
     """
 
     def __init__(
         self,
         *,
-        path: str | os.PathLike,
+        path: str | os.PathLike | Sequence[str | os.PathLike],
         task: str = "classification",
         nodata: float | None = None,
         ignore_index: int = 255,
@@ -107,46 +228,37 @@ class RasterLabels:
             raise ValueError(f"RasterLabels: unknown resampling {resampling!r}.")
         if task == "classification" and resampling != "nearest":
             raise ValueError(f"RasterLabels: class labels must be resampled with 'nearest', got {resampling!r}.")
-        self.path, self.task, self.ignore_index, self.band = os.fspath(path), task, int(ignore_index), int(band)
+        self.mosaic = RasterMosaic(path, nodata=nodata, band=band, what="RasterLabels: label raster")
+        self.paths = [f.path for f in self.mosaic.files]
+        given = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        self.path = self.paths[0] if len(self.paths) == 1 else ", ".join(os.fspath(p) for p in given)  # for messages
+        self.task, self.ignore_index, self.band = task, int(ignore_index), int(band)
         self.resampling = Resampling[resampling]
-        with rasterio.open(self.path) as src:
-            if src.crs is None:
-                raise ValueError(f"RasterLabels: {self.path} is not georeferenced (no CRS).")
-            if not 1 <= self.band <= src.count:
-                raise IndexError(f"RasterLabels: band {band} is outside [1, {src.count}] for {self.path}.")
-            self.nodata = src.nodata if nodata is None else nodata
-            self.class_names, self.class_colors = _raster_legend(src, self.band) if task == "classification" else ({}, {})
-        self._src = PerThread(functools.partial(rasterio.open, self.path), close=_close_dataset)  # one per process and thread
+        self.nodata = self.mosaic.files[0].nodata
+        self.class_names: dict[int, str] = {}
+        self.class_colors: dict[int, RGB] = {}
+        if task == "classification":
+            with rasterio.open(self.paths[0]) as src:
+                self.class_names, self.class_colors = _raster_legend(src, self.band)
 
     def present_values(self) -> list[int | float]:
-        """The distinct label values of the whole raster (its nodata, the override or the file's, and NaN left out),
-        read block by block: memory holds one block, whatever the raster's size."""
+        """The distinct label values of the whole raster(s) (nodata, the override or each file's, and NaN left out),
+        read block by block: memory holds one block, whatever the rasters' size."""
         seen: set = set()
-        with rasterio.open(self.path) as src:
-            for _, window in src.block_windows(self.band):
-                values = src.read(self.band, window=window).ravel()
-                if self.nodata is not None:
-                    values = values[values != self.nodata]
-                if np.issubdtype(values.dtype, np.floating):
-                    values = values[~np.isnan(values)]
-                seen.update(np.unique(values).tolist())
+        for f in self.mosaic.files:
+            with rasterio.open(f.path) as src:
+                for _, window in src.block_windows(self.band):
+                    values = src.read(self.band, window=window).ravel()
+                    if f.nodata is not None:
+                        values = values[values != f.nodata]
+                    if np.issubdtype(values.dtype, np.floating):
+                        values = values[~np.isnan(values)]
+                    seen.update(np.unique(values).tolist())
         return sorted(seen)
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Label values (H, W) on the given grid and where they exist (bool (H, W))."""
-        src = self._src.get()
-        height, width = shape
-        # A nodata value is needed so pixels outside the label raster are recognisable after warping.
-        nodata = self.nodata
-        with WarpedVRT(
-            src, crs=crs, transform=transform, width=width, height=height, resampling=self.resampling,
-            src_nodata=nodata, nodata=nodata, add_alpha=nodata is None,
-        ) as vrt:  # fmt: skip
-            values = vrt.read(self.band)
-            labelled = vrt.read_masks(self.band) > 0
-        if np.issubdtype(values.dtype, np.floating):
-            labelled &= ~np.isnan(values)
-        return values, labelled
+        return self.mosaic.read(crs=crs, transform=transform, shape=shape, resampling=self.resampling)
 
     def sample(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """``{"mask": int64 (H, W)}`` or ``{"target": float32 (H, W)}`` for a tile grid."""

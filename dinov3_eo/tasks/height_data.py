@@ -19,40 +19,19 @@ import fnmatch
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
-import rasterio
 import torch
-from rasterio.coords import BoundingBox, disjoint_bounds
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
-from rasterio.transform import Affine, array_bounds
-from rasterio.vrt import WarpedVRT
-from rasterio.warp import transform_bounds
+from rasterio.transform import Affine
 
 from dinov3_eo.data.datamodule import DenseDataModule
-from dinov3_eo.data.index import expand_sources
-from dinov3_eo.data.raster import PerThread
+from dinov3_eo.data.labels import MosaicFile, RasterMosaic
 from dinov3_eo.data.sampling import Tile
 
 #: Resampling choices for heights: continuous values only (``nearest`` keeps the CHM's blockiness).
 HEIGHT_RESAMPLING = ("bilinear", "average", "cubic", "nearest")
-
-
-@dataclass(frozen=True)
-class _ChmFile:
-    path: str
-    crs: CRS
-    bounds: BoundingBox
-    nodata: float | None
-
-
-def _close_datasets(handles: dict[int, Any]) -> None:
-    for src in handles.values():
-        src.close()
-    handles.clear()
 
 
 class HeightLabels:
@@ -86,57 +65,29 @@ class HeightLabels:
             raise ValueError(f"HeightLabels: resampling must be one of {HEIGHT_RESAMPLING}, got {resampling!r}.")
         self.resampling = Resampling[resampling]
         self.band, self.clip_negative, self.max_height = int(band), clip_negative, max_height
-        files = []
-        for path in expand_sources(paths):
-            with rasterio.open(path) as src:
-                if src.crs is None:
-                    raise ValueError(f"HeightLabels: CHM {path} is not georeferenced (no CRS).")
-                if not 1 <= self.band <= src.count:
-                    raise ValueError(f"HeightLabels: band {band} is outside [1, {src.count}] for CHM {path}.")
-                files.append(_ChmFile(str(path), src.crs, src.bounds, src.nodata if nodata is None else nodata))
-        self.files = files
-        # file index -> open dataset, one dict per process and thread (GDAL handles must not be shared between
-        # reading threads), closed when let go or at exit: never in the interpreter's final teardown
-        self._handles = PerThread(dict, close=_close_datasets)
+        self.mosaic = RasterMosaic(paths, nodata=nodata, band=band, what="HeightLabels: CHM")
 
-    def _open(self, i: int):
-        handles = self._handles.get()
-        if i not in handles:
-            handles[i] = rasterio.open(self.files[i].path)
-        return handles[i]
+    @property
+    def files(self) -> list[MosaicFile]:
+        """The CHM files (path, CRS, bounds, nodata), in path order."""
+        return self.mosaic.files
 
     def close(self) -> None:
         """Close the CHM files the calling thread opened (they reopen on the next read)."""
-        self._handles.release()
+        self.mosaic.close()
 
     def overlapping(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> list[int]:
         """Indexes of the CHM files whose footprint meets the grid ``(crs, transform, shape)``."""
-        west, south, east, north = array_bounds(shape[0], shape[1], transform)
-        hits = []
-        for i, f in enumerate(self.files):
-            box = (west, south, east, north) if f.crs == crs else transform_bounds(crs, f.crs, west, south, east, north)
-            if not disjoint_bounds(BoundingBox(*box), f.bounds):
-                hits.append(i)
-        return hits
+        return self.mosaic.overlapping(crs=crs, transform=transform, shape=shape)
 
     def read(
         self, *, crs: CRS, transform: Affine, shape: tuple[int, int], resampling: Resampling | None = None
     ) -> np.ndarray:
         """Heights float32 ``(H, W)`` on the grid, NaN where no CHM has a valid value."""
-        height, width = shape
-        out = np.full(shape, np.nan, dtype=np.float32)
-        for i in self.overlapping(crs=crs, transform=transform, shape=shape):
-            f = self.files[i]
-            with WarpedVRT(
-                self._open(i), crs=crs, transform=transform, width=width, height=height,
-                resampling=resampling or self.resampling, src_nodata=f.nodata, nodata=f.nodata,
-                add_alpha=f.nodata is None,
-            ) as vrt:  # fmt: skip
-                values = vrt.read(self.band).astype(np.float32)
-                labelled = vrt.read_masks(self.band) > 0
-            labelled &= np.isfinite(values)
-            fill = labelled & np.isnan(out)
-            out[fill] = values[fill]
+        values, found = self.mosaic.read(crs=crs, transform=transform, shape=shape,
+                                         resampling=resampling or self.resampling)  # fmt: skip
+        out = np.where(found, values.astype(np.float32), np.float32(np.nan))
+        out[~np.isfinite(out)] = np.nan
         if self.clip_negative:
             np.maximum(out, 0.0, out=out, where=np.isfinite(out))
         if self.max_height is not None:

@@ -718,11 +718,10 @@ def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name"
     Raises:
         ValueError: for a label raster whose values are not class ids (negative or fractional) or that holds none.
     """
-    from dinov3_eo.data.index import RASTER_SUFFIXES
-    from dinov3_eo.data.labels import RasterLabels, VectorLabels
+    from dinov3_eo.data.labels import RasterLabels, VectorLabels, is_raster_labels
 
     path = os.fspath(labels)
-    if path.lower().endswith(RASTER_SUFFIXES):
+    if is_raster_labels(path):
         source = RasterLabels(path=path, nodata=nodata)
         names = source.class_names
         if names:
