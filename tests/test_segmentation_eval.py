@@ -138,6 +138,24 @@ class TestRasterReference:
         assert lines[0] == "reference \\ map,water,crop,tree" and lines[1] == "water," + ",".join(map(str, expected[0]))
         assert (out / "confusion.png").stat().st_size > 1000 and (out / "agreement.png").stat().st_size > 1000
 
+    def test_a_folder_or_glob_of_reference_masks_counts_as_their_mosaic(self, scene, tmp_path: Path) -> None:
+        """Reference masks cut in two (one per image, as datasets ship them) evaluate as the raster they came from."""
+        pred, truth = scene
+        map_path = write_map(tmp_path / "map.tif", pred)
+        whole = evaluate_class_raster(map_path, write_map(tmp_path / "ref.tif", truth, names=None))
+        (tmp_path / "masks").mkdir()
+        write_map(tmp_path / "masks" / "left.tif", truth[:, :37], names=None)
+        right = truth[:, 37:]
+        with rasterio.open(tmp_path / "masks" / "right.tif", "w", driver="GTiff", width=right.shape[1],
+                           height=right.shape[0], count=1, dtype="uint8", crs="EPSG:32633", nodata=255,
+                           transform=from_origin(ORIGIN[0] + 370, ORIGIN[1], 10, 10)) as dst:  # fmt: skip
+            dst.write(right.astype(np.uint8), 1)
+        for reference in (tmp_path / "masks", str(tmp_path / "masks" / "*.tif")):
+            report = evaluate_class_raster(map_path, reference, block=32)
+            np.testing.assert_array_equal(report["confusion"], whole["confusion"])
+        with pytest.raises(FileNotFoundError, match="matched no"):
+            evaluate_class_raster(map_path, str(tmp_path / "masks" / "*.jp2"))
+
     def test_finer_reference_is_resampled_onto_the_map(self, scene, tmp_path: Path) -> None:
         """A 5 m reference (each class cell 2 x 2 pixels) gives the same counts as the 10 m one."""
         pred, truth = scene

@@ -208,10 +208,10 @@ class _Reference:
 
     def __init__(self, path: str | os.PathLike[str], *, class_names: Sequence[str] | None, attribute: str,
                  classes: Mapping[str, int] | None, nodata: float | None, background: int | None) -> None:  # fmt: skip
-        from dinov3_eo.data.labels import RasterLabels, VectorLabels
+        from dinov3_eo.data.labels import RasterLabels, VectorLabels, is_raster_labels
 
         self.path = Path(path)
-        if not self.path.exists():
+        if not is_raster_labels(path) and not self.path.exists():  # rasters: a file, a folder or glob of masks
             raise FileNotFoundError(f"Reference {str(path)!r} does not exist.")
         if self.path.suffix.lower() in VECTOR_SUFFIXES:
             if classes is None and class_names is not None:
@@ -264,7 +264,8 @@ def evaluate_class_raster(
     Args:
         pred: a one-band class GeoTIFF (e.g. ``segment predict``'s): its nodata is left out; its ``class_names``
             tag names the classes unless ``class_names`` is given.
-        reference: a label raster (class ids, any CRS/resolution; its nodata left out) or polygons (GeoPackage,
+        reference: a label raster (class ids, any CRS/resolution; its nodata left out), a folder or glob of them
+            (one mask per image, read as one :class:`~dinov3_eo.data.labels.RasterMosaic`), or polygons (GeoPackage,
             GeoJSON, shapefile...) whose ``attribute`` holds class names (matched to the map's names, case-blind)
             or ids.
         out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and ``agreement.png`` here;
@@ -440,8 +441,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
         "map's grid: overall accuracy, kappa, per-class IoU/F1/precision/recall, confusion matrix.",
     )
     parser.add_argument("prediction", help="class map GeoTIFF (e.g. OUT_DIR/<scene>_classes.tif from 'segment predict')")
-    parser.add_argument("reference", help="reference labels: a GeoTIFF of class ids or a vector file (.gpkg, .geojson, "
-                        ".shp ...), any CRS")  # fmt: skip
+    parser.add_argument("reference", help="reference labels: a GeoTIFF of class ids (or a folder or quoted glob of "
+                        "them, one mask per image), or a vector file (.gpkg, .geojson, .shp ...), any CRS")  # fmt: skip
     parser.add_argument("--out-dir", help="write metrics.json, confusion.csv, confusion.png and agreement.png here")
     parser.add_argument("--attribute", default="name", help="polygon column holding the class (default: name)")
     parser.add_argument("--classes", type=json.loads, default=None,
