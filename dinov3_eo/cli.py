@@ -113,6 +113,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def show_package_messages() -> None:
+    """Print the package's own log messages from INFO up ("Loaded backbone ...", "Resumed mid-epoch ...", "Class names
+    from the labels ...") on stderr, as Lightning prints its own: without a handler Python shows warnings only. Only
+    the first process of a multi-process run says INFO (the others would repeat it); nothing is added where a caller
+    configured the ``dinov3_eo`` logger already, or twice."""
+    import logging
+
+    class CurrentStderr(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is when a message comes (a stream bound once would outlive a redirect)."""
+
+        @property
+        def stream(self) -> Any:  # noqa: D102
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
+    logger = logging.getLogger("dinov3_eo")
+    if logger.handlers or logger.level != logging.NOTSET:
+        return
+    handler = CurrentStderr()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    ranks = (os.environ.get(key, "0") for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"))
+    logger.setLevel(logging.INFO if all(rank in ("", "0") for rank in ranks) else logging.WARNING)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``dinov3-eo`` with ``argv`` (defaults to ``sys.argv[1:]``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -126,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # CPU a ViT-S SSL step 1.13-1.18x faster, predict_raster 3x); a process-wide choice: the command makes it, not
     # the package. DINOV3_EO_RETAIN_FREED_MEMORY=0 turns it off.
     retain_freed_memory_unless_disabled()
+    show_package_messages()
     # Lightning 2.6 under torch 2.14 warns at every fit that its own pytree helper uses a deprecated torch class: a
     # note for Lightning's developers that a user can do nothing about
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")

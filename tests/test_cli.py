@@ -134,3 +134,31 @@ def test_light_subcommands_start_without_lightning() -> None:
     code = f"import sys\nfor m in {sorted(modules)!r}:\n    __import__(m)\nprint('lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_package_s_messages_are_shown_by_the_first_process_only(capsys, monkeypatch) -> None:
+    """Without a handler Python shows warnings only: the command shows the package's INFO lines on stderr (the
+    stream current when they come), and a second process of a multi-process run keeps to warnings."""
+    import logging
+
+    from dinov3_eo.cli import show_package_messages
+
+    logger = logging.getLogger("dinov3_eo")
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    show_package_messages()
+    show_package_messages()  # not twice
+    assert len(logger.handlers) == 1
+    logging.getLogger("dinov3_eo.tasks.segmentation").info("model.num_classes = 4 from masks/.")
+    assert capsys.readouterr().err == "model.num_classes = 4 from masks/.\n"
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    show_package_messages()
+    logging.getLogger("dinov3_eo.data").info("repeated by every process")
+    logging.getLogger("dinov3_eo.data").warning("a warning still shows")
+    assert capsys.readouterr().err == "a warning still shows\n"
+    monkeypatch.undo()
+    logger.setLevel(logger.level)  # as it was, and the loggers' cached levels cleared
