@@ -115,6 +115,8 @@ class DINOv3Distill(SSLStage):
             torch ops, ``"auto"`` (default): triton on a CUDA device where triton imports, as in
             :class:`~dinov3_eo.ssl.module.DINOv3Pretrain`.
         seed: seed of the per-step random streams.
+        preview_every_n_steps: a picture of the patch features' PCA on a few training images every this many steps
+            (:class:`~dinov3_eo.ssl.preview.FeaturePreview`, ``<default_root_dir>/previews/``); 0: none.
     """
 
     def __init__(
@@ -163,6 +165,7 @@ class DINOv3Distill(SSLStage):
         compile: CompileMode = False,
         logit_kernels: Literal["auto", "torch", "triton"] = "auto",
         seed: int = 0,
+        preview_every_n_steps: int = 500,
     ) -> None:
         super().__init__()
         check_compile_mode(compile)
@@ -215,6 +218,13 @@ class DINOv3Distill(SSLStage):
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         own_teacher = {f"teacher.{k}": v for k, v in self.teacher.state_dict().items()}
         return super().load_state_dict({**own_teacher, **state_dict}, strict=strict, assign=assign)
+
+    def preview_backbones(self) -> dict[str, nn.Module]:
+        students = {f"student {i} (EMA)": ema["backbone"] for i, ema in enumerate(self.students_ema)}
+        return {"teacher": self.teacher["backbone"], **students}
+
+    def preview_meta(self) -> BackboneMeta:
+        return self.student_meta(0)
 
     def student_meta(self, index: int) -> BackboneMeta:
         backbone = self.students_ema[index]["backbone"]

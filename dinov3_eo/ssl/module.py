@@ -108,6 +108,8 @@ class DINOv3Pretrain(SSLStage):
         resolutions: high-res adaptation: list of ``[global, local, gram_teacher, probability]``; one row drawn per
             step from a generator seeded by (seed, step), so every rank picks the same.
         seed: seed of every per-step random stream.
+        preview_every_n_steps: a picture of the patch features' PCA on a few training images every this many steps
+            (:class:`~dinov3_eo.ssl.preview.FeaturePreview`, ``<default_root_dir>/previews/``); 0: none.
     """
 
     def __init__(
@@ -171,6 +173,7 @@ class DINOv3Pretrain(SSLStage):
         gram_max_updates: int = 0,
         resolutions: Sequence[Sequence[float]] | None = None,
         seed: int = 0,
+        preview_every_n_steps: int = 500,
     ) -> None:
         super().__init__()
         check_compile_mode(compile)
@@ -272,6 +275,12 @@ class DINOv3Pretrain(SSLStage):
             model = load_backbone(source, name=self.hparams.backbone, in_chans=self.hparams.in_chans)
         model.requires_grad_(False)
         return model.eval()
+
+    def preview_backbones(self) -> dict[str, nn.Module]:
+        return {"teacher": self.teacher["backbone"]}  # the EMA teacher: what `dinov3-eo export` writes
+
+    def preview_meta(self) -> BackboneMeta:
+        return self.backbone_meta()
 
     def backbone_meta(self) -> BackboneMeta:
         """Metadata that travels with every checkpoint and export (architecture, bands, normalisation, GSD)."""

@@ -260,6 +260,23 @@ class SSLStage(TrainModesAtFitStart):
         """The step's named loss terms and their weighted ``total`` (no backward)."""
         raise NotImplementedError
 
+    def preview_backbones(self) -> dict[str, nn.Module]:
+        """name → backbone whose features :class:`~dinov3_eo.ssl.preview.FeaturePreview` pictures (what is exported)."""
+        raise NotImplementedError
+
+    def preview_meta(self) -> Any:
+        """The :class:`~dinov3_eo.models.hub.BackboneMeta` of the pictured backbones (its band names pick the RGB)."""
+        raise NotImplementedError
+
+    def configure_callbacks(self) -> list:
+        """:class:`~dinov3_eo.ssl.preview.FeaturePreview` every ``preview_every_n_steps`` steps (unless 0)."""
+        every = int(getattr(self.hparams, "preview_every_n_steps", 0) or 0)
+        if every <= 0:
+            return []
+        from dinov3_eo.ssl.preview import FeaturePreview
+
+        return [FeaturePreview(every_n_steps=every)]
+
     # ------------------------------------------------------------------ schedules
 
     def _total_steps(self) -> int:
