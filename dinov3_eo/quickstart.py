@@ -94,6 +94,7 @@ def run(
     from dinov3_eo.data.stats import compute_band_stats
     from dinov3_eo.models.hub import export_backbone, load_backbone
     from dinov3_eo.ssl.module import DINOv3Pretrain
+    from dinov3_eo.ssl.preview import FeaturePreview
     from dinov3_eo.tasks.features import pca_picture
     from dinov3_eo.tasks.segmentation import SegmentationTask, segment_scene
 
@@ -125,12 +126,19 @@ def run(
         backbone=backbone, in_chans=3, dino_out_dim=1024, dino_hidden_dim=256, dino_bottleneck_dim=64,
         ibot_out_dim=1024, ibot_hidden_dim=256, ibot_bottleneck_dim=64, global_crop_size=64, local_crop_size=32,
         n_local_crops=2, base_lr=2e-3, lr_warmup_steps=min(30, steps // 10), teacher_temp_warmup_steps=min(30, steps // 10),
-        momentum_teacher=0.99, seed=seed,
+        momentum_teacher=0.99, seed=seed, preview_every_n_steps=0,  # its own pictures, below, in true colour
     )  # fmt: skip
+    pictures = FeaturePreview(every_n_steps=max(1, steps // 4), bands=SAMPLE_RGB)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|eval mode).*")
         ignore_expected_lightning_warnings()
-        pl.Trainer(max_steps=max(steps, 1), limit_val_batches=0, **trainer_kw).fit(ssl, pretrain_data)
+        pl.Trainer(max_steps=max(steps, 1), limit_val_batches=0, callbacks=[pictures], **trainer_kw).fit(ssl, pretrain_data)
+
+    # the feature pictures of the run (after step 1, every quarter of the run) stay with the outputs
+    previews = out / "previews"
+    _cleanup(previews)
+    (out / ".lightning" / "previews").rename(previews)
+    files["feature_pictures"] = previews
 
     # 3. export the EMA teacher with its metadata (bands, normalisation)
     _say(progress, "3/6 exporting the backbone")
@@ -179,7 +187,8 @@ def run(
     print(f"\nquickstart finished in {time.perf_counter() - started:.0f} s; mIoU of the head on its training polygons: {fit_miou:.3f}")
     print(f"outputs in {out.resolve()}:")
     for name, path in files.items():
-        print(f"  {name:>20}: {Path(path).name}")
+        listed = f"{Path(path).name}/ ({len(list(Path(path).iterdir()))} pictures)" if Path(path).is_dir() else Path(path).name
+        print(f"  {name:>20}: {listed}")
     return files
 
 

@@ -28,6 +28,9 @@ def test_quickstart_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) ->
         assert (out / name).is_file(), name
         assert name in printed
     assert not (out / ".lightning").exists()
+    # the feature pictures of the 2-step run: after step 1, every quarter (steps // 4 -> every step), at the end
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step_0000001.png", "step_0000002.png"]
+    assert "previews/ (2 pictures)" in printed
 
     sidecar = json.loads((out / "backbone.json").read_text())["dinov3_eo"]
     assert sidecar["in_chans"] == 3 and sidecar["normalization"]["name"] == "zscore"

@@ -11,6 +11,7 @@ stretched between its 2nd and 98th percentiles.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,12 +78,16 @@ class FeaturePreview(Callback):
         every_n_steps: steps between pictures.
         images: how many images of the first training batch to show.
         size: side of their centre crops (default: the stage's global crop size), rounded down to the patch size.
+        bands: 1-based input bands to show as red, green, blue (default: found by the data's band names, else the
+            first three).
     """
 
-    def __init__(self, every_n_steps: int = 500, images: int = 4, size: int | None = None) -> None:
+    def __init__(self, every_n_steps: int = 500, images: int = 4, size: int | None = None,
+                 bands: Sequence[int] | None = None) -> None:
         if every_n_steps < 1 or images < 1:
             raise ValueError(f"FeaturePreview: every_n_steps and images must be >= 1, got {every_n_steps}, {images}.")
         self.every_n_steps, self.images, self.size = int(every_n_steps), int(images), size
+        self.bands = None if bands is None else [int(b) for b in bands]
         self._crops: tuple[Tensor, Tensor] | None = None
         self._last_written = -1
 
@@ -111,7 +116,8 @@ class FeaturePreview(Callback):
 
         crops, valid = self._crops
         b, _, side_h, side_w = crops.shape
-        rgb_bands = [i - 1 for i in pl_module.preview_meta().rgb_bands(range(1, crops.shape[1] + 1))]
+        shown = self.bands or pl_module.preview_meta().rgb_bands(range(1, crops.shape[1] + 1))
+        rgb_bands = [i - 1 for i in shown]
         rows = [np.stack([np.rint(display_rgb(c[rgb_bands].numpy(), v.numpy()) * 255).astype(np.uint8)
                           for c, v in zip(crops, valid)])]  # fmt: skip
         for backbone in pl_module.preview_backbones().values():
