@@ -62,6 +62,10 @@ def test_a_fit_writes_a_picture_after_the_first_step_every_n_steps_and_at_the_en
     features = pixels[cell + 4 :]
     assert len(np.unique(features.reshape(-1, 3), axis=0)) > 8  # the patches are coloured, not blank
     assert not (tmp_path / "previews" / ".step_0000005.png.part").exists()
+    own = tmp_path / "own"  # a FeaturePreview of the trainer's own is kept, not replaced by the module's
+    _trainer(own, 3, [FeaturePreview(every_n_steps=3, bands=[3, 2, 1])]).fit(
+        DINOv3Pretrain(**MODEL_KW, preview_every_n_steps=1), datamodule=_datamodule(own, 4))
+    assert sorted(p.name for p in (own / "previews").iterdir()) == ["step_0000001.png", "step_0000003.png"]
     off = tmp_path / "off"
     _trainer(off, 1, []).fit(DINOv3Pretrain(**MODEL_KW, preview_every_n_steps=0), datamodule=_datamodule(off, 4))
     assert not (off / "previews").exists()

@@ -269,13 +269,13 @@ class SSLStage(TrainModesAtFitStart):
         raise NotImplementedError
 
     def configure_callbacks(self) -> list:
-        """:class:`~dinov3_eo.ssl.preview.FeaturePreview` every ``preview_every_n_steps`` steps (unless 0)."""
-        every = int(getattr(self.hparams, "preview_every_n_steps", 0) or 0)
-        if every <= 0:
-            return []
+        """:class:`~dinov3_eo.ssl.preview.FeaturePreview` every ``preview_every_n_steps`` steps (unless 0, or the
+        trainer has one of its own: Lightning would replace that by this one)."""
         from dinov3_eo.ssl.preview import FeaturePreview
 
-        return [FeaturePreview(every_n_steps=every)]
+        every = int(getattr(self.hparams, "preview_every_n_steps", 0) or 0)
+        own = self._trainer is not None and any(isinstance(c, FeaturePreview) for c in self._trainer.callbacks)
+        return [FeaturePreview(every_n_steps=every)] if every > 0 and not own else []
 
     # ------------------------------------------------------------------ schedules
 
