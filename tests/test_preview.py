@@ -84,3 +84,21 @@ def test_distillation_pictures_the_teacher_and_every_student(tmp_path: Path) -> 
     cell = 32 * -(-MIN_CELL // 32)
     assert picture.shape == (4 * cell + 3 * 4, 3 * cell + 2 * 4, 3)  # images, teacher, two students
     assert not module.students_ema[0]["backbone"].training  # pictured in eval mode, left as it was
+
+
+def test_every_process_computes_the_picture_and_the_first_writes_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP a forward pass gathers sharded weights from every process: all must take part; one file is written."""
+    from types import SimpleNamespace
+
+    preview = FeaturePreview(every_n_steps=1)
+    preview._crops = centre_crops(torch.zeros(1, 3, 16, 16), None, 16)
+    computed = []
+    monkeypatch.setattr(preview, "picture", lambda module: computed.append(module) or np.zeros((4, 4, 3), np.uint8))
+    module = SimpleNamespace(preview_backbones=lambda: {"teacher": None})
+    other = SimpleNamespace(is_global_zero=False, default_root_dir=str(tmp_path / "rank1"))
+    assert preview.write(other, module, 10) is None and len(computed) == 1
+    assert not (tmp_path / "rank1").exists()
+    preview._last_written = -1
+    first = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path / "rank0"))
+    assert preview.write(first, module, 10) == tmp_path / "rank0" / "previews" / "step_0000010.png"
+    assert preview.write(first, module, 10) is None and len(computed) == 2  # once per step

@@ -92,7 +92,7 @@ class FeaturePreview(Callback):
         self._last_written = -1
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._crops is not None or not trainer.is_global_zero:
+        if self._crops is not None:
             return
         patch = int(next(iter(pl_module.preview_backbones().values())).patch_size)
         size = self.size or int(getattr(pl_module.hparams, "global_crop_size", 224))
@@ -147,8 +147,16 @@ class FeaturePreview(Callback):
         return canvas
 
     def write(self, trainer: Any, pl_module: Any, step: int) -> Path | None:
-        """Write ``previews/step_<step>.png`` (once per step, on the first process only); returns its path."""
-        if not trainer.is_global_zero or self._crops is None or step == self._last_written:
+        """Write ``previews/step_<step>.png`` (once per step) from the first process; returns its path there.
+
+        Every process computes its own picture (of its own first images): under FSDP a backbone's forward pass
+        gathers its sharded weights from all processes, so one process alone would wait for the others forever.
+        """
+        if self._crops is None or step == self._last_written:
+            return None
+        picture = self.picture(pl_module)
+        self._last_written = step
+        if not trainer.is_global_zero:
             return None
         from PIL import Image
 
@@ -157,8 +165,7 @@ class FeaturePreview(Callback):
         dst = Path(trainer.default_root_dir) / "previews" / f"step_{step:07d}.png"
         dst.parent.mkdir(parents=True, exist_ok=True)
         with atomic_output(dst, overwrite=True) as tmp:
-            Image.fromarray(self.picture(pl_module)).save(tmp, format="PNG")
-        self._last_written = step
+            Image.fromarray(picture).save(tmp, format="PNG")
         if step == 1:
             log.info("Feature pictures (PCA of the patch features: %s) every %d steps in %s.",
                      ", ".join(pl_module.preview_backbones()), self.every_n_steps, dst.parent)  # fmt: skip
