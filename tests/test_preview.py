@@ -102,3 +102,18 @@ def test_every_process_computes_the_picture_and_the_first_writes_it(tmp_path: Pa
     first = SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path / "rank0"))
     assert preview.write(first, module, 10) == tmp_path / "rank0" / "previews" / "step_0000010.png"
     assert preview.write(first, module, 10) is None and len(computed) == 2  # once per step
+
+
+def test_a_picture_runs_compiled_blocks_eagerly() -> None:
+    """With model.compile the blocks have one graph per training shape: a picture's batch must not compile another."""
+    import torch._dynamo
+
+    from dinov3_eo.ssl.compilation import compile_regions
+
+    module = DINOv3Pretrain(**MODEL_KW)
+    compile_regions(module)
+    preview = FeaturePreview()
+    preview._crops = centre_crops(torch.randn(3, 3, 64, 64), None, 64)
+    torch._dynamo.utils.counters.clear()
+    assert preview.picture(module).shape == (2 * 128 + 4, 3 * 128 + 2 * 4, 3)
+    assert not torch._dynamo.utils.counters["stats"]  # nothing traced, nothing compiled

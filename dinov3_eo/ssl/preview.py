@@ -127,7 +127,8 @@ class FeaturePreview(Callback):
             was_training = backbone.training
             backbone.eval()
             try:
-                with torch.autocast(device.type, enabled=False):
+                # compiled blocks (model.compile) run eagerly here: this batch's shape would compile another graph
+                with torch.autocast(device.type, enabled=False), torch.compiler.set_stance("force_eager"):
                     tokens = backbone.forward_features(crops.to(device))["x_norm_patchtokens"]  # [B, hw, D]
             finally:
                 backbone.train(was_training)
