@@ -309,6 +309,25 @@ class TestLabelMosaic:
         fives = RasterLabels(path=[tmp_path / "1_mercator.tif", tmp_path / "0_fives.tif"]).sample(**grid)["mask"]
         assert set(fives.unique().tolist()) == {5, 255}
 
+    def test_mixed_dtypes_and_non_finite_values(self, tmp_path: Path) -> None:
+        """Values keep a dtype that holds every file's, and a NaN or ±inf of the first file leaves the pixel to the
+        next (as the CHM tiles of height fit were read before the mosaic served them)."""
+        from dinov3_eo.data.labels import RasterMosaic
+
+        grid = {"crs": "EPSG:32633", "transform": from_origin(0, 20, 10, 10), "shape": (2, 2)}
+        profile = {"driver": "GTiff", "width": 2, "height": 2, "count": 1, "crs": grid["crs"], "transform": grid["transform"]}
+        with rasterio.open(tmp_path / "a.tif", "w", dtype="uint8", nodata=0, **profile) as dst:
+            dst.write(np.array([[0, 3], [4, 0]], dtype=np.uint8), 1)
+        with rasterio.open(tmp_path / "b.tif", "w", dtype="float32", nodata=None, **profile) as dst:
+            dst.write(np.array([[2.5, 9.0], [9.0, 7.5]], dtype=np.float32), 1)
+        values, found = RasterMosaic(tmp_path).read(resampling=Resampling.nearest, **grid)
+        np.testing.assert_array_equal(values, [[2.5, 3.0], [4.0, 7.5]])
+        assert values.dtype == np.float32 and found.all()
+        with rasterio.open(tmp_path / "a.tif", "w", dtype="float32", nodata=None, **profile) as dst:
+            dst.write(np.array([[np.inf, 1.0], [np.nan, -np.inf]], dtype=np.float32), 1)
+        values, found = RasterMosaic(tmp_path).read(resampling=Resampling.nearest, **grid)
+        np.testing.assert_array_equal(values, [[2.5, 1.0], [9.0, 7.5]])
+
     def test_datamodule_takes_a_folder_of_masks(self, cut: dict) -> None:
         kwargs = {"paths": str(SAMPLE), "nodata": 0, "tile_size": 128, "cache_dir": None, "normalization": "none",
                   "val_fraction": 0.25, "block_tiles": 1}  # fmt: skip

@@ -105,7 +105,8 @@ class RasterMosaic:
 
     Args:
         paths: files, folders (recursive) or glob patterns.
-        nodata: nodata override for every file (default: each file's declared nodata; NaN is always missing).
+        nodata: nodata override for every file (default: each file's declared nodata; NaN and ±inf are always
+            missing).
         band: 1-based band to read.
         what: what the files are, for messages (``"label raster"``, ``"CHM"``).
 
@@ -162,9 +163,10 @@ class RasterMosaic:
 
     def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int],
              resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
-        """Values (H, W) in the first file's dtype on the grid, and where they exist (bool (H, W))."""
+        """Values (H, W) on the grid, in a dtype that holds every file's, and where they exist (bool (H, W); NaN and
+        ±inf never do)."""
         height, width = shape
-        values = np.zeros(shape, dtype=self.files[0].dtype)
+        values = np.zeros(shape, dtype=np.result_type(*(f.dtype for f in self.files)))
         found = np.zeros(shape, dtype=bool)
         for i in self.overlapping(crs=crs, transform=transform, shape=shape):
             f = self.files[i]
@@ -176,7 +178,7 @@ class RasterMosaic:
                 part = vrt.read(self.band)
                 has = vrt.read_masks(self.band) > 0
             if np.issubdtype(part.dtype, np.floating):
-                has &= ~np.isnan(part)
+                has &= np.isfinite(part)
             take = has & ~found  # the first file (in path order) wins where two overlap
             values[take] = part[take]
             found |= take
@@ -242,8 +244,8 @@ class RasterLabels:
                 self.class_names, self.class_colors = _raster_legend(src, self.band)
 
     def present_values(self) -> list[int | float]:
-        """The distinct label values of the whole raster(s) (nodata, the override or each file's, and NaN left out),
-        read block by block: memory holds one block, whatever the rasters' size."""
+        """The distinct label values of the whole raster(s) (nodata, the override or each file's, and NaN or ±inf
+        left out), read block by block: memory holds one block, whatever the rasters' size."""
         seen: set = set()
         for f in self.mosaic.files:
             with rasterio.open(f.path) as src:
@@ -252,7 +254,7 @@ class RasterLabels:
                     if f.nodata is not None:
                         values = values[values != f.nodata]
                     if np.issubdtype(values.dtype, np.floating):
-                        values = values[~np.isnan(values)]
+                        values = values[np.isfinite(values)]
                     seen.update(np.unique(values).tolist())
         return sorted(seen)
 

@@ -87,7 +87,6 @@ class HeightLabels:
         values, found = self.mosaic.read(crs=crs, transform=transform, shape=shape,
                                          resampling=resampling or self.resampling)  # fmt: skip
         out = np.where(found, values.astype(np.float32), np.float32(np.nan))
-        out[~np.isfinite(out)] = np.nan
         if self.clip_negative:
             np.maximum(out, 0.0, out=out, where=np.isfinite(out))
         if self.max_height is not None:

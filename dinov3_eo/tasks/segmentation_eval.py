@@ -437,7 +437,8 @@ def evaluate_main(argv: Sequence[str]) -> int:
     prog = "dinov3-eo segment evaluate"
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Accuracy of a class map against reference labels (a raster of class ids, or polygons), on the "
+        description="Accuracy of a class map against reference labels (a raster of class ids or a folder of such "
+        "masks, or polygons), on the "
         "map's grid: overall accuracy, kappa, per-class IoU/F1/precision/recall, confusion matrix.",
     )
     parser.add_argument("prediction", help="class map GeoTIFF (e.g. OUT_DIR/<scene>_classes.tif from 'segment predict')")
