@@ -343,6 +343,141 @@ class TestLabelMosaic:
         assert labelled > 500  # the four polygons, every labelled pixel compared
 
 
+class TestNamePairing:
+    """Masks paired with their images by file name: several dates over one place, masks without a georeference."""
+
+    @staticmethod
+    def _write(path: Path, data: np.ndarray, **profile: object) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(path, "w", width=data.shape[-1], height=data.shape[-2], count=1 if data.ndim == 2 else data.shape[0],
+                           dtype=data.dtype, **profile) as dst:  # fmt: skip
+            dst.write(data if data.ndim == 3 else data[None])
+        return path
+
+    @pytest.fixture(scope="class")
+    def dates(self, tmp_path_factory: pytest.TempPathFactory) -> dict:
+        """The same 192×160 px of the sample scene as two dates, each with its own mask (all 1 in 2020, all 2 in
+        2024, nodata in the top rows), plus a third date whose mask is a PNG without a georeference."""
+        root = tmp_path_factory.mktemp("dates")
+        window = rasterio.windows.Window(64, 320, 160, 192)
+        with rasterio.open(SAMPLE) as src:
+            pixels = src.read(window=window)
+            geo = {"crs": src.crs, "transform": src.window_transform(window)}
+        for year in ("2020", "2024"):
+            self._write(root / "imgs" / year / "scene.tif", pixels, driver="GTiff", **geo)
+        for year, value in (("2020", 1), ("2024", 2)):
+            mask = np.full((192, 160), value, dtype=np.uint8)
+            mask[:16] = 255
+            self._write(root / "masks" / year / "scene.tif", mask, driver="GTiff", nodata=255, **geo)
+        self._write(root / "imgs" / "2022" / "scene_RGB.tif", pixels, driver="GTiff", **geo)
+        halves = np.zeros((192, 160), dtype=np.uint8)
+        halves[:, 80:] = 3
+        (root / "masks" / "2022").mkdir()
+        Image.fromarray(halves).save(root / "masks" / "2022" / "scene_label.png")
+        return {"root": root, "geo": geo, "halves": halves}
+
+    def test_keys_and_folders(self) -> None:
+        from dinov3_eo.data.labels import NamePairing, pairing_key, shared_folders
+
+        assert pairing_key("a/top_potsdam_2_10_RGB.tif", ["_RGB", "_label"]) == "top_potsdam_2_10"
+        assert pairing_key("b/top_potsdam_2_10_label.tif", ["_RGB", "_label"]) == "top_potsdam_2_10"
+        assert pairing_key("x/_label.tif", ["_label"]) == "_label"  # a suffix is never the whole name
+        assert pairing_key("x/t1_mask_v2.tif", ["_v2", "_mask_v2"]) == "t1"  # the longest suffix first
+        assert shared_folders("imgs/2020/t1.tif", "masks/2020/t1.tif") == 1
+        assert shared_folders("a/x/2020/t1.tif", "b/x/2020/t1.tif") == 2
+        pairing = NamePairing(["/m/2020/t1.tif", "/m/2024/t1.tif", "/m/t2.tif"])
+        assert pairing.find("/i/2024/t1.tif") == 1 and pairing.find("/i/2020/t1.tif") == 0
+        assert pairing.find("/i/t2.tif") == 2 and pairing.find("/i/t3.tif") is None
+        with pytest.raises(ValueError, match="several masks .*2020/t1.tif, /m/2024/t1.tif"):
+            pairing.find("/i/2022/t1.tif")
+
+    def test_each_date_reads_its_own_mask(self, dates: dict) -> None:
+        root = dates["root"]
+        masks = [root / "masks" / "2020", root / "masks" / "2024"]
+        grid = {**{k: dates["geo"][k] for k in ("crs", "transform")}, "shape": (192, 160)}
+        by_place = RasterLabels(path=masks)
+        by_name = RasterLabels(path=masks, pairing="name")
+        for year, value in (("2020", 1), ("2024", 2)):
+            image = root / "imgs" / year / "scene.tif"
+            mask = by_name.sample(**grid, path=image)["mask"]
+            assert (mask[:16] == 255).all() and (mask[16:] == value).all()
+            assert (by_place.sample(**grid, path=image)["mask"][16:] == 1).all()  # the first path wins for both
+        assert (by_name.sample(**grid, path=root / "imgs" / "2022" / "scene_RGB.tif")["mask"] == 255).all()  # no mask
+        with pytest.raises(ValueError, match="paired by name are read for an image"):
+            by_name.sample(**grid)
+        clone = pickle.loads(pickle.dumps(by_name))  # as DataLoader worker processes get it
+        assert (clone.sample(**grid, path=root / "imgs" / "2024" / "scene.tif")["mask"][16:] == 2).all()
+
+    def test_mask_without_georeference_reads_on_its_images_grid(self, dates: dict) -> None:
+        root = dates["root"]
+        with pytest.raises(ValueError, match="scene_label.png is not georeferenced .*pair them by name"):
+            RasterLabels(path=root / "masks" / "2022" / "scene_label.png")
+        labels = RasterLabels(path=root / "masks", pairing="name", name_suffixes=["_RGB", "_label"])
+        assert len(labels.paths) == 3  # a folder yields the PNG too when masks pair by name
+        image = root / "imgs" / "2022" / "scene_RGB.tif"
+        own = {**{k: dates["geo"][k] for k in ("crs", "transform")}, "shape": (192, 160)}
+        np.testing.assert_array_equal(labels.sample(**own, path=image)["mask"].numpy(), dates["halves"])
+        # a coarser grid in another CRS (as a tile grid resampled to a common one) still splits at the same place
+        from rasterio.warp import calculate_default_transform
+
+        left, top = dates["geo"]["transform"].c, dates["geo"]["transform"].f
+        bounds = (left, top - 192 * 30, left + 160 * 30, top)
+        transform, width, height = calculate_default_transform(dates["geo"]["crs"], "EPSG:3857", 80, 96, *bounds)
+        coarse = labels.sample(crs="EPSG:3857", transform=transform, shape=(height, width), path=image)["mask"].numpy()
+        labelled = coarse != 255
+        assert labelled.mean() > 0.8
+        west_half = np.zeros_like(coarse, dtype=bool)
+        west_half[:, : width // 2 - 2] = True
+        east_half = np.zeros_like(west_half)
+        east_half[:, width // 2 + 2 :] = True
+        assert (coarse[west_half & labelled] == 0).all() and (coarse[east_half & labelled] == 3).all()
+
+    def test_clear_errors(self, dates: dict, tmp_path: Path) -> None:
+        root = dates["root"]
+        small = np.zeros((10, 10), dtype=np.uint8)
+        Image.fromarray(small).save(tmp_path / "scene_label.png")
+        labels = RasterLabels(path=tmp_path, pairing="name", name_suffixes=["_RGB", "_label"])
+        with pytest.raises(ValueError, match=r"has no georeference and is 10x10 px, but its image .*scene_RGB.tif is 160x192"):
+            labels.mosaic.pair(root / "imgs" / "2022" / "scene_RGB.tif")
+        far = {"crs": dates["geo"]["crs"], "transform": from_origin(0, 1000, 30, 30)}
+        self._write(tmp_path / "far" / "scene.tif", small, driver="GTiff", **far)
+        with pytest.raises(ValueError, match=r"far/scene.tif, paired by name with the image .*2020/scene.tif, does not overlap"):
+            RasterLabels(path=tmp_path / "far", pairing="name").mosaic.pair(root / "imgs" / "2020" / "scene.tif")
+        with pytest.raises(ValueError, match=r"no image has a mask of the same name \(images like scene_RGB.tif, masks "
+                                             r"like scene_label.png; compared as 'scene_RGB' and 'scene_label'\)"):
+            RasterLabels(path=tmp_path / "scene_label.png", pairing="name").mosaic.pair_all(
+                [root / "imgs" / "2022" / "scene_RGB.tif"])
+        with pytest.raises(ValueError, match="pairing must be one of"):
+            RasterLabels(path=tmp_path, pairing="stem")
+
+    def test_datamodule_pairs_by_name_and_leaves_out_images_without_a_mask(
+        self, dates: dict, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        root = dates["root"]
+        kwargs = {"paths": str(root / "imgs"), "labels": str(root / "masks"), "tile_size": 32, "cache_dir": None,
+                  "normalization": "none", "val_fraction": 0.25, "block_tiles": 1}  # fmt: skip
+        with pytest.raises(ValueError, match="label_pairing must be one of"):
+            DenseDataModule(label_pairing="names", **kwargs)
+        with pytest.raises(ValueError, match="pairs label rasters with images; the vector labels"):
+            DenseDataModule(**{**kwargs, "labels": str(POLYGONS)}, label_pairing="name").setup("fit")
+        with caplog.at_level("WARNING", logger="dinov3_eo.data.labels"):
+            dm = DenseDataModule(label_pairing="name", **kwargs)  # scene_RGB.tif has no scene_RGB mask
+            dm.setup("fit")
+        assert "1 of 3 images have no mask of the same name and are left out, e.g. scene_RGB.tif" in caplog.text
+        assert "1 of 3 masks pair with no image, e.g. scene_label.png" in caplog.text
+        files = {dm.index.records[t.file].path.split("/")[-2] for t in dm.train_tiles + dm.val_tiles}
+        assert files == {"2020", "2024"}
+        seen = {"2020": set(), "2024": set()}
+        for tile in dm.train_tiles + dm.val_tiles:
+            sample = dm.dataset[tile]
+            seen[sample["path"].split("/")[-2]].update(sample["mask"].unique().tolist())
+        assert seen["2020"] - {255} == {1} and seen["2024"] - {255} == {2}  # never the other date's mask
+        named = DenseDataModule(label_pairing="name", label_name_suffixes=["_RGB", "_label"], **kwargs)
+        named.setup("fit")
+        assert len({t.file for t in named.train_tiles + named.val_tiles}) == 3
+        assert classes_of_labels(root / "masks", pairing="name") == (4, None)  # the PNG's 3 counts
+
+
 class TestLegend:
     """The class names and colours label files carry (a vector ``color`` column, a raster's tag and colour table)."""
 

@@ -262,6 +262,16 @@ class TestHeightDataModule:
         assert {names[t.file] for t in dm.train_tiles} == {"TEAK_044.tif"}  # TEAK_050 has no CHM here
         assert all(dm.label_fraction(t) >= 0.5 for t in dm.train_tiles + dm.val_tiles)
 
+    def test_chms_paired_by_name(self) -> None:
+        """Each image with the CHM of its name (``TEAK_044.tif`` - ``TEAK_044_CHM.tif``) reads what the georeference
+        finds where the plots do not overlap."""
+        by_place, by_name = self._dm(), self._dm(label_pairing="name", label_name_suffixes=["_CHM"])
+        by_place.setup("fit"), by_name.setup("fit")
+        assert by_name.label_source.pairing == "name"
+        assert by_name.train_tiles == by_place.train_tiles and by_name.val_tiles == by_place.val_tiles
+        for tile in by_name.train_tiles[:3] + by_name.val_tiles[:2]:
+            np.testing.assert_array_equal(by_name.dataset[tile]["target"].numpy(), by_place.dataset[tile]["target"].numpy())
+
     def test_errors(self) -> None:
         with pytest.raises(ValueError, match="min_label_fraction must lie in"):
             self._dm(min_label_fraction=1.5)

@@ -410,6 +410,35 @@ class TestSegmentCLI:
             assert json.loads(src.tags()["class_names"]) == NAMES
             assert src.colormap(1)[3][:3] == (255, 0, 0)
 
+    def test_fit_on_png_masks_paired_by_name(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        """Imagery ``imgs/scene_RGB.tif`` and a PNG mask without georeference ``masks/scene_label.png`` on the same
+        pixel grid, as segmentation datasets ship them: ``--data.label_pairing name`` trains on them, the class count
+        coming from the mask."""
+        import geopandas as gpd
+        from PIL import Image
+        from rasterio.features import rasterize
+
+        (tmp_path / "imgs").mkdir(), (tmp_path / "masks").mkdir()
+        shutil.copy(SCENE, tmp_path / "imgs" / "scene_RGB.tif")
+        with rasterio.open(SCENE) as src:
+            frame = gpd.read_file(POLYGONS).to_crs(src.crs)
+            ids = rasterize([(g, NAMES.index(n)) for g, n in zip(frame.geometry, frame["name"])], out_shape=src.shape,
+                            transform=src.transform, fill=255, dtype="uint8")  # fmt: skip
+        Image.fromarray(ids).save(tmp_path / "masks" / "scene_label.png")
+        root = tmp_path / "fit"
+        with caplog.at_level("INFO", logger="dinov3_eo.tasks.segmentation"):
+            assert cli_main([
+                "segment", "fit", "--config", str(CONFIG), "--data.paths", str(tmp_path / "imgs"), "--data.labels",
+                str(tmp_path / "masks"), "--data.label_pairing", "name", "--data.label_name_suffixes", "[_RGB, _label]",
+                "--data.label_nodata", "255", "--data.classes", "null", "--model.class_names", "null",
+                "--model.class_colors", "null", "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
+                "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                "--trainer.logger", "false",
+            ]) == 0  # fmt: skip
+        assert "model.num_classes = 4 from" in caplog.text
+        state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert state["hyper_parameters"]["num_classes"] == 4
+
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"
         with rasterio.open(SCENE) as src:

@@ -11,6 +11,7 @@ Normalisation is decided once in ``setup`` and exposed as :attr:`normalization` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
 from dinov3_eo.data.index import RasterIndex
-from dinov3_eo.data.labels import RasterLabels, VectorLabels, is_raster_labels
+from dinov3_eo.data.labels import PAIRINGS, RasterLabels, VectorLabels, is_raster_labels
 from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import pixel_size_m
@@ -254,8 +255,13 @@ class DenseDataModule(_TileDataModuleBase):
     Args:
         paths: GeoTIFF files, folders or globs (the imagery).
         labels: a label raster (any CRS/resolution), a folder or glob of label rasters (one mask per image, matched
-            to the imagery by georeference: :class:`~dinov3_eo.data.labels.RasterLabels`) or a vector file
+            to the imagery by georeference or by name: :class:`~dinov3_eo.data.labels.RasterLabels`) or a vector file
             (``.gpkg``, ``.geojson``, ``.shp``...).
+        label_pairing: ``"georeference"`` (default: a tile reads every mask whose footprint meets it) or ``"name"``
+            (each image reads the mask of its own file name: masks of several dates over one place, masks without
+            a georeference; images without a mask are left out, with a warning).
+        label_name_suffixes: with ``label_pairing="name"``, suffixes dropped from image and mask stems before they
+            are compared (``["_RGB", "_label"]``).
         task: ``"classification"`` (``mask`` key) or ``"regression"`` (``target`` key; raster labels only).
         label_attribute: vector column with the class; ``classes`` maps its values to ids.
         classes: class name/value -> id for vector labels (default: sorted unique values).
@@ -274,6 +280,8 @@ class DenseDataModule(_TileDataModuleBase):
         *,
         paths: str | list[str],
         labels: str,
+        label_pairing: str = "georeference",
+        label_name_suffixes: list[str] | None = None,
         task: str = "classification",
         label_attribute: str = "name",
         classes: dict[str, int] | None = None,
@@ -310,6 +318,9 @@ class DenseDataModule(_TileDataModuleBase):
         self.save_hyperparameters()
         self.paths, self.labels_path, self.task, self.label_attribute = paths, labels, task, label_attribute
         self.classes, self.background, self.label_nodata, self.ignore_index = classes, background, label_nodata, ignore_index
+        if label_pairing not in PAIRINGS:
+            raise ValueError(f"DenseDataModule: label_pairing must be one of {PAIRINGS}, got {label_pairing!r}.")
+        self.label_pairing, self.label_name_suffixes = label_pairing, list(label_name_suffixes or [])
         self.bands, self.nodata, self.scale, self.offset = bands, nodata, scale, offset
         self.normalization_mode, self.stats, self.preset_range = normalization, stats, tuple(preset_range)
         self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
@@ -324,7 +335,12 @@ class DenseDataModule(_TileDataModuleBase):
 
     def _labels(self) -> RasterLabels | VectorLabels:
         if is_raster_labels(self.labels_path):
-            return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata, ignore_index=self.ignore_index)
+            return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata,
+                                ignore_index=self.ignore_index, pairing=self.label_pairing,
+                                name_suffixes=self.label_name_suffixes)  # fmt: skip
+        if self.label_pairing != "georeference":
+            raise ValueError(f"DenseDataModule: label_pairing={self.label_pairing!r} pairs label rasters with images; "
+                             f"the vector labels {self.labels_path} are matched by georeference.")
         if self.task != "classification":
             raise ValueError(f"DenseDataModule: vector labels ({self.labels_path}) support task='classification' only.")
         return VectorLabels(
@@ -348,6 +364,12 @@ class DenseDataModule(_TileDataModuleBase):
             grid, block_tiles=self.block_tiles, val_fraction=self.val_fraction, seed=self.seed,
             nodata=self.nodata, max_nodata_fraction=self.max_nodata_fraction,
         )  # fmt: skip
+        if getattr(self.label_source, "pairing", "georeference") == "name":
+            # an image without a mask of its name has no labels at all: its tiles would only cost reading time
+            pairs = self.label_source.mosaic.pair_all([record.path for record in self.index.records])
+            paired = {i for i, record in enumerate(self.index.records) if pairs[os.path.abspath(record.path)] is not None}
+            self.train_tiles = [t for t in self.train_tiles if t.file in paired]
+            self.val_tiles = [t for t in self.val_tiles if t.file in paired]
 
     @property
     def num_classes(self) -> int | None:

@@ -226,7 +226,8 @@ class TileDataset(Dataset):
         scale, offset: optional DN -> physical conversion ``x * scale + offset`` (one value or one per band),
             applied before ``normalization``.
         normalization: per-band normalisation (``None`` leaves values as float32 physical units).
-        labels: optional :class:`~dinov3_eo.data.labels.RasterLabels` or ``VectorLabels`` adding ``mask``/``target``.
+        labels: optional :class:`~dinov3_eo.data.labels.RasterLabels` or ``VectorLabels`` adding ``mask``/``target``
+            (anything with ``sample(crs=, transform=, shape=, valid=, path=)``; ``path`` is the tile's image).
         gdal_cache_mb, max_open: see :class:`TileReader`.
 
     Raises:
@@ -309,7 +310,8 @@ class TileDataset(Dataset):
         }
         if self.labels is not None:
             shape = (tile.size, tile.size)
-            sample.update(self.labels.sample(crs=grid.crs, transform=sample["transform"], shape=shape, valid=valid_np))
+            sample.update(self.labels.sample(crs=grid.crs, transform=sample["transform"], shape=shape, valid=valid_np,
+                                             path=sample["path"]))
         return sample
 
 

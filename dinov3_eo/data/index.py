@@ -145,20 +145,23 @@ class RasterRecord:
         )  # fmt: skip
 
 
-def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Absolute, sorted, de-duplicated raster paths from files, folders (recursive) and glob patterns.
+def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike],
+                   suffixes: Sequence[str] | None = None) -> list[str]:
+    """Absolute, sorted, de-duplicated raster paths from files, folders (recursive) and glob patterns; a folder
+    yields its files with ``suffixes`` (default :data:`RASTER_SUFFIXES`).
 
     Raises:
         FileNotFoundError: if a source matches nothing.
     """
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
+    suffixes = tuple(suffixes or RASTER_SUFFIXES)
     found: set[str] = set()
     for source in sources:
         text = os.fspath(source)
         path = Path(text).expanduser()
         if path.is_dir():
-            matches = [p for p in path.rglob("*") if p.suffix.lower() in RASTER_SUFFIXES and p.is_file()]
+            matches = [p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file()]
         elif glob.has_magic(text):
             matches = [Path(p) for p in glob.glob(os.path.expanduser(text), recursive=True) if os.path.isfile(p)]
         elif path.is_file():
@@ -166,7 +169,7 @@ def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) -> 
         else:
             raise FileNotFoundError(f"Raster source {text!r} is neither a file, a folder nor a glob that matches files.")
         if not matches:
-            raise FileNotFoundError(f"Raster source {text!r} matched no raster files (suffixes {RASTER_SUFFIXES}).")
+            raise FileNotFoundError(f"Raster source {text!r} matched no raster files (suffixes {suffixes}).")
         found.update(os.path.abspath(p) for p in matches)
     return sorted(found)
 

@@ -6,13 +6,19 @@ Both sources answer one question — "what are the labels on this tile's pixel g
 label raster is read through a ``WarpedVRT`` onto exactly that grid (nearest for classes, so no class
 is ever invented by interpolation), a vector file is reprojected to it and burnt in. Pixels that are
 unlabelled, label-nodata, or invalid in the image get ``ignore_index`` (classes) or NaN (regression).
+
+Many label rasters (one mask per image) are matched to the imagery by georeference, or by file name
+(``pairing="name"``, :class:`NamePairing`): masks of several dates over the same ground need the latter, and so do
+masks without a georeference, which are read on their image's own pixel grid.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +33,15 @@ from rasterio.vrt import WarpedVRT
 
 from dinov3_eo.data.raster import PerThread
 
+log = logging.getLogger(__name__)
+
 TASKS = ("classification", "regression")
+
+#: how many label rasters are matched to the imagery: by footprint, or each image with the mask of its file name
+PAIRINGS = ("georeference", "name")
+
+#: suffixes read as label rasters when masks are paired by name (segmentation datasets often ship PNG masks)
+MASK_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".png")
 
 #: file suffixes read as vector labels (anything else with a raster suffix is a label raster)
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".parquet", ".gml", ".kml", ".sqlite")
@@ -86,10 +100,11 @@ class MosaicFile:
     """One raster of a :class:`RasterMosaic`: where it is and what marks its missing values."""
 
     path: str
-    crs: CRS
+    crs: CRS | None  # None: no georeference (allowed where masks are paired by name)
     bounds: BoundingBox
     nodata: float | None
     dtype: str
+    shape: tuple[int, int] = (0, 0)  # (height, width) in pixels
 
 
 def _close_datasets(handles: dict[int, Any]) -> None:
@@ -98,10 +113,75 @@ def _close_datasets(handles: dict[int, Any]) -> None:
     handles.clear()
 
 
+def pairing_key(path: str | os.PathLike, suffixes: Sequence[str] = ()) -> str:
+    """The name a file pairs by: its stem less the first of ``suffixes`` it ends with (longest tried first), e.g.
+    ``top_potsdam_2_10_RGB.tif`` and ``top_potsdam_2_10_label.tif`` both give ``top_potsdam_2_10`` with
+    ``("_RGB", "_label")``."""
+    stem = Path(path).stem
+    for suffix in sorted(suffixes, key=len, reverse=True):
+        if suffix and stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def shared_folders(a: str | os.PathLike, b: str | os.PathLike) -> int:
+    """How many folder names two paths share counting up from their files (``imgs/2020/t1.tif`` and
+    ``masks/2020/t1.tif``: 1)."""
+    count = 0
+    for x, y in zip(reversed(Path(a).parent.parts), reversed(Path(b).parent.parts)):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class MaskPair:
+    """The mask file (index in a :class:`RasterMosaic`) an image pairs with, and the georeference to read it with
+    (the image's own where the mask has none; ``None``: the mask's)."""
+
+    file: int
+    src_crs: CRS | None = None
+    src_transform: Affine | None = None
+
+
+class NamePairing:
+    """Each image with the mask of the same file name: ``pairing_key`` equal (stems, less ``suffixes``), and where
+    several masks share the name (one per date), the one whose folders match the image's most closely
+    (``imgs/2020/t1.tif`` takes ``masks/2020/t1.tif``, not ``masks/2024/t1.tif``).
+
+    Raises (from :meth:`find`):
+        ValueError: two masks tie for one image (both named).
+    """
+
+    def __init__(self, masks: Sequence[str], suffixes: Sequence[str] = ()) -> None:
+        self.masks, self.suffixes = list(masks), tuple(suffixes)
+        self.by_key: dict[str, list[int]] = {}
+        for i, mask in enumerate(self.masks):
+            self.by_key.setdefault(pairing_key(mask, self.suffixes), []).append(i)
+
+    def find(self, image: str | os.PathLike) -> int | None:
+        """Index of ``image``'s mask, or ``None`` when no mask has its name."""
+        candidates = self.by_key.get(pairing_key(image, self.suffixes), [])
+        if len(candidates) <= 1:
+            return candidates[0] if candidates else None
+        scores = [shared_folders(image, self.masks[i]) for i in candidates]
+        best = [i for i, score in zip(candidates, scores) if score == max(scores)]
+        if len(best) > 1:
+            raise ValueError(f"Image {image} pairs by name with several masks ({', '.join(self.masks[i] for i in best)}) "
+                             "and no folder tells them apart: keep one mask per name, or put each date's masks in a "
+                             "folder named as its images' folder.")
+        return best[0]
+
+
 class RasterMosaic:
     """Rasters in any CRS read as one layer onto any grid (a label raster split into tiles, one mask per image, CHM
     tiles): a grid reads the files whose footprint meets it, warped onto it, the first in path order winning where
     two overlap with values. Files are opened when a grid first needs them, once per process and thread.
+
+    With ``pairing="name"`` a grid reads only the file paired with its image by name (:class:`NamePairing`;
+    :meth:`read` then needs the image's path): masks of several dates over the same place stay apart, and a mask
+    without a georeference is read on its image's own pixel grid (it must have the image's width and height).
 
     Args:
         paths: files, folders (recursive) or glob patterns.
@@ -109,33 +189,46 @@ class RasterMosaic:
             missing).
         band: 1-based band to read.
         what: what the files are, for messages (``"label raster"``, ``"CHM"``).
+        pairing: ``"georeference"`` (default) or ``"name"``.
+        name_suffixes: with ``pairing="name"``, suffixes dropped from image and mask stems before they are compared
+            (``["_RGB", "_label"]``).
 
     Raises:
         FileNotFoundError: a source matches no raster.
-        ValueError: a file without CRS, or ``band`` outside a file's bands (both name the file).
+        ValueError: an unknown ``pairing``, a file without CRS (unless paired by name), or ``band`` outside a file's
+            bands (both name the file).
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike], *, nodata: float | None = None,
-                 band: int = 1, what: str = "raster") -> None:
+                 band: int = 1, what: str = "raster", pairing: str = "georeference",
+                 name_suffixes: Sequence[str] = ()) -> None:
         from dinov3_eo.data.index import expand_sources
 
-        self.band, self.what = int(band), what
+        if pairing not in PAIRINGS:
+            raise ValueError(f"{what}: pairing must be one of {PAIRINGS}, got {pairing!r}.")
+        self.band, self.what, self.pairing = int(band), what, pairing
         files = []
-        for path in expand_sources(paths):
-            with rasterio.open(path) as src:
-                if src.crs is None:
-                    raise ValueError(f"{what} {path} is not georeferenced (no CRS).")
+        for path in expand_sources(paths, suffixes=MASK_SUFFIXES if pairing == "name" else None):
+            with _open_quietly(path) as src:
+                georeferenced = src.crs is not None
+                if not georeferenced and pairing != "name":
+                    raise ValueError(f"{what} {path} is not georeferenced (no CRS); to read masks without a "
+                                     "georeference on their images' grids, pair them by name.")
                 if not 1 <= self.band <= src.count:
                     raise ValueError(f"{what}: band {band} is outside [1, {src.count}] for {path}.")
-                files.append(MosaicFile(str(path), src.crs, src.bounds, src.nodata if nodata is None else nodata,
-                                        src.dtypes[self.band - 1]))  # fmt: skip
+                files.append(MosaicFile(str(path), src.crs if georeferenced else None, src.bounds,
+                                        src.nodata if nodata is None else nodata, src.dtypes[self.band - 1],
+                                        (src.height, src.width)))  # fmt: skip
         self.files = files
         # per CRS, the files' bounds as one array: a grid is taken into each CRS once, not once per file
         groups: dict[Any, list[int]] = {}
         for i, f in enumerate(files):
-            groups.setdefault(f.crs, []).append(i)
+            if f.crs is not None:
+                groups.setdefault(f.crs, []).append(i)
         self._groups = [(crs, np.asarray(idx), np.asarray([tuple(files[i].bounds) for i in idx], dtype=np.float64))
                         for crs, idx in groups.items()]  # fmt: skip
+        self.names = NamePairing([f.path for f in files], name_suffixes) if pairing == "name" else None
+        self._pairs: dict[str, MaskPair | None] = {}
         # file index -> open dataset, one dict per process and thread (GDAL handles must not be shared between
         # reading threads), closed when let go or at exit: never in the interpreter's final teardown
         self._handles = PerThread(dict, close=_close_datasets)
@@ -144,12 +237,72 @@ class RasterMosaic:
         """The calling thread's open dataset of file ``i``."""
         handles = self._handles.get()
         if i not in handles:
-            handles[i] = rasterio.open(self.files[i].path)
+            handles[i] = _open_quietly(self.files[i].path)
         return handles[i]
 
     def close(self) -> None:
         """Close the files the calling thread opened (they reopen on the next read)."""
         self._handles.release()
+
+    def pair(self, image: str | os.PathLike) -> MaskPair | None:
+        """The mask paired with ``image`` by name (``pairing="name"``), checked once per image: ``None`` when no mask
+        has its name.
+
+        Raises:
+            ValueError: two masks tie for it; a mask without georeference whose size differs from the image's; a
+                georeferenced mask whose footprint misses the image's (each names both files).
+        """
+        key = os.path.abspath(os.fspath(image))
+        if key in self._pairs:
+            return self._pairs[key]
+        assert self.names is not None, "pair() is for masks paired by name"
+        index = self.names.find(key)
+        pair = None
+        if index is not None:
+            f = self.files[index]
+            with rasterio.open(key) as img:
+                if f.crs is None:
+                    if f.shape != (img.height, img.width):
+                        raise ValueError(
+                            f"{self.what} {f.path} has no georeference and is {f.shape[1]}x{f.shape[0]} px, but its "
+                            f"image {key} is {img.width}x{img.height} px: a mask without georeference must share its "
+                            "image's pixel grid.")
+                    pair = MaskPair(index, img.crs, img.transform)
+                else:
+                    west, south, east, north = (img.bounds if img.crs == f.crs else
+                                                transform_bounds(img.crs, f.crs, *img.bounds))
+                    b = f.bounds
+                    if not (b.left < east and b.right > west and b.bottom < north and b.top > south):
+                        raise ValueError(f"{self.what} {f.path}, paired by name with the image {key}, does not "
+                                         "overlap it: check both files' georeference.")
+                    pair = MaskPair(index)
+        self._pairs[key] = pair
+        return pair
+
+    def pair_all(self, images: Sequence[str | os.PathLike]) -> dict[str, MaskPair | None]:
+        """:meth:`pair` for every image; logs the images without a mask and the masks no image took.
+
+        Raises:
+            ValueError: no image has a mask (naming an image, a mask and the suffixes compared), or as :meth:`pair`.
+        """
+        pairs = {os.path.abspath(os.fspath(image)): self.pair(image) for image in images}
+        unpaired = [image for image, pair in pairs.items() if pair is None]
+        if len(unpaired) == len(pairs) and pairs:
+            raise ValueError(
+                f"{self.what}: no image has a mask of the same name (images like {os.path.basename(unpaired[0])}, "
+                f"masks like {os.path.basename(self.files[0].path)}; compared as "
+                f"{pairing_key(unpaired[0], self.names.suffixes)!r} and "
+                f"{pairing_key(self.files[0].path, self.names.suffixes)!r}): name the suffixes to drop "
+                "(name_suffixes), or pair by georeference.")
+        if unpaired:
+            log.warning("%d of %d images have no mask of the same name and are left out, e.g. %s.", len(unpaired),
+                        len(pairs), ", ".join(os.path.basename(p) for p in unpaired[:3]))
+        taken = {pair.file for pair in pairs.values() if pair is not None}
+        unused = [f.path for i, f in enumerate(self.files) if i not in taken]
+        if unused:
+            log.warning("%d of %d masks pair with no image, e.g. %s.", len(unused), len(self.files),
+                        ", ".join(os.path.basename(p) for p in unused[:3]))
+        return pairs
 
     def overlapping(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> list[int]:
         """Indexes (in path order) of the files whose footprint meets the grid ``(crs, transform, shape)``."""
@@ -161,19 +314,31 @@ class RasterMosaic:
             hits.extend(idx[meets].tolist())
         return sorted(hits)
 
-    def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int],
-             resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], resampling: Resampling,
+             source: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Values (H, W) on the grid, in a dtype that holds every file's, and where they exist (bool (H, W); NaN and
-        ±inf never do)."""
+        ±inf never do). ``source``: the image the grid was cut from (needed, and only read, when paired by name).
+
+        Raises:
+            ValueError: paired by name and no ``source`` given, or as :meth:`pair`.
+        """
         height, width = shape
         values = np.zeros(shape, dtype=np.result_type(*(f.dtype for f in self.files)))
         found = np.zeros(shape, dtype=bool)
-        for i in self.overlapping(crs=crs, transform=transform, shape=shape):
-            f = self.files[i]
+        if self.pairing == "name":
+            if source is None:
+                raise ValueError(f"{self.what}: masks paired by name are read for an image: pass its path (source=).")
+            pair = self.pair(source)
+            reads = [] if pair is None else [pair]
+        else:
+            reads = [MaskPair(i) for i in self.overlapping(crs=crs, transform=transform, shape=shape)]
+        for read in reads:
+            f = self.files[read.file]
             # a nodata value (or an alpha band) tells pixels outside the file after warping
             with WarpedVRT(
-                self.open(i), crs=crs, transform=transform, width=width, height=height, resampling=resampling,
+                self.open(read.file), crs=crs, transform=transform, width=width, height=height, resampling=resampling,
                 src_nodata=f.nodata, nodata=f.nodata, add_alpha=f.nodata is None,
+                **({"src_crs": read.src_crs, "src_transform": read.src_transform} if read.src_crs is not None else {}),
             ) as vrt:  # fmt: skip
                 part = vrt.read(self.band)
                 has = vrt.read_masks(self.band) > 0
@@ -192,8 +357,10 @@ class RasterLabels:
     warped to each tile's grid.
 
     A folder, glob or list of label rasters (one mask per image, as segmentation datasets ship them, each in its own
-    CRS if need be) is matched to the imagery by georeference, not by name: a tile reads the label rasters whose
-    footprint meets it, the first in path order winning where two overlap with labels.
+    CRS if need be) is matched to the imagery by georeference: a tile reads the label rasters whose footprint meets
+    it, the first in path order winning where two overlap with labels. With ``pairing="name"`` each image takes the
+    mask of its own file name instead (:class:`NamePairing`): the way to keep masks of several dates over the same
+    place apart, and to use masks without a georeference (PNG masks too), read on their image's pixel grid.
 
     Args:
         path: the label raster, or a folder (searched recursively), glob pattern or list of them.
@@ -202,6 +369,9 @@ class RasterLabels:
         ignore_index: class id written where there is no label.
         resampling: ``"nearest"`` for classes (enforced); any rasterio name for regression.
         band: 1-based band of the label raster(s).
+        pairing: ``"georeference"`` (default) or ``"name"`` (see above).
+        name_suffixes: with ``pairing="name"``, suffixes dropped from image and mask stems before they are compared
+            (``["_RGB", "_label"]`` pairs ``top_potsdam_2_10_RGB.tif`` with ``top_potsdam_2_10_label.tif``).
 
     Attributes:
         class_names: class id -> name from the first raster's ``class_names`` tag (a JSON list, as this package's
@@ -210,8 +380,8 @@ class RasterLabels:
 
     Raises:
         FileNotFoundError: if ``path`` matches no raster.
-        ValueError: for an unknown task, a non-nearest resampling for classes, a raster without CRS or without
-            ``band`` (named).
+        ValueError: for an unknown task or pairing, a non-nearest resampling for classes, a raster without CRS
+            (unless paired by name) or without ``band`` (named).
     """
 
     def __init__(
@@ -223,6 +393,8 @@ class RasterLabels:
         ignore_index: int = 255,
         resampling: str = "nearest",
         band: int = 1,
+        pairing: str = "georeference",
+        name_suffixes: Sequence[str] = (),
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"RasterLabels: task must be one of {TASKS}, got {task!r}.")
@@ -230,7 +402,8 @@ class RasterLabels:
             raise ValueError(f"RasterLabels: unknown resampling {resampling!r}.")
         if task == "classification" and resampling != "nearest":
             raise ValueError(f"RasterLabels: class labels must be resampled with 'nearest', got {resampling!r}.")
-        self.mosaic = RasterMosaic(path, nodata=nodata, band=band, what="RasterLabels: label raster")
+        self.mosaic = RasterMosaic(path, nodata=nodata, band=band, what="RasterLabels: label raster", pairing=pairing,
+                                   name_suffixes=name_suffixes)
         self.paths = [f.path for f in self.mosaic.files]
         given = [path] if isinstance(path, (str, os.PathLike)) else list(path)
         self.path = self.paths[0] if len(self.paths) == 1 else ", ".join(os.fspath(p) for p in given)  # for messages
@@ -240,15 +413,20 @@ class RasterLabels:
         self.class_names: dict[int, str] = {}
         self.class_colors: dict[int, RGB] = {}
         if task == "classification":
-            with rasterio.open(self.paths[0]) as src:
+            with _open_quietly(self.paths[0]) as src:
                 self.class_names, self.class_colors = _raster_legend(src, self.band)
+
+    @property
+    def pairing(self) -> str:
+        """``"georeference"`` or ``"name"``: how the label rasters are matched to the imagery."""
+        return self.mosaic.pairing
 
     def present_values(self) -> list[int | float]:
         """The distinct label values of the whole raster(s) (nodata, the override or each file's, and NaN or ±inf
         left out), read block by block: memory holds one block, whatever the rasters' size."""
         seen: set = set()
         for f in self.mosaic.files:
-            with rasterio.open(f.path) as src:
+            with _open_quietly(f.path) as src:
                 for _, window in src.block_windows(self.band):
                     values = src.read(self.band, window=window).ravel()
                     if f.nodata is not None:
@@ -258,15 +436,19 @@ class RasterLabels:
                     seen.update(np.unique(values).tolist())
         return sorted(seen)
 
-    def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """Label values (H, W) on the given grid and where they exist (bool (H, W))."""
-        return self.mosaic.read(crs=crs, transform=transform, shape=shape, resampling=self.resampling)
+    def read(self, *, crs: CRS, transform: Affine, shape: tuple[int, int],
+             path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Label values (H, W) on the given grid and where they exist (bool (H, W)); ``path``: the image the grid was
+        cut from (needed where masks are paired by name)."""
+        return self.mosaic.read(crs=crs, transform=transform, shape=shape, resampling=self.resampling, source=path)
 
-    def sample(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``{"mask": int64 (H, W)}`` or ``{"target": float32 (H, W)}`` for a tile grid."""
+    def sample(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None,
+               path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+        """``{"mask": int64 (H, W)}`` or ``{"target": float32 (H, W)}`` for a tile grid cut from the image at
+        ``path``."""
         import torch
 
-        values, labelled = self.read(crs=crs, transform=transform, shape=shape)
+        values, labelled = self.read(crs=crs, transform=transform, shape=shape, path=path)
         if valid is not None:
             labelled &= valid
         if self.task == "regression":
@@ -274,6 +456,17 @@ class RasterLabels:
             return {"target": torch.from_numpy(target)}
         mask = np.where(labelled, values.astype(np.int64), self.ignore_index)
         return {"mask": torch.from_numpy(mask)}
+
+
+def _open_quietly(path: str) -> Any:
+    """``rasterio.open`` without the warning a raster with no georeference raises (masks paired by name may be)."""
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
 
 
 def _raster_legend(src: Any, band: int) -> tuple[dict[int, str], dict[int, RGB]]:
@@ -398,8 +591,9 @@ class VectorLabels:
             self._by_crs[key] = gdf.to_crs(crs)
         return self._by_crs[key]
 
-    def sample(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None) -> dict[str, Any]:
-        """``{"mask": int64 (H, W)}`` of class ids on the tile grid."""
+    def sample(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None,
+               path: str | os.PathLike | None = None) -> dict[str, Any]:
+        """``{"mask": int64 (H, W)}`` of class ids on the tile grid (``path``, the tile's image, is not needed)."""
         import torch
 
         gdf = self._in_crs(crs)

@@ -45,10 +45,14 @@ class HeightLabels:
         band: 1-based band holding the heights.
         clip_negative: set heights below 0 (LiDAR ground noise) to 0.
         max_height: heights above this (birds, power lines) are treated as nodata; ``None`` keeps all.
+        pairing, name_suffixes: ``"georeference"`` (default: every CHM whose footprint meets a tile) or ``"name"``
+            (each image with the CHM of its file name, e.g. one per survey date; see
+            :class:`~dinov3_eo.data.labels.RasterMosaic`).
 
     Raises:
         FileNotFoundError: a source matches no raster.
-        ValueError: unknown ``resampling``, a CHM without CRS, or ``band`` outside a file's bands.
+        ValueError: unknown ``resampling`` or ``pairing``, a CHM without CRS (unless paired by name), or ``band``
+            outside a file's bands.
     """
 
     def __init__(
@@ -60,12 +64,15 @@ class HeightLabels:
         band: int = 1,
         clip_negative: bool = True,
         max_height: float | None = None,
+        pairing: str = "georeference",
+        name_suffixes: Sequence[str] = (),
     ) -> None:
         if resampling not in HEIGHT_RESAMPLING:
             raise ValueError(f"HeightLabels: resampling must be one of {HEIGHT_RESAMPLING}, got {resampling!r}.")
         self.resampling = Resampling[resampling]
         self.band, self.clip_negative, self.max_height = int(band), clip_negative, max_height
-        self.mosaic = RasterMosaic(paths, nodata=nodata, band=band, what="HeightLabels: CHM")
+        self.mosaic = RasterMosaic(paths, nodata=nodata, band=band, what="HeightLabels: CHM", pairing=pairing,
+                                   name_suffixes=name_suffixes)
 
     @property
     def files(self) -> list[MosaicFile]:
@@ -80,12 +87,19 @@ class HeightLabels:
         """Indexes of the CHM files whose footprint meets the grid ``(crs, transform, shape)``."""
         return self.mosaic.overlapping(crs=crs, transform=transform, shape=shape)
 
+    @property
+    def pairing(self) -> str:
+        """``"georeference"`` or ``"name"``: how the CHMs are matched to the imagery."""
+        return self.mosaic.pairing
+
     def read(
-        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], resampling: Resampling | None = None
+        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], resampling: Resampling | None = None,
+        path: str | os.PathLike | None = None,
     ) -> np.ndarray:
-        """Heights float32 ``(H, W)`` on the grid, NaN where no CHM has a valid value."""
+        """Heights float32 ``(H, W)`` on the grid, NaN where no CHM has a valid value; ``path``: the image the grid
+        was cut from (needed where CHMs are paired by name)."""
         values, found = self.mosaic.read(crs=crs, transform=transform, shape=shape,
-                                         resampling=resampling or self.resampling)  # fmt: skip
+                                         resampling=resampling or self.resampling, source=path)  # fmt: skip
         out = np.where(found, values.astype(np.float32), np.float32(np.nan))
         if self.clip_negative:
             np.maximum(out, 0.0, out=out, where=np.isfinite(out))
@@ -94,19 +108,23 @@ class HeightLabels:
         return out
 
     def sample(
-        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None
+        self, *, crs: CRS, transform: Affine, shape: tuple[int, int], valid: np.ndarray | None = None,
+        path: str | os.PathLike | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{"target": float32 (H, W)}`` on a tile grid, NaN where there is no height or the image is invalid."""
-        target = self.read(crs=crs, transform=transform, shape=shape)
+        """``{"target": float32 (H, W)}`` on a tile grid cut from the image at ``path``, NaN where there is no height
+        or the image is invalid."""
+        target = self.read(crs=crs, transform=transform, shape=shape, path=path)
         if valid is not None:
             target[~valid] = np.nan
         return {"target": torch.from_numpy(target)}
 
-    def coverage(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], max_side: int = 32) -> float:
+    def coverage(self, *, crs: CRS, transform: Affine, shape: tuple[int, int], max_side: int = 32,
+                 path: str | os.PathLike | None = None) -> float:
         """Fraction of the grid with a reference height, estimated on a grid at most ``max_side`` pixels a side."""
         factor = max(1, math.ceil(max(shape) / max_side))
         coarse = (math.ceil(shape[0] / factor), math.ceil(shape[1] / factor))
-        heights = self.read(crs=crs, transform=transform @ Affine.scale(factor), shape=coarse, resampling=Resampling.nearest)
+        heights = self.read(crs=crs, transform=transform @ Affine.scale(factor), shape=coarse,
+                            resampling=Resampling.nearest, path=path)
         return float(np.isfinite(heights).mean())
 
 
@@ -121,6 +139,8 @@ class HeightDataModule(DenseDataModule):
     Args:
         paths: the imagery (GeoTIFF files, folders or globs).
         labels: CHM raster(s): files, folders or globs, in any CRS and resolution.
+        label_pairing, label_name_suffixes: ``"georeference"`` (default) or ``"name"`` (each image with the CHM of its
+            file name, e.g. one CHM per survey date), as for :class:`~dinov3_eo.data.datamodule.DenseDataModule`.
         label_nodata: nodata override of the CHMs.
         label_resampling: ``"bilinear"`` or ``"average"`` (see :class:`HeightLabels`).
         label_max_height: CHM heights above this are ignored (outliers such as birds or power lines).
@@ -140,6 +160,8 @@ class HeightDataModule(DenseDataModule):
         *,
         paths: str | list[str],
         labels: str | list[str],
+        label_pairing: str = "georeference",
+        label_name_suffixes: list[str] | None = None,
         label_nodata: float | None = None,
         label_resampling: str = "bilinear",
         label_max_height: float | None = None,
@@ -175,7 +197,8 @@ class HeightDataModule(DenseDataModule):
         if label_resampling not in HEIGHT_RESAMPLING:
             raise ValueError(f"HeightDataModule: label_resampling must be one of {HEIGHT_RESAMPLING}, got {label_resampling!r}.")
         super().__init__(
-            paths=paths, labels=labels, task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
+            paths=paths, labels=labels, label_pairing=label_pairing, label_name_suffixes=label_name_suffixes,
+            task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
             scale=scale, offset=offset, normalization=normalization, stats=stats, preset_range=preset_range,
             tile_size=tile_size, units=units, gsd=gsd, crs=crs, resampling=resampling, block_tiles=block_tiles,
             val_fraction=val_fraction, max_nodata_fraction=max_nodata_fraction, batch_size=batch_size,
@@ -188,14 +211,16 @@ class HeightDataModule(DenseDataModule):
 
     def _labels(self) -> HeightLabels:
         return HeightLabels(
-            paths=self.labels_path, nodata=self.label_nodata, resampling=self.label_resampling, max_height=self.label_max_height
-        )
+            paths=self.labels_path, nodata=self.label_nodata, resampling=self.label_resampling,
+            max_height=self.label_max_height, pairing=self.label_pairing, name_suffixes=self.label_name_suffixes,
+        )  # fmt: skip
 
     def label_fraction(self, tile: Tile) -> float:
         """Estimated fraction of ``tile`` with a reference height (coarse read, see :meth:`HeightLabels.coverage`)."""
         grid = self.dataset.grid
         return self.label_source.coverage(
-            crs=grid.grids[tile.file].crs, transform=grid.tile_transform(tile), shape=(tile.size, tile.size)
+            crs=grid.grids[tile.file].crs, transform=grid.tile_transform(tile), shape=(tile.size, tile.size),
+            path=grid.index.records[tile.file].path,
         )
 
     def setup(self, stage: str | None = None) -> None:

@@ -707,13 +707,14 @@ def predict_main(argv: Sequence[str]) -> int:
 
 
 def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name",
-                      classes: Mapping[str, int] | None = None,
-                      nodata: float | None = None) -> tuple[int, list[str] | None]:
+                      classes: Mapping[str, int] | None = None, nodata: float | None = None,
+                      pairing: str = "georeference") -> tuple[int, list[str] | None]:
     """The number of classes a label file defines and their names where it gives them.
 
     A vector file: its classes (``classes``, else the sorted values of ``attribute``); a label raster: its
     ``class_names`` tag, else the largest class id found in one pass over its blocks (``nodata`` and the file's own
-    nodata left out) plus one.
+    nodata left out) plus one. ``pairing``: how label rasters are matched to the imagery (``"name"`` also reads
+    masks without a georeference, and PNG masks in a folder).
 
     Raises:
         ValueError: for a label raster whose values are not class ids (negative or fractional) or that holds none.
@@ -722,7 +723,7 @@ def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name"
 
     path = os.fspath(labels)
     if is_raster_labels(path):
-        source = RasterLabels(path=path, nodata=nodata)
+        source = RasterLabels(path=path, nodata=nodata, pairing=pairing)
         names = source.class_names
         if names:
             return max(names) + 1, [names.get(i, f"class {i}") for i in range(max(names) + 1)]
@@ -753,7 +754,8 @@ def _segment_cli_class() -> type:
             if model.get("class_names") is not None or not data.get("labels"):
                 return
             k, names = classes_of_labels(data["labels"], attribute=data.get("label_attribute") or "name",
-                                         classes=data.get("classes"), nodata=data.get("label_nodata"))  # fmt: skip
+                                         classes=data.get("classes"), nodata=data.get("label_nodata"),
+                                         pairing=data.get("label_pairing") or "georeference")  # fmt: skip
             model["num_classes"] = k
             log.info("model.num_classes = %d from %s%s.", k, data["labels"],
                      f" ({', '.join(names)})" if names else "")  # fmt: skip

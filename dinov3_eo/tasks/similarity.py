@@ -72,7 +72,8 @@ class GeometryLabels:
     def __init__(self, geometry: Any) -> None:
         self.geometry = geometry
 
-    def sample(self, *, crs: Any, transform: Any, shape: tuple[int, int], valid: np.ndarray | None = None) -> dict[str, Any]:
+    def sample(self, *, crs: Any, transform: Any, shape: tuple[int, int], valid: np.ndarray | None = None,
+               path: Any = None) -> dict[str, Any]:
         from rasterio.features import rasterize
         from rasterio.transform import array_bounds
         from shapely.geometry import box
