@@ -270,3 +270,41 @@ def test_pixel_area_in_hectares_converts_linear_units() -> None:
     assert pixel_area_ha(CRS.from_epsg(32621), transform) == pytest.approx(0.09)
     assert pixel_area_ha(CRS.from_epsg(2264), transform) == pytest.approx(900 * 0.3048006**2 / 10_000)  # US survey feet
     assert pixel_area_ha(CRS.from_epsg(4326), transform) is None and pixel_area_ha(None, transform) is None
+
+
+def test_tagged_class_names_band_dataset_and_bad_tags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The ``class_names`` tag of a class map: the band's over the dataset's, and a tag someone else wrote that is not
+    a JSON list leaves the classes unnamed with a warning, in every command that reads it (here the polygons)."""
+    import json
+
+    from dinov3_eo.data.labels import RasterLabels
+    from dinov3_eo.data.raster import tagged_class_names
+    from dinov3_eo.inference.writers import vectorize_classes
+
+    path = tmp_path / "classes.tif"
+    profile = {"driver": "GTiff", "width": 4, "height": 4, "count": 1, "dtype": "uint8", "crs": "EPSG:32633",
+               "transform": from_origin(0, 40, 10, 10)}  # fmt: skip
+    data = np.zeros((4, 4), dtype=np.uint8)
+    data[:, 2:] = 1
+
+    def write(dataset_tag: str | None, band_tag: str | None) -> None:
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data, 1)
+            if dataset_tag is not None:
+                dst.update_tags(class_names=dataset_tag)
+            if band_tag is not None:
+                dst.update_tags(1, class_names=band_tag)
+
+    for dataset_tag, band_tag, expected in ((json.dumps(["a", "b"]), None, ["a", "b"]),
+                                            (json.dumps(["a", "b"]), json.dumps(["x", 2]), ["x", "2"]),
+                                            (None, None, None)):
+        write(dataset_tag, band_tag)
+        with rasterio.open(path) as src:
+            assert tagged_class_names(src) == expected
+    write("water;forest", None)
+    with caplog.at_level("WARNING", logger="dinov3_eo.data.raster"), rasterio.open(path) as src:
+        assert tagged_class_names(src) is None
+    assert "classes.tif: its class_names tag is not a JSON list of names (water;forest)" in caplog.text
+    assert RasterLabels(path=path).class_names == {}
+    frame = vectorize_classes(path, tmp_path / "classes.gpkg")
+    assert sorted(frame["class_name"]) == ["0", "1"]  # ids, not a traceback from json

@@ -31,7 +31,7 @@ from rasterio.transform import Affine, array_bounds
 from rasterio.warp import transform_bounds
 from rasterio.vrt import WarpedVRT
 
-from dinov3_eo.data.raster import PerThread
+from dinov3_eo.data.raster import PerThread, tagged_class_names
 
 log = logging.getLogger(__name__)
 
@@ -471,17 +471,7 @@ def _open_quietly(path: str) -> Any:
 
 def _raster_legend(src: Any, band: int) -> tuple[dict[int, str], dict[int, RGB]]:
     """Class names (``class_names`` tag, dataset or band) and colours (colour table) of a class raster."""
-    import json
-
-    names: dict[int, str] = {}
-    tagged = src.tags(band).get("class_names") or src.tags().get("class_names")
-    if tagged:
-        try:
-            listed = json.loads(tagged)
-        except ValueError:
-            listed = None
-        if isinstance(listed, list):
-            names = {i: str(name) for i, name in enumerate(listed)}
+    names = dict(enumerate(tagged_class_names(src, band) or []))
     try:
         table = src.colormap(band)
     except ValueError:  # no colour table

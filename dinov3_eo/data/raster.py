@@ -154,6 +154,27 @@ def require_georeferenced(src) -> None:
         )
 
 
+def tagged_class_names(src, band: int = 1) -> list[str] | None:
+    """The class names a class raster carries in its ``class_names`` tag (a JSON list, as this package writes it;
+    the band's tag, else the dataset's), or ``None`` without one. A tag that is not a JSON list is ignored, with a
+    warning naming the file, rather than stopping a command on someone else's tag."""
+    import json
+    import logging
+
+    text = src.tags(band).get("class_names") or src.tags().get("class_names")
+    if not text:
+        return None
+    try:
+        names = json.loads(text)
+    except ValueError:
+        names = None
+    if not isinstance(names, list):
+        logging.getLogger(__name__).warning(
+            "%s: its class_names tag is not a JSON list of names (%.60s); the classes stay unnamed.", src.name, text)
+        return None
+    return [str(name) for name in names]
+
+
 def _data_band_count(src) -> int:
     """Bands that hold data, i.e. excluding a trailing alpha band."""
     count = src.count

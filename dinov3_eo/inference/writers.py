@@ -27,6 +27,8 @@ import rasterio.shutil
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
+from dinov3_eo.data.raster import tagged_class_names
+
 #: Distinct, colour-blind-friendly class colours (Okabe-Ito, then Tableau 20 for more classes).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
     (0, 114, 178), (230, 159, 0), (0, 158, 115), (204, 121, 167), (86, 180, 233), (213, 94, 0),
@@ -388,8 +390,8 @@ def write_quicklook(
         shape = (max(1, round(cls_src.height * scale)), max(1, round(cls_src.width * scale)))
         labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
         cls_nodata = cls_src.nodata
-        if class_names is None and "class_names" in cls_src.tags():
-            class_names = json.loads(cls_src.tags()["class_names"])
+        if class_names is None:
+            class_names = tagged_class_names(cls_src)
         if colormap is None:
             try:
                 colormap = cls_src.colormap(1)
@@ -569,8 +571,8 @@ def vectorize_classes(
         raise ValueError(f"simplify must be >= 0 (a tolerance in CRS units), got {simplify}.")
     check_overwrite(dst, overwrite)
     with rasterio.open(classes) as src:
-        if class_names is None and "class_names" in src.tags():
-            class_names = json.loads(src.tags()["class_names"])
+        if class_names is None:
+            class_names = tagged_class_names(src)
         crs = src.crs
         geometries, ids = region_polygons(src, connectivity=connectivity, strip_rows=strip_rows)
     if simplify > 0 and geometries:

@@ -30,6 +30,8 @@ import numpy as np
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from dinov3_eo.data.raster import tagged_class_names
+
 #: files written to ``out_dir``
 TRANSITION_FILES = ("transitions.json", "transitions.csv", "transitions.png", "from_to.tif")
 
@@ -75,8 +77,7 @@ def _common_class_names(stack: Any, class_names: Sequence[str] | None) -> list[s
         if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise ValueError(f"{name!r} is not a class map: expected one integer band, got {src.count} band(s) of "
                              f"{src.dtypes[0]}.")  # fmt: skip
-        tags = src.tags()
-        tagged.append(json.loads(tags["class_names"]) if "class_names" in tags else None)
+        tagged.append(tagged_class_names(src))
     (first, second), (before, after) = tagged, stack.names
     if class_names is None:
         if first is not None and second is not None and first != second:

@@ -30,7 +30,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
-from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced
+from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced, tagged_class_names
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 
 GDAL_CACHE_BYTES = 64 * 2**20
@@ -296,8 +296,8 @@ def evaluate_class_raster(
         if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
             raise ValueError(f"{str(pred)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
                              f"{src.dtypes[0]}.")  # fmt: skip
-        if class_names is None and "class_names" in src.tags():
-            class_names = json.loads(src.tags()["class_names"])
+        if class_names is None:
+            class_names = tagged_class_names(src)
         if class_names is None:
             raise ValueError(f"{str(pred)!r} does not name its classes (no 'class_names' tag); pass class_names= "
                              f"(--class-names on the command line).")  # fmt: skip
