@@ -343,6 +343,24 @@ class TestLabelMosaic:
         assert labelled > 500  # the four polygons, every labelled pixel compared
 
 
+def test_datamodule_takes_a_geodataframe(tmp_path: Path) -> None:
+    """Polygons already in memory label the tiles as their file does, and only a description of them goes into the
+    hyper-parameters a checkpoint keeps (which then load with ``weights_only=True``)."""
+    frame = gpd.read_file(POLYGONS)
+    kwargs = {"paths": str(SAMPLE), "nodata": 0, "tile_size": 128, "cache_dir": None, "normalization": "none",
+              "val_fraction": 0.25, "block_tiles": 1}  # fmt: skip
+    in_memory, on_disk = DenseDataModule(labels=frame, **kwargs), DenseDataModule(labels=str(POLYGONS), **kwargs)
+    in_memory.setup("fit"), on_disk.setup("fit")
+    assert in_memory.num_classes == on_disk.num_classes == 4 and in_memory.class_names == on_disk.class_names
+    for tile in in_memory.train_tiles[:6]:
+        assert torch.equal(in_memory.dataset[tile]["mask"], on_disk.dataset[tile]["mask"])
+    assert in_memory.hparams["labels"] == f"<GeoDataFrame, {len(frame)} rows>"
+    torch.save(dict(in_memory.hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["labels"] == f"<GeoDataFrame, {len(frame)} rows>"
+    with pytest.raises(ValueError, match=r"vector labels \(<GeoDataFrame, \d+ rows>\) support task='classification'"):
+        DenseDataModule(labels=frame, task="regression", **kwargs).setup("fit")
+
+
 class TestNamePairing:
     """Masks paired with their images by file name: several dates over one place, masks without a georeference."""
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
 from dinov3_eo.data.index import RasterIndex
-from dinov3_eo.data.labels import PAIRINGS, RasterLabels, VectorLabels, is_raster_labels
+from dinov3_eo.data.labels import PAIRINGS, RasterLabels, VectorLabels, is_geodataframe, is_raster_labels
 from dinov3_eo.data.loader import ThreadedTileLoader
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
 from dinov3_eo.data.raster import pixel_size_m
@@ -255,8 +255,9 @@ class DenseDataModule(_TileDataModuleBase):
     Args:
         paths: GeoTIFF files, folders or globs (the imagery).
         labels: a label raster (any CRS/resolution), a folder or glob of label rasters (one mask per image, matched
-            to the imagery by georeference or by name: :class:`~dinov3_eo.data.labels.RasterLabels`) or a vector file
-            (``.gpkg``, ``.geojson``, ``.shp``...).
+            to the imagery by georeference or by name: :class:`~dinov3_eo.data.labels.RasterLabels`), a vector file
+            (``.gpkg``, ``.geojson``, ``.shp``...) or, from Python, a ``geopandas.GeoDataFrame`` (with a CRS; the
+            hyper-parameters a checkpoint keeps then say ``"<GeoDataFrame, N rows>"``, not the frame).
         label_pairing: ``"georeference"`` (default: a tile reads every mask whose footprint meets it) or ``"name"``
             (each image reads the mask of its own file name: masks of several dates over one place, masks without
             a georeference; images without a mask are left out, with a warning).
@@ -279,7 +280,7 @@ class DenseDataModule(_TileDataModuleBase):
         self,
         *,
         paths: str | list[str],
-        labels: str,
+        labels: str | Any,
         label_pairing: str = "georeference",
         label_name_suffixes: list[str] | None = None,
         task: str = "classification",
@@ -315,7 +316,12 @@ class DenseDataModule(_TileDataModuleBase):
         world_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        if is_geodataframe(labels):
+            # a frame would travel into every checkpoint's hyper-parameters (and not load with weights_only)
+            self.save_hyperparameters(ignore=["labels"])
+            self.hparams["labels"] = f"<GeoDataFrame, {len(labels)} rows>"
+        else:
+            self.save_hyperparameters()
         self.paths, self.labels_path, self.task, self.label_attribute = paths, labels, task, label_attribute
         self.classes, self.background, self.label_nodata, self.ignore_index = classes, background, label_nodata, ignore_index
         if label_pairing not in PAIRINGS:
@@ -334,15 +340,16 @@ class DenseDataModule(_TileDataModuleBase):
         self.dataset: TileDataset | None = None
 
     def _labels(self) -> RasterLabels | VectorLabels:
-        if is_raster_labels(self.labels_path):
+        if not is_geodataframe(self.labels_path) and is_raster_labels(self.labels_path):
             return RasterLabels(path=self.labels_path, task=self.task, nodata=self.label_nodata,
                                 ignore_index=self.ignore_index, pairing=self.label_pairing,
                                 name_suffixes=self.label_name_suffixes)  # fmt: skip
         if self.label_pairing != "georeference":
             raise ValueError(f"DenseDataModule: label_pairing={self.label_pairing!r} pairs label rasters with images; "
-                             f"the vector labels {self.labels_path} are matched by georeference.")
+                             f"the vector labels {self.hparams['labels']} are matched by georeference.")
         if self.task != "classification":
-            raise ValueError(f"DenseDataModule: vector labels ({self.labels_path}) support task='classification' only.")
+            raise ValueError(f"DenseDataModule: vector labels ({self.hparams['labels']}) support task='classification' "
+                             "only.")
         return VectorLabels(
             path=self.labels_path, attribute=self.label_attribute, classes=self.classes,
             ignore_index=self.ignore_index, background=self.background,

@@ -46,6 +46,11 @@ MASK_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".png")
 #: file suffixes read as vector labels (anything else with a raster suffix is a label raster)
 VECTOR_SUFFIXES = (".gpkg", ".shp", ".geojson", ".json", ".fgb", ".parquet", ".gml", ".kml", ".sqlite")
 
+def is_geodataframe(labels: Any) -> bool:
+    """Whether ``labels`` is a ``geopandas.GeoDataFrame`` (polygons already in memory) rather than a path."""
+    return hasattr(labels, "geometry") and hasattr(labels, "to_crs")
+
+
 def is_raster_labels(labels: str | os.PathLike) -> bool:
     """Whether ``labels`` names label rasters (a raster file, a folder of them or a glob) rather than a vector file."""
     import glob
@@ -516,7 +521,7 @@ class VectorLabels:
         all_touched: bool = False,
         color_attribute: str | None = None,
     ) -> None:
-        in_memory = hasattr(path, "geometry") and hasattr(path, "to_crs")  # a GeoDataFrame
+        in_memory = is_geodataframe(path)
         self._frame = path.copy() if in_memory else None
         self.path = "the GeoDataFrame" if in_memory else os.fspath(path)
         self.attribute, self.layer = attribute, layer
