@@ -100,10 +100,7 @@ def backbone_only_work(module, crops: dict, masking: dict, *, autocast=None) -> 
 def clip_and_step(module, optimizer) -> None:  # noqa: ANN001
     """What a fit does after the backward: the per-module gradient clipping (``configure_gradient_clipping``,
     without its logging), the optimiser step and ``zero_grad``."""
-    from dinov3_eo.ssl.schedules import clip_grad_norm_per_module
-
-    for part in module.trained_parts().values():
-        clip_grad_norm_per_module(dict(part.items()), module.hparams.clip_grad)
+    module.clip_gradients_per_module()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

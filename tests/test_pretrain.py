@@ -346,12 +346,45 @@ def test_an_ssl_step_never_reads_back_from_the_device(monkeypatch: pytest.Monkey
         losses = module.compute_losses(batch, step=5)
         assert ("gram" in losses) == (stage == "gram")
         losses["total"].backward()
-        for part in module.trained_parts().values():
-            clip_grad_norm_per_module(dict(part.items()), 3.0)
+        module.clip_gradients_per_module()
         module._ema_update(0.99)
     # the crops' decisions and the iBOT masks, each in one copy that does not wait for the device
     assert len(copies.copies) == 2 and not copies.blocking
     assert untraced.ops == []  # and no tensor made from host data behind the dispatcher (a list index, say)
+
+
+def test_clipping_and_ema_walk_parameter_lists_made_once_per_fit() -> None:
+    """The step's clipping and EMA update use parameter lists made on their first use in a fit (listing the module
+    trees is host time in every step), with the values the module walk gives, and a new fit lists them again (a
+    strategy may have replaced the parameters in between)."""
+    import copy
+
+    module = DINOv3Pretrain(**MODEL_KW)
+    module.on_fit_start()
+    reference = copy.deepcopy(module)
+    for m in (module, reference):
+        for i, p in enumerate(m.student.parameters()):
+            p.grad = torch.full_like(p, 0.1 * (i % 7 + 1))
+    norms = module.clip_gradients_per_module()
+    expected = clip_grad_norm_per_module(dict(reference.student.items()), 3.0)
+    assert set(norms) == set(expected) == {"backbone", "dino_head", "ibot_head"}
+    for name in norms:
+        torch.testing.assert_close(norms[name], expected[name])
+    for p, q in zip(module.student.parameters(), reference.student.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert module.clip_gradients_per_module().keys() == norms.keys()  # from the lists made once
+    module._ema_update(0.5)
+    first = [t.clone() for t in module.teacher.parameters()]
+    old_teacher = module.teacher
+    module.teacher = copy.deepcopy(module.teacher)  # as a strategy wrapping the modules would
+    module.on_fit_start()
+    with torch.no_grad():
+        for p in module.student.parameters():
+            p.add_(1.0)
+    module._ema_update(0.5)
+    for before, now, old in zip(first, module.teacher.parameters(), old_teacher.parameters()):
+        assert not torch.equal(before, now)  # the new teacher moved
+        assert torch.equal(before, old)  # the one the first lists held did not
 
 
 def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -246,7 +246,9 @@ class DINOv3Distill(SSLStage):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         momentum = self.schedule_values(max(self.global_step - 1, 0))["momentum"]
-        ema_update_(self.students_ema.parameters(), self.students.parameters(), momentum)
+        ema, live = self.step_parameters(
+            "ema", lambda: (list(self.students_ema.parameters()), list(self.students.parameters())))
+        ema_update_(ema, live, momentum)
 
     # ------------------------------------------------------------------ the step
 

@@ -357,7 +357,9 @@ class DINOv3Pretrain(SSLStage):
         self._maybe_refresh_gram_teacher(step)
 
     def _ema_update(self, momentum: float) -> None:
-        ema_update_(self.teacher.parameters(), self.student.parameters(), momentum)
+        teacher, student = self.step_parameters(
+            "ema", lambda: (list(self.teacher.parameters()), list(self.student.parameters())))
+        ema_update_(teacher, student, momentum)
 
     @torch.no_grad()
     def _maybe_refresh_gram_teacher(self, step: int) -> None:

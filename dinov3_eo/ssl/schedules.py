@@ -9,7 +9,7 @@ every schedule holds its final value.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -247,12 +247,14 @@ def apply_optimizer_schedules(
 
 
 def clip_grad_norm_per_module(
-    modules: nn.ModuleDict | Mapping[str, nn.Module] | Iterable[tuple[str, nn.Module]], max_norm: float
+    modules: nn.ModuleDict | Mapping[str, nn.Module | Sequence[Tensor]] | Iterable[tuple[str, nn.Module]],
+    max_norm: float,
 ) -> dict[str, Tensor]:
     """Clip each sub-module's gradients separately (official: backbone, dino_head, ibot_head at 3.0; 7B 30.0).
 
     Args:
-        modules: the student ``ModuleDict``, a name → module mapping, or (name, module) pairs.
+        modules: the student ``ModuleDict``, a name → module (or → its parameters, listed once) mapping, or
+            (name, module) pairs.
         max_norm: maximum total L2 norm per module.
 
     Returns:
@@ -261,7 +263,7 @@ def clip_grad_norm_per_module(
     items = modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules
     norms = {}
     for name, module in items:
-        params = [p for p in module.parameters() if p.grad is not None]
+        params = [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.grad is not None]
         if params:
             norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
     return norms
