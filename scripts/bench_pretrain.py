@@ -25,6 +25,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -52,10 +53,11 @@ def _time(fn, repeats: int) -> float:
 
 
 def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: int = 224, local_size: int = 96,
-                   n_local: int = 8, compile: bool | str = False, **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
+                   n_local: int = 8, compile: bool | str = False, image_size: int | None = None,
+                   **module_kwargs):  # noqa: ANN201 - (module, optimizer, batch dict)
     """A seeded ``DINOv3Pretrain`` in train mode, its optimiser and one random fully valid batch, for one-step checks.
 
-    The images are ``max(256, global_size)`` px square so that every crop size fits. The batch goes through the
+    The images are ``image_size`` (default ``max(256, global_size)``) px square. The batch goes through the
     module's ``on_before_batch_transfer`` on the host before it moves to ``device``, as in a fit: being fully valid,
     it arrives with ``valid=None``, so the crops render no masks (a device-side all-True mask would make them).
     ``compile`` compiles every block and head and the two logit losses (``True``) or the losses alone
@@ -71,7 +73,7 @@ def ssl_step_setup(arch: str, batch: int, *, device: str = "cpu", global_size: i
     module._total_steps = lambda: 1000  # type: ignore[method-assign]  # schedules need a length outside a Trainer
     optimizer = module.configure_optimizers()
     module.on_fit_start()  # train/eval modes and compilation, as when a fit starts
-    side = max(256, global_size)
+    side = image_size or max(256, global_size)
     host = {"image": torch.randn(batch, 3, side, side), "valid": torch.ones(batch, side, side, dtype=torch.bool)}
     host = module.on_before_batch_transfer(host, 0)
     data = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in host.items()}
@@ -283,6 +285,65 @@ def step_overhead(arch: str, batch: int, repeats: int, *, global_size: int = 224
             "paired_median_ratio": paired_median, "paired_ratios": paired, **steady,
             "gc_collections": gc_pauses["count"], "gc_seconds": gc_pauses["seconds"],
             "warm_up_s": warm_up_s, **{f"part_{k}_s": v / breakdown_repeats for k, v in parts.items()}}
+
+
+#: what the host-time proxy changes about a backbone: its width (so that the arithmetic all but vanishes), never its
+#: depth, heads or tokens (which set how many ops a step dispatches)
+HOST_PROXY_WIDTH = {"embed_dim": 48, "num_heads": 6}
+
+
+def step_host_proxy(arch: str, *, repeats: int = 15, batch: int = 2, global_size: int = 32, local_size: int = 16,
+                    n_local: int = 8) -> dict[str, float]:
+    """The host's share of a step, measured on a CPU: the full SSL step and the backbone work with every width shrunk
+    (``HOST_PROXY_WIDTH``, 256-wide heads, 32/16-px crops of 48-px images, batch 2, one thread), so that what remains
+    of their time is
+    what a launch-bound GPU step waits on, Python and dispatch per op; the same ops in the same order as the real
+    step. Timed alternately (medians), with the full step's parts timed separately.
+
+    A stand-in, not the GPU's host time: a GPU launch costs more than a CPU dispatch, and what arithmetic is left
+    (the crops' blur, the tiny products) still runs here. It ranks changes to the host's work without a GPU.
+    """
+    from dinov3_eo.ssl.stage import make_views
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        module, optimizer, data = ssl_step_setup(
+            arch, batch, global_size=global_size, local_size=local_size, n_local=n_local, image_size=global_size + 16,
+            backbone_kwargs=HOST_PROXY_WIDTH, dino_out_dim=256, ibot_out_dim=256, dino_hidden_dim=256,
+            ibot_hidden_dim=256)  # fmt: skip
+        full_step, backbone_only = step_and_backbone_work(module, optimizer, data, global_size=global_size,
+                                                          local_size=local_size)  # fmt: skip
+        view_kwargs = _step_view_kwargs(module, global_size, local_size)
+        for _ in range(3):
+            full_step(), backbone_only()
+        times: dict[str, list[float]] = {}
+
+        def timed(name: str, fn: Callable[[], Any]) -> Any:
+            start = time.perf_counter()
+            out = fn()
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            return out
+
+        for _ in range(repeats):
+            timed("full", full_step)
+            timed("backbone", backbone_only)
+        for _ in range(repeats):
+            timed("views", lambda: make_views(data["image"], None, **view_kwargs))
+            losses = timed("forward", lambda: module.compute_losses(data, step=10))
+            timed("backward", lambda: losses["total"].backward())
+            timed("clip", module.clip_gradients_per_module)
+            timed("optimizer", lambda: (optimizer.step(), optimizer.zero_grad(set_to_none=True)))
+            timed("ema", lambda: module._ema_update(0.996))
+    finally:
+        torch.set_num_threads(threads)
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    ms["forward"] -= ms["views"]  # compute_losses makes its own views
+    print(f"[host] {arch} at {HOST_PROXY_WIDTH['embed_dim']} wide (host-time proxy, one CPU thread, {repeats} "
+          f"alternating repeats): full SSL step {ms['full']:.1f} ms | backbone-only work {ms['backbone']:.1f} ms | "
+          f"ratio {ms['full'] / ms['backbone']:.3f}x; the full step's parts: "
+          + ", ".join(f"{name} {ms[name]:.2f} ms" for name in ("views", "forward", "backward", "clip", "optimizer", "ema")))
+    return {f"{name}_ms": value for name, value in ms.items()} | {"ratio": ms["full"] / ms["backbone"]}
 
 
 @contextlib.contextmanager
@@ -614,6 +675,9 @@ def main() -> None:
                         "share falls as the backbone grows)")
     parser.add_argument("--op-counts", action="store_true",
                         help="also count the aten ops of each part of the step (a proxy for GPU kernel launches)")
+    parser.add_argument("--host-proxy", action="store_true",
+                        help="also time each --step-arch's step with every width shrunk, on one CPU thread: the host's "
+                        "work per step, which a launch-bound GPU step waits on (Python and dispatch per op)")
     parser.add_argument("--traffic", action="store_true",
                         help="also count the bytes every op of a bf16 step reads and writes (memory traffic, GPU-style)")
     parser.add_argument("--compile", action="store_true",
@@ -624,6 +688,9 @@ def main() -> None:
     parser.add_argument("--skip-learning", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.host_proxy:
+        for arch in args.step_arch:
+            step_host_proxy(arch)
     if not args.skip_step:
         for arch in args.step_arch:
             for batch in args.step_batch:
