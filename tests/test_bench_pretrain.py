@@ -45,3 +45,17 @@ def test_an_unknown_read_back_is_refused(bench) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="readback must be one of"):
         bench.step_overhead("vitmicro16", 2, 1, global_size=64, local_size=32, n_local=2, readback="later",
                             **SMALL_HEADS)
+
+
+def test_the_host_proxy_times_the_step_and_its_parts(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_pretrain
+
+    threads = torch.get_num_threads()
+    result = bench_pretrain.step_host_proxy("vitmicro16", repeats=2, n_local=2)
+    assert torch.get_num_threads() == threads  # given back
+    for part in ("full", "backbone", "views", "forward", "backward", "clip", "optimizer", "ema"):
+        assert math.isfinite(result[f"{part}_ms"]) and result[f"{part}_ms"] > 0, part
+    assert result["ratio"] == pytest.approx(result["full_ms"] / result["backbone_ms"])
+    assert "host-time proxy" in capsys.readouterr().out
+    sys.modules.pop("bench_pretrain", None)
