@@ -184,6 +184,77 @@ class TestRasterReference:
             evaluate_class_raster(map_path, tmp_path / "missing.tif")
 
 
+def write_at(path: Path, classes: np.ndarray, *, col: int = 0, names: list[str] | None = NAMES) -> Path:
+    """``write_map`` for the part of the scene that starts ``col`` pixels east of its origin."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", width=classes.shape[1], height=classes.shape[0], count=1,
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(ORIGIN[0] + 10 * col, ORIGIN[1], 10, 10),
+                       nodata=255) as dst:  # fmt: skip
+        dst.write(classes.astype(np.uint8), 1)
+        if names is not None:
+            dst.update_tags(class_names=json.dumps(names))
+    return path
+
+
+class TestSeveralMaps:
+    """A test split's maps (one per image) evaluated together: one confusion matrix, as if they were one map."""
+
+    def test_two_halves_count_as_the_whole_map(self, scene, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+        pred, truth = scene
+        reference = write_map(tmp_path / "ref.tif", truth, names=None)
+        whole = evaluate_class_raster(write_map(tmp_path / "map.tif", pred), reference)
+        left, right = write_at(tmp_path / "maps" / "a.tif", pred[:, :45]), write_at(tmp_path / "maps" / "b.tif",
+                                                                                     pred[:, 45:], col=45)
+        for preds in ([left, right], tmp_path / "maps", str(tmp_path / "maps" / "*.tif")):
+            report = evaluate_class_raster(preds, reference, out_dir=tmp_path / "eval", overwrite=True, block=16)
+            np.testing.assert_array_equal(report["confusion"], whole["confusion"])
+            assert report["area"]["overall_accuracy"] == pytest.approx(whole["area"]["overall_accuracy"])
+            for name in NAMES:  # the two maps' class areas add up to the whole map's strata
+                for key in ("map_area", "estimated_area", "estimated_area_ci"):
+                    assert report["area"]["classes"][name][key] == pytest.approx(whole["area"]["classes"][name][key])
+            assert report["prediction"] == [str(left), str(right)]
+            assert [m["pixels"] for m in report["maps"]] == [
+                int(np.asarray(evaluate_class_raster(p, reference)["confusion"]).sum()) for p in (left, right)]
+        lines = (tmp_path / "eval" / "per_map.csv").read_text().splitlines()
+        assert lines[0] == "prediction,pixels,overall_accuracy,miou" and lines[1].startswith(f"{left},")
+        assert not (tmp_path / "eval" / "agreement.png").exists()  # a picture of one map only
+        assert cli_main(["segment", "evaluate", str(left), str(right), str(reference), "--out-dir",
+                         str(tmp_path / "cli")]) == 0  # fmt: skip
+        assert "per_map.csv" in capsys.readouterr().out
+        assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["confusion"] == whole["confusion"]
+
+    def test_dates_paired_with_their_masks_by_name(self, scene, tmp_path: Path) -> None:
+        """Two dates over the same ground, each map (``<scene>_classes.tif``, as ``segment predict`` names them)
+        against its own date's mask: by name each counts against its own; by georeference both would read the
+        first mask."""
+        pred, truth = scene
+        later_truth = np.where(truth == 255, 255, (truth + 1) % 3)
+        later_pred = np.where(pred == 255, 255, (pred + 1) % 3)
+        maps = [write_at(tmp_path / "pred" / "2020" / "scene_classes.tif", pred),
+                write_at(tmp_path / "pred" / "2024" / "scene_classes.tif", later_pred)]
+        masks = [write_at(tmp_path / "masks" / "2020" / "scene.tif", truth, names=None),
+                 write_at(tmp_path / "masks" / "2024" / "scene.tif", later_truth, names=None)]
+        each = [np.asarray(evaluate_class_raster(m, r)["confusion"]) for m, r in zip(maps, masks)]
+        paired = evaluate_class_raster(maps, tmp_path / "masks", pairing="name")
+        np.testing.assert_array_equal(paired["confusion"], each[0] + each[1])
+        by_place = evaluate_class_raster(maps, tmp_path / "masks")
+        assert by_place["overall_accuracy"] < 0.5 < paired["overall_accuracy"]  # 2024 scored against 2020's mask
+        import geopandas as gpd
+        from shapely.geometry import box
+
+        gpd.GeoDataFrame({"name": ["water"]}, geometry=[box(ORIGIN[0], ORIGIN[1] - 100, ORIGIN[0] + 100, ORIGIN[1])],
+                         crs="EPSG:32633").to_file(tmp_path / "ref.gpkg")  # fmt: skip
+        with pytest.raises(ValueError, match="matched by georeference"):
+            evaluate_class_raster(maps, tmp_path / "ref.gpkg", pairing="name")
+
+    def test_maps_of_other_classes_are_refused(self, scene, tmp_path: Path) -> None:
+        pred, truth = scene
+        maps = [write_at(tmp_path / "a.tif", pred), write_at(tmp_path / "b.tif", pred, names=["x", "y", "z"])]
+        with pytest.raises(ValueError, match=r"name different classes \(\['water', 'crop', 'tree'\] in .*a.tif.*"
+                                             r"\['x', 'y', 'z'\] in .*b.tif"):
+            evaluate_class_raster(maps, write_map(tmp_path / "ref.tif", truth, names=None))
+
+
 class TestVectorReference:
     def polygons(self, path: Path, names: list[str]) -> Path:
         import geopandas as gpd

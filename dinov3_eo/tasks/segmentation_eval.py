@@ -10,7 +10,8 @@ map's own class areas as strata weights, the error-adjusted class areas with con
 
 ``dinov3-eo segment evaluate CLASSES.tif REFERENCE.(tif|gpkg) --out-dir eval/`` writes ``metrics.json``,
 ``confusion.csv``, ``confusion.png`` (row-normalised, with counts) and ``agreement.png`` (where map and reference
-agree, disagree, or cannot be compared).
+agree, disagree, or cannot be compared). Several maps (a test split's, one per image) are evaluated together, into
+one confusion matrix, against masks matched by georeference or by name, with ``per_map.csv`` instead of the picture.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from dinov3_eo.inference.writers import atomic_output, check_overwrite
 
 GDAL_CACHE_BYTES = 64 * 2**20
 #: what ``out_dir`` receives
-REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png")
+REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png", "per_map.csv")
+#: suffix ``segment predict`` gives its class maps, dropped before maps and masks are paired by name
+PREDICTED_SUFFIX = "_classes"
 
 
 def iou_f1_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,13 +210,17 @@ class _Reference:
     """Reference labels on any grid: ``labels(crs, transform, shape) -> int64 (H, W)``, -1 where there is none."""
 
     def __init__(self, path: str | os.PathLike[str], *, class_names: Sequence[str] | None, attribute: str,
-                 classes: Mapping[str, int] | None, nodata: float | None, background: int | None) -> None:  # fmt: skip
+                 classes: Mapping[str, int] | None, nodata: float | None, background: int | None,
+                 pairing: str = "georeference", name_suffixes: Sequence[str] = ()) -> None:  # fmt: skip
         from dinov3_eo.data.labels import RasterLabels, VectorLabels, is_raster_labels
 
         self.path = Path(path)
         if not is_raster_labels(path) and not self.path.exists():  # rasters: a file, a folder or glob of masks
             raise FileNotFoundError(f"Reference {str(path)!r} does not exist.")
         if self.path.suffix.lower() in VECTOR_SUFFIXES:
+            if pairing != "georeference":
+                raise ValueError(f"Pairing by {pairing} is for reference masks; the polygons {str(path)!r} are "
+                                 "matched by georeference.")
             if classes is None and class_names is not None:
                 classes = _classes_by_name(self.path, attribute, class_names)
             self._labels: Any = VectorLabels(path=self.path, attribute=attribute, classes=classes, ignore_index=-1,
@@ -221,10 +228,13 @@ class _Reference:
         else:
             if classes is not None:
                 raise ValueError("classes= maps the names of a vector reference; a raster reference holds class ids.")
-            self._labels = RasterLabels(path=self.path, nodata=nodata, ignore_index=-1)
+            self._labels = RasterLabels(path=self.path, nodata=nodata, ignore_index=-1, pairing=pairing,
+                                        name_suffixes=name_suffixes)
 
-    def labels(self, *, crs: Any, transform: Any, shape: tuple[int, int]) -> np.ndarray:
-        return self._labels.sample(crs=crs, transform=transform, shape=shape)["mask"].numpy()
+    def labels(self, *, crs: Any, transform: Any, shape: tuple[int, int],
+               path: str | os.PathLike[str] | None = None) -> np.ndarray:
+        """Labels on the grid of the map at ``path`` (which masks paired by name need)."""
+        return self._labels.sample(crs=crs, transform=transform, shape=shape, path=path)["mask"].numpy()
 
 
 def _classes_by_name(path: Path, attribute: str, class_names: Sequence[str]) -> dict[str, int] | None:
@@ -246,7 +256,7 @@ def _classes_by_name(path: Path, attribute: str, class_names: Sequence[str]) -> 
 
 
 def evaluate_class_raster(
-    pred: str | os.PathLike[str],
+    pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     reference: str | os.PathLike[str],
     *,
     out_dir: str | os.PathLike[str] | None = None,
@@ -255,24 +265,34 @@ def evaluate_class_raster(
     classes: Mapping[str, int] | None = None,
     reference_nodata: float | None = None,
     background: int | None = None,
+    pairing: str = "georeference",
+    name_suffixes: Sequence[str] = (),
     block: int = 1024,
     picture_size: int = 1024,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Confusion matrix and accuracy of the class map ``pred`` against ``reference``, on the map's grid.
+    """Confusion matrix and accuracy of the class map ``pred`` (or of several maps together) against ``reference``,
+    on each map's grid.
 
     Args:
         pred: a one-band class GeoTIFF (e.g. ``segment predict``'s): its nodata is left out; its ``class_names``
-            tag names the classes unless ``class_names`` is given.
+            tag names the classes unless ``class_names`` is given. Or several (files, folders, globs: a test
+            split's maps, one per image), counted into one confusion matrix; they must name the same classes.
         reference: a label raster (class ids, any CRS/resolution; its nodata left out), a folder or glob of them
             (one mask per image, read as one :class:`~dinov3_eo.data.labels.RasterMosaic`), or polygons (GeoPackage,
             GeoJSON, shapefile...) whose ``attribute`` holds class names (matched to the map's names, case-blind)
             or ids.
-        out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and ``agreement.png`` here;
-            existing ones only with ``overwrite`` (checked before any work).
+        out_dir: also write ``metrics.json``, ``confusion.csv``, ``confusion.png`` and, for one map,
+            ``agreement.png`` (for several, ``per_map.csv``: each map's pixels, accuracy and mIoU); existing ones
+            only with ``overwrite`` (checked before any work).
         classes: name -> class id for a vector reference whose names differ from the map's.
         reference_nodata: nodata of a raster reference overriding the file's.
         background: class id of pixels no polygon covers (default: unlabelled, left out).
+        pairing: ``"georeference"`` (default) or ``"name"``: each map reads the mask of its own name
+            (:class:`~dinov3_eo.data.labels.NamePairing`; ``scene_classes.tif`` takes ``scene.tif``, ``_classes``
+            being dropped with ``name_suffixes``), for masks of several dates over one place or without a
+            georeference.
+        name_suffixes: more suffixes dropped from map and mask stems before they are compared (``["_label"]``).
         block: side of the blocks the map is read in (memory is flat in the map's size).
         picture_size: longer side of ``agreement.png`` in pixels.
 
@@ -280,65 +300,120 @@ def evaluate_class_raster(
         :func:`accuracy_report` (the labelled pixels counted as they are) plus ``"area"`` (:func:`area_estimates`:
         error-adjusted class areas in hectares, or pixels on a grid in degrees, and area-weighted accuracies with 95 %
         intervals, the labelled pixels taken as a random sample within each map class), ``"confusion"`` (a list of
-        rows), ``"prediction"`` and ``"reference"``.
+        rows), ``"prediction"`` (a path, or the list of them) and ``"reference"``; for several maps also ``"maps"``
+        (each map's ``prediction``, ``pixels``, ``overall_accuracy``, ``miou``).
 
     Raises:
         FileNotFoundError: a file is missing. FileExistsError: a report file exists and ``overwrite`` is false.
-        ValueError: the map is not a georeferenced one-band class raster,
-        the classes cannot be named, the reference holds a class id the map does not have, or nothing overlaps.
+        ValueError: a map is not a georeferenced one-band class raster, the classes cannot be named or differ between
+        maps, the reference holds a class id the map does not have, or nothing overlaps.
     """
+    from dinov3_eo.data.index import expand_sources
+
+    preds = expand_sources(pred) if not isinstance(pred, (str, os.PathLike)) or not Path(pred).is_file() else [pred]
+    several = len(preds) > 1
     if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
         for name in REPORT_FILES:
-            check_overwrite(Path(out_dir) / name, overwrite, inputs=[pred, reference])
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=[*preds, reference])
+    suffixes = [PREDICTED_SUFFIX, *name_suffixes] if pairing == "name" else list(name_suffixes)
+    ref = None
+    given, confusion, map_area = class_names, None, None
+    maps: list[dict[str, Any]] = []
+    units: set[str] = set()
     # every block is read once: GDAL's default block cache (5 % of RAM) would only fill up with blocks never reused
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(pred) as src:
-        require_georeferenced(src)
-        if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
-            raise ValueError(f"{str(pred)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
-                             f"{src.dtypes[0]}.")  # fmt: skip
-        if class_names is None:
-            class_names = tagged_class_names(src)
-        if class_names is None:
-            raise ValueError(f"{str(pred)!r} does not name its classes (no 'class_names' tag); pass class_names= "
-                             f"(--class-names on the command line).")  # fmt: skip
-        k = len(class_names)
-        ref = _Reference(reference, class_names=class_names, attribute=attribute, classes=classes,
-                         nodata=reference_nodata, background=background)  # fmt: skip
-        confusion = np.zeros((k, k), dtype=np.int64)
-        map_pixels = np.zeros(k, dtype=np.int64)  # of the whole map: the strata weights of the area estimates
-        nodata = src.nodata
-        for row in range(0, src.height, block):
-            for col in range(0, src.width, block):
-                window = Window(col, row, min(block, src.width - col), min(block, src.height - row))
-                mapped = src.read(1, window=window).astype(np.int64)
-                if nodata is not None:
-                    mapped[mapped == int(nodata)] = -1
-                truth = ref.labels(crs=src.crs, transform=src.window_transform(window), shape=mapped.shape)
-                _check_reference_ids(truth, k, reference)
-                confusion += confusion_matrix(mapped, truth, k)
-                classed = mapped[(mapped >= 0) & (mapped < k)]
-                map_pixels += np.bincount(classed, minlength=k)[:k]
-        if confusion.sum() == 0:
-            raise ValueError(f"No pixel of {str(pred)!r} has both a class and a reference label in "
-                             f"{str(reference)!r}: do they overlap, and is the reference's nodata right?")  # fmt: skip
-        report = accuracy_report(confusion, class_names)
-        hectares = pixel_area_ha(src.crs, src.transform)
-        report["area"] = area_estimates(confusion, map_pixels, pixel_area=hectares or 1.0, class_names=class_names)
-        report["area"]["unit"] = "ha" if hectares is not None else "pixels"
-        report.update(confusion=confusion.tolist(), prediction=str(pred), reference=str(reference))
-        if out_dir is not None:
-            folder = Path(out_dir)
-            folder.mkdir(parents=True, exist_ok=True)
-            _write_report(folder, report, confusion, list(class_names))
-            scale = min(1.0, picture_size / max(src.height, src.width))
-            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-            mapped = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES):
+        for path in preds:
+            with rasterio.open(path) as src:
+                names = _map_classes(src, path, given)
+                if ref is None:
+                    class_names, k = names, len(names)
+                    ref = _Reference(reference, class_names=class_names, attribute=attribute, classes=classes,
+                                     nodata=reference_nodata, background=background, pairing=pairing,
+                                     name_suffixes=suffixes)  # fmt: skip
+                    confusion, map_area = np.zeros((k, k), dtype=np.int64), np.zeros(k, dtype=np.float64)
+                elif list(names) != list(class_names):
+                    raise ValueError(f"The class maps name different classes ({list(class_names)} in {str(preds[0])!r}, "
+                                     f"{list(names)} in {str(path)!r}); evaluate maps of the same classes together.")
+                counts, map_pixels = _map_confusion(src, path, ref, k, reference, block)
+                hectares = pixel_area_ha(src.crs, src.transform)
+                units.add("ha" if hectares is not None else "pixels")
+                # each map's class areas, its strata weights, in hectares (maps on different grids add up)
+                map_area += map_pixels * (hectares or 1.0)
+                confusion += counts
+                maps.append({"prediction": str(path), "pixels": int(counts.sum()),
+                             **{key: accuracy_report(counts)[key] for key in ("overall_accuracy", "miou")}})
+    if confusion.sum() == 0:
+        raise ValueError(f"No pixel of {', '.join(repr(str(p)) for p in preds[:3])} has both a class and a reference "
+                         f"label in {str(reference)!r}: do they overlap, and is the reference's nodata right?")
+    if len(units) > 1:
+        raise ValueError("The class maps mix grids in metres and in degrees: their class areas cannot be added up; "
+                         "evaluate them separately.")
+    report = accuracy_report(confusion, class_names)
+    report["area"] = area_estimates(confusion, map_area, pixel_area=1.0, class_names=class_names)
+    report["area"]["unit"] = units.pop()
+    report.update(confusion=confusion.tolist(), prediction=[str(p) for p in preds] if several else str(preds[0]),
+                  reference=str(reference))
+    if several:
+        report["maps"] = maps
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_report(folder, report, confusion, list(class_names))
+        if not several:
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(preds[0]) as src:
+                _agreement_of(src, preds[0], ref, folder / "agreement.png", picture_size)
+        else:
+            rows = ["prediction,pixels,overall_accuracy,miou"]
+            rows += [f"{m['prediction']},{m['pixels']},{m['overall_accuracy']:.6f},{m['miou']:.6f}" for m in maps]
+            with atomic_output(folder / "per_map.csv", overwrite=True) as tmp:
+                tmp.write_text("\n".join(rows) + "\n")
+    return report
+
+
+def _map_classes(src: Any, path: Any, class_names: Sequence[str] | None) -> list[str]:
+    """The class names of the class map ``src`` (``class_names`` where given), after checking it is one."""
+    require_georeferenced(src)
+    if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
+        raise ValueError(f"{str(path)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
+                         f"{src.dtypes[0]}.")  # fmt: skip
+    names = list(class_names) if class_names is not None else tagged_class_names(src)
+    if names is None:
+        raise ValueError(f"{str(path)!r} does not name its classes (no 'class_names' tag); pass class_names= "
+                         f"(--class-names on the command line).")  # fmt: skip
+    return names
+
+
+def _map_confusion(src: Any, path: Any, ref: _Reference, k: int, reference: Any,
+                   block: int) -> tuple[np.ndarray, np.ndarray]:
+    """The confusion matrix ``[K, K]`` of one map against the reference and its class pixel counts ``[K]``, read in
+    ``block``-px blocks."""
+    confusion = np.zeros((k, k), dtype=np.int64)
+    map_pixels = np.zeros(k, dtype=np.int64)  # of the whole map: the strata weights of the area estimates
+    nodata = src.nodata
+    for row in range(0, src.height, block):
+        for col in range(0, src.width, block):
+            window = Window(col, row, min(block, src.width - col), min(block, src.height - row))
+            mapped = src.read(1, window=window).astype(np.int64)
             if nodata is not None:
                 mapped[mapped == int(nodata)] = -1
-            transform = src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0])
-            truth = ref.labels(crs=src.crs, transform=transform, shape=shape)
-            agreement_plot(folder / "agreement.png", mapped, truth, title=Path(pred).name)
-    return report
+            truth = ref.labels(crs=src.crs, transform=src.window_transform(window), shape=mapped.shape, path=path)
+            _check_reference_ids(truth, k, reference)
+            confusion += confusion_matrix(mapped, truth, k)
+            classed = mapped[(mapped >= 0) & (mapped < k)]
+            map_pixels += np.bincount(classed, minlength=k)[:k]
+    return confusion, map_pixels
+
+
+def _agreement_of(src: Any, path: Any, ref: _Reference, dst: Path, picture_size: int) -> None:
+    """``agreement.png`` of one map: the map read at most ``picture_size`` px a side, the reference on that grid."""
+    scale = min(1.0, picture_size / max(src.height, src.width))
+    shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+    mapped = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
+    if src.nodata is not None:
+        mapped[mapped == int(src.nodata)] = -1
+    transform = src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0])
+    truth = ref.labels(crs=src.crs, transform=transform, shape=shape, path=path)
+    agreement_plot(dst, mapped, truth, title=Path(path).name)
 
 
 def _check_reference_ids(truth: np.ndarray, k: int, reference: Any) -> None:
@@ -431,17 +506,19 @@ def agreement_plot(
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo segment evaluate CLASSES.tif REFERENCE [--out-dir eval/]``; returns the exit code."""
+    """``dinov3-eo segment evaluate CLASSES.tif [MORE.tif ...] REFERENCE [--out-dir eval/]``; returns the exit code."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
 
     prog = "dinov3-eo segment evaluate"
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Accuracy of a class map against reference labels (a raster of class ids or a folder of such "
-        "masks, or polygons), on the "
+        description="Accuracy of a class map (or of several together, e.g. a test split's) against reference labels "
+        "(a raster of class ids or a folder of such masks, or polygons), on the "
         "map's grid: overall accuracy, kappa, per-class IoU/F1/precision/recall, confusion matrix.",
     )
-    parser.add_argument("prediction", help="class map GeoTIFF (e.g. OUT_DIR/<scene>_classes.tif from 'segment predict')")
+    parser.add_argument("prediction", nargs="+",
+                        help="class map GeoTIFF (e.g. OUT_DIR/<scene>_classes.tif from 'segment predict'), or several "
+                        "(files, folders, quoted globs), evaluated together")  # fmt: skip
     parser.add_argument("reference", help="reference labels: a GeoTIFF of class ids (or a folder or quoted glob of "
                         "them, one mask per image), or a vector file (.gpkg, .geojson, .shp ...), any CRS")  # fmt: skip
     parser.add_argument("--out-dir", help="write metrics.json, confusion.csv, confusion.png and agreement.png here")
@@ -454,18 +531,27 @@ def evaluate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--reference-nodata", type=float, default=None, help="nodata of a raster reference")
     parser.add_argument("--background", type=int, default=None,
                         help="class id of pixels no polygon covers (default: unlabelled, left out)")
+    parser.add_argument("--pairing", choices=("georeference", "name"), default="georeference",
+                        help="how maps meet reference masks: by footprint (default), or each map with the mask of "
+                        "its own name (<scene>_classes.tif with <scene>.tif; masks of several dates over one place, or "
+                        "without a georeference)")  # fmt: skip
+    parser.add_argument("--name-suffixes", nargs="+", default=[],
+                        help="with --pairing name, more suffixes dropped from map and mask names before they are "
+                        "compared (e.g. _label)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = parser.parse_args(list(argv))
     try:
         report = evaluate_class_raster(
-            args.prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
-            attribute=args.attribute, classes=args.classes, reference_nodata=args.reference_nodata,
-            background=args.background, overwrite=args.overwrite,
+            args.prediction[0] if len(args.prediction) == 1 else args.prediction, args.reference,
+            out_dir=args.out_dir, class_names=args.class_names, attribute=args.attribute, classes=args.classes,
+            reference_nodata=args.reference_nodata, background=args.background, pairing=args.pairing,
+            name_suffixes=args.name_suffixes, overwrite=args.overwrite,
         )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(report_table(report))
     if args.out_dir:
-        print(f"wrote {Path(args.out_dir) / 'metrics.json'}, confusion.csv, confusion.png, agreement.png")
+        picture = "per_map.csv" if "maps" in report else "agreement.png"
+        print(f"wrote {Path(args.out_dir) / 'metrics.json'}, confusion.csv, confusion.png, {picture}")
     return 0
