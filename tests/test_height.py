@@ -452,6 +452,52 @@ class TestRasterPrediction:
             evaluate_height_raster(tmp_path / "pred.tif", tmp_path / "bare.tif", out_dir=tmp_path / "eval2")
         assert not (tmp_path / "eval2").exists()
 
+    def test_evaluate_reads_blocks_and_reference_tiles(self, tmp_path: Path) -> None:
+        """The metrics do not depend on the block size, and a reference CHM cut into tiles (a folder or glob, as
+        LiDAR CHMs ship) counts as the whole CHM; the scatter's sample is uniform over every block."""
+        from dinov3_eo.tasks.height import _PairSample
+
+        with rasterio.open(NEON / "TEAK_052.tif") as img:
+            profile = dict(driver="GTiff", width=img.width, height=img.height, count=1, dtype="float32", crs=img.crs,
+                           transform=img.transform, nodata=float("nan"))  # fmt: skip
+        chm = np.maximum(_chm("TEAK_052"), 0)
+        noisy = np.kron(chm, np.ones((10, 10), np.float32)) + np.random.default_rng(0).normal(0, 2, (400, 400))
+        with rasterio.open(tmp_path / "pred.tif", "w", **profile) as dst:
+            dst.write(noisy.astype(np.float32)[None])
+        reference = NEON / "TEAK_052_CHM.tif"
+        whole = evaluate_height_raster(tmp_path / "pred.tif", reference)
+        assert whole["all"]["n"] == 1600 and whole["all"]["mae"] > 0.05
+        blocks = evaluate_height_raster(tmp_path / "pred.tif", reference, block=7)  # 6 x 6 blocks, ragged edges
+        (tmp_path / "tiles").mkdir()
+        with rasterio.open(reference) as ref:
+            for name, (r0, c0) in {"a": (0, 0), "b": (0, 17), "c": (23, 0), "d": (23, 17)}.items():
+                window = rasterio.windows.Window(c0, r0, (17 if c0 == 0 else ref.width - 17),
+                                                 (23 if r0 == 0 else ref.height - 23))
+                with rasterio.open(tmp_path / "tiles" / f"{name}.tif", "w", **(ref.profile | {
+                        "width": window.width, "height": window.height,
+                        "transform": rasterio.windows.transform(window, ref.transform)})) as dst:  # fmt: skip
+                    dst.write(ref.read(window=window))
+        out = tmp_path / "eval"
+        for tiles in (tmp_path / "tiles", str(tmp_path / "tiles" / "*.tif")):
+            tiled = evaluate_height_raster(tmp_path / "pred.tif", tiles, out_dir=out, overwrite=True)
+            for result in (blocks, tiled):
+                for group in whole:
+                    for key, value in whole[group].items():
+                        assert result[group][key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), (group, key)
+        assert len(json.loads((out / "metrics.json").read_text())["reference"]) == 4
+        assert (out / "error_map.png").stat().st_size > 1000  # one panel per tile
+
+        sample = _PairSample(100, seed=0)
+        values = np.arange(1000, dtype=np.float32).reshape(10, 100)
+        for row in values:
+            sample.add(row, row)  # ten blocks of 100 pairs
+        picked, again = sample.pairs()
+        assert len(picked) == 100 and len(set(picked.tolist())) == 100 and np.array_equal(picked, again)
+        assert 300 < picked.mean() < 700  # drawn from every block, not the first ones
+        small = _PairSample(100, seed=0)
+        small.add(np.array([1.0, np.nan, 3.0]), np.array([1.0, 2.0, 3.0]))
+        assert sorted(small.pairs()[0].tolist()) == [1.0, 3.0]
+
 
 def _sat():
     from dinov3_eo.data.normalization import Normalization

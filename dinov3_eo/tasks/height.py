@@ -28,6 +28,9 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.enums import Resampling
+from rasterio.transform import Affine
+from rasterio.windows import Window
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -543,48 +546,115 @@ def _predict_on(
 
 
 def evaluate_height_raster(
-    pred: str | os.PathLike[str],
-    reference: str | os.PathLike[str],
+    pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    reference: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     *,
     out_dir: str | os.PathLike[str] | None = None,
     resampling: str = "average",
     reference_nodata: float | None = None,
     overwrite: bool = False,
+    block: int = 1024,
+    picture_size: int = 1024,
+    max_points: int = 50_000,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
-    """Metrics of a predicted height raster against a reference CHM, on the *reference* grid.
+    """Metrics of predicted heights against a reference CHM, on the *reference* grid, block by block.
 
-    The prediction is resampled onto the reference grid (``average`` by default: a finer prediction is
-    aggregated into each reference cell, nodata-aware). With ``out_dir``, ``metrics.json``, ``scatter.png`` and
-    ``error_map.png`` are written there; existing ones only with ``overwrite`` (checked before any work).
+    The reference may be one CHM or many tiles (files, folders, globs: LiDAR CHMs ship as 1 km tiles), each read in
+    ``block``-px blocks, and the prediction (one raster or several, read as one mosaic) is resampled onto each block's
+    grid (``average`` by default: a finer prediction is aggregated into each reference cell, nodata-aware), so
+    memory holds one block whatever the rasters' size. Tiles are expected not to overlap (a pixel two tiles cover
+    would count twice). With ``out_dir``, ``metrics.json``, ``scatter.png`` (a uniform sample of ``max_points``
+    pairs over all blocks) and ``error_map.png`` (each reference tile, up to 8, at most ``picture_size`` px a side)
+    are written there; existing ones only with ``overwrite`` (checked before any work).
 
     Raises:
         FileExistsError: a report file exists in ``out_dir`` and ``overwrite`` is false.
+        FileNotFoundError: a source matches no raster. ValueError: a reference tile without a georeference (named).
     """
+    from dinov3_eo.data.index import expand_sources
     from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.height_data import HeightLabels
 
+    references = expand_sources(reference)
     if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
         for name in ("metrics.json", "scatter.png", "error_map.png"):
-            check_overwrite(Path(out_dir) / name, overwrite, inputs=[pred, reference])
-
-    with rasterio.open(reference) as ref:
-        require_georeferenced(ref)  # the prediction is resampled onto its grid
-        target = ref.read(1).astype(np.float32)
-        nodata = ref.nodata if reference_nodata is None else reference_nodata
-        if nodata is not None:
-            target[target == nodata] = np.nan
-        crs, transform, shape = ref.crs, ref.transform, (ref.height, ref.width)
-    predicted = HeightLabels(paths=pred, resampling=resampling, clip_negative=False).read(crs=crs, transform=transform, shape=shape)
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=[*expand_sources(pred), *references])
+    for path in references:  # every tile placed before any work
+        with rasterio.open(path) as ref:
+            require_georeferenced(ref)
+    predicted = HeightLabels(paths=pred, resampling=resampling, clip_negative=False)
     metrics = HeightMetrics()
-    metrics.update(predicted, target)
+    sample = _PairSample(max_points, seed)
+    panels, titles = [], []
+    # every reference block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never
+    # reused
+    for path in references:
+        with rasterio.Env(GDAL_CACHEMAX=64 * 2**20), rasterio.open(path) as ref:
+            nodata = ref.nodata if reference_nodata is None else reference_nodata
+            for row in range(0, ref.height, block):
+                for col in range(0, ref.width, block):
+                    window = Window(col, row, min(block, ref.width - col), min(block, ref.height - row))
+                    target = _heights(ref.read(1, window=window), nodata)
+                    heights = predicted.read(crs=ref.crs, transform=ref.window_transform(window), shape=target.shape)
+                    metrics.update(heights, target)
+                    sample.add(heights, target)
+            if out_dir is not None and len(panels) < 8:
+                scale = min(1.0, picture_size / max(ref.height, ref.width))
+                shape = (max(1, round(ref.height * scale)), max(1, round(ref.width * scale)))
+                target = _heights(ref.read(1, out_shape=shape, resampling=Resampling.nearest), nodata)
+                transform = ref.transform @ Affine.scale(ref.width / shape[1], ref.height / shape[0])
+                panels.append((predicted.read(crs=ref.crs, transform=transform, shape=shape), target))
+                titles.append(Path(path).name)
+    predicted.close()
     result = metrics.compute()
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "metrics.json", {"prediction": str(pred), "reference": str(reference), "metrics": result})
-        scatter_plot(folder / "scatter.png", predicted, target, title=Path(pred).name)
-        error_map(folder / "error_map.png", predicted, target, titles=[Path(pred).name])
+        names = [str(p) for p in expand_sources(pred)]
+        _write_json(folder / "metrics.json", {"prediction": names[0] if len(names) == 1 else names,
+                                              "reference": str(references[0]) if len(references) == 1 else references,
+                                              "metrics": result})  # fmt: skip
+        sampled_pred, sampled_target = sample.pairs()
+        scatter_plot(folder / "scatter.png", sampled_pred, sampled_target, title=Path(names[0]).name)
+        height, width = max(p.shape[0] for p, _ in panels), max(p.shape[1] for p, _ in panels)
+        padded = np.full((2, len(panels), height, width), np.nan, dtype=np.float32)
+        for i, (p, t) in enumerate(panels):  # tiles of other sizes share one figure, padded with nodata
+            padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
+        error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
     return result
+
+
+def _heights(values: np.ndarray, nodata: float | None) -> np.ndarray:
+    """Reference heights float32, NaN at ``nodata`` and at any non-finite value."""
+    out = values.astype(np.float32)
+    if nodata is not None:
+        out[out == np.float32(nodata)] = np.nan
+    out[~np.isfinite(out)] = np.nan
+    return out
+
+
+class _PairSample:
+    """A uniform random sample, without replacement, of at most ``size`` (predicted, reference) pairs from pairs that
+    arrive block by block: each pair draws a random key and the ``size`` smallest keys stay."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.keys = np.empty(0)
+        self.values = np.empty((0, 2), dtype=np.float32)
+
+    def add(self, pred: np.ndarray, target: np.ndarray) -> None:
+        p, t = pred.ravel(), target.ravel()
+        keep = np.isfinite(p) & np.isfinite(t)
+        keys = np.concatenate([self.keys, self.rng.random(int(keep.sum()))])
+        values = np.concatenate([self.values, np.stack([p[keep], t[keep]], axis=1)])
+        if len(keys) > self.size:
+            order = np.argpartition(keys, self.size)[: self.size]
+            keys, values = keys[order], values[order]
+        self.keys, self.values = keys, values
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.values[:, 0], self.values[:, 1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -647,14 +717,17 @@ def _evaluate_main(argv: Sequence[str]) -> int:
         description="MAE, RMSE, R² and bias (overall and per height bin) of a height raster against a reference CHM.",
     )
     p.add_argument("prediction", help="predicted height GeoTIFF (metres)")
-    p.add_argument("reference", help="reference CHM GeoTIFF (metres), any CRS/resolution")
+    p.add_argument("reference", nargs="+",
+                   help="reference CHM GeoTIFF (metres), any CRS/resolution, or its tiles (files, folders, quoted "
+                   "globs), read block by block")  # fmt: skip
     p.add_argument("--out-dir", help="write metrics.json, scatter.png and error_map.png here")
     p.add_argument("--resampling", default="average", choices=["average", "bilinear", "nearest"])
     p.add_argument("--reference-nodata", type=float, help="nodata of the reference overriding the file's")
     p.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = p.parse_args(list(argv))
     result = evaluate_height_raster(
-        args.prediction, args.reference, out_dir=args.out_dir, resampling=args.resampling,
+        args.prediction, args.reference[0] if len(args.reference) == 1 else args.reference, out_dir=args.out_dir,
+        resampling=args.resampling,
         reference_nodata=args.reference_nodata, overwrite=args.overwrite,
     )  # fmt: skip
     from dinov3_eo.tasks.height_metrics import metrics_table
