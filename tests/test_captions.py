@@ -205,6 +205,32 @@ class TestLabelsAsCaptions:
             assert all(n in caption for n in named)
         assert batch["image"].max() > 255  # raw DN: the task normalises with the backbone's statistics
 
+    def test_datamodule_names_a_label_rasters_classes_from_its_tag(self, tmp_path: Path) -> None:
+        """A label raster that carries a ``class_names`` tag (as class maps from this package and many land-cover
+        products do) needs no ``class_names=``; one without names the classes it lacks."""
+        import geopandas as gpd
+        from rasterio.features import rasterize
+
+        names = ["water", "crop_land", "tree", "developed"]
+        with rasterio.open(SAMPLE) as src:
+            frame = gpd.read_file(POLYGONS).to_crs(src.crs)
+            ids = rasterize([(g, ["water", "crop", "tree", "developed"].index(n)) for g, n in
+                             zip(frame.geometry, frame["name"])], out_shape=src.shape, transform=src.transform,
+                            fill=255, dtype="uint8")  # fmt: skip
+            profile = {"driver": "GTiff", "width": src.width, "height": src.height, "count": 1, "dtype": "uint8",
+                       "crs": src.crs, "transform": src.transform, "nodata": 255}  # fmt: skip
+        for name, tag in (("tagged.tif", json.dumps(names)), ("bare.tif", None)):
+            with rasterio.open(tmp_path / name, "w", **profile) as dst:
+                dst.write(ids, 1)
+                if tag:
+                    dst.update_tags(class_names=tag)
+        common = {"paths": str(SAMPLE), "nodata": 0, "size": 32, "batch_size": 4, "min_fraction": 0.05}
+        dm = TextDataModule(labels=str(tmp_path / "tagged.tif"), **common)
+        dm.setup("fit")
+        assert dm.class_names == ["water", "crop land", "tree", "developed"]  # in words, as captions read them
+        with pytest.raises(ValueError, match=r"bare.tif names no classes \(no class_names tag\): give class_names="):
+            TextDataModule(labels=str(tmp_path / "bare.tif"), **common).setup("fit")
+
     def test_label_dataset_requires_masks(self) -> None:
         ds = LabelCaptionDataset(dataset=[{"image": torch.zeros(3, 4, 4)}], class_names=["a"])
         with pytest.raises(KeyError, match="has no 'mask'"):

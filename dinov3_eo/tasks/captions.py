@@ -649,9 +649,11 @@ class TextDataModule(pl.LightningDataModule):
     Args:
         captions, class_folders, paths, labels: the source (exactly one of the three kinds).
         templates: prompt templates for label sources (``None``: built-in set; list; or a file).
-        class_names: label sources: class id -> words. For vector labels the default is the class values
-            in id order; for a raster it is required.
+        class_names: label sources: class id -> words. The default: for vector labels the class values in id
+            order, for label rasters their ``class_names`` tag (required where they have none).
         label_attribute, classes, background: vector-label settings (see ``DenseDataModule``).
+        label_pairing, label_name_suffixes: how label rasters meet the imagery, by georeference or by name (see
+            ``DenseDataModule``).
         ignore_index: id of unlabelled pixels.
         min_fraction, max_classes: which classes a label caption names (see :func:`caption_from_mask`).
         test_fraction: class folders: held-out share per class.
@@ -665,7 +667,7 @@ class TextDataModule(pl.LightningDataModule):
         cache_dir: raster index cache (labels source).
 
     Raises:
-        ValueError: if not exactly one source is given, or a raster label source lacks ``class_names``.
+        ValueError: if not exactly one source is given, or label rasters neither tag nor are given ``class_names``.
     """
 
     def __init__(
@@ -680,6 +682,8 @@ class TextDataModule(pl.LightningDataModule):
         label_attribute: str = "name",
         classes: dict[str, int] | None = None,
         background: int | None = None,
+        label_pairing: str = "georeference",
+        label_name_suffixes: list[str] | None = None,
         ignore_index: int = 255,
         min_fraction: float = 0.1,
         max_classes: int = 3,
@@ -707,6 +711,7 @@ class TextDataModule(pl.LightningDataModule):
         self.templates = load_templates(templates)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_attribute, self.classes, self.background = label_attribute, classes, background
+        self.label_pairing, self.label_name_suffixes = label_pairing, label_name_suffixes
         self.ignore_index, self.min_fraction, self.max_classes = ignore_index, min_fraction, max_classes
         self.test_fraction, self.bands, self.nodata, self.size = test_fraction, bands, nodata, size
         self.normalization_mode, self.stats, self.preset_range = normalization, stats, tuple(preset_range)
@@ -744,7 +749,8 @@ class TextDataModule(pl.LightningDataModule):
 
         dense = DenseDataModule(
             paths=self.paths, labels=self.labels_path, label_attribute=self.label_attribute, classes=self.classes,
-            background=self.background, ignore_index=self.ignore_index, bands=self.bands, nodata=self.nodata,
+            background=self.background, label_pairing=self.label_pairing, label_name_suffixes=self.label_name_suffixes,
+            ignore_index=self.ignore_index, bands=self.bands, nodata=self.nodata,
             normalization="none", tile_size=self.size, batch_size=self.batch_size, seed=self.seed, cache_dir=self.cache_dir,
             max_nodata_fraction=0.5,
         )  # fmt: skip
@@ -758,10 +764,15 @@ class TextDataModule(pl.LightningDataModule):
             )  # fmt: skip
         source = dense.label_source
         if self.class_names is None:
-            if not isinstance(source, VectorLabels):
-                raise ValueError(f"TextDataModule: label raster {self.labels_path} needs class_names= (id -> words).")
-            by_id = {v: k for k, v in source.classes.items()}
+            if isinstance(source, VectorLabels):
+                by_id = {v: k for k, v in source.classes.items()}
+            elif source.class_names:  # the label raster's own class_names tag
+                by_id = source.class_names
+            else:
+                raise ValueError(f"TextDataModule: label raster {self.labels_path} names no classes (no class_names "
+                                 "tag): give class_names= (id -> words).")
             self.class_names = [humanize_class_name(by_id.get(i, "")) for i in range(max(by_id) + 1)]
+            log.info("Class names from the labels: %s.", ", ".join(self.class_names))
         captioned = LabelCaptionDataset(
             dataset=dense.dataset, class_names=self.class_names, templates=self.templates, min_fraction=self.min_fraction,
             max_classes=self.max_classes, ignore_index=self.ignore_index, seed=self.seed,
