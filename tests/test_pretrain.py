@@ -387,6 +387,20 @@ def test_clipping_and_ema_walk_parameter_lists_made_once_per_fit() -> None:
         assert torch.equal(before, old)  # the one the first lists held did not
 
 
+def test_clipping_knows_a_sharding_strategy() -> None:
+    """Under Lightning's FSDPStrategy the clipping sums the shards' norms over the processes
+    (tests/test_clip_distributed.py); under DDP, or outside a fit, every process holds whole gradients."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    module = DINOv3Pretrain(**MODEL_KW)
+    assert module._gradients_sharded() is False
+    for strategy, sharded in ((FSDPStrategy(), True), (DDPStrategy(), False)):
+        module._trainer = SimpleNamespace(strategy=strategy)
+        assert module._gradients_sharded() is sharded
+
+
 def test_a_training_step_logs_host_values_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """Everything a step logs is a CPU tensor read in the guard's one device-to-host copy: Lightning reads a logged
     progress-bar tensor back at every batch end (every logged tensor at a logger flush) and copies logged Python

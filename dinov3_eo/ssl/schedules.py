@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from dinov3_eo.ssl.distributed import all_reduce_sum, is_dist
+
 
 def cosine_schedule(
     step: int,
@@ -249,6 +251,8 @@ def apply_optimizer_schedules(
 def clip_grad_norm_per_module(
     modules: nn.ModuleDict | Mapping[str, nn.Module | Sequence[Tensor]] | Iterable[tuple[str, nn.Module]],
     max_norm: float,
+    *,
+    sharded: bool = False,
 ) -> dict[str, Tensor]:
     """Clip each sub-module's gradients separately (official: backbone, dino_head, ibot_head at 3.0; 7B 30.0).
 
@@ -256,14 +260,26 @@ def clip_grad_norm_per_module(
         modules: the student ``ModuleDict``, a name → module (or → its parameters, listed once) mapping, or
             (name, module) pairs.
         max_norm: maximum total L2 norm per module.
+        sharded: each process holds a disjoint shard of every gradient (FSDP with ``use_orig_params``, Lightning's
+            ``FSDPStrategy``): the norms are then of the whole gradients, the shards' squared norms summed over the
+            processes in one all-reduce (every process must pass the same module names), so every shard is scaled
+            by the same factor. A local norm would clip each shard by its own.
 
     Returns:
         name → total gradient norm before clipping (for logging).
     """
-    items = modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules
-    norms = {}
-    for name, module in items:
-        params = [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.grad is not None]
+    items = list(modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules)
+    grads = {name: [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.grad is not None]
+             for name, module in items}  # fmt: skip
+    if not sharded or not is_dist():
+        return {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in grads.items() if params}
+    device = next((p.grad.device for params in grads.values() for p in params), torch.device("cpu"))
+    # a process may hold no shard of a module: it still adds its zero to the sum
+    local = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in params]).to(device, torch.float32) ** 2
+                         if params else torch.zeros((), device=device) for params in grads.values()])  # fmt: skip
+    totals = all_reduce_sum(local).sqrt()
+    norms = dict(zip(grads, totals.unbind()))
+    for name, params in grads.items():
         if params:
-            norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[name])
     return norms

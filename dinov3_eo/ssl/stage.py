@@ -327,17 +327,26 @@ class SSLStage(TrainModesAtFitStart):
 
     def clip_gradients_per_module(self) -> dict[str, Tensor]:
         """Clip each trained part's modules separately (``clip_grad``; none when it is 0 or less) and return
-        ``"<part prefix><module>"`` → gradient norm before clipping."""
+        ``"<part prefix><module>"`` → gradient norm before clipping. Under Lightning's ``FSDPStrategy`` each process
+        holds a shard of every gradient, so the norms are summed over the processes (one all-reduce) before any
+        shard is scaled."""
         if not self.hparams.clip_grad or self.hparams.clip_grad <= 0:
             return {}
         parts = self.step_parameters("clip", lambda: {
             prefix: {name: list(module.parameters()) for name, module in part.items()}
             for prefix, part in self.trained_parts().items()})  # fmt: skip
+        sharded = self.step_parameters("clip_sharded", self._gradients_sharded)
         norms = {}
         for prefix, modules in parts.items():
-            norms |= {f"{prefix}{name}": norm
-                      for name, norm in clip_grad_norm_per_module(modules, self.hparams.clip_grad).items()}
+            clipped = clip_grad_norm_per_module(modules, self.hparams.clip_grad, sharded=sharded)
+            norms |= {f"{prefix}{name}": norm for name, norm in clipped.items()}
         return norms
+
+    def _gradients_sharded(self) -> bool:
+        """Whether the fit's strategy shards the gradients (FSDP): then no process holds a whole gradient."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Any = None) -> None:
