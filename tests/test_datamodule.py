@@ -15,7 +15,7 @@ from PIL import Image
 from dinov3_eo.data.datamodule import DenseDataModule, PretrainDataModule, build_normalization
 from dinov3_eo.data.index import RasterIndex
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.sampling import TileGrid, spatial_block_split
+from dinov3_eo.data.sampling import Tile, TileGrid, spatial_block_split
 from dinov3_eo.data.stats import compute_band_stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +155,62 @@ class TestDenseDataModule:
             assert invalid[tile.row : tile.row + 64, tile.col : tile.col + 64].mean() > 0
         with pytest.raises(ValueError, match="0 < val_fraction < 1"):
             spatial_block_split(grid, block_tiles=3, val_fraction=1.0)
+
+    def test_blocks_are_places_on_the_ground(self, tmp_path: Path) -> None:
+        """One file splits as it always did (blocks of its own grid); two dates of one place put the same ground in
+        the same split, and so does a copy of the scene reprojected to another CRS (tile centres decide)."""
+        import math
+        import shutil
+
+        from rasterio.warp import Resampling, calculate_default_transform, reproject
+
+        single = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=64)
+        train, val = spatial_block_split(single, block_tiles=3, val_fraction=0.3, seed=1, nodata=0)
+        # the split before blocks were laid on the ground: per file, keyed (file, block row, block column)
+        old_blocks: dict = {}
+        for tile in train + val:
+            old_blocks.setdefault((tile.file, tile.row // 64 // 3, tile.col // 64 // 3), []).append(tile)
+        keys = sorted(old_blocks)
+        order = np.random.default_rng(1).permutation(len(keys))
+        old_val = {keys[i] for i in order[: min(max(int(round(0.3 * len(keys))), 1), len(keys) - 1)]}
+        assert val == [t for k in keys if k in old_val for t in old_blocks[k]]
+
+        for year in ("2020", "2024"):
+            (tmp_path / year).mkdir()
+            shutil.copy(SAMPLE, tmp_path / year / "scene.tif")
+        with rasterio.open(SAMPLE) as src:
+            transform, width, height = calculate_default_transform(src.crs, "EPSG:3857", src.width, src.height,
+                                                                   *src.bounds)  # fmt: skip
+            data = np.zeros((src.count, height, width), dtype=src.dtypes[0])
+            reproject(src.read(), data, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                      dst_crs="EPSG:3857", resampling=Resampling.nearest, src_nodata=0, dst_nodata=0)  # fmt: skip
+            profile = {**src.profile, "crs": "EPSG:3857", "transform": transform, "width": width, "height": height}
+        with rasterio.open(tmp_path / "mercator.tif", "w", **profile) as dst:
+            dst.write(data)
+        grid = TileGrid(index=RasterIndex.build(tmp_path, cache_dir=None), tile_size=64)
+        names = [Path(r.path).parent.name + "/" + Path(r.path).name for r in grid.index.records]
+        train, val = spatial_block_split(grid, block_tiles=3, val_fraction=0.3, seed=1, nodata=0)
+        split = {t: "val" for t in val} | {t: "train" for t in train}
+        dates = [names.index("2020/scene.tif"), names.index("2024/scene.tif")]
+        same_place = [(split.get(Tile(dates[0], t.row, t.col, 64)), split.get(Tile(dates[1], t.row, t.col, 64)))
+                      for t in split if t.file == dates[0]]
+        assert same_place and all(a == b for a, b in same_place)  # never the same ground in both splits
+        assert {a for a, _ in same_place} == {"train", "val"}
+        # the reprojected copy: each tile's split is the split of the original's tile under its centre
+        merc = next(i for i, n in enumerate(names) if n.endswith("/mercator.tif"))
+        g0, gm = grid.grids[dates[0]], grid.grids[merc]
+        from rasterio.warp import transform as transform_points
+
+        agree = total = 0
+        for tile in (t for t in split if t.file == merc):
+            x, y = gm.transform @ (tile.col + 32, tile.row + 32)
+            (x,), (y,) = transform_points(gm.crs, g0.crs, [x], [y])
+            col, row = (~g0.transform) @ (x, y)
+            under = Tile(dates[0], math.floor(row / 64) * 64, math.floor(col / 64) * 64, 64)
+            if under in split:
+                total += 1
+                agree += split[under] == split[tile]
+        assert total > 20 and agree == total
 
     def test_regression_from_raster(self, tmp_path: Path) -> None:
         with rasterio.open(SAMPLE) as src:

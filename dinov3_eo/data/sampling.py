@@ -438,21 +438,41 @@ def spatial_block_split(
     blocks are validation (at least one block each when there are two or more). Neighbouring pixels
     therefore share a split except along block edges, which limits spatial leakage.
 
+    Blocks are places on the ground, not parts of a file: they are laid on the first file's grid, and a tile of any
+    file (another date over the same place, an overlapping scene, a file in another CRS) belongs to the block its
+    centre falls in, so the same ground never sits in both splits. (Until session 20 each file had blocks of its own,
+    and two images of one place could put it in both.)
+
     Raises:
         ValueError: if ``val_fraction`` is not in (0, 1) or ``block_tiles`` < 1.
     """
+    from rasterio.warp import transform as transform_points
+
     if not 0.0 < val_fraction < 1.0 or block_tiles < 1:
         raise ValueError(f"spatial_block_split: need 0 < val_fraction < 1 and block_tiles >= 1, got {val_fraction}, {block_tiles}.")
     size = grid.tile_px
-    blocks: dict[tuple[int, int, int], list[Tile]] = {}
+    side = size * block_tiles  # a block's side in pixels of the first file's grid
+    first = grid.grids[0] if len(grid) else None
+    to_first = ~first.transform if first is not None else None
+    blocks: dict[tuple[int, int], list[Tile]] = {}
     for f in range(len(grid)):
         g = grid.grids[f]
+        tiles = []
         for r in range(0, max(1, math.ceil(g.height / size)) * size, size):
             for c in range(0, max(1, math.ceil(g.width / size)) * size, size):
                 tile = Tile(f, r, c, size)
                 if 1.0 - grid.valid_fraction(tile, nodata) > max_nodata_fraction:
                     continue
-                blocks.setdefault((f, r // size // block_tiles, c // size // block_tiles), []).append(tile)
+                tiles.append(tile)
+        if not tiles:
+            continue
+        # tile centres on the ground, in the first file's CRS, then in its pixels
+        xs, ys = zip(*(g.transform @ (t.col + size / 2, t.row + size / 2) for t in tiles))
+        if g.crs != first.crs:
+            xs, ys = transform_points(g.crs, first.crs, list(xs), list(ys))
+        for tile, x, y in zip(tiles, xs, ys):
+            col, row = to_first @ (x, y)
+            blocks.setdefault((math.floor(row / side), math.floor(col / side)), []).append(tile)
     keys = sorted(blocks)
     order = np.random.default_rng(seed).permutation(len(keys))
     n_val = int(round(val_fraction * len(keys)))
