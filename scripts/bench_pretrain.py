@@ -346,6 +346,71 @@ def step_host_proxy(arch: str, *, repeats: int = 15, batch: int = 2, global_size
     return {f"{name}_ms": value for name, value in ms.items()} | {"ratio": ms["full"] / ms["backbone"]}
 
 
+def fit_host_proxy(arch: str, *, steps: int = 60, log_every_n_steps: int = 50, repeats: int = 2) -> dict[str, float]:
+    """The host time a Lightning fit adds to each step, on the host-time proxy's model (:func:`step_host_proxy`):
+    the median step of ``Trainer.fit`` (CSV logger every ``log_every_n_steps``, no progress bar, batches of 2
+    random 48-px images from memory) as shipped, and with every value logged at every step as until session 20
+    (each ``self.log`` costs the host about a millisecond, and Lightning drops the values of steps it does not
+    write), against the raw step; the fits alternate ``repeats`` times. One CPU thread."""
+    import tempfile
+
+    import lightning.pytorch as pl
+
+    from dinov3_eo.ssl.module import DINOv3Pretrain
+    from dinov3_eo.ssl.stage import SSLStage
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 100_000
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": torch.randn(3, 48, 48), "valid": torch.ones(48, 48, dtype=torch.bool)}
+
+    class StepTimes(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+            self.last: float | None = None
+
+        def on_train_batch_start(self, *args: Any) -> None:
+            now = time.perf_counter()
+            if self.last is not None:
+                self.times.append(now - self.last)
+            self.last = now
+
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+    kwargs = dict(backbone=arch, backbone_kwargs=HOST_PROXY_WIDTH, dino_out_dim=256, ibot_out_dim=256,
+                  dino_hidden_dim=256, ibot_hidden_dim=256, global_crop_size=32, local_crop_size=16, n_local_crops=8,
+                  logit_kernels="torch", preview_every_n_steps=0)  # fmt: skip
+    shipped = SSLStage._to_log
+    times: dict[str, list[float]] = {"fit": [], "fit, every value logged every step": []}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(repeats):
+                for name in times:
+                    SSLStage._to_log = shipped if name == "fit" else (lambda self, values: values)  # type: ignore[method-assign]
+                    torch.manual_seed(0)
+                    timer = StepTimes()
+                    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp),
+                                         log_every_n_steps=log_every_n_steps, enable_progress_bar=False,
+                                         enable_checkpointing=False, enable_model_summary=False, callbacks=[timer])  # fmt: skip
+                    trainer.fit(DINOv3Pretrain(**kwargs), torch.utils.data.DataLoader(Images(), batch_size=2,
+                                                                                       collate_fn=collate))
+                    times[name] += timer.times[10:]  # past the first steps' allocations
+    finally:
+        SSLStage._to_log = shipped  # type: ignore[method-assign]
+        torch.set_num_threads(threads)
+    raw = step_host_proxy(arch, repeats=15)["full_ms"]
+    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    print(f"[host] {arch} at {HOST_PROXY_WIDTH['embed_dim']} wide, a Lightning fit's step (logging every "
+          f"{log_every_n_steps} steps): {ms['fit']:.1f} ms; with every value logged every step (until session 20) "
+          f"{ms['fit, every value logged every step']:.1f} ms; the raw full step {raw:.1f} ms")
+    return {"fit_ms": ms["fit"], "fit_every_value_logged_ms": ms["fit, every value logged every step"], "raw_ms": raw}
+
+
 @contextlib.contextmanager
 def python_gc_pauses() -> Iterator[dict[str, float]]:
     """Count Python's garbage collections inside the block and the seconds they take (``count``, ``oldest``: those of
@@ -691,6 +756,7 @@ def main() -> None:
     if args.host_proxy:
         for arch in args.step_arch:
             step_host_proxy(arch)
+            fit_host_proxy(arch)
     if not args.skip_step:
         for arch in args.step_arch:
             for batch in args.step_batch:

@@ -59,3 +59,19 @@ def test_the_host_proxy_times_the_step_and_its_parts(monkeypatch: pytest.MonkeyP
     assert result["ratio"] == pytest.approx(result["full_ms"] / result["backbone_ms"])
     assert "host-time proxy" in capsys.readouterr().out
     sys.modules.pop("bench_pretrain", None)
+
+
+@pytest.mark.slow
+def test_the_fit_host_proxy_times_lightning_fits(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import bench_pretrain
+
+    from dinov3_eo.ssl.stage import SSLStage
+
+    shipped = SSLStage._to_log
+    result = bench_pretrain.fit_host_proxy("vitmicro16", steps=14, log_every_n_steps=5, repeats=1)
+    assert SSLStage._to_log is shipped  # put back
+    assert all(math.isfinite(v) and v > 0 for v in result.values()) and set(result) == {
+        "fit_ms", "fit_every_value_logged_ms", "raw_ms"}
+    assert "a Lightning fit's step" in capsys.readouterr().out
+    sys.modules.pop("bench_pretrain", None)

@@ -350,8 +350,23 @@ class SSLStage(TrainModesAtFitStart):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: Any = None,
                                     gradient_clip_algorithm: Any = None) -> None:
-        for name, norm in self.clip_gradients_per_module().items():
-            self.log(f"grad_norm/{name}", norm, on_step=True, on_epoch=False)
+        norms = {f"grad_norm/{name}": norm for name, norm in self.clip_gradients_per_module().items()}
+        for name, norm in self._to_log(norms).items():
+            self.log(name, norm, on_step=True, on_epoch=False)
+
+    def _to_log(self, values: dict[str, Any]) -> dict[str, Any]:
+        """The step values worth a ``self.log`` now: all of them on the steps a logger writes (every
+        ``trainer.log_every_n_steps``; outside a fit, or in a fit without a logger, where ``callback_metrics`` is
+        all there is, always), else only those a callback monitors (``ModelCheckpoint``/``EarlyStopping``'s
+        ``monitor``). Between logging steps Lightning drops the step values it was given, and each ``self.log`` still
+        cost the host about a millisecond (13 values a step: a tenth of a small model's step, host time a GPU step
+        waits on; ``bench_pretrain.py --host-proxy``)."""
+        trainer = self._trainer
+        # as Lightning's own LearningRateMonitor asks it
+        if trainer is None or not trainer.loggers or trainer._logger_connector.should_update_logs:
+            return values
+        monitored = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
+        return {name: value for name, value in values.items() if name in monitored}
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """A batch without nodata (most batches) is told here, on the host, where the check is free: its validity mask
@@ -454,10 +469,14 @@ class SSLStage(TrainModesAtFitStart):
         # accumulated gradients: the mean over the micro-batches this optimiser step is made of
         batch_size = sum(size for size, _ in steps)
         mean = {name: sum(host[name] for _, host in steps) / len(steps) for name in steps[0][1]}
-        self.log("loss", mean["total"], prog_bar=True, batch_size=batch_size)
-        self.log_dict({f"loss/{k}": v for k, v in mean.items() if k != "total"}, batch_size=batch_size)
+        self.log("loss", mean["total"], prog_bar=True, batch_size=batch_size)  # the progress bar's, every step
+        losses = self._to_log({f"loss/{k}": v for k, v in mean.items() if k != "total"})
+        if losses:
+            self.log_dict(losses, batch_size=batch_size)
         values = self.schedule_values(pending[0][0])
         logged = {f"sched/{k}": values[k] for k in ("lr", "momentum", "teacher_temp", "weight_decay")}
         if getattr(self.hparams, "gram_loss_weight", 0) > 0:
             logged["sched/gram_weight"] = values["gram_weight"]
-        self.log_dict({k: torch.tensor(v) for k, v in logged.items()}, batch_size=batch_size)  # CPU, see above
+        logged = self._to_log(logged)
+        if logged:
+            self.log_dict({k: torch.tensor(v) for k, v in logged.items()}, batch_size=batch_size)  # CPU, see above
