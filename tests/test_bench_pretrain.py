@@ -75,3 +75,30 @@ def test_the_fit_host_proxy_times_lightning_fits(monkeypatch: pytest.MonkeyPatch
         "fit_ms", "fit_every_value_logged_ms", "raw_ms"}
     assert "a Lightning fit's step" in capsys.readouterr().out
     sys.modules.pop("bench_pretrain", None)
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_fit_logging_stage_runs_on_a_cpu(monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """``gpu_pretrain_check.py``'s ``fit_logging_ab`` stage, on the CPU with a tiny model and random batches: the
+    device time it will be given must not go to a slip."""
+    monkeypatch.syspath_prepend(str(SCRIPTS))
+    import gpu_pretrain_check
+
+    from dinov3_eo.ssl.stage import SSLStage
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):  # noqa: ANN204
+            while True:
+                yield {"image": torch.randn(2, 3, 64, 64), "valid": None}
+
+    shipped = SSLStage._to_log
+    result = gpu_pretrain_check.fit_logging_ab(None, "cpu", batch=2, steps=6, rounds=1, warm_up=2, data=Batches(),
+                                               backbone="vitmicro16", global_crop_size=32, local_crop_size=16,
+                                               n_local_crops=2, **SMALL_HEADS)  # fmt: skip
+    assert SSLStage._to_log is shipped
+    assert result["ratio"] > 0 and all(math.isfinite(result[k]) and result[k] > 0
+                                       for k in ("logged_on_logger_steps", "every_value_every_step"))
+    assert "Lightning fits" in capsys.readouterr().out
+    for name in ("gpu_pretrain_check", "bench_pretrain"):
+        sys.modules.pop(name, None)
