@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_process import child_entry, peak_rss_mib, run_child  # noqa: E402
+from child_process import child_entry, peak_rss_mib, print_against_baseline, run_child  # noqa: E402
 
 
 def make_rasters(folder: Path, size: int) -> tuple[Path, Path]:
@@ -84,12 +84,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reference, predicted = make_rasters(Path(tmp), args.size)
         results = {mode: run_child(__file__, mode, reference, predicted) for mode in ("whole", "streamed")}
-    base = results["whole"]
     print(f"{args.size:,}² reference CHM, prediction at half its resolution:")
-    for mode, r in results.items():
-        print(f"  {mode:8s}: {r['seconds']:.1f} s ({r['seconds'] / base['seconds']:.2f}x whole), peak RSS above the "
-              f"imports {r['evaluation_mib']:,.0f} MiB ({r['evaluation_mib'] / base['evaluation_mib']:.2f}x; imports "
-              f"{r['imports_mib']:,.0f} MiB), {r['n']:,} pixels, MAE {r['mae']:.4f} m")
+    print_against_baseline(results, "whole", lambda r: f"{r['n']:,} pixels, MAE {r['mae']:.4f} m")
 
 
 if __name__ == "__main__":

@@ -38,3 +38,14 @@ def run_child(script: str | Path, *args: Any) -> dict[str, Any]:
     done = subprocess.run([sys.executable, str(script), "--child", *map(str, args)], capture_output=True, text=True,
                           check=True)  # fmt: skip
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_against_baseline(results: dict[str, dict[str, Any]], baseline: str, detail: Callable[[dict], str]) -> None:
+    """One line per case: its seconds and its peak RSS above the imports (``evaluation_mib``), each also as a ratio
+    to the ``baseline`` case's, its imports' RSS, then ``detail(result)`` (what it computed, to show the cases
+    agree)."""
+    base = results[baseline]
+    for name, r in results.items():
+        print(f"  {name:8s}: {r['seconds']:.1f} s ({r['seconds'] / base['seconds']:.2f}x {baseline}), peak RSS above "
+              f"the imports {r['evaluation_mib']:,.0f} MiB ({r['evaluation_mib'] / base['evaluation_mib']:.2f}x; "
+              f"imports {r['imports_mib']:,.0f} MiB), {detail(r)}")
