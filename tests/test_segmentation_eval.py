@@ -215,6 +215,17 @@ class TestSeveralMaps:
             assert report["prediction"] == [str(left), str(right)]
             assert [m["pixels"] for m in report["maps"]] == [
                 int(np.asarray(evaluate_class_raster(p, reference)["confusion"]).sum()) for p in (left, right)]
+        # segment predict's output folder: its class maps, not the probabilities beside them
+        predicted = tmp_path / "predicted"
+        for name, part in (("a", pred[:, :45]), ("b", pred[:, 45:])):
+            write_at(predicted / f"{name}_classes.tif", part, col=0 if name == "a" else 45)
+            with rasterio.open(predicted / f"{name}_probabilities.tif", "w", driver="GTiff", width=part.shape[1],
+                               height=part.shape[0], count=3, dtype="uint8", crs="EPSG:32633",
+                               transform=from_origin(ORIGIN[0], ORIGIN[1], 10, 10)) as dst:  # fmt: skip
+                dst.write(np.zeros((3, *part.shape), np.uint8))
+        from_folder = evaluate_class_raster(predicted, reference)
+        assert [Path(p).name for p in from_folder["prediction"]] == ["a_classes.tif", "b_classes.tif"]
+        np.testing.assert_array_equal(from_folder["confusion"], whole["confusion"])
         lines = (tmp_path / "eval" / "per_map.csv").read_text().splitlines()
         assert lines[0] == "prediction,pixels,overall_accuracy,miou" and lines[1].startswith(f"{left},")
         assert not (tmp_path / "eval" / "agreement.png").exists()  # a picture of one map only

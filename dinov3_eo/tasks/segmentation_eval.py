@@ -308,9 +308,7 @@ def evaluate_class_raster(
         ValueError: a map is not a georeferenced one-band class raster, the classes cannot be named or differ between
         maps, the reference holds a class id the map does not have, or nothing overlaps.
     """
-    from dinov3_eo.data.index import expand_sources
-
-    preds = expand_sources(pred) if not isinstance(pred, (str, os.PathLike)) or not Path(pred).is_file() else [pred]
+    preds = _class_maps(pred)
     several = len(preds) > 1
     if out_dir is not None and Path(out_dir).is_dir():  # (a folder still to be made holds no report)
         for name in REPORT_FILES:
@@ -368,6 +366,22 @@ def evaluate_class_raster(
             with atomic_output(folder / "per_map.csv", overwrite=True) as tmp:
                 tmp.write_text("\n".join(rows) + "\n")
     return report
+
+
+def _class_maps(pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The class maps ``pred`` names (:func:`~dinov3_eo.data.index.expand_sources`); from a folder that holds
+    ``segment predict``'s outputs, its ``*_classes.tif`` alone (not the probabilities beside them)."""
+    from dinov3_eo.data.index import expand_sources
+
+    sources = [pred] if isinstance(pred, (str, os.PathLike)) else list(pred)
+    maps: list[str] = []
+    for source in sources:
+        found = [os.fspath(source)] if Path(source).is_file() else expand_sources(source)
+        if Path(source).is_dir():
+            predicted = [path for path in found if path.endswith(f"{PREDICTED_SUFFIX}.tif")]
+            found = predicted or found
+        maps += [path for path in found if path not in maps]
+    return maps
 
 
 def _map_classes(src: Any, path: Any, class_names: Sequence[str] | None) -> list[str]:
