@@ -403,6 +403,9 @@ class TestNamePairing:
         assert pairing_key("x/t1_mask_v2.tif", ["_v2", "_mask_v2"]) == "t1"  # the longest suffix first
         assert shared_folders("imgs/2020/t1.tif", "masks/2020/t1.tif") == 1
         assert shared_folders("a/x/2020/t1.tif", "b/x/2020/t1.tif") == 2
+        assert shared_folders("tile1/images/t1.tif", "tile1/masks/t1.tif") == 1  # the split one level up
+        layout = NamePairing([f"/d/tile{i}/masks/image_part_001.png" for i in (1, 2, 3)])
+        assert layout.find("/d/tile2/images/image_part_001.tif") == 1
         pairing = NamePairing(["/m/2020/t1.tif", "/m/2024/t1.tif", "/m/t2.tif"])
         assert pairing.find("/i/2024/t1.tif") == 1 and pairing.find("/i/2020/t1.tif") == 0
         assert pairing.find("/i/t2.tif") == 2 and pairing.find("/i/t3.tif") is None

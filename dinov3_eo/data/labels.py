@@ -130,14 +130,10 @@ def pairing_key(path: str | os.PathLike, suffixes: Sequence[str] = ()) -> str:
 
 
 def shared_folders(a: str | os.PathLike, b: str | os.PathLike) -> int:
-    """How many folder names two paths share counting up from their files (``imgs/2020/t1.tif`` and
-    ``masks/2020/t1.tif``: 1)."""
-    count = 0
-    for x, y in zip(reversed(Path(a).parent.parts), reversed(Path(b).parent.parts)):
-        if x != y:
-            break
-        count += 1
-    return count
+    """How many folder names two paths share at the same height above their files: ``imgs/2020/t1.tif`` and
+    ``masks/2020/t1.tif`` share 1 (``2020``), and so do ``tile1/images/t1.tif`` and ``tile1/masks/t1.tif``
+    (``tile1``, one level up), as datasets lay out images and masks."""
+    return sum(x == y for x, y in zip(reversed(Path(a).parent.parts), reversed(Path(b).parent.parts)))
 
 
 @dataclass(frozen=True)
@@ -152,8 +148,9 @@ class MaskPair:
 
 class NamePairing:
     """Each image with the mask of the same file name: ``pairing_key`` equal (stems, less ``suffixes``), and where
-    several masks share the name (one per date), the one whose folders match the image's most closely
-    (``imgs/2020/t1.tif`` takes ``masks/2020/t1.tif``, not ``masks/2024/t1.tif``).
+    several masks share the name (one per date or per area), the one whose folders match the image's most closely
+    (:func:`shared_folders`: ``imgs/2020/t1.tif`` takes ``masks/2020/t1.tif``, not ``masks/2024/t1.tif``, and
+    ``tile2/images/t1.tif`` takes ``tile2/masks/t1.tif``).
 
     Raises (from :meth:`find`):
         ValueError: two masks tie for one image (both named).
@@ -174,8 +171,8 @@ class NamePairing:
         best = [i for i, score in zip(candidates, scores) if score == max(scores)]
         if len(best) > 1:
             raise ValueError(f"Image {image} pairs by name with several masks ({', '.join(self.masks[i] for i in best)}) "
-                             "and no folder tells them apart: keep one mask per name, or put each date's masks in a "
-                             "folder named as its images' folder.")
+                             "and no folder tells them apart: keep one mask per name, or name each date's (or area's) "
+                             "mask folder as its images' folder.")
         return best[0]
 
 
