@@ -31,6 +31,7 @@ from dinov3_eo.ssl.compilation import (
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import all_reduce_sum, world_size
 from dinov3_eo.ssl.masking import ibot_masks
+from dinov3_eo.ssl.optimizer import GroupedAdamW
 from dinov3_eo.ssl.schedules import (
     apply_optimizer_schedules,
     build_param_groups,
@@ -309,8 +310,9 @@ class SSLStage(TrainModesAtFitStart):
             ):
                 group.pop("names", None)
                 groups.append(group)
-        # fused AdamW: one kernel for all parameters (7-8x faster than the per-tensor loop on CPU, also on CUDA)
-        return torch.optim.AdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas), fused=True)
+        # fused AdamW (one kernel per group: 7-8x faster than the per-tensor loop on CPU, also on CUDA), stepped with
+        # less host work per group (ssl.optimizer)
+        return GroupedAdamW(groups, lr=hp.base_lr, betas=tuple(hp.adamw_betas))
 
     def step_parameters(self, key: str, make: Callable[[], Any]) -> Any:
         """``make()``, a structure of parameter lists a step walks (the EMA update, the clipping), made once per fit.
