@@ -38,6 +38,19 @@ def test_the_readme_datamodule_example_gives_what_its_comment_says(monkeypatch: 
     assert {"bounds", "crs", "path"} <= set(batch)
 
 
+def test_the_readme_dense_datamodule_example_gives_what_its_comments_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("dense = DenseDataModule(paths=", monkeypatch)
+    sample, tile = scope["sample"], scope["tile"]
+    assert tuple(sample["image"].shape) == (3, 128, 128) and tuple(sample["mask"].shape) == (128, 128)
+    assert str(sample["mask"].dtype) == "torch.int64" and set(sample["mask"].unique().tolist()) <= {0, 1, 255}
+    # the PNG's halves, on the image's own grid: columns east of 224 are class 1 where labelled
+    import torch
+
+    east = (tile.col + torch.arange(128) >= 224)[None, :]
+    labelled = sample["mask"] != 255
+    assert ((sample["mask"] == 1) == (east & labelled)).all()
+
+
 def test_the_readme_tta_example_gives_what_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
     probs = run_readme_block("smooth = TestTimeAugmented(", monkeypatch)["probs"]
     assert tuple(probs.shape) == (2, 5, 64, 64)
