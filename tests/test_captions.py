@@ -249,6 +249,20 @@ class TestLabelsAsCaptions:
         captioned = LabelCaptionDataset(dataset=ds, class_names=["sand", "sea"], templates=["{}"])
         assert captioned[0]["caption"] in ("sand and sea", "sea and sand")
 
+    def test_chip_masks_of_one_name_in_several_folders(self, tmp_path: Path, chip: Path) -> None:
+        """``tile<N>/images/a.png`` with ``tile<N>/masks/a.png`` (the Dubai dataset's layout): the tile folder tells
+        the masks apart."""
+        import shutil
+
+        for tile, value in (("tile1", 1), ("tile2", 2)):
+            (tmp_path / tile / "images").mkdir(parents=True), (tmp_path / tile / "masks").mkdir()
+            shutil.copy(chip, tmp_path / tile / "images" / "a.png")
+            Image.fromarray(np.full((48, 40), value, np.uint8)).save(tmp_path / tile / "masks" / "a.png")
+        ds = ChipMaskDataset(images=str(tmp_path / "tile*" / "images" / "*.png"),
+                             masks=[str(tmp_path / t / "masks") for t in ("tile1", "tile2")])  # fmt: skip
+        assert [Path(m).parent.parent.name for m in ds.masks] == ["tile1", "tile2"]
+        assert [set(ds[i]["mask"].unique().tolist()) for i in range(2)] == [{1}, {2}]
+
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),

@@ -498,7 +498,8 @@ class LabelCaptionDataset(Dataset):
 class ChipMaskDataset(Dataset):
     """Non-georeferenced image chips with per-pixel class masks (``images/x.jpg`` + ``masks/x.png``), by int.
 
-    Pairs are matched by file stem. Optionally a random ``crop`` x ``crop`` window is cut per access (seeded by
+    Pairs are matched by file stem (:class:`~dinov3_eo.data.labels.NamePairing`: where several mask folders hold one
+    stem, the one named as the image's folder wins). Optionally a random ``crop`` x ``crop`` window is cut per access (seeded by
     ``(seed, epoch, index)``), otherwise the chip is resized to ``size``.
 
     Args:
@@ -513,7 +514,7 @@ class ChipMaskDataset(Dataset):
         seed: crop seed.
 
     Raises:
-        FileNotFoundError: if an image has no mask.
+        FileNotFoundError: if an image has no mask. ValueError: masks that no folder tells apart (both named).
     """
 
     def __init__(
@@ -537,18 +538,19 @@ class ChipMaskDataset(Dataset):
                 raise ValueError(f"ChipMaskDataset: {len(images)} images but {len(mask_sources)} mask files.")
             self.images, self.masks = [str(Path(p).resolve()) for p in images], [str(Path(m).resolve()) for m in mask_sources]
         else:
+            from dinov3_eo.data.labels import NamePairing
+
             self.images = expand_chips(images)
-            by_stem: dict[str, str] = {}
-            for folder in mask_sources:
-                for p in Path(folder).iterdir():
-                    if p.suffix.lower() in CHIP_SUFFIXES:
-                        if p.stem in by_stem:
-                            raise ValueError(f"ChipMaskDataset: mask name {p.stem!r} occurs twice ({by_stem[p.stem]}, {p}); pass mask files in image order.")
-                        by_stem[p.stem] = str(p)
-            missing = [p for p in self.images if Path(p).stem not in by_stem]
+            files = sorted(str(p) for folder in mask_sources for p in Path(folder).iterdir()
+                           if p.suffix.lower() in CHIP_SUFFIXES)  # fmt: skip
+            # by file stem; where several folders hold one stem (tile1/masks/a.png, tile2/masks/a.png), the folder
+            # named as the image's (tile2/images/a.jpg) decides, as label rasters paired by name do
+            pairing = NamePairing(files)
+            found = [pairing.find(image) for image in self.images]
+            missing = [image for image, index in zip(self.images, found) if index is None]
             if missing:
                 raise FileNotFoundError(f"ChipMaskDataset: no mask for {missing[:3]} in {mask_sources}.")
-            self.masks = [by_stem[Path(p).stem] for p in self.images]
+            self.masks = [files[index] for index in found]
         self.crop, self.size, self.remap, self.ignore_index = crop, size, dict(remap or {}), ignore_index
         self.normalization, self.seed, self.epoch = normalization, seed, 0
 
