@@ -328,3 +328,18 @@ def test_crops_queue_device_work_without_reading_it_back(channels: int, with_mas
     assert out["global_crops"].shape == (8, channels, 32, 32) and out["global_crops"].device.type == "meta"
     assert out["local_valid"].shape == (12, 16, 16) and out["gram_crops"].shape == (8, channels, 48, 48)
     assert out["global_flips"].device.type == "cpu"
+
+
+@pytest.mark.parametrize("shape", [(5, 3, 32, 32), (4, 6, 12, 20)])
+def test_separable_blur_equals_kornias_reflect_filter(shape: tuple[int, int, int, int]) -> None:
+    """The crops' blur: the values of kornia's ``filter2d_separable(..., "reflect")`` (each crop its own sigma), in
+    fewer launches."""
+    from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+
+    from dinov3_eo.ssl.crops import separable_blur
+
+    gen = torch.Generator().manual_seed(0)
+    crops = torch.randn(shape, generator=gen)
+    kernel = get_gaussian_kernel1d(9, torch.rand(shape[0], 1, generator=gen) * 1.9 + 0.1)
+    torch.testing.assert_close(separable_blur(crops, kernel), filter2d_separable(crops, kernel, kernel, "reflect"),
+                               rtol=0, atol=1e-6)

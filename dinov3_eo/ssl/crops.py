@@ -37,7 +37,8 @@ import math
 from collections.abc import Mapping
 
 import torch
-from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+import torch.nn.functional as F
+from kornia.filters import get_gaussian_kernel1d
 from torch import Tensor
 from torchvision.ops import roi_align
 
@@ -427,12 +428,28 @@ def apply_photometry(crops: Tensor, valid: Tensor | None, params: dict[str, Tens
         crops.index_copy_(0, index, luma.expand(-1, crops.shape[1], -1, -1))
     if "blur_index" in params:
         index, kernel = params["blur_index"].long(), params["blur_kernel"]
-        crops.index_copy_(0, index, filter2d_separable(crops.index_select(0, index), kernel, kernel, "reflect"))
+        crops.index_copy_(0, index, separable_blur(crops.index_select(0, index), kernel))
     if "solarize_gain" in params:
         crops = torch.addcmul(crops, crops.clamp_min(0.0), params["solarize_gain"][:, None, None, None])
     if valid is not None:
         crops = crops * valid[:, None].to(crops.dtype)
     return crops
+
+
+def separable_blur(crops: Tensor, kernel: Tensor) -> Tensor:
+    """Each crop blurred by its own separable kernel, reflect border: ``crops`` [m, C, s, s], ``kernel`` [m, k]
+    (odd ``k``) -> [m, C, s, s].
+
+    One reflect pad of both axes, then a row pass and a column pass as grouped convolutions (one group per crop
+    and band): the values of kornia's ``filter2d_separable(..., "reflect")``, which pads before each pass, with two
+    fewer launches and none of its per-call checks (host time a GPU step waits on).
+    """
+    m, channels, height, width = crops.shape
+    k = kernel.shape[-1]
+    weights = kernel.to(crops.dtype).repeat_interleave(channels, dim=0)  # [m·C, k]
+    padded = F.pad(crops.reshape(1, m * channels, height, width), (k // 2, k // 2, k // 2, k // 2), mode="reflect")
+    rows = F.conv2d(padded, weights[:, None, None, :], groups=m * channels)  # [1, m·C, s + k - 1, s]
+    return F.conv2d(rows, weights[:, None, :, None], groups=m * channels).reshape(m, channels, height, width)
 
 
 def travels_exactly_as_float32(t: Tensor) -> bool:
