@@ -92,3 +92,18 @@ def test_closure_and_torchs_own_step_where_the_fast_path_does_not_apply() -> Non
         p.grad = torch.ones_like(p)
     opt.step()
     assert mixed.bias.dtype == torch.float64 and opt.state[mixed.bias]["step"] == 1
+
+
+def test_state_replaced_between_steps_is_followed() -> None:
+    """Moving an optimiser's state (as Lightning does to a device) replaces its tensors: the next step uses the new
+    ones, as torch's own step would."""
+    mine, theirs = _model(), _model()
+    ours, reference = GroupedAdamW(_groups(mine)), torch.optim.AdamW(_groups(theirs), fused=True)
+    _set_grads([mine, theirs], 0)
+    ours.step(), reference.step()
+    for state in ours.state.values():
+        for key in state:
+            state[key] = state[key].clone()  # new tensors, same values
+    _set_grads([mine, theirs], 2)
+    ours.step(), reference.step()
+    _assert_same(ours, reference, mine, theirs)
