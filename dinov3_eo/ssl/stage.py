@@ -29,9 +29,10 @@ from dinov3_eo.ssl.compilation import (
     resolve_logit_kernels,
 )
 from dinov3_eo.ssl.crops import MultiCrop, host_to_device
-from dinov3_eo.ssl.distributed import all_reduce_sum, world_size
+from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
 from dinov3_eo.ssl.optimizer import GroupedAdamW
+from dinov3_eo.step_logging import LossReadback
 from dinov3_eo.ssl.schedules import (
     apply_optimizer_schedules,
     build_param_groups,
@@ -49,44 +50,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN or inf; training stops before the optimiser step so checkpoints stay good."""
-
-
-class LossReadback:
-    """A step's named loss values on their way to the host, for the non-finite guard and the loggers.
-
-    On CUDA the copy is queued behind the losses (into pinned memory, non-blocking) and :meth:`values` waits for that
-    copy alone: a caller that queues the backward first never leaves the device idle while the host reads, as a
-    blocking ``.cpu()`` after the forward did. On other devices the values are copied at once.
-
-    In a distributed run the values are first averaged over the processes (one small all-reduce, queued like the
-    copy): every rank then reads the same numbers, so a non-finite term on any rank stops every rank at once (a rank
-    stopping alone would leave the others to step on its NaN gradients, then hang in their next collective), and the
-    loggers get the global batch's loss rather than rank 0's share.
-
-    Args:
-        losses: name → 0-d loss tensor, on any one device.
-    """
-
-    def __init__(self, losses: Mapping[str, Tensor]) -> None:
-        self.names = list(losses)
-        stacked = torch.stack([value.detach().float() for value in losses.values()])  # [n_terms]
-        if world_size() > 1:
-            stacked = all_reduce_sum(stacked) / world_size()
-        self._event: torch.cuda.Event | None = None
-        if stacked.device.type == "cuda":
-            self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            self._host.copy_(stacked, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = stacked.cpu()
-
-    def values(self) -> dict[str, Tensor]:
-        """name → 0-d float32 CPU tensor, once the copy has landed (the only wait)."""
-        if self._event is not None:
-            self._event.synchronize()
-            self._event = None
-        return dict(zip(self.names, self._host))
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:

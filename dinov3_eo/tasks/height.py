@@ -60,6 +60,7 @@ from dinov3_eo.models.hub import BackboneMeta, infer_architecture, load_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.height_metrics import HeightMetrics, flat_metrics
 from dinov3_eo.tasks.height_plots import error_map, height_quicklook, scatter_plot
+from dinov3_eo.step_logging import LogsAfterBackward
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def even_layers(n_blocks: int, n: int = 4) -> list[int]:
     return [(i + 1) * n_blocks // n - 1 for i in range(n)]
 
 
-class HeightTask(TrainModesAtFitStart):
+class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
     """Canopy-height regression: ``forward(image [B, C, H, W]) -> metres [B, 1, H, W]``.
 
     Args:
@@ -264,7 +265,7 @@ class HeightTask(TrainModesAtFitStart):
         image, target, valid = self._augment(batch["image"], batch["target"], batch["valid"])
         pred = self(image)  # [B, 1, H, W]
         loss = self.loss_fn(pred, target, valid)
-        self.log("train/loss", loss, prog_bar=True, batch_size=image.shape[0])
+        self.log_after_backward({"train/loss": loss}, batch_size=image.shape[0])  # no sync: step_logging
         return loss
 
     def on_validation_epoch_start(self) -> None:

@@ -55,6 +55,7 @@ from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES, load_templates
 from dinov3_eo.tasks.similarity import example_in_crs
+from dinov3_eo.step_logging import LogsAfterBackward
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def _text_model_from_meta(text_meta: Mapping[str, Any]) -> TextAlignedModel:
 # --------------------------------------------------------------------------------------------------------------
 
 
-class TextAlignmentTask(TrainModesAtFitStart):
+class TextAlignmentTask(LogsAfterBackward, TrainModesAtFitStart):
     """dino.txt-style alignment of a frozen DINOv3 backbone with a text tower (``dinov3-eo text fit``).
 
     Each step embeds the batch's images (``concat[CLS, mean patch]`` after the trainable adapter blocks) and its
@@ -326,8 +327,9 @@ class TextAlignmentTask(TrainModesAtFitStart):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         losses = self._step_losses(batch)
         size = len(batch["caption"])
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=size, prog_bar=True)
-        self.log("train/logit_scale", self.model.logit_scale.detach().exp().squeeze(), batch_size=size)
+        values = {f"train/{k}": v for k, v in losses.items()}
+        values["train/logit_scale"] = self.model.logit_scale.detach().exp().squeeze()
+        self.log_after_backward(values, batch_size=size, prog_bar=[f"train/{k}" for k in losses])  # step_logging
         return losses["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

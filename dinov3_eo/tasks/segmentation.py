@@ -43,6 +43,7 @@ from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
 from dinov3_eo.tasks.segmentation_eval import evaluate_main, iou_f1_from_confusion
+from dinov3_eo.step_logging import LogsAfterBackward
 from dinov3_eo.training_modes import TrainModesAtFitStart
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ def _palette(num_classes: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------ the task
-class SegmentationTask(TrainModesAtFitStart):
+class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
     """A dense segmentation head on a (frozen by default) DINOv3 backbone.
 
     Args (keyword-only; they mirror the YAML ``model.init_args``):
@@ -397,7 +398,7 @@ class SegmentationTask(TrainModesAtFitStart):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])  # [B, K, H, W]
         loss = self._loss(logits, batch["mask"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        self.log_after_backward({"train/loss": loss}, batch_size=batch["image"].shape[0])  # no sync: step_logging
         return loss
 
     def on_validation_epoch_start(self) -> None:
