@@ -327,8 +327,9 @@ class SSLStage(TrainModesAtFitStart):
         cost the host about a millisecond (13 values a step: a tenth of a small model's step, host time a GPU step
         waits on; ``bench_pretrain.py --host-proxy``)."""
         trainer = self._trainer
-        # as Lightning's own LearningRateMonitor asks it
-        if trainer is None or not trainer.loggers or trainer._logger_connector.should_update_logs:
+        # as Lightning's own LearningRateMonitor asks it (a Lightning without it: every value, every step)
+        connector = getattr(trainer, "_logger_connector", None)
+        if trainer is None or not trainer.loggers or getattr(connector, "should_update_logs", True):
             return values
         monitored = {getattr(callback, "monitor", None) for callback in trainer.callbacks}
         return {name: value for name, value in values.items() if name in monitored}
