@@ -16,17 +16,15 @@ apart), which the command pays once whatever the map's size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_process import child_entry, peak_rss_mib, print_against_baseline, run_child  # noqa: E402
+from child_process import child_entry, compare_on_written_inputs, peak_rss_mib  # noqa: E402
 
 CLASSES = 6
 
@@ -82,16 +80,9 @@ def run(mode: str, map_path: str, reference: str) -> dict:
 def main() -> None:
     if child_entry(run):
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=10_000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        map_path, reference = make_rasters(Path(tmp), args.size)
-        results = {}
-        for mode in ("naive", "streamed"):
-            results[mode] = run_child(__file__, mode, map_path, reference)
-    print(f"{args.size:,}² map, reference at twice its resolution:")
-    print_against_baseline(results, "naive", lambda r: f"{r['pixels']:,} pixels compared, accuracy {r['accuracy']:.4f}")
+    compare_on_written_inputs(__file__, description=__doc__, default_size=10_000, make_inputs=make_rasters,
+                              cases=("naive", "streamed"), title="{size:,}² map, reference at twice its resolution:",
+                              detail=lambda r: f"{r['pixels']:,} pixels compared, accuracy {r['accuracy']:.4f}")
 
 
 if __name__ == "__main__":

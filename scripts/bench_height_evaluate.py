@@ -15,16 +15,14 @@ Times and memory exclude the imports (torch comes with the package: ~0.8 GB and 
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from child_process import child_entry, peak_rss_mib, print_against_baseline, run_child  # noqa: E402
+from child_process import child_entry, compare_on_written_inputs, peak_rss_mib  # noqa: E402
 
 
 def make_rasters(folder: Path, size: int) -> tuple[Path, Path]:
@@ -78,14 +76,10 @@ def run(mode: str, reference: str, predicted: str) -> dict:
 def main() -> None:
     if child_entry(run):
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=8000)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        reference, predicted = make_rasters(Path(tmp), args.size)
-        results = {mode: run_child(__file__, mode, reference, predicted) for mode in ("whole", "streamed")}
-    print(f"{args.size:,}² reference CHM, prediction at half its resolution:")
-    print_against_baseline(results, "whole", lambda r: f"{r['n']:,} pixels, MAE {r['mae']:.4f} m")
+    compare_on_written_inputs(__file__, description=__doc__, default_size=8000, make_inputs=make_rasters,
+                              cases=("whole", "streamed"),
+                              title="{size:,}² reference CHM, prediction at half its resolution:",
+                              detail=lambda r: f"{r['n']:,} pixels, MAE {r['mae']:.4f} m")
 
 
 if __name__ == "__main__":

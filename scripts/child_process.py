@@ -10,7 +10,7 @@ import json
 import resource
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,3 +49,22 @@ def print_against_baseline(results: dict[str, dict[str, Any]], baseline: str, de
         print(f"  {name:8s}: {r['seconds']:.1f} s ({r['seconds'] / base['seconds']:.2f}x {baseline}), peak RSS above "
               f"the imports {r['evaluation_mib']:,.0f} MiB ({r['evaluation_mib'] / base['evaluation_mib']:.2f}x; "
               f"imports {r['imports_mib']:,.0f} MiB), {detail(r)}")
+
+
+def compare_on_written_inputs(script: str | Path, *, description: str, default_size: int,
+                              make_inputs: Callable[[Path, int], Sequence[Path]], cases: Sequence[str], title: str,
+                              detail: Callable[[dict], str]) -> None:
+    """The ``main`` of a benchmark that writes its inputs once (``make_inputs(folder, --size)``), runs each case of
+    ``cases`` in a child process of its own on them (``script --child CASE INPUTS...``) and prints
+    :func:`print_against_baseline` against the first case, under ``title`` (formatted with ``size``)."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=default_size)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = make_inputs(Path(tmp), args.size)
+        results = {case: run_child(script, case, *inputs) for case in cases}
+    print(title.format(size=args.size))
+    print_against_baseline(results, cases[0], detail)
