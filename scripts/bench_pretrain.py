@@ -346,12 +346,17 @@ def step_host_proxy(arch: str, *, repeats: int = 15, batch: int = 2, global_size
     return {f"{name}_ms": value for name, value in ms.items()} | {"ratio": ms["full"] / ms["backbone"]}
 
 
-def fit_host_proxy(arch: str, *, steps: int = 60, log_every_n_steps: int = 50, repeats: int = 2) -> dict[str, float]:
-    """The host time a Lightning fit adds to each step, on the host-time proxy's model (:func:`step_host_proxy`):
-    the median step of ``Trainer.fit`` (CSV logger every ``log_every_n_steps``, no progress bar, batches of 2
-    random 48-px images from memory) as shipped, and with every value logged at every step as until session 20
-    (each ``self.log`` costs the host about a millisecond, and Lightning drops the values of steps it does not
-    write), against the raw step; the fits alternate ``repeats`` times. One CPU thread."""
+#: the two ways a fit's step values are logged that :func:`fits_logging_ab` compares: as shipped since session 20 (on
+#: the logger's steps only) and every value at every step (before)
+LOGGING_VARIANTS = ("logged_on_logger_steps", "every_value_every_step")
+
+
+def fits_logging_ab(module_kwargs: dict, data: Any, *, device: str = "cpu", steps: int = 60, warm_up: int = 10,
+                    rounds: int = 2, log_every_n_steps: int = 50) -> dict[str, list[float]]:
+    """Lightning fits of ``DINOv3Pretrain(**module_kwargs)`` on ``data`` (an iterable of whole batches; a CSV logger
+    writing every ``log_every_n_steps``, no progress bar) in each of :data:`LOGGING_VARIANTS`, alternated ``rounds``
+    times: variant → each fit's mean seconds per step past ``warm_up`` steps, the device synchronized only at both
+    ends (as a fit runs: the host may run ahead). bf16-mixed on CUDA, float32 elsewhere."""
     import tempfile
 
     import lightning.pytorch as pl
@@ -359,56 +364,85 @@ def fit_host_proxy(arch: str, *, steps: int = 60, log_every_n_steps: int = 50, r
     from dinov3_eo.ssl.module import DINOv3Pretrain
     from dinov3_eo.ssl.stage import SSLStage
 
-    class Images(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return 100_000
+    cuda = device == "cuda"
 
-        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-            return {"image": torch.randn(3, 48, 48), "valid": torch.ones(48, 48, dtype=torch.bool)}
+    def now() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     class StepTimes(pl.Callback):
         def __init__(self) -> None:
-            self.times: list[float] = []
-            self.last: float | None = None
+            self.start = float("nan")
+            self.seconds = float("nan")
 
-        def on_train_batch_start(self, *args: Any) -> None:
-            now = time.perf_counter()
-            if self.last is not None:
-                self.times.append(now - self.last)
-            self.last = now
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == warm_up:
+                self.start = now()
 
-    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        def on_train_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            self.seconds = (now() - self.start) / (trainer.global_step - warm_up)
 
+    shipped = SSLStage._to_log
+    times: dict[str, list[float]] = {name: [] for name in LOGGING_VARIANTS}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for _ in range(rounds):
+                for name in times:
+                    SSLStage._to_log = shipped if name == LOGGING_VARIANTS[0] else (lambda self, values: values)  # type: ignore[method-assign]
+                    torch.manual_seed(0)
+                    timer = StepTimes()
+                    trainer = pl.Trainer(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=1,
+                                         precision="bf16-mixed" if cuda else "32-true",
+                                         logger=pl.loggers.CSVLogger(tmp), log_every_n_steps=log_every_n_steps,
+                                         enable_checkpointing=False, enable_model_summary=False,
+                                         enable_progress_bar=False, callbacks=[timer])  # fmt: skip
+                    trainer.fit(DINOv3Pretrain(**module_kwargs),
+                                train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
+                    times[name].append(timer.seconds)
+                    del trainer
+                    if cuda:
+                        torch.cuda.empty_cache()
+    finally:
+        SSLStage._to_log = shipped  # type: ignore[method-assign]
+    return times
+
+
+class RandomBatches(torch.utils.data.IterableDataset):
+    """Endless batches ``{"image" [batch, 3, side, side], "valid" all True}`` of random pixels, made on the host."""
+
+    def __init__(self, batch: int, side: int) -> None:
+        super().__init__()
+        self.batch, self.side = batch, side
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            yield {"image": torch.randn(self.batch, 3, self.side, self.side),
+                   "valid": torch.ones(self.batch, self.side, self.side, dtype=torch.bool)}
+
+
+def fit_host_proxy(arch: str, *, steps: int = 60, log_every_n_steps: int = 50, repeats: int = 2) -> dict[str, float]:
+    """The host time a Lightning fit adds to each step, on the host-time proxy's model (:func:`step_host_proxy`,
+    batches of 2 random 48-px images): the mean step of ``Trainer.fit`` past 10 warm-up steps in each of
+    :data:`LOGGING_VARIANTS` (:func:`fits_logging_ab`; each ``self.log`` costs the host about a millisecond, and
+    Lightning drops the values of steps its logger does not write), the fits alternated ``repeats`` times, against
+    the raw step. One CPU thread."""
     kwargs = dict(backbone=arch, backbone_kwargs=HOST_PROXY_WIDTH, dino_out_dim=256, ibot_out_dim=256,
                   dino_hidden_dim=256, ibot_hidden_dim=256, global_crop_size=32, local_crop_size=16, n_local_crops=8,
                   logit_kernels="torch", preview_every_n_steps=0)  # fmt: skip
-    shipped = SSLStage._to_log
-    times: dict[str, list[float]] = {"fit": [], "fit, every value logged every step": []}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(repeats):
-                for name in times:
-                    SSLStage._to_log = shipped if name == "fit" else (lambda self, values: values)  # type: ignore[method-assign]
-                    torch.manual_seed(0)
-                    timer = StepTimes()
-                    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp),
-                                         log_every_n_steps=log_every_n_steps, enable_progress_bar=False,
-                                         enable_checkpointing=False, enable_model_summary=False, callbacks=[timer])  # fmt: skip
-                    trainer.fit(DINOv3Pretrain(**kwargs), torch.utils.data.DataLoader(Images(), batch_size=2,
-                                                                                       collate_fn=collate))
-                    times[name] += timer.times[10:]  # past the first steps' allocations
+        times = fits_logging_ab(kwargs, RandomBatches(2, 48), steps=steps, rounds=repeats,
+                                log_every_n_steps=log_every_n_steps)  # fmt: skip
     finally:
-        SSLStage._to_log = shipped  # type: ignore[method-assign]
         torch.set_num_threads(threads)
     raw = step_host_proxy(arch, repeats=15)["full_ms"]
-    ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    fit, every = (statistics.median(times[name]) * 1e3 for name in LOGGING_VARIANTS)
     print(f"[host] {arch} at {HOST_PROXY_WIDTH['embed_dim']} wide, a Lightning fit's step (logging every "
-          f"{log_every_n_steps} steps): {ms['fit']:.1f} ms; with every value logged every step (until session 20) "
-          f"{ms['fit, every value logged every step']:.1f} ms; the raw full step {raw:.1f} ms")
-    return {"fit_ms": ms["fit"], "fit_every_value_logged_ms": ms["fit, every value logged every step"], "raw_ms": raw}
+          f"{log_every_n_steps} steps): {fit:.1f} ms; with every value logged every step (until session 20) "
+          f"{every:.1f} ms; the raw full step {raw:.1f} ms")
+    return {"fit_ms": fit, "fit_every_value_logged_ms": every, "raw_ms": raw}
 
 
 @contextlib.contextmanager

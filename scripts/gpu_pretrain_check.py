@@ -681,64 +681,18 @@ def fit_logging_ab(pack_dir: str | None, device: str, batch: int = 128, steps: i
                    warm_up: int = 20, data=None, **module_kwargs) -> dict:  # noqa: ANN001
     """Lightning fits of ViT-S (bf16 and the Triton logit kernels on a GPU, a CSV logger writing every 50 steps) as
     shipped since session 20 (the loss terms, schedules and gradient norms logged on the logger's steps only)
-    against every value logged at every step (before), alternated ``rounds`` times: the mean step time of each past
-    ``warm_up`` steps, the device synchronized only at both ends (as a fit runs: the host may run ahead). On the
-    CPU's host-time proxy the fit's step fell from 51.1 to 46.9 ms; a host-bound GPU step should gain as much host
-    time. ``data``: batches to train on (default: the pack's :class:`GPUTiles`); ``module_kwargs`` override the
-    model (tests use a tiny one)."""
-    import tempfile
+    against every value logged at every step (before), alternated ``rounds`` times (``bench_pretrain.fits_logging_ab``):
+    the mean step time of each past ``warm_up`` steps. On the CPU's host-time proxy the fit's step fell by ~4 ms a
+    step; a host-bound GPU step should gain as much host time. ``data``: batches to train on (default: the pack's
+    :class:`GPUTiles`); ``module_kwargs`` override the model (tests use a tiny one)."""
+    from bench_pretrain import LOGGING_VARIANTS, fits_logging_ab
 
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
-    from lightning.pytorch.loggers import CSVLogger
-
-    from dinov3_eo.ssl.module import DINOv3Pretrain
-    from dinov3_eo.ssl.stage import SSLStage
-
-    cuda = device == "cuda"
-
-    def now() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    class StepTimes(Callback):
-        def __init__(self) -> None:
-            self.start: float | None = None
-            self.seconds = float("nan")
-
-        def on_train_batch_start(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
-            if trainer.global_step == warm_up:
-                self.start = now()
-
-        def on_train_end(self, trainer, *args) -> None:  # noqa: ANN001, ANN002
-            self.seconds = (now() - self.start) / (trainer.global_step - warm_up)
-
-    shipped = SSLStage._to_log
+    kwargs = {"backbone": "vits16", "logit_kernels": "triton" if device == "cuda" else "torch",
+              "preview_every_n_steps": 0, "scale_lr_with_batch": True, "base_lr": 2.5e-4, **SHORT_RUN,
+              **module_kwargs}  # fmt: skip
     data = data if data is not None else GPUTiles(pack_dir, batch, device)
-    kwargs = {"backbone": "vits16", "logit_kernels": "triton" if cuda else "torch", "preview_every_n_steps": 0,
-              "scale_lr_with_batch": True, "base_lr": 2.5e-4, **SHORT_RUN, **module_kwargs}  # fmt: skip
-    times: dict[str, list[float]] = {"logged_on_logger_steps": [], "every_value_every_step": []}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for _ in range(rounds):
-                for name in times:
-                    SSLStage._to_log = shipped if name == "logged_on_logger_steps" else (lambda self, values: values)
-                    torch.manual_seed(0)
-                    timer = StepTimes()
-                    trainer = L.Trainer(max_steps=steps, accelerator="gpu" if cuda else "cpu", devices=1,
-                                        precision="bf16-mixed" if cuda else "32-true", logger=CSVLogger(tmp),
-                                        log_every_n_steps=50, enable_checkpointing=False, enable_model_summary=False,
-                                        enable_progress_bar=False, callbacks=[timer])  # fmt: skip
-                    trainer.fit(DINOv3Pretrain(**kwargs),
-                                train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
-                    times[name].append(timer.seconds)
-                    del trainer
-                    if cuda:
-                        torch.cuda.empty_cache()
-    finally:
-        SSLStage._to_log = shipped
-    result: dict = {name: float(np.median(values)) for name, values in times.items()}
+    times = fits_logging_ab(kwargs, data, device=device, steps=steps, warm_up=warm_up, rounds=rounds)
+    result: dict = {name: float(np.median(times[name])) for name in LOGGING_VARIANTS}
     result["ratio"] = result["logged_on_logger_steps"] / result["every_value_every_step"]
     result["all_s"] = times
     print(f"[fit] {kwargs['backbone']} batch {batch}, Lightning fits, mean step past {warm_up}: logged on the "
