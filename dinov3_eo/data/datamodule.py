@@ -11,7 +11,6 @@ Normalisation is decided once in ``setup`` and exposed as :attr:`normalization` 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -374,7 +373,7 @@ class DenseDataModule(_TileDataModuleBase):
         if getattr(self.label_source, "pairing", "georeference") == "name":
             # an image without a mask of its name has no labels at all: its tiles would only cost reading time
             pairs = self.label_source.mosaic.pair_all([record.path for record in self.index.records])
-            paired = {i for i, record in enumerate(self.index.records) if pairs[os.path.abspath(record.path)] is not None}
+            paired = {i for i, pair in enumerate(pairs) if pair is not None}
             self.train_tiles = [t for t in self.train_tiles if t.file in paired]
             self.val_tiles = [t for t in self.val_tiles if t.file in paired]
 

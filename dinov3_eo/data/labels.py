@@ -271,24 +271,21 @@ class RasterMosaic:
                             "image's pixel grid.")
                     pair = MaskPair(index, img.crs, img.transform)
                 else:
-                    west, south, east, north = (img.bounds if img.crs == f.crs else
-                                                transform_bounds(img.crs, f.crs, *img.bounds))
-                    b = f.bounds
-                    if not (b.left < east and b.right > west and b.bottom < north and b.top > south):
+                    if index not in self.overlapping(crs=img.crs, transform=img.transform, shape=img.shape):
                         raise ValueError(f"{self.what} {f.path}, paired by name with the image {key}, does not "
                                          "overlap it: check both files' georeference.")
                     pair = MaskPair(index)
         self._pairs[key] = pair
         return pair
 
-    def pair_all(self, images: Sequence[str | os.PathLike]) -> dict[str, MaskPair | None]:
-        """:meth:`pair` for every image; logs the images without a mask and the masks no image took.
+    def pair_all(self, images: Sequence[str | os.PathLike]) -> list[MaskPair | None]:
+        """:meth:`pair` for every image, in their order; logs the images without a mask and the masks no image took.
 
         Raises:
             ValueError: no image has a mask (naming an image, a mask and the suffixes compared), or as :meth:`pair`.
         """
-        pairs = {os.path.abspath(os.fspath(image)): self.pair(image) for image in images}
-        unpaired = [image for image, pair in pairs.items() if pair is None]
+        pairs = [self.pair(image) for image in images]
+        unpaired = [os.fspath(image) for image, pair in zip(images, pairs) if pair is None]
         if len(unpaired) == len(pairs) and pairs:
             raise ValueError(
                 f"{self.what}: no image has a mask of the same name (images like {os.path.basename(unpaired[0])}, "
@@ -299,7 +296,7 @@ class RasterMosaic:
         if unpaired:
             log.warning("%d of %d images have no mask of the same name and are left out, e.g. %s.", len(unpaired),
                         len(pairs), ", ".join(os.path.basename(p) for p in unpaired[:3]))
-        taken = {pair.file for pair in pairs.values() if pair is not None}
+        taken = {pair.file for pair in pairs if pair is not None}
         unused = [f.path for i, f in enumerate(self.files) if i not in taken]
         if unused:
             log.warning("%d of %d masks pair with no image, e.g. %s.", len(unused), len(self.files),

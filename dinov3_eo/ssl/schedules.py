@@ -269,17 +269,17 @@ def clip_grad_norm_per_module(
         name → total gradient norm before clipping (for logging).
     """
     items = list(modules.items() if isinstance(modules, (Mapping, nn.ModuleDict)) else modules)
-    grads = {name: [p for p in (module.parameters() if isinstance(module, nn.Module) else module) if p.grad is not None]
-             for name, module in items}  # fmt: skip
+    with_grad = {name: [p for p in (module.parameters() if isinstance(module, nn.Module) else module)
+                        if p.grad is not None] for name, module in items}  # fmt: skip
     if not sharded or not is_dist():
-        return {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in grads.items() if params}
-    device = next((p.grad.device for params in grads.values() for p in params), torch.device("cpu"))
+        return {name: torch.nn.utils.clip_grad_norm_(params, max_norm) for name, params in with_grad.items() if params}
+    device = next((p.grad.device for params in with_grad.values() for p in params), torch.device("cpu"))
     # a process may hold no shard of a module: it still adds its zero to the sum
     local = torch.stack([torch.nn.utils.get_total_norm([p.grad for p in params]).to(device, torch.float32) ** 2
-                         if params else torch.zeros((), device=device) for params in grads.values()])  # fmt: skip
+                         if params else torch.zeros((), device=device) for params in with_grad.values()])  # fmt: skip
     totals = all_reduce_sum(local).sqrt()
-    norms = dict(zip(grads, totals.unbind()))
-    for name, params in grads.items():
+    norms = dict(zip(with_grad, totals.unbind()))
+    for name, params in with_grad.items():
         if params:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, norms[name])
     return norms

@@ -573,6 +573,7 @@ def evaluate_height_raster(
         FileExistsError: a report file exists in ``out_dir`` and ``overwrite`` is false.
         FileNotFoundError: a source matches no raster. ValueError: a reference tile without a georeference (named).
     """
+    from dinov3_eo.data.datasets import GDAL_CACHE_MB
     from dinov3_eo.data.index import expand_sources
     from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.height_data import HeightLabels
@@ -591,7 +592,7 @@ def evaluate_height_raster(
     # every reference block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never
     # reused
     for path in references:
-        with rasterio.Env(GDAL_CACHEMAX=64 * 2**20), rasterio.open(path) as ref:
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(path) as ref:
             nodata = ref.nodata if reference_nodata is None else reference_nodata
             for row in range(0, ref.height, block):
                 for col in range(0, ref.width, block):
@@ -612,7 +613,7 @@ def evaluate_height_raster(
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        names = [str(p) for p in expand_sources(pred)]
+        names = [f.path for f in predicted.files]
         _write_json(folder / "metrics.json", {"prediction": names[0] if len(names) == 1 else names,
                                               "reference": str(references[0]) if len(references) == 1 else references,
                                               "metrics": result})  # fmt: skip

@@ -338,8 +338,9 @@ def evaluate_class_raster(
                 # each map's class areas, its strata weights, in hectares (maps on different grids add up)
                 map_area += map_pixels * (hectares or 1.0)
                 confusion += counts
-                maps.append({"prediction": str(path), "pixels": int(counts.sum()),
-                             **{key: accuracy_report(counts)[key] for key in ("overall_accuracy", "miou")}})
+                per_map = accuracy_report(counts)
+                maps.append({"prediction": str(path), "pixels": per_map["pixels"],
+                             "overall_accuracy": per_map["overall_accuracy"], "miou": per_map["miou"]})
     if confusion.sum() == 0:
         raise ValueError(f"No pixel of {', '.join(repr(str(p)) for p in preds[:3])} has both a class and a reference "
                          f"label in {str(reference)!r}: do they overlap, and is the reference's nodata right?")
@@ -374,14 +375,14 @@ def _class_maps(pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]])
     from dinov3_eo.data.index import expand_sources
 
     sources = [pred] if isinstance(pred, (str, os.PathLike)) else list(pred)
-    maps: list[str] = []
+    maps: dict[str, None] = {}  # ordered, without repeats
     for source in sources:
         found = [os.fspath(source)] if Path(source).is_file() else expand_sources(source)
         if Path(source).is_dir():
             predicted = [path for path in found if path.endswith(f"{PREDICTED_SUFFIX}.tif")]
             found = predicted or found
-        maps += [path for path in found if path not in maps]
-    return maps
+        maps.update(dict.fromkeys(found))
+    return list(maps)
 
 
 def _map_classes(src: Any, path: Any, class_names: Sequence[str] | None) -> list[str]:
