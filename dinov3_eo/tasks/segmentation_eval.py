@@ -30,11 +30,12 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from dinov3_eo.data.datasets import GDAL_CACHE_MB
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced, tagged_class_names
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 
-GDAL_CACHE_BYTES = 64 * 2**20
+GDAL_CACHE_BYTES = GDAL_CACHE_MB * 2**20  # the block cache of every streamed read
 #: what ``out_dir`` receives
 REPORT_FILES = ("metrics.json", "confusion.csv", "confusion.png", "agreement.png", "per_map.csv")
 #: suffix ``segment predict`` gives its class maps, dropped before maps and masks are paired by name
