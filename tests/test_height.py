@@ -487,6 +487,49 @@ class TestRasterPrediction:
         assert len(json.loads((out / "metrics.json").read_text())["reference"]) == 4
         assert (out / "error_map.png").stat().st_size > 1000  # one panel per tile
 
+        # LiDAR tiles with buffers: a and b share 6 columns, c and d 4 rows with a and b; each cell counts once
+        (tmp_path / "buffered").mkdir()
+        with rasterio.open(reference) as ref:
+            for name, (r0, c0, r1, c1) in {"a": (0, 0, 25, 20), "b": (0, 14, 25, ref.width),
+                                           "c": (21, 0, ref.height, 20), "d": (21, 14, ref.height, ref.width)}.items():
+                window = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
+                with rasterio.open(tmp_path / "buffered" / f"{name}.tif", "w", **(ref.profile | {
+                        "width": window.width, "height": window.height,
+                        "transform": rasterio.windows.transform(window, ref.transform)})) as dst:  # fmt: skip
+                    dst.write(ref.read(window=window))
+        buffered = evaluate_height_raster(tmp_path / "pred.tif", tmp_path / "buffered", out_dir=out, overwrite=True,
+                                          block=9)  # fmt: skip
+        for group in whole:
+            for key, value in whole[group].items():
+                assert buffered[group][key] == pytest.approx(value, rel=1e-9, abs=1e-9, nan_ok=True), (group, key)
+        with rasterio.open(reference) as ref:
+            values = ref.read(1, masked=True)
+        cover = np.zeros(values.shape, int)
+        for rows, cols in ((slice(0, 25), slice(0, 20)), (slice(0, 25), slice(14, None)),
+                           (slice(21, None), slice(0, 20)), (slice(21, None), slice(14, None))):
+            cover[rows, cols] += 1
+        shared = int(((cover - 1) * (~np.ma.getmaskarray(values) & np.isfinite(values.filled(np.nan)))).sum())
+        assert json.loads((out / "metrics.json").read_text())["reference_overlap_pixels"] == shared > 0
+
+        # a tile in another CRS claims the pixels whose centres it covers, by their reprojected centres
+        from rasterio.warp import transform_bounds
+
+        from dinov3_eo.tasks.height import _Footprint
+
+        with rasterio.open(reference) as ref:
+            utm = _Footprint(ref.crs, ref.transform, ref.width, ref.height)
+            west, south, east, north = transform_bounds(ref.crs, "EPSG:4326", *ref.bounds)
+        inner = _Footprint("EPSG:4326", rasterio.transform.from_bounds(
+            west + (east - west) / 4, south + (north - south) / 4, east - (east - west) / 4, north - (north - south) / 4,
+            10, 10), 10, 10)  # fmt: skip
+        assert utm.covers_centres(inner).all()
+        straddling = _Footprint("EPSG:4326", rasterio.transform.from_bounds(
+            (west + east) / 2, south, east + (east - west), north, 10, 10), 10, 10)  # fmt: skip
+        covered = utm.covers_centres(straddling)
+        assert covered[:, :3].all() and not covered[:, 6:].any()
+        beside = _Footprint("EPSG:4326", rasterio.transform.from_bounds(east, south, 2 * east - west, north, 10, 10), 10, 10)
+        assert utm.covers_centres(beside) is None  # abutting: shares an edge, no area
+
         sample = _PairSample(100, seed=0)
         values = np.arange(1000, dtype=np.float32).reshape(10, 100)
         for row in values:
