@@ -212,6 +212,47 @@ class TestDenseDataModule:
                 agree += split[under] == split[tile]
         assert total > 20 and agree == total
 
+    def test_files_held_out_for_validation_and_test(self, tmp_path: Path) -> None:
+        """A benchmark's own split (``*/val/*``, ``*/test/*`` folders): whole files are held out, no fit reads the
+        test files, and the normalisation's statistics come from the training files alone."""
+        import shutil
+
+        for split in ("train", "val", "test"):
+            (tmp_path / split).mkdir()
+            shutil.copy(SAMPLE, tmp_path / split / "scene.tif")
+        with rasterio.open(SAMPLE) as src:  # brighter test scene: statistics over every file would move
+            profile, values = src.profile, src.read()
+        with rasterio.open(tmp_path / "test" / "scene.tif", "w", **profile) as dst:
+            dst.write(np.where(values > 0, values * 2, 0).astype(values.dtype))
+        common = dict(paths=str(tmp_path), labels=str(POLYGONS), nodata=0, tile_size=64, batch_size=4, cache_dir=None)
+        dm = DenseDataModule(**common, val_files=["*/val/*"], test_files=["*/test/*"])
+        dm.setup()
+        folders = [Path(r.path).parent.name for r in dm.index.records]
+        assert {folders[t.file] for t in dm.train_tiles} == {"train"} and {folders[t.file] for t in dm.val_tiles} == {"val"}
+        assert {folders[t.file] for t in dm.test_tiles} == {"test"}
+        assert len(dm.train_tiles) == len(dm.val_tiles) == len(dm.test_tiles) == 7 * 15  # whole files
+        alone = build_normalization("zscore", index=RasterIndex.build(tmp_path / "train", cache_dir=None), nodata=0)
+        everything = build_normalization("zscore", index=dm.index, nodata=0)
+        assert dm.normalization.to_dict() == alone.to_dict() != everything.to_dict()
+        batch = next(iter(dm.test_dataloader()))
+        assert batch["mask"].shape == (4, 64, 64)
+
+        # a test set alone: validation stays spatial blocks, over the other files only
+        blocks = DenseDataModule(**common, test_files=["*/test/*"], block_tiles=2, val_fraction=0.25)
+        blocks.setup()
+        folders = [Path(r.path).parent.name for r in blocks.index.records]
+        assert {folders[t.file] for t in blocks.train_tiles + blocks.val_tiles} == {"train", "val"}
+        assert {folders[t.file] for t in blocks.test_tiles} == {"test"} and blocks.val_tiles
+
+        with pytest.raises(ValueError, match=r"val_files \['\*/nothing/\*'\] match none of the images"):
+            DenseDataModule(**common, val_files=["*/nothing/*"]).setup()
+        with pytest.raises(ValueError, match="matches both val_files"):
+            DenseDataModule(**common, val_files=["*/val/*"], test_files=["*/val/*"]).setup()
+        with pytest.raises(ValueError, match="none is left to train on"):
+            DenseDataModule(**common, val_files=["*/val/*", "*/train/*"], test_files=["*/test/*"]).setup()
+        with pytest.raises(ValueError, match="testing needs test_files"):
+            DenseDataModule(**common).test_dataloader()
+
     def test_regression_from_raster(self, tmp_path: Path) -> None:
         with rasterio.open(SAMPLE) as src:
             profile = src.profile | {"count": 1, "dtype": "float32", "nodata": -1.0}

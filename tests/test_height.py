@@ -255,6 +255,15 @@ class TestHeightDataModule:
         np.testing.assert_array_equal(sample["target"].numpy(), direct)
         assert torch.isnan(sample["target"][~sample["valid"]]).all()
 
+    def test_a_plot_held_out_for_the_test(self) -> None:
+        dm = self._dm(test_files=["TEAK_050.tif"])
+        dm.setup("test")
+        names = [Path(r.path).name for r in dm.index.records]
+        assert {names[t.file] for t in dm.train_tiles} == {"TEAK_044.tif"}
+        assert {names[t.file] for t in dm.val_tiles} == {"TEAK_052.tif"}
+        assert {names[t.file] for t in dm.test_tiles} == {"TEAK_050.tif"}
+        assert next(iter(dm.test_dataloader()))["target"].shape == (2, 128, 128)
+
     def test_tiles_without_heights_are_skipped(self) -> None:
         dm = self._dm(labels=[str(NEON / "TEAK_044_CHM.tif"), str(NEON / "TEAK_052_CHM.tif")])
         dm.setup("fit")
@@ -585,6 +594,16 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
     report = json.loads((logs / "val_metrics.json").read_text())
     assert report["step"] == 3 and report["metrics"]["all"]["n"] > 0 and set(report["metrics"]) == {"all", "0-5", "5-10", "10-20", "20+"}
     ckpt = logs / "checkpoints" / "last.ckpt"
+    # a plot held out for the test (the config validates on TEAK_052): scored with the checkpoint, reported beside
+    assert main([
+        "test", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "height" / "neon_tiny_cpu.yaml"),
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'test'}", "--trainer.logger=false",
+        f"--data.paths={data}/TEAK_0??.tif", f"--data.labels={data}/TEAK_0??_CHM.tif", "--data.tile_size=64",
+        "--data.gsd=0.4", "--data.batch_size=2", '--data.test_files=["TEAK_050.tif"]', f"--ckpt_path={ckpt}",
+    ]) == 0  # fmt: skip
+    tested = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
+    assert tested["checkpoint"] == str(ckpt) and tested["metrics"]["all"]["n"] > 0
+    assert {"test_scatter.png", "test_error_map.png"} <= {p.name for p in (tmp_path / "test").iterdir()}
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert stored["dinov3_eo"]["normalization"]["name"] == "sat493m" and stored["dinov3_eo"]["gsd"] == 0.4
 

@@ -439,6 +439,43 @@ class TestSegmentCLI:
         state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
         assert state["hyper_parameters"]["num_classes"] == 4
 
+    def test_test_scores_the_held_out_files(self, trained: Path, tmp_path: Path) -> None:
+        """``segment test --ckpt_path`` scores a checkpoint on ``data.test_files``: the metrics ``validate`` gives on
+        the same file, the labelled pixels of its tiles, and a report (JSON, confusion CSV and PNG) in the log folder."""
+        import lightning.pytorch as pl
+
+        from dinov3_eo.data.datamodule import DenseDataModule
+
+        for split in ("train", "heldout"):
+            (tmp_path / split).mkdir()
+            shutil.copy(SCENE, tmp_path / split / "scene.tif")
+        common = dict(paths=str(tmp_path / "*" / "scene.tif"), labels=str(POLYGONS), nodata=0, tile_size=64,
+                      classes={name: i for i, name in enumerate(NAMES)},
+                      batch_size=8, num_workers=0, cache_dir=None, normalization="zscore")  # fmt: skip
+        model = SegmentationTask.from_checkpoint(trained)
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path / "api")  # fmt: skip
+        tested = trainer.test(model, DenseDataModule(**common, test_files=["*/heldout/*"]), verbose=False)[0]
+        validated = trainer.validate(model, DenseDataModule(**common, val_files=["*/heldout/*"]), verbose=False)[0]
+        assert tested["test/mIoU"] == pytest.approx(validated["val/mIoU"], abs=1e-6) and tested["test/mIoU"] > 0
+        assert tested["test/accuracy"] == pytest.approx(validated["val/accuracy"], abs=1e-6)
+        report = json.loads((tmp_path / "api" / "test_metrics.json").read_text())
+        dm = DenseDataModule(**common, test_files=["*/heldout/*"])
+        labelled = sum(int((batch["mask"] != 255).sum()) for batch in dm.test_dataloader())
+        assert report["pixels"] == labelled > 0 and list(report["classes"]) == NAMES
+        assert report["miou"] == pytest.approx(tested["test/mIoU"], abs=1e-6)
+
+        root = tmp_path / "cli"
+        assert cli_main([
+            "segment", "test", "--config", str(CONFIG), "--data.paths", str(tmp_path / "*" / "scene.tif"),
+            "--data.labels", str(POLYGONS), "--data.test_files", '["*/heldout/*"]', "--ckpt_path", str(trained),
+            "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        ]) == 0  # fmt: skip
+        assert {"test_metrics.json", "test_confusion.csv", "test_confusion.png"} <= {p.name for p in root.iterdir()}
+        cli_report = json.loads((root / "test_metrics.json").read_text())
+        assert cli_report["checkpoint"] == str(trained) and cli_report["pixels"] == labelled
+        assert cli_report["miou"] == pytest.approx(report["miou"], abs=1e-6)
+
     def test_predict_refuses_wrong_band_count(self, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         two_bands = tmp_path / "two.tif"
         with rasterio.open(SCENE) as src:

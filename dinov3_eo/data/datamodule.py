@@ -11,6 +11,8 @@ Normalisation is decided once in ``setup`` and exposed as :attr:`normalization` 
 
 from __future__ import annotations
 
+import fnmatch
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,6 +32,7 @@ from dinov3_eo.data.sampling import (
     TileGrid,
     TileListSampler,
     _TileSamplerBase,
+    grid_tiles,
     spatial_block_split,
 )
 from dinov3_eo.data.stats import BandStats, compute_band_stats
@@ -69,6 +72,22 @@ def build_normalization(
     elif not isinstance(stats, BandStats):
         stats = BandStats.load(stats)
     return stats.normalization(mode)
+
+
+def files_matching(paths: Sequence[str], patterns: Sequence[str], what: str = "patterns") -> list[int]:
+    """Indices of the ``paths`` whose file name or full path matches one of the glob ``patterns``.
+
+    Raises:
+        ValueError: if ``patterns`` are given and match none of ``paths`` (named: ``what`` says which setting).
+    """
+    if not patterns:
+        return []
+    found = [i for i, path in enumerate(paths)
+             if any(fnmatch.fnmatch(os.path.basename(path), p) or fnmatch.fnmatch(path, p) for p in patterns)]  # fmt: skip
+    if not found:
+        shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise ValueError(f"{what} {list(patterns)} match none of the images ({shown}).")
+    return found
 
 
 class _TileDataModuleBase(pl.LightningDataModule):
@@ -271,8 +290,17 @@ class DenseDataModule(_TileDataModuleBase):
         bands, nodata, scale, offset, normalization, stats, preset_range: as for :class:`PretrainDataModule`.
         tile_size, units, gsd, crs, resampling: the tile grid.
         block_tiles: side of a spatial block in tiles; val_fraction: share of blocks used for validation.
+        val_files: imagery files held out whole for validation, as globs matched against each file's name or full
+            path (``["TEAK_052.tif"]``, ``["*/val/*"]``: a benchmark's own split, a region split by plot); when
+            ``None``, validation is spatial blocks of ``block_tiles`` tiles (``val_fraction`` of them).
+        test_files: imagery files held out whole for testing, as ``val_files``: no fit reads them, ``test`` (``dinov3-eo
+            segment test --ckpt_path ...``) scores on them. Statistics for the normalisation come from the training
+            files alone where files are held out.
         max_nodata_fraction: drop tiles with more estimated image nodata.
         batch_size, num_workers, pin_memory, worker_type, seed, strict, cache_dir, stats_windows, rank, world_size: as above.
+
+    Raises:
+        ValueError: in ``setup``, ``val_files``/``test_files`` that match no image, or an image both match.
     """
 
     def __init__(
@@ -302,6 +330,8 @@ class DenseDataModule(_TileDataModuleBase):
         resampling: str = "bilinear",
         block_tiles: int = 4,
         val_fraction: float = 0.2,
+        val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
         max_nodata_fraction: float = 0.9,
         batch_size: int = 8,
         num_workers: int = 0,
@@ -330,6 +360,7 @@ class DenseDataModule(_TileDataModuleBase):
         self.normalization_mode, self.stats, self.preset_range = normalization, stats, tuple(preset_range)
         self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
         self.block_tiles, self.val_fraction, self.max_nodata_fraction = block_tiles, val_fraction, max_nodata_fraction
+        self.val_files, self.test_files = list(val_files or []), list(test_files or [])
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
         self.worker_type = worker_type
         self._check_worker_type()
@@ -359,23 +390,41 @@ class DenseDataModule(_TileDataModuleBase):
             return
         grid = self._build_grid()
         self.label_source = self._labels()
+        paths = [record.path for record in self.index.records]
+        val_files = set(files_matching(paths, self.val_files, "val_files"))
+        test_files = set(files_matching(paths, self.test_files, "test_files"))
+        if both := sorted(val_files & test_files):
+            raise ValueError(f"DenseDataModule: {paths[both[0]]} matches both val_files {self.val_files} and "
+                             f"test_files {self.test_files}.")
+        training = [i for i in range(len(paths)) if i not in val_files | test_files]
+        if not training:
+            raise ValueError(f"DenseDataModule: val_files {self.val_files} and test_files {self.test_files} hold out "
+                             f"every image; none is left to train on.")
+        # statistics of the files the model trains on: held-out files would leak into the normalisation
+        stats_index = self.index if len(training) == len(paths) else self.index.subset(training)
         self.normalization = build_normalization(
-            self.normalization_mode, index=self.index, stats=self.stats, nodata=self.nodata, scale=self.scale,
+            self.normalization_mode, index=stats_index, stats=self.stats, nodata=self.nodata, scale=self.scale,
             offset=self.offset, preset_range=self.preset_range, stats_windows=self.stats_windows, seed=self.seed,
         )  # fmt: skip
         self.dataset = TileDataset(
             grid=grid, nodata=self.nodata, scale=self.scale, offset=self.offset, normalization=self.normalization, labels=self.label_source
         )
-        self.train_tiles, self.val_tiles = spatial_block_split(
-            grid, block_tiles=self.block_tiles, val_fraction=self.val_fraction, seed=self.seed,
-            nodata=self.nodata, max_nodata_fraction=self.max_nodata_fraction,
-        )  # fmt: skip
+        tiles = {"nodata": self.nodata, "max_nodata_fraction": self.max_nodata_fraction}
+        if val_files:
+            self.train_tiles = grid_tiles(grid, files=training, **tiles)
+            self.val_tiles = grid_tiles(grid, files=sorted(val_files), **tiles)
+        else:
+            self.train_tiles, self.val_tiles = spatial_block_split(
+                grid, block_tiles=self.block_tiles, val_fraction=self.val_fraction, seed=self.seed, files=training, **tiles
+            )  # fmt: skip
+        self.test_tiles = grid_tiles(grid, files=sorted(test_files), **tiles)
         if getattr(self.label_source, "pairing", "georeference") == "name":
             # an image without a mask of its name has no labels at all: its tiles would only cost reading time
-            pairs = self.label_source.mosaic.pair_all([record.path for record in self.index.records])
+            pairs = self.label_source.mosaic.pair_all(paths)
             paired = {i for i, pair in enumerate(pairs) if pair is not None}
             self.train_tiles = [t for t in self.train_tiles if t.file in paired]
             self.val_tiles = [t for t in self.val_tiles if t.file in paired]
+            self.test_tiles = [t for t in self.test_tiles if t.file in paired]
 
     @property
     def num_classes(self) -> int | None:
@@ -402,4 +451,20 @@ class DenseDataModule(_TileDataModuleBase):
     def val_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")
         sampler = TileListSampler(tiles=self.val_tiles, shuffle=False, seed=self.seed, rank=self.rank, world_size=self.world_size)
+        return self._dataloader(self.dataset, sampler)
+
+    def test_dataloader(self) -> DataLoader | ThreadedTileLoader:
+        """Every tile of the ``test_files``.
+
+        Raises:
+            ValueError: without ``test_files``, or where they have no tile left (all nodata, or no mask of their name).
+        """
+        self.setup("test")
+        if not self.test_files:
+            raise ValueError("DenseDataModule: testing needs test_files= (--data.test_files): the imagery files held "
+                             "out for the test, which no fit trains or validates on.")
+        if not self.test_tiles:
+            raise ValueError(f"DenseDataModule: the test_files {self.test_files} have no tile with image data "
+                             f"{'and a mask of their name ' if self.label_pairing == 'name' else ''}to test on.")
+        sampler = TileListSampler(tiles=self.test_tiles, shuffle=False, seed=self.seed, rank=self.rank, world_size=self.world_size)
         return self._dataloader(self.dataset, sampler)

@@ -399,6 +399,15 @@ class RasterIndex:
     def __iter__(self) -> Iterator[RasterRecord]:
         return iter(self.records)
 
+    def subset(self, indices: Sequence[int]) -> RasterIndex:
+        """The index of the records at ``indices`` (in that order), with their band selections; no file is opened.
+
+        Raises:
+            RasterArchiveError: if ``indices`` is empty.
+        """
+        return RasterIndex(records=[self.records[i] for i in indices], band_indexes=[self.band_indexes[i] for i in indices],
+                           bands=self.bands)  # fmt: skip
+
     def __repr__(self) -> str:
         return f"RasterIndex({len(self)} rasters, {self.num_bands} bands, {len(self.problems)} excluded)"
 

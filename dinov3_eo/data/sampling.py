@@ -16,7 +16,7 @@ already distributed and does not wrap them a second time; none of its logic is u
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -428,8 +428,31 @@ class TileListSampler(_FixedTilesSampler):
         self.tiles, self.shuffle = list(tiles), shuffle
 
 
+def grid_tiles(
+    grid: TileGrid, *, files: Iterable[int] | None = None, nodata: float | None = None, max_nodata_fraction: float = 0.9
+) -> list[Tile]:
+    """Every file's tiles on a grid with stride = tile size (no overlap; the last row and column may run past the
+    file's edge, where they read nodata), less those with more than ``max_nodata_fraction`` estimated nodata.
+
+    Args:
+        grid: the tile grid.
+        files: indices of the files to tile (default: all of them), in the order tiles are returned.
+        nodata, max_nodata_fraction: the nodata test (on each file's valid-pixel thumbnail).
+    """
+    size, tiles = grid.tile_px, []
+    for f in range(len(grid)) if files is None else files:
+        g = grid.grids[f]
+        for r in range(0, max(1, math.ceil(g.height / size)) * size, size):
+            for c in range(0, max(1, math.ceil(g.width / size)) * size, size):
+                tile = Tile(f, r, c, size)
+                if 1.0 - grid.valid_fraction(tile, nodata) <= max_nodata_fraction:
+                    tiles.append(tile)
+    return tiles
+
+
 def spatial_block_split(
-    grid: TileGrid, *, block_tiles: int, val_fraction: float, seed: int = 0, nodata: float | None = None, max_nodata_fraction: float = 0.9
+    grid: TileGrid, *, block_tiles: int, val_fraction: float, seed: int = 0, nodata: float | None = None,
+    max_nodata_fraction: float = 0.9, files: Iterable[int] | None = None,
 ) -> tuple[list[Tile], list[Tile]]:
     """Non-overlapping tiles split into train/val by spatial block, never by pixel or tile.
 
@@ -443,6 +466,8 @@ def spatial_block_split(
     centre falls in, so the same ground never sits in both splits. (Until session 20 each file had blocks of its own,
     and two images of one place could put it in both.)
 
+    ``files`` limits the split to those files' tiles (a test set held out by file stays out of both).
+
     Raises:
         ValueError: if ``val_fraction`` is not in (0, 1) or ``block_tiles`` < 1.
     """
@@ -455,15 +480,9 @@ def spatial_block_split(
     first = grid.grids[0] if len(grid) else None
     to_first = ~first.transform if first is not None else None
     blocks: dict[tuple[int, int], list[Tile]] = {}
-    for f in range(len(grid)):
+    for f in range(len(grid)) if files is None else files:
         g = grid.grids[f]
-        tiles = []
-        for r in range(0, max(1, math.ceil(g.height / size)) * size, size):
-            for c in range(0, max(1, math.ceil(g.width / size)) * size, size):
-                tile = Tile(f, r, c, size)
-                if 1.0 - grid.valid_fraction(tile, nodata) > max_nodata_fraction:
-                    continue
-                tiles.append(tile)
+        tiles = grid_tiles(grid, files=[f], nodata=nodata, max_nodata_fraction=max_nodata_fraction)
         if not tiles:
             continue
         # tile centres on the ground, in the first file's CRS, then in its pixels

@@ -273,9 +273,19 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         self._val_store = {"pred": [], "target": [], "tiles_pred": [], "tiles_target": []}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score_batch(batch, batch_idx, "val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score_batch(batch, batch_idx, "test")
+
+    def _score_batch(self, batch: dict[str, Any], batch_idx: int, split: str) -> None:
+        """Adds a validation or test batch to the epoch's metrics and plots, and logs its loss."""
         image, target, valid = batch["image"], batch["target"], batch["valid"]
         pred = self(image)
-        self.log("val/loss", self.loss_fn(pred, target, valid), batch_size=image.shape[0], sync_dist=True)
+        self.log(f"{split}/loss", self.loss_fn(pred, target, valid), batch_size=image.shape[0], sync_dist=True)
         self.val_metrics.update(pred, target, valid)
         self._keep_for_plots(pred[:, 0], target, valid, batch_idx)
 
@@ -295,28 +305,42 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
                 self._val_store["tiles_target"].append(t[b])
 
     def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Logs the ``test/`` metrics and writes ``test_metrics.json``, ``test_scatter.png`` and
+        ``test_error_map.png`` to the run's log folder."""
+        self._log_scores("test")
+
+    def _log_scores(self, split: str) -> None:
         state = self.val_metrics.state_tensor().to(self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(state)
             self.val_metrics.load_state_tensor(state)
         metrics = self.val_metrics.compute()
-        for key, value in flat_metrics(metrics, prefix="val/").items():
-            self.log(key, value if math.isfinite(value) else float("nan"), prog_bar=key in ("val/mae", "val/rmse"))
+        for key, value in flat_metrics(metrics, prefix=f"{split}/").items():
+            self.log(key, value if math.isfinite(value) else float("nan"), prog_bar=key in (f"{split}/mae", f"{split}/rmse"))
         if self.trainer.sanity_checking or not self.trainer.is_global_zero:
             return
-        self.write_validation_report(metrics)
+        self.write_validation_report(metrics, split=split)
 
-    def write_validation_report(self, metrics: dict[str, dict[str, float]]) -> Path | None:
-        """``val_metrics.json``, ``val_scatter.png`` and ``val_error_map.png`` in the run folder (overwritten)."""
+    def write_validation_report(self, metrics: dict[str, dict[str, float]], *, split: str = "val") -> Path | None:
+        """``<split>_metrics.json``, ``<split>_scatter.png`` and ``<split>_error_map.png`` in the run folder
+        (overwritten); ``split`` is ``"val"`` or ``"test"``."""
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "val_metrics.json", {"epoch": int(self.current_epoch), "step": int(self.global_step), "metrics": metrics})
+        entry: dict[str, Any] = {"epoch": int(self.current_epoch), "step": int(self.global_step), "metrics": metrics}
+        if split == "test":
+            ckpt = getattr(self.trainer, "ckpt_path", None)
+            entry = {"checkpoint": None if ckpt is None else str(ckpt), **entry}
+        _write_json(folder / f"{split}_metrics.json", entry)
         store = self._val_store
+        what = "validation" if split == "val" else "test"
         if store.get("pred"):
-            scatter_plot(folder / "val_scatter.png", np.concatenate(store["pred"]), np.concatenate(store["target"]),
-                         title=f"validation, epoch {self.current_epoch}")  # fmt: skip
+            scatter_plot(folder / f"{split}_scatter.png", np.concatenate(store["pred"]), np.concatenate(store["target"]),
+                         title=f"{what}, epoch {self.current_epoch}")  # fmt: skip
         if store.get("tiles_pred"):
-            error_map(folder / "val_error_map.png", np.stack(store["tiles_pred"]), np.stack(store["tiles_target"]),
+            error_map(folder / f"{split}_error_map.png", np.stack(store["tiles_pred"]), np.stack(store["tiles_target"]),
                       titles=[f"tile {i}" for i in range(len(store["tiles_pred"]))])  # fmt: skip
         return folder
 
@@ -800,7 +824,7 @@ def _fit_main(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``dinov3-eo height fit|validate --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``,
+    """``dinov3-eo height fit|validate|test --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``,
     ``height change BEFORE AFTER -o dh.tif``."""
     argv = list(argv)
     if argv and argv[0] == "predict":

@@ -15,7 +15,6 @@ region — whole files (e.g. field plots) named in ``val_files``, or spatial blo
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 from collections.abc import Sequence
@@ -128,11 +127,6 @@ class HeightLabels:
         return float(np.isfinite(heights).mean())
 
 
-def _matches(path: str, patterns: Sequence[str]) -> bool:
-    name = os.path.basename(path)
-    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(path, p) for p in patterns)
-
-
 class HeightDataModule(DenseDataModule):
     """Imagery tiles with ``target`` heights (metres, NaN = none) for :class:`~dinov3_eo.tasks.height.HeightTask`.
 
@@ -145,8 +139,9 @@ class HeightDataModule(DenseDataModule):
         label_resampling: ``"bilinear"`` or ``"average"`` (see :class:`HeightLabels`).
         label_max_height: CHM heights above this are ignored (outliers such as birds or power lines).
         min_label_fraction: tiles where less than this fraction has a reference height are skipped.
-        val_files: basename globs of imagery files held out for validation (a region split by file, e.g. by
-            plot); when ``None``, spatial blocks of ``block_tiles`` tiles are split with ``val_fraction``.
+        val_files: globs (file name or path) of imagery files held out for validation (a region split by file,
+            e.g. by plot); when ``None``, spatial blocks of ``block_tiles`` tiles are split with ``val_fraction``.
+        test_files: imagery files held out for ``dinov3-eo height test`` (as ``val_files``; no fit reads them).
         bands, nodata, scale, offset, normalization, stats, preset_range, tile_size, units, gsd, crs, resampling,
         block_tiles, val_fraction, max_nodata_fraction, batch_size, num_workers, pin_memory, seed, strict,
         cache_dir, stats_windows, rank, world_size: as for :class:`~dinov3_eo.data.datamodule.DenseDataModule`.
@@ -167,6 +162,7 @@ class HeightDataModule(DenseDataModule):
         label_max_height: float | None = None,
         min_label_fraction: float = 0.5,
         val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
         bands: list[int | str] | None = None,
         nodata: float | None = None,
         scale: float | list[float] | None = None,
@@ -201,13 +197,13 @@ class HeightDataModule(DenseDataModule):
             task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
             scale=scale, offset=offset, normalization=normalization, stats=stats, preset_range=preset_range,
             tile_size=tile_size, units=units, gsd=gsd, crs=crs, resampling=resampling, block_tiles=block_tiles,
-            val_fraction=val_fraction, max_nodata_fraction=max_nodata_fraction, batch_size=batch_size,
+            val_fraction=val_fraction, val_files=val_files, test_files=test_files, max_nodata_fraction=max_nodata_fraction, batch_size=batch_size,
             num_workers=num_workers, pin_memory=pin_memory, seed=seed, strict=strict, cache_dir=cache_dir,
             stats_windows=stats_windows, rank=rank, world_size=world_size,
         )  # fmt: skip
         self.save_hyperparameters()
         self.label_resampling, self.label_max_height = label_resampling, label_max_height
-        self.min_label_fraction, self.val_files = float(min_label_fraction), val_files
+        self.min_label_fraction = float(min_label_fraction)
 
     def _labels(self) -> HeightLabels:
         return HeightLabels(
@@ -227,16 +223,9 @@ class HeightDataModule(DenseDataModule):
         if self.dataset is not None:
             return
         super().setup(stage)
-        if self.val_files:
-            paths = [r.path for r in self.index.records]
-            tiles = sorted(self.train_tiles + self.val_tiles)
-            held_out = {i for i, p in enumerate(paths) if _matches(p, self.val_files)}
-            if not held_out:
-                raise ValueError(f"HeightDataModule: val_files {self.val_files} match none of the images {paths}.")
-            self.train_tiles = [t for t in tiles if t.file not in held_out]
-            self.val_tiles = [t for t in tiles if t.file in held_out]
         self.train_tiles = [t for t in self.train_tiles if self.label_fraction(t) >= self.min_label_fraction]
         self.val_tiles = [t for t in self.val_tiles if self.label_fraction(t) >= self.min_label_fraction]
+        self.test_tiles = [t for t in self.test_tiles if self.label_fraction(t) >= self.min_label_fraction]
         for name, tiles in (("training", self.train_tiles), ("validation", self.val_tiles)):
             if not tiles:
                 raise ValueError(

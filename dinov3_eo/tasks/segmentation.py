@@ -405,9 +405,40 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score_batch(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._score_batch(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        """Logs the ``test/`` metrics and writes ``test_metrics.json`` (overall accuracy, kappa, mIoU and per-class
+        IoU/F1/precision/recall, as ``segment evaluate`` reports a map), ``test_confusion.csv`` and
+        ``test_confusion.png`` to the run's log folder."""
+        confusion = self._log_scores("test")
+        if confusion is None or not self.trainer.is_global_zero:
+            return
+        from dinov3_eo.tasks.segmentation_eval import accuracy_report, write_accuracy_report
+
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        report = accuracy_report(confusion.numpy(), self.class_names)
+        ckpt = getattr(self.trainer, "ckpt_path", None)
+        report = {"checkpoint": None if ckpt is None else str(ckpt), **report}
+        write_accuracy_report(folder, report, confusion.numpy(), self.class_names, prefix="test_")
+        log.info("Test: mIoU %.4f, overall accuracy %.4f over %d labelled pixels; report in %s.",
+                 report["miou"], report["overall_accuracy"], report["pixels"], folder / "test_metrics.json")
+
+    def _score_batch(self, batch: dict[str, Any], split: str) -> None:
+        """Adds a validation or test batch to the epoch's confusion matrix and logs its loss."""
         logits = self(batch["image"])
         mask = batch["mask"]
-        self.log("val/loss", self._loss(logits, mask), batch_size=mask.shape[0], sync_dist=True)
+        self.log(f"{split}/loss", self._loss(logits, mask), batch_size=mask.shape[0], sync_dist=True)
         labelled = mask != self.hparams.ignore_index
         truth, pred = mask[labelled], logits.argmax(dim=1)[labelled]
         if self._confusion is None:
@@ -417,28 +448,33 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
             self.num_classes, self.num_classes
         )  # [K*K] -> [K (truth), K (pred)]
 
-    def on_validation_epoch_end(self) -> None:
+    def _log_scores(self, split: str) -> Tensor | None:
+        """Logs ``<split>/mIoU``, ``mF1``, ``accuracy`` and per-class IoU/F1 from the epoch's confusion matrix,
+        summed over the processes; returns that matrix ``[K (truth), K (pred)]`` on the CPU (``None`` before any
+        batch)."""
         if self._confusion is None:
-            return
+            return None
         confusion = self.all_gather(self._confusion)
         if confusion.ndim == 3:
             confusion = confusion.sum(dim=0)  # [world, K, K] -> [K, K]
         if int(confusion.sum()) == 0:
-            log.warning("Validation saw no labelled pixel: the metrics are 0 (check the split and the labels' extent).")
+            what = "Validation" if split == "val" else "The test"
+            log.warning("%s saw no labelled pixel: the metrics are 0 (check the split and the labels' extent).", what)
         iou, f1 = iou_f1_from_confusion(confusion)
         metrics = {
-            "val/mIoU": float(np.nanmean(iou.cpu().numpy())) if not torch.isnan(iou).all() else 0.0,
-            "val/mF1": float(np.nanmean(f1.cpu().numpy())) if not torch.isnan(f1).all() else 0.0,
-            "val/accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
+            f"{split}/mIoU": float(np.nanmean(iou.cpu().numpy())) if not torch.isnan(iou).all() else 0.0,
+            f"{split}/mF1": float(np.nanmean(f1.cpu().numpy())) if not torch.isnan(f1).all() else 0.0,
+            f"{split}/accuracy": float(confusion.diag().sum() / confusion.sum().clamp(min=1)),
         }
         for name, i, f in zip(self.class_names, iou.tolist(), f1.tolist()):
             if not math.isnan(i):
-                metrics[f"val/IoU/{name}"] = i
-                metrics[f"val/F1/{name}"] = f
-        self.log("val/mIoU", metrics.pop("val/mIoU"), prog_bar=True)
+                metrics[f"{split}/IoU/{name}"] = i
+                metrics[f"{split}/F1/{name}"] = f
+        self.log(f"{split}/mIoU", metrics.pop(f"{split}/mIoU"), prog_bar=True)
         # the confusion matrix is already summed over ranks, so the metrics need no further reduction
         self.log_dict(metrics, prog_bar=False)
         self.last_confusion = confusion.cpu()
+        return self.last_confusion
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
@@ -765,7 +801,7 @@ def _segment_cli_class() -> type:
 
 
 def fit_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo segment fit|validate --config x.yaml`` through LightningCLI with the labelled datamodule; a config
+    """``dinov3-eo segment fit|validate|test --config x.yaml`` through LightningCLI with the labelled datamodule; a config
     without ``model.num_classes`` and ``model.class_names`` takes the classes of ``data.labels``."""
     from dinov3_eo.data.datamodule import DenseDataModule
 
@@ -791,9 +827,10 @@ def main(argv: Sequence[str]) -> int:
         return prototypes_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(
-            "usage: dinov3-eo segment {fit,validate,predict,prototypes,evaluate,change} ...\n\n"
+            "usage: dinov3-eo segment {fit,validate,test,predict,prototypes,evaluate,change} ...\n\n"
             "  fit --config x.yaml       train a head (LightningCLI: model=SegmentationTask, data=DenseDataModule)\n"
             "  validate --config x.yaml  evaluate a checkpoint (--ckpt_path)\n"
+            "  test --config x.yaml --ckpt_path C.ckpt   score a checkpoint on data.test_files (test_metrics.json)\n"
             "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs (see 'predict --help')\n"
             "  prototypes IN.tif ... --labels L.gpkg --model BACKBONE -o OUT_DIR   segment without training\n"
             "  evaluate CLASSES.tif REFERENCE [--out-dir DIR]   accuracy of a class map (see 'evaluate --help')\n"

@@ -358,7 +358,7 @@ def evaluate_class_raster(
     if out_dir is not None:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_report(folder, report, confusion, list(class_names))
+        write_accuracy_report(folder, report, confusion, list(class_names))
         if not several:
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(preds[0]) as src:
                 _agreement_of(src, preds[0], ref, folder / "agreement.png", picture_size)
@@ -439,14 +439,18 @@ def _check_reference_ids(truth: np.ndarray, k: int, reference: Any) -> None:
                          f"(its classes are 0..{k - 1}); is its nodata declared (--reference-nodata)?")  # fmt: skip
 
 
-def _write_report(folder: Path, report: Mapping[str, Any], confusion: np.ndarray, names: list[str]) -> None:
-    with atomic_output(folder / "metrics.json", overwrite=True) as tmp:
+def write_accuracy_report(folder: Path, report: Mapping[str, Any], confusion: np.ndarray, names: Sequence[str], *,
+                          prefix: str = "") -> None:
+    """``<prefix>metrics.json`` (``report``), ``<prefix>confusion.csv`` (rows: reference, columns: map) and
+    ``<prefix>confusion.png`` in ``folder``, each written atomically (replacing an earlier one)."""
+    names = list(names)
+    with atomic_output(folder / f"{prefix}metrics.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(report, indent=2))
     rows = ["reference \\ map," + ",".join(names)]
     rows += [f"{name}," + ",".join(str(int(v)) for v in confusion[i]) for i, name in enumerate(names)]
-    with atomic_output(folder / "confusion.csv", overwrite=True) as tmp:
+    with atomic_output(folder / f"{prefix}confusion.csv", overwrite=True) as tmp:
         tmp.write_text("\n".join(rows) + "\n")
-    confusion_plot(folder / "confusion.png", confusion, names)
+    confusion_plot(folder / f"{prefix}confusion.png", confusion, names)
 
 
 def _save(fig: Any, dst: Path) -> Path:
