@@ -32,6 +32,8 @@ _EXPORTS: dict[str, str] = {
     "build_normalization": "dinov3_eo.data.datamodule",
     "collate_samples": "dinov3_eo.data.datasets",
     "compute_band_stats": "dinov3_eo.data.stats",
+    "files_matching": "dinov3_eo.data.datamodule",
+    "grid_tiles": "dinov3_eo.data.sampling",
     "read_window": "dinov3_eo.data.raster",
     "spatial_block_split": "dinov3_eo.data.sampling",
 }
@@ -64,6 +66,8 @@ __all__ = [
     "build_normalization",
     "collate_samples",
     "compute_band_stats",
+    "files_matching",
+    "grid_tiles",
     "read_window",
     "spatial_block_split",
 ]
