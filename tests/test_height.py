@@ -521,23 +521,24 @@ class TestRasterPrediction:
         assert json.loads((out / "metrics.json").read_text())["reference_overlap_pixels"] == shared > 0
 
         # a tile in another CRS claims the pixels whose centres it covers, by their reprojected centres
+        from rasterio.crs import CRS
         from rasterio.warp import transform_bounds
 
-        from dinov3_eo.tasks.height import _Footprint
+        from dinov3_eo.data.labels import RasterMosaic
 
+        utm = RasterMosaic(reference).files[0]
         with rasterio.open(reference) as ref:
-            utm = _Footprint(ref.crs, ref.transform, ref.width, ref.height)
             west, south, east, north = transform_bounds(ref.crs, "EPSG:4326", *ref.bounds)
-        inner = _Footprint("EPSG:4326", rasterio.transform.from_bounds(
+        wgs84 = {"crs": CRS.from_epsg(4326), "shape": (10, 10)}
+        inner = rasterio.transform.from_bounds(
             west + (east - west) / 4, south + (north - south) / 4, east - (east - west) / 4, north - (north - south) / 4,
-            10, 10), 10, 10)  # fmt: skip
-        assert utm.covers_centres(inner).all()
-        straddling = _Footprint("EPSG:4326", rasterio.transform.from_bounds(
-            (west + east) / 2, south, east + (east - west), north, 10, 10), 10, 10)  # fmt: skip
-        covered = utm.covers_centres(straddling)
+            10, 10)  # fmt: skip
+        assert utm.centres_inside(transform=inner, **wgs84).all()
+        straddling = rasterio.transform.from_bounds((west + east) / 2, south, east + (east - west), north, 10, 10)
+        covered = utm.centres_inside(transform=straddling, **wgs84)
         assert covered[:, :3].all() and not covered[:, 6:].any()
-        beside = _Footprint("EPSG:4326", rasterio.transform.from_bounds(east, south, 2 * east - west, north, 10, 10), 10, 10)
-        assert utm.covers_centres(beside) is None  # abutting: shares an edge, no area
+        beside = rasterio.transform.from_bounds(east, south, 2 * east - west, north, 10, 10)
+        assert not utm.centres_inside(transform=beside, **wgs84).any()  # abutting: shares an edge, claims no pixel
 
         sample = _PairSample(100, seed=0)
         values = np.arange(1000, dtype=np.float32).reshape(10, 100)

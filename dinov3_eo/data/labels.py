@@ -110,6 +110,21 @@ class MosaicFile:
     nodata: float | None
     dtype: str
     shape: tuple[int, int] = (0, 0)  # (height, width) in pixels
+    transform: Affine | None = None  # None: no georeference
+
+    def centres_inside(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
+        """[H, W] bool: which pixel centres of the grid ``(crs, transform, shape)`` fall inside this file's pixels
+        (half-open intervals, so files that abut claim no pixel of each other), the centres reprojected into the
+        file's CRS where it has another. The file must be georeferenced."""
+        cols, rows = np.meshgrid(np.arange(shape[1]) + 0.5, np.arange(shape[0]) + 0.5)
+        xs, ys = transform * (cols, rows)
+        if crs != self.crs:
+            from rasterio.warp import transform as transform_points
+
+            moved = transform_points(crs, self.crs, xs.ravel(), ys.ravel())
+            xs, ys = np.asarray(moved[0]).reshape(xs.shape), np.asarray(moved[1]).reshape(ys.shape)
+        col, row = ~self.transform * (xs, ys)
+        return (col >= 0) & (col < self.shape[1]) & (row >= 0) & (row < self.shape[0])
 
 
 def _close_datasets(handles: dict[int, Any]) -> None:
@@ -220,7 +235,7 @@ class RasterMosaic:
                     raise ValueError(f"{what}: band {band} is outside [1, {src.count}] for {path}.")
                 files.append(MosaicFile(str(path), src.crs if georeferenced else None, src.bounds,
                                         src.nodata if nodata is None else nodata, src.dtypes[self.band - 1],
-                                        (src.height, src.width)))  # fmt: skip
+                                        (src.height, src.width), src.transform if georeferenced else None))  # fmt: skip
         self.files = files
         # per CRS, the files' bounds as one array: a grid is taken into each CRS once, not once per file
         groups: dict[Any, list[int]] = {}

@@ -589,8 +589,9 @@ def evaluate_height_raster(
     ``block``-px blocks, and the prediction (one raster or several, read as one mosaic) is resampled onto each block's
     grid (``average`` by default: a finer prediction is aggregated into each reference cell, nodata-aware), so
     memory holds one block whatever the rasters' size. Tiles that overlap (LiDAR tiles with buffers) count each
-    ground cell once: a reference pixel whose centre an earlier tile (in the order given, any CRS) covers is left
-    to that tile, and ``metrics.json`` says how many were (``reference_overlap_pixels``). With ``out_dir``, ``metrics.json``, ``scatter.png`` (a uniform sample of ``max_points``
+    ground cell once: a reference pixel whose centre an earlier tile (in path order, any CRS) covers is left to that
+    tile, and ``metrics.json`` says how many were (``reference_overlap_pixels``). With ``out_dir``, ``metrics.json``,
+    ``scatter.png`` (a uniform sample of ``max_points``
     pairs over all blocks) and ``error_map.png`` (each reference tile, up to 8, at most ``picture_size`` px a side)
     are written there; existing ones only with ``overwrite`` (checked before any work).
 
@@ -600,6 +601,7 @@ def evaluate_height_raster(
     """
     from dinov3_eo.data.datasets import GDAL_CACHE_MB
     from dinov3_eo.data.index import expand_sources
+    from dinov3_eo.data.labels import RasterMosaic
     from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.height_data import HeightLabels
 
@@ -610,31 +612,27 @@ def evaluate_height_raster(
     for path in references:  # every tile placed before any work
         with rasterio.open(path) as ref:
             require_georeferenced(ref)
+    placed = RasterMosaic(references, what="reference CHM")  # the tiles' footprints, in the order of references
     predicted = HeightLabels(paths=pred, resampling=resampling, clip_negative=False)
     metrics = HeightMetrics()
     sample = _PairSample(max_points, seed)
     panels, titles = [], []
-    footprints: list[_Footprint] = []
     overlap_pixels = 0
     # every reference block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never
     # reused
-    for path in references:
+    for k, path in enumerate(references):
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), rasterio.open(path) as ref:
             nodata = ref.nodata if reference_nodata is None else reference_nodata
-            here = _Footprint(ref.crs, ref.transform, ref.width, ref.height)
-            earlier = [f for f in footprints if f.meets(here)]
             for row in range(0, ref.height, block):
                 for col in range(0, ref.width, block):
                     window = Window(col, row, min(block, ref.width - col), min(block, ref.height - row))
                     target = _heights(ref.read(1, window=window), nodata)
-                    if earlier:
-                        block_grid = _Footprint(ref.crs, ref.window_transform(window), target.shape[1], target.shape[0])
-                        for other in earlier:
-                            covered = other.covers_centres(block_grid)
-                            if covered is not None:
-                                overlap_pixels += int(np.count_nonzero(covered & np.isfinite(target)))
-                                target[covered] = np.nan
-                    heights = predicted.read(crs=ref.crs, transform=ref.window_transform(window), shape=target.shape)
+                    grid = {"crs": ref.crs, "transform": ref.window_transform(window), "shape": target.shape}
+                    for earlier in (i for i in placed.overlapping(**grid) if i < k):
+                        covered = placed.files[earlier].centres_inside(**grid)
+                        overlap_pixels += int(np.count_nonzero(covered & np.isfinite(target)))
+                        target[covered] = np.nan
+                    heights = predicted.read(**grid)
                     metrics.update(heights, target)
                     sample.add(heights, target)
             if out_dir is not None and len(panels) < 8:
@@ -644,7 +642,6 @@ def evaluate_height_raster(
                 transform = ref.transform @ Affine.scale(ref.width / shape[1], ref.height / shape[0])
                 panels.append((predicted.read(crs=ref.crs, transform=transform, shape=shape), target))
                 titles.append(Path(path).name)
-        footprints.append(here)
     predicted.close()
     result = metrics.compute()
     if overlap_pixels:
@@ -666,44 +663,6 @@ def evaluate_height_raster(
             padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
         error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
     return result
-
-
-class _Footprint:
-    """The pixel grid of one raster (or block): CRS, affine transform and size; says which of another grid's pixel
-    centres it covers."""
-
-    def __init__(self, crs: Any, transform: Affine, width: int, height: int) -> None:
-        self.crs, self.transform, self.width, self.height = crs, transform, int(width), int(height)
-
-    def bounds(self, crs: Any = None) -> tuple[float, float, float, float]:
-        """(left, bottom, right, top), in ``crs`` when given (the footprint's own CRS otherwise)."""
-        from rasterio.transform import array_bounds
-        from rasterio.warp import transform_bounds
-
-        west, south, east, north = array_bounds(self.height, self.width, self.transform)
-        if crs is None or crs == self.crs:
-            return west, south, east, north
-        return transform_bounds(self.crs, crs, west, south, east, north, densify_pts=21)
-
-    def meets(self, other: _Footprint) -> bool:
-        """Whether the two footprints share area (edges that only touch do not)."""
-        a, b = self.bounds(other.crs), other.bounds()
-        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-    def covers_centres(self, grid: _Footprint) -> np.ndarray | None:
-        """[grid.height, grid.width] bool: which of ``grid``'s pixel centres fall inside this footprint (half-open
-        pixel intervals, so tiles that abut claim no pixel of each other); ``None`` where none can."""
-        if not self.meets(grid):
-            return None
-        cols, rows = np.meshgrid(np.arange(grid.width) + 0.5, np.arange(grid.height) + 0.5)
-        xs, ys = grid.transform * (cols, rows)
-        if grid.crs != self.crs:
-            from rasterio.warp import transform as transform_points
-
-            moved = transform_points(grid.crs, self.crs, xs.ravel(), ys.ravel())
-            xs, ys = np.asarray(moved[0]).reshape(xs.shape), np.asarray(moved[1]).reshape(ys.shape)
-        col, row = ~self.transform * (xs, ys)
-        return (col >= 0) & (col < self.width) & (row >= 0) & (row < self.height)
 
 
 def _heights(values: np.ndarray, nodata: float | None) -> np.ndarray:
