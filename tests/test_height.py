@@ -288,6 +288,9 @@ class TestHeightDataModule:
             self._dm(val_files=["TEAK_999.tif"]).setup()
         with pytest.raises(ValueError, match="no validation tile"):
             self._dm(labels=str(NEON / "TEAK_044_CHM.tif")).setup()
+        with pytest.raises(ValueError, match="no test tile has >= 50% reference height"):
+            self._dm(labels=[str(NEON / "TEAK_044_CHM.tif"), str(NEON / "TEAK_052_CHM.tif")],
+                     test_files=["TEAK_050.tif"]).setup()  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- task

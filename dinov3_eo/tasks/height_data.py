@@ -147,7 +147,7 @@ class HeightDataModule(DenseDataModule):
         cache_dir, stats_windows, rank, world_size: as for :class:`~dinov3_eo.data.datamodule.DenseDataModule`.
 
     Raises:
-        ValueError: ``min_label_fraction`` outside [0, 1]; after ``setup``, no training or validation tile left.
+        ValueError: ``min_label_fraction`` outside [0, 1]; after ``setup``, no training or validation tile left (or test tile, with ``test_files``).
     """
 
     def __init__(
@@ -226,7 +226,8 @@ class HeightDataModule(DenseDataModule):
         self.train_tiles = [t for t in self.train_tiles if self.label_fraction(t) >= self.min_label_fraction]
         self.val_tiles = [t for t in self.val_tiles if self.label_fraction(t) >= self.min_label_fraction]
         self.test_tiles = [t for t in self.test_tiles if self.label_fraction(t) >= self.min_label_fraction]
-        for name, tiles in (("training", self.train_tiles), ("validation", self.val_tiles)):
+        splits = [("training", self.train_tiles), ("validation", self.val_tiles)]
+        for name, tiles in splits + ([("test", self.test_tiles)] if self.test_files else []):
             if not tiles:
                 raise ValueError(
                     f"HeightDataModule: no {name} tile has >= {self.min_label_fraction:.0%} reference height; "
