@@ -139,6 +139,21 @@ class TestDenseDataModule:
         labels = torch.cat([b["mask"].flatten() for b in dm.train_dataloader()] + [b["mask"].flatten() for b in dm.val_dataloader()])
         assert set(labels.unique().tolist()) == {0, 1, 2, 3, 255}
 
+    def test_class_pixel_counts_are_the_training_tiles_labels(self) -> None:
+        dm = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), nodata=0, tile_size=64, block_tiles=2, val_fraction=0.25,
+                             batch_size=4, cache_dir=None)
+        counts = dm.class_pixel_counts(4, progress=False)
+        expected = np.zeros(4, dtype=np.int64)
+        for tile in dm.train_tiles:  # one tile at a time, straight from the dataset
+            mask = dm.dataset[tile]["mask"].numpy()
+            expected += np.bincount(mask[mask != 255], minlength=4)
+        assert counts.dtype == np.int64 and (counts == expected).all() and (counts > 0).all()
+        threaded = DenseDataModule(paths=str(SAMPLE), labels=str(POLYGONS), nodata=0, tile_size=64, block_tiles=2,
+                                   val_fraction=0.25, batch_size=3, num_workers=2, cache_dir=None)
+        assert (threaded.class_pixel_counts(4, progress=False) == counts).all()
+        with pytest.raises(ValueError, match=r"labels \[3\] fall outside 0\.\.2"):
+            dm.class_pixel_counts(3, progress=False)
+
     def test_split_is_deterministic_and_covers_valid_area(self) -> None:
         grid = TileGrid(index=RasterIndex.build(SAMPLE, cache_dir=None), tile_size=64)
         a = spatial_block_split(grid, block_tiles=3, val_fraction=0.3, seed=1, nodata=0)

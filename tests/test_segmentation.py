@@ -139,12 +139,33 @@ class TestSegmentationTask:
         good = {"image": torch.zeros(1, 3, 2, 2), "mask": torch.tensor([[[0, 1], [1, 255]]])}
         assert task.on_before_batch_transfer(good, 0) is good
 
-    @pytest.mark.parametrize("weights", [None, [1.0, 5.0, 0.1]])
+    def test_combined_losses_sum_their_terms_and_log_each(self) -> None:
+        from dinov3_eo.losses.segmentation import dice_loss, focal_loss
+
+        weights = torch.tensor([1.0, 5.0, 0.1])
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=weights.tolist(),
+                                loss="focal + dice", focal_gamma=1.5)
+        logits, mask = torch.randn(2, 3, 8, 8), torch.randint(0, 3, (2, 8, 8))
+        mask[0, :2] = 255
+        expected = (focal_loss(logits, mask, gamma=1.5, class_weight=weights)
+                    + dice_loss(logits, mask, class_weight=weights))
+        torch.testing.assert_close(task._loss(logits, mask), expected)
+        logged = {}
+        task.log_after_backward = lambda values, **kwargs: logged.update(values)
+        batch = {"image": torch.randn(2, 3, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}
+        loss = task.training_step(batch, 0)
+        assert set(logged) == {"train/loss", "train/loss_focal", "train/loss_dice"}
+        torch.testing.assert_close(loss.detach(), logged["train/loss_focal"] + logged["train/loss_dice"])
+        assert task.hparams.loss == "focal + dice" and task.loss_terms == ("focal", "dice")
+
+    @pytest.mark.parametrize(("weights", "loss"), [(None, "ce"), ([1.0, 5.0, 0.1], "ce"), ([1.0, 5.0, 0.1], "focal+dice"),
+                                                   (None, "jaccard+lovasz")])  # fmt: skip
     def test_a_training_step_never_reads_back_from_the_device(self, monkeypatch: pytest.MonkeyPatch,
-                                                               weights: list[float] | None) -> None:
+                                                               weights: list[float] | None, loss: str) -> None:
         """On meta tensors (a stand-in for a GPU) any device-to-host read raises; see tests/meta_device.py."""
         allow_meta_autocast(monkeypatch)
-        task = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=weights, freeze_backbone=False)
+        task = SegmentationTask(backbone="vitmicro16", num_classes=3, class_weights=weights, freeze_backbone=False,
+                                loss=loss)
         task.to_empty(device="meta")
         monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
         batch = {"image": torch.empty(2, 3, 32, 32, device="meta"),
@@ -161,6 +182,9 @@ class TestSegmentationTask:
             ({"num_classes": 3, "class_names": ["a", "b"]}, "class_names has 2 entries for 3 classes"),
             ({"num_classes": 2, "class_weights": [1.0]}, "class_weights has 1 entries"),
             ({"num_classes": 2, "lr_schedule": "step"}, "lr_schedule must be one of"),
+            ({"num_classes": 2, "loss": "ce+tversky"}, r"terms must be among .* unknown: \['tversky'\]"),
+            ({"num_classes": 2, "loss": "focal", "focal_gamma": -1.0}, "focal_gamma must be >= 0"),
+            ({"num_classes": 2, "class_weights": "inverse"}, r"class_weights must be a list of 2 numbers or one of"),
         ],
     )
     def test_bad_arguments(self, kwargs: dict, match: str) -> None:
@@ -410,6 +434,43 @@ class TestSegmentCLI:
             assert json.loads(src.tags()["class_names"]) == NAMES
             assert src.colormap(1)[3][:3] == (255, 0, 0)
 
+    def test_balanced_class_weights_are_counted_once_and_kept_on_resume(self, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+        """``--model.class_weights balanced`` counts the training tiles' classes when the fit starts, the checkpoint
+        keeps the weights, and a resumed fit takes them from it instead of counting again."""
+        import yaml
+
+        from dinov3_eo.data.datamodule import DenseDataModule
+        from dinov3_eo.losses.segmentation import class_weights_from_counts
+
+        root = tmp_path / "fit"
+        args = ["segment", "fit", "--config", str(CONFIG), "--data.paths", str(SCENE), "--data.labels", str(POLYGONS),
+                "--model.class_weights", "balanced", "--model.loss", "ce+dice", "--trainer.default_root_dir", str(root),
+                "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar",
+                "false", "--trainer.logger", "false"]  # fmt: skip
+        with caplog.at_level("INFO", logger="dinov3_eo.tasks.segmentation"):
+            assert cli_main([*args, "--trainer.max_steps", "2"]) == 0
+        assert "Class weights (balanced) from" in caplog.text
+        data = {**yaml.safe_load(CONFIG.read_text())["data"], "paths": str(SCENE), "labels": str(POLYGONS)}
+        expected = class_weights_from_counts(DenseDataModule(**data).class_pixel_counts(4, progress=False))
+        state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        np.testing.assert_allclose(state["state_dict"]["class_weight"].numpy(), expected, rtol=1e-6)
+        assert state["hyper_parameters"]["class_weights"] == "balanced"
+        assert sorted(expected)[0] < 1 < sorted(expected)[-1]  # the polygons' classes are far from balanced
+
+        def no_recount(*args, **kwargs):
+            raise AssertionError("a resumed fit counted the classes again")
+
+        monkeypatch.setattr(DenseDataModule, "class_pixel_counts", no_recount)
+        assert cli_main([*args, "--trainer.max_steps", "3", "--ckpt_path", str(root / "checkpoints" / "last.ckpt"),
+                         "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(tmp_path / "resumed")]) == 0  # fmt: skip
+        resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert resumed["global_step"] == 3
+        torch.testing.assert_close(resumed["state_dict"]["class_weight"], state["state_dict"]["class_weight"])
+        task = SegmentationTask.from_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+        torch.testing.assert_close(task.class_weight, state["state_dict"]["class_weight"])
+
     def test_fit_on_png_masks_paired_by_name(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
         """Imagery ``imgs/scene_RGB.tif`` and a PNG mask without georeference ``masks/scene_label.png`` on the same
         pixel grid, as segmentation datasets ship them: ``--data.label_pairing name`` trains on them, the class count
@@ -433,11 +494,11 @@ class TestSegmentCLI:
                 "--data.label_nodata", "255", "--data.classes", "null", "--model.class_names", "null",
                 "--model.class_colors", "null", "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
-                "--trainer.logger", "false",
+                "--trainer.logger", "false", "--model.loss", "ce+lovasz",
             ]) == 0  # fmt: skip
         assert "model.num_classes = 4 from" in caplog.text
         state = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
-        assert state["hyper_parameters"]["num_classes"] == 4
+        assert state["hyper_parameters"]["num_classes"] == 4 and state["hyper_parameters"]["loss"] == "ce+lovasz"
 
     def test_test_scores_the_held_out_files(self, trained: Path, tmp_path: Path) -> None:
         """``segment test --ckpt_path`` scores a checkpoint on ``data.test_files``: the metrics ``validate`` gives on
@@ -504,3 +565,13 @@ def test_a_scene_at_another_scale_than_training_is_warned_about(caplog: pytest.L
         warn_on_another_scale(src, 0.5)
     assert len(caplog.records) == 1
     assert "has 30 m pixels but the model was trained on 0.5 m pixels" in caplog.text and "gdalwarp -tr 0.5 0.5" in caplog.text
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "segment").glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every segmentation config maps one-to-one onto SegmentationTask / DenseDataModule arguments."""
+    with pytest.raises(SystemExit) as done:
+        cli_main(["segment", "fit", "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "\nmodel:\n" in printed and "  loss: " in printed and "\ndata:\n" in printed

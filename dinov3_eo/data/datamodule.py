@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from dinov3_eo.data.datasets import ChipFolderDataset, MixedDataset, TileDataset, collate_samples
@@ -442,6 +444,36 @@ class DenseDataModule(_TileDataModuleBase):
     def class_colors(self) -> dict[int, tuple[int, int, int]]:
         """Class id -> RGB as the labels give them (a ``color`` column, a label raster's colour table)."""
         return dict(getattr(getattr(self, "label_source", None), "class_colors", {}) or {})
+
+    def class_pixel_counts(self, num_classes: int, *, progress: bool = True) -> np.ndarray:
+        """Labelled pixels of each class id ``0..num_classes-1`` over every training tile, as training reads them
+        (pixels of image nodata and unlabelled pixels left out): what ``class_weights: balanced`` weighs by.
+
+        One pass over the training tiles (images and labels, read by ``num_workers`` as training reads them; every
+        process of a multi-GPU run counts all tiles, so all get the same counts).
+
+        Returns:
+            [K] int64 counts.
+
+        Raises:
+            ValueError: for regression labels, or a labelled value outside ``0..num_classes-1``.
+        """
+        from tqdm.auto import tqdm
+
+        from dinov3_eo.losses.cross_entropy import check_class_labels
+
+        if self.task != "classification":
+            raise ValueError("DenseDataModule: class counts need task='classification' labels.")
+        self.setup("fit")
+        sampler = TileListSampler(tiles=self.train_tiles, shuffle=False, seed=self.seed, rank=0, world_size=1)
+        counts = np.zeros(num_classes, dtype=np.int64)
+        for batch in tqdm(self._dataloader(self.dataset, sampler), total=-(-len(self.train_tiles) // self.batch_size),
+                          unit="batch", desc="class counts", disable=not progress):  # fmt: skip
+            mask = batch["mask"]
+            check_class_labels(mask, num_classes, ignore_index=self.ignore_index, owner=f"DenseDataModule ({self.labels_path})")
+            labelled = mask[mask != self.ignore_index].long()
+            counts += torch.bincount(labelled, minlength=num_classes).numpy()
+        return counts
 
     def train_dataloader(self) -> DataLoader | ThreadedTileLoader:
         self.setup("fit")

@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
@@ -40,6 +39,12 @@ from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tta import TTA
 from dinov3_eo.inference.writers import SIMPLIFY_HELP, check_distinct_stems
 from dinov3_eo.losses.cross_entropy import check_class_labels
+from dinov3_eo.losses.segmentation import (
+    CLASS_WEIGHTINGS,
+    class_weights_from_counts,
+    parse_segmentation_loss,
+    segmentation_loss_terms,
+)
 from dinov3_eo.models.dense import DenseModel, DPTHead, LinearHead
 from dinov3_eo.models.hub import BackboneMeta
 from dinov3_eo.tasks.segmentation_eval import evaluate_main, iou_f1_from_confusion
@@ -129,7 +134,14 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         class_names: names of class ids ``0..K-1`` (default ``class 0``...).
         class_colors: RGB per class for the colour table (default: a fixed colour-blind-friendly palette).
         ignore_index: label value that never counts (255: unlabelled / nodata).
-        class_weights: cross-entropy weight per class (e.g. inverse frequency).
+        class_weights: weight per class in every loss term: a list, or ``balanced`` / ``balanced_sqrt`` to
+            derive them from the training tiles' class pixel counts when the fit starts (one pass over the training
+            labels, :meth:`~dinov3_eo.data.datamodule.DenseDataModule.class_pixel_counts`;
+            :func:`~dinov3_eo.losses.segmentation.class_weights_from_counts`), kept in the checkpoint.
+        loss: the training loss, terms from :data:`~dinov3_eo.losses.segmentation.SEGMENTATION_LOSS_TERMS` joined by
+            ``+`` and summed: ``ce`` (default), ``focal``, ``dice``, ``jaccard``, ``lovasz``, e.g. ``ce+dice`` for
+            rare classes (:mod:`dinov3_eo.losses.segmentation`). Each term is logged (``train/loss_dice``...).
+        focal_gamma: the focal term's γ.
         freeze_backbone: keep the backbone fixed (default, the official protocol) or fine-tune it.
         lora: fine-tune the backbone through low-rank updates instead (a mapping of
             :class:`~dinov3_eo.models.lora.LoRAConfig` fields, e.g. ``{rank: 8, alpha: 16, targets: [qkv, proj]}``):
@@ -162,7 +174,9 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         class_names: list[str] | None = None,
         class_colors: list[list[int]] | None = None,
         ignore_index: int = 255,
-        class_weights: list[float] | None = None,
+        class_weights: list[float] | str | None = None,
+        loss: str = "ce",
+        focal_gamma: float = 2.0,
         freeze_backbone: bool = True,
         lora: dict[str, Any] | None = None,
         lr: float = 1e-3,
@@ -177,6 +191,9 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"SegmentationTask: head must be one of {HEADS}, got {head!r}.")
+        self.loss_terms = parse_segmentation_loss(loss)
+        if focal_gamma < 0:
+            raise ValueError(f"SegmentationTask: focal_gamma must be >= 0, got {focal_gamma}.")
         if lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"SegmentationTask: lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         if num_classes is None and class_names is None:
@@ -184,7 +201,11 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         k = int(num_classes if num_classes is not None else len(class_names or []))
         if k < 1:
             raise ValueError(f"SegmentationTask: num_classes must be >= 1, got {k}.")
-        for name, values in (("class_names", class_names), ("class_colors", class_colors), ("class_weights", class_weights)):
+        if isinstance(class_weights, str) and class_weights not in CLASS_WEIGHTINGS:
+            raise ValueError(f"SegmentationTask: class_weights must be a list of {k} numbers or one of "
+                             f"{CLASS_WEIGHTINGS}, got {class_weights!r}.")
+        weights_listed = None if isinstance(class_weights, str) else class_weights
+        for name, values in (("class_names", class_names), ("class_colors", class_colors), ("class_weights", weights_listed)):
             if values is not None and len(values) != k:
                 raise ValueError(f"SegmentationTask: {name} has {len(values)} entries for {k} classes.")
         if class_colors is not None and any(len(c) not in (3, 4) for c in class_colors):
@@ -203,9 +224,13 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
             freeze_backbone=freeze_backbone,
             lora=lora,
         )
+        # derived weights start as ones and are counted when the fit starts (or come back with a checkpoint)
         self.register_buffer(
-            "class_weight", torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
-        )
+            "class_weight",
+            torch.ones(k) if isinstance(class_weights, str)
+            else torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None,
+        )  # fmt: skip
+        self._class_weights_restored = False
         #: data settings recorded in checkpoints: band selection, nodata, normalisation (DN scale/offset folded in)
         self.data_meta: dict[str, Any] = {}
         self._confusion: Tensor | None = None
@@ -321,7 +346,32 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["dinov3_eo"] = self.checkpoint_metadata()
 
+    def on_fit_start(self) -> None:
+        if isinstance(self.hparams.class_weights, str) and not self._class_weights_restored:
+            self._count_class_weights(self.hparams.class_weights)
+        super().on_fit_start()
+
+    def _count_class_weights(self, method: str) -> None:
+        """Sets ``class_weight`` from the datamodule's training class counts (``class_weights: balanced``...)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        counter = getattr(datamodule, "class_pixel_counts", None)
+        if counter is None:
+            raise ValueError(f"SegmentationTask: class_weights={method!r} counts the training labels' classes, which "
+                             "needs a datamodule with class_pixel_counts (DenseDataModule); give a list instead.")
+        counts = counter(self.num_classes, progress=self.trainer.is_global_zero)
+        weights = class_weights_from_counts(counts, method)
+        self.class_weight.copy_(torch.as_tensor(weights, dtype=torch.float32))
+        if self.trainer.is_global_zero:
+            missing = [self.class_names[i] for i in range(self.num_classes) if counts[i] == 0]
+            log.info("Class weights (%s) from %s labelled training pixels: %s.", method, f"{int(counts.sum()):,}",
+                     ", ".join(f"{n} {w:.3g}" for n, w in zip(self.class_names, weights)))
+            if missing:
+                log.warning("No training pixel of class %s: its weight is 0 and the model cannot learn it.",
+                            ", ".join(missing))
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a resumed fit keeps the class weights counted when it began
+        self._class_weights_restored = "class_weight" in checkpoint.get("state_dict", {})
         entry = checkpoint.get("dinov3_eo", {})
         task = entry.get(CHECKPOINT_KEY, {})
         self.data_meta = {
@@ -379,26 +429,26 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
             self.check_labels(mask)  # here, before the transfer, the check reads nothing back from a GPU
         return batch
 
-    def _loss(self, logits: Tensor, mask: Tensor) -> Tensor:
-        """Mean cross-entropy over labelled pixels, class-weighted as ``F.cross_entropy``'s mean (0 with a gradient
-        path when a batch has none), without reading anything back from the device: the sum over labelled pixels
-        divided by their (weighted) count."""
+    def _loss_terms(self, logits: Tensor, mask: Tensor) -> dict[str, Tensor]:
+        """The configured loss terms over the labelled pixels (each 0 with a gradient path when a batch has none),
+        computed without reading anything back from the device; see :mod:`dinov3_eo.losses.segmentation`."""
         if mask.device.type == "cpu":
             self.check_labels(mask)
-        ignore = self.hparams.ignore_index
-        total = F.cross_entropy(logits, mask, weight=self.class_weight, ignore_index=ignore, reduction="sum")
-        labelled = mask != ignore
-        if self.class_weight is None:
-            count = labelled.sum().to(total.dtype)
-        else:  # the ignored pixels' index is replaced by 0 (any class) and their weight zeroed
-            count = (self.class_weight[mask.masked_fill(~labelled, 0)] * labelled).sum()
-        # no labelled pixel: total is an exact 0 (with a gradient path) and so is the loss
-        return total / count.clamp_min(torch.finfo(total.dtype).tiny)
+        return segmentation_loss_terms(logits, mask, self.loss_terms, ignore_index=self.hparams.ignore_index,
+                                       class_weight=self.class_weight, focal_gamma=self.hparams.focal_gamma)
+
+    def _loss(self, logits: Tensor, mask: Tensor) -> Tensor:
+        """The training loss: the sum of the configured terms (the class-weighted mean cross-entropy by default)."""
+        return torch.stack(list(self._loss_terms(logits, mask).values())).sum()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])  # [B, K, H, W]
-        loss = self._loss(logits, batch["mask"])
-        self.log_after_backward({"train/loss": loss}, batch_size=batch["image"].shape[0])  # no sync: step_logging
+        terms = self._loss_terms(logits, batch["mask"])
+        loss = torch.stack(list(terms.values())).sum()
+        logged = {"train/loss": loss}
+        if len(terms) > 1:
+            logged.update({f"train/loss_{name}": value.detach() for name, value in terms.items()})
+        self.log_after_backward(logged, batch_size=batch["image"].shape[0], prog_bar=("train/loss",))  # no sync
         return loss
 
     def on_validation_epoch_start(self) -> None:
