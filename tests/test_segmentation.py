@@ -525,6 +525,11 @@ class TestSegmentCLI:
         labelled = sum(int((batch["mask"] != 255).sum()) for batch in dm.test_dataloader())
         assert report["pixels"] == labelled > 0 and list(report["classes"]) == NAMES
         assert report["miou"] == pytest.approx(tested["test/mIoU"], abs=1e-6)
+        # pictures of the first labelled tiles: imagery, reference and prediction
+        assert {"test_predictions.png", "val_predictions.png"} <= {p.name for p in (tmp_path / "api").iterdir()}
+        assert len(model._preview) == 4 and all((p["mask"] != 255).any() for p in model._preview)
+        assert all(p["image"].shape == (64, 64, 3) and 0 <= p["image"].min() <= p["image"].max() <= 1
+                   and p["pred"].shape == (64, 64) and p["title"] == "scene.tif" for p in model._preview)  # fmt: skip
 
         root = tmp_path / "cli"
         assert cli_main([
@@ -532,7 +537,9 @@ class TestSegmentCLI:
             "--data.labels", str(POLYGONS), "--data.test_files", '["*/heldout/*"]', "--ckpt_path", str(trained),
             "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
         ]) == 0  # fmt: skip
-        assert {"test_metrics.json", "test_confusion.csv", "test_confusion.png"} <= {p.name for p in root.iterdir()}
+        assert {"test_metrics.json", "test_confusion.csv", "test_confusion.png", "test_predictions.png"} <= {
+            p.name for p in root.iterdir()
+        }
         cli_report = json.loads((root / "test_metrics.json").read_text())
         assert cli_report["checkpoint"] == str(trained) and cli_report["pixels"] == labelled
         assert cli_report["miou"] == pytest.approx(report["miou"], abs=1e-6)

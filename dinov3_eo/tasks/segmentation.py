@@ -119,6 +119,10 @@ def _palette(num_classes: int) -> list[list[int]]:
     return [list(rgba[:3]) for _, rgba in sorted(default_colormap(num_classes).items())]
 
 
+#: validation / test tiles drawn in ``val_predictions.png`` / ``test_predictions.png``
+_PREVIEW_TILES = 4
+
+
 # ------------------------------------------------------------------------------------------ the task
 class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
     """A dense segmentation head on a (frozen by default) DINOv3 backbone.
@@ -453,12 +457,15 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
 
     def on_validation_epoch_start(self) -> None:
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
+        self._preview: list[dict[str, Any]] = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score_batch(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores("val")
+        if not self.trainer.sanity_checking:
+            self._write_preview("val")
 
     def on_test_epoch_start(self) -> None:
         self.on_validation_epoch_start()
@@ -468,15 +475,15 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
 
     def on_test_epoch_end(self) -> None:
         """Logs the ``test/`` metrics and writes ``test_metrics.json`` (overall accuracy, kappa, mIoU and per-class
-        IoU/F1/precision/recall, as ``segment evaluate`` reports a map), ``test_confusion.csv`` and
-        ``test_confusion.png`` to the run's log folder."""
+        IoU/F1/precision/recall, as ``segment evaluate`` reports a map), ``test_confusion.csv``,
+        ``test_confusion.png`` and ``test_predictions.png`` to the run's log folder."""
         confusion = self._log_scores("test")
+        self._write_preview("test")
         if confusion is None or not self.trainer.is_global_zero:
             return
         from dinov3_eo.tasks.segmentation_eval import accuracy_report, write_accuracy_report
 
-        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self._run_folder()
         report = accuracy_report(confusion.numpy(), self.class_names)
         ckpt = getattr(self.trainer, "ckpt_path", None)
         report = {"checkpoint": None if ckpt is None else str(ckpt), **report}
@@ -497,6 +504,54 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         self._confusion += torch.bincount(truth * self.num_classes + pred, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes
         )  # [K*K] -> [K (truth), K (pred)]
+        self._keep_for_preview(batch, logits)
+
+    def _keep_for_preview(self, batch: dict[str, Any], logits: Tensor) -> None:
+        """Keeps the epoch's first ``_PREVIEW_TILES`` tiles with a label (imagery as RGB, mask, prediction) on the
+        first process, for ``<split>_predictions.png``; once they are kept it costs nothing more."""
+        preview = getattr(self, "_preview", None)
+        if preview is None or len(preview) >= _PREVIEW_TILES or self._trainer is None or not self.trainer.is_global_zero:
+            return
+        from dinov3_eo.inference.writers import display_rgb
+        from dinov3_eo.models.hub import preview_bands
+
+        mask = batch["mask"].cpu().numpy()
+        keep = [b for b in range(len(mask)) if (mask[b] != self.hparams.ignore_index).any()]
+        keep = keep[: _PREVIEW_TILES - len(preview)]
+        if not keep:
+            return
+        image = batch["image"][keep].float().cpu().numpy()  # [n, C, H, W]
+        valid = batch["valid"][keep].cpu().numpy() if "valid" in batch else np.ones((len(keep), *mask.shape[1:]), bool)
+        rgb = [b - 1 for b in preview_bands(self.model.backbone, range(1, image.shape[1] + 1))]
+        pred = logits[keep].argmax(dim=1).cpu().numpy()
+        paths = batch.get("path")
+        for j, b in enumerate(keep):
+            name = Path(str(paths[b])).name if isinstance(paths, (list, tuple)) else f"tile {len(preview)}"
+            preview.append({"image": display_rgb(image[j][rgb], valid[j]), "mask": mask[b], "pred": pred[j],
+                            "valid": valid[j], "title": name})  # fmt: skip
+
+    def _write_preview(self, split: str) -> None:
+        """``<split>_predictions.png`` in the run folder (overwritten each validation): imagery, reference and
+        prediction of the kept tiles."""
+        preview = getattr(self, "_preview", None)
+        if not preview or not self.trainer.is_global_zero:
+            return
+        from dinov3_eo.tasks.segmentation_plots import prediction_panels
+
+        what = "validation" if split == "val" else "test"
+        prediction_panels(
+            self._run_folder() / f"{split}_predictions.png", np.stack([p["image"] for p in preview]),
+            np.stack([p["mask"] for p in preview]), np.stack([p["pred"] for p in preview]),
+            class_names=self.class_names, class_colors=self.class_colors, ignore_index=self.hparams.ignore_index,
+            valid=np.stack([p["valid"] for p in preview]), titles=[p["title"] for p in preview],
+            title=f"{what}, epoch {self.current_epoch}, step {self.global_step}",
+        )  # fmt: skip
+
+    def _run_folder(self) -> Path:
+        """The run's log folder (the logger's version folder, else ``default_root_dir``), created."""
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
 
     def _log_scores(self, split: str) -> Tensor | None:
         """Logs ``<split>/mIoU``, ``mF1``, ``accuracy`` and per-class IoU/F1 from the epoch's confusion matrix,
