@@ -51,6 +51,19 @@ def test_the_readme_dense_datamodule_example_gives_what_its_comments_say(monkeyp
     assert ((sample["mask"] == 1) == (east & labelled)).all()
 
 
+def test_the_readme_losses_example_runs_after_the_dense_datamodule_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import numpy as np
+
+    scope = run_readme_block("dense = DenseDataModule(paths=", monkeypatch)
+    (block,) = [b for b in readme_python_blocks() if "segmentation_loss_terms(logits" in b]
+    exec(compile(block, "README.md", "exec"), scope)
+    assert scope["counts"].shape == (2,) and (scope["counts"] > 0).all()
+    weights = scope["weights"].numpy()
+    assert (weights * scope["counts"]).sum() == pytest.approx(scope["counts"].sum(), rel=1e-5)  # balanced: mean 1
+    assert list(scope["terms"]) == ["ce", "dice"] and np.isfinite(scope["loss"].item())
+    assert scope["logits"].grad is not None
+
+
 def test_the_readme_tta_example_gives_what_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
     probs = run_readme_block("smooth = TestTimeAugmented(", monkeypatch)["probs"]
     assert tuple(probs.shape) == (2, 5, 64, 64)

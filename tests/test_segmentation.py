@@ -139,6 +139,20 @@ class TestSegmentationTask:
         good = {"image": torch.zeros(1, 3, 2, 2), "mask": torch.tensor([[[0, 1], [1, 255]]])}
         assert task.on_before_batch_transfer(good, 0) is good
 
+    def test_training_batches_are_flipped_and_turned_with_their_masks(self) -> None:
+        from dinov3_eo.inference.tta import random_dihedral
+
+        batch = {"image": torch.randn(2, 3, 32, 48), "mask": torch.randint(0, 3, (2, 32, 48))}
+        for augment in (True, False):
+            task = SegmentationTask(backbone="vitmicro16", num_classes=3, augment=augment, augment_seed=5).eval()
+            task.log_after_backward = lambda values, **kwargs: None
+            with torch.no_grad():
+                loss = task.training_step(batch, 0)
+                image, mask = (random_dihedral(batch["image"], batch["mask"], seed=5, step=0) if augment
+                               else (batch["image"], batch["mask"]))  # fmt: skip
+                torch.testing.assert_close(loss, task._loss(task(image), mask))
+        assert random_dihedral(batch["image"], seed=5, step=0)[0].shape == (2, 3, 48, 32)  # a quarter turn here
+
     def test_combined_losses_sum_their_terms_and_log_each(self) -> None:
         from dinov3_eo.losses.segmentation import dice_loss, focal_loss
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window
 from dinov3_eo.inference.predict import PROBABILITY_SCALE, predict_raster
-from dinov3_eo.inference.tta import TestTimeAugmented, dihedral, tta_views, undo_dihedral
+from dinov3_eo.inference.tta import TestTimeAugmented, dihedral, random_dihedral, tta_views, undo_dihedral
 
 DATA = Path(__file__).parent / "data"
 CROP = DATA / "rgb_byte_crop.tif"  # 250 x 230, nodata 0
@@ -183,3 +183,22 @@ class TestPredictRaster:
         with pytest.raises(ValueError, match="tta must be one of"):
             predict_raster(Asymmetric(), CROP, tmp_path / "x.tif", out_channels=4, tta="all", progress=False)
         assert not list(tmp_path.iterdir())
+
+
+def test_random_dihedral_moves_image_and_labels_together_and_repeats_per_step() -> None:
+    """Training augmentation: one group element for all tensors (labels stay on their pixels), the same one for the
+    same (seed, step) whatever came before (a resumed run draws what the uninterrupted run drew), every element over
+    enough steps."""
+    image = torch.randn(2, 3, 8, 6)
+    labels = image.argmax(dim=1)  # [2, 8, 6]: a function of each pixel, so it must move with it
+    seen = set()
+    for step in range(64):
+        moved_image, moved_labels = random_dihedral(image, labels, seed=3, step=step)
+        assert torch.equal(moved_image.argmax(dim=1), moved_labels)
+        again = random_dihedral(image, labels, seed=3, step=step)
+        assert torch.equal(again[0], moved_image) and torch.equal(again[1], moved_labels)
+        seen.add(next(k for k in range(8) if dihedral(image, k).shape == moved_image.shape
+                      and torch.equal(dihedral(image, k), moved_image)))  # fmt: skip
+    assert seen == set(range(8))
+    assert not all(torch.equal(random_dihedral(image, seed=s, step=0)[0], random_dihedral(image, seed=0, step=0)[0])
+                   for s in range(1, 8))  # the seed matters  # fmt: skip

@@ -44,6 +44,19 @@ def undo_dihedral(y: Tensor, k: int) -> Tensor:
     return torch.rot90(y, -(k % 4), dims=(-2, -1)) if k % 4 else y
 
 
+def random_dihedral(*tensors: Tensor, seed: int, step: int) -> tuple[Tensor, ...]:
+    """One random element of the dihedral group (:func:`dihedral`: flips and quarter turns) applied alike to the last
+    two dims of every tensor (an image ``[B, C, H, W]`` and its labels ``[B, H, W]``): training augmentation for
+    overhead imagery, which has no up or down.
+
+    The element is drawn from a CPU generator seeded by ``(seed, step)``, so a run resumed at a step draws what the
+    uninterrupted run drew, and nothing is read back from a GPU.
+    """
+    gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+    k = int(torch.randint(8, (1,), generator=gen))
+    return tuple(dihedral(t, k) for t in tensors)
+
+
 def tta_views(mode: str) -> tuple[int, ...]:
     """The dihedral elements ``k`` (:func:`dihedral`) a TTA mode averages over, the identity first.
 

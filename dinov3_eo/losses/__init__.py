@@ -1,4 +1,5 @@
-"""SSL losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering)."""
+"""Losses: pure functions, no I/O (DINO, iBOT, KoLeo, Gram, Sinkhorn–Knopp centering here; the segmentation and
+height losses in their own modules)."""
 
 from dinov3_eo.losses.cross_entropy import check_class_labels, soft_cross_entropy
 from dinov3_eo.losses.dino import (

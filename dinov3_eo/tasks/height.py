@@ -39,7 +39,7 @@ from dinov3_eo.cli import run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale, require_georeferenced
 from dinov3_eo.inference.predict import add_window_options, window_settings
-from dinov3_eo.inference.tta import TTA, dihedral
+from dinov3_eo.inference.tta import TTA, random_dihedral
 from dinov3_eo.losses.height import MaskedHuberLoss, MaskedL1Loss, SigLoss
 from dinov3_eo.models.dense import (
     CHMV2_LAYERS,
@@ -257,9 +257,7 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         """The same random flip/rotation of every tensor's last two dims (one per batch, seeded by the step)."""
         if not self.hparams.augment:
             return tensors
-        gen = torch.Generator().manual_seed(int(self.hparams.augment_seed) * 1_000_003 + int(self.global_step))
-        k = int(torch.randint(8, (1,), generator=gen))
-        return tuple(dihedral(t, k) for t in tensors)
+        return random_dihedral(*tensors, seed=self.hparams.augment_seed, step=self.global_step)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, target, valid = self._augment(batch["image"], batch["target"], batch["valid"])

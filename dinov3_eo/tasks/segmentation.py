@@ -36,7 +36,7 @@ from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import pixel_size_off_scale
 from dinov3_eo.inference.predict import add_window_options, window_settings
-from dinov3_eo.inference.tta import TTA
+from dinov3_eo.inference.tta import TTA, random_dihedral
 from dinov3_eo.inference.writers import SIMPLIFY_HELP, check_distinct_stems
 from dinov3_eo.losses.cross_entropy import check_class_labels
 from dinov3_eo.losses.segmentation import (
@@ -146,6 +146,9 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
             ``+`` and summed: ``ce`` (default), ``focal``, ``dice``, ``jaccard``, ``lovasz``, e.g. ``ce+dice`` for
             rare classes (:mod:`dinov3_eo.losses.segmentation`). Each term is logged (``train/loss_dice``...).
         focal_gamma: the focal term's γ.
+        augment: a random flip / quarter turn of each training batch (image and mask together; overhead imagery has
+            no up or down), seeded by ``augment_seed`` and the step.
+        augment_seed: seed of the augmentation stream.
         freeze_backbone: keep the backbone fixed (default, the official protocol) or fine-tune it.
         lora: fine-tune the backbone through low-rank updates instead (a mapping of
             :class:`~dinov3_eo.models.lora.LoRAConfig` fields, e.g. ``{rank: 8, alpha: 16, targets: [qkv, proj]}``):
@@ -181,6 +184,8 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         class_weights: list[float] | str | None = None,
         loss: str = "ce",
         focal_gamma: float = 2.0,
+        augment: bool = True,
+        augment_seed: int = 0,
         freeze_backbone: bool = True,
         lora: dict[str, Any] | None = None,
         lr: float = 1e-3,
@@ -446,8 +451,11 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         return torch.stack(list(self._loss_terms(logits, mask).values())).sum()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch["image"])  # [B, K, H, W]
-        terms = self._loss_terms(logits, batch["mask"])
+        image, mask = batch["image"], batch["mask"]
+        if self.hparams.augment:
+            image, mask = random_dihedral(image, mask, seed=self.hparams.augment_seed, step=self.global_step)
+        logits = self(image)  # [B, K, H, W]
+        terms = self._loss_terms(logits, mask)
         loss = torch.stack(list(terms.values())).sum()
         logged = {"train/loss": loss}
         if len(terms) > 1:
