@@ -10,9 +10,13 @@ by mIoU over the five classes (mask value 5 "unlabelled" ignored). Baselines: ch
 and a supervised linear head (official linear protocol) on the same frozen features and crops, streamed alike.
 The linear head is also trained with the backbone adapted (``--finetune``: LoRA updates of rank ``--lora-rank`` on
 every block's q/k/v and output projections, or every weight at a tenth of the head's lr), on the same crops for the
-same steps. Every model is evaluated without and with each test-time augmentation of ``--tta``.
+same steps, and with other training losses (``--head-losses ce+dice lovasz ce:balanced``: ``segment fit``'s
+``--model.loss`` and ``--model.class_weights``; the baseline head's initial weights, crops and steps, the crops in a
+second fixed order, which the baseline ``ce`` head is trained again in when named). Every model is evaluated without
+and with each test-time augmentation of ``--tta``.
 
     python scripts/exp_openvocab_dubai.py [--data ../shared/data/dubai_seg] [--epochs 60] [--tta none flips d4]
+        [--finetune lora full] [--head-losses ce ce+dice lovasz ce:balanced]
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from rasterio.transform import from_origin
 
 from dinov3_eo.inference.predict import predict_raster
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss
+from dinov3_eo.losses.segmentation import class_weights_from_counts, parse_segmentation_loss, segmentation_loss_terms
 from dinov3_eo.models.dense import DenseModel, LinearHead
 from dinov3_eo.tasks.captions import ChipMaskDataset, LabelCaptionDataset
 from dinov3_eo.losses.contrastive import grouped_clip_loss
@@ -78,6 +83,8 @@ def main() -> None:
     parser.add_argument("--finetune", nargs="*", default=["lora", "full"], choices=["lora", "full"],
                         help="also train the linear head with the backbone adapted (LoRA) or fully fine-tuned")
     parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--head-losses", nargs="*", default=[],
+                        help="also train the frozen linear head with these losses (ce+dice, lovasz, ce:balanced...)")
     parser.add_argument("--tta", nargs="+", default=["none", "flips", "d4"], choices=["none", "flips", "d4"],
                         help="test-time augmentations to evaluate (none = a single view)")
     args = parser.parse_args()
@@ -156,18 +163,33 @@ def main() -> None:
             backbone_net.get_intermediate_layers(norm(images[i : i + 64]), n=1, reshape=True, norm=True)[0]
             for i in range(0, len(images), 64)
         ])  # [N, D, h, w]  # fmt: skip
-    head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
-    head.train()
-    for _ in range(args.epochs):
-        order = rng.permutation(len(samples))
-        for s in range(len(samples) // batch):
-            idx = order[s * batch : (s + 1) * batch]
-            logits = F.interpolate(head([feats[idx]]), size=(CROP, CROP), mode="bilinear", align_corners=False)
-            head_loss = F.cross_entropy(logits, masks[idx], ignore_index=255)
-            head_opt.zero_grad()
-            head_loss.backward()
-            head_opt.step()
-    linear_models = {"frozen": DenseModel(backbone=backbone_net, head=head.eval(), layers=1)}
+
+    def train_head(head: LinearHead, loss: str, class_weight: torch.Tensor | None, order_rng: np.random.Generator) -> LinearHead:
+        terms = parse_segmentation_loss(loss)
+        head_opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=1e-3)
+        head.train()
+        for _ in range(args.epochs):
+            order = order_rng.permutation(len(samples))
+            for s in range(len(samples) // batch):
+                idx = order[s * batch : (s + 1) * batch]
+                logits = F.interpolate(head([feats[idx]]), size=(CROP, CROP), mode="bilinear", align_corners=False)
+                values = segmentation_loss_terms(logits, masks[idx], terms, ignore_index=255, class_weight=class_weight)
+                head_opt.zero_grad()
+                torch.stack(list(values.values())).sum().backward()
+                head_opt.step()
+        return head.eval()
+
+    head_state = copy.deepcopy(head.state_dict())
+    linear_models = {"frozen": DenseModel(backbone=backbone_net, head=train_head(head, "ce", None, rng), layers=1)}
+    # ---- the same frozen head with other training losses / class weights: same initial head, crops and order
+    counts = np.bincount(masks[masks != 255].numpy(), minlength=len(CLASSES))
+    for variant in args.head_losses:
+        spec, _, weighting = variant.partition(":")
+        weight = torch.tensor(class_weights_from_counts(counts, weighting), dtype=torch.float32) if weighting else None
+        other = LinearHead(in_channels=backbone_net.embed_dim, out_channels=len(CLASSES))
+        other.load_state_dict(head_state)
+        other = train_head(other, spec, weight, np.random.default_rng(args.seed + 1))
+        linear_models[f"frozen_{variant}"] = DenseModel(backbone=backbone_net, head=other, layers=1)
 
     # ---- the same head with the backbone adapted: LoRA updates, or every weight (same crops, steps and head lr)
     for variant in args.finetune:

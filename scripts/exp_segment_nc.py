@@ -16,7 +16,12 @@ Three models, all evaluated by per-class IoU on the east part's labelled pixels 
 (b) the same head on the same architecture with random weights;
 (c) a random forest (scikit-learn, 200 trees) on the five spectral values of each pixel.
 
+With ``--losses``, head (a) is trained again with each training loss named (``ce``, ``ce+dice``, ``focal``,
+``lovasz``..., as ``segment fit --model.loss`` takes them; ``SPEC:balanced`` or ``SPEC:balanced_sqrt`` adds class
+weights from the west part's class counts, as ``--model.class_weights balanced`` does), on the same features.
+
     .venv/bin/python scripts/exp_segment_nc.py [--pretrained PATH] [--ssl-steps 150] [--epochs 300]
+        [--losses ce ce+dice ce:balanced focal lovasz]
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import torch.nn.functional as F
 
 from dinov3_eo.data.labels import RasterLabels
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.losses.segmentation import class_weights_from_counts, parse_segmentation_loss, segmentation_loss_terms
 from dinov3_eo.models.dense import LinearHead
 from dinov3_eo.tasks.segmentation import iou_f1_from_confusion
 
@@ -72,8 +78,11 @@ def patch_features(backbone: torch.nn.Module, image: torch.Tensor) -> torch.Tens
     return tokens[0].clone()
 
 
-def train_linear_head(feats: torch.Tensor, size: tuple[int, int], mask: np.ndarray, *, epochs: int, seed: int) -> LinearHead:
-    """Fit the official linear head on frozen features of the training part (full-batch AdamW)."""
+def train_linear_head(feats: torch.Tensor, size: tuple[int, int], mask: np.ndarray, *, epochs: int, seed: int,
+                      loss: str = "ce", class_weight: torch.Tensor | None = None) -> LinearHead:
+    """Fit the official linear head on frozen features of the training part (full-batch AdamW) with a
+    ``segment fit`` loss spec."""
+    terms = parse_segmentation_loss(loss)
     torch.manual_seed(seed)
     head = LinearHead(in_channels=feats.shape[0], out_channels=len(CLASS_NAMES))
     target = torch.from_numpy(mask)
@@ -82,9 +91,9 @@ def train_linear_head(feats: torch.Tensor, size: tuple[int, int], mask: np.ndarr
     head.train()
     for _ in range(epochs):
         logits = head_logits(head, feats, size)
-        loss = F.cross_entropy(logits[None], target[None], ignore_index=IGNORE)
+        values = segmentation_loss_terms(logits[None], target[None], terms, ignore_index=IGNORE, class_weight=class_weight)
         optimizer.zero_grad()
-        loss.backward()
+        torch.stack(list(values.values())).sum().backward()
         optimizer.step()
         scheduler.step()
     return head.eval()
@@ -97,12 +106,26 @@ def head_logits(head: LinearHead, feats: torch.Tensor, size: tuple[int, int]) ->
     return logits[:, : size[0], : size[1]]
 
 
-def evaluate_backbone(backbone: torch.nn.Module, norm_image: torch.Tensor, mask: np.ndarray, *, epochs: int, seed: int) -> tuple[float, np.ndarray]:
+def evaluate_backbone(backbone: torch.nn.Module, norm_image: torch.Tensor, mask: np.ndarray, *, epochs: int, seed: int,
+                      losses: tuple[str, ...] = ("ce",)) -> list[tuple[float, np.ndarray]]:
+    """(mIoU, per-class IoU) on the east part of a linear head trained on the west part with each loss variant
+    (``SPEC`` or ``SPEC:WEIGHTING``); the features are computed once."""
     west, east = norm_image[:, :, :SPLIT_COL], norm_image[:, :, SPLIT_COL:]
-    head = train_linear_head(patch_features(backbone, west), tuple(west.shape[1:]), mask[:, :SPLIT_COL], epochs=epochs, seed=seed)
-    with torch.no_grad():
-        pred = head_logits(head, patch_features(backbone, east), tuple(east.shape[1:])).argmax(0).numpy()
-    return miou(mask[:, SPLIT_COL:], pred, len(CLASS_NAMES))
+    west_feats, east_feats = patch_features(backbone, west), patch_features(backbone, east)
+    west_mask = mask[:, :SPLIT_COL]
+    results = []
+    for variant in losses:
+        spec, _, weighting = variant.partition(":")
+        class_weight = None
+        if weighting:
+            counts = np.bincount(west_mask[west_mask != IGNORE], minlength=len(CLASS_NAMES))
+            class_weight = torch.tensor(class_weights_from_counts(counts, weighting), dtype=torch.float32)
+        head = train_linear_head(west_feats, tuple(west.shape[1:]), west_mask, epochs=epochs, seed=seed, loss=spec,
+                                 class_weight=class_weight)  # fmt: skip
+        with torch.no_grad():
+            pred = head_logits(head, east_feats, tuple(east.shape[1:])).argmax(0).numpy()
+        results.append(miou(mask[:, SPLIT_COL:], pred, len(CLASS_NAMES)))
+    return results
 
 
 def pretrain_here(norm_stats: Normalization, *, steps: int, seed: int, work: Path) -> tuple[torch.nn.Module, str]:
@@ -135,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ssl-steps", type=int, default=150, help="steps of the fallback pretraining on the scene")
     parser.add_argument("--epochs", type=int, default=300, help="full-batch epochs of the linear heads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--losses", nargs="+", default=None,
+                        help="also train head (a) with these losses (ce+dice, focal, lovasz, ce:balanced...)")
     parser.add_argument("--work", default="runs/exp_segment_nc")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
@@ -163,15 +188,18 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{source} ({pretrained.meta.name})"
     else:
         pretrained, what = pretrain_here(norm, steps=args.ssl_steps, seed=args.seed, work=work)
-    m, iou = evaluate_backbone(pretrained, norm_image, mask, epochs=args.epochs, seed=args.seed)
-    results["(a) linear head, pretrained backbone"] = (m, iou, what)
+    variants = ("ce", *(v for v in args.losses or () if v != "ce"))
+    for variant, (m, iou) in zip(variants, evaluate_backbone(pretrained, norm_image, mask, epochs=args.epochs,
+                                                              seed=args.seed, losses=variants)):  # fmt: skip
+        name = "(a) linear head, pretrained backbone" + ("" if variant == "ce" else f", loss {variant}")
+        results[name] = (m, iou, what)
 
     from dinov3_eo.models.vit import DinoVisionTransformer
 
     arch = {**pretrained.arch, "in_chans": 5}
     torch.manual_seed(args.seed)
     random_net = DinoVisionTransformer(**arch).eval()
-    m, iou = evaluate_backbone(random_net, norm_image, mask, epochs=args.epochs, seed=args.seed)
+    ((m, iou),) = evaluate_backbone(random_net, norm_image, mask, epochs=args.epochs, seed=args.seed)
     results["(b) linear head, random backbone"] = (m, iou, "same architecture, random init")
 
     from sklearn.ensemble import RandomForestClassifier
@@ -188,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmIoU on the east part (classes present), {time.perf_counter() - started:.0f} s:")
     for name, (m, iou, note) in results.items():
         per_class = ", ".join(f"{c} {v:.2f}" for c, v in zip(CLASS_NAMES, iou) if not np.isnan(v))
-        print(f"  {name:<40} mIoU {m:.3f}   [{note}]\n      {per_class}")
+        print(f"  {name:<56} mIoU {m:.3f}   [{note}]\n      {per_class}")
     return 0
 
 
