@@ -209,14 +209,7 @@ def jaccard_loss(
     ``I = Σ p_k [y=k]`` over the labelled pixels of all images, averaged over the classes present in ``mask``
     (weighted by ``class_weight``).
 
-    Args:
-        logits: [B, K, H, W].
-        mask: [B, H, W] class ids, ``ignore_index`` for unlabelled pixels.
-        ignore_index: the unlabelled value.
-        class_weight: [K] weights of the classes in the mean, or ``None`` for 1 each.
-
-    Returns:
-        Scalar loss in [0, 1].
+    Arguments and result (a scalar in [0, 1]) as for :func:`dice_loss`.
     """
     inter, predicted, labelled = _class_sums(logits, mask, ignore_index, "jaccard_loss")
     per_class = 1 - inter / (predicted + labelled - inter).clamp_min(1e-12)
@@ -238,14 +231,7 @@ def lovasz_softmax_loss(
 
     Sorts ``K × (B·H·W)`` errors: memory and time grow with the pixels of the batch, not just its logits.
 
-    Args:
-        logits: [B, K, H, W].
-        mask: [B, H, W] class ids, ``ignore_index`` for unlabelled pixels.
-        ignore_index: the unlabelled value.
-        class_weight: [K] weights of the classes in the mean, or ``None`` for 1 each.
-
-    Returns:
-        Scalar loss in [0, 1].
+    Arguments and result (a scalar in [0, 1]) as for :func:`dice_loss`.
     """
     target, labelled = _targets(logits, mask, ignore_index, "lovasz_softmax_loss")
     k = logits.shape[1]
