@@ -243,6 +243,8 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         #: data settings recorded in checkpoints: band selection, nodata, normalisation (DN scale/offset folded in)
         self.data_meta: dict[str, Any] = {}
         self._confusion: Tensor | None = None
+        #: the epoch's tiles for ``<split>_predictions.png`` (see :meth:`_keep_for_preview`)
+        self._preview: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ construction and metadata
     @staticmethod
@@ -465,7 +467,7 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
 
     def on_validation_epoch_start(self) -> None:
         self._confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.long, device=self.device)
-        self._preview: list[dict[str, Any]] = []
+        self._preview = []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score_batch(batch, "val")
@@ -517,8 +519,8 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
     def _keep_for_preview(self, batch: dict[str, Any], logits: Tensor) -> None:
         """Keeps the epoch's first ``_PREVIEW_TILES`` tiles with a label (imagery as RGB, mask, prediction) on the
         first process, for ``<split>_predictions.png``; once they are kept it costs nothing more."""
-        preview = getattr(self, "_preview", None)
-        if preview is None or len(preview) >= _PREVIEW_TILES or self._trainer is None or not self.trainer.is_global_zero:
+        preview = self._preview
+        if len(preview) >= _PREVIEW_TILES or self._trainer is None or not self.trainer.is_global_zero:
             return
         from dinov3_eo.inference.writers import display_rgb
         from dinov3_eo.models.hub import preview_bands
@@ -541,7 +543,7 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
     def _write_preview(self, split: str) -> None:
         """``<split>_predictions.png`` in the run folder (overwritten each validation): imagery, reference and
         prediction of the kept tiles."""
-        preview = getattr(self, "_preview", None)
+        preview = self._preview
         if not preview or not self.trainer.is_global_zero:
             return
         from dinov3_eo.tasks.segmentation_plots import prediction_panels
