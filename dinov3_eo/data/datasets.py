@@ -332,7 +332,7 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
 
 
 def expand_chips(chips: str | Sequence[str]) -> list[str]:
-    """Sorted image paths from a glob, a folder (recursive) or a list of them.
+    """Sorted image paths from a glob (of files or folders), a folder (recursive) or a list of them.
 
     Raises:
         FileNotFoundError: if nothing matches.
@@ -341,10 +341,12 @@ def expand_chips(chips: str | Sequence[str]) -> list[str]:
     found: set[str] = set()
     for source in sources:
         source = os.fspath(source)
-        if os.path.isdir(source):
-            matches = [os.path.join(d, f) for d, _, fs in os.walk(source) for f in fs if f.lower().endswith(CHIP_SUFFIXES)]
-        else:
-            matches = [p for p in glob.glob(source, recursive=True) if os.path.isfile(p)]
+        matches = []
+        for match in [source] if os.path.isdir(source) else glob.glob(source, recursive=True):
+            if os.path.isdir(match):  # a folder, or a glob of folders (tile*/images)
+                matches += [os.path.join(d, f) for d, _, fs in os.walk(match) for f in fs if f.lower().endswith(CHIP_SUFFIXES)]
+            elif os.path.isfile(match):
+                matches.append(match)
         if not matches:
             raise FileNotFoundError(f"Chip source {source!r} matched no image files ({CHIP_SUFFIXES}).")
         found.update(os.path.abspath(p) for p in matches)

@@ -896,14 +896,27 @@ def _segment_cli_class() -> type:
     from lightning.pytorch.cli import LightningCLI
 
     class SegmentCLI(LightningCLI):
-        """LightningCLI whose model learns the classes from ``data.labels`` when the config names none."""
+        """LightningCLI whose data is GeoTIFFs (``DenseDataModule``) unless ``data.class_path`` names another data
+        module (``ChipSegmentationDataModule``: chips without a georeference), and whose model learns the classes
+        from the labels when the config names none."""
+
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            # data blocks without a class_path (every config before chips) stay DenseDataModule's arguments
+            parser.set_defaults({"data": {"class_path": "dinov3_eo.data.datamodule.DenseDataModule"}})
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             model, data = config.get("model"), config.get("data")
             if model is None or data is None or model.get("num_classes") is not None:
                 return
-            if model.get("class_names") is not None or not data.get("labels"):
+            if model.get("class_names") is not None:
+                return
+            class_path, data = data.get("class_path") or "", data.get("init_args") or data
+            if class_path.endswith("ChipSegmentationDataModule"):
+                model["num_classes"] = k = _classes_of_chips(data)
+                log.info("model.num_classes = %d from the masks %s.", k, data["masks"])
+                return
+            if not data.get("labels"):
                 return
             k, names = classes_of_labels(data["labels"], attribute=data.get("label_attribute") or "name",
                                          classes=data.get("classes"), nodata=data.get("label_nodata"),
@@ -915,12 +928,28 @@ def _segment_cli_class() -> type:
     return SegmentCLI
 
 
-def fit_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo segment fit|validate|test --config x.yaml`` through LightningCLI with the labelled datamodule; a config
-    without ``model.num_classes`` and ``model.class_names`` takes the classes of ``data.labels``."""
-    from dinov3_eo.data.datamodule import DenseDataModule
+def _classes_of_chips(data: Mapping[str, Any]) -> int:
+    """The number of classes of a ``ChipSegmentationDataModule`` config: its ``classes``, else one pass over its masks."""
+    from dinov3_eo.data.chips import ChipSegmentationDataModule
 
-    return run_lightning_cli(SegmentationTask, DenseDataModule, argv, "dinov3-eo segment", cli_class=_segment_cli_class())
+    if data.get("classes"):
+        return max(data["classes"].values()) + 1
+    _, masks = ChipSegmentationDataModule.paired_chips(data["images"], data["masks"], data.get("label_name_suffixes") or ())
+    return ChipSegmentationDataModule.count_classes(masks, ignore_index=data.get("ignore_index", 255), remap=data.get("remap"))
+
+
+def fit_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo segment fit|validate|test --config x.yaml`` through LightningCLI: GeoTIFFs and their labels
+    (``DenseDataModule``) or, with ``data.class_path: ChipSegmentationDataModule``, chips without a georeference; a
+    config without ``model.num_classes`` and ``model.class_names`` takes the classes of the labels."""
+    import lightning.pytorch as pl
+
+    # imported so that a config may name the data modules by class name alone
+    from dinov3_eo.data.chips import ChipSegmentationDataModule  # noqa: F401
+    from dinov3_eo.data.datamodule import DenseDataModule  # noqa: F401
+
+    return run_lightning_cli(SegmentationTask, pl.LightningDataModule, argv, "dinov3-eo segment",
+                             cli_class=_segment_cli_class(), subclass_mode_data=True)  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:
@@ -943,7 +972,8 @@ def main(argv: Sequence[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(
             "usage: dinov3-eo segment {fit,validate,test,predict,prototypes,evaluate,change} ...\n\n"
-            "  fit --config x.yaml       train a head (LightningCLI: model=SegmentationTask, data=DenseDataModule)\n"
+            "  fit --config x.yaml       train a head (LightningCLI: model=SegmentationTask, data=DenseDataModule;\n"
+            "                            chips without a georeference: --data.class_path ChipSegmentationDataModule)\n"
             "  validate --config x.yaml  evaluate a checkpoint (--ckpt_path)\n"
             "  test --config x.yaml --ckpt_path C.ckpt   score a checkpoint on data.test_files (test_metrics.json)\n"
             "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs (see 'predict --help')\n"

@@ -1,0 +1,301 @@
+"""Segmentation on image chips without a georeference: reading, pairing, windows, the data module and
+``dinov3-eo segment fit/test`` with ``data.class_path: ChipSegmentationDataModule``.
+
+The chips are cut from ``tests/data/rgb_byte_crop.tif`` (real Landsat-7 RGB, saved as plain PNG without its
+georeference); their masks are brightness classes of the same pixels (0 dark, 1 middle, 2 bright, 255 the nodata
+collar), so every label is tied to the imagery. The collar covers chip 0 whole, 94 % of chip 2, 24 % of chip 1 and
+1 % of chip 3.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.data.chips import (
+    ChipSegmentationDataModule,
+    ChipWindow,
+    ChipWindowDataset,
+    chip_mask_legend,
+    chip_windows,
+    pair_chip_masks,
+    read_chip,
+    read_chip_header,
+    read_chip_mask,
+)
+from dinov3_eo.data.datasets import expand_chips
+from dinov3_eo.data.normalization import Normalization
+
+ROOT = Path(__file__).resolve().parents[1]
+RGB = ROOT / "tests" / "data" / "rgb_byte_crop.tif"
+ORIGINS = [(0, 0), (0, 125), (115, 0), (115, 125)]  # four 115 x 125 chips of the 230 x 250 scene
+PALETTE = {0: (20, 20, 120), 1: (60, 160, 60), 2: (230, 220, 200)}
+
+
+def scene_and_classes() -> tuple[np.ndarray, np.ndarray]:
+    with rasterio.open(RGB) as src:
+        rgb = src.read()
+    brightness = rgb.astype(np.float64).mean(axis=0)
+    classes = np.digitize(brightness, np.percentile(brightness[brightness > 0], [33, 66])).astype(np.uint8)
+    classes[(rgb == 0).all(axis=0)] = 255
+    return rgb, classes
+
+
+def palette_png(values: np.ndarray, path: Path) -> None:
+    image = Image.fromarray(values, mode="P")
+    flat = [0] * 768
+    for i, colour in PALETTE.items():
+        flat[3 * i : 3 * i + 3] = colour
+    image.putpalette(flat)
+    image.save(path)
+
+
+@pytest.fixture(scope="module")
+def chips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``images/chip_k.png`` (RGB) and ``masks/chip_k_mask.png`` (palette PNG of class ids)."""
+    root = tmp_path_factory.mktemp("chips")
+    (root / "images").mkdir(), (root / "masks").mkdir()
+    rgb, classes = scene_and_classes()
+    for k, (r, c) in enumerate(ORIGINS):
+        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 115, c : c + 125].transpose(1, 2, 0))).save(root / "images" / f"chip_{k}.png")
+        palette_png(classes[r : r + 115, c : c + 125], root / "masks" / f"chip_{k}_mask.png")
+    return root
+
+
+def module(chips: Path, **kwargs) -> ChipSegmentationDataModule:
+    settings = dict(images=str(chips / "images"), masks=str(chips / "masks"), label_name_suffixes=["_mask"],
+                    tile_size=48, batch_size=4, normalization="none")  # fmt: skip
+    return ChipSegmentationDataModule(**{**settings, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------- reading
+@pytest.mark.parametrize(("height", "width", "size"), [(115, 125, 48), (48, 48, 48), (10, 7, 16), (97, 64, 32)])
+def test_windows_cover_every_pixel_once(height: int, width: int, size: int) -> None:
+    covered = np.zeros((height, width), int)
+    for top, left in chip_windows(height, width, size):
+        covered[top : top + size, left : left + size] += 1
+    assert (covered == 1).all()
+    assert len(chip_windows(height, width, size)) == -(-height // size) * -(-width // size)
+
+
+def test_png_chip_reads_as_its_pixels(chips: Path) -> None:
+    path = str(chips / "images" / "chip_1.png")
+    header = read_chip_header(path)
+    assert (header.bands, header.height, header.width, header.alpha) == (3, 115, 125, None)
+    assert header.band_names == ("red", "green", "blue")
+    pixels, valid = read_chip(header)
+    expected = np.asarray(Image.open(path)).transpose(2, 0, 1)
+    assert pixels.dtype == np.float32 and np.array_equal(pixels, expected) and valid.all()
+    assert np.array_equal(read_chip(header, [3, 1])[0], expected[[2, 0]])
+    with pytest.raises(ValueError, match="has 3 bands; bands \\[4\\]"):
+        read_chip(header, [4])
+
+
+def test_alpha_and_nodata_mark_pixels_without_data(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(1, 255, (20, 30, 4), dtype=np.uint8)
+    rgba[..., 3] = 255
+    rgba[:5, :, 3] = 0
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    header = read_chip_header(str(tmp_path / "a.png"))
+    assert header.bands == 3 and header.alpha == 4 and header.band_names == ("red", "green", "blue")
+    pixels, valid = read_chip(header)
+    assert np.array_equal(pixels, rgba[..., :3].transpose(2, 0, 1)) and valid.sum() == 15 * 30 and not valid[:5].any()
+
+    # a 5-band float TIFF without georeference: named bands, nodata in every band and NaN are invalid
+    cube = rng.normal(size=(5, 12, 16)).astype(np.float32)
+    cube[:, 0, 0] = -9999
+    cube[3, 1, 1] = np.nan
+    with rasterio.open(tmp_path / "b.tif", "w", driver="GTiff", width=16, height=12, count=5, dtype="float32",
+                       nodata=-9999) as dst:  # fmt: skip
+        dst.write(cube)
+        dst.descriptions = ("blue", "green", "red", "nir", "swir1")
+    header = read_chip_header(str(tmp_path / "b.tif"))
+    assert header.bands == 5 and header.band_names == ("blue", "green", "red", "nir", "swir1")
+    pixels, valid = read_chip(header, [4, 5])
+    assert np.array_equal(pixels[:, 2:], cube[3:, 2:]) and not valid[0, 0] and not valid[1, 1] and valid.sum() == 12 * 16 - 2
+
+
+def test_masks_read_as_class_ids_with_their_colours(chips: Path, tmp_path: Path) -> None:
+    _, classes = scene_and_classes()
+    mask = read_chip_mask(str(chips / "masks" / "chip_2_mask.png"))
+    assert mask.dtype == np.int64 and np.array_equal(mask, classes[115:230, 0:125])
+    assert chip_mask_legend(str(chips / "masks" / "chip_2_mask.png"))[1] == PALETTE[1]
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "colour.png")
+    with pytest.raises(ValueError, match="colour.png is a colour \\(RGB\\) image"):
+        read_chip_mask(str(tmp_path / "colour.png"))
+    with rasterio.open(tmp_path / "f.tif", "w", driver="GTiff", width=2, height=2, count=1, dtype="float32") as dst:
+        dst.write(np.array([[[0, 1], [1.5, 2]]], np.float32))
+    with pytest.raises(ValueError, match="f.tif holds values that are not class ids"):
+        read_chip_mask(str(tmp_path / "f.tif"))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(ValueError, match="broken.png could not be"):
+        read_chip_header(str(tmp_path / "broken.png"))
+
+
+def test_pairing_by_name_and_folder(tmp_path: Path) -> None:
+    for tile in ("t1", "t2"):
+        for kind in ("images", "masks"):
+            (tmp_path / tile / kind).mkdir(parents=True)
+            (tmp_path / tile / kind / ("a.jpg" if kind == "images" else "a.png")).touch()
+    (tmp_path / "t2" / "images" / "lonely.jpg").touch()
+    images = expand_chips(str(tmp_path / "*" / "images"))  # a glob of folders
+    assert [Path(p).relative_to(tmp_path).as_posix() for p in images] == ["t1/images/a.jpg", "t2/images/a.jpg", "t2/images/lonely.jpg"]
+    masks = pair_chip_masks(images, str(tmp_path / "*" / "masks"))
+    assert [None if m is None else Path(m).relative_to(tmp_path).as_posix() for m in masks] == [
+        "t1/masks/a.png", "t2/masks/a.png", None]  # fmt: skip
+
+
+def test_windows_reassemble_the_chip(chips: Path) -> None:
+    """The windows of a chip put back together are its pixels and mask; padding is unlabelled and zero; ``remap``
+    turns a class into ``ignore_index``."""
+    header = read_chip_header(str(chips / "images" / "chip_0.png"))
+    mask_path = str(chips / "masks" / "chip_0_mask.png")
+    windows = [ChipWindow(0, top, left) for top, left in chip_windows(115, 125, 48)]
+    dataset = ChipWindowDataset(headers=[header], masks=[mask_path], windows=windows, size=48, remap={1: 255})
+    image, mask, valid = np.zeros((3, 144, 144), np.float32), np.full((144, 144), -1), np.zeros((144, 144), bool)
+    for i, window in enumerate(windows):
+        sample = dataset[i]
+        assert sample["image"].shape == (3, 48, 48) and sample["path"] == header.path
+        rows, cols = slice(window.top, window.top + 48), slice(window.left, window.left + 48)
+        image[:, rows, cols], mask[rows, cols], valid[rows, cols] = sample["image"], sample["mask"], sample["valid"]
+    pixels, _ = read_chip(header)
+    truth = read_chip_mask(mask_path)
+    truth[truth == 1] = 255
+    assert np.array_equal(image[:, :115, :125], pixels) and np.array_equal(mask[:115, :125], truth)
+    assert (mask[115:] == 255).all() and (mask[:, 125:] == 255).all() and (image[:, 115:] == 0).all()
+    assert valid[:115, :125].all() and not valid[115:].any() and not valid[:, 125:].any()
+
+
+# ------------------------------------------------------------------------------------------- data module
+def test_split_is_seeded_disjoint_and_complete(chips: Path) -> None:
+    dm = module(chips, val_fraction=0.25, seed=3)
+    dm.setup("fit")
+    again = module(chips, val_fraction=0.25, seed=3)
+    again.setup("fit")
+    assert (dm.train_chips, dm.val_chips) == (again.train_chips, again.val_chips)
+    assert len(dm.val_chips) == 1 and sorted(dm.train_chips + dm.val_chips) == [0, 1, 2, 3] and not dm.test_chips
+    held = module(chips, val_files=["chip_1.png"], test_files=["*chip_3*"])
+    held.setup("fit")
+    assert (held.train_chips, held.val_chips, held.test_chips) == ([0, 2], [1], [3])
+    # every labelled pixel of a split's chips comes out of its loader once
+    labelled = sum(int((batch["mask"] != 255).sum()) for batch in held.val_dataloader())
+    assert labelled == int((read_chip_mask(str(chips / "masks" / "chip_1_mask.png")) != 255).sum()) > 0
+    assert module(chips, val_fraction=0.0).val_dataloader() == []
+    with pytest.raises(ValueError, match="testing needs test_files"):
+        module(chips).test_dataloader()
+    with pytest.raises(ValueError, match="none is left to train on"):
+        module(chips, val_files=["chip_[01].png"], test_files=["chip_[23].png"]).setup("fit")
+    with pytest.raises(ValueError, match="matches both val_files"):
+        module(chips, val_files=["chip_1.png"], test_files=["*_1.png"]).setup("fit")
+
+
+def test_zscore_statistics_are_the_training_chips(chips: Path) -> None:
+    dm = module(chips, normalization="zscore", val_files=["chip_0.png"])
+    dm.setup("fit")
+    pixels = np.concatenate([np.asarray(Image.open(chips / "images" / f"chip_{k}.png")).reshape(-1, 3) for k in (1, 2, 3)])
+    expected = Normalization.zscore(pixels.mean(axis=0).tolist(), pixels.std(axis=0).tolist())
+    assert np.allclose(dm.normalization.mean, expected.mean, rtol=1e-6) and np.allclose(dm.normalization.std, expected.std, rtol=1e-6)
+    meta = dm.metadata()
+    assert meta["bands"] == ["red", "green", "blue"] and meta["gsd"] is None and meta["normalization"]["name"] == "zscore"
+    batch = next(iter(dm.train_dataloader()))
+    assert abs(float(batch["image"][batch["valid"][:, None].expand_as(batch["image"])].mean())) < 1.0
+
+
+def test_counts_names_and_colours(chips: Path, caplog: pytest.LogCaptureFixture) -> None:
+    dm = module(chips, val_files=["chip_0.png"], classes={"dark": 0, "middle": 1, "bright": 2})
+    assert dm.num_classes == 3 and dm.class_names == {0: "dark", 1: "middle", 2: "bright"}
+    counts = dm.class_pixel_counts(3, progress=False)
+    expected = np.zeros(3, np.int64)
+    for k in (1, 2, 3):
+        values = read_chip_mask(str(chips / "masks" / f"chip_{k}_mask.png"))
+        expected += np.bincount(values[values != 255], minlength=3)
+    assert np.array_equal(counts, expected) and counts.sum() > 0
+    assert {i: c for i, c in dm.class_colors.items() if i < 3} == PALETTE  # the model keeps its classes' entries
+    with pytest.raises(ValueError, match="holds class id 2 but the model has 2 classes"):
+        dm.class_pixel_counts(2, progress=False)
+    masks = sorted(str(p) for p in (chips / "masks").iterdir())
+    assert ChipSegmentationDataModule.count_classes(masks, progress=False) == 3
+    assert ChipSegmentationDataModule.count_classes(masks, remap={2: 255}, progress=False) == 2
+
+
+def test_bad_chips_are_named(chips: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    shutil.copytree(chips, tmp_path / "c")
+    grey = np.asarray(Image.open(tmp_path / "c" / "images" / "chip_2.png").convert("L"))
+    Image.fromarray(grey).save(tmp_path / "c" / "images" / "chip_2.png")
+    with pytest.raises(ValueError, match="chip_0.png has 3, .*chip_2.png 1"):
+        module(tmp_path / "c").setup("fit")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "c" / "masks" / "chip_1_mask.png")
+    shutil.copy(chips / "images" / "chip_0.png", tmp_path / "c" / "images" / "chip_2.png")
+    (tmp_path / "c" / "images" / "orphan.png").write_bytes((chips / "images" / "chip_0.png").read_bytes())
+    dm = module(tmp_path / "c", val_fraction=0.0)
+    with caplog.at_level(logging.WARNING, logger="dinov3_eo.data.chips"):
+        dm.setup("fit")
+    assert "1 of 5 images have no mask of their name" in caplog.text and "orphan.png" in caplog.text
+    dataset = dm.dataset("train")
+    with pytest.raises(ValueError, match="chip_1_mask.png is 10x10 px but its image .*chip_1.png is 125x115 px"):
+        dataset[next(i for i, w in enumerate(dataset.windows) if w.chip == 1)]
+    with pytest.raises(FileNotFoundError, match="no image of .* has a mask of its name"):
+        module(tmp_path / "c", label_name_suffixes=None).setup("fit")
+
+
+# ------------------------------------------------------------------------------------------- command line
+def test_segment_fit_test_and_predict_from_chips(chips: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``segment fit`` with ``data.class_path: ChipSegmentationDataModule`` learns the class count from the masks
+    and the colours from their palette, records bands and normalisation in the checkpoint; ``segment test`` scores
+    the held-out chip; ``segment predict`` then maps the GeoTIFF the chips were cut from, on its georeference."""
+    config = tmp_path / "chips.yaml"
+    config.write_text(f"""
+trainer: {{accelerator: cpu, max_epochs: 2, logger: false, enable_progress_bar: false, default_root_dir: {tmp_path / "fit"}}}
+model: {{backbone: vitmicro16, in_chans: 3, head: linear, lr: 0.01}}
+data:
+  class_path: ChipSegmentationDataModule
+  init_args:
+    images: {chips / "images"}
+    masks: {chips / "masks"}
+    label_name_suffixes: [_mask]
+    val_files: [chip_1.png]
+    test_files: [chip_3.png]
+    tile_size: 48
+    batch_size: 4
+""")
+    with caplog.at_level("INFO", logger="dinov3_eo.tasks.segmentation"):
+        assert cli_main(["segment", "fit", "--config", str(config)]) == 0
+    assert "model.num_classes = 3 from the masks" in caplog.text
+    (checkpoint,) = (tmp_path / "fit" / "checkpoints").glob("*.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    meta = state["dinov3_eo"]
+    assert meta["bands"] == ["red", "green", "blue"] and meta["normalization"]["name"] == "zscore"
+    assert state["hyper_parameters"]["num_classes"] == 3 and state["hyper_parameters"]["class_colors"] == [list(c) for c in PALETTE.values()]
+    assert (tmp_path / "fit" / "val_predictions.png").exists()
+    saved = (tmp_path / "fit" / "config.yaml").read_text()
+    assert "class_path: dinov3_eo.data.chips.ChipSegmentationDataModule" in saved
+
+    assert cli_main(["segment", "test", "--config", str(config), "--ckpt_path", str(checkpoint),
+                     "--trainer.default_root_dir", str(tmp_path / "test")]) == 0  # fmt: skip
+    report = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
+    assert report["pixels"] == int((read_chip_mask(str(chips / "masks" / "chip_3_mask.png")) != 255).sum())
+    assert 0.0 <= report["miou"] <= 1.0
+
+    assert cli_main(["segment", "predict", str(RGB), "--model", str(checkpoint), "-o", str(tmp_path / "pred")]) == 0
+    with rasterio.open(tmp_path / "pred" / "rgb_byte_crop_classes.tif") as out, rasterio.open(RGB) as src:
+        assert out.crs == src.crs and out.transform == src.transform and out.shape == src.shape
+        assert set(np.unique(out.read(1))) <= {0, 1, 2, 255}
+
+
+def test_a_plain_data_block_is_still_geotiffs(capsys: pytest.CaptureFixture) -> None:
+    """Configs without ``class_path`` keep meaning DenseDataModule; the printed config names it."""
+    with pytest.raises(SystemExit):
+        cli_main(["segment", "fit", "--config", str(ROOT / "configs" / "segment" / "sample_linear_cpu.yaml"), "--print_config"])
+    printed = capsys.readouterr().out
+    assert "\ndata:\n  class_path: dinov3_eo.data.DenseDataModule\n" in printed and "block_tiles:" in printed
+    assert "stats_chips" not in printed
