@@ -176,6 +176,29 @@ def test_windows_reassemble_the_chip(chips: Path) -> None:
     assert valid[:115, :125].all() and not valid[115:].any() and not valid[:, 125:].any()
 
 
+def test_the_cache_decodes_each_chip_once_and_changes_nothing(chips: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dinov3_eo.data.chips as chips_module
+
+    headers = [read_chip_header(str(chips / "images" / f"chip_{k}.png")) for k in range(4)]
+    masks = [str(chips / "masks" / f"chip_{k}_mask.png") for k in range(4)]
+    windows = [ChipWindow(c, top, left) for c in range(4) for top, left in chip_windows(115, 125, 48)]
+    order = np.random.default_rng(0).permutation(len(windows)).tolist() * 2
+    reads = []
+    real = chips_module.read_chip
+    monkeypatch.setattr(chips_module, "read_chip", lambda header, *a, **k: reads.append(header.path) or real(header, *a, **k))
+    cached = ChipWindowDataset(headers=headers, masks=masks, windows=windows, size=48)
+    plain = ChipWindowDataset(headers=headers, masks=masks, windows=windows, size=48, cache_mb=0)
+    for i in order:
+        a, b = cached[i], plain[i]
+        assert all(torch.equal(a[key], b[key]) for key in ("image", "valid", "mask"))
+    assert len(reads) == 4 + len(order)  # the cached dataset read each chip once, the other once per window
+    one_chip = sum(a.nbytes for a in cached._cache[0])
+    small = ChipWindowDataset(headers=headers, masks=masks, windows=windows, size=48, cache_mb=1.5 * one_chip / 2**20)
+    for i in order:
+        small[i]
+    assert len(small._cache) == 1 and small._cached_bytes == one_chip
+
+
 # ------------------------------------------------------------------------------------------- data module
 def test_split_is_seeded_disjoint_and_complete(chips: Path) -> None:
     dm = module(chips, val_fraction=0.25, seed=3)
@@ -278,7 +301,7 @@ data:
     assert state["hyper_parameters"]["num_classes"] == 3 and state["hyper_parameters"]["class_colors"] == [list(c) for c in PALETTE.values()]
     assert (tmp_path / "fit" / "val_predictions.png").exists()
     saved = (tmp_path / "fit" / "config.yaml").read_text()
-    assert "class_path: dinov3_eo.data.chips.ChipSegmentationDataModule" in saved
+    assert "\ndata:\n  class_path: dinov3_eo.data.ChipSegmentationDataModule\n" in saved
 
     assert cli_main(["segment", "test", "--config", str(config), "--ckpt_path", str(checkpoint),
                      "--trainer.default_root_dir", str(tmp_path / "test")]) == 0  # fmt: skip

@@ -51,6 +51,15 @@ def test_the_readme_dense_datamodule_example_gives_what_its_comments_say(monkeyp
     assert ((sample["mask"] == 1) == (east & labelled)).all()
 
 
+def test_the_readme_chips_example_gives_what_its_comments_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("chips = ChipSegmentationDataModule(", monkeypatch)
+    chips, batch = scope["chips"], scope["batch"]
+    assert (chips.train_chips, chips.val_chips) == ([0, 1, 2], [3]) and chips.normalization.name == "zscore"
+    assert tuple(batch["image"].shape) == (8, 3, 128, 128) and tuple(batch["mask"].shape) == (8, 128, 128)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1, 255} and (batch["mask"] == 255).any()
+    assert chips.band_names == ["red", "green", "blue"] and chips.class_names == {0: "dark", 1: "bright"}
+
+
 def test_the_readme_losses_example_runs_after_the_dense_datamodule_one(monkeypatch: pytest.MonkeyPatch) -> None:
     import numpy as np
 

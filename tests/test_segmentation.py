@@ -590,7 +590,8 @@ def test_a_scene_at_another_scale_than_training_is_warned_about(caplog: pytest.L
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs" / "segment").glob("*.yaml")), ids=lambda p: p.name)
 def test_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
-    """Every segmentation config maps one-to-one onto SegmentationTask / DenseDataModule arguments."""
+    """Every segmentation config maps one-to-one onto SegmentationTask and DenseDataModule (or, named by
+    ``data.class_path``, ChipSegmentationDataModule) arguments."""
     with pytest.raises(SystemExit) as done:
         cli_main(["segment", "fit", "--config", str(config), "--print_config"])
     assert done.value.code == 0

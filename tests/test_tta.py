@@ -185,6 +185,20 @@ class TestPredictRaster:
         assert not list(tmp_path.iterdir())
 
 
+def test_random_dihedral_draws_one_element_per_square_image() -> None:
+    """Each image of a square batch takes its own element (the one ``dihedral`` gives it alone), labels with it;
+    over a few steps the images of one batch take different elements."""
+    image = torch.randn(6, 2, 8, 8)
+    labels = image.argmax(dim=1)
+    mixed = 0
+    for step in range(8):
+        moved_image, moved_labels = random_dihedral(image, labels, seed=1, step=step)
+        assert moved_image.shape == image.shape and torch.equal(moved_image.argmax(dim=1), moved_labels)
+        elements = [next(k for k in range(8) if torch.equal(dihedral(image[b], k), moved_image[b])) for b in range(6)]
+        mixed += len(set(elements)) > 1
+    assert mixed == 8
+
+
 def test_random_dihedral_moves_image_and_labels_together_and_repeats_per_step() -> None:
     """Training augmentation: one group element for all tensors (labels stay on their pixels), the same one for the
     same (seed, step) whatever came before (a resumed run draws what the uninterrupted run drew), every element over

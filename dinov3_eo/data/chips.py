@@ -13,6 +13,7 @@ or the file's nodata marking pixels without data.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,15 +66,17 @@ def read_chip_header(path: str) -> ChipHeader:
         raise ValueError(f"Image chip {path} could not be opened: {e}") from e
 
 
-def read_chip(header: ChipHeader, bands: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def read_chip(header: ChipHeader, bands: Sequence[int] | None = None, *,
+              as_float: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The pixels of a chip and where it has data.
 
     Args:
         header: from :func:`read_chip_header`.
         bands: 1-based data bands to read (alpha not counted); ``None`` = all.
+        as_float: float32 pixels; ``False`` keeps the file's data type (a quarter of the memory for 8-bit chips).
 
     Returns:
-        ``([C, H, W] float32, [H, W] bool valid)``: pixels under alpha 0, equal to the file's nodata in every band, or
+        ``([C, H, W] pixels, [H, W] bool valid)``: pixels under alpha 0, equal to the file's nodata in every band, or
         not finite are invalid.
 
     Raises:
@@ -87,15 +90,15 @@ def read_chip(header: ChipHeader, bands: Sequence[int] | None = None) -> tuple[n
         raise ValueError(f"Image chip {header.path} has {header.bands} bands; bands {chosen} asks for others.")
     try:
         with _open_quietly(header.path) as src:
-            pixels = src.read([data_bands[b - 1] for b in chosen]).astype(np.float32)
-            valid = np.isfinite(pixels).all(axis=0)
+            pixels = src.read([data_bands[b - 1] for b in chosen])
+            valid = np.isfinite(pixels).all(axis=0) if pixels.dtype.kind == "f" else np.ones(pixels.shape[1:], bool)
             if src.nodata is not None:
                 valid &= ~(pixels == np.float32(src.nodata)).all(axis=0)
             if header.alpha is not None:
                 valid &= src.read(header.alpha) > 0
     except rasterio.errors.RasterioIOError as e:
         raise ValueError(f"Image chip {header.path} could not be read: {e}") from e
-    return pixels, valid
+    return (pixels.astype(np.float32) if as_float else pixels), valid
 
 
 def read_chip_mask(path: str) -> np.ndarray:
@@ -172,14 +175,18 @@ class ChipWindowDataset(Dataset):
         windows: the windows to serve; size: window side in pixels.
         bands: 1-based data bands; normalization: applied to the pixels as read; remap: mask value -> class id
         (``{0: 255}`` to ignore a "no label" value); ignore_index: id of unlabelled pixels.
+        cache_mb: decoded chips (pixels in the file's data type, validity, mask) kept per process, the least recently
+        used dropped first: a chip of several windows is decoded once rather than once per window (JPEG and PNG
+        cannot be read a window at a time). 0 turns the cache off.
     """
 
     def __init__(self, *, headers: Sequence[ChipHeader], masks: Sequence[str], windows: Sequence[ChipWindow], size: int,
                  bands: Sequence[int] | None = None, normalization: Normalization | None = None,
-                 remap: Mapping[int, int] | None = None, ignore_index: int = 255) -> None:  # fmt: skip
+                 remap: Mapping[int, int] | None = None, ignore_index: int = 255, cache_mb: float = 512) -> None:  # fmt: skip
         self.headers, self.masks, self.windows, self.size = list(headers), list(masks), list(windows), int(size)
         self.bands, self.normalization, self.ignore_index = bands, normalization, int(ignore_index)
         self.remap = {int(k): int(v) for k, v in (remap or {}).items()}
+        self.cache_bytes, self._cache, self._cached_bytes = int(cache_mb * 2**20), OrderedDict(), 0
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -198,11 +205,27 @@ class ChipWindowDataset(Dataset):
             mask = out
         return mask
 
+    def _decoded(self, chip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Chip ``chip``'s pixels (file data type), validity and mask, from the cache when it holds them."""
+        if chip in self._cache:
+            self._cache.move_to_end(chip)
+            return self._cache[chip]
+        pixels, valid = read_chip(self.headers[chip], self.bands, as_float=False)
+        mask = self.read_mask(chip)
+        small = mask.size == 0 or (mask.min() >= 0 and mask.max() <= 255)
+        entry = (pixels, valid, mask.astype(np.uint8 if small else np.int32))
+        size = sum(a.nbytes for a in entry)
+        if size <= self.cache_bytes:
+            self._cache[chip], self._cached_bytes = entry, self._cached_bytes + size
+            while self._cached_bytes > self.cache_bytes:
+                _, dropped = self._cache.popitem(last=False)
+                self._cached_bytes -= sum(a.nbytes for a in dropped)
+        return entry
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         window, s = self.windows[int(i)], self.size
         header = self.headers[window.chip]
-        pixels, valid = read_chip(header, self.bands)
-        mask = self.read_mask(window.chip)
+        pixels, valid, mask = self._decoded(window.chip)
         rows = slice(window.top, min(window.top + s, header.height))
         cols = slice(window.left, min(window.left + s, header.width))
         h, w = rows.stop - rows.start, cols.stop - cols.start
@@ -274,6 +297,8 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         val_files / test_files: chips held out whole, as globs matched against each image's name or full path
             (``["*/val/*"]``, a benchmark's own split); without ``val_files``, ``val_fraction`` of the chips is drawn at
             random (chips cut from one scene are neighbours: a split by scene, given as ``val_files``, is the honest one).
+        cache_mb: decoded chips each loader process keeps (:class:`ChipWindowDataset`), so that a chip of several
+            windows is decoded once an epoch rather than once per window.
         batch_size, num_workers, pin_memory, seed: the data loaders (``seed``: the split, statistics and shuffling).
 
     Raises:
@@ -300,6 +325,7 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         val_files: list[str] | None = None,
         test_files: list[str] | None = None,
         val_fraction: float = 0.2,
+        cache_mb: float = 512,
         batch_size: int = 8,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -320,6 +346,7 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         self.stats_chips, self.tile_size, self.gsd = stats_chips, int(tile_size), gsd
         self.val_files, self.test_files, self.val_fraction = list(val_files or []), list(test_files or []), val_fraction
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.cache_mb = cache_mb
         # what a checkpoint records as DenseDataModule's: chips have no nodata value or scale of their own here
         self.nodata, self.scale, self.offset = None, None, None
         self.normalization: Normalization | None = None
@@ -415,7 +442,7 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         chips = {"train": self.train_chips, "val": self.val_chips, "test": self.test_chips}[split]
         return ChipWindowDataset(headers=self.headers, masks=self.mask_paths, windows=self._windows(chips),
                                  size=self.tile_size, bands=self.bands, normalization=self.normalization,
-                                 remap=self.remap, ignore_index=self.ignore_index)  # fmt: skip
+                                 remap=self.remap, ignore_index=self.ignore_index, cache_mb=self.cache_mb)  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

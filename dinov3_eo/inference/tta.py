@@ -31,8 +31,8 @@ def dihedral(x: Tensor, k: int) -> Tensor:
     """Element ``k`` (0..7) of the dihedral group of the square applied to the last two dims of ``x`` [..., H, W]:
     ``k % 4`` counter-clockwise quarter turns, then a left-right mirror if ``k >= 4``.
 
-    Returns [..., H, W] for an even ``k % 4``, else [..., W, H]. Used for training augmentation (one random ``k``
-    per batch) and, with :func:`undo_dihedral`, for test-time augmentation.
+    Returns [..., H, W] for an even ``k % 4``, else [..., W, H]. Used for training augmentation (a random ``k``
+    per image: :func:`random_dihedral`) and, with :func:`undo_dihedral`, for test-time augmentation.
     """
     x = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
     return torch.flip(x, dims=(-1,)) if k >= 4 else x
@@ -45,16 +45,23 @@ def undo_dihedral(y: Tensor, k: int) -> Tensor:
 
 
 def random_dihedral(*tensors: Tensor, seed: int, step: int) -> tuple[Tensor, ...]:
-    """One random element of the dihedral group (:func:`dihedral`: flips and quarter turns) applied alike to the last
-    two dims of every tensor (an image ``[B, C, H, W]`` and its labels ``[B, H, W]``): training augmentation for
-    overhead imagery, which has no up or down.
+    """Random elements of the dihedral group (:func:`dihedral`: flips and quarter turns), one per image, applied alike
+    to the last two dims of every tensor (an image ``[B, C, H, W]`` and its labels ``[B, H, W]``): training
+    augmentation for overhead imagery, which has no up or down.
 
-    The element is drawn from a CPU generator seeded by ``(seed, step)``, so a run resumed at a step draws what the
-    uninterrupted run drew, and nothing is read back from a GPU.
+    Square images each get their own element; where ``H != W`` a quarter turn would change the shape of one image
+    but not another's, so the batch shares one element. The elements are drawn from a CPU generator seeded by
+    ``(seed, step)``, so a run resumed at a step draws what the uninterrupted run drew, and nothing is copied to or
+    read back from a GPU (each image is sliced and moved on its own device).
     """
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-    k = int(torch.randint(8, (1,), generator=gen))
-    return tuple(dihedral(t, k) for t in tensors)
+    height, width = tensors[0].shape[-2:]
+    batch = tensors[0].shape[0] if tensors[0].dim() >= 3 else 1
+    if height != width or batch == 1 or tensors[0].dim() < 3:
+        k = int(torch.randint(8, (1,), generator=gen))
+        return tuple(dihedral(t, k) for t in tensors)
+    ks = torch.randint(8, (batch,), generator=gen).tolist()
+    return tuple(torch.cat([dihedral(t[b : b + 1], k) for b, k in enumerate(ks)]) for t in tensors)
 
 
 def tta_views(mode: str) -> tuple[int, ...]:
