@@ -34,6 +34,7 @@ from dinov3_eo.data.chips import (
 )
 from dinov3_eo.data.datasets import expand_chips
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.tasks.segmentation import SegmentationTask
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB = ROOT / "tests" / "data" / "rgb_byte_crop.tif"
@@ -313,6 +314,36 @@ data:
     with rasterio.open(tmp_path / "pred" / "rgb_byte_crop_classes.tif") as out, rasterio.open(RGB) as src:
         assert out.crs == src.crs and out.transform == src.transform and out.shape == src.shape
         assert set(np.unique(out.read(1))) <= {0, 1, 2, 255}
+
+    # chips in, PNG class masks out: the same ids as the same pixels predicted as a georeferenced GeoTIFF
+    chip = chips / "images" / "chip_3.png"
+    pixels = np.asarray(Image.open(chip)).transpose(2, 0, 1)
+    twin = tmp_path / "twin" / "chip_3.tif"
+    twin.parent.mkdir()
+    with rasterio.open(twin, "w", driver="GTiff", width=125, height=115, count=3, dtype="uint8", crs="EPSG:32618",
+                       transform=rasterio.transform.from_origin(500000, 4000000, 30, 30)) as dst:  # fmt: skip
+        dst.write(pixels)
+    window = ["--window", "64", "--overlap", "16", "--quiet"]
+    assert cli_main(["segment", "predict", str(chip), "--chips", "--model", str(checkpoint), "-o", str(tmp_path / "png"), *window]) == 0
+    assert cli_main(["segment", "predict", str(twin), "--model", str(checkpoint), "-o", str(tmp_path / "tif"), *window]) == 0
+    png = Image.open(tmp_path / "png" / "chip_3_classes.png")
+    with rasterio.open(tmp_path / "tif" / "chip_3_classes.tif") as reference:
+        assert png.mode == "P" and np.array_equal(np.asarray(png), reference.read(1))
+    assert png.getpalette()[:9] == [c for colour in PALETTE.values() for c in colour]
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["chip_3_classes.png", "chip_3_quicklook.png"]
+
+
+def test_predicting_chips_refuses_what_needs_a_map(chips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A chip without ``--chips`` is refused with the way out; ``--chips`` with polygons or probabilities too."""
+    task = SegmentationTask(backbone="vitmicro16", num_classes=3, image_normalization=Normalization.preset("imagenet").to_dict())
+    checkpoint = tmp_path / "seg.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "dinov3_eo": task.checkpoint_metadata()}, checkpoint)
+    chip = str(chips / "images" / "chip_1.png")
+    assert cli_main(["segment", "predict", chip, "--model", str(checkpoint), "-o", str(tmp_path / "a"), "--quiet"]) == 2
+    assert "chip_1.png is not georeferenced" in capsys.readouterr().err
+    assert cli_main(["segment", "predict", chip, "--chips", "--polygons", "--model", str(checkpoint), "-o", str(tmp_path / "b")]) == 2
+    assert "probabilities and polygons need a georeferenced scene" in capsys.readouterr().err
+    assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
 
 
 def test_a_plain_data_block_is_still_geotiffs(capsys: pytest.CaptureFixture) -> None:

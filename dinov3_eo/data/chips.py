@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dinov3_eo.data.datamodule import NORMALIZATION_MODES, build_normalization, files_matching
+from dinov3_eo.data.datamodule import NORMALIZATION_MODES, build_normalization, held_out_files
 from dinov3_eo.data.datasets import CHIP_SUFFIXES, collate_samples, expand_chips
 from dinov3_eo.data.labels import NamePairing, _open_quietly, _raster_legend
 from dinov3_eo.data.normalization import Normalization
@@ -406,20 +406,12 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
             odd = next(h for h in headers if h.bands != headers[0].bands)
             raise ValueError(f"Image chips differ in band count: {headers[0].path} has {headers[0].bands}, {odd.path} "
                              f"{odd.bands}; give bands= to read the same bands from each, or keep one sensor per folder.")
-        val = set(files_matching(paths, self.val_files, "val_files"))
-        test = set(files_matching(paths, self.test_files, "test_files"))
-        if both := sorted(val & test):
-            raise ValueError(f"ChipSegmentationDataModule: {paths[both[0]]} matches both val_files {self.val_files} "
-                             f"and test_files {self.test_files}.")
-        rest = [i for i in range(len(paths)) if i not in val | test]
+        rest, val, test = held_out_files(paths, self.val_files, self.test_files, owner="ChipSegmentationDataModule")
         if not self.val_files and self.val_fraction > 0 and len(rest) > 1:
             rng = np.random.default_rng(self.seed)
             n_val = max(1, round(self.val_fraction * len(rest)))
             val = {rest[j] for j in rng.permutation(len(rest))[:n_val]}
             rest = [i for i in rest if i not in val]
-        if not rest:
-            raise ValueError(f"ChipSegmentationDataModule: val_files {self.val_files} and test_files {self.test_files} "
-                             f"hold out every chip of {self.images}; none is left to train on.")
         self.headers, self.mask_paths = headers, masks
         self.train_chips, self.val_chips, self.test_chips = rest, sorted(val), sorted(test)
         if self.normalization_mode in ("zscore", "percentile") and self.stats is None:

@@ -92,6 +92,26 @@ def files_matching(paths: Sequence[str], patterns: Sequence[str], what: str = "p
     return found
 
 
+def held_out_files(paths: Sequence[str], val_files: Sequence[str], test_files: Sequence[str], *,
+                   owner: str) -> tuple[list[int], set[int], set[int]]:  # fmt: skip
+    """Indices of the ``paths`` to train on, and the sets that ``val_files`` and ``test_files`` (globs, as
+    :func:`files_matching`) hold out.
+
+    Raises:
+        ValueError: a path both match, or none left to train on (``owner`` names the data module).
+    """
+    val = set(files_matching(paths, val_files, "val_files"))
+    test = set(files_matching(paths, test_files, "test_files"))
+    if both := sorted(val & test):
+        raise ValueError(f"{owner}: {paths[both[0]]} matches both val_files {list(val_files)} and test_files "
+                         f"{list(test_files)}.")
+    training = [i for i in range(len(paths)) if i not in val | test]
+    if not training:
+        raise ValueError(f"{owner}: val_files {list(val_files)} and test_files {list(test_files)} hold out every "
+                         "image; none is left to train on.")
+    return training, val, test
+
+
 class _TileDataModuleBase(pl.LightningDataModule):
     def _check_worker_type(self) -> None:
         if self.worker_type not in WORKER_TYPES:
@@ -393,15 +413,7 @@ class DenseDataModule(_TileDataModuleBase):
         grid = self._build_grid()
         self.label_source = self._labels()
         paths = [record.path for record in self.index.records]
-        val_files = set(files_matching(paths, self.val_files, "val_files"))
-        test_files = set(files_matching(paths, self.test_files, "test_files"))
-        if both := sorted(val_files & test_files):
-            raise ValueError(f"DenseDataModule: {paths[both[0]]} matches both val_files {self.val_files} and "
-                             f"test_files {self.test_files}.")
-        training = [i for i in range(len(paths)) if i not in val_files | test_files]
-        if not training:
-            raise ValueError(f"DenseDataModule: val_files {self.val_files} and test_files {self.test_files} hold out "
-                             f"every image; none is left to train on.")
+        training, val_files, test_files = held_out_files(paths, self.val_files, self.test_files, owner="DenseDataModule")
         # statistics of the files the model trains on: held-out files would leak into the normalisation
         stats_index = self.index if len(training) == len(paths) else self.index.subset(training)
         self.normalization = build_normalization(

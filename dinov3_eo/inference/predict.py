@@ -300,6 +300,7 @@ def predict_raster(
     overviews: bool = True,
     gdal_cache_mb: int = 64,
     tags: dict[str, Any] | None = None,
+    require_georeference: bool = True,
 ) -> PredictionSummary:
     """Run ``model`` over every window of ``src`` and write the blended prediction to ``dst`` as a COG.
 
@@ -340,6 +341,8 @@ def predict_raster(
         overwrite: replace existing outputs (otherwise they raise :class:`FileExistsError` up front).
         compress, overviews: COG compression and internal overviews.
         gdal_cache_mb: lower bound of GDAL's block cache during the run (raised as needed for wide rasters).
+        require_georeference: refuse an input without a CRS or geotransform (default); ``False`` predicts image
+            chips on their own pixel grid, and the output then has no georeference either.
         tags: extra dataset tags for the outputs.
 
     Returns:
@@ -382,7 +385,8 @@ def predict_raster(
 
     dataset = rasterio.open(src) if own_src else src
     try:
-        require_georeferenced(dataset)
+        if require_georeference:
+            require_georeferenced(dataset)
         band_indexes = list(bands) if bands is not None else list(range(1, dataset.count + 1))
         bad = [b for b in band_indexes if not 1 <= b <= dataset.count]
         if bad or not band_indexes:

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import pixel_size_off_scale
+from dinov3_eo.data.raster import is_georeferenced, pixel_size_off_scale
 from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tta import TTA, random_dihedral
 from dinov3_eo.inference.writers import SIMPLIFY_HELP, check_distinct_stems
@@ -648,15 +648,45 @@ class SceneOutputs:
     polygons: Path | None
 
 
-def scene_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool, polygons: bool) -> SceneOutputs:
-    """Output paths of one scene: ``OUT/<stem>_classes.tif``, ``_quicklook.png``, ``_probabilities.tif``, ``_polygons.gpkg``."""
+def scene_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool, polygons: bool,
+                  chip: bool = False) -> SceneOutputs:  # fmt: skip
+    """Output paths of one scene: ``OUT/<stem>_classes.tif`` (``.png`` for a ``chip``), ``_quicklook.png``,
+    ``_probabilities.tif``, ``_polygons.gpkg``."""
     stem, out = Path(src).stem, Path(out_dir)
     return SceneOutputs(
-        classes=out / f"{stem}_classes.tif",
+        classes=out / f"{stem}_classes.{'png' if chip else 'tif'}",
         quicklook=out / f"{stem}_quicklook.png",
         probabilities=out / f"{stem}_probabilities.tif" if probabilities else None,
         polygons=out / f"{stem}_polygons.gpkg" if polygons else None,
     )
+
+
+def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                    colors: Sequence[Sequence[int]], overwrite: bool = False) -> Path:  # fmt: skip
+    """A one-band class raster as a palette PNG of the same ids (``colors[i]`` for class ``i``, black for the rest),
+    written atomically; more than 256 ids are written as a 16-bit greyscale PNG without palette.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+    """
+    from PIL import Image
+
+    from dinov3_eo.data.labels import _open_quietly
+    from dinov3_eo.inference.writers import atomic_output
+
+    with _open_quietly(str(classes)) as src:
+        ids = src.read(1)
+    if ids.dtype == np.uint8:
+        image = Image.fromarray(ids, mode="P")
+        palette = [0] * 768
+        for i, color in enumerate(colors[:256]):
+            palette[3 * i : 3 * i + 3] = [int(c) for c in color[:3]]
+        image.putpalette(palette)
+    else:
+        image = Image.fromarray(ids.astype(np.uint16))
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(dst)
 
 
 def resolve_band_selection(src: Any, selection: Sequence[int | str] | None) -> list[int] | None:
@@ -733,8 +763,13 @@ def segment_scene(
     overwrite: bool = False,
     progress: bool = True,
     preview_bands: Sequence[int] | None = None,
+    chip: bool = False,
 ) -> SceneOutputs:
     """Segment one GeoTIFF into ``out_dir``: class COG, PNG quick-look, optional probabilities and polygons.
+
+    ``chip``: the input is an image chip, with or without a georeference (JPEG, PNG, TIFF): the classes are written
+    as ``<stem>_classes.png``, a palette PNG of class ids on the chip's pixel grid (255 where it has no data; the
+    class colours as its palette), as chip datasets ship their masks; no probabilities or polygons.
 
     ``bands``/``nodata`` default to what the checkpoint recorded; ``preview_bands`` (1-based, red, green,
     blue) picks the quick-look's background bands (default: the first three model bands); ``amp`` and ``tta`` are
@@ -744,34 +779,59 @@ def segment_scene(
 
     Raises:
         FileExistsError: if an output exists and ``overwrite`` is false.
-        ValueError: if the input does not fit the checkpoint (see :func:`check_input`).
+        ValueError: if the input does not fit the checkpoint (see :func:`check_input`), or ``chip`` with
+            probabilities or polygons.
     """
-    import rasterio
+    import tempfile
+    import warnings
 
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from dinov3_eo.data.labels import _open_quietly
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_quicklook
 
-    outputs = scene_outputs(src_path, out_dir, probabilities=probabilities, polygons=polygons)
+    if chip and (probabilities or polygons):
+        raise ValueError("Image chips are segmented into a PNG class mask on their pixel grid; probabilities and "
+                         "polygons need a georeferenced scene (leave out --chips for GeoTIFFs).")
+    outputs = scene_outputs(src_path, out_dir, probabilities=probabilities, polygons=polygons, chip=chip)
     for path in (outputs.classes, outputs.quicklook, outputs.probabilities, outputs.polygons):
         if path is not None:
             check_overwrite(path, overwrite, inputs=[src_path])
     meta = task.checkpoint_metadata()[CHECKPOINT_KEY]
-    with rasterio.open(src_path) as src:
-        band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
-        check_input(task, src, band_indexes)
-        warn_on_another_scale(src, meta.get("gsd"))
-        nodata = nodata if nodata is not None else meta.get("nodata")
-        colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
-        predict_raster(
-            task.model, src, outputs.classes, out_channels=task.num_classes, window=window, overlap=overlap,
-            batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
-            output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
-            device=device, amp=amp, tta=tta, multiple=int(task.model.pad_multiple), progress=progress,
-            overwrite=overwrite, tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
-        )  # fmt: skip
-    rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
-    write_quicklook(outputs.quicklook, classes=outputs.classes, image=src_path, bands=rgb, overwrite=overwrite,
-                    title=Path(src_path).name, nodata=nodata)  # fmt: skip
+    # a chip's class map goes through a scratch GeoTIFF (the streaming writer's format) and then becomes the PNG
+    scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".chip_") if chip else None
+    classes = Path(scratch.name) / "classes.tif" if scratch is not None else outputs.classes
+    try:
+        with warnings.catch_warnings(), _open_quietly(str(src_path)) as src:
+            if chip:  # a chip has no georeference and needs none: rasterio's warnings about it say nothing new
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
+            check_input(task, src, band_indexes)
+            if not chip and not is_georeferenced(src):
+                raise ValueError(f"{src.name} is not georeferenced (no CRS or no geotransform), so a class map could "
+                                 "not be placed on a map: for image chips pass --chips (a PNG class mask per chip), "
+                                 "else georeference it first (gdal_edit.py -a_srs ... -a_ullr ...).")
+            if not chip:
+                warn_on_another_scale(src, meta.get("gsd"))
+            nodata = nodata if nodata is not None else meta.get("nodata")
+            colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
+            predict_raster(
+                task.model, src, classes, out_channels=task.num_classes, window=window, overlap=overlap,
+                batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
+                output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
+                device=device, amp=amp, tta=tta, multiple=int(task.model.pad_multiple), progress=progress,
+                overwrite=overwrite, tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
+                require_georeference=not chip, overviews=not chip,
+            )  # fmt: skip
+            rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
+            write_quicklook(outputs.quicklook, classes=classes, image=src_path, bands=rgb, overwrite=overwrite,
+                            title=Path(src_path).name, nodata=nodata)  # fmt: skip
+            if scratch is not None:
+                write_class_png(classes, outputs.classes, colors=task.class_colors, overwrite=overwrite)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     if outputs.polygons is not None:
         vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, simplify=simplify, overwrite=overwrite)
     return outputs
@@ -807,10 +867,15 @@ def shard_for_rank(items: Sequence[Any], *, rank: int | None = None, world_size:
 def _predict_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinov3-eo segment predict",
-        description="Segment GeoTIFFs with a trained checkpoint: class COG + PNG quick-look (+ probabilities, GeoPackage). "
+        description="Segment GeoTIFFs with a trained checkpoint: class COG + PNG quick-look (+ probabilities, GeoPackage); "
+        "image chips without a georeference with --chips: a PNG class mask per chip + quick-look. "
         "Under torchrun (RANK/WORLD_SIZE set) the scenes are shared out across ranks.",
     )
-    parser.add_argument("inputs", nargs="+", help="GeoTIFFs or glob patterns (quote globs)")
+    parser.add_argument("inputs", nargs="+", help="GeoTIFFs (image chips with --chips) or glob patterns (quote globs)")
+    parser.add_argument("--chips", action="store_true",
+                        help="the inputs are image chips, with or without a georeference (JPEG, PNG, TIFF): write "
+                             "<stem>_classes.png, a palette PNG of class ids on each chip's pixel grid (255 = no data), "
+                             "and the quick-look")
     parser.add_argument("--model", required=True, help="segmentation checkpoint (.ckpt from 'segment fit')")
     parser.add_argument("-o", "--output", required=True, help="output folder (created if missing)")
     parser.add_argument("--polygons", action="store_true", help="also vectorise the classes into <stem>_polygons.gpkg")
@@ -836,7 +901,8 @@ def predict_main(argv: Sequence[str]) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         check_distinct_stems(scenes)
         for scene in scenes:  # refuse before any work, not after hours of it
-            for path in vars(scene_outputs(scene, out_dir, probabilities=args.probabilities, polygons=args.polygons)).values():
+            outputs = scene_outputs(scene, out_dir, probabilities=args.probabilities, polygons=args.polygons, chip=args.chips)
+            for path in vars(outputs).values():
                 if path is not None and path.exists() and not args.overwrite:
                     raise FileExistsError(f"Output {str(path)!r} already exists; pass --overwrite to replace it.")
         settings = window_settings(args)
@@ -847,7 +913,7 @@ def predict_main(argv: Sequence[str]) -> int:
             written = segment_scene(
                 task, scene, out_dir, bands=args.bands, nodata=args.nodata, probabilities=args.probabilities,
                 polygons=args.polygons, min_area=args.min_area, simplify=args.simplify, **settings,
-                overwrite=args.overwrite, progress=not args.quiet,
+                overwrite=args.overwrite, progress=not args.quiet, chip=args.chips,
             )  # fmt: skip
             for path in vars(written).values():
                 if path is not None:
@@ -976,7 +1042,7 @@ def main(argv: Sequence[str]) -> int:
             "                            chips without a georeference: --data.class_path ChipSegmentationDataModule)\n"
             "  validate --config x.yaml  evaluate a checkpoint (--ckpt_path)\n"
             "  test --config x.yaml --ckpt_path C.ckpt   score a checkpoint on data.test_files (test_metrics.json)\n"
-            "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs (see 'predict --help')\n"
+            "  predict IN.tif ... --model seg.ckpt -o OUT_DIR   segment GeoTIFFs, or chips with --chips (see 'predict --help')\n"
             "  prototypes IN.tif ... --labels L.gpkg --model BACKBONE -o OUT_DIR   segment without training\n"
             "  evaluate CLASSES.tif REFERENCE [--out-dir DIR]   accuracy of a class map (see 'evaluate --help')\n"
             "  change BEFORE.tif AFTER.tif [--out-dir DIR]      from -> to transitions of two class maps, in hectares"
@@ -1003,5 +1069,6 @@ __all__ = [
     "resolve_band_selection",
     "scene_outputs",
     "segment_scene",
+    "write_class_png",
     "shard_for_rank",
 ]
