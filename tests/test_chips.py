@@ -235,6 +235,23 @@ def test_zscore_statistics_are_the_training_chips(chips: Path) -> None:
     assert abs(float(batch["image"][batch["valid"][:, None].expand_as(batch["image"])].mean())) < 1.0
 
 
+def test_band_statistics_of_chips(chips: Path) -> None:
+    """Mean, std, min, max over every valid pixel of the drawn chips, accumulated chip by chip; percentiles exact
+    while the pixels fit ``max_pixels``, else from an equal share of each chip."""
+    from dinov3_eo.data.chips import chip_band_stats
+
+    headers = [read_chip_header(str(chips / "images" / f"chip_{k}.png")) for k in range(4)]
+    pixels = np.concatenate([read_chip(h)[0].reshape(3, -1) for h in headers], axis=1).astype(np.float64)
+    exact = chip_band_stats(headers, [3, 1])
+    assert exact.bands == ["blue", "red"] and exact.count == [pixels.shape[1]] * 2 and exact.exact_percentiles
+    assert np.allclose(exact.mean, pixels[[2, 0]].mean(axis=1)) and np.allclose(exact.std, pixels[[2, 0]].std(axis=1))
+    assert exact.min == pixels[[2, 0]].min(axis=1).tolist() and exact.max == pixels[[2, 0]].max(axis=1).tolist()
+    assert np.allclose(exact.percentile(98), np.percentile(pixels[[2, 0]], 98, axis=1))
+    sampled = chip_band_stats(headers, max_pixels=4_000)
+    assert not sampled.exact_percentiles and sampled.count == exact.count[:1] * 3
+    assert np.allclose(sampled.mean, pixels.mean(axis=1)) and np.allclose(sampled.percentile(50), np.percentile(pixels, 50, axis=1), atol=3)
+
+
 def test_counts_names_and_colours(chips: Path, caplog: pytest.LogCaptureFixture) -> None:
     dm = module(chips, val_files=["chip_0.png"], classes={"dark": 0, "middle": 1, "bright": 2})
     assert dm.num_classes == 3 and dm.class_names == {0: "dark", 1: "middle", 2: "bright"}

@@ -246,29 +246,38 @@ class ChipWindowDataset(Dataset):
 
 def chip_band_stats(headers: Sequence[ChipHeader], bands: Sequence[int] | None = None, *, num_chips: int = 64,
                     seed: int = 0, max_pixels: int = 1_000_000) -> BandStats:  # fmt: skip
-    """Per-band statistics of up to ``num_chips`` chips drawn at random (their valid pixels; percentiles from at most
-    ``max_pixels`` of them per band).
+    """Per-band statistics of the valid pixels of up to ``num_chips`` chips drawn at random: count, mean, std, min
+    and max over every such pixel (accumulated chip by chip, so memory stays that of one chip), percentiles from at
+    most ``max_pixels`` of them (an equal share drawn from each chip).
 
     Raises:
         ValueError: when the drawn chips hold no valid pixel.
     """
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.choice(len(headers), size=min(num_chips, len(headers)), replace=False).tolist())
-    values = []
+    share = max(1, max_pixels // len(chosen))
+    count, total, squares, low, high, sample = 0, 0.0, 0.0, np.inf, -np.inf, []
     for i in chosen:
         pixels, valid = read_chip(headers[i], bands)
-        values.append(pixels[:, valid])
-    data = np.concatenate(values, axis=1).astype(np.float64)  # [C, N]
-    if data.shape[1] == 0:
+        values = pixels[:, valid].astype(np.float64)  # [C, n]
+        if values.shape[1] == 0:
+            continue
+        count += values.shape[1]
+        total, squares = total + values.sum(axis=1), squares + (values**2).sum(axis=1)
+        low, high = np.minimum(low, values.min(axis=1)), np.maximum(high, values.max(axis=1))
+        keep = values.shape[1] <= share
+        sample.append(values if keep else values[:, rng.choice(values.shape[1], size=share, replace=False)])
+    if count == 0:
         raise ValueError(f"The {len(chosen)} chips drawn for statistics (first {headers[chosen[0]].path}) hold no valid pixel.")
-    sample = data if data.shape[1] <= max_pixels else data[:, rng.choice(data.shape[1], size=max_pixels, replace=False)]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    drawn = np.concatenate(sample, axis=1)
     names = list(headers[0].band_names)
     names = [names[b - 1] for b in bands] if bands is not None else names
     return BandStats(
-        bands=names, count=[int(data.shape[1])] * len(data), mean=data.mean(axis=1).tolist(),
-        std=data.std(axis=1).tolist(), min=data.min(axis=1).tolist(), max=data.max(axis=1).tolist(),
-        percentiles={f"{q:g}": np.percentile(sample, q, axis=1).tolist() for q in DEFAULT_PERCENTILES},
-        files=len(chosen), exact_percentiles=sample.shape[1] == data.shape[1],
+        bands=names, count=[int(count)] * len(mean), mean=mean.tolist(), std=std.tolist(), min=low.tolist(),
+        max=high.tolist(), percentiles={f"{q:g}": np.percentile(drawn, q, axis=1).tolist() for q in DEFAULT_PERCENTILES},
+        files=len(chosen), exact_percentiles=drawn.shape[1] == count,
     )  # fmt: skip
 
 
