@@ -9,14 +9,20 @@ queued (:class:`LogsAfterBackward`), where waiting for them costs the device not
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from dinov3_eo.ssl.distributed import all_reduce_sum, world_size
 
-__all__ = ["LogsAfterBackward", "LossReadback"]
+__all__ = ["LogsAfterBackward", "LossReadback", "micro_batch_mean"]
+
+
+def micro_batch_mean(values: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """name -> the mean of its values over the micro-batches of one accumulated optimiser step (each a mapping of the
+    same names to 0-d tensors), as the step's logged value."""
+    return {name: sum(v[name] for v in values) / len(values) for name in values[0]}
 
 
 class LossReadback:
@@ -80,9 +86,7 @@ class LogsAfterBackward(LightningModule):
         pending, self._pending_step_values = self._pending_step_values, ()
         if not pending:
             return
-        values = [readback.values() for readback, _, _ in pending]
         batch_size = sum(size for _, size, _ in pending)
-        for name in values[0]:
-            mean = sum(v[name] for v in values) / len(values)
+        for name, mean in micro_batch_mean([readback.values() for readback, _, _ in pending]).items():
             self.log(name, mean, prog_bar=name in pending[0][2], batch_size=batch_size)
 

@@ -43,3 +43,14 @@ def test_a_readback_copies_only_when_asked_off_cuda() -> None:
     assert pending.names == ["a"]
     assert {k: float(v) for k, v in LossReadback({"a": torch.tensor(1.5), "b": torch.tensor(2)}).values().items()} == {
         "a": 1.5, "b": 2.0}
+
+
+def test_micro_batch_mean_is_the_mean_per_name() -> None:
+    """The one averaging both the SSL stages and the dense tasks log an accumulated step's values with."""
+    from dinov3_eo.step_logging import micro_batch_mean
+
+    steps = [{"a": torch.tensor(1.0), "b": torch.tensor(-2.0)}, {"a": torch.tensor(4.0), "b": torch.tensor(2.0)},
+             {"a": torch.tensor(7.0), "b": torch.tensor(3.0)}]  # fmt: skip
+    mean = micro_batch_mean(steps)
+    assert set(mean) == {"a", "b"} and float(mean["a"]) == 4.0 and float(mean["b"]) == 1.0
+    assert micro_batch_mean(steps[:1]) == steps[0]

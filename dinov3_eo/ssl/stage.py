@@ -32,7 +32,7 @@ from dinov3_eo.ssl.crops import MultiCrop, host_to_device
 from dinov3_eo.ssl.distributed import world_size
 from dinov3_eo.ssl.masking import ibot_masks
 from dinov3_eo.ssl.optimizer import GroupedAdamW
-from dinov3_eo.step_logging import LossReadback
+from dinov3_eo.step_logging import LossReadback, micro_batch_mean
 from dinov3_eo.ssl.schedules import (
     apply_optimizer_schedules,
     build_param_groups,
@@ -434,7 +434,7 @@ class SSLStage(TrainModesAtFitStart):
             steps.append((batch_size, host))
         # accumulated gradients: the mean over the micro-batches this optimiser step is made of
         batch_size = sum(size for size, _ in steps)
-        mean = {name: sum(host[name] for _, host in steps) / len(steps) for name in steps[0][1]}
+        mean = micro_batch_mean([host for _, host in steps])
         self.log("loss", mean["total"], prog_bar=True, batch_size=batch_size)  # the progress bar's, every step
         losses = self._to_log({f"loss/{k}": v for k, v in mean.items() if k != "total"})
         if losses:
