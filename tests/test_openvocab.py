@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -338,3 +339,33 @@ def test_compare_maps_where_a_querys_score_changed(engine: MapQuery, crop: Path,
     np.testing.assert_array_equal(warped["x"].values, ds["x"].values)
     moved = np.abs(warped["change"].values)
     assert np.nanmean(moved[:, block]) > 3 * np.nanmean(moved[:, ~block])
+
+
+# -------------------------------------------------------------------------------------------------- image chips
+def test_query_on_a_chip_gives_the_class_ids_of_its_georeferenced_twin(model_path: Path, crop: Path, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """``query --chips``: a TIFF chip without georeference (the crop's pixels) gets ``OUT_classes.png``, a palette PNG
+    whose ids are exactly those of the georeferenced crop's class map; without ``--chips`` it is refused, naming it."""
+    from PIL import Image
+
+    with rasterio.open(crop) as src:
+        pixels, dtype = src.read(), src.dtypes[0]
+    chip = tmp_path / "chip.tif"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(chip, "w", driver="GTiff", width=160, height=200, count=3, dtype=dtype) as dst:
+            dst.write(pixels)
+    common = ["water", "forest", "--model", str(model_path), "--window", "128", "--nodata", "0"]
+    for folder in ("geo", "chip", "refused"):
+        (tmp_path / folder).mkdir()
+    assert query_main([str(crop), *common, "-o", str(tmp_path / "geo" / "q.tif")]) == 0
+    assert query_main([str(chip), *common, "--chips", "-o", str(tmp_path / "chip" / "q.tif")]) == 0
+    png = Image.open(tmp_path / "chip" / "q_classes.png")
+    with rasterio.open(tmp_path / "geo" / "q_classes.tif") as reference:
+        assert png.mode == "P" and np.array_equal(np.asarray(png), reference.read(1))
+    assert sorted(p.name for p in (tmp_path / "chip").iterdir()) == ["q.png", "q.tif", "q_classes.png"]
+    capsys.readouterr()
+    assert query_main([str(chip), *common, "-o", str(tmp_path / "refused" / "q.tif")]) == 2
+    assert "chip.tif is not georeferenced" in capsys.readouterr().err
+    assert query_main([str(chip), *common, "--chips", "--polygons", str(tmp_path / "p.gpkg"), "-o", str(tmp_path / "q.tif")]) == 2
+    assert "polygons need a georeferenced scene" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,7 +235,10 @@ class COGWriter:
         return self._profile["count"], self._profile["height"], self._profile["width"]
 
     def __enter__(self) -> COGWriter:
-        self._dataset = rasterio.open(self._tmp_gtiff, "w", **self._profile)
+        with warnings.catch_warnings():
+            if self._profile.get("crs") is None:  # an image chip's map: no georeference, by design
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            self._dataset = rasterio.open(self._tmp_gtiff, "w", **self._profile)
         try:
             self._write_metadata(self._dataset)
         except Exception:
@@ -325,6 +329,33 @@ def write_cog(
     ) as out:  # fmt: skip
         out.write(data, Window(0, 0, width, height))
     return out.dst
+
+
+def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                    colors: Sequence[Sequence[int]], overwrite: bool = False) -> Path:  # fmt: skip
+    """A one-band class raster as a palette PNG of the same ids (``colors[i]`` for class ``i``, black for the rest),
+    written atomically; more than 256 ids are written as a 16-bit greyscale PNG without palette.
+
+    Raises:
+        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
+    """
+    from PIL import Image
+
+    from dinov3_eo.data.labels import _open_quietly
+
+    with _open_quietly(str(classes)) as src:
+        ids = src.read(1)
+    if ids.dtype == np.uint8:
+        image = Image.fromarray(ids, mode="P")
+        palette = [0] * 768
+        for i, color in enumerate(colors[:256]):
+            palette[3 * i : 3 * i + 3] = [int(c) for c in color[:3]]
+        image.putpalette(palette)
+    else:
+        image = Image.fromarray(ids.astype(np.uint16))
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(dst)
 
 
 def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -546,7 +547,9 @@ def _open_raster(raster: Any) -> Iterator[Any]:
         ValueError: for a DataArray that is not 2-D or 3-D or has no CRS.
     """
     if isinstance(raster, (str, os.PathLike)):
-        with rasterio.open(raster) as src:
+        from dinov3_eo.data.labels import _open_quietly
+
+        with _open_quietly(os.fspath(raster)) as src:  # a chip without georeference is refused later, in one sentence
             yield src
         return
     if hasattr(raster, "read") and hasattr(raster, "transform"):
@@ -646,6 +649,7 @@ class MapQuery:
         bands: Sequence[int] | None = None,
         nodata: float | None = None,
         progress: bool = False,
+        require_georeference: bool = True,
     ) -> None:
         if meta.normalization is None:
             raise ValueError(f"MapQuery: the model's metadata ({meta.name}) has no normalisation; it cannot read raw pixels.")
@@ -659,6 +663,7 @@ class MapQuery:
         if tta is not None:
             tta_views(tta)  # an unknown mode fails here, not at the first query
         self.nodata, self.progress, self.amp, self.tta = nodata, progress, amp, tta
+        self.require_georeference = require_georeference
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> MapQuery:
@@ -734,7 +739,7 @@ class MapQuery:
             batch_size=self.batch_size, bands=self._band_indexes(src), nodata=self.nodata,
             normalization=self.normalization, output="scores", activation=activation, scores_dtype="float32",
             class_names=list(names), device=self.device, amp=self.amp, tta=self.tta, multiple=self.meta.patch_size,
-            progress=self.progress,
+            progress=self.progress, require_georeference=self.require_georeference,
             overwrite=True, tags={"queries": json.dumps(list(names))},
         )  # fmt: skip
 
@@ -1041,7 +1046,10 @@ def _query_parser() -> argparse.ArgumentParser:
         description="Open-vocabulary maps of a GeoTIFF from free text: per-query score bands (COG), an argmax class "
         "map (COG with colour table), optional polygons (GeoPackage) and a PNG quick-look.",
     )
-    parser.add_argument("scene", help="input GeoTIFF")
+    parser.add_argument("scene", help="input GeoTIFF (an image chip with --chips)")
+    parser.add_argument("--chips", action="store_true",
+                        help="the scene is an image chip, with or without a georeference (JPEG, PNG, TIFF): the class "
+                             "map is OUT_classes.png, a palette PNG of class ids on its pixel grid (255 = no data)")
     parser.add_argument("queries", nargs="+", help='free-text queries, e.g. "solar panels" "water"')
     parser.add_argument("-o", "--output", required=True, help="scores COG to write (OUT.tif); the class map goes to OUT_classes.tif")
     parser.add_argument("--model", required=True, help="text model: a 'dinov3-eo text fit' checkpoint or an exported text model")
@@ -1066,17 +1074,30 @@ def _query_parser() -> argparse.ArgumentParser:
 
 def query_main(argv: Sequence[str]) -> int:
     """``dinov3-eo query SCENE.tif "solar panels" "water" -o OUT.tif --model text.ckpt [...]``."""
-    from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_quicklook
+    from rasterio.errors import NotGeoreferencedWarning
+
+    from dinov3_eo.data.labels import _open_quietly
+    from dinov3_eo.inference.writers import (
+        check_overwrite,
+        default_colormap,
+        vectorize_classes,
+        write_class_png,
+        write_quicklook,
+    )
 
     args = _query_parser().parse_args(list(argv))
     out = Path(args.output)
-    classes_path = out.with_name(f"{out.stem}_classes.tif")
+    classes_path = out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
     png = None if (args.png or "").lower() == "none" else Path(args.png) if args.png else out.with_suffix(".png")
+    scratch = None
     try:
+        if args.chips and args.polygons:
+            raise ValueError("polygons need a georeferenced scene; an image chip (--chips) gets a PNG class map.")
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=[args.scene])
-        kwargs: dict[str, Any] = {**window_settings(args), "bands": args.bands, "nodata": args.nodata, "progress": True}
+        kwargs: dict[str, Any] = {**window_settings(args), "bands": args.bands, "nodata": args.nodata, "progress": True,
+                                  "require_georeference": not args.chips}  # fmt: skip
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
@@ -1084,22 +1105,33 @@ def query_main(argv: Sequence[str]) -> int:
             engine.stretch_to(args.scene)
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)
         background = len(names) - 1 if args.background else None
-        write_class_map(out, classes_path, class_names=names, threshold=args.threshold, background=background,
-                        overwrite=args.overwrite)  # fmt: skip
+        if args.chips:  # the class map goes through a scratch GeoTIFF (the streaming writer's format) to the PNG
+            scratch = tempfile.TemporaryDirectory(dir=out.parent, prefix=".chip_")
+            classes_tif = write_class_map(out, Path(scratch.name) / "classes.tif", class_names=names,
+                                          threshold=args.threshold, background=background)  # fmt: skip
+            write_class_png(classes_tif, classes_path, colors=[c[:3] for c in default_colormap(len(names)).values()],
+                            overwrite=args.overwrite)  # fmt: skip
+        else:
+            classes_tif = write_class_map(out, classes_path, class_names=names, threshold=args.threshold,
+                                          background=background, overwrite=args.overwrite)  # fmt: skip
         written = [f"scores ({mode}): {out}", f"classes: {classes_path}"]
         if args.polygons:
             frame = vectorize_classes(classes_path, args.polygons, class_names=names, min_area=args.min_area,
                                       simplify=args.simplify, overwrite=args.overwrite)  # fmt: skip
             written.append(f"polygons ({len(frame)}): {args.polygons}")
         if png is not None:
-            with rasterio.open(args.scene) as src:
+            with warnings.catch_warnings(), _open_quietly(args.scene) as src:
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a chip has none, and needs none here
                 rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
-            write_quicklook(png, classes=classes_path, image=args.scene, bands=rgb, class_names=names,
-                            title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
+                write_quicklook(png, classes=classes_tif, image=args.scene, bands=rgb, class_names=names,
+                                title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
             written.append(f"quick-look: {png}")
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"dinov3-eo query: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     for line in written:
         print(line)
     return 0

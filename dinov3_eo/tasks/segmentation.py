@@ -661,34 +661,6 @@ def scene_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], 
     )
 
 
-def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-                    colors: Sequence[Sequence[int]], overwrite: bool = False) -> Path:  # fmt: skip
-    """A one-band class raster as a palette PNG of the same ids (``colors[i]`` for class ``i``, black for the rest),
-    written atomically; more than 256 ids are written as a 16-bit greyscale PNG without palette.
-
-    Raises:
-        FileExistsError: if ``dst`` exists and ``overwrite`` is false.
-    """
-    from PIL import Image
-
-    from dinov3_eo.data.labels import _open_quietly
-    from dinov3_eo.inference.writers import atomic_output
-
-    with _open_quietly(str(classes)) as src:
-        ids = src.read(1)
-    if ids.dtype == np.uint8:
-        image = Image.fromarray(ids, mode="P")
-        palette = [0] * 768
-        for i, color in enumerate(colors[:256]):
-            palette[3 * i : 3 * i + 3] = [int(c) for c in color[:3]]
-        image.putpalette(palette)
-    else:
-        image = Image.fromarray(ids.astype(np.uint16))
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        image.save(tmp, format="PNG")
-    return Path(dst)
-
-
 def resolve_band_selection(src: Any, selection: Sequence[int | str] | None) -> list[int] | None:
     """1-based band indexes of ``src`` for a selection of indexes or band descriptions (``None``: all bands).
 
@@ -789,7 +761,7 @@ def segment_scene(
 
     from dinov3_eo.data.labels import _open_quietly
     from dinov3_eo.inference.predict import predict_raster
-    from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_quicklook
+    from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_class_png, write_quicklook
 
     if chip and (probabilities or polygons):
         raise ValueError("Image chips are segmented into a PNG class mask on their pixel grid; probabilities and "
@@ -1069,6 +1041,5 @@ __all__ = [
     "resolve_band_selection",
     "scene_outputs",
     "segment_scene",
-    "write_class_png",
     "shard_for_rank",
 ]
