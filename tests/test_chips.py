@@ -287,6 +287,17 @@ def test_bad_chips_are_named(chips: Path, tmp_path: Path, caplog: pytest.LogCapt
         dataset[next(i for i, w in enumerate(dataset.windows) if w.chip == 1)]
     with pytest.raises(FileNotFoundError, match="no image of .* has a mask of its name"):
         module(tmp_path / "c", label_name_suffixes=None).setup("fit")
+    # a palette image is colour-table indices, not colours; JPEG masks are read, with a warning about their edges
+    palette_png(np.zeros((8, 8), np.uint8), tmp_path / "indexed.png")
+    with pytest.raises(ValueError, match="indexed.png is a palette image"):
+        read_chip_header(str(tmp_path / "indexed.png"))
+    (tmp_path / "j" / "images").mkdir(parents=True), (tmp_path / "j" / "masks").mkdir()
+    shutil.copy(chips / "images" / "chip_1.png", tmp_path / "j" / "images" / "a.png")
+    Image.fromarray(np.ones((115, 125), np.uint8)).save(tmp_path / "j" / "masks" / "a.jpg")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dinov3_eo.data.chips"):
+        ChipSegmentationDataModule.paired_chips(str(tmp_path / "j" / "images"), str(tmp_path / "j" / "masks"))
+    assert "1 masks are JPEGs" in caplog.text and "a.jpg" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------- command line

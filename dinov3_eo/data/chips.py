@@ -49,13 +49,17 @@ def read_chip_header(path: str) -> ChipHeader:
     """The header of an image chip.
 
     Raises:
-        ValueError: a file that GDAL cannot open (named).
+        ValueError: a file that GDAL cannot open, or a palette image (its pixels are indices into a colour table, not
+            colours), each named.
     """
     import rasterio
 
     try:
         with _open_quietly(path) as src:
             interp = [c.name for c in src.colorinterp]
+            if "palette" in interp:
+                raise ValueError(f"Image chip {path} is a palette image: its pixels are colour-table indices, not "
+                                 "colours; save it as RGB (or greyscale) first.")
             alpha = interp.index("alpha") + 1 if "alpha" in interp else None
             names = tuple(
                 (src.descriptions[i] or (interp[i] if interp[i] in _COLOUR_BANDS else f"band_{i + 1}"))
@@ -382,6 +386,11 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
                 "ChipSegmentationDataModule: %d of %d images have no mask of their name and are left out (first: %s).",
                 len(missing), len(paths), missing[0])  # fmt: skip
         pairs = [(p, m) for p, m in zip(paths, found) if m is not None]
+        lossy = [m for _, m in pairs if m.lower().endswith((".jpg", ".jpeg"))]
+        if lossy:
+            logging.getLogger(__name__).warning(
+                "ChipSegmentationDataModule: %d masks are JPEGs (first: %s); lossy compression changes class ids along "
+                "class edges, so masks are best saved as PNG or TIFF.", len(lossy), lossy[0])  # fmt: skip
         return [p for p, _ in pairs], [m for _, m in pairs]
 
     @staticmethod
