@@ -381,3 +381,50 @@ def test_a_plain_data_block_is_still_geotiffs(capsys: pytest.CaptureFixture) -> 
     printed = capsys.readouterr().out
     assert "\ndata:\n  class_path: dinov3_eo.data.DenseDataModule\n" in printed and "block_tiles:" in printed
     assert "stats_chips" not in printed
+
+
+# ------------------------------------------------------------------------------------------- text alignment
+def test_text_data_from_chips(chips: Path) -> None:
+    """``TextDataModule(chips=, chip_masks=)``: windows whose labels name a class, captioned from their masks (an
+    id named ``""`` never appears), raw pixel values (the task normalises), the held-out chip validates."""
+    from dinov3_eo.tasks.captions import TextDataModule
+
+    data = TextDataModule(chips=str(chips / "images"), chip_masks=str(chips / "masks"), label_name_suffixes=["_mask"],
+                          class_names=["dark ground", "", "bright ground"], val_files=["chip_3.png"], size=48,
+                          normalization="zscore", min_fraction=0.01, batch_size=4)  # fmt: skip
+    data.setup("fit")
+    assert data.band_names == ["red", "green", "blue"] and data.normalization.name == "zscore"
+    assert len(data.train_set) > 0 and len(data.val_set) > 0
+    captions = []
+    for batch in data.train_dataloader():
+        captions += batch["caption"]
+        for mask in batch["mask"]:
+            assert (mask == 0).any() or (mask == 2).any()  # a named class in every captioned window
+        assert float(batch["image"].max()) > 10  # raw 8-bit values, not z-scores
+    assert captions and all("dark ground" in c or "bright ground" in c for c in captions)
+    val_paths = {p for batch in data.val_dataloader() for p in batch["path"]}
+    assert val_paths == {str(chips / "images" / "chip_3.png")}
+    with pytest.raises(ValueError, match="chips= needs chip_masks= .* and class_names="):
+        TextDataModule(chips=str(chips / "images"), chip_masks=str(chips / "masks"))
+
+
+@pytest.mark.slow
+def test_text_fit_on_chips_then_query_a_chip(chips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``text fit`` on chips from the command line, then ``query --chips`` with the checkpoint on a chip."""
+    from dinov3_eo.tasks.openvocab import query_main, text_main
+
+    monkeypatch.chdir(ROOT)
+    assert text_main([
+        "fit", "--config", "configs/text/tiny_cpu.yaml", "--trainer.max_steps", "2", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.callbacks=[]",
+        "--trainer.enable_checkpointing=true", "--data.paths=null", "--data.labels=null", "--data.nodata=null",
+        f"--data.chips={chips / 'images'}", f"--data.chip_masks={chips / 'masks'}", "--data.label_name_suffixes=[_mask]",
+        "--data.class_names=[dark ground, '', bright ground]", "--data.val_files=[chip_3.png]", "--data.size=48",
+    ]) == 0  # fmt: skip
+    (checkpoint,) = tmp_path.rglob("*.ckpt")
+    out = tmp_path / "q" / "chip.tif"
+    out.parent.mkdir()
+    assert query_main([str(chips / "images" / "chip_1.png"), "dark ground", "bright ground", "--chips", "--model",
+                       str(checkpoint), "-o", str(out), "--window", "64"]) == 0  # fmt: skip
+    classes = np.asarray(Image.open(out.parent / "chip_classes.png"))
+    assert classes.shape == (115, 125) and set(np.unique(classes)) <= {0, 1}

@@ -446,13 +446,15 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         return [ChipWindow(c, top, left) for c in chips
                 for top, left in chip_windows(self.headers[c].height, self.headers[c].width, self.tile_size)]  # fmt: skip
 
-    def dataset(self, split: str) -> ChipWindowDataset:
-        """The windows of the ``"train"``, ``"val"`` or ``"test"`` chips."""
+    def dataset(self, split: str, *, normalize: bool = True) -> ChipWindowDataset:
+        """The windows of the ``"train"``, ``"val"`` or ``"test"`` chips; ``normalize=False`` keeps raw pixel values
+        (for a task that normalises on its device)."""
         self.setup(split)
         chips = {"train": self.train_chips, "val": self.val_chips, "test": self.test_chips}[split]
         return ChipWindowDataset(headers=self.headers, masks=self.mask_paths, windows=self._windows(chips),
-                                 size=self.tile_size, bands=self.bands, normalization=self.normalization,
-                                 remap=self.remap, ignore_index=self.ignore_index, cache_mb=self.cache_mb)  # fmt: skip
+                                 size=self.tile_size, bands=self.bands,
+                                 normalization=self.normalization if normalize else None, remap=self.remap,
+                                 ignore_index=self.ignore_index, cache_mb=self.cache_mb)  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)

@@ -643,13 +643,17 @@ class TextDataModule(pl.LightningDataModule):
     * ``captions``: a caption table (:func:`read_caption_table`);
     * ``class_folders``: an EuroSAT-style folder; the ``"train"`` split trains, ``"test"`` validates;
     * ``paths`` + ``labels``: labelled GeoTIFF tiles (a label raster or a vector file, as for segmentation)
-      whose classes become captions and whose masks feed the optional dense loss; spatial-block train/val split.
+      whose classes become captions and whose masks feed the optional dense loss; spatial-block train/val split;
+    * ``chips`` + ``chip_masks``: image chips without a georeference and their class masks, paired by name and cut
+      into ``size`` windows as :class:`~dinov3_eo.data.chips.ChipSegmentationDataModule` does; ``class_names`` is
+      required (masks carry no names; ``""`` for an id never to be named, e.g. "unlabelled"); ``val_files`` (globs)
+      or a random ``test_fraction`` of the chips validates.
 
     Images are returned in raw units: the text task normalises them on its device with the backbone's
     normalisation (or ``model.normalization``), so data and model can never disagree.
 
     Args:
-        captions, class_folders, paths, labels: the source (exactly one of the three kinds).
+        captions, class_folders, paths, labels, chips, chip_masks: the source (exactly one of the four kinds).
         templates: prompt templates for label sources (``None``: built-in set; list; or a file).
         class_names: label sources: class id -> words. The default: for vector labels the class values in id
             order, for label rasters their ``class_names`` tag (required where they have none).
@@ -658,7 +662,8 @@ class TextDataModule(pl.LightningDataModule):
             ``DenseDataModule``).
         ignore_index: id of unlabelled pixels.
         min_fraction, max_classes: which classes a label caption names (see :func:`caption_from_mask`).
-        test_fraction: class folders: held-out share per class.
+        test_fraction: class folders: held-out share per class; chips: held-out share of the chips.
+        val_files: chips: the chips held out for validation, as globs matched against names or paths.
         bands, nodata: GeoTIFF bands (1-based) and nodata override.
         normalization: the data's own normalisation, used by the task only when neither the task nor the backbone
             gives one: ``zscore``/``percentile`` (from ``stats``, or computed from the GeoTIFFs), a preset name on
@@ -679,6 +684,8 @@ class TextDataModule(pl.LightningDataModule):
         class_folders: str | None = None,
         paths: str | list[str] | None = None,
         labels: str | None = None,
+        chips: str | list[str] | None = None,
+        chip_masks: str | list[str] | None = None,
         templates: list[str] | str | None = None,
         class_names: list[str] | None = None,
         label_attribute: str = "name",
@@ -690,6 +697,7 @@ class TextDataModule(pl.LightningDataModule):
         min_fraction: float = 0.1,
         max_classes: int = 3,
         test_fraction: float = 0.25,
+        val_files: list[str] | None = None,
         bands: list[int] | None = None,
         nodata: float | None = None,
         normalization: str | None = None,
@@ -702,14 +710,20 @@ class TextDataModule(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        given = [name for name, v in (("captions", captions), ("class_folders", class_folders), ("labels", labels)) if v]
+        given = [name for name, v in (("captions", captions), ("class_folders", class_folders), ("labels", labels),
+                                      ("chips", chips)) if v]  # fmt: skip
         if len(given) != 1:
-            raise ValueError(f"TextDataModule: give exactly one of captions=, class_folders= or paths= + labels=; got {given or 'none'}.")
+            raise ValueError("TextDataModule: give exactly one of captions=, class_folders=, paths= + labels= or chips= + "
+                             f"chip_masks=; got {given or 'none'}.")
         if labels is not None and paths is None:
             raise ValueError("TextDataModule: labels= needs paths= (the imagery it labels).")
+        if chips is not None and (chip_masks is None or class_names is None):
+            raise ValueError("TextDataModule: chips= needs chip_masks= (their class masks) and class_names= (the words "
+                             "for each class id: masks carry no names).")
         # not logged: names such as `normalization`/`templates` also exist on the task, with their own meaning
         self.save_hyperparameters(logger=False)
         self.captions, self.class_folders, self.paths, self.labels_path = captions, class_folders, paths, labels
+        self.chips, self.chip_masks, self.val_files = chips, chip_masks, list(val_files or [])
         self.templates = load_templates(templates)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_attribute, self.classes, self.background = label_attribute, classes, background
@@ -737,6 +751,9 @@ class TextDataModule(pl.LightningDataModule):
             self.val_set = ClassFolderCaptionDataset(split="test", **common)
             self.class_names = list(self.train_set.classes)
             self.band_names = ["red", "green", "blue"]
+        elif self.chips is not None:
+            self._setup_chips()
+            return
         else:
             self._setup_labels()
             return
@@ -790,6 +807,50 @@ class TextDataModule(pl.LightningDataModule):
                         "labelled tile in training); the fit runs without validation.", self.paths)
         self.band_names = dense.band_names
         self.num_classes = len(self.class_names)
+
+    def _setup_chips(self) -> None:
+        from dinov3_eo.data.chips import ChipSegmentationDataModule
+
+        chips = ChipSegmentationDataModule(
+            images=self.chips, masks=self.chip_masks, label_name_suffixes=self.label_name_suffixes,
+            ignore_index=self.ignore_index, bands=self.bands, normalization=self.normalization_mode or "none",
+            stats=self.stats, preset_range=self.preset_range, tile_size=self.size, val_files=self.val_files,
+            val_fraction=self.test_fraction, seed=self.seed,
+        )  # fmt: skip
+        chips.setup("fit")
+        self.normalization, self.band_names = chips.normalization, chips.band_names
+        for split in ("train", "val"):
+            windows = chips.dataset(split, normalize=False)  # raw units: the task normalises on its device
+            named = self._named_windows(windows)
+            captioned = LabelCaptionDataset(
+                dataset=windows, class_names=self.class_names, templates=self.templates, min_fraction=self.min_fraction,
+                max_classes=self.max_classes, ignore_index=self.ignore_index, seed=self.seed,
+            )  # fmt: skip
+            keyed = _EpochKeyed(captioned, named) if named else None
+            if split == "train":
+                if keyed is None:
+                    raise ValueError(f"TextDataModule: no window of the chips {self.chips} holds a class named in "
+                                     f"class_names {self.class_names}.")
+                self.train_set = keyed
+            else:
+                self.val_set = keyed
+        self.num_classes = len(self.class_names)
+
+    def _named_windows(self, windows: Any) -> list[int]:
+        """Indices of the chip windows whose labelled pixels with data hold a class ``class_names`` names (the others
+        could not be captioned); one read of each chip's image and mask."""
+        from dinov3_eo.data.chips import read_chip
+
+        named, s, chip, labels = [], windows.size, None, None
+        for i, window in enumerate(windows.windows):  # a chip's windows are consecutive
+            if window.chip != chip:
+                chip, labels = window.chip, windows.read_mask(window.chip)
+                labels[~read_chip(windows.headers[chip], windows.bands, as_float=False)[1]] = self.ignore_index
+            part = labels[window.top : window.top + s, window.left : window.left + s]
+            ids = np.unique(part[part != self.ignore_index])
+            if any(0 <= k < len(self.class_names) and self.class_names[k] for k in ids):
+                named.append(i)
+        return named
 
     def _has_named_label(self, dense: Any, tile: Any) -> bool:
         grid = dense.dataset.grid
