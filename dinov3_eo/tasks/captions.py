@@ -538,19 +538,16 @@ class ChipMaskDataset(Dataset):
                 raise ValueError(f"ChipMaskDataset: {len(images)} images but {len(mask_sources)} mask files.")
             self.images, self.masks = [str(Path(p).resolve()) for p in images], [str(Path(m).resolve()) for m in mask_sources]
         else:
-            from dinov3_eo.data.labels import NamePairing
+            from dinov3_eo.data.chips import pair_chip_masks
 
             self.images = expand_chips(images)
-            files = sorted(str(p) for folder in mask_sources for p in Path(folder).iterdir()
-                           if p.suffix.lower() in CHIP_SUFFIXES)  # fmt: skip
             # by file stem; where several folders hold one stem (tile1/masks/a.png, tile2/masks/a.png), the folder
             # named as the image's (tile2/images/a.jpg) decides, as label rasters paired by name do
-            pairing = NamePairing(files)
-            found = [pairing.find(image) for image in self.images]
-            missing = [image for image, index in zip(self.images, found) if index is None]
+            found = pair_chip_masks(self.images, mask_sources)
+            missing = [image for image, mask in zip(self.images, found) if mask is None]
             if missing:
                 raise FileNotFoundError(f"ChipMaskDataset: no mask for {missing[:3]} in {mask_sources}.")
-            self.masks = [files[index] for index in found]
+            self.masks = [str(mask) for mask in found]
         self.crop, self.size, self.remap, self.ignore_index = crop, size, dict(remap or {}), ignore_index
         self.normalization, self.seed, self.epoch = normalization, seed, 0
 
