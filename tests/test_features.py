@@ -169,6 +169,24 @@ def test_pca_cli_tif_and_png(backbone_file: Path, tmp_path: Path) -> None:
         assert picture.size == (16 * 16, 15 * 16) and picture.mode == "RGB"  # enlarged x16, one block per patch
 
 
+def test_pca_png_of_a_chip_without_georeference(backbone_file: Path, tmp_path: Path, capsys) -> None:
+    """A PNG picture needs no georeference: the crop saved as a plain PNG chip gives the same picture as the
+    GeoTIFF (``--nodata 0`` for both: a PNG declares no nodata); a .tif output of the chip is refused."""
+    from PIL import Image
+
+    with rasterio.open(CROP) as src:
+        pixels = src.read()
+    chip = tmp_path / "chip.png"
+    Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0))).save(chip)
+    common = ["--model", str(backbone_file), "--window", "128", "--quiet", "--nodata", "0"]
+    assert cli_main(["pca", str(chip), "-o", str(tmp_path / "chip_pca.png"), *common]) == 0
+    assert cli_main(["pca", str(CROP), "-o", str(tmp_path / "crop_pca.png"), *common]) == 0
+    with Image.open(tmp_path / "chip_pca.png") as a, Image.open(tmp_path / "crop_pca.png") as b:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert cli_main(["pca", str(chip), "-o", str(tmp_path / "chip_pca.tif"), *common]) == 2
+    assert "chip.png is not georeferenced" in capsys.readouterr().err
+
+
 def test_embed_to_zarr_is_georeferenced_like_the_tif(backbone_file: Path, tmp_path: Path) -> None:
     import rioxarray  # noqa: F401
     import xarray as xr

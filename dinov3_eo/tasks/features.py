@@ -223,8 +223,11 @@ def write_features(
     progress: bool = True,
     compress: str = "deflate",
     quicklook: str | os.PathLike[str] | None = None,
+    require_georeference: bool = True,
 ) -> Path:
     """Patch features of ``src_path`` as a D-band float32 COG at patch resolution (nodata NaN).
+
+    ``require_georeference=False`` takes an image chip without one (the features then have none either).
 
     ``dst`` ending in ``.zarr`` writes a zarr store through xarray instead (needs the ``zarr`` package).
     ``quicklook``: a ``.png`` to draw the features' first three principal components into (:func:`write_pca`), for
@@ -242,8 +245,12 @@ def write_features(
                            window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
                            overwrite=overwrite, progress=progress, quicklook=quicklook)  # fmt: skip
     dim = int(backbone.embed_dim)
-    with rasterio.open(src_path) as src:
-        require_georeferenced(src)
+    from dinov3_eo.data.labels import _open_quietly
+
+    # a chip: rasterio's warning about the georeference it lacks says nothing new
+    with (rasterio.open(src_path) if require_georeference else _open_quietly(os.fspath(src_path))) as src:
+        if require_georeference:
+            require_georeferenced(src)
         grid = FeatureGrid.of(src, int(backbone.patch_size))
         meta = getattr(backbone, "meta", None)
         tags = {"dinov3_eo_output": "patch_features", "patch_size": grid.patch_size,
@@ -352,7 +359,9 @@ def write_pca(
     if dst.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise ValueError(f"PCA output must end in .png or .tif, got {str(dst)!r}.")
     check_overwrite(dst, overwrite, inputs=[features])
-    with rasterio.open(features) as src:
+    from dinov3_eo.data.labels import _open_quietly
+
+    with _open_quietly(os.fspath(features)) as src:  # an image chip's features have no georeference
         blocks = [w for _, w in src.block_windows(1)]
 
         def valid_rows(window: Window) -> np.ndarray:
@@ -418,7 +427,7 @@ def add_backbone_input_options(parser: argparse.ArgumentParser) -> None:
 
 def _common_parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("input", help="input GeoTIFF")
+    parser.add_argument("input", help="input GeoTIFF (pca to a .png: any image chip, JPEG/PNG/TIFF, georeferenced or not)")
     parser.add_argument("--model", required=True, help=BACKBONE_HELP)
     parser.add_argument("-o", "--output", required=True, help=output_help)
     add_backbone_input_options(parser)
@@ -434,7 +443,9 @@ def _common_parser(prog: str, description: str, output_help: str) -> argparse.Ar
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
-    with rasterio.open(args.input) as src:
+    from dinov3_eo.data.labels import _open_quietly
+
+    with _open_quietly(os.fspath(args.input)) as src:
         count = len(args.bands) if args.bands else src.count
     backbone = resolve_backbone(args.model, in_chans=None)
     in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
@@ -511,7 +522,8 @@ def pca_picture(
 ) -> Path:
     """Features of ``src_path`` (into a temporary patch-resolution raster), then :func:`write_pca` to ``dst``.
 
-    Give either ``backbone`` (+ ``normalization``) or the parsed CLI ``args``.
+    Give either ``backbone`` (+ ``normalization``) or the parsed CLI ``args``. A ``.png`` picture carries no
+    georeference, so ``src_path`` may be an image chip without one (JPEG, PNG, TIFF); a ``.tif`` needs one.
     """
     if args is not None:
         check_overwrite(args.output, args.overwrite, inputs=[args.input])
@@ -526,7 +538,7 @@ def pca_picture(
         feats = write_features(
             backbone, src_path, Path(tmp) / "features.tif", normalization=normalization, bands=bands, nodata=nodata,
             window=window, margin=margin, batch_size=batch_size, device=device, amp=amp, progress=progress,
-            compress="none",
+            compress="none", require_georeference=dst.suffix.lower() != ".png",
         )  # fmt: skip
         return write_pca(feats, dst, low=stretch[0], high=stretch[1], overwrite=overwrite)
 
