@@ -200,6 +200,54 @@ def test_the_cache_decodes_each_chip_once_and_changes_nothing(chips: Path, monke
     assert len(small._cache) == 1 and small._cached_bytes == one_chip
 
 
+def test_colour_class_ids_match_a_pixel_loop() -> None:
+    from dinov3_eo.data.chips import colour_class_ids
+
+    rng = np.random.default_rng(0)
+    colours = {(255, 0, 0): 3, (0, 0, 255): 0, (12, 200, 7): 1}
+    palette = np.array([*colours, (9, 9, 9)], np.uint8)  # the last colour stands for no class
+    rgb = palette[rng.integers(0, 4, (17, 23))].transpose(2, 0, 1)  # [3, H, W]
+    ids = colour_class_ids(rgb, colours, ignore_index=255)
+    expected = np.array([[colours.get(tuple(int(c) for c in rgb[:, r, q]), 255) for q in range(23)] for r in range(17)])
+    assert ids.dtype == np.int64 and np.array_equal(ids, expected) and (ids == 255).any()
+
+
+def test_colour_coded_masks_read_as_their_classes(chips: Path, tmp_path: Path) -> None:
+    """The palette masks saved as colour-coded RGB PNGs (plus a colour no class has) give, with ``mask_colors``, the
+    windows the id masks give; names and colours come from the mapping."""
+    shutil.copytree(chips / "images", tmp_path / "images")
+    (tmp_path / "masks").mkdir()
+    lut = np.zeros((256, 3), np.uint8)
+    for i, colour in PALETTE.items():
+        lut[i] = colour
+    lut[255] = (255, 0, 255)  # the collar: a colour of no class
+    for path in sorted((chips / "masks").iterdir()):
+        ids = np.asarray(Image.open(path))
+        Image.fromarray(lut[ids]).save(tmp_path / "masks" / path.name)
+    hexes = {name: "#%02x%02x%02x" % PALETTE[i] for i, name in enumerate(["dark", "middle", "bright"])}
+    coloured = module(tmp_path, mask_colors=hexes, val_fraction=0.0)
+    indexed = module(chips, val_fraction=0.0)
+    a, b = coloured.dataset("train"), indexed.dataset("train")
+    assert len(a) == len(b) > 0
+    for i in range(len(a)):
+        assert torch.equal(a[i]["mask"], b[i]["mask"])
+    assert coloured.num_classes == 3 and coloured.class_names == {0: "dark", 1: "middle", 2: "bright"}
+    assert coloured.class_colors == PALETTE
+    # ids from classes where given; the mapping's mistakes are named
+    shuffled = module(tmp_path, mask_colors=hexes, classes={"bright": 0, "dark": 1, "middle": 2})
+    assert shuffled.mask_colors == {PALETTE[2]: 0, PALETTE[0]: 1, PALETTE[1]: 2}
+    with pytest.raises(ValueError, match="names class 'dark', which classes .* lacks"):
+        module(tmp_path, mask_colors=hexes, classes={"bright": 0})
+    with pytest.raises(ValueError, match="gives \\(20, 20, 120\\) to two classes"):
+        module(tmp_path, mask_colors={"a": "#141478", "b": [20, 20, 120]})
+    with pytest.raises(ValueError, match="colour 'blue' is not"):
+        module(tmp_path, mask_colors={"a": "blue"})
+    with pytest.raises(ValueError, match="chip_0_mask.png is a colour \\(RGB\\) image; give mask_colors"):
+        module(tmp_path).dataset("train")[0]
+    with pytest.raises(ValueError, match="chip_0_mask.png holds class ids \\(one band\\), not colours"):
+        module(chips, mask_colors=hexes).dataset("train")[0]
+
+
 # ------------------------------------------------------------------------------------------- data module
 def test_split_is_seeded_disjoint_and_complete(chips: Path) -> None:
     dm = module(chips, val_fraction=0.25, seed=3)

@@ -105,20 +105,46 @@ def read_chip(header: ChipHeader, bands: Sequence[int] | None = None, *,
     return (pixels.astype(np.float32) if as_float else pixels), valid
 
 
-def read_chip_mask(path: str) -> np.ndarray:
-    """A class mask: one class id per pixel, ``[H, W]`` int64 (first band; a palette PNG's indices).
+def colour_class_ids(rgb: np.ndarray, colors: Mapping[tuple[int, int, int], int], ignore_index: int = 255) -> np.ndarray:
+    """Class ids of a colour-coded mask: each pixel's class is the one its exact colour stands for.
+
+    Args:
+        rgb: ``[3, H, W]`` integer colours (0..255).
+        colors: RGB -> class id.
+        ignore_index: id of pixels whose colour stands for no class.
+
+    Returns:
+        ``[H, W]`` int64 ids.
+    """
+    keys = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2].astype(np.int64)
+    table = np.array(sorted((r << 16) | (g << 8) | b for r, g, b in colors), dtype=np.int64)
+    ids = np.array([colors[((k >> 16) & 255, (k >> 8) & 255, k & 255)] for k in table.tolist()], dtype=np.int64)
+    at = np.searchsorted(table, keys).clip(0, len(table) - 1)
+    return np.where(table[at] == keys, ids[at], ignore_index)
+
+
+def read_chip_mask(path: str, colors: Mapping[tuple[int, int, int], int] | None = None,
+                   ignore_index: int = 255) -> np.ndarray:  # fmt: skip
+    """A class mask as ``[H, W]`` int64 class ids: one id per pixel (first band; a palette PNG's indices) or, with
+    ``colors`` (RGB -> id), a colour-coded RGB mask (:func:`colour_class_ids`: other colours are ``ignore_index``).
 
     Raises:
-        ValueError: an unreadable file, a colour (RGB) mask, or values that are not class ids (each named).
+        ValueError: an unreadable file, a colour mask without ``colors`` (or ``colors`` for a mask of ids), or
+        values that are not class ids (each named).
     """
     import rasterio
 
     try:
         with _open_quietly(path) as src:
             interp = [c.name for c in src.colorinterp]
-            if src.count >= 3 and interp[:3] == ["red", "green", "blue"]:
-                raise ValueError(f"Mask {path} is a colour (RGB) image; class masks hold one class id per pixel: "
-                                 "convert its colours to ids (a palette PNG keeps the colours as its colour table).")
+            coloured = src.count >= 3 and interp[:3] == ["red", "green", "blue"]
+            if coloured and colors is None:
+                raise ValueError(f"Mask {path} is a colour (RGB) image; give mask_colors (class -> colour) to read "
+                                 "its colours as classes, or convert them to ids (one class id per pixel).")
+            if colors is not None and not coloured:
+                raise ValueError(f"Mask {path} holds class ids (one band), not colours; leave out mask_colors.")
+            if coloured:
+                return colour_class_ids(src.read([1, 2, 3]), colors, ignore_index)
             values = src.read(1)
     except rasterio.errors.RasterioIOError as e:
         raise ValueError(f"Mask {path} could not be read: {e}") from e
@@ -182,15 +208,18 @@ class ChipWindowDataset(Dataset):
         cache_mb: decoded chips (pixels in the file's data type, validity, mask) kept per process, the least recently
         used dropped first: a chip of several windows is decoded once rather than once per window (JPEG and PNG
         cannot be read a window at a time). 0 turns the cache off.
+        mask_colors: RGB -> class id, for colour-coded masks (:func:`read_chip_mask`).
     """
 
     def __init__(self, *, headers: Sequence[ChipHeader], masks: Sequence[str], windows: Sequence[ChipWindow], size: int,
                  bands: Sequence[int] | None = None, normalization: Normalization | None = None,
-                 remap: Mapping[int, int] | None = None, ignore_index: int = 255, cache_mb: float = 512) -> None:  # fmt: skip
+                 remap: Mapping[int, int] | None = None, ignore_index: int = 255, cache_mb: float = 512,
+                 mask_colors: Mapping[tuple[int, int, int], int] | None = None) -> None:  # fmt: skip
         self.headers, self.masks, self.windows, self.size = list(headers), list(masks), list(windows), int(size)
         self.bands, self.normalization, self.ignore_index = bands, normalization, int(ignore_index)
         self.remap = {int(k): int(v) for k, v in (remap or {}).items()}
         self.cache_bytes, self._cache, self._cached_bytes = int(cache_mb * 2**20), OrderedDict(), 0
+        self.mask_colors = None if mask_colors is None else dict(mask_colors)
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -198,7 +227,7 @@ class ChipWindowDataset(Dataset):
     def read_mask(self, chip: int) -> np.ndarray:
         """Chip ``chip``'s mask as class ids (``remap`` applied), checked against the image's size."""
         header = self.headers[chip]
-        mask = read_chip_mask(self.masks[chip])
+        mask = read_chip_mask(self.masks[chip], self.mask_colors, self.ignore_index)
         if mask.shape != (header.height, header.width):
             raise ValueError(f"Mask {self.masks[chip]} is {mask.shape[1]}x{mask.shape[0]} px but its image "
                              f"{header.path} is {header.width}x{header.height} px.")
@@ -300,6 +329,9 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         classes: class name -> id (names for the legend and checkpoint; else the number of classes is the largest
             id found in the masks plus one).
         remap: mask value -> class id, e.g. ``{5: 255}`` to ignore an "unlabelled" class.
+        mask_colors: class name -> colour (``"#3c1098"``, ``[60, 16, 152]``) for colour-coded RGB masks (ISPRS,
+            DeepGlobe style): each pixel's class is the one of its exact colour, any other colour is unlabelled. Ids
+            come from ``classes`` where given, else the order of this mapping; the colours become the legend.
         ignore_index: id of unlabelled pixels (also written where a chip has no data and in padding).
         bands: 1-based bands to read (alpha bands not counted); ``None`` = all.
         normalization: ``"zscore"`` / ``"percentile"`` (statistics of up to ``stats_chips`` training chips, or ``stats``:
@@ -327,6 +359,7 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         label_name_suffixes: list[str] | None = None,
         classes: dict[str, int] | None = None,
         remap: dict[int, int] | None = None,
+        mask_colors: dict[str, str | list[int]] | None = None,
         ignore_index: int = 255,
         bands: list[int] | None = None,
         normalization: str = "zscore",
@@ -355,6 +388,9 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"ChipSegmentationDataModule: tile_size must be positive, got {tile_size}.")
         self.images, self.masks, self.label_name_suffixes = images, masks, list(label_name_suffixes or [])
         self.classes, self.remap, self.ignore_index = dict(classes or {}), dict(remap or {}), int(ignore_index)
+        self.mask_colors = self.colour_table(mask_colors, self.classes)
+        if self.mask_colors is not None and not self.classes:
+            self.classes = {name: i for i, name in enumerate(mask_colors or {})}
         self.bands, self.normalization_mode, self.stats, self.preset_range = bands, normalization, stats, tuple(preset_range)
         self.stats_chips, self.tile_size, self.gsd = stats_chips, int(tile_size), gsd
         self.val_files, self.test_files, self.val_fraction = list(val_files or []), list(test_files or []), val_fraction
@@ -364,6 +400,27 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         self.nodata, self.scale, self.offset = None, None, None
         self.normalization: Normalization | None = None
         self.headers: list[ChipHeader] | None = None
+
+    @staticmethod
+    def colour_table(mask_colors: Mapping[str, Any] | None, classes: Mapping[str, int] | None = None) -> dict[tuple[int, int, int], int] | None:
+        """RGB -> class id from ``mask_colors`` (class name -> colour): ids from ``classes``, else mapping order.
+
+        Raises:
+            ValueError: a colour that does not parse, two classes of one colour, or a name ``classes`` lacks.
+        """
+        if not mask_colors:
+            return None
+        from dinov3_eo.data.labels import parse_color
+
+        table: dict[tuple[int, int, int], int] = {}
+        for i, (name, value) in enumerate(mask_colors.items()):
+            if classes and name not in classes:
+                raise ValueError(f"mask_colors names class {name!r}, which classes {dict(classes)} lacks.")
+            rgb = parse_color(value, where=f"mask_colors[{name!r}]")
+            if rgb in table:
+                raise ValueError(f"mask_colors gives {rgb} to two classes (ids {table[rgb]} and {i}).")
+            table[rgb] = classes[name] if classes else i
+        return table
 
     @staticmethod
     def paired_chips(images: str | Sequence[str], masks: str | Sequence[str],
@@ -454,7 +511,8 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         return ChipWindowDataset(headers=self.headers, masks=self.mask_paths, windows=self._windows(chips),
                                  size=self.tile_size, bands=self.bands,
                                  normalization=self.normalization if normalize else None, remap=self.remap,
-                                 ignore_index=self.ignore_index, cache_mb=self.cache_mb)  # fmt: skip
+                                 ignore_index=self.ignore_index, cache_mb=self.cache_mb,
+                                 mask_colors=self.mask_colors)  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
@@ -507,7 +565,10 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
 
     @property
     def class_colors(self) -> dict[int, tuple[int, int, int]]:
-        """Class id -> RGB from the first training mask's colour table (palette PNG masks), after ``remap``."""
+        """Class id -> RGB: ``mask_colors``, else the first training mask's colour table (palette PNG masks), after
+        ``remap``."""
+        if self.mask_colors is not None:
+            return {i: rgb for rgb, i in self.mask_colors.items()}
         if not self.headers:
             return {}
         table = chip_mask_legend(self.mask_paths[self.train_chips[0]])

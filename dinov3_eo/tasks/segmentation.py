@@ -972,6 +972,8 @@ def _classes_of_chips(data: Mapping[str, Any]) -> int:
 
     if data.get("classes"):
         return max(data["classes"].values()) + 1
+    if data.get("mask_colors"):
+        return len(data["mask_colors"])
     _, masks = ChipSegmentationDataModule.paired_chips(data["images"], data["masks"], data.get("label_name_suffixes") or ())
     return ChipSegmentationDataModule.count_classes(masks, ignore_index=data.get("ignore_index", 255), remap=data.get("remap"))
 
