@@ -369,3 +369,15 @@ def test_query_on_a_chip_gives_the_class_ids_of_its_georeferenced_twin(model_pat
     assert "chip.tif is not georeferenced" in capsys.readouterr().err
     assert query_main([str(chip), *common, "--chips", "--polygons", str(tmp_path / "p.gpkg"), "-o", str(tmp_path / "q.tif")]) == 2
     assert "polygons need a georeferenced scene" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs" / "text").glob("*.yaml")), ids=lambda p: p.name)
+def test_text_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
+    """Every text config maps one-to-one onto TextAlignmentTask / TextDataModule arguments."""
+    from dinov3_eo.cli import main as cli
+
+    with pytest.raises(SystemExit) as done:
+        cli(["text", "fit", "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "\nmodel:\n" in printed and "\ndata:\n" in printed
