@@ -456,6 +456,29 @@ def test_text_data_from_chips(chips: Path) -> None:
         TextDataModule(chips=str(chips / "images"), chip_masks=str(chips / "masks"))
 
 
+def test_text_data_from_colour_coded_chip_masks(chips: Path, tmp_path: Path) -> None:
+    """Colour masks through ``mask_colors`` (names as in ``class_names``) caption the windows the id masks do."""
+    from dinov3_eo.tasks.captions import TextDataModule
+
+    (tmp_path / "masks").mkdir()
+    lut = np.zeros((256, 3), np.uint8)
+    for i, colour in PALETTE.items():
+        lut[i] = colour
+    for path in sorted((chips / "masks").iterdir()):
+        Image.fromarray(lut[np.asarray(Image.open(path))]).save(tmp_path / "masks" / path.name)
+    common = dict(chips=str(chips / "images"), label_name_suffixes=["_mask"], class_names=["dark", "", "bright"],
+                  val_files=["chip_3.png"], size=48, min_fraction=0.01)  # fmt: skip
+    by_ids = TextDataModule(chip_masks=str(chips / "masks"), **common)
+    by_colours = TextDataModule(chip_masks=str(tmp_path / "masks"), mask_colors={"dark": list(PALETTE[0]),
+                                "bright": list(PALETTE[2])}, **common)  # fmt: skip
+    by_ids.setup("fit"), by_colours.setup("fit")
+    assert by_ids.train_set.keys == by_colours.train_set.keys and by_ids.train_set.keys
+    sample_a, sample_b = by_ids.train_set[(0, 0)], by_colours.train_set[(0, 0)]
+    assert sample_a["caption"] == sample_b["caption"]
+    # the "middle" class (id 1, named "") has no colour: unlabelled either way once captions skip it
+    assert torch.equal(sample_a["mask"] == 0, sample_b["mask"] == 0) and torch.equal(sample_a["mask"] == 2, sample_b["mask"] == 2)
+
+
 @pytest.mark.slow
 def test_text_fit_on_chips_then_query_a_chip(chips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``text fit`` on chips from the command line, then ``query --chips`` with the checkpoint on a chip."""

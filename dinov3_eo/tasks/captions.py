@@ -661,6 +661,8 @@ class TextDataModule(pl.LightningDataModule):
         min_fraction, max_classes: which classes a label caption names (see :func:`caption_from_mask`).
         test_fraction: class folders: held-out share per class; chips: held-out share of the chips.
         val_files: chips: the chips held out for validation, as globs matched against names or paths.
+        mask_colors: chips: class name (as in ``class_names``) -> colour, for colour-coded RGB masks (see
+            :class:`~dinov3_eo.data.chips.ChipSegmentationDataModule`).
         bands, nodata: GeoTIFF bands (1-based) and nodata override.
         normalization: the data's own normalisation, used by the task only when neither the task nor the backbone
             gives one: ``zscore``/``percentile`` (from ``stats``, or computed from the GeoTIFFs), a preset name on
@@ -695,6 +697,7 @@ class TextDataModule(pl.LightningDataModule):
         max_classes: int = 3,
         test_fraction: float = 0.25,
         val_files: list[str] | None = None,
+        mask_colors: dict[str, str | list[int]] | None = None,
         bands: list[int] | None = None,
         nodata: float | None = None,
         normalization: str | None = None,
@@ -721,6 +724,7 @@ class TextDataModule(pl.LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.captions, self.class_folders, self.paths, self.labels_path = captions, class_folders, paths, labels
         self.chips, self.chip_masks, self.val_files = chips, chip_masks, list(val_files or [])
+        self.mask_colors = mask_colors
         self.templates = load_templates(templates)
         self.class_names = list(class_names) if class_names is not None else None
         self.label_attribute, self.classes, self.background = label_attribute, classes, background
@@ -812,7 +816,8 @@ class TextDataModule(pl.LightningDataModule):
             images=self.chips, masks=self.chip_masks, label_name_suffixes=self.label_name_suffixes,
             ignore_index=self.ignore_index, bands=self.bands, normalization=self.normalization_mode or "none",
             stats=self.stats, preset_range=self.preset_range, tile_size=self.size, val_files=self.val_files,
-            val_fraction=self.test_fraction, seed=self.seed,
+            val_fraction=self.test_fraction, seed=self.seed, mask_colors=self.mask_colors,
+            classes={name: i for i, name in enumerate(self.class_names) if name} if self.mask_colors else None,
         )  # fmt: skip
         chips.setup("fit")
         self.normalization, self.band_names = chips.normalization, chips.band_names
