@@ -263,6 +263,14 @@ def test_split_is_seeded_disjoint_and_complete(chips: Path) -> None:
     labelled = sum(int((batch["mask"] != 255).sum()) for batch in held.val_dataloader())
     assert labelled == int((read_chip_mask(str(chips / "masks" / "chip_1_mask.png")) != 255).sum()) > 0
     assert module(chips, val_fraction=0.0).val_dataloader() == []
+    # training windows: one order per (seed, epoch), every window once an epoch, as the tile samplers do
+    sampler = held.train_dataloader().sampler
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(0)
+    assert list(sampler) == first and sorted(first) == list(range(len(held.dataset("train"))))
+    sampler.set_epoch(1)
+    assert list(sampler) != first and sorted(sampler) == sorted(first)
     with pytest.raises(ValueError, match="testing needs test_files"):
         module(chips).test_dataloader()
     with pytest.raises(ValueError, match="none is left to train on"):

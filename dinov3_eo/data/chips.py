@@ -515,9 +515,14 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
                                  mask_colors=self.mask_colors)  # fmt: skip
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          num_workers=self.num_workers, collate_fn=collate_samples, pin_memory=self.pin_memory,
+        from dinov3_eo.data.sampling import TileListSampler
+
+        dataset = self.dataset(split)
+        # the tile datamodules' sampler, over window indices: shuffled per (seed, epoch), so a fit resumed at an epoch
+        # draws what the uninterrupted one drew, and split across the processes of a distributed run
+        sampler = TileListSampler(tiles=range(len(dataset)), shuffle=shuffle, seed=self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          collate_fn=collate_samples, pin_memory=self.pin_memory,
                           persistent_workers=self.num_workers > 0)  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
