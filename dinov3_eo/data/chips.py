@@ -474,8 +474,10 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.headers is not None:
             return
+        from tqdm.auto import tqdm
+
         paths, masks = self.paired_chips(self.images, self.masks, self.label_name_suffixes)
-        headers = [read_chip_header(p) for p in paths]
+        headers = [read_chip_header(p) for p in tqdm(paths, desc="chip headers", unit="chip", disable=len(paths) < 1000)]
         bands = {h.bands for h in headers}
         if len(bands) > 1:
             odd = next(h for h in headers if h.bands != headers[0].bands)
