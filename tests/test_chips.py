@@ -430,6 +430,24 @@ def test_predicting_chips_refuses_what_needs_a_map(chips: Path, tmp_path: Path, 
     assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
 
 
+def test_segment_fit_takes_a_torchgeo_datamodule(chips: Path, tmp_path: Path) -> None:
+    """A torchgeo ``NonGeoDataModule`` (``data.class_path``) trains the head; its ``mean``/``std`` (the ``Normalize``
+    its ``aug`` applies on the device) go into the checkpoint, so ``segment predict`` scales a GeoTIFF as training did."""
+    root = tmp_path / "fit"
+    assert cli_main([
+        "segment", "fit", "--model.backbone", "vitmicro16", "--model.in_chans", "3", "--model.num_classes", "3",
+        "--data.class_path", "torchgeo_chips.ChipsTorchGeoDataModule", "--data.init_args.root", str(chips),
+        "--trainer.accelerator", "cpu", "--trainer.max_epochs", "1", "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(root),
+    ]) == 0  # fmt: skip
+    (checkpoint,) = (root / "checkpoints").glob("*.ckpt")
+    norm = torch.load(checkpoint, map_location="cpu", weights_only=False)["dinov3_eo"]["normalization"]
+    assert norm["mean"] == [0.0] * 3 and norm["std"] == [255.0] * 3 and "ChipsTorchGeoDataModule" in norm["name"]
+    assert cli_main(["segment", "predict", str(RGB), "--model", str(checkpoint), "-o", str(tmp_path / "pred"), "--quiet"]) == 0
+    with rasterio.open(tmp_path / "pred" / "rgb_byte_crop_classes.tif") as out:
+        assert set(np.unique(out.read(1))) <= {0, 1, 2, 255}
+
+
 def test_a_plain_data_block_is_still_geotiffs(capsys: pytest.CaptureFixture) -> None:
     """Configs without ``class_path`` keep meaning DenseDataModule; the printed config names it."""
     with pytest.raises(SystemExit):

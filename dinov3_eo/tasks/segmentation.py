@@ -312,6 +312,8 @@ class SegmentationTask(LogsAfterBackward, TrainModesAtFitStart):
         norm = getattr(datamodule, "normalization", None)
         if norm is not None:
             norm = fold_scale_offset(norm, getattr(datamodule, "scale", None), getattr(datamodule, "offset", None))
+        elif self.hparams.get("image_normalization") is None:  # a torchgeo datamodule's mean/std, unless told otherwise
+            norm = torchgeo_normalization(datamodule, int(self.model.backbone.in_chans))
         names = getattr(datamodule, "band_names", None)
         self.data_meta = {
             "normalization": None if norm is None else norm.to_dict(),
@@ -646,6 +648,22 @@ class SceneOutputs:
     quicklook: Path
     probabilities: Path | None
     polygons: Path | None
+
+
+def torchgeo_normalization(datamodule: Any, num_bands: int) -> Normalization | None:
+    """What a torchgeo datamodule divides its batches by: its ``mean`` and ``std`` (the ``Normalize`` of its
+    default ``aug``, applied on the device after the transfer), broadcast to ``num_bands``; ``None`` for other
+    datamodules. Recorded in the checkpoint, so that ``segment predict`` scales GeoTIFFs as training did (a
+    datamodule with augmentations of its own beyond that ``Normalize`` should give ``model.image_normalization``)."""
+    try:
+        from torchgeo.datamodules.geo import BaseDataModule
+    except ImportError:  # pragma: no cover - torchgeo is a dependency
+        return None
+    if not isinstance(datamodule, BaseDataModule):
+        return None
+    mean = np.broadcast_to(np.asarray(torch.as_tensor(datamodule.mean).cpu(), dtype=np.float64).reshape(-1), (num_bands,))
+    std = np.broadcast_to(np.asarray(torch.as_tensor(datamodule.std).cpu(), dtype=np.float64).reshape(-1), (num_bands,))
+    return Normalization(mean=tuple(mean.tolist()), std=tuple(std.tolist()), name=f"torchgeo {type(datamodule).__name__}")
 
 
 def scene_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool, polygons: bool,
