@@ -52,6 +52,39 @@ class TestPretrainDataModule:
         assert meta["gsd"] == 30.0  # the scene's own 30 m pixels, tiles not resampled: checkpoints record the scale
         assert Normalization.from_dict(meta["normalization"]) == dm.normalization
 
+    def test_chips_crop_keeps_each_chips_own_resolution(self, tmp_path: Path) -> None:
+        """``chips_crop``: one tile-size window per chip at its own resolution, placed anew each epoch and the same
+        for the same (seed, epoch) (a resumed run draws what the uninterrupted one drew); a chip smaller than the
+        tile is resized whole, as without ``chips_crop``."""
+        from dinov3_eo.data.sampling import ChipCrop
+
+        rng = np.random.default_rng(0)
+        big = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
+        Image.fromarray(big).save(tmp_path / "big.png")
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "small.png")
+        dm = PretrainDataModule(chips=str(tmp_path / "*.png"), chips_crop=True, chips_normalization="none", tile_size=64,
+                                batch_size=2, seed=3)  # fmt: skip
+        dm.setup("fit")
+        sampler = dm.sampler
+        windows = {}
+        for epoch in (0, 1, 0):
+            sampler.set_epoch(epoch)
+            keys = list(sampler)
+            assert all(isinstance(k, ChipCrop) and k.size == 64 for k in keys) and sorted(k.chip for k in keys) == [0, 1]
+            windows.setdefault(epoch, keys)
+            assert keys == windows[epoch]
+        (first,) = [k for k in windows[0] if dm.dataset.chips.paths[k.chip].endswith("big.png")]
+        (second,) = [k for k in windows[1] if k.chip == first.chip]
+        assert (first.row, first.col) != (second.row, second.col)
+        assert 0 <= first.row <= 150 - 64 and 0 <= first.col <= 200 - 64
+        sample = dm.dataset[first]
+        window = big[first.row : first.row + 64, first.col : first.col + 64].transpose(2, 0, 1)
+        assert torch.equal(sample["image"], torch.from_numpy(window.astype(np.float32)))  # no resampling at all
+        (small,) = [k for k in windows[0] if k.chip != first.chip]
+        assert small.row == small.col == 0 and dm.dataset[small]["image"].shape == (3, 64, 64)  # resized whole
+        batch = next(iter(dm.train_dataloader()))
+        assert tuple(batch["image"].shape) == (2, 3, 64, 64)
+
     def test_training_gsd_is_the_resampling_target_or_the_archive_pixel_size(self, tmp_path: Path) -> None:
         from dinov3_eo.data.raster import pixel_size_m
 

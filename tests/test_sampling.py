@@ -183,6 +183,13 @@ class TestDistributed:
     def test_chip_and_interleaved_samplers(self) -> None:
         parts = [list(ChipSampler(num_chips=11, seed=2, rank=r, world_size=3)) for r in range(3)]
         assert sorted(i for p in parts for i in p) == list(range(11))
+        # crop windows: the same chip order as without them, each window inside its chip, split across ranks alike
+        sizes = [(100 + 10 * i, 64 + i) for i in range(11)]
+        cropped = [list(ChipSampler(num_chips=11, seed=2, rank=r, world_size=3, crop=64, sizes=sizes)) for r in range(3)]
+        assert [[k.chip for k in p] for p in cropped] == parts
+        assert all(0 <= k.row <= sizes[k.chip][0] - 64 and 0 <= k.col <= sizes[k.chip][1] - 64 for p in cropped for k in p)
+        with pytest.raises(ValueError, match="crop= needs sizes="):
+            ChipSampler(num_chips=3, crop=64)
         tiles = TileListSampler(tiles=[Tile(0, r, 0, 8) for r in range(6)], rank=1, world_size=2)
         chips = ChipSampler(num_chips=4, rank=1, world_size=2)
         mixed = InterleavedSampler(samplers=[tiles, chips], seed=5)

@@ -7,6 +7,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "BandMismatchError": "dinov3_eo.data.index",
     "BandStats": "dinov3_eo.data.stats",
+    "ChipCrop": "dinov3_eo.data.sampling",
     "ChipFolderDataset": "dinov3_eo.data.datasets",
     "ChipSampler": "dinov3_eo.data.sampling",
     "ChipSegmentationDataModule": "dinov3_eo.data.chips",
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "BandMismatchError",
     "BandStats",
+    "ChipCrop",
     "ChipFolderDataset",
     "ChipSampler",
     "ChipSegmentationDataModule",

@@ -175,6 +175,9 @@ class PretrainDataModule(_TileDataModuleBase):
     Args:
         paths: GeoTIFF files, folders or globs (``None`` for chips only).
         chips: glob/folder of non-georeferenced image chips (EuroSAT-style) to mix in; resized to the tile size.
+        chips_crop: instead of resizing each chip, cut one tile-size window of it at its own resolution, placed at
+            random anew each epoch (large aerial photos keep their detail; a chip smaller than the tile is still
+            resized whole).
         bands: 1-based band indexes or band names to read (needed for archives with mixed band counts).
         nodata: nodata override for every file (e.g. 0 for a Landsat L1 collar).
         scale, offset: DN -> physical conversion before normalisation.
@@ -215,6 +218,7 @@ class PretrainDataModule(_TileDataModuleBase):
         stats: str | None = None,
         preset_range: tuple[float, float] = (0.0, 255.0),
         chips_normalization: str = "sat493m",
+        chips_crop: bool = False,
         tile_size: float = 256,
         units: str = "pixels",
         gsd: float | None = None,
@@ -241,6 +245,7 @@ class PretrainDataModule(_TileDataModuleBase):
         self.paths, self.chips, self.bands, self.nodata = paths, chips, bands, nodata
         self.scale, self.offset, self.normalization_mode, self.stats = scale, offset, normalization, stats
         self.preset_range, self.chips_normalization = tuple(preset_range), chips_normalization
+        self.chips_crop = chips_crop
         self.tile_size, self.units, self.gsd, self.crs, self.resampling = tile_size, units, gsd, crs, resampling
         self.tiles_per_epoch, self.max_nodata_fraction, self.snap = tiles_per_epoch, max_nodata_fraction, snap
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
@@ -280,7 +285,8 @@ class PretrainDataModule(_TileDataModuleBase):
                 raise ValueError(f"PretrainDataModule: chips are RGB but the archive selection has {tiles.grid.index.num_bands} bands.")
             if self.normalization is None and tiles is None:
                 self.normalization = chip_norm
-            samplers.append(ChipSampler(num_chips=len(chips), seed=self.seed, rank=self.rank, world_size=self.world_size))
+            crop = {"crop": chip_size, "sizes": chips.sizes()} if self.chips_crop else {}
+            samplers.append(ChipSampler(num_chips=len(chips), seed=self.seed, rank=self.rank, world_size=self.world_size, **crop))
         self.dataset = MixedDataset(tiles=tiles, chips=chips)
         self.sampler = samplers[0] if len(samplers) == 1 else InterleavedSampler(samplers=samplers, seed=self.seed)
 

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import PerThread, read_window
-from dinov3_eo.data.sampling import Tile, TileGrid
+from dinov3_eo.data.sampling import ChipCrop, Tile, TileGrid
 
 Sample = dict[str, Any]
 CHIP_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -354,7 +354,9 @@ def expand_chips(chips: str | Sequence[str]) -> list[str]:
 
 
 class ChipFolderDataset(Dataset):
-    """Plain image chips without georeferencing (EuroSAT-style JPEG/PNG folders), indexed by int.
+    """Plain image chips without georeferencing (EuroSAT-style JPEG/PNG folders), indexed by int (the whole chip,
+    resized to ``size``) or by :class:`~dinov3_eo.data.sampling.ChipCrop` (a window at the chip's own resolution;
+    a chip smaller than the window along a side is resized whole instead).
 
     Args:
         chips: glob, folder or list of them.
@@ -377,12 +379,28 @@ class ChipFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> Sample:
+    def sizes(self) -> list[tuple[int, int]]:
+        """``(height, width)`` of every chip, from the file headers (no pixels decoded)."""
         from PIL import Image
 
-        path = self.paths[int(i)]
+        out = []
+        for path in self.paths:
+            try:
+                with Image.open(path) as img:
+                    out.append((img.height, img.width))
+            except OSError as e:
+                raise RuntimeError(f"Reading chip {path} failed: {e}") from e
+        return out
+
+    def __getitem__(self, i: int | ChipCrop) -> Sample:
+        from PIL import Image
+
+        crop = i if isinstance(i, ChipCrop) else None
+        path = self.paths[crop.chip if crop is not None else int(i)]
         try:
             with Image.open(path) as img:
+                if crop is not None and img.height >= crop.size and img.width >= crop.size:
+                    img = img.crop((crop.col, crop.row, crop.col + crop.size, crop.row + crop.size))
                 array = np.asarray(img.convert("RGB" if self.num_bands == 3 else "L"))
         except OSError as e:
             raise RuntimeError(f"Reading chip {i} ({path}) failed: {e}") from e

@@ -372,22 +372,47 @@ def _starts(max_offset: int, stride: int) -> list[int]:
     return starts
 
 
-class ChipSampler(_TileSamplerBase):
-    """Indices ``0..n-1`` of a chip folder, shuffled per ``(seed, epoch)`` and split round-robin across ranks."""
+@dataclass(frozen=True)
+class ChipCrop:
+    """A ``size`` x ``size`` window of chip ``chip`` at its own resolution, top-left pixel ``(row, col)``."""
 
-    def __init__(self, *, num_chips: int, shuffle: bool = True, seed: int = 0, rank: int | None = None, world_size: int | None = None) -> None:
+    chip: int
+    row: int
+    col: int
+    size: int
+
+
+class ChipSampler(_TileSamplerBase):
+    """Indices ``0..n-1`` of a chip folder, shuffled per ``(seed, epoch)`` and split round-robin across ranks.
+
+    With ``crop`` and the chips' ``sizes`` (``(height, width)`` each) it yields :class:`ChipCrop` keys instead: one
+    window of ``crop`` pixels per chip, placed uniformly at random per ``(seed, epoch)`` (at ``(0, 0)`` along a side
+    shorter than ``crop``), so a resumed run draws the windows the uninterrupted one drew.
+    """
+
+    def __init__(self, *, num_chips: int, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, crop: int | None = None,
+                 sizes: Sequence[tuple[int, int]] | None = None) -> None:  # fmt: skip
         super().__init__(seed=seed, rank=rank, world_size=world_size)
         if num_chips < 1:
             raise ValueError(f"ChipSampler: num_chips must be >= 1, got {num_chips}.")
+        if crop is not None and (sizes is None or len(sizes) != num_chips):
+            raise ValueError("ChipSampler: crop= needs sizes= (height, width) for each of the num_chips chips.")
         self.num_chips, self.shuffle = int(num_chips), shuffle
+        self.crop, self.sizes = crop, None if sizes is None else [tuple(map(int, s)) for s in sizes]
 
     def __len__(self) -> int:
         return len(range(self.rank, self.num_chips, self.num_replicas))
 
-    def global_tiles(self) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.num_chips))
-        return np.random.default_rng([self.seed, self.epoch, 1]).permutation(self.num_chips).tolist()
+    def global_tiles(self) -> list[int] | list[ChipCrop]:
+        order = (np.random.default_rng([self.seed, self.epoch, 1]).permutation(self.num_chips).tolist()
+                 if self.shuffle else list(range(self.num_chips)))  # fmt: skip
+        if self.crop is None:
+            return order
+        rng = np.random.default_rng([self.seed, self.epoch, 2])
+        spans = np.array([[max(h - self.crop, 0) + 1, max(w - self.crop, 0) + 1] for h, w in self.sizes])  # [n, 2]
+        offsets = (rng.random((self.num_chips, 2)) * spans).astype(np.int64)  # one window per chip, by chip index
+        return [ChipCrop(i, int(offsets[i, 0]), int(offsets[i, 1]), self.crop) for i in order]
 
 
 class InterleavedSampler(_TileSamplerBase):
