@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dinov3_eo.data.datamodule import NORMALIZATION_MODES, build_normalization, held_out_files
 from dinov3_eo.data.datasets import CHIP_SUFFIXES, collate_samples, expand_chips
-from dinov3_eo.data.labels import NamePairing, _open_quietly, _raster_legend
+from dinov3_eo.data.labels import NamePairing, _raster_legend
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import open_quietly
 from dinov3_eo.data.stats import DEFAULT_PERCENTILES, BandStats
 
 #: GDAL colour interpretations named as band names (``ColorInterp.red.name`` is ``"red"``)
@@ -55,7 +56,7 @@ def read_chip_header(path: str) -> ChipHeader:
     import rasterio
 
     try:
-        with _open_quietly(path) as src:
+        with open_quietly(path) as src:
             interp = [c.name for c in src.colorinterp]
             if "palette" in interp:
                 raise ValueError(f"Image chip {path} is a palette image: its pixels are colour-table indices, not "
@@ -93,7 +94,7 @@ def read_chip(header: ChipHeader, bands: Sequence[int] | None = None, *,
     if any(not 1 <= b <= header.bands for b in chosen):
         raise ValueError(f"Image chip {header.path} has {header.bands} bands; bands {chosen} asks for others.")
     try:
-        with _open_quietly(header.path) as src:
+        with open_quietly(header.path) as src:
             pixels = src.read([data_bands[b - 1] for b in chosen])
             valid = np.isfinite(pixels).all(axis=0) if pixels.dtype.kind == "f" else np.ones(pixels.shape[1:], bool)
             if src.nodata is not None:
@@ -135,7 +136,7 @@ def read_chip_mask(path: str, colors: Mapping[tuple[int, int, int], int] | None 
     import rasterio
 
     try:
-        with _open_quietly(path) as src:
+        with open_quietly(path) as src:
             interp = [c.name for c in src.colorinterp]
             coloured = src.count >= 3 and interp[:3] == ["red", "green", "blue"]
             if coloured and colors is None:
@@ -158,7 +159,7 @@ def read_chip_mask(path: str, colors: Mapping[tuple[int, int, int], int] | None 
 
 def chip_mask_legend(path: str) -> dict[int, tuple[int, int, int]]:
     """Class id -> RGB from a mask's colour table (a palette PNG), ``{}`` without one."""
-    with _open_quietly(path) as src:
+    with open_quietly(path) as src:
         return _raster_legend(src, 1)[1]
 
 

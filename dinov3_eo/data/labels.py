@@ -31,7 +31,7 @@ from rasterio.transform import Affine, array_bounds
 from rasterio.warp import transform_bounds
 from rasterio.vrt import WarpedVRT
 
-from dinov3_eo.data.raster import PerThread, tagged_class_names
+from dinov3_eo.data.raster import PerThread, open_quietly, tagged_class_names
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class RasterMosaic:
         self.band, self.what, self.pairing = int(band), what, pairing
         files = []
         for path in expand_sources(paths, suffixes=MASK_SUFFIXES if pairing == "name" else None):
-            with _open_quietly(path) as src:
+            with open_quietly(path) as src:
                 georeferenced = src.crs is not None
                 if not georeferenced and pairing != "name":
                     raise ValueError(f"{what} {path} is not georeferenced (no CRS); to read masks without a "
@@ -254,7 +254,7 @@ class RasterMosaic:
         """The calling thread's open dataset of file ``i``."""
         handles = self._handles.get()
         if i not in handles:
-            handles[i] = _open_quietly(self.files[i].path)
+            handles[i] = open_quietly(self.files[i].path)
         return handles[i]
 
     def close(self) -> None:
@@ -427,7 +427,7 @@ class RasterLabels:
         self.class_names: dict[int, str] = {}
         self.class_colors: dict[int, RGB] = {}
         if task == "classification":
-            with _open_quietly(self.paths[0]) as src:
+            with open_quietly(self.paths[0]) as src:
                 self.class_names, self.class_colors = _raster_legend(src, self.band)
 
     @property
@@ -440,7 +440,7 @@ class RasterLabels:
         left out), read block by block: memory holds one block, whatever the rasters' size."""
         seen: set = set()
         for f in self.mosaic.files:
-            with _open_quietly(f.path) as src:
+            with open_quietly(f.path) as src:
                 for _, window in src.block_windows(self.band):
                     values = src.read(self.band, window=window).ravel()
                     if f.nodata is not None:
@@ -470,17 +470,6 @@ class RasterLabels:
             return {"target": torch.from_numpy(target)}
         mask = np.where(labelled, values.astype(np.int64), self.ignore_index)
         return {"mask": torch.from_numpy(mask)}
-
-
-def _open_quietly(path: str) -> Any:
-    """``rasterio.open`` without the warning a raster with no georeference raises (masks paired by name may be)."""
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(path)
 
 
 def _raster_legend(src: Any, band: int) -> tuple[dict[int, str], dict[int, RGB]]:

@@ -98,6 +98,20 @@ def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Wind
     return Window.from_slices((row_start, row_stop), (col_start, col_stop))
 
 
+def open_quietly(path: str | os.PathLike[str]) -> Any:
+    """``rasterio.open`` without the warning rasterio raises for a file with no georeference: image chips and masks
+    paired by name have none by design, and the commands that need one refuse it in one sentence of their own
+    (:func:`require_georeferenced`)."""
+    import warnings
+
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(os.fspath(path))
+
+
 def is_georeferenced(src) -> bool:
     """Whether an open dataset can be placed on a map: it has a CRS and a geotransform (not the identity that
     rasterio reports for a file without one)."""

@@ -28,7 +28,7 @@ import rasterio.shutil
 from rasterio.transform import Affine
 from rasterio.windows import Window
 
-from dinov3_eo.data.raster import tagged_class_names
+from dinov3_eo.data.raster import open_quietly, tagged_class_names
 
 #: Distinct, colour-blind-friendly class colours (Okabe-Ito, then Tableau 20 for more classes).
 _PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -341,9 +341,7 @@ def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str]
     """
     from PIL import Image
 
-    from dinov3_eo.data.labels import _open_quietly
-
-    with _open_quietly(str(classes)) as src:
+    with open_quietly(classes) as src:
         ids = src.read(1)
     if ids.dtype == np.uint8:
         image = Image.fromarray(ids, mode="P")
@@ -416,7 +414,7 @@ def write_quicklook(
     from matplotlib.patches import Patch
 
     check_overwrite(dst, overwrite)
-    with rasterio.open(classes) as cls_src:
+    with open_quietly(classes) as cls_src:  # an image chip's map has no georeference, and needs none here
         scale = min(1.0, max_size / max(cls_src.height, cls_src.width))
         shape = (max(1, round(cls_src.height * scale)), max(1, round(cls_src.width * scale)))
         labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
@@ -437,7 +435,7 @@ def write_quicklook(
 
     background = np.ones((*shape, 3), dtype=np.float32)
     if image is not None:
-        with rasterio.open(image) as img_src:
+        with open_quietly(image) as img_src:
             if (img_src.height, img_src.width, img_src.transform) != grid:
                 raise ValueError(f"Quick-look image {str(image)!r} is not on the grid of class map {str(classes)!r}.")
             indexes = [b for b in bands if b <= img_src.count] or [1]

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 import torch
 from rasterio.transform import Affine
 from rasterio.windows import Window
@@ -34,7 +33,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import read_window, require_georeferenced
+from dinov3_eo.data.raster import open_quietly, read_window, require_georeferenced
 from dinov3_eo.inference.writers import COGWriter, atomic_output, check_overwrite
 
 log = logging.getLogger(__name__)
@@ -245,10 +244,7 @@ def write_features(
                            window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
                            overwrite=overwrite, progress=progress, quicklook=quicklook)  # fmt: skip
     dim = int(backbone.embed_dim)
-    from dinov3_eo.data.labels import _open_quietly
-
-    # a chip: rasterio's warning about the georeference it lacks says nothing new
-    with (rasterio.open(src_path) if require_georeference else _open_quietly(os.fspath(src_path))) as src:
+    with open_quietly(src_path) as src:  # one without a georeference is refused below, in one sentence
         if require_georeference:
             require_georeferenced(src)
         grid = FeatureGrid.of(src, int(backbone.patch_size))
@@ -359,9 +355,7 @@ def write_pca(
     if dst.suffix.lower() not in (".png", ".tif", ".tiff"):
         raise ValueError(f"PCA output must end in .png or .tif, got {str(dst)!r}.")
     check_overwrite(dst, overwrite, inputs=[features])
-    from dinov3_eo.data.labels import _open_quietly
-
-    with _open_quietly(os.fspath(features)) as src:  # an image chip's features have no georeference
+    with open_quietly(features) as src:  # an image chip's features have no georeference
         blocks = [w for _, w in src.block_windows(1)]
 
         def valid_rows(window: Window) -> np.ndarray:
@@ -443,9 +437,7 @@ def _common_parser(prog: str, description: str, output_help: str) -> argparse.Ar
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
-    from dinov3_eo.data.labels import _open_quietly
-
-    with _open_quietly(os.fspath(args.input)) as src:
+    with open_quietly(args.input) as src:
         count = len(args.bands) if args.bands else src.count
     backbone = resolve_backbone(args.model, in_chans=None)
     in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count

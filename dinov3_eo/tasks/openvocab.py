@@ -30,7 +30,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -547,9 +546,9 @@ def _open_raster(raster: Any) -> Iterator[Any]:
         ValueError: for a DataArray that is not 2-D or 3-D or has no CRS.
     """
     if isinstance(raster, (str, os.PathLike)):
-        from dinov3_eo.data.labels import _open_quietly
+        from dinov3_eo.data.raster import open_quietly
 
-        with _open_quietly(os.fspath(raster)) as src:  # a chip without georeference is refused later, in one sentence
+        with open_quietly(raster) as src:  # a chip without georeference is refused later, in one sentence
             yield src
         return
     if hasattr(raster, "read") and hasattr(raster, "transform"):
@@ -1074,9 +1073,8 @@ def _query_parser() -> argparse.ArgumentParser:
 
 def query_main(argv: Sequence[str]) -> int:
     """``dinov3-eo query SCENE.tif "solar panels" "water" -o OUT.tif --model text.ckpt [...]``."""
-    from rasterio.errors import NotGeoreferencedWarning
 
-    from dinov3_eo.data.labels import _open_quietly
+    from dinov3_eo.data.raster import open_quietly
     from dinov3_eo.inference.writers import (
         check_overwrite,
         default_colormap,
@@ -1120,11 +1118,10 @@ def query_main(argv: Sequence[str]) -> int:
                                       simplify=args.simplify, overwrite=args.overwrite)  # fmt: skip
             written.append(f"polygons ({len(frame)}): {args.polygons}")
         if png is not None:
-            with warnings.catch_warnings(), _open_quietly(args.scene) as src:
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a chip has none, and needs none here
+            with open_quietly(args.scene) as src:
                 rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
-                write_quicklook(png, classes=classes_tif, image=args.scene, bands=rgb, class_names=names,
-                                title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
+            write_quicklook(png, classes=classes_tif, image=args.scene, bands=rgb, class_names=names,
+                            title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
             written.append(f"quick-look: {png}")
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"dinov3-eo query: error: {e}", file=sys.stderr)

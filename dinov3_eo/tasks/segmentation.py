@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import is_georeferenced, pixel_size_off_scale
+from dinov3_eo.data.raster import is_georeferenced, open_quietly, pixel_size_off_scale
 from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tta import TTA, random_dihedral
 from dinov3_eo.inference.writers import SIMPLIFY_HELP, check_distinct_stems
@@ -773,11 +773,7 @@ def segment_scene(
             probabilities or polygons.
     """
     import tempfile
-    import warnings
 
-    from rasterio.errors import NotGeoreferencedWarning
-
-    from dinov3_eo.data.labels import _open_quietly
     from dinov3_eo.inference.predict import predict_raster
     from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_class_png, write_quicklook
 
@@ -793,16 +789,14 @@ def segment_scene(
     scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".chip_") if chip else None
     classes = Path(scratch.name) / "classes.tif" if scratch is not None else outputs.classes
     try:
-        with warnings.catch_warnings(), _open_quietly(str(src_path)) as src:
-            if chip:  # a chip has no georeference and needs none: rasterio's warnings about it say nothing new
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with open_quietly(src_path) as src:
             band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
             check_input(task, src, band_indexes)
-            if not chip and not is_georeferenced(src):
-                raise ValueError(f"{src.name} is not georeferenced (no CRS or no geotransform), so a class map could "
-                                 "not be placed on a map: for image chips pass --chips (a PNG class mask per chip), "
-                                 "else georeference it first (gdal_edit.py -a_srs ... -a_ullr ...).")
             if not chip:
+                if not is_georeferenced(src):
+                    raise ValueError(f"{src.name} is not georeferenced (no CRS or no geotransform), so a class map "
+                                     "could not be placed on a map: for image chips pass --chips (a PNG class mask per "
+                                     "chip), else georeference it first (gdal_edit.py -a_srs ... -a_ullr ...).")
                 warn_on_another_scale(src, meta.get("gsd"))
             nodata = nodata if nodata is not None else meta.get("nodata")
             colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
