@@ -256,6 +256,12 @@ class ChipWindowDataset(Dataset):
                 self._cached_bytes -= sum(a.nbytes for a in dropped)
         return entry
 
+    def labels(self, chip: int) -> np.ndarray:
+        """Chip ``chip``'s class ids where it has data, ``ignore_index`` where it has none: ``[H, W]`` int64, the
+        labels its windows carry (decoded through the cache, so the windows read after it are decoded no more)."""
+        _, valid, mask = self._decoded(chip)
+        return np.where(valid, mask, self.ignore_index).astype(np.int64)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         window, s = self.windows[int(i)], self.size
         header = self.headers[window.chip]
@@ -597,9 +603,8 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         dataset = self.dataset("train")
         counts = np.zeros(num_classes, dtype=np.int64)
         for chip in tqdm(self.train_chips, desc="class counts", unit="chip", disable=not progress):
-            mask = dataset.read_mask(chip)
-            _, valid = read_chip(self.headers[chip], self.bands)
-            labelled = mask[valid & (mask != self.ignore_index)]
+            labels = dataset.labels(chip)
+            labelled = labels[labels != self.ignore_index]
             if labelled.size and labelled.max() >= num_classes:
                 raise ValueError(f"Mask {self.mask_paths[chip]} holds class id {int(labelled.max())} but the model "
                                  f"has {num_classes} classes (ids 0..{num_classes - 1}); set model.num_classes or remap.")

@@ -840,17 +840,14 @@ class TextDataModule(pl.LightningDataModule):
 
     def _named_windows(self, windows: Any) -> list[int]:
         """Indices of the chip windows whose labelled pixels with data hold a class ``class_names`` names (the others
-        could not be captioned); one read of each chip's image and mask."""
+        could not be captioned); each chip decoded once, through the windows' own cache."""
         from tqdm.auto import tqdm
-
-        from dinov3_eo.data.chips import read_chip
 
         named, s, chip, labels = [], windows.size, None, None
         progress = tqdm(windows.windows, desc="windows with a named class", unit="window", mininterval=2.0)
         for i, window in enumerate(progress):  # a chip's windows are consecutive
             if window.chip != chip:
-                chip, labels = window.chip, windows.read_mask(window.chip)
-                labels[~read_chip(windows.headers[chip], windows.bands, as_float=False)[1]] = self.ignore_index
+                chip, labels = window.chip, windows.labels(window.chip)
             part = labels[window.top : window.top + s, window.left : window.left + s]
             ids = np.unique(part[part != self.ignore_index])
             if any(0 <= k < len(self.class_names) and self.class_names[k] for k in ids):
