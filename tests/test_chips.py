@@ -231,7 +231,8 @@ def test_colour_coded_masks_read_as_their_classes(chips: Path, tmp_path: Path) -
     assert len(a) == len(b) > 0
     for i in range(len(a)):
         assert torch.equal(a[i]["mask"], b[i]["mask"])
-    assert coloured.num_classes == 3 and coloured.class_names == {0: "dark", 1: "middle", 2: "bright"}
+    assert coloured.num_classes == coloured.counted_num_classes() == 3
+    assert coloured.class_names == {0: "dark", 1: "middle", 2: "bright"}
     assert coloured.class_colors == PALETTE
     # ids from classes where given; the mapping's mistakes are named
     shuffled = module(tmp_path, mask_colors=hexes, classes={"bright": 0, "dark": 1, "middle": 2})
@@ -323,6 +324,9 @@ def test_counts_names_and_colours(chips: Path, caplog: pytest.LogCaptureFixture)
     masks = sorted(str(p) for p in (chips / "masks").iterdir())
     assert ChipSegmentationDataModule.count_classes(masks, progress=False) == 3
     assert ChipSegmentationDataModule.count_classes(masks, remap={2: 255}, progress=False) == 2
+    # declared where the config declares them, else counted: what segment fit gives a model without num_classes
+    assert module(chips, classes={"dark": 0, "bright": 4}).counted_num_classes(progress=False) == 5
+    assert module(chips, remap={2: 255}).counted_num_classes(progress=False) == 2
 
 
 def test_bad_chips_are_named(chips: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -570,7 +570,15 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
 
     @property
     def num_classes(self) -> int | None:
+        """The classes ``classes`` (or ``mask_colors``) declare, ``None`` where neither does."""
         return max(self.classes.values()) + 1 if self.classes else None
+
+    def counted_num_classes(self, *, progress: bool = True) -> int:
+        """:attr:`num_classes`, else counted in one pass over the masks (:meth:`count_classes`), before any setup."""
+        if self.num_classes is not None:
+            return self.num_classes
+        _, masks = self.paired_chips(self.images, self.masks, self.label_name_suffixes)
+        return self.count_classes(masks, ignore_index=self.ignore_index, remap=self.remap, progress=progress)
 
     @property
     def class_names(self) -> dict[int, str]:

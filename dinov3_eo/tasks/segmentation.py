@@ -978,16 +978,13 @@ def _segment_cli_class() -> type:
     return SegmentCLI
 
 
-def _classes_of_chips(data: Mapping[str, Any]) -> int:
-    """The number of classes of a ``ChipSegmentationDataModule`` config: its ``classes``, else one pass over its masks."""
+def _classes_of_chips(data: Any) -> int:
+    """The number of classes of a ``ChipSegmentationDataModule`` config (its init arguments): the module's own answer
+    (constructing it reads no file)."""
     from dinov3_eo.data.chips import ChipSegmentationDataModule
 
-    if data.get("classes"):
-        return max(data["classes"].values()) + 1
-    if data.get("mask_colors"):
-        return len(data["mask_colors"])
-    _, masks = ChipSegmentationDataModule.paired_chips(data["images"], data["masks"], data.get("label_name_suffixes") or ())
-    return ChipSegmentationDataModule.count_classes(masks, ignore_index=data.get("ignore_index", 255), remap=data.get("remap"))
+    arguments = data.as_dict() if hasattr(data, "as_dict") else dict(data)
+    return ChipSegmentationDataModule(**arguments).counted_num_classes()
 
 
 def fit_main(argv: Sequence[str]) -> int:
