@@ -432,6 +432,12 @@ def test_predicting_chips_refuses_what_needs_a_map(chips: Path, tmp_path: Path, 
     assert cli_main(["segment", "predict", chip, "--chips", "--polygons", "--model", str(checkpoint), "-o", str(tmp_path / "b")]) == 2
     assert "probabilities and polygons need a georeferenced scene" in capsys.readouterr().err
     assert not list((tmp_path / "a").iterdir()) and not list((tmp_path / "b").iterdir())
+    # a chip that fails inside the prediction (one band for a 3-band model) leaves no scratch file behind
+    grey = tmp_path / "grey.png"
+    Image.open(chip).convert("L").save(grey)
+    assert cli_main(["segment", "predict", str(grey), "--chips", "--model", str(checkpoint), "-o", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "gives 1 bands but the model was trained on 3" in capsys.readouterr().err
+    assert not list((tmp_path / "c").iterdir())
 
 
 def test_segment_fit_takes_a_torchgeo_datamodule(chips: Path, tmp_path: Path) -> None:

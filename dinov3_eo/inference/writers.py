@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -354,6 +355,19 @@ def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str]
     with atomic_output(dst, overwrite=overwrite) as tmp:
         image.save(tmp, format="PNG")
     return Path(dst)
+
+
+@contextmanager
+def class_map_as_png(dst: str | os.PathLike[str], *, colors: Sequence[Sequence[int]],
+                     overwrite: bool = False) -> Iterator[Path]:  # fmt: skip
+    """A scratch path for a one-band class GeoTIFF (what the streaming writers write) that becomes ``dst``, a palette
+    PNG of the same ids (:func:`write_class_png`), when the block ends without an error; the scratch is removed
+    either way. Image chips get their class maps so, as chip datasets ship their masks."""
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.stem}.") as tmp:
+        scratch = Path(tmp) / "classes.tif"
+        yield scratch
+        write_class_png(scratch, dst, colors=colors, overwrite=overwrite)
 
 
 def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -1077,9 +1077,9 @@ def query_main(argv: Sequence[str]) -> int:
     from dinov3_eo.data.raster import open_quietly
     from dinov3_eo.inference.writers import (
         check_overwrite,
+        class_map_as_png,
         default_colormap,
         vectorize_classes,
-        write_class_png,
         write_quicklook,
     )
 
@@ -1087,7 +1087,6 @@ def query_main(argv: Sequence[str]) -> int:
     out = Path(args.output)
     classes_path = out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
     png = None if (args.png or "").lower() == "none" else Path(args.png) if args.png else out.with_suffix(".png")
-    scratch = None
     try:
         if args.chips and args.polygons:
             raise ValueError("polygons need a georeferenced scene; an image chip (--chips) gets a PNG class map.")
@@ -1103,32 +1102,27 @@ def query_main(argv: Sequence[str]) -> int:
             engine.stretch_to(args.scene)
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)
         background = len(names) - 1 if args.background else None
-        if args.chips:  # the class map goes through a scratch GeoTIFF (the streaming writer's format) to the PNG
-            scratch = tempfile.TemporaryDirectory(dir=out.parent, prefix=".chip_")
-            classes_tif = write_class_map(out, Path(scratch.name) / "classes.tif", class_names=names,
-                                          threshold=args.threshold, background=background)  # fmt: skip
-            write_class_png(classes_tif, classes_path, colors=[c[:3] for c in default_colormap(len(names)).values()],
+        # a chip's class map is written as a scratch GeoTIFF, then becomes the PNG
+        colours = [c[:3] for c in default_colormap(len(names)).values()]
+        target = (class_map_as_png(classes_path, colors=colours, overwrite=args.overwrite) if args.chips
+                  else contextlib.nullcontext(classes_path))  # fmt: skip
+        with target as classes_tif:
+            write_class_map(out, classes_tif, class_names=names, threshold=args.threshold, background=background,
                             overwrite=args.overwrite)  # fmt: skip
-        else:
-            classes_tif = write_class_map(out, classes_path, class_names=names, threshold=args.threshold,
-                                          background=background, overwrite=args.overwrite)  # fmt: skip
-        written = [f"scores ({mode}): {out}", f"classes: {classes_path}"]
-        if args.polygons:
-            frame = vectorize_classes(classes_path, args.polygons, class_names=names, min_area=args.min_area,
-                                      simplify=args.simplify, overwrite=args.overwrite)  # fmt: skip
-            written.append(f"polygons ({len(frame)}): {args.polygons}")
-        if png is not None:
-            with open_quietly(args.scene) as src:
-                rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
-            write_quicklook(png, classes=classes_tif, image=args.scene, bands=rgb, class_names=names,
-                            title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
-            written.append(f"quick-look: {png}")
+            written = [f"scores ({mode}): {out}", f"classes: {classes_path}"]
+            if args.polygons:
+                frame = vectorize_classes(classes_path, args.polygons, class_names=names, min_area=args.min_area,
+                                          simplify=args.simplify, overwrite=args.overwrite)  # fmt: skip
+                written.append(f"polygons ({len(frame)}): {args.polygons}")
+            if png is not None:
+                with open_quietly(args.scene) as src:
+                    rgb = engine.meta.rgb_bands(args.bands or range(1, src.count + 1))
+                write_quicklook(png, classes=classes_tif, image=args.scene, bands=rgb, class_names=names,
+                                title=", ".join(names), nodata=args.nodata, overwrite=args.overwrite)  # fmt: skip
+                written.append(f"quick-look: {png}")
     except (FileExistsError, FileNotFoundError, ValueError, TypeError) as e:
         print(f"dinov3-eo query: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
     for line in written:
         print(line)
     return 0

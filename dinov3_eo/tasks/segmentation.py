@@ -772,10 +772,10 @@ def segment_scene(
         ValueError: if the input does not fit the checkpoint (see :func:`check_input`), or ``chip`` with
             probabilities or polygons.
     """
-    import tempfile
+    import contextlib
 
     from dinov3_eo.inference.predict import predict_raster
-    from dinov3_eo.inference.writers import check_overwrite, vectorize_classes, write_class_png, write_quicklook
+    from dinov3_eo.inference.writers import check_overwrite, class_map_as_png, vectorize_classes, write_quicklook
 
     if chip and (probabilities or polygons):
         raise ValueError("Image chips are segmented into a PNG class mask on their pixel grid; probabilities and "
@@ -785,37 +785,31 @@ def segment_scene(
         if path is not None:
             check_overwrite(path, overwrite, inputs=[src_path])
     meta = task.checkpoint_metadata()[CHECKPOINT_KEY]
-    # a chip's class map goes through a scratch GeoTIFF (the streaming writer's format) and then becomes the PNG
-    scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".chip_") if chip else None
-    classes = Path(scratch.name) / "classes.tif" if scratch is not None else outputs.classes
-    try:
-        with open_quietly(src_path) as src:
-            band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
-            check_input(task, src, band_indexes)
-            if not chip:
-                if not is_georeferenced(src):
-                    raise ValueError(f"{src.name} is not georeferenced (no CRS or no geotransform), so a class map "
-                                     "could not be placed on a map: for image chips pass --chips (a PNG class mask per "
-                                     "chip), else georeference it first (gdal_edit.py -a_srs ... -a_ullr ...).")
-                warn_on_another_scale(src, meta.get("gsd"))
-            nodata = nodata if nodata is not None else meta.get("nodata")
-            colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
-            predict_raster(
-                task.model, src, classes, out_channels=task.num_classes, window=window, overlap=overlap,
-                batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
-                output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
-                device=device, amp=amp, tta=tta, multiple=int(task.model.pad_multiple), progress=progress,
-                overwrite=overwrite, tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
-                require_georeference=not chip, overviews=not chip,
-            )  # fmt: skip
-            rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
-            write_quicklook(outputs.quicklook, classes=classes, image=src_path, bands=rgb, overwrite=overwrite,
-                            title=Path(src_path).name, nodata=nodata)  # fmt: skip
-            if scratch is not None:
-                write_class_png(classes, outputs.classes, colors=task.class_colors, overwrite=overwrite)
-    finally:
-        if scratch is not None:
-            scratch.cleanup()
+    # a chip's class map is written where the streaming writer writes (a GeoTIFF), then becomes the PNG
+    target = (class_map_as_png(outputs.classes, colors=task.class_colors, overwrite=overwrite) if chip
+              else contextlib.nullcontext(outputs.classes))  # fmt: skip
+    with target as classes, open_quietly(src_path) as src:
+        band_indexes = list(bands) if bands is not None else resolve_band_selection(src, meta.get("band_selection"))
+        check_input(task, src, band_indexes)
+        if not chip:
+            if not is_georeferenced(src):
+                raise ValueError(f"{src.name} is not georeferenced (no CRS or no geotransform), so a class map could "
+                                 "not be placed on a map: for image chips pass --chips (a PNG class mask per chip), "
+                                 "else georeference it first (gdal_edit.py -a_srs ... -a_ullr ...).")
+            warn_on_another_scale(src, meta.get("gsd"))
+        nodata = nodata if nodata is not None else meta.get("nodata")
+        colormap = {i: (*c, 255) for i, c in enumerate(task.class_colors)}
+        predict_raster(
+            task.model, src, classes, out_channels=task.num_classes, window=window, overlap=overlap,
+            batch_size=batch_size, bands=band_indexes, nodata=nodata, normalization=task.input_normalization(),
+            output="argmax", probabilities=outputs.probabilities, class_names=task.class_names, colormap=colormap,
+            device=device, amp=amp, tta=tta, multiple=int(task.model.pad_multiple), progress=progress,
+            overwrite=overwrite, tags={"model": "dinov3_eo segmentation", "head": task.hparams.head},
+            require_georeference=not chip, overviews=not chip,
+        )  # fmt: skip
+        rgb = list(preview_bands) if preview_bands is not None else (band_indexes[:3] if band_indexes is not None else [1, 2, 3])
+        write_quicklook(outputs.quicklook, classes=classes, image=src_path, bands=rgb, overwrite=overwrite,
+                        title=Path(src_path).name, nodata=nodata)  # fmt: skip
     if outputs.polygons is not None:
         vectorize_classes(outputs.classes, outputs.polygons, min_area=min_area, simplify=simplify, overwrite=overwrite)
     return outputs
