@@ -55,9 +55,8 @@ def random_dihedral(*tensors: Tensor, seed: int, step: int) -> tuple[Tensor, ...
     read back from a GPU (each image is sliced and moved on its own device).
     """
     gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
-    height, width = tensors[0].shape[-2:]
     batch = tensors[0].shape[0] if tensors[0].dim() >= 3 else 1
-    if height != width or batch == 1 or tensors[0].dim() < 3:
+    if batch == 1 or tensors[0].shape[-2] != tensors[0].shape[-1]:
         k = int(torch.randint(8, (1,), generator=gen))
         return tuple(dihedral(t, k) for t in tensors)
     ks = torch.randint(8, (batch,), generator=gen).tolist()
