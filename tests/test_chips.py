@@ -419,6 +419,11 @@ data:
         assert png.mode == "P" and np.array_equal(np.asarray(png), reference.read(1))
     assert png.getpalette()[:9] == [c for colour in PALETTE.values() for c in colour]
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["chip_3_classes.png", "chip_3_quicklook.png"]
+    # and scored against its mask: the class names travel in the PNG, every labelled pixel counts once
+    assert cli_main(["segment", "evaluate", str(tmp_path / "png"), str(chips / "masks"), "--chips", "--name-suffixes",
+                     "_mask", "--out-dir", str(tmp_path / "eval")]) == 0  # fmt: skip
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert scored["pixels"] == report["pixels"] and list(scored["classes"]) == ["class 0", "class 1", "class 2"]
 
 
 def test_predicting_chips_refuses_what_needs_a_map(chips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -535,3 +540,114 @@ def test_text_fit_on_chips_then_query_a_chip(chips: Path, tmp_path: Path, monkey
                        str(checkpoint), "-o", str(out), "--window", "64"]) == 0  # fmt: skip
     classes = np.asarray(Image.open(out.parent / "chip_classes.png"))
     assert classes.shape == (115, 125) and set(np.unique(classes)) <= {0, 1}
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+NAMES = ["dark", "middle", "bright"]
+
+
+def chip_class_maps(chips: Path, folder: Path) -> dict[str, np.ndarray]:
+    """``<chip>_classes.png`` for chips 1-3 as ``segment predict --chips`` writes them (a class GeoTIFF with its
+    ``class_names`` tag through ``write_class_png``): each chip's mask with a known block of wrong classes and the
+    nodata collar kept as 255; returns the ids written."""
+    from dinov3_eo.inference.writers import COGWriter, write_class_png
+
+    folder.mkdir(parents=True)
+    written = {}
+    for k in (1, 2, 3):
+        ids = read_chip_mask(str(chips / "masks" / f"chip_{k}_mask.png")).astype(np.uint8)
+        block = ids[10 : 10 + 20 * k, 30:70]
+        block[block != 255] = (block[block != 255] + k) % 3  # chip 3's block unchanged: (id + 3) % 3
+        scratch = folder / f"chip_{k}.tif"
+        with COGWriter(scratch, crs=None, transform=rasterio.Affine.identity(), width=125, height=115, count=1,
+                       dtype="uint8", nodata=255, class_names=NAMES) as out:  # fmt: skip
+            out.write(ids[None], rasterio.windows.Window(0, 0, 125, 115))
+        write_class_png(scratch, folder / f"chip_{k}_classes.png", colors=list(PALETTE.values()))
+        scratch.unlink()
+        written[f"chip_{k}"] = ids
+    return written
+
+
+def naive_confusion(pairs: list[tuple[np.ndarray, np.ndarray]], k: int, ignore: int = 255) -> np.ndarray:
+    counts = np.zeros((k, k), dtype=np.int64)
+    for mapped, truth in pairs:
+        for m, t in zip(mapped.ravel().tolist(), truth.ravel().tolist()):
+            if m < k and t != ignore:
+                counts[t, m] += 1
+    return counts
+
+
+def test_evaluate_chip_maps_against_their_masks(chips: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Chips' PNG class maps against their masks, paired by name: the confusion matrix equals a pixel loop's, the
+    class names come back from the PNG's text chunk, several maps add up to their sum, the report files are written;
+    colour-coded masks and ``remap`` read as the chip data module reads them."""
+    from dinov3_eo.data.raster import open_quietly, tagged_class_names
+    from dinov3_eo.tasks.segmentation_eval import evaluate_chip_maps
+
+    written = chip_class_maps(chips, tmp_path / "pred")
+    with open_quietly(tmp_path / "pred" / "chip_1_classes.png") as src:
+        assert tagged_class_names(src) == NAMES  # the text chunk round trip
+    truths = {name: read_chip_mask(str(chips / "masks" / f"{name}_mask.png")) for name in written}
+    expected = naive_confusion([(written[n], truths[n]) for n in written], 3)
+    assert expected.sum() < expected.trace() + 5000 and expected.sum() > expected.trace()  # some errors, not all
+
+    masks = str(chips / "masks")
+    (tmp_path / "pred" / "chip_9_classes.png").write_bytes((tmp_path / "pred" / "chip_1_classes.png").read_bytes())
+    with caplog.at_level("WARNING"):
+        report = evaluate_chip_maps(tmp_path / "pred", masks, name_suffixes=["_mask"], out_dir=tmp_path / "eval", progress=False)
+    assert "1 of 4 class maps have no mask of their name" in caplog.text
+    assert report["unpaired"] == [str(tmp_path / "pred" / "chip_9_classes.png")]
+    assert np.array_equal(report["confusion"], expected) and list(report["classes"]) == NAMES
+    assert report["overall_accuracy"] == pytest.approx(expected.trace() / expected.sum())
+    assert report["area"]["unit"] == "pixels" and report["pixels"] == expected.sum()
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion.csv", "confusion.png", "metrics.json", "per_map.csv"]
+    per_map = (tmp_path / "eval" / "per_map.csv").read_text().splitlines()
+    assert len(per_map) == 4 and per_map[3].endswith(",1.000000,1.000000")  # chip 3's map is its mask
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["confusion"] == expected.tolist()
+    one = evaluate_chip_maps(tmp_path / "pred" / "chip_2_classes.png", masks, name_suffixes=["_mask"],
+                             out_dir=tmp_path / "one", progress=False)  # fmt: skip
+    assert np.array_equal(one["confusion"], naive_confusion([(written["chip_2"], truths["chip_2"])], 3))
+    assert (tmp_path / "one" / "agreement.png").exists()
+
+    # colour-coded masks with mask_colors give the same matrix; remap drops a class from the reference
+    (tmp_path / "colour").mkdir()
+    lut = np.full((256, 3), 255, np.uint8)
+    for i, colour in PALETTE.items():
+        lut[i] = colour
+    for name in written:
+        Image.fromarray(lut[truths[name]]).save(tmp_path / "colour" / f"{name}_mask.png")
+    hexes = {name: "#%02x%02x%02x" % PALETTE[i] for i, name in enumerate(NAMES)}
+    coloured = evaluate_chip_maps(tmp_path / "pred", tmp_path / "colour", name_suffixes=["_mask"], mask_colors=hexes, progress=False)
+    assert np.array_equal(coloured["confusion"], expected)
+    dropped = evaluate_chip_maps(tmp_path / "pred", masks, name_suffixes=["_mask"], remap={2: 255}, progress=False)
+    assert np.array_equal(dropped["confusion"][:2], expected[:2]) and not np.any(dropped["confusion"][2])
+
+
+def test_evaluate_chips_from_the_command_line(chips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``segment evaluate --chips`` prints the table and writes the report; what cannot be scored is one sentence."""
+    chip_class_maps(chips, tmp_path / "pred")
+    run = lambda *extra: cli_main(["segment", "evaluate", str(tmp_path / "pred"), str(chips / "masks"), "--chips",  # noqa: E731
+                                   "--name-suffixes", "_mask", *extra])  # fmt: skip
+    assert run("--out-dir", str(tmp_path / "eval")) == 0
+    out = capsys.readouterr().out
+    assert "middle" in out and "overall accuracy" in out and "per_map.csv" in out
+    assert run("--out-dir", str(tmp_path / "eval")) == 2  # the report exists
+    assert "already exists" in capsys.readouterr().err
+    assert run("--classes", '{"a": 0}') == 2
+    assert "--classes is for GeoTIFF maps" in capsys.readouterr().err
+    assert run("--ignore-index", "7") == 2  # then 255 is an id the maps lack
+    err = capsys.readouterr().err
+    assert "holds class ids [255] that the map does not have" in err and "--ignore-index" in err
+    # a mask of another size; a map without class names
+    (tmp_path / "small").mkdir()
+    palette_png(np.zeros((50, 60), np.uint8), tmp_path / "small" / "chip_1_mask.png")
+    assert cli_main(["segment", "evaluate", str(tmp_path / "pred" / "chip_1_classes.png"), str(tmp_path / "small"),
+                     "--chips", "--name-suffixes", "_mask"]) == 2  # fmt: skip
+    assert "chip_1_classes.png is 125x115 px but its mask" in capsys.readouterr().err
+    palette_png(np.zeros((115, 125), np.uint8), tmp_path / "plain_classes.png")
+    (tmp_path / "m").mkdir()
+    palette_png(np.zeros((115, 125), np.uint8), tmp_path / "m" / "plain.png")
+    assert cli_main(["segment", "evaluate", str(tmp_path / "plain_classes.png"), str(tmp_path / "m"), "--chips"]) == 2
+    assert "does not name its classes" in capsys.readouterr().err
+    assert cli_main(["segment", "evaluate", str(tmp_path / "plain_classes.png"), str(tmp_path / "m"), "--chips",
+                     "--class-names", "a", "b"]) == 0  # fmt: skip

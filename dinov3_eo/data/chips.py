@@ -157,6 +157,17 @@ def read_chip_mask(path: str, colors: Mapping[tuple[int, int, int], int] | None 
     return values.astype(np.int64)
 
 
+def remap_ids(mask: np.ndarray, remap: Mapping[int, int] | None) -> np.ndarray:
+    """``mask`` with each id ``remap`` names replaced by its target (all at once: ``{1: 2, 2: 1}`` swaps), the others
+    kept; ``mask`` itself when there is nothing to remap."""
+    if not remap:
+        return mask
+    out = mask.copy()
+    for value, target in remap.items():
+        out[mask == value] = target
+    return out
+
+
 def chip_mask_legend(path: str) -> dict[int, tuple[int, int, int]]:
     """Class id -> RGB from a mask's colour table (a palette PNG), ``{}`` without one."""
     with open_quietly(path) as src:
@@ -232,12 +243,7 @@ class ChipWindowDataset(Dataset):
         if mask.shape != (header.height, header.width):
             raise ValueError(f"Mask {self.masks[chip]} is {mask.shape[1]}x{mask.shape[0]} px but its image "
                              f"{header.path} is {header.width}x{header.height} px.")
-        if self.remap:
-            out = mask.copy()
-            for value, target in self.remap.items():
-                out[mask == value] = target
-            mask = out
-        return mask
+        return remap_ids(mask, self.remap)
 
     def _decoded(self, chip: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Chip ``chip``'s pixels (file data type), validity and mask, from the cache when it holds them."""
@@ -637,4 +643,5 @@ __all__ = [
     "read_chip",
     "read_chip_header",
     "read_chip_mask",
+    "remap_ids",
 ]

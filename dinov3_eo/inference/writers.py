@@ -335,15 +335,21 @@ def write_cog(
 def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                     colors: Sequence[Sequence[int]], overwrite: bool = False) -> Path:  # fmt: skip
     """A one-band class raster as a palette PNG of the same ids (``colors[i]`` for class ``i``, black for the rest),
-    written atomically; more than 256 ids are written as a 16-bit greyscale PNG without palette.
+    written atomically; more than 256 ids are written as a 16-bit greyscale PNG without palette. The raster's
+    ``class_names`` tag goes along as a PNG text chunk of that name, which GDAL reads back as the PNG's tag (so
+    ``segment evaluate --chips`` names the classes as for a GeoTIFF).
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
     """
-    from PIL import Image
+    from PIL import Image, PngImagePlugin
 
     with open_quietly(classes) as src:
         ids = src.read(1)
+        names = tagged_class_names(src)
+    text = PngImagePlugin.PngInfo()
+    if names is not None:
+        text.add_text("class_names", json.dumps(names))
     if ids.dtype == np.uint8:
         image = Image.fromarray(ids, mode="P")
         palette = [0] * 768
@@ -353,7 +359,7 @@ def write_class_png(classes: str | os.PathLike[str], dst: str | os.PathLike[str]
     else:
         image = Image.fromarray(ids.astype(np.uint16))
     with atomic_output(dst, overwrite=overwrite) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format="PNG", pnginfo=text)
     return Path(dst)
 
 

@@ -11,6 +11,7 @@ _EXPORTS: dict[str, str] = {
     "SegmentationTask": "dinov3_eo.tasks.segmentation",
     "segment_scene": "dinov3_eo.tasks.segmentation",
     "evaluate_class_raster": "dinov3_eo.tasks.segmentation_eval",
+    "evaluate_chip_maps": "dinov3_eo.tasks.segmentation_eval",
     # change between two dates
     "detect_change": "dinov3_eo.tasks.change",
     "detect_change_series": "dinov3_eo.tasks.change",

@@ -12,6 +12,8 @@ map's own class areas as strata weights, the error-adjusted class areas with con
 ``confusion.csv``, ``confusion.png`` (row-normalised, with counts) and ``agreement.png`` (where map and reference
 agree, disagree, or cannot be compared). Several maps (a test split's, one per image) are evaluated together, into
 one confusion matrix, against masks matched by georeference or by name, with ``per_map.csv`` instead of the picture.
+Image chips without a georeference (``segment predict --chips``' ``*_classes.png``) are scored against their masks
+(:func:`evaluate_chip_maps`, ``--chips``): paired by name, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from rasterio.windows import Window
 
 from dinov3_eo.data.datasets import GDAL_CACHE_MB
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
-from dinov3_eo.data.raster import pixel_area_ha, require_georeferenced, tagged_class_names
+from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
 
 GDAL_CACHE_BYTES = GDAL_CACHE_MB * 2**20  # the block cache of every streamed read
@@ -363,32 +365,155 @@ def evaluate_class_raster(
             with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), rasterio.open(preds[0]) as src:
                 _agreement_of(src, preds[0], ref, folder / "agreement.png", picture_size)
         else:
-            rows = ["prediction,pixels,overall_accuracy,miou"]
-            rows += [f"{m['prediction']},{m['pixels']},{m['overall_accuracy']:.6f},{m['miou']:.6f}" for m in maps]
-            with atomic_output(folder / "per_map.csv", overwrite=True) as tmp:
-                tmp.write_text("\n".join(rows) + "\n")
+            _write_per_map(folder, maps)
     return report
 
 
-def _class_maps(pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
-    """The class maps ``pred`` names (:func:`~dinov3_eo.data.index.expand_sources`); from a folder that holds
-    ``segment predict``'s outputs, its ``*_classes.tif`` alone (not the probabilities beside them)."""
+def evaluate_chip_maps(
+    pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    masks: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    class_names: Sequence[str] | None = None,
+    mask_colors: Mapping[str, Any] | None = None,
+    remap: Mapping[int, int] | None = None,
+    ignore_index: int = 255,
+    name_suffixes: Sequence[str] = (),
+    picture_size: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Confusion matrix and accuracy of class maps of image chips (``segment predict --chips``' ``*_classes.png``,
+    or any one-band id images) against the chips' masks, each map with the mask of its own name, pixel for pixel:
+    chips carry no georeference, so the map and its mask must have the same size.
+
+    Args:
+        pred: class maps: files, folders (recursive; from a folder of ``segment predict --chips`` outputs its
+            ``*_classes.png`` alone) or globs. Ids outside ``0..K-1`` (255: no data) are left out. Their
+            ``class_names`` text chunk (which ``segment predict --chips`` writes) names the classes unless
+            ``class_names`` is given.
+        masks: the chips' masks (folders searched recursively, globs, files), read as ``ChipSegmentationDataModule``
+            reads them: class ids (a palette PNG's indices), or colours with ``mask_colors``; ``remap`` applied;
+            ``ignore_index`` (and any colour ``mask_colors`` lacks) unlabelled.
+        mask_colors: class name -> colour of colour-coded masks (names of the map's classes).
+        name_suffixes: suffixes dropped from map and mask stems before they are compared (``_classes`` always is):
+            ``["_mask"]`` pairs ``x_classes.png`` with ``x_mask.png``.
+        out_dir, picture_size, overwrite: as :func:`evaluate_class_raster` (``agreement.png`` for one map,
+            ``per_map.csv`` for several).
+
+    Returns:
+        :func:`evaluate_class_raster`'s report, with areas in pixels (the chips being the whole map), plus
+        ``"unpaired"``: the maps without a mask of their name, which are left out (with a warning).
+
+    Raises:
+        FileNotFoundError: no map, or no map with a mask. FileExistsError: a report file exists without
+        ``overwrite``. ValueError: a map and its mask differ in size, the maps name different classes or none, or
+        a mask holds an id the maps do not have.
+    """
+    import logging
+
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.chips import ChipSegmentationDataModule, pair_chip_masks, read_chip_mask, remap_ids
+
+    preds = _class_maps(pred, extension=".png")
+    several = len(preds) > 1
+    if out_dir is not None and Path(out_dir).is_dir():
+        for name in REPORT_FILES:
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=preds)
+    found = pair_chip_masks(preds, masks, [PREDICTED_SUFFIX, *name_suffixes])
+    unpaired = [p for p, m in zip(preds, found) if m is None]
+    if len(unpaired) == len(preds):
+        raise FileNotFoundError(f"No class map of {str(preds[0])!r}{' ...' if several else ''} has a mask of its name in "
+                                f"{masks!s}; masks pair by file name, less _classes and --name-suffixes.")  # fmt: skip
+    if unpaired:
+        logging.getLogger(__name__).warning("%d of %d class maps have no mask of their name and are left out (first: %s).",
+                                            len(unpaired), len(preds), unpaired[0])  # fmt: skip
+    remap = {int(k): int(v) for k, v in (remap or {}).items()}
+    given, names, colours = class_names, None, None
+    confusion = map_pixels = None
+    maps: list[dict[str, Any]] = []
+    last: tuple[np.ndarray, np.ndarray] | None = None
+    pairs = [(p, m) for p, m in zip(preds, found) if m is not None]
+    for path, mask in tqdm(pairs, desc="class maps", unit="map", disable=not progress or len(pairs) < 2):
+        with open_quietly(path) as src:  # a PNG has no georeference, and needs none here
+            these = _map_classes(src, path, given, require_georeference=False)
+            mapped = src.read(1).astype(np.int64)
+        if names is None:
+            names, k = these, len(these)
+            colours = ChipSegmentationDataModule.colour_table(mask_colors, {n: i for i, n in enumerate(names)})
+            confusion, map_pixels = np.zeros((k, k), dtype=np.int64), np.zeros(k, dtype=np.int64)
+        elif these != names:
+            raise ValueError(f"The class maps name different classes ({names} in {str(pairs[0][0])!r}, {these} in "
+                             f"{str(path)!r}); evaluate maps of the same classes together.")  # fmt: skip
+        truth = remap_ids(read_chip_mask(mask, colours, ignore_index), remap)
+        if truth.shape != mapped.shape:
+            raise ValueError(f"Class map {path} is {mapped.shape[1]}x{mapped.shape[0]} px but its mask {mask} is "
+                             f"{truth.shape[1]}x{truth.shape[0]} px; a chip's map and mask share its pixel grid.")
+        truth[truth == ignore_index] = -1
+        _check_reference_ids(truth, k, mask, "is its unlabelled id --ignore-index, or should --remap map them?")
+        counts = confusion_matrix(mapped, truth, k)
+        confusion += counts
+        map_pixels += np.bincount(mapped[(mapped >= 0) & (mapped < k)], minlength=k)[:k]
+        per_map = accuracy_report(counts)
+        maps.append({"prediction": str(path), "pixels": per_map["pixels"],
+                     "overall_accuracy": per_map["overall_accuracy"], "miou": per_map["miou"]})  # fmt: skip
+        last = (mapped, truth)
+    if confusion.sum() == 0:
+        raise ValueError(f"No pixel of the {len(pairs)} class maps has both a class and a label in its mask: are the "
+                         f"masks' unlabelled id ({ignore_index}) and remap right?")  # fmt: skip
+    report = accuracy_report(confusion, names)
+    report["area"] = area_estimates(confusion, map_pixels, class_names=names)
+    report["area"]["unit"] = "pixels"
+    report.update(confusion=confusion.tolist(), prediction=[str(p) for p, _ in pairs] if several else str(pairs[0][0]),
+                  reference=[str(m) for _, m in pairs] if several else str(pairs[0][1]), unpaired=unpaired)  # fmt: skip
+    if several:
+        report["maps"] = maps
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_accuracy_report(folder, report, confusion, names)
+        if several:
+            _write_per_map(folder, maps)
+        else:
+            step = max(1, -(-max(last[0].shape) // picture_size))  # every step-th pixel: a picture, not a count
+            agreement_plot(folder / "agreement.png", last[0][::step, ::step], last[1][::step, ::step],
+                           title=Path(pairs[0][0]).name)  # fmt: skip
+    return report
+
+
+def _write_per_map(folder: Path, maps: Sequence[Mapping[str, Any]]) -> None:
+    rows = ["prediction,pixels,overall_accuracy,miou"]
+    rows += [f"{m['prediction']},{m['pixels']},{m['overall_accuracy']:.6f},{m['miou']:.6f}" for m in maps]
+    with atomic_output(folder / "per_map.csv", overwrite=True) as tmp:
+        tmp.write_text("\n".join(rows) + "\n")
+
+
+def _class_maps(pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                extension: str = ".tif") -> list[str]:  # fmt: skip
+    """The class maps ``pred`` names (:func:`~dinov3_eo.data.index.expand_sources`; image chips with
+    ``extension=".png"``: :func:`~dinov3_eo.data.datasets.expand_chips`); from a folder that holds ``segment
+    predict``'s outputs, its ``*_classes<extension>`` alone (not the probabilities or quick-looks beside them)."""
+    from dinov3_eo.data.datasets import expand_chips
     from dinov3_eo.data.index import expand_sources
 
+    expand = expand_chips if extension == ".png" else expand_sources
     sources = [pred] if isinstance(pred, (str, os.PathLike)) else list(pred)
     maps: dict[str, None] = {}  # ordered, without repeats
     for source in sources:
-        found = [os.fspath(source)] if Path(source).is_file() else expand_sources(source)
+        found = [os.fspath(source)] if Path(source).is_file() else expand(source)
         if Path(source).is_dir():
-            predicted = [path for path in found if path.endswith(f"{PREDICTED_SUFFIX}.tif")]
+            predicted = [path for path in found if path.endswith(f"{PREDICTED_SUFFIX}{extension}")]
             found = predicted or found
         maps.update(dict.fromkeys(found))
     return list(maps)
 
 
-def _map_classes(src: Any, path: Any, class_names: Sequence[str] | None) -> list[str]:
+def _map_classes(src: Any, path: Any, class_names: Sequence[str] | None, *,
+                 require_georeference: bool = True) -> list[str]:  # fmt: skip
     """The class names of the class map ``src`` (``class_names`` where given), after checking it is one."""
-    require_georeferenced(src)
+    if require_georeference:
+        require_georeferenced(src)
     if src.count != 1 or not np.issubdtype(np.dtype(src.dtypes[0]), np.integer):
         raise ValueError(f"{str(path)!r} is not a class map: expected one integer band, got {src.count} band(s) of "
                          f"{src.dtypes[0]}.")  # fmt: skip
@@ -432,11 +557,12 @@ def _agreement_of(src: Any, path: Any, ref: _Reference, dst: Path, picture_size:
     agreement_plot(dst, mapped, truth, title=Path(path).name)
 
 
-def _check_reference_ids(truth: np.ndarray, k: int, reference: Any) -> None:
+def _check_reference_ids(truth: np.ndarray, k: int, reference: Any,
+                         hint: str = "is its nodata declared (--reference-nodata)?") -> None:  # fmt: skip
     bad = np.unique(truth[truth >= k])
     if bad.size:
         raise ValueError(f"Reference {str(reference)!r} holds class ids {bad[:10].tolist()} that the map does not have "
-                         f"(its classes are 0..{k - 1}); is its nodata declared (--reference-nodata)?")  # fmt: skip
+                         f"(its classes are 0..{k - 1}); {hint}")  # fmt: skip
 
 
 def write_accuracy_report(folder: Path, report: Mapping[str, Any], confusion: np.ndarray, names: Sequence[str], *,
@@ -526,7 +652,8 @@ def agreement_plot(
 
 
 def evaluate_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo segment evaluate CLASSES.tif [MORE.tif ...] REFERENCE [--out-dir eval/]``; returns the exit code."""
+    """``dinov3-eo segment evaluate CLASSES.tif [MORE.tif ...] REFERENCE [--out-dir eval/]`` (``--chips``: chips'
+    PNG class maps against their masks); returns the exit code."""
     from dinov3_eo.cli import EXIT_BAD_INPUT
 
     prog = "dinov3-eo segment evaluate"
@@ -556,17 +683,43 @@ def evaluate_main(argv: Sequence[str]) -> int:
                         "its own name (<scene>_classes.tif with <scene>.tif; masks of several dates over one place, or "
                         "without a georeference)")  # fmt: skip
     parser.add_argument("--name-suffixes", nargs="+", default=[],
-                        help="with --pairing name, more suffixes dropped from map and mask names before they are "
-                        "compared (e.g. _label)")  # fmt: skip
+                        help="with --pairing name or --chips, more suffixes dropped from map and mask names before "
+                        "they are compared (e.g. _label, _mask)")  # fmt: skip
+    chips = parser.add_argument_group(
+        "image chips", "class maps of chips without a georeference ('segment predict --chips' writes "
+        "<chip>_classes.png) against the chips' masks, each map with the mask of its name, pixel for pixel")
+    chips.add_argument("--chips", action="store_true", help="the maps are chips' class maps (PNG or any one-band "
+                       "image); REFERENCE is their masks (folders, quoted globs)")  # fmt: skip
+    chips.add_argument("--mask-colors", type=json.loads, default=None,
+                       help='with --chips, colour-coded masks: JSON class name -> colour, e.g. \'{"water": "#0000ff", '
+                       '"building": [255, 0, 0]}\' (other colours unlabelled)')  # fmt: skip
+    chips.add_argument("--remap", type=json.loads, default=None,
+                       help="with --chips, JSON mask id -> class id applied to the masks, e.g. '{\"5\": 255}'")
+    chips.add_argument("--ignore-index", type=int, default=255, help="with --chips, the masks' unlabelled id (255)")
     parser.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = parser.parse_args(list(argv))
+    prediction = args.prediction[0] if len(args.prediction) == 1 else args.prediction
     try:
-        report = evaluate_class_raster(
-            args.prediction[0] if len(args.prediction) == 1 else args.prediction, args.reference,
-            out_dir=args.out_dir, class_names=args.class_names, attribute=args.attribute, classes=args.classes,
-            reference_nodata=args.reference_nodata, background=args.background, pairing=args.pairing,
-            name_suffixes=args.name_suffixes, overwrite=args.overwrite,
-        )  # fmt: skip
+        if args.chips:
+            vector = [flag for flag, given in (("--classes", args.classes), ("--background", args.background),
+                                               ("--reference-nodata", args.reference_nodata)) if given is not None]
+            if vector or args.pairing != "georeference":
+                raise ValueError(f"{', '.join(vector) or '--pairing'} is for GeoTIFF maps; with --chips the masks are "
+                                 "paired by name, with --ignore-index, --remap and --mask-colors.")  # fmt: skip
+            report = evaluate_chip_maps(
+                prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
+                mask_colors=args.mask_colors, remap=args.remap, ignore_index=args.ignore_index,
+                name_suffixes=args.name_suffixes, overwrite=args.overwrite,
+            )  # fmt: skip
+        else:
+            if args.mask_colors is not None or args.remap is not None:
+                raise ValueError("--mask-colors and --remap read chips' masks: add --chips for class maps of chips.")
+            report = evaluate_class_raster(
+                prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
+                attribute=args.attribute, classes=args.classes, reference_nodata=args.reference_nodata,
+                background=args.background, pairing=args.pairing, name_suffixes=args.name_suffixes,
+                overwrite=args.overwrite,
+            )  # fmt: skip
     except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
         print(f"{prog}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return EXIT_BAD_INPUT
