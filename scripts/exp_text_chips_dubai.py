@@ -4,7 +4,8 @@ Evaluation only: ``../shared/data/dubai_seg`` (licence unconfirmed) is read in p
 what a user would: ``dinov3-eo text fit --config configs/text/dubai_chips_cpu.yaml`` (chips and masks of tiles 1-4
 paired by name, tile 4 validating), then ``dinov3-eo query CHIP.jpg building land road vegetation water --chips``
 on every tile-5 JPEG, and scores the PNG class maps against the tile-5 masks: per-class IoU and mIoU over the five
-classes (mask value 5, "unlabelled", left out), against chance (a uniformly random class per pixel).
+classes (mask value 5, "unlabelled", left out), against chance (a uniformly random class per pixel); then scores them
+again with ``dinov3-eo segment evaluate --chips`` and checks its confusion matrix equals this script's count.
 
     python scripts/exp_text_chips_dubai.py [--data ../shared/data/dubai_seg] [--epochs 8] [--work runs/exp_text_chips]
 """
@@ -26,8 +27,8 @@ CLASSES = ["building", "land", "road", "vegetation", "water"]
 
 
 def confusion(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
-    keep = truth < k
-    return np.bincount(truth[keep] * k + pred[keep].clip(0, k), minlength=k * (k + 1))[: k * k].reshape(k, k)
+    keep = (truth < k) & (pred < k)  # (a pixel without data, 255, has no class)
+    return np.bincount(truth[keep] * k + pred[keep], minlength=k * k).reshape(k, k)
 
 
 def ious(matrix: np.ndarray) -> list[float]:
@@ -64,9 +65,17 @@ def main() -> None:
         total += confusion(pred, truth, k)
         chance += confusion(rng.integers(0, k, truth.shape), truth, k)
     query_s = time.perf_counter() - start
+    # the same score from the command line: the PNG maps against the masks, value 5 ("unlabelled") left out
+    start = time.perf_counter()
+    assert cli_main(["segment", "evaluate", str(work / "query"), str(data / "tile5" / "masks"), "--chips",
+                     "--remap", '{"5": 255}', "--out-dir", str(work / "eval"), "--overwrite"]) == 0  # fmt: skip
+    evaluate_s = time.perf_counter() - start
+    scored = json.loads((work / "eval" / "metrics.json").read_text())
+    assert scored["confusion"] == total.tolist(), "segment evaluate --chips disagrees with this script's count"
     per_class = dict(zip(CLASSES, (round(v, 4) for v in ious(total))))
     result = {"checkpoint": str(checkpoint), "fit_s": round(fit_s, 1), "query_s": round(query_s, 1),
-              "miou": round(float(np.nanmean(ious(total))), 4), "iou": per_class,
+              "evaluate_s": round(evaluate_s, 1), "miou": round(float(np.nanmean(ious(total))), 4),
+              "evaluate_miou": round(scored["miou"], 4), "iou": per_class,
               "chance_miou": round(float(np.nanmean(ious(chance))), 4), "pixels": int(total.sum())}  # fmt: skip
     print(json.dumps(result, indent=1))
 
