@@ -23,6 +23,10 @@ _EXPORTS: dict[str, str] = {
     "stream_patch_features": "dinov3_eo.tasks.features",
     "write_features": "dinov3_eo.tasks.features",
     "write_pca": "dinov3_eo.tasks.features",
+    # one embedding per image chip
+    "embed_chips": "dinov3_eo.tasks.chip_embeddings",
+    "read_chip_embeddings": "dinov3_eo.tasks.chip_embeddings",
+    "write_chip_embeddings": "dinov3_eo.tasks.chip_embeddings",
 }
 
 

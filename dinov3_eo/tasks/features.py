@@ -436,13 +436,15 @@ def _common_parser(prog: str, description: str, output_help: str) -> argparse.Ar
     return parser
 
 
-def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
-    with open_quietly(args.input) as src:
+def _prepare(args: argparse.Namespace, source: str | None = None) -> tuple[nn.Module, Normalization | None, str]:
+    """The backbone, its input normalisation and device for ``args``, checked against the bands of ``source``
+    (default: ``args.input``)."""
+    with open_quietly(source or args.input) as src:
         count = len(args.bands) if args.bands else src.count
     backbone = resolve_backbone(args.model, in_chans=None)
     in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
     if count != in_chans:
-        raise ValueError(f"{args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
+        raise ValueError(f"{source or args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return backbone.to(device), input_normalization(getattr(backbone, "meta", None), args.normalization), device
 
@@ -458,18 +460,51 @@ def _run_cli(prog: str, body: Callable[[], Path]) -> int:
 
 
 def embed_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``."""
+    """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``, or ``embed CHIPS --chips -o
+    embeddings.parquet|.npz`` (one row per chip)."""
+    from dinov3_eo.tasks.chip_embeddings import EMBEDDING_SUFFIXES
+
     parser = _common_parser(
         "dinov3-eo embed",
         "Patch features of a GeoTIFF as a georeferenced multi-band float raster at patch resolution "
-        "(transform = input transform scaled by the patch size).",
-        "output .tif (float32 COG, one band per channel) or .zarr (needs zarr)",
+        "(transform = input transform scaled by the patch size); with --chips, one embedding per image chip "
+        "(CLS token and mean patch token) as a Parquet or npz table.",
+        "output .tif (float32 COG, one band per channel) or .zarr (needs zarr); with --chips .parquet or .npz",
     )
     parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
                         help="also draw the features' first 3 principal components into OUTPUT_pca.png (default: on)")
+    chips = parser.add_argument_group("image chips", "one row per chip: path, height, width, cls, patch_mean")
+    chips.add_argument("--chips", action="store_true", help="INPUT is image chips (a folder, a quoted glob or a file; "
+                       "JPEG/PNG/TIFF, georeferenced or not): write their embeddings as a table")  # fmt: skip
+    chips.add_argument("--size", type=int, default=224, help="with --chips, resize each chip to SIZE x SIZE px "
+                       "(default 224); 0 keeps each chip's own size, rounded to the patch size")  # fmt: skip
     args = parser.parse_args(list(argv))
 
+    def chip_table() -> Path:
+        from dinov3_eo.data.datasets import expand_chips
+        from dinov3_eo.tasks.chip_embeddings import embed_chips, write_chip_embeddings
+
+        if Path(args.output).suffix.lower() not in EMBEDDING_SUFFIXES:
+            raise ValueError(f"With --chips the output is a table ({' or '.join(EMBEDDING_SUFFIXES)}), not "
+                             f"{args.output!r}.")  # fmt: skip
+        if args.nodata is not None:
+            raise ValueError("--nodata is for GeoTIFFs; a chip's pixels without data are its alpha band's or its "
+                             "file's nodata.")  # fmt: skip
+        if args.size < 0:
+            raise ValueError(f"--size must be 0 (each chip's own size) or a side in pixels, not {args.size}.")
+        check_overwrite(args.output, args.overwrite)
+        paths = expand_chips(args.input)
+        backbone, norm, device = _prepare(args, source=paths[0])
+        embeddings = embed_chips(backbone, paths, normalization=norm, bands=args.bands, size=args.size or None,
+                                 batch_size=args.batch_size, device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        return write_chip_embeddings(embeddings, args.output, overwrite=args.overwrite)
+
     def body() -> Path:
+        if args.chips:
+            return chip_table()
+        if Path(args.output).suffix.lower() in EMBEDDING_SUFFIXES:
+            raise ValueError(f"{args.output!r} is a table of one embedding per image chip: add --chips (a GeoTIFF's "
+                             "features are written as .tif or .zarr).")  # fmt: skip
         check_overwrite(args.output, args.overwrite, inputs=[args.input])
         output = Path(args.output)
         quicklook = output.with_name(f"{output.stem}_pca.png") if args.quicklook else None

@@ -1,0 +1,253 @@
+"""One embedding per image chip, as a table: the backbone's CLS token and the mean of its patch tokens.
+
+A chip dataset (EuroSAT-style folders, exports of a labelling tool, a benchmark's JPEGs) is searched, clustered and
+probed by chip, not by pixel: ``dinov3-eo embed "chips/*.jpg" --chips --model BACKBONE -o embeddings.parquet`` writes
+one row per chip (``path``, ``height``, ``width``, ``cls``, ``patch_mean``), ready for a k-NN, a linear probe or a
+similarity search in pandas or numpy. DINOv3's own linear probes read the normed CLS token, and its dino.txt image
+embedding is the CLS token next to the mean of the patch tokens; both are kept. Chips are read with rasterio (any band
+count, alpha and nodata respected), normalised as the backbone was trained, and resized to ``size`` x ``size``
+(224 by default: a 64-px EuroSAT chip would otherwise be 4 x 4 patches) or kept at their own size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dinov3_eo.data.chips import ChipHeader, read_chip, read_chip_header
+from dinov3_eo.data.datasets import expand_chips
+from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.writers import atomic_output, check_overwrite
+
+log = logging.getLogger(__name__)
+
+#: the table formats :func:`write_chip_embeddings` writes
+EMBEDDING_SUFFIXES = (".parquet", ".npz")
+
+
+@dataclass
+class ChipEmbeddings:
+    """Embeddings of ``N`` chips, row ``i`` being ``paths[i]``'s.
+
+    Attributes:
+        paths: the chips.
+        cls: ``[N, D]`` float32 normed CLS tokens.
+        patch_mean: ``[N, D]`` float32 means of the normed patch tokens over the patches that saw data (a row of NaN
+            for a chip without any).
+        sizes: ``[N, 2]`` int (height, width) of each chip as read, before any resize.
+        metadata: how they were made (backbone, size, normalisation, bands).
+    """
+
+    paths: list[str]
+    cls: np.ndarray
+    patch_mean: np.ndarray
+    sizes: np.ndarray
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def model_input_size(height: int, width: int, patch_size: int, size: int | None) -> tuple[int, int]:
+    """The side lengths a chip is fed at: ``size`` x ``size``, or (``size`` = ``None``) its own rounded to the nearest
+    multiple of the patch size (at least one patch)."""
+    if size is not None:
+        return size, size
+    return tuple(max(patch_size, round(side / patch_size) * patch_size) for side in (height, width))  # type: ignore[return-value]
+
+
+def chip_model_input(header: ChipHeader, *, patch_size: int, normalization: Normalization | None,
+                     bands: Sequence[int] | None = None, size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A chip as the backbone reads it: normalised, no-data pixels 0, resized (bilinear, antialiased) to
+    :func:`model_input_size`.
+
+    Returns:
+        ``(image [C, H', W'] float32, patch_valid [H'/p, W'/p] bool)``: a patch is valid where any of its pixels
+        holds data (validity resized nearest).
+    """
+    pixels, valid = read_chip(header, bands)
+    image = torch.from_numpy(pixels)
+    if normalization is not None:
+        image = normalization(image)
+    mask = torch.from_numpy(valid)
+    image = torch.nan_to_num(image).masked_fill_(~mask, 0.0)
+    target = model_input_size(header.height, header.width, patch_size, size)
+    if tuple(image.shape[1:]) != target:
+        image = F.interpolate(image[None], size=target, mode="bilinear", align_corners=False, antialias=True)[0]
+        mask = F.interpolate(mask[None, None].float(), size=target, mode="nearest")[0, 0] > 0.5
+    h, w = target[0] // patch_size, target[1] // patch_size
+    return image, mask.reshape(h, patch_size, w, patch_size).any(dim=3).any(dim=1)
+
+
+def _batches(headers: Sequence[ChipHeader], patch_size: int, size: int | None, batch_size: int) -> Iterator[list[int]]:
+    """Indices of consecutive chips fed at one size, at most ``batch_size`` together (so they stack)."""
+    batch: list[int] = []
+    for i, header in enumerate(headers):
+        shape = model_input_size(header.height, header.width, patch_size, size)
+        if batch and (len(batch) == batch_size or shape != model_input_size(headers[batch[0]].height,
+                                                                          headers[batch[0]].width, patch_size, size)):
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def embed_chips(
+    backbone: nn.Module,
+    chips: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    size: int | None = 224,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> ChipEmbeddings:
+    """The CLS token and mean patch token of every chip (:func:`chip_model_input`, then ``forward_features``).
+
+    Args:
+        backbone: a ViT with ``forward_features`` (``x_norm_clstoken``, ``x_norm_patchtokens``) and ``patch_size``.
+        chips: files, folders (recursive) or globs of JPEG/PNG/TIFF chips, georeferenced or not.
+        normalization: applied to the raw values (``None``: fed as read).
+        bands: 1-based bands fed to the backbone (default: all).
+        size: chips are resized to ``size`` x ``size``; ``None`` keeps each at its own size (rounded to the patch
+            size), chips of one size batched together.
+        batch_size: chips per forward pass.
+        amp: bf16 autocast (returned as float32 either way).
+
+    Raises:
+        FileNotFoundError: no chip. ValueError: an unreadable chip, or one whose band count is not the backbone's
+        (each named).
+    """
+    from tqdm.auto import tqdm
+
+    paths = expand_chips(chips if isinstance(chips, (str, os.PathLike)) else [os.fspath(c) for c in chips])
+    headers = [read_chip_header(p) for p in paths]
+    patch = int(backbone.patch_size)
+    in_chans = int(backbone.patch_embed.proj.weight.shape[1])
+    for header in headers:
+        count = len(bands) if bands is not None else header.bands
+        if count != in_chans:
+            raise ValueError(f"Image chip {header.path} gives {count} bands but the backbone takes {in_chans}; "
+                             "select bands with --bands.")  # fmt: skip
+    dim = int(backbone.embed_dim)
+    cls = np.zeros((len(paths), dim), dtype=np.float32)
+    patch_mean = np.full((len(paths), dim), np.nan, dtype=np.float32)
+    was_training = backbone.training
+    backbone.eval()
+    bar = tqdm(total=len(paths), unit="chip", desc="chip embeddings", disable=not progress)
+    try:
+        with torch.inference_mode():
+            for batch in _batches(headers, patch, size, batch_size):
+                inputs = [chip_model_input(headers[i], patch_size=patch, normalization=normalization, bands=bands,
+                                           size=size) for i in batch]  # fmt: skip
+                x = torch.stack([image for image, _ in inputs]).to(device)
+                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+                    out = backbone.forward_features(x)
+                tokens = out["x_norm_patchtokens"].float().cpu()  # [B, h*w, D]
+                valid = torch.stack([v.flatten() for _, v in inputs]).float()  # [B, h*w]
+                counts = valid.sum(dim=1, keepdim=True)
+                means = (tokens * valid[..., None]).sum(dim=1) / counts.clamp(min=1)
+                means[counts[:, 0] == 0] = float("nan")
+                cls[batch] = out["x_norm_clstoken"].float().cpu().numpy()
+                patch_mean[batch] = means.numpy()
+                bar.update(len(batch))
+    finally:
+        bar.close()
+        backbone.train(was_training)
+    empty = int(np.isnan(patch_mean[:, 0]).sum())
+    if empty:
+        log.warning("%d of %d chips have no pixel with data (first: %s): their patch_mean is NaN.", empty, len(paths),
+                    paths[int(np.flatnonzero(np.isnan(patch_mean[:, 0]))[0])])  # fmt: skip
+    meta = getattr(backbone, "meta", None)
+    metadata = {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")), "size": size,
+                "normalization": normalization.name if normalization is not None else None,
+                "bands": list(bands) if bands is not None else None, "embed_dim": dim, "patch_size": patch}  # fmt: skip
+    sizes = np.array([(h.height, h.width) for h in headers], dtype=np.int64).reshape(-1, 2)
+    return ChipEmbeddings(paths=paths, cls=cls, patch_mean=patch_mean, sizes=sizes, metadata=metadata)
+
+
+def write_chip_embeddings(embeddings: ChipEmbeddings, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """``embeddings`` as a table, written atomically: ``.parquet`` (columns ``path``, ``height``, ``width``, ``cls`` and
+    ``patch_mean`` as fixed-size float32 lists; the metadata in the schema's ``dinov3_eo`` key) or ``.npz`` (arrays
+    ``paths``, ``sizes``, ``cls``, ``patch_mean`` and ``metadata``, a JSON string).
+
+    Raises:
+        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    dst = Path(dst)
+    if dst.suffix.lower() not in EMBEDDING_SUFFIXES:
+        raise ValueError(f"Chip embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {str(dst)!r}.")
+    check_overwrite(dst, overwrite, inputs=embeddings.paths)
+    meta = json.dumps(embeddings.metadata)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        if dst.suffix.lower() == ".npz":
+            with open(tmp, "wb") as f:  # (np.savez given a path would add its own .npz)
+                np.savez(f, paths=np.array(embeddings.paths), sizes=embeddings.sizes, cls=embeddings.cls,
+                         patch_mean=embeddings.patch_mean, metadata=np.array(meta))  # fmt: skip
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            dim = embeddings.cls.shape[1]
+            vectors = lambda a: pa.FixedSizeListArray.from_arrays(pa.array(a.reshape(-1), pa.float32()), dim)  # noqa: E731
+            table = pa.table({"path": pa.array(embeddings.paths, pa.string()),
+                              "height": pa.array(embeddings.sizes[:, 0], pa.int32()),
+                              "width": pa.array(embeddings.sizes[:, 1], pa.int32()),
+                              "cls": vectors(embeddings.cls), "patch_mean": vectors(embeddings.patch_mean)})  # fmt: skip
+            pq.write_table(table.replace_schema_metadata({"dinov3_eo": meta}), tmp)
+    return dst
+
+
+def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:
+    """A table :func:`write_chip_embeddings` wrote (``.parquet`` or ``.npz``).
+
+    Raises:
+        ValueError: another suffix, or a table without the columns it writes (named).
+    """
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"paths", "sizes", "cls", "patch_mean"} - set(data.files)
+            if missing:
+                raise ValueError(f"{str(path)!r} lacks the arrays {sorted(missing)} of a chip embedding table.")
+            meta = json.loads(str(data["metadata"])) if "metadata" in data.files else {}
+            return ChipEmbeddings(paths=[str(p) for p in data["paths"]], cls=data["cls"], patch_mean=data["patch_mean"],
+                                  sizes=data["sizes"], metadata=meta)  # fmt: skip
+    if path.suffix.lower() != ".parquet":
+        raise ValueError(f"Chip embeddings are read from {' or '.join(EMBEDDING_SUFFIXES)}, not {str(path)!r}.")
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    missing = {"path", "height", "width", "cls", "patch_mean"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks the columns {sorted(missing)} of a chip embedding table.")
+    vectors = lambda name: np.asarray(table[name].combine_chunks().flatten(), dtype=np.float32).reshape(table.num_rows, -1)  # noqa: E731
+    meta = (table.schema.metadata or {}).get(b"dinov3_eo")
+    return ChipEmbeddings(
+        paths=table["path"].to_pylist(), cls=vectors("cls"), patch_mean=vectors("patch_mean"),
+        sizes=np.stack([table["height"].to_numpy(), table["width"].to_numpy()], axis=1).astype(np.int64),
+        metadata=json.loads(meta) if meta else {},
+    )  # fmt: skip
+
+
+__all__ = [
+    "ChipEmbeddings",
+    "chip_model_input",
+    "embed_chips",
+    "model_input_size",
+    "read_chip_embeddings",
+    "write_chip_embeddings",
+]
