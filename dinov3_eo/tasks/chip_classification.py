@@ -1,0 +1,403 @@
+"""Scene classification of image chips on frozen DINOv3 features: a linear probe or a k-NN on chip embeddings.
+
+EuroSAT, UC Merced, RESISC45 and most labelling exports are folders of chips, one folder per class. DINOv3 is
+evaluated on such data with its backbone frozen: a k-NN on the normed CLS tokens (k = 20, votes weighted by
+``exp(cosine / 0.07)``) and a linear classifier on them (the dino.txt image embedding adds the mean patch token).
+``dinov3-eo classify fit CHIPS/ --model BACKBONE -o probe.safetensors`` embeds the chips
+(:mod:`~dinov3_eo.tasks.chip_embeddings`), fits scikit-learn's multinomial logistic regression (its inverse
+regularisation ``C`` chosen on a held-out split, as DINOv2's logistic-regression evaluation does) or keeps the
+training embeddings for a k-NN, reports accuracy, per-class scores and the confusion matrix of the held-out chips,
+and saves the probe as safetensors (weights) with JSON metadata (classes, features, how the chips were embedded):
+no pickle, so a probe from anywhere loads safely. ``classify predict`` writes a CSV of each chip's class and
+probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov3_eo.inference.writers import atomic_output, check_overwrite
+from dinov3_eo.tasks.chip_embeddings import ChipEmbeddings
+
+#: which embedding columns feed the classifier (each part L2-normalised, then concatenated)
+FEATURES = ("cls", "patch_mean", "cls+patch_mean")
+METHODS = ("linear", "knn")
+#: inverse L2 regularisation strengths tried for the linear probe (chosen by held-out accuracy)
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") -> np.ndarray:
+    """``[N, D]`` (or ``[N, 2D]``) float32 classifier inputs: the chosen embeddings, each L2-normalised (a chip
+    without data, NaN ``patch_mean``, gets zeros there).
+
+    Raises:
+        ValueError: an unknown ``features``.
+    """
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
+    parts = []
+    for name in features.split("+"):
+        x = np.nan_to_num(getattr(embeddings, name).astype(np.float32))
+        parts.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(parts, axis=1)
+
+
+def folder_labels(paths: Sequence[str]) -> list[str]:
+    """Each chip's class as the name of its folder (``EuroSAT/Forest/Forest_1.jpg`` is ``Forest``), the layout of
+    torchvision's ``ImageFolder`` and of most chip datasets."""
+    return [Path(p).parent.name for p in paths]
+
+
+def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, held_out)``: ``fraction`` of each class's chips (at least one where a class has two or
+    more) held out, drawn with ``seed``; each sorted."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    held: list[int] = []
+    for name in sorted(set(labels.tolist())):
+        members = np.flatnonzero(labels == name)
+        n = int(round(fraction * len(members)))
+        n = max(n, 1) if fraction > 0 and len(members) > 1 else n
+        held += rng.choice(members, size=min(n, len(members) - 1) if len(members) > 1 else 0, replace=False).tolist()
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[held] = True
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, x: np.ndarray, num_classes: int, *, k: int = 20,
+               temperature: float = 0.07) -> np.ndarray:  # fmt: skip
+    """DINO's weighted k-NN: each of the ``k`` most cosine-similar bank rows votes ``exp(similarity / temperature)``
+    for its class; returns ``[N, K]`` vote shares (rows sum to 1).
+
+    Args:
+        bank: ``[M, D]`` training features; bank_labels: ``[M]`` class ids; x: ``[N, D]`` features to classify.
+    """
+    import torch
+
+    a = torch.nn.functional.normalize(torch.from_numpy(np.asarray(bank, np.float32)), dim=1)
+    b = torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=1)
+    k = min(k, len(a))
+    votes = torch.zeros(len(b), num_classes, dtype=torch.float64)
+    labels = torch.from_numpy(np.asarray(bank_labels, np.int64))
+    for start in range(0, len(b), 1024):  # [1024, M] similarities at a time: memory flat in the chips classified
+        sim, idx = (b[start : start + 1024] @ a.T).topk(k, dim=1)
+        weights = (sim.double() / temperature).exp()
+        votes[start : start + 1024].scatter_add_(1, labels[idx], weights)
+    return (votes / votes.sum(dim=1, keepdim=True)).numpy()
+
+
+@dataclass
+class ChipClassifier:
+    """A classifier on chip embeddings: ``scores(features) -> [N, K]`` class probabilities.
+
+    Attributes:
+        method: ``"linear"`` (``weight`` ``[K, D]``, ``bias`` ``[K]``: softmax of ``x W^T + b``) or ``"knn"``
+            (``bank`` ``[M, D]`` with ``bank_labels`` ``[M]``, ``k``, ``temperature``).
+        classes: class names, index = class id.
+        features: :data:`FEATURES` entry the inputs are made of.
+        embedding: how chips are embedded for it (``backbone_source``, ``size``, ``bands``, ``normalization``).
+        c: the linear probe's chosen ``C``.
+        held_out_accuracy: accuracy on the held-out chips when fitted, for the record.
+    """
+
+    method: str
+    classes: list[str]
+    features: str
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    bank: np.ndarray | None = None
+    bank_labels: np.ndarray | None = None
+    k: int = 20
+    temperature: float = 0.07
+    c: float | None = None
+    embedding: dict[str, Any] = field(default_factory=dict)
+    held_out_accuracy: float | None = None
+
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """``[N, K]`` class probabilities of features ``x`` ``[N, D]`` (:func:`chip_features`)."""
+        if self.method == "knn":
+            return knn_scores(self.bank, self.bank_labels, x, len(self.classes), k=self.k, temperature=self.temperature)
+        logits = np.asarray(x, np.float64) @ self.weight.T.astype(np.float64) + self.bias.astype(np.float64)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Tensors as safetensors, the rest as JSON in its metadata (``dinov3_eo_classifier``), written atomically."""
+        import torch
+        from safetensors.torch import save_file
+
+        arrays = {"weight": self.weight, "bias": self.bias, "bank": self.bank, "bank_labels": self.bank_labels}
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
+        meta = {"method": self.method, "classes": self.classes, "features": self.features, "k": self.k,
+                "temperature": self.temperature, "c": self.c, "embedding": self.embedding,
+                "held_out_accuracy": self.held_out_accuracy}  # fmt: skip
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata={"dinov3_eo_classifier": json.dumps(meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ChipClassifier:
+        """A probe :meth:`save` wrote.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not a safetensors file, or not a chip classifier's.
+        """
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Chip classifier {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = (f.metadata() or {}).get("dinov3_eo_classifier")
+                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as e:  # safetensors raises its own error types for a file that is not one
+            raise ValueError(f"{str(path)!r} is not a safetensors file: {e}") from e
+        if meta is None:
+            raise ValueError(f"{str(path)!r} is a safetensors file but not a chip classifier (no dinov3_eo_classifier "
+                             "metadata); 'dinov3-eo classify fit' writes those.")  # fmt: skip
+        info = json.loads(meta)
+        needed = ("weight", "bias") if info["method"] == "linear" else ("bank", "bank_labels")
+        missing = [name for name in needed if name not in arrays]
+        if missing:
+            raise ValueError(f"Chip classifier {str(path)!r} lacks the tensors {missing} of a {info['method']} probe.")
+        return cls(method=info["method"], classes=list(info["classes"]), features=info["features"], k=int(info["k"]),
+                   temperature=float(info["temperature"]), c=info.get("c"), embedding=dict(info.get("embedding", {})),
+                   held_out_accuracy=info.get("held_out_accuracy"),
+                   **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
+
+
+def fit_chip_classifier(
+    x: np.ndarray,
+    y: np.ndarray,
+    classes: Sequence[str],
+    *,
+    method: str = "linear",
+    features: str = "cls+patch_mean",
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    c_grid: Sequence[float] = C_GRID,
+    k: int = 20,
+    temperature: float = 0.07,
+    max_iter: int = 1000,
+) -> ChipClassifier:
+    """A linear probe or k-NN on features ``x`` ``[N, D]`` with class ids ``y`` ``[N]``.
+
+    The linear probe is scikit-learn's multinomial ``LogisticRegression`` (lbfgs, L2); with ``val`` (features, ids)
+    each ``C`` of ``c_grid`` is fitted and the one with the best held-out accuracy kept (the smallest on a tie), then
+    refitted on the training chips; without, ``C`` = 1. The k-NN keeps ``x`` as its bank.
+
+    Raises:
+        ValueError: an unknown ``method``, or fewer than two classes among the training chips.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"A classifier needs chips of at least two classes; the training chips hold {len(np.unique(y))}.")
+    common = dict(method=method, classes=list(classes), features=features, k=k, temperature=temperature)
+    if method == "knn":
+        return ChipClassifier(bank=np.asarray(x, np.float32), bank_labels=np.asarray(y, np.int64), **common)
+    from sklearn.linear_model import LogisticRegression
+
+    def fitted(c: float) -> ChipClassifier:
+        model = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+        weight = np.zeros((len(classes), x.shape[1]), np.float32)
+        bias = np.full(len(classes), -1e4, np.float32)  # a class without a training chip is never predicted
+        if len(model.classes_) == 2:  # scikit-learn keeps one row for two classes: logit of the second
+            weight[model.classes_[1]], bias[model.classes_[1]] = model.coef_[0], model.intercept_[0]
+            bias[model.classes_[0]] = 0.0
+        else:
+            weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
+        return ChipClassifier(weight=weight, bias=bias, c=float(c), **common)
+
+    if val is None:
+        return fitted(1.0)
+    best = max(((float((fitted(c).scores(val[0]).argmax(1) == val[1]).mean()), -c) for c in c_grid))
+    return fitted(-best[1])
+
+
+def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
+                      overwrite: bool = False) -> Path:  # fmt: skip
+    """A CSV, one row per chip: ``path``, ``class`` (the most probable), ``score`` (its probability), then one
+    ``p_<class>`` column per class; written atomically."""
+    import csv
+
+    with atomic_output(dst, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["path", "class", "score", *(f"p_{name}" for name in classes)])
+        for path, row in zip(paths, scores):
+            best = int(row.argmax())
+            out.writerow([path, classes[best], f"{row[best]:.6f}", *(f"{v:.6f}" for v in row)])
+    return Path(dst)
+
+
+def _embed(args: Any, paths: Sequence[str], *, source: str, size: int | None, bands: Any,
+           normalization: str | None) -> ChipEmbeddings:  # fmt: skip
+    """The embeddings of ``paths`` through the backbone ``source``, as ``embed --chips`` makes them."""
+    import argparse
+
+    from dinov3_eo.tasks.chip_embeddings import embed_chips
+    from dinov3_eo.tasks.features import _prepare
+
+    inputs = argparse.Namespace(input=paths[0], model=source, bands=bands, normalization=normalization, device=args.device)
+    backbone, norm, device = _prepare(inputs)
+    return embed_chips(backbone, paths, normalization=norm, bands=bands, size=size, batch_size=args.batch_size,
+                       device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+
+
+def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(classes)}
+    return np.array([lookup[name] for name in labels], dtype=np.int64)
+
+
+def _report(scores: np.ndarray, y: np.ndarray, classes: Sequence[str], out_dir: Path | None) -> dict[str, Any]:
+    from dinov3_eo.tasks.segmentation_eval import accuracy_report, confusion_matrix, report_table, write_accuracy_report
+
+    confusion = confusion_matrix(scores.argmax(1), y, len(classes))
+    report = accuracy_report(confusion, classes)
+    report["confusion"] = confusion.tolist()
+    print(report_table(report).replace(" pixels", " chips").replace("reference px", "chips"))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_accuracy_report(out_dir, report, confusion, classes)
+    return report
+
+
+def classify_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo classify fit CHIPS --model BACKBONE -o probe.safetensors`` / ``classify predict CHIPS --probe
+    probe.safetensors -o predictions.csv``; returns the exit code."""
+    import argparse
+    import sys
+
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
+
+    prog = "dinov3-eo classify"
+    parser = argparse.ArgumentParser(prog=prog, description="Scene classification of image chips on frozen DINOv3 "
+                                     "features: a linear probe or k-NN on chip embeddings.")  # fmt: skip
+    sub = parser.add_subparsers(dest="action", required=True)
+    fit = sub.add_parser("fit", help="embed labelled chips (one folder per class) and fit a probe",
+                         description="Embed chips laid out one folder per class (CHIPS/Forest/x.jpg: the folder names "
+                         "the class), fit a linear probe (C chosen on held-out chips) or keep them for a k-NN, report "
+                         "the held-out accuracy, and save the probe.")  # fmt: skip
+    fit.add_argument("chips", nargs="+", help="training chips: folders (searched recursively) or quoted globs; each "
+                     "chip's class is its folder's name")  # fmt: skip
+    fit.add_argument("--model", required=True, help=BACKBONE_HELP)
+    fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
+    fit.add_argument("--val", nargs="+", default=None, help="held-out chips (class folders as for CHIPS); default: "
+                     "--val-fraction of each class")  # fmt: skip
+    fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
+    fit.add_argument("--method", choices=METHODS, default="linear", help="linear probe (default) or k-NN")
+    fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
+                     help="embedding columns fed to the probe (default cls+patch_mean, dino.txt's image embedding)")
+    fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
+    fit.add_argument("--size", type=int, default=224, help="chips resized to SIZE x SIZE (default 224; 0: own size)")
+    fit.add_argument("--out-dir", default=None, help="also write metrics.json, confusion.csv and confusion.png of the "
+                     "held-out chips here")  # fmt: skip
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    add_backbone_input_options(fit)
+    predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
+    predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
+    predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...)")
+    predict.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    for p in (fit, predict):
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    try:
+        if args.action == "fit":
+            _fit(args)
+        else:
+            _predict(args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _fit(args: Any) -> None:
+    from dinov3_eo.data.datasets import expand_chips
+
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
+    if not 0.0 < args.val_fraction < 1.0 and args.val is None:
+        raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
+    check_overwrite(args.output, args.overwrite)
+    size = args.size or None
+    source = os.path.abspath(args.model) if Path(args.model).exists() else args.model
+    paths = expand_chips(args.chips)
+    labels = folder_labels(paths)
+    if args.val is not None:
+        val_paths = expand_chips(args.val)
+        val_labels = folder_labels(val_paths)
+        unknown = sorted(set(val_labels) - set(labels))
+        if unknown:
+            raise ValueError(f"Held-out chips of classes {unknown} have no training chip (classes are folder names).")
+        train_idx = np.arange(len(paths))
+    else:
+        train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"The chips of {args.chips} lie in {len(classes)} class folder ({classes}); a classifier "
+                         "needs one folder per class, at least two.")  # fmt: skip
+    embedded = _embed(args, paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
+    x, y = chip_features(embedded, args.features), _class_ids(labels, classes)
+    if args.val is not None:
+        held = _embed(args, val_paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
+        vx, vy = chip_features(held, args.features), _class_ids(val_labels, classes)
+    else:
+        vx, vy = x[val_idx], y[val_idx]
+    probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
+                                val=(vx, vy) if len(vy) else None, k=args.k)  # fmt: skip
+    probe.embedding = {"backbone_source": source, "size": size, "bands": args.bands,
+                       "normalization": args.normalization, "backbone": embedded.metadata.get("backbone")}  # fmt: skip
+    print(f"{args.method} probe on {len(train_idx)} chips of {len(classes)} classes"
+          f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
+    if len(vy):
+        report = _report(probe.scores(vx), vy, classes, Path(args.out_dir) if args.out_dir else None)
+        probe.held_out_accuracy = report["overall_accuracy"]
+    probe.save(args.output, overwrite=args.overwrite)
+    print(args.output)
+
+
+def _predict(args: Any) -> None:
+    from dinov3_eo.data.datasets import expand_chips
+
+    check_overwrite(args.output, args.overwrite)
+    probe = ChipClassifier.load(args.probe)
+    info = probe.embedding
+    source = args.model or info.get("backbone_source")
+    if source is None:
+        raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
+    paths = expand_chips(args.chips)
+    embedded = _embed(args, paths, source=source, size=info.get("size"), bands=info.get("bands"),
+                      normalization=info.get("normalization"))  # fmt: skip
+    scores = probe.scores(chip_features(embedded, probe.features))
+    write_predictions(args.output, paths, scores, probe.classes, overwrite=args.overwrite)
+    counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
+    print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
+    print(args.output)
+
+
+__all__ = [
+    "C_GRID",
+    "ChipClassifier",
+    "FEATURES",
+    "chip_features",
+    "classify_main",
+    "fit_chip_classifier",
+    "folder_labels",
+    "knn_scores",
+    "stratified_split",
+    "write_predictions",
+]

@@ -1,0 +1,175 @@
+"""Scene classification of chips on frozen features (``dinov3-eo classify``): the k-NN against a loop, the linear
+probe against scikit-learn, the safetensors probe round trip, and fit + predict from the command line on real chips.
+
+The command-line chips are 16 x 16 cuts of ``tests/data/rgb_byte_crop.tif`` (real Landsat-7 RGB, CC0), saved as PNG
+in one folder per class: ``dark`` and ``bright`` by their mean brightness, a class their pixels decide.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.models.hub import BackboneMeta, export_backbone
+from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.tasks.chip_classification import (
+    ChipClassifier,
+    chip_features,
+    fit_chip_classifier,
+    folder_labels,
+    knn_scores,
+    stratified_split,
+)
+from dinov3_eo.tasks.chip_embeddings import ChipEmbeddings
+
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def blobs(n: int, k: int, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(k, d)) * 2
+    y = rng.integers(0, k, n)
+    return (centres[y] + rng.normal(size=(n, d))).astype(np.float32), y
+
+
+def test_knn_scores_match_a_loop() -> None:
+    bank, labels = blobs(60, 3)
+    x, _ = blobs(7, 3, seed=1)
+    got = knn_scores(bank, labels, x, 3, k=5, temperature=0.1)
+    for i, row in enumerate(x):
+        sims = [float(row @ b / np.linalg.norm(row) / np.linalg.norm(b)) for b in bank]
+        votes = np.zeros(3)
+        for j in sorted(range(len(bank)), key=lambda j: -sims[j])[:5]:
+            votes[labels[j]] += np.exp(sims[j] / 0.1)
+        np.testing.assert_allclose(got[i], votes / votes.sum(), rtol=1e-5)
+    assert knn_scores(bank[:3], labels[:3], x, 3, k=20).shape == (7, 3)  # k larger than the bank
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_linear_probe_is_scikit_learns_and_c_is_chosen_held_out(k: int) -> None:
+    x, y = blobs(200, k)
+    vx, vy = blobs(80, k, seed=3)
+    probe = fit_chip_classifier(x, y, [f"c{i}" for i in range(k)], val=(vx, vy), c_grid=(0.001, 0.1, 10.0))
+    accuracy = {c: (LogisticRegression(C=c, max_iter=1000).fit(x, y).predict(vx) == vy).mean() for c in (0.001, 0.1, 10.0)}
+    best = max(accuracy.values())
+    assert probe.c == min(c for c, a in accuracy.items() if a == best)
+    reference = LogisticRegression(C=probe.c, max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(probe.scores(vx), reference.predict_proba(vx), atol=1e-5)
+    assert fit_chip_classifier(x, y, [f"c{i}" for i in range(k)]).c == 1.0
+    with pytest.raises(ValueError, match="at least two classes"):
+        fit_chip_classifier(x[y == 0], y[y == 0], ["a", "b"])
+
+
+def test_a_class_without_training_chips_is_never_predicted() -> None:
+    x, y = blobs(100, 3)
+    probe = fit_chip_classifier(x[y != 1], y[y != 1], ["a", "b", "c"])
+    scores = probe.scores(x)
+    assert scores.shape == (100, 3) and scores[:, 1].max() < 1e-6 and np.allclose(scores.sum(1), 1)
+
+
+def test_probes_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
+    x, y = blobs(50, 3)
+    for method in ("linear", "knn"):
+        probe = fit_chip_classifier(x, y, ["a", "b", "c"], method=method, features="cls", k=7)
+        probe.embedding, probe.held_out_accuracy = {"backbone_source": "/m.pth", "size": 64}, 0.5
+        back = ChipClassifier.load(probe.save(tmp_path / f"{method}.safetensors"))
+        assert (back.method, back.classes, back.features, back.k, back.embedding, back.held_out_accuracy) == (
+            method, ["a", "b", "c"], "cls", 7, probe.embedding, 0.5)  # fmt: skip
+        np.testing.assert_allclose(back.scores(x), probe.scores(x), atol=1e-6)
+        with pytest.raises(FileExistsError):
+            probe.save(tmp_path / f"{method}.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match="junk.safetensors' is not a safetensors file"):
+        ChipClassifier.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a chip classifier"):
+        ChipClassifier.load(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError):
+        ChipClassifier.load(tmp_path / "missing.safetensors")
+
+
+def test_features_splits_and_folder_labels() -> None:
+    emb = ChipEmbeddings(paths=["a/x.png", "b/y.png"], cls=np.array([[3.0, 4.0], [1.0, 0.0]], np.float32),
+                         patch_mean=np.array([[0.0, 2.0], [np.nan, np.nan]], np.float32), sizes=np.zeros((2, 2)))  # fmt: skip
+    np.testing.assert_allclose(chip_features(emb, "cls"), [[0.6, 0.8], [1, 0]])
+    np.testing.assert_allclose(chip_features(emb, "cls+patch_mean"), [[0.6, 0.8, 0, 1], [1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="features must be one of"):
+        chip_features(emb, "mean")
+    assert folder_labels(["/d/EuroSAT/Forest/Forest_1.jpg", "River/r.png"]) == ["Forest", "River"]
+    labels = ["a"] * 10 + ["b"] * 5 + ["c"] * 2 + ["d"]
+    train, held = stratified_split(labels, 0.2, seed=1)
+    assert sorted([*train, *held]) == list(range(18)) and not set(train) & set(held)
+    assert [np.sum(np.asarray(labels)[held] == c) for c in "abcd"] == [2, 1, 1, 0]  # a lone chip stays in training
+    assert np.array_equal(stratified_split(labels, 0.2, seed=1)[1], held)
+
+
+@pytest.fixture(scope="module")
+def class_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``dark/`` and ``bright/`` 16-px PNG chips of the real scene (chips touching the nodata collar left out), fed at
+    32 px."""
+    root = tmp_path_factory.mktemp("scenes")
+    with rasterio.open(DATA / "rgb_byte_crop.tif") as src:
+        rgb = src.read()
+    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
+    brightness = [rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts]
+    middle = float(np.median(brightness))
+    for (r, c), b in zip(cuts, brightness):
+        folder = root / ("bright" if b > middle else "dark")
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(folder / f"{r}_{c}.png")
+    return root
+
+
+def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    torch.manual_seed(0)
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
+                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
+    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    probe = tmp_path / "probe.safetensors"
+    common = ["--model", str(pth), "--size", "32", "--quiet"]
+    assert cli_main(["classify", "fit", str(class_folders), "-o", str(probe), "--out-dir", str(tmp_path / "report"),
+                     "--val-fraction", "0.3", *common]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "linear probe on" in out and "held-out chips" in out and "overall accuracy" in out
+    fitted = ChipClassifier.load(probe)
+    assert fitted.classes == ["bright", "dark"] and fitted.embedding["size"] == 32
+    assert fitted.held_out_accuracy >= 0.8  # brightness survives a random ViT's mean patch token
+    assert (tmp_path / "report" / "confusion.png").exists() and (tmp_path / "report" / "metrics.json").exists()
+
+    chips = sorted(class_folders.rglob("*.png"))
+    predictions = tmp_path / "predictions.csv"
+    assert cli_main(["classify", "predict", str(class_folders), "--probe", str(probe), "-o", str(predictions), "--quiet"]) == 0
+    rows = list(csv.DictReader(predictions.open()))
+    assert [r["path"] for r in rows] == [str(p) for p in chips]
+    assert list(rows[0]) == ["path", "class", "score", "p_bright", "p_dark"]
+    for r in rows:
+        assert r["class"] == max(("bright", "dark"), key=lambda c: float(r[f"p_{c}"]))
+        assert abs(float(r["p_bright"]) + float(r["p_dark"]) - 1) < 1e-5
+    right = np.mean([r["class"] == Path(r["path"]).parent.name for r in rows])
+    assert right >= 0.8
+
+    # a k-NN probe, with explicit held-out chips; then what cannot be done, in one sentence each
+    assert cli_main(["classify", "fit", str(class_folders), "--val", str(class_folders / "dark"), "--method", "knn",
+                     "-k", "3", "-o", str(tmp_path / "knn.safetensors"), *common]) == 0  # fmt: skip
+    assert ChipClassifier.load(tmp_path / "knn.safetensors").method == "knn"
+    capsys.readouterr()
+    assert cli_main(["classify", "fit", str(class_folders / "dark"), "-o", str(tmp_path / "one.safetensors"), *common]) == 2
+    assert "needs one folder per class, at least two" in capsys.readouterr().err
+    assert cli_main(["classify", "fit", str(class_folders), "-o", str(tmp_path / "p.pt"), *common]) == 2
+    assert "written as .safetensors" in capsys.readouterr().err
+    assert cli_main(["classify", "predict", str(class_folders), "--probe", str(tmp_path / "none.safetensors"),
+                     "-o", str(tmp_path / "x.csv")]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["classify", "predict", str(class_folders), "--probe", str(probe), "-o", str(predictions)]) == 2
+    assert "already exists" in capsys.readouterr().err
