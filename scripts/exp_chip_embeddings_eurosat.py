@@ -5,7 +5,8 @@ machine) with the SAT-493M normalisation, runs ``dinov3-eo embed DIR --chips -o 
 size, and reports for each: chips/s, whether its CLS rows equal ``scripts/bench_pretrain.py``'s own feature code
 (an independent implementation), and k-NN accuracy (k=20, cosine, DINO vote weights; 140 training chips per class,
 the rest tested: bench_pretrain's split) of ``cls``, ``patch_mean`` and both concatenated, against bench_pretrain's
-colour-histogram baseline.
+colour-histogram baseline; then ``dinov3-eo classify fit`` (linear probe and k-NN, 30 % of each class held out)
+against a logistic regression on colour histograms over the same split.
 
     python scripts/exp_chip_embeddings_eurosat.py [--arch vits16] [--sizes 64 224] [--backbone export.pth]
 """
@@ -56,7 +57,35 @@ def main() -> None:
             results[f"size_{size}"] = {"seconds": round(seconds, 1), "chips_per_s": round(len(table) / seconds, 1)}
             results[f"size_{size}"].update(_knn(cls, mean, labels, n_train))
             results[f"size_{size}"]["cls_max_abs_diff_vs_bench_pretrain"] = _independent(backbone_path, cls, train, test, size)
+        results["classify_fit"] = _classify(backbone_path, Path(tmp), args.sizes[0])
     print(json.dumps(results, indent=1))
+
+
+def _classify(backbone_path: Path, tmp: Path, size: int) -> dict:
+    """``dinov3-eo classify fit`` on the whole dev set (30 % of each class held out, seed 0): the linear probe's and
+    the k-NN's held-out accuracy, and a logistic regression on colour histograms over the same split."""
+    from sklearn.linear_model import LogisticRegression
+
+    from dinov3_eo.data.datasets import expand_chips
+    from dinov3_eo.tasks.chip_classification import ChipClassifier, folder_labels, stratified_split
+
+    out: dict = {"size": size, "held_out_fraction": 0.3}
+    for method in ("linear", "knn"):
+        probe = tmp / f"{method}.safetensors"
+        start = time.perf_counter()
+        assert cli_main(["classify", "fit", str(SHARED / "eurosat_rgb_dev"), "--model", str(backbone_path), "-o", str(probe),
+                         "--method", method, "--val-fraction", "0.3", "--size", str(size), "--batch-size", "64",
+                         "--quiet"]) == 0  # fmt: skip
+        fitted = ChipClassifier.load(probe)
+        out[method] = {"held_out_accuracy": round(fitted.held_out_accuracy, 4), "C": fitted.c,
+                       "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+    paths = expand_chips(str(SHARED / "eurosat_rgb_dev"))
+    labels = np.array(folder_labels(paths))
+    train, held = stratified_split(labels.tolist(), 0.3, 0)
+    colours = colour_features(_load_chips(paths))
+    model = LogisticRegression(max_iter=2000).fit(colours[train], labels[train])
+    out["colour_histogram_logistic"] = round(float((model.predict(colours[held]) == labels[held]).mean()), 4)
+    return out
 
 
 def _split(x: np.ndarray, labels: np.ndarray, n_train: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
