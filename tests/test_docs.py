@@ -140,3 +140,11 @@ def test_the_readme_cluster_example_maps_the_scene(monkeypatch: pytest.MonkeyPat
     assert scope["array"].shape == (928, 448) and scope["array"].rio.crs is not None
     assert scope["protos"].class_names == ["crop", "developed", "tree", "water", "unknown"]
     assert sum(scope["classes"].pixels) == sum(result.pixels)  # the same valid pixels, now named
+
+
+def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("probe = fit_chip_classifier(", monkeypatch)
+    table, x, probe = scope["table"], scope["x"], scope["probe"]
+    assert len(table) == 406 and x.shape == (406, 192) and probe.classes == ["bright", "dark"]
+    assert (scope["root"] / "embeddings.parquet").exists() and probe.c in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert scope["accuracy"] >= 0.8  # brightness classes, which a random ViT's mean patch token keeps
