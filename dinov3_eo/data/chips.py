@@ -251,9 +251,7 @@ class ChipWindowDataset(Dataset):
             self._cache.move_to_end(chip)
             return self._cache[chip]
         pixels, valid = read_chip(self.headers[chip], self.bands, as_float=False)
-        mask = self.read_mask(chip)
-        small = mask.size == 0 or (mask.min() >= 0 and mask.max() <= 255)
-        entry = (pixels, valid, mask.astype(np.uint8 if small else np.int32))
+        entry = (pixels, valid, self._compact(self.read_mask(chip)))
         size = sum(a.nbytes for a in entry)
         if size <= self.cache_bytes:
             self._cache[chip], self._cached_bytes = entry, self._cached_bytes + size
@@ -262,13 +260,15 @@ class ChipWindowDataset(Dataset):
                 self._cached_bytes -= sum(a.nbytes for a in dropped)
         return entry
 
-    def labels(self, chip: int) -> np.ndarray:
-        """Chip ``chip``'s class ids where it has data, ``ignore_index`` where it has none: ``[H, W]`` int64, the
-        labels its windows carry (decoded through the cache, so the windows read after it are decoded no more)."""
-        _, valid, mask = self._decoded(chip)
-        return np.where(valid, mask, self.ignore_index).astype(np.int64)
+    @staticmethod
+    def _compact(mask: np.ndarray) -> np.ndarray:
+        """The mask as kept in the cache: class ids in the smallest integer type that holds them."""
+        small = mask.size == 0 or (mask.min() >= 0 and mask.max() <= 255)
+        return mask.astype(np.uint8 if small else np.int32)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def _cut(self, i: int) -> tuple[ChipHeader, torch.Tensor, np.ndarray, np.ndarray]:
+        """Window ``i``: its chip's header, the normalised image ``[C, S, S]`` (0 where invalid or padded), where it
+        has data ``[S, S]``, and the chip's labels under it ``[h, w]`` (the window less its padding)."""
         window, s = self.windows[int(i)], self.size
         header = self.headers[window.chip]
         pixels, valid, mask = self._decoded(window.chip)
@@ -279,15 +279,23 @@ class ChipWindowDataset(Dataset):
         image[:, :h, :w] = pixels[:, rows, cols]
         inside = np.zeros((s, s), bool)
         inside[:h, :w] = valid[rows, cols]
-        labels = np.full((s, s), self.ignore_index, np.int64)
-        labels[:h, :w] = mask[rows, cols]
-        labels[~inside] = self.ignore_index
         tensor = torch.from_numpy(image)
         if self.normalization is not None:
             tensor = self.normalization(tensor)
-        valid_t = torch.from_numpy(inside)
-        return {"image": tensor.masked_fill(~valid_t, 0.0), "valid": valid_t, "mask": torch.from_numpy(labels),
-                "path": header.path}  # fmt: skip
+        return header, tensor.masked_fill(~torch.from_numpy(inside), 0.0), inside, mask[rows, cols]
+
+    def labels(self, chip: int) -> np.ndarray:
+        """Chip ``chip``'s class ids where it has data, ``ignore_index`` where it has none: ``[H, W]`` int64, the
+        labels its windows carry (decoded through the cache, so the windows read after it are decoded no more)."""
+        _, valid, mask = self._decoded(chip)
+        return np.where(valid, mask, self.ignore_index).astype(np.int64)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        header, image, inside, under = self._cut(i)
+        labels = np.full(inside.shape, self.ignore_index, np.int64)
+        labels[: under.shape[0], : under.shape[1]] = under
+        labels[~inside] = self.ignore_index
+        return {"image": image, "valid": torch.from_numpy(inside), "mask": torch.from_numpy(labels), "path": header.path}
 
 
 def chip_band_stats(headers: Sequence[ChipHeader], bands: Sequence[int] | None = None, *, num_chips: int = 64,
