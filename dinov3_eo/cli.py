@@ -77,6 +77,19 @@ def ignore_expected_lightning_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
+def cli_with_default_data(class_path: str) -> type:
+    """A ``LightningCLI`` (for ``subclass_mode_data=True``) whose data module is ``class_path`` unless the config's
+    ``data.class_path`` names another: a data block without a ``class_path`` (every config written before there
+    was a choice) keeps meaning that module's arguments."""
+    from lightning.pytorch.cli import LightningCLI
+
+    class DefaultDataCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.set_defaults({"data": {"class_path": class_path}})
+
+    return DefaultDataCLI
+
+
 def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, *,
                       cli_class: type | None = None, **cli_kwargs: Any) -> int:
     """``dinov3-eo <command> fit|validate --config X.yaml [--key value ...]`` through LightningCLI; returns 0.

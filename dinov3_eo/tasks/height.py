@@ -775,9 +775,17 @@ def _evaluate_main(argv: Sequence[str]) -> int:
 
 
 def _fit_main(argv: Sequence[str]) -> int:
-    from dinov3_eo.tasks.height_data import HeightDataModule
+    """``height fit|validate|test`` through LightningCLI: GeoTIFFs and CHM rasters (``HeightDataModule``) or, with
+    ``data.class_path: ChipHeightDataModule``, image chips and CHM chips without a georeference."""
+    import lightning.pytorch as pl
 
-    return run_lightning_cli(HeightTask, HeightDataModule, argv, "dinov3-eo height")
+    from dinov3_eo.cli import cli_with_default_data
+    # imported so that a config may name the data modules by class name alone
+    from dinov3_eo.tasks.height_data import ChipHeightDataModule, HeightDataModule  # noqa: F401
+
+    return run_lightning_cli(HeightTask, pl.LightningDataModule, argv, "dinov3-eo height",
+                             cli_class=cli_with_default_data("dinov3_eo.tasks.height_data.HeightDataModule"),
+                             subclass_mode_data=True)  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:

@@ -11,6 +11,11 @@ output pixels with no valid source are NaN.
 :class:`HeightDataModule` is the dense data module (:class:`~dinov3_eo.data.datamodule.DenseDataModule`)
 with these labels: it drops tiles with too little reference height and splits train/validation by
 region — whole files (e.g. field plots) named in ``val_files``, or spatial blocks of tiles.
+
+:class:`ChipHeightDataModule` trains the same task on image chips without a georeference (JPEG/PNG/TIFF) and a CHM
+chip of the same size and name for each (a float TIFF of metres, or integers with ``height_scale``), as chip datasets
+ship them: :class:`~dinov3_eo.data.chips.ChipSegmentationDataModule`'s pairing, windows, split and statistics, with
+heights instead of classes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.transform import Affine
 
+from dinov3_eo.data.chips import ChipSegmentationDataModule, ChipWindow, ChipWindowDataset
 from dinov3_eo.data.datamodule import DenseDataModule
 from dinov3_eo.data.labels import MosaicFile, RasterMosaic
 from dinov3_eo.data.sampling import Tile
@@ -233,3 +239,166 @@ class HeightDataModule(DenseDataModule):
                     f"HeightDataModule: no {name} tile has >= {self.min_label_fraction:.0%} reference height; "
                     "check that the CHMs overlap the imagery, or lower min_label_fraction / tile_size."
                 )
+
+
+def read_chip_heights(path: str, *, nodata: float | None = None, scale: float = 1.0,
+                      max_height: float | None = None) -> np.ndarray:  # fmt: skip
+    """A CHM chip's first band as heights in metres, ``[H, W]`` float32, NaN where there is none: the file's nodata
+    (or ``nodata``), non-finite values and heights above ``max_height`` (birds, power lines); values times
+    ``scale`` (a PNG of decimetres: 0.1).
+
+    Raises:
+        ValueError: an unreadable file (named).
+    """
+    import rasterio
+
+    from dinov3_eo.data.raster import open_quietly
+
+    try:
+        with open_quietly(path) as src:
+            values = src.read(1).astype(np.float32)
+            missing = nodata if nodata is not None else src.nodata
+    except rasterio.errors.RasterioIOError as e:
+        raise ValueError(f"CHM chip {path} could not be read: {e}") from e
+    heights = np.where(np.isfinite(values), values, np.nan).astype(np.float32)
+    if missing is not None:
+        heights[values == np.float32(missing)] = np.nan
+    heights *= np.float32(scale)
+    if max_height is not None:
+        heights[heights > max_height] = np.nan
+    return heights
+
+
+class ChipHeightDataset(ChipWindowDataset):
+    """Windows of image chips with their CHM chips, by int: ``image`` [C, S, S], ``valid`` [S, S], ``target`` [S, S]
+    float32 metres (NaN where no height, no data or padding), ``path``. Arguments as :class:`ChipWindowDataset`'s,
+    masks being the CHM chips, plus :func:`read_chip_heights`' ``nodata``, ``scale`` and ``max_height``."""
+
+    def __init__(self, *, height_nodata: float | None = None, height_scale: float = 1.0,
+                 max_height: float | None = None, **kwargs) -> None:  # fmt: skip
+        super().__init__(**kwargs)
+        self.height_nodata, self.height_scale, self.max_height = height_nodata, float(height_scale), max_height
+
+    def read_mask(self, chip: int) -> np.ndarray:
+        """Chip ``chip``'s heights, checked against the image's size."""
+        header = self.headers[chip]
+        heights = read_chip_heights(self.masks[chip], nodata=self.height_nodata, scale=self.height_scale,
+                                    max_height=self.max_height)  # fmt: skip
+        if heights.shape != (header.height, header.width):
+            raise ValueError(f"CHM chip {self.masks[chip]} is {heights.shape[1]}x{heights.shape[0]} px but its image "
+                             f"{header.path} is {header.width}x{header.height} px.")
+        return heights
+
+    @staticmethod
+    def _compact(mask: np.ndarray) -> np.ndarray:
+        return mask  # heights stay float32
+
+    def heights(self, chip: int) -> np.ndarray:
+        """Chip ``chip``'s heights where it has data, NaN elsewhere (through the cache)."""
+        _, valid, heights = self._decoded(chip)
+        return np.where(valid, heights, np.float32(np.nan))
+
+    def __getitem__(self, i: int) -> dict:
+        header, image, inside, under = self._cut(i)
+        target = np.full(inside.shape, np.nan, np.float32)
+        target[: under.shape[0], : under.shape[1]] = under
+        target[~inside] = np.nan
+        return {"image": image, "valid": torch.from_numpy(inside), "target": torch.from_numpy(target), "path": header.path}
+
+
+class ChipHeightDataModule(ChipSegmentationDataModule):
+    """Image chips without a georeference and their CHM chips, for ``dinov3-eo height fit`` (``data: class_path:
+    ChipHeightDataModule``; without a ``class_path`` the data is GeoTIFFs, :class:`HeightDataModule`).
+
+    Args:
+        images: image chips (JPEG, PNG, TIFF): folders (recursive), globs or a list of them.
+        heights: their CHM chips (one band of heights, the image's size), paired by file name (``label_name_suffixes``
+            drops suffixes such as ``_chm``); images without one are left out, with a warning.
+        height_nodata: nodata of the CHM chips overriding the files' (NaN is always missing).
+        height_scale: multiplies the stored values into metres (0.1 for decimetres in a 16-bit PNG).
+        max_height: heights above it are missing (outliers).
+        min_label_fraction: windows where less than this share has a height are left out of every split.
+        label_name_suffixes, bands, normalization, stats, preset_range, stats_chips, tile_size, gsd, val_files,
+        test_files, val_fraction, cache_mb, batch_size, num_workers, pin_memory, seed: as
+        :class:`~dinov3_eo.data.chips.ChipSegmentationDataModule`'s.
+
+    Raises:
+        ValueError: ``min_label_fraction`` outside [0, 1]; in ``setup``, what the chip module refuses, a CHM chip of
+        another size than its image, or no training window with heights.
+    """
+
+    def __init__(
+        self,
+        *,
+        images: str | list[str],
+        heights: str | list[str],
+        label_name_suffixes: list[str] | None = None,
+        height_nodata: float | None = None,
+        height_scale: float = 1.0,
+        max_height: float | None = None,
+        min_label_fraction: float = 0.1,
+        bands: list[int] | None = None,
+        normalization: str = "zscore",
+        stats: str | None = None,
+        preset_range: tuple[float, float] = (0.0, 255.0),
+        stats_chips: int = 64,
+        tile_size: int = 256,
+        gsd: float | None = None,
+        val_files: list[str] | None = None,
+        test_files: list[str] | None = None,
+        val_fraction: float = 0.2,
+        cache_mb: float = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 <= min_label_fraction <= 1.0:
+            raise ValueError(f"ChipHeightDataModule: min_label_fraction must lie in [0, 1], got {min_label_fraction}.")
+        super().__init__(
+            images=images, masks=heights, label_name_suffixes=label_name_suffixes, bands=bands,
+            normalization=normalization, stats=stats, preset_range=preset_range, stats_chips=stats_chips,
+            tile_size=tile_size, gsd=gsd, val_files=val_files, test_files=test_files, val_fraction=val_fraction,
+            cache_mb=cache_mb, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
+        )  # fmt: skip
+        self.heights = heights
+        self.height_nodata, self.height_scale, self.max_height = height_nodata, float(height_scale), max_height
+        self.min_label_fraction = float(min_label_fraction)
+        self._coverage: dict[ChipWindow, float] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.headers is not None:
+            return
+        super().setup(stage)
+        # each window's share of pixels with a height, from one read of every CHM chip (the windows' labels)
+        everything = ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=[], size=self.tile_size,
+                                       cache_mb=0, **self._height_arguments())  # fmt: skip
+        coverage: dict[ChipWindow, float] = {}
+        for chip in range(len(self.headers)):
+            heights = np.isfinite(everything.heights(chip))
+            for window in super()._windows([chip]):
+                cut = heights[window.top : window.top + self.tile_size, window.left : window.left + self.tile_size]
+                coverage[window] = float(cut.sum()) / self.tile_size**2
+        self._coverage = coverage
+        if not self._windows(self.train_chips):
+            raise ValueError(f"ChipHeightDataModule: no training window has >= {self.min_label_fraction:.0%} of its "
+                             f"pixels with a height in {self.heights}; check height_nodata / height_scale, or lower "
+                             "min_label_fraction.")  # fmt: skip
+
+    def _height_arguments(self) -> dict:
+        return {"height_nodata": self.height_nodata, "height_scale": self.height_scale, "max_height": self.max_height}
+
+    def _windows(self, chips) -> list[ChipWindow]:
+        windows = super()._windows(chips)
+        if self._coverage is None:
+            return windows
+        return [w for w in windows if self._coverage[w] >= self.min_label_fraction and self._coverage[w] > 0]
+
+    def dataset(self, split: str, *, normalize: bool = True) -> ChipHeightDataset:
+        """The windows of the ``"train"``, ``"val"`` or ``"test"`` chips that hold enough heights."""
+        self.setup(split)
+        chips = {"train": self.train_chips, "val": self.val_chips, "test": self.test_chips}[split]
+        return ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=self._windows(chips),
+                                 size=self.tile_size, bands=self.bands,
+                                 normalization=self.normalization if normalize else None, cache_mb=self.cache_mb,
+                                 **self._height_arguments())  # fmt: skip

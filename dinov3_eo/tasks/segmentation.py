@@ -937,16 +937,12 @@ def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name"
 
 
 def _segment_cli_class() -> type:
-    from lightning.pytorch.cli import LightningCLI
+    from dinov3_eo.cli import cli_with_default_data
 
-    class SegmentCLI(LightningCLI):
+    class SegmentCLI(cli_with_default_data("dinov3_eo.data.datamodule.DenseDataModule")):
         """LightningCLI whose data is GeoTIFFs (``DenseDataModule``) unless ``data.class_path`` names another data
         module (``ChipSegmentationDataModule``: chips without a georeference), and whose model learns the classes
         from the labels when the config names none."""
-
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            # data blocks without a class_path (every config before chips) stay DenseDataModule's arguments
-            parser.set_defaults({"data": {"class_path": "dinov3_eo.data.datamodule.DenseDataModule"}})
 
         def before_instantiate_classes(self) -> None:
             config = self.config.get(self.subcommand) if self.subcommand else self.config
