@@ -13,6 +13,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dinov3_eo import __version__
@@ -77,31 +78,65 @@ def ignore_expected_lightning_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def cli_with_default_data(class_path: str) -> type:
-    """A ``LightningCLI`` (for ``subclass_mode_data=True``) whose data module is ``class_path`` unless the config's
-    ``data.class_path`` names another: a data block without a ``class_path`` (every config written before there
-    was a choice) keeps meaning that module's arguments."""
-    from lightning.pytorch.cli import LightningCLI
+#: LightningCLI's sub-commands, after which a data class may be named on the command line
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-    class DefaultDataCLI(LightningCLI):
-        def add_arguments_to_parser(self, parser: Any) -> None:
-            parser.set_defaults({"data": {"class_path": class_path}})
 
-    return DefaultDataCLI
+def names_data_class(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` names the data module's class: ``--data.class_path`` (or ``--data`` with a class or a YAML
+    file that has one) on the command line, or a ``data: class_path:`` in a ``--config`` file it gives."""
+    import yaml
+
+    def in_yaml(path: str, *keys: str) -> bool:
+        try:
+            content = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            return False  # LightningCLI says what is wrong with the file
+        for key in keys:
+            content = content.get(key) if isinstance(content, dict) else None
+        return isinstance(content, dict) and "class_path" in content
+
+    args = list(argv)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        value = value if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+        if name == "--data.class_path":
+            return True
+        if name == "--data" and (not value.endswith((".yaml", ".yml")) or in_yaml(value)):
+            return True
+        if name in ("--config", "-c") and in_yaml(value, "data"):
+            return True
+    return False
+
+
+def with_default_data_class(argv: Sequence[str], class_path: str) -> list[str]:
+    """``argv`` with ``--data.class_path class_path`` after its sub-command unless it names a data class itself
+    (:func:`names_data_class`): a data block without a ``class_path`` (every config written before there was a
+    choice of data module) keeps meaning ``class_path``'s arguments. Naming the default on the command line, rather
+    than as a parser default, keeps jsonargparse from carrying that class's defaults over to a class a config names
+    (``normalization: sat493m`` into a chip module whose own default is ``zscore``)."""
+    args = list(argv)
+    if not args or args[0] not in LIGHTNING_SUBCOMMANDS or names_data_class(args[1:]):
+        return args
+    return [args[0], "--data.class_path", class_path, *args[1:]]
 
 
 def run_lightning_cli(model_class: type, datamodule_class: type, argv: Sequence[str], prog: str, *,
-                      cli_class: type | None = None, **cli_kwargs: Any) -> int:
+                      cli_class: type | None = None, default_data_class: str | None = None,
+                      **cli_kwargs: Any) -> int:  # fmt: skip
     """``dinov3-eo <command> fit|validate --config X.yaml [--key value ...]`` through LightningCLI; returns 0.
 
     ``argv`` is handed over as ``args=`` alone: ``sys.argv`` is set to ``[prog]`` meanwhile, so that ``--help``
     names the real command and LightningCLI neither reads the arguments twice nor warns that it was given both.
-    ``cli_class``: a ``LightningCLI`` subclass (hooks such as ``before_instantiate_classes``); ``cli_kwargs`` go to it
-    (e.g. ``auto_configure_optimizers=False``).
+    ``cli_class``: a ``LightningCLI`` subclass (hooks such as ``before_instantiate_classes``); ``default_data_class``:
+    with ``subclass_mode_data=True``, the data module of a config that names none (:func:`with_default_data_class`);
+    ``cli_kwargs`` go to it (e.g. ``auto_configure_optimizers=False``).
     """
     from lightning.pytorch.cli import LightningCLI
 
     cli_class = cli_class or LightningCLI
+    if default_data_class is not None:
+        argv = with_default_data_class(argv, default_data_class)
     old_argv = sys.argv
     sys.argv = [prog]
     try:

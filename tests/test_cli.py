@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,19 @@ def test_the_package_s_messages_are_shown_by_the_first_process_only(capsys, monk
     assert capsys.readouterr().err == "a warning still shows\n"
     monkeypatch.undo()
     logger.setLevel(logger.level)  # as it was, and the loggers' cached levels cleared
+
+
+def test_a_default_data_class_is_named_only_where_nothing_names_one(tmp_path: Path) -> None:
+    from dinov3_eo.cli import names_data_class, with_default_data_class
+
+    plain, chips = tmp_path / "plain.yaml", tmp_path / "chips.yaml"
+    plain.write_text("data:\n  paths: a.tif\n")
+    chips.write_text("data:\n  class_path: X\n  init_args: {images: a}\n")
+    assert not names_data_class(["--config", str(plain), "--data.paths", "b.tif"])
+    assert names_data_class(["--config", str(chips)]) and names_data_class([f"--config={chips}"])
+    assert names_data_class(["--data.class_path", "X"]) and names_data_class(["--data", "X"])
+    assert not names_data_class(["--data", str(plain)])  # a data file without a class_path
+    assert with_default_data_class(["fit", "--config", str(plain)], "D") == ["fit", "--data.class_path", "D", "--config", str(plain)]
+    assert with_default_data_class(["fit", "--config", str(chips)], "D") == ["fit", "--config", str(chips)]
+    assert with_default_data_class(["--help"], "D") == ["--help"]
+    assert with_default_data_class(["fit", "--config", str(tmp_path / "missing.yaml")], "D")[:3] == ["fit", "--data.class_path", "D"]

@@ -655,12 +655,14 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", sorted((Path(__file__).resolve().parents[1] / "configs" / "height").glob("*.yaml")), ids=lambda p: p.name)
 def test_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
-    """Every height config maps one-to-one onto HeightTask / HeightDataModule arguments."""
+    """Every height config maps one-to-one onto HeightTask / HeightDataModule arguments (a data block without a
+    class_path is HeightDataModule's, as before image chips could be chosen)."""
     with pytest.raises(SystemExit) as done:
         main(["fit", "--config", str(config), "--print_config"])
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert "\nmodel:\n  backbone:" in printed and "\ndata:\n  paths:" in printed and "label_resampling: bilinear" in printed
+    assert "\nmodel:\n  backbone:" in printed and "label_resampling: bilinear" in printed
+    assert "\ndata:\n  class_path: dinov3_eo.tasks.height_data.HeightDataModule\n  init_args:\n    paths:" in printed
 
 
 @pytest.mark.parametrize("loss", ["l1", "huber", "sig"])

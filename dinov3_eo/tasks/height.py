@@ -489,8 +489,11 @@ def predict_height(
     gsd: float | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    require_georeference: bool = True,
 ) -> Path:
     """Write a float32 canopy-height COG in metres for the GeoTIFF ``src`` (same CRS, transform and size).
+    ``require_georeference=False`` takes an image chip without one (JPEG, PNG, TIFF): its heights are then a TIFF on
+    the chip's pixel grid, without georeference either.
 
     Args:
         model: a height model (``[B, C, h, w] -> [B, 1, h, w]`` metres), e.g. from :func:`load_height_model`.
@@ -504,9 +507,11 @@ def predict_height(
             warning is logged when it differs from the model's training GSD by more than 25 %).
 
     Raises:
-        ValueError: no normalisation is known for the model.
+        ValueError: no normalisation is known for the model; an input without a georeference (unless
+            ``require_georeference`` is false), or ``gsd`` for one.
         FileExistsError: an output exists and ``overwrite`` is false.
     """
+    from dinov3_eo.data.raster import is_georeferenced, open_quietly
     from dinov3_eo.inference.writers import check_overwrite
 
     meta = getattr(model, "meta", None)
@@ -517,7 +522,20 @@ def predict_height(
     check_overwrite(dst, overwrite, inputs=[src])  # (a warped view would hide which file it reads)
     if quicklook is not None:
         check_overwrite(quicklook, overwrite, inputs=[src])  # fail before the (long) prediction, not after
-    with rasterio.open(src) as dataset:
+    with open_quietly(src) as dataset:
+        if not is_georeferenced(dataset):
+            if require_georeference:
+                raise ValueError(f"{dataset.name} is not georeferenced (no CRS or no geotransform), so its heights could "
+                                 "not be placed on a map: for image chips pass --chips (require_georeference=False: "
+                                 "heights on the chip's pixel grid), else georeference it first (gdal_edit.py -a_srs "
+                                 "... -a_ullr ...).")  # fmt: skip
+            if gsd is not None:
+                raise ValueError(f"{dataset.name} has no georeference, so it has no pixel size to resample from; "
+                                 "leave out --gsd for image chips.")  # fmt: skip
+            return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
+                               title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
+                               nodata=nodata, device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress,
+                               require_georeference=False)  # fmt: skip
         native = abs(float(dataset.transform.a))  # CRS units: what gsd= resamples in
         trained = getattr(meta, "gsd", None)
         metres = pixel_size_off_scale(dataset, trained) if gsd is None else None
@@ -705,7 +723,9 @@ def _predict_parser() -> argparse.ArgumentParser:
         prog="dinov3-eo height predict",
         description="Canopy height in metres for a GeoTIFF: float32 COG (input CRS/transform, NaN nodata) + PNG quick-look.",
     )
-    p.add_argument("input", help="input GeoTIFF (any size; read window by window)")
+    p.add_argument("input", help="input GeoTIFF (any size; read window by window), or an image chip with --chips")
+    p.add_argument("--chips", action="store_true", help="the input is an image chip, with or without a georeference "
+                   "(JPEG, PNG, TIFF): heights on its pixel grid, as a TIFF without georeference + PNG")  # fmt: skip
     p.add_argument("-o", "--output", required=True, help="output COG (.tif)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="HeightTask checkpoint (.ckpt) from 'dinov3-eo height fit'")
@@ -743,7 +763,7 @@ def _predict_main(argv: Sequence[str]) -> int:
     quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
     out = predict_height(
         model, args.input, args.output, quicklook=quicklook, bands=args.bands, nodata=args.nodata, gsd=gsd, **settings,
-        overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet, require_georeference=not args.chips,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
     return 0
@@ -779,13 +799,11 @@ def _fit_main(argv: Sequence[str]) -> int:
     ``data.class_path: ChipHeightDataModule``, image chips and CHM chips without a georeference."""
     import lightning.pytorch as pl
 
-    from dinov3_eo.cli import cli_with_default_data
     # imported so that a config may name the data modules by class name alone
     from dinov3_eo.tasks.height_data import ChipHeightDataModule, HeightDataModule  # noqa: F401
 
-    return run_lightning_cli(HeightTask, pl.LightningDataModule, argv, "dinov3-eo height",
-                             cli_class=cli_with_default_data("dinov3_eo.tasks.height_data.HeightDataModule"),
-                             subclass_mode_data=True)  # fmt: skip
+    return run_lightning_cli(HeightTask, pl.LightningDataModule, argv, "dinov3-eo height", subclass_mode_data=True,
+                             default_data_class="dinov3_eo.tasks.height_data.HeightDataModule")  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:

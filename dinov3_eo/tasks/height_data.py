@@ -317,7 +317,8 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
         height_nodata: nodata of the CHM chips overriding the files' (NaN is always missing).
         height_scale: multiplies the stored values into metres (0.1 for decimetres in a 16-bit PNG).
         max_height: heights above it are missing (outliers).
-        min_label_fraction: windows where less than this share has a height are left out of every split.
+        min_label_fraction: training windows where less than this share has a height are left out (validation and
+            test windows are kept where they hold any height, so each held-out height is scored once).
         label_name_suffixes, bands, normalization, stats, preset_range, stats_chips, tile_size, gsd, val_files,
         test_files, val_fraction, cache_mb, batch_size, num_workers, pin_memory, seed: as
         :class:`~dinov3_eo.data.chips.ChipSegmentationDataModule`'s.
@@ -388,17 +389,22 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
     def _height_arguments(self) -> dict:
         return {"height_nodata": self.height_nodata, "height_scale": self.height_scale, "max_height": self.max_height}
 
-    def _windows(self, chips) -> list[ChipWindow]:
+    def _windows(self, chips, *, least: float | None = None) -> list[ChipWindow]:
+        """The windows of ``chips`` with a height in more than none and at least ``least`` (default
+        ``min_label_fraction``) of their pixels."""
         windows = super()._windows(chips)
         if self._coverage is None:
             return windows
-        return [w for w in windows if self._coverage[w] >= self.min_label_fraction and self._coverage[w] > 0]
+        least = self.min_label_fraction if least is None else least
+        return [w for w in windows if self._coverage[w] >= least and self._coverage[w] > 0]
 
     def dataset(self, split: str, *, normalize: bool = True) -> ChipHeightDataset:
-        """The windows of the ``"train"``, ``"val"`` or ``"test"`` chips that hold enough heights."""
+        """The windows of the ``"train"`` chips that hold enough heights (``min_label_fraction``), or of the ``"val"``
+        or ``"test"`` chips that hold any: every reference height of a held-out chip is scored once."""
         self.setup(split)
         chips = {"train": self.train_chips, "val": self.val_chips, "test": self.test_chips}[split]
-        return ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=self._windows(chips),
+        windows = self._windows(chips, least=None if split == "train" else 0.0)
+        return ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=windows,
                                  size=self.tile_size, bands=self.bands,
                                  normalization=self.normalization if normalize else None, cache_mb=self.cache_mb,
                                  **self._height_arguments())  # fmt: skip

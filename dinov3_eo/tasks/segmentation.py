@@ -937,9 +937,9 @@ def classes_of_labels(labels: str | os.PathLike[str], *, attribute: str = "name"
 
 
 def _segment_cli_class() -> type:
-    from dinov3_eo.cli import cli_with_default_data
+    from lightning.pytorch.cli import LightningCLI
 
-    class SegmentCLI(cli_with_default_data("dinov3_eo.data.datamodule.DenseDataModule")):
+    class SegmentCLI(LightningCLI):
         """LightningCLI whose data is GeoTIFFs (``DenseDataModule``) unless ``data.class_path`` names another data
         module (``ChipSegmentationDataModule``: chips without a georeference), and whose model learns the classes
         from the labels when the config names none."""
@@ -988,7 +988,8 @@ def fit_main(argv: Sequence[str]) -> int:
     from dinov3_eo.data.datamodule import DenseDataModule  # noqa: F401
 
     return run_lightning_cli(SegmentationTask, pl.LightningDataModule, argv, "dinov3-eo segment",
-                             cli_class=_segment_cli_class(), subclass_mode_data=True)  # fmt: skip
+                             cli_class=_segment_cli_class(), subclass_mode_data=True,
+                             default_data_class="dinov3_eo.data.datamodule.DenseDataModule")  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:
