@@ -989,7 +989,7 @@ def fit_main(argv: Sequence[str]) -> int:
 
     return run_lightning_cli(SegmentationTask, pl.LightningDataModule, argv, "dinov3-eo segment",
                              cli_class=_segment_cli_class(), subclass_mode_data=True,
-                             default_data_class="dinov3_eo.data.datamodule.DenseDataModule")  # fmt: skip
+                             default_data_class="dinov3_eo.data.DenseDataModule")  # fmt: skip
 
 
 def main(argv: Sequence[str]) -> int:
