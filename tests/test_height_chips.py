@@ -128,10 +128,15 @@ def test_height_fit_test_and_predict_on_chips(chips: Path, tmp_path: Path, capsy
     """``height fit`` with ``data.class_path: ChipHeightDataModule`` (two plots train, one validates), ``height
     test`` on a held-out plot (every reference height scored once), ``height predict --chips`` on a chip (a TIFF of
     metres on its pixel grid, without georeference, the heights of the same pixels predicted as the georeferenced
-    orthophoto), and a chip refused without ``--chips``."""
+    orthophoto), ``height evaluate --chips`` of it, and a chip refused without ``--chips``."""
     config = tmp_path / "chips.yaml"
     config.write_text(f"""
-trainer: {{accelerator: cpu, max_epochs: 2, logger: false, enable_progress_bar: false, default_root_dir: {tmp_path / "fit"}}}
+trainer:
+  accelerator: cpu
+  max_epochs: 2
+  enable_progress_bar: false
+  default_root_dir: {tmp_path / "fit"}
+  logger: {{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path / "fit"}}}}}
 model: {{backbone: vitmicro16, in_chans: 3, lr: 0.001}}
 data:
   class_path: ChipHeightDataModule
@@ -145,11 +150,12 @@ data:
     batch_size: 4
 """)
     assert main(["fit", "--config", str(config)]) == 0
-    (checkpoint,) = (tmp_path / "fit" / "checkpoints").glob("*.ckpt")
+    # (a logger merges the task's and the data's hyper-parameters: no name may mean two things)
+    (checkpoint,) = (tmp_path / "fit").rglob("checkpoints/*.ckpt")
     meta = torch.load(checkpoint, map_location="cpu", weights_only=False)["dinov3_eo"]
     assert meta["bands"] == ["red", "green", "blue"] and meta["normalization"]["name"] == "zscore"
-    assert (tmp_path / "fit" / "val_metrics.json").exists()
-    assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint),
+    assert (checkpoint.parent.parent / "val_metrics.json").exists()
+    assert main(["test", "--config", str(config), "--ckpt_path", str(checkpoint), "--trainer.logger", "false",
                  "--trainer.default_root_dir", str(tmp_path / "test")]) == 0  # fmt: skip
     tested = json.loads((tmp_path / "test" / "test_metrics.json").read_text())
     expected = np.isfinite(read_chip_heights(str(chips / "chm" / "TEAK_050_chm.tif")))
@@ -157,10 +163,12 @@ data:
 
     chip = chips / "images" / "TEAK_052.png"
     window = ["--window", "128", "--overlap", "32", "--quiet"]
-    assert main(["predict", str(chip), "--chips", "--model", str(checkpoint), "-o", str(tmp_path / "chip.tif"), *window]) == 0
+    (tmp_path / "pred").mkdir()
+    assert main(["predict", str(chip), "--chips", "--model", str(checkpoint), "-o", str(tmp_path / "pred" / "TEAK_052.tif"),
+                 *window]) == 0  # fmt: skip
     assert main(["predict", str(NEON / "TEAK_052.tif"), "--model", str(checkpoint), "-o", str(tmp_path / "geo.tif"),
                  *window]) == 0  # fmt: skip
-    with rasterio.open(tmp_path / "chip.tif") as plain, rasterio.open(tmp_path / "geo.tif") as geo:
+    with rasterio.open(tmp_path / "pred" / "TEAK_052.tif") as plain, rasterio.open(tmp_path / "geo.tif") as geo:
         assert plain.crs is None and geo.crs is not None and plain.shape == geo.shape == (400, 400)
         a, b = plain.read(1), geo.read(1)
     # the PNG declares no nodata, so its white pixels are heights too; elsewhere the same metres (up to where the
@@ -168,7 +176,21 @@ data:
     seen = np.isfinite(b)
     close = np.abs(a[seen] - b[seen]) < 1e-3
     assert np.isfinite(a).all() and 0.9 < seen.mean() < 1 and close.mean() > 0.9
-    assert (tmp_path / "chip.png").exists()
+    assert (tmp_path / "pred" / "TEAK_052.png").exists()
+    # scored against its CHM chip by name, pixel for pixel: the MAE of the pixels with both
+    assert main(["evaluate", str(tmp_path / "pred"), str(chips / "chm"), "--chips", "--name-suffixes", "_chm",
+                 "--out-dir", str(tmp_path / "eval")]) == 0  # fmt: skip
+    scored = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]["all"]
+    truth = read_chip_heights(str(chips / "chm" / "TEAK_052_chm.tif"))
+    both = np.isfinite(truth) & np.isfinite(a)
+    assert scored["n"] == int(both.sum()) and scored["mae"] == pytest.approx(np.abs(a - truth)[both].mean(), rel=1e-4)
+    assert {"scatter.png", "error_map.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    (tmp_path / "small").mkdir()
+    plain_tiff(tmp_path / "small" / "TEAK_052_chm.tif", np.ones((40, 40), np.float32))
+    with pytest.raises(ValueError, match="TEAK_052.tif are 400x400 px but the CHM chip .* is 40x40 px"):
+        main(["evaluate", str(tmp_path / "pred"), str(tmp_path / "small"), "--chips", "--name-suffixes", "_chm"])
+    with pytest.raises(FileNotFoundError, match="has a CHM chip of its name"):
+        main(["evaluate", str(tmp_path / "pred"), str(chips / "chm"), "--chips"])  # without _chm dropped
     with pytest.raises(ValueError, match="TEAK_052.png is not georeferenced .* pass --chips"):
         main(["predict", str(chip), "--model", str(checkpoint), "-o", str(tmp_path / "x.tif"), *window])
     with pytest.raises(ValueError, match="no pixel size to resample from"):

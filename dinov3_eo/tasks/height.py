@@ -681,6 +681,88 @@ def evaluate_height_raster(
     return result
 
 
+def evaluate_chip_heights(
+    pred: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    reference: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    name_suffixes: Sequence[str] = (),
+    reference_nodata: float | None = None,
+    reference_scale: float = 1.0,
+    overwrite: bool = False,
+    picture_size: int = 1024,
+    max_points: int = 50_000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Metrics of chips' predicted heights (``height predict --chips``' TIFFs) against their CHM chips, each
+    prediction with the CHM of its name, pixel for pixel (chips carry no georeference: sizes must agree).
+
+    Args:
+        pred: predicted height TIFFs: files, folders (their ``.tif`` files, not the PNG quick-looks) or globs.
+        reference: the CHM chips (folders, globs, files), read as ``ChipHeightDataModule`` reads them
+            (:func:`~dinov3_eo.tasks.height_data.read_chip_heights` with ``reference_nodata``, ``reference_scale``).
+        name_suffixes: dropped from prediction and CHM stems before they are compared (``["_chm"]``).
+        out_dir, overwrite, picture_size, max_points, seed: as :func:`evaluate_height_raster` (``error_map.png``
+            shows the first 8 chips).
+
+    Returns:
+        :class:`~dinov3_eo.tasks.height_metrics.HeightMetrics` results (overall and per height bin).
+
+    Raises:
+        FileNotFoundError: no prediction, or none with a CHM of its name. FileExistsError: a report file exists
+        without ``overwrite``. ValueError: a prediction and its CHM differ in size, or an unreadable file (named).
+    """
+    from dinov3_eo.data.chips import pair_chip_masks
+    from dinov3_eo.data.datasets import expand_chips
+    from dinov3_eo.inference.writers import check_overwrite
+    from dinov3_eo.tasks.height_data import read_chip_heights
+
+    sources = [pred] if isinstance(pred, (str, os.PathLike)) else list(pred)
+    preds = [p for p in expand_chips([os.fspath(s) for s in sources]) if p.lower().endswith((".tif", ".tiff"))]
+    if not preds:
+        raise FileNotFoundError(f"No predicted height TIFF in {pred}.")
+    if out_dir is not None and Path(out_dir).is_dir():
+        for name in ("metrics.json", "scatter.png", "error_map.png"):
+            check_overwrite(Path(out_dir) / name, overwrite, inputs=preds)
+    found = pair_chip_masks(preds, reference, name_suffixes)
+    pairs = [(p, r) for p, r in zip(preds, found) if r is not None]
+    if not pairs:
+        raise FileNotFoundError(f"No predicted height TIFF of {pred} has a CHM chip of its name in {reference}; "
+                                "pairs are made by file name, less --name-suffixes (e.g. _chm).")  # fmt: skip
+    if len(pairs) < len(preds):
+        log.warning("%d of %d predictions have no CHM chip of their name and are left out (first: %s).",
+                    len(preds) - len(pairs), len(preds), next(p for p, r in zip(preds, found) if r is None))  # fmt: skip
+    metrics, sample = HeightMetrics(), _PairSample(max_points, seed)
+    panels, titles = [], []
+    for path, ref in pairs:
+        predicted = read_chip_heights(path)
+        target = read_chip_heights(ref, nodata=reference_nodata, scale=reference_scale)
+        if predicted.shape != target.shape:
+            raise ValueError(f"Predicted heights {path} are {predicted.shape[1]}x{predicted.shape[0]} px but the CHM chip "
+                             f"{ref} is {target.shape[1]}x{target.shape[0]} px; a chip's prediction and CHM share its "
+                             "pixel grid.")  # fmt: skip
+        metrics.update(predicted, target)
+        sample.add(predicted, target)
+        if len(panels) < 8:
+            step = max(1, -(-max(target.shape) // picture_size))  # every step-th pixel: a picture, not a count
+            panels.append((predicted[::step, ::step], target[::step, ::step]))
+            titles.append(Path(path).name)
+    result = metrics.compute()
+    if out_dir is not None:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / "metrics.json", {"prediction": [p for p, _ in pairs], "reference": [r for _, r in pairs],
+                                              "metrics": result})  # fmt: skip
+        sampled_pred, sampled_target = sample.pairs()
+        scatter_plot(folder / "scatter.png", sampled_pred, sampled_target, title=f"{len(pairs)} chips")
+        height, width = max(p.shape[0] for p, _ in panels), max(p.shape[1] for p, _ in panels)
+        padded = np.full((2, len(panels), height, width), np.nan, dtype=np.float32)
+        for i, (p, t) in enumerate(panels):  # chips of other sizes share one figure, padded with nodata
+            padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
+        error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
+    return result
+
+
 def _heights(values: np.ndarray, nodata: float | None) -> np.ndarray:
     """Reference heights float32, NaN at ``nodata`` and at any non-finite value."""
     out = values.astype(np.float32)
@@ -774,15 +856,31 @@ def _evaluate_main(argv: Sequence[str]) -> int:
         prog="dinov3-eo height evaluate",
         description="MAE, RMSE, R² and bias (overall and per height bin) of a height raster against a reference CHM.",
     )
-    p.add_argument("prediction", help="predicted height GeoTIFF (metres)")
+    p.add_argument("prediction", help="predicted height GeoTIFF (metres); with --chips, the chips' predicted TIFFs "
+                   "(a folder or quoted glob)")  # fmt: skip
     p.add_argument("reference", nargs="+",
                    help="reference CHM GeoTIFF (metres), any CRS/resolution, or its tiles (files, folders, quoted "
-                   "globs), read block by block")  # fmt: skip
+                   "globs), read block by block; with --chips, the CHM chips")  # fmt: skip
     p.add_argument("--out-dir", help="write metrics.json, scatter.png and error_map.png here")
     p.add_argument("--resampling", default="average", choices=["average", "bilinear", "nearest"])
     p.add_argument("--reference-nodata", type=float, help="nodata of the reference overriding the file's")
+    p.add_argument("--chips", action="store_true", help="predictions of image chips (height predict --chips) against "
+                   "CHM chips of their names, pixel for pixel, without georeference")  # fmt: skip
+    p.add_argument("--name-suffixes", nargs="+", default=[], help="with --chips, suffixes dropped from prediction and "
+                   "CHM names before they are compared (e.g. _chm)")  # fmt: skip
+    p.add_argument("--reference-scale", type=float, default=1.0, help="with --chips, multiplies the CHM chips' values "
+                   "into metres (0.1 for decimetres)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = p.parse_args(list(argv))
+    if args.chips:
+        from dinov3_eo.tasks.height_metrics import metrics_table
+
+        result = evaluate_chip_heights(
+            args.prediction, args.reference, out_dir=args.out_dir, name_suffixes=args.name_suffixes,
+            reference_nodata=args.reference_nodata, reference_scale=args.reference_scale, overwrite=args.overwrite,
+        )  # fmt: skip
+        print(metrics_table({Path(args.prediction).name: result}))
+        return 0
     result = evaluate_height_raster(
         args.prediction, args.reference[0] if len(args.reference) == 1 else args.reference, out_dir=args.out_dir,
         resampling=args.resampling,

@@ -314,9 +314,9 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
         images: image chips (JPEG, PNG, TIFF): folders (recursive), globs or a list of them.
         heights: their CHM chips (one band of heights, the image's size), paired by file name (``label_name_suffixes``
             drops suffixes such as ``_chm``); images without one are left out, with a warning.
-        height_nodata: nodata of the CHM chips overriding the files' (NaN is always missing).
-        height_scale: multiplies the stored values into metres (0.1 for decimetres in a 16-bit PNG).
-        max_height: heights above it are missing (outliers).
+        label_nodata: nodata of the CHM chips overriding the files' (NaN is always missing).
+        label_scale: multiplies the stored values into metres (0.1 for decimetres in a 16-bit PNG).
+        label_max_height: heights above it are missing (outliers).
         min_label_fraction: training windows where less than this share has a height are left out (validation and
             test windows are kept where they hold any height, so each held-out height is scored once).
         label_name_suffixes, bands, normalization, stats, preset_range, stats_chips, tile_size, gsd, val_files,
@@ -334,9 +334,9 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
         images: str | list[str],
         heights: str | list[str],
         label_name_suffixes: list[str] | None = None,
-        height_nodata: float | None = None,
-        height_scale: float = 1.0,
-        max_height: float | None = None,
+        label_nodata: float | None = None,
+        label_scale: float = 1.0,
+        label_max_height: float | None = None,
         min_label_fraction: float = 0.1,
         bands: list[int] | None = None,
         normalization: str = "zscore",
@@ -363,7 +363,7 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
             cache_mb=cache_mb, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, seed=seed,
         )  # fmt: skip
         self.heights = heights
-        self.height_nodata, self.height_scale, self.max_height = height_nodata, float(height_scale), max_height
+        self.label_nodata, self.label_scale, self.label_max_height = label_nodata, float(label_scale), label_max_height
         self.min_label_fraction = float(min_label_fraction)
         self._coverage: dict[ChipWindow, float] | None = None
 
@@ -383,11 +383,11 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
         self._coverage = coverage
         if not self._windows(self.train_chips):
             raise ValueError(f"ChipHeightDataModule: no training window has >= {self.min_label_fraction:.0%} of its "
-                             f"pixels with a height in {self.heights}; check height_nodata / height_scale, or lower "
+                             f"pixels with a height in {self.heights}; check label_nodata / label_scale, or lower "
                              "min_label_fraction.")  # fmt: skip
 
     def _height_arguments(self) -> dict:
-        return {"height_nodata": self.height_nodata, "height_scale": self.height_scale, "max_height": self.max_height}
+        return {"height_nodata": self.label_nodata, "height_scale": self.label_scale, "max_height": self.label_max_height}
 
     def _windows(self, chips, *, least: float | None = None) -> list[ChipWindow]:
         """The windows of ``chips`` with a height in more than none and at least ``least`` (default
