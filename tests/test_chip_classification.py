@@ -8,6 +8,7 @@ in one folder per class: ``dark`` and ``bright`` by their mean brightness, a cla
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -158,6 +159,19 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
         assert abs(float(r["p_bright"]) + float(r["p_dark"]) - 1) < 1e-5
     right = np.mean([r["class"] == Path(r["path"]).parent.name for r in rows])
     assert right >= 0.8
+    # classify test on the same chips: its accuracy is the predictions' share of right classes
+    assert cli_main(["classify", "test", str(class_folders), "--probe", str(probe), "--out-dir", str(tmp_path / "test"),
+                     "--quiet"]) == 0  # fmt: skip
+    assert "test chips:" in capsys.readouterr().out
+    tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert tested["pixels"] == len(rows) and tested["overall_accuracy"] == pytest.approx(right)
+    assert cli_main(["classify", "test", str(class_folders), "--probe", str(probe), "--out-dir", str(tmp_path / "test")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    odd = tmp_path / "odd" / "cloud"
+    odd.mkdir(parents=True)
+    Image.open(chips[0]).save(odd / "c.png")
+    assert cli_main(["classify", "test", str(tmp_path / "odd"), "--probe", str(probe)]) == 2
+    assert "folders ['cloud'] that are not classes of the probe" in capsys.readouterr().err
 
     # a k-NN probe, with explicit held-out chips; then what cannot be done, in one sentence each
     assert cli_main(["classify", "fit", str(class_folders), "--val", str(class_folders / "dark"), "--method", "knn",

@@ -8,8 +8,8 @@ evaluated on such data with its backbone frozen: a k-NN on the normed CLS tokens
 regularisation ``C`` chosen on a held-out split, as DINOv2's logistic-regression evaluation does) or keeps the
 training embeddings for a k-NN, reports accuracy, per-class scores and the confusion matrix of the held-out chips,
 and saves the probe as safetensors (weights) with JSON metadata (classes, features, how the chips were embedded):
-no pickle, so a probe from anywhere loads safely. ``classify predict`` writes a CSV of each chip's class and
-probabilities.
+no pickle, so a probe from anywhere loads safely. ``classify test`` scores it on a labelled test split;
+``classify predict`` writes a CSV of each chip's class and probabilities.
 """
 
 from __future__ import annotations
@@ -270,8 +270,9 @@ def _report(scores: np.ndarray, y: np.ndarray, classes: Sequence[str], out_dir: 
 
 
 def classify_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo classify fit CHIPS --model BACKBONE -o probe.safetensors`` / ``classify predict CHIPS --probe
-    probe.safetensors -o predictions.csv``; returns the exit code."""
+    """``dinov3-eo classify fit CHIPS --model BACKBONE -o probe.safetensors`` / ``classify test CHIPS --probe
+    probe.safetensors`` / ``classify predict CHIPS --probe probe.safetensors -o predictions.csv``; returns the exit
+    code."""
     import argparse
     import sys
 
@@ -307,7 +308,15 @@ def classify_main(argv: Sequence[str]) -> int:
     predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...)")
     predict.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
-    for p in (fit, predict):
+    test = sub.add_parser("test", help="score a probe on labelled chips (one folder per class): accuracy, per "
+                          "class, confusion",
+                          description="Score a probe on held-out chips laid out one folder per class (a benchmark's "
+                          "test split): the accuracy table, and with --out-dir metrics.json and confusion.csv/png.")  # fmt: skip
+    test.add_argument("chips", nargs="+", help="test chips: folders or quoted globs; each chip's class is its folder's name")
+    test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
+    test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    for p in (fit, predict, test):
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
@@ -315,10 +324,7 @@ def classify_main(argv: Sequence[str]) -> int:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     try:
-        if args.action == "fit":
-            _fit(args)
-        else:
-            _predict(args)
+        {"fit": _fit, "predict": _predict, "test": _test}[args.action](args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -370,19 +376,42 @@ def _fit(args: Any) -> None:
     print(args.output)
 
 
-def _predict(args: Any) -> None:
-    from dinov3_eo.data.datasets import expand_chips
-
-    check_overwrite(args.output, args.overwrite)
+def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.ndarray]:
+    """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted."""
     probe = ChipClassifier.load(args.probe)
     info = probe.embedding
     source = args.model or info.get("backbone_source")
     if source is None:
         raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
-    paths = expand_chips(args.chips)
     embedded = _embed(args, paths, source=source, size=info.get("size"), bands=info.get("bands"),
                       normalization=info.get("normalization"))  # fmt: skip
-    scores = probe.scores(chip_features(embedded, probe.features))
+    return probe, probe.scores(chip_features(embedded, probe.features))
+
+
+def _test(args: Any) -> None:
+    from dinov3_eo.data.datasets import expand_chips
+
+    if args.out_dir is not None and Path(args.out_dir).is_dir():
+        for name in ("metrics.json", "confusion.csv", "confusion.png"):
+            check_overwrite(Path(args.out_dir) / name, args.overwrite)
+    paths = expand_chips(args.chips)
+    labels = folder_labels(paths)
+    classes = ChipClassifier.load(args.probe).classes
+    unknown = sorted(set(labels) - set(classes))
+    if unknown:
+        raise ValueError(f"Test chips lie in folders {unknown} that are not classes of the probe {args.probe} "
+                         f"({classes}); a chip's class is its folder's name.")  # fmt: skip
+    probe, scores = _probe_scores(args, paths)
+    print(f"{probe.method} probe on {len(paths)} test chips:")
+    _report(scores, _class_ids(labels, classes), classes, Path(args.out_dir) if args.out_dir else None)
+
+
+def _predict(args: Any) -> None:
+    from dinov3_eo.data.datasets import expand_chips
+
+    check_overwrite(args.output, args.overwrite)
+    paths = expand_chips(args.chips)
+    probe, scores = _probe_scores(args, paths)
     write_predictions(args.output, paths, scores, probe.classes, overwrite=args.overwrite)
     counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
     print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
