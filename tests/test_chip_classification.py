@@ -179,7 +179,7 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     assert ChipClassifier.load(tmp_path / "knn.safetensors").method == "knn"
     capsys.readouterr()
     assert cli_main(["classify", "fit", str(class_folders / "dark"), "-o", str(tmp_path / "one.safetensors"), *common]) == 2
-    assert "needs one folder per class, at least two" in capsys.readouterr().err
+    assert "a classifier needs at least two (one folder, or one label, per class)" in capsys.readouterr().err
     assert cli_main(["classify", "fit", str(class_folders), "-o", str(tmp_path / "p.pt"), *common]) == 2
     assert "written as .safetensors" in capsys.readouterr().err
     assert cli_main(["classify", "predict", str(class_folders), "--probe", str(tmp_path / "none.safetensors"),
@@ -187,3 +187,43 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["classify", "predict", str(class_folders), "--probe", str(probe), "-o", str(predictions)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_label_tables(class_folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A CSV or Parquet of ``image``/``label`` rows (relative to the table) lists the same chips and classes as the
+    folders do; ``classify fit`` and ``test`` take it with ``--labels``; a bad table is one sentence."""
+    import pandas as pd
+
+    from dinov3_eo.tasks.chip_classification import labelled_chips, table_labels
+
+    paths, labels = labelled_chips([str(class_folders)], None)
+    frame = pd.DataFrame({"image": [str(Path(p).relative_to(class_folders)) for p in paths], "label": labels})
+    frame.to_csv(class_folders / "labels.csv", index=False)
+    frame.rename(columns={"image": "path", "label": "class"}).to_parquet(class_folders / "labels.parquet")
+    assert table_labels(class_folders / "labels.csv") == (paths, labels)
+    pd.DataFrame({"path": [str(Path(p).resolve()) for p in paths], "class": labels}).to_parquet(tmp_path / "abs.parquet")
+    assert table_labels(tmp_path / "abs.parquet") == (paths, labels)
+    with pytest.raises(ValueError, match="one of the two"):
+        labelled_chips([str(class_folders)], str(class_folders / "labels.csv"))
+    pd.DataFrame({"image": ["a.png"], "kind": ["x"]}).to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(ValueError, match="needs columns 'image' \\(or 'path'\\) and 'label'"):
+        table_labels(tmp_path / "cols.csv")
+    pd.DataFrame({"image": ["missing.png"], "label": ["x"]}).to_csv(tmp_path / "gone.csv", index=False)
+    with pytest.raises(FileNotFoundError, match="row 0 names .*missing.png"):
+        table_labels(tmp_path / "gone.csv")
+    pd.DataFrame({"image": [paths[0]], "label": [None]}).to_csv(tmp_path / "empty.csv", index=False)
+    with pytest.raises(ValueError, match="row 0 has no label"):
+        table_labels(tmp_path / "empty.csv")
+
+    torch.manual_seed(0)
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
+                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
+    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", "--labels", str(class_folders / "labels.csv"), "-o", str(probe), "--model",
+                     str(pth), "--size", "32", "--quiet"]) == 0  # fmt: skip
+    assert ChipClassifier.load(probe).classes == ["bright", "dark"]
+    assert cli_main(["classify", "test", "--labels", str(class_folders / "labels.parquet"), "--probe", str(probe), "--quiet"]) == 0
+    assert "test chips:" in capsys.readouterr().out
+    assert cli_main(["classify", "fit", "-o", str(tmp_path / "none.safetensors"), "--model", str(pth)]) == 2
+    assert "either as class folders (CHIPS) or as a label table (--labels)" in capsys.readouterr().err

@@ -64,7 +64,6 @@ __all__ = [
 
 Sample = dict[str, Any]
 _PLAIN_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_TABLE_SUFFIXES = (".csv", ".parquet", ".jsonl", ".json")
 
 log = logging.getLogger(__name__)
 
@@ -160,25 +159,10 @@ def read_caption_table(path: str | os.PathLike[str]) -> list[CaptionRecord]:
         ValueError: for an unknown format, missing columns, an empty caption, a row with both a window and
             bounds, or a malformed region.
     """
-    import pandas as pd
+    from dinov3_eo.data.tables import read_table, table_path
 
     source = Path(path)
-    if not source.is_file():
-        raise FileNotFoundError(f"Caption table {str(source)!r} does not exist.")
-    suffix = source.suffix.lower()
-    if suffix == ".csv":
-        frame = pd.read_csv(source)
-    elif suffix == ".parquet":
-        try:
-            frame = pd.read_parquet(source)
-        except ImportError as e:
-            raise ImportError(f"Reading the Parquet caption table {str(source)!r} needs pyarrow (pip install pyarrow).") from e
-    elif suffix == ".jsonl":
-        frame = pd.read_json(source, lines=True)
-    elif suffix == ".json":
-        frame = pd.DataFrame(json.loads(source.read_text(encoding="utf-8")))
-    else:
-        raise ValueError(f"Caption table {str(source)!r}: unknown format {suffix!r}; use one of {_TABLE_SUFFIXES}.")
+    frame = read_table(source, what="Caption table")
     image_column = "image" if "image" in frame.columns else "path" if "path" in frame.columns else None
     if image_column is None or "caption" not in frame.columns:
         raise ValueError(
@@ -189,8 +173,7 @@ def read_caption_table(path: str | os.PathLike[str]) -> list[CaptionRecord]:
         caption = row["caption"]
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError(f"{source}: row {i}: the caption is empty.")
-        image = Path(str(row[image_column]))
-        image = image if image.is_absolute() else source.parent / image
+        image = table_path(source, row[image_column])
         window = _four_numbers(row.get("window"), column="window", row=i, source=source)
         bounds = _four_numbers(row.get("bounds"), column="bounds", row=i, source=source)
         if window is not None and bounds is not None:

@@ -55,6 +55,55 @@ def folder_labels(paths: Sequence[str]) -> list[str]:
     return [Path(p).parent.name for p in paths]
 
 
+def table_labels(table: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
+    """The chips and classes a table lists (CSV, Parquet or JSON Lines: :func:`~dinov3_eo.data.tables.read_table`):
+    columns ``image`` (or ``path``; relative to the table's folder) and ``label`` (or ``class``), as benchmarks ship
+    their splits.
+
+    Raises:
+        FileNotFoundError: the table, or a chip it lists, does not exist. ValueError: the columns are missing or a
+        label is empty (row named).
+    """
+    from dinov3_eo.data.tables import read_table, table_path
+
+    frame = read_table(table, what="Label table")
+    image = next((c for c in ("image", "path") if c in frame.columns), None)
+    label = next((c for c in ("label", "class") if c in frame.columns), None)
+    if image is None or label is None:
+        raise ValueError(f"Label table {str(table)!r} needs columns 'image' (or 'path') and 'label' (or 'class'); it has "
+                         f"{list(frame.columns)}.")  # fmt: skip
+    paths, labels = [], []
+    for i, row in enumerate(frame[[image, label]].itertuples(index=False)):
+        name = "" if row[1] is None or (isinstance(row[1], float) and np.isnan(row[1])) else str(row[1]).strip()
+        if not name:
+            raise ValueError(f"Label table {str(table)!r}: row {i} has no label.")
+        path = table_path(table, row[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"Label table {str(table)!r}: row {i} names {str(path)!r}, which does not exist.")
+        paths.append(str(path.resolve()))
+        labels.append(name)
+    if not paths:
+        raise ValueError(f"Label table {str(table)!r} lists no chip.")
+    return paths, labels
+
+
+def labelled_chips(chips: Sequence[str], table: str | None) -> tuple[list[str], list[str]]:
+    """Chips and their classes: from the label ``table`` where given, else the ``chips`` folders (the folder names
+    the class: :func:`folder_labels`).
+
+    Raises:
+        ValueError: neither or both given.
+    """
+    from dinov3_eo.data.datasets import expand_chips
+
+    if bool(chips) == bool(table):
+        raise ValueError("Give the chips either as class folders (CHIPS) or as a label table (--labels), one of the two.")
+    if table:
+        return table_labels(table)
+    paths = expand_chips(list(chips))
+    return paths, folder_labels(paths)
+
+
 def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train, held_out)``: ``fraction`` of each class's chips (at least one where a class has two or
     more) held out, drawn with ``seed``; each sorted."""
@@ -283,14 +332,17 @@ def classify_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=prog, description="Scene classification of image chips on frozen DINOv3 "
                                      "features: a linear probe or k-NN on chip embeddings.")  # fmt: skip
     sub = parser.add_subparsers(dest="action", required=True)
-    fit = sub.add_parser("fit", help="embed labelled chips (one folder per class) and fit a probe",
+    fit = sub.add_parser("fit", help="embed labelled chips (one folder per class, or a label table) and fit a probe",
                          description="Embed chips laid out one folder per class (CHIPS/Forest/x.jpg: the folder names "
                          "the class), fit a linear probe (C chosen on held-out chips) or keep them for a k-NN, report "
                          "the held-out accuracy, and save the probe.")  # fmt: skip
-    fit.add_argument("chips", nargs="+", help="training chips: folders (searched recursively) or quoted globs; each "
+    fit.add_argument("chips", nargs="*", help="training chips: folders (searched recursively) or quoted globs; each "
                      "chip's class is its folder's name")  # fmt: skip
     fit.add_argument("--model", required=True, help=BACKBONE_HELP)
     fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
+    fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
+                     "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
+    fit.add_argument("--val-labels", default=None, help="held-out chips as such a table (instead of --val folders)")
     fit.add_argument("--val", nargs="+", default=None, help="held-out chips (class folders as for CHIPS); default: "
                      "--val-fraction of each class")  # fmt: skip
     fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
@@ -312,7 +364,9 @@ def classify_main(argv: Sequence[str]) -> int:
                           "class, confusion",
                           description="Score a probe on held-out chips laid out one folder per class (a benchmark's "
                           "test split): the accuracy table, and with --out-dir metrics.json and confusion.csv/png.")  # fmt: skip
-    test.add_argument("chips", nargs="+", help="test chips: folders or quoted globs; each chip's class is its folder's name")
+    test.add_argument("chips", nargs="*", help="test chips: folders or quoted globs; each chip's class is its folder's name")
+    test.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
+                      "'image' (or 'path', relative to the table) and 'label' columns")  # fmt: skip
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
     test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
@@ -332,20 +386,17 @@ def classify_main(argv: Sequence[str]) -> int:
 
 
 def _fit(args: Any) -> None:
-    from dinov3_eo.data.datasets import expand_chips
 
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
-    if not 0.0 < args.val_fraction < 1.0 and args.val is None:
+    if not 0.0 < args.val_fraction < 1.0 and args.val is None and args.val_labels is None:
         raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
     check_overwrite(args.output, args.overwrite)
     size = args.size or None
     source = os.path.abspath(args.model) if Path(args.model).exists() else args.model
-    paths = expand_chips(args.chips)
-    labels = folder_labels(paths)
-    if args.val is not None:
-        val_paths = expand_chips(args.val)
-        val_labels = folder_labels(val_paths)
+    paths, labels = labelled_chips(args.chips, args.labels)
+    if args.val is not None or args.val_labels is not None:
+        val_paths, val_labels = labelled_chips(args.val or [], args.val_labels)
         unknown = sorted(set(val_labels) - set(labels))
         if unknown:
             raise ValueError(f"Held-out chips of classes {unknown} have no training chip (classes are folder names).")
@@ -354,11 +405,11 @@ def _fit(args: Any) -> None:
         train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
     classes = sorted(set(labels))
     if len(classes) < 2:
-        raise ValueError(f"The chips of {args.chips} lie in {len(classes)} class folder ({classes}); a classifier "
-                         "needs one folder per class, at least two.")  # fmt: skip
+        raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
+                         "needs at least two (one folder, or one label, per class).")  # fmt: skip
     embedded = _embed(args, paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
     x, y = chip_features(embedded, args.features), _class_ids(labels, classes)
-    if args.val is not None:
+    if args.val is not None or args.val_labels is not None:
         held = _embed(args, val_paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
         vx, vy = chip_features(held, args.features), _class_ids(val_labels, classes)
     else:
@@ -389,13 +440,11 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
 
 
 def _test(args: Any) -> None:
-    from dinov3_eo.data.datasets import expand_chips
 
     if args.out_dir is not None and Path(args.out_dir).is_dir():
         for name in ("metrics.json", "confusion.csv", "confusion.png"):
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
-    paths = expand_chips(args.chips)
-    labels = folder_labels(paths)
+    paths, labels = labelled_chips(args.chips, args.labels)
     classes = ChipClassifier.load(args.probe).classes
     unknown = sorted(set(labels) - set(classes))
     if unknown:
@@ -427,6 +476,8 @@ __all__ = [
     "fit_chip_classifier",
     "folder_labels",
     "knn_scores",
+    "labelled_chips",
     "stratified_split",
+    "table_labels",
     "write_predictions",
 ]
