@@ -22,6 +22,7 @@ from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.models.hub import BackboneMeta, export_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_embeddings import (
+    ChipEmbeddings,
     chip_model_input,
     embed_chips,
     model_input_size,
@@ -158,3 +159,48 @@ def test_embed_chips_from_the_command_line(chips: Path, tmp_path: Path, capsys: 
     assert cli_main(["embed", str(tmp_path / "nothing"), "--chips", "-o", str(tmp_path / "n.npz"), *common]) == 2
     assert "matched no image files" in capsys.readouterr().err
     assert not (tmp_path / "g.npz").exists() and not (tmp_path / "n.npz").exists()
+
+
+def test_similar_chips_from_a_table(chips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``similar EXAMPLE --chips --table``: the other chips by cosine similarity of their features to the example's
+    (embedded as the table's were, so equal to its own row), most similar first; several examples count as their
+    mean; mistakes are one sentence."""
+    import csv
+
+    from dinov3_eo.tasks.chip_embeddings import chip_features, nearest_chips
+
+    torch.manual_seed(0)
+    model = build_backbone("vitmicro16", in_chans=3)
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96, normalization=NORM)
+    pth = export_backbone(model, tmp_path / "micro", meta=meta)["pth"]
+    table_path = tmp_path / "t.parquet"
+    assert cli_main(["embed", str(chips), "--chips", "-o", str(table_path), "--model", str(pth), "--size", "64", "--quiet"]) == 0
+    table = read_chip_embeddings(table_path)
+    assert table.metadata["backbone_source"] == str(pth.resolve())
+    out = tmp_path / "matches.csv"
+    example = chips / "chip_1.png"
+    assert cli_main(["similar", str(example), "--chips", "--table", str(table_path), "--model", str(pth), "-o", str(out),
+                     "-k", "2", "--quiet"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    x = chip_features(table)
+    own = x[table.paths.index(str(example))]
+    expected = sorted(((float(x[i] @ own / np.linalg.norm(x[i]) / np.linalg.norm(own)), p) for i, p in enumerate(table.paths)
+                       if p != str(example)), reverse=True)[:2]  # fmt: skip
+    assert [r["rank"] for r in rows] == ["1", "2"] and [r["path"] for r in rows] == [p for _, p in expected]
+    np.testing.assert_allclose([float(r["similarity"]) for r in rows], [s for s, _ in expected], atol=1e-5)
+    # two examples: the search for their mean; neither is listed
+    both = ChipEmbeddings(paths=table.paths[:2], cls=table.cls[:2], patch_mean=table.patch_mean[:2], sizes=table.sizes[:2])
+    found = nearest_chips(table, both, k=5)
+    mean = x[:2].mean(axis=0)
+    ranked = sorted(((float(x[i] @ mean / np.linalg.norm(x[i]) / np.linalg.norm(mean)), table.paths[i]) for i in (2, 3)),
+                    reverse=True)  # fmt: skip
+    assert [p for p, _ in found] == [p for _, p in ranked]  # the two others, the examples left out
+    np.testing.assert_allclose([s for _, s in found], [s for s, _ in ranked], atol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["similar", str(example), "--chips", "--model", str(pth), "-o", str(tmp_path / "x.csv")]) == 2
+    assert "give it with --table" in capsys.readouterr().err
+    other = export_backbone(model, tmp_path / "other", meta=BackboneMeta(name="vits16", in_chans=3, patch_size=16,
+                                                                          embed_dim=96, normalization=NORM))["pth"]  # fmt: skip
+    assert cli_main(["similar", str(example), "--chips", "--table", str(table_path), "--model", str(other), "-o",
+                     str(tmp_path / "y.csv")]) == 2  # fmt: skip
+    assert "was embedded with backbone 'vitmicro16'" in capsys.readouterr().err

@@ -24,29 +24,11 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
-from dinov3_eo.tasks.chip_embeddings import ChipEmbeddings
+from dinov3_eo.tasks.chip_embeddings import FEATURES, ChipEmbeddings, chip_features
 
-#: which embedding columns feed the classifier (each part L2-normalised, then concatenated)
-FEATURES = ("cls", "patch_mean", "cls+patch_mean")
 METHODS = ("linear", "knn")
 #: inverse L2 regularisation strengths tried for the linear probe (chosen by held-out accuracy)
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-
-
-def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") -> np.ndarray:
-    """``[N, D]`` (or ``[N, 2D]``) float32 classifier inputs: the chosen embeddings, each L2-normalised (a chip
-    without data, NaN ``patch_mean``, gets zeros there).
-
-    Raises:
-        ValueError: an unknown ``features``.
-    """
-    if features not in FEATURES:
-        raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
-    parts = []
-    for name in features.split("+"):
-        x = np.nan_to_num(getattr(embeddings, name).astype(np.float32))
-        parts.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
-    return np.concatenate(parts, axis=1)
 
 
 def folder_labels(paths: Sequence[str]) -> list[str]:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: the table formats :func:`write_chip_embeddings` writes
 EMBEDDING_SUFFIXES = (".parquet", ".npz")
+#: which embedding columns feed a probe or a search (each part L2-normalised, then concatenated)
+FEATURES = ("cls", "patch_mean", "cls+patch_mean")
 
 
 @dataclass
@@ -179,6 +181,22 @@ def embed_chips(
     return ChipEmbeddings(paths=paths, cls=cls, patch_mean=patch_mean, sizes=sizes, metadata=metadata)
 
 
+def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") -> np.ndarray:
+    """``[N, D]`` (or ``[N, 2D]``) float32 classifier inputs: the chosen embeddings, each L2-normalised (a chip
+    without data, NaN ``patch_mean``, gets zeros there).
+
+    Raises:
+        ValueError: an unknown ``features``.
+    """
+    if features not in FEATURES:
+        raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
+    parts = []
+    for name in features.split("+"):
+        x = np.nan_to_num(getattr(embeddings, name).astype(np.float32))
+        parts.append(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(parts, axis=1)
+
+
 def write_chip_embeddings(embeddings: ChipEmbeddings, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """``embeddings`` as a table, written atomically: ``.parquet`` (columns ``path``, ``height``, ``width``, ``cls`` and
     ``patch_mean`` as fixed-size float32 lists; the metadata in the schema's ``dinov3_eo`` key) or ``.npz`` (arrays
@@ -243,11 +261,30 @@ def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:
     )  # fmt: skip
 
 
+def nearest_chips(table: ChipEmbeddings, examples: ChipEmbeddings, *, k: int = 20,
+                  features: str = "cls+patch_mean") -> list[tuple[str, float]]:  # fmt: skip
+    """The ``k`` chips of ``table`` most like the ``examples`` (one chip, or several: their mean), by cosine
+    similarity of :func:`chip_features`, most similar first; the examples themselves are left out.
+
+    Returns:
+        ``[(path, similarity)]``.
+    """
+    bank = chip_features(table, features)
+    query = chip_features(examples, features).mean(axis=0)
+    similarity = bank @ (query / max(float(np.linalg.norm(query)), 1e-12)) / np.maximum(np.linalg.norm(bank, axis=1), 1e-12)
+    shown = {os.path.realpath(p) for p in examples.paths}
+    order = [i for i in np.argsort(-similarity, kind="stable") if os.path.realpath(table.paths[i]) not in shown]
+    return [(table.paths[i], float(similarity[i])) for i in order[:k]]
+
+
 __all__ = [
+    "FEATURES",
     "ChipEmbeddings",
+    "chip_features",
     "chip_model_input",
     "embed_chips",
     "model_input_size",
+    "nearest_chips",
     "read_chip_embeddings",
     "write_chip_embeddings",
 ]

@@ -497,6 +497,9 @@ def embed_main(argv: Sequence[str]) -> int:
         backbone, norm, device = _prepare(args, source=paths[0])
         embeddings = embed_chips(backbone, paths, normalization=norm, bands=args.bands, size=args.size or None,
                                  batch_size=args.batch_size, device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        # how to embed more chips alike (similar --chips embeds its examples so)
+        embeddings.metadata["backbone_source"] = os.path.abspath(args.model) if Path(args.model).exists() else args.model
+        embeddings.metadata["normalization_override"] = args.normalization
         return write_chip_embeddings(embeddings, args.output, overwrite=args.overwrite)
 
     def body() -> Path:

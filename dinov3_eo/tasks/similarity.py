@@ -317,8 +317,8 @@ def _parser() -> argparse.ArgumentParser:
         "float32 COG of cosine similarity to the example's features, OUTPUT.png, and with --threshold a mask "
         "OUTPUT_mask.tif and --polygons OUTPUT.gpkg.",
     )
-    p.add_argument("scene", help="input GeoTIFF")
-    p.add_argument("-o", "--output", required=True, help="similarity COG to write (.tif)")
+    p.add_argument("scene", help="input GeoTIFF; with --chips, the example chip(s): a file, folder or quoted glob")
+    p.add_argument("-o", "--output", required=True, help="similarity COG to write (.tif); with --chips, a CSV")
     p.add_argument("--point", type=float, nargs=2, metavar=("X", "Y"), default=None,
                    help="the example as a point (in --crs, default the raster's CRS)")
     p.add_argument("--example", default=None, help="the example as a vector file of points or polygons (any CRS)")
@@ -326,7 +326,51 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None, help="also write the mask of the places at least this "
                    "similar (cosine, e.g. 0.8)")  # fmt: skip
     add_map_options(p, polygons_help="also write the mask's places as polygons (OUTPUT.gpkg)")
+    chips = p.add_argument_group("image chips", "the chips of an embedding table ('embed --chips') most like the "
+                                 "example chip(s), as a CSV of rank, path, similarity")  # fmt: skip
+    chips.add_argument("--chips", action="store_true", help="search a chip table instead of mapping a scene")
+    chips.add_argument("--table", default=None, help="with --chips, the chips to search: a table from 'embed --chips'")
+    chips.add_argument("-k", type=int, default=20, help="with --chips, how many chips to list (default 20)")
+    chips.add_argument("--features", default="cls+patch_mean", choices=("cls", "patch_mean", "cls+patch_mean"),
+                       help="with --chips, which embedding columns are compared (default cls+patch_mean)")
     return p
+
+
+def similar_chips(args: argparse.Namespace) -> Path:
+    """``similar EXAMPLE --chips --table T -o matches.csv``: the examples embedded as the table's chips were (its
+    size, bands and normalisation, the backbone ``--model``), then :func:`~dinov3_eo.tasks.chip_embeddings.nearest_chips`
+    written as a CSV (rank, path, similarity). Returns the CSV's path.
+
+    Raises:
+        ValueError: no ``--table``, or a table embedded by another backbone than ``--model`` (named).
+    """
+    import csv
+
+    from dinov3_eo.data.datasets import expand_chips
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.chip_embeddings import embed_chips, nearest_chips, read_chip_embeddings
+    from dinov3_eo.tasks.features import input_normalization, resolve_backbone
+
+    if args.table is None:
+        raise ValueError("--chips searches a table of chip embeddings: give it with --table (from 'embed --chips').")
+    check_overwrite(args.output, args.overwrite)
+    table = read_chip_embeddings(args.table)
+    info = table.metadata
+    backbone = resolve_backbone(args.model)
+    name = getattr(getattr(backbone, "meta", None), "name", None)
+    if info.get("backbone") not in (None, name):
+        raise ValueError(f"{args.table} was embedded with backbone {info['backbone']!r}, but --model is {name!r}: "
+                         "compare chips embedded by one backbone.")  # fmt: skip
+    override = args.normalization or info.get("normalization_override")
+    examples = embed_chips(backbone, expand_chips(args.scene), bands=info.get("bands") or args.bands,
+                           normalization=input_normalization(getattr(backbone, "meta", None), override),
+                           size=info.get("size"), progress=False)  # fmt: skip
+    matches = nearest_chips(table, examples, k=args.k, features=args.features)
+    with atomic_output(args.output, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(["rank", "path", "similarity"])
+        out.writerows((rank, path, f"{score:.6f}") for rank, (path, score) in enumerate(matches, start=1))
+    return Path(args.output)
 
 
 def similar_main(argv: Sequence[str]) -> int:
@@ -337,6 +381,14 @@ def similar_main(argv: Sequence[str]) -> int:
 
     args = _parser().parse_args(list(argv))
     prog = "dinov3-eo similar"
+    if args.chips:
+        try:
+            written = similar_chips(args)
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(written)
+        return 0
     try:
         example, crs = _parse_example(args)
         backbone = resolve_backbone(args.model)
@@ -367,6 +419,7 @@ __all__ = [
     "GeometryLabels",
     "SimilarityMap",
     "example_in_crs",
+    "similar_chips",
     "similar_main",
     "similarity_map",
     "similarity_outputs",
