@@ -171,7 +171,7 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     odd.mkdir(parents=True)
     Image.open(chips[0]).save(odd / "c.png")
     assert cli_main(["classify", "test", str(tmp_path / "odd"), "--probe", str(probe)]) == 2
-    assert "folders ['cloud'] that are not classes of the probe" in capsys.readouterr().err
+    assert "classes ['cloud'] (folder names, or labels) are not classes of the probe" in capsys.readouterr().err
 
     # a k-NN probe, with explicit held-out chips; then what cannot be done, in one sentence each
     assert cli_main(["classify", "fit", str(class_folders), "--val", str(class_folders / "dark"), "--method", "knn",

@@ -368,7 +368,6 @@ def classify_main(argv: Sequence[str]) -> int:
 
 
 def _fit(args: Any) -> None:
-
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
     if not 0.0 < args.val_fraction < 1.0 and args.val is None and args.val_labels is None:
@@ -381,7 +380,7 @@ def _fit(args: Any) -> None:
         val_paths, val_labels = labelled_chips(args.val or [], args.val_labels)
         unknown = sorted(set(val_labels) - set(labels))
         if unknown:
-            raise ValueError(f"Held-out chips of classes {unknown} have no training chip (classes are folder names).")
+            raise ValueError(f"Held-out chips of classes {unknown} (folder names, or labels) have no training chip.")
         train_idx = np.arange(len(paths))
     else:
         train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
@@ -422,7 +421,6 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
 
 
 def _test(args: Any) -> None:
-
     if args.out_dir is not None and Path(args.out_dir).is_dir():
         for name in ("metrics.json", "confusion.csv", "confusion.png"):
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
@@ -430,8 +428,8 @@ def _test(args: Any) -> None:
     classes = ChipClassifier.load(args.probe).classes
     unknown = sorted(set(labels) - set(classes))
     if unknown:
-        raise ValueError(f"Test chips lie in folders {unknown} that are not classes of the probe {args.probe} "
-                         f"({classes}); a chip's class is its folder's name.")  # fmt: skip
+        raise ValueError(f"Test chips of classes {unknown} (folder names, or labels) are not classes of the probe "
+                         f"{args.probe} ({classes}).")  # fmt: skip
     probe, scores = _probe_scores(args, paths)
     print(f"{probe.method} probe on {len(paths)} test chips:")
     _report(scores, _class_ids(labels, classes), classes, Path(args.out_dir) if args.out_dir else None)

@@ -374,8 +374,10 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
         # each window's share of pixels with a height, from one read of every CHM chip (the windows' labels)
         everything = ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=[], size=self.tile_size,
                                        cache_mb=0, **self._height_arguments())  # fmt: skip
+        from tqdm.auto import tqdm
+
         coverage: dict[ChipWindow, float] = {}
-        for chip in range(len(self.headers)):
+        for chip in tqdm(range(len(self.headers)), desc="heights per window", unit="chip", disable=len(self.headers) < 200):
             heights = np.isfinite(everything.heights(chip))
             for window in super()._windows([chip]):
                 cut = heights[window.top : window.top + self.tile_size, window.left : window.left + self.tile_size]
