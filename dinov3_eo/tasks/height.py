@@ -671,14 +671,21 @@ def evaluate_height_raster(
                                               "reference": str(references[0]) if len(references) == 1 else references,
                                               "reference_overlap_pixels": overlap_pixels,
                                               "metrics": result})  # fmt: skip
-        sampled_pred, sampled_target = sample.pairs()
-        scatter_plot(folder / "scatter.png", sampled_pred, sampled_target, title=Path(names[0]).name)
-        height, width = max(p.shape[0] for p, _ in panels), max(p.shape[1] for p, _ in panels)
-        padded = np.full((2, len(panels), height, width), np.nan, dtype=np.float32)
-        for i, (p, t) in enumerate(panels):  # tiles of other sizes share one figure, padded with nodata
-            padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
-        error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
+        _report_pictures(folder, sample, panels, titles, scatter_title=Path(names[0]).name)
     return result
+
+
+def _report_pictures(folder: Path, sample: _PairSample, panels: Sequence[tuple[np.ndarray, np.ndarray]],
+                     titles: Sequence[str], *, scatter_title: str) -> None:  # fmt: skip
+    """``scatter.png`` of the sampled (predicted, reference) pairs and ``error_map.png`` of the ``panels``
+    (predicted, reference) rasters in ``folder``; panels of other sizes share one figure, padded with nodata."""
+    sampled_pred, sampled_target = sample.pairs()
+    scatter_plot(folder / "scatter.png", sampled_pred, sampled_target, title=scatter_title)
+    height, width = max(p.shape[0] for p, _ in panels), max(p.shape[1] for p, _ in panels)
+    padded = np.full((2, len(panels), height, width), np.nan, dtype=np.float32)
+    for i, (p, t) in enumerate(panels):
+        padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
+    error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
 
 
 def evaluate_chip_heights(
@@ -753,13 +760,7 @@ def evaluate_chip_heights(
         folder.mkdir(parents=True, exist_ok=True)
         _write_json(folder / "metrics.json", {"prediction": [p for p, _ in pairs], "reference": [r for _, r in pairs],
                                               "metrics": result})  # fmt: skip
-        sampled_pred, sampled_target = sample.pairs()
-        scatter_plot(folder / "scatter.png", sampled_pred, sampled_target, title=f"{len(pairs)} chips")
-        height, width = max(p.shape[0] for p, _ in panels), max(p.shape[1] for p, _ in panels)
-        padded = np.full((2, len(panels), height, width), np.nan, dtype=np.float32)
-        for i, (p, t) in enumerate(panels):  # chips of other sizes share one figure, padded with nodata
-            padded[0, i, : p.shape[0], : p.shape[1]], padded[1, i, : t.shape[0], : t.shape[1]] = p, t
-        error_map(folder / "error_map.png", padded[0], padded[1], titles=titles)
+        _report_pictures(folder, sample, panels, titles, scatter_title=f"{len(pairs)} chips")
     return result
 
 
