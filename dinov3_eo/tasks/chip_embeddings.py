@@ -136,7 +136,7 @@ def embed_chips(
     from tqdm.auto import tqdm
 
     paths = expand_chips(chips if isinstance(chips, (str, os.PathLike)) else [os.fspath(c) for c in chips])
-    headers = [read_chip_header(p) for p in paths]
+    headers = [read_chip_header(p) for p in tqdm(paths, desc="chip headers", unit="chip", disable=not progress or len(paths) < 1000)]
     patch = int(backbone.patch_size)
     in_chans = int(backbone.patch_embed.proj.weight.shape[1])
     for header in headers:
