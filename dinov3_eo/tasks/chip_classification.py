@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
-from dinov3_eo.tasks.chip_embeddings import FEATURES, ChipEmbeddings, chip_features
+from dinov3_eo.tasks.chip_embeddings import FEATURES, chip_features, embed_chips_with, load_chip_backbone
 
 METHODS = ("linear", "knn")
 #: inverse L2 regularisation strengths tried for the linear probe (chosen by held-out accuracy)
@@ -268,20 +268,6 @@ def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores:
     return Path(dst)
 
 
-def _embed(args: Any, paths: Sequence[str], *, source: str, size: int | None, bands: Any,
-           normalization: str | None) -> ChipEmbeddings:  # fmt: skip
-    """The embeddings of ``paths`` through the backbone ``source``, as ``embed --chips`` makes them."""
-    import argparse
-
-    from dinov3_eo.tasks.chip_embeddings import embed_chips
-    from dinov3_eo.tasks.features import _prepare
-
-    inputs = argparse.Namespace(input=paths[0], model=source, bands=bands, normalization=normalization, device=args.device)
-    backbone, norm, device = _prepare(inputs)
-    return embed_chips(backbone, paths, normalization=norm, bands=bands, size=size, batch_size=args.batch_size,
-                       device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
-
-
 def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     lookup = {name: i for i, name in enumerate(classes)}
     return np.array([lookup[name] for name in labels], dtype=np.int64)
@@ -374,7 +360,6 @@ def _fit(args: Any) -> None:
         raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
     check_overwrite(args.output, args.overwrite)
     size = args.size or None
-    source = os.path.abspath(args.model) if Path(args.model).exists() else args.model
     paths, labels = labelled_chips(args.chips, args.labels)
     if args.val is not None or args.val_labels is not None:
         val_paths, val_labels = labelled_chips(args.val or [], args.val_labels)
@@ -388,16 +373,18 @@ def _fit(args: Any) -> None:
     if len(classes) < 2:
         raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
                          "needs at least two (one folder, or one label, per class).")  # fmt: skip
-    embedded = _embed(args, paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
+    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
+    embed = dict(bands=args.bands, size=size, batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)
+    embedded = embed_chips_with(backbone, paths, **embed)
     x, y = chip_features(embedded, args.features), _class_ids(labels, classes)
     if args.val is not None or args.val_labels is not None:
-        held = _embed(args, val_paths, source=source, size=size, bands=args.bands, normalization=args.normalization)
+        held = embed_chips_with(backbone, val_paths, **embed)
         vx, vy = chip_features(held, args.features), _class_ids(val_labels, classes)
     else:
         vx, vy = x[val_idx], y[val_idx]
     probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
                                 val=(vx, vy) if len(vy) else None, k=args.k)  # fmt: skip
-    probe.embedding = {"backbone_source": source, "size": size, "bands": args.bands,
+    probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
                        "normalization": args.normalization, "backbone": embedded.metadata.get("backbone")}  # fmt: skip
     print(f"{args.method} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
@@ -415,8 +402,9 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
     source = args.model or info.get("backbone_source")
     if source is None:
         raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
-    embedded = _embed(args, paths, source=source, size=info.get("size"), bands=info.get("bands"),
-                      normalization=info.get("normalization"))  # fmt: skip
+    backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=args.device)
+    embedded = embed_chips_with(backbone, paths, bands=info.get("bands"), size=info.get("size"),
+                                batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)  # fmt: skip
     return probe, probe.scores(chip_features(embedded, probe.features))
 
 

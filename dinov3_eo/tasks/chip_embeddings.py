@@ -17,7 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +103,48 @@ def _batches(headers: Sequence[ChipHeader], patch_size: int, size: int | None, b
         batch.append(i)
     if batch:
         yield batch
+
+
+class ChipBackbone(NamedTuple):
+    """A backbone ready to embed chips (:func:`load_chip_backbone`): the model on its device, its input
+    normalisation, and how it was named, so that more chips can be embedded alike."""
+
+    model: nn.Module
+    normalization: Normalization | None
+    device: str
+    source: str
+    normalization_override: str | None
+
+
+def load_chip_backbone(source: str | os.PathLike[str], *, normalization: str | None = None,
+                       device: str | None = None) -> ChipBackbone:  # fmt: skip
+    """The backbone ``source`` names (:func:`~dinov3_eo.tasks.features.resolve_backbone`: a registry name, an
+    export, a segmentation checkpoint) on ``device`` (default: cuda when available), with its stored input
+    normalisation, or the preset ``normalization`` names (``"none"`` for raw values). ``source`` is recorded as an
+    absolute path when it is a file.
+
+    Raises:
+        FileNotFoundError: ``source`` is neither a registered name nor a file. ValueError: no normalisation is known.
+    """
+    from dinov3_eo.tasks.features import input_normalization, resolve_backbone
+
+    text = os.fspath(source)
+    model = resolve_backbone(text)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    norm = input_normalization(getattr(model, "meta", None), normalization)
+    recorded = os.path.abspath(text) if Path(text).exists() else text
+    return ChipBackbone(model.to(device), norm, device, recorded, normalization)
+
+
+def embed_chips_with(backbone: ChipBackbone, chips: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                     bands: Sequence[int] | None = None, size: int | None = 224, batch_size: int = 32,
+                     amp: bool = False, progress: bool = True) -> ChipEmbeddings:  # fmt: skip
+    """:func:`embed_chips` through a loaded backbone, its normalisation and device; the table's metadata also
+    records ``backbone_source`` and ``normalization_override`` (how ``similar --chips`` embeds its examples alike)."""
+    embeddings = embed_chips(backbone.model, chips, normalization=backbone.normalization, bands=bands, size=size,
+                             batch_size=batch_size, device=backbone.device, amp=amp, progress=progress)  # fmt: skip
+    embeddings.metadata.update(backbone_source=backbone.source, normalization_override=backbone.normalization_override)
+    return embeddings
 
 
 def embed_chips(
@@ -279,10 +321,13 @@ def nearest_chips(table: ChipEmbeddings, examples: ChipEmbeddings, *, k: int = 2
 
 __all__ = [
     "FEATURES",
+    "ChipBackbone",
     "ChipEmbeddings",
     "chip_features",
     "chip_model_input",
     "embed_chips",
+    "embed_chips_with",
+    "load_chip_backbone",
     "model_input_size",
     "nearest_chips",
     "read_chip_embeddings",

@@ -436,15 +436,13 @@ def _common_parser(prog: str, description: str, output_help: str) -> argparse.Ar
     return parser
 
 
-def _prepare(args: argparse.Namespace, source: str | None = None) -> tuple[nn.Module, Normalization | None, str]:
-    """The backbone, its input normalisation and device for ``args``, checked against the bands of ``source``
-    (default: ``args.input``)."""
-    with open_quietly(source or args.input) as src:
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
+    with open_quietly(args.input) as src:
         count = len(args.bands) if args.bands else src.count
     backbone = resolve_backbone(args.model, in_chans=None)
     in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
     if count != in_chans:
-        raise ValueError(f"{source or args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
+        raise ValueError(f"{args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return backbone.to(device), input_normalization(getattr(backbone, "meta", None), args.normalization), device
 
@@ -481,8 +479,7 @@ def embed_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     def chip_table() -> Path:
-        from dinov3_eo.data.datasets import expand_chips
-        from dinov3_eo.tasks.chip_embeddings import embed_chips, write_chip_embeddings
+        from dinov3_eo.tasks.chip_embeddings import embed_chips_with, load_chip_backbone, write_chip_embeddings
 
         if Path(args.output).suffix.lower() not in EMBEDDING_SUFFIXES:
             raise ValueError(f"With --chips the output is a table ({' or '.join(EMBEDDING_SUFFIXES)}), not "
@@ -493,13 +490,9 @@ def embed_main(argv: Sequence[str]) -> int:
         if args.size < 0:
             raise ValueError(f"--size must be 0 (each chip's own size) or a side in pixels, not {args.size}.")
         check_overwrite(args.output, args.overwrite)
-        paths = expand_chips(args.input)
-        backbone, norm, device = _prepare(args, source=paths[0])
-        embeddings = embed_chips(backbone, paths, normalization=norm, bands=args.bands, size=args.size or None,
-                                 batch_size=args.batch_size, device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
-        # how to embed more chips alike (similar --chips embeds its examples so)
-        embeddings.metadata["backbone_source"] = os.path.abspath(args.model) if Path(args.model).exists() else args.model
-        embeddings.metadata["normalization_override"] = args.normalization
+        backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
+        embeddings = embed_chips_with(backbone, args.input, bands=args.bands, size=args.size or None,
+                                      batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)  # fmt: skip
         return write_chip_embeddings(embeddings, args.output, overwrite=args.overwrite)
 
     def body() -> Path:

@@ -532,10 +532,6 @@ def predict_height(
             if gsd is not None:
                 raise ValueError(f"{dataset.name} has no georeference, so it has no pixel size to resample from; "
                                  "leave out --gsd for image chips.")  # fmt: skip
-            return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
-                               title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands,
-                               nodata=nodata, device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress,
-                               require_georeference=False)  # fmt: skip
         native = abs(float(dataset.transform.a))  # CRS units: what gsd= resamples in
         trained = getattr(meta, "gsd", None)
         metres = pixel_size_off_scale(dataset, trained) if gsd is None else None
@@ -544,10 +540,11 @@ def predict_height(
                 "predict_height: %s has %.3g m pixels but the model was trained at %.3g m; resample with gsd=%.3g "
                 "(--gsd model on the command line).", src, metres, trained, trained,
             )
-        if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):
+        if gsd is None or math.isclose(gsd, native, rel_tol=1e-6):  # (a chip without georeference always: no gsd)
             return _predict_on(model, dataset, dst, normalization=normalization, quicklook=quicklook,
                                title=Path(src).name, window=window, overlap=overlap, batch_size=batch_size, bands=bands, nodata=nodata,
-                               device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress)  # fmt: skip
+                               device=device, amp=amp, tta=tta, overwrite=overwrite, progress=progress,
+                               require_georeference=require_georeference)  # fmt: skip
         from rasterio.vrt import WarpedVRT
 
         scale = gsd / native

@@ -370,12 +370,12 @@ class ChipHeightDataModule(ChipSegmentationDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.headers is not None:
             return
+        from tqdm.auto import tqdm
+
         super().setup(stage)
         # each window's share of pixels with a height, from one read of every CHM chip (the windows' labels)
         everything = ChipHeightDataset(headers=self.headers, masks=self.mask_paths, windows=[], size=self.tile_size,
                                        cache_mb=0, **self._height_arguments())  # fmt: skip
-        from tqdm.auto import tqdm
-
         coverage: dict[ChipWindow, float] = {}
         for chip in tqdm(range(len(self.headers)), desc="heights per window", unit="chip", disable=len(self.headers) < 200):
             heights = np.isfinite(everything.heights(chip))

@@ -341,9 +341,7 @@ def evaluate_class_raster(
                 # each map's class areas, its strata weights, in hectares (maps on different grids add up)
                 map_area += map_pixels * (hectares or 1.0)
                 confusion += counts
-                per_map = accuracy_report(counts)
-                maps.append({"prediction": str(path), "pixels": per_map["pixels"],
-                             "overall_accuracy": per_map["overall_accuracy"], "miou": per_map["miou"]})
+                maps.append(_map_summary(path, counts))
     if confusion.sum() == 0:
         raise ValueError(f"No pixel of {', '.join(repr(str(p)) for p in preds[:3])} has both a class and a reference "
                          f"label in {str(reference)!r}: do they overlap, and is the reference's nodata right?")
@@ -455,9 +453,7 @@ def evaluate_chip_maps(
         counts = confusion_matrix(mapped, truth, k)
         confusion += counts
         map_pixels += np.bincount(mapped[(mapped >= 0) & (mapped < k)], minlength=k)[:k]
-        per_map = accuracy_report(counts)
-        maps.append({"prediction": str(path), "pixels": per_map["pixels"],
-                     "overall_accuracy": per_map["overall_accuracy"], "miou": per_map["miou"]})  # fmt: skip
+        maps.append(_map_summary(path, counts))
         last = (mapped, truth)
     if confusion.sum() == 0:
         raise ValueError(f"No pixel of the {len(pairs)} class maps has both a class and a label in its mask: are the "
@@ -480,6 +476,13 @@ def evaluate_chip_maps(
             agreement_plot(folder / "agreement.png", last[0][::step, ::step], last[1][::step, ::step],
                            title=Path(pairs[0][0]).name)  # fmt: skip
     return report
+
+
+def _map_summary(path: Any, confusion: np.ndarray) -> dict[str, Any]:
+    """One map's row of ``per_map.csv``: its path, labelled pixels, overall accuracy and mIoU."""
+    report = accuracy_report(confusion)
+    return {"prediction": str(path), "pixels": report["pixels"], "overall_accuracy": report["overall_accuracy"],
+            "miou": report["miou"]}
 
 
 def _write_per_map(folder: Path, maps: Sequence[Mapping[str, Any]]) -> None:

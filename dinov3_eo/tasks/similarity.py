@@ -348,23 +348,21 @@ def similar_chips(args: argparse.Namespace) -> Path:
 
     from dinov3_eo.data.datasets import expand_chips
     from dinov3_eo.inference.writers import atomic_output, check_overwrite
-    from dinov3_eo.tasks.chip_embeddings import embed_chips, nearest_chips, read_chip_embeddings
-    from dinov3_eo.tasks.features import input_normalization, resolve_backbone
+    from dinov3_eo.tasks.chip_embeddings import embed_chips_with, load_chip_backbone, nearest_chips, read_chip_embeddings
 
     if args.table is None:
         raise ValueError("--chips searches a table of chip embeddings: give it with --table (from 'embed --chips').")
     check_overwrite(args.output, args.overwrite)
     table = read_chip_embeddings(args.table)
     info = table.metadata
-    backbone = resolve_backbone(args.model)
-    name = getattr(getattr(backbone, "meta", None), "name", None)
+    backbone = load_chip_backbone(args.model, normalization=args.normalization or info.get("normalization_override"),
+                                  device=args.device)  # fmt: skip
+    name = getattr(getattr(backbone.model, "meta", None), "name", None)
     if info.get("backbone") not in (None, name):
         raise ValueError(f"{args.table} was embedded with backbone {info['backbone']!r}, but --model is {name!r}: "
                          "compare chips embedded by one backbone.")  # fmt: skip
-    override = args.normalization or info.get("normalization_override")
-    examples = embed_chips(backbone, expand_chips(args.scene), bands=info.get("bands") or args.bands,
-                           normalization=input_normalization(getattr(backbone, "meta", None), override),
-                           size=info.get("size"), progress=False)  # fmt: skip
+    examples = embed_chips_with(backbone, expand_chips(args.scene), bands=info.get("bands") or args.bands,
+                                size=info.get("size"), progress=False)  # fmt: skip
     matches = nearest_chips(table, examples, k=args.k, features=args.features)
     with atomic_output(args.output, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
