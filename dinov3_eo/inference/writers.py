@@ -397,6 +397,18 @@ def display_rgb(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return picture
 
 
+def coarse_grid_factor(fine: tuple[int, int, Any], coarse: tuple[int, int, Any]) -> int | None:
+    """``k`` where grid ``coarse`` (height, width, transform) is ``fine``'s with pixels of ``k`` x ``k`` of its own
+    from the same origin, covering it (a tile map of the scene), else ``None``."""
+    (fh, fw, ft), (ch, cw, ct) = fine, coarse
+    if ft.a == 0 or ft.b or ft.d:  # rotated grids are not compared
+        return None
+    k = round(ct.a / ft.a)
+    if k < 1 or not ct.almost_equals(ft @ Affine.scale(k)):
+        return None
+    return k if (ch - 1) * k < fh <= ch * k and (cw - 1) * k < fw <= cw * k else None
+
+
 def write_quicklook(
     dst: str | os.PathLike[str],
     *,
@@ -415,7 +427,9 @@ def write_quicklook(
 
     Args:
         dst: destination ``.png``.
-        classes: a one-band class-map GeoTIFF (e.g. from :class:`COGWriter`); its nodata stays transparent.
+        classes: a one-band class-map GeoTIFF (e.g. from :class:`COGWriter`); its nodata stays transparent. With
+            ``image`` it lies on the image's grid, or on one of whole ``k`` x ``k`` blocks of its pixels from the
+            same origin (a tile map: :func:`coarse_grid_factor`).
         image: the imagery it was predicted from (same grid); ``bands`` (1-based) are shown as RGB
             (one band as grey) with a 2-98 % stretch. Without it the classes are drawn on white.
         class_names: legend labels; default: the ``class_names`` tag of ``classes``, else ``class i``.
@@ -427,17 +441,32 @@ def write_quicklook(
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
-        ValueError: if ``image`` and ``classes`` are not on the same pixel grid.
+        ValueError: if ``classes`` lies neither on ``image``'s pixel grid nor on one of whole blocks of them.
     """
     # a bare Figure renders with Agg without touching pyplot's global backend or figure registry
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
 
     check_overwrite(dst, overwrite)
+    image_grid = None
+    if image is not None:
+        with open_quietly(image) as img_src:
+            image_grid = (img_src.height, img_src.width, img_src.transform)
     with open_quietly(classes) as cls_src:  # an image chip's map has no georeference, and needs none here
-        scale = min(1.0, max_size / max(cls_src.height, cls_src.width))
-        shape = (max(1, round(cls_src.height * scale)), max(1, round(cls_src.width * scale)))
-        labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+        grid = (cls_src.height, cls_src.width, cls_src.transform)
+        factor = 1 if image_grid is None or grid == image_grid else coarse_grid_factor(image_grid, grid)
+        if factor is None:
+            raise ValueError(f"Quick-look image {str(image)!r} is not on the grid of class map {str(classes)!r} (nor is "
+                             "the map on a grid of whole blocks of its pixels).")  # fmt: skip
+        base_h, base_w = image_grid[:2] if image_grid is not None else grid[:2]
+        scale = min(1.0, max_size / max(base_h, base_w))
+        shape = (max(1, round(base_h * scale)), max(1, round(base_w * scale)))
+        if factor == 1:
+            labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+        else:  # a tile map: each picture pixel takes the tile its centre falls in
+            rows = np.minimum(((np.arange(shape[0]) + 0.5) * base_h / shape[0]).astype(np.int64) // factor, grid[0] - 1)
+            cols = np.minimum(((np.arange(shape[1]) + 0.5) * base_w / shape[1]).astype(np.int64) // factor, grid[1] - 1)
+            labels = cls_src.read(1)[np.ix_(rows, cols)]
         cls_nodata = cls_src.nodata
         if class_names is None:
             class_names = tagged_class_names(cls_src)
@@ -446,7 +475,6 @@ def write_quicklook(
                 colormap = cls_src.colormap(1)
             except ValueError:  # no colour table in the file
                 colormap = None
-        grid = (cls_src.height, cls_src.width, cls_src.transform)
     labelled = np.ones(shape, dtype=bool) if cls_nodata is None else labels != cls_nodata
     present = sorted(int(v) for v in np.unique(labels[labelled]))
     num_classes = max([len(class_names or []), *(v + 1 for v in present)])
@@ -456,8 +484,6 @@ def write_quicklook(
     background = np.ones((*shape, 3), dtype=np.float32)
     if image is not None:
         with open_quietly(image) as img_src:
-            if (img_src.height, img_src.width, img_src.transform) != grid:
-                raise ValueError(f"Quick-look image {str(image)!r} is not on the grid of class map {str(classes)!r}.")
             indexes = [b for b in bands if b <= img_src.count] or [1]
             pixels = img_src.read(indexes, out_shape=(len(indexes), *shape), resampling=rasterio.enums.Resampling.average)
             valid = img_src.read_masks(1, out_shape=shape) > 0

@@ -9,7 +9,8 @@ regularisation ``C`` chosen on a held-out split, as DINOv2's logistic-regression
 training embeddings for a k-NN, reports accuracy, per-class scores and the confusion matrix of the held-out chips,
 and saves the probe as safetensors (weights) with JSON metadata (classes, features, how the chips were embedded):
 no pickle, so a probe from anywhere loads safely. ``classify test`` scores it on a labelled test split;
-``classify predict`` writes a CSV of each chip's class and probabilities.
+``classify predict`` writes a CSV of each chip's class and probabilities; ``classify map`` classifies georeferenced
+scenes tile by tile (:mod:`~dinov3_eo.tasks.tile_classification`).
 """
 
 from __future__ import annotations
@@ -253,6 +254,13 @@ def fit_chip_classifier(
     return fitted(-best[1])
 
 
+def typical_chip_size(sizes: np.ndarray) -> list[int]:
+    """The most common ``[height, width]`` of ``[N, 2]`` chip sizes (the smallest on a tie): the tile size
+    ``classify map`` cuts a scene into by default."""
+    values, counts = np.unique(np.asarray(sizes, np.int64).reshape(-1, 2), axis=0, return_counts=True)
+    return [int(v) for v in values[int(np.argmax(counts))]]
+
+
 def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
                       overwrite: bool = False) -> Path:  # fmt: skip
     """A CSV, one row per chip: ``path``, ``class`` (the most probable), ``score`` (its probability), then one
@@ -338,7 +346,28 @@ def classify_main(argv: Sequence[str]) -> int:
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
     test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
-    for p in (fit, predict, test):
+    scene = sub.add_parser("map", help="classify georeferenced scenes tile by tile: a class map of tiles (GeoTIFF, "
+                           "GeoPackage, quick-look)",
+                           description="Cut each scene into a grid of tiles from its origin (by default of the probe's "
+                           "training chip size, in scene pixels), classify each tile as a chip, and write "
+                           "OUT/<stem>_tile_classes.tif (one pixel per tile, 255 = not classified), <stem>_tiles.gpkg "
+                           "(a polygon per tile with class, score and p_<class>) and <stem>_tile_quicklook.png.")  # fmt: skip
+    scene.add_argument("scenes", nargs="+", help="georeferenced scenes (GeoTIFF or anything GDAL reads)")
+    scene.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    scene.add_argument("-o", "--out-dir", required=True, help="folder for the outputs (created)")
+    scene.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels (default: the probe's "
+                       "training chip size; choose it so a tile covers the ground a training chip covered)")  # fmt: skip
+    scene.add_argument("--min-valid", type=float, default=0.5, help="share of a tile's pixels that must hold data for "
+                       "it to be classified (default 0.5; tiles past the scene's edge are padded as no data)")  # fmt: skip
+    scene.add_argument("--bands", type=int, nargs="+", default=None, help="1-based scene bands fed to the backbone "
+                       "(default: the probe's chip bands, else all)")  # fmt: skip
+    scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    scene.add_argument("--quicklook-bands", type=int, nargs="+", default=None, help="bands shown as red, green, blue "
+                       "in the quick-look (default: the bands classified, else 1 2 3)")  # fmt: skip
+    scene.add_argument("--probabilities", action="store_true", help="also write <stem>_tile_probabilities.tif, one "
+                       "float32 band per class")  # fmt: skip
+    scene.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    for p in (fit, predict, test, scene):
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
         p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
@@ -346,7 +375,7 @@ def classify_main(argv: Sequence[str]) -> int:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     try:
-        {"fit": _fit, "predict": _predict, "test": _test}[args.action](args)
+        {"fit": _fit, "predict": _predict, "test": _test, "map": _map}[args.action](args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -385,7 +414,8 @@ def _fit(args: Any) -> None:
     probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
                                 val=(vx, vy) if len(vy) else None, k=args.k)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
-                       "normalization": args.normalization, "backbone": embedded.metadata.get("backbone")}  # fmt: skip
+                       "normalization": args.normalization, "backbone": embedded.metadata.get("backbone"),
+                       "chip_size": typical_chip_size(embedded.sizes)}  # fmt: skip
     print(f"{args.method} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
     if len(vy):
@@ -435,6 +465,34 @@ def _predict(args: Any) -> None:
     print(args.output)
 
 
+def _map(args: Any) -> None:
+    from dinov3_eo.inference.writers import check_distinct_stems
+    from dinov3_eo.tasks.tile_classification import classify_tiles, tile_outputs, write_tile_classes
+
+    check_distinct_stems(args.scenes)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    for scene in args.scenes:  # every output is checked before the first scene is classified
+        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities):
+            if path is not None:
+                check_overwrite(path, args.overwrite, inputs=args.scenes)
+    probe = ChipClassifier.load(args.probe)
+    source = args.model or probe.embedding.get("backbone_source")
+    if source is None:
+        raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
+    backbone = load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=args.device)
+    for scene in args.scenes:
+        result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, bands=args.bands,
+                                nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size,
+                                amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
+                                     quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip
+        ids = result.class_ids()
+        counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.classes))
+        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {result.tile_size}-px tiles "
+              f"classified: " + ", ".join(f"{name} {n}" for name, n in zip(result.classes, counts) if n))
+        print("\n".join(str(p) for p in outputs if p is not None))
+
+
 __all__ = [
     "C_GRID",
     "ChipClassifier",
@@ -447,5 +505,6 @@ __all__ = [
     "labelled_chips",
     "stratified_split",
     "table_labels",
+    "typical_chip_size",
     "write_predictions",
 ]

@@ -68,27 +68,56 @@ def model_input_size(height: int, width: int, patch_size: int, size: int | None)
     return tuple(max(patch_size, round(side / patch_size) * patch_size) for side in (height, width))  # type: ignore[return-value]
 
 
-def chip_model_input(header: ChipHeader, *, patch_size: int, normalization: Normalization | None,
-                     bands: Sequence[int] | None = None, size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """A chip as the backbone reads it: normalised, no-data pixels 0, resized (bilinear, antialiased) to
+def model_input(pixels: np.ndarray, valid: np.ndarray, *, patch_size: int, normalization: Normalization | None,
+                size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Pixels as the backbone reads them: normalised, no-data pixels 0, resized (bilinear, antialiased) to
     :func:`model_input_size`.
+
+    Args:
+        pixels: ``[C, H, W]`` raw values; valid: ``[H, W]`` bool, where they hold data.
 
     Returns:
         ``(image [C, H', W'] float32, patch_valid [H'/p, W'/p] bool)``: a patch is valid where any of its pixels
         holds data (validity resized nearest).
     """
-    pixels, valid = read_chip(header, bands)
-    image = torch.from_numpy(pixels)
+    image = torch.from_numpy(np.asarray(pixels, dtype=np.float32))
     if normalization is not None:
         image = normalization(image)
-    mask = torch.from_numpy(valid)
+    mask = torch.from_numpy(np.asarray(valid, dtype=bool))
     image = torch.nan_to_num(image).masked_fill_(~mask, 0.0)
-    target = model_input_size(header.height, header.width, patch_size, size)
+    target = model_input_size(image.shape[1], image.shape[2], patch_size, size)
     if tuple(image.shape[1:]) != target:
         image = F.interpolate(image[None], size=target, mode="bilinear", align_corners=False, antialias=True)[0]
         mask = F.interpolate(mask[None, None].float(), size=target, mode="nearest")[0, 0] > 0.5
     h, w = target[0] // patch_size, target[1] // patch_size
     return image, mask.reshape(h, patch_size, w, patch_size).any(dim=3).any(dim=1)
+
+
+def chip_model_input(header: ChipHeader, *, patch_size: int, normalization: Normalization | None,
+                     bands: Sequence[int] | None = None, size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """A chip (:func:`~dinov3_eo.data.chips.read_chip`) as the backbone reads it: :func:`model_input`."""
+    pixels, valid = read_chip(header, bands)
+    return model_input(pixels, valid, patch_size=patch_size, normalization=normalization, size=size)
+
+
+@torch.inference_mode()
+def embed_batch(backbone: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
+                amp: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The normed CLS token and the mean normed patch token over the valid patches of model inputs of one size
+    (:func:`model_input`), through ``backbone.forward_features`` (in whatever mode the backbone is).
+
+    Returns:
+        ``(cls [B, D], patch_mean [B, D])`` float32; a ``patch_mean`` row is NaN where no patch is valid.
+    """
+    x = torch.stack([image for image, _ in inputs]).to(device)
+    with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = backbone.forward_features(x)
+    tokens = out["x_norm_patchtokens"].float().cpu()  # [B, h*w, D]
+    valid = torch.stack([v.flatten() for _, v in inputs]).float()  # [B, h*w]
+    counts = valid.sum(dim=1, keepdim=True)
+    means = (tokens * valid[..., None]).sum(dim=1) / counts.clamp(min=1)
+    means[counts[:, 0] == 0] = float("nan")
+    return out["x_norm_clstoken"].float().cpu().numpy(), means.numpy()
 
 
 def _batches(headers: Sequence[ChipHeader], patch_size: int, size: int | None, batch_size: int) -> Iterator[list[int]]:
@@ -193,21 +222,11 @@ def embed_chips(
     backbone.eval()
     bar = tqdm(total=len(paths), unit="chip", desc="chip embeddings", disable=not progress)
     try:
-        with torch.inference_mode():
-            for batch in _batches(headers, patch, size, batch_size):
-                inputs = [chip_model_input(headers[i], patch_size=patch, normalization=normalization, bands=bands,
-                                           size=size) for i in batch]  # fmt: skip
-                x = torch.stack([image for image, _ in inputs]).to(device)
-                with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
-                    out = backbone.forward_features(x)
-                tokens = out["x_norm_patchtokens"].float().cpu()  # [B, h*w, D]
-                valid = torch.stack([v.flatten() for _, v in inputs]).float()  # [B, h*w]
-                counts = valid.sum(dim=1, keepdim=True)
-                means = (tokens * valid[..., None]).sum(dim=1) / counts.clamp(min=1)
-                means[counts[:, 0] == 0] = float("nan")
-                cls[batch] = out["x_norm_clstoken"].float().cpu().numpy()
-                patch_mean[batch] = means.numpy()
-                bar.update(len(batch))
+        for batch in _batches(headers, patch, size, batch_size):
+            inputs = [chip_model_input(headers[i], patch_size=patch, normalization=normalization, bands=bands,
+                                       size=size) for i in batch]  # fmt: skip
+            cls[batch], patch_mean[batch] = embed_batch(backbone, inputs, device=device, amp=amp)
+            bar.update(len(batch))
     finally:
         bar.close()
         backbone.train(was_training)
@@ -325,9 +344,11 @@ __all__ = [
     "ChipEmbeddings",
     "chip_features",
     "chip_model_input",
+    "embed_batch",
     "embed_chips",
     "embed_chips_with",
     "load_chip_backbone",
+    "model_input",
     "model_input_size",
     "nearest_chips",
     "read_chip_embeddings",

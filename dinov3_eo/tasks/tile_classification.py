@@ -1,0 +1,323 @@
+"""Scene classification over a GeoTIFF: a chip probe applied to a grid of tiles, as a georeferenced class map.
+
+A probe fitted on EuroSAT-style chips (:mod:`~dinov3_eo.tasks.chip_classification`) answers "what is this chip";
+over a scene the question is "where is what". ``dinov3-eo classify map scene.tif --probe probe.safetensors -o out/``
+cuts the scene into a regular grid of tiles from its origin (by default of the size of the probe's training chips,
+in the scene's pixels), embeds each tile exactly as the probe's chips were embedded (same backbone, bands,
+normalisation and model input size: :func:`~dinov3_eo.tasks.chip_embeddings.model_input`), and writes
+
+- ``<stem>_tile_classes.tif``: a class-id COG with one pixel per tile (the scene's transform scaled by the tile size,
+  colour table and ``class_names`` tag; 255 where a tile was not classified),
+- ``<stem>_tiles.gpkg``: one polygon per classified tile with ``row``, ``col``, ``class_id``, ``class_name``,
+  ``score``, ``valid_fraction`` and one ``p_<class>`` column per class,
+- ``<stem>_tile_quicklook.png``: the tile classes over the imagery,
+- with ``--probabilities``, ``<stem>_tile_probabilities.tif``: one float32 band per class.
+
+Tiles at the right and bottom edges extend past the scene and are padded as no data, like any no-data pixel: a tile
+is classified where at least ``min_valid`` of its pixels hold data. The Python entry point is :func:`classify_tiles`,
+which returns a :class:`TileClasses` (``to_geodataframe``, ``to_xarray``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from rasterio.transform import Affine
+from rasterio.windows import Window
+
+from dinov3_eo.tasks.chip_classification import ChipClassifier
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, load_chip_backbone, model_input
+
+#: the tile class map's value where a tile was not classified
+TILE_NODATA = 255
+
+
+@dataclass
+class TileClasses:
+    """Class probabilities of a scene's tiles on a regular grid: tile ``(row, col)`` covers scene pixels
+    ``row * tile_size`` ... ``(row + 1) * tile_size`` (and the same for columns).
+
+    Attributes:
+        source: the scene.
+        classes: class names, index = class id.
+        probabilities: ``[K, rows, cols]`` float32; NaN where a tile was not classified.
+        valid_fraction: ``[rows, cols]`` share of each tile's pixels that hold data (0 past the scene's edge).
+        crs: the scene's CRS.
+        transform: the tile grid's transform (the scene's scaled by ``tile_size``): one pixel per tile.
+        tile_size: tile side in scene pixels.
+        bands: the 1-based scene bands fed to the backbone (``None``: all).
+    """
+
+    source: str
+    classes: list[str]
+    probabilities: np.ndarray
+    valid_fraction: np.ndarray
+    crs: Any
+    transform: Affine
+    tile_size: int
+    bands: list[int] | None = None
+
+    @property
+    def classified(self) -> np.ndarray:
+        """``[rows, cols]`` bool: the tiles that have probabilities."""
+        return np.isfinite(self.probabilities).all(axis=0)
+
+    def class_ids(self, nodata: int = TILE_NODATA) -> np.ndarray:
+        """``[rows, cols]`` uint8 (uint16 beyond 255 classes) most probable class, ``nodata`` where not classified."""
+        dtype = np.uint8 if len(self.classes) < 255 else np.uint16
+        ids = np.nan_to_num(self.probabilities, nan=-1.0).argmax(axis=0).astype(dtype)
+        ids[~self.classified] = nodata
+        return ids
+
+    def tile_bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` of tile ``(row, col)`` in the CRS (as ``rasterio.windows.bounds``)."""
+        x0, y0 = self.transform @ (col, row)
+        x1, y1 = self.transform @ (col + 1, row + 1)
+        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+    def to_geodataframe(self) -> Any:
+        """The classified tiles as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``class_id``,
+        ``class_name``, ``score`` (its probability), ``valid_fraction``, ``p_<class>`` per class, tile polygons."""
+        import geopandas as gpd
+        import shapely
+
+        rows, cols = np.nonzero(self.classified)
+        p = self.probabilities[:, rows, cols].T  # [N, K]
+        ids = p.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
+        corners = np.array([self.tile_bounds(r, c) for r, c in zip(rows, cols)]).reshape(-1, 4)
+        frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64), "class_id": ids.astype(np.int64),
+                 "class_name": [self.classes[i] for i in ids], "score": p[np.arange(len(ids)), ids].astype(np.float64),
+                 "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
+                 **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
+        geometry = shapely.box(corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3])
+        return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=self.crs))
+
+    def to_xarray(self) -> Any:
+        """An ``xarray.Dataset`` on the tile grid (``x``, ``y`` = tile centres, the CRS set through rioxarray):
+        ``class_id`` (``nodata`` attribute 255) and ``probability`` (``class``, ``y``, ``x``)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+
+        rows, cols = self.valid_fraction.shape
+        x = np.array([(self.transform @ (c + 0.5, 0.5))[0] for c in range(cols)])
+        y = np.array([(self.transform @ (0.5, r + 0.5))[1] for r in range(rows)])
+        ids = xr.DataArray(self.class_ids(), dims=("y", "x"), coords={"y": y, "x": x},
+                           attrs={"nodata": TILE_NODATA, "class_names": list(self.classes)})  # fmt: skip
+        prob = xr.DataArray(self.probabilities, dims=("class", "y", "x"), coords={"class": self.classes, "y": y, "x": x})
+        ds = xr.Dataset({"class_id": ids, "probability": prob}, attrs={"source": self.source, "tile_size": self.tile_size})
+        return ds.rio.write_crs(self.crs).rio.write_transform(self.transform)
+
+
+def tile_grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of tiles covering a ``height`` x ``width`` scene from its origin (edge tiles partly outside)."""
+    return math.ceil(height / tile_size), math.ceil(width / tile_size)
+
+
+def tile_window(row: int, col: int, tile_size: int) -> Window:
+    """The scene pixel window of tile ``(row, col)``."""
+    return Window(col * tile_size, row * tile_size, tile_size, tile_size)
+
+
+def _probe_tile_size(probe: ChipClassifier) -> int:
+    size = probe.embedding.get("chip_size")
+    if not size:
+        raise ValueError("The probe does not record the size of its training chips (fitted before dinov3_eo recorded "
+                         "it); give the tile size in scene pixels (--tile-size).")  # fmt: skip
+    height, width = (int(v) for v in size)
+    if height != width:
+        raise ValueError(f"The probe's training chips are {height} x {width} pixels, not square; give the tile size "
+                         "in scene pixels (--tile-size).")  # fmt: skip
+    return height
+
+
+class _Tile(NamedTuple):
+    row: int
+    col: int
+    valid_fraction: float
+    pixels: np.ndarray
+    valid: np.ndarray
+
+
+def _read_tiles(src: Any, tile_size: int, bands: Sequence[int] | None, nodata: float | None) -> Iterator[_Tile]:
+    from dinov3_eo.data.raster import read_window
+
+    rows, cols = tile_grid_shape(src.height, src.width, tile_size)
+    for row in range(rows):
+        for col in range(cols):
+            pixels, valid = read_window(src, tile_window(row, col, tile_size), bands=bands, nodata=nodata)
+            yield _Tile(row, col, float(valid.mean()), pixels, valid)
+
+
+def classify_tiles(
+    raster: str | os.PathLike[str],
+    probe: ChipClassifier | str | os.PathLike[str],
+    *,
+    backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    tile_size: int | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    min_valid: float = 0.5,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> TileClasses:
+    """Classify a georeferenced scene tile by tile with a chip probe (``classify fit``).
+
+    Args:
+        raster: the scene (a GeoTIFF or anything GDAL reads with a CRS and a geotransform).
+        probe: a :class:`~dinov3_eo.tasks.chip_classification.ChipClassifier` or its ``.safetensors`` file.
+        backbone: a loaded :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone` or a source for
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (default: the probe's, with its normalisation).
+        tile_size: tile side in scene pixels (default: the probe's training chip size). Pick it so that a tile
+            covers the ground a training chip covered (a 64-px EuroSAT chip at 10 m is 640 m: 64 px of a 10 m scene).
+        bands: 1-based scene bands fed to the backbone (default: the probe's chip bands, else all).
+        nodata: no-data value overriding the file's (e.g. ``0`` for a Landsat L1 collar).
+        min_valid: the share of a tile's pixels that must hold data for it to be classified.
+        batch_size: tiles per forward pass; device, amp: as for :func:`~dinov3_eo.tasks.chip_embeddings.embed_chips`.
+
+    Raises:
+        FileNotFoundError: no such scene or probe. ValueError: a scene without a georeference, a band count the
+        backbone does not take, a bad ``tile_size`` or ``min_valid`` (each in one sentence).
+    """
+    import rasterio
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.raster import require_georeferenced
+
+    if not isinstance(probe, ChipClassifier):
+        probe = ChipClassifier.load(probe)
+    info = probe.embedding
+    if not 0.0 < min_valid <= 1.0:
+        raise ValueError(f"min_valid must lie in (0, 1], got {min_valid}.")
+    tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
+    if tile_size < 1:
+        raise ValueError(f"The tile size must be a positive number of pixels, got {tile_size}.")
+    if not Path(raster).is_file():
+        raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
+    if not isinstance(backbone, ChipBackbone):
+        source = backbone if backbone is not None else info.get("backbone_source")
+        if source is None:
+            raise ValueError("The probe does not record its backbone; give one (--model).")
+        backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=device)
+    model = backbone.model
+    patch = int(model.patch_size)
+    in_chans = int(model.patch_embed.proj.weight.shape[1])
+    bands = list(bands) if bands is not None else info.get("bands")
+    size = info.get("size", 224)
+
+    with rasterio.open(raster) as src:
+        require_georeferenced(src)
+        count = len(bands) if bands is not None else src.count
+        if count != in_chans:
+            raise ValueError(f"Scene {str(raster)!r} gives {count} bands ({'--bands ' + str(bands) if bands else 'all'}) "
+                             f"but the backbone takes {in_chans}; select bands with --bands.")  # fmt: skip
+        if bands is not None and any(not 1 <= b <= src.count for b in bands):
+            raise ValueError(f"Scene {str(raster)!r} has {src.count} bands; bands {bands} asks for others.")
+        rows, cols = tile_grid_shape(src.height, src.width, tile_size)
+        probabilities = np.full((len(probe.classes), rows, cols), np.nan, dtype=np.float32)
+        valid_fraction = np.zeros((rows, cols), dtype=np.float32)
+        crs, transform = src.crs, src.transform @ Affine.scale(tile_size)
+
+        def score(batch: list[_Tile]) -> None:
+            inputs = [model_input(t.pixels, t.valid, patch_size=patch, normalization=backbone.normalization, size=size)
+                      for t in batch]  # fmt: skip
+            cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp)
+            embedded = ChipEmbeddings(paths=[""] * len(batch), cls=cls, patch_mean=patch_mean,
+                                      sizes=np.zeros((len(batch), 2), np.int64))  # fmt: skip
+            p = probe.scores(chip_features(embedded, probe.features)).astype(np.float32)
+            for t, row in zip(batch, p):
+                probabilities[:, t.row, t.col] = row
+
+        was_training = model.training
+        model.eval()
+        batch: list[_Tile] = []
+        try:
+            for tile in tqdm(_read_tiles(src, tile_size, bands, nodata), total=rows * cols, unit="tile",
+                             desc=f"tiles of {Path(raster).name}", disable=not progress):  # fmt: skip
+                valid_fraction[tile.row, tile.col] = tile.valid_fraction
+                if tile.valid_fraction < min_valid or not tile.valid.any():
+                    continue
+                batch.append(tile)
+                if len(batch) == batch_size:
+                    score(batch)
+                    batch = []
+            if batch:
+                score(batch)
+        finally:
+            model.train(was_training)
+    return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
+                       valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
+                       bands=list(bands) if bands is not None else None)  # fmt: skip
+
+
+class TileOutputs(NamedTuple):
+    """What :func:`write_tile_classes` writes for one scene."""
+
+    classes: Path
+    tiles: Path
+    quicklook: Path
+    probabilities: Path | None
+
+
+def tile_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool = False) -> TileOutputs:
+    """``OUT/<stem>_tile_classes.tif``, ``_tiles.gpkg``, ``_tile_quicklook.png`` (and ``_tile_probabilities.tif``)."""
+    stem, out = Path(src).stem, Path(out_dir)
+    return TileOutputs(out / f"{stem}_tile_classes.tif", out / f"{stem}_tiles.gpkg", out / f"{stem}_tile_quicklook.png",
+                       out / f"{stem}_tile_probabilities.tif" if probabilities else None)  # fmt: skip
+
+
+def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, probabilities: bool = False,
+                       quicklook_bands: Sequence[int] | None = None, nodata: float | None = None,
+                       overwrite: bool = False) -> TileOutputs:  # fmt: skip
+    """Write :func:`tile_outputs` for ``result``, each atomically; the quick-look draws the tile classes over
+    ``result.source``'s ``quicklook_bands`` as red, green, blue (default: the bands the tiles were classified on, in
+    the order the probe's chips had them, else 1, 2, 3) with ``nodata`` shown white.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is false (checked before anything is written).
+    """
+    import rasterio
+
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite, default_colormap, write_cog, write_quicklook
+
+    paths = tile_outputs(result.source, out_dir, probabilities=probabilities)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        if path is not None:
+            check_overwrite(path, overwrite, inputs=[result.source])
+    ids = result.class_ids()
+    colormap = default_colormap(len(result.classes))
+    write_cog(paths.classes, ids, crs=result.crs, transform=result.transform, nodata=TILE_NODATA,
+              class_names=result.classes, colormap=colormap, overwrite=overwrite,
+              tags={"tile_size": result.tile_size, "source": Path(result.source).name})  # fmt: skip
+    if paths.probabilities is not None:
+        write_cog(paths.probabilities, result.probabilities, crs=result.crs, transform=result.transform,
+                  nodata=float("nan"), band_descriptions=result.classes, overwrite=overwrite)  # fmt: skip
+    frame = result.to_geodataframe()
+    with atomic_output(paths.tiles, overwrite=overwrite) as tmp:
+        frame.to_file(tmp, driver="GPKG", layer="tiles", geometry_type="Polygon" if frame.empty else None)
+    shown = list(quicklook_bands or result.bands or (1, 2, 3))
+    with rasterio.open(result.source) as src:
+        bands = [b for b in shown if b <= src.count][:3] or [1]
+    write_quicklook(paths.quicklook, classes=paths.classes, image=result.source, bands=bands, nodata=nodata,
+                    title=f"{Path(result.source).name}: {result.tile_size}-px tiles", overwrite=overwrite)  # fmt: skip
+    return paths
+
+
+__all__ = [
+    "TILE_NODATA",
+    "TileClasses",
+    "TileOutputs",
+    "classify_tiles",
+    "tile_grid_shape",
+    "tile_outputs",
+    "tile_window",
+    "write_tile_classes",
+]

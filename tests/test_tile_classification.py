@@ -1,0 +1,167 @@
+"""A chip probe over a georeferenced scene, tile by tile (``dinov3-eo classify map``): each tile's probabilities are
+those ``classify predict`` gives a chip file of the same pixels, the tiles sit where rasterio puts their windows, and
+the class raster, GeoPackage and xarray agree with each other.
+
+The scene is ``tests/data/rgb_byte_crop.tif`` (real Landsat-7 RGB, CC0, nodata 0 in its collar); the probe's chips
+are 16 x 16 PNG cuts of it, ``dark`` and ``bright`` by their mean brightness.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import torch
+from PIL import Image
+from rasterio.transform import Affine
+from rasterio.windows import bounds as window_bounds
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.inference.writers import coarse_grid_factor, write_cog, write_quicklook
+from dinov3_eo.models.hub import BackboneMeta, export_backbone
+from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.tasks.chip_classification import ChipClassifier, typical_chip_size
+from dinov3_eo.tasks.tile_classification import TILE_NODATA, classify_tiles, tile_grid_shape, tile_window
+
+SCENE = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A probe fitted with ``classify fit`` on 16-px chips of the scene cut at multiples of 16 (tiles of the grid),
+    chips touching the collar left out; returns the probe, the chips' folder and the backbone."""
+    root = tmp_path_factory.mktemp("tiles")
+    with rasterio.open(SCENE) as src:
+        rgb = src.read()
+    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
+    brightness = [rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts]
+    middle = float(np.median(brightness))
+    for (r, c), b in zip(cuts, brightness):
+        folder = root / "chips" / ("bright" if b > middle else "dark")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(folder / f"{r}_{c}.png")
+    torch.manual_seed(0)
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
+                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
+    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), root / "micro", meta=meta)["pth"]
+    probe = root / "probe.safetensors"
+    assert cli_main(["classify", "fit", str(root / "chips"), "-o", str(probe), "--model", str(pth), "--size", "32",
+                     "--quiet"]) == 0  # fmt: skip
+    return {"probe": probe, "chips": root / "chips", "backbone": Path(pth)}
+
+
+def test_tiles_are_the_chips_of_their_pixels_and_sit_where_rasterio_puts_them(fitted: dict[str, Path],
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    probe = ChipClassifier.load(fitted["probe"])
+    assert probe.embedding["chip_size"] == [16, 16]  # the default tile size
+    result = classify_tiles(SCENE, probe, progress=False)
+    with rasterio.open(SCENE) as src:
+        rgb, transform, crs, shape = src.read(), src.transform, src.crs, (src.height, src.width)
+    rows, cols = tile_grid_shape(*shape, 16)
+    assert (rows, cols) == (15, 16) and result.probabilities.shape == (2, 15, 16)
+    assert result.transform == transform @ Affine.scale(16) and result.crs == crs
+
+    # each tile's share of pixels with data, counted here from the pixels (nodata 0 in any band; past the edge: none)
+    padded = np.zeros((3, rows * 16, cols * 16), rgb.dtype)
+    padded[:, : shape[0], : shape[1]] = rgb
+    valid = (padded != 0).all(axis=0).reshape(rows, 16, cols, 16).mean(axis=(1, 3))
+    np.testing.assert_allclose(result.valid_fraction, valid, atol=1e-6)
+    assert np.array_equal(result.classified, valid >= 0.5) and 0 < result.classified.sum() < rows * cols
+    np.testing.assert_allclose(np.nansum(result.probabilities, axis=0)[result.classified], 1.0, atol=1e-5)
+
+    # classify predict on the PNG chips of the same pixels gives the same probabilities
+    predictions = tmp_path / "chips.csv"
+    assert cli_main(["classify", "predict", str(fitted["chips"]), "--probe", str(fitted["probe"]), "-o",
+                     str(predictions), "--quiet"]) == 0  # fmt: skip
+    compared = 0
+    for row in csv.DictReader(predictions.open()):
+        r, c = (int(v) // 16 for v in Path(row["path"]).stem.split("_"))
+        np.testing.assert_allclose(result.probabilities[:, r, c], [float(row["p_bright"]), float(row["p_dark"])], atol=2e-5)
+        compared += 1
+    assert compared == 72
+
+    frame = result.to_geodataframe()
+    assert len(frame) == result.classified.sum() and frame.crs == crs
+    assert list(frame.columns[:6]) == ["row", "col", "class_id", "class_name", "score", "valid_fraction"]
+    for tile in frame.itertuples():
+        assert tile.geometry.bounds == pytest.approx(window_bounds(tile_window(tile.row, tile.col, 16), transform))
+        assert tile.class_id == int(np.nanargmax(result.probabilities[:, tile.row, tile.col]))
+        assert tile.score == pytest.approx(max(tile.p_bright, tile.p_dark))
+    ids = result.class_ids()
+    assert ids.dtype == np.uint8 and (ids[~result.classified] == TILE_NODATA).all()
+
+    grid = result.to_xarray()
+    assert grid.rio.transform() == result.transform and grid.rio.crs == crs
+    assert grid["class_id"].shape == (15, 16) and list(grid["class"].values) == ["bright", "dark"]
+    centre = transform @ (16 * 3 + 8, 16 * 2 + 8)
+    assert float(grid.x[3]) == pytest.approx(centre[0]) and float(grid.y[2]) == pytest.approx(centre[1])
+    assert np.array_equal(grid["class_id"].values, ids)
+
+    strict = classify_tiles(SCENE, probe, tile_size=32, min_valid=1.0, progress=False)
+    assert strict.probabilities.shape == (2, 8, 8) and np.array_equal(strict.classified, strict.valid_fraction == 1.0)
+
+
+def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    args = ["classify", "map", str(SCENE), "--probe", str(fitted["probe"]), "-o", str(out), "--quiet"]
+    assert cli_main([*args, "--probabilities"]) == 0
+    printed = capsys.readouterr().out
+    assert "rgb_byte_crop.tif: 104 of 240 16-px tiles classified: bright" in printed
+    classes = out / "rgb_byte_crop_tile_classes.tif"
+    with rasterio.open(classes) as src, rasterio.open(SCENE) as scene:
+        ids = src.read(1)
+        assert src.transform == scene.transform @ Affine.scale(16) and src.crs == scene.crs and src.nodata == TILE_NODATA
+        assert src.tags()["class_names"] == '["bright", "dark"]' and src.colormap(1)[0][:3] != (0, 0, 0)
+    with rasterio.open(out / "rgb_byte_crop_tile_probabilities.tif") as src:
+        probabilities = src.read()
+        assert src.descriptions == ("bright", "dark")
+    assert np.array_equal(np.where(np.isnan(probabilities[0]), TILE_NODATA, probabilities.argmax(0)), ids)
+    tiles = gpd.read_file(out / "rgb_byte_crop_tiles.gpkg", layer="tiles")
+    assert len(tiles) == 104 and (ids[tiles["row"], tiles["col"]] == tiles["class_id"]).all()
+    assert Image.open(out / "rgb_byte_crop_tile_quicklook.png").size[0] > 100
+
+    assert cli_main(args) == 2  # outputs are kept
+    assert "already exists" in capsys.readouterr().err
+    chip = next(fitted["chips"].rglob("*.png"))
+    assert cli_main(["classify", "map", str(chip), "--probe", str(fitted["probe"]), "-o", str(tmp_path / "c")]) == 2
+    assert "is not georeferenced" in capsys.readouterr().err
+    assert cli_main([*args[:-3], "-o", str(tmp_path / "b"), "--bands", "1", "2"]) == 2
+    assert "gives 2 bands (--bands [1, 2]) but the backbone takes 3" in capsys.readouterr().err
+    assert cli_main([*args[:-3], "-o", str(tmp_path / "m"), "--min-valid", "0"]) == 2
+    assert "min_valid must lie in (0, 1]" in capsys.readouterr().err
+    old = ChipClassifier.load(fitted["probe"])
+    old.embedding.pop("chip_size")  # a probe fitted before the chip size was recorded
+    old.save(tmp_path / "old.safetensors")
+    assert cli_main(["classify", "map", str(SCENE), "--probe", str(tmp_path / "old.safetensors"), "-o", str(tmp_path / "o")]) == 2
+    assert "give the tile size in scene pixels (--tile-size)" in capsys.readouterr().err
+    assert cli_main(["classify", "map", str(SCENE), "--probe", str(tmp_path / "old.safetensors"), "-o", str(tmp_path / "o"),
+                     "--tile-size", "40", "--quiet"]) == 0  # fmt: skip
+    with rasterio.open(tmp_path / "o" / "rgb_byte_crop_tile_classes.tif") as src:
+        assert (src.height, src.width) == (6, 7)  # ceil(230 / 40), ceil(250 / 40)
+
+
+def test_typical_chip_size_and_tile_grid_factor(tmp_path: Path) -> None:
+    assert typical_chip_size(np.array([[64, 64], [64, 64], [32, 48]])) == [64, 64]
+    assert typical_chip_size(np.array([[32, 32], [16, 16]])) == [16, 16]  # the smallest on a tie
+    t = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
+    assert coarse_grid_factor((100, 90, t), (7, 6, t @ Affine.scale(16))) == 16
+    assert coarse_grid_factor((100, 90, t), (100, 90, t)) == 1
+    assert coarse_grid_factor((100, 90, t), (8, 6, t @ Affine.scale(16))) is None  # a row more than covers the scene
+    assert coarse_grid_factor((100, 90, t), (7, 6, Affine.translation(30, 0) @ t @ Affine.scale(16))) is None  # shifted
+    assert coarse_grid_factor((100, 90, t), (7, 6, t @ Affine.scale(15.5))) is None
+
+    # a quick-look of a tile map over its scene; a map on another grid is refused in one sentence
+    with rasterio.open(SCENE) as src:
+        crs, transform = src.crs, src.transform
+    ids = np.arange(15 * 16, dtype=np.uint8).reshape(15, 16) % 3
+    write_cog(tmp_path / "tiles.tif", ids, crs=crs, transform=transform @ Affine.scale(16), nodata=255, class_names=["a", "b", "c"])
+    write_quicklook(tmp_path / "q.png", classes=tmp_path / "tiles.tif", image=SCENE, max_size=230)
+    picture = np.asarray(Image.open(tmp_path / "q.png"))
+    assert picture.ndim == 3 and picture.shape[0] > 150
+    write_cog(tmp_path / "off.tif", ids, crs=crs, transform=transform @ Affine.scale(17), nodata=255)
+    with pytest.raises(ValueError, match="not on the grid of class map"):
+        write_quicklook(tmp_path / "r.png", classes=tmp_path / "off.tif", image=SCENE)
