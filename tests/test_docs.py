@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,3 +149,10 @@ def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.M
     assert len(table) == 406 and x.shape == (406, 192) and probe.classes == ["bright", "dark"]
     assert (scope["root"] / "embeddings.parquet").exists() and probe.c in (0.01, 0.1, 1.0, 10.0, 100.0)
     assert scope["accuracy"] >= 0.8  # brightness classes, which a random ViT's mean patch token keeps
+    tiles, frame, grid = scope["tiles"], scope["frame"], scope["grid"]
+    assert grid["class_id"].shape == (29, 14) and grid["probability"].shape == (2, 29, 14)
+    assert frame.crs.to_epsg() == 32621 and len(frame) == int(tiles.classified.sum()) == 29 * 14  # no nodata declared
+    assert abs(tiles.transform.a) == 960 and all(path.exists() for path in scope["outputs"] if path is not None)
+    # every tile is one of the chips the probe was fitted on: the map agrees with the chips' own classes
+    index = [int(Path(path).stem.split("_")[1]) for path in table.paths]  # chip_<i>.png is tile i, row by row
+    assert np.array_equal(tiles.class_ids().ravel()[index], probe.scores(x).argmax(1))

@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from rasterio.transform import Affine
 from rasterio.windows import Window
+from torch import nn
 
+from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.tasks.chip_classification import ChipClassifier
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, load_chip_backbone, model_input
 
@@ -158,7 +161,8 @@ def classify_tiles(
     raster: str | os.PathLike[str],
     probe: ChipClassifier | str | os.PathLike[str],
     *,
-    backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    backbone: ChipBackbone | nn.Module | str | os.PathLike[str] | None = None,
+    normalization: Normalization | None = None,
     tile_size: int | None = None,
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
@@ -173,8 +177,9 @@ def classify_tiles(
     Args:
         raster: the scene (a GeoTIFF or anything GDAL reads with a CRS and a geotransform).
         probe: a :class:`~dinov3_eo.tasks.chip_classification.ChipClassifier` or its ``.safetensors`` file.
-        backbone: a loaded :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone` or a source for
-            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (default: the probe's, with its normalisation).
+        backbone: a loaded :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone`, a source for
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (default: the probe's, with its normalisation),
+            or a model with ``forward_features``, fed after ``normalization``.
         tile_size: tile side in scene pixels (default: the probe's training chip size). Pick it so that a tile
             covers the ground a training chip covered (a 64-px EuroSAT chip at 10 m is 640 m: 64 px of a 10 m scene).
         bands: 1-based scene bands fed to the backbone (default: the probe's chip bands, else all).
@@ -201,7 +206,10 @@ def classify_tiles(
         raise ValueError(f"The tile size must be a positive number of pixels, got {tile_size}.")
     if not Path(raster).is_file():
         raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
-    if not isinstance(backbone, ChipBackbone):
+    if isinstance(backbone, nn.Module):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        backbone = ChipBackbone(backbone.to(device), normalization, device, type(backbone).__name__, None)
+    elif not isinstance(backbone, ChipBackbone):
         source = backbone if backbone is not None else info.get("backbone_source")
         if source is None:
             raise ValueError("The probe does not record its backbone; give one (--model).")
