@@ -99,6 +99,16 @@ def test_probes_round_trip_and_bad_files_are_named(tmp_path: Path) -> None:
         ChipClassifier.load(tmp_path / "missing.safetensors")
 
 
+def test_embedding_rows_are_taken_in_the_order_asked() -> None:
+    emb = ChipEmbeddings(paths=["/c/a.png", "/c/b.png"], cls=np.array([[1.0], [2.0]], np.float32),
+                         patch_mean=np.array([[3.0], [4.0]], np.float32), sizes=np.array([[8, 8], [16, 16]]))  # fmt: skip
+    back = emb.take(["/c/b.png", "/c/a.png", "/c/b.png"])
+    assert back.paths == ["/c/b.png", "/c/a.png", "/c/b.png"] and back.cls[:, 0].tolist() == [2, 1, 2]
+    assert back.patch_mean[:, 0].tolist() == [4, 3, 4] and back.sizes[:, 0].tolist() == [16, 8, 16]
+    with pytest.raises(KeyError, match="has no embedding"):
+        emb.take(["/c/z.png"])
+
+
 def test_features_splits_and_folder_labels() -> None:
     emb = ChipEmbeddings(paths=["a/x.png", "b/y.png"], cls=np.array([[3.0, 4.0], [1.0, 0.0]], np.float32),
                          patch_mean=np.array([[0.0, 2.0], [np.nan, np.nan]], np.float32), sizes=np.zeros((2, 2)))  # fmt: skip
@@ -225,5 +235,15 @@ def test_label_tables(class_folders: Path, tmp_path: Path, capsys: pytest.Captur
     assert ChipClassifier.load(probe).classes == ["bright", "dark"]
     assert cli_main(["classify", "test", "--labels", str(class_folders / "labels.parquet"), "--probe", str(probe), "--quiet"]) == 0
     assert "test chips:" in capsys.readouterr().out
+    # a table in its own order (benchmarks shuffle their splits): each chip keeps its label, though chips are embedded
+    # in sorted order
+    frame.sample(frac=1.0, random_state=3).to_csv(class_folders / "shuffled.csv", index=False)
+    scores = {}
+    for name in ("labels.csv", "shuffled.csv"):
+        assert cli_main(["classify", "test", "--labels", str(class_folders / name), "--probe", str(probe), "--quiet",
+                         "--out-dir", str(tmp_path / name)]) == 0  # fmt: skip
+        scores[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+    assert scores["shuffled.csv"]["confusion"] == scores["labels.csv"]["confusion"]
+    assert scores["labels.csv"]["overall_accuracy"] >= 0.8
     assert cli_main(["classify", "fit", "-o", str(tmp_path / "none.safetensors"), "--model", str(pth)]) == 2
     assert "either as class folders (CHIPS) or as a label table (--labels)" in capsys.readouterr().err

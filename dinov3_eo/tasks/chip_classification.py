@@ -38,6 +38,32 @@ def folder_labels(paths: Sequence[str]) -> list[str]:
     return [Path(p).parent.name for p in paths]
 
 
+def _table_rows(table: str | os.PathLike[str]) -> list[tuple[str, Any]]:
+    """``(chip path, raw label cell)`` of each row of a label table (columns ``image`` or ``path``, ``label`` or
+    ``class``; paths relative to the table's folder)."""
+    from dinov3_eo.data.tables import read_table, table_path
+
+    frame = read_table(table, what="Label table")
+    image = next((c for c in ("image", "path") if c in frame.columns), None)
+    label = next((c for c in ("labels", "label", "class") if c in frame.columns), None)
+    if image is None or label is None:
+        raise ValueError(f"Label table {str(table)!r} needs columns 'image' (or 'path') and 'label' (or 'class'); it has "
+                         f"{list(frame.columns)}.")  # fmt: skip
+    rows = []
+    for i, (name, cell) in enumerate(frame[[image, label]].itertuples(index=False)):
+        path = table_path(table, name)
+        if not path.is_file():
+            raise FileNotFoundError(f"Label table {str(table)!r}: row {i} names {str(path)!r}, which does not exist.")
+        rows.append((str(path.resolve()), cell))
+    if not rows:
+        raise ValueError(f"Label table {str(table)!r} lists no chip.")
+    return rows
+
+
+def _missing(cell: Any) -> bool:
+    return cell is None or (isinstance(cell, float) and np.isnan(cell))
+
+
 def table_labels(table: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
     """The chips and classes a table lists (CSV, Parquet or JSON Lines: :func:`~dinov3_eo.data.tables.read_table`):
     columns ``image`` (or ``path``; relative to the table's folder) and ``label`` (or ``class``), as benchmarks ship
@@ -47,27 +73,39 @@ def table_labels(table: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
         FileNotFoundError: the table, or a chip it lists, does not exist. ValueError: the columns are missing or a
         label is empty (row named).
     """
-    from dinov3_eo.data.tables import read_table, table_path
-
-    frame = read_table(table, what="Label table")
-    image = next((c for c in ("image", "path") if c in frame.columns), None)
-    label = next((c for c in ("label", "class") if c in frame.columns), None)
-    if image is None or label is None:
-        raise ValueError(f"Label table {str(table)!r} needs columns 'image' (or 'path') and 'label' (or 'class'); it has "
-                         f"{list(frame.columns)}.")  # fmt: skip
     paths, labels = [], []
-    for i, row in enumerate(frame[[image, label]].itertuples(index=False)):
-        name = "" if row[1] is None or (isinstance(row[1], float) and np.isnan(row[1])) else str(row[1]).strip()
+    for i, (path, cell) in enumerate(_table_rows(table)):
+        name = "" if _missing(cell) else str(cell).strip()
         if not name:
             raise ValueError(f"Label table {str(table)!r}: row {i} has no label.")
-        path = table_path(table, row[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"Label table {str(table)!r}: row {i} names {str(path)!r}, which does not exist.")
-        paths.append(str(path.resolve()))
+        paths.append(path)
         labels.append(name)
-    if not paths:
-        raise ValueError(f"Label table {str(table)!r} lists no chip.")
     return paths, labels
+
+
+def table_multilabels(table: str | os.PathLike[str], separator: str = ";") -> tuple[list[str], list[list[str]]]:
+    """The chips and class sets of a multi-label table: as :func:`table_labels`, the label cell (column ``labels``,
+    ``label`` or ``class``) a list (Parquet, JSON Lines) or a string of classes joined by ``separator``
+    (``"water;crop"``); an empty cell is a chip of none of the classes.
+    """
+    paths, labels = [], []
+    for path, cell in _table_rows(table):
+        if isinstance(cell, (list, tuple, np.ndarray)):
+            names = [str(v).strip() for v in cell]
+        else:
+            names = [] if _missing(cell) else str(cell).split(separator)
+        paths.append(path)
+        labels.append(sorted({n.strip() for n in names if n.strip()}))
+    return paths, labels
+
+
+def label_matrix(labels: Sequence[Sequence[str]], classes: Sequence[str]) -> np.ndarray:
+    """``[N, K]`` bool: chip ``i`` carries class ``k`` (classes not in ``classes`` ignored)."""
+    lookup = {name: k for k, name in enumerate(classes)}
+    targets = np.zeros((len(labels), len(classes)), dtype=bool)
+    for i, names in enumerate(labels):
+        targets[i, [lookup[n] for n in names if n in lookup]] = True
+    return targets
 
 
 def labelled_chips(chips: Sequence[str], table: str | None) -> tuple[list[str], list[str]]:
@@ -106,23 +144,26 @@ def stratified_split(labels: Sequence[str], fraction: float, seed: int = 0) -> t
 def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, x: np.ndarray, num_classes: int, *, k: int = 20,
                temperature: float = 0.07) -> np.ndarray:  # fmt: skip
     """DINO's weighted k-NN: each of the ``k`` most cosine-similar bank rows votes ``exp(similarity / temperature)``
-    for its class; returns ``[N, K]`` vote shares (rows sum to 1).
+    for its class; returns ``[N, K]`` vote shares (rows sum to 1). With multi-label ``bank_labels`` ``[M, K]`` (0/1),
+    a class's score is the vote share of the neighbours that carry it.
 
     Args:
-        bank: ``[M, D]`` training features; bank_labels: ``[M]`` class ids; x: ``[N, D]`` features to classify.
+        bank: ``[M, D]`` training features; bank_labels: ``[M]`` class ids (or ``[M, K]`` 0/1); x: ``[N, D]`` features
+            to classify.
     """
     import torch
 
     a = torch.nn.functional.normalize(torch.from_numpy(np.asarray(bank, np.float32)), dim=1)
     b = torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=1)
     k = min(k, len(a))
-    votes = torch.zeros(len(b), num_classes, dtype=torch.float64)
     labels = torch.from_numpy(np.asarray(bank_labels, np.int64))
+    targets = labels.double() if labels.ndim == 2 else torch.nn.functional.one_hot(labels, num_classes).double()
+    scores = torch.zeros(len(b), num_classes, dtype=torch.float64)
     for start in range(0, len(b), 1024):  # [1024, M] similarities at a time: memory flat in the chips classified
         sim, idx = (b[start : start + 1024] @ a.T).topk(k, dim=1)
-        weights = (sim.double() / temperature).exp()
-        votes[start : start + 1024].scatter_add_(1, labels[idx], weights)
-    return (votes / votes.sum(dim=1, keepdim=True)).numpy()
+        weights = (sim.double() / temperature).exp()  # [n, k]
+        scores[start : start + 1024] = (weights[..., None] * targets[idx]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+    return scores.numpy()
 
 
 @dataclass
@@ -130,13 +171,16 @@ class ChipClassifier:
     """A classifier on chip embeddings: ``scores(features) -> [N, K]`` class probabilities.
 
     Attributes:
-        method: ``"linear"`` (``weight`` ``[K, D]``, ``bias`` ``[K]``: softmax of ``x W^T + b``) or ``"knn"``
-            (``bank`` ``[M, D]`` with ``bank_labels`` ``[M]``, ``k``, ``temperature``).
+        method: ``"linear"`` (``weight`` ``[K, D]``, ``bias`` ``[K]``: softmax of ``x W^T + b``, or each class's
+            sigmoid when ``multi_label``) or ``"knn"`` (``bank`` ``[M, D]`` with ``bank_labels`` ``[M]``, or ``[M, K]``
+            0/1 when ``multi_label``; ``k``, ``temperature``).
         classes: class names, index = class id.
         features: :data:`FEATURES` entry the inputs are made of.
         embedding: how chips are embedded for it (``backbone_source``, ``size``, ``bands``, ``normalization``).
         c: the linear probe's chosen ``C``.
-        held_out_accuracy: accuracy on the held-out chips when fitted, for the record.
+        held_out_accuracy: accuracy (multi-label: macro mAP) on the held-out chips when fitted, for the record.
+        multi_label: each chip may carry any number of classes: ``scores`` are independent probabilities, and a class
+            is predicted where its probability is at least ``threshold``.
     """
 
     method: str
@@ -151,12 +195,16 @@ class ChipClassifier:
     c: float | None = None
     embedding: dict[str, Any] = field(default_factory=dict)
     held_out_accuracy: float | None = None
+    multi_label: bool = False
+    threshold: float = 0.5
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """``[N, K]`` class probabilities of features ``x`` ``[N, D]`` (:func:`chip_features`)."""
         if self.method == "knn":
             return knn_scores(self.bank, self.bank_labels, x, len(self.classes), k=self.k, temperature=self.temperature)
         logits = np.asarray(x, np.float64) @ self.weight.T.astype(np.float64) + self.bias.astype(np.float64)
+        if self.multi_label:
+            return 0.5 * (1.0 + np.tanh(0.5 * logits))  # the sigmoid, without overflow for large |logits|
         logits -= logits.max(axis=1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
@@ -170,7 +218,8 @@ class ChipClassifier:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
         meta = {"method": self.method, "classes": self.classes, "features": self.features, "k": self.k,
                 "temperature": self.temperature, "c": self.c, "embedding": self.embedding,
-                "held_out_accuracy": self.held_out_accuracy}  # fmt: skip
+                "held_out_accuracy": self.held_out_accuracy, "multi_label": self.multi_label,
+                "threshold": self.threshold}  # fmt: skip
         with atomic_output(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata={"dinov3_eo_classifier": json.dumps(meta)})
         return Path(path)
@@ -202,7 +251,8 @@ class ChipClassifier:
             raise ValueError(f"Chip classifier {str(path)!r} lacks the tensors {missing} of a {info['method']} probe.")
         return cls(method=info["method"], classes=list(info["classes"]), features=info["features"], k=int(info["k"]),
                    temperature=float(info["temperature"]), c=info.get("c"), embedding=dict(info.get("embedding", {})),
-                   held_out_accuracy=info.get("held_out_accuracy"),
+                   held_out_accuracy=info.get("held_out_accuracy"), multi_label=bool(info.get("multi_label", False)),
+                   threshold=float(info.get("threshold", 0.5)),
                    **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
 
 
@@ -254,6 +304,61 @@ def fit_chip_classifier(
     return fitted(-best[1])
 
 
+def fit_multilabel_classifier(
+    x: np.ndarray,
+    targets: np.ndarray,
+    classes: Sequence[str],
+    *,
+    method: str = "linear",
+    features: str = "cls+patch_mean",
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    c_grid: Sequence[float] = C_GRID,
+    k: int = 20,
+    temperature: float = 0.07,
+    threshold: float = 0.5,
+    max_iter: int = 1000,
+) -> ChipClassifier:
+    """A multi-label probe on features ``x`` ``[N, D]`` with ``targets`` ``[N, K]`` bool.
+
+    The linear probe is one scikit-learn binary ``LogisticRegression`` per class (one-vs-rest, lbfgs, L2) with one
+    ``C`` for all: with ``val`` (features, targets) the ``C`` of ``c_grid`` with the best held-out macro mAP (the
+    smallest on a tie), else 1. A class that every training chip carries is always predicted, one that none carries
+    never. The k-NN keeps ``x`` and ``targets`` as its bank.
+
+    Raises:
+        ValueError: an unknown ``method``, or targets that are not ``[N, K]``.
+    """
+    from dinov3_eo.tasks.multilabel_metrics import multilabel_report
+
+    targets = np.asarray(targets, dtype=bool)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if targets.shape != (len(x), len(classes)):
+        raise ValueError(f"Multi-label targets must be [chips, classes] = {(len(x), len(classes))}, got {targets.shape}.")
+    common = dict(method=method, classes=list(classes), features=features, k=k, temperature=temperature,
+                  multi_label=True, threshold=threshold)  # fmt: skip
+    if method == "knn":
+        return ChipClassifier(bank=np.asarray(x, np.float32), bank_labels=targets.astype(np.int64), **common)
+    from sklearn.linear_model import LogisticRegression
+
+    def fitted(c: float) -> ChipClassifier:
+        weight = np.zeros((len(classes), x.shape[1]), np.float32)
+        bias = np.where(targets.all(axis=0), 1e4, -1e4).astype(np.float32)  # always / never, for one-sided classes
+        for j in range(len(classes)):
+            if 0 < targets[:, j].sum() < len(targets):
+                model = LogisticRegression(C=c, max_iter=max_iter).fit(x, targets[:, j])
+                weight[j], bias[j] = model.coef_[0], model.intercept_[0]
+        return ChipClassifier(weight=weight, bias=bias, c=float(c), **common)
+
+    if val is None:
+        return fitted(1.0)
+    ranked = []
+    for c in c_grid:
+        score = multilabel_report(fitted(c).scores(val[0]), val[1], classes, threshold=threshold)["map_macro"]
+        ranked.append((-np.inf if np.isnan(score) else score, -c))
+    return fitted(-max(ranked)[1])
+
+
 def typical_chip_size(sizes: np.ndarray) -> list[int]:
     """The most common ``[height, width]`` of ``[N, 2]`` chip sizes (the smallest on a tie): the tile size
     ``classify map`` cuts a scene into by default."""
@@ -262,17 +367,23 @@ def typical_chip_size(sizes: np.ndarray) -> list[int]:
 
 
 def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
-                      overwrite: bool = False) -> Path:  # fmt: skip
+                      threshold: float | None = None, overwrite: bool = False) -> Path:  # fmt: skip
     """A CSV, one row per chip: ``path``, ``class`` (the most probable), ``score`` (its probability), then one
-    ``p_<class>`` column per class; written atomically."""
+    ``p_<class>`` column per class; written atomically. With a ``threshold`` (a multi-label probe) ``labels``, the
+    classes of probability at least ``threshold`` joined by ``;``, replaces ``class`` and ``score``."""
     import csv
 
     with atomic_output(dst, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
-        out.writerow(["path", "class", "score", *(f"p_{name}" for name in classes)])
+        head = ["labels"] if threshold is not None else ["class", "score"]
+        out.writerow(["path", *head, *(f"p_{name}" for name in classes)])
         for path, row in zip(paths, scores):
-            best = int(row.argmax())
-            out.writerow([path, classes[best], f"{row[best]:.6f}", *(f"{v:.6f}" for v in row)])
+            if threshold is not None:
+                first = [";".join(name for name, v in zip(classes, row) if v >= threshold)]
+            else:
+                best = int(row.argmax())
+                first = [classes[best], f"{row[best]:.6f}"]
+            out.writerow([path, *first, *(f"{v:.6f}" for v in row)])
     return Path(dst)
 
 
@@ -281,9 +392,21 @@ def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     return np.array([lookup[name] for name in labels], dtype=np.int64)
 
 
-def _report(scores: np.ndarray, y: np.ndarray, classes: Sequence[str], out_dir: Path | None) -> dict[str, Any]:
+def _report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: Path | None, *,
+            threshold: float | None = None) -> dict[str, Any]:
+    """Print (and with ``out_dir`` write) the scores of ``scores`` against ``y`` (class ids, or ``[N, K]`` targets of
+    a multi-label probe, at ``threshold``, default the probe's)."""
     from dinov3_eo.tasks.segmentation_eval import accuracy_report, confusion_matrix, report_table, write_accuracy_report
 
+    classes = probe.classes
+    if probe.multi_label:
+        from dinov3_eo.tasks.multilabel_metrics import multilabel_report, multilabel_table, write_multilabel_report
+
+        report = multilabel_report(scores, y, classes, threshold=probe.threshold if threshold is None else threshold)
+        print(multilabel_table(report))
+        if out_dir is not None:
+            write_multilabel_report(out_dir, report)
+        return report
     confusion = confusion_matrix(scores.argmax(1), y, len(classes))
     report = accuracy_report(confusion, classes)
     report["confusion"] = confusion.tolist()
@@ -319,6 +442,11 @@ def classify_main(argv: Sequence[str]) -> int:
     fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
                      "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
     fit.add_argument("--val-labels", default=None, help="held-out chips as such a table (instead of --val folders)")
+    fit.add_argument("--multi-label", action="store_true", help="each chip may carry several classes (BigEarthNet): "
+                     "the --labels table's label cell is a list, or classes joined by --label-separator; one-vs-rest "
+                     "probes, C chosen by held-out mAP")  # fmt: skip
+    fit.add_argument("--threshold", type=float, default=0.5, help="multi-label: a class is predicted at probability "
+                     ">= THRESHOLD (default 0.5; stored in the probe)")  # fmt: skip
     fit.add_argument("--val", nargs="+", default=None, help="held-out chips (class folders as for CHIPS); default: "
                      "--val-fraction of each class")  # fmt: skip
     fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
@@ -367,6 +495,12 @@ def classify_main(argv: Sequence[str]) -> int:
     scene.add_argument("--probabilities", action="store_true", help="also write <stem>_tile_probabilities.tif, one "
                        "float32 band per class")  # fmt: skip
     scene.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    for p in (fit, test):
+        p.add_argument("--label-separator", default=";", help="multi-label: what joins a chip's classes in a text "
+                       "label cell (default ';')")  # fmt: skip
+    for p in (predict, test):
+        p.add_argument("--threshold", type=float, default=None, help="multi-label probe: the probability a class "
+                       "needs to be predicted (default: the probe's)")  # fmt: skip
     for p in (fit, predict, test, scene):
         p.add_argument("--batch-size", type=int, default=32)
         p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
@@ -382,47 +516,77 @@ def classify_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _chip_labels(args: Any, chips: Sequence[str], table: str | None, multi_label: bool) -> tuple[list[str], list[Any]]:
+    """Chips and their labels (class names; class-name lists for a multi-label probe)."""
+    if not multi_label:
+        return labelled_chips(chips, table)
+    if chips or not table:
+        raise ValueError("Multi-label chips come from a label table (--labels, and --val-labels for held-out chips): "
+                         "class folders give one class per chip.")  # fmt: skip
+    return table_multilabels(table, args.label_separator)
+
+
 def _fit(args: Any) -> None:
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
-    if not 0.0 < args.val_fraction < 1.0 and args.val is None and args.val_labels is None:
+    held_given = args.val is not None or args.val_labels is not None
+    if not 0.0 < args.val_fraction < 1.0 and not held_given:
         raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
+    if args.multi_label and args.val is not None:
+        raise ValueError("Multi-label held-out chips come from a table (--val-labels), not --val folders.")
     check_overwrite(args.output, args.overwrite)
-    size = args.size or None
-    paths, labels = labelled_chips(args.chips, args.labels)
-    if args.val is not None or args.val_labels is not None:
-        val_paths, val_labels = labelled_chips(args.val or [], args.val_labels)
-        unknown = sorted(set(val_labels) - set(labels))
+    size, multi = args.size or None, args.multi_label
+    paths, labels = _chip_labels(args, args.chips, args.labels, multi)
+    if held_given:
+        val_paths, val_labels = _chip_labels(args, args.val or [], args.val_labels, multi)
+        unknown = sorted(set(_flat(val_labels, multi)) - set(_flat(labels, multi)))
         if unknown:
             raise ValueError(f"Held-out chips of classes {unknown} (folder names, or labels) have no training chip.")
         train_idx = np.arange(len(paths))
+    elif multi:  # no stratification for label sets: a seeded random share
+        order = np.random.default_rng(args.seed).permutation(len(paths))
+        n_held = min(max(1, int(round(args.val_fraction * len(paths)))), len(paths) - 1)
+        train_idx, val_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
     else:
         train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
-    classes = sorted(set(labels))
-    if len(classes) < 2:
+    classes = sorted(set(_flat(labels, multi)))
+    if multi and not classes:
+        raise ValueError(f"The chips of {args.labels} carry no class.")
+    if not multi and len(classes) < 2:
         raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
                          "needs at least two (one folder, or one label, per class).")  # fmt: skip
     backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
     embed = dict(bands=args.bands, size=size, batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)
-    embedded = embed_chips_with(backbone, paths, **embed)
-    x, y = chip_features(embedded, args.features), _class_ids(labels, classes)
-    if args.val is not None or args.val_labels is not None:
-        held = embed_chips_with(backbone, val_paths, **embed)
-        vx, vy = chip_features(held, args.features), _class_ids(val_labels, classes)
+    embedded = embed_chips_with(backbone, paths, **embed).take(paths)  # rows in the labels' order
+    target = (lambda names: label_matrix(names, classes)) if multi else (lambda names: _class_ids(names, classes))  # noqa: E731
+    x, y = chip_features(embedded, args.features), target(labels)
+    if held_given:
+        held = embed_chips_with(backbone, val_paths, **embed).take(val_paths)
+        vx, vy = chip_features(held, args.features), target(val_labels)
     else:
         vx, vy = x[val_idx], y[val_idx]
-    probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
-                                val=(vx, vy) if len(vy) else None, k=args.k)  # fmt: skip
+    val = (vx, vy) if len(vy) else None
+    if multi:
+        probe = fit_multilabel_classifier(x[train_idx], y[train_idx], classes, method=args.method,
+                                          features=args.features, val=val, k=args.k, threshold=args.threshold)  # fmt: skip
+    else:
+        probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
+                                    val=val, k=args.k)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
                        "normalization": args.normalization, "backbone": embedded.metadata.get("backbone"),
                        "chip_size": typical_chip_size(embedded.sizes)}  # fmt: skip
-    print(f"{args.method} probe on {len(train_idx)} chips of {len(classes)} classes"
+    kind = f"{'multi-label ' if multi else ''}{args.method}"
+    print(f"{kind} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
     if len(vy):
-        report = _report(probe.scores(vx), vy, classes, Path(args.out_dir) if args.out_dir else None)
-        probe.held_out_accuracy = report["overall_accuracy"]
+        report = _report(probe, probe.scores(vx), vy, Path(args.out_dir) if args.out_dir else None)
+        probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)
     print(args.output)
+
+
+def _flat(labels: Sequence[Any], multi_label: bool) -> list[str]:
+    return [name for names in labels for name in names] if multi_label else list(labels)
 
 
 def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.ndarray]:
@@ -434,23 +598,25 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
         raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
     backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=args.device)
     embedded = embed_chips_with(backbone, paths, bands=info.get("bands"), size=info.get("size"),
-                                batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+                                batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
     return probe, probe.scores(chip_features(embedded, probe.features))
 
 
 def _test(args: Any) -> None:
     if args.out_dir is not None and Path(args.out_dir).is_dir():
-        for name in ("metrics.json", "confusion.csv", "confusion.png"):
+        for name in ("metrics.json", "confusion.csv", "confusion.png", "per_class.csv"):
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
-    paths, labels = labelled_chips(args.chips, args.labels)
-    classes = ChipClassifier.load(args.probe).classes
-    unknown = sorted(set(labels) - set(classes))
+    loaded = ChipClassifier.load(args.probe)
+    classes, multi = loaded.classes, loaded.multi_label
+    paths, labels = _chip_labels(args, args.chips, args.labels, multi)
+    unknown = sorted(set(_flat(labels, multi)) - set(classes))
     if unknown:
         raise ValueError(f"Test chips of classes {unknown} (folder names, or labels) are not classes of the probe "
                          f"{args.probe} ({classes}).")  # fmt: skip
     probe, scores = _probe_scores(args, paths)
-    print(f"{probe.method} probe on {len(paths)} test chips:")
-    _report(scores, _class_ids(labels, classes), classes, Path(args.out_dir) if args.out_dir else None)
+    print(f"{'multi-label ' if multi else ''}{probe.method} probe on {len(paths)} test chips:")
+    y = label_matrix(labels, classes) if multi else _class_ids(labels, classes)
+    _report(probe, scores, y, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold)
 
 
 def _predict(args: Any) -> None:
@@ -459,8 +625,13 @@ def _predict(args: Any) -> None:
     check_overwrite(args.output, args.overwrite)
     paths = expand_chips(args.chips)
     probe, scores = _probe_scores(args, paths)
-    write_predictions(args.output, paths, scores, probe.classes, overwrite=args.overwrite)
-    counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
+    if probe.multi_label:
+        threshold = probe.threshold if args.threshold is None else args.threshold
+        write_predictions(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+        counts = (scores >= threshold).sum(axis=0)
+    else:
+        write_predictions(args.output, paths, scores, probe.classes, overwrite=args.overwrite)
+        counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
     print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
     print(args.output)
 
@@ -500,11 +671,14 @@ __all__ = [
     "chip_features",
     "classify_main",
     "fit_chip_classifier",
+    "fit_multilabel_classifier",
     "folder_labels",
     "knn_scores",
+    "label_matrix",
     "labelled_chips",
     "stratified_split",
     "table_labels",
+    "table_multilabels",
     "typical_chip_size",
     "write_predictions",
 ]

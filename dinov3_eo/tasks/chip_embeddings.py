@@ -59,6 +59,21 @@ class ChipEmbeddings:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def take(self, paths: Sequence[str | os.PathLike[str]]) -> ChipEmbeddings:
+        """The rows of ``paths``, in their order (repeats repeated): chips are embedded once each, in sorted order, and
+        a label table lists them in its own.
+
+        Raises:
+            KeyError: a path that has no row (named).
+        """
+        row = {os.path.abspath(p): i for i, p in enumerate(self.paths)}
+        try:
+            index = np.array([row[os.path.abspath(p)] for p in paths], dtype=np.int64)
+        except KeyError as e:
+            raise KeyError(f"Chip {e.args[0]} has no embedding in this table.") from None
+        return ChipEmbeddings(paths=[self.paths[i] for i in index], cls=self.cls[index], patch_mean=self.patch_mean[index],
+                              sizes=self.sizes[index], metadata=dict(self.metadata))  # fmt: skip
+
 
 def model_input_size(height: int, width: int, patch_size: int, size: int | None) -> tuple[int, int]:
     """The side lengths a chip is fed at: ``size`` x ``size``, or (``size`` = ``None``) its own rounded to the nearest

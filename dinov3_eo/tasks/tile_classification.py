@@ -55,6 +55,8 @@ class TileClasses:
         transform: the tile grid's transform (the scene's scaled by ``tile_size``): one pixel per tile.
         tile_size: tile side in scene pixels.
         bands: the 1-based scene bands fed to the backbone (``None``: all).
+        multi_label: the probe is multi-label (independent class probabilities): a tile carries every class of
+            probability at least ``threshold``, and ``class_ids`` is its most probable one.
     """
 
     source: str
@@ -65,6 +67,8 @@ class TileClasses:
     transform: Affine
     tile_size: int
     bands: list[int] | None = None
+    multi_label: bool = False
+    threshold: float = 0.5
 
     @property
     def classified(self) -> np.ndarray:
@@ -86,7 +90,8 @@ class TileClasses:
 
     def to_geodataframe(self) -> Any:
         """The classified tiles as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``class_id``,
-        ``class_name``, ``score`` (its probability), ``valid_fraction``, ``p_<class>`` per class, tile polygons."""
+        ``class_name``, ``score`` (its probability), ``valid_fraction``, ``p_<class>`` per class, tile polygons; for a
+        multi-label probe also ``labels``, the classes of probability at least ``threshold`` joined by ``;``."""
         import geopandas as gpd
         import shapely
 
@@ -98,6 +103,8 @@ class TileClasses:
                  "class_name": [self.classes[i] for i in ids], "score": p[np.arange(len(ids)), ids].astype(np.float64),
                  "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
                  **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
+        if self.multi_label:
+            frame["labels"] = [";".join(n for n, v in zip(self.classes, row) if v >= self.threshold) for row in p]
         geometry = shapely.box(corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3])
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=self.crs))
 
@@ -262,7 +269,8 @@ def classify_tiles(
             model.train(was_training)
     return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
                        valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
-                       bands=list(bands) if bands is not None else None)  # fmt: skip
+                       bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
+                       threshold=probe.threshold)  # fmt: skip
 
 
 class TileOutputs(NamedTuple):
