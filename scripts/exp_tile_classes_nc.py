@@ -9,7 +9,10 @@ of its labelled pixels is labelled by that class. The training tiles (a checkerb
 and its classes are scored against the labels of the held-out tiles (the other blocks, or the right half: spatial
 splits), next to a logistic regression on colour histograms over the same split and the majority class. The same
 held-out tiles are also written as chips and run through ``classify predict``: the probabilities must
-agree with the map's, and the tiles per second of the two paths are compared in this run.
+agree with the map's, and the tiles per second of the two paths are compared in this run. Then the same as
+multi-label chips: each tile carries every land class on at least ``--presence`` (10 %) of it, ``classify fit
+--multi-label`` on a shuffled table of the training tiles, ``classify test`` on the held-out ones (mAP), against
+colour histograms and the classes' training prevalence.
 
     python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves]
                                             [--backbone export.pth] [--keep DIR]
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -103,6 +107,8 @@ def main() -> None:
     parser.add_argument("--purity", type=float, default=0.6)
     parser.add_argument("--split", choices=("blocks", "halves"), default="blocks", help="held-out tiles: a checkerboard "
                         "of 4 x 4-tile blocks (default) or the right half of the scene")  # fmt: skip
+    parser.add_argument("--presence", type=float, default=0.1, help="multi-label: a tile carries each land class on at "
+                        "least this share of its labelled pixels (default 0.1)")  # fmt: skip
     parser.add_argument("--keep", default=None, help="keep the chips, probe and map in this folder")
     parser.add_argument("--backbone", default=None, help="an exported backbone (default: random weights)")
     args = parser.parse_args()
@@ -170,7 +176,70 @@ def main() -> None:
             "fit_s": round(fit_s, 2), "map_s": round(map_s, 2), "map_tiles_per_s": round(tiles / map_s, 1),
             "predict_s": round(predict_s, 2), "predict_chips_per_s": round(len(test) / predict_s, 1),
         }  # fmt: skip
+        results["multi_label"] = _multi_label(args, tmp, stack, pixels, strata, held, backbone)
         print(json.dumps(results, indent=1))
+
+
+def _multi_label(args: argparse.Namespace, tmp: Path, stack: Path, pixels: np.ndarray, strata: np.ndarray, held: Any,
+                 backbone: str | Path) -> dict[str, Any]:  # fmt: skip
+    """Every whole tile with data throughout, labelled with each land class on >= ``--presence`` of its labelled
+    pixels (BigEarthNet's kind of labels): ``classify fit --multi-label`` on the training blocks' tiles (a table in
+    shuffled order), ``classify test`` on the held-out ones, against one-vs-rest logistic regressions on colour
+    histograms and the training prevalence of each class as every chip's score."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from dinov3_eo.tasks.multilabel_metrics import multilabel_report
+
+    t = args.tile
+    sets: dict[tuple[int, int], list[str]] = {}
+    for r in range(pixels.shape[1] // t):
+        for c in range(pixels.shape[2] // t):
+            if (pixels[:, r * t : (r + 1) * t, c * t : (c + 1) * t] == NODATA).any():
+                continue
+            classes = strata[r * t : (r + 1) * t, c * t : (c + 1) * t]
+            values, counts = np.unique(classes[classes > 0], return_counts=True)
+            if counts.sum():
+                sets[(r, c)] = [NAMES[int(v)] for v, n in zip(values, counts) if n >= args.presence * counts.sum()]
+    chips = tmp / "multi"
+    _write_chips(stack, sorted(sets), {k: 1 for k in sets}, t, chips)  # one folder; the tables carry the labels
+    rng = np.random.default_rng(0)
+    split = {"train": [k for k in sets if not held(k)], "test": [k for k in sets if held(k)]}
+    for name, keys in split.items():
+        rows = [f"{NAMES[1]}/r{r:02d}_c{c:02d}.tif,{';'.join(sets[(r, c)])}" for r, c in keys]
+        (chips / f"{name}.csv").write_text("image,labels\n" + "\n".join(rng.permutation(rows)) + "\n")
+    probe = chips / "probe.safetensors"
+    start = time.perf_counter()
+    assert cli_main(["classify", "fit", "--labels", str(chips / "train.csv"), "--multi-label", "--model", str(backbone),
+                     "-o", str(probe), "--size", str(args.size), "--val-fraction", "0.2", "--quiet"]) == 0  # fmt: skip
+    fit_s = time.perf_counter() - start
+    assert cli_main(["classify", "test", "--labels", str(chips / "test.csv"), "--probe", str(probe), "--out-dir",
+                     str(chips / "test"), "--quiet"]) == 0  # fmt: skip
+    tested = json.loads((chips / "test" / "metrics.json").read_text())
+    classes = list(tested["classes"])
+    targets = {n: np.array([[c in sets[k] for c in classes] for k in keys]) for n, keys in split.items()}
+    features = {n: _colour_features(pixels, keys, t) for n, keys in split.items()}
+    scaler = StandardScaler().fit(features["train"])
+    colour = np.zeros(targets["test"].shape)
+    for j in range(len(classes)):
+        column = targets["train"][:, j]
+        if 0 < column.sum() < len(column):
+            model = LogisticRegression(max_iter=2000).fit(scaler.transform(features["train"]), column)
+            colour[:, j] = model.predict_proba(scaler.transform(features["test"]))[:, 1]
+        else:
+            colour[:, j] = float(column.any())
+    prior = np.broadcast_to(targets["train"].mean(axis=0), targets["test"].shape)
+    keep = ("map_macro", "map_micro", "f1_micro", "f1_macro")
+    summary = lambda r: {key: round(r[key], 4) for key in keep}  # noqa: E731
+    return {
+        "presence": args.presence, "tiles": len(sets), "train_tiles": len(split["train"]), "test_tiles": len(split["test"]),
+        "labels_per_tile": round(float(np.mean([len(v) for v in sets.values()])), 2),
+        "test_positives": {c: tested["classes"][c]["positives"] for c in classes},
+        "probe": summary(tested), "probe_ap": {c: round(tested["classes"][c]["ap"], 3) for c in classes},
+        "colour_histogram_logistic": summary(multilabel_report(colour, targets["test"], classes)),
+        "training_prevalence": summary(multilabel_report(prior, targets["test"], classes)),
+        "fit_s": round(fit_s, 2),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
