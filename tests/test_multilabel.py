@@ -28,7 +28,7 @@ from dinov3_eo.models.hub import BackboneMeta, export_backbone
 from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_classification import (
     ChipClassifier,
-    fit_multilabel_classifier,
+    fit_chip_classifier,
     knn_scores,
     label_matrix,
     table_multilabels,
@@ -73,7 +73,7 @@ def test_one_vs_rest_probe_is_scikit_learns_and_c_is_the_held_out_best() -> None
     x, targets = multilabel_blobs(150)
     vx, vt = multilabel_blobs(60, seed=1)
     grid = (0.001, 0.1, 10.0)
-    probe = fit_multilabel_classifier(x, targets, ["a", "b", "c"], val=(vx, vt), c_grid=grid, threshold=0.4)
+    probe = fit_chip_classifier(x, targets, ["a", "b", "c"], val=(vx, vt), c_grid=grid, threshold=0.4)
     map_of = {c: np.mean([average_precision_score(vt[:, k], LogisticRegression(C=c, max_iter=1000).fit(x, targets[:, k])
                                                   .predict_proba(vx)[:, 1]) for k in range(3)]) for c in grid}  # fmt: skip
     best = max(map_of.values())
@@ -85,10 +85,10 @@ def test_one_vs_rest_probe_is_scikit_learns_and_c_is_the_held_out_best() -> None
 
     one_sided = targets.copy()
     one_sided[:, 1], one_sided[:, 2] = True, False  # every chip has b, none has c
-    scores = fit_multilabel_classifier(x, one_sided, ["a", "b", "c"]).scores(vx)
+    scores = fit_chip_classifier(x, one_sided, ["a", "b", "c"]).scores(vx)
     assert (scores[:, 1] == 1.0).all() and (scores[:, 2] == 0.0).all()
     with pytest.raises(ValueError, match="must be \\[chips, classes\\]"):
-        fit_multilabel_classifier(x, targets[:, :2], ["a", "b", "c"])
+        fit_chip_classifier(x, targets[:, :2], ["a", "b", "c"])
 
 
 def test_multilabel_knn_is_a_loop_and_probes_round_trip(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_multilabel_knn_is_a_loop_and_probes_round_trip(tmp_path: Path) -> None:
         w = np.exp(sims[top] / 0.1)
         np.testing.assert_allclose(got[i], (w[:, None] * targets[top]).sum(0) / w.sum(), rtol=1e-5)
     for method in ("linear", "knn"):
-        probe = fit_multilabel_classifier(x, targets, ["a", "b", "c"], method=method, k=5, threshold=0.3)
+        probe = fit_chip_classifier(x, targets, ["a", "b", "c"], method=method, k=5, threshold=0.3)
         back = ChipClassifier.load(probe.save(tmp_path / f"{method}.safetensors"))
         assert back.multi_label and back.threshold == 0.3 and back.method == method
         np.testing.assert_allclose(back.scores(q), probe.scores(q), atol=1e-6)

@@ -105,6 +105,33 @@ def test_tiles_are_the_chips_of_their_pixels_and_sit_where_rasterio_puts_them(fi
     assert strict.probabilities.shape == (2, 8, 8) and np.array_equal(strict.classified, strict.valid_fraction == 1.0)
 
 
+def test_a_smaller_stride_classifies_each_cell_by_the_tile_centred_on_it(fitted: dict[str, Path], tmp_path: Path) -> None:
+    from dinov3_eo.tasks.chip_embeddings import chip_features, embed_chips_with, load_chip_backbone
+
+    probe = ChipClassifier.load(fitted["probe"])
+    result = classify_tiles(SCENE, probe, stride=8, progress=False)
+    with rasterio.open(SCENE) as src:
+        rgb, transform = src.read(), src.transform
+    assert result.probabilities.shape == (2, 29, 32) and result.transform == transform @ Affine.scale(8)
+    assert tile_window(3, 5, 16, 8) == rasterio.windows.Window(36, 20, 16, 16)  # 4 px above and left of the cell
+    # a PNG chip of each of some cells' centred 16-px windows, classified as chips: the same probabilities
+    cells = [(r, c) for r in range(1, 28, 3) for c in range(1, 31, 3)
+             if (rgb[:, r * 8 - 4 : r * 8 + 12, c * 8 - 4 : c * 8 + 12] > 0).all()]  # fmt: skip
+    assert len(cells) > 20
+    for r, c in cells:
+        cut = rgb[:, r * 8 - 4 : r * 8 + 12, c * 8 - 4 : c * 8 + 12].transpose(1, 2, 0)
+        Image.fromarray(np.ascontiguousarray(cut)).save(tmp_path / f"cell_{r:02d}_{c:02d}.png")
+    backbone = load_chip_backbone(fitted["backbone"])
+    chips = embed_chips_with(backbone, tmp_path, size=probe.embedding["size"], progress=False)
+    expected = probe.scores(chip_features(chips, probe.features))
+    got = np.stack([result.probabilities[:, r, c] for r, c in sorted(cells)])
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+    frame = result.to_geodataframe()  # cells, not the overlapping tiles: they cover the scene without overlap
+    assert frame.geometry.area.round(3).nunique() == 1 and frame.geometry.area.iloc[0] == pytest.approx(64 * abs(transform.a * transform.e))
+    with pytest.raises(ValueError, match="stride must lie between 1 and the tile size"):
+        classify_tiles(SCENE, probe, stride=17, progress=False)
+
+
 def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     args = ["classify", "map", str(SCENE), "--probe", str(fitted["probe"]), "-o", str(out), "--quiet"]

@@ -191,6 +191,34 @@ def pair_chip_masks(images: Sequence[str], masks: str | Sequence[str], name_suff
     return [None if index is None else files[index] for index in found]
 
 
+def pairs_by_name(items: Sequence[str], partners: str | Sequence[str], name_suffixes: Sequence[str] = (), *,
+                  item: str = "image", partner: str = "mask", hint: str = "", owner: str | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """Each of ``items`` with the file of its name among ``partners`` (:func:`pair_chip_masks`), in item order: the
+    items without one are left out, with a warning, and an error says when none has one.
+
+    Args:
+        item, partner: what the files are, for the messages (``"class map"``, ``"mask"``).
+        hint: how pairs are made, the error's last words.
+        owner: who pairs them, the messages' prefix (a data module's name).
+
+    Raises:
+        FileNotFoundError: no item has a partner (naming the first item and where its partner was looked for).
+    """
+    import logging
+
+    found = pair_chip_masks(items, partners, name_suffixes)
+    pairs = [(i, p) for i, p in zip(items, found) if p is not None]
+    prefix, no = (f"{owner}: ", "no") if owner else ("", "No")
+    if not pairs:
+        first = f"{items[0]!s}{' ...' if len(items) > 1 else ''}" if items else "(none)"
+        raise FileNotFoundError(f"{prefix}{no} {item} of {first} has a {partner} of its name in {partners}; {hint}")
+    if len(pairs) < len(items):
+        logging.getLogger(__name__).warning("%s%d of %d %ss have no %s of their name and are left out (first: %s).",
+                                            prefix, len(items) - len(pairs), len(items), item, partner,
+                                            next(i for i, p in zip(items, found) if p is None))  # fmt: skip
+    return pairs
+
+
 def chip_windows(height: int, width: int, size: int) -> list[tuple[int, int]]:
     """``(top, left)`` of the ``size`` x ``size`` windows that cover a ``height`` x ``width`` chip, row by row; the
     last row and column reach past the chip (read as padding), so every pixel lies in exactly one window."""
@@ -453,17 +481,8 @@ class ChipSegmentationDataModule(pl.LightningDataModule):
         """
         import logging
 
-        paths = expand_chips(images)
-        found = pair_chip_masks(paths, masks, name_suffixes)
-        missing = [p for p, m in zip(paths, found) if m is None]
-        if len(missing) == len(paths):
-            raise FileNotFoundError(f"ChipSegmentationDataModule: no image of {images} has a mask of its name in "
-                                    f"{masks} (first image {paths[0]}); see label_name_suffixes.")
-        if missing:
-            logging.getLogger(__name__).warning(
-                "ChipSegmentationDataModule: %d of %d images have no mask of their name and are left out (first: %s).",
-                len(missing), len(paths), missing[0])  # fmt: skip
-        pairs = [(p, m) for p, m in zip(paths, found) if m is not None]
+        pairs = pairs_by_name(expand_chips(images), masks, name_suffixes, owner="ChipSegmentationDataModule",
+                              hint="see label_name_suffixes.")  # fmt: skip
         lossy = [m for _, m in pairs if m.lower().endswith((".jpg", ".jpeg"))]
         if lossy:
             logging.getLogger(__name__).warning(
@@ -648,6 +667,7 @@ __all__ = [
     "chip_mask_legend",
     "chip_windows",
     "pair_chip_masks",
+    "pairs_by_name",
     "read_chip",
     "read_chip_header",
     "read_chip_mask",

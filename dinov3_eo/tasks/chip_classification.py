@@ -267,19 +267,30 @@ def fit_chip_classifier(
     c_grid: Sequence[float] = C_GRID,
     k: int = 20,
     temperature: float = 0.07,
+    threshold: float = 0.5,
     max_iter: int = 1000,
 ) -> ChipClassifier:
-    """A linear probe or k-NN on features ``x`` ``[N, D]`` with class ids ``y`` ``[N]``.
+    """A linear probe or k-NN on features ``x`` ``[N, D]`` with class ids ``y`` ``[N]``, or multi-label targets ``y``
+    ``[N, K]`` bool (each chip any number of classes).
 
     The linear probe is scikit-learn's multinomial ``LogisticRegression`` (lbfgs, L2); with ``val`` (features, ids)
     each ``C`` of ``c_grid`` is fitted and the one with the best held-out accuracy kept (the smallest on a tie), then
     refitted on the training chips; without, ``C`` = 1. The k-NN keeps ``x`` as its bank.
 
+    Multi-label, the linear probe is one binary ``LogisticRegression`` per class (one-vs-rest) with one ``C`` for all,
+    chosen by held-out macro mAP; a class that every training chip carries is always predicted, one that none carries
+    never; a class is predicted at probability ``threshold`` or more (stored in the probe). The k-NN's class scores
+    are the vote shares of the neighbours carrying them.
+
     Raises:
-        ValueError: an unknown ``method``, or fewer than two classes among the training chips.
+        ValueError: an unknown ``method``, fewer than two classes among the training chips (single-label), or
+        multi-label targets that are not ``[N, K]``.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if np.ndim(y) == 2:
+        return _fit_multilabel(x, y, classes, method=method, features=features, val=val, c_grid=c_grid, k=k,
+                               temperature=temperature, threshold=threshold, max_iter=max_iter)  # fmt: skip
     if len(np.unique(y)) < 2:
         raise ValueError(f"A classifier needs chips of at least two classes; the training chips hold {len(np.unique(y))}.")
     common = dict(method=method, classes=list(classes), features=features, k=k, temperature=temperature)
@@ -304,35 +315,13 @@ def fit_chip_classifier(
     return fitted(-best[1])
 
 
-def fit_multilabel_classifier(
-    x: np.ndarray,
-    targets: np.ndarray,
-    classes: Sequence[str],
-    *,
-    method: str = "linear",
-    features: str = "cls+patch_mean",
-    val: tuple[np.ndarray, np.ndarray] | None = None,
-    c_grid: Sequence[float] = C_GRID,
-    k: int = 20,
-    temperature: float = 0.07,
-    threshold: float = 0.5,
-    max_iter: int = 1000,
-) -> ChipClassifier:
-    """A multi-label probe on features ``x`` ``[N, D]`` with ``targets`` ``[N, K]`` bool.
-
-    The linear probe is one scikit-learn binary ``LogisticRegression`` per class (one-vs-rest, lbfgs, L2) with one
-    ``C`` for all: with ``val`` (features, targets) the ``C`` of ``c_grid`` with the best held-out macro mAP (the
-    smallest on a tie), else 1. A class that every training chip carries is always predicted, one that none carries
-    never. The k-NN keeps ``x`` and ``targets`` as its bank.
-
-    Raises:
-        ValueError: an unknown ``method``, or targets that are not ``[N, K]``.
-    """
+def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], *, method: str, features: str,
+                    val: tuple[np.ndarray, np.ndarray] | None, c_grid: Sequence[float], k: int, temperature: float,
+                    threshold: float, max_iter: int) -> ChipClassifier:  # fmt: skip
+    """:func:`fit_chip_classifier` for multi-label targets ``[N, K]``."""
     from dinov3_eo.tasks.multilabel_metrics import multilabel_report
 
     targets = np.asarray(targets, dtype=bool)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
     if targets.shape != (len(x), len(classes)):
         raise ValueError(f"Multi-label targets must be [chips, classes] = {(len(x), len(classes))}, got {targets.shape}.")
     common = dict(method=method, classes=list(classes), features=features, k=k, temperature=temperature,
@@ -485,6 +474,8 @@ def classify_main(argv: Sequence[str]) -> int:
     scene.add_argument("-o", "--out-dir", required=True, help="folder for the outputs (created)")
     scene.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels (default: the probe's "
                        "training chip size; choose it so a tile covers the ground a training chip covered)")  # fmt: skip
+    scene.add_argument("--stride", type=int, default=None, help="a finer map: cells of STRIDE scene pixels, each "
+                       "classified by the tile centred on it (default: the tile size, one tile per cell)")  # fmt: skip
     scene.add_argument("--min-valid", type=float, default=0.5, help="share of a tile's pixels that must hold data for "
                        "it to be classified (default 0.5; tiles past the scene's edge are padded as no data)")  # fmt: skip
     scene.add_argument("--bands", type=int, nargs="+", default=None, help="1-based scene bands fed to the backbone "
@@ -566,12 +557,8 @@ def _fit(args: Any) -> None:
     else:
         vx, vy = x[val_idx], y[val_idx]
     val = (vx, vy) if len(vy) else None
-    if multi:
-        probe = fit_multilabel_classifier(x[train_idx], y[train_idx], classes, method=args.method,
-                                          features=args.features, val=val, k=args.k, threshold=args.threshold)  # fmt: skip
-    else:
-        probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
-                                    val=val, k=args.k)  # fmt: skip
+    probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
+                                val=val, k=args.k, threshold=args.threshold)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
                        "normalization": args.normalization, "backbone": embedded.metadata.get("backbone"),
                        "chip_size": typical_chip_size(embedded.sizes)}  # fmt: skip
@@ -652,15 +639,15 @@ def _map(args: Any) -> None:
         raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
     backbone = load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=args.device)
     for scene in args.scenes:
-        result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, bands=args.bands,
+        result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
                                 nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size,
                                 amp=args.bf16, progress=not args.quiet)  # fmt: skip
         outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
                                      quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip
         ids = result.class_ids()
         counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.classes))
-        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {result.tile_size}-px tiles "
-              f"classified: " + ", ".join(f"{name} {n}" for name, n in zip(result.classes, counts) if n))
+        cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
+        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: " + ", ".join(f"{name} {n}" for name, n in zip(result.classes, counts) if n))
         print("\n".join(str(p) for p in outputs if p is not None))
 
 
@@ -671,7 +658,6 @@ __all__ = [
     "chip_features",
     "classify_main",
     "fit_chip_classifier",
-    "fit_multilabel_classifier",
     "folder_labels",
     "knn_scores",
     "label_matrix",

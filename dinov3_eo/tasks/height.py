@@ -716,7 +716,7 @@ def evaluate_chip_heights(
         FileNotFoundError: no prediction, or none with a CHM of its name. FileExistsError: a report file exists
         without ``overwrite``. ValueError: a prediction and its CHM differ in size, or an unreadable file (named).
     """
-    from dinov3_eo.data.chips import pair_chip_masks
+    from dinov3_eo.data.chips import pairs_by_name
     from dinov3_eo.data.datasets import expand_chips
     from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.height_data import read_chip_heights
@@ -728,14 +728,8 @@ def evaluate_chip_heights(
     if out_dir is not None and Path(out_dir).is_dir():
         for name in ("metrics.json", "scatter.png", "error_map.png"):
             check_overwrite(Path(out_dir) / name, overwrite, inputs=preds)
-    found = pair_chip_masks(preds, reference, name_suffixes)
-    pairs = [(p, r) for p, r in zip(preds, found) if r is not None]
-    if not pairs:
-        raise FileNotFoundError(f"No predicted height TIFF of {pred} has a CHM chip of its name in {reference}; "
-                                "pairs are made by file name, less --name-suffixes (e.g. _chm).")  # fmt: skip
-    if len(pairs) < len(preds):
-        log.warning("%d of %d predictions have no CHM chip of their name and are left out (first: %s).",
-                    len(preds) - len(pairs), len(preds), next(p for p, r in zip(preds, found) if r is None))  # fmt: skip
+    pairs = pairs_by_name(preds, reference, name_suffixes, item="predicted height TIFF", partner="CHM chip",
+                          hint="pairs are made by file name, less --name-suffixes (e.g. _chm).")  # fmt: skip
     metrics, sample = HeightMetrics(), _PairSample(max_points, seed)
     panels, titles = [], []
     for path, ref in pairs:

@@ -408,31 +408,24 @@ def evaluate_chip_maps(
         ``overwrite``. ValueError: a map and its mask differ in size, the maps name different classes or none, or
         a mask holds an id the maps do not have.
     """
-    import logging
-
     from tqdm.auto import tqdm
 
-    from dinov3_eo.data.chips import ChipSegmentationDataModule, pair_chip_masks, read_chip_mask, remap_ids
+    from dinov3_eo.data.chips import ChipSegmentationDataModule, pairs_by_name, read_chip_mask, remap_ids
 
     preds = _class_maps(pred, extension=".png")
     several = len(preds) > 1
     if out_dir is not None and Path(out_dir).is_dir():
         for name in REPORT_FILES:
             check_overwrite(Path(out_dir) / name, overwrite, inputs=preds)
-    found = pair_chip_masks(preds, masks, [PREDICTED_SUFFIX, *name_suffixes])
-    unpaired = [p for p, m in zip(preds, found) if m is None]
-    if len(unpaired) == len(preds):
-        raise FileNotFoundError(f"No class map of {str(preds[0])!r}{' ...' if several else ''} has a mask of its name in "
-                                f"{masks!s}; masks pair by file name, less _classes and --name-suffixes.")  # fmt: skip
-    if unpaired:
-        logging.getLogger(__name__).warning("%d of %d class maps have no mask of their name and are left out (first: %s).",
-                                            len(unpaired), len(preds), unpaired[0])  # fmt: skip
+    pairs = pairs_by_name(preds, masks, [PREDICTED_SUFFIX, *name_suffixes], item="class map",
+                          hint="masks pair by file name, less _classes and --name-suffixes.")  # fmt: skip
+    paired = {p for p, _ in pairs}
+    unpaired = [p for p in preds if p not in paired]
     remap = {int(k): int(v) for k, v in (remap or {}).items()}
     given, names, colours = class_names, None, None
     confusion = map_pixels = None
     maps: list[dict[str, Any]] = []
     last: tuple[np.ndarray, np.ndarray] | None = None
-    pairs = [(p, m) for p, m in zip(preds, found) if m is not None]
     for path, mask in tqdm(pairs, desc="class maps", unit="map", disable=not progress or len(pairs) < 2):
         with open_quietly(path) as src:  # a PNG has no georeference, and needs none here
             these = _map_classes(src, path, given, require_georeference=False)

@@ -43,17 +43,20 @@ TILE_NODATA = 255
 
 @dataclass
 class TileClasses:
-    """Class probabilities of a scene's tiles on a regular grid: tile ``(row, col)`` covers scene pixels
-    ``row * tile_size`` ... ``(row + 1) * tile_size`` (and the same for columns).
+    """Class probabilities of a scene's tiles on a regular grid of cells ``stride`` pixels wide: cell ``(row, col)``
+    covers scene pixels ``row * stride`` ... ``(row + 1) * stride`` (and the same for columns) and takes the class of
+    the ``tile_size`` window centred on it (:func:`tile_window`); with ``stride == tile_size`` (the default) the cells
+    are the tiles.
 
     Attributes:
         source: the scene.
         classes: class names, index = class id.
-        probabilities: ``[K, rows, cols]`` float32; NaN where a tile was not classified.
-        valid_fraction: ``[rows, cols]`` share of each tile's pixels that hold data (0 past the scene's edge).
+        probabilities: ``[K, rows, cols]`` float32; NaN where a cell's tile was not classified.
+        valid_fraction: ``[rows, cols]`` share of each cell's tile's pixels that hold data (0 past the scene's edge).
         crs: the scene's CRS.
-        transform: the tile grid's transform (the scene's scaled by ``tile_size``): one pixel per tile.
+        transform: the cell grid's transform (the scene's scaled by ``stride``): one pixel per cell.
         tile_size: tile side in scene pixels.
+        stride: cell side in scene pixels (``None``: ``tile_size``).
         bands: the 1-based scene bands fed to the backbone (``None``: all).
         multi_label: the probe is multi-label (independent class probabilities): a tile carries every class of
             probability at least ``threshold``, and ``class_ids`` is its most probable one.
@@ -67,6 +70,7 @@ class TileClasses:
     transform: Affine
     tile_size: int
     bands: list[int] | None = None
+    stride: int | None = None
     multi_label: bool = False
     threshold: float = 0.5
 
@@ -82,15 +86,17 @@ class TileClasses:
         ids[~self.classified] = nodata
         return ids
 
-    def tile_bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
-        """``(left, bottom, right, top)`` of tile ``(row, col)`` in the CRS (as ``rasterio.windows.bounds``)."""
+    def cell_bounds(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` of cell ``(row, col)`` in the CRS (as ``rasterio.windows.bounds``); the tile
+        itself where the stride is the tile size."""
         x0, y0 = self.transform @ (col, row)
         x1, y1 = self.transform @ (col + 1, row + 1)
         return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
     def to_geodataframe(self) -> Any:
-        """The classified tiles as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``class_id``,
-        ``class_name``, ``score`` (its probability), ``valid_fraction``, ``p_<class>`` per class, tile polygons; for a
+        """The classified cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``class_id``,
+        ``class_name``, ``score`` (its probability), ``valid_fraction``, ``p_<class>`` per class, cell polygons (the
+        tiles, unless a smaller stride was asked for: cells cover the scene without overlap); for a
         multi-label probe also ``labels``, the classes of probability at least ``threshold`` joined by ``;``."""
         import geopandas as gpd
         import shapely
@@ -98,7 +104,7 @@ class TileClasses:
         rows, cols = np.nonzero(self.classified)
         p = self.probabilities[:, rows, cols].T  # [N, K]
         ids = p.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
-        corners = np.array([self.tile_bounds(r, c) for r, c in zip(rows, cols)]).reshape(-1, 4)
+        corners = np.array([self.cell_bounds(r, c) for r, c in zip(rows, cols)]).reshape(-1, 4)
         frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64), "class_id": ids.astype(np.int64),
                  "class_name": [self.classes[i] for i in ids], "score": p[np.arange(len(ids)), ids].astype(np.float64),
                  "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
@@ -120,18 +126,24 @@ class TileClasses:
         ids = xr.DataArray(self.class_ids(), dims=("y", "x"), coords={"y": y, "x": x},
                            attrs={"nodata": TILE_NODATA, "class_names": list(self.classes)})  # fmt: skip
         prob = xr.DataArray(self.probabilities, dims=("class", "y", "x"), coords={"class": self.classes, "y": y, "x": x})
-        ds = xr.Dataset({"class_id": ids, "probability": prob}, attrs={"source": self.source, "tile_size": self.tile_size})
+        ds = xr.Dataset({"class_id": ids, "probability": prob},
+                        attrs={"source": self.source, "tile_size": self.tile_size, "stride": self.stride or self.tile_size})  # fmt: skip
         return ds.rio.write_crs(self.crs).rio.write_transform(self.transform)
 
 
-def tile_grid_shape(height: int, width: int, tile_size: int) -> tuple[int, int]:
-    """``(rows, cols)`` of tiles covering a ``height`` x ``width`` scene from its origin (edge tiles partly outside)."""
-    return math.ceil(height / tile_size), math.ceil(width / tile_size)
+def tile_grid_shape(height: int, width: int, stride: int) -> tuple[int, int]:
+    """``(rows, cols)`` of ``stride``-px cells covering a ``height`` x ``width`` scene from its origin (edge cells
+    partly outside)."""
+    return math.ceil(height / stride), math.ceil(width / stride)
 
 
-def tile_window(row: int, col: int, tile_size: int) -> Window:
-    """The scene pixel window of tile ``(row, col)``."""
-    return Window(col * tile_size, row * tile_size, tile_size, tile_size)
+def tile_window(row: int, col: int, tile_size: int, stride: int | None = None) -> Window:
+    """The scene pixel window of cell ``(row, col)``'s tile: ``tile_size`` wide, centred on the cell (``stride``
+    wide; default ``tile_size``, where tile and cell are one), ``(tile_size - stride) // 2`` pixels above and left
+    of it."""
+    stride = tile_size if stride is None else stride
+    margin = (tile_size - stride) // 2
+    return Window(col * stride - margin, row * stride - margin, tile_size, tile_size)
 
 
 def _probe_tile_size(probe: ChipClassifier) -> int:
@@ -154,13 +166,14 @@ class _Tile(NamedTuple):
     valid: np.ndarray
 
 
-def _read_tiles(src: Any, tile_size: int, bands: Sequence[int] | None, nodata: float | None) -> Iterator[_Tile]:
+def _read_tiles(src: Any, tile_size: int, stride: int, bands: Sequence[int] | None,
+                nodata: float | None) -> Iterator[_Tile]:  # fmt: skip
     from dinov3_eo.data.raster import read_window
 
-    rows, cols = tile_grid_shape(src.height, src.width, tile_size)
+    rows, cols = tile_grid_shape(src.height, src.width, stride)
     for row in range(rows):
         for col in range(cols):
-            pixels, valid = read_window(src, tile_window(row, col, tile_size), bands=bands, nodata=nodata)
+            pixels, valid = read_window(src, tile_window(row, col, tile_size, stride), bands=bands, nodata=nodata)
             yield _Tile(row, col, float(valid.mean()), pixels, valid)
 
 
@@ -171,6 +184,7 @@ def classify_tiles(
     backbone: ChipBackbone | nn.Module | str | os.PathLike[str] | None = None,
     normalization: Normalization | None = None,
     tile_size: int | None = None,
+    stride: int | None = None,
     bands: Sequence[int] | None = None,
     nodata: float | None = None,
     min_valid: float = 0.5,
@@ -189,6 +203,9 @@ def classify_tiles(
             or a model with ``forward_features``, fed after ``normalization``.
         tile_size: tile side in scene pixels (default: the probe's training chip size). Pick it so that a tile
             covers the ground a training chip covered (a 64-px EuroSAT chip at 10 m is 640 m: 64 px of a 10 m scene).
+        stride: the map's cell size in scene pixels, at most ``tile_size`` (default: ``tile_size``, one tile per
+            cell): a finer map, each cell classified by the tile centred on it (``(tile_size / stride)²`` times the
+            tiles to embed).
         bands: 1-based scene bands fed to the backbone (default: the probe's chip bands, else all).
         nodata: no-data value overriding the file's (e.g. ``0`` for a Landsat L1 collar).
         min_valid: the share of a tile's pixels that must hold data for it to be classified.
@@ -211,6 +228,9 @@ def classify_tiles(
     tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
     if tile_size < 1:
         raise ValueError(f"The tile size must be a positive number of pixels, got {tile_size}.")
+    stride = tile_size if stride is None else int(stride)
+    if not 1 <= stride <= tile_size:
+        raise ValueError(f"The stride must lie between 1 and the tile size ({tile_size} px), got {stride}.")
     if not Path(raster).is_file():
         raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
     if isinstance(backbone, nn.Module):
@@ -235,10 +255,10 @@ def classify_tiles(
                              f"but the backbone takes {in_chans}; select bands with --bands.")  # fmt: skip
         if bands is not None and any(not 1 <= b <= src.count for b in bands):
             raise ValueError(f"Scene {str(raster)!r} has {src.count} bands; bands {bands} asks for others.")
-        rows, cols = tile_grid_shape(src.height, src.width, tile_size)
+        rows, cols = tile_grid_shape(src.height, src.width, stride)
         probabilities = np.full((len(probe.classes), rows, cols), np.nan, dtype=np.float32)
         valid_fraction = np.zeros((rows, cols), dtype=np.float32)
-        crs, transform = src.crs, src.transform @ Affine.scale(tile_size)
+        crs, transform = src.crs, src.transform @ Affine.scale(stride)
 
         def score(batch: list[_Tile]) -> None:
             inputs = [model_input(t.pixels, t.valid, patch_size=patch, normalization=backbone.normalization, size=size)
@@ -254,7 +274,7 @@ def classify_tiles(
         model.eval()
         batch: list[_Tile] = []
         try:
-            for tile in tqdm(_read_tiles(src, tile_size, bands, nodata), total=rows * cols, unit="tile",
+            for tile in tqdm(_read_tiles(src, tile_size, stride, bands, nodata), total=rows * cols, unit="tile",
                              desc=f"tiles of {Path(raster).name}", disable=not progress):  # fmt: skip
                 valid_fraction[tile.row, tile.col] = tile.valid_fraction
                 if tile.valid_fraction < min_valid or not tile.valid.any():
@@ -269,7 +289,7 @@ def classify_tiles(
             model.train(was_training)
     return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
                        valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
-                       bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
+                       stride=stride, bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
                        threshold=probe.threshold)  # fmt: skip
 
 
@@ -312,7 +332,8 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     colormap = default_colormap(len(result.classes))
     write_cog(paths.classes, ids, crs=result.crs, transform=result.transform, nodata=TILE_NODATA,
               class_names=result.classes, colormap=colormap, overwrite=overwrite,
-              tags={"tile_size": result.tile_size, "source": Path(result.source).name})  # fmt: skip
+              tags={"tile_size": result.tile_size, "stride": result.stride or result.tile_size,
+                    "source": Path(result.source).name})  # fmt: skip
     if paths.probabilities is not None:
         write_cog(paths.probabilities, result.probabilities, crs=result.crs, transform=result.transform,
                   nodata=float("nan"), band_descriptions=result.classes, overwrite=overwrite)  # fmt: skip
@@ -323,7 +344,9 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     with rasterio.open(result.source) as src:
         bands = [b for b in shown if b <= src.count][:3] or [1]
     write_quicklook(paths.quicklook, classes=paths.classes, image=result.source, bands=bands, nodata=nodata,
-                    title=f"{Path(result.source).name}: {result.tile_size}-px tiles", overwrite=overwrite)  # fmt: skip
+                    title=f"{Path(result.source).name}: {result.tile_size}-px tiles"
+                    + (f" every {result.stride} px" if result.stride and result.stride != result.tile_size else ""),
+                    overwrite=overwrite)  # fmt: skip
     return paths
 
 
