@@ -149,6 +149,8 @@ def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: P
     assert np.array_equal(np.where(np.isnan(probabilities[0]), TILE_NODATA, probabilities.argmax(0)), ids)
     tiles = gpd.read_file(out / "rgb_byte_crop_tiles.gpkg", layer="tiles")
     assert len(tiles) == 104 and (ids[tiles["row"], tiles["col"]] == tiles["class_id"]).all()
+    bright = tiles[tiles["class_name"] == "bright"]
+    assert f"bright {len(bright)} ({bright.geometry.area.sum() / 1e4:,.0f} ha)" in printed  # areas of the polygons
     assert Image.open(out / "rgb_byte_crop_tile_quicklook.png").size[0] > 100
 
     assert cli_main(args) == 2  # outputs are kept

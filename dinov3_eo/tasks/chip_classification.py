@@ -624,6 +624,7 @@ def _predict(args: Any) -> None:
 
 
 def _map(args: Any) -> None:
+    from dinov3_eo.data.raster import pixel_area_ha
     from dinov3_eo.inference.writers import check_distinct_stems
     from dinov3_eo.tasks.tile_classification import classify_tiles, tile_outputs, write_tile_classes
 
@@ -647,7 +648,10 @@ def _map(args: Any) -> None:
         ids = result.class_ids()
         counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.classes))
         cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
-        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: " + ", ".join(f"{name} {n}" for name, n in zip(result.classes, counts) if n))
+        hectares = pixel_area_ha(result.crs, result.transform)  # None for a CRS in degrees
+        area = (lambda n: f" ({n * hectares:,.0f} ha)") if hectares else (lambda n: "")  # noqa: E731
+        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: "
+              + ", ".join(f"{name} {n}{area(n)}" for name, n in zip(result.classes, counts) if n))
         print("\n".join(str(p) for p in outputs if p is not None))
 
 
