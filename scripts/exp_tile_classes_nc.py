@@ -14,7 +14,7 @@ multi-label chips: each tile carries every land class on at least ``--presence``
 --multi-label`` on a shuffled table of the training tiles, ``classify test`` on the held-out ones (mAP), against
 colour histograms and the classes' training prevalence.
 
-    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves]
+    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves] [--balanced]
                                             [--backbone export.pth] [--keep DIR]
 """
 
@@ -109,6 +109,8 @@ def main() -> None:
                         "of 4 x 4-tile blocks (default) or the right half of the scene")  # fmt: skip
     parser.add_argument("--presence", type=float, default=0.1, help="multi-label: a tile carries each land class on at "
                         "least this share of its labelled pixels (default 0.1)")  # fmt: skip
+    parser.add_argument("--balanced", action="store_true", help="classify fit --balanced (and balanced class weights "
+                        "for the colour-histogram baseline)")  # fmt: skip
     parser.add_argument("--keep", default=None, help="keep the chips, probe and map in this folder")
     parser.add_argument("--backbone", default=None, help="an exported backbone (default: random weights)")
     args = parser.parse_args()
@@ -133,7 +135,7 @@ def main() -> None:
         probe = tmp / "probe.safetensors"
         start = time.perf_counter()
         assert cli_main(["classify", "fit", str(tmp / "train"), "--model", str(backbone), "-o", str(probe), "--size",
-                         str(args.size), "--val-fraction", "0.2", "--quiet"]) == 0  # fmt: skip
+                         str(args.size), "--val-fraction", "0.2", "--quiet", *(["--balanced"] if args.balanced else [])]) == 0  # fmt: skip
         fit_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -159,18 +161,22 @@ def main() -> None:
         ytrain = np.array([labels[t] for t in train])
         ytest = np.array([labels[t] for t in test])
         scaler = StandardScaler().fit(_colour_features(pixels, train, args.tile))
-        colour = LogisticRegression(max_iter=2000).fit(scaler.transform(_colour_features(pixels, train, args.tile)), ytrain)
-        colour_acc = float((colour.predict(scaler.transform(_colour_features(pixels, test, args.tile))) == ytest).mean())
+        colour = LogisticRegression(max_iter=2000, class_weight="balanced" if args.balanced else None).fit(scaler.transform(_colour_features(pixels, train, args.tile)), ytrain)
+        colour_predicted = colour.predict(scaler.transform(_colour_features(pixels, test, args.tile)))
+        colour_acc = float((colour_predicted == ytest).mean())
+        mean_recall = lambda got, want: float(np.mean([(got[want == k] == k).mean() for k in np.unique(want)]))  # noqa: E731
         majority = int(np.bincount(ytrain).argmax())
         tiles = int(np.prod(shape))
         results = {
-            "split": args.split, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
+            "split": args.split, "balanced": args.balanced, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
             "weights": "export" if args.backbone else "random", "grid": list(shape), "labelled_tiles": len(labels),
             "train_tiles": len(train), "test_tiles": len(test),
             "train_classes": {NAMES[k]: int(v) for k, v in zip(*np.unique(ytrain, return_counts=True))},
             "test_classes": {NAMES[k]: int(v) for k, v in zip(*np.unique(ytest, return_counts=True))},
             "map_test_accuracy": round(float((mapped == truth).mean()), 4),
+            "map_test_balanced_accuracy": round(mean_recall(mapped, truth), 4),
             "colour_histogram_logistic_accuracy": round(colour_acc, 4),
+            "colour_histogram_balanced_accuracy": round(mean_recall(colour_predicted, ytest), 4),
             "majority_class_accuracy": round(float((ytest == majority).mean()), 4),
             "map_vs_predict_max_abs_diff": diff,
             "fit_s": round(fit_s, 2), "map_s": round(map_s, 2), "map_tiles_per_s": round(tiles / map_s, 1),

@@ -69,6 +69,24 @@ def test_linear_probe_is_scikit_learns_and_c_is_chosen_held_out(k: int) -> None:
         fit_chip_classifier(x[y == 0], y[y == 0], ["a", "b"])
 
 
+def test_balanced_probe_is_scikit_learns_balanced_and_c_is_chosen_by_mean_recall() -> None:
+    x, y = blobs(300, 3)
+    keep = (y != 2) | (np.arange(300) % 10 == 0)  # class 2 rare: a tenth of its chips
+    x, y = x[keep], y[keep]
+    vx, vy = blobs(120, 3, seed=4)
+    grid = (0.001, 0.01, 1.0)
+    probe = fit_chip_classifier(x, y, ["a", "b", "c"], val=(vx, vy), c_grid=grid, balanced=True)
+    recall = {}
+    for c in grid:
+        predicted = LogisticRegression(C=c, class_weight="balanced", max_iter=1000).fit(x, y).predict(vx)
+        recall[c] = np.mean([(predicted[vy == k] == k).mean() for k in range(3)])
+    assert probe.c == min(c for c, r in recall.items() if r == max(recall.values())) and probe.balanced
+    reference = LogisticRegression(C=probe.c, class_weight="balanced", max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(probe.scores(vx), reference.predict_proba(vx), atol=1e-5)
+    with pytest.raises(ValueError, match="for the linear probe"):
+        fit_chip_classifier(x, y, ["a", "b", "c"], method="knn", balanced=True)
+
+
 def test_a_class_without_training_chips_is_never_predicted() -> None:
     x, y = blobs(100, 3)
     probe = fit_chip_classifier(x[y != 1], y[y != 1], ["a", "b", "c"])

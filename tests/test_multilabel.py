@@ -83,6 +83,11 @@ def test_one_vs_rest_probe_is_scikit_learns_and_c_is_the_held_out_best() -> None
     np.testing.assert_allclose(probe.scores(vx), reference, atol=1e-5)
     assert probe.multi_label and probe.threshold == 0.4
 
+    balanced = fit_chip_classifier(x, targets, ["a", "b", "c"], balanced=True)
+    expected = np.stack([LogisticRegression(class_weight="balanced", max_iter=1000).fit(x, targets[:, k]).predict_proba(vx)[:, 1]
+                         for k in range(3)], axis=1)  # fmt: skip
+    np.testing.assert_allclose(balanced.scores(vx), expected, atol=1e-5)
+
     one_sided = targets.copy()
     one_sided[:, 1], one_sided[:, 2] = True, False  # every chip has b, none has c
     scores = fit_chip_classifier(x, one_sided, ["a", "b", "c"]).scores(vx)

@@ -181,6 +181,7 @@ class ChipClassifier:
         held_out_accuracy: accuracy (multi-label: macro mAP) on the held-out chips when fitted, for the record.
         multi_label: each chip may carry any number of classes: ``scores`` are independent probabilities, and a class
             is predicted where its probability is at least ``threshold``.
+        balanced: the linear probe was fitted with balanced class weights (for the record).
     """
 
     method: str
@@ -197,6 +198,7 @@ class ChipClassifier:
     held_out_accuracy: float | None = None
     multi_label: bool = False
     threshold: float = 0.5
+    balanced: bool = False
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """``[N, K]`` class probabilities of features ``x`` ``[N, D]`` (:func:`chip_features`)."""
@@ -219,7 +221,7 @@ class ChipClassifier:
         meta = {"method": self.method, "classes": self.classes, "features": self.features, "k": self.k,
                 "temperature": self.temperature, "c": self.c, "embedding": self.embedding,
                 "held_out_accuracy": self.held_out_accuracy, "multi_label": self.multi_label,
-                "threshold": self.threshold}  # fmt: skip
+                "threshold": self.threshold, "balanced": self.balanced}  # fmt: skip
         with atomic_output(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata={"dinov3_eo_classifier": json.dumps(meta)})
         return Path(path)
@@ -252,7 +254,7 @@ class ChipClassifier:
         return cls(method=info["method"], classes=list(info["classes"]), features=info["features"], k=int(info["k"]),
                    temperature=float(info["temperature"]), c=info.get("c"), embedding=dict(info.get("embedding", {})),
                    held_out_accuracy=info.get("held_out_accuracy"), multi_label=bool(info.get("multi_label", False)),
-                   threshold=float(info.get("threshold", 0.5)),
+                   threshold=float(info.get("threshold", 0.5)), balanced=bool(info.get("balanced", False)),
                    **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
 
 
@@ -268,6 +270,7 @@ def fit_chip_classifier(
     k: int = 20,
     temperature: float = 0.07,
     threshold: float = 0.5,
+    balanced: bool = False,
     max_iter: int = 1000,
 ) -> ChipClassifier:
     """A linear probe or k-NN on features ``x`` ``[N, D]`` with class ids ``y`` ``[N]``, or multi-label targets ``y``
@@ -275,7 +278,10 @@ def fit_chip_classifier(
 
     The linear probe is scikit-learn's multinomial ``LogisticRegression`` (lbfgs, L2); with ``val`` (features, ids)
     each ``C`` of ``c_grid`` is fitted and the one with the best held-out accuracy kept (the smallest on a tie), then
-    refitted on the training chips; without, ``C`` = 1. The k-NN keeps ``x`` as its bank.
+    refitted on the training chips; without, ``C`` = 1. The k-NN keeps ``x`` as its bank. ``balanced`` weighs each
+    class's chips by the inverse of its frequency (scikit-learn's ``class_weight="balanced"``) and picks ``C`` by
+    balanced accuracy (the mean recall over classes), so that rare land covers are not traded for the common ones;
+    multi-label, the positives and negatives of each class are balanced (``C`` still by macro mAP).
 
     Multi-label, the linear probe is one binary ``LogisticRegression`` per class (one-vs-rest) with one ``C`` for all,
     chosen by held-out macro mAP; a class that every training chip carries is always predicted, one that none carries
@@ -283,14 +289,16 @@ def fit_chip_classifier(
     are the vote shares of the neighbours carrying them.
 
     Raises:
-        ValueError: an unknown ``method``, fewer than two classes among the training chips (single-label), or
-        multi-label targets that are not ``[N, K]``.
+        ValueError: an unknown ``method``, fewer than two classes among the training chips (single-label),
+        multi-label targets that are not ``[N, K]``, or ``balanced`` for a k-NN.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    if balanced and method != "linear":
+        raise ValueError("Balanced class weights are for the linear probe (--method linear), not the k-NN.")
     if np.ndim(y) == 2:
         return _fit_multilabel(x, y, classes, method=method, features=features, val=val, c_grid=c_grid, k=k,
-                               temperature=temperature, threshold=threshold, max_iter=max_iter)  # fmt: skip
+                               temperature=temperature, threshold=threshold, balanced=balanced, max_iter=max_iter)  # fmt: skip
     if len(np.unique(y)) < 2:
         raise ValueError(f"A classifier needs chips of at least two classes; the training chips hold {len(np.unique(y))}.")
     common = dict(method=method, classes=list(classes), features=features, k=k, temperature=temperature)
@@ -298,8 +306,10 @@ def fit_chip_classifier(
         return ChipClassifier(bank=np.asarray(x, np.float32), bank_labels=np.asarray(y, np.int64), **common)
     from sklearn.linear_model import LogisticRegression
 
+    weights = "balanced" if balanced else None
+
     def fitted(c: float) -> ChipClassifier:
-        model = LogisticRegression(C=c, max_iter=max_iter).fit(x, y)
+        model = LogisticRegression(C=c, class_weight=weights, max_iter=max_iter).fit(x, y)
         weight = np.zeros((len(classes), x.shape[1]), np.float32)
         bias = np.full(len(classes), -1e4, np.float32)  # a class without a training chip is never predicted
         if len(model.classes_) == 2:  # scikit-learn keeps one row for two classes: logit of the second
@@ -307,17 +317,23 @@ def fit_chip_classifier(
             bias[model.classes_[0]] = 0.0
         else:
             weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
-        return ChipClassifier(weight=weight, bias=bias, c=float(c), **common)
+        return ChipClassifier(weight=weight, bias=bias, c=float(c), balanced=balanced, **common)
+
+    def held_out_score(probe: ChipClassifier) -> float:
+        predicted = probe.scores(val[0]).argmax(1)
+        if not balanced:
+            return float((predicted == val[1]).mean())
+        return float(np.mean([(predicted[val[1] == k] == k).mean() for k in np.unique(val[1])]))  # balanced accuracy
 
     if val is None:
         return fitted(1.0)
-    best = max(((float((fitted(c).scores(val[0]).argmax(1) == val[1]).mean()), -c) for c in c_grid))
+    best = max((held_out_score(fitted(c)), -c) for c in c_grid)
     return fitted(-best[1])
 
 
 def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], *, method: str, features: str,
                     val: tuple[np.ndarray, np.ndarray] | None, c_grid: Sequence[float], k: int, temperature: float,
-                    threshold: float, max_iter: int) -> ChipClassifier:  # fmt: skip
+                    threshold: float, balanced: bool, max_iter: int) -> ChipClassifier:  # fmt: skip
     """:func:`fit_chip_classifier` for multi-label targets ``[N, K]``."""
     from dinov3_eo.tasks.multilabel_metrics import multilabel_report
 
@@ -335,9 +351,10 @@ def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], 
         bias = np.where(targets.all(axis=0), 1e4, -1e4).astype(np.float32)  # always / never, for one-sided classes
         for j in range(len(classes)):
             if 0 < targets[:, j].sum() < len(targets):
-                model = LogisticRegression(C=c, max_iter=max_iter).fit(x, targets[:, j])
+                model = LogisticRegression(C=c, class_weight="balanced" if balanced else None,
+                                           max_iter=max_iter).fit(x, targets[:, j])  # fmt: skip
                 weight[j], bias[j] = model.coef_[0], model.intercept_[0]
-        return ChipClassifier(weight=weight, bias=bias, c=float(c), **common)
+        return ChipClassifier(weight=weight, bias=bias, c=float(c), balanced=balanced, **common)
 
     if val is None:
         return fitted(1.0)
@@ -398,8 +415,11 @@ def _report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: P
         return report
     confusion = confusion_matrix(scores.argmax(1), y, len(classes))
     report = accuracy_report(confusion, classes)
+    recalls = [m["recall"] for m in report["classes"].values() if m["reference_pixels"]]
+    report["balanced_accuracy"] = float(np.mean(recalls)) if recalls else float("nan")  # mean recall over classes
     report["confusion"] = confusion.tolist()
     print(report_table(report).replace(" pixels", " chips").replace("reference px", "chips"))
+    print(f"balanced accuracy {report['balanced_accuracy']:.3f} (mean recall over the classes present)")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_accuracy_report(out_dir, report, confusion, classes)
@@ -440,6 +460,8 @@ def classify_main(argv: Sequence[str]) -> int:
                      "--val-fraction of each class")  # fmt: skip
     fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
     fit.add_argument("--method", choices=METHODS, default="linear", help="linear probe (default) or k-NN")
+    fit.add_argument("--balanced", action="store_true", help="weigh each class's chips by the inverse of its frequency "
+                     "and choose C by balanced accuracy (mean recall): rare classes count as much as common ones")  # fmt: skip
     fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
                      help="embedding columns fed to the probe (default cls+patch_mean, dino.txt's image embedding)")
     fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
@@ -558,7 +580,7 @@ def _fit(args: Any) -> None:
         vx, vy = x[val_idx], y[val_idx]
     val = (vx, vy) if len(vy) else None
     probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
-                                val=val, k=args.k, threshold=args.threshold)  # fmt: skip
+                                val=val, k=args.k, threshold=args.threshold, balanced=args.balanced)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
                        "normalization": args.normalization, "backbone": embedded.metadata.get("backbone"),
                        "chip_size": typical_chip_size(embedded.sizes)}  # fmt: skip
