@@ -15,6 +15,7 @@ scenes tile by tile (:mod:`~dinov3_eo.tasks.tile_classification`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -468,7 +469,14 @@ def classify_main(argv: Sequence[str]) -> int:
     fit.add_argument("--size", type=int, default=224, help="chips resized to SIZE x SIZE (default 224; 0: own size)")
     fit.add_argument("--out-dir", default=None, help="also write metrics.json, confusion.csv and confusion.png of the "
                      "held-out chips here")  # fmt: skip
-    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (and of the fine-tuning)")
+    tune = fit.add_argument_group("fine-tuning (LP-FT: the fitted linear probe and its backbone trained together)")
+    tune.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after the linear probe "
+                      "(default 0: none); the best held-out epoch is kept, the backbone exported beside the probe")  # fmt: skip
+    tune.add_argument("--finetune-lr", type=float, default=1e-5, help="peak learning rate of the backbone (default 1e-5)")
+    tune.add_argument("--finetune-head-lr", type=float, default=1e-3, help="peak learning rate of the head (default 1e-3)")
+    tune.add_argument("--finetune-blocks", type=int, default=None, help="train only the last N blocks (default: all)")
+    tune.add_argument("--workers", type=int, default=0, help="data-loading processes of the fine-tuning (default 0)")
     add_backbone_input_options(fit)
     predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
     predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
@@ -548,6 +556,13 @@ def _fit(args: Any) -> None:
     if args.multi_label and args.val is not None:
         raise ValueError("Multi-label held-out chips come from a table (--val-labels), not --val folders.")
     check_overwrite(args.output, args.overwrite)
+    if args.finetune_epochs > 0:
+        if args.method != "linear":
+            raise ValueError("Only a linear probe can be fine-tuned with its backbone (--method linear), not a k-NN.")
+        if not args.size:
+            raise ValueError("Fine-tuning batches chips at one size: give --size (e.g. 224), not 0.")
+        prefix = Path(args.output).with_suffix("")
+        check_overwrite(prefix.with_name(f"{prefix.name}_backbone.pth"), args.overwrite)
     size, multi = args.size or None, args.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
     if held_given:
@@ -587,11 +602,59 @@ def _fit(args: Any) -> None:
     kind = f"{'multi-label ' if multi else ''}{args.method}"
     print(f"{kind} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
+    scores = probe.scores(vx) if len(vy) else None
+    if args.finetune_epochs > 0:
+        if len(vy):
+            _report(probe, scores, vy, None)
+        held_paths = val_paths if held_given else [paths[i] for i in val_idx]
+        probe, scores = _finetune(args, backbone, probe, [paths[i] for i in train_idx], y[train_idx], held_paths, vy)
+        kept = probe.embedding["finetune"]["kept_epoch"]
+        print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
+              f"; {len(vy)} held-out chips:")
     if len(vy):
-        report = _report(probe, probe.scores(vx), vy, Path(args.out_dir) if args.out_dir else None)
+        report = _report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
         probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)
+    Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
     print(args.output)
+
+
+def _kept_epoch(history: Sequence[dict[str, float]]) -> int:
+    """The epoch whose weights fine-tuning kept: the first with the best held-out score (0: the probe as fitted), or
+    the last without held-out chips."""
+    scored = [row for row in history if "held_out" in row]
+    return int(max(scored, key=lambda row: (row["held_out"], -row["epoch"]))["epoch"]) if scored else int(history[-1]["epoch"])
+
+
+def _finetune(args: Any, backbone: Any, probe: ChipClassifier, paths: list[str], y: np.ndarray, held_paths: list[str],
+              held_y: np.ndarray) -> tuple[ChipClassifier, np.ndarray | None]:  # fmt: skip
+    """LP-FT (:mod:`~dinov3_eo.tasks.chip_finetune`): the probe and its backbone trained together, the backbone
+    exported beside the probe (``<probe>_backbone.pth``) and recorded as its source; returns the probe and its
+    held-out probabilities."""
+    from dinov3_eo.models.hub import export_backbone
+    from dinov3_eo.tasks.chip_finetune import FinetuneSettings, finetune_chip_classifier
+
+    settings = FinetuneSettings(epochs=args.finetune_epochs, lr=args.finetune_lr, head_lr=args.finetune_head_lr,
+                                blocks=args.finetune_blocks, batch_size=args.batch_size, workers=args.workers,
+                                balanced=args.balanced, seed=args.seed, amp=args.bf16)  # fmt: skip
+    tuned, model, history = finetune_chip_classifier(backbone, probe, paths, y, val=(held_paths, held_y) if len(held_y) else None,
+                                                     settings=settings, checkpoint=f"{args.output}.finetune.ckpt",
+                                                     progress=not args.quiet)  # fmt: skip
+    meta = dataclasses.replace(model.meta) if getattr(model, "meta", None) is not None else None
+    if meta is not None and backbone.normalization is not None:
+        meta.normalization = backbone.normalization.to_dict()  # what it was tuned with, an override included
+    prefix = Path(args.output).with_suffix("")
+    exported = export_backbone(model, prefix.with_name(f"{prefix.name}_backbone"), meta=meta)["pth"]
+    tuned.embedding = {**probe.embedding, "backbone_source": str(Path(exported).resolve()), "normalization": None,
+                       "finetuned_from": probe.embedding.get("backbone_source"),
+                       "finetune": {**dataclasses.asdict(settings), "history": history, "kept_epoch": _kept_epoch(history)}}  # fmt: skip
+    scores = None
+    if len(held_y):
+        held = embed_chips_with(backbone._replace(model=model), held_paths, bands=probe.embedding.get("bands"),
+                                size=probe.embedding.get("size"), batch_size=args.batch_size, amp=args.bf16,
+                                progress=False).take(held_paths)  # fmt: skip
+        scores = tuned.scores(chip_features(held, tuned.features))
+    return tuned, scores
 
 
 def _flat(labels: Sequence[Any], multi_label: bool) -> list[str]:
