@@ -14,7 +14,7 @@ multi-label chips: each tile carries every land class on at least ``--presence``
 --multi-label`` on a shuffled table of the training tiles, ``classify test`` on the held-out ones (mAP), against
 colour histograms and the classes' training prevalence.
 
-    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves] [--balanced]
+    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves] [--balanced] [--finetune-epochs N]
                                             [--backbone export.pth] [--keep DIR]
 """
 
@@ -111,6 +111,7 @@ def main() -> None:
                         "least this share of its labelled pixels (default 0.1)")  # fmt: skip
     parser.add_argument("--balanced", action="store_true", help="classify fit --balanced (and balanced class weights "
                         "for the colour-histogram baseline)")  # fmt: skip
+    parser.add_argument("--finetune-epochs", type=int, default=0, help="classify fit --finetune-epochs (default 0)")
     parser.add_argument("--keep", default=None, help="keep the chips, probe and map in this folder")
     parser.add_argument("--backbone", default=None, help="an exported backbone (default: random weights)")
     args = parser.parse_args()
@@ -135,7 +136,8 @@ def main() -> None:
         probe = tmp / "probe.safetensors"
         start = time.perf_counter()
         assert cli_main(["classify", "fit", str(tmp / "train"), "--model", str(backbone), "-o", str(probe), "--size",
-                         str(args.size), "--val-fraction", "0.2", "--quiet", *(["--balanced"] if args.balanced else [])]) == 0  # fmt: skip
+                         str(args.size), "--val-fraction", "0.2", "--quiet", *(["--balanced"] if args.balanced else []),
+                         "--finetune-epochs", str(args.finetune_epochs), "--finetune-lr", "1e-4"]) == 0  # fmt: skip
         fit_s = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -168,7 +170,7 @@ def main() -> None:
         majority = int(np.bincount(ytrain).argmax())
         tiles = int(np.prod(shape))
         results = {
-            "split": args.split, "balanced": args.balanced, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
+            "split": args.split, "balanced": args.balanced, "finetune_epochs": args.finetune_epochs, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
             "weights": "export" if args.backbone else "random", "grid": list(shape), "labelled_tiles": len(labels),
             "train_tiles": len(train), "test_tiles": len(test),
             "train_classes": {NAMES[k]: int(v) for k, v in zip(*np.unique(ytrain, return_counts=True))},
