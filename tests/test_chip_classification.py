@@ -13,14 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
+from brightness_chips import brightness_folders, micro_export
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_classification import (
     ChipClassifier,
     chip_features,
@@ -31,7 +29,6 @@ from dinov3_eo.tasks.chip_classification import (
 )
 from dinov3_eo.tasks.chip_embeddings import ChipEmbeddings
 
-DATA = Path(__file__).resolve().parent / "data"
 
 
 def blobs(n: int, k: int, d: int = 12, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -146,25 +143,12 @@ def test_features_splits_and_folder_labels() -> None:
 def class_folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``dark/`` and ``bright/`` 16-px PNG chips of the real scene (chips touching the nodata collar left out), fed at
     32 px."""
-    root = tmp_path_factory.mktemp("scenes")
-    with rasterio.open(DATA / "rgb_byte_crop.tif") as src:
-        rgb = src.read()
-    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
-    brightness = [rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts]
-    middle = float(np.median(brightness))
-    for (r, c), b in zip(cuts, brightness):
-        folder = root / ("bright" if b > middle else "dark")
-        folder.mkdir(exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(folder / f"{r}_{c}.png")
-    return root
+    return brightness_folders(tmp_path_factory.mktemp("scenes"))
 
 
 def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    pth = micro_export(tmp_path)
     probe = tmp_path / "probe.safetensors"
     common = ["--model", str(pth), "--size", "32", "--quiet"]
     assert cli_main(["classify", "fit", str(class_folders), "-o", str(probe), "--out-dir", str(tmp_path / "report"),
@@ -243,10 +227,7 @@ def test_label_tables(class_folders: Path, tmp_path: Path, capsys: pytest.Captur
     with pytest.raises(ValueError, match="row 0 has no label"):
         table_labels(tmp_path / "empty.csv")
 
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    pth = micro_export(tmp_path)
     probe = tmp_path / "probe.safetensors"
     assert cli_main(["classify", "fit", "--labels", str(class_folders / "labels.csv"), "-o", str(probe), "--model",
                      str(pth), "--size", "32", "--quiet"]) == 0  # fmt: skip

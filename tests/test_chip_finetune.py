@@ -12,39 +12,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
 import torch
-from PIL import Image
+from brightness_chips import brightness_folders, micro_export
 
 import dinov3_eo.tasks.chip_finetune as chip_finetune
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_classification import ChipClassifier, fit_chip_classifier, folder_labels
 from dinov3_eo.tasks.chip_embeddings import chip_features, chip_model_input, embed_chips_with, load_chip_backbone
 from dinov3_eo.tasks.chip_finetune import FinetuneSettings, ProbeHead, finetune_chip_classifier, lr_factor
-
-SCENE = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"
 
 
 @pytest.fixture(scope="module")
 def chips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("finetune")
-    with rasterio.open(SCENE) as src:
-        rgb = src.read()
-    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
-    middle = float(np.median([rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts]))
-    for r, c in cuts:
-        folder = root / "chips" / ("bright" if rgb[:, r : r + 16, c : c + 16].mean() > middle else "dark")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(folder / f"{r}_{c}.png")
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), root / "micro", meta=meta)["pth"]
+    brightness_folders(root / "chips")
     paths = sorted(str(p) for p in (root / "chips").rglob("*.png"))
     labels = folder_labels(paths)
-    return {"root": root, "pth": Path(pth), "paths": paths, "y": np.array([["bright", "dark"].index(n) for n in labels])}
+    return {"root": root, "pth": micro_export(root), "paths": paths, "y": np.array([["bright", "dark"].index(n) for n in labels])}
 
 
 def _probe(chips: dict, backbone, *, multi_label: bool = False) -> tuple[ChipClassifier, np.ndarray]:

@@ -17,15 +17,12 @@ import geopandas as gpd
 import numpy as np
 import pandas as pd
 import pytest
-import rasterio
-import torch
+from brightness_chips import SCENE, save_chip, scene_cuts, micro_export
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, average_precision_score, f1_score
 
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_classification import (
     ChipClassifier,
     fit_chip_classifier,
@@ -34,8 +31,6 @@ from dinov3_eo.tasks.chip_classification import (
     table_multilabels,
 )
 from dinov3_eo.tasks.multilabel_metrics import average_precision, multilabel_report
-
-SCENE = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"
 
 
 def test_metrics_equal_scikit_learns() -> None:
@@ -128,18 +123,15 @@ def test_label_tables_with_lists_or_joined_classes(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def labelled_chips(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """16-px PNG chips of the scene (collar left out) and ``labels.csv`` naming each chip's classes, ';'-joined."""
+    """The scene's 16-px PNG chips and ``labels.csv`` naming each chip's classes, ';'-joined."""
     root = tmp_path_factory.mktemp("multilabel")
-    with rasterio.open(SCENE) as src:
-        rgb = src.read()
-    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
-    means = np.array([rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts])
-    stds = np.array([rgb[:, r : r + 16, c : c + 16].astype(float).std() for r, c in cuts])
+    cuts = scene_cuts()
+    mean_middle = np.median([cut.mean() for cut in cuts.values()])
+    std_middle = np.median([cut.astype(float).std() for cut in cuts.values()])
     rows = []
-    (root / "chips").mkdir()
-    for (r, c), m, s in zip(cuts, means, stds):
-        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(root / "chips" / f"{r}_{c}.png")
-        names = [n for n, on in (("bright", m > np.median(means)), ("textured", s > np.median(stds))) if on]
+    for (r, c), cut in cuts.items():
+        save_chip(cut, root / "chips" / f"{r}_{c}.png")
+        names = [n for n, on in (("bright", cut.mean() > mean_middle), ("textured", cut.astype(float).std() > std_middle)) if on]
         rows.append({"image": f"chips/{r}_{c}.png", "labels": ";".join(names)})
     pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
     return root
@@ -150,10 +142,7 @@ def test_multilabel_fit_test_predict_and_map_from_the_command_line(labelled_chip
     table = labelled_chips / "labels.csv"
     _, labels = table_multilabels(table)
     assert {len(n) for n in labels} == {0, 1, 2}  # chips with neither, one and both labels
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    pth = micro_export(tmp_path)
     probe = tmp_path / "probe.safetensors"
     assert cli_main(["classify", "fit", "--labels", str(table), "--multi-label", "--model", str(pth), "--size", "32",
                      "-o", str(probe), "--val-fraction", "0.3", "--out-dir", str(tmp_path / "fit"), "--quiet"]) == 0  # fmt: skip

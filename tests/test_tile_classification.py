@@ -15,43 +15,28 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-import torch
 from PIL import Image
 from rasterio.transform import Affine
 from rasterio.windows import bounds as window_bounds
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.inference.writers import coarse_grid_factor, write_cog, write_quicklook
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_classification import ChipClassifier, typical_chip_size
 from dinov3_eo.tasks.tile_classification import TILE_NODATA, classify_tiles, tile_grid_shape, tile_window
 
-SCENE = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"
+from brightness_chips import SCENE, brightness_folders, micro_export
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A probe fitted with ``classify fit`` on 16-px chips of the scene cut at multiples of 16 (tiles of the grid),
-    chips touching the collar left out; returns the probe, the chips' folder and the backbone."""
+    """A probe fitted with ``classify fit`` on the scene's 16-px brightness chips (tiles of the grid); returns the
+    probe, the chips' folder and the backbone."""
     root = tmp_path_factory.mktemp("tiles")
-    with rasterio.open(SCENE) as src:
-        rgb = src.read()
-    cuts = [(r, c) for r in range(0, 224, 16) for c in range(0, 240, 16) if (rgb[:, r : r + 16, c : c + 16] > 0).all()]
-    brightness = [rgb[:, r : r + 16, c : c + 16].mean() for r, c in cuts]
-    middle = float(np.median(brightness))
-    for (r, c), b in zip(cuts, brightness):
-        folder = root / "chips" / ("bright" if b > middle else "dark")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(rgb[:, r : r + 16, c : c + 16].transpose(1, 2, 0))).save(folder / f"{r}_{c}.png")
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4] * 3, "std": [0.2] * 3, "low": [0] * 3, "high": [255] * 3, "name": "u8"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), root / "micro", meta=meta)["pth"]
+    chips, pth = brightness_folders(root / "chips"), micro_export(root)
     probe = root / "probe.safetensors"
-    assert cli_main(["classify", "fit", str(root / "chips"), "-o", str(probe), "--model", str(pth), "--size", "32",
+    assert cli_main(["classify", "fit", str(chips), "-o", str(probe), "--model", str(pth), "--size", "32",
                      "--quiet"]) == 0  # fmt: skip
-    return {"probe": probe, "chips": root / "chips", "backbone": Path(pth)}
+    return {"probe": probe, "chips": chips, "backbone": pth}
 
 
 def test_tiles_are_the_chips_of_their_pixels_and_sit_where_rasterio_puts_them(fitted: dict[str, Path],
@@ -171,6 +156,42 @@ def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: P
                      "--tile-size", "40", "--quiet"]) == 0  # fmt: skip
     with rasterio.open(tmp_path / "o" / "rgb_byte_crop_tile_classes.tif") as src:
         assert (src.height, src.width) == (6, 7)  # ceil(230 / 40), ceil(250 / 40)
+
+
+def test_predictions_of_georeferenced_chips_on_a_map(fitted: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """GeoTIFF chips of the scene (one of them warped to EPSG:4326): ``classify predict -o x.gpkg`` puts each chip's
+    prediction on its footprint, in the first chip's CRS; a chip without a georeference is refused."""
+    from rasterio.warp import calculate_default_transform, reproject
+
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    windows = {(r, c): rasterio.windows.Window(c * 16, r * 16, 16, 16) for r, c in ((5, 5), (5, 6), (8, 9))}
+    with rasterio.open(SCENE) as src:
+        crs, transform = src.crs, src.transform
+        profile = {"driver": "GTiff", "width": 16, "height": 16, "count": 3, "dtype": "uint8", "crs": crs, "nodata": 0}
+        for (r, c), window in windows.items():
+            with rasterio.open(chips / f"a_{r}_{c}.tif", "w", **profile, transform=src.window_transform(window)) as dst:
+                dst.write(src.read(window=window))
+        window = windows[(8, 9)]
+        to_4326, width, height = calculate_default_transform(crs, "EPSG:4326", 16, 16, *rasterio.windows.bounds(window, transform))
+        warped = profile | {"crs": "EPSG:4326", "width": width, "height": height}
+        with rasterio.open(chips / "b_warped.tif", "w", **warped, transform=to_4326) as dst:
+            for band in (1, 2, 3):
+                reproject(src.read(band, window=window), rasterio.band(dst, band), src_transform=src.window_transform(window),
+                          src_crs=crs, dst_transform=to_4326, dst_crs="EPSG:4326")  # fmt: skip
+    out = tmp_path / "p.gpkg"
+    assert cli_main(["classify", "predict", str(chips), "--probe", str(fitted["probe"]), "-o", str(out), "--quiet"]) == 0
+    frame = gpd.read_file(out)
+    assert frame.crs == crs and list(frame.columns[:3]) == ["path", "class", "score"] and len(frame) == 4
+    by_name = {Path(p).stem: g for p, g in zip(frame["path"], frame.geometry)}
+    for (r, c), window in windows.items():
+        assert by_name[f"a_{r}_{c}"].bounds == pytest.approx(rasterio.windows.bounds(window, transform))
+    original = by_name["a_8_9"]
+    assert by_name["b_warped"].intersection(original).area / original.area > 0.9  # back in the scene's CRS
+    assert cli_main(["classify", "predict", str(fitted["chips"]), "--probe", str(fitted["probe"]), "-o",
+                     str(tmp_path / "png.geojson"), "--quiet"]) == 2  # fmt: skip
+    assert "is not georeferenced, so its prediction has no place on a map" in capsys.readouterr().err
 
 
 def test_typical_chip_size_and_tile_grid_factor(tmp_path: Path) -> None:

@@ -366,6 +366,34 @@ def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], 
     return fitted(-max(ranked)[1])
 
 
+#: vector formats ``classify predict`` writes georeferenced chips' predictions as (their footprints)
+VECTOR_SUFFIXES = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
+
+
+def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str],
+                         *, threshold: float | None = None, crs: Any = None, overwrite: bool = False) -> Any:  # fmt: skip
+    """:func:`write_predictions`' columns on each georeferenced chip's footprint (:func:`chip_footprints`), as a
+    GeoPackage (layer ``predictions``) or GeoJSON (by ``dst``'s suffix), written atomically; returns the
+    ``GeoDataFrame``."""
+    import geopandas as gpd
+
+    suffix = Path(dst).suffix.lower()
+    if suffix not in VECTOR_SUFFIXES:
+        raise ValueError(f"Chip predictions on a map are written as {' or '.join(VECTOR_SUFFIXES)}, not {str(dst)!r}.")
+    check_overwrite(dst, overwrite)
+    columns: dict[str, Any] = {"path": list(paths)}
+    if threshold is not None:
+        columns["labels"] = [";".join(n for n, v in zip(classes, row) if v >= threshold) for row in scores]
+    else:
+        best = scores.argmax(1)
+        columns.update({"class": [classes[i] for i in best], "score": scores[np.arange(len(best)), best]})
+    columns.update({f"p_{name}": scores[:, k] for k, name in enumerate(classes)})
+    frame = gpd.GeoDataFrame(columns, geometry=chip_footprints(paths, crs))
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "predictions"} if suffix == ".gpkg" else {}))
+    return frame
+
+
 def typical_chip_size(sizes: np.ndarray) -> list[int]:
     """The most common ``[height, width]`` of ``[N, 2]`` chip sizes (the smallest on a tie): the tile size
     ``classify map`` cuts a scene into by default."""
@@ -392,6 +420,37 @@ def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores:
                 first = [classes[best], f"{row[best]:.6f}"]
             out.writerow([path, *first, *(f"{v:.6f}" for v in row)])
     return Path(dst)
+
+
+def chip_footprints(paths: Sequence[str], crs: Any = None) -> Any:
+    """The footprint of each georeferenced chip as a ``geopandas.GeoSeries`` in one CRS: ``crs``, default the first
+    chip's (chips in another CRS reprojected, their corners densified along the edges).
+
+    Raises:
+        ValueError: a chip without a georeference (named), which has no place on a map.
+    """
+    import geopandas as gpd
+    import shapely
+
+    from dinov3_eo.data.raster import is_georeferenced, open_quietly
+
+    boxes, crss = [], []
+    for path in paths:
+        with open_quietly(path) as src:
+            if not is_georeferenced(src):
+                raise ValueError(f"Chip {path} is not georeferenced, so its prediction has no place on a map; write a "
+                                 "CSV (-o predictions.csv) for chips without one.")  # fmt: skip
+            boxes.append(shapely.box(*src.bounds))
+            crss.append(src.crs)
+    target = crs if crs is not None else crss[0]
+    out = gpd.GeoSeries([None] * len(paths), crs=target)
+    for source in {c.to_wkt(): c for c in crss}.values():
+        rows = [i for i, c in enumerate(crss) if c == source]
+        group = gpd.GeoSeries([boxes[i] for i in rows], crs=source)
+        if source != target:
+            group = group.segmentize(group.length.max() / 64).to_crs(target)  # edges bend when reprojected
+        out.iloc[rows] = group.values
+    return out
 
 
 def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -481,7 +540,8 @@ def classify_main(argv: Sequence[str]) -> int:
     predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
     predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
     predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
-    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...)")
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...), or "
+                         ".gpkg / .geojson: the same on each georeferenced chip's footprint (in the first chip's CRS)")  # fmt: skip
     predict.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
     test = sub.add_parser("test", help="score a probe on labelled chips (one folder per class): accuracy, per "
                           "class, confusion",
@@ -697,12 +757,14 @@ def _predict(args: Any) -> None:
     check_overwrite(args.output, args.overwrite)
     paths = expand_chips(args.chips)
     probe, scores = _probe_scores(args, paths)
-    if probe.multi_label:
-        threshold = probe.threshold if args.threshold is None else args.threshold
+    threshold = (probe.threshold if args.threshold is None else args.threshold) if probe.multi_label else None
+    if Path(args.output).suffix.lower() in VECTOR_SUFFIXES:
+        write_prediction_map(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+    else:
         write_predictions(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+    if probe.multi_label:
         counts = (scores >= threshold).sum(axis=0)
     else:
-        write_predictions(args.output, paths, scores, probe.classes, overwrite=args.overwrite)
         counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
     print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
     print(args.output)
@@ -743,6 +805,8 @@ def _map(args: Any) -> None:
 __all__ = [
     "C_GRID",
     "ChipClassifier",
+    "VECTOR_SUFFIXES",
+    "chip_footprints",
     "FEATURES",
     "chip_features",
     "classify_main",
@@ -755,5 +819,6 @@ __all__ = [
     "table_labels",
     "table_multilabels",
     "typical_chip_size",
+    "write_prediction_map",
     "write_predictions",
 ]
