@@ -201,6 +201,34 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     assert "already exists" in capsys.readouterr().err
 
 
+def test_tta_is_the_mean_over_chips_turned_and_mirrored_beforehand(class_folders: Path, tmp_path: Path) -> None:
+    """``classify predict --tta d4`` on three chips gives the mean of the plain predictions of their 8 turned and
+    mirrored copies, saved as files first (an independent path to the same views)."""
+    from dinov3_eo.inference.tta import dihedral
+
+    pth = micro_export(tmp_path)
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", str(class_folders), "-o", str(probe), "--model", str(pth), "--size", "32",
+                     "--quiet"]) == 0  # fmt: skip
+    chips = sorted(class_folders.rglob("*.png"))[:3]
+    (tmp_path / "views").mkdir()
+    for chip in chips:
+        pixels = torch.from_numpy(np.asarray(Image.open(chip)).transpose(2, 0, 1).copy())
+        for k in range(8):
+            view = dihedral(pixels, k).numpy().transpose(1, 2, 0).copy()
+            Image.fromarray(view).save(tmp_path / "views" / f"{chip.stem}_{k}.png")
+    for name, args in (("tta", ["--tta", "d4"]), ("plain", [])):
+        sources = [str(c) for c in chips] if name == "tta" else [str(tmp_path / "views")]
+        assert cli_main(["classify", "predict", *sources, "--probe", str(probe), "-o", str(tmp_path / f"{name}.csv"),
+                         "--quiet", *args]) == 0  # fmt: skip
+    tta = {Path(r["path"]).stem: float(r["p_bright"]) for r in csv.DictReader((tmp_path / "tta.csv").open())}
+    views = [(Path(r["path"]).stem, float(r["p_bright"])) for r in csv.DictReader((tmp_path / "plain.csv").open())]
+    for chip in chips:
+        mean = np.mean([p for stem, p in views if stem.rsplit("_", 1)[0] == chip.stem])
+        assert tta[chip.stem] == pytest.approx(mean, abs=1e-5)
+    assert len({round(p, 4) for stem, p in views}) > 3  # the views do differ: the average is not trivially the same
+
+
 def test_label_tables(class_folders: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """A CSV or Parquet of ``image``/``label`` rows (relative to the table) lists the same chips and classes as the
     folders do; ``classify fit`` and ``test`` take it with ``--labels``; a bad table is one sentence."""

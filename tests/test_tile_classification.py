@@ -68,6 +68,14 @@ def test_tiles_are_the_chips_of_their_pixels_and_sit_where_rasterio_puts_them(fi
         np.testing.assert_allclose(result.probabilities[:, r, c], [float(row["p_bright"]), float(row["p_dark"])], atol=2e-5)
         compared += 1
     assert compared == 72
+    # and with test-time augmentation, both ways
+    flipped = classify_tiles(SCENE, probe, tta="flips", progress=False)
+    assert cli_main(["classify", "predict", str(fitted["chips"]), "--probe", str(fitted["probe"]), "-o",
+                     str(tmp_path / "tta.csv"), "--tta", "flips", "--quiet"]) == 0  # fmt: skip
+    for row in csv.DictReader((tmp_path / "tta.csv").open()):
+        r, c = (int(v) // 16 for v in Path(row["path"]).stem.split("_"))
+        np.testing.assert_allclose(flipped.probabilities[:, r, c], [float(row["p_bright"]), float(row["p_dark"])], atol=2e-5)
+    assert not np.allclose(flipped.probabilities[:, result.classified], result.probabilities[:, result.classified])
 
     frame = result.to_geodataframe()
     assert len(frame) == result.classified.sum() and frame.crs == crs

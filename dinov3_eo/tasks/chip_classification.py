@@ -579,6 +579,10 @@ def classify_main(argv: Sequence[str]) -> int:
     for p in (fit, test):
         p.add_argument("--label-separator", default=";", help="multi-label: what joins a chip's classes in a text "
                        "label cell (default ';')")  # fmt: skip
+    for p in (predict, test, scene):
+        p.add_argument("--tta", choices=("flips", "d4"), default=None, help="test-time augmentation: the mean of the "
+                       "class probabilities of the flipped (flips: 4 views) or flipped and quarter-turned (d4: 8) chips; "
+                       "one model call per view")  # fmt: skip
     for p in (predict, test):
         p.add_argument("--threshold", type=float, default=None, help="multi-label probe: the probability a class "
                        "needs to be predicted (default: the probe's)")  # fmt: skip
@@ -722,16 +726,23 @@ def _flat(labels: Sequence[Any], multi_label: bool) -> list[str]:
 
 
 def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.ndarray]:
-    """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted."""
+    """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted (with
+    ``--tta``, the mean of the probabilities of each turned and mirrored view)."""
+    from dinov3_eo.inference.tta import tta_views
+
     probe = ChipClassifier.load(args.probe)
     info = probe.embedding
     source = args.model or info.get("backbone_source")
     if source is None:
         raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
     backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=args.device)
-    embedded = embed_chips_with(backbone, paths, bands=info.get("bands"), size=info.get("size"),
-                                batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
-    return probe, probe.scores(chip_features(embedded, probe.features))
+    views = tta_views(args.tta) if args.tta else (0,)
+    scores = 0.0
+    for view in views:
+        embedded = embed_chips_with(backbone, paths, bands=info.get("bands"), size=info.get("size"), view=view,
+                                    batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
+        scores = scores + probe.scores(chip_features(embedded, probe.features)) / len(views)
+    return probe, scores
 
 
 def _test(args: Any) -> None:
@@ -788,7 +799,7 @@ def _map(args: Any) -> None:
     backbone = load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=args.device)
     for scene in args.scenes:
         result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
-                                nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size,
+                                nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size, tta=args.tta,
                                 amp=args.bf16, progress=not args.quiet)  # fmt: skip
         outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
                                      quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip

@@ -117,18 +117,21 @@ def chip_model_input(header: ChipHeader, *, patch_size: int, normalization: Norm
 
 @torch.inference_mode()
 def embed_batch(backbone: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
-                amp: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+                amp: bool = False, view: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The normed CLS token and the mean normed patch token over the valid patches of model inputs of one size
-    (:func:`model_input`), through ``backbone.forward_features`` (in whatever mode the backbone is).
+    (:func:`model_input`), through ``backbone.forward_features`` (in whatever mode the backbone is); ``view`` turns
+    and mirrors the inputs first (:func:`~dinov3_eo.inference.tta.dihedral`, 0..7; test-time augmentation).
 
     Returns:
         ``(cls [B, D], patch_mean [B, D])`` float32; a ``patch_mean`` row is NaN where no patch is valid.
     """
-    x = torch.stack([image for image, _ in inputs]).to(device)
+    from dinov3_eo.inference.tta import dihedral
+
+    x = dihedral(torch.stack([image for image, _ in inputs]), view).to(device)
     with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp):
         out = backbone.forward_features(x)
     tokens = out["x_norm_patchtokens"].float().cpu()  # [B, h*w, D]
-    valid = torch.stack([v.flatten() for _, v in inputs]).float()  # [B, h*w]
+    valid = dihedral(torch.stack([v for _, v in inputs]), view).flatten(1).float()  # [B, h*w], in the tokens' order
     counts = valid.sum(dim=1, keepdim=True)
     means = (tokens * valid[..., None]).sum(dim=1) / counts.clamp(min=1)
     means[counts[:, 0] == 0] = float("nan")
@@ -182,11 +185,11 @@ def load_chip_backbone(source: str | os.PathLike[str], *, normalization: str | N
 
 def embed_chips_with(backbone: ChipBackbone, chips: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                      bands: Sequence[int] | None = None, size: int | None = 224, batch_size: int = 32,
-                     amp: bool = False, progress: bool = True) -> ChipEmbeddings:  # fmt: skip
+                     amp: bool = False, progress: bool = True, view: int = 0) -> ChipEmbeddings:  # fmt: skip
     """:func:`embed_chips` through a loaded backbone, its normalisation and device; the table's metadata also
     records ``backbone_source`` and ``normalization_override`` (how ``similar --chips`` embeds its examples alike)."""
     embeddings = embed_chips(backbone.model, chips, normalization=backbone.normalization, bands=bands, size=size,
-                             batch_size=batch_size, device=backbone.device, amp=amp, progress=progress)  # fmt: skip
+                             batch_size=batch_size, device=backbone.device, amp=amp, progress=progress, view=view)  # fmt: skip
     embeddings.metadata.update(backbone_source=backbone.source, normalization_override=backbone.normalization_override)
     return embeddings
 
@@ -202,6 +205,7 @@ def embed_chips(
     device: str | torch.device = "cpu",
     amp: bool = False,
     progress: bool = True,
+    view: int = 0,
 ) -> ChipEmbeddings:
     """The CLS token and mean patch token of every chip (:func:`chip_model_input`, then ``forward_features``).
 
@@ -214,6 +218,8 @@ def embed_chips(
             size), chips of one size batched together.
         batch_size: chips per forward pass.
         amp: bf16 autocast (returned as float32 either way).
+        view: each chip turned and mirrored first (:func:`~dinov3_eo.inference.tta.dihedral`, 0..7: test-time
+            augmentation; 0 = as it is).
 
     Raises:
         FileNotFoundError: no chip. ValueError: an unreadable chip, or one whose band count is not the backbone's
@@ -240,7 +246,7 @@ def embed_chips(
         for batch in _batches(headers, patch, size, batch_size):
             inputs = [chip_model_input(headers[i], patch_size=patch, normalization=normalization, bands=bands,
                                        size=size) for i in batch]  # fmt: skip
-            cls[batch], patch_mean[batch] = embed_batch(backbone, inputs, device=device, amp=amp)
+            cls[batch], patch_mean[batch] = embed_batch(backbone, inputs, device=device, amp=amp, view=view)
             bar.update(len(batch))
     finally:
         bar.close()

@@ -191,6 +191,7 @@ def classify_tiles(
     batch_size: int = 32,
     device: str | None = None,
     amp: bool = False,
+    tta: str | None = None,
     progress: bool = True,
 ) -> TileClasses:
     """Classify a georeferenced scene tile by tile with a chip probe (``classify fit``).
@@ -210,6 +211,7 @@ def classify_tiles(
         nodata: no-data value overriding the file's (e.g. ``0`` for a Landsat L1 collar).
         min_valid: the share of a tile's pixels that must hold data for it to be classified.
         batch_size: tiles per forward pass; device, amp: as for :func:`~dinov3_eo.tasks.chip_embeddings.embed_chips`.
+        tta: ``"flips"`` or ``"d4"``: each tile's probabilities are the mean over its 4 or 8 flipped and turned views.
 
     Raises:
         FileNotFoundError: no such scene or probe. ValueError: a scene without a georeference, a band count the
@@ -219,6 +221,7 @@ def classify_tiles(
     from tqdm.auto import tqdm
 
     from dinov3_eo.data.raster import require_georeferenced
+    from dinov3_eo.inference.tta import tta_views
 
     if not isinstance(probe, ChipClassifier):
         probe = ChipClassifier.load(probe)
@@ -246,6 +249,7 @@ def classify_tiles(
     in_chans = int(model.patch_embed.proj.weight.shape[1])
     bands = list(bands) if bands is not None else info.get("bands")
     size = info.get("size", 224)
+    views = tta_views(tta) if tta else (0,)
 
     with rasterio.open(raster) as src:
         require_georeferenced(src)
@@ -263,10 +267,13 @@ def classify_tiles(
         def score(batch: list[_Tile]) -> None:
             inputs = [model_input(t.pixels, t.valid, patch_size=patch, normalization=backbone.normalization, size=size)
                       for t in batch]  # fmt: skip
-            cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp)
-            embedded = ChipEmbeddings(paths=[""] * len(batch), cls=cls, patch_mean=patch_mean,
-                                      sizes=np.zeros((len(batch), 2), np.int64))  # fmt: skip
-            p = probe.scores(chip_features(embedded, probe.features)).astype(np.float32)
+            p = np.zeros((len(batch), len(probe.classes)))
+            for view in views:
+                cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp, view=view)
+                embedded = ChipEmbeddings(paths=[""] * len(batch), cls=cls, patch_mean=patch_mean,
+                                          sizes=np.zeros((len(batch), 2), np.int64))  # fmt: skip
+                p += probe.scores(chip_features(embedded, probe.features)) / len(views)
+            p = p.astype(np.float32)
             for t, row in zip(batch, p):
                 probabilities[:, t.row, t.col] = row
 
