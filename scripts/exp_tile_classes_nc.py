@@ -14,7 +14,7 @@ multi-label chips: each tile carries every land class on at least ``--presence``
 --multi-label`` on a shuffled table of the training tiles, ``classify test`` on the held-out ones (mAP), against
 colour histograms and the classes' training prevalence.
 
-    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves] [--balanced] [--finetune-epochs N]
+    python scripts/exp_tile_classes_nc.py [--arch vits16] [--size 64] [--tile 16] [--purity 0.6] [--split blocks|halves] [--balanced] [--finetune-epochs N] [--tta flips|d4]
                                             [--backbone export.pth] [--keep DIR]
 """
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--balanced", action="store_true", help="classify fit --balanced (and balanced class weights "
                         "for the colour-histogram baseline)")  # fmt: skip
     parser.add_argument("--finetune-epochs", type=int, default=0, help="classify fit --finetune-epochs (default 0)")
+    parser.add_argument("--tta", choices=("flips", "d4"), default=None, help="classify map --tta")
     parser.add_argument("--keep", default=None, help="keep the chips, probe and map in this folder")
     parser.add_argument("--backbone", default=None, help="an exported backbone (default: random weights)")
     args = parser.parse_args()
@@ -142,7 +143,7 @@ def main() -> None:
 
         start = time.perf_counter()
         assert cli_main(["classify", "map", str(stack), "--probe", str(probe), "-o", str(tmp / "map"), "--quiet",
-                         "--probabilities"]) == 0  # fmt: skip
+                         "--probabilities", *(["--tta", args.tta] if args.tta else [])]) == 0  # fmt: skip
         map_s = time.perf_counter() - start
         with rasterio.open(tmp / "map" / "nc_rgb_tile_classes.tif") as src:
             ids, class_names, shape = src.read(1), json.loads(src.tags()["class_names"]), (src.height, src.width)
@@ -153,7 +154,7 @@ def main() -> None:
 
         start = time.perf_counter()
         assert cli_main(["classify", "predict", str(tmp / "test"), "--probe", str(probe), "-o", str(tmp / "p.csv"),
-                         "--quiet"]) == 0  # fmt: skip
+                         "--quiet", *(["--tta", args.tta] if args.tta else [])]) == 0  # fmt: skip
         predict_s = time.perf_counter() - start
         diff = 0.0
         for row in csv.DictReader((tmp / "p.csv").open()):
@@ -170,7 +171,7 @@ def main() -> None:
         majority = int(np.bincount(ytrain).argmax())
         tiles = int(np.prod(shape))
         results = {
-            "split": args.split, "balanced": args.balanced, "finetune_epochs": args.finetune_epochs, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
+            "split": args.split, "balanced": args.balanced, "finetune_epochs": args.finetune_epochs, "tta": args.tta, "tile_px": args.tile, "tile_m": args.tile * 28.5, "model_input": args.size, "arch": args.arch,
             "weights": "export" if args.backbone else "random", "grid": list(shape), "labelled_tiles": len(labels),
             "train_tiles": len(train), "test_tiles": len(test),
             "train_classes": {NAMES[k]: int(v) for k, v in zip(*np.unique(ytrain, return_counts=True))},
