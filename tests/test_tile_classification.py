@@ -153,6 +153,14 @@ def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: P
     assert "is not georeferenced" in capsys.readouterr().err
     assert cli_main([*args[:-3], "-o", str(tmp_path / "b"), "--bands", "1", "2"]) == 2
     assert "gives 2 bands (--bands [1, 2]) but the backbone takes 3" in capsys.readouterr().err
+    with rasterio.open(SCENE) as src:
+        profile = src.profile
+    with rasterio.open(tmp_path / "empty.tif", "w", **profile) as dst:
+        dst.write(np.zeros((3, profile["height"], profile["width"]), np.uint8))
+    assert cli_main(["classify", "map", str(tmp_path / "empty.tif"), "--probe", str(fitted["probe"]), "-o",
+                     str(tmp_path / "e"), "--quiet"]) == 2  # fmt: skip
+    assert "No tile of" in (err := capsys.readouterr().err) and "holds data on at least 50% of its pixels (nodata 0.0)" in err
+    assert not list((tmp_path / "e").glob("*"))  # nothing written
     assert cli_main([*args[:-3], "-o", str(tmp_path / "m"), "--min-valid", "0"]) == 2
     assert "min_valid must lie in (0, 1]" in capsys.readouterr().err
     old = ChipClassifier.load(fitted["probe"])

@@ -215,7 +215,8 @@ def classify_tiles(
 
     Raises:
         FileNotFoundError: no such scene or probe. ValueError: a scene without a georeference, a band count the
-        backbone does not take, a bad ``tile_size`` or ``min_valid`` (each in one sentence).
+        backbone does not take, a bad ``tile_size``, ``stride`` or ``min_valid``, or no tile with enough data (each
+        in one sentence).
     """
     import rasterio
     from tqdm.auto import tqdm
@@ -294,6 +295,10 @@ def classify_tiles(
                 score(batch)
         finally:
             model.train(was_training)
+        if not np.isfinite(probabilities).all(axis=0).any():
+            declared = nodata if nodata is not None else src.nodata
+            raise ValueError(f"No tile of {str(raster)!r} holds data on at least {min_valid:.0%} of its pixels (nodata "
+                             f"{declared}); check --nodata, or lower --min-valid.")  # fmt: skip
     return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
                        valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
                        stride=stride, bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
