@@ -110,6 +110,35 @@ def test_fine_tuning_lowers_the_loss_and_a_killed_run_resumes_to_the_same_weight
     np.testing.assert_allclose(resumed.weight, probe.weight, atol=2e-3)
 
 
+def test_multi_label_and_balanced_fine_tuning(chips: dict) -> None:
+    """A multi-label probe fine-tunes on binary cross-entropy and is scored by held-out mAP; balanced weights are
+    scikit-learn's ``n / (k * count)`` (single-label) and negatives / positives per class (multi-label)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    backbone = load_chip_backbone(chips["pth"], device="cpu")
+    probe, x = _probe(chips, backbone, multi_label=True)
+    targets = np.stack([chips["y"] == 0, np.arange(len(x)) % 3 == 0], axis=1)
+    tuned, _, history = finetune_chip_classifier(backbone, probe, chips["paths"], targets,
+                                                 val=(chips["paths"][::4], targets[::4]),
+                                                 settings=FinetuneSettings(epochs=1, balanced=True), progress=False)  # fmt: skip
+    assert tuned.multi_label and len(history) == 2 and 0 < history[1]["held_out"] <= 1  # macro mAP
+    assert np.isfinite(history[1]["loss"])
+
+    y = np.array([0, 0, 0, 1, 2, 2])
+    single = ChipClassifier(method="linear", classes=["a", "b", "c"], features="cls")
+    loss = chip_finetune._loss_fn(single, y, True, "cpu")
+    logits = torch.randn(6, 3)
+    expected = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y),
+                                                 weight=torch.tensor(compute_class_weight("balanced", classes=np.arange(3), y=y),
+                                                                     dtype=torch.float32))  # fmt: skip
+    torch.testing.assert_close(loss(logits, torch.from_numpy(y)), expected)
+    multi = ChipClassifier(method="linear", classes=["a", "b"], features="cls", multi_label=True)
+    t = np.array([[1, 0], [1, 0], [0, 1], [1, 0]], bool)
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[:4, :2], torch.from_numpy(t).float(),
+                                                                    pos_weight=torch.tensor([1 / 3, 3.0]))  # fmt: skip
+    torch.testing.assert_close(chip_finetune._loss_fn(multi, t, True, "cpu")(logits[:4, :2], torch.from_numpy(t)), expected)
+
+
 def test_a_nan_loss_stops_in_one_sentence(chips: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     backbone = load_chip_backbone(chips["pth"], device="cpu")
     probe, _ = _probe(chips, backbone)
