@@ -125,6 +125,29 @@ def test_a_smaller_stride_classifies_each_cell_by_the_tile_centred_on_it(fitted:
         classify_tiles(SCENE, probe, stride=17, progress=False)
 
 
+def test_prefetched_tiles_give_the_same_map_and_a_read_error_reaches_the_caller(fitted: dict[str, Path],
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import dinov3_eo.tasks.tile_classification as tiles
+
+    probe = ChipClassifier.load(fitted["probe"])
+    ahead = classify_tiles(SCENE, probe, prefetch=2, batch_size=7, progress=False)
+    in_turn = classify_tiles(SCENE, probe, prefetch=0, batch_size=7, progress=False)
+    assert np.array_equal(ahead.probabilities, in_turn.probabilities, equal_nan=True)
+    assert np.array_equal(ahead.valid_fraction, in_turn.valid_fraction)
+    read = tiles._read_tiles
+
+    def corrupt_after_ten(*args):
+        for i, tile in enumerate(read(*args)):
+            if i == 10:
+                raise ValueError("scene.tif: the window at row 0, col 160 could not be decoded")
+            yield tile
+
+    monkeypatch.setattr(tiles, "_read_tiles", corrupt_after_ten)
+    for prefetch in (2, 0):  # from the background thread as from the caller's: the reader's own error, as it is
+        with pytest.raises(ValueError, match="could not be decoded"):
+            classify_tiles(SCENE, probe, prefetch=prefetch, progress=False)
+
+
 def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     args = ["classify", "map", str(SCENE), "--probe", str(fitted["probe"]), "-o", str(out), "--quiet"]

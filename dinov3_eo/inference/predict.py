@@ -35,6 +35,7 @@ from dinov3_eo.allocator import trim_heap
 from dinov3_eo.data.datasets import fused_affine, model_input
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.data.raster import read_window, require_georeferenced
+from dinov3_eo.inference.prefetch import Prefetcher
 from dinov3_eo.inference.tiling import Tile, TileGrid
 from dinov3_eo.inference.tta import TTA, TTA_HELP, TTA_MODES, TestTimeAugmented, tta_views
 from dinov3_eo.inference.writers import COGWriter, check_overwrite
@@ -176,50 +177,6 @@ def _encode_float(mean: np.ndarray, valid: np.ndarray) -> np.ndarray:
     out = mean.astype(np.float32, copy=True)
     out[:, ~valid] = np.nan
     return out
-
-
-class _Prefetcher:
-    """Reads, normalises and batches windows in a background thread, ``prefetch`` batches ahead."""
-
-    def __init__(self, produce: Callable[[], Iterator[_Batch]], *, prefetch: int) -> None:
-        self._produce = produce
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, prefetch))
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dinov3_eo-reader", daemon=True)
-        self._done = object()
-
-    def _put(self, item: Any) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _run(self) -> None:
-        try:
-            for batch in self._produce():
-                if not self._put(batch):
-                    return
-            self._put(self._done)
-        except BaseException as e:  # handed to the consumer, which re-raises it
-            self._put(e)
-
-    def __iter__(self) -> Iterator[_Batch]:
-        self._thread.start()
-        while True:
-            item = self._queue.get()
-            if item is self._done:
-                return
-            if isinstance(item, BaseException):
-                raise RuntimeError(f"Reading windows failed: {item}") from item
-            yield item
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
 
 class _BackgroundWorker:
@@ -567,7 +524,7 @@ def _stream(
         model.eval()
     skipped_count = calls = 0
     entered: list[COGWriter] = []
-    reader = _Prefetcher(batches, prefetch=prefetch)
+    reader = Prefetcher(batches, prefetch=prefetch, failure="Reading windows failed")
     blender: _BackgroundWorker | None = None
     bar = tqdm(total=len(grid), unit="win", disable=not progress, desc=Path(str(dataset.name)).name)
     try:

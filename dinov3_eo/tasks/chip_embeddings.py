@@ -83,7 +83,7 @@ def model_input_size(height: int, width: int, patch_size: int, size: int | None)
     return tuple(max(patch_size, round(side / patch_size) * patch_size) for side in (height, width))  # type: ignore[return-value]
 
 
-def model_input(pixels: np.ndarray, valid: np.ndarray, *, patch_size: int, normalization: Normalization | None,
+def embedding_input(pixels: np.ndarray, valid: np.ndarray, *, patch_size: int, normalization: Normalization | None,
                 size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Pixels as the backbone reads them: normalised, no-data pixels 0, resized (bilinear, antialiased) to
     :func:`model_input_size`.
@@ -110,16 +110,16 @@ def model_input(pixels: np.ndarray, valid: np.ndarray, *, patch_size: int, norma
 
 def chip_model_input(header: ChipHeader, *, patch_size: int, normalization: Normalization | None,
                      bands: Sequence[int] | None = None, size: int | None = 224) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """A chip (:func:`~dinov3_eo.data.chips.read_chip`) as the backbone reads it: :func:`model_input`."""
+    """A chip (:func:`~dinov3_eo.data.chips.read_chip`) as the backbone reads it: :func:`embedding_input`."""
     pixels, valid = read_chip(header, bands)
-    return model_input(pixels, valid, patch_size=patch_size, normalization=normalization, size=size)
+    return embedding_input(pixels, valid, patch_size=patch_size, normalization=normalization, size=size)
 
 
 @torch.inference_mode()
 def embed_batch(backbone: nn.Module, inputs: Sequence[tuple[Tensor, Tensor]], *, device: str | torch.device = "cpu",
                 amp: bool = False, view: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The normed CLS token and the mean normed patch token over the valid patches of model inputs of one size
-    (:func:`model_input`), through ``backbone.forward_features`` (in whatever mode the backbone is); ``view`` turns
+    (:func:`embedding_input`), through ``backbone.forward_features`` (in whatever mode the backbone is); ``view`` turns
     and mirrors the inputs first (:func:`~dinov3_eo.inference.tta.dihedral`, 0..7; test-time augmentation).
 
     Returns:
@@ -369,7 +369,7 @@ __all__ = [
     "embed_chips",
     "embed_chips_with",
     "load_chip_backbone",
-    "model_input",
+    "embedding_input",
     "model_input_size",
     "nearest_chips",
     "read_chip_embeddings",

@@ -4,7 +4,7 @@ A probe fitted on EuroSAT-style chips (:mod:`~dinov3_eo.tasks.chip_classificatio
 over a scene the question is "where is what". ``dinov3-eo classify map scene.tif --probe probe.safetensors -o out/``
 cuts the scene into a regular grid of tiles from its origin (by default of the size of the probe's training chips,
 in the scene's pixels), embeds each tile exactly as the probe's chips were embedded (same backbone, bands,
-normalisation and model input size: :func:`~dinov3_eo.tasks.chip_embeddings.model_input`), and writes
+normalisation and model input size: :func:`~dinov3_eo.tasks.chip_embeddings.embedding_input`), and writes
 
 - ``<stem>_tile_classes.tif``: a class-id COG with one pixel per tile (the scene's transform scaled by the tile size,
   colour table and ``class_names`` tag; 255 where a tile was not classified),
@@ -31,11 +31,12 @@ import numpy as np
 import torch
 from rasterio.transform import Affine
 from rasterio.windows import Window
-from torch import nn
+from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.inference.prefetch import Prefetcher
 from dinov3_eo.tasks.chip_classification import ChipClassifier
-from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, load_chip_backbone, model_input
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, load_chip_backbone, embedding_input
 
 #: the tile class map's value where a tile was not classified
 TILE_NODATA = 255
@@ -192,6 +193,7 @@ def classify_tiles(
     device: str | None = None,
     amp: bool = False,
     tta: str | None = None,
+    prefetch: int = 2,
     progress: bool = True,
 ) -> TileClasses:
     """Classify a georeferenced scene tile by tile with a chip probe (``classify fit``).
@@ -212,6 +214,7 @@ def classify_tiles(
         min_valid: the share of a tile's pixels that must hold data for it to be classified.
         batch_size: tiles per forward pass; device, amp: as for :func:`~dinov3_eo.tasks.chip_embeddings.embed_chips`.
         tta: ``"flips"`` or ``"d4"``: each tile's probabilities are the mean over its 4 or 8 flipped and turned views.
+        prefetch: batches of tiles read and prepared ahead in a background thread (0: read in turn with the model).
 
     Raises:
         FileNotFoundError: no such scene or probe. ValueError: a scene without a georeference, a band count the
@@ -265,35 +268,47 @@ def classify_tiles(
         valid_fraction = np.zeros((rows, cols), dtype=np.float32)
         crs, transform = src.crs, src.transform @ Affine.scale(stride)
 
-        def score(batch: list[_Tile]) -> None:
-            inputs = [model_input(t.pixels, t.valid, patch_size=patch, normalization=backbone.normalization, size=size)
-                      for t in batch]  # fmt: skip
-            p = np.zeros((len(batch), len(probe.classes)))
-            for view in views:
-                cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp, view=view)
-                embedded = ChipEmbeddings(paths=[""] * len(batch), cls=cls, patch_mean=patch_mean,
-                                          sizes=np.zeros((len(batch), 2), np.int64))  # fmt: skip
-                p += probe.scores(chip_features(embedded, probe.features)) / len(views)
-            p = p.astype(np.float32)
-            for t, row in zip(batch, p):
-                probabilities[:, t.row, t.col] = row
+        def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
+            """((row, col, valid fraction, classified) of the tiles read since the last batch, the model inputs of
+            those classified), a batch at a time."""
+            seen: list[tuple[int, int, float, bool]] = []
+            inputs: list[tuple[Tensor, Tensor]] = []
+            for tile in _read_tiles(src, tile_size, stride, bands, nodata):
+                take = tile.valid_fraction >= min_valid and bool(tile.valid.any())
+                seen.append((tile.row, tile.col, tile.valid_fraction, take))
+                if take:
+                    inputs.append(embedding_input(tile.pixels, tile.valid, patch_size=patch,
+                                                  normalization=backbone.normalization, size=size))  # fmt: skip
+                if len(inputs) == batch_size:
+                    yield seen, inputs
+                    seen, inputs = [], []
+            if seen:
+                yield seen, inputs
 
         was_training = model.training
         model.eval()
-        batch: list[_Tile] = []
+        # tiles are read and prepared in a background thread while the model runs on the batch before
+        reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
+        bar = tqdm(total=rows * cols, unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
         try:
-            for tile in tqdm(_read_tiles(src, tile_size, stride, bands, nodata), total=rows * cols, unit="tile",
-                             desc=f"tiles of {Path(raster).name}", disable=not progress):  # fmt: skip
-                valid_fraction[tile.row, tile.col] = tile.valid_fraction
-                if tile.valid_fraction < min_valid or not tile.valid.any():
-                    continue
-                batch.append(tile)
-                if len(batch) == batch_size:
-                    score(batch)
-                    batch = []
-            if batch:
-                score(batch)
+            for seen, inputs in reader if reader is not None else batches():
+                for row, col, fraction, _ in seen:
+                    valid_fraction[row, col] = fraction
+                chosen = [(row, col) for row, col, _, take in seen if take]
+                if inputs:
+                    p = np.zeros((len(inputs), len(probe.classes)))
+                    for view in views:
+                        cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp, view=view)
+                        embedded = ChipEmbeddings(paths=[""] * len(inputs), cls=cls, patch_mean=patch_mean,
+                                                  sizes=np.zeros((len(inputs), 2), np.int64))  # fmt: skip
+                        p += probe.scores(chip_features(embedded, probe.features)) / len(views)
+                    for (row, col), values in zip(chosen, p.astype(np.float32)):
+                        probabilities[:, row, col] = values
+                bar.update(len(seen))
         finally:
+            bar.close()
+            if reader is not None:
+                reader.close()
             model.train(was_training)
         if not np.isfinite(probabilities).all(axis=0).any():
             declared = nodata if nodata is not None else src.nodata
