@@ -201,6 +201,30 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     assert "already exists" in capsys.readouterr().err
 
 
+def test_fit_from_an_embedding_table_is_the_fit_from_the_chips(class_folders: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """``classify fit --embeddings`` reads the chips' rows of an ``embed --chips`` table (its backbone, size and bands)
+    instead of embedding them: the same probe as embedding them with ``--model``."""
+    pth = micro_export(tmp_path)
+    table = tmp_path / "embeddings.parquet"
+    assert cli_main(["embed", str(class_folders), "--chips", "--model", str(pth), "-o", str(table), "--size", "32", "--quiet"]) == 0
+    args = [str(class_folders), "--val-fraction", "0.3", "--quiet"]
+    assert cli_main(["classify", "fit", *args, "--model", str(pth), "--size", "32", "-o", str(tmp_path / "a.safetensors")]) == 0
+    assert cli_main(["classify", "fit", *args, "--embeddings", str(table), "-o", str(tmp_path / "b.safetensors")]) == 0
+    embedded, read = ChipClassifier.load(tmp_path / "a.safetensors"), ChipClassifier.load(tmp_path / "b.safetensors")
+    assert read.c == embedded.c and read.embedding == embedded.embedding  # the table records what --model and --size say
+    np.testing.assert_allclose(read.weight, embedded.weight, atol=1e-5)
+    capsys.readouterr()
+    extra = tmp_path / "more" / "bright"
+    extra.mkdir(parents=True)
+    Image.open(next(class_folders.rglob("*.png"))).save(extra / "new.png")
+    assert cli_main(["classify", "fit", str(class_folders), str(tmp_path / "more"), "--embeddings", str(table), "-o",
+                     str(tmp_path / "c.safetensors")]) == 2  # fmt: skip
+    assert "new.png is not in the embedding table" in capsys.readouterr().err
+    assert cli_main(["classify", "fit", str(class_folders), "-o", str(tmp_path / "d.safetensors")]) == 2
+    assert "Give the backbone that embeds the chips (--model), or a table of their embeddings" in capsys.readouterr().err
+
+
 def test_tta_is_the_mean_over_chips_turned_and_mirrored_beforehand(class_folders: Path, tmp_path: Path) -> None:
     """``classify predict --tta d4`` on three chips gives the mean of the plain predictions of their 8 turned and
     mirrored copies, saved as files first (an independent path to the same views)."""

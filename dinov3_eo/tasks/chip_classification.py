@@ -506,7 +506,10 @@ def classify_main(argv: Sequence[str]) -> int:
                          "the held-out accuracy, and save the probe.")  # fmt: skip
     fit.add_argument("chips", nargs="*", help="training chips: folders (searched recursively) or quoted globs; each "
                      "chip's class is its folder's name")  # fmt: skip
-    fit.add_argument("--model", required=True, help=BACKBONE_HELP)
+    fit.add_argument("--model", default=None, help=BACKBONE_HELP + " (default with --embeddings: the table's)")
+    fit.add_argument("--embeddings", default=None, help="a table from 'embed --chips' holding the labelled chips: their "
+                     "embeddings are read, not computed again (the table's backbone, size, bands and normalisation "
+                     "hold), so probes fit in seconds")  # fmt: skip
     fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
     fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
                      "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
@@ -647,22 +650,19 @@ def _fit(args: Any) -> None:
     if not multi and len(classes) < 2:
         raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
                          "needs at least two (one folder, or one label, per class).")  # fmt: skip
-    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
-    embed = dict(bands=args.bands, size=size, batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet)
-    embedded = embed_chips_with(backbone, paths, **embed).take(paths)  # rows in the labels' order
+    embedded_of, backbone, made = _embedder(args, size)
+    embedded = embedded_of(paths)
     target = (lambda names: label_matrix(names, classes)) if multi else (lambda names: _class_ids(names, classes))  # noqa: E731
     x, y = chip_features(embedded, args.features), target(labels)
     if held_given:
-        held = embed_chips_with(backbone, val_paths, **embed).take(val_paths)
+        held = embedded_of(val_paths)
         vx, vy = chip_features(held, args.features), target(val_labels)
     else:
         vx, vy = x[val_idx], y[val_idx]
     val = (vx, vy) if len(vy) else None
     probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
                                 val=val, k=args.k, threshold=args.threshold, balanced=args.balanced)  # fmt: skip
-    probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": args.bands,
-                       "normalization": args.normalization, "backbone": embedded.metadata.get("backbone"),
-                       "chip_size": typical_chip_size(embedded.sizes)}  # fmt: skip
+    probe.embedding = {**made, "backbone": embedded.metadata.get("backbone"), "chip_size": typical_chip_size(embedded.sizes)}
     kind = f"{'multi-label ' if multi else ''}{args.method}"
     print(f"{kind} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
@@ -671,7 +671,7 @@ def _fit(args: Any) -> None:
         if len(vy):
             _report(probe, scores, vy, None)
         held_paths = val_paths if held_given else [paths[i] for i in val_idx]
-        probe, scores = _finetune(args, backbone, probe, [paths[i] for i in train_idx], y[train_idx], held_paths, vy)
+        probe, scores = _finetune(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx], held_paths, vy)
         kept = probe.embedding["finetune"]["kept_epoch"]
         print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
               f"; {len(vy)} held-out chips:")
@@ -681,6 +681,49 @@ def _fit(args: Any) -> None:
     probe.save(args.output, overwrite=args.overwrite)
     Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
     print(args.output)
+
+
+def _embedder(args: Any, size: int | None) -> tuple[Any, Any, dict[str, Any]]:
+    """How ``classify fit`` gets its chips' embeddings: ``(embeddings of paths, in their order; the backbone, loaded
+    on first call; how the chips are embedded, for the probe)``, from ``--embeddings`` (a table of ``embed --chips``,
+    whose backbone, size, bands and normalisation then hold) or by embedding them with ``--model``.
+
+    Raises:
+        ValueError: neither given, or (when called) a chip the table lacks.
+    """
+    from functools import cache
+
+    from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
+
+    if args.embeddings is None and args.model is None:
+        raise ValueError("Give the backbone that embeds the chips (--model), or a table of their embeddings (--embeddings).")
+    table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
+    info = table.metadata if table is not None else {}
+    source = args.model or info.get("backbone_source")
+    if source is None:
+        raise ValueError(f"{args.embeddings} does not record its backbone; pass --model.")
+    normalization = info.get("normalization_override") if table is not None else args.normalization
+    made = {"backbone_source": os.path.abspath(source) if Path(source).exists() else source, "size": info.get("size", size),
+            "bands": info.get("bands", args.bands), "normalization": normalization}  # fmt: skip
+
+    @cache
+    def backbone() -> Any:
+        return load_chip_backbone(source, normalization=normalization, device=args.device)
+
+    def embedded_of(paths: Sequence[str]) -> Any:
+        if table is None:  # chips embedded in sorted order; rows taken back in the labels' order
+            return embed_chips_with(backbone(), paths, bands=args.bands, size=size, batch_size=args.batch_size,
+                                    amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
+        try:
+            return table.take(paths)
+        except KeyError:
+            missing = next(p for p in paths if os.path.abspath(p) not in {os.path.abspath(q) for q in table.paths})
+            raise ValueError(f"Chip {missing} is not in the embedding table {args.embeddings}; embed every labelled chip "
+                             "('embed --chips') or leave --embeddings out.") from None  # fmt: skip
+
+    if table is None:
+        backbone()  # a bad --model stops here, before any chip is read
+    return embedded_of, backbone, made
 
 
 def _kept_epoch(history: Sequence[dict[str, float]]) -> int:
