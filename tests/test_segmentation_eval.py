@@ -165,6 +165,22 @@ class TestRasterReference:
         keep = (pred != 255) & (truth != 255)
         np.testing.assert_array_equal(report["confusion"], skm.confusion_matrix(truth[keep], pred[keep], labels=range(3)))
 
+    def test_a_reference_naming_its_classes_otherwise_is_matched_by_name(self, scene, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+        """A reference raster whose ``class_names`` tag orders the classes otherwise, and holds one the map lacks
+        (a land-cover product against a map of some of its classes): ids are translated by name, and the extra
+        class's pixels are left out with a warning naming it."""
+        pred, truth = scene
+        other = ["Tree", "bare", "water", "crop"]  # reference ids: tree 0, bare 1, water 2, crop 3
+        to_other = np.array([2, 3, 0])  # map id -> reference id
+        coded = np.where(truth == 255, 255, to_other[np.minimum(truth, 2)]).astype(np.uint8)
+        coded[50:, :10] = 1  # bare ground, which the map has no class for
+        report = evaluate_class_raster(write_map(tmp_path / "map.tif", pred), write_map(tmp_path / "ref.tif", coded, names=other))
+        keep = (pred != 255) & (truth != 255)
+        keep[50:, :10] = False
+        np.testing.assert_array_equal(report["confusion"], skm.confusion_matrix(truth[keep], pred[keep], labels=range(3)))
+        assert "Reference classes ['bare'] of ref.tif are not classes of the map" in caplog.text
+
     def test_errors(self, scene, tmp_path: Path) -> None:
         pred, truth = scene
         map_path = write_map(tmp_path / "map.tif", pred)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -36,6 +37,8 @@ from dinov3_eo.data.datasets import GDAL_CACHE_MB
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
+
+log = logging.getLogger(__name__)
 
 GDAL_CACHE_BYTES = GDAL_CACHE_MB * 2**20  # the block cache of every streamed read
 #: what ``out_dir`` receives
@@ -233,11 +236,38 @@ class _Reference:
                 raise ValueError("classes= maps the names of a vector reference; a raster reference holds class ids.")
             self._labels = RasterLabels(path=self.path, nodata=nodata, ignore_index=-1, pairing=pairing,
                                         name_suffixes=name_suffixes)
+            self._ids = _raster_ids_by_name(self.path, class_names) if class_names is not None else None
+
+    _ids: np.ndarray | None = None
 
     def labels(self, *, crs: Any, transform: Any, shape: tuple[int, int],
                path: str | os.PathLike[str] | None = None) -> np.ndarray:
-        """Labels on the grid of the map at ``path`` (which masks paired by name need)."""
-        return self._labels.sample(crs=crs, transform=transform, shape=shape, path=path)["mask"].numpy()
+        """Labels on the grid of the map at ``path`` (which masks paired by name need), as the map's class ids."""
+        labels = self._labels.sample(crs=crs, transform=transform, shape=shape, path=path)["mask"].numpy()
+        if self._ids is not None:
+            known = (labels >= 0) & (labels < len(self._ids))
+            labels = np.where(known, self._ids[np.where(known, labels, 0)], np.where(labels >= 0, labels, -1))
+        return labels
+
+
+def _raster_ids_by_name(path: Path, class_names: Sequence[str]) -> np.ndarray | None:
+    """Reference id -> map id where a reference raster names its classes (its ``class_names`` tag) otherwise than
+    the map (another order, more or fewer classes: a land-cover product against a map of some of its classes); -1
+    for a reference class the map lacks, whose pixels are then left out (with a warning naming them). ``None``
+    where the reference names none, or the same ones in the same order: ids are compared as they are."""
+    if not path.is_file():  # a folder or glob of masks: ids as they are
+        return None
+    with open_quietly(path) as src:
+        names = tagged_class_names(src)
+    if names is None or [n.lower() for n in names] == [n.lower() for n in class_names]:
+        return None
+    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    ids = np.array([lookup.get(name.lower(), -1) for name in names], dtype=np.int64)
+    absent = [name for name in names if name.lower() not in lookup]
+    if absent:
+        log.warning("Reference classes %s of %s are not classes of the map %s: their pixels are left out of the "
+                    "scores, which therefore say nothing of how the map does there.", absent, path.name, list(class_names))  # fmt: skip
+    return ids
 
 
 def _classes_by_name(path: Path, attribute: str, class_names: Sequence[str]) -> dict[str, int] | None:
