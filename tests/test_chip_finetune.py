@@ -108,6 +108,10 @@ def test_fine_tuning_lowers_the_loss_and_a_killed_run_resumes_to_the_same_weight
     for (name, a), b in zip(model.state_dict().items(), resumed_model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-3, msg=lambda m: f"{name}: {m}")
     np.testing.assert_allclose(resumed.weight, probe.weight, atol=2e-3)
+    # a checkpoint of another run is not resumed into this one
+    settings.lr = 3e-4
+    with pytest.raises(ValueError, match="was written by a fine-tuning run with other \\['lr'\\]; resume with the same"):
+        run(tmp_path / "killed.ckpt")
 
 
 def test_multi_label_and_balanced_fine_tuning(chips: dict) -> None:

@@ -247,8 +247,14 @@ def finetune_chip_classifier(
     initial_model, initial_head = _cpu_copy(model), _cpu_copy(head)
     state = {"epoch": 0, "step": 0, "history": [], "best": None, "best_score": -np.inf}
     path = Path(checkpoint) if checkpoint is not None else None
+    run = {**{k: v for k, v in dataclasses.asdict(settings).items() if k != "workers"}, "chips": len(train),
+           "classes": list(probe.classes)}  # what a checkpoint must have been written by to be resumed
     if path is not None and path.is_file():
         saved = torch.load(path, map_location=device, weights_only=True)
+        if saved.get("run") != run:
+            differ = sorted(k for k in run if (saved.get("run") or {}).get(k) != run[k])
+            raise ValueError(f"Checkpoint {path} was written by a fine-tuning run with other {differ}; resume with the "
+                             "same settings and chips, or delete it to start over.")  # fmt: skip
         model.load_state_dict(saved["model"])
         head.load_state_dict(saved["head"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -298,7 +304,7 @@ def finetune_chip_classifier(
             state["history"].append(row)
             state["epoch"] = epoch + 1
             if path is not None:
-                _save_checkpoint(path, model, head, optimizer, generator, state)
+                _save_checkpoint(path, model, head, optimizer, generator, {**state, "run": run})
     finally:
         bar.close()
     if held is not None and state["best"] is None:  # no epoch beat the probe as fitted: keep it, and its backbone
