@@ -448,7 +448,9 @@ def chip_footprints(paths: Sequence[str], crs: Any = None) -> Any:
         rows = [i for i, c in enumerate(crss) if c == source]
         group = gpd.GeoSeries([boxes[i] for i in rows], crs=source)
         if source != target:
-            group = group.segmentize(group.length.max() / 64).to_crs(target)  # edges bend when reprojected
+            extent = group.bounds.to_numpy()
+            step = float(np.max(extent[:, 2:] - extent[:, :2])) / 16  # edges bend when reprojected: 16 points a side
+            group = group.segmentize(step).to_crs(target)
         out.iloc[rows] = group.values
     return out
 
