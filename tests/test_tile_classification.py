@@ -22,7 +22,13 @@ from rasterio.windows import bounds as window_bounds
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.inference.writers import coarse_grid_factor, write_cog, write_quicklook
 from dinov3_eo.tasks.chip_classification import ChipClassifier, typical_chip_size
-from dinov3_eo.tasks.tile_classification import TILE_NODATA, classify_tiles, tile_grid_shape, tile_window
+from dinov3_eo.tasks.tile_classification import (
+    TILE_NODATA,
+    classify_tiles,
+    tile_grid_shape,
+    tile_window,
+    write_tile_classes,
+)
 
 from brightness_chips import SCENE, brightness_folders, micro_export
 
@@ -94,6 +100,15 @@ def test_tiles_are_the_chips_of_their_pixels_and_sit_where_rasterio_puts_them(fi
     assert float(grid.x[3]) == pytest.approx(centre[0]) and float(grid.y[2]) == pytest.approx(centre[1])
     assert np.array_equal(grid["class_id"].values, ids)
 
+    # below min_score a tile is "unknown", an extra class, in the ids, the frame and the written map
+    unsure = classify_tiles(SCENE, probe, min_score=0.9, progress=False)
+    low = result.classified & (np.nanmax(result.probabilities, axis=0) < 0.9)
+    assert 0 < low.sum() < result.classified.sum() and unsure.class_names == ["bright", "dark", "unknown"]
+    assert (unsure.class_ids()[low] == 2).all() and np.array_equal(unsure.class_ids()[~low], ids[~low])
+    frame = unsure.to_geodataframe()
+    assert (frame["class_name"] == "unknown").sum() == low.sum() and (frame.loc[frame["class_id"] == 2, "score"] < 0.9).all()
+    with rasterio.open(write_tile_classes(unsure, tmp_path / "unsure").classes) as src:
+        assert src.tags()["class_names"] == '["bright", "dark", "unknown"]' and (src.read(1) == 2).sum() == low.sum()
     strict = classify_tiles(SCENE, probe, tile_size=32, min_valid=1.0, progress=False)
     assert strict.probabilities.shape == (2, 8, 8) and np.array_equal(strict.classified, strict.valid_fraction == 1.0)
 

@@ -578,6 +578,8 @@ def classify_main(argv: Sequence[str]) -> int:
     scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
     scene.add_argument("--quicklook-bands", type=int, nargs="+", default=None, help="bands shown as red, green, blue "
                        "in the quick-look (default: the bands classified, else 1 2 3)")  # fmt: skip
+    scene.add_argument("--min-score", type=float, default=None, help="map a tile whose most probable class has a lower "
+                       "probability as 'unknown' (an extra class): land the probe was not taught is flagged")  # fmt: skip
     scene.add_argument("--probabilities", action="store_true", help="also write <stem>_tile_probabilities.tif, one "
                        "float32 band per class")  # fmt: skip
     scene.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
@@ -845,16 +847,17 @@ def _map(args: Any) -> None:
     for scene in args.scenes:
         result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
                                 nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size, tta=args.tta,
+                                min_score=args.min_score,
                                 amp=args.bf16, progress=not args.quiet)  # fmt: skip
         outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
                                      quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip
         ids = result.class_ids()
-        counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.classes))
+        counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.class_names))
         cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
         hectares = pixel_area_ha(result.crs, result.transform)  # None for a CRS in degrees
         area = (lambda n: f" ({n * hectares:,.0f} ha)") if hectares else (lambda n: "")  # noqa: E731
         print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: "
-              + ", ".join(f"{name} {n}{area(n)}" for name, n in zip(result.classes, counts) if n))
+              + ", ".join(f"{name} {n}{area(n)}" for name, n in zip(result.class_names, counts) if n))
         print("\n".join(str(p) for p in outputs if p is not None))
 
 

@@ -40,6 +40,8 @@ from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_f
 
 #: the tile class map's value where a tile was not classified
 TILE_NODATA = 255
+#: the class of tiles whose most probable class is below ``min_score``
+UNKNOWN = "unknown"
 
 
 @dataclass
@@ -74,6 +76,12 @@ class TileClasses:
     stride: int | None = None
     multi_label: bool = False
     threshold: float = 0.5
+    min_score: float | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        """The map's class names: ``classes``, then ``"unknown"`` (tiles below ``min_score``) where one is set."""
+        return [*self.classes, UNKNOWN] if self.min_score is not None else list(self.classes)
 
     @property
     def classified(self) -> np.ndarray:
@@ -81,9 +89,13 @@ class TileClasses:
         return np.isfinite(self.probabilities).all(axis=0)
 
     def class_ids(self, nodata: int = TILE_NODATA) -> np.ndarray:
-        """``[rows, cols]`` uint8 (uint16 beyond 255 classes) most probable class, ``nodata`` where not classified."""
-        dtype = np.uint8 if len(self.classes) < 255 else np.uint16
-        ids = np.nan_to_num(self.probabilities, nan=-1.0).argmax(axis=0).astype(dtype)
+        """``[rows, cols]`` uint8 (uint16 beyond 254 classes) most probable class, ``nodata`` where not classified,
+        and ``len(classes)`` (``"unknown"``) where its probability is below ``min_score``."""
+        dtype = np.uint8 if len(self.class_names) < 255 else np.uint16
+        probabilities = np.nan_to_num(self.probabilities, nan=-1.0)
+        ids = probabilities.argmax(axis=0).astype(dtype)
+        if self.min_score is not None:
+            ids[probabilities.max(axis=0) < self.min_score] = len(self.classes)
         ids[~self.classified] = nodata
         return ids
 
@@ -104,10 +116,11 @@ class TileClasses:
 
         rows, cols = np.nonzero(self.classified)
         p = self.probabilities[:, rows, cols].T  # [N, K]
-        ids = p.argmax(axis=1) if len(rows) else np.zeros(0, np.int64)
+        ids = self.class_ids()[rows, cols].astype(np.int64)
+        names = self.class_names
         corners = np.array([self.cell_bounds(r, c) for r, c in zip(rows, cols)]).reshape(-1, 4)
-        frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64), "class_id": ids.astype(np.int64),
-                 "class_name": [self.classes[i] for i in ids], "score": p[np.arange(len(ids)), ids].astype(np.float64),
+        frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64), "class_id": ids,
+                 "class_name": [names[i] for i in ids], "score": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
                  "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
                  **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
         if self.multi_label:
@@ -125,7 +138,7 @@ class TileClasses:
         x = np.array([(self.transform @ (c + 0.5, 0.5))[0] for c in range(cols)])
         y = np.array([(self.transform @ (0.5, r + 0.5))[1] for r in range(rows)])
         ids = xr.DataArray(self.class_ids(), dims=("y", "x"), coords={"y": y, "x": x},
-                           attrs={"nodata": TILE_NODATA, "class_names": list(self.classes)})  # fmt: skip
+                           attrs={"nodata": TILE_NODATA, "class_names": self.class_names})  # fmt: skip
         prob = xr.DataArray(self.probabilities, dims=("class", "y", "x"), coords={"class": self.classes, "y": y, "x": x})
         ds = xr.Dataset({"class_id": ids, "probability": prob},
                         attrs={"source": self.source, "tile_size": self.tile_size, "stride": self.stride or self.tile_size})  # fmt: skip
@@ -193,6 +206,7 @@ def classify_tiles(
     device: str | None = None,
     amp: bool = False,
     tta: str | None = None,
+    min_score: float | None = None,
     prefetch: int = 2,
     progress: bool = True,
 ) -> TileClasses:
@@ -214,6 +228,8 @@ def classify_tiles(
         min_valid: the share of a tile's pixels that must hold data for it to be classified.
         batch_size: tiles per forward pass; device, amp: as for :func:`~dinov3_eo.tasks.chip_embeddings.embed_chips`.
         tta: ``"flips"`` or ``"d4"``: each tile's probabilities are the mean over its 4 or 8 flipped and turned views.
+        min_score: a tile whose most probable class has a lower probability is mapped as ``"unknown"`` (class id
+            ``len(classes)``): land the probe was not taught (cloud, a new crop) is flagged, not forced into a class.
         prefetch: batches of tiles read and prepared ahead in a background thread (0: read in turn with the model).
 
     Raises:
@@ -232,6 +248,8 @@ def classify_tiles(
     info = probe.embedding
     if not 0.0 < min_valid <= 1.0:
         raise ValueError(f"min_valid must lie in (0, 1], got {min_valid}.")
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"min_score must lie in [0, 1], got {min_score}.")
     tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
     if tile_size < 1:
         raise ValueError(f"The tile size must be a positive number of pixels, got {tile_size}.")
@@ -317,7 +335,7 @@ def classify_tiles(
     return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
                        valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
                        stride=stride, bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
-                       threshold=probe.threshold)  # fmt: skip
+                       threshold=probe.threshold, min_score=min_score)  # fmt: skip
 
 
 class TileOutputs(NamedTuple):
@@ -356,9 +374,9 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
         if path is not None:
             check_overwrite(path, overwrite, inputs=[result.source])
     ids = result.class_ids()
-    colormap = default_colormap(len(result.classes))
+    colormap = default_colormap(len(result.class_names))
     write_cog(paths.classes, ids, crs=result.crs, transform=result.transform, nodata=TILE_NODATA,
-              class_names=result.classes, colormap=colormap, overwrite=overwrite,
+              class_names=result.class_names, colormap=colormap, overwrite=overwrite,
               tags={"tile_size": result.tile_size, "stride": result.stride or result.tile_size,
                     "source": Path(result.source).name})  # fmt: skip
     if paths.probabilities is not None:
@@ -379,6 +397,7 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
 
 __all__ = [
     "TILE_NODATA",
+    "UNKNOWN",
     "TileClasses",
     "TileOutputs",
     "classify_tiles",
