@@ -9,8 +9,12 @@ regularisation ``C`` chosen on a held-out split, as DINOv2's logistic-regression
 training embeddings for a k-NN, reports accuracy, per-class scores and the confusion matrix of the held-out chips,
 and saves the probe as safetensors (weights) with JSON metadata (classes, features, how the chips were embedded):
 no pickle, so a probe from anywhere loads safely. ``classify test`` scores it on a labelled test split;
-``classify predict`` writes a CSV of each chip's class and probabilities; ``classify map`` classifies georeferenced
-scenes tile by tile (:mod:`~dinov3_eo.tasks.tile_classification`).
+``classify predict`` writes a CSV of each chip's class and probabilities (or, for georeferenced chips, a GeoPackage of
+their footprints); ``classify map`` classifies georeferenced scenes tile by tile
+(:mod:`~dinov3_eo.tasks.tile_classification`). Chips carrying several classes each (BigEarthNet) are fitted with
+``--multi-label`` (one-vs-rest probes, scored by :mod:`~dinov3_eo.tasks.multilabel_metrics`); ``--balanced`` weighs
+rare classes up; ``--finetune-epochs`` trains the probe and its backbone together
+(:mod:`~dinov3_eo.tasks.chip_finetune`); ``--embeddings`` reads chips already embedded by ``embed --chips``.
 """
 
 from __future__ import annotations

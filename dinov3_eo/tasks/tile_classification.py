@@ -14,8 +14,9 @@ normalisation and model input size: :func:`~dinov3_eo.tasks.chip_embeddings.embe
 - with ``--probabilities``, ``<stem>_tile_probabilities.tif``: one float32 band per class.
 
 Tiles at the right and bottom edges extend past the scene and are padded as no data, like any no-data pixel: a tile
-is classified where at least ``min_valid`` of its pixels hold data. The Python entry point is :func:`classify_tiles`,
-which returns a :class:`TileClasses` (``to_geodataframe``, ``to_xarray``).
+is classified where at least ``min_valid`` of its pixels hold data. A ``stride`` below the tile size makes a finer
+map of cells, each classified by the tile centred on it; below ``min_score`` a tile is ``"unknown"``. The Python
+entry point is :func:`classify_tiles`, which returns a :class:`TileClasses` (``to_geodataframe``, ``to_xarray``).
 """
 
 from __future__ import annotations
