@@ -223,15 +223,10 @@ def fit_chip_classifier(
             weight[model.classes_], bias[model.classes_] = model.coef_, model.intercept_
         return ChipClassifier(weight=weight, bias=bias, c=float(c), balanced=balanced, **common)
 
-    def held_out_score(probe: ChipClassifier) -> float:
-        predicted = probe.scores(val[0]).argmax(1)
-        if not balanced:
-            return float((predicted == val[1]).mean())
-        return float(np.mean([(predicted[val[1] == k] == k).mean() for k in np.unique(val[1])]))  # balanced accuracy
-
     if val is None:
         return fitted(1.0)
-    best = max((held_out_score(fitted(c)), -c) for c in c_grid)
+    best = max((held_out_score(probe, probe.scores(val[0]), val[1], balanced=balanced), -c)
+               for c, probe in ((c, fitted(c)) for c in c_grid))  # fmt: skip
     return fitted(-best[1])
 
 
@@ -239,8 +234,6 @@ def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], 
                     val: tuple[np.ndarray, np.ndarray] | None, c_grid: Sequence[float], k: int, temperature: float,
                     threshold: float, balanced: bool, max_iter: int) -> ChipClassifier:  # fmt: skip
     """:func:`fit_chip_classifier` for multi-label targets ``[N, K]``."""
-    from dinov3_eo.tasks.multilabel_metrics import multilabel_report
-
     targets = np.asarray(targets, dtype=bool)
     if targets.shape != (len(x), len(classes)):
         raise ValueError(f"Multi-label targets must be [chips, classes] = {(len(x), len(classes))}, got {targets.shape}.")
@@ -262,11 +255,23 @@ def _fit_multilabel(x: np.ndarray, targets: np.ndarray, classes: Sequence[str], 
 
     if val is None:
         return fitted(1.0)
-    ranked = []
-    for c in c_grid:
-        score = multilabel_report(fitted(c).scores(val[0]), val[1], classes, threshold=threshold)["map_macro"]
-        ranked.append((-np.inf if np.isnan(score) else score, -c))
-    return fitted(-max(ranked)[1])
+    best = max((held_out_score(probe, probe.scores(val[0]), val[1]), -c) for c, probe in ((c, fitted(c)) for c in c_grid))
+    return fitted(-best[1])
+
+
+def held_out_score(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, *, balanced: bool = False) -> float:
+    """What picks a probe's ``C`` and a fine-tuning's epoch, from held-out probabilities ``scores`` ``[N, K]`` against
+    ``y``: accuracy, or with ``balanced`` balanced accuracy (the mean recall over the classes present); for a
+    multi-label probe (``y`` ``[N, K]``) the macro mAP at its threshold (-inf where no class has a positive)."""
+    if probe.multi_label:
+        from dinov3_eo.tasks.multilabel_metrics import multilabel_report
+
+        value = multilabel_report(scores, y, probe.classes, threshold=probe.threshold)["map_macro"]
+        return -np.inf if np.isnan(value) else value
+    predicted = scores.argmax(1)
+    if balanced:
+        return float(np.mean([(predicted[y == k] == k).mean() for k in np.unique(y)]))
+    return float((predicted == y).mean())
 
 
 #: vector formats ``classify predict`` writes georeferenced chips' predictions as (their footprints)
@@ -295,6 +300,20 @@ def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scor
     with atomic_output(dst, overwrite=overwrite) as tmp:
         frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "predictions"} if suffix == ".gpkg" else {}))
     return frame
+
+
+def probe_backbone(probe: ChipClassifier, source: str | os.PathLike[str] | None = None, *,
+                   device: str | None = None) -> Any:
+    """The backbone that embeds chips for ``probe``: ``source`` (``--model``), else the one it was fitted on, with
+    the normalisation it recorded (:func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`).
+
+    Raises:
+        ValueError: no ``source`` and the probe records none.
+    """
+    source = source or probe.embedding.get("backbone_source")
+    if source is None:
+        raise ValueError("The probe does not record the backbone it was fitted on; give it (--model).")
+    return load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=device)
 
 
 def typical_chip_size(sizes: np.ndarray) -> list[int]:
@@ -682,10 +701,7 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
 
     probe = ChipClassifier.load(args.probe)
     info = probe.embedding
-    source = args.model or info.get("backbone_source")
-    if source is None:
-        raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
-    backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=args.device)
+    backbone = probe_backbone(probe, args.model, device=args.device)
     views = tta_views(args.tta) if args.tta else (0,)
     scores = 0.0
     for view in views:
@@ -743,10 +759,7 @@ def _map(args: Any) -> None:
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=args.scenes)
     probe = ChipClassifier.load(args.probe)
-    source = args.model or probe.embedding.get("backbone_source")
-    if source is None:
-        raise ValueError(f"Probe {args.probe} does not record its backbone; pass --model.")
-    backbone = load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=args.device)
+    backbone = probe_backbone(probe, args.model, device=args.device)
     for scene in args.scenes:
         result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
                                 nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size, tta=args.tta,
@@ -773,6 +786,8 @@ __all__ = [
     "chip_features",
     "classify_main",
     "fit_chip_classifier",
+    "held_out_score",
+    "probe_backbone",
     "folder_labels",
     "knn_scores",
     "label_matrix",

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from dinov3_eo.data.chips import read_chip_header
-from dinov3_eo.tasks.chip_classification import ChipClassifier
+from dinov3_eo.tasks.chip_classification import ChipClassifier, held_out_score
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, chip_model_input
 
 log = logging.getLogger(__name__)
@@ -158,19 +158,6 @@ def _loss_fn(probe: ChipClassifier, y: np.ndarray, balanced: bool, device: str) 
     return lambda logits, t: F.cross_entropy(logits, t.long(), weight=weight)
 
 
-def _score(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, balanced: bool) -> float:
-    """Held-out accuracy (balanced: mean recall; multi-label: macro mAP) of probabilities ``scores``."""
-    if probe.multi_label:
-        from dinov3_eo.tasks.multilabel_metrics import multilabel_report
-
-        value = multilabel_report(scores, y, probe.classes, threshold=probe.threshold)["map_macro"]
-        return -np.inf if np.isnan(value) else value
-    predicted = scores.argmax(1)
-    if balanced:
-        return float(np.mean([(predicted[y == k] == k).mean() for k in np.unique(y)]))
-    return float((predicted == y).mean())
-
-
 @torch.no_grad()
 def _probabilities(model: nn.Module, head: ProbeHead, loader: DataLoader, probe: ChipClassifier, device: str,
                    amp: bool) -> np.ndarray:  # fmt: skip
@@ -263,8 +250,8 @@ def finetune_chip_classifier(
         log.info("Resuming the fine-tuning from %s after epoch %d.", path, state["epoch"])
 
     if held is not None and state["epoch"] == 0:  # epoch 0, the probe as fitted: fine-tuning must beat it to be kept
-        state["best_score"] = _score(probe, _probabilities(model, head, held, probe, device, settings.amp), val[1],
-                                     settings.balanced)  # fmt: skip
+        state["best_score"] = held_out_score(probe, _probabilities(model, head, held, probe, device, settings.amp), val[1],
+                                             balanced=settings.balanced)  # fmt: skip
         state["history"].append({"epoch": 0, "loss": None, "held_out": state["best_score"]})
     bar = tqdm(total=total, initial=state["step"], unit="step", desc="fine-tuning", disable=not progress)
     try:
@@ -294,8 +281,8 @@ def finetune_chip_classifier(
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
             row = {"epoch": epoch + 1, "loss": float(np.mean(losses)) if losses else float("nan")}
             if held is not None:
-                row["held_out"] = _score(probe, _probabilities(model, head, held, probe, device, settings.amp), val[1],
-                                         settings.balanced)  # fmt: skip
+                row["held_out"] = held_out_score(probe, _probabilities(model, head, held, probe, device, settings.amp), val[1],
+                                                 balanced=settings.balanced)  # fmt: skip
                 if row["held_out"] > state["best_score"]:
                     state["best_score"] = row["held_out"]
                     state["best"] = {"model": _cpu_copy(model), "head": _cpu_copy(head)}

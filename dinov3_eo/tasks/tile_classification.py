@@ -36,8 +36,8 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.prefetch import Prefetcher
-from dinov3_eo.tasks.chip_classification import ChipClassifier
-from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, load_chip_backbone, embedding_input
+from dinov3_eo.tasks.chip_classification import ChipClassifier, probe_backbone
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, embedding_input
 
 #: the tile class map's value where a tile was not classified
 TILE_NODATA = 255
@@ -263,10 +263,7 @@ def classify_tiles(
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         backbone = ChipBackbone(backbone.to(device), normalization, device, type(backbone).__name__, None)
     elif not isinstance(backbone, ChipBackbone):
-        source = backbone if backbone is not None else info.get("backbone_source")
-        if source is None:
-            raise ValueError("The probe does not record its backbone; give one (--model).")
-        backbone = load_chip_backbone(source, normalization=info.get("normalization"), device=device)
+        backbone = probe_backbone(probe, backbone, device=device)
     model = backbone.model
     patch = int(model.patch_size)
     in_chans = int(model.patch_embed.proj.weight.shape[1])
