@@ -61,12 +61,15 @@ def knn_scores(bank: np.ndarray, bank_labels: np.ndarray, x: np.ndarray, num_cla
     b = torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=1)
     k = min(k, len(a))
     labels = torch.from_numpy(np.asarray(bank_labels, np.int64))
-    targets = labels.double() if labels.ndim == 2 else torch.nn.functional.one_hot(labels, num_classes).double()
     scores = torch.zeros(len(b), num_classes, dtype=torch.float64)
     for start in range(0, len(b), 1024):  # [1024, M] similarities at a time: memory flat in the chips classified
         sim, idx = (b[start : start + 1024] @ a.T).topk(k, dim=1)
         weights = (sim.double() / temperature).exp()  # [n, k]
-        scores[start : start + 1024] = (weights[..., None] * targets[idx]).sum(dim=1) / weights.sum(dim=1, keepdim=True)
+        if labels.ndim == 2:  # multi-label: the weighted share of neighbours carrying each class, [n, k, K] summed
+            votes = (weights[..., None] * labels[idx].double()).sum(dim=1)
+        else:  # one class each: votes added into [n, K], no one-hot block
+            votes = torch.zeros(len(idx), num_classes, dtype=torch.float64).scatter_add_(1, labels[idx], weights)
+        scores[start : start + 1024] = votes / weights.sum(dim=1, keepdim=True)
     return scores.numpy()
 
 
