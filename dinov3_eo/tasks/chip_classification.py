@@ -292,14 +292,8 @@ def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scor
     if suffix not in VECTOR_SUFFIXES:
         raise ValueError(f"Chip predictions on a map are written as {' or '.join(VECTOR_SUFFIXES)}, not {str(dst)!r}.")
     check_overwrite(dst, overwrite)
-    columns: dict[str, Any] = {"path": list(paths)}
-    if threshold is not None:
-        columns["labels"] = [";".join(n for n, v in zip(classes, row) if v >= threshold) for row in scores]
-    else:
-        best = scores.argmax(1)
-        columns.update({"class": [classes[i] for i in best], "score": scores[np.arange(len(best)), best]})
-    columns.update({f"p_{name}": scores[:, k] for k, name in enumerate(classes)})
-    frame = gpd.GeoDataFrame(columns, geometry=chip_footprints(paths, crs))
+    frame = gpd.GeoDataFrame(prediction_columns(paths, scores, classes, threshold=threshold),
+                             geometry=chip_footprints(paths, crs))  # fmt: skip
     with atomic_output(dst, overwrite=overwrite) as tmp:
         frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "predictions"} if suffix == ".gpkg" else {}))
     return frame
@@ -326,24 +320,38 @@ def typical_chip_size(sizes: np.ndarray) -> list[int]:
     return [int(v) for v in values[int(np.argmax(counts))]]
 
 
+def prediction_columns(paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
+                       threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """The columns of ``classify predict``'s outputs: ``path``, ``class`` (the most probable) and ``score`` (its
+    probability), then ``p_<class>`` per class; with a ``threshold`` (a multi-label probe) ``labels``, the classes of
+    probability at least ``threshold`` joined by ``;`` (:func:`predicted_labels`), replaces ``class`` and ``score``."""
+    scores = np.asarray(scores)
+    columns: dict[str, Any] = {"path": list(paths)}
+    if threshold is not None:
+        columns["labels"] = predicted_labels(scores, classes, threshold)
+    else:
+        best = scores.argmax(1)
+        columns.update({"class": [classes[i] for i in best], "score": scores[np.arange(len(best)), best]})
+    columns.update({f"p_{name}": scores[:, k] for k, name in enumerate(classes)})
+    return columns
+
+
+def predicted_labels(scores: np.ndarray, classes: Sequence[str], threshold: float) -> list[str]:
+    """Per row of ``scores`` ``[N, K]``, the classes of probability at least ``threshold``, joined by ``;``."""
+    return [";".join(name for name, v in zip(classes, row) if v >= threshold) for row in scores]
+
+
 def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
                       threshold: float | None = None, overwrite: bool = False) -> Path:  # fmt: skip
-    """A CSV, one row per chip: ``path``, ``class`` (the most probable), ``score`` (its probability), then one
-    ``p_<class>`` column per class; written atomically. With a ``threshold`` (a multi-label probe) ``labels``, the
-    classes of probability at least ``threshold`` joined by ``;``, replaces ``class`` and ``score``."""
+    """:func:`prediction_columns` as a CSV, one row per chip (probabilities to 6 decimals), written atomically."""
     import csv
 
+    columns = prediction_columns(paths, scores, classes, threshold=threshold)
+    text = lambda v: f"{v:.6f}" if isinstance(v, (float, np.floating)) else v  # noqa: E731
     with atomic_output(dst, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
-        head = ["labels"] if threshold is not None else ["class", "score"]
-        out.writerow(["path", *head, *(f"p_{name}" for name in classes)])
-        for path, row in zip(paths, scores):
-            if threshold is not None:
-                first = [";".join(name for name, v in zip(classes, row) if v >= threshold)]
-            else:
-                best = int(row.argmax())
-                first = [classes[best], f"{row[best]:.6f}"]
-            out.writerow([path, *first, *(f"{v:.6f}" for v in row)])
+        out.writerow(list(columns))
+        out.writerows([text(v) for v in row] for row in zip(*columns.values()))
     return Path(dst)
 
 
@@ -799,6 +807,8 @@ __all__ = [
     "table_labels",
     "table_multilabels",
     "typical_chip_size",
+    "predicted_labels",
+    "prediction_columns",
     "write_prediction_map",
     "write_predictions",
 ]

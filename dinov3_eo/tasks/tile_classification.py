@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.prefetch import Prefetcher
-from dinov3_eo.tasks.chip_classification import ChipClassifier, probe_backbone
+from dinov3_eo.tasks.chip_classification import ChipClassifier, predicted_labels, probe_backbone
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, embedding_input
 
 #: the tile class map's value where a tile was not classified
@@ -125,7 +125,7 @@ class TileClasses:
                  "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
                  **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
         if self.multi_label:
-            frame["labels"] = [";".join(n for n, v in zip(self.classes, row) if v >= self.threshold) for row in p]
+            frame["labels"] = predicted_labels(p, self.classes, self.threshold)
         geometry = shapely.box(corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3])
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=self.crs))
 
