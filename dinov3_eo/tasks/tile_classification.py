@@ -290,7 +290,7 @@ def classify_tiles(
             seen: list[tuple[int, int, float, bool]] = []
             inputs: list[tuple[Tensor, Tensor]] = []
             for tile in _read_tiles(src, tile_size, stride, bands, nodata):
-                take = tile.valid_fraction >= min_valid and bool(tile.valid.any())
+                take = tile.valid_fraction >= min_valid  # min_valid > 0: a tile taken has data
                 seen.append((tile.row, tile.col, tile.valid_fraction, take))
                 if take:
                     inputs.append(embedding_input(tile.pixels, tile.valid, patch_size=patch,
