@@ -156,3 +156,6 @@ def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.M
     # every tile is one of the chips the probe was fitted on: the map agrees with the chips' own classes
     index = [int(Path(path).stem.split("_")[1]) for path in table.paths]  # chip_<i>.png is tile i, row by row
     assert np.array_equal(tiles.class_ids().ravel()[index], probe.scores(x).argmax(1))
+    history, tuned = scope["history"], scope["tuned"]
+    assert [row["epoch"] for row in history] == [0, 1] and history[0]["held_out"] == pytest.approx(scope["accuracy"])
+    assert tuned.held_out_accuracy == max(row["held_out"] for row in history) >= scope["accuracy"]
