@@ -129,6 +129,9 @@ def test_tables_round_trip(chips: Path, backbone: torch.nn.Module, tmp_path: Pat
     pd.DataFrame({"path": ["a"]}).to_parquet(tmp_path / "other.parquet")
     with pytest.raises(ValueError, match="lacks the columns \\['cls', 'height'"):
         read_chip_embeddings(tmp_path / "other.parquet")
+    for missing in ("none.parquet", "none.npz"):
+        with pytest.raises(FileNotFoundError, match=f"Chip embedding table '.*{missing}' does not exist"):
+            read_chip_embeddings(tmp_path / missing)
 
 
 def test_embed_chips_from_the_command_line(chips: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

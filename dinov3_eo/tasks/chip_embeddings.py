@@ -315,9 +315,11 @@ def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:
     """A table :func:`write_chip_embeddings` wrote (``.parquet`` or ``.npz``).
 
     Raises:
-        ValueError: another suffix, or a table without the columns it writes (named).
+        FileNotFoundError: no such file. ValueError: another suffix, or a table without the columns it writes (named).
     """
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Chip embedding table {str(path)!r} does not exist ('embed --chips' writes one).")
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
             missing = {"paths", "sizes", "cls", "patch_mean"} - set(data.files)
