@@ -393,10 +393,10 @@ def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
     return np.array([lookup[name] for name in labels], dtype=np.int64)
 
 
-def _report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: Path | None, *,
-            threshold: float | None = None) -> dict[str, Any]:
+def print_probe_report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: Path | None, *,
+                       threshold: float | None = None, unit: str = "chips") -> dict[str, Any]:  # fmt: skip
     """Print (and with ``out_dir`` write) the scores of ``scores`` against ``y`` (class ids, or ``[N, K]`` targets of
-    a multi-label probe, at ``threshold``, default the probe's)."""
+    a multi-label probe, at ``threshold``, default the probe's); ``unit``: what was classified (chips, tiles)."""
     from dinov3_eo.tasks.segmentation_eval import accuracy_report, confusion_matrix, report_table, write_accuracy_report
 
     classes = probe.classes
@@ -413,7 +413,7 @@ def _report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: P
     recalls = [m["recall"] for m in report["classes"].values() if m["reference_pixels"]]
     report["balanced_accuracy"] = float(np.mean(recalls)) if recalls else float("nan")  # mean recall over classes
     report["confusion"] = confusion.tolist()
-    print(report_table(report).replace(" pixels", " chips").replace("reference px", "chips"))
+    print(report_table(report).replace(" pixels", f" {unit}").replace("reference px", unit))
     print(f"balanced accuracy {report['balanced_accuracy']:.3f} (mean recall over the classes present)")
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -475,6 +475,7 @@ def classify_main(argv: Sequence[str]) -> int:
     tune.add_argument("--finetune-blocks", type=int, default=None, help="train only the last N blocks (default: all)")
     tune.add_argument("--workers", type=int, default=0, help="data-loading processes of the fine-tuning (default 0)")
     add_backbone_input_options(fit)
+    _add_scene_label_options(fit, fitting=True)
     predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
     predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
     predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
@@ -491,6 +492,7 @@ def classify_main(argv: Sequence[str]) -> int:
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
     test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    _add_scene_label_options(test, fitting=False)
     scene = sub.add_parser("map", help="classify georeferenced scenes tile by tile: a class map of tiles (GeoTIFF, "
                            "GeoPackage, quick-look)",
                            description="Cut each scene into a grid of tiles from its origin (by default of the probe's "
@@ -541,6 +543,35 @@ def classify_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def _add_scene_label_options(parser: Any, *, fitting: bool) -> None:
+    """``--scenes`` and how their tiles are labelled: a probe fitted (or scored) on the tiles of scenes that polygons
+    or a label raster (``--labels``) label, no chips cut (:mod:`~dinov3_eo.tasks.tile_probe`)."""
+    group = parser.add_argument_group("tiles of scenes labelled by polygons or a label raster (instead of chips)")
+    group.add_argument("--scenes", nargs="+", default=None, help="georeferenced scenes: their tiles (the grid 'classify "
+                       "map' classifies) are labelled by --labels, polygons (GeoPackage, GeoJSON, shapefile ...) or a "
+                       "label raster of class ids, in any CRS" + ("; --val-labels: held-out ones" if fitting else ""))  # fmt: skip
+    group.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels" + (
+        " (required with --scenes)" if fitting else " (default: the probe's)"))  # fmt: skip
+    group.add_argument("--attribute", default="name", help="the polygons' class column (default 'name')")
+    group.add_argument("--class-names", nargs="+", default=None, help="names of a label raster's ids 0, 1, ... "
+                       "(default: its class_names tag, else 'class <id>')")  # fmt: skip
+    group.add_argument("--purity", type=float, default=0.6, help="a tile takes its most common class where that class "
+                       "covers this share of its labelled pixels (default 0.6); mixed tiles are left out")  # fmt: skip
+    group.add_argument("--presence", type=float, default=0.1, help="multi-label: a tile carries every class covering "
+                       "this share of its labelled pixels (default 0.1)")  # fmt: skip
+    group.add_argument("--min-labelled", type=float, default=0.5, help="share of a tile's pixels that must be labelled "
+                       "(default 0.5)")  # fmt: skip
+    group.add_argument("--min-valid", type=float, default=0.9, help="share of a tile's pixels that must hold data "
+                       "(default 0.9)")  # fmt: skip
+    if fitting:
+        group.add_argument("--block", type=int, default=4, help="held-out tiles are whole blocks of BLOCK x BLOCK tiles "
+                           "(default 4), --val-fraction of them: neighbouring tiles look alike, and a random split "
+                           "would score the probe too kindly")  # fmt: skip
+    else:
+        group.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat "
+                           "L1 collar)")  # fmt: skip
+
+
 def _chip_labels(args: Any, chips: Sequence[str], table: str | None, multi_label: bool) -> tuple[list[str], list[Any]]:
     """Chips and their labels (class names; class-name lists for a multi-label probe)."""
     if not multi_label:
@@ -554,6 +585,10 @@ def _chip_labels(args: Any, chips: Sequence[str], table: str | None, multi_label
 def _fit(args: Any) -> None:
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
+    if args.scenes:
+        from dinov3_eo.tasks.tile_probe import fit_scenes_command
+
+        return fit_scenes_command(args)
     held_given = args.val is not None or args.val_labels is not None
     if not 0.0 < args.val_fraction < 1.0 and not held_given:
         raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
@@ -606,14 +641,14 @@ def _fit(args: Any) -> None:
     scores = probe.scores(vx) if len(vy) else None
     if args.finetune_epochs > 0:
         if len(vy):
-            _report(probe, scores, vy, None)
+            print_probe_report(probe, scores, vy, None)
         held_paths = val_paths if held_given else [paths[i] for i in val_idx]
         probe, scores = _finetune(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx], held_paths, vy)
         kept = probe.embedding["finetune"]["kept_epoch"]
         print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
               f"; {len(vy)} held-out chips:")
     if len(vy):
-        report = _report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
+        report = print_probe_report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
         probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)
     Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
@@ -726,6 +761,10 @@ def _test(args: Any) -> None:
     if args.out_dir is not None and Path(args.out_dir).is_dir():
         for name in ("metrics.json", "confusion.csv", "confusion.png", "per_class.csv"):
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
+    if args.scenes:
+        from dinov3_eo.tasks.tile_probe import test_scenes_command
+
+        return test_scenes_command(args)
     loaded = ChipClassifier.load(args.probe)
     classes, multi = loaded.classes, loaded.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
@@ -736,7 +775,7 @@ def _test(args: Any) -> None:
     probe, scores = _probe_scores(args, paths)
     print(f"{'multi-label ' if multi else ''}{probe.method} probe on {len(paths)} test chips:")
     y = label_matrix(labels, classes) if multi else _class_ids(labels, classes)
-    _report(probe, scores, y, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold)
+    print_probe_report(probe, scores, y, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold)
 
 
 def _predict(args: Any) -> None:
@@ -809,6 +848,7 @@ __all__ = [
     "typical_chip_size",
     "predicted_labels",
     "prediction_columns",
+    "print_probe_report",
     "write_prediction_map",
     "write_predictions",
 ]

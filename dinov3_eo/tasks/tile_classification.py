@@ -37,7 +37,14 @@ from torch import Tensor, nn
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.prefetch import Prefetcher
 from dinov3_eo.tasks.chip_classification import ChipClassifier, predicted_labels, probe_backbone
-from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, embed_batch, embedding_input
+from dinov3_eo.tasks.chip_embeddings import (
+    ChipBackbone,
+    ChipEmbeddings,
+    chip_features,
+    embed_batch,
+    embedding_input,
+    load_chip_backbone,
+)
 
 #: the tile class map's value where a tile was not classified
 TILE_NODATA = 255
@@ -181,15 +188,60 @@ class _Tile(NamedTuple):
     valid: np.ndarray
 
 
-def _read_tiles(src: Any, tile_size: int, stride: int, bands: Sequence[int] | None,
+def _read_tiles(src: Any, cells: Iterator[tuple[int, int]], tile_size: int, stride: int, bands: Sequence[int] | None,
                 nodata: float | None) -> Iterator[_Tile]:  # fmt: skip
     from dinov3_eo.data.raster import read_window
 
-    rows, cols = tile_grid_shape(src.height, src.width, stride)
-    for row in range(rows):
-        for col in range(cols):
-            pixels, valid = read_window(src, tile_window(row, col, tile_size, stride), bands=bands, nodata=nodata)
-            yield _Tile(row, col, float(valid.mean()), pixels, valid)
+    for row, col in cells:
+        pixels, valid = read_window(src, tile_window(row, col, tile_size, stride), bands=bands, nodata=nodata)
+        yield _Tile(row, col, float(valid.mean()), pixels, valid)
+
+
+def _tile_batches(src: Any, cells: Iterator[tuple[int, int]], *, tile_size: int, stride: int,
+                  bands: Sequence[int] | None, nodata: float | None, min_valid: float, patch_size: int,
+                  normalization: Normalization | None, size: int | None,
+                  batch_size: int) -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:  # fmt: skip
+    """``cells`` read and prepared as the model takes them (:func:`embedding_input`), a batch at a time:
+    ``((row, col, valid fraction, taken) of every cell read since the last batch, the model inputs of those taken)``;
+    a tile is taken where at least ``min_valid`` (> 0) of its pixels hold data."""
+    seen: list[tuple[int, int, float, bool]] = []
+    inputs: list[tuple[Tensor, Tensor]] = []
+    for tile in _read_tiles(src, cells, tile_size, stride, bands, nodata):
+        take = tile.valid_fraction >= min_valid
+        seen.append((tile.row, tile.col, tile.valid_fraction, take))
+        if take:
+            inputs.append(embedding_input(tile.pixels, tile.valid, patch_size=patch_size, normalization=normalization,
+                                          size=size))  # fmt: skip
+        if len(inputs) == batch_size:
+            yield seen, inputs
+            seen, inputs = [], []
+    if seen:
+        yield seen, inputs
+
+
+def _backbone_for(probe_or_none: ChipClassifier | None, backbone: ChipBackbone | nn.Module | str | os.PathLike[str] | None,
+                  normalization: Normalization | None, device: str | None) -> ChipBackbone:  # fmt: skip
+    """``backbone`` as a :class:`ChipBackbone`: as it is, a model (fed after ``normalization``), a source to load, or
+    (``None``) the probe's."""
+    if isinstance(backbone, ChipBackbone):
+        return backbone
+    if isinstance(backbone, nn.Module):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return ChipBackbone(backbone.to(device), normalization, device, type(backbone).__name__, None)
+    if probe_or_none is not None:
+        return probe_backbone(probe_or_none, backbone, device=device)
+    if backbone is None:
+        raise ValueError("Give the backbone that embeds the tiles.")
+    return load_chip_backbone(backbone, device=device)
+
+
+def _check_scene_bands(src: Any, raster: Any, bands: Sequence[int] | None, in_chans: int) -> None:
+    count = len(bands) if bands is not None else src.count
+    if count != in_chans:
+        raise ValueError(f"Scene {str(raster)!r} gives {count} bands ({'--bands ' + str(list(bands)) if bands else 'all'}) "
+                         f"but the backbone takes {in_chans}; select bands with --bands.")  # fmt: skip
+    if bands is not None and any(not 1 <= b <= src.count for b in bands):
+        raise ValueError(f"Scene {str(raster)!r} has {src.count} bands; bands {list(bands)} asks for others.")
 
 
 def classify_tiles(
@@ -209,6 +261,7 @@ def classify_tiles(
     tta: str | None = None,
     min_score: float | None = None,
     prefetch: int = 2,
+    cells: np.ndarray | None = None,
     progress: bool = True,
 ) -> TileClasses:
     """Classify a georeferenced scene tile by tile with a chip probe (``classify fit``).
@@ -232,6 +285,8 @@ def classify_tiles(
         min_score: a tile whose most probable class has a lower probability is mapped as ``"unknown"`` (class id
             ``len(classes)``): land the probe was not taught (cloud, a new crop) is flagged, not forced into a class.
         prefetch: batches of tiles read and prepared ahead in a background thread (0: read in turn with the model).
+        cells: a ``[rows, cols]`` bool mask of the grid's cells to classify (default: all); the others are left
+            unclassified, with a valid fraction of 0 (scoring a probe on labelled tiles reads only those).
 
     Raises:
         FileNotFoundError: no such scene or probe. ValueError: a scene without a georeference, a band count the
@@ -259,11 +314,7 @@ def classify_tiles(
         raise ValueError(f"The stride must lie between 1 and the tile size ({tile_size} px), got {stride}.")
     if not Path(raster).is_file():
         raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
-    if isinstance(backbone, nn.Module):
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        backbone = ChipBackbone(backbone.to(device), normalization, device, type(backbone).__name__, None)
-    elif not isinstance(backbone, ChipBackbone):
-        backbone = probe_backbone(probe, backbone, device=device)
+    backbone = _backbone_for(probe, backbone, normalization, device)
     model = backbone.model
     patch = int(model.patch_size)
     in_chans = int(model.patch_embed.proj.weight.shape[1])
@@ -273,39 +324,26 @@ def classify_tiles(
 
     with rasterio.open(raster) as src:
         require_georeferenced(src)
-        count = len(bands) if bands is not None else src.count
-        if count != in_chans:
-            raise ValueError(f"Scene {str(raster)!r} gives {count} bands ({'--bands ' + str(bands) if bands else 'all'}) "
-                             f"but the backbone takes {in_chans}; select bands with --bands.")  # fmt: skip
-        if bands is not None and any(not 1 <= b <= src.count for b in bands):
-            raise ValueError(f"Scene {str(raster)!r} has {src.count} bands; bands {bands} asks for others.")
+        _check_scene_bands(src, raster, bands, in_chans)
         rows, cols = tile_grid_shape(src.height, src.width, stride)
+        if cells is not None and np.shape(cells) != (rows, cols):
+            raise ValueError(f"cells must be a [rows, cols] = {(rows, cols)} mask of the scene's grid, got {np.shape(cells)}.")
         probabilities = np.full((len(probe.classes), rows, cols), np.nan, dtype=np.float32)
         valid_fraction = np.zeros((rows, cols), dtype=np.float32)
         crs, transform = src.crs, src.transform @ Affine.scale(stride)
+        chosen_cells = [(int(r), int(c)) for r, c in np.argwhere(cells)] if cells is not None else \
+            [(r, c) for r in range(rows) for c in range(cols)]  # fmt: skip
 
         def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
-            """((row, col, valid fraction, classified) of the tiles read since the last batch, the model inputs of
-            those classified), a batch at a time."""
-            seen: list[tuple[int, int, float, bool]] = []
-            inputs: list[tuple[Tensor, Tensor]] = []
-            for tile in _read_tiles(src, tile_size, stride, bands, nodata):
-                take = tile.valid_fraction >= min_valid  # min_valid > 0: a tile taken has data
-                seen.append((tile.row, tile.col, tile.valid_fraction, take))
-                if take:
-                    inputs.append(embedding_input(tile.pixels, tile.valid, patch_size=patch,
-                                                  normalization=backbone.normalization, size=size))  # fmt: skip
-                if len(inputs) == batch_size:
-                    yield seen, inputs
-                    seen, inputs = [], []
-            if seen:
-                yield seen, inputs
+            return _tile_batches(src, iter(chosen_cells), tile_size=tile_size, stride=stride, bands=bands, nodata=nodata,
+                                 min_valid=min_valid, patch_size=patch, normalization=backbone.normalization, size=size,
+                                 batch_size=batch_size)  # fmt: skip
 
         was_training = model.training
         model.eval()
         # tiles are read and prepared in a background thread while the model runs on the batch before
         reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
-        bar = tqdm(total=rows * cols, unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
+        bar = tqdm(total=len(chosen_cells), unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
         try:
             for seen, inputs in reader if reader is not None else batches():
                 for row, col, fraction, _ in seen:
@@ -334,6 +372,98 @@ def classify_tiles(
                        valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
                        stride=stride, bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
                        threshold=probe.threshold, min_score=min_score)  # fmt: skip
+
+
+def tile_name(raster: str | os.PathLike[str], row: int, col: int) -> str:
+    """How a tile is named among chips (``ChipEmbeddings.paths``): ``"<scene>#<row>,<col>"``."""
+    return f"{os.fspath(raster)}#{row},{col}"
+
+
+def embed_tiles(
+    raster: str | os.PathLike[str],
+    backbone: ChipBackbone | nn.Module | str | os.PathLike[str],
+    cells: Sequence[tuple[int, int]],
+    *,
+    tile_size: int,
+    normalization: Normalization | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    size: int | None = 224,
+    min_valid: float = 0.5,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    prefetch: int = 2,
+    progress: bool = True,
+) -> tuple[ChipEmbeddings, np.ndarray]:
+    """The embeddings of a scene's tiles, each exactly as :func:`classify_tiles` embeds it (and as
+    :func:`~dinov3_eo.tasks.chip_embeddings.embed_chips` embeds a chip file of its pixels): what a probe is fitted on
+    when its labels come from polygons or a label raster over the scene.
+
+    Args:
+        raster: the scene. backbone: as for :func:`classify_tiles`, or a source for
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`.
+        cells: distinct ``(row, col)`` of the tiles on the grid of ``tile_size``-px tiles from the scene's origin.
+        size: the model input size (``None``: the tile's own, rounded to the patch size).
+        min_valid: the share of a tile's pixels that must hold data for it to be embedded.
+        Others as for :func:`classify_tiles`.
+
+    Returns:
+        ``(embeddings, taken)``: the embeddings of the tiles taken, in the order of ``cells`` (named by
+        :func:`tile_name`; metadata as ``embed_chips`` records it), and ``[len(cells)]`` bool, which were.
+
+    Raises:
+        ValueError: a scene without a georeference, or a band count the backbone does not take.
+    """
+    import rasterio
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.raster import require_georeferenced
+
+    backbone = _backbone_for(None, backbone, normalization, device)
+    model = backbone.model
+    patch, dim = int(model.patch_size), int(model.embed_dim)
+    in_chans = int(model.patch_embed.proj.weight.shape[1])
+    cells = [(int(r), int(c)) for r, c in cells]
+    cls = np.zeros((len(cells), dim), np.float32)
+    patch_mean = np.full((len(cells), dim), np.nan, np.float32)
+    taken = np.zeros(len(cells), bool)
+    position = {cell: i for i, cell in enumerate(cells)}
+    with rasterio.open(raster) as src:
+        require_georeferenced(src)
+        _check_scene_bands(src, raster, bands, in_chans)
+
+        def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
+            return _tile_batches(src, iter(cells), tile_size=tile_size, stride=tile_size, bands=bands, nodata=nodata,
+                                 min_valid=min_valid, patch_size=patch, normalization=backbone.normalization, size=size,
+                                 batch_size=batch_size)  # fmt: skip
+
+        was_training = model.training
+        model.eval()
+        reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
+        bar = tqdm(total=len(cells), unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
+        try:
+            for seen, inputs in reader if reader is not None else batches():
+                index = [position[(row, col)] for row, col, _, take in seen if take]
+                if inputs:
+                    cls[index], patch_mean[index] = embed_batch(model, inputs, device=backbone.device, amp=amp)
+                    taken[index] = True
+                bar.update(len(seen))
+        finally:
+            bar.close()
+            if reader is not None:
+                reader.close()
+            model.train(was_training)
+    meta = getattr(model, "meta", None)
+    metadata = {"backbone": getattr(meta, "name", getattr(model, "name", "custom")), "size": size,
+                "normalization": backbone.normalization.name if backbone.normalization is not None else None,
+                "bands": list(bands) if bands is not None else None, "embed_dim": dim, "patch_size": patch,
+                "backbone_source": backbone.source, "normalization_override": backbone.normalization_override}  # fmt: skip
+    kept = np.flatnonzero(taken)
+    embeddings = ChipEmbeddings(paths=[tile_name(raster, *cells[i]) for i in kept], cls=cls[kept],
+                                patch_mean=patch_mean[kept], sizes=np.full((len(kept), 2), tile_size, np.int64),
+                                metadata=metadata)  # fmt: skip
+    return embeddings, taken
 
 
 class TileOutputs(NamedTuple):
@@ -399,7 +529,9 @@ __all__ = [
     "TileClasses",
     "TileOutputs",
     "classify_tiles",
+    "embed_tiles",
     "tile_grid_shape",
+    "tile_name",
     "tile_outputs",
     "tile_window",
     "write_tile_classes",

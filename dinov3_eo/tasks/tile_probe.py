@@ -1,0 +1,412 @@
+"""A tile probe fitted and scored straight from scenes and their labels (polygons or a label raster), no chips cut.
+
+``dinov3-eo classify fit --scenes scene.tif --labels polygons.gpkg --tile-size 32 --model M -o probe.safetensors``
+labels the scene's tiles (:func:`~dinov3_eo.tasks.tile_labels.label_tiles`: the grid ``classify map`` classifies),
+embeds the labelled ones (:func:`~dinov3_eo.tasks.tile_classification.embed_tiles`, exactly as ``classify map`` will
+embed them) and fits a linear probe or k-NN on them (:func:`~dinov3_eo.tasks.chip_classification.fit_chip_classifier`)
+with ``C`` chosen on held-out blocks of tiles (:func:`~dinov3_eo.tasks.tile_labels.spatial_block_split`), or on the
+tiles of separate held-out labels. ``classify test --scenes scene.tif --labels reference.gpkg --probe P`` scores a
+probe on the tiles a reference labels. The probe is the same file a chip probe is: ``classify map``, ``predict`` and
+``test`` take it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dinov3_eo.tasks.chip_classification import ChipClassifier, fit_chip_classifier, probe_backbone
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, chip_features, load_chip_backbone
+from dinov3_eo.tasks.tile_labels import NoLabelledTiles, TileLabels, label_tiles, merge_tile_labels, spatial_block_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TileProbeFit:
+    """What :func:`fit_tile_classifier` made.
+
+    Attributes:
+        probe: the fitted probe (its ``embedding`` records the backbone, bands, model input size and the tile size as
+            ``chip_size``, so that ``classify map`` cuts the same tiles by default).
+        tiles: one ``GeoDataFrame`` row per tile fitted or held out (in the first scene's CRS): ``scene``, ``row``,
+            ``col``, ``labelled``, ``majority``, ``purity``, ``f_<class>``, ``label`` (the class it was taught, or its
+            classes joined by ``;``), ``split`` (``train`` / ``held_out``).
+        held_out_scores: ``[M, K]`` the probe's probabilities for the held-out tiles (``None`` without any).
+        held_out_targets: their class ids ``[M]`` (``[M, K]`` bool multi-label).
+    """
+
+    probe: ChipClassifier
+    tiles: Any
+    held_out_scores: np.ndarray | None
+    held_out_targets: np.ndarray | None
+
+
+def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, **kwargs: Any) -> list[TileLabels]:
+    """:func:`label_tiles` of each scene; a scene the labels do not reach is skipped with a warning, unless none is
+    reached."""
+    found, missed = [], []
+    for scene in scenes:
+        try:
+            found.append(label_tiles(scene, labels, **kwargs))
+        except NoLabelledTiles as e:
+            if len(scenes) == 1:
+                raise
+            missed.append(e)
+            log.warning("%s The scene is skipped.", e)
+    if not found:
+        raise missed[0]
+    return found
+
+
+def _targets(counts: np.ndarray, *, multi_label: bool, purity: float, presence: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept [N] bool, targets)`` of tiles with class counts ``[N, K]``: class ids of the tiles whose majority
+    class covers ``purity`` of their labelled pixels, or ``[N, K]`` bool of the classes covering ``presence``."""
+    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    if multi_label:
+        present = (fractions >= presence) & (counts > 0)
+        return present.any(axis=1), present
+    ids = fractions.argmax(axis=1)
+    return fractions[np.arange(len(ids)), ids] >= purity, ids.astype(np.int64)
+
+
+def _label_text(target: np.ndarray, classes: Sequence[str], multi_label: bool) -> str:
+    return ";".join(c for c, on in zip(classes, target) if on) if multi_label else classes[int(target)]
+
+
+def fit_tile_classifier(
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    labels: Any,
+    backbone: ChipBackbone | str | os.PathLike[str],
+    *,
+    tile_size: int,
+    attribute: str = "name",
+    class_names: Sequence[str] | None = None,
+    val_labels: Any = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    size: int | None = 224,
+    method: str = "linear",
+    features: str = "cls+patch_mean",
+    purity: float = 0.6,
+    min_labelled: float = 0.5,
+    min_valid: float = 0.9,
+    multi_label: bool = False,
+    presence: float = 0.1,
+    threshold: float = 0.5,
+    val_fraction: float = 0.2,
+    block: int = 4,
+    balanced: bool = False,
+    k: int = 20,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> TileProbeFit:
+    """Fit a chip probe on the tiles of ``scenes`` that ``labels`` label.
+
+    Args:
+        scenes: georeferenced scenes (one or several; tiles of all are fitted together).
+        labels: polygons or a label raster over them (:func:`~dinov3_eo.tasks.tile_labels.label_tiles`; ``attribute``
+            names the polygons' class column, ``class_names`` a raster's ids).
+        backbone: a :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone` or a source for
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`.
+        tile_size: tile side in scene pixels (the ground a tile covers is what the probe learns to name).
+        val_labels: held-out labels over the same scenes (their tiles are left out of training); default: blocks of
+            ``block`` x ``block`` tiles, ``val_fraction`` of them, held out (:func:`spatial_block_split`; 0: none).
+        bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
+        method, features, balanced, k, threshold: as for
+            :func:`~dinov3_eo.tasks.chip_classification.fit_chip_classifier`.
+        purity: a tile is taught its most common class where that class covers at least this share of its labelled
+            pixels. multi_label, presence: instead, every class covering ``presence`` of them.
+        min_labelled: the share of a tile's pixels that must be labelled; min_valid: the share that must hold data.
+
+    Raises:
+        FileNotFoundError, KeyError, ValueError: as :func:`label_tiles` and :func:`embed_tiles` (each in one
+        sentence); ValueError also where fewer than two classes (single-label) keep training tiles.
+    """
+    import geopandas as gpd
+    import pandas as pd
+
+    from dinov3_eo.tasks.tile_classification import embed_tiles
+
+    scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
+    if not 0.0 < purity <= 1.0 or not 0.0 < presence <= 1.0:
+        raise ValueError(f"purity and presence must lie in (0, 1], got {purity} and {presence}.")
+    if block < 1:
+        raise ValueError(f"The held-out block must be at least one tile wide, got {block}.")
+    common = dict(tile_size=tile_size, attribute=attribute, class_names=class_names, min_labelled=min_labelled)
+    train_sets = _scene_labels(scenes, labels, **common)
+    held_sets = _scene_labels([t.source for t in train_sets], val_labels, **common) if val_labels is not None else []
+    classes, train_counts = merge_tile_labels(train_sets + held_sets)
+    held_counts = train_counts[len(train_sets) :]
+    train_counts = train_counts[: len(train_sets)]
+    if not isinstance(backbone, ChipBackbone):
+        backbone = load_chip_backbone(backbone, device=device)
+
+    # every tile: (scene index, TileLabels row, counts, held out) — labelled, then embedded where it holds data
+    sources = [t.source for t in train_sets]
+    held_cells = {t.source: set(t.cells) for t in held_sets}  # a tile both label sets reach is held out
+    parts = []
+    for i, (tiles, counts) in enumerate(zip(train_sets, train_counts)):
+        keep = np.array([cell not in held_cells.get(tiles.source, ()) for cell in tiles.cells], bool)
+        parts.append((i, tiles.take(keep), counts[keep], False))
+    for tiles, counts in zip(held_sets, held_counts):
+        parts.append((sources.index(tiles.source), tiles, counts, True))
+    rows_meta, xs, counts_all, held_flag = [], [], [], []
+    embedded_meta: dict[str, Any] = {}
+    for index, tiles, counts, held in parts:
+        kept, _ = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
+        tiles, counts = tiles.take(kept), counts[kept]
+        if not len(tiles):
+            continue
+        embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, bands=bands,
+                                      nodata=nodata, size=size, min_valid=min_valid, batch_size=batch_size, amp=amp,
+                                      progress=progress)  # fmt: skip
+        embedded_meta = embedded.metadata
+        tiles, counts = tiles.take(taken), counts[taken]
+        xs.append(chip_features(embedded, features))
+        counts_all.append(counts)
+        held_flag.append(np.full(len(tiles), held))
+        rows_meta.append((index, tiles))
+    if not xs:
+        raise ValueError(f"No labelled tile of {', '.join(map(str, scenes))} is pure enough (purity {purity:.0%}) and "
+                         f"holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
+    x, counts, held = np.concatenate(xs), np.concatenate(counts_all), np.concatenate(held_flag)
+    _, y = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
+    # classes no training tile was taught are dropped (a probe cannot learn them)
+    taught = (y[~held].any(axis=0) if multi_label else np.bincount(y[~held], minlength=len(classes)) > 0)
+    if not multi_label and taught.sum() < 2:
+        raise ValueError(f"The training tiles hold {int(taught.sum())} class ({[c for c, t in zip(classes, taught) if t]}); "
+                         "a classifier needs at least two: label more ground, or lower --purity.")  # fmt: skip
+    dropped = [c for c, t in zip(classes, taught) if not t]
+    if dropped:
+        log.warning("Classes %s have no training tile (too mixed, too small or only held out) and are left out.", dropped)
+    new_id = np.cumsum(taught) - 1
+    classes = [c for c, t in zip(classes, taught) if t]
+    if multi_label:
+        y = y[:, taught]
+    else:
+        usable = taught[y]  # held-out tiles of an untaught class cannot be scored
+        x, y, held = x[usable], new_id[y[usable]], held[usable]
+        rows_meta = _take_rows(rows_meta, usable)
+    groups = np.concatenate([np.full(len(t), i) for i, t in rows_meta])
+    rows = np.concatenate([t.rows for _, t in rows_meta])
+    cols = np.concatenate([t.cols for _, t in rows_meta])
+    if val_labels is None and val_fraction > 0:
+        _, held_idx = spatial_block_split(rows, cols, y, fraction=val_fraction, block=block, groups=groups, seed=seed)
+        held = np.zeros(len(y), bool)
+        held[held_idx] = True
+    train = ~held
+    val = (x[held], y[held]) if held.any() else None
+    probe = fit_chip_classifier(x[train], y[train], classes, method=method, features=features, val=val, k=k,
+                                threshold=threshold, balanced=balanced)  # fmt: skip
+    probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": list(bands) if bands is not None else None,
+                       "normalization": backbone.normalization_override, "backbone": embedded_meta.get("backbone"),
+                       "chip_size": [int(tile_size), int(tile_size)],
+                       "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": _describe(labels),
+                                 "val_labels": _describe(val_labels), "attribute": attribute, "purity": purity,
+                                 "presence": presence if multi_label else None, "min_labelled": min_labelled,
+                                 "min_valid": min_valid, "block": block, "val_fraction": val_fraction,
+                                 "train_tiles": int(train.sum()), "held_out_tiles": int(held.sum())}}  # fmt: skip
+    scores = probe.scores(x[held]) if held.any() else None
+
+    crs = rows_meta[0][1].crs
+    frames, start = [], 0
+    for index, tiles in rows_meta:
+        part = slice(start, start + len(tiles))
+        start += len(tiles)
+        frame = tiles.to_geodataframe({"scene": [os.fspath(tiles.source)] * len(tiles),
+                                       "label": [_label_text(t, classes, multi_label) for t in y[part]],
+                                       "split": np.where(held[part], "held_out", "train")})  # fmt: skip
+        frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]).to_crs(crs))
+    table = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
+    return TileProbeFit(probe=probe, tiles=table, held_out_scores=scores, held_out_targets=y[held] if held.any() else None)
+
+
+def _take_rows(rows_meta: list[tuple[int, TileLabels]], mask: np.ndarray) -> list[tuple[int, TileLabels]]:
+    """``rows_meta``'s tiles where ``mask`` (over all of them, in order) holds."""
+    out, start = [], 0
+    for index, tiles in rows_meta:
+        out.append((index, tiles.take(mask[start : start + len(tiles)])))
+        start += len(tiles)
+    return out
+
+
+def _describe(labels: Any) -> str | None:
+    if labels is None:
+        return None
+    return "GeoDataFrame" if hasattr(labels, "geometry") else os.path.abspath(os.fspath(labels))
+
+
+def score_tile_classifier(
+    probe: ChipClassifier | str | os.PathLike[str],
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    labels: Any,
+    *,
+    backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    tile_size: int | None = None,
+    attribute: str = "name",
+    class_names: Sequence[str] | None = None,
+    purity: float = 0.6,
+    min_labelled: float = 0.5,
+    min_valid: float = 0.9,
+    presence: float = 0.1,
+    nodata: float | None = None,
+    tta: str | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A probe's class probabilities for the tiles of ``scenes`` that reference ``labels`` label (as
+    :func:`fit_tile_classifier` labels them; tile size by default the probe's), to score it.
+
+    Reference classes are matched to the probe's by name (case-insensitive); tiles of a class the probe lacks are
+    left out with a warning.
+
+    Returns:
+        ``(scores [N, K], targets [N] class ids or [N, K] bool, names of the tiles "<scene>#<row>,<col>")``.
+
+    Raises:
+        ValueError: no reference class is one of the probe's, or no tile is left to score.
+    """
+    from dinov3_eo.tasks.tile_classification import _probe_tile_size, classify_tiles, tile_grid_shape, tile_name
+
+    if not isinstance(probe, ChipClassifier):
+        probe = ChipClassifier.load(probe)
+    tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
+    scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    if not isinstance(backbone, ChipBackbone):
+        backbone = probe_backbone(probe, backbone, device=device)
+    lookup = {name.lower(): i for i, name in enumerate(probe.classes)}
+    all_scores, all_targets, names = [], [], []
+    for tiles in _scene_labels(scenes, labels, tile_size=tile_size, attribute=attribute, class_names=class_names,
+                               min_labelled=min_labelled):  # fmt: skip
+        to_probe = np.array([lookup.get(name.lower(), -1) for name in tiles.classes])
+        absent = [name for name, i in zip(tiles.classes, to_probe) if i < 0]
+        kept, y = _targets(tiles.counts, multi_label=probe.multi_label, purity=purity, presence=presence)
+        if probe.multi_label:
+            target = np.zeros((len(tiles), len(probe.classes)), bool)
+            target[:, to_probe[to_probe >= 0]] = y[:, to_probe >= 0]
+            if absent:
+                log.warning("Reference classes %s are not classes of the probe %s: they are not scored.", absent, probe.classes)
+        else:
+            if absent:
+                log.warning("Reference classes %s are not classes of the probe %s: their tiles are left out of the "
+                            "scores.", absent, probe.classes)  # fmt: skip
+            kept &= to_probe[y] >= 0
+            target = to_probe[y]
+        tiles, target = tiles.take(kept), target[kept]
+        if not len(tiles):
+            continue
+        cells = np.zeros(tile_grid_shape(*_scene_shape(tiles.source), tile_size), bool)
+        cells[tiles.rows, tiles.cols] = True
+        result = classify_tiles(tiles.source, probe, backbone=backbone, tile_size=tile_size, nodata=nodata,
+                                min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp, cells=cells,
+                                progress=progress)  # fmt: skip
+        scores = result.probabilities[:, tiles.rows, tiles.cols].T
+        done = np.isfinite(scores).all(axis=1)
+        all_scores.append(scores[done])
+        all_targets.append(target[done])
+        names += [tile_name(tiles.source, r, c) for r, c in zip(tiles.rows[done], tiles.cols[done])]
+    if not names:
+        raise ValueError(f"No tile of {', '.join(map(str, scenes))} labelled by the reference with one of the probe's "
+                         f"classes {probe.classes} holds enough data to be scored.")  # fmt: skip
+    return np.concatenate(all_scores), np.concatenate(all_targets), names
+
+
+def _scene_shape(path: str) -> tuple[int, int]:
+    import rasterio
+
+    with rasterio.open(path) as src:
+        return src.height, src.width
+
+
+def _refuse_chip_options(args: Any, names: Sequence[tuple[str, Any]]) -> None:
+    given = [name for name, value in names if value]
+    if given:
+        raise ValueError(f"With --scenes the tiles come from the scenes and their labels: leave out {', '.join(given)}.")
+
+
+def fit_scenes_command(args: Any) -> None:
+    """``classify fit --scenes SCENE ... --labels POLYGONS_OR_RASTER --tile-size N --model M -o probe.safetensors``."""
+    from pathlib import Path
+
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.chip_classification import print_probe_report
+
+    _refuse_chip_options(args, [("CHIPS", args.chips), ("--embeddings", args.embeddings), ("--val", args.val),
+                                ("--finetune-epochs", args.finetune_epochs)])  # fmt: skip
+    if args.labels is None:
+        raise ValueError("Give the labels of the scenes' tiles: --labels polygons (GeoPackage, GeoJSON ...) or a label "
+                         "raster.")  # fmt: skip
+    if args.tile_size is None:
+        raise ValueError("Give the tile size in scene pixels (--tile-size): the ground each tile covers is what the "
+                         "probe learns to name, and what 'classify map' will cut.")  # fmt: skip
+    if args.model is None:
+        raise ValueError("Give the backbone that embeds the tiles (--model).")
+    check_overwrite(args.output, args.overwrite)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
+    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
+    fit = fit_tile_classifier(args.scenes, args.labels, backbone, tile_size=args.tile_size, attribute=args.attribute,
+                              class_names=args.class_names, val_labels=args.val_labels, bands=args.bands,
+                              nodata=args.nodata, size=args.size or None, method=args.method, features=args.features,
+                              purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
+                              multi_label=args.multi_label, presence=args.presence, threshold=args.threshold,
+                              val_fraction=args.val_fraction, block=args.block, balanced=args.balanced, k=args.k,
+                              seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
+                              progress=not args.quiet)  # fmt: skip
+    probe, tiles = fit.probe, fit.tiles
+    train = tiles[tiles["split"] == "train"]
+    taught = (train["label"].str.split(";").explode() if probe.multi_label else train["label"]).value_counts()
+    held = len(tiles) - len(train)
+    split = ("held out by --val-labels" if args.val_labels else f"in blocks of {args.block} x {args.block} tiles")
+    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(train)} {args.tile_size}-px tiles "
+          f"of {len(probe.classes)} classes ({', '.join(f'{c} {int(taught.get(c, 0))}' for c in probe.classes)})"
+          f"{f'; C = {probe.c:g}' if probe.c is not None else ''}; {held} held-out tiles {split}"
+          + (":" if held else " (no held-out tiles: no score)"))  # fmt: skip
+    if fit.held_out_scores is not None:
+        report = print_probe_report(probe, fit.held_out_scores, fit.held_out_targets, out_dir, unit="tiles")
+        probe.held_out_accuracy = report["map_macro" if probe.multi_label else "overall_accuracy"]
+    probe.save(args.output, overwrite=args.overwrite)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
+            tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        print(out_dir / "tiles.gpkg")
+    print(args.output)
+
+
+def test_scenes_command(args: Any) -> None:
+    """``classify test --scenes SCENE ... --labels REFERENCE --probe probe.safetensors``."""
+    from pathlib import Path
+
+    from dinov3_eo.tasks.chip_classification import print_probe_report
+
+    _refuse_chip_options(args, [("CHIPS", args.chips)])
+    if args.labels is None:
+        raise ValueError("Give the reference labels of the scenes' tiles: --labels polygons or a label raster.")
+    probe = ChipClassifier.load(args.probe)
+    scores, targets, names = score_tile_classifier(
+        probe, args.scenes, args.labels, backbone=args.model, tile_size=args.tile_size, attribute=args.attribute,
+        class_names=args.class_names, purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
+        presence=args.presence, nodata=args.nodata, tta=args.tta, batch_size=args.batch_size, device=args.device,
+        amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(names)} labelled tiles of "
+          f"{len(args.scenes)} scene{'s' if len(args.scenes) > 1 else ''}:")
+    print_probe_report(probe, scores, targets, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold,
+                       unit="tiles")  # fmt: skip
+
+
+__all__ = ["TileProbeFit", "fit_scenes_command", "fit_tile_classifier", "score_tile_classifier", "test_scenes_command"]
