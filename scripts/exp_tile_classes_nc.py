@@ -131,7 +131,9 @@ def main() -> None:
             held = lambda t: (t[0] // 4 + t[1] // 4) % 2 == 1  # noqa: E731
         train = sorted(t for t in labels if not held(t))
         test = sorted(t for t in labels if held(t))
+        start = time.perf_counter()
         _write_chips(stack, train, labels, args.tile, tmp / "train")
+        chips_s = time.perf_counter() - start
         _write_chips(stack, test, labels, args.tile, tmp / "test")
         backbone = args.backbone or _random_export(args.arch, tmp)
         probe = tmp / "probe.safetensors"
@@ -196,11 +198,48 @@ def main() -> None:
             "map_vs_predict_max_abs_diff": diff,
             "segment_evaluate_whole_map": {"tiles": evaluated["pixels"], "overall_accuracy": round(evaluated["overall_accuracy"], 4),
                                            "kappa": round(evaluated["kappa"], 4)},
-            "fit_s": round(fit_s, 2), "map_s": round(map_s, 2), "map_tiles_per_s": round(tiles / map_s, 1),
+            "write_train_chips_s": round(chips_s, 2), "fit_s": round(fit_s, 2), "map_s": round(map_s, 2), "map_tiles_per_s": round(tiles / map_s, 1),
             "predict_s": round(predict_s, 2), "predict_chips_per_s": round(len(test) / predict_s, 1),
         }  # fmt: skip
+        results["from_scene"] = _from_scene(args, tmp, stack, strata, held, backbone, len(test))
         results["multi_label"] = _multi_label(args, tmp, stack, pixels, strata, held, backbone)
         print(json.dumps(results, indent=1))
+
+
+def _from_scene(args: argparse.Namespace, tmp: Path, stack: Path, strata: np.ndarray, held: Any, backbone: str | Path,
+                n_test: int) -> dict[str, Any]:  # fmt: skip
+    """The same probe without chips: ``classify fit --scenes`` on the land-class raster masked to the training blocks
+    (C chosen on held-out 4 x 4 blocks of them), ``classify test --scenes`` on the raster masked to the held-out
+    blocks; tiles with data throughout, one class on >= ``--purity`` of them."""
+    rows, cols = np.indices(strata.shape) // args.tile
+    in_held = held((rows, cols))
+    with rasterio.open(NC / "strata.tif") as src:
+        profile = src.profile | {"dtype": "uint8", "nodata": 255}
+    paths = {}
+    for name, keep in (("train", ~in_held), ("held", in_held)):
+        paths[name] = tmp / f"strata_{name}.tif"
+        with rasterio.open(paths[name], "w", **profile) as out:
+            out.write(np.where((strata > 0) & keep, strata - 1, 255).astype(np.uint8), 1)
+            out.update_tags(class_names=json.dumps([NAMES[k] for k in sorted(NAMES)]))
+    probe = tmp / "scene_probe.safetensors"
+    common = ["--scenes", str(stack), "--tile-size", str(args.tile), "--purity", str(args.purity), "--min-valid", "1",
+              "--quiet"]  # fmt: skip
+    start = time.perf_counter()
+    assert cli_main(["classify", "fit", *common, "--labels", str(paths["train"]), "--model", str(backbone), "-o",
+                     str(probe), "--size", str(args.size), *(["--balanced"] if args.balanced else [])]) == 0  # fmt: skip
+    fit_s = time.perf_counter() - start
+    start = time.perf_counter()
+    assert cli_main(["classify", "test", *common, "--labels", str(paths["held"]), "--probe", str(probe), "--out-dir",
+                     str(tmp / "scene_test")]) == 0  # fmt: skip
+    test_s = time.perf_counter() - start
+    metrics = json.loads((tmp / "scene_test" / "metrics.json").read_text())
+    from dinov3_eo.tasks.chip_classification import ChipClassifier
+
+    info = ChipClassifier.load(probe).embedding["tiles"]
+    return {"train_tiles": info["train_tiles"], "c_held_out_tiles": info["held_out_tiles"], "test_tiles": metrics["pixels"],
+            "chip_path_test_tiles": n_test, "test_accuracy": round(metrics["overall_accuracy"], 4),
+            "test_balanced_accuracy": round(metrics["balanced_accuracy"], 4), "fit_s": round(fit_s, 2),
+            "test_s": round(test_s, 2)}  # fmt: skip
 
 
 def _multi_label(args: argparse.Namespace, tmp: Path, stack: Path, pixels: np.ndarray, strata: np.ndarray, held: Any,

@@ -159,3 +159,7 @@ def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.M
     history, tuned = scope["history"], scope["tuned"]
     assert [row["epoch"] for row in history] == [0, 1] and history[0]["held_out"] == pytest.approx(scope["accuracy"])
     assert tuned.held_out_accuracy == max(row["held_out"] for row in history) >= scope["accuracy"]
+    fit = scope["fit"]  # the same classes straight from the scene and polygons over it
+    assert fit.probe.classes == ["bright", "dark"] and fit.probe.embedding["chip_size"] == [32, 32]
+    assert len(fit.tiles) == 406 and set(fit.tiles["split"]) == {"train", "held_out"}
+    assert scope["scene_accuracy"] >= 0.8

@@ -98,8 +98,8 @@ class TileLabels:
 
         _, ids = self.majority()
         fractions = self.fractions
-        x0, y0 = self.transform * (self.cols * self.tile_size, self.rows * self.tile_size)
-        x1, y1 = self.transform * ((self.cols + 1) * self.tile_size, (self.rows + 1) * self.tile_size)
+        x0, y0 = self.transform @ (self.cols * self.tile_size, self.rows * self.tile_size)
+        x1, y1 = self.transform @ ((self.cols + 1) * self.tile_size, (self.rows + 1) * self.tile_size)
         geometry = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
         frame = {"row": self.rows, "col": self.cols, "labelled": self.labelled,
                  "majority": [self.classes[i] for i in ids],
@@ -173,7 +173,7 @@ def label_tiles(
     found_rows, found_cols, found_counts = [], [], []
     for top in range(0, rows, per_strip):
         n = min(per_strip, rows - top)
-        grid = transform * Affine.translation(0, top * tile_size)
+        grid = transform @ Affine.translation(0, top * tile_size)
         ids = source.sample(crs=crs, transform=grid, shape=(n * tile_size, cols * tile_size))["mask"].numpy()
         ids = ids.astype(np.int64, copy=False)
         ids[max(0, height - top * tile_size) :, :] = -1  # past the scene's bottom and right edges: not labelled

@@ -172,13 +172,15 @@ def fit_tile_classifier(
                                       nodata=nodata, size=size, min_valid=min_valid, batch_size=batch_size, amp=amp,
                                       progress=progress)  # fmt: skip
         embedded_meta = embedded.metadata
+        if not taken.any():
+            continue
         tiles, counts = tiles.take(taken), counts[taken]
         xs.append(chip_features(embedded, features))
         counts_all.append(counts)
         held_flag.append(np.full(len(tiles), held))
         rows_meta.append((index, tiles))
     if not xs:
-        raise ValueError(f"No labelled tile of {', '.join(map(str, scenes))} is pure enough (purity {purity:.0%}) and "
+        raise ValueError(f"No labelled {tile_size}-px tile of {', '.join(map(str, scenes))} is pure enough (purity {purity:.0%}) and "
                          f"holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
     x, counts, held = np.concatenate(xs), np.concatenate(counts_all), np.concatenate(held_flag)
     _, y = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
