@@ -166,12 +166,16 @@ def test_tiles_are_embedded_as_classify_map_and_embed_chips_embed_their_pixels(l
     np.testing.assert_allclose(probe.scores(chip_features(embedded, probe.features)), fit.held_out_scores, atol=2e-5)
 
     # scoring: the probe on every labelled tile, as the map classifies them
-    scores, targets, names = score_tile_classifier(probe, SCENE, labelled["polygons"], backbone=backbone, progress=False)
-    assert len(names) == 72
-    rows_cols = [tuple(int(v) for v in name.rsplit("#", 1)[1].split(",")) for name in names]
+    scores, targets, frame = score_tile_classifier(probe, SCENE, labelled["polygons"], backbone=backbone, progress=False)
+    assert len(frame) == 72 and frame.crs == labelled["crs"]
+    rows_cols = list(zip(frame["row"], frame["col"]))
+    assert list(frame["name"]) == [tile_name(SCENE, r, c) for r, c in rows_cols]
     np.testing.assert_allclose(scores, np.stack([mapped.probabilities[:, r, c] for r, c in rows_cols]), atol=2e-5)
     assert targets.tolist() == [["bright", "dark"].index(labelled["truth"][cell]) for cell in rows_cols]
-    assert (scores.argmax(1) == targets).mean() > 0.85
+    assert list(frame["reference"]) == [labelled["truth"][cell] for cell in rows_cols]
+    assert list(frame["predicted"]) == [probe.classes[i] for i in scores.argmax(1)]
+    assert list(frame["correct"]) == list(frame["reference"] == frame["predicted"]) and frame["correct"].mean() > 0.85
+    np.testing.assert_allclose(frame["p_dark"], scores[:, 1])
 
 
 def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, tmp_path: Path,
@@ -195,8 +199,10 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
     assert cli_main(["classify", "test", "--scenes", str(SCENE), "--labels", str(labelled["polygons"]), "--probe",
                      str(probe_path), "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert "linear probe on 72 labelled tiles of 1 scene" in printed
+    assert "linear probe on 72 labelled tiles of 1 scene" in printed and "where the probe errs" in printed
     assert (tmp_path / "test" / "confusion.csv").is_file()
+    errors = gpd.read_file(tmp_path / "test" / "tiles.gpkg", layer="tiles")
+    assert len(errors) == 72 and {"reference", "predicted", "correct", "score"} <= set(errors.columns)
 
     # held-out polygons of their own: their tiles are held out, the others fitted
     frame = gpd.read_file(labelled["polygons"])
@@ -234,9 +240,11 @@ def test_a_multi_label_tile_probe_from_a_label_raster(labelled: dict, tmp_path: 
     assert "multi-label linear probe on" in printed and "mAP" in printed
     probe = ChipClassifier.load(probe_path)
     assert probe.multi_label and probe.classes == ["dark", "medium", "bright"]
-    scores, targets, names = score_tile_classifier(probe, SCENE, tmp_path / "brightness.tif", progress=False)
+    scores, targets, frame = score_tile_classifier(probe, SCENE, tmp_path / "brightness.tif", progress=False)
     assert targets.dtype == bool and targets.shape == scores.shape and targets.sum(axis=1).min() >= 1
-    cell = tuple(int(v) for v in names[0].rsplit("#", 1)[1].split(","))
+    assert frame["reference"].iloc[0] == ";".join(c for c, on in zip(probe.classes, targets[0]) if on)
+    assert frame["predicted"].iloc[0] == ";".join(c for c, p in zip(probe.classes, scores[0]) if p >= probe.threshold)
+    cell = (frame["row"].iloc[0], frame["col"].iloc[0])
     cut = classes[cell[0] * 16 : cell[0] * 16 + 16, cell[1] * 16 : cell[1] * 16 + 16]
     shares = np.bincount(cut[cut < 255], minlength=3) / (cut < 255).sum()
     assert targets[0].tolist() == (shares >= 0.1).tolist()

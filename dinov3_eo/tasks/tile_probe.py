@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,6 +45,19 @@ class TileProbeFit:
     tiles: Any
     held_out_scores: np.ndarray | None
     held_out_targets: np.ndarray | None
+
+
+class TileScores(NamedTuple):
+    """What :func:`score_tile_classifier` returns."""
+
+    scores: np.ndarray
+    """``[N, K]`` the probe's class probabilities of the labelled tiles."""
+    targets: np.ndarray
+    """``[N]`` the reference's class ids (the probe's numbering), ``[N, K]`` bool for a multi-label probe."""
+    tiles: Any
+    """a ``GeoDataFrame`` of the tiles (first scene's CRS): ``scene``, ``name`` (``"<scene>#<row>,<col>"``), ``row``,
+    ``col``, ``labelled``, ``majority``, ``purity``, ``reference``, ``predicted``, ``score``, ``correct``,
+    ``p_<class>``."""
 
 
 def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, **kwargs: Any) -> list[TileLabels]:
@@ -131,11 +144,6 @@ def fit_tile_classifier(
         FileNotFoundError, KeyError, ValueError: as :func:`label_tiles` and :func:`embed_tiles` (each in one
         sentence); ValueError also where fewer than two classes (single-label) keep training tiles.
     """
-    import geopandas as gpd
-    import pandas as pd
-
-    from dinov3_eo.tasks.tile_classification import embed_tiles
-
     scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
@@ -161,28 +169,13 @@ def fit_tile_classifier(
         parts.append((i, tiles.take(keep), counts[keep], False))
     for tiles, counts in zip(held_sets, held_counts):
         parts.append((sources.index(tiles.source), tiles, counts, True))
-    rows_meta, xs, counts_all, held_flag = [], [], [], []
-    embedded_meta: dict[str, Any] = {}
-    for index, tiles, counts, held in parts:
-        kept, _ = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
-        tiles, counts = tiles.take(kept), counts[kept]
-        if not len(tiles):
-            continue
-        embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, bands=bands,
-                                      nodata=nodata, size=size, min_valid=min_valid, batch_size=batch_size, amp=amp,
-                                      progress=progress)  # fmt: skip
-        embedded_meta = embedded.metadata
-        if not taken.any():
-            continue
-        tiles, counts = tiles.take(taken), counts[taken]
-        xs.append(chip_features(embedded, features))
-        counts_all.append(counts)
-        held_flag.append(np.full(len(tiles), held))
-        rows_meta.append((index, tiles))
-    if not xs:
-        raise ValueError(f"No labelled {tile_size}-px tile of {', '.join(map(str, scenes))} is pure enough (purity {purity:.0%}) and "
-                         f"holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
-    x, counts, held = np.concatenate(xs), np.concatenate(counts_all), np.concatenate(held_flag)
+    x, counts, held, rows_meta, made = _embed_labelled(parts, backbone, tile_size=tile_size, features=features,
+                                                       multi_label=multi_label, purity=purity, presence=presence,
+                                                       bands=bands, nodata=nodata, size=size, min_valid=min_valid,
+                                                       batch_size=batch_size, amp=amp, progress=progress)  # fmt: skip
+    if not len(x):
+        raise ValueError(f"No labelled {tile_size}-px tile of {', '.join(map(str, scenes))} is pure enough (purity "
+                         f"{purity:.0%}) and holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
     _, y = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
     # classes no training tile was taught are dropped (a probe cannot learn them)
     taught = (y[~held].any(axis=0) if multi_label else np.bincount(y[~held], minlength=len(classes)) > 0)
@@ -212,7 +205,7 @@ def fit_tile_classifier(
     probe = fit_chip_classifier(x[train], y[train], classes, method=method, features=features, val=val, k=k,
                                 threshold=threshold, balanced=balanced)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": list(bands) if bands is not None else None,
-                       "normalization": backbone.normalization_override, "backbone": embedded_meta.get("backbone"),
+                       "normalization": backbone.normalization_override, "backbone": made.get("backbone"),
                        "chip_size": [int(tile_size), int(tile_size)],
                        "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": _describe(labels),
                                  "val_labels": _describe(val_labels), "attribute": attribute, "purity": purity,
@@ -221,7 +214,6 @@ def fit_tile_classifier(
                                  "train_tiles": int(train.sum()), "held_out_tiles": int(held.sum())}}  # fmt: skip
     scores = probe.scores(x[held]) if held.any() else None
 
-    crs = rows_meta[0][1].crs
     frames, start = [], 0
     for index, tiles in rows_meta:
         part = slice(start, start + len(tiles))
@@ -229,9 +221,34 @@ def fit_tile_classifier(
         frame = tiles.to_geodataframe({"scene": [os.fspath(tiles.source)] * len(tiles),
                                        "label": [_label_text(t, classes, multi_label) for t in y[part]],
                                        "split": np.where(held[part], "held_out", "train")})  # fmt: skip
-        frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]).to_crs(crs))
-    table = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=crs)
-    return TileProbeFit(probe=probe, tiles=table, held_out_scores=scores, held_out_targets=y[held] if held.any() else None)
+        frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]))
+    return TileProbeFit(probe=probe, tiles=_one_frame(frames), held_out_scores=scores, held_out_targets=y[held] if held.any() else None)
+
+
+def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], backbone: ChipBackbone, *,
+                    tile_size: int, features: str, multi_label: bool, purity: float, presence: float,
+                    **embedding: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, TileLabels]], dict]:  # fmt: skip
+    """The features of the tiles of ``parts`` ((scene index, tiles, their class counts, held out)) that carry a label
+    (:func:`_targets`) and hold data (:func:`embed_tiles`): ``(x [N, F], counts [N, K], held out [N], (scene index,
+    tiles) per part kept, the embeddings' metadata)``."""
+    from dinov3_eo.tasks.tile_classification import embed_tiles
+
+    xs, kept_counts, held_flags, kept_tiles, made = [], [], [], [], {}
+    for index, tiles, counts, held in parts:
+        kept, _ = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
+        tiles, counts = tiles.take(kept), counts[kept]
+        if not len(tiles):
+            continue
+        embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, **embedding)
+        made = embedded.metadata
+        if taken.any():
+            xs.append(chip_features(embedded, features))
+            kept_counts.append(counts[taken])
+            held_flags.append(np.full(int(taken.sum()), held))
+            kept_tiles.append((index, tiles.take(taken)))
+    if not xs:
+        return np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0, bool), [], made
+    return np.concatenate(xs), np.concatenate(kept_counts), np.concatenate(held_flags), kept_tiles, made
 
 
 def _take_rows(rows_meta: list[tuple[int, TileLabels]], mask: np.ndarray) -> list[tuple[int, TileLabels]]:
@@ -264,11 +281,12 @@ def score_tile_classifier(
     presence: float = 0.1,
     nodata: float | None = None,
     tta: str | None = None,
+    threshold: float | None = None,
     batch_size: int = 32,
     device: str | None = None,
     amp: bool = False,
     progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+) -> TileScores:
     """A probe's class probabilities for the tiles of ``scenes`` that reference ``labels`` label (as
     :func:`fit_tile_classifier` labels them; tile size by default the probe's), to score it.
 
@@ -276,11 +294,14 @@ def score_tile_classifier(
     left out with a warning.
 
     Returns:
-        ``(scores [N, K], targets [N] class ids or [N, K] bool, names of the tiles "<scene>#<row>,<col>")``.
+        :class:`TileScores`: the probabilities, the reference's targets and a ``GeoDataFrame`` of the tiles (with
+        ``reference``, ``predicted`` — classes joined by ``;`` for a multi-label probe, at ``threshold``, default the
+        probe's — ``score``, ``correct`` and ``p_<class>``): where the probe errs, on a map.
 
     Raises:
         ValueError: no reference class is one of the probe's, or no tile is left to score.
     """
+    from dinov3_eo.tasks.chip_classification import predicted_labels
     from dinov3_eo.tasks.tile_classification import _probe_tile_size, classify_tiles, tile_grid_shape, tile_name
 
     if not isinstance(probe, ChipClassifier):
@@ -290,7 +311,7 @@ def score_tile_classifier(
     if not isinstance(backbone, ChipBackbone):
         backbone = probe_backbone(probe, backbone, device=device)
     lookup = {name.lower(): i for i, name in enumerate(probe.classes)}
-    all_scores, all_targets, names = [], [], []
+    all_scores, all_targets, frames = [], [], []
     for tiles in _scene_labels(scenes, labels, tile_size=tile_size, attribute=attribute, class_names=class_names,
                                min_labelled=min_labelled):  # fmt: skip
         to_probe = np.array([lookup.get(name.lower(), -1) for name in tiles.classes])
@@ -317,13 +338,33 @@ def score_tile_classifier(
                                 progress=progress)  # fmt: skip
         scores = result.probabilities[:, tiles.rows, tiles.cols].T
         done = np.isfinite(scores).all(axis=1)
-        all_scores.append(scores[done])
-        all_targets.append(target[done])
-        names += [tile_name(tiles.source, r, c) for r, c in zip(tiles.rows[done], tiles.cols[done])]
-    if not names:
+        tiles, scores, target = tiles.take(done), scores[done], target[done]
+        all_scores.append(scores)
+        all_targets.append(target)
+        threshold = probe.threshold if threshold is None else threshold
+        labels_of = (lambda rows: predicted_labels(rows, probe.classes, threshold)) if probe.multi_label else \
+            (lambda rows: [probe.classes[i] for i in rows.argmax(axis=1)])  # fmt: skip
+        reference = [_label_text(t, probe.classes, probe.multi_label) for t in target]
+        predicted = labels_of(scores)
+        frame = tiles.to_geodataframe({
+            "scene": [os.fspath(tiles.source)] * len(tiles), "name": [tile_name(tiles.source, r, c) for r, c in tiles.cells],
+            "reference": reference, "predicted": predicted, "score": scores.max(axis=1).astype(np.float64),
+            "correct": [a == b for a, b in zip(reference, predicted)],
+            **{f"p_{name}": scores[:, k].astype(np.float64) for k, name in enumerate(probe.classes)}})  # fmt: skip
+        frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]))
+    if not frames:
         raise ValueError(f"No tile of {', '.join(map(str, scenes))} labelled by the reference with one of the probe's "
                          f"classes {probe.classes} holds enough data to be scored.")  # fmt: skip
-    return np.concatenate(all_scores), np.concatenate(all_targets), names
+    return TileScores(np.concatenate(all_scores), np.concatenate(all_targets), _one_frame(frames))
+
+
+def _one_frame(frames: Sequence[Any]) -> Any:
+    """Several scenes' tile frames as one, in the first one's CRS."""
+    import geopandas as gpd
+    import pandas as pd
+
+    crs = frames[0].crs
+    return gpd.GeoDataFrame(pd.concat([f.to_crs(crs) for f in frames], ignore_index=True), crs=crs)
 
 
 def _scene_shape(path: str) -> tuple[int, int]:
@@ -394,21 +435,28 @@ def test_scenes_command(args: Any) -> None:
     """``classify test --scenes SCENE ... --labels REFERENCE --probe probe.safetensors``."""
     from pathlib import Path
 
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
     from dinov3_eo.tasks.chip_classification import print_probe_report
 
     _refuse_chip_options(args, [("CHIPS", args.chips)])
     if args.labels is None:
         raise ValueError("Give the reference labels of the scenes' tiles: --labels polygons or a label raster.")
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
     probe = ChipClassifier.load(args.probe)
-    scores, targets, names = score_tile_classifier(
+    scored = score_tile_classifier(
         probe, args.scenes, args.labels, backbone=args.model, tile_size=args.tile_size, attribute=args.attribute,
         class_names=args.class_names, purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
-        presence=args.presence, nodata=args.nodata, tta=args.tta, batch_size=args.batch_size, device=args.device,
-        amp=args.bf16, progress=not args.quiet)  # fmt: skip
-    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(names)} labelled tiles of "
+        presence=args.presence, nodata=args.nodata, tta=args.tta, threshold=args.threshold, batch_size=args.batch_size,
+        device=args.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(scored.tiles)} labelled tiles of "
           f"{len(args.scenes)} scene{'s' if len(args.scenes) > 1 else ''}:")
-    print_probe_report(probe, scores, targets, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold,
-                       unit="tiles")  # fmt: skip
+    print_probe_report(probe, scored.scores, scored.targets, out_dir, threshold=args.threshold, unit="tiles")
+    if out_dir is not None:
+        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
+            scored.tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        print(f"{out_dir / 'tiles.gpkg'} (each tile's reference and predicted class: where the probe errs)")
 
 
-__all__ = ["TileProbeFit", "fit_scenes_command", "fit_tile_classifier", "score_tile_classifier", "test_scenes_command"]
+__all__ = ["TileProbeFit", "TileScores", "fit_scenes_command", "fit_tile_classifier", "score_tile_classifier", "test_scenes_command"]
