@@ -24,6 +24,7 @@ from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.chip_embeddings import (
     ChipEmbeddings,
     chip_model_input,
+    embed_chip_views,
     embed_chips,
     model_input_size,
     read_chip_embeddings,
@@ -83,6 +84,33 @@ def test_embeddings_are_each_chips_own_forward_pass(chips: Path, backbone: torch
             np.testing.assert_allclose(batched.patch_mean[k], mean, atol=1e-5)
     # distinct chips give distinct patch means (a random ViT's CLS token hardly looks at its input)
     assert np.linalg.norm(batched.patch_mean[1] - batched.patch_mean[2]) > 1e-2
+
+
+def test_views_of_each_chip_come_from_one_read(chips: Path, backbone: torch.nn.Module,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Test-time augmentation embeds every view of a chip from the pixels read once: each view's rows equal
+    ``embed_chips(view=v)``'s, which turns the chip itself (checked here against a forward pass of the flipped chip)."""
+    import dinov3_eo.tasks.chip_embeddings as module
+
+    norm = Normalization.from_dict(NORM)
+    reads = []
+    read = module.read_chip
+    monkeypatch.setattr(module, "read_chip", lambda header, *a, **k: reads.append(header.path) or read(header, *a, **k))
+    views = embed_chip_views(backbone, chips, views=(0, 3, 5), normalization=norm, size=64, batch_size=3, progress=False)
+    assert len(reads) == 4 and sorted(reads) == sorted(str(p) for p in chips.glob("*.png"))
+    for view, embedded in zip((0, 3, 5), views):
+        alone = embed_chips(backbone, chips, normalization=norm, size=64, view=view, progress=False)
+        assert embedded.paths == alone.paths
+        np.testing.assert_allclose(embedded.cls, alone.cls, atol=1e-5)
+        np.testing.assert_allclose(embedded.patch_mean, alone.patch_mean, atol=1e-5)
+    assert not np.allclose(views[0].patch_mean, views[1].patch_mean, atol=1e-3)
+    # view 4 is the left-right mirror (inference.tta.dihedral): the same as embedding the mirrored chip
+    mirrored = embed_chip_views(backbone, chips, views=(4,), normalization=norm, size=64, progress=False)[0]
+    image = torch.from_numpy(np.asarray(Image.open(chips / "chip_0.png")).transpose(2, 0, 1).astype(np.float32))
+    image = F.interpolate(norm(image)[None], size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+    with torch.no_grad():
+        out = backbone.forward_features(torch.flip(image, dims=(-1,)))
+    np.testing.assert_allclose(mirrored.cls[0], out["x_norm_clstoken"][0].numpy(), atol=1e-5)
 
 
 def test_pixels_without_data_stay_out_of_the_patch_mean(chips: Path, backbone: torch.nn.Module, tmp_path: Path,

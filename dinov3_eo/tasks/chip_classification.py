@@ -38,7 +38,7 @@ from dinov3_eo.data.chip_labels import (
     table_multilabels,
 )
 from dinov3_eo.inference.writers import atomic_output, check_overwrite
-from dinov3_eo.tasks.chip_embeddings import FEATURES, chip_features, embed_chips_with, load_chip_backbone
+from dinov3_eo.tasks.chip_embeddings import FEATURES, chip_features, embed_chip_views, embed_chips_with, load_chip_backbone
 
 METHODS = ("linear", "knn")
 #: inverse L2 regularisation strengths tried for the linear probe (chosen by held-out accuracy)
@@ -749,11 +749,11 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
     info = probe.embedding
     backbone = probe_backbone(probe, args.model, device=args.device)
     views = tta_views(args.tta) if args.tta else (0,)
-    scores = 0.0
-    for view in views:
-        embedded = embed_chips_with(backbone, paths, bands=info.get("bands"), size=info.get("size"), view=view,
-                                    batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
-        scores = scores + probe.scores(chip_features(embedded, probe.features)) / len(views)
+    # each chip is read once, its views embedded from the same prepared pixels
+    embedded = embed_chip_views(backbone.model, paths, views=views, normalization=backbone.normalization,
+                                bands=info.get("bands"), size=info.get("size"), batch_size=args.batch_size,
+                                device=backbone.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    scores = sum(probe.scores(chip_features(view.take(paths), probe.features)) for view in embedded) / len(views)
     return probe, scores
 
 

@@ -225,6 +225,25 @@ def embed_chips(
         FileNotFoundError: no chip. ValueError: an unreadable chip, or one whose band count is not the backbone's
         (each named).
     """
+    return embed_chip_views(backbone, chips, views=(view,), normalization=normalization, bands=bands, size=size,
+                            batch_size=batch_size, device=device, amp=amp, progress=progress)[0]  # fmt: skip
+
+
+def embed_chip_views(
+    backbone: nn.Module,
+    chips: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    views: Sequence[int],
+    normalization: Normalization | None,
+    bands: Sequence[int] | None = None,
+    size: int | None = 224,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> list[ChipEmbeddings]:
+    """:func:`embed_chips` for each of ``views`` (turned and mirrored chips, test-time augmentation), each chip read
+    and prepared once: one :class:`ChipEmbeddings` per view, in the order of ``views``."""
     from tqdm.auto import tqdm
 
     paths = expand_chips(chips if isinstance(chips, (str, os.PathLike)) else [os.fspath(c) for c in chips])
@@ -237,8 +256,8 @@ def embed_chips(
             raise ValueError(f"Image chip {header.path} gives {count} bands but the backbone takes {in_chans}; "
                              "select bands with --bands.")  # fmt: skip
     dim = int(backbone.embed_dim)
-    cls = np.zeros((len(paths), dim), dtype=np.float32)
-    patch_mean = np.full((len(paths), dim), np.nan, dtype=np.float32)
+    cls = np.zeros((len(views), len(paths), dim), dtype=np.float32)
+    patch_mean = np.full((len(views), len(paths), dim), np.nan, dtype=np.float32)
     was_training = backbone.training
     backbone.eval()
     bar = tqdm(total=len(paths), unit="chip", desc="chip embeddings", disable=not progress)
@@ -246,21 +265,23 @@ def embed_chips(
         for batch in _batches(headers, patch, size, batch_size):
             inputs = [chip_model_input(headers[i], patch_size=patch, normalization=normalization, bands=bands,
                                        size=size) for i in batch]  # fmt: skip
-            cls[batch], patch_mean[batch] = embed_batch(backbone, inputs, device=device, amp=amp, view=view)
+            for v, view in enumerate(views):
+                cls[v, batch], patch_mean[v, batch] = embed_batch(backbone, inputs, device=device, amp=amp, view=view)
             bar.update(len(batch))
     finally:
         bar.close()
         backbone.train(was_training)
-    empty = int(np.isnan(patch_mean[:, 0]).sum())
+    empty = int(np.isnan(patch_mean[0, :, 0]).sum()) if len(views) else 0
     if empty:
         log.warning("%d of %d chips have no pixel with data (first: %s): their patch_mean is NaN.", empty, len(paths),
-                    paths[int(np.flatnonzero(np.isnan(patch_mean[:, 0]))[0])])  # fmt: skip
+                    paths[int(np.flatnonzero(np.isnan(patch_mean[0, :, 0]))[0])])  # fmt: skip
     meta = getattr(backbone, "meta", None)
     metadata = {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")), "size": size,
                 "normalization": normalization.name if normalization is not None else None,
                 "bands": list(bands) if bands is not None else None, "embed_dim": dim, "patch_size": patch}  # fmt: skip
     sizes = np.array([(h.height, h.width) for h in headers], dtype=np.int64).reshape(-1, 2)
-    return ChipEmbeddings(paths=paths, cls=cls, patch_mean=patch_mean, sizes=sizes, metadata=metadata)
+    return [ChipEmbeddings(paths=list(paths), cls=cls[v], patch_mean=patch_mean[v], sizes=sizes.copy(),
+                           metadata=dict(metadata)) for v in range(len(views))]  # fmt: skip
 
 
 def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") -> np.ndarray:
@@ -369,6 +390,7 @@ __all__ = [
     "chip_model_input",
     "embed_batch",
     "embed_chips",
+    "embed_chip_views",
     "embed_chips_with",
     "load_chip_backbone",
     "embedding_input",
