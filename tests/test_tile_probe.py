@@ -22,7 +22,8 @@ from rasterio.features import rasterize
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.chip_classification import ChipClassifier
 from dinov3_eo.tasks.chip_embeddings import chip_features, embed_chips_with, load_chip_backbone
-from dinov3_eo.tasks.tile_classification import classify_tiles, embed_tiles, tile_name
+from dinov3_eo.tasks.chip_finetune import dataset_probabilities
+from dinov3_eo.tasks.tile_classification import TileTensorDataset, classify_tiles, embed_tiles, tile_name
 from dinov3_eo.tasks.tile_labels import NoLabelledTiles, TileLabels, label_tiles, spatial_block_split
 from dinov3_eo.tasks.tile_probe import fit_tile_classifier, score_tile_classifier
 
@@ -164,6 +165,12 @@ def test_tiles_are_embedded_as_classify_map_and_embed_chips_embed_their_pixels(l
     as_chips = chips.take([str(next(labelled["chips"].glob(f"*/{r * 16}_{c * 16}.png"))) for r, c in cells])
     np.testing.assert_allclose(chip_features(embedded, probe.features), chip_features(as_chips, probe.features), atol=1e-5)
     np.testing.assert_allclose(probe.scores(chip_features(embedded, probe.features)), fit.held_out_scores, atol=2e-5)
+    # what fine-tuning reads: the same tiles through the probe's head give the same probabilities
+    dataset = TileTensorDataset([(str(SCENE), r, c) for r, c in cells], fit.targets[tiles["split"] == "held_out"],
+                                tile_size=16, patch_size=16, normalization=backbone.normalization, bands=None, size=32)  # fmt: skip
+    image, valid, target = dataset[0]
+    assert image.shape == (3, 32, 32) and valid.shape == (2, 2) and int(target) == fit.held_out_targets[0]
+    np.testing.assert_allclose(dataset_probabilities(backbone, probe, dataset, batch_size=7), fit.held_out_scores, atol=2e-5)
 
     # scoring: the probe on every labelled tile, as the map classifies them
     scores, targets, frame = score_tile_classifier(probe, SCENE, labelled["polygons"], backbone=backbone, progress=False)
@@ -211,9 +218,24 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
     assert f"{len(frame) - len(frame.iloc[::4])} 16-px tiles" in capsys.readouterr().out
     assert ChipClassifier.load(probe_path).embedding["tiles"]["held_out_tiles"] == len(frame.iloc[::4])
 
+    # fine-tuned on the scene's tiles (LP-FT): the backbone exported beside the probe, which classify map then uses
+    tuned_path = tmp_path / "tuned.safetensors"
+    assert cli_main([*args[:-2], str(tuned_path), "--quiet", "--tile-size", "16", "--finetune-epochs", "1",
+                     "--finetune-lr", "1e-4"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "fine-tuned 1 epochs, kept epoch" in printed and "held-out tiles:" in printed
+    tuned = ChipClassifier.load(tuned_path)
+    assert tuned.embedding["backbone_source"] == str((tmp_path / "tuned_backbone.pth").resolve())
+    assert [row["epoch"] for row in tuned.embedding["finetune"]["history"]] == [0, 1]
+    assert tuned.held_out_accuracy == max(row["held_out"] for row in tuned.embedding["finetune"]["history"])
+    assert not Path(f"{tuned_path}.finetune.ckpt").exists()
+    assert cli_main(["classify", "map", str(SCENE), "--probe", str(tuned_path), "-o", str(tmp_path / "tuned_map"),
+                     "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+
     # bad input: one sentence each
     for extra, message in ((["--overwrite"], "Give the tile size in scene pixels"),
-                           (["--tile-size", "16", "--finetune-epochs", "1", "--overwrite"], "leave out --finetune-epochs"),
+                           (["--tile-size", "16", "--embeddings", "x.parquet", "--overwrite"], "leave out --embeddings"),
                            (["--tile-size", "128", "--overwrite"], "No labelled 128-px tile of"),
                            (["--tile-size", "16", "--attribute", "kind", "--overwrite"], "no attribute 'kind'")):  # fmt: skip
         assert cli_main([*args, *extra]) == 2

@@ -585,10 +585,6 @@ def _chip_labels(args: Any, chips: Sequence[str], table: str | None, multi_label
 def _fit(args: Any) -> None:
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
-    if args.scenes:
-        from dinov3_eo.tasks.tile_probe import fit_scenes_command
-
-        return fit_scenes_command(args)
     held_given = args.val is not None or args.val_labels is not None
     if not 0.0 < args.val_fraction < 1.0 and not held_given:
         raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
@@ -602,6 +598,10 @@ def _fit(args: Any) -> None:
             raise ValueError("Fine-tuning batches chips at one size: give --size (e.g. 224), not 0.")
         prefix = Path(args.output).with_suffix("")
         check_overwrite(prefix.with_name(f"{prefix.name}_backbone.pth"), args.overwrite)
+    if args.scenes:
+        from dinov3_eo.tasks.tile_probe import fit_scenes_command
+
+        return fit_scenes_command(args)
     size, multi = args.size or None, args.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
     if held_given:
@@ -643,10 +643,8 @@ def _fit(args: Any) -> None:
         if len(vy):
             print_probe_report(probe, scores, vy, None)
         held_paths = val_paths if held_given else [paths[i] for i in val_idx]
-        probe, scores = _finetune(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx], held_paths, vy)
-        kept = probe.embedding["finetune"]["kept_epoch"]
-        print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
-              f"; {len(vy)} held-out chips:")
+        probe, scores = finetune_and_export(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx],
+                                            held_paths, vy)  # fmt: skip
     if len(vy):
         report = print_probe_report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
         probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
@@ -705,18 +703,19 @@ def _kept_epoch(history: Sequence[dict[str, float]]) -> int:
     return int(max(scored, key=lambda row: (row["held_out"], -row["epoch"]))["epoch"]) if scored else int(history[-1]["epoch"])
 
 
-def _finetune(args: Any, backbone: Any, probe: ChipClassifier, paths: list[str], y: np.ndarray, held_paths: list[str],
-              held_y: np.ndarray) -> tuple[ChipClassifier, np.ndarray | None]:  # fmt: skip
-    """LP-FT (:mod:`~dinov3_eo.tasks.chip_finetune`): the probe and its backbone trained together, the backbone
-    exported beside the probe (``<probe>_backbone.pth``) and recorded as its source; returns the probe and its
-    held-out probabilities."""
+def finetune_and_export(args: Any, backbone: Any, probe: ChipClassifier, train: Any, y: np.ndarray, held: Any,
+                        held_y: np.ndarray, *, unit: str = "chips") -> tuple[ChipClassifier, np.ndarray | None]:  # fmt: skip
+    """``classify fit --finetune-epochs``: LP-FT (:mod:`~dinov3_eo.tasks.chip_finetune`), the probe and its backbone
+    trained together on ``train`` (chip paths, or a dataset of tiles) with targets ``y``, the best epoch on ``held``
+    kept, the backbone exported beside the probe (``<probe>_backbone.pth``) and recorded as its source; prints which
+    epoch was kept and returns the probe and its held-out probabilities (``None`` without held-out items)."""
     from dinov3_eo.models.hub import export_backbone
-    from dinov3_eo.tasks.chip_finetune import FinetuneSettings, finetune_chip_classifier
+    from dinov3_eo.tasks.chip_finetune import FinetuneSettings, chip_dataset, dataset_probabilities, finetune_chip_classifier
 
     settings = FinetuneSettings(epochs=args.finetune_epochs, lr=args.finetune_lr, head_lr=args.finetune_head_lr,
                                 blocks=args.finetune_blocks, batch_size=args.batch_size, workers=args.workers,
                                 balanced=args.balanced, seed=args.seed, amp=args.bf16)  # fmt: skip
-    tuned, model, history = finetune_chip_classifier(backbone, probe, paths, y, val=(held_paths, held_y) if len(held_y) else None,
+    tuned, model, history = finetune_chip_classifier(backbone, probe, train, y, val=(held, held_y) if len(held_y) else None,
                                                      settings=settings, checkpoint=f"{args.output}.finetune.ckpt",
                                                      progress=not args.quiet)  # fmt: skip
     meta = dataclasses.replace(model.meta) if getattr(model, "meta", None) is not None else None
@@ -724,15 +723,18 @@ def _finetune(args: Any, backbone: Any, probe: ChipClassifier, paths: list[str],
         meta.normalization = backbone.normalization.to_dict()  # what it was tuned with, an override included
     prefix = Path(args.output).with_suffix("")
     exported = export_backbone(model, prefix.with_name(f"{prefix.name}_backbone"), meta=meta)["pth"]
+    kept = _kept_epoch(history)
     tuned.embedding = {**probe.embedding, "backbone_source": str(Path(exported).resolve()), "normalization": None,
                        "finetuned_from": probe.embedding.get("backbone_source"),
-                       "finetune": {**dataclasses.asdict(settings), "history": history, "kept_epoch": _kept_epoch(history)}}  # fmt: skip
+                       "finetune": {**dataclasses.asdict(settings), "history": history, "kept_epoch": kept}}  # fmt: skip
     scores = None
     if len(held_y):
-        held = embed_chips_with(backbone._replace(model=model), held_paths, bands=probe.embedding.get("bands"),
-                                size=probe.embedding.get("size"), batch_size=args.batch_size, amp=args.bf16,
-                                progress=False).take(held_paths)  # fmt: skip
-        scores = tuned.scores(chip_features(held, tuned.features))
+        dataset = chip_dataset(held, held_y, patch_size=int(model.patch_size), normalization=backbone.normalization,
+                               bands=probe.embedding.get("bands"), size=int(probe.embedding["size"]))  # fmt: skip
+        scores = dataset_probabilities(backbone._replace(model=model), tuned, dataset, batch_size=args.batch_size,
+                                       workers=args.workers, amp=args.bf16)  # fmt: skip
+    print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
+          f"; {len(held_y)} held-out {unit}:")
     return tuned, scores
 
 
@@ -835,6 +837,7 @@ __all__ = [
     "FEATURES",
     "chip_features",
     "classify_main",
+    "finetune_and_export",
     "fit_chip_classifier",
     "held_out_score",
     "probe_backbone",

@@ -158,6 +158,26 @@ def _loss_fn(probe: ChipClassifier, y: np.ndarray, balanced: bool, device: str) 
     return lambda logits, t: F.cross_entropy(logits, t.long(), weight=weight)
 
 
+def chip_dataset(items: Sequence[str] | Dataset, targets: np.ndarray, *, patch_size: int, normalization: Any,
+                 bands: Sequence[int] | None, size: int) -> Dataset:  # fmt: skip
+    """``items`` as a dataset of ``(image, patch_valid, target)``: chip files read as :class:`ChipTensorDataset`, or
+    a dataset that yields those already (the tiles of scenes:
+    :class:`~dinov3_eo.tasks.tile_classification.TileTensorDataset`) as it is."""
+    if isinstance(items, Dataset):
+        return items
+    return ChipTensorDataset(items, targets, patch_size=patch_size, normalization=normalization, bands=bands, size=size)
+
+
+def dataset_probabilities(backbone: ChipBackbone, probe: ChipClassifier, dataset: Dataset, *, batch_size: int = 32,
+                          workers: int = 0, amp: bool = False) -> np.ndarray:  # fmt: skip
+    """``[N, K]`` ``probe``'s class probabilities of a dataset of ``(image, patch_valid, target)`` (chips or tiles as
+    the backbone reads them) through ``backbone`` (:class:`ProbeHead`: what :meth:`ChipClassifier.scores` gives their
+    embeddings); the backbone is left in eval mode."""
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
+    head = ProbeHead(probe).to(backbone.device)
+    return _probabilities(backbone.model, head, loader, probe, backbone.device, amp)
+
+
 @torch.no_grad()
 def _probabilities(model: nn.Module, head: ProbeHead, loader: DataLoader, probe: ChipClassifier, device: str,
                    amp: bool) -> np.ndarray:  # fmt: skip
@@ -176,17 +196,18 @@ def _probabilities(model: nn.Module, head: ProbeHead, loader: DataLoader, probe:
 def finetune_chip_classifier(
     backbone: ChipBackbone,
     probe: ChipClassifier,
-    paths: Sequence[str],
+    paths: Sequence[str] | Dataset,
     y: np.ndarray,
     *,
-    val: tuple[Sequence[str], np.ndarray] | None = None,
+    val: tuple[Sequence[str] | Dataset, np.ndarray] | None = None,
     settings: FinetuneSettings | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> tuple[ChipClassifier, nn.Module, list[dict[str, float]]]:
     """Fine-tune ``probe`` (a fitted linear probe) and ``backbone`` on chips ``paths`` with targets ``y`` (class ids
     ``[N]``, or ``[N, K]`` bool for a multi-label probe), embedded as the probe's were (its ``embedding`` size and
-    bands; the size must be fixed, not each chip's own).
+    bands; the size must be fixed, not each chip's own). ``paths`` (and ``val``'s) may instead be a dataset yielding
+    ``(image, patch_valid, target)`` as the backbone reads them, with the same targets (:func:`chip_dataset`).
 
     Args:
         val: held-out chips and targets, scored after every epoch; the best epoch's weights are returned (without:
@@ -216,13 +237,13 @@ def finetune_chip_classifier(
     head = ProbeHead(probe).to(device)
     patch = int(model.patch_size)
     data = dict(patch_size=patch, normalization=backbone.normalization, bands=probe.embedding.get("bands"), size=int(size))
-    train = ChipTensorDataset(paths, y, **data)
+    train = chip_dataset(paths, y, **data)
     generator = torch.Generator().manual_seed(settings.seed)
     loader = DataLoader(train, batch_size=settings.batch_size, shuffle=True, drop_last=len(train) > settings.batch_size,
                         num_workers=settings.workers, generator=generator)  # fmt: skip
     held = None
     if val is not None and len(val[0]):
-        held = DataLoader(ChipTensorDataset(val[0], val[1], **data), batch_size=settings.batch_size, num_workers=settings.workers)
+        held = DataLoader(chip_dataset(val[0], val[1], **data), batch_size=settings.batch_size, num_workers=settings.workers)
     params = _trainable(model, settings.blocks)
     optimizer = torch.optim.AdamW(_groups(params, settings.lr, settings.weight_decay)
                                   + _groups(list(head.parameters()), settings.head_lr, settings.weight_decay))  # fmt: skip
@@ -327,4 +348,12 @@ def _save_checkpoint(path: Path, model: nn.Module, head: nn.Module, optimizer: t
         torch.save(payload, tmp)
 
 
-__all__ = ["ChipTensorDataset", "FinetuneSettings", "ProbeHead", "finetune_chip_classifier", "lr_factor"]
+__all__ = [
+    "ChipTensorDataset",
+    "FinetuneSettings",
+    "ProbeHead",
+    "chip_dataset",
+    "dataset_probabilities",
+    "finetune_chip_classifier",
+    "lr_factor",
+]

@@ -466,6 +466,44 @@ def embed_tiles(
     return embeddings, taken
 
 
+class TileTensorDataset(torch.utils.data.Dataset):
+    """Tiles of scenes as the backbone reads them (:func:`embedding_input`, resized to ``size``), with their targets:
+    ``(image [C, S, S], patch_valid [S/p, S/p], target)``, what fine-tuning trains on
+    (:func:`~dinov3_eo.tasks.chip_finetune.finetune_chip_classifier`) when the labels come from a scene.
+
+    Args:
+        tiles: ``(scene, row, col)`` of each tile on the grid of ``tile_size``-px tiles from its scene's origin.
+        targets: ``[N]`` class ids, or ``[N, K]`` 0/1 rows.
+    """
+
+    def __init__(self, tiles: Sequence[tuple[str, int, int]], targets: np.ndarray, *, tile_size: int, patch_size: int,
+                 normalization: Normalization | None, bands: Sequence[int] | None, size: int,
+                 nodata: float | None = None) -> None:  # fmt: skip
+        self.tiles = [(os.fspath(scene), int(row), int(col)) for scene, row, col in tiles]
+        self.targets = np.asarray(targets)
+        self.tile_size, self.patch_size, self.normalization = int(tile_size), int(patch_size), normalization
+        self.bands, self.size, self.nodata = list(bands) if bands is not None else None, int(size), nodata
+        self._open: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_open": {}}  # each worker opens the scenes itself
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        from dinov3_eo.data.raster import open_quietly, read_window
+
+        scene, row, col = self.tiles[i]
+        if scene not in self._open:
+            self._open[scene] = open_quietly(scene)
+        pixels, valid = read_window(self._open[scene], tile_window(row, col, self.tile_size), bands=self.bands,
+                                    nodata=self.nodata)  # fmt: skip
+        image, patch_valid = embedding_input(pixels, valid, patch_size=self.patch_size, normalization=self.normalization,
+                                             size=self.size)  # fmt: skip
+        return image, patch_valid, torch.as_tensor(self.targets[i])
+
+
 class TileOutputs(NamedTuple):
     """What :func:`write_tile_classes` writes for one scene."""
 
@@ -528,6 +566,7 @@ __all__ = [
     "UNKNOWN",
     "TileClasses",
     "TileOutputs",
+    "TileTensorDataset",
     "classify_tiles",
     "embed_tiles",
     "tile_grid_shape",

@@ -39,12 +39,14 @@ class TileProbeFit:
             classes joined by ``;``), ``split`` (``train`` / ``held_out``).
         held_out_scores: ``[M, K]`` the probe's probabilities for the held-out tiles (``None`` without any).
         held_out_targets: their class ids ``[M]`` (``[M, K]`` bool multi-label).
+        targets: the class ids (``[N, K]`` bool) of all the tiles, in the order of ``tiles``.
     """
 
     probe: ChipClassifier
     tiles: Any
     held_out_scores: np.ndarray | None
     held_out_targets: np.ndarray | None
+    targets: np.ndarray | None = None
 
 
 class TileScores(NamedTuple):
@@ -222,7 +224,8 @@ def fit_tile_classifier(
                                        "label": [_label_text(t, classes, multi_label) for t in y[part]],
                                        "split": np.where(held[part], "held_out", "train")})  # fmt: skip
         frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]))
-    return TileProbeFit(probe=probe, tiles=_one_frame(frames), held_out_scores=scores, held_out_targets=y[held] if held.any() else None)
+    return TileProbeFit(probe=probe, tiles=_one_frame(frames), held_out_scores=scores,
+                        held_out_targets=y[held] if held.any() else None, targets=y)  # fmt: skip
 
 
 def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], backbone: ChipBackbone, *,
@@ -387,8 +390,7 @@ def fit_scenes_command(args: Any) -> None:
     from dinov3_eo.inference.writers import atomic_output, check_overwrite
     from dinov3_eo.tasks.chip_classification import print_probe_report
 
-    _refuse_chip_options(args, [("CHIPS", args.chips), ("--embeddings", args.embeddings), ("--val", args.val),
-                                ("--finetune-epochs", args.finetune_epochs)])  # fmt: skip
+    _refuse_chip_options(args, [("CHIPS", args.chips), ("--embeddings", args.embeddings), ("--val", args.val)])
     if args.labels is None:
         raise ValueError("Give the labels of the scenes' tiles: --labels polygons (GeoPackage, GeoJSON ...) or a label "
                          "raster.")  # fmt: skip
@@ -419,16 +421,39 @@ def fit_scenes_command(args: Any) -> None:
           f"of {len(probe.classes)} classes ({', '.join(f'{c} {int(taught.get(c, 0))}' for c in probe.classes)})"
           f"{f'; C = {probe.c:g}' if probe.c is not None else ''}; {held} held-out tiles {split}"
           + (":" if held else " (no held-out tiles: no score)"))  # fmt: skip
-    if fit.held_out_scores is not None:
-        report = print_probe_report(probe, fit.held_out_scores, fit.held_out_targets, out_dir, unit="tiles")
+    scores = fit.held_out_scores
+    if args.finetune_epochs > 0:
+        if scores is not None:
+            print_probe_report(probe, scores, fit.held_out_targets, None, unit="tiles")
+        probe, scores = _finetune_tiles(args, backbone, fit)
+    if scores is not None:
+        report = print_probe_report(probe, scores, fit.held_out_targets, out_dir, unit="tiles")
         probe.held_out_accuracy = report["map_macro" if probe.multi_label else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)
+    Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
             tiles.to_file(tmp, driver="GPKG", layer="tiles")
         print(out_dir / "tiles.gpkg")
     print(args.output)
+
+
+def _finetune_tiles(args: Any, backbone: ChipBackbone, fit: TileProbeFit) -> tuple[ChipClassifier, np.ndarray | None]:
+    """``classify fit --scenes ... --finetune-epochs N``: the fitted probe and its backbone trained together on the
+    training tiles (read from the scenes, :class:`~dinov3_eo.tasks.tile_classification.TileTensorDataset`), the best
+    epoch on the held-out tiles kept."""
+    from dinov3_eo.tasks.chip_classification import finetune_and_export
+    from dinov3_eo.tasks.tile_classification import TileTensorDataset
+
+    tiles, targets = fit.tiles, fit.targets
+    held = tiles["split"].to_numpy() == "held_out"
+    items = list(zip(tiles["scene"], tiles["row"], tiles["col"]))
+    data = dict(tile_size=args.tile_size, patch_size=int(backbone.model.patch_size), normalization=backbone.normalization,
+                bands=args.bands, size=args.size, nodata=args.nodata)  # fmt: skip
+    train = TileTensorDataset([items[i] for i in np.flatnonzero(~held)], targets[~held], **data)
+    val = TileTensorDataset([items[i] for i in np.flatnonzero(held)], targets[held], **data)
+    return finetune_and_export(args, backbone, fit.probe, train, targets[~held], val, targets[held], unit="tiles")
 
 
 def test_scenes_command(args: Any) -> None:
