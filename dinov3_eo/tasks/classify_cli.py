@@ -1,0 +1,572 @@
+"""``dinov3-eo classify``: the command line of the chip and tile probes.
+
+``fit`` (chips in class folders or a label table, or with ``--scenes`` the tiles of scenes labelled by polygons or a
+label raster), ``test``, ``predict`` and ``map``; the work is done by :mod:`~dinov3_eo.tasks.chip_classification`
+(probes), :mod:`~dinov3_eo.tasks.chip_embeddings`, :mod:`~dinov3_eo.tasks.chip_finetune`,
+:mod:`~dinov3_eo.tasks.tile_classification` (maps) and :mod:`~dinov3_eo.tasks.tile_probe` (probes from scenes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov3_eo.data.chip_labels import label_matrix, labelled_chips, stratified_split, table_multilabels
+from dinov3_eo.inference.writers import atomic_output, check_overwrite
+from dinov3_eo.tasks.chip_classification import (
+    FEATURES,
+    METHODS,
+    VECTOR_SUFFIXES,
+    ChipClassifier,
+    fit_chip_classifier,
+    probe_backbone,
+    typical_chip_size,
+    write_prediction_map,
+    write_predictions,
+)
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, chip_features, embed_chip_views, embed_chips_with, load_chip_backbone
+
+
+def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    lookup = {name: i for i, name in enumerate(classes)}
+    return np.array([lookup[name] for name in labels], dtype=np.int64)
+
+
+def print_probe_report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, out_dir: Path | None, *,
+                       threshold: float | None = None, unit: str = "chips") -> dict[str, Any]:  # fmt: skip
+    """Print (and with ``out_dir`` write) the scores of ``scores`` against ``y`` (class ids, or ``[N, K]`` targets of
+    a multi-label probe, at ``threshold``, default the probe's); ``unit``: what was classified (chips, tiles)."""
+    from dinov3_eo.tasks.segmentation_eval import accuracy_report, confusion_matrix, report_table, write_accuracy_report
+
+    classes = probe.classes
+    if probe.multi_label:
+        from dinov3_eo.tasks.multilabel_metrics import multilabel_report, multilabel_table, write_multilabel_report
+
+        report = multilabel_report(scores, y, classes, threshold=probe.threshold if threshold is None else threshold)
+        print(multilabel_table(report))
+        if out_dir is not None:
+            write_multilabel_report(out_dir, report)
+        return report
+    confusion = confusion_matrix(scores.argmax(1), y, len(classes))
+    report = accuracy_report(confusion, classes)
+    recalls = [m["recall"] for m in report["classes"].values() if m["reference_pixels"]]
+    report["balanced_accuracy"] = float(np.mean(recalls)) if recalls else float("nan")  # mean recall over classes
+    report["confusion"] = confusion.tolist()
+    print(report_table(report).replace(" pixels", f" {unit}").replace("reference px", unit))
+    print(f"balanced accuracy {report['balanced_accuracy']:.3f} (mean recall over the classes present)")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_accuracy_report(out_dir, report, confusion, classes)
+    return report
+
+
+def classify_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo classify fit CHIPS --model BACKBONE -o probe.safetensors`` / ``classify test CHIPS --probe
+    probe.safetensors`` / ``classify predict CHIPS --probe probe.safetensors -o predictions.csv``; returns the exit
+    code."""
+    import argparse
+    import sys
+
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
+
+    prog = "dinov3-eo classify"
+    parser = argparse.ArgumentParser(prog=prog, description="Scene classification of image chips on frozen DINOv3 "
+                                     "features: a linear probe or k-NN on chip embeddings.")  # fmt: skip
+    sub = parser.add_subparsers(dest="action", required=True)
+    fit = sub.add_parser("fit", help="embed labelled chips (one folder per class, or a label table) and fit a probe",
+                         description="Embed chips laid out one folder per class (CHIPS/Forest/x.jpg: the folder names "
+                         "the class), fit a linear probe (C chosen on held-out chips) or keep them for a k-NN, report "
+                         "the held-out accuracy, and save the probe.")  # fmt: skip
+    fit.add_argument("chips", nargs="*", help="training chips: folders (searched recursively) or quoted globs; each "
+                     "chip's class is its folder's name")  # fmt: skip
+    fit.add_argument("--model", default=None, help=BACKBONE_HELP + " (default with --embeddings: the table's)")
+    fit.add_argument("--embeddings", default=None, help="a table from 'embed --chips' holding the labelled chips: their "
+                     "embeddings are read, not computed again (the table's backbone, size, bands and normalisation "
+                     "hold), so probes fit in seconds")  # fmt: skip
+    fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
+    fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
+                     "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
+    fit.add_argument("--val-labels", default=None, help="held-out chips as such a table (instead of --val folders)")
+    fit.add_argument("--multi-label", action="store_true", help="each chip may carry several classes (BigEarthNet): "
+                     "the --labels table's label cell is a list, or classes joined by --label-separator; one-vs-rest "
+                     "probes, C chosen by held-out mAP")  # fmt: skip
+    fit.add_argument("--threshold", type=float, default=0.5, help="multi-label: a class is predicted at probability "
+                     ">= THRESHOLD (default 0.5; stored in the probe)")  # fmt: skip
+    fit.add_argument("--val", nargs="+", default=None, help="held-out chips (class folders as for CHIPS); default: "
+                     "--val-fraction of each class")  # fmt: skip
+    fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
+    fit.add_argument("--method", choices=METHODS, default="linear", help="linear probe (default) or k-NN")
+    fit.add_argument("--balanced", action="store_true", help="weigh each class's chips by the inverse of its frequency "
+                     "and choose C by balanced accuracy (mean recall): rare classes count as much as common ones")  # fmt: skip
+    fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
+                     help="embedding columns fed to the probe (default cls+patch_mean, dino.txt's image embedding)")
+    fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
+    fit.add_argument("--size", type=int, default=224, help="chips resized to SIZE x SIZE (default 224; 0: own size)")
+    fit.add_argument("--out-dir", default=None, help="also write metrics.json, confusion.csv and confusion.png of the "
+                     "held-out chips here")  # fmt: skip
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (and of the fine-tuning)")
+    tune = fit.add_argument_group("fine-tuning (LP-FT: the fitted linear probe and its backbone trained together)")
+    tune.add_argument("--finetune-epochs", type=int, default=0, help="epochs of fine-tuning after the linear probe "
+                      "(default 0: none); the best held-out epoch is kept, the backbone exported beside the probe")  # fmt: skip
+    tune.add_argument("--finetune-lr", type=float, default=1e-5, help="peak learning rate of the backbone (default 1e-5)")
+    tune.add_argument("--finetune-head-lr", type=float, default=1e-3, help="peak learning rate of the head (default 1e-3)")
+    tune.add_argument("--finetune-blocks", type=int, default=None, help="train only the last N blocks (default: all)")
+    tune.add_argument("--workers", type=int, default=0, help="data-loading processes of the fine-tuning (default 0)")
+    add_backbone_input_options(fit)
+    _add_scene_label_options(fit, fitting=True)
+    predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
+    predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
+    predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...), or "
+                         ".gpkg / .geojson: the same on each georeferenced chip's footprint (in the first chip's CRS)")  # fmt: skip
+    predict.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    test = sub.add_parser("test", help="score a probe on labelled chips (one folder per class): accuracy, per "
+                          "class, confusion",
+                          description="Score a probe on held-out chips laid out one folder per class (a benchmark's "
+                          "test split): the accuracy table, and with --out-dir metrics.json and confusion.csv/png.")  # fmt: skip
+    test.add_argument("chips", nargs="*", help="test chips: folders or quoted globs; each chip's class is its folder's name")
+    test.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
+                      "'image' (or 'path', relative to the table) and 'label' columns")  # fmt: skip
+    test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
+    test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    _add_scene_label_options(test, fitting=False)
+    scene = sub.add_parser("map", help="classify georeferenced scenes tile by tile: a class map of tiles (GeoTIFF, "
+                           "GeoPackage, quick-look)",
+                           description="Cut each scene into a grid of tiles from its origin (by default of the probe's "
+                           "training chip size, in scene pixels), classify each tile as a chip, and write "
+                           "OUT/<stem>_tile_classes.tif (one pixel per tile, 255 = not classified), <stem>_tiles.gpkg "
+                           "(a polygon per tile with class, score and p_<class>) and <stem>_tile_quicklook.png.")  # fmt: skip
+    scene.add_argument("scenes", nargs="+", help="georeferenced scenes (GeoTIFF or anything GDAL reads)")
+    scene.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    scene.add_argument("-o", "--out-dir", required=True, help="folder for the outputs (created)")
+    scene.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels (default: the probe's "
+                       "training chip size; choose it so a tile covers the ground a training chip covered)")  # fmt: skip
+    scene.add_argument("--stride", type=int, default=None, help="a finer map: cells of STRIDE scene pixels, each "
+                       "classified by the tile centred on it (default: the tile size, one tile per cell)")  # fmt: skip
+    scene.add_argument("--min-valid", type=float, default=0.5, help="share of a tile's pixels that must hold data for "
+                       "it to be classified (default 0.5; tiles past the scene's edge are padded as no data)")  # fmt: skip
+    scene.add_argument("--bands", type=int, nargs="+", default=None, help="1-based scene bands fed to the backbone "
+                       "(default: the probe's chip bands, else all)")  # fmt: skip
+    scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    scene.add_argument("--quicklook-bands", type=int, nargs="+", default=None, help="bands shown as red, green, blue "
+                       "in the quick-look (default: the bands classified, else 1 2 3)")  # fmt: skip
+    scene.add_argument("--min-score", type=float, default=None, help="map a tile whose most probable class has a lower "
+                       "probability as 'unknown' (an extra class): land the probe was not taught is flagged")  # fmt: skip
+    scene.add_argument("--probabilities", action="store_true", help="also write <stem>_tile_probabilities.tif, one "
+                       "float32 band per class")  # fmt: skip
+    scene.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
+    for p in (fit, test):
+        p.add_argument("--label-separator", default=";", help="multi-label: what joins a chip's classes in a text "
+                       "label cell (default ';')")  # fmt: skip
+    for p in (predict, test, scene):
+        p.add_argument("--tta", choices=("flips", "d4"), default=None, help="test-time augmentation: the mean of the "
+                       "class probabilities of the flipped (flips: 4 views) or flipped and quarter-turned (d4: 8) chips; "
+                       "one model call per view")  # fmt: skip
+    for p in (predict, test):
+        p.add_argument("--threshold", type=float, default=None, help="multi-label probe: the probability a class "
+                       "needs to be predicted (default: the probe's)")  # fmt: skip
+    for p in (fit, predict, test, scene):
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    try:
+        {"fit": _fit, "predict": _predict, "test": _test, "map": _map}[args.action](args)
+    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _add_scene_label_options(parser: Any, *, fitting: bool) -> None:
+    """``--scenes`` and how their tiles are labelled: a probe fitted (or scored) on the tiles of scenes that polygons
+    or a label raster (``--labels``) label, no chips cut (:mod:`~dinov3_eo.tasks.tile_probe`)."""
+    group = parser.add_argument_group("tiles of scenes labelled by polygons or a label raster (instead of chips)")
+    group.add_argument("--scenes", nargs="+", default=None, help="georeferenced scenes: their tiles (the grid 'classify "
+                       "map' classifies) are labelled by --labels, polygons (GeoPackage, GeoJSON, shapefile ...) or a "
+                       "label raster of class ids, in any CRS" + ("; --val-labels: held-out ones" if fitting else ""))  # fmt: skip
+    group.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels" + (
+        " (required with --scenes)" if fitting else " (default: the probe's)"))  # fmt: skip
+    group.add_argument("--attribute", default="name", help="the polygons' class column (default 'name')")
+    group.add_argument("--class-names", nargs="+", default=None, help="names of a label raster's ids 0, 1, ... "
+                       "(default: its class_names tag, else 'class <id>')")  # fmt: skip
+    group.add_argument("--purity", type=float, default=0.6, help="a tile takes its most common class where that class "
+                       "covers this share of its labelled pixels (default 0.6); mixed tiles are left out")  # fmt: skip
+    group.add_argument("--presence", type=float, default=0.1, help="multi-label: a tile carries every class covering "
+                       "this share of its labelled pixels (default 0.1)")  # fmt: skip
+    group.add_argument("--min-labelled", type=float, default=0.5, help="share of a tile's pixels that must be labelled "
+                       "(default 0.5)")  # fmt: skip
+    group.add_argument("--min-valid", type=float, default=0.9, help="share of a tile's pixels that must hold data "
+                       "(default 0.9)")  # fmt: skip
+    if fitting:
+        group.add_argument("--block", type=int, default=4, help="held-out tiles are whole blocks of BLOCK x BLOCK tiles "
+                           "(default 4), --val-fraction of them: neighbouring tiles look alike, and a random split "
+                           "would score the probe too kindly")  # fmt: skip
+    else:
+        group.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat "
+                           "L1 collar)")  # fmt: skip
+
+
+def _chip_labels(args: Any, chips: Sequence[str], table: str | None, multi_label: bool) -> tuple[list[str], list[Any]]:
+    """Chips and their labels (class names; class-name lists for a multi-label probe)."""
+    if not multi_label:
+        return labelled_chips(chips, table)
+    if chips or not table:
+        raise ValueError("Multi-label chips come from a label table (--labels, and --val-labels for held-out chips): "
+                         "class folders give one class per chip.")  # fmt: skip
+    return table_multilabels(table, args.label_separator)
+
+
+def _fit(args: Any) -> None:
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
+    held_given = args.val is not None or args.val_labels is not None
+    if not 0.0 < args.val_fraction < 1.0 and not held_given:
+        raise ValueError(f"--val-fraction must lie between 0 and 1, got {args.val_fraction}.")
+    if args.multi_label and args.val is not None:
+        raise ValueError("Multi-label held-out chips come from a table (--val-labels), not --val folders.")
+    check_overwrite(args.output, args.overwrite)
+    if args.finetune_epochs > 0:
+        if args.method != "linear":
+            raise ValueError("Only a linear probe can be fine-tuned with its backbone (--method linear), not a k-NN.")
+        if not args.size:
+            raise ValueError("Fine-tuning batches chips at one size: give --size (e.g. 224), not 0.")
+        prefix = Path(args.output).with_suffix("")
+        check_overwrite(prefix.with_name(f"{prefix.name}_backbone.pth"), args.overwrite)
+    if args.scenes:
+        return fit_scenes_command(args)
+    size, multi = args.size or None, args.multi_label
+    paths, labels = _chip_labels(args, args.chips, args.labels, multi)
+    if held_given:
+        val_paths, val_labels = _chip_labels(args, args.val or [], args.val_labels, multi)
+        unknown = sorted(set(_flat(val_labels, multi)) - set(_flat(labels, multi)))
+        if unknown:
+            raise ValueError(f"Held-out chips of classes {unknown} (folder names, or labels) have no training chip.")
+        train_idx = np.arange(len(paths))
+    elif multi:  # no stratification for label sets: a seeded random share
+        order = np.random.default_rng(args.seed).permutation(len(paths))
+        n_held = min(max(1, int(round(args.val_fraction * len(paths)))), len(paths) - 1)
+        train_idx, val_idx = np.sort(order[n_held:]), np.sort(order[:n_held])
+    else:
+        train_idx, val_idx = stratified_split(labels, args.val_fraction, args.seed)
+    classes = sorted(set(_flat(labels, multi)))
+    if multi and not classes:
+        raise ValueError(f"The chips of {args.labels} carry no class.")
+    if not multi and len(classes) < 2:
+        raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
+                         "needs at least two (one folder, or one label, per class).")  # fmt: skip
+    embedded_of, backbone, made = _embedder(args, size)
+    embedded = embedded_of(paths)
+    target = (lambda names: label_matrix(names, classes)) if multi else (lambda names: _class_ids(names, classes))  # noqa: E731
+    x, y = chip_features(embedded, args.features), target(labels)
+    if held_given:
+        held = embedded_of(val_paths)
+        vx, vy = chip_features(held, args.features), target(val_labels)
+    else:
+        vx, vy = x[val_idx], y[val_idx]
+    val = (vx, vy) if len(vy) else None
+    probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
+                                val=val, k=args.k, threshold=args.threshold, balanced=args.balanced)  # fmt: skip
+    probe.embedding = {**made, "backbone": embedded.metadata.get("backbone"), "chip_size": typical_chip_size(embedded.sizes)}
+    kind = f"{'multi-label ' if multi else ''}{args.method}"
+    print(f"{kind} probe on {len(train_idx)} chips of {len(classes)} classes"
+          f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")
+    scores = probe.scores(vx) if len(vy) else None
+    if args.finetune_epochs > 0:
+        if len(vy):
+            print_probe_report(probe, scores, vy, None)
+        held_paths = val_paths if held_given else [paths[i] for i in val_idx]
+        probe, scores = finetune_and_export(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx],
+                                            held_paths, vy)  # fmt: skip
+    if len(vy):
+        report = print_probe_report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
+        probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
+    probe.save(args.output, overwrite=args.overwrite)
+    Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
+    print(args.output)
+
+
+def _embedder(args: Any, size: int | None) -> tuple[Any, Any, dict[str, Any]]:
+    """How ``classify fit`` gets its chips' embeddings: ``(embeddings of paths, in their order; the backbone, loaded
+    on first call; how the chips are embedded, for the probe)``, from ``--embeddings`` (a table of ``embed --chips``,
+    whose backbone, size, bands and normalisation then hold) or by embedding them with ``--model``.
+
+    Raises:
+        ValueError: neither given, or (when called) a chip the table lacks.
+    """
+    from functools import cache
+
+    from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
+
+    if args.embeddings is None and args.model is None:
+        raise ValueError("Give the backbone that embeds the chips (--model), or a table of their embeddings (--embeddings).")
+    table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
+    info = table.metadata if table is not None else {}
+    source = args.model or info.get("backbone_source")
+    if source is None:
+        raise ValueError(f"{args.embeddings} does not record its backbone; pass --model.")
+    normalization = info.get("normalization_override") if table is not None else args.normalization
+    made = {"backbone_source": os.path.abspath(source) if Path(source).exists() else source, "size": info.get("size", size),
+            "bands": info.get("bands", args.bands), "normalization": normalization}  # fmt: skip
+
+    @cache
+    def backbone() -> Any:
+        return load_chip_backbone(source, normalization=normalization, device=args.device)
+
+    def embedded_of(paths: Sequence[str]) -> Any:
+        if table is None:  # chips embedded in sorted order; rows taken back in the labels' order
+            return embed_chips_with(backbone(), paths, bands=args.bands, size=size, batch_size=args.batch_size,
+                                    amp=args.bf16, progress=not args.quiet).take(paths)  # fmt: skip
+        try:
+            return table.take(paths)
+        except KeyError:
+            missing = next(p for p in paths if os.path.abspath(p) not in {os.path.abspath(q) for q in table.paths})
+            raise ValueError(f"Chip {missing} is not in the embedding table {args.embeddings}; embed every labelled chip "
+                             "('embed --chips') or leave --embeddings out.") from None  # fmt: skip
+
+    if table is None:
+        backbone()  # a bad --model stops here, before any chip is read
+    return embedded_of, backbone, made
+
+
+def _kept_epoch(history: Sequence[dict[str, float]]) -> int:
+    """The epoch whose weights fine-tuning kept: the first with the best held-out score (0: the probe as fitted), or
+    the last without held-out chips."""
+    scored = [row for row in history if "held_out" in row]
+    return int(max(scored, key=lambda row: (row["held_out"], -row["epoch"]))["epoch"]) if scored else int(history[-1]["epoch"])
+
+
+def finetune_and_export(args: Any, backbone: Any, probe: ChipClassifier, train: Any, y: np.ndarray, held: Any,
+                        held_y: np.ndarray, *, unit: str = "chips") -> tuple[ChipClassifier, np.ndarray | None]:  # fmt: skip
+    """``classify fit --finetune-epochs``: LP-FT (:mod:`~dinov3_eo.tasks.chip_finetune`), the probe and its backbone
+    trained together on ``train`` (chip paths, or a dataset of tiles) with targets ``y``, the best epoch on ``held``
+    kept, the backbone exported beside the probe (``<probe>_backbone.pth``) and recorded as its source; prints which
+    epoch was kept and returns the probe and its held-out probabilities (``None`` without held-out items)."""
+    from dinov3_eo.models.hub import export_backbone
+    from dinov3_eo.tasks.chip_finetune import FinetuneSettings, chip_dataset, dataset_probabilities, finetune_chip_classifier
+
+    settings = FinetuneSettings(epochs=args.finetune_epochs, lr=args.finetune_lr, head_lr=args.finetune_head_lr,
+                                blocks=args.finetune_blocks, batch_size=args.batch_size, workers=args.workers,
+                                balanced=args.balanced, seed=args.seed, amp=args.bf16)  # fmt: skip
+    tuned, model, history = finetune_chip_classifier(backbone, probe, train, y, val=(held, held_y) if len(held_y) else None,
+                                                     settings=settings, checkpoint=f"{args.output}.finetune.ckpt",
+                                                     progress=not args.quiet)  # fmt: skip
+    meta = dataclasses.replace(model.meta) if getattr(model, "meta", None) is not None else None
+    if meta is not None and backbone.normalization is not None:
+        meta.normalization = backbone.normalization.to_dict()  # what it was tuned with, an override included
+    prefix = Path(args.output).with_suffix("")
+    exported = export_backbone(model, prefix.with_name(f"{prefix.name}_backbone"), meta=meta)["pth"]
+    kept = _kept_epoch(history)
+    tuned.embedding = {**probe.embedding, "backbone_source": str(Path(exported).resolve()), "normalization": None,
+                       "finetuned_from": probe.embedding.get("backbone_source"),
+                       "finetune": {**dataclasses.asdict(settings), "history": history, "kept_epoch": kept}}  # fmt: skip
+    scores = None
+    if len(held_y):
+        dataset = chip_dataset(held, held_y, patch_size=int(model.patch_size), normalization=backbone.normalization,
+                               bands=probe.embedding.get("bands"), size=int(probe.embedding["size"]))  # fmt: skip
+        scores = dataset_probabilities(backbone._replace(model=model), tuned, dataset, batch_size=args.batch_size,
+                                       workers=args.workers, amp=args.bf16)  # fmt: skip
+    print(f"fine-tuned {args.finetune_epochs} epochs, kept epoch {kept}{' (the probe as fitted)' if kept == 0 else ''}"
+          f"; {len(held_y)} held-out {unit}:")
+    return tuned, scores
+
+
+def _flat(labels: Sequence[Any], multi_label: bool) -> list[str]:
+    return [name for names in labels for name in names] if multi_label else list(labels)
+
+
+def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.ndarray]:
+    """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted (with
+    ``--tta``, the mean of the probabilities of each turned and mirrored view)."""
+    from dinov3_eo.inference.tta import tta_views
+
+    probe = ChipClassifier.load(args.probe)
+    info = probe.embedding
+    backbone = probe_backbone(probe, args.model, device=args.device)
+    views = tta_views(args.tta) if args.tta else (0,)
+    # each chip is read once, its views embedded from the same prepared pixels
+    embedded = embed_chip_views(backbone.model, paths, views=views, normalization=backbone.normalization,
+                                bands=info.get("bands"), size=info.get("size"), batch_size=args.batch_size,
+                                device=backbone.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    scores = sum(probe.scores(chip_features(view.take(paths), probe.features)) for view in embedded) / len(views)
+    return probe, scores
+
+
+def _test(args: Any) -> None:
+    if args.out_dir is not None and Path(args.out_dir).is_dir():
+        for name in ("metrics.json", "confusion.csv", "confusion.png", "per_class.csv"):
+            check_overwrite(Path(args.out_dir) / name, args.overwrite)
+    if args.scenes:
+        return test_scenes_command(args)
+    loaded = ChipClassifier.load(args.probe)
+    classes, multi = loaded.classes, loaded.multi_label
+    paths, labels = _chip_labels(args, args.chips, args.labels, multi)
+    unknown = sorted(set(_flat(labels, multi)) - set(classes))
+    if unknown:
+        raise ValueError(f"Test chips of classes {unknown} (folder names, or labels) are not classes of the probe "
+                         f"{args.probe} ({classes}).")  # fmt: skip
+    probe, scores = _probe_scores(args, paths)
+    print(f"{'multi-label ' if multi else ''}{probe.method} probe on {len(paths)} test chips:")
+    y = label_matrix(labels, classes) if multi else _class_ids(labels, classes)
+    print_probe_report(probe, scores, y, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold)
+
+
+def _predict(args: Any) -> None:
+    from dinov3_eo.data.datasets import expand_chips
+
+    check_overwrite(args.output, args.overwrite)
+    paths = expand_chips(args.chips)
+    probe, scores = _probe_scores(args, paths)
+    threshold = (probe.threshold if args.threshold is None else args.threshold) if probe.multi_label else None
+    if Path(args.output).suffix.lower() in VECTOR_SUFFIXES:
+        write_prediction_map(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+    else:
+        write_predictions(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+    if probe.multi_label:
+        counts = (scores >= threshold).sum(axis=0)
+    else:
+        counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
+    print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
+    print(args.output)
+
+
+def _map(args: Any) -> None:
+    from dinov3_eo.data.raster import pixel_area_ha
+    from dinov3_eo.inference.writers import check_distinct_stems
+    from dinov3_eo.tasks.tile_classification import classify_tiles, tile_outputs, write_tile_classes
+
+    check_distinct_stems(args.scenes)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    for scene in args.scenes:  # every output is checked before the first scene is classified
+        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities):
+            if path is not None:
+                check_overwrite(path, args.overwrite, inputs=args.scenes)
+    probe = ChipClassifier.load(args.probe)
+    backbone = probe_backbone(probe, args.model, device=args.device)
+    for scene in args.scenes:
+        result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
+                                nodata=args.nodata, min_valid=args.min_valid, batch_size=args.batch_size, tta=args.tta,
+                                min_score=args.min_score,
+                                amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
+                                     quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip
+        ids = result.class_ids()
+        counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.class_names))
+        cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
+        hectares = pixel_area_ha(result.crs, result.transform)  # None for a CRS in degrees
+        area = (lambda n: f" ({n * hectares:,.0f} ha)") if hectares else (lambda n: "")  # noqa: E731
+        print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: "
+              + ", ".join(f"{name} {n}{area(n)}" for name, n in zip(result.class_names, counts) if n))
+        print("\n".join(str(p) for p in outputs if p is not None))
+
+
+def _refuse_chip_options(args: Any, names: Sequence[tuple[str, Any]]) -> None:
+    given = [name for name, value in names if value]
+    if given:
+        raise ValueError(f"With --scenes the tiles come from the scenes and their labels: leave out {', '.join(given)}.")
+
+
+def fit_scenes_command(args: Any) -> None:
+    """``classify fit --scenes SCENE ... --labels POLYGONS_OR_RASTER --tile-size N --model M -o probe.safetensors``."""
+    from dinov3_eo.tasks.tile_probe import fit_tile_classifier
+
+    _refuse_chip_options(args, [("CHIPS", args.chips), ("--embeddings", args.embeddings), ("--val", args.val)])
+    if args.labels is None:
+        raise ValueError("Give the labels of the scenes' tiles: --labels polygons (GeoPackage, GeoJSON ...) or a label "
+                         "raster.")  # fmt: skip
+    if args.tile_size is None:
+        raise ValueError("Give the tile size in scene pixels (--tile-size): the ground each tile covers is what the "
+                         "probe learns to name, and what 'classify map' will cut.")  # fmt: skip
+    if args.model is None:
+        raise ValueError("Give the backbone that embeds the tiles (--model).")
+    check_overwrite(args.output, args.overwrite)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
+    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
+    fit = fit_tile_classifier(args.scenes, args.labels, backbone, tile_size=args.tile_size, attribute=args.attribute,
+                              class_names=args.class_names, val_labels=args.val_labels, bands=args.bands,
+                              nodata=args.nodata, size=args.size or None, method=args.method, features=args.features,
+                              purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
+                              multi_label=args.multi_label, presence=args.presence, threshold=args.threshold,
+                              val_fraction=args.val_fraction, block=args.block, balanced=args.balanced, k=args.k,
+                              seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
+                              progress=not args.quiet)  # fmt: skip
+    probe, tiles = fit.probe, fit.tiles
+    train = tiles[tiles["split"] == "train"]
+    taught = (train["label"].str.split(";").explode() if probe.multi_label else train["label"]).value_counts()
+    held = len(tiles) - len(train)
+    split = ("held out by --val-labels" if args.val_labels else f"in blocks of {args.block} x {args.block} tiles")
+    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(train)} {args.tile_size}-px tiles "
+          f"of {len(probe.classes)} classes ({', '.join(f'{c} {int(taught.get(c, 0))}' for c in probe.classes)})"
+          f"{f'; C = {probe.c:g}' if probe.c is not None else ''}; {held} held-out tiles {split}"
+          + (":" if held else " (no held-out tiles: no score)"))  # fmt: skip
+    scores = fit.held_out_scores
+    if args.finetune_epochs > 0:
+        if scores is not None:
+            print_probe_report(probe, scores, fit.held_out_targets, None, unit="tiles")
+        probe, scores = _finetune_tiles(args, backbone, fit)
+    if scores is not None:
+        report = print_probe_report(probe, scores, fit.held_out_targets, out_dir, unit="tiles")
+        probe.held_out_accuracy = report["map_macro" if probe.multi_label else "overall_accuracy"]
+    probe.save(args.output, overwrite=args.overwrite)
+    Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
+            tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        print(out_dir / "tiles.gpkg")
+    print(args.output)
+
+
+def _finetune_tiles(args: Any, backbone: ChipBackbone, fit: Any) -> tuple[ChipClassifier, np.ndarray | None]:
+    """``classify fit --scenes ... --finetune-epochs N``: the fitted probe and its backbone trained together on the
+    training tiles (read from the scenes, :class:`~dinov3_eo.tasks.tile_classification.TileTensorDataset`), the best
+    epoch on the held-out tiles kept."""
+    from dinov3_eo.tasks.tile_classification import TileTensorDataset
+
+    tiles, targets = fit.tiles, fit.targets
+    held = tiles["split"].to_numpy() == "held_out"
+    items = list(zip(tiles["scene"], tiles["row"], tiles["col"]))
+    data = dict(tile_size=args.tile_size, patch_size=int(backbone.model.patch_size), normalization=backbone.normalization,
+                bands=args.bands, size=args.size, nodata=args.nodata)  # fmt: skip
+    train = TileTensorDataset([items[i] for i in np.flatnonzero(~held)], targets[~held], **data)
+    val = TileTensorDataset([items[i] for i in np.flatnonzero(held)], targets[held], **data)
+    return finetune_and_export(args, backbone, fit.probe, train, targets[~held], val, targets[held], unit="tiles")
+
+
+def test_scenes_command(args: Any) -> None:
+    """``classify test --scenes SCENE ... --labels REFERENCE --probe probe.safetensors``."""
+    from dinov3_eo.tasks.tile_probe import score_tile_classifier
+
+    _refuse_chip_options(args, [("CHIPS", args.chips)])
+    if args.labels is None:
+        raise ValueError("Give the reference labels of the scenes' tiles: --labels polygons or a label raster.")
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
+    probe = ChipClassifier.load(args.probe)
+    scored = score_tile_classifier(
+        probe, args.scenes, args.labels, backbone=args.model, tile_size=args.tile_size, attribute=args.attribute,
+        class_names=args.class_names, purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
+        presence=args.presence, nodata=args.nodata, tta=args.tta, threshold=args.threshold, batch_size=args.batch_size,
+        device=args.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(scored.tiles)} labelled tiles of "
+          f"{len(args.scenes)} scene{'s' if len(args.scenes) > 1 else ''}:")
+    print_probe_report(probe, scored.scores, scored.targets, out_dir, threshold=args.threshold, unit="tiles")
+    if out_dir is not None:
+        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
+            scored.tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        print(f"{out_dir / 'tiles.gpkg'} (each tile's reference and predicted class: where the probe errs)")
+
+
+__all__ = ["classify_main", "finetune_and_export", "print_probe_report"]
