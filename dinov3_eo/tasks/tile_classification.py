@@ -244,6 +244,45 @@ def _check_scene_bands(src: Any, raster: Any, bands: Sequence[int] | None, in_ch
         raise ValueError(f"Scene {str(raster)!r} has {src.count} bands; bands {list(bands)} asks for others.")
 
 
+def _embedded_tiles(src: Any, raster: Any, cells: Sequence[tuple[int, int]], backbone: ChipBackbone, *, tile_size: int,
+                    stride: int, bands: Sequence[int] | None, nodata: float | None, min_valid: float, size: int | None,
+                    batch_size: int, amp: bool, views: Sequence[int], prefetch: int,
+                    progress: bool) -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[np.ndarray, np.ndarray]]]]:  # fmt: skip
+    """``cells`` of the open scene ``src`` embedded a batch at a time (the backbone in eval mode meanwhile, restored
+    after): ``((row, col, valid fraction, taken) of each cell read, [(cls, patch_mean) of the taken tiles per view]``,
+    an empty list where none was taken); tiles are read and prepared in a background thread (``prefetch`` batches
+    ahead; 0: in turn with the model)."""
+    from tqdm.auto import tqdm
+
+    model = backbone.model
+
+    def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
+        return _tile_batches(src, iter(cells), tile_size=tile_size, stride=stride, bands=bands, nodata=nodata,
+                             min_valid=min_valid, patch_size=int(model.patch_size), normalization=backbone.normalization,
+                             size=size, batch_size=batch_size)  # fmt: skip
+
+    was_training = model.training
+    model.eval()
+    reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
+    bar = tqdm(total=len(cells), unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
+    try:
+        for seen, inputs in reader if reader is not None else batches():
+            embedded = [embed_batch(model, inputs, device=backbone.device, amp=amp, view=v) for v in views] if inputs else []
+            yield seen, embedded
+            bar.update(len(seen))
+    finally:
+        bar.close()
+        if reader is not None:
+            reader.close()
+        model.train(was_training)
+
+
+def _batch_features(cls: np.ndarray, patch_mean: np.ndarray, features: str) -> np.ndarray:
+    """:func:`chip_features` of a batch's embeddings."""
+    return chip_features(ChipEmbeddings(paths=[""] * len(cls), cls=cls, patch_mean=patch_mean,
+                                        sizes=np.zeros((len(cls), 2), np.int64)), features)  # fmt: skip
+
+
 def classify_tiles(
     raster: str | os.PathLike[str],
     probe: ChipClassifier | str | os.PathLike[str],
@@ -294,7 +333,6 @@ def classify_tiles(
         in one sentence).
     """
     import rasterio
-    from tqdm.auto import tqdm
 
     from dinov3_eo.data.raster import require_georeferenced
     from dinov3_eo.inference.tta import tta_views
@@ -315,9 +353,7 @@ def classify_tiles(
     if not Path(raster).is_file():
         raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
     backbone = _backbone_for(probe, backbone, normalization, device)
-    model = backbone.model
-    patch = int(model.patch_size)
-    in_chans = int(model.patch_embed.proj.weight.shape[1])
+    in_chans = int(backbone.model.patch_embed.proj.weight.shape[1])
     bands = list(bands) if bands is not None else info.get("bands")
     size = info.get("size", 224)
     views = tta_views(tta) if tta else (0,)
@@ -334,36 +370,18 @@ def classify_tiles(
         chosen_cells = [(int(r), int(c)) for r, c in np.argwhere(cells)] if cells is not None else \
             [(r, c) for r in range(rows) for c in range(cols)]  # fmt: skip
 
-        def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
-            return _tile_batches(src, iter(chosen_cells), tile_size=tile_size, stride=stride, bands=bands, nodata=nodata,
-                                 min_valid=min_valid, patch_size=patch, normalization=backbone.normalization, size=size,
-                                 batch_size=batch_size)  # fmt: skip
-
-        was_training = model.training
-        model.eval()
         # tiles are read and prepared in a background thread while the model runs on the batch before
-        reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
-        bar = tqdm(total=len(chosen_cells), unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
-        try:
-            for seen, inputs in reader if reader is not None else batches():
-                for row, col, fraction, _ in seen:
-                    valid_fraction[row, col] = fraction
+        for seen, views_embedded in _embedded_tiles(src, raster, chosen_cells, backbone, tile_size=tile_size,
+                                                    stride=stride, bands=bands, nodata=nodata, min_valid=min_valid,
+                                                    size=size, batch_size=batch_size, amp=amp, views=views,
+                                                    prefetch=prefetch, progress=progress):  # fmt: skip
+            for row, col, fraction, _ in seen:
+                valid_fraction[row, col] = fraction
+            if views_embedded:
+                p = sum(probe.scores(_batch_features(cls, patch_mean, probe.features)) for cls, patch_mean in views_embedded)
                 chosen = [(row, col) for row, col, _, take in seen if take]
-                if inputs:
-                    p = np.zeros((len(inputs), len(probe.classes)))
-                    for view in views:
-                        cls, patch_mean = embed_batch(model, inputs, device=backbone.device, amp=amp, view=view)
-                        embedded = ChipEmbeddings(paths=[""] * len(inputs), cls=cls, patch_mean=patch_mean,
-                                                  sizes=np.zeros((len(inputs), 2), np.int64))  # fmt: skip
-                        p += probe.scores(chip_features(embedded, probe.features)) / len(views)
-                    for (row, col), values in zip(chosen, p.astype(np.float32)):
-                        probabilities[:, row, col] = values
-                bar.update(len(seen))
-        finally:
-            bar.close()
-            if reader is not None:
-                reader.close()
-            model.train(was_training)
+                for (row, col), values in zip(chosen, (p / len(views)).astype(np.float32)):
+                    probabilities[:, row, col] = values
         if not np.isfinite(probabilities).all(axis=0).any():
             declared = nodata if nodata is not None else src.nodata
             raise ValueError(f"No tile of {str(raster)!r} holds data on at least {min_valid:.0%} of its pixels (nodata "
@@ -416,7 +434,6 @@ def embed_tiles(
         ValueError: a scene without a georeference, or a band count the backbone does not take.
     """
     import rasterio
-    from tqdm.auto import tqdm
 
     from dinov3_eo.data.raster import require_georeferenced
 
@@ -433,27 +450,14 @@ def embed_tiles(
         require_georeferenced(src)
         _check_scene_bands(src, raster, bands, in_chans)
 
-        def batches() -> Iterator[tuple[list[tuple[int, int, float, bool]], list[tuple[Tensor, Tensor]]]]:
-            return _tile_batches(src, iter(cells), tile_size=tile_size, stride=tile_size, bands=bands, nodata=nodata,
-                                 min_valid=min_valid, patch_size=patch, normalization=backbone.normalization, size=size,
-                                 batch_size=batch_size)  # fmt: skip
-
-        was_training = model.training
-        model.eval()
-        reader = Prefetcher(batches, prefetch=prefetch, name="dinov3_eo-tiles") if prefetch else None
-        bar = tqdm(total=len(cells), unit="tile", desc=f"tiles of {Path(raster).name}", disable=not progress)
-        try:
-            for seen, inputs in reader if reader is not None else batches():
-                index = [position[(row, col)] for row, col, _, take in seen if take]
-                if inputs:
-                    cls[index], patch_mean[index] = embed_batch(model, inputs, device=backbone.device, amp=amp)
-                    taken[index] = True
-                bar.update(len(seen))
-        finally:
-            bar.close()
-            if reader is not None:
-                reader.close()
-            model.train(was_training)
+        for seen, views_embedded in _embedded_tiles(src, raster, cells, backbone, tile_size=tile_size, stride=tile_size,
+                                                    bands=bands, nodata=nodata, min_valid=min_valid, size=size,
+                                                    batch_size=batch_size, amp=amp, views=(0,), prefetch=prefetch,
+                                                    progress=progress):  # fmt: skip
+            index = [position[(row, col)] for row, col, _, take in seen if take]
+            if views_embedded:
+                cls[index], patch_mean[index] = views_embedded[0]
+                taken[index] = True
     meta = getattr(model, "meta", None)
     metadata = {"backbone": getattr(meta, "name", getattr(model, "name", "custom")), "size": size,
                 "normalization": backbone.normalization.name if backbone.normalization is not None else None,
