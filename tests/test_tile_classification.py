@@ -212,6 +212,34 @@ def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: P
         assert (src.height, src.width) == (6, 7)  # ceil(230 / 40), ceil(250 / 40)
 
 
+def test_tile_maps_of_two_dates_give_the_transitions_between_them(fitted: dict[str, Path], tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """A tile map is a class map like any other: two dates' maps give the from -> to transitions (segment change),
+    here a later date whose top half was brightened."""
+    import json
+
+    with rasterio.open(SCENE) as src:
+        profile, rgb = src.profile, src.read()
+    later = rgb.copy()
+    later[:, :112] = np.where(rgb[:, :112] > 0, np.clip(rgb[:, :112].astype(int) + 60, 1, 255), 0).astype(np.uint8)
+    with rasterio.open(tmp_path / "later.tif", "w", **profile) as dst:
+        dst.write(later)
+    out = tmp_path / "maps"
+    assert cli_main(["classify", "map", str(SCENE), str(tmp_path / "later.tif"), "--probe", str(fitted["probe"]),
+                     "-o", str(out), "--quiet"]) == 0  # fmt: skip
+    assert cli_main(["segment", "change", str(out / "rgb_byte_crop_tile_classes.tif"), str(out / "later_tile_classes.tif"),
+                     "--out-dir", str(tmp_path / "change")]) == 0  # fmt: skip
+    capsys.readouterr()
+    report = json.loads((tmp_path / "change" / "transitions.json").read_text())
+    with rasterio.open(out / "rgb_byte_crop_tile_classes.tif") as a, rasterio.open(out / "later_tile_classes.tif") as b:
+        before, after, transform = a.read(1), b.read(1), a.transform
+    both = (before != TILE_NODATA) & (after != TILE_NODATA)
+    darkened = int((both & (before == 1) & (after == 0)).sum())  # dark -> bright tiles, counted here
+    assert darkened > 0 and (before[7:][both[7:]] == after[7:][both[7:]]).all()  # the bottom half is unchanged
+    moved = {(t["from"], t["to"]): t["area"] for t in report["transitions"]}
+    assert moved[("dark", "bright")] == pytest.approx(darkened * abs(transform.a * transform.e) / 1e4)
+
+
 def test_predictions_of_georeferenced_chips_on_a_map(fitted: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     """GeoTIFF chips of the scene (one of them warped to EPSG:4326): ``classify predict -o x.gpkg`` puts each chip's
