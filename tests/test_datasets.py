@@ -275,13 +275,56 @@ class TestLabelMosaic:
             assert len(tiles.paths) == 4
             rows, cols = cut["cut"]
             for r0, c0, size in ((rows - 40, cols - 50, 96), (0, 0, 64), (rows + 3, cols + 3, 40), (-20, -30, 80)):
-                transform = cut["transform"] * rasterio.Affine.translation(c0, r0)
+                transform = cut["transform"] @ rasterio.Affine.translation(c0, r0)
                 grid = {"crs": cut["crs"], "transform": transform, "shape": (size, size + 8)}
                 assert torch.equal(tiles.sample(**grid)["mask"], whole.sample(**grid)["mask"]), (r0, c0)
-            across = {"crs": cut["crs"], "transform": cut["transform"] * rasterio.Affine.translation(cols - 4, rows - 4),
+            across = {"crs": cut["crs"], "transform": cut["transform"] @ rasterio.Affine.translation(cols - 4, rows - 4),
                       "shape": (8, 8)}  # fmt: skip
             assert len(tiles.mosaic.overlapping(**across)) == 4
         assert classes_of_labels(cut["folder"] / "tiles") == (4, None)  # a folder counts as label rasters
+
+    def test_a_grid_aligned_with_the_file_reads_a_window_as_warping_would(self, cut: dict, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+        """On the file's own pixel grid shifted by whole pixels, labels are read as a window of the file, not warped:
+        the same values and validity as the warped read, at the edges, outside the file, with a nodata override, a
+        NaN nodata and no nodata at all; a half-pixel shift, another pixel size or CRS still warps."""
+        from dinov3_eo.data.labels import MosaicFile, RasterMosaic
+
+        with rasterio.open(cut["folder"] / "whole.tif") as src:
+            ids, profile = src.read(1), src.profile
+        floats = np.where(ids == 255, np.nan, ids).astype(np.float32)
+        bare = {k: v for k, v in profile.items() if k != "nodata"}
+        with rasterio.open(tmp_path / "nan.tif", "w", **{**profile, "dtype": "float32", "nodata": float("nan")}) as dst:
+            dst.write(floats, 1)
+        with rasterio.open(tmp_path / "bare.tif", "w", **bare) as dst:
+            dst.write(ids, 1)
+        sources = [(cut["folder"] / "whole.tif", None), (cut["folder"] / "whole.tif", 0), (tmp_path / "nan.tif", None),
+                   (tmp_path / "bare.tif", None)]  # fmt: skip
+        transform, crs = cut["transform"], cut["crs"]
+        first = np.argwhere(ids != 255)[0]  # a labelled pixel: the first window holds a polygon's corner
+        grids = [(transform @ rasterio.Affine.translation(c0, r0), (h, w))
+                 for r0, c0, h, w in ((first[0] - 20, first[1] - 30, 96, 104), (-10, -20, 64, 64),
+                                      (cut["shape"][0] - 30, cut["shape"][1] - 9, 48, 48), (0, 0, *cut["shape"]))]  # fmt: skip
+        aligned = MosaicFile.aligned_offset
+        for path, nodata in sources:
+            mosaic = RasterMosaic(path, nodata=nodata)
+            labelled = []
+            for grid_transform, shape in grids:
+                assert mosaic.files[0].aligned_offset(crs=crs, transform=grid_transform) is not None
+                fast = mosaic.read(crs=crs, transform=grid_transform, shape=shape, resampling=Resampling.nearest)
+                monkeypatch.setattr(MosaicFile, "aligned_offset", lambda self, **kwargs: None)
+                warped = mosaic.read(crs=crs, transform=grid_transform, shape=shape, resampling=Resampling.nearest)
+                monkeypatch.setattr(MosaicFile, "aligned_offset", aligned)
+                assert np.array_equal(fast[1], warped[1]), (path.name, nodata, shape)
+                assert np.array_equal(fast[0][fast[1]], warped[0][warped[1]]), (path.name, nodata, shape)
+                assert nodata != 0 or not (fast[0][fast[1]] == 0).any()  # the override marks 0 missing
+                labelled.append(int((fast[0][fast[1]] != 255).sum()))
+            assert labelled[0] > 100 and labelled[-1] > labelled[0]  # windows that hold labels, the whole raster most
+        whole = MosaicFile(str(path), crs, None, None, "uint8", cut["shape"], transform)
+        assert whole.aligned_offset(crs=crs, transform=transform @ rasterio.Affine.translation(3, -2)) == (3, -2)
+        assert whole.aligned_offset(crs=crs, transform=transform @ rasterio.Affine.translation(0.5, 0)) is None
+        assert whole.aligned_offset(crs=crs, transform=transform @ rasterio.Affine.scale(2)) is None
+        assert whole.aligned_offset(crs="EPSG:4326", transform=transform) is None
 
     def test_other_crs_and_first_file_wins(self, cut: dict, tmp_path: Path) -> None:
         """A mask in another CRS is found through its footprint; where two masks overlap the first path wins."""

@@ -15,6 +15,7 @@ masks without a georeference, which are read on their image's own pixel grid.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from rasterio.enums import Resampling
 from rasterio.features import rasterize
 from rasterio.transform import Affine, array_bounds
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 from rasterio.vrt import WarpedVRT
 
 from dinov3_eo.data.raster import PerThread, open_quietly, tagged_class_names
@@ -111,6 +113,20 @@ class MosaicFile:
     dtype: str
     shape: tuple[int, int] = (0, 0)  # (height, width) in pixels
     transform: Affine | None = None  # None: no georeference
+
+    def aligned_offset(self, *, crs: CRS, transform: Affine) -> tuple[int, int] | None:
+        """``(col, row)`` of this file's pixel at the grid's pixel (0, 0) where the grid ``(crs, transform)`` is the
+        file's own pixel grid shifted by whole pixels (same CRS, pixel size and orientation, no rotation), else
+        ``None``."""
+        own = self.transform
+        if own is None or self.crs is None or self.crs != crs or own.b or own.d or transform.b or transform.d:
+            return None
+        if not (math.isclose(own.a, transform.a, rel_tol=1e-9) and math.isclose(own.e, transform.e, rel_tol=1e-9)):
+            return None
+        col, row = ~own @ (transform.c, transform.f)
+        if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+            return None
+        return int(round(col)), int(round(row))
 
     def centres_inside(self, *, crs: CRS, transform: Affine, shape: tuple[int, int]) -> np.ndarray:
         """[H, W] bool: which pixel centres of the grid ``(crs, transform, shape)`` fall inside this file's pixels
@@ -348,14 +364,12 @@ class RasterMosaic:
             reads = [MaskPair(i) for i in self.overlapping(crs=crs, transform=transform, shape=shape)]
         for read in reads:
             f = self.files[read.file]
-            # a nodata value (or an alpha band) tells pixels outside the file after warping
-            with WarpedVRT(
-                self.open(read.file), crs=crs, transform=transform, width=width, height=height, resampling=resampling,
-                src_nodata=f.nodata, nodata=f.nodata, add_alpha=f.nodata is None,
-                **({"src_crs": read.src_crs, "src_transform": read.src_transform} if read.src_crs is not None else {}),
-            ) as vrt:  # fmt: skip
-                part = vrt.read(self.band)
-                has = vrt.read_masks(self.band) > 0
+            offset = f.aligned_offset(crs=crs, transform=transform) if resampling == Resampling.nearest and \
+                read.src_crs is None else None  # fmt: skip
+            if offset is not None:  # the grid is the file's own, shifted by whole pixels: a window, nothing to warp
+                part, has = self._read_aligned(read.file, offset, shape, values.dtype)
+            else:
+                part, has = self._read_warped(read, crs=crs, transform=transform, shape=shape, resampling=resampling)
             if np.issubdtype(part.dtype, np.floating):
                 has &= np.isfinite(part)
             take = has & ~found  # the first file (in path order) wins where two overlap
@@ -364,6 +378,43 @@ class RasterMosaic:
             if found.all():
                 break
         return values, found
+
+    def _read_aligned(self, i: int, offset: tuple[int, int], shape: tuple[int, int],
+                      dtype: Any) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """File ``i``'s values and validity on a grid whose pixel (0, 0) is its pixel ``offset`` = (col, row), read
+        as a window of the file (zeros and invalid outside it)."""
+        f = self.files[i]
+        col, row = offset
+        top, left = max(row, 0), max(col, 0)
+        bottom, right = min(row + shape[0], f.shape[0]), min(col + shape[1], f.shape[1])
+        part = np.zeros(shape, dtype=dtype)
+        has = np.zeros(shape, dtype=bool)
+        if bottom > top and right > left:
+            src = self.open(i)
+            window = Window(left, top, right - left, bottom - top)
+            block = src.read(self.band, window=window)
+            if f.nodata is None:  # the file's own mask (an internal mask or alpha band), as the warped path uses
+                inside = src.read_masks(self.band, window=window) > 0
+            elif np.isnan(f.nodata):
+                inside = ~np.isnan(block)
+            else:
+                inside = block != f.nodata
+            target = np.s_[top - row : bottom - row, left - col : right - col]
+            part[target], has[target] = block, inside
+        return part, has
+
+    def _read_warped(self, read: MaskPair, *, crs: CRS, transform: Affine, shape: tuple[int, int],
+                     resampling: Resampling) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """File ``read.file`` warped onto the grid: its values and where they exist."""
+        f = self.files[read.file]
+        height, width = shape
+        # a nodata value (or an alpha band) tells pixels outside the file after warping
+        with WarpedVRT(
+            self.open(read.file), crs=crs, transform=transform, width=width, height=height, resampling=resampling,
+            src_nodata=f.nodata, nodata=f.nodata, add_alpha=f.nodata is None,
+            **({"src_crs": read.src_crs, "src_transform": read.src_transform} if read.src_crs is not None else {}),
+        ) as vrt:  # fmt: skip
+            return vrt.read(self.band), vrt.read_masks(self.band) > 0
 
 
 class RasterLabels:

@@ -112,11 +112,11 @@ def _tile_counts(ids: np.ndarray, tile_size: int, cols: int) -> tuple[np.ndarray
     """Class counts of a strip of whole tile rows: ``ids`` ``[n * tile_size, cols * tile_size]`` int (-1: no label)
     -> ``(tiles with a label [M] (index within the strip, row-major), counts [M, MAX_CLASS_ID + 1])``."""
     height, width = ids.shape
-    tile_of = (np.arange(height)[:, None] // tile_size) * cols + np.arange(width)[None, :] // tile_size
-    labelled = ids >= 0
-    bins = MAX_CLASS_ID + 1
-    counts = np.bincount(tile_of[labelled] * bins + ids[labelled], minlength=(height // tile_size) * cols * bins)
-    counts = counts.reshape(-1, bins)
+    bins = MAX_CLASS_ID + 2  # bin 0: no label
+    tile_of = (np.arange(height, dtype=np.int32)[:, None] // tile_size) * cols + np.arange(width, dtype=np.int32) // tile_size
+    # one bincount over every pixel (no masking copy): tile * bins + id + 1
+    combined = tile_of * np.int32(bins) + (ids.astype(np.int32, copy=False) + np.int32(1))
+    counts = np.bincount(combined.ravel(), minlength=(height // tile_size) * cols * bins).reshape(-1, bins)[:, 1:]
     present = np.flatnonzero(counts.any(axis=1))
     return present, counts[present]
 
