@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+from PIL import Image
 from rasterio.features import rasterize
 
 from dinov3_eo.cli import main as cli_main
@@ -199,6 +200,9 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
     assert json.loads((out / "metrics.json").read_text())["overall_accuracy"] == pytest.approx(probe.held_out_accuracy)
     written = gpd.read_file(out / "tiles.gpkg", layer="tiles")
     assert len(written) == 72 and set(written["split"]) == {"train", "held_out"}
+    for name in ("labels", "split"):  # the tiles over the imagery: what they were taught, and which were held out
+        assert str(out / f"rgb_byte_crop_tile_{name}.png") in printed
+        assert Image.open(out / f"rgb_byte_crop_tile_{name}.png").size[0] > 200
 
     # classify map cuts the same tiles by default; classify test scores on polygons of held-out ground
     assert cli_main(["classify", "map", str(SCENE), "--probe", str(probe_path), "-o", str(tmp_path / "map"), "--quiet"]) == 0
@@ -210,6 +214,10 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
     assert (tmp_path / "test" / "confusion.csv").is_file()
     errors = gpd.read_file(tmp_path / "test" / "tiles.gpkg", layer="tiles")
     assert len(errors) == 72 and {"reference", "predicted", "correct", "score"} <= set(errors.columns)
+    assert (tmp_path / "test" / "rgb_byte_crop_tile_errors.png").is_file()
+    assert cli_main(["classify", "test", "--scenes", str(SCENE), "--labels", str(labelled["polygons"]), "--probe",
+                     str(probe_path), "--out-dir", str(tmp_path / "test"), "--quiet"]) == 2  # fmt: skip
+    assert "already exists" in capsys.readouterr().err  # nothing replaced without --overwrite
 
     # held-out polygons of their own: their tiles are held out, the others fitted
     frame = gpd.read_file(labelled["polygons"])

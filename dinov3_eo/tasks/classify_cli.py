@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.data.chip_labels import label_matrix, labelled_chips, stratified_split, table_multilabels
-from dinov3_eo.inference.writers import atomic_output, check_overwrite
+from dinov3_eo.inference.writers import atomic_output, check_distinct_stems, check_overwrite
 from dinov3_eo.tasks.chip_classification import (
     FEATURES,
     METHODS,
@@ -243,7 +243,7 @@ def _fit(args: Any) -> None:
         prefix = Path(args.output).with_suffix("")
         check_overwrite(prefix.with_name(f"{prefix.name}_backbone.pth"), args.overwrite)
     if args.scenes:
-        return fit_scenes_command(args)
+        return _fit_scenes(args)
     size, multi = args.size or None, args.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
     if held_given:
@@ -406,7 +406,7 @@ def _test(args: Any) -> None:
         for name in ("metrics.json", "confusion.csv", "confusion.png", "per_class.csv"):
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
     if args.scenes:
-        return test_scenes_command(args)
+        return _test_scenes(args)
     loaded = ChipClassifier.load(args.probe)
     classes, multi = loaded.classes, loaded.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
@@ -475,7 +475,7 @@ def _refuse_chip_options(args: Any, names: Sequence[tuple[str, Any]]) -> None:
         raise ValueError(f"With --scenes the tiles come from the scenes and their labels: leave out {', '.join(given)}.")
 
 
-def fit_scenes_command(args: Any) -> None:
+def _fit_scenes(args: Any) -> None:
     """``classify fit --scenes SCENE ... --labels POLYGONS_OR_RASTER --tile-size N --model M -o probe.safetensors``."""
     from dinov3_eo.tasks.tile_probe import fit_tile_classifier
 
@@ -490,8 +490,12 @@ def fit_scenes_command(args: Any) -> None:
         raise ValueError("Give the backbone that embeds the tiles (--model).")
     check_overwrite(args.output, args.overwrite)
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None and out_dir.is_dir():
-        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
+    if out_dir is not None:
+        check_distinct_stems(args.scenes)
+        if out_dir.is_dir():
+            for path in [out_dir / "tiles.gpkg", *_tile_picture_paths(args, out_dir, "labels"),
+                         *_tile_picture_paths(args, out_dir, "split")]:  # fmt: skip
+                check_overwrite(path, args.overwrite)
     backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
     fit = fit_tile_classifier(args.scenes, args.labels, backbone, tile_size=args.tile_size, attribute=args.attribute,
                               class_names=args.class_names, val_labels=args.val_labels, bands=args.bands,
@@ -525,7 +529,39 @@ def fit_scenes_command(args: Any) -> None:
         with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
             tiles.to_file(tmp, driver="GPKG", layer="tiles")
         print(out_dir / "tiles.gpkg")
+        pictures = {"split": ((tiles["split"] == "held_out").to_numpy(int), ["train", "held out"], SPLIT_COLOURS)}
+        if not probe.multi_label:  # (a multi-label tile's label is a set of classes: the split alone is drawn)
+            pictures["labels"] = ([probe.classes.index(v) for v in tiles["label"]], probe.classes, None)
+        for name, (ids, names, colours) in pictures.items():
+            for path in _tile_pictures(args, tiles, out_dir, name, ids, names, colours, args.tile_size):
+                print(path)
     print(args.output)
+
+
+#: colours of the tile pictures: training / held-out tiles, and right / wrong ones
+SPLIT_COLOURS = {0: (0, 114, 178), 1: (230, 159, 0)}
+RIGHT_WRONG_COLOURS = {0: (0, 158, 115), 1: (213, 94, 0)}
+
+
+def _tile_picture_paths(args: Any, out_dir: Path, name: str) -> list[Path]:
+    return [out_dir / f"{Path(scene).stem}_tile_{name}.png" for scene in args.scenes]
+
+
+def _tile_pictures(args: Any, tiles: Any, out_dir: Path, name: str, ids: Sequence[int], names: Sequence[str],
+                   colours: dict[int, Sequence[int]] | None, tile_size: int) -> list[Path]:  # fmt: skip
+    """``OUT/<stem>_tile_<name>.png`` for each scene among ``tiles``: its tiles coloured by ``ids`` over the imagery."""
+    from dinov3_eo.tasks.tile_classification import write_tile_picture
+
+    ids = np.asarray(ids)
+    written = []
+    for scene in dict.fromkeys(tiles["scene"]):
+        here = (tiles["scene"] == scene).to_numpy()
+        written.append(write_tile_picture(
+            out_dir / f"{Path(scene).stem}_tile_{name}.png", scene, tile_size=tile_size, rows=tiles["row"].to_numpy()[here],
+            cols=tiles["col"].to_numpy()[here], ids=ids[here], class_names=names, bands=getattr(args, "bands", None),
+            nodata=args.nodata, colormap=colours, overwrite=args.overwrite,
+            title=f"{Path(scene).name}: {tile_size}-px tiles, {name.replace('_', ' ')}"))  # fmt: skip
+    return written
 
 
 def _finetune_tiles(args: Any, backbone: ChipBackbone, fit: Any) -> tuple[ChipClassifier, np.ndarray | None]:
@@ -544,7 +580,7 @@ def _finetune_tiles(args: Any, backbone: ChipBackbone, fit: Any) -> tuple[ChipCl
     return finetune_and_export(args, backbone, fit.probe, train, targets[~held], val, targets[held], unit="tiles")
 
 
-def test_scenes_command(args: Any) -> None:
+def _test_scenes(args: Any) -> None:
     """``classify test --scenes SCENE ... --labels REFERENCE --probe probe.safetensors``."""
     from dinov3_eo.tasks.tile_probe import score_tile_classifier
 
@@ -552,8 +588,11 @@ def test_scenes_command(args: Any) -> None:
     if args.labels is None:
         raise ValueError("Give the reference labels of the scenes' tiles: --labels polygons or a label raster.")
     out_dir = Path(args.out_dir) if args.out_dir else None
-    if out_dir is not None and out_dir.is_dir():
-        check_overwrite(out_dir / "tiles.gpkg", args.overwrite)
+    if out_dir is not None:
+        check_distinct_stems(args.scenes)
+        if out_dir.is_dir():
+            for path in [out_dir / "tiles.gpkg", *_tile_picture_paths(args, out_dir, "errors")]:
+                check_overwrite(path, args.overwrite)
     probe = ChipClassifier.load(args.probe)
     scored = score_tile_classifier(
         probe, args.scenes, args.labels, backbone=args.model, tile_size=args.tile_size, attribute=args.attribute,
@@ -567,6 +606,11 @@ def test_scenes_command(args: Any) -> None:
         with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
             scored.tiles.to_file(tmp, driver="GPKG", layer="tiles")
         print(f"{out_dir / 'tiles.gpkg'} (each tile's reference and predicted class: where the probe errs)")
+        wrong = (~scored.tiles["correct"].to_numpy(bool)).astype(int)
+        tile_size = args.tile_size or int(probe.embedding["chip_size"][0])
+        for path in _tile_pictures(args, scored.tiles, out_dir, "errors", wrong, ["right", "wrong"], RIGHT_WRONG_COLOURS,
+                                   tile_size):  # fmt: skip
+            print(path)
 
 
 __all__ = ["classify_main", "finetune_and_export", "print_probe_report"]

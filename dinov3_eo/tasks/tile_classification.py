@@ -565,6 +565,31 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     return paths
 
 
+def write_tile_picture(dst: str | os.PathLike[str], scene: str | os.PathLike[str], *, tile_size: int,
+                       rows: np.ndarray, cols: np.ndarray, ids: np.ndarray, class_names: Sequence[str],
+                       bands: Sequence[int] | None = None, nodata: float | None = None, title: str | None = None,
+                       colormap: dict[int, Sequence[int]] | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+    """A PNG of some of a scene's ``tile_size``-px tiles (cells ``rows``, ``cols``) coloured by ``ids`` (into
+    ``class_names``) over its imagery (``bands`` as red, green, blue; default 1, 2, 3): which tiles were labelled
+    what, held out or mistaken, at a glance (:func:`~dinov3_eo.inference.writers.write_quicklook`)."""
+    import tempfile
+
+    import rasterio
+
+    from dinov3_eo.inference.writers import write_cog, write_quicklook
+
+    with rasterio.open(scene) as src:
+        shape, crs, transform, count = tile_grid_shape(src.height, src.width, tile_size), src.crs, src.transform, src.count
+    grid = np.full(shape, TILE_NODATA, np.uint8)
+    grid[np.asarray(rows), np.asarray(cols)] = np.asarray(ids, np.uint8)
+    shown = [b for b in (bands or (1, 2, 3)) if b <= count][:3] or [1]
+    with tempfile.TemporaryDirectory() as tmp:
+        classes = write_cog(Path(tmp) / "tiles.tif", grid, crs=crs, transform=transform @ Affine.scale(tile_size),
+                            nodata=TILE_NODATA, class_names=list(class_names))  # fmt: skip
+        return write_quicklook(dst, classes=classes, image=scene, bands=shown, nodata=nodata, title=title,
+                               colormap=colormap, overwrite=overwrite)  # fmt: skip
+
+
 __all__ = [
     "TILE_NODATA",
     "UNKNOWN",
@@ -578,4 +603,5 @@ __all__ = [
     "tile_outputs",
     "tile_window",
     "write_tile_classes",
+    "write_tile_picture",
 ]

@@ -35,8 +35,8 @@ class TileProbeFit:
         probe: the fitted probe (its ``embedding`` records the backbone, bands, model input size and the tile size as
             ``chip_size``, so that ``classify map`` cuts the same tiles by default).
         tiles: one ``GeoDataFrame`` row per tile fitted or held out (in the first scene's CRS): ``scene``, ``row``,
-            ``col``, ``labelled``, ``majority``, ``purity``, ``f_<class>``, ``label`` (the class it was taught, or its
-            classes joined by ``;``), ``split`` (``train`` / ``held_out``).
+            ``col``, ``labelled``, ``majority``, ``purity``, ``label`` (the class it was taught, or its classes
+            joined by ``;``), ``split`` (``train`` / ``held_out``).
         held_out_scores: ``[M, K]`` the probe's probabilities for the held-out tiles (``None`` without any).
         held_out_targets: their class ids ``[M]`` (``[M, K]`` bool multi-label).
         targets: the class ids (``[N, K]`` bool) of all the tiles, in the order of ``tiles``.
