@@ -21,7 +21,7 @@ from rasterio.windows import bounds as window_bounds
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.inference.writers import coarse_grid_factor, write_cog, write_quicklook
-from dinov3_eo.tasks.chip_classification import ChipClassifier, typical_chip_size
+from dinov3_eo.tasks.chip_classification import ChipClassifier, typical_chip_ground, typical_chip_size
 from dinov3_eo.tasks.tile_classification import (
     TILE_NODATA,
     classify_tiles,
@@ -278,6 +278,19 @@ def test_predictions_of_georeferenced_chips_on_a_map(fitted: dict[str, Path], tm
 
 def test_typical_chip_size_and_tile_grid_factor(tmp_path: Path) -> None:
     assert typical_chip_size(np.array([[64, 64], [64, 64], [32, 48]])) == [64, 64]
+    # the chips' ground size: from georeferenced chips in metres only
+    with rasterio.open(SCENE) as src:
+        profile, rgb = src.profile, src.read()
+    for k in range(3):
+        window = rasterio.windows.Window(16 * k, 64, 16, 16)
+        with rasterio.open(tmp_path / f"geo_{k}.tif", "w", **{**profile, "width": 16, "height": 16, "tiled": False,
+                           "blockxsize": None, "blockysize": None, "transform": rasterio.windows.transform(window, profile["transform"])}) as dst:  # fmt: skip
+            dst.write(rgb[:, 64:80, 16 * k : 16 * k + 16])
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "plain.png")
+    geo = sorted(str(p) for p in tmp_path.glob("geo_*.tif"))
+    assert typical_chip_ground(geo, 16) == pytest.approx(16 * profile["transform"].a)
+    assert typical_chip_ground([*geo, str(tmp_path / "plain.png")], 16) is None
+    assert typical_chip_ground([str(tmp_path / "gone.tif")], 16) is None
     assert typical_chip_size(np.array([[32, 32], [16, 16]])) == [16, 16]  # the smallest on a tie
     t = Affine(30.0, 0.0, 500000.0, 0.0, -30.0, 4000000.0)
     assert coarse_grid_factor((100, 90, t), (7, 6, t @ Affine.scale(16))) == 16

@@ -24,7 +24,7 @@ from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.chip_classification import ChipClassifier
 from dinov3_eo.tasks.chip_embeddings import chip_features, embed_chips_with, load_chip_backbone
 from dinov3_eo.tasks.chip_finetune import dataset_probabilities
-from dinov3_eo.tasks.tile_classification import TileTensorDataset, classify_tiles, embed_tiles, tile_name
+from dinov3_eo.tasks.tile_classification import TileTensorDataset, classify_tiles, embed_tiles, probe_tile_size, tile_name
 from dinov3_eo.tasks.tile_labels import NoLabelledTiles, TileLabels, label_tiles, spatial_block_split
 from dinov3_eo.tasks.tile_probe import fit_tile_classifier, score_tile_classifier
 
@@ -203,6 +203,24 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
     for name in ("labels", "split"):  # the tiles over the imagery: what they were taught, and which were held out
         assert str(out / f"rgb_byte_crop_tile_{name}.png") in printed
         assert Image.open(out / f"rgb_byte_crop_tile_{name}.png").size[0] > 200
+
+    # the probe records its tiles' ground size: a scene of 2x finer pixels is cut into 32-px tiles of the same ground
+    with rasterio.open(SCENE) as src:
+        profile, rgb, pixel = src.profile, src.read(), src.res[0]
+    assert probe.embedding["tile_m"] == pytest.approx(16 * pixel)
+    profile.update(width=2 * profile["width"], height=2 * profile["height"],
+                   transform=profile["transform"] @ rasterio.Affine.scale(0.5))  # fmt: skip
+    with rasterio.open(tmp_path / "finer.tif", "w", **profile) as dst:
+        dst.write(rgb.repeat(2, axis=1).repeat(2, axis=2))
+    finer = classify_tiles(tmp_path / "finer.tif", probe, progress=False)
+    coarse = classify_tiles(SCENE, probe, progress=False)
+    assert finer.tile_size == 32 and probe_tile_size(probe, tmp_path / "finer.tif") == 32
+    assert finer.transform == coarse.transform and np.array_equal(finer.classified, coarse.classified)
+    assert (finer.class_ids() == coarse.class_ids()).mean() > 0.9  # the same ground, seen at another resolution
+    lonlat = tmp_path / "lonlat.tif"
+    with rasterio.open(lonlat, "w", **{**profile, "crs": "EPSG:4326", "transform": rasterio.Affine(0.01, 0, 10, 0, -0.01, 50)}) as dst:
+        dst.write(rgb.repeat(2, axis=1).repeat(2, axis=2))
+    assert probe_tile_size(probe, lonlat) == 16  # degrees: no ground size, the training tiles' pixels
 
     # classify map cuts the same tiles by default; classify test scores on polygons of held-out ground
     assert cli_main(["classify", "map", str(SCENE), "--probe", str(probe_path), "-o", str(tmp_path / "map"), "--quiet"]) == 0

@@ -320,6 +320,30 @@ def typical_chip_size(sizes: np.ndarray) -> list[int]:
     return [int(v) for v in values[int(np.argmax(counts))]]
 
 
+def typical_chip_ground(paths: Sequence[str], chip_side: int, *, sample: int = 32) -> float | None:
+    """The ground side in metres of a ``chip_side``-px chip, from the pixel size of (up to ``sample`` of) the chips
+    where every one read is georeferenced in a projected CRS and they agree within 1 %, else ``None`` (JPEG chips,
+    degrees, mixed resolutions): what lets ``classify map`` cut tiles of the same ground from a scene of another
+    pixel size (:func:`~dinov3_eo.tasks.tile_classification.probe_tile_size`)."""
+    from dinov3_eo.data.raster import is_georeferenced, open_quietly, pixel_size_m
+
+    import rasterio
+
+    pixels = []
+    for path in list(paths)[:sample]:
+        try:
+            with open_quietly(path) as src:
+                pixel = pixel_size_m(src.crs, src.transform) if is_georeferenced(src) else None
+        except rasterio.errors.RasterioIOError:  # a chip known only from its embedding table: no ground size
+            return None
+        if pixel is None:
+            return None
+        pixels.append(pixel)
+    if not pixels or max(pixels) > 1.01 * min(pixels):
+        return None
+    return float(np.median(pixels) * chip_side)
+
+
 def prediction_columns(paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
                        threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The columns of ``classify predict``'s outputs: ``path``, ``class`` (the most probable) and ``score`` (its
@@ -405,6 +429,7 @@ __all__ = [
     "stratified_split",
     "table_labels",
     "table_multilabels",
+    "typical_chip_ground",
     "typical_chip_size",
     "predicted_labels",
     "prediction_columns",

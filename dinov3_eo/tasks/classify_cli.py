@@ -25,6 +25,7 @@ from dinov3_eo.tasks.chip_classification import (
     ChipClassifier,
     fit_chip_classifier,
     probe_backbone,
+    typical_chip_ground,
     typical_chip_size,
     write_prediction_map,
     write_predictions,
@@ -276,7 +277,9 @@ def _fit(args: Any) -> None:
     val = (vx, vy) if len(vy) else None
     probe = fit_chip_classifier(x[train_idx], y[train_idx], classes, method=args.method, features=args.features,
                                 val=val, k=args.k, threshold=args.threshold, balanced=args.balanced)  # fmt: skip
-    probe.embedding = {**made, "backbone": embedded.metadata.get("backbone"), "chip_size": typical_chip_size(embedded.sizes)}
+    chip_size = typical_chip_size(embedded.sizes)
+    probe.embedding = {**made, "backbone": embedded.metadata.get("backbone"), "chip_size": chip_size,
+                       "tile_m": typical_chip_ground(paths, chip_size[0]) if chip_size[0] == chip_size[1] else None}  # fmt: skip
     kind = f"{'multi-label ' if multi else ''}{args.method}"
     print(f"{kind} probe on {len(train_idx)} chips of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(vy)} held-out chips:")

@@ -168,7 +168,22 @@ def tile_window(row: int, col: int, tile_size: int, stride: int | None = None) -
     return Window(col * stride - margin, row * stride - margin, tile_size, tile_size)
 
 
-def _probe_tile_size(probe: ChipClassifier) -> int:
+def probe_tile_size(probe: ChipClassifier, scene: str | os.PathLike[str] | None = None) -> int:
+    """The tile side, in ``scene``'s pixels, that covers the ground the probe's training chips covered: the probe's
+    ``tile_m`` (recorded when it was fitted on scenes in metres) over the scene's pixel size, so that a probe fitted on
+    a 10 m scene cuts tiles of the same size in metres from a 30 m one; else its training chips' side in pixels.
+
+    Raises:
+        ValueError: the probe records neither, or non-square chips (the tile size must then be given).
+    """
+    from dinov3_eo.data.raster import open_quietly, pixel_size_m
+
+    ground = probe.embedding.get("tile_m")
+    if ground and scene is not None:
+        with open_quietly(scene) as src:
+            pixel = pixel_size_m(src.crs, src.transform)
+        if pixel:
+            return max(1, round(float(ground) / pixel))
     size = probe.embedding.get("chip_size")
     if not size:
         raise ValueError("The probe does not record the size of its training chips (fitted before dinov3_eo recorded "
@@ -311,8 +326,9 @@ def classify_tiles(
         backbone: a loaded :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone`, a source for
             :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (default: the probe's, with its normalisation),
             or a model with ``forward_features``, fed after ``normalization``.
-        tile_size: tile side in scene pixels (default: the probe's training chip size). Pick it so that a tile
-            covers the ground a training chip covered (a 64-px EuroSAT chip at 10 m is 640 m: 64 px of a 10 m scene).
+        tile_size: tile side in scene pixels (default: :func:`probe_tile_size`, the ground the probe's training tiles
+            covered where it records it, else its training chip size in pixels). Pick it so that a tile covers the
+            ground a training chip covered (a 64-px EuroSAT chip at 10 m is 640 m: 64 px of a 10 m scene).
         stride: the map's cell size in scene pixels, at most ``tile_size`` (default: ``tile_size``, one tile per
             cell): a finer map, each cell classified by the tile centred on it (``(tile_size / stride)²`` times the
             tiles to embed).
@@ -344,14 +360,14 @@ def classify_tiles(
         raise ValueError(f"min_valid must lie in (0, 1], got {min_valid}.")
     if min_score is not None and not 0.0 <= min_score <= 1.0:
         raise ValueError(f"min_score must lie in [0, 1], got {min_score}.")
-    tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
+    if not Path(raster).is_file():
+        raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
+    tile_size = int(tile_size) if tile_size is not None else probe_tile_size(probe, raster)
     if tile_size < 1:
         raise ValueError(f"The tile size must be a positive number of pixels, got {tile_size}.")
     stride = tile_size if stride is None else int(stride)
     if not 1 <= stride <= tile_size:
         raise ValueError(f"The stride must lie between 1 and the tile size ({tile_size} px), got {stride}.")
-    if not Path(raster).is_file():
-        raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
     backbone = _backbone_for(probe, backbone, normalization, device)
     in_chans = int(backbone.model.patch_embed.proj.weight.shape[1])
     bands = list(bands) if bands is not None else info.get("bands")
@@ -598,6 +614,7 @@ __all__ = [
     "TileTensorDataset",
     "classify_tiles",
     "embed_tiles",
+    "probe_tile_size",
     "tile_grid_shape",
     "tile_name",
     "tile_outputs",

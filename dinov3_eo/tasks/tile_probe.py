@@ -62,19 +62,21 @@ class TileScores(NamedTuple):
     ``p_<class>``."""
 
 
-def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, **kwargs: Any) -> list[TileLabels]:
-    """:func:`label_tiles` of each scene; a scene the labels do not reach is skipped with a warning, unless none is
-    reached."""
+def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, *, skip: bool | None = None,
+                  **kwargs: Any) -> list[TileLabels]:  # fmt: skip
+    """:func:`label_tiles` of each scene; a scene the labels do not reach is skipped with a warning (``skip``; default:
+    where there are several), unless none is reached."""
+    skip = len(scenes) > 1 if skip is None else skip
     found, missed = [], []
     for scene in scenes:
         try:
             found.append(label_tiles(scene, labels, **kwargs))
         except NoLabelledTiles as e:
-            if len(scenes) == 1:
+            if not skip:
                 raise
             missed.append(e)
             log.warning("%s The scene is skipped.", e)
-    if not found:
+    if not found and len(scenes) > 1:
         raise missed[0]
     return found
 
@@ -208,7 +210,7 @@ def fit_tile_classifier(
                                 threshold=threshold, balanced=balanced)  # fmt: skip
     probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": list(bands) if bands is not None else None,
                        "normalization": backbone.normalization_override, "backbone": made.get("backbone"),
-                       "chip_size": [int(tile_size), int(tile_size)],
+                       "chip_size": [int(tile_size), int(tile_size)], "tile_m": _tile_ground(train_sets, tile_size),
                        "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": _describe(labels),
                                  "val_labels": _describe(val_labels), "attribute": attribute, "purity": purity,
                                  "presence": presence if multi_label else None, "min_labelled": min_labelled,
@@ -252,6 +254,22 @@ def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], b
     if not xs:
         return np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0, bool), [], made
     return np.concatenate(xs), np.concatenate(kept_counts), np.concatenate(held_flags), kept_tiles, made
+
+
+def _tile_ground(tiles: Sequence[TileLabels], tile_size: int) -> float | None:
+    """The side in metres of the tiles of the scenes ``tiles`` were labelled on (the first scene's pixel size; ``None``
+    for a CRS in degrees), which ``classify map`` turns into a tile size in any scene's pixels; a warning where the
+    scenes' pixel sizes differ, since a tile of ``tile_size`` pixels then covers different ground in each."""
+    from dinov3_eo.data.raster import pixel_size_m
+
+    pixels = [pixel_size_m(t.crs, t.transform) for t in tiles]
+    if any(p is None for p in pixels):
+        return None
+    if max(pixels) > 1.01 * min(pixels):
+        log.warning("The scenes' pixels are %s m: a %d-px tile covers %s m of ground in each. The probe records the "
+                    "first scene's (%.1f m).", sorted({round(p, 2) for p in pixels}), tile_size,
+                    sorted({round(p * tile_size, 1) for p in pixels}), pixels[0] * tile_size)  # fmt: skip
+    return float(pixels[0] * tile_size)
 
 
 def _take_rows(rows_meta: list[tuple[int, TileLabels]], mask: np.ndarray) -> list[tuple[int, TileLabels]]:
@@ -305,18 +323,23 @@ def score_tile_classifier(
         ValueError: no reference class is one of the probe's, or no tile is left to score.
     """
     from dinov3_eo.tasks.chip_classification import predicted_labels
-    from dinov3_eo.tasks.tile_classification import _probe_tile_size, classify_tiles, tile_grid_shape, tile_name
+    from dinov3_eo.tasks.tile_classification import classify_tiles, probe_tile_size, tile_grid_shape, tile_name
 
     if not isinstance(probe, ChipClassifier):
         probe = ChipClassifier.load(probe)
-    tile_size = int(tile_size) if tile_size is not None else _probe_tile_size(probe)
     scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
     if not isinstance(backbone, ChipBackbone):
         backbone = probe_backbone(probe, backbone, device=device)
     lookup = {name.lower(): i for i, name in enumerate(probe.classes)}
     all_scores, all_targets, frames = [], [], []
-    for tiles in _scene_labels(scenes, labels, tile_size=tile_size, attribute=attribute, class_names=class_names,
-                               min_labelled=min_labelled):  # fmt: skip
+    sizes = {os.fspath(scene): int(tile_size) if tile_size is not None else probe_tile_size(probe, scene) for scene in scenes}
+    labelled = [found for scene in scenes
+                for found in _scene_labels([scene], labels, tile_size=sizes[os.fspath(scene)], attribute=attribute,
+                                           class_names=class_names, min_labelled=min_labelled, skip=len(scenes) > 1)]  # fmt: skip
+    if not labelled:
+        raise NoLabelledTiles(f"{_describe(labels)} labels no tile of {', '.join(map(str, scenes))}.")
+    for tiles in labelled:
+        tile_size = tiles.tile_size
         to_probe = np.array([lookup.get(name.lower(), -1) for name in tiles.classes])
         absent = [name for name, i in zip(tiles.classes, to_probe) if i < 0]
         kept, y = _targets(tiles.counts, multi_label=probe.multi_label, purity=purity, presence=presence)
