@@ -140,6 +140,31 @@ def main() -> None:
     task.backbone_meta.bands = ["red", "green", "blue"]
     export_text_model(task, args.out)
     print(f"aligned model: {args.out}")
+    result["cli"] = _zero_shot_cli(args.out, classes, test)
+    print(json.dumps({"zero_shot_accuracy": result["zero_shot_accuracy"], "cli": result["cli"]}, indent=2))
+
+
+def _zero_shot_cli(model: str, classes: list[str], test: ClassFolderCaptionDataset) -> dict[str, float]:
+    """The same zero-shot classification from the command line alone: ``classify zero-shot`` with the class names
+    (the model's templates, each chip at its own size), then ``classify test`` on a table of the test split."""
+    import csv
+
+    from dinov3_eo.cli import main as cli_main
+
+    out = Path(model).with_suffix("")
+    probe, table = out.with_name(f"{out.name}_zero_shot.safetensors"), out.with_name(f"{out.name}_test.csv")
+    with table.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows((str(Path(path).resolve()), classes[label]) for path, label in zip(test.paths, test.labels))
+    started = time.perf_counter()
+    assert cli_main(["classify", "zero-shot", "--model", model, "--classes", *classes, "-o", str(probe), "--size", "0",
+                     "--overwrite"]) == 0  # fmt: skip
+    assert cli_main(["classify", "test", "--labels", str(table), "--probe", str(probe), "--out-dir",
+                     str(out.with_name(f"{out.name}_zero_shot_test")), "--overwrite", "--quiet"]) == 0  # fmt: skip
+    metrics = json.loads((out.with_name(f"{out.name}_zero_shot_test") / "metrics.json").read_text())
+    return {"accuracy": round(metrics["overall_accuracy"], 4), "balanced_accuracy": round(metrics["balanced_accuracy"], 4),
+            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
 
 
 if __name__ == "__main__":

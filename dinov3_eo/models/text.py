@@ -43,6 +43,7 @@ from dinov3_eo.tasks.prompts import validate_templates
 __all__ = [
     "DINOTXT_TEXT_CFG",
     "TextAlignedModel",
+    "TextImageEncoder",
     "TextTower",
     "VisionAdapter",
     "build_dinotxt_model",
@@ -589,6 +590,29 @@ class TextAlignedModel(nn.Module):
             patch_text = self.text_embeddings_for_classes(texts, templates, part="patch")  # [T, D]
         dense = self.encode_dense(x)  # [B, D, h, w]
         return torch.einsum("bdyx,td->btyx", dense, patch_text.to(dense.dtype))
+
+
+class TextImageEncoder(nn.Module):
+    """A text model's image side as a backbone: ``forward_features`` gives the adapted class and patch tokens (the
+    :class:`VisionAdapter`'s outputs, which the text embeddings were aligned with) under the backbone's keys
+    ``x_norm_clstoken`` ``[B, D]`` and ``x_norm_patchtokens`` ``[B, h·w, D]``, so that chip and tile embeddings made
+    through it are dino.txt's image embedding (``concat[cls, mean(patches)]``, normalised together).
+
+    ``patch_size``, ``embed_dim``, ``patch_embed`` and ``meta`` are the backbone's (what the embedding code reads).
+    """
+
+    def __init__(self, model: TextAlignedModel) -> None:
+        super().__init__()
+        self.vision = model.vision
+        backbone = model.vision.backbone
+        self.patch_size, self.embed_dim = int(model.vision.patch_size), int(model.vision.embed_dim)
+        self.patch_embed = backbone.patch_embed
+        self.meta = getattr(backbone, "meta", None)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """``[B, C, H, W]`` normalised images -> adapted ``{"x_norm_clstoken": [B, D], "x_norm_patchtokens": [B, h·w, D]}``."""
+        cls, patches = self.vision(x)  # [B, D], [B, D, h, w]
+        return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches.flatten(2).transpose(1, 2)}
 
 
 def build_dinotxt_model(

@@ -302,7 +302,8 @@ def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scor
 def probe_backbone(probe: ChipClassifier, source: str | os.PathLike[str] | None = None, *,
                    device: str | None = None) -> Any:
     """The backbone that embeds chips for ``probe``: ``source`` (``--model``), else the one it was fitted on, with
-    the normalisation it recorded (:func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`).
+    the normalisation it recorded (:func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`); for a zero-shot
+    probe (:func:`zero_shot_classifier`), the image side of its text model.
 
     Raises:
         ValueError: no ``source`` and the probe records none.
@@ -310,7 +311,72 @@ def probe_backbone(probe: ChipClassifier, source: str | os.PathLike[str] | None 
     source = source or probe.embedding.get("backbone_source")
     if source is None:
         raise ValueError("The probe does not record the backbone it was fitted on; give it (--model).")
+    if probe.embedding.get("encoder") == "text":
+        return text_image_backbone(source, normalization=probe.embedding.get("normalization"), device=device)
     return load_chip_backbone(source, normalization=probe.embedding.get("normalization"), device=device)
+
+
+def text_image_backbone(source: str | os.PathLike[str], *, normalization: str | None = None,
+                        device: str | None = None) -> Any:
+    """A text model's image side (:class:`~dinov3_eo.models.text.TextImageEncoder`) as a
+    :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone`: chips embedded through it are what its text embeddings
+    were aligned with.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~dinov3_eo.tasks.openvocab.load_text_model`; ValueError also where
+        no normalisation is known.
+    """
+    import torch
+
+    from dinov3_eo.models.text import TextImageEncoder
+    from dinov3_eo.tasks.chip_embeddings import ChipBackbone
+    from dinov3_eo.tasks.features import input_normalization
+    from dinov3_eo.tasks.openvocab import load_text_model
+
+    model, meta, _ = load_text_model(source)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    encoder = TextImageEncoder(model).to(device).eval()
+    encoder.meta = meta
+    return ChipBackbone(encoder, input_normalization(meta, normalization), device, os.path.abspath(source), normalization)
+
+
+def zero_shot_classifier(text_model: str | os.PathLike[str], classes: Sequence[str], *,
+                         templates: str | os.PathLike[str] | Sequence[str] | None = None, size: int | None = 224,
+                         tile_size: int | None = None, normalization: str | None = None) -> ChipClassifier:  # fmt: skip
+    """A probe that names chips (and a scene's tiles) from text, without a labelled chip: dino.txt's zero-shot
+    classification. Each class's text embedding (prompt-ensembled over ``templates``, default the model's) is a row
+    of a linear layer scaled by the model's ``exp(logit_scale)``, on the image embedding of the text model's image
+    side (features ``"image"``: its class token and mean patch token, normalised together), so the softmax of
+    :meth:`ChipClassifier.scores` is the zero-shot probability of each class; ``classify predict``, ``test`` and
+    ``map`` take the probe as any other.
+
+    Args:
+        text_model: a ``text fit`` checkpoint or exported text model.
+        classes: the class names, as free text (``"solar farm"``).
+        size: the model input size chips are resized to (``None``: each chip's own).
+        tile_size: the tile side ``classify map`` cuts a scene into by default (recorded as the probe's chip size).
+        normalization: a preset overriding the text model's input normalisation.
+
+    Raises:
+        ValueError: no class, a class given twice, or as :func:`~dinov3_eo.tasks.openvocab.load_text_model`.
+    """
+    import torch
+
+    from dinov3_eo.tasks.openvocab import load_text_model
+    from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES, load_templates
+
+    names = [str(c) for c in classes]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"A zero-shot probe needs distinct class names, got {names}.")
+    model, meta, text_meta = load_text_model(text_model)
+    temps = load_templates(templates) if templates is not None else tuple(text_meta.get("templates") or REMOTE_SENSING_TEMPLATES)
+    with torch.no_grad():
+        weight = model.text_embeddings_for_classes(names, temps, part="full") * model.logit_scale.exp()  # [K, 2D]
+    embedding = {"backbone_source": os.path.abspath(text_model), "encoder": "text", "size": size, "bands": None,
+                 "normalization": normalization, "backbone": getattr(meta, "name", None), "templates": list(temps),
+                 "chip_size": [int(tile_size)] * 2 if tile_size else None}  # fmt: skip
+    return ChipClassifier(method="linear", classes=names, features="image", weight=weight.numpy().astype(np.float32),
+                          bias=np.zeros(len(names), np.float32), embedding=embedding)  # fmt: skip
 
 
 def typical_chip_size(sizes: np.ndarray) -> list[int]:
@@ -435,4 +501,6 @@ __all__ = [
     "prediction_columns",
     "write_prediction_map",
     "write_predictions",
+    "text_image_backbone",
+    "zero_shot_classifier",
 ]

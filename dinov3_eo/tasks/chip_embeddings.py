@@ -33,8 +33,9 @@ log = logging.getLogger(__name__)
 
 #: the table formats :func:`write_chip_embeddings` writes
 EMBEDDING_SUFFIXES = (".parquet", ".npz")
-#: which embedding columns feed a probe or a search (each part L2-normalised, then concatenated)
-FEATURES = ("cls", "patch_mean", "cls+patch_mean")
+#: which embedding columns feed a probe or a search (each part L2-normalised, then concatenated; ``"image"``: the two
+#: concatenated, then L2-normalised together, as dino.txt's image embedding, which zero-shot text probes compare)
+FEATURES = ("cls", "patch_mean", "cls+patch_mean", "image")
 
 
 @dataclass
@@ -286,13 +287,17 @@ def embed_chip_views(
 
 def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") -> np.ndarray:
     """``[N, D]`` (or ``[N, 2D]``) float32 classifier inputs: the chosen embeddings, each L2-normalised (a chip
-    without data, NaN ``patch_mean``, gets zeros there).
+    without data, NaN ``patch_mean``, gets zeros there); ``"image"``: ``cls`` and ``patch_mean`` concatenated, then
+    L2-normalised together.
 
     Raises:
         ValueError: an unknown ``features``.
     """
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}.")
+    if features == "image":
+        x = np.nan_to_num(np.concatenate([embeddings.cls, embeddings.patch_mean], axis=1).astype(np.float32))
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     parts = []
     for name in features.split("+"):
         x = np.nan_to_num(getattr(embeddings, name).astype(np.float32))

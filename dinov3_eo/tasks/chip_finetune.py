@@ -74,14 +74,13 @@ class ProbeHead(nn.Module):
 
     def forward(self, out: dict[str, Tensor], patch_valid: Tensor) -> Tensor:
         """``out``: ``forward_features``' dict; ``patch_valid`` ``[B, h, w]`` bool. Returns ``[B, K]`` logits."""
-        parts = []
-        for name in self.parts:
-            if name == "cls":
-                x = out["x_norm_clstoken"]
-            else:
-                weights = patch_valid.flatten(1).to(out["x_norm_patchtokens"].dtype)  # [B, h*w]
-                x = (out["x_norm_patchtokens"] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
-            parts.append(F.normalize(x.float(), dim=1, eps=1e-12))
+        weights = patch_valid.flatten(1).to(out["x_norm_patchtokens"].dtype)  # [B, h*w]
+        patch_mean = (out["x_norm_patchtokens"] * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1)
+        if self.parts == ["image"]:  # dino.txt's image embedding: both parts normalised together
+            joint = torch.cat([out["x_norm_clstoken"], patch_mean], dim=1).float()
+            return self.linear(F.normalize(joint, dim=1, eps=1e-12))
+        parts = [F.normalize((out["x_norm_clstoken"] if name == "cls" else patch_mean).float(), dim=1, eps=1e-12)
+                 for name in self.parts]  # fmt: skip
         return self.linear(torch.cat(parts, dim=1))
 
 

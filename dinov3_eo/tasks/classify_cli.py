@@ -138,6 +138,22 @@ def classify_main(argv: Sequence[str]) -> int:
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
     test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
     _add_scene_label_options(test, fitting=False)
+    zero = sub.add_parser("zero-shot", help="a probe from text alone (dino.txt zero-shot): class names against a text "
+                          "model's image embeddings, for predict / test / map",
+                          description="Make a probe without a labelled chip: each class name (free text, ensembled "
+                          "over prompt templates) is embedded by a text model ('dinov3-eo text fit'), and chips or tiles "
+                          "are classified by the similarity of their image embedding to each, as dino.txt's zero-shot "
+                          "classification. 'classify predict', 'test' and 'map' take the probe as any other.")  # fmt: skip
+    zero.add_argument("--model", required=True, help="a text model: a 'dinov3-eo text fit' checkpoint or exported model")
+    zero.add_argument("--classes", nargs="+", required=True, help='class names, e.g. forest water "solar farm"')
+    zero.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
+    zero.add_argument("--templates", default=None, help="prompt templates file (default: the model's)")
+    zero.add_argument("--size", type=int, default=224, help="chips resized to SIZE x SIZE (default 224; 0: own size)")
+    zero.add_argument("--tile-size", type=int, default=None, help="the tile side in scene pixels 'classify map' cuts "
+                      "by default")  # fmt: skip
+    zero.add_argument("--normalization", default=None, choices=["none", "imagenet", "sat493m", "chmv2"],
+                      help="override the text model's input normalisation")  # fmt: skip
+    zero.add_argument("--overwrite", action="store_true", help="replace an existing probe")
     scene = sub.add_parser("map", help="classify georeferenced scenes tile by tile: a class map of tiles (GeoTIFF, "
                            "GeoPackage, quick-look)",
                            description="Cut each scene into a grid of tiles from its origin (by default of the probe's "
@@ -181,7 +197,7 @@ def classify_main(argv: Sequence[str]) -> int:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv))
     try:
-        {"fit": _fit, "predict": _predict, "test": _test, "map": _map}[args.action](args)
+        {"fit": _fit, "predict": _predict, "test": _test, "map": _map, "zero-shot": _zero_shot}[args.action](args)
     except (FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -439,6 +455,21 @@ def _predict(args: Any) -> None:
     else:
         counts = np.bincount(scores.argmax(1), minlength=len(probe.classes))
     print(", ".join(f"{name} {n}" for name, n in zip(probe.classes, counts) if n))
+    print(args.output)
+
+
+def _zero_shot(args: Any) -> None:
+    from dinov3_eo.tasks.chip_classification import zero_shot_classifier
+
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise ValueError(f"The probe is written as .safetensors, not {args.output!r}.")
+    check_overwrite(args.output, args.overwrite)
+    probe = zero_shot_classifier(args.model, args.classes, templates=args.templates, size=args.size or None,
+                                 tile_size=args.tile_size, normalization=args.normalization)  # fmt: skip
+    probe.save(args.output, overwrite=args.overwrite)
+    print(f"zero-shot probe of {len(probe.classes)} classes ({', '.join(probe.classes)}), each ensembled over "
+          f"{len(probe.embedding['templates'])} prompt templates; classify chips with 'classify predict', score them "
+          "with 'classify test', map a scene with 'classify map'")  # fmt: skip
     print(args.output)
 
 

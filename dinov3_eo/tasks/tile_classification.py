@@ -186,8 +186,8 @@ def probe_tile_size(probe: ChipClassifier, scene: str | os.PathLike[str] | None 
             return max(1, round(float(ground) / pixel))
     size = probe.embedding.get("chip_size")
     if not size:
-        raise ValueError("The probe does not record the size of its training chips (fitted before dinov3_eo recorded "
-                         "it); give the tile size in scene pixels (--tile-size).")  # fmt: skip
+        raise ValueError("The probe records no chip size (a zero-shot probe made without --tile-size, or one fitted "
+                         "before dinov3_eo recorded it); give the tile size in scene pixels (--tile-size).")  # fmt: skip
     height, width = (int(v) for v in size)
     if height != width:
         raise ValueError(f"The probe's training chips are {height} x {width} pixels, not square; give the tile size "
