@@ -91,7 +91,7 @@ def test_zero_shot_from_the_command_line(text_model: Path, tmp_path: Path, capsy
     assert len(rows) == 72 and {"p_bright", "p_dark", "p_solar farm"} <= set(rows[0])
     assert all(abs(sum(float(r[f"p_{c}"]) for c in CLASSES) - 1) < 1e-5 for r in rows)
     assert cli_main(["classify", "test", str(chips), "--probe", str(probe), "--quiet"]) == 0
-    assert "over 72 chips" in capsys.readouterr().out
+    assert "zero-shot probe on 72 test chips" in (out := capsys.readouterr().out) and "over 72 chips" in out
     assert cli_main(["classify", "map", str(SCENE), "--probe", str(probe), "-o", str(tmp_path / "map"), "--quiet"]) == 0
     with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_classes.tif") as src:
         assert src.tags()["class_names"] == '["bright", "dark", "solar farm"]' and src.width == 16

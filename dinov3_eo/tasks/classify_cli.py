@@ -420,6 +420,11 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
     return probe, scores
 
 
+def _kind(probe: ChipClassifier) -> str:
+    """How a probe is named in reports: its method, or ``zero-shot`` for one made from text."""
+    return "zero-shot" if probe.embedding.get("encoder") == "text" else probe.method
+
+
 def _test(args: Any) -> None:
     if args.out_dir is not None and Path(args.out_dir).is_dir():
         for name in ("metrics.json", "confusion.csv", "confusion.png", "per_class.csv"):
@@ -434,7 +439,7 @@ def _test(args: Any) -> None:
         raise ValueError(f"Test chips of classes {unknown} (folder names, or labels) are not classes of the probe "
                          f"{args.probe} ({classes}).")  # fmt: skip
     probe, scores = _probe_scores(args, paths)
-    print(f"{'multi-label ' if multi else ''}{probe.method} probe on {len(paths)} test chips:")
+    print(f"{'multi-label ' if multi else ''}{_kind(probe)} probe on {len(paths)} test chips:")
     y = label_matrix(labels, classes) if multi else _class_ids(labels, classes)
     print_probe_report(probe, scores, y, Path(args.out_dir) if args.out_dir else None, threshold=args.threshold)
 
@@ -633,7 +638,7 @@ def _test_scenes(args: Any) -> None:
         class_names=args.class_names, purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,
         presence=args.presence, nodata=args.nodata, tta=args.tta, threshold=args.threshold, batch_size=args.batch_size,
         device=args.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
-    print(f"{'multi-label ' if probe.multi_label else ''}{probe.method} probe on {len(scored.tiles)} labelled tiles of "
+    print(f"{'multi-label ' if probe.multi_label else ''}{_kind(probe)} probe on {len(scored.tiles)} labelled tiles of "
           f"{len(args.scenes)} scene{'s' if len(args.scenes) > 1 else ''}:")
     print_probe_report(probe, scored.scores, scored.targets, out_dir, threshold=args.threshold, unit="tiles")
     if out_dir is not None:
