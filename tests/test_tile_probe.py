@@ -325,3 +325,47 @@ def test_several_scenes_are_fitted_together_and_one_the_labels_miss_is_skipped(l
         assert not held & kept
     with pytest.raises(NoLabelledTiles, match="No pixel of scene"):
         fit_tile_classifier([elsewhere], labelled["polygons"], backbone, tile_size=16, progress=False)
+
+
+def test_tile_embeddings_as_geoparquet_and_probes_fitted_from_them(labelled: dict, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
+
+    table = tmp_path / "tiles.parquet"
+    assert cli_main(["embed", str(SCENE), "--tiles", "16", "--size", "32", "--model", str(labelled["backbone"]), "-o",
+                     str(table), "--quiet"]) == 0  # fmt: skip
+    frame = gpd.read_parquet(table)  # GeoParquet: footprints with their embeddings
+    assert frame.crs == labelled["crs"] and {"path", "row", "col", "cls", "patch_mean"} <= set(frame.columns)
+    mapped = classify_tiles(SCENE, ChipClassifier.load(_fitted_probe(labelled, tmp_path)), progress=False)
+    assert len(frame) == int(mapped.classified.sum())  # the tiles with data on half their pixels, as the map's
+    for tile in frame.itertuples():
+        assert tile.geometry.bounds == pytest.approx(_tile_box(labelled["transform"], tile.row, tile.col).bounds)
+    embedded = read_chip_embeddings(table)
+    assert embedded.metadata["tile_size"] == 16 and embedded.metadata["size"] == 32
+    cells = list(zip(frame["row"], frame["col"]))
+    again, _ = embed_tiles(SCENE, load_chip_backbone(labelled["backbone"]), cells, tile_size=16, size=32, progress=False)
+    np.testing.assert_allclose(embedded.cls, again.cls, atol=1e-6)
+
+    # a probe fitted from the table, without the backbone, is the probe fitted by embedding the tiles
+    from_table, embedding = tmp_path / "from_table.safetensors", tmp_path / "embedding.safetensors"
+    common = ["classify", "fit", "--scenes", str(SCENE), "--labels", str(labelled["polygons"]), "--quiet"]
+    assert cli_main([*common, "--embeddings", str(table), "-o", str(from_table)]) == 0
+    assert cli_main([*common, "--model", str(labelled["backbone"]), "--tile-size", "16", "--size", "32", "-o",
+                     str(embedding)]) == 0  # fmt: skip
+    a, b = ChipClassifier.load(from_table), ChipClassifier.load(embedding)
+    assert a.c == b.c and a.embedding["backbone_source"] == b.embedding["backbone_source"] and a.embedding["chip_size"] == [16, 16]
+    np.testing.assert_allclose(a.weight, b.weight, atol=1e-3)
+    capsys.readouterr()
+    assert cli_main([*common, "--embeddings", str(table), "--tile-size", "32", "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "holds 16-px tiles, not 32-px ones" in capsys.readouterr().err
+    assert cli_main(["embed", str(SCENE), "--tiles", "16", "--model", str(labelled["backbone"]), "-o",
+                     str(tmp_path / "tiles.npz"), "--quiet"]) == 0  # fmt: skip
+    assert len(read_chip_embeddings(tmp_path / "tiles.npz")) == len(frame)
+
+
+def _fitted_probe(labelled: dict, tmp_path: Path) -> Path:
+    probe = tmp_path / "probe.safetensors"
+    fit = fit_tile_classifier(SCENE, labelled["polygons"], load_chip_backbone(labelled["backbone"]), tile_size=16,
+                              size=32, progress=False)  # fmt: skip
+    fit.probe.save(probe)
+    return probe

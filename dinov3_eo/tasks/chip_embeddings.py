@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -305,24 +305,34 @@ def chip_features(embeddings: ChipEmbeddings, features: str = "cls+patch_mean") 
     return np.concatenate(parts, axis=1)
 
 
-def write_chip_embeddings(embeddings: ChipEmbeddings, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+def write_chip_embeddings(embeddings: ChipEmbeddings, dst: str | os.PathLike[str], *, overwrite: bool = False,
+                          columns: Mapping[str, np.ndarray] | None = None, geometry: Sequence[Any] | None = None,
+                          crs: Any = None) -> Path:  # fmt: skip
     """``embeddings`` as a table, written atomically: ``.parquet`` (columns ``path``, ``height``, ``width``, ``cls`` and
     ``patch_mean`` as fixed-size float32 lists; the metadata in the schema's ``dinov3_eo`` key) or ``.npz`` (arrays
     ``paths``, ``sizes``, ``cls``, ``patch_mean`` and ``metadata``, a JSON string).
 
+    ``columns`` adds ``[N]`` columns (arrays of the npz). ``geometry`` (shapely geometries, one per row, in ``crs``)
+    makes the Parquet table a GeoParquet one (a WKB ``geometry`` column and the ``geo`` metadata of GeoParquet 1.0):
+    ``geopandas.read_parquet`` reads it as a ``GeoDataFrame`` of footprints with their embeddings.
+
     Raises:
-        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+        ValueError: another suffix, or ``geometry`` for an ``.npz``. FileExistsError: ``dst`` exists and ``overwrite``
+        is false.
     """
     dst = Path(dst)
     if dst.suffix.lower() not in EMBEDDING_SUFFIXES:
         raise ValueError(f"Chip embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {str(dst)!r}.")
+    if geometry is not None and dst.suffix.lower() != ".parquet":
+        raise ValueError(f"Footprints are written in a GeoParquet table (.parquet), not {str(dst)!r}.")
     check_overwrite(dst, overwrite, inputs=embeddings.paths)
     meta = json.dumps(embeddings.metadata)
+    extra = {name: np.asarray(values) for name, values in (columns or {}).items()}
     with atomic_output(dst, overwrite=overwrite) as tmp:
         if dst.suffix.lower() == ".npz":
             with open(tmp, "wb") as f:  # (np.savez given a path would add its own .npz)
                 np.savez(f, paths=np.array(embeddings.paths), sizes=embeddings.sizes, cls=embeddings.cls,
-                         patch_mean=embeddings.patch_mean, metadata=np.array(meta))  # fmt: skip
+                         patch_mean=embeddings.patch_mean, metadata=np.array(meta), **extra)  # fmt: skip
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -332,9 +342,29 @@ def write_chip_embeddings(embeddings: ChipEmbeddings, dst: str | os.PathLike[str
             table = pa.table({"path": pa.array(embeddings.paths, pa.string()),
                               "height": pa.array(embeddings.sizes[:, 0], pa.int32()),
                               "width": pa.array(embeddings.sizes[:, 1], pa.int32()),
+                              **{name: pa.array(values) for name, values in extra.items()},
                               "cls": vectors(embeddings.cls), "patch_mean": vectors(embeddings.patch_mean)})  # fmt: skip
-            pq.write_table(table.replace_schema_metadata({"dinov3_eo": meta}), tmp)
+            schema = {"dinov3_eo": meta}
+            if geometry is not None:
+                table, schema["geo"] = _with_geometry(table, geometry, crs)
+            pq.write_table(table.replace_schema_metadata(schema), tmp)
     return dst
+
+
+def _with_geometry(table: Any, geometry: Sequence[Any], crs: Any) -> tuple[Any, str]:
+    """``table`` with a WKB ``geometry`` column, and the GeoParquet 1.0 ``geo`` metadata describing it (the CRS as
+    PROJJSON, the geometry types, the bounding box)."""
+    import pyarrow as pa
+    import shapely
+    from pyproj import CRS
+
+    geoms = np.asarray(geometry, dtype=object)
+    column = {"encoding": "WKB", "geometry_types": sorted({g.geom_type for g in geoms}),
+              "bbox": list(shapely.total_bounds(geoms)) if len(geoms) else []}  # fmt: skip
+    if crs is not None:
+        column["crs"] = CRS.from_user_input(crs).to_json_dict()
+    geo = {"version": "1.0.0", "primary_column": "geometry", "columns": {"geometry": column}}
+    return table.append_column("geometry", pa.array(shapely.to_wkb(geoms), pa.binary())), json.dumps(geo)
 
 
 def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:

@@ -87,9 +87,9 @@ def classify_main(argv: Sequence[str]) -> int:
     fit.add_argument("chips", nargs="*", help="training chips: folders (searched recursively) or quoted globs; each "
                      "chip's class is its folder's name")  # fmt: skip
     fit.add_argument("--model", default=None, help=BACKBONE_HELP + " (default with --embeddings: the table's)")
-    fit.add_argument("--embeddings", default=None, help="a table from 'embed --chips' holding the labelled chips: their "
-                     "embeddings are read, not computed again (the table's backbone, size, bands and normalisation "
-                     "hold), so probes fit in seconds")  # fmt: skip
+    fit.add_argument("--embeddings", default=None, help="a table from 'embed --chips' holding the labelled chips (with "
+                     "--scenes: from 'embed SCENE --tiles N'): their embeddings are read, not computed again (the "
+                     "table's backbone, size, bands and normalisation hold), so probes fit in seconds")  # fmt: skip
     fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
     fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
                      "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
@@ -518,15 +518,23 @@ def _fit_scenes(args: Any) -> None:
     """``classify fit --scenes SCENE ... --labels POLYGONS_OR_RASTER --tile-size N --model M -o probe.safetensors``."""
     from dinov3_eo.tasks.tile_probe import fit_tile_classifier
 
-    _refuse_chip_options(args, [("CHIPS", args.chips), ("--embeddings", args.embeddings), ("--val", args.val)])
+    from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
+
+    _refuse_chip_options(args, [("CHIPS", args.chips), ("--val", args.val)])
     if args.labels is None:
         raise ValueError("Give the labels of the scenes' tiles: --labels polygons (GeoPackage, GeoJSON ...) or a label "
                          "raster.")  # fmt: skip
+    table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
+    if table is not None:
+        if args.finetune_epochs > 0:
+            raise ValueError("Fine-tuning trains the backbone on the tiles' pixels: leave out --embeddings.")
+        args.tile_size = args.tile_size or table.metadata.get("tile_size")
     if args.tile_size is None:
         raise ValueError("Give the tile size in scene pixels (--tile-size): the ground each tile covers is what the "
                          "probe learns to name, and what 'classify map' will cut.")  # fmt: skip
-    if args.model is None:
-        raise ValueError("Give the backbone that embeds the tiles (--model).")
+    if args.model is None and table is None:
+        raise ValueError("Give the backbone that embeds the tiles (--model), or a table of them ('embed --tiles', "
+                         "--embeddings).")  # fmt: skip
     check_overwrite(args.output, args.overwrite)
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None:
@@ -535,8 +543,9 @@ def _fit_scenes(args: Any) -> None:
             for path in [out_dir / "tiles.gpkg", *_tile_picture_paths(args, out_dir, "labels"),
                          *_tile_picture_paths(args, out_dir, "split")]:  # fmt: skip
                 check_overwrite(path, args.overwrite)
-    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
-    fit = fit_tile_classifier(args.scenes, args.labels, backbone, tile_size=args.tile_size, attribute=args.attribute,
+    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device) if table is None else None
+    fit = fit_tile_classifier(args.scenes, args.labels, backbone, tile_size=args.tile_size, embeddings=table,
+                              attribute=args.attribute,
                               class_names=args.class_names, val_labels=args.val_labels, bands=args.bands,
                               nodata=args.nodata, size=args.size or None, method=args.method, features=args.features,
                               purity=args.purity, min_labelled=args.min_labelled, min_valid=args.min_valid,

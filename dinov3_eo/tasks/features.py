@@ -458,8 +458,9 @@ def _run_cli(prog: str, body: Callable[[], Path]) -> int:
 
 
 def embed_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``, or ``embed CHIPS --chips -o
-    embeddings.parquet|.npz`` (one row per chip)."""
+    """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``, ``embed CHIPS --chips -o
+    embeddings.parquet|.npz`` (one row per chip), or ``embed IN.tif --tiles 32 -o tiles.parquet`` (one row per tile,
+    GeoParquet)."""
     from dinov3_eo.tasks.chip_embeddings import EMBEDDING_SUFFIXES
 
     parser = _common_parser(
@@ -476,7 +477,30 @@ def embed_main(argv: Sequence[str]) -> int:
                        "JPEG/PNG/TIFF, georeferenced or not): write their embeddings as a table")  # fmt: skip
     chips.add_argument("--size", type=int, default=224, help="with --chips, resize each chip to SIZE x SIZE px "
                        "(default 224); 0 keeps each chip's own size, rounded to the patch size")  # fmt: skip
+    tiles = parser.add_argument_group("tiles of a scene", "one row per tile of a GeoTIFF: a GeoParquet table of footprints")
+    tiles.add_argument("--tiles", type=int, default=None, metavar="TILE_SIZE", help="embed each TILE_SIZE-px tile of "
+                       "INPUT (the grid 'classify map' cuts; resized to --size) as one row: path, row, col, cls, "
+                       "patch_mean and its footprint (GeoParquet .parquet, or .npz without footprints)")  # fmt: skip
+    tiles.add_argument("--min-valid", type=float, default=0.5, help="with --tiles, share of a tile's pixels that must "
+                       "hold data (default 0.5)")  # fmt: skip
     args = parser.parse_args(list(argv))
+
+    def tile_table() -> Path:
+        from dinov3_eo.tasks.chip_embeddings import load_chip_backbone
+        from dinov3_eo.tasks.tile_classification import write_tile_embeddings
+
+        if args.chips:
+            raise ValueError("--tiles embeds the tiles of a GeoTIFF; --chips embeds image chips: give one of them.")
+        if args.tiles < 1 or args.size < 0:
+            raise ValueError(f"--tiles must be a tile side in pixels and --size 0 or a side, got {args.tiles} and {args.size}.")
+        check_overwrite(args.output, args.overwrite, inputs=[args.input])
+        backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device)
+        embedded = write_tile_embeddings(args.input, backbone, args.output, tile_size=args.tiles, bands=args.bands,
+                                         nodata=args.nodata, size=args.size or None, min_valid=args.min_valid,
+                                         batch_size=args.batch_size, amp=args.bf16, progress=not args.quiet,
+                                         overwrite=args.overwrite)  # fmt: skip
+        print(f"{len(embedded)} tiles of {args.tiles} px embedded")
+        return Path(args.output)
 
     def chip_table() -> Path:
         from dinov3_eo.tasks.chip_embeddings import embed_chips_with, load_chip_backbone, write_chip_embeddings
@@ -496,11 +520,13 @@ def embed_main(argv: Sequence[str]) -> int:
         return write_chip_embeddings(embeddings, args.output, overwrite=args.overwrite)
 
     def body() -> Path:
+        if args.tiles is not None:
+            return tile_table()
         if args.chips:
             return chip_table()
         if Path(args.output).suffix.lower() in EMBEDDING_SUFFIXES:
-            raise ValueError(f"{args.output!r} is a table of one embedding per image chip: add --chips (a GeoTIFF's "
-                             "features are written as .tif or .zarr).")  # fmt: skip
+            raise ValueError(f"{args.output!r} is a table of one embedding per image chip or tile: add --chips, or "
+                             "--tiles TILE_SIZE (a GeoTIFF's features are written as .tif or .zarr).")  # fmt: skip
         check_overwrite(args.output, args.overwrite, inputs=[args.input])
         output = Path(args.output)
         quicklook = output.with_name(f"{output.stem}_pca.png") if args.quicklook else None

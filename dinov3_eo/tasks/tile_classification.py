@@ -486,6 +486,54 @@ def embed_tiles(
     return embeddings, taken
 
 
+def write_tile_embeddings(raster: str | os.PathLike[str], backbone: ChipBackbone | str | os.PathLike[str],
+                          dst: str | os.PathLike[str], *, tile_size: int, bands: Sequence[int] | None = None,
+                          nodata: float | None = None, size: int | None = 224, min_valid: float = 0.5,
+                          batch_size: int = 32, device: str | None = None, amp: bool = False, progress: bool = True,
+                          overwrite: bool = False) -> ChipEmbeddings:  # fmt: skip
+    """Every ``tile_size``-px tile of a scene (the grid ``classify map`` cuts) holding data on ``min_valid`` of its
+    pixels, embedded (:func:`embed_tiles`) and written as a table (atomically): a GeoParquet ``.parquet`` of the
+    tiles' footprints in the scene's CRS with ``path`` (:func:`tile_name`), ``row``, ``col``, ``cls`` and
+    ``patch_mean`` (``geopandas.read_parquet`` reads it; ``classify fit --scenes ... --embeddings`` fits probes on it
+    without the backbone), or an ``.npz`` without footprints. The metadata also records the scene, the tile size and
+    its side in metres. Returns the embeddings.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is false (checked first). ValueError: as
+        :func:`embed_tiles`, or a table format other than ``.parquet``/``.npz``.
+    """
+    import rasterio
+    import shapely
+
+    from dinov3_eo.data.raster import pixel_size_m
+    from dinov3_eo.inference.writers import check_overwrite
+    from dinov3_eo.tasks.chip_embeddings import EMBEDDING_SUFFIXES, write_chip_embeddings
+
+    if Path(dst).suffix.lower() not in EMBEDDING_SUFFIXES:
+        raise ValueError(f"Tile embeddings are written as {' or '.join(EMBEDDING_SUFFIXES)}, not {str(dst)!r}.")
+    check_overwrite(dst, overwrite, inputs=[raster])
+    if not Path(raster).is_file():
+        raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
+    with rasterio.open(raster) as src:
+        rows, cols = tile_grid_shape(src.height, src.width, tile_size)
+        crs, transform = src.crs, src.transform
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
+    embedded, taken = embed_tiles(raster, backbone, cells, tile_size=tile_size, bands=bands, nodata=nodata, size=size,
+                                  min_valid=min_valid, batch_size=batch_size, device=device, amp=amp, progress=progress)  # fmt: skip
+    kept = np.array([cells[i] for i in np.flatnonzero(taken)], np.int64).reshape(-1, 2)
+    pixel = pixel_size_m(crs, transform)
+    embedded.metadata.update(scene=os.fspath(raster), tile_size=int(tile_size), tile_m=pixel * tile_size if pixel else None,
+                             min_valid=min_valid)  # fmt: skip
+    cell = transform @ Affine.scale(tile_size)
+    x0, y0 = cell @ (kept[:, 1], kept[:, 0])
+    x1, y1 = cell @ (kept[:, 1] + 1, kept[:, 0] + 1)
+    footprints = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    parquet = Path(dst).suffix.lower() == ".parquet"
+    write_chip_embeddings(embedded, dst, overwrite=overwrite, columns={"row": kept[:, 0], "col": kept[:, 1]},
+                          geometry=footprints if parquet else None, crs=crs if parquet else None)  # fmt: skip
+    return embedded
+
+
 class TileTensorDataset(torch.utils.data.Dataset):
     """Tiles of scenes as the backbone reads them (:func:`embedding_input`, resized to ``size``), with their targets:
     ``(image [C, S, S], patch_valid [S/p, S/p], target)``, what fine-tuning trains on
@@ -620,5 +668,6 @@ __all__ = [
     "tile_outputs",
     "tile_window",
     "write_tile_classes",
+    "write_tile_embeddings",
     "write_tile_picture",
 ]

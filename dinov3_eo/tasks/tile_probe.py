@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from dinov3_eo.tasks.chip_classification import ChipClassifier, fit_chip_classifier, probe_backbone
-from dinov3_eo.tasks.chip_embeddings import ChipBackbone, chip_features, load_chip_backbone
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, load_chip_backbone
 from dinov3_eo.tasks.tile_labels import NoLabelledTiles, TileLabels, label_tiles, merge_tile_labels, spatial_block_split
 
 log = logging.getLogger(__name__)
@@ -99,9 +99,10 @@ def _label_text(target: np.ndarray, classes: Sequence[str], multi_label: bool) -
 def fit_tile_classifier(
     scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     labels: Any,
-    backbone: ChipBackbone | str | os.PathLike[str],
+    backbone: ChipBackbone | str | os.PathLike[str] | None,
     *,
     tile_size: int,
+    embeddings: ChipEmbeddings | None = None,
     attribute: str = "name",
     class_names: Sequence[str] | None = None,
     val_labels: Any = None,
@@ -133,8 +134,10 @@ def fit_tile_classifier(
         labels: polygons or a label raster over them (:func:`~dinov3_eo.tasks.tile_labels.label_tiles`; ``attribute``
             names the polygons' class column, ``class_names`` a raster's ids).
         backbone: a :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone` or a source for
-            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone`.
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (``None`` with ``embeddings``).
         tile_size: tile side in scene pixels (the ground a tile covers is what the probe learns to name).
+        embeddings: a table of the scenes' tiles from ``embed --tiles`` (:func:`~dinov3_eo.tasks.tile_classification.write_tile_embeddings`):
+            its rows are used, nothing is embedded, and its backbone, bands, size and normalisation hold.
         val_labels: held-out labels over the same scenes (their tiles are left out of training); default: blocks of
             ``block`` x ``block`` tiles, ``val_fraction`` of them, held out (:func:`spatial_block_split`; 0: none).
         bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
@@ -161,8 +164,18 @@ def fit_tile_classifier(
     classes, train_counts = merge_tile_labels(train_sets + held_sets)
     held_counts = train_counts[len(train_sets) :]
     train_counts = train_counts[: len(train_sets)]
-    if not isinstance(backbone, ChipBackbone):
-        backbone = load_chip_backbone(backbone, device=device)
+    if embeddings is not None:
+        recorded = embeddings.metadata.get("tile_size")
+        if recorded is not None and int(recorded) != int(tile_size):
+            raise ValueError(f"The embedding table holds {recorded}-px tiles, not {tile_size}-px ones; embed the scenes "
+                             f"again with --tiles {tile_size}, or fit {recorded}-px tiles.")  # fmt: skip
+        info = embeddings.metadata
+        bands, size = info.get("bands"), info.get("size")
+        source, override = info.get("backbone_source"), info.get("normalization_override")
+    else:
+        if not isinstance(backbone, ChipBackbone):
+            backbone = load_chip_backbone(backbone, device=device)
+        source, override = backbone.source, backbone.normalization_override
 
     # every tile: (scene index, TileLabels row, counts, held out) — labelled, then embedded where it holds data
     sources = [t.source for t in train_sets]
@@ -176,7 +189,8 @@ def fit_tile_classifier(
     x, counts, held, rows_meta, made = _embed_labelled(parts, backbone, tile_size=tile_size, features=features,
                                                        multi_label=multi_label, purity=purity, presence=presence,
                                                        bands=bands, nodata=nodata, size=size, min_valid=min_valid,
-                                                       batch_size=batch_size, amp=amp, progress=progress)  # fmt: skip
+                                                       batch_size=batch_size, amp=amp, progress=progress,
+                                                       table=embeddings)  # fmt: skip
     if not len(x):
         raise ValueError(f"No labelled {tile_size}-px tile of {', '.join(map(str, scenes))} is pure enough (purity "
                          f"{purity:.0%}) and holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
@@ -208,8 +222,8 @@ def fit_tile_classifier(
     val = (x[held], y[held]) if held.any() else None
     probe = fit_chip_classifier(x[train], y[train], classes, method=method, features=features, val=val, k=k,
                                 threshold=threshold, balanced=balanced)  # fmt: skip
-    probe.embedding = {"backbone_source": backbone.source, "size": size, "bands": list(bands) if bands is not None else None,
-                       "normalization": backbone.normalization_override, "backbone": made.get("backbone"),
+    probe.embedding = {"backbone_source": source, "size": size, "bands": list(bands) if bands is not None else None,
+                       "normalization": override, "backbone": made.get("backbone"),
                        "chip_size": [int(tile_size), int(tile_size)], "tile_m": _tile_ground(train_sets, tile_size),
                        "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": _describe(labels),
                                  "val_labels": _describe(val_labels), "attribute": attribute, "purity": purity,
@@ -230,12 +244,13 @@ def fit_tile_classifier(
                         held_out_targets=y[held] if held.any() else None, targets=y)  # fmt: skip
 
 
-def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], backbone: ChipBackbone, *,
+def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], backbone: ChipBackbone | None, *,
                     tile_size: int, features: str, multi_label: bool, purity: float, presence: float,
+                    table: ChipEmbeddings | None = None,
                     **embedding: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, TileLabels]], dict]:  # fmt: skip
     """The features of the tiles of ``parts`` ((scene index, tiles, their class counts, held out)) that carry a label
-    (:func:`_targets`) and hold data (:func:`embed_tiles`): ``(x [N, F], counts [N, K], held out [N], (scene index,
-    tiles) per part kept, the embeddings' metadata)``."""
+    (:func:`_targets`) and hold data (:func:`embed_tiles`, or rows of ``table``): ``(x [N, F], counts [N, K], held out
+    [N], (scene index, tiles) per part kept, the embeddings' metadata)``."""
     from dinov3_eo.tasks.tile_classification import embed_tiles
 
     xs, kept_counts, held_flags, kept_tiles, made = [], [], [], [], {}
@@ -244,7 +259,10 @@ def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], b
         tiles, counts = tiles.take(kept), counts[kept]
         if not len(tiles):
             continue
-        embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, **embedding)
+        if table is not None:  # rows of an 'embed --tiles' table: nothing embedded here
+            embedded, taken = _table_rows(table, tiles)
+        else:
+            embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, **embedding)
         made = embedded.metadata
         if taken.any():
             xs.append(chip_features(embedded, features))
@@ -254,6 +272,19 @@ def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], b
     if not xs:
         return np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0, bool), [], made
     return np.concatenate(xs), np.concatenate(kept_counts), np.concatenate(held_flags), kept_tiles, made
+
+
+def _table_rows(table: ChipEmbeddings, tiles: TileLabels) -> tuple[ChipEmbeddings, np.ndarray]:
+    """The rows of an ``embed --tiles`` table for ``tiles`` (matched by scene file and cell), and ``[N]`` bool, which
+    the table holds (it leaves out tiles without enough data)."""
+    index = {}
+    for i, path in enumerate(table.paths):
+        scene, _, cell = path.rpartition("#")
+        index[(os.path.abspath(scene), cell)] = i
+    scene = os.path.abspath(tiles.source)
+    rows = [index.get((scene, f"{r},{c}"), -1) for r, c in tiles.cells]
+    taken = np.array([i >= 0 for i in rows], bool)
+    return table.take([table.paths[i] for i in rows if i >= 0]), taken
 
 
 def _tile_ground(tiles: Sequence[TileLabels], tile_size: int) -> float | None:
