@@ -14,14 +14,13 @@ import torch
 import xarray as xr
 from meta_device import HostToDeviceCopies, allow_meta_autocast
 from shapely.geometry import Point, box
-from tiny_text import TINY_TEXT
+from tiny_text import TINY_TEXT, tiny_text_model
 
 from dinov3_eo.losses.contrastive import clip_loss, grouped_clip_loss
 from dinov3_eo.tasks.openvocab import (
     CLASS_NODATA,
     MapQuery,
     TextAlignmentTask,
-    export_text_model,
     load_text_model,
     query_main,
     scores_to_classes,
@@ -36,13 +35,7 @@ NORM = {"mean": [0.0] * 3, "std": [1.0] * 3, "low": [6000.0] * 3, "high": [14000
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM)
-    with torch.no_grad():  # a non-trivial adapter, so different places get different features
-        for block in task.model.vision.blocks:
-            block.ls1.gamma.fill_(0.5)
-            block.ls2.gamma.fill_(0.5)
-    return export_text_model(task, tmp_path_factory.mktemp("model") / "tiny_text.pt")
+    return tiny_text_model(tmp_path_factory.mktemp("model") / "tiny_text.pt", NORM)
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,14 @@ import pytest
 import rasterio
 import torch
 from PIL import Image
-from tiny_text import TINY_TEXT
+from tiny_text import tiny_text_model
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.tasks.chip_classification import ChipClassifier, probe_backbone, zero_shot_classifier
 from dinov3_eo.tasks.chip_embeddings import chip_features, embed_chips_with
 from dinov3_eo.tasks.chip_finetune import ProbeHead
-from dinov3_eo.tasks.openvocab import TextAlignmentTask, export_text_model, load_text_model
+from dinov3_eo.tasks.openvocab import load_text_model
 
 from brightness_chips import SCENE, brightness_folders
 
@@ -33,13 +33,7 @@ CLASSES = ["bright", "dark", "solar farm"]
 
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    task = TextAlignmentTask(backbone="vitmicro16", text_cfg=TINY_TEXT, ffn_layer="mlp", normalization=NORM)
-    with torch.no_grad():  # a non-trivial adapter, so that chips get different embeddings
-        for block in task.model.vision.blocks:
-            block.ls1.gamma.fill_(0.5)
-            block.ls2.gamma.fill_(0.5)
-    return export_text_model(task, tmp_path_factory.mktemp("text") / "tiny_text.pt")
+    return tiny_text_model(tmp_path_factory.mktemp("text") / "tiny_text.pt", NORM)
 
 
 def test_scores_are_dino_txt_zero_shot_probabilities(text_model: Path, tmp_path: Path) -> None:
