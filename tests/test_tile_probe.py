@@ -362,6 +362,19 @@ def test_tile_embeddings_as_geoparquet_and_probes_fitted_from_them(labelled: dic
                      str(tmp_path / "tiles.npz"), "--quiet"]) == 0  # fmt: skip
     assert len(read_chip_embeddings(tmp_path / "tiles.npz")) == len(frame)
 
+    # query by example over the tiles: a chip of one tile's pixels finds that tile first, on a map
+    r, c = sorted(labelled["truth"])[len(labelled["truth"]) // 2]  # a tile with data throughout, cut as a PNG chip
+    example = next(labelled["chips"].glob(f"*/{r * 16}_{c * 16}.png"))
+    matches = tmp_path / "matches.gpkg"
+    # (the patch mean: a random ViT's CLS token barely looks at its input)
+    assert cli_main(["similar", str(example), "--chips", "--table", str(table), "--model", str(labelled["backbone"]),
+                     "-o", str(matches), "-k", "5", "--features", "patch_mean"]) == 0  # fmt: skip
+    found = gpd.read_file(matches, layer="matches")
+    assert list(found["rank"]) == [1, 2, 3, 4, 5] and found["similarity"].is_monotonic_decreasing
+    assert found["path"].iloc[0] == tile_name(SCENE, r, c) and found["similarity"].iloc[0] > 0.999
+    assert found.crs == labelled["crs"]
+    assert found.geometry.iloc[0].bounds == pytest.approx(_tile_box(labelled["transform"], r, c).bounds)
+
 
 def _fitted_probe(labelled: dict, tmp_path: Path) -> Path:
     probe = tmp_path / "probe.safetensors"

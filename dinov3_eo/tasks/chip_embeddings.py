@@ -401,6 +401,20 @@ def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:
     )  # fmt: skip
 
 
+def read_table_footprints(path: str | os.PathLike[str]) -> Any:
+    """The footprints of a GeoParquet embedding table (``embed --tiles``) as a ``geopandas.GeoSeries`` indexed by
+    ``path``, or ``None`` for a table without them (``embed --chips``, ``.npz``)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix.lower() != ".parquet" or b"geo" not in (pq.read_schema(path).metadata or {}):
+        return None
+    import geopandas as gpd
+
+    frame = gpd.read_parquet(path, columns=["path", "geometry"])
+    return frame.set_index("path").geometry
+
+
 def nearest_chips(table: ChipEmbeddings, examples: ChipEmbeddings, *, k: int = 20,
                   features: str = "cls+patch_mean") -> list[tuple[str, float]]:  # fmt: skip
     """The ``k`` chips of ``table`` most like the ``examples`` (one chip, or several: their mean), by cosine
@@ -432,5 +446,6 @@ __all__ = [
     "model_input_size",
     "nearest_chips",
     "read_chip_embeddings",
+    "read_table_footprints",
     "write_chip_embeddings",
 ]

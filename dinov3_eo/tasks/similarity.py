@@ -318,7 +318,8 @@ def _parser() -> argparse.ArgumentParser:
         "OUTPUT_mask.tif and --polygons OUTPUT.gpkg.",
     )
     p.add_argument("scene", help="input GeoTIFF; with --chips, the example chip(s): a file, folder or quoted glob")
-    p.add_argument("-o", "--output", required=True, help="similarity COG to write (.tif); with --chips, a CSV")
+    p.add_argument("-o", "--output", required=True, help="similarity COG to write (.tif); with --chips, a CSV, or a "
+                   ".gpkg / .geojson of the matches' footprints (an 'embed --tiles' table's, or georeferenced chips')")  # fmt: skip
     p.add_argument("--point", type=float, nargs=2, metavar=("X", "Y"), default=None,
                    help="the example as a point (in --crs, default the raster's CRS)")
     p.add_argument("--example", default=None, help="the example as a vector file of points or polygons (any CRS)")
@@ -329,9 +330,10 @@ def _parser() -> argparse.ArgumentParser:
     chips = p.add_argument_group("image chips", "the chips of an embedding table ('embed --chips') most like the "
                                  "example chip(s), as a CSV of rank, path, similarity")  # fmt: skip
     chips.add_argument("--chips", action="store_true", help="search a chip table instead of mapping a scene")
-    chips.add_argument("--table", default=None, help="with --chips, the chips to search: a table from 'embed --chips'")
+    chips.add_argument("--table", default=None, help="with --chips, the chips to search: a table from 'embed --chips' "
+                       "(or the tiles of a scene: 'embed SCENE --tiles N')")  # fmt: skip
     chips.add_argument("-k", type=int, default=20, help="with --chips, how many chips to list (default 20)")
-    chips.add_argument("--features", default="cls+patch_mean", choices=("cls", "patch_mean", "cls+patch_mean"),
+    chips.add_argument("--features", default="cls+patch_mean", choices=("cls", "patch_mean", "cls+patch_mean", "image"),
                        help="with --chips, which embedding columns are compared (default cls+patch_mean)")
     return p
 
@@ -348,7 +350,14 @@ def similar_chips(args: argparse.Namespace) -> Path:
 
     from dinov3_eo.data.datasets import expand_chips
     from dinov3_eo.inference.writers import atomic_output, check_overwrite
-    from dinov3_eo.tasks.chip_embeddings import embed_chips_with, load_chip_backbone, nearest_chips, read_chip_embeddings
+    from dinov3_eo.tasks.chip_classification import VECTOR_SUFFIXES, chip_footprints
+    from dinov3_eo.tasks.chip_embeddings import (
+        embed_chips_with,
+        load_chip_backbone,
+        nearest_chips,
+        read_chip_embeddings,
+        read_table_footprints,
+    )
 
     if args.table is None:
         raise ValueError("--chips searches a table of chip embeddings: give it with --table (from 'embed --chips').")
@@ -364,6 +373,18 @@ def similar_chips(args: argparse.Namespace) -> Path:
     examples = embed_chips_with(backbone, expand_chips(args.scene), bands=info.get("bands") or args.bands,
                                 size=info.get("size"), progress=False)  # fmt: skip
     matches = nearest_chips(table, examples, k=args.k, features=args.features)
+    if Path(args.output).suffix.lower() in VECTOR_SUFFIXES:  # the matches on a map: tiles' or chips' footprints
+        import geopandas as gpd
+
+        paths = [path for path, _ in matches]
+        footprints = read_table_footprints(args.table)
+        geometry = footprints.loc[paths].reset_index(drop=True) if footprints is not None else chip_footprints(paths)
+        frame = gpd.GeoDataFrame({"rank": np.arange(1, len(matches) + 1), "path": paths,
+                                  "similarity": [score for _, score in matches]}, geometry=geometry)  # fmt: skip
+        suffix = Path(args.output).suffix.lower()
+        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
+            frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "matches"} if suffix == ".gpkg" else {}))
+        return Path(args.output)
     with atomic_output(args.output, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["rank", "path", "similarity"])
