@@ -261,7 +261,8 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
 
     # bad input: one sentence each
     for extra, message in ((["--overwrite"], "Give the tile size in scene pixels"),
-                           (["--tile-size", "16", "--embeddings", "x.parquet", "--overwrite"], "leave out --embeddings"),
+                           (["--tile-size", "16", "--val", "held/", "--overwrite"], "leave out --val"),
+                           (["--tile-size", "16", "--embeddings", "x.parquet", "--overwrite"], "Chip embedding table 'x.parquet' does not exist"),
                            (["--tile-size", "128", "--overwrite"], "No labelled 128-px tile of"),
                            (["--tile-size", "16", "--attribute", "kind", "--overwrite"], "no attribute 'kind'")):  # fmt: skip
         assert cli_main([*args, *extra]) == 2

@@ -581,7 +581,7 @@ def _fit_scenes(args: Any) -> None:
         if not probe.multi_label:  # (a multi-label tile's label is a set of classes: the split alone is drawn)
             pictures["labels"] = ([probe.classes.index(v) for v in tiles["label"]], probe.classes, None)
         for name, (ids, names, colours) in pictures.items():
-            for path in _tile_pictures(args, tiles, out_dir, name, ids, names, colours, args.tile_size):
+            for path in _tile_pictures(args, tiles, out_dir, name, ids, names, colours):
                 print(path)
     print(args.output)
 
@@ -596,7 +596,7 @@ def _tile_picture_paths(args: Any, out_dir: Path, name: str) -> list[Path]:
 
 
 def _tile_pictures(args: Any, tiles: Any, out_dir: Path, name: str, ids: Sequence[int], names: Sequence[str],
-                   colours: dict[int, Sequence[int]] | None, tile_size: int) -> list[Path]:  # fmt: skip
+                   colours: dict[int, Sequence[int]] | None) -> list[Path]:  # fmt: skip
     """``OUT/<stem>_tile_<name>.png`` for each scene among ``tiles``: its tiles coloured by ``ids`` over the imagery."""
     from dinov3_eo.tasks.tile_classification import write_tile_picture
 
@@ -604,6 +604,7 @@ def _tile_pictures(args: Any, tiles: Any, out_dir: Path, name: str, ids: Sequenc
     written = []
     for scene in dict.fromkeys(tiles["scene"]):
         here = (tiles["scene"] == scene).to_numpy()
+        tile_size = int(tiles["tile_size"].to_numpy()[here][0])
         written.append(write_tile_picture(
             out_dir / f"{Path(scene).stem}_tile_{name}.png", scene, tile_size=tile_size, rows=tiles["row"].to_numpy()[here],
             cols=tiles["col"].to_numpy()[here], ids=ids[here], class_names=names, bands=getattr(args, "bands", None),
@@ -655,9 +656,7 @@ def _test_scenes(args: Any) -> None:
             scored.tiles.to_file(tmp, driver="GPKG", layer="tiles")
         print(f"{out_dir / 'tiles.gpkg'} (each tile's reference and predicted class: where the probe errs)")
         wrong = (~scored.tiles["correct"].to_numpy(bool)).astype(int)
-        tile_size = args.tile_size or int(probe.embedding["chip_size"][0])
-        for path in _tile_pictures(args, scored.tiles, out_dir, "errors", wrong, ["right", "wrong"], RIGHT_WRONG_COLOURS,
-                                   tile_size):  # fmt: skip
+        for path in _tile_pictures(args, scored.tiles, out_dir, "errors", wrong, ["right", "wrong"], RIGHT_WRONG_COLOURS):
             print(path)
 
 

@@ -90,8 +90,8 @@ class TileLabels:
                           counts=self.counts[index], tile_size=self.tile_size, crs=self.crs, transform=self.transform)  # fmt: skip
 
     def to_geodataframe(self, columns: dict[str, Any] | None = None) -> Any:
-        """The tiles as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``labelled`` (share of
-        pixels), ``majority`` (class name) and its ``purity`` (share of labelled pixels), one ``f_<class>`` column per
+        """The tiles as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``tile_size``, ``labelled``
+        (share of pixels), ``majority`` (class name) and its ``purity`` (share of labelled pixels), one ``f_<class>`` column per
         class, plus ``columns`` (name -> ``[N]`` values)."""
         import geopandas as gpd
         import shapely
@@ -101,7 +101,7 @@ class TileLabels:
         x0, y0 = self.transform @ (self.cols * self.tile_size, self.rows * self.tile_size)
         x1, y1 = self.transform @ ((self.cols + 1) * self.tile_size, (self.rows + 1) * self.tile_size)
         geometry = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
-        frame = {"row": self.rows, "col": self.cols, "labelled": self.labelled,
+        frame = {"row": self.rows, "col": self.cols, "tile_size": np.full(len(self), self.tile_size), "labelled": self.labelled,
                  "majority": [self.classes[i] for i in ids],
                  "purity": fractions[np.arange(len(self)), ids] if len(self) else np.zeros(0),
                  **{f"f_{name}": fractions[:, k] for k, name in enumerate(self.classes)}, **(columns or {})}  # fmt: skip

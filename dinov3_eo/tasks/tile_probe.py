@@ -35,7 +35,7 @@ class TileProbeFit:
         probe: the fitted probe (its ``embedding`` records the backbone, bands, model input size and the tile size as
             ``chip_size``, so that ``classify map`` cuts the same tiles by default).
         tiles: one ``GeoDataFrame`` row per tile fitted or held out (in the first scene's CRS): ``scene``, ``row``,
-            ``col``, ``labelled``, ``majority``, ``purity``, ``label`` (the class it was taught, or its classes
+            ``col``, ``tile_size``, ``labelled``, ``majority``, ``purity``, ``label`` (the class it was taught, or its classes
             joined by ``;``), ``split`` (``train`` / ``held_out``).
         held_out_scores: ``[M, K]`` the probe's probabilities for the held-out tiles (``None`` without any).
         held_out_targets: their class ids ``[M]`` (``[M, K]`` bool multi-label).
@@ -58,7 +58,7 @@ class TileScores(NamedTuple):
     """``[N]`` the reference's class ids (the probe's numbering), ``[N, K]`` bool for a multi-label probe."""
     tiles: Any
     """a ``GeoDataFrame`` of the tiles (first scene's CRS): ``scene``, ``name`` (``"<scene>#<row>,<col>"``), ``row``,
-    ``col``, ``labelled``, ``majority``, ``purity``, ``reference``, ``predicted``, ``score``, ``correct``,
+    ``col``, ``tile_size``, ``labelled``, ``majority``, ``purity``, ``reference``, ``predicted``, ``score``, ``correct``,
     ``p_<class>``."""
 
 
