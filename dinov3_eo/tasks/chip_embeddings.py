@@ -375,7 +375,7 @@ def read_chip_embeddings(path: str | os.PathLike[str]) -> ChipEmbeddings:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Chip embedding table {str(path)!r} does not exist ('embed --chips' writes one).")
+        raise FileNotFoundError(f"Chip embedding table {str(path)!r} does not exist ('embed --chips' or 'embed --tiles' writes one).")
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as data:
             missing = {"paths", "sizes", "cls", "patch_mean"} - set(data.files)
