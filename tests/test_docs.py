@@ -163,3 +163,7 @@ def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.M
     assert fit.probe.classes == ["bright", "dark"] and fit.probe.embedding["chip_size"] == [32, 32]
     assert len(fit.tiles) == 406 and set(fit.tiles["split"]) == {"train", "held_out"}
     assert scope["scene_accuracy"] >= 0.8
+    tile_table, again = scope["tile_table"], scope["again"]  # the tile table, and the probe fitted from it
+    assert len(tile_table) == 406 and tile_table.crs.to_epsg() == 32621
+    assert {"row", "col", "cls", "patch_mean"} <= set(tile_table.columns)
+    np.testing.assert_allclose(again.probe.weight, fit.probe.weight, atol=1e-3)
