@@ -9,7 +9,9 @@ of its labelled pixels is labelled by that class. The training tiles (a checkerb
 and its classes are scored against the labels of the held-out tiles (the other blocks, or the right half: spatial
 splits), next to a logistic regression on colour histograms over the same split and the majority class. The same
 held-out tiles are also written as chips and run through ``classify predict``: the probabilities must
-agree with the map's, and the tiles per second of the two paths are compared in this run. Then the same as
+agree with the map's, and the tiles per second of the two paths are compared in this run. The same split without
+chips: ``classify fit --scenes`` on the land-class raster masked to the training blocks, ``classify test --scenes`` on
+it masked to the held-out ones (``from_scene``). Then the same as
 multi-label chips: each tile carries every land class on at least ``--presence`` (10 %) of it, ``classify fit
 --multi-label`` on a shuffled table of the training tiles, ``classify test`` on the held-out ones (mAP), against
 colour histograms and the classes' training prevalence.
