@@ -108,6 +108,24 @@ def test_the_no_labels_example_runs_without_a_model(tmp_path: Path) -> None:
     assert "from 4 clicked pixels" in done.stdout and "like the water click" in done.stdout
 
 
+def test_the_tile_probe_example_maps_the_scene_from_its_polygons(tmp_path: Path) -> None:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "tile_probe_from_polygons.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    stem = "landsat8_224078_subset"
+    assert {"tiles.gpkg", f"{stem}_tile_labels.png", f"{stem}_tile_split.png", "metrics.json"} <= {
+        p.name for p in (tmp_path / "fit").iterdir()}  # fmt: skip
+    assert {f"{stem}_tile_classes.tif", f"{stem}_tiles.gpkg", f"{stem}_tile_quicklook.png"} <= {
+        p.name for p in (tmp_path / "map").iterdir()}  # fmt: skip
+    assert "4 classes (crop" in done.stdout and "6-px tiles classified: crop" in done.stdout
+    from dinov3_eo.tasks.chip_classification import ChipClassifier
+
+    fitted, refitted = ChipClassifier.load(tmp_path / "probe.safetensors"), ChipClassifier.load(tmp_path / "refit.safetensors")
+    assert fitted.classes == refitted.classes == ["crop", "developed", "tree", "water"]
+    np.testing.assert_allclose(fitted.weight, refitted.weight, atol=1e-3)  # the table gives the probe the scene gave
+
+
 def test_the_readme_change_example_flags_the_pasted_river(monkeypatch: pytest.MonkeyPatch) -> None:
     scope = run_readme_block("summary = detect_change(", monkeypatch)
     summary = scope["summary"]
