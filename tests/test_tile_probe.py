@@ -259,6 +259,13 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
                      "--quiet"]) == 0  # fmt: skip
     capsys.readouterr()
 
+    # a k-NN on the same tiles, and a balanced linear probe
+    for extra, method in ((["--method", "knn"], "knn"), (["--balanced"], "linear")):
+        assert cli_main([*args[:-2], str(tmp_path / f"{method}.safetensors"), "--quiet", "--tile-size", "16", *extra]) == 0
+        other = ChipClassifier.load(tmp_path / f"{method}.safetensors")
+        assert other.method == method and other.held_out_accuracy is not None and other.balanced == ("--balanced" in extra)
+    capsys.readouterr()
+
     # bad input: one sentence each
     for extra, message in ((["--overwrite"], "Give the tile size in scene pixels"),
                            (["--tile-size", "16", "--val", "held/", "--overwrite"], "leave out --val"),
