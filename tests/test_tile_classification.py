@@ -166,7 +166,7 @@ def test_prefetched_tiles_give_the_same_map_and_a_read_error_reaches_the_caller(
 def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "out"
     args = ["classify", "map", str(SCENE), "--probe", str(fitted["probe"]), "-o", str(out), "--quiet"]
-    assert cli_main([*args, "--probabilities"]) == 0
+    assert cli_main([*args, "--probabilities", "--suggest", "5"]) == 0
     printed = capsys.readouterr().out
     assert "rgb_byte_crop.tif: 104 of 240 16-px tiles classified: bright" in printed
     classes = out / "rgb_byte_crop_tile_classes.tif"
@@ -183,6 +183,12 @@ def test_classify_map_from_the_command_line(fitted: dict[str, Path], tmp_path: P
     bright = tiles[tiles["class_name"] == "bright"]
     assert f"bright {len(bright)} ({bright.geometry.area.sum() / 1e4:,.0f} ha)" in printed  # areas of the polygons
     assert Image.open(out / "rgb_byte_crop_tile_quicklook.png").size[0] > 100
+    # the tiles to label next: the five with the smallest margin between the two classes, least sure first
+    suggested = gpd.read_file(out / "rgb_byte_crop_suggest.gpkg", layer="suggest")
+    margins = np.sort(np.abs(tiles["p_bright"] - tiles["p_dark"]).to_numpy())
+    assert list(suggested["rank"]) == [1, 2, 3, 4, 5] and suggested["margin"].is_monotonic_increasing
+    np.testing.assert_allclose(suggested["margin"], np.abs(suggested["p_bright"] - suggested["p_dark"]), atol=1e-6)
+    np.testing.assert_allclose(suggested["margin"], margins[:5], atol=1e-6)
 
     assert cli_main(args) == 2  # outputs are kept
     assert "already exists" in capsys.readouterr().err
@@ -310,3 +316,16 @@ def test_typical_chip_size_and_tile_grid_factor(tmp_path: Path) -> None:
     write_cog(tmp_path / "off.tif", ids, crs=crs, transform=transform @ Affine.scale(17), nodata=255)
     with pytest.raises(ValueError, match="not on the grid of class map"):
         write_quicklook(tmp_path / "r.png", classes=tmp_path / "off.tif", image=SCENE)
+
+
+def test_least_confident_tiles_single_and_multi_label() -> None:
+    from dinov3_eo.tasks.tile_classification import TileClasses
+
+    p = np.array([[[0.9, 0.55], [0.3, np.nan]], [[0.1, 0.45], [0.7, np.nan]]], np.float32)  # [2 classes, 2, 2]
+    common = dict(source="s.tif", classes=["a", "b"], probabilities=p, valid_fraction=np.ones((2, 2), np.float32),
+                  crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 100), tile_size=1)  # fmt: skip
+    single = TileClasses(**common).least_confident(5)
+    assert list(zip(single["row"], single["col"])) == [(0, 1), (1, 0), (0, 0)]  # margins 0.1, 0.4, 0.8
+    np.testing.assert_allclose(single["margin"], [0.1, 0.4, 0.8], atol=1e-6)
+    multi = TileClasses(**common, multi_label=True, threshold=0.5).least_confident(2)
+    assert list(zip(multi["row"], multi["col"])) == [(0, 1), (1, 0)]  # |p - 0.5|: 0.05, 0.2 (0.4 for (0, 0))

@@ -178,6 +178,9 @@ def classify_main(argv: Sequence[str]) -> int:
                        "probability as 'unknown' (an extra class): land the probe was not taught is flagged")  # fmt: skip
     scene.add_argument("--probabilities", action="store_true", help="also write <stem>_tile_probabilities.tif, one "
                        "float32 band per class")  # fmt: skip
+    scene.add_argument("--suggest", type=int, default=0, metavar="N", help="also write <stem>_suggest.gpkg: the N tiles "
+                       "the probe is least sure of (smallest margin between its two most probable classes), the ones to "
+                       "label next")  # fmt: skip
     scene.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
     for p in (fit, test):
         p.add_argument("--label-separator", default=";", help="multi-label: what joins a chip's classes in a text "
@@ -486,7 +489,7 @@ def _map(args: Any) -> None:
     check_distinct_stems(args.scenes)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     for scene in args.scenes:  # every output is checked before the first scene is classified
-        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities):
+        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities, suggest=args.suggest > 0):
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=args.scenes)
     probe = ChipClassifier.load(args.probe)
@@ -497,7 +500,7 @@ def _map(args: Any) -> None:
                                 min_score=args.min_score,
                                 amp=args.bf16, progress=not args.quiet)  # fmt: skip
         outputs = write_tile_classes(result, args.out_dir, probabilities=args.probabilities, nodata=args.nodata,
-                                     quicklook_bands=args.quicklook_bands, overwrite=args.overwrite)  # fmt: skip
+                                     quicklook_bands=args.quicklook_bands, suggest=args.suggest, overwrite=args.overwrite)  # fmt: skip
         ids = result.class_ids()
         counts = np.bincount(ids[result.classified].ravel(), minlength=len(result.class_names))
         cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"

@@ -136,6 +136,22 @@ class TileClasses:
         geometry = shapely.box(corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3])
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=self.crs))
 
+    def least_confident(self, n: int) -> Any:
+        """The ``n`` classified cells the probe is least sure of, least sure first: what to label next (uncertainty
+        sampling). :meth:`to_geodataframe`'s rows with ``margin`` (the most probable class's probability minus the
+        second's; multi-label: the smallest distance of a class's probability to ``threshold``) and ``rank``."""
+        frame = self.to_geodataframe()
+        p = frame[[f"p_{name}" for name in self.classes]].to_numpy()
+        if self.multi_label:
+            margin = np.abs(p - self.threshold).min(axis=1) if len(p) else np.zeros(0)
+        else:
+            top = np.sort(p, axis=1)
+            margin = top[:, -1] - (top[:, -2] if p.shape[1] > 1 else 0.0) if len(p) else np.zeros(0)
+        frame["margin"] = margin
+        chosen = frame.iloc[np.argsort(margin, kind="stable")[: max(0, int(n))]].copy()
+        chosen.insert(0, "rank", np.arange(1, len(chosen) + 1))
+        return chosen.reset_index(drop=True)
+
     def to_xarray(self) -> Any:
         """An ``xarray.Dataset`` on the tile grid (``x``, ``y`` = tile centres, the CRS set through rioxarray):
         ``class_id`` (``nodata`` attribute 255) and ``probability`` (``class``, ``y``, ``x``)."""
@@ -579,21 +595,27 @@ class TileOutputs(NamedTuple):
     tiles: Path
     quicklook: Path
     probabilities: Path | None
+    suggest: Path | None = None
 
 
-def tile_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool = False) -> TileOutputs:
-    """``OUT/<stem>_tile_classes.tif``, ``_tiles.gpkg``, ``_tile_quicklook.png`` (and ``_tile_probabilities.tif``)."""
+def tile_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool = False,
+                 suggest: bool = False) -> TileOutputs:  # fmt: skip
+    """``OUT/<stem>_tile_classes.tif``, ``_tiles.gpkg``, ``_tile_quicklook.png`` (and ``_tile_probabilities.tif``,
+    ``_suggest.gpkg``)."""
     stem, out = Path(src).stem, Path(out_dir)
     return TileOutputs(out / f"{stem}_tile_classes.tif", out / f"{stem}_tiles.gpkg", out / f"{stem}_tile_quicklook.png",
-                       out / f"{stem}_tile_probabilities.tif" if probabilities else None)  # fmt: skip
+                       out / f"{stem}_tile_probabilities.tif" if probabilities else None,
+                       out / f"{stem}_suggest.gpkg" if suggest else None)  # fmt: skip
 
 
 def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, probabilities: bool = False,
                        quicklook_bands: Sequence[int] | None = None, nodata: float | None = None,
-                       overwrite: bool = False) -> TileOutputs:  # fmt: skip
+                       suggest: int = 0, overwrite: bool = False) -> TileOutputs:  # fmt: skip
     """Write :func:`tile_outputs` for ``result``, each atomically; the quick-look draws the tile classes over
     ``result.source``'s ``quicklook_bands`` as red, green, blue (default: the bands the tiles were classified on, in
-    the order the probe's chips had them, else 1, 2, 3) with ``nodata`` shown white.
+    the order the probe's chips had them, else 1, 2, 3) with ``nodata`` shown white. ``suggest``: also that many
+    tiles the probe is least sure of (:meth:`TileClasses.least_confident`), the ones to label next, as
+    ``<stem>_suggest.gpkg``.
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything is written).
@@ -602,7 +624,7 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
 
     from dinov3_eo.inference.writers import atomic_output, check_overwrite, default_colormap, write_cog, write_quicklook
 
-    paths = tile_outputs(result.source, out_dir, probabilities=probabilities)
+    paths = tile_outputs(result.source, out_dir, probabilities=probabilities, suggest=suggest > 0)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path in paths:
         if path is not None:
@@ -619,6 +641,10 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     frame = result.to_geodataframe()
     with atomic_output(paths.tiles, overwrite=overwrite) as tmp:
         frame.to_file(tmp, driver="GPKG", layer="tiles", geometry_type="Polygon" if frame.empty else None)
+    if paths.suggest is not None:
+        chosen = result.least_confident(suggest)
+        with atomic_output(paths.suggest, overwrite=overwrite) as tmp:
+            chosen.to_file(tmp, driver="GPKG", layer="suggest", geometry_type="Polygon" if chosen.empty else None)
     shown = list(quicklook_bands or result.bands or (1, 2, 3))
     with rasterio.open(result.source) as src:
         bands = [b for b in shown if b <= src.count][:3] or [1]
