@@ -352,7 +352,6 @@ class RasterMosaic:
         Raises:
             ValueError: paired by name and no ``source`` given, or as :meth:`pair`.
         """
-        height, width = shape
         values = np.zeros(shape, dtype=np.result_type(*(f.dtype for f in self.files)))
         found = np.zeros(shape, dtype=bool)
         if self.pairing == "name":

@@ -186,11 +186,11 @@ def load_chip_backbone(source: str | os.PathLike[str], *, normalization: str | N
 
 def embed_chips_with(backbone: ChipBackbone, chips: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                      bands: Sequence[int] | None = None, size: int | None = 224, batch_size: int = 32,
-                     amp: bool = False, progress: bool = True, view: int = 0) -> ChipEmbeddings:  # fmt: skip
+                     amp: bool = False, progress: bool = True) -> ChipEmbeddings:  # fmt: skip
     """:func:`embed_chips` through a loaded backbone, its normalisation and device; the table's metadata also
     records ``backbone_source`` and ``normalization_override`` (how ``similar --chips`` embeds its examples alike)."""
     embeddings = embed_chips(backbone.model, chips, normalization=backbone.normalization, bands=bands, size=size,
-                             batch_size=batch_size, device=backbone.device, amp=amp, progress=progress, view=view)  # fmt: skip
+                             batch_size=batch_size, device=backbone.device, amp=amp, progress=progress)  # fmt: skip
     embeddings.metadata.update(backbone_source=backbone.source, normalization_override=backbone.normalization_override)
     return embeddings
 

@@ -309,6 +309,7 @@ def _parse_example(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from dinov3_eo.tasks.chip_embeddings import FEATURES
     from dinov3_eo.tasks.clustering import add_map_options
 
     p = argparse.ArgumentParser(
@@ -333,7 +334,7 @@ def _parser() -> argparse.ArgumentParser:
     chips.add_argument("--table", default=None, help="with --chips, the chips to search: a table from 'embed --chips' "
                        "(or the tiles of a scene: 'embed SCENE --tiles N')")  # fmt: skip
     chips.add_argument("-k", type=int, default=20, help="with --chips, how many chips to list (default 20)")
-    chips.add_argument("--features", default="cls+patch_mean", choices=("cls", "patch_mean", "cls+patch_mean", "image"),
+    chips.add_argument("--features", default="cls+patch_mean", choices=FEATURES,
                        help="with --chips, which embedding columns are compared (default cls+patch_mean)")
     return p
 
