@@ -31,6 +31,27 @@ class NoLabelledTiles(ValueError):
     skipped for it; alone, it is the error)."""
 
 
+def class_fractions(counts: np.ndarray) -> np.ndarray:
+    """``[N, K]`` share of each tile's labelled pixels per class (rows sum to 1; 0 for a tile without labels), from
+    pixel counts ``[N, K]``."""
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+
+
+def majority_classes(counts: np.ndarray, purity: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(kept [N] bool, class ids [N] int64)`` of tiles with pixel counts ``[N, K]``: each tile's most common class
+    (the lowest id on a tie), kept where it covers at least ``purity`` of the tile's labelled pixels (a mixed tile
+    teaches no class)."""
+    fractions = class_fractions(counts)
+    ids = fractions.argmax(axis=1).astype(np.int64)
+    return fractions[np.arange(len(ids)), ids] >= purity, ids
+
+
+def present_classes(counts: np.ndarray, presence: float = 0.1) -> np.ndarray:
+    """``[N, K]`` bool: the classes covering at least ``presence`` (> 0) of each tile's labelled pixels, from pixel
+    counts ``[N, K]`` (multi-label targets)."""
+    return (class_fractions(counts) >= presence) & (counts > 0)
+
+
 @dataclass
 class TileLabels:
     """Labelled pixels per class of a scene's tiles (those with enough labelled pixels), on the grid of
@@ -70,19 +91,15 @@ class TileLabels:
     @property
     def fractions(self) -> np.ndarray:
         """``[N, K]`` share of each tile's labelled pixels per class (rows sum to 1)."""
-        return self.counts / np.maximum(self.counts.sum(axis=1, keepdims=True), 1)
+        return class_fractions(self.counts)
 
     def majority(self, purity: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-        """``(kept [N] bool, class ids [N] int64)``: each tile's most common class (the lowest id on a tie), kept where
-        it covers at least ``purity`` of the tile's labelled pixels (a mixed tile teaches no class)."""
-        fractions = self.fractions
-        ids = fractions.argmax(axis=1) if len(self) else np.zeros(0, np.int64)
-        share = fractions[np.arange(len(self)), ids] if len(self) else np.zeros(0)
-        return share >= purity, ids.astype(np.int64)
+        """:func:`majority_classes` of these tiles."""
+        return majority_classes(self.counts, purity)
 
     def present(self, presence: float = 0.1) -> np.ndarray:
-        """``[N, K]`` bool: the classes covering at least ``presence`` (> 0) of each tile's labelled pixels."""
-        return (self.fractions >= presence) & (self.counts > 0)
+        """:func:`present_classes` of these tiles."""
+        return present_classes(self.counts, presence)
 
     def take(self, index: np.ndarray) -> TileLabels:
         """The tiles at ``index`` (an index array or a bool mask)."""
@@ -253,4 +270,4 @@ def spatial_block_split(rows: np.ndarray, cols: np.ndarray, y: np.ndarray, *, fr
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-__all__ = ["MAX_CLASS_ID", "NoLabelledTiles", "TileLabels", "label_tiles", "merge_tile_labels", "spatial_block_split"]
+__all__ = ["MAX_CLASS_ID", "NoLabelledTiles", "TileLabels", "class_fractions", "majority_classes", "present_classes", "label_tiles", "merge_tile_labels", "spatial_block_split"]

@@ -22,7 +22,15 @@ import numpy as np
 
 from dinov3_eo.tasks.chip_classification import ChipClassifier, fit_chip_classifier, probe_backbone
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, load_chip_backbone
-from dinov3_eo.tasks.tile_labels import NoLabelledTiles, TileLabels, label_tiles, merge_tile_labels, spatial_block_split
+from dinov3_eo.tasks.tile_labels import (
+    NoLabelledTiles,
+    TileLabels,
+    label_tiles,
+    majority_classes,
+    merge_tile_labels,
+    present_classes,
+    spatial_block_split,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +91,12 @@ def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, *, skip
 
 def _targets(counts: np.ndarray, *, multi_label: bool, purity: float, presence: float) -> tuple[np.ndarray, np.ndarray]:
     """``(kept [N] bool, targets)`` of tiles with class counts ``[N, K]``: class ids of the tiles whose majority
-    class covers ``purity`` of their labelled pixels, or ``[N, K]`` bool of the classes covering ``presence``."""
-    fractions = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    class covers ``purity`` of their labelled pixels (:func:`majority_classes`), or ``[N, K]`` bool of the classes
+    covering ``presence`` (:func:`present_classes`; a tile with none is not kept)."""
     if multi_label:
-        present = (fractions >= presence) & (counts > 0)
+        present = present_classes(counts, presence)
         return present.any(axis=1), present
-    ids = fractions.argmax(axis=1)
-    return fractions[np.arange(len(ids)), ids] >= purity, ids.astype(np.int64)
+    return majority_classes(counts, purity)
 
 
 def _label_text(target: np.ndarray, classes: Sequence[str], multi_label: bool) -> str:
