@@ -604,6 +604,26 @@ SIMPLIFY_HELP = ("smooth the polygons' pixel staircases with this tolerance in C
                  "polygons together so that neighbours keep one shared edge (default 0: pixel edges)")
 
 
+#: vector formats written by suffix (:func:`write_vector`)
+VECTOR_FORMATS = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
+
+
+def write_vector(frame: Any, dst: str | os.PathLike[str], *, layer: str, overwrite: bool = False) -> Path:
+    """A ``GeoDataFrame`` written atomically as a GeoPackage (layer ``layer``) or GeoJSON, by ``dst``'s suffix
+    (:data:`VECTOR_FORMATS`); an empty frame is written as a layer of polygons.
+
+    Raises:
+        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    suffix = Path(dst).suffix.lower()
+    if suffix not in VECTOR_FORMATS:
+        raise ValueError(f"Vector outputs are written as {' or '.join(VECTOR_FORMATS)}, not {str(dst)!r}.")
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        frame.to_file(tmp, driver=VECTOR_FORMATS[suffix], geometry_type="Polygon" if frame.empty else None,
+                      **({"layer": layer} if suffix == ".gpkg" else {}))  # fmt: skip
+    return Path(dst)
+
+
 def vectorize_classes(
     classes: str | os.PathLike[str],
     dst: str | os.PathLike[str],

@@ -37,7 +37,7 @@ from dinov3_eo.data.chip_labels import (
     table_labels,
     table_multilabels,
 )
-from dinov3_eo.inference.writers import atomic_output, check_overwrite
+from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
 from dinov3_eo.tasks.chip_embeddings import FEATURES, chip_features, load_chip_backbone
 
 METHODS = ("linear", "knn")
@@ -278,7 +278,7 @@ def held_out_score(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray, *, 
 
 
 #: vector formats ``classify predict`` writes georeferenced chips' predictions as (their footprints)
-VECTOR_SUFFIXES = {".gpkg": "GPKG", ".geojson": "GeoJSON"}
+VECTOR_SUFFIXES = VECTOR_FORMATS
 
 
 def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str],
@@ -294,8 +294,7 @@ def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scor
     check_overwrite(dst, overwrite)
     frame = gpd.GeoDataFrame(prediction_columns(paths, scores, classes, threshold=threshold),
                              geometry=chip_footprints(paths, crs))  # fmt: skip
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "predictions"} if suffix == ".gpkg" else {}))
+    write_vector(frame, dst, layer="predictions", overwrite=overwrite)
     return frame
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.data.chip_labels import label_matrix, labelled_chips, stratified_split, table_multilabels
-from dinov3_eo.inference.writers import atomic_output, check_distinct_stems, check_overwrite
+from dinov3_eo.inference.writers import check_distinct_stems, check_overwrite, write_vector
 from dinov3_eo.tasks.chip_classification import (
     FEATURES,
     METHODS,
@@ -577,8 +577,7 @@ def _fit_scenes(args: Any) -> None:
     Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
-            tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        write_vector(tiles, out_dir / "tiles.gpkg", layer="tiles", overwrite=args.overwrite)
         print(out_dir / "tiles.gpkg")
         pictures = {"split": ((tiles["split"] == "held_out").to_numpy(int), ["train", "held out"], SPLIT_COLOURS)}
         if not probe.multi_label:  # (a multi-label tile's label is a set of classes: the split alone is drawn)
@@ -655,8 +654,7 @@ def _test_scenes(args: Any) -> None:
           f"{len(args.scenes)} scene{'s' if len(args.scenes) > 1 else ''}:")
     print_probe_report(probe, scored.scores, scored.targets, out_dir, threshold=args.threshold, unit="tiles")
     if out_dir is not None:
-        with atomic_output(out_dir / "tiles.gpkg", overwrite=args.overwrite) as tmp:
-            scored.tiles.to_file(tmp, driver="GPKG", layer="tiles")
+        write_vector(scored.tiles, out_dir / "tiles.gpkg", layer="tiles", overwrite=args.overwrite)
         print(f"{out_dir / 'tiles.gpkg'} (each tile's reference and predicted class: where the probe errs)")
         wrong = (~scored.tiles["correct"].to_numpy(bool)).astype(int)
         for path in _tile_pictures(args, scored.tiles, out_dir, "errors", wrong, ["right", "wrong"], RIGHT_WRONG_COLOURS):

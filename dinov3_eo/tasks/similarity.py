@@ -350,8 +350,8 @@ def similar_chips(args: argparse.Namespace) -> Path:
     import csv
 
     from dinov3_eo.data.datasets import expand_chips
-    from dinov3_eo.inference.writers import atomic_output, check_overwrite
-    from dinov3_eo.tasks.chip_classification import VECTOR_SUFFIXES, chip_footprints
+    from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
+    from dinov3_eo.tasks.chip_classification import chip_footprints
     from dinov3_eo.tasks.chip_embeddings import (
         embed_chips_with,
         load_chip_backbone,
@@ -374,7 +374,7 @@ def similar_chips(args: argparse.Namespace) -> Path:
     examples = embed_chips_with(backbone, expand_chips(args.scene), bands=info.get("bands") or args.bands,
                                 size=info.get("size"), progress=False)  # fmt: skip
     matches = nearest_chips(table, examples, k=args.k, features=args.features)
-    if Path(args.output).suffix.lower() in VECTOR_SUFFIXES:  # the matches on a map: tiles' or chips' footprints
+    if Path(args.output).suffix.lower() in VECTOR_FORMATS:  # the matches on a map: tiles' or chips' footprints
         import geopandas as gpd
 
         paths = [path for path, _ in matches]
@@ -382,10 +382,7 @@ def similar_chips(args: argparse.Namespace) -> Path:
         geometry = footprints.loc[paths].reset_index(drop=True) if footprints is not None else chip_footprints(paths)
         frame = gpd.GeoDataFrame({"rank": np.arange(1, len(matches) + 1), "path": paths,
                                   "similarity": [score for _, score in matches]}, geometry=geometry)  # fmt: skip
-        suffix = Path(args.output).suffix.lower()
-        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
-            frame.to_file(tmp, driver=VECTOR_SUFFIXES[suffix], **({"layer": "matches"} if suffix == ".gpkg" else {}))
-        return Path(args.output)
+        return write_vector(frame, args.output, layer="matches", overwrite=args.overwrite)
     with atomic_output(args.output, overwrite=args.overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
         out.writerow(["rank", "path", "similarity"])

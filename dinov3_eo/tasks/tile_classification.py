@@ -622,7 +622,7 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     """
     import rasterio
 
-    from dinov3_eo.inference.writers import atomic_output, check_overwrite, default_colormap, write_cog, write_quicklook
+    from dinov3_eo.inference.writers import check_overwrite, default_colormap, write_cog, write_quicklook, write_vector
 
     paths = tile_outputs(result.source, out_dir, probabilities=probabilities, suggest=suggest > 0)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -639,12 +639,9 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
         write_cog(paths.probabilities, result.probabilities, crs=result.crs, transform=result.transform,
                   nodata=float("nan"), band_descriptions=result.classes, overwrite=overwrite)  # fmt: skip
     frame = result.to_geodataframe()
-    with atomic_output(paths.tiles, overwrite=overwrite) as tmp:
-        frame.to_file(tmp, driver="GPKG", layer="tiles", geometry_type="Polygon" if frame.empty else None)
+    write_vector(frame, paths.tiles, layer="tiles", overwrite=overwrite)
     if paths.suggest is not None:
-        chosen = result.least_confident(suggest)
-        with atomic_output(paths.suggest, overwrite=overwrite) as tmp:
-            chosen.to_file(tmp, driver="GPKG", layer="suggest", geometry_type="Polygon" if chosen.empty else None)
+        write_vector(result.least_confident(suggest), paths.suggest, layer="suggest", overwrite=overwrite)
     shown = list(quicklook_bands or result.bands or (1, 2, 3))
     with rasterio.open(result.source) as src:
         bands = [b for b in shown if b <= src.count][:3] or [1]
