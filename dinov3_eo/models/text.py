@@ -598,16 +598,17 @@ class TextImageEncoder(nn.Module):
     ``x_norm_clstoken`` ``[B, D]`` and ``x_norm_patchtokens`` ``[B, h·w, D]``, so that chip and tile embeddings made
     through it are dino.txt's image embedding (``concat[cls, mean(patches)]``, normalised together).
 
-    ``patch_size``, ``embed_dim``, ``patch_embed`` and ``meta`` are the backbone's (what the embedding code reads).
+    ``patch_size``, ``embed_dim`` and ``patch_embed`` are the backbone's (what the embedding code reads); ``meta``
+    is the given metadata (a loaded text model's), else the backbone's.
     """
 
-    def __init__(self, model: TextAlignedModel) -> None:
+    def __init__(self, model: TextAlignedModel, meta: Any = None) -> None:
         super().__init__()
         self.vision = model.vision
         backbone = model.vision.backbone
         self.patch_size, self.embed_dim = int(model.vision.patch_size), int(model.vision.embed_dim)
         self.patch_embed = backbone.patch_embed
-        self.meta = getattr(backbone, "meta", None)
+        self.meta = meta if meta is not None else getattr(backbone, "meta", None)
 
     def forward_features(self, x: Tensor) -> dict[str, Tensor]:
         """``[B, C, H, W]`` normalised images -> adapted ``{"x_norm_clstoken": [B, D], "x_norm_patchtokens": [B, h·w, D]}``."""

@@ -334,8 +334,7 @@ def text_image_backbone(source: str | os.PathLike[str], *, normalization: str | 
 
     model, meta, _ = load_text_model(source)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    encoder = TextImageEncoder(model).to(device).eval()
-    encoder.meta = meta
+    encoder = TextImageEncoder(model, meta).to(device).eval()
     return ChipBackbone(encoder, input_normalization(meta, normalization), device, os.path.abspath(source), normalization)
 
 

@@ -642,14 +642,19 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     write_vector(frame, paths.tiles, layer="tiles", overwrite=overwrite)
     if paths.suggest is not None:
         write_vector(result.least_confident(suggest), paths.suggest, layer="suggest", overwrite=overwrite)
-    shown = list(quicklook_bands or result.bands or (1, 2, 3))
     with rasterio.open(result.source) as src:
-        bands = [b for b in shown if b <= src.count][:3] or [1]
+        bands = _shown_bands(quicklook_bands or result.bands, src.count)
     write_quicklook(paths.quicklook, classes=paths.classes, image=result.source, bands=bands, nodata=nodata,
                     title=f"{Path(result.source).name}: {result.tile_size}-px tiles"
                     + (f" every {result.stride} px" if result.stride and result.stride != result.tile_size else ""),
                     overwrite=overwrite)  # fmt: skip
     return paths
+
+
+def _shown_bands(bands: Sequence[int] | None, count: int) -> list[int]:
+    """The bands a quick-look draws as red, green, blue: ``bands`` (default 1, 2, 3) that a ``count``-band scene has,
+    at most three; band 1 (grey) where none is left."""
+    return [b for b in (bands or (1, 2, 3)) if b <= count][:3] or [1]
 
 
 def write_tile_picture(dst: str | os.PathLike[str], scene: str | os.PathLike[str], *, tile_size: int,
@@ -669,7 +674,7 @@ def write_tile_picture(dst: str | os.PathLike[str], scene: str | os.PathLike[str
         shape, crs, transform, count = tile_grid_shape(src.height, src.width, tile_size), src.crs, src.transform, src.count
     grid = np.full(shape, TILE_NODATA, np.uint8)
     grid[np.asarray(rows), np.asarray(cols)] = np.asarray(ids, np.uint8)
-    shown = [b for b in (bands or (1, 2, 3)) if b <= count][:3] or [1]
+    shown = _shown_bands(bands, count)
     with tempfile.TemporaryDirectory() as tmp:
         classes = write_cog(Path(tmp) / "tiles.tif", grid, crs=crs, transform=transform @ Affine.scale(tile_size),
                             nodata=TILE_NODATA, class_names=list(class_names))  # fmt: skip
