@@ -369,6 +369,7 @@ def score_tile_classifier(
     if not isinstance(backbone, ChipBackbone):
         backbone = probe_backbone(probe, backbone, device=device)
     lookup = {name.lower(): i for i, name in enumerate(probe.classes)}
+    threshold = probe.threshold if threshold is None else threshold
     all_scores, all_targets, frames = [], [], []
     sizes = {os.fspath(scene): int(tile_size) if tile_size is not None else probe_tile_size(probe, scene) for scene in scenes}
     labelled = [found for scene in scenes
@@ -405,11 +406,9 @@ def score_tile_classifier(
         tiles, scores, target = tiles.take(done), scores[done], target[done]
         all_scores.append(scores)
         all_targets.append(target)
-        threshold = probe.threshold if threshold is None else threshold
-        labels_of = (lambda rows: predicted_labels(rows, probe.classes, threshold)) if probe.multi_label else \
-            (lambda rows: [probe.classes[i] for i in rows.argmax(axis=1)])  # fmt: skip
         reference = [_label_text(t, probe.classes, probe.multi_label) for t in target]
-        predicted = labels_of(scores)
+        predicted = predicted_labels(scores, probe.classes, threshold) if probe.multi_label else \
+            [probe.classes[i] for i in scores.argmax(axis=1)]  # fmt: skip
         frame = tiles.to_geodataframe({
             "scene": [os.fspath(tiles.source)] * len(tiles), "name": [tile_name(tiles.source, r, c) for r, c in tiles.cells],
             "reference": reference, "predicted": predicted, "score": scores.max(axis=1).astype(np.float64),
