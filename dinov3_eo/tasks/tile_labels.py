@@ -205,13 +205,13 @@ def label_tiles(
         found_counts.append(counts)
     counts = np.concatenate(found_counts) if found_counts else np.zeros((0, MAX_CLASS_ID + 1), np.int64)
     if not len(counts):
-        raise NoLabelledTiles(f"No pixel of scene {str(scene)!r} is labelled by {what}: they do not overlap (check both "
-                         "CRSs, and the polygons' class column).")  # fmt: skip
+        raise NoLabelledTiles(f"No pixel of scene {str(scene)!r} is labelled by {what}: they do not overlap (check "
+                              "both CRSs, and the polygons' class column).")  # fmt: skip
     share = counts.sum(axis=1) / float(tile_size**2)
     keep = share >= min_labelled
     if not keep.any():
-        raise NoLabelledTiles(f"No {tile_size}-px tile of {str(scene)!r} has {min_labelled:.0%} of its pixels labelled by "
-                         f"{what} (at most {share.max():.0%}); lower --min-labelled, or use smaller tiles.")  # fmt: skip
+        raise NoLabelledTiles(f"No {tile_size}-px tile of {str(scene)!r} has {min_labelled:.0%} of its pixels labelled "
+                              f"by {what} (at most {share.max():.0%}); lower --min-labelled, or use smaller tiles.")  # fmt: skip
     counts = counts[keep]
     used = np.flatnonzero(counts.any(axis=0))
     named = list(names) if names is not None else []
