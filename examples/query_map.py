@@ -8,7 +8,8 @@
 untrained model is made on the spot so the example runs anywhere — its maps then show the pipeline, not
 knowledge. The model's stored normalisation is used unless ``--stretch`` re-maps this scene's 2–98 % range onto
 the model's expected input range (e.g. Landsat DN onto the 0..255 of EuroSAT chips). Writes, under ``--out``:
-per-query scores and a class map (COG), polygons (GeoPackage), a similarity map for a point example, and a PNG.
+per-query scores and a class map (COG), polygons (GeoPackage), a similarity map for a point example, the queries as
+the classes of the scene's tiles (a zero-shot probe, ``tiles/``), and a PNG.
 """
 
 from __future__ import annotations
@@ -70,7 +71,16 @@ def main() -> None:
     similar = engine.similar(args.scene, Point(lon, lat), crs="EPSG:4326", out=out / "similar.tif")
     print(f"similarity to ({lon:.4f}, {lat:.4f}): median {float(similar.median()):.3f}, max {float(similar.max()):.3f}")
 
-    # 3. a picture: RGB, class map and the similarity map side by side
+    # 3. the same queries as the classes of the scene's 16-px tiles (classify zero-shot, then classify map)
+    from dinov3_eo.tasks.chip_classification import zero_shot_classifier
+    from dinov3_eo.tasks.tile_classification import classify_tiles, write_tile_classes
+
+    probe = zero_shot_classifier(model_path, args.queries, size=32, tile_size=16)
+    tiles = classify_tiles(args.scene, probe, bands=args.bands, nodata=args.nodata, progress=False)
+    written = write_tile_classes(tiles, out / "tiles", nodata=args.nodata, quicklook_bands=args.bands, overwrite=True)
+    print(f"{int(tiles.classified.sum())} tiles named from text: {written.classes}")
+
+    # 4. a picture: RGB, class map and the similarity map side by side
     from matplotlib.figure import Figure
 
     with rasterio.open(args.scene) as src:

@@ -95,6 +95,8 @@ def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     assert {"scores.tif", "classes.tif", "classes.gpkg", "similar.tif", "query_map.png"} <= {
         p.name for p in tmp_path.iterdir()
     }
+    assert (tmp_path / "tiles" / "landsat8_224078_subset_tile_classes.tif").is_file()  # the zero-shot tile map
+    assert "tiles named from text" in done.stdout
 
 
 def test_the_no_labels_example_runs_without_a_model(tmp_path: Path) -> None:
