@@ -163,6 +163,7 @@ class COGWriter:
         colormap: class id -> RGB(A) for the colour table; defaults to :func:`default_colormap`.
         band_descriptions: one description per band (e.g. class names of probability bands).
         scales: per-band scale factors stored in the file (``value * scale`` is the physical quantity).
+        units: per-band units (``"m"``), as GDAL's unit type (``rasterio``'s ``units``).
         tags: extra dataset tags (values are stored as strings).
 
     Raises:
@@ -188,6 +189,7 @@ class COGWriter:
         colormap: Mapping[int, Sequence[int]] | None = None,
         band_descriptions: Sequence[str] | None = None,
         scales: Sequence[float] | None = None,
+        units: Sequence[str] | None = None,
         tags: Mapping[str, Any] | None = None,
     ) -> None:
         self.dst = check_overwrite(dst, overwrite)
@@ -200,6 +202,8 @@ class COGWriter:
             raise ValueError(f"band_descriptions has {len(band_descriptions)} entries for {count} bands.")
         if scales is not None and len(scales) != count:
             raise ValueError(f"scales has {len(scales)} entries for {count} bands.")
+        if units is not None and len(units) != count:
+            raise ValueError(f"units has {len(units)} entries for {count} bands.")
         self._cog_options = _cog_options(
             compress=compress,
             float_data=self.dtype.kind == "f",
@@ -226,6 +230,7 @@ class COGWriter:
         self._colormap = colormap
         self._band_descriptions = band_descriptions
         self._scales = scales
+        self._units = units
         self._tags = {k: str(v) for k, v in (tags or {}).items()}
         self._tmp_gtiff = temporary_sibling(self.dst.with_suffix(".tif"))
         self._dataset: Any = None
@@ -266,6 +271,8 @@ class COGWriter:
         if self._scales is not None:
             ds.scales = tuple(float(s) for s in self._scales)
             ds.offsets = (0.0,) * len(self._scales)
+        if self._units is not None:
+            ds.units = tuple(str(u) for u in self._units)
 
     def write(self, block: np.ndarray, window: Window) -> None:
         """Write ``block`` (count, h, w) — or (h, w) for one band — at ``window`` (pixel offsets).

@@ -17,6 +17,8 @@ from dinov3_eo.inference.writers import atomic_output
 #: Perceptually uniform, colour-blind-safe map of heights; diverging map of errors (blue = under, red = over).
 HEIGHT_CMAP = "viridis"
 ERROR_CMAP = "RdBu_r"
+#: a scatter plot of at most this many pairs draws points, not a 2-D histogram
+SCATTER_POINTS = 2000
 
 
 def _save(fig, dst: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -49,19 +51,38 @@ def height_quicklook(
                              vmax=vmax, title=title, overwrite=overwrite)  # fmt: skip
 
 
+def value_quicklook(
+    dst: str | os.PathLike[str],
+    raster: str | os.PathLike[str],
+    *,
+    label: str,
+    max_size: int = 1024,
+    vmax: float | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """:func:`height_quicklook` of any non-negative quantity (biomass, tree cover), its colour bar named ``label``."""
+    return _one_band_picture(dst, raster, cmap=HEIGHT_CMAP, label=label, centred=False, max_size=max_size, vmax=vmax,
+                             title=title, overwrite=overwrite)  # fmt: skip
+
+
 def scatter_plot(
     dst: str | os.PathLike[str],
     pred: np.ndarray,
     target: np.ndarray,
     *,
     title: str | None = None,
+    label: str = "height (m)",
+    counted: str = "pixels",
     max_points: int = 50_000,
     seed: int = 0,
     overwrite: bool = True,
 ) -> Path:
-    """Predicted vs reference height (metres) as a 2-D histogram with the 1:1 line; NaN pairs are dropped.
+    """Predicted vs reference height (metres; or any non-negative quantity, named by ``label``, of ``counted`` items)
+    as a 2-D histogram with the 1:1 line; NaN pairs are dropped.
 
-    Up to ``max_points`` pairs are drawn (a seeded subsample), so the picture costs the same for any data size.
+    Up to ``max_points`` pairs are drawn (a seeded subsample), so the picture costs the same for any data size; up
+    to :data:`SCATTER_POINTS` are drawn as points instead.
     """
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
@@ -75,14 +96,16 @@ def scatter_plot(
     top = max(1.0, float(np.percentile(np.concatenate([p, t]), 99.5))) if p.size else 1.0
     fig = Figure(figsize=(4.6, 4.0), dpi=100)
     ax = fig.subplots()
-    if p.size:
+    if 0 < p.size <= SCATTER_POINTS:  # few pairs (tiles, plots) read best as points
+        ax.scatter(t, p, s=9, color="#0072b2", alpha=0.6, linewidths=0)
+    elif p.size:
         _, _, _, mesh = ax.hist2d(t, p, bins=60, range=[[0, top], [0, top]], cmap="magma_r", norm=LogNorm(), cmin=1)
-        fig.colorbar(mesh, ax=ax, label="pixels")
+        fig.colorbar(mesh, ax=ax, label=counted)
     ax.plot([0, top], [0, top], color="0.3", lw=1, ls="--")
     ax.set_xlim(0, top)
     ax.set_ylim(0, top)
-    ax.set_xlabel("reference height (m)")
-    ax.set_ylabel("predicted height (m)")
+    ax.set_xlabel(f"reference {label}")
+    ax.set_ylabel(f"predicted {label}")
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)

@@ -364,18 +364,76 @@ def classify_tiles(
         backbone does not take, a bad ``tile_size``, ``stride`` or ``min_valid``, or no tile with enough data (each
         in one sentence).
     """
+    if not isinstance(probe, ChipClassifier):
+        probe = ChipClassifier.load(probe)
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"min_score must lie in [0, 1], got {min_score}.")
+
+    def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
+        return probe.scores(_batch_features(cls, patch_mean, probe.features))
+
+    grid = predict_tile_grid(raster, probe, head, len(probe.classes), backbone=backbone, normalization=normalization,
+                             tile_size=tile_size, stride=stride, bands=bands, nodata=nodata, min_valid=min_valid,
+                             batch_size=batch_size, device=device, amp=amp, tta=tta, prefetch=prefetch, cells=cells,
+                             progress=progress)  # fmt: skip
+    return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=grid.outputs,
+                       valid_fraction=grid.valid_fraction, crs=grid.crs, transform=grid.transform,
+                       tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands, multi_label=probe.multi_label,
+                       threshold=probe.threshold, min_score=min_score)  # fmt: skip
+
+
+class TileGrid(NamedTuple):
+    """What :func:`predict_tile_grid` made: a head's outputs on a scene's grid of cells."""
+
+    outputs: np.ndarray
+    """``[K, rows, cols]`` float32, NaN where a cell's tile was not predicted."""
+    valid_fraction: np.ndarray
+    """``[rows, cols]`` share of each cell's tile's pixels that hold data."""
+    crs: Any
+    transform: Affine
+    """the cell grid's (the scene's scaled by ``stride``)."""
+    tile_size: int
+    stride: int
+    bands: list[int] | None
+
+
+def predict_tile_grid(
+    raster: str | os.PathLike[str],
+    probe: Any,
+    head: Any,
+    outputs: int,
+    *,
+    backbone: ChipBackbone | nn.Module | str | os.PathLike[str] | None = None,
+    normalization: Normalization | None = None,
+    tile_size: int | None = None,
+    stride: int | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    min_valid: float = 0.5,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    tta: str | None = None,
+    prefetch: int = 2,
+    cells: np.ndarray | None = None,
+    progress: bool = True,
+) -> TileGrid:
+    """A probe's ``head(cls [N, D], patch_mean [N, D]) -> [N, outputs]`` on every tile of a scene's grid, each tile
+    embedded as the probe's training tiles or chips were (its ``embedding`` record: backbone, bands, input size):
+    the loop :func:`classify_tiles` and :func:`~dinov3_eo.tasks.tile_regression.regress_tiles` share. Arguments as
+    for :func:`classify_tiles`; with ``tta`` a tile's outputs are the mean of its views'.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`classify_tiles`.
+    """
     import rasterio
 
     from dinov3_eo.data.raster import require_georeferenced
     from dinov3_eo.inference.tta import tta_views
 
-    if not isinstance(probe, ChipClassifier):
-        probe = ChipClassifier.load(probe)
     info = probe.embedding
     if not 0.0 < min_valid <= 1.0:
         raise ValueError(f"min_valid must lie in (0, 1], got {min_valid}.")
-    if min_score is not None and not 0.0 <= min_score <= 1.0:
-        raise ValueError(f"min_score must lie in [0, 1], got {min_score}.")
     if not Path(raster).is_file():
         raise FileNotFoundError(f"Scene {str(raster)!r} does not exist.")
     tile_size = int(tile_size) if tile_size is not None else probe_tile_size(probe, raster)
@@ -396,7 +454,7 @@ def classify_tiles(
         rows, cols = tile_grid_shape(src.height, src.width, stride)
         if cells is not None and np.shape(cells) != (rows, cols):
             raise ValueError(f"cells must be a [rows, cols] = {(rows, cols)} mask of the scene's grid, got {np.shape(cells)}.")
-        probabilities = np.full((len(probe.classes), rows, cols), np.nan, dtype=np.float32)
+        predicted = np.full((outputs, rows, cols), np.nan, dtype=np.float32)
         valid_fraction = np.zeros((rows, cols), dtype=np.float32)
         crs, transform = src.crs, src.transform @ Affine.scale(stride)
         chosen_cells = [(int(r), int(c)) for r, c in np.argwhere(cells)] if cells is not None else \
@@ -410,18 +468,16 @@ def classify_tiles(
             for row, col, fraction, _ in seen:
                 valid_fraction[row, col] = fraction
             if views_embedded:
-                p = sum(probe.scores(_batch_features(cls, patch_mean, probe.features)) for cls, patch_mean in views_embedded)
+                p = sum(np.asarray(head(cls, patch_mean), np.float64) for cls, patch_mean in views_embedded)
                 chosen = [(row, col) for row, col, _, take in seen if take]
                 for (row, col), values in zip(chosen, (p / len(views)).astype(np.float32)):
-                    probabilities[:, row, col] = values
-        if not np.isfinite(probabilities).all(axis=0).any():
+                    predicted[:, row, col] = values
+        if not np.isfinite(predicted).all(axis=0).any():
             declared = nodata if nodata is not None else src.nodata
             raise ValueError(f"No tile of {str(raster)!r} holds data on at least {min_valid:.0%} of its pixels (nodata "
                              f"{declared}); check --nodata, or lower --min-valid.")  # fmt: skip
-    return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=probabilities,
-                       valid_fraction=valid_fraction, crs=crs, transform=transform, tile_size=tile_size,
-                       stride=stride, bands=list(bands) if bands is not None else None, multi_label=probe.multi_label,
-                       threshold=probe.threshold, min_score=min_score)  # fmt: skip
+    return TileGrid(predicted, valid_fraction, crs, transform, tile_size, stride,
+                    list(bands) if bands is not None else None)
 
 
 def tile_name(raster: str | os.PathLike[str], row: int, col: int) -> str:
@@ -686,10 +742,12 @@ __all__ = [
     "TILE_NODATA",
     "UNKNOWN",
     "TileClasses",
+    "TileGrid",
     "TileOutputs",
     "TileTensorDataset",
     "classify_tiles",
     "embed_tiles",
+    "predict_tile_grid",
     "probe_tile_size",
     "tile_grid_shape",
     "tile_name",

@@ -231,9 +231,9 @@ def fit_tile_classifier(
                                 threshold=threshold, balanced=balanced)  # fmt: skip
     probe.embedding = {"backbone_source": source, "size": size, "bands": list(bands) if bands is not None else None,
                        "normalization": override, "backbone": made.get("backbone"),
-                       "chip_size": [int(tile_size), int(tile_size)], "tile_m": _tile_ground(train_sets, tile_size),
-                       "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": _describe(labels),
-                                 "val_labels": _describe(val_labels), "attribute": attribute, "purity": purity,
+                       "chip_size": [int(tile_size), int(tile_size)], "tile_m": tile_ground(train_sets, tile_size),
+                       "tiles": {"scenes": [os.fspath(s) for s in scenes], "labels": describe_labels(labels),
+                                 "val_labels": describe_labels(val_labels), "attribute": attribute, "purity": purity,
                                  "presence": presence if multi_label else None, "min_labelled": min_labelled,
                                  "min_valid": min_valid, "block": block, "val_fraction": val_fraction,
                                  "train_tiles": int(train.sum()), "held_out_tiles": int(held.sum())}}  # fmt: skip
@@ -247,7 +247,7 @@ def fit_tile_classifier(
                                        "label": [_label_text(t, classes, multi_label) for t in y[part]],
                                        "split": np.where(held[part], "held_out", "train")})  # fmt: skip
         frames.append(frame.drop(columns=[c for c in frame.columns if c.startswith("f_")]))
-    return TileProbeFit(probe=probe, tiles=_one_frame(frames), held_out_scores=scores,
+    return TileProbeFit(probe=probe, tiles=one_frame(frames), held_out_scores=scores,
                         held_out_targets=y[held] if held.any() else None, targets=y)  # fmt: skip
 
 
@@ -267,7 +267,7 @@ def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], b
         if not len(tiles):
             continue
         if table is not None:  # rows of an 'embed --tiles' table: nothing embedded here
-            embedded, taken = _table_rows(table, tiles)
+            embedded, taken = tile_table_rows(table, tiles)
         else:
             embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, **embedding)
         made = embedded.metadata
@@ -281,7 +281,7 @@ def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], b
     return np.concatenate(xs), np.concatenate(kept_counts), np.concatenate(held_flags), kept_tiles, made
 
 
-def _table_rows(table: ChipEmbeddings, tiles: TileLabels) -> tuple[ChipEmbeddings, np.ndarray]:
+def tile_table_rows(table: ChipEmbeddings, tiles: Any) -> tuple[ChipEmbeddings, np.ndarray]:
     """The rows of an ``embed --tiles`` table for ``tiles`` (matched by scene file and cell), and ``[N]`` bool, which
     the table holds (it leaves out tiles without enough data)."""
     index = {}
@@ -294,7 +294,7 @@ def _table_rows(table: ChipEmbeddings, tiles: TileLabels) -> tuple[ChipEmbedding
     return table.take([table.paths[i] for i in rows if i >= 0]), taken
 
 
-def _tile_ground(tiles: Sequence[TileLabels], tile_size: int) -> float | None:
+def tile_ground(tiles: Sequence[TileLabels], tile_size: int) -> float | None:
     """The side in metres of the tiles of the scenes ``tiles`` were labelled on (the first scene's pixel size; ``None``
     for a CRS in degrees), which ``classify map`` turns into a tile size in any scene's pixels; a warning where the
     scenes' pixel sizes differ, since a tile of ``tile_size`` pixels then covers different ground in each."""
@@ -319,9 +319,12 @@ def _take_rows(rows_meta: list[tuple[int, TileLabels]], mask: np.ndarray) -> lis
     return out
 
 
-def _describe(labels: Any) -> str | None:
+def describe_labels(labels: Any) -> str | None:
+    """How a fit records its labels (or reference values): the file's absolute path, ``"GeoDataFrame"``, or ``None``."""
     if labels is None:
         return None
+    if isinstance(labels, (list, tuple)):
+        return ";".join(os.path.abspath(os.fspath(item)) for item in labels)
     return "GeoDataFrame" if hasattr(labels, "geometry") else os.path.abspath(os.fspath(labels))
 
 
@@ -376,7 +379,7 @@ def score_tile_classifier(
                 for found in _scene_labels([scene], labels, tile_size=sizes[os.fspath(scene)], attribute=attribute,
                                            class_names=class_names, min_labelled=min_labelled, skip=len(scenes) > 1)]  # fmt: skip
     if not labelled:
-        raise NoLabelledTiles(f"{_describe(labels)} labels no tile of {', '.join(map(str, scenes))}.")
+        raise NoLabelledTiles(f"{describe_labels(labels)} labels no tile of {', '.join(map(str, scenes))}.")
     for tiles in labelled:
         tile_size = tiles.tile_size
         to_probe = np.array([lookup.get(name.lower(), -1) for name in tiles.classes])
@@ -396,7 +399,7 @@ def score_tile_classifier(
         tiles, target = tiles.take(kept), target[kept]
         if not len(tiles):
             continue
-        cells = np.zeros(tile_grid_shape(*_scene_shape(tiles.source), tile_size), bool)
+        cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tile_size), bool)
         cells[tiles.rows, tiles.cols] = True
         result = classify_tiles(tiles.source, probe, backbone=backbone, tile_size=tile_size, nodata=nodata,
                                 min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp, cells=cells,
@@ -418,10 +421,10 @@ def score_tile_classifier(
     if not frames:
         raise ValueError(f"No tile of {', '.join(map(str, scenes))} labelled by the reference with one of the probe's "
                          f"classes {probe.classes} holds enough data to be scored.")  # fmt: skip
-    return TileScores(np.concatenate(all_scores), np.concatenate(all_targets), _one_frame(frames))
+    return TileScores(np.concatenate(all_scores), np.concatenate(all_targets), one_frame(frames))
 
 
-def _one_frame(frames: Sequence[Any]) -> Any:
+def one_frame(frames: Sequence[Any]) -> Any:
     """Several scenes' tile frames as one, in the first one's CRS."""
     import geopandas as gpd
     import pandas as pd
@@ -430,7 +433,8 @@ def _one_frame(frames: Sequence[Any]) -> Any:
     return gpd.GeoDataFrame(pd.concat([f.to_crs(crs) for f in frames], ignore_index=True), crs=crs)
 
 
-def _scene_shape(path: str) -> tuple[int, int]:
+def scene_shape(path: str) -> tuple[int, int]:
+    """``(height, width)`` of a raster in pixels."""
     import rasterio
 
     with rasterio.open(path) as src:

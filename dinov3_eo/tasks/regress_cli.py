@@ -1,0 +1,268 @@
+"""``dinov3-eo regress``: the command line of the tile regressors (:mod:`~dinov3_eo.tasks.tile_regression`).
+
+``fit`` (the tiles of scenes that a reference raster, points or polygons cover), ``map`` (every tile of a scene as a
+float GeoTIFF) and ``test`` (scores on a reference's tiles).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dinov3_eo.inference.writers import atomic_output, check_distinct_stems, check_overwrite, write_vector
+from dinov3_eo.tasks.tile_regression import METHODS, TileRegressor, regression_metrics
+from dinov3_eo.tasks.tile_values import STATISTICS
+
+
+def regress_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo regress fit --scenes S --values REF --tile-size N --model M -o regressor.safetensors`` / ``regress
+    map SCENE --regressor R -o OUT`` / ``regress test --scenes S --values REF --regressor R``; returns the exit code."""
+    import argparse
+    import sys
+
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.tasks.chip_embeddings import FEATURES
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
+
+    prog = "dinov3-eo regress"
+    parser = argparse.ArgumentParser(prog=prog, description="Tile regression on frozen DINOv3 features: a number per "
+                                     "tile (canopy height, biomass, tree cover) from a reference raster, field plots or "
+                                     "polygons.")  # fmt: skip
+    sub = parser.add_subparsers(dest="action", required=True)
+    fit = sub.add_parser("fit", help="fit a regressor on the tiles of scenes that a reference covers",
+                         description="Summarise a reference (a raster such as a CHM or biomass map, points with a "
+                         "measured value, or polygons carrying one) over each tile of the scenes, embed the tiles, fit "
+                         "a ridge regression (alpha chosen on held-out blocks of tiles) or keep them for a k-NN, report "
+                         "the held-out MAE, RMSE, R2 and bias, and save the regressor.")  # fmt: skip
+    fit.add_argument("--model", default=None, help=BACKBONE_HELP + " (default with --embeddings: the table's)")
+    fit.add_argument("--embeddings", default=None, help="a table of the scenes' tiles from 'embed SCENE --tiles N': "
+                     "their embeddings are read, not computed again")  # fmt: skip
+    fit.add_argument("-o", "--output", required=True, help="the regressor (.safetensors)")
+    fit.add_argument("--val-values", nargs="+", default=None, help="a held-out reference over the same scenes (default: "
+                     "--val-fraction of the tiles, in blocks)")  # fmt: skip
+    fit.add_argument("--val-fraction", type=float, default=0.2, help="share of the tiles held out (default 0.2)")
+    fit.add_argument("--block", type=int, default=4, help="held-out tiles are whole blocks of BLOCK x BLOCK tiles "
+                     "(default 4): neighbouring tiles look alike, and a random split would score too kindly")  # fmt: skip
+    fit.add_argument("--method", choices=METHODS, default="ridge", help="ridge regression (default) or k-NN")
+    fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
+                     help="embedding columns fed to the regressor (default cls+patch_mean)")  # fmt: skip
+    fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
+    fit.add_argument("--size", type=int, default=224, help="tiles resized to SIZE x SIZE (default 224; 0: own size)")
+    fit.add_argument("--target", default=None, help='what the values are, for maps and reports (e.g. "canopy height"; '
+                     "default: the attribute, else 'value')")  # fmt: skip
+    fit.add_argument("--unit", default=None, help="their unit (e.g. m, Mg/ha; default: the raster's declared unit)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    add_backbone_input_options(fit)
+    scene = sub.add_parser("map", help="the regressor's value of every tile of georeferenced scenes: a float GeoTIFF, "
+                           "GeoPackage and picture",
+                           description="Cut each scene into a grid of tiles from its origin (by default covering the "
+                           "ground the regressor's training tiles covered), predict each tile's value, and write "
+                           "OUT/<stem>_tile_values.tif (one float32 pixel per tile, NaN = not predicted), "
+                           "<stem>_tile_values.gpkg and <stem>_tile_values.png.")  # fmt: skip
+    scene.add_argument("scenes", nargs="+", help="georeferenced scenes (GeoTIFF or anything GDAL reads)")
+    scene.add_argument("-o", "--out-dir", required=True, help="folder for the outputs (created)")
+    scene.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels (default: the "
+                       "regressor's training tiles' ground, in this scene's pixels)")  # fmt: skip
+    scene.add_argument("--stride", type=int, default=None, help="a finer map: cells of STRIDE scene pixels, each "
+                       "valued by the tile centred on it (default: the tile size)")  # fmt: skip
+    scene.add_argument("--min-valid", type=float, default=0.5, help="share of a tile's pixels that must hold data "
+                       "(default 0.5)")  # fmt: skip
+    scene.add_argument("--bands", type=int, nargs="+", default=None, help="1-based scene bands fed to the backbone "
+                       "(default: the regressor's)")  # fmt: skip
+    scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    test = sub.add_parser("test", help="score a regressor on the tiles of scenes that a reference covers: MAE, RMSE, "
+                          "R2, bias")  # fmt: skip
+    for p in (fit, test):
+        p.add_argument("--scenes", nargs="+", required=True, help="georeferenced scenes: their tiles (the grid "
+                       "'regress map' predicts) take their values from --values")  # fmt: skip
+        p.add_argument("--values", nargs="+", required=True, help="the reference: rasters (CHM, biomass map; files, "
+                       "a folder or a quoted glob, read as one mosaic), or points / polygons (GeoPackage, GeoJSON, shapefile, or "
+                       "a CSV with lon, lat columns) with a numeric --attribute, in any CRS")  # fmt: skip
+        p.add_argument("--statistic", default=None, help=f"how a tile's reference values are summarised: "
+                       f"{', '.join(STATISTICS)} (default mean; test: the regressor's)")  # fmt: skip
+        p.add_argument("--attribute", default=None, help="the points' or polygons' value column (default: their only "
+                       "numeric one)")  # fmt: skip
+        p.add_argument("--band", type=int, default=1, help="the reference raster's band (default 1)")
+        p.add_argument("--values-nodata", type=float, default=None, help="the reference raster's nodata override")
+        p.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels" + (
+            " (required, unless --embeddings records it)" if p is fit else " (default: the regressor's)"))  # fmt: skip
+        p.add_argument("--min-covered", type=float, default=0.5, help="share of a tile the reference raster or "
+                       "polygons must cover (default 0.5)")  # fmt: skip
+        p.add_argument("--min-points", type=int, default=1, help="points a tile must hold (default 1)")
+        p.add_argument("--min-valid", type=float, default=0.9, help="share of a tile's pixels that must hold imagery "
+                       "(default 0.9)")  # fmt: skip
+        p.add_argument("--out-dir", default=None, help="also write metrics.json, tiles.gpkg (each tile's reference "
+                       "and prediction) and scatter.png here")  # fmt: skip
+    test.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
+    test.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
+    scene.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
+    for p in (test, scene):
+        p.add_argument("--model", default=None, help="the backbone (default: the one the regressor was fitted on)")
+        p.add_argument("--tta", choices=("flips", "d4"), default=None, help="test-time augmentation: the mean value of "
+                       "the flipped (4 views) or flipped and quarter-turned (8) tiles")  # fmt: skip
+    for p in (fit, test, scene):
+        p.add_argument("--batch-size", type=int, default=32)
+        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+        p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
+        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    try:
+        {"fit": _fit, "map": _map, "test": _test}[args.action](args)
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, ImportError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def _report_paths(out_dir: Path | None) -> list[Path]:
+    return [out_dir / name for name in ("metrics.json", "tiles.gpkg", "scatter.png")] if out_dir is not None else []
+
+
+def _check_report(args: Any) -> Path | None:
+    """``--out-dir``, its outputs checked for overwriting before anything is computed."""
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        for path in _report_paths(out_dir):
+            check_overwrite(path, args.overwrite, inputs=args.scenes)
+    return out_dir
+
+
+def _one_or_many(values: Sequence[str] | None) -> Any:
+    """``--values`` as ``value_tiles`` takes it: one path, or several rasters read as one mosaic."""
+    if values is None or len(values) != 1:
+        from dinov3_eo.data.labels import is_raster_labels
+
+        if values is not None and not all(is_raster_labels(v) for v in values):
+            raise ValueError(f"Several references are read as one raster mosaic; {list(values)} are not all rasters "
+                             "(merge vector files into one).")  # fmt: skip
+        return values
+    return values[0]
+
+
+def metrics_line(metrics: dict[str, float], unit: str | None) -> str:
+    """``"n 63: MAE 7.65 m, RMSE 9.42 m, R² 0.12, bias -0.41 m"``."""
+    u = f" {unit}" if unit else ""
+    fmt = lambda v: "–" if v is None or math.isnan(v) else f"{v:.3g}"  # noqa: E731
+    return (f"n {int(metrics['n'])}: MAE {fmt(metrics['mae'])}{u}, RMSE {fmt(metrics['rmse'])}{u}, "
+            f"R² {fmt(metrics['r2'])}, bias {fmt(metrics['bias'])}{u}")  # fmt: skip
+
+
+def _write_report(out_dir: Path, regressor: TileRegressor, tiles: Any, predicted: np.ndarray, target: np.ndarray,
+                  metrics: dict[str, Any], overwrite: bool) -> None:  # fmt: skip
+    """``metrics.json``, ``tiles.gpkg`` and ``scatter.png`` (predicted against reference) in ``out_dir``."""
+    from dinov3_eo.tasks.height_plots import scatter_plot
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out_dir / "metrics.json", overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(metrics, indent=2))
+    write_vector(tiles, out_dir / "tiles.gpkg", layer="tiles", overwrite=overwrite)
+    scatter_plot(out_dir / "scatter.png", predicted, target, label=regressor.label, counted="tiles",
+                 title=f"{regressor.method} regressor, {len(predicted)} tiles", overwrite=overwrite)  # fmt: skip
+    print("\n".join(str(p) for p in _report_paths(out_dir)))
+
+
+def _fit(args: Any) -> None:
+    """``regress fit --scenes SCENE ... --values REF --tile-size N --model M -o regressor.safetensors``."""
+    from dinov3_eo.tasks.chip_embeddings import load_chip_backbone, read_chip_embeddings
+    from dinov3_eo.tasks.tile_regression import fit_tile_regressor
+
+    if Path(args.output).suffix.lower() != ".safetensors":
+        raise ValueError(f"The regressor is saved as safetensors: name it '.safetensors', not {args.output!r}.")
+    table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
+    if table is not None:
+        args.tile_size = args.tile_size or table.metadata.get("tile_size")
+    if args.tile_size is None:
+        raise ValueError("Give the tile size in scene pixels (--tile-size): the ground each tile covers is what the "
+                         "regressor learns to value, and what 'regress map' will cut.")  # fmt: skip
+    if args.model is None and table is None:
+        raise ValueError("Give the backbone that embeds the tiles (--model), or a table of them ('embed --tiles', "
+                         "--embeddings).")  # fmt: skip
+    check_overwrite(args.output, args.overwrite)
+    out_dir = _check_report(args)
+    backbone = load_chip_backbone(args.model, normalization=args.normalization, device=args.device) if table is None else None
+    fit = fit_tile_regressor(
+        args.scenes, _one_or_many(args.values), backbone, tile_size=args.tile_size, embeddings=table,
+        statistic=args.statistic or "mean", attribute=args.attribute, band=args.band, values_nodata=args.values_nodata,
+        val_values=_one_or_many(args.val_values), target=args.target, unit=args.unit, bands=args.bands, nodata=args.nodata,
+        size=args.size or None, method=args.method, features=args.features, min_covered=args.min_covered,
+        min_points=args.min_points, min_valid=args.min_valid, val_fraction=args.val_fraction, block=args.block,
+        k=args.k, seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
+        progress=not args.quiet)  # fmt: skip
+    regressor, tiles = fit.regressor, fit.tiles
+    train = tiles["split"].to_numpy() == "train"
+    reference = tiles["reference"].to_numpy(np.float64)
+    split = "held out by --val-values" if args.val_values else f"in blocks of {args.block} x {args.block} tiles"
+    print(f"{regressor.method} regressor of {regressor.label} ({regressor.statistic} per tile) on {int(train.sum())} "
+          f"{args.tile_size}-px tiles (reference {reference[train].min():.3g} to {reference[train].max():.3g}, mean "
+          f"{reference[train].mean():.3g}){f'; alpha = {regressor.alpha:g}' if regressor.alpha is not None else ''}; "
+          f"{int((~train).sum())} held-out tiles {split}" + (":" if (~train).any() else " (no held-out tiles: no score)"))  # fmt: skip
+    if fit.held_out_predictions is not None:
+        baseline = regression_metrics(np.full(int((~train).sum()), reference[train].mean()), fit.held_out_targets)
+        print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
+        print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if out_dir is not None:
+            _write_report(out_dir, regressor, tiles, fit.held_out_predictions, fit.held_out_targets,
+                          {"held_out": regressor.held_out, "training_mean_baseline": baseline, "alpha": regressor.alpha,
+                           "method": regressor.method, "target": regressor.target, "unit": regressor.unit,
+                           "statistic": regressor.statistic, "train_tiles": int(train.sum())}, args.overwrite)  # fmt: skip
+    regressor.save(args.output, overwrite=args.overwrite)
+    print(args.output)
+
+
+def _map(args: Any) -> None:
+    """``regress map SCENE ... --regressor R -o OUT``."""
+    from dinov3_eo.tasks.chip_classification import probe_backbone
+    from dinov3_eo.tasks.tile_regression import regress_tiles, tile_value_outputs, write_tile_values
+
+    check_distinct_stems(args.scenes)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    for scene in args.scenes:  # every output is checked before the first scene is predicted
+        for path in tile_value_outputs(scene, args.out_dir):
+            check_overwrite(path, args.overwrite, inputs=args.scenes)
+    regressor = TileRegressor.load(args.regressor)
+    backbone = probe_backbone(regressor, args.model, device=args.device)
+    for scene in args.scenes:
+        result = regress_tiles(scene, regressor, backbone=backbone, tile_size=args.tile_size, stride=args.stride,
+                               bands=args.bands, nodata=args.nodata, min_valid=args.min_valid,
+                               batch_size=args.batch_size, tta=args.tta, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        outputs = write_tile_values(result, args.out_dir, overwrite=args.overwrite)
+        values = result.values[np.isfinite(result.values)]
+        unit = f" {result.unit}" if result.unit else ""
+        cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
+        print(f"{Path(scene).name}: {values.size} of {result.values.size} {cells} predicted: {result.target} mean "
+              f"{values.mean():.3g}{unit}, from {values.min():.3g} to {values.max():.3g}{unit}")  # fmt: skip
+        print("\n".join(str(p) for p in outputs))
+
+
+def _test(args: Any) -> None:
+    """``regress test --scenes SCENE ... --values REF --regressor R``."""
+    from dinov3_eo.tasks.tile_regression import score_tile_regressor
+
+    out_dir = _check_report(args)
+    regressor = TileRegressor.load(args.regressor)
+    scored = score_tile_regressor(
+        regressor, args.scenes, _one_or_many(args.values), backbone=args.model, tile_size=args.tile_size, statistic=args.statistic,
+        attribute=args.attribute, band=args.band, values_nodata=args.values_nodata, min_covered=args.min_covered,
+        min_points=args.min_points, min_valid=args.min_valid, nodata=args.nodata, tta=args.tta,
+        batch_size=args.batch_size, device=args.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+    metrics = regression_metrics(scored.predictions, scored.targets)
+    print(f"{regressor.method} regressor of {regressor.label} on {len(scored.tiles)} tiles of {len(args.scenes)} "
+          f"scene{'s' if len(args.scenes) > 1 else ''}: {metrics_line(metrics, regressor.unit)}")  # fmt: skip
+    report: dict[str, Any] = {"test": metrics, "target": regressor.target, "unit": regressor.unit,
+                              "statistic": args.statistic or regressor.statistic}  # fmt: skip
+    mean = regressor.embedding.get("tiles", {}).get("train_mean")
+    if mean is not None:
+        report["training_mean_baseline"] = regression_metrics(np.full(len(scored.targets), mean), scored.targets)
+        print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
+    if out_dir is not None:
+        _write_report(out_dir, regressor, scored.tiles, scored.predictions, scored.targets, report, args.overwrite)
+
+
+__all__ = ["metrics_line", "regress_main"]

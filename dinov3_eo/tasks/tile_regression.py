@@ -1,0 +1,677 @@
+"""Tile regression on frozen DINOv3 features: one number per tile (canopy height, biomass, tree cover) from a scene.
+
+DINOv3's canopy-height results come from a dense head trained on LiDAR (``dinov3-eo height``); a reference that is
+sparse (GEDI footprints, field plots) or coarse (a 30 m biomass map) asks for less: a linear probe on each tile's
+embedding, as its classification probes are. ``dinov3-eo regress fit --scenes scene.tif --values chm.tif
+--tile-size 16 --model M -o regressor.safetensors`` summarises the reference over the scene's tiles
+(:func:`~dinov3_eo.tasks.tile_values.value_tiles`: mean, percentile, cover share...), embeds the tiles
+(:func:`~dinov3_eo.tasks.tile_classification.embed_tiles`, as ``regress map`` will) and fits a ridge regression on
+standardised features (its ``alpha`` chosen on held-out blocks of tiles:
+:func:`~dinov3_eo.tasks.tile_labels.spatial_block_split`) or keeps them for a k-NN (the mean of the ``k`` most
+cosine-similar tiles' values, weighted ``exp(cos / T)`` as DINO's k-NN votes). ``regress map`` writes the value of
+every tile of a scene as a georeferenced float raster (:func:`regress_tiles`, :func:`write_tile_values`);
+``regress test`` scores a regressor on a reference's tiles (MAE, RMSE, R², bias). The regressor is a safetensors
+file with JSON metadata, like a probe: no pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+from rasterio.transform import Affine
+
+from dinov3_eo.inference.writers import atomic_output
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, load_chip_backbone
+from dinov3_eo.tasks.tile_values import TileValues, tile_boxes, value_tiles
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ridge", "knn")
+#: ridge penalties tried on standardised features (chosen by held-out RMSE)
+ALPHA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def knn_values(bank: np.ndarray, bank_values: np.ndarray, x: np.ndarray, *, k: int = 20,
+               temperature: float = 0.07) -> np.ndarray:  # fmt: skip
+    """``[N]`` k-NN regression: the mean of the values of the ``k`` most cosine-similar bank rows, each weighted
+    ``exp(similarity / temperature)`` (DINO's k-NN weights).
+
+    Args:
+        bank: ``[M, D]`` training features; bank_values: ``[M]`` their values; x: ``[N, D]`` features to predict.
+    """
+    import torch
+
+    a = torch.nn.functional.normalize(torch.from_numpy(np.asarray(bank, np.float32)), dim=1)
+    b = torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=1)
+    values = torch.from_numpy(np.asarray(bank_values, np.float64))
+    k = min(k, len(a))
+    out = np.zeros(len(b))
+    for start in range(0, len(b), 1024):  # [1024, M] similarities at a time
+        sim, idx = (b[start : start + 1024] @ a.T).topk(k, dim=1)
+        # weights relative to each row's nearest neighbour: exp() cannot overflow, and the ratio is unchanged
+        weights = ((sim.double() - sim[:, :1].double()) / temperature).exp()
+        out[start : start + 1024] = ((weights * values[idx]).sum(dim=1) / weights.sum(dim=1)).numpy()
+    return out
+
+
+@dataclass
+class TileRegressor:
+    """A regressor on tile (or chip) embeddings: ``predict(features) -> [N]`` values.
+
+    Attributes:
+        method: ``"ridge"`` (``weight`` ``[D]`` and ``bias``: ``x w + b``, the standardisation folded in) or ``"knn"``
+            (``bank`` ``[M, D]`` with ``bank_values`` ``[M]``; ``k``, ``temperature``).
+        features: :data:`~dinov3_eo.tasks.chip_embeddings.FEATURES` entry the inputs are made of.
+        target: what the values are (``"canopy height"``), for maps and reports; unit: their unit (``"m"``).
+        statistic: how the reference was summarised per tile (:data:`~dinov3_eo.tasks.tile_values.STATISTICS`).
+        lower, upper: predictions are clipped to these (``None``: open): a non-negative reference keeps its
+            predictions non-negative, a share stays within 0..1.
+        alpha: the ridge penalty chosen.
+        embedding: how tiles are embedded for it (``backbone_source``, ``size``, ``bands``, ``normalization``,
+            ``chip_size``, ``tile_m``, and how it was fitted under ``tiles``).
+        held_out: the held-out tiles' metrics when fitted (``n``, ``mae``, ``rmse``, ``r2``, ``bias``), for the record.
+    """
+
+    method: str
+    features: str
+    weight: np.ndarray | None = None
+    bias: float = 0.0
+    bank: np.ndarray | None = None
+    bank_values: np.ndarray | None = None
+    k: int = 20
+    temperature: float = 0.07
+    alpha: float | None = None
+    target: str = "value"
+    unit: str | None = None
+    statistic: str = "mean"
+    lower: float | None = None
+    upper: float | None = None
+    embedding: dict[str, Any] = field(default_factory=dict)
+    held_out: dict[str, float] | None = None
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` float64 values of features ``x`` ``[N, D]``, clipped to ``lower``/``upper``."""
+        if self.method == "knn":
+            out = knn_values(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
+        else:
+            out = np.asarray(x, np.float64) @ self.weight.astype(np.float64) + float(self.bias)
+        if self.lower is not None or self.upper is not None:
+            out = np.clip(out, self.lower, self.upper)
+        return out
+
+    @property
+    def label(self) -> str:
+        """``"canopy height (m)"``: the target and its unit, for axes and colour bars."""
+        return f"{self.target} ({self.unit})" if self.unit else self.target
+
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Tensors as safetensors, the rest as JSON in its metadata (``dinov3_eo_regressor``), written atomically."""
+        import torch
+        from safetensors.torch import save_file
+
+        arrays = {"weight": self.weight, "bank": self.bank, "bank_values": self.bank_values}
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
+        meta = {"method": self.method, "features": self.features, "bias": float(self.bias), "k": self.k,
+                "temperature": self.temperature, "alpha": self.alpha, "target": self.target, "unit": self.unit,
+                "statistic": self.statistic, "lower": self.lower, "upper": self.upper, "embedding": self.embedding,
+                "held_out": self.held_out}  # fmt: skip
+        with atomic_output(path, overwrite=overwrite) as tmp:
+            save_file(tensors, str(tmp), metadata={"dinov3_eo_regressor": json.dumps(meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> TileRegressor:
+        """A regressor :meth:`save` wrote.
+
+        Raises:
+            FileNotFoundError: no such file. ValueError: not a safetensors file, or not a regressor's.
+        """
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Regressor {str(path)!r} does not exist.")
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                meta = (f.metadata() or {}).get("dinov3_eo_regressor")
+                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except Exception as e:  # safetensors raises its own error types for a file that is not one
+            raise ValueError(f"{str(path)!r} is not a safetensors file: {e}") from e
+        if meta is None:
+            raise ValueError(f"{str(path)!r} is a safetensors file but not a tile regressor (no dinov3_eo_regressor "
+                             "metadata); 'dinov3-eo regress fit' writes those.")  # fmt: skip
+        info = json.loads(meta)
+        needed = ("weight",) if info["method"] == "ridge" else ("bank", "bank_values")
+        missing = [name for name in needed if name not in arrays]
+        if missing:
+            raise ValueError(f"Regressor {str(path)!r} lacks the tensors {missing} of a {info['method']} regressor.")
+        return cls(method=info["method"], features=info["features"], bias=float(info.get("bias", 0.0)),
+                   k=int(info.get("k", 20)), temperature=float(info.get("temperature", 0.07)), alpha=info.get("alpha"),
+                   target=info.get("target", "value"), unit=info.get("unit"), statistic=info.get("statistic", "mean"),
+                   lower=info.get("lower"), upper=info.get("upper"), embedding=dict(info.get("embedding") or {}),
+                   held_out=info.get("held_out"), weight=arrays.get("weight"), bank=arrays.get("bank"),
+                   bank_values=arrays.get("bank_values"))  # fmt: skip
+
+
+def regression_metrics(predicted: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """``n``, ``mae``, ``rmse``, ``r2``, ``bias`` (mean of ``predicted - target``) of the pairs where both are finite
+    (:class:`~dinov3_eo.tasks.height_metrics.HeightMetrics`, one group)."""
+    from dinov3_eo.tasks.height_metrics import height_metrics
+
+    return height_metrics(predicted, target, bins=())["all"]
+
+
+def fit_regressor(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    method: str = "ridge",
+    features: str = "cls+patch_mean",
+    val: tuple[np.ndarray, np.ndarray] | None = None,
+    alpha_grid: Sequence[float] = ALPHA_GRID,
+    k: int = 20,
+    temperature: float = 0.07,
+    lower: float | None = None,
+    upper: float | None = None,
+) -> TileRegressor:
+    """A ridge regression or k-NN on features ``x`` ``[N, D]`` with values ``y`` ``[N]``.
+
+    The ridge regression standardises each feature (mean 0, standard deviation 1 over the training rows) and fits
+    ``min |y - Zw - b|² + alpha |w|²`` (scikit-learn's ``Ridge``); with ``val`` (features, values) each ``alpha`` of
+    ``alpha_grid`` is fitted and the one with the lowest held-out RMSE kept (the largest on a tie), then stored with
+    the standardisation folded into ``weight`` and ``bias``; without, ``alpha`` = 1. The k-NN keeps ``x`` as its bank.
+
+    Raises:
+        ValueError: an unknown ``method``, fewer than two training rows, shapes that disagree, or a value that is not
+        finite.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64).reshape(-1)
+    if x.ndim != 2 or len(x) != len(y) or len(y) < 2:
+        raise ValueError(f"A regressor needs at least two rows of features [N, D] and values [N]; got {x.shape} and {y.shape}.")
+    if not np.isfinite(y).all() or not np.isfinite(x).all():
+        raise ValueError("A regressor got non-finite features or values (NaN or inf).")
+    common = dict(method=method, features=features, k=k, temperature=temperature, lower=lower, upper=upper)
+    if method == "knn":
+        return TileRegressor(bank=x.astype(np.float32), bank_values=y.copy(), **common)
+    from sklearn.linear_model import Ridge
+
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale = np.where(scale > 1e-8, scale, 1.0)  # a constant feature stays 0 after centring
+    z = (x - mean) / scale
+
+    def fitted(alpha: float) -> TileRegressor:
+        model = Ridge(alpha=alpha).fit(z, y)
+        weight = model.coef_ / scale
+        return TileRegressor(weight=weight.astype(np.float32), bias=float(model.intercept_ - mean @ weight),
+                             alpha=float(alpha), **common)  # fmt: skip
+
+    if val is None:
+        return fitted(1.0)
+    best = min((regression_metrics(model.predict(val[0]), val[1])["rmse"], -alpha)
+               for alpha, model in ((alpha, fitted(alpha)) for alpha in alpha_grid))  # fmt: skip
+    return fitted(-best[1])
+
+
+@dataclass
+class TileRegressionFit:
+    """What :func:`fit_tile_regressor` made.
+
+    Attributes:
+        regressor: the fitted regressor (its ``embedding`` records the backbone, bands, input size and the tile size
+            as ``chip_size``, so that ``regress map`` cuts the same tiles by default).
+        tiles: one ``GeoDataFrame`` row per tile fitted or held out (first scene's CRS): ``scene``, ``row``, ``col``,
+            ``tile_size``, ``reference``, ``coverage``, ``count``, ``split`` (``train`` / ``held_out``), and
+            ``predicted`` for the held-out ones.
+        held_out_predictions, held_out_targets: ``[M]`` the held-out tiles' predictions and references (``None``
+            without any).
+    """
+
+    regressor: TileRegressor
+    tiles: Any
+    held_out_predictions: np.ndarray | None
+    held_out_targets: np.ndarray | None
+
+
+def _scene_values(scenes: Sequence[str | os.PathLike[str]], values: Any, **kwargs: Any) -> list[TileValues]:
+    """:func:`value_tiles` of each scene; with several, one the values do not reach is skipped with a warning."""
+    from dinov3_eo.tasks.tile_labels import NoLabelledTiles
+
+    if len(scenes) == 1:
+        return [value_tiles(scenes[0], values, **kwargs)]
+    found = [tiles for scene in scenes for tiles in _optional_values(scene, values, **kwargs)]
+    if not found:
+        raise NoLabelledTiles(f"The reference values cover no tile of any of the scenes {', '.join(map(str, scenes))}.")
+    return found
+
+
+def _optional_values(scene: str | os.PathLike[str], values: Any, **kwargs: Any) -> list[TileValues]:
+    """``[value_tiles(...)]``, or ``[]`` with a warning where the values do not reach the scene (one of several)."""
+    from dinov3_eo.tasks.tile_labels import NoLabelledTiles
+
+    try:
+        return [value_tiles(scene, values, **kwargs)]
+    except NoLabelledTiles as e:
+        log.warning("Skipped scene %s (%s)", scene, e)
+        return []
+
+
+def fit_tile_regressor(
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    values: Any,
+    backbone: ChipBackbone | str | os.PathLike[str] | None,
+    *,
+    tile_size: int,
+    embeddings: ChipEmbeddings | None = None,
+    statistic: str = "mean",
+    attribute: str | None = None,
+    band: int = 1,
+    values_nodata: float | None = None,
+    val_values: Any = None,
+    target: str | None = None,
+    unit: str | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    size: int | None = 224,
+    method: str = "ridge",
+    features: str = "cls+patch_mean",
+    min_covered: float = 0.5,
+    min_points: int = 1,
+    min_valid: float = 0.9,
+    val_fraction: float = 0.2,
+    block: int = 4,
+    k: int = 20,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> TileRegressionFit:
+    """Fit a regressor on the tiles of ``scenes`` that reference ``values`` cover.
+
+    Args:
+        scenes: georeferenced scenes (one or several; tiles of all are fitted together).
+        values: a reference raster, or points / polygons with a numeric ``attribute``
+            (:func:`~dinov3_eo.tasks.tile_values.value_tiles`; ``band``, ``values_nodata`` for a raster), summarised per
+            tile by ``statistic``.
+        backbone: a :class:`~dinov3_eo.tasks.chip_embeddings.ChipBackbone` or a source for
+            :func:`~dinov3_eo.tasks.chip_embeddings.load_chip_backbone` (``None`` with ``embeddings``).
+        tile_size: tile side in scene pixels.
+        embeddings: a table of the scenes' tiles from ``embed --tiles``: its rows are used, nothing is embedded.
+        val_values: a held-out reference over the same scenes (its tiles are left out of training); default:
+            ``val_fraction`` of the tiles held out in blocks of ``block`` x ``block`` tiles (0: none).
+        target, unit: what the values are, for maps and reports (default: the attribute, or ``"value"``).
+        bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
+        method, features, k: as for :func:`fit_regressor`.
+        min_covered: the share of a tile the reference must cover (raster, polygons); min_points: points per tile;
+            min_valid: the share of a tile's pixels that must hold imagery.
+
+    Raises:
+        FileNotFoundError, KeyError, ValueError: as :func:`~dinov3_eo.tasks.tile_values.value_tiles` and
+        :func:`~dinov3_eo.tasks.tile_classification.embed_tiles` (each in one sentence); ValueError also where fewer
+        than two tiles are left to train on.
+    """
+    from dinov3_eo.tasks.tile_labels import spatial_block_split
+    from dinov3_eo.tasks.tile_probe import describe_labels, one_frame, tile_ground
+
+    scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
+    if block < 1:
+        raise ValueError(f"The held-out block must be at least one tile wide, got {block}.")
+    common = dict(tile_size=tile_size, statistic=statistic, attribute=attribute, band=band, nodata=values_nodata,
+                  min_valid=min_covered, min_points=min_points)  # fmt: skip
+    train_sets = _scene_values(scenes, values, **common)
+    held_sets = _scene_values([t.source for t in train_sets], val_values, **common) if val_values is not None else []
+    if embeddings is not None:
+        recorded = embeddings.metadata.get("tile_size")
+        if recorded is not None and int(recorded) != int(tile_size):
+            raise ValueError(f"The embedding table holds {recorded}-px tiles, not {tile_size}-px ones; embed the scenes "
+                             f"again with --tiles {tile_size}, or fit {recorded}-px tiles.")  # fmt: skip
+        info = embeddings.metadata
+        bands, size = info.get("bands"), info.get("size")
+        source, override = info.get("backbone_source"), info.get("normalization_override")
+    else:
+        if not isinstance(backbone, ChipBackbone):
+            backbone = load_chip_backbone(backbone, device=device)
+        source, override = backbone.source, backbone.normalization_override
+
+    sources = [t.source for t in train_sets]
+    held_cells = {t.source: set(t.cells) for t in held_sets}  # a tile both references reach is held out
+    parts = [(i, t.take(np.array([c not in held_cells.get(t.source, ()) for c in t.cells], bool)), False)
+             for i, t in enumerate(train_sets)]  # fmt: skip
+    parts += [(sources.index(t.source), t, True) for t in held_sets]
+    xs, kept, made = [], [], {}
+    for index, tiles, held in parts:
+        if not len(tiles):
+            continue
+        if embeddings is not None:
+            from dinov3_eo.tasks.tile_probe import tile_table_rows
+
+            embedded, taken = tile_table_rows(embeddings, tiles)
+        else:
+            from dinov3_eo.tasks.tile_classification import embed_tiles
+
+            embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, bands=bands,
+                                          nodata=nodata, size=size, min_valid=min_valid, batch_size=batch_size,
+                                          amp=amp, progress=progress)  # fmt: skip
+        made = embedded.metadata
+        if taken.any():
+            xs.append(chip_features(embedded, features))
+            kept.append((index, tiles.take(taken), held))
+    if not xs:
+        raise ValueError(f"No {tile_size}-px tile of {', '.join(map(str, scenes))} with a reference value holds imagery "
+                         f"on {min_valid:.0%} of its pixels; check --nodata, or lower --min-valid.")  # fmt: skip
+    x = np.concatenate(xs)
+    y = np.concatenate([t.values for _, t, _ in kept])
+    held = np.concatenate([np.full(len(t), h) for _, t, h in kept])
+    if val_values is None and val_fraction > 0:
+        groups = np.concatenate([np.full(len(t), i) for i, t, _ in kept])
+        rows = np.concatenate([t.rows for _, t, _ in kept])
+        cols = np.concatenate([t.cols for _, t, _ in kept])
+        _, held_idx = spatial_block_split(rows, cols, np.zeros(len(y), np.int64), fraction=val_fraction, block=block,
+                                          groups=groups, seed=seed)  # fmt: skip
+        held = np.zeros(len(y), bool)
+        held[held_idx] = True
+    train = ~held
+    if train.sum() < 2:
+        raise ValueError(f"{int(train.sum())} tile is left to train on; cover more ground with the reference, or use "
+                         "smaller tiles.")  # fmt: skip
+    share = statistic.startswith(("above:", "equal:"))
+    lower = 0.0 if y[train].min() >= 0 else None
+    regressor = fit_regressor(x[train], y[train], method=method, features=features, k=k,
+                              val=(x[held], y[held]) if held.any() else None, lower=lower,
+                              upper=1.0 if share else None)  # fmt: skip
+    regressor.target = target or (attribute if attribute else ("cover" if share else "value"))
+    regressor.unit = unit if unit is not None else (None if share else _values_unit(values))
+    regressor.statistic = statistic
+    predictions = regressor.predict(x[held]) if held.any() else None
+    regressor.held_out = regression_metrics(predictions, y[held]) if predictions is not None else None
+    regressor.embedding = {
+        "backbone_source": source, "size": size, "bands": list(bands) if bands is not None else None,
+        "normalization": override, "backbone": made.get("backbone"), "chip_size": [int(tile_size), int(tile_size)],
+        "tile_m": tile_ground(train_sets, tile_size),
+        "tiles": {"scenes": [os.fspath(s) for s in scenes], "values": describe_labels(values),
+                  "val_values": describe_labels(val_values), "attribute": attribute, "statistic": statistic,
+                  "min_covered": min_covered, "min_points": min_points, "min_valid": min_valid, "block": block,
+                  "val_fraction": val_fraction, "train_tiles": int(train.sum()), "held_out_tiles": int(held.sum()),
+                  "train_mean": float(y[train].mean())}}  # fmt: skip
+
+    frames, start = [], 0
+    predicted = np.full(len(y), np.nan)
+    if predictions is not None:
+        predicted[held] = predictions
+    for _, tiles, _ in kept:
+        part = slice(start, start + len(tiles))
+        start += len(tiles)
+        frames.append(tiles.to_geodataframe({"scene": [os.fspath(tiles.source)] * len(tiles),
+                                             "split": np.where(held[part], "held_out", "train"),
+                                             "predicted": predicted[part]}))  # fmt: skip
+    return TileRegressionFit(regressor=regressor, tiles=one_frame(frames), held_out_predictions=predictions,
+                             held_out_targets=y[held] if held.any() else None)  # fmt: skip
+
+
+def _values_unit(values: Any) -> str | None:
+    """A raster reference's declared unit (its band's ``units``, GDAL's unit type), if it has one."""
+    import rasterio
+
+    from dinov3_eo.data.labels import is_geodataframe, is_raster_labels
+
+    if is_geodataframe(values) or isinstance(values, (list, tuple)) or not is_raster_labels(values):
+        return None
+    try:
+        with rasterio.open(values) as src:
+            return src.units[0] or None
+    except rasterio.errors.RasterioIOError:  # a folder or glob of rasters: no one file to ask
+        return None
+
+
+@dataclass
+class TileValueMap:
+    """A regressor's values of a scene's tiles on a grid of cells ``stride`` pixels wide (as
+    :class:`~dinov3_eo.tasks.tile_classification.TileClasses`).
+
+    Attributes:
+        source: the scene. target, unit: what the values are.
+        values: ``[rows, cols]`` float32, NaN where a cell's tile was not predicted.
+        valid_fraction: ``[rows, cols]`` share of each cell's tile's pixels that hold data.
+        crs, transform: the cell grid's (the scene's transform scaled by ``stride``).
+        tile_size, stride: tile and cell side in scene pixels. bands: the scene bands fed to the backbone.
+    """
+
+    source: str
+    target: str
+    values: np.ndarray
+    valid_fraction: np.ndarray
+    crs: Any
+    transform: Affine
+    tile_size: int
+    stride: int
+    unit: str | None = None
+    bands: list[int] | None = None
+
+    @property
+    def label(self) -> str:
+        """The target and its unit (``"canopy height (m)"``)."""
+        return f"{self.target} ({self.unit})" if self.unit else self.target
+
+    def to_geodataframe(self) -> Any:
+        """The predicted cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``value``,
+        ``valid_fraction``, cell polygons."""
+        import geopandas as gpd
+
+        rows, cols = np.nonzero(np.isfinite(self.values))
+        frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64),
+                 "value": self.values[rows, cols].astype(np.float64),
+                 "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64)}  # fmt: skip
+        return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, 1, rows, cols), crs=self.crs))
+
+    def to_xarray(self) -> Any:
+        """An ``xarray.DataArray`` named after the target on the cell grid (``x``, ``y`` = cell centres, the CRS set
+        through rioxarray; ``units`` and ``long_name`` attributes)."""
+        import rioxarray  # noqa: F401  (registers the .rio accessor)
+        import xarray as xr
+
+        rows, cols = self.values.shape
+        x = (self.transform @ (np.arange(cols) + 0.5, np.full(cols, 0.5)))[0]
+        y = (self.transform @ (np.full(rows, 0.5), np.arange(rows) + 0.5))[1]
+        array = xr.DataArray(self.values, dims=("y", "x"), coords={"y": y, "x": x}, name=self.target,
+                             attrs={"long_name": self.target, "units": self.unit or "", "source": self.source,
+                                    "tile_size": self.tile_size, "stride": self.stride})  # fmt: skip
+        return array.rio.write_crs(self.crs).rio.write_transform(self.transform).rio.write_nodata(np.nan)
+
+
+def regress_tiles(
+    raster: str | os.PathLike[str],
+    regressor: TileRegressor | str | os.PathLike[str],
+    *,
+    backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    tile_size: int | None = None,
+    stride: int | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    min_valid: float = 0.5,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    tta: str | None = None,
+    prefetch: int = 2,
+    cells: np.ndarray | None = None,
+    progress: bool = True,
+) -> TileValueMap:
+    """The regressor's value of every tile of a georeferenced scene (tiles embedded as its training tiles were).
+
+    Args:
+        raster: the scene. regressor: a :class:`TileRegressor` or its ``.safetensors`` file.
+        backbone: as for :func:`~dinov3_eo.tasks.tile_classification.classify_tiles` (default: the regressor's).
+        tile_size: tile side in scene pixels (default: the ground its training tiles covered, in this scene's
+            pixels, else their side). Others as for :func:`~dinov3_eo.tasks.tile_classification.classify_tiles`;
+            with ``tta`` a tile's value is the mean over its views.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~dinov3_eo.tasks.tile_classification.classify_tiles`.
+    """
+    from dinov3_eo.tasks.tile_classification import _batch_features, predict_tile_grid
+
+    if not isinstance(regressor, TileRegressor):
+        regressor = TileRegressor.load(regressor)
+
+    def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
+        return regressor.predict(_batch_features(cls, patch_mean, regressor.features))[:, None]
+
+    grid = predict_tile_grid(raster, regressor, head, 1, backbone=backbone, tile_size=tile_size, stride=stride,
+                             bands=bands, nodata=nodata, min_valid=min_valid, batch_size=batch_size, device=device,
+                             amp=amp, tta=tta, prefetch=prefetch, cells=cells, progress=progress)  # fmt: skip
+    return TileValueMap(source=os.fspath(raster), target=regressor.target, unit=regressor.unit, values=grid.outputs[0],
+                        valid_fraction=grid.valid_fraction, crs=grid.crs, transform=grid.transform,
+                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands)  # fmt: skip
+
+
+class TileValueOutputs(NamedTuple):
+    """What :func:`write_tile_values` writes for one scene."""
+
+    values: Path
+    tiles: Path
+    quicklook: Path
+
+
+def tile_value_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> TileValueOutputs:
+    """``OUT/<stem>_tile_values.tif``, ``_tile_values.gpkg``, ``_tile_values.png``."""
+    stem, out = Path(src).stem, Path(out_dir)
+    return TileValueOutputs(out / f"{stem}_tile_values.tif", out / f"{stem}_tile_values.gpkg",
+                            out / f"{stem}_tile_values.png")  # fmt: skip
+
+
+def write_tile_values(result: TileValueMap, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> TileValueOutputs:
+    """Write :func:`tile_value_outputs` for ``result``, each atomically: a float32 COG with one pixel per cell (NaN
+    nodata; the band described by the target, ``units`` set), the cells as polygons with their ``value``, and a
+    picture with a labelled colour bar.
+
+    Raises:
+        FileExistsError: an output exists and ``overwrite`` is false (checked before anything is written).
+    """
+    from dinov3_eo.inference.writers import check_overwrite, write_cog, write_vector
+    from dinov3_eo.tasks.height_plots import value_quicklook
+
+    paths = tile_value_outputs(result.source, out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        check_overwrite(path, overwrite, inputs=[result.source])
+    write_cog(paths.values, result.values.astype(np.float32), crs=result.crs, transform=result.transform,
+              nodata=float("nan"), band_descriptions=[result.target], units=[result.unit] if result.unit else None,
+              overwrite=overwrite,
+              tags={"tile_size": result.tile_size, "stride": result.stride, "source": Path(result.source).name,
+                    "target": result.target, "unit": result.unit or ""})  # fmt: skip
+    write_vector(result.to_geodataframe(), paths.tiles, layer="tile_values", overwrite=overwrite)
+    value_quicklook(paths.quicklook, paths.values, label=result.label, overwrite=overwrite,
+                    title=f"{Path(result.source).name}: {result.tile_size}-px tiles")  # fmt: skip
+    return paths
+
+
+class TileValueScores(NamedTuple):
+    """What :func:`score_tile_regressor` returns."""
+
+    predictions: np.ndarray
+    """``[N]`` the regressor's values of the reference's tiles."""
+    targets: np.ndarray
+    """``[N]`` the reference's values (summarised as the regressor's training reference was)."""
+    tiles: Any
+    """a ``GeoDataFrame`` of the tiles (first scene's CRS): ``scene``, ``row``, ``col``, ``tile_size``,
+    ``reference``, ``coverage``, ``count``, ``predicted``, ``error`` (predicted - reference)."""
+
+
+def score_tile_regressor(
+    regressor: TileRegressor | str | os.PathLike[str],
+    scenes: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    values: Any,
+    *,
+    backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    tile_size: int | None = None,
+    statistic: str | None = None,
+    attribute: str | None = None,
+    band: int = 1,
+    values_nodata: float | None = None,
+    min_covered: float = 0.5,
+    min_points: int = 1,
+    min_valid: float = 0.9,
+    nodata: float | None = None,
+    tta: str | None = None,
+    batch_size: int = 32,
+    device: str | None = None,
+    amp: bool = False,
+    progress: bool = True,
+) -> TileValueScores:
+    """A regressor's values for the tiles of ``scenes`` that a reference covers (summarised per tile by
+    ``statistic``, default the regressor's; tile size by default its), to score it (:func:`regression_metrics`).
+
+    Raises:
+        ValueError: no tile covered by the reference holds enough imagery, or as
+        :func:`~dinov3_eo.tasks.tile_values.value_tiles`.
+    """
+    from dinov3_eo.tasks.chip_classification import probe_backbone
+    from dinov3_eo.tasks.tile_classification import probe_tile_size, tile_grid_shape
+    from dinov3_eo.tasks.tile_probe import one_frame, scene_shape
+
+    if not isinstance(regressor, TileRegressor):
+        regressor = TileRegressor.load(regressor)
+    scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
+    if not isinstance(backbone, ChipBackbone):
+        backbone = probe_backbone(regressor, backbone, device=device)
+    statistic = statistic or regressor.statistic
+    found = []
+    for scene in scenes:  # each scene's tiles cover the ground the regressor's did, in its own pixels
+        size = int(tile_size) if tile_size is not None else probe_tile_size(regressor, scene)
+        read = dict(tile_size=size, statistic=statistic, attribute=attribute, band=band, nodata=values_nodata,
+                    min_valid=min_covered, min_points=min_points)  # fmt: skip
+        found += [value_tiles(scene, values, **read)] if len(scenes) == 1 else _optional_values(scene, values, **read)
+    if not found:
+        from dinov3_eo.tasks.tile_labels import NoLabelledTiles
+
+        raise NoLabelledTiles(f"The reference values cover no tile of any of the scenes {', '.join(map(str, scenes))}.")
+    all_pred, all_target, frames = [], [], []
+    for tiles in found:
+        cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
+        cells[tiles.rows, tiles.cols] = True
+        result = regress_tiles(tiles.source, regressor, backbone=backbone, tile_size=tiles.tile_size, nodata=nodata,
+                               min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp, cells=cells,
+                               progress=progress)  # fmt: skip
+        predicted = result.values[tiles.rows, tiles.cols].astype(np.float64)
+        done = np.isfinite(predicted)
+        tiles, predicted = tiles.take(done), predicted[done]
+        if not len(tiles):
+            continue
+        all_pred.append(predicted)
+        all_target.append(tiles.values)
+        frames.append(tiles.to_geodataframe({"scene": [os.fspath(tiles.source)] * len(tiles), "predicted": predicted,
+                                             "error": predicted - tiles.values}))  # fmt: skip
+    if not frames:
+        raise ValueError(f"No tile of {', '.join(map(str, scenes))} with a reference value holds imagery on "
+                         f"{min_valid:.0%} of its pixels; check --nodata, or lower --min-valid.")  # fmt: skip
+    return TileValueScores(np.concatenate(all_pred), np.concatenate(all_target), one_frame(frames))
+
+
+
+__all__ = [
+    "ALPHA_GRID",
+    "METHODS",
+    "TileRegressionFit",
+    "TileRegressor",
+    "TileValueMap",
+    "TileValueOutputs",
+    "TileValueScores",
+    "fit_regressor",
+    "fit_tile_regressor",
+    "knn_values",
+    "regress_tiles",
+    "regression_metrics",
+    "score_tile_regressor",
+    "tile_value_outputs",
+    "write_tile_values",
+]
