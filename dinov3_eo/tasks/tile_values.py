@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,7 +202,10 @@ def _vector_values(values: Any, attribute: str | None) -> Any | None:
     where = _describe_values(values)
     if frame.crs is None:
         raise ValueError(f"Reference values {where} have no CRS; set one (e.g. with ogr2ogr -a_srs).")
-    numeric = [c for c in frame.columns if c != frame.geometry.name and np.issubdtype(frame[c].dtype, np.number)]
+    import pandas as pd
+
+    numeric = [c for c in frame.columns if c != frame.geometry.name and pd.api.types.is_numeric_dtype(frame[c])
+               and not pd.api.types.is_bool_dtype(frame[c])]  # fmt: skip
     if attribute is None:
         if len(numeric) != 1:
             raise ValueError(f"Reference values {where} have the numeric columns {numeric}: name the one to fit "
@@ -374,7 +376,7 @@ def _point_tiles(frame: Any, transform: Affine, tile_size: int, shape: tuple[int
     """``(rows, cols, values, counts)`` of the tiles holding at least ``min_points`` of ``frame``'s points (in the
     scene's CRS), each tile's value the ``statistic`` of its points'."""
     points = frame.explode(index_parts=False)
-    col, row = ~transform * (points.geometry.x.to_numpy(), points.geometry.y.to_numpy())
+    col, row = ~transform @ (points.geometry.x.to_numpy(), points.geometry.y.to_numpy())
     col, row = np.floor(np.asarray(col)), np.floor(np.asarray(row))
     inside = (col >= 0) & (row >= 0) & (col < shape[1]) & (row < shape[0])
     value = points["_value"].to_numpy(np.float64)[inside]

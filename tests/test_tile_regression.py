@@ -1,0 +1,272 @@
+"""Tile regressors (``regress fit / map / test``): the ridge regression against its closed form on standardised
+features, the k-NN against a loop, the file round trip, and the scene path end to end on real imagery — a NEON
+LiDAR canopy height model under its airborne RGB (``tests/data/neon``, CC0) and the Landsat-7 crop
+(``tests/data/rgb_byte_crop.tif``) with its own brightness as a reference a random micro ViT can learn.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import Affine
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.tasks.chip_classification import ChipClassifier
+from dinov3_eo.tasks.chip_embeddings import chip_features, load_chip_backbone, read_chip_embeddings
+from dinov3_eo.tasks.tile_classification import embed_tiles, write_tile_embeddings
+from dinov3_eo.tasks.tile_regression import (
+    TileRegressor,
+    fit_regressor,
+    fit_tile_regressor,
+    knn_values,
+    regress_tiles,
+    regression_metrics,
+    score_tile_regressor,
+    write_tile_values,
+)
+
+from brightness_chips import SCENE, micro_export
+
+NEON = Path(__file__).resolve().parent / "data" / "neon"
+PLOTS = ("044", "050", "052")
+
+
+@pytest.fixture(scope="module")
+def backbone_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return micro_export(tmp_path_factory.mktemp("tile_regression"))
+
+
+@pytest.fixture(scope="module")
+def brightness(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The scene's mean brightness (0..255, NaN in its collar) as a reference raster on its own grid."""
+    path = tmp_path_factory.mktemp("brightness") / "brightness.tif"
+    with rasterio.open(SCENE) as src:
+        pixels = src.read().astype(np.float32)
+        profile = dict(driver="GTiff", width=src.width, height=src.height, count=1, dtype="float32", crs=src.crs,
+                       transform=src.transform, nodata=float("nan"))  # fmt: skip
+    mean = pixels.mean(axis=0)
+    mean[(pixels == 0).any(axis=0)] = np.nan
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(mean, 1)
+        dst.units = ("DN",)
+    return path
+
+
+def test_ridge_is_the_closed_form_on_standardised_features_and_alpha_is_chosen_on_held_out_rows() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(120, 30)) * rng.uniform(0.01, 5.0, 30) + rng.normal(size=30)
+    x[:, 7] = 3.0  # a constant feature
+    w = rng.normal(size=30)
+    y = x @ w + rng.normal(scale=0.5, size=120)
+    model = fit_regressor(x[:100], y[:100])
+    assert model.alpha == 1.0 and model.weight.shape == (30,)
+    mean, std = x[:100].mean(0), x[:100].std(0)
+    std[std < 1e-8] = 1.0
+    z = (x[:100] - mean) / std
+    zc, yc = z - z.mean(0), y[:100] - y[:100].mean()
+    beta = np.linalg.solve(zc.T @ zc + 1.0 * np.eye(30), zc.T @ yc)
+    expected = ((x[100:] - mean) / std) @ beta + y[:100].mean()
+    np.testing.assert_allclose(model.predict(x[100:]), expected, rtol=1e-5, atol=1e-4)
+
+    chosen = fit_regressor(x[:80], y[:80], val=(x[80:], y[80:]), alpha_grid=(0.1, 1000.0, 1e6))
+    rmse = {a: regression_metrics(fit_regressor(x[:80], y[:80], alpha_grid=(a,), val=(x[80:], y[80:])).predict(x[80:]),
+                                  y[80:])["rmse"] for a in (0.1, 1000.0, 1e6)}  # fmt: skip
+    assert chosen.alpha == min(rmse, key=rmse.get) == 0.1
+    # clipped to the bounds given (a height stays >= 0, a share within 0..1)
+    bounded = fit_regressor(x[:100], y[:100], lower=0.0, upper=1.0)
+    assert bounded.predict(x).min() >= 0.0 and bounded.predict(x).max() <= 1.0
+    with pytest.raises(ValueError, match="non-finite"):
+        fit_regressor(x, np.where(np.arange(120) == 3, np.nan, y))
+    with pytest.raises(ValueError, match="at least two rows"):
+        fit_regressor(x[:1], y[:1])
+    with pytest.raises(ValueError, match="method must be one of"):
+        fit_regressor(x, y, method="lasso")
+
+
+def test_knn_regression_is_the_weighted_mean_of_the_nearest_values() -> None:
+    rng = np.random.default_rng(1)
+    bank, values, x = rng.normal(size=(50, 8)), rng.uniform(0, 30, 50), rng.normal(size=(7, 8))
+    got = knn_values(bank, values, x, k=5, temperature=0.1)
+    for i, row in enumerate(x):
+        cos = bank @ row / np.linalg.norm(bank, axis=1) / np.linalg.norm(row)
+        top = np.argsort(-cos)[:5]
+        weights = np.exp(cos[top] / 0.1)
+        assert got[i] == pytest.approx((weights * values[top]).sum() / weights.sum(), rel=1e-5)
+    model = fit_regressor(bank, values, method="knn", k=5, temperature=0.1)
+    np.testing.assert_allclose(model.predict(x), got)
+
+
+def test_a_regressor_file_round_trips_and_others_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(40, 6)), rng.uniform(0, 20, 40)
+    for method in ("ridge", "knn"):
+        model = fit_regressor(x, y, method=method, lower=0.0)
+        model.target, model.unit, model.statistic = "canopy height", "m", "p95"
+        model.embedding = {"chip_size": [16, 16], "backbone_source": "/b.pth"}
+        model.held_out = {"n": 3, "rmse": 1.5}
+        path = model.save(tmp_path / f"{method}.safetensors")
+        back = TileRegressor.load(path)
+        np.testing.assert_allclose(back.predict(x), model.predict(x), rtol=1e-6)
+        assert (back.target, back.unit, back.statistic, back.lower, back.label) == ("canopy height", "m", "p95", 0.0,
+                                                                                   "canopy height (m)")  # fmt: skip
+        assert back.embedding == model.embedding and back.held_out == model.held_out
+    with pytest.raises(FileExistsError):
+        model.save(tmp_path / "knn.safetensors")
+    probe = ChipClassifier(method="linear", classes=["a", "b"], features="cls", weight=np.zeros((2, 6), np.float32),
+                           bias=np.zeros(2, np.float32))  # fmt: skip
+    probe.save(tmp_path / "probe.safetensors")
+    with pytest.raises(ValueError, match="not a tile regressor"):
+        TileRegressor.load(tmp_path / "probe.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not at all")
+    with pytest.raises(ValueError, match="is not a safetensors file"):
+        TileRegressor.load(tmp_path / "junk.safetensors")
+    with pytest.raises(FileNotFoundError):
+        TileRegressor.load(tmp_path / "missing.safetensors")
+
+
+def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_alike(
+        backbone_path: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    backbone = load_chip_backbone(backbone_path)
+    scenes = [NEON / f"TEAK_{n}.tif" for n in PLOTS]
+    chms = [NEON / f"TEAK_{n}_CHM.tif" for n in PLOTS]
+    fit = fit_tile_regressor(scenes, chms, backbone, tile_size=40, size=32, target="canopy height", unit="m",
+                             progress=False)  # fmt: skip
+    model, tiles = fit.regressor, fit.tiles
+    assert model.method == "ridge" and model.alpha is not None and model.lower == 0.0 and model.upper is None
+    assert model.embedding["chip_size"] == [40, 40] and model.embedding["tile_m"] == pytest.approx(4.0)
+    assert model.embedding["size"] == 32 and model.embedding["backbone_source"] == str(backbone_path)
+    record = model.embedding["tiles"]
+    assert record["train_tiles"] + record["held_out_tiles"] == len(tiles) > 250
+    assert record["train_mean"] == pytest.approx(tiles.loc[tiles["split"] == "train", "reference"].mean())
+    held = tiles[tiles["split"] == "held_out"]
+    assert 0.2 <= len(held) / len(tiles) < 0.45 and held["predicted"].notna().all()
+    assert tiles.loc[tiles["split"] == "train", "predicted"].isna().all()
+    np.testing.assert_allclose(fit.held_out_targets, held["reference"])
+    assert model.held_out == pytest.approx(regression_metrics(fit.held_out_predictions, fit.held_out_targets))
+
+    # the map predicts each tile from its embedding as the fit embedded it, and lies on the scene's grid
+    mapped = regress_tiles(scenes[0], model, backbone=backbone, min_valid=0.9, progress=False)
+    with rasterio.open(scenes[0]) as src:
+        assert mapped.crs == src.crs and mapped.transform == src.transform @ Affine.scale(40)
+    assert mapped.values.shape == (10, 10) and mapped.target == "canopy height" and mapped.label == "canopy height (m)"
+    first = tiles[tiles["scene"] == str(scenes[0])]
+    cells = list(zip(first["row"], first["col"]))
+    embedded, taken = embed_tiles(scenes[0], backbone, cells, tile_size=40, size=32, progress=False)
+    assert taken.all()
+    np.testing.assert_allclose([mapped.values[r, c] for r, c in cells],
+                               model.predict(chip_features(embedded, model.features)), rtol=1e-4, atol=1e-3)  # fmt: skip
+    on_held = held[held["scene"] == str(scenes[0])]
+    np.testing.assert_allclose(on_held["predicted"], [mapped.values[r, c] for r, c in zip(on_held["row"], on_held["col"])],
+                               rtol=1e-4, atol=1e-3)  # fmt: skip
+
+    outputs = write_tile_values(mapped, tmp_path / "out")
+    with rasterio.open(outputs.values) as out:
+        assert out.units == ("m",) and out.descriptions == ("canopy height",) and out.dtypes[0] == "float32"
+        assert out.transform == mapped.transform and np.isnan(out.nodata)
+        np.testing.assert_array_equal(out.read(1), mapped.values)
+        assert out.tags()["tile_size"] == "40"
+    import geopandas as gpd
+
+    cells_frame = gpd.read_file(outputs.tiles)
+    assert len(cells_frame) == int(np.isfinite(mapped.values).sum())
+    np.testing.assert_allclose(cells_frame["value"], mapped.values[cells_frame["row"], cells_frame["col"]], rtol=1e-6)
+    assert outputs.quicklook.stat().st_size > 1000
+    with pytest.raises(FileExistsError):
+        write_tile_values(mapped, tmp_path / "out")
+    array = mapped.to_xarray()
+    assert array.name == "canopy height" and array.attrs["units"] == "m" and array.rio.crs == mapped.crs
+    x_centre, y_centre = mapped.transform @ (3.5, 2.5)
+    assert float(array.x[3]) == pytest.approx(x_centre) and float(array.y[2]) == pytest.approx(y_centre)
+
+    # scoring on the third plot: the map's values of its tiles against the CHM's means there
+    scored = score_tile_regressor(model, scenes[2], chms[2], backbone=backbone, progress=False)
+    third = regress_tiles(scenes[2], model, backbone=backbone, min_valid=0.9, progress=False)
+    rows, cols = scored.tiles["row"].to_numpy(), scored.tiles["col"].to_numpy()
+    np.testing.assert_allclose(scored.predictions, third.values[rows, cols], rtol=1e-5)
+    np.testing.assert_allclose(scored.tiles["error"], scored.predictions - scored.targets)
+    # a scene the reference misses is skipped when it is one of several
+    with caplog.at_level(logging.WARNING, logger="dinov3_eo.tasks.tile_regression"):
+        both = score_tile_regressor(model, [scenes[0], scenes[2]], chms[2], backbone=backbone, progress=False)
+    assert set(both.tiles["scene"]) == {str(scenes[2])} and len(both.tiles) == len(scored.tiles)
+    assert f"Skipped scene {scenes[0]}" in caplog.text
+
+
+def test_a_reference_the_features_carry_is_learnt(backbone_path: Path, brightness: Path) -> None:
+    """The scene's own brightness per 16-px tile: a random micro ViT's tokens carry it (as they carry the
+    bright/dark classes of the probe tests), so the held-out tiles are valued far better than by the training mean
+    (81 tiles, 26 held out in blocks; the brightest lie beyond the training range, which caps R²)."""
+    backbone = load_chip_backbone(backbone_path)
+    for method in ("ridge", "knn"):
+        fit = fit_tile_regressor(SCENE, brightness, backbone, tile_size=16, size=32, min_covered=0.9, method=method,
+                                 progress=False)  # fmt: skip
+        model, tiles = fit.regressor, fit.tiles
+        assert model.unit == "DN" and model.target == "value" and model.held_out["n"] >= 20
+        mean = tiles.loc[tiles["split"] == "train", "reference"].mean()
+        constant = regression_metrics(np.full(len(fit.held_out_targets), mean), fit.held_out_targets)
+        assert model.held_out["r2"] > 0.45 and model.held_out["rmse"] < 0.75 * constant["rmse"], (method, model.held_out)
+
+
+def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, brightness: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    model = tmp_path / "bright.safetensors"
+    fit = ["regress", "fit", "--scenes", str(SCENE), "--values", str(brightness), "--model", str(backbone_path),
+           "--size", "32", "--min-covered", "0.9", "--target", "brightness", "-o", str(model), "--quiet"]  # fmt: skip
+    assert cli_main(fit) == 2
+    assert "Give the tile size in scene pixels (--tile-size)" in capsys.readouterr().err
+    assert cli_main([*fit, "--tile-size", "16", "--out-dir", str(tmp_path / "fit")]) == 0
+    printed = capsys.readouterr().out
+    assert "ridge regressor of brightness (DN) (mean per tile) on" in printed and "held out: n " in printed
+    assert "a constant at the training mean" in printed
+    saved = TileRegressor.load(model)
+    metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert metrics["held_out"] == pytest.approx(saved.held_out) and metrics["held_out"]["r2"] > 0.45
+    assert metrics["training_mean_baseline"]["rmse"] > metrics["held_out"]["rmse"]
+    assert (tmp_path / "fit" / "scatter.png").stat().st_size > 1000 and (tmp_path / "fit" / "tiles.gpkg").is_file()
+
+    assert cli_main(["regress", "map", str(SCENE), "--regressor", str(model), "-o", str(tmp_path / "map"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "16-px tiles predicted: brightness mean" in printed and "rgb_byte_crop_tile_values.tif" in printed
+    with rasterio.open(SCENE) as src:
+        scene_res = src.res
+    with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_values.tif") as out:
+        mapped = out.read(1)
+        assert out.units == ("DN",) and out.res == pytest.approx((16 * scene_res[0], 16 * scene_res[1]))
+    assert cli_main(["regress", "test", "--scenes", str(SCENE), "--values", str(brightness), "--regressor", str(model),
+                     "--min-covered", "0.9", "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "ridge regressor of brightness (DN) on" in printed and "R²" in printed
+    tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    import geopandas as gpd
+
+    frame = gpd.read_file(tmp_path / "test" / "tiles.gpkg")
+    assert tested["test"]["n"] == len(frame) and tested["statistic"] == "mean"
+    # at the tiles the map predicted with enough imagery, the test's predictions are the map's values
+    np.testing.assert_allclose(frame["predicted"], mapped[frame["row"], frame["col"]], rtol=1e-5)
+
+    # from an 'embed --tiles' table: the same tiles, the same regressor, no backbone run
+    table = tmp_path / "tiles.parquet"
+    write_tile_embeddings(SCENE, load_chip_backbone(backbone_path), table, tile_size=16, size=32, progress=False)
+    from_table = tmp_path / "from_table.safetensors"
+    assert cli_main(["regress", "fit", "--scenes", str(SCENE), "--values", str(brightness), "--embeddings", str(table),
+                     "--min-covered", "0.9", "--target", "brightness", "-o", str(from_table), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    again = TileRegressor.load(from_table)
+    assert again.alpha == saved.alpha and again.held_out == pytest.approx(saved.held_out, rel=1e-4)
+    assert read_chip_embeddings(table).metadata["tile_size"] == 16
+
+    # bad input: one sentence and exit code 2
+    for argv, message in [
+        ([*fit, "--tile-size", "16", "--statistic", "mode", "--overwrite"], "Unknown tile statistic 'mode'"),
+        (["regress", "map", str(SCENE), "--regressor", str(tmp_path / "no.safetensors"), "-o", str(tmp_path / "m2")],
+         "does not exist"),
+        ([*fit[:-3], "-o", str(tmp_path / "r.pt"), "--tile-size", "16"], "name it '.safetensors'"),
+        (["regress", "fit", "--scenes", str(SCENE), "--values", str(brightness), str(SCENE.with_suffix(".gpkg")),
+          "--model", str(backbone_path), "--tile-size", "16", "-o", str(tmp_path / "x.safetensors")], "not all rasters"),
+    ]:  # fmt: skip
+        assert cli_main(argv) == 2, argv
+        assert message in capsys.readouterr().err
