@@ -187,3 +187,15 @@ def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.M
     assert len(tile_table) == 406 and tile_table.crs.to_epsg() == 32621
     assert {"row", "col", "cls", "patch_mean"} <= set(tile_table.columns)
     np.testing.assert_allclose(again.probe.weight, fit.probe.weight, atol=1e-3)
+
+
+def test_the_readme_tile_regression_example_maps_heights(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("fit = fit_tile_regressor(", monkeypatch)
+    top, fit, mapped, heights, scored = scope["top"], scope["fit"], scope["mapped"], scope["heights"], scope["scored"]
+    assert len(top) == 100 and top.statistic == "p95" and top.values.max() > 20  # tall conifers at Teakettle
+    assert fit.regressor.target == "canopy height" and fit.regressor.unit == "m" and fit.regressor.lower == 0.0
+    assert scope["held_out"]["n"] == len(fit.held_out_targets) > 20
+    assert mapped.values.shape == (10, 10) and (mapped.values >= 0).all()
+    assert heights.name == "canopy height" and heights.attrs["units"] == "m" and heights.rio.crs.to_epsg() == 32611
+    assert all(path.exists() for path in scope["outputs"])
+    assert len(scored.tiles) == len(scored.predictions) > 50 and "error" in scored.tiles
