@@ -16,7 +16,7 @@ from rasterio.features import rasterize
 from rasterio.transform import Affine
 
 from dinov3_eo.tasks.tile_labels import NoLabelledTiles
-from dinov3_eo.tasks.tile_values import check_statistic, tile_statistic, value_tiles
+from dinov3_eo.tasks.tile_values import check_statistic, grouped_statistic, tile_statistic, value_tiles
 
 NEON = Path(__file__).resolve().parent / "data" / "neon"
 RGB, CHM = NEON / "TEAK_044.tif", NEON / "TEAK_044_CHM.tif"
@@ -43,6 +43,14 @@ def test_tile_statistics_match_numpy_over_each_row_s_finite_values() -> None:
         got = tile_statistic(values, name)
         assert np.isnan(got[3]), name
         np.testing.assert_allclose(got[rows], [reference(values[r]) for r in rows], rtol=1e-12, err_msg=name)
+    # the same statistics of grouped values (points per tile): one group of 5,000, many of one to three
+    groups = np.concatenate([np.full(5000, 7), rng.integers(10, 400, 600), [3]])
+    flat = rng.gamma(2.0, 5.0, len(groups))
+    flat[:40] = 5.0  # ties
+    for name, reference in expected.items():
+        ids, got, counts = grouped_statistic(flat, groups, name)
+        assert ids.tolist() == sorted(set(groups.tolist())) and counts.tolist() == [int((groups == i).sum()) for i in ids]
+        np.testing.assert_allclose(got, [reference(flat[groups == i]) for i in ids], rtol=1e-12, err_msg=name)
     assert check_statistic("p99.5") == "p99.5"
     for bad in ("p101", "mode", "above:x", "equal"):
         with pytest.raises(ValueError, match="Unknown tile statistic"):

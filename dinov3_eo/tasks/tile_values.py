@@ -52,10 +52,22 @@ def check_statistic(statistic: str) -> str:
                      "p95), above:T (share of values above T, canopy cover above:5) or equal:V (share equal to V).")  # fmt: skip
 
 
+def _sorted_quantile(ordered: np.ndarray, start: np.ndarray, n: np.ndarray, q: float) -> np.ndarray:
+    """The ``q``-th percentile (numpy's linear interpolation) of groups of sorted values: group ``i`` is
+    ``ordered[start[i] : start[i] + n[i]]`` (``n >= 1``)."""
+    position = (n - 1) * q / 100.0
+    low = np.floor(position).astype(np.int64)
+    high = np.minimum(low + 1, n - 1)
+    a, b = ordered[start + low].astype(np.float64), ordered[start + high].astype(np.float64)
+    return a + (position - low) * (b - a)
+
+
 def tile_statistic(values: np.ndarray, statistic: str) -> np.ndarray:
     """``[N]`` float64 ``statistic`` (:data:`STATISTICS`) of each row of ``values`` ``[N, P]`` over its finite
-    entries (NaN: no value); NaN for a row without one."""
-    values = np.asarray(values, np.float64)
+    entries (NaN: no value); NaN for a row without one. Float32 rows stay float32 (sums accumulate in float64)."""
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.floating):
+        values = values.astype(np.float64)
     check_statistic(statistic)
     finite = np.isfinite(values)
     n = finite.sum(axis=1)
@@ -70,9 +82,9 @@ def tile_statistic(values: np.ndarray, statistic: str) -> np.ndarray:
     elif kind == "equal":
         out[has] = ((v == float(number)) & f).sum(axis=1) / n
     elif statistic == "mean":
-        out[has] = np.where(f, v, 0.0).sum(axis=1) / n
+        out[has] = np.where(f, v, 0.0).sum(axis=1, dtype=np.float64) / n
     elif statistic == "std":
-        mean = np.where(f, v, 0.0).sum(axis=1, keepdims=True) / n[:, None]
+        mean = np.where(f, v, 0.0).sum(axis=1, dtype=np.float64, keepdims=True) / n[:, None]
         out[has] = np.sqrt(np.where(f, (v - mean) ** 2, 0.0).sum(axis=1) / n)
     elif statistic == "min":
         out[has] = np.where(f, v, np.inf).min(axis=1)
@@ -80,13 +92,41 @@ def tile_statistic(values: np.ndarray, statistic: str) -> np.ndarray:
         out[has] = np.where(f, v, -np.inf).max(axis=1)
     else:  # median and percentiles: NaN sorts last, so each row's q-th value lies among its first n
         q = 50.0 if statistic == "median" else float(statistic[1:])
-        ordered = np.sort(v, axis=1)
-        position = (n - 1) * q / 100.0  # linear interpolation between order statistics, as numpy's default
-        low = np.floor(position).astype(np.int64)
-        high = np.minimum(low + 1, n - 1)
-        rows = np.arange(len(v))
-        out[has] = ordered[rows, low] + (position - low) * (ordered[rows, high] - ordered[rows, low])
+        out[has] = _sorted_quantile(np.sort(v, axis=1).ravel(), np.arange(len(v)) * v.shape[1], n, q)
     return out
+
+
+def grouped_statistic(values: np.ndarray, groups: np.ndarray, statistic: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(group ids [G] ascending, statistic [G] float64, counts [G])`` of finite ``values`` ``[M]`` grouped by
+    integer ``groups`` ``[M]`` (:data:`STATISTICS`, as :func:`tile_statistic` computes them): memory in ``M``,
+    however many values one group holds (a GEDI track's shots in one tile)."""
+    check_statistic(statistic)
+    values, groups = np.asarray(values, np.float64), np.asarray(groups, np.int64)
+    order = np.lexsort((values, groups))  # by group, then value: each group's values sorted and contiguous
+    v, g = values[order], groups[order]
+    ids, start, n = np.unique(g, return_index=True, return_counts=True)
+    if not len(ids):
+        return ids, np.zeros(0), n
+
+    def mean_of(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(x, start) / n
+
+    kind, _, number = statistic.partition(":")
+    if kind == "above":
+        out = mean_of((v > float(number)).astype(np.float64))
+    elif kind == "equal":
+        out = mean_of((v == float(number)).astype(np.float64))
+    elif statistic == "mean":
+        out = mean_of(v)
+    elif statistic == "std":
+        out = np.sqrt(mean_of((v - np.repeat(mean_of(v), n)) ** 2))
+    elif statistic == "min":
+        out = v[start]
+    elif statistic == "max":
+        out = v[start + n - 1]
+    else:
+        out = _sorted_quantile(v, start, n, 50.0 if statistic == "median" else float(statistic[1:]))
+    return ids, out, n
 
 
 @dataclass
@@ -243,7 +283,9 @@ def value_tiles(
             with a numeric ``attribute`` (default: its only numeric column), in any CRS.
         statistic: a :data:`STATISTICS` entry summarising each tile's values.
         band, nodata: the raster's band and a nodata value overriding its own (NaN is always missing).
-        min_valid: the share of a tile that must have a value (raster, polygons), in ``(0, 1]``.
+        min_valid: the share of a tile that must have a value (raster, polygons), in ``(0, 1]``; a tile's part past
+            the scene's edge has none (as ``classify map`` counts it as no data), so an edge tile only half inside
+            the scene needs ``min_valid`` <= 0.5.
         min_points: points a tile must hold (points).
         oversample: the tile is read on a grid this many times finer than the scene's pixels (default: the scene's
             pixel over the raster's, 1 to :data:`MAX_OVERSAMPLE`); polygons: as for a raster of the scene's pixels.
@@ -346,18 +388,19 @@ def _oversample_factor(mosaic: Any, crs: Any, transform: Affine) -> int:
 
 
 def _mosaic_reader(mosaic: Any, crs: Any) -> Any:
-    """``read(transform, shape) -> float64 [H, W]`` (NaN: no value) of a raster mosaic on a grid in ``crs``."""
+    """``read(transform, shape) -> float32 [H, W]`` (NaN: no value) of a raster mosaic on a grid in ``crs``."""
     from rasterio.enums import Resampling
 
     def read(transform: Affine, shape: tuple[int, int]) -> np.ndarray:
         values, found = mosaic.read(crs=crs, transform=transform, shape=shape, resampling=Resampling.nearest)
-        return np.where(found, values.astype(np.float64), np.nan)
+        # float32 holds a CHM's, a biomass map's or a class map's values exactly enough, at half float64's memory
+        return np.where(found, values.astype(np.float32), np.float32(np.nan))
 
     return read
 
 
 def _burner(frame: Any) -> Any:
-    """``read(transform, shape) -> float64 [H, W]``: polygons burnt with their ``_value`` (pixel centres inside; a
+    """``read(transform, shape) -> float32 [H, W]``: polygons burnt with their ``_value`` (pixel centres inside; a
     later polygon over an earlier one)."""
     from rasterio.features import rasterize
 
@@ -365,8 +408,8 @@ def _burner(frame: Any) -> Any:
 
     def read(transform: Affine, shape: tuple[int, int]) -> np.ndarray:
         if not shapes:
-            return np.full(shape, np.nan)
-        return rasterize(shapes, out_shape=shape, transform=transform, fill=np.nan, dtype="float64")
+            return np.full(shape, np.nan, np.float32)
+        return rasterize(shapes, out_shape=shape, transform=transform, fill=np.nan, dtype="float32")
 
     return read
 
@@ -374,26 +417,18 @@ def _burner(frame: Any) -> Any:
 def _point_tiles(frame: Any, transform: Affine, tile_size: int, shape: tuple[int, int], statistic: str,
                  min_points: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """``(rows, cols, values, counts)`` of the tiles holding at least ``min_points`` of ``frame``'s points (in the
-    scene's CRS), each tile's value the ``statistic`` of its points'."""
+    scene's CRS), each tile's value the ``statistic`` of its points' (:func:`grouped_statistic`)."""
     points = frame.explode(index_parts=False)
     col, row = ~transform @ (points.geometry.x.to_numpy(), points.geometry.y.to_numpy())
     col, row = np.floor(np.asarray(col)), np.floor(np.asarray(row))
     inside = (col >= 0) & (row >= 0) & (col < shape[1]) & (row < shape[0])
-    value = points["_value"].to_numpy(np.float64)[inside]
-    cells = np.stack([row[inside] // tile_size, col[inside] // tile_size], axis=1).astype(np.int64)
-    if not len(cells):
-        empty = np.zeros(0, np.int64)
-        return empty, empty, np.zeros(0), empty
-    unique, inverse, counts = np.unique(cells, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    table = np.full((len(unique), int(counts.max())), np.nan)
-    slot = np.zeros(len(value), np.int64)
-    order = np.argsort(inverse, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    slot[order] = np.arange(len(value)) - np.repeat(starts, counts)
-    table[inverse, slot] = value
+    grid_cols = -(-shape[1] // tile_size)
+    cell = (row[inside] // tile_size).astype(np.int64) * grid_cols + (col[inside] // tile_size).astype(np.int64)
+    ids, value, counts = grouped_statistic(points["_value"].to_numpy(np.float64)[inside], cell, statistic)
     keep = counts >= max(1, min_points)
-    return unique[keep, 0], unique[keep, 1], tile_statistic(table[keep], statistic), counts[keep].astype(np.int64)
+    rows, cols = np.divmod(ids[keep], grid_cols)
+    return rows, cols, value[keep], counts[keep].astype(np.int64)
 
 
-__all__ = ["MAX_OVERSAMPLE", "STATISTICS", "TileValues", "check_statistic", "tile_boxes", "tile_statistic", "value_tiles"]
+__all__ = ["MAX_OVERSAMPLE", "STATISTICS", "TileValues", "check_statistic", "grouped_statistic", "tile_boxes", "tile_statistic",
+           "value_tiles"]
