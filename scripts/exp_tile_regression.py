@@ -9,7 +9,9 @@ table are scored on the same test tiles; metrics (MAE, RMSE, R², bias = mean pr
 all of them. The backbone has random weights (``_random_export``) unless ``--backbone`` names an export.
 
 A. NEON Teakettle: 12 RGB plots (400 x 400 px at 0.1 m) with a 1 m LiDAR CHM; 50-px (5 m) tiles, the reference
-   the tile's mean height (``--statistics mean p95``); 3 folds by plot (plot i tested in fold i % 3).
+   the tile's mean height (``--statistics mean p95``); 3 folds by plot (plot i tested in fold i % 3). Every plot's
+   tiles are embedded once (``embed_tiles``) and the fits read that table (``embeddings=``); the held-out plots are
+   embedded again by ``score_tile_regressor`` (once per regressor), as ``regress test`` would.
 B. North Carolina Landsat-7 (2000, 28.5 m): bands 3, 2, 1 of landsat_multiband.tif; 16-px tiles; the reference is
    the forest share (``equal:5``; class 5 = forest in the GRASS landclass96 strata.tif) of each tile; trained on a
    checkerboard of 4 x 4-tile blocks and tested on the other, each set a copy of strata.tif masked to its blocks.
@@ -35,8 +37,8 @@ from bench_pretrain import SHARED  # noqa: E402
 from exp_chip_embeddings_eurosat import _random_export  # noqa: E402
 
 from dinov3_eo.data.raster import read_window  # noqa: E402
-from dinov3_eo.tasks.chip_embeddings import load_chip_backbone  # noqa: E402
-from dinov3_eo.tasks.tile_classification import tile_window  # noqa: E402
+from dinov3_eo.tasks.chip_embeddings import ChipEmbeddings, load_chip_backbone  # noqa: E402
+from dinov3_eo.tasks.tile_classification import embed_tiles, tile_window  # noqa: E402
 from dinov3_eo.tasks.tile_regression import fit_regressor, fit_tile_regressor, regression_metrics, score_tile_regressor  # noqa: E402
 
 NEON = SHARED / "neon_chm"
@@ -64,9 +66,9 @@ def colour_features(scenes: list[str], rows: np.ndarray, cols: np.ndarray, tile:
 
 
 def run_split(train_scenes, train_values, test_scenes, test_values, backbone, *, tile: int, size: int,
-              statistic: str, bands: list[int] | None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:  # fmt: skip
+              statistic: str, bands: list[int] | None, embeddings=None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:  # fmt: skip
     """Fit the four methods on the training scenes' tiles, predict the test scenes' tiles: method -> (pred, target)."""
-    common = dict(tile_size=tile, size=size, statistic=statistic, bands=bands, progress=False)
+    common = dict(tile_size=tile, size=size, statistic=statistic, bands=bands, embeddings=embeddings, progress=False)
     start = time.perf_counter()
     fit = fit_tile_regressor(train_scenes, train_values, backbone, val_fraction=0.2, **common)
     knn = fit_tile_regressor(train_scenes, train_values, backbone, method="knn", val_fraction=0.0, **common)
@@ -117,7 +119,13 @@ def neon(args: argparse.Namespace, backbone) -> dict:
     rgbs = sorted(str(p) for p in (NEON / "rgb").glob("TEAK_*.tif"))
     chms = [str(NEON / "chm" / f"{Path(p).stem}_CHM.tif") for p in rgbs]
     folds = [list(range(f, len(rgbs), 3)) for f in range(3)]
-    results = {}
+    start = time.perf_counter()  # every plot's tiles embedded once for the fits (test tiles: score_tile_regressor)
+    tables = [embed_tiles(p, backbone, [(r, c) for r in range(8) for c in range(8)], tile_size=50, size=args.size,
+                          min_valid=0.9, progress=False)[0] for p in rgbs]  # fmt: skip
+    table = ChipEmbeddings(paths=[p for t in tables for p in t.paths], cls=np.concatenate([t.cls for t in tables]),
+                           patch_mean=np.concatenate([t.patch_mean for t in tables]),
+                           sizes=np.concatenate([t.sizes for t in tables]), metadata=tables[0].metadata | {"tile_size": 50})  # fmt: skip
+    results = {"embed_all_tiles_s": round(time.perf_counter() - start, 1), "tiles_embedded": len(table)}
     for statistic in args.statistics:
         start = time.perf_counter()
         parts, infos = [], []
@@ -125,7 +133,7 @@ def neon(args: argparse.Namespace, backbone) -> dict:
             train = [i for i in range(len(rgbs)) if i not in test]
             out, info = run_split([rgbs[i] for i in train], [chms[i] for i in train], [rgbs[i] for i in test],
                                   [chms[i] for i in test], backbone, tile=50, size=args.size,
-                                  statistic=statistic, bands=None)  # fmt: skip
+                                  statistic=statistic, bands=None, embeddings=table)  # fmt: skip
             parts.append(out)
             infos.append({"test_plots": [Path(rgbs[i]).stem for i in test], **info})
         metrics = pooled(parts)
