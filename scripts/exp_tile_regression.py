@@ -10,8 +10,8 @@ all of them. The backbone has random weights (``_random_export``) unless ``--bac
 
 A. NEON Teakettle: 12 RGB plots (400 x 400 px at 0.1 m) with a 1 m LiDAR CHM; 50-px (5 m) tiles, the reference
    the tile's mean height (``--statistics mean p95``); 3 folds by plot (plot i tested in fold i % 3). Every plot's
-   tiles are embedded once (``embed_tiles``) and the fits read that table (``embeddings=``); the held-out plots are
-   embedded again by ``score_tile_regressor`` (once per regressor), as ``regress test`` would.
+   tiles are embedded once (``embed_tiles``) and the fits and scores read that table (``embeddings=``, as
+   ``regress fit/test --embeddings`` do).
 B. North Carolina Landsat-7 (2000, 28.5 m): bands 3, 2, 1 of landsat_multiband.tif; 16-px tiles; the reference is
    the forest share (``equal:5``; class 5 = forest in the GRASS landclass96 strata.tif) of each tile; trained on a
    checkerboard of 4 x 4-tile blocks and tested on the other, each set a copy of strata.tif masked to its blocks.
@@ -74,8 +74,10 @@ def run_split(train_scenes, train_values, test_scenes, test_values, backbone, *,
     knn = fit_tile_regressor(train_scenes, train_values, backbone, method="knn", val_fraction=0.0, **common)
     fit_s = time.perf_counter() - start
     start = time.perf_counter()
-    scored = score_tile_regressor(fit.regressor, test_scenes, test_values, backbone=backbone, progress=False)
-    knn_scored = score_tile_regressor(knn.regressor, test_scenes, test_values, backbone=backbone, progress=False)
+    scored = score_tile_regressor(fit.regressor, test_scenes, test_values, backbone=backbone, embeddings=embeddings,
+                                  progress=False)  # fmt: skip
+    knn_scored = score_tile_regressor(knn.regressor, test_scenes, test_values, backbone=backbone, embeddings=embeddings,
+                                      progress=False)  # fmt: skip
     score_s = time.perf_counter() - start
     test = scored.tiles
     assert (knn_scored.tiles[["scene", "row", "col"]].to_numpy() == test[["scene", "row", "col"]].to_numpy()).all()
@@ -119,7 +121,7 @@ def neon(args: argparse.Namespace, backbone) -> dict:
     rgbs = sorted(str(p) for p in (NEON / "rgb").glob("TEAK_*.tif"))
     chms = [str(NEON / "chm" / f"{Path(p).stem}_CHM.tif") for p in rgbs]
     folds = [list(range(f, len(rgbs), 3)) for f in range(3)]
-    start = time.perf_counter()  # every plot's tiles embedded once for the fits (test tiles: score_tile_regressor)
+    start = time.perf_counter()  # every plot's tiles embedded once, for the fits and the scores
     tables = [embed_tiles(p, backbone, [(r, c) for r in range(8) for c in range(8)], tile_size=50, size=args.size,
                           min_valid=0.9, progress=False)[0] for p in rgbs]  # fmt: skip
     table = ChipEmbeddings(paths=[p for t in tables for p in t.paths], cls=np.concatenate([t.cls for t in tables]),

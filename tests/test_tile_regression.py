@@ -258,6 +258,14 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     again = TileRegressor.load(from_table)
     assert again.alpha == saved.alpha and again.held_out == pytest.approx(saved.held_out, rel=1e-4)
     assert read_chip_embeddings(table).metadata["tile_size"] == 16
+    assert cli_main(["regress", "test", "--scenes", str(SCENE), "--values", str(brightness), "--regressor", str(model),
+                     "--embeddings", str(table), "--min-covered", "0.9", "--out-dir", str(tmp_path / "test_table"),
+                     "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    from_rows = gpd.read_file(tmp_path / "test_table" / "tiles.gpkg")
+    both = frame.merge(from_rows, on=["row", "col"], suffixes=("", "_table"))
+    assert len(both) >= len(frame) - 2  # the table keeps tiles with data on half their pixels, the test 0.9
+    np.testing.assert_allclose(both["predicted_table"], both["predicted"], rtol=1e-4)
 
     # bad input: one sentence and exit code 2
     for argv, message in [

@@ -99,6 +99,8 @@ def regress_main(argv: Sequence[str]) -> int:
         p.add_argument("--out-dir", default=None, help="also write metrics.json, tiles.gpkg (each tile's reference "
                        "and prediction) and scatter.png here")  # fmt: skip
     test.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
+    test.add_argument("--embeddings", default=None, help="a table of the scenes' tiles from 'embed SCENE --tiles N' "
+                      "with the regressor's backbone: their embeddings are read, not computed again")  # fmt: skip
     test.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
     scene.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
     for p in (test, scene):
@@ -245,10 +247,13 @@ def _test(args: Any) -> None:
     """``regress test --scenes SCENE ... --values REF --regressor R``."""
     from dinov3_eo.tasks.tile_regression import score_tile_regressor
 
+    from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
+
     out_dir = _check_report(args)
     regressor = TileRegressor.load(args.regressor)
+    table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
     scored = score_tile_regressor(
-        regressor, args.scenes, _one_or_many(args.values), backbone=args.model, tile_size=args.tile_size, statistic=args.statistic,
+        regressor, args.scenes, _one_or_many(args.values), backbone=args.model, embeddings=table, tile_size=args.tile_size, statistic=args.statistic,
         attribute=args.attribute, band=args.band, values_nodata=args.values_nodata, min_covered=args.min_covered,
         min_points=args.min_points, min_valid=args.min_valid, nodata=args.nodata, tta=args.tta,
         batch_size=args.batch_size, device=args.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip

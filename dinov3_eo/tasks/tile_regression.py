@@ -34,8 +34,9 @@ from dinov3_eo.tasks.tile_values import TileValues, tile_boxes, value_tiles
 log = logging.getLogger(__name__)
 
 METHODS = ("ridge", "knn")
-#: ridge penalties tried on standardised features (chosen by held-out RMSE)
-ALPHA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+#: ridge penalties tried on standardised features (chosen by held-out RMSE); wide, since a few hundred tiles of a
+#: 768-wide embedding often want a heavy penalty
+ALPHA_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
 
 
 def knn_values(bank: np.ndarray, bank_values: np.ndarray, x: np.ndarray, *, k: int = 20,
@@ -217,7 +218,11 @@ def fit_regressor(
         return fitted(1.0)
     best = min((regression_metrics(model.predict(val[0]), val[1])["rmse"], -alpha)
                for alpha, model in ((alpha, fitted(alpha)) for alpha in alpha_grid))  # fmt: skip
-    return fitted(-best[1])
+    chosen = -best[1]
+    if len(alpha_grid) > 1 and chosen in (min(alpha_grid), max(alpha_grid)):
+        log.warning("The ridge penalty chosen, alpha = %g, is at the end of the grid %s: a better one may lie "
+                    "beyond it (pass a wider alpha_grid).", chosen, list(alpha_grid))  # fmt: skip
+    return fitted(chosen)
 
 
 @dataclass
@@ -593,6 +598,7 @@ def score_tile_regressor(
     values: Any,
     *,
     backbone: ChipBackbone | str | os.PathLike[str] | None = None,
+    embeddings: ChipEmbeddings | None = None,
     tile_size: int | None = None,
     statistic: str | None = None,
     attribute: str | None = None,
@@ -610,6 +616,8 @@ def score_tile_regressor(
 ) -> TileValueScores:
     """A regressor's values for the tiles of ``scenes`` that a reference covers (summarised per tile by
     ``statistic``, default the regressor's; tile size by default its), to score it (:func:`regression_metrics`).
+    With ``embeddings`` (an ``embed --tiles`` table of the scenes made with the regressor's backbone) the tiles' rows
+    are read, nothing is embedded; the table's own ``min_valid`` then holds, and ``tta`` cannot apply.
 
     Raises:
         ValueError: no tile covered by the reference holds enough imagery, or as
@@ -622,7 +630,11 @@ def score_tile_regressor(
     if not isinstance(regressor, TileRegressor):
         regressor = TileRegressor.load(regressor)
     scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
-    if not isinstance(backbone, ChipBackbone):
+    if embeddings is not None:
+        if tta:
+            raise ValueError("Test-time augmentation embeds flipped tiles: leave out the embedding table, or --tta.")
+        tile_size = tile_size or embeddings.metadata.get("tile_size")
+    elif not isinstance(backbone, ChipBackbone):
         backbone = probe_backbone(regressor, backbone, device=device)
     statistic = statistic or regressor.statistic
     found = []
@@ -637,12 +649,20 @@ def score_tile_regressor(
         raise NoLabelledTiles(f"The reference values cover no tile of any of the scenes {', '.join(map(str, scenes))}.")
     all_pred, all_target, frames = [], [], []
     for tiles in found:
-        cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
-        cells[tiles.rows, tiles.cols] = True
-        result = regress_tiles(tiles.source, regressor, backbone=backbone, tile_size=tiles.tile_size, nodata=nodata,
-                               min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp, cells=cells,
-                               progress=progress)  # fmt: skip
-        predicted = result.values[tiles.rows, tiles.cols].astype(np.float64)
+        if embeddings is not None:  # rows of an 'embed --tiles' table: nothing embedded here
+            from dinov3_eo.tasks.tile_probe import tile_table_rows
+
+            embedded, done = tile_table_rows(embeddings, tiles)
+            predicted = np.full(len(tiles), np.nan)
+            if done.any():
+                predicted[done] = regressor.predict(chip_features(embedded, regressor.features))
+        else:
+            cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
+            cells[tiles.rows, tiles.cols] = True
+            result = regress_tiles(tiles.source, regressor, backbone=backbone, tile_size=tiles.tile_size,
+                                   nodata=nodata, min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp,
+                                   cells=cells, progress=progress)  # fmt: skip
+            predicted = result.values[tiles.rows, tiles.cols].astype(np.float64)
         done = np.isfinite(predicted)
         tiles, predicted = tiles.take(done), predicted[done]
         if not len(tiles):
