@@ -171,18 +171,8 @@ def fit_tile_classifier(
     classes, train_counts = merge_tile_labels(train_sets + held_sets)
     held_counts = train_counts[len(train_sets) :]
     train_counts = train_counts[: len(train_sets)]
-    if embeddings is not None:
-        recorded = embeddings.metadata.get("tile_size")
-        if recorded is not None and int(recorded) != int(tile_size):
-            raise ValueError(f"The embedding table holds {recorded}-px tiles, not {tile_size}-px ones; embed the scenes "
-                             f"again with --tiles {tile_size}, or fit {recorded}-px tiles.")  # fmt: skip
-        info = embeddings.metadata
-        bands, size = info.get("bands"), info.get("size")
-        source, override = info.get("backbone_source"), info.get("normalization_override")
-    else:
-        if not isinstance(backbone, ChipBackbone):
-            backbone = load_chip_backbone(backbone, device=device)
-        source, override = backbone.source, backbone.normalization_override
+    embedder = TileEmbedder.make(embeddings, backbone, tile_size=tile_size, bands=bands, size=size, device=device)
+    bands, size, source, override = embedder.bands, embedder.size, embedder.source, embedder.override
 
     # every tile: (scene index, TileLabels row, counts, held out) — labelled, then embedded where it holds data
     sources = [t.source for t in train_sets]
@@ -193,11 +183,10 @@ def fit_tile_classifier(
         parts.append((i, tiles.take(keep), counts[keep], False))
     for tiles, counts in zip(held_sets, held_counts):
         parts.append((sources.index(tiles.source), tiles, counts, True))
-    x, counts, held, rows_meta, made = _embed_labelled(parts, backbone, tile_size=tile_size, features=features,
+    x, counts, held, rows_meta, made = _embed_labelled(parts, embedder, tile_size=tile_size, features=features,
                                                        multi_label=multi_label, purity=purity, presence=presence,
-                                                       bands=bands, nodata=nodata, size=size, min_valid=min_valid,
-                                                       batch_size=batch_size, amp=amp, progress=progress,
-                                                       table=embeddings)  # fmt: skip
+                                                       nodata=nodata, min_valid=min_valid, batch_size=batch_size,
+                                                       amp=amp, progress=progress)  # fmt: skip
     if not len(x):
         raise ValueError(f"No labelled {tile_size}-px tile of {', '.join(map(str, scenes))} is pure enough (purity "
                          f"{purity:.0%}) and holds data on {min_valid:.0%} of its pixels; lower --purity or --min-valid.")  # fmt: skip
@@ -251,25 +240,65 @@ def fit_tile_classifier(
                         held_out_targets=y[held] if held.any() else None, targets=y)  # fmt: skip
 
 
-def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], backbone: ChipBackbone | None, *,
+@dataclass
+class TileEmbedder:
+    """How a fit on scenes gets its tiles' embeddings: a backbone embeds them (:func:`embed_tiles`), or the rows of an
+    ``embed --tiles`` table are read (its backbone, bands, input size and normalisation then hold). Build it with
+    :meth:`make`."""
+
+    backbone: ChipBackbone | None
+    table: ChipEmbeddings | None
+    bands: list[int] | None
+    size: int | None
+    source: str | None
+    override: str | None
+
+    @classmethod
+    def make(cls, table: ChipEmbeddings | None, backbone: ChipBackbone | str | os.PathLike[str] | None, *,
+             tile_size: int, bands: Sequence[int] | None, size: int | None, device: str | None) -> TileEmbedder:  # fmt: skip
+        """From ``table`` (checked to hold ``tile_size``-px tiles) or else ``backbone`` (loaded if a source).
+
+        Raises:
+            ValueError: the table holds tiles of another size.
+        """
+        if table is not None:
+            recorded = table.metadata.get("tile_size")
+            if recorded is not None and int(recorded) != int(tile_size):
+                raise ValueError(f"The embedding table holds {recorded}-px tiles, not {tile_size}-px ones; embed the "
+                                 f"scenes again with --tiles {tile_size}, or fit {recorded}-px tiles.")  # fmt: skip
+            info = table.metadata
+            return cls(None, table, info.get("bands"), info.get("size"), info.get("backbone_source"),
+                       info.get("normalization_override"))  # fmt: skip
+        if not isinstance(backbone, ChipBackbone):
+            backbone = load_chip_backbone(backbone, device=device)
+        return cls(backbone, None, list(bands) if bands is not None else None, size, backbone.source,
+                   backbone.normalization_override)  # fmt: skip
+
+    def embed(self, tiles: Any, *, tile_size: int, **embedding: Any) -> tuple[ChipEmbeddings, np.ndarray]:
+        """The embeddings of ``tiles`` (anything with ``source`` and ``cells``) and ``[N]`` bool, which were taken
+        (held data on ``min_valid`` of their pixels, or are rows of the table); ``embedding``: the other arguments
+        of :func:`embed_tiles` (ignored for a table, whose own ``min_valid`` held when it was made)."""
+        if self.table is not None:
+            return tile_table_rows(self.table, tiles)
+        from dinov3_eo.tasks.tile_classification import embed_tiles
+
+        return embed_tiles(tiles.source, self.backbone, tiles.cells, tile_size=tile_size, bands=self.bands,
+                           size=self.size, **embedding)  # fmt: skip
+
+
+def _embed_labelled(parts: Sequence[tuple[int, TileLabels, np.ndarray, bool]], embedder: TileEmbedder, *,
                     tile_size: int, features: str, multi_label: bool, purity: float, presence: float,
-                    table: ChipEmbeddings | None = None,
                     **embedding: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[int, TileLabels]], dict]:  # fmt: skip
     """The features of the tiles of ``parts`` ((scene index, tiles, their class counts, held out)) that carry a label
-    (:func:`_targets`) and hold data (:func:`embed_tiles`, or rows of ``table``): ``(x [N, F], counts [N, K], held out
-    [N], (scene index, tiles) per part kept, the embeddings' metadata)``."""
-    from dinov3_eo.tasks.tile_classification import embed_tiles
-
+    (:func:`_targets`) and hold data (:meth:`TileEmbedder.embed`): ``(x [N, F], counts [N, K], held out [N], (scene
+    index, tiles) per part kept, the embeddings' metadata)``."""
     xs, kept_counts, held_flags, kept_tiles, made = [], [], [], [], {}
     for index, tiles, counts, held in parts:
         kept, _ = _targets(counts, multi_label=multi_label, purity=purity, presence=presence)
         tiles, counts = tiles.take(kept), counts[kept]
         if not len(tiles):
             continue
-        if table is not None:  # rows of an 'embed --tiles' table: nothing embedded here
-            embedded, taken = tile_table_rows(table, tiles)
-        else:
-            embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, **embedding)
+        embedded, taken = embedder.embed(tiles, tile_size=tile_size, **embedding)
         made = embedded.metadata
         if taken.any():
             xs.append(chip_features(embedded, features))
@@ -441,4 +470,4 @@ def scene_shape(path: str) -> tuple[int, int]:
         return src.height, src.width
 
 
-__all__ = ["TileProbeFit", "TileScores", "fit_tile_classifier", "score_tile_classifier"]
+__all__ = ["TileEmbedder", "TileProbeFit", "TileScores", "fit_tile_classifier", "score_tile_classifier"]

@@ -28,7 +28,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from dinov3_eo.inference.writers import atomic_output
-from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features, load_chip_backbone
+from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
 from dinov3_eo.tasks.tile_values import TileValues, tile_boxes, value_tiles
 
 log = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def fit_tile_regressor(
         than two tiles are left to train on.
     """
     from dinov3_eo.tasks.tile_labels import spatial_block_split
-    from dinov3_eo.tasks.tile_probe import describe_labels, one_frame, tile_ground
+    from dinov3_eo.tasks.tile_probe import TileEmbedder, describe_labels, one_frame, tile_ground
 
     scenes = [scenes] if isinstance(scenes, (str, os.PathLike)) else list(scenes)
     if not 0.0 <= val_fraction < 1.0:
@@ -335,18 +335,7 @@ def fit_tile_regressor(
                   min_valid=min_covered, min_points=min_points)  # fmt: skip
     train_sets = _scene_values(scenes, values, **common)
     held_sets = _scene_values([t.source for t in train_sets], val_values, **common) if val_values is not None else []
-    if embeddings is not None:
-        recorded = embeddings.metadata.get("tile_size")
-        if recorded is not None and int(recorded) != int(tile_size):
-            raise ValueError(f"The embedding table holds {recorded}-px tiles, not {tile_size}-px ones; embed the scenes "
-                             f"again with --tiles {tile_size}, or fit {recorded}-px tiles.")  # fmt: skip
-        info = embeddings.metadata
-        bands, size = info.get("bands"), info.get("size")
-        source, override = info.get("backbone_source"), info.get("normalization_override")
-    else:
-        if not isinstance(backbone, ChipBackbone):
-            backbone = load_chip_backbone(backbone, device=device)
-        source, override = backbone.source, backbone.normalization_override
+    embedder = TileEmbedder.make(embeddings, backbone, tile_size=tile_size, bands=bands, size=size, device=device)
 
     sources = [t.source for t in train_sets]
     held_cells = {t.source: set(t.cells) for t in held_sets}  # a tile both references reach is held out
@@ -357,16 +346,8 @@ def fit_tile_regressor(
     for index, tiles, held in parts:
         if not len(tiles):
             continue
-        if embeddings is not None:
-            from dinov3_eo.tasks.tile_probe import tile_table_rows
-
-            embedded, taken = tile_table_rows(embeddings, tiles)
-        else:
-            from dinov3_eo.tasks.tile_classification import embed_tiles
-
-            embedded, taken = embed_tiles(tiles.source, backbone, tiles.cells, tile_size=tile_size, bands=bands,
-                                          nodata=nodata, size=size, min_valid=min_valid, batch_size=batch_size,
-                                          amp=amp, progress=progress)  # fmt: skip
+        embedded, taken = embedder.embed(tiles, tile_size=tile_size, nodata=nodata, min_valid=min_valid,
+                                         batch_size=batch_size, amp=amp, progress=progress)  # fmt: skip
         made = embedded.metadata
         if taken.any():
             xs.append(chip_features(embedded, features))
@@ -400,8 +381,8 @@ def fit_tile_regressor(
     predictions = regressor.predict(x[held]) if held.any() else None
     regressor.held_out = regression_metrics(predictions, y[held]) if predictions is not None else None
     regressor.embedding = {
-        "backbone_source": source, "size": size, "bands": list(bands) if bands is not None else None,
-        "normalization": override, "backbone": made.get("backbone"), "chip_size": [int(tile_size), int(tile_size)],
+        "backbone_source": embedder.source, "size": embedder.size, "bands": embedder.bands,
+        "normalization": embedder.override, "backbone": made.get("backbone"), "chip_size": [int(tile_size), int(tile_size)],
         "tile_m": tile_ground(train_sets, tile_size),
         "tiles": {"scenes": [os.fspath(s) for s in scenes], "values": describe_labels(values),
                   "val_values": describe_labels(val_values), "attribute": attribute, "statistic": statistic,
@@ -625,7 +606,7 @@ def score_tile_regressor(
     """
     from dinov3_eo.tasks.chip_classification import probe_backbone
     from dinov3_eo.tasks.tile_classification import probe_tile_size, tile_grid_shape
-    from dinov3_eo.tasks.tile_probe import one_frame, scene_shape
+    from dinov3_eo.tasks.tile_probe import one_frame, scene_shape, tile_table_rows
 
     if not isinstance(regressor, TileRegressor):
         regressor = TileRegressor.load(regressor)
@@ -650,8 +631,6 @@ def score_tile_regressor(
     all_pred, all_target, frames = [], [], []
     for tiles in found:
         if embeddings is not None:  # rows of an 'embed --tiles' table: nothing embedded here
-            from dinov3_eo.tasks.tile_probe import tile_table_rows
-
             embedded, done = tile_table_rows(embeddings, tiles)
             predicted = np.full(len(tiles), np.nan)
             if done.any():
