@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
-import time
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +29,8 @@ from rasterio.transform import Affine
 
 from dinov3_eo.tasks.tile_values import value_tiles
 
-
-def _measure(run, repeats: int = 2):  # noqa: ANN001, ANN202
-    """``(result, best seconds of repeats after a warm-up run, peak MiB of numpy's allocations in a traced run)``: the
-    traced run is timed apart, tracing slows allocations."""
-    run()  # warm-up: the file into the page cache, GDAL's block cache
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = run()
-        seconds.append(time.perf_counter() - start)
-    tracemalloc.start()
-    run()
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    return result, min(seconds), peak / 2**20
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tile_labels import _measure  # noqa: E402  (best-of-N warm time and tracemalloc peak)
 
 
 def _scene(path: Path, crs, transform: Affine, size: int) -> Path:  # noqa: ANN001

@@ -140,20 +140,8 @@ class ChipClassifier:
         Raises:
             FileNotFoundError: no such file. ValueError: not a safetensors file, or not a chip classifier's.
         """
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Chip classifier {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = (f.metadata() or {}).get("dinov3_eo_classifier")
-                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except Exception as e:  # safetensors raises its own error types for a file that is not one
-            raise ValueError(f"{str(path)!r} is not a safetensors file: {e}") from e
-        if meta is None:
-            raise ValueError(f"{str(path)!r} is a safetensors file but not a chip classifier (no dinov3_eo_classifier "
-                             "metadata); 'dinov3-eo classify fit' writes those.")  # fmt: skip
-        info = json.loads(meta)
+        info, arrays = read_tagged_safetensors(path, "dinov3_eo_classifier", what="chip classifier",
+                                               made_by="dinov3-eo classify fit")  # fmt: skip
         needed = ("weight", "bias") if info["method"] == "linear" else ("bank", "bank_labels")
         missing = [name for name in needed if name not in arrays]
         if missing:
@@ -163,6 +151,31 @@ class ChipClassifier:
                    held_out_accuracy=info.get("held_out_accuracy"), multi_label=bool(info.get("multi_label", False)),
                    threshold=float(info.get("threshold", 0.5)), balanced=bool(info.get("balanced", False)),
                    **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
+
+
+def read_tagged_safetensors(path: str | os.PathLike[str], key: str, *, what: str,
+                            made_by: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:  # fmt: skip
+    """``(metadata, arrays)`` of a safetensors file whose JSON metadata is stored under ``key`` (a probe's, a
+    regressor's): no pickle, so a file from anywhere loads safely.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not a safetensors file, or one without ``key`` (naming the
+        ``what`` expected and the command, ``made_by``, that writes one).
+    """
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what[0].upper() + what[1:]} {str(path)!r} does not exist.")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = (f.metadata() or {}).get(key)
+            arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as e:  # safetensors raises its own error types for a file that is not one
+        raise ValueError(f"{str(path)!r} is not a safetensors file: {e}") from e
+    if meta is None:
+        raise ValueError(f"{str(path)!r} is a safetensors file but not a {what} (no {key} metadata); '{made_by}' "
+                         "writes those.")  # fmt: skip
+    return json.loads(meta), arrays
 
 
 def fit_chip_classifier(

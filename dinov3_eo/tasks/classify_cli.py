@@ -74,7 +74,7 @@ def classify_main(argv: Sequence[str]) -> int:
     import sys
 
     from dinov3_eo.cli import EXIT_BAD_INPUT
-    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options, add_tile_run_options
 
     prog = "dinov3-eo classify"
     parser = argparse.ArgumentParser(prog=prog, description="Scene classification of image chips on frozen DINOv3 "
@@ -193,11 +193,7 @@ def classify_main(argv: Sequence[str]) -> int:
         p.add_argument("--threshold", type=float, default=None, help="multi-label probe: the probability a class "
                        "needs to be predicted (default: the probe's)")  # fmt: skip
     for p in (fit, predict, test, scene):
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
-        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_tile_run_options(p)
     args = parser.parse_args(list(argv))
     try:
         {"fit": _fit, "predict": _predict, "test": _test, "map": _map, "zero-shot": _zero_shot}[args.action](args)

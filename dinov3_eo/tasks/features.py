@@ -419,6 +419,16 @@ def add_backbone_input_options(parser: argparse.ArgumentParser) -> None:
                         help="override the backbone's stored input normalisation (presets expect 0..255 values)")  # fmt: skip
 
 
+def add_tile_run_options(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--device``, ``--bf16``, ``--overwrite`` and ``--quiet``: how the commands that embed chips
+    or tiles (``classify``, ``regress``) run."""
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _common_parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("input", help="input GeoTIFF (pca to a .png: any image chip, JPEG/PNG/TIFF, georeferenced or not)")

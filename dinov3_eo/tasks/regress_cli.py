@@ -27,7 +27,7 @@ def regress_main(argv: Sequence[str]) -> int:
 
     from dinov3_eo.cli import EXIT_BAD_INPUT
     from dinov3_eo.tasks.chip_embeddings import FEATURES
-    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options
+    from dinov3_eo.tasks.features import BACKBONE_HELP, add_backbone_input_options, add_tile_run_options
 
     prog = "dinov3-eo regress"
     parser = argparse.ArgumentParser(prog=prog, description="Tile regression on frozen DINOv3 features: a number per "
@@ -108,11 +108,7 @@ def regress_main(argv: Sequence[str]) -> int:
         p.add_argument("--tta", choices=("flips", "d4"), default=None, help="test-time augmentation: the mean value of "
                        "the flipped (4 views) or flipped and quarter-turned (8) tiles")  # fmt: skip
     for p in (fit, test, scene):
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda when available)")
-        p.add_argument("--bf16", action="store_true", help="bf16 autocast for the backbone")
-        p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        add_tile_run_options(p)
     args = parser.parse_args(list(argv))
     try:
         {"fit": _fit, "map": _map, "test": _test}[args.action](args)

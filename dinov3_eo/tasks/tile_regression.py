@@ -134,20 +134,10 @@ class TileRegressor:
         Raises:
             FileNotFoundError: no such file. ValueError: not a safetensors file, or not a regressor's.
         """
-        from safetensors import safe_open
+        from dinov3_eo.tasks.chip_classification import read_tagged_safetensors
 
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Regressor {str(path)!r} does not exist.")
-        try:
-            with safe_open(str(path), framework="numpy") as f:
-                meta = (f.metadata() or {}).get("dinov3_eo_regressor")
-                arrays = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except Exception as e:  # safetensors raises its own error types for a file that is not one
-            raise ValueError(f"{str(path)!r} is not a safetensors file: {e}") from e
-        if meta is None:
-            raise ValueError(f"{str(path)!r} is a safetensors file but not a tile regressor (no dinov3_eo_regressor "
-                             "metadata); 'dinov3-eo regress fit' writes those.")  # fmt: skip
-        info = json.loads(meta)
+        info, arrays = read_tagged_safetensors(path, "dinov3_eo_regressor", what="tile regressor",
+                                               made_by="dinov3-eo regress fit")  # fmt: skip
         needed = ("weight",) if info["method"] == "ridge" else ("bank", "bank_values")
         missing = [name for name in needed if name not in arrays]
         if missing:
