@@ -168,3 +168,35 @@ def test_polygons_are_burnt_with_their_value_and_bad_references_are_refused(tmp_
         value_tiles(RGB, tmp_path / "missing.gpkg", tile_size=50)
     with pytest.raises(ValueError, match="Unknown tile statistic 'mode'"):
         value_tiles(RGB, CHM, tile_size=50, statistic="mode")
+
+
+def test_a_reference_in_another_crs_is_warped_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    from rasterio.warp import calculate_default_transform, reproject
+
+    heights, chm_transform, crs = _chm()
+    # the CHM in lon/lat at about 0.25 m: each 4-m tile is read from its own pixels, warped (nearest)
+    dst_crs = "EPSG:4326"
+    with rasterio.open(CHM) as src:
+        transform, width, height = calculate_default_transform(src.crs, dst_crs, src.width, src.height, *src.bounds,
+                                                               resolution=2.5e-6)  # fmt: skip
+        out = np.full((height, width), np.nan, np.float32)
+        reproject(src.read(1).astype(np.float32), out, src_transform=src.transform, src_crs=src.crs,
+                  src_nodata=src.nodata, dst_transform=transform, dst_crs=dst_crs, dst_nodata=np.nan)  # fmt: skip
+    with rasterio.open(tmp_path / "chm_4326.tif", "w", driver="GTiff", width=width, height=height, count=1,
+                       dtype="float32", crs=dst_crs, transform=transform, nodata=np.nan) as dst:  # fmt: skip
+        dst.write(out, 1)
+    native = value_tiles(RGB, CHM, tile_size=40, min_valid=0.9)
+    warped = value_tiles(RGB, tmp_path / "chm_4326.tif", tile_size=40, min_valid=0.9)
+    both = sorted(set(native.cells) & set(warped.cells))
+    assert len(both) >= 0.9 * len(native)
+    a = np.array([native.values[native.cells.index(c)] for c in both])
+    b = np.array([warped.values[warped.cells.index(c)] for c in both])
+    assert np.corrcoef(a, b)[0, 1] > 0.98 and np.abs(a - b).mean() < 1.0  # metres: a resampling's worth
+
+    (tmp_path / "broken.tif").write_bytes(b"II*\x00" + b"\x00" * 64)  # a TIFF header and nothing else
+    with pytest.raises(rasterio.errors.RasterioIOError, match="broken.tif cannot be read as a raster"):
+        value_tiles(RGB, tmp_path / "broken.tif", tile_size=40)
+    with rasterio.open(tmp_path / "bare.tif", "w", driver="GTiff", width=40, height=40, count=1, dtype="float32") as dst:
+        dst.write(heights.astype(np.float32), 1)
+    with pytest.raises(ValueError, match="bare.tif is not georeferenced"):
+        value_tiles(RGB, tmp_path / "bare.tif", tile_size=40)

@@ -101,15 +101,21 @@ def _as_window(window: Window | tuple[tuple[int, int], tuple[int, int]]) -> Wind
 def open_quietly(path: str | os.PathLike[str]) -> Any:
     """``rasterio.open`` without the warning rasterio raises for a file with no georeference: image chips and masks
     paired by name have none by design, and the commands that need one refuse it in one sentence of their own
-    (:func:`require_georeferenced`)."""
+    (:func:`require_georeferenced`). A file GDAL cannot open raises ``RasterioIOError`` naming it."""
     import warnings
 
     import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        return rasterio.open(os.fspath(path))
+        try:
+            return rasterio.open(os.fspath(path))
+        except RasterioIOError as e:
+            if os.fspath(path) in str(e):
+                raise
+            # GDAL's "Cannot open TIFF image" names no file: the sentence a user reads must
+            raise RasterioIOError(f"{os.fspath(path)} cannot be read as a raster: {e}") from e
 
 
 def is_georeferenced(src) -> bool:
