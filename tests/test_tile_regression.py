@@ -54,6 +54,7 @@ def brightness(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(mean, 1)
         dst.units = ("DN",)
+        dst.descriptions = ("brightness",)
     return path
 
 
@@ -205,7 +206,7 @@ def test_a_reference_the_features_carry_is_learnt(backbone_path: Path, brightnes
         fit = fit_tile_regressor(SCENE, brightness, backbone, tile_size=16, size=32, min_covered=0.9, method=method,
                                  progress=False)  # fmt: skip
         model, tiles = fit.regressor, fit.tiles
-        assert model.unit == "DN" and model.target == "value" and model.held_out["n"] >= 20
+        assert model.unit == "DN" and model.target == "brightness" and model.held_out["n"] >= 20
         mean = tiles.loc[tiles["split"] == "train", "reference"].mean()
         constant = regression_metrics(np.full(len(fit.held_out_targets), mean), fit.held_out_targets)
         assert model.held_out["r2"] > 0.45 and model.held_out["rmse"] < 0.75 * constant["rmse"], (method, model.held_out)
@@ -253,10 +254,11 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     write_tile_embeddings(SCENE, load_chip_backbone(backbone_path), table, tile_size=16, size=32, progress=False)
     from_table = tmp_path / "from_table.safetensors"
     assert cli_main(["regress", "fit", "--scenes", str(SCENE), "--values", str(brightness), "--embeddings", str(table),
-                     "--min-covered", "0.9", "--target", "brightness", "-o", str(from_table), "--quiet"]) == 0  # fmt: skip
+                     "--min-covered", "0.9", "-o", str(from_table), "--quiet"]) == 0  # fmt: skip
     capsys.readouterr()
     again = TileRegressor.load(from_table)
     assert again.alpha == saved.alpha and again.held_out == pytest.approx(saved.held_out, rel=1e-4)
+    assert (again.target, again.unit) == ("brightness", "DN")  # the raster's band description and unit
     assert read_chip_embeddings(table).metadata["tile_size"] == 16
     assert cli_main(["regress", "test", "--scenes", str(SCENE), "--values", str(brightness), "--regressor", str(model),
                      "--embeddings", str(table), "--min-covered", "0.9", "--out-dir", str(tmp_path / "test_table"),

@@ -54,7 +54,7 @@ def regress_main(argv: Sequence[str]) -> int:
     fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
     fit.add_argument("--size", type=int, default=224, help="tiles resized to SIZE x SIZE (default 224; 0: own size)")
     fit.add_argument("--target", default=None, help='what the values are, for maps and reports (e.g. "canopy height"; '
-                     "default: the attribute, else 'value')")  # fmt: skip
+                     "default: the attribute, or the raster's band description, else 'value')")  # fmt: skip
     fit.add_argument("--unit", default=None, help="their unit (e.g. m, Mg/ha; default: the raster's declared unit)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     add_backbone_input_options(fit)

@@ -120,21 +120,18 @@ class TileClasses:
         tiles, unless a smaller stride was asked for: cells cover the scene without overlap); for a
         multi-label probe also ``labels``, the classes of probability at least ``threshold`` joined by ``;``."""
         import geopandas as gpd
-        import shapely
 
         rows, cols = np.nonzero(self.classified)
         p = self.probabilities[:, rows, cols].T  # [N, K]
         ids = self.class_ids()[rows, cols].astype(np.int64)
         names = self.class_names
-        corners = np.array([self.cell_bounds(r, c) for r, c in zip(rows, cols)]).reshape(-1, 4)
         frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64), "class_id": ids,
                  "class_name": [names[i] for i in ids], "score": p.max(axis=1).astype(np.float64) if len(p) else np.zeros(0),
                  "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64),
                  **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
         if self.multi_label:
             frame["labels"] = predicted_labels(p, self.classes, self.threshold)
-        geometry = shapely.box(corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3])
-        return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(geometry, crs=self.crs))
+        return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, 1, rows, cols), crs=self.crs))
 
     def least_confident(self, n: int) -> Any:
         """The ``n`` classified cells the probe is least sure of, least sure first: what to label next (uncertainty
@@ -182,6 +179,17 @@ def tile_window(row: int, col: int, tile_size: int, stride: int | None = None) -
     stride = tile_size if stride is None else stride
     margin = (tile_size - stride) // 2
     return Window(col * stride - margin, row * stride - margin, tile_size, tile_size)
+
+
+def tile_boxes(transform: Affine, tile_size: int, rows: np.ndarray, cols: np.ndarray) -> Any:
+    """Shapely polygons ``[N]`` of the ``tile_size``-px tiles at cells ``rows``, ``cols`` of a grid with the scene's
+    ``transform`` (``tile_size=1``: the cells of a grid)."""
+    import shapely
+
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    x0, y0 = transform @ (cols * tile_size, rows * tile_size)
+    x1, y1 = transform @ ((cols + 1) * tile_size, (rows + 1) * tile_size)
+    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
 
 def probe_tile_size(probe: ChipClassifier, scene: str | os.PathLike[str] | None = None) -> int:
@@ -575,7 +583,6 @@ def write_tile_embeddings(raster: str | os.PathLike[str], backbone: ChipBackbone
         :func:`embed_tiles`, or a table format other than ``.parquet``/``.npz``.
     """
     import rasterio
-    import shapely
 
     from dinov3_eo.data.raster import pixel_size_m
     from dinov3_eo.inference.writers import check_overwrite
@@ -596,10 +603,7 @@ def write_tile_embeddings(raster: str | os.PathLike[str], backbone: ChipBackbone
     pixel = pixel_size_m(crs, transform)
     embedded.metadata.update(scene=os.fspath(raster), tile_size=int(tile_size), tile_m=pixel * tile_size if pixel else None,
                              min_valid=min_valid)  # fmt: skip
-    cell = transform @ Affine.scale(tile_size)
-    x0, y0 = cell @ (kept[:, 1], kept[:, 0])
-    x1, y1 = cell @ (kept[:, 1] + 1, kept[:, 0] + 1)
-    footprints = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    footprints = tile_boxes(transform, tile_size, kept[:, 0], kept[:, 1])
     parquet = Path(dst).suffix.lower() == ".parquet"
     write_chip_embeddings(embedded, dst, overwrite=overwrite, columns={"row": kept[:, 0], "col": kept[:, 1]},
                           geometry=footprints if parquet else None, crs=crs if parquet else None)  # fmt: skip
@@ -750,6 +754,7 @@ __all__ = [
     "predict_tile_grid",
     "probe_tile_size",
     "tile_grid_shape",
+    "tile_boxes",
     "tile_name",
     "tile_outputs",
     "tile_window",

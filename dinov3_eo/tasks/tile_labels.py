@@ -111,13 +111,12 @@ class TileLabels:
         (share of pixels), ``majority`` (class name) and its ``purity`` (share of labelled pixels), one ``f_<class>`` column per
         class, plus ``columns`` (name -> ``[N]`` values)."""
         import geopandas as gpd
-        import shapely
+
+        from dinov3_eo.tasks.tile_classification import tile_boxes
 
         _, ids = self.majority()
         fractions = self.fractions
-        x0, y0 = self.transform @ (self.cols * self.tile_size, self.rows * self.tile_size)
-        x1, y1 = self.transform @ ((self.cols + 1) * self.tile_size, (self.rows + 1) * self.tile_size)
-        geometry = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+        geometry = tile_boxes(self.transform, self.tile_size, self.rows, self.cols)
         frame = {"row": self.rows, "col": self.cols, "tile_size": np.full(len(self), self.tile_size), "labelled": self.labelled,
                  "majority": [self.classes[i] for i in ids],
                  "purity": fractions[np.arange(len(self)), ids] if len(self) else np.zeros(0),

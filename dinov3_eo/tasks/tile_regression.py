@@ -29,7 +29,7 @@ from rasterio.transform import Affine
 
 from dinov3_eo.inference.writers import atomic_output
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
-from dinov3_eo.tasks.tile_values import TileValues, tile_boxes, value_tiles
+from dinov3_eo.tasks.tile_values import TileValues, value_tiles
 
 log = logging.getLogger(__name__)
 
@@ -302,7 +302,8 @@ def fit_tile_regressor(
         embeddings: a table of the scenes' tiles from ``embed --tiles``: its rows are used, nothing is embedded.
         val_values: a held-out reference over the same scenes (its tiles are left out of training); default:
             ``val_fraction`` of the tiles held out in blocks of ``block`` x ``block`` tiles (0: none).
-        target, unit: what the values are, for maps and reports (default: the attribute, or ``"value"``).
+        target, unit: what the values are, for maps and reports (default: the points' attribute, or a raster's band
+            description and unit, else ``"value"``; ``"cover"`` for a share).
         bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
         method, features, k: as for :func:`fit_regressor`.
         min_covered: the share of a tile the reference must cover (raster, polygons); min_points: points per tile;
@@ -365,8 +366,9 @@ def fit_tile_regressor(
     regressor = fit_regressor(x[train], y[train], method=method, features=features, k=k,
                               val=(x[held], y[held]) if held.any() else None, lower=lower,
                               upper=1.0 if share else None)  # fmt: skip
-    regressor.target = target or (attribute if attribute else ("cover" if share else "value"))
-    regressor.unit = unit if unit is not None else (None if share else _values_unit(values))
+    described, declared = _values_metadata(values, band)
+    regressor.target = target or attribute or ("cover" if share else described or "value")
+    regressor.unit = unit if unit is not None else (None if share else declared)
     regressor.statistic = statistic
     predictions = regressor.predict(x[held]) if held.any() else None
     regressor.held_out = regression_metrics(predictions, y[held]) if predictions is not None else None
@@ -394,19 +396,21 @@ def fit_tile_regressor(
                              held_out_targets=y[held] if held.any() else None)  # fmt: skip
 
 
-def _values_unit(values: Any) -> str | None:
-    """A raster reference's declared unit (its band's ``units``, GDAL's unit type), if it has one."""
+def _values_metadata(values: Any, band: int) -> tuple[str | None, str | None]:
+    """A raster reference's band description and unit (GDAL's description and unit type), where it has them."""
     import rasterio
 
     from dinov3_eo.data.labels import is_geodataframe, is_raster_labels
 
     if is_geodataframe(values) or isinstance(values, (list, tuple)) or not is_raster_labels(values):
-        return None
+        return None, None
     try:
         with rasterio.open(values) as src:
-            return src.units[0] or None
+            if not 1 <= band <= src.count:
+                return None, None
+            return src.descriptions[band - 1] or None, src.units[band - 1] or None
     except rasterio.errors.RasterioIOError:  # a folder or glob of rasters: no one file to ask
-        return None
+        return None, None
 
 
 @dataclass
@@ -442,6 +446,8 @@ class TileValueMap:
         """The predicted cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``value``,
         ``valid_fraction``, cell polygons."""
         import geopandas as gpd
+
+        from dinov3_eo.tasks.tile_classification import tile_boxes
 
         rows, cols = np.nonzero(np.isfinite(self.values))
         frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64),

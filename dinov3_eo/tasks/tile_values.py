@@ -175,21 +175,12 @@ class TileValues:
         ``reference`` (the value), ``coverage``, ``count``, plus ``columns`` (name -> ``[N]`` values)."""
         import geopandas as gpd
 
+        from dinov3_eo.tasks.tile_classification import tile_boxes
+
         frame = {"row": self.rows, "col": self.cols, "tile_size": np.full(len(self), self.tile_size),
                  "reference": self.values, "coverage": self.coverage, "count": self.count, **(columns or {})}  # fmt: skip
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, self.tile_size, self.rows, self.cols),
                                                               crs=self.crs))  # fmt: skip
-
-
-def tile_boxes(transform: Affine, tile_size: int, rows: np.ndarray, cols: np.ndarray) -> Any:
-    """Shapely polygons ``[N]`` of the ``tile_size``-px tiles at cells ``rows``, ``cols`` of a grid with the scene's
-    ``transform``."""
-    import shapely
-
-    rows, cols = np.asarray(rows), np.asarray(cols)
-    x0, y0 = transform @ (cols * tile_size, rows * tile_size)
-    x1, y1 = transform @ ((cols + 1) * tile_size, (rows + 1) * tile_size)
-    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
 
 def _describe_values(values: Any) -> str:
@@ -430,5 +421,5 @@ def _point_tiles(frame: Any, transform: Affine, tile_size: int, shape: tuple[int
     return rows, cols, value[keep], counts[keep].astype(np.int64)
 
 
-__all__ = ["MAX_OVERSAMPLE", "STATISTICS", "TileValues", "check_statistic", "grouped_statistic", "tile_boxes", "tile_statistic",
+__all__ = ["MAX_OVERSAMPLE", "STATISTICS", "TileValues", "check_statistic", "grouped_statistic", "tile_statistic",
            "value_tiles"]
