@@ -280,3 +280,61 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     ]:  # fmt: skip
         assert cli_main(argv) == 2, argv
         assert message in capsys.readouterr().err
+
+
+def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """Chips and their values in a table (as regression benchmarks ship them): the 16-px cuts of the Landsat crop as
+    PNG chips, each valued by its mean brightness; predictions as a CSV, or on georeferenced chips' footprints."""
+    import pandas as pd
+
+    from brightness_chips import save_chip, scene_cuts
+
+    rows = []
+    for (r, c), cut in scene_cuts().items():
+        save_chip(cut, tmp_path / "chips" / f"{r}_{c}.png")
+        rows.append({"image": f"chips/{r}_{c}.png", "brightness": float(cut.mean()), "row": r})
+    table = pd.DataFrame(rows)
+    table.iloc[:54].to_csv(tmp_path / "train.csv", index=False)
+    table.iloc[54:].to_csv(tmp_path / "test.csv", index=False)
+    model = tmp_path / "chips.safetensors"
+    fit = ["regress", "fit", "--table", str(tmp_path / "train.csv"), "--model", str(backbone_path), "--size", "32",
+           "-o", str(model), "--quiet"]  # fmt: skip
+    assert cli_main(fit) == 2
+    assert "numeric columns ['brightness', 'row']: name the one to fit (--value-column)" in capsys.readouterr().err
+    assert cli_main([*fit, "--value-column", "brightness", "--unit", "DN", "--out-dir", str(tmp_path / "fit")]) == 0
+    printed = capsys.readouterr().out
+    assert "ridge regressor of brightness (DN) on 43 chips" in printed and "11 held-out chips:" in printed
+    saved = TileRegressor.load(model)
+    assert saved.embedding["chip_size"] == [16, 16] and saved.statistic == "chip" and saved.held_out["n"] == 11
+    held = pd.read_csv(tmp_path / "fit" / "chips.csv")
+    assert len(held) == 11 and set(held.columns) == {"path", "reference", "predicted", "error"}
+
+    assert cli_main(["regress", "test", "--table", str(tmp_path / "test.csv"), "--value-column", "brightness",
+                     "--regressor", str(model), "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
+    assert "ridge regressor of brightness (DN) on 18 chips: n 18:" in capsys.readouterr().out
+    tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert tested["test"]["rmse"] < tested["training_mean_baseline"]["rmse"]  # brightness is in the features
+    scored = pd.read_csv(tmp_path / "test" / "chips.csv")
+
+    assert cli_main(["regress", "predict", str(tmp_path / "chips"), "--regressor", str(model), "-o",
+                     str(tmp_path / "predictions.csv"), "--quiet"]) == 0  # fmt: skip
+    assert "72 chips: brightness mean" in capsys.readouterr().out
+    predictions = pd.read_csv(tmp_path / "predictions.csv").set_index("path")
+    np.testing.assert_allclose(predictions.loc[scored["path"], "value"], scored["predicted"], rtol=1e-5)
+    # georeferenced chips (the NEON plots) on a map; PNG chips cannot be
+    import geopandas as gpd
+
+    neon = [str(NEON / f"TEAK_{n}.tif") for n in PLOTS]
+    assert cli_main(["regress", "predict", *neon, "--regressor", str(model), "-o", str(tmp_path / "p.gpkg"), "--quiet"]) == 0
+    capsys.readouterr()
+    frame = gpd.read_file(tmp_path / "p.gpkg")
+    with rasterio.open(neon[0]) as src:
+        assert frame.crs == src.crs and frame.geometry.iloc[0].bounds == pytest.approx(tuple(src.bounds))
+    assert cli_main(["regress", "predict", str(tmp_path / "chips"), "--regressor", str(model), "-o",
+                     str(tmp_path / "p2.gpkg"), "--quiet"]) == 2  # fmt: skip
+    assert "is not georeferenced" in capsys.readouterr().err
+    assert cli_main([*fit, "--value-column", "brightness", "--tile-size", "16", "--overwrite"]) == 2
+    assert "With --table each chip carries its value: leave out --tile-size" in capsys.readouterr().err
+    assert cli_main(["regress", "fit", "--model", str(backbone_path), "-o", str(tmp_path / "x.safetensors")]) == 2
+    assert "Give scenes and their reference values" in capsys.readouterr().err

@@ -21,16 +21,17 @@ def folder_labels(paths: Sequence[str]) -> list[str]:
     return [Path(p).parent.name for p in paths]
 
 
-def _table_rows(table: str | os.PathLike[str]) -> list[tuple[str, Any]]:
-    """``(chip path, raw label cell)`` of each row of a label table (columns ``image`` or ``path``, ``label`` or
-    ``class``; paths relative to the table's folder)."""
+def _table_rows(table: str | os.PathLike[str], column: str | None = None) -> list[tuple[str, Any]]:
+    """``(chip path, raw label cell)`` of each row of a label table (columns ``image`` or ``path``, and ``column``,
+    default ``labels``, ``label`` or ``class``; paths relative to the table's folder)."""
     from dinov3_eo.data.tables import read_table, table_path
 
     frame = read_table(table, what="Label table")
     image = next((c for c in ("image", "path") if c in frame.columns), None)
-    label = next((c for c in ("labels", "label", "class") if c in frame.columns), None)
-    if image is None or label is None:
-        raise ValueError(f"Label table {str(table)!r} needs columns 'image' (or 'path') and 'label' (or 'class'); it has "
+    label = column if column is not None else next((c for c in ("labels", "label", "class") if c in frame.columns), None)
+    if image is None or label is None or label not in frame.columns:
+        wanted = repr(column) if column is not None else "'label' (or 'class')"
+        raise ValueError(f"Label table {str(table)!r} needs columns 'image' (or 'path') and {wanted}; it has "
                          f"{list(frame.columns)}.")  # fmt: skip
     rows = []
     for i, (name, cell) in enumerate(frame[[image, label]].itertuples(index=False)):
@@ -64,6 +65,43 @@ def table_labels(table: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
         paths.append(path)
         labels.append(name)
     return paths, labels
+
+
+def table_values(table: str | os.PathLike[str], column: str | None = None) -> tuple[list[str], np.ndarray]:
+    """The chips and the number each carries (biomass, canopy height, tree cover), from a table as
+    :func:`table_labels` reads: columns ``image`` (or ``path``) and ``column`` (default ``value``, else the table's
+    only numeric column).
+
+    Raises:
+        FileNotFoundError: the table, or a chip it lists, does not exist. ValueError: no such column, several numeric
+        columns and none named, or a cell that is not a finite number (row named).
+    """
+    import pandas as pd
+
+    from dinov3_eo.data.tables import read_table
+
+    if column is None:
+        frame = read_table(table, what="Label table")
+        numeric = [c for c in frame.columns if c not in ("image", "path") and pd.api.types.is_numeric_dtype(frame[c])
+                   and not pd.api.types.is_bool_dtype(frame[c])]  # fmt: skip
+        if "value" in frame.columns:
+            column = "value"
+        elif len(numeric) == 1:
+            column = numeric[0]
+        else:
+            raise ValueError(f"Label table {str(table)!r} has the numeric columns {numeric}: name the one to fit "
+                             "(--value-column).")  # fmt: skip
+    paths, values = [], []
+    for i, (path, cell) in enumerate(_table_rows(table, column)):
+        try:
+            value = float(cell)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value):
+            raise ValueError(f"Label table {str(table)!r}: row {i} has no number in {column!r} ({cell!r}).")
+        paths.append(path)
+        values.append(value)
+    return paths, np.asarray(values, np.float64)
 
 
 def table_multilabels(table: str | os.PathLike[str], separator: str = ";") -> tuple[list[str], list[list[str]]]:

@@ -280,7 +280,7 @@ def _fit(args: Any) -> None:
     if not multi and len(classes) < 2:
         raise ValueError(f"The chips of {args.labels or args.chips} hold {len(classes)} class ({classes}); a classifier "
                          "needs at least two (one folder, or one label, per class).")  # fmt: skip
-    embedded_of, backbone, made = _embedder(args, size)
+    embedded_of, backbone, made = chip_embedder(args, size)
     embedded = embedded_of(paths)
     target = (lambda names: label_matrix(names, classes)) if multi else (lambda names: _class_ids(names, classes))  # noqa: E731
     x, y = chip_features(embedded, args.features), target(labels)
@@ -313,8 +313,8 @@ def _fit(args: Any) -> None:
     print(args.output)
 
 
-def _embedder(args: Any, size: int | None) -> tuple[Any, Any, dict[str, Any]]:
-    """How ``classify fit`` gets its chips' embeddings: ``(embeddings of paths, in their order; the backbone, loaded
+def chip_embedder(args: Any, size: int | None) -> tuple[Any, Any, dict[str, Any]]:
+    """How ``classify fit`` (and ``regress fit --table``) gets its chips' embeddings: ``(embeddings of paths, in their order; the backbone, loaded
     on first call; how the chips are embedded, for the probe)``, from ``--embeddings`` (a table of ``embed --chips``,
     whose backbone, size, bands and normalisation then hold) or by embedding them with ``--model``.
 
@@ -405,18 +405,24 @@ def _flat(labels: Sequence[Any], multi_label: bool) -> list[str]:
 def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.ndarray]:
     """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted (with
     ``--tta``, the mean of the probabilities of each turned and mirrored view)."""
+    probe = ChipClassifier.load(args.probe)
+    embedded = probe_chip_views(args, probe, paths)
+    scores = sum(probe.scores(chip_features(view, probe.features)) for view in embedded) / len(embedded)
+    return probe, scores
+
+
+def probe_chip_views(args: Any, probe: Any, paths: Sequence[str]) -> list[Any]:
+    """``paths`` embedded as ``probe``'s (a probe's or a regressor's) chips were, one table per ``--tta`` view (one
+    without), rows in the order of ``paths``; each chip is read once, its views embedded from the same pixels."""
     from dinov3_eo.inference.tta import tta_views
 
-    probe = ChipClassifier.load(args.probe)
     info = probe.embedding
     backbone = probe_backbone(probe, args.model, device=args.device)
     views = tta_views(args.tta) if args.tta else (0,)
-    # each chip is read once, its views embedded from the same prepared pixels
     embedded = embed_chip_views(backbone.model, paths, views=views, normalization=backbone.normalization,
                                 bands=info.get("bands"), size=info.get("size"), batch_size=args.batch_size,
                                 device=backbone.device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
-    scores = sum(probe.scores(chip_features(view.take(paths), probe.features)) for view in embedded) / len(views)
-    return probe, scores
+    return [view.take(paths) for view in embedded]
 
 
 def _kind(probe: ChipClassifier) -> str:
@@ -657,4 +663,4 @@ def _test_scenes(args: Any) -> None:
             print(path)
 
 
-__all__ = ["classify_main", "finetune_and_export", "print_probe_report"]
+__all__ = ["chip_embedder", "classify_main", "finetune_and_export", "print_probe_report", "probe_chip_views"]

@@ -57,6 +57,7 @@ def regress_main(argv: Sequence[str]) -> int:
                      "default: the attribute, or the raster's band description, else 'value')")  # fmt: skip
     fit.add_argument("--unit", default=None, help="their unit (e.g. m, Mg/ha; default: the raster's declared unit)")
     fit.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    fit.add_argument("--val-table", default=None, help="held-out chips as such a table (with --table)")
     add_backbone_input_options(fit)
     scene = sub.add_parser("map", help="the regressor's value of every tile of georeferenced scenes: a float GeoTIFF, "
                            "GeoPackage and picture",
@@ -77,10 +78,21 @@ def regress_main(argv: Sequence[str]) -> int:
     scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
     test = sub.add_parser("test", help="score a regressor on the tiles of scenes that a reference covers: MAE, RMSE, "
                           "R2, bias")  # fmt: skip
+    predict = sub.add_parser("predict", help="a regressor's value of image chips: a CSV (or, for georeferenced "
+                             "chips, a GeoPackage of their footprints)")  # fmt: skip
+    predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, value), or .gpkg / .geojson: "
+                         "the same on each georeferenced chip's footprint")  # fmt: skip
     for p in (fit, test):
-        p.add_argument("--scenes", nargs="+", required=True, help="georeferenced scenes: their tiles (the grid "
+        group = p.add_argument_group("chips with a value each (instead of --scenes)")
+        group.add_argument("--table", default=None, help="a table (CSV, Parquet, JSONL) of 'image' (or 'path', relative "
+                           "to the table) and a numeric column, one chip and its value per row"
+                           + (" (held out: --val-table, else --val-fraction at random)" if p is fit else ""))  # fmt: skip
+        group.add_argument("--value-column", default=None, help="the table's value column (default 'value', else its "
+                           "only numeric one)")  # fmt: skip
+        p.add_argument("--scenes", nargs="+", default=None, help="georeferenced scenes: their tiles (the grid "
                        "'regress map' predicts) take their values from --values")  # fmt: skip
-        p.add_argument("--values", nargs="+", required=True, help="the reference: rasters (CHM, biomass map; files, "
+        p.add_argument("--values", nargs="+", default=None, help="the reference: rasters (CHM, biomass map; files, "
                        "a folder or a quoted glob, read as one mosaic), or points / polygons (GeoPackage, GeoJSON, shapefile, or "
                        "a CSV with lon, lat columns) with a numeric --attribute, in any CRS")  # fmt: skip
         p.add_argument("--statistic", default=None, help=f"how a tile's reference values are summarised: "
@@ -103,15 +115,16 @@ def regress_main(argv: Sequence[str]) -> int:
                       "with the regressor's backbone: their embeddings are read, not computed again")  # fmt: skip
     test.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
     scene.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
-    for p in (test, scene):
+    predict.add_argument("--regressor", required=True, help="a regressor from 'regress fit'")
+    for p in (test, scene, predict):
         p.add_argument("--model", default=None, help="the backbone (default: the one the regressor was fitted on)")
         p.add_argument("--tta", choices=("flips", "d4"), default=None, help="test-time augmentation: the mean value of "
                        "the flipped (4 views) or flipped and quarter-turned (8) tiles")  # fmt: skip
-    for p in (fit, test, scene):
+    for p in (fit, test, scene, predict):
         add_tile_run_options(p)
     args = parser.parse_args(list(argv))
     try:
-        {"fit": _fit, "map": _map, "test": _test}[args.action](args)
+        {"fit": _fit, "map": _map, "test": _test, "predict": _predict}[args.action](args)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, ImportError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -119,17 +132,32 @@ def regress_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def _report_paths(out_dir: Path | None) -> list[Path]:
-    return [out_dir / name for name in ("metrics.json", "tiles.gpkg", "scatter.png")] if out_dir is not None else []
+def _report_paths(out_dir: Path | None, items: str = "tiles") -> list[Path]:
+    """``metrics.json``, ``tiles.gpkg`` (chips: ``chips.csv``) and ``scatter.png`` in ``out_dir``."""
+    table = "tiles.gpkg" if items == "tiles" else "chips.csv"
+    return [out_dir / name for name in ("metrics.json", table, "scatter.png")] if out_dir is not None else []
 
 
-def _check_report(args: Any) -> Path | None:
+def _check_report(args: Any, items: str = "tiles") -> Path | None:
     """``--out-dir``, its outputs checked for overwriting before anything is computed."""
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None and out_dir.is_dir():
-        for path in _report_paths(out_dir):
-            check_overwrite(path, args.overwrite, inputs=args.scenes)
+        for path in _report_paths(out_dir, items):
+            check_overwrite(path, args.overwrite, inputs=args.scenes or [])
     return out_dir
+
+
+def _chips_or_scenes(args: Any) -> str:
+    """``"chips"`` (``--table``) or ``"scenes"`` (``--scenes`` with ``--values``), refusing a mix or neither."""
+    if args.table is not None:
+        if args.scenes or args.values:
+            raise ValueError("Give chips with their values (--table) or scenes with a reference (--scenes, --values), "
+                             "not both.")  # fmt: skip
+        return "chips"
+    if not args.scenes or not args.values:
+        raise ValueError("Give scenes and their reference values (--scenes SCENE --values REFERENCE), or chips with a "
+                         "value each (--table chips.csv).")  # fmt: skip
+    return "scenes"
 
 
 def _one_or_many(values: Sequence[str] | None) -> Any:
@@ -154,16 +182,22 @@ def metrics_line(metrics: dict[str, float], unit: str | None) -> str:
 
 def _write_report(out_dir: Path, regressor: TileRegressor, tiles: Any, predicted: np.ndarray, target: np.ndarray,
                   metrics: dict[str, Any], overwrite: bool) -> None:  # fmt: skip
-    """``metrics.json``, ``tiles.gpkg`` and ``scatter.png`` (predicted against reference) in ``out_dir``."""
+    """``metrics.json``, ``tiles.gpkg`` (a table of chips, not a ``GeoDataFrame``: ``chips.csv``) and
+    ``scatter.png`` (predicted against reference) in ``out_dir``."""
     from dinov3_eo.tasks.height_plots import scatter_plot
 
+    items = "tiles" if hasattr(tiles, "geometry") else "chips"
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_dir / "metrics.json", overwrite=overwrite) as tmp:
         tmp.write_text(json.dumps(metrics, indent=2))
-    write_vector(tiles, out_dir / "tiles.gpkg", layer="tiles", overwrite=overwrite)
-    scatter_plot(out_dir / "scatter.png", predicted, target, label=regressor.label, counted="tiles",
-                 title=f"{regressor.method} regressor, {len(predicted)} tiles", overwrite=overwrite)  # fmt: skip
-    print("\n".join(str(p) for p in _report_paths(out_dir)))
+    if items == "tiles":
+        write_vector(tiles, out_dir / "tiles.gpkg", layer="tiles", overwrite=overwrite)
+    else:
+        with atomic_output(out_dir / "chips.csv", overwrite=overwrite) as tmp:
+            tiles.to_csv(tmp, index=False)
+    scatter_plot(out_dir / "scatter.png", predicted, target, label=regressor.label, counted=items,
+                 title=f"{regressor.method} regressor, {len(predicted)} {items}", overwrite=overwrite)  # fmt: skip
+    print("\n".join(str(p) for p in _report_paths(out_dir, items)))
 
 
 def _fit(args: Any) -> None:
@@ -173,6 +207,8 @@ def _fit(args: Any) -> None:
 
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The regressor is saved as safetensors: name it '.safetensors', not {args.output!r}.")
+    if _chips_or_scenes(args) == "chips":
+        return _fit_chips(args)
     table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
     if table is not None:
         args.tile_size = args.tile_size or table.metadata.get("tile_size")
@@ -245,6 +281,8 @@ def _test(args: Any) -> None:
 
     from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
 
+    if _chips_or_scenes(args) == "chips":
+        return _test_chips(args)
     out_dir = _check_report(args)
     regressor = TileRegressor.load(args.regressor)
     table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None
@@ -264,6 +302,126 @@ def _test(args: Any) -> None:
         print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
     if out_dir is not None:
         _write_report(out_dir, regressor, scored.tiles, scored.predictions, scored.targets, report, args.overwrite)
+
+
+def _fit_chips(args: Any) -> None:
+    """``regress fit --table chips.csv --model M -o regressor.safetensors``: a regressor on chips with a value each."""
+    import pandas as pd
+
+    from dinov3_eo.data.chip_labels import table_values
+    from dinov3_eo.tasks.chip_classification import typical_chip_ground, typical_chip_size
+    from dinov3_eo.tasks.chip_embeddings import chip_features
+    from dinov3_eo.tasks.classify_cli import chip_embedder
+    from dinov3_eo.tasks.tile_regression import fit_regressor
+
+    given = [name for name, value in (("--val-values", args.val_values), ("--statistic", args.statistic),
+                                      ("--attribute", args.attribute), ("--tile-size", args.tile_size)) if value]  # fmt: skip
+    if given:
+        raise ValueError(f"With --table each chip carries its value: leave out {', '.join(given)} (held-out chips: "
+                         "--val-table).")  # fmt: skip
+    check_overwrite(args.output, args.overwrite)
+    out_dir = _check_report(args, "chips")
+    paths, y = table_values(args.table, args.value_column)
+    if args.val_table is not None:
+        val_paths, val_y = table_values(args.val_table, args.value_column)
+        train = np.arange(len(paths))
+    else:
+        if not 0.0 <= args.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must lie in [0, 1), got {args.val_fraction}.")
+        order = np.random.default_rng(args.seed).permutation(len(paths))
+        n_held = min(int(round(args.val_fraction * len(paths))), len(paths) - 2)
+        train, held = np.sort(order[n_held:]), np.sort(order[:n_held])
+        val_paths, val_y = [paths[i] for i in held], y[held]
+    embedded_of, _, made = chip_embedder(args, args.size or None)
+    embedded = embedded_of(paths)
+    x = chip_features(embedded, args.features)
+    vx = chip_features(embedded_of(val_paths), args.features) if len(val_y) else None
+    regressor = fit_regressor(x[train], y[train], method=args.method, features=args.features, k=args.k,
+                              val=(vx, val_y) if vx is not None else None,
+                              lower=0.0 if y[train].min() >= 0 else None)  # fmt: skip
+    chip_size = typical_chip_size(embedded.sizes)
+    regressor.target = args.target or args.value_column or "value"
+    regressor.unit, regressor.statistic = args.unit, "chip"
+    regressor.embedding = {**made, "backbone": embedded.metadata.get("backbone"), "chip_size": chip_size,
+                           "tile_m": typical_chip_ground(paths, chip_size[0]) if chip_size[0] == chip_size[1] else None,
+                           "tiles": {"table": str(Path(args.table).resolve()), "train_tiles": len(train),
+                                     "held_out_tiles": int(len(val_y)), "train_mean": float(y[train].mean())}}  # fmt: skip
+    print(f"{regressor.method} regressor of {regressor.label} on {len(train)} chips (values {y[train].min():.3g} to "
+          f"{y[train].max():.3g}, mean {y[train].mean():.3g}){f'; alpha = {regressor.alpha:g}' if regressor.alpha is not None else ''}"
+          f"; {len(val_y)} held-out chips" + (":" if len(val_y) else " (no held-out chips: no score)"))  # fmt: skip
+    if len(val_y):
+        predicted = regressor.predict(vx)
+        regressor.held_out = regression_metrics(predicted, val_y)
+        baseline = regression_metrics(np.full(len(val_y), y[train].mean()), val_y)
+        print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
+        print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if out_dir is not None:
+            rows = pd.DataFrame({"path": val_paths, "reference": val_y, "predicted": predicted, "error": predicted - val_y})
+            _write_report(out_dir, regressor, rows, predicted, val_y,
+                          {"held_out": regressor.held_out, "training_mean_baseline": baseline, "alpha": regressor.alpha,
+                           "method": regressor.method, "target": regressor.target, "unit": regressor.unit,
+                           "train_chips": len(train)}, args.overwrite)  # fmt: skip
+    regressor.save(args.output, overwrite=args.overwrite)
+    print(args.output)
+
+
+def _chip_values(args: Any, paths: Sequence[str]) -> tuple[TileRegressor, np.ndarray]:
+    """The regressor ``--regressor`` and its values ``[N]`` of chips ``paths``, embedded as its chips or tiles were
+    (with ``--tta``, the mean over the views)."""
+    from dinov3_eo.tasks.chip_embeddings import chip_features
+    from dinov3_eo.tasks.classify_cli import probe_chip_views
+
+    regressor = TileRegressor.load(args.regressor)
+    views = probe_chip_views(args, regressor, paths)
+    return regressor, sum(regressor.predict(chip_features(v, regressor.features)) for v in views) / len(views)
+
+
+def _test_chips(args: Any) -> None:
+    """``regress test --table chips.csv --regressor R``."""
+    import pandas as pd
+
+    from dinov3_eo.data.chip_labels import table_values
+
+    out_dir = _check_report(args, "chips")
+    paths, y = table_values(args.table, args.value_column)
+    regressor, predicted = _chip_values(args, paths)
+    metrics = regression_metrics(predicted, y)
+    print(f"{regressor.method} regressor of {regressor.label} on {len(paths)} chips: {metrics_line(metrics, regressor.unit)}")
+    report: dict[str, Any] = {"test": metrics, "target": regressor.target, "unit": regressor.unit}
+    mean = regressor.embedding.get("tiles", {}).get("train_mean")
+    if mean is not None:
+        report["training_mean_baseline"] = regression_metrics(np.full(len(y), mean), y)
+        print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
+    if out_dir is not None:
+        rows = pd.DataFrame({"path": paths, "reference": y, "predicted": predicted, "error": predicted - y})
+        _write_report(out_dir, regressor, rows, predicted, y, report, args.overwrite)
+
+
+def _predict(args: Any) -> None:
+    """``regress predict CHIPS --regressor R -o predictions.csv|.gpkg``."""
+    import pandas as pd
+
+    from dinov3_eo.data.datasets import expand_chips
+    from dinov3_eo.inference.writers import VECTOR_FORMATS
+
+    check_overwrite(args.output, args.overwrite)
+    paths = expand_chips(args.chips)
+    regressor, predicted = _chip_values(args, paths)
+    frame = pd.DataFrame({"path": paths, "value": predicted})
+    if Path(args.output).suffix.lower() in VECTOR_FORMATS:
+        import geopandas as gpd
+
+        from dinov3_eo.tasks.chip_classification import chip_footprints
+
+        write_vector(gpd.GeoDataFrame(frame, geometry=chip_footprints(paths)), args.output, layer="predictions",
+                     overwrite=args.overwrite)  # fmt: skip
+    else:
+        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
+            frame.to_csv(tmp, index=False)
+    unit = f" {regressor.unit}" if regressor.unit else ""
+    print(f"{len(paths)} chips: {regressor.target} mean {predicted.mean():.3g}{unit}, from {predicted.min():.3g} to "
+          f"{predicted.max():.3g}{unit}")  # fmt: skip
+    print(args.output)
 
 
 __all__ = ["metrics_line", "regress_main"]
