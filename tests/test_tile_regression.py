@@ -334,6 +334,11 @@ def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Pat
     assert cli_main(["regress", "predict", str(tmp_path / "chips"), "--regressor", str(model), "-o",
                      str(tmp_path / "p2.gpkg"), "--quiet"]) == 2  # fmt: skip
     assert "is not georeferenced" in capsys.readouterr().err
+    # and maps a scene in tiles of its chips' size
+    assert cli_main(["regress", "map", str(SCENE), "--regressor", str(model), "-o", str(tmp_path / "map"), "--quiet"]) == 0
+    capsys.readouterr()
+    with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_values.tif") as out, rasterio.open(SCENE) as src:
+        assert out.shape == (-(-src.height // 16), -(-src.width // 16)) and out.units == ("DN",)
     assert cli_main([*fit, "--value-column", "brightness", "--tile-size", "16", "--overwrite"]) == 2
     assert "With --table each chip carries its value: leave out --tile-size" in capsys.readouterr().err
     assert cli_main(["regress", "fit", "--model", str(backbone_path), "-o", str(tmp_path / "x.safetensors")]) == 2
