@@ -402,6 +402,8 @@ def _values_metadata(values: Any, band: int) -> tuple[str | None, str | None]:
 
     from dinov3_eo.data.labels import is_geodataframe, is_raster_labels
 
+    if isinstance(values, (list, tuple)) and values:  # tiles of one mosaic: the first speaks for them
+        values = values[0]
     if is_geodataframe(values) or isinstance(values, (list, tuple)) or not is_raster_labels(values):
         return None, None
     try:
