@@ -52,7 +52,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "segment": ("dinov3_eo.tasks.segmentation", "main", "supervised segmentation: fit / predict / evaluate GeoTIFFs, prototypes (no training), class transitions"),
     "embed": ("dinov3_eo.tasks.features", "embed_main", "patch features of a GeoTIFF as a georeferenced raster or zarr; one embedding per image chip as a table (--chips)"),
     "classify": ("dinov3_eo.tasks.classify_cli", "classify_main", "scene classification of image chips or a scene's tiles: a linear probe or k-NN on frozen features (fit: chips, or --scenes with polygons; test / predict; map: a scene tile by tile; zero-shot: from text)"),
-    "regress": ("dinov3_eo.tasks.regress_cli", "regress_main", "tile regression: a number per tile (canopy height, biomass, tree cover) from a reference raster, field plots or polygons (fit / test / map)"),
+    "regress": ("dinov3_eo.tasks.regress_cli", "regress_main", "regression on frozen features: a number per tile (canopy height, biomass, tree cover) from a reference raster, field plots or polygons, or per chip from a table (fit / test / map / predict)"),
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
     "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
