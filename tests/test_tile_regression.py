@@ -89,6 +89,28 @@ def test_ridge_is_the_closed_form_on_standardised_features_and_alpha_is_chosen_o
         fit_regressor(x, y, method="lasso")
 
 
+def test_a_log_regressor_fits_log1p_and_takes_its_predictions_back_as_means(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 5))
+    y = np.exp(x @ np.array([0.8, -0.5, 0.3, 0.0, 0.2]) + 3.0 + rng.normal(scale=0.6, size=300))  # lognormal
+    model = fit_regressor(x[:250], y[:250], log_values=True, lower=0.0)
+    plain = fit_regressor(x[:250], np.log1p(y[:250]))  # the same ridge on log(1 + y), by hand
+    np.testing.assert_allclose(model.predict_fitted(x), plain.predict(x), rtol=1e-6)
+    residuals = np.log1p(y[:250]) - plain.predict(x[:250])
+    assert model.smearing == pytest.approx(np.mean(np.exp(residuals)), rel=1e-6) and model.smearing > 1.1
+    np.testing.assert_allclose(model.predict(x), np.exp(plain.predict(x)) * model.smearing - 1.0, rtol=1e-6)
+    # taken back with the smearing factor, the predictions' mean matches the values' (without, it falls short)
+    assert abs(model.predict(x[:250]).mean() / y[:250].mean() - 1) < 0.05
+    assert np.expm1(plain.predict(x[:250])).mean() < 0.9 * y[:250].mean()
+    back = TileRegressor.load(model.save(tmp_path / "log.safetensors"))
+    assert back.log_values and back.smearing == pytest.approx(model.smearing)
+    np.testing.assert_allclose(back.predict(x), model.predict(x), rtol=1e-6)
+    with pytest.raises(ValueError, match="log transform .* is for the ridge"):
+        fit_regressor(x, y, method="knn", log_values=True)
+    with pytest.raises(ValueError, match="needs values >= 0"):
+        fit_regressor(x, y - 1e6, log_values=True)
+
+
 def test_knn_regression_is_the_weighted_mean_of_the_nearest_values() -> None:
     rng = np.random.default_rng(1)
     bank, values, x = rng.normal(size=(50, 8)), rng.uniform(0, 30, 50), rng.normal(size=(7, 8))
@@ -305,6 +327,10 @@ def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Pat
     assert cli_main([*fit, "--value-column", "brightness", "--unit", "DN", "--out-dir", str(tmp_path / "fit")]) == 0
     printed = capsys.readouterr().out
     assert "ridge regressor of brightness (DN) on 43 chips" in printed and "11 held-out chips:" in printed
+    assert cli_main([*fit[:-3], "-o", str(tmp_path / "log.safetensors"), "--value-column", "brightness", "--log",
+                     "--quiet"]) == 0  # fmt: skip
+    assert "ridge regressor of log brightness on 43 chips" in capsys.readouterr().out
+    assert TileRegressor.load(tmp_path / "log.safetensors").log_values
     saved = TileRegressor.load(model)
     assert saved.embedding["chip_size"] == [16, 16] and saved.statistic == "chip" and saved.held_out["n"] == 11
     held = pd.read_csv(tmp_path / "fit" / "chips.csv")

@@ -52,6 +52,8 @@ def regress_main(argv: Sequence[str]) -> int:
     fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
                      help="embedding columns fed to the regressor (default cls+patch_mean)")  # fmt: skip
     fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
+    fit.add_argument("--log", action="store_true", help="fit log(1 + value), for a skewed reference (biomass); the "
+                     "ridge's predictions are taken back with Duan's smearing factor, so they stay means")  # fmt: skip
     fit.add_argument("--size", type=int, default=224, help="tiles resized to SIZE x SIZE (default 224; 0: own size)")
     fit.add_argument("--target", default=None, help='what the values are, for maps and reports (e.g. "canopy height"; '
                      "default: the attribute, or the raster's band description, else 'value')")  # fmt: skip
@@ -225,7 +227,8 @@ def _fit(args: Any) -> None:
         args.scenes, _one_or_many(args.values), backbone, tile_size=args.tile_size, embeddings=table,
         statistic=args.statistic or "mean", attribute=args.attribute, band=args.band, values_nodata=args.values_nodata,
         val_values=_one_or_many(args.val_values), target=args.target, unit=args.unit, bands=args.bands, nodata=args.nodata,
-        size=args.size or None, method=args.method, features=args.features, min_covered=args.min_covered,
+        size=args.size or None, method=args.method, features=args.features, log_values=args.log,
+        min_covered=args.min_covered,
         min_points=args.min_points, min_valid=args.min_valid, val_fraction=args.val_fraction, block=args.block,
         k=args.k, seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
         progress=not args.quiet)  # fmt: skip
@@ -233,7 +236,8 @@ def _fit(args: Any) -> None:
     train = tiles["split"].to_numpy() == "train"
     reference = tiles["reference"].to_numpy(np.float64)
     split = "held out by --val-values" if args.val_values else f"in blocks of {args.block} x {args.block} tiles"
-    print(f"{regressor.method} regressor of {regressor.label} ({regressor.statistic} per tile) on {int(train.sum())} "
+    print(f"{regressor.method} regressor of {'log ' if regressor.log_values else ''}{regressor.label} "
+          f"({regressor.statistic} per tile) on {int(train.sum())} "
           f"{args.tile_size}-px tiles (reference {reference[train].min():.3g} to {reference[train].max():.3g}, mean "
           f"{reference[train].mean():.3g}){f'; alpha = {regressor.alpha:g}' if regressor.alpha is not None else ''}; "
           f"{int((~train).sum())} held-out tiles {split}" + (":" if (~train).any() else " (no held-out tiles: no score)"))  # fmt: skip
@@ -337,7 +341,7 @@ def _fit_chips(args: Any) -> None:
     x = chip_features(embedded, args.features)
     vx = chip_features(embedded_of(val_paths), args.features) if len(val_y) else None
     regressor = fit_regressor(x[train], y[train], method=args.method, features=args.features, k=args.k,
-                              val=(vx, val_y) if vx is not None else None,
+                              val=(vx, val_y) if vx is not None else None, log_values=args.log,
                               lower=0.0 if y[train].min() >= 0 else None)  # fmt: skip
     chip_size = typical_chip_size(embedded.sizes)
     regressor.target = args.target or args.value_column or "value"
@@ -346,7 +350,8 @@ def _fit_chips(args: Any) -> None:
                            "tile_m": typical_chip_ground(paths, chip_size[0]) if chip_size[0] == chip_size[1] else None,
                            "tiles": {"table": str(Path(args.table).resolve()), "train_tiles": len(train),
                                      "held_out_tiles": int(len(val_y)), "train_mean": float(y[train].mean())}}  # fmt: skip
-    print(f"{regressor.method} regressor of {regressor.label} on {len(train)} chips (values {y[train].min():.3g} to "
+    print(f"{regressor.method} regressor of {'log ' if regressor.log_values else ''}{regressor.label} on {len(train)} "
+          f"chips (values {y[train].min():.3g} to "
           f"{y[train].max():.3g}, mean {y[train].mean():.3g}){f'; alpha = {regressor.alpha:g}' if regressor.alpha is not None else ''}"
           f"; {len(val_y)} held-out chips" + (":" if len(val_y) else " (no held-out chips: no score)"))  # fmt: skip
     if len(val_y):

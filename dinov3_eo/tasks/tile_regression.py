@@ -74,6 +74,9 @@ class TileRegressor:
         statistic: how the reference was summarised per tile (:data:`~dinov3_eo.tasks.tile_values.STATISTICS`).
         lower, upper: predictions are clipped to these (``None``: open): a non-negative reference keeps its
             predictions non-negative, a share stays within 0..1.
+        log_values: fitted on ``log(1 + value)`` (skewed references: biomass); predictions are taken back with
+            ``smearing`` (Duan's estimator: the mean of the training residuals' ``exp``), so that they are means in
+            the reference's units, not medians.
         alpha: the ridge penalty chosen.
         embedding: how tiles are embedded for it (``backbone_source``, ``size``, ``bands``, ``normalization``,
             ``chip_size``, ``tile_m``, and how it was fitted under ``tiles``).
@@ -94,18 +97,25 @@ class TileRegressor:
     statistic: str = "mean"
     lower: float | None = None
     upper: float | None = None
+    log_values: bool = False
+    smearing: float = 1.0
     embedding: dict[str, Any] = field(default_factory=dict)
     held_out: dict[str, float] | None = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` float64 values of features ``x`` ``[N, D]``, clipped to ``lower``/``upper``."""
-        if self.method == "knn":
-            out = knn_values(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
-        else:
-            out = np.asarray(x, np.float64) @ self.weight.astype(np.float64) + float(self.bias)
+        out = self.predict_fitted(x)
+        if self.log_values:
+            out = np.exp(np.minimum(out, 700.0)) * self.smearing - 1.0  # exp(700) is near float64's largest
         if self.lower is not None or self.upper is not None:
             out = np.clip(out, self.lower, self.upper)
         return out
+
+    def predict_fitted(self, x: np.ndarray) -> np.ndarray:
+        """``[N]`` what the regressor fitted (``log(1 + value)`` where ``log_values``), before it is taken back and clipped."""
+        if self.method == "knn":
+            return knn_values(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
+        return np.asarray(x, np.float64) @ self.weight.astype(np.float64) + float(self.bias)
 
     @property
     def label(self) -> str:
@@ -121,7 +131,8 @@ class TileRegressor:
         tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
         meta = {"method": self.method, "features": self.features, "bias": float(self.bias), "k": self.k,
                 "temperature": self.temperature, "alpha": self.alpha, "target": self.target, "unit": self.unit,
-                "statistic": self.statistic, "lower": self.lower, "upper": self.upper, "embedding": self.embedding,
+                "statistic": self.statistic, "lower": self.lower, "upper": self.upper, "log_values": self.log_values,
+                "smearing": self.smearing, "embedding": self.embedding,
                 "held_out": self.held_out}  # fmt: skip
         with atomic_output(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp), metadata={"dinov3_eo_regressor": json.dumps(meta)})
@@ -145,7 +156,8 @@ class TileRegressor:
         return cls(method=info["method"], features=info["features"], bias=float(info.get("bias", 0.0)),
                    k=int(info.get("k", 20)), temperature=float(info.get("temperature", 0.07)), alpha=info.get("alpha"),
                    target=info.get("target", "value"), unit=info.get("unit"), statistic=info.get("statistic", "mean"),
-                   lower=info.get("lower"), upper=info.get("upper"), embedding=dict(info.get("embedding") or {}),
+                   lower=info.get("lower"), upper=info.get("upper"), log_values=bool(info.get("log_values", False)),
+                   smearing=float(info.get("smearing", 1.0)), embedding=dict(info.get("embedding") or {}),
                    held_out=info.get("held_out"), weight=arrays.get("weight"), bank=arrays.get("bank"),
                    bank_values=arrays.get("bank_values"))  # fmt: skip
 
@@ -170,8 +182,10 @@ def fit_regressor(
     temperature: float = 0.07,
     lower: float | None = None,
     upper: float | None = None,
+    log_values: bool = False,
 ) -> TileRegressor:
-    """A ridge regression or k-NN on features ``x`` ``[N, D]`` with values ``y`` ``[N]``.
+    """A ridge regression or k-NN on features ``x`` ``[N, D]`` with values ``y`` ``[N]``; with ``log_values``, on
+    ``log(1 + y)`` (``y >= 0``), taken back with Duan's smearing factor (:class:`TileRegressor`).
 
     The ridge regression standardises each feature (mean 0, standard deviation 1 over the training rows) and fits
     ``min |y - Zw - b|² + alpha |w|²`` (scikit-learn's ``Ridge``); with ``val`` (features, values) each ``alpha`` of
@@ -189,20 +203,26 @@ def fit_regressor(
         raise ValueError(f"A regressor needs at least two rows of features [N, D] and values [N]; got {x.shape} and {y.shape}.")
     if not np.isfinite(y).all() or not np.isfinite(x).all():
         raise ValueError("A regressor got non-finite features or values (NaN or inf).")
-    common = dict(method=method, features=features, k=k, temperature=temperature, lower=lower, upper=upper)
+    if log_values and method == "knn":
+        raise ValueError("A k-NN averages its neighbours' values as they are: the log transform (--log) is for the ridge "
+                         "regression.")  # fmt: skip
+    if log_values and y.min() < 0:
+        raise ValueError(f"A log regressor needs values >= 0; the smallest is {y.min():g}.")
+    common = dict(method=method, features=features, k=k, temperature=temperature, lower=lower, upper=upper, log_values=log_values)
     if method == "knn":
         return TileRegressor(bank=x.astype(np.float32), bank_values=y.copy(), **common)
     from sklearn.linear_model import Ridge
 
+    fitted_y = np.log1p(y) if log_values else y
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale = np.where(scale > 1e-8, scale, 1.0)  # a constant feature stays 0 after centring
     z = (x - mean) / scale
 
     def fitted(alpha: float) -> TileRegressor:
-        model = Ridge(alpha=alpha).fit(z, y)
+        model = Ridge(alpha=alpha).fit(z, fitted_y)
         weight = model.coef_ / scale
-        return TileRegressor(weight=weight.astype(np.float32), bias=float(model.intercept_ - mean @ weight),
-                             alpha=float(alpha), **common)  # fmt: skip
+        return _smeared(TileRegressor(weight=weight.astype(np.float32), bias=float(model.intercept_ - mean @ weight),
+                                      alpha=float(alpha), **common), x, fitted_y)  # fmt: skip
 
     if val is None:
         return fitted(1.0)
@@ -213,6 +233,14 @@ def fit_regressor(
         log.warning("The ridge penalty chosen, alpha = %g, is at the end of the grid %s: a better one may lie "
                     "beyond it (pass a wider alpha_grid).", chosen, list(alpha_grid))  # fmt: skip
     return fitted(chosen)
+
+
+def _smeared(regressor: TileRegressor, x: np.ndarray, fitted_y: np.ndarray) -> TileRegressor:
+    """``regressor`` with Duan's smearing factor from its training rows (``x``, ``log(1 + y)``) where it is a log
+    regressor: ``E[1 + y] = exp(prediction) * mean(exp(residual))``."""
+    if regressor.log_values:
+        regressor.smearing = float(np.mean(np.exp(fitted_y - regressor.predict_fitted(x))))
+    return regressor
 
 
 @dataclass
@@ -277,6 +305,7 @@ def fit_tile_regressor(
     size: int | None = 224,
     method: str = "ridge",
     features: str = "cls+patch_mean",
+    log_values: bool = False,
     min_covered: float = 0.5,
     min_points: int = 1,
     min_valid: float = 0.9,
@@ -305,7 +334,8 @@ def fit_tile_regressor(
         target, unit: what the values are, for maps and reports (default: the points' attribute, or a raster's band
             description and unit, else ``"value"``; ``"cover"`` for a share).
         bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
-        method, features, k: as for :func:`fit_regressor`.
+        method, features, k, log_values: as for :func:`fit_regressor` (``log_values``: fit ``log(1 + value)``, for a
+            skewed reference such as biomass).
         min_covered: the share of a tile the reference must cover (raster, polygons); min_points: points per tile;
             min_valid: the share of a tile's pixels that must hold imagery.
 
@@ -365,7 +395,7 @@ def fit_tile_regressor(
     lower = 0.0 if y[train].min() >= 0 else None
     regressor = fit_regressor(x[train], y[train], method=method, features=features, k=k,
                               val=(x[held], y[held]) if held.any() else None, lower=lower,
-                              upper=1.0 if share else None)  # fmt: skip
+                              upper=1.0 if share else None, log_values=log_values)  # fmt: skip
     described, declared = _values_metadata(values, band)
     regressor.target = target or attribute or ("cover" if share else described or "value")
     regressor.unit = unit if unit is not None else (None if share else declared)
