@@ -120,18 +120,12 @@ class ChipClassifier:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Tensors as safetensors, the rest as JSON in its metadata (``dinov3_eo_classifier``), written atomically."""
-        import torch
-        from safetensors.torch import save_file
-
         arrays = {"weight": self.weight, "bias": self.bias, "bank": self.bank, "bank_labels": self.bank_labels}
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
         meta = {"method": self.method, "classes": self.classes, "features": self.features, "k": self.k,
                 "temperature": self.temperature, "c": self.c, "embedding": self.embedding,
                 "held_out_accuracy": self.held_out_accuracy, "multi_label": self.multi_label,
                 "threshold": self.threshold, "balanced": self.balanced}  # fmt: skip
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata={"dinov3_eo_classifier": json.dumps(meta)})
-        return Path(path)
+        return write_tagged_safetensors(path, "dinov3_eo_classifier", arrays, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ChipClassifier:
@@ -151,6 +145,23 @@ class ChipClassifier:
                    held_out_accuracy=info.get("held_out_accuracy"), multi_label=bool(info.get("multi_label", False)),
                    threshold=float(info.get("threshold", 0.5)), balanced=bool(info.get("balanced", False)),
                    **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
+
+
+def write_tagged_safetensors(path: str | os.PathLike[str], key: str, arrays: dict[str, np.ndarray | None],
+                             meta: dict[str, Any], *, overwrite: bool = False) -> Path:  # fmt: skip
+    """``arrays`` (those not ``None``) as safetensors with ``meta`` as JSON under ``key`` in its metadata, written
+    atomically: what :func:`read_tagged_safetensors` reads.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
+    with atomic_output(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata={key: json.dumps(meta)})
+    return Path(path)
 
 
 def read_tagged_safetensors(path: str | os.PathLike[str], key: str, *, what: str,

@@ -16,7 +16,6 @@ file with JSON metadata, like a probe: no pickle.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from typing import Any, NamedTuple
 import numpy as np
 from rasterio.transform import Affine
 
-from dinov3_eo.inference.writers import atomic_output
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
 from dinov3_eo.tasks.tile_values import TileValues, value_tiles
 
@@ -124,19 +122,15 @@ class TileRegressor:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Tensors as safetensors, the rest as JSON in its metadata (``dinov3_eo_regressor``), written atomically."""
-        import torch
-        from safetensors.torch import save_file
+        from dinov3_eo.tasks.chip_classification import write_tagged_safetensors
 
         arrays = {"weight": self.weight, "bank": self.bank, "bank_values": self.bank_values}
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items() if a is not None}
         meta = {"method": self.method, "features": self.features, "bias": float(self.bias), "k": self.k,
                 "temperature": self.temperature, "alpha": self.alpha, "target": self.target, "unit": self.unit,
                 "statistic": self.statistic, "lower": self.lower, "upper": self.upper, "log_values": self.log_values,
                 "smearing": self.smearing, "embedding": self.embedding,
                 "held_out": self.held_out}  # fmt: skip
-        with atomic_output(path, overwrite=overwrite) as tmp:
-            save_file(tensors, str(tmp), metadata={"dinov3_eo_regressor": json.dumps(meta)})
-        return Path(path)
+        return write_tagged_safetensors(path, "dinov3_eo_regressor", arrays, meta, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TileRegressor:
