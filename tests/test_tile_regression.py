@@ -232,6 +232,14 @@ def test_a_reference_the_features_carry_is_learnt(backbone_path: Path, brightnes
         mean = tiles.loc[tiles["split"] == "train", "reference"].mean()
         constant = regression_metrics(np.full(len(fit.held_out_targets), mean), fit.held_out_targets)
         assert model.held_out["r2"] > 0.45 and model.held_out["rmse"] < 0.75 * constant["rmse"], (method, model.held_out)
+    # refit: the alpha the held-out blocks chose, now on every tile; the held-out scores are the model's before
+    every = fit_tile_regressor(SCENE, brightness, backbone, tile_size=16, size=32, min_covered=0.9, refit=True,
+                               progress=False).regressor  # fmt: skip
+    first = fit_tile_regressor(SCENE, brightness, backbone, tile_size=16, size=32, min_covered=0.9,
+                               progress=False).regressor  # fmt: skip
+    assert every.alpha == first.alpha and every.held_out == pytest.approx(first.held_out)
+    assert every.embedding["tiles"]["refit"] and not first.embedding["tiles"]["refit"]
+    assert not np.allclose(every.weight, first.weight)
 
 
 def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, brightness: Path, tmp_path: Path,
@@ -304,6 +312,13 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
         assert message in capsys.readouterr().err
 
 
+def read_chip_embeddings_for(backbone_path: Path, paths: list[str]):  # noqa: ANN201
+    """The chips embedded as ``regress fit --size 32`` embeds them, in the order of ``paths``."""
+    from dinov3_eo.tasks.chip_embeddings import embed_chips_with
+
+    return embed_chips_with(load_chip_backbone(backbone_path), paths, size=32, progress=False).take(paths)
+
+
 def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     """Chips and their values in a table (as regression benchmarks ship them): the 16-px cuts of the Landsat crop as
@@ -331,6 +346,17 @@ def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Pat
                      "--quiet"]) == 0  # fmt: skip
     assert "ridge regressor of log brightness on 43 chips" in capsys.readouterr().out
     assert TileRegressor.load(tmp_path / "log.safetensors").log_values
+    # refitted on all 54 chips with the alpha the held-out ones chose: the ridge on all of them, by hand
+    assert cli_main([*fit[:-3], "-o", str(tmp_path / "all.safetensors"), "--value-column", "brightness", "--refit",
+                     "--quiet"]) == 0  # fmt: skip
+    assert "refitted on the 54 training and held-out chips, alpha kept" in capsys.readouterr().out
+    every, first = TileRegressor.load(tmp_path / "all.safetensors"), TileRegressor.load(model)
+    assert every.alpha == first.alpha and every.held_out == pytest.approx(first.held_out)
+    train_table = pd.read_csv(tmp_path / "train.csv")
+    x_all = chip_features(read_chip_embeddings_for(backbone_path, [str(tmp_path / p) for p in train_table["image"]]),
+                          "cls+patch_mean")  # fmt: skip
+    by_hand = fit_regressor(x_all, train_table["brightness"].to_numpy(), alpha=first.alpha, lower=0.0)
+    np.testing.assert_allclose(every.predict(x_all), by_hand.predict(x_all), rtol=1e-4, atol=1e-3)
     saved = TileRegressor.load(model)
     assert saved.embedding["chip_size"] == [16, 16] and saved.statistic == "chip" and saved.held_out["n"] == 11
     held = pd.read_csv(tmp_path / "fit" / "chips.csv")

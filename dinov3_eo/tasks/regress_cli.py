@@ -52,6 +52,9 @@ def regress_main(argv: Sequence[str]) -> int:
     fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
                      help="embedding columns fed to the regressor (default cls+patch_mean)")  # fmt: skip
     fit.add_argument("-k", type=int, default=20, help="neighbours of the k-NN (default 20)")
+    fit.add_argument("--refit", action="store_true", help="once alpha is chosen on the held-out tiles (chips), fit "
+                     "the regressor saved on them too: every field plot counts (the held-out scores are then those of "
+                     "the model before)")  # fmt: skip
     fit.add_argument("--log", action="store_true", help="fit log(1 + value), for a skewed reference (biomass); the "
                      "ridge's predictions are taken back with Duan's smearing factor, so they stay means")  # fmt: skip
     fit.add_argument("--size", type=int, default=224, help="tiles resized to SIZE x SIZE (default 224; 0: own size)")
@@ -227,7 +230,7 @@ def _fit(args: Any) -> None:
         args.scenes, _one_or_many(args.values), backbone, tile_size=args.tile_size, embeddings=table,
         statistic=args.statistic or "mean", attribute=args.attribute, band=args.band, values_nodata=args.values_nodata,
         val_values=_one_or_many(args.val_values), target=args.target, unit=args.unit, bands=args.bands, nodata=args.nodata,
-        size=args.size or None, method=args.method, features=args.features, log_values=args.log,
+        size=args.size or None, method=args.method, features=args.features, log_values=args.log, refit=args.refit,
         min_covered=args.min_covered,
         min_points=args.min_points, min_valid=args.min_valid, val_fraction=args.val_fraction, block=args.block,
         k=args.k, seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
@@ -245,6 +248,8 @@ def _fit(args: Any) -> None:
         baseline = regression_metrics(np.full(int((~train).sum()), reference[train].mean()), fit.held_out_targets)
         print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
         print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if args.refit:
+            print(f"  refitted on the {len(tiles)} training and held-out tiles, alpha kept")
         if out_dir is not None:
             _write_report(out_dir, regressor, tiles, fit.held_out_predictions, fit.held_out_targets,
                           {"held_out": regressor.held_out, "training_mean_baseline": baseline, "alpha": regressor.alpha,
@@ -360,6 +365,12 @@ def _fit_chips(args: Any) -> None:
         baseline = regression_metrics(np.full(len(val_y), y[train].mean()), val_y)
         print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
         print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if args.refit:
+            from dinov3_eo.tasks.tile_regression import refitted
+
+            regressor = refitted(regressor, np.concatenate([x[train], vx]), np.concatenate([y[train], val_y]))
+            regressor.embedding["tiles"]["refit"] = True
+            print(f"  refitted on the {len(train) + len(val_y)} training and held-out chips, alpha kept")
         if out_dir is not None:
             rows = pd.DataFrame({"path": val_paths, "reference": val_y, "predicted": predicted, "error": predicted - val_y})
             _write_report(out_dir, regressor, rows, predicted, val_y,

@@ -177,9 +177,11 @@ def fit_regressor(
     lower: float | None = None,
     upper: float | None = None,
     log_values: bool = False,
+    alpha: float = 1.0,
 ) -> TileRegressor:
     """A ridge regression or k-NN on features ``x`` ``[N, D]`` with values ``y`` ``[N]``; with ``log_values``, on
-    ``log(1 + y)`` (``y >= 0``), taken back with Duan's smearing factor (:class:`TileRegressor`).
+    ``log(1 + y)`` (``y >= 0``), taken back with Duan's smearing factor (:class:`TileRegressor`). ``alpha``: the
+    penalty where no ``val`` chooses one.
 
     The ridge regression standardises each feature (mean 0, standard deviation 1 over the training rows) and fits
     ``min |y - Zw - b|² + alpha |w|²`` (scikit-learn's ``Ridge``); with ``val`` (features, values) each ``alpha`` of
@@ -212,21 +214,32 @@ def fit_regressor(
     scale = np.where(scale > 1e-8, scale, 1.0)  # a constant feature stays 0 after centring
     z = (x - mean) / scale
 
-    def fitted(alpha: float) -> TileRegressor:
-        model = Ridge(alpha=alpha).fit(z, fitted_y)
+    def fitted(penalty: float) -> TileRegressor:
+        model = Ridge(alpha=penalty).fit(z, fitted_y)
         weight = model.coef_ / scale
         return _smeared(TileRegressor(weight=weight.astype(np.float32), bias=float(model.intercept_ - mean @ weight),
-                                      alpha=float(alpha), **common), x, fitted_y)  # fmt: skip
+                                      alpha=float(penalty), **common), x, fitted_y)  # fmt: skip
 
     if val is None:
-        return fitted(1.0)
-    best = min((regression_metrics(model.predict(val[0]), val[1])["rmse"], -alpha)
-               for alpha, model in ((alpha, fitted(alpha)) for alpha in alpha_grid))  # fmt: skip
+        return fitted(alpha)
+    best = min((regression_metrics(model.predict(val[0]), val[1])["rmse"], -a)
+               for a, model in ((a, fitted(a)) for a in alpha_grid))  # fmt: skip
     chosen = -best[1]
     if len(alpha_grid) > 1 and chosen in (min(alpha_grid), max(alpha_grid)):
         log.warning("The ridge penalty chosen, alpha = %g, is at the end of the grid %s: a better one may lie "
                     "beyond it (pass a wider alpha_grid).", chosen, list(alpha_grid))  # fmt: skip
     return fitted(chosen)
+
+
+def refitted(regressor: TileRegressor, x: np.ndarray, y: np.ndarray) -> TileRegressor:
+    """``regressor`` fitted again, its ``alpha`` and settings kept, on all of ``x`` ``[N, D]``, ``y`` ``[N]`` (its
+    training rows and the held-out ones that chose ``alpha``); target, unit, statistic and records carried over."""
+    again = fit_regressor(x, y, method=regressor.method, features=regressor.features, k=regressor.k,
+                          temperature=regressor.temperature, lower=regressor.lower, upper=regressor.upper,
+                          log_values=regressor.log_values, alpha=regressor.alpha or 1.0)  # fmt: skip
+    again.target, again.unit, again.statistic = regressor.target, regressor.unit, regressor.statistic
+    again.embedding, again.held_out = regressor.embedding, regressor.held_out
+    return again
 
 
 def _smeared(regressor: TileRegressor, x: np.ndarray, fitted_y: np.ndarray) -> TileRegressor:
@@ -300,6 +313,7 @@ def fit_tile_regressor(
     method: str = "ridge",
     features: str = "cls+patch_mean",
     log_values: bool = False,
+    refit: bool = False,
     min_covered: float = 0.5,
     min_points: int = 1,
     min_valid: float = 0.9,
@@ -330,6 +344,8 @@ def fit_tile_regressor(
         bands, nodata, size, batch_size, device, amp: as for :func:`~dinov3_eo.tasks.tile_classification.embed_tiles`.
         method, features, k, log_values: as for :func:`fit_regressor` (``log_values``: fit ``log(1 + value)``, for a
             skewed reference such as biomass).
+        refit: once ``alpha`` is chosen, fit the regressor saved on the held-out tiles too (scarce field plots all
+            count); the held-out metrics are then those of the model before, an estimate for the one saved.
         min_covered: the share of a tile the reference must cover (raster, polygons); min_points: points per tile;
             min_valid: the share of a tile's pixels that must hold imagery.
 
@@ -395,6 +411,8 @@ def fit_tile_regressor(
     regressor.unit = unit if unit is not None else (None if share else declared)
     regressor.statistic = statistic
     predictions = regressor.predict(x[held]) if held.any() else None
+    if refit and held.any():
+        regressor = refitted(regressor, x, y)
     regressor.held_out = regression_metrics(predictions, y[held]) if predictions is not None else None
     regressor.embedding = {
         "backbone_source": embedder.source, "size": embedder.size, "bands": embedder.bands,
@@ -404,7 +422,7 @@ def fit_tile_regressor(
                   "val_values": describe_labels(val_values), "attribute": attribute, "statistic": statistic,
                   "min_covered": min_covered, "min_points": min_points, "min_valid": min_valid, "block": block,
                   "val_fraction": val_fraction, "train_tiles": int(train.sum()), "held_out_tiles": int(held.sum()),
-                  "train_mean": float(y[train].mean())}}  # fmt: skip
+                  "train_mean": float(y[train].mean()), "refit": bool(refit and held.any())}}  # fmt: skip
 
     frames, start = [], 0
     predicted = np.full(len(y), np.nan)
@@ -691,6 +709,7 @@ __all__ = [
     "fit_tile_regressor",
     "knn_values",
     "regress_tiles",
+    "refitted",
     "regression_metrics",
     "score_tile_regressor",
     "tile_value_outputs",
