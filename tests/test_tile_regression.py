@@ -201,6 +201,14 @@ def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_ali
     assert outputs.quicklook.stat().st_size > 1000
     with pytest.raises(FileExistsError):
         write_tile_values(mapped, tmp_path / "out")
+    assert mapped.total() is None  # heights in m: no total
+    # a density per hectare sums to a stock, a share to the hectares it covers (4 m cells: 0.0016 ha each)
+    import dataclasses
+
+    stock = dataclasses.replace(mapped, unit="Mg/ha").total()
+    assert stock[1] == "Mg" and stock[0] == pytest.approx(np.nansum(mapped.values.astype(np.float64)) * 0.0016)
+    cover = dataclasses.replace(mapped, values=np.full((10, 10), 0.5, np.float32), unit=None, statistic="above:5")
+    assert cover.total() == (pytest.approx(100 * 0.5 * 0.0016), "ha")
     array = mapped.to_xarray()
     assert array.name == "canopy height" and array.attrs["units"] == "m" and array.rio.crs == mapped.crs
     x_centre, y_centre = mapped.transform @ (3.5, 2.5)

@@ -279,8 +279,10 @@ def _map(args: Any) -> None:
         values = result.values[np.isfinite(result.values)]
         unit = f" {result.unit}" if result.unit else ""
         cells = f"{result.tile_size}-px tiles" if result.stride == result.tile_size else f"{result.stride}-px cells"
+        total = result.total()
         print(f"{Path(scene).name}: {values.size} of {result.values.size} {cells} predicted: {result.target} mean "
-              f"{values.mean():.3g}{unit}, from {values.min():.3g} to {values.max():.3g}{unit}")  # fmt: skip
+              f"{values.mean():.3g}{unit}, from {values.min():.3g} to {values.max():.3g}{unit}"
+              + (f"; in all {total[0]:,.4g} {total[1]}" if total else ""))  # fmt: skip
         print("\n".join(str(p) for p in outputs))
 
 

@@ -480,11 +480,29 @@ class TileValueMap:
     stride: int
     unit: str | None = None
     bands: list[int] | None = None
+    statistic: str = "mean"
 
     @property
     def label(self) -> str:
         """The target and its unit (``"canopy height (m)"``)."""
         return f"{self.target} ({self.unit})" if self.unit else self.target
+
+    def total(self) -> tuple[float, str] | None:
+        """The map's total over the ground its predicted cells cover, where the values make one: a density per
+        hectare (unit ``"Mg/ha"``) summed over the cells' hectares (``(total, "Mg")``), or a share (statistic
+        ``above:`` / ``equal:``) as the hectares it covers (``(area, "ha")``); ``None`` for other values, or on a grid
+        in degrees."""
+        from dinov3_eo.data.raster import pixel_area_ha
+
+        hectares = pixel_area_ha(self.crs, self.transform)
+        values = self.values[np.isfinite(self.values)].astype(np.float64)
+        if hectares is None:
+            return None
+        if self.unit and self.unit.replace(" ", "").lower().endswith("/ha"):
+            return float(values.sum() * hectares), self.unit.replace(" ", "")[: -len("/ha")]
+        if self.statistic.startswith(("above:", "equal:")):
+            return float(values.sum() * hectares), "ha"
+        return None
 
     def to_geodataframe(self) -> Any:
         """The predicted cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``value``,
@@ -557,7 +575,8 @@ def regress_tiles(
                              amp=amp, tta=tta, prefetch=prefetch, cells=cells, progress=progress)  # fmt: skip
     return TileValueMap(source=os.fspath(raster), target=regressor.target, unit=regressor.unit, values=grid.outputs[0],
                         valid_fraction=grid.valid_fraction, crs=grid.crs, transform=grid.transform,
-                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands)  # fmt: skip
+                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands,
+                        statistic=regressor.statistic)  # fmt: skip
 
 
 class TileValueOutputs(NamedTuple):
