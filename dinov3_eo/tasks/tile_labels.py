@@ -13,14 +13,17 @@ too kindly; :func:`spatial_block_split` holds out whole blocks of tiles instead.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rasterio.transform import Affine
+
+log = logging.getLogger(__name__)
 
 #: class ids a label source may use (one byte: the class maps this package writes)
 MAX_CLASS_ID = 254
@@ -218,6 +221,24 @@ def label_tiles(
     return TileLabels(source=os.fspath(scene), classes=classes, rows=np.concatenate(found_rows)[keep].astype(np.int64),
                       cols=np.concatenate(found_cols)[keep].astype(np.int64), counts=counts[:, used].astype(np.int64),
                       tile_size=int(tile_size), crs=crs, transform=transform)  # fmt: skip
+
+
+def tiles_of_scenes(read: Callable[..., Any], scenes: Sequence[str | os.PathLike[str]], reference: Any, *,
+                    tile_sizes: Sequence[int], **kwargs: Any) -> tuple[list[Any], list[NoLabelledTiles]]:  # fmt: skip
+    """``read(scene, reference, tile_size=..., **kwargs)`` (:func:`label_tiles`, or
+    :func:`~dinov3_eo.tasks.tile_values.value_tiles`) of each scene at its tile size: ``(found, missed)``. With one
+    scene, a reference that misses it raises :class:`NoLabelledTiles`; with several, a scene it misses is skipped
+    with a warning and its error kept in ``missed`` (the caller decides what to raise where none is found)."""
+    found, missed = [], []
+    for scene, tile_size in zip(scenes, tile_sizes, strict=True):
+        try:
+            found.append(read(scene, reference, tile_size=tile_size, **kwargs))
+        except NoLabelledTiles as e:
+            if len(scenes) == 1:
+                raise
+            missed.append(e)
+            log.warning("%s The scene is skipped.", e)
+    return found, missed
 
 
 def merge_tile_labels(labels: Sequence[TileLabels]) -> tuple[list[str], list[np.ndarray]]:

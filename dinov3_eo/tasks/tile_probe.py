@@ -30,6 +30,7 @@ from dinov3_eo.tasks.tile_labels import (
     merge_tile_labels,
     present_classes,
     spatial_block_split,
+    tiles_of_scenes,
 )
 
 log = logging.getLogger(__name__)
@@ -70,21 +71,11 @@ class TileScores(NamedTuple):
     ``p_<class>``."""
 
 
-def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, *, skip: bool | None = None,
+def _scene_labels(scenes: Sequence[str | os.PathLike[str]], labels: Any, *, tile_size: int,
                   **kwargs: Any) -> list[TileLabels]:  # fmt: skip
-    """:func:`label_tiles` of each scene; a scene the labels do not reach is skipped with a warning (``skip``; default:
-    where there are several), unless none is reached."""
-    skip = len(scenes) > 1 if skip is None else skip
-    found, missed = [], []
-    for scene in scenes:
-        try:
-            found.append(label_tiles(scene, labels, **kwargs))
-        except NoLabelledTiles as e:
-            if not skip:
-                raise
-            missed.append(e)
-            log.warning("%s The scene is skipped.", e)
-    if not found and len(scenes) > 1:
+    """:func:`label_tiles` of each scene (:func:`tiles_of_scenes`); where several are missed, the first miss raised."""
+    found, missed = tiles_of_scenes(label_tiles, scenes, labels, tile_sizes=[tile_size] * len(scenes), **kwargs)
+    if not found:
         raise missed[0]
     return found
 
@@ -403,10 +394,9 @@ def score_tile_classifier(
     lookup = {name.lower(): i for i, name in enumerate(probe.classes)}
     threshold = probe.threshold if threshold is None else threshold
     all_scores, all_targets, frames = [], [], []
-    sizes = {os.fspath(scene): int(tile_size) if tile_size is not None else probe_tile_size(probe, scene) for scene in scenes}
-    labelled = [found for scene in scenes
-                for found in _scene_labels([scene], labels, tile_size=sizes[os.fspath(scene)], attribute=attribute,
-                                           class_names=class_names, min_labelled=min_labelled, skip=len(scenes) > 1)]  # fmt: skip
+    sizes = [int(tile_size) if tile_size is not None else probe_tile_size(probe, scene) for scene in scenes]
+    labelled, _ = tiles_of_scenes(label_tiles, scenes, labels, tile_sizes=sizes, attribute=attribute,
+                                  class_names=class_names, min_labelled=min_labelled)  # fmt: skip
     if not labelled:
         raise NoLabelledTiles(f"{describe_labels(labels)} labels no tile of {', '.join(map(str, scenes))}.")
     for tiles in labelled:

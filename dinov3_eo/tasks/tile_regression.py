@@ -270,27 +270,16 @@ class TileRegressionFit:
     held_out_targets: np.ndarray | None
 
 
-def _scene_values(scenes: Sequence[str | os.PathLike[str]], values: Any, **kwargs: Any) -> list[TileValues]:
-    """:func:`value_tiles` of each scene; with several, one the values do not reach is skipped with a warning."""
-    from dinov3_eo.tasks.tile_labels import NoLabelledTiles
+def _scene_values(scenes: Sequence[str | os.PathLike[str]], values: Any, *, tile_sizes: Sequence[int],
+                  **kwargs: Any) -> list[TileValues]:  # fmt: skip
+    """:func:`value_tiles` of each scene at its tile size (:func:`~dinov3_eo.tasks.tile_labels.tiles_of_scenes`: with
+    several, one the values do not reach is skipped with a warning)."""
+    from dinov3_eo.tasks.tile_labels import NoLabelledTiles, tiles_of_scenes
 
-    if len(scenes) == 1:
-        return [value_tiles(scenes[0], values, **kwargs)]
-    found = [tiles for scene in scenes for tiles in _optional_values(scene, values, **kwargs)]
+    found, _ = tiles_of_scenes(value_tiles, scenes, values, tile_sizes=tile_sizes, **kwargs)
     if not found:
         raise NoLabelledTiles(f"The reference values cover no tile of any of the scenes {', '.join(map(str, scenes))}.")
     return found
-
-
-def _optional_values(scene: str | os.PathLike[str], values: Any, **kwargs: Any) -> list[TileValues]:
-    """``[value_tiles(...)]``, or ``[]`` with a warning where the values do not reach the scene (one of several)."""
-    from dinov3_eo.tasks.tile_labels import NoLabelledTiles
-
-    try:
-        return [value_tiles(scene, values, **kwargs)]
-    except NoLabelledTiles as e:
-        log.warning("Skipped scene %s (%s)", scene, e)
-        return []
 
 
 def fit_tile_regressor(
@@ -362,10 +351,11 @@ def fit_tile_regressor(
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
     if block < 1:
         raise ValueError(f"The held-out block must be at least one tile wide, got {block}.")
-    common = dict(tile_size=tile_size, statistic=statistic, attribute=attribute, band=band, nodata=values_nodata,
-                  min_valid=min_covered, min_points=min_points)  # fmt: skip
-    train_sets = _scene_values(scenes, values, **common)
-    held_sets = _scene_values([t.source for t in train_sets], val_values, **common) if val_values is not None else []
+    common = dict(statistic=statistic, attribute=attribute, band=band, nodata=values_nodata, min_valid=min_covered,
+                  min_points=min_points)  # fmt: skip
+    train_sets = _scene_values(scenes, values, tile_sizes=[tile_size] * len(scenes), **common)
+    held_sets = _scene_values([t.source for t in train_sets], val_values, tile_sizes=[tile_size] * len(train_sets),
+                              **common) if val_values is not None else []  # fmt: skip
     embedder = TileEmbedder.make(embeddings, backbone, tile_size=tile_size, bands=bands, size=size, device=device)
 
     sources = [t.source for t in train_sets]
@@ -677,16 +667,10 @@ def score_tile_regressor(
     elif not isinstance(backbone, ChipBackbone):
         backbone = probe_backbone(regressor, backbone, device=device)
     statistic = statistic or regressor.statistic
-    found = []
-    for scene in scenes:  # each scene's tiles cover the ground the regressor's did, in its own pixels
-        size = int(tile_size) if tile_size is not None else probe_tile_size(regressor, scene)
-        read = dict(tile_size=size, statistic=statistic, attribute=attribute, band=band, nodata=values_nodata,
-                    min_valid=min_covered, min_points=min_points)  # fmt: skip
-        found += [value_tiles(scene, values, **read)] if len(scenes) == 1 else _optional_values(scene, values, **read)
-    if not found:
-        from dinov3_eo.tasks.tile_labels import NoLabelledTiles
-
-        raise NoLabelledTiles(f"The reference values cover no tile of any of the scenes {', '.join(map(str, scenes))}.")
+    # each scene's tiles cover the ground the regressor's did, in its own pixels
+    sizes = [int(tile_size) if tile_size is not None else probe_tile_size(regressor, scene) for scene in scenes]
+    found = _scene_values(scenes, values, tile_sizes=sizes, statistic=statistic, attribute=attribute, band=band,
+                          nodata=values_nodata, min_valid=min_covered, min_points=min_points)  # fmt: skip
     all_pred, all_target, frames = [], [], []
     for tiles in found:
         if embeddings is not None:  # rows of an 'embed --tiles' table: nothing embedded here
