@@ -76,14 +76,11 @@ def table_values(table: str | os.PathLike[str], column: str | None = None) -> tu
         FileNotFoundError: the table, or a chip it lists, does not exist. ValueError: no such column, several numeric
         columns and none named, or a cell that is not a finite number (row named).
     """
-    import pandas as pd
-
-    from dinov3_eo.data.tables import read_table
+    from dinov3_eo.data.tables import numeric_columns, read_table
 
     if column is None:
         frame = read_table(table, what="Label table")
-        numeric = [c for c in frame.columns if c not in ("image", "path") and pd.api.types.is_numeric_dtype(frame[c])
-                   and not pd.api.types.is_bool_dtype(frame[c])]  # fmt: skip
+        numeric = numeric_columns(frame, exclude=("image", "path"))
         if "value" in frame.columns:
             column = "value"
         elif len(numeric) == 1:

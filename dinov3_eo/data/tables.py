@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ def read_table(path: str | os.PathLike[str], *, what: str = "Table") -> Any:
     if suffix == ".json":
         return pd.DataFrame(json.loads(source.read_text(encoding="utf-8")))
     raise ValueError(f"{what} {str(source)!r}: unknown format {suffix!r}; use one of {TABLE_SUFFIXES}.")
+
+
+def numeric_columns(frame: Any, exclude: Sequence[str] = ()) -> list[str]:
+    """The columns of ``frame`` (a ``pandas.DataFrame``) that hold numbers (booleans are not), ``exclude`` left out:
+    the candidates for a value to fit (biomass, canopy height) where none is named."""
+    import pandas as pd
+
+    return [c for c in frame.columns if c not in exclude and pd.api.types.is_numeric_dtype(frame[c])
+            and not pd.api.types.is_bool_dtype(frame[c])]  # fmt: skip
 
 
 def table_path(table: str | os.PathLike[str], value: Any) -> Path:

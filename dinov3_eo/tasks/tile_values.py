@@ -233,10 +233,9 @@ def _vector_values(values: Any, attribute: str | None) -> Any | None:
     where = _describe_values(values)
     if frame.crs is None:
         raise ValueError(f"Reference values {where} have no CRS; set one (e.g. with ogr2ogr -a_srs).")
-    import pandas as pd
+    from dinov3_eo.data.tables import numeric_columns
 
-    numeric = [c for c in frame.columns if c != frame.geometry.name and pd.api.types.is_numeric_dtype(frame[c])
-               and not pd.api.types.is_bool_dtype(frame[c])]  # fmt: skip
+    numeric = numeric_columns(frame, exclude=(frame.geometry.name,))
     if attribute is None:
         if len(numeric) != 1:
             raise ValueError(f"Reference values {where} have the numeric columns {numeric}: name the one to fit "
