@@ -197,5 +197,9 @@ def test_the_readme_tile_regression_example_maps_heights(monkeypatch: pytest.Mon
     assert scope["held_out"]["n"] == len(fit.held_out_targets) > 20
     assert mapped.values.shape == (10, 10) and (mapped.values >= 0).all()
     assert heights.name == "canopy height" and heights.attrs["units"] == "m" and heights.rio.crs.to_epsg() == 32611
-    assert all(path.exists() for path in scope["outputs"])
+    assert all(path.exists() for path in scope["outputs"]) and scope["outputs"].interval.name == "TEAK_052_tile_interval.tif"
     assert len(scored.tiles) == len(scored.predictions) > 50 and "error" in scored.tiles
+    assert scope["interval"]["coverage"] == 0.9 and scope["interval"]["n"] == scope["held_out"]["n"]
+    bounds = scope["bounds"]
+    assert set(bounds.data_vars) == {"value", "lower", "upper"} and (bounds["upper"] >= bounds["lower"]).all()
+    assert 0.0 <= scope["inside"] <= 1.0

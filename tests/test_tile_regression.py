@@ -21,8 +21,13 @@ from dinov3_eo.tasks.chip_embeddings import chip_features, load_chip_backbone, r
 from dinov3_eo.tasks.tile_classification import embed_tiles, write_tile_embeddings
 from dinov3_eo.tasks.tile_regression import (
     TileRegressor,
+    calibrated,
+    conformal_quantile,
     fit_regressor,
     fit_tile_regressor,
+    interval_line,
+    interval_metrics,
+    knn_moments,
     knn_values,
     regress_tiles,
     regression_metrics,
@@ -124,6 +129,97 @@ def test_knn_regression_is_the_weighted_mean_of_the_nearest_values() -> None:
     np.testing.assert_allclose(model.predict(x), got)
 
 
+def test_the_conformal_quantile_is_the_finite_sample_rank_and_its_intervals_cover_new_tiles(
+        caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    scores = np.array([5.0, 1.0, 4.0, 2.0, 3.0, 9.0, 7.0, 8.0, 6.0, 10.0, 0.5, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0,
+                       17.0, 18.0])  # fmt: skip
+    # n = 19: the ceil(20 * 0.9) = 18th smallest; n = 9 is the least that 90 % allows, n = 8 too few
+    assert conformal_quantile(scores, 0.9) == np.sort(scores)[17] == 17.0
+    assert conformal_quantile(scores[:9], 0.9) == scores[:9].max() and conformal_quantile(scores[:8], 0.9) == np.inf
+    assert conformal_quantile(scores, 0.5) == np.sort(scores)[9]  # ceil(20 * 0.5) = 10th
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        conformal_quantile(scores, 1.0)
+
+    # exchangeable tiles: over many draws of (training, calibration, new) rows, the share of new rows inside their
+    # interval averages between the coverage and coverage + 1 / (n + 1), whatever the model (here a poor one)
+    rng = np.random.default_rng(7)
+    covered = []
+    for _ in range(300):
+        x = rng.normal(size=(120, 4))
+        y = x @ np.array([1.0, -2.0, 0.5, 0.0]) + rng.standard_t(3, size=120) * 2  # heavy tails
+        model = calibrated(fit_regressor(x[:30, :2], y[:30], alpha=10.0), x[30:49, :2], y[30:49], 0.8)  # n = 19
+        assert model.interval["n"] == 19 and model.interval["coverage"] == 0.8
+        low, high = model.predict_interval(x[49:, :2])
+        np.testing.assert_allclose(high - low, 2 * model.interval["quantile"])  # a ridge's width is constant
+        covered.append(np.mean((y[49:] >= low) & (y[49:] <= high)))
+    assert 0.8 - 0.01 < np.mean(covered) < 0.8 + 1 / 20 + 0.01, np.mean(covered)
+    # the model's own interval: its centre the prediction, its half width the quantile of the held-out residuals
+    residuals = np.abs(y[30:49] - model.predict(x[30:49, :2]))
+    assert model.interval["quantile"] == pytest.approx(np.sort(residuals)[15])  # ceil(20 * 0.8) = 16th
+    np.testing.assert_allclose((low + high) / 2, model.predict(x[49:, :2]))
+    # too few held-out rows: no interval, said in a warning
+    with caplog.at_level(logging.WARNING, logger="dinov3_eo.tasks.tile_regression"):
+        none = calibrated(fit_regressor(x[:30], y[:30]), x[30:38], y[30:38], 0.9)
+    assert none.interval is None and "8 held-out tiles cannot calibrate a 90 % prediction interval (9 are needed)" in caplog.text
+    with pytest.raises(ValueError, match="has no prediction interval"):
+        none.predict_interval(x)
+    ends = interval_metrics(np.array([0.0, 1.0, 2.0, np.nan]), np.array([2.0, 2.0, 3.0, 1.0]),
+                            np.array([1.0, 3.0, 2.0, 0.5]), 0.9)  # fmt: skip
+    assert ends == {"coverage": 0.9, "covered": pytest.approx(2 / 3), "mean_width": pytest.approx(4 / 3),
+                    "median_width": 1.0, "n": 3}  # fmt: skip
+
+
+def test_a_knn_interval_widens_where_the_neighbours_disagree() -> None:
+    rng = np.random.default_rng(4)
+    # two kinds of tile: values near 10 that agree closely, values near 30 that scatter widely
+    centres = np.repeat(np.eye(6)[:2] * 5, 200, axis=0) + rng.normal(scale=0.3, size=(400, 6))
+    y = np.where(np.arange(400) < 200, 10 + rng.normal(scale=0.5, size=400), 30 + rng.normal(scale=6.0, size=400))
+    order = rng.permutation(400)
+    train, cal, new = order[:200], order[200:300], order[300:]
+    model = calibrated(fit_regressor(centres[train], y[train], method="knn", k=10), centres[cal], y[cal], 0.9)
+    mean, spread = knn_moments(model.bank, model.bank_values, centres[new], k=10, temperature=0.07)
+    np.testing.assert_allclose(mean, model.predict(centres[new]))
+    for i in range(3):  # the spread against a loop over the neighbours
+        cos = model.bank @ centres[new][i] / np.linalg.norm(model.bank, axis=1) / np.linalg.norm(centres[new][i])
+        top = np.argsort(-cos)[:10]
+        w = np.exp((cos[top] - cos[top].max()) / 0.07)
+        w /= w.sum()
+        assert spread[i] == pytest.approx(np.sqrt((w * (y[train][top] - (w * y[train][top]).sum()) ** 2).sum()), rel=1e-4)
+    assert model.interval["floor"] == pytest.approx(0.1 * knn_moments(model.bank, model.bank_values, centres[cal], k=10)[1].mean())
+    low, high = model.predict_interval(centres[new])
+    width = high - low
+    quiet, loud = new < 200, new >= 200
+    assert np.median(width[loud]) > 5 * np.median(width[quiet])  # the k-NN knows which tiles are hard
+    inside = (y[new] >= low) & (y[new] <= high)
+    assert inside.mean() >= 0.82 and inside[quiet].mean() >= 0.75 and inside[loud].mean() >= 0.75
+    np.testing.assert_allclose(model.interval_scores(centres[cal], y[cal]),
+                               np.abs(y[cal] - model.predict(centres[cal])) / (
+                                   knn_moments(model.bank, model.bank_values, centres[cal], k=10)[1]
+                                   + model.interval["floor"]))  # fmt: skip
+
+
+def test_a_log_regressors_interval_is_its_log_interval_taken_back(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(400, 5))
+    y = np.exp(x @ np.array([0.8, -0.5, 0.3, 0.0, 0.2]) + 3.0 + rng.normal(scale=0.6, size=400))  # lognormal
+    model = calibrated(fit_regressor(x[:200], y[:200], log_values=True, lower=0.0), x[200:300], y[200:300])
+    q = model.interval["quantile"]
+    assert q == pytest.approx(np.sort(np.abs(np.log1p(y[200:300]) - model.predict_fitted(x[200:300])))[90])
+    low, high = model.predict_interval(x[300:])
+    np.testing.assert_allclose(low, np.maximum(np.expm1(model.predict_fitted(x[300:]) - q), 0.0), rtol=1e-9)
+    open_ = low > 0  # the same ratio wherever the lower end is not clipped at 0
+    assert open_.mean() > 0.9
+    np.testing.assert_allclose((1 + high[open_]) / (1 + low[open_]), np.exp(2 * q), rtol=1e-6)
+    inside = (y[300:] >= low) & (y[300:] <= high)
+    assert 0.83 <= inside.mean() <= 0.97
+    back = TileRegressor.load(model.save(tmp_path / "log.safetensors"))
+    assert back.interval == model.interval
+    np.testing.assert_allclose(np.stack(back.predict_interval(x)), np.stack(model.predict_interval(x)), rtol=1e-6)
+    assert "90 % prediction intervals from 100 held-out tiles: × / ÷" in interval_line(back)
+    back.interval = None
+    assert interval_line(back) == "no prediction interval"
+
+
 def test_a_regressor_file_round_trips_and_others_are_refused(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(40, 6)), rng.uniform(0, 20, 40)
@@ -171,6 +267,11 @@ def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_ali
     assert tiles.loc[tiles["split"] == "train", "predicted"].isna().all()
     np.testing.assert_allclose(fit.held_out_targets, held["reference"])
     assert model.held_out == pytest.approx(regression_metrics(fit.held_out_predictions, fit.held_out_targets))
+    # the held-out tiles calibrated a 90 % interval: by construction it holds at least 90 % of them
+    assert model.interval["n"] == len(held) and model.interval["coverage"] == 0.9
+    low, high = model.predict_interval(chip_features(embed_tiles(scenes[0], backbone, [(0, 0)], tile_size=40, size=32,
+                                                                 progress=False)[0], model.features))  # fmt: skip
+    assert high[0] - low[0] <= 2 * model.interval["quantile"] + 1e-9
 
     # the map predicts each tile from its embedding as the fit embedded it, and lies on the scene's grid
     mapped = regress_tiles(scenes[0], model, backbone=backbone, min_valid=0.9, progress=False)
@@ -187,7 +288,23 @@ def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_ali
     np.testing.assert_allclose(on_held["predicted"], [mapped.values[r, c] for r, c in zip(on_held["row"], on_held["col"])],
                                rtol=1e-4, atol=1e-3)  # fmt: skip
 
+    # each cell's interval around its value, a ridge's as wide everywhere (but where clipped at 0)
+    finite = np.isfinite(mapped.values)
+    assert (mapped.lower[finite] <= mapped.values[finite] + 1e-4).all()
+    assert (mapped.upper[finite] >= mapped.values[finite] - 1e-4).all() and mapped.coverage == 0.9
+    unclipped = finite & (mapped.lower > 0)
+    np.testing.assert_allclose((mapped.upper - mapped.lower)[unclipped], 2 * model.interval["quantile"], rtol=1e-4)
+    dataset = mapped.to_dataset()
+    assert set(dataset.data_vars) == {"value", "lower", "upper"} and dataset.rio.crs == mapped.crs
+    np.testing.assert_array_equal(dataset["upper"].values, mapped.upper)
+    assert dataset["lower"].attrs["long_name"] == "lower end of the 90 % prediction interval of canopy height"
+
     outputs = write_tile_values(mapped, tmp_path / "out")
+    with rasterio.open(outputs.interval) as out:
+        assert out.count == 2 and out.units == ("m", "m") and out.transform == mapped.transform
+        assert out.descriptions == ("lower end of the 90 % interval", "upper end of the 90 % interval")
+        np.testing.assert_array_equal(out.read(), np.stack([mapped.lower, mapped.upper]))
+    assert outputs.interval_quicklook.stat().st_size > 1000
     with rasterio.open(outputs.values) as out:
         assert out.units == ("m",) and out.descriptions == ("canopy height",) and out.dtypes[0] == "float32"
         assert out.transform == mapped.transform and np.isnan(out.nodata)
@@ -198,6 +315,7 @@ def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_ali
     cells_frame = gpd.read_file(outputs.tiles)
     assert len(cells_frame) == int(np.isfinite(mapped.values).sum())
     np.testing.assert_allclose(cells_frame["value"], mapped.values[cells_frame["row"], cells_frame["col"]], rtol=1e-6)
+    np.testing.assert_allclose(cells_frame["upper"], mapped.upper[cells_frame["row"], cells_frame["col"]], rtol=1e-6)
     assert outputs.quicklook.stat().st_size > 1000
     with pytest.raises(FileExistsError):
         write_tile_values(mapped, tmp_path / "out")
@@ -219,6 +337,8 @@ def test_a_regressor_fitted_on_lidar_heights_maps_the_tiles_it_was_fitted_on_ali
     third = regress_tiles(scenes[2], model, backbone=backbone, min_valid=0.9, progress=False)
     rows, cols = scored.tiles["row"].to_numpy(), scored.tiles["col"].to_numpy()
     np.testing.assert_allclose(scored.predictions, third.values[rows, cols], rtol=1e-5)
+    np.testing.assert_allclose(scored.lower, third.lower[rows, cols], rtol=1e-5)
+    np.testing.assert_array_equal(scored.tiles["inside"], (scored.targets >= scored.lower) & (scored.targets <= scored.upper))
     np.testing.assert_allclose(scored.tiles["error"], scored.predictions - scored.targets)
     # a scene the reference misses is skipped when it is one of several
     with caplog.at_level(logging.WARNING, logger="dinov3_eo.tasks.tile_regression"):
@@ -262,7 +382,9 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     assert "ridge regressor of brightness (DN) (mean per tile) on" in printed and "held out: n " in printed
     assert "a constant at the training mean" in printed
     saved = TileRegressor.load(model)
+    assert f"90 % prediction intervals from {saved.interval['n']} held-out tiles: ± " in printed
     metrics = json.loads((tmp_path / "fit" / "metrics.json").read_text())
+    assert metrics["interval"] == saved.interval
     assert metrics["held_out"] == pytest.approx(saved.held_out) and metrics["held_out"]["r2"] > 0.45
     assert metrics["training_mean_baseline"]["rmse"] > metrics["held_out"]["rmse"]
     assert (tmp_path / "fit" / "scatter.png").stat().st_size > 1000 and (tmp_path / "fit" / "tiles.gpkg").is_file()
@@ -272,9 +394,14 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     assert "16-px tiles predicted: brightness mean" in printed and "rgb_byte_crop_tile_values.tif" in printed
     with rasterio.open(SCENE) as src:
         scene_res = src.res
+    assert "90 % prediction intervals: width" in printed and "rgb_byte_crop_tile_interval.png" in printed
     with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_values.tif") as out:
         mapped = out.read(1)
         assert out.units == ("DN",) and out.res == pytest.approx((16 * scene_res[0], 16 * scene_res[1]))
+    with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_interval.tif") as out:
+        ends = out.read()
+    finite = np.isfinite(mapped)
+    assert (ends[0][finite] <= mapped[finite] + 1e-3).all() and (ends[1][finite] >= mapped[finite] - 1e-3).all()
     assert cli_main(["regress", "test", "--scenes", str(SCENE), "--values", str(brightness), "--regressor", str(model),
                      "--min-covered", "0.9", "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out
@@ -284,6 +411,9 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
 
     frame = gpd.read_file(tmp_path / "test" / "tiles.gpkg")
     assert tested["test"]["n"] == len(frame) and tested["statistic"] == "mean"
+    assert "90 % prediction intervals: " in printed and f"of the {len(frame)} tiles inside" in printed
+    assert tested["interval"]["n"] == len(frame) and tested["interval"]["covered"] == pytest.approx(frame["inside"].mean())
+    np.testing.assert_allclose(frame["lower"], ends[0][frame["row"], frame["col"]], rtol=1e-5)
     # at the tiles the map predicted with enough imagery, the test's predictions are the map's values
     np.testing.assert_allclose(frame["predicted"], mapped[frame["row"], frame["col"]], rtol=1e-5)
 
@@ -292,10 +422,16 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     write_tile_embeddings(SCENE, load_chip_backbone(backbone_path), table, tile_size=16, size=32, progress=False)
     from_table = tmp_path / "from_table.safetensors"
     assert cli_main(["regress", "fit", "--scenes", str(SCENE), "--values", str(brightness), "--embeddings", str(table),
-                     "--min-covered", "0.9", "-o", str(from_table), "--quiet"]) == 0  # fmt: skip
-    capsys.readouterr()
+                     "--min-covered", "0.9", "--coverage", "0", "-o", str(from_table), "--quiet"]) == 0  # fmt: skip
+    assert "prediction intervals" not in capsys.readouterr().out
     again = TileRegressor.load(from_table)
     assert again.alpha == saved.alpha and again.held_out == pytest.approx(saved.held_out, rel=1e-4)
+    assert again.interval is None  # --coverage 0: none, and 'regress map' writes none
+    assert cli_main(["regress", "map", str(SCENE), "--regressor", str(from_table), "-o", str(tmp_path / "map0"),
+                     "--model", str(backbone_path), "--quiet"]) == 0  # fmt: skip
+    assert "interval" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "map0").iterdir()) == [
+        "rgb_byte_crop_tile_values.gpkg", "rgb_byte_crop_tile_values.png", "rgb_byte_crop_tile_values.tif"]
     assert (again.target, again.unit) == ("brightness", "DN")  # the raster's band description and unit
     assert read_chip_embeddings(table).metadata["tile_size"] == 16
     assert cli_main(["regress", "test", "--scenes", str(SCENE), "--values", str(brightness), "--regressor", str(model),
@@ -372,8 +508,10 @@ def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Pat
 
     assert cli_main(["regress", "test", "--table", str(tmp_path / "test.csv"), "--value-column", "brightness",
                      "--regressor", str(model), "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
-    assert "ridge regressor of brightness (DN) on 18 chips: n 18:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "ridge regressor of brightness (DN) on 18 chips: n 18:" in printed and "of the 18 chips inside" in printed
     tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert tested["interval"]["n"] == 18 and tested["interval"]["coverage"] == 0.9
     assert tested["test"]["rmse"] < tested["training_mean_baseline"]["rmse"]  # brightness is in the features
     scored = pd.read_csv(tmp_path / "test" / "chips.csv")
 
@@ -382,6 +520,8 @@ def test_regress_fit_test_and_predict_chips_with_a_value_each(backbone_path: Pat
     assert "72 chips: brightness mean" in capsys.readouterr().out
     predictions = pd.read_csv(tmp_path / "predictions.csv").set_index("path")
     np.testing.assert_allclose(predictions.loc[scored["path"], "value"], scored["predicted"], rtol=1e-5)
+    np.testing.assert_allclose(predictions.loc[scored["path"], ["lower", "upper"]], scored[["lower", "upper"]], rtol=1e-5)
+    assert saved.interval["n"] == 11 and (predictions["lower"] <= predictions["value"] + 1e-6).all()
     # georeferenced chips (the NEON plots) on a map; PNG chips cannot be
     import geopandas as gpd
 

@@ -53,7 +53,7 @@ def height_quicklook(
 
 def value_quicklook(
     dst: str | os.PathLike[str],
-    raster: str | os.PathLike[str],
+    raster: str | os.PathLike[str] | np.ndarray,
     *,
     label: str,
     max_size: int = 1024,
@@ -61,7 +61,8 @@ def value_quicklook(
     title: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """:func:`height_quicklook` of any non-negative quantity (biomass, tree cover), its colour bar named ``label``."""
+    """:func:`height_quicklook` of any non-negative quantity (biomass, tree cover), its colour bar named ``label``;
+    ``raster`` may be a ``[H, W]`` array of it (NaN transparent), drawn every ``ceil(max(H, W) / max_size)``-th pixel."""
     return _one_band_picture(dst, raster, cmap=HEIGHT_CMAP, label=label, centred=False, max_size=max_size, vmax=vmax,
                              title=title, overwrite=overwrite)  # fmt: skip
 
@@ -166,7 +167,7 @@ def change_quicklook(
 
 def _one_band_picture(
     dst: str | os.PathLike[str],
-    raster: str | os.PathLike[str],
+    raster: str | os.PathLike[str] | np.ndarray,
     *,
     cmap: str,
     label: str,
@@ -181,10 +182,15 @@ def _one_band_picture(
     (default: the 99th percentile of the absolute values)."""
     from matplotlib.figure import Figure
 
-    with rasterio.open(raster) as src:
-        scale = min(1.0, max_size / max(src.height, src.width))
-        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
-        read = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
+    if isinstance(raster, np.ndarray):
+        step = max(1, -(-max(raster.shape) // max_size))
+        read = np.asarray(raster, np.float32)[::step, ::step]
+        shape = read.shape
+    else:
+        with rasterio.open(raster) as src:
+            scale = min(1.0, max_size / max(src.height, src.width))
+            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+            read = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
     values = np.ma.masked_invalid(read)
     finite = np.abs(values.compressed()) if centred else values.compressed()
     top = max(vmax if vmax is not None else (float(np.percentile(finite, 99)) if finite.size else 1.0), 1e-3)

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.inference.writers import atomic_output, check_distinct_stems, check_overwrite, write_vector
-from dinov3_eo.tasks.tile_regression import METHODS, TileRegressor, regression_metrics
+from dinov3_eo.tasks.tile_regression import (
+    COVERAGE,
+    METHODS,
+    TileRegressor,
+    interval_line,
+    interval_metrics,
+    regression_metrics,
+)
 from dinov3_eo.tasks.tile_values import STATISTICS
 
 
@@ -57,6 +64,9 @@ def regress_main(argv: Sequence[str]) -> int:
                      "the model before)")  # fmt: skip
     fit.add_argument("--log", action="store_true", help="fit log(1 + value), for a skewed reference (biomass); the "
                      "ridge's predictions are taken back with Duan's smearing factor, so they stay means")  # fmt: skip
+    fit.add_argument("--coverage", type=float, default=COVERAGE, help="the held-out tiles (chips) calibrate "
+                     "split-conformal prediction intervals of this coverage (default 0.9: nine in ten inside; 0: none); "
+                     "'regress map' then writes their ends, 'regress test' measures how many references they hold")  # fmt: skip
     fit.add_argument("--size", type=int, default=224, help="tiles resized to SIZE x SIZE (default 224; 0: own size)")
     fit.add_argument("--target", default=None, help='what the values are, for maps and reports (e.g. "canopy height"; '
                      "default: the attribute, or the raster's band description, else 'value')")  # fmt: skip
@@ -69,7 +79,9 @@ def regress_main(argv: Sequence[str]) -> int:
                            description="Cut each scene into a grid of tiles from its origin (by default covering the "
                            "ground the regressor's training tiles covered), predict each tile's value, and write "
                            "OUT/<stem>_tile_values.tif (one float32 pixel per tile, NaN = not predicted), "
-                           "<stem>_tile_values.gpkg and <stem>_tile_values.png.")  # fmt: skip
+                           "<stem>_tile_values.gpkg and <stem>_tile_values.png; for a regressor with prediction "
+                           "intervals also <stem>_tile_interval.tif (their lower and upper ends) and "
+                           "<stem>_tile_interval.png (their width).")  # fmt: skip
     scene.add_argument("scenes", nargs="+", help="georeferenced scenes (GeoTIFF or anything GDAL reads)")
     scene.add_argument("-o", "--out-dir", required=True, help="folder for the outputs (created)")
     scene.add_argument("--tile-size", type=int, default=None, help="tile side in scene pixels (default: the "
@@ -82,12 +94,13 @@ def regress_main(argv: Sequence[str]) -> int:
                        "(default: the regressor's)")  # fmt: skip
     scene.add_argument("--nodata", type=float, default=None, help="input nodata override (e.g. 0 for a Landsat L1 collar)")
     test = sub.add_parser("test", help="score a regressor on the tiles of scenes that a reference covers: MAE, RMSE, "
-                          "R2, bias")  # fmt: skip
+                          "R2, bias, and how many references its prediction intervals hold")  # fmt: skip
     predict = sub.add_parser("predict", help="a regressor's value of image chips: a CSV (or, for georeferenced "
                              "chips, a GeoPackage of their footprints)")  # fmt: skip
     predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
-    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, value), or .gpkg / .geojson: "
-                         "the same on each georeferenced chip's footprint")  # fmt: skip
+    predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, value, and lower, upper for a "
+                         "regressor with prediction intervals), or .gpkg / .geojson: the same on each georeferenced "
+                         "chip's footprint")  # fmt: skip
     for p in (fit, test):
         group = p.add_argument_group("chips with a value each (instead of --scenes)")
         group.add_argument("--table", default=None, help="a table (CSV, Parquet, JSONL) of 'image' (or 'path', relative "
@@ -231,7 +244,7 @@ def _fit(args: Any) -> None:
         statistic=args.statistic or "mean", attribute=args.attribute, band=args.band, values_nodata=args.values_nodata,
         val_values=_one_or_many(args.val_values), target=args.target, unit=args.unit, bands=args.bands, nodata=args.nodata,
         size=args.size or None, method=args.method, features=args.features, log_values=args.log, refit=args.refit,
-        min_covered=args.min_covered,
+        coverage=args.coverage or None, min_covered=args.min_covered,
         min_points=args.min_points, min_valid=args.min_valid, val_fraction=args.val_fraction, block=args.block,
         k=args.k, seed=args.seed, batch_size=args.batch_size, device=args.device, amp=args.bf16,
         progress=not args.quiet)  # fmt: skip
@@ -248,13 +261,16 @@ def _fit(args: Any) -> None:
         baseline = regression_metrics(np.full(int((~train).sum()), reference[train].mean()), fit.held_out_targets)
         print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
         print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if args.coverage:
+            print(f"  {interval_line(regressor)}")
         if args.refit:
             print(f"  refitted on the {len(tiles)} training and held-out tiles, alpha kept")
         if out_dir is not None:
             _write_report(out_dir, regressor, tiles, fit.held_out_predictions, fit.held_out_targets,
                           {"held_out": regressor.held_out, "training_mean_baseline": baseline, "alpha": regressor.alpha,
                            "method": regressor.method, "target": regressor.target, "unit": regressor.unit,
-                           "statistic": regressor.statistic, "train_tiles": int(train.sum())}, args.overwrite)  # fmt: skip
+                           "statistic": regressor.statistic, "train_tiles": int(train.sum()),
+                           "interval": regressor.interval}, args.overwrite)  # fmt: skip
     regressor.save(args.output, overwrite=args.overwrite)
     print(args.output)
 
@@ -265,11 +281,12 @@ def _map(args: Any) -> None:
     from dinov3_eo.tasks.tile_regression import regress_tiles, tile_value_outputs, write_tile_values
 
     check_distinct_stems(args.scenes)
+    regressor = TileRegressor.load(args.regressor)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     for scene in args.scenes:  # every output is checked before the first scene is predicted
-        for path in tile_value_outputs(scene, args.out_dir):
-            check_overwrite(path, args.overwrite, inputs=args.scenes)
-    regressor = TileRegressor.load(args.regressor)
+        for path in tile_value_outputs(scene, args.out_dir, interval=regressor.interval is not None):
+            if path is not None:
+                check_overwrite(path, args.overwrite, inputs=args.scenes)
     backbone = probe_backbone(regressor, args.model, device=args.device)
     for scene in args.scenes:
         result = regress_tiles(scene, regressor, backbone=backbone, tile_size=args.tile_size, stride=args.stride,
@@ -283,7 +300,11 @@ def _map(args: Any) -> None:
         print(f"{Path(scene).name}: {values.size} of {result.values.size} {cells} predicted: {result.target} mean "
               f"{values.mean():.3g}{unit}, from {values.min():.3g} to {values.max():.3g}{unit}"
               + (f"; in all {total[0]:,.4g} {total[1]}" if total else ""))  # fmt: skip
-        print("\n".join(str(p) for p in outputs))
+        if result.lower is not None:
+            width = (result.upper - result.lower)[np.isfinite(result.values)]
+            print(f"  {100 * result.coverage:.0f} % prediction intervals: width {np.median(width):.3g}{unit} "
+                  f"(median), from {width.min():.3g} to {width.max():.3g}{unit}")  # fmt: skip
+        print("\n".join(str(p) for p in outputs if p is not None))
 
 
 def _test(args: Any) -> None:
@@ -307,12 +328,25 @@ def _test(args: Any) -> None:
           f"scene{'s' if len(args.scenes) > 1 else ''}: {metrics_line(metrics, regressor.unit)}")  # fmt: skip
     report: dict[str, Any] = {"test": metrics, "target": regressor.target, "unit": regressor.unit,
                               "statistic": args.statistic or regressor.statistic}  # fmt: skip
-    mean = regressor.embedding.get("tiles", {}).get("train_mean")
-    if mean is not None:
-        report["training_mean_baseline"] = regression_metrics(np.full(len(scored.targets), mean), scored.targets)
-        print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
+    _report_baseline_and_interval(report, regressor, scored.targets, scored.lower, scored.upper, "tiles")
     if out_dir is not None:
         _write_report(out_dir, regressor, scored.tiles, scored.predictions, scored.targets, report, args.overwrite)
+
+
+def _report_baseline_and_interval(report: dict[str, Any], regressor: TileRegressor, targets: np.ndarray,
+                                  lower: np.ndarray | None, upper: np.ndarray | None, items: str) -> None:  # fmt: skip
+    """Add (and print) the training-mean baseline's scores and, with intervals, how many ``targets`` they held to a
+    test's ``report``."""
+    mean = regressor.embedding.get("tiles", {}).get("train_mean")
+    if mean is not None:
+        report["training_mean_baseline"] = regression_metrics(np.full(len(targets), mean), targets)
+        print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
+    if lower is not None:
+        scores = report["interval"] = interval_metrics(lower, upper, targets, regressor.interval["coverage"])
+        unit = f" {regressor.unit}" if regressor.unit else ""
+        print(f"  {100 * scores['coverage']:.0f} % prediction intervals: {100 * scores['covered']:.1f} % of the "
+              f"{scores['n']} {items} inside, width {scores['median_width']:.3g}{unit} (median), "
+              f"{scores['mean_width']:.3g}{unit} (mean)")  # fmt: skip
 
 
 def _fit_chips(args: Any) -> None:
@@ -367,6 +401,11 @@ def _fit_chips(args: Any) -> None:
         baseline = regression_metrics(np.full(len(val_y), y[train].mean()), val_y)
         print(f"  held out: {metrics_line(regressor.held_out, regressor.unit)}")
         print(f"  a constant at the training mean: {metrics_line(baseline, regressor.unit)}")
+        if args.coverage:
+            from dinov3_eo.tasks.tile_regression import calibrated
+
+            regressor = calibrated(regressor, vx, val_y, args.coverage)
+            print(f"  {interval_line(regressor).replace('tiles', 'chips')}")
         if args.refit:
             from dinov3_eo.tasks.tile_regression import refitted
 
@@ -378,20 +417,23 @@ def _fit_chips(args: Any) -> None:
             _write_report(out_dir, regressor, rows, predicted, val_y,
                           {"held_out": regressor.held_out, "training_mean_baseline": baseline, "alpha": regressor.alpha,
                            "method": regressor.method, "target": regressor.target, "unit": regressor.unit,
-                           "train_chips": len(train)}, args.overwrite)  # fmt: skip
+                           "train_chips": len(train), "interval": regressor.interval}, args.overwrite)  # fmt: skip
     regressor.save(args.output, overwrite=args.overwrite)
     print(args.output)
 
 
-def _chip_values(args: Any, paths: Sequence[str]) -> tuple[TileRegressor, np.ndarray]:
-    """The regressor ``--regressor`` and its values ``[N]`` of chips ``paths``, embedded as its chips or tiles were
-    (with ``--tta``, the mean over the views)."""
+def _chip_values(args: Any, paths: Sequence[str]) -> tuple[TileRegressor, np.ndarray, np.ndarray | None]:
+    """The regressor ``--regressor``, its values ``[N]`` of chips ``paths``, embedded as its chips or tiles were,
+    and their prediction intervals ``[N, 2]`` (``None`` without; with ``--tta``, each the mean over the views)."""
     from dinov3_eo.tasks.chip_embeddings import chip_features
     from dinov3_eo.tasks.classify_cli import probe_chip_views
 
     regressor = TileRegressor.load(args.regressor)
-    views = probe_chip_views(args, regressor, paths)
-    return regressor, sum(regressor.predict(chip_features(v, regressor.features)) for v in views) / len(views)
+    xs = [chip_features(v, regressor.features) for v in probe_chip_views(args, regressor, paths)]
+    values = sum(regressor.predict(x) for x in xs) / len(xs)
+    if regressor.interval is None:
+        return regressor, values, None
+    return regressor, values, sum(np.stack(regressor.predict_interval(x), 1) for x in xs) / len(xs)
 
 
 def _test_chips(args: Any) -> None:
@@ -402,16 +444,16 @@ def _test_chips(args: Any) -> None:
 
     out_dir = _check_report(args, "chips")
     paths, y = table_values(args.table, args.value_column)
-    regressor, predicted = _chip_values(args, paths)
+    regressor, predicted, ends = _chip_values(args, paths)
     metrics = regression_metrics(predicted, y)
     print(f"{regressor.method} regressor of {regressor.label} on {len(paths)} chips: {metrics_line(metrics, regressor.unit)}")
     report: dict[str, Any] = {"test": metrics, "target": regressor.target, "unit": regressor.unit}
-    mean = regressor.embedding.get("tiles", {}).get("train_mean")
-    if mean is not None:
-        report["training_mean_baseline"] = regression_metrics(np.full(len(y), mean), y)
-        print(f"  a constant at the training mean: {metrics_line(report['training_mean_baseline'], regressor.unit)}")
+    lower, upper = (ends[:, 0], ends[:, 1]) if ends is not None else (None, None)
+    _report_baseline_and_interval(report, regressor, y, lower, upper, "chips")
     if out_dir is not None:
         rows = pd.DataFrame({"path": paths, "reference": y, "predicted": predicted, "error": predicted - y})
+        if ends is not None:
+            rows["lower"], rows["upper"], rows["inside"] = lower, upper, (y >= lower) & (y <= upper)
         _write_report(out_dir, regressor, rows, predicted, y, report, args.overwrite)
 
 
@@ -424,8 +466,10 @@ def _predict(args: Any) -> None:
 
     check_overwrite(args.output, args.overwrite)
     paths = expand_chips(args.chips)
-    regressor, predicted = _chip_values(args, paths)
+    regressor, predicted, ends = _chip_values(args, paths)
     frame = pd.DataFrame({"path": paths, "value": predicted})
+    if ends is not None:
+        frame["lower"], frame["upper"] = ends[:, 0], ends[:, 1]
     if Path(args.output).suffix.lower() in VECTOR_FORMATS:
         import geopandas as gpd
 

@@ -10,13 +10,17 @@ standardised features (its ``alpha`` chosen on held-out blocks of tiles:
 :func:`~dinov3_eo.tasks.tile_labels.spatial_block_split`) or keeps them for a k-NN (the mean of the ``k`` most
 cosine-similar tiles' values, weighted ``exp(cos / T)`` as DINO's k-NN votes). ``regress map`` writes the value of
 every tile of a scene as a georeferenced float raster (:func:`regress_tiles`, :func:`write_tile_values`);
-``regress test`` scores a regressor on a reference's tiles (MAE, RMSE, R², bias). The regressor is a safetensors
-file with JSON metadata, like a probe: no pickle.
+``regress test`` scores a regressor on a reference's tiles (MAE, RMSE, R², bias). The held-out tiles also
+calibrate a split-conformal prediction interval (:func:`calibrated`): each mapped tile gets a lower and an upper
+value that hold its reference nine times in ten (by default) wherever tiles are like the held-out ones, and
+``regress test`` measures how often they do elsewhere. The regressor is a safetensors file with JSON metadata, like
+a probe: no pickle.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,19 +49,51 @@ def knn_values(bank: np.ndarray, bank_values: np.ndarray, x: np.ndarray, *, k: i
     Args:
         bank: ``[M, D]`` training features; bank_values: ``[M]`` their values; x: ``[N, D]`` features to predict.
     """
+    return knn_moments(bank, bank_values, x, k=k, temperature=temperature)[0]
+
+
+def knn_moments(bank: np.ndarray, bank_values: np.ndarray, x: np.ndarray, *, k: int = 20,
+                temperature: float = 0.07) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``([N], [N])``: the weighted mean of :func:`knn_values` and the weighted standard deviation of the same
+    neighbours' values, ``sqrt(sum w (v - mean)² / sum w)`` — how much the tiles most like a tile disagree, the
+    k-NN's own measure of how hard that tile is."""
     import torch
 
     a = torch.nn.functional.normalize(torch.from_numpy(np.asarray(bank, np.float32)), dim=1)
     b = torch.nn.functional.normalize(torch.from_numpy(np.asarray(x, np.float32)), dim=1)
     values = torch.from_numpy(np.asarray(bank_values, np.float64))
     k = min(k, len(a))
-    out = np.zeros(len(b))
+    mean, spread = np.zeros(len(b)), np.zeros(len(b))
     for start in range(0, len(b), 1024):  # [1024, M] similarities at a time
         sim, idx = (b[start : start + 1024] @ a.T).topk(k, dim=1)
         # weights relative to each row's nearest neighbour: exp() cannot overflow, and the ratio is unchanged
         weights = ((sim.double() - sim[:, :1].double()) / temperature).exp()
-        out[start : start + 1024] = ((weights * values[idx]).sum(dim=1) / weights.sum(dim=1)).numpy()
-    return out
+        weights = weights / weights.sum(dim=1, keepdim=True)
+        neighbours = values[idx]
+        centre = (weights * neighbours).sum(dim=1)
+        mean[start : start + 1024] = centre.numpy()
+        spread[start : start + 1024] = (weights * (neighbours - centre[:, None]) ** 2).sum(dim=1).sqrt().numpy()
+    return mean, spread
+
+
+def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
+    """The split-conformal quantile of ``[n]`` calibration ``scores``: the ``ceil((n + 1) coverage)``-th smallest.
+
+    A new score exchangeable with the calibration ones falls at or below it with probability at least
+    ``coverage`` (and below ``coverage + 1 / (n + 1)`` where scores do not tie): Vovk et al.'s finite-sample
+    guarantee, which needs no assumption about the regressor. ``inf`` where ``n`` is too small for ``coverage``
+    (``ceil((n + 1) coverage) > n``: 9 scores at least for 90 %).
+
+    Raises:
+        ValueError: ``coverage`` outside (0, 1), or a score that is not finite.
+    """
+    scores = np.sort(np.asarray(scores, np.float64).reshape(-1))
+    if not 0.0 < coverage < 1.0:
+        raise ValueError(f"The interval's coverage must lie between 0 and 1, got {coverage}.")
+    if not np.isfinite(scores).all():
+        raise ValueError("Conformal scores must be finite.")
+    rank = math.ceil((len(scores) + 1) * coverage - 1e-9)  # -1e-9: 0.9 * 10 is 9.000000000000002 in floats
+    return float(scores[rank - 1]) if rank <= len(scores) else math.inf
 
 
 @dataclass
@@ -79,6 +115,11 @@ class TileRegressor:
         embedding: how tiles are embedded for it (``backbone_source``, ``size``, ``bands``, ``normalization``,
             ``chip_size``, ``tile_m``, and how it was fitted under ``tiles``).
         held_out: the held-out tiles' metrics when fitted (``n``, ``mae``, ``rmse``, ``r2``, ``bias``), for the record.
+        interval: the split-conformal prediction interval calibrated on held-out tiles (:func:`calibrated`):
+            ``coverage`` (0.9: nine tiles in ten inside), ``quantile`` (of the scores ``|g(y) - g(prediction)| /
+            scale``, ``g`` = ``log(1 + ·)`` for a log regressor, else the value itself), ``n`` (tiles it was
+            calibrated on), ``floor`` (k-NN: added to the neighbours' spread, so no tile's scale is 0); ``None``:
+            none.
     """
 
     method: str
@@ -99,15 +140,53 @@ class TileRegressor:
     smearing: float = 1.0
     embedding: dict[str, Any] = field(default_factory=dict)
     held_out: dict[str, float] | None = None
+    interval: dict[str, float] | None = None
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` float64 values of features ``x`` ``[N, D]``, clipped to ``lower``/``upper``."""
         out = self.predict_fitted(x)
         if self.log_values:
             out = np.exp(np.minimum(out, 700.0)) * self.smearing - 1.0  # exp(700) is near float64's largest
-        if self.lower is not None or self.upper is not None:
-            out = np.clip(out, self.lower, self.upper)
-        return out
+        return self._clipped(out)
+
+    def _clipped(self, values: np.ndarray) -> np.ndarray:
+        return np.clip(values, self.lower, self.upper) if self.lower is not None or self.upper is not None else values
+
+    def predict_interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``([N], [N])`` the lower and upper ends of each row's conformal prediction interval (:attr:`interval`),
+        clipped as the predictions are: a ridge's interval has the same width everywhere in the values it fitted
+        (a log regressor's: the same ratio), a k-NN's grows with the disagreement of a tile's neighbours.
+
+        Raises:
+            ValueError: the regressor has no interval (fitted without held-out tiles, or with too few of them).
+        """
+        if self.interval is None:
+            raise ValueError("This regressor has no prediction interval: fit it with held-out tiles (at least 9 for "
+                             "90 %; --val-fraction or --val-values) and --coverage.")  # fmt: skip
+        centre, scale = self._centre_and_scale(x)
+        half = self.interval["quantile"] * scale
+        low, high = centre - half, centre + half
+        if self.log_values:  # quantiles survive a monotone map: the interval of log(1 + y), taken back
+            low, high = np.expm1(np.minimum(low, 700.0)), np.expm1(np.minimum(high, 700.0))
+        return self._clipped(low), self._clipped(high)
+
+    def interval_scores(self, x: np.ndarray, y: np.ndarray, *, floor: float | None = None) -> np.ndarray:
+        """``[N]`` the nonconformity scores of rows ``x`` ``[N, D]`` with values ``y`` ``[N]``: ``|g(y) - centre| /
+        scale`` (``g``, centre and scale as :meth:`predict_interval` uses them; ``floor``: the k-NN's, default the
+        interval's)."""
+        y = np.asarray(y, np.float64).reshape(-1)
+        centre, scale = self._centre_and_scale(x, floor=floor)
+        return np.abs((np.log1p(y) if self.log_values else y) - centre) / scale
+
+    def _centre_and_scale(self, x: np.ndarray, *, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``([N], [N])`` the interval's centre (the fitted prediction, before smearing and clipping) and scale (1,
+        or for a k-NN the weighted spread of the neighbours' values plus ``floor``)."""
+        if self.method != "knn":
+            centre = self.predict_fitted(x)
+            return centre, np.ones_like(centre)
+        centre, spread = knn_moments(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
+        floor = floor if floor is not None else (self.interval or {}).get("floor", 0.0)
+        return centre, spread + max(float(floor), 1e-12)
 
     def predict_fitted(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` what the regressor fitted (``log(1 + value)`` where ``log_values``), before it is taken back and clipped."""
@@ -129,7 +208,7 @@ class TileRegressor:
                 "temperature": self.temperature, "alpha": self.alpha, "target": self.target, "unit": self.unit,
                 "statistic": self.statistic, "lower": self.lower, "upper": self.upper, "log_values": self.log_values,
                 "smearing": self.smearing, "embedding": self.embedding,
-                "held_out": self.held_out}  # fmt: skip
+                "held_out": self.held_out, "interval": self.interval}  # fmt: skip
         return write_tagged_safetensors(path, "dinov3_eo_regressor", arrays, meta, overwrite=overwrite)
 
     @classmethod
@@ -152,7 +231,8 @@ class TileRegressor:
                    target=info.get("target", "value"), unit=info.get("unit"), statistic=info.get("statistic", "mean"),
                    lower=info.get("lower"), upper=info.get("upper"), log_values=bool(info.get("log_values", False)),
                    smearing=float(info.get("smearing", 1.0)), embedding=dict(info.get("embedding") or {}),
-                   held_out=info.get("held_out"), weight=arrays.get("weight"), bank=arrays.get("bank"),
+                   held_out=info.get("held_out"), interval=info.get("interval"), weight=arrays.get("weight"),
+                   bank=arrays.get("bank"),
                    bank_values=arrays.get("bank_values"))  # fmt: skip
 
 
@@ -238,8 +318,71 @@ def refitted(regressor: TileRegressor, x: np.ndarray, y: np.ndarray) -> TileRegr
                           temperature=regressor.temperature, lower=regressor.lower, upper=regressor.upper,
                           log_values=regressor.log_values, alpha=regressor.alpha or 1.0)  # fmt: skip
     again.target, again.unit, again.statistic = regressor.target, regressor.unit, regressor.statistic
-    again.embedding, again.held_out = regressor.embedding, regressor.held_out
+    again.embedding, again.held_out, again.interval = regressor.embedding, regressor.held_out, regressor.interval
     return again
+
+
+#: the coverage of the prediction intervals ``regress fit`` calibrates by default
+COVERAGE = 0.9
+
+
+def calibrated(regressor: TileRegressor, x: np.ndarray, y: np.ndarray, coverage: float = COVERAGE) -> TileRegressor:
+    """``regressor`` with a split-conformal prediction interval (:attr:`TileRegressor.interval`) calibrated on
+    held-out rows ``x`` ``[N, D]``, ``y`` ``[N]`` that it was not trained on: a new tile like them lies inside its
+    interval with probability ``coverage`` at least (:func:`conformal_quantile`). Tiles unlike the held-out ones (
+    another region, season or sensor) need not: ``regress test`` measures the coverage on a reference of them.
+
+    The held-out rows that chose a ridge's ``alpha`` calibrate it too, which makes the interval a little narrow;
+    with few tiles it is worth the rows. A k-NN's scale is the spread of a tile's neighbours' values plus a floor
+    of a tenth of the held-out tiles' mean spread, so that neighbours that agree exactly still leave some width.
+    Too few rows for ``coverage`` leave ``interval`` as ``None``, with a warning.
+    """
+    floor = 0.0
+    if regressor.method == "knn":
+        spread = knn_moments(regressor.bank, regressor.bank_values, x, k=regressor.k,
+                             temperature=regressor.temperature)[1]  # fmt: skip
+        floor = 0.1 * float(spread.mean()) or 0.1 * float(np.std(regressor.bank_values))
+    scores = regressor.interval_scores(x, y, floor=floor)
+    quantile = conformal_quantile(scores, coverage)
+    if not math.isfinite(quantile):
+        need = math.ceil(coverage / (1.0 - coverage) - 1e-9)
+        log.warning("%d held-out tiles cannot calibrate a %.0f %% prediction interval (%d are needed): the regressor "
+                    "is saved without one.", len(scores), 100 * coverage, need)  # fmt: skip
+        regressor.interval = None
+        return regressor
+    regressor.interval = {"coverage": float(coverage), "quantile": quantile, "n": int(len(scores)), "floor": floor}
+    return regressor
+
+
+def interval_line(regressor: TileRegressor) -> str:
+    """``"90 % prediction intervals from 120 held-out tiles: ± 8.1 m"`` (log regressor: ``"× / ÷ 1.9 on 1 +
+    value"``; k-NN: ``"± 1.6 neighbour spreads + 0.4 m"``)."""
+    interval = regressor.interval
+    if interval is None:
+        return "no prediction interval"
+    unit = f" {regressor.unit}" if regressor.unit else ""
+    q = interval["quantile"]
+    if regressor.log_values:
+        width = f"× / ÷ {math.exp(q):.3g} on 1 + value"
+    elif regressor.method == "knn":
+        width = f"± {q:.3g} × (the neighbours' spread + {interval['floor']:.3g}{unit})"
+    else:
+        width = f"± {q:.3g}{unit}"
+    return f"{100 * interval['coverage']:.0f} % prediction intervals from {interval['n']} held-out tiles: {width}"
+
+
+def interval_metrics(lower: np.ndarray, upper: np.ndarray, target: np.ndarray, coverage: float) -> dict[str, float]:
+    """How intervals ``[N]`` ``lower``..``upper`` did on references ``target`` ``[N]`` (pairs with a NaN dropped):
+    ``coverage`` (nominal), ``covered`` (the share inside, ends included), ``mean_width``, ``median_width``, ``n``."""
+    lower, upper, target = (np.asarray(a, np.float64).reshape(-1) for a in (lower, upper, target))
+    keep = np.isfinite(lower) & np.isfinite(upper) & np.isfinite(target)
+    lower, upper, target = lower[keep], upper[keep], target[keep]
+    inside = (target >= lower) & (target <= upper)
+    width = upper - lower
+    nan = float("nan")
+    return {"coverage": float(coverage), "covered": float(inside.mean()) if inside.size else nan,
+            "mean_width": float(width.mean()) if width.size else nan,
+            "median_width": float(np.median(width)) if width.size else nan, "n": int(inside.size)}  # fmt: skip
 
 
 def _smeared(regressor: TileRegressor, x: np.ndarray, fitted_y: np.ndarray) -> TileRegressor:
@@ -303,6 +446,7 @@ def fit_tile_regressor(
     features: str = "cls+patch_mean",
     log_values: bool = False,
     refit: bool = False,
+    coverage: float | None = COVERAGE,
     min_covered: float = 0.5,
     min_points: int = 1,
     min_valid: float = 0.9,
@@ -334,7 +478,10 @@ def fit_tile_regressor(
         method, features, k, log_values: as for :func:`fit_regressor` (``log_values``: fit ``log(1 + value)``, for a
             skewed reference such as biomass).
         refit: once ``alpha`` is chosen, fit the regressor saved on the held-out tiles too (scarce field plots all
-            count); the held-out metrics are then those of the model before, an estimate for the one saved.
+            count); the held-out metrics are then those of the model before, an estimate for the one saved, and so
+            is its prediction interval (a model fitted on more tiles errs less: the interval is then cautious).
+        coverage: the held-out tiles calibrate a split-conformal prediction interval of this coverage
+            (:func:`calibrated`; ``None``: none).
         min_covered: the share of a tile the reference must cover (raster, polygons); min_points: points per tile;
             min_valid: the share of a tile's pixels that must hold imagery.
 
@@ -401,6 +548,8 @@ def fit_tile_regressor(
     regressor.unit = unit if unit is not None else (None if share else declared)
     regressor.statistic = statistic
     predictions = regressor.predict(x[held]) if held.any() else None
+    if coverage and held.any():
+        regressor = calibrated(regressor, x[held], y[held], coverage)
     if refit and held.any():
         regressor = refitted(regressor, x, y)
     regressor.held_out = regression_metrics(predictions, y[held]) if predictions is not None else None
@@ -458,6 +607,8 @@ class TileValueMap:
         valid_fraction: ``[rows, cols]`` share of each cell's tile's pixels that hold data.
         crs, transform: the cell grid's (the scene's transform scaled by ``stride``).
         tile_size, stride: tile and cell side in scene pixels. bands: the scene bands fed to the backbone.
+        lower, upper: ``[rows, cols]`` float32 ends of each cell's prediction interval of ``coverage`` (``None``:
+            the regressor has none; :meth:`TileRegressor.predict_interval`).
     """
 
     source: str
@@ -471,6 +622,9 @@ class TileValueMap:
     unit: str | None = None
     bands: list[int] | None = None
     statistic: str = "mean"
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    coverage: float | None = None
 
     @property
     def label(self) -> str:
@@ -496,15 +650,18 @@ class TileValueMap:
 
     def to_geodataframe(self) -> Any:
         """The predicted cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``value``,
-        ``valid_fraction``, cell polygons."""
+        (with an interval) ``lower``, ``upper``, then ``valid_fraction`` and cell polygons."""
         import geopandas as gpd
 
         from dinov3_eo.tasks.tile_classification import tile_boxes
 
         rows, cols = np.nonzero(np.isfinite(self.values))
         frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64),
-                 "value": self.values[rows, cols].astype(np.float64),
-                 "valid_fraction": self.valid_fraction[rows, cols].astype(np.float64)}  # fmt: skip
+                 "value": self.values[rows, cols].astype(np.float64)}  # fmt: skip
+        if self.lower is not None:
+            frame["lower"] = self.lower[rows, cols].astype(np.float64)
+            frame["upper"] = self.upper[rows, cols].astype(np.float64)
+        frame["valid_fraction"] = self.valid_fraction[rows, cols].astype(np.float64)
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, 1, rows, cols), crs=self.crs))
 
     def to_xarray(self) -> Any:
@@ -520,6 +677,21 @@ class TileValueMap:
                              attrs={"long_name": self.target, "units": self.unit or "", "source": self.source,
                                     "tile_size": self.tile_size, "stride": self.stride})  # fmt: skip
         return array.rio.write_crs(self.crs).rio.write_transform(self.transform).rio.write_nodata(np.nan)
+
+    def to_dataset(self) -> Any:
+        """An ``xarray.Dataset`` of ``value`` and, with an interval, its ``lower`` and ``upper`` ends (each as
+        :meth:`to_xarray`; the ends' ``long_name`` says the coverage), on the same cell grid."""
+        import xarray as xr
+
+        value = self.to_xarray()
+        variables = {"value": value}
+        if self.lower is not None:
+            for name, ends in (("lower", self.lower), ("upper", self.upper)):
+                variables[name] = value.copy(data=ends)
+                variables[name].attrs["long_name"] = f"{name} end of the {100 * (self.coverage or 0):.0f} % " \
+                                                     f"prediction interval of {self.target}"
+        return xr.Dataset(variables, attrs={"source": self.source, "target": self.target,
+                                            "coverage": self.coverage if self.coverage is not None else "none"})  # fmt: skip
 
 
 def regress_tiles(
@@ -547,7 +719,8 @@ def regress_tiles(
         backbone: as for :func:`~dinov3_eo.tasks.tile_classification.classify_tiles` (default: the regressor's).
         tile_size: tile side in scene pixels (default: the ground its training tiles covered, in this scene's
             pixels, else their side). Others as for :func:`~dinov3_eo.tasks.tile_classification.classify_tiles`;
-            with ``tta`` a tile's value is the mean over its views.
+            with ``tta`` a tile's value (and each end of its interval) is the mean over its views. With an
+            interval (:attr:`TileRegressor.interval`) the map holds each cell's ``lower`` and ``upper`` ends too.
 
     Raises:
         FileNotFoundError, ValueError: as :func:`~dinov3_eo.tasks.tile_classification.classify_tiles`.
@@ -557,37 +730,47 @@ def regress_tiles(
     if not isinstance(regressor, TileRegressor):
         regressor = TileRegressor.load(regressor)
 
-    def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
-        return regressor.predict(_batch_features(cls, patch_mean, regressor.features))[:, None]
+    intervals = regressor.interval is not None
 
-    grid = predict_tile_grid(raster, regressor, head, 1, backbone=backbone, tile_size=tile_size, stride=stride,
+    def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
+        x = _batch_features(cls, patch_mean, regressor.features)
+        return np.stack([regressor.predict(x), *regressor.predict_interval(x)] if intervals else [regressor.predict(x)], 1)
+
+    grid = predict_tile_grid(raster, regressor, head, 3 if intervals else 1, backbone=backbone, tile_size=tile_size, stride=stride,
                              bands=bands, nodata=nodata, min_valid=min_valid, batch_size=batch_size, device=device,
                              amp=amp, tta=tta, prefetch=prefetch, cells=cells, progress=progress)  # fmt: skip
     return TileValueMap(source=os.fspath(raster), target=regressor.target, unit=regressor.unit, values=grid.outputs[0],
                         valid_fraction=grid.valid_fraction, crs=grid.crs, transform=grid.transform,
-                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands,
-                        statistic=regressor.statistic)  # fmt: skip
+                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands, statistic=regressor.statistic,
+                        lower=grid.outputs[1] if intervals else None, upper=grid.outputs[2] if intervals else None,
+                        coverage=regressor.interval["coverage"] if intervals else None)  # fmt: skip
 
 
 class TileValueOutputs(NamedTuple):
-    """What :func:`write_tile_values` writes for one scene."""
+    """What :func:`write_tile_values` writes for one scene (the interval's two only for a regressor with one)."""
 
     values: Path
     tiles: Path
     quicklook: Path
+    interval: Path | None = None
+    interval_quicklook: Path | None = None
 
 
-def tile_value_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> TileValueOutputs:
-    """``OUT/<stem>_tile_values.tif``, ``_tile_values.gpkg``, ``_tile_values.png``."""
+def tile_value_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                       interval: bool = True) -> TileValueOutputs:  # fmt: skip
+    """``OUT/<stem>_tile_values.tif``, ``_tile_values.gpkg``, ``_tile_values.png`` and, with ``interval``,
+    ``_tile_interval.tif`` and ``_tile_interval.png``."""
     stem, out = Path(src).stem, Path(out_dir)
+    ends = (out / f"{stem}_tile_interval.tif", out / f"{stem}_tile_interval.png") if interval else (None, None)
     return TileValueOutputs(out / f"{stem}_tile_values.tif", out / f"{stem}_tile_values.gpkg",
-                            out / f"{stem}_tile_values.png")  # fmt: skip
+                            out / f"{stem}_tile_values.png", *ends)  # fmt: skip
 
 
 def write_tile_values(result: TileValueMap, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> TileValueOutputs:
     """Write :func:`tile_value_outputs` for ``result``, each atomically: a float32 COG with one pixel per cell (NaN
-    nodata; the band described by the target, ``units`` set), the cells as polygons with their ``value``, and a
-    picture with a labelled colour bar.
+    nodata; the band described by the target, ``units`` set), the cells as polygons with their ``value`` (and
+    interval ends), and a picture with a labelled colour bar; with an interval, a two-band float32 COG of its
+    ``lower`` and ``upper`` ends and a picture of its width (where the map is least sure).
 
     Raises:
         FileExistsError: an output exists and ``overwrite`` is false (checked before anything is written).
@@ -595,18 +778,29 @@ def write_tile_values(result: TileValueMap, out_dir: str | os.PathLike[str], *, 
     from dinov3_eo.inference.writers import check_overwrite, write_cog, write_vector
     from dinov3_eo.tasks.height_plots import value_quicklook
 
-    paths = tile_value_outputs(result.source, out_dir)
+    paths = tile_value_outputs(result.source, out_dir, interval=result.lower is not None)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path in paths:
-        check_overwrite(path, overwrite, inputs=[result.source])
+        if path is not None:
+            check_overwrite(path, overwrite, inputs=[result.source])
+    tags = {"tile_size": result.tile_size, "stride": result.stride, "source": Path(result.source).name,
+            "target": result.target, "unit": result.unit or ""}  # fmt: skip
     write_cog(paths.values, result.values.astype(np.float32), crs=result.crs, transform=result.transform,
               nodata=float("nan"), band_descriptions=[result.target], units=[result.unit] if result.unit else None,
-              overwrite=overwrite,
-              tags={"tile_size": result.tile_size, "stride": result.stride, "source": Path(result.source).name,
-                    "target": result.target, "unit": result.unit or ""})  # fmt: skip
+              overwrite=overwrite, tags=tags)  # fmt: skip
     write_vector(result.to_geodataframe(), paths.tiles, layer="tile_values", overwrite=overwrite)
-    value_quicklook(paths.quicklook, paths.values, label=result.label, overwrite=overwrite,
-                    title=f"{Path(result.source).name}: {result.tile_size}-px tiles")  # fmt: skip
+    title = f"{Path(result.source).name}: {result.tile_size}-px tiles"
+    value_quicklook(paths.quicklook, paths.values, label=result.label, overwrite=overwrite, title=title)
+    if result.lower is not None:
+        percent = f"{100 * result.coverage:.0f} %"
+        write_cog(paths.interval, np.stack([result.lower, result.upper]).astype(np.float32), crs=result.crs,
+                  transform=result.transform, nodata=float("nan"),
+                  band_descriptions=[f"lower end of the {percent} interval", f"upper end of the {percent} interval"],
+                  units=[result.unit] * 2 if result.unit else None, overwrite=overwrite,
+                  tags={**tags, "coverage": result.coverage})  # fmt: skip
+        value_quicklook(paths.interval_quicklook, result.upper - result.lower,
+                        label=f"width of the {percent} interval" + (f" ({result.unit})" if result.unit else ""),
+                        overwrite=overwrite, title=title)  # fmt: skip
     return paths
 
 
@@ -619,7 +813,12 @@ class TileValueScores(NamedTuple):
     """``[N]`` the reference's values (summarised as the regressor's training reference was)."""
     tiles: Any
     """a ``GeoDataFrame`` of the tiles (first scene's CRS): ``scene``, ``row``, ``col``, ``tile_size``,
-    ``reference``, ``coverage``, ``count``, ``predicted``, ``error`` (predicted - reference)."""
+    ``reference``, ``coverage``, ``count``, ``predicted``, ``error`` (predicted - reference), and with an interval
+    ``lower``, ``upper`` and ``inside`` (the reference within them)."""
+    lower: np.ndarray | None = None
+    """``[N]`` the lower ends of the regressor's prediction intervals (``None``: it has none)."""
+    upper: np.ndarray | None = None
+    """``[N]`` their upper ends."""
 
 
 def score_tile_regressor(
@@ -671,13 +870,17 @@ def score_tile_regressor(
     sizes = [int(tile_size) if tile_size is not None else probe_tile_size(regressor, scene) for scene in scenes]
     found = _scene_values(scenes, values, tile_sizes=sizes, statistic=statistic, attribute=attribute, band=band,
                           nodata=values_nodata, min_valid=min_covered, min_points=min_points)  # fmt: skip
-    all_pred, all_target, frames = [], [], []
+    intervals = regressor.interval is not None
+    all_pred, all_target, all_lower, all_upper, frames = [], [], [], [], []
     for tiles in found:
         if embeddings is not None:  # rows of an 'embed --tiles' table: nothing embedded here
             embedded, done = tile_table_rows(embeddings, tiles)
-            predicted = np.full(len(tiles), np.nan)
+            predicted, lower, upper = np.full(len(tiles), np.nan), np.full(len(tiles), np.nan), np.full(len(tiles), np.nan)
             if done.any():
-                predicted[done] = regressor.predict(chip_features(embedded, regressor.features))
+                x = chip_features(embedded, regressor.features)
+                predicted[done] = regressor.predict(x)
+                if intervals:
+                    lower[done], upper[done] = regressor.predict_interval(x)
         else:
             cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
             cells[tiles.rows, tiles.cols] = True
@@ -685,31 +888,47 @@ def score_tile_regressor(
                                    nodata=nodata, min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp,
                                    cells=cells, progress=progress)  # fmt: skip
             predicted = result.values[tiles.rows, tiles.cols].astype(np.float64)
+            if intervals:
+                lower = result.lower[tiles.rows, tiles.cols].astype(np.float64)
+                upper = result.upper[tiles.rows, tiles.cols].astype(np.float64)
         done = np.isfinite(predicted)
         tiles, predicted = tiles.take(done), predicted[done]
         if not len(tiles):
             continue
+        columns = {"scene": [os.fspath(tiles.source)] * len(tiles), "predicted": predicted,
+                   "error": predicted - tiles.values}  # fmt: skip
+        if intervals:
+            lower, upper = lower[done], upper[done]
+            columns.update(lower=lower, upper=upper, inside=(tiles.values >= lower) & (tiles.values <= upper))
+            all_lower.append(lower)
+            all_upper.append(upper)
         all_pred.append(predicted)
         all_target.append(tiles.values)
-        frames.append(tiles.to_geodataframe({"scene": [os.fspath(tiles.source)] * len(tiles), "predicted": predicted,
-                                             "error": predicted - tiles.values}))  # fmt: skip
+        frames.append(tiles.to_geodataframe(columns))
     if not frames:
         raise ValueError(f"No tile of {', '.join(map(str, scenes))} with a reference value holds imagery on "
                          f"{min_valid:.0%} of its pixels; check --nodata, or lower --min-valid.")  # fmt: skip
-    return TileValueScores(np.concatenate(all_pred), np.concatenate(all_target), one_frame(frames))
+    ends = (np.concatenate(all_lower), np.concatenate(all_upper)) if intervals else (None, None)
+    return TileValueScores(np.concatenate(all_pred), np.concatenate(all_target), one_frame(frames), *ends)
 
 
 
 __all__ = [
     "ALPHA_GRID",
+    "COVERAGE",
     "METHODS",
     "TileRegressionFit",
     "TileRegressor",
     "TileValueMap",
     "TileValueOutputs",
     "TileValueScores",
+    "calibrated",
+    "conformal_quantile",
     "fit_regressor",
     "fit_tile_regressor",
+    "interval_line",
+    "interval_metrics",
+    "knn_moments",
     "knn_values",
     "regress_tiles",
     "refitted",
