@@ -446,6 +446,7 @@ def test_regress_fit_map_and_test_from_the_command_line(backbone_path: Path, bri
     # bad input: one sentence and exit code 2
     for argv, message in [
         ([*fit, "--tile-size", "16", "--statistic", "mode", "--overwrite"], "Unknown tile statistic 'mode'"),
+        ([*fit, "--tile-size", "16", "--coverage", "90", "--overwrite"], "--coverage is the share of tiles"),
         (["regress", "map", str(SCENE), "--regressor", str(tmp_path / "no.safetensors"), "-o", str(tmp_path / "m2")],
          "does not exist"),
         ([*fit[:-3], "-o", str(tmp_path / "r.pt"), "--tile-size", "16"], "name it '.safetensors'"),

@@ -225,6 +225,9 @@ def _fit(args: Any) -> None:
 
     if Path(args.output).suffix.lower() != ".safetensors":
         raise ValueError(f"The regressor is saved as safetensors: name it '.safetensors', not {args.output!r}.")
+    if not 0.0 <= args.coverage < 1.0:
+        raise ValueError(f"--coverage is the share of tiles the intervals should hold, in [0, 1) (0: no intervals); got "
+                         f"{args.coverage}.")  # fmt: skip
     if _chips_or_scenes(args) == "chips":
         return _fit_chips(args)
     table = read_chip_embeddings(args.embeddings) if args.embeddings is not None else None

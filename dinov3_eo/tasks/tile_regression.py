@@ -498,6 +498,8 @@ def fit_tile_regressor(
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}.")
     if block < 1:
         raise ValueError(f"The held-out block must be at least one tile wide, got {block}.")
+    if coverage is not None and not 0.0 < coverage < 1.0:
+        raise ValueError(f"The interval's coverage must lie between 0 and 1, got {coverage}.")
     common = dict(statistic=statistic, attribute=attribute, band=band, nodata=values_nodata, min_valid=min_covered,
                   min_points=min_points)  # fmt: skip
     train_sets = _scene_values(scenes, values, tile_sizes=[tile_size] * len(scenes), **common)
