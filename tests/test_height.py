@@ -649,6 +649,24 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
         main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval")])
     assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--out-dir", str(tmp_path / "eval"),
                  "--overwrite"]) == 0  # fmt: skip
+    # intervals calibrated on the plot's map and CHM, then written beside a map of it: each pixel's height ± its bin's
+    intervals = tmp_path / "intervals.json"
+    assert main(["evaluate", str(out), str(data / "TEAK_052_CHM.tif"), "--calibrate", str(intervals)]) == 0
+    out_i = tmp_path / "chm_i.tif"
+    assert main(["predict", str(data / "TEAK_052.tif"), "--model", str(ckpt), "-o", str(out_i), "--gsd", "model",
+                 "--intervals", str(intervals), "--quiet"]) == 0  # fmt: skip
+    from dinov3_eo.tasks.height_intervals import HeightIntervals
+
+    with rasterio.open(out_i) as o, rasterio.open(tmp_path / "chm_i_interval.tif") as e:
+        assert e.count == 2 and e.transform == o.transform and e.units == ("m", "m")
+        lower, upper = HeightIntervals.load(intervals).bounds(o.read(1))
+        np.testing.assert_array_equal(e.read(1), lower)
+        np.testing.assert_array_equal(e.read(2), upper)
+    assert (tmp_path / "chm_i_interval.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="missing.json' do not exist"):  # said before the prediction
+        main(["predict", str(data / "TEAK_052.tif"), "--model", str(ckpt), "-o", str(tmp_path / "z.tif"), "--intervals",
+              str(tmp_path / "missing.json"), "--quiet"])  # fmt: skip
+    assert not (tmp_path / "z.tif").exists()
     with pytest.raises(SystemExit):
         main(["predict", str(data / "TEAK_052.tif"), "--chmv2-head", str(ckpt), "-o", str(tmp_path / "y.tif")])
 

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -595,6 +595,7 @@ def evaluate_height_raster(
     picture_size: int = 1024,
     max_points: int = 50_000,
     seed: int = 0,
+    on_pairs: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of predicted heights against a reference CHM, on the *reference* grid, block by block.
 
@@ -606,7 +607,9 @@ def evaluate_height_raster(
     tile, and ``metrics.json`` says how many were (``reference_overlap_pixels``). With ``out_dir``, ``metrics.json``,
     ``scatter.png`` (a uniform sample of ``max_points``
     pairs over all blocks) and ``error_map.png`` (each reference tile, up to 8, at most ``picture_size`` px a side)
-    are written there; existing ones only with ``overwrite`` (checked before any work).
+    are written there; existing ones only with ``overwrite`` (checked before any work). ``on_pairs(predicted,
+    reference)`` is handed every block's two height arrays too (NaN = nodata), e.g. a
+    :class:`~dinov3_eo.tasks.height_intervals.ResidualHistogram`'s ``add``.
 
     Raises:
         FileExistsError: a report file exists in ``out_dir`` and ``overwrite`` is false.
@@ -648,6 +651,8 @@ def evaluate_height_raster(
                     heights = predicted.read(**grid)
                     metrics.update(heights, target)
                     sample.add(heights, target)
+                    if on_pairs is not None:
+                        on_pairs(heights, target)
             if out_dir is not None and len(panels) < 8:
                 scale = min(1.0, picture_size / max(ref.height, ref.width))
                 shape = (max(1, round(ref.height * scale)), max(1, round(ref.width * scale)))
@@ -697,6 +702,7 @@ def evaluate_chip_heights(
     picture_size: int = 1024,
     max_points: int = 50_000,
     seed: int = 0,
+    on_pairs: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Metrics of chips' predicted heights (``height predict --chips``' TIFFs) against their CHM chips, each
     prediction with the CHM of its name, pixel for pixel (chips carry no georeference: sizes must agree).
@@ -706,8 +712,8 @@ def evaluate_chip_heights(
         reference: the CHM chips (folders, globs, files), read as ``ChipHeightDataModule`` reads them
             (:func:`~dinov3_eo.tasks.height_data.read_chip_heights` with ``reference_nodata``, ``reference_scale``).
         name_suffixes: dropped from prediction and CHM stems before they are compared (``["_chm"]``).
-        out_dir, overwrite, picture_size, max_points, seed: as :func:`evaluate_height_raster` (``error_map.png``
-            shows the first 8 chips).
+        out_dir, overwrite, picture_size, max_points, seed, on_pairs: as :func:`evaluate_height_raster`
+            (``error_map.png`` shows the first 8 chips; ``on_pairs`` gets each chip's pair).
 
     Returns:
         :class:`~dinov3_eo.tasks.height_metrics.HeightMetrics` results (overall and per height bin).
@@ -741,6 +747,8 @@ def evaluate_chip_heights(
                              "pixel grid.")  # fmt: skip
         metrics.update(predicted, target)
         sample.add(predicted, target)
+        if on_pairs is not None:
+            on_pairs(predicted, target)
         if len(panels) < 8:
             step = max(1, -(-max(target.shape) // picture_size))  # every step-th pixel: a picture, not a count
             panels.append((predicted[::step, ::step], target[::step, ::step]))
@@ -812,6 +820,8 @@ def _predict_parser() -> argparse.ArgumentParser:
     add_window_options(p)
     p.add_argument("--gsd", help="'model' (resample the input to the training GSD) or a pixel size in CRS units; "
                    "default: keep the input grid")
+    p.add_argument("--intervals", help="prediction intervals from 'height evaluate --calibrate' (JSON): also write "
+                   "OUTPUT_interval.tif (lower and upper ends in m) and OUTPUT_interval.png (their width)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -835,11 +845,29 @@ def _predict_main(argv: Sequence[str]) -> int:
     elif args.gsd is not None:
         gsd = float(args.gsd)
     quicklook = None if args.no_quicklook else (args.quicklook or str(Path(args.output).with_suffix(".png")))
+    intervals = ends = ends_picture = None
+    if args.intervals is not None:
+        from dinov3_eo.inference.writers import check_overwrite
+        from dinov3_eo.tasks.height_intervals import HeightIntervals
+
+        intervals = HeightIntervals.load(args.intervals)
+        output = Path(args.output)
+        ends = output.with_name(f"{output.stem}_interval.tif")
+        ends_picture = None if args.no_quicklook else ends.with_suffix(".png")
+        for path in (ends, ends_picture):  # before the (long) prediction, not after
+            if path is not None:
+                check_overwrite(path, args.overwrite, inputs=[args.input])
     out = predict_height(
         model, args.input, args.output, quicklook=quicklook, bands=args.bands, nodata=args.nodata, gsd=gsd, **settings,
         overwrite=args.overwrite, progress=not args.quiet, require_georeference=not args.chips,
     )  # fmt: skip
     print(f"wrote {out}" + (f" and {quicklook}" if quicklook else ""))
+    if intervals is not None:
+        from dinov3_eo.tasks.height_intervals import write_height_intervals
+
+        write_height_intervals(out, intervals, ends, quicklook=ends_picture, overwrite=args.overwrite)
+        print(f"wrote {ends}" + (f" and {ends_picture}" if ends_picture else "") + f": {100 * intervals.coverage:.0f} % "
+              f"intervals, ± {min(intervals.half_widths):.2f} to {max(intervals.half_widths):.2f} m by predicted height")  # fmt: skip
     return 0
 
 
@@ -862,25 +890,56 @@ def _evaluate_main(argv: Sequence[str]) -> int:
                    "CHM names before they are compared (e.g. _chm)")  # fmt: skip
     p.add_argument("--reference-scale", type=float, default=1.0, help="with --chips, multiplies the CHM chips' values "
                    "into metres (0.1 for decimetres)")  # fmt: skip
+    p.add_argument("--calibrate", metavar="INTERVALS.json", help="also calibrate split-conformal prediction "
+                   "intervals per predicted-height bin from these pairs (held-out plots the model did not train on) and "
+                   "write them here, for 'height predict --intervals'")  # fmt: skip
+    p.add_argument("--coverage", type=float, default=0.9, help="with --calibrate, the share of pixels the intervals "
+                   "hold (default 0.9)")  # fmt: skip
+    p.add_argument("--intervals", metavar="INTERVALS.json", help="also measure how often these intervals hold the "
+                   "reference, per predicted-height bin (with --out-dir: interval_coverage.json)")  # fmt: skip
     p.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = p.parse_args(list(argv))
-    if args.chips:
-        from dinov3_eo.tasks.height_metrics import metrics_table
-
-        result = evaluate_chip_heights(
-            args.prediction, args.reference, out_dir=args.out_dir, name_suffixes=args.name_suffixes,
-            reference_nodata=args.reference_nodata, reference_scale=args.reference_scale, overwrite=args.overwrite,
-        )  # fmt: skip
-        print(metrics_table({Path(args.prediction).name: result}))
-        return 0
-    result = evaluate_height_raster(
-        args.prediction, args.reference[0] if len(args.reference) == 1 else args.reference, out_dir=args.out_dir,
-        resampling=args.resampling,
-        reference_nodata=args.reference_nodata, overwrite=args.overwrite,
-    )  # fmt: skip
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.height_intervals import HeightIntervals, IntervalCoverage, ResidualHistogram, interval_table
     from dinov3_eo.tasks.height_metrics import metrics_table
 
+    if args.calibrate is not None:
+        if not 0.0 < args.coverage < 1.0:
+            raise ValueError(f"--coverage is the share of pixels the intervals should hold, between 0 and 1; got "
+                             f"{args.coverage}.")  # fmt: skip
+        check_overwrite(args.calibrate, args.overwrite, inputs=[args.prediction, *args.reference])
+    scorer = IntervalCoverage(HeightIntervals.load(args.intervals)) if args.intervals is not None else None
+    coverage_report = Path(args.out_dir) / "interval_coverage.json" if scorer is not None and args.out_dir else None
+    if coverage_report is not None and coverage_report.parent.is_dir():  # (a folder still to be made holds none)
+        check_overwrite(coverage_report, args.overwrite)
+    errors = ResidualHistogram() if args.calibrate is not None else None
+    hooks = [hook.add for hook in (errors, scorer) if hook is not None]
+
+    def on_pairs(predicted: np.ndarray, reference: np.ndarray) -> None:
+        for hook in hooks:
+            hook(predicted, reference)
+
+    common = dict(out_dir=args.out_dir, reference_nodata=args.reference_nodata, overwrite=args.overwrite,
+                  on_pairs=on_pairs if hooks else None)  # fmt: skip
+    if args.chips:
+        result = evaluate_chip_heights(args.prediction, args.reference, name_suffixes=args.name_suffixes,
+                                       reference_scale=args.reference_scale, **common)  # fmt: skip
+    else:
+        result = evaluate_height_raster(args.prediction, args.reference[0] if len(args.reference) == 1 else args.reference,
+                                        resampling=args.resampling, **common)  # fmt: skip
     print(metrics_table({Path(args.prediction).name: result}))
+    if scorer is not None:
+        measured = scorer.result()
+        print(interval_table(scorer.intervals, measured))
+        if coverage_report is not None:
+            with atomic_output(coverage_report, overwrite=args.overwrite) as tmp:
+                tmp.write_text(json.dumps({"intervals": args.intervals, **measured}, indent=1))
+            print(coverage_report)
+    if errors is not None:
+        calibrated = errors.intervals(args.coverage, source={"prediction": args.prediction, "reference": args.reference})
+        calibrated.save(args.calibrate, overwrite=args.overwrite)
+        print(interval_table(calibrated))
+        print(args.calibrate)
     return 0
 
 
