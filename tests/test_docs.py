@@ -203,3 +203,18 @@ def test_the_readme_tile_regression_example_maps_heights(monkeypatch: pytest.Mon
     bounds = scope["bounds"]
     assert set(bounds.data_vars) == {"value", "lower", "upper"} and (bounds["upper"] >= bounds["lower"]).all()
     assert 0.0 <= scope["inside"] <= 1.0
+    estimate = scope["estimate"]  # every tile of the plot with a reference: the CHM's own mean, with little error
+    assert estimate.cells == 100 and estimate.n == len(scored.targets) and estimate.low <= estimate.mean <= estimate.high
+    assert estimate.mean - estimate.map_mean == pytest.approx(np.mean(scored.targets - scored.predictions))
+
+
+def test_the_readme_height_interval_example_calibrates_and_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rasterio
+
+    scope = run_readme_block("intervals = calibrate_height_intervals(", monkeypatch)
+    intervals, widths = scope["intervals"], scope["widths"]
+    assert intervals.coverage == 0.9 and sum(intervals.pixels) == 3200
+    assert list(widths) == ["0-2", "2-5", "5-10", "10-15", "15-20", "20-30", "30+"] and widths["0-2"] < widths["20-30"]
+    with rasterio.open(scope["ends"]) as ends:
+        assert ends.count == 2 and ends.units == ("m", "m")
+    assert 0.6 <= scope["covered"] <= 1.0 and scope["check"].result()["all"]["n"] == 1600

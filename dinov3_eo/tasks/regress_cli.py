@@ -101,6 +101,28 @@ def regress_main(argv: Sequence[str]) -> int:
     predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, value, and lower, upper for a "
                          "regressor with prediction intervals), or .gpkg / .geojson: the same on each georeferenced "
                          "chip's footprint")  # fmt: skip
+    evaluate = sub.add_parser("evaluate", help="score a value map against a reference and estimate the mapped "
+                              "area's mean and total with a confidence interval (no backbone)",
+                              description="Summarise the reference over each cell of a value map ('regress map' "
+                              "output, or any one-band float raster in its units), report MAE, RMSE, R2 and bias, and "
+                              "the model-assisted (difference) estimate of the mean over the mapped cells: the map's "
+                              "mean plus the reference cells' mean error, with a confidence interval, and the total "
+                              "for a density per hectare or a share. The reference cells must be a random sample of "
+                              "the mapped area for the estimate to hold.")  # fmt: skip
+    evaluate.add_argument("map", help="the value map: OUT/<stem>_tile_values.tif from 'regress map'")
+    evaluate.add_argument("values", nargs="+", help="the reference on the map's cells: rasters (files, a folder or a "
+                          "quoted glob, one mosaic), or points / polygons with a numeric --attribute, in any CRS")  # fmt: skip
+    evaluate.add_argument("--statistic", default=None, help="how a cell's reference values are summarised (default: "
+                          "the map's, else mean)")  # fmt: skip
+    evaluate.add_argument("--attribute", default=None, help="the points' or polygons' value column")
+    evaluate.add_argument("--band", type=int, default=1, help="the reference raster's band (default 1)")
+    evaluate.add_argument("--values-nodata", type=float, default=None, help="the reference raster's nodata override")
+    evaluate.add_argument("--min-covered", type=float, default=0.5, help="share of a cell the reference raster or "
+                          "polygons must cover (default 0.5)")  # fmt: skip
+    evaluate.add_argument("--min-points", type=int, default=1, help="points a cell must hold (default 1)")
+    evaluate.add_argument("--confidence", type=float, default=0.95, help="the estimate's confidence level (default 0.95)")
+    evaluate.add_argument("--out-dir", default=None, help="also write metrics.json, tiles.gpkg and scatter.png here")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     for p in (fit, test):
         group = p.add_argument_group("chips with a value each (instead of --scenes)")
         group.add_argument("--table", default=None, help="a table (CSV, Parquet, JSONL) of 'image' (or 'path', relative "
@@ -142,7 +164,7 @@ def regress_main(argv: Sequence[str]) -> int:
         add_tile_run_options(p)
     args = parser.parse_args(list(argv))
     try:
-        {"fit": _fit, "map": _map, "test": _test, "predict": _predict}[args.action](args)
+        {"fit": _fit, "map": _map, "test": _test, "predict": _predict, "evaluate": _evaluate}[args.action](args)
     except (FileNotFoundError, FileExistsError, KeyError, ValueError, ImportError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {message}", file=sys.stderr)
@@ -458,6 +480,79 @@ def _test_chips(args: Any) -> None:
         if ends is not None:
             rows["lower"], rows["upper"], rows["inside"] = lower, upper, (y >= lower) & (y <= upper)
         _write_report(out_dir, regressor, rows, predicted, y, report, args.overwrite)
+
+
+def _evaluate(args: Any) -> None:
+    """``regress evaluate MAP.tif REFERENCE``: a written value map scored on a reference's cells, and the
+    model-assisted mean (and total) of the mapped area."""
+    import rasterio
+
+    from dinov3_eo.data.raster import open_quietly, pixel_area_ha
+    from dinov3_eo.tasks.map_estimate import difference_estimate
+    from dinov3_eo.tasks.tile_values import value_tiles
+
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None and out_dir.is_dir():
+        for path in _report_paths(out_dir):
+            check_overwrite(path, args.overwrite, inputs=[args.map, *args.values])
+    with open_quietly(args.map) as src:
+        if src.count != 1:
+            raise ValueError(f"{args.map} has {src.count} bands; a value map has one ('regress map' writes "
+                             "<stem>_tile_values.tif).")  # fmt: skip
+        values = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+        tags, crs, transform = src.tags(), src.crs, src.transform
+        target = src.descriptions[0] or tags.get("target") or "value"
+        unit = src.units[0] or tags.get("unit") or None
+    statistic = args.statistic or tags.get("statistic") or "mean"
+    cells = value_tiles(args.map, _one_or_many(args.values), tile_size=1, statistic=statistic, attribute=args.attribute,
+                        band=args.band, nodata=args.values_nodata, min_valid=args.min_covered,
+                        min_points=args.min_points)  # fmt: skip
+    predicted = values[cells.rows, cells.cols]
+    mapped = np.isfinite(predicted)
+    if mapped.sum() < 2:
+        raise ValueError(f"{int(mapped.sum())} of the {len(cells)} cells the reference values holds a map value; "
+                         f"check that {args.map} and the reference cover the same ground.")  # fmt: skip
+    cells, predicted = cells.take(mapped), predicted[mapped]
+    metrics = regression_metrics(predicted, cells.values)
+    estimate = difference_estimate(values, predicted, cells.values, confidence=args.confidence)
+    u = f" {unit}" if unit else ""
+    print(f"{Path(args.map).name}: {target}{f' ({unit})' if unit else ''} on {len(cells)} reference cells: "
+          f"{metrics_line(metrics, unit)}")  # fmt: skip
+    percent = f"{100 * estimate.confidence:.0f} %"
+    print(f"  mean over the {estimate.cells:,} mapped cells: the map's {estimate.map_mean:.4g}{u}; model-assisted "
+          f"{estimate.mean:.4g}{u} (SE {estimate.standard_error:.3g}, {percent} interval {estimate.low:.4g} to "
+          f"{estimate.high:.4g}{u}); the reference cells alone {estimate.sample_mean:.4g}{u} (SE "
+          f"{estimate.sample_standard_error:.3g})" + (f", the map {estimate.relative_efficiency:.2g}x as efficient"
+                                                       if math.isfinite(estimate.relative_efficiency) else ""))  # fmt: skip
+    report: dict[str, Any] = {"map": str(args.map), "target": target, "unit": unit, "statistic": statistic,
+                              "test": metrics, "estimate": estimate.to_dict()}  # fmt: skip
+    hectares = pixel_area_ha(crs, transform)
+    per_hectare = bool(unit) and unit.replace(" ", "").lower().endswith("/ha")
+    if hectares is not None and (per_hectare or statistic.startswith(("above:", "equal:"))):
+        area = hectares * estimate.cells
+        total = report["total"] = {**estimate.scaled(area), "hectares": area,
+                                   "unit": unit.replace(" ", "")[: -len("/ha")] if per_hectare else "ha"}  # fmt: skip
+        print(f"  in all over {area:,.4g} ha: the map's {total['map_total']:,.4g} {total['unit']}; model-assisted "
+              f"{total['total']:,.4g} {total['unit']} ({percent} interval {total['low']:,.4g} to {total['high']:,.4g})")  # fmt: skip
+    ends_path = Path(args.map).with_name(Path(args.map).name.replace("_tile_values.tif", "_tile_interval.tif"))
+    if ends_path != Path(args.map) and ends_path.is_file():  # 'regress map' wrote the regressor's intervals beside it
+        with rasterio.open(ends_path) as ends:
+            lower, upper = (ends.read(b)[cells.rows, cells.cols].astype(np.float64) for b in (1, 2))
+            coverage = float(ends.tags().get("coverage", "nan"))
+        report["interval"] = interval_metrics(lower, upper, cells.values, coverage)
+        print(f"  {100 * coverage:.0f} % prediction intervals ({ends_path.name}): "
+              f"{100 * report['interval']['covered']:.1f} % of the {report['interval']['n']} reference cells inside")  # fmt: skip
+    if out_dir is not None:
+        from dinov3_eo.tasks.height_plots import scatter_plot
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out_dir / "metrics.json", overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+        frame = cells.to_geodataframe({"predicted": predicted, "error": predicted - cells.values})
+        write_vector(frame, out_dir / "tiles.gpkg", layer="tiles", overwrite=args.overwrite)
+        scatter_plot(out_dir / "scatter.png", predicted, cells.values, label=f"{target}{f' ({unit})' if unit else ''}",
+                     counted="cells", title=f"{Path(args.map).name}, {len(cells)} cells", overwrite=args.overwrite)  # fmt: skip
+        print("\n".join(str(p) for p in _report_paths(out_dir)))
 
 
 def _predict(args: Any) -> None:

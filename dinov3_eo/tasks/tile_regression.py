@@ -786,7 +786,7 @@ def write_tile_values(result: TileValueMap, out_dir: str | os.PathLike[str], *, 
         if path is not None:
             check_overwrite(path, overwrite, inputs=[result.source])
     tags = {"tile_size": result.tile_size, "stride": result.stride, "source": Path(result.source).name,
-            "target": result.target, "unit": result.unit or ""}  # fmt: skip
+            "target": result.target, "unit": result.unit or "", "statistic": result.statistic}  # fmt: skip
     write_cog(paths.values, result.values.astype(np.float32), crs=result.crs, transform=result.transform,
               nodata=float("nan"), band_descriptions=[result.target], units=[result.unit] if result.unit else None,
               overwrite=overwrite, tags=tags)  # fmt: skip
