@@ -76,6 +76,8 @@ def test_every_command_retains_freed_memory_unless_switched_off(monkeypatch) -> 
         ["height", "predict", "{tmp}/missing.tif", "--model", "{tmp}/missing.ckpt", "-o", "{tmp}/chm.tif"],
         ["height", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.tif", "--out-dir", "{tmp}/evaluation"],
         ["segment", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.gpkg", "--out-dir", "{tmp}/evaluation"],
+        ["regress", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.gpkg", "--out-dir", "{tmp}/evaluation"],
+        ["height", "evaluate", "{tmp}/missing.tif", "{tmp}/missing.tif", "--intervals", "{tmp}/intervals.json"],
     ],
     ids=lambda argv: " ".join(argv[:2]),
 )
