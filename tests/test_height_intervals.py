@@ -74,7 +74,7 @@ def test_per_bin_intervals_hold_in_every_bin_where_one_interval_for_all_does_not
     widths = intervals.half_widths  # taller predictions, wider intervals
     assert widths[0] < widths[1] < widths[2] < widths[3] < widths[-1]
     assert intervals.half_widths[-1] > 5 * intervals.half_widths[0]
-    by_bin, by_all = IntervalCoverage(intervals), IntervalCoverage(one)
+    by_bin = IntervalCoverage(intervals)
     by_bin.add(predicted[20_000:], reference[20_000:])
     scored_bins = by_bin.result()
     assert 0.89 <= scored_bins["all"]["covered"] <= 0.92 and scored_bins["coverage"] == 0.9

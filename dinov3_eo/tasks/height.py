@@ -890,6 +890,13 @@ def _evaluate_main(argv: Sequence[str]) -> int:
                    "CHM names before they are compared (e.g. _chm)")  # fmt: skip
     p.add_argument("--reference-scale", type=float, default=1.0, help="with --chips, multiplies the CHM chips' values "
                    "into metres (0.1 for decimetres)")  # fmt: skip
+    p.add_argument("--attribute", help="footprints (a vector file or CSV of points, e.g. GEDI shots, as the reference): "
+                   "their height column (GEDI: rh98; default: the only numeric one)")  # fmt: skip
+    p.add_argument("--footprint-m", type=float, default=None, help="footprints: each point covers this diameter "
+                   "(GEDI: 25) and the map's pixels under it are summarised by --footprint-statistic (default: the "
+                   "pixel under the point)")  # fmt: skip
+    p.add_argument("--footprint-statistic", choices=("mean", "max"), default="mean", help="footprints: mean "
+                   "(default) or max of the map under each (max for a CHM-trained map against GEDI rh98)")  # fmt: skip
     p.add_argument("--calibrate", metavar="INTERVALS.json", help="also calibrate split-conformal prediction "
                    "intervals per predicted-height bin from these pairs (held-out plots the model did not train on) and "
                    "write them here, for 'height predict --intervals'")  # fmt: skip
@@ -900,8 +907,20 @@ def _evaluate_main(argv: Sequence[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     args = p.parse_args(list(argv))
     from dinov3_eo.inference.writers import atomic_output, check_overwrite
+    from dinov3_eo.tasks.height_footprints import evaluate_height_footprints, is_vector_heights
     from dinov3_eo.tasks.height_intervals import HeightIntervals, IntervalCoverage, ResidualHistogram, interval_table
     from dinov3_eo.tasks.height_metrics import metrics_table
+
+    if len(args.reference) == 1 and not args.chips and is_vector_heights(args.reference[0]):
+        if args.calibrate or args.intervals:
+            raise ValueError("Intervals are calibrated and measured on a reference CHM's pixels; footprints are "
+                             "scored without them.")  # fmt: skip
+        result, frame = evaluate_height_footprints(
+            args.prediction, args.reference[0], attribute=args.attribute, footprint_m=args.footprint_m,
+            statistic=args.footprint_statistic, out_dir=args.out_dir, overwrite=args.overwrite)  # fmt: skip
+        print(f"{len(frame)} footprints on {Path(args.prediction).name}:")
+        print(metrics_table({Path(args.prediction).name: result}))
+        return 0
 
     if args.calibrate is not None:
         if not 0.0 < args.coverage < 1.0:

@@ -34,6 +34,7 @@ from dinov3_eo.data.chips import ChipSegmentationDataModule, ChipWindow, ChipWin
 from dinov3_eo.data.datamodule import DenseDataModule
 from dinov3_eo.data.labels import MosaicFile, RasterMosaic
 from dinov3_eo.data.sampling import Tile
+from dinov3_eo.tasks.height_footprints import FootprintHeights
 
 #: Resampling choices for heights: continuous values only (``nearest`` keeps the CHM's blockiness).
 HEIGHT_RESAMPLING = ("bilinear", "average", "cubic", "nearest")
@@ -138,7 +139,13 @@ class HeightDataModule(DenseDataModule):
 
     Args:
         paths: the imagery (GeoTIFF files, folders or globs).
-        labels: CHM raster(s): files, folders or globs, in any CRS and resolution.
+        labels: CHM raster(s): files, folders or globs, in any CRS and resolution; or footprints (GEDI shots,
+            field plots: one vector file or CSV of points or polygons with a height ``label_attribute``, any CRS;
+            :class:`~dinov3_eo.tasks.height_footprints.FootprintHeights`), the loss then counting their pixels only.
+        label_attribute: the footprints' height column (GEDI: ``rh98``; default: the only numeric one).
+        label_footprint_m: each point labels the pixels within this diameter (GEDI: 25 m); default: the pixel under
+            it, as Lang et al. label GEDI shots on 10 m pixels.
+        min_footprints: with footprints, tiles with fewer are skipped (instead of ``min_label_fraction``).
         label_pairing, label_name_suffixes: ``"georeference"`` (default) or ``"name"`` (each image with the CHM of its
             file name, e.g. one CHM per survey date), as for :class:`~dinov3_eo.data.datamodule.DenseDataModule`.
         label_nodata: nodata override of the CHMs.
@@ -166,6 +173,9 @@ class HeightDataModule(DenseDataModule):
         label_nodata: float | None = None,
         label_resampling: str = "bilinear",
         label_max_height: float | None = None,
+        label_attribute: str | None = None,
+        label_footprint_m: float | None = None,
+        min_footprints: int = 1,
         min_label_fraction: float = 0.5,
         val_files: list[str] | None = None,
         test_files: list[str] | None = None,
@@ -198,9 +208,11 @@ class HeightDataModule(DenseDataModule):
             raise ValueError(f"HeightDataModule: min_label_fraction must lie in [0, 1], got {min_label_fraction}.")
         if label_resampling not in HEIGHT_RESAMPLING:
             raise ValueError(f"HeightDataModule: label_resampling must be one of {HEIGHT_RESAMPLING}, got {label_resampling!r}.")
+        if min_footprints < 1:
+            raise ValueError(f"HeightDataModule: min_footprints must be at least 1, got {min_footprints}.")
         super().__init__(
             paths=paths, labels=labels, label_pairing=label_pairing, label_name_suffixes=label_name_suffixes,
-            task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
+            label_attribute=label_attribute, task="regression", label_nodata=label_nodata, bands=bands, nodata=nodata,
             scale=scale, offset=offset, normalization=normalization, stats=stats, preset_range=preset_range,
             tile_size=tile_size, units=units, gsd=gsd, crs=crs, resampling=resampling, block_tiles=block_tiles,
             val_fraction=val_fraction, val_files=val_files, test_files=test_files, max_nodata_fraction=max_nodata_fraction, batch_size=batch_size,
@@ -210,8 +222,17 @@ class HeightDataModule(DenseDataModule):
         self.save_hyperparameters()
         self.label_resampling, self.label_max_height = label_resampling, label_max_height
         self.min_label_fraction = float(min_label_fraction)
+        self.label_footprint_m, self.min_footprints = label_footprint_m, int(min_footprints)
 
-    def _labels(self) -> HeightLabels:
+    def _labels(self) -> HeightLabels | FootprintHeights:
+        from dinov3_eo.tasks.height_footprints import is_vector_heights
+
+        if is_vector_heights(self.labels_path):
+            if self.label_pairing != "georeference":
+                raise ValueError(f"HeightDataModule: footprints ({self.labels_path}) are matched to the imagery by "
+                                 "georeference; leave out label_pairing.")  # fmt: skip
+            return FootprintHeights(path=self.labels_path, attribute=self.label_attribute,
+                                    footprint_m=self.label_footprint_m, max_height=self.label_max_height)  # fmt: skip
         return HeightLabels(
             paths=self.labels_path, nodata=self.label_nodata, resampling=self.label_resampling,
             max_height=self.label_max_height, pairing=self.label_pairing, name_suffixes=self.label_name_suffixes,
@@ -225,19 +246,32 @@ class HeightDataModule(DenseDataModule):
             path=grid.index.records[tile.file].path,
         )
 
+    def footprint_count(self, tile: Tile) -> int:
+        """The footprints that label pixels of ``tile`` (footprint labels only)."""
+        grid = self.dataset.grid
+        return self.label_source.count(crs=grid.grids[tile.file].crs, transform=grid.tile_transform(tile),
+                                       shape=(tile.size, tile.size))  # fmt: skip
+
+    def _enough_labels(self, tile: Tile) -> bool:
+        if isinstance(self.label_source, HeightLabels):
+            return self.label_fraction(tile) >= self.min_label_fraction
+        return self.footprint_count(tile) >= self.min_footprints
+
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         super().setup(stage)
-        self.train_tiles = [t for t in self.train_tiles if self.label_fraction(t) >= self.min_label_fraction]
-        self.val_tiles = [t for t in self.val_tiles if self.label_fraction(t) >= self.min_label_fraction]
-        self.test_tiles = [t for t in self.test_tiles if self.label_fraction(t) >= self.min_label_fraction]
+        self.train_tiles = [t for t in self.train_tiles if self._enough_labels(t)]
+        self.val_tiles = [t for t in self.val_tiles if self._enough_labels(t)]
+        self.test_tiles = [t for t in self.test_tiles if self._enough_labels(t)]
         splits = [("training", self.train_tiles), ("validation", self.val_tiles)]
         for name, tiles in splits + ([("test", self.test_tiles)] if self.test_files else []):
             if not tiles:
+                need = (f">= {self.min_label_fraction:.0%} reference height" if isinstance(self.label_source, HeightLabels)
+                        else f"{self.min_footprints} footprint{'s' if self.min_footprints > 1 else ''}")  # fmt: skip
                 raise ValueError(
-                    f"HeightDataModule: no {name} tile has >= {self.min_label_fraction:.0%} reference height; "
-                    "check that the CHMs overlap the imagery, or lower min_label_fraction / tile_size."
+                    f"HeightDataModule: no {name} tile has {need}; check that the reference heights overlap the "
+                    "imagery, or lower min_label_fraction / min_footprints / tile_size."
                 )
 
 

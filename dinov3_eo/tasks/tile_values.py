@@ -211,9 +211,10 @@ def _read_points_csv(path: str | os.PathLike[str]) -> Any:
                      f"its columns are {list(table.columns)}. Other CRSs: write the points as a GeoPackage.")  # fmt: skip
 
 
-def _vector_values(values: Any, attribute: str | None) -> Any | None:
-    """``values`` as a ``GeoDataFrame`` with a float ``_value`` column (rows without a finite one dropped), or
-    ``None`` for a raster."""
+def vector_values(values: Any, attribute: str | None) -> Any | None:
+    """``values`` (a vector file, a CSV of ``lon``, ``lat`` points, or a ``GeoDataFrame``) as a ``GeoDataFrame`` with
+    a float ``_value`` column from ``attribute`` (default: its only numeric column; rows without a finite value or a
+    geometry dropped), or ``None`` for a raster."""
     import glob
 
     import geopandas as gpd
@@ -245,7 +246,7 @@ def _vector_values(values: Any, attribute: str | None) -> Any | None:
         raise KeyError(f"Reference values {where} have no column {attribute!r} (numeric columns: {numeric}).")
     value = np.asarray(frame[attribute], dtype=np.float64) if attribute in numeric else None
     if value is None:
-        raise ValueError(f"Column {attribute!r} of {where} is not numeric; a regressor needs numbers.")
+        raise ValueError(f"Column {attribute!r} of {where} is not numeric; reference values must be numbers.")
     frame = frame.assign(_value=value)
     return frame[np.isfinite(value) & ~frame.geometry.is_empty & frame.geometry.notna()]
 
@@ -306,7 +307,7 @@ def value_tiles(
         require_georeferenced(src)
         crs, transform, height, width = src.crs, src.transform, src.height, src.width
     grid = tile_grid_shape(height, width, tile_size)
-    frame = _vector_values(values, attribute)
+    frame = vector_values(values, attribute)
     what = _describe_values(values)
     common = dict(source=os.fspath(scene), tile_size=int(tile_size), statistic=statistic, crs=crs, transform=transform)
     if frame is not None and len(frame) and frame.geometry.geom_type.isin(["Point", "MultiPoint"]).all():
@@ -421,4 +422,4 @@ def _point_tiles(frame: Any, transform: Affine, tile_size: int, shape: tuple[int
 
 
 __all__ = ["MAX_OVERSAMPLE", "STATISTICS", "TileValues", "check_statistic", "grouped_statistic", "tile_statistic",
-           "value_tiles"]
+           "value_tiles", "vector_values"]
