@@ -211,7 +211,12 @@ def footprint_means(raster: str | os.PathLike[str], footprints: FootprintHeights
         raise ValueError(f"A footprint's pixels are summarised by one of {FOOTPRINT_STATISTICS}, not {statistic!r}.")
     n = len(footprints)
     sums, counts, maxima = np.zeros(n), np.zeros(n, np.int64), np.full(n, -np.inf)
-    with open_quietly(raster) as src:
+    import rasterio
+
+    from dinov3_eo.data.datasets import GDAL_CACHE_MB
+
+    # each block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never reused
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_quietly(raster) as src:
         require_georeferenced(src)
         for row in range(0, src.height, block):
             for col in range(0, src.width, block):
