@@ -190,6 +190,10 @@ def test_a_knn_interval_widens_where_the_neighbours_disagree() -> None:
     width = high - low
     quiet, loud = new < 200, new >= 200
     assert np.median(width[loud]) > 5 * np.median(width[quiet])  # the k-NN knows which tiles are hard
+    values, low_too, high_too = model.predict_with_interval(centres[new])  # the neighbours found once for both
+    np.testing.assert_allclose(values, model.predict(centres[new]))
+    np.testing.assert_array_equal(low_too, low)
+    np.testing.assert_array_equal(high_too, high)
     inside = (y[new] >= low) & (y[new] <= high)
     assert inside.mean() >= 0.82 and inside[quiet].mean() >= 0.75 and inside[loud].mean() >= 0.75
     np.testing.assert_allclose(model.interval_scores(centres[cal], y[cal]),
@@ -212,6 +216,7 @@ def test_a_log_regressors_interval_is_its_log_interval_taken_back(tmp_path: Path
     np.testing.assert_allclose((1 + high[open_]) / (1 + low[open_]), np.exp(2 * q), rtol=1e-6)
     inside = (y[300:] >= low) & (y[300:] <= high)
     assert 0.83 <= inside.mean() <= 0.97
+    np.testing.assert_allclose(model.predict_with_interval(x[300:])[0], model.predict(x[300:]), rtol=1e-12)
     back = TileRegressor.load(model.save(tmp_path / "log.safetensors"))
     assert back.interval == model.interval
     np.testing.assert_allclose(np.stack(back.predict_interval(x)), np.stack(model.predict_interval(x)), rtol=1e-6)

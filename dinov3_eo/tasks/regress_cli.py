@@ -455,10 +455,10 @@ def _chip_values(args: Any, paths: Sequence[str]) -> tuple[TileRegressor, np.nda
 
     regressor = TileRegressor.load(args.regressor)
     xs = [chip_features(v, regressor.features) for v in probe_chip_views(args, regressor, paths)]
-    values = sum(regressor.predict(x) for x in xs) / len(xs)
     if regressor.interval is None:
-        return regressor, values, None
-    return regressor, values, sum(np.stack(regressor.predict_interval(x), 1) for x in xs) / len(xs)
+        return regressor, sum(regressor.predict(x) for x in xs) / len(xs), None
+    views = sum(np.stack(regressor.predict_with_interval(x), 1) for x in xs) / len(xs)  # [N, 3]
+    return regressor, views[:, 0], views[:, 1:]
 
 
 def _test_chips(args: Any) -> None:

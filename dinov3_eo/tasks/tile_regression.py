@@ -160,15 +160,25 @@ class TileRegressor:
         Raises:
             ValueError: the regressor has no interval (fitted without held-out tiles, or with too few of them).
         """
+        return self.predict_with_interval(x)[1:]
+
+    def predict_with_interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``([N], [N], [N])``: :meth:`predict` and :meth:`predict_interval` of ``x`` together (a k-NN's neighbours
+        found once for both).
+
+        Raises:
+            ValueError: the regressor has no prediction interval.
+        """
         if self.interval is None:
             raise ValueError("This regressor has no prediction interval: fit it with held-out tiles (at least 9 for "
                              "90 %; --val-fraction or --val-values) and --coverage.")  # fmt: skip
         centre, scale = self._centre_and_scale(x)
+        values = np.exp(np.minimum(centre, 700.0)) * self.smearing - 1.0 if self.log_values else centre
         half = self.interval["quantile"] * scale
         low, high = centre - half, centre + half
         if self.log_values:  # quantiles survive a monotone map: the interval of log(1 + y), taken back
             low, high = np.expm1(np.minimum(low, 700.0)), np.expm1(np.minimum(high, 700.0))
-        return self._clipped(low), self._clipped(high)
+        return self._clipped(values), self._clipped(low), self._clipped(high)
 
     def interval_scores(self, x: np.ndarray, y: np.ndarray, *, floor: float | None = None) -> np.ndarray:
         """``[N]`` the nonconformity scores of rows ``x`` ``[N, D]`` with values ``y`` ``[N]``: ``|g(y) - centre| /
@@ -736,7 +746,7 @@ def regress_tiles(
 
     def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
         x = _batch_features(cls, patch_mean, regressor.features)
-        return np.stack([regressor.predict(x), *regressor.predict_interval(x)] if intervals else [regressor.predict(x)], 1)
+        return np.stack(regressor.predict_with_interval(x) if intervals else [regressor.predict(x)], 1)
 
     grid = predict_tile_grid(raster, regressor, head, 3 if intervals else 1, backbone=backbone, tile_size=tile_size, stride=stride,
                              bands=bands, nodata=nodata, min_valid=min_valid, batch_size=batch_size, device=device,
@@ -880,9 +890,10 @@ def score_tile_regressor(
             predicted, lower, upper = np.full(len(tiles), np.nan), np.full(len(tiles), np.nan), np.full(len(tiles), np.nan)
             if done.any():
                 x = chip_features(embedded, regressor.features)
-                predicted[done] = regressor.predict(x)
                 if intervals:
-                    lower[done], upper[done] = regressor.predict_interval(x)
+                    predicted[done], lower[done], upper[done] = regressor.predict_with_interval(x)
+                else:
+                    predicted[done] = regressor.predict(x)
         else:
             cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
             cells[tiles.rows, tiles.cols] = True
