@@ -594,7 +594,12 @@ def test_cli_fit_predict_evaluate_on_neon(tmp_path: Path) -> None:
         "--data.gsd=0.4", "--data.batch_size=2",
     ]) == 0  # fmt: skip
     logs = next(root.glob("lightning_logs/version_*"))
-    assert {"val_metrics.json", "val_scatter.png", "val_error_map.png"} <= {p.name for p in logs.iterdir()}
+    assert {"val_metrics.json", "val_scatter.png", "val_error_map.png", "val_intervals.json"} <= {p.name for p in logs.iterdir()}
+    from dinov3_eo.tasks.height_intervals import HeightIntervals
+
+    val_intervals = HeightIntervals.load(logs / "val_intervals.json")  # calibrated on the validation plot's pixels
+    assert val_intervals.coverage == 0.9 and sum(val_intervals.pixels) == json.loads(
+        (logs / "val_metrics.json").read_text())["metrics"]["all"]["n"]
     report = json.loads((logs / "val_metrics.json").read_text())
     assert report["step"] == 3 and report["metrics"]["all"]["n"] > 0 and set(report["metrics"]) == {"all", "0-5", "5-10", "10-20", "20+"}
     ckpt = logs / "checkpoints" / "last.ckpt"

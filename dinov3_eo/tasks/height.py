@@ -267,8 +267,11 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         return loss
 
     def on_validation_epoch_start(self) -> None:
+        from dinov3_eo.tasks.height_intervals import ResidualHistogram
+
         self.val_metrics.reset()
         self._val_store = {"pred": [], "target": [], "tiles_pred": [], "tiles_target": []}
+        self._val_errors = ResidualHistogram()  # every scored pixel's error, for <split>_intervals.json
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._score_batch(batch, batch_idx, "val")
@@ -290,6 +293,7 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
     def _keep_for_plots(self, pred: Tensor, target: Tensor, valid: Tensor, batch_idx: int) -> None:
         p = pred.detach().float().cpu().numpy()
         t = torch.where(valid, target, torch.full_like(target, float("nan"))).cpu().numpy()
+        self._val_errors.add(p, t)
         counted = np.isfinite(t)
         # a seeded per-batch subsample keeps the scatter plot's cost fixed whatever the validation size
         rng = np.random.default_rng([int(self.hparams.augment_seed), batch_idx])
@@ -315,6 +319,9 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(state)
             self.val_metrics.load_state_tensor(state)
+            counts = torch.from_numpy(self._val_errors.counts).to(self.device)
+            dist.all_reduce(counts)
+            self._val_errors.counts = counts.cpu().numpy()
         metrics = self.val_metrics.compute()
         for key, value in flat_metrics(metrics, prefix=f"{split}/").items():
             self.log(key, value if math.isfinite(value) else float("nan"), prog_bar=key in (f"{split}/mae", f"{split}/rmse"))
@@ -323,7 +330,9 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         self.write_validation_report(metrics, split=split)
 
     def write_validation_report(self, metrics: dict[str, dict[str, float]], *, split: str = "val") -> Path | None:
-        """``<split>_metrics.json``, ``<split>_scatter.png`` and ``<split>_error_map.png`` in the run folder
+        """``<split>_metrics.json``, ``<split>_scatter.png``, ``<split>_error_map.png`` and ``<split>_intervals.json``
+        (90 % prediction intervals per predicted-height bin calibrated on the split's pixels:
+        :mod:`~dinov3_eo.tasks.height_intervals`, for ``height predict --intervals``) in the run folder
         (overwritten); ``split`` is ``"val"`` or ``"test"``."""
         folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         folder.mkdir(parents=True, exist_ok=True)
@@ -332,6 +341,14 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
             ckpt = getattr(self.trainer, "ckpt_path", None)
             entry = {"checkpoint": None if ckpt is None else str(ckpt), **entry}
         _write_json(folder / f"{split}_metrics.json", entry)
+        errors = getattr(self, "_val_errors", None)
+        if errors is not None and errors.counts.sum():
+            try:  # 90 % intervals per predicted-height bin from this split's pixels: 'height predict --intervals'
+                intervals = errors.intervals(0.9, source={split: f"epoch {self.current_epoch}, step {self.global_step}"})
+            except ValueError as e:  # too few pixels in every bin (a short sanity run)
+                log.info("HeightTask: no %s intervals written: %s", split, e)
+            else:
+                intervals.save(folder / f"{split}_intervals.json", overwrite=True)
         store = self._val_store
         what = "validation" if split == "val" else "test"
         if store.get("pred"):
