@@ -165,18 +165,26 @@ def test_classify_fit_and_predict_from_the_command_line(class_folders: Path, tmp
     assert cli_main(["classify", "predict", str(class_folders), "--probe", str(probe), "-o", str(predictions), "--quiet"]) == 0
     rows = list(csv.DictReader(predictions.open()))
     assert [r["path"] for r in rows] == [str(p) for p in chips]
-    assert list(rows[0]) == ["path", "class", "score", "p_bright", "p_dark"]
+    # the held-out chips calibrated 90 % prediction sets: each chip's classes of probability >= the set threshold
+    assert fitted.sets["coverage"] == 0.9 and fitted.sets["n"] >= 9 and "90 % prediction sets" in out
+    assert list(rows[0]) == ["path", "class", "score", "set", "set_size", "p_bright", "p_dark"]
     for r in rows:
         assert r["class"] == max(("bright", "dark"), key=lambda c: float(r[f"p_{c}"]))
         assert abs(float(r["p_bright"]) + float(r["p_dark"]) - 1) < 1e-5
+        members = [c for c in ("bright", "dark") if float(r[f"p_{c}"]) >= fitted.sets["threshold"] - 1e-6]
+        assert (r["set"].split(";") if r["set"] else []) == members and int(r["set_size"]) == len(members)
     right = np.mean([r["class"] == Path(r["path"]).parent.name for r in rows])
     assert right >= 0.8
     # classify test on the same chips: its accuracy is the predictions' share of right classes
     assert cli_main(["classify", "test", str(class_folders), "--probe", str(probe), "--out-dir", str(tmp_path / "test"),
                      "--quiet"]) == 0  # fmt: skip
-    assert "test chips:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test chips:" in printed and f"of the {len(rows)} chips hold their class" in printed
     tested = json.loads((tmp_path / "test" / "metrics.json").read_text())
     assert tested["pixels"] == len(rows) and tested["overall_accuracy"] == pytest.approx(right)
+    held = [Path(r["path"]).parent.name in r["set"].split(";") for r in rows]
+    assert tested["prediction_sets"]["covered"] == pytest.approx(np.mean(held))
+    assert tested["prediction_sets"]["mean_size"] == pytest.approx(np.mean([int(r["set_size"]) for r in rows]))
     assert cli_main(["classify", "test", str(class_folders), "--probe", str(probe), "--out-dir", str(tmp_path / "test")]) == 2
     assert "already exists" in capsys.readouterr().err
     odd = tmp_path / "odd" / "cloud"

@@ -24,7 +24,7 @@ from dinov3_eo.tasks.height_intervals import (
     interval_table,
     write_height_intervals,
 )
-from dinov3_eo.tasks.tile_regression import conformal_quantile
+from dinov3_eo.tasks.conformal import conformal_quantile
 
 NEON = Path(__file__).resolve().parent / "data" / "neon"
 

@@ -224,7 +224,17 @@ def test_classify_fit_and_test_on_scenes_from_the_command_line(labelled: dict, t
 
     # classify map cuts the same tiles by default; classify test scores on polygons of held-out ground
     assert cli_main(["classify", "map", str(SCENE), "--probe", str(probe_path), "-o", str(tmp_path / "map"), "--quiet"]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out
+    # the held-out tiles calibrated 90 % prediction sets: the map counts each tile's classes of p >= the threshold
+    assert probe.sets["coverage"] == 0.9 and probe.sets["n"] == len(written[written["split"] == "held_out"])
+    assert "90 % prediction sets:" in printed and "rgb_byte_crop_tile_set_size.tif" in printed
+    with rasterio.open(tmp_path / "map" / "rgb_byte_crop_tile_set_size.tif") as src:
+        sizes = src.read(1)
+    expected = (np.nan_to_num(coarse.probabilities, nan=-1) >= probe.sets["threshold"]).sum(axis=0)
+    np.testing.assert_array_equal(sizes[coarse.classified], expected[coarse.classified])
+    assert (sizes[~coarse.classified] == 255).all()
+    cells = gpd.read_file(tmp_path / "map" / "rgb_byte_crop_tiles.gpkg")
+    assert (cells["set_size"] == cells["set"].map(lambda v: len(v.split(";")) if v else 0)).all()
     assert cli_main(["classify", "test", "--scenes", str(SCENE), "--labels", str(labelled["polygons"]), "--probe",
                      str(probe_path), "--out-dir", str(tmp_path / "test"), "--quiet"]) == 0  # fmt: skip
     printed = capsys.readouterr().out

@@ -19,10 +19,10 @@ from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.chip_classification import ChipClassifier
 from dinov3_eo.tasks.chip_embeddings import chip_features, load_chip_backbone, read_chip_embeddings
 from dinov3_eo.tasks.tile_classification import embed_tiles, write_tile_embeddings
+from dinov3_eo.tasks.conformal import conformal_quantile
 from dinov3_eo.tasks.tile_regression import (
     TileRegressor,
     calibrated,
-    conformal_quantile,
     fit_regressor,
     fit_tile_regressor,
     interval_line,

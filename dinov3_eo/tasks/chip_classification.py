@@ -21,6 +21,7 @@ command line itself is :mod:`~dinov3_eo.tasks.classify_cli`; this module holds t
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,8 @@ from dinov3_eo.data.chip_labels import (
 )
 from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
 from dinov3_eo.tasks.chip_embeddings import FEATURES, chip_features, load_chip_backbone
+
+log = logging.getLogger(__name__)
 
 METHODS = ("linear", "knn")
 #: inverse L2 regularisation strengths tried for the linear probe (chosen by held-out accuracy)
@@ -89,6 +92,10 @@ class ChipClassifier:
         multi_label: each chip may carry any number of classes: ``scores`` are independent probabilities, and a class
             is predicted where its probability is at least ``threshold``.
         balanced: the linear probe was fitted with balanced class weights (for the record).
+        sets: its split-conformal prediction sets, calibrated on held-out chips or tiles (:func:`calibrate_sets`):
+            ``coverage`` (0.9: the set holds the true class nine times in ten), ``threshold`` (the probability a
+            class needs to join a set), ``n`` (examples calibrated on); ``None``: none (multi-label probes, or no
+            held-out examples).
     """
 
     method: str
@@ -106,6 +113,7 @@ class ChipClassifier:
     multi_label: bool = False
     threshold: float = 0.5
     balanced: bool = False
+    sets: dict[str, float] | None = None
 
     def scores(self, x: np.ndarray) -> np.ndarray:
         """``[N, K]`` class probabilities of features ``x`` ``[N, D]`` (:func:`chip_features`)."""
@@ -124,8 +132,22 @@ class ChipClassifier:
         meta = {"method": self.method, "classes": self.classes, "features": self.features, "k": self.k,
                 "temperature": self.temperature, "c": self.c, "embedding": self.embedding,
                 "held_out_accuracy": self.held_out_accuracy, "multi_label": self.multi_label,
-                "threshold": self.threshold, "balanced": self.balanced}  # fmt: skip
+                "threshold": self.threshold, "balanced": self.balanced, "sets": self.sets}  # fmt: skip
         return write_tagged_safetensors(path, "dinov3_eo_classifier", arrays, meta, overwrite=overwrite)
+
+    def prediction_sets(self, scores: np.ndarray) -> np.ndarray:
+        """``[N, K]`` bool: each example's conformal prediction set from its class probabilities ``scores``
+        (:attr:`sets`).
+
+        Raises:
+            ValueError: the probe has no prediction sets.
+        """
+        from dinov3_eo.tasks.conformal import prediction_sets
+
+        if self.sets is None:
+            raise ValueError("This probe has no prediction sets: fit it with held-out chips or tiles (a single-label "
+                             "probe; at least 9 for 90 %) and --coverage.")  # fmt: skip
+        return prediction_sets(scores, self.sets["threshold"])
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ChipClassifier:
@@ -144,6 +166,7 @@ class ChipClassifier:
                    temperature=float(info["temperature"]), c=info.get("c"), embedding=dict(info.get("embedding", {})),
                    held_out_accuracy=info.get("held_out_accuracy"), multi_label=bool(info.get("multi_label", False)),
                    threshold=float(info.get("threshold", 0.5)), balanced=bool(info.get("balanced", False)),
+                   sets=info.get("sets"),
                    **{name: arrays.get(name) for name in ("weight", "bias", "bank", "bank_labels")})  # fmt: skip
 
 
@@ -187,6 +210,34 @@ def read_tagged_safetensors(path: str | os.PathLike[str], key: str, *, what: str
         raise ValueError(f"{str(path)!r} is a safetensors file but not a {what} (no {key} metadata); '{made_by}' "
                          "writes those.")  # fmt: skip
     return json.loads(meta), arrays
+
+
+#: the coverage of the prediction sets ``classify fit`` calibrates by default
+SET_COVERAGE = 0.9
+
+
+def calibrate_sets(probe: ChipClassifier, scores: np.ndarray, targets: np.ndarray,
+                   coverage: float = SET_COVERAGE) -> ChipClassifier:  # fmt: skip
+    """``probe`` with split-conformal prediction sets (:attr:`ChipClassifier.sets`) calibrated on held-out examples
+    it did not train on: their class probabilities ``scores`` ``[N, K]`` and class ids ``targets`` ``[N]``
+    (:func:`~dinov3_eo.tasks.conformal.class_set_threshold`). A new example like them has its class in its set with
+    probability ``coverage`` at least. A multi-label probe, or too few examples, gets none (the latter with a
+    warning).
+    """
+    from dinov3_eo.tasks.conformal import class_set_threshold
+
+    if probe.multi_label:
+        probe.sets = None
+        return probe
+    threshold = class_set_threshold(scores, targets, coverage)
+    if not np.isfinite(threshold):
+        need = int(np.ceil(coverage / (1.0 - coverage) - 1e-9))
+        log.warning("%d held-out examples cannot calibrate %.0f %% prediction sets (%d are needed): the probe is saved "
+                    "without them.", len(targets), 100 * coverage, need)  # fmt: skip
+        probe.sets = None
+        return probe
+    probe.sets = {"coverage": float(coverage), "threshold": float(threshold), "n": int(len(targets))}
+    return probe
 
 
 def fit_chip_classifier(
@@ -306,7 +357,8 @@ VECTOR_SUFFIXES = VECTOR_FORMATS
 
 
 def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str],
-                         *, threshold: float | None = None, crs: Any = None, overwrite: bool = False) -> Any:  # fmt: skip
+                         *, threshold: float | None = None, set_threshold: float | None = None, crs: Any = None,
+                         overwrite: bool = False) -> Any:  # fmt: skip
     """:func:`write_predictions`' columns on each georeferenced chip's footprint (:func:`chip_footprints`), as a
     GeoPackage (layer ``predictions``) or GeoJSON (by ``dst``'s suffix), written atomically; returns the
     ``GeoDataFrame``."""
@@ -316,7 +368,8 @@ def write_prediction_map(dst: str | os.PathLike[str], paths: Sequence[str], scor
     if suffix not in VECTOR_SUFFIXES:
         raise ValueError(f"Chip predictions on a map are written as {' or '.join(VECTOR_SUFFIXES)}, not {str(dst)!r}.")
     check_overwrite(dst, overwrite)
-    frame = gpd.GeoDataFrame(prediction_columns(paths, scores, classes, threshold=threshold),
+    frame = gpd.GeoDataFrame(prediction_columns(paths, scores, classes, threshold=threshold,
+                                                set_threshold=set_threshold),
                              geometry=chip_footprints(paths, crs))  # fmt: skip
     write_vector(frame, dst, layer="predictions", overwrite=overwrite)
     return frame
@@ -433,10 +486,12 @@ def typical_chip_ground(paths: Sequence[str], chip_side: int, *, sample: int = 3
 
 
 def prediction_columns(paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
-                       threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
+                       threshold: float | None = None, set_threshold: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The columns of ``classify predict``'s outputs: ``path``, ``class`` (the most probable) and ``score`` (its
     probability), then ``p_<class>`` per class; with a ``threshold`` (a multi-label probe) ``labels``, the classes of
-    probability at least ``threshold`` joined by ``;`` (:func:`predicted_labels`), replaces ``class`` and ``score``."""
+    probability at least ``threshold`` joined by ``;`` (:func:`predicted_labels`), replaces ``class`` and ``score``;
+    with a ``set_threshold`` (a probe's conformal prediction sets, :attr:`ChipClassifier.sets`) ``set``, the classes
+    of its set joined by ``;`` (empty: none), and ``set_size`` follow ``score``."""
     scores = np.asarray(scores)
     columns: dict[str, Any] = {"path": list(paths)}
     if threshold is not None:
@@ -444,6 +499,9 @@ def prediction_columns(paths: Sequence[str], scores: np.ndarray, classes: Sequen
     else:
         best = scores.argmax(1)
         columns.update({"class": [classes[i] for i in best], "score": scores[np.arange(len(best)), best]})
+        if set_threshold is not None:
+            columns["set"] = predicted_labels(scores, classes, set_threshold)
+            columns["set_size"] = (scores >= set_threshold).sum(axis=1)
     columns.update({f"p_{name}": scores[:, k] for k, name in enumerate(classes)})
     return columns
 
@@ -454,11 +512,12 @@ def predicted_labels(scores: np.ndarray, classes: Sequence[str], threshold: floa
 
 
 def write_predictions(dst: str | os.PathLike[str], paths: Sequence[str], scores: np.ndarray, classes: Sequence[str], *,
-                      threshold: float | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+                      threshold: float | None = None, set_threshold: float | None = None,
+                      overwrite: bool = False) -> Path:  # fmt: skip
     """:func:`prediction_columns` as a CSV, one row per chip (probabilities to 6 decimals), written atomically."""
     import csv
 
-    columns = prediction_columns(paths, scores, classes, threshold=threshold)
+    columns = prediction_columns(paths, scores, classes, threshold=threshold, set_threshold=set_threshold)
     text = lambda v: f"{v:.6f}" if isinstance(v, (float, np.floating)) else v  # noqa: E731
     with atomic_output(dst, overwrite=overwrite) as tmp, open(tmp, "w", newline="") as f:
         out = csv.writer(f)
@@ -502,7 +561,9 @@ def chip_footprints(paths: Sequence[str], crs: Any = None) -> Any:
 
 __all__ = [
     "C_GRID",
+    "SET_COVERAGE",
     "ChipClassifier",
+    "calibrate_sets",
     "VECTOR_SUFFIXES",
     "chip_footprints",
     "FEATURES",

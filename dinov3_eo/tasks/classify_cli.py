@@ -60,6 +60,14 @@ def print_probe_report(probe: ChipClassifier, scores: np.ndarray, y: np.ndarray,
     report["confusion"] = confusion.tolist()
     print(report_table(report).replace(" pixels", f" {unit}").replace("reference px", unit))
     print(f"balanced accuracy {report['balanced_accuracy']:.3f} (mean recall over the classes present)")
+    if probe.sets is not None:
+        from dinov3_eo.tasks.conformal import set_metrics
+
+        sets = report["prediction_sets"] = {**set_metrics(probe.prediction_sets(scores), y, probe.sets["coverage"]),
+                                            "threshold": probe.sets["threshold"]}  # fmt: skip
+        print(f"{100 * sets['coverage']:.0f} % prediction sets (a class joins at p >= {sets['threshold']:.3g}): "
+              f"{100 * sets['covered']:.1f} % of the {sets['n']} {unit} hold their class; mean size "
+              f"{sets['mean_size']:.2f}, {100 * sets['singletons']:.0f} % one class, {100 * sets['empty']:.0f} % none")  # fmt: skip
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_accuracy_report(out_dir, report, confusion, classes)
@@ -103,6 +111,10 @@ def classify_main(argv: Sequence[str]) -> int:
                      "--val-fraction of each class")  # fmt: skip
     fit.add_argument("--val-fraction", type=float, default=0.2, help="share of each class held out (default 0.2)")
     fit.add_argument("--method", choices=METHODS, default="linear", help="linear probe (default) or k-NN")
+    fit.add_argument("--coverage", type=float, default=0.9, help="the held-out chips (tiles) calibrate "
+                     "split-conformal prediction sets of this coverage (default 0.9: the set holds the true class nine "
+                     "times in ten; 0: none): the classes a chip may be, for 'predict' (set column), 'map' "
+                     "(<stem>_tile_set_size.tif) and 'test'")  # fmt: skip
     fit.add_argument("--balanced", action="store_true", help="weigh each class's chips by the inverse of its frequency "
                      "and choose C by balanced accuracy (mean recall): rare classes count as much as common ones")  # fmt: skip
     fit.add_argument("--features", choices=FEATURES, default="cls+patch_mean",
@@ -306,11 +318,23 @@ def _fit(args: Any) -> None:
         probe, scores = finetune_and_export(args, backbone(), probe, [paths[i] for i in train_idx], y[train_idx],
                                             held_paths, vy)  # fmt: skip
     if len(vy):
+        probe = _with_sets(args, probe, scores, vy)
         report = print_probe_report(probe, scores, vy, Path(args.out_dir) if args.out_dir else None)
         probe.held_out_accuracy = report["map_macro" if multi else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)
     Path(f"{args.output}.finetune.ckpt").unlink(missing_ok=True)  # the probe is saved: the checkpoint has served
     print(args.output)
+
+
+def _with_sets(args: Any, probe: ChipClassifier, scores: np.ndarray, targets: np.ndarray) -> ChipClassifier:
+    """``probe`` with prediction sets of ``--coverage`` calibrated on the held-out ``scores`` and ``targets`` (none
+    for ``--coverage 0`` or a multi-label probe)."""
+    from dinov3_eo.tasks.chip_classification import calibrate_sets
+
+    if not args.coverage or probe.multi_label:
+        probe.sets = None
+        return probe
+    return calibrate_sets(probe, scores, targets, args.coverage)
 
 
 def chip_embedder(args: Any, size: int | None) -> tuple[Any, Any, dict[str, Any]]:
@@ -456,10 +480,11 @@ def _predict(args: Any) -> None:
     paths = expand_chips(args.chips)
     probe, scores = _probe_scores(args, paths)
     threshold = (probe.threshold if args.threshold is None else args.threshold) if probe.multi_label else None
+    sets = dict(threshold=threshold, set_threshold=probe.sets["threshold"] if probe.sets else None)
     if Path(args.output).suffix.lower() in VECTOR_SUFFIXES:
-        write_prediction_map(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+        write_prediction_map(args.output, paths, scores, probe.classes, **sets, overwrite=args.overwrite)
     else:
-        write_predictions(args.output, paths, scores, probe.classes, threshold=threshold, overwrite=args.overwrite)
+        write_predictions(args.output, paths, scores, probe.classes, **sets, overwrite=args.overwrite)
     if probe.multi_label:
         counts = (scores >= threshold).sum(axis=0)
     else:
@@ -489,12 +514,13 @@ def _map(args: Any) -> None:
     from dinov3_eo.tasks.tile_classification import classify_tiles, tile_outputs, write_tile_classes
 
     check_distinct_stems(args.scenes)
+    probe = ChipClassifier.load(args.probe)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     for scene in args.scenes:  # every output is checked before the first scene is classified
-        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities, suggest=args.suggest > 0):
+        for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities, suggest=args.suggest > 0,
+                                 sets=probe.sets is not None):  # fmt: skip
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=args.scenes)
-    probe = ChipClassifier.load(args.probe)
     backbone = probe_backbone(probe, args.model, device=args.device)
     for scene in args.scenes:
         result = classify_tiles(scene, probe, backbone=backbone, tile_size=args.tile_size, stride=args.stride, bands=args.bands,
@@ -510,6 +536,11 @@ def _map(args: Any) -> None:
         area = (lambda n: f" ({n * hectares:,.0f} ha)") if hectares else (lambda n: "")  # noqa: E731
         print(f"{Path(scene).name}: {int(result.classified.sum())} of {ids.size} {cells} classified: "
               + ", ".join(f"{name} {n}{area(n)}" for name, n in zip(result.class_names, counts) if n))
+        if result.set_threshold is not None:
+            sizes = result.set_sizes()[result.classified]
+            print(f"  {100 * result.set_coverage:.0f} % prediction sets: {int((sizes == 1).sum())} {cells} of one "
+                  f"class, {int((sizes > 1).sum())} of several (the probe cannot tell them apart), "
+                  f"{int((sizes == 0).sum())} of none (unlike every class)")  # fmt: skip
         print("\n".join(str(p) for p in outputs if p is not None))
 
 
@@ -573,6 +604,7 @@ def _fit_scenes(args: Any) -> None:
             print_probe_report(probe, scores, fit.held_out_targets, None, unit="tiles")
         probe, scores = _finetune_tiles(args, backbone, fit)
     if scores is not None:
+        probe = _with_sets(args, probe, scores, fit.held_out_targets)
         report = print_probe_report(probe, scores, fit.held_out_targets, out_dir, unit="tiles")
         probe.held_out_accuracy = report["map_macro" if probe.multi_label else "overall_accuracy"]
     probe.save(args.output, overwrite=args.overwrite)

@@ -5,7 +5,7 @@ for every pixel would be too wide on open ground and too narrow in tall forest. 
 calibrated within its bin of *predicted* height (Mondrian conformal prediction: Vovk et al. 2005): on held-out
 plots with a reference CHM, the absolute errors ``|predicted - reference|`` of the pixels predicted in a bin give
 that bin's half width, the ``ceil((n + 1) coverage)``-th smallest of its ``n`` errors
-(:func:`~dinov3_eo.tasks.tile_regression.conformal_quantile`). A new pixel like the calibration ones then lies
+(:func:`~dinov3_eo.tasks.conformal.conformal_quantile`). A new pixel like the calibration ones then lies
 within ``predicted ± half width`` with probability ``coverage`` at least, in every bin (the lower end clipped at
 0 m). The interval knows a pixel's predicted height, nothing else: ground unlike the calibration plots (another
 forest type, sensor or season) may be covered less often, which ``height evaluate --intervals`` measures.

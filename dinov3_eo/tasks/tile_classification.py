@@ -71,6 +71,8 @@ class TileClasses:
         bands: the 1-based scene bands fed to the backbone (``None``: all).
         multi_label: the probe is multi-label (independent class probabilities): a tile carries every class of
             probability at least ``threshold``, and ``class_ids`` is its most probable one.
+        set_threshold, set_coverage: the probe's conformal prediction sets (``ChipClassifier.sets``): a class is in a
+            tile's set where its probability is at least ``set_threshold`` (``None``: the probe has none).
     """
 
     source: str
@@ -85,6 +87,21 @@ class TileClasses:
     multi_label: bool = False
     threshold: float = 0.5
     min_score: float | None = None
+    set_threshold: float | None = None
+    set_coverage: float | None = None
+
+    def set_sizes(self, nodata: int = TILE_NODATA) -> np.ndarray:
+        """``[rows, cols]`` uint8: the number of classes in each tile's prediction set (0: none, a tile unlike every
+        class; 2 or more: classes the probe cannot tell apart there), ``nodata`` where not classified.
+
+        Raises:
+            ValueError: the probe has no prediction sets.
+        """
+        if self.set_threshold is None:
+            raise ValueError("These tiles have no prediction sets: the probe was fitted without them (--coverage).")
+        sizes = (np.nan_to_num(self.probabilities, nan=-1.0) >= self.set_threshold).sum(axis=0).astype(np.uint8)
+        sizes[~self.classified] = nodata
+        return sizes
 
     @property
     def class_names(self) -> list[str]:
@@ -131,6 +148,9 @@ class TileClasses:
                  **{f"p_{name}": p[:, k].astype(np.float64) for k, name in enumerate(self.classes)}}  # fmt: skip
         if self.multi_label:
             frame["labels"] = predicted_labels(p, self.classes, self.threshold)
+        if self.set_threshold is not None:
+            frame["set"] = predicted_labels(p, self.classes, self.set_threshold)
+            frame["set_size"] = (p >= self.set_threshold).sum(axis=1).astype(np.int64)
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, 1, rows, cols), crs=self.crs))
 
     def least_confident(self, n: int) -> Any:
@@ -387,7 +407,9 @@ def classify_tiles(
     return TileClasses(source=os.fspath(raster), classes=list(probe.classes), probabilities=grid.outputs,
                        valid_fraction=grid.valid_fraction, crs=grid.crs, transform=grid.transform,
                        tile_size=grid.tile_size, stride=grid.stride, bands=grid.bands, multi_label=probe.multi_label,
-                       threshold=probe.threshold, min_score=min_score)  # fmt: skip
+                       threshold=probe.threshold, min_score=min_score,
+                       set_threshold=probe.sets["threshold"] if probe.sets else None,
+                       set_coverage=probe.sets["coverage"] if probe.sets else None)  # fmt: skip
 
 
 class TileGrid(NamedTuple):
@@ -656,16 +678,18 @@ class TileOutputs(NamedTuple):
     quicklook: Path
     probabilities: Path | None
     suggest: Path | None = None
+    set_size: Path | None = None
 
 
 def tile_outputs(src: str | os.PathLike[str], out_dir: str | os.PathLike[str], *, probabilities: bool = False,
-                 suggest: bool = False) -> TileOutputs:  # fmt: skip
+                 suggest: bool = False, sets: bool = False) -> TileOutputs:  # fmt: skip
     """``OUT/<stem>_tile_classes.tif``, ``_tiles.gpkg``, ``_tile_quicklook.png`` (and ``_tile_probabilities.tif``,
-    ``_suggest.gpkg``)."""
+    ``_suggest.gpkg``, ``_tile_set_size.tif``)."""
     stem, out = Path(src).stem, Path(out_dir)
     return TileOutputs(out / f"{stem}_tile_classes.tif", out / f"{stem}_tiles.gpkg", out / f"{stem}_tile_quicklook.png",
                        out / f"{stem}_tile_probabilities.tif" if probabilities else None,
-                       out / f"{stem}_suggest.gpkg" if suggest else None)  # fmt: skip
+                       out / f"{stem}_suggest.gpkg" if suggest else None,
+                       out / f"{stem}_tile_set_size.tif" if sets else None)  # fmt: skip
 
 
 def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, probabilities: bool = False,
@@ -684,7 +708,8 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
 
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, write_cog, write_quicklook, write_vector
 
-    paths = tile_outputs(result.source, out_dir, probabilities=probabilities, suggest=suggest > 0)
+    paths = tile_outputs(result.source, out_dir, probabilities=probabilities, suggest=suggest > 0,
+                         sets=result.set_threshold is not None)  # fmt: skip
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path in paths:
         if path is not None:
@@ -698,6 +723,10 @@ def write_tile_classes(result: TileClasses, out_dir: str | os.PathLike[str], *, 
     if paths.probabilities is not None:
         write_cog(paths.probabilities, result.probabilities, crs=result.crs, transform=result.transform,
                   nodata=float("nan"), band_descriptions=result.classes, overwrite=overwrite)  # fmt: skip
+    if paths.set_size is not None:
+        write_cog(paths.set_size, result.set_sizes(), crs=result.crs, transform=result.transform, nodata=TILE_NODATA,
+                  band_descriptions=[f"classes in the {100 * (result.set_coverage or 0):.0f} % prediction set"],
+                  overwrite=overwrite, tags={"set_threshold": result.set_threshold, "coverage": result.set_coverage})  # fmt: skip
     frame = result.to_geodataframe()
     write_vector(frame, paths.tiles, layer="tiles", overwrite=overwrite)
     if paths.suggest is not None:

@@ -31,6 +31,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
+from dinov3_eo.tasks.conformal import conformal_quantile
 from dinov3_eo.tasks.tile_values import TileValues, value_tiles
 
 log = logging.getLogger(__name__)
@@ -74,26 +75,6 @@ def knn_moments(bank: np.ndarray, bank_values: np.ndarray, x: np.ndarray, *, k: 
         mean[start : start + 1024] = centre.numpy()
         spread[start : start + 1024] = (weights * (neighbours - centre[:, None]) ** 2).sum(dim=1).sqrt().numpy()
     return mean, spread
-
-
-def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
-    """The split-conformal quantile of ``[n]`` calibration ``scores``: the ``ceil((n + 1) coverage)``-th smallest.
-
-    A new score exchangeable with the calibration ones falls at or below it with probability at least
-    ``coverage`` (and below ``coverage + 1 / (n + 1)`` where scores do not tie): Vovk et al.'s finite-sample
-    guarantee, which needs no assumption about the regressor. ``inf`` where ``n`` is too small for ``coverage``
-    (``ceil((n + 1) coverage) > n``: 9 scores at least for 90 %).
-
-    Raises:
-        ValueError: ``coverage`` outside (0, 1), or a score that is not finite.
-    """
-    scores = np.sort(np.asarray(scores, np.float64).reshape(-1))
-    if not 0.0 < coverage < 1.0:
-        raise ValueError(f"The interval's coverage must lie between 0 and 1, got {coverage}.")
-    if not np.isfinite(scores).all():
-        raise ValueError("Conformal scores must be finite.")
-    rank = math.ceil((len(scores) + 1) * coverage - 1e-9)  # -1e-9: 0.9 * 10 is 9.000000000000002 in floats
-    return float(scores[rank - 1]) if rank <= len(scores) else math.inf
 
 
 @dataclass
@@ -936,7 +917,6 @@ __all__ = [
     "TileValueOutputs",
     "TileValueScores",
     "calibrated",
-    "conformal_quantile",
     "fit_regressor",
     "fit_tile_regressor",
     "interval_line",
