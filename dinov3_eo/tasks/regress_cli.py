@@ -510,7 +510,7 @@ def _evaluate(args: Any) -> None:
     predicted = values[cells.rows, cells.cols]
     mapped = np.isfinite(predicted)
     if mapped.sum() < 2:
-        raise ValueError(f"{int(mapped.sum())} of the {len(cells)} cells the reference values holds a map value; "
+        raise ValueError(f"{int(mapped.sum())} of the {len(cells)} cells with a reference value hold a map value; "
                          f"check that {args.map} and the reference cover the same ground.")  # fmt: skip
     cells, predicted = cells.take(mapped), predicted[mapped]
     metrics = regression_metrics(predicted, cells.values)
