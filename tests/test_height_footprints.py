@@ -124,6 +124,8 @@ def test_a_map_is_scored_per_footprint_whole_across_blocks(shots: Path, tmp_path
     assert cli_main(["height", "evaluate", str(chm_path), str(shots), "--attribute", "rh98", "--calibrate",
                      str(tmp_path / "i.json")]) == 2  # fmt: skip
     assert "footprints are scored without them" in capsys.readouterr().err
+    assert cli_main(["height", "evaluate", str(chm_path), str(chm_path), "--attribute", "rh98"]) == 2
+    assert "--attribute and --footprint-m are for footprints" in capsys.readouterr().err
     far = tmp_path / "far.tif"
     with rasterio.open(chm_path) as src:
         profile = src.profile | {"transform": src.transform @ rasterio.Affine.translation(10_000, 0)}

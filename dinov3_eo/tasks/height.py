@@ -938,6 +938,9 @@ def _evaluate_main(argv: Sequence[str]) -> int:
         print(f"{len(frame)} footprints on {Path(args.prediction).name}:")
         print(metrics_table({Path(args.prediction).name: result}))
         return 0
+    if args.attribute or args.footprint_m:
+        raise ValueError("--attribute and --footprint-m are for footprints (points or polygons, e.g. GEDI shots, as "
+                         f"the reference); {args.reference[0]} is a CHM raster.")  # fmt: skip
 
     if args.calibrate is not None:
         if not 0.0 < args.coverage < 1.0:
