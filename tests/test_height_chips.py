@@ -185,6 +185,15 @@ data:
     both = np.isfinite(truth) & np.isfinite(a)
     assert scored["n"] == int(both.sum()) and scored["mae"] == pytest.approx(np.abs(a - truth)[both].mean(), rel=1e-4)
     assert {"scatter.png", "error_map.png"} <= {p.name for p in (tmp_path / "eval").iterdir()}
+    # chips calibrate height intervals as rasters do: the same pixels' errors, binned by predicted height
+    assert main(["evaluate", str(tmp_path / "pred"), str(chips / "chm"), "--chips", "--name-suffixes", "_chm",
+                 "--calibrate", str(tmp_path / "intervals.json"), "--coverage", "0.8"]) == 0  # fmt: skip
+    from dinov3_eo.tasks.height_intervals import HeightIntervals, ResidualHistogram
+
+    errors = ResidualHistogram()
+    errors.add(a, truth)
+    calibrated = HeightIntervals.load(tmp_path / "intervals.json")
+    assert sum(calibrated.pixels) == scored["n"] and calibrated.half_widths == errors.intervals(0.8).half_widths
     (tmp_path / "small").mkdir()
     plain_tiff(tmp_path / "small" / "TEAK_052_chm.tif", np.ones((40, 40), np.float32))
     with pytest.raises(ValueError, match="TEAK_052.tif are 400x400 px but the CHM chip .* is 40x40 px"):
