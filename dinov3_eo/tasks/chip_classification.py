@@ -224,16 +224,15 @@ def calibrate_sets(probe: ChipClassifier, scores: np.ndarray, targets: np.ndarra
     probability ``coverage`` at least. A multi-label probe, or too few examples, gets none (the latter with a
     warning).
     """
-    from dinov3_eo.tasks.conformal import class_set_threshold
+    from dinov3_eo.tasks.conformal import calibration_needed, class_set_threshold
 
     if probe.multi_label:
         probe.sets = None
         return probe
     threshold = class_set_threshold(scores, targets, coverage)
     if not np.isfinite(threshold):
-        need = int(np.ceil(coverage / (1.0 - coverage) - 1e-9))
         log.warning("%d held-out examples cannot calibrate %.0f %% prediction sets (%d are needed): the probe is saved "
-                    "without them.", len(targets), 100 * coverage, need)  # fmt: skip
+                    "without them.", len(targets), 100 * coverage, calibration_needed(coverage))  # fmt: skip
         probe.sets = None
         return probe
     probe.sets = {"coverage": float(coverage), "threshold": float(threshold), "n": int(len(targets))}
@@ -500,8 +499,10 @@ def prediction_columns(paths: Sequence[str], scores: np.ndarray, classes: Sequen
         best = scores.argmax(1)
         columns.update({"class": [classes[i] for i in best], "score": scores[np.arange(len(best)), best]})
         if set_threshold is not None:
+            from dinov3_eo.tasks.conformal import prediction_sets
+
             columns["set"] = predicted_labels(scores, classes, set_threshold)
-            columns["set_size"] = (scores >= set_threshold).sum(axis=1)
+            columns["set_size"] = prediction_sets(scores, set_threshold).sum(axis=1)
     columns.update({f"p_{name}": scores[:, k] for k, name in enumerate(classes)})
     return columns
 

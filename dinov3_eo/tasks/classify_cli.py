@@ -327,11 +327,11 @@ def _fit(args: Any) -> None:
 
 
 def _with_sets(args: Any, probe: ChipClassifier, scores: np.ndarray, targets: np.ndarray) -> ChipClassifier:
-    """``probe`` with prediction sets of ``--coverage`` calibrated on the held-out ``scores`` and ``targets`` (none
-    for ``--coverage 0`` or a multi-label probe)."""
+    """``probe`` with prediction sets of ``--coverage`` calibrated on the held-out ``scores`` and ``targets``
+    (:func:`~dinov3_eo.tasks.chip_classification.calibrate_sets`; none for ``--coverage 0``)."""
     from dinov3_eo.tasks.chip_classification import calibrate_sets
 
-    if not args.coverage or probe.multi_label:
+    if not args.coverage:
         probe.sets = None
         return probe
     return calibrate_sets(probe, scores, targets, args.coverage)

@@ -18,6 +18,18 @@ from typing import Any
 import numpy as np
 
 
+def conformal_rank(n: int, coverage: float) -> int:
+    """The rank ``ceil((n + 1) coverage)`` (1-based) of the calibration score that bounds a new one with probability
+    ``coverage``; above ``n`` where ``n`` is too small for ``coverage``."""
+    return math.ceil((n + 1) * coverage - 1e-9)  # -1e-9: 0.9 * 10 is 9.000000000000002 in floats
+
+
+def calibration_needed(coverage: float) -> int:
+    """The fewest calibration examples a ``coverage`` can be promised from (9 for 90 %): the smallest ``n`` with
+    :func:`conformal_rank` at most ``n``."""
+    return math.ceil(coverage / (1.0 - coverage) - 1e-9)
+
+
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
     """The split-conformal quantile of ``[n]`` calibration ``scores``: the ``ceil((n + 1) coverage)``-th smallest.
 
@@ -34,7 +46,7 @@ def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
         raise ValueError(f"The interval's coverage must lie between 0 and 1, got {coverage}.")
     if not np.isfinite(scores).all():
         raise ValueError("Conformal scores must be finite.")
-    rank = math.ceil((len(scores) + 1) * coverage - 1e-9)  # -1e-9: 0.9 * 10 is 9.000000000000002 in floats
+    rank = conformal_rank(len(scores), coverage)
     return float(scores[rank - 1]) if rank <= len(scores) else math.inf
 
 
@@ -74,4 +86,5 @@ def set_metrics(sets: np.ndarray, targets: np.ndarray, coverage: float) -> dict[
             "empty": share(sizes == 0), "n": int(n)}  # fmt: skip
 
 
-__all__ = ["class_set_threshold", "conformal_quantile", "prediction_sets", "set_metrics"]
+__all__ = ["calibration_needed", "class_set_threshold", "conformal_quantile", "conformal_rank", "prediction_sets",
+           "set_metrics"]

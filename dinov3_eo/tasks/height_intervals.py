@@ -71,9 +71,11 @@ class ResidualHistogram:
     def quantile(self, index: int, coverage: float) -> float:
         """Bin ``index``'s conformal quantile of the errors at ``coverage`` (metres, rounded up to the cell;
         ``inf`` where the bin holds too few pixels, or the quantile falls in the overflow cell)."""
+        from dinov3_eo.tasks.conformal import conformal_rank
+
         counts = self.counts[index]
         n = int(counts.sum())
-        rank = math.ceil((n + 1) * coverage - 1e-9)
+        rank = conformal_rank(n, coverage)
         if rank > n:
             return math.inf
         cell = int(np.searchsorted(np.cumsum(counts), rank))

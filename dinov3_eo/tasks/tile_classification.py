@@ -99,7 +99,9 @@ class TileClasses:
         """
         if self.set_threshold is None:
             raise ValueError("These tiles have no prediction sets: the probe was fitted without them (--coverage).")
-        sizes = (np.nan_to_num(self.probabilities, nan=-1.0) >= self.set_threshold).sum(axis=0).astype(np.uint8)
+        from dinov3_eo.tasks.conformal import prediction_sets
+
+        sizes = prediction_sets(np.nan_to_num(self.probabilities, nan=-1.0), self.set_threshold).sum(axis=0).astype(np.uint8)
         sizes[~self.classified] = nodata
         return sizes
 
@@ -150,7 +152,7 @@ class TileClasses:
             frame["labels"] = predicted_labels(p, self.classes, self.threshold)
         if self.set_threshold is not None:
             frame["set"] = predicted_labels(p, self.classes, self.set_threshold)
-            frame["set_size"] = (p >= self.set_threshold).sum(axis=1).astype(np.int64)
+            frame["set_size"] = self.set_sizes()[rows, cols].astype(np.int64)
         return gpd.GeoDataFrame(frame, geometry=gpd.GeoSeries(tile_boxes(self.transform, 1, rows, cols), crs=self.crs))
 
     def least_confident(self, n: int) -> Any:

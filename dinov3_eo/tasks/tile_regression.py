@@ -31,7 +31,7 @@ import numpy as np
 from rasterio.transform import Affine
 
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
-from dinov3_eo.tasks.conformal import conformal_quantile
+from dinov3_eo.tasks.conformal import calibration_needed, conformal_quantile
 from dinov3_eo.tasks.tile_values import TileValues, value_tiles
 
 log = logging.getLogger(__name__)
@@ -336,9 +336,8 @@ def calibrated(regressor: TileRegressor, x: np.ndarray, y: np.ndarray, coverage:
     scores = regressor.interval_scores(x, y, floor=floor)
     quantile = conformal_quantile(scores, coverage)
     if not math.isfinite(quantile):
-        need = math.ceil(coverage / (1.0 - coverage) - 1e-9)
         log.warning("%d held-out tiles cannot calibrate a %.0f %% prediction interval (%d are needed): the regressor "
-                    "is saved without one.", len(scores), 100 * coverage, need)  # fmt: skip
+                    "is saved without one.", len(scores), 100 * coverage, calibration_needed(coverage))  # fmt: skip
         regressor.interval = None
         return regressor
     regressor.interval = {"coverage": float(coverage), "quantile": quantile, "n": int(len(scores)), "floor": floor}
