@@ -222,8 +222,16 @@ def metrics_line(metrics: dict[str, float], unit: str | None) -> str:
 
 def _write_report(out_dir: Path, regressor: TileRegressor, tiles: Any, predicted: np.ndarray, target: np.ndarray,
                   metrics: dict[str, Any], overwrite: bool) -> None:  # fmt: skip
+    """:func:`_write_scored` of a regressor's scores (its target and unit on the axes)."""
+    items = "tiles" if hasattr(tiles, "geometry") else "chips"
+    _write_scored(out_dir, tiles, predicted, target, metrics, overwrite, label=regressor.label,
+                  title=f"{regressor.method} regressor, {len(predicted)} {items}", counted=items)  # fmt: skip
+
+
+def _write_scored(out_dir: Path, tiles: Any, predicted: np.ndarray, target: np.ndarray, metrics: dict[str, Any],
+                  overwrite: bool, *, label: str, title: str, counted: str) -> None:  # fmt: skip
     """``metrics.json``, ``tiles.gpkg`` (a table of chips, not a ``GeoDataFrame``: ``chips.csv``) and
-    ``scatter.png`` (predicted against reference) in ``out_dir``."""
+    ``scatter.png`` (predicted against reference, axes named ``label``, points ``counted``) in ``out_dir``."""
     from dinov3_eo.tasks.height_plots import scatter_plot
 
     items = "tiles" if hasattr(tiles, "geometry") else "chips"
@@ -235,8 +243,8 @@ def _write_report(out_dir: Path, regressor: TileRegressor, tiles: Any, predicted
     else:
         with atomic_output(out_dir / "chips.csv", overwrite=overwrite) as tmp:
             tiles.to_csv(tmp, index=False)
-    scatter_plot(out_dir / "scatter.png", predicted, target, label=regressor.label, counted=items,
-                 title=f"{regressor.method} regressor, {len(predicted)} {items}", overwrite=overwrite)  # fmt: skip
+    scatter_plot(out_dir / "scatter.png", predicted, target, label=label, counted=counted, title=title,
+                 overwrite=overwrite)  # fmt: skip
     print("\n".join(str(p) for p in _report_paths(out_dir, items)))
 
 
@@ -430,7 +438,7 @@ def _fit_chips(args: Any) -> None:
             from dinov3_eo.tasks.tile_regression import calibrated
 
             regressor = calibrated(regressor, vx, val_y, args.coverage)
-            print(f"  {interval_line(regressor).replace('tiles', 'chips')}")
+            print(f"  {interval_line(regressor, 'chips')}")
         if args.refit:
             from dinov3_eo.tasks.tile_regression import refitted
 
@@ -454,11 +462,9 @@ def _chip_values(args: Any, paths: Sequence[str]) -> tuple[TileRegressor, np.nda
     from dinov3_eo.tasks.classify_cli import probe_chip_views
 
     regressor = TileRegressor.load(args.regressor)
-    xs = [chip_features(v, regressor.features) for v in probe_chip_views(args, regressor, paths)]
-    if regressor.interval is None:
-        return regressor, sum(regressor.predict(x) for x in xs) / len(xs), None
-    views = sum(np.stack(regressor.predict_with_interval(x), 1) for x in xs) / len(xs)  # [N, 3]
-    return regressor, views[:, 0], views[:, 1:]
+    views = probe_chip_views(args, regressor, paths)
+    outputs = sum(regressor.outputs(chip_features(v, regressor.features)) for v in views) / len(views)  # [1 or 3, N]
+    return regressor, outputs[0], outputs[1:].T if regressor.interval is not None else None
 
 
 def _test_chips(args: Any) -> None:
@@ -489,6 +495,7 @@ def _evaluate(args: Any) -> None:
 
     from dinov3_eo.data.raster import open_quietly, pixel_area_ha
     from dinov3_eo.tasks.map_estimate import difference_estimate
+    from dinov3_eo.tasks.tile_regression import total_unit
     from dinov3_eo.tasks.tile_values import value_tiles
 
     out_dir = Path(args.out_dir) if args.out_dir else None
@@ -526,12 +533,10 @@ def _evaluate(args: Any) -> None:
                                                        if math.isfinite(estimate.relative_efficiency) else ""))  # fmt: skip
     report: dict[str, Any] = {"map": str(args.map), "target": target, "unit": unit, "statistic": statistic,
                               "test": metrics, "estimate": estimate.to_dict()}  # fmt: skip
-    hectares = pixel_area_ha(crs, transform)
-    per_hectare = bool(unit) and unit.replace(" ", "").lower().endswith("/ha")
-    if hectares is not None and (per_hectare or statistic.startswith(("above:", "equal:"))):
+    hectares, summed = pixel_area_ha(crs, transform), total_unit(unit, statistic)
+    if hectares is not None and summed is not None:
         area = hectares * estimate.cells
-        total = report["total"] = {**estimate.scaled(area), "hectares": area,
-                                   "unit": unit.replace(" ", "")[: -len("/ha")] if per_hectare else "ha"}  # fmt: skip
+        total = report["total"] = {**estimate.scaled(area), "hectares": area, "unit": summed}
         print(f"  in all over {area:,.4g} ha: the map's {total['map_total']:,.4g} {total['unit']}; model-assisted "
               f"{total['total']:,.4g} {total['unit']} ({percent} interval {total['low']:,.4g} to {total['high']:,.4g})")  # fmt: skip
     ends_path = Path(args.map).with_name(Path(args.map).name.replace("_tile_values.tif", "_tile_interval.tif"))
@@ -543,16 +548,10 @@ def _evaluate(args: Any) -> None:
         print(f"  {100 * coverage:.0f} % prediction intervals ({ends_path.name}): "
               f"{100 * report['interval']['covered']:.1f} % of the {report['interval']['n']} reference cells inside")  # fmt: skip
     if out_dir is not None:
-        from dinov3_eo.tasks.height_plots import scatter_plot
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_output(out_dir / "metrics.json", overwrite=args.overwrite) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
         frame = cells.to_geodataframe({"predicted": predicted, "error": predicted - cells.values})
-        write_vector(frame, out_dir / "tiles.gpkg", layer="tiles", overwrite=args.overwrite)
-        scatter_plot(out_dir / "scatter.png", predicted, cells.values, label=f"{target}{f' ({unit})' if unit else ''}",
-                     counted="cells", title=f"{Path(args.map).name}, {len(cells)} cells", overwrite=args.overwrite)  # fmt: skip
-        print("\n".join(str(p) for p in _report_paths(out_dir)))
+        _write_scored(out_dir, frame, predicted, cells.values, report, args.overwrite,
+                      label=f"{target}{f' ({unit})' if unit else ''}", title=f"{Path(args.map).name}, {len(cells)} cells",
+                      counted="cells")  # fmt: skip
 
 
 def _predict(args: Any) -> None:

@@ -125,10 +125,13 @@ class TileRegressor:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` float64 values of features ``x`` ``[N, D]``, clipped to ``lower``/``upper``."""
-        out = self.predict_fitted(x)
-        if self.log_values:
-            out = np.exp(np.minimum(out, 700.0)) * self.smearing - 1.0  # exp(700) is near float64's largest
-        return self._clipped(out)
+        return self._clipped(self._taken_back(self.predict_fitted(x)))
+
+    def _taken_back(self, fitted: np.ndarray) -> np.ndarray:
+        """Fitted values in the reference's units: a log regressor's ``exp(fitted) * smearing - 1``."""
+        if not self.log_values:
+            return fitted
+        return np.exp(np.minimum(fitted, 700.0)) * self.smearing - 1.0  # exp(700) is near float64's largest
 
     def _clipped(self, values: np.ndarray) -> np.ndarray:
         return np.clip(values, self.lower, self.upper) if self.lower is not None or self.upper is not None else values
@@ -153,31 +156,41 @@ class TileRegressor:
         if self.interval is None:
             raise ValueError("This regressor has no prediction interval: fit it with held-out tiles (at least 9 for "
                              "90 %; --val-fraction or --val-values) and --coverage.")  # fmt: skip
-        centre, scale = self._centre_and_scale(x)
-        values = np.exp(np.minimum(centre, 700.0)) * self.smearing - 1.0 if self.log_values else centre
-        half = self.interval["quantile"] * scale
+        centre, spread = self._centre_and_spread(x)
+        half = self.interval["quantile"] * self._scale(spread, self.interval.get("floor", 0.0))
         low, high = centre - half, centre + half
         if self.log_values:  # quantiles survive a monotone map: the interval of log(1 + y), taken back
             low, high = np.expm1(np.minimum(low, 700.0)), np.expm1(np.minimum(high, 700.0))
-        return self._clipped(values), self._clipped(low), self._clipped(high)
+        return self._clipped(self._taken_back(centre)), self._clipped(low), self._clipped(high)
+
+    def outputs(self, x: np.ndarray) -> np.ndarray:
+        """``[3, N]`` each row's value and interval ends (:meth:`predict_with_interval`), or ``[1, N]`` its value
+        where the regressor has no interval: what maps and tables write."""
+        return np.stack(self.predict_with_interval(x) if self.interval is not None else [self.predict(x)])
 
     def interval_scores(self, x: np.ndarray, y: np.ndarray, *, floor: float | None = None) -> np.ndarray:
         """``[N]`` the nonconformity scores of rows ``x`` ``[N, D]`` with values ``y`` ``[N]``: ``|g(y) - centre| /
         scale`` (``g``, centre and scale as :meth:`predict_interval` uses them; ``floor``: the k-NN's, default the
         interval's)."""
-        y = np.asarray(y, np.float64).reshape(-1)
-        centre, scale = self._centre_and_scale(x, floor=floor)
-        return np.abs((np.log1p(y) if self.log_values else y) - centre) / scale
-
-    def _centre_and_scale(self, x: np.ndarray, *, floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``([N], [N])`` the interval's centre (the fitted prediction, before smearing and clipping) and scale (1,
-        or for a k-NN the weighted spread of the neighbours' values plus ``floor``)."""
-        if self.method != "knn":
-            centre = self.predict_fitted(x)
-            return centre, np.ones_like(centre)
-        centre, spread = knn_moments(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
+        centre, spread = self._centre_and_spread(x)
         floor = floor if floor is not None else (self.interval or {}).get("floor", 0.0)
-        return centre, spread + max(float(floor), 1e-12)
+        return self._scores(centre, spread, y, floor)
+
+    def _scores(self, centre: np.ndarray, spread: np.ndarray | None, y: np.ndarray, floor: float) -> np.ndarray:
+        y = np.asarray(y, np.float64).reshape(-1)
+        return np.abs((np.log1p(y) if self.log_values else y) - centre) / self._scale(spread, floor)
+
+    def _centre_and_spread(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``([N], [N] or None)`` the interval's centre (the fitted prediction, before smearing and clipping) and,
+        for a k-NN, the weighted spread of the neighbours' values (one search for both)."""
+        if self.method != "knn":
+            return self.predict_fitted(x), None
+        return knn_moments(self.bank, self.bank_values, x, k=self.k, temperature=self.temperature)
+
+    @staticmethod
+    def _scale(spread: np.ndarray | None, floor: float) -> np.ndarray | float:
+        """The interval's scale: 1, or a k-NN's neighbour spread plus ``floor`` (never 0)."""
+        return 1.0 if spread is None else spread + max(float(floor), 1e-12)
 
     def predict_fitted(self, x: np.ndarray) -> np.ndarray:
         """``[N]`` what the regressor fitted (``log(1 + value)`` where ``log_values``), before it is taken back and clipped."""
@@ -328,12 +341,9 @@ def calibrated(regressor: TileRegressor, x: np.ndarray, y: np.ndarray, coverage:
     of a tenth of the held-out tiles' mean spread, so that neighbours that agree exactly still leave some width.
     Too few rows for ``coverage`` leave ``interval`` as ``None``, with a warning.
     """
-    floor = 0.0
-    if regressor.method == "knn":
-        spread = knn_moments(regressor.bank, regressor.bank_values, x, k=regressor.k,
-                             temperature=regressor.temperature)[1]  # fmt: skip
-        floor = 0.1 * float(spread.mean()) or 0.1 * float(np.std(regressor.bank_values))
-    scores = regressor.interval_scores(x, y, floor=floor)
+    centre, spread = regressor._centre_and_spread(x)
+    floor = 0.0 if spread is None else 0.1 * float(spread.mean()) or 0.1 * float(np.std(regressor.bank_values))
+    scores = regressor._scores(centre, spread, y, floor)
     quantile = conformal_quantile(scores, coverage)
     if not math.isfinite(quantile):
         log.warning("%d held-out tiles cannot calibrate a %.0f %% prediction interval (%d are needed): the regressor "
@@ -344,9 +354,9 @@ def calibrated(regressor: TileRegressor, x: np.ndarray, y: np.ndarray, coverage:
     return regressor
 
 
-def interval_line(regressor: TileRegressor) -> str:
+def interval_line(regressor: TileRegressor, items: str = "tiles") -> str:
     """``"90 % prediction intervals from 120 held-out tiles: ± 8.1 m"`` (log regressor: ``"× / ÷ 1.9 on 1 +
-    value"``; k-NN: ``"± 1.6 neighbour spreads + 0.4 m"``)."""
+    value"``; k-NN: ``"± 1.6 neighbour spreads + 0.4 m"``); ``items``: what was held out (tiles, chips)."""
     interval = regressor.interval
     if interval is None:
         return "no prediction interval"
@@ -358,7 +368,7 @@ def interval_line(regressor: TileRegressor) -> str:
         width = f"± {q:.3g} × (the neighbours' spread + {interval['floor']:.3g}{unit})"
     else:
         width = f"± {q:.3g}{unit}"
-    return f"{100 * interval['coverage']:.0f} % prediction intervals from {interval['n']} held-out tiles: {width}"
+    return f"{100 * interval['coverage']:.0f} % prediction intervals from {interval['n']} held-out {items}: {width}"
 
 
 def interval_metrics(lower: np.ndarray, upper: np.ndarray, target: np.ndarray, coverage: float) -> dict[str, float]:
@@ -588,6 +598,15 @@ def _values_metadata(values: Any, band: int) -> tuple[str | None, str | None]:
         return None, None
 
 
+def total_unit(unit: str | None, statistic: str) -> str | None:
+    """The unit of a value map's total over its hectares, where its values make one: ``"Mg"`` for a density per
+    hectare (``"Mg/ha"``), ``"ha"`` for a share (statistic ``above:`` / ``equal:``), else ``None``."""
+    compact = (unit or "").replace(" ", "")
+    if compact.lower().endswith("/ha"):
+        return compact[: -len("/ha")]
+    return "ha" if statistic.startswith(("above:", "equal:")) else None
+
+
 @dataclass
 class TileValueMap:
     """A regressor's values of a scene's tiles on a grid of cells ``stride`` pixels wide (as
@@ -624,21 +643,17 @@ class TileValueMap:
         return f"{self.target} ({self.unit})" if self.unit else self.target
 
     def total(self) -> tuple[float, str] | None:
-        """The map's total over the ground its predicted cells cover, where the values make one: a density per
-        hectare (unit ``"Mg/ha"``) summed over the cells' hectares (``(total, "Mg")``), or a share (statistic
-        ``above:`` / ``equal:``) as the hectares it covers (``(area, "ha")``); ``None`` for other values, or on a grid
-        in degrees."""
+        """The map's total over the ground its predicted cells cover, where the values make one
+        (:func:`total_unit`): a density per hectare (unit ``"Mg/ha"``) summed over the cells' hectares (``(total,
+        "Mg")``), or a share (statistic ``above:`` / ``equal:``) as the hectares it covers (``(area, "ha")``);
+        ``None`` for other values, or on a grid in degrees."""
         from dinov3_eo.data.raster import pixel_area_ha
 
         hectares = pixel_area_ha(self.crs, self.transform)
-        values = self.values[np.isfinite(self.values)].astype(np.float64)
-        if hectares is None:
+        unit = total_unit(self.unit, self.statistic)
+        if hectares is None or unit is None:
             return None
-        if self.unit and self.unit.replace(" ", "").lower().endswith("/ha"):
-            return float(values.sum() * hectares), self.unit.replace(" ", "")[: -len("/ha")]
-        if self.statistic.startswith(("above:", "equal:")):
-            return float(values.sum() * hectares), "ha"
-        return None
+        return float(self.values[np.isfinite(self.values)].astype(np.float64).sum() * hectares), unit
 
     def to_geodataframe(self) -> Any:
         """The predicted cells as a ``geopandas.GeoDataFrame`` in the scene's CRS: ``row``, ``col``, ``value``,
@@ -725,8 +740,7 @@ def regress_tiles(
     intervals = regressor.interval is not None
 
     def head(cls: np.ndarray, patch_mean: np.ndarray) -> np.ndarray:
-        x = _batch_features(cls, patch_mean, regressor.features)
-        return np.stack(regressor.predict_with_interval(x) if intervals else [regressor.predict(x)], 1)
+        return regressor.outputs(_batch_features(cls, patch_mean, regressor.features)).T
 
     grid = predict_tile_grid(raster, regressor, head, 3 if intervals else 1, backbone=backbone, tile_size=tile_size, stride=stride,
                              bands=bands, nodata=nodata, min_valid=min_valid, batch_size=batch_size, device=device,
@@ -863,46 +877,39 @@ def score_tile_regressor(
     found = _scene_values(scenes, values, tile_sizes=sizes, statistic=statistic, attribute=attribute, band=band,
                           nodata=values_nodata, min_valid=min_covered, min_points=min_points)  # fmt: skip
     intervals = regressor.interval is not None
-    all_pred, all_target, all_lower, all_upper, frames = [], [], [], [], []
+    all_outputs, all_target, frames = [], [], []
     for tiles in found:
         if embeddings is not None:  # rows of an 'embed --tiles' table: nothing embedded here
             embedded, done = tile_table_rows(embeddings, tiles)
-            predicted, lower, upper = np.full(len(tiles), np.nan), np.full(len(tiles), np.nan), np.full(len(tiles), np.nan)
+            outputs = np.full((3 if intervals else 1, len(tiles)), np.nan)
             if done.any():
-                x = chip_features(embedded, regressor.features)
-                if intervals:
-                    predicted[done], lower[done], upper[done] = regressor.predict_with_interval(x)
-                else:
-                    predicted[done] = regressor.predict(x)
+                outputs[:, done] = regressor.outputs(chip_features(embedded, regressor.features))
         else:
             cells = np.zeros(tile_grid_shape(*scene_shape(tiles.source), tiles.tile_size), bool)
             cells[tiles.rows, tiles.cols] = True
             result = regress_tiles(tiles.source, regressor, backbone=backbone, tile_size=tiles.tile_size,
                                    nodata=nodata, min_valid=min_valid, batch_size=batch_size, tta=tta, amp=amp,
                                    cells=cells, progress=progress)  # fmt: skip
-            predicted = result.values[tiles.rows, tiles.cols].astype(np.float64)
-            if intervals:
-                lower = result.lower[tiles.rows, tiles.cols].astype(np.float64)
-                upper = result.upper[tiles.rows, tiles.cols].astype(np.float64)
-        done = np.isfinite(predicted)
-        tiles, predicted = tiles.take(done), predicted[done]
+            maps = [result.values, result.lower, result.upper] if intervals else [result.values]
+            outputs = np.stack([m[tiles.rows, tiles.cols] for m in maps]).astype(np.float64)
+        done = np.isfinite(outputs[0])
+        tiles, outputs = tiles.take(done), outputs[:, done]
         if not len(tiles):
             continue
-        columns = {"scene": [os.fspath(tiles.source)] * len(tiles), "predicted": predicted,
-                   "error": predicted - tiles.values}  # fmt: skip
+        columns = {"scene": [os.fspath(tiles.source)] * len(tiles), "predicted": outputs[0],
+                   "error": outputs[0] - tiles.values}  # fmt: skip
         if intervals:
-            lower, upper = lower[done], upper[done]
+            lower, upper = outputs[1:]
             columns.update(lower=lower, upper=upper, inside=(tiles.values >= lower) & (tiles.values <= upper))
-            all_lower.append(lower)
-            all_upper.append(upper)
-        all_pred.append(predicted)
+        all_outputs.append(outputs)
         all_target.append(tiles.values)
         frames.append(tiles.to_geodataframe(columns))
     if not frames:
         raise ValueError(f"No tile of {', '.join(map(str, scenes))} with a reference value holds imagery on "
                          f"{min_valid:.0%} of its pixels; check --nodata, or lower --min-valid.")  # fmt: skip
-    ends = (np.concatenate(all_lower), np.concatenate(all_upper)) if intervals else (None, None)
-    return TileValueScores(np.concatenate(all_pred), np.concatenate(all_target), one_frame(frames), *ends)
+    outputs = np.concatenate(all_outputs, axis=1)
+    ends = (outputs[1], outputs[2]) if intervals else (None, None)
+    return TileValueScores(outputs[0], np.concatenate(all_target), one_frame(frames), *ends)
 
 
 
@@ -920,6 +927,7 @@ __all__ = [
     "fit_tile_regressor",
     "interval_line",
     "interval_metrics",
+    "total_unit",
     "knn_moments",
     "knn_values",
     "regress_tiles",
