@@ -34,7 +34,7 @@ from dinov3_eo.data.chips import ChipSegmentationDataModule, ChipWindow, ChipWin
 from dinov3_eo.data.datamodule import DenseDataModule
 from dinov3_eo.data.labels import MosaicFile, RasterMosaic
 from dinov3_eo.data.sampling import Tile
-from dinov3_eo.tasks.height_footprints import FootprintHeights
+from dinov3_eo.tasks.height_footprints import FootprintHeights, is_vector_heights
 
 #: Resampling choices for heights: continuous values only (``nearest`` keeps the CHM's blockiness).
 HEIGHT_RESAMPLING = ("bilinear", "average", "cubic", "nearest")
@@ -225,8 +225,6 @@ class HeightDataModule(DenseDataModule):
         self.label_footprint_m, self.min_footprints = label_footprint_m, int(min_footprints)
 
     def _labels(self) -> HeightLabels | FootprintHeights:
-        from dinov3_eo.tasks.height_footprints import is_vector_heights
-
         if is_vector_heights(self.labels_path):
             if self.label_pairing != "georeference":
                 raise ValueError(f"HeightDataModule: footprints ({self.labels_path}) are matched to the imagery by "

@@ -43,6 +43,14 @@ def is_vector_heights(source: Any) -> bool:
         not is_raster_labels(source)
 
 
+def _pixels_under(points: Any, transform: Affine, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, inside)`` ``[N]``: the grid pixel under each point of ``points`` (a ``GeoSeries`` in the grid's
+    CRS) and whether it lies on the grid."""
+    cols, rows = ~transform @ (points.x.to_numpy(), points.y.to_numpy())
+    rows, cols = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
+    return rows, cols, (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+
+
 def _grid_bounds(transform: Affine, shape: tuple[int, int]) -> tuple[float, float, float, float]:
     xs, ys = zip(*(transform @ corner for corner in ((0, 0), (shape[1], 0), (0, shape[0]), (shape[1], shape[0]))))
     return min(xs), min(ys), max(xs), max(ys)
@@ -84,6 +92,11 @@ class FootprintHeights:
 
     def __len__(self) -> int:
         return len(self.frame)
+
+    @property
+    def centre_pixels(self) -> bool:
+        """Each point labels the pixel under it alone (points without a ``footprint_m``)."""
+        return self.points and self.footprint_m is None
 
     @property
     def files(self) -> list:
@@ -128,10 +141,8 @@ class FootprintHeights:
         if not len(near):
             return out
         values = near["_value"].to_numpy(np.float64)
-        if self.points and self.footprint_m is None:  # the pixel under each point
-            cols, rows = ~transform @ (near.geometry.x.to_numpy(), near.geometry.y.to_numpy())
-            rows, cols = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
-            inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+        if self.centre_pixels:
+            rows, cols, inside = _pixels_under(near.geometry, transform, shape)
             flat = rows[inside] * shape[1] + cols[inside]
             sums = np.bincount(flat, weights=values[inside], minlength=shape[0] * shape[1])
             counts = np.bincount(flat, minlength=shape[0] * shape[1])
@@ -159,7 +170,7 @@ class FootprintHeights:
         labelled = np.isfinite(self.read(crs=crs, transform=transform, shape=shape))
         if not labelled.any():
             return 0
-        if self.points and self.footprint_m is None:
+        if self.centre_pixels:
             return int(min(len(self._near(crs, transform, shape)), labelled.sum()))
         return len(self._near(crs, transform, shape))
 
@@ -202,19 +213,17 @@ def footprint_means(raster: str | os.PathLike[str], footprints: FootprintHeights
     Raises:
         ValueError: the raster has no georeference.
     """
+    import rasterio
     from rasterio.features import rasterize
     from rasterio.windows import Window
 
+    from dinov3_eo.data.datasets import GDAL_CACHE_MB
     from dinov3_eo.data.raster import open_quietly, require_georeferenced
 
     if statistic not in FOOTPRINT_STATISTICS:
         raise ValueError(f"A footprint's pixels are summarised by one of {FOOTPRINT_STATISTICS}, not {statistic!r}.")
     n = len(footprints)
     sums, counts, maxima = np.zeros(n), np.zeros(n, np.int64), np.full(n, -np.inf)
-    import rasterio
-
-    from dinov3_eo.data.datasets import GDAL_CACHE_MB
-
     # each block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never reused
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_quietly(raster) as src:
         require_georeferenced(src)
@@ -227,10 +236,8 @@ def footprint_means(raster: str | os.PathLike[str], footprints: FootprintHeights
                     continue
                 values = src.read(1, window=window, masked=True).astype(np.float64).filled(np.nan)
                 ids = near.index.to_numpy()  # the footprints' rows (the frame's index is 0..n-1)
-                if footprints.points and footprints.footprint_m is None:
-                    cols, rows = ~transform @ (near.geometry.x.to_numpy(), near.geometry.y.to_numpy())
-                    rows, cols = np.floor(rows).astype(np.int64), np.floor(cols).astype(np.int64)
-                    inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
+                if footprints.centre_pixels:
+                    rows, cols, inside = _pixels_under(near.geometry, transform, shape)
                     picked = values[rows[inside], cols[inside]]
                     ok = np.isfinite(picked)
                     np.add.at(sums, ids[inside][ok], picked[ok])

@@ -261,7 +261,7 @@ def write_height_intervals(
 
     from dinov3_eo.data.raster import open_quietly
     from dinov3_eo.inference.writers import COGWriter, check_overwrite
-    from dinov3_eo.tasks.height_plots import value_quicklook
+    from dinov3_eo.tasks.height_plots import picture_shape, value_quicklook
 
     check_overwrite(dst, overwrite, inputs=[chm])
     if quicklook is not None:
@@ -281,16 +281,10 @@ def write_height_intervals(
                 out.write(np.stack(intervals.bounds(heights)), window=window)
     if quicklook is not None:
         with rasterio.open(dst) as done:
-            lower, upper = done.read(1, out_shape=_small(done)), done.read(2, out_shape=_small(done))
+            lower, upper = done.read(out_shape=(2, *picture_shape(done.height, done.width)))
         value_quicklook(quicklook, upper - lower, label=f"width of the {percent} interval (m)", title=Path(chm).name,
                         overwrite=overwrite)  # fmt: skip
     return Path(dst)
-
-
-def _small(dataset: Any, size: int = 1024) -> tuple[int, int]:
-    """A raster's shape scaled down to at most ``size`` a side (a picture's read)."""
-    scale = min(1.0, size / max(dataset.height, dataset.width))
-    return max(1, round(dataset.height * scale)), max(1, round(dataset.width * scale))
 
 
 def interval_table(intervals: HeightIntervals, coverage: dict[str, Any] | None = None) -> str:

@@ -165,6 +165,12 @@ def change_quicklook(
                              vmax=vmax, title=title, overwrite=overwrite)  # fmt: skip
 
 
+def picture_shape(height: int, width: int, max_size: int = 1024) -> tuple[int, int]:
+    """A ``height`` x ``width`` raster's shape scaled down to at most ``max_size`` a side: what its picture reads."""
+    scale = min(1.0, max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def _one_band_picture(
     dst: str | os.PathLike[str],
     raster: str | os.PathLike[str] | np.ndarray,
@@ -188,8 +194,7 @@ def _one_band_picture(
         shape = read.shape
     else:
         with rasterio.open(raster) as src:
-            scale = min(1.0, max_size / max(src.height, src.width))
-            shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+            shape = picture_shape(src.height, src.width, max_size)
             read = src.read(1, out_shape=shape, resampling=Resampling.average, masked=True).astype(np.float32)
     values = np.ma.masked_invalid(read)
     finite = np.abs(values.compressed()) if centred else values.compressed()
