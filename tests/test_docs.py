@@ -218,3 +218,10 @@ def test_the_readme_height_interval_example_calibrates_and_checks(monkeypatch: p
     with rasterio.open(scope["ends"]) as ends:
         assert ends.count == 2 and ends.units == ("m", "m")
     assert 0.6 <= scope["covered"] <= 1.0 and scope["check"].result()["all"]["n"] == 1600
+
+
+def test_the_readme_footprint_example_scores_shots_and_labels_their_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("evaluate_height_footprints(chm, shots", monkeypatch)
+    assert scope["metrics"]["all"]["n"] == 3 and len(scope["errors"]) == 3
+    labels = scope["labels"]
+    assert labels.shape == (40, 40) and sorted(labels[np.isfinite(labels)].tolist()) == [18.0, 30.0, 42.0]
