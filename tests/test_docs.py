@@ -225,3 +225,27 @@ def test_the_readme_footprint_example_scores_shots_and_labels_their_pixels(monke
     assert scope["metrics"]["all"]["n"] == 3 and len(scope["errors"]) == 3
     labels = scope["labels"]
     assert labels.shape == (40, 40) and sorted(labels[np.isfinite(labels)].tolist()) == [18.0, 30.0, 42.0]
+
+
+
+def test_the_readme_gedi_example_reads_filtered_shots(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In a folder holding ``scene.tif`` and ``granules/``, as the example expects: a granule of July 2021."""
+    from test_gedi import BEAMS, POWER_BEAMS, track_datasets, write_granule, write_height_map
+
+    scene = write_height_map(tmp_path / "scene.tif")
+    beams = track_datasets(scene, np.random.default_rng(0))
+    july = (np.datetime64("2021-07-01T00:00:00", "s") - np.datetime64("2018-01-01T00:00:00", "s")).astype(float)
+    for columns in beams.values():
+        columns["delta_time"] = july + np.arange(len(columns["delta_time"])) * 0.0083
+    (tmp_path / "granules").mkdir()
+    write_granule(tmp_path / "granules" / "GEDI02_A_2021182_O14000_02_T05678_02_003_02_V002.h5", beams)
+    (block,) = [b for b in readme_python_blocks() if "read_gedi_shots(" in b]
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    frame = scope["shots"].frame
+    assert 0 < len(frame) and set(frame["beam"]) <= set(POWER_BEAMS) and (frame["solar_elevation"] < 0).all()
+    assert scope["shots"].counts["beams"] == 57 * (len(BEAMS) - len(POWER_BEAMS))
+    import geopandas as gpd
+
+    assert len(gpd.read_file(tmp_path / "gedi_shots.gpkg")) == len(frame)

@@ -146,9 +146,10 @@ class RasterRecord:
 
 
 def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike],
-                   suffixes: Sequence[str] | None = None) -> list[str]:
+                   suffixes: Sequence[str] | None = None, *, what: str = "raster") -> list[str]:
     """Absolute, sorted, de-duplicated raster paths from files, folders (recursive) and glob patterns; a folder
-    yields its files with ``suffixes`` (default :data:`RASTER_SUFFIXES`).
+    yields its files with ``suffixes`` (default :data:`RASTER_SUFFIXES`). ``what`` names the files in messages
+    (``"GEDI granule"``).
 
     Raises:
         FileNotFoundError: if a source matches nothing.
@@ -157,6 +158,7 @@ def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike],
         sources = [sources]
     suffixes = tuple(suffixes or RASTER_SUFFIXES)
     found: set[str] = set()
+    named = what[:1].upper() + what[1:]
     for source in sources:
         text = os.fspath(source)
         path = Path(text).expanduser()
@@ -167,9 +169,10 @@ def expand_sources(sources: str | os.PathLike | Sequence[str | os.PathLike],
         elif path.is_file():
             matches = [path]
         else:
-            raise FileNotFoundError(f"Raster source {text!r} is neither a file, a folder nor a glob that matches files.")
+            raise FileNotFoundError(f"{named} source {text!r} is neither a file, a folder nor a glob that "
+                                    "matches files.")  # fmt: skip
         if not matches:
-            raise FileNotFoundError(f"Raster source {text!r} matched no raster files (suffixes {suffixes}).")
+            raise FileNotFoundError(f"{named} source {text!r} matched no {what} files (suffixes {suffixes}).")
         found.update(os.path.abspath(p) for p in matches)
     return sorted(found)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -110,6 +111,56 @@ def scatter_plot(
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
+    return _save(fig, dst, overwrite)
+
+
+def shot_map(
+    dst: str | os.PathLike[str],
+    shots: Any,
+    column: str,
+    *,
+    label: str,
+    background: str | os.PathLike[str] | None = None,
+    max_size: int = 1024,
+    overwrite: bool = False,
+) -> Path:
+    """Points (GEDI shots, field plots: a ``GeoDataFrame``) coloured by ``column`` from 0 to its 99th percentile, over ``background`` (a raster: its first three bands, or one in grey, stretched and read down
+    to ``max_size``; the points drawn in its CRS), else on longitude/latitude axes."""
+    from matplotlib.figure import Figure
+
+    from dinov3_eo.inference.writers import display_rgb
+
+    values = np.asarray(shots[column], np.float64)
+    finite = values[np.isfinite(values)]
+    top = max(float(np.percentile(finite, 99)) if finite.size else 1.0, 1e-3)
+    fig = Figure(figsize=(6.4, 5.2), dpi=100)
+    ax = fig.subplots()
+    if background is not None:
+        with rasterio.open(background) as src:
+            shape = picture_shape(src.height, src.width, max_size)
+            bands = list(range(1, min(src.count, 3) + 1))
+            pixels = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average, masked=True)
+            valid = ~np.ma.getmaskarray(pixels).any(axis=0)
+            left, bottom, right, top_edge = src.bounds
+            points = shots.to_crs(src.crs)
+        ax.imshow(display_rgb(np.ma.getdata(pixels), valid), extent=(left, right, bottom, top_edge))
+        x, y = points.geometry.x.to_numpy(), points.geometry.y.to_numpy()
+        ax.set_xlim(left, right)
+        ax.set_ylim(bottom, top_edge)
+    else:
+        points = shots.to_crs("EPSG:4326")
+        x, y = points.geometry.x.to_numpy(), points.geometry.y.to_numpy()
+        if len(y):  # a degree of longitude is cos(latitude) of a degree of latitude on the ground
+            ax.set_aspect(1.0 / max(np.cos(np.radians(float(np.mean(y)))), 1e-3))
+        ax.set_xlabel("longitude (°)")
+        ax.set_ylabel("latitude (°)")
+    few = len(values) <= 2000
+    dots = ax.scatter(x, y, c=values, s=16 if few else 5, cmap=HEIGHT_CMAP, vmin=0.0, vmax=top,
+                      edgecolors="white" if few else "none", linewidths=0.4 if few else 0)  # fmt: skip
+    ax.ticklabel_format(useOffset=False, style="plain")  # whole coordinates, not an offset in a corner
+    ax.tick_params(labelsize=7)
+    fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.04, label=label)
+    ax.set_title(f"{len(values):,} shots")
     return _save(fig, dst, overwrite)
 
 

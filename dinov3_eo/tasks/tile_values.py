@@ -229,6 +229,9 @@ def vector_values(values: Any, attribute: str | None) -> Any | None:
         raise FileNotFoundError(f"Reference values {str(values)!r} do not exist.")
     elif os.fspath(values).lower().endswith(".csv"):
         frame = _read_points_csv(values)
+    elif os.fspath(values).lower().endswith((".h5", ".hdf5", ".he5")):
+        raise ValueError(f"Reference values {str(values)!r} are an HDF5 file: turn GEDI granules into filtered shots "
+                         "first (dinov3-eo gedi GRANULES --within MAP.tif --out shots.gpkg) and give shots.gpkg.")
     else:
         frame = gpd.read_file(values)
     where = _describe_values(values)
