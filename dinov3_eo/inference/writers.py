@@ -395,6 +395,19 @@ def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
+def picture_shape(height: int, width: int, max_size: int = 1024) -> tuple[int, int]:
+    """A ``height`` x ``width`` raster's shape scaled down to at most ``max_size`` a side: what its picture reads."""
+    scale = min(1.0, max_size / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def picture_grid(src: Any, max_size: int = 1024) -> tuple[tuple[int, int], Affine]:
+    """The shape (:func:`picture_shape`) and transform of ``src``'s picture grid (anything with ``height``, ``width``
+    and ``transform``: a dataset, a stack): the grid another raster is read onto to be drawn beside it."""
+    shape = picture_shape(src.height, src.width, max_size)
+    return shape, src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0])
+
+
 def display_rgb(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``[C, h, w]`` imagery (the red, green, blue bands, or one band) as an ``[h, w, 3]`` float picture in [0, 1]:
     :func:`stretch_to_unit`, one band repeated as grey, invalid pixels white (not black "data")."""
@@ -466,8 +479,7 @@ def write_quicklook(
             raise ValueError(f"Quick-look image {str(image)!r} is not on the grid of class map {str(classes)!r} (nor is "
                              "the map on a grid of whole blocks of its pixels).")  # fmt: skip
         base_h, base_w = image_grid[:2] if image_grid is not None else grid[:2]
-        scale = min(1.0, max_size / max(base_h, base_w))
-        shape = (max(1, round(base_h * scale)), max(1, round(base_w * scale)))
+        shape = picture_shape(base_h, base_w, max_size)
         if factor == 1:
             labels = cls_src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
         else:  # a tile map: each picture pixel takes the tile its centre falls in

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA
+from dinov3_eo.inference.writers import picture_shape
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +241,7 @@ def radiometric_match(stack: Any, before_bands: Sequence[int], after_bands: Sequ
 
 def _moment_matches(stack: Any, date_bands: Sequence[Sequence[int]], *, max_size: int = 1024) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`radiometric_match` of every later date to the first, from one decimated read of all of them."""
-    scale = min(1.0, max_size / max(stack.height, stack.width))
-    shape = (max(1, round(stack.height * scale)), max(1, round(stack.width * scale)))
+    shape = picture_shape(stack.height, stack.width, max_size)
     indexes = [b for bands in date_bands for b in bands]
     values = stack.read(indexes, out_shape=(len(indexes), *shape), resampling=Resampling.nearest)
     seen = np.isfinite(values).all(axis=0)
@@ -529,8 +529,7 @@ def change_quicklook(
 
     from dinov3_eo.inference.writers import atomic_output, display_rgb
 
-    scale = min(1.0, max_size / max(stack.height, stack.width))
-    shape = (max(1, round(stack.height * scale)), max(1, round(stack.width * scale)))
+    shape = picture_shape(stack.height, stack.width, max_size)
     panels = []
     for indexes in bands:
         pixels = stack.read(list(indexes), out_shape=(len(indexes), *shape), resampling=Resampling.average)

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from rasterio.transform import Affine
 from rasterio.windows import Window
 import torch
 import torch.distributed as dist
@@ -635,7 +634,7 @@ def evaluate_height_raster(
     from dinov3_eo.data.datasets import GDAL_CACHE_MB
     from dinov3_eo.data.index import expand_sources
     from dinov3_eo.data.labels import RasterMosaic
-    from dinov3_eo.inference.writers import check_overwrite
+    from dinov3_eo.inference.writers import check_overwrite, picture_grid
     from dinov3_eo.tasks.height_data import HeightLabels
 
     references = expand_sources(reference)
@@ -671,10 +670,8 @@ def evaluate_height_raster(
                     if on_pairs is not None:
                         on_pairs(heights, target)
             if out_dir is not None and len(panels) < 8:
-                scale = min(1.0, picture_size / max(ref.height, ref.width))
-                shape = (max(1, round(ref.height * scale)), max(1, round(ref.width * scale)))
+                shape, transform = picture_grid(ref, picture_size)
                 target = _heights(ref.read(1, out_shape=shape, resampling=Resampling.nearest), nodata)
-                transform = ref.transform @ Affine.scale(ref.width / shape[1], ref.height / shape[0])
                 panels.append((predicted.read(crs=ref.crs, transform=transform, shape=shape), target))
                 titles.append(Path(path).name)
     predicted.close()

@@ -261,7 +261,8 @@ def write_height_intervals(
 
     from dinov3_eo.data.raster import open_quietly
     from dinov3_eo.inference.writers import COGWriter, check_overwrite
-    from dinov3_eo.tasks.height_plots import picture_shape, value_quicklook
+    from dinov3_eo.inference.writers import picture_shape
+    from dinov3_eo.tasks.height_plots import value_quicklook
 
     check_overwrite(dst, overwrite, inputs=[chm])
     if quicklook is not None:

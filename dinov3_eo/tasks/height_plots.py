@@ -13,7 +13,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from dinov3_eo.inference.writers import atomic_output
+from dinov3_eo.inference.writers import atomic_output, picture_shape
 
 #: Perceptually uniform, colour-blind-safe map of heights; diverging map of errors (blue = under, red = over).
 HEIGHT_CMAP = "viridis"
@@ -214,12 +214,6 @@ def change_quicklook(
     # RdBu: red for negative; the reversed map puts loss (negative) in blue, gain in red
     return _one_band_picture(dst, change, cmap=ERROR_CMAP, label="height change (m)", centred=True, max_size=max_size,
                              vmax=vmax, title=title, overwrite=overwrite)  # fmt: skip
-
-
-def picture_shape(height: int, width: int, max_size: int = 1024) -> tuple[int, int]:
-    """A ``height`` x ``width`` raster's shape scaled down to at most ``max_size`` a side: what its picture reads."""
-    scale = min(1.0, max_size / max(height, width))
-    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
 def _one_band_picture(

@@ -36,7 +36,7 @@ from rasterio.windows import Window
 from dinov3_eo.data.datasets import GDAL_CACHE_MB
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
-from dinov3_eo.inference.writers import atomic_output, check_overwrite
+from dinov3_eo.inference.writers import atomic_output, check_overwrite, picture_grid
 
 log = logging.getLogger(__name__)
 
@@ -573,12 +573,10 @@ def _map_confusion(src: Any, path: Any, ref: _Reference, k: int, reference: Any,
 
 def _agreement_of(src: Any, path: Any, ref: _Reference, dst: Path, picture_size: int) -> None:
     """``agreement.png`` of one map: the map read at most ``picture_size`` px a side, the reference on that grid."""
-    scale = min(1.0, picture_size / max(src.height, src.width))
-    shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+    shape, transform = picture_grid(src, picture_size)
     mapped = src.read(1, out_shape=shape, resampling=Resampling.nearest).astype(np.int64)
     if src.nodata is not None:
         mapped[mapped == int(src.nodata)] = -1
-    transform = src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0])
     truth = ref.labels(crs=src.crs, transform=transform, shape=shape, path=path)
     agreement_plot(dst, mapped, truth, title=Path(path).name)
 

@@ -245,17 +245,15 @@ def similarity_quicklook(
     imagery's where the file declares none (white, and left out of the colour stretch)."""
     from matplotlib.figure import Figure
 
-    from dinov3_eo.inference.writers import atomic_output, display_rgb
+    from dinov3_eo.inference.writers import atomic_output, display_rgb, picture_grid
 
     with rasterio.open(raster) as src:
-        scale = min(1.0, max_size / max(src.height, src.width))
-        shape = (max(1, round(src.height * scale)), max(1, round(src.width * scale)))
+        shape, picture_transform = picture_grid(src, max_size)
         pixels = src.read(list(bands), out_shape=(len(bands), *shape), resampling=Resampling.average)
         valid = src.read_masks(1, out_shape=shape) > 0
         if nodata is not None:
             valid &= ~(pixels == nodata).all(axis=0)
-        # pixel coordinates of the picture: the raster's, scaled
-        to_picture = ~(src.transform @ rasterio.Affine.scale(src.width / shape[1], src.height / shape[0]))
+        to_picture = ~picture_transform  # pixel coordinates of the picture
     rgb = display_rgb(pixels, valid)
     with rasterio.open(similarity) as src:
         values = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average))
