@@ -287,9 +287,11 @@ class HeightTask(LogsAfterBackward, TrainModesAtFitStart):
         pred = self(image)
         self.log(f"{split}/loss", self.loss_fn(pred, target, valid), batch_size=image.shape[0], sync_dist=True)
         self.val_metrics.update(pred, target, valid)
-        self._keep_for_plots(pred[:, 0], target, valid, batch_idx)
+        self._keep_validation_pairs(pred[:, 0], target, valid, batch_idx)
 
-    def _keep_for_plots(self, pred: Tensor, target: Tensor, valid: Tensor, batch_idx: int) -> None:
+    def _keep_validation_pairs(self, pred: Tensor, target: Tensor, valid: Tensor, batch_idx: int) -> None:
+        """Every valid pixel's error into the interval histogram; a subsample of the pairs and the first tiles for
+        the scatter plot and error map."""
         p = pred.detach().float().cpu().numpy()
         t = torch.where(valid, target, torch.full_like(target, float("nan"))).cpu().numpy()
         self._val_errors.add(p, t)
