@@ -14,12 +14,25 @@ sample of convenience, such as plots along roads, is not). Its standard error sh
 spread rather than the values' own spread, so a good map turns a few plots into a tight estimate: the ratio
 ``var(y) / var(y - ŷ)`` (the relative efficiency) says how many times more plots the sample alone would need.
 The interval uses Student's t with ``n - 1`` degrees of freedom.
+
+With **strata** (a class map, forest / non-forest, ecozones), :func:`stratified_difference_estimate` applies the
+same correction within each stratum and weighs the strata by their share ``W_h = N_h / N`` of the mapped cells::
+
+    mean = sum_h W_h (mean(map over stratum h) + mean(y - ŷ over its n_h sample cells))
+
+Its variance depends on how the plots were drawn. ``design="stratified"``: a random sample within each stratum
+(plots placed per stratum, typically more in rare strata), ``V = sum_h W_h² (1 - n_h / N_h) s²_h / n_h`` with
+Satterthwaite's degrees of freedom; ``"post-stratified"``: one random sample of the whole area, sorted into strata
+afterwards, ``V = (1 - n / N) (sum_h W_h s²_h / n + sum_h (1 - W_h) s²_h / n²)`` (Cochran 1977, 5A.42) with
+``n - H`` degrees of freedom. Where the map's error differs between strata (a map biased in one class), the
+strata's own corrections make the estimate tighter; where plots were drawn at different rates per stratum, the
+stratified weights are what keeps it unbiased (the unstratified estimator is not).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -38,6 +51,9 @@ class MapEstimate:
         relative_efficiency: ``var(y) / var(y - ŷ)`` over the sample: how many times more plots the sample alone
             would need for the model-assisted standard error (``nan`` with no error spread).
         cells, n: mapped cells and sample cells. confidence: the interval's level.
+        design: ``"simple random"``, ``"stratified"`` or ``"post-stratified"``.
+        strata: per stratum (stratified designs), ``{"stratum", "cells", "weight", "n", "map_mean", "mean_error",
+            "mean", "standard_error"}``; empty for a simple random sample.
     """
 
     mean: float
@@ -51,6 +67,8 @@ class MapEstimate:
     cells: int
     n: int
     confidence: float
+    design: str = "simple random"
+    strata: list[dict[str, Any]] = field(default_factory=list)
 
     def scaled(self, factor: float) -> dict[str, float]:
         """The mean, its standard error and interval times ``factor`` (e.g. a total: the mapped hectares for a
@@ -113,4 +131,102 @@ def difference_estimate(
                        cells=int(cells), n=int(n), confidence=float(confidence))  # fmt: skip
 
 
-__all__ = ["MapEstimate", "difference_estimate"]
+#: the sampling designs :func:`stratified_difference_estimate` knows
+DESIGNS = ("stratified", "post-stratified")
+
+
+def stratified_difference_estimate(
+    map_values: np.ndarray,
+    map_strata: np.ndarray,
+    sample_predicted: np.ndarray,
+    sample_reference: np.ndarray,
+    sample_strata: np.ndarray,
+    *,
+    design: str = "stratified",
+    confidence: float = 0.95,
+    finite_population: bool = True,
+) -> MapEstimate:
+    """The stratified difference estimator of the mean over a map's cells (module docstring).
+
+    Args:
+        map_values, map_strata: ``[N]`` every cell's map value (NaN: not mapped, dropped) and stratum (an integer;
+            cells of a negative stratum have none and are dropped).
+        sample_predicted, sample_reference, sample_strata: ``[n]`` the map's value, the reference and the stratum at
+            each sample cell (pairs with a NaN, or in a stratum without mapped cells, dropped).
+        design: ``"stratified"`` (a random sample within each stratum) or ``"post-stratified"`` (one random sample
+            of the area, sorted into strata afterwards).
+        confidence, finite_population: as :func:`difference_estimate`.
+
+    Raises:
+        ValueError: an unknown design, arrays of different lengths, a stratum with mapped cells and fewer than two
+        sample cells (merge it with a neighbour), no mapped cell, ``confidence`` outside (0, 1).
+    """
+    from scipy import stats
+
+    if design not in DESIGNS:
+        raise ValueError(f"The design must be one of {DESIGNS}, not {design!r}.")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"The confidence level must lie between 0 and 1, got {confidence}.")
+    values = np.asarray(map_values, np.float64).reshape(-1)
+    strata = np.asarray(map_strata).reshape(-1)
+    p, y = (np.asarray(a, np.float64).reshape(-1) for a in (sample_predicted, sample_reference))
+    sample_strata = np.asarray(sample_strata).reshape(-1)
+    if values.shape != strata.shape or not p.shape == y.shape == sample_strata.shape:
+        raise ValueError(f"The map's values {values.shape} and strata {strata.shape}, and the sample's predictions "
+                         f"{p.shape}, references {y.shape} and strata {sample_strata.shape} must pair up.")  # fmt: skip
+    mapped = np.isfinite(values) & (strata >= 0)
+    values, strata = values[mapped], strata[mapped].astype(np.int64)
+    if not values.size:
+        raise ValueError("The map has no valued cell with a stratum to estimate over.")
+    labels, counts = np.unique(strata, return_counts=True)
+    keep = np.isfinite(p) & np.isfinite(y) & np.isin(sample_strata, labels)
+    p, y, sample_strata = p[keep], y[keep], sample_strata[keep].astype(np.int64)
+    cells, n = int(values.size), int(len(y))
+    rows = []
+    for label, size in zip(labels.tolist(), counts.tolist()):
+        inside = sample_strata == label
+        n_h = int(inside.sum())
+        if n_h < 2:
+            raise ValueError(f"Stratum {label} has {size:,} mapped cells but {n_h} sample cell(s); each stratum needs "
+                             "at least two (merge it with a neighbouring stratum).")  # fmt: skip
+        errors = y[inside] - p[inside]
+        map_mean = float(values[strata == label].mean())
+        rows.append({"stratum": int(label), "cells": int(size), "weight": size / cells, "n": n_h,
+                     "map_mean": map_mean, "mean_error": float(errors.mean()),
+                     "mean": map_mean + float(errors.mean()), "error_var": float(errors.var(ddof=1)),
+                     "reference_mean": float(y[inside].mean()), "reference_var": float(y[inside].var(ddof=1))})  # fmt: skip
+    weight = np.array([r["weight"] for r in rows])
+    n_h = np.array([r["n"] for r in rows], np.float64)
+    size = np.array([r["cells"] for r in rows], np.float64)
+
+    def variance(var_h: np.ndarray) -> tuple[float, float]:
+        """The estimator's variance from per-stratum variances, and its degrees of freedom."""
+        if design == "stratified":
+            a = weight**2 * ((1.0 - np.minimum(n_h / size, 1.0)) if finite_population else 1.0) / n_h
+            parts = a * var_h
+            total = float(parts.sum())
+            df = total**2 / float(np.sum(parts**2 / (n_h - 1))) if total > 0 else float(n - 1)
+            return total, df
+        correction = (1.0 - min(n / cells, 1.0)) if finite_population else 1.0
+        total = correction * float(np.sum(weight * var_h) / n + np.sum((1.0 - weight) * var_h) / n**2)
+        return total, float(n - len(rows))
+
+    var, df = variance(np.array([r["error_var"] for r in rows]))
+    sample_var, _ = variance(np.array([r["reference_var"] for r in rows]))
+    sample_mean = float(np.sum(weight * np.array([r["reference_mean"] for r in rows])))
+    se = math.sqrt(var)
+    t = float(stats.t.ppf(0.5 + confidence / 2, df=max(df, 1.0)))
+    mean = float(np.sum(weight * np.array([r["mean"] for r in rows])))
+    for r in rows:  # the report keeps each stratum's estimate and its own standard error
+        fpc = (1.0 - min(r["n"] / r["cells"], 1.0)) if finite_population else 1.0
+        r["standard_error"] = math.sqrt(fpc * r["error_var"] / r["n"])
+        for scratch in ("error_var", "reference_mean", "reference_var"):
+            del r[scratch]
+    return MapEstimate(mean=mean, standard_error=se, low=mean - t * se, high=mean + t * se,
+                       map_mean=float(values.mean()), sample_mean=sample_mean,
+                       sample_standard_error=math.sqrt(sample_var),
+                       relative_efficiency=sample_var / var if var > 0 else math.nan, cells=cells, n=n,
+                       confidence=float(confidence), design=design, strata=rows)  # fmt: skip
+
+
+__all__ = ["DESIGNS", "MapEstimate", "difference_estimate", "stratified_difference_estimate"]

@@ -121,6 +121,12 @@ def regress_main(argv: Sequence[str]) -> int:
                           "polygons must cover (default 0.5)")  # fmt: skip
     evaluate.add_argument("--min-points", type=int, default=1, help="points a cell must hold (default 1)")
     evaluate.add_argument("--confidence", type=float, default=0.95, help="the estimate's confidence level (default 0.95)")
+    evaluate.add_argument("--strata", default=None, help="a class raster (any CRS and resolution; each map cell takes "
+                          "the class at its centre) of the strata the reference cells were drawn in: the stratified "
+                          "estimate, each stratum weighed by its share of the mapped cells")  # fmt: skip
+    evaluate.add_argument("--design", choices=("stratified", "post-stratified"), default="stratified",
+                          help="with --strata: 'stratified' (a random sample within each stratum, the default) or "
+                          "'post-stratified' (one random sample of the area, sorted into strata afterwards)")  # fmt: skip
     evaluate.add_argument("--out-dir", default=None, help="also write metrics.json, tiles.gpkg and scatter.png here")
     evaluate.add_argument("--overwrite", action="store_true", help="replace the report files of an earlier evaluation")
     for p in (fit, test):
@@ -488,13 +494,22 @@ def _test_chips(args: Any) -> None:
         _write_report(out_dir, regressor, rows, predicted, y, report, args.overwrite)
 
 
+def _strata_on_grid(path: str, *, crs: Any, transform: Any, shape: tuple[int, int]) -> tuple[np.ndarray, dict[int, str]]:
+    """A class raster's class at each cell centre of a grid (``-1``: nodata or outside it), and its class names."""
+    from dinov3_eo.data.labels import RasterLabels
+
+    source = RasterLabels(path=path, ignore_index=-1)
+    classes, labelled = source.read(crs=crs, transform=transform, shape=shape)
+    return np.where(labelled, classes.astype(np.int64), -1), dict(source.class_names)
+
+
 def _evaluate(args: Any) -> None:
     """``regress evaluate MAP.tif REFERENCE``: a written value map scored on a reference's cells, and the
     model-assisted mean (and total) of the mapped area."""
     import rasterio
 
     from dinov3_eo.data.raster import open_quietly, pixel_area_ha
-    from dinov3_eo.tasks.map_estimate import difference_estimate
+    from dinov3_eo.tasks.map_estimate import difference_estimate, stratified_difference_estimate
     from dinov3_eo.tasks.tile_regression import total_unit
     from dinov3_eo.tasks.tile_values import value_tiles
 
@@ -521,7 +536,16 @@ def _evaluate(args: Any) -> None:
                          f"check that {args.map} and the reference cover the same ground.")  # fmt: skip
     cells, predicted = cells.take(mapped), predicted[mapped]
     metrics = regression_metrics(predicted, cells.values)
-    estimate = difference_estimate(values, predicted, cells.values, confidence=args.confidence)
+    if args.strata:
+        strata, names = _strata_on_grid(args.strata, crs=crs, transform=transform, shape=values.shape)
+        estimate = stratified_difference_estimate(values, strata, predicted, cells.values, strata[cells.rows, cells.cols],
+                                                  design=args.design, confidence=args.confidence)  # fmt: skip
+        for row in estimate.strata:
+            row["name"] = names.get(row["stratum"], str(row["stratum"]))
+        if (left := int((np.isfinite(values) & (strata < 0)).sum())):
+            print(f"  {left:,} mapped cells outside every stratum of {Path(args.strata).name} are left out")
+    else:
+        estimate = difference_estimate(values, predicted, cells.values, confidence=args.confidence)
     u = f" {unit}" if unit else ""
     print(f"{Path(args.map).name}: {target}{f' ({unit})' if unit else ''} on {len(cells)} reference cells: "
           f"{metrics_line(metrics, unit)}")  # fmt: skip
@@ -531,6 +555,9 @@ def _evaluate(args: Any) -> None:
           f"{estimate.high:.4g}{u}); the reference cells alone {estimate.sample_mean:.4g}{u} (SE "
           f"{estimate.sample_standard_error:.3g})" + (f", the map {estimate.relative_efficiency:.2g}x as efficient"
                                                        if math.isfinite(estimate.relative_efficiency) else ""))  # fmt: skip
+    for row in estimate.strata:
+        print(f"    {row['name']}: {row['cells']:,} cells ({100 * row['weight']:.1f} %), {row['n']} reference cells, "
+              f"map {row['map_mean']:.4g}{u}, model-assisted {row['mean']:.4g}{u} (SE {row['standard_error']:.3g})")
     report: dict[str, Any] = {"map": str(args.map), "target": target, "unit": unit, "statistic": statistic,
                               "test": metrics, "estimate": estimate.to_dict()}  # fmt: skip
     hectares, summed = pixel_area_ha(crs, transform), total_unit(unit, statistic)
