@@ -260,8 +260,7 @@ def write_height_intervals(
     import rasterio
 
     from dinov3_eo.data.raster import open_quietly
-    from dinov3_eo.inference.writers import COGWriter, check_overwrite
-    from dinov3_eo.inference.writers import picture_shape
+    from dinov3_eo.inference.writers import COGWriter, check_overwrite, picture_shape
     from dinov3_eo.tasks.height_plots import value_quicklook
 
     check_overwrite(dst, overwrite, inputs=[chm])
