@@ -27,6 +27,8 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
+from dinov3_eo.tasks.zonal import overlap_free_layers
+
 #: GEDI's footprint diameter (m)
 GEDI_FOOTPRINT_M = 25.0
 
@@ -178,25 +180,6 @@ class FootprintHeights:
                  path: str | os.PathLike | None = None) -> float:  # fmt: skip
         """The fraction of the grid's pixels the footprints label."""
         return float(np.isfinite(self.read(crs=crs, transform=transform, shape=shape)).mean())
-
-
-def overlap_free_layers(geometries: Any) -> list[np.ndarray]:
-    """Positions of ``geometries`` (a ``GeoSeries``) split into layers whose members do not intersect one another
-    (a greedy colouring of the overlap graph): GEDI shots lie ~60 m apart along a track, so tracks that cross or
-    repeat make a second layer, rarely more."""
-    n = len(geometries)
-    if n == 0:
-        return []
-    left, right = geometries.sindex.query(geometries.to_numpy(), predicate="intersects")
-    neighbours: list[list[int]] = [[] for _ in range(n)]
-    for a, b in zip(left.tolist(), right.tolist()):
-        if a != b:
-            neighbours[a].append(b)
-    colour = np.full(n, -1)
-    for i in range(n):
-        taken = {colour[j] for j in neighbours[i] if colour[j] >= 0}
-        colour[i] = next(c for c in range(len(taken) + 1) if c not in taken)
-    return [np.flatnonzero(colour == c) for c in range(colour.max() + 1)]
 
 
 #: how a map's pixels under a footprint are summarised: ``mean`` (a model trained on footprints predicts the

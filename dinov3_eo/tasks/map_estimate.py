@@ -38,6 +38,15 @@ from typing import Any
 import numpy as np
 
 
+def total_unit(unit: str | None, statistic: str = "mean") -> str | None:
+    """The unit of a value map's total over its hectares, where its values make one: ``"Mg"`` for a density per
+    hectare (``"Mg/ha"``), ``"ha"`` for a share (statistic ``above:`` / ``equal:``), else ``None``."""
+    compact = (unit or "").replace(" ", "")
+    if compact.lower().endswith("/ha"):
+        return compact[: -len("/ha")]
+    return "ha" if statistic.startswith(("above:", "equal:")) else None
+
+
 @dataclass
 class MapEstimate:
     """What :func:`difference_estimate` returns (values in the map's unit).
@@ -229,4 +238,4 @@ def stratified_difference_estimate(
                        confidence=float(confidence), design=design, strata=rows)  # fmt: skip
 
 
-__all__ = ["DESIGNS", "MapEstimate", "difference_estimate", "stratified_difference_estimate"]
+__all__ = ["DESIGNS", "MapEstimate", "difference_estimate", "stratified_difference_estimate", "total_unit"]

@@ -509,8 +509,7 @@ def _evaluate(args: Any) -> None:
     import rasterio
 
     from dinov3_eo.data.raster import open_quietly, pixel_area_ha
-    from dinov3_eo.tasks.map_estimate import difference_estimate, stratified_difference_estimate
-    from dinov3_eo.tasks.tile_regression import total_unit
+    from dinov3_eo.tasks.map_estimate import difference_estimate, stratified_difference_estimate, total_unit
     from dinov3_eo.tasks.tile_values import value_tiles
 
     out_dir = Path(args.out_dir) if args.out_dir else None

@@ -32,6 +32,7 @@ from rasterio.transform import Affine
 
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, ChipEmbeddings, chip_features
 from dinov3_eo.tasks.conformal import calibration_needed, conformal_quantile
+from dinov3_eo.tasks.map_estimate import total_unit
 from dinov3_eo.tasks.tile_values import TileValues, value_tiles
 
 log = logging.getLogger(__name__)
@@ -596,15 +597,6 @@ def _values_metadata(values: Any, band: int) -> tuple[str | None, str | None]:
             return src.descriptions[band - 1] or None, src.units[band - 1] or None
     except rasterio.errors.RasterioIOError:  # a folder or glob of rasters: no one file to ask
         return None, None
-
-
-def total_unit(unit: str | None, statistic: str) -> str | None:
-    """The unit of a value map's total over its hectares, where its values make one: ``"Mg"`` for a density per
-    hectare (``"Mg/ha"``), ``"ha"`` for a share (statistic ``above:`` / ``equal:``), else ``None``."""
-    compact = (unit or "").replace(" ", "")
-    if compact.lower().endswith("/ha"):
-        return compact[: -len("/ha")]
-    return "ha" if statistic.startswith(("above:", "equal:")) else None
 
 
 @dataclass
