@@ -249,3 +249,14 @@ def test_the_readme_gedi_example_reads_filtered_shots(monkeypatch: pytest.Monkey
     import geopandas as gpd
 
     assert len(gpd.read_file(tmp_path / "gedi_shots.gpkg")) == len(frame)
+
+
+def test_the_readme_zonal_example_gives_each_stands_heights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rasterio
+
+    heights = run_readme_block("zonal_statistics(\"tests/data/neon/TEAK_044_CHM.tif\"", monkeypatch)["heights"]
+    with rasterio.open(ROOT / "tests/data/neon/TEAK_044_CHM.tif") as src:
+        chm = src.read(1, masked=True).astype(np.float64).filled(np.nan)
+    for row, half in zip(heights.itertuples(), (chm[:20], chm[20:])):
+        assert row.mean == pytest.approx(np.nanmean(half)) and row.area_ha == pytest.approx(0.08)
+        assert np.nanmin(half) <= row.p95 <= np.nanmax(half)

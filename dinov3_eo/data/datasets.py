@@ -38,15 +38,11 @@ from torch import Tensor
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from dinov3_eo.data.normalization import Normalization
-from dinov3_eo.data.raster import PerThread, read_window
+from dinov3_eo.data.raster import GDAL_CACHE_MB, PerThread, read_window
 from dinov3_eo.data.sampling import ChipCrop, Tile, TileGrid
 
 Sample = dict[str, Any]
 CHIP_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-
-#: GDAL block-cache cap (MiB) of every reading process: random tiles of a big raster rarely revisit a block, and a
-#: larger cache grows the memory with the raster (GDAL's default is 5 % of RAM per process, i.e. per worker).
-GDAL_CACHE_MB = 64
 
 
 def _per_band(value: float | Sequence[float] | None, num_bands: int, name: str) -> np.ndarray | None:

@@ -31,6 +31,10 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
+#: GDAL block-cache cap (MiB) of every reading process: random tiles of a big raster rarely revisit a block, and a
+#: larger cache grows the memory with the raster (GDAL's default is 5 % of RAM per process, i.e. per worker).
+GDAL_CACHE_MB = 64
+
 
 class PerThread:
     """State made by ``factory()`` once per process and thread, e.g. open rasterio/GDAL handles.

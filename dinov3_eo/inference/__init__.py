@@ -1,33 +1,34 @@
 """Tiled, streaming inference over rasters of any size and its georeferenced outputs (COG, PNG, GeoPackage)."""
 
-from dinov3_eo.inference.predict import PredictionSummary, predict_raster
-from dinov3_eo.inference.tiling import TileGrid, blend_weights, centre_pad, cosine_ramp, window_starts
-from dinov3_eo.inference.tta import TestTimeAugmented, dihedral, tta_views, undo_dihedral
-from dinov3_eo.inference.writers import (
-    COGWriter,
-    atomic_output,
-    default_colormap,
-    vectorize_classes,
-    write_cog,
-    write_quicklook,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "COGWriter",
-    "PredictionSummary",
-    "TestTimeAugmented",
-    "TileGrid",
-    "atomic_output",
-    "blend_weights",
-    "centre_pad",
-    "cosine_ramp",
-    "default_colormap",
-    "dihedral",
-    "predict_raster",
-    "tta_views",
-    "undo_dihedral",
-    "vectorize_classes",
-    "window_starts",
-    "write_cog",
-    "write_quicklook",
-]
+# Lazy exports: a raster job that only writes outputs (zonal statistics, evaluation, height change) imports
+# ``writers`` without paying for torch, which ``predict`` and ``tta`` need.
+_EXPORTS: dict[str, str] = {
+    "COGWriter": "dinov3_eo.inference.writers",
+    "PredictionSummary": "dinov3_eo.inference.predict",
+    "TestTimeAugmented": "dinov3_eo.inference.tta",
+    "TileGrid": "dinov3_eo.inference.tiling",
+    "atomic_output": "dinov3_eo.inference.writers",
+    "blend_weights": "dinov3_eo.inference.tiling",
+    "centre_pad": "dinov3_eo.inference.tiling",
+    "cosine_ramp": "dinov3_eo.inference.tiling",
+    "default_colormap": "dinov3_eo.inference.writers",
+    "dihedral": "dinov3_eo.inference.tta",
+    "predict_raster": "dinov3_eo.inference.predict",
+    "tta_views": "dinov3_eo.inference.tta",
+    "undo_dihedral": "dinov3_eo.inference.tta",
+    "vectorize_classes": "dinov3_eo.inference.writers",
+    "window_starts": "dinov3_eo.inference.tiling",
+    "write_cog": "dinov3_eo.inference.writers",
+    "write_quicklook": "dinov3_eo.inference.writers",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -633,7 +633,7 @@ def evaluate_height_raster(
         FileExistsError: a report file exists in ``out_dir`` and ``overwrite`` is false.
         FileNotFoundError: a source matches no raster. ValueError: a reference tile without a georeference (named).
     """
-    from dinov3_eo.data.datasets import GDAL_CACHE_MB
+    from dinov3_eo.data.raster import GDAL_CACHE_MB
     from dinov3_eo.data.index import expand_sources
     from dinov3_eo.data.labels import RasterMosaic
     from dinov3_eo.inference.writers import check_overwrite, picture_grid

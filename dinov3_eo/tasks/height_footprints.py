@@ -200,7 +200,7 @@ def footprint_means(raster: str | os.PathLike[str], footprints: FootprintHeights
     from rasterio.features import rasterize
     from rasterio.windows import Window
 
-    from dinov3_eo.data.datasets import GDAL_CACHE_MB
+    from dinov3_eo.data.raster import GDAL_CACHE_MB
     from dinov3_eo.data.raster import open_quietly, require_georeferenced
 
     if statistic not in FOOTPRINT_STATISTICS:

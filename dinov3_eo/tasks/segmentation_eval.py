@@ -33,9 +33,8 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
-from dinov3_eo.data.datasets import GDAL_CACHE_MB
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
-from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
+from dinov3_eo.data.raster import GDAL_CACHE_MB, open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
 from dinov3_eo.inference.writers import atomic_output, check_overwrite, picture_grid
 
 log = logging.getLogger(__name__)

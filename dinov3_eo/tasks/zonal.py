@@ -100,17 +100,23 @@ class _ValueSums:
         self.origin, self.span, self.percentiles = origin, max(span, 1e-12), list(percentiles)
         self.histogram = np.zeros((n, PERCENTILE_BINS), np.int32) if self.percentiles else None
 
-    def add(self, zone: np.ndarray, values: np.ndarray) -> None:
-        n = len(self.count)
+    def add(self, local: np.ndarray, values: np.ndarray, ids: np.ndarray) -> None:
+        """``values`` of the pixels of zones ``ids[local]`` (``ids``: distinct zones, ``local``: ``[P]`` positions
+        in it): sums over ``len(ids)`` bins, not over every zone, keep a block's cost in its own zones."""
+        m = len(ids)
         shifted = values - self.origin
-        self.count += np.bincount(zone, minlength=n)
-        self.total += np.bincount(zone, weights=shifted, minlength=n)
-        self.squares += np.bincount(zone, weights=shifted * shifted, minlength=n)
-        np.minimum.at(self.low, zone, values)
-        np.maximum.at(self.high, zone, values)
+        self.count[ids] += np.bincount(local, minlength=m)
+        self.total[ids] += np.bincount(local, weights=shifted, minlength=m)
+        self.squares[ids] += np.bincount(local, weights=shifted * shifted, minlength=m)
+        low, high = np.full(m, np.inf), np.full(m, -np.inf)
+        np.minimum.at(low, local, values)
+        np.maximum.at(high, local, values)
+        self.low[ids] = np.minimum(self.low[ids], low)
+        self.high[ids] = np.maximum(self.high[ids], high)
         if self.histogram is not None:
             cell = np.clip((shifted / self.span * PERCENTILE_BINS).astype(np.int64), 0, PERCENTILE_BINS - 1)
-            np.add.at(self.histogram.reshape(-1), zone * PERCENTILE_BINS + cell, 1)
+            counts = np.bincount(local * PERCENTILE_BINS + cell, minlength=m * PERCENTILE_BINS)
+            self.histogram[ids] += counts.reshape(m, PERCENTILE_BINS).astype(np.int32)
 
     def columns(self, zone_pixels: np.ndarray) -> dict[str, np.ndarray]:
         seen = self.count > 0
@@ -121,18 +127,27 @@ class _ValueSums:
         out = {"count": self.count, "coverage": np.where(zone_pixels > 0, self.count / np.maximum(zone_pixels, 1), np.nan),
                "mean": nan(mean + self.origin), "std": np.where(self.count > 1, np.sqrt(variance), np.nan),
                "min": nan(self.low), "max": nan(self.high), "sum": nan(self.total + self.count * self.origin)}  # fmt: skip
-        if self.histogram is not None:
-            cumulative = np.cumsum(self.histogram, axis=1)
-            width = self.span / PERCENTILE_BINS
-            for q in self.percentiles:
-                rank = q / 100.0 * self.count  # the value below which q % of the zone's pixels lie
-                cell = np.minimum((cumulative < rank[:, None]).sum(axis=1), PERCENTILE_BINS - 1)
-                before = np.where(cell > 0, cumulative[np.arange(len(cell)), cell - 1], 0)
-                inside = self.histogram[np.arange(len(cell)), cell]
-                fraction = np.where(inside > 0, (rank - before) / np.maximum(inside, 1), 0.0)
-                value = self.origin + (cell + np.clip(fraction, 0.0, 1.0)) * width
-                out[f"p{q:g}"] = nan(np.clip(value, self.low, self.high))
+        for q in self.percentiles:
+            out[f"p{q:g}"] = nan(self._percentile(q))
         return out
+
+    def _percentile(self, q: float, chunk: int = 4096) -> np.ndarray:
+        """``[n]`` each zone's q-th percentile from its histogram, ``chunk`` zones at a time (a cumulative histogram
+        of every zone at once would double the histogram's memory)."""
+        width = self.span / PERCENTILE_BINS
+        value = np.empty(len(self.count))
+        for start in range(0, len(self.count), chunk):
+            part = slice(start, start + chunk)
+            histogram = self.histogram[part]
+            cumulative = np.cumsum(histogram, axis=1, dtype=np.int64)
+            rank = q / 100.0 * self.count[part]  # the value at or below which q % of the zone's pixels lie
+            cell = np.minimum((cumulative < rank[:, None]).sum(axis=1), PERCENTILE_BINS - 1)
+            rows = np.arange(len(cell))
+            before = np.where(cell > 0, cumulative[rows, np.maximum(cell - 1, 0)], 0)
+            inside = histogram[rows, cell]
+            fraction = np.where(inside > 0, (rank - before) / np.maximum(inside, 1), 0.0)
+            value[part] = self.origin + (cell + np.clip(fraction, 0.0, 1.0)) * width
+        return np.clip(value, self.low, self.high)
 
 
 class _ClassCounts:
@@ -141,14 +156,16 @@ class _ClassCounts:
     def __init__(self, n: int) -> None:
         self.n, self.values, self.counts = n, [], np.zeros((n, 0), np.int64)
 
-    def add(self, zone: np.ndarray, classes: np.ndarray) -> None:
+    def add(self, local: np.ndarray, classes: np.ndarray, ids: np.ndarray) -> None:
+        """As :meth:`_ValueSums.add`, for class values."""
         present, inverse = np.unique(classes, return_inverse=True)
         for value in present.tolist():
             if value not in self.values:
                 self.values.append(value)
                 self.counts = np.concatenate([self.counts, np.zeros((self.n, 1), np.int64)], axis=1)
+        k = len(self.values)
         column = np.array([self.values.index(v) for v in present.tolist()])[inverse]
-        np.add.at(self.counts, (zone, column), 1)
+        self.counts[ids] += np.bincount(local * k + column, minlength=len(ids) * k).reshape(len(ids), k)
 
 
 def zonal_statistics(
@@ -185,7 +202,7 @@ def zonal_statistics(
     from shapely.geometry import box
     from tqdm import tqdm
 
-    from dinov3_eo.data.datasets import GDAL_CACHE_MB
+    from dinov3_eo.data.raster import GDAL_CACHE_MB
     from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
     from dinov3_eo.tasks.map_estimate import total_unit
 
@@ -224,14 +241,15 @@ def zonal_statistics(
                 values = values.astype(np.float64)
                 valid &= np.isfinite(values)
             for k in np.unique(layer_of[near]).tolist():
-                ids = near[layer_of[near] == k]
-                labels = rasterize(zip(geometries[ids], (ids + 1).tolist()), out_shape=shape, transform=transform,
+                ids = np.unique(near[layer_of[near] == k])
+                # each zone burnt as its position in ids: the block's sums run over its own zones only
+                labels = rasterize(zip(geometries[ids], range(1, len(ids) + 1)), out_shape=shape, transform=transform,
                                    fill=0, dtype="int32", all_touched=all_touched)  # fmt: skip
                 inside = labels > 0
-                zone_pixels += np.bincount(labels[inside] - 1, minlength=n)
+                zone_pixels[ids] += np.bincount(labels[inside] - 1, minlength=len(ids))
                 ok = inside & valid
                 if ok.any():
-                    sums.add(labels[ok].astype(np.int64) - 1, values[ok])
+                    sums.add(labels[ok].astype(np.int64) - 1, values[ok], ids)
         hectares = pixel_area_ha(src.crs, src.transform)
         names = tagged_class_names(src, band) or []
         unit = src.units[band - 1] if src.units else None
