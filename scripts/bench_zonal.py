@@ -1,6 +1,6 @@
 """Zonal statistics of a map over many polygons (``zonal_statistics``) against the usual per-zone loop.
 
-A synthetic value map (``--size`` px a side at 1 m, float32, tiled and compressed) and ``--zones`` forest stands:
+A synthetic canopy-height map (``--size`` px a side at 1 m, float32, tiled and compressed; ``bench_footprints``') and ``--zones`` forest stands:
 a jittered grid of quadrilaterals covering the map, so every pixel lies in one stand. Two ways to get each stand's
 count, mean, std, min, max and median:
 
@@ -27,25 +27,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_footprints import make_map  # noqa: E402  (the same 1 m canopy-height map)
 from child_process import child_entry, peak_rss_mib, run_child  # noqa: E402
 
 ORIGIN = (300_000.0, 4_100_000.0)
-
-
-def make_map(path: Path, size: int, seed: int = 0) -> None:
-    import rasterio
-    from rasterio.transform import from_origin
-
-    rng = np.random.default_rng(seed)
-    profile = dict(driver="GTiff", width=size, height=size, count=1, dtype="float32", crs="EPSG:32611",
-                   transform=from_origin(*ORIGIN, 1.0, 1.0), nodata=float("nan"), tiled=True, blockxsize=512,
-                   blockysize=512, compress="deflate")  # fmt: skip
-    with rasterio.open(path, "w", **profile) as dst:
-        for row in range(0, size, 512):
-            h = min(512, size - row)
-            r, c = np.mgrid[row : row + h, 0:size]
-            heights = 20 + 15 * np.sin(r / 37.0) * np.cos(c / 53.0) + rng.normal(scale=3, size=(h, size))
-            dst.write(np.maximum(heights, 0).astype(np.float32)[None], window=((row, row + h), (0, size)))
 
 
 def make_zones(path: Path, size: int, n: int, seed: int = 1) -> None:

@@ -1,7 +1,6 @@
 """GeoTIFF-aware data: archive index, windowed reads, tile samplers, statistics, datasets, datamodules."""
 
-import importlib
-from typing import Any
+from dinov3_eo.lazy_exports import lazy_getattr
 
 # Lazy exports: importing one submodule (e.g. normalization) must not pull in Lightning.
 _EXPORTS: dict[str, str] = {
@@ -76,8 +75,4 @@ __all__ = [
     "spatial_block_split",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

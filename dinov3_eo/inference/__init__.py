@@ -1,7 +1,6 @@
 """Tiled, streaming inference over rasters of any size and its georeferenced outputs (COG, PNG, GeoPackage)."""
 
-import importlib
-from typing import Any
+from dinov3_eo.lazy_exports import lazy_getattr
 
 # Lazy exports: a raster job that only writes outputs (zonal statistics, evaluation, height change) imports
 # ``writers`` without paying for torch, which ``predict`` and ``tta`` need.
@@ -27,8 +26,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

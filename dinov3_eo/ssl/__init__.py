@@ -6,8 +6,7 @@ pay for kornia/torchvision on import (it matters in every spawned distributed wo
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from dinov3_eo.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "MultiCrop": "dinov3_eo.ssl.crops",
@@ -30,8 +29,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dinov3_eo.ssl' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
