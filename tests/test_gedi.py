@@ -282,6 +282,16 @@ def test_the_command_writes_shots_a_height_map_is_scored_on(granule, chm: Path, 
     assert "exists" in capsys.readouterr().err
     assert cli_main(["gedi", str(path), "--bounds", "10", "10", "11", "11", "--out", str(tmp_path / "none.gpkg")]) == 2
     assert "No shot is left to write" in capsys.readouterr().err
+    assert cli_main(["gedi", str(path), "--out", str(tmp_path / "shots.shp")]) == 2
+    assert "written as .gpkg, .geojson or .csv" in capsys.readouterr().err
+    # a CSV of lon, lat: read back as the same points
+    assert cli_main(["gedi", str(path), "--within", str(chm), "--out", str(tmp_path / "shots.csv"), "--beams", "power",
+                     "--no-picture"]) == 0  # fmt: skip
+    from dinov3_eo.tasks.tile_values import vector_values
+
+    table = vector_values(tmp_path / "shots.csv", "rh98")
+    np.testing.assert_allclose(table.geometry.x, expected.frame.geometry.x)
+    np.testing.assert_allclose(table["_value"], expected.frame["rh98"], rtol=1e-6)
 
     # the map under the shots is their height to the noise (0.2 m), pixel by pixel; shots over its nodata corner
     # are off the map

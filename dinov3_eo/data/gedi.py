@@ -380,7 +380,8 @@ def gedi_main(argv: Sequence[str]) -> int:
                     "filtered shots in an area: the reference of `height fit`/`height evaluate` (--attribute rh98) "
                     "and `regress fit` (agbd). Prints what each filter removed; writes a PNG map of the shots.")  # fmt: skip
     parser.add_argument("granules", nargs="+", help="GEDI02_A / GEDI04_A .h5 files, folders or glob patterns")
-    parser.add_argument("--out", required=True, help="the shots: .gpkg or .geojson (EPSG:4326)")
+    parser.add_argument("--out", required=True, help="the shots: .gpkg or .geojson (EPSG:4326), or .csv with lon, lat "
+                        "columns (degrees)")  # fmt: skip
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--within", help="keep the shots inside this raster's bounds (the map or scene to train on)")
     where.add_argument("--bounds", nargs=4, type=float, metavar=("WEST", "SOUTH", "EAST", "NORTH"),
@@ -403,9 +404,11 @@ def gedi_main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
 
-    from dinov3_eo.inference.writers import check_overwrite, write_vector
+    from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
 
     out = Path(args.out)
+    if out.suffix.lower() not in (*VECTOR_FORMATS, ".csv"):
+        raise ValueError(f"Shots are written as .gpkg, .geojson or .csv, not {str(out)!r}.")
     picture = out.with_suffix(".png")
     check_overwrite(out, args.overwrite)
     if not args.no_picture:
@@ -420,7 +423,13 @@ def gedi_main(argv: Sequence[str]) -> int:
     if not len(shots.frame):
         raise ValueError("No shot is left to write: widen the area or relax the filters (the counts above say which "
                          "removed them).")  # fmt: skip
-    write_vector(shots.frame, out, layer="shots", overwrite=args.overwrite)
+    if out.suffix.lower() == ".csv":  # lon, lat in degrees: what other tools and `height evaluate` read back
+        frame = shots.frame
+        table = frame.drop(columns=frame.geometry.name).assign(lon=frame.geometry.x, lat=frame.geometry.y)
+        with atomic_output(out, overwrite=args.overwrite) as tmp:
+            table.to_csv(tmp, index=False)
+    else:
+        write_vector(shots.frame, out, layer="shots", overwrite=args.overwrite)
     print(f"wrote {out}")
     if not args.no_picture:
         from dinov3_eo.tasks.height_plots import shot_map
