@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
     "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
-    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, change between two dates"),
+    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, calibrate against GEDI shots or LiDAR, change between two dates"),
     "zonal": ("dinov3_eo.tasks.zonal", "zonal_main", "summarise a map over polygons: per zone mean/std/min/max/percentiles of values, or hectares and share of each class"),
     "gedi": ("dinov3_eo.data.gedi", "gedi_main", "GEDI L2A/L4A granules (.h5) to quality-filtered shots (GeoPackage) in an area: reference heights or biomass"),
     "change": ("dinov3_eo.tasks.change", "change_main", "what changed between two dates: feature distance map, mask, polygons"),
@@ -69,6 +69,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 #: raster jobs that need no Lightning start in ~2 s instead of ~6 s
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("height", "change"): ("dinov3_eo.tasks.height_change", "change_main"),
+    ("height", "calibrate"): ("dinov3_eo.tasks.height_calibration", "calibrate_main"),
     ("segment", "change"): ("dinov3_eo.tasks.class_change", "change_main"),
     ("segment", "evaluate"): ("dinov3_eo.tasks.segmentation_eval", "evaluate_main"),
     ("segment", "prototypes"): ("dinov3_eo.tasks.prototypes", "prototypes_main"),
