@@ -228,6 +228,31 @@ def test_l4a_biomass_granules(tmp_path: Path) -> None:
         read_gedi_shots(tmp_path, progress=False)
 
 
+def test_l2b_canopy_cover_granules_keep_their_places_in_geolocation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n = 25
+    rh100 = rng.integers(0, 4000, n).astype(np.int16)  # centimetres
+    rh100[4] = -9999
+    beam = {"cover": rng.uniform(0, 1, n).astype(np.float32), "pai": rng.uniform(0, 6, n).astype(np.float32),
+            "fhd_normal": rng.uniform(0, 3, n).astype(np.float32), "rh100": rh100,
+            "l2b_quality_flag": np.where(np.arange(n) % 6 == 0, 0, 1).astype(np.uint8),
+            "sensitivity": np.full(n, 0.98, np.float32),
+            "geolocation/lat_lowestmode": np.linspace(1.0, 1.1, n), "geolocation/lon_lowestmode": np.full(n, 30.0),
+            "geolocation/shot_number": np.arange(n, dtype=np.uint64) + 9,
+            "geolocation/delta_time": START + np.arange(n), "geolocation/degrade_flag": np.zeros(n, np.uint8),
+            "geolocation/solar_elevation": np.full(n, 10.0, np.float32)}  # fmt: skip
+    shots = read_gedi_granule(write_granule(tmp_path / "GEDI02_B.h5", {"BEAM0110": beam}))
+    kept = [k for k in range(n) if k % 6 and k != 4]
+    assert shots.product == "L2B" and value_column(shots) == "cover"
+    assert list(shots.frame.columns[-5:]) == ["cover", "pai", "fhd_normal", "rh100", "geometry"]
+    np.testing.assert_allclose(shots.frame["rh100"], rh100[kept] / 100.0, rtol=1e-6)  # metres
+    np.testing.assert_allclose(shots.frame["cover"], beam["cover"][kept])
+    np.testing.assert_array_equal(shots.frame["shot_number"], np.arange(n)[kept] + 9)
+    assert shots.counts["quality"] == 5 and shots.counts["values"] == 1
+    night = read_gedi_granule(tmp_path / "GEDI02_B.h5", filters=ShotFilter(night=True))
+    assert len(night.frame) == 0 and night.counts["night"] == len(kept) + 1  # (the night filter comes before values)
+
+
 def test_files_that_are_not_complete_granules_say_so(granule, tmp_path: Path) -> None:
     path, beams = granule
     text = tmp_path / "notes.h5"
@@ -238,9 +263,9 @@ def test_files_that_are_not_complete_granules_say_so(granule, tmp_path: Path) ->
         f.create_group("METADATA")
     with pytest.raises(ValueError, match="has no BEAM groups: it is not a GEDI granule"):
         read_gedi_granule(tmp_path / "empty.h5")
-    l2b = write_granule(tmp_path / "l2b.h5", {"BEAM0000": {"rh100": np.zeros(3, np.int16)}})
-    with pytest.raises(ValueError, match="neither L2A relative heights .* nor L4A biomass"):
-        read_gedi_granule(l2b)
+    l1b = write_granule(tmp_path / "l1b.h5", {"BEAM0000": {"rxwaveform": np.zeros(3, np.int16)}})
+    with pytest.raises(ValueError, match="holds none of L2A relative heights .* or L4A biomass"):
+        read_gedi_granule(l1b)
     subset = {beam: {k: v for k, v in c.items() if k != "sensitivity"} for beam, c in beams.items()}
     write_granule(tmp_path / "subset.h5", subset)
     with pytest.raises(KeyError, match="BEAM0000 has no 'sensitivity', needed for the sensitivity filter"):

@@ -1,12 +1,15 @@
 """GEDI shots from the mission's HDF5 granules, quality-filtered and clipped to an area, as points (EPSG:4326): the
-reference heights of ``height fit`` / ``height evaluate`` (L2A relative heights, metres) and the reference biomass of
-``regress`` (L4A above-ground biomass density, Mg/ha).
+reference heights of ``height fit`` / ``height evaluate`` (L2A relative heights, metres), and the reference canopy
+cover (L2B) or biomass (L4A above-ground biomass density, Mg/ha) of ``regress``.
 
 A granule is a quarter of an ISS orbit: eight beam groups (``BEAM0000`` … ``BEAM1011``), each a table of shots with
 the footprint centre of the lowest mode (the ground: ``lat_lowestmode``, ``lon_lowestmode``), ``shot_number``,
 ``delta_time`` (seconds since 2018-01-01 UTC), ``degrade_flag``, ``sensitivity`` and ``solar_elevation``. L2A holds
 ``rh`` (``[shots, 101]``: the heights above the ground below which 0, 1, … 100 % of the returned energy lies, metres)
-with ``quality_flag``; L4A holds ``agbd`` and its standard error ``agbd_se`` with ``l4_quality_flag``. The four
+with ``quality_flag``; L2B holds ``cover`` (canopy cover, 0–1), ``pai`` (plant area index), ``fhd_normal`` (foliage
+height diversity) and ``rh100`` (in centimetres, read in metres) with ``l2b_quality_flag``, and keeps the shots'
+places, times and flags in a ``geolocation`` group; L4A holds ``agbd`` and its standard error ``agbd_se`` with
+``l4_quality_flag``. The four
 full-power beams (:data:`POWER_BEAMS`) see through denser canopy than the four coverage beams.
 
 The filters are those of GEDI canopy-height work (:class:`ShotFilter`): the product's quality flag, no degraded
@@ -46,14 +49,17 @@ class Product:
 
     name: str
     quality_flag: str
-    values: tuple[tuple[str, str], ...]
+    values: tuple[tuple[str, str, float], ...]  # (column, dataset, scale to the column's unit)
     unit: str
 
 
 #: the products read, found by the dataset that only each holds
 PRODUCTS = {
     "rh": Product("L2A", "quality_flag", (), "m"),  # rh columns come from the percentiles asked for
-    "agbd": Product("L4A", "l4_quality_flag", (("agbd", "agbd"), ("agbd_se", "agbd_se")), "Mg/ha"),
+    "agbd": Product("L4A", "l4_quality_flag", (("agbd", "agbd", 1.0), ("agbd_se", "agbd_se", 1.0)), "Mg/ha"),
+    # L2B's rh100 is in centimetres
+    "cover": Product("L2B", "l2b_quality_flag", (("cover", "cover", 1.0), ("pai", "pai", 1.0),
+                                                 ("fhd_normal", "fhd_normal", 1.0), ("rh100", "rh100", 0.01)), "share"),
 }
 
 
@@ -197,7 +203,7 @@ def granule_product(granule: Any, path: str | os.PathLike[str] = "") -> tuple[st
     """The product key and :class:`Product` of an open granule (``h5py.File``), from the datasets of its beams.
 
     Raises:
-        ValueError: no beam groups, or neither L2A heights nor L4A biomass (an L1B or L2B granule).
+        ValueError: no beam groups, or none of L2A heights, L2B canopy cover or L4A biomass (an L1B granule).
     """
     beams = [name for name in granule if name.startswith("BEAM")]
     if not beams:
@@ -205,14 +211,24 @@ def granule_product(granule: Any, path: str | os.PathLike[str] = "") -> tuple[st
     for key, product in PRODUCTS.items():
         if key in granule[beams[0]]:
             return key, product
-    raise ValueError(f"{str(path)!r} holds neither L2A relative heights ('rh') nor L4A biomass ('agbd'); read a "
-                     "GEDI02_A or GEDI04_A granule (L2B's rh100 is in centimetres and not read).")  # fmt: skip
+    raise ValueError(f"{str(path)!r} holds none of L2A relative heights ('rh'), L2B canopy cover ('cover') or L4A "
+                     "biomass ('agbd'); read a GEDI02_A, GEDI02_B or GEDI04_A granule.")  # fmt: skip
+
+
+def _find(group: Any, name: str) -> Any | None:
+    """A beam's dataset ``name``: in the beam group (L2A, L4A) or its ``geolocation`` group (L2B keeps the shots'
+    places, times and flags there)."""
+    for candidate in (name, f"geolocation/{name}"):
+        if candidate in group:
+            return group[candidate]
+    return None
 
 
 def _dataset(group: Any, name: str, path: Any, why: str) -> Any:
-    if name not in group:
+    found = _find(group, name)
+    if found is None:
         raise KeyError(f"{str(path)!r} {group.name} has no {name!r}, needed {why}; a subset granule must keep it.")
-    return group[name]
+    return found
 
 
 def _beam_shots(group: Any, path: Any, key: str, product: Product, percentiles: Sequence[int], filters: ShotFilter,
@@ -237,7 +253,7 @@ def _beam_shots(group: Any, path: Any, key: str, product: Product, percentiles: 
 
     def optional(name: str, needed: bool, why: str) -> np.ndarray:
         """A float column, NaN where a subset granule left it out and no filter needs it."""
-        if name in group or needed:
+        if needed or _find(group, name) is not None:
             return read(name, why).astype(np.float32)
         return np.full(len(keep), np.nan, np.float32)
 
@@ -275,11 +291,13 @@ def _beam_shots(group: Any, path: Any, key: str, product: Product, percentiles: 
         heights = read("rh", "for the relative heights").astype(np.float32)[:, list(percentiles)]
         values = {f"rh{p}": heights[:, i] for i, p in enumerate(percentiles)}
     else:
-        values = {name: read(dataset, f"for {name}").astype(np.float32) for name, dataset in product.values}
+        values = {name: read(dataset, f"for {name}").astype(np.float32) for name, dataset, _ in product.values}
     ok = np.ones(len(keep), bool)
     for column in values.values():
         ok &= np.isfinite(column) & (column != FILL_VALUE)
     drop("values", ok)
+    scales = {name: scale for name, _, scale in product.values if scale != 1.0}
+    values = {name: column * np.float32(scales.get(name, 1.0)) for name, column in values.items()}
     if not keep.any():
         return None
     shot_number = read("shot_number", "for the shot numbers").astype(np.int64)
@@ -296,22 +314,23 @@ def _beam_shots(group: Any, path: Any, key: str, product: Product, percentiles: 
 def read_gedi_granule(path: str | os.PathLike[str], *, area: ShotArea | None = None,
                       filters: ShotFilter | None = None,
                       percentiles: Sequence[int] = DEFAULT_PERCENTILES) -> GediShots:  # fmt: skip
-    """The kept shots of one GEDI L2A or L4A granule (:func:`read_gedi_shots`)."""
+    """The kept shots of one GEDI L2A, L2B or L4A granule (:func:`read_gedi_shots`)."""
     return read_gedi_shots([path], area=area, filters=filters, percentiles=percentiles, progress=False)
 
 
 def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                     area: ShotArea | None = None, filters: ShotFilter | None = None,
                     percentiles: Sequence[int] = DEFAULT_PERCENTILES, progress: bool = True) -> GediShots:  # fmt: skip
-    """The shots of GEDI L2A or L4A granules (files, folders or globs; one product) inside ``area`` that pass
+    """The shots of GEDI L2A, L2B or L4A granules (files, folders or globs; one product) inside ``area`` that pass
     ``filters``, as points in EPSG:4326.
 
     Columns: ``shot_number``, ``time`` (UTC), ``granule`` (file name), ``beam``, ``power_beam``, ``sensitivity``,
-    ``solar_elevation`` and the values: L2A ``rh<p>`` for each of ``percentiles`` (metres), L4A ``agbd`` and
+    ``solar_elevation`` and the values: L2A ``rh<p>`` for each of ``percentiles`` (metres), L2B ``cover``, ``pai``,
+    ``fhd_normal``, ``rh100`` (metres), L4A ``agbd`` and
     ``agbd_se`` (Mg/ha).
 
     Raises:
-        FileNotFoundError: a path matches nothing. ValueError: not a GEDI L2A/L4A granule, granules of two products,
+        FileNotFoundError: a path matches nothing. ValueError: not a GEDI L2A/L2B/L4A granule, granules of two products,
         a percentile outside 0–100, an unreadable file. KeyError: a filter's dataset missing from a subset granule.
     """
     import geopandas as gpd
@@ -342,7 +361,7 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
             for beam in sorted(name for name in granule if name.startswith("BEAM")):
                 group = granule[beam]
                 if not filters.keeps_beam(beam):
-                    first = group.get("lat_lowestmode")
+                    first = _find(group, "lat_lowestmode")
                     size = 0 if first is None else len(first)
                     counts["read"] += size
                     counts["beams"] += size
@@ -352,7 +371,7 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                     tables.append(pd.DataFrame(columns).assign(granule=Path(path).name))
     key = products.pop() if products else "rh"
     product = PRODUCTS[key]
-    value_columns = [f"rh{p}" for p in percentiles] if key == "rh" else [name for name, _ in product.values]
+    value_columns = [f"rh{p}" for p in percentiles] if key == "rh" else [name for name, _, _ in product.values]
     order = ["shot_number", "time", "granule", "beam", "power_beam", "sensitivity", "solar_elevation", *value_columns]
     if tables:
         table = pd.concat(tables, ignore_index=True)
@@ -365,10 +384,12 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
 
 def value_column(shots: GediShots) -> str:
     """The column a map is drawn in and a model is fitted to by default: L2A ``rh98`` (else the highest percentile
-    read), L4A ``agbd``."""
-    columns = [c for c in shots.frame.columns if c.startswith("rh")]
-    if not columns:
+    read), L2B ``cover``, L4A ``agbd``."""
+    if shots.product == "L4A":
         return "agbd"
+    if shots.product == "L2B":
+        return "cover"
+    columns = [c for c in shots.frame.columns if c.startswith("rh")]
     return "rh98" if "rh98" in columns else max(columns, key=lambda c: int(c[2:]))
 
 
@@ -376,10 +397,11 @@ def gedi_main(argv: Sequence[str]) -> int:
     """``dinov3-eo gedi GRANULE.h5 [MORE ...] --out shots.gpkg``: quality-filtered GEDI shots as points."""
     parser = argparse.ArgumentParser(
         prog="dinov3-eo gedi",
-        description="GEDI L2A (relative heights, m) or L4A (biomass, Mg/ha) granules to a GeoPackage of quality-"
+        description="GEDI L2A (relative heights, m), L2B (canopy cover, PAI) or L4A (biomass, Mg/ha) granules to a "
+                    "GeoPackage of quality-"
                     "filtered shots in an area: the reference of `height fit`/`height evaluate` (--attribute rh98) "
                     "and `regress fit` (agbd). Prints what each filter removed; writes a PNG map of the shots.")  # fmt: skip
-    parser.add_argument("granules", nargs="+", help="GEDI02_A / GEDI04_A .h5 files, folders or glob patterns")
+    parser.add_argument("granules", nargs="+", help="GEDI02_A / GEDI02_B / GEDI04_A .h5 files, folders or glob patterns")
     parser.add_argument("--out", required=True, help="the shots: .gpkg or .geojson (EPSG:4326), or .csv with lon, lat "
                         "columns (degrees)")  # fmt: skip
     where = parser.add_mutually_exclusive_group()
