@@ -164,3 +164,27 @@ def test_the_command_writes_zones_a_table_and_a_picture(maps: dict, tmp_path: Pa
     assert "has 1 band(s); there is no band 2" in capsys.readouterr().err
     assert cli_main(["zonal", str(folder / "agb.tif"), str(tmp_path / "none.gpkg"), "-o", str(tmp_path / "n.gpkg")]) == 2
     assert "do not exist" in capsys.readouterr().err
+
+
+def test_a_dataarray_and_a_map_in_degrees(maps: dict, tmp_path: Path) -> None:
+    """A map answered in Python (a DataArray with a CRS) gives the file's statistics; a class map on a grid in
+    degrees counts pixels (no hectares)."""
+    import rioxarray
+
+    folder = maps["folder"]
+    da = rioxarray.open_rasterio(folder / "agb.tif", masked=True).squeeze("band", drop=True)
+    from_file = zonal_statistics(folder / "agb.tif", maps["zones"], progress=False)
+    from_array = zonal_statistics(da, maps["zones"], progress=False)
+    for column in ("count", "mean", "min", "max"):
+        np.testing.assert_allclose(from_array[column], from_file[column], rtol=1e-6)
+    profile = dict(driver="GTiff", width=40, height=30, count=1, dtype="uint8", nodata=255, crs="EPSG:4326",
+                   transform=from_origin(10.0, 50.0, 0.01, 0.01))  # fmt: skip
+    classes = np.zeros((30, 40), np.uint8)
+    classes[:, 20:] = 1
+    with rasterio.open(tmp_path / "deg.tif", "w", **profile) as dst:
+        dst.write(classes, 1)
+        dst.update_tags(class_names=json.dumps(["water", "land"]))
+    zone = gpd.GeoDataFrame(geometry=[box(10.1, 49.8, 10.3, 49.9)], crs="EPSG:4326")  # 20 x 10 pixels
+    got = zonal_statistics(tmp_path / "deg.tif", zone, progress=False)
+    assert got.loc[0, "water_px"] == 100 and got.loc[0, "land_px"] == 100 and got.loc[0, "majority"] == "water"
+    assert "water_ha" not in got.columns

@@ -19,11 +19,12 @@ names ``raster.py`` as the home of "archive index + windowed reads".
 from __future__ import annotations
 
 import atexit
+import contextlib
 import math
 import os
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,63 @@ def open_quietly(path: str | os.PathLike[str]) -> Any:
                 raise
             # GDAL's "Cannot open TIFF image" names no file: the sentence a user reads must
             raise RasterioIOError(f"{os.fspath(path)} cannot be read as a raster: {e}") from e
+
+
+@contextlib.contextmanager
+def open_raster(raster: Any) -> Iterator[Any]:
+    """An open rasterio dataset for a path, an open dataset, or an ``xarray.DataArray`` (band, y, x) / (y, x).
+
+    A DataArray is copied into an in-memory GeoTIFF keeping its dtype, CRS, transform and nodata (its rioxarray
+    nodata, else its encoded nodata, else NaN for floating data), so it is read exactly as the same file would be.
+
+    Raises:
+        TypeError: for any other kind of input.
+        ValueError: for a DataArray that is not 2-D or 3-D or has no CRS.
+    """
+    if isinstance(raster, (str, os.PathLike)):
+        with open_quietly(raster) as src:  # a chip without georeference is refused later, in one sentence
+            yield src
+        return
+    if hasattr(raster, "read") and hasattr(raster, "transform"):
+        yield raster
+        return
+    try:
+        import xarray as xr
+    except ImportError:  # pragma: no cover - xarray is a dependency
+        xr = None
+    if xr is None or not isinstance(raster, xr.DataArray):
+        raise TypeError(
+            f"raster must be a GeoTIFF path, an open rasterio dataset or an xarray.DataArray, got {type(raster).__name__}."
+        )
+    import rioxarray  # noqa: F401 - registers the .rio accessor
+    from rasterio.io import MemoryFile
+
+    da = raster
+    if da.ndim == 2:
+        da = da.expand_dims("band")
+    if da.ndim != 3:
+        raise ValueError(f"A DataArray raster must be (band, y, x) or (y, x), got dims {raster.dims}.")
+    if da.rio.crs is None:
+        raise ValueError("The DataArray has no CRS, so its answers could not be placed on a map; set one first, e.g. "
+                         "da.rio.write_crs('EPSG:32633').")
+    band_dim = next(d for d in da.dims if d not in (da.rio.y_dim, da.rio.x_dim))
+    da = da.transpose(band_dim, da.rio.y_dim, da.rio.x_dim)
+    values = np.asarray(da.values)
+    nodata = da.rio.nodata if da.rio.nodata is not None else da.rio.encoded_nodata
+    if np.issubdtype(values.dtype, np.floating):
+        if values.dtype == np.float64:
+            values = values.astype(np.float32)
+        if da.rio.nodata is None and (da.rio.encoded_nodata is not None or np.isnan(values).any()):
+            nodata = float("nan")  # masked=True arrays carry their nodata as NaN
+    profile = {
+        "driver": "GTiff", "count": values.shape[0], "height": values.shape[1], "width": values.shape[2],
+        "dtype": values.dtype.name, "crs": da.rio.crs, "transform": da.rio.transform(), "nodata": nodata,
+    }  # fmt: skip
+    with MemoryFile() as memfile:
+        with memfile.open(**profile) as dst:
+            dst.write(values)
+        with memfile.open() as src:
+            yield src
 
 
 def is_georeferenced(src) -> bool:

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from dinov3_eo.cli import EXIT_BAD_INPUT, run_lightning_cli
 from dinov3_eo.data.normalization import RGB_PRESETS, Normalization
-from dinov3_eo.data.raster import _data_band_count, read_window
+from dinov3_eo.data.raster import _data_band_count, open_raster, read_window
 from dinov3_eo.inference.predict import add_window_options, window_settings
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA, tta_views
@@ -534,65 +534,6 @@ class OpenVocabScorer(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _open_raster(raster: Any) -> Iterator[Any]:
-    """An open rasterio dataset for a path, an open dataset, or an ``xarray.DataArray`` (band, y, x) / (y, x).
-
-    A DataArray is copied into an in-memory GeoTIFF keeping its dtype, CRS, transform and nodata (its rioxarray
-    nodata, else its encoded nodata, else NaN for floating data), so it is read exactly as the same file would be.
-
-    Raises:
-        TypeError: for any other kind of input.
-        ValueError: for a DataArray that is not 2-D or 3-D or has no CRS.
-    """
-    if isinstance(raster, (str, os.PathLike)):
-        from dinov3_eo.data.raster import open_quietly
-
-        with open_quietly(raster) as src:  # a chip without georeference is refused later, in one sentence
-            yield src
-        return
-    if hasattr(raster, "read") and hasattr(raster, "transform"):
-        yield raster
-        return
-    try:
-        import xarray as xr
-    except ImportError:  # pragma: no cover - xarray is a dependency
-        xr = None
-    if xr is None or not isinstance(raster, xr.DataArray):
-        raise TypeError(
-            f"raster must be a GeoTIFF path, an open rasterio dataset or an xarray.DataArray, got {type(raster).__name__}."
-        )
-    import rioxarray  # noqa: F401 - registers the .rio accessor
-    from rasterio.io import MemoryFile
-
-    da = raster
-    if da.ndim == 2:
-        da = da.expand_dims("band")
-    if da.ndim != 3:
-        raise ValueError(f"A DataArray raster must be (band, y, x) or (y, x), got dims {raster.dims}.")
-    if da.rio.crs is None:
-        raise ValueError("The DataArray has no CRS, so its answers could not be placed on a map; set one first, e.g. "
-                         "da.rio.write_crs('EPSG:32633').")
-    band_dim = next(d for d in da.dims if d not in (da.rio.y_dim, da.rio.x_dim))
-    da = da.transpose(band_dim, da.rio.y_dim, da.rio.x_dim)
-    values = np.asarray(da.values)
-    nodata = da.rio.nodata if da.rio.nodata is not None else da.rio.encoded_nodata
-    if np.issubdtype(values.dtype, np.floating):
-        if values.dtype == np.float64:
-            values = values.astype(np.float32)
-        if da.rio.nodata is None and (da.rio.encoded_nodata is not None or np.isnan(values).any()):
-            nodata = float("nan")  # masked=True arrays carry their nodata as NaN
-    profile = {
-        "driver": "GTiff", "count": values.shape[0], "height": values.shape[1], "width": values.shape[2],
-        "dtype": values.dtype.name, "crs": da.rio.crs, "transform": da.rio.transform(), "nodata": nodata,
-    }  # fmt: skip
-    with MemoryFile() as memfile:
-        with memfile.open(**profile) as dst:
-            dst.write(values)
-        with memfile.open() as src:
-            yield src
-
-
 def _as_dataarray(path: Path, *, dim: str | None, names: Sequence[str] | None) -> Any:
     """A finished output COG read fully into memory as a DataArray (the file may then be deleted)."""
     import rioxarray
@@ -688,7 +629,7 @@ class MapQuery:
             raise ValueError(
                 f"stretch_to: the model's normalisation {self.normalization.name!r} has no low/high range to re-map."
             )
-        with _open_raster(raster) as src:
+        with open_raster(raster) as src:
             bands = self._band_indexes(src)
             step = max(1, math.ceil(max(src.height, src.width) / max_size))
             shape = (max(1, src.height // step), max(1, src.width // step))
@@ -761,7 +702,7 @@ class MapQuery:
         emb = self.text_embeddings(names)
         scale = float(self.model.logit_scale.detach().exp()) if mode == "probability" else 1.0
         scorer = OpenVocabScorer(model=self.model, embeddings=emb, scale=scale).to(self.device)
-        with _open_raster(raster) as src:
+        with open_raster(raster) as src:
             self._stream(src, scorer, Path(dst), names=names, activation="softmax" if mode == "probability" else "none")
         return Path(dst), names, mode
 
@@ -877,8 +818,8 @@ class MapQuery:
         from rasterio.vrt import WarpedVRT
 
         with contextlib.ExitStack() as stack:
-            src = stack.enter_context(_open_raster(before))
-            later = stack.enter_context(_open_raster(after))
+            src = stack.enter_context(open_raster(before))
+            later = stack.enter_context(open_raster(after))
             same = (later.crs, later.transform, later.width, later.height) == (src.crs, src.transform, src.width, src.height)
             if not same:
                 nodata = self.nodata if self.nodata is not None else later.nodata
@@ -912,7 +853,7 @@ class MapQuery:
             ValueError: if the example lies outside the raster or covers no valid pixel.
         """
         with contextlib.ExitStack() as stack:
-            src = stack.enter_context(_open_raster(raster))
+            src = stack.enter_context(open_raster(raster))
             geometry = example_in_crs(example, crs, src.crs)
             embedding = self._example_embedding(src, geometry)  # [D]
             scorer = OpenVocabScorer(model=self.model, embeddings=embedding[None], upsample="features").to(self.device)

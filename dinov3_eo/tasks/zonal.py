@@ -169,7 +169,7 @@ class _ClassCounts:
 
 
 def zonal_statistics(
-    raster: str | os.PathLike[str],
+    raster: str | os.PathLike[str] | Any,
     zones: Any,
     *,
     band: int = 1,
@@ -181,7 +181,8 @@ def zonal_statistics(
     progress: bool = True,
 ) -> Any:
     """The zones (a vector file or ``GeoDataFrame`` of polygons, any CRS) with the statistics of ``raster``'s
-    ``band`` under each as new columns (module docstring), in the zones' own CRS and order.
+    ``band`` under each as new columns (module docstring), in the zones' own CRS and order. ``raster``: a GeoTIFF
+    path, an open rasterio dataset, or an ``xarray.DataArray`` with a CRS (a map answered in Python).
 
     Args:
         classes: summarise classes (``True``) or values (``False``); ``None``: classes for a raster with a
@@ -202,17 +203,23 @@ def zonal_statistics(
     from shapely.geometry import box
     from tqdm import tqdm
 
-    from dinov3_eo.data.raster import GDAL_CACHE_MB
-    from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
+    from dinov3_eo.data.raster import (
+        GDAL_CACHE_MB,
+        open_raster,
+        pixel_area_ha,
+        require_georeferenced,
+        tagged_class_names,
+    )
     from dinov3_eo.tasks.map_estimate import total_unit
 
     if any(not 0 <= q <= 100 for q in percentiles):
         raise ValueError(f"Percentiles lie from 0 to 100, got {list(percentiles)}.")
     frame = _read_zones(zones, layer)
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_quietly(raster) as src:
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(raster) as src:
         require_georeferenced(src)
         if not 1 <= band <= src.count:
-            raise ValueError(f"{os.fspath(raster)!r} has {src.count} band(s); there is no band {band}.")
+            where = repr(os.fspath(raster)) if isinstance(raster, (str, os.PathLike)) else "The raster"
+            raise ValueError(f"{where} has {src.count} band(s); there is no band {band}.")
         as_classes = _is_class_map(src, band) if classes is None else bool(classes)
         local = frame.to_crs(src.crs)
         geometries = local.geometry.to_numpy()
