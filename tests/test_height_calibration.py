@@ -124,6 +124,7 @@ def test_the_command_corrects_a_map_with_shots_or_a_partial_chm(scene: dict, tmp
     after = np.sqrt(np.mean((corrected - truth) ** 2))
     assert before > 5 and after < 0.5 * before, (before, after)
     assert out.with_suffix(".png").stat().st_size > 3000
+    assert (tmp_path / "map_calibrated_calibration.png").stat().st_size > 3000  # the pairs and the fitted curve
     # the saved correction on another map, without references
     again = tmp_path / "again.tif"
     assert cli_main(["height", "calibrate", str(folder / "map.tif"), "--calibration", str(tmp_path / "c.json"),

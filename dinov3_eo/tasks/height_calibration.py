@@ -242,6 +242,7 @@ def calibrate_main(argv: Sequence[str]) -> int:
 
     out = Path(args.output)
     quicklook = None if args.no_quicklook else out.with_suffix(".png")
+    picture = None if args.no_quicklook else out.with_name(f"{out.stem}_calibration.png")
     if args.calibration:
         if args.reference:
             raise ValueError("Give either reference heights to fit a correction or --calibration to apply a saved one, "
@@ -252,6 +253,8 @@ def calibrate_main(argv: Sequence[str]) -> int:
             raise ValueError("Reference heights are needed to fit a correction (GEDI shots, plots or LiDAR CHMs), or "
                              "--calibration to apply a saved one.")  # fmt: skip
         check_overwrite(out, args.overwrite, inputs=[args.map, *args.reference])
+        if picture is not None:
+            check_overwrite(picture, args.overwrite, inputs=[args.map, *args.reference])
         if args.save:
             check_overwrite(args.save, args.overwrite, inputs=[args.map, *args.reference])
         predicted, reference = reference_pairs(args.map, args.reference, attribute=args.attribute,
@@ -267,6 +270,12 @@ def calibrate_main(argv: Sequence[str]) -> int:
         if args.save:
             calibration.save(args.save, overwrite=args.overwrite)
             print(f"  correction: {args.save}")
+        if picture is not None:
+            from dinov3_eo.tasks.height_plots import calibration_plot
+
+            calibration_plot(picture, predicted, reference, calibration.apply, overwrite=args.overwrite,
+                             title=f"{Path(args.map).name}: {calibration.method}, {calibration.n:,} pairs")  # fmt: skip
+            print(f"  pairs and correction: {picture}")
     calibrate_height_map(args.map, calibration, out, quicklook=quicklook, overwrite=args.overwrite)
     print(f"corrected map: {out}" + (f" (+ {quicklook.name})" if quicklook else ""))
     return 0

@@ -114,6 +114,46 @@ def scatter_plot(
     return _save(fig, dst, overwrite)
 
 
+def calibration_plot(
+    dst: str | os.PathLike[str],
+    predicted: np.ndarray,
+    reference: np.ndarray,
+    correction: Any,
+    *,
+    title: str | None = None,
+    max_points: int = 5000,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Reference against map heights (a seeded subsample of ``max_points`` pairs), the 1:1 line and the fitted
+    ``correction`` (a function of map heights, e.g. ``HeightCalibration.apply``) drawn across them: where the map
+    strays from the 1:1 line and how the correction brings it back."""
+    from matplotlib.figure import Figure
+
+    p, t = np.asarray(predicted, np.float64).ravel(), np.asarray(reference, np.float64).ravel()
+    keep = np.isfinite(p) & np.isfinite(t)
+    p, t = p[keep], t[keep]
+    if p.size > max_points:
+        idx = np.random.default_rng(seed).choice(p.size, size=max_points, replace=False)
+        p, t = p[idx], t[idx]
+    top = max(1.0, float(np.percentile(np.concatenate([p, t]), 99.5))) if p.size else 1.0
+    fig = Figure(figsize=(4.6, 4.0), dpi=100)
+    ax = fig.subplots()
+    ax.scatter(p, t, s=6, color="#0072b2", alpha=0.35, linewidths=0, label="pairs")
+    ax.plot([0, top], [0, top], color="0.3", lw=1, ls="--", label="1:1")
+    x = np.linspace(0, top, 200)
+    ax.plot(x, correction(x), color="#d55e00", lw=2, label="correction")
+    ax.set_xlim(0, top)
+    ax.set_ylim(0, top)
+    ax.set_xlabel("map height (m)")
+    ax.set_ylabel("reference height (m)")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    if title:
+        ax.set_title(title)
+    return _save(fig, dst, overwrite)
+
+
 def shot_map(
     dst: str | os.PathLike[str],
     shots: Any,
