@@ -260,3 +260,14 @@ def test_the_readme_zonal_example_gives_each_stands_heights(monkeypatch: pytest.
     for row, half in zip(heights.itertuples(), (chm[:20], chm[20:])):
         assert row.mean == pytest.approx(np.nanmean(half)) and row.area_ha == pytest.approx(0.08)
         assert np.nanmin(half) <= row.p95 <= np.nanmax(half)
+
+
+def test_the_readme_sample_example_draws_points_on_their_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rasterio
+
+    scope = run_readme_block("points = stratified_sample(", monkeypatch)
+    points, chm = scope["points"], scope["chm"]
+    assert len(points) == 40 and points["stratum"].value_counts().min() >= 15
+    with rasterio.open(ROOT / "tests/data/neon/TEAK_050_CHM.tif") as src:
+        tall = [v[0] >= 5 for v in src.sample(zip(points.geometry.x, points.geometry.y))]
+    assert tall == (points["stratum"] == "tree").tolist() and chm.shape == (40, 40)
