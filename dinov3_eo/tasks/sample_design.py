@@ -92,16 +92,8 @@ def allocate(counts: Sequence[int], n: int, *, allocation: str = "proportional",
     return out
 
 
-def _class_counts(src: Any, band: int, strata: Sequence[int] | None, block: int) -> dict[int, int]:
-    """Valid pixels per class value over the whole raster, block by block."""
-    counts: dict[int, int] = {}
-    for window in _windows(src, block):
-        values, valid = _read_classes(src, band, window)
-        present, n = np.unique(values[valid], return_counts=True)
-        for value, count in zip(present.tolist(), n.tolist()):
-            if strata is None or value in strata:
-                counts[value] = counts.get(value, 0) + count
-    return dict(sorted(counts.items()))
+#: stratum ids of buffer strata start here (map classes keep their own values as stratum ids)
+BUFFER_BASE = 1_000_000
 
 
 def _windows(src: Any, block: int) -> list[Any]:
@@ -111,9 +103,47 @@ def _windows(src: Any, block: int) -> list[Any]:
             for row in range(0, src.height, block) for col in range(0, src.width, block)]  # fmt: skip
 
 
-def _read_classes(src: Any, band: int, window: Any) -> tuple[np.ndarray, np.ndarray]:
-    read = src.read(band, window=window, masked=True)
-    return np.ma.getdata(read), ~np.ma.getmaskarray(read)
+def _read_strata(src: Any, band: int, window: Any, buffers: Sequence[tuple[int, int]],
+                 classes: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """``(strata, map classes, valid)`` of a window: each valid pixel's stratum (its class, or ``BUFFER_BASE + b``
+    within ``buffers[b]``'s distance of that class and not of it; the first buffer wins), ``-1`` where it is not
+    sampled. A buffer looks ``px`` pixels beyond the window, so blocks agree at their edges."""
+    from rasterio.windows import Window
+
+    pad = max((px for _, px in buffers), default=0)
+    row0, col0 = max(0, int(window.row_off) - pad), max(0, int(window.col_off) - pad)
+    row1 = min(src.height, int(window.row_off + window.height) + pad)
+    col1 = min(src.width, int(window.col_off + window.width) + pad)
+    read = src.read(band, window=Window(col0, row0, col1 - col0, row1 - row0), masked=True)
+    values, valid = np.ma.getdata(read).astype(np.int64), ~np.ma.getmaskarray(read)
+    strata = np.where(valid, values, -1)
+    if classes is not None:
+        strata[~np.isin(values, list(classes))] = -1
+    if buffers:
+        from scipy.ndimage import binary_dilation
+
+        for b, (value, px) in enumerate(buffers):
+            offsets = np.arange(-px, px + 1)
+            disk = np.hypot(*np.meshgrid(offsets, offsets)) <= px
+            near = binary_dilation(valid & (values == value), structure=disk)
+            strata[near & valid & (values != value) & (strata < BUFFER_BASE)] = BUFFER_BASE + b
+    crop = (slice(int(window.row_off) - row0, int(window.row_off) - row0 + int(window.height)),
+            slice(int(window.col_off) - col0, int(window.col_off) - col0 + int(window.width)))  # fmt: skip
+    return strata[crop], values[crop], valid[crop]
+
+
+def _stratum_counts(src: Any, band: int, block: int, buffers: Sequence[tuple[int, int]],
+                    classes: Sequence[int] | None) -> tuple[dict[int, int], dict[int, int]]:  # fmt: skip
+    """Pixels per stratum, and valid pixels per map class, over the whole raster, block by block."""
+    strata_counts: dict[int, int] = {}
+    class_counts: dict[int, int] = {}
+    for window in _windows(src, block):
+        strata, values, valid = _read_strata(src, band, window, buffers, classes)
+        for target, array in ((strata_counts, strata[strata >= 0]), (class_counts, values[valid])):
+            present, n = np.unique(array, return_counts=True)
+            for value, count in zip(present.tolist(), n.tolist()):
+                target[value] = target.get(value, 0) + count
+    return dict(sorted(strata_counts.items())), dict(sorted(class_counts.items()))
 
 
 def stratified_sample(
@@ -124,21 +154,27 @@ def stratified_sample(
     allocation: str = "proportional",
     min_per_stratum: int = 0,
     strata: Sequence[int] | None = None,
+    buffers: Sequence[tuple[int, int]] = (),
     band: int = 1,
     seed: int = 0,
     block: int = 1024,
 ) -> Any:
     """A stratified random sample of ``raster``'s pixels, its classes the strata (module docstring): ``n`` points
-    allocated by :func:`allocate`, or ``per_stratum`` (class id -> points) as given; nodata pixels never drawn.
+    allocated by :func:`allocate`, or ``per_stratum`` (stratum id -> points) as given; nodata pixels never drawn.
 
     Args:
         strata: the class ids to sample (default: every class present).
+        buffers: ``(class id, pixels)``: a stratum of its own for the pixels within that distance of the class
+            and not of it (where a map's omissions of a rare class hide; Olofsson et al. 2014's buffer stratum),
+            id ``BUFFER_BASE + i``. The strata then differ from the map classes: estimate with :func:`design_estimates`.
         seed: the draw's seed (the same raster, design and seed give the same points).
 
     Returns:
-        A ``GeoDataFrame`` of points at the drawn pixels' centres in the raster's CRS: ``id``, ``stratum`` (the class
-        name, else its id), ``class_id``, ``pixels_per_point`` (``N_h / n_h``), ``reference`` (empty), ordered by
-        stratum then row; its ``attrs["design"]`` holds the strata's pixels, area and points.
+        A ``GeoDataFrame`` of points at the drawn pixels' centres in the raster's CRS: ``id``, ``stratum`` (the
+        class name, its id, or ``"<class> buffer"``), ``stratum_id``, ``class_id`` (the map's class there),
+        ``pixels_per_point`` (``N_h / n_h``), ``reference`` (empty), ordered by stratum then row; its
+        ``attrs["design"]`` holds the strata's pixels, area and points, ``attrs["map_classes"]`` each map class's
+        name and pixels.
 
     Raises:
         ValueError: a raster of non-integer values, no georeference, neither or both of ``n`` and ``per_stratum``,
@@ -155,7 +191,7 @@ def stratified_sample(
         if not np.issubdtype(np.dtype(src.dtypes[band - 1]), np.integer):
             raise ValueError(f"{os.fspath(raster)!r} holds {src.dtypes[band - 1]} values; strata come from a class "
                              "raster of integers (a class map, or a value map binned into classes).")  # fmt: skip
-        counts = _class_counts(src, band, strata, block)
+        counts, class_pixels = _stratum_counts(src, band, block, buffers, strata)
         if not counts:
             raise ValueError(f"{os.fspath(raster)!r} has no valid pixel of the strata asked for.")
         labels = list(counts)
@@ -174,9 +210,9 @@ def stratified_sample(
         seen = dict.fromkeys(labels, 0)
         picked: dict[int, list[np.ndarray]] = {c: [] for c in ranks}
         for window in _windows(src, block):
-            values, valid = _read_classes(src, band, window)
+            stratum_of, values, _ = _read_strata(src, band, window, buffers, strata)
             for c, r in ranks.items():
-                here = valid & (values == c)
+                here = stratum_of == c
                 total = int(here.sum())
                 if not total:
                     continue
@@ -184,38 +220,141 @@ def stratified_sample(
                 if hi > lo:
                     flat = np.flatnonzero(here)[r[lo:hi] - seen[c]]
                     rows, cols = np.divmod(flat, int(window.width))
-                    picked[c].append(np.stack([rows + int(window.row_off), cols + int(window.col_off)], axis=1))
+                    picked[c].append(np.stack([rows + int(window.row_off), cols + int(window.col_off),
+                                               values.ravel()[flat]], axis=1))  # fmt: skip
                 seen[c] += total
         names = tagged_class_names(src, band) or []
         hectares = pixel_area_ha(src.crs, src.transform)
         transform, crs = src.transform, src.crs
-    rows_cols = [np.concatenate(picked[c]) if picked[c] else np.empty((0, 2), np.int64) for c in ranks]
-    cells = np.concatenate(rows_cols) if rows_cols else np.empty((0, 2), np.int64)
-    class_ids = np.concatenate([np.full(len(rc), c) for c, rc in zip(ranks, rows_cols)]) if rows_cols else np.empty(0)
+    class_name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
+    stratum_name = lambda h: f"{class_name(buffers[h - BUFFER_BASE][0])} buffer" if h >= BUFFER_BASE else class_name(h)  # noqa: E731
+    drawn = [np.concatenate(picked[c]) if picked[c] else np.empty((0, 3), np.int64) for c in ranks]
+    cells = np.concatenate(drawn) if drawn else np.empty((0, 3), np.int64)
+    stratum_ids = np.concatenate([np.full(len(d), c) for c, d in zip(ranks, drawn)]) if drawn else np.empty(0, np.int64)
     x, y = transform @ (cells[:, 1] + 0.5, cells[:, 0] + 0.5)
-    name = lambda c: names[c] if 0 <= c < len(names) else str(c)  # noqa: E731
     per_point = {c: counts[c] / len(r) for c, r in ranks.items()}
     frame = gpd.GeoDataFrame(
-        {"id": np.arange(1, len(cells) + 1), "stratum": [name(int(c)) for c in class_ids],
-         "class_id": class_ids.astype(np.int64), "pixels_per_point": [per_point[int(c)] for c in class_ids],
-         "reference": [""] * len(cells)},
+        {"id": np.arange(1, len(cells) + 1), "stratum": [stratum_name(int(h)) for h in stratum_ids],
+         "stratum_id": stratum_ids.astype(np.int64), "class_id": cells[:, 2].astype(np.int64),
+         "pixels_per_point": [per_point[int(h)] for h in stratum_ids], "reference": [""] * len(cells)},
         geometry=gpd.points_from_xy(x, y), crs=crs)  # fmt: skip
-    frame.attrs["design"] = [{"class_id": int(c), "stratum": name(c), "pixels": int(counts[c]),
-                              "area_ha": None if hectares is None else counts[c] * hectares,
-                              "weight": counts[c] / sum(counts.values()), "points": int(k)}
-                             for c, k in zip(labels, wanted)]  # fmt: skip
+    total = sum(counts.values())
+    frame.attrs["design"] = [{"stratum_id": int(h), "stratum": stratum_name(h), "pixels": int(counts[h]),
+                              "area_ha": None if hectares is None else counts[h] * hectares,
+                              "weight": counts[h] / total, "points": int(k)}
+                             for h, k in zip(labels, wanted)]  # fmt: skip
+    frame.attrs["map_classes"] = [{"class_id": int(c), "name": class_name(c), "pixels": int(p)}
+                                  for c, p in class_pixels.items()]  # fmt: skip
+    frame.attrs["pixel_area_ha"] = hectares
     return frame
 
 
+def _stratified_total(strata: np.ndarray, y: np.ndarray, sizes: dict[int, int], fpc: bool,
+                      x: np.ndarray | None = None) -> tuple[float, float, float]:  # fmt: skip
+    """``(Ŷ, X̂, V)``: the stratified estimates of the totals of ``y`` and ``x`` over the strata's pixels and the
+    variance of ``Ŷ`` (``x`` None) or of the ratio ``Ŷ / X̂`` (times ``X̂²``). A stratum with a single point has no
+    sample variance and adds none (as ``segment evaluate``'s estimator): give every stratum two points or more."""
+    y_total = x_total = variance = 0.0
+    pairs = []
+    for h, size in sizes.items():
+        inside = strata == h
+        n_h = int(inside.sum())
+        if not n_h:
+            continue
+        yh = y[inside].astype(np.float64)
+        xh = x[inside].astype(np.float64) if x is not None else None
+        y_total += size * yh.mean()
+        x_total += size * xh.mean() if xh is not None else 0.0
+        pairs.append((size, n_h, yh, xh))
+    ratio = y_total / x_total if x is not None and x_total else 0.0
+    for size, n_h, yh, xh in pairs:
+        if n_h < 2:
+            continue
+        f = (1.0 - n_h / size) if fpc else 1.0
+        if xh is None:
+            spread = yh.var(ddof=1)
+        else:  # the ratio's linearised residual y - R x
+            spread = yh.var(ddof=1) + ratio**2 * xh.var(ddof=1) - 2 * ratio * np.cov(yh, xh, ddof=1)[0, 1]
+        variance += size**2 * f * max(float(spread), 0.0) / n_h  # (rounding can leave -1e-17 where y = R x)
+    return y_total, x_total, variance
+
+
+def design_estimates(strata: np.ndarray, map_class: np.ndarray, reference: np.ndarray, stratum_pixels: dict[int, int],
+                     map_pixels: dict[int, int], class_names: Sequence[str], *, pixel_area: float = 1.0,
+                     z: float = 1.96, finite_population: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Class areas and accuracies from labelled points of a stratified random sample whose strata need not be the
+    map classes (Stehman 2014, "Estimating area and map accuracy for stratified random sampling when the strata are
+    different from the map classes"): every quantity is a stratified total of an indicator over the pixels, or a
+    ratio of two (user's and producer's accuracy), with its variance from the strata's sample variances
+    (``(1 - n_h/N_h)`` with ``finite_population``; the ratio's by linearisation). With the map classes as the strata
+    and no finite-population correction it is Olofsson et al.'s estimator (``segment evaluate``'s) exactly.
+
+    Args:
+        strata, map_class, reference: ``[n]`` each point's stratum id, map class and reference class (ids).
+        stratum_pixels: stratum id -> its pixels ``N_h``; map_pixels: map class id -> its pixels.
+        class_names: class id -> name (ids beyond it named by number).
+
+    Returns:
+        As :func:`~dinov3_eo.tasks.segmentation_eval.area_estimates`: ``{"overall_accuracy", "overall_accuracy_ci",
+        "unsampled_strata", "classes": {name: {"map_area", "estimated_area", "estimated_area_ci", "users_accuracy",
+        "users_accuracy_ci", "producers_accuracy", "producers_accuracy_ci"}}}``.
+    """
+    strata, mapped, truth = (np.asarray(a, np.int64) for a in (strata, map_class, reference))
+    total = float(sum(stratum_pixels.values()))
+    ids = sorted(set(map_pixels) | set(truth.tolist()))
+    name = lambda c: class_names[c] if 0 <= c < len(class_names) else str(c)  # noqa: E731
+    fpc = finite_population
+    right = mapped == truth
+    overall, _, overall_var = _stratified_total(strata, right, stratum_pixels, fpc)
+    classes = {}
+    for c in ids:
+        area, _, area_var = _stratified_total(strata, truth == c, stratum_pixels, fpc)
+        users, mapped_total, users_var = _stratified_total(strata, right & (mapped == c), stratum_pixels, fpc,
+                                                           x=mapped == c)  # fmt: skip
+        producers, truth_total, producers_var = _stratified_total(strata, right & (mapped == c), stratum_pixels, fpc,
+                                                                  x=truth == c)  # fmt: skip
+        ratio = lambda a, b: a / b if b else math.nan  # noqa: E731
+        classes[name(c)] = {
+            "map_area": map_pixels.get(c, 0) * pixel_area, "estimated_area": area * pixel_area,
+            "estimated_area_ci": z * math.sqrt(area_var) * pixel_area,
+            "users_accuracy": ratio(users, mapped_total),
+            "users_accuracy_ci": z * math.sqrt(users_var) / mapped_total if mapped_total else math.nan,
+            "producers_accuracy": ratio(producers, truth_total),
+            "producers_accuracy_ci": z * math.sqrt(producers_var) / truth_total if truth_total else math.nan,
+        }  # fmt: skip
+    sampled = set(strata.tolist())
+    return {"overall_accuracy": overall / total, "overall_accuracy_ci": z * math.sqrt(overall_var) / total,
+            "unsampled_strata": [h for h, size in stratum_pixels.items() if size and h not in sampled],
+            "classes": classes}  # fmt: skip
+
+
+def _buffer_arg(text: str) -> tuple[str, int]:
+    name, _, px = text.rpartition(":")
+    if not name or not px.isdigit() or int(px) < 1:
+        raise argparse.ArgumentTypeError(f"--buffer takes CLASS:PIXELS (e.g. water:3), not {text!r}")
+    return name, int(px)
+
+
+def _class_ids(names: Sequence[str], wanted: Sequence[str], where: str) -> list[int]:
+    unknown = [c for c in wanted if c not in names and not c.isdigit()]
+    if unknown:
+        raise ValueError(f"{where} has no classes {unknown} (its classes: {list(names) or 'unnamed ids'}).")
+    return [list(names).index(c) if c in names else int(c) for c in wanted]
+
+
 def sample_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo sample MAP.tif -n 500 -o points.gpkg``."""
+    """``dinov3-eo sample MAP.tif -n 500 -o points.gpkg``; ``dinov3-eo sample estimate points.gpkg``."""
+    if argv and argv[0] == "estimate":
+        return estimate_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="dinov3-eo sample",
         description="A stratified random sample of a class map's pixels for an accuracy assessment (Olofsson et al. "
                     "2014): points per class proportional to its area or equal, at least --min-per-class each, drawn "
-                    "uniformly within each class. Writes the points (with an empty 'reference' column to fill in) "
-                    "and <out>_design.json; label them, then 'dinov3-eo segment evaluate MAP points.gpkg "
-                    "--attribute reference' gives the accuracies and error-adjusted areas.")  # fmt: skip
+                    "uniformly within each class; --buffer adds a stratum around a rare class. Writes the points "
+                    "(with an empty 'reference' column to fill in) and <out>_design.json; label them, then "
+                    "'dinov3-eo sample estimate points.gpkg' (any design) or 'dinov3-eo segment evaluate MAP "
+                    "points.gpkg --attribute reference' (map classes as strata) gives the accuracies and "
+                    "error-adjusted areas.")  # fmt: skip
     parser.add_argument("map", help="the class map (its classes are the strata), or any class raster of strata")
     parser.add_argument("-o", "--output", required=True, help="the points: .gpkg, .geojson, or .csv (x, y in the "
                         "map's CRS and lon, lat)")  # fmt: skip
@@ -226,10 +365,13 @@ def sample_main(argv: Sequence[str]) -> int:
     parser.add_argument("--expected-accuracy", type=float, nargs="+", default=[0.85],
                         help="with --target-se: each class's expected user's accuracy, or one for all (default 0.85)")
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="proportional",
-                        help="points per class proportional to its area (default) or equal")
-    parser.add_argument("--min-per-class", type=int, default=50, help="at least this many points in every class "
-                        "(default 50; fewer where a class has fewer pixels)")  # fmt: skip
+                        help="points per stratum proportional to its area (default) or equal")
+    parser.add_argument("--min-per-class", type=int, default=50, help="at least this many points in every stratum "
+                        "(default 50; fewer where a stratum has fewer pixels)")  # fmt: skip
     parser.add_argument("--classes", nargs="+", default=None, help="sample only these classes (names or ids)")
+    parser.add_argument("--buffer", type=_buffer_arg, action="append", default=[], metavar="CLASS:PIXELS",
+                        help="a stratum of the pixels within PIXELS of CLASS (not of it), where the map's omissions "
+                        "of a rare class hide; repeatable")  # fmt: skip
     parser.add_argument("--band", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -244,25 +386,27 @@ def sample_main(argv: Sequence[str]) -> int:
     design_path = out.with_name(f"{out.stem}_design.json")
     for path in (out, design_path):
         check_overwrite(path, args.overwrite, inputs=[args.map])
-    strata = None
-    if args.classes:
-        with open_quietly(args.map) as src:
-            names = tagged_class_names(src, args.band) or []
-        unknown = [c for c in args.classes if c not in names and not c.isdigit()]
-        if unknown:
-            raise ValueError(f"{args.map} has no classes {unknown} (its classes: {names or 'unnamed ids'}).")
-        strata = [names.index(c) if c in names else int(c) for c in args.classes]
+    with open_quietly(args.map) as src:
+        names = tagged_class_names(src, args.band) or []
+    strata = _class_ids(names, args.classes, str(args.map)) if args.classes else None
+    buffers = [(c, px) for c, (_, px) in zip(_class_ids(names, [b for b, _ in args.buffer], str(args.map)),
+                                             args.buffer)]  # fmt: skip
     n = args.points
     if n is None:
         with open_quietly(args.map) as src:
-            counts = _class_counts(src, args.band, strata, 1024)
+            counts, _ = _stratum_counts(src, args.band, 1024, buffers, strata)
         weights = np.array(list(counts.values()), np.float64)
         accuracy = args.expected_accuracy[0] if len(args.expected_accuracy) == 1 else args.expected_accuracy
         n = sample_size(weights / weights.sum(), accuracy, args.target_se)
         print(f"{n} points for a standard error of {args.target_se:g} on the overall accuracy")
     frame = stratified_sample(args.map, n=n, allocation=args.allocation, min_per_stratum=args.min_per_class,
-                              strata=strata, band=args.band, seed=args.seed)  # fmt: skip
+                              strata=strata, buffers=buffers, band=args.band, seed=args.seed)  # fmt: skip
     design = frame.attrs.pop("design")
+    record = {"map": os.fspath(args.map), "points": len(frame), "allocation": args.allocation,
+              "min_per_class": args.min_per_class, "seed": args.seed, "class_names": names,
+              "buffers": [{"class_id": c, "pixels": px} for c, px in buffers],
+              "pixel_area_ha": frame.attrs.pop("pixel_area_ha"), "map_classes": frame.attrs.pop("map_classes"),
+              "strata": design}  # fmt: skip
     if out.suffix.lower() == ".csv":
         lonlat = frame.to_crs("EPSG:4326").geometry
         table = frame.drop(columns=frame.geometry.name).assign(x=frame.geometry.x, y=frame.geometry.y, lon=lonlat.x,
@@ -272,13 +416,76 @@ def sample_main(argv: Sequence[str]) -> int:
     else:
         write_vector(frame, out, layer="points", overwrite=args.overwrite)
     with atomic_output(design_path, overwrite=args.overwrite) as tmp:
-        tmp.write_text(json.dumps({"map": os.fspath(args.map), "points": len(frame), "allocation": args.allocation,
-                                   "min_per_class": args.min_per_class, "seed": args.seed, "strata": design}, indent=2))
-    print(f"{'stratum':<16}{'pixels':>12}{'share':>8}{'points':>8}")
+        tmp.write_text(json.dumps(record, indent=2))
+    print(f"{'stratum':<20}{'pixels':>12}{'share':>8}{'points':>8}")
     for row in design:
-        print(f"{row['stratum']:<16}{row['pixels']:>12,}{100 * row['weight']:>7.1f}%{row['points']:>8}")
+        print(f"{row['stratum']:<20}{row['pixels']:>12,}{100 * row['weight']:>7.1f}%{row['points']:>8}")
     print(f"wrote {len(frame)} points to {out} and the design to {design_path.name}")
     return 0
 
 
-__all__ = ["ALLOCATIONS", "allocate", "sample_main", "sample_size", "stratified_sample"]
+def estimate_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo sample estimate points.gpkg [--design points_design.json]``."""
+    parser = argparse.ArgumentParser(
+        prog="dinov3-eo sample estimate",
+        description="Class areas and user's, producer's and overall accuracies with 95 %% intervals from the labelled "
+                    "points of 'dinov3-eo sample' (its strata may differ from the map classes: buffers; Stehman "
+                    "2014).")  # fmt: skip
+    parser.add_argument("points", help="the labelled points (.gpkg, .geojson or .csv)")
+    parser.add_argument("--design", default=None, help="the design (default: <points>_design.json)")
+    parser.add_argument("--reference-column", default="reference", help="the labels' column (default: reference)")
+    parser.add_argument("--out", default=None, help="also write the estimates here (JSON)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    args = parser.parse_args(list(argv))
+
+    import pandas as pd
+
+    from dinov3_eo.inference.writers import atomic_output, check_overwrite
+
+    points_path = Path(args.points)
+    design_path = Path(args.design) if args.design else points_path.with_name(f"{points_path.stem}_design.json")
+    for path in (points_path, design_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} does not exist" + (" (give --design)" if path == design_path else "")
+                                    + ".")  # fmt: skip
+    if args.out:
+        check_overwrite(args.out, args.overwrite, inputs=[points_path, design_path])
+    design = json.loads(design_path.read_text())
+    if points_path.suffix.lower() == ".csv":
+        table = pd.read_csv(points_path, keep_default_na=False)
+    else:
+        import geopandas as gpd
+
+        table = gpd.read_file(points_path)
+    missing = [c for c in ("stratum_id", "class_id", args.reference_column) if c not in table.columns]
+    if missing:
+        raise KeyError(f"{str(points_path)!r} has no columns {missing}; these are the points 'dinov3-eo sample' wrote, "
+                       "with the labels in --reference-column.")  # fmt: skip
+    names = design.get("class_names") or []
+    labels = table[args.reference_column].astype(str).str.strip()
+    empty = int((labels == "").sum() + table[args.reference_column].isna().sum())
+    if empty:
+        raise ValueError(f"{empty} of the {len(table)} points have no label in {args.reference_column!r}; label every "
+                         "point (a class name or id) before estimating.")  # fmt: skip
+    reference = _class_ids(names, labels.tolist(), f"The design {design_path.name}")
+    result = design_estimates(table["stratum_id"].to_numpy(), table["class_id"].to_numpy(), np.array(reference),
+                              {row["stratum_id"]: row["pixels"] for row in design["strata"]},
+                              {row["class_id"]: row["pixels"] for row in design["map_classes"]}, names,
+                              pixel_area=design.get("pixel_area_ha") or 1.0)  # fmt: skip
+    unit = "ha" if design.get("pixel_area_ha") else "pixels"
+    print(f"{len(table)} labelled points, {len(design['strata'])} strata; areas in {unit}, 95 % intervals:")
+    print(f"{'class':<16}{'mapped':>12}{'estimated':>12}{'± 95 %':>10}{'user':>8}{'producer':>10}")
+    for name, row in result["classes"].items():
+        print(f"{name:<16}{row['map_area']:>12,.1f}{row['estimated_area']:>12,.1f}{row['estimated_area_ci']:>10,.1f}"
+              f"{row['users_accuracy']:>8.3f}{row['producers_accuracy']:>10.3f}")  # fmt: skip
+    print(f"overall accuracy {result['overall_accuracy']:.3f} ± {result['overall_accuracy_ci']:.3f}")
+    if result["unsampled_strata"]:
+        print(f"warning: strata {result['unsampled_strata']} have no point: every estimate is biased")
+    if args.out:
+        with atomic_output(args.out, overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps({"unit": unit, **result}, indent=2))
+    return 0
+
+
+__all__ = ["ALLOCATIONS", "BUFFER_BASE", "allocate", "design_estimates", "estimate_main", "sample_main", "sample_size",
+           "stratified_sample"]
