@@ -426,11 +426,10 @@ def gedi_main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(argv)
 
-    from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
+    from dinov3_eo.inference.writers import check_feature_suffix, check_overwrite, write_features
 
     out = Path(args.out)
-    if out.suffix.lower() not in (*VECTOR_FORMATS, ".csv"):
-        raise ValueError(f"Shots are written as .gpkg, .geojson or .csv, not {str(out)!r}.")
+    check_feature_suffix(out, "Shots")
     picture = out.with_suffix(".png")
     check_overwrite(out, args.overwrite)
     if not args.no_picture:
@@ -445,13 +444,7 @@ def gedi_main(argv: Sequence[str]) -> int:
     if not len(shots.frame):
         raise ValueError("No shot is left to write: widen the area or relax the filters (the counts above say which "
                          "removed them).")  # fmt: skip
-    if out.suffix.lower() == ".csv":  # lon, lat in degrees: what other tools and `height evaluate` read back
-        frame = shots.frame
-        table = frame.drop(columns=frame.geometry.name).assign(lon=frame.geometry.x, lat=frame.geometry.y)
-        with atomic_output(out, overwrite=args.overwrite) as tmp:
-            table.to_csv(tmp, index=False)
-    else:
-        write_vector(shots.frame, out, layer="shots", overwrite=args.overwrite)
+    write_features(shots.frame, out, layer="shots", overwrite=args.overwrite)  # a CSV: lon, lat, as plots are read
     print(f"wrote {out}")
     if not args.no_picture:
         from dinov3_eo.tasks.height_plots import shot_map

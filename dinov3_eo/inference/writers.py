@@ -643,6 +643,39 @@ def write_vector(frame: Any, dst: str | os.PathLike[str], *, layer: str, overwri
     return Path(dst)
 
 
+#: what :func:`write_features` writes: the vector formats and a CSV table
+FEATURE_SUFFIXES = (*VECTOR_FORMATS, ".csv")
+
+
+def check_feature_suffix(dst: str | os.PathLike[str], what: str) -> None:
+    """Raises ValueError unless ``dst`` is a GeoPackage, GeoJSON or CSV (``what``: "Points", for the message)."""
+    if Path(dst).suffix.lower() not in FEATURE_SUFFIXES:
+        raise ValueError(f"{what} are written as .gpkg, .geojson or .csv, not {os.fspath(dst)!r}.")
+
+
+def write_features(frame: Any, dst: str | os.PathLike[str], *, layer: str, overwrite: bool = False) -> Path:
+    """A ``GeoDataFrame`` written atomically by ``dst``'s suffix: a GeoPackage / GeoJSON (:func:`write_vector`), or a
+    CSV table without the geometry, points keeping their place as ``lon``, ``lat`` (degrees) and, in a projected
+    CRS, ``x``, ``y`` too.
+
+    Raises:
+        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    check_feature_suffix(dst, "Features")
+    if Path(dst).suffix.lower() != ".csv":
+        return write_vector(frame, dst, layer=layer, overwrite=overwrite)
+    geometry = frame.geometry
+    table = frame.drop(columns=geometry.name)
+    if len(frame) and (geometry.geom_type == "Point").all():
+        if frame.crs is not None and not frame.crs.is_geographic:
+            table = table.assign(x=geometry.x, y=geometry.y)
+        degrees = frame.to_crs("EPSG:4326").geometry if frame.crs is not None else geometry
+        table = table.assign(lon=degrees.x, lat=degrees.y)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        table.to_csv(tmp, index=False)
+    return Path(dst)
+
+
 def vectorize_classes(
     classes: str | os.PathLike[str],
     dst: str | os.PathLike[str],

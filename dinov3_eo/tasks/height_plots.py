@@ -68,6 +68,22 @@ def value_quicklook(
                              title=title, overwrite=overwrite)  # fmt: skip
 
 
+def _pairs_figure(first: np.ndarray, second: np.ndarray, max_points: int, seed: int) -> tuple[Any, ...]:
+    """``(first, second, top, fig, ax)``: the finite pairs (a seeded subsample of ``max_points``, so a picture costs
+    the same for any data size), the axes' top (the 99.5th percentile of both, at least 1) and a bare figure."""
+    from matplotlib.figure import Figure
+
+    a, b = np.asarray(first, np.float64).ravel(), np.asarray(second, np.float64).ravel()
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size > max_points:
+        idx = np.random.default_rng(seed).choice(a.size, size=max_points, replace=False)
+        a, b = a[idx], b[idx]
+    top = max(1.0, float(np.percentile(np.concatenate([a, b]), 99.5))) if a.size else 1.0
+    fig = Figure(figsize=(4.6, 4.0), dpi=100)
+    return a, b, top, fig, fig.subplots()
+
+
 def scatter_plot(
     dst: str | os.PathLike[str],
     pred: np.ndarray,
@@ -87,17 +103,8 @@ def scatter_plot(
     to :data:`SCATTER_POINTS` are drawn as points instead.
     """
     from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
 
-    p, t = np.asarray(pred, np.float64).ravel(), np.asarray(target, np.float64).ravel()
-    keep = np.isfinite(p) & np.isfinite(t)
-    p, t = p[keep], t[keep]
-    if p.size > max_points:
-        idx = np.random.default_rng(seed).choice(p.size, size=max_points, replace=False)
-        p, t = p[idx], t[idx]
-    top = max(1.0, float(np.percentile(np.concatenate([p, t]), 99.5))) if p.size else 1.0
-    fig = Figure(figsize=(4.6, 4.0), dpi=100)
-    ax = fig.subplots()
+    p, t, top, fig, ax = _pairs_figure(pred, target, max_points, seed)
     if 0 < p.size <= SCATTER_POINTS:  # few pairs (tiles, plots) read best as points
         ax.scatter(t, p, s=9, color="#0072b2", alpha=0.6, linewidths=0)
     elif p.size:
@@ -128,17 +135,7 @@ def calibration_plot(
     """Reference against map heights (a seeded subsample of ``max_points`` pairs), the 1:1 line and the fitted
     ``correction`` (a function of map heights, e.g. ``HeightCalibration.apply``) drawn across them: where the map
     strays from the 1:1 line and how the correction brings it back."""
-    from matplotlib.figure import Figure
-
-    p, t = np.asarray(predicted, np.float64).ravel(), np.asarray(reference, np.float64).ravel()
-    keep = np.isfinite(p) & np.isfinite(t)
-    p, t = p[keep], t[keep]
-    if p.size > max_points:
-        idx = np.random.default_rng(seed).choice(p.size, size=max_points, replace=False)
-        p, t = p[idx], t[idx]
-    top = max(1.0, float(np.percentile(np.concatenate([p, t]), 99.5))) if p.size else 1.0
-    fig = Figure(figsize=(4.6, 4.0), dpi=100)
-    ax = fig.subplots()
+    p, t, top, fig, ax = _pairs_figure(predicted, reference, max_points, seed)
     ax.scatter(p, t, s=6, color="#0072b2", alpha=0.35, linewidths=0, label="pairs")
     ax.plot([0, top], [0, top], color="0.3", lw=1, ls="--", label="1:1")
     x = np.linspace(0, top, 200)

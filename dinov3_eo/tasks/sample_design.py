@@ -378,11 +378,10 @@ def sample_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
 
     from dinov3_eo.data.raster import open_quietly, tagged_class_names
-    from dinov3_eo.inference.writers import VECTOR_FORMATS, atomic_output, check_overwrite, write_vector
+    from dinov3_eo.inference.writers import atomic_output, check_feature_suffix, check_overwrite, write_features
 
     out = Path(args.output)
-    if out.suffix.lower() not in (*VECTOR_FORMATS, ".csv"):
-        raise ValueError(f"Points are written as .gpkg, .geojson or .csv, not {str(out)!r}.")
+    check_feature_suffix(out, "Points")
     design_path = out.with_name(f"{out.stem}_design.json")
     for path in (out, design_path):
         check_overwrite(path, args.overwrite, inputs=[args.map])
@@ -407,14 +406,7 @@ def sample_main(argv: Sequence[str]) -> int:
               "buffers": [{"class_id": c, "pixels": px} for c, px in buffers],
               "pixel_area_ha": frame.attrs.pop("pixel_area_ha"), "map_classes": frame.attrs.pop("map_classes"),
               "strata": design}  # fmt: skip
-    if out.suffix.lower() == ".csv":
-        lonlat = frame.to_crs("EPSG:4326").geometry
-        table = frame.drop(columns=frame.geometry.name).assign(x=frame.geometry.x, y=frame.geometry.y, lon=lonlat.x,
-                                                               lat=lonlat.y)  # fmt: skip
-        with atomic_output(out, overwrite=args.overwrite) as tmp:
-            table.to_csv(tmp, index=False)
-    else:
-        write_vector(frame, out, layer="points", overwrite=args.overwrite)
+    write_features(frame, out, layer="points", overwrite=args.overwrite)
     with atomic_output(design_path, overwrite=args.overwrite) as tmp:
         tmp.write_text(json.dumps(record, indent=2))
     print(f"{'stratum':<20}{'pixels':>12}{'share':>8}{'points':>8}")

@@ -355,22 +355,17 @@ def zonal_main(argv: Sequence[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = parser.parse_args(list(argv))
 
-    from dinov3_eo.inference.writers import atomic_output, check_overwrite, write_vector
+    from dinov3_eo.inference.writers import check_feature_suffix, check_overwrite, write_features
 
     out = Path(args.output)
-    if out.suffix.lower() not in (".gpkg", ".geojson", ".csv"):
-        raise ValueError(f"Zonal statistics are written as .gpkg, .geojson or .csv, not {str(out)!r}.")
+    check_feature_suffix(out, "Zonal statistics")
     picture = out.with_suffix(".png")
     check_overwrite(out, args.overwrite, inputs=[args.raster, args.zones])
     if not args.no_picture:
         check_overwrite(picture, args.overwrite, inputs=[args.raster, args.zones])
     frame = zonal_statistics(args.raster, args.zones, band=args.band, classes=args.classes,
                              percentiles=args.percentiles, all_touched=args.all_touched, layer=args.layer)  # fmt: skip
-    if out.suffix.lower() == ".csv":
-        with atomic_output(out, overwrite=args.overwrite) as tmp:
-            frame.drop(columns=frame.geometry.name).to_csv(tmp, index=False)
-    else:
-        write_vector(frame, out, layer="zones", overwrite=args.overwrite)
+    write_features(frame, out, layer="zones", overwrite=args.overwrite)
     shown = "majority" if "majority" in frame.columns else "mean"
     with_data = int(frame["majority"].notna().sum() if shown == "majority" else (frame["count"] > 0).sum())
     print(f"{len(frame):,} zones, {with_data:,} with pixels of {Path(args.raster).name}: wrote {out}")
