@@ -261,3 +261,48 @@ def test_sample_estimate_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     with pytest.raises(SystemExit):  # a usage error, as argparse reports it
         cli_main(["sample", str(folder / "lakes_map.tif"), "-n", "50", "--buffer", "water", "-o", str(tmp_path / "x.gpkg")])
     assert "--buffer takes CLASS:PIXELS (e.g. water:3), not 'water'" in capsys.readouterr().err
+
+
+def test_a_value_map_binned_into_strata_for_regress_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Plots for a biomass map: strata cut from its values (``--bins``), points drawn in each, measured (here: the
+    truth under them), then ``regress evaluate --strata`` on the strata raster the sample wrote."""
+    from dinov3_eo.tasks.sample_design import bin_names, bin_raster
+
+    assert bin_names([10, 20.5]) == ["<10", "10-20.5", ">=20.5"]
+    rng = np.random.default_rng(6)
+    rows, cols = np.indices((90, 100))
+    truth = 80 + 60 * np.sin(cols / 15.0) * np.cos(rows / 11.0) + rng.normal(0, 8, (90, 100))
+    mapped = (0.8 * truth + 25).astype(np.float32)  # a biased biomass map, Mg/ha
+    mapped[:5, :5] = np.nan
+    profile = dict(driver="GTiff", width=100, height=90, count=1, dtype="float32", nodata=float("nan"), crs=CRS,
+                   transform=from_origin(700_000, 4_100_000, 30.0, 30.0))  # fmt: skip
+    with rasterio.open(tmp_path / "agb.tif", "w", **profile) as dst:
+        dst.write(mapped, 1)
+        dst.units = ("Mg/ha",)
+    strata = bin_raster(tmp_path / "agb.tif", [60, 100, 140], tmp_path / "bins.tif")
+    with rasterio.open(strata) as src:
+        classes = src.read(1)
+        assert json.loads(src.tags()["class_names"]) == ["<60", "60-100", "100-140", ">=140"]
+    finite = np.isfinite(mapped)
+    np.testing.assert_array_equal(classes[finite], np.digitize(mapped[finite], [60, 100, 140]))
+    assert (classes[~finite] == 255).all()
+    with pytest.raises(ValueError, match="must increase"):
+        bin_raster(tmp_path / "agb.tif", [100, 60], tmp_path / "bad.tif")
+
+    out = tmp_path / "plots.gpkg"
+    assert cli_main(["sample", str(tmp_path / "agb.tif"), "--bins", "140", "60", "100", "-n", "80", "--min-per-class",
+                     "12", "-o", str(out)]) == 0  # fmt: skip
+    assert "cut at [60.0, 100.0, 140.0]" in capsys.readouterr().out
+    plots = gpd.read_file(out)
+    r, c = rasterio.transform.rowcol(profile["transform"], plots.geometry.x, plots.geometry.y)
+    r, c = np.asarray(r), np.asarray(c)
+    assert (np.digitize(mapped[r, c], [60, 100, 140]) == plots["class_id"]).all() and len(plots) == 80
+    assert plots["stratum"].value_counts().min() >= 12
+    plots["agb"] = truth[r, c]  # the field crew's measurement
+    plots.to_file(tmp_path / "measured.gpkg")
+    assert cli_main(["regress", "evaluate", str(tmp_path / "agb.tif"), str(tmp_path / "measured.gpkg"), "--attribute",
+                     "agb", "--strata", str(tmp_path / "plots_strata.tif"), "--out-dir", str(tmp_path / "eval")]) == 0
+    estimate = json.loads((tmp_path / "eval" / "metrics.json").read_text())["estimate"]
+    assert estimate["design"] == "stratified" and [s["name"] for s in estimate["strata"]] == bin_names([60, 100, 140])
+    true_mean = truth[finite].mean()
+    assert estimate["low"] <= true_mean <= estimate["high"] and abs(estimate["map_mean"] - true_mean) > 5

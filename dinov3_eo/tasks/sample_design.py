@@ -92,6 +92,41 @@ def allocate(counts: Sequence[int], n: int, *, allocation: str = "proportional",
     return out
 
 
+def bin_names(edges: Sequence[float]) -> list[str]:
+    """Class names of the bins ``(-inf, e0), [e0, e1), ..., [e_last, inf)``: ``"<10"``, ``"10-20"``, ``">=30"``."""
+    edges = [float(e) for e in edges]
+    inner = [f"{a:g}-{b:g}" for a, b in zip(edges[:-1], edges[1:])]
+    return [f"<{edges[0]:g}", *inner, f">={edges[-1]:g}"]
+
+
+def bin_raster(raster: str | os.PathLike[str], edges: Sequence[float], dst: str | os.PathLike[str], *, band: int = 1,
+               overwrite: bool = False) -> Path:  # fmt: skip
+    """A value map (canopy height, biomass) cut into strata at ``edges`` (increasing): a uint8 class COG on its grid,
+    class ``i`` for values in ``[edges[i-1], edges[i])`` (:func:`bin_names`), 255 where the map has no value. The
+    strata of a sample for ``regress evaluate --strata``.
+
+    Raises:
+        ValueError: edges not increasing, or more than 254 bins. FileExistsError: ``dst`` exists without ``overwrite``.
+    """
+    from dinov3_eo.data.raster import open_quietly
+    from dinov3_eo.inference.writers import COGWriter, check_overwrite
+
+    edges = np.asarray(edges, np.float64)
+    if edges.ndim != 1 or not len(edges) or (np.diff(edges) <= 0).any() or len(edges) > 253:
+        raise ValueError(f"Bin edges must increase (at most 253 of them), got {edges.tolist()}.")
+    check_overwrite(dst, overwrite, inputs=[raster])
+    with open_quietly(raster) as src:
+        with COGWriter(dst, width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
+                       transform=src.transform, nodata=255, class_names=bin_names(edges), overwrite=overwrite,
+                       tags={"source": Path(raster).name, "bin_edges": json.dumps(edges.tolist())}) as out:  # fmt: skip
+            for window in _windows(src, 1024):
+                read = src.read(band, window=window, masked=True).astype(np.float64)
+                values = read.filled(np.nan)
+                classes = np.where(np.isfinite(values), np.digitize(values, edges), 255).astype(np.uint8)
+                out.write(classes[None], window=window)
+    return Path(dst)
+
+
 #: stratum ids of buffer strata start here (map classes keep their own values as stratum ids)
 BUFFER_BASE = 1_000_000
 
@@ -372,6 +407,9 @@ def sample_main(argv: Sequence[str]) -> int:
     parser.add_argument("--buffer", type=_buffer_arg, action="append", default=[], metavar="CLASS:PIXELS",
                         help="a stratum of the pixels within PIXELS of CLASS (not of it), where the map's omissions "
                         "of a rare class hide; repeatable")  # fmt: skip
+    parser.add_argument("--bins", type=float, nargs="+", default=None, metavar="EDGE",
+                        help="a value map (heights, biomass): strata are its values cut at these edges, written to "
+                        "<out>_strata.tif (the --strata of 'regress evaluate')")  # fmt: skip
     parser.add_argument("--band", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -383,8 +421,13 @@ def sample_main(argv: Sequence[str]) -> int:
     out = Path(args.output)
     check_feature_suffix(out, "Points")
     design_path = out.with_name(f"{out.stem}_design.json")
-    for path in (out, design_path):
+    for path in (out, design_path, *([out.with_name(f"{out.stem}_strata.tif")] if args.bins else [])):
         check_overwrite(path, args.overwrite, inputs=[args.map])
+    if args.bins:
+        strata_path = bin_raster(args.map, sorted(args.bins), out.with_name(f"{out.stem}_strata.tif"), band=args.band,
+                                 overwrite=args.overwrite)  # fmt: skip
+        print(f"strata: {args.map} cut at {sorted(args.bins)} -> {strata_path}")
+        args.map, args.band = str(strata_path), 1
     with open_quietly(args.map) as src:
         names = tagged_class_names(src, args.band) or []
     strata = _class_ids(names, args.classes, str(args.map)) if args.classes else None
