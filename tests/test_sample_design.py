@@ -249,6 +249,8 @@ def test_sample_estimate_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     with rasterio.open(folder / "lakes_truth.tif") as src:
         points["reference"] = [["forest", "water"][int(v[0])] for v in src.sample(zip(points.geometry.x, points.geometry.y))]
     points.to_file(out, layer="points")
+    assert cli_main(["segment", "evaluate", str(folder / "lakes_map.tif"), str(out), "--attribute", "reference"]) == 2
+    assert "was drawn with buffer strata (points_design.json)" in capsys.readouterr().err  # its areas would be biased
     assert cli_main(["sample", "estimate", str(out), "--out", str(tmp_path / "estimates.json")]) == 0
     printed = capsys.readouterr().out
     assert "200 labelled points, 3 strata; areas in ha" in printed and "overall accuracy" in printed

@@ -183,6 +183,26 @@ def area_estimates(confusion: np.ndarray, map_pixels: np.ndarray, *, pixel_area:
     }
 
 
+def _refuse_other_strata(reference: str | os.PathLike[str]) -> None:
+    """Points drawn by ``dinov3-eo sample`` with strata other than the map classes (``--buffer``; its design beside
+    them says so) are not a sample within each map class: the error-adjusted areas here would be biased.
+
+    Raises:
+        ValueError: such points, naming the command that estimates from them.
+    """
+    path = Path(reference)
+    design = path.with_name(f"{path.stem}_design.json")
+    if path.suffix.lower() not in VECTOR_SUFFIXES or not design.is_file():
+        return
+    try:
+        record = json.loads(design.read_text())
+    except ValueError:
+        return
+    if record.get("buffers"):
+        raise ValueError(f"{path.name} was drawn with buffer strata ({design.name}), not within the map classes, so "
+                         f"the areas here would be biased; estimate with 'dinov3-eo sample estimate {path.name}'.")
+
+
 def report_table(report: Mapping[str, Any]) -> str:
     """The report as a fixed-width text table (one row per class, then the overall scores)."""
     width = max([len("class")] + [len(n) for n in report["classes"]])
@@ -737,6 +757,7 @@ def evaluate_main(argv: Sequence[str]) -> int:
         else:
             if args.mask_colors is not None or args.remap is not None:
                 raise ValueError("--mask-colors and --remap read chips' masks: add --chips for class maps of chips.")
+            _refuse_other_strata(args.reference)
             report = evaluate_class_raster(
                 prediction, args.reference, out_dir=args.out_dir, class_names=args.class_names,
                 attribute=args.attribute, classes=args.classes, reference_nodata=args.reference_nodata,
