@@ -188,3 +188,25 @@ def test_a_dataarray_and_a_map_in_degrees(maps: dict, tmp_path: Path) -> None:
     got = zonal_statistics(tmp_path / "deg.tif", zone, progress=False)
     assert got.loc[0, "water_px"] == 100 and got.loc[0, "land_px"] == 100 and got.loc[0, "majority"] == "water"
     assert "water_ha" not in got.columns
+
+
+def test_several_dates_give_each_their_columns_and_the_change(maps: dict, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    folder = maps["folder"]
+    later = tmp_path / "agb_2024.tif"
+    with rasterio.open(folder / "agb.tif") as src:
+        profile, values = src.profile, src.read(1)
+    with rasterio.open(later, "w", **profile) as dst:
+        dst.write(values + 12.5, 1)  # every pixel grew by 12.5
+    out = tmp_path / "both.csv"
+    assert cli_main(["zonal", str(folder / "agb.tif"), str(later), str(folder / "zones.gpkg"), "-o", str(out)]) == 0
+    table = __import__("pandas").read_csv(out)
+    single = zonal_statistics(folder / "agb.tif", maps["zones"], progress=False)
+    np.testing.assert_allclose(table["agb_mean"], single["mean"], rtol=1e-9)
+    np.testing.assert_allclose(table["agb_2024_mean"], single["mean"] + 12.5, rtol=1e-6)
+    changed = table["agb_2024_mean_change"].dropna()
+    assert len(changed) == 4 and np.allclose(changed, 12.5, atol=1e-4)
+    assert (tmp_path / "both.png").exists() and "name" in table.columns
+    assert cli_main(["zonal", str(folder / "agb.tif"), str(folder / "agb.tif"), str(folder / "zones.gpkg"), "-o",
+                     str(tmp_path / "same.csv")]) == 2  # fmt: skip
+    assert "repeat" in capsys.readouterr().err

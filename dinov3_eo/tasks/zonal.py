@@ -333,14 +333,16 @@ def zonal_picture(dst: str | os.PathLike[str], frame: Any, column: str, *, raste
 
 
 def zonal_main(argv: Sequence[str]) -> int:
-    """``dinov3-eo zonal MAP.tif ZONES.gpkg -o zones.gpkg``."""
+    """``dinov3-eo zonal MAP.tif [MORE.tif ...] ZONES.gpkg -o zones.gpkg``."""
     parser = argparse.ArgumentParser(
         prog="dinov3-eo zonal",
-        description="Summarise a map over polygons: per zone the count, mean, std, min, max, sum (and percentiles, "
+        description="Summarise maps over polygons: per zone the count, mean, std, min, max, sum (and percentiles, "
                     "area and a per-hectare total) of a value map, or the hectares and share of each class of a class "
-                    "map and its majority class. Writes the zones with these columns (GeoPackage, GeoJSON or CSV) "
-                    "and a PNG map of one of them.")  # fmt: skip
-    parser.add_argument("raster", help="the map: a value raster (heights, biomass, change) or a class raster")
+                    "map and its majority class. Several maps (dates) give each its columns, prefixed by the map's "
+                    "name, and for value maps the change of the mean from the first. Writes the zones with these "
+                    "columns (GeoPackage, GeoJSON or CSV) and a PNG map of one of them.")  # fmt: skip
+    parser.add_argument("rasters", nargs="+", metavar="raster", help="the maps: value rasters (heights, biomass, "
+                        "change) or class rasters; several for several dates")  # fmt: skip
     parser.add_argument("zones", help="polygons (any vector format, any CRS): stands, parcels, districts")
     parser.add_argument("-o", "--output", required=True, help="the zones with their statistics: .gpkg, .geojson or .csv")
     kind = parser.add_mutually_exclusive_group()
@@ -360,20 +362,36 @@ def zonal_main(argv: Sequence[str]) -> int:
     out = Path(args.output)
     check_feature_suffix(out, "Zonal statistics")
     picture = out.with_suffix(".png")
-    check_overwrite(out, args.overwrite, inputs=[args.raster, args.zones])
+    inputs = [*args.rasters, args.zones]
+    check_overwrite(out, args.overwrite, inputs=inputs)
     if not args.no_picture:
-        check_overwrite(picture, args.overwrite, inputs=[args.raster, args.zones])
-    frame = zonal_statistics(args.raster, args.zones, band=args.band, classes=args.classes,
-                             percentiles=args.percentiles, all_touched=args.all_touched, layer=args.layer)  # fmt: skip
+        check_overwrite(picture, args.overwrite, inputs=inputs)
+    stems = [Path(r).stem for r in args.rasters]
+    if len(set(stems)) < len(stems):
+        raise ValueError(f"The maps' names {stems} repeat; their columns are prefixed by them, so rename one.")
+    zones = _read_zones(args.zones, args.layer)
+    frame = zones
+    for raster, stem in zip(args.rasters, stems):
+        one = zonal_statistics(raster, zones, band=args.band, classes=args.classes, percentiles=args.percentiles,
+                               all_touched=args.all_touched, progress=len(args.rasters) == 1)  # fmt: skip
+        added = one.drop(columns=[*zones.columns])
+        prefix = f"{stem}_" if len(args.rasters) > 1 else ""
+        frame = frame.assign(**{f"{prefix}{c}": added[c] for c in added.columns})
+    first = "" if len(stems) == 1 else f"{stems[0]}_"
+    shown = f"{first}majority" if f"{first}majority" in frame.columns else f"{first}mean"
+    if len(stems) > 1 and shown.endswith("mean"):  # a value map over dates: how each zone's mean moved
+        for stem in stems[1:]:
+            frame[f"{stem}_mean_change"] = frame[f"{stem}_mean"] - frame[f"{stems[0]}_mean"]
+        shown = f"{stems[-1]}_mean_change"
     write_features(frame, out, layer="zones", overwrite=args.overwrite)
-    shown = "majority" if "majority" in frame.columns else "mean"
-    with_data = int(frame["majority"].notna().sum() if shown == "majority" else (frame["count"] > 0).sum())
-    print(f"{len(frame):,} zones, {with_data:,} with pixels of {Path(args.raster).name}: wrote {out}")
-    if shown == "mean" and with_data:
-        print(f"  zone means from {np.nanmin(frame['mean']):.4g} to {np.nanmax(frame['mean']):.4g}; over all their "
-              f"pixels {np.nansum(frame['sum']) / max(int(frame['count'].sum()), 1):.4g}")
+    counted = frame[f"{first}majority"].notna() if shown.endswith("majority") else frame[f"{first}count"] > 0
+    print(f"{len(frame):,} zones, {int(counted.sum()):,} with pixels of {Path(args.rasters[0]).name}: wrote {out}")
+    if f"{first}mean" in frame.columns and counted.any():
+        mean = frame[f"{first}mean"]
+        print(f"  zone means from {np.nanmin(mean):.4g} to {np.nanmax(mean):.4g}; over all their pixels "
+              f"{np.nansum(frame[f'{first}sum']) / max(int(frame[f'{first}count'].sum()), 1):.4g}")  # fmt: skip
     if not args.no_picture:
-        zonal_picture(picture, frame, shown, raster=args.raster, title=f"{Path(args.raster).name}: {shown}",
+        zonal_picture(picture, frame, shown, raster=args.rasters[-1], title=f"{Path(args.rasters[-1]).name}: {shown}",
                       overwrite=args.overwrite)  # fmt: skip
         print(f"  picture: {picture}")
     return 0
