@@ -59,7 +59,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, calibrate against GEDI shots or LiDAR, change between two dates"),
     "sample": ("dinov3_eo.tasks.sample_design", "sample_main", "a stratified random sample of a class map's pixels: points to label for an accuracy assessment"),
     "zonal": ("dinov3_eo.tasks.zonal", "zonal_main", "summarise a map over polygons: per zone mean/std/min/max/percentiles of values, or hectares and share of each class"),
-    "gedi": ("dinov3_eo.data.gedi", "gedi_main", "GEDI L2A/L4A granules (.h5) to quality-filtered shots (GeoPackage) in an area: reference heights or biomass"),
+    "gedi": ("dinov3_eo.data.gedi", "gedi_main", "GEDI L2A/L2B/L4A granules (.h5) to quality-filtered shots in an area: reference heights, cover or biomass"),
     "change": ("dinov3_eo.tasks.change", "change_main", "what changed between two dates: feature distance map, mask, polygons"),
     "cluster": ("dinov3_eo.tasks.clustering", "cluster_main", "unsupervised map: k-means clusters of the features of GeoTIFFs"),
     "similar": ("dinov3_eo.tasks.similarity", "similar_main", "find the places that look like an example point or polygon"),
