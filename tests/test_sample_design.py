@@ -173,6 +173,10 @@ def test_with_the_map_classes_as_strata_the_design_estimates_are_olofssons() -> 
     for name in "abc":
         for key, value in expected["classes"][name].items():
             assert got["classes"][name][key] == pytest.approx(value, rel=1e-9), (name, key)
+    shares = np.array(got["area_matrix"]["shares"])  # Olofsson's p_ij = W_i n_ij / n_i.
+    weights = np.array(list(map_pixels.values())) / sum(map_pixels.values())
+    np.testing.assert_allclose(shares, weights[:, None] * confusion.T / confusion.T.sum(axis=1, keepdims=True))
+    assert shares.sum() == pytest.approx(1.0) and got["area_matrix"]["classes"] == ["a", "b", "c"]
     with_fpc = design_estimates(strata, strata, reference, map_pixels, map_pixels, ["a", "b", "c"], pixel_area=0.09)
     assert with_fpc["classes"]["c"]["estimated_area_ci"] < got["classes"]["c"]["estimated_area_ci"]
 
@@ -254,6 +258,7 @@ def test_sample_estimate_from_the_command_line(tmp_path: Path, capsys: pytest.Ca
     assert cli_main(["sample", "estimate", str(out), "--out", str(tmp_path / "estimates.json")]) == 0
     printed = capsys.readouterr().out
     assert "200 labelled points, 3 strata; areas in ha" in printed and "overall accuracy" in printed
+    assert "error matrix, shares of the area (rows: map, columns: reference):" in printed
     saved = json.loads((tmp_path / "estimates.json").read_text())
     assert saved["unit"] == "ha" and saved["classes"]["water"]["estimated_area"] > saved["classes"]["water"]["map_area"]
     points.loc[0, "reference"] = "lava"

@@ -332,7 +332,8 @@ def design_estimates(strata: np.ndarray, map_class: np.ndarray, reference: np.nd
     Returns:
         As :func:`~dinov3_eo.tasks.segmentation_eval.area_estimates`: ``{"overall_accuracy", "overall_accuracy_ci",
         "unsampled_strata", "classes": {name: {"map_area", "estimated_area", "estimated_area_ci", "users_accuracy",
-        "users_accuracy_ci", "producers_accuracy", "producers_accuracy_ci"}}}``.
+        "users_accuracy_ci", "producers_accuracy", "producers_accuracy_ci"}}}``, and ``"area_matrix"``: the error
+        matrix in estimated shares of the area (``shares[i][j]``: mapped ``i``, reference ``j``; summing to 1).
     """
     strata, mapped, truth = (np.asarray(a, np.int64) for a in (strata, map_class, reference))
     total = float(sum(stratum_pixels.values()))
@@ -358,9 +359,13 @@ def design_estimates(strata: np.ndarray, map_class: np.ndarray, reference: np.nd
             "producers_accuracy_ci": z * math.sqrt(producers_var) / truth_total if truth_total else math.nan,
         }  # fmt: skip
     sampled = set(strata.tolist())
+    # the error matrix in shares of the area (rows: map, columns: reference), the table an accuracy report shows
+    matrix = [[_stratified_total(strata, (mapped == i) & (truth == j), stratum_pixels, fpc)[0] / total for j in ids]
+              for i in ids]  # fmt: skip
     return {"overall_accuracy": overall / total, "overall_accuracy_ci": z * math.sqrt(overall_var) / total,
             "unsampled_strata": [h for h, size in stratum_pixels.items() if size and h not in sampled],
-            "classes": classes}  # fmt: skip
+            "classes": classes, "area_matrix": {"classes": [name(c) for c in ids], "rows": "map",
+                                                "columns": "reference", "shares": matrix}}  # fmt: skip
 
 
 def _buffer_arg(text: str) -> tuple[str, int]:
@@ -514,6 +519,11 @@ def estimate_main(argv: Sequence[str]) -> int:
         print(f"{name:<16}{row['map_area']:>12,.1f}{row['estimated_area']:>12,.1f}{row['estimated_area_ci']:>10,.1f}"
               f"{row['users_accuracy']:>8.3f}{row['producers_accuracy']:>10.3f}")  # fmt: skip
     print(f"overall accuracy {result['overall_accuracy']:.3f} ± {result['overall_accuracy_ci']:.3f}")
+    matrix = result["area_matrix"]
+    print("error matrix, shares of the area (rows: map, columns: reference):")
+    print(f"{'':<16}" + "".join(f"{c[:10]:>11}" for c in matrix["classes"]))
+    for name, row in zip(matrix["classes"], matrix["shares"]):
+        print(f"{name:<16}" + "".join(f"{v:>11.4f}" for v in row))
     if result["unsampled_strata"]:
         print(f"warning: strata {result['unsampled_strata']} have no point: every estimate is biased")
     if args.out:
