@@ -146,3 +146,56 @@ def test_the_command_corrects_a_map_with_shots_or_a_partial_chm(scene: dict, tmp
     assert cli_main(["height", "calibrate", str(folder / "map.tif"), str(folder / "shots.gpkg"), "--attribute", "rh98",
                      "-o", str(out)]) == 2  # fmt: skip
     assert "already exists" in capsys.readouterr().err
+
+
+def test_a_correction_per_land_cover(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A map too tall on shrubs (+4 m) and too short under forest (x 0.7 + 3): one line for both cannot fix both;
+    a line per class of a land-cover raster (another grid: 30 m over the 10 m map) can, and a class with too few
+    shots keeps the global line."""
+    rng = np.random.default_rng(5)
+    transform = from_origin(400_000, 4_000_000, 10.0, 10.0)
+    rows, cols = np.indices((90, 90))
+    forest = cols >= 45
+    truth = np.where(forest, 25 + 10 * np.sin(rows / 8.0), 4 + 2 * np.cos(cols / 5.0)) + rng.normal(0, 0.5, (90, 90))
+    mapped = np.where(forest, 0.7 * truth + 3, truth + 4).astype(np.float32)
+    profile = dict(driver="GTiff", width=90, height=90, count=1, dtype="float32", crs=CRS, transform=transform,
+                   nodata=float("nan"))  # fmt: skip
+    with rasterio.open(tmp_path / "map.tif", "w", **profile) as dst:
+        dst.write(mapped, 1)
+    cover = forest.reshape(30, 3, 30, 3)[:, 0, :, 0].astype(np.uint8)  # the same split on a 30 m grid
+    cover[:2, :2] = 2  # a third class with (almost) no shots
+    with rasterio.open(tmp_path / "cover.tif", "w", driver="GTiff", width=30, height=30, count=1, dtype="uint8",
+                       crs=CRS, transform=from_origin(400_000, 4_000_000, 30.0, 30.0), nodata=255) as dst:  # fmt: skip
+        dst.write(cover, 1)
+    r, c = rng.integers(6, 90, 400), rng.integers(0, 90, 400)
+    x, y = transform @ (c + 0.5, r + 0.5)
+    gpd.GeoDataFrame({"rh98": truth[r, c]}, geometry=[Point(a, b) for a, b in zip(x, y)], crs=CRS).to_file(
+        tmp_path / "shots.gpkg")  # fmt: skip
+    for by, out in (([], "one.tif"), (["--by", str(tmp_path / "cover.tif")], "per_class.tif")):
+        assert cli_main(["height", "calibrate", str(tmp_path / "map.tif"), str(tmp_path / "shots.gpkg"), "--attribute",
+                         "rh98", "-o", str(tmp_path / out), "--no-quicklook", "--save",
+                         str(tmp_path / out.replace(".tif", ".json")), *by]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "class 0 of cover.tif: its own correction" in printed and "class 1 of cover.tif" in printed
+    assert "class 2" not in printed  # too few shots: the global line
+    rmse = {}
+    for out in ("one.tif", "per_class.tif"):
+        with rasterio.open(tmp_path / out) as src:
+            rmse[out] = float(np.sqrt(np.mean((src.read(1) - truth) ** 2)))
+    assert rmse["per_class.tif"] < 0.5 * rmse["one.tif"], rmse
+    saved = HeightCalibration.load(tmp_path / "per_class.json")
+    assert sorted(saved.by) == [0, 1] and saved.strata == "cover.tif"
+    assert saved.cross_validation["after"]["rmse"] < HeightCalibration.load(tmp_path / "one.json").cross_validation["after"]["rmse"]
+    from dinov3_eo.tasks.height_calibration import strata_at
+
+    probe = gpd.GeoDataFrame(geometry=[Point(400_015, 3_999_985), Point(400_600, 3_999_500), Point(390_000, 3_990_000)],
+                             crs=CRS).to_crs("EPSG:4326")  # class 2, forest (1), off the raster
+    assert strata_at(tmp_path / "cover.tif", probe).tolist() == [2, 1, -1]
+    # a saved correction per class needs its classes again
+    assert cli_main(["height", "calibrate", str(tmp_path / "map.tif"), "--calibration", str(tmp_path / "per_class.json"),
+                     "-o", str(tmp_path / "again.tif")]) == 2  # fmt: skip
+    assert "give that raster (--by)" in capsys.readouterr().err
+    assert cli_main(["height", "calibrate", str(tmp_path / "map.tif"), "--calibration", str(tmp_path / "per_class.json"),
+                     "--by", str(tmp_path / "cover.tif"), "-o", str(tmp_path / "again.tif"), "--no-quicklook"]) == 0
+    with rasterio.open(tmp_path / "again.tif") as a, rasterio.open(tmp_path / "per_class.tif") as b:
+        np.testing.assert_array_equal(a.read(1), b.read(1))

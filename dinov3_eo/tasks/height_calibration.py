@@ -42,6 +42,8 @@ class HeightCalibration:
             value held (isotonic). Corrected heights below 0 become 0.
         n: the pairs fitted. cross_validation: ``{"folds", "before": {"rmse", "bias", "mae"}, "after": {...}}``.
         source: where the pairs came from (for the record).
+        by: a correction of its own per stratum (class id of ``strata``, a class raster such as a land-cover map)
+            with enough pairs; pixels of other strata, or without one, take the correction above.
     """
 
     method: str
@@ -50,9 +52,12 @@ class HeightCalibration:
     n: int
     cross_validation: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    by: dict[int, HeightCalibration] = field(default_factory=dict)
+    strata: str = ""
 
-    def apply(self, heights: np.ndarray) -> np.ndarray:
-        """The corrected heights of ``heights`` (any shape, metres; NaN stays NaN), float32."""
+    def apply(self, heights: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
+        """The corrected heights of ``heights`` (any shape, metres; NaN stays NaN), float32; with ``strata`` (the
+        same shape, class ids), each stratum of :attr:`by` by its own correction."""
         h = np.asarray(heights, np.float64)
         x, y = np.asarray(self.knots_x), np.asarray(self.knots_y)
         if self.method == "linear":
@@ -60,11 +65,17 @@ class HeightCalibration:
             out = y[0] + slope * (h - x[0])
         else:
             out = np.interp(h, x, y)
-        return np.where(np.isfinite(h), np.maximum(out, 0.0), np.nan).astype(np.float32)
+        out = np.where(np.isfinite(h), np.maximum(out, 0.0), np.nan).astype(np.float32)
+        if strata is not None:
+            for stratum, own in self.by.items():
+                inside = np.asarray(strata) == stratum
+                out[inside] = own.apply(h[inside])
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, "knots_x": self.knots_x, "knots_y": self.knots_y, "n": self.n,
-                "cross_validation": self.cross_validation, "source": self.source}  # fmt: skip
+                "cross_validation": self.cross_validation, "source": self.source, "strata": self.strata,
+                "by": {str(k): v.to_dict() for k, v in self.by.items()}}  # fmt: skip
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
         """Written atomically as JSON."""
@@ -92,9 +103,15 @@ class HeightCalibration:
         if missing or data.get("method") not in METHODS:
             raise ValueError(f"{os.fspath(path)!r} is not a height calibration (missing {missing or ['a known method']}; "
                              "'height calibrate --save' writes one).")  # fmt: skip
+        return cls._from_dict(data)
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> HeightCalibration:
         return cls(method=data["method"], knots_x=[float(v) for v in data["knots_x"]],
                    knots_y=[float(v) for v in data["knots_y"]], n=int(data.get("n", 0)),
-                   cross_validation=data.get("cross_validation", {}), source=str(data.get("source", "")))  # fmt: skip
+                   cross_validation=data.get("cross_validation", {}), source=str(data.get("source", "")),
+                   by={int(k): cls._from_dict(v) for k, v in data.get("by", {}).items()},
+                   strata=str(data.get("strata", "")))  # fmt: skip
 
 
 def _fit(predicted: np.ndarray, reference: np.ndarray, method: str) -> tuple[list[float], list[float]]:
@@ -116,10 +133,26 @@ def _scores(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
     return {"rmse": float(np.sqrt(np.mean(error**2))), "bias": float(error.mean()), "mae": float(np.abs(error).mean())}
 
 
+def _fit_correction(p: np.ndarray, y: np.ndarray, strata: np.ndarray | None, method: str,
+                    min_pairs: int) -> HeightCalibration:  # fmt: skip
+    """One correction on all pairs, and one per stratum with at least ``min_pairs`` pairs."""
+    calibration = HeightCalibration(method, *_fit(p, y, method), n=len(p))
+    if strata is not None:
+        for stratum in np.unique(strata[strata >= 0]).tolist():
+            inside = strata == stratum
+            if inside.sum() >= min_pairs:
+                calibration.by[int(stratum)] = HeightCalibration(method, *_fit(p[inside], y[inside], method),
+                                                                 n=int(inside.sum()))  # fmt: skip
+    return calibration
+
+
 def fit_height_calibration(predicted: np.ndarray, reference: np.ndarray, *, method: str = "linear", folds: int = 5,
-                           seed: int = 0, source: str = "") -> HeightCalibration:  # fmt: skip
+                           seed: int = 0, source: str = "", strata: np.ndarray | None = None,
+                           min_pairs: int = 30) -> HeightCalibration:  # fmt: skip
     """A correction of predicted heights towards reference heights (``[n]`` pairs, metres; pairs with a NaN left
-    out), fitted on all pairs, with ``folds``-fold cross-validated scores before and after.
+    out), fitted on all pairs, with ``folds``-fold cross-validated scores before and after. With ``strata`` (``[n]``
+    class ids of the pairs, -1 for none), each stratum with ``min_pairs`` pairs or more gets a correction of its own
+    (:attr:`HeightCalibration.by`), and the cross-validation scores the whole: each stratum's own where it has one.
 
     Raises:
         ValueError: an unknown method, fewer than 10 pairs, or fewer than 2 folds.
@@ -129,8 +162,10 @@ def fit_height_calibration(predicted: np.ndarray, reference: np.ndarray, *, meth
     if folds < 2:
         raise ValueError(f"Cross-validation needs at least 2 folds, got {folds}.")
     p, y = np.asarray(predicted, np.float64).ravel(), np.asarray(reference, np.float64).ravel()
+    s = None if strata is None else np.asarray(strata, np.int64).ravel()
     keep = np.isfinite(p) & np.isfinite(y)
     p, y = p[keep], y[keep]
+    s = None if s is None else s[keep]
     if len(p) < 10:
         raise ValueError(f"A height calibration needs at least 10 pairs of a map height and a reference height; got "
                          f"{len(p)}.")  # fmt: skip
@@ -138,10 +173,16 @@ def fit_height_calibration(predicted: np.ndarray, reference: np.ndarray, *, meth
     corrected = np.empty_like(p)
     for k in range(min(folds, len(p))):
         test = fold == k
-        knots = _fit(p[~test], y[~test], method)
-        corrected[test] = HeightCalibration(method, *knots, n=int((~test).sum())).apply(p[test])
-    cross_validation = {"folds": int(min(folds, len(p))), "before": _scores(p, y), "after": _scores(corrected, y)}
-    return HeightCalibration(method, *_fit(p, y, method), n=len(p), cross_validation=cross_validation, source=source)
+        part = _fit_correction(p[~test], y[~test], None if s is None else s[~test], method, min_pairs)
+        corrected[test] = part.apply(p[test], None if s is None else s[test])
+    calibration = _fit_correction(p, y, s, method, min_pairs)
+    calibration.cross_validation = {"folds": int(min(folds, len(p))), "before": _scores(p, y),
+                                    "after": _scores(corrected, y)}  # fmt: skip
+    calibration.source = source
+    for stratum, own in calibration.by.items():
+        inside = s == stratum
+        own.cross_validation = {"before": _scores(p[inside], y[inside]), "after": _scores(corrected[inside], y[inside])}
+    return calibration
 
 
 class PairSample:
@@ -165,13 +206,19 @@ class PairSample:
 
 
 def calibrate_height_map(chm: str | os.PathLike[str], calibration: HeightCalibration, dst: str | os.PathLike[str], *,
-                         quicklook: str | os.PathLike[str] | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+                         strata: str | os.PathLike[str] | None = None, quicklook: str | os.PathLike[str] | None = None,
+                         overwrite: bool = False) -> Path:  # fmt: skip
     """``chm`` (a height raster in metres, band 1) corrected by ``calibration``, written window by window as a
-    float32 COG (NaN nodata) on its grid; with ``quicklook``, its picture.
+    float32 COG (NaN nodata) on its grid; with ``quicklook``, its picture. A correction per stratum needs
+    ``strata``, the class raster it was fitted with (any CRS and grid: read onto each window, nearest).
 
     Raises:
-        FileExistsError: an output exists and ``overwrite`` is false. ValueError: ``dst`` is ``chm``.
+        FileExistsError: an output exists and ``overwrite`` is false. ValueError: ``dst`` is ``chm``, or a
+        correction per stratum without ``strata``.
     """
+    if calibration.by and strata is None:
+        raise ValueError(f"This correction has one per stratum of {calibration.strata or 'a class raster'}; give that "
+                         "raster (--by) to apply it.")  # fmt: skip
     from dinov3_eo.data.raster import open_quietly
     from dinov3_eo.inference.writers import COGWriter, check_overwrite
     from dinov3_eo.tasks.height_plots import height_quicklook
@@ -179,6 +226,11 @@ def calibrate_height_map(chm: str | os.PathLike[str], calibration: HeightCalibra
     check_overwrite(dst, overwrite, inputs=[chm])
     if quicklook is not None:
         check_overwrite(quicklook, overwrite, inputs=[chm])
+    classes = None
+    if calibration.by:
+        from dinov3_eo.data.labels import RasterLabels
+
+        classes = RasterLabels(path=strata, ignore_index=-1)
     with open_quietly(chm) as src:
         nodata = src.nodata
         with COGWriter(dst, width=src.width, height=src.height, count=1, dtype="float32", crs=src.crs,
@@ -189,28 +241,60 @@ def calibrate_height_map(chm: str | os.PathLike[str], calibration: HeightCalibra
                 heights = src.read(1, window=window).astype(np.float32)
                 if nodata is not None and not math.isnan(nodata):
                     heights[heights == np.float32(nodata)] = np.nan
-                out.write(calibration.apply(heights)[None], window=window)
+                where = None
+                if classes is not None:
+                    values, labelled = classes.read(crs=src.crs, transform=src.window_transform(window),
+                                                    shape=heights.shape)  # fmt: skip
+                    where = np.where(labelled, values.astype(np.int64), -1)
+                out.write(calibration.apply(heights, where)[None], window=window)
     if quicklook is not None:
         height_quicklook(quicklook, dst, title=f"{Path(chm).name}, calibrated", overwrite=overwrite)
     return Path(dst)
 
 
+def strata_at(strata: str | os.PathLike[str], frame: Any) -> np.ndarray:
+    """``[n]`` the class of a class raster under each feature of ``frame`` (its centroid; any CRS), -1 where there is
+    none (nodata, off the raster)."""
+    import rasterio
+
+    with rasterio.open(strata) as src:
+        centres = frame.geometry.to_crs(src.crs).centroid
+        # one small read per point (memory flat in the raster's size); off the raster and nodata come back masked
+        picked = list(src.sample(zip(centres.x.to_numpy(), centres.y.to_numpy()), indexes=1, masked=True))
+    classes = np.full(len(frame), -1, np.int64)
+    for i, value in enumerate(picked):
+        if not np.ma.getmaskarray(value)[0]:
+            classes[i] = int(value[0])
+    return classes
+
+
 def reference_pairs(chm: str | os.PathLike[str], reference: Sequence[str], *, attribute: str | None = None,
                     footprint_m: float | None = None, statistic: str = "mean", max_pairs: int = 200_000,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """``[n]`` map heights and reference heights: per footprint for points or polygons (GEDI shots, plots; the map's
-    ``statistic`` under each), else per reference-raster pixel (the map resampled onto the reference's grid; at most
-    ``max_pairs``, a uniform sample)."""
+                    seed: int = 0, strata: str | os.PathLike[str] | None = None,
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:  # fmt: skip
+    """``[n]`` map heights, reference heights and (with ``strata``, a class raster) each pair's stratum: per
+    footprint for points or polygons (GEDI shots, plots; the map's ``statistic`` under each), else per
+    reference-raster pixel (the map resampled onto the reference's grid; at most ``max_pairs``, a uniform sample;
+    strata only for footprints).
+
+    Raises:
+        ValueError: ``strata`` with raster references.
+    """
     from dinov3_eo.tasks.height_footprints import FootprintHeights, footprint_means, is_vector_heights
 
     if len(reference) == 1 and is_vector_heights(reference[0]):
         heights = FootprintHeights(path=reference[0], attribute=attribute, footprint_m=footprint_m, clip_negative=False)
-        return footprint_means(chm, heights, statistic=statistic), heights.frame["_value"].to_numpy(np.float64)
+        classes = None if strata is None else strata_at(strata, heights.frame)
+        return (footprint_means(chm, heights, statistic=statistic), heights.frame["_value"].to_numpy(np.float64),
+                classes)  # fmt: skip
+    if strata is not None:
+        raise ValueError("A correction per stratum (--by) is fitted on footprints (GEDI shots, plots), not on "
+                         "reference rasters.")  # fmt: skip
     from dinov3_eo.tasks.height import evaluate_height_raster
 
     sample = PairSample(max_pairs, seed)
     evaluate_height_raster(chm, list(reference), on_pairs=sample.add)
-    return sample.predicted, sample.reference
+    return sample.predicted, sample.reference, None
 
 
 def calibrate_main(argv: Sequence[str]) -> int:
@@ -232,6 +316,10 @@ def calibrate_main(argv: Sequence[str]) -> int:
     parser.add_argument("--footprint-statistic", choices=("mean", "max"), default="mean",
                         help="the map's pixels under a footprint: mean, or max against GEDI's rh98 (default mean)")
     parser.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
+    parser.add_argument("--by", default=None, help="a class raster (land cover, forest type; any CRS): a correction of "
+                        "its own for each class with --min-pairs footprints, the global one elsewhere")  # fmt: skip
+    parser.add_argument("--min-pairs", type=int, default=30, help="footprints a class needs for its own correction "
+                        "(default 30)")  # fmt: skip
     parser.add_argument("--save", default=None, help="also write the correction here (JSON)")
     parser.add_argument("--calibration", default=None, help="apply this saved correction (no reference needed)")
     parser.add_argument("--no-quicklook", action="store_true", help="do not write the PNG picture")
@@ -257,14 +345,20 @@ def calibrate_main(argv: Sequence[str]) -> int:
             check_overwrite(picture, args.overwrite, inputs=[args.map, *args.reference])
         if args.save:
             check_overwrite(args.save, args.overwrite, inputs=[args.map, *args.reference])
-        predicted, reference = reference_pairs(args.map, args.reference, attribute=args.attribute,
-                                               footprint_m=args.footprint_m, statistic=args.footprint_statistic)  # fmt: skip
+        predicted, reference, strata = reference_pairs(args.map, args.reference, attribute=args.attribute,
+                                                       footprint_m=args.footprint_m,
+                                                       statistic=args.footprint_statistic, strata=args.by)  # fmt: skip
         calibration = fit_height_calibration(predicted, reference, method=args.method, folds=args.folds,
-                                             source=", ".join(args.reference))  # fmt: skip
+                                             source=", ".join(args.reference), strata=strata,
+                                             min_pairs=args.min_pairs)  # fmt: skip
+        calibration.strata = Path(args.by).name if args.by else ""
         cv = calibration.cross_validation
         print(f"{calibration.method} correction from {calibration.n:,} pairs; {cv['folds']}-fold cross-validated "
               f"RMSE {cv['before']['rmse']:.2f} -> {cv['after']['rmse']:.2f} m, bias {cv['before']['bias']:+.2f} -> "
               f"{cv['after']['bias']:+.2f} m")  # fmt: skip
+        for stratum, own in calibration.by.items():
+            print(f"  class {stratum} of {calibration.strata}: its own correction from {own.n:,} pairs, RMSE "
+                  f"{own.cross_validation['before']['rmse']:.2f} -> {own.cross_validation['after']['rmse']:.2f} m")
         if cv["after"]["rmse"] > cv["before"]["rmse"]:
             print("  the correction does worse than the map on held-out pairs: keep the map as it is")
         if args.save:
@@ -273,13 +367,13 @@ def calibrate_main(argv: Sequence[str]) -> int:
         if picture is not None:
             from dinov3_eo.tasks.height_plots import calibration_plot
 
-            calibration_plot(picture, predicted, reference, calibration.apply, overwrite=args.overwrite,
+            calibration_plot(picture, predicted, reference, calibration.apply, overwrite=args.overwrite,  # the global one
                              title=f"{Path(args.map).name}: {calibration.method}, {calibration.n:,} pairs")  # fmt: skip
             print(f"  pairs and correction: {picture}")
-    calibrate_height_map(args.map, calibration, out, quicklook=quicklook, overwrite=args.overwrite)
+    calibrate_height_map(args.map, calibration, out, strata=args.by, quicklook=quicklook, overwrite=args.overwrite)
     print(f"corrected map: {out}" + (f" (+ {quicklook.name})" if quicklook else ""))
     return 0
 
 
-__all__ = ["METHODS", "HeightCalibration", "PairSample", "calibrate_height_map", "calibrate_main",
+__all__ = ["METHODS", "HeightCalibration", "PairSample", "calibrate_height_map", "calibrate_main", "strata_at",
            "fit_height_calibration", "reference_pairs"]
