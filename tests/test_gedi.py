@@ -221,11 +221,17 @@ def test_l4a_biomass_granules(tmp_path: Path) -> None:
     assert (shots.frame["agbd_se"] == 12.0).all() and (shots.frame["beam"] == "BEAM0101").all()
     assert shots.counts == {"read": 2 * n, "beams": n, "area": 0, "dates": 0, "quality": 6, "sensitivity": 0,
                             "night": 0, "leaf-on": 0, "dem": 0, "values": 2}  # fmt: skip
-    l2a = {**beam, "rh": np.zeros((n, 101), np.float32), "quality_flag": np.ones(n)}
-    del l2a["agbd"]
-    write_granule(tmp_path / "GEDI02_A.h5", {"BEAM0101": l2a})
-    with pytest.raises(ValueError, match="among granules of another product"):
-        read_gedi_shots(tmp_path, progress=False)
+    # an L2A granule of the same shots: both products read and joined by shot number
+    heights = np.tile(np.linspace(0, 30, 101, dtype=np.float32), (n, 1)) + np.arange(n, dtype=np.float32)[:, None]
+    l2a = {k: v for k, v in beam.items() if k not in ("agbd", "agbd_se", "l4_quality_flag")}
+    write_granule(tmp_path / "GEDI02_A.h5", {"BEAM0101": {**l2a, "rh": heights, "quality_flag": np.ones(n, np.uint8)}})
+    joined = read_gedi_shots(tmp_path, filters=ShotFilter(beams="power"), progress=False)
+    assert joined.product == "L2A+L4A" and value_column(joined) == "rh98"
+    np.testing.assert_array_equal(joined.frame["shot_number"], np.array(expected) + 5)  # the shots both kept
+    np.testing.assert_allclose(joined.frame["agbd"], agbd[expected])
+    np.testing.assert_allclose(joined.frame["rh98"], heights[expected, 98])
+    assert joined.counts["not in L4A"] == n - len(expected) and joined.frame.crs.to_epsg() == 4326
+    assert joined.summary()[0] == f"{len(expected)} of {n} L2A+L4A shots kept"  # of the first product's shots
 
 
 def test_l2b_canopy_cover_granules_keep_their_places_in_geolocation(tmp_path: Path) -> None:

@@ -321,8 +321,9 @@ def read_gedi_granule(path: str | os.PathLike[str], *, area: ShotArea | None = N
 def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
                     area: ShotArea | None = None, filters: ShotFilter | None = None,
                     percentiles: Sequence[int] = DEFAULT_PERCENTILES, progress: bool = True) -> GediShots:  # fmt: skip
-    """The shots of GEDI L2A, L2B or L4A granules (files, folders or globs; one product) inside ``area`` that pass
-    ``filters``, as points in EPSG:4326.
+    """The shots of GEDI L2A, L2B or L4A granules (files, folders or globs) inside ``area`` that pass ``filters``, as
+    points in EPSG:4326. Granules of several products are read product by product and joined by ``shot_number``
+    (the shots every product kept: canopy height and biomass of the same footprints; :func:`join_products`).
 
     Columns: ``shot_number``, ``time`` (UTC), ``granule`` (file name), ``beam``, ``power_beam``, ``sensitivity``,
     ``solar_elevation`` and the values: L2A ``rh<p>`` for each of ``percentiles`` (metres), L2B ``cover``, ``pai``,
@@ -330,8 +331,8 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     ``agbd_se`` (Mg/ha).
 
     Raises:
-        FileNotFoundError: a path matches nothing. ValueError: not a GEDI L2A/L2B/L4A granule, granules of two products,
-        a percentile outside 0–100, an unreadable file. KeyError: a filter's dataset missing from a subset granule.
+        FileNotFoundError: a path matches nothing. ValueError: not a GEDI L2A/L2B/L4A granule, a percentile outside
+        0–100, an unreadable file. KeyError: a filter's dataset missing from a subset granule.
     """
     import geopandas as gpd
     import pandas as pd
@@ -345,19 +346,18 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     if not percentiles or any(not 0 <= p <= 100 for p in percentiles):
         raise ValueError(f"Relative-height percentiles are integers from 0 to 100, got {percentiles}.")
     files = expand_sources(paths, GRANULE_SUFFIXES, what="GEDI granule")
+    kinds = {path: _product_key(h5py, path) for path in files}
+    if len(set(kinds.values())) > 1:
+        parts = [read_gedi_shots([p for p in files if kinds[p] == key], area=area, filters=filters,
+                                 percentiles=percentiles, progress=progress)
+                 for key in JOIN_ORDER if key in kinds.values()]  # fmt: skip
+        return join_products(parts)
     counts = {"read": 0} | {step: 0 for step in STEPS}
     tables, products = [], set()
     for path in tqdm(files, desc="GEDI granules", unit="granule", disable=not progress or len(files) < 2):
-        try:
-            granule = h5py.File(path, "r")
-        except OSError as err:
-            raise ValueError(f"{path!r} is not a readable HDF5 file ({err}).") from err
-        with granule:
+        with _open_granule(h5py, path) as granule:
             key, product = granule_product(granule, path)
             products.add(key)
-            if len(products) > 1:
-                raise ValueError(f"{path!r} is a GEDI {product.name} granule among granules of another product; "
-                                 "read each product on its own.")  # fmt: skip
             for beam in sorted(name for name in granule if name.startswith("BEAM")):
                 group = granule[beam]
                 if not filters.keeps_beam(beam):
@@ -380,6 +380,40 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     table["time"] = pd.to_datetime(table["time"]).dt.tz_localize("UTC")
     frame = gpd.GeoDataFrame(table[order], geometry=gpd.points_from_xy(table["lon"], table["lat"]), crs="EPSG:4326")
     return GediShots(frame=frame, counts=counts, product=product.name, unit=product.unit)
+
+
+#: the order products are joined in (the first gives the shots' common columns)
+JOIN_ORDER = ("rh", "cover", "agbd")
+#: the columns every product has (kept from the first product in a join)
+COMMON_COLUMNS = ("shot_number", "time", "granule", "beam", "power_beam", "sensitivity", "solar_elevation")
+
+
+def _open_granule(h5py: Any, path: str) -> Any:
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path!r} is not a readable HDF5 file ({err}).") from err
+
+
+def _product_key(h5py: Any, path: str) -> str:
+    with _open_granule(h5py, path) as granule:
+        return granule_product(granule, path)[0]
+
+
+def join_products(parts: Sequence[GediShots]) -> GediShots:
+    """Shots of several products joined by ``shot_number``: the first's columns and places, then each other's
+    values (a name already taken gets the product as suffix: ``rh100_l2b``); only shots every product kept remain,
+    and ``counts`` adds how many the first kept that another did not (``"not in L4A"``)."""
+    first, *rest = parts
+    frame, counts = first.frame, dict(first.counts)
+    for other in rest:
+        values = other.frame.drop(columns=[*COMMON_COLUMNS[1:], other.frame.geometry.name])
+        values = values.rename(columns={c: f"{c}_{other.product.lower()}" for c in values.columns
+                                        if c != "shot_number" and c in frame.columns})  # fmt: skip
+        joined = frame.merge(values, on="shot_number", how="inner")
+        counts[f"not in {other.product}"] = len(frame) - len(joined)
+        frame = joined
+    return GediShots(frame=frame, counts=counts, product="+".join(p.product for p in parts), unit=first.unit)
 
 
 def value_column(shots: GediShots) -> str:
