@@ -39,6 +39,10 @@ GRANULE_SUFFIXES = (".h5", ".hdf5", ".he5")
 FILL_VALUE = -9999.0
 #: the relative-height percentiles an L2A granule gives by default: rh98 is the usual canopy top (rh100 is noisier)
 DEFAULT_PERCENTILES = (50, 75, 95, 98, 100)
+#: the order products are joined in (the first gives the shots' common columns)
+JOIN_ORDER = ("rh", "cover", "agbd")
+#: the columns every product has (kept from the first product in a join)
+COMMON_COLUMNS = ("shot_number", "time", "granule", "beam", "power_beam", "sensitivity", "solar_elevation")
 #: the filter steps, in the order they are applied and counted
 STEPS = ("beams", "area", "dates", "quality", "sensitivity", "night", "leaf-on", "dem", "values")
 
@@ -352,12 +356,12 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                                  percentiles=percentiles, progress=progress)
                  for key in JOIN_ORDER if key in kinds.values()]  # fmt: skip
         return join_products(parts)
+    key = kinds[files[0]]  # one product from here on
+    product = PRODUCTS[key]
     counts = {"read": 0} | {step: 0 for step in STEPS}
-    tables, products = [], set()
+    tables = []
     for path in tqdm(files, desc="GEDI granules", unit="granule", disable=not progress or len(files) < 2):
         with _open_granule(h5py, path) as granule:
-            key, product = granule_product(granule, path)
-            products.add(key)
             for beam in sorted(name for name in granule if name.startswith("BEAM")):
                 group = granule[beam]
                 if not filters.keeps_beam(beam):
@@ -369,10 +373,8 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
                 columns = _beam_shots(group, path, key, product, percentiles, filters, area, counts)
                 if columns is not None:
                     tables.append(pd.DataFrame(columns).assign(granule=Path(path).name))
-    key = products.pop() if products else "rh"
-    product = PRODUCTS[key]
     value_columns = [f"rh{p}" for p in percentiles] if key == "rh" else [name for name, _, _ in product.values]
-    order = ["shot_number", "time", "granule", "beam", "power_beam", "sensitivity", "solar_elevation", *value_columns]
+    order = [*COMMON_COLUMNS, *value_columns]
     if tables:
         table = pd.concat(tables, ignore_index=True)
     else:
@@ -380,12 +382,6 @@ def read_gedi_shots(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[s
     table["time"] = pd.to_datetime(table["time"]).dt.tz_localize("UTC")
     frame = gpd.GeoDataFrame(table[order], geometry=gpd.points_from_xy(table["lon"], table["lat"]), crs="EPSG:4326")
     return GediShots(frame=frame, counts=counts, product=product.name, unit=product.unit)
-
-
-#: the order products are joined in (the first gives the shots' common columns)
-JOIN_ORDER = ("rh", "cover", "agbd")
-#: the columns every product has (kept from the first product in a join)
-COMMON_COLUMNS = ("shot_number", "time", "granule", "beam", "power_beam", "sensitivity", "solar_elevation")
 
 
 def _open_granule(h5py: Any, path: str) -> Any:

@@ -40,7 +40,8 @@ class HeightCalibration:
         knots_x, knots_y: the predicted heights and their corrected values (linear: two points on the line);
             heights between knots are interpolated linearly, beyond them the line is extended (linear) or the end
             value held (isotonic). Corrected heights below 0 become 0.
-        n: the pairs fitted. cross_validation: ``{"folds", "before": {"rmse", "bias", "mae"}, "after": {...}}``.
+        n: the pairs fitted. cross_validation: ``{"folds", "before": {"n", "mae", "rmse", "r2", "bias"}, "after":
+            {...}}``.
         source: where the pairs came from (for the record).
         by: a correction of its own per stratum (class id of ``strata``, a class raster such as a land-cover map)
             with enough pairs; pixels of other strata, or without one, take the correction above.
@@ -129,8 +130,10 @@ def _fit(predicted: np.ndarray, reference: np.ndarray, method: str) -> tuple[lis
 
 
 def _scores(predicted: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    error = predicted - reference
-    return {"rmse": float(np.sqrt(np.mean(error**2))), "bias": float(error.mean()), "mae": float(np.abs(error).mean())}
+    """``n``, ``mae``, ``rmse``, ``r2``, ``bias`` of the pairs, as ``height evaluate`` scores a map."""
+    from dinov3_eo.tasks.height_metrics import height_metrics
+
+    return height_metrics(predicted, reference, bins=())["all"]
 
 
 def _fit_correction(p: np.ndarray, y: np.ndarray, strata: np.ndarray | None, method: str,
