@@ -180,6 +180,13 @@ def open_raster(raster: Any) -> Iterator[Any]:
             yield src
 
 
+def block_windows(height: int, width: int, block: int) -> list[Window]:
+    """The ``block`` x ``block`` windows (smaller at the right and bottom edges) that tile a ``height`` x ``width``
+    raster, row by row: the blocks a whole-raster job reads one at a time, memory flat in the raster's size."""
+    return [Window(col, row, min(block, width - col), min(block, height - row))
+            for row in range(0, height, block) for col in range(0, width, block)]  # fmt: skip
+
+
 def is_georeferenced(src) -> bool:
     """Whether an open dataset can be placed on a map: it has a CRS and a geotransform (not the identity that
     rasterio reports for a file without one)."""

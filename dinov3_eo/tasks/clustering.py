@@ -36,6 +36,7 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import block_windows
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.inference.tta import TTA
 from dinov3_eo.tasks.kmeans import cosine_silhouette, spherical_kmeans
@@ -288,10 +289,6 @@ def _device_and_amp(backbone: nn.Module, device: str | torch.device | None, amp:
     return run_device, run_device.type == "cuda" if amp is None else bool(amp)
 
 
-def _windows(height: int, width: int, side: int) -> list[Window]:
-    return [Window(c, r, min(side, width - c), min(side, height - r)) for r in range(0, height, side) for c in range(0, width, side)]
-
-
 def sample_features(
     backbone: nn.Module,
     rasters: Sequence[str | os.PathLike[str]],
@@ -338,7 +335,7 @@ def sample_features(
             if normalization is not None and normalization.num_bands != count:
                 raise ValueError(f"The normalisation {normalization.name!r} has {normalization.num_bands} bands, "
                                  f"{raster} gives {count}.")  # fmt: skip
-            candidates += [(i, w) for w in _windows(src.height, src.width, side)]
+            candidates += [(i, w) for w in block_windows(src.height, src.width, side)]
     affine = fused_affine(normalization, None, None, count)  # the windows are normalised as the map's are
     rng = np.random.default_rng(seed)
     chosen = sorted(rng.permutation(len(candidates))[:max_windows].tolist())  # raster by raster, row by row

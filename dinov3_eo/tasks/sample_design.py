@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov3_eo.data.raster import block_windows
+
 #: how points are shared among strata (before the minimum per stratum)
 ALLOCATIONS = ("proportional", "equal")
 
@@ -119,7 +121,7 @@ def bin_raster(raster: str | os.PathLike[str], edges: Sequence[float], dst: str 
         with COGWriter(dst, width=src.width, height=src.height, count=1, dtype="uint8", crs=src.crs,
                        transform=src.transform, nodata=255, class_names=bin_names(edges), overwrite=overwrite,
                        tags={"source": Path(raster).name, "bin_edges": json.dumps(edges.tolist())}) as out:  # fmt: skip
-            for window in _windows(src, 1024):
+            for window in block_windows(src.height, src.width, 1024):
                 read = src.read(band, window=window, masked=True).astype(np.float64)
                 values = read.filled(np.nan)
                 classes = np.where(np.isfinite(values), np.digitize(values, edges), 255).astype(np.uint8)
@@ -129,13 +131,6 @@ def bin_raster(raster: str | os.PathLike[str], edges: Sequence[float], dst: str 
 
 #: stratum ids of buffer strata start here (map classes keep their own values as stratum ids)
 BUFFER_BASE = 1_000_000
-
-
-def _windows(src: Any, block: int) -> list[Any]:
-    from rasterio.windows import Window
-
-    return [Window(col, row, min(block, src.width - col), min(block, src.height - row))
-            for row in range(0, src.height, block) for col in range(0, src.width, block)]  # fmt: skip
 
 
 def _read_strata(src: Any, band: int, window: Any, buffers: Sequence[tuple[int, int]],
@@ -172,7 +167,7 @@ def _stratum_counts(src: Any, band: int, block: int, buffers: Sequence[tuple[int
     """Pixels per stratum, and valid pixels per map class, over the whole raster, block by block."""
     strata_counts: dict[int, int] = {}
     class_counts: dict[int, int] = {}
-    for window in _windows(src, block):
+    for window in block_windows(src.height, src.width, block):
         strata, values, valid = _read_strata(src, band, window, buffers, classes)
         for target, array in ((strata_counts, strata[strata >= 0]), (class_counts, values[valid])):
             present, n = np.unique(array, return_counts=True)
@@ -244,7 +239,7 @@ def stratified_sample(
         ranks = {c: np.sort(rng.choice(counts[c], size=int(k), replace=False)) for c, k in zip(labels, wanted) if k}
         seen = dict.fromkeys(labels, 0)
         picked: dict[int, list[np.ndarray]] = {c: [] for c in ranks}
-        for window in _windows(src, block):
+        for window in block_windows(src.height, src.width, block):
             stratum_of, values, _ = _read_strata(src, band, window, buffers, strata)
             for c, r in ranks.items():
                 here = stratum_of == c

@@ -199,12 +199,12 @@ def zonal_statistics(
     """
     import rasterio
     from rasterio.features import rasterize
-    from rasterio.windows import Window
     from shapely.geometry import box
     from tqdm import tqdm
 
     from dinov3_eo.data.raster import (
         GDAL_CACHE_MB,
+        block_windows,
         open_raster,
         pixel_area_ha,
         require_georeferenced,
@@ -234,8 +234,7 @@ def zonal_statistics(
         else:
             stats = src.stats(indexes=[band], approx=False)[0] if percentiles else None  # the histogram's range
             sums = _ValueSums(n, stats.min if stats else 0.0, (stats.max - stats.min) if stats else 1.0, percentiles)
-        windows = [Window(col, row, min(block, src.width - col), min(block, src.height - row))
-                   for row in range(0, src.height, block) for col in range(0, src.width, block)]  # fmt: skip
+        windows = block_windows(src.height, src.width, block)
         for window in tqdm(windows, desc="zonal statistics", unit="block", disable=not progress or len(windows) < 4):
             transform, shape = src.window_transform(window), (int(window.height), int(window.width))
             near = local.sindex.query(box(*rasterio.windows.bounds(window, src.transform)), predicate="intersects")
