@@ -34,12 +34,12 @@ from torch import Tensor, nn
 
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import block_windows
 from dinov3_eo.inference.tiling import centre_pad
 from dinov3_eo.tasks.clustering import (
     Clusters,
     _backbone_in_chans,
     _device_and_amp,
-    _windows,
     backbone_fingerprint,
     normed_patch_tokens,
 )
@@ -204,7 +204,7 @@ def fit_prototypes(
                     raise ValueError(f"{raster} gives {count} bands but the backbone takes {in_chans}; select bands "
                                      "with --bands.")  # fmt: skip
                 affine = fused_affine(normalization, None, None, count)  # normalised as the map's windows are
-                windows = _windows(src.height, src.width, side)
+                windows = block_windows(src.height, src.width, side)
                 for win in tqdm(windows, unit="win", desc=f"prototypes {Path(raster).name}", disable=not progress):
                     shape = (int(win.height), int(win.width))
                     mask = source.sample(crs=src.crs, transform=src.window_transform(win), shape=shape)["mask"]
