@@ -383,6 +383,17 @@ def class_map_as_png(dst: str | os.PathLike[str], *, colors: Sequence[Sequence[i
         write_class_png(scratch, dst, colors=colors, overwrite=overwrite)
 
 
+def save_figure(fig: Any, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """A matplotlib ``Figure`` written atomically as a PNG at its own dpi, cropped to what it draws.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
+    return Path(dst)
+
+
 def stretch_to_unit(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Per-band 2-98 % stretch of (C, h, w) to [0, 1] over the valid pixels, for display only."""
     out = np.zeros(image.shape, dtype=np.float32)
@@ -530,9 +541,7 @@ def write_quicklook(
     ]  # fmt: skip
     if handles:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return Path(dst)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None = None) -> tuple[list[Any], list[int]]:

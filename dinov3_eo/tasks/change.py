@@ -527,7 +527,7 @@ def change_quicklook(
     series) side by side, the mask's outline drawn on the score."""
     from matplotlib.figure import Figure
 
-    from dinov3_eo.inference.writers import atomic_output, display_rgb
+    from dinov3_eo.inference.writers import display_rgb, save_figure
 
     shape = picture_shape(stack.height, stack.width, max_size)
     panels = []
@@ -557,9 +557,7 @@ def change_quicklook(
     for ax in axes:
         ax.set_axis_off()
     fig.colorbar(image, ax=axes[2], fraction=0.046, pad=0.04)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return Path(dst)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 # ---------------------------------------------------------------------------------------------- command

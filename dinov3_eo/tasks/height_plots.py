@@ -13,19 +13,13 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from dinov3_eo.inference.writers import atomic_output, picture_shape
+from dinov3_eo.inference.writers import picture_shape, save_figure
 
 #: Perceptually uniform, colour-blind-safe map of heights; diverging map of errors (blue = under, red = over).
 HEIGHT_CMAP = "viridis"
 ERROR_CMAP = "RdBu_r"
 #: a scatter plot of at most this many pairs draws points, not a 2-D histogram
 SCATTER_POINTS = 2000
-
-
-def _save(fig, dst: str | os.PathLike[str], overwrite: bool) -> Path:
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
-    return Path(dst)
 
 
 def height_quicklook(
@@ -118,7 +112,7 @@ def scatter_plot(
     ax.set_aspect("equal")
     if title:
         ax.set_title(title)
-    return _save(fig, dst, overwrite)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def calibration_plot(
@@ -148,7 +142,7 @@ def calibration_plot(
     ax.legend(loc="upper left", fontsize=8)
     if title:
         ax.set_title(title)
-    return _save(fig, dst, overwrite)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def shot_map(
@@ -198,7 +192,7 @@ def shot_map(
     ax.tick_params(labelsize=7)
     fig.colorbar(dots, ax=ax, fraction=0.046, pad=0.04, label=label)
     ax.set_title(f"{len(values):,} shots")
-    return _save(fig, dst, overwrite)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def error_map(
@@ -234,7 +228,7 @@ def error_map(
                 ax.set_title(titles[i], fontsize=8)
     if image is not None:
         fig.colorbar(image, ax=list(axes), fraction=0.046, pad=0.04, label="predicted − reference (m)")
-    return _save(fig, dst, overwrite)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def change_quicklook(
@@ -288,4 +282,4 @@ def _one_band_picture(
     if title:
         ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=label)
-    return _save(fig, dst, overwrite)
+    return save_figure(fig, dst, overwrite=overwrite)

@@ -35,7 +35,7 @@ from rasterio.windows import Window
 
 from dinov3_eo.data.labels import VECTOR_SUFFIXES
 from dinov3_eo.data.raster import GDAL_CACHE_MB, open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
-from dinov3_eo.inference.writers import atomic_output, check_overwrite, picture_grid
+from dinov3_eo.inference.writers import atomic_output, check_overwrite, picture_grid, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -622,11 +622,6 @@ def write_accuracy_report(folder: Path, report: Mapping[str, Any], confusion: np
     confusion_plot(folder / f"{prefix}confusion.png", confusion, names)
 
 
-def _save(fig: Any, dst: Path) -> Path:
-    with atomic_output(dst, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
-    return dst
-
 
 def confusion_plot(
     dst: str | os.PathLike[str],
@@ -661,7 +656,7 @@ def confusion_plot(
                 text = cell_text[i][j] if cell_text is not None else f"{int(c[i, j]):,}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="white" if shares[i, j] > 0.5 else "black")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label=f"share of the {row_label} class")
-    return _save(fig, Path(dst))
+    return save_figure(fig, dst, overwrite=True)
 
 
 #: agreement picture colours: agree, disagree, map only (no reference label), nothing to compare
@@ -691,7 +686,7 @@ def agreement_plot(
     labels = ("agree", "disagree", "no reference label", "no class")
     ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(_AGREEMENT_COLOURS[:3], labels[:3])],
               loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)  # fmt: skip
-    return _save(fig, Path(dst))
+    return save_figure(fig, dst, overwrite=True)
 
 
 def evaluate_main(argv: Sequence[str]) -> int:

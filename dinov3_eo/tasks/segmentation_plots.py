@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dinov3_eo.inference.writers import atomic_output
+from dinov3_eo.inference.writers import save_figure
 
 
 def class_colour_image(classes: np.ndarray, colours: Sequence[Sequence[int]], shown: np.ndarray) -> np.ndarray:
@@ -94,6 +94,4 @@ def prediction_panels(
         fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
-    return Path(dst)
+    return save_figure(fig, dst, overwrite=overwrite)

@@ -245,7 +245,7 @@ def similarity_quicklook(
     imagery's where the file declares none (white, and left out of the colour stretch)."""
     from matplotlib.figure import Figure
 
-    from dinov3_eo.inference.writers import atomic_output, display_rgb, picture_grid
+    from dinov3_eo.inference.writers import display_rgb, picture_grid, save_figure
 
     with rasterio.open(raster) as src:
         shape, picture_transform = picture_grid(src, max_size)
@@ -280,9 +280,7 @@ def similarity_quicklook(
     for ax in axes:
         ax.set_axis_off()
     fig.colorbar(image, ax=axes[1], fraction=0.046, pad=0.04)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight")
-    return Path(dst)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------- command

@@ -297,7 +297,7 @@ def zonal_picture(dst: str | os.PathLike[str], frame: Any, column: str, *, raste
     from pandas.api.types import is_numeric_dtype
     from rasterio.enums import Resampling
 
-    from dinov3_eo.inference.writers import atomic_output, picture_grid
+    from dinov3_eo.inference.writers import picture_grid, save_figure
 
     fig = Figure(figsize=(6.4, 5.2), dpi=100)
     ax = fig.subplots()
@@ -326,9 +326,7 @@ def zonal_picture(dst: str | os.PathLike[str], frame: Any, column: str, *, raste
     ax.set_axis_off()
     if title:
         ax.set_title(title)
-    with atomic_output(dst, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, format="png", bbox_inches="tight", dpi=fig.dpi)
-    return Path(dst)
+    return save_figure(fig, dst, overwrite=overwrite)
 
 
 def zonal_main(argv: Sequence[str]) -> int:
