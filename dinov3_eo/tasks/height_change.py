@@ -148,9 +148,7 @@ def height_change(
         ValueError: a negative threshold or min height, rasters that cannot be stacked (see
             :class:`~dinov3_eo.data.stack.RasterStack`).
     """
-    from rasterio.windows import Window
-
-    from dinov3_eo.data.raster import pixel_area_ha
+    from dinov3_eo.data.raster import block_windows, pixel_area_ha
     from dinov3_eo.data.stack import RasterStack
     from dinov3_eo.inference.writers import COGWriter, check_overwrite
 
@@ -194,22 +192,20 @@ def height_change(
                 tags={"coverage": coverage, "before_interval": os.fspath(intervals[0]),
                       "after_interval": os.fspath(intervals[1]), **tags}, **common))  # fmt: skip
         first = np.cumsum([0, *stack.counts])  # each member's first band in the stack, 0-based
-        for row in range(0, stack.height, block):
-            for col in range(0, stack.width, block):
-                window = Window(col, row, min(block, stack.width - col), min(block, stack.height - row))
-                bands = [1, first[1] + 1] + ([first[2] + 1, first[2] + 2, first[3] + 1, first[3] + 2] if intervals else [])
-                read = stack.read(bands, window=window)  # [2 or 6, h, w] metres, NaN where unseen
-                delta = read[1] - read[0]
-                lower = upper = None
-                if out_interval is not None:
-                    lower, upper = change_interval(read[2:4], read[4:6])
-                    out_interval.write(np.stack([lower, upper]), window)
-                labels = classify_height_change(read[0], delta, threshold=threshold, min_height=min_height,
-                                                lower=lower, upper=upper)  # fmt: skip
-                out_change.write(delta[None], window)
-                out_classes.write(labels[None], window)
-                counts += np.bincount(labels[labels != CLASS_NODATA], minlength=len(CLASS_NAMES))[: len(CLASS_NAMES)]
-                total += float(np.nansum(delta))
+        bands = [1, first[1] + 1] + ([first[2] + 1, first[2] + 2, first[3] + 1, first[3] + 2] if intervals else [])
+        for window in block_windows(stack.height, stack.width, block):
+            read = stack.read(bands, window=window)  # [2 or 6, h, w] metres, NaN where unseen
+            delta = read[1] - read[0]
+            lower = upper = None
+            if out_interval is not None:
+                lower, upper = change_interval(read[2:4], read[4:6])
+                out_interval.write(np.stack([lower, upper]), window)
+            labels = classify_height_change(read[0], delta, threshold=threshold, min_height=min_height,
+                                            lower=lower, upper=upper)  # fmt: skip
+            out_change.write(delta[None], window)
+            out_classes.write(labels[None], window)
+            counts += np.bincount(labels[labels != CLASS_NODATA], minlength=len(CLASS_NAMES))[: len(CLASS_NAMES)]
+            total += float(np.nansum(delta))
         hectares = pixel_area_ha(stack.crs, stack.transform)
     if polygons is not None:
         from dinov3_eo.inference.writers import vectorize_classes

@@ -27,7 +27,6 @@ import torch
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
-from dinov3_eo.tasks.zonal import overlap_free_layers
 
 #: GEDI's footprint diameter (m)
 GEDI_FOOTPRINT_M = 25.0
@@ -190,51 +189,47 @@ FOOTPRINT_STATISTICS = ("mean", "max")
 def footprint_means(raster: str | os.PathLike[str], footprints: FootprintHeights, *, statistic: str = "mean",
                     block: int = 1024) -> np.ndarray:  # fmt: skip
     """``[N]`` the mean (or ``max``) of ``raster``'s band 1 under each footprint (NaN and nodata pixels left out;
-    NaN where none is left), read in ``block``-px blocks: each block labels the footprints it meets with their index
-    and their pixels' sums, counts and maxima are added up, so a footprint cut by a block edge is whole again.
+    NaN where none is left), read in ``block``-px blocks so that memory stays flat. Discs and polygons are the zones
+    of :func:`~dinov3_eo.tasks.zonal.zonal_statistics` (a footprint cut by a block edge is whole again, overlapping
+    ones each count their pixels); points without a footprint take the pixel under them.
 
     Raises:
         ValueError: the raster has no georeference.
     """
     import rasterio
-    from rasterio.features import rasterize
-    from rasterio.windows import Window
 
-    from dinov3_eo.data.raster import GDAL_CACHE_MB
-    from dinov3_eo.data.raster import open_quietly, require_georeferenced
+    from dinov3_eo.data.raster import GDAL_CACHE_MB, block_windows, open_quietly, require_georeferenced
 
     if statistic not in FOOTPRINT_STATISTICS:
         raise ValueError(f"A footprint's pixels are summarised by one of {FOOTPRINT_STATISTICS}, not {statistic!r}.")
     n = len(footprints)
+    with open_quietly(raster) as src:
+        require_georeferenced(src)
+        crs = src.crs
+    if not n:
+        return np.empty(0)
+    if not footprints.centre_pixels:
+        from dinov3_eo.tasks.zonal import zonal_statistics
+
+        zones = footprints._in_crs(crs)
+        zones = zones[[zones.geometry.name]]
+        return zonal_statistics(raster, zones, classes=False, block=block, progress=False)[statistic].to_numpy(float)
     sums, counts, maxima = np.zeros(n), np.zeros(n, np.int64), np.full(n, -np.inf)
     # each block is read once: GDAL's default block cache (5 % of RAM) would only fill with blocks never reused
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_quietly(raster) as src:
-        require_georeferenced(src)
-        for row in range(0, src.height, block):
-            for col in range(0, src.width, block):
-                window = Window(col, row, min(block, src.width - col), min(block, src.height - row))
-                transform, shape = src.window_transform(window), (int(window.height), int(window.width))
-                near = footprints._near(src.crs, transform, shape)
-                if not len(near):
-                    continue
-                values = src.read(1, window=window, masked=True).astype(np.float64).filled(np.nan)
-                ids = near.index.to_numpy()  # the footprints' rows (the frame's index is 0..n-1)
-                if footprints.centre_pixels:
-                    rows, cols, inside = _pixels_under(near.geometry, transform, shape)
-                    picked = values[rows[inside], cols[inside]]
-                    ok = np.isfinite(picked)
-                    np.add.at(sums, ids[inside][ok], picked[ok])
-                    np.add.at(counts, ids[inside][ok], 1)
-                    np.maximum.at(maxima, ids[inside][ok], picked[ok])
-                    continue
-                geometries = near.geometry.to_numpy()
-                for layer in overlap_free_layers(near.geometry):  # a pixel holds one id per rasterisation
-                    labels = rasterize(zip(geometries[layer], ids[layer] + 1), out_shape=shape, transform=transform,
-                                       fill=0, dtype="int32").astype(np.int64)  # fmt: skip
-                    ok = (labels > 0) & np.isfinite(values)
-                    sums += np.bincount(labels[ok] - 1, weights=values[ok], minlength=n)
-                    counts += np.bincount(labels[ok] - 1, minlength=n)
-                    np.maximum.at(maxima, labels[ok] - 1, values[ok])
+        for window in block_windows(src.height, src.width, block):
+            transform, shape = src.window_transform(window), (int(window.height), int(window.width))
+            near = footprints._near(src.crs, transform, shape)
+            if not len(near):
+                continue
+            values = src.read(1, window=window, masked=True).astype(np.float64).filled(np.nan)
+            ids = near.index.to_numpy()  # the footprints' rows (the frame's index is 0..n-1)
+            rows, cols, inside = _pixels_under(near.geometry, transform, shape)
+            picked = values[rows[inside], cols[inside]]
+            ok = np.isfinite(picked)
+            np.add.at(sums, ids[inside][ok], picked[ok])
+            np.add.at(counts, ids[inside][ok], 1)
+            np.maximum.at(maxima, ids[inside][ok], picked[ok])
     summary = maxima if statistic == "max" else sums / np.maximum(counts, 1)
     return np.where(counts > 0, summary, np.nan)
 
@@ -310,5 +305,4 @@ __all__ = [
     "evaluate_height_footprints",
     "footprint_means",
     "is_vector_heights",
-    "overlap_free_layers",
 ]
