@@ -271,3 +271,12 @@ def test_the_readme_sample_example_draws_points_on_their_classes(monkeypatch: py
     with rasterio.open(ROOT / "tests/data/neon/TEAK_050_CHM.tif") as src:
         tall = [v[0] >= 5 for v in src.sample(zip(points.geometry.x, points.geometry.y))]
     assert tall == (points["stratum"] == "tree").tolist() and chm.shape == (40, 40)
+
+
+def test_the_readme_calibration_example_corrects_the_heights(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("correction = fit_height_calibration(mapped, truth", monkeypatch)
+    cv = scope["correction"].cross_validation
+    assert cv["before"]["rmse"] > 5 and cv["after"]["rmse"] < 1.5
+    corrected = scope["corrected"]
+    assert corrected.shape == (2, 2) and np.isnan(corrected[1, 0])
+    assert corrected[0, 1] == pytest.approx((20 - 2) / 0.7, abs=1.0)  # the map's 20 m is ~25.7 m of truth
