@@ -70,6 +70,7 @@ def test_value_statistics_are_each_zones_pixels(maps: dict) -> None:
     frame = zonal_statistics(maps["folder"] / "agb.tif", maps["zones"], percentiles=(10, 50, 95), block=16,
                              progress=False)  # fmt: skip
     assert frame.crs.to_epsg() == 4326 and list(frame["name"]) == list(maps["zones"]["name"])
+    assert sorted(p.name for p in maps["folder"].iterdir()) == ["agb.tif", "cover.tif", "zones.gpkg"]  # no .aux.xml
     values = maps["values"].astype(np.float64)
     width = (np.nanmax(values) - np.nanmin(values)) / PERCENTILE_BINS
     local = maps["zones"].to_crs(CRS)

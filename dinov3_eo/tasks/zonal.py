@@ -168,6 +168,21 @@ class _ClassCounts:
         self.counts[ids] += np.bincount(local * k + column, minlength=len(ids) * k).reshape(len(ids), k)
 
 
+def _value_range(src: Any, band: int, block: int) -> tuple[float, float]:
+    """The smallest and largest valid value of ``band``, read block by block. GDAL's own statistics would do it in
+    one call, but they leave a ``.aux.xml`` beside the user's raster."""
+    from dinov3_eo.data.raster import block_windows
+
+    low, high = np.inf, -np.inf
+    for window in block_windows(src.height, src.width, block):
+        read = src.read(band, window=window, masked=True)
+        values = read.compressed().astype(np.float64)
+        values = values[np.isfinite(values)]
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    return (low, high) if low <= high else (0.0, 1.0)
+
+
 def zonal_statistics(
     raster: str | os.PathLike[str] | Any,
     zones: Any,
@@ -232,8 +247,8 @@ def zonal_statistics(
         if as_classes:
             sums: Any = _ClassCounts(n)
         else:
-            stats = src.stats(indexes=[band], approx=False)[0] if percentiles else None  # the histogram's range
-            sums = _ValueSums(n, stats.min if stats else 0.0, (stats.max - stats.min) if stats else 1.0, percentiles)
+            low, high = _value_range(src, band, block) if percentiles else (0.0, 1.0)  # the histogram's range
+            sums = _ValueSums(n, low, high - low, percentiles)
         windows = block_windows(src.height, src.width, block)
         for window in tqdm(windows, desc="zonal statistics", unit="block", disable=not progress or len(windows) < 4):
             transform, shape = src.window_transform(window), (int(window.height), int(window.width))
