@@ -56,7 +56,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "pca": ("dinov3_eo.tasks.features", "pca_main", "3-component PCA picture of the features of a GeoTIFF"),
     "text": ("dinov3_eo.tasks.openvocab", "text_main", "text alignment (dino.txt style): fit --config ..."),
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
-    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, calibrate against GEDI shots or LiDAR, change between two dates"),
+    "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, calibrate against GEDI shots or LiDAR, change between two dates, individual trees (tops and crowns)"),
     "sample": ("dinov3_eo.tasks.sample_design", "sample_main", "a stratified random sample of a class map's pixels: points to label for an accuracy assessment"),
     "zonal": ("dinov3_eo.tasks.zonal", "zonal_main", "summarise a map over polygons: per zone mean/std/min/max/percentiles of values, or hectares and share of each class"),
     "gedi": ("dinov3_eo.data.gedi", "gedi_main", "GEDI L2A/L2B/L4A granules (.h5) to quality-filtered shots in an area: reference heights, cover or biomass"),
@@ -71,6 +71,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 SUBCOMMANDS: dict[tuple[str, str], tuple[str, str]] = {
     ("height", "change"): ("dinov3_eo.tasks.height_change", "change_main"),
     ("height", "calibrate"): ("dinov3_eo.tasks.height_calibration", "calibrate_main"),
+    ("height", "trees"): ("dinov3_eo.tasks.tree_maps", "trees_main"),
     ("segment", "change"): ("dinov3_eo.tasks.class_change", "change_main"),
     ("segment", "evaluate"): ("dinov3_eo.tasks.segmentation_eval", "evaluate_main"),
     ("segment", "prototypes"): ("dinov3_eo.tasks.prototypes", "prototypes_main"),

@@ -995,7 +995,8 @@ def _fit_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str]) -> int:
     """``dinov3-eo height fit|validate|test --config X.yaml``, ``height predict IN.tif ...``, ``height evaluate PRED REF``,
-    ``height change BEFORE AFTER -o dh.tif``, ``height calibrate MAP REFERENCE -o MAP_calibrated.tif``."""
+    ``height change BEFORE AFTER -o dh.tif``, ``height calibrate MAP REFERENCE -o MAP_calibrated.tif``,
+    ``height trees CHM.tif -o trees.gpkg``."""
     argv = list(argv)
     if argv and argv[0] == "predict":
         return _predict_main(argv[1:])
@@ -1005,6 +1006,10 @@ def main(argv: Sequence[str]) -> int:
         from dinov3_eo.tasks.height_change import change_main
 
         return change_main(argv[1:])
+    if argv and argv[0] == "trees":
+        from dinov3_eo.tasks.tree_maps import trees_main
+
+        return trees_main(argv[1:])
     if argv and argv[0] == "calibrate":
         from dinov3_eo.tasks.height_calibration import calibrate_main
 

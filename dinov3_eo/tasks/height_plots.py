@@ -195,6 +195,56 @@ def shot_map(
     return save_figure(fig, dst, overwrite=overwrite)
 
 
+def crown_picture(
+    dst: str | os.PathLike[str],
+    chm: str | os.PathLike[str],
+    trees: Any,
+    *,
+    labels: str | os.PathLike[str] | None = None,
+    max_size: int = 1024,
+    overwrite: bool = False,
+) -> Path:
+    """The heights of ``chm`` with the crowns of the ``labels`` raster (each pixel's tree id) outlined in white and
+    the tree tops (``trees``: points in the CHM's CRS) marked in red, read down to ``max_size``."""
+    from matplotlib.figure import Figure
+
+    with rasterio.open(chm) as src:
+        shape = picture_shape(src.height, src.width, max_size)
+        heights = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average, masked=True)
+                                       .astype(np.float32))  # fmt: skip
+        left, bottom, right, top_edge = src.bounds
+    finite = heights.compressed()
+    top = max(float(np.percentile(finite, 99)) if finite.size else 1.0, 1e-3)
+    zoom = max(1, 512 // max(shape))  # a small CHM drawn larger, so that its crowns' outlines are thin lines
+    size = (shape[0] * zoom, shape[1] * zoom)
+    fig = Figure(figsize=(max(3.0, size[1] / 100 + 1.5), max(2.5, size[0] / 100)), dpi=100)
+    ax = fig.subplots()
+    extent = (left, right, bottom, top_edge)
+    image = ax.imshow(heights, cmap=HEIGHT_CMAP, vmin=0.0, vmax=top, interpolation="nearest", extent=extent)
+    if labels is not None:
+        with rasterio.open(labels) as src:
+            ids = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+        shape = size
+        ids = np.repeat(np.repeat(ids, zoom, axis=0), zoom, axis=1)
+        edge = np.zeros(shape, bool)  # a crown pixel next to another crown or to none
+        edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+        edge[:, 1:] |= ids[:, :-1] != ids[:, 1:]
+        edge[:-1] |= ids[:-1] != ids[1:]
+        edge[1:] |= ids[:-1] != ids[1:]
+        edge &= ids > 0
+        overlay = np.zeros((*shape, 4), np.float32)
+        overlay[edge] = (1.0, 1.0, 1.0, 0.9)
+        ax.imshow(overlay, interpolation="nearest", extent=extent)
+    few = len(trees) <= 5000
+    ax.scatter(trees.geometry.x, trees.geometry.y, s=6 if few else 1, c="red", linewidths=0)
+    ax.set_xlim(left, right)
+    ax.set_ylim(bottom, top_edge)
+    ax.set_axis_off()
+    ax.set_title(f"{len(trees):,} trees")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="height (m)")
+    return save_figure(fig, dst, overwrite=overwrite)
+
+
 def error_map(
     dst: str | os.PathLike[str],
     pred: np.ndarray,
