@@ -280,3 +280,12 @@ def test_the_readme_calibration_example_corrects_the_heights(monkeypatch: pytest
     corrected = scope["corrected"]
     assert corrected.shape == (2, 2) and np.isnan(corrected[1, 0])
     assert corrected[0, 1] == pytest.approx((20 - 2) / 0.7, abs=1.0)  # the map's 20 m is ~25.7 m of truth
+
+
+def test_the_readme_trees_example_finds_the_plots_trees(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("detect_trees(\"tests/data/neon/TEAK_052_CHM.tif\"", monkeypatch)
+    summary, coarse, scores = scope["summary"], scope["coarse"], scope["scores"]
+    assert 10 <= summary.trees <= 60 and summary.trees_per_ha == pytest.approx(summary.trees / summary.area_ha)
+    assert summary.area_ha == pytest.approx(0.16) and summary.mean_crown_area_m2 > 5
+    assert coarse.trees < summary.trees and coarse.crowns is None
+    assert scores.detected == coarse.trees and scores.reference == summary.trees and scores.precision > 0.8

@@ -12,6 +12,7 @@ converts that into a COG (512-pixel tiles, DEFLATE/LZW/ZSTD, overviews) with GDA
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -544,6 +545,21 @@ def write_quicklook(
     return save_figure(fig, dst, overwrite=overwrite)
 
 
+def geojson_polygons(features: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """Shapely polygons of GeoJSON-like polygon mappings (``rasterio.features.shapes``' output), built together:
+    every ring's coordinates go to shapely at once, 3-4x faster than ``shapely.geometry.shape`` one by one, which
+    dominated the polygonising of a map of many small regions (tree crowns)."""
+    import shapely
+
+    rings = [np.asarray(ring, np.float64) for feature in features for ring in feature["coordinates"]]
+    if not rings:
+        return []
+    ring_index = np.repeat(np.arange(len(rings)), [len(ring) for ring in rings])
+    polygon_index = np.repeat(np.arange(len(features)), [len(feature["coordinates"]) for feature in features])
+    # with indices, each polygon's first ring is its shell and the others its holes, as in GeoJSON
+    return list(shapely.polygons(shapely.linearrings(np.concatenate(rings), indices=ring_index), indices=polygon_index))
+
+
 def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None = None) -> tuple[list[Any], list[int]]:
     """Polygons (in the raster's CRS) of the connected regions of each value of band 1, and their values.
 
@@ -561,7 +577,6 @@ def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None =
     """
     import shapely
     from rasterio.features import shapes
-    from shapely.geometry import shape as to_geometry
 
     height, width = src.height, src.width
     if strip_rows is None:
@@ -584,10 +599,11 @@ def region_polygons(src: Any, *, connectivity: int = 4, strip_rows: int | None =
         labels = src.read(1, window=Window(0, row0, width, rows))
         valid = np.ones(labels.shape, dtype=bool) if src.nodata is None else labels != src.nodata
         first = len(pieces)
-        for geojson, value in shapes(labels, mask=valid, connectivity=connectivity, transform=Affine.translation(0, row0)):
-            pieces.append(to_geometry(geojson))
-            values.append(int(value))
-            parent.append(len(parent))
+        regions = shapes(labels, mask=valid, connectivity=connectivity, transform=Affine.translation(0, row0))
+        while found := list(itertools.islice(regions, 10_000)):  # GeoJSON mappings are bulky: a batch at a time
+            pieces.extend(geojson_polygons([geojson for geojson, _ in found]))
+            values.extend(int(value) for _, value in found)
+            parent.extend(range(len(parent), len(parent) + len(found)))
         if first == len(pieces) or rows == height:  # no piece, or one strip: nothing to join
             above = None
             continue
