@@ -109,6 +109,11 @@ def test_points_lie_on_their_stratum_and_are_drawn_uniformly(class_map: dict) ->
     assert same.geometry.equals(frame.geometry)  # a seed gives the same points
     with pytest.raises(ValueError, match="more points than they have pixels"):
         stratified_sample(path, per_stratum={2: 10_000})
+    # a target standard error: sample_size of the strata's shares, counted in the same pass as the draw
+    sized = stratified_sample(path, target_se=0.02, expected_accuracy=[0.8, 0.9, 0.7], block=64)
+    assert len(sized) == sized.attrs["points_asked"] == sample_size(counts / counts.sum(), [0.8, 0.9, 0.7], 0.02)
+    with pytest.raises(ValueError, match="one of the three"):
+        stratified_sample(path, n=10, target_se=0.02)
 
 
 def test_sample_label_evaluate(class_map: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -181,6 +181,8 @@ def stratified_sample(
     *,
     n: int | None = None,
     per_stratum: dict[int, int] | None = None,
+    target_se: float | None = None,
+    expected_accuracy: float | Sequence[float] = 0.9,
     allocation: str = "proportional",
     min_per_stratum: int = 0,
     strata: Sequence[int] | None = None,
@@ -190,7 +192,9 @@ def stratified_sample(
     block: int = 1024,
 ) -> Any:
     """A stratified random sample of ``raster``'s pixels, its classes the strata (module docstring): ``n`` points
-    allocated by :func:`allocate`, or ``per_stratum`` (stratum id -> points) as given; nodata pixels never drawn.
+    allocated by :func:`allocate`, or ``per_stratum`` (stratum id -> points) as given, or as many points as
+    :func:`sample_size` gives for a ``target_se`` of the overall accuracy with ``expected_accuracy`` (one for all
+    strata, or one per stratum in id order) and the strata's shares; nodata pixels never drawn.
 
     Args:
         strata: the class ids to sample (default: every class present).
@@ -207,15 +211,17 @@ def stratified_sample(
         name and pixels.
 
     Raises:
-        ValueError: a raster of non-integer values, no georeference, neither or both of ``n`` and ``per_stratum``,
+        ValueError: a raster of non-integer values, no georeference, not exactly one of ``n``, ``per_stratum`` and
+        ``target_se``,
         a stratum asked for more points than it has pixels, no pixel to sample.
     """
     import geopandas as gpd
 
     from dinov3_eo.data.raster import open_quietly, pixel_area_ha, require_georeferenced, tagged_class_names
 
-    if (n is None) == (per_stratum is None):
-        raise ValueError("Give the number of points (n) or the points per stratum, one of the two.")
+    if sum(x is not None for x in (n, per_stratum, target_se)) != 1:
+        raise ValueError("Give the number of points (n), the points per stratum or a target standard error, one of "
+                         "the three.")  # fmt: skip
     with open_quietly(raster) as src:
         require_georeferenced(src)
         if not np.issubdtype(np.dtype(src.dtypes[band - 1]), np.integer):
@@ -225,6 +231,9 @@ def stratified_sample(
         if not counts:
             raise ValueError(f"{os.fspath(raster)!r} has no valid pixel of the strata asked for.")
         labels = list(counts)
+        if target_se is not None:  # the shares come from the pass above: the map is not read once more for them
+            weights = np.array([counts[c] for c in labels], np.float64)
+            n = sample_size(weights / weights.sum(), expected_accuracy, target_se)
         if per_stratum is not None:
             wanted = np.array([int(per_stratum.get(c, 0)) for c in labels])
             over = [c for c, k in zip(labels, wanted) if k > counts[c]]
@@ -269,6 +278,7 @@ def stratified_sample(
          "pixels_per_point": [per_point[int(h)] for h in stratum_ids], "reference": [""] * len(cells)},
         geometry=gpd.points_from_xy(x, y), crs=crs)  # fmt: skip
     total = sum(counts.values())
+    frame.attrs["points_asked"] = int(n) if n is not None else int(sum(wanted))
     frame.attrs["design"] = [{"stratum_id": int(h), "stratum": stratum_name(h), "pixels": int(counts[h]),
                               "area_ha": None if hectares is None else counts[h] * hectares,
                               "weight": counts[h] / total, "points": int(k)}
@@ -433,16 +443,14 @@ def sample_main(argv: Sequence[str]) -> int:
     strata = _class_ids(names, args.classes, str(args.map)) if args.classes else None
     buffers = [(c, px) for c, (_, px) in zip(_class_ids(names, [b for b, _ in args.buffer], str(args.map)),
                                              args.buffer)]  # fmt: skip
-    n = args.points
-    if n is None:
-        with open_quietly(args.map) as src:
-            counts, _ = _stratum_counts(src, args.band, 1024, buffers, strata)
-        weights = np.array(list(counts.values()), np.float64)
-        accuracy = args.expected_accuracy[0] if len(args.expected_accuracy) == 1 else args.expected_accuracy
-        n = sample_size(weights / weights.sum(), accuracy, args.target_se)
-        print(f"{n} points for a standard error of {args.target_se:g} on the overall accuracy")
-    frame = stratified_sample(args.map, n=n, allocation=args.allocation, min_per_stratum=args.min_per_class,
-                              strata=strata, buffers=buffers, band=args.band, seed=args.seed)  # fmt: skip
+    accuracy = args.expected_accuracy[0] if len(args.expected_accuracy) == 1 else args.expected_accuracy
+    frame = stratified_sample(args.map, n=args.points, target_se=args.target_se if args.points is None else None,
+                              expected_accuracy=accuracy, allocation=args.allocation,
+                              min_per_stratum=args.min_per_class, strata=strata, buffers=buffers, band=args.band,
+                              seed=args.seed)  # fmt: skip
+    if args.points is None:
+        print(f"{frame.attrs.pop('points_asked')} points for a standard error of {args.target_se:g} on the overall "
+              "accuracy")  # fmt: skip
     design = frame.attrs.pop("design")
     record = {"map": os.fspath(args.map), "points": len(frame), "allocation": args.allocation,
               "min_per_class": args.min_per_class, "seed": args.seed, "class_names": names,
