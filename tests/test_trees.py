@@ -17,7 +17,7 @@ from scipy import ndimage
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.tree_detection import WindowRule, delineate_crowns, find_tree_tops, match_trees
-from dinov3_eo.tasks.tree_maps import detect_trees, evaluate_trees
+from dinov3_eo.tasks.tree_maps import detect_trees, evaluate_trees, stand_table
 
 NEON = Path(__file__).resolve().parent / "data" / "neon"
 CHMS = sorted(NEON.glob("TEAK_*_CHM.tif"))  # 40 x 40 m at 1 m each, NEON LiDAR (CC0)
@@ -246,3 +246,53 @@ def test_cli_trees_and_evaluate(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert cli_main(["height", "trees", "evaluate", str(tmp_path / "trees.gpkg"), str(tmp_path / "trees.gpkg"),
                      "--out-dir", str(tmp_path / "eval")]) == 0  # fmt: skip
     assert "precision 1.000, recall 1.000, F1 1.000" in capsys.readouterr().out
+
+
+def test_stand_table_counts_each_zones_trees_heights_and_cover() -> None:
+    import shapely
+
+    crs = "EPSG:32611"
+    heights = np.array([30.0, 20.0, 10.0, 25.0, 5.0])
+    trees = gpd.GeoDataFrame({"height_m": heights, "crown_area_m2": [20.0, 10.0, 5.0, 30.0, 2.0]},
+                             geometry=gpd.points_from_xy([10, 30, 50, 150, 250], [50, 50, 50, 50, 50]), crs=crs)  # fmt: skip
+    zones = gpd.GeoDataFrame({"stand": ["west", "east", "empty"]}, crs=crs, geometry=[
+        shapely.box(0, 0, 100, 100), shapely.box(100, 0, 200, 100), shapely.box(300, 0, 320, 100)])  # fmt: skip
+    crowns = gpd.GeoDataFrame(geometry=[shapely.box(5, 45, 15, 55), shapely.box(95, 0, 105, 10)], crs=crs)
+    table = stand_table(trees, zones.to_crs("EPSG:4326"), crowns=crowns, top_trees_per_ha=2)
+    west, east, empty = (table.iloc[k] for k in range(3))
+    assert list(table["stand"]) == ["west", "east", "empty"] and table.crs == crs
+    assert (west["trees"], east["trees"], empty["trees"]) == (3, 1, 0)  # the tree at x=250 is in no zone
+    assert west["area_ha"] == pytest.approx(1.0, rel=1e-6) and west["trees_per_ha"] == pytest.approx(3.0, rel=1e-6)
+    assert west["mean_height_m"] == pytest.approx(20.0) and west["max_height_m"] == 30.0
+    assert west["top_height_m"] == pytest.approx(25.0)  # the 2 tallest of a 1 ha zone at 2 per ha
+    assert west["mean_crown_area_m2"] == pytest.approx(35 / 3)
+    # crown cover: the 10 x 10 m crown and half of the one across the edge, in 1 ha; the east stand the other half
+    assert west["crown_cover"] == pytest.approx(150 / 10_000, rel=1e-4)
+    assert east["crown_cover"] == pytest.approx(50 / 10_000, rel=1e-4)
+    assert empty["trees"] == 0 and np.isnan(empty["mean_height_m"]) and empty["crown_cover"] == 0
+    with pytest.raises(ValueError, match="projected CRS"):
+        stand_table(trees.to_crs("EPSG:4326"), zones)
+
+
+def test_cli_trees_with_zones_writes_a_stand_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import shapely
+
+    with rasterio.open(CHMS[2]) as src:
+        left, bottom, right, top = src.bounds
+    middle = (left + right) / 2
+    zones = gpd.GeoDataFrame({"plot": ["a", "b"]}, crs="EPSG:32611", geometry=[
+        shapely.box(left, bottom, middle, top), shapely.box(middle, bottom, right, top)])  # fmt: skip
+    zones.to_file(tmp_path / "plots.gpkg")
+    for name in ("trees.gpkg", "table.csv"):
+        out = tmp_path / name
+        assert cli_main(["height", "trees", str(CHMS[2]), "-o", str(out), "--smooth", "1", "--zones",
+                         str(tmp_path / "plots.gpkg"), "--no-quicklook"]) == 0  # fmt: skip
+        assert f"{out.stem}_zones{out.suffix}" in capsys.readouterr().out
+    table = gpd.read_file(tmp_path / "trees_zones.gpkg")
+    trees = gpd.read_file(tmp_path / "trees.gpkg")
+    assert table["trees"].sum() == len(trees) and list(table["plot"]) == ["a", "b"]
+    assert table["area_ha"].to_numpy() == pytest.approx([0.08, 0.08])
+    crown_pixels = trees["crown_area_m2"].sum()
+    assert (table["crown_cover"] * 800).sum() == pytest.approx(crown_pixels)  # crowns tile into the two halves
+    csv = __import__("pandas").read_csv(tmp_path / "table_zones.csv")
+    assert csv["trees"].tolist() == table["trees"].tolist()

@@ -237,6 +237,71 @@ def crown_polygons(labels: str | os.PathLike[str]) -> Any:
     return frame.sort_values("tree_id").reset_index(drop=True)
 
 
+#: the columns :func:`stand_table` adds to each zone
+STAND_COLUMNS = ("trees", "trees_per_ha", "mean_height_m", "max_height_m", "top_height_m", "mean_crown_area_m2",
+                 "crown_cover", "area_ha")  # fmt: skip
+
+
+def stand_table(trees: Any, zones: Any, *, crowns: Any = None, top_trees_per_ha: float = 100.0) -> Any:
+    """The forest-inventory numbers of each zone (stand, plot, parcel) from its trees: a copy of ``zones`` with
+    :data:`STAND_COLUMNS`.
+
+    A tree belongs to the zone its top lies in. ``top_height_m`` is the mean height of the zone's
+    ``top_trees_per_ha`` tallest trees per hectare (at least one; the forester's top or dominant height, 100 per ha),
+    ``crown_cover`` the share of the zone under ``crowns`` (polygons, cut to the zone), ``area_ha`` the zone's area.
+
+    Args:
+        trees: tree points with ``height_m`` (and ``crown_area_m2``), e.g. :func:`detect_trees`' output; or a path.
+        zones: polygons in any CRS; or a path. The table is in the trees' CRS, which must be projected.
+        crowns: the crown polygons (``trees_crowns.gpkg``), or ``None`` for no ``crown_cover``.
+
+    Raises:
+        ValueError: trees without a projected CRS or without ``height_m``.
+    """
+    import geopandas as gpd
+    import shapely
+    from rasterio.crs import CRS
+
+    from dinov3_eo.data.raster import metres_per_unit
+
+    read = lambda x: gpd.read_file(x) if isinstance(x, (str, os.PathLike)) else x  # noqa: E731
+    trees, zones = read(trees), read(zones)
+    factor = metres_per_unit(CRS.from_user_input(trees.crs)) if trees.crs is not None else None
+    if factor is None:
+        raise ValueError("The trees need a projected CRS (metres) for areas per hectare.")
+    if "height_m" not in trees.columns:
+        raise ValueError(f"The trees have no 'height_m' column (they have {list(trees.columns)}).")
+    local = zones.to_crs(trees.crs).reset_index(drop=True)
+    area_ha = local.geometry.area.to_numpy() * factor**2 / 10_000
+    zone_of = np.full(len(trees), -1, np.int64)
+    tree_index, zone_index = local.sindex.query(trees.geometry, predicate="within")
+    zone_of[tree_index] = zone_index  # a top on the shared edge of two zones goes to the last one listed
+    heights = trees["height_m"].to_numpy(np.float64)
+    crown_area = trees["crown_area_m2"].to_numpy(np.float64) if "crown_area_m2" in trees.columns else None
+    rows: dict[str, list[float]] = {c: [] for c in STAND_COLUMNS}
+    for k in range(len(local)):
+        h = np.sort(heights[zone_of == k])[::-1]
+        top = max(1, int(round(top_trees_per_ha * area_ha[k])))
+        rows["trees"].append(len(h))
+        rows["trees_per_ha"].append(len(h) / area_ha[k] if area_ha[k] > 0 else np.nan)
+        rows["mean_height_m"].append(float(h.mean()) if len(h) else np.nan)
+        rows["max_height_m"].append(float(h[0]) if len(h) else np.nan)
+        rows["top_height_m"].append(float(h[:top].mean()) if len(h) else np.nan)
+        rows["mean_crown_area_m2"].append(float(crown_area[zone_of == k].mean())
+                                          if crown_area is not None and len(h) else np.nan)  # fmt: skip
+        rows["area_ha"].append(float(area_ha[k]))
+    cover = np.full(len(local), np.nan)
+    if crowns is not None:
+        shapes = read(crowns).to_crs(trees.crs)
+        cover[:] = 0.0
+        crown_index, zone_index = local.sindex.query(shapes.geometry, predicate="intersects")
+        cut = shapely.intersection(shapes.geometry.to_numpy()[crown_index], local.geometry.to_numpy()[zone_index])
+        np.add.at(cover, zone_index, shapely.area(cut) * factor**2)
+        cover /= np.maximum(area_ha * 10_000, 1e-12)
+    rows["crown_cover"] = cover.tolist()
+    return local.assign(**{c: rows[c] for c in STAND_COLUMNS})
+
+
 @dataclass(frozen=True)
 class TreeEvaluation:
     """:func:`evaluate_trees`' scores (heights ``None`` without both sets' heights, or without a match)."""
@@ -408,11 +473,19 @@ def trees_main(argv: Sequence[str]) -> int:
                    help="a crown's pixels are at least this share of its top's height (default 0.45)")
     p.add_argument("--max-crown-radius", type=float, default=10.0, help="metres a crown may reach from its top (default 10)")
     p.add_argument("--no-crowns", action="store_true", help="tops only (faster)")
+    p.add_argument("--zones", default=None, help="polygons (stands, plots; any CRS): writes OUTPUT_zones.gpkg (or the "
+                   "output's format) with each zone's trees, trees per ha, mean, max and top height (the 100 tallest "
+                   "per ha), mean crown and crown cover")  # fmt: skip
     p.add_argument("--nodata", type=float, default=None, help="override the raster's nodata")
     p.add_argument("--block", type=int, default=1024, help="rows and columns processed at once (default 1024)")
     p.add_argument("--no-quicklook", action="store_true", help="do not write the PNG picture")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = p.parse_args(argv)
+    if args.zones is not None:
+        from dinov3_eo.inference.writers import check_overwrite, write_features
+
+        out = Path(args.output)
+        zones_path = check_overwrite(out.with_name(f"{out.stem}_zones{out.suffix}"), args.overwrite, inputs=[args.zones])
     summary = detect_trees(
         args.chm, args.output, rule=WindowRule(args.window[0], args.window[1], args.max_radius),
         min_height=args.min_height, smooth_m=args.smooth, crowns=not args.no_crowns,
@@ -420,6 +493,18 @@ def trees_main(argv: Sequence[str]) -> int:
         quicklook=None if args.no_quicklook else Path(args.output).with_suffix(".png"), block=args.block,
         overwrite=args.overwrite,
     )  # fmt: skip
+    if args.zones is not None:
+        trees = summary.tops
+        if trees.suffix.lower() == ".csv":  # the table keeps the tops' x, y in the CHM's CRS
+            import geopandas as gpd
+            import pandas as pd
+            import rasterio
+
+            table = pd.read_csv(trees)
+            with rasterio.open(args.chm) as src:
+                trees = gpd.GeoDataFrame(table, geometry=gpd.points_from_xy(table["x"], table["y"]), crs=src.crs)
+        zones_path = write_features(stand_table(trees, args.zones, crowns=summary.crowns), zones_path, layer="zones",
+                                    overwrite=args.overwrite)  # fmt: skip
     density = "" if summary.trees_per_ha is None else f" ({summary.trees_per_ha:,.0f} per ha of {summary.area_ha:,.2f} ha)"
     print(f"{summary.trees:,} trees{density}" + (f", mean height {summary.mean_height_m:.1f} m"
                                                  if summary.mean_height_m is not None else ""))  # fmt: skip
@@ -427,10 +512,11 @@ def trees_main(argv: Sequence[str]) -> int:
         print(f"mean crown {summary.mean_crown_area_m2:.1f} m² "
               f"({2 * math.sqrt(summary.mean_crown_area_m2 / math.pi):.1f} m across)")  # fmt: skip
     for label, path in (("tops:   ", summary.tops), ("crowns: ", summary.crowns), ("raster: ", summary.labels),
-                        ("picture:", summary.quicklook)):  # fmt: skip
+                        ("picture:", summary.quicklook), ("zones:  ", zones_path if args.zones else None)):  # fmt: skip
         if path is not None:
             print(f"{label} {path}")
     return 0
 
 
-__all__ = ["TreeEvaluation", "TreeSummary", "crown_polygons", "detect_trees", "evaluate_trees", "trees_main"]
+__all__ = ["STAND_COLUMNS", "TreeEvaluation", "TreeSummary", "crown_polygons", "detect_trees", "evaluate_trees",
+           "stand_table", "trees_main"]
