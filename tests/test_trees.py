@@ -198,7 +198,13 @@ def test_trees_refuse_bad_rasters_before_writing(tmp_path: Path) -> None:
         detect_trees(CHMS[0], tmp_path / "t.shp", progress=False)
     with pytest.raises(ValueError, match="crown_fraction"):
         detect_trees(CHMS[0], tmp_path / "t.gpkg", crown_fraction=1.5, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["degrees.tif", "two.tif"]
+    empty = tmp_path / "empty.tif"
+    with rasterio.open(empty, "w", count=1, crs="EPSG:32611", transform=from_origin(0, 80, 1, 1), nodata=-9999,
+                       **profile) as d:  # fmt: skip
+        d.write(np.full((1, 8, 8), -9999, np.float32))
+    with pytest.raises(ValueError, match="no height: every pixel is nodata"):
+        detect_trees(empty, tmp_path / "t.gpkg", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["degrees.tif", "empty.tif", "two.tif"]
 
 
 def test_evaluate_trees_scores_detections_against_reference(tmp_path: Path) -> None:

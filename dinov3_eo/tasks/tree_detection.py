@@ -81,14 +81,25 @@ def find_tree_tops(chm: np.ndarray, pixel_size: float, *, rule: WindowRule = Win
     rows, cols = np.nonzero(candidate)
     top = heights[rows, cols]  # [C]
     reach2 = np.maximum((rule.radius(top) / pixel_size) ** 2, 2.0)  # squared radius in pixels, >= the 8 neighbours
-    pad = int(np.ceil(np.sqrt(reach2.max()))) if len(top) else 1
+    if not len(top):
+        return np.zeros((0, 2), np.int64)
+    pad = int(np.ceil(np.sqrt(reach2.max())))
     padded = np.pad(heights, pad, constant_values=-np.inf)
-    is_top = np.ones(len(top), dtype=bool)
-    for di, dj, d2 in zip(*_disk_offsets(float(np.sqrt(reach2.max())) if len(top) else 1.0)):
-        other = padded[rows + pad + di, cols + pad + dj]  # [C]
+    alive = np.arange(len(top))  # candidates not yet beaten whose window reaches past the offsets seen so far
+    is_top = np.zeros(len(top), dtype=bool)
+    offsets = _disk_offsets(float(np.sqrt(reach2.max())))
+    for k, (di, dj, d2) in enumerate(zip(*offsets)):
+        if k % 16 == 0:  # nearest offsets first: most candidates are beaten early, or their window ends
+            done = reach2[alive] < d2
+            is_top[alive[done]] = True
+            alive = alive[~done]
+            if not len(alive):
+                break
+        other = padded[rows[alive] + pad + di, cols[alive] + pad + dj]  # [A]
         earlier = di < 0 or (di == 0 and dj < 0)  # row-major before the candidate: it wins a tie
-        beaten = (other >= top) if earlier else (other > top)
-        is_top &= ~(beaten & (d2 <= reach2))
+        beaten = (other >= top[alive]) if earlier else (other > top[alive])
+        alive = alive[~(beaten & (d2 <= reach2[alive]))]
+    is_top[alive] = True
     return np.column_stack([rows[is_top], cols[is_top]]).astype(np.int64)
 
 

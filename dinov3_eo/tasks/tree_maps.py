@@ -169,6 +169,9 @@ def detect_trees(
             top_heights.append(raw[local[:, 0], local[:, 1]])
             core = raw[r0 : r0 + int(window.height), c0 : c0 + int(window.width)]
             valid += int(np.isfinite(core).sum())
+        if not valid:
+            raise ValueError(f"{where} has no height: every pixel is nodata (or NaN); check its nodata value "
+                             "(--nodata).")  # fmt: skip
         tops = np.concatenate(found) if found else np.zeros((0, 2), np.int64)
         tops_height = np.concatenate(top_heights) if top_heights else np.zeros(0)
         order = np.lexsort((tops[:, 1], tops[:, 0]))  # row-major: tree_id 1..N
