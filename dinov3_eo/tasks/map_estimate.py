@@ -140,6 +140,16 @@ def difference_estimate(
                        cells=int(cells), n=int(n), confidence=float(confidence))  # fmt: skip
 
 
+def stratum_variance_terms(sizes: np.ndarray, n: np.ndarray, variances: np.ndarray, *,
+                           finite_population: bool = True) -> np.ndarray:  # fmt: skip
+    """Each stratum's term of the variance of a stratified random sample's estimate of a total,
+    ``N_h² (1 - n_h / N_h) s²_h / n_h`` (the correction ``1 - n_h / N_h`` only with ``finite_population``); divided
+    by ``N²`` they are the terms of the estimated mean's. Shapes: ``[H]`` each (``N_h``, ``n_h``, ``s²_h``)."""
+    sizes, n, variances = (np.asarray(a, np.float64) for a in (sizes, n, variances))
+    correction = (1.0 - np.minimum(n / sizes, 1.0)) if finite_population else 1.0
+    return sizes**2 * correction * variances / n
+
+
 #: the sampling designs :func:`stratified_difference_estimate` knows
 DESIGNS = ("stratified", "post-stratified")
 
@@ -211,8 +221,7 @@ def stratified_difference_estimate(
     def variance(var_h: np.ndarray) -> tuple[float, float]:
         """The estimator's variance from per-stratum variances, and its degrees of freedom."""
         if design == "stratified":
-            a = weight**2 * ((1.0 - np.minimum(n_h / size, 1.0)) if finite_population else 1.0) / n_h
-            parts = a * var_h
+            parts = stratum_variance_terms(size, n_h, var_h, finite_population=finite_population) / cells**2
             total = float(parts.sum())
             df = total**2 / float(np.sum(parts**2 / (n_h - 1))) if total > 0 else float(n - 1)
             return total, df
@@ -238,4 +247,5 @@ def stratified_difference_estimate(
                        confidence=float(confidence), design=design, strata=rows)  # fmt: skip
 
 
-__all__ = ["DESIGNS", "MapEstimate", "difference_estimate", "stratified_difference_estimate", "total_unit"]
+__all__ = ["DESIGNS", "MapEstimate", "difference_estimate", "stratified_difference_estimate", "stratum_variance_terms",
+           "total_unit"]

@@ -306,16 +306,20 @@ def _stratified_total(strata: np.ndarray, y: np.ndarray, sizes: dict[int, int], 
         y_total += size * yh.mean()
         x_total += size * xh.mean() if xh is not None else 0.0
         pairs.append((size, n_h, yh, xh))
+    from dinov3_eo.tasks.map_estimate import stratum_variance_terms
+
     ratio = y_total / x_total if x is not None and x_total else 0.0
+    spreads = []
     for size, n_h, yh, xh in pairs:
         if n_h < 2:
             continue
-        f = (1.0 - n_h / size) if fpc else 1.0
         if xh is None:
             spread = yh.var(ddof=1)
         else:  # the ratio's linearised residual y - R x
             spread = yh.var(ddof=1) + ratio**2 * xh.var(ddof=1) - 2 * ratio * np.cov(yh, xh, ddof=1)[0, 1]
-        variance += size**2 * f * max(float(spread), 0.0) / n_h  # (rounding can leave -1e-17 where y = R x)
+        spreads.append((size, n_h, max(float(spread), 0.0)))  # (rounding can leave -1e-17 where y = R x)
+    if spreads:
+        variance = float(stratum_variance_terms(*np.asarray(spreads).T, finite_population=fpc).sum())
     return y_total, x_total, variance
 
 
