@@ -289,3 +289,11 @@ def test_the_readme_trees_example_finds_the_plots_trees(monkeypatch: pytest.Monk
     assert summary.area_ha == pytest.approx(0.16) and summary.mean_crown_area_m2 > 5
     assert coarse.trees < summary.trees and coarse.crowns is None
     assert scores.detected == coarse.trees and scores.reference == summary.trees and scores.precision > 0.8
+
+
+def test_the_readme_zone_embeddings_example_maps_held_out_parcels(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("table = zone_embeddings(build_backbone(", monkeypatch)
+    table, x, predicted = scope["table"], scope["x"], scope["predicted"]
+    assert len(table) == 16 and x.shape == (16, 96) and np.isfinite(x).all()
+    assert (table["coverage"] > 0.99).all() and (table["patches"] >= 1).all()
+    assert len(predicted) == 8 and set(predicted) <= set(table["name"])

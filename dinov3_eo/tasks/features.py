@@ -469,8 +469,8 @@ def _run_cli(prog: str, body: Callable[[], Path]) -> int:
 
 def embed_main(argv: Sequence[str]) -> int:
     """``dinov3-eo embed IN.tif --model BACKBONE -o feats.tif|feats.zarr``, ``embed CHIPS --chips -o
-    embeddings.parquet|.npz`` (one row per chip), or ``embed IN.tif --tiles 32 -o tiles.parquet`` (one row per tile,
-    GeoParquet)."""
+    embeddings.parquet|.npz`` (one row per chip), ``embed IN.tif --tiles 32 -o tiles.parquet`` (one row per tile,
+    GeoParquet) or ``embed IN.tif --zones parcels.gpkg -o parcels.parquet`` (one row per polygon, GeoParquet)."""
     from dinov3_eo.tasks.chip_embeddings import EMBEDDING_SUFFIXES
 
     parser = _common_parser(
@@ -493,7 +493,27 @@ def embed_main(argv: Sequence[str]) -> int:
                        "patch_mean and its footprint (GeoParquet .parquet, or .npz without footprints)")  # fmt: skip
     tiles.add_argument("--min-valid", type=float, default=0.5, help="with --tiles, share of a tile's pixels that must "
                        "hold data (default 0.5)")  # fmt: skip
+    zones = parser.add_argument_group("polygons", "one row per polygon: GeoParquet of the polygons and their features")
+    zones.add_argument("--zones", default=None, metavar="POLYGONS", help="embed each polygon of this vector file "
+                       "(parcels, crowns, buildings; any CRS): the patch features averaged over it, weighted by its "
+                       "area in each patch, as patch_mean in a GeoParquet OUTPUT with coverage and patches")  # fmt: skip
     args = parser.parse_args(list(argv))
+
+    def zone_table() -> Path:
+        from dinov3_eo.tasks.zone_embeddings import write_zone_embeddings, zone_embeddings
+
+        if args.chips or args.tiles is not None:
+            raise ValueError("--zones embeds polygons over a GeoTIFF; leave out --chips and --tiles.")
+        if Path(args.output).suffix.lower() != ".parquet":
+            raise ValueError(f"With --zones the output is a GeoParquet table (.parquet), not {args.output!r}.")
+        check_overwrite(args.output, args.overwrite, inputs=[args.input, args.zones])
+        backbone, norm, device = _prepare(args)
+        table = zone_embeddings(backbone, args.input, args.zones, normalization=norm, bands=args.bands,
+                                nodata=args.nodata, window=args.window, margin=args.margin, batch_size=args.batch_size,
+                                device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        seen = int((table["patches"] > 0).sum())
+        print(f"{len(table)} polygons embedded ({seen} with features, mean coverage {table['coverage'].mean():.2f})")
+        return write_zone_embeddings(table, args.output, overwrite=args.overwrite)
 
     def tile_table() -> Path:
         from dinov3_eo.tasks.chip_embeddings import load_chip_backbone
@@ -530,6 +550,8 @@ def embed_main(argv: Sequence[str]) -> int:
         return write_chip_embeddings(embeddings, args.output, overwrite=args.overwrite)
 
     def body() -> Path:
+        if args.zones is not None:
+            return zone_table()
         if args.tiles is not None:
             return tile_table()
         if args.chips:

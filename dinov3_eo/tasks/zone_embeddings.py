@@ -1,0 +1,145 @@
+"""One embedding per polygon (field parcel, tree crown, building, stand): the backbone's patch features averaged over
+each polygon, for object-based classification and search.
+
+A polygon's embedding is the mean of the last-layer patch tokens (normed, as ``embed`` writes them) over the
+patches it overlaps, each weighted by the area of the polygon inside it (exact polygon-square intersections), so a
+parcel smaller than a patch takes the features of the patches it lies in, in proportion, and one that straddles a
+nodata edge is the mean of its patches that saw data. The scene is streamed window by window
+(:func:`~dinov3_eo.tasks.features.stream_patch_features`: memory flat in its size; the zones' sums, ``[zones, D]``
+float64, are what grows). Each row also says how much of the polygon had features (``coverage``) and over how many
+patches (``patches``).
+
+``dinov3-eo embed SCENE.tif --zones parcels.gpkg --model BACKBONE.pth -o parcels.parquet`` writes the table as
+GeoParquet: the zones' own columns and geometry (in their CRS), ``patch_mean`` (a list of D floats), ``coverage``
+and ``patches``. A probe fitted on the ``patch_mean`` of labelled zones classifies the others
+(:func:`~dinov3_eo.tasks.chip_classification.fit_chip_classifier`, README).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _cell_boxes(transform: Any, rows: np.ndarray, cols: np.ndarray) -> Any:
+    """Shapely boxes of the cells at ``rows``, ``cols`` of a north-up grid (``[K]`` each)."""
+    import shapely
+
+    x0 = transform.c + cols * transform.a
+    y0 = transform.f + rows * transform.e
+    x1, y1 = x0 + transform.a, y0 + transform.e
+    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+
+
+def zone_embeddings(
+    backbone: Any,
+    raster: str | os.PathLike[str],
+    zones: Any,
+    *,
+    normalization: Any = None,
+    bands: list[int] | None = None,
+    nodata: float | None = None,
+    window: int = 512,
+    margin: int = 64,
+    batch_size: int = 4,
+    device: str = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> Any:
+    """The area-weighted mean patch feature of each polygon of ``zones`` over ``raster`` (module docstring).
+
+    Args:
+        backbone: a ViT (``patch_size``, ``embed_dim``, ``get_intermediate_layers``).
+        raster: a georeferenced GeoTIFF; zones: a ``GeoDataFrame`` (any CRS) or a vector file's path.
+        normalization, bands, nodata, window, margin, batch_size, device, amp: as
+            :func:`~dinov3_eo.tasks.features.stream_patch_features`.
+
+    Returns:
+        ``zones`` (in their CRS, their columns) with ``patch_mean`` (``[D]`` float32 arrays; NaN for a zone with no
+        valid patch), ``coverage`` (share of the zone's area with features) and ``patches`` (patches it overlaps that
+        had features).
+
+    Raises:
+        ValueError: a raster without a georeference, zones without a CRS, or with no polygon.
+    """
+    import geopandas as gpd
+    import rasterio.windows
+    import shapely
+
+    from dinov3_eo.data.raster import open_quietly, require_georeferenced
+    from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
+
+    frame = gpd.read_file(zones) if isinstance(zones, (str, os.PathLike)) else zones
+    if frame.crs is None:
+        raise ValueError("The zones have no CRS, so they cannot be placed on the raster; set one first.")
+    if not len(frame) or not frame.geom_type.isin(["Polygon", "MultiPolygon"]).any():
+        raise ValueError("The zones hold no polygon to embed.")
+    dim = int(backbone.embed_dim)
+    with open_quietly(raster) as src:
+        require_georeferenced(src)
+        grid = FeatureGrid.of(src, int(backbone.patch_size))
+        local = frame.geometry.to_crs(src.crs).reset_index(drop=True)
+        polygons = local.to_numpy()
+        areas = shapely.area(polygons)
+        tree = shapely.STRtree(polygons)
+        sums = np.zeros((len(frame), dim), np.float64)
+        weights = np.zeros(len(frame), np.float64)
+        counts = np.zeros(len(frame), np.int64)
+        for tile, feats in stream_patch_features(backbone, src, normalization=normalization, bands=bands, nodata=nodata,
+                                                 window=window, margin=margin, batch_size=batch_size, device=device,
+                                                 amp=amp, progress=progress):  # fmt: skip
+            bounds = shapely.box(*rasterio.windows.bounds(tile, grid.transform))
+            for z in tree.query(bounds, predicate="intersects").tolist():
+                # the tile's cells under the zone's bounding box, then their exact overlap with it
+                part = rasterio.windows.from_bounds(*polygons[z].bounds, transform=grid.transform)
+                r0 = max(int(np.floor(part.row_off)), int(tile.row_off))
+                c0 = max(int(np.floor(part.col_off)), int(tile.col_off))
+                r1 = min(int(np.ceil(part.row_off + part.height)), int(tile.row_off + tile.height))
+                c1 = min(int(np.ceil(part.col_off + part.width)), int(tile.col_off + tile.width))
+                if r1 <= r0 or c1 <= c0:
+                    continue
+                rows, cols = (a.ravel() for a in np.mgrid[r0:r1, c0:c1])
+                overlap = shapely.area(shapely.intersection(_cell_boxes(grid.transform, rows, cols), polygons[z]))
+                cells = feats[:, rows - int(tile.row_off), cols - int(tile.col_off)]  # [D, K]
+                use = (overlap > 0) & np.isfinite(cells[0])
+                if use.any():
+                    sums[z] += cells[:, use].astype(np.float64) @ overlap[use]
+                    weights[z] += overlap[use].sum()
+                    counts[z] += int(use.sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = (sums / weights[:, None]).astype(np.float32)  # NaN where nothing was seen
+        coverage = np.where(areas > 0, weights / areas, 0.0)
+    out = frame.copy()
+    out["patch_mean"] = list(means)
+    out["coverage"] = np.minimum(coverage, 1.0)
+    out["patches"] = counts
+    return out
+
+
+def write_zone_embeddings(table: Any, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """:func:`zone_embeddings`' table written atomically as GeoParquet (``.parquet``).
+
+    Raises:
+        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    from dinov3_eo.inference.writers import atomic_output
+
+    if Path(dst).suffix.lower() != ".parquet":
+        raise ValueError(f"Zone embeddings are written as GeoParquet (.parquet), not {os.fspath(dst)!r}.")
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        table.assign(patch_mean=[np.asarray(v, np.float32).tolist() for v in table["patch_mean"]]).to_parquet(tmp)
+    return Path(dst)
+
+
+def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
+    """A table written by :func:`write_zone_embeddings`: ``(the GeoDataFrame, its patch_mean as [N, D] float32)``."""
+    import geopandas as gpd
+
+    table = gpd.read_parquet(path)
+    return table, np.stack([np.asarray(v, np.float32) for v in table["patch_mean"]]) if len(table) else np.zeros((0, 0))
+
+
+__all__ = ["read_zone_embeddings", "write_zone_embeddings", "zone_embeddings"]

@@ -1,0 +1,111 @@
+"""One embedding per polygon (``embed --zones``): the area-weighted mean of the patch features under it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+import torch
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.models.hub import BackboneMeta, export_backbone
+from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.tasks.features import input_normalization, resolve_backbone, write_features
+from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings, write_zone_embeddings, zone_embeddings
+
+CROP = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"  # 250 x 230 Landsat RGB at 300 m, nodata 0 (CC0)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("zones")
+    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
+                        normalization={"mean": [0.4, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "low": [0, 0, 0],
+                                       "high": [255, 255, 255], "name": "test"})  # fmt: skip
+    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), folder / "micro", meta=meta)["pth"]
+    backbone = resolve_backbone(pth)
+    norm = input_normalization(backbone.meta, None)
+    features = write_features(backbone, CROP, folder / "feats.tif", normalization=norm, window=96, progress=False)
+    with rasterio.open(features) as src:
+        grid, transform, crs = src.read(), src.transform, src.crs
+    return {"pth": pth, "backbone": backbone, "norm": norm, "grid": grid, "transform": transform, "crs": crs,
+            "folder": folder}  # fmt: skip
+
+
+def reference_mean(zone: shapely.Geometry, grid: np.ndarray, transform) -> tuple[np.ndarray, float]:
+    """The area-weighted mean of the feature raster's cells under ``zone``, cell by cell, and the area with features."""
+    total, area = np.zeros(grid.shape[0]), 0.0
+    for r in range(grid.shape[1]):
+        for c in range(grid.shape[2]):
+            (x0, y0), (x1, y1) = transform @ (c, r), transform @ (c + 1, r + 1)
+            a = zone.intersection(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))).area
+            if a > 0 and np.isfinite(grid[0, r, c]):
+                total += a * grid[:, r, c]
+                area += a
+    return total / area if area else np.full(grid.shape[0], np.nan), area
+
+
+def test_each_zone_is_the_area_weighted_mean_of_its_patches(setup: dict) -> None:
+    t, grid = setup["transform"], setup["grid"]
+    cell = abs(t.a)
+    x0, y0 = t @ (11, 2)  # the scene's data lie east of a nodata collar: cells from column 8 on at row 5
+    zones = gpd.GeoDataFrame({"name": ["one patch", "a disc", "small", "half on nodata", "off the map"]}, geometry=[
+        shapely.box(x0, y0 - cell, x0 + cell, y0),                         # exactly the cell at row 2, col 11
+        shapely.Point(x0 + 0.5 * cell, y0 - 4.5 * cell).buffer(0.8 * cell),  # a disc over several cells
+        shapely.box(x0 + 0.1 * cell, y0 - 0.3 * cell, x0 + 0.2 * cell, y0 - 0.2 * cell),  # inside one cell
+        shapely.box(t.c + 7.5 * cell, t.f - 6 * cell, t.c + 8.5 * cell, t.f - 5 * cell),  # half over the collar
+        shapely.box(t.c - 9 * cell, t.f, t.c - 8 * cell, t.f + cell),
+    ], crs=setup["crs"])  # fmt: skip
+    table = zone_embeddings(setup["backbone"], CROP, zones, normalization=setup["norm"], window=96, progress=False)
+    assert list(table["name"]) == list(zones["name"])
+    # zones in another CRS are brought onto the raster's (and keep theirs): the same means, but for the reprojection
+    degrees = zone_embeddings(setup["backbone"], CROP, zones.to_crs("EPSG:4326"), normalization=setup["norm"],
+                              window=96, progress=False)  # fmt: skip
+    assert degrees.crs.to_epsg() == 4326
+    np.testing.assert_allclose(np.stack(degrees["patch_mean"][:4]), np.stack(table["patch_mean"][:4]), atol=1e-3)
+    assert np.isfinite(grid[:, 2, 11]).all() and np.isnan(grid[:, 5, 7]).all() and np.isfinite(grid[:, 5, 8]).all()
+    np.testing.assert_allclose(table["patch_mean"][0], grid[:, 2, 11], rtol=1e-5, atol=1e-6)
+    assert table["patches"][0] == 1 and table["coverage"][0] == pytest.approx(1.0, abs=1e-6)
+    for k in (1, 2, 3):
+        expected, area = reference_mean(zones.geometry[k], grid, t)
+        np.testing.assert_allclose(table["patch_mean"][k], expected, rtol=1e-4, atol=1e-5)
+        assert table["coverage"][k] == pytest.approx(area / zones.geometry[k].area, abs=1e-6)
+    assert table["coverage"][3] == pytest.approx(0.5, abs=1e-6)  # the half on the collar has no features
+    np.testing.assert_allclose(table["patch_mean"][3], grid[:, 5, 8], atol=1e-3)  # (a float sliver of row 4)
+    assert np.isnan(table["patch_mean"][4]).all() and table["coverage"][4] == 0 and table["patches"][4] == 0
+    # GeoParquet round trip
+    path = write_zone_embeddings(table, setup["folder"] / "z.parquet")
+    back, x = read_zone_embeddings(path)
+    assert x.shape == (5, 96) and list(back["name"]) == list(zones["name"])
+    np.testing.assert_array_equal(x[:4], np.stack(table["patch_mean"][:4]))
+    with pytest.raises(FileExistsError):
+        write_zone_embeddings(table, path)
+    with pytest.raises(ValueError, match="GeoParquet"):
+        write_zone_embeddings(table, setup["folder"] / "z.gpkg")
+
+
+def test_embed_zones_from_the_command_line(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    t = setup["transform"]
+    cell = abs(t.a)
+    zones = gpd.GeoDataFrame({"crop": ["a", "b"]}, crs=setup["crs"], geometry=[
+        shapely.box(t.c + 10 * cell, t.f - 5 * cell, t.c + 13 * cell, t.f - 2 * cell),
+        shapely.box(t.c + 12 * cell, t.f - 9 * cell, t.c + 13.5 * cell, t.f - 7 * cell)])  # fmt: skip
+    zones.to_file(tmp_path / "parcels.gpkg")
+    out = tmp_path / "parcels.parquet"
+    assert cli_main(["embed", str(CROP), "--model", str(setup["pth"]), "--zones", str(tmp_path / "parcels.gpkg"),
+                     "-o", str(out), "--window", "96", "--quiet"]) == 0  # fmt: skip
+    assert "2 polygons embedded (2 with features" in capsys.readouterr().out
+    table, x = read_zone_embeddings(out)
+    assert list(table["crop"]) == ["a", "b"] and x.shape == (2, 96)
+    np.testing.assert_allclose(x[0], setup["grid"][:, 2:5, 10:13].reshape(96, -1).mean(axis=1), atol=1e-4)
+    assert cli_main(["embed", str(CROP), "--model", str(setup["pth"]), "--zones", str(tmp_path / "parcels.gpkg"),
+                     "-o", str(tmp_path / "p.tif"), "--quiet"]) == 2  # fmt: skip
+    assert "GeoParquet" in capsys.readouterr().err
+    no_crs = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)])
+    with pytest.raises(ValueError, match="no CRS"):
+        zone_embeddings(setup["backbone"], CROP, no_crs, progress=False)
