@@ -66,8 +66,8 @@ def zone_embeddings(
         ValueError: a raster without a georeference, zones without a CRS, or with no polygon.
     """
     import geopandas as gpd
-    import rasterio.windows
     import shapely
+    from scipy.sparse import csr_matrix
 
     from dinov3_eo.data.raster import open_quietly, require_georeferenced
     from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
@@ -84,31 +84,35 @@ def zone_embeddings(
         local = frame.geometry.to_crs(src.crs).reset_index(drop=True)
         polygons = local.to_numpy()
         areas = shapely.area(polygons)
-        tree = shapely.STRtree(polygons)
+        shapely.prepare(polygons)  # many containment tests against each
+        cell_area = abs(grid.transform.a * grid.transform.e)
         sums = np.zeros((len(frame), dim), np.float64)
         weights = np.zeros(len(frame), np.float64)
         counts = np.zeros(len(frame), np.int64)
         for tile, feats in stream_patch_features(backbone, src, normalization=normalization, bands=bands, nodata=nodata,
                                                  window=window, margin=margin, batch_size=batch_size, device=device,
                                                  amp=amp, progress=progress):  # fmt: skip
-            bounds = shapely.box(*rasterio.windows.bounds(tile, grid.transform))
-            for z in tree.query(bounds, predicate="intersects").tolist():
-                # the tile's cells under the zone's bounding box, then their exact overlap with it
-                part = rasterio.windows.from_bounds(*polygons[z].bounds, transform=grid.transform)
-                r0 = max(int(np.floor(part.row_off)), int(tile.row_off))
-                c0 = max(int(np.floor(part.col_off)), int(tile.col_off))
-                r1 = min(int(np.ceil(part.row_off + part.height)), int(tile.row_off + tile.height))
-                c1 = min(int(np.ceil(part.col_off + part.width)), int(tile.col_off + tile.width))
-                if r1 <= r0 or c1 <= c0:
-                    continue
-                rows, cols = (a.ravel() for a in np.mgrid[r0:r1, c0:c1])
-                overlap = shapely.area(shapely.intersection(_cell_boxes(grid.transform, rows, cols), polygons[z]))
-                cells = feats[:, rows - int(tile.row_off), cols - int(tile.col_off)]  # [D, K]
-                use = (overlap > 0) & np.isfinite(cells[0])
-                if use.any():
-                    sums[z] += cells[:, use].astype(np.float64) @ overlap[use]
-                    weights[z] += overlap[use].sum()
-                    counts[z] += int(use.sum())
+            rows, cols = (a.ravel() for a in np.mgrid[0 : int(tile.height), 0 : int(tile.width)])
+            seen = np.isfinite(feats[0, rows, cols])
+            rows, cols = rows[seen], cols[seen]  # [K] the tile's cells with features
+            if not len(rows):
+                continue
+            boxes = _cell_boxes(grid.transform, rows + int(tile.row_off), cols + int(tile.col_off))
+            # every (zone, cell) pair that meets, and the area they share, for all the tile's zones at once
+            zone, cell = shapely.STRtree(boxes).query(polygons, predicate="intersects")
+            # a cell wholly inside its zone shares its whole area: only the cells on a zone's edge are cut
+            overlap = np.full(len(zone), cell_area)
+            edge = ~shapely.contains_properly(polygons[zone], boxes[cell])
+            overlap[edge] = shapely.area(shapely.intersection(boxes[cell[edge]], polygons[zone[edge]]))
+            keep = overlap > 0
+            zone, cell, overlap = zone[keep], cell[keep], overlap[keep]
+            if not len(zone):
+                continue
+            present, local = np.unique(zone, return_inverse=True)
+            share = csr_matrix((overlap, (local, cell)), shape=(len(present), len(rows)))  # [Z_tile, K] m²
+            sums[present] += share @ feats[:, rows, cols].T.astype(np.float64)  # [Z_tile, D]
+            weights[present] += np.bincount(local, weights=overlap, minlength=len(present))
+            counts[present] += np.bincount(local, minlength=len(present))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = (sums / weights[:, None]).astype(np.float32)  # NaN where nothing was seen
         coverage = np.where(areas > 0, weights / areas, 0.0)
