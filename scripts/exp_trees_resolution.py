@@ -25,25 +25,17 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from rasterio.enums import Resampling
-from scipy.ndimage import gaussian_filter
 
 from dinov3_eo.tasks.tree_detection import find_tree_tops, match_trees
+from dinov3_eo.tasks.tree_maps import smooth_heights
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHMS = [*sorted((DATA / "neon_chm" / "chm").glob("TEAK_*_CHM.tif")), DATA / "lidar_chm_nz" / "CHM.tif"]
 
 
-def smoothed(chm: np.ndarray, sigma_px: float) -> np.ndarray:
-    valid = np.isfinite(chm)
-    total = gaussian_filter(np.where(valid, chm, 0.0), sigma_px, mode="constant")
-    weight = gaussian_filter(valid.astype(float), sigma_px, mode="constant")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(valid, total / weight, np.nan)
-
-
 def tops_xy(chm: np.ndarray, pixel: float, smooth_m: float) -> tuple[np.ndarray, np.ndarray]:
     """Tops of ``chm`` (searched on the smoothed map) as x, y metres of pixel centres from the map's corner, and heights."""
-    search = smoothed(chm, smooth_m / pixel) if smooth_m > 0 else chm
+    search = smooth_heights(chm, smooth_m / pixel) if smooth_m > 0 else chm
     tops = find_tree_tops(search, pixel, min_height=2.0)
     xy = (tops[:, ::-1] + 0.5) * pixel
     return xy, chm[tops[:, 0], tops[:, 1]]
@@ -68,7 +60,7 @@ def main() -> None:
             noisy = chm + rng.normal(0, 2.0, chm.shape)
             found = {
                 "1 m, no smoothing": tops_xy(chm, 1.0, 0.0),
-                "1 m, blurred σ 1.5 m": tops_xy(smoothed(chm, 1.5), 1.0, 0.0),
+                "1 m, blurred σ 1.5 m": tops_xy(smooth_heights(chm, 1.5), 1.0, 0.0),
                 "1 m + N(0, 2 m)": tops_xy(noisy, 1.0, 1.0),
                 "2 m": tops_xy(coarse[2], 2.0, 1.0),
                 "3 m": tops_xy(coarse[3], 3.0, 1.0),

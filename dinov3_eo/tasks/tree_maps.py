@@ -72,7 +72,7 @@ def _read_heights(src: Any, window: Any, nodata: float | None) -> np.ndarray:
     return heights
 
 
-def _smoothed(heights: np.ndarray, sigma_px: float) -> np.ndarray:
+def smooth_heights(heights: np.ndarray, sigma_px: float) -> np.ndarray:
     """A Gaussian-smoothed copy of ``heights`` ``[H, W]`` that ignores NaN (a normalised convolution); NaN stays NaN."""
     if sigma_px <= 0:
         return heights
@@ -160,7 +160,7 @@ def detect_trees(
         for window in tqdm(windows, desc="tree tops", unit="block", disable=not progress or len(windows) < 2):
             outer = _halo_window(window, top_halo, height, width)
             raw = _read_heights(src, outer, nodata)  # [h, w]
-            local = find_tree_tops(_smoothed(raw, sigma_px), size, rule=rule, min_height=min_height)
+            local = find_tree_tops(smooth_heights(raw, sigma_px), size, rule=rule, min_height=min_height)
             r0, c0 = int(window.row_off - outer.row_off), int(window.col_off - outer.col_off)
             inside = ((local[:, 0] >= r0) & (local[:, 0] < r0 + window.height) & (local[:, 1] >= c0)
                       & (local[:, 1] < c0 + window.width))  # fmt: skip
@@ -522,4 +522,4 @@ def trees_main(argv: Sequence[str]) -> int:
 
 
 __all__ = ["STAND_COLUMNS", "TreeEvaluation", "TreeSummary", "crown_polygons", "detect_trees", "evaluate_trees",
-           "stand_table", "trees_main"]
+           "smooth_heights", "stand_table", "trees_main"]
