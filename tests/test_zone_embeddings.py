@@ -109,3 +109,76 @@ def test_embed_zones_from_the_command_line(setup: dict, tmp_path: Path, capsys: 
     no_crs = gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)])
     with pytest.raises(ValueError, match="no CRS"):
         zone_embeddings(setup["backbone"], CROP, no_crs, progress=False)
+
+
+SCENE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+POLYGONS = SCENE.with_name("landsat8_224078_polygons.gpkg")  # water, crop, tree, developed (~15 ha each)
+
+
+def parcels_of(polygons: gpd.GeoDataFrame, pieces: int) -> gpd.GeoDataFrame:
+    """Each polygon cut into ``pieces`` strips west to east, with its class in ``label`` on all but the last strip."""
+    rows = []
+    for name, shape in zip(polygons["name"], polygons.geometry):
+        x0, y0, x1, y1 = shape.bounds
+        edges = np.linspace(x0, x1, pieces + 1)
+        for k, (a, b) in enumerate(zip(edges, edges[1:])):
+            rows.append({"truth": name, "label": name if k < pieces - 1 else None,
+                         "geometry": shape & shapely.box(a, y0, b, y1)})  # fmt: skip
+    return gpd.GeoDataFrame(rows, crs=polygons.crs)
+
+
+def test_classify_zones_fit_test_predict(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    parcels = parcels_of(gpd.read_file(POLYGONS), 6)
+    off = gpd.GeoDataFrame({"truth": ["nowhere"], "label": [None]}, geometry=[shapely.box(0, 0, 10, 10)],
+                           crs=parcels.crs)  # fmt: skip
+    parcels = gpd.GeoDataFrame(__import__("pandas").concat([parcels, off], ignore_index=True), crs=parcels.crs)
+    parcels.to_file(tmp_path / "parcels.gpkg")
+    table = tmp_path / "parcels.parquet"
+    assert cli_main(["embed", str(SCENE), "--model", str(setup["pth"]), "--normalization", "none", "--zones",
+                     str(tmp_path / "parcels.gpkg"), "-o", str(table), "--quiet"]) == 0  # fmt: skip
+    frame, x = read_zone_embeddings(table)
+    assert frame.attrs["dinov3_eo"]["backbone"] == "vitmicro16" and frame.attrs["dinov3_eo"]["patch_size"] == 16
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", "--zones", str(table), "--label-column", "label", "--method", "knn", "-k", "1",
+                     "--val-fraction", "0.25", "-o", str(probe)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "knn probe on 16 polygons of 4 classes; 4 held-out polygons" in out
+    out_path = tmp_path / "predicted.gpkg"
+    assert cli_main(["classify", "predict", "--zones", str(table), "--probe", str(probe), "-o", str(out_path)]) == 0
+    assert "1 polygons without features" in capsys.readouterr().out
+    predicted = gpd.read_file(out_path)
+    assert len(predicted) == len(parcels) and "patch_mean" not in predicted.columns
+    assert {"class", "score", "p_water", "p_crop"} <= set(predicted.columns)
+    assert predicted["class"].iloc[-1] in ("", None) and np.isnan(predicted["score"].iloc[-1])
+    unlabelled = predicted.iloc[:-1][parcels["label"].iloc[:-1].isna().to_numpy()]
+    assert len(unlabelled) == 4 and set(unlabelled["class"]) <= {"water", "crop", "tree", "developed"}
+    np.testing.assert_allclose(predicted[["p_crop", "p_developed", "p_tree", "p_water"]].iloc[:-1].sum(axis=1), 1.0)
+    # test on every polygon, the truth as the label column (the one off the scene has no features: left out)
+    assert cli_main(["classify", "test", "--zones", str(table), "--label-column", "truth", "--probe", str(probe)]) == 0
+    assert "on 24 test polygons" in capsys.readouterr().out
+    # a zone probe classifies no chips, and a chip table is no zone table
+    assert cli_main(["classify", "predict", str(SCENE), "--probe", str(probe), "-o", str(tmp_path / "c.csv")]) == 2
+    assert "fitted on polygon embeddings" in capsys.readouterr().err
+    assert cli_main(["classify", "fit", "--zones", str(table), "--label-column", "crop_type", "-o",
+                     str(tmp_path / "p2.safetensors")]) == 2  # fmt: skip
+    assert "no column 'crop_type'" in capsys.readouterr().err
+
+
+def test_zone_probes_and_tables_must_match() -> None:
+    from types import SimpleNamespace
+
+    from dinov3_eo.tasks.zone_classification import check_zone_table, refuse_zone_probe
+
+    zone_probe = SimpleNamespace(embedding={"kind": "zones", "backbone": "vitmicro16"})
+    chip_probe = SimpleNamespace(embedding={"backbone": "vitmicro16"})
+    table = gpd.GeoDataFrame(geometry=[])
+    table.attrs["dinov3_eo"] = {"backbone": "vits16"}
+    with pytest.raises(ValueError, match="embedded by 'vits16'"):
+        check_zone_table(zone_probe, table, "t.parquet")
+    with pytest.raises(ValueError, match="fitted on chips"):
+        check_zone_table(chip_probe, table, "t.parquet")
+    with pytest.raises(ValueError, match="cannot classify a scene's tiles"):
+        refuse_zone_probe(zone_probe, "a scene's tiles")
+    refuse_zone_probe(chip_probe, "chips")  # a chip probe passes
+    table.attrs["dinov3_eo"] = {"backbone": "vitmicro16"}
+    check_zone_table(zone_probe, table, "t.parquet")

@@ -31,6 +31,7 @@ from dinov3_eo.tasks.chip_classification import (
     write_predictions,
 )
 from dinov3_eo.tasks.chip_embeddings import ChipBackbone, chip_features, embed_chip_views, embed_chips_with, load_chip_backbone
+from dinov3_eo.tasks.zone_classification import refuse_zone_probe
 
 
 def _class_ids(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
@@ -99,6 +100,11 @@ def classify_main(argv: Sequence[str]) -> int:
                      "--scenes: from 'embed SCENE --tiles N'): their embeddings are read, not computed again (the "
                      "table's backbone, size, bands and normalisation hold), so probes fit in seconds")  # fmt: skip
     fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
+    fit.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, polygons embedded by 'embed "
+                     "SCENE --zones POLYGONS -o TABLE.parquet' (parcels, crowns): those with a class in --label-column "
+                     "are fitted on")  # fmt: skip
+    fit.add_argument("--label-column", default="label", help="with --zones, the column naming each polygon's class "
+                     "(default 'label'; polygons without one are left out)")  # fmt: skip
     fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
                      "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
     fit.add_argument("--val-labels", default=None, help="held-out chips as such a table (instead of --val folders)")
@@ -134,7 +140,10 @@ def classify_main(argv: Sequence[str]) -> int:
     add_backbone_input_options(fit)
     _add_scene_label_options(fit, fitting=True)
     predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
-    predict.add_argument("chips", nargs="+", help="chips: files, folders or quoted globs")
+    predict.add_argument("chips", nargs="*", help="chips: files, folders or quoted globs")
+    predict.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, polygons embedded by "
+                         "'embed --zones' (a probe fitted with --zones): OUTPUT (.gpkg, .geojson, .csv or .parquet) "
+                         "holds each polygon with class, score and p_<class>")  # fmt: skip
     predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...), or "
                          ".gpkg / .geojson: the same on each georeferenced chip's footprint (in the first chip's CRS)")  # fmt: skip
@@ -147,6 +156,9 @@ def classify_main(argv: Sequence[str]) -> int:
     test.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
                       "'image' (or 'path', relative to the table) and 'label' columns")  # fmt: skip
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
+    test.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, labelled polygons embedded by "
+                      "'embed --zones' (a probe fitted with --zones)")  # fmt: skip
+    test.add_argument("--label-column", default="label", help="with --zones, the column naming each polygon's class")
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
     test.add_argument("--model", default=None, help="the backbone (default: the one the probe was fitted on)")
     _add_scene_label_options(test, fitting=False)
@@ -272,6 +284,8 @@ def _fit(args: Any) -> None:
         check_overwrite(prefix.with_name(f"{prefix.name}_backbone.pth"), args.overwrite)
     if args.scenes:
         return _fit_scenes(args)
+    if args.zones:
+        return _fit_zones(args)
     size, multi = args.size or None, args.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
     if held_given:
@@ -430,6 +444,7 @@ def _probe_scores(args: Any, paths: Sequence[str]) -> tuple[ChipClassifier, np.n
     """The probe ``args.probe`` and its class probabilities ``[N, K]`` for ``paths``, embedded as it was fitted (with
     ``--tta``, the mean of the probabilities of each turned and mirrored view)."""
     probe = ChipClassifier.load(args.probe)
+    refuse_zone_probe(probe, "chips")
     embedded = probe_chip_views(args, probe, paths)
     scores = sum(probe.scores(chip_features(view, probe.features)) for view in embedded) / len(embedded)
     return probe, scores
@@ -460,6 +475,8 @@ def _test(args: Any) -> None:
             check_overwrite(Path(args.out_dir) / name, args.overwrite)
     if args.scenes:
         return _test_scenes(args)
+    if args.zones:
+        return _test_zones(args)
     loaded = ChipClassifier.load(args.probe)
     classes, multi = loaded.classes, loaded.multi_label
     paths, labels = _chip_labels(args, args.chips, args.labels, multi)
@@ -477,6 +494,10 @@ def _predict(args: Any) -> None:
     from dinov3_eo.data.datasets import expand_chips
 
     check_overwrite(args.output, args.overwrite)
+    if args.zones:
+        return _predict_zones(args)
+    if not args.chips:
+        raise ValueError("Give the chips to classify (files, folders or quoted globs), or --zones TABLE.")
     paths = expand_chips(args.chips)
     probe, scores = _probe_scores(args, paths)
     threshold = (probe.threshold if args.threshold is None else args.threshold) if probe.multi_label else None
@@ -515,6 +536,7 @@ def _map(args: Any) -> None:
 
     check_distinct_stems(args.scenes)
     probe = ChipClassifier.load(args.probe)
+    refuse_zone_probe(probe, "a scene's tiles")
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     for scene in args.scenes:  # every output is checked before the first scene is classified
         for path in tile_outputs(scene, args.out_dir, probabilities=args.probabilities, suggest=args.suggest > 0,
@@ -696,3 +718,86 @@ def _test_scenes(args: Any) -> None:
 
 
 __all__ = ["chip_embedder", "classify_main", "finetune_and_export", "print_probe_report", "probe_chip_views"]
+
+
+def _refuse_with_zones(args: Any, names: Sequence[tuple[str, Any]]) -> None:
+    given = [name for name, value in names if value]
+    if given:
+        raise ValueError(f"With --zones the polygons and their classes come from the table: leave out {', '.join(given)}.")
+
+
+def _fit_zones(args: Any) -> None:
+    """``classify fit --zones parcels.parquet --label-column crop -o probe.safetensors``."""
+    from dinov3_eo.tasks.zone_classification import ZONE_KIND, labelled_zones
+    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+
+    _refuse_with_zones(args, [("CHIPS", args.chips), ("--labels", args.labels), ("--val", args.val),
+                              ("--val-labels", args.val_labels), ("--multi-label", args.multi_label),
+                              ("--finetune-epochs", args.finetune_epochs), ("--embeddings", args.embeddings)])  # fmt: skip
+    table, x = read_zone_embeddings(args.zones)
+    x, labels, _ = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ValueError(f"The polygons of {args.zones} with a {args.label_column!r} and features hold {len(classes)} "
+                         f"class ({classes}); a classifier needs at least two.")  # fmt: skip
+    train, held = stratified_split(labels, args.val_fraction, args.seed)
+    y = _class_ids(labels, classes)
+    val = (x[held], y[held]) if len(held) else None
+    probe = fit_chip_classifier(x[train], y[train], classes, method=args.method, features="patch_mean", val=val,
+                                k=args.k, balanced=args.balanced)  # fmt: skip
+    made = table.attrs.get("dinov3_eo", {})
+    probe.embedding = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
+                       "table": os.fspath(args.zones)}  # fmt: skip
+    print(f"{args.method} probe on {len(train)} polygons of {len(classes)} classes"
+          f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(held)} held-out polygons:")
+    if len(held):
+        scores = probe.scores(x[held])
+        probe = _with_sets(args, probe, scores, y[held])
+        report = print_probe_report(probe, scores, y[held], Path(args.out_dir) if args.out_dir else None, unit="polygons")
+        probe.held_out_accuracy = report["overall_accuracy"]
+    probe.save(args.output, overwrite=args.overwrite)
+    print(args.output)
+
+
+def _test_zones(args: Any) -> None:
+    """``classify test --zones parcels.parquet --label-column crop --probe probe.safetensors``."""
+    from dinov3_eo.tasks.zone_classification import check_zone_table, labelled_zones
+    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+
+    _refuse_with_zones(args, [("CHIPS", args.chips), ("--labels", args.labels), ("--tta", args.tta)])
+    probe = ChipClassifier.load(args.probe)
+    table, x = read_zone_embeddings(args.zones)
+    check_zone_table(probe, table, args.zones)
+    x, labels, _ = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    unknown = sorted(set(labels) - set(probe.classes))
+    if unknown:
+        raise ValueError(f"Polygons of classes {unknown} are not classes of the probe {args.probe} ({probe.classes}).")
+    print(f"{probe.method} probe on {len(labels)} test polygons:")
+    print_probe_report(probe, probe.scores(x), _class_ids(labels, probe.classes),
+                       Path(args.out_dir) if args.out_dir else None, unit="polygons")  # fmt: skip
+
+
+def _predict_zones(args: Any) -> None:
+    """``classify predict --zones parcels.parquet --probe probe.safetensors -o parcels_classes.gpkg``."""
+    from dinov3_eo.inference.writers import FEATURE_SUFFIXES, atomic_output, write_features
+    from dinov3_eo.tasks.zone_classification import check_zone_table, zone_predictions
+    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+
+    _refuse_with_zones(args, [("CHIPS", args.chips), ("--tta", args.tta)])
+    suffix = Path(args.output).suffix.lower()
+    if suffix not in (*FEATURE_SUFFIXES, ".parquet"):
+        raise ValueError(f"Polygon predictions are written as .gpkg, .geojson, .csv or .parquet, not {args.output!r}.")
+    probe = ChipClassifier.load(args.probe)
+    table, x = read_zone_embeddings(args.zones)
+    check_zone_table(probe, table, args.zones)
+    predicted = zone_predictions(table, x, probe)
+    if suffix == ".parquet":
+        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
+            predicted.to_parquet(tmp)
+    else:
+        write_features(predicted, args.output, layer="predictions", overwrite=args.overwrite)
+    named = predicted["class"][predicted["class"] != ""]
+    counts = named.value_counts()
+    print(", ".join(f"{name} {counts.get(name, 0)}" for name in probe.classes if counts.get(name, 0))
+          + (f"; {len(predicted) - len(named)} polygons without features" if len(named) < len(predicted) else ""))
+    print(args.output)

@@ -120,30 +120,55 @@ def zone_embeddings(
     out["patch_mean"] = list(means)
     out["coverage"] = np.minimum(coverage, 1.0)
     out["patches"] = counts
+    meta = getattr(backbone, "meta", None)
+    out.attrs["dinov3_eo"] = {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")),
+                              "patch_size": int(backbone.patch_size), "embed_dim": dim, "source": os.fspath(raster),
+                              "features": "patch_mean"}  # fmt: skip
     return out
 
 
 def write_zone_embeddings(table: Any, dst: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """:func:`zone_embeddings`' table written atomically as GeoParquet (``.parquet``).
+    """:func:`zone_embeddings`' table written atomically as GeoParquet (``.parquet``), how it was made (its
+    ``attrs["dinov3_eo"]``: backbone, patch size, source raster) in the schema's ``dinov3_eo`` key, as chip tables.
 
     Raises:
         ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
     """
+    import json
+
+    import pyarrow.parquet as pq
+
     from dinov3_eo.inference.writers import atomic_output
 
     if Path(dst).suffix.lower() != ".parquet":
         raise ValueError(f"Zone embeddings are written as GeoParquet (.parquet), not {os.fspath(dst)!r}.")
     with atomic_output(dst, overwrite=overwrite) as tmp:
         table.assign(patch_mean=[np.asarray(v, np.float32).tolist() for v in table["patch_mean"]]).to_parquet(tmp)
+        written = pq.read_table(tmp)
+        schema = {**(written.schema.metadata or {}), b"dinov3_eo": json.dumps(table.attrs.get("dinov3_eo", {})).encode()}
+        pq.write_table(written.replace_schema_metadata(schema), tmp)
     return Path(dst)
 
 
 def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    """A table written by :func:`write_zone_embeddings`: ``(the GeoDataFrame, its patch_mean as [N, D] float32)``."""
+    """A table written by :func:`write_zone_embeddings`: ``(the GeoDataFrame, its patch_mean as [N, D] float32)``,
+    how it was made in the frame's ``attrs["dinov3_eo"]``.
+
+    Raises:
+        ValueError: a file that is not such a table (no ``patch_mean`` column).
+    """
+    import json
+
     import geopandas as gpd
+    import pyarrow.parquet as pq
 
     table = gpd.read_parquet(path)
-    return table, np.stack([np.asarray(v, np.float32) for v in table["patch_mean"]]) if len(table) else np.zeros((0, 0))
+    if "patch_mean" not in table.columns:
+        raise ValueError(f"{os.fspath(path)!r} has no patch_mean column: it is not a table of 'embed --zones'.")
+    meta = (pq.read_schema(path).metadata or {}).get(b"dinov3_eo")
+    table.attrs["dinov3_eo"] = json.loads(meta) if meta else {}
+    x = np.stack([np.asarray(v, np.float32) for v in table["patch_mean"]]) if len(table) else np.zeros((0, 0), np.float32)
+    return table, x
 
 
 __all__ = ["read_zone_embeddings", "write_zone_embeddings", "zone_embeddings"]

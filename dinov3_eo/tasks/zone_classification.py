@@ -1,0 +1,80 @@
+"""Polygons classified by a probe on their embeddings: ``classify fit / test / predict --zones TABLE``.
+
+The table is ``embed SCENE --zones parcels.gpkg -o parcels.parquet``'s (:mod:`dinov3_eo.tasks.zone_embeddings`): each
+polygon's area-weighted mean patch token. ``fit`` takes the polygons with a class in ``--label-column`` (others are
+the ones to classify), holds out a stratified share to choose ``C`` and calibrate prediction sets, and saves the same
+probe file a chip probe is, marked as a zone probe (its features are a polygon's patch mean, not a chip's
+embedding: ``classify predict CHIPS`` and ``classify map`` refuse it). ``predict`` writes every polygon with its
+``class``, ``score``, set and ``p_<class>``; ``test`` scores labelled polygons.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+#: ``ChipClassifier.embedding["kind"]`` of a probe fitted on polygon embeddings
+ZONE_KIND = "zones"
+
+
+def labelled_zones(table: Any, x: np.ndarray, label_column: str, *, where: str = "the zone table") -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The rows of a zone table with a class in ``label_column`` and features: ``(x [n, D], labels, row indices)``.
+
+    Raises:
+        ValueError: no such column.
+    """
+    if label_column not in table.columns:
+        raise ValueError(f"{where} has no column {label_column!r}; it has {[c for c in table.columns if c != 'patch_mean']}.")
+    labels = table[label_column]
+    keep = labels.notna().to_numpy() & (labels.astype(str).str.strip() != "").to_numpy()
+    if len(x):
+        keep &= np.isfinite(x).all(axis=1)
+    rows = np.flatnonzero(keep)
+    return x[rows], [str(v) for v in labels.iloc[rows]], rows
+
+
+def refuse_zone_probe(probe: Any, what: str) -> None:
+    """Raise ValueError if ``probe`` was fitted on polygon embeddings: ``what`` (chips, a scene's tiles) are
+    embedded otherwise, and its scores on them would mean nothing."""
+    if probe.embedding.get("kind") == ZONE_KIND:
+        raise ValueError(f"This probe was fitted on polygon embeddings ('embed --zones'); it cannot classify {what}: "
+                         "embed the polygons to classify the same way and run 'classify predict --zones TABLE'.")  # fmt: skip
+
+
+def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str]) -> None:
+    """Raise ValueError unless ``table`` (a zone table's frame) was embedded by the backbone ``probe`` was fitted on
+    (where both say), with features of its width."""
+    if probe.embedding.get("kind") != ZONE_KIND:
+        raise ValueError("--zones classifies polygon embeddings with a probe fitted on them ('classify fit --zones'); "
+                         f"this probe was fitted on {probe.embedding.get('kind', 'chips')}.")  # fmt: skip
+    made = table.attrs.get("dinov3_eo", {})
+    fitted, now = probe.embedding.get("backbone"), made.get("backbone")
+    if fitted and now and fitted != now:
+        raise ValueError(f"{os.fspath(path)} was embedded by {now!r}, the probe's polygons by {fitted!r}: embed them "
+                         "with the probe's backbone.")  # fmt: skip
+
+
+def zone_predictions(table: Any, x: np.ndarray, probe: Any) -> Any:
+    """``table`` without its ``patch_mean``, with the probe's ``class``, ``score`` (and ``set``, ``set_size`` with
+    prediction sets) and ``p_<class>``; a polygon without features gets no class (empty) and NaN scores."""
+    from dinov3_eo.tasks.chip_classification import prediction_columns
+
+    seen = np.isfinite(x).all(axis=1) if len(x) else np.zeros(0, bool)
+    scores = np.full((len(table), len(probe.classes)), np.nan)
+    if seen.any():
+        scores[seen] = probe.scores(x[seen])
+    filled = np.where(seen[:, None], scores, 0.0)
+    set_threshold = probe.sets["threshold"] if probe.sets else None
+    columns = prediction_columns([""] * len(table), filled, probe.classes, set_threshold=set_threshold)
+    columns.pop("path")
+    for name, values in columns.items():
+        if name in ("class", "set"):
+            columns[name] = [v if ok else "" for v, ok in zip(values, seen)]
+        else:
+            columns[name] = np.where(seen, np.asarray(values, np.float64), np.nan)
+    return table.drop(columns="patch_mean").assign(**columns)
+
+
+__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "refuse_zone_probe", "zone_predictions"]
