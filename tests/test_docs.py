@@ -164,7 +164,7 @@ def test_the_readme_cluster_example_maps_the_scene(monkeypatch: pytest.MonkeyPat
 
 
 def test_the_readme_chip_classification_example_classifies(monkeypatch: pytest.MonkeyPatch) -> None:
-    scope = run_readme_block("probe = fit_chip_classifier(", monkeypatch)
+    scope = run_readme_block("probe = fit_chip_classifier(x[train], y[train], classes, val=", monkeypatch)
     table, x, probe = scope["table"], scope["x"], scope["probe"]
     assert len(table) == 406 and x.shape == (406, 192) and probe.classes == ["bright", "dark"]
     assert (scope["root"] / "embeddings.parquet").exists() and probe.c in (0.01, 0.1, 1.0, 10.0, 100.0)

@@ -302,3 +302,15 @@ def test_cli_trees_with_zones_writes_a_stand_table(tmp_path: Path, capsys: pytes
     assert (table["crown_cover"] * 800).sum() == pytest.approx(crown_pixels)  # crowns tile into the two halves
     csv = __import__("pandas").read_csv(tmp_path / "table_zones.csv")
     assert csv["trees"].tolist() == table["trees"].tolist()
+
+
+def test_detect_trees_takes_a_dataarray(tmp_path: Path) -> None:
+    import rioxarray
+
+    chm = rioxarray.open_rasterio(CHMS[0], masked=True).squeeze("band", drop=True)  # NaN where nodata
+    from_array = detect_trees(chm, tmp_path / "a.gpkg", smooth_m=1.0, quicklook=tmp_path / "a.png", progress=False)
+    from_file = detect_trees(CHMS[0], tmp_path / "f.gpkg", smooth_m=1.0, progress=False)
+    a, f = gpd.read_file(from_array.tops), gpd.read_file(from_file.tops)
+    assert len(a) == len(f) and a.geometry.equals(f.geometry)
+    np.testing.assert_allclose(a["crown_area_m2"], f["crown_area_m2"])
+    assert from_array.quicklook.is_file()

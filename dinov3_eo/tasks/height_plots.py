@@ -204,11 +204,13 @@ def crown_picture(
     max_size: int = 1024,
     overwrite: bool = False,
 ) -> Path:
-    """The heights of ``chm`` with the crowns of the ``labels`` raster (each pixel's tree id) outlined in white and
+    """The heights of ``chm`` (a path, open dataset or DataArray) with the crowns of the ``labels`` raster (each pixel's tree id) outlined in white and
     the tree tops (``trees``: points in the CHM's CRS) marked in red, read down to ``max_size``."""
     from matplotlib.figure import Figure
 
-    with rasterio.open(chm) as src:
+    from dinov3_eo.data.raster import open_raster
+
+    with open_raster(chm) as src:
         shape = picture_shape(src.height, src.width, max_size)
         heights = np.ma.masked_invalid(src.read(1, out_shape=shape, resampling=Resampling.average, masked=True)
                                        .astype(np.float32))  # fmt: skip

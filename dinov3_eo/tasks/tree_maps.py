@@ -106,7 +106,8 @@ def detect_trees(
     """Find the trees of a canopy height GeoTIFF and write their tops (and crowns) (module docstring).
 
     Args:
-        chm: a one-band canopy height GeoTIFF in metres on a projected grid (square pixels).
+        chm: a one-band canopy height GeoTIFF in metres on a projected grid (square pixels), an open dataset, or an
+            ``xarray.DataArray`` with a CRS (``height predict``'s map read with rioxarray, or one computed in Python).
         dst: the tops: ``.gpkg``, ``.geojson`` or ``.csv``.
         rule: the search window (:class:`~dinov3_eo.tasks.tree_detection.WindowRule`).
         min_height: shorter pixels are no tree (default 2 m).
@@ -126,23 +127,25 @@ def detect_trees(
     import geopandas as gpd
     from tqdm import tqdm
 
-    from dinov3_eo.data.raster import block_windows, open_quietly, pixel_area_ha, pixel_size_m, require_georeferenced
+    from dinov3_eo.data.raster import block_windows, open_raster, pixel_area_ha, pixel_size_m, require_georeferenced
     from dinov3_eo.inference.writers import COGWriter, check_feature_suffix, check_overwrite, write_features
 
     check_feature_suffix(dst, "Trees")
     if min_height < 0 or smooth_m < 0 or max_crown_radius_m <= 0 or not 0 <= crown_fraction <= 1:
         raise ValueError(f"Needs min_height >= 0, smooth_m >= 0, max_crown_radius_m > 0 and crown_fraction in [0, 1]; "
                          f"got {min_height}, {smooth_m}, {max_crown_radius_m} and {crown_fraction}.")  # fmt: skip
-    dst = check_overwrite(dst, overwrite, inputs=[chm])
+    is_path = isinstance(chm, (str, os.PathLike))
+    inputs = [chm] if is_path else []
+    dst = check_overwrite(dst, overwrite, inputs=inputs)
     stem = dst.with_suffix("")
     if crowns:
-        crowns_dst = check_overwrite(crowns_dst or f"{stem}_crowns.gpkg", overwrite, inputs=[chm])
-        labels_dst = check_overwrite(labels_dst or f"{stem}_crowns.tif", overwrite, inputs=[chm])
+        crowns_dst = check_overwrite(crowns_dst or f"{stem}_crowns.gpkg", overwrite, inputs=inputs)
+        labels_dst = check_overwrite(labels_dst or f"{stem}_crowns.tif", overwrite, inputs=inputs)
     if quicklook is not None:
-        quicklook = check_overwrite(quicklook, overwrite, inputs=[chm])
-    with open_quietly(chm) as src:
+        quicklook = check_overwrite(quicklook, overwrite, inputs=inputs)
+    where = os.fspath(chm) if is_path else "The canopy height DataArray"
+    with open_raster(chm) as src:
         require_georeferenced(src)
-        where = os.fspath(chm)
         if src.count != 1:
             raise ValueError(f"{where} has {src.count} bands; a canopy height model is one band of metres.")
         size = pixel_size_m(src.crs, src.transform)
@@ -182,7 +185,7 @@ def detect_trees(
             crown_halo = 2 * int(math.ceil(max_crown_radius_m / size)) + 1
             with COGWriter(labels_dst, crs=crs, transform=transform, width=width, height=height, count=1,
                            dtype="int32", nodata=0, overwrite=overwrite, band_descriptions=["tree_id of the crown"],
-                           tags={"dinov3_eo_output": "tree_crowns", "chm": where}) as out:  # fmt: skip
+                           tags={"dinov3_eo_output": "tree_crowns", "chm": where if is_path else "DataArray"}) as out:  # fmt: skip
                 for window in tqdm(windows, desc="tree crowns", unit="block", disable=not progress or len(windows) < 2):
                     outer = _halo_window(window, crown_halo, height, width)
                     first, last = np.searchsorted(tops[:, 0], [outer.row_off, outer.row_off + outer.height])
