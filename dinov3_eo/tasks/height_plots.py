@@ -217,7 +217,7 @@ def crown_picture(
         left, bottom, right, top_edge = src.bounds
     finite = heights.compressed()
     top = max(float(np.percentile(finite, 99)) if finite.size else 1.0, 1e-3)
-    zoom = max(1, 512 // max(shape))  # a small CHM drawn larger, so that its crowns' outlines are thin lines
+    zoom = max(1, -(-800 // max(shape)))  # a small CHM drawn larger (~800 px), so that crowns' outlines are thin lines
     size = (shape[0] * zoom, shape[1] * zoom)
     fig = Figure(figsize=(max(3.0, size[1] / 100 + 1.5), max(2.5, size[0] / 100)), dpi=100)
     ax = fig.subplots()
