@@ -187,6 +187,21 @@ def block_windows(height: int, width: int, block: int) -> list[Window]:
             for row in range(0, height, block) for col in range(0, width, block)]  # fmt: skip
 
 
+def halo_window(window: Window, halo: int, height: int, width: int) -> Window:
+    """``window`` grown by ``halo`` pixels on every side, clipped to a ``height`` x ``width`` raster: the read of a
+    block whose computation looks that far past its edges (a search window, a buffer, a crown's flooding)."""
+    row0, col0 = max(0, int(window.row_off) - halo), max(0, int(window.col_off) - halo)
+    row1 = min(height, int(window.row_off + window.height) + halo)
+    col1 = min(width, int(window.col_off + window.width) + halo)
+    return Window(col0, row0, col1 - col0, row1 - row0)
+
+
+def inner_slices(window: Window, outer: Window) -> tuple[slice, slice]:
+    """The rows and columns of ``window`` within an array read at ``outer``, which holds it."""
+    row, col = int(window.row_off - outer.row_off), int(window.col_off - outer.col_off)
+    return slice(row, row + int(window.height)), slice(col, col + int(window.width))
+
+
 def is_georeferenced(src) -> bool:
     """Whether an open dataset can be placed on a map: it has a CRS and a geotransform (not the identity that
     rasterio reports for a file without one)."""

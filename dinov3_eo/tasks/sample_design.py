@@ -138,13 +138,10 @@ def _read_strata(src: Any, band: int, window: Any, buffers: Sequence[tuple[int, 
     """``(strata, map classes, valid)`` of a window: each valid pixel's stratum (its class, or ``BUFFER_BASE + b``
     within ``buffers[b]``'s distance of that class and not of it; the first buffer wins), ``-1`` where it is not
     sampled. A buffer looks ``px`` pixels beyond the window, so blocks agree at their edges."""
-    from rasterio.windows import Window
+    from dinov3_eo.data.raster import halo_window, inner_slices
 
-    pad = max((px for _, px in buffers), default=0)
-    row0, col0 = max(0, int(window.row_off) - pad), max(0, int(window.col_off) - pad)
-    row1 = min(src.height, int(window.row_off + window.height) + pad)
-    col1 = min(src.width, int(window.col_off + window.width) + pad)
-    read = src.read(band, window=Window(col0, row0, col1 - col0, row1 - row0), masked=True)
+    outer = halo_window(window, max((px for _, px in buffers), default=0), src.height, src.width)
+    read = src.read(band, window=outer, masked=True)
     values, valid = np.ma.getdata(read).astype(np.int64), ~np.ma.getmaskarray(read)
     strata = np.where(valid, values, -1)
     if classes is not None:
@@ -157,8 +154,7 @@ def _read_strata(src: Any, band: int, window: Any, buffers: Sequence[tuple[int, 
             disk = np.hypot(*np.meshgrid(offsets, offsets)) <= px
             near = binary_dilation(valid & (values == value), structure=disk)
             strata[near & valid & (values != value) & (strata < BUFFER_BASE)] = BUFFER_BASE + b
-    crop = (slice(int(window.row_off) - row0, int(window.row_off) - row0 + int(window.height)),
-            slice(int(window.col_off) - col0, int(window.col_off) - col0 + int(window.width)))  # fmt: skip
+    crop = inner_slices(window, outer)
     return strata[crop], values[crop], valid[crop]
 
 

@@ -53,16 +53,6 @@ class TreeSummary:
     mean_crown_area_m2: float | None
 
 
-def _halo_window(window: Any, halo: int, height: int, width: int) -> Any:
-    """``window`` grown by ``halo`` pixels on each side, clipped to the raster."""
-    from rasterio.windows import Window
-
-    row0, col0 = max(0, int(window.row_off) - halo), max(0, int(window.col_off) - halo)
-    row1 = min(height, int(window.row_off + window.height) + halo)
-    col1 = min(width, int(window.col_off + window.width) + halo)
-    return Window(col0, row0, col1 - col0, row1 - row0)
-
-
 def _read_heights(src: Any, window: Any, nodata: float | None) -> np.ndarray:
     """Band 1 in ``window`` as float64 metres, NaN where the file's (or the given) nodata is."""
     read = src.read(1, window=window, masked=True)
@@ -127,7 +117,15 @@ def detect_trees(
     import geopandas as gpd
     from tqdm import tqdm
 
-    from dinov3_eo.data.raster import block_windows, open_raster, pixel_area_ha, pixel_size_m, require_georeferenced
+    from dinov3_eo.data.raster import (
+        block_windows,
+        halo_window,
+        inner_slices,
+        open_raster,
+        pixel_area_ha,
+        pixel_size_m,
+        require_georeferenced,
+    )
     from dinov3_eo.inference.writers import COGWriter, check_feature_suffix, check_overwrite, write_features
 
     check_feature_suffix(dst, "Trees")
@@ -161,17 +159,16 @@ def detect_trees(
         windows = block_windows(height, width, block)
         found, top_heights, valid = [], [], 0
         for window in tqdm(windows, desc="tree tops", unit="block", disable=not progress or len(windows) < 2):
-            outer = _halo_window(window, top_halo, height, width)
+            outer = halo_window(window, top_halo, height, width)
             raw = _read_heights(src, outer, nodata)  # [h, w]
             local = find_tree_tops(smooth_heights(raw, sigma_px), size, rule=rule, min_height=min_height)
-            r0, c0 = int(window.row_off - outer.row_off), int(window.col_off - outer.col_off)
-            inside = ((local[:, 0] >= r0) & (local[:, 0] < r0 + window.height) & (local[:, 1] >= c0)
-                      & (local[:, 1] < c0 + window.width))  # fmt: skip
+            rows, cols = inner_slices(window, outer)
+            inside = ((local[:, 0] >= rows.start) & (local[:, 0] < rows.stop) & (local[:, 1] >= cols.start)
+                      & (local[:, 1] < cols.stop))  # fmt: skip
             local = local[inside]
             found.append(local + [int(outer.row_off), int(outer.col_off)])
             top_heights.append(raw[local[:, 0], local[:, 1]])
-            core = raw[r0 : r0 + int(window.height), c0 : c0 + int(window.width)]
-            valid += int(np.isfinite(core).sum())
+            valid += int(np.isfinite(raw[rows, cols]).sum())
         if not valid:
             raise ValueError(f"{where} has no height: every pixel is nodata (or NaN); check its nodata value "
                              "(--nodata).")  # fmt: skip
@@ -187,7 +184,7 @@ def detect_trees(
                            dtype="int32", nodata=0, overwrite=overwrite, band_descriptions=["tree_id of the crown"],
                            tags={"dinov3_eo_output": "tree_crowns", "chm": where if is_path else "DataArray"}) as out:  # fmt: skip
                 for window in tqdm(windows, desc="tree crowns", unit="block", disable=not progress or len(windows) < 2):
-                    outer = _halo_window(window, crown_halo, height, width)
+                    outer = halo_window(window, crown_halo, height, width)
                     first, last = np.searchsorted(tops[:, 0], [outer.row_off, outer.row_off + outer.height])
                     near = np.arange(first, last)
                     near = near[(tops[near, 1] >= outer.col_off) & (tops[near, 1] < outer.col_off + outer.width)]
@@ -195,8 +192,7 @@ def detect_trees(
                         _read_heights(src, outer, nodata), tops[near] - [int(outer.row_off), int(outer.col_off)], size,
                         ids=ids[near], min_height=min_height, crown_fraction=crown_fraction,
                         max_radius=max_crown_radius_m)  # fmt: skip
-                    r0, c0 = int(window.row_off - outer.row_off), int(window.col_off - outer.col_off)
-                    core = labels[r0 : r0 + int(window.height), c0 : c0 + int(window.width)]
+                    core = labels[inner_slices(window, outer)]
                     out.write(core[None], window)
                     crown_pixels += np.bincount(core.ravel(), minlength=len(crown_pixels))
     xs = transform.c + (tops[:, 1] + 0.5) * transform.a
