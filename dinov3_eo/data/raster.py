@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import RasterioIOError
+from rasterio.transform import Affine
 from rasterio.windows import Window
 
 #: GDAL block-cache cap (MiB) of every reading process: random tiles of a big raster rarely revisit a block, and a
@@ -200,6 +201,17 @@ def inner_slices(window: Window, outer: Window) -> tuple[slice, slice]:
     """The rows and columns of ``window`` within an array read at ``outer``, which holds it."""
     row, col = int(window.row_off - outer.row_off), int(window.col_off - outer.col_off)
     return slice(row, row + int(window.height)), slice(col, col + int(window.width))
+
+
+def tile_boxes(transform: Affine, tile_size: int, rows: np.ndarray, cols: np.ndarray) -> Any:
+    """Shapely polygons ``[N]`` of the ``tile_size``-px tiles at cells ``rows``, ``cols`` of a grid with the scene's
+    ``transform`` (``tile_size=1``: the cells of a grid)."""
+    import shapely
+
+    rows, cols = np.asarray(rows), np.asarray(cols)
+    x0, y0 = transform @ (cols * tile_size, rows * tile_size)
+    x1, y1 = transform @ ((cols + 1) * tile_size, (rows + 1) * tile_size)
+    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
 
 def is_georeferenced(src) -> bool:

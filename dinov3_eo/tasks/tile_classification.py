@@ -35,6 +35,7 @@ from rasterio.windows import Window
 from torch import Tensor, nn
 
 from dinov3_eo.data.normalization import Normalization
+from dinov3_eo.data.raster import tile_boxes  # re-exported: the grid cells this module classifies
 from dinov3_eo.inference.prefetch import Prefetcher
 from dinov3_eo.tasks.chip_classification import ChipClassifier, predicted_labels, probe_backbone
 from dinov3_eo.tasks.chip_embeddings import (
@@ -201,17 +202,6 @@ def tile_window(row: int, col: int, tile_size: int, stride: int | None = None) -
     stride = tile_size if stride is None else stride
     margin = (tile_size - stride) // 2
     return Window(col * stride - margin, row * stride - margin, tile_size, tile_size)
-
-
-def tile_boxes(transform: Affine, tile_size: int, rows: np.ndarray, cols: np.ndarray) -> Any:
-    """Shapely polygons ``[N]`` of the ``tile_size``-px tiles at cells ``rows``, ``cols`` of a grid with the scene's
-    ``transform`` (``tile_size=1``: the cells of a grid)."""
-    import shapely
-
-    rows, cols = np.asarray(rows), np.asarray(cols)
-    x0, y0 = transform @ (cols * tile_size, rows * tile_size)
-    x1, y1 = transform @ ((cols + 1) * tile_size, (rows + 1) * tile_size)
-    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
 
 def probe_tile_size(probe: ChipClassifier, scene: str | os.PathLike[str] | None = None) -> int:

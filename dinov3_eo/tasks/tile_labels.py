@@ -115,7 +115,7 @@ class TileLabels:
         class, plus ``columns`` (name -> ``[N]`` values)."""
         import geopandas as gpd
 
-        from dinov3_eo.tasks.tile_classification import tile_boxes
+        from dinov3_eo.data.raster import tile_boxes
 
         _, ids = self.majority()
         fractions = self.fractions

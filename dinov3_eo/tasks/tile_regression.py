@@ -652,7 +652,7 @@ class TileValueMap:
         (with an interval) ``lower``, ``upper``, then ``valid_fraction`` and cell polygons."""
         import geopandas as gpd
 
-        from dinov3_eo.tasks.tile_classification import tile_boxes
+        from dinov3_eo.data.raster import tile_boxes
 
         rows, cols = np.nonzero(np.isfinite(self.values))
         frame = {"row": rows.astype(np.int64), "col": cols.astype(np.int64),

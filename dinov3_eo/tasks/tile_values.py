@@ -175,7 +175,7 @@ class TileValues:
         ``reference`` (the value), ``coverage``, ``count``, plus ``columns`` (name -> ``[N]`` values)."""
         import geopandas as gpd
 
-        from dinov3_eo.tasks.tile_classification import tile_boxes
+        from dinov3_eo.data.raster import tile_boxes
 
         frame = {"row": self.rows, "col": self.cols, "tile_size": np.full(len(self), self.tile_size),
                  "reference": self.values, "coverage": self.coverage, "count": self.count, **(columns or {})}  # fmt: skip

@@ -53,8 +53,12 @@ def overlap_free_layers(geometries: Any) -> list[np.ndarray]:
     return [np.flatnonzero(colour == c) for c in range(colour.max() + 1)]
 
 
-def _read_zones(zones: Any, layer: str | None) -> Any:
-    """``zones`` (a vector file or a ``GeoDataFrame``) as a ``GeoDataFrame`` with a 0..n-1 index."""
+def read_zones(zones: Any, layer: str | None = None) -> Any:
+    """``zones`` (a vector file or a ``GeoDataFrame``) as a ``GeoDataFrame`` with a 0..n-1 index.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: zones without a CRS, none, or other than polygons.
+    """
     import geopandas as gpd
 
     from dinov3_eo.data.labels import is_geodataframe
@@ -229,7 +233,7 @@ def zonal_statistics(
 
     if any(not 0 <= q <= 100 for q in percentiles):
         raise ValueError(f"Percentiles lie from 0 to 100, got {list(percentiles)}.")
-    frame = _read_zones(zones, layer)
+    frame = read_zones(zones, layer)
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB * 2**20), open_raster(raster) as src:
         require_georeferenced(src)
         if not 1 <= band <= src.count:
@@ -381,7 +385,7 @@ def zonal_main(argv: Sequence[str]) -> int:
     stems = [Path(r).stem for r in args.rasters]
     if len(set(stems)) < len(stems):
         raise ValueError(f"The maps' names {stems} repeat; their columns are prefixed by them, so rename one.")
-    zones = _read_zones(args.zones, args.layer)
+    zones = read_zones(args.zones, args.layer)
     frame = zones
     for raster, stem in zip(args.rasters, stems):
         one = zonal_statistics(raster, zones, band=args.band, classes=args.classes, percentiles=args.percentiles,
@@ -409,4 +413,4 @@ def zonal_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["VALUE_COLUMNS", "overlap_free_layers", "zonal_main", "zonal_picture", "zonal_statistics"]
+__all__ = ["VALUE_COLUMNS", "overlap_free_layers", "read_zones", "zonal_main", "zonal_picture", "zonal_statistics"]

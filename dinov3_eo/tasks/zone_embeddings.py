@@ -24,16 +24,6 @@ from typing import Any
 import numpy as np
 
 
-def _cell_boxes(transform: Any, rows: np.ndarray, cols: np.ndarray) -> Any:
-    """Shapely boxes of the cells at ``rows``, ``cols`` of a north-up grid (``[K]`` each)."""
-    import shapely
-
-    x0 = transform.c + cols * transform.a
-    y0 = transform.f + rows * transform.e
-    x1, y1 = x0 + transform.a, y0 + transform.e
-    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
-
-
 def zone_embeddings(
     backbone: Any,
     raster: str | os.PathLike[str],
@@ -63,28 +53,26 @@ def zone_embeddings(
         had features).
 
     Raises:
-        ValueError: a raster without a georeference, zones without a CRS, or with no polygon.
+        FileNotFoundError, ValueError: a raster without a georeference, zones that are missing, without a CRS, none,
+            or other than polygons (:func:`~dinov3_eo.tasks.zonal.read_zones`).
     """
-    import geopandas as gpd
+    import rasterio.windows
     import shapely
     from scipy.sparse import csr_matrix
 
-    from dinov3_eo.data.raster import open_quietly, require_georeferenced
+    from dinov3_eo.data.raster import open_quietly, require_georeferenced, tile_boxes
     from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
+    from dinov3_eo.tasks.zonal import read_zones
 
-    frame = gpd.read_file(zones) if isinstance(zones, (str, os.PathLike)) else zones
-    if frame.crs is None:
-        raise ValueError("The zones have no CRS, so they cannot be placed on the raster; set one first.")
-    if not len(frame) or not frame.geom_type.isin(["Polygon", "MultiPolygon"]).any():
-        raise ValueError("The zones hold no polygon to embed.")
+    frame = read_zones(zones)
     dim = int(backbone.embed_dim)
     with open_quietly(raster) as src:
         require_georeferenced(src)
         grid = FeatureGrid.of(src, int(backbone.patch_size))
-        local = frame.geometry.to_crs(src.crs).reset_index(drop=True)
-        polygons = local.to_numpy()
+        polygons = frame.geometry.to_crs(src.crs).to_numpy()
         areas = shapely.area(polygons)
         shapely.prepare(polygons)  # many containment tests against each
+        zone_tree = shapely.STRtree(polygons)
         cell_area = abs(grid.transform.a * grid.transform.e)
         sums = np.zeros((len(frame), dim), np.float64)
         weights = np.zeros(len(frame), np.float64)
@@ -97,9 +85,13 @@ def zone_embeddings(
             rows, cols = rows[seen], cols[seen]  # [K] the tile's cells with features
             if not len(rows):
                 continue
-            boxes = _cell_boxes(grid.transform, rows + int(tile.row_off), cols + int(tile.col_off))
-            # every (zone, cell) pair that meets, and the area they share, for all the tile's zones at once
-            zone, cell = shapely.STRtree(boxes).query(polygons, predicate="intersects")
+            near = zone_tree.query(shapely.box(*rasterio.windows.bounds(tile, grid.transform)), predicate="intersects")
+            if not len(near):
+                continue
+            boxes = tile_boxes(grid.transform, 1, rows + int(tile.row_off), cols + int(tile.col_off))
+            # every (zone, cell) pair that meets, and the area they share, for all the window's zones at once
+            which, cell = shapely.STRtree(boxes).query(polygons[near], predicate="intersects")
+            zone = near[which]
             # a cell wholly inside its zone shares its whole area: only the cells on a zone's edge are cut
             overlap = np.full(len(zone), cell_area)
             edge = ~shapely.contains_properly(polygons[zone], boxes[cell])
@@ -108,11 +100,11 @@ def zone_embeddings(
             zone, cell, overlap = zone[keep], cell[keep], overlap[keep]
             if not len(zone):
                 continue
-            present, local = np.unique(zone, return_inverse=True)
-            share = csr_matrix((overlap, (local, cell)), shape=(len(present), len(rows)))  # [Z_tile, K] m²
+            present, slot = np.unique(zone, return_inverse=True)
+            share = csr_matrix((overlap, (slot, cell)), shape=(len(present), len(rows)))  # [Z_tile, K] m²
             sums[present] += share @ feats[:, rows, cols].T.astype(np.float64)  # [Z_tile, D]
-            weights[present] += np.bincount(local, weights=overlap, minlength=len(present))
-            counts[present] += np.bincount(local, minlength=len(present))
+            weights[present] += np.bincount(slot, weights=overlap, minlength=len(present))
+            counts[present] += np.bincount(slot, minlength=len(present))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = (sums / weights[:, None]).astype(np.float32)  # NaN where nothing was seen
         coverage = np.where(areas > 0, weights / areas, 0.0)
