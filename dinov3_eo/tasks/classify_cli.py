@@ -566,10 +566,17 @@ def _map(args: Any) -> None:
         print("\n".join(str(p) for p in outputs if p is not None))
 
 
-def _refuse_chip_options(args: Any, names: Sequence[tuple[str, Any]]) -> None:
+#: why :func:`_refuse_options` refuses chip options, by the mode that makes them meaningless
+REFUSED_BECAUSE = {"--scenes": "the tiles come from the scenes and their labels",
+                   "--zones": "the polygons and their classes come from the table"}  # fmt: skip
+
+
+def _refuse_options(mode: str, names: Sequence[tuple[str, Any]]) -> None:
+    """Raise ValueError naming the options of ``names`` (``(name, value)``) that were given, which ``mode``
+    (``--scenes`` or ``--zones``) makes meaningless."""
     given = [name for name, value in names if value]
     if given:
-        raise ValueError(f"With --scenes the tiles come from the scenes and their labels: leave out {', '.join(given)}.")
+        raise ValueError(f"With {mode} {REFUSED_BECAUSE[mode]}: leave out {', '.join(given)}.")
 
 
 def _fit_scenes(args: Any) -> None:
@@ -578,7 +585,7 @@ def _fit_scenes(args: Any) -> None:
 
     from dinov3_eo.tasks.chip_embeddings import read_chip_embeddings
 
-    _refuse_chip_options(args, [("CHIPS", args.chips), ("--val", args.val)])
+    _refuse_options("--scenes", [("CHIPS", args.chips), ("--val", args.val)])
     if args.labels is None:
         raise ValueError("Give the labels of the scenes' tiles: --labels polygons (GeoPackage, GeoJSON ...) or a label "
                          "raster.")  # fmt: skip
@@ -691,7 +698,7 @@ def _test_scenes(args: Any) -> None:
     """``classify test --scenes SCENE ... --labels REFERENCE --probe probe.safetensors``."""
     from dinov3_eo.tasks.tile_probe import score_tile_classifier
 
-    _refuse_chip_options(args, [("CHIPS", args.chips)])
+    _refuse_options("--scenes", [("CHIPS", args.chips)])
     if args.labels is None:
         raise ValueError("Give the reference labels of the scenes' tiles: --labels polygons or a label raster.")
     out_dir = Path(args.out_dir) if args.out_dir else None
@@ -717,25 +724,16 @@ def _test_scenes(args: Any) -> None:
             print(path)
 
 
-__all__ = ["chip_embedder", "classify_main", "finetune_and_export", "print_probe_report", "probe_chip_views"]
-
-
-def _refuse_with_zones(args: Any, names: Sequence[tuple[str, Any]]) -> None:
-    given = [name for name, value in names if value]
-    if given:
-        raise ValueError(f"With --zones the polygons and their classes come from the table: leave out {', '.join(given)}.")
-
-
 def _fit_zones(args: Any) -> None:
     """``classify fit --zones parcels.parquet --label-column crop -o probe.safetensors``."""
     from dinov3_eo.tasks.zone_classification import ZONE_KIND, labelled_zones
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
-    _refuse_with_zones(args, [("CHIPS", args.chips), ("--labels", args.labels), ("--val", args.val),
+    _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--val", args.val),
                               ("--val-labels", args.val_labels), ("--multi-label", args.multi_label),
                               ("--finetune-epochs", args.finetune_epochs), ("--embeddings", args.embeddings)])  # fmt: skip
     table, x = read_zone_embeddings(args.zones)
-    x, labels, _ = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    x, labels = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"The polygons of {args.zones} with a {args.label_column!r} and features hold {len(classes)} "
@@ -764,11 +762,11 @@ def _test_zones(args: Any) -> None:
     from dinov3_eo.tasks.zone_classification import check_zone_table, labelled_zones
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
-    _refuse_with_zones(args, [("CHIPS", args.chips), ("--labels", args.labels), ("--tta", args.tta)])
+    _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--tta", args.tta)])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
     check_zone_table(probe, table, args.zones)
-    x, labels, _ = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    x, labels = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
     unknown = sorted(set(labels) - set(probe.classes))
     if unknown:
         raise ValueError(f"Polygons of classes {unknown} are not classes of the probe {args.probe} ({probe.classes}).")
@@ -783,7 +781,7 @@ def _predict_zones(args: Any) -> None:
     from dinov3_eo.tasks.zone_classification import check_zone_table, zone_predictions
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
-    _refuse_with_zones(args, [("CHIPS", args.chips), ("--tta", args.tta)])
+    _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     suffix = Path(args.output).suffix.lower()
     if suffix not in (*FEATURE_SUFFIXES, ".parquet"):
         raise ValueError(f"Polygon predictions are written as .gpkg, .geojson, .csv or .parquet, not {args.output!r}.")
@@ -801,3 +799,6 @@ def _predict_zones(args: Any) -> None:
     print(", ".join(f"{name} {counts.get(name, 0)}" for name in probe.classes if counts.get(name, 0))
           + (f"; {len(predicted) - len(named)} polygons without features" if len(named) < len(predicted) else ""))
     print(args.output)
+
+
+__all__ = ["chip_embedder", "classify_main", "finetune_and_export", "print_probe_report", "probe_chip_views"]

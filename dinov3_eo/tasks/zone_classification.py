@@ -19,8 +19,8 @@ import numpy as np
 ZONE_KIND = "zones"
 
 
-def labelled_zones(table: Any, x: np.ndarray, label_column: str, *, where: str = "the zone table") -> tuple[np.ndarray, list[str], np.ndarray]:
-    """The rows of a zone table with a class in ``label_column`` and features: ``(x [n, D], labels, row indices)``.
+def labelled_zones(table: Any, x: np.ndarray, label_column: str, *, where: str = "the zone table") -> tuple[np.ndarray, list[str]]:
+    """The rows of a zone table with a class in ``label_column`` and features: ``(x [n, D], labels)``.
 
     Raises:
         ValueError: no such column.
@@ -32,7 +32,7 @@ def labelled_zones(table: Any, x: np.ndarray, label_column: str, *, where: str =
     if len(x):
         keep &= np.isfinite(x).all(axis=1)
     rows = np.flatnonzero(keep)
-    return x[rows], [str(v) for v in labels.iloc[rows]], rows
+    return x[rows], [str(v) for v in labels.iloc[rows]]
 
 
 def refuse_zone_probe(probe: Any, what: str) -> None:
