@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from dinov3_eo.tasks.tree_detection import WindowRule, delineate_crowns, find_tree_tops, match_trees
+from dinov3_eo.tasks.zonal import read_zones
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,18 @@ def crown_polygons(labels: str | os.PathLike[str]) -> Any:
     return frame.sort_values("tree_id").reset_index(drop=True)
 
 
+def _vector_frame(source: Any, what: str = "Trees") -> Any:
+    """A ``GeoDataFrame`` as it is, or the vector file at a path read into one (trees are points: zones and crowns
+    go through :func:`~dinov3_eo.tasks.zonal.read_zones`, which also checks them); ``what`` names it in errors."""
+    import geopandas as gpd
+
+    if isinstance(source, (str, os.PathLike)):
+        if not Path(source).exists():
+            raise FileNotFoundError(f"{what} {os.fspath(source)!r} do not exist.")
+        return gpd.read_file(source)
+    return source
+
+
 #: the columns :func:`stand_table` adds to each zone
 STAND_COLUMNS = ("trees", "trees_per_ha", "mean_height_m", "max_height_m", "top_height_m", "mean_crown_area_m2",
                  "crown_cover", "area_ha")  # fmt: skip
@@ -260,20 +273,18 @@ def stand_table(trees: Any, zones: Any, *, crowns: Any = None, top_trees_per_ha:
     Raises:
         ValueError: trees without a projected CRS or without ``height_m``.
     """
-    import geopandas as gpd
     import shapely
     from rasterio.crs import CRS
 
     from dinov3_eo.data.raster import metres_per_unit
 
-    read = lambda x: gpd.read_file(x) if isinstance(x, (str, os.PathLike)) else x  # noqa: E731
-    trees, zones = read(trees), read(zones)
+    trees = _vector_frame(trees)
     factor = metres_per_unit(CRS.from_user_input(trees.crs)) if trees.crs is not None else None
     if factor is None:
         raise ValueError("The trees need a projected CRS (metres) for areas per hectare.")
     if "height_m" not in trees.columns:
         raise ValueError(f"The trees have no 'height_m' column (they have {list(trees.columns)}).")
-    local = zones.to_crs(trees.crs).reset_index(drop=True)
+    local = read_zones(zones).to_crs(trees.crs)
     area_ha = local.geometry.area.to_numpy() * factor**2 / 10_000
     zone_of = np.full(len(trees), -1, np.int64)
     tree_index, zone_index = local.sindex.query(trees.geometry, predicate="within")
@@ -294,7 +305,7 @@ def stand_table(trees: Any, zones: Any, *, crowns: Any = None, top_trees_per_ha:
         rows["area_ha"].append(float(area_ha[k]))
     cover = np.full(len(local), np.nan)
     if crowns is not None:
-        shapes = read(crowns).to_crs(trees.crs)
+        shapes = _vector_frame(crowns, "Crowns").to_crs(trees.crs)  # (no crown at all is a valid answer)
         cover[:] = 0.0
         crown_index, zone_index = local.sindex.query(shapes.geometry, predicate="intersects")
         cut = shapely.intersection(shapes.geometry.to_numpy()[crown_index], local.geometry.to_numpy()[zone_index])
@@ -365,8 +376,7 @@ def evaluate_trees(
     from dinov3_eo.data.raster import metres_per_unit
     from dinov3_eo.inference.writers import atomic_output, check_overwrite, write_vector
 
-    read = lambda x: gpd.read_file(x) if isinstance(x, (str, os.PathLike)) else x  # noqa: E731
-    detected, reference = read(detected), read(reference)
+    detected, reference = _vector_frame(detected), _vector_frame(reference)
     if detected.crs is None or reference.crs is None:
         raise ValueError("Both sets of trees need a CRS to be compared.")
     factor = metres_per_unit(CRS.from_user_input(detected.crs))
@@ -374,7 +384,7 @@ def evaluate_trees(
         raise ValueError(f"The detected trees are in {detected.crs} (degrees); distances need a projected CRS.")
     reference = reference.to_crs(detected.crs)
     if area is not None:
-        zone = read(area).to_crs(detected.crs).geometry.union_all()
+        zone = read_zones(area).to_crs(detected.crs).geometry.union_all()
         detected = detected[detected.geometry.within(zone)]
         reference = reference[reference.geometry.within(zone)]
     if out_dir is not None:
