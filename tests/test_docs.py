@@ -292,8 +292,13 @@ def test_the_readme_trees_example_finds_the_plots_trees(monkeypatch: pytest.Monk
 
 
 def test_the_readme_zone_embeddings_example_maps_held_out_parcels(monkeypatch: pytest.MonkeyPatch) -> None:
-    scope = run_readme_block("table = zone_embeddings(build_backbone(", monkeypatch)
+    scope = run_readme_block("table = zone_embeddings(backbone,", monkeypatch)
     table, x, predicted = scope["table"], scope["x"], scope["predicted"]
     assert len(table) == 16 and x.shape == (16, 96) and np.isfinite(x).all()
     assert (table["coverage"] > 0.99).all() and (table["patches"] >= 1).all()
     assert len(predicted) == 8 and set(predicted) <= set(table["name"])
+    series, x_season = scope["series"], scope["x_season"]
+    assert x_season.shape == (16, 192) and series.attrs["dinov3_eo"]["dates"] == ["2020-05-18", "2020-08-22"]
+    np.testing.assert_allclose(x_season[:, :96], x, rtol=1e-5, atol=1e-6)  # each date is that raster's embedding
+    np.testing.assert_array_equal(x_season[:, 96:], x_season[:, :96])
+    assert (series["dates_seen"] == 2).all() and list(series["name"]) == list(table["name"])

@@ -726,7 +726,7 @@ def _test_scenes(args: Any) -> None:
 
 def _fit_zones(args: Any) -> None:
     """``classify fit --zones parcels.parquet --label-column crop -o probe.safetensors``."""
-    from dinov3_eo.tasks.zone_classification import ZONE_KIND, labelled_zones
+    from dinov3_eo.tasks.zone_classification import labelled_zones, zone_probe_record
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--val", args.val),
@@ -743,9 +743,7 @@ def _fit_zones(args: Any) -> None:
     val = (x[held], y[held]) if len(held) else None
     probe = fit_chip_classifier(x[train], y[train], classes, method=args.method, features="patch_mean", val=val,
                                 k=args.k, balanced=args.balanced)  # fmt: skip
-    made = table.attrs.get("dinov3_eo", {})
-    probe.embedding = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
-                       "table": os.fspath(args.zones)}  # fmt: skip
+    probe.embedding = zone_probe_record(table.attrs.get("dinov3_eo", {}), args.zones)
     print(f"{args.method} probe on {len(train)} polygons of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(held)} held-out polygons:")
     if len(held):
@@ -765,7 +763,7 @@ def _test_zones(args: Any) -> None:
     _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--tta", args.tta)])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
-    check_zone_table(probe, table, args.zones)
+    check_zone_table(probe, table, args.zones, x)
     x, labels = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
     unknown = sorted(set(labels) - set(probe.classes))
     if unknown:
@@ -787,7 +785,7 @@ def _predict_zones(args: Any) -> None:
         raise ValueError(f"Polygon predictions are written as .gpkg, .geojson, .csv or .parquet, not {args.output!r}.")
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
-    check_zone_table(probe, table, args.zones)
+    check_zone_table(probe, table, args.zones, x)
     predicted = zone_predictions(table, x, probe)
     if suffix == ".parquet":
         with atomic_output(args.output, overwrite=args.overwrite) as tmp:

@@ -429,9 +429,12 @@ def add_tile_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _common_parser(prog: str, description: str, output_help: str) -> argparse.ArgumentParser:
+def _common_parser(prog: str, description: str, output_help: str, *, several: bool = False) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("input", help="input GeoTIFF (pca to a .png: any image chip, JPEG/PNG/TIFF, georeferenced or not)")
+    if several:  # embed --zones takes a time series; the other modes one input, checked after parsing
+        parser.add_argument("input", nargs="+", help="input GeoTIFF (with --zones: one or more, at one or more dates)")
+    else:
+        parser.add_argument("input", help="input GeoTIFF (pca to a .png: any image chip, JPEG/PNG/TIFF, georeferenced or not)")
     parser.add_argument("--model", required=True, help=BACKBONE_HELP)
     parser.add_argument("-o", "--output", required=True, help=output_help)
     add_backbone_input_options(parser)
@@ -446,13 +449,17 @@ def _common_parser(prog: str, description: str, output_help: str) -> argparse.Ar
     return parser
 
 
-def _prepare(args: argparse.Namespace) -> tuple[nn.Module, Normalization | None, str]:
-    with open_quietly(args.input) as src:
-        count = len(args.bands) if args.bands else src.count
+def _prepare(args: argparse.Namespace, inputs: Sequence[str] = ()) -> tuple[nn.Module, Normalization | None, str]:
+    counts = {}
+    for path in inputs or [args.input]:  # every input checked before the first is embedded
+        with open_quietly(path) as src:
+            counts[path] = len(args.bands) if args.bands else src.count
     backbone = resolve_backbone(args.model, in_chans=None)
-    in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
-    if count != in_chans:
-        raise ValueError(f"{args.input} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands with --bands.")
+    for path, count in counts.items():
+        in_chans = int(backbone.patch_embed.proj.weight.shape[1]) if hasattr(backbone, "patch_embed") else count
+        if count != in_chans:
+            raise ValueError(f"{path} gives {count} bands but the backbone {args.model} takes {in_chans}; select bands "
+                             "with --bands.")  # fmt: skip
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return backbone.to(device), input_normalization(getattr(backbone, "meta", None), args.normalization), device
 
@@ -479,6 +486,7 @@ def embed_main(argv: Sequence[str]) -> int:
         "(transform = input transform scaled by the patch size); with --chips, one embedding per image chip "
         "(CLS token and mean patch token) as a Parquet or npz table.",
         "output .tif (float32 COG, one band per channel) or .zarr (needs zarr); with --chips .parquet or .npz",
+        several=True,
     )
     parser.add_argument("--quicklook", action=argparse.BooleanOptionalAction, default=True,
                         help="also draw the features' first 3 principal components into OUTPUT_pca.png (default: on)")
@@ -496,23 +504,39 @@ def embed_main(argv: Sequence[str]) -> int:
     zones = parser.add_argument_group("polygons", "one row per polygon: GeoParquet of the polygons and their features")
     zones.add_argument("--zones", default=None, metavar="POLYGONS", help="embed each polygon of this vector file "
                        "(parcels, crowns, buildings; any CRS): the patch features averaged over it, weighted by its "
-                       "area in each patch, as patch_mean in a GeoParquet OUTPUT with coverage and patches")  # fmt: skip
+                       "area in each patch, as patch_mean in a GeoParquet OUTPUT with coverage and patches; "
+                       "several INPUTs: a time series, each polygon's features at every date")  # fmt: skip
+    zones.add_argument("--dates", nargs="+", default=None, metavar="DATE", help="with --zones and several INPUTs, "
+                       "each one's date (default: the YYYYMMDD or YYYY-MM-DD in its name); the same date twice: "
+                       "scenes of one date, mosaicked")  # fmt: skip
+    zones.add_argument("--temporal", choices=("concat", "mean"), default="concat", help="with several dates, "
+                       "patch_mean is the dates' features one after the other (concat, default: a season's course) "
+                       "or their mean")  # fmt: skip
     args = parser.parse_args(list(argv))
+    inputs, args.input = list(args.input), args.input[0]
 
     def zone_table() -> Path:
         from dinov3_eo.tasks.zone_embeddings import write_zone_embeddings, zone_embeddings
+
+        from dinov3_eo.tasks.zone_time_series import zone_time_series
 
         if args.chips or args.tiles is not None:
             raise ValueError("--zones embeds polygons over a GeoTIFF; leave out --chips and --tiles.")
         if Path(args.output).suffix.lower() != ".parquet":
             raise ValueError(f"With --zones the output is a GeoParquet table (.parquet), not {args.output!r}.")
-        check_overwrite(args.output, args.overwrite, inputs=[args.input, args.zones])
-        backbone, norm, device = _prepare(args)
-        table = zone_embeddings(backbone, args.input, args.zones, normalization=norm, bands=args.bands,
-                                nodata=args.nodata, window=args.window, margin=args.margin, batch_size=args.batch_size,
-                                device=device, amp=args.bf16, progress=not args.quiet)  # fmt: skip
+        check_overwrite(args.output, args.overwrite, inputs=[*inputs, args.zones])
+        backbone, norm, device = _prepare(args, inputs)
+        run = {"normalization": norm, "bands": args.bands, "nodata": args.nodata, "window": args.window,
+               "margin": args.margin, "batch_size": args.batch_size, "device": device, "amp": args.bf16,
+               "progress": not args.quiet}  # fmt: skip
+        if len(inputs) == 1 and args.dates is None:
+            table = zone_embeddings(backbone, args.input, args.zones, **run)
+        else:
+            table = zone_time_series(backbone, inputs, args.zones, dates=args.dates, temporal=args.temporal, **run)
         seen = int((table["patches"] > 0).sum())
-        print(f"{len(table)} polygons embedded ({seen} with features, mean coverage {table['coverage'].mean():.2f})")
+        steps = table.attrs["dinov3_eo"].get("dates")
+        print(f"{len(table)} polygons embedded ({seen} with features, mean coverage {table['coverage'].mean():.2f})"
+              + (f" at {len(steps)} dates: {', '.join(steps)}" if steps else ""))
         return write_zone_embeddings(table, args.output, overwrite=args.overwrite)
 
     def tile_table() -> Path:
@@ -552,6 +576,11 @@ def embed_main(argv: Sequence[str]) -> int:
     def body() -> Path:
         if args.zones is not None:
             return zone_table()
+        if len(inputs) > 1:
+            raise ValueError(f"{len(inputs)} inputs: embed takes one GeoTIFF or chip folder (a quoted glob for many "
+                             "chips); several GeoTIFFs are a time series of polygons, with --zones.")  # fmt: skip
+        if args.dates is not None:
+            raise ValueError("--dates names the dates of a time series of polygons: use it with --zones.")
         if args.tiles is not None:
             return tile_table()
         if args.chips:

@@ -43,9 +43,24 @@ def refuse_zone_probe(probe: Any, what: str) -> None:
                          "embed the polygons to classify the same way and run 'classify predict --zones TABLE'.")  # fmt: skip
 
 
-def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str]) -> None:
-    """Raise ValueError unless ``table`` (a zone table's frame) was embedded by the backbone ``probe`` was fitted on
-    (where both say), with features of its width."""
+def table_steps(made: dict[str, Any]) -> int:
+    """How many dates a zone table's ``patch_mean`` holds one after the other (its ``attrs["dinov3_eo"]`` or a zone
+    probe's ``embedding``): 1 for one date or dates averaged (``temporal="mean"``)."""
+    return int(made.get("time_steps") or 1) if made.get("temporal", "concat") == "concat" else 1
+
+
+def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> dict[str, Any]:
+    """A zone probe's ``embedding``: the backbone and the dates of the table ``made`` describes (its attrs)."""
+    record = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
+              "table": os.fspath(table)}  # fmt: skip
+    if made.get("dates"):
+        record.update(dates=made["dates"], temporal=made.get("temporal", "concat"), time_steps=len(made["dates"]))
+    return record
+
+
+def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np.ndarray | None = None) -> None:
+    """Raise ValueError unless ``table`` (a zone table's frame, features ``x``) was embedded by the backbone ``probe``
+    was fitted on (where both say), at as many dates one after the other, with features of its width."""
     if probe.embedding.get("kind") != ZONE_KIND:
         raise ValueError("--zones classifies polygon embeddings with a probe fitted on them ('classify fit --zones'); "
                          f"this probe was fitted on {probe.embedding.get('kind', 'chips')}.")  # fmt: skip
@@ -54,6 +69,16 @@ def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str]) -> No
     if fitted and now and fitted != now:
         raise ValueError(f"{os.fspath(path)} was embedded by {now!r}, the probe's polygons by {fitted!r}: embed them "
                          "with the probe's backbone.")  # fmt: skip
+    fitted_steps, now_steps = table_steps(probe.embedding), table_steps(made)
+    if fitted_steps != now_steps:
+        raise ValueError(f"{os.fspath(path)} holds each polygon's features at {now_steps} date(s) one after the other, "
+                         f"the probe's polygons at {fitted_steps}: embed as many dates of the season, in the same "
+                         "order, or both with --temporal mean.")  # fmt: skip
+    fitted_on = getattr(probe, "weight", None) if getattr(probe, "weight", None) is not None else getattr(probe, "bank", None)
+    width = None if fitted_on is None else fitted_on.shape[1]
+    if x is not None and len(x) and width is not None and x.shape[1] != width:
+        raise ValueError(f"{os.fspath(path)} holds {x.shape[1]} features per polygon, the probe takes {width}: embed "
+                         "the polygons with the probe's backbone.")  # fmt: skip
 
 
 def zone_predictions(table: Any, x: np.ndarray, probe: Any) -> Any:
@@ -77,4 +102,5 @@ def zone_predictions(table: Any, x: np.ndarray, probe: Any) -> Any:
     return table.drop(columns="patch_mean").assign(**columns)
 
 
-__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "refuse_zone_probe", "zone_predictions"]
+__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "refuse_zone_probe", "table_steps", "zone_predictions",
+           "zone_probe_record"]

@@ -18,16 +18,44 @@ and ``patches``. A probe fitted on the ``patch_mean`` of labelled zones classifi
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 
-def zone_embeddings(
+@dataclass
+class ZoneSums:
+    """One raster's patch features summed over each of ``Z`` polygons, weighted by the polygon's area in each patch.
+
+    Attributes:
+        sums: ``[Z, D]`` float64, the area-weighted sums of the patch tokens.
+        weights: ``[Z]`` the area of each polygon with features (in the raster CRS's units², as ``areas``).
+        counts: ``[Z]`` int64, the patches with features each polygon overlaps.
+        areas: ``[Z]`` each polygon's area in the raster's CRS.
+    """
+
+    sums: np.ndarray
+    weights: np.ndarray
+    counts: np.ndarray
+    areas: np.ndarray
+
+    def means(self) -> np.ndarray:
+        """``[Z, D]`` float32: each polygon's mean patch token; NaN rows where it saw no features."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return (self.sums / self.weights[:, None]).astype(np.float32)
+
+    def coverage(self) -> np.ndarray:
+        """``[Z]`` the share of each polygon's area with features (0 for an empty polygon)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.minimum(np.where(self.areas > 0, self.weights / self.areas, 0.0), 1.0)
+
+
+def zone_feature_sums(
     backbone: Any,
     raster: str | os.PathLike[str],
-    zones: Any,
+    frame: Any,
     *,
     normalization: Any = None,
     bands: list[int] | None = None,
@@ -38,33 +66,17 @@ def zone_embeddings(
     device: str = "cpu",
     amp: bool = False,
     progress: bool = True,
-) -> Any:
-    """The area-weighted mean patch feature of each polygon of ``zones`` over ``raster`` (module docstring).
-
-    Args:
-        backbone: a ViT (``patch_size``, ``embed_dim``, ``get_intermediate_layers``).
-        raster: a georeferenced GeoTIFF; zones: a ``GeoDataFrame`` (any CRS) or a vector file's path.
-        normalization, bands, nodata, window, margin, batch_size, device, amp: as
-            :func:`~dinov3_eo.tasks.features.stream_patch_features`.
-
-    Returns:
-        ``zones`` (in their CRS, their columns) with ``patch_mean`` (``[D]`` float32 arrays; NaN for a zone with no
-        valid patch), ``coverage`` (share of the zone's area with features) and ``patches`` (patches it overlaps that
-        had features).
-
-    Raises:
-        FileNotFoundError, ValueError: a raster without a georeference, zones that are missing, without a CRS, none,
-            or other than polygons (:func:`~dinov3_eo.tasks.zonal.read_zones`).
-    """
+) -> ZoneSums:
+    """The polygons of ``frame`` (a ``GeoDataFrame`` with a CRS, as :func:`~dinov3_eo.tasks.zonal.read_zones`
+    gives) against ``raster``'s patch features, streamed window by window: :class:`ZoneSums`. Arguments as
+    :func:`zone_embeddings`."""
     import rasterio.windows
     import shapely
     from scipy.sparse import csr_matrix
 
     from dinov3_eo.data.raster import open_quietly, require_georeferenced, tile_boxes
     from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
-    from dinov3_eo.tasks.zonal import read_zones
 
-    frame = read_zones(zones)
     dim = int(backbone.embed_dim)
     with open_quietly(raster) as src:
         require_georeferenced(src)
@@ -105,17 +117,59 @@ def zone_embeddings(
             sums[present] += share @ feats[:, rows, cols].T.astype(np.float64)  # [Z_tile, D]
             weights[present] += np.bincount(slot, weights=overlap, minlength=len(present))
             counts[present] += np.bincount(slot, minlength=len(present))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = (sums / weights[:, None]).astype(np.float32)  # NaN where nothing was seen
-        coverage = np.where(areas > 0, weights / areas, 0.0)
-    out = frame.copy()
-    out["patch_mean"] = list(means)
-    out["coverage"] = np.minimum(coverage, 1.0)
-    out["patches"] = counts
+    return ZoneSums(sums=sums, weights=weights, counts=counts, areas=areas)
+
+
+def backbone_record(backbone: Any) -> dict[str, Any]:
+    """How a zone table's features were made, as its ``attrs["dinov3_eo"]`` (and a probe fitted on it) keep it."""
     meta = getattr(backbone, "meta", None)
-    out.attrs["dinov3_eo"] = {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")),
-                              "patch_size": int(backbone.patch_size), "embed_dim": dim, "source": os.fspath(raster),
-                              "features": "patch_mean"}  # fmt: skip
+    return {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")),
+            "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim), "features": "patch_mean"}  # fmt: skip
+
+
+def zone_embeddings(
+    backbone: Any,
+    raster: str | os.PathLike[str],
+    zones: Any,
+    *,
+    normalization: Any = None,
+    bands: list[int] | None = None,
+    nodata: float | None = None,
+    window: int = 512,
+    margin: int = 64,
+    batch_size: int = 4,
+    device: str = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> Any:
+    """The area-weighted mean patch feature of each polygon of ``zones`` over ``raster`` (module docstring).
+
+    Args:
+        backbone: a ViT (``patch_size``, ``embed_dim``, ``get_intermediate_layers``).
+        raster: a georeferenced GeoTIFF; zones: a ``GeoDataFrame`` (any CRS) or a vector file's path.
+        normalization, bands, nodata, window, margin, batch_size, device, amp: as
+            :func:`~dinov3_eo.tasks.features.stream_patch_features`.
+
+    Returns:
+        ``zones`` (in their CRS, their columns) with ``patch_mean`` (``[D]`` float32 arrays; NaN for a zone with no
+        valid patch), ``coverage`` (share of the zone's area with features) and ``patches`` (patches it overlaps that
+        had features).
+
+    Raises:
+        FileNotFoundError, ValueError: a raster without a georeference, zones that are missing, without a CRS, none,
+            or other than polygons (:func:`~dinov3_eo.tasks.zonal.read_zones`).
+    """
+    from dinov3_eo.tasks.zonal import read_zones
+
+    frame = read_zones(zones)
+    summed = zone_feature_sums(backbone, raster, frame, normalization=normalization, bands=bands, nodata=nodata,
+                               window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
+                               progress=progress)  # fmt: skip
+    out = frame.copy()
+    out["patch_mean"] = list(summed.means())
+    out["coverage"] = summed.coverage()
+    out["patches"] = summed.counts
+    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "source": os.fspath(raster)}
     return out
 
 
@@ -163,4 +217,5 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
     return table, x
 
 
-__all__ = ["read_zone_embeddings", "write_zone_embeddings", "zone_embeddings"]
+__all__ = ["ZoneSums", "backbone_record", "read_zone_embeddings", "write_zone_embeddings", "zone_embeddings",
+           "zone_feature_sums"]

@@ -1,0 +1,186 @@
+"""Polygons embedded at several dates: one row per parcel with its features through the season, for crop types and
+other classes told apart by how they change (phenology), not by one picture.
+
+``dinov3-eo embed MAY.tif JULY.tif SEPT.tif --zones parcels.gpkg -o parcels.parquet`` embeds every polygon on each
+date as ``embed --zones`` does on one (:func:`~dinov3_eo.tasks.zone_embeddings.zone_feature_sums`: the area-weighted
+mean patch token), each raster on its own grid and in its own CRS, so the dates need not be co-registered (other
+path/rows, other tiles, other sensors of the same bands). Rasters with the same date are one time step: their sums
+are pooled, so a date's scenes mosaic over parcels on their seams (where two overlap, both count).
+
+A date comes from ``dates`` or else from the file's path (the first ``YYYYMMDD`` or ``YYYY-MM-DD`` in its name or its
+folders' names: Landsat and Sentinel-2 product names start with the acquisition date); files without one are each
+their own step, named by their stem. Steps are ordered by date when every one has a date, else as given, so tables of
+the same dates in any file order have the same columns.
+
+``temporal="concat"`` (default) makes ``patch_mean`` the steps' means one after the other, ``[T · D]``: what a probe
+needs to learn a season's course. A polygon with no features at some step (clouds given as nodata, outside that
+date's footprint) takes there the mean of its steps with features, so every polygon seen once has a whole vector;
+``dates_seen`` says how many were real. ``temporal="mean"`` averages the steps with features (``[D]``): a feature that
+does not depend on which dates were available, for tables of different dates. Each step's ``coverage_<date>`` and
+``patches_<date>`` are columns; ``coverage`` is their mean and ``patches`` their sum.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: how a table's steps become one feature vector per polygon
+TEMPORAL_MODES = ("concat", "mean")
+
+# a calendar date not inside a longer run of digits: 20200518, 2020-05-18, 2020_05_18 (then T135111 may follow)
+_DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)[-_]?(0[1-9]|1[0-2])[-_]?(0[1-9]|[12]\d|3[01])(?!\d)")
+
+
+def date_label(path: str | os.PathLike[str]) -> str | None:
+    """The first calendar date in ``path``'s file name, else in its folders' names (nearest first), as ``YYYY-MM-DD``;
+    None without one. ``LC08_L1TP_224078_20200518_20200527_01_T1.tif`` → ``2020-05-18`` (the acquisition date, the
+    first of the two)."""
+    for part in reversed(Path(path).parts):
+        found = _DATE.search(part)
+        if found:
+            return "-".join(found.groups())
+    return None
+
+
+def time_steps(rasters: Sequence[str | os.PathLike[str]], dates: Sequence[str] | None = None) -> list[tuple[str, list[str]]]:
+    """The rasters grouped into time steps: ``[(label, [paths])]``, in date order when every label is a date
+    (``YYYY-MM-DD``), else in the order given (module docstring).
+
+    Raises:
+        ValueError: ``dates`` of another length than ``rasters``; two files without a date that share a stem (give
+            ``dates``).
+    """
+    paths = [os.fspath(p) for p in rasters]
+    if dates is not None and len(dates) != len(paths):
+        raise ValueError(f"--dates gives {len(dates)} dates for {len(paths)} rasters: give one per raster, in order.")
+    if dates is not None:
+        labels = [str(d).strip() for d in dates]
+    else:
+        labels = []
+        for path in paths:
+            label = date_label(path)
+            if label is None:
+                label = Path(path).stem
+                if label in labels:
+                    raise ValueError(f"Two rasters are named {label!r} and neither name holds a date: give each its "
+                                     "date with --dates (rasters of the same date are mosaicked).")  # fmt: skip
+            labels.append(label)
+    steps: dict[str, list[str]] = {}
+    for label, path in zip(labels, paths):
+        steps.setdefault(label, []).append(path)
+    order = list(steps)
+    if all(re.fullmatch(r"\d{4}-\d\d-\d\d", label) for label in order):
+        order.sort()
+    return [(label, steps[label]) for label in order]
+
+
+def combine_steps(means: np.ndarray, temporal: str = "concat") -> tuple[np.ndarray, np.ndarray]:
+    """Each polygon's step means as one vector (module docstring).
+
+    Args:
+        means: ``[T, Z, D]`` float, NaN rows where a polygon had no features at a step.
+        temporal: ``"concat"`` (``[Z, T · D]``, a step without features filled with the polygon's mean over its steps
+            with them) or ``"mean"`` (``[Z, D]``, that mean).
+
+    Returns:
+        ``(features, dates_seen)``: float32 features (NaN rows for polygons never seen) and ``[Z]`` int64 counts.
+    """
+    if temporal not in TEMPORAL_MODES:
+        raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, not {temporal!r}.")
+    means = np.asarray(means, np.float64)
+    steps, zones, dim = means.shape
+    seen = np.isfinite(means).all(axis=2)  # [T, Z]
+    count = seen.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        average = np.where(seen[..., None], means, 0.0).sum(axis=0) / count[:, None]  # [Z, D], NaN where never seen
+    if temporal == "mean":
+        return average.astype(np.float32), count.astype(np.int64)
+    filled = np.where(seen[..., None], means, average[None])  # [T, Z, D]
+    return filled.transpose(1, 0, 2).reshape(zones, steps * dim).astype(np.float32), count.astype(np.int64)
+
+
+def zone_time_series(
+    backbone: Any,
+    rasters: Sequence[str | os.PathLike[str]],
+    zones: Any,
+    *,
+    dates: Sequence[str] | None = None,
+    temporal: str = "concat",
+    normalization: Any = None,
+    bands: list[int] | None = None,
+    nodata: float | None = None,
+    window: int = 512,
+    margin: int = 64,
+    batch_size: int = 4,
+    device: str = "cpu",
+    amp: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Each polygon of ``zones`` embedded at every date of ``rasters`` (module docstring).
+
+    Args:
+        backbone: a ViT (``patch_size``, ``embed_dim``, ``get_intermediate_layers``).
+        rasters: georeferenced GeoTIFFs with the backbone's bands, one or more per date; zones: a ``GeoDataFrame``
+            (any CRS) or a vector file's path.
+        dates: one label per raster (default: the date in its name, :func:`date_label`).
+        temporal: ``"concat"`` or ``"mean"`` (:func:`combine_steps`).
+        normalization, bands, nodata, window, margin, batch_size, device, amp, progress: as
+            :func:`~dinov3_eo.tasks.zone_embeddings.zone_embeddings`, for every raster.
+
+    Returns:
+        ``zones`` with ``patch_mean``, ``dates_seen``, ``coverage``, ``patches`` and each step's ``coverage_<date>``,
+        ``patches_<date>``; how it was made (backbone, dates, their files, ``temporal``, ``time_steps``) in
+        ``attrs["dinov3_eo"]``.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`~dinov3_eo.tasks.zone_embeddings.zone_embeddings` and
+            :func:`time_steps`; an unknown ``temporal``; no rasters.
+    """
+    from dinov3_eo.tasks.zonal import read_zones
+    from dinov3_eo.tasks.zone_embeddings import backbone_record, zone_feature_sums
+
+    if not len(rasters):
+        raise ValueError("No rasters to embed the polygons on.")
+    if temporal not in TEMPORAL_MODES:
+        raise ValueError(f"temporal must be one of {TEMPORAL_MODES}, not {temporal!r}.")
+    steps = time_steps(rasters, dates)
+    frame = read_zones(zones)
+    means, coverage, patches = [], {}, {}
+    for label, paths in steps:
+        sums = weights = counts = None
+        share = np.zeros(len(frame))
+        for path in paths:
+            if progress:
+                print(f"{label}: {path}")
+            part = zone_feature_sums(backbone, path, frame, normalization=normalization, bands=bands, nodata=nodata,
+                                     window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
+                                     progress=progress)  # fmt: skip
+            # each file's areas are in its own CRS: pool the sums, add the coverage shares
+            sums = part.sums if sums is None else sums + part.sums
+            weights = part.weights if weights is None else weights + part.weights
+            counts = part.counts if counts is None else counts + part.counts
+            share += part.coverage()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means.append(sums / weights[:, None])
+        coverage[label], patches[label] = np.minimum(share, 1.0), counts
+    features, seen = combine_steps(np.stack(means), temporal)
+    out = frame.copy()
+    out["patch_mean"] = list(features)
+    out["dates_seen"] = seen
+    out["coverage"] = np.mean(list(coverage.values()), axis=0)
+    out["patches"] = np.sum(list(patches.values()), axis=0)
+    for label, _ in steps:
+        out[f"coverage_{label}"] = coverage[label]
+        out[f"patches_{label}"] = patches[label]
+    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "temporal": temporal, "time_steps": len(steps),
+                              "dates": [label for label, _ in steps], "source": [paths for _, paths in steps]}  # fmt: skip
+    return out
+
+
+__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "time_steps", "zone_time_series"]
