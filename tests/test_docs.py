@@ -302,3 +302,11 @@ def test_the_readme_zone_embeddings_example_maps_held_out_parcels(monkeypatch: p
     np.testing.assert_allclose(x_season[:, :96], x, rtol=1e-5, atol=1e-6)  # each date is that raster's embedding
     np.testing.assert_array_equal(x_season[:, 96:], x_season[:, :96])
     assert (series["dates_seen"] == 2).all() and list(series["name"]) == list(table["name"])
+
+
+def test_the_readme_onnx_example_runs_the_graph_on_the_sample(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("done = export_onnx(", monkeypatch)
+    info, cls_token, patch_features = scope["info"], scope["cls_token"], scope["patch_features"]
+    assert info["kind"] == "backbone" and info["input"] == "raw" and info["normalization"]["name"] == "percentile"
+    assert cls_token.shape == (1, 96) and patch_features.shape == (1, 96, 20, 14)
+    assert scope["done"].max_difference < 1e-4

@@ -748,7 +748,21 @@ def export_main(argv: Iterable[str]) -> int:
     parser.add_argument("-o", "--output", required=True, help="output prefix (writes PREFIX.pth, .safetensors, .json)")
     parser.add_argument("--name", default=None, choices=sorted(BACKBONES), help="backbone size (default: inferred)")
     parser.add_argument("--in-chans", type=int, default=None, help="input bands (RGB weights are inflated)")
+    onnx = parser.add_argument_group("ONNX", "one graph for ONNX Runtime, TensorRT, edge devices: PREFIX.onnx")
+    onnx.add_argument("--onnx", action="store_true", help="write PREFIX.onnx instead: a segmentation or height "
+                      "checkpoint's whole model (image -> probabilities and classes, or metres), else the backbone "
+                      "(image -> cls_token, patch_features); batch and sides dynamic, its metadata inside")  # fmt: skip
+    onnx.add_argument("--normalized-input", action="store_true", help="with --onnx, the graph takes normalised "
+                      "inputs (default: raw band values, normalised inside by the checkpoint's recorded normalisation)")  # fmt: skip
+    onnx.add_argument("--no-check", action="store_true", help="with --onnx, skip running the graph in ONNX Runtime "
+                      "against PyTorch on two input sizes")  # fmt: skip
+    onnx.add_argument("--overwrite", action="store_true", help="with --onnx, replace an existing PREFIX.onnx")
     args = parser.parse_args(list(argv))
+    if args.onnx:
+        return _export_onnx_cli(args)
+    if args.normalized_input or args.no_check:
+        print("dinov3-eo export: error: --normalized-input and --no-check are options of --onnx.", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         model = load_backbone(args.checkpoint, name=args.name, in_chans=args.in_chans)
         written = export_backbone(model, args.output, meta=model.meta)
@@ -757,6 +771,28 @@ def export_main(argv: Iterable[str]) -> int:
         return EXIT_BAD_INPUT
     for kind, p in written.items():
         print(f"{kind:>12}: {p}")
+    return 0
+
+
+def _export_onnx_cli(args: argparse.Namespace) -> int:
+    """``export CKPT -o PREFIX --onnx``: :func:`~dinov3_eo.inference.onnx_export.export_onnx`, its check printed."""
+    from dinov3_eo.inference.onnx_export import export_onnx
+
+    prefix = Path(args.output)
+    dst = prefix if prefix.suffix.lower() == ".onnx" else prefix.with_name(prefix.name + ".onnx")
+    try:
+        done = export_onnx(args.checkpoint, dst, name=args.name, in_chans=args.in_chans,
+                           normalized_input=args.normalized_input, check=not args.no_check, overwrite=args.overwrite)  # fmt: skip
+    except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
+        print(f"dinov3-eo export: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    meta = done.metadata
+    print(f"{meta['kind']} graph ({meta['backbone']}, {meta['in_chans']} bands, {meta['input']} input) -> "
+          f"{', '.join(meta['outputs'])} in {done.seconds:.1f} s")  # fmt: skip
+    if done.max_difference is not None:
+        agree = "" if done.class_disagreement is None else f", classes differing on {done.class_disagreement:.2%} of pixels"
+        print(f"checked in ONNX Runtime against PyTorch on two input sizes: max |difference| {done.max_difference:.2g}{agree}")
+    print(f"{'onnx':>12}: {done.path}")
     return 0
 
 
