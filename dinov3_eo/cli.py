@@ -43,6 +43,7 @@ EXPECTED_LIGHTNING_WARNINGS = (
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "quickstart": ("dinov3_eo.quickstart", "main", "pretrain, segment and map the bundled real scene end to end"),
     "stats": ("dinov3_eo.data.stats", "main", "per-band statistics of a GeoTIFF archive (ignores nodata)"),
+    "info": ("dinov3_eo.file_info", "info_main", "what a file is and holds: a checkpoint's stage, backbone, bands, normalisation and classes; probes, ONNX graphs, embedding tables, rasters, vectors"),
     "pretrain": ("dinov3_eo.ssl.cli", "pretrain_main", "DINOv3 pretraining (DINO + iBOT + KoLeo): fit --config ..."),
     "gram": ("dinov3_eo.ssl.cli", "gram_main", "Gram anchoring stage: fit --config ..."),
     "highres": ("dinov3_eo.ssl.cli", "highres_main", "high-resolution adaptation stage: fit --config ..."),

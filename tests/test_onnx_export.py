@@ -130,6 +130,9 @@ def test_export_onnx_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     assert "backbone graph (vitmicro16, 3 bands, raw input) -> cls_token, patch_features" in out
     assert "checked in ONNX Runtime against PyTorch on two input sizes: max |difference|" in out
     assert (tmp_path / "deploy.onnx").is_file() and not (tmp_path / "deploy.pth").exists()
+    assert cli_main(["info", str(tmp_path / "deploy.onnx")]) == 0  # what the graph takes and gives, from the file
+    described = capsys.readouterr().out
+    assert "ONNX graph (dinov3-eo export --onnx)" in described and '"patch_features"' in described
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
     # an existing graph is kept unless --overwrite; options of --onnx refused without it; a file that is no model
     assert cli_main(["export", str(pth), "-o", str(tmp_path / "deploy.onnx"), "--onnx", "--no-check"]) == 2
