@@ -138,7 +138,7 @@ def test_export_onnx_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     assert cli_main(["export", str(pth), "-o", str(tmp_path / "deploy.onnx"), "--onnx", "--no-check"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["export", str(pth), "-o", str(tmp_path / "x"), "--no-check"]) == 2
-    assert "options of --onnx" in capsys.readouterr().err
+    assert "are options of --onnx" in capsys.readouterr().err
     (tmp_path / "notes.pth").write_text("not a checkpoint")
     assert cli_main(["export", str(tmp_path / "notes.pth"), "-o", str(tmp_path / "n"), "--onnx"]) == 2
     assert "dinov3-eo export: error:" in capsys.readouterr().err and not (tmp_path / "n.onnx").exists()
@@ -150,3 +150,44 @@ def test_export_onnx_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
     onnx.save(bare, tmp_path / "bare.onnx")
     with pytest.raises(ValueError, match="holds no 'dinov3_eo' metadata"):
         read_onnx_metadata(tmp_path / "bare.onnx")
+
+
+def test_a_query_graph_maps_fixed_queries_as_query_does(tmp_path: Path) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from tiny_text import tiny_text_model
+
+    from dinov3_eo.tasks.openvocab import MapQuery
+
+    sample = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+    norm = {"mean": [0.0] * 3, "std": [1.0] * 3, "low": [6000.0] * 3, "high": [14000.0] * 3, "name": "percentile"}
+    model = tiny_text_model(tmp_path / "text.pt", norm)
+    queries = ["water", "crop field", "forest"]
+    done = export_onnx(model, tmp_path / "query.onnx", queries=queries)
+    meta = done.metadata
+    assert meta["kind"] == "query" and meta["queries"] == queries and meta["scores"] == "probability"
+    assert list(meta["outputs"]) == ["probabilities", "classes"] and done.class_disagreement < 1e-3
+    # a window of the real scene with data everywhere, mapped by `query` in one window: the same probabilities
+    with rasterio.open(sample) as src:
+        window = Window(200, 300, 96, 80)
+        image = src.read(window=window).astype(np.float32)
+        profile = src.profile | {"width": 96, "height": 80, "transform": src.window_transform(window), "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+    assert (image > 0).all()
+    with rasterio.open(tmp_path / "window.tif", "w", **profile) as out:
+        out.write(image.astype(np.uint16))
+    expected = MapQuery.from_checkpoint(model, window=128, device="cpu").query(tmp_path / "window.tif", queries).values
+    probabilities, classes = run(done.path, image[None])
+    assert probabilities.shape == (1, 3, 80, 96) and classes.shape == (1, 80, 96)
+    np.testing.assert_allclose(probabilities[0], expected, atol=2e-5)
+    assert (classes[0] == expected.argmax(axis=0)).mean() > 0.999
+    # one query: its cosine; a text model without queries, or queries for a backbone: refused in one sentence
+    one = export_onnx(model, tmp_path / "water.onnx", queries=["water"], check=False)
+    assert list(one.metadata["outputs"]) == ["cosine"] and run(one.path, image[None])[0].shape == (1, 1, 80, 96)
+    with pytest.raises(ValueError, match="is a text model: give the queries"):
+        export_onnx(model, tmp_path / "plain.onnx", check=False)
+    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro",
+                          meta=BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96))["pth"]  # fmt: skip
+    with pytest.raises(ValueError, match="is not one"):
+        export_onnx(pth, tmp_path / "q.onnx", queries=["water"], check=False)

@@ -9,6 +9,9 @@ What the graph computes depends on the checkpoint:
 * a segmentation checkpoint (``segment fit``): ``image`` → ``probabilities [B, K, H, W]`` (softmax) and
   ``classes [B, H, W]`` uint8, any ``H, W`` (the model pads inside, as ``segment predict`` does).
 * a height checkpoint (``height fit``): ``image`` → ``height_m [B, 1, H, W]``, metres, any ``H, W``.
+* a text model (``text fit``) with ``queries``: their open-vocabulary map, as ``query`` draws it: ``probabilities
+  [B, T, H, W]`` (softmax over the queries) and ``classes [B, H, W]`` uint8, or ``cosine [B, 1, H, W]`` for one
+  query. The queries' text embeddings are computed at export, so the graph needs no tokenizer or text tower.
 
 Batch and sides are dynamic. By default the graph takes **raw band values** (float32, as read from the GeoTIFF, in
 the checkpoint's band order) and applies the recorded input normalisation itself, so a deployment cannot feed a
@@ -26,6 +29,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,7 @@ from torch import Tensor, nn
 #: the ONNX ``metadata_props`` key holding the JSON that describes a graph
 ONNX_METADATA_KEY = "dinov3_eo"
 #: the kinds of graph a checkpoint becomes
-ONNX_KINDS = ("backbone", "segmentation", "height")
+ONNX_KINDS = ("backbone", "segmentation", "height", "query")
 #: protobuf's 2 GiB limit: larger graphs keep their weights in a ``.onnx.data`` file beside them
 _PROTO_LIMIT = 2**31 - 2**26
 
@@ -102,6 +106,24 @@ class HeightGraph(nn.Module):
         return self.model(self.normalize(image))
 
 
+class QueryGraph(nn.Module):
+    """``image [B, C, H, W]`` → open-vocabulary scores against queries fixed at export: ``(probabilities
+    [B, T, H, W], classes [B, H, W] uint8)`` for two or more (the softmax of ``query``), ``cosine [B, 1, H, W]``
+    for one."""
+
+    def __init__(self, scorer: nn.Module, normalization: Any = None, *, softmax: bool = True) -> None:
+        super().__init__()
+        self.normalize = InputNormalization(normalization) if normalization is not None else nn.Identity()
+        self.scorer, self.softmax = scorer, softmax
+
+    def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        scores = self.scorer(self.normalize(image))
+        if not self.softmax:
+            return scores
+        probabilities = scores.softmax(dim=1)
+        return probabilities, probabilities.argmax(dim=1).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class OnnxExport:
     """A written graph: its ``path``, its ``metadata``, the largest absolute difference between ONNX Runtime and
@@ -124,22 +146,35 @@ def _require_onnx() -> None:
                           "pip install 'dinov3_eo[onnx]'.") from e  # fmt: skip
 
 
+def _is_text_model(checkpoint: str | os.PathLike[str]) -> bool:
+    from dinov3_eo.tasks.openvocab import load_text_model
+
+    try:
+        load_text_model(checkpoint)
+    except Exception:  # any file that is not one
+        return False
+    return True
+
+
 def onnx_graph_for(checkpoint: str | os.PathLike[str], *, name: str | None = None, in_chans: int | None = None,
-                   normalized_input: bool = False) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+                   normalized_input: bool = False, queries: Sequence[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
     """The graph module for ``checkpoint`` and the metadata describing it (module docstring): a segmentation or
-    height checkpoint becomes its whole model, anything else its backbone (``name`` and ``in_chans`` as
-    :func:`~dinov3_eo.models.hub.load_backbone`).
+    height checkpoint becomes its whole model, a text model with ``queries`` their open-vocabulary map, anything
+    else its backbone (``name`` and ``in_chans`` as :func:`~dinov3_eo.models.hub.load_backbone`).
 
     Raises:
-        FileNotFoundError: no such file. CheckpointError, ValueError: a file no loader reads.
+        FileNotFoundError: no such file. CheckpointError, ValueError: a file no loader reads; ``queries`` for a
+            model without text, or a text model without them.
     """
     from dinov3_eo.data.normalization import Normalization
-    from dinov3_eo.models.hub import load_backbone
+    from dinov3_eo.models.hub import CheckpointError, load_backbone
     from dinov3_eo.tasks.height import load_height_model
     from dinov3_eo.tasks.segmentation import CHECKPOINT_KEY, SegmentationTask, is_segmentation_checkpoint
 
     if not Path(checkpoint).exists():
         raise FileNotFoundError(f"No checkpoint at {os.fspath(checkpoint)!r}.")
+    if queries is not None:
+        return _query_graph(checkpoint, list(queries), normalized_input=normalized_input)
     normalization: Normalization | None
     extra: dict[str, Any] = {}
     if is_segmentation_checkpoint(checkpoint):
@@ -160,7 +195,13 @@ def onnx_graph_for(checkpoint: str | os.PathLike[str], *, name: str | None = Non
             meta = model.meta
             extra = {"outputs": {"height_m": "[batch, 1, height, width] float32 (metres)"}}
         else:
-            model = load_backbone(checkpoint, name=name, in_chans=in_chans).eval()
+            try:
+                model = load_backbone(checkpoint, name=name, in_chans=in_chans).eval()
+            except CheckpointError:
+                if _is_text_model(checkpoint):
+                    raise ValueError(f"{os.fspath(checkpoint)} is a text model: give the queries its graph maps "
+                                     "(--queries water forest ...), fixed at export.") from None  # fmt: skip
+                raise
             meta = model.meta
             extra = {"outputs": {"cls_token": "[batch, embed_dim] float32",
                                  "patch_features": "[batch, embed_dim, height / patch_size, width / patch_size] float32"}}  # fmt: skip
@@ -180,6 +221,37 @@ def onnx_graph_for(checkpoint: str | os.PathLike[str], *, name: str | None = Non
         "side_multiple": 1 if kind != "backbone" else int(meta.patch_size),
         "source": os.fspath(checkpoint),
         **extra,
+    }  # fmt: skip
+    return graph.eval(), metadata
+
+
+def _query_graph(checkpoint: str | os.PathLike[str], queries: list[str], *, normalized_input: bool) -> tuple[nn.Module, dict[str, Any]]:
+    """A text model's open-vocabulary map for ``queries`` (their text embeddings computed now, template-ensembled as
+    ``query`` does, so the graph needs no tokenizer): probabilities over two or more, the cosine of one."""
+    from dinov3_eo.tasks.openvocab import MapQuery, OpenVocabScorer
+
+    if not _is_text_model(checkpoint):
+        raise ValueError(f"--queries map text onto images with a text model ('text fit'); {os.fspath(checkpoint)} "
+                         "is not one.")  # fmt: skip
+    engine = MapQuery.from_checkpoint(checkpoint, device="cpu")
+    embeddings = engine.text_embeddings(queries)
+    softmax = len(queries) > 1
+    scale = float(engine.model.logit_scale.detach().exp()) if softmax else 1.0
+    scorer = OpenVocabScorer(model=engine.model.eval(), embeddings=embeddings, scale=scale)
+    graph = QueryGraph(scorer, None if normalized_input else engine.normalization, softmax=softmax)
+    meta = engine.meta
+    outputs = ({"probabilities": "[batch, queries, height, width] float32 (softmax over the queries)",
+                "classes": "[batch, height, width] uint8 (query ids)"} if softmax
+               else {"cosine": "[batch, 1, height, width] float32 (cosine similarity to the query)"})  # fmt: skip
+    metadata = {
+        "kind": "query", "backbone": meta.name, "in_chans": int(meta.in_chans), "patch_size": int(meta.patch_size),
+        "embed_dim": int(meta.embed_dim), "bands": meta.bands, "gsd": meta.gsd,
+        "input": "normalized" if normalized_input else "raw", "normalization": engine.normalization.to_dict(),
+        "inputs": {"image": "[batch, bands, height, width] float32 "
+                            + ("(already normalised with 'normalization')" if normalized_input
+                               else "(raw band values: the graph normalises them)")},
+        "queries": queries, "templates": list(engine.templates), "scores": "probability" if softmax else "cosine",
+        "side_multiple": 1, "source": os.fspath(checkpoint), "outputs": outputs,
     }  # fmt: skip
     return graph.eval(), metadata
 
@@ -205,6 +277,7 @@ def export_onnx(
     name: str | None = None,
     in_chans: int | None = None,
     normalized_input: bool = False,
+    queries: Sequence[str] | None = None,
     check: bool = True,
     overwrite: bool = False,
 ) -> OnnxExport:
@@ -213,6 +286,7 @@ def export_onnx(
     Args:
         checkpoint: a backbone, segmentation or height checkpoint; name, in_chans: as ``load_backbone``.
         dst: the ``.onnx`` file. normalized_input: leave the input normalisation out of the graph.
+        queries: with a text model (``text fit``), the free-text classes its graph maps (fixed at export).
         check: run the written graph in ONNX Runtime on two input sizes and compare with PyTorch (needs
             onnxruntime; skipped without it).
 
@@ -230,7 +304,8 @@ def export_onnx(
         raise ValueError(f"An ONNX graph is written to a .onnx file, not {os.fspath(dst)!r}.")
     check_overwrite(dst, overwrite, inputs=[checkpoint])
     start = time.perf_counter()
-    graph, metadata = onnx_graph_for(checkpoint, name=name, in_chans=in_chans, normalized_input=normalized_input)
+    graph, metadata = onnx_graph_for(checkpoint, name=name, in_chans=in_chans, normalized_input=normalized_input,
+                                     queries=queries)  # fmt: skip
     output_names = list(metadata["outputs"])
     p, odd = int(metadata["patch_size"]), int(metadata["side_multiple"]) == 1
     # batch 2 and unequal sides: an example of 1 or of equal sides would be fixed into the graph; a dense model is
@@ -314,4 +389,4 @@ def read_onnx_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 __all__ = ["BackboneGraph", "HeightGraph", "InputNormalization", "ONNX_KINDS", "ONNX_METADATA_KEY", "OnnxExport",
-           "SegmentationGraph", "export_onnx", "onnx_graph_for", "read_onnx_metadata"]
+           "QueryGraph", "SegmentationGraph", "export_onnx", "onnx_graph_for", "read_onnx_metadata"]

@@ -752,6 +752,8 @@ def export_main(argv: Iterable[str]) -> int:
     onnx.add_argument("--onnx", action="store_true", help="write PREFIX.onnx instead: a segmentation or height "
                       "checkpoint's whole model (image -> probabilities and classes, or metres), else the backbone "
                       "(image -> cls_token, patch_features); batch and sides dynamic, its metadata inside")  # fmt: skip
+    onnx.add_argument("--queries", nargs="+", default=None, metavar="QUERY", help="with --onnx and a text model "
+                      "('text fit'): the graph maps these free-text classes (fixed at export), as 'query' does")  # fmt: skip
     onnx.add_argument("--normalized-input", action="store_true", help="with --onnx, the graph takes normalised "
                       "inputs (default: raw band values, normalised inside by the checkpoint's recorded normalisation)")  # fmt: skip
     onnx.add_argument("--no-check", action="store_true", help="with --onnx, skip running the graph in ONNX Runtime "
@@ -760,8 +762,8 @@ def export_main(argv: Iterable[str]) -> int:
     args = parser.parse_args(list(argv))
     if args.onnx:
         return _export_onnx_cli(args)
-    if args.normalized_input or args.no_check:
-        print("dinov3-eo export: error: --normalized-input and --no-check are options of --onnx.", file=sys.stderr)
+    if args.normalized_input or args.no_check or args.queries:
+        print("dinov3-eo export: error: --queries, --normalized-input and --no-check are options of --onnx.", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         model = load_backbone(args.checkpoint, name=args.name, in_chans=args.in_chans)
@@ -782,7 +784,8 @@ def _export_onnx_cli(args: argparse.Namespace) -> int:
     dst = prefix if prefix.suffix.lower() == ".onnx" else prefix.with_name(prefix.name + ".onnx")
     try:
         done = export_onnx(args.checkpoint, dst, name=args.name, in_chans=args.in_chans,
-                           normalized_input=args.normalized_input, check=not args.no_check, overwrite=args.overwrite)  # fmt: skip
+                           normalized_input=args.normalized_input, queries=args.queries, check=not args.no_check,
+                           overwrite=args.overwrite)  # fmt: skip
     except (CheckpointError, FileNotFoundError, FileExistsError, ValueError, ImportError) as e:
         print(f"dinov3-eo export: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
