@@ -95,7 +95,7 @@ def describe(path: str | os.PathLike[str]) -> FileInfo:
         meta = read_onnx_metadata(p)
         details = {"graph": meta.get("kind"), **_meta_details(meta), "input": meta.get("input"),
                    "inputs": meta.get("inputs"), "outputs": meta.get("outputs")}  # fmt: skip
-        for key in ("class_names", "nodata", "side_multiple", "source"):
+        for key in ("class_names", "queries", "scores", "nodata", "side_multiple", "source"):
             if meta.get(key) is not None:
                 details[key.replace("_", " ")] = meta[key]
         return FileInfo(os.fspath(path), "ONNX graph (dinov3-eo export --onnx)", details)

@@ -10,25 +10,24 @@ import numpy as np
 import pytest
 import shapely
 import torch
+from micro_backbone import MICRO_NORM, micro_backbone_file
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.file_info import describe
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
+from dinov3_eo.models.hub import load_backbone, to_timm
 from dinov3_eo.models.vit import build_backbone
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample"
-NORM = {"mean": [0.4, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "low": [0, 0, 0], "high": [255, 255, 255], "name": "test"}
+NORM = MICRO_NORM
 
 
 def test_backbones_in_every_layout(tmp_path: Path) -> None:
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96, bands=["B4", "B3", "B2"],
-                        normalization=NORM, gsd=10.0)  # fmt: skip
-    model = build_backbone("vitmicro16", in_chans=3)
-    written = export_backbone(model, tmp_path / "micro", meta=meta)
+    pth = micro_backbone_file(tmp_path, bands=["B4", "B3", "B2"], gsd=10.0)
+    model = load_backbone(pth)
     params = sum(p.numel() for p in model.parameters())
-    for key in ("pth", "safetensors", "json"):
-        info = describe(written[key])
+    for suffix in (".pth", ".safetensors", ".json"):
+        info = describe(pth.with_suffix(suffix))
         assert info.kind.startswith("backbone")
         d = info.details
         assert d["architecture"] == "vitmicro16" and d["layout"] == "official" and d["blocks"] == model.n_blocks
@@ -36,7 +35,7 @@ def test_backbones_in_every_layout(tmp_path: Path) -> None:
         assert d["parameters"] == f"{params / 1e6:.1f} M" and d["gsd (m)"] == 10.0
         assert d["input normalisation"] == "test; clip [0.0, 0.0, 0.0]..[255.0, 255.0, 255.0] to [0, 1]; mean [0.4, 0.4, 0.3], std [0.2, 0.2, 0.2]"
     # a bare state dict in timm's layout: no metadata, so no normalisation to give
-    timm_sd = __import__("dinov3_eo.models.hub", fromlist=["x"]).to_timm(model).state_dict()
+    timm_sd = to_timm(model).state_dict()
     torch.save(timm_sd, tmp_path / "timm.pth")
     d = describe(tmp_path / "timm.pth").details
     assert d["layout"] == "timm" and d["architecture"] == "vitmicro16"

@@ -10,16 +10,17 @@ import onnxruntime as ort
 import pytest
 import rasterio
 import torch
+from micro_backbone import MICRO_NORM, micro_backbone_file
 from rasterio.windows import Window
+from tiny_text import tiny_text_model
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.data.normalization import Normalization
 from dinov3_eo.inference.onnx_export import export_onnx, read_onnx_metadata
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
+from dinov3_eo.models.hub import load_backbone
 
 CROP = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"  # 250 x 230 Landsat RGB at 300 m, nodata 0 (CC0)
-NORM = {"mean": [0.4, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "low": [0, 0, 0], "high": [255, 255, 255], "name": "test"}
+NORM = MICRO_NORM
 
 pytestmark = pytest.mark.slow  # each export traces the model (8-20 s)
 
@@ -37,11 +38,8 @@ def run(path: Path, image: np.ndarray) -> list[np.ndarray]:
 
 
 def test_a_backbone_graph_gives_the_backbones_features_from_raw_values(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96, bands=["red", "green", "blue"],
-                        normalization=NORM, gsd=300.0)  # fmt: skip
-    backbone = build_backbone("vitmicro16", in_chans=3, layerscale_init=1.0).eval()
-    pth = export_backbone(backbone, tmp_path / "micro", meta=meta)["pth"]
+    pth = micro_backbone_file(tmp_path, seed=0, bands=["red", "green", "blue"], gsd=300.0, layerscale_init=1.0)
+    backbone = load_backbone(pth)
     done = export_onnx(pth, tmp_path / "micro.onnx")
     assert done.path.is_file() and done.max_difference is not None and done.max_difference < 1e-4
     assert done.class_disagreement is None
@@ -123,8 +121,7 @@ def test_a_height_graph_gives_the_models_metres(tmp_path: Path) -> None:
 
 
 def test_export_onnx_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96, normalization=NORM)
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro", meta=meta)["pth"]
+    pth = micro_backbone_file(tmp_path)
     assert cli_main(["export", str(pth), "-o", str(tmp_path / "deploy"), "--onnx"]) == 0
     out = capsys.readouterr().out
     assert "backbone graph (vitmicro16, 3 bands, raw input) -> cls_token, patch_features" in out
@@ -153,11 +150,6 @@ def test_export_onnx_from_the_command_line(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_a_query_graph_maps_fixed_queries_as_query_does(tmp_path: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_text import tiny_text_model
-
     from dinov3_eo.tasks.openvocab import MapQuery
 
     sample = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
@@ -187,7 +179,6 @@ def test_a_query_graph_maps_fixed_queries_as_query_does(tmp_path: Path) -> None:
     assert list(one.metadata["outputs"]) == ["cosine"] and run(one.path, image[None])[0].shape == (1, 1, 80, 96)
     with pytest.raises(ValueError, match="is a text model: give the queries"):
         export_onnx(model, tmp_path / "plain.onnx", check=False)
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), tmp_path / "micro",
-                          meta=BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96))["pth"]  # fmt: skip
+    pth = micro_backbone_file(tmp_path)
     with pytest.raises(ValueError, match="is not one"):
         export_onnx(pth, tmp_path / "q.onnx", queries=["water"], check=False)

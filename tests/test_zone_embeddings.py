@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
-import torch
+from micro_backbone import micro_backbone_file
 
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.models.hub import BackboneMeta, export_backbone
-from dinov3_eo.models.vit import build_backbone
 from dinov3_eo.tasks.features import input_normalization, resolve_backbone, write_features
 from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings, write_zone_embeddings, zone_embeddings
 
@@ -22,12 +20,8 @@ CROP = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"  # 250 x 2
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("zones")
-    meta = BackboneMeta(name="vitmicro16", in_chans=3, patch_size=16, embed_dim=96,
-                        normalization={"mean": [0.4, 0.4, 0.3], "std": [0.2, 0.2, 0.2], "low": [0, 0, 0],
-                                       "high": [255, 255, 255], "name": "test"})  # fmt: skip
-    pth = export_backbone(build_backbone("vitmicro16", in_chans=3), folder / "micro", meta=meta)["pth"]
+    pth = micro_backbone_file(folder, seed=0)
     backbone = resolve_backbone(pth)
     norm = input_normalization(backbone.meta, None)
     features = write_features(backbone, CROP, folder / "feats.tif", normalization=norm, window=96, progress=False)
