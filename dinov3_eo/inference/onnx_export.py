@@ -67,61 +67,56 @@ class InputNormalization(nn.Module):
         return (x - self.mean) / self.std
 
 
-class BackboneGraph(nn.Module):
-    """``image [B, C, H, W]`` → ``(cls_token [B, D], patch_features [B, D, H/p, W/p])``: the last block, normed."""
+class _ModelGraph(nn.Module):
+    """``model`` behind the input normalisation, when one is given (the graph then takes raw band values)."""
 
-    def __init__(self, backbone: nn.Module, normalization: Any = None) -> None:
+    def __init__(self, model: nn.Module, normalization: Any = None) -> None:
         super().__init__()
         self.normalize = InputNormalization(normalization) if normalization is not None else nn.Identity()
-        self.backbone = backbone
+        self.model = model
+
+
+def _probabilities_and_classes(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, K, H, W]`` logits → their softmax and ``[B, H, W]`` uint8 argmax."""
+    probabilities = logits.softmax(dim=1)
+    return probabilities, probabilities.argmax(dim=1).to(torch.uint8)
+
+
+class BackboneGraph(_ModelGraph):
+    """``image [B, C, H, W]`` → ``(cls_token [B, D], patch_features [B, D, H/p, W/p])``: the last block, normed."""
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        ((patch, cls),) = self.backbone.get_intermediate_layers(self.normalize(image), n=1, reshape=True,
-                                                                return_class_token=True, norm=True)  # fmt: skip
+        ((patch, cls),) = self.model.get_intermediate_layers(self.normalize(image), n=1, reshape=True,
+                                                             return_class_token=True, norm=True)  # fmt: skip
         return cls, patch
 
 
-class SegmentationGraph(nn.Module):
+class SegmentationGraph(_ModelGraph):
     """``image [B, C, H, W]`` → ``(probabilities [B, K, H, W], classes [B, H, W] uint8)``."""
 
-    def __init__(self, model: nn.Module, normalization: Any = None) -> None:
-        super().__init__()
-        self.normalize = InputNormalization(normalization) if normalization is not None else nn.Identity()
-        self.model = model
-
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        probabilities = self.model(self.normalize(image)).softmax(dim=1)
-        return probabilities, probabilities.argmax(dim=1).to(torch.uint8)
+        return _probabilities_and_classes(self.model(self.normalize(image)))
 
 
-class HeightGraph(nn.Module):
+class HeightGraph(_ModelGraph):
     """``image [B, C, H, W]`` → ``height_m [B, 1, H, W]``."""
-
-    def __init__(self, model: nn.Module, normalization: Any = None) -> None:
-        super().__init__()
-        self.normalize = InputNormalization(normalization) if normalization is not None else nn.Identity()
-        self.model = model
 
     def forward(self, image: Tensor) -> Tensor:
         return self.model(self.normalize(image))
 
 
-class QueryGraph(nn.Module):
-    """``image [B, C, H, W]`` → open-vocabulary scores against queries fixed at export: ``(probabilities
-    [B, T, H, W], classes [B, H, W] uint8)`` for two or more (the softmax of ``query``), ``cosine [B, 1, H, W]``
-    for one."""
+class QueryGraph(_ModelGraph):
+    """``image [B, C, H, W]`` → open-vocabulary scores of a scorer (``OpenVocabScorer``) against queries fixed at
+    export: ``(probabilities [B, T, H, W], classes [B, H, W] uint8)`` for two or more (the softmax of ``query``),
+    ``cosine [B, 1, H, W]`` for one (``softmax=False``)."""
 
     def __init__(self, scorer: nn.Module, normalization: Any = None, *, softmax: bool = True) -> None:
-        super().__init__()
-        self.normalize = InputNormalization(normalization) if normalization is not None else nn.Identity()
-        self.scorer, self.softmax = scorer, softmax
+        super().__init__(scorer, normalization)
+        self.softmax = softmax
 
     def forward(self, image: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        scores = self.scorer(self.normalize(image))
-        if not self.softmax:
-            return scores
-        probabilities = scores.softmax(dim=1)
-        return probabilities, probabilities.argmax(dim=1).to(torch.uint8)
+        scores = self.model(self.normalize(image))
+        return _probabilities_and_classes(scores) if self.softmax else scores
 
 
 @dataclass(frozen=True)
