@@ -83,6 +83,21 @@ def test_each_zone_is_the_area_weighted_mean_of_its_patches(setup: dict) -> None
         write_zone_embeddings(table, setup["folder"] / "z.gpkg")
 
 
+def test_only_the_windows_under_polygons_are_embedded(setup: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    t, grid, backbone = setup["transform"], setup["grid"], setup["backbone"]
+    cell = abs(t.a)
+    embedded = []
+    forward = backbone.get_intermediate_layers
+    monkeypatch.setattr(backbone, "get_intermediate_layers", lambda x, **kw: embedded.append(len(x)) or forward(x, **kw))
+    # 96-px windows are 6 x 6 patches: the grid's 16 x 15 patches make 3 x 3 windows; a parcel in the middle one
+    zone = shapely.box(t.c + 7.2 * cell, t.f - 10.5 * cell, t.c + 9.5 * cell, t.f - 8.1 * cell)
+    frame = gpd.GeoDataFrame({"name": ["middle"]}, geometry=[zone], crs=setup["crs"])
+    table = zone_embeddings(backbone, CROP, frame, normalization=setup["norm"], window=96, progress=False)
+    assert sum(embedded) == 1  # of the 9 windows
+    expected, _ = reference_mean(zone, grid, t)  # from every window's features: the same
+    np.testing.assert_allclose(table["patch_mean"][0], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_embed_zones_from_the_command_line(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     t = setup["transform"]
     cell = abs(t.a)

@@ -192,6 +192,10 @@ def test_time_series_from_the_command_line_and_probes_that_check_the_dates(
     np.testing.assert_allclose(read_zone_embeddings(other)[1], x, rtol=1e-6)  # the same files in date order
     assert cli_main(["classify", "predict", "--zones", str(other), "--probe", str(probe), "-o",
                      str(tmp_path / "other.csv"), "--overwrite"]) == 0  # fmt: skip
+    # a quoted glob of the season's files: the same table
+    globbed = tmp_path / "globbed.parquet"
+    assert cli_main(["embed", str(folder / "cli_2022*.tif"), *base, "-o", str(globbed)]) == 0
+    np.testing.assert_allclose(read_zone_embeddings(globbed)[1], x, rtol=1e-6)
     # one date, or the dates averaged: refused by a probe of two dates one after the other
     one = tmp_path / "one.parquet"
     assert cli_main(["embed", str(dates[0]), *base, "-o", str(one)]) == 0

@@ -138,6 +138,7 @@ def stream_patch_features(
     device: str | torch.device = "cpu",
     amp: bool = False,
     progress: bool = True,
+    keep: Callable[[Window], bool] | None = None,
 ) -> Iterator[tuple[Window, np.ndarray]]:
     """Yield ``(patch window, features (D, h, w) float32)`` covering the feature grid of ``src`` once.
 
@@ -151,6 +152,8 @@ def stream_patch_features(
         batch_size: tiles per forward pass.
         amp: run the backbone under bf16 autocast (on any device; on a CPU worth it only with bf16
             instructions, see ``scripts/bench_cpu_bf16.py``); features are returned as float32 either way.
+        keep: only the core tiles (patch windows) for which it is true are read, embedded and yielded (polygons
+            over part of a scene); each tile's features do not depend on which others run.
 
     Features are the normed last-layer patch tokens; patches without a valid pixel are NaN.
 
@@ -168,7 +171,7 @@ def stream_patch_features(
     if normalization is not None and normalization.num_bands != n_bands:
         raise ValueError(f"Normalisation {normalization.name!r} has {normalization.num_bands} bands, {src.name!r} gives {n_bands}.")
     grid = FeatureGrid.of(src, patch)
-    tiles = list(_core_tiles(grid, core))
+    tiles = [tile for tile in _core_tiles(grid, core) if keep is None or keep(tile)]
     side = (core + 2 * pad) * patch  # every read has the same size, so batches stack
 
     def read(tile: Window) -> tuple[Tensor, np.ndarray]:
@@ -507,8 +510,9 @@ def embed_main(argv: Sequence[str]) -> int:
                        "area in each patch, as patch_mean in a GeoParquet OUTPUT with coverage and patches; "
                        "several INPUTs: a time series, each polygon's features at every date")  # fmt: skip
     zones.add_argument("--dates", nargs="+", default=None, metavar="DATE", help="with --zones and several INPUTs, "
-                       "each one's date (default: the YYYYMMDD or YYYY-MM-DD in its name); the same date twice: "
-                       "scenes of one date, mosaicked")  # fmt: skip
+                       "each one's date, in their order (a quoted glob or a folder: its files sorted by name; "
+                       "default: the YYYYMMDD or YYYY-MM-DD in each name); the same date twice: scenes of one date, "
+                       "mosaicked")  # fmt: skip
     zones.add_argument("--temporal", choices=("concat", "mean"), default="concat", help="with several dates, "
                        "patch_mean is the dates' features one after the other (concat, default: a season's course) "
                        "or their mean")  # fmt: skip
@@ -524,15 +528,20 @@ def embed_main(argv: Sequence[str]) -> int:
             raise ValueError("--zones embeds polygons over a GeoTIFF; leave out --chips and --tiles.")
         if Path(args.output).suffix.lower() != ".parquet":
             raise ValueError(f"With --zones the output is a GeoParquet table (.parquet), not {args.output!r}.")
-        check_overwrite(args.output, args.overwrite, inputs=[*inputs, args.zones])
-        backbone, norm, device = _prepare(args, inputs)
+        from dinov3_eo.data.index import expand_sources
+
+        # a quoted glob or a folder of a season's scenes: each expands (sorted) where it stands among the inputs
+        rasters = [path for item in inputs for path in expand_sources(item)]
+        args.input = rasters[0]
+        check_overwrite(args.output, args.overwrite, inputs=[*rasters, args.zones])
+        backbone, norm, device = _prepare(args, rasters)
         run = {"normalization": norm, "bands": args.bands, "nodata": args.nodata, "window": args.window,
                "margin": args.margin, "batch_size": args.batch_size, "device": device, "amp": args.bf16,
                "progress": not args.quiet}  # fmt: skip
-        if len(inputs) == 1 and args.dates is None:
+        if len(rasters) == 1 and args.dates is None:
             table = zone_embeddings(backbone, args.input, args.zones, **run)
         else:
-            table = zone_time_series(backbone, inputs, args.zones, dates=args.dates, temporal=args.temporal, **run)
+            table = zone_time_series(backbone, rasters, args.zones, dates=args.dates, temporal=args.temporal, **run)
         seen = int((table["patches"] > 0).sum())
         steps = table.attrs["dinov3_eo"].get("dates")
         print(f"{len(table)} polygons embedded ({seen} with features, mean coverage {table['coverage'].mean():.2f})"

@@ -6,8 +6,8 @@ patches it overlaps, each weighted by the area of the polygon inside it (exact p
 parcel smaller than a patch takes the features of the patches it lies in, in proportion, and one that straddles a
 nodata edge is the mean of its patches that saw data. The scene is streamed window by window
 (:func:`~dinov3_eo.tasks.features.stream_patch_features`: memory flat in its size; the zones' sums, ``[zones, D]``
-float64, are what grows). Each row also says how much of the polygon had features (``coverage``) and over how many
-patches (``patches``).
+float64, are what grows), and only the windows some polygon meets are embedded. Each row also says how much of the
+polygon had features (``coverage``) and over how many patches (``patches``).
 
 ``dinov3-eo embed SCENE.tif --zones parcels.gpkg --model BACKBONE.pth -o parcels.parquet`` writes the table as
 GeoParquet: the zones' own columns and geometry (in their CRS), ``patch_mean`` (a list of D floats), ``coverage``
@@ -89,17 +89,20 @@ def zone_feature_sums(
         sums = np.zeros((len(frame), dim), np.float64)
         weights = np.zeros(len(frame), np.float64)
         counts = np.zeros(len(frame), np.int64)
+        def near_zones(tile: rasterio.windows.Window) -> np.ndarray:
+            return zone_tree.query(shapely.box(*rasterio.windows.bounds(tile, grid.transform)), predicate="intersects")
+
+        # windows that no polygon meets are never read nor embedded: parcels over a corner of a tile cost the corner
         for tile, feats in stream_patch_features(backbone, src, normalization=normalization, bands=bands, nodata=nodata,
                                                  window=window, margin=margin, batch_size=batch_size, device=device,
-                                                 amp=amp, progress=progress):  # fmt: skip
+                                                 amp=amp, progress=progress,
+                                                 keep=lambda tile: len(near_zones(tile)) > 0):  # fmt: skip
             rows, cols = (a.ravel() for a in np.mgrid[0 : int(tile.height), 0 : int(tile.width)])
             seen = np.isfinite(feats[0, rows, cols])
             rows, cols = rows[seen], cols[seen]  # [K] the tile's cells with features
             if not len(rows):
                 continue
-            near = zone_tree.query(shapely.box(*rasterio.windows.bounds(tile, grid.transform)), predicate="intersects")
-            if not len(near):
-                continue
+            near = near_zones(tile)
             boxes = tile_boxes(grid.transform, 1, rows + int(tile.row_off), cols + int(tile.col_off))
             # every (zone, cell) pair that meets, and the area they share, for all the window's zones at once
             which, cell = shapely.STRtree(boxes).query(polygons[near], predicate="intersects")
