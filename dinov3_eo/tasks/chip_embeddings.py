@@ -415,6 +415,14 @@ def read_table_footprints(path: str | os.PathLike[str]) -> Any:
     return frame.set_index("path").geometry
 
 
+def cosine_to_mean(bank: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """``[N]``: the cosine similarity of each row of ``bank`` ``[N, D]`` to the mean of ``examples`` ``[M, D]`` (a
+    query by several examples); NaN rows of ``bank`` give NaN."""
+    query = np.asarray(examples, np.float64).mean(axis=0)
+    bank = np.asarray(bank, np.float64)
+    return bank @ (query / max(float(np.linalg.norm(query)), 1e-12)) / np.maximum(np.linalg.norm(bank, axis=1), 1e-12)
+
+
 def nearest_chips(table: ChipEmbeddings, examples: ChipEmbeddings, *, k: int = 20,
                   features: str = "cls+patch_mean") -> list[tuple[str, float]]:  # fmt: skip
     """The ``k`` chips of ``table`` most like the ``examples`` (one chip, or several: their mean), by cosine
@@ -423,9 +431,7 @@ def nearest_chips(table: ChipEmbeddings, examples: ChipEmbeddings, *, k: int = 2
     Returns:
         ``[(path, similarity)]``.
     """
-    bank = chip_features(table, features)
-    query = chip_features(examples, features).mean(axis=0)
-    similarity = bank @ (query / max(float(np.linalg.norm(query)), 1e-12)) / np.maximum(np.linalg.norm(bank, axis=1), 1e-12)
+    similarity = cosine_to_mean(chip_features(table, features), chip_features(examples, features))
     shown = {os.path.realpath(p) for p in examples.paths}
     order = [i for i in np.argsort(-similarity, kind="stable") if os.path.realpath(table.paths[i]) not in shown]
     return [(table.paths[i], float(similarity[i])) for i in order[:k]]
@@ -437,6 +443,7 @@ __all__ = [
     "ChipEmbeddings",
     "chip_features",
     "chip_model_input",
+    "cosine_to_mean",
     "embed_batch",
     "embed_chips",
     "embed_chip_views",

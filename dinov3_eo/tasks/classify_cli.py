@@ -775,23 +775,17 @@ def _test_zones(args: Any) -> None:
 
 def _predict_zones(args: Any) -> None:
     """``classify predict --zones parcels.parquet --probe probe.safetensors -o parcels_classes.gpkg``."""
-    from dinov3_eo.inference.writers import FEATURE_SUFFIXES, atomic_output, write_features
     from dinov3_eo.tasks.zone_classification import check_zone_table, zone_predictions
-    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_embeddings, write_zone_rows
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
-    suffix = Path(args.output).suffix.lower()
-    if suffix not in (*FEATURE_SUFFIXES, ".parquet"):
+    if Path(args.output).suffix.lower() not in ZONE_ROW_SUFFIXES:
         raise ValueError(f"Polygon predictions are written as .gpkg, .geojson, .csv or .parquet, not {args.output!r}.")
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
     check_zone_table(probe, table, args.zones, x)
     predicted = zone_predictions(table, x, probe)
-    if suffix == ".parquet":
-        with atomic_output(args.output, overwrite=args.overwrite) as tmp:
-            predicted.to_parquet(tmp)
-    else:
-        write_features(predicted, args.output, layer="predictions", overwrite=args.overwrite)
+    write_zone_rows(predicted, args.output, layer="predictions", overwrite=args.overwrite)
     named = predicted["class"][predicted["class"] != ""]
     counts = named.value_counts()
     print(", ".join(f"{name} {counts.get(name, 0)}" for name in probe.classes if counts.get(name, 0))

@@ -332,6 +332,10 @@ def _parser() -> argparse.ArgumentParser:
     chips.add_argument("-k", type=int, default=20, help="with --chips, how many chips to list (default 20)")
     chips.add_argument("--features", default="cls+patch_mean", choices=FEATURES,
                        help="with --chips, which embedding columns are compared (default cls+patch_mean)")
+    zones = p.add_argument_group("polygons", "dinov3-eo similar --zones TABLE --like COLUMN=VALUE -o matches.gpkg "
+                                 "[-k 20]: the polygons of an 'embed --zones' table most like the ones picked, no "
+                                 "backbone (see 'similar --zones --help')")  # fmt: skip
+    zones.add_argument("--zones", default=None, metavar="TABLE", help="search this zone table instead")
     return p
 
 
@@ -392,6 +396,10 @@ def similar_main(argv: Sequence[str]) -> int:
     from dinov3_eo.inference.predict import window_settings
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
+    if any(a == "--zones" or a.startswith("--zones=") for a in argv):  # a zone table holds its features: no scene,
+        from dinov3_eo.tasks.zone_search import similar_zones_main  # no backbone, its own options
+
+        return similar_zones_main(argv)
     args = _parser().parse_args(list(argv))
     prog = "dinov3-eo similar"
     if args.chips:

@@ -308,10 +308,10 @@ def _class_columns(counts: _ClassCounts, names: Sequence[str], hectares: float |
 
 
 def zonal_picture(dst: str | os.PathLike[str], frame: Any, column: str, *, raster: str | os.PathLike[str] | None = None,
-                  title: str | None = None, overwrite: bool = False) -> Path:  # fmt: skip
+                  title: str | None = None, outline: Any = None, overwrite: bool = False) -> Path:  # fmt: skip
     """A map of the zones filled by ``column`` (numbers on a colour bar; names as categories with a legend) around
     the zones that have a value, zones without one hatched grey; with ``raster``, drawn in its CRS over its first
-    band in grey."""
+    band in grey; ``outline``: polygons (a GeoDataFrame in the zones' CRS) drawn over them in red."""
     from matplotlib.figure import Figure
     from pandas.api.types import is_numeric_dtype
     from rasterio.enums import Resampling
@@ -338,6 +338,8 @@ def zonal_picture(dst: str | os.PathLike[str], frame: Any, column: str, *, raste
         frame[~missing].plot(ax=ax, column=column, cmap="viridis" if numeric else "tab20", legend=True,
                              categorical=not numeric, edgecolor="0.3", linewidth=0.3,
                              legend_kwds={"label": column, "shrink": 0.7} if numeric else {"fontsize": 7})  # fmt: skip
+        if outline is not None and len(outline):
+            outline.to_crs(frame.crs).boundary.plot(ax=ax, color="red", linewidth=1.2)
         x0, y0, x1, y1 = frame[~missing].total_bounds  # zones far off the map would shrink the ones on it to dots
         pad = 0.05 * max(x1 - x0, y1 - y0, 1e-9)
         ax.set_xlim(x0 - pad, x1 + pad)

@@ -199,6 +199,28 @@ def write_zone_embeddings(table: Any, dst: str | os.PathLike[str], *, overwrite:
     return Path(dst)
 
 
+#: what a table of polygons from a zone table (predictions, matches) is written as
+ZONE_ROW_SUFFIXES = (".gpkg", ".geojson", ".csv", ".parquet")
+
+
+def write_zone_rows(frame: Any, dst: str | os.PathLike[str], *, layer: str, overwrite: bool = False) -> Path:
+    """Polygons with their columns (no ``patch_mean``) written atomically by ``dst``'s suffix: GeoPackage, GeoJSON,
+    CSV (:func:`~dinov3_eo.inference.writers.write_features`) or GeoParquet.
+
+    Raises:
+        ValueError: another suffix. FileExistsError: ``dst`` exists and ``overwrite`` is false.
+    """
+    from dinov3_eo.inference.writers import atomic_output, write_features
+
+    if Path(dst).suffix.lower() not in ZONE_ROW_SUFFIXES:
+        raise ValueError(f"Polygons are written as {', '.join(ZONE_ROW_SUFFIXES)}, not {os.fspath(dst)!r}.")
+    if Path(dst).suffix.lower() != ".parquet":
+        return write_features(frame, dst, layer=layer, overwrite=overwrite)
+    with atomic_output(dst, overwrite=overwrite) as tmp:
+        frame.to_parquet(tmp)
+    return Path(dst)
+
+
 def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
     """A table written by :func:`write_zone_embeddings`: ``(the GeoDataFrame, its patch_mean as [N, D] float32)``,
     how it was made in the frame's ``attrs["dinov3_eo"]``.
@@ -220,5 +242,5 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
     return table, x
 
 
-__all__ = ["ZoneSums", "backbone_record", "read_zone_embeddings", "write_zone_embeddings", "zone_embeddings",
-           "zone_feature_sums"]
+__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "write_zone_embeddings",
+           "write_zone_rows", "zone_embeddings", "zone_feature_sums"]

@@ -1,0 +1,73 @@
+"""``similar --zones``: the polygons of a zone table most like the ones picked, ranked by cosine, with no backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from micro_backbone import micro_backbone_file
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+from dinov3_eo.tasks.zone_search import examples_of, zones_like
+
+SCENE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+POLYGONS = SCENE.with_name("landsat8_224078_polygons.gpkg")  # water, crop, tree, developed (~15 ha each)
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled scene's four land-cover polygons cut into four strips each, embedded by a random micro ViT."""
+    folder = tmp_path_factory.mktemp("zone_search")
+    rows = []
+    for name, shape in zip(*(lambda f: (f["name"], f.geometry))(gpd.read_file(POLYGONS))):
+        x0, y0, x1, y1 = shape.bounds
+        edges = np.linspace(x0, x1, 5)
+        rows += [{"name": name, "strip": k, "geometry": shape & shapely.box(a, y0, b, y1)}
+                 for k, (a, b) in enumerate(zip(edges, edges[1:]))]  # fmt: skip
+    rows.append({"name": "nowhere", "strip": 0, "geometry": shapely.box(0, 0, 10, 10)})  # off the scene
+    gpd.GeoDataFrame(rows, crs=gpd.read_file(POLYGONS).crs).to_file(folder / "parcels.gpkg")
+    pth = micro_backbone_file(folder, seed=0, normalization=None, layerscale_init=1.0)
+    out = folder / "parcels.parquet"
+    assert cli_main(["embed", str(SCENE), "--model", str(pth), "--normalization", "none", "--zones",
+                     str(folder / "parcels.gpkg"), "-o", str(out), "--quiet"]) == 0  # fmt: skip
+    return out
+
+
+def test_polygons_are_ranked_by_cosine_to_the_examples_mean(table: Path) -> None:
+    frame, x = read_zone_embeddings(table)
+    examples = examples_of(frame, ["name=water"])
+    assert examples.sum() == 4
+    assert examples_of(frame, ["name=water", "strip=3"]).sum() == 4 + 3  # any condition; numbers compared as text
+    matches = zones_like(frame, x, examples, k=5)
+    assert list(matches["rank"]) == [0, 0, 0, 0, 1, 2, 3, 4, 5] and matches["example"].sum() == 4
+    query = x[examples].mean(axis=0)
+    for _, row in matches.iterrows():  # against the cosine written out
+        v = x[(frame["name"] == row["name"]).to_numpy() & (frame["strip"] == row["strip"]).to_numpy()][0]
+        assert row["similarity"] == pytest.approx(v @ query / np.linalg.norm(v) / np.linalg.norm(query), abs=1e-6)
+    others = matches["similarity"].to_numpy()[4:]
+    assert (np.diff(others) <= 0).all() and "patch_mean" not in matches.columns
+    everyone = zones_like(frame, x, examples, k=0)
+    assert len(everyone) == len(frame) - 1  # all but the polygon off the scene, which has no features
+    assert np.isnan(everyone.attrs["similarity"][-1])
+
+
+def test_similar_zones_from_the_command_line(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "like_water.gpkg"
+    assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-k", "3", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4 example polygon(s); the 3 most like them kept" in printed and str(out.with_suffix(".png")) in printed
+    written = gpd.read_file(out)
+    assert len(written) == 7 and list(written["rank"]) == [0, 0, 0, 0, 1, 2, 3] and out.with_suffix(".png").stat().st_size > 0
+    assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-o", str(tmp_path / "m.csv")]) == 0
+    capsys.readouterr()
+    for like, message in ((["water"], "takes COLUMN=VALUE"), (["crop=rice"], "no column 'crop'"),
+                          (["name=rice"], "No polygon of"), (["name=nowhere"], "None of the example polygons has features")):  # fmt: skip
+        assert cli_main(["similar", "--zones", str(table), "--like", *like, "-o", str(tmp_path / "x.gpkg")]) == 2
+        assert message in capsys.readouterr().err
+    assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-o", str(out)]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / "x.gpkg").exists()
