@@ -59,6 +59,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "query": ("dinov3_eo.tasks.openvocab", "query_main", "open-vocabulary maps of a GeoTIFF from free text"),
     "height": ("dinov3_eo.tasks.height", "main", "canopy height: fit / predict / evaluate in metres, calibrate against GEDI shots or LiDAR, change between two dates, individual trees (tops and crowns)"),
     "sample": ("dinov3_eo.tasks.sample_design", "sample_main", "a stratified random sample of a class map's pixels: points to label for an accuracy assessment"),
+    "objects": ("dinov3_eo.tasks.image_objects", "objects_main", "cut a scene into image objects (SLIC superpixels of a given size) as polygons, for object-based classification with embed --zones"),
     "zonal": ("dinov3_eo.tasks.zonal", "zonal_main", "summarise a map over polygons: per zone mean/std/min/max/percentiles of values, or hectares and share of each class"),
     "gedi": ("dinov3_eo.data.gedi", "gedi_main", "GEDI L2A/L2B/L4A granules (.h5) to quality-filtered shots in an area: reference heights, cover or biomass"),
     "change": ("dinov3_eo.tasks.change", "change_main", "what changed between two dates: feature distance map, mask, polygons"),

@@ -1,0 +1,243 @@
+"""Image objects (superpixels) of a scene: polygons for object-based work where no parcels exist,
+``dinov3-eo objects SCENE.tif -o objects.gpkg --size 1``.
+
+Object-based image analysis (OBIA) first cuts a scene into small homogeneous regions, then classifies the regions
+rather than pixels. Here the regions come from SLIC (Achanta et al. 2012, scikit-image; SLICO's adaptive compactness
+unless ``compactness`` is given) on the bands stretched to [0, 1] by their 2–98 % percentiles over the whole scene,
+about ``size_ha`` hectares each, never across nodata, each one connected. Large scenes are cut in ``block``-pixel
+blocks (objects end at block edges: a straight seam every ``block`` pixels). The objects are written as polygons
+(``object_id``, ``area_m2``, ``pixels`` and each band's mean) and, with ``labels``, as an int32 COG of object ids;
+``<output>.png`` shows their outlines over the image. ``embed SCENE --zones objects.gpkg`` then gives each object
+an embedding, and ``classify fit --zones`` classifies them from a few you name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: float,
+                compactness: float | None = None) -> np.ndarray:  # fmt: skip
+    """SLIC superpixels of one block.
+
+    Args:
+        image: ``[C, H, W]`` float, each band in [0, 1]. valid: ``[H, W]`` bool, the pixels with data.
+        pixels_per_object: the objects' mean size in pixels (sets how many seeds).
+        compactness: SLIC's trade between colour and space (scikit-image's scale); None: SLICO, adaptive.
+
+    Returns:
+        ``[H, W]`` int32: objects 1..n, each connected, 0 where there is no data.
+    """
+    from skimage.measure import label as connected
+    from skimage.segmentation import slic
+
+    if not valid.any():
+        return np.zeros(valid.shape, np.int32)
+    # scikit-image's masked SLIC seeds ~70x slower (28 s against 0.4 s for 0.4 Mpx): segment everything with the
+    # pixels without data far from any colour, so that boundaries follow the data's edge, then cut them out
+    filled = np.where(valid[None], image, -1.0)
+    seeds = max(1, round(valid.size / max(pixels_per_object, 1.0)))
+    labels = slic(np.moveaxis(filled, 0, -1).astype(np.float64), n_segments=seeds, start_label=1, channel_axis=-1,
+                  slic_zero=compactness is None, compactness=0.1 if compactness is None else compactness,
+                  enforce_connectivity=True)  # fmt: skip
+    labels[~valid] = 0
+    # an object the data's edge cut in two becomes two, each connected
+    return connected(labels, background=0, connectivity=1).astype(np.int32)
+
+
+def label_outlines(labels: np.ndarray) -> np.ndarray:
+    """``[H, W]`` bool: the labelled pixels (> 0) next to a pixel of another label, or of none (4-neighbours)."""
+    edge = np.zeros(labels.shape, bool)
+    across = labels[:, :-1] != labels[:, 1:]
+    edge[:, :-1] |= across
+    edge[:, 1:] |= across
+    down = labels[:-1] != labels[1:]
+    edge[:-1] |= down
+    edge[1:] |= down
+    return edge & (labels > 0)
+
+
+def image_objects(
+    raster: str | os.PathLike[str],
+    *,
+    size_ha: float = 1.0,
+    compactness: float | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    block: int = 2048,
+    labels: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Any:
+    """The image objects of ``raster`` (module docstring) as a ``GeoDataFrame`` in its CRS.
+
+    Args:
+        raster: a georeferenced GeoTIFF in a projected CRS (metres).
+        size_ha: the objects' mean size in hectares. compactness: as :func:`slic_labels`.
+        bands, nodata: the bands read (default all) and a nodata override.
+        block: the side of the blocks segmented one at a time, in pixels.
+        labels: also write the object ids as this int32 COG (0: no data).
+
+    Raises:
+        ValueError: a raster without a georeference or in degrees, a size or block that is not positive, no valid
+            pixel. FileExistsError: ``labels`` exists and ``overwrite`` is false.
+    """
+    import geopandas as gpd
+    import rasterio
+    from rasterio.windows import Window
+    from tqdm.auto import tqdm
+
+    from dinov3_eo.data.raster import open_quietly, read_window, require_georeferenced
+    from dinov3_eo.inference.writers import COGWriter, check_overwrite, picture_grid, region_polygons
+
+    if size_ha <= 0 or block < 16:
+        raise ValueError(f"--size must be a positive area in hectares and --block at least 16 px, got {size_ha} and {block}.")
+    if labels is not None:
+        check_overwrite(labels, overwrite, inputs=[raster])
+    with open_quietly(raster) as src:
+        require_georeferenced(src)
+        if src.crs.is_geographic:
+            raise ValueError(f"{os.fspath(raster)} is in degrees ({src.crs.to_string()}): reproject it to a projected "
+                             "CRS in metres (gdalwarp -t_srs EPSG:...) so that --size means hectares.")  # fmt: skip
+        pixel_m2 = abs(src.transform.a * src.transform.e - src.transform.b * src.transform.d) * src.crs.linear_units_factor[1] ** 2
+        # one stretch for the whole scene (from a small read), so that blocks cut alike
+        shape, _ = picture_grid(src, 1024)
+        sample, sample_valid = read_window(src, Window(0, 0, src.width, src.height), bands=bands, nodata=nodata,
+                                           out_shape=shape)  # fmt: skip
+        if not sample_valid.any():
+            raise ValueError(f"{os.fspath(raster)} has no valid pixel in the bands read: nothing to cut into objects.")
+        low = np.array([np.percentile(b[sample_valid], 2) for b in sample], np.float64)
+        high = np.array([np.percentile(b[sample_valid], 98) for b in sample], np.float64)
+        span = np.maximum(high - low, 1e-12)
+        n_bands = len(sample)
+        pixels_per_object = size_ha * 10_000 / pixel_m2
+        windows = [Window(c, r, min(block, src.width - c), min(block, src.height - r))
+                   for r in range(0, src.height, block) for c in range(0, src.width, block)]  # fmt: skip
+        sums: list[np.ndarray] = []  # per object: its pixel count and band sums
+        with tempfile.TemporaryDirectory(prefix=".objects_", dir=Path(labels).parent if labels else None) as tmp:
+            ids_path = Path(labels) if labels is not None else Path(tmp) / "objects.tif"
+            writer = COGWriter(ids_path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
+                               count=1, dtype="int32", nodata=0, overwrite=overwrite)  # fmt: skip
+            offset = 0
+            with writer as out:
+                for window in tqdm(windows, desc=f"objects {Path(os.fspath(raster)).name}", unit="block", disable=not progress):
+                    values, valid = read_window(src, window, bands=bands, nodata=nodata)
+                    values = values.astype(np.float64)
+                    image = np.clip((values - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
+                    block_ids = slic_labels(image, valid, pixels_per_object=pixels_per_object, compactness=compactness)
+                    n = int(block_ids.max())
+                    if n:
+                        flat = block_ids.ravel()
+                        stats = np.zeros((n + 1, 1 + n_bands))
+                        stats[:, 0] = np.bincount(flat, minlength=n + 1)
+                        for b in range(n_bands):
+                            stats[:, 1 + b] = np.bincount(flat, weights=np.where(valid, values[b], 0.0).ravel(), minlength=n + 1)
+                        sums.append(stats[1:])
+                    out.write(np.where(block_ids > 0, block_ids + offset, 0).astype(np.int32), window)
+                    offset += n
+            with rasterio.open(ids_path) as ids:
+                polygons, values_of = region_polygons(ids)
+                crs = ids.crs
+    if not sums:
+        raise ValueError(f"{os.fspath(raster)}: no object could be made (no valid pixel in any block).")
+    stats = np.concatenate(sums)  # [objects, 1 + C]: row i is object i + 1
+    frame = gpd.GeoDataFrame({"object_id": np.asarray(values_of, np.int64)}, geometry=gpd.GeoSeries(polygons, crs=crs))
+    if frame["object_id"].duplicated().any():  # a region cut by the polygoniser's strips comes back whole
+        frame = frame.dissolve(by="object_id", as_index=False)
+    frame = frame.sort_values("object_id").reset_index(drop=True)
+    rows = frame["object_id"].to_numpy() - 1
+    frame["pixels"] = stats[rows, 0].astype(np.int64)
+    frame["area_m2"] = frame["pixels"] * pixel_m2
+    names = [f"band_{b}" for b in (bands or range(1, n_bands + 1))]
+    for b, name in enumerate(names):
+        frame[f"mean_{name}"] = stats[rows, 1 + b] / np.maximum(stats[rows, 0], 1)
+    return frame[["object_id", "area_m2", "pixels", *[f"mean_{n}" for n in names], "geometry"]]
+
+
+def objects_picture(dst: str | os.PathLike[str], raster: str | os.PathLike[str], labels: str | os.PathLike[str], *,
+                    bands: Sequence[int] | None = None, nodata: float | None = None, count: int | None = None,
+                    overwrite: bool = False) -> Path:  # fmt: skip
+    """The image (its first three bands, or ``bands``) with the objects of the ``labels`` raster outlined in white."""
+    import rasterio
+    from matplotlib.figure import Figure
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    from dinov3_eo.data.raster import open_quietly, read_window
+    from dinov3_eo.inference.writers import display_rgb, picture_grid, save_figure
+
+    with open_quietly(raster) as src:
+        shape, _ = picture_grid(src, 1024)
+        rgb = list(bands)[:3] if bands else list(range(1, min(3, src.count) + 1))
+        pixels, valid = read_window(src, Window(0, 0, src.width, src.height), bands=rgb, nodata=nodata, out_shape=shape)
+    with rasterio.open(labels) as ids:
+        ids = ids.read(1, out_shape=shape, resampling=Resampling.nearest)
+    zoom = max(1, -(-800 // max(shape)))  # a small scene drawn larger, so that the outlines stay thin
+    picture = np.repeat(np.repeat(display_rgb(pixels, valid), zoom, axis=0), zoom, axis=1)
+    picture[label_outlines(np.repeat(np.repeat(ids, zoom, axis=0), zoom, axis=1))] = (1.0, 1.0, 1.0)
+    fig = Figure(figsize=(max(3.0, picture.shape[1] / 100), max(2.5, picture.shape[0] / 100)), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(picture, interpolation="nearest")
+    ax.set_axis_off()
+    if count is not None:
+        ax.set_title(f"{count:,} objects")
+    return save_figure(fig, dst, overwrite=overwrite)
+
+
+def objects_main(argv: Sequence[str]) -> int:
+    """``dinov3-eo objects SCENE.tif -o objects.gpkg [--size 1] [--labels objects.tif]``."""
+    from dinov3_eo.cli import EXIT_BAD_INPUT
+    from dinov3_eo.inference.writers import check_feature_suffix, check_overwrite, write_features
+
+    parser = argparse.ArgumentParser(prog="dinov3-eo objects", description="Cut a scene into image objects "
+                                     "(SLIC superpixels of about --size hectares, never across nodata) and write "
+                                     "them as polygons with their area and band means, for 'embed --zones' and "
+                                     "'classify --zones' (object-based classification without parcels).")  # fmt: skip
+    parser.add_argument("scene", help="a georeferenced GeoTIFF in a projected CRS")
+    parser.add_argument("-o", "--output", required=True, help="the objects: .gpkg, .geojson or .csv (+ OUTPUT.png)")
+    parser.add_argument("--size", type=float, default=1.0, help="the objects' mean size in hectares (default 1)")
+    parser.add_argument("--compactness", type=float, default=None, help="SLIC's colour/space trade (scikit-image "
+                        "scale: larger is more square; default: SLICO, adaptive)")  # fmt: skip
+    parser.add_argument("--bands", type=int, nargs="+", default=None, help="1-based bands to segment (default all)")
+    parser.add_argument("--nodata", type=float, default=None, help="nodata value overriding the file's")
+    parser.add_argument("--block", type=int, default=2048, help="blocks segmented one at a time, in pixels (default 2048)")
+    parser.add_argument("--labels", default=None, help="also write the object ids as this int32 GeoTIFF")
+    parser.add_argument("--no-quicklook", action="store_true", help="do not draw OUTPUT.png")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(list(argv))
+    try:
+        output = Path(args.output)
+        check_feature_suffix(output, "Image objects")
+        picture = None if args.no_quicklook else output.with_suffix(".png")
+        for path in (output, picture):
+            if path is not None:
+                check_overwrite(path, args.overwrite, inputs=[args.scene])
+        with tempfile.TemporaryDirectory(prefix=".objects_", dir=output.parent) as tmp:
+            ids = Path(args.labels) if args.labels else Path(tmp) / "ids.tif"
+            frame = image_objects(args.scene, size_ha=args.size, compactness=args.compactness, bands=args.bands,
+                                  nodata=args.nodata, block=args.block, labels=ids, overwrite=args.overwrite,
+                                  progress=not args.quiet)  # fmt: skip
+            write_features(frame, output, layer="objects", overwrite=args.overwrite)
+            if picture is not None:
+                objects_picture(picture, args.scene, ids, bands=args.bands, nodata=args.nodata, count=len(frame),
+                                overwrite=args.overwrite)  # fmt: skip
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"dinov3-eo objects: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"{len(frame):,} objects, {frame['area_m2'].mean() / 10_000:.2f} ha on average")
+    for path in (output, picture, Path(args.labels) if args.labels else None):
+        if path is not None:
+            print(path)
+    return 0
+
+
+__all__ = ["image_objects", "label_outlines", "objects_main", "objects_picture", "slic_labels"]

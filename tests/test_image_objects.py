@@ -1,0 +1,97 @@
+"""``dinov3-eo objects``: SLIC image objects of a scene as polygons, never across nodata, each connected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from skimage.measure import label as connected
+
+from dinov3_eo.cli import main as cli_main
+from dinov3_eo.tasks.image_objects import image_objects, label_outlines, slic_labels
+
+SCENE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"  # 0-valued collar
+
+
+def test_objects_follow_edges_skip_nodata_and_are_connected() -> None:
+    rng = np.random.default_rng(0)
+    image = np.full((3, 120, 160), 0.2) + rng.normal(0, 0.02, (3, 120, 160))
+    image[:, :, 80:] += 0.6  # a sharp edge at column 80
+    valid = np.ones((120, 160), bool)
+    valid[50:60] = False  # a band of nodata across the scene
+    labels = slic_labels(np.clip(image, 0, 1), valid, pixels_per_object=100)
+    assert labels.dtype == np.int32 and (labels[~valid] == 0).all() and (labels[valid] > 0).all()
+    ids = np.unique(labels[labels > 0])
+    assert np.array_equal(ids, np.arange(1, len(ids) + 1))
+    assert connected(labels, background=0, connectivity=1).max() == len(ids)  # each object one connected piece
+    assert 0.5 * valid.sum() / 100 <= len(ids) <= 2 * valid.sum() / 100
+    for i in ids:  # nothing straddles the edge or the nodata band
+        rows, cols = np.nonzero(labels == i)
+        assert (cols < 80).all() or (cols >= 80).all()
+        assert (rows < 50).all() or (rows >= 60).all()
+    assert not slic_labels(image, np.zeros_like(valid), pixels_per_object=100).any()
+
+
+def test_label_outlines() -> None:
+    labels = np.array([[1, 1, 2], [1, 1, 2], [0, 0, 2]])
+    expected = np.array([[0, 1, 1], [1, 1, 1], [0, 0, 1]], bool)  # next to another object or to no data
+    np.testing.assert_array_equal(label_outlines(labels), expected)
+
+
+def test_scene_objects_cover_the_valid_pixels_once(tmp_path: Path) -> None:
+    frame = image_objects(SCENE, size_ha=20, nodata=0, labels=tmp_path / "ids.tif", progress=False)
+    with rasterio.open(SCENE) as src:
+        data = src.read().astype(np.float64)
+        pixel_m2 = abs(src.res[0] * src.res[1])
+    valid = (data != 0).all(axis=0)
+    with rasterio.open(tmp_path / "ids.tif") as ids_file:
+        ids = ids_file.read(1)
+        assert ids_file.nodata == 0 and ids_file.crs == src.crs
+    assert ((ids > 0) == valid).all()
+    assert frame.crs == src.crs and frame["object_id"].is_unique and frame.geometry.is_valid.all()
+    assert frame["pixels"].sum() == valid.sum() and len(frame) == len(np.unique(ids[ids > 0]))
+    np.testing.assert_allclose(frame.geometry.area, frame["area_m2"], rtol=1e-9)
+    assert 10 <= frame["area_m2"].mean() / 10_000 <= 30  # about the 20 ha asked for
+    for _, row in frame.sample(5, random_state=0).iterrows():  # band means from the id raster itself
+        inside = ids == row["object_id"]
+        assert row["mean_band_2"] == pytest.approx(data[1][inside].mean())
+    # in blocks: objects end at the block edges, and still cover the valid pixels once
+    blocked = image_objects(SCENE, size_ha=20, nodata=0, block=256, labels=tmp_path / "blocked.tif", progress=False)
+    with rasterio.open(tmp_path / "blocked.tif") as ids_file:
+        blocked_ids = ids_file.read(1)
+    assert blocked["pixels"].sum() == valid.sum()
+    for i in blocked["object_id"].sample(20, random_state=0):
+        rows, cols = np.nonzero(blocked_ids == i)
+        assert len(set(rows // 256)) == 1 and len(set(cols // 256)) == 1
+
+
+def test_objects_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "objects.gpkg"
+    assert cli_main(["objects", str(SCENE), "-o", str(out), "--size", "30", "--nodata", "0", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "objects," in printed and " ha on average" in printed
+    written = gpd.read_file(out)
+    assert {"object_id", "area_m2", "pixels", "mean_band_1"} <= set(written.columns) and out.with_suffix(".png").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # the objects are zones: one embedding each
+    from micro_backbone import micro_backbone_file
+
+    pth = micro_backbone_file(tmp_path, seed=0, normalization=None)
+    assert cli_main(["embed", str(SCENE), "--model", str(pth), "--normalization", "none", "--zones", str(out), "-o",
+                     str(tmp_path / "objects.parquet"), "--quiet"]) == 0  # fmt: skip
+    assert f"{len(written)} polygons embedded ({len(written)} with features" in capsys.readouterr().out
+    # bad input: degrees, a size that is no size, an existing output
+    with rasterio.open(SCENE) as src:
+        profile = src.profile | {"crs": "EPSG:4326", "transform": rasterio.transform.from_origin(-60, -25, 0.0003, 0.0003)}
+        with rasterio.open(tmp_path / "degrees.tif", "w", **profile) as dst:
+            dst.write(src.read())
+    assert cli_main(["objects", str(tmp_path / "degrees.tif"), "-o", str(tmp_path / "d.gpkg")]) == 2
+    assert "is in degrees" in capsys.readouterr().err
+    assert cli_main(["objects", str(SCENE), "-o", str(tmp_path / "s.gpkg"), "--size", "0"]) == 2
+    assert "--size must be a positive area" in capsys.readouterr().err
+    assert cli_main(["objects", str(SCENE), "-o", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert not (tmp_path / "d.gpkg").exists() and not (tmp_path / "s.gpkg").exists()
