@@ -54,6 +54,7 @@ def test_scene_objects_cover_the_valid_pixels_once(tmp_path: Path) -> None:
     assert frame.crs == src.crs and frame["object_id"].is_unique and frame.geometry.is_valid.all()
     assert frame["pixels"].sum() == valid.sum() and len(frame) == len(np.unique(ids[ids > 0]))
     np.testing.assert_allclose(frame.geometry.area, frame["area_m2"], rtol=1e-9)
+    np.testing.assert_allclose(frame["area_m2"], frame["pixels"] * pixel_m2)
     assert 10 <= frame["area_m2"].mean() / 10_000 <= 30  # about the 20 ha asked for
     for _, row in frame.sample(5, random_state=0).iterrows():  # band means from the id raster itself
         inside = ids == row["object_id"]
