@@ -71,3 +71,37 @@ def test_similar_zones_from_the_command_line(table: Path, tmp_path: Path, capsys
     assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-o", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_field_points_label_the_polygons_they_fall_in(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dinov3_eo.tasks.zone_classification import labels_from_points
+
+    frame, _ = read_zone_embeddings(table)
+    inside = frame.geometry.representative_point()
+    rows = [{"cover": name, "geometry": point} for name, point, strip in zip(frame["name"], inside, frame["strip"])
+            if name != "nowhere" and strip < 3]  # three strips of each cover labelled, the fourth left to predict
+    rows.append({"cover": "crop", "geometry": inside.iloc[0]})  # a second point in the first water strip: a tie
+    rows.append({"cover": "water", "geometry": inside.iloc[1]})  # and a second water point in the next: a majority
+    rows.append({"cover": "tree", "geometry": shapely.Point(0, 0)})  # in no polygon
+    rows.append({"cover": None, "geometry": inside.iloc[2]})  # no class: not a vote
+    points = gpd.GeoDataFrame(rows, crs=frame.crs).to_crs("EPSG:4326")  # another CRS than the table's
+    points.to_file(tmp_path / "plots.gpkg")
+    labels, counts = labels_from_points(frame, tmp_path / "plots.gpkg", "cover")
+    assert counts == {"points": 15, "outside": 1, "labelled": 11, "tied": 1}
+    assert labels.iloc[0] is None and labels.iloc[1] == "water" and labels.iloc[3] is None
+    assert list(labels[(frame["strip"] < 3).to_numpy() & (frame["name"] == "crop").to_numpy()]) == ["crop"] * 3
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", "--zones", str(table), "--labels", str(tmp_path / "plots.gpkg"),
+                     "--label-column", "cover", "--method", "knn", "-k", "1", "--val-fraction", "0.3", "-o", str(probe)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "15 labelled points of" in out and "11 polygons take their class; 1 points lie in no polygon; 1 polygons with tied classes left out" in out
+    assert cli_main(["classify", "test", "--zones", str(table), "--labels", str(tmp_path / "plots.gpkg"),
+                     "--label-column", "cover", "--probe", str(probe)]) == 0  # fmt: skip
+    assert "on 11 test polygons" in capsys.readouterr().out
+    gpd.GeoDataFrame({"cover": ["water"]}, geometry=[shapely.box(0, 0, 1, 1)], crs=frame.crs).to_file(tmp_path / "areas.gpkg")
+    for labels_file, column, message in ((tmp_path / "areas.gpkg", "cover", "not points"),
+                                         (tmp_path / "plots.gpkg", "crop", "has no column 'crop'"),
+                                         (tmp_path / "none.gpkg", "cover", "do not exist")):  # fmt: skip
+        assert cli_main(["classify", "fit", "--zones", str(table), "--labels", str(labels_file), "--label-column",
+                         column, "-o", str(tmp_path / "p2.safetensors")]) == 2  # fmt: skip
+        assert message in capsys.readouterr().err

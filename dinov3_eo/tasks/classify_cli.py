@@ -104,9 +104,12 @@ def classify_main(argv: Sequence[str]) -> int:
                      "SCENE --zones POLYGONS -o TABLE.parquet' (parcels, crowns): those with a class in --label-column "
                      "are fitted on")  # fmt: skip
     fit.add_argument("--label-column", default="label", help="with --zones, the column naming each polygon's class "
-                     "(default 'label'; polygons without one are left out)")  # fmt: skip
+                     "(default 'label'; polygons without one are left out); with --zones and --labels POINTS, the "
+                     "points' class column")  # fmt: skip
     fit.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
-                     "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits")  # fmt: skip
+                     "'image' (or 'path', relative to the table) and 'label' columns, as benchmarks list their splits; "
+                     "with --zones, labelled points (field plots): each polygon takes the most common class of the "
+                     "points inside it")  # fmt: skip
     fit.add_argument("--val-labels", default=None, help="held-out chips as such a table (instead of --val folders)")
     fit.add_argument("--multi-label", action="store_true", help="each chip may carry several classes (BigEarthNet): "
                      "the --labels table's label cell is a list, or classes joined by --label-separator; one-vs-rest "
@@ -154,7 +157,8 @@ def classify_main(argv: Sequence[str]) -> int:
                           "test split): the accuracy table, and with --out-dir metrics.json and confusion.csv/png.")  # fmt: skip
     test.add_argument("chips", nargs="*", help="test chips: folders or quoted globs; each chip's class is its folder's name")
     test.add_argument("--labels", default=None, help="instead of class folders, a table (CSV, Parquet, JSONL) of "
-                      "'image' (or 'path', relative to the table) and 'label' columns")  # fmt: skip
+                      "'image' (or 'path', relative to the table) and 'label' columns; with --zones, labelled points "
+                      "(each polygon takes the most common class of its points)")  # fmt: skip
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     test.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, labelled polygons embedded by "
                       "'embed --zones' (a probe fitted with --zones)")  # fmt: skip
@@ -724,16 +728,30 @@ def _test_scenes(args: Any) -> None:
             print(path)
 
 
+def _zone_labels(args: Any, table: Any, x: Any) -> tuple[Any, list[str]]:
+    """The labelled polygons of a zone table: by its ``--label-column``, or with ``--labels POINTS`` by the points
+    inside them (their ``--label-column``)."""
+    from dinov3_eo.tasks.zone_classification import labelled_zones, labels_from_points
+
+    if not args.labels:
+        return labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    labels, counts = labels_from_points(table, args.labels, args.label_column)
+    print(f"{counts['points']} labelled points of {args.labels}: {counts['labelled']} polygons take their class"
+          + (f"; {counts['outside']} points lie in no polygon" if counts["outside"] else "")
+          + (f"; {counts['tied']} polygons with tied classes left out" if counts["tied"] else ""))  # fmt: skip
+    return labelled_zones(table.assign(_point_class=labels.to_numpy()), x, "_point_class", where=os.fspath(args.labels))
+
+
 def _fit_zones(args: Any) -> None:
     """``classify fit --zones parcels.parquet --label-column crop -o probe.safetensors``."""
-    from dinov3_eo.tasks.zone_classification import labelled_zones, zone_probe_record
+    from dinov3_eo.tasks.zone_classification import zone_probe_record
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
-    _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--val", args.val),
-                              ("--val-labels", args.val_labels), ("--multi-label", args.multi_label),
-                              ("--finetune-epochs", args.finetune_epochs), ("--embeddings", args.embeddings)])  # fmt: skip
+    _refuse_options("--zones", [("CHIPS", args.chips), ("--val", args.val), ("--val-labels", args.val_labels),
+                              ("--multi-label", args.multi_label), ("--finetune-epochs", args.finetune_epochs),
+                              ("--embeddings", args.embeddings)])  # fmt: skip
     table, x = read_zone_embeddings(args.zones)
-    x, labels = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    x, labels = _zone_labels(args, table, x)
     classes = sorted(set(labels))
     if len(classes) < 2:
         raise ValueError(f"The polygons of {args.zones} with a {args.label_column!r} and features hold {len(classes)} "
@@ -757,14 +775,14 @@ def _fit_zones(args: Any) -> None:
 
 def _test_zones(args: Any) -> None:
     """``classify test --zones parcels.parquet --label-column crop --probe probe.safetensors``."""
-    from dinov3_eo.tasks.zone_classification import check_zone_table, labelled_zones
+    from dinov3_eo.tasks.zone_classification import check_zone_table
     from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
 
-    _refuse_options("--zones", [("CHIPS", args.chips), ("--labels", args.labels), ("--tta", args.tta)])
+    _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
     check_zone_table(probe, table, args.zones, x)
-    x, labels = labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+    x, labels = _zone_labels(args, table, x)
     unknown = sorted(set(labels) - set(probe.classes))
     if unknown:
         raise ValueError(f"Polygons of classes {unknown} are not classes of the probe {args.probe} ({probe.classes}).")

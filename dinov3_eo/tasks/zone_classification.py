@@ -35,6 +35,54 @@ def labelled_zones(table: Any, x: np.ndarray, label_column: str, *, where: str =
     return x[rows], [str(v) for v in labels.iloc[rows]]
 
 
+def labels_from_points(table: Any, points: Any, column: str, *, where: str = "the points") -> tuple[Any, dict[str, int]]:
+    """Each polygon's class from the labelled points inside it (field plots, survey points): the most common class
+    of its points; a polygon whose points tie between classes gets none.
+
+    Args:
+        table: a zone table's frame (polygons, any CRS); points: a ``GeoDataFrame`` of points or a vector file's path.
+        column: the points' class column.
+
+    Returns:
+        ``(labels, counts)``: a ``[N]`` object Series aligned with ``table`` (None where no point or a tie), and the
+        counts of ``points`` with a class, those ``outside`` every polygon, polygons ``labelled`` and ``tied``.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: points without a CRS, other geometries, no such column.
+    """
+    import geopandas as gpd
+    import pandas as pd
+
+    if isinstance(points, (str, os.PathLike)):
+        if not os.path.exists(points):
+            raise FileNotFoundError(f"Labelled points {os.fspath(points)!r} do not exist.")
+        where = os.fspath(points)
+        points = gpd.read_file(points)
+    if points.crs is None:
+        raise ValueError(f"{where} has no CRS: set it (e.g. in QGIS) so that the points can meet the polygons.")
+    if column not in points.columns:
+        raise ValueError(f"{where} has no column {column!r}; it has {[c for c in points.columns if c != 'geometry']}.")
+    kinds = set(points.geometry.geom_type.dropna())
+    if not kinds <= {"Point"}:
+        raise ValueError(f"{where} holds {sorted(kinds)}, not points: label polygons in the zone table's own column.")
+    named = points[points[column].notna() & (points[column].astype(str).str.strip() != "")]
+    named = named.assign(_class=named[column].astype(str).str.strip()).to_crs(table.crs)
+    polygons = gpd.GeoDataFrame({"_zone": np.arange(len(table))}, geometry=table.geometry.reset_index(drop=True), crs=table.crs)
+    joined = gpd.sjoin(named[["_class", "geometry"]], polygons, predicate="within", how="left")
+    outside = int(joined.loc[~joined.index.duplicated(), "_zone"].isna().sum())
+    votes = joined.dropna(subset=["_zone"]).groupby(["_zone", "_class"]).size().rename("n").reset_index()
+    labels = pd.Series([None] * len(table), dtype=object)
+    tied = 0
+    for zone, group in votes.groupby("_zone"):
+        top = group[group["n"] == group["n"].max()]
+        if len(top) > 1:
+            tied += 1
+            continue
+        labels.iloc[int(zone)] = top["_class"].iloc[0]
+    counts = {"points": len(named), "outside": outside, "labelled": int(labels.notna().sum()), "tied": tied}
+    return labels, counts
+
+
 def refuse_zone_probe(probe: Any, what: str) -> None:
     """Raise ValueError if ``probe`` was fitted on polygon embeddings: ``what`` (chips, a scene's tiles) are
     embedded otherwise, and its scores on them would mean nothing."""
@@ -102,5 +150,5 @@ def zone_predictions(table: Any, x: np.ndarray, probe: Any) -> Any:
     return table.drop(columns="patch_mean").assign(**columns)
 
 
-__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "refuse_zone_probe", "table_steps", "zone_predictions",
-           "zone_probe_record"]
+__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "labels_from_points", "refuse_zone_probe", "table_steps",
+           "zone_predictions", "zone_probe_record"]
