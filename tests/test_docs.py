@@ -310,3 +310,11 @@ def test_the_readme_onnx_example_runs_the_graph_on_the_sample(monkeypatch: pytes
     assert info["kind"] == "backbone" and info["input"] == "raw" and info["normalization"]["name"] == "percentile"
     assert cls_token.shape == (1, 96) and patch_features.shape == (1, 96, 20, 14)
     assert scope["done"].max_difference < 1e-4
+
+
+def test_the_readme_image_objects_example_classifies_every_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    scope = run_readme_block("objects = image_objects(scene", monkeypatch)
+    objects, train, x = scope["objects"], scope["train"], scope["x"]
+    assert len(objects) > 100 and x.shape == (len(objects), 96) and 4 <= train.sum() < len(objects)
+    assert set(objects["class"]) <= {"water", "crop", "tree", "developed"}
+    assert (objects["class"][train].to_numpy() == scope["named"][train].to_numpy()).all()  # k = 1 on its own rows
