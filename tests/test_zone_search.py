@@ -68,6 +68,9 @@ def test_similar_zones_from_the_command_line(table: Path, tmp_path: Path, capsys
                           (["name=rice"], "No polygon of"), (["name=nowhere"], "None of the example polygons has features")):  # fmt: skip
         assert cli_main(["similar", "--zones", str(table), "--like", *like, "-o", str(tmp_path / "x.gpkg")]) == 2
         assert message in capsys.readouterr().err
+    assert cli_main(["similar", "--zones", str(tmp_path / "none.parquet"), "--like", "name=water", "-o",
+                     str(tmp_path / "y.gpkg")]) == 2  # fmt: skip
+    assert "Zone table" in capsys.readouterr().err
     assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-o", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "x.gpkg").exists()

@@ -226,13 +226,16 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
     how it was made in the frame's ``attrs["dinov3_eo"]``.
 
     Raises:
-        ValueError: a file that is not such a table (no ``patch_mean`` column).
+        FileNotFoundError: no such file. ValueError: a file that is not such a table (no ``patch_mean`` column).
     """
     import json
 
     import geopandas as gpd
     import pyarrow.parquet as pq
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"Zone table {os.fspath(path)!r} does not exist: 'embed SCENE --zones POLYGONS -o "
+                                "TABLE.parquet' makes one.")  # fmt: skip
     table = gpd.read_parquet(path)
     if "patch_mean" not in table.columns:
         raise ValueError(f"{os.fspath(path)!r} has no patch_mean column: it is not a table of 'embed --zones'.")
