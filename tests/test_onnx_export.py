@@ -3,6 +3,7 @@ real imagery against the PyTorch model it came from, with dynamic batch and side
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,43 @@ def test_a_query_graph_maps_fixed_queries_as_query_does(tmp_path: Path) -> None:
     pth = micro_backbone_file(tmp_path)
     with pytest.raises(ValueError, match="is not one"):
         export_onnx(pth, tmp_path / "q.onnx", queries=["water"], check=False)
+
+
+def test_the_onnx_map_example_maps_a_scene_without_torch(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dinov3_eo.tasks.segmentation import SegmentationTask
+
+    root = Path(__file__).resolve().parents[1]
+    sample = root / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+    torch.manual_seed(3)
+    landsat = {"mean": [0.0] * 3, "std": [1.0] * 3, "low": [6000.0] * 3, "high": [9000.0] * 3, "name": "percentile"}
+    task = SegmentationTask(backbone="vitmicro16", class_names=["water", "crop", "tree"], image_normalization=landsat,
+                            backbone_kwargs={"layerscale_init": 1.0})  # fmt: skip
+    with torch.no_grad():
+        task.model.head.conv.weight.normal_(0, 2.0)
+    task.eval()
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "dinov3_eo": task.checkpoint_metadata()}, tmp_path / "seg.ckpt")  # fmt: skip
+    assert cli_main(["export", str(tmp_path / "seg.ckpt"), "-o", str(tmp_path / "seg"), "--onnx", "--no-check"]) == 0
+    assert cli_main(["segment", "predict", str(sample), "--model", str(tmp_path / "seg.ckpt"), "-o", str(tmp_path / "torch"),
+                     "--nodata", "0", "--quiet"]) == 0  # fmt: skip
+    # the example in a process where importing torch fails: numpy, rasterio and onnxruntime only
+    run_blocked = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+                   "runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", run_blocked, str(root / "examples" / "onnx_map.py"), str(tmp_path / "seg.onnx"),
+                           str(sample), str(tmp_path / "onnx_classes.tif"), "--nodata", "0", "--tile", "256"],
+                          capture_output=True, text=True, timeout=600, env=os.environ | {"HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "segmentation graph (vitmicro16)" in done.stdout
+    with rasterio.open(tmp_path / "onnx_classes.tif") as a, rasterio.open(tmp_path / "torch" / f"{sample.stem}_classes.tif") as b:
+        ours, theirs = a.read(1), b.read(1)
+        assert a.crs == b.crs and a.transform == b.transform and a.nodata == b.nodata == 255
+        assert json.loads(a.tags()["class_names"]) == ["water", "crop", "tree"] and a.colormap(1)[0][:3] == b.colormap(1)[0][:3]
+    assert ((ours == 255) == (theirs == 255)).all() and (ours != 255).any()
+    valid = ours != 255
+    agreement = float((ours[valid] == theirs[valid]).mean())
+    print(f"ONNX example vs segment predict: {agreement:.4f} of {valid.sum()} pixels agree")
+    assert agreement > 0.95 and len(np.unique(ours[valid])) > 1
