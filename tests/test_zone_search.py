@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import shapely
 from micro_backbone import micro_backbone_file
 
@@ -98,6 +100,22 @@ def test_field_points_label_the_polygons_they_fall_in(table: Path, tmp_path: Pat
                      "--label-column", "cover", "--method", "knn", "-k", "1", "--val-fraction", "0.3", "-o", str(probe)]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "15 labelled points of" in out and "11 polygons take their class; 1 points lie in no polygon; 1 polygons with tied classes left out" in out
+    # every polygon predicted, and its class burnt onto the scene's grid (a class COG and its picture)
+    out = tmp_path / "objects_predicted.gpkg"
+    assert cli_main(["classify", "predict", "--zones", str(table), "--probe", str(probe), "-o", str(out), "--raster",
+                     str(SCENE)]) == 0  # fmt: skip
+    capsys.readouterr()
+    predicted = gpd.read_file(out)
+    with rasterio.open(tmp_path / "objects_predicted_classes.tif") as src:
+        burnt, names = src.read(1), json.loads(src.tags()["class_names"])
+        assert src.crs == frame.crs and src.nodata == 255 and (tmp_path / "objects_predicted_classes.png").is_file()
+        for _, row in predicted[predicted["class"].notna() & (predicted["class"] != "")].iterrows():
+            r, c = src.index(*row.geometry.representative_point().coords[0])
+            assert names[burnt[r, c]] == row["class"]
+    assert (burnt != 255).sum() < burnt.size / 10  # only under the polygons
+    assert cli_main(["classify", "predict", str(SCENE), "--probe", str(probe), "-o", str(tmp_path / "c.csv"), "--raster",
+                     str(SCENE)]) == 2  # fmt: skip
+    assert "goes with --zones" in capsys.readouterr().err
     assert cli_main(["classify", "test", "--zones", str(table), "--labels", str(tmp_path / "plots.gpkg"),
                      "--label-column", "cover", "--probe", str(probe)]) == 0  # fmt: skip
     assert "on 11 test polygons" in capsys.readouterr().out

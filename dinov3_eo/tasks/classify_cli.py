@@ -147,6 +147,8 @@ def classify_main(argv: Sequence[str]) -> int:
     predict.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, polygons embedded by "
                          "'embed --zones' (a probe fitted with --zones): OUTPUT (.gpkg, .geojson, .csv or .parquet) "
                          "holds each polygon with class, score and p_<class>")  # fmt: skip
+    predict.add_argument("--raster", default=None, metavar="SCENE", help="with --zones, also burn the polygons' "
+                         "classes onto this scene's grid: OUTPUT_classes.tif (class COG) and OUTPUT_classes.png")  # fmt: skip
     predict.add_argument("--probe", required=True, help="a probe from 'classify fit'")
     predict.add_argument("-o", "--output", required=True, help="predictions CSV (path, class, score, p_<class> ...), or "
                          ".gpkg / .geojson: the same on each georeferenced chip's footprint (in the first chip's CRS)")  # fmt: skip
@@ -500,6 +502,8 @@ def _predict(args: Any) -> None:
     check_overwrite(args.output, args.overwrite)
     if args.zones:
         return _predict_zones(args)
+    if args.raster:
+        raise ValueError("--raster burns polygons' classes onto a scene: it goes with --zones TABLE.")
     if not args.chips:
         raise ValueError("Give the chips to classify (files, folders or quoted globs), or --zones TABLE.")
     paths = expand_chips(args.chips)
@@ -793,17 +797,29 @@ def _test_zones(args: Any) -> None:
 
 def _predict_zones(args: Any) -> None:
     """``classify predict --zones parcels.parquet --probe probe.safetensors -o parcels_classes.gpkg``."""
-    from dinov3_eo.tasks.zone_classification import check_zone_table, zone_predictions
+    from dinov3_eo.inference.writers import check_overwrite, default_colormap, write_quicklook
+    from dinov3_eo.tasks.zone_classification import check_zone_table, zone_class_map, zone_predictions
     from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_embeddings, write_zone_rows
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     if Path(args.output).suffix.lower() not in ZONE_ROW_SUFFIXES:
         raise ValueError(f"Polygon predictions are written as .gpkg, .geojson, .csv or .parquet, not {args.output!r}.")
+    output = Path(args.output)
+    class_map = output.with_name(f"{output.stem}_classes.tif") if args.raster else None
+    for path in (output, class_map, class_map.with_suffix(".png") if class_map else None):
+        if path is not None:
+            check_overwrite(path, args.overwrite, inputs=[args.zones, *([args.raster] if args.raster else [])])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_embeddings(args.zones)
     check_zone_table(probe, table, args.zones, x)
     predicted = zone_predictions(table, x, probe)
     write_zone_rows(predicted, args.output, layer="predictions", overwrite=args.overwrite)
+    if class_map is not None:
+        zone_class_map(predicted, list(probe.classes), args.raster, class_map, overwrite=args.overwrite)
+        write_quicklook(class_map.with_suffix(".png"), classes=class_map, image=args.raster, class_names=list(probe.classes),
+                        colormap=default_colormap(len(probe.classes)), title=Path(args.raster).name,
+                        overwrite=args.overwrite)  # fmt: skip
+        print(f"{class_map}\n{class_map.with_suffix('.png')}")
     named = predicted["class"][predicted["class"] != ""]
     counts = named.value_counts()
     print(", ".join(f"{name} {counts.get(name, 0)}" for name in probe.classes if counts.get(name, 0))

@@ -11,6 +11,7 @@ embedding: ``classify predict CHIPS`` and ``classify map`` refuse it). ``predict
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,5 +151,43 @@ def zone_predictions(table: Any, x: np.ndarray, probe: Any) -> Any:
     return table.drop(columns="patch_mean").assign(**columns)
 
 
+def zone_class_map(predicted: Any, classes: list[str], raster: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+                   block: int = 1024, overwrite: bool = False) -> Path:  # fmt: skip
+    """The polygons' predicted classes (``zone_predictions``' ``class``) burnt onto ``raster``'s grid: a uint8 class
+    COG (the classes' colours and names, 255 where no polygon with a class lies; a pixel is a polygon's when its
+    centre is inside), written block by block.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is false. ValueError: a raster without a georeference.
+    """
+    import rasterio.windows
+    import shapely
+    from rasterio.features import rasterize
+
+    from dinov3_eo.data.raster import open_quietly, require_georeferenced
+    from dinov3_eo.inference.writers import COGWriter, default_colormap
+
+    named = predicted[predicted["class"].astype(str) != ""]
+    ids = {name: i for i, name in enumerate(classes)}
+    with open_quietly(raster) as src:
+        require_georeferenced(src)
+        geometries = named.geometry.to_crs(src.crs).to_numpy()
+        values = np.array([ids[c] for c in named["class"]], np.int64)
+        tree = shapely.STRtree(geometries)
+        with COGWriter(dst, crs=src.crs, transform=src.transform, width=src.width, height=src.height, count=1,
+                       dtype="uint8", nodata=255, class_names=classes, colormap=default_colormap(len(classes)),
+                       overwrite=overwrite) as out:  # fmt: skip
+            for row in range(0, src.height, block):
+                for col in range(0, src.width, block):
+                    window = rasterio.windows.Window(col, row, min(block, src.width - col), min(block, src.height - row))
+                    near = tree.query(shapely.box(*rasterio.windows.bounds(window, src.transform)), predicate="intersects")
+                    burnt = np.full((int(window.height), int(window.width)), 255, np.uint8)
+                    if len(near):
+                        burnt = rasterize(zip(geometries[near], values[near]), out_shape=burnt.shape, fill=255,
+                                          transform=rasterio.windows.transform(window, src.transform), dtype="uint8")  # fmt: skip
+                    out.write(burnt, window)
+    return Path(dst)
+
+
 __all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "labels_from_points", "refuse_zone_probe", "table_steps",
-           "zone_predictions", "zone_probe_record"]
+           "zone_class_map", "zone_predictions", "zone_probe_record"]
