@@ -210,6 +210,9 @@ def objects_main(argv: Sequence[str]) -> int:
     parser.add_argument("--nodata", type=float, default=None, help="nodata value overriding the file's")
     parser.add_argument("--block", type=int, default=2048, help="blocks segmented one at a time, in pixels (default 2048)")
     parser.add_argument("--labels", default=None, help="also write the object ids as this int32 GeoTIFF")
+    parser.add_argument("--preview-bands", type=int, nargs=3, default=None, metavar=("R", "G", "B"),
+                        help="1-based bands drawn as red, green, blue in OUTPUT.png (default: the first three; "
+                        "Landsat B2 B3 B4 stacks: 3 2 1)")  # fmt: skip
     parser.add_argument("--no-quicklook", action="store_true", help="do not draw OUTPUT.png")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -228,8 +231,8 @@ def objects_main(argv: Sequence[str]) -> int:
                                   progress=not args.quiet)  # fmt: skip
             write_features(frame, output, layer="objects", overwrite=args.overwrite)
             if picture is not None:
-                objects_picture(picture, args.scene, ids, bands=args.bands, nodata=args.nodata, count=len(frame),
-                                overwrite=args.overwrite)  # fmt: skip
+                objects_picture(picture, args.scene, ids, bands=args.preview_bands or args.bands, nodata=args.nodata,
+                                count=len(frame), overwrite=args.overwrite)  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"dinov3-eo objects: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
