@@ -126,3 +126,34 @@ def test_field_points_label_the_polygons_they_fall_in(table: Path, tmp_path: Pat
         assert cli_main(["classify", "fit", "--zones", str(table), "--labels", str(labels_file), "--label-column",
                          column, "-o", str(tmp_path / "p2.safetensors")]) == 2  # fmt: skip
         assert message in capsys.readouterr().err
+
+
+def test_several_zone_tables_are_used_as_one(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from dinov3_eo.tasks.zone_embeddings import read_zone_tables, write_zone_embeddings
+
+    frame, x = read_zone_embeddings(table)
+    west, east = tmp_path / "west.parquet", tmp_path / "east.parquet"
+    half = len(frame) // 2
+    for path, rows in ((west, slice(0, half)), (east, slice(half, None))):
+        part = frame.iloc[rows].copy()
+        part.attrs = frame.attrs
+        write_zone_embeddings(part, path)
+    both, stacked = read_zone_tables([west, east.with_name("east.parquet")])
+    np.testing.assert_array_equal(stacked, x)
+    assert list(both["zone_table"]) == ["west.parquet"] * half + ["east.parquet"] * (len(frame) - half)
+    assert both.attrs["dinov3_eo"]["tables"] == [str(west), str(east)] and both.crs == frame.crs
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", "--zones", str(west), str(east), "--label-column", "name", "--method", "knn",
+                     "-k", "1", "--val-fraction", "0.3", "-o", str(probe)]) == 0  # fmt: skip
+    assert cli_main(["classify", "predict", "--zones", str(west), str(east), "--probe", str(probe), "-o",
+                     str(tmp_path / "both.csv")]) == 0  # fmt: skip
+    capsys.readouterr()
+    import pandas as pd
+
+    assert set(pd.read_csv(tmp_path / "both.csv")["zone_table"]) == {"west.parquet", "east.parquet"}
+    # a table of another number of dates does not stack
+    other = frame.copy()
+    other.attrs = {"dinov3_eo": {**frame.attrs["dinov3_eo"], "dates": ["2020-05-18", "2020-08-07"], "temporal": "concat"}}
+    write_zone_embeddings(other, tmp_path / "season.parquet")
+    with pytest.raises(ValueError, match="number of dates"):
+        read_zone_tables([west, tmp_path / "season.parquet"])

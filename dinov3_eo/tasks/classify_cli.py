@@ -100,7 +100,7 @@ def classify_main(argv: Sequence[str]) -> int:
                      "--scenes: from 'embed SCENE --tiles N'): their embeddings are read, not computed again (the "
                      "table's backbone, size, bands and normalisation hold), so probes fit in seconds")  # fmt: skip
     fit.add_argument("-o", "--output", required=True, help="the probe (.safetensors)")
-    fit.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, polygons embedded by 'embed "
+    fit.add_argument("--zones", nargs="+", default=None, metavar="TABLE", help="instead of chips, polygons embedded by 'embed "
                      "SCENE --zones POLYGONS -o TABLE.parquet' (parcels, crowns): those with a class in --label-column "
                      "are fitted on")  # fmt: skip
     fit.add_argument("--label-column", default="label", help="with --zones, the column naming each polygon's class "
@@ -144,7 +144,7 @@ def classify_main(argv: Sequence[str]) -> int:
     _add_scene_label_options(fit, fitting=True)
     predict = sub.add_parser("predict", help="classify chips with a probe: a CSV of classes and probabilities")
     predict.add_argument("chips", nargs="*", help="chips: files, folders or quoted globs")
-    predict.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, polygons embedded by "
+    predict.add_argument("--zones", nargs="+", default=None, metavar="TABLE", help="instead of chips, polygons embedded by "
                          "'embed --zones' (a probe fitted with --zones): OUTPUT (.gpkg, .geojson, .csv or .parquet) "
                          "holds each polygon with class, score and p_<class>")  # fmt: skip
     predict.add_argument("--raster", default=None, metavar="SCENE", help="with --zones, also burn the polygons' "
@@ -162,7 +162,7 @@ def classify_main(argv: Sequence[str]) -> int:
                       "'image' (or 'path', relative to the table) and 'label' columns; with --zones, labelled points "
                       "(each polygon takes the most common class of its points)")  # fmt: skip
     test.add_argument("--probe", required=True, help="a probe from 'classify fit'")
-    test.add_argument("--zones", default=None, metavar="TABLE", help="instead of chips, labelled polygons embedded by "
+    test.add_argument("--zones", nargs="+", default=None, metavar="TABLE", help="instead of chips, labelled polygons embedded by "
                       "'embed --zones' (a probe fitted with --zones)")  # fmt: skip
     test.add_argument("--label-column", default="label", help="with --zones, the column naming each polygon's class")
     test.add_argument("--out-dir", default=None, help="write metrics.json, confusion.csv and confusion.png here")
@@ -732,13 +732,18 @@ def _test_scenes(args: Any) -> None:
             print(path)
 
 
+def _tables_named(paths: list[str]) -> str:
+    """Zone tables as messages name them: one path, or the paths joined."""
+    return ", ".join(os.fspath(p) for p in paths)
+
+
 def _zone_labels(args: Any, table: Any, x: Any) -> tuple[Any, list[str]]:
     """The labelled polygons of a zone table: by its ``--label-column``, or with ``--labels POINTS`` by the points
     inside them (their ``--label-column``)."""
     from dinov3_eo.tasks.zone_classification import labelled_zones, labels_from_points
 
     if not args.labels:
-        return labelled_zones(table, x, args.label_column, where=os.fspath(args.zones))
+        return labelled_zones(table, x, args.label_column, where=_tables_named(args.zones))
     labels, counts = labels_from_points(table, args.labels, args.label_column)
     print(f"{counts['points']} labelled points of {args.labels}: {counts['labelled']} polygons take their class"
           + (f"; {counts['outside']} points lie in no polygon" if counts["outside"] else "")
@@ -749,23 +754,23 @@ def _zone_labels(args: Any, table: Any, x: Any) -> tuple[Any, list[str]]:
 def _fit_zones(args: Any) -> None:
     """``classify fit --zones parcels.parquet --label-column crop -o probe.safetensors``."""
     from dinov3_eo.tasks.zone_classification import zone_probe_record
-    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+    from dinov3_eo.tasks.zone_embeddings import read_zone_tables
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--val", args.val), ("--val-labels", args.val_labels),
                               ("--multi-label", args.multi_label), ("--finetune-epochs", args.finetune_epochs),
                               ("--embeddings", args.embeddings)])  # fmt: skip
-    table, x = read_zone_embeddings(args.zones)
+    table, x = read_zone_tables(args.zones)
     x, labels = _zone_labels(args, table, x)
     classes = sorted(set(labels))
     if len(classes) < 2:
-        raise ValueError(f"The polygons of {args.zones} with a {args.label_column!r} and features hold {len(classes)} "
-                         f"class ({classes}); a classifier needs at least two.")  # fmt: skip
+        raise ValueError(f"The polygons of {_tables_named(args.zones)} with a {args.label_column!r} and features hold "
+                         f"{len(classes)} class ({classes}); a classifier needs at least two.")  # fmt: skip
     train, held = stratified_split(labels, args.val_fraction, args.seed)
     y = _class_ids(labels, classes)
     val = (x[held], y[held]) if len(held) else None
     probe = fit_chip_classifier(x[train], y[train], classes, method=args.method, features="patch_mean", val=val,
                                 k=args.k, balanced=args.balanced)  # fmt: skip
-    probe.embedding = zone_probe_record(table.attrs.get("dinov3_eo", {}), args.zones)
+    probe.embedding = zone_probe_record(table.attrs.get("dinov3_eo", {}), _tables_named(args.zones))
     print(f"{args.method} probe on {len(train)} polygons of {len(classes)} classes"
           f"{f' (C = {probe.c:g})' if probe.c is not None else ''}; {len(held)} held-out polygons:")
     if len(held):
@@ -780,12 +785,12 @@ def _fit_zones(args: Any) -> None:
 def _test_zones(args: Any) -> None:
     """``classify test --zones parcels.parquet --label-column crop --probe probe.safetensors``."""
     from dinov3_eo.tasks.zone_classification import check_zone_table
-    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+    from dinov3_eo.tasks.zone_embeddings import read_zone_tables
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     probe = ChipClassifier.load(args.probe)
-    table, x = read_zone_embeddings(args.zones)
-    check_zone_table(probe, table, args.zones, x)
+    table, x = read_zone_tables(args.zones)
+    check_zone_table(probe, table, _tables_named(args.zones), x)
     x, labels = _zone_labels(args, table, x)
     unknown = sorted(set(labels) - set(probe.classes))
     if unknown:
@@ -799,7 +804,7 @@ def _predict_zones(args: Any) -> None:
     """``classify predict --zones parcels.parquet --probe probe.safetensors -o parcels_classes.gpkg``."""
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, write_quicklook
     from dinov3_eo.tasks.zone_classification import check_zone_table, zone_class_map, zone_predictions
-    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_embeddings, write_zone_rows
+    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_tables, write_zone_rows
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     if Path(args.output).suffix.lower() not in ZONE_ROW_SUFFIXES:
@@ -808,10 +813,10 @@ def _predict_zones(args: Any) -> None:
     class_map = output.with_name(f"{output.stem}_classes.tif") if args.raster else None
     for path in (output, class_map, class_map.with_suffix(".png") if class_map else None):
         if path is not None:
-            check_overwrite(path, args.overwrite, inputs=[args.zones, *([args.raster] if args.raster else [])])
+            check_overwrite(path, args.overwrite, inputs=[*args.zones, *([args.raster] if args.raster else [])])
     probe = ChipClassifier.load(args.probe)
-    table, x = read_zone_embeddings(args.zones)
-    check_zone_table(probe, table, args.zones, x)
+    table, x = read_zone_tables(args.zones)
+    check_zone_table(probe, table, _tables_named(args.zones), x)
     predicted = zone_predictions(table, x, probe)
     write_zone_rows(predicted, args.output, layer="predictions", overwrite=args.overwrite)
     if class_map is not None:

@@ -245,5 +245,43 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
     return table, x
 
 
-__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "write_zone_embeddings",
-           "write_zone_rows", "zone_embeddings", "zone_feature_sums"]
+def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]]) -> tuple[Any, np.ndarray]:
+    """One or more zone tables (scenes or regions embedded apart) as one: ``(frame, x [N, D])``. Several must come
+    from one backbone with as many dates; their rows are stacked (in the first table's CRS) with a ``zone_table``
+    column naming each row's file, and ``attrs["dinov3_eo"]`` is the first's with every file in ``tables``.
+
+    Raises:
+        FileNotFoundError: a missing file. ValueError: not zone tables, or tables embedded differently (named).
+    """
+    import geopandas as gpd
+    import pandas as pd
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if len(paths) == 1:
+        return read_zone_embeddings(paths[0])
+    frames, arrays = [], []
+    for path in paths:
+        table, x = read_zone_embeddings(path)
+        frames.append(table.assign(zone_table=Path(path).name))
+        arrays.append(x)
+    first = frames[0].attrs.get("dinov3_eo", {})
+    key = ("backbone", "patch_size", "embed_dim", "temporal")
+    for path, frame, x in zip(paths[1:], frames[1:], arrays[1:]):
+        made = frame.attrs.get("dinov3_eo", {})
+        differs = [k for k in key if made.get(k) != first.get(k)]
+        if len(made.get("dates") or []) != len(first.get("dates") or []):
+            differs.append("number of dates")
+        if differs or (len(x) and len(arrays[0]) and x.shape[1] != arrays[0].shape[1]):
+            raise ValueError(f"{os.fspath(path)} was embedded otherwise than {os.fspath(paths[0])} "
+                             f"({', '.join(differs) or 'feature width'}): tables used together need one backbone "
+                             "and as many dates.")  # fmt: skip
+    crs = frames[0].crs
+    stacked = gpd.GeoDataFrame(pd.concat([f.to_crs(crs) for f in frames], ignore_index=True), crs=crs)
+    width = max((a.shape[1] for a in arrays if a.size), default=0)
+    stacked.attrs["dinov3_eo"] = {**first, "tables": [os.fspath(p) for p in paths]}
+    return stacked, np.concatenate([a.reshape(len(a), width) for a in arrays]) if width else np.zeros((0, 0), np.float32)
+
+
+__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "read_zone_tables",
+           "write_zone_embeddings", "write_zone_rows", "zone_embeddings", "zone_feature_sums"]

@@ -12,7 +12,6 @@ the examples outlined (``<output>.png``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -77,12 +76,13 @@ def similar_zones_main(argv: Sequence[str]) -> int:
     from dinov3_eo.cli import EXIT_BAD_INPUT
     from dinov3_eo.inference.writers import check_overwrite
     from dinov3_eo.tasks.zonal import zonal_picture
-    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_embeddings, write_zone_rows
+    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_tables, write_zone_rows
 
     parser = argparse.ArgumentParser(prog="dinov3-eo similar --zones", description="The polygons of a zone table "
                                      "('embed --zones') most like the ones picked by --like, by the cosine of their "
                                      "embeddings; no backbone runs.")  # fmt: skip
-    parser.add_argument("--zones", required=True, metavar="TABLE", help="a table from 'embed --zones' (.parquet)")
+    parser.add_argument("--zones", nargs="+", required=True, metavar="TABLE", help="one or more tables from 'embed "
+                        "--zones' (.parquet; several: one backbone, searched together)")  # fmt: skip
     parser.add_argument("--like", nargs="+", required=True, metavar="COLUMN=VALUE", help="the example polygons: "
                         "rows whose COLUMN is VALUE (several: any of them), e.g. crop=rice or id=17")  # fmt: skip
     parser.add_argument("-o", "--output", required=True, help=f"the matches: {', '.join(ZONE_ROW_SUFFIXES)} "
@@ -101,9 +101,9 @@ def similar_zones_main(argv: Sequence[str]) -> int:
         picture = None if args.no_quicklook else output.with_suffix(".png")
         for path in (output, picture):
             if path is not None:
-                check_overwrite(path, args.overwrite, inputs=[args.zones])
-        table, x = read_zone_embeddings(args.zones)
-        examples = examples_of(table, args.like, where=os.fspath(args.zones))
+                check_overwrite(path, args.overwrite, inputs=args.zones)
+        table, x = read_zone_tables(args.zones)
+        examples = examples_of(table, args.like, where=", ".join(args.zones))
         matches = zones_like(table, x, examples, k=args.k)
         write_zone_rows(matches, output, layer="matches", overwrite=args.overwrite)
         if picture is not None:
