@@ -44,6 +44,23 @@ def neutral_values(meta: dict) -> np.ndarray:
     return (low + mean * (high - low)).astype(np.float32)
 
 
+def band_indexes(src: rasterio.DatasetReader, selection: list | None) -> list[int]:
+    """The scene's 1-based bands the graph takes: the checkpoint's selection (indexes, or band names matched against
+    the scene's band descriptions), else all."""
+    if not selection:
+        return list(range(1, src.count + 1))
+    names = [d or "" for d in src.descriptions]
+    out = []
+    for item in selection:
+        if isinstance(item, str) and not item.isdigit():
+            if item not in names:
+                raise SystemExit(f"The graph reads band {item!r}; {src.name} has the bands {names}.")
+            out.append(names.index(item) + 1)
+        else:
+            out.append(int(item))
+    return out
+
+
 def map_scene(graph: str, scene: str, out: str, *, nodata: float | None = None, tile: int = 512, margin: int = 64) -> dict:
     """Run ``graph`` over ``scene`` and write ``out`` (module docstring); returns the graph's metadata."""
     session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
@@ -56,7 +73,7 @@ def map_scene(graph: str, scene: str, out: str, *, nodata: float | None = None, 
     bands = meta.get("band_selection") or None
     dense = meta["kind"] == "height"
     with rasterio.open(scene) as src:
-        indexes = [int(b) for b in bands] if bands else list(range(1, src.count + 1))
+        indexes = band_indexes(src, bands)
         if len(indexes) != meta["in_chans"]:
             raise SystemExit(f"{scene} gives {len(indexes)} bands; the graph takes {meta['in_chans']}.")
         nodata = nodata if nodata is not None else src.nodata
