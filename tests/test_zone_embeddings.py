@@ -98,6 +98,33 @@ def test_only_the_windows_under_polygons_are_embedded(setup: dict, monkeypatch: 
     np.testing.assert_allclose(table["patch_mean"][0], expected, rtol=1e-4, atol=1e-5)
 
 
+def test_upsampling_reads_the_scene_on_a_finer_grid(setup: dict, tmp_path: Path) -> None:
+    from rasterio.warp import Resampling, reproject
+
+    t = setup["transform"]
+    cell = abs(t.a)
+    zones = gpd.GeoDataFrame({"name": ["a", "b"]}, crs=setup["crs"], geometry=[
+        shapely.box(t.c + 10 * cell, t.f - 5 * cell, t.c + 12 * cell, t.f - 3 * cell),
+        shapely.box(t.c + 11.2 * cell, t.f - 8.6 * cell, t.c + 11.7 * cell, t.f - 8.1 * cell)])  # fmt: skip
+    # the same scene warped by hand onto a grid twice as fine: what upsample=2 reads through a WarpedVRT
+    with rasterio.open(CROP) as src:
+        profile = {k: v for k, v in src.profile.items() if k not in ("blockxsize", "blockysize")}
+        profile.update(width=src.width * 2, height=src.height * 2, transform=src.transform * src.transform.scale(0.5))
+        with rasterio.open(tmp_path / "fine.tif", "w", **profile) as fine:
+            for b in range(1, src.count + 1):
+                reproject(rasterio.band(src, b), rasterio.band(fine, b), resampling=Resampling.bilinear,
+                          src_nodata=0, dst_nodata=0)  # fmt: skip
+    run = {"normalization": setup["norm"], "window": 96, "progress": False}
+    twice = zone_embeddings(setup["backbone"], CROP, zones, upsample=2, **run)
+    by_hand = zone_embeddings(setup["backbone"], tmp_path / "fine.tif", zones, **run)
+    once = zone_embeddings(setup["backbone"], CROP, zones, **run)
+    np.testing.assert_allclose(np.stack(twice["patch_mean"]), np.stack(by_hand["patch_mean"]), atol=1e-4)
+    assert list(twice["patches"]) == list(by_hand["patches"]) and twice["patches"][0] > 2 * once["patches"][0]
+    assert twice.attrs["dinov3_eo"]["upsample"] == 2
+    with pytest.raises(ValueError, match="upsample must be a whole factor"):
+        zone_embeddings(setup["backbone"], CROP, zones, upsample=0, **run)
+
+
 def test_embed_zones_from_the_command_line(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     t = setup["transform"]
     cell = abs(t.a)

@@ -513,6 +513,9 @@ def embed_main(argv: Sequence[str]) -> int:
                        "each one's date, in their order (a quoted glob or a folder: its files sorted by name; "
                        "default: the YYYYMMDD or YYYY-MM-DD in each name); the same date twice: scenes of one date, "
                        "mosaicked")  # fmt: skip
+    zones.add_argument("--upsample", type=int, default=1, metavar="K", help="with --zones, read the scene on a grid K "
+                       "times finer (bilinear) so that parcels of a few pixels get patches of their own (10-30 m "
+                       "imagery; K^2 the compute; default 1)")  # fmt: skip
     zones.add_argument("--temporal", choices=("concat", "mean"), default="concat", help="with several dates, "
                        "patch_mean is the dates' features one after the other (concat, default: a season's course) "
                        "or their mean")  # fmt: skip
@@ -537,7 +540,7 @@ def embed_main(argv: Sequence[str]) -> int:
         backbone, norm, device = _prepare(args, rasters)
         run = {"normalization": norm, "bands": args.bands, "nodata": args.nodata, "window": args.window,
                "margin": args.margin, "batch_size": args.batch_size, "device": device, "amp": args.bf16,
-               "progress": not args.quiet}  # fmt: skip
+               "progress": not args.quiet, "upsample": args.upsample}  # fmt: skip
         if len(rasters) == 1 and args.dates is None:
             table = zone_embeddings(backbone, args.input, args.zones, **run)
         else:

@@ -66,20 +66,37 @@ def zone_feature_sums(
     device: str = "cpu",
     amp: bool = False,
     progress: bool = True,
+    upsample: int = 1,
 ) -> ZoneSums:
     """The polygons of ``frame`` (a ``GeoDataFrame`` with a CRS, as :func:`~dinov3_eo.tasks.zonal.read_zones`
     gives) against ``raster``'s patch features, streamed window by window: :class:`ZoneSums`. Arguments as
     :func:`zone_embeddings`."""
+    import contextlib
+
     import rasterio.windows
     import shapely
+    from affine import Affine
+    from rasterio.enums import Resampling
+    from rasterio.vrt import WarpedVRT
     from scipy.sparse import csr_matrix
 
     from dinov3_eo.data.raster import open_quietly, require_georeferenced, tile_boxes
     from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
 
+    if int(upsample) < 1:
+        raise ValueError(f"upsample must be a whole factor of at least 1, not {upsample}.")
     dim = int(backbone.embed_dim)
-    with open_quietly(raster) as src:
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(open_quietly(raster))
         require_georeferenced(src)
+        if upsample > 1:  # the scene read on a k-times finer grid: k^2 patches where one was (small parcels, 30 m)
+            bands = list(bands) if bands else list(range(1, src.count + 1))
+            fill = nodata if nodata is not None else src.nodata
+            src = stack.enter_context(WarpedVRT(
+                src, crs=src.crs, transform=src.transform * Affine.scale(1 / upsample), width=src.width * upsample,
+                height=src.height * upsample, resampling=Resampling.bilinear, src_nodata=fill, nodata=fill,
+                add_alpha=fill is None,
+            ))  # fmt: skip
         grid = FeatureGrid.of(src, int(backbone.patch_size))
         polygons = frame.geometry.to_crs(src.crs).to_numpy()
         areas = shapely.area(polygons)
@@ -89,6 +106,7 @@ def zone_feature_sums(
         sums = np.zeros((len(frame), dim), np.float64)
         weights = np.zeros(len(frame), np.float64)
         counts = np.zeros(len(frame), np.int64)
+
         def near_zones(tile: rasterio.windows.Window) -> np.ndarray:
             return zone_tree.query(shapely.box(*rasterio.windows.bounds(tile, grid.transform)), predicate="intersects")
 
@@ -144,6 +162,7 @@ def zone_embeddings(
     device: str = "cpu",
     amp: bool = False,
     progress: bool = True,
+    upsample: int = 1,
 ) -> Any:
     """The area-weighted mean patch feature of each polygon of ``zones`` over ``raster`` (module docstring).
 
@@ -152,6 +171,8 @@ def zone_embeddings(
         raster: a georeferenced GeoTIFF; zones: a ``GeoDataFrame`` (any CRS) or a vector file's path.
         normalization, bands, nodata, window, margin, batch_size, device, amp: as
             :func:`~dinov3_eo.tasks.features.stream_patch_features`.
+        upsample: read the scene on a grid this many times finer (bilinear), so that a patch covers 1/k² of the
+            ground it would (parcels of a few pixels on 10-30 m imagery get their own patches; k² the compute).
 
     Returns:
         ``zones`` (in their CRS, their columns) with ``patch_mean`` (``[D]`` float32 arrays; NaN for a zone with no
@@ -167,12 +188,12 @@ def zone_embeddings(
     frame = read_zones(zones)
     summed = zone_feature_sums(backbone, raster, frame, normalization=normalization, bands=bands, nodata=nodata,
                                window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
-                               progress=progress)  # fmt: skip
+                               progress=progress, upsample=upsample)  # fmt: skip
     out = frame.copy()
     out["patch_mean"] = list(summed.means())
     out["coverage"] = summed.coverage()
     out["patches"] = summed.counts
-    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "source": os.fspath(raster)}
+    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "source": os.fspath(raster), "upsample": int(upsample)}
     return out
 
 
@@ -270,6 +291,8 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
     for path, frame, x in zip(paths[1:], frames[1:], arrays[1:]):
         made = frame.attrs.get("dinov3_eo", {})
         differs = [k for k in key if made.get(k) != first.get(k)]
+        if made.get("upsample", 1) != first.get("upsample", 1):
+            differs.append("upsample")
         if len(made.get("dates") or []) != len(first.get("dates") or []):
             differs.append("number of dates")
         if differs or (len(x) and len(arrays[0]) and x.shape[1] != arrays[0].shape[1]):

@@ -121,6 +121,7 @@ def zone_time_series(
     device: str = "cpu",
     amp: bool = False,
     progress: bool = True,
+    upsample: int = 1,
 ) -> Any:
     """Each polygon of ``zones`` embedded at every date of ``rasters`` (module docstring).
 
@@ -130,7 +131,7 @@ def zone_time_series(
             (any CRS) or a vector file's path.
         dates: one label per raster (default: the date in its name, :func:`date_label`).
         temporal: ``"concat"`` or ``"mean"`` (:func:`combine_steps`).
-        normalization, bands, nodata, window, margin, batch_size, device, amp, progress: as
+        normalization, bands, nodata, window, margin, batch_size, device, amp, progress, upsample: as
             :func:`~dinov3_eo.tasks.zone_embeddings.zone_embeddings`, for every raster.
 
     Returns:
@@ -160,7 +161,7 @@ def zone_time_series(
                 print(f"{label}: {path}")
             part = zone_feature_sums(backbone, path, frame, normalization=normalization, bands=bands, nodata=nodata,
                                      window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
-                                     progress=progress)  # fmt: skip
+                                     progress=progress, upsample=upsample)  # fmt: skip
             # each file's areas are in its own CRS: pool the sums, add the coverage shares
             sums = part.sums if sums is None else sums + part.sums
             weights = part.weights if weights is None else weights + part.weights
@@ -178,7 +179,8 @@ def zone_time_series(
     for label, _ in steps:
         out[f"coverage_{label}"] = coverage[label]
         out[f"patches_{label}"] = patches[label]
-    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "temporal": temporal, "time_steps": len(steps),
+    out.attrs["dinov3_eo"] = {**backbone_record(backbone), "upsample": int(upsample), "temporal": temporal,
+                              "time_steps": len(steps),
                               "dates": [label for label, _ in steps], "source": [paths for _, paths in steps]}  # fmt: skip
     return out
 
