@@ -218,3 +218,6 @@ def test_zone_probes_and_tables_must_match() -> None:
     refuse_zone_probe(chip_probe, "chips")  # a chip probe passes
     table.attrs["dinov3_eo"] = {"backbone": "vitmicro16"}
     check_zone_table(zone_probe, table, "t.parquet")
+    table.attrs["dinov3_eo"] = {"backbone": "vitmicro16", "upsample": 4}
+    with pytest.raises(ValueError, match="embedded with --upsample 4, the probe's polygons with 1"):
+        check_zone_table(zone_probe, table, "t.parquet")

@@ -101,7 +101,7 @@ def table_steps(made: dict[str, Any]) -> int:
 def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> dict[str, Any]:
     """A zone probe's ``embedding``: the backbone and the dates of the table ``made`` describes (its attrs)."""
     record = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
-              "table": os.fspath(table)}  # fmt: skip
+              "upsample": int(made.get("upsample") or 1), "table": os.fspath(table)}  # fmt: skip
     if made.get("dates"):
         record.update(dates=made["dates"], temporal=made.get("temporal", "concat"), time_steps=len(made["dates"]))
     return record
@@ -118,6 +118,10 @@ def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np
     if fitted and now and fitted != now:
         raise ValueError(f"{os.fspath(path)} was embedded by {now!r}, the probe's polygons by {fitted!r}: embed them "
                          "with the probe's backbone.")  # fmt: skip
+    fitted_scale, now_scale = int(probe.embedding.get("upsample") or 1), int(made.get("upsample") or 1)
+    if fitted_scale != now_scale:
+        raise ValueError(f"{os.fspath(path)} was embedded with --upsample {now_scale}, the probe's polygons with "
+                         f"{fitted_scale}: embed them as the probe's were (the features change with the scale).")  # fmt: skip
     fitted_steps, now_steps = table_steps(probe.embedding), table_steps(made)
     if fitted_steps != now_steps:
         raise ValueError(f"{os.fspath(path)} holds each polygon's features at {now_steps} date(s) one after the other, "
