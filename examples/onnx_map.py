@@ -46,7 +46,8 @@ def neutral_values(meta: dict) -> np.ndarray:
 
 def band_indexes(src: rasterio.DatasetReader, selection: list | None) -> list[int]:
     """The scene's 1-based bands the graph takes: the checkpoint's selection (indexes, or band names matched against
-    the scene's band descriptions), else all."""
+    the scene's band descriptions), else all. (``segment predict`` resolves it the same way; repeated here because
+    this script must run without dinov3_eo, which needs PyTorch.)"""
     if not selection:
         return list(range(1, src.count + 1))
     names = [d or "" for d in src.descriptions]
