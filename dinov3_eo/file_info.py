@@ -156,6 +156,14 @@ def _describe_torch(path: Path) -> FileInfo:
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     progress = {"step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
     progress = {k: v for k, v in progress.items() if v is not None}
+    text = checkpoint.get("dinov3_eo_text")
+    if isinstance(text, dict):  # a text fit checkpoint or export_text_model's file
+        details = {**_meta_details(entry), "backbone stored": text.get("backbone_stored"),
+                   "backbone source": text.get("backbone_source"), "tokenizer": (text.get("tokenizer") or {}).get("name"),
+                   "prompt templates": len(text.get("templates") or []), "caption classes": text.get("class_names"),
+                   **progress}  # fmt: skip
+        return FileInfo(os.fspath(path), "text model (text fit; query --model, classify zero-shot, export --onnx "
+                        "--queries)", {k: v for k, v in details.items() if v is not None})  # fmt: skip
     if "segmentation" in entry:
         task = entry["segmentation"]
         details = {"classes": task.get("class_names"), "head": task.get("head"), "layers": task.get("layers"),

@@ -67,6 +67,16 @@ def test_checkpoints_of_each_task(tmp_path: Path) -> None:
     assert info.kind == "SSL checkpoint (pretraining)" and info.details["step"] == 50
 
 
+def test_a_text_model(tmp_path: Path) -> None:
+    from tiny_text import tiny_text_model
+
+    model = tiny_text_model(tmp_path / "text.pt", MICRO_NORM)
+    info = describe(model)
+    assert info.kind.startswith("text model") and info.details["backbone"] == "vitmicro16"
+    assert info.details["prompt templates"] > 0 and info.details["backbone stored"] is True
+    assert info.details["input normalisation"].startswith("test;")
+
+
 def test_probes_tables_rasters_and_vectors(tmp_path: Path) -> None:
     from dinov3_eo.tasks.chip_classification import fit_chip_classifier
     from dinov3_eo.tasks.zone_embeddings import write_zone_embeddings
