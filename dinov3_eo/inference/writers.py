@@ -420,6 +420,19 @@ def picture_grid(src: Any, max_size: int = 1024) -> tuple[tuple[int, int], Affin
     return shape, src.transform @ Affine.scale(src.width / shape[1], src.height / shape[0])
 
 
+def label_outlines(labels: np.ndarray) -> np.ndarray:
+    """``[H, W]`` bool: the labelled pixels (> 0) next to a pixel of another label, or of none (4-neighbours): the
+    outlines of crowns or image objects drawn over a picture."""
+    edge = np.zeros(labels.shape, bool)
+    across = labels[:, :-1] != labels[:, 1:]
+    edge[:, :-1] |= across
+    edge[:, 1:] |= across
+    down = labels[:-1] != labels[1:]
+    edge[:-1] |= down
+    edge[1:] |= down
+    return edge & (labels > 0)
+
+
 def display_rgb(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """``[C, h, w]`` imagery (the red, green, blue bands, or one band) as an ``[h, w, 3]`` float picture in [0, 1]:
     :func:`stretch_to_unit`, one band repeated as grey, invalid pixels white (not black "data")."""

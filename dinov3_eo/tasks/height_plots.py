@@ -13,7 +13,7 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
-from dinov3_eo.inference.writers import picture_shape, save_figure
+from dinov3_eo.inference.writers import label_outlines, picture_shape, save_figure
 
 #: Perceptually uniform, colour-blind-safe map of heights; diverging map of errors (blue = under, red = over).
 HEIGHT_CMAP = "viridis"
@@ -227,13 +227,7 @@ def crown_picture(
         with rasterio.open(labels) as src:
             ids = src.read(1, out_shape=shape, resampling=Resampling.nearest)
         shape = size
-        ids = np.repeat(np.repeat(ids, zoom, axis=0), zoom, axis=1)
-        edge = np.zeros(shape, bool)  # a crown pixel next to another crown or to none
-        edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-        edge[:, 1:] |= ids[:, :-1] != ids[:, 1:]
-        edge[:-1] |= ids[:-1] != ids[1:]
-        edge[1:] |= ids[:-1] != ids[1:]
-        edge &= ids > 0
+        edge = label_outlines(np.repeat(np.repeat(ids, zoom, axis=0), zoom, axis=1))  # next to another crown or none
         overlay = np.zeros((*shape, 4), np.float32)
         overlay[edge] = (1.0, 1.0, 1.0, 0.9)
         ax.imshow(overlay, interpolation="nearest", extent=extent)

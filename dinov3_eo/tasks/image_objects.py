@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from dinov3_eo.inference.writers import label_outlines
+
 
 def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: float,
                 compactness: float | None = None) -> np.ndarray:  # fmt: skip
@@ -51,18 +53,6 @@ def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: floa
     labels[~valid] = 0
     # an object the data's edge cut in two becomes two, each connected
     return connected(labels, background=0, connectivity=1).astype(np.int32)
-
-
-def label_outlines(labels: np.ndarray) -> np.ndarray:
-    """``[H, W]`` bool: the labelled pixels (> 0) next to a pixel of another label, or of none (4-neighbours)."""
-    edge = np.zeros(labels.shape, bool)
-    across = labels[:, :-1] != labels[:, 1:]
-    edge[:, :-1] |= across
-    edge[:, 1:] |= across
-    down = labels[:-1] != labels[1:]
-    edge[:-1] |= down
-    edge[1:] |= down
-    return edge & (labels > 0)
 
 
 def image_objects(
