@@ -154,22 +154,20 @@ def zone_time_series(
     frame = read_zones(zones)
     means, coverage, patches = [], {}, {}
     for label, paths in steps:
-        sums = weights = counts = None
-        share = np.zeros(len(frame))
+        parts = []
         for path in paths:
             if progress:
                 print(f"{label}: {path}")
-            part = zone_feature_sums(backbone, path, frame, normalization=normalization, bands=bands, nodata=nodata,
-                                     window=window, margin=margin, batch_size=batch_size, device=device, amp=amp,
-                                     progress=progress, upsample=upsample)  # fmt: skip
-            # each file's areas are in its own CRS: pool the sums, add the coverage shares
-            sums = part.sums if sums is None else sums + part.sums
-            weights = part.weights if weights is None else weights + part.weights
-            counts = part.counts if counts is None else counts + part.counts
-            share += part.coverage()
+            parts.append(zone_feature_sums(backbone, path, frame, normalization=normalization, bands=bands,
+                                           nodata=nodata, window=window, margin=margin, batch_size=batch_size,
+                                           device=device, amp=amp, progress=progress, upsample=upsample))  # fmt: skip
+        # one date's scenes pooled: the sums and weights add up; each file's areas are in its own CRS, so the
+        # coverage shares add rather than the areas
+        weights = sum(part.weights for part in parts)
         with np.errstate(invalid="ignore", divide="ignore"):
-            means.append(sums / weights[:, None])
-        coverage[label], patches[label] = np.minimum(share, 1.0), counts
+            means.append(sum(part.sums for part in parts) / weights[:, None])
+        coverage[label] = np.minimum(sum(part.coverage() for part in parts), 1.0)
+        patches[label] = sum(part.counts for part in parts)
     features, seen = combine_steps(np.stack(means), temporal)
     out = frame.copy()
     out["patch_mean"] = list(features)
