@@ -141,14 +141,15 @@ def _require_onnx() -> None:
                           "pip install 'dinov3_eo[onnx]'.") from e  # fmt: skip
 
 
-def _is_text_model(checkpoint: str | os.PathLike[str]) -> bool:
+def _text_model(checkpoint: str | os.PathLike[str]) -> tuple[Any, Any, dict[str, Any]] | None:
+    """What :func:`~dinov3_eo.tasks.openvocab.load_text_model` returns for ``checkpoint``, or None if it is no text
+    model (loaded once: a text model's graph is built from it)."""
     from dinov3_eo.tasks.openvocab import load_text_model
 
     try:
-        load_text_model(checkpoint)
+        return load_text_model(checkpoint)
     except Exception:  # any file that is not one
-        return False
-    return True
+        return None
 
 
 def onnx_graph_for(checkpoint: str | os.PathLike[str], *, name: str | None = None, in_chans: int | None = None,
@@ -193,7 +194,7 @@ def onnx_graph_for(checkpoint: str | os.PathLike[str], *, name: str | None = Non
             try:
                 model = load_backbone(checkpoint, name=name, in_chans=in_chans).eval()
             except CheckpointError:
-                if _is_text_model(checkpoint):
+                if _text_model(checkpoint) is not None:
                     raise ValueError(f"{os.fspath(checkpoint)} is a text model: give the queries its graph maps "
                                      "(--queries water forest ...), fixed at export.") from None  # fmt: skip
                 raise
@@ -225,10 +226,11 @@ def _query_graph(checkpoint: str | os.PathLike[str], queries: list[str], *, norm
     ``query`` does, so the graph needs no tokenizer): probabilities over two or more, the cosine of one."""
     from dinov3_eo.tasks.openvocab import MapQuery, OpenVocabScorer
 
-    if not _is_text_model(checkpoint):
+    loaded = _text_model(checkpoint)
+    if loaded is None:
         raise ValueError(f"--queries map text onto images with a text model ('text fit'); {os.fspath(checkpoint)} "
                          "is not one.")  # fmt: skip
-    engine = MapQuery.from_checkpoint(checkpoint, device="cpu")
+    engine = MapQuery.from_text_model(*loaded, device="cpu")
     embeddings = engine.text_embeddings(queries)
     softmax = len(queries) > 1
     scale = float(engine.model.logit_scale.detach().exp()) if softmax else 1.0

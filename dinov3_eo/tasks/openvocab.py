@@ -608,7 +608,12 @@ class MapQuery:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> MapQuery:
         """Load a ``text fit`` checkpoint or exported text model; ``kwargs`` as for the constructor."""
-        model, meta, text_meta = load_text_model(path)
+        return cls.from_text_model(*load_text_model(path), **kwargs)
+
+    @classmethod
+    def from_text_model(cls, model: TextAlignedModel, meta: BackboneMeta, text_meta: Mapping[str, Any],
+                        **kwargs: Any) -> MapQuery:  # fmt: skip
+        """From what :func:`load_text_model` returns, its prompt templates unless ``kwargs`` give others."""
         kwargs.setdefault("templates", tuple(text_meta.get("templates") or REMOTE_SENSING_TEMPLATES))
         return cls(model=model, meta=meta, **kwargs)
 
