@@ -523,16 +523,14 @@ def embed_main(argv: Sequence[str]) -> int:
     inputs, args.input = list(args.input), args.input[0]
 
     def zone_table() -> Path:
+        from dinov3_eo.data.index import expand_sources
         from dinov3_eo.tasks.zone_embeddings import write_zone_embeddings, zone_embeddings
-
         from dinov3_eo.tasks.zone_time_series import zone_time_series
 
         if args.chips or args.tiles is not None:
             raise ValueError("--zones embeds polygons over a GeoTIFF; leave out --chips and --tiles.")
         if Path(args.output).suffix.lower() != ".parquet":
             raise ValueError(f"With --zones the output is a GeoParquet table (.parquet), not {args.output!r}.")
-        from dinov3_eo.data.index import expand_sources
-
         # a quoted glob or a folder of a season's scenes: each expands (sorted) where it stands among the inputs
         rasters = [path for item in inputs for path in expand_sources(item)]
         args.input = rasters[0]
