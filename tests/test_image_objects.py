@@ -11,7 +11,7 @@ import rasterio
 from skimage.measure import label as connected
 
 from dinov3_eo.cli import main as cli_main
-from dinov3_eo.tasks.image_objects import image_objects, label_outlines, slic_labels
+from dinov3_eo.tasks.image_objects import image_objects, label_outlines, merge_small_objects, slic_labels
 
 SCENE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"  # 0-valued collar
 
@@ -59,14 +59,47 @@ def test_scene_objects_cover_the_valid_pixels_once(tmp_path: Path) -> None:
     for _, row in frame.sample(5, random_state=0).iterrows():  # band means from the id raster itself
         inside = ids == row["object_id"]
         assert row["mean_band_2"] == pytest.approx(data[1][inside].mean())
-    # in blocks: objects end at the block edges, and still cover the valid pixels once
-    blocked = image_objects(SCENE, size_ha=20, nodata=0, block=256, labels=tmp_path / "blocked.tif", progress=False)
+    # in blocks of 128 px: the same objects' sizes, no seam along the block edges, still each object once and connected
+    blocked = image_objects(SCENE, size_ha=20, nodata=0, block=128, labels=tmp_path / "blocked.tif", progress=False)
     with rasterio.open(tmp_path / "blocked.tif") as ids_file:
         blocked_ids = ids_file.read(1)
-    assert blocked["pixels"].sum() == valid.sum()
-    for i in blocked["object_id"].sample(20, random_state=0):
-        rows, cols = np.nonzero(blocked_ids == i)
-        assert len(set(rows // 256)) == 1 and len(set(cols // 256)) == 1
+    assert blocked["pixels"].sum() == valid.sum() and ((blocked_ids > 0) == valid).all()
+    assert connected(blocked_ids, background=0, connectivity=1).max() == len(blocked) == blocked_ids.max()
+    assert abs(len(blocked) - len(frame)) <= 0.1 * len(frame)
+    object_px = 20 * 10_000 / pixel_m2
+    assert (blocked["pixels"] < object_px / 4).mean() <= (frame["pixels"] < object_px / 4).mean() + 0.01  # no slivers
+
+    def boundary_share(ids: np.ndarray, cols: np.ndarray) -> float:  # of valid pixel pairs across these columns
+        left, right = ids[:, cols - 1], ids[:, cols]
+        both = (left > 0) & (right > 0)
+        return float(((left != right) & both).sum() / both.sum())
+
+    for grid in (blocked_ids, blocked_ids.T):  # block edges as columns, then as rows
+        edges = np.arange(128, grid.shape[1], 128)
+        others = np.setdiff1d(np.arange(1, grid.shape[1]), edges)
+        # a straight seam would put a boundary at every pixel of an edge (share 1); here about as many as elsewhere
+        assert boundary_share(grid, edges) < 1.5 * boundary_share(grid, others) < 0.2
+    crossing = [i for i in blocked["object_id"] if len(np.unique(np.nonzero(blocked_ids == i)[1] // 128)) > 1]
+    assert len(crossing) > 50
+
+
+def test_small_objects_join_the_closest_neighbour() -> None:
+    labels = np.array([[1, 1, 2, 3, 3],
+                       [1, 1, 2, 3, 3],
+                       [0, 0, 0, 0, 0],
+                       [0, 4, 0, 5, 5]])  # fmt: skip
+    image = np.zeros((1, 4, 5))
+    image[0, :, 3:] = 0.8
+    image[0, :, 2] = 0.7  # object 2 (2 px) is closer in colour to 3 than to 1
+    merged = merge_small_objects(labels, image, min_pixels=3)
+    expected = np.array([[1, 1, 2, 2, 2],
+                         [1, 1, 2, 2, 2],
+                         [0, 0, 0, 0, 0],
+                         [0, 3, 0, 4, 4]])  # fmt: skip
+    np.testing.assert_array_equal(merged, expected)  # 4 and 5 have no neighbour: kept; ids renumbered in order
+    assert merged.dtype == np.int32
+    # two small objects touching only each other become one
+    np.testing.assert_array_equal(merge_small_objects(np.array([[1, 2]]), np.zeros((1, 1, 2)), min_pixels=3), [[1, 1]])
 
 
 def test_objects_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -4,8 +4,10 @@
 Object-based image analysis (OBIA) first cuts a scene into small homogeneous regions, then classifies the regions
 rather than pixels. Here the regions come from SLIC (Achanta et al. 2012, scikit-image; SLICO's adaptive compactness
 unless ``compactness`` is given) on the bands stretched to [0, 1] by their 2–98 % percentiles over the whole scene,
-about ``size_ha`` hectares each, never across nodata, each one connected. Large scenes are cut in ``block``-pixel
-blocks (objects end at block edges: a straight seam every ``block`` pixels). The objects are written as polygons
+about ``size_ha`` hectares each, never across nodata, each one connected. Large scenes are segmented in
+``block``-pixel blocks, row by row, each read with a margin (:func:`object_halo`) around it: a block keeps every object
+that reaches into it whole, margin included, and the next blocks treat those pixels as taken, so objects cross block
+edges and no straight seam marks them (an object longer than the margin is still cut at the margin's edge). The objects are written as polygons
 (``object_id``, ``area_m2``, ``pixels`` and each band's mean) and, with ``labels``, as an int32 COG of object ids;
 ``<output>.png`` shows their outlines over the image. ``embed SCENE --zones objects.gpkg`` then gives each object
 an embedding, and ``classify fit --zones`` classifies them from a few you name.
@@ -14,6 +16,7 @@ an embedding, and ``classify fit --zones`` classifies them from a few you name.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -51,8 +54,59 @@ def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: floa
                   slic_zero=compactness is None, compactness=0.1 if compactness is None else compactness,
                   enforce_connectivity=True)  # fmt: skip
     labels[~valid] = 0
-    # an object the data's edge cut in two becomes two, each connected
-    return connected(labels, background=0, connectivity=1).astype(np.int32)
+    # an object the data's edge cut in two becomes two, each connected; the slivers such cuts leave join a neighbour
+    labels = connected(labels, background=0, connectivity=1)
+    return merge_small_objects(labels, image, min_pixels=pixels_per_object / 4)
+
+
+def merge_small_objects(labels: np.ndarray, image: np.ndarray, *, min_pixels: float, passes: int = 3) -> np.ndarray:
+    """Objects under ``min_pixels`` joined to the touching object (4-neighbours) of the closest mean colour.
+
+    Args:
+        labels: ``[H, W]`` int, objects ``1..n``, each connected; 0: no data. image: ``[C, H, W]`` float.
+        min_pixels: the smallest object kept on its own. passes: rounds (a small object may join another small one).
+
+    Returns:
+        ``[H, W]`` int32, objects renumbered ``1..m`` (m <= n), each still connected; an object with no neighbour
+        stays, however small.
+    """
+    labels = labels.astype(np.int64, copy=False)
+    for _ in range(passes):
+        n = int(labels.max())
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        small = sizes < min_pixels
+        small[0] = False
+        if not small.any():
+            break
+        pairs = []  # (small object, its neighbour), once per shared pixel edge
+        for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+            touching = (a != b) & (a > 0) & (b > 0)
+            a, b = a[touching], b[touching]
+            pairs += [np.stack([a, b], 1)[small[a]], np.stack([b, a], 1)[small[b]]]
+        pair = np.unique(np.concatenate(pairs) @ np.array([n + 1, 1]))
+        pair = np.stack([pair // (n + 1), pair % (n + 1)], 1)
+        if not len(pair):
+            break
+        means = np.stack([np.bincount(labels.ravel(), weights=band.ravel(), minlength=n + 1) for band in image], 1)
+        means /= np.maximum(sizes, 1)[:, None]
+        distance = ((means[pair[:, 0]] - means[pair[:, 1]]) ** 2).sum(1)
+        pair = pair[np.lexsort((distance, pair[:, 0]))]
+        first = np.unique(pair[:, 0], return_index=True)[1]
+        target = np.arange(n + 1)
+        target[pair[first, 0]] = pair[first, 1]
+        mutual = target[target] == np.arange(n + 1)
+        target[mutual & (target < np.arange(n + 1))] = np.flatnonzero(mutual & (target < np.arange(n + 1)))
+        labels = target[labels]
+    _, renumbered = np.unique(labels, return_inverse=True)
+    renumbered = renumbered.reshape(labels.shape)
+    if not (labels == 0).any():
+        renumbered += 1  # no zero among the values: the first object must be 1, not 0
+    return renumbered.astype(np.int32)
+
+
+def object_halo(pixels_per_object: float, block: int) -> int:
+    """How far (pixels) past its block an object may reach: five mean object sides, 16 to ``block // 2``."""
+    return int(min(max(block // 2, 1), max(16, math.ceil(5 * math.sqrt(max(pixels_per_object, 1.0))))))
 
 
 def image_objects(
@@ -73,7 +127,7 @@ def image_objects(
         raster: a georeferenced GeoTIFF in a projected CRS (metres).
         size_ha: the objects' mean size in hectares. compactness: as :func:`slic_labels`.
         bands, nodata: the bands read (default all) and a nodata override.
-        block: the side of the blocks segmented one at a time, in pixels.
+        block: the side of the blocks segmented one at a time, in pixels (memory: a strip of ``block`` + margin rows).
         labels: also write the object ids as this int32 COG (0: no data).
 
     Raises:
@@ -109,30 +163,51 @@ def image_objects(
         span = np.maximum(high - low, 1e-12)
         n_bands = len(sample)
         pixels_per_object = size_ha * 10_000 / pixel_m2
-        windows = [Window(c, r, min(block, src.width - c), min(block, src.height - r))
-                   for r in range(0, src.height, block) for c in range(0, src.width, block)]  # fmt: skip
+        halo = object_halo(pixels_per_object, block)
+        n_blocks = -(-src.height // block) * -(-src.width // block)
         sums: list[np.ndarray] = []  # per object: its pixel count and band sums
         with tempfile.TemporaryDirectory(prefix=".objects_", dir=Path(labels).parent if labels else None) as tmp:
             ids_path = Path(labels) if labels is not None else Path(tmp) / "objects.tif"
             writer = COGWriter(ids_path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
                                count=1, dtype="int32", nodata=0, overwrite=overwrite)  # fmt: skip
             offset = 0
-            with writer as out:
-                for window in tqdm(windows, desc=f"objects {Path(os.fspath(raster)).name}", unit="block", disable=not progress):
-                    values, valid = read_window(src, window, bands=bands, nodata=nodata)
-                    values = values.astype(np.float64)
-                    image = np.clip((values - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
-                    block_ids = slic_labels(image, valid, pixels_per_object=pixels_per_object, compactness=compactness)
-                    n = int(block_ids.max())
-                    if n:
-                        flat = block_ids.ravel()
-                        stats = np.zeros((n + 1, 1 + n_bands))
-                        stats[:, 0] = np.bincount(flat, minlength=n + 1)
+            bar = tqdm(total=n_blocks, desc=f"objects {Path(os.fspath(raster)).name}", unit="block", disable=not progress)
+            with writer as out, bar:
+                # a strip of blocks at a time, with the `halo` rows below it that its objects may already own
+                carried = np.zeros((0, src.width), np.int32)
+                for r0 in range(0, src.height, block):
+                    core_h = min(block, src.height - r0)
+                    strip = np.zeros((min(core_h + halo, src.height - r0), src.width), np.int32)
+                    strip[: len(carried)] = carried
+                    for c0 in range(0, src.width, block):
+                        core_w = min(block, src.width - c0)
+                        x0, x1 = max(0, c0 - halo), min(src.width, c0 + core_w + halo)
+                        owners = strip[:, x0:x1]  # a view: the objects kept below are written into the strip
+                        values, valid = read_window(src, Window(x0, r0, x1 - x0, len(strip)), bands=bands, nodata=nodata)
+                        values = values.astype(np.float64)
+                        image = np.clip((values - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
+                        # pixels that objects of earlier blocks own are no data here, so that the new objects end
+                        # where those do rather than on a straight block edge
+                        block_ids = slic_labels(image, valid & (owners == 0), pixels_per_object=pixels_per_object,
+                                                compactness=compactness)  # fmt: skip
+                        core = block_ids[:core_h, c0 - x0 : c0 - x0 + core_w]
+                        kept = np.unique(core[core > 0])  # the objects that reach into the core, whole
+                        bar.update(1)
+                        if not kept.size:
+                            continue
+                        renumber = np.zeros(int(block_ids.max()) + 1, np.int64)
+                        renumber[kept] = np.arange(1, len(kept) + 1)
+                        local = renumber[block_ids].ravel()
+                        stats = np.zeros((len(kept) + 1, 1 + n_bands))
+                        stats[:, 0] = np.bincount(local, minlength=len(kept) + 1)
                         for b in range(n_bands):
-                            stats[:, 1 + b] = np.bincount(flat, weights=np.where(valid, values[b], 0.0).ravel(), minlength=n + 1)
+                            stats[:, 1 + b] = np.bincount(local, weights=values[b].ravel(), minlength=len(kept) + 1)
                         sums.append(stats[1:])
-                    out.write(np.where(block_ids > 0, block_ids + offset, 0).astype(np.int32), window)
-                    offset += n
+                        local = local.reshape(block_ids.shape)
+                        owners[local > 0] = (local[local > 0] + offset).astype(np.int32)
+                        offset += len(kept)
+                    out.write(strip[None, :core_h], Window(0, r0, src.width, core_h))
+                    carried = strip[core_h:]
             with rasterio.open(ids_path) as ids:
                 polygons, values_of = region_polygons(ids)
                 crs = ids.crs
@@ -233,4 +308,4 @@ def objects_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["image_objects", "label_outlines", "objects_main", "objects_picture", "slic_labels"]
+__all__ = ["image_objects", "label_outlines", "merge_small_objects", "object_halo", "objects_main", "objects_picture", "slic_labels"]
