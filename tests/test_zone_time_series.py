@@ -18,7 +18,7 @@ from rasterio.windows import Window
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings, zone_embeddings, zone_feature_sums
-from dinov3_eo.tasks.zone_time_series import combine_steps, date_label, time_steps, zone_time_series
+from dinov3_eo.tasks.zone_time_series import combine_steps, date_label, step_days, time_steps, zone_time_series
 
 CROP = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"  # 250 x 230 Landsat RGB at 300 m, nodata 0 (CC0)
 
@@ -85,25 +85,42 @@ def test_dates_come_from_file_names_and_order_the_steps(tmp_path: Path) -> None:
 
 def test_combine_steps_against_a_loop() -> None:
     rng = np.random.default_rng(0)
-    means = rng.normal(size=(3, 5, 4))
-    means[1, 0] = np.nan  # polygon 0 unseen at step 1
+    means = rng.normal(size=(4, 6, 3))
+    means[1:3, 0] = np.nan  # polygon 0 unseen at steps 1 and 2: between steps 0 and 3
     means[:, 2] = np.nan  # polygon 2 never seen
-    means[[0, 2], 3] = np.nan  # polygon 3 seen at step 1 only
-    concat, seen = combine_steps(means, "concat")
+    means[[0, 2, 3], 3] = np.nan  # polygon 3 seen at step 1 only
+    means[[0, 3], 4] = np.nan  # polygon 4 unseen at both ends of the season
+    days = [0.0, 10.0, 40.0, 100.0]  # uneven dates
+    concat, seen = combine_steps(means, "concat", times=days)
     mean, _ = combine_steps(means, "mean")
-    assert concat.shape == (5, 12) and mean.shape == (5, 4) and list(seen) == [2, 3, 0, 1, 3]
-    for z in range(5):
-        rows = [means[t, z] for t in range(3) if np.isfinite(means[t, z]).all()]
-        if not rows:
+    assert concat.shape == (6, 12) and mean.shape == (6, 3) and list(seen) == [2, 4, 0, 1, 2, 4]
+    for z in range(6):
+        have = [t for t in range(4) if np.isfinite(means[t, z]).all()]
+        if not have:
             assert np.isnan(concat[z]).all() and np.isnan(mean[z]).all()
             continue
-        average = sum(rows) / len(rows)
-        np.testing.assert_allclose(mean[z], average, rtol=1e-6)
-        for t in range(3):
-            expected = means[t, z] if np.isfinite(means[t, z]).all() else average
-            np.testing.assert_allclose(concat[z, 4 * t : 4 * t + 4], expected, rtol=1e-6)
+        np.testing.assert_allclose(mean[z], sum(means[t, z] for t in have) / len(have), rtol=1e-6)
+        for t in range(4):
+            earlier, later = [u for u in have if u <= t], [u for u in have if u >= t]
+            if earlier and later:
+                a, b = earlier[-1], later[0]
+                w = 0.0 if a == b else (days[t] - days[a]) / (days[b] - days[a])
+                expected = (1 - w) * means[a, z] + w * means[b, z]
+            else:  # before the first or after the last date seen: the nearest one
+                expected = means[(earlier or later)[-1 if earlier else 0], z]
+            np.testing.assert_allclose(concat[z, 3 * t : 3 * t + 3], expected, rtol=1e-6, atol=1e-7)
+    # polygon 0 at day 10 is a tenth of the way from day 0 to day 100: interpolated by days, not by position
+    np.testing.assert_allclose(concat[0, 3:6], 0.9 * means[0, 0] + 0.1 * means[3, 0], rtol=1e-6, atol=1e-7)
+    by_position, _ = combine_steps(means, "concat")
+    np.testing.assert_allclose(by_position[0, 3:6], (2 * means[0, 0] + means[3, 0]) / 3, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="temporal must be one of"):
         combine_steps(means, "max")
+
+
+def test_step_days() -> None:
+    np.testing.assert_array_equal(step_days(["2021-05-01", "2021-05-11", "2021-07-01"]) - 18748, [0, 10, 61])
+    np.testing.assert_array_equal(step_days(["may", "july"]), [0, 1])  # not dates: positions
+    np.testing.assert_array_equal(step_days(["2021-02-30", "2021-03-01"]), [0, 1])
 
 
 def test_each_date_is_its_own_embedding_and_one_dates_scenes_are_pooled(setup: dict) -> None:

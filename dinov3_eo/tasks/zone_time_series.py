@@ -14,8 +14,9 @@ the same dates in any file order have the same columns.
 
 ``temporal="concat"`` (default) makes ``patch_mean`` the steps' means one after the other, ``[T · D]``: what a probe
 needs to learn a season's course. A polygon with no features at some step (clouds given as nodata, outside that
-date's footprint) takes there the mean of its steps with features, so every polygon seen once has a whole vector;
-``dates_seen`` says how many were real. ``temporal="mean"`` averages the steps with features (``[D]``): a feature that
+date's footprint) is interpolated there linearly in time (days between the dates) from its nearest steps with
+features before and after, or takes the nearest one's features at an end of the season, so every polygon seen once
+has a whole vector; ``dates_seen`` says how many were real. ``temporal="mean"`` averages the steps with features (``[D]``): a feature that
 does not depend on which dates were available, for tables of different dates. Each step's ``coverage_<date>`` and
 ``patches_<date>`` are columns; ``coverage`` is their mean and ``patches`` their sum.
 """
@@ -80,13 +81,26 @@ def time_steps(rasters: Sequence[str | os.PathLike[str]], dates: Sequence[str] |
     return [(label, steps[label]) for label in order]
 
 
-def combine_steps(means: np.ndarray, temporal: str = "concat") -> tuple[np.ndarray, np.ndarray]:
+def step_days(labels: Sequence[str]) -> np.ndarray:
+    """``[T]`` float: each step's day (since 1970) when every label is a ``YYYY-MM-DD`` date, else its position."""
+    if labels and all(re.fullmatch(r"\d{4}-\d\d-\d\d", str(label)) for label in labels):
+        try:
+            return np.array([np.datetime64(str(label), "D").astype(np.int64) for label in labels], np.float64)
+        except ValueError:  # 2021-02-30: a name that looks like a date and is none
+            pass
+    return np.arange(len(labels), dtype=np.float64)
+
+
+def combine_steps(means: np.ndarray, temporal: str = "concat", times: Sequence[float] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each polygon's step means as one vector (module docstring).
 
     Args:
         means: ``[T, Z, D]`` float, NaN rows where a polygon had no features at a step.
-        temporal: ``"concat"`` (``[Z, T · D]``, a step without features filled with the polygon's mean over its steps
-            with them) or ``"mean"`` (``[Z, D]``, that mean).
+        temporal: ``"concat"`` (``[Z, T · D]``) or ``"mean"`` (``[Z, D]``, the mean of the steps with features).
+            In ``"concat"`` a step without features is interpolated linearly in time between the polygon's nearest
+            steps with features before and after it, and takes the nearest one's at either end of the season.
+        times: ``[T]`` increasing, the steps' times (days: :func:`step_days`); default their positions.
 
     Returns:
         ``(features, dates_seen)``: float32 features (NaN rows for polygons never seen) and ``[Z]`` int64 counts.
@@ -97,11 +111,23 @@ def combine_steps(means: np.ndarray, temporal: str = "concat") -> tuple[np.ndarr
     steps, zones, dim = means.shape
     seen = np.isfinite(means).all(axis=2)  # [T, Z]
     count = seen.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        average = np.where(seen[..., None], means, 0.0).sum(axis=0) / count[:, None]  # [Z, D], NaN where never seen
     if temporal == "mean":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            average = np.where(seen[..., None], means, 0.0).sum(axis=0) / count[:, None]  # NaN where never seen
         return average.astype(np.float32), count.astype(np.int64)
-    filled = np.where(seen[..., None], means, average[None])  # [T, Z, D]
+    t = np.arange(steps, dtype=np.float64) if times is None else np.asarray(times, np.float64)
+    position = np.arange(steps)[:, None]
+    # each step's nearest seen step at or before it and at or after it (-1 / steps: none)
+    before = np.maximum.accumulate(np.where(seen, position, -1), axis=0)  # [T, Z]
+    after = np.minimum.accumulate(np.where(seen, position, steps)[::-1], axis=0)[::-1]
+    before_or_after = np.where(before >= 0, before, after)  # an end of the season: the nearest side only
+    after_or_before = np.where(after < steps, after, before)
+    lo, hi = np.clip(before_or_after, 0, steps - 1), np.clip(after_or_before, 0, steps - 1)
+    span = t[hi] - t[lo]
+    weight = np.divide(t[:, None] - t[lo], span, out=np.zeros_like(span), where=span > 0)[..., None]  # [T, Z, 1]
+    zone = np.arange(zones)[None]
+    filled = (1 - weight) * means[lo, zone] + weight * means[hi, zone]  # [T, Z, D]; NaN where never seen
+    filled = np.where(seen[..., None], means, filled)
     return filled.transpose(1, 0, 2).reshape(zones, steps * dim).astype(np.float32), count.astype(np.int64)
 
 
@@ -168,7 +194,7 @@ def zone_time_series(
             means.append(sum(part.sums for part in parts) / weights[:, None])
         coverage[label] = np.minimum(sum(part.coverage() for part in parts), 1.0)
         patches[label] = sum(part.counts for part in parts)
-    features, seen = combine_steps(np.stack(means), temporal)
+    features, seen = combine_steps(np.stack(means), temporal, step_days([label for label, _ in steps]))
     out = frame.copy()
     out["patch_mean"] = list(features)
     out["dates_seen"] = seen
@@ -183,4 +209,4 @@ def zone_time_series(
     return out
 
 
-__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "time_steps", "zone_time_series"]
+__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "step_days", "time_steps", "zone_time_series"]
