@@ -517,8 +517,8 @@ def embed_main(argv: Sequence[str]) -> int:
                        "times finer (bilinear) so that parcels of a few pixels get patches of their own (10-30 m "
                        "imagery; K^2 the compute; default 1)")  # fmt: skip
     zones.add_argument("--temporal", choices=("concat", "mean"), default="concat", help="with several dates, "
-                       "patch_mean is the dates' features one after the other (concat, default: a season's course) "
-                       "or their mean")  # fmt: skip
+                       "patch_mean is the dates' features one after the other (concat, default: a season's course; a date "
+                       "without features interpolated in time from the polygon's other dates) or their mean")  # fmt: skip
     args = parser.parse_args(list(argv))
     inputs, args.input = list(args.input), args.input[0]
 
