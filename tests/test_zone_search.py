@@ -14,7 +14,7 @@ from micro_backbone import micro_backbone_file
 
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
-from dinov3_eo.tasks.zone_search import examples_of, zones_like
+from dinov3_eo.tasks.zone_search import examples_of, zone_similarity, zones_like
 
 SCENE = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
 POLYGONS = SCENE.with_name("landsat8_224078_polygons.gpkg")  # water, crop, tree, developed (~15 ha each)
@@ -44,7 +44,8 @@ def test_polygons_are_ranked_by_cosine_to_the_examples_mean(table: Path) -> None
     examples = examples_of(frame, ["name=water"])
     assert examples.sum() == 4
     assert examples_of(frame, ["name=water", "strip=3"]).sum() == 4 + 3  # any condition; numbers compared as text
-    matches = zones_like(frame, x, examples, k=5)
+    similarity = zone_similarity(x, examples)
+    matches = zones_like(frame, similarity, examples, k=5)
     assert list(matches["rank"]) == [0, 0, 0, 0, 1, 2, 3, 4, 5] and matches["example"].sum() == 4
     query = x[examples].mean(axis=0)
     for _, row in matches.iterrows():  # against the cosine written out
@@ -52,9 +53,9 @@ def test_polygons_are_ranked_by_cosine_to_the_examples_mean(table: Path) -> None
         assert row["similarity"] == pytest.approx(v @ query / np.linalg.norm(v) / np.linalg.norm(query), abs=1e-6)
     others = matches["similarity"].to_numpy()[4:]
     assert (np.diff(others) <= 0).all() and "patch_mean" not in matches.columns
-    everyone = zones_like(frame, x, examples, k=0)
+    everyone = zones_like(frame, similarity, examples, k=0)
     assert len(everyone) == len(frame) - 1  # all but the polygon off the scene, which has no features
-    assert np.isnan(everyone.attrs["similarity"][-1])
+    assert np.isnan(similarity[-1]) and np.isfinite(similarity[:-1]).all()
 
 
 def test_similar_zones_from_the_command_line(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

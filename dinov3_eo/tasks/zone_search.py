@@ -40,14 +40,11 @@ def examples_of(table: Any, like: Sequence[str], *, where: str = "the zone table
     return chosen
 
 
-def zones_like(table: Any, x: np.ndarray, examples: np.ndarray, *, k: int = 20) -> Any:
-    """The example polygons and the ``k`` (0: all) most similar others, most similar first (module docstring).
+def zone_similarity(x: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """``[N]`` float: each polygon's cosine to the mean of the examples' features; NaN for polygons without features.
 
     Args:
-        table: a zone table's frame; x: its ``patch_mean`` ``[N, D]``; examples: ``[N]`` bool.
-
-    Returns:
-        ``table`` without ``patch_mean``, those rows only, with ``similarity``, ``rank`` and ``example``.
+        x: a zone table's ``patch_mean`` ``[N, D]`` (NaN rows: no features); examples: ``[N]`` bool.
 
     Raises:
         ValueError: no example with features.
@@ -57,17 +54,29 @@ def zones_like(table: Any, x: np.ndarray, examples: np.ndarray, *, k: int = 20) 
     seen = np.isfinite(x).all(axis=1)
     if not (examples & seen).any():
         raise ValueError("None of the example polygons has features (all lie outside the scene or on nodata).")
-    similarity = np.full(len(table), np.nan)
+    similarity = np.full(len(x), np.nan)
     similarity[seen] = np.clip(cosine_to_mean(x[seen], x[examples & seen]), -1.0, 1.0)
-    others = np.flatnonzero(~examples & seen)
+    return similarity
+
+
+def zones_like(table: Any, similarity: np.ndarray, examples: np.ndarray, *, k: int = 20) -> Any:
+    """The example polygons and the ``k`` (0: all) most similar others with features, most similar first.
+
+    Args:
+        table: a zone table's frame; similarity: ``[N]`` (:func:`zone_similarity`); examples: ``[N]`` bool.
+
+    Returns:
+        ``table`` without ``patch_mean``, those rows only, with ``similarity``, ``rank`` (0: an example) and
+        ``example``.
+    """
+    others = np.flatnonzero(~examples & np.isfinite(similarity))
     others = others[np.argsort(-similarity[others], kind="stable")]
     if k > 0:
         others = others[:k]
     rows = np.concatenate([np.flatnonzero(examples), others])
     rank = np.concatenate([np.zeros(int(examples.sum()), np.int64), np.arange(1, len(others) + 1)])
-    out = table.drop(columns="patch_mean").iloc[rows].copy()
+    out = table.drop(columns="patch_mean", errors="ignore").iloc[rows].copy()
     out["similarity"], out["rank"], out["example"] = similarity[rows], rank, examples[rows]
-    out.attrs["similarity"] = similarity  # every polygon's, for the map
     return out.reset_index(drop=True)
 
 
@@ -104,10 +113,11 @@ def similar_zones_main(argv: Sequence[str]) -> int:
                 check_overwrite(path, args.overwrite, inputs=args.zones)
         table, x = read_zone_tables(args.zones)
         examples = examples_of(table, args.like, where=", ".join(args.zones))
-        matches = zones_like(table, x, examples, k=args.k)
+        similarity = zone_similarity(x, examples)
+        matches = zones_like(table, similarity, examples, k=args.k)
         write_zone_rows(matches, output, layer="matches", overwrite=args.overwrite)
         if picture is not None:
-            drawn = table.drop(columns="patch_mean").assign(similarity=matches.attrs["similarity"])
+            drawn = table.drop(columns="patch_mean").assign(similarity=similarity)
             zonal_picture(picture, drawn, "similarity", title=f"similarity to {int(examples.sum())} example polygon(s)",
                           outline=drawn[examples], overwrite=args.overwrite)  # fmt: skip
     except (FileExistsError, FileNotFoundError, ValueError) as e:
@@ -122,4 +132,4 @@ def similar_zones_main(argv: Sequence[str]) -> int:
     return 0
 
 
-__all__ = ["examples_of", "similar_zones_main", "zones_like"]
+__all__ = ["examples_of", "similar_zones_main", "zone_similarity", "zones_like"]
