@@ -53,6 +53,24 @@ def is_geodataframe(labels: Any) -> bool:
     return hasattr(labels, "geometry") and hasattr(labels, "to_crs")
 
 
+def read_vector(source: Any, what: str, *, layer: str | None = None) -> Any:
+    """A ``GeoDataFrame`` as it is, or the vector file at a path read into one (its ``layer``, default the first).
+
+    Args:
+        what: what the file holds, plural, naming it in the error (``"Zones"``, ``"Labelled points"``).
+
+    Raises:
+        FileNotFoundError: ``"<what> '<path>' do not exist."``
+    """
+    import geopandas as gpd
+
+    if is_geodataframe(source):
+        return source
+    if not Path(source).exists():
+        raise FileNotFoundError(f"{what} {os.fspath(source)!r} do not exist.")
+    return gpd.read_file(source, **({"layer": layer} if layer else {}))
+
+
 def is_raster_labels(labels: str | os.PathLike) -> bool:
     """Whether ``labels`` names label rasters (a raster file, a folder of them or a glob) rather than a vector file."""
     import glob

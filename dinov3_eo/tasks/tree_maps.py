@@ -240,18 +240,6 @@ def crown_polygons(labels: str | os.PathLike[str]) -> Any:
     return frame.sort_values("tree_id").reset_index(drop=True)
 
 
-def _vector_frame(source: Any, what: str = "Trees") -> Any:
-    """A ``GeoDataFrame`` as it is, or the vector file at a path read into one (trees are points: zones and crowns
-    go through :func:`~dinov3_eo.tasks.zonal.read_zones`, which also checks them); ``what`` names it in errors."""
-    import geopandas as gpd
-
-    if isinstance(source, (str, os.PathLike)):
-        if not Path(source).exists():
-            raise FileNotFoundError(f"{what} {os.fspath(source)!r} do not exist.")
-        return gpd.read_file(source)
-    return source
-
-
 #: the columns :func:`stand_table` adds to each zone
 STAND_COLUMNS = ("trees", "trees_per_ha", "mean_height_m", "max_height_m", "top_height_m", "mean_crown_area_m2",
                  "crown_cover", "area_ha")  # fmt: skip
@@ -276,9 +264,10 @@ def stand_table(trees: Any, zones: Any, *, crowns: Any = None, top_trees_per_ha:
     import shapely
     from rasterio.crs import CRS
 
+    from dinov3_eo.data.labels import read_vector
     from dinov3_eo.data.raster import metres_per_unit
 
-    trees = _vector_frame(trees)
+    trees = read_vector(trees, "Trees")
     factor = metres_per_unit(CRS.from_user_input(trees.crs)) if trees.crs is not None else None
     if factor is None:
         raise ValueError("The trees need a projected CRS (metres) for areas per hectare.")
@@ -305,7 +294,7 @@ def stand_table(trees: Any, zones: Any, *, crowns: Any = None, top_trees_per_ha:
         rows["area_ha"].append(float(area_ha[k]))
     cover = np.full(len(local), np.nan)
     if crowns is not None:
-        shapes = _vector_frame(crowns, "Crowns").to_crs(trees.crs)  # (no crown at all is a valid answer)
+        shapes = read_vector(crowns, "Crowns").to_crs(trees.crs)  # (no crown at all is a valid answer)
         cover[:] = 0.0
         crown_index, zone_index = local.sindex.query(shapes.geometry, predicate="intersects")
         cut = shapely.intersection(shapes.geometry.to_numpy()[crown_index], local.geometry.to_numpy()[zone_index])
@@ -373,10 +362,11 @@ def evaluate_trees(
     import pandas as pd
     from rasterio.crs import CRS
 
+    from dinov3_eo.data.labels import read_vector
     from dinov3_eo.data.raster import metres_per_unit
     from dinov3_eo.inference.writers import atomic_output, check_overwrite, write_vector
 
-    detected, reference = _vector_frame(detected), _vector_frame(reference)
+    detected, reference = read_vector(detected, "Trees"), read_vector(reference, "Trees")
     if detected.crs is None or reference.crs is None:
         raise ValueError("Both sets of trees need a CRS to be compared.")
     factor = metres_per_unit(CRS.from_user_input(detected.crs))

@@ -59,16 +59,9 @@ def read_zones(zones: Any, layer: str | None = None) -> Any:
     Raises:
         FileNotFoundError: no such file. ValueError: zones without a CRS, none, or other than polygons.
     """
-    import geopandas as gpd
+    from dinov3_eo.data.labels import is_geodataframe, read_vector
 
-    from dinov3_eo.data.labels import is_geodataframe
-
-    if is_geodataframe(zones):
-        frame = zones
-    else:
-        if not Path(zones).exists():
-            raise FileNotFoundError(f"Zones {os.fspath(zones)!r} do not exist.")
-        frame = gpd.read_file(zones, **({"layer": layer} if layer else {}))
+    frame = read_vector(zones, "Zones", layer=layer)
     if frame.crs is None:
         raise ValueError(f"Zones {os.fspath(zones) if not is_geodataframe(zones) else ''!s} have no CRS; set one "
                          "(e.g. with ogr2ogr -a_srs).")  # fmt: skip

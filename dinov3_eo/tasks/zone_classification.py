@@ -54,11 +54,11 @@ def labels_from_points(table: Any, points: Any, column: str, *, where: str = "th
     import geopandas as gpd
     import pandas as pd
 
+    from dinov3_eo.data.labels import read_vector
+
     if isinstance(points, (str, os.PathLike)):
-        if not os.path.exists(points):
-            raise FileNotFoundError(f"Labelled points {os.fspath(points)!r} do not exist.")
         where = os.fspath(points)
-        points = gpd.read_file(points)
+    points = read_vector(points, "Labelled points")
     if points.crs is None:
         raise ValueError(f"{where} has no CRS: set it (e.g. in QGIS) so that the points can meet the polygons.")
     if column not in points.columns:
