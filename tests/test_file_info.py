@@ -127,7 +127,7 @@ def test_info_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert cli_main(["info", *map(str, files)]) == 2  # every readable file is still described
     captured = capsys.readouterr()
     assert "rgb_byte_crop.tif: GeoTIFF" in captured.out and "landsat8_224078_polygons.gpkg: vector file" in captured.out
-    assert "No file at" in captured.err and "torch.load(weights_only=True)" in captured.err
+    assert "No file at" in captured.err and "notes.pth is not a PyTorch checkpoint" in captured.err
     assert "reads no .xlsx files" in captured.err
     assert cli_main(["info", str(DATA / "rgb_byte_crop.tif"), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)

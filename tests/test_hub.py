@@ -344,7 +344,34 @@ def test_read_checkpoint_names_what_the_file_was_for(tmp_path: Path) -> None:
         read_checkpoint(tmp_path / "missing.ckpt", "init_from")
     junk = tmp_path / "junk.ckpt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"Cannot read .*junk\.ckpt with torch\.load"):
+    with pytest.raises(CheckpointError, match=r"junk\.ckpt is not a PyTorch checkpoint"):
         read_checkpoint(junk)
     torch.save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.ckpt")
     assert torch.equal(read_checkpoint(tmp_path / "ok.ckpt")["state_dict"]["w"], torch.ones(2))
+
+
+def test_a_file_that_is_no_checkpoint_is_named_for_what_it_is(tmp_path: Path) -> None:
+    import argparse
+
+    from dinov3_eo.models.hub import read_checkpoint
+
+    tif = Path(__file__).resolve().parents[1] / "dinov3_eo" / "sample" / "landsat8_224078_subset.tif"
+    with pytest.raises(CheckpointError, match=r"is not a PyTorch checkpoint \(it is a TIFF image\)\.$"):
+        read_checkpoint(tif)
+    (tmp_path / "noise.pt").write_bytes(b"\x00\x01 nothing known")
+    with pytest.raises(CheckpointError, match="torch.save writes a zip archive, this file is none"):
+        read_checkpoint(tmp_path / "noise.pt")
+    # a real checkpoint holding an object that unpickling would construct: refused, without torch's advice to
+    # load it with weights_only=False
+    torch.save({"args": argparse.Namespace(lr=1.0)}, tmp_path / "unsafe.pt")
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(tmp_path / "unsafe.pt")
+    message = str(info.value)
+    assert "GLOBAL argparse.Namespace was not an allowed global" in message and "could run code" in message
+    assert "weights_only` set to `False`" not in message and "Please use" not in message
+    # a truncated one: torch's own first line
+    data = tmp_path / "whole.pt"
+    torch.save({"w": torch.zeros(100)}, data)
+    (tmp_path / "cut.pt").write_bytes(data.read_bytes()[:300])
+    with pytest.raises(CheckpointError, match="Cannot read .*cut.pt with torch.load\\(weights_only=True\\): PytorchStreamReader"):
+        read_checkpoint(tmp_path / "cut.pt")

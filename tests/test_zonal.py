@@ -165,6 +165,10 @@ def test_the_command_writes_zones_a_table_and_a_picture(maps: dict, tmp_path: Pa
     assert "has 1 band(s); there is no band 2" in capsys.readouterr().err
     assert cli_main(["zonal", str(folder / "agb.tif"), str(tmp_path / "none.gpkg"), "-o", str(tmp_path / "n.gpkg")]) == 2
     assert "do not exist" in capsys.readouterr().err
+    (tmp_path / "text.gpkg").write_text("not a GeoPackage")
+    assert cli_main(["zonal", str(folder / "agb.tif"), str(tmp_path / "text.gpkg"), "-o", str(tmp_path / "t.gpkg")]) == 2
+    err = capsys.readouterr().err
+    assert "Zones '" in err and "text.gpkg' cannot be read as a vector file: " in err and "It might help" not in err
 
 
 def test_a_dataarray_and_a_map_in_degrees(maps: dict, tmp_path: Path) -> None:

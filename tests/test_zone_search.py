@@ -74,6 +74,10 @@ def test_similar_zones_from_the_command_line(table: Path, tmp_path: Path, capsys
     assert cli_main(["similar", "--zones", str(tmp_path / "none.parquet"), "--like", "name=water", "-o",
                      str(tmp_path / "y.gpkg")]) == 2  # fmt: skip
     assert "Zone table" in capsys.readouterr().err
+    (tmp_path / "text.parquet").write_text("not a table")
+    assert cli_main(["similar", "--zones", str(tmp_path / "text.parquet"), "--like", "name=water", "-o",
+                     str(tmp_path / "y.gpkg")]) == 2  # fmt: skip
+    assert "is not a GeoParquet table of 'embed --zones'" in capsys.readouterr().err
     assert cli_main(["similar", "--zones", str(table), "--like", "name=water", "-o", str(out)]) == 2  # exists
     assert "already exists" in capsys.readouterr().err
     assert not (tmp_path / "x.gpkg").exists()

@@ -60,7 +60,8 @@ def read_vector(source: Any, what: str, *, layer: str | None = None) -> Any:
         what: what the file holds, plural, naming it in the error (``"Zones"``, ``"Labelled points"``).
 
     Raises:
-        FileNotFoundError: ``"<what> '<path>' do not exist."``
+        FileNotFoundError: ``"<what> '<path>' do not exist."`` ValueError: a file GDAL cannot read as vectors, or
+            without that layer.
     """
     import geopandas as gpd
 
@@ -68,7 +69,11 @@ def read_vector(source: Any, what: str, *, layer: str | None = None) -> Any:
         return source
     if not Path(source).exists():
         raise FileNotFoundError(f"{what} {os.fspath(source)!r} do not exist.")
-    return gpd.read_file(source, **({"layer": layer} if layer else {}))
+    try:
+        return gpd.read_file(source, **({"layer": layer} if layer else {}))
+    except Exception as e:  # pyogrio's errors for a file GDAL cannot open or a layer it lacks
+        raise ValueError(f"{what} {os.fspath(source)!r} cannot be read as a vector file: "
+                         f"{str(e).splitlines()[0].split('; It might help')[0]}") from e
 
 
 def is_raster_labels(labels: str | os.PathLike) -> bool:

@@ -159,16 +159,33 @@ def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint", *,
     return _torch_load(path)
 
 
+#: file signatures of what is often given where a checkpoint belongs, to say what a file is instead
+_NOT_CHECKPOINTS = {b"II*\x00": "a TIFF image", b"MM\x00*": "a TIFF image", b"\x89PNG": "a PNG image",
+                    b"\xff\xd8\xff": "a JPEG image", b"\x89HDF": "an HDF5 file", b"PAR1": "a Parquet table",
+                    b"SQLite": "an SQLite/GeoPackage file", b"{": "a JSON file", b"\x08\x07\x12": "an ONNX graph"}  # fmt: skip
+
+
 def _torch_load(path: Path) -> Any:
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # torch.save writes a zip archive (older versions a bare pickle, protocol 2+ starts with 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        kind = next((name for magic, name in _NOT_CHECKPOINTS.items() if head.lstrip().startswith(magic)), None)
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint ({'it is ' + kind if kind else 'torch.save writes a zip archive, this file is none'}).")
     # Path objects appear in Lightning hyper-parameters; they are plain values and safe to allow.
     safe = [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
     try:
         with torch.serialization.safe_globals(safe):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors come in many types
-        raise CheckpointError(
-            f"Cannot read {path} with torch.load(weights_only=True): {str(e).splitlines()[0]}"
-        ) from e
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's first line advises weights_only=False; what is wrong is on the unpickler's line
+        unsafe = next((line for line in lines if line.startswith("WeightsUnpickler error")), None)
+        if unsafe is not None:
+            detail = unsafe.split(" Please use")[0].rstrip(".") + " (objects that could run code are not loaded)"
+        else:
+            detail = lines[0] if lines else repr(e)
+        raise CheckpointError(f"Cannot read {path} with torch.load(weights_only=True): {detail}.") from e
 
 
 def _read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:

@@ -257,7 +257,10 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
     if not Path(path).is_file():
         raise FileNotFoundError(f"Zone table {os.fspath(path)!r} does not exist: 'embed SCENE --zones POLYGONS -o "
                                 "TABLE.parquet' makes one.")  # fmt: skip
-    table = gpd.read_parquet(path)
+    try:
+        table = gpd.read_parquet(path)
+    except Exception as e:  # pyarrow's and geopandas' errors for a file that is no GeoParquet table
+        raise ValueError(f"{os.fspath(path)!r} is not a GeoParquet table of 'embed --zones' ({str(e).splitlines()[0]}).") from e
     if "patch_mean" not in table.columns:
         raise ValueError(f"{os.fspath(path)!r} has no patch_mean column: it is not a table of 'embed --zones'.")
     meta = (pq.read_schema(path).metadata or {}).get(b"dinov3_eo")
