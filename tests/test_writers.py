@@ -160,6 +160,14 @@ class TestCOGWriter:
         with pytest.raises(ValueError, match=match):
             COGWriter(tmp_path / "x.tif", **(args | kwargs))
 
+    def test_only_a_tif_path(self, tmp_path: Path) -> None:
+        args = {"crs": CRS, "transform": TRANSFORM, "width": 8, "height": 8, "count": 1, "dtype": "uint8", "nodata": 0}
+        with pytest.raises(ValueError, match=r"written to a \.tif or \.tiff path, not '.*map\.txt'"):
+            COGWriter(tmp_path / "map.txt", **args)
+        with COGWriter(tmp_path / "MAP.TIFF", **args) as out:
+            out.write(np.ones((8, 8), np.uint8), Window(0, 0, 8, 8))
+        assert (tmp_path / "MAP.TIFF").is_file() and not (tmp_path / "map.txt").exists()
+
     def test_block_checks(self, tmp_path: Path) -> None:
         writer = COGWriter(tmp_path / "x.tif", crs=CRS, transform=TRANSFORM, width=8, height=8, count=1, dtype="uint8", nodata=0)
         with pytest.raises(RuntimeError, match="not open"):

@@ -169,7 +169,8 @@ class COGWriter:
 
     Raises:
         FileExistsError: if ``dst`` exists and ``overwrite`` is false.
-        ValueError: for an unknown compression, or a colour table on a band type that cannot hold one.
+        ValueError: a path not ending in .tif/.tiff, an unknown compression, or a colour table on a band type that
+            cannot hold one.
     """
 
     def __init__(
@@ -193,6 +194,8 @@ class COGWriter:
         units: Sequence[str] | None = None,
         tags: Mapping[str, Any] | None = None,
     ) -> None:
+        if Path(dst).suffix.lower() not in (".tif", ".tiff"):
+            raise ValueError(f"A GeoTIFF is written to a .tif or .tiff path, not {os.fspath(dst)!r}.")
         self.dst = check_overwrite(dst, overwrite)
         self.overwrite = overwrite
         self.dtype = np.dtype(dtype)
