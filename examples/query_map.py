@@ -9,7 +9,8 @@ untrained model is made on the spot so the example runs anywhere — its maps th
 knowledge. The model's stored normalisation is used unless ``--stretch`` re-maps this scene's 2–98 % range onto
 the model's expected input range (e.g. Landsat DN onto the 0..255 of EuroSAT chips). Writes, under ``--out``:
 per-query scores and a class map (COG), polygons (GeoPackage), a similarity map for a point example, the queries as
-the classes of the scene's tiles (a zero-shot probe, ``tiles/``), and a PNG.
+the classes of the scene's tiles (a zero-shot probe, ``tiles/``), the bundled polygons named by the queries
+(``polygons_named.csv``), and a PNG.
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ def main() -> None:
     written = write_tile_classes(tiles, out / "tiles", nodata=args.nodata, quicklook_bands=args.bands, overwrite=True)
     print(f"{int(tiles.classified.sum())} tiles named from text: {written.classes}")
 
-    # 4. a picture: RGB, class map and the similarity map side by side
+    # 4. the queries naming polygons (parcels, image objects, crowns): here the four bundled land-cover polygons
+    zones = engine.zones(args.scene, SAMPLE.with_name("landsat8_224078_polygons.gpkg"), args.queries)
+    zones.drop(columns="geometry").to_csv(out / "polygons_named.csv", index=False)
+    print(zones[["name", "class", "score"]].to_string(index=False))
+
+    # 5. a picture: RGB, class map and the similarity map side by side
     from matplotlib.figure import Figure
 
     with rasterio.open(args.scene) as src:

@@ -97,6 +97,10 @@ def test_the_query_map_example_runs_without_a_model(tmp_path: Path) -> None:
     }
     assert (tmp_path / "tiles" / "landsat8_224078_subset_tile_classes.tif").is_file()  # the zero-shot tile map
     assert "tiles named from text" in done.stdout
+    import pandas as pd
+
+    named = pd.read_csv(tmp_path / "polygons_named.csv")  # the four bundled polygons, each named by a query
+    assert list(named["name"]) == ["water", "crop", "tree", "developed"] and named["class"].notna().all()
 
 
 def test_the_no_labels_example_runs_without_a_model(tmp_path: Path) -> None:

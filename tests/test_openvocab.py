@@ -300,6 +300,100 @@ def test_text_fit_then_query_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert query_main(args) == 2  # outputs exist and --overwrite was not given
 
 
+# -------------------------------------------------------------------------------------------------- polygons
+def test_the_dense_encoder_is_encode_dense(model_path: Path) -> None:
+    from dinov3_eo.models.text import TextDenseEncoder
+
+    model, meta, _ = load_text_model(model_path)
+    encoder = TextDenseEncoder(model, meta)
+    x = torch.randn(2, 3, 64, 48)
+    (tokens,) = encoder.get_intermediate_layers(x, n=1, reshape=True, norm=True)
+    torch.testing.assert_close(tokens, model.encode_dense(x))
+    assert tokens.shape == (2, model.patch_dim, 4, 3) and encoder.embed_dim == model.patch_dim
+    torch.testing.assert_close(tokens.norm(dim=1), torch.ones(2, 4, 3))
+    with pytest.raises(ValueError, match="n=1, reshape=True"):
+        encoder.get_intermediate_layers(x, n=2)
+
+
+def test_polygons_are_scored_by_their_mean_cosine_over_the_patches(model_path: Path, crop: Path) -> None:
+    """Against the dense recipe written out: the crop read as the stream reads it (one window, 4 patches of context
+    filled with zeros), the model's encode_dense, each patch cell's area inside the polygon from shapely, the mean
+    cosine over the cells with data, then the softmax of the scaled means."""
+    import geopandas as gpd
+    from shapely.geometry import box as shapely_box
+
+    from dinov3_eo.data.raster import read_window
+
+    engine = MapQuery.from_checkpoint(model_path, window=256, nodata=0, device="cpu")
+    queries = ["water", "bare soil"]
+    with rasterio.open(crop) as src:
+        t = src.transform
+        values, valid = read_window(src, rasterio.windows.Window(-64, -64, 384, 384), bands=[1, 2, 3], nodata=0)
+        polygons = [shapely_box(*(t @ (10, 100)), *(t @ (70, 70))),  # rows 70-100, cols 10-70 px: parts of 3 x 5 patches
+                    shapely_box(*(t @ (32, 48)), *(t @ (48, 32))),  # exactly one patch cell
+                    shapely_box(*(t @ (100, 60)), *(t @ (150, 10))),  # over the 0-valued collar (top right) in part
+                    shapely_box(*(t @ (-500, -400)), *(t @ (-450, -450)))]  # off the crop
+        zones = gpd.GeoDataFrame({"id": range(4)}, geometry=polygons, crs=src.crs)
+        h, w = -(-src.height // 16), -(-src.width // 16)
+    image = engine.normalization(torch.from_numpy(values.astype(np.float32)))
+    image = torch.nan_to_num(image).masked_fill_(~torch.from_numpy(valid), 0.0)
+    with torch.no_grad():
+        dense = engine.model.encode_dense(image[None])[0, :, 4 : 4 + h, 4 : 4 + w].numpy()  # [D, h, w]
+    patch_valid = valid.reshape(24, 16, 24, 16).any(axis=(1, 3))[4 : 4 + h, 4 : 4 + w]
+    text = engine.text_embeddings(queries).numpy()  # [T, D]
+    scale = float(engine.model.logit_scale.exp())
+    named = engine.zones(crop, zones, queries)
+    for z, polygon in enumerate(polygons[:3]):
+        weights = np.zeros((h, w))
+        for r in range(h):
+            for c in range(w):
+                cell = shapely_box(*(t @ (16 * c, 16 * (r + 1))), *(t @ (16 * (c + 1), 16 * r)))
+                weights[r, c] = cell.intersection(polygon).area if patch_valid[r, c] else 0.0
+        mean = (dense * weights).sum(axis=(1, 2)) / weights.sum()
+        logits = scale * mean @ text.T
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(named.loc[z, ["p_water", "p_bare soil"]].to_numpy(float), expected, rtol=1e-4, atol=1e-6)
+        assert named.loc[z, "class"] == queries[int(expected.argmax())] and named.loc[z, "score"] == pytest.approx(expected.max(), rel=1e-4)
+    assert 0 < named.loc[2, "coverage"] < 1 and named.loc[1, "patches"] == 1 and named.loc[1, "coverage"] == pytest.approx(1.0)
+    assert named["class"].isna().tolist() == [False, False, False, True]  # off the crop: no class, no score
+    assert np.isnan(named.loc[3, "score"]) and named.loc[3, "patches"] == 0
+    # raw cosine: the mean of the cosine map over the one-patch polygon is that patch's cosine
+    cosine = engine.zones(crop, zones, queries, scores="cosine")
+    np.testing.assert_allclose(cosine.loc[1, ["cos_water", "cos_bare soil"]].to_numpy(float), dense[:, 2, 2] @ text.T, rtol=1e-4)
+    assert cosine.attrs == {"class_names": queries, "scores": "cosine"}
+    # a background class, and a threshold no polygon reaches: every polygon with features is "other"
+    other = engine.zones(crop, zones, ["water"], background="other", threshold=1.01)
+    assert list(other["class"][:3]) == ["other"] * 3 and {"p_water", "p_other"} <= set(other.columns)
+
+
+def test_query_polygons_from_the_command_line(model_path: Path, crop: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    import geopandas as gpd
+
+    with rasterio.open(crop) as src:
+        t, crs = src.transform, src.crs
+    parcels = gpd.GeoDataFrame({"parcel": ["a", "b"]}, geometry=[box(*(t @ (0, 96)), *(t @ (64, 0))),
+                                                                 box(*(t @ (64, 192)), *(t @ (160, 96)))], crs=crs)  # fmt: skip
+    parcels.to_file(tmp_path / "parcels.gpkg")
+    out = tmp_path / "named.csv"
+    args = [str(crop), "water", "field", "--model", str(model_path), "--zones", str(tmp_path / "parcels.gpkg"),
+            "-o", str(out), "--nodata", "0", "--window", "128"]  # fmt: skip
+    assert query_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "2 polygons: " in printed and f"polygons (probability): {out}" in printed and "map: " in printed
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert list(table["parcel"]) == ["a", "b"] and set(table["class"]) <= {"water", "field"}
+    np.testing.assert_allclose(table["p_water"] + table["p_field"], 1.0, rtol=1e-5)
+    assert out.with_suffix(".png").stat().st_size > 1000 and not (tmp_path / "named_classes.tif").exists()
+    # bad input: a raster name for the polygons, with --chips, existing outputs
+    for extra, message in ((["-o", str(tmp_path / "named.tif")], "With --zones the output is the polygons"),
+                           (["--chips"], "leave out --chips and --polygons"), ([], "already exists")):  # fmt: skip
+        assert query_main([*args, *extra]) == 2
+        assert message in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------------- two dates
 def test_compare_maps_where_a_querys_score_changed(engine: MapQuery, crop: Path, tmp_path: Path) -> None:
     """The after date: the crop with a 48-px block of other land cover pasted in; same grid, then in degrees."""

@@ -43,6 +43,7 @@ from dinov3_eo.tasks.prompts import validate_templates
 __all__ = [
     "DINOTXT_TEXT_CFG",
     "TextAlignedModel",
+    "TextDenseEncoder",
     "TextImageEncoder",
     "TextTower",
     "VisionAdapter",
@@ -614,6 +615,32 @@ class TextImageEncoder(nn.Module):
         """``[B, C, H, W]`` normalised images -> adapted ``{"x_norm_clstoken": [B, D], "x_norm_patchtokens": [B, h·w, D]}``."""
         cls, patches = self.vision(x)  # [B, D], [B, D, h, w]
         return {"x_norm_clstoken": cls, "x_norm_patchtokens": patches.flatten(2).transpose(1, 2)}
+
+
+class TextDenseEncoder(nn.Module):
+    """A text model's image side as a streaming backbone for its dense recipe: ``get_intermediate_layers`` gives the
+    L2-normalised adapted patch tokens (:meth:`TextAlignedModel.encode_dense`), so that a region's mean of them,
+    dotted with a query's patch-half text embedding, is the mean of that query's cosine over the region's patches
+    (what ``embed --zones`` and :meth:`~dinov3_eo.tasks.openvocab.MapQuery.zones` average per polygon).
+
+    ``patch_size`` and ``patch_embed`` are the backbone's, ``embed_dim`` the adapted tokens' width; ``meta`` as
+    :class:`TextImageEncoder`'s.
+    """
+
+    def __init__(self, model: TextAlignedModel, meta: Any = None) -> None:
+        super().__init__()
+        self.model = model
+        backbone = model.vision.backbone
+        self.patch_size, self.embed_dim = int(model.vision.patch_size), int(model.patch_dim)
+        self.patch_embed = backbone.patch_embed
+        self.meta = meta if meta is not None else getattr(backbone, "meta", None)
+
+    def get_intermediate_layers(self, x: Tensor, n: int = 1, *, reshape: bool = True, norm: bool = True) -> tuple[Tensor]:
+        """``[B, C, H, W]`` normalised images -> ``([B, D, h, w],)``: the last adapted layer's patch tokens, each of
+        unit length (``n``, ``norm`` accepted for the backbone's signature; only ``n = 1``, ``reshape`` exists)."""
+        if n != 1 or not reshape:
+            raise ValueError("TextDenseEncoder gives the last adapted layer only, reshaped: n=1, reshape=True.")
+        return (self.model.encode_dense(x),)
 
 
 def build_dinotxt_model(

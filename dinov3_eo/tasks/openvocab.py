@@ -70,6 +70,7 @@ __all__ = [
     "load_text_model",
     "query_main",
     "text_main",
+    "zone_query_scores",
 ]
 
 #: checkpoint entry holding the text side's configuration (next to the backbone's ``"dinov3_eo"`` entry)
@@ -795,6 +796,65 @@ class MapQuery:
             )  # fmt: skip
             return vectorize_classes(tif, Path(tmp) / "classes.gpkg", min_area=min_area, simplify=simplify)
 
+    def zones(
+        self,
+        raster: str | os.PathLike[str],
+        zones: Any,
+        queries: Sequence[str],
+        *,
+        scores: ScoreMode = "auto",
+        background: str | None = None,
+        threshold: float | None = None,
+        upsample: int = 1,
+    ) -> Any:
+        """Every polygon of ``zones`` named by the queries (parcels, image objects, crowns, without a label).
+
+        Each polygon's feature is the area-weighted mean of the L2-normalised adapted patch tokens it overlaps
+        (:class:`~dinov3_eo.models.text.TextDenseEncoder` streamed as ``embed --zones`` streams a backbone), so its
+        cosine to a query is the mean of the query's cosine over those patches; ``"probability"`` is the softmax of
+        those means times the model's ``exp(logit_scale)`` over the queries (and ``background``).
+
+        Args:
+            raster: a georeferenced GeoTIFF; zones: polygons (a vector file or ``GeoDataFrame``, any CRS).
+            queries, scores, background: as for :meth:`query`.
+            threshold: a polygon whose best score is below it gets ``background`` if one is given, else no class.
+            upsample: read the scene this many times finer first (small polygons on coarse pixels, as
+                ``embed --zones --upsample``).
+
+        Returns:
+            ``GeoDataFrame``: the zones' columns, ``class`` (the best query; missing without features or below
+            ``threshold``), ``score`` (its score), one ``p_<query>`` (or ``cos_<query>``) column per query,
+            ``coverage`` and ``patches``; ``attrs["class_names"]`` and ``attrs["scores"]``.
+        """
+        from dinov3_eo.models.text import TextDenseEncoder
+        from dinov3_eo.tasks.zonal import read_zones
+        from dinov3_eo.tasks.zone_embeddings import zone_feature_sums
+
+        names = _check_queries(queries) + ([background] if background else [])
+        mode = self._resolve_scores(scores, len(names))
+        frame = read_zones(zones)
+        with open_raster(raster) as src:
+            bands = self._band_indexes(src)
+        encoder = TextDenseEncoder(self.model, self.meta)
+        sums = zone_feature_sums(encoder, raster, frame, normalization=self.normalization, bands=bands,
+                                 nodata=self.nodata, window=self.window, batch_size=self.batch_size, device=self.device,
+                                 amp=bool(self.amp), progress=self.progress, upsample=upsample)  # fmt: skip
+        scale = float(self.model.logit_scale.detach().exp()) if mode == "probability" else 1.0
+        table = zone_query_scores(sums.means(), self.text_embeddings(names).cpu().numpy(), scale=scale,
+                                  softmax=mode == "probability")  # fmt: skip
+        classes = scores_to_classes(table.T[:, :, None], threshold=threshold,
+                                    background=len(names) - 1 if background else None)[:, 0]  # fmt: skip
+        out = frame.copy()
+        out["class"] = [names[c] if c != CLASS_NODATA else None for c in classes]
+        unseen = np.isnan(table).any(axis=1)
+        out["score"] = np.where(unseen, np.nan, np.where(unseen[:, None], 0.0, table).max(axis=1))
+        prefix = "p_" if mode == "probability" else "cos_"
+        for k, name in enumerate(names):
+            out[f"{prefix}{name}"] = table[:, k]
+        out["coverage"], out["patches"] = sums.coverage(), sums.counts
+        out.attrs.update(class_names=names, scores=mode)
+        return out
+
     def compare(
         self,
         before: Any,
@@ -936,6 +996,25 @@ def _check_queries(queries: Sequence[str]) -> list[str]:
     return names
 
 
+def zone_query_scores(features: np.ndarray, embeddings: np.ndarray, *, scale: float = 1.0, softmax: bool = False) -> np.ndarray:
+    """Polygons' scores against text queries.
+
+    Args:
+        features: ``[Z, D]`` each polygon's mean of unit-length patch tokens (NaN rows: no features).
+        embeddings: ``[T, D]`` L2-normalised patch-half text embeddings.
+        scale: multiplies the dot products (``exp(logit_scale)`` for probabilities).
+        softmax: a softmax over the queries (probabilities) instead of the scaled dot products.
+
+    Returns:
+        ``[Z, T]`` float32: the mean cosines (times ``scale``), or their softmax; NaN rows for NaN features.
+    """
+    logits = scale * np.asarray(features, np.float64) @ np.asarray(embeddings, np.float64).T  # [Z, T]
+    if softmax:
+        logits = np.exp(logits - logits.max(axis=1, keepdims=True))
+        logits /= logits.sum(axis=1, keepdims=True)
+    return logits.astype(np.float32)
+
+
 def scores_to_classes(scores: np.ndarray, *, threshold: float | None = None, background: int | None = None) -> np.ndarray:
     """Class ids from per-class scores.
 
@@ -1013,8 +1092,35 @@ def _query_parser() -> argparse.ArgumentParser:
     add_window_options(parser)
     parser.add_argument("--min-area", type=float, default=0.0, help="drop polygons smaller than this (CRS units²)")
     parser.add_argument("--simplify", type=float, default=0.0, help=SIMPLIFY_HELP)
+    zones = parser.add_argument_group("polygons", "name each polygon of a vector file instead of each pixel: -o is "
+                                      "then the polygons (.gpkg, .geojson, .csv or .parquet) with class, score and "
+                                      "p_<query> columns (+ OUT.png)")  # fmt: skip
+    zones.add_argument("--zones", default=None, metavar="POLYGONS", help="parcels, image objects ('objects') or "
+                       "crowns: each is scored by the mean of the queries' cosine over its patches")  # fmt: skip
+    zones.add_argument("--upsample", type=int, default=1, metavar="K", help="with --zones, read the scene K times "
+                       "finer first (polygons of a few pixels on 10-30 m imagery)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     return parser
+
+
+def _query_zones(args: argparse.Namespace, engine: MapQuery, png: Path | None) -> list[str]:
+    """``query SCENE QUERIES --zones POLYGONS -o named.gpkg``: the polygons named (:meth:`MapQuery.zones`), written
+    with a map of their classes over the scene; returns the lines to print."""
+    from dinov3_eo.tasks.zonal import zonal_picture
+    from dinov3_eo.tasks.zone_embeddings import write_zone_rows
+
+    named = engine.zones(args.scene, args.zones, args.queries, scores=args.scores, background=args.background,
+                         threshold=args.threshold, upsample=args.upsample)  # fmt: skip
+    write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
+    counts = named["class"].value_counts()
+    lines = [f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+             + (f", {int(named['class'].isna().sum())} without a class" if named["class"].isna().any() else ""),
+             f"polygons ({named.attrs['scores']}): {args.output}"]  # fmt: skip
+    if png is not None:
+        zonal_picture(png, named, "class", raster=args.scene, title=", ".join(named.attrs["class_names"]),
+                      overwrite=args.overwrite)  # fmt: skip
+        lines.append(f"map: {png}")
+    return lines
 
 
 def query_main(argv: Sequence[str]) -> int:
@@ -1029,16 +1135,23 @@ def query_main(argv: Sequence[str]) -> int:
         write_quicklook,
     )
 
+    from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES
+
     args = _query_parser().parse_args(list(argv))
     out = Path(args.output)
-    classes_path = out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
+    classes_path = None if args.zones else out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
     png = None if (args.png or "").lower() == "none" else Path(args.png) if args.png else out.with_suffix(".png")
     try:
         if args.chips and args.polygons:
             raise ValueError("polygons need a georeferenced scene; an image chip (--chips) gets a PNG class map.")
+        if args.zones is not None:
+            if args.chips or args.polygons:
+                raise ValueError("--zones names the polygons of a georeferenced scene; leave out --chips and --polygons.")
+            if out.suffix.lower() not in ZONE_ROW_SUFFIXES:
+                raise ValueError(f"With --zones the output is the polygons ({', '.join(ZONE_ROW_SUFFIXES)}), not {args.output!r}.")
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
             if path is not None:
-                check_overwrite(path, args.overwrite, inputs=[args.scene])
+                check_overwrite(path, args.overwrite, inputs=[args.scene, args.zones])
         kwargs: dict[str, Any] = {**window_settings(args), "bands": args.bands, "nodata": args.nodata, "progress": True,
                                   "require_georeference": not args.chips}  # fmt: skip
         if args.templates is not None:
@@ -1046,6 +1159,10 @@ def query_main(argv: Sequence[str]) -> int:
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
         if args.stretch:
             engine.stretch_to(args.scene)
+        if args.zones is not None:
+            for line in _query_zones(args, engine, png):
+                print(line)
+            return 0
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)
         background = len(names) - 1 if args.background else None
         # a chip's class map is written as a scratch GeoTIFF, then becomes the PNG
