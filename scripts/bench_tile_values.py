@@ -114,7 +114,7 @@ def main() -> None:
             agree = _agree(tiles, rows, cols, values, f"same grid {statistic}")
             report[f"same_grid_{statistic}"] = _line(f"   {statistic}", ours_s, ours_mb, base_s, base_mb, agree)
 
-        coarse = transform * Affine.scale(3)
+        coarse = transform @ Affine.scale(3)
         scene90 = _scene(tmp / "scene_90m.tif", crs, coarse, size // 3)
         print(f"2. under a 90 m scene ({size // 3} x {size // 3} px), {args.coarse_tile}-px tiles "
               f"({3 * args.coarse_tile} x {3 * args.coarse_tile} GEDI px), p95")  # fmt: skip

@@ -109,7 +109,7 @@ def test_upsampling_reads_the_scene_on_a_finer_grid(setup: dict, tmp_path: Path)
     # the same scene warped by hand onto a grid twice as fine: what upsample=2 reads through a WarpedVRT
     with rasterio.open(CROP) as src:
         profile = {k: v for k, v in src.profile.items() if k not in ("blockxsize", "blockysize")}
-        profile.update(width=src.width * 2, height=src.height * 2, transform=src.transform * src.transform.scale(0.5))
+        profile.update(width=src.width * 2, height=src.height * 2, transform=src.transform @ src.transform.scale(0.5))
         with rasterio.open(tmp_path / "fine.tif", "w", **profile) as fine:
             for b in range(1, src.count + 1):
                 reproject(rasterio.band(src, b), rasterio.band(fine, b), resampling=Resampling.bilinear,

@@ -156,13 +156,13 @@ class MosaicFile:
         (half-open intervals, so files that abut claim no pixel of each other), the centres reprojected into the
         file's CRS where it has another. The file must be georeferenced."""
         cols, rows = np.meshgrid(np.arange(shape[1]) + 0.5, np.arange(shape[0]) + 0.5)
-        xs, ys = transform * (cols, rows)
+        xs, ys = transform @ (cols, rows)
         if crs != self.crs:
             from rasterio.warp import transform as transform_points
 
             moved = transform_points(crs, self.crs, xs.ravel(), ys.ravel())
             xs, ys = np.asarray(moved[0]).reshape(xs.shape), np.asarray(moved[1]).reshape(ys.shape)
-        col, row = ~self.transform * (xs, ys)
+        col, row = ~self.transform @ (xs, ys)
         return (col >= 0) & (col < self.shape[1]) & (row >= 0) & (row < self.shape[0])
 
 

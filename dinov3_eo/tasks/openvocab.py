@@ -958,8 +958,8 @@ class MapQuery:
                     continue
                 inside[r, c] = True
             else:
-                left, top = transform * (0, 0)
-                right, bottom = transform * (tile.width, tile.height)
+                left, top = transform @ (0, 0)
+                right, bottom = transform @ (tile.width, tile.height)
                 if not geometry.intersects(box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))):
                     continue
                 inside = rasterize([(geometry, 1)], out_shape=(tile.height, tile.width), transform=transform,

@@ -93,7 +93,7 @@ def zone_feature_sums(
             bands = list(bands) if bands else list(range(1, src.count + 1))
             fill = nodata if nodata is not None else src.nodata
             src = stack.enter_context(WarpedVRT(
-                src, crs=src.crs, transform=src.transform * Affine.scale(1 / upsample), width=src.width * upsample,
+                src, crs=src.crs, transform=src.transform @ Affine.scale(1 / upsample), width=src.width * upsample,
                 height=src.height * upsample, resampling=Resampling.bilinear, src_nodata=fill, nodata=fill,
                 add_alpha=fill is None,
             ))  # fmt: skip
