@@ -9,7 +9,8 @@ tile experiment's: a checkerboard of 4 x 4-tile blocks (64 px, 1.8 km), an objec
 point. Objects are embedded by a random-weight ``--arch`` (as the tile experiment's) with the scene read ``--upsample``
 times finer (4: the tiles' 16 px resized to 64), a linear probe is fitted on the training objects (``C`` on 20 % of
 them) and scored on the held-out ones, per object and per pixel (objects differ in size), next to a logistic
-regression on the objects' band means and the majority class.
+regression on the objects' band means, one on their band means, standard deviations, log area and compactness (the
+classic OBIA features), and the majority class.
 
     python scripts/exp_objects_nc.py [--arch vits16] [--size-ha 20.8] [--upsample 4] [--purity 0.6] [--backbone export.pth]
 """
@@ -95,6 +96,13 @@ def main() -> None:
         scaler = StandardScaler().fit(means[train])
         colour = LogisticRegression(max_iter=2000).fit(scaler.transform(means[train]), predicted["train_label"][train])
         colour_got = colour.predict(scaler.transform(means[test]))
+        # the classic OBIA classifier: spectral means, their spread within the object (texture) and its shape
+        spread = predicted[[c for c in predicted.columns if c.startswith("std_band_")]].to_numpy()
+        shape = np.stack([np.log(predicted["area_m2"].to_numpy()), predicted["compactness"].to_numpy()], 1)
+        handmade = np.concatenate([means, spread, shape], 1)
+        scaler = StandardScaler().fit(handmade[train])
+        obia = LogisticRegression(max_iter=2000).fit(scaler.transform(handmade[train]), predicted["train_label"][train])
+        obia_got = obia.predict(scaler.transform(handmade[test]))
         majority = predicted["train_label"][train].value_counts().idxmax()
         mean_recall = lambda g, w: float(np.mean([(g[w == k] == k).mean() for k in np.unique(w)]))  # noqa: E731
         results = {
@@ -107,6 +115,8 @@ def main() -> None:
             "pixel_weighted_accuracy": round(float(((got == truth) * weight).sum() / weight.sum()), 4),
             "band_mean_logistic_accuracy": round(float((colour_got == truth).mean()), 4),
             "band_mean_logistic_balanced_accuracy": round(mean_recall(colour_got, truth), 4),
+            "mean_std_shape_logistic_accuracy": round(float((obia_got == truth).mean()), 4),
+            "mean_std_shape_logistic_balanced_accuracy": round(mean_recall(obia_got, truth), 4),
             "majority_class_accuracy": round(float((truth == majority).mean()), 4),
             "objects_s": round(objects_s, 2), "embed_s": round(embed_s, 2),
         }  # fmt: skip

@@ -56,9 +56,14 @@ def test_scene_objects_cover_the_valid_pixels_once(tmp_path: Path) -> None:
     np.testing.assert_allclose(frame.geometry.area, frame["area_m2"], rtol=1e-9)
     np.testing.assert_allclose(frame["area_m2"], frame["pixels"] * pixel_m2)
     assert 10 <= frame["area_m2"].mean() / 10_000 <= 30  # about the 20 ha asked for
-    for _, row in frame.sample(5, random_state=0).iterrows():  # band means from the id raster itself
+    for _, row in frame.sample(5, random_state=0).iterrows():  # band means and spreads from the id raster itself
         inside = ids == row["object_id"]
         assert row["mean_band_2"] == pytest.approx(data[1][inside].mean())
+        assert row["std_band_3"] == pytest.approx(data[2][inside].std(), rel=1e-6, abs=1e-6)
+    # shape: the polygons' perimeters, and Polsby-Popper compactness 4 pi A / P^2 (a pixel square: pi / 4)
+    np.testing.assert_allclose(frame["perimeter_m"], frame.geometry.length, rtol=1e-9)
+    np.testing.assert_allclose(frame["compactness"], 4 * np.pi * frame.geometry.area / frame.geometry.length**2, rtol=1e-9)
+    assert (frame["compactness"] > 0).all() and (frame["compactness"] <= np.pi / 4 + 1e-9).all()  # pixel edges: at most a square's
     # in blocks of 128 px: the same objects' sizes, no seam along the block edges, still each object once and connected
     blocked = image_objects(SCENE, size_ha=20, nodata=0, block=128, labels=tmp_path / "blocked.tif", progress=False)
     with rasterio.open(tmp_path / "blocked.tif") as ids_file:

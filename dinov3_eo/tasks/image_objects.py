@@ -4,13 +4,17 @@
 Object-based image analysis (OBIA) first cuts a scene into small homogeneous regions, then classifies the regions
 rather than pixels. Here the regions come from SLIC (Achanta et al. 2012, scikit-image; SLICO's adaptive compactness
 unless ``compactness`` is given) on the bands stretched to [0, 1] by their 2–98 % percentiles over the whole scene,
-about ``size_ha`` hectares each, never across nodata, each one connected. Large scenes are segmented in
-``block``-pixel blocks, row by row, each read with a margin (:func:`object_halo`) around it: a block keeps every object
-that reaches into it whole, margin included, and the next blocks treat those pixels as taken, so objects cross block
-edges and no straight seam marks them (an object longer than the margin is still cut at the margin's edge). The objects are written as polygons
-(``object_id``, ``area_m2``, ``pixels`` and each band's mean) and, with ``labels``, as an int32 COG of object ids;
-``<output>.png`` shows their outlines over the image. ``embed SCENE --zones objects.gpkg`` then gives each object
-an embedding, and ``classify fit --zones`` classifies them from a few you name.
+about ``size_ha`` hectares each, never across nodata, each one connected; slivers under a quarter of that join the
+touching object of the closest colour (:func:`merge_small_objects`). Large scenes are segmented in ``block``-pixel
+blocks, row by row, each read with a margin (:func:`object_halo`) around it: a block keeps every object that reaches
+into it whole, margin included, and the next blocks treat those pixels as taken, so objects cross block edges and no
+straight seam marks them (an object longer than the margin is still cut at the margin's edge).
+
+The objects are written as polygons with ``object_id``, ``area_m2``, ``pixels``, ``perimeter_m``, ``compactness``
+(Polsby-Popper, 4πA/P²) and each band's mean and standard deviation (the spectral, texture and shape features OBIA
+classifies on) and, with ``labels``, as an int32 COG of object ids; ``<output>.png`` shows their outlines over the
+image. ``embed SCENE --zones objects.gpkg`` then gives each object an embedding, and ``classify fit --zones``
+classifies them from a few you name.
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def image_objects(
         pixels_per_object = size_ha * 10_000 / pixel_m2
         halo = object_halo(pixels_per_object, block)
         n_blocks = -(-src.height // block) * -(-src.width // block)
-        sums: list[np.ndarray] = []  # per object: its pixel count and band sums
+        sums: list[np.ndarray] = []  # per object: its pixel count, band sums and sums of squares
         with tempfile.TemporaryDirectory(prefix=".objects_", dir=Path(labels).parent if labels else None) as tmp:
             ids_path = Path(labels) if labels is not None else Path(tmp) / "objects.tif"
             writer = COGWriter(ids_path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
@@ -198,10 +202,12 @@ def image_objects(
                         renumber = np.zeros(int(block_ids.max()) + 1, np.int64)
                         renumber[kept] = np.arange(1, len(kept) + 1)
                         local = renumber[block_ids].ravel()
-                        stats = np.zeros((len(kept) + 1, 1 + n_bands))
+                        stats = np.zeros((len(kept) + 1, 1 + 2 * n_bands))
                         stats[:, 0] = np.bincount(local, minlength=len(kept) + 1)
                         for b in range(n_bands):
-                            stats[:, 1 + b] = np.bincount(local, weights=values[b].ravel(), minlength=len(kept) + 1)
+                            band = values[b].ravel()
+                            stats[:, 1 + b] = np.bincount(local, weights=band, minlength=len(kept) + 1)
+                            stats[:, 1 + n_bands + b] = np.bincount(local, weights=band * band, minlength=len(kept) + 1)
                         sums.append(stats[1:])
                         local = local.reshape(block_ids.shape)
                         owners[local > 0] = (local[local > 0] + offset).astype(np.int32)
@@ -213,18 +219,26 @@ def image_objects(
                 crs = ids.crs
     if not sums:
         raise ValueError(f"{os.fspath(raster)}: no object could be made (no valid pixel in any block).")
-    stats = np.concatenate(sums)  # [objects, 1 + C]: row i is object i + 1
+    stats = np.concatenate(sums)  # [objects, 1 + 2C]: row i is object i + 1
     frame = gpd.GeoDataFrame({"object_id": np.asarray(values_of, np.int64)}, geometry=gpd.GeoSeries(polygons, crs=crs))
     if frame["object_id"].duplicated().any():  # a region cut by the polygoniser's strips comes back whole
         frame = frame.dissolve(by="object_id", as_index=False)
     frame = frame.sort_values("object_id").reset_index(drop=True)
     rows = frame["object_id"].to_numpy() - 1
+    count = np.maximum(stats[rows, 0], 1)
     frame["pixels"] = stats[rows, 0].astype(np.int64)
     frame["area_m2"] = frame["pixels"] * pixel_m2
+    metres = crs.linear_units_factor[1]
+    frame["perimeter_m"] = frame.geometry.length.to_numpy() * metres
+    # Polsby-Popper: 1 for a disc, about 0.785 for a square, towards 0 for a thin or ragged object
+    frame["compactness"] = 4 * np.pi * frame["area_m2"] / np.maximum(frame["perimeter_m"], 1e-12) ** 2
     names = [f"band_{b}" for b in (bands or range(1, n_bands + 1))]
     for b, name in enumerate(names):
-        frame[f"mean_{name}"] = stats[rows, 1 + b] / np.maximum(stats[rows, 0], 1)
-    return frame[["object_id", "area_m2", "pixels", *[f"mean_{n}" for n in names], "geometry"]]
+        mean = stats[rows, 1 + b] / count
+        frame[f"mean_{name}"] = mean
+        frame[f"std_{name}"] = np.sqrt(np.maximum(stats[rows, 1 + n_bands + b] / count - mean**2, 0.0))
+    bands_columns = [f"{kind}_{n}" for n in names for kind in ("mean", "std")]
+    return frame[["object_id", "area_m2", "pixels", "perimeter_m", "compactness", *bands_columns, "geometry"]]
 
 
 def objects_picture(dst: str | os.PathLike[str], raster: str | os.PathLike[str], labels: str | os.PathLike[str], *,
