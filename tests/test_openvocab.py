@@ -357,6 +357,11 @@ def test_polygons_are_scored_by_their_mean_cosine_over_the_patches(model_path: P
     assert 0 < named.loc[2, "coverage"] < 1 and named.loc[1, "patches"] == 1 and named.loc[1, "coverage"] == pytest.approx(1.0)
     assert named["class"].isna().tolist() == [False, False, False, True]  # off the crop: no class, no score
     assert np.isnan(named.loc[3, "score"]) and named.loc[3, "patches"] == 0
+    # the same scene as an xarray.DataArray: the same answers
+    import rioxarray
+
+    as_array = engine.zones(rioxarray.open_rasterio(crop), zones, queries)
+    np.testing.assert_allclose(as_array[["p_water", "p_bare soil"]].to_numpy(float), named[["p_water", "p_bare soil"]].to_numpy(float), rtol=1e-5)
     # raw cosine: the mean of the cosine map over the one-patch polygon is that patch's cosine
     cosine = engine.zones(crop, zones, queries, scores="cosine")
     np.testing.assert_allclose(cosine.loc[1, ["cos_water", "cos_bare soil"]].to_numpy(float), dense[:, 2, 2] @ text.T, rtol=1e-4)

@@ -798,7 +798,7 @@ class MapQuery:
 
     def zones(
         self,
-        raster: str | os.PathLike[str],
+        raster: Any,
         zones: Any,
         queries: Sequence[str],
         *,
@@ -815,7 +815,8 @@ class MapQuery:
         those means times the model's ``exp(logit_scale)`` over the queries (and ``background``).
 
         Args:
-            raster: a georeferenced GeoTIFF; zones: polygons (a vector file or ``GeoDataFrame``, any CRS).
+            raster: GeoTIFF path, open dataset or DataArray; zones: polygons (a vector file or ``GeoDataFrame``, any
+                CRS).
             queries, scores, background: as for :meth:`query`.
             threshold: a polygon whose best score is below it gets ``background`` if one is given, else no class.
             upsample: read the scene this many times finer first (small polygons on coarse pixels, as

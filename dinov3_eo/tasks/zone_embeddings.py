@@ -54,7 +54,7 @@ class ZoneSums:
 
 def zone_feature_sums(
     backbone: Any,
-    raster: str | os.PathLike[str],
+    raster: Any,
     frame: Any,
     *,
     normalization: Any = None,
@@ -69,7 +69,8 @@ def zone_feature_sums(
     upsample: int = 1,
 ) -> ZoneSums:
     """The polygons of ``frame`` (a ``GeoDataFrame`` with a CRS, as :func:`~dinov3_eo.tasks.zonal.read_zones`
-    gives) against ``raster``'s patch features, streamed window by window: :class:`ZoneSums`. Arguments as
+    gives) against ``raster``'s patch features, streamed window by window: :class:`ZoneSums`. ``raster``: a GeoTIFF
+    path, an open rasterio dataset or an ``xarray.DataArray`` with a CRS; the other arguments as
     :func:`zone_embeddings`."""
     import contextlib
 
@@ -80,14 +81,14 @@ def zone_feature_sums(
     from rasterio.vrt import WarpedVRT
     from scipy.sparse import csr_matrix
 
-    from dinov3_eo.data.raster import open_quietly, require_georeferenced, tile_boxes
+    from dinov3_eo.data.raster import open_raster, require_georeferenced, tile_boxes
     from dinov3_eo.tasks.features import FeatureGrid, stream_patch_features
 
     if int(upsample) < 1:
         raise ValueError(f"upsample must be a whole factor of at least 1, not {upsample}.")
     dim = int(backbone.embed_dim)
     with contextlib.ExitStack() as stack:
-        src = stack.enter_context(open_quietly(raster))
+        src = stack.enter_context(open_raster(raster))
         require_georeferenced(src)
         if upsample > 1:  # the scene read on a k-times finer grid: k^2 patches where one was (small parcels, 30 m)
             bands = list(bands) if bands else list(range(1, src.count + 1))
