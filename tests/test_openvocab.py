@@ -394,7 +394,8 @@ def test_query_polygons_from_the_command_line(model_path: Path, crop: Path, tmp_
     assert out.with_suffix(".png").stat().st_size > 1000 and not (tmp_path / "named_classes.tif").exists()
     # bad input: a raster name for the polygons, with --chips, existing outputs
     for extra, message in ((["-o", str(tmp_path / "named.tif")], "With --zones the output is the polygons"),
-                           (["--chips"], "leave out --chips and --polygons"), ([], "already exists")):  # fmt: skip
+                           (["--chips"], "leave out --chips and --polygons"), (["--tta", "flips"], "leave out --tta"),
+                           ([], "already exists")):  # fmt: skip
         assert query_main([*args, *extra]) == 2
         assert message in capsys.readouterr().err
 

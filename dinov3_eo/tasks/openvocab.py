@@ -826,11 +826,16 @@ class MapQuery:
             ``GeoDataFrame``: the zones' columns, ``class`` (the best query; missing without features or below
             ``threshold``), ``score`` (its score), one ``p_<query>`` (or ``cos_<query>``) column per query,
             ``coverage`` and ``patches``; ``attrs["class_names"]`` and ``attrs["scores"]``.
+
+        Raises:
+            ValueError: a MapQuery made with ``tta`` (polygons are scored on one view), bad queries or zones.
         """
         from dinov3_eo.models.text import TextDenseEncoder
         from dinov3_eo.tasks.zonal import read_zones
         from dinov3_eo.tasks.zone_embeddings import zone_feature_sums
 
+        if self.tta is not None:
+            raise ValueError("MapQuery.zones scores polygons on one view; make the MapQuery without tta.")
         names = _check_queries(queries) + ([background] if background else [])
         mode = self._resolve_scores(scores, len(names))
         frame = read_zones(zones)
@@ -1150,6 +1155,8 @@ def query_main(argv: Sequence[str]) -> int:
                 raise ValueError("--zones names the polygons of a georeferenced scene; leave out --chips and --polygons.")
             if out.suffix.lower() not in ZONE_ROW_SUFFIXES:
                 raise ValueError(f"With --zones the output is the polygons ({', '.join(ZONE_ROW_SUFFIXES)}), not {args.output!r}.")
+            if args.tta:
+                raise ValueError("--tta averages a map's views; polygons are scored on one view (leave out --tta).")
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
             if path is not None:
                 check_overwrite(path, args.overwrite, inputs=[args.scene, args.zones])
