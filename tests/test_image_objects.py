@@ -6,8 +6,10 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
+from shapely.geometry import box
 from skimage.measure import label as connected
 
 from dinov3_eo.cli import main as cli_main
@@ -88,6 +90,36 @@ def test_scene_objects_cover_the_valid_pixels_once(tmp_path: Path) -> None:
     assert len(crossing) > 50
 
 
+def test_objects_within_parcels_never_cross_them(tmp_path: Path) -> None:
+    import shapely
+    from rasterio.features import rasterize
+
+    with rasterio.open(SCENE) as src:
+        (x0, y0, x1, y1), crs, transform, shape = src.bounds, src.crs, src.transform, src.shape
+        valid = (src.read() != 0).all(axis=0)
+    strips = [shapely.box(x0 + 2000 + 3000 * i, y0 + 3000, x0 + 4500 + 3000 * i, y1 - 3000) for i in range(3)]
+    slanted = shapely.Polygon([(x0 + 1000, y0 + 1000), (x1 - 1000, y0 + 5000), (x1 - 1000, y0 + 7000), (x0 + 1000, y0 + 3000)])
+    parcels = gpd.GeoDataFrame({"pid": [10, 11, 12, 13]}, geometry=[*strips, slanted], crs=crs).to_crs("EPSG:4326")
+    # which parcel each pixel centre lies in (the slanted one over the strips where they overlap), -1 none
+    under = rasterize([(g, i) for i, g in enumerate(parcels.to_crs(crs).geometry)], out_shape=shape, transform=transform,
+                      fill=-1, dtype="int32")  # fmt: skip
+    for block in (4096, 128):
+        frame = image_objects(SCENE, size_ha=20, nodata=0, within=parcels, block=block, labels=tmp_path / f"{block}.tif",
+                              progress=False)  # fmt: skip
+        with rasterio.open(tmp_path / f"{block}.tif") as ids_file:
+            ids = ids_file.read(1)
+        assert frame["pixels"].sum() == valid.sum() and ((ids > 0) == valid).all()
+        assert connected(ids, background=0, connectivity=1).max() == len(frame)
+        # every object inside one parcel (or outside all), and its zone says which
+        pairs = np.unique(np.stack([ids[valid], under[valid]]), axis=1)
+        assert len(pairs[0]) == len(np.unique(pairs[0]))
+        zone_of = dict(zip(pairs[0], pairs[1]))
+        assert [zone_of[i] for i in frame["object_id"]] == frame["zone"].tolist()
+        assert set(frame["zone"]) == {-1, 0, 1, 2, 3}
+    with pytest.raises(FileNotFoundError, match="Zones '.*none.gpkg' do not exist"):
+        image_objects(SCENE, within=tmp_path / "none.gpkg", progress=False)
+
+
 def test_small_objects_join_the_closest_neighbour() -> None:
     labels = np.array([[1, 1, 2, 3, 3],
                        [1, 1, 2, 3, 3],
@@ -115,6 +147,13 @@ def test_objects_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFix
     written = gpd.read_file(out)
     assert {"object_id", "area_m2", "pixels", "mean_band_1"} <= set(written.columns) and out.with_suffix(".png").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with rasterio.open(SCENE) as src:
+        left, bottom, right, top = src.bounds
+        gpd.GeoDataFrame(geometry=[box(left, bottom, (left + right) / 2, top)], crs=src.crs).to_file(tmp_path / "west.gpkg")
+    assert cli_main(["objects", str(SCENE), "-o", str(tmp_path / "split.csv"), "--size", "30", "--nodata", "0",
+                     "--within", str(tmp_path / "west.gpkg"), "--quiet", "--no-quicklook"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert set(pd.read_csv(tmp_path / "split.csv")["zone"]) == {-1, 0}
     # the objects are zones: one embedding each
     from micro_backbone import micro_backbone_file
 

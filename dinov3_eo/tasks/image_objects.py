@@ -33,14 +33,15 @@ import numpy as np
 from dinov3_eo.inference.writers import label_outlines
 
 
-def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: float,
-                compactness: float | None = None) -> np.ndarray:  # fmt: skip
+def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: float, compactness: float | None = None,
+                regions: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """SLIC superpixels of one block.
 
     Args:
         image: ``[C, H, W]`` float, each band in [0, 1]. valid: ``[H, W]`` bool, the pixels with data.
         pixels_per_object: the objects' mean size in pixels (sets how many seeds).
         compactness: SLIC's trade between colour and space (scikit-image's scale); None: SLICO, adaptive.
+        regions: ``[H, W]`` int (parcels burnt in, 0 outside them): no object crosses from one value to another.
 
     Returns:
         ``[H, W]`` int32: objects 1..n, each connected, 0 where there is no data.
@@ -57,18 +58,23 @@ def slic_labels(image: np.ndarray, valid: np.ndarray, *, pixels_per_object: floa
     labels = slic(np.moveaxis(filled, 0, -1).astype(np.float64), n_segments=seeds, start_label=1, channel_axis=-1,
                   slic_zero=compactness is None, compactness=0.1 if compactness is None else compactness,
                   enforce_connectivity=True)  # fmt: skip
+    labels = labels.astype(np.int64)
+    if regions is not None:  # an object over a parcel's edge becomes one object on each side
+        labels = labels * (int(regions.max()) + 1) + regions
     labels[~valid] = 0
     # an object the data's edge cut in two becomes two, each connected; the slivers such cuts leave join a neighbour
     labels = connected(labels, background=0, connectivity=1)
-    return merge_small_objects(labels, image, min_pixels=pixels_per_object / 4)
+    return merge_small_objects(labels, image, min_pixels=pixels_per_object / 4, regions=regions)
 
 
-def merge_small_objects(labels: np.ndarray, image: np.ndarray, *, min_pixels: float, passes: int = 3) -> np.ndarray:
+def merge_small_objects(labels: np.ndarray, image: np.ndarray, *, min_pixels: float, passes: int = 3,
+                        regions: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Objects under ``min_pixels`` joined to the touching object (4-neighbours) of the closest mean colour.
 
     Args:
         labels: ``[H, W]`` int, objects ``1..n``, each connected; 0: no data. image: ``[C, H, W]`` float.
         min_pixels: the smallest object kept on its own. passes: rounds (a small object may join another small one).
+        regions: ``[H, W]`` int, one value under each object: an object joins only a neighbour of its own region.
 
     Returns:
         ``[H, W]`` int32, objects renumbered ``1..m`` (m <= n), each still connected; an object with no neighbour
@@ -83,8 +89,11 @@ def merge_small_objects(labels: np.ndarray, image: np.ndarray, *, min_pixels: fl
         if not small.any():
             break
         pairs = []  # (small object, its neighbour), once per shared pixel edge
-        for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        for first, second in ((np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1], np.s_[1:])):  # left-right, up-down
+            a, b = labels[first], labels[second]
             touching = (a != b) & (a > 0) & (b > 0)
+            if regions is not None:
+                touching &= regions[first] == regions[second]
             a, b = a[touching], b[touching]
             pairs += [np.stack([a, b], 1)[small[a]], np.stack([b, a], 1)[small[b]]]
         pair = np.unique(np.concatenate(pairs) @ np.array([n + 1, 1]))
@@ -122,6 +131,7 @@ def image_objects(
     nodata: float | None = None,
     block: int = 2048,
     labels: str | os.PathLike[str] | None = None,
+    within: Any = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> Any:
@@ -133,6 +143,9 @@ def image_objects(
         bands, nodata: the bands read (default all) and a nodata override.
         block: the side of the blocks segmented one at a time, in pixels (memory: a strip of ``block`` + margin rows).
         labels: also write the object ids as this int32 COG (0: no data).
+        within: polygons (parcels, stands; a vector file or ``GeoDataFrame``, any CRS) no object crosses: the scene is
+            cut inside each one and outside them alike, and each object's ``zone`` is the row of the polygon it lies
+            in (-1: none; a pixel under two overlapping polygons goes to the later one).
 
     Raises:
         ValueError: a raster without a georeference or in degrees, a size or block that is not positive, no valid
@@ -167,9 +180,18 @@ def image_objects(
         span = np.maximum(high - low, 1e-12)
         n_bands = len(sample)
         pixels_per_object = size_ha * 10_000 / pixel_m2
+        parcels = None
+        if within is not None:
+            import shapely
+
+            from dinov3_eo.tasks.zonal import read_zones
+
+            parcels = read_zones(within).geometry.to_crs(src.crs).to_numpy()
+            parcel_tree = shapely.STRtree(parcels)
         halo = object_halo(pixels_per_object, block)
         n_blocks = -(-src.height // block) * -(-src.width // block)
         sums: list[np.ndarray] = []  # per object: its pixel count, band sums and sums of squares
+        zones_of: list[np.ndarray] = []  # per object with ``within``: 1 + the row of its polygon, 0 outside
         with tempfile.TemporaryDirectory(prefix=".objects_", dir=Path(labels).parent if labels else None) as tmp:
             ids_path = Path(labels) if labels is not None else Path(tmp) / "objects.tif"
             writer = COGWriter(ids_path, crs=src.crs, transform=src.transform, width=src.width, height=src.height,
@@ -187,13 +209,15 @@ def image_objects(
                         core_w = min(block, src.width - c0)
                         x0, x1 = max(0, c0 - halo), min(src.width, c0 + core_w + halo)
                         owners = strip[:, x0:x1]  # a view: the objects kept below are written into the strip
-                        values, valid = read_window(src, Window(x0, r0, x1 - x0, len(strip)), bands=bands, nodata=nodata)
+                        window = Window(x0, r0, x1 - x0, len(strip))
+                        values, valid = read_window(src, window, bands=bands, nodata=nodata)
                         values = values.astype(np.float64)
                         image = np.clip((values - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
+                        regions = None if parcels is None else _burn_polygons(parcels, parcel_tree, src, window)
                         # pixels that objects of earlier blocks own are no data here, so that the new objects end
                         # where those do rather than on a straight block edge
                         block_ids = slic_labels(image, valid & (owners == 0), pixels_per_object=pixels_per_object,
-                                                compactness=compactness)  # fmt: skip
+                                                compactness=compactness, regions=regions)  # fmt: skip
                         core = block_ids[:core_h, c0 - x0 : c0 - x0 + core_w]
                         kept = np.unique(core[core > 0])  # the objects that reach into the core, whole
                         bar.update(1)
@@ -209,6 +233,10 @@ def image_objects(
                             stats[:, 1 + b] = np.bincount(local, weights=band, minlength=len(kept) + 1)
                             stats[:, 1 + n_bands + b] = np.bincount(local, weights=band * band, minlength=len(kept) + 1)
                         sums.append(stats[1:])
+                        if regions is not None:  # one polygon under each object: any of its pixels says which
+                            zone = np.zeros(len(kept) + 1, np.int64)
+                            zone[local] = regions.ravel()
+                            zones_of.append(zone[1:])
                         local = local.reshape(block_ids.shape)
                         owners[local > 0] = (local[local > 0] + offset).astype(np.int32)
                         offset += len(kept)
@@ -238,7 +266,27 @@ def image_objects(
         frame[f"mean_{name}"] = mean
         frame[f"std_{name}"] = np.sqrt(np.maximum(stats[rows, 1 + n_bands + b] / count - mean**2, 0.0))
     bands_columns = [f"{kind}_{n}" for n in names for kind in ("mean", "std")]
-    return frame[["object_id", "area_m2", "pixels", "perimeter_m", "compactness", *bands_columns, "geometry"]]
+    zone_column = []
+    if parcels is not None:
+        frame["zone"] = np.concatenate(zones_of)[rows] - 1
+        zone_column = ["zone"]
+    return frame[["object_id", *zone_column, "area_m2", "pixels", "perimeter_m", "compactness", *bands_columns, "geometry"]]
+
+
+def _burn_polygons(polygons: np.ndarray, tree: Any, src: Any, window: Any) -> np.ndarray:
+    """``[h, w]`` int64 on ``window`` of ``src``: 1 + the index of the polygon under each pixel centre, 0 under none."""
+    import shapely
+    from rasterio.features import rasterize
+    from rasterio.windows import bounds
+
+    shape = (int(window.height), int(window.width))
+    near = tree.query(shapely.box(*bounds(window, src.transform)))
+    if not len(near):
+        return np.zeros(shape, np.int64)
+    near = np.sort(near)  # the later polygon burnt last where two overlap
+    burnt = rasterize(zip(polygons[near], near + 1), out_shape=shape, transform=src.window_transform(window), fill=0,
+                      dtype="int32")  # fmt: skip
+    return burnt.astype(np.int64)
 
 
 def objects_picture(dst: str | os.PathLike[str], raster: str | os.PathLike[str], labels: str | os.PathLike[str], *,
@@ -289,6 +337,8 @@ def objects_main(argv: Sequence[str]) -> int:
     parser.add_argument("--nodata", type=float, default=None, help="nodata value overriding the file's")
     parser.add_argument("--block", type=int, default=2048, help="blocks segmented one at a time, in pixels (default 2048)")
     parser.add_argument("--labels", default=None, help="also write the object ids as this int32 GeoTIFF")
+    parser.add_argument("--within", default=None, metavar="POLYGONS", help="parcels or stands no object crosses "
+                        "(objects inside each and outside them; column zone: the polygon's row, -1 outside)")  # fmt: skip
     parser.add_argument("--preview-bands", type=int, nargs=3, default=None, metavar=("R", "G", "B"),
                         help="1-based bands drawn as red, green, blue in OUTPUT.png (default: the first three; "
                         "Landsat B2 B3 B4 stacks: 3 2 1)")  # fmt: skip
@@ -302,12 +352,12 @@ def objects_main(argv: Sequence[str]) -> int:
         picture = None if args.no_quicklook else output.with_suffix(".png")
         for path in (output, picture):
             if path is not None:
-                check_overwrite(path, args.overwrite, inputs=[args.scene])
+                check_overwrite(path, args.overwrite, inputs=[args.scene, args.within])
         with tempfile.TemporaryDirectory(prefix=".objects_", dir=output.parent) as tmp:
             ids = Path(args.labels) if args.labels else Path(tmp) / "ids.tif"
             frame = image_objects(args.scene, size_ha=args.size, compactness=args.compactness, bands=args.bands,
-                                  nodata=args.nodata, block=args.block, labels=ids, overwrite=args.overwrite,
-                                  progress=not args.quiet)  # fmt: skip
+                                  nodata=args.nodata, block=args.block, labels=ids, within=args.within,
+                                  overwrite=args.overwrite, progress=not args.quiet)  # fmt: skip
             write_features(frame, output, layer="objects", overwrite=args.overwrite)
             if picture is not None:
                 objects_picture(picture, args.scene, ids, bands=args.preview_bands or args.bands, nodata=args.nodata,
