@@ -107,6 +107,7 @@ def merge_small_objects(labels: np.ndarray, image: np.ndarray, *, min_pixels: fl
         first = np.unique(pair[:, 0], return_index=True)[1]
         target = np.arange(n + 1)
         target[pair[first, 0]] = pair[first, 1]
+        # two small objects that chose each other: the larger id stays, the smaller joins it (not a swap)
         mutual = target[target] == np.arange(n + 1)
         target[mutual & (target < np.arange(n + 1))] = np.flatnonzero(mutual & (target < np.arange(n + 1)))
         labels = target[labels]
@@ -218,28 +219,19 @@ def image_objects(
                         # where those do rather than on a straight block edge
                         block_ids = slic_labels(image, valid & (owners == 0), pixels_per_object=pixels_per_object,
                                                 compactness=compactness, regions=regions)  # fmt: skip
-                        core = block_ids[:core_h, c0 - x0 : c0 - x0 + core_w]
-                        kept = np.unique(core[core > 0])  # the objects that reach into the core, whole
+                        # the objects that reach into the core are kept whole
+                        local = _core_objects(block_ids, np.s_[:core_h, c0 - x0 : c0 - x0 + core_w])
                         bar.update(1)
-                        if not kept.size:
+                        n = int(local.max())
+                        if not n:
                             continue
-                        renumber = np.zeros(int(block_ids.max()) + 1, np.int64)
-                        renumber[kept] = np.arange(1, len(kept) + 1)
-                        local = renumber[block_ids].ravel()
-                        stats = np.zeros((len(kept) + 1, 1 + 2 * n_bands))
-                        stats[:, 0] = np.bincount(local, minlength=len(kept) + 1)
-                        for b in range(n_bands):
-                            band = values[b].ravel()
-                            stats[:, 1 + b] = np.bincount(local, weights=band, minlength=len(kept) + 1)
-                            stats[:, 1 + n_bands + b] = np.bincount(local, weights=band * band, minlength=len(kept) + 1)
-                        sums.append(stats[1:])
+                        sums.append(_object_sums(local, values))
                         if regions is not None:  # one polygon under each object: any of its pixels says which
-                            zone = np.zeros(len(kept) + 1, np.int64)
-                            zone[local] = regions.ravel()
+                            zone = np.zeros(n + 1, np.int64)
+                            zone[local.ravel()] = regions.ravel()
                             zones_of.append(zone[1:])
-                        local = local.reshape(block_ids.shape)
                         owners[local > 0] = (local[local > 0] + offset).astype(np.int32)
-                        offset += len(kept)
+                        offset += n
                     out.write(strip[None, :core_h], Window(0, r0, src.width, core_h))
                     carried = strip[core_h:]
             with rasterio.open(ids_path) as ids:
@@ -271,6 +263,25 @@ def image_objects(
         frame["zone"] = np.concatenate(zones_of)[rows] - 1
         zone_column = ["zone"]
     return frame[["object_id", *zone_column, "area_m2", "pixels", "perimeter_m", "compactness", *bands_columns, "geometry"]]
+
+
+def _core_objects(ids: np.ndarray, core: Any) -> np.ndarray:
+    """``[h, w]`` int64: the objects of ``ids`` with a pixel in ``ids[core]`` renumbered ``1..n``, the others 0."""
+    inside = ids[core]
+    kept = np.unique(inside[inside > 0])
+    renumber = np.zeros(int(ids.max()) + 1, np.int64)
+    renumber[kept] = np.arange(1, len(kept) + 1)
+    return renumber[ids]
+
+
+def _object_sums(local: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``[n, 1 + 2C]`` float64 for objects ``1..n`` of ``local`` (``[h, w]``): pixel count, then each band's sum of
+    ``values`` (``[C, h, w]``), then each band's sum of squares."""
+    flat, n = local.ravel(), int(local.max())
+    columns = [np.bincount(flat, minlength=n + 1)]
+    columns += [np.bincount(flat, weights=band.ravel(), minlength=n + 1) for band in values]
+    columns += [np.bincount(flat, weights=(band * band).ravel(), minlength=n + 1) for band in values]
+    return np.stack(columns, 1)[1:]
 
 
 def _burn_polygons(polygons: np.ndarray, tree: Any, src: Any, window: Any) -> np.ndarray:
