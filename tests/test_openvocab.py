@@ -377,21 +377,30 @@ def test_query_polygons_from_the_command_line(model_path: Path, crop: Path, tmp_
 
     with rasterio.open(crop) as src:
         t, crs = src.transform, src.crs
-    parcels = gpd.GeoDataFrame({"parcel": ["a", "b"]}, geometry=[box(*(t @ (0, 96)), *(t @ (64, 0))),
-                                                                 box(*(t @ (64, 192)), *(t @ (160, 96)))], crs=crs)  # fmt: skip
+    parcels = gpd.GeoDataFrame({"parcel": ["a", "b", "off"]}, geometry=[
+        box(*(t @ (0, 96)), *(t @ (64, 0))), box(*(t @ (64, 192)), *(t @ (160, 96))),
+        box(*(t @ (-900, -600)), *(t @ (-800, -700)))], crs=crs)  # fmt: skip
     parcels.to_file(tmp_path / "parcels.gpkg")
     out = tmp_path / "named.csv"
     args = [str(crop), "water", "field", "--model", str(model_path), "--zones", str(tmp_path / "parcels.gpkg"),
             "-o", str(out), "--nodata", "0", "--window", "128"]  # fmt: skip
     assert query_main(args) == 0
     printed = capsys.readouterr().out
-    assert "2 polygons: " in printed and f"polygons (probability): {out}" in printed and "map: " in printed
+    assert "3 polygons: " in printed and "1 without a class" in printed and "map: " in printed
+    assert f"polygons (probability): {out}" in printed and "classes: " in printed
     import pandas as pd
 
     table = pd.read_csv(out)
-    assert list(table["parcel"]) == ["a", "b"] and set(table["class"]) <= {"water", "field"}
-    np.testing.assert_allclose(table["p_water"] + table["p_field"], 1.0, rtol=1e-5)
-    assert out.with_suffix(".png").stat().st_size > 1000 and not (tmp_path / "named_classes.tif").exists()
+    assert list(table["parcel"]) == ["a", "b", "off"] and set(table["class"][:2]) <= {"water", "field"}
+    assert table["class"].isna().tolist() == [False, False, True]
+    np.testing.assert_allclose((table["p_water"] + table["p_field"])[:2], 1.0, rtol=1e-5)
+    assert out.with_suffix(".png").stat().st_size > 1000
+    # the classes burnt onto the scene's grid: parcel a's pixels carry its class, pixels under no parcel none
+    with rasterio.open(tmp_path / "named_classes.tif") as classes, rasterio.open(crop) as src:
+        assert classes.transform == src.transform and classes.crs == src.crs and classes.nodata == 255
+        burnt = classes.read(1)
+        assert json.loads(classes.tags()["class_names"]) == ["water", "field"]
+    assert (burnt[:96, :64] == ["water", "field"].index(table["class"][0])).all() and (burnt[:96, 64:] == 255).all()
     # bad input: a raster name for the polygons, with --chips, existing outputs
     for extra, message in ((["-o", str(tmp_path / "named.tif")], "With --zones the output is the polygons"),
                            (["--chips"], "leave out --chips and --polygons"), (["--tta", "flips"], "leave out --tta"),

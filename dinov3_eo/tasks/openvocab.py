@@ -1109,19 +1109,22 @@ def _query_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _query_zones(args: argparse.Namespace, engine: MapQuery, png: Path | None) -> list[str]:
+def _query_zones(args: argparse.Namespace, engine: MapQuery, classes_path: Path, png: Path | None) -> list[str]:
     """``query SCENE QUERIES --zones POLYGONS -o named.gpkg``: the polygons named (:meth:`MapQuery.zones`), written
-    with a map of their classes over the scene; returns the lines to print."""
+    with their classes burnt onto the scene's grid (``classes_path``) and a map of them over the scene; returns the
+    lines to print."""
     from dinov3_eo.tasks.zonal import zonal_picture
+    from dinov3_eo.tasks.zone_classification import zone_class_map
     from dinov3_eo.tasks.zone_embeddings import write_zone_rows
 
     named = engine.zones(args.scene, args.zones, args.queries, scores=args.scores, background=args.background,
                          threshold=args.threshold, upsample=args.upsample)  # fmt: skip
     write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
+    zone_class_map(named, named.attrs["class_names"], args.scene, classes_path, overwrite=args.overwrite)
     counts = named["class"].value_counts()
     lines = [f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
              + (f", {int(named['class'].isna().sum())} without a class" if named["class"].isna().any() else ""),
-             f"polygons ({named.attrs['scores']}): {args.output}"]  # fmt: skip
+             f"polygons ({named.attrs['scores']}): {args.output}", f"classes: {classes_path}"]  # fmt: skip
     if png is not None:
         zonal_picture(png, named, "class", raster=args.scene, title=", ".join(named.attrs["class_names"]),
                       overwrite=args.overwrite)  # fmt: skip
@@ -1145,7 +1148,7 @@ def query_main(argv: Sequence[str]) -> int:
 
     args = _query_parser().parse_args(list(argv))
     out = Path(args.output)
-    classes_path = None if args.zones else out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
+    classes_path = out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
     png = None if (args.png or "").lower() == "none" else Path(args.png) if args.png else out.with_suffix(".png")
     try:
         if args.chips and args.polygons:
@@ -1168,7 +1171,7 @@ def query_main(argv: Sequence[str]) -> int:
         if args.stretch:
             engine.stretch_to(args.scene)
         if args.zones is not None:
-            for line in _query_zones(args, engine, png):
+            for line in _query_zones(args, engine, classes_path, png):
                 print(line)
             return 0
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)

@@ -171,7 +171,7 @@ def zone_class_map(predicted: Any, classes: list[str], raster: str | os.PathLike
     from dinov3_eo.data.raster import open_quietly, require_georeferenced
     from dinov3_eo.inference.writers import COGWriter, default_colormap
 
-    named = predicted[predicted["class"].astype(str) != ""]
+    named = predicted[predicted["class"].notna() & (predicted["class"].astype(str) != "")]
     ids = {name: i for i, name in enumerate(classes)}
     with open_quietly(raster) as src:
         require_georeferenced(src)
