@@ -8,6 +8,7 @@ from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import rasterio
 import shapely
@@ -18,7 +19,15 @@ from rasterio.windows import Window
 from dinov3_eo.cli import main as cli_main
 from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings, zone_embeddings, zone_feature_sums
-from dinov3_eo.tasks.zone_time_series import combine_steps, date_label, step_days, time_steps, zone_time_series
+from dinov3_eo.tasks.zone_time_series import (
+    combine_steps,
+    date_label,
+    resample_steps,
+    season_days,
+    step_days,
+    time_steps,
+    zone_time_series,
+)
 
 CROP = Path(__file__).resolve().parent / "data" / "rgb_byte_crop.tif"  # 250 x 230 Landsat RGB at 300 m, nodata 0 (CC0)
 
@@ -117,6 +126,26 @@ def test_combine_steps_against_a_loop() -> None:
         combine_steps(means, "max")
 
 
+def test_resample_steps_against_a_loop_and_season_days() -> None:
+    rng = np.random.default_rng(1)
+    means = rng.normal(size=(3, 4, 2))
+    means[:, 3] = np.nan  # never seen: stays so
+    times, new = [10.0, 40.0, 100.0], [0.0, 10.0, 25.0, 70.0, 100.0, 130.0]
+    got = resample_steps(means, times, new)
+    assert got.shape == (6, 4, 2) and np.isnan(got[:, 3]).all()
+    for k, when in enumerate(new):
+        if when <= times[0] or when >= times[-1]:  # beyond the ends: the nearest date's
+            expected = means[0 if when <= times[0] else -1]
+        else:
+            j = next(i for i in range(1, 3) if times[i] >= when)
+            w = (when - times[j - 1]) / (times[j] - times[j - 1])
+            expected = (1 - w) * means[j - 1] + w * means[j]
+        np.testing.assert_allclose(got[k, :3], expected[:3], rtol=1e-6)
+    np.testing.assert_array_equal(season_days(["2022-05-10", "2022-07-15"]), [129, 195])
+    np.testing.assert_array_equal(season_days(["2021-11-20", "2022-01-15"]), [323, 379])  # over the new year
+    assert season_days(["may", "july"]) is None and season_days(["2022-07-15", "2022-05-10"]) is None
+
+
 def test_step_days() -> None:
     np.testing.assert_array_equal(step_days(["2021-05-01", "2021-05-11", "2021-07-01"]) - 18748, [0, 10, 61])
     np.testing.assert_array_equal(step_days(["may", "july"]), [0, 1])  # not dates: positions
@@ -209,6 +238,24 @@ def test_time_series_from_the_command_line_and_probes_that_check_the_dates(
     np.testing.assert_allclose(read_zone_embeddings(other)[1], x, rtol=1e-6)  # the same files in date order
     assert cli_main(["classify", "predict", "--zones", str(other), "--probe", str(probe), "-o",
                      str(tmp_path / "other.csv"), "--overwrite"]) == 0  # fmt: skip
+    # next year's season on three other days: interpolated to the probe's days of the year (05-10 and 07-15)
+    third = write_part(folder / "sep_20220905.tif", scale=0.6)  # (not in the glob below)
+    later = tmp_path / "later.parquet"
+    assert cli_main(["embed", *map(str, [*dates, third]), *base, "--dates", "2023-04-30", "2023-06-20", "2023-09-01",
+                     "-o", str(later)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(["classify", "predict", "--zones", str(later), "--probe", str(probe), "-o", str(tmp_path / "later.csv")]) == 0
+    assert "its 3 dates (2023-04-30, 2023-06-20, 2023-09-01) interpolated to the probe's 2 days of the year (05-10, 07-15)" in capsys.readouterr().err
+    x3 = read_zone_embeddings(later)[1].reshape(24, 3, 96)
+    april, june, september = 119, 170, 243  # days since 1 January 2023; the probe's: 129 and 195 (2022)
+    may = x3[:, 0] + (129 - april) / (june - april) * (x3[:, 1] - x3[:, 0])
+    july = x3[:, 1] + (195 - june) / (september - june) * (x3[:, 2] - x3[:, 1])
+    from dinov3_eo.tasks.chip_classification import ChipClassifier as Probe
+
+    fitted = Probe.load(probe)
+    expected = fitted.scores(np.concatenate([may, july], axis=1))
+    written = pd.read_csv(tmp_path / "later.csv")
+    np.testing.assert_allclose(written[[f"p_{c}" for c in fitted.classes]].to_numpy(), expected, rtol=1e-4, atol=1e-6)
     # a quoted glob of the season's files: the same table
     globbed = tmp_path / "globbed.parquet"
     assert cli_main(["embed", str(folder / "cli_2022*.tif"), *base, "-o", str(globbed)]) == 0

@@ -784,12 +784,13 @@ def _fit_zones(args: Any) -> None:
 
 def _test_zones(args: Any) -> None:
     """``classify test --zones parcels.parquet --label-column crop --probe probe.safetensors``."""
-    from dinov3_eo.tasks.zone_classification import check_zone_table
+    from dinov3_eo.tasks.zone_classification import check_zone_table, season_for_probe
     from dinov3_eo.tasks.zone_embeddings import read_zone_tables
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_tables(args.zones)
+    table, x = season_for_probe(probe, table, x, _tables_named(args.zones))
     check_zone_table(probe, table, _tables_named(args.zones), x)
     x, labels = _zone_labels(args, table, x)
     unknown = sorted(set(labels) - set(probe.classes))
@@ -803,7 +804,7 @@ def _test_zones(args: Any) -> None:
 def _predict_zones(args: Any) -> None:
     """``classify predict --zones parcels.parquet --probe probe.safetensors -o parcels_classes.gpkg``."""
     from dinov3_eo.inference.writers import check_overwrite, default_colormap, write_quicklook
-    from dinov3_eo.tasks.zone_classification import check_zone_table, zone_class_map, zone_predictions
+    from dinov3_eo.tasks.zone_classification import check_zone_table, season_for_probe, zone_class_map, zone_predictions
     from dinov3_eo.tasks.zone_embeddings import ZONE_ROW_SUFFIXES, read_zone_tables, write_zone_rows
 
     _refuse_options("--zones", [("CHIPS", args.chips), ("--tta", args.tta)])
@@ -816,6 +817,7 @@ def _predict_zones(args: Any) -> None:
             check_overwrite(path, args.overwrite, inputs=[*args.zones, *([args.raster] if args.raster else [])])
     probe = ChipClassifier.load(args.probe)
     table, x = read_zone_tables(args.zones)
+    table, x = season_for_probe(probe, table, x, _tables_named(args.zones))
     check_zone_table(probe, table, _tables_named(args.zones), x)
     predicted = zone_predictions(table, x, probe)
     write_zone_rows(predicted, args.output, layer="predictions", overwrite=args.overwrite)

@@ -11,6 +11,7 @@ embedding: ``classify predict CHIPS`` and ``classify map`` refuse it). ``predict
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,38 @@ def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> di
     return record
 
 
+def season_for_probe(probe: Any, table: Any, x: np.ndarray, path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
+    """A season's table at the probe's days of the year: each polygon's features at the probe's dates interpolated
+    linearly in time from the table's (:func:`~dinov3_eo.tasks.zone_time_series.resample_steps`; the first or last
+    date's beyond either end), so that a probe of one year's season classifies another year's taken on other days or
+    on more or fewer of them; said in one line on stderr. Unchanged unless both give two or more dates one after the
+    other on other days of the year.
+
+    Returns:
+        ``(table, x)``: a copy of the table whose record names the probe's dates, and ``[Z, T_probe · D]`` features.
+    """
+    from dinov3_eo.tasks.zone_time_series import resample_steps, season_days
+
+    made = table.attrs.get("dinov3_eo", {})
+    fitted, now = probe.embedding.get("dates"), made.get("dates")
+    if not fitted or not now or len(now) < 2 or table_steps(probe.embedding) < 2 or table_steps(made) < 2:
+        return table, x
+    fitted_days, now_days = season_days(fitted), season_days(now)
+    if fitted_days is None or now_days is None or (len(fitted) == len(now) and np.array_equal(fitted_days, now_days)):
+        return table, x
+    steps = len(now)
+    if x.shape[1] % steps:
+        return table, x  # not a season's concatenation: check_zone_table says what is wrong
+    means = x.reshape(len(x), steps, -1).transpose(1, 0, 2)  # [T, Z, D]
+    resampled = resample_steps(means, now_days, fitted_days)  # [T_probe, Z, D]
+    aligned = resampled.transpose(1, 0, 2).reshape(len(x), -1)
+    print(f"{os.fspath(path)}: its {steps} dates ({', '.join(now)}) interpolated to the probe's {len(fitted)} days of "
+          f"the year ({', '.join(d[5:] for d in fitted)}).", file=sys.stderr)  # fmt: skip
+    out = table.copy()
+    out.attrs = {**table.attrs, "dinov3_eo": {**made, "dates": list(fitted), "time_steps": len(fitted)}}
+    return out, aligned
+
+
 def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np.ndarray | None = None) -> None:
     """Raise ValueError unless ``table`` (a zone table's frame, features ``x``) was embedded by the backbone ``probe``
     was fitted on (where both say), at as many dates one after the other, with features of its width."""
@@ -126,7 +159,8 @@ def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np
     if fitted_steps != now_steps:
         raise ValueError(f"{os.fspath(path)} holds each polygon's features at {now_steps} date(s) one after the other, "
                          f"the probe's polygons at {fitted_steps}: embed as many dates of the season, in the same "
-                         "order, or both with --temporal mean.")  # fmt: skip
+                         "order (a table of two or more dated steps is interpolated to the probe's days of the year), "
+                         "or both with --temporal mean.")  # fmt: skip
     fitted_on = getattr(probe, "weight", None) if getattr(probe, "weight", None) is not None else getattr(probe, "bank", None)
     width = None if fitted_on is None else fitted_on.shape[1]
     if x is not None and len(x) and width is not None and x.shape[1] != width:
@@ -193,5 +227,5 @@ def zone_class_map(predicted: Any, classes: list[str], raster: str | os.PathLike
     return Path(dst)
 
 
-__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "labels_from_points", "refuse_zone_probe", "table_steps",
-           "zone_class_map", "zone_predictions", "zone_probe_record"]
+__all__ = ["ZONE_KIND", "check_zone_table", "labelled_zones", "labels_from_points", "refuse_zone_probe",
+           "season_for_probe", "table_steps", "zone_class_map", "zone_predictions", "zone_probe_record"]

@@ -91,6 +91,41 @@ def step_days(labels: Sequence[str]) -> np.ndarray:
     return np.arange(len(labels), dtype=np.float64)
 
 
+def season_days(labels: Sequence[str]) -> np.ndarray | None:
+    """``[T]`` float: each date's days since 1 January of the season's first year (``2022-05-10, 2022-07-15`` →
+    ``129, 195``; a season over the new year counts on: ``2021-11-20, 2022-01-15`` → ``323, 379``), so that seasons
+    of different years share one axis; None unless every label is a ``YYYY-MM-DD`` date, in order."""
+    days = step_days(labels)
+    if not labels or not all(re.fullmatch(r"\d{4}-\d\d-\d\d", str(label)) for label in labels) or len(days) != len(labels):
+        return None
+    if (np.diff(days) < 0).any():
+        return None
+    first_year = np.datetime64(str(labels[0])[:4], "Y")
+    return days - first_year.astype("datetime64[D]").astype(np.int64)
+
+
+def resample_steps(means: np.ndarray, times: Sequence[float], new_times: Sequence[float]) -> np.ndarray:
+    """Features at other times: linear in time between the nearest steps before and after each new time, the first
+    or last step's beyond either end.
+
+    Args:
+        means: ``[T, Z, D]`` float (NaN rows: polygons never seen). times: ``[T]`` increasing. new_times: ``[T']``.
+
+    Returns:
+        ``[T', Z, D]`` float32.
+    """
+    means = np.asarray(means, np.float64)
+    t = np.asarray(times, np.float64)
+    out = []
+    for when in np.asarray(new_times, np.float64):
+        after = int(np.clip(np.searchsorted(t, when), 0, len(t) - 1))  # the first step at or after it (or the last)
+        before = max(after - 1, 0) if t[after] > when else after
+        span = t[after] - t[before]
+        w = float(np.clip((when - t[before]) / span, 0.0, 1.0)) if span > 0 else 0.0
+        out.append((1 - w) * means[before] + w * means[after])
+    return np.stack(out).astype(np.float32)
+
+
 def combine_steps(means: np.ndarray, temporal: str = "concat", times: Sequence[float] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each polygon's step means as one vector (module docstring).
@@ -209,4 +244,5 @@ def zone_time_series(
     return out
 
 
-__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "step_days", "time_steps", "zone_time_series"]
+__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "resample_steps", "season_days", "step_days", "time_steps",
+           "zone_time_series"]
