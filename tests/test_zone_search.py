@@ -162,3 +162,22 @@ def test_several_zone_tables_are_used_as_one(table: Path, tmp_path: Path, capsys
     write_zone_embeddings(other, tmp_path / "season.parquet")
     with pytest.raises(ValueError, match="number of dates"):
         read_zone_tables([west, tmp_path / "season.parquet"])
+    # two years' seasons on other days and of other lengths stack at the first's days of the year
+    rng = np.random.default_rng(0)
+    d = x.shape[1]
+    first_x, second_x = rng.normal(size=(len(frame), 2 * d)), rng.normal(size=(len(frame), 3 * d))
+    for name, values, dates in (("y2021", first_x, ["2021-05-18", "2021-08-07"]),  # days 137, 218
+                                ("y2022", second_x, ["2022-05-01", "2022-06-15", "2022-09-01"])):  # days 120, 165, 243
+        season = frame.copy()
+        season["patch_mean"] = list(values.astype(np.float32))
+        season.attrs = {"dinov3_eo": {**frame.attrs["dinov3_eo"], "dates": dates, "temporal": "concat", "time_steps": len(dates)}}
+        write_zone_embeddings(season, tmp_path / f"{name}.parquet")
+    capsys.readouterr()
+    seasons, features = read_zone_tables([tmp_path / "y2021.parquet", tmp_path / "y2022.parquet"])
+    assert "its 3 dates interpolated to the days of the year of" in capsys.readouterr().err
+    later = second_x.reshape(len(frame), 3, d)
+    may = later[:, 0] + 17 / 45 * (later[:, 1] - later[:, 0])
+    august = later[:, 1] + 53 / 78 * (later[:, 2] - later[:, 1])
+    np.testing.assert_allclose(features[: len(frame)], first_x, rtol=1e-6)
+    np.testing.assert_allclose(features[len(frame) :], np.concatenate([may, august], 1), rtol=1e-5, atol=1e-6)
+    assert seasons.attrs["dinov3_eo"]["dates"] == ["2021-05-18", "2021-08-07"] and len(seasons) == 2 * len(frame)

@@ -109,32 +109,25 @@ def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> di
 
 
 def season_for_probe(probe: Any, table: Any, x: np.ndarray, path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]:
-    """A season's table at the probe's days of the year: each polygon's features at the probe's dates interpolated
-    linearly in time from the table's (:func:`~dinov3_eo.tasks.zone_time_series.resample_steps`; the first or last
-    date's beyond either end), so that a probe of one year's season classifies another year's taken on other days or
-    on more or fewer of them; said in one line on stderr. Unchanged unless both give two or more dates one after the
-    other on other days of the year.
+    """A season's table at the probe's days of the year (:func:`~dinov3_eo.tasks.zone_time_series.season_at`: each
+    polygon's features interpolated linearly in time, the first or last date's beyond either end), so that a probe of
+    one year's season classifies another year's taken on other days or on more or fewer of them; said in one line
+    on stderr. Unchanged unless both are seasons of two or more dates one after the other on other days.
 
     Returns:
         ``(table, x)``: a copy of the table whose record names the probe's dates, and ``[Z, T_probe · D]`` features.
     """
-    from dinov3_eo.tasks.zone_time_series import resample_steps, season_days
+    from dinov3_eo.tasks.zone_time_series import season_at
 
     made = table.attrs.get("dinov3_eo", {})
     fitted, now = probe.embedding.get("dates"), made.get("dates")
-    if not fitted or not now or len(now) < 2 or table_steps(probe.embedding) < 2 or table_steps(made) < 2:
+    if not fitted or not now or table_steps(probe.embedding) < 2 or table_steps(made) < 2:
         return table, x
-    fitted_days, now_days = season_days(fitted), season_days(now)
-    if fitted_days is None or now_days is None or (len(fitted) == len(now) and np.array_equal(fitted_days, now_days)):
+    aligned = season_at(x, now, fitted)
+    if aligned is None:
         return table, x
-    steps = len(now)
-    if x.shape[1] % steps:
-        return table, x  # not a season's concatenation: check_zone_table says what is wrong
-    means = x.reshape(len(x), steps, -1).transpose(1, 0, 2)  # [T, Z, D]
-    resampled = resample_steps(means, now_days, fitted_days)  # [T_probe, Z, D]
-    aligned = resampled.transpose(1, 0, 2).reshape(len(x), -1)
-    print(f"{os.fspath(path)}: its {steps} dates ({', '.join(now)}) interpolated to the probe's {len(fitted)} days of "
-          f"the year ({', '.join(d[5:] for d in fitted)}).", file=sys.stderr)  # fmt: skip
+    print(f"{os.fspath(path)}: its {len(now)} dates ({', '.join(now)}) interpolated to the probe's {len(fitted)} days "
+          f"of the year ({', '.join(d[5:] for d in fitted)}).", file=sys.stderr)  # fmt: skip
     out = table.copy()
     out.attrs = {**table.attrs, "dinov3_eo": {**made, "dates": list(fitted), "time_steps": len(fitted)}}
     return out, aligned

@@ -18,6 +18,7 @@ and ``patches``. A probe fitted on the ``patch_mean`` of labelled zones classifi
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,14 +273,19 @@ def read_zone_embeddings(path: str | os.PathLike[str]) -> tuple[Any, np.ndarray]
 
 def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]]) -> tuple[Any, np.ndarray]:
     """One or more zone tables (scenes or regions embedded apart) as one: ``(frame, x [N, D])``. Several must come
-    from one backbone with as many dates; their rows are stacked (in the first table's CRS) with a ``zone_table``
-    column naming each row's file, and ``attrs["dinov3_eo"]`` is the first's with every file in ``tables``.
+    from one backbone with as many dates, or be seasons of two or more dates (other years, other days), which are
+    interpolated to the first table's days of the year
+    (:func:`~dinov3_eo.tasks.zone_time_series.season_at`; said on stderr); their rows are stacked (in the first
+    table's CRS) with a ``zone_table`` column naming each row's file, and ``attrs["dinov3_eo"]`` is the first's with
+    every file in ``tables``.
 
     Raises:
         FileNotFoundError: a missing file. ValueError: not zone tables, or tables embedded differently (named).
     """
     import geopandas as gpd
     import pandas as pd
+
+    from dinov3_eo.tasks.zone_time_series import season_at
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -292,12 +298,20 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
         arrays.append(x)
     first = frames[0].attrs.get("dinov3_eo", {})
     key = ("backbone", "patch_size", "embed_dim", "temporal")
-    for path, frame, x in zip(paths[1:], frames[1:], arrays[1:]):
+    for i, (path, frame, x) in enumerate(zip(paths[1:], frames[1:], arrays[1:]), start=1):
         made = frame.attrs.get("dinov3_eo", {})
         differs = [k for k in key if made.get(k) != first.get(k)]
         if made.get("upsample", 1) != first.get("upsample", 1):
             differs.append("upsample")
-        if len(made.get("dates") or []) != len(first.get("dates") or []):
+        # another year's season (other days, more or fewer dates) at the first table's days of the year
+        at_first = None
+        if made.get("dates") and first.get("dates") and made.get("temporal", "concat") == "concat" == first.get("temporal", "concat"):
+            at_first = season_at(x, made["dates"], first["dates"])
+        if at_first is not None:
+            x = arrays[i] = at_first
+            print(f"{os.fspath(path)}: its {len(made['dates'])} dates interpolated to the days of the year of "
+                  f"{os.fspath(paths[0])}'s ({', '.join(d[5:] for d in first['dates'])}).", file=sys.stderr)  # fmt: skip
+        elif len(made.get("dates") or []) != len(first.get("dates") or []):
             differs.append("number of dates")
         if differs or (len(x) and len(arrays[0]) and x.shape[1] != arrays[0].shape[1]):
             raise ValueError(f"{os.fspath(path)} was embedded otherwise than {os.fspath(paths[0])} "

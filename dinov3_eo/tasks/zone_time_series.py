@@ -126,6 +126,27 @@ def resample_steps(means: np.ndarray, times: Sequence[float], new_times: Sequenc
     return np.stack(out).astype(np.float32)
 
 
+def season_at(x: np.ndarray, dates: Sequence[str], target: Sequence[str]) -> np.ndarray | None:
+    """A season's table features at another season's days of the year (:func:`season_days`,
+    :func:`resample_steps`): another year, other days, more or fewer dates.
+
+    Args:
+        x: ``[Z, T · D]`` each polygon's steps one after the other, at ``dates`` (``T`` labels).
+        target: the dates wanted (``T'`` labels).
+
+    Returns:
+        ``[Z, T' · D]`` float32, or None where there is nothing to do or nothing to do it with: both the same days,
+        fewer than two dates on either side, labels that are not dates, or a width that is not ``T`` steps.
+    """
+    days, wanted = season_days(list(dates)), season_days(list(target))
+    if days is None or wanted is None or len(days) < 2 or len(wanted) < 2 or x.shape[1] % len(days):
+        return None
+    if len(days) == len(wanted) and np.array_equal(days, wanted):
+        return None
+    means = x.reshape(len(x), len(days), -1).transpose(1, 0, 2)  # [T, Z, D]
+    return resample_steps(means, days, wanted).transpose(1, 0, 2).reshape(len(x), -1)
+
+
 def combine_steps(means: np.ndarray, temporal: str = "concat", times: Sequence[float] | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """Each polygon's step means as one vector (module docstring).
@@ -244,5 +265,5 @@ def zone_time_series(
     return out
 
 
-__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "resample_steps", "season_days", "step_days", "time_steps",
-           "zone_time_series"]
+__all__ = ["TEMPORAL_MODES", "combine_steps", "date_label", "resample_steps", "season_at", "season_days", "step_days",
+           "time_steps", "zone_time_series"]
