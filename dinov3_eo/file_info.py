@@ -141,7 +141,7 @@ def _describe_json(path: Path) -> FileInfo | None:
 
 
 def _describe_torch(path: Path) -> FileInfo:
-    from dinov3_eo.models.hub import CheckpointError, read_checkpoint
+    from dinov3_eo.models.hub import TEXT_META_KEY, CheckpointError, read_checkpoint
 
     try:
         checkpoint = read_checkpoint(path)
@@ -156,7 +156,7 @@ def _describe_torch(path: Path) -> FileInfo:
     hparams = dict(checkpoint.get("hyper_parameters") or {})
     progress = {"step": checkpoint.get("global_step"), "epoch": checkpoint.get("epoch")}
     progress = {k: v for k, v in progress.items() if v is not None}
-    text = checkpoint.get("dinov3_eo_text")
+    text = checkpoint.get(TEXT_META_KEY)
     if isinstance(text, dict):  # a text fit checkpoint or export_text_model's file
         details = {**_meta_details(entry), "backbone stored": text.get("backbone_stored"),
                    "backbone source": text.get("backbone_source"), "tokenizer": (text.get("tokenizer") or {}).get("name"),

@@ -409,6 +409,74 @@ def test_query_polygons_from_the_command_line(model_path: Path, crop: Path, tmp_
         assert message in capsys.readouterr().err
 
 
+def test_a_text_model_goes_wherever_a_backbone_does(model_path: Path, crop: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    """``--model text.pt`` in embed (a GeoTIFF, polygons, chips): its aligned features; a zone table of them scores
+    the queries as ``query --zones`` does, and a probe of backbone features refuses it."""
+    import geopandas as gpd
+
+    from dinov3_eo.cli import main as cli_main
+    from dinov3_eo.models.text import TextDenseEncoder
+    from dinov3_eo.tasks.features import resolve_backbone
+    from dinov3_eo.tasks.zone_embeddings import read_zone_embeddings
+
+    assert isinstance(resolve_backbone(model_path), TextDenseEncoder)
+    assert cli_main(["embed", str(crop), "--model", str(model_path), "--nodata", "0", "-o", str(tmp_path / "f.tif"),
+                     "--no-quicklook"]) == 0  # fmt: skip
+    with rasterio.open(tmp_path / "f.tif") as features:
+        norms = np.linalg.norm(features.read(), axis=0)
+    np.testing.assert_allclose(norms[np.isfinite(norms)], 1.0, rtol=1e-5)  # unit-length aligned patch tokens
+    with rasterio.open(crop) as src:
+        t, crs = src.transform, src.crs
+    parcels = gpd.GeoDataFrame({"parcel": ["a", "b", "c"]}, crs=crs, geometry=[
+        box(*(t @ (0, 96)), *(t @ (64, 32))), box(*(t @ (64, 192)), *(t @ (160, 96))), box(*(t @ (0, 200)), *(t @ (60, 150)))])  # fmt: skip
+    parcels.to_file(tmp_path / "parcels.gpkg")
+    table = tmp_path / "parcels.parquet"
+    assert cli_main(["embed", str(crop), "--model", str(model_path), "--nodata", "0", "--zones",
+                     str(tmp_path / "parcels.gpkg"), "-o", str(table), "--window", "128", "--quiet"]) == 0  # fmt: skip
+    frame, x = read_zone_embeddings(table)
+    assert frame.attrs["dinov3_eo"]["features"] == "text_patch_mean"
+    engine = MapQuery.from_checkpoint(model_path, window=128, nodata=0, device="cpu")
+    named = engine.zones(crop, parcels, ["water", "field"], scores="cosine")
+    np.testing.assert_allclose(x @ engine.text_embeddings(["water", "field"]).numpy().T,
+                               named[["cos_water", "cos_field"]].to_numpy(float), rtol=1e-4, atol=1e-6)  # fmt: skip
+    # chips through a text model: its image embedding (class token and mean patch token of the adapter)
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    with rasterio.open(crop) as src:
+        for k in range(2):
+            window = rasterio.windows.Window(0, 64 * k + 64, 64, 64)
+            profile = {**src.profile, "width": 64, "height": 64, "transform": src.window_transform(window)}
+            with rasterio.open(chips / f"chip{k}.tif", "w", **profile) as out:
+                out.write(src.read(window=window))
+    assert cli_main(["embed", str(chips), "--chips", "--model", str(model_path), "-o", str(tmp_path / "chips.parquet"),
+                     "--size", "64", "--quiet"]) == 0  # fmt: skip
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp_path / "chips.parquet")
+    assert len(rows) == 2 and len(rows["cls"][0]) == engine.model.patch_dim
+    # a probe of a backbone's polygon features refuses the text model's table
+    from micro_backbone import micro_backbone_file
+
+    pth = micro_backbone_file(tmp_path, seed=0)
+    plain = tmp_path / "plain.parquet"
+    assert cli_main(["embed", str(crop), "--model", str(pth), "--nodata", "0", "--zones", str(tmp_path / "parcels.gpkg"),
+                     "-o", str(plain), "--window", "128", "--quiet"]) == 0  # fmt: skip
+    gpd.read_parquet(plain).assign(kind=["x", "y", "x"]).to_parquet(tmp_path / "plain_labelled.parquet")
+    import pyarrow.parquet as pq
+
+    labelled = pq.read_table(tmp_path / "plain_labelled.parquet")
+    pq.write_table(labelled.replace_schema_metadata({**labelled.schema.metadata,
+                                                     b"dinov3_eo": pq.read_schema(plain).metadata[b"dinov3_eo"]}),
+                   tmp_path / "plain_labelled.parquet")  # fmt: skip
+    probe = tmp_path / "probe.safetensors"
+    assert cli_main(["classify", "fit", "--zones", str(tmp_path / "plain_labelled.parquet"), "--label-column", "kind",
+                     "--method", "knn", "-k", "1", "-o", str(probe)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert cli_main(["classify", "predict", "--zones", str(table), "--probe", str(probe), "-o", str(tmp_path / "p.csv")]) == 2
+    assert "holds a text model's aligned patch features, the probe's polygons backbone features" in capsys.readouterr().err
+
+
 # -------------------------------------------------------------------------------------------------- two dates
 def test_compare_maps_where_a_querys_score_changed(engine: MapQuery, crop: Path, tmp_path: Path) -> None:
     """The after date: the crop with a 48-px block of other land cover pasted in; same grid, then in degrees."""

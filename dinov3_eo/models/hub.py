@@ -32,7 +32,7 @@ import os
 import pathlib
 import sys
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import cache, partial
 from pathlib import Path
@@ -145,6 +145,20 @@ def preview_bands(backbone: Any, selected: Sequence[int]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------- reading files
+#: checkpoint entry holding a text model's text side (``text fit``), next to the backbone's ``"dinov3_eo"`` entry
+TEXT_META_KEY = "dinov3_eo_text"
+
+
+def is_text_model(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a ``text fit`` checkpoint or exported text model, told from its entries alone (the file is
+    memory-mapped, its tensors not read); False for anything else, unreadable files included."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (a safetensors file, a legacy pickle, no checkpoint at all)
+        return False
+    return isinstance(checkpoint, Mapping) and TEXT_META_KEY in checkpoint
+
+
 def read_checkpoint(source: str | os.PathLike[str], what: str = "Checkpoint", *, hint: str = "") -> Any:
     """A ``torch.load(weights_only=True)`` checkpoint, with errors that name ``what`` it was meant to be (and, for a
     missing file, ``hint``: how to make or give one).
@@ -825,6 +839,7 @@ __all__ = [
     "export_main",
     "infer_architecture",
     "inflate_patch_embed",
+    "is_text_model",
     "load_backbone",
     "official_from_hf",
     "official_from_timm",

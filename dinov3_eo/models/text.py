@@ -627,6 +627,9 @@ class TextDenseEncoder(nn.Module):
     :class:`TextImageEncoder`'s.
     """
 
+    #: what a zone table made through it records as its features (not a backbone's ``patch_mean``)
+    feature_kind = "text_patch_mean"
+
     def __init__(self, model: TextAlignedModel, meta: Any = None) -> None:
         super().__init__()
         self.model = model

@@ -167,16 +167,22 @@ class ChipBackbone(NamedTuple):
 def load_chip_backbone(source: str | os.PathLike[str], *, normalization: str | None = None,
                        device: str | None = None) -> ChipBackbone:  # fmt: skip
     """The backbone ``source`` names (:func:`~dinov3_eo.tasks.features.resolve_backbone`: a registry name, an
-    export, a segmentation checkpoint) on ``device`` (default: cuda when available), with its stored input
+    export, a segmentation checkpoint; a text model's image side as
+    :func:`~dinov3_eo.tasks.chip_classification.text_image_backbone`) on ``device`` (default: cuda when available), with its stored input
     normalisation, or the preset ``normalization`` names (``"none"`` for raw values). ``source`` is recorded as an
     absolute path when it is a file.
 
     Raises:
         FileNotFoundError: ``source`` is neither a registered name nor a file. ValueError: no normalisation is known.
     """
+    from dinov3_eo.models.hub import is_text_model
     from dinov3_eo.tasks.features import input_normalization, resolve_backbone
 
     text = os.fspath(source)
+    if Path(text).is_file() and is_text_model(text):  # chips through a text model: dino.txt's image embedding
+        from dinov3_eo.tasks.chip_classification import text_image_backbone
+
+        return text_image_backbone(text, normalization=normalization, device=device)
     model = resolve_backbone(text)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     norm = input_normalization(getattr(model, "meta", None), normalization)

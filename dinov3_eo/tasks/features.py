@@ -44,7 +44,10 @@ PCA_SAMPLES = 20_000
 
 # ------------------------------------------------------------------------------------------ backbones
 def resolve_backbone(source: str | os.PathLike[str], *, in_chans: int | None = None) -> nn.Module:
-    """A backbone from a registry name (random weights), any :func:`load_backbone` source, or a segmentation ``.ckpt``.
+    """A backbone from a registry name (random weights), any :func:`load_backbone` source, a segmentation ``.ckpt``,
+    or a text model (``text fit``): its image side as a :class:`~dinov3_eo.models.text.TextDenseEncoder`, whose patch
+    features are the text-aligned ones (``embed``, ``pca``, ``cluster``, ``similar``, ``change`` and ``embed --zones``
+    then work in the space the text queries are scored in).
 
     The returned model has a ``meta`` attribute (:class:`~dinov3_eo.models.hub.BackboneMeta`); for a
     segmentation checkpoint its normalisation is the one the head was trained with.
@@ -52,7 +55,7 @@ def resolve_backbone(source: str | os.PathLike[str], *, in_chans: int | None = N
     Raises:
         FileNotFoundError: if ``source`` is neither a registered name nor an existing path.
     """
-    from dinov3_eo.models.hub import BackboneMeta, load_backbone
+    from dinov3_eo.models.hub import BackboneMeta, is_text_model, load_backbone
     from dinov3_eo.models.vit import BACKBONES, build_backbone
 
     text = os.fspath(source)
@@ -64,6 +67,13 @@ def resolve_backbone(source: str | os.PathLike[str], *, in_chans: int | None = N
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"Backbone {text!r} is neither a registered name ({sorted(BACKBONES)}) nor an existing path.")
+    if is_text_model(path):  # its image side's patch features, aligned with its text embeddings
+        from dinov3_eo.models.text import TextDenseEncoder
+        from dinov3_eo.tasks.openvocab import load_text_model
+
+        model, meta, _ = load_text_model(path)
+        log.info("Text model %s: its image side's adapted patch tokens (unit length) are the features.", text)
+        return TextDenseEncoder(model, meta).eval()
     if path.suffix == ".ckpt":
         from dinov3_eo.tasks.segmentation import SegmentationTask, is_segmentation_checkpoint
 

@@ -50,7 +50,7 @@ from dinov3_eo.inference.tta import TTA, tta_views
 from dinov3_eo.inference.writers import SIMPLIFY_HELP
 from dinov3_eo.losses.contrastive import dense_text_alignment_loss, grouped_clip_loss
 from dinov3_eo.losses.cross_entropy import check_class_labels
-from dinov3_eo.models.hub import BackboneMeta, load_backbone
+from dinov3_eo.models.hub import TEXT_META_KEY, BackboneMeta, load_backbone
 from dinov3_eo.models.text import TextAlignedModel
 from dinov3_eo.models.vit import BACKBONES, DinoVisionTransformer, build_backbone
 from dinov3_eo.tasks.prompts import REMOTE_SENSING_TEMPLATES, load_templates
@@ -73,8 +73,6 @@ __all__ = [
     "zone_query_scores",
 ]
 
-#: checkpoint entry holding the text side's configuration (next to the backbone's ``"dinov3_eo"`` entry)
-TEXT_META_KEY = "dinov3_eo_text"
 TOKENIZER_NAME = "openai-clip-bpe"
 _MODEL_KWARGS = (
     "text_cfg", "freeze_text", "text_qkv_bias", "n_blocks", "num_heads", "ffn_layer", "ffn_ratio",

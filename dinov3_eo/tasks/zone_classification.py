@@ -102,7 +102,8 @@ def table_steps(made: dict[str, Any]) -> int:
 def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> dict[str, Any]:
     """A zone probe's ``embedding``: the backbone and the dates of the table ``made`` describes (its attrs)."""
     record = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
-              "upsample": int(made.get("upsample") or 1), "table": os.fspath(table)}  # fmt: skip
+              "features": made.get("features", "patch_mean"), "upsample": int(made.get("upsample") or 1),
+              "table": os.fspath(table)}  # fmt: skip
     if made.get("dates"):
         record.update(dates=made["dates"], temporal=made.get("temporal", "concat"), time_steps=len(made["dates"]))
     return record
@@ -144,6 +145,12 @@ def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np
     if fitted and now and fitted != now:
         raise ValueError(f"{os.fspath(path)} was embedded by {now!r}, the probe's polygons by {fitted!r}: embed them "
                          "with the probe's backbone.")  # fmt: skip
+    fitted_kind, now_kind = probe.embedding.get("features", "patch_mean"), made.get("features", "patch_mean")
+    if fitted_kind != now_kind:
+        text = "a text model's aligned patch features"
+        raise ValueError(f"{os.fspath(path)} holds {text if now_kind == 'text_patch_mean' else 'backbone features'}, the "
+                         f"probe's polygons {text if fitted_kind == 'text_patch_mean' else 'backbone features'}: embed "
+                         "them with the model the probe's polygons were embedded with.")  # fmt: skip
     fitted_scale, now_scale = int(probe.embedding.get("upsample") or 1), int(made.get("upsample") or 1)
     if fitted_scale != now_scale:
         raise ValueError(f"{os.fspath(path)} was embedded with --upsample {now_scale}, the probe's polygons with "

@@ -147,7 +147,8 @@ def backbone_record(backbone: Any) -> dict[str, Any]:
     """How a zone table's features were made, as its ``attrs["dinov3_eo"]`` (and a probe fitted on it) keep it."""
     meta = getattr(backbone, "meta", None)
     return {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")),
-            "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim), "features": "patch_mean"}  # fmt: skip
+            "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim),
+            "features": getattr(backbone, "feature_kind", "patch_mean")}  # fmt: skip
 
 
 def zone_embeddings(
@@ -297,7 +298,7 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
         frames.append(table.assign(zone_table=Path(path).name))
         arrays.append(x)
     first = frames[0].attrs.get("dinov3_eo", {})
-    key = ("backbone", "patch_size", "embed_dim", "temporal")
+    key = ("backbone", "patch_size", "embed_dim", "temporal", "features")
     for i, (path, frame, x) in enumerate(zip(paths[1:], frames[1:], arrays[1:]), start=1):
         made = frame.attrs.get("dinov3_eo", {})
         differs = [k for k in key if made.get(k) != first.get(k)]
