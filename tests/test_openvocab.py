@@ -402,7 +402,7 @@ def test_query_polygons_from_the_command_line(model_path: Path, crop: Path, tmp_
         assert json.loads(classes.tags()["class_names"]) == ["water", "field"]
     assert (burnt[:96, :64] == ["water", "field"].index(table["class"][0])).all() and (burnt[:96, 64:] == 255).all()
     # bad input: a raster name for the polygons, with --chips, existing outputs
-    for extra, message in ((["-o", str(tmp_path / "named.tif")], "With --zones the output is the polygons"),
+    for extra, message in ((["-o", str(tmp_path / "named.tif")], "Polygons named by the queries are written as"),
                            (["--chips"], "leave out --chips and --polygons"), (["--tta", "flips"], "leave out --tta"),
                            ([], "already exists")):  # fmt: skip
         assert query_main([*args, *extra]) == 2
@@ -440,6 +440,29 @@ def test_a_text_model_goes_wherever_a_backbone_does(model_path: Path, crop: Path
     named = engine.zones(crop, parcels, ["water", "field"], scores="cosine")
     np.testing.assert_allclose(x @ engine.text_embeddings(["water", "field"]).numpy().T,
                                named[["cos_water", "cos_field"]].to_numpy(float), rtol=1e-4, atol=1e-6)  # fmt: skip
+    # the table queried without the scene: the same scores, from Python and the command line
+    again = engine.zone_table(table, ["water", "field"], scores="cosine")
+    np.testing.assert_allclose(again[["cos_water", "cos_field"]].to_numpy(float), named[["cos_water", "cos_field"]].to_numpy(float), rtol=1e-5)
+    assert "patch_mean" not in again.columns and list(again["parcel"]) == ["a", "b", "c"]
+    assert cli_main(["query", str(table), "water", "field", "--model", str(model_path), "-o", str(tmp_path / "t.csv")]) == 0
+    assert "3 polygons: " in capsys.readouterr().out
+    import pandas as pd
+
+    np.testing.assert_allclose(pd.read_csv(tmp_path / "t.csv")["p_water"], engine.zone_table(table, ["water", "field"])["p_water"], rtol=1e-5)
+    # a season's table: each date scored, the class from the mean of the dates' scores
+    later = tmp_path / "crop_20200807.tif"
+    with rasterio.open(crop) as src:
+        with rasterio.open(later, "w", **src.profile) as out:
+            out.write((src.read().astype(np.float32) * 0.9).astype(src.dtypes[0]))
+    season = tmp_path / "season.parquet"
+    assert cli_main(["embed", str(crop), str(later), "--dates", "2020-05-18", "2020-08-07", "--model", str(model_path),
+                     "--nodata", "0", "--zones", str(tmp_path / "parcels.gpkg"), "-o", str(season), "--window", "128",
+                     "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    dated = engine.zone_table(season, ["water", "field"])
+    for name in ("water", "field"):
+        np.testing.assert_allclose(dated[f"p_{name}"], (dated[f"p_{name}_2020-05-18"] + dated[f"p_{name}_2020-08-07"]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(dated["p_water_2020-05-18"], engine.zone_table(table, ["water", "field"])["p_water"], rtol=1e-5)
     # chips through a text model: its image embedding (class token and mean patch token of the adapter)
     chips = tmp_path / "chips"
     chips.mkdir()
@@ -451,8 +474,6 @@ def test_a_text_model_goes_wherever_a_backbone_does(model_path: Path, crop: Path
                 out.write(src.read(window=window))
     assert cli_main(["embed", str(chips), "--chips", "--model", str(model_path), "-o", str(tmp_path / "chips.parquet"),
                      "--size", "64", "--quiet"]) == 0  # fmt: skip
-    import pandas as pd
-
     rows = pd.read_parquet(tmp_path / "chips.parquet")
     assert len(rows) == 2 and len(rows["cls"][0]) == engine.model.patch_dim
     # a probe of a backbone's polygon features refuses the text model's table
@@ -475,6 +496,8 @@ def test_a_text_model_goes_wherever_a_backbone_does(model_path: Path, crop: Path
     capsys.readouterr()
     assert cli_main(["classify", "predict", "--zones", str(table), "--probe", str(probe), "-o", str(tmp_path / "p.csv")]) == 2
     assert "holds a text model's aligned patch features, the probe's polygons backbone features" in capsys.readouterr().err
+    assert cli_main(["query", str(plain), "water", "--model", str(model_path), "-o", str(tmp_path / "q.csv")]) == 2
+    assert "not this text model's aligned patch features" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------- two dates

@@ -843,9 +843,73 @@ class MapQuery:
         sums = zone_feature_sums(encoder, raster, frame, normalization=self.normalization, bands=bands,
                                  nodata=self.nodata, window=self.window, batch_size=self.batch_size, device=self.device,
                                  amp=bool(self.amp), progress=self.progress, upsample=upsample)  # fmt: skip
+        out = self._named_zones(frame, self._zone_scores(sums.means(), names, mode), names, mode, threshold=threshold,
+                                background=background)  # fmt: skip
+        out["coverage"], out["patches"] = sums.coverage(), sums.counts
+        return out
+
+    def zone_table(
+        self,
+        table: Any,
+        queries: Sequence[str],
+        *,
+        scores: ScoreMode = "auto",
+        background: str | None = None,
+        threshold: float | None = None,
+    ) -> Any:
+        """:meth:`zones` on polygons already embedded through this text model (``embed SCENE --zones POLYGONS
+        --model text.ckpt -o table.parquet``, a season's too): no scene is read, so many sets of queries cost one
+        embedding.
+
+        Args:
+            table: the zone table's path, or ``(frame, x)`` as :func:`~dinov3_eo.tasks.zone_embeddings.read_zone_tables`
+                gives. queries, scores, background, threshold: as for :meth:`zones`.
+
+        Returns:
+            the table's polygons and columns (no ``patch_mean``) with ``class``, ``score`` and a column per query; a
+            season's table scores each date (``p_<query>_<date>`` columns) and takes ``class``, ``score`` and
+            ``p_<query>`` from the mean of the dates' scores.
+
+        Raises:
+            ValueError: a table of a backbone's features or of another model (name, width), bad queries.
+        """
+        from dinov3_eo.tasks.zone_embeddings import read_zone_tables
+
+        frame, x = read_zone_tables(table) if isinstance(table, (str, os.PathLike, list)) else table
+        made = frame.attrs.get("dinov3_eo", {})
+        where = os.fspath(table) if isinstance(table, (str, os.PathLike)) else "the zone table"
+        if made.get("features") != "text_patch_mean" or made.get("backbone") != self.meta.name:
+            raise ValueError(f"{where} holds {made.get('features', 'patch_mean')} of {made.get('backbone')!r}, not this "
+                             f"text model's aligned patch features ({self.meta.name!r}): embed the polygons with "
+                             "'embed SCENE --zones POLYGONS --model TEXT_MODEL'.")  # fmt: skip
+        dim = int(self.model.patch_dim)
+        if len(x) and x.shape[1] % dim:
+            raise ValueError(f"{where} holds {x.shape[1]} features per polygon, not a multiple of the model's {dim}.")
+        names = _check_queries(queries) + ([background] if background else [])
+        mode = self._resolve_scores(scores, len(names))
+        steps = x.shape[1] // dim if len(x) else 1
+        per_date = [self._zone_scores(x[:, k * dim : (k + 1) * dim], names, mode) for k in range(steps)]
+        out = self._named_zones(frame.drop(columns="patch_mean"), np.mean(per_date, axis=0), names, mode,
+                                threshold=threshold, background=background)  # fmt: skip
+        if steps > 1:  # a season: each date's scores too
+            dates = made.get("dates") or [str(k) for k in range(steps)]
+            prefix = "p_" if mode == "probability" else "cos_"
+            for label, scored in zip(dates, per_date):
+                for j, name in enumerate(names):
+                    out[f"{prefix}{name}_{label}"] = scored[:, j]
+        return out
+
+    def _zone_scores(self, features: np.ndarray, names: list[str], mode: str) -> np.ndarray:
+        """``[Z, T]`` the queries' scores of polygons' mean unit patch tokens ``features`` ``[Z, D]``."""
         scale = float(self.model.logit_scale.detach().exp()) if mode == "probability" else 1.0
-        table = zone_query_scores(sums.means(), self.text_embeddings(names).cpu().numpy(), scale=scale,
-                                  softmax=mode == "probability")  # fmt: skip
+        return zone_query_scores(features, self.text_embeddings(names).cpu().numpy(), scale=scale,
+                                 softmax=mode == "probability")  # fmt: skip
+
+    @staticmethod
+    def _named_zones(frame: Any, table: np.ndarray, names: list[str], mode: str, *, threshold: float | None = None,
+                     background: str | None = None) -> Any:  # fmt: skip
+        """``frame`` with ``class``, ``score`` and a ``p_``/``cos_`` column per query from the scores ``table``
+        ``[Z, T]`` (NaN rows: no features); ``attrs`` ``class_names`` and ``scores``."""
         classes = scores_to_classes(table.T[:, :, None], threshold=threshold,
                                     background=len(names) - 1 if background else None)[:, 0]  # fmt: skip
         out = frame.copy()
@@ -855,7 +919,6 @@ class MapQuery:
         prefix = "p_" if mode == "probability" else "cos_"
         for k, name in enumerate(names):
             out[f"{prefix}{name}"] = table[:, k]
-        out["coverage"], out["patches"] = sums.coverage(), sums.counts
         out.attrs.update(class_names=names, scores=mode)
         return out
 
@@ -1074,7 +1137,8 @@ def _query_parser() -> argparse.ArgumentParser:
         description="Open-vocabulary maps of a GeoTIFF from free text: per-query score bands (COG), an argmax class "
         "map (COG with colour table), optional polygons (GeoPackage) and a PNG quick-look.",
     )
-    parser.add_argument("scene", help="input GeoTIFF (an image chip with --chips)")
+    parser.add_argument("scene", help="input GeoTIFF (an image chip with --chips; or a zone table .parquet embedded "
+                        "through the text model: 'embed SCENE --zones POLYGONS --model TEXT_MODEL')")  # fmt: skip
     parser.add_argument("--chips", action="store_true",
                         help="the scene is an image chip, with or without a georeference (JPEG, PNG, TIFF): the class "
                              "map is OUT_classes.png, a palette PNG of class ids on its pixel grid (255 = no data)")
@@ -1107,6 +1171,30 @@ def _query_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _query_table(args: argparse.Namespace, engine: MapQuery, png: Path | None) -> list[str]:
+    """``query TABLE.parquet QUERIES --model text.ckpt -o named.gpkg``: the polygons of a zone table embedded through
+    the text model, named (:meth:`MapQuery.zone_table`) and mapped; returns the lines to print."""
+    from dinov3_eo.tasks.zonal import zonal_picture
+    from dinov3_eo.tasks.zone_embeddings import write_zone_rows
+
+    named = engine.zone_table(args.scene, args.queries, scores=args.scores, background=args.background,
+                              threshold=args.threshold)  # fmt: skip
+    write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
+    lines = [_class_counts(named), f"polygons ({named.attrs['scores']}): {args.output}"]
+    if png is not None:
+        zonal_picture(png, named, "class", title=", ".join(named.attrs["class_names"]), overwrite=args.overwrite)
+        lines.append(f"map: {png}")
+    return lines
+
+
+def _class_counts(named: Any) -> str:
+    """``"N polygons: n1 class1, n2 class2[, k without a class]"``."""
+    counts = named["class"].value_counts()
+    missing = int(named["class"].isna().sum())
+    return (f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+            + (f", {missing} without a class" if missing else ""))  # fmt: skip
+
+
 def _query_zones(args: argparse.Namespace, engine: MapQuery, classes_path: Path, png: Path | None) -> list[str]:
     """``query SCENE QUERIES --zones POLYGONS -o named.gpkg``: the polygons named (:meth:`MapQuery.zones`), written
     with their classes burnt onto the scene's grid (``classes_path``) and a map of them over the scene; returns the
@@ -1119,10 +1207,7 @@ def _query_zones(args: argparse.Namespace, engine: MapQuery, classes_path: Path,
                          threshold=args.threshold, upsample=args.upsample)  # fmt: skip
     write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
     zone_class_map(named, named.attrs["class_names"], args.scene, classes_path, overwrite=args.overwrite)
-    counts = named["class"].value_counts()
-    lines = [f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
-             + (f", {int(named['class'].isna().sum())} without a class" if named["class"].isna().any() else ""),
-             f"polygons ({named.attrs['scores']}): {args.output}", f"classes: {classes_path}"]  # fmt: skip
+    lines = [_class_counts(named), f"polygons ({named.attrs['scores']}): {args.output}", f"classes: {classes_path}"]
     if png is not None:
         zonal_picture(png, named, "class", raster=args.scene, title=", ".join(named.attrs["class_names"]),
                       overwrite=args.overwrite)  # fmt: skip
@@ -1146,16 +1231,19 @@ def query_main(argv: Sequence[str]) -> int:
 
     args = _query_parser().parse_args(list(argv))
     out = Path(args.output)
-    classes_path = out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
+    table = Path(args.scene).suffix.lower() == ".parquet"  # a zone table embedded through the text model
+    classes_path = None if table else out.with_name(f"{out.stem}_classes.{'png' if args.chips else 'tif'}")
     png = None if (args.png or "").lower() == "none" else Path(args.png) if args.png else out.with_suffix(".png")
     try:
         if args.chips and args.polygons:
             raise ValueError("polygons need a georeferenced scene; an image chip (--chips) gets a PNG class map.")
-        if args.zones is not None:
-            if args.chips or args.polygons:
-                raise ValueError("--zones names the polygons of a georeferenced scene; leave out --chips and --polygons.")
+        if args.zones is not None or table:
+            if args.chips or args.polygons or (table and (args.zones or args.stretch)):
+                raise ValueError("--zones names the polygons of a georeferenced scene, and a zone table is already "
+                                 "embedded; leave out --chips and --polygons (and with a table --zones, --stretch).")  # fmt: skip
             if out.suffix.lower() not in ZONE_ROW_SUFFIXES:
-                raise ValueError(f"With --zones the output is the polygons ({', '.join(ZONE_ROW_SUFFIXES)}), not {args.output!r}.")
+                raise ValueError(f"Polygons named by the queries are written as {', '.join(ZONE_ROW_SUFFIXES)}, not "
+                                 f"{args.output!r}.")  # fmt: skip
             if args.tta:
                 raise ValueError("--tta averages a map's views; polygons are scored on one view (leave out --tta).")
         for path in (out, classes_path, png, Path(args.polygons) if args.polygons else None):
@@ -1166,6 +1254,10 @@ def query_main(argv: Sequence[str]) -> int:
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
+        if table:
+            for line in _query_table(args, engine, png):
+                print(line)
+            return 0
         if args.stretch:
             engine.stretch_to(args.scene)
         if args.zones is not None:
