@@ -449,6 +449,12 @@ def test_a_text_model_goes_wherever_a_backbone_does(model_path: Path, crop: Path
     import pandas as pd
 
     np.testing.assert_allclose(pd.read_csv(tmp_path / "t.csv")["p_water"], engine.zone_table(table, ["water", "field"])["p_water"], rtol=1e-5)
+    # another text model of the same backbone (its adapter trained further): refused by its weights' fingerprint
+    other_model, other_meta, _ = load_text_model(model_path)
+    with torch.no_grad():
+        other_model.vision.ln_final.weight.add_(0.01)
+    with pytest.raises(ValueError, match="through another text model's weights"):
+        MapQuery(model=other_model, meta=other_meta).zone_table(table, ["water"])
     # a season's table: each date scored, the class from the mean of the dates' scores
     later = tmp_path / "crop_20200807.tif"
     with rasterio.open(crop) as src:

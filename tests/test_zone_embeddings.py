@@ -198,6 +198,37 @@ def test_classify_zones_fit_test_predict(setup: dict, tmp_path: Path, capsys: py
     assert cli_main(["classify", "fit", "--zones", str(table), "--label-column", "crop_type", "-o",
                      str(tmp_path / "p2.safetensors")]) == 2  # fmt: skip
     assert "no column 'crop_type'" in capsys.readouterr().err
+    # the same polygons embedded by another checkpoint of the same backbone (same name, other weights): refused
+    (tmp_path / "other").mkdir()
+    other_pth = micro_backbone_file(tmp_path / "other", seed=1)
+    other = tmp_path / "other.parquet"
+    assert cli_main(["embed", str(SCENE), "--model", str(other_pth), "--normalization", "none", "--zones",
+                     str(tmp_path / "parcels.gpkg"), "-o", str(other), "--quiet"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert read_zone_embeddings(other)[0].attrs["dinov3_eo"]["weights"] != frame.attrs["dinov3_eo"]["weights"]
+    assert cli_main(["classify", "predict", "--zones", str(other), "--probe", str(probe), "-o", str(tmp_path / "o.csv")]) == 2
+    assert "was embedded by other weights of 'vitmicro16' than the probe's polygons" in capsys.readouterr().err
+
+
+def test_weights_fingerprint_tells_checkpoints_of_one_architecture_apart(setup: dict) -> None:
+    import torch
+
+    from dinov3_eo.models import build_backbone
+    from dinov3_eo.tasks.zone_embeddings import same_weights, weights_fingerprint
+
+    backbone = setup["backbone"]
+    fingerprint = weights_fingerprint(backbone)
+    copy = build_backbone("vitmicro16", in_chans=3)
+    copy.load_state_dict(backbone.state_dict())
+    assert weights_fingerprint(copy) == fingerprint and len(fingerprint) == 16
+    with torch.no_grad():
+        copy.norm.weight.add_(1e-3)  # the last norm: a fine-tuned checkpoint
+    assert weights_fingerprint(copy) != fingerprint
+    copy.load_state_dict(backbone.state_dict())
+    with torch.no_grad():
+        copy.cls_token.add_(1e-3)
+    assert weights_fingerprint(copy) != fingerprint
+    assert same_weights({"weights": "a"}, {}) and same_weights({}, {"weights": "a"}) and not same_weights({"weights": "a"}, {"weights": "b"})
 
 
 def test_zone_probes_and_tables_must_match() -> None:

@@ -638,6 +638,11 @@ class TextDenseEncoder(nn.Module):
         self.patch_embed = backbone.patch_embed
         self.meta = meta if meta is not None else getattr(backbone, "meta", None)
 
+    @property
+    def fingerprint_source(self) -> nn.Module:
+        """The module whose weights make the features (the backbone and the adapter; not the text tower)."""
+        return self.model.vision
+
     def get_intermediate_layers(self, x: Tensor, n: int = 1, *, reshape: bool = True, norm: bool = True) -> tuple[Tensor]:
         """``[B, C, H, W]`` normalised images -> ``([B, D, h, w],)``: the last adapted layer's patch tokens, each of
         unit length (``n``, ``norm`` accepted for the backbone's signature; only ``n = 1``, ``reshape`` exists)."""

@@ -882,6 +882,12 @@ class MapQuery:
             raise ValueError(f"{where} holds {made.get('features', 'patch_mean')} of {made.get('backbone')!r}, not this "
                              f"text model's aligned patch features ({self.meta.name!r}): embed the polygons with "
                              "'embed SCENE --zones POLYGONS --model TEXT_MODEL'.")  # fmt: skip
+        from dinov3_eo.models.text import TextDenseEncoder
+        from dinov3_eo.tasks.zone_embeddings import same_weights, weights_fingerprint
+
+        if not same_weights(made, {"weights": weights_fingerprint(TextDenseEncoder(self.model).fingerprint_source)}):
+            raise ValueError(f"{where} was embedded through another text model's weights than this one's "
+                             f"({self.meta.name!r} both): embed the polygons with this model.")  # fmt: skip
         dim = int(self.model.patch_dim)
         if len(x) and x.shape[1] % dim:
             raise ValueError(f"{where} holds {x.shape[1]} features per polygon, not a multiple of the model's {dim}.")

@@ -102,8 +102,8 @@ def table_steps(made: dict[str, Any]) -> int:
 def zone_probe_record(made: dict[str, Any], table: str | os.PathLike[str]) -> dict[str, Any]:
     """A zone probe's ``embedding``: the backbone and the dates of the table ``made`` describes (its attrs)."""
     record = {"kind": ZONE_KIND, "backbone": made.get("backbone"), "patch_size": made.get("patch_size"),
-              "features": made.get("features", "patch_mean"), "upsample": int(made.get("upsample") or 1),
-              "table": os.fspath(table)}  # fmt: skip
+              "features": made.get("features", "patch_mean"), "weights": made.get("weights"),
+              "upsample": int(made.get("upsample") or 1), "table": os.fspath(table)}  # fmt: skip
     if made.get("dates"):
         record.update(dates=made["dates"], temporal=made.get("temporal", "concat"), time_steps=len(made["dates"]))
     return record
@@ -136,7 +136,10 @@ def season_for_probe(probe: Any, table: Any, x: np.ndarray, path: str | os.PathL
 
 def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np.ndarray | None = None) -> None:
     """Raise ValueError unless ``table`` (a zone table's frame, features ``x``) was embedded by the backbone ``probe``
-    was fitted on (where both say), at as many dates one after the other, with features of its width."""
+    was fitted on (its name, kind of features and weights' fingerprint, where both say), at as many dates one after
+    the other, with features of its width."""
+    from dinov3_eo.tasks.zone_embeddings import same_weights
+
     if probe.embedding.get("kind") != ZONE_KIND:
         raise ValueError("--zones classifies polygon embeddings with a probe fitted on them ('classify fit --zones'); "
                          f"this probe was fitted on {probe.embedding.get('kind', 'chips')}.")  # fmt: skip
@@ -151,6 +154,9 @@ def check_zone_table(probe: Any, table: Any, path: str | os.PathLike[str], x: np
         raise ValueError(f"{os.fspath(path)} holds {text if now_kind == 'text_patch_mean' else 'backbone features'}, the "
                          f"probe's polygons {text if fitted_kind == 'text_patch_mean' else 'backbone features'}: embed "
                          "them with the model the probe's polygons were embedded with.")  # fmt: skip
+    if not same_weights(probe.embedding, made):
+        raise ValueError(f"{os.fspath(path)} was embedded by other weights of {now or fitted!r} than the probe's "
+                         "polygons (another checkpoint of the same backbone): embed them with the probe's.")  # fmt: skip
     fitted_scale, now_scale = int(probe.embedding.get("upsample") or 1), int(made.get("upsample") or 1)
     if fitted_scale != now_scale:
         raise ValueError(f"{os.fspath(path)} was embedded with --upsample {now_scale}, the probe's polygons with "

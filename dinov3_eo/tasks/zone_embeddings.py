@@ -143,12 +143,35 @@ def zone_feature_sums(
     return ZoneSums(sums=sums, weights=weights, counts=counts, areas=areas)
 
 
+def weights_fingerprint(module: Any, *, first: int = 4, last: int = 6) -> str:
+    """A short digest of a module's first and last weight tensors (a ViT's tokens and patch embedding, its last
+    block and norm: any training changes them), so that two checkpoints of one architecture and name are told
+    apart without hashing every weight."""
+    import hashlib
+
+    state = list(module.state_dict().items())
+    digest = hashlib.sha1()
+    for name, tensor in state[:first] + state[max(first, len(state) - last) :]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def backbone_record(backbone: Any) -> dict[str, Any]:
-    """How a zone table's features were made, as its ``attrs["dinov3_eo"]`` (and a probe fitted on it) keep it."""
+    """How a zone table's features were made, as its ``attrs["dinov3_eo"]`` (and a probe fitted on it) keep it:
+    the backbone's name, sizes, the kind of features and its weights' fingerprint (:func:`weights_fingerprint` of
+    the module its ``fingerprint_source`` names, else of itself)."""
     meta = getattr(backbone, "meta", None)
     return {"backbone": getattr(meta, "name", getattr(backbone, "name", "custom")),
             "patch_size": int(backbone.patch_size), "embed_dim": int(backbone.embed_dim),
-            "features": getattr(backbone, "feature_kind", "patch_mean")}  # fmt: skip
+            "features": getattr(backbone, "feature_kind", "patch_mean"),
+            "weights": weights_fingerprint(getattr(backbone, "fingerprint_source", backbone))}  # fmt: skip
+
+
+def same_weights(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two records (a table's, a probe's) may come from one set of weights: their fingerprints agree, or
+    one of them has none (made before fingerprints were recorded)."""
+    return not (a.get("weights") and b.get("weights")) or a["weights"] == b["weights"]
 
 
 def zone_embeddings(
@@ -304,6 +327,8 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
         differs = [k for k in key if made.get(k) != first.get(k)]
         if made.get("upsample", 1) != first.get("upsample", 1):
             differs.append("upsample")
+        if not same_weights(made, first):
+            differs.append("weights")
         # another year's season (other days, more or fewer dates) at the first table's days of the year
         at_first = None
         if made.get("dates") and first.get("dates") and made.get("temporal", "concat") == "concat" == first.get("temporal", "concat"):
@@ -325,5 +350,5 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
     return stacked, np.concatenate([a.reshape(len(a), width) for a in arrays]) if width else np.zeros((0, 0), np.float32)
 
 
-__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "read_zone_tables",
-           "write_zone_embeddings", "write_zone_rows", "zone_embeddings", "zone_feature_sums"]
+__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "read_zone_tables", "same_weights",
+           "weights_fingerprint", "write_zone_embeddings", "write_zone_rows", "zone_embeddings", "zone_feature_sums"]
