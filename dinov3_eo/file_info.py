@@ -281,8 +281,8 @@ def _describe_parquet(path: Path) -> FileInfo:
                           "OGC:CRS84 (lon/lat)" if crs is None and column else crs)  # fmt: skip
         details["geometry"] = column.get("geometry_types")
     for key, label in (("backbone", "backbone"), ("patch_size", "patch size"), ("embed_dim", "embed dim"),
-                       ("dates", "dates"), ("temporal", "temporal"), ("upsample", "upsample"), ("tile_size", "tile size"),
-                       ("size", "chip size")):  # fmt: skip
+                       ("features", "features"), ("weights", "weights"), ("dates", "dates"), ("temporal", "temporal"),
+                       ("upsample", "upsample"), ("tile_size", "tile size"), ("size", "chip size")):  # fmt: skip
         if made.get(key) is not None:
             details[label] = made[key]
     return FileInfo(os.fspath(path), kind, details)
