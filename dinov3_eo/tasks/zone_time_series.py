@@ -139,7 +139,7 @@ def season_at(x: np.ndarray, dates: Sequence[str], target: Sequence[str]) -> np.
         fewer than two dates on either side, labels that are not dates, or a width that is not ``T`` steps.
     """
     days, wanted = season_days(list(dates)), season_days(list(target))
-    if days is None or wanted is None or len(days) < 2 or len(wanted) < 2 or x.shape[1] % len(days):
+    if days is None or wanted is None or len(days) < 2 or len(wanted) < 2 or not len(x) or x.shape[1] % len(days):
         return None
     if len(days) == len(wanted) and np.array_equal(days, wanted):
         return None
