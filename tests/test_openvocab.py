@@ -362,6 +362,16 @@ def test_polygons_are_scored_by_their_mean_cosine_over_the_patches(model_path: P
 
     as_array = engine.zones(rioxarray.open_rasterio(crop), zones, queries)
     np.testing.assert_allclose(as_array[["p_water", "p_bare soil"]].to_numpy(float), named[["p_water", "p_bare soil"]].to_numpy(float), rtol=1e-5)
+    # the crop cut into a west and an east scene (a mosaic): the pooled answer; polygons on one side that side's
+    with rasterio.open(crop) as src:
+        for name, window in (("west", rasterio.windows.Window(0, 0, 80, 200)), ("east", rasterio.windows.Window(80, 0, 80, 200))):
+            profile = {**src.profile, "width": 80, "height": 200, "transform": src.window_transform(window)}
+            with rasterio.open(crop.with_name(f"{name}.tif"), "w", **profile) as out:
+                out.write(src.read(window=window))
+    halves = engine.zones([crop.with_name("west.tif"), crop.with_name("east.tif")], zones, queries, scores="cosine")
+    west_only = engine.zones(crop.with_name("west.tif"), zones, queries, scores="cosine")
+    np.testing.assert_allclose(halves.loc[:1, "cos_water"], west_only.loc[:1, "cos_water"], rtol=1e-6)  # both in the west
+    assert halves.loc[2, "patches"] > west_only.loc[2, "patches"] and halves["class"].isna().tolist() == [False] * 3 + [True]
     # raw cosine: the mean of the cosine map over the one-patch polygon is that patch's cosine
     cosine = engine.zones(crop, zones, queries, scores="cosine")
     np.testing.assert_allclose(cosine.loc[1, ["cos_water", "cos_bare soil"]].to_numpy(float), dense[:, 2, 2] @ text.T, rtol=1e-4)

@@ -813,8 +813,8 @@ class MapQuery:
         those means times the model's ``exp(logit_scale)`` over the queries (and ``background``).
 
         Args:
-            raster: GeoTIFF path, open dataset or DataArray; zones: polygons (a vector file or ``GeoDataFrame``, any
-                CRS).
+            raster: GeoTIFF path, open dataset or DataArray, or a list of them (scenes of one date, a mosaic: each
+                polygon's patches pooled over all); zones: polygons (a vector file or ``GeoDataFrame``, any CRS).
             queries, scores, background: as for :meth:`query`.
             threshold: a polygon whose best score is below it gets ``background`` if one is given, else no class.
             upsample: read the scene this many times finer first (small polygons on coarse pixels, as
@@ -837,15 +837,22 @@ class MapQuery:
         names = _check_queries(queries) + ([background] if background else [])
         mode = self._resolve_scores(scores, len(names))
         frame = read_zones(zones)
-        with open_raster(raster) as src:
-            bands = self._band_indexes(src)
         encoder = TextDenseEncoder(self.model, self.meta)
-        sums = zone_feature_sums(encoder, raster, frame, normalization=self.normalization, bands=bands,
-                                 nodata=self.nodata, window=self.window, batch_size=self.batch_size, device=self.device,
-                                 amp=bool(self.amp), progress=self.progress, upsample=upsample)  # fmt: skip
-        out = self._named_zones(frame, self._zone_scores(sums.means(), names, mode), names, mode, threshold=threshold,
+        parts = []
+        for scene in raster if isinstance(raster, (list, tuple)) else [raster]:
+            with open_raster(scene) as src:
+                bands = self._band_indexes(src)
+            parts.append(zone_feature_sums(encoder, scene, frame, normalization=self.normalization, bands=bands,
+                                           nodata=self.nodata, window=self.window, batch_size=self.batch_size,
+                                           device=self.device, amp=bool(self.amp), progress=self.progress,
+                                           upsample=upsample))  # fmt: skip
+        # several scenes (a mosaic): their sums pooled, so a polygon over a seam is scored on both sides
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = sum(p.sums for p in parts) / sum(p.weights for p in parts)[:, None]
+        out = self._named_zones(frame, self._zone_scores(means, names, mode), names, mode, threshold=threshold,
                                 background=background)  # fmt: skip
-        out["coverage"], out["patches"] = sums.coverage(), sums.counts
+        out["coverage"] = np.minimum(sum(p.coverage() for p in parts), 1.0)
+        out["patches"] = sum(p.counts for p in parts)
         return out
 
     def zone_table(
