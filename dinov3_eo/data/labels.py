@@ -76,6 +76,23 @@ def read_vector(source: Any, what: str, *, layer: str | None = None) -> Any:
                          f"{str(e).splitlines()[0].split('; It might help')[0]}") from e
 
 
+def burn_polygons(geometries: np.ndarray, values: np.ndarray, tree: Any, window: Window, transform: Affine, *,
+                  fill: int, dtype: str) -> np.ndarray:  # fmt: skip
+    """``[h, w]`` of ``dtype`` on ``window`` of the grid ``transform`` places: the value of the polygon under each
+    pixel centre, ``fill`` under none; where polygons overlap, the later one's (``geometries[i]`` carries
+    ``values[i]``; ``tree``: their ``shapely.STRtree``, so that only the polygons near the window are burnt)."""
+    import shapely
+    from rasterio.windows import bounds
+    from rasterio.windows import transform as window_transform
+
+    shape = (int(window.height), int(window.width))
+    near = np.sort(tree.query(shapely.box(*bounds(window, transform)), predicate="intersects"))
+    if not len(near):
+        return np.full(shape, fill, dtype)
+    return rasterize(zip(geometries[near], values[near]), out_shape=shape, transform=window_transform(window, transform),
+                     fill=fill, dtype=dtype)  # fmt: skip
+
+
 def is_raster_labels(labels: str | os.PathLike) -> bool:
     """Whether ``labels`` names label rasters (a raster file, a folder of them or a glob) rather than a vector file."""
     import glob

@@ -157,6 +157,7 @@ def image_objects(
     from rasterio.windows import Window
     from tqdm.auto import tqdm
 
+    from dinov3_eo.data.labels import burn_polygons
     from dinov3_eo.data.raster import open_quietly, read_window, require_georeferenced
     from dinov3_eo.inference.writers import COGWriter, check_overwrite, picture_grid, region_polygons
 
@@ -188,7 +189,7 @@ def image_objects(
             from dinov3_eo.tasks.zonal import read_zones
 
             parcels = read_zones(within).geometry.to_crs(src.crs).to_numpy()
-            parcel_tree = shapely.STRtree(parcels)
+            parcel_ids, parcel_tree = np.arange(1, len(parcels) + 1), shapely.STRtree(parcels)  # 0: outside all
         halo = object_halo(pixels_per_object, block)
         n_blocks = -(-src.height // block) * -(-src.width // block)
         sums: list[np.ndarray] = []  # per object: its pixel count, band sums and sums of squares
@@ -214,7 +215,8 @@ def image_objects(
                         values, valid = read_window(src, window, bands=bands, nodata=nodata)
                         values = values.astype(np.float64)
                         image = np.clip((values - low[:, None, None]) / span[:, None, None], 0.0, 1.0)
-                        regions = None if parcels is None else _burn_polygons(parcels, parcel_tree, src, window)
+                        regions = None if parcels is None else burn_polygons(
+                            parcels, parcel_ids, parcel_tree, window, src.transform, fill=0, dtype="int32").astype(np.int64)
                         # pixels that objects of earlier blocks own are no data here, so that the new objects end
                         # where those do rather than on a straight block edge
                         block_ids = slic_labels(image, valid & (owners == 0), pixels_per_object=pixels_per_object,
@@ -282,22 +284,6 @@ def _object_sums(local: np.ndarray, values: np.ndarray) -> np.ndarray:
     columns += [np.bincount(flat, weights=band.ravel(), minlength=n + 1) for band in values]
     columns += [np.bincount(flat, weights=(band * band).ravel(), minlength=n + 1) for band in values]
     return np.stack(columns, 1)[1:]
-
-
-def _burn_polygons(polygons: np.ndarray, tree: Any, src: Any, window: Any) -> np.ndarray:
-    """``[h, w]`` int64 on ``window`` of ``src``: 1 + the index of the polygon under each pixel centre, 0 under none."""
-    import shapely
-    from rasterio.features import rasterize
-    from rasterio.windows import bounds
-
-    shape = (int(window.height), int(window.width))
-    near = tree.query(shapely.box(*bounds(window, src.transform)))
-    if not len(near):
-        return np.zeros(shape, np.int64)
-    near = np.sort(near)  # the later polygon burnt last where two overlap
-    burnt = rasterize(zip(polygons[near], near + 1), out_shape=shape, transform=src.window_transform(window), fill=0,
-                      dtype="int32")  # fmt: skip
-    return burnt.astype(np.int64)
 
 
 def objects_picture(dst: str | os.PathLike[str], raster: str | os.PathLike[str], labels: str | os.PathLike[str], *,

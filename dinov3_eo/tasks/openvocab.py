@@ -830,7 +830,7 @@ class MapQuery:
         """
         from dinov3_eo.models.text import TextDenseEncoder
         from dinov3_eo.tasks.zonal import read_zones
-        from dinov3_eo.tasks.zone_embeddings import zone_feature_sums
+        from dinov3_eo.tasks.zone_embeddings import pool_zone_sums, zone_feature_sums
 
         if self.tta is not None:
             raise ValueError("MapQuery.zones scores polygons on one view; make the MapQuery without tta.")
@@ -846,13 +846,10 @@ class MapQuery:
                                            nodata=self.nodata, window=self.window, batch_size=self.batch_size,
                                            device=self.device, amp=bool(self.amp), progress=self.progress,
                                            upsample=upsample))  # fmt: skip
-        # several scenes (a mosaic): their sums pooled, so a polygon over a seam is scored on both sides
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means = sum(p.sums for p in parts) / sum(p.weights for p in parts)[:, None]
+        means, coverage, patches = pool_zone_sums(parts)  # several scenes (a mosaic): a seam's polygon gets both
         out = self._named_zones(frame, self._zone_scores(means, names, mode), names, mode, threshold=threshold,
                                 background=background)  # fmt: skip
-        out["coverage"] = np.minimum(sum(p.coverage() for p in parts), 1.0)
-        out["patches"] = sum(p.counts for p in parts)
+        out["coverage"], out["patches"] = coverage, patches
         return out
 
     def zone_table(
@@ -880,7 +877,8 @@ class MapQuery:
         Raises:
             ValueError: a table of a backbone's features or of another model (name, width), bad queries.
         """
-        from dinov3_eo.tasks.zone_embeddings import read_zone_tables
+        from dinov3_eo.models.text import TextDenseEncoder
+        from dinov3_eo.tasks.zone_embeddings import read_zone_tables, same_weights, weights_fingerprint
 
         frame, x = read_zone_tables(table) if isinstance(table, (str, os.PathLike, list)) else table
         made = frame.attrs.get("dinov3_eo", {})
@@ -889,9 +887,6 @@ class MapQuery:
             raise ValueError(f"{where} holds {made.get('features', 'patch_mean')} of {made.get('backbone')!r}, not this "
                              f"text model's aligned patch features ({self.meta.name!r}): embed the polygons with "
                              "'embed SCENE --zones POLYGONS --model TEXT_MODEL'.")  # fmt: skip
-        from dinov3_eo.models.text import TextDenseEncoder
-        from dinov3_eo.tasks.zone_embeddings import same_weights, weights_fingerprint
-
         if not same_weights(made, {"weights": weights_fingerprint(TextDenseEncoder(self.model).fingerprint_source)}):
             raise ValueError(f"{where} was embedded through another text model's weights than this one's "
                              f"({self.meta.name!r} both): embed the polygons with this model.")  # fmt: skip
@@ -1184,46 +1179,29 @@ def _query_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _query_table(args: argparse.Namespace, engine: MapQuery, png: Path | None) -> list[str]:
-    """``query TABLE.parquet QUERIES --model text.ckpt -o named.gpkg``: the polygons of a zone table embedded through
-    the text model, named (:meth:`MapQuery.zone_table`) and mapped; returns the lines to print."""
-    from dinov3_eo.tasks.zonal import zonal_picture
-    from dinov3_eo.tasks.zone_embeddings import write_zone_rows
-
-    named = engine.zone_table(args.scene, args.queries, scores=args.scores, background=args.background,
-                              threshold=args.threshold)  # fmt: skip
-    write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
-    lines = [_class_counts(named), f"polygons ({named.attrs['scores']}): {args.output}"]
-    if png is not None:
-        zonal_picture(png, named, "class", title=", ".join(named.attrs["class_names"]), overwrite=args.overwrite)
-        lines.append(f"map: {png}")
-    return lines
-
-
-def _class_counts(named: Any) -> str:
-    """``"N polygons: n1 class1, n2 class2[, k without a class]"``."""
-    counts = named["class"].value_counts()
-    missing = int(named["class"].isna().sum())
-    return (f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
-            + (f", {missing} without a class" if missing else ""))  # fmt: skip
-
-
-def _query_zones(args: argparse.Namespace, engine: MapQuery, classes_path: Path, png: Path | None) -> list[str]:
-    """``query SCENE QUERIES --zones POLYGONS -o named.gpkg``: the polygons named (:meth:`MapQuery.zones`), written
-    with their classes burnt onto the scene's grid (``classes_path``) and a map of them over the scene; returns the
-    lines to print."""
+def _query_polygons(args: argparse.Namespace, engine: MapQuery, classes_path: Path | None, png: Path | None) -> list[str]:
+    """``query SCENE QUERIES --zones POLYGONS -o named.gpkg`` (:meth:`MapQuery.zones`; the classes also burnt onto the
+    scene's grid, ``classes_path``) or ``query TABLE.parquet QUERIES -o named.gpkg`` (a zone table embedded through
+    the text model, :meth:`MapQuery.zone_table`): the polygons named, written and mapped; returns the lines to print."""
     from dinov3_eo.tasks.zonal import zonal_picture
     from dinov3_eo.tasks.zone_classification import zone_class_map
     from dinov3_eo.tasks.zone_embeddings import write_zone_rows
 
-    named = engine.zones(args.scene, args.zones, args.queries, scores=args.scores, background=args.background,
-                         threshold=args.threshold, upsample=args.upsample)  # fmt: skip
+    asked = {"scores": args.scores, "background": args.background, "threshold": args.threshold}
+    scene = None if classes_path is None else args.scene
+    if scene is None:
+        named = engine.zone_table(args.scene, args.queries, **asked)
+    else:
+        named = engine.zones(scene, args.zones, args.queries, upsample=args.upsample, **asked)
     write_zone_rows(named, args.output, layer="queries", overwrite=args.overwrite)
-    zone_class_map(named, named.attrs["class_names"], args.scene, classes_path, overwrite=args.overwrite)
-    lines = [_class_counts(named), f"polygons ({named.attrs['scores']}): {args.output}", f"classes: {classes_path}"]
+    counts, missing = named["class"].value_counts(), int(named["class"].isna().sum())
+    lines = [f"{len(named)} polygons: " + ", ".join(f"{n} {name}" for name, n in counts.items())
+             + (f", {missing} without a class" if missing else ""), f"polygons ({named.attrs['scores']}): {args.output}"]  # fmt: skip
+    if scene is not None:
+        zone_class_map(named, named.attrs["class_names"], scene, classes_path, overwrite=args.overwrite)
+        lines.append(f"classes: {classes_path}")
     if png is not None:
-        zonal_picture(png, named, "class", raster=args.scene, title=", ".join(named.attrs["class_names"]),
-                      overwrite=args.overwrite)  # fmt: skip
+        zonal_picture(png, named, "class", raster=scene, title=", ".join(named.attrs["class_names"]), overwrite=args.overwrite)
         lines.append(f"map: {png}")
     return lines
 
@@ -1267,14 +1245,10 @@ def query_main(argv: Sequence[str]) -> int:
         if args.templates is not None:
             kwargs["templates"] = load_templates(args.templates)
         engine = MapQuery.from_checkpoint(args.model, **kwargs)
-        if table:
-            for line in _query_table(args, engine, png):
-                print(line)
-            return 0
         if args.stretch:
             engine.stretch_to(args.scene)
-        if args.zones is not None:
-            for line in _query_zones(args, engine, classes_path, png):
+        if args.zones is not None or table:
+            for line in _query_polygons(args, engine, classes_path, png):
                 print(line)
             return 0
         _, names, mode = engine.write_scores(args.scene, args.queries, out, scores=args.scores, background=args.background)

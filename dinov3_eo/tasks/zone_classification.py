@@ -199,15 +199,15 @@ def zone_class_map(predicted: Any, classes: list[str], raster: str | os.PathLike
                    block: int = 1024, overwrite: bool = False) -> Path:  # fmt: skip
     """The polygons' predicted classes (``zone_predictions``' ``class``) burnt onto ``raster``'s grid: a uint8 class
     COG (the classes' colours and names, 255 where no polygon with a class lies; a pixel is a polygon's when its
-    centre is inside), written block by block.
+    centre is inside, the later polygon's where two overlap), written block by block.
 
     Raises:
         FileExistsError: ``dst`` exists and ``overwrite`` is false. ValueError: a raster without a georeference.
     """
     import rasterio.windows
     import shapely
-    from rasterio.features import rasterize
 
+    from dinov3_eo.data.labels import burn_polygons
     from dinov3_eo.data.raster import open_quietly, require_georeferenced
     from dinov3_eo.inference.writers import COGWriter, default_colormap
 
@@ -224,12 +224,7 @@ def zone_class_map(predicted: Any, classes: list[str], raster: str | os.PathLike
             for row in range(0, src.height, block):
                 for col in range(0, src.width, block):
                     window = rasterio.windows.Window(col, row, min(block, src.width - col), min(block, src.height - row))
-                    near = tree.query(shapely.box(*rasterio.windows.bounds(window, src.transform)), predicate="intersects")
-                    burnt = np.full((int(window.height), int(window.width)), 255, np.uint8)
-                    if len(near):
-                        burnt = rasterize(zip(geometries[near], values[near]), out_shape=burnt.shape, fill=255,
-                                          transform=rasterio.windows.transform(window, src.transform), dtype="uint8")  # fmt: skip
-                    out.write(burnt, window)
+                    out.write(burn_polygons(geometries, values, tree, window, src.transform, fill=255, dtype="uint8"), window)
     return Path(dst)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,16 @@ class ZoneSums:
         """``[Z]`` the share of each polygon's area with features (0 for an empty polygon)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.minimum(np.where(self.areas > 0, self.weights / self.areas, 0.0), 1.0)
+
+
+def pool_zone_sums(parts: Sequence[ZoneSums]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Several rasters' sums over the same polygons as one (a date's scenes, a mosaic), so that a polygon over a
+    seam is the weighted mean of both sides: ``(means [Z, D] float64, NaN rows without features; coverage [Z];
+    counts [Z])``. Sums, weights and patch counts add up; each raster's areas are in its own CRS, so the coverage
+    shares add (at most 1) rather than the areas."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = sum(part.sums for part in parts) / sum(part.weights for part in parts)[:, None]
+    return means, np.minimum(sum(part.coverage() for part in parts), 1.0), sum(part.counts for part in parts)
 
 
 def zone_feature_sums(
@@ -350,5 +361,6 @@ def read_zone_tables(paths: str | os.PathLike[str] | list[str | os.PathLike[str]
     return stacked, np.concatenate([a.reshape(len(a), width) for a in arrays]) if width else np.zeros((0, 0), np.float32)
 
 
-__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "read_zone_embeddings", "read_zone_tables", "same_weights",
+__all__ = ["ZONE_ROW_SUFFIXES", "ZoneSums", "backbone_record", "pool_zone_sums", "read_zone_embeddings", "read_zone_tables",
+           "same_weights",
            "weights_fingerprint", "write_zone_embeddings", "write_zone_rows", "zone_embeddings", "zone_feature_sums"]

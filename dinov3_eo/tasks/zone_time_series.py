@@ -36,6 +36,8 @@ TEMPORAL_MODES = ("concat", "mean")
 
 # a calendar date not inside a longer run of digits: 20200518, 2020-05-18, 2020_05_18 (then T135111 may follow)
 _DATE = re.compile(r"(?<!\d)((?:19|20)\d\d)[-_]?(0[1-9]|1[0-2])[-_]?(0[1-9]|[12]\d|3[01])(?!\d)")
+#: a step label that is a date, as date_label writes it
+_ISO_DAY = re.compile(r"\d{4}-\d\d-\d\d")
 
 
 def date_label(path: str | os.PathLike[str]) -> str | None:
@@ -76,29 +78,33 @@ def time_steps(rasters: Sequence[str | os.PathLike[str]], dates: Sequence[str] |
     for label, path in zip(labels, paths):
         steps.setdefault(label, []).append(path)
     order = list(steps)
-    if all(re.fullmatch(r"\d{4}-\d\d-\d\d", label) for label in order):
+    if all(_ISO_DAY.fullmatch(label) for label in order):
         order.sort()
     return [(label, steps[label]) for label in order]
 
 
+def _dates_as_days(labels: Sequence[str]) -> np.ndarray | None:
+    """``[T]`` float days since 1970, or None unless every label is a real ``YYYY-MM-DD`` date."""
+    if not labels or not all(_ISO_DAY.fullmatch(str(label)) for label in labels):
+        return None
+    try:
+        return np.array([np.datetime64(str(label), "D").astype(np.int64) for label in labels], np.float64)
+    except ValueError:  # 2021-02-30: a name that looks like a date and is none
+        return None
+
+
 def step_days(labels: Sequence[str]) -> np.ndarray:
     """``[T]`` float: each step's day (since 1970) when every label is a ``YYYY-MM-DD`` date, else its position."""
-    if labels and all(re.fullmatch(r"\d{4}-\d\d-\d\d", str(label)) for label in labels):
-        try:
-            return np.array([np.datetime64(str(label), "D").astype(np.int64) for label in labels], np.float64)
-        except ValueError:  # 2021-02-30: a name that looks like a date and is none
-            pass
-    return np.arange(len(labels), dtype=np.float64)
+    days = _dates_as_days(labels)
+    return np.arange(len(labels), dtype=np.float64) if days is None else days
 
 
 def season_days(labels: Sequence[str]) -> np.ndarray | None:
     """``[T]`` float: each date's days since 1 January of the season's first year (``2022-05-10, 2022-07-15`` →
     ``129, 195``; a season over the new year counts on: ``2021-11-20, 2022-01-15`` → ``323, 379``), so that seasons
     of different years share one axis; None unless every label is a ``YYYY-MM-DD`` date, in order."""
-    days = step_days(labels)
-    if not labels or not all(re.fullmatch(r"\d{4}-\d\d-\d\d", str(label)) for label in labels) or len(days) != len(labels):
-        return None
-    if (np.diff(days) < 0).any():
+    days = _dates_as_days(labels)
+    if days is None or (np.diff(days) < 0).any():
         return None
     first_year = np.datetime64(str(labels[0])[:4], "Y")
     return days - first_year.astype("datetime64[D]").astype(np.int64)
@@ -226,7 +232,7 @@ def zone_time_series(
             :func:`time_steps`; an unknown ``temporal``; no rasters.
     """
     from dinov3_eo.tasks.zonal import read_zones
-    from dinov3_eo.tasks.zone_embeddings import backbone_record, zone_feature_sums
+    from dinov3_eo.tasks.zone_embeddings import backbone_record, pool_zone_sums, zone_feature_sums
 
     if not len(rasters):
         raise ValueError("No rasters to embed the polygons on.")
@@ -243,13 +249,9 @@ def zone_time_series(
             parts.append(zone_feature_sums(backbone, path, frame, normalization=normalization, bands=bands,
                                            nodata=nodata, window=window, margin=margin, batch_size=batch_size,
                                            device=device, amp=amp, progress=progress, upsample=upsample))  # fmt: skip
-        # one date's scenes pooled: the sums and weights add up; each file's areas are in its own CRS, so the
-        # coverage shares add rather than the areas
-        weights = sum(part.weights for part in parts)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            means.append(sum(part.sums for part in parts) / weights[:, None])
-        coverage[label] = np.minimum(sum(part.coverage() for part in parts), 1.0)
-        patches[label] = sum(part.counts for part in parts)
+        # one date's scenes pooled: a parcel on their seam gets both sides
+        pooled, coverage[label], patches[label] = pool_zone_sums(parts)
+        means.append(pooled)
     features, seen = combine_steps(np.stack(means), temporal, step_days([label for label, _ in steps]))
     out = frame.copy()
     out["patch_mean"] = list(features)
